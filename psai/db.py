@@ -1,0 +1,121 @@
+"""Connecting: one database proxy that every psai model is bound to."""
+import os
+from urllib.parse import urlsplit, urlunsplit
+
+from peewee import DatabaseProxy, OperationalError, PostgresqlDatabase, SqliteDatabase
+from playhouse import db_url
+
+from .errors import DatabaseURLError
+
+__all__ = ["database", "connect", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction"]
+
+DEFAULT_URL = "sqlite:///psai.db"
+
+# Every model's Meta.database; connect() points it at a real database.
+database = DatabaseProxy()
+
+SQLITE_PRAGMAS = {
+    "foreign_keys": 1,  # SQLite enforces ON DELETE CASCADE / SET NULL only with this on
+    "journal_mode": "wal",  # readers do not block the writer
+    "busy_timeout": 30_000,  # wait for a concurrent writer instead of failing at once
+    "synchronous": "normal",  # safe with WAL: a crash loses no committed transaction's integrity
+}
+# PolicySynth's timestamps are timestamptz; SQLite keeps them as ISO 8601 text.
+SQLITE_FIELD_TYPES = {"TIMESTAMPTZ": "DATETIME"}
+POSTGRES_FIELD_TYPES = {"TIMESTAMPTZ": "TIMESTAMP WITH TIME ZONE"}
+
+_SCHEMES = {
+    "sqlite": "sqlite",
+    "postgres": "postgres",
+    "postgresql": "postgres",
+}
+
+
+def redact_url(url):
+    """The URL with any password replaced by ``***``, safe to print."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable database URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0].split(":", 1)[0] + ":***"
+    return urlunsplit(parts._replace(netloc=userinfo + "@" + netloc[1]))
+
+
+def _scrub(message, url):
+    """Remove the URL's password from a driver's error message."""
+    password = urlsplit(url).password
+    message = str(message).replace(url, redact_url(url))
+    if password:
+        message = message.replace(password, "***")
+    return message.strip()
+
+
+def connect(url=None, **options):
+    """Bind psai's models to the database at ``url`` and return that database.
+
+    ``url`` defaults to ``$PSAI_DATABASE_URL``, else ``sqlite:///psai.db``.
+    Supported: ``sqlite:///path`` (``sqlite:///:memory:`` too) and
+    ``postgresql://user:password@host:port/dbname`` (needs ``psai[postgres]``).
+    Extra keyword ``options`` go to the peewee database (for example
+    ``options="-c search_path=myschema"`` for psycopg2).
+    """
+    url = url or os.environ.get("PSAI_DATABASE_URL") or DEFAULT_URL
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        raise DatabaseURLError("cannot parse database URL %s" % redact_url(url)) from None
+    kind = _SCHEMES.get(scheme)
+    if kind is None:
+        raise DatabaseURLError(
+            "unsupported database URL scheme %r in %s: use sqlite:///path.db or "
+            "postgresql://user@host:port/dbname" % (scheme, redact_url(url))
+        )
+    if kind == "sqlite":
+        options.setdefault("pragmas", SQLITE_PRAGMAS)
+        options.setdefault("field_types", SQLITE_FIELD_TYPES)
+        # sqlite3's own busy wait, applied before the pragmas run.
+        options.setdefault("timeout", SQLITE_PRAGMAS["busy_timeout"] / 1000)
+    else:
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            raise DatabaseURLError(
+                "%s needs the PostgreSQL driver: pip install 'psai[postgres]'" % redact_url(url)
+            ) from None
+        options.setdefault("field_types", POSTGRES_FIELD_TYPES)
+    try:
+        db = db_url.connect(url, unquote_password=True, unquote_user=True, **options)
+    except (ValueError, RuntimeError) as exc:
+        raise DatabaseURLError(_scrub(exc, url)) from None
+    try:
+        db.connect()
+    except OperationalError as exc:
+        db.close()
+        raise DatabaseURLError("cannot connect to %s: %s" % (redact_url(url), _scrub(exc, url))) from None
+    _rebind(db)
+    return db
+
+
+def _rebind(db):
+    old = database.obj
+    database.initialize(db)
+    if old is not None and old is not db and not old.is_closed():
+        old.close()
+
+
+def is_postgres(db=None):
+    db = db or database.obj
+    return isinstance(db, PostgresqlDatabase)
+
+
+def write_transaction():
+    """A transaction for writes. On SQLite it takes the write lock at BEGIN
+    (IMMEDIATE), so two writers queue on the busy timeout instead of failing
+    with "database is locked" when a read lock cannot be upgraded."""
+    db = database.obj
+    if isinstance(db, SqliteDatabase) and not db.in_transaction():
+        return db.atomic("IMMEDIATE")
+    return database.atomic()

@@ -1,0 +1,46 @@
+"""psai's exceptions."""
+import marshmallow
+
+__all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "NotFoundError", "flatten_messages"]
+
+
+def flatten_messages(messages, prefix=""):
+    """marshmallow's nested messages as ``{"prices.currency": [...]}``."""
+    flat = {}
+    if isinstance(messages, dict):
+        for key, value in messages.items():
+            path = "%s.%s" % (prefix, key) if prefix else str(key)
+            if isinstance(value, dict):
+                flat.update(flatten_messages(value, path))
+            else:
+                flat[path] = list(value) if isinstance(value, (list, tuple)) else [value]
+    else:
+        flat[prefix or "_schema"] = list(messages) if isinstance(messages, (list, tuple)) else [messages]
+    return flat
+
+
+class ValidationError(marshmallow.ValidationError):
+    """Bad input. A marshmallow ValidationError whose ``messages`` are
+    marshmallow's nested dict and whose str() names every bad field by its
+    dotted path, e.g. ``prices.costOutTokensPerMillion: Must be ...``."""
+
+    @property
+    def paths(self):
+        return flatten_messages(self.messages)
+
+    def __str__(self):
+        return "; ".join(
+            "%s: %s" % (path, " ".join(str(m) for m in msgs)) for path, msgs in self.paths.items()
+        )
+
+
+class PsaiError(Exception):
+    """Base class for psai's own errors (other than ValidationError)."""
+
+
+class DatabaseURLError(PsaiError, ValueError):
+    """A database URL psai cannot use. The message never holds the password."""
+
+
+class NotFoundError(PsaiError, LookupError):
+    """A row that was named (by id, uuid or name) does not exist."""

@@ -1,0 +1,309 @@
+"""marshmallow schemas: declared once, used to validate writes and to dump rows.
+
+Configuration keys stay camelCase, exactly as PolicySynth stores them. Row
+fields are snake_case, as PolicySynth's API returns them.
+"""
+import copy
+import math
+import numbers
+import re
+from enum import Enum
+
+from marshmallow import (
+    EXCLUDE, INCLUDE, RAISE, Schema, fields, post_load, validates_schema,
+)
+from marshmallow import ValidationError as _MarshmallowValidationError
+from marshmallow.validate import Length, OneOf, Range, Regexp
+
+from .enums import (
+    InferenceType, PsAiModelSize, PsAiModelType, ReasoningMode, RegionalProcessing,
+)
+from .errors import ValidationError
+
+__all__ = [
+    "ModelPricesSchema", "AiModelConfigurationSchema", "PsAiModelSchema", "PsAgentSchema",
+    "validate_configuration", "EXCLUDE", "INCLUDE", "RAISE",
+]
+
+
+class _Base(Schema):
+    """Raises psai.ValidationError (a marshmallow ValidationError whose str()
+    lists every bad field by its dotted path)."""
+
+    def handle_error(self, error, data, *, many, **kwargs):
+        raise ValidationError(error.messages, data=data, valid_data=error.valid_data) from None
+
+
+# -- strict scalar fields: JSON has no "30" for 30, no 1 for true, no NaN ------------
+
+class Number(fields.Field):
+    """A finite JSON number (int or float); strings, booleans, NaN and
+    infinities are refused. The value is kept as given (30 stays 30)."""
+
+    default_error_messages = {
+        "invalid": "Not a number.",
+        "not_finite": "Not a finite number (NaN and infinity are not allowed).",
+    }
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise self.make_error("invalid")
+        if not math.isfinite(value):
+            raise self.make_error("not_finite")
+        return value
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        return value
+
+
+class Integer(Number):
+    default_error_messages = {"invalid": "Not an integer."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise self.make_error("invalid")
+            value = int(value)
+        return value
+
+
+class Boolean(fields.Field):
+    default_error_messages = {"invalid": "Not a boolean (true or false)."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if not isinstance(value, bool):
+            raise self.make_error("invalid")
+        return value
+
+
+class String(fields.String):
+    """A string; str enums are stored as their plain value."""
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, Enum):
+            value = value.value
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+def Choice(enum, **kwargs):
+    values = [member.value for member in enum]
+    return String(validate=OneOf(values, error="Must be one of: {choices}"), **kwargs)
+
+
+def Rate(**kwargs):
+    """A price per million tokens: finite and not negative."""
+    return Number(validate=Range(min=0), **kwargs)
+
+
+def Count(minimum=0, **kwargs):
+    return Integer(validate=Range(min=minimum), **kwargs)
+
+
+# -- configuration ----------------------------------------------------------------
+
+LONG_CONTEXT_RATES = (
+    "longContextCostInTokensPerMillion",
+    "longContextCostInCachedContextTokensPerMillion",
+    "longContextCostOutTokensPerMillion",
+)
+
+
+class _ConfigurationPart(_Base):
+    """Unknown keys are refused by default (a typo is the common case); a
+    schema built with unknown=INCLUDE keeps them, for rows written by a newer
+    PolicySynth."""
+
+    class Meta:
+        unknown = RAISE
+        ordered = True
+
+
+class _NestedPart(fields.Nested):
+    """Nested schema that follows its parent's ``unknown`` setting."""
+
+    def _deserialize(self, value, attr, data, partial=None, **kwargs):
+        self.unknown = self.parent.unknown
+        return super()._deserialize(value, attr, data, partial=partial, **kwargs)
+
+    def _serialize(self, nested_obj, attr, obj, **kwargs):
+        # Dumps pass stored JSON through whole, so extra keys round-trip.
+        return copy.deepcopy(nested_obj)
+
+
+class ModelPricesSchema(_ConfigurationPart):
+    costInTokensPerMillion = Rate(required=True)
+    costOutTokensPerMillion = Rate(required=True)
+    costInCachedContextTokensPerMillion = Rate(required=True)
+    currency = String(
+        required=True,
+        validate=Regexp(r"^[A-Z]{3}$", error="Must be a three-letter ISO 4217 code such as USD."),
+    )
+    costPerThousandWebSearches = Rate()
+    cacheWriteInputCostMultiplier = Number(validate=Range(min=0))
+    longContextCostInTokensPerMillion = Rate()
+    longContextCostInCachedContextTokensPerMillion = Rate()
+    longContextCostOutTokensPerMillion = Rate()
+    longContextTokenThreshold = Count(minimum=1)
+    regionalProcessingMargin = Number(validate=Range(min=0, max=1000))
+    flexTokensIn = Rate()
+    flexTokensCachedIn = Rate()
+    flexTokensOut = Rate()
+    priorityTokensIn = Rate()
+    priorityTokensCachedIn = Rate()
+    priorityTokensOut = Rate()
+    fastTokensIn = Rate()
+    fastTokensCachedIn = Rate()
+    fastTokensOut = Rate()
+    flexPriorityTokensEnabledOnLongContext = Boolean()
+
+    @validates_schema
+    def _long_context_needs_threshold(self, data, **kwargs):
+        if "longContextTokenThreshold" in data:
+            return
+        errors = {
+            key: ["Only meaningful with longContextTokenThreshold, which is missing."]
+            for key in LONG_CONTEXT_RATES if key in data
+        }
+        if errors:
+            raise _MarshmallowValidationError(errors)
+
+
+class AiModelConfigurationSchema(_ConfigurationPart):
+    type = Choice(PsAiModelType, required=True)
+    modelSize = Choice(PsAiModelSize, required=True)
+    model = String(required=True, validate=Length(min=1, max=255))
+    provider = String(required=True, validate=Length(min=1, max=64))
+    active = Boolean(required=True)
+    prices = _NestedPart(ModelPricesSchema, required=True)
+    maxTokensOut = Count(minimum=1, required=True)
+    defaultTemperature = Number(required=True, validate=Range(min=0, max=2))
+    apiModel = String(validate=Length(min=1, max=255))
+    accountingVersion = Integer(validate=OneOf([1, 2], error="Must be 1 or 2."))
+    inferenceType = Choice(InferenceType)
+    regionalProcessing = Choice(RegionalProcessing)
+    maxContextTokens = Count(minimum=1)
+    deploymentName = String(validate=Length(min=1, max=255))
+    endpoint = String(validate=Length(min=1, max=2048))
+    limitTPM = Count()
+    limitRPM = Count()
+    timeoutMs = Count(minimum=1)
+    reasoningMode = Choice(ReasoningMode)
+
+
+def validate_configuration(configuration, *, allow_unknown=False):
+    """Validate a model configuration and return it normalised (str enums to
+    plain strings). Raises psai.ValidationError naming every bad field."""
+    schema = AiModelConfigurationSchema(unknown=INCLUDE if allow_unknown else RAISE)
+    return schema.load(configuration)
+
+
+# -- rows -------------------------------------------------------------------------
+
+class _Row(_Base):
+    class Meta:
+        unknown = RAISE
+        ordered = True
+
+    id = Integer(validate=Range(min=1))
+    uuid = fields.UUID()
+    created_at = fields.AwareDateTime(format="iso", default_timezone=None)
+    updated_at = fields.AwareDateTime(format="iso", default_timezone=None)
+
+    def __init__(self, *, with_links=False, as_rows=True, **kwargs):
+        if not with_links:
+            kwargs["exclude"] = tuple(kwargs.get("exclude", ())) + (self._link_field,)
+        # load() gives model instances (unsaved); as_rows=False gives dicts.
+        self.as_rows = as_rows
+        super().__init__(**kwargs)
+
+    @post_load
+    def _make_row(self, data, **kwargs):
+        if not self.as_rows:
+            return data
+        from . import models
+        return getattr(models, self._model_name)(**data)
+
+
+class PsAiModelSchema(_Row):
+    """A ``ps_ai_models`` row. ``with_links=True`` adds the linked agents."""
+
+    _model_name = "PsAiModel"
+    _link_field = "agents"
+
+    user_id = Integer(required=True)
+    organization_id = Integer(required=True)
+    name = String(required=True, validate=Length(min=1, max=255))
+    configuration = _NestedPart(AiModelConfigurationSchema, required=True)
+    agents = fields.Method("_dump_agents", dump_only=True)
+
+    def _dump_agents(self, model):
+        return PsAgentSchema(many=True).dump(model.agents)
+
+
+class PsAgentSchema(_Row):
+    """A ``ps_agents`` row. ``with_links=True`` adds the linked AI models."""
+
+    _model_name = "PsAgent"
+    _link_field = "ai_models"
+
+    user_id = Integer(required=True)
+    class_id = Integer(required=True)
+    group_id = Integer(required=True)
+    configuration = fields.Dict(keys=fields.String(), required=True)
+    parent_agent_id = Integer(allow_none=True, load_default=None, validate=Range(min=1))
+    ai_models = fields.Method("_dump_ai_models", dump_only=True)
+
+    def _dump_ai_models(self, agent):
+        return PsAiModelSchema(many=True).dump(agent.ai_models)
+
+
+# -- validation of rows before they are written -------------------------------------
+
+_ROW_SCHEMAS = {}
+
+
+def _row_schema(schema_class, unknown):
+    # marshmallow schemas are costly to build and safe to reuse: keep one each.
+    key = (schema_class, unknown)
+    if key not in _ROW_SCHEMAS:
+        fields_ = [name for name, field in schema_class._declared_fields.items()
+                   if not field.dump_only and name not in _Row._declared_fields]
+        _ROW_SCHEMAS[key] = schema_class(only=fields_, unknown=unknown, as_rows=False)
+    return _ROW_SCHEMAS[key]
+
+
+def _unknown_paths(configuration):
+    if not isinstance(configuration, dict):
+        return set()
+    paths = {key for key in configuration if key not in AiModelConfigurationSchema._declared_fields}
+    prices = configuration.get("prices")
+    if isinstance(prices, dict):
+        paths |= {"prices." + key for key in prices if key not in ModelPricesSchema._declared_fields}
+    return paths
+
+
+def validate_model_row(row):
+    """Validate a PsAiModel before it is written; return its normalised
+    configuration. Unknown configuration keys are refused, except on an
+    existing row that already stored them (written by a newer PolicySynth)."""
+    data = {
+        "user_id": row.user_id, "organization_id": row.organization_id,
+        "name": row.name, "configuration": row.configuration,
+    }
+    unknown = RAISE
+    extra = _unknown_paths(row.configuration)
+    if extra and row.id is not None:
+        stored = type(row).select(type(row).configuration).where(type(row).id == row.id).scalar()
+        if extra <= _unknown_paths(stored):
+            unknown = INCLUDE
+    return _row_schema(PsAiModelSchema, unknown).load(data)["configuration"]
+
+
+def validate_agent_row(row):
+    parent = row.parent_agent_id
+    data = {
+        "user_id": row.user_id, "class_id": row.class_id, "group_id": row.group_id,
+        "configuration": row.configuration, "parent_agent_id": parent,
+    }
+    _row_schema(PsAgentSchema, RAISE).load(data)

@@ -1,0 +1,124 @@
+"""Fixtures: every store test runs on a real SQLite file and on a real PostgreSQL
+server (each test in a schema of its own, dropped afterwards)."""
+import os
+import uuid
+from urllib.parse import quote
+
+import pytest
+
+import psai
+
+POSTGRES_URL = os.environ.get("PSAI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+BACKENDS = ["sqlite", "postgres"]
+
+_postgres_error = None
+
+
+def _postgres_reachable():
+    global _postgres_error
+    if _postgres_error is None:
+        try:
+            import psycopg2
+            psycopg2.connect(POSTGRES_URL, connect_timeout=5).close()
+            _postgres_error = ""
+        except Exception as exc:  # any failure means "no server for the tests"
+            _postgres_error = "%s: %s" % (type(exc).__name__, psai.redact_url(str(exc)))
+    return not _postgres_error
+
+
+def require_postgres():
+    if not _postgres_reachable():
+        message = "PostgreSQL at %s unavailable (%s)" % (psai.redact_url(POSTGRES_URL), _postgres_error)
+        if IN_CI:
+            pytest.fail(message + "; with CI=true this is a failure, not a skip")
+        pytest.skip(message)
+
+
+class Backend:
+    """A fresh, migrated database of one kind; ``url`` reaches the same database
+    from another process (the CLI, a worker)."""
+
+    def __init__(self, kind, url, cleanup=None):
+        self.kind, self.url, self._cleanup = kind, url, cleanup
+
+    def connect(self):
+        return psai.connect(self.url)
+
+    def close(self):
+        psai.database.obj and psai.database.close()
+        if self._cleanup:
+            self._cleanup()
+
+
+def make_backend(kind, tmp_path):
+    if kind == "sqlite":
+        return Backend(kind, "sqlite:///%s" % (tmp_path / "psai.db"))
+    require_postgres()
+    import psycopg2
+    schema = "psai_test_" + uuid.uuid4().hex[:12]
+    admin = psycopg2.connect(POSTGRES_URL)
+    admin.autocommit = True
+    admin.cursor().execute('CREATE SCHEMA "%s"' % schema)
+
+    def drop():
+        admin.cursor().execute('DROP SCHEMA "%s" CASCADE' % schema)
+        admin.close()
+
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    url = POSTGRES_URL + separator + "options=" + quote("-c search_path=%s" % schema)
+    return Backend(kind, url, drop)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, tmp_path):
+    """An empty database (no tables) of each kind."""
+    backend = make_backend(request.param, tmp_path)
+    backend.connect()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def postgres_db(tmp_path):
+    """A migrated PostgreSQL database, for what only PostgreSQL has."""
+    backend = make_backend("postgres", tmp_path)
+    backend.connect()
+    psai.migrate()
+    yield psai.database.obj
+    backend.close()
+
+
+@pytest.fixture
+def db(backend):
+    """A migrated database of each kind, bound to psai's models."""
+    psai.migrate()
+    return psai.database.obj
+
+
+SEED_CONFIGURATION = {
+    "type": "text", "modelSize": "large", "model": "gpt-4",
+    "provider": "openai", "active": True,
+    "prices": {"costInTokensPerMillion": 30, "costOutTokensPerMillion": 60,
+               "costInCachedContextTokensPerMillion": 10, "currency": "USD"},
+    "maxTokensOut": 4096, "defaultTemperature": 0.7,
+}
+
+
+def make_configuration(**changes):
+    """The seed configuration with top-level keys changed (None removes a key)."""
+    import copy
+    config = copy.deepcopy(SEED_CONFIGURATION)
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    return config
+
+
+@pytest.fixture
+def seed_model(db):
+    return psai.PsAiModel.create(
+        user_id=1, organization_id=2, name="OpenAI GPT-4 Large", configuration=make_configuration()
+    )

@@ -1,0 +1,277 @@
+"""The store: connect, migrate, PolicySynth's tables, links, eager loading."""
+import datetime
+import os
+import sqlite3
+import uuid
+
+import peewee
+import pytest
+from playhouse.test_utils import count_queries
+
+import psai
+from psai import AgentModels, PsAgent, PsAiModel
+
+from conftest import make_configuration
+
+
+def new_model(name="OpenAI GPT-4 Large", **config_changes):
+    return PsAiModel.create(user_id=1, organization_id=2, name=name,
+                            configuration=make_configuration(**config_changes))
+
+
+def new_agent(name="Researcher", parent=None):
+    return PsAgent.create(user_id=1, class_id=1, group_id=1,
+                          configuration={"name": name}, parent_agent=parent)
+
+
+# -- connect ------------------------------------------------------------------
+
+def test_connect_defaults_to_psai_db_in_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PSAI_DATABASE_URL", raising=False)
+    db = psai.connect()
+    psai.migrate()
+    new_model()
+    db.close()
+    assert (tmp_path / "psai.db").exists()
+    rows = sqlite3.connect(tmp_path / "psai.db").execute("select name from ps_ai_models").fetchall()
+    assert rows == [("OpenAI GPT-4 Large",)]
+
+
+def test_connect_reads_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("PSAI_DATABASE_URL", "sqlite:///%s" % (tmp_path / "env.db"))
+    db = psai.connect()
+    assert db.database == str(tmp_path / "env.db")
+    assert psai.database.obj is db
+    db.close()
+
+
+def test_sqlite_pragmas(tmp_path):
+    db = psai.connect("sqlite:///%s" % (tmp_path / "p.db"))
+    assert db.execute_sql("pragma foreign_keys").fetchone() == (1,)
+    assert db.execute_sql("pragma journal_mode").fetchone() == ("wal",)
+    assert db.execute_sql("pragma busy_timeout").fetchone()[0] >= 5000
+    db.close()
+
+
+@pytest.mark.parametrize("url, fragment", [
+    ("mysql://root:hunter2@localhost/db", "unsupported database URL scheme 'mysql'"),
+    ("redis://:hunter2@localhost/0", "unsupported database URL scheme 'redis'"),
+    ("postgresql://u:hunter2@127.0.0.1:5432", "has no database name"),
+])
+def test_connect_rejects_unusable_url_without_echoing_password(url, fragment):
+    with pytest.raises(psai.DatabaseURLError) as info:
+        psai.connect(url)
+    assert fragment in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_connect_failure_hides_password():
+    from conftest import require_postgres
+    require_postgres()
+    url = "postgresql://nobody:s3cretpw@127.0.0.1:5432/no_such_database_psai"
+    with pytest.raises(psai.DatabaseURLError) as info:
+        psai.connect(url)
+    assert "s3cretpw" not in str(info.value)
+    assert "nobody:***@127.0.0.1" in str(info.value)
+
+
+def test_redact_url():
+    assert psai.redact_url("postgresql://u:p%40ss@h:5432/d") == "postgresql://u:***@h:5432/d"
+    assert psai.redact_url("sqlite:///x.db") == "sqlite:///x.db"
+
+
+# -- schema -------------------------------------------------------------------
+
+def test_migrate_is_idempotent(backend):
+    assert psai.migrate() == ["0001_initial"]
+    assert psai.migrate() == []
+    assert set(psai.database.get_tables()) >= {"ps_ai_models", "ps_agents", "AgentModels"}
+
+
+EXPECTED_COLUMNS = {
+    "ps_ai_models": ["id", "uuid", "user_id", "organization_id", "created_at", "updated_at",
+                     "name", "configuration"],
+    "ps_agents": ["id", "uuid", "user_id", "created_at", "updated_at", "class_id", "group_id",
+                  "configuration", "parent_agent_id"],
+    "AgentModels": ["agent_id", "ai_model_id"],
+}
+
+
+@pytest.mark.parametrize("table", sorted(EXPECTED_COLUMNS))
+def test_tables_match_policysynth_column_for_column(db, table):
+    columns = db.get_columns(table)
+    assert [c.name for c in columns] == EXPECTED_COLUMNS[table]
+    nullable = {c.name for c in columns if c.null}
+    assert nullable == ({"parent_agent_id"} if table == "ps_agents" else set())
+
+
+def test_postgres_column_types(postgres_db):
+    db = postgres_db
+    types = dict(db.execute_sql(
+        "select table_name || '.' || column_name, "
+        "       case when data_type = 'character varying' "
+        "            then 'varchar(' || character_maximum_length || ')' else data_type end "
+        "from information_schema.columns where table_schema = current_schema()").fetchall())
+    assert types["ps_ai_models.configuration"] == "jsonb"
+    assert types["ps_agents.configuration"] == "jsonb"
+    assert types["ps_ai_models.uuid"] == "uuid"
+    assert types["ps_ai_models.name"] == "varchar(255)"
+    for table in ("ps_ai_models", "ps_agents"):
+        for column in ("created_at", "updated_at"):
+            assert types["%s.%s" % (table, column)] == "timestamp with time zone"
+
+
+def test_indexes(db):
+    def indexes(table):
+        return {tuple(i.columns): i.unique for i in db.get_indexes(table)}
+    models = indexes("ps_ai_models")
+    assert models[("uuid",)] is True
+    assert models[("user_id",)] is False and models[("organization_id",)] is False
+    agents = indexes("ps_agents")
+    assert agents[("uuid",)] is True
+    for column in ("user_id", "class_id", "group_id", "parent_agent_id"):
+        assert agents[(column,)] is False
+    links = indexes("AgentModels")
+    assert ("agent_id",) in links and ("ai_model_id",) in links
+    assert db.get_primary_keys("AgentModels") == ["agent_id", "ai_model_id"]
+
+
+def test_foreign_keys(db):
+    fks = {(fk.column, fk.dest_table, fk.dest_column) for fk in db.get_foreign_keys("AgentModels")}
+    assert fks == {("agent_id", "ps_agents", "id"), ("ai_model_id", "ps_ai_models", "id")}
+    fks = {(fk.column, fk.dest_table) for fk in db.get_foreign_keys("ps_agents")}
+    assert fks == {("parent_agent_id", "ps_agents")}
+
+
+# -- rows ---------------------------------------------------------------------
+
+def test_create_generates_uuid_v4_and_aware_timestamps(db):
+    model = new_model()
+    again = PsAiModel.get_by_id(model.id)
+    assert isinstance(again.uuid, uuid.UUID) and again.uuid.version == 4
+    assert again.uuid == model.uuid
+    assert again.configuration == make_configuration()
+    for stamp in (again.created_at, again.updated_at):
+        assert stamp.tzinfo is not None
+        assert abs(stamp - datetime.datetime.now(datetime.timezone.utc)) < datetime.timedelta(minutes=5)
+    other = new_model("Another")
+    assert other.uuid != model.uuid
+
+
+def test_uuid_is_unique(db):
+    model = new_model()
+    with pytest.raises(peewee.IntegrityError) as info, db.atomic():
+        PsAiModel.create(uuid=model.uuid, user_id=1, organization_id=2, name="Dup",
+                         configuration=make_configuration())
+    assert "uuid" in str(info.value).lower() or "unique" in str(info.value).lower()
+    assert PsAiModel.select().count() == 1
+
+
+def test_updated_at_refreshed_on_every_save(db):
+    model = new_model()
+    created, first = model.created_at, model.updated_at
+    model.name = "Renamed"
+    model.save()
+    reread = PsAiModel.get_by_id(model.id)
+    assert reread.created_at == created
+    assert reread.updated_at > first
+    second = reread.updated_at
+    reread.save(only=[PsAiModel.name])
+    assert PsAiModel.get_by_id(model.id).updated_at > second
+
+
+def test_get_by_key_accepts_id_and_uuid(db):
+    model = new_model()
+    assert PsAiModel.get_by_key(model.id) == model
+    assert PsAiModel.get_by_key(str(model.uuid)) == model
+    with pytest.raises(psai.NotFoundError, match="does not exist"):
+        PsAiModel.get_by_key(model.id + 100)
+    with pytest.raises(psai.NotFoundError, match="neither an id nor a uuid"):
+        PsAiModel.get_by_key("gpt-4")
+
+
+# -- links --------------------------------------------------------------------
+
+def test_add_list_remove_clear_links(db):
+    gpt, claude, gemini = new_model("gpt"), new_model("claude"), new_model("gemini")
+    agent = new_agent()
+    agent.ai_models.add([gpt, claude])
+    agent.ai_models.add(gemini.id)
+    assert sorted(m.name for m in agent.ai_models) == ["claude", "gemini", "gpt"]
+    assert [a.id for a in gpt.agents] == [agent.id]
+    agent.ai_models.remove(claude)
+    assert sorted(m.name for m in agent.ai_models) == ["gemini", "gpt"]
+    agent.ai_models.clear()
+    assert list(agent.ai_models) == []
+    assert AgentModels.select().count() == 0
+
+
+def test_links_from_the_model_side(db):
+    model = new_model()
+    first, second = new_agent("a"), new_agent("b")
+    model.agents.add([first, second])
+    assert sorted(a.id for a in model.agents) == [first.id, second.id]
+    assert [m.id for m in first.ai_models] == [model.id]
+
+
+def test_adding_a_link_twice_is_harmless(db):
+    model, agent = new_model(), new_agent()
+    agent.ai_models.add(model)
+    agent.ai_models.add(model)
+    agent.ai_models.add([model, model])
+    model.agents.add(agent)
+    assert AgentModels.select().count() == 1
+
+
+def test_linking_to_a_missing_row_is_a_clear_error_and_writes_nothing(db):
+    model, agent = new_model(), new_agent()
+    with pytest.raises(psai.NotFoundError, match=r"PsAiModel id 9999 does not exist"):
+        agent.ai_models.add([model, 9999])
+    assert AgentModels.select().count() == 0
+    unsaved = PsAiModel(user_id=1, organization_id=2, name="x", configuration=make_configuration())
+    with pytest.raises(psai.NotFoundError, match="unsaved"):
+        agent.ai_models.add(unsaved)
+    with pytest.raises(psai.NotFoundError, match="not saved yet"):
+        list(PsAgent(user_id=1, class_id=1, group_id=1, configuration={}).ai_models)
+
+
+def test_deleting_a_model_or_an_agent_removes_its_links(db):
+    gpt, claude = new_model("gpt"), new_model("claude")
+    first, second = new_agent("a"), new_agent("b")
+    first.ai_models.add([gpt, claude])
+    second.ai_models.add([gpt, claude])
+    gpt.delete_instance()
+    assert AgentModels.select().count() == 2
+    first.delete_instance()
+    assert [(link.agent_id, link.ai_model_id) for link in AgentModels.select()] == [(second.id, claude.id)]
+
+
+def test_deleting_a_parent_agent_sets_children_parent_to_null(db):
+    parent = new_agent("parent")
+    child = new_agent("child", parent=parent)
+    assert [a.id for a in parent.sub_agents] == [child.id]
+    parent.delete_instance()
+    assert PsAgent.get_by_id(child.id).parent_agent_id is None
+
+
+# -- eager loading ------------------------------------------------------------
+
+@pytest.mark.parametrize("count", [3, 30])
+def test_eager_loading_uses_a_constant_number_of_queries(db, count):
+    models = [new_model("m%d" % i) for i in range(count)]
+    agents = [new_agent("a%d" % i) for i in range(count)]
+    for i, agent in enumerate(agents):
+        agent.ai_models.add(models[i:i + 2])
+    with count_queries() as counter:
+        loaded = PsAiModel.with_agents()
+        by_name = {m.name: sorted(a.configuration["name"] for a in m.agents) for m in loaded}
+    assert counter.count == 3
+    assert by_name["m1"] == ["a0", "a1"]
+    assert by_name["m0"] == ["a0"]
+    with count_queries() as counter:
+        loaded = PsAgent.with_ai_models()
+        links = {a.configuration["name"]: sorted(m.name for m in a.ai_models) for a in loaded}
+    assert counter.count == 3
+    assert links["a0"] == ["m0", "m1"]
+    assert links["a%d" % (count - 1)] == ["m%d" % (count - 1)]
