@@ -9,7 +9,10 @@ def flatten_messages(messages, prefix=""):
     flat = {}
     if isinstance(messages, dict):
         for key, value in messages.items():
-            path = "%s.%s" % (prefix, key) if prefix else str(key)
+            if key == marshmallow.exceptions.SCHEMA and prefix:
+                path = prefix  # an error about the object itself, e.g. not a dict
+            else:
+                path = "%s.%s" % (prefix, key) if prefix else str(key)
             if isinstance(value, dict):
                 flat.update(flatten_messages(value, path))
             else:

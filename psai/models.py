@@ -1,10 +1,13 @@
 """The store: PolicySynth's tables as peewee models, bound to ``psai.db.database``."""
+import contextvars
+import json
 import uuid
+from functools import partial
 
 from peewee import (
     AutoField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField,
     IntegerField, IntegrityError, JSONField, ManyToManyField, ManyToManyQuery,
-    Model, ModelSelect, fn, prefetch,
+    Model, ModelInsert, ModelSelect, ModelUpdate, Node, fn, prefetch,
 )
 from peewee import ManyToManyFieldAccessor
 
@@ -13,6 +16,14 @@ from .errors import NotFoundError, ValidationError
 from .fields import TimestampTzField, UUIDTextField, utcnow
 
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "ALL_MODELS"]
+
+
+# Set while save() writes a row it has validated itself, so that insert() and
+# update() (which save() calls) do not validate it twice.
+_validated_by_save = contextvars.ContextVar("psai_validated_by_save", default=False)
+
+# NaN and Infinity are not JSON; PostgreSQL's jsonb refuses them, so SQLite must too.
+strict_json_dumps = partial(json.dumps, allow_nan=False, separators=(",", ":"))
 
 
 class BaseModel(Model):
@@ -31,10 +42,59 @@ class BaseModel(Model):
                 if not any(f is field or (isinstance(f, str) and f == "updated_at") for f in only):
                     kwargs["only"] = list(only) + [field]
         self.validate()
-        return super().save(*args, **kwargs)
+        token = _validated_by_save.set(True)
+        try:
+            return super().save(*args, **kwargs)
+        finally:
+            _validated_by_save.reset(token)
 
     def validate(self):
         """Raise psai.ValidationError if this row may not be written."""
+
+    # Writes that bypass save() are validated too. Values that are SQL
+    # expressions (JSON path updates and the like) are passed through as given.
+
+    @classmethod
+    def _validate_values(cls, values, partial):
+        """Validate {field name: value}; return the values to write."""
+        return values
+
+    @classmethod
+    def _checked(cls, data, partial):
+        if _validated_by_save.get():
+            return data
+        names = {field.name: value for field, value in data.items()
+                 if not isinstance(value, Node) and field.name in cls._meta.fields}
+        checked = cls._validate_values(names, partial)
+        return {field: checked.get(field.name, value) for field, value in data.items()}
+
+    @classmethod
+    def insert(cls, __data=None, **insert):
+        return ModelInsert(cls, cls._checked(cls._normalize_data(__data, insert), partial=False))
+
+    @classmethod
+    def update(cls, __data=None, **update):
+        return ModelUpdate(cls, cls._checked(cls._normalize_data(__data, update), partial=True))
+
+    @classmethod
+    def insert_many(cls, rows, fields=None, *, validate=True):
+        """Bulk insert. Every row is validated before anything is written;
+        ``validate=False`` is the trusted path for rows already checked."""
+        if not validate:
+            return super().insert_many(rows, fields)
+        if fields is not None:
+            names = [f if isinstance(f, str) else f.name for f in fields]
+            rows = [dict(zip(names, row)) for row in rows]
+        checked, errors = [], {}
+        for index, row in enumerate(rows):
+            data = cls._normalize_data(None, dict(row))
+            try:
+                checked.append(cls._checked(data, partial=False))
+            except ValidationError as exc:
+                errors[index] = exc.messages
+        if errors:
+            raise ValidationError(errors)
+        return super().insert_many(checked)
 
     @classmethod
     def get_by_key(cls, key):
@@ -148,7 +208,7 @@ class PsAiModel(BaseModel):
     created_at = TimestampTzField(default=utcnow)
     updated_at = TimestampTzField(default=utcnow)
     name = CharField(max_length=255)
-    configuration = JSONField()
+    configuration = JSONField(dumps=strict_json_dumps)
 
     class Meta:
         table_name = "ps_ai_models"
@@ -156,6 +216,19 @@ class PsAiModel(BaseModel):
     def validate(self):
         from .schemas import validate_model_row
         self.configuration = validate_model_row(self)
+
+    @classmethod
+    def _validate_values(cls, values, partial):
+        from .schemas import validate_model_values
+        return validate_model_values(values, partial=partial)
+
+    def update_configuration(self, changes):
+        """Merge ``changes`` into the configuration (nested dicts merge, a
+        None value removes a key), validate the result and save it."""
+        from .schemas import merge_configuration
+        self.configuration = merge_configuration(self.configuration, changes)
+        self.save()
+        return self
 
     @classmethod
     def with_agents(cls, query=None):
@@ -177,7 +250,7 @@ class PsAgent(BaseModel):
     updated_at = TimestampTzField(default=utcnow)
     class_id = IntegerField(index=True)
     group_id = IntegerField(index=True)
-    configuration = JSONField()
+    configuration = JSONField(dumps=strict_json_dumps)
     parent_agent = ForeignKeyField(
         "self", null=True, backref="sub_agents", on_delete="SET NULL",
         column_name="parent_agent_id", index=True,
@@ -190,6 +263,11 @@ class PsAgent(BaseModel):
     def validate(self):
         from .schemas import validate_agent_row
         validate_agent_row(self)
+
+    @classmethod
+    def _validate_values(cls, values, partial):
+        from .schemas import validate_agent_values
+        return validate_agent_values(values, partial=partial)
 
     @classmethod
     def with_ai_models(cls, query=None):

@@ -4,6 +4,7 @@ Configuration keys stay camelCase, exactly as PolicySynth stores them. Row
 fields are snake_case, as PolicySynth's API returns them.
 """
 import copy
+import json
 import math
 import numbers
 import re
@@ -78,12 +79,17 @@ class Boolean(fields.Field):
 
 
 class String(fields.String):
-    """A string; str enums are stored as their plain value."""
+    """A string without NUL characters; str enums are stored as their plain value."""
+
+    default_error_messages = {"nul": "Contains a NUL character (\\u0000), which PostgreSQL's jsonb cannot store."}
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, Enum):
             value = value.value
-        return super()._deserialize(value, attr, data, **kwargs)
+        value = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in value:
+            raise self.make_error("nul")
+        return value
 
 
 def Choice(enum, **kwargs):
@@ -123,7 +129,9 @@ class _NestedPart(fields.Nested):
     """Nested schema that follows its parent's ``unknown`` setting."""
 
     def _deserialize(self, value, attr, data, partial=None, **kwargs):
-        self.unknown = self.parent.unknown
+        # The nested schema object belongs to this field alone, so setting
+        # its ``unknown`` passes the choice on to the level below it too.
+        self.unknown = self.schema.unknown = self.parent.unknown
         return super()._deserialize(value, attr, data, partial=partial, **kwargs)
 
     def _serialize(self, nested_obj, attr, obj, **kwargs):
@@ -137,7 +145,7 @@ class ModelPricesSchema(_ConfigurationPart):
     costInCachedContextTokensPerMillion = Rate(required=True)
     currency = String(
         required=True,
-        validate=Regexp(r"^[A-Z]{3}$", error="Must be a three-letter ISO 4217 code such as USD."),
+        validate=Regexp(r"^[A-Z]{3}\Z", error="Must be a three-letter ISO 4217 code such as USD."),
     )
     costPerThousandWebSearches = Rate()
     cacheWriteInputCostMultiplier = Number(validate=Range(min=0))
@@ -260,6 +268,9 @@ class PsAgentSchema(_Row):
 
 # -- validation of rows before they are written -------------------------------------
 
+# A configuration is a few hundred bytes; megabytes are a mistake or an attack.
+MAX_CONFIGURATION_BYTES = 256 * 1024
+
 _ROW_SCHEMAS = {}
 
 
@@ -273,6 +284,34 @@ def _row_schema(schema_class, unknown):
     return _ROW_SCHEMAS[key]
 
 
+def _check_json(configuration):
+    """Refuse what is not plain JSON (NaN, sets, objects) or is too large."""
+    if configuration is None:
+        return
+    try:
+        size = len(json.dumps(configuration, allow_nan=False, separators=(",", ":")))
+    except (TypeError, ValueError) as exc:
+        raise ValidationError({"configuration": ["Not valid JSON: %s." % exc]}) from None
+    if size > MAX_CONFIGURATION_BYTES:
+        raise ValidationError({"configuration": [
+            "Too large: %d bytes; at most %d." % (size, MAX_CONFIGURATION_BYTES)]})
+    if _has_nul(configuration):
+        raise ValidationError({"configuration": [NUL_MESSAGE]})
+
+
+NUL_MESSAGE = String.default_error_messages["nul"]
+
+
+def _has_nul(value):
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
 def _unknown_paths(configuration):
     if not isinstance(configuration, dict):
         return set()
@@ -283,27 +322,84 @@ def _unknown_paths(configuration):
     return paths
 
 
+def _present(values, names, partial):
+    """The data to load and the names a partial write may leave out. Only
+    whole columns may be absent: a configuration given is checked in full."""
+    data = {name: values[name] for name in names if name in values}
+    absent = tuple(name for name in names if name not in values)
+    if not partial:
+        data.update({name: None for name in absent})
+        absent = ()
+    return data, absent
+
+
+def validate_model_values(values, *, partial=False, unknown=RAISE):
+    """Validate PsAiModel column values ({name: value}) before a write and
+    return them with the configuration normalised."""
+    fields_ = ("user_id", "organization_id", "name", "configuration")
+    data, absent = _present(values, fields_, partial)
+    loaded = _row_schema(PsAiModelSchema, unknown).load(data, partial=absent)
+    if "configuration" in loaded:
+        # After the schema, which names bad fields; this catches the rest.
+        _check_json(loaded["configuration"])
+        values = dict(values, configuration=loaded["configuration"])
+    return values
+
+
 def validate_model_row(row):
-    """Validate a PsAiModel before it is written; return its normalised
+    """Validate a PsAiModel before save() writes it; return its normalised
     configuration. Unknown configuration keys are refused, except on an
     existing row that already stored them (written by a newer PolicySynth)."""
-    data = {
-        "user_id": row.user_id, "organization_id": row.organization_id,
-        "name": row.name, "configuration": row.configuration,
-    }
     unknown = RAISE
     extra = _unknown_paths(row.configuration)
     if extra and row.id is not None:
-        stored = type(row).select(type(row).configuration).where(type(row).id == row.id).scalar()
+        model = type(row)
+        stored = model.select(model.configuration).where(model.id == row.id).scalar()
         if extra <= _unknown_paths(stored):
             unknown = INCLUDE
-    return _row_schema(PsAiModelSchema, unknown).load(data)["configuration"]
+    values = {"user_id": row.user_id, "organization_id": row.organization_id,
+              "name": row.name, "configuration": row.configuration}
+    return validate_model_values(values, unknown=unknown)["configuration"]
+
+
+def validate_agent_values(values, *, partial=False):
+    fields_ = ("user_id", "class_id", "group_id", "configuration")
+    data, absent = _present(values, fields_, partial)
+    parent = values.get("parent_agent", values.get("parent_agent_id"))
+    if parent is not None:
+        data["parent_agent_id"] = getattr(parent, "id", parent)
+    try:
+        _row_schema(PsAgentSchema, RAISE).load(data, partial=absent)
+    except ValidationError as exc:
+        errors = exc.messages
+    else:
+        errors = {}
+    if "configuration" in values and "configuration" not in errors:
+        try:
+            _check_json(values["configuration"])
+        except ValidationError as exc:
+            errors.update(exc.messages)
+    if errors:
+        raise ValidationError(errors)
+    return values
 
 
 def validate_agent_row(row):
-    parent = row.parent_agent_id
-    data = {
+    validate_agent_values({
         "user_id": row.user_id, "class_id": row.class_id, "group_id": row.group_id,
-        "configuration": row.configuration, "parent_agent_id": parent,
-    }
-    _row_schema(PsAgentSchema, RAISE).load(data)
+        "configuration": row.configuration, "parent_agent_id": row.parent_agent_id,
+    })
+
+
+def merge_configuration(configuration, changes):
+    """A copy of ``configuration`` with ``changes`` merged in: nested dicts
+    merge key by key, a None value removes the key."""
+    merged = copy.deepcopy(configuration)
+    for key, value in changes.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_configuration(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
