@@ -1,13 +1,15 @@
 """psai: PolicySynth's AI-model store in Python."""
 from .db import connect, database, redact_url
 from .enums import PsAiModelProvider, PsAiModelSize, PsAiModelType
-from .errors import DatabaseURLError, NotFoundError, PsaiError, ValidationError
+from .errors import DatabaseURLError, InUseError, NotFoundError, PsaiError, ValidationError
 from .migrations import migrate
-from .models import AgentModels, PsAgent, PsAiModel
+from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage
+from .usage import cost_report, record_usage
+from . import pricing
 
 __all__ = [
     "connect", "database", "migrate", "redact_url",
-    "PsAiModel", "PsAgent", "AgentModels",
+    "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "record_usage", "cost_report", "pricing",
     "PsAiModelType", "PsAiModelSize", "PsAiModelProvider",
-    "ValidationError", "PsaiError", "DatabaseURLError", "NotFoundError",
+    "ValidationError", "PsaiError", "DatabaseURLError", "NotFoundError", "InUseError",
 ]

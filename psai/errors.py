@@ -1,7 +1,7 @@
 """psai's exceptions."""
 import marshmallow
 
-__all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "NotFoundError", "flatten_messages"]
+__all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "NotFoundError", "InUseError", "flatten_messages"]
 
 
 def flatten_messages(messages, prefix=""):
@@ -47,3 +47,7 @@ class DatabaseURLError(PsaiError, ValueError):
 
 class NotFoundError(PsaiError, LookupError):
     """A row that was named (by id, uuid or name) does not exist."""
+
+
+class InUseError(PsaiError):
+    """A row cannot be deleted because other rows depend on it."""

@@ -4,7 +4,7 @@ import uuid
 
 from peewee import Field, FieldDatabaseHook, PostgresqlDatabase, UUIDField
 
-__all__ = ["TimestampTzField", "UUIDTextField", "utcnow"]
+__all__ = ["TimestampTzField", "UUIDTextField", "utcnow", "UTC"]
 
 UTC = datetime.timezone.utc
 

@@ -12,10 +12,10 @@ from peewee import (
 from peewee import ManyToManyFieldAccessor
 
 from .db import database, write_transaction
-from .errors import NotFoundError, ValidationError
+from .errors import InUseError, NotFoundError, ValidationError
 from .fields import TimestampTzField, UUIDTextField, utcnow
 
-__all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "ALL_MODELS"]
+__all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "ALL_MODELS"]
 
 
 # Set while save() writes a row it has validated itself, so that insert() and
@@ -222,6 +222,19 @@ class PsAiModel(BaseModel):
         from .schemas import validate_model_values
         return validate_model_values(values, partial=partial)
 
+    def delete_instance(self, *args, **kwargs):
+        """Delete the model and its links. A model with recorded usage is
+        refused (InUseError): deactivate it, so reports keep its prices."""
+        try:
+            with database.atomic():
+                return super().delete_instance(*args, **kwargs)
+        except IntegrityError:
+            if PsModelUsage.select().where(PsModelUsage.model == self.id).exists():
+                raise InUseError(
+                    "model %s (%s) has recorded usage; deactivate it instead of deleting it"
+                    % (self.id, self.name)) from None
+            raise
+
     def update_configuration(self, changes):
         """Merge ``changes`` into the configuration (nested dicts merge, a
         None value removes a key), validate the result and save it."""
@@ -292,4 +305,43 @@ class AgentModels(BaseModel):
 
 AgentModelsThrough.set_model(AgentModels)
 
-ALL_MODELS = [PsAiModel, PsAgent, AgentModels]
+
+def _counter():
+    return IntegerField(default=0)
+
+
+class PsModelUsage(BaseModel):
+    """Token counters: a ``ps_model_usage`` row. psai keeps one row per model,
+    agent, connector and UTC day (``psai.record_usage``); PolicySynth keeps one
+    per model and agent. Either way a report adds them all up."""
+
+    id = AutoField()
+    user_id = IntegerField(index=True)
+    created_at = TimestampTzField(default=utcnow)
+    updated_at = TimestampTzField(default=utcnow)
+    # RESTRICT: a model with recorded usage is deactivated, not deleted, so
+    # the cost history keeps the prices it was charged at.
+    model = ForeignKeyField(PsAiModel, column_name="model_id", on_delete="RESTRICT", backref="usage")
+    token_in_count = _counter()
+    token_in_cached_context_count = _counter()
+    long_context_token_in_count = _counter()
+    long_context_token_in_cached_context_count = _counter()
+    token_out_count = _counter()
+    token_out_reasoning_count = _counter()
+    token_out_audio_count = _counter()
+    token_out_image_count = _counter()
+    long_context_token_out_count = _counter()
+    long_context_token_out_reasoning_count = _counter()
+    long_context_token_out_audio_count = _counter()
+    long_context_token_out_image_count = _counter()
+    agent = ForeignKeyField(PsAgent, column_name="agent_id", null=True, on_delete="SET NULL", backref="usage")
+    connector_id = IntegerField(null=True, index=True)
+    # Cache-write input, added by a later PolicySynth; appended as its migration does.
+    token_in_cache_write_count = _counter()
+    long_context_token_in_cache_write_count = _counter()
+
+    class Meta:
+        table_name = "ps_model_usage"
+
+
+ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage]
