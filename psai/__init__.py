@@ -5,11 +5,13 @@ from .errors import DatabaseURLError, InUseError, NotFoundError, PsaiError, Vali
 from .migrations import migrate
 from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage
 from .usage import cost_report, record_usage
+from .query import add_model, find_by_provider_model
 from . import pricing
 
 __all__ = [
     "connect", "database", "migrate", "redact_url",
     "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "record_usage", "cost_report", "pricing",
+    "add_model", "find_by_provider_model",
     "PsAiModelType", "PsAiModelSize", "PsAiModelProvider",
     "ValidationError", "PsaiError", "DatabaseURLError", "NotFoundError", "InUseError",
 ]

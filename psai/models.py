@@ -244,6 +244,21 @@ class PsAiModel(BaseModel):
         return self
 
     @classmethod
+    def where_config(cls, filters=None, **fields):
+        """Models whose configuration matches every filter, e.g.
+        ``where_config(provider="openai", type="text", active=True)``; nested
+        keys by path: ``where_config({"prices.currency": "EUR"})``. A list
+        value matches any of its items. Same rows on SQLite and PostgreSQL."""
+        from .query import where_config
+        return where_config(filters, **fields)
+
+    @classmethod
+    def history(cls, name, organization_id=None):
+        """Every row that had this name, newest first."""
+        from .query import model_history
+        return model_history(name, organization_id)
+
+    @classmethod
     def with_agents(cls, query=None):
         """Models with ``.agents`` loaded, in three queries whatever their number."""
         query = cls.select().order_by(cls.id) if query is None else query
@@ -276,11 +291,33 @@ class PsAgent(BaseModel):
     def validate(self):
         from .schemas import validate_agent_row
         validate_agent_row(self)
+        if self.id is not None and self.parent_agent_id is not None:
+            self._refuse_cycle()
+
+    def _refuse_cycle(self):
+        """A sub-agent tree has no loops: the new parent may not be this
+        agent or one of its sub-agents."""
+        from .query import sub_agent_tree
+        if self.parent_agent_id in {agent.id for agent in sub_agent_tree(self)}:
+            raise ValidationError({"parent_agent_id": [
+                "Agent %s is this agent or one of its sub-agents; a parent there would make a loop."
+                % self.parent_agent_id]})
 
     @classmethod
     def _validate_values(cls, values, partial):
         from .schemas import validate_agent_values
         return validate_agent_values(values, partial=partial)
+
+    def select_model(self, model_type, size, *, include_inactive=False):
+        """The PsAiModel this agent would use for ``model_type`` and ``size``,
+        under PolicySynth's size fallback (see ``psai.query.select_model``)."""
+        from .query import select_model
+        return select_model(self, model_type, size, include_inactive=include_inactive)
+
+    def sub_agent_tree(self, *, include_self=True):
+        """This agent's sub-agents at every depth, each with ``.level``, in one query."""
+        from .query import sub_agent_tree
+        return sub_agent_tree(self, include_self=include_self)
 
     @classmethod
     def with_ai_models(cls, query=None):
