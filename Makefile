@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,3 +22,6 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) psai.db psai.db-wal psai.db-shm
+
+docs: $(STAMP)
+	$(BIN)/python -c "from psai.cli import write_reference; write_reference('docs/cli.md')"

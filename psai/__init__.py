@@ -1,7 +1,7 @@
 """psai: PolicySynth's AI-model store in Python."""
 from .db import connect, database, redact_url
 from .enums import PsAiModelProvider, PsAiModelSize, PsAiModelType
-from .errors import DatabaseURLError, InUseError, NotFoundError, PsaiError, ValidationError
+from .errors import DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError, PsaiError, ValidationError
 from .migrations import migrate
 from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage
 from .usage import cost_report, record_usage
@@ -13,5 +13,6 @@ __all__ = [
     "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "record_usage", "cost_report", "pricing",
     "add_model", "find_by_provider_model",
     "PsAiModelType", "PsAiModelSize", "PsAiModelProvider",
-    "ValidationError", "PsaiError", "DatabaseURLError", "NotFoundError", "InUseError",
+    "ValidationError", "PsaiError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
+    "InUseError",
 ]

@@ -1,57 +1,177 @@
-"""The ``psai`` command: a thin shell over the library."""
+"""The ``psai`` command: a thin shell over the library.
+
+Every command calls the same library functions a script would; this module
+only parses options, picks an output format and turns errors into one line
+on stderr (exit 1 for a failure, 2 for bad usage or bad input).
+"""
+import csv
 import functools
+import io
 import json
 import sys
+from decimal import Decimal
 
 import click
 import peewee
 
 from . import db as dbmod
-from .errors import DatabaseURLError, NotFoundError, PsaiError, ValidationError
-from .migrations import migrate as run_migrations
+from .enums import PsAiModelSize, PsAiModelType
+from .errors import DatabaseURLError, InUseError, NotFoundError, PsaiError, ValidationError
 
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+# -- plumbing ------------------------------------------------------------------
 
 def _fail(message, code):
     click.echo("Error: %s" % message, err=True)
     sys.exit(code)
 
 
+def _database_url():
+    context = click.get_current_context(silent=True)
+    root = context.find_root() if context else None
+    return (root.obj or {}).get("database") if root else None
+
+
 def handle_errors(command):
-    """User mistakes become one line on stderr: exit 2 for bad input, 1 for a failure."""
+    """A user's mistake is one line on stderr, never a traceback."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        url = _database_url() or ""
         try:
             return command(*args, **kwargs)
-        except (ValidationError, DatabaseURLError) as exc:
-            _fail(str(exc), 2)
-        except (NotFoundError, PsaiError) as exc:
-            _fail(str(exc), 1)
+        except ValidationError as exc:
+            _fail(str(exc), EXIT_BAD_INPUT)
+        except DatabaseURLError as exc:
+            _fail(str(exc), EXIT_BAD_INPUT)
+        except (NotFoundError, InUseError, PsaiError) as exc:
+            _fail(str(exc), EXIT_FAILURE)
         except peewee.DatabaseError as exc:
-            url = click.get_current_context().find_root().params.get("database") or ""
-            _fail(dbmod._scrub(exc, url) if url else str(exc).strip(), 1)
+            _fail("database error: %s" % dbmod._scrub(exc, url) if url else str(exc).strip(), EXIT_FAILURE)
+        except OSError as exc:
+            _fail(str(exc), EXIT_FAILURE)
     return wrapper
 
 
-@click.group()
+def connect():
+    """Connect to the --database URL and bring psai's schema up to date (an
+    un-adopted PolicySynth database is used as it is)."""
+    from .migrations import ensure_schema
+    dbmod.connect(_database_url())
+    ensure_schema()
+
+
+def _json_default(value):
+    if isinstance(value, Decimal):
+        return str(value)  # exact, as PolicySynth's own reports give totals as strings
+    raise TypeError("%r is not JSON serialisable" % (value,))
+
+
+def emit(rows, fmt, columns=None, single=False):
+    """Write rows (dicts) as a table, JSON or CSV. ``single`` writes one
+    object rather than a list in JSON."""
+    if fmt == "json":
+        click.echo(json.dumps(rows[0] if single else rows, indent=2, default=_json_default, ensure_ascii=False))
+        return
+    columns = columns or (list(rows[0]) if rows else [])
+
+    def cell(value):
+        if isinstance(value, (dict, list)):
+            return json.dumps(value, default=_json_default, ensure_ascii=False)
+        return "" if value is None else str(value)
+
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            writer.writerow([cell(row.get(c)) for c in columns])
+        click.echo(out.getvalue(), nl=False)
+        return
+    table = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    click.echo("  ".join("-" * w for w in widths))
+    for row in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+class JSONNumber(click.ParamType):
+    """A number kept as JSON would: 30 stays an int, 2.5 a float."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            pass
+        try:
+            number = float(value)
+        except ValueError:
+            self.fail("%r is not a number" % value, param, ctx)
+        if number != number or number in (float("inf"), float("-inf")):
+            self.fail("%r is not a finite number" % value, param, ctx)
+        return number
+
+
+NUMBER = JSONNumber()
+MODEL_TYPES = click.Choice([t.value for t in PsAiModelType])
+MODEL_SIZES = click.Choice([s.value for s in PsAiModelSize])
+
+
+def output_options(command):
+    command = click.option("--csv", "fmt", flag_value="csv", help="Write CSV.")(command)
+    command = click.option("--json", "fmt", flag_value="json", help="Write JSON.")(command)
+    return command
+
+
+def _read_json(handle):
+    """Parse an open click.File (a path, or '-' for stdin)."""
+    name = "stdin" if handle.name == "<stdin>" else handle.name
+    try:
+        return json.loads(handle.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValidationError({name: ["Not JSON: %s." % exc]}) from None
+
+
+def _progress(length, label):
+    """A progress bar on stderr when it is a terminal, else nothing."""
+    if not sys.stderr.isatty():
+        return None
+    return click.progressbar(length=length, label=label, file=sys.stderr)
+
+
+# -- the group ------------------------------------------------------------------
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--database", "database", envvar="PSAI_DATABASE_URL", metavar="URL",
-              help="Database URL (default: $PSAI_DATABASE_URL, else sqlite:///psai.db).")
+              help="Database URL: sqlite:///path.db or postgresql://user@host:port/db "
+                   "(default: $PSAI_DATABASE_URL, else sqlite:///psai.db).")
 @click.version_option(package_name="psai")
 @click.pass_context
 def cli(ctx, database):
-    """psai: PolicySynth's AI-model store."""
+    """psai: PolicySynth's AI-model store.
+
+    Every command creates or upgrades the schema it needs first.
+    """
     ctx.obj = {"database": database}
 
 
-def _connect():
-    return dbmod.connect(click.get_current_context().obj["database"])
-
-
 @cli.command()
+@click.option("--adopt", is_flag=True,
+              help="The database is PolicySynth's: add psai's migration table and indexes "
+                   "beside its tables, without changing them.")
 @handle_errors
-def init():
+def init(adopt):
     """Create or upgrade the schema."""
-    _connect()
-    applied = run_migrations()
+    from .migrations import adopt as adopt_database, migrate
+    dbmod.connect(_database_url())
+    applied = adopt_database() if adopt else migrate()
     click.echo("applied: %s" % ", ".join(applied) if applied else "schema is up to date")
 
 
@@ -62,8 +182,516 @@ def demo():
     from .demo import seed
     from .models import PsAiModel
     from .schemas import PsAiModelSchema
-    _connect()
-    run_migrations()
+    connect()
     model, _agents = seed()
-    model = [m for m in PsAiModel.with_agents() if m.id == model.id][0]
+    model = PsAiModel.with_agents(PsAiModel.select().where(PsAiModel.id == model.id))[0]
     click.echo(json.dumps(PsAiModelSchema(with_links=True).dump(model), indent=2))
+
+
+# -- models ---------------------------------------------------------------------
+
+MODEL_COLUMNS = ["id", "name", "provider", "type", "size", "model", "active", "in", "out", "cached", "currency"]
+
+
+def _model_row(dump):
+    config = dump["configuration"]
+    prices = config.get("prices") or {}
+    return {"id": dump["id"], "name": dump["name"], "provider": config.get("provider"),
+            "type": config.get("type"), "size": config.get("modelSize"), "model": config.get("model"),
+            "active": config.get("active"), "in": prices.get("costInTokensPerMillion"),
+            "out": prices.get("costOutTokensPerMillion"),
+            "cached": prices.get("costInCachedContextTokensPerMillion"), "currency": prices.get("currency")}
+
+
+def emit_models(models, fmt, single=False):
+    from .schemas import PsAiModelSchema
+    dumps = PsAiModelSchema(many=True).dump(models)
+    if fmt == "json":
+        emit(dumps, fmt, single=single)
+    elif fmt == "csv":
+        emit(dumps, fmt, columns=list(PsAiModelSchema().fields))
+    else:
+        emit([_model_row(d) for d in dumps], fmt, columns=MODEL_COLUMNS)
+
+
+def emit_fields(dump):
+    """One row as a two-column table, nested fields by dotted path."""
+    def flatten(value, prefix=""):
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                yield from flatten(item, "%s.%s" % (prefix, key) if prefix else key)
+        elif isinstance(value, list) and value and all(isinstance(i, dict) for i in value):
+            yield prefix, ", ".join(str(item.get("id")) for item in value)
+        else:
+            yield prefix, value
+    emit([{"field": key, "value": value} for key, value in flatten(dump)], None, columns=["field", "value"])
+
+
+@cli.group()
+def models():
+    """AI models: add, list, show, update, deactivate, delete, history."""
+
+
+def _configuration_from_flags(model_type, size, model_name, provider, inactive, in_price, out_price,
+                              cached_price, currency, max_tokens_out, temperature):
+    config = {"type": model_type, "modelSize": size, "model": model_name, "provider": provider,
+              "active": False if inactive else None,
+              "prices": {"costInTokensPerMillion": in_price, "costOutTokensPerMillion": out_price,
+                         "costInCachedContextTokensPerMillion": cached_price, "currency": currency},
+              "maxTokensOut": max_tokens_out, "defaultTemperature": temperature}
+    config["prices"] = {k: v for k, v in config["prices"].items() if v is not None} or None
+    return {k: v for k, v in config.items() if v is not None}
+
+
+@models.command("add")
+@click.option("--name", required=True, help="The model's name; older rows with it are deactivated.")
+@click.option("--user-id", type=int, required=True)
+@click.option("--organization-id", type=int, required=True)
+@click.option("--file", "source", type=click.File("r", encoding="utf-8"), metavar="PATH",
+              help="Configuration JSON ('-' reads stdin).")
+@click.option("--type", "model_type", type=MODEL_TYPES)
+@click.option("--size", type=MODEL_SIZES)
+@click.option("--model", "model_name", help="The provider's model name.")
+@click.option("--provider", help="openai, anthropic, google, azure, ...")
+@click.option("--inactive", is_flag=True, help="Store it inactive.")
+@click.option("--in-price", type=NUMBER, help="Input cost per million tokens.")
+@click.option("--out-price", type=NUMBER, help="Output cost per million tokens.")
+@click.option("--cached-price", type=NUMBER, help="Cached input cost per million tokens.")
+@click.option("--currency", help="Three-letter currency code, e.g. USD.")
+@click.option("--max-tokens-out", type=int)
+@click.option("--temperature", type=NUMBER, help="Default temperature.")
+@output_options
+@handle_errors
+def models_add(name, user_id, organization_id, source, fmt, **flags):
+    """Add a model, from flags or a configuration JSON file.
+
+    As PolicySynth's add-model tool does, rows that already have this name in
+    the organization are deactivated in the same transaction.
+    """
+    from .query import add_model
+    configuration = _read_json(source) if source else {}
+    if source and not isinstance(configuration, dict):
+        raise ValidationError({"configuration": ["Must be a JSON object."]})
+    overrides = _configuration_from_flags(**flags)
+    if "prices" in overrides and isinstance(configuration.get("prices"), dict):
+        overrides["prices"] = dict(configuration["prices"], **overrides["prices"])
+    configuration = dict(configuration, **overrides)
+    configuration.setdefault("active", True)
+    connect()
+    model = add_model(name=name, user_id=user_id, organization_id=organization_id, configuration=configuration)
+    emit_models([model], fmt, single=True)
+
+
+@models.command("list")
+@click.option("--provider", multiple=True, help="Only this provider (repeat for several).")
+@click.option("--type", "model_type", type=MODEL_TYPES, multiple=True, help="Only this type (repeat for several).")
+@click.option("--size", type=MODEL_SIZES, multiple=True, help="Only this size (repeat for several).")
+@click.option("--active/--inactive", default=None, help="Only active, or only inactive, models.")
+@click.option("--name", help="Only models with this name.")
+@output_options
+@handle_errors
+def models_list(provider, model_type, size, active, name, fmt):
+    """List models, filtered by configuration fields."""
+    from .models import PsAiModel
+    connect()
+    filters = {"provider": list(provider), "type": list(model_type), "modelSize": list(size)}
+    filters = {key: value for key, value in filters.items() if value}
+    if active is not None:
+        filters["active"] = active
+    query = PsAiModel.where_config(filters).order_by(PsAiModel.id)
+    if name is not None:
+        query = query.where(PsAiModel.name == name)
+    emit_models(list(query), fmt)
+
+
+@models.command("show")
+@click.argument("model")
+@output_options
+@handle_errors
+def models_show(model, fmt):
+    """Show one model, by id or uuid."""
+    from .models import PsAiModel
+    connect()
+    found = PsAiModel.get_by_key(model)
+    if fmt is None:
+        from .schemas import PsAiModelSchema
+        emit_fields(PsAiModelSchema().dump(found))
+    else:
+        emit_models([found], fmt, single=True)
+
+
+def _parse_assignment(text):
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValidationError({text: ["Use KEY=VALUE, e.g. prices.costInTokensPerMillion=2.5."]})
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # a bare word is a string: provider=openai
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+@models.command("update")
+@click.argument("model")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Change a configuration field; nested keys by path, the value as JSON "
+                   "(prices.costInTokensPerMillion=2.5, active=false, provider=openai). "
+                   "null removes the key.")
+@click.option("--file", "source", type=click.File("r", encoding="utf-8"), metavar="PATH",
+              help="JSON object of changes to merge ('-' reads stdin).")
+@click.option("--name", help="A new name.")
+@output_options
+@handle_errors
+def models_update(model, assignments, source, name, fmt):
+    """Change fields of a model's configuration (validated before saving)."""
+    from .models import PsAiModel
+    from .schemas import merge_configuration
+    changes = _read_json(source) if source else {}
+    if not isinstance(changes, dict):
+        raise ValidationError({"changes": ["Must be a JSON object."]})
+    for assignment in assignments:
+        changes = merge_configuration(changes, _parse_assignment(assignment)) if changes else \
+            _parse_assignment(assignment)
+    if not changes and name is None:
+        raise click.UsageError("nothing to change: give --set, --file or --name")
+    connect()
+    found = PsAiModel.get_by_key(model)
+    if name is not None:
+        found.name = name
+    found.update_configuration(changes)
+    emit_models([found], fmt, single=True)
+
+
+@models.command("deactivate")
+@click.argument("model")
+@handle_errors
+def models_deactivate(model):
+    """Mark a model inactive (it stays for history and reports)."""
+    from .models import PsAiModel
+    connect()
+    found = PsAiModel.get_by_key(model)
+    found.update_configuration({"active": False})
+    click.echo("deactivated model %s (%s)" % (found.id, found.name))
+
+
+@models.command("delete")
+@click.argument("model")
+@handle_errors
+def models_delete(model):
+    """Delete a model and its links (refused if usage was recorded for it)."""
+    from .models import PsAiModel
+    connect()
+    found = PsAiModel.get_by_key(model)
+    found.delete_instance()
+    click.echo("deleted model %s (%s)" % (found.id, found.name))
+
+
+@models.command("history")
+@click.argument("name")
+@click.option("--organization-id", type=int, help="Only this organization's rows.")
+@output_options
+@handle_errors
+def models_history(name, organization_id, fmt):
+    """Every row that had NAME, newest first."""
+    from .models import PsAiModel
+    connect()
+    emit_models(PsAiModel.history(name, organization_id), fmt)
+
+
+# -- agents ---------------------------------------------------------------------
+
+AGENT_COLUMNS = ["id", "name", "user_id", "class_id", "group_id", "parent_agent_id", "models"]
+
+
+@cli.group()
+def agents():
+    """Agents: add, list, show, link, unlink, and the models they use."""
+
+
+def emit_agents(agent_list, fmt, single=False):
+    from .schemas import PsAgentSchema
+    dumps = PsAgentSchema(with_links=True, many=True).dump(agent_list)
+    if fmt == "json":
+        emit(dumps, fmt, single=single)
+    elif fmt == "csv":
+        emit(dumps, fmt, columns=list(dumps[0]) if dumps else AGENT_COLUMNS)
+    else:
+        rows = [{"id": d["id"], "name": d["configuration"].get("name"), "user_id": d["user_id"],
+                 "class_id": d["class_id"], "group_id": d["group_id"], "parent_agent_id": d["parent_agent_id"],
+                 "models": ",".join(str(m["id"]) for m in d["ai_models"])} for d in dumps]
+        emit(rows, fmt, columns=AGENT_COLUMNS)
+
+
+@agents.command("add")
+@click.option("--user-id", type=int, required=True)
+@click.option("--class-id", type=int, required=True)
+@click.option("--group-id", type=int, required=True)
+@click.option("--name", help="Sets configuration.name.")
+@click.option("--configuration", "configuration_json", metavar="JSON", help="The configuration as JSON.")
+@click.option("--parent", metavar="AGENT", help="Parent agent (id or uuid).")
+@click.option("--model", "model_keys", multiple=True, metavar="MODEL", help="Link this model (repeatable).")
+@output_options
+@handle_errors
+def agents_add(user_id, class_id, group_id, name, configuration_json, parent, model_keys, fmt):
+    """Add an agent."""
+    from .db import write_transaction
+    from .models import PsAgent, PsAiModel
+    try:
+        configuration = json.loads(configuration_json) if configuration_json else {}
+    except json.JSONDecodeError as exc:
+        raise ValidationError({"configuration": ["Not JSON: %s." % exc]}) from None
+    if not isinstance(configuration, dict):
+        raise ValidationError({"configuration": ["Must be a JSON object."]})
+    if name is not None:
+        configuration["name"] = name
+    connect()
+    with write_transaction():
+        parent_agent = PsAgent.get_by_key(parent) if parent else None
+        agent = PsAgent.create(user_id=user_id, class_id=class_id, group_id=group_id,
+                               configuration=configuration, parent_agent=parent_agent)
+        if model_keys:
+            agent.ai_models.add([PsAiModel.get_by_key(key) for key in model_keys])
+    emit_agents([agent], fmt, single=True)
+
+
+@agents.command("list")
+@output_options
+@handle_errors
+def agents_list(fmt):
+    """List agents with the ids of their models."""
+    from .models import PsAgent
+    connect()
+    emit_agents(list(PsAgent.with_ai_models()), fmt)
+
+
+@agents.command("show")
+@click.argument("agent")
+@output_options
+@handle_errors
+def agents_show(agent, fmt):
+    """Show one agent, by id or uuid, with its models."""
+    from .models import PsAgent
+    connect()
+    found = PsAgent.get_by_key(agent)
+    if fmt is None:
+        from .schemas import PsAgentSchema
+        emit_fields(PsAgentSchema(with_links=True).dump(found))
+    else:
+        emit_agents([found], fmt, single=True)
+
+
+@agents.command("link")
+@click.argument("agent")
+@click.argument("model_keys", nargs=-1, required=True, metavar="MODEL...")
+@handle_errors
+def agents_link(agent, model_keys):
+    """Let AGENT use MODEL(s); linking twice is harmless."""
+    from .db import write_transaction
+    from .models import PsAgent, PsAiModel
+    connect()
+    with write_transaction():
+        found = PsAgent.get_by_key(agent)
+        found.ai_models.add([PsAiModel.get_by_key(key) for key in model_keys])
+    click.echo("agent %s linked to model %s" % (found.id, ", ".join(model_keys)))
+
+
+@agents.command("unlink")
+@click.argument("agent")
+@click.argument("model_keys", nargs=-1, required=True, metavar="MODEL...")
+@handle_errors
+def agents_unlink(agent, model_keys):
+    """Remove the links between AGENT and MODEL(s)."""
+    from .db import write_transaction
+    from .models import PsAgent, PsAiModel
+    connect()
+    with write_transaction():
+        found = PsAgent.get_by_key(agent)
+        removed = found.ai_models.remove([PsAiModel.get_by_key(key) for key in model_keys])
+    click.echo("agent %s: %d link(s) removed" % (found.id, removed or 0))
+
+
+@agents.command("models")
+@click.argument("agent")
+@click.option("--include-inactive", is_flag=True, help="Let inactive models be selected too.")
+@output_options
+@handle_errors
+def agents_models(agent, include_inactive, fmt):
+    """The model AGENT would use for each type and size, by PolicySynth's rules."""
+    from .models import PsAgent
+    from .query import model_choices
+    connect()
+    rows = model_choices(PsAgent.get_by_key(agent), include_inactive=include_inactive)
+    emit(rows, fmt, columns=["type", "size", "model_id", "name", "model_size", "model"])
+
+
+# -- cost and usage -----------------------------------------------------------------
+
+USAGE_OPTIONS = [
+    click.option("--in", "tokens_in", type=click.IntRange(min=0), required=True, help="Input tokens (total)."),
+    click.option("--out", "tokens_out", type=click.IntRange(min=0), required=True, help="Output tokens (total)."),
+    click.option("--cached", "cached_tokens", type=click.IntRange(min=0), default=0,
+                 help="Of the input, tokens read from cache."),
+    click.option("--cache-write", "cache_write_tokens", type=click.IntRange(min=0), default=0,
+                 help="Of the input, tokens written to cache."),
+    click.option("--reasoning", "reasoning_tokens", type=click.IntRange(min=0), default=0,
+                 help="Of the output, reasoning tokens."),
+    click.option("--audio", "audio_tokens", type=click.IntRange(min=0), default=0, help="Of the output, audio tokens."),
+    click.option("--image", "image_tokens", type=click.IntRange(min=0), default=0, help="Of the output, image tokens."),
+]
+
+
+def usage_options(command):
+    for option in reversed(USAGE_OPTIONS):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@click.argument("model")
+@usage_options
+@click.option("--web-searches", type=click.IntRange(min=0), default=0, help="Web search calls.")
+@click.option("--tier", type=click.Choice(["flex", "priority", "fast"]),
+              help="Inference tier (default: the model's inferenceType).")
+@click.option("--region", type=click.Choice(["eu"]), help="Regional processing (default: the model's).")
+@output_options
+@handle_errors
+def cost(model, tier, region, fmt, **usage):
+    """What one call to MODEL costs, by PolicySynth's pricing rules."""
+    from .usage import model_cost
+    connect()
+    if tier is not None:
+        usage["inference_type"] = tier
+    if region is not None:
+        usage["regional_processing"] = region
+    result = model_cost(model, **usage)
+    if fmt == "json":
+        click.echo(json.dumps({"cost": result["total"], "currency": result["currency"],
+                               "parts": result["parts"], "counters": result["counters"],
+                               "rates": result["rates"]}, indent=2))
+        return
+    rows = [{"part": part, "cost": value} for part, value in result["parts"].items() if value]
+    rows.append({"part": "total", "cost": result["total"]})
+    for row in rows:
+        row["currency"] = result["currency"]
+    emit(rows, fmt, columns=["part", "cost", "currency"])
+
+
+@cli.group()
+def usage():
+    """Record token usage and report what it cost."""
+
+
+@usage.command("record")
+@click.argument("model")
+@click.option("--agent", help="The agent that made the call (id or uuid).")
+@usage_options
+@click.option("--user-id", type=int, help="Default: the agent's user, else the model's.")
+@click.option("--connector-id", type=int)
+@handle_errors
+def usage_record(model, agent, **usage):
+    """Add one call's tokens to the usage counters of MODEL (and AGENT)."""
+    from .usage import record_usage
+    connect()
+    row = record_usage(model, agent, **usage)
+    click.echo("recorded on usage row %s" % row.id)
+
+
+@usage.command("report")
+@click.option("--by", "grouping", type=click.Choice(["model", "agent", "tree", "provider", "day"]),
+              default="model", show_default=True)
+@click.option("--since", metavar="DATE", help="From this day (YYYY-MM-DD) or time.")
+@click.option("--until", metavar="DATE", help="Up to and including this day, or up to this time.")
+@output_options
+@handle_errors
+def usage_report(grouping, since, until, fmt):
+    """Cost of recorded usage, priced with each usage row's own model."""
+    from .usage import cost_report, report_totals
+    connect()
+    try:
+        rows = cost_report(grouping, since=since, until=until)
+    except ValueError as exc:
+        raise ValidationError({"since/until": [str(exc)]}) from None
+    if fmt is None:
+        totals = report_totals(rows, grouping)
+        for currency, total in sorted(totals.items(), key=lambda item: str(item[0])):
+            rows.append({next(iter(rows[0])): "TOTAL", "tokens_in": total["tokens_in"],
+                         "tokens_out": total["tokens_out"], "cost": total["cost"], "currency": currency})
+    emit(rows, fmt)
+
+
+# -- export / import -------------------------------------------------------------------
+
+@cli.command("export")
+@click.option("--output", "-o", metavar="PATH", help="Write to a file instead of stdout.")
+@handle_errors
+def export_command(output):
+    """Export every model, agent and link as JSON (PolicySynth's row format)."""
+    from .transfer import export_data
+    connect()
+    text = json.dumps(export_data(), indent=2, ensure_ascii=False)
+    if output:
+        with open(output, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+    else:
+        click.echo(text)
+
+
+@cli.command("import")
+@click.argument("source", metavar="PATH", type=click.File("r", encoding="utf-8"))
+@click.option("--allow-unknown-keys", is_flag=True,
+              help="Keep configuration keys psai does not know (from a newer PolicySynth).")
+@handle_errors
+def import_command(source, allow_unknown_keys):
+    """Import a psai export ('-' reads stdin). All or nothing: one bad row
+    imports nothing and the error names its table, row and field."""
+    from .transfer import import_data
+    data = _read_json(source)
+    connect()
+    total = sum(len(data.get(t) or []) for t in ("ps_ai_models", "ps_agents", "AgentModels")) \
+        if isinstance(data, dict) else 0
+    bar = _progress(total, "checking")
+    if bar is None:
+        counts = import_data(data, allow_unknown_keys=allow_unknown_keys)
+    else:
+        with bar:
+            counts = import_data(data, allow_unknown_keys=allow_unknown_keys, progress=bar.update)
+    click.echo("imported: %(created)d created, %(updated)d updated, %(links)d links added" % counts)
+
+
+def help_reference():
+    """The --help of every command, as Markdown (docs/cli.md embeds it)."""
+    parts = []
+
+    def walk(command, path, parent):
+        # A fixed width, so the text is the same on every terminal.
+        context = command.make_context(path[-1], [], parent=parent, resilient_parsing=True,
+                                       terminal_width=88, max_content_width=88)
+        with context:
+            text = command.get_help(context)
+            parts.append("### `%s`\n\n```\n%s\n```\n" % (" ".join(path), text))
+            if isinstance(command, click.Group):
+                for name in command.list_commands(context):
+                    walk(command.get_command(context, name), path + [name], context)
+
+    walk(cli, ["psai"], None)
+    return "\n".join(parts)
+
+
+REFERENCE_START = "<!-- reference: generated from --help by `make docs`; do not edit by hand -->"
+REFERENCE_END = "<!-- end of reference -->"
+
+
+def write_reference(path):
+    """Replace the reference section of docs/cli.md with help_reference()."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    head, _, rest = text.partition(REFERENCE_START)
+    _, _, tail = rest.partition(REFERENCE_END)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(head + REFERENCE_START + "\n\n" + help_reference() + "\n" + REFERENCE_END + tail)
+
+
+def main():
+    cli(prog_name="psai")

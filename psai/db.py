@@ -5,7 +5,7 @@ from urllib.parse import urlsplit, urlunsplit
 from peewee import DatabaseProxy, OperationalError, PostgresqlDatabase, SqliteDatabase
 from playhouse import db_url
 
-from .errors import DatabaseURLError
+from .errors import DatabaseUnavailableError, DatabaseURLError
 
 __all__ = ["database", "connect", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction"]
 
@@ -50,7 +50,7 @@ def _scrub(message, url):
     message = str(message).replace(url, redact_url(url))
     if password:
         message = message.replace(password, "***")
-    return message.strip()
+    return " ".join(message.split())  # drivers' messages span lines; errors are one line
 
 
 def connect(url=None, **options):
@@ -94,7 +94,7 @@ def connect(url=None, **options):
         db.connect()
     except OperationalError as exc:
         db.close()
-        raise DatabaseURLError("cannot connect to %s: %s" % (redact_url(url), _scrub(exc, url))) from None
+        raise DatabaseUnavailableError("cannot connect to %s: %s" % (redact_url(url), _scrub(exc, url))) from None
     _rebind(db)
     return db
 

@@ -1,7 +1,7 @@
 """psai's exceptions."""
 import marshmallow
 
-__all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "NotFoundError", "InUseError", "flatten_messages"]
+__all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError", "InUseError", "flatten_messages"]
 
 
 def flatten_messages(messages, prefix=""):
@@ -43,6 +43,10 @@ class PsaiError(Exception):
 
 class DatabaseURLError(PsaiError, ValueError):
     """A database URL psai cannot use. The message never holds the password."""
+
+
+class DatabaseUnavailableError(PsaiError):
+    """The database could not be reached. The message never holds the password."""
 
 
 class NotFoundError(PsaiError, LookupError):

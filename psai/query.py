@@ -17,7 +17,7 @@ from .enums import PsAiModelSize
 from .errors import NotFoundError, ValidationError
 from .models import PsAgent, PsAiModel
 
-__all__ = ["config_filter", "where_config", "select_model", "find_by_provider_model",
+__all__ = ["config_filter", "where_config", "select_model", "model_choices", "find_by_provider_model",
            "add_model", "model_history", "sub_agent_tree", "SIZE_FALLBACK", "INDEXED_PATHS"]
 
 # Paths served by expression indexes on SQLite (migration 0003). They are the
@@ -141,16 +141,39 @@ def select_model(agent, model_type, size, *, include_inactive=False):
     if not include_inactive:
         filters["active"] = True
     candidates = list(_newest_first(where_config(filters, query=agent.ai_models)))
+    chosen = _choose(candidates, size)
+    if chosen is None:
+        raise NotFoundError("agent %s has no %s%r model" % (
+            agent.id, "" if include_inactive else "active ", model_type))
+    return chosen
+
+
+def _choose(candidates, size):
+    """From models of one type, newest first: PolicySynth's pick for ``size``."""
     by_size = {}
     for model in candidates:
         by_size.setdefault(model.configuration.get("modelSize"), model)
     for wanted in SIZE_FALLBACK[size]:
         if wanted in by_size:
             return by_size[wanted]
-    if candidates:
-        return candidates[0]
-    raise NotFoundError("agent %s has no %s%r model" % (
-        agent.id, "" if include_inactive else "active ", model_type))
+    return candidates[0] if candidates else None
+
+
+def model_choices(agent, *, include_inactive=False):
+    """For each type among the agent's models and each size: the model
+    select_model would pick. One query."""
+    query = agent.ai_models if include_inactive else where_config({"active": True}, query=agent.ai_models)
+    by_type = {}
+    for model in _newest_first(query):
+        by_type.setdefault(model.configuration.get("type"), []).append(model)
+    rows = []
+    for model_type in sorted(by_type, key=str):
+        for size in SIZE_FALLBACK:
+            model = _choose(by_type[model_type], size)
+            rows.append({"type": model_type, "size": size, "model_id": model.id, "name": model.name,
+                         "model_size": model.configuration.get("modelSize"),
+                         "model": model.configuration.get("model")})
+    return rows
 
 
 def find_by_provider_model(provider, model_name, *, include_inactive=False):

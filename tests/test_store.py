@@ -70,7 +70,7 @@ def test_connect_failure_hides_password():
     from conftest import require_postgres
     require_postgres()
     url = "postgresql://nobody:s3cretpw@127.0.0.1:5432/no_such_database_psai"
-    with pytest.raises(psai.DatabaseURLError) as info:
+    with pytest.raises(psai.DatabaseUnavailableError) as info:
         psai.connect(url)
     assert "s3cretpw" not in str(info.value)
     assert "nobody:***@127.0.0.1" in str(info.value)

@@ -1,29 +1,92 @@
 """Versioned schema migrations, run by peewee's ``playhouse.migrations``.
 
 Each ``NNNN_name.py`` file here defines ``up(migrator, db)`` with frozen
-table definitions (never the live models, which move on), and is recorded
-by name in the ``psai_migrations`` table once applied.
+table definitions (never the live models, which move on). The runner applies
+the missing ones in order, each in its own transaction, and records their
+names in the ``psai_migrations`` table.
+
+A database created by PolicySynth (Sequelize) already has the tables. psai
+works with them as they are and adds nothing until asked: ``adopt()`` (``psai
+init --adopt``) records the migrations whose tables PolicySynth made as
+applied and creates only psai's own additions beside them.
 """
 import os
 
 from playhouse.migrations import Runner
 
 from ..db import database
+from ..errors import PsaiError
 
-__all__ = ["migrate", "HISTORY_TABLE", "DIRECTORY", "runner"]
+__all__ = ["migrate", "adopt", "ensure_schema", "is_policysynth_database", "HISTORY_TABLE", "DIRECTORY",
+           "runner", "NotAdoptedError"]
 
 HISTORY_TABLE = "psai_migrations"
 DIRECTORY = os.path.dirname(os.path.abspath(__file__))
+POLICYSYNTH_TABLES = {"ps_ai_models", "ps_agents", "AgentModels"}
+# Migrations that create tables PolicySynth's own sync creates too.
+POLICYSYNTH_MIGRATIONS = {"0001_initial": {"ps_ai_models", "ps_agents", "AgentModels"},
+                          "0002_model_usage": {"ps_model_usage"}}
 
 
-def runner(db=None):
+class NotAdoptedError(PsaiError):
+    """The database is PolicySynth's and psai was not asked to add to it."""
+
+
+def _db(db):
     db = db or database.obj
     if db is None:
         from ..db import connect
         db = connect()
-    return Runner(db, DIRECTORY, table_name=HISTORY_TABLE)
+    return db
+
+
+def runner(db=None):
+    return Runner(_db(db), DIRECTORY, table_name=HISTORY_TABLE)
+
+
+def is_policysynth_database(db=None):
+    """True when PolicySynth's tables are there and psai's history is not."""
+    tables = set(_db(db).get_tables())
+    return POLICYSYNTH_TABLES <= tables and HISTORY_TABLE not in tables
 
 
 def migrate(db=None):
-    """Create or upgrade psai's tables; idempotent. Returns the names applied."""
+    """Create or upgrade psai's tables; idempotent. Returns the names applied.
+    On a PolicySynth database psai has not adopted, changes nothing and
+    raises NotAdoptedError."""
+    db = _db(db)
+    if is_policysynth_database(db):
+        raise NotAdoptedError(
+            "this database has PolicySynth's tables but not psai's: run `psai init --adopt` "
+            "(psai.migrations.adopt()) to add psai's migration table and indexes beside them; "
+            "psai reads and writes PolicySynth's tables without it")
+    return runner(db).up()
+
+
+def adopt(db=None):
+    """Adopt a PolicySynth database: record as applied the migrations whose
+    tables PolicySynth already made, then apply the rest (psai's indexes).
+    PolicySynth's tables are not altered. Returns the names applied."""
+    db = _db(db)
+    if not is_policysynth_database(db):
+        return migrate(db)
+    tables = set(db.get_tables())
+    run = runner(db)
+    faked = []
+    with db.atomic():
+        for name, needs in POLICYSYNTH_MIGRATIONS.items():
+            if needs <= tables:
+                run.fake(name)
+                faked.append(name)
+            else:
+                break
+    return faked + run.up()
+
+
+def ensure_schema(db=None):
+    """What the CLI runs first: bring psai's schema up to date, but leave an
+    un-adopted PolicySynth database exactly as it is."""
+    db = _db(db)
+    if is_policysynth_database(db):
+        return []
     return runner(db).up()
