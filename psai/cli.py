@@ -229,7 +229,7 @@ def emit_fields(dump):
 
 @cli.group()
 def models():
-    """AI models: add, list, show, update, deactivate, delete, history."""
+    """AI models: add, list, show, update, deactivate, delete, history, import-litellm."""
 
 
 def _configuration_from_flags(model_type, size, model_name, provider, inactive, in_price, out_price,
@@ -398,6 +398,35 @@ def models_history(name, organization_id, fmt):
     from .models import PsAiModel
     connect()
     emit_models(PsAiModel.history(name, organization_id), fmt)
+
+
+@models.command("import-litellm")
+@click.argument("source", metavar="PATH", type=click.File("r", encoding="utf-8"))
+@click.option("--user-id", type=int, required=True)
+@click.option("--organization-id", type=int, required=True)
+@click.option("--size", type=MODEL_SIZES, required=True, help="modelSize for every model (LiteLLM has none).")
+@click.option("--temperature", type=NUMBER, default=0.7, show_default=True, help="defaultTemperature.")
+@click.option("--provider", multiple=True, help="Only entries of this litellm_provider (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Report what would be imported; write nothing.")
+@output_options
+@handle_errors
+def models_import_litellm(source, user_id, organization_id, size, temperature, provider, dry_run, fmt):
+    """Import LiteLLM's model cost map (model_prices_and_context_window.json).
+
+    Entries that cannot be mapped are listed with the reason, not guessed.
+    """
+    from .litellm import import_cost_map
+    cost_map = _read_json(source)
+    connect()
+    result = import_cost_map(cost_map, user_id=user_id, organization_id=organization_id, model_size=size,
+                             default_temperature=temperature, providers=set(provider) or None,
+                             dry_run=dry_run)
+    if fmt == "json":
+        emit([result], fmt, single=True)
+        return
+    rows = [{"name": name, "result": "would import" if dry_run else "imported"} for name in result["imported"]]
+    rows += [{"name": name, "result": "skipped: " + reason} for name, reason in result["skipped"].items()]
+    emit(rows, fmt, columns=["name", "result"])
 
 
 # -- agents ---------------------------------------------------------------------

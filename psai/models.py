@@ -294,6 +294,21 @@ class PsAgent(BaseModel):
         if self.id is not None and self.parent_agent_id is not None:
             self._refuse_cycle()
 
+    def save(self, *args, **kwargs):
+        try:
+            with database.atomic():
+                return super().save(*args, **kwargs)
+        except IntegrityError as exc:
+            # PolicySynth's own schema (its Sequelize association) makes
+            # parent_agent_id refer to ps_ai_models; say so instead of failing darkly.
+            text = str(exc)
+            if self.parent_agent_id is not None and "parent_agent_id" in text and "ps_ai_models" in text:
+                raise ValidationError({"parent_agent_id": [
+                    "This database was created by PolicySynth, whose schema makes parent_agent_id "
+                    "refer to ps_ai_models: a parent agent's id must also be a model id here "
+                    "(agent %s is not)." % self.parent_agent_id]}) from None
+            raise
+
     def _refuse_cycle(self):
         """A sub-agent tree has no loops: the new parent may not be this
         agent or one of its sub-agents."""

@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 from decimal import Decimal
 
-from peewee import SQL, NodeList, fn
+from peewee import SQL, NodeList, Table, fn
 
 from .db import database, is_postgres, write_transaction
 from .errors import ValidationError
@@ -19,7 +19,7 @@ from .fields import UTC, utcnow
 from .models import PsAgent, PsAiModel, PsModelUsage
 from .pricing import COUNTERS, cost_of_counters, partition_usage, resolve_prices
 
-__all__ = ["record_usage", "cost_report", "report_totals", "REPORT_GROUPINGS", "model_cost"]
+__all__ = ["record_usage", "cost_report", "report_totals", "usage_counters", "REPORT_GROUPINGS", "model_cost"]
 
 REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
 INPUT_COUNTERS = tuple(c for c in COUNTERS if "_in_" in c)
@@ -69,6 +69,23 @@ def _day_bounds(moment):
     return start, start + datetime.timedelta(days=1)
 
 
+CACHE_WRITE_COUNTERS = {"token_in_cache_write_count": "token_in_count",
+                        "long_context_token_in_cache_write_count": "long_context_token_in_count"}
+
+
+def usage_counters(db=None):
+    """The counters this database's ps_model_usage has. psai creates all 14;
+    a table made by PolicySynth's npm release has 12, without the cache-write
+    counters, and psai works with it as it is (see ``record_usage``)."""
+    db = db or database.obj
+    columns = getattr(db, "_psai_usage_counters", None)
+    if columns is None:
+        present = {column.name for column in db.get_columns("ps_model_usage")}
+        columns = tuple(name for name in COUNTERS if name in present)
+        db._psai_usage_counters = columns
+    return columns
+
+
 def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=0, cache_write_tokens=0,
                  reasoning_tokens=0, audio_tokens=0, image_tokens=0, user_id=None, connector_id=None):
     """Add one call's tokens to the usage counters of (model, agent).
@@ -77,6 +94,10 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
     takes them; they are partitioned like PolicySynth does (long context when
     ``tokens_in`` reaches the model's threshold) and rounded when stored.
     Safe when several processes record at once. Returns the counter row.
+
+    On a ps_model_usage table without the cache-write counters (PolicySynth's
+    npm release), cache-write tokens are added to the ordinary input counters,
+    as that release itself counts them.
     """
     counts = dict(tokens_in=tokens_in, tokens_out=tokens_out, cached_tokens=cached_tokens,
                   cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens,
@@ -86,6 +107,10 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
     prices = model.configuration.get("prices") or {}
     counters = partition_usage(long_context_threshold=prices.get("longContextTokenThreshold"), **counts)
     counters = {name: _round_half_up(value) for name, value in counters.items()}
+    present = usage_counters()
+    for name, fallback in CACHE_WRITE_COUNTERS.items():
+        if name not in present:
+            counters[fallback] += counters.pop(name)
     if user_id is None:
         user_id = agent.user_id if agent is not None else model.user_id
     agent_id = agent.id if agent is not None else None
@@ -101,13 +126,18 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
                          & (U.created_at >= start) & (U.created_at < end))
                   .order_by(U.id).limit(1).scalar())
         if row_id is None:
-            row = U.create(model=model.id, agent=agent_id, connector_id=connector_id, user_id=user_id,
-                           created_at=now, updated_at=now, **counters)
-            return row
-        increments = {getattr(U, name): getattr(U, name) + value for name, value in counters.items() if value}
-        increments[U.updated_at] = now
-        U.update(increments).where(U.id == row_id).execute()
-        return U.get_by_id(row_id)
+            # Through the table, not the model: only the columns this table has.
+            values = {"model_id": model.id, "agent_id": agent_id, "connector_id": connector_id,
+                      "user_id": user_id, "created_at": U.created_at.db_value(now),
+                      "updated_at": U.updated_at.db_value(now), **counters}
+            table = Table(U._meta.table_name, primary_key="id").bind(database)
+            row_id = table.insert({getattr(table.c, name): value for name, value in values.items()}).execute()
+        else:
+            increments = {getattr(U, name): getattr(U, name) + value for name, value in counters.items() if value}
+            increments[U.updated_at] = now
+            U.update(increments).where(U.id == row_id).execute()
+        fields = [U.id, U.user_id, U.created_at, U.updated_at, U.model, U.agent, U.connector_id]
+        return U.select(*fields, *[getattr(U, name) for name in present]).where(U.id == row_id).get()
 
 
 def model_cost(model, **usage):
@@ -156,7 +186,7 @@ def _grouped_counters(by_day, since, until):
         day = _day_expression().alias("day")
         columns.append(day)
         group.append(SQL("day"))
-    columns += [fn.SUM(getattr(U, name)).alias(name) for name in COUNTERS]
+    columns += [fn.SUM(getattr(U, name)).alias(name) for name in usage_counters()]
     query = U.select(*columns).group_by(*group)
     if since is not None:
         query = query.where(U.created_at >= since)
@@ -223,7 +253,7 @@ def cost_report(by="model", *, since=None, until=None):
     totals = {}
     for group in groups:
         model, rates, currency = prices[group["model_id"]]
-        counters = {name: int(group[name] or 0) for name in COUNTERS}
+        counters = {name: int(group.get(name) or 0) for name in COUNTERS}
         cost = cost_of_counters(counters, rates, exact=True)["total"]
         if by == "model":
             keys = [(model.id,)]

@@ -228,3 +228,17 @@ def test_report_since_until(usage_world):
 def test_unknown_grouping_is_refused(db):
     with pytest.raises(psai.ValidationError, match="by: Must be one of: model, agent, tree, provider, day"):
         cost_report("week")
+
+
+def test_a_usage_table_without_cache_write_counters(db):
+    # PolicySynth's npm release makes ps_model_usage without the two cache-write counters.
+    for column in ("token_in_cache_write_count", "long_context_token_in_cache_write_count"):
+        db.execute_sql('ALTER TABLE "ps_model_usage" DROP COLUMN "%s"' % column)
+    db.__dict__.pop("_psai_usage_counters", None)
+    m, a = model("gpt"), agent("a")
+    row = record_usage(m, a, tokens_in=1000, cached_tokens=100, cache_write_tokens=300, tokens_out=10)
+    assert row.token_in_count == 900 and row.token_in_cached_context_count == 100
+    row = record_usage(m, a, tokens_in=10, tokens_out=1)
+    assert row.token_in_count == 910
+    [report] = cost_report("model")
+    assert report["tokens_in"] == 1010 and report["cost"] == Decimal(910 * 30 + 100 * 10 + 11 * 60) / 1_000_000

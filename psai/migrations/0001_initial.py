@@ -44,11 +44,15 @@ def up(migrator, db):
             table_name = "ps_agents"
 
     class AgentModels(Base):
-        agent = ForeignKeyField(PsAgent, column_name="agent_id", on_delete="CASCADE")
-        ai_model = ForeignKeyField(PsAiModel, column_name="ai_model_id", on_delete="CASCADE")
+        agent = ForeignKeyField(PsAgent, column_name="agent_id", on_delete="CASCADE", index=False)
+        ai_model = ForeignKeyField(PsAiModel, column_name="ai_model_id", on_delete="CASCADE", index=False)
 
         class Meta:
             table_name = "AgentModels"
             primary_key = CompositeKey("agent", "ai_model")
 
     db.create_tables([PsAiModel, PsAgent, AgentModels], safe=True)
+    # Sequelize's names for these two, so a PolicySynth sync on a psai
+    # database finds them and adds no duplicates.
+    for column in ("agent_id", "ai_model_id"):
+        db.execute_sql('CREATE INDEX IF NOT EXISTS "agent_models_%s" ON "AgentModels" ("%s")' % (column, column))

@@ -60,7 +60,13 @@ def migrate(db=None):
             "this database has PolicySynth's tables but not psai's: run `psai init --adopt` "
             "(psai.migrations.adopt()) to add psai's migration table and indexes beside them; "
             "psai reads and writes PolicySynth's tables without it")
-    return runner(db).up()
+    return _forget_columns(db, runner(db).up())
+
+
+def _forget_columns(db, applied):
+    # Column lists cached for this database (psai.usage) may have changed.
+    db.__dict__.pop("_psai_usage_counters", None)
+    return applied
 
 
 def adopt(db=None):
@@ -80,7 +86,7 @@ def adopt(db=None):
                 faked.append(name)
             else:
                 break
-    return faked + run.up()
+    return _forget_columns(db, faked + run.up())
 
 
 def ensure_schema(db=None):
@@ -89,4 +95,4 @@ def ensure_schema(db=None):
     db = _db(db)
     if is_policysynth_database(db):
         return []
-    return runner(db).up()
+    return _forget_columns(db, runner(db).up())

@@ -1,0 +1,66 @@
+// PolicySynth's side of the interop test: its own Node package, its own
+// Sequelize models. Usage: node policysynth.mjs sync|seed|read|add-usage
+// The package directory comes from PS_AGENTS_DIR; the database from
+// PSQL_DB_NAME, PSQL_DB_USER, PSQL_DB_PASS, DB_HOST, DB_PORT.
+import { pathToFileURL } from "node:url";
+import path from "node:path";
+
+const dir = process.env.PS_AGENTS_DIR;
+const db = await import(pathToFileURL(path.join(dir, "dbModels", "index.js")).href);
+const { initializeModels, sequelize, PsAiModel, PsAgent, PsModelUsage, User, Group, PsAgentClass } = db;
+
+const command = process.argv[2];
+await initializeModels();
+
+const configuration = (name, size, extra = {}) => ({
+  type: "text", modelSize: size, model: name, provider: "openai", active: true,
+  prices: { costInTokensPerMillion: 2.5, costOutTokensPerMillion: 10,
+            costInCachedContextTokensPerMillion: 1.25, currency: "USD" },
+  maxTokensOut: 16384, defaultTemperature: 0.7, ...extra,
+});
+
+async function dump() {
+  const AgentModels = sequelize.models.AgentModels;
+  return {
+    ps_ai_models: await PsAiModel.findAll({ raw: true, order: [["id", "ASC"]] }),
+    ps_agents: await PsAgent.findAll({ raw: true, order: [["id", "ASC"]] }),
+    AgentModels: await AgentModels.findAll({ raw: true, order: [["agent_id", "ASC"], ["ai_model_id", "ASC"]] }),
+    ps_model_usage: await PsModelUsage.findAll({ raw: true, order: [["id", "ASC"]] }),
+  };
+}
+
+let result;
+if (command === "sync") {
+  await sequelize.sync();
+  result = { ok: true };
+} else if (command === "seed") {
+  const user = await User.create({ email: "psai@example.com", name: "psai" });
+  const group = await Group.create({ name: "psai", user_id: user.id, community_id: 1, configuration: {},
+                                     private_access_configuration: [] });
+  const agentClass = await PsAgentClass.create({
+    class_base_id: "00000000-0000-4000-8000-000000000001", user_id: user.id, name: "Researcher",
+    version: 1, available: true, configuration: {},
+  });
+  const big = await PsAiModel.create({ user_id: user.id, organization_id: 2, name: "GPT-4o",
+                                       configuration: configuration("gpt-4o", "large") });
+  const small = await PsAiModel.create({ user_id: user.id, organization_id: 2, name: "GPT-4o mini",
+    configuration: configuration("gpt-4o-mini", "small", { eloRating: 1200 }) });
+  const parent = await PsAgent.create({ user_id: user.id, class_id: agentClass.id, group_id: group.id,
+                                        configuration: { name: "Lead" } });
+  // parent_agent_id references ps_ai_models in PolicySynth's own schema (its
+  // association bug), so a parent id must also be a model id to be stored.
+  const child = await PsAgent.create({ user_id: user.id, class_id: agentClass.id, group_id: group.id,
+                                       configuration: { name: "Helper" }, parent_agent_id: parent.id });
+  await parent.addAiModels([big, small]);
+  await child.addAiModels([small]);
+  await PsModelUsage.create({ user_id: user.id, model_id: big.id, agent_id: parent.id,
+                              token_in_count: 1000, token_out_count: 200, token_in_cached_context_count: 100 });
+  result = { user_id: user.id, group_id: group.id, class_id: agentClass.id, ...(await dump()) };
+} else if (command === "read") {
+  result = await dump();
+} else {
+  throw new Error("unknown command " + command);
+}
+await sequelize.close();
+// PolicySynth logs to stdout too: the result follows a marker line.
+process.stdout.write("\n@@psai-result@@\n" + JSON.stringify(result) + "\n");

@@ -1,0 +1,253 @@
+"""Interop with the real PolicySynth: its own Node package (npm
+@policysynth/agents, Sequelize) creates and reads a scratch PostgreSQL
+database; psai reads what it wrote, writes its own rows, and PolicySynth
+reads those back. Runs wherever Node.js is; with CI=true it must run."""
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import uuid
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+import psai
+from psai import AgentModels, PsAgent, PsAiModel, PsModelUsage
+from psai.migrations import NotAdoptedError, adopt, is_policysynth_database
+from psai.schemas import INCLUDE, PsAiModelSchema
+from psai.usage import usage_counters
+
+from conftest import IN_CI, POSTGRES_URL, require_postgres
+
+POLICYSYNTH_VERSION = "1.3.172"
+CACHE = pathlib.Path(os.environ.get("PSAI_CACHE_DIR", pathlib.Path.home() / ".cache" / "psai"))
+PACKAGE_DIR = CACHE / ("policysynth-" + POLICYSYNTH_VERSION)
+SCRIPT = pathlib.Path(__file__).parent / "interop" / "policysynth.mjs"
+
+
+def _unavailable(message):
+    if IN_CI:
+        pytest.fail(message + " (CI=true: the interop test must run)")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def policysynth_package():
+    """PolicySynth's package, installed once into a cache outside the clone."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if not node or not npm:
+        _unavailable("Node.js and npm are needed for the PolicySynth interop test")
+    package = PACKAGE_DIR / "node_modules" / "@policysynth" / "agents"
+    if not (package / "dbModels" / "index.js").exists():
+        PACKAGE_DIR.mkdir(parents=True, exist_ok=True)
+        (PACKAGE_DIR / "package.json").write_text('{"name": "psai-policysynth-interop", "private": true}\n')
+        result = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error",
+             "@policysynth/agents@" + POLICYSYNTH_VERSION],
+            cwd=PACKAGE_DIR, env=dict(os.environ, PUPPETEER_SKIP_DOWNLOAD="1"),
+            capture_output=True, text=True, timeout=1200)
+        if result.returncode != 0:
+            _unavailable("npm install @policysynth/agents failed: " + result.stderr[-2000:])
+    return package
+
+
+@pytest.fixture
+def scratch(policysynth_package):
+    """A new PostgreSQL database, PolicySynth's Node side wired to it."""
+    require_postgres()
+    import psycopg2
+    name = "psai_ps_" + uuid.uuid4().hex[:12]
+    admin = psycopg2.connect(POSTGRES_URL)
+    admin.autocommit = True
+    admin.cursor().execute('CREATE DATABASE "%s"' % name)
+    parts = urlsplit(POSTGRES_URL)
+    url = urlunsplit(parts._replace(path="/" + name, query=""))
+    env = dict(os.environ, PS_AGENTS_DIR=str(policysynth_package), PSQL_DB_NAME=name,
+               PSQL_DB_USER=parts.username or "postgres", PSQL_DB_PASS=parts.password or "",
+               DB_HOST=parts.hostname or "127.0.0.1", DB_PORT=str(parts.port or 5432), NODE_ENV="test")
+
+    def node(command):
+        result = subprocess.run(["node", str(SCRIPT), command], env=env, capture_output=True, text=True,
+                                timeout=300, cwd=str(PACKAGE_DIR))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.split("@@psai-result@@", 1)[1])
+
+    def ddl():
+        """PolicySynth's tables as PostgreSQL describes them."""
+        with psycopg2.connect(url) as conn, conn.cursor() as cursor:
+            cursor.execute("SELECT table_name, column_name, data_type, is_nullable, column_default "
+                           "FROM information_schema.columns WHERE table_schema = 'public' "
+                           "AND table_name <> 'psai_migrations' ORDER BY 1, 2")
+            columns = cursor.fetchall()
+            cursor.execute("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+                           "FROM pg_constraint WHERE connamespace = 'public'::regnamespace "
+                           "AND conrelid::regclass::text <> 'psai_migrations' ORDER BY 1, 2")
+            constraints = cursor.fetchall()
+            cursor.execute("SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' "
+                           "AND tablename <> 'psai_migrations' ORDER BY 1, 2")
+            indexes = cursor.fetchall()
+        return {"columns": columns, "constraints": constraints, "indexes": indexes}
+
+    yield type("Scratch", (), {"url": url, "node": staticmethod(node), "ddl": staticmethod(ddl), "name": name})
+    psai.database.obj and psai.database.close()
+    admin.cursor().execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+    admin.cursor().execute('DROP DATABASE "%s"' % name)
+    admin.close()
+
+
+def ms(value):
+    """A timestamp to the millisecond, as JavaScript's Date keeps it."""
+    if isinstance(value, str):
+        value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return value.astimezone(datetime.timezone.utc).replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+def assert_model_equal(node_row, model):
+    assert str(model.uuid) == node_row["uuid"]
+    assert (model.id, model.user_id, model.organization_id, model.name) == (
+        node_row["id"], node_row["user_id"], node_row["organization_id"], node_row["name"])
+    assert model.configuration == node_row["configuration"]
+    assert ms(model.created_at) == ms(node_row["created_at"]) and ms(model.updated_at) == ms(node_row["updated_at"])
+
+
+def assert_agent_equal(node_row, agent):
+    assert str(agent.uuid) == node_row["uuid"]
+    assert (agent.id, agent.user_id, agent.class_id, agent.group_id, agent.parent_agent_id) == (
+        node_row["id"], node_row["user_id"], node_row["class_id"], node_row["group_id"], node_row["parent_agent_id"])
+    assert agent.configuration == node_row["configuration"]
+    assert ms(agent.created_at) == ms(node_row["created_at"])
+
+
+def test_psai_reads_what_policysynth_wrote(scratch):
+    scratch.node("sync")
+    seeded = scratch.node("seed")
+    psai.connect(scratch.url)
+    assert is_policysynth_database()
+    models = {m.id: m for m in PsAiModel.with_agents()}
+    assert sorted(models) == [row["id"] for row in seeded["ps_ai_models"]]
+    for row in seeded["ps_ai_models"]:
+        assert_model_equal(row, models[row["id"]])
+    for row in seeded["ps_agents"]:
+        assert_agent_equal(row, PsAgent.get_by_id(row["id"]))
+    links = {(link.agent_id, link.ai_model_id) for link in AgentModels.select()}
+    assert links == {(row["agent_id"], row["ai_model_id"]) for row in seeded["AgentModels"]}
+    assert sorted(a.id for a in models[2].agents) == [1, 2]
+
+    # PolicySynth's npm release has 12 of the 14 counters; psai reads them as they are.
+    assert len(usage_counters()) == 12
+    usage = seeded["ps_model_usage"][0]
+    report = psai.cost_report("model")
+    assert [(r["model_id"], r["tokens_in"], r["tokens_out"]) for r in report] == [(1, 1100, 200)]
+    assert str(report[0]["cost"]) == str((1000 * 2.5 + 100 * 1.25 + 200 * 10) / 1e6)
+    assert usage["token_in_count"] == 1000
+
+    # Selection, filters and dumps work on PolicySynth's rows, extra keys included.
+    lead = PsAgent.get_by_id(1)
+    assert lead.select_model("text", "medium").name == "GPT-4o"
+    assert [m.name for m in PsAiModel.where_config(modelSize="small")] == ["GPT-4o mini"]
+    dump = PsAiModelSchema().dump(models[2])
+    assert dump["configuration"]["eloRating"] == 1200
+    assert PsAiModelSchema(unknown=INCLUDE).load(dump).configuration == models[2].configuration
+    assert [a.id for a in lead.sub_agent_tree()] == [1, 2]
+
+
+def test_policysynth_reads_what_psai_wrote(scratch):
+    scratch.node("sync")
+    seeded = scratch.node("seed")
+    psai.connect(scratch.url)
+    ids = {key: seeded[key] for key in ("user_id", "class_id", "group_id")}
+    config = dict(seeded["ps_ai_models"][0]["configuration"], model="gpt-4.1", modelSize="medium")
+    config["prices"] = dict(config["prices"], costInTokensPerMillion=2, cacheWriteInputCostMultiplier=1.25)
+    added = psai.add_model(name="GPT-4o", user_id=ids["user_id"], organization_id=2, configuration=config)
+    agent = PsAgent.create(user_id=ids["user_id"], class_id=ids["class_id"], group_id=ids["group_id"],
+                           configuration={"name": "Reviewer", "instructions": "Check the facts"},
+                           parent_agent=1)
+    agent.ai_models.add([added, 2])
+    PsAiModel.get_by_id(2).update_configuration({"active": False})
+    psai.record_usage(added, agent, tokens_in=5000, cached_tokens=1000, cache_write_tokens=500,
+                      tokens_out=700, reasoning_tokens=200)
+
+    read = scratch.node("read")
+    by_id = {row["id"]: row for row in read["ps_ai_models"]}
+    for model in PsAiModel.select():
+        assert_model_equal(by_id[model.id], model)
+    assert by_id[1]["configuration"]["active"] is False  # superseded by psai's add_model
+    assert by_id[2]["configuration"]["active"] is False
+    assert by_id[2]["configuration"]["eloRating"] == 1200  # PolicySynth's extra key kept
+    agents = {row["id"]: row for row in read["ps_agents"]}
+    assert_agent_equal(agents[agent.id], PsAgent.get_by_id(agent.id))
+    assert {(r["agent_id"], r["ai_model_id"]) for r in read["AgentModels"] if r["agent_id"] == agent.id} == {
+        (agent.id, added.id), (agent.id, 2)}
+    usage = [row for row in read["ps_model_usage"] if row["model_id"] == added.id]
+    assert len(usage) == 1
+    # No cache-write counter in this table: those tokens count as ordinary input, as this release does.
+    assert (usage[0]["token_in_count"], usage[0]["token_in_cached_context_count"],
+            usage[0]["token_out_count"], usage[0]["token_out_reasoning_count"]) == (4000, 1000, 500, 200)
+    assert usage[0]["agent_id"] == agent.id and usage[0]["user_id"] == ids["user_id"]
+
+
+def test_policysynths_parent_agent_bug_gives_a_clear_error(scratch):
+    scratch.node("sync")
+    seeded = scratch.node("seed")
+    psai.connect(scratch.url)
+    before = PsAgent.select().count()
+    with pytest.raises(psai.ValidationError, match="parent_agent_id refer to ps_ai_models"):
+        PsAgent.create(user_id=seeded["user_id"], class_id=seeded["class_id"], group_id=seeded["group_id"],
+                       configuration={"name": "Orphan"}, parent_agent=PsAgent.get_by_id(2).id + 40)
+    assert PsAgent.select().count() == before
+
+
+def test_adoption_adds_beside_and_changes_nothing_of_policysynths(scratch):
+    scratch.node("sync")
+    scratch.node("seed")
+    original = scratch.ddl()
+    psai.connect(scratch.url)
+    PsAiModel.get_by_id(1).update_configuration({"maxTokensOut": 8000})
+    with pytest.raises(NotAdoptedError, match="psai init --adopt"):
+        psai.migrate()
+    from click.testing import CliRunner
+    from psai.cli import cli
+    listed = CliRunner().invoke(cli, ["--database", scratch.url, "models", "list", "--json"])
+    assert listed.exit_code == 0 and len(json.loads(listed.stdout)) == 2
+    assert scratch.ddl() == original
+    assert "psai_migrations" not in psai.database.get_tables()
+
+    result = CliRunner().invoke(cli, ["--database", scratch.url, "init", "--adopt"])
+    assert result.exit_code == 0, result.output
+    assert "0001_initial, 0002_model_usage, 0003_configuration_indexes" in result.stdout
+    adopted = scratch.ddl()
+    assert adopted["columns"] == original["columns"]
+    assert adopted["constraints"] == original["constraints"]
+    added = set(adopted["indexes"]) - set(original["indexes"])
+    assert set(original["indexes"]) <= set(adopted["indexes"])
+    assert {name for _table, name, _definition in added} == {"ps_ai_models_name", "ps_ai_models_configuration_gin"}
+    psai.connect(scratch.url)
+    assert psai.migrate() == []
+    assert CliRunner().invoke(cli, ["--database", scratch.url, "init", "--adopt"]).stdout.strip() == \
+        "schema is up to date"
+
+    # PolicySynth still syncs and reads its database, psai's additions beside.
+    scratch.node("sync")
+    read = scratch.node("read")
+    assert [row["configuration"]["maxTokensOut"] for row in read["ps_ai_models"]] == [8000, 16384]
+    assert scratch.ddl()["columns"] == original["columns"]
+
+
+def test_policysynth_reads_a_database_psai_created(scratch):
+    psai.connect(scratch.url)
+    psai.migrate()
+    from psai.demo import seed
+    model, agents = seed()
+    psai.record_usage(model, agents[0], tokens_in=100, tokens_out=10)
+    # PolicySynth's sync adds its other tables beside psai's and leaves psai's as they are.
+    scratch.node("sync")
+    read = scratch.node("read")
+    assert_model_equal(read["ps_ai_models"][0], PsAiModel.get_by_id(model.id))
+    for row in read["ps_agents"]:
+        assert_agent_equal(row, PsAgent.get_by_id(row["id"]))
+    assert {(r["agent_id"], r["ai_model_id"]) for r in read["AgentModels"]} == {(a.id, model.id) for a in agents}
+    assert read["ps_model_usage"][0]["token_in_count"] == 100
+    index_names = {name for _t, name, _d in scratch.ddl()["indexes"]}
+    assert "agent_models_agent_id" in index_names and "AgentModels_agent_id" not in index_names
