@@ -25,3 +25,6 @@ clean:
 
 docs: $(STAMP)
 	$(BIN)/python -c "from psai.cli import write_reference; write_reference('docs/cli.md')"
+
+bench: $(STAMP)
+	$(BIN)/python -m bench

@@ -1,12 +1,11 @@
 """psai: PolicySynth's AI-model store in Python."""
 from .db import connect, database, redact_url
 from .enums import PsAiModelProvider, PsAiModelSize, PsAiModelType
-from .errors import DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError, PsaiError, ValidationError
+from .errors import (
+    DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError, PsaiError, ValidationError,
+)
 from .migrations import migrate
 from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage
-from .usage import cost_report, record_usage
-from .query import add_model, find_by_provider_model
-from . import pricing
 
 __all__ = [
     "connect", "database", "migrate", "redact_url",
@@ -16,3 +15,17 @@ __all__ = [
     "ValidationError", "PsaiError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
     "InUseError",
 ]
+
+# Imported on first use, so a short command does not pay for them.
+_LAZY = {"record_usage": "usage", "cost_report": "usage", "add_model": "query",
+         "find_by_provider_model": "query", "pricing": None}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError("module 'psai' has no attribute %r" % name)
+    import importlib
+    module = importlib.import_module("." + (_LAZY[name] or name), __name__)
+    value = module if _LAZY[name] is None else getattr(module, name)
+    globals()[name] = value
+    return value

@@ -2,8 +2,9 @@
 import os
 from urllib.parse import urlsplit, urlunsplit
 
-from peewee import DatabaseProxy, OperationalError, PostgresqlDatabase, SqliteDatabase
+from peewee import DatabaseProxy, InterfaceError, OperationalError, PostgresqlDatabase, SqliteDatabase
 from playhouse import db_url
+from playhouse.shortcuts import ReconnectMixin
 
 from .errors import DatabaseUnavailableError, DatabaseURLError
 
@@ -29,6 +30,21 @@ _SCHEMES = {
     "postgres": "postgres",
     "postgresql": "postgres",
 }
+
+
+class PostgresDatabase(ReconnectMixin, PostgresqlDatabase):
+    """PostgreSQL that reconnects when the server has dropped the connection
+    (a restart, an idle timeout, pg_terminate_backend). Only outside a
+    transaction: a transaction cut off is rolled back by the server and its
+    error reaches the caller; the next operation then reconnects."""
+
+    reconnect_errors = (
+        (OperationalError, "server closed the connection"),
+        (OperationalError, "terminating connection"),
+        (OperationalError, "connection already closed"),
+        (InterfaceError, "connection already closed"),
+        (InterfaceError, "cursor already closed"),
+    )
 
 
 def redact_url(url):
@@ -87,7 +103,14 @@ def connect(url=None, **options):
             ) from None
         options.setdefault("field_types", POSTGRES_FIELD_TYPES)
     try:
-        db = db_url.connect(url, unquote_password=True, unquote_user=True, **options)
+        if kind == "postgres":
+            parameters = db_url.parse(url, unquote_password=True, unquote_user=True)
+            parameters.update(options)
+            if not parameters.get("database"):
+                raise ValueError("%s has no database name: postgresql://user@host:port/dbname" % url)
+            db = PostgresDatabase(**parameters)
+        else:
+            db = db_url.connect(url, unquote_password=True, unquote_user=True, **options)
     except (ValueError, RuntimeError) as exc:
         raise DatabaseURLError(_scrub(exc, url)) from None
     try:

@@ -15,7 +15,10 @@ def utcnow():
 
 def _aware(value):
     if isinstance(value, str):
-        value = datetime.datetime.fromisoformat(value.strip().replace(" +", "+"))
+        try:
+            value = datetime.datetime.fromisoformat(value)
+        except ValueError:  # e.g. Sequelize's "2026-11-24 08:00:00.000 +00:00"
+            value = datetime.datetime.fromisoformat(value.strip().replace(" +", "+").replace(" -", "-"))
     if value.tzinfo is None:
         # Naive times are taken as UTC, as PostgreSQL does for a UTC session.
         value = value.replace(tzinfo=UTC)

@@ -7,7 +7,7 @@ from functools import partial
 from peewee import (
     AutoField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField,
     IntegerField, IntegrityError, JSONField, ManyToManyField, ManyToManyQuery,
-    Model, ModelInsert, ModelSelect, ModelUpdate, Node, fn, prefetch,
+    Model, ModelInsert, ModelSelect, ModelUpdate, Node, PostgresqlDatabase, fn,
 )
 from peewee import ManyToManyFieldAccessor
 
@@ -70,7 +70,33 @@ class BaseModel(Model):
 
     @classmethod
     def insert(cls, __data=None, **insert):
+        if _validated_by_save.get() and __data is None:
+            # save() inserting a row it has validated: one cached statement.
+            return _PreparedInsert(cls, insert)
         return ModelInsert(cls, cls._checked(cls._normalize_data(__data, insert), partial=False))
+
+    @classmethod
+    def bulk_insert(cls, rows, *, validate=True, batch_size=1000):
+        """Insert many rows (dicts of field names) at the driver's full speed:
+        one prepared statement, executemany on SQLite, multi-row VALUES on
+        PostgreSQL, all in one transaction. Every row is validated first
+        unless ``validate=False``. Returns the number of rows inserted."""
+        rows = list(rows)
+        if validate:
+            checked, errors = [], {}
+            for index, row in enumerate(rows):
+                data = {cls._meta.fields[k] if isinstance(k, str) else k: v for k, v in row.items()}
+                try:
+                    checked.append({f.name: v for f, v in cls._checked(data, partial=False).items()})
+                except ValidationError as exc:
+                    errors[index] = exc.messages
+            if errors:
+                raise ValidationError(errors)
+            rows = checked
+        with write_transaction():
+            for start in range(0, len(rows), batch_size):
+                _PreparedInsert.many(cls, rows[start:start + batch_size])
+        return len(rows)
 
     @classmethod
     def update(cls, __data=None, **update):
@@ -112,6 +138,87 @@ class BaseModel(Model):
         if row is None:
             raise NotFoundError("%s %s does not exist" % (cls.__name__, key))
         return row
+
+
+class _PreparedInsert:
+    """An INSERT compiled once per model, column set and backend, and then
+    only executed: peewee builds SQL afresh for every query, which costs more
+    than the insert itself for one row."""
+
+    _cache = {}
+
+    def __init__(self, model, data):
+        self.model, self.data = model, data
+
+    @classmethod
+    def _statement(cls, model, names, many=False):
+        db = database.obj
+        key = (model, names, type(db), many)
+        if key not in cls._cache:
+            postgres = isinstance(db, PostgresqlDatabase)
+            columns, marks = [], []
+            for name in names:
+                field = model._meta.fields[name]
+                columns.append('"%s"' % field.column_name)
+                json_column = isinstance(field, JSONField)
+                marks.append("%s" if postgres else ("json(?)" if json_column else "?"))
+            sql = 'INSERT INTO "%s" (%s) VALUES ' % (model._meta.table_name, ", ".join(columns))
+            row = "(%s)" % ", ".join(marks)
+            pk = model._meta.primary_key
+            returning = ' RETURNING "%s"' % pk.column_name if postgres and model._meta.auto_increment else ""
+            cls._cache[key] = (sql, row, returning, postgres)
+        return cls._cache[key]
+
+    @staticmethod
+    def _params(model, names, data, postgres):
+        params = []
+        for name in names:
+            field, value = model._meta.fields[name], data[name]
+            if value is not None and isinstance(field, JSONField):
+                # SQLite wraps the text in json(); psycopg2 takes it as a jsonb literal.
+                value = field._dumps(value)
+            else:
+                value = field.db_value(value)
+            params.append(value)
+        return params
+
+    def _complete(self):
+        data = dict(self.data)
+        pk = self.model._meta.primary_key
+        if self.model._meta.auto_increment:
+            data.pop(pk.name, None)
+        for name, default in self.model._meta.defaults.items():
+            name = getattr(name, "name", name)
+            if name not in data:
+                data[name] = default() if callable(default) else default
+        return data
+
+    def execute(self):
+        data = self._complete()
+        names = tuple(sorted(data))
+        sql, row, returning, postgres = self._statement(self.model, names)
+        cursor = database.execute_sql(sql + row + returning, self._params(self.model, names, data, postgres))
+        if not self.model._meta.auto_increment:
+            return None
+        return cursor.fetchone()[0] if postgres else cursor.lastrowid
+
+    @classmethod
+    def many(cls, model, rows):
+        if not rows:
+            return
+        completed = [cls(model, row)._complete() for row in rows]
+        names = tuple(sorted(completed[0]))
+        if any(tuple(sorted(row)) != names for row in completed):
+            raise ValueError("bulk_insert rows must all have the same fields")
+        sql, row, _returning, postgres = cls._statement(model, names)
+        params = [cls._params(model, names, data, postgres) for data in completed]
+        database.obj.connect(reuse_if_open=True)
+        cursor = database.obj.cursor()
+        if postgres:
+            from psycopg2.extras import execute_values
+            execute_values(cursor, sql + "%s", params, template=row, page_size=len(params))
+        else:
+            cursor.executemany(sql + row, params)
 
 
 # -- links: adding twice is harmless, linking to a missing row is a clear error ----
@@ -165,6 +272,14 @@ class LinkQuery(ManyToManyQuery):
 
 
 class LinkAccessor(ManyToManyFieldAccessor):
+    def __get__(self, instance, instance_type=None):
+        if instance is not None:
+            # Set by with_agents() / with_ai_models(): the links, loaded eagerly.
+            loaded = instance.__dict__.get(_loaded_key(self.name))
+            if loaded is not None:
+                return loaded
+        return super().__get__(instance, instance_type)
+
     def get_query(self, instance):
         src_id = getattr(instance, self.src_fk.rel_field.name)
         if src_id is None:
@@ -194,6 +309,36 @@ class LinkField(ManyToManyField):
 
 
 AgentModelsThrough = DeferredThroughModel()
+
+
+def _loaded_key(name):
+    return "_loaded_" + name
+
+
+def _load_links(query, name, source_column, target_model, target_column):
+    """Eager loading in three queries: the rows, their links as plain tuples,
+    and the linked rows; each row gets a list under ``name`` (the accessor
+    then returns it instead of querying)."""
+    rows = list(query)
+    for row in rows:
+        row.__dict__[_loaded_key(name)] = []
+    if not rows:
+        return rows
+    source, target = getattr(AgentModels, source_column), getattr(AgentModels, target_column)
+    # Few rows: their ids as parameters. Many: the query itself as a subquery,
+    # so no driver's parameter limit is reached.
+    wanted = [row.id for row in rows] if len(rows) <= _MAX_IDS else query.columns(type(rows[0]).id)
+    links = list(AgentModels.select(source, target).where(source.in_(wanted)).tuples())
+    linked = sorted({target_id for _source_id, target_id in links})
+    wanted_targets = linked if len(linked) <= _MAX_IDS else AgentModels.select(target).where(source.in_(wanted))
+    targets = {m.id: m for m in target_model.select().where(target_model.id.in_(wanted_targets))}
+    by_id = {row.id: row for row in rows}
+    for source_id, target_id in sorted(links):
+        by_id[source_id].__dict__[_loaded_key(name)].append(targets[target_id])
+    return rows
+
+
+_MAX_IDS = 1000
 
 
 # -- tables -----------------------------------------------------------------------
@@ -262,7 +407,7 @@ class PsAiModel(BaseModel):
     def with_agents(cls, query=None):
         """Models with ``.agents`` loaded, in three queries whatever their number."""
         query = cls.select().order_by(cls.id) if query is None else query
-        return prefetch(query, AgentModels.select(), PsAgent.select())
+        return _load_links(query, "agents", "ai_model", PsAgent, "agent")
 
     def __repr__(self):
         return "<PsAiModel %s %r>" % (self.id, self.name)
@@ -296,7 +441,9 @@ class PsAgent(BaseModel):
 
     def save(self, *args, **kwargs):
         try:
-            with database.atomic():
+            # The cycle check reads before the write: take the write lock first
+            # on SQLite, or a concurrent writer makes the upgrade fail.
+            with write_transaction():
                 return super().save(*args, **kwargs)
         except IntegrityError as exc:
             # PolicySynth's own schema (its Sequelize association) makes
@@ -338,7 +485,7 @@ class PsAgent(BaseModel):
     def with_ai_models(cls, query=None):
         """Agents with ``.ai_models`` loaded, in three queries whatever their number."""
         query = cls.select().order_by(cls.id) if query is None else query
-        return prefetch(query, AgentModels.select(), PsAiModel.select())
+        return _load_links(query, "ai_models", "agent", PsAiModel, "ai_model")
 
     def __repr__(self):
         return "<PsAgent %s>" % (self.id,)

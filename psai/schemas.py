@@ -340,8 +340,10 @@ def validate_model_values(values, *, partial=False, unknown=RAISE):
     data, absent = _present(values, fields_, partial)
     loaded = _row_schema(PsAiModelSchema, unknown).load(data, partial=absent)
     if "configuration" in loaded:
-        # After the schema, which names bad fields; this catches the rest.
-        _check_json(loaded["configuration"])
+        if unknown is not RAISE:
+            # Kept unknown keys were not checked by any field: check them as
+            # JSON here. Known fields are finite, NUL-free and bounded already.
+            _check_json(loaded["configuration"])
         values = dict(values, configuration=loaded["configuration"])
     return values
 

@@ -116,28 +116,57 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
     agent_id = agent.id if agent is not None else None
     now = utcnow()
     start, end = _day_bounds(now)
+    U = PsModelUsage
+    find, update, insert = _usage_statements(present, agent_id is None, connector_id is None)
+    stamp = U.created_at.db_value(now)
     with write_transaction():
         _lock((model.id, agent_id, connector_id))
-        U = PsModelUsage
-        same_agent = U.agent.is_null() if agent_id is None else (U.agent == agent_id)
-        same_connector = U.connector_id.is_null() if connector_id is None else (U.connector_id == connector_id)
-        row_id = (U.select(U.id)
-                  .where((U.model == model.id) & same_agent & same_connector
-                         & (U.created_at >= start) & (U.created_at < end))
-                  .order_by(U.id).limit(1).scalar())
-        if row_id is None:
-            # Through the table, not the model: only the columns this table has.
-            values = {"model_id": model.id, "agent_id": agent_id, "connector_id": connector_id,
-                      "user_id": user_id, "created_at": U.created_at.db_value(now),
-                      "updated_at": U.updated_at.db_value(now), **counters}
-            table = Table(U._meta.table_name, primary_key="id").bind(database)
-            row_id = table.insert({getattr(table.c, name): value for name, value in values.items()}).execute()
+        keys = [model.id] + [v for v in (agent_id, connector_id) if v is not None]
+        row = database.execute_sql(find, keys + [U.created_at.db_value(start), U.created_at.db_value(end)]).fetchone()
+        counts = [counters[name] for name in present]
+        if row is None:
+            cursor = database.execute_sql(insert, [model.id, agent_id, connector_id, user_id, stamp, stamp] + counts)
         else:
-            increments = {getattr(U, name): getattr(U, name) + value for name, value in counters.items() if value}
-            increments[U.updated_at] = now
-            U.update(increments).where(U.id == row_id).execute()
-        fields = [U.id, U.user_id, U.created_at, U.updated_at, U.model, U.agent, U.connector_id]
-        return U.select(*fields, *[getattr(U, name) for name in present]).where(U.id == row_id).get()
+            cursor = database.execute_sql(update, counts + [stamp, row[0]])
+        values = cursor.fetchone()
+    return _usage_row(present, values)
+
+
+_ROW_COLUMNS = ("id", "user_id", "created_at", "updated_at", "model_id", "agent_id", "connector_id")
+
+
+def _usage_statements(present, agent_is_null, connector_is_null):
+    """record_usage's three statements for this database, built once: the
+    hot path of every agent call should not pay for building SQL."""
+    db = database.obj
+    cache = db.__dict__.setdefault("_psai_usage_sql", {})
+    key = (present, agent_is_null, connector_is_null)
+    if key not in cache:
+        p = "%s" if is_postgres(db) else "?"
+        returning = " RETURNING " + ", ".join('"%s"' % c for c in _ROW_COLUMNS + present)
+        find = ('SELECT "id" FROM "ps_model_usage" WHERE "model_id" = {p} AND "agent_id" {agent} '
+                'AND "connector_id" {connector} AND "created_at" >= {p} AND "created_at" < {p} '
+                'ORDER BY "id" LIMIT 1').format(p=p, agent="IS NULL" if agent_is_null else "= " + p,
+                                               connector="IS NULL" if connector_is_null else "= " + p)
+        update = ('UPDATE "ps_model_usage" SET %s, "updated_at" = {p} WHERE "id" = {p}'
+                  % ", ".join('"{0}" = "{0}" + {{p}}'.format(c) for c in present)).format(p=p) + returning
+        columns = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present
+        insert = 'INSERT INTO "ps_model_usage" (%s) VALUES (%s)' % (
+            ", ".join('"%s"' % c for c in columns), ", ".join([p] * len(columns))) + returning
+        cache[key] = (find, update, insert)
+    return cache[key]
+
+
+def _usage_row(present, values):
+    """A PsModelUsage from a RETURNING row."""
+    fields = PsModelUsage._meta.columns
+    data = {}
+    for column, value in zip(_ROW_COLUMNS + present, values):
+        field = fields[column]
+        data[field.name] = field.python_value(value)
+    row = PsModelUsage(__no_default__=True, **data)
+    row._dirty.clear()
+    return row
 
 
 def model_cost(model, **usage):
@@ -177,14 +206,17 @@ def _as_datetime(value, end=False):
     return value
 
 
-def _grouped_counters(by_day, since, until):
-    """Counter sums per (model, agent[, day]) computed in SQL."""
+def _grouped_counters(by, since, until):
+    """Counter sums computed in SQL, per model and what the report needs
+    besides: the agent (agent and tree reports) or the day. Prices belong to
+    models, so the model is always a key; nothing finer is grouped."""
     U = PsModelUsage
-    columns = [U.model.alias("model_id"), U.agent.alias("agent_id")]
-    group = [U.model, U.agent]
-    if by_day:
-        day = _day_expression().alias("day")
-        columns.append(day)
+    columns, group = [U.model.alias("model_id")], [U.model]
+    if by in ("agent", "tree"):
+        columns.append(U.agent.alias("agent_id"))
+        group.append(U.agent)
+    elif by == "day":
+        columns.append(_day_expression().alias("day"))
         group.append(SQL("day"))
     columns += [fn.SUM(getattr(U, name)).alias(name) for name in usage_counters()]
     query = U.select(*columns).group_by(*group)
@@ -246,7 +278,7 @@ def cost_report(by="model", *, since=None, until=None):
     if by not in REPORT_GROUPINGS:
         raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
     since, until = _as_datetime(since), _as_datetime(until, end=True)
-    groups = _grouped_counters(by == "day", since, until)
+    groups = _grouped_counters(by, since, until)
     prices = _resolved_prices({g["model_id"] for g in groups})
     ancestors = _descendants() if by == "tree" else None
 

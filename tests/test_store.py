@@ -275,3 +275,25 @@ def test_eager_loading_uses_a_constant_number_of_queries(db, count):
     assert counter.count == 3
     assert links["a0"] == ["m0", "m1"]
     assert links["a%d" % (count - 1)] == ["m%d" % (count - 1)]
+
+
+def test_bulk_insert(db):
+    rows = [dict(user_id=1, organization_id=2, name="m%d" % i, configuration=make_configuration(model="m%d" % i))
+            for i in range(2500)]
+    assert PsAiModel.bulk_insert(rows, batch_size=1000) == 2500
+    assert PsAiModel.select().count() == 2500
+    one = PsAiModel.get(PsAiModel.name == "m1234")
+    assert one.configuration["model"] == "m1234" and one.uuid.version == 4 and one.created_at.tzinfo
+    assert len({m.uuid for m in PsAiModel.select(PsAiModel.uuid)}) == 2500
+    agents = [dict(user_id=1, class_id=1, group_id=1, configuration={"name": "a%d" % i}) for i in range(3)]
+    assert PsAgent.bulk_insert(agents, validate=False) == 3
+    assert [a.configuration["name"] for a in PsAgent.select().order_by(PsAgent.id)] == ["a0", "a1", "a2"]
+
+
+def test_bulk_insert_validates_every_row_first(db):
+    rows = [dict(user_id=1, organization_id=2, name="ok", configuration=make_configuration())] * 3
+    rows = rows + [dict(user_id=1, organization_id=2, name="bad", configuration=make_configuration(active="yes"))]
+    with pytest.raises(psai.ValidationError) as info:
+        PsAiModel.bulk_insert(rows)
+    assert list(info.value.paths) == ["3.configuration.active"]
+    assert PsAiModel.select().count() == 0

@@ -10,3 +10,58 @@ def record_many(url, model_id, agent_id, calls, seed):
                           cached_tokens=i % 5)
     psai.database.close()
     return True
+
+
+def busy_writer(url, worker, count):
+    """Create models, link each to this worker's agent, record usage: the
+    write mix of a script run many times at once."""
+    import psai
+    from psai.db import write_transaction
+    from psai import PsAgent, PsAiModel
+    from conftest import make_configuration
+    psai.connect(url)
+    agent = PsAgent.create(user_id=worker, class_id=1, group_id=1, configuration={"name": "w%d" % worker})
+    for i in range(count):
+        with write_transaction():
+            model = PsAiModel.create(user_id=worker, organization_id=1, name="w%d-m%d" % (worker, i),
+                                     configuration=make_configuration(model="w%d-%d" % (worker, i)))
+            agent.ai_models.add(model)
+        psai.record_usage(model, agent, tokens_in=100 + i, tokens_out=7)
+    psai.database.close()
+    return worker
+
+
+def slow_import(url, rows, ready_path):
+    """A large bulk insert in one transaction, signalling once it has begun."""
+    import pathlib
+    import psai
+    from psai import PsAiModel
+    from conftest import make_configuration
+    psai.connect(url)
+    data = [dict(user_id=1, organization_id=1, name="import-%d" % i, configuration=make_configuration())
+            for i in range(rows)]
+    original = PsAiModel._checked.__func__
+
+    def checked(cls, values, partial):
+        pathlib.Path(ready_path).touch()  # inside the transaction now
+        return original(cls, values, partial)
+    PsAiModel._checked = classmethod(checked)
+    with psai.db.write_transaction():
+        for start in range(0, rows, 500):
+            PsAiModel.insert_many(data[start:start + 500]).execute()
+    pathlib.Path(ready_path + ".done").touch()
+
+
+def supersede_forever(url, ready_path):
+    import pathlib
+    import psai
+    from conftest import make_configuration
+    psai.connect(url)
+    i = 0
+    while True:
+        config = make_configuration()
+        config["prices"]["costInTokensPerMillion"] = i
+        psai.add_model(name="GPT-4o", user_id=1, organization_id=1, configuration=config)
+        i += 1
+        if i == 20:
+            pathlib.Path(ready_path).touch()

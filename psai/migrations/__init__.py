@@ -12,7 +12,7 @@ applied and creates only psai's own additions beside them.
 """
 import os
 
-from playhouse.migrations import Runner
+from peewee import DatabaseError
 
 from ..db import database
 from ..errors import PsaiError
@@ -41,7 +41,20 @@ def _db(db):
 
 
 def runner(db=None):
+    from playhouse.migrations import Runner
     return Runner(_db(db), DIRECTORY, table_name=HISTORY_TABLE)
+
+
+def _up_to_date(db):
+    """True when every migration file is recorded: one query, no runner
+    (the command line asks this before every command)."""
+    names = {name[:-3] for name in os.listdir(DIRECTORY) if name[:1].isdigit() and name.endswith(".py")}
+    try:
+        with db.atomic():
+            applied = {row[0] for row in db.execute_sql('SELECT "name" FROM "%s"' % HISTORY_TABLE)}
+    except DatabaseError:  # no history table yet: not up to date
+        return False
+    return names <= applied
 
 
 def is_policysynth_database(db=None):
@@ -93,6 +106,6 @@ def ensure_schema(db=None):
     """What the CLI runs first: bring psai's schema up to date, but leave an
     un-adopted PolicySynth database exactly as it is."""
     db = _db(db)
-    if is_policysynth_database(db):
+    if _up_to_date(db) or is_policysynth_database(db):
         return []
     return _forget_columns(db, runner(db).up())

@@ -1,0 +1,447 @@
+"""psai's benchmarks, run by ``python -m bench [--backend sqlite|postgres|both]
+[--scale 0.1] [--markdown docs/performance.md]``.
+
+Each operation is done twice on the same database, rows and indexes: once
+through psai, once through the raw driver (sqlite3 or psycopg2), and the
+table shows both times and their ratio. Nothing here asserts: it reports.
+"""
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from decimal import Decimal
+
+from playhouse.test_utils import count_queries
+
+import psai
+from psai import PsAgent, PsAiModel
+from psai.pricing import COUNTERS, cost_of_counters, resolve_prices
+
+from bench.common import Backend, PROVIDERS, configuration, model_rows, raw_json, timed
+
+BATCH = 1000
+
+
+class Results:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, operation, size, backend, psai_s, raw_s, queries="", note=""):
+        ratio = psai_s / raw_s if raw_s else float("nan")
+        self.rows.append(dict(operation=operation, size=size, backend=backend, psai=psai_s, raw=raw_s,
+                              ratio=ratio, queries=queries, note=note))
+        print("  %-44s %9s %-8s psai %9.4fs  raw %9.4fs  ratio %6.2f  %s %s" % (
+            operation, size, backend, psai_s, raw_s, ratio, queries, note), flush=True)
+
+    def table(self):
+        header = "| operation | size | backend | psai (s) | raw (s) | ratio | queries | note |"
+        lines = [header, "| --- | ---: | --- | ---: | ---: | ---: | --- | --- |"]
+        for r in self.rows:
+            lines.append("| %s | %s | %s | %.4f | %.4f | %.2f | %s | %s |" % (
+                r["operation"], r["size"], r["backend"], r["psai"], r["raw"], r["ratio"], r["queries"],
+                r["note"]))
+        return "\n".join(lines)
+
+
+# -- 1. bulk insert ----------------------------------------------------------------
+
+def raw_model_tuples(rows, backend):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    stamp = now.isoformat(sep=" ", timespec="microseconds") if backend.kind == "sqlite" else now
+    return [(str(uuid.uuid4()), r["user_id"], r["organization_id"], stamp, stamp, r["name"],
+             raw_json(r["configuration"])) for r in rows]
+
+
+RAW_INSERT = ('INSERT INTO "ps_ai_models" ("uuid", "user_id", "organization_id", "created_at", "updated_at", '
+              '"name", "configuration") VALUES ')
+
+
+def raw_insert_models(backend, rows):
+    """The fastest plain way each driver has: executemany on sqlite3,
+    execute_values (multi-row VALUES) on psycopg2; batches in one transaction."""
+    cursor = backend.raw.cursor()
+    backend.raw_begin()
+    for start in range(0, len(rows), BATCH):
+        batch = raw_model_tuples(rows[start:start + BATCH], backend)
+        if backend.kind == "sqlite":
+            cursor.executemany(RAW_INSERT + "(?, ?, ?, ?, ?, ?, json(?))", batch)
+        else:
+            from psycopg2.extras import execute_values
+            execute_values(cursor, RAW_INSERT + "%s", batch,
+                           template="(%s::uuid, %s, %s, %s, %s, %s, %s::jsonb)", page_size=BATCH)
+    backend.raw_commit()
+
+
+def psai_insert_models(rows, validate):
+    PsAiModel.bulk_insert(rows, validate=validate, batch_size=BATCH)
+
+
+def bench_bulk_insert(backend, results, count):
+    rows = model_rows(count)
+    backend.truncate("ps_ai_models")
+    raw = timed(lambda: raw_insert_models(backend, rows))
+    backend.truncate("ps_ai_models")
+    trusted = timed(lambda: psai_insert_models(rows, validate=False))
+    results.add("bulk insert, trusted", count, backend.kind, trusted, raw, note="target <= 1.3x")
+    backend.truncate("ps_ai_models")
+    validated = timed(lambda: psai_insert_models(rows, validate=True))
+    results.add("bulk insert, validated", count, backend.kind, validated, raw)
+
+
+# -- 2. validated import and validated create -----------------------------------------
+
+def bench_validated(backend, results, count):
+    rows = model_rows(count, start=10_000_000)
+    backend.truncate("ps_ai_models")
+    raw = timed(lambda: raw_insert_models(backend, rows))
+    backend.truncate("ps_ai_models")
+    validated = timed(lambda: psai_insert_models(rows, validate=True))
+    results.add("validated import", count, backend.kind, validated, raw, note="target < 1 s")
+
+    creates = rows[:1000]
+    backend.truncate("ps_ai_models")
+
+    def raw_single_inserts():
+        cursor = backend.raw.cursor()
+        backend.raw_begin()
+        for row in raw_model_tuples(creates, backend):
+            if backend.kind == "sqlite":
+                cursor.execute(RAW_INSERT + "(?, ?, ?, ?, ?, ?, json(?))", row)
+            else:
+                cursor.execute(RAW_INSERT + "(%s::uuid, %s, %s, %s, %s, %s, %s::jsonb) RETURNING id", row)
+                cursor.fetchone()
+        backend.raw_commit()
+    raw = timed(raw_single_inserts)
+    backend.truncate("ps_ai_models")
+
+    def psai_creates():
+        with psai.database.atomic():
+            for row in creates:
+                PsAiModel.create(**row)
+    results.add("validated create (one row each)", len(creates), backend.kind, timed(psai_creates), raw,
+                note="target <= 10x")
+
+
+# -- 3. the common filter --------------------------------------------------------------
+
+def bench_filter(backend, results, count, runs):
+    backend.truncate("AgentModels", "ps_model_usage", "ps_ai_models")
+    psai_insert_models(model_rows(count), validate=False)
+    backend.db.execute_sql("ANALYZE")
+    provider = PROVIDERS[3]
+    query = PsAiModel.where_config(provider=provider, type="text", modelSize="large", active=True)
+    sql, params = query.sql()
+    if backend.kind == "sqlite":
+        plan = " ".join(str(r[-1]) for r in backend.db.execute_sql("EXPLAIN QUERY PLAN " + sql, params))
+    else:
+        plan = " ".join(r[0] for r in backend.db.execute_sql("EXPLAIN " + sql, params))
+    index = "index used" if ("INDEX" in plan.upper() and "ps_ai_models_config" in plan) else "NO INDEX: " + plan
+    found = len(list(query))
+    cursor = backend.raw.cursor()
+    raw_params = [getattr(p, "adapted", p) for p in params]
+    if backend.kind == "postgres":
+        from psycopg2.extras import Json
+        raw_params = [Json(p) if isinstance(p, dict) else p for p in raw_params]
+
+    def raw():
+        # The same work: rows with their configuration parsed (psycopg2
+        # parses jsonb itself; sqlite3 hands back text).
+        cursor.execute(sql, raw_params)
+        rows = cursor.fetchall()
+        if backend.kind == "sqlite":
+            rows = [row[:7] + (json.loads(row[7]),) for row in rows]
+        return rows
+    if backend.kind == "postgres":
+        backend.raw.commit()
+    psai_models = lambda: list(PsAiModel.where_config(provider=provider, type="text", modelSize="large",
+                                                      active=True))
+    psai_tuples = lambda: list(PsAiModel.where_config(provider=provider, type="text", modelSize="large",
+                                                      active=True).tuples())
+    raw_time = timed(raw, runs)
+    results.add("filter provider/type/size/active -> models", count, backend.kind, timed(psai_models, runs),
+                raw_time, note="%d rows, %s, median of %d; target <= 1.5x" % (found, index, runs))
+    results.add("filter provider/type/size/active -> tuples", count, backend.kind, timed(psai_tuples, runs),
+                raw_time, note="same query, rows as tuples")
+
+
+# -- 4. eager loading ---------------------------------------------------------------------
+
+def bench_eager(backend, results, agents_count):
+    backend.truncate("AgentModels", "ps_model_usage", "ps_agents")
+    model_ids = [m.id for m in PsAiModel.select(PsAiModel.id).limit(300)]
+    PsAgent.bulk_insert([dict(user_id=1, class_id=1, group_id=1, configuration={"name": "agent-%d" % i})
+                         for i in range(agents_count)], validate=False)
+    with psai.database.atomic():
+        agent_ids = [a.id for a in PsAgent.select(PsAgent.id)]
+        from psai import AgentModels
+        links = [dict(agent=a, ai_model=model_ids[(i * 7 + k) % len(model_ids)])
+                 for i, a in enumerate(agent_ids) for k in range(3)]
+        for start in range(0, len(links), BATCH):
+            AgentModels.insert_many(links[start:start + BATCH], validate=False).on_conflict_ignore().execute()
+
+    def psai_load():
+        return {a.id: [m.name for m in a.ai_models] for a in PsAgent.with_ai_models()}
+
+    ph = backend.placeholder
+
+    def raw_load():
+        cursor = backend.raw.cursor()
+        cursor.execute('SELECT id, uuid, user_id, created_at, updated_at, class_id, group_id, configuration, '
+                       'parent_agent_id FROM "ps_agents" ORDER BY id')
+        agents = cursor.fetchall()
+        cursor.execute('SELECT agent_id, ai_model_id FROM "AgentModels"')
+        links = cursor.fetchall()
+        ids = sorted({m for _a, m in links})
+        cursor.execute('SELECT id, uuid, user_id, organization_id, created_at, updated_at, name, configuration '
+                       'FROM "ps_ai_models" WHERE id IN (%s)' % ", ".join([ph] * len(ids)), ids)
+        parse = json.loads if backend.kind == "sqlite" else (lambda value: value)
+        models = {row[0]: {"name": row[6], "configuration": parse(row[7])} for row in cursor.fetchall()}
+        agents = [dict(id=a[0], configuration=parse(a[7])) for a in agents]
+        by_agent = {}
+        for agent_id, model_id in links:
+            by_agent.setdefault(agent_id, []).append(models[model_id]["name"])
+        if backend.kind == "postgres":
+            backend.raw.commit()
+        return {a["id"]: by_agent.get(a["id"], []) for a in agents}
+
+    with count_queries() as counter:
+        loaded = psai_load()
+    assert sorted(map(sorted, loaded.values())) == sorted(map(sorted, raw_load().values()))
+    results.add("eager load agents with their models", agents_count, backend.kind, timed(psai_load, 5),
+                timed(raw_load, 5), queries="%d queries" % counter.count, note="target <= 3 queries")
+
+
+# -- 5. recording usage ----------------------------------------------------------------------
+
+PAIRS = 100
+
+
+def usage_plan(count, seed):
+    return [((seed + i) % PAIRS, 500 + i % 300, 50 + i % 70) for i in range(count)]
+
+
+def psai_record(url, model_ids, agent_ids, count, seed):
+    psai.connect(url)
+    models = list(PsAiModel.select().where(PsAiModel.id.in_(model_ids)))
+    agents = list(PsAgent.select().where(PsAgent.id.in_(agent_ids)))
+    start = time.perf_counter()
+    for pair, tokens_in, tokens_out in usage_plan(count, seed):
+        psai.record_usage(models[pair % len(models)], agents[pair % len(agents)],
+                          tokens_in=tokens_in, tokens_out=tokens_out)
+    elapsed = time.perf_counter() - start
+    psai.database.close()
+    return elapsed
+
+
+def raw_record(kind, url, path, schema, model_ids, agent_ids, count, seed):
+    """record_usage's work by hand: lock, find today's row, add or insert."""
+    if kind == "sqlite":
+        import sqlite3
+        from psai.db import SQLITE_PRAGMAS
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        for key, value in SQLITE_PRAGMAS.items():
+            conn.execute("PRAGMA %s = %s" % (key, value))
+        p = "?"
+    else:
+        import psycopg2
+        from bench.common import POSTGRES_URL
+        conn = psycopg2.connect(POSTGRES_URL, options="-c search_path=%s" % schema)
+        p = "%s"
+    cursor = conn.cursor()
+    start = time.perf_counter()
+    for pair, tokens_in, tokens_out in usage_plan(count, seed):
+        model_id, agent_id = model_ids[pair % len(model_ids)], agent_ids[pair % len(agent_ids)]
+        now = datetime.datetime.now(datetime.timezone.utc)
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        if kind == "sqlite":
+            stamp, lo, hi = (v.isoformat(sep=" ", timespec="microseconds")
+                             for v in (now, day, day + datetime.timedelta(days=1)))
+            cursor.execute("BEGIN IMMEDIATE")
+        else:
+            stamp, lo, hi = now, day, day + datetime.timedelta(days=1)
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (hash((model_id, agent_id, None)) % (2 ** 62),))
+        cursor.execute('SELECT id FROM "ps_model_usage" WHERE model_id = {p} AND agent_id = {p} AND connector_id '
+                       'IS NULL AND created_at >= {p} AND created_at < {p} ORDER BY id LIMIT 1'.format(p=p),
+                       (model_id, agent_id, lo, hi))
+        row = cursor.fetchone()
+        if row is None:
+            cursor.execute('INSERT INTO "ps_model_usage" (model_id, agent_id, user_id, created_at, updated_at, '
+                           'token_in_count, token_out_count) VALUES ({p}, {p}, 1, {p}, {p}, {p}, {p})'.format(p=p),
+                           (model_id, agent_id, stamp, stamp, tokens_in, tokens_out))
+        else:
+            cursor.execute('UPDATE "ps_model_usage" SET token_in_count = token_in_count + {p}, token_out_count = '
+                           'token_out_count + {p}, updated_at = {p} WHERE id = {p}'.format(p=p),
+                           (tokens_in, tokens_out, stamp, row[0]))
+        if kind == "sqlite":
+            cursor.execute("COMMIT")
+        else:
+            conn.commit()
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return elapsed
+
+
+def bench_record_usage(backend, results, count):
+    model_ids = [m.id for m in PsAiModel.select(PsAiModel.id).order_by(PsAiModel.id).limit(PAIRS)]
+    agent_ids = [a.id for a in PsAgent.select(PsAgent.id).order_by(PsAgent.id).limit(PAIRS)]
+    args = (model_ids, agent_ids)
+    raw_args = (backend.kind, backend.url, getattr(backend, "path", None), getattr(backend, "schema", None))
+    context = multiprocessing.get_context("spawn")
+    for processes in (1, 4):
+        each = count // processes
+        for runner, label in ((raw_record, "raw"), (psai_record, "psai")):
+            backend.truncate("ps_model_usage")
+            call_args = (raw_args + args) if runner is raw_record else ((backend.url,) + args)
+            with context.Pool(processes) as pool:
+                start = time.perf_counter()
+                pool.starmap(runner, [call_args + (each, seed) for seed in range(processes)])
+                wall = time.perf_counter() - start
+            if label == "raw":
+                raw_wall = wall
+            else:
+                psai_wall = wall
+            psai.connect(backend.url)
+            tokens = psai.database.execute_sql('SELECT SUM(token_in_count) FROM "ps_model_usage"').fetchone()[0]
+            expected = sum(t for seed in range(processes) for _p, t, _o in usage_plan(each, seed))
+            assert tokens == expected, (label, tokens, expected)
+        results.add("record usage, %d process%s" % (processes, "es" if processes > 1 else ""), count,
+                    backend.kind, psai_wall, raw_wall, note="%.0f calls/s through psai" % (count / psai_wall))
+
+
+# -- 6. cost reports ----------------------------------------------------------------------------
+
+def fill_usage(backend, rows):
+    """``rows`` usage rows straight through the raw driver (set-up, not timed)."""
+    model_ids = [m.id for m in PsAiModel.select(PsAiModel.id).order_by(PsAiModel.id).limit(100)]
+    agent_ids = [a.id for a in PsAgent.select(PsAgent.id).order_by(PsAgent.id)]
+    backend.truncate("ps_model_usage")
+    cursor = backend.raw.cursor()
+    backend.raw_begin()
+    base = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    columns = ["model_id", "agent_id", "user_id", "created_at", "updated_at"] + list(COUNTERS)
+    chunk = 10_000
+    for start in range(0, rows, chunk):
+        batch = []
+        for i in range(start, min(rows, start + chunk)):
+            when = base + datetime.timedelta(days=i % 300)
+            stamp = when.isoformat(sep=" ", timespec="microseconds") if backend.kind == "sqlite" else when
+            counters = [(i * (k + 3)) % 5000 for k in range(len(COUNTERS))]
+            batch.append((model_ids[i % len(model_ids)], agent_ids[(i // 7) % len(agent_ids)], 1, stamp, stamp,
+                          *counters))
+        sql = 'INSERT INTO "ps_model_usage" (%s) VALUES ' % ", ".join(columns)
+        if backend.kind == "sqlite":
+            cursor.executemany(sql + "(%s)" % ", ".join("?" * len(columns)), batch)
+        else:
+            from psycopg2.extras import execute_values
+            execute_values(cursor, sql + "%s", batch, page_size=chunk)
+    backend.raw_commit()
+    backend.db.execute_sql("ANALYZE")
+
+
+def raw_report(backend, group_column):
+    """The report by hand: the same aggregate SQL, then prices per group."""
+    cursor = backend.raw.cursor()
+    sums = ", ".join("SUM(%s)" % c for c in COUNTERS)
+    cursor.execute('SELECT model_id, %s, %s FROM "ps_model_usage" GROUP BY model_id, %s'
+                   % (group_column, sums, group_column))
+    groups = cursor.fetchall()
+    ids = sorted({g[0] for g in groups})
+    p = backend.placeholder
+    cursor.execute('SELECT id, configuration FROM "ps_ai_models" WHERE id IN (%s)' % ", ".join([p] * len(ids)), ids)
+    import json
+    rates = {}
+    for model_id, config in cursor.fetchall():
+        config = json.loads(config) if isinstance(config, str) else config
+        rates[model_id] = resolve_prices(config["prices"], provider=config.get("provider"))
+    totals = {}
+    for group in groups:
+        counters = dict(zip(COUNTERS, (int(v) for v in group[2:])))
+        cost = cost_of_counters(counters, rates[group[0]], exact=True)["total"]
+        totals[group[1]] = totals.get(group[1], Decimal(0)) + cost
+    if backend.kind == "postgres":
+        backend.raw.commit()
+    return totals
+
+
+def bench_reports(backend, results, rows):
+    start = time.perf_counter()
+    fill_usage(backend, rows)
+    print("  (filled %d usage rows in %.1fs)" % (rows, time.perf_counter() - start), flush=True)
+    for by, column in (("model", "model_id"), ("agent", "agent_id")):
+        psai_rows = psai.cost_report(by)
+        key = "model_id" if by == "model" else "agent_id"
+        assert {r[key]: r["cost"] for r in psai_rows} == raw_report(backend, column)
+        results.add("cost report by %s" % by, rows, backend.kind, timed(lambda: psai.cost_report(by), 3),
+                    timed(lambda: raw_report(backend, column), 3), note="target <= 1.2x")
+
+
+# -- 7. the command line as a whole process ------------------------------------------------------
+
+def bench_cli(backend, results, runs):
+    backend.truncate("AgentModels", "ps_model_usage", "ps_ai_models")
+    psai_insert_models(model_rows(100), validate=False)
+    env = dict(os.environ, PSAI_DATABASE_URL=backend.url)
+
+    def run(args):
+        subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
+    floor = [sys.executable, "-c", "import peewee, marshmallow"]
+    command = [sys.executable, "-m", "psai", "models", "list", "--json"]
+    run(command)  # warm the page cache and byte-code
+    results.add("psai models list --json (process)", 100, backend.kind, timed(lambda: run(command), runs),
+                timed(lambda: run(floor), runs), note="raw = python -c 'import peewee, marshmallow'; "
+                                                      "target <= 1.5x")
+
+
+# -------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.1 for a quick run)")
+    parser.add_argument("--only", nargs="*", help="run only these: insert validated filter eager usage report cli")
+    parser.add_argument("--markdown", help="also write the results table to this Markdown file")
+    args = parser.parse_args(argv)
+    scale = lambda n: max(1, int(n * args.scale))
+    backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "cli"]
+    results = Results()
+    started = time.perf_counter()
+    for kind in backends:
+        print("%s:" % kind, flush=True)
+        backend = Backend(kind)
+        try:
+            if "insert" in steps:
+                bench_bulk_insert(backend, results, scale(100_000))
+            if "validated" in steps:
+                bench_validated(backend, results, scale(5_000))
+            if any(step in steps for step in ("filter", "eager", "usage", "report")):
+                bench_filter(backend, results, scale(100_000), runs=51)
+            if any(step in steps for step in ("eager", "usage", "report")):
+                bench_eager(backend, results, scale(1_000))
+            if "usage" in steps:
+                bench_record_usage(backend, results, scale(100_000))
+            if "report" in steps:
+                bench_reports(backend, results, scale(1_000_000))
+            if "cli" in steps:
+                bench_cli(backend, results, runs=11)
+        finally:
+            backend.close()
+    elapsed = time.perf_counter() - started
+    print()
+    print(results.table())
+    print("\nran in %.0f s on %s, Python %s, %d cores" % (
+        elapsed, platform.platform(), platform.python_version(), os.cpu_count()))
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as handle:
+            handle.write(results.table() + "\n")
+
+
+if __name__ == "__main__":
+    main()

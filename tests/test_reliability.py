@@ -1,0 +1,266 @@
+"""Reliability: concurrent writers, processes killed mid-write, PostgreSQL
+connections dropped by the server, hostile input, integrity, secrets."""
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from peewee import JOIN
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import psai
+from psai import AgentModels, PsAgent, PsAiModel, PsModelUsage
+from psai.db import is_postgres
+
+from conftest import POSTGRES_URL, make_backend, make_configuration, require_postgres
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+# -- 1. concurrent writers ---------------------------------------------------------
+
+def test_eight_concurrent_writers_lose_nothing(backend):
+    psai.migrate()
+    from workers import busy_writer
+    workers, count = 8, 500 if backend.kind == "sqlite" else 250
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers) as pool:
+        # Any "database is locked" (or any other error) in a worker fails here.
+        results = [pool.apply_async(busy_writer, (backend.url, w, count)) for w in range(1, workers + 1)]
+        assert sorted(r.get(timeout=240) for r in results) == list(range(1, workers + 1))
+    psai.connect(backend.url)
+    assert PsAiModel.select().count() == workers * count
+    assert AgentModels.select().count() == workers * count
+    assert PsAgent.select().count() == workers
+    total_in = sum(row.token_in_count for row in PsModelUsage.select())
+    assert total_in == workers * sum(100 + i for i in range(count))
+    assert PsModelUsage.select().count() == workers * count  # one counter row per (model, agent)
+
+
+# -- 2. crash safety ----------------------------------------------------------------
+
+def spawn(function, *args):
+    code = ("import sys; sys.path.insert(0, %r); import workers; workers.%s(*%r)"
+            % (TESTS, function, args))
+    return subprocess.Popen([sys.executable, "-c", code], cwd=TESTS)
+
+
+def wait_for(path, process, seconds=60):
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        assert process.poll() is None, "worker ended early with %s" % process.returncode
+        assert time.monotonic() < deadline, "worker never got going"
+        time.sleep(0.01)
+
+
+def assert_consistent(backend):
+    db = psai.connect(backend.url)
+    if backend.kind == "sqlite":
+        assert db.execute_sql("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert db.execute_sql("PRAGMA foreign_key_check").fetchall() == []
+    dangling = (AgentModels.select().join(PsAiModel, on=(AgentModels.ai_model == PsAiModel.id), join_type=JOIN.LEFT_OUTER)
+                .where(PsAiModel.id.is_null()).count())
+    assert dangling == 0
+    return db
+
+
+def test_kill_during_a_large_import_leaves_all_or_nothing(backend, tmp_path):
+    psai.migrate()
+    psai.database.close()
+    ready = str(tmp_path / "ready")
+    process = spawn("slow_import", backend.url, 20_000, ready)
+    wait_for(ready, process)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert_consistent(backend)
+    count = PsAiModel.select().count()
+    finished = os.path.exists(ready + ".done")
+    assert count == (20_000 if finished else 0), (count, finished)
+
+
+def test_kill_during_superseding_keeps_one_active_row(backend, tmp_path):
+    psai.migrate()
+    psai.database.close()
+    ready = str(tmp_path / "ready")
+    process = spawn("supersede_forever", backend.url, ready)
+    wait_for(ready, process)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert_consistent(backend)
+    history = PsAiModel.history("GPT-4o")
+    assert len(history) >= 20
+    assert [m.configuration["active"] for m in history].count(True) == 1
+    assert history[0].configuration["active"] is True
+
+
+# -- 3. PostgreSQL connection loss -------------------------------------------------------
+
+def terminate_backend_of(db):
+    pid = db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+    import psycopg2
+    admin = psycopg2.connect(POSTGRES_URL)
+    admin.autocommit = True
+    admin.cursor().execute("SELECT pg_terminate_backend(%s)", (pid,))
+    admin.close()
+
+
+def test_postgres_reconnects_after_the_server_drops_the_connection(tmp_path):
+    backend = make_backend("postgres", tmp_path)
+    try:
+        db = backend.connect()
+        psai.migrate()
+        model = PsAiModel.create(user_id=1, organization_id=1, name="m", configuration=make_configuration())
+        terminate_backend_of(db)
+        # The next operation reconnects and succeeds.
+        assert PsAiModel.get_by_id(model.id).name == "m"
+        terminate_backend_of(db)
+        PsAiModel.create(user_id=1, organization_id=1, name="n", configuration=make_configuration())
+        assert PsAiModel.select().count() == 2
+    finally:
+        backend.close()
+
+
+def test_postgres_transaction_cut_off_is_rolled_back(tmp_path):
+    backend = make_backend("postgres", tmp_path)
+    try:
+        db = backend.connect()
+        psai.migrate()
+        with pytest.raises(Exception):
+            with psai.db.write_transaction():
+                PsAiModel.create(user_id=1, organization_id=1, name="first", configuration=make_configuration())
+                terminate_backend_of(db)
+                PsAiModel.create(user_id=1, organization_id=1, name="second", configuration=make_configuration())
+        assert PsAiModel.select().count() == 0  # reconnected; nothing of the cut-off transaction
+        PsAiModel.create(user_id=1, organization_id=1, name="after", configuration=make_configuration())
+        assert [m.name for m in PsAiModel.select()] == ["after"]
+    finally:
+        backend.close()
+
+
+# -- 4. hostile input -----------------------------------------------------------------
+
+hostile_text = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(["'", '"', "';--", "; DROP TABLE ps_ai_models; --", "$.provider", "$[0]", "a.b",
+                     "\\", "%s", "?", "${x}", "\u202e", "名前", "\x00", "' OR '1'='1", "*/", "/*"]),
+)
+hostile_values = st.one_of(hostile_text, st.integers(), st.floats(), st.booleans(), st.none(),
+                           st.lists(hostile_text, max_size=3), st.dictionaries(hostile_text, hostile_text, max_size=2))
+
+
+def harmless(value):
+    if isinstance(value, list):
+        return [harmless(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    return {str: "x", int: 1, float: 1.5}.get(type(value), value)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=hostile_text, value=hostile_values)
+def test_hostile_filters_never_change_the_sql_or_write(db, key, value):
+    before = PsAiModel.select().count()
+    try:
+        query = PsAiModel.where_config({key: value})
+    except psai.ValidationError:
+        return
+    # The SQL is the same as for a harmless value of the same JSON type.
+    sql, _params = query.sql()
+    assert sql == PsAiModel.where_config({key: harmless(value)}).sql()[0]
+    list(query)
+    assert PsAiModel.select().count() == before
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=hostile_text, value=hostile_values, name=hostile_text)
+def test_hostile_writes_are_validation_errors_and_write_nothing(db, key, value, name):
+    config = make_configuration()
+    config[key] = value
+    before = (PsAiModel.select().count(), PsAgent.select().count())
+    try:
+        with db.atomic() as transaction:
+            PsAiModel.create(user_id=1, organization_id=1, name=name, configuration=config)
+            transaction.rollback()  # a write that was allowed must be a known key
+        assert key in config and key in psai.schemas.AiModelConfigurationSchema._declared_fields
+    except psai.ValidationError:
+        pass
+    try:
+        with db.atomic() as transaction:
+            PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={key: value, "name": name})
+            transaction.rollback()
+    except psai.ValidationError:
+        pass
+    assert (PsAiModel.select().count(), PsAgent.select().count()) == before
+
+
+def test_over_large_configurations_are_refused(db):
+    with pytest.raises(psai.ValidationError, match="Too large"):
+        PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"blob": "x" * (10 * 1024 * 1024)})
+    with pytest.raises(psai.ValidationError, match="configuration.model"):
+        PsAiModel.create(user_id=1, organization_id=1, name="big",
+                         configuration=make_configuration(model="x" * (10 * 1024 * 1024)))
+    assert PsAgent.select().count() == 0 and PsAiModel.select().count() == 0
+
+
+# -- 5. integrity ---------------------------------------------------------------------
+
+def test_deletes_never_leave_dangling_rows(db):
+    models = [PsAiModel.create(user_id=1, organization_id=1, name="m%d" % i, configuration=make_configuration())
+              for i in range(6)]
+    agents = [PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "a%d" % i}) for i in range(4)]
+    agents[1].parent_agent = agents[0]
+    agents[1].save()
+    for agent in agents:
+        agent.ai_models.add(models)
+    psai.record_usage(models[0], agents[0], tokens_in=10, tokens_out=1)
+    psai.record_usage(models[1], agents[1], tokens_in=10, tokens_out=1)
+    for model in models[2:]:
+        model.delete_instance()
+    with pytest.raises(psai.InUseError):
+        models[0].delete_instance()
+    agents[0].delete_instance()
+    PsAgent.delete().where(PsAgent.id == agents[3].id).execute()  # a bulk delete too
+    links = [(l.agent_id, l.ai_model_id) for l in AgentModels.select()]
+    live_agents = {a.id for a in PsAgent.select()}
+    live_models = {m.id for m in PsAiModel.select()}
+    assert all(a in live_agents and m in live_models for a, m in links)
+    assert sorted(links) == sorted((a.id, m.id) for a in agents[1:3] for m in models[:2])
+    for usage in PsModelUsage.select():
+        assert usage.model_id in live_models
+        assert usage.agent_id is None or usage.agent_id in live_agents
+    assert PsAgent.get_by_id(agents[1].id).parent_agent_id is None
+    if not is_postgres(db):
+        assert db.execute_sql("PRAGMA foreign_key_check").fetchall() == []
+
+
+# -- 6. secrets ------------------------------------------------------------------------
+
+SECRET = "s3cr3t-Pa55"
+
+
+def test_password_never_appears_in_errors_logs_or_cli_output(caplog, tmp_path):
+    require_postgres()
+    from click.testing import CliRunner
+    from psai.cli import cli
+    urls = ["postgresql://nobody:%s@127.0.0.1:1/x" % SECRET,                 # nothing listening
+            "postgresql://nobody:%s@127.0.0.1:5432/no_such_db_psai" % SECRET,  # no such database
+            "mysql://nobody:%s@127.0.0.1/x" % SECRET,                         # unsupported
+            "postgresql://nobody:%s@127.0.0.1:5432" % SECRET]                 # no database name
+    caplog.set_level(logging.DEBUG)
+    for url in urls:
+        with pytest.raises(psai.PsaiError) as info:
+            psai.connect(url)
+        assert SECRET not in str(info.value) and SECRET not in repr(info.value)
+        for args in (["init"], ["models", "list"], ["usage", "report"]):
+            result = CliRunner().invoke(cli, ["--database", url] + args)
+            assert result.exit_code in (1, 2)
+            assert SECRET not in result.output
+        result = CliRunner(env={"PSAI_DATABASE_URL": url}).invoke(cli, ["models", "list"])
+        assert SECRET not in result.output and result.exit_code in (1, 2)
+    assert SECRET not in caplog.text
