@@ -170,19 +170,21 @@ class _PreparedInsert:
         return cls._cache[key]
 
     @staticmethod
-    def _params(model, names, data, postgres):
+    def _params(model, names, data, postgres, shared=None):
         params = []
         for name in names:
             field, value = model._meta.fields[name], data[name]
             if value is not None and isinstance(field, JSONField):
                 # SQLite wraps the text in json(); psycopg2 takes it as a jsonb literal.
                 value = field._dumps(value)
+            elif shared is not None and value is shared[0]:
+                value = shared[1]  # the batch's timestamp, converted once
             else:
                 value = field.db_value(value)
             params.append(value)
         return params
 
-    def _complete(self):
+    def _complete(self, now=None):
         data = dict(self.data)
         pk = self.model._meta.primary_key
         if self.model._meta.auto_increment:
@@ -190,7 +192,10 @@ class _PreparedInsert:
         for name, default in self.model._meta.defaults.items():
             name = getattr(name, "name", name)
             if name not in data:
-                data[name] = default() if callable(default) else default
+                if default is utcnow and now is not None:
+                    data[name] = now  # one time for a whole batch, as now() is in a transaction
+                else:
+                    data[name] = default() if callable(default) else default
         return data
 
     def execute(self):
@@ -206,12 +211,14 @@ class _PreparedInsert:
     def many(cls, model, rows):
         if not rows:
             return
-        completed = [cls(model, row)._complete() for row in rows]
+        now = utcnow()
+        completed = [cls(model, row)._complete(now) for row in rows]
         names = tuple(sorted(completed[0]))
         if any(tuple(sorted(row)) != names for row in completed):
             raise ValueError("bulk_insert rows must all have the same fields")
         sql, row, _returning, postgres = cls._statement(model, names)
-        params = [cls._params(model, names, data, postgres) for data in completed]
+        shared = (now, TimestampTzField().db_value(now) if not postgres else now)
+        params = [cls._params(model, names, data, postgres, shared) for data in completed]
         database.obj.connect(reuse_if_open=True)
         cursor = database.obj.cursor()
         if postgres:
