@@ -11,7 +11,6 @@ import json
 import multiprocessing
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import psai
 from psai import PsAgent, PsAiModel
 from psai.pricing import COUNTERS, cost_of_counters, resolve_prices
 
-from bench.common import Backend, PROVIDERS, configuration, model_rows, raw_json, timed
+from bench.common import Backend, PROVIDERS, model_rows, raw_json, timed
 
 BATCH = 1000
 
@@ -349,8 +348,8 @@ def raw_report(backend, group_column):
     """The report by hand: the same aggregate SQL, then prices per group."""
     cursor = backend.raw.cursor()
     sums = ", ".join("SUM(%s)" % c for c in COUNTERS)
-    cursor.execute('SELECT model_id, %s, %s FROM "ps_model_usage" GROUP BY model_id, %s'
-                   % (group_column, sums, group_column))
+    group_by = "model_id" if group_column == "model_id" else "model_id, " + group_column
+    cursor.execute('SELECT model_id, %s, %s FROM "ps_model_usage" GROUP BY %s' % (group_column, sums, group_by))
     groups = cursor.fetchall()
     ids = sorted({g[0] for g in groups})
     p = backend.placeholder

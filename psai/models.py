@@ -7,7 +7,7 @@ from functools import partial
 from peewee import (
     AutoField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField,
     IntegerField, IntegrityError, JSONField, ManyToManyField, ManyToManyQuery,
-    Model, ModelInsert, ModelSelect, ModelUpdate, Node, PostgresqlDatabase, fn,
+    Model, ModelInsert, ModelSelect, ModelUpdate, Node, PostgresqlDatabase,
 )
 from peewee import ManyToManyFieldAccessor
 

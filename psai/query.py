@@ -6,6 +6,7 @@ and never put a caller's key or value into the SQL text: values are always
 bound parameters, and keys must be plain identifiers (PolicySynth's are
 camelCase) or the filter is refused with ``psai.ValidationError``.
 """
+import math
 import operator
 import re
 from functools import reduce
@@ -16,6 +17,7 @@ from .db import is_postgres, write_transaction
 from .enums import PsAiModelSize
 from .errors import NotFoundError, ValidationError
 from .models import PsAgent, PsAiModel
+from .schemas import MAX_SAFE_INTEGER
 
 __all__ = ["config_filter", "where_config", "select_model", "model_choices", "find_by_provider_model",
            "add_model", "model_history", "sub_agent_tree", "SIZE_FALLBACK", "INDEXED_PATHS"]
@@ -50,9 +52,12 @@ def _path(key):
 def _check_value(key, value):
     values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
     bad = [v for v in values if not isinstance(v, _SCALARS)
-           or (isinstance(v, float) and v != v) or (isinstance(v, str) and "\x00" in v)]
+           or (isinstance(v, float) and not math.isfinite(v))
+           or (isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_SAFE_INTEGER)
+           or (isinstance(v, str) and "\x00" in v)]
     if bad or not values:
-        raise ValidationError({str(key): ["Filter values must be strings, numbers, booleans or null."]})
+        raise ValidationError({str(key): [
+            "Filter values must be strings, finite numbers (integers up to 2**53), booleans or null."]})
     return values
 
 

@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import numbers
-import re
 from enum import Enum
 
 from marshmallow import (
@@ -37,6 +36,9 @@ class _Base(Schema):
 
 # -- strict scalar fields: JSON has no "30" for 30, no 1 for true, no NaN ------------
 
+MAX_SAFE_INTEGER = 2 ** 53 - 1  # JavaScript's Number.MAX_SAFE_INTEGER
+
+
 class Number(fields.Field):
     """A finite JSON number (int or float); strings, booleans, NaN and
     infinities are refused. The value is kept as given (30 stays 30)."""
@@ -44,6 +46,7 @@ class Number(fields.Field):
     default_error_messages = {
         "invalid": "Not a number.",
         "not_finite": "Not a finite number (NaN and infinity are not allowed).",
+        "too_large": "Too large: PolicySynth (JavaScript) keeps integers exact only up to 2**53.",
     }
 
     def _deserialize(self, value, attr, data, **kwargs):
@@ -51,6 +54,8 @@ class Number(fields.Field):
             raise self.make_error("invalid")
         if not math.isfinite(value):
             raise self.make_error("not_finite")
+        if isinstance(value, int) and abs(value) > MAX_SAFE_INTEGER:
+            raise self.make_error("too_large")
         return value
 
     def _serialize(self, value, attr, obj, **kwargs):

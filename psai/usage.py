@@ -11,7 +11,7 @@ import math
 from collections import defaultdict
 from decimal import Decimal
 
-from peewee import SQL, NodeList, Table, fn
+from peewee import SQL, NodeList, fn
 
 from .db import database, is_postgres, write_transaction
 from .errors import ValidationError

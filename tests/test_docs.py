@@ -5,8 +5,6 @@ import re
 
 import pytest
 
-import psai
-
 from conftest import make_backend
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

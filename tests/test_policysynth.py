@@ -14,8 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 import psai
-from psai import AgentModels, PsAgent, PsAiModel, PsModelUsage
-from psai.migrations import NotAdoptedError, adopt, is_policysynth_database
+from psai import AgentModels, PsAgent, PsAiModel
+from psai.migrations import NotAdoptedError, is_policysynth_database
 from psai.schemas import INCLUDE, PsAiModelSchema
 from psai.usage import usage_counters
 

@@ -1,16 +1,14 @@
 """Configuration schemas: validation on every write path, dumps, round trips."""
 import copy
 import json
-import math
 
-import peewee
 import pytest
 from hypothesis import HealthCheck, given, settings
 
 import psai
 from psai import PsAgent, PsAiModel
 from psai.schemas import (
-    AiModelConfigurationSchema, INCLUDE, ModelPricesSchema, PsAgentSchema, PsAiModelSchema,
+    AiModelConfigurationSchema, INCLUDE, PsAgentSchema, PsAiModelSchema,
     validate_configuration,
 )
 
@@ -98,6 +96,8 @@ BAD_INPUTS = [
      "configuration.prices.costInTokensPerMillion", "Not a number"),
     ("bool for number", make_configuration(maxTokensOut=True),
      "configuration.maxTokensOut", "Not an integer"),
+    ("integer past 2**53", make_configuration(maxTokensOut=2 ** 60),
+     "configuration.maxTokensOut", "2**53"),
     ("number for bool", make_configuration(active=1),
      "configuration.active", "Not a boolean"),
     ("bad currency", with_prices(currency="usd"),

@@ -1,6 +1,5 @@
 """The store: connect, migrate, PolicySynth's tables, links, eager loading."""
 import datetime
-import os
 import sqlite3
 import uuid
 
