@@ -81,18 +81,10 @@ class BaseModel(Model):
         one prepared statement, executemany on SQLite, multi-row VALUES on
         PostgreSQL, all in one transaction. Every row is validated first
         unless ``validate=False``. Returns the number of rows inserted."""
-        rows = list(rows)
         if validate:
-            checked, errors = [], {}
-            for index, row in enumerate(rows):
-                data = {cls._meta.fields[k] if isinstance(k, str) else k: v for k, v in row.items()}
-                try:
-                    checked.append({f.name: v for f, v in cls._checked(data, partial=False).items()})
-                except ValidationError as exc:
-                    errors[index] = exc.messages
-            if errors:
-                raise ValidationError(errors)
-            rows = checked
+            rows = [{field.name: value for field, value in row.items()} for row in cls._checked_rows(rows)]
+        else:
+            rows = [{getattr(k, "name", k): v for k, v in row.items()} for row in rows]
         with write_transaction():
             for start in range(0, len(rows), batch_size):
                 _PreparedInsert.many(cls, rows[start:start + batch_size])
@@ -111,16 +103,21 @@ class BaseModel(Model):
         if fields is not None:
             names = [f if isinstance(f, str) else f.name for f in fields]
             rows = [dict(zip(names, row)) for row in rows]
+        return super().insert_many(cls._checked_rows(rows))
+
+    @classmethod
+    def _checked_rows(cls, rows):
+        """Every row validated ({Field: value} each), or one ValidationError
+        whose paths start with the index of each bad row."""
         checked, errors = [], {}
         for index, row in enumerate(rows):
-            data = cls._normalize_data(None, dict(row))
             try:
-                checked.append(cls._checked(data, partial=False))
+                checked.append(cls._checked(cls._normalize_data(None, dict(row)), partial=False))
             except ValidationError as exc:
                 errors[index] = exc.messages
         if errors:
             raise ValidationError(errors)
-        return super().insert_many(checked)
+        return checked
 
     @classmethod
     def get_by_key(cls, key):
@@ -151,9 +148,9 @@ class _PreparedInsert:
         self.model, self.data = model, data
 
     @classmethod
-    def _statement(cls, model, names, many=False):
+    def _statement(cls, model, names):
         db = database.obj
-        key = (model, names, type(db), many)
+        key = (model, names, type(db))
         if key not in cls._cache:
             postgres = isinstance(db, PostgresqlDatabase)
             columns, marks = [], []
@@ -257,7 +254,7 @@ class LinkQuery(ManyToManyQuery):
                     % (target.__name__, ", ".join(str(i) for i in missing))
                 )
             rows = [{accessor.src_fk.name: src_id, accessor.dest_fk.name: i} for i in dict.fromkeys(ids)]
-            (accessor.through_model.insert_many(rows).on_conflict_ignore().execute())
+            accessor.through_model.insert_many(rows).on_conflict_ignore().execute()
 
     def _ids(self, values):
         ids = []
@@ -391,8 +388,13 @@ class PsAiModel(BaseModel):
         """Merge ``changes`` into the configuration (nested dicts merge, a
         None value removes a key), validate the result and save it."""
         from .schemas import merge_configuration
-        self.configuration = merge_configuration(self.configuration, changes)
-        self.save()
+        before = self.configuration
+        self.configuration = merge_configuration(before, changes)
+        try:
+            self.save()
+        except ValidationError:
+            self.configuration = before  # a refused change leaves the object as it was too
+            raise
         return self
 
     @classmethod

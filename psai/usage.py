@@ -25,8 +25,8 @@ REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
 INPUT_COUNTERS = tuple(c for c in COUNTERS if "_in_" in c)
 OUTPUT_COUNTERS = tuple(c for c in COUNTERS if "_out_" in c)
 
-_USAGE_KEYWORDS = ("tokens_in", "tokens_out", "cached_tokens", "cache_write_tokens",
-                   "reasoning_tokens", "audio_tokens", "image_tokens")
+# PolicySynth's counters are 32-bit INTEGER columns.
+MAX_COUNTER = 2 ** 31 - 1
 
 
 def _model(model):
@@ -46,6 +46,8 @@ def _check_counts(counts):
             errors[name] = ["Not a number."]
         elif not math.isfinite(value) or value < 0:
             errors[name] = ["Must be a finite number, 0 or more."]
+        elif value > MAX_COUNTER:
+            errors[name] = ["Too large for one call: at most %d." % MAX_COUNTER]
     if errors:
         raise ValidationError(errors)
 
@@ -122,8 +124,12 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
     with write_transaction():
         _lock((model.id, agent_id, connector_id))
         keys = [model.id] + [v for v in (agent_id, connector_id) if v is not None]
-        row = database.execute_sql(find, keys + [U.created_at.db_value(start), U.created_at.db_value(end)]).fetchone()
         counts = [counters[name] for name in present]
+        # A row with no room left for these counts (32-bit counters) is not
+        # found, and a new one is started: reports add all rows up.
+        room = [MAX_COUNTER - count for count in counts]
+        row = database.execute_sql(
+            find, keys + [U.created_at.db_value(start), U.created_at.db_value(end)] + room).fetchone()
         if row is None:
             cursor = database.execute_sql(insert, [model.id, agent_id, connector_id, user_id, stamp, stamp] + counts)
         else:
@@ -145,9 +151,11 @@ def _usage_statements(present, agent_is_null, connector_is_null):
         p = "%s" if is_postgres(db) else "?"
         returning = " RETURNING " + ", ".join('"%s"' % c for c in _ROW_COLUMNS + present)
         find = ('SELECT "id" FROM "ps_model_usage" WHERE "model_id" = {p} AND "agent_id" {agent} '
-                'AND "connector_id" {connector} AND "created_at" >= {p} AND "created_at" < {p} '
-                'ORDER BY "id" LIMIT 1').format(p=p, agent="IS NULL" if agent_is_null else "= " + p,
-                                               connector="IS NULL" if connector_is_null else "= " + p)
+                'AND "connector_id" {connector} AND "created_at" >= {p} AND "created_at" < {p} {room}'
+                'ORDER BY "id" LIMIT 1').format(
+                    p=p, agent="IS NULL" if agent_is_null else "= " + p,
+                    connector="IS NULL" if connector_is_null else "= " + p,
+                    room="".join('AND "%s" <= %s ' % (c, p) for c in present))
         update = ('UPDATE "ps_model_usage" SET %s, "updated_at" = {p} WHERE "id" = {p}'
                   % ", ".join('"{0}" = "{0}" + {{p}}'.format(c) for c in present)).format(p=p) + returning
         columns = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present

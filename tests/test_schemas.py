@@ -202,6 +202,7 @@ def test_update_configuration_merges_and_validates(db):
     with pytest.raises(psai.ValidationError, match="configuration.prices.currency"):
         model.update_configuration({"prices": {"currency": None}})
     assert PsAiModel.get_by_id(model.id).configuration["prices"]["currency"] == "USD"
+    assert model.configuration["prices"]["currency"] == "USD"
 
 
 def test_trusted_bulk_insert_skips_validation(db):

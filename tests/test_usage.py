@@ -242,3 +242,15 @@ def test_a_usage_table_without_cache_write_counters(db):
     assert row.token_in_count == 910
     [report] = cost_report("model")
     assert report["tokens_in"] == 1010 and report["cost"] == Decimal(910 * 30 + 100 * 10 + 11 * 60) / 1_000_000
+
+
+def test_counters_that_would_overflow_start_a_new_row(db):
+    m, a = model("gpt"), agent("a")
+    first = record_usage(m, a, tokens_in=2_000_000_000, tokens_out=1)
+    second = record_usage(m, a, tokens_in=2_000_000_000, tokens_out=1)
+    assert second.id != first.id  # 4e9 does not fit PolicySynth's INTEGER counter
+    third = record_usage(m, a, tokens_in=100, tokens_out=1)
+    assert third.id == first.id
+    assert cost_report("model")[0]["tokens_in"] == 4_000_000_100
+    with pytest.raises(psai.ValidationError, match="tokens_in: Too large for one call"):
+        record_usage(m, a, tokens_in=2 ** 31, tokens_out=1)
