@@ -517,12 +517,7 @@ def agents_show(agent, fmt):
 @handle_errors
 def agents_link(agent, model_keys):
     """Let AGENT use MODEL(s); linking twice is harmless."""
-    from .db import write_transaction
-    from .models import PsAgent, PsAiModel
-    connect()
-    with write_transaction():
-        found = PsAgent.get_by_key(agent)
-        found.ai_models.add([PsAiModel.get_by_key(key) for key in model_keys])
+    found, _removed = _change_links(agent, model_keys, "add")
     click.echo("agent %s linked to model %s" % (found.id, ", ".join(model_keys)))
 
 
@@ -532,13 +527,19 @@ def agents_link(agent, model_keys):
 @handle_errors
 def agents_unlink(agent, model_keys):
     """Remove the links between AGENT and MODEL(s)."""
+    found, removed = _change_links(agent, model_keys, "remove")
+    click.echo("agent %s: %d link(s) removed" % (found.id, removed or 0))
+
+
+def _change_links(agent, model_keys, change):
+    """Add or remove links of an agent (by id or uuid) to models, in one transaction."""
     from .db import write_transaction
     from .models import PsAgent, PsAiModel
     connect()
     with write_transaction():
         found = PsAgent.get_by_key(agent)
-        removed = found.ai_models.remove([PsAiModel.get_by_key(key) for key in model_keys])
-    click.echo("agent %s: %d link(s) removed" % (found.id, removed or 0))
+        result = getattr(found.ai_models, change)([PsAiModel.get_by_key(key) for key in model_keys])
+    return found, result
 
 
 @agents.command("models")
