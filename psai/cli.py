@@ -139,11 +139,28 @@ def _read_json(handle):
         raise ValidationError({name: ["Not JSON: %s." % exc]}) from None
 
 
-def _progress(length, label):
-    """A progress bar on stderr when it is a terminal, else nothing."""
-    if not sys.stderr.isatty():
-        return None
-    return click.progressbar(length=length, label=label, file=sys.stderr)
+class Progress:
+    """A progress bar on stderr when it is a terminal, else nothing: pass it
+    as the library's ``progress(done, total)`` callback, in a ``with``."""
+
+    def __init__(self, label):
+        self.label, self.bar = label, None
+        self.enabled = sys.stderr.isatty()
+
+    def __call__(self, done, total):
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done - self.bar.pos)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.bar is not None:
+            self.bar.__exit__(*exc_info)
 
 
 # -- the group ------------------------------------------------------------------
@@ -640,7 +657,10 @@ def usage_report(grouping, since, until, fmt):
     from .usage import cost_report, report_totals
     connect()
     try:
-        rows = cost_report(grouping, since=since, until=until)
+        with Progress("pricing usage") as progress:
+            if progress.enabled:
+                click.echo("summing usage in the database...", err=True)
+            rows = cost_report(grouping, since=since, until=until, progress=progress)
     except ValueError as exc:
         raise ValidationError({"since/until": [str(exc)]}) from None
     if fmt is None:
@@ -679,14 +699,8 @@ def import_command(source, allow_unknown_keys):
     from .transfer import import_data
     data = _read_json(source)
     connect()
-    total = sum(len(data.get(t) or []) for t in ("ps_ai_models", "ps_agents", "AgentModels")) \
-        if isinstance(data, dict) else 0
-    bar = _progress(total, "checking")
-    if bar is None:
-        counts = import_data(data, allow_unknown_keys=allow_unknown_keys)
-    else:
-        with bar:
-            counts = import_data(data, allow_unknown_keys=allow_unknown_keys, progress=bar.update)
+    with Progress("checking rows") as progress:
+        counts = import_data(data, allow_unknown_keys=allow_unknown_keys, progress=progress)
     click.echo("imported: %(created)d created, %(updated)d updated, %(links)d links added" % counts)
 
 

@@ -39,23 +39,29 @@ def _load_rows(schema, rows, table, errors, progress):
         except ValidationError as exc:
             errors.setdefault(table, {})[index] = exc.messages
             loaded.append(None)
-        if progress:
-            progress(1)
+        progress()
     return loaded
 
 
 def import_data(data, *, allow_unknown_keys=False, progress=None):
     """Import an ``export_data()`` document. Returns counts of what changed.
-    ``progress``, if given, is called with the number of rows just handled."""
+    ``progress``, if given, is called as ``progress(done, total)`` as rows are checked."""
     if not isinstance(data, dict):
         raise ValidationError({"_schema": ["An import is a JSON object with %s." % ", ".join(TABLES)]})
     unknown = sorted(set(data) - set(TABLES))
     if unknown:
         raise ValidationError({key: ["Unknown table."] for key in unknown})
+    total = sum(len(rows) for rows in data.values() if isinstance(rows, list))
+    checked = [0]
+
+    def step():
+        checked[0] += 1
+        if progress:
+            progress(checked[0], total)
     errors = {}
     model_schema = PsAiModelSchema(unknown=INCLUDE if allow_unknown_keys else RAISE, as_rows=False)
-    models = _load_rows(model_schema, data.get("ps_ai_models", []), "ps_ai_models", errors, progress)
-    agents = _load_rows(PsAgentSchema(as_rows=False), data.get("ps_agents", []), "ps_agents", errors, progress)
+    models = _load_rows(model_schema, data.get("ps_ai_models", []), "ps_ai_models", errors, step)
+    agents = _load_rows(PsAgentSchema(as_rows=False), data.get("ps_agents", []), "ps_agents", errors, step)
     links = data.get("AgentModels", [])
     model_ids = {row.get("id") for row in models if row}
     agent_ids = {row.get("id") for row in agents if row}
@@ -78,8 +84,7 @@ def import_data(data, *, allow_unknown_keys=False, progress=None):
                 problems["ai_model_id"] = ["No model with id %s in this file." % link["ai_model_id"]]
         if problems:
             errors.setdefault("AgentModels", {})[index] = problems
-        if progress:
-            progress(1)
+        step()
     for table, rows in (("ps_ai_models", models), ("ps_agents", agents)):
         missing = [i for i, row in enumerate(rows) if row and "id" not in row]
         for index in missing:

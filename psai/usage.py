@@ -274,7 +274,7 @@ def _levels():
     return dict(cursor.fetchall())
 
 
-def cost_report(by="model", *, since=None, until=None):
+def cost_report(by="model", *, since=None, until=None, progress=None):
     """Cost of recorded usage grouped ``by`` model, agent, tree, provider or day.
 
     Each row has the group's keys, ``tokens_in``, ``tokens_out``, ``cost``
@@ -282,6 +282,8 @@ def cost_report(by="model", *, since=None, until=None):
     gives one row per currency. ``tree`` rows hold an agent with all its
     sub-agents, and their ``level`` in the tree. ``since``/``until`` limit the
     usage by day recorded (dates or datetimes; a date ``until`` is inclusive).
+    ``progress``, if given, is called as ``progress(done, total)`` while the
+    groups the SQL summed are priced.
     """
     if by not in REPORT_GROUPINGS:
         raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
@@ -291,7 +293,9 @@ def cost_report(by="model", *, since=None, until=None):
     ancestors = _descendants() if by == "tree" else None
 
     totals = {}
-    for group in groups:
+    for done, group in enumerate(groups, 1):
+        if progress:
+            progress(done, len(groups))
         model, rates, currency = prices[group["model_id"]]
         counters = {name: int(group.get(name) or 0) for name in COUNTERS}
         cost = cost_of_counters(counters, rates, exact=True)["total"]

@@ -421,3 +421,56 @@ def test_cli_reference_in_docs_matches_help():
     text = (ROOT / "docs" / "cli.md").read_text()
     reference = text.split(REFERENCE_START, 1)[1].split(REFERENCE_END, 1)[0]
     assert reference.strip() == help_reference().strip(), "docs/cli.md is stale: run `make docs`"
+
+
+def test_progress_bars_when_stderr_is_a_terminal(tmp_path, config_file):
+    import pty
+    url = "sqlite:///%s" % (tmp_path / "tty.db")
+    env = dict(os.environ, PSAI_DATABASE_URL=url)
+
+    def on_a_terminal(*args, stdin=None):
+        master, slave = pty.openpty()
+        process = subprocess.run([sys.executable, "-m", "psai", *args], stdin=stdin, stdout=subprocess.PIPE,
+                                 stderr=slave, env=env, cwd=tmp_path, timeout=60)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(master)
+        return process, b"".join(chunks).decode()
+
+    subprocess.run([sys.executable, "-m", "psai", "demo"], env=env, cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "psai", "usage", "record", "1", "--in", "5", "--out", "1"],
+                   env=env, cwd=tmp_path, check=True, capture_output=True)
+    exported = subprocess.run([sys.executable, "-m", "psai", "export"], env=env, cwd=tmp_path, check=True,
+                              capture_output=True).stdout
+    (tmp_path / "export.json").write_bytes(exported)
+    process, terminal = on_a_terminal("import", str(tmp_path / "export.json"))
+    assert process.returncode == 0 and "checking rows" in terminal and "100%" in terminal
+    process, terminal = on_a_terminal("usage", "report", "--by", "agent")
+    assert process.returncode == 0 and "pricing usage" in terminal and "TOTAL" in process.stdout.decode()
+    # Not a terminal: no bar at all.
+    quiet = subprocess.run([sys.executable, "-m", "psai", "usage", "report"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True)
+    assert quiet.stderr == ""
+
+
+def test_library_progress_callbacks(db):
+    from psai.transfer import export_data, import_data
+    from psai.usage import cost_report, record_usage
+    from psai.demo import seed
+    model, agents = seed()
+    record_usage(model, agents[0], tokens_in=5, tokens_out=1)
+    record_usage(model, agents[1], tokens_in=5, tokens_out=1)
+    calls = []
+    cost_report("agent", progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 2), (2, 2)]
+    calls.clear()
+    import_data(export_data(), progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (5, 5) and len(calls) == 5  # 1 model, 2 agents, 2 links
