@@ -5,8 +5,14 @@ import uuid
 from urllib.parse import quote
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import psai
+
+# Property tests assert behaviour, not speed: no per-example deadline, and no
+# "too slow" health check failing a run on a busy machine.
+settings.register_profile("psai", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("psai")
 
 POSTGRES_URL = os.environ.get("PSAI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
