@@ -16,7 +16,7 @@ import peewee
 
 from . import db as dbmod
 from .enums import PsAiModelSize, PsAiModelType
-from .errors import DatabaseURLError, InUseError, NotFoundError, PsaiError, ValidationError
+from .errors import DatabaseURLError, PsaiError, ValidationError
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -42,14 +42,12 @@ def handle_errors(command):
         url = _database_url() or ""
         try:
             return command(*args, **kwargs)
-        except ValidationError as exc:
+        except (ValidationError, DatabaseURLError) as exc:
             _fail(str(exc), EXIT_BAD_INPUT)
-        except DatabaseURLError as exc:
-            _fail(str(exc), EXIT_BAD_INPUT)
-        except (NotFoundError, InUseError, PsaiError) as exc:
+        except PsaiError as exc:  # not found, in use, unreachable, not adopted
             _fail(str(exc), EXIT_FAILURE)
         except peewee.DatabaseError as exc:
-            _fail("database error: %s" % dbmod._scrub(exc, url) if url else str(exc).strip(), EXIT_FAILURE)
+            _fail("database error: %s" % dbmod._scrub(exc, url), EXIT_FAILURE)
         except OSError as exc:
             _fail(str(exc), EXIT_FAILURE)
     return wrapper

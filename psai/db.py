@@ -62,8 +62,11 @@ def redact_url(url):
 
 def _scrub(message, url):
     """Remove the URL's password from a driver's error message."""
+    message = str(message)
+    if not url:
+        return " ".join(message.split())
     password = urlsplit(url).password
-    message = str(message).replace(url, redact_url(url))
+    message = message.replace(url, redact_url(url))
     if password:
         message = message.replace(password, "***")
     return " ".join(message.split())  # drivers' messages span lines; errors are one line

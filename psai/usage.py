@@ -177,14 +177,20 @@ def _usage_row(present, values):
     return row
 
 
+def _call_context(configuration):
+    """How a model's calls are priced, from its configuration: the keyword
+    arguments resolve_prices and cost_breakdown take besides the prices."""
+    return {"provider": configuration.get("provider"),
+            "inference_type": configuration.get("inferenceType"),
+            "regional_processing": configuration.get("regionalProcessing")}
+
+
 def model_cost(model, **usage):
     """``psai.pricing.cost_breakdown`` for a stored model: its prices, with
     its provider, inference type and region unless given."""
     from .pricing import cost_breakdown
     configuration = _model(model).configuration
-    usage.setdefault("provider", configuration.get("provider"))
-    usage.setdefault("inference_type", configuration.get("inferenceType"))
-    usage.setdefault("regional_processing", configuration.get("regionalProcessing"))
+    usage = dict(_call_context(configuration), **usage)
     return cost_breakdown(configuration.get("prices") or {}, **usage)
 
 
@@ -241,19 +247,13 @@ def _resolved_prices(model_ids):
     for model_id, model in models.items():
         configuration = model.configuration
         prices = configuration.get("prices") or {}
-        resolved[model_id] = (
-            model,
-            resolve_prices(prices, provider=configuration.get("provider"),
-                           inference_type=configuration.get("inferenceType"),
-                           regional_processing=configuration.get("regionalProcessing")),
-            prices.get("currency"),
-        )
+        resolved[model_id] = (model, resolve_prices(prices, **_call_context(configuration)), prices.get("currency"))
     return resolved
 
 
-def _descendants():
-    """(ancestor, descendant) pairs of the sub-agent forest, self included,
-    by one recursive query. UNION (not UNION ALL) ends at a cycle."""
+def _ancestors():
+    """For every agent, the agents whose tree holds it (itself included), by
+    one recursive query. UNION (not UNION ALL) ends at a cycle."""
     cursor = database.execute_sql(
         'WITH RECURSIVE tree(root, id) AS ('
         ' SELECT id, id FROM "ps_agents"'
@@ -290,7 +290,7 @@ def cost_report(by="model", *, since=None, until=None, progress=None):
     since, until = _as_datetime(since), _as_datetime(until, end=True)
     groups = _grouped_counters(by, since, until)
     prices = _resolved_prices({g["model_id"] for g in groups})
-    ancestors = _descendants() if by == "tree" else None
+    ancestors = _ancestors() if by == "tree" else None
 
     totals = {}
     for done, group in enumerate(groups, 1):
