@@ -77,14 +77,13 @@ def _sqlite_extract(path):
 
 def _sqlite_equals(path, value):
     extract = _sqlite_extract(path).coerce(False)
-    if value is None:
-        return fn.json_type(PsAiModel.configuration, "$." + ".".join(path)) == "null"
-    if isinstance(value, bool):
-        # json_extract gives 1/0 for true/false; json_type tells them from numbers.
-        return (extract == int(value)) & (
-            fn.json_type(PsAiModel.configuration, "$." + ".".join(path)) == ("true" if value else "false"))
-    # Numbers match numbers only, as jsonb equality does on PostgreSQL.
+    # json_type tells true/false from 1/0 and numbers from strings, so values
+    # match by JSON type, as jsonb equality does on PostgreSQL.
     kind = fn.json_type(PsAiModel.configuration, "$." + ".".join(path))
+    if value is None:
+        return kind == "null"
+    if isinstance(value, bool):
+        return (extract == int(value)) & (kind == ("true" if value else "false"))
     if isinstance(value, str):
         return (extract == value) & (kind == "text")
     return (extract == value) & kind.in_(["integer", "real"])
