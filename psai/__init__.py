@@ -2,10 +2,11 @@
 from .db import connect, database, redact_url
 from .enums import PsAiModelProvider, PsAiModelSize, PsAiModelType
 from .errors import (
-    DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError, PsaiError, ValidationError,
+    DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError, PsaiError, UnpricedUsageError,
+    ValidationError,
 )
 from .migrations import migrate
-from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage
+from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 
 __all__ = [
     "connect", "database", "migrate", "redact_url",
@@ -13,11 +14,12 @@ __all__ = [
     "add_model", "find_by_provider_model",
     "PsAiModelType", "PsAiModelSize", "PsAiModelProvider",
     "ValidationError", "PsaiError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
-    "InUseError",
+    "InUseError", "PsModelUsageItem", "price_history", "reprice", "UnpricedUsageError",
 ]
 
 # Imported on first use, so a short command does not pay for them.
-_LAZY = {"record_usage": "usage", "cost_report": "usage", "add_model": "query",
+_LAZY = {"record_usage": "usage", "cost_report": "usage",
+         "price_history": "history", "reprice": "history", "add_model": "query",
          "find_by_provider_model": "query", "pricing": None}
 
 

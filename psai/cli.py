@@ -5,6 +5,7 @@ only parses options, picks an output format and turns errors into one line
 on stderr (exit 1 for a failure, 2 for bad usage or bad input).
 """
 import csv
+import datetime
 import functools
 import io
 import json
@@ -44,7 +45,7 @@ def handle_errors(command):
             return command(*args, **kwargs)
         except (ValidationError, DatabaseURLError) as exc:
             _fail(str(exc), EXIT_BAD_INPUT)
-        except PsaiError as exc:  # not found, in use, unreachable, not adopted
+        except PsaiError as exc:  # not found, in use, unreachable, not adopted, unpriced (--strict)
             _fail(str(exc), EXIT_FAILURE)
         except peewee.DatabaseError as exc:
             _fail("database error: %s" % dbmod._scrub(exc, url), EXIT_FAILURE)
@@ -64,6 +65,8 @@ def connect():
 def _json_default(value):
     if isinstance(value, Decimal):
         return str(value)  # exact, as PolicySynth's own reports give totals as strings
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
     raise TypeError("%r is not JSON serialisable" % (value,))
 
 
@@ -244,7 +247,7 @@ def emit_fields(dump):
 
 @cli.group()
 def models():
-    """AI models: add, list, show, update, deactivate, delete, history, import-litellm."""
+    """AI models: add, list, show, update, deactivate, delete, history, reprice, import-litellm."""
 
 
 def _configuration_from_flags(model_type, size, model_name, provider, inactive, in_price, out_price,
@@ -335,14 +338,18 @@ def models_show(model, fmt):
         emit_models([found], fmt, single=True)
 
 
+def _parse_value(raw):
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw  # a bare word is a string: provider=openai
+
+
 def _parse_assignment(text):
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ValidationError({text: ["Use KEY=VALUE, e.g. prices.costInTokensPerMillion=2.5."]})
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw  # a bare word is a string: provider=openai
+    value = _parse_value(raw)
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
@@ -403,16 +410,70 @@ def models_delete(model):
     click.echo("deleted model %s (%s)" % (found.id, found.name))
 
 
+HISTORY_COLUMNS = ["model_id", "valid_from", "valid_to", "source", "in", "out", "cached", "currency", "corrections"]
+
+
+def _history_row(version):
+    prices = version["prices"]
+    return {"model_id": version["model_id"], "valid_from": version["valid_from"], "valid_to": version["valid_to"],
+            "source": version["source"], "in": prices.get("costInTokensPerMillion"),
+            "out": prices.get("costOutTokensPerMillion"),
+            "cached": prices.get("costInCachedContextTokensPerMillion"), "currency": prices.get("currency"),
+            "corrections": ",".join(str(c["id"]) for c in version["corrections"]) or None}
+
+
 @models.command("history")
 @click.argument("name")
-@click.option("--organization-id", type=int, help="Only this organization's rows.")
 @output_options
 @handle_errors
-def models_history(name, organization_id, fmt):
-    """Every row that had NAME, newest first."""
-    from .models import PsAiModel
+def models_history(name, fmt):
+    """The price history of NAME (or of a model id or uuid): every version of
+    its prices, oldest first, with the period it was in force and the
+    corrections applied to the calls of that period."""
+    from .history import price_history
     connect()
-    emit_models(PsAiModel.history(name, organization_id), fmt)
+    versions = price_history(name)
+    if fmt == "json":
+        emit(versions, fmt)
+    elif fmt == "csv":
+        emit([dict(_history_row(v), prices=v["prices"]) for v in versions], fmt, columns=HISTORY_COLUMNS + ["prices"])
+    else:
+        emit([_history_row(v) for v in versions], fmt, columns=HISTORY_COLUMNS)
+
+
+@models.command("reprice")
+@click.argument("model")
+@click.option("--set", "assignments", multiple=True, required=True, metavar="KEY=VALUE",
+              help="A corrected price, e.g. costInTokensPerMillion=2.5 (prices. may lead; null removes it).")
+@click.option("--since", metavar="DATE", help="Only calls from this day (YYYY-MM-DD) or time.")
+@click.option("--until", metavar="DATE", help="Only calls up to and including this day, or before this time.")
+@click.option("--apply", "apply_changes", is_flag=True, help="Apply the correction (without it: a dry run).")
+@output_options
+@handle_errors
+def models_reprice(model, assignments, since, until, apply_changes, fmt):
+    """Correct the prices of calls already recorded for MODEL (id, uuid or
+    name): shows the cost before and after, and changes nothing without
+    --apply. The model's prices for calls to come are `models update`."""
+    from .history import reprice
+    changes = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep or not key:
+            raise ValidationError({assignment: ["Use KEY=VALUE, e.g. costInTokensPerMillion=2.5."]})
+        changes[key] = _parse_value(raw)
+    connect()
+    try:
+        result = reprice(model, changes, since=since, until=until, dry_run=not apply_changes)
+    except ValueError as exc:
+        raise ValidationError({"since/until": [str(exc)]}) from None
+    if fmt is not None:
+        emit([result], fmt, single=True)
+        return
+    emit([{"": label, "cost": result[key], "currency": result["currency"]}
+          for label, key in (("before", "before"), ("after", "after"), ("difference", "difference"))],
+         fmt, columns=["", "cost", "currency"])
+    click.echo("%d calls; %s" % (result["calls"], "applied" if result["applied"] else
+                                 "dry run: nothing changed (add --apply to apply)"))
 
 
 @models.command("import-litellm")
@@ -632,15 +693,28 @@ def usage():
 @click.argument("model")
 @click.option("--agent", help="The agent that made the call (id or uuid).")
 @usage_options
+@click.option("--web-searches", type=click.IntRange(min=0), default=0, help="Web search calls.")
+@click.option("--applied-tier", metavar="TIER",
+              help="The tier the provider says it served (flex, priority, default; Anthropic: fast, standard); "
+                   "reports price it instead of the model's configured inferenceType.")
 @click.option("--user-id", type=int, help="Default: the agent's user, else the model's.")
 @click.option("--connector-id", type=int)
 @handle_errors
-def usage_record(model, agent, **usage):
-    """Add one call's tokens to the usage counters of MODEL (and AGENT)."""
+def usage_record(model, agent, applied_tier, **usage):
+    """Record one call to MODEL (and AGENT): its usage item, with the prices
+    in force now, and the usage counters."""
+    from .items import applied_tier_metadata
+    from .models import PsAiModel
     from .usage import record_usage
     connect()
+    if applied_tier is not None:
+        model = PsAiModel.get_by_key(model)
+        usage["provider_metadata"] = applied_tier_metadata(model.configuration.get("provider"), applied_tier)
     row = record_usage(model, agent, **usage)
     click.echo("recorded on usage row %s" % row.id)
+
+
+REPORT_COLUMNS = ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpriced_tokens", "priced_from"]
 
 
 @usage.command("report")
@@ -648,25 +722,37 @@ def usage_record(model, agent, **usage):
               default="model", show_default=True)
 @click.option("--since", metavar="DATE", help="From this day (YYYY-MM-DD) or time.")
 @click.option("--until", metavar="DATE", help="Up to and including this day, or up to this time.")
+@click.option("--strict", is_flag=True, help="Fail (exit 1) when any usage cannot be priced.")
 @output_options
 @handle_errors
-def usage_report(grouping, since, until, fmt):
-    """Cost of recorded usage, priced with each usage row's own model."""
+def usage_report(grouping, since, until, strict, fmt):
+    """Cost of recorded usage, each call priced at the prices stored with it.
+
+    Usage that cannot be priced (prices missing or unusable) is shown in rows
+    of its own with no cost, never as 0; --strict makes it an error.
+    """
     from .usage import cost_report, report_totals
     connect()
     try:
         with Progress("pricing usage") as progress:
             if progress.enabled:
                 click.echo("summing usage in the database...", err=True)
-            rows = cost_report(grouping, since=since, until=until, progress=progress)
+            rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress)
     except ValueError as exc:
         raise ValidationError({"since/until": [str(exc)]}) from None
-    if fmt is None:
-        totals = report_totals(rows, grouping)
-        for currency, total in sorted(totals.items(), key=lambda item: str(item[0])):
-            rows.append({next(iter(rows[0])): "TOTAL", "tokens_in": total["tokens_in"],
-                         "tokens_out": total["tokens_out"], "cost": total["cost"], "currency": currency})
-    emit(rows, fmt)
+    if fmt is not None:
+        emit(rows, fmt)
+        return
+    keys = [column for column in (rows[0] if rows else {}) if column not in REPORT_COLUMNS + ["unpriced_reason"]]
+    totals = report_totals(rows, grouping)
+    table = list(rows)
+    for currency, total in sorted(totals.items(), key=lambda item: (item[0] is None, str(item[0]))):
+        table.append(dict(total, **{keys[0]: "TOTAL", "currency": currency}))
+    emit(table, fmt, columns=keys + REPORT_COLUMNS)
+    for row in rows:
+        if row["unpriced_reason"]:
+            click.echo("unpriced: %s %s: %d tokens: %s" % (keys[0], row[keys[0]], row["unpriced_tokens"],
+                                                         row["unpriced_reason"]), err=True)
 
 
 # -- export / import -------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Connecting: one database proxy that every psai model is bound to."""
 import os
+import weakref
 from urllib.parse import urlsplit, urlunsplit
 
 from peewee import DatabaseProxy, InterfaceError, OperationalError, PostgresqlDatabase, SqliteDatabase
@@ -8,7 +9,8 @@ from playhouse.shortcuts import ReconnectMixin
 
 from .errors import DatabaseUnavailableError, DatabaseURLError
 
-__all__ = ["database", "connect", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction"]
+__all__ = ["database", "connect", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction",
+           "table_columns", "forget_schema", "model_db"]
 
 DEFAULT_URL = "sqlite:///psai.db"
 
@@ -132,6 +134,12 @@ def _rebind(db):
         old.close()
 
 
+def model_db(model):
+    """The database a model (class or row) is bound to: its own, not a global."""
+    db = model._meta.database
+    return db.obj if isinstance(db, DatabaseProxy) else db
+
+
 def is_postgres(db=None):
     db = db or database.obj
     return isinstance(db, PostgresqlDatabase)
@@ -145,3 +153,22 @@ def write_transaction():
     if isinstance(db, SqliteDatabase) and not db.in_transaction():
         return db.atomic("IMMEDIATE")
     return database.atomic()
+
+
+# Which tables and columns a database has, looked up once per database: psai
+# works on PolicySynth databases whose schema may lack a table or a column.
+_schema = weakref.WeakKeyDictionary()
+
+
+def table_columns(db, table):
+    """The column names of ``table`` in ``db`` as a frozenset (empty when the
+    table does not exist), cached until ``forget_schema(db)``."""
+    tables = _schema.setdefault(db, {})
+    if table not in tables:
+        tables[table] = frozenset(c.name for c in db.get_columns(table)) if db.table_exists(table) else frozenset()
+    return tables[table]
+
+
+def forget_schema(db):
+    """Drop what ``table_columns`` knows of ``db`` (after a migration)."""
+    _schema.pop(db, None)

@@ -1,7 +1,8 @@
 """psai's exceptions."""
 import marshmallow
 
-__all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError", "InUseError", "flatten_messages"]
+__all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError", "InUseError", "UnpricedUsageError",
+           "flatten_messages"]
 
 
 def flatten_messages(messages, prefix=""):
@@ -55,3 +56,8 @@ class NotFoundError(PsaiError, LookupError):
 
 class InUseError(PsaiError):
     """A row cannot be deleted because other rows depend on it."""
+
+
+class UnpricedUsageError(PsaiError):
+    """A strict report found usage whose prices are missing or unusable
+    (``cost_report(..., strict=True)``): it names the models and why."""

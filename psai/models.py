@@ -11,11 +11,12 @@ from peewee import (
 )
 from peewee import ManyToManyFieldAccessor
 
-from .db import database, write_transaction
+from .db import database, is_postgres, model_db, table_columns, write_transaction
 from .errors import InUseError, NotFoundError, ValidationError
 from .fields import TimestampTzField, UUIDTextField, utcnow
 
-__all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "ALL_MODELS"]
+__all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
+           "PriceVersion", "PriceCorrection", "ALL_MODELS"]
 
 
 # Set while save() writes a row it has validated itself, so that insert() and
@@ -371,17 +372,37 @@ class PsAiModel(BaseModel):
         from .schemas import validate_model_values
         return validate_model_values(values, partial=partial)
 
+    def save(self, *args, **kwargs):
+        """Save, and keep the price history (``psai.price_history``): a
+        change of ``prices`` closes the version in force and opens a new one,
+        in the same transaction."""
+        if self.id is None or kwargs.get("force_insert"):
+            return super().save(*args, **kwargs)
+        from .history import record_price_change
+        with write_transaction():
+            # Lock the row before the new updated_at is taken, so a call
+            # recorded at the same moment is either before the change or after it.
+            query = PsAiModel.select(PsAiModel.configuration, PsAiModel.updated_at).where(PsAiModel.id == self.id)
+            stored = (query.for_update() if is_postgres(model_db(self)) else query).tuples().first()
+            result = super().save(*args, **kwargs)
+            if stored is not None:
+                record_price_change(self, stored[0], stored[1])
+            return result
+
     def delete_instance(self, *args, **kwargs):
         """Delete the model and its links. A model with recorded usage is
         refused (InUseError): deactivate it, so reports keep its prices."""
+        in_use = InUseError("model %s (%s) has recorded usage; deactivate it instead of deleting it"
+                            % (self.id, self.name))
         try:
-            with database.atomic():
+            with write_transaction():
+                if (table_columns(model_db(self), PsModelUsageItem._meta.table_name)
+                        and PsModelUsageItem.select().where(PsModelUsageItem.model_id == self.id).exists()):
+                    raise in_use
                 return super().delete_instance(*args, **kwargs)
         except IntegrityError:
             if PsModelUsage.select().where(PsModelUsage.model == self.id).exists():
-                raise InUseError(
-                    "model %s (%s) has recorded usage; deactivate it instead of deleting it"
-                    % (self.id, self.name)) from None
+                raise in_use from None
             raise
 
     def update_configuration(self, changes):
@@ -552,4 +573,59 @@ class PsModelUsage(BaseModel):
         table_name = "ps_model_usage"
 
 
-ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage]
+class PsModelUsageItem(BaseModel):
+    """One model call: a ``ps_model_usage_item`` row, PolicySynth's record of
+    the call with the prices in force then (``data``, its JSON layout; see
+    ``psai.items``). Usage recorded without an agent has ``agent_id`` 0: the
+    column is NOT NULL in PolicySynth, and no agent has id 0."""
+
+    id = AutoField()
+    user_id = IntegerField(index=True)
+    created_at = TimestampTzField(default=utcnow, index=True)
+    updated_at = TimestampTzField(default=utcnow)
+    model_id = IntegerField(index=True)
+    agent_id = IntegerField(index=True)
+    connector_id = IntegerField(null=True, index=True)
+    data = JSONField(dumps=strict_json_dumps)
+
+    class Meta:
+        table_name = "ps_model_usage_item"
+
+
+class PriceVersion(BaseModel):
+    """psai's own: the prices a model had from ``valid_from`` until
+    ``valid_to`` (None: still in force). ``source`` says how psai knows them:
+    ``stored`` (the row's prices before psai first changed them), ``psai`` (a
+    change made through psai), ``observed`` (a change made elsewhere, found
+    when psai next saved the row)."""
+
+    id = AutoField()
+    model = ForeignKeyField(PsAiModel, column_name="model_id", on_delete="CASCADE", backref="price_versions")
+    valid_from = TimestampTzField()
+    valid_to = TimestampTzField(null=True)
+    prices = JSONField(dumps=strict_json_dumps)
+    source = CharField(max_length=32)
+
+    class Meta:
+        table_name = "psai_price_versions"
+
+
+class PriceCorrection(BaseModel):
+    """psai's own: a deliberate correction of recorded usage (``psai.reprice``)."""
+
+    id = AutoField()
+    model = ForeignKeyField(PsAiModel, column_name="model_id", on_delete="CASCADE", backref="price_corrections")
+    applied_at = TimestampTzField()
+    since = TimestampTzField(null=True)
+    until = TimestampTzField(null=True)
+    changes = JSONField(dumps=strict_json_dumps)
+    calls = IntegerField()
+    currency = CharField(max_length=16, null=True)
+    cost_before = CharField()
+    cost_after = CharField()
+
+    class Meta:
+        table_name = "psai_price_corrections"
+
+
+ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage, PsModelUsageItem, PriceVersion, PriceCorrection]

@@ -123,23 +123,34 @@ def _rate(value, exact):
     return Decimal(repr(value)) if exact else value
 
 
-def cost_of_counters(counters, resolved_prices, *, web_searches=0, exact=False):
+def _exact(value):
+    return value if isinstance(value, Decimal) else Decimal(value) if isinstance(value, int) else Decimal(repr(value))
+
+
+def cost_of_counters(counters, resolved_prices, *, web_searches=0, exact=False, zero_long_rate_is_unset=False):
     """Price a set of counters with already resolved rates. Returns a dict of
     parts (input, cached_input, cache_write_input, long_context_* of each,
     output, long_context_output, web_search) and ``total``. With
-    ``exact=True`` every part is a ``Decimal`` computed without rounding."""
+    ``exact=True`` every part is a ``Decimal`` computed without rounding.
+
+    A long-context rate of 0 is a rate (PRICING.md) unless
+    ``zero_long_rate_is_unset``: PolicySynth's cost managers, which price
+    recorded usage, fall back to the standard rate for 0 as for unset."""
     p = resolved_prices
     c = {key: counters.get(key, 0) or 0 for key in COUNTERS}
     if exact:
-        c = {key: Decimal(value) if isinstance(value, int) else Decimal(repr(value)) for key, value in c.items()}
+        c = {key: _exact(value) for key, value in c.items()}
     rate_in = _rate(p.get("costInTokensPerMillion"), exact)
     rate_cached = _rate(p.get("costInCachedContextTokensPerMillion"), exact)
     rate_out = _rate(p.get("costOutTokensPerMillion"), exact)
 
     def long_rate(key, base):
-        # A long-context rate that is set wins, an explicit 0 included.
+        # A long-context rate that is set wins, an explicit 0 included
+        # (unless zero_long_rate_is_unset).
         value = p.get(key)
-        return _rate(value, exact) if value is not None else base
+        if value is None or (zero_long_rate_is_unset and value == 0):
+            return base
+        return _rate(value, exact)
 
     long_in = long_rate("longContextCostInTokensPerMillion", rate_in)
     long_cached = long_rate("longContextCostInCachedContextTokensPerMillion", rate_cached)

@@ -16,7 +16,7 @@ from peewee import SQL, Value, fn
 from .db import is_postgres, write_transaction
 from .enums import PsAiModelSize
 from .errors import NotFoundError, ValidationError
-from .models import PsAgent, PsAiModel
+from .models import AgentModels, PsAgent, PsAiModel
 from .schemas import MAX_SAFE_INTEGER
 
 __all__ = ["config_filter", "where_config", "select_model", "model_choices", "find_by_provider_model",
@@ -204,19 +204,34 @@ def model_history(name, organization_id=None):
 def add_model(*, name, user_id, organization_id, configuration):
     """Add a model as PolicySynth's add-model tool does: older rows with the
     same name (in the organization) are deactivated and the new row created,
-    in one transaction, so older usage keeps the prices in force then."""
+    in one transaction. Agents linked to an older row are linked to the new
+    one instead, so they go on selecting a model of that name (PolicySynth
+    would go on calling the old row, inactive or not); calls already
+    recorded keep the prices they were charged at."""
     new = PsAiModel(name=name, user_id=user_id, organization_id=organization_id,
                     configuration=configuration)
     new.validate()  # before anything changes
     with write_transaction():
-        older = (PsAiModel.select()
-                 .where((PsAiModel.name == name) & (PsAiModel.organization_id == organization_id)))
+        older = list(PsAiModel.select()
+                     .where((PsAiModel.name == name) & (PsAiModel.organization_id == organization_id)))
         for row in older:
             if row.configuration.get("active") is not False:
                 row.configuration = dict(row.configuration, active=False)
                 row.save()
         new.save(force_insert=True)
+        _move_links([row.id for row in older], new.id)
     return new
+
+
+def _move_links(old_ids, new_id):
+    if not old_ids:
+        return
+    links = AgentModels.ai_model.in_(old_ids)
+    agent_ids = sorted({agent_id for (agent_id,) in AgentModels.select(AgentModels.agent).where(links).tuples()})
+    if agent_ids:
+        AgentModels.delete().where(links).execute()
+        AgentModels.insert_many([{"agent": agent_id, "ai_model": new_id} for agent_id in agent_ids]) \
+            .on_conflict_ignore().execute()
 
 
 MAX_TREE_DEPTH = 64

@@ -7,19 +7,21 @@ usage points to, in exact ``Decimal`` arithmetic.
 """
 import datetime
 import hashlib
+import json
 import math
 from collections import defaultdict
 from decimal import Decimal
 
-from peewee import SQL, NodeList, fn
 
-from .db import database, is_postgres, write_transaction
-from .errors import ValidationError
+from .db import is_postgres, model_db, table_columns, write_transaction
+from .errors import NotFoundError, UnpricedUsageError, ValidationError
 from .fields import UTC, utcnow
-from .models import PsAgent, PsAiModel, PsModelUsage
-from .pricing import COUNTERS, cost_of_counters, partition_usage, resolve_prices
+from .items import BUCKETS, BUCKET_COUNTERS, bucket_cost, effective_prices, item_data
+from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, strict_json_dumps
+from .pricing import COUNTERS, partition_usage
 
-__all__ = ["record_usage", "cost_report", "report_totals", "usage_counters", "REPORT_GROUPINGS", "model_cost"]
+__all__ = ["record_usage", "cost_report", "report_totals", "usage_counters", "REPORT_GROUPINGS", "model_cost",
+           "UnpricedUsageError", "NO_AGENT"]
 
 REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
 INPUT_COUNTERS = tuple(c for c in COUNTERS if "_in_" in c)
@@ -27,6 +29,8 @@ OUTPUT_COUNTERS = tuple(c for c in COUNTERS if "_out_" in c)
 
 # PolicySynth's counters are 32-bit INTEGER columns.
 MAX_COUNTER = 2 ** 31 - 1
+# ps_model_usage_item.agent_id for usage without an agent (NOT NULL there).
+NO_AGENT = 0
 
 
 def _model(model):
@@ -57,13 +61,13 @@ def _round_half_up(value):
     return int(math.floor(value + 0.5))
 
 
-def _lock(key):
+def _lock(db, key):
     """Serialise writers of one counter row. SQLite: the write transaction
     already holds the database's write lock. PostgreSQL: an advisory lock for
     this key, released at commit."""
-    if is_postgres():
+    if is_postgres(db):
         digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-        database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (int.from_bytes(digest, "big", signed=True),))
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (int.from_bytes(digest, "big", signed=True),))
 
 
 def _day_bounds(moment):
@@ -79,74 +83,112 @@ def usage_counters(db=None):
     """The counters this database's ps_model_usage has. psai creates all 14;
     a table made by PolicySynth's npm release has 12, without the cache-write
     counters, and psai works with it as it is (see ``record_usage``)."""
-    db = db or database.obj
-    columns = getattr(db, "_psai_usage_counters", None)
-    if columns is None:
-        present = {column.name for column in db.get_columns("ps_model_usage")}
-        columns = tuple(name for name in COUNTERS if name in present)
-        db._psai_usage_counters = columns
-    return columns
+    columns = table_columns(db or model_db(PsModelUsage), PsModelUsage._meta.table_name)
+    return tuple(name for name in COUNTERS if name in columns)
 
 
 def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=0, cache_write_tokens=0,
-                 reasoning_tokens=0, audio_tokens=0, image_tokens=0, user_id=None, connector_id=None):
-    """Add one call's tokens to the usage counters of (model, agent).
+                 reasoning_tokens=0, audio_tokens=0, image_tokens=0, web_searches=0, user_id=None,
+                 connector_id=None, provider_metadata=None):
+    """Record one call: add its tokens to the usage counters of (model,
+    agent) and write its ``ps_model_usage_item`` with the model's prices as
+    stored at that moment, in one transaction.
 
     The counts are the provider's totals, as ``psai.pricing.estimate_cost``
-    takes them; they are partitioned like PolicySynth does (long context when
-    ``tokens_in`` reaches the model's threshold) and rounded when stored.
-    Safe when several processes record at once. Returns the counter row.
+    takes them (rounded half up to whole tokens); they are partitioned like
+    PolicySynth does (long context when ``tokens_in`` reaches the model's
+    threshold). ``provider_metadata`` is what the provider reported, e.g.
+    ``{"appliedServiceTier": "flex"}``: reports price the tier applied.
+    Safe when several processes record at once, and against a concurrent
+    price change: the call is priced either before it or after it. Returns
+    the counter row.
 
     On a ps_model_usage table without the cache-write counters (PolicySynth's
     npm release), cache-write tokens are added to the ordinary input counters,
-    as that release itself counts them.
+    as that release itself counts them. On a database without
+    ps_model_usage_item (a PolicySynth older than items), only the counters
+    are written.
     """
     counts = dict(tokens_in=tokens_in, tokens_out=tokens_out, cached_tokens=cached_tokens,
                   cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens,
-                  audio_tokens=audio_tokens, image_tokens=image_tokens)
+                  audio_tokens=audio_tokens, image_tokens=image_tokens, web_searches=web_searches)
     _check_counts(counts)
+    if provider_metadata is not None and not isinstance(provider_metadata, dict):
+        raise ValidationError({"provider_metadata": ["Must be a dict, e.g. {'appliedServiceTier': 'flex'}."]})
+    counts = {name: _round_half_up(value) for name, value in counts.items()}
+    web_searches = counts.pop("web_searches")
     model, agent = _model(model), _agent(agent)
-    prices = model.configuration.get("prices") or {}
-    counters = partition_usage(long_context_threshold=prices.get("longContextTokenThreshold"), **counts)
-    counters = {name: _round_half_up(value) for name, value in counters.items()}
-    present = usage_counters()
-    for name, fallback in CACHE_WRITE_COUNTERS.items():
-        if name not in present:
-            counters[fallback] += counters.pop(name)
+    db = model_db(PsModelUsage)
+    present = usage_counters(db)
+    with_items = bool(table_columns(db, PsModelUsageItem._meta.table_name))
     if user_id is None:
         user_id = agent.user_id if agent is not None else model.user_id
     agent_id = agent.id if agent is not None else None
-    now = utcnow()
-    start, end = _day_bounds(now)
     U = PsModelUsage
-    find, update, insert = _usage_statements(present, agent_id is None, connector_id is None)
-    stamp = U.created_at.db_value(now)
+    find, update, insert = _usage_statements(db, present, agent_id is None, connector_id is None)
     with write_transaction():
-        _lock((model.id, agent_id, connector_id))
+        _lock(db, (model.id, agent_id, connector_id))
+        # The prices as stored now, not as this object last saw them; the
+        # shared lock makes a concurrent price change wait for this call.
+        configuration = _stored_configuration(db, model)
+        now = utcnow()  # after the lock: a price change is wholly before or after the call
+        prices = configuration.get("prices") if isinstance(configuration.get("prices"), dict) else {}
+        counters = partition_usage(long_context_threshold=prices.get("longContextTokenThreshold"), **counts)
+        for name, fallback in CACHE_WRITE_COUNTERS.items():
+            if name not in present:
+                counters[fallback] += counters.pop(name)
+        start, end = _day_bounds(now)
+        stamp = U.created_at.db_value(now)
         keys = [model.id] + [v for v in (agent_id, connector_id) if v is not None]
-        counts = [counters[name] for name in present]
+        values = [counters[name] for name in present]
         # A row with no room left for these counts (32-bit counters) is not
         # found, and a new one is started: reports add all rows up.
-        room = [MAX_COUNTER - count for count in counts]
-        row = database.execute_sql(
+        room = [MAX_COUNTER - count for count in values]
+        row = db.execute_sql(
             find, keys + [U.created_at.db_value(start), U.created_at.db_value(end)] + room).fetchone()
         if row is None:
-            cursor = database.execute_sql(insert, [model.id, agent_id, connector_id, user_id, stamp, stamp] + counts)
+            cursor = db.execute_sql(insert, [model.id, agent_id, connector_id, user_id, stamp, stamp] + values)
         else:
-            cursor = database.execute_sql(update, counts + [stamp, row[0]])
-        values = cursor.fetchone()
-    return _usage_row(present, values)
+            cursor = db.execute_sql(update, values + [stamp, row[0]])
+        returned = cursor.fetchone()
+        if with_items:
+            data = item_data(model_id=model.id, configuration=configuration, user_id=user_id, agent_id=agent_id,
+                             connector_id=connector_id, moment=now, web_searches=web_searches,
+                             provider_metadata=provider_metadata, **counts)
+            db.execute_sql(_item_insert(db), [user_id, stamp, stamp, model.id, agent_id or NO_AGENT,
+                                              connector_id, strict_json_dumps(data)])
+    return _usage_row(present, returned)
+
+
+def _stored_configuration(db, model):
+    sql = 'SELECT "configuration" FROM "ps_ai_models" WHERE "id" = %s' % ("%s" if is_postgres(db) else "?")
+    if is_postgres(db):
+        sql += " FOR SHARE"
+    row = db.execute_sql(sql, (model.id,)).fetchone()
+    if row is None:
+        raise NotFoundError("PsAiModel %s does not exist" % model.id)
+    configuration = PsAiModel.configuration.python_value(row[0])
+    return configuration if isinstance(configuration, dict) else {}
+
+
+def _item_insert(db):
+    p = "%s" if is_postgres(db) else "?"
+    return ('INSERT INTO "ps_model_usage_item" ("user_id", "created_at", "updated_at", "model_id", "agent_id", '
+            '"connector_id", "data") VALUES (%s, %s, %s, %s, %s, %s, %s)'
+            % (p, p, p, p, p, p, p if is_postgres(db) else "json(?)"))
 
 
 _ROW_COLUMNS = ("id", "user_id", "created_at", "updated_at", "model_id", "agent_id", "connector_id")
 
 
-def _usage_statements(present, agent_is_null, connector_is_null):
-    """record_usage's three statements for this database, built once: the
-    hot path of every agent call should not pay for building SQL."""
-    db = database.obj
-    cache = db.__dict__.setdefault("_psai_usage_sql", {})
-    key = (present, agent_is_null, connector_is_null)
+_USAGE_SQL = {}
+
+
+def _usage_statements(db, present, agent_is_null, connector_is_null):
+    """record_usage's three statements for this kind of database, built
+    once: the hot path of every agent call should not pay for building SQL."""
+    cache = _USAGE_SQL
+    key = (is_postgres(db), present, agent_is_null, connector_is_null)
     if key not in cache:
         p = "%s" if is_postgres(db) else "?"
         returning = " RETURNING " + ", ".join('"%s"' % c for c in _ROW_COLUMNS + present)
@@ -195,14 +237,299 @@ def model_cost(model, **usage):
 
 
 # -- reports -------------------------------------------------------------------
+#
+# Every call is priced from its own item: the prices stored with it, the tier
+# the provider applied, its own long-context split. The SQL adds up calls
+# that are priced alike (same model, snapshot, tier and split), so Python
+# prices groups, not rows, and the sums stay exact (cost is linear in the
+# counts of a group). Counter usage that no item covers (recorded before
+# items existed, or by other tools) is priced by the price version in force
+# when its counter row was started, else by the model's current prices.
 
-def _day_expression():
-    """The UTC day of ``created_at`` as YYYY-MM-DD text."""
-    if is_postgres():
-        utc = NodeList((PsModelUsage.created_at, SQL("AT TIME ZONE 'UTC'")))
-        return fn.to_char(utc, "YYYY-MM-DD").coerce(False)
-    # SQLite keeps UTC ISO 8601 text: the day is its first ten characters.
-    return fn.substr(PsModelUsage.created_at, 1, 10).coerce(False)
+class _JsonSQL:
+    """SQL reading a JSON column defensively: a value of the wrong type reads
+    as absent, so one odd row cannot fail a report. Paths are psai's own
+    literals, never a caller's."""
+
+    _SQLITE_TYPES = {"number": "IN ('integer', 'real')", "string": "= 'text'", "object": "= 'object'"}
+    _POSTGRES_VALUES = {"number": "(%s #>> %s)::numeric", "string": "%s #>> %s", "object": "%s #> %s"}
+
+    def __init__(self, postgres):
+        self.postgres = postgres
+
+    def _typed(self, column, path, kind):
+        """(SQL testing the value at ``path`` is of ``kind``, SQL reading it)."""
+        if self.postgres:
+            p = "'{%s}'" % ",".join(path)
+            return ("jsonb_typeof(%s #> %s) = '%s'" % (column, p, kind), self._POSTGRES_VALUES[kind] % (column, p))
+        p = "'$.%s'" % ".".join(path)
+        return "json_type(%s, %s) %s" % (column, p, self._SQLITE_TYPES[kind]), "json_extract(%s, %s)" % (column, p)
+
+    def count(self, column, *path):
+        """A count: the number if it is one above 0, else 0."""
+        test, value = self._typed(column, path, "number")
+        return "(CASE WHEN %s THEN %s ELSE 0 END)" % (test, self.greatest(value, "0"))
+
+    def _value(self, column, path, kind):
+        return "(CASE WHEN %s THEN %s END)" % self._typed(column, path, kind)
+
+    def number(self, column, *path):
+        return self._value(column, path, "number")
+
+    def string(self, column, *path):
+        return self._value(column, path, "string")
+
+    def object(self, column, *path):
+        return self._value(column, path, "object")
+
+    def greatest(self, a, b):
+        return ("GREATEST(%s, %s)" if self.postgres else "max(%s, %s)") % (a, b)
+
+    def day(self, column):
+        """The UTC day of a timestamp column as YYYY-MM-DD text."""
+        if self.postgres:
+            return "to_char(%s AT TIME ZONE 'UTC', 'YYYY-MM-DD')" % column
+        return "substr(%s, 1, 10)" % column  # SQLite keeps UTC ISO 8601 text
+
+
+def _window(db, column, since, until, model_ids, params):
+    """WHERE clauses for a period and a set of models (params appended)."""
+    p = "%s" if is_postgres(db) else "?"
+    field = PsModelUsageItem.created_at
+    clauses = []
+    if since is not None:
+        clauses.append("%s >= %s" % (column, p))
+        params.append(field.db_value(since))
+    if until is not None:
+        clauses.append("%s < %s" % (column, p))
+        params.append(field.db_value(until))
+    if model_ids is not None:
+        clauses.append("%s IN (%s)" % (column.split(".")[0] + ".model_id", ", ".join([p] * len(model_ids)) or "NULL"))
+        params.extend(model_ids)
+    return clauses
+
+
+def _item_groups(db, keys, since=None, until=None, model_ids=None):
+    """Items added up in SQL by model, ``keys`` (among agent, connector,
+    day), and everything that decides their price. One dict a group."""
+    if not table_columns(db, PsModelUsageItem._meta.table_name):
+        return []
+    j = _JsonSQL(is_postgres(db))
+    data = "i.data"
+    source = '"ps_model_usage_item" i'
+    if not j.postgres:
+        # A hand-written row may hold text that is not JSON: read it as {}.
+        source = ('(SELECT id, model_id, agent_id, connector_id, created_at, '
+                  "CASE WHEN json_valid(data) THEN data ELSE '{}' END AS data FROM \"ps_model_usage_item\") i")
+    snapshot_threshold = j.number(data, "pricing", "configuredPrices", "longContextTokenThreshold")
+    current_threshold = j.number("m.configuration", "prices", "longContextTokenThreshold")
+    has_snapshot = j.object(data, "pricing", "configuredPrices") + " IS NOT NULL"
+    columns = {
+        "model_id": "i.model_id",
+        "agent_id": "a.id" if "agent" in keys else None,
+        "connector_id": "i.connector_id" if "connector" in keys else None,
+        "day": j.day("i.created_at") if "day" in keys else None,
+        "provider": j.string(data, "provider"),
+        "pricing": j.object(data, "pricing"),
+        "applied_service_tier": j.string(data, "providerMetadata", "appliedServiceTier"),
+        "applied_speed": j.string(data, "providerMetadata", "appliedSpeed"),
+        "has_usage": "(CASE WHEN %s IS NOT NULL THEN 1 ELSE 0 END)" % j.object(data, "usageNormalized"),
+        "tin": j.count(data, "usageNormalized", "tokensIn"),
+        "cached": j.count(data, "usageNormalized", "cachedInTokens"),
+        "cw": j.count(data, "psai", "cacheWriteTokens"),
+        "tout": j.count(data, "usageNormalized", "tokensOut"),
+        "parts": " + ".join(j.count(data, "usageNormalized", k) for k in ("reasoningTokens", "audioTokens",
+                                                                          "imageTokens")),
+        "web": j.count(data, "psai", "webSearches"),
+        "threshold": "(CASE WHEN %s THEN %s ELSE %s END)" % (has_snapshot, snapshot_threshold, current_threshold),
+    }
+    columns = {name: sql for name, sql in columns.items() if sql is not None}
+    params = []
+    where = _window(db, "i.created_at", since, until, model_ids, params)
+    inner = "SELECT %s FROM %s LEFT JOIN \"ps_ai_models\" m ON m.id = i.model_id%s%s" % (
+        ", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()), source,
+        ' LEFT JOIN "ps_agents" a ON a.id = i.agent_id' if "agent" in keys else "",
+        " WHERE " + " AND ".join(where) if where else "")
+    group = [name for name in columns if name not in ("tin", "cached", "cw", "tout", "parts", "web", "threshold")]
+    group.append("long")
+    sums = ["COUNT(*)", "SUM(%s)" % j.greatest("tin - cached - cw", "0"), "SUM(cached)", "SUM(cw)",
+            "SUM(%s + parts)" % j.greatest("tout - parts", "0"), "SUM(web)"]
+    sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long "
+           "FROM (%s) c) g GROUP BY %s" % (", ".join(group), ", ".join(sums), inner, ", ".join(group)))
+    names = group + ["calls", "in", "cached", "cache_write", "out", "web"]
+    rows = []
+    for values in db.execute_sql(sql, params).fetchall():
+        row = dict(zip(names, values))
+        prefix = "long_" if row.pop("long") else ""
+        row["buckets"] = dict.fromkeys(BUCKETS, 0)
+        for bucket in ("in", "cached", "cache_write", "out"):
+            row["buckets"][prefix + bucket] = _number(row.pop(bucket))
+        row["web"] = int(row["web"] or 0)
+        if isinstance(row["pricing"], str):
+            row["pricing"] = json.loads(row["pricing"])
+        rows.append(row)
+    return rows
+
+
+def _number(value):
+    """A sum from SQL as an exact number (SQLite sums floats as REAL)."""
+    if value is None:
+        return 0
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else Decimal(repr(value))
+    return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else value
+
+
+def _counter_buckets(row, present):
+    """A counter row (or sums) in BUCKETS."""
+    def get(name):
+        return int(row.get(name) or 0) if name in present else 0
+    return {
+        "in": get("token_in_count"), "cached": get("token_in_cached_context_count"),
+        "cache_write": get("token_in_cache_write_count"), "long_in": get("long_context_token_in_count"),
+        "long_cached": get("long_context_token_in_cached_context_count"),
+        "long_cache_write": get("long_context_token_in_cache_write_count"),
+        "out": sum(get(n) for n in ("token_out_count", "token_out_reasoning_count", "token_out_audio_count",
+                                     "token_out_image_count")),
+        "long_out": sum(get(n) for n in ("long_context_token_out_count", "long_context_token_out_reasoning_count",
+                                          "long_context_token_out_audio_count",
+                                          "long_context_token_out_image_count")),
+    }
+
+
+def _uncovered_counters(db, model_ids=None):
+    """Counter usage that no item accounts for, as pieces of counter rows.
+
+    Items and counters are compared per (model, agent, connector): what the
+    items add up to is taken off the newest counter rows first (items came
+    later than counters), and what is left of each row is its uncovered part.
+    Items beyond the counters (a counter write that failed) count as they
+    are: the items are the record of the calls."""
+    present = usage_counters(db)
+    folded = "token_in_cache_write_count" not in present
+    covered = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
+    for group in _item_groups(db, ("agent", "connector"), model_ids=model_ids):
+        into = covered[(group["model_id"], group["agent_id"], group["connector_id"])]
+        for bucket, value in group["buckets"].items():
+            if folded and bucket.endswith("cache_write"):
+                bucket = bucket.replace("cache_write", "in")  # how such a table counted them
+            into[bucket] += value
+    p = "%s" if is_postgres(db) else "?"
+    params = []
+    where = ""
+    if model_ids is not None:
+        where = " WHERE u.model_id IN (%s)" % (", ".join([p] * len(model_ids)) or "NULL")
+        params = list(model_ids)
+    sums = ", ".join("SUM(u.%s)" % c for c in present)
+    totals = db.execute_sql(
+        'SELECT u.model_id, a.id, u.connector_id, %s FROM "ps_model_usage" u '
+        'LEFT JOIN "ps_agents" a ON a.id = u.agent_id%s GROUP BY u.model_id, a.id, u.connector_id'
+        % (sums, where), params).fetchall()
+    short = set()
+    for values in totals:
+        key = values[:3]
+        buckets = _counter_buckets(dict(zip(present, values[3:])), present)
+        if any(buckets[b] > covered[key][b] for b in BUCKETS):
+            short.add(key)
+    if not short:
+        return []
+    models = sorted({key[0] for key in short})
+    rows = db.execute_sql(
+        'SELECT u.model_id, a.id, u.connector_id, u.created_at, %s FROM "ps_model_usage" u '
+        'LEFT JOIN "ps_agents" a ON a.id = u.agent_id WHERE u.model_id IN (%s) '
+        'ORDER BY u.created_at DESC, u.id DESC' % (", ".join("u.%s" % c for c in present), ", ".join([p] * len(models))),
+        models).fetchall()
+    pieces = []
+    for values in rows:
+        key = tuple(values[:3])
+        if key not in short:
+            continue
+        remaining = covered[key]
+        buckets = _counter_buckets(dict(zip(present, values[4:])), present)
+        piece = {}
+        for bucket in BUCKETS:
+            taken = min(buckets[bucket], remaining[bucket])
+            remaining[bucket] -= taken
+            piece[bucket] = buckets[bucket] - taken
+        if any(piece.values()):
+            pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
+                           "created_at": PsModelUsage.created_at.python_value(values[3]), "buckets": piece})
+    return pieces
+
+
+def _usage_parts(db, by, since, until, model_ids=None):
+    """All recorded usage in [since, until), as parts each priced alike:
+    item groups and uncovered counter pieces. Each part has ``model_id``,
+    the report keys, the pricing context and its ``buckets``."""
+    from .history import price_history, prices_at
+    keys = {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
+    parts = []
+    for group in _item_groups(db, keys, since, until, model_ids):
+        pricing = group["pricing"] or {}
+        parts.append(dict(
+            group, agent_id=group.get("agent_id"),
+            metadata={k: v for k, v in (("appliedServiceTier", group.pop("applied_service_tier")),
+                                        ("appliedSpeed", group.pop("applied_speed"))) if v is not None},
+            priced_from="snapshot" if pricing.get("configuredPrices") is not None else "current"))
+    pieces = [piece for piece in _uncovered_counters(db, model_ids)
+              if (since is None or piece["created_at"] >= since) and (until is None or piece["created_at"] < until)]
+    if pieces:
+        models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}
+        histories = {model_id: price_history(model) for model_id, model in models.items()}
+        for piece in pieces:
+            model = models.get(piece["model_id"])
+            configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
+            prices, known = prices_at(model, piece["created_at"], histories[model.id]) if model is not None \
+                else (None, False)
+            pricing = {"configuredPrices": prices}
+            for key in ("inferenceType", "regionalProcessing"):
+                if configuration.get(key) is not None:
+                    pricing[key] = configuration[key]
+            parts.append(dict(
+                piece, provider=configuration.get("provider"), pricing=pricing, metadata={}, has_usage=1, calls=0,
+                web=0, day=piece["created_at"].astimezone(UTC).strftime("%Y-%m-%d"),
+                priced_from="history" if known else "current"))
+    return parts
+
+
+def _price_parts(parts, transform=None):
+    """Give each part ``cost`` (Decimal, or None), ``currency`` and, when it
+    cannot be priced, ``reason``. ``transform(prices)`` changes the prices a
+    part is priced at (psai.reprice's "after")."""
+    models = {m.id: m for m in PsAiModel.select().where(
+        PsAiModel.id.in_(sorted({p["model_id"] for p in parts if p["priced_from"] == "current"})))} \
+        if any(p["priced_from"] == "current" for p in parts) else {}
+    resolved = {}
+    for part in parts:
+        part["cost"], part["currency"], part["reason"] = None, None, None
+        if not part["has_usage"]:
+            part["reason"] = "the item has no usage counts (usageNormalized)"
+            continue
+        pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
+        fallback = None
+        if pricing.get("configuredPrices") is None:
+            model = models.get(part["model_id"])
+            configuration = model.configuration if model is not None else None
+            fallback = configuration.get("prices") if isinstance(configuration, dict) else None
+        if transform is not None:
+            pricing = dict(pricing, configuredPrices=transform(
+                pricing["configuredPrices"] if pricing.get("configuredPrices") is not None else fallback))
+        key = strict_json_dumps([part["provider"], pricing, part["metadata"], fallback], sort_keys=True)
+        if key not in resolved:
+            resolved[key] = effective_prices(part["provider"], pricing, part["metadata"], fallback)
+        prices, problem = resolved[key]
+        if problem:
+            part["reason"] = problem
+            continue
+        part["cost"] = bucket_cost(part["buckets"], prices, web_searches=part["web"])
+        part["currency"] = prices.get("currency")
+    return parts
+
+
+def _tokens(part):
+    buckets = part["buckets"]
+    tokens_in = sum(buckets[b] for b in BUCKETS if b not in ("out", "long_out"))
+    return tokens_in, buckets["out"] + buckets["long_out"]
 
 
 def _as_datetime(value, end=False):
@@ -220,41 +547,10 @@ def _as_datetime(value, end=False):
     return value
 
 
-def _grouped_counters(by, since, until):
-    """Counter sums computed in SQL, per model and what the report needs
-    besides: the agent (agent and tree reports) or the day. Prices belong to
-    models, so the model is always a key; nothing finer is grouped."""
-    U = PsModelUsage
-    columns, group = [U.model.alias("model_id")], [U.model]
-    if by in ("agent", "tree"):
-        columns.append(U.agent.alias("agent_id"))
-        group.append(U.agent)
-    elif by == "day":
-        columns.append(_day_expression().alias("day"))
-        group.append(SQL("day"))
-    columns += [fn.SUM(getattr(U, name)).alias(name) for name in usage_counters()]
-    query = U.select(*columns).group_by(*group)
-    if since is not None:
-        query = query.where(U.created_at >= since)
-    if until is not None:
-        query = query.where(U.created_at < until)
-    return list(query.dicts())
-
-
-def _resolved_prices(model_ids):
-    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(list(model_ids)))}
-    resolved = {}
-    for model_id, model in models.items():
-        configuration = model.configuration
-        prices = configuration.get("prices") or {}
-        resolved[model_id] = (model, resolve_prices(prices, **_call_context(configuration)), prices.get("currency"))
-    return resolved
-
-
-def _ancestors():
+def _ancestors(db):
     """For every agent, the agents whose tree holds it (itself included), by
     one recursive query. UNION (not UNION ALL) ends at a cycle."""
-    cursor = database.execute_sql(
+    cursor = db.execute_sql(
         'WITH RECURSIVE tree(root, id) AS ('
         ' SELECT id, id FROM "ps_agents"'
         ' UNION SELECT tree.root, a.id FROM "ps_agents" a JOIN tree ON a.parent_agent_id = tree.id)'
@@ -265,8 +561,8 @@ def _ancestors():
     return pairs
 
 
-def _levels():
-    cursor = database.execute_sql(
+def _levels(db):
+    cursor = db.execute_sql(
         'WITH RECURSIVE depth(id, level) AS ('
         ' SELECT id, 0 FROM "ps_agents" WHERE parent_agent_id IS NULL'
         ' UNION ALL SELECT a.id, depth.level + 1 FROM "ps_agents" a JOIN depth ON a.parent_agent_id = depth.id)'
@@ -274,90 +570,129 @@ def _levels():
     return dict(cursor.fetchall())
 
 
-def cost_report(by="model", *, since=None, until=None, progress=None):
+def cost_report(by="model", *, since=None, until=None, strict=False, progress=None):
     """Cost of recorded usage grouped ``by`` model, agent, tree, provider or day.
 
-    Each row has the group's keys, ``tokens_in``, ``tokens_out``, ``cost``
-    (a ``Decimal``, exact) and ``currency``; a group that spans currencies
-    gives one row per currency. ``tree`` rows hold an agent with all its
-    sub-agents, and their ``level`` in the tree. ``since``/``until`` limit the
-    usage by day recorded (dates or datetimes; a date ``until`` is inclusive).
-    ``progress``, if given, is called as ``progress(done, total)`` while the
-    groups the SQL summed are priced.
+    Each call is priced from its own usage item (the prices stored with it,
+    the tier the provider applied), so editing a price never changes the
+    cost of calls already recorded. Rows have the group's keys, ``calls``
+    (items), ``tokens_in``, ``tokens_out``, ``cost`` (an exact ``Decimal``),
+    ``currency``, ``unpriced_tokens`` and ``priced_from`` (``snapshot``, and
+    for usage without a snapshot ``history`` or ``current``). Usage whose
+    prices are missing or unusable is never priced at 0: it is in a row of
+    its own with ``currency`` and ``cost`` None, its tokens in
+    ``unpriced_tokens`` and why in ``unpriced_reason``; with ``strict=True``
+    it raises ``UnpricedUsageError`` instead.
+
+    ``tree`` rows hold an agent with all its sub-agents, and their ``level``.
+    ``since``/``until`` limit the usage by time recorded (dates or datetimes;
+    a date ``until`` is inclusive). ``progress``, if given, is called as
+    ``progress(done, total)`` while the groups the SQL summed are priced.
     """
     if by not in REPORT_GROUPINGS:
         raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
     since, until = _as_datetime(since), _as_datetime(until, end=True)
-    groups = _grouped_counters(by, since, until)
-    prices = _resolved_prices({g["model_id"] for g in groups})
-    ancestors = _ancestors() if by == "tree" else None
-
+    db = model_db(PsModelUsage)
+    parts = _price_parts(_usage_parts(db, by, since, until))
+    if strict:
+        _refuse_unpriced(parts)
+    ancestors = _ancestors(db) if by == "tree" else None
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))} \
+        if by in ("model", "provider") else {}
     totals = {}
-    for done, group in enumerate(groups, 1):
+    for done, part in enumerate(parts, 1):
         if progress:
-            progress(done, len(groups))
-        model, rates, currency = prices[group["model_id"]]
-        counters = {name: int(group.get(name) or 0) for name in COUNTERS}
-        cost = cost_of_counters(counters, rates, exact=True)["total"]
+            progress(done, len(parts))
         if by == "model":
-            keys = [(model.id,)]
+            keys = [(part["model_id"],)]
         elif by == "agent":
-            keys = [(group["agent_id"],)]
+            keys = [(part["agent_id"],)]
         elif by == "provider":
-            keys = [(model.configuration.get("provider"),)]
+            provider = part["provider"]
+            if provider is None and part["model_id"] in models:
+                configuration = models[part["model_id"]].configuration
+                provider = configuration.get("provider") if isinstance(configuration, dict) else None
+            keys = [(provider,)]
         elif by == "day":
-            keys = [(group["day"],)]
+            keys = [(part["day"],)]
         else:
-            agent_id = group["agent_id"]
+            agent_id = part["agent_id"]
             keys = [(root,) for root in ancestors.get(agent_id, ())] if agent_id is not None else [(None,)]
+        tokens_in, tokens_out = _tokens(part)
         for key in keys:
-            entry = totals.setdefault(key + (currency,), {"tokens_in": 0, "tokens_out": 0, "cost": Decimal(0)})
-            entry["tokens_in"] += sum(counters[c] for c in INPUT_COUNTERS)
-            entry["tokens_out"] += sum(counters[c] for c in OUTPUT_COUNTERS)
-            entry["cost"] += cost
-    return _report_rows(by, totals, prices)
+            entry = totals.setdefault(key + (part["currency"],), {
+                "calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None, "unpriced_tokens": 0,
+                "priced_from": set(), "unpriced_reason": set()})
+            entry["calls"] += part["calls"]
+            entry["tokens_in"] += tokens_in
+            entry["tokens_out"] += tokens_out
+            if part["cost"] is None:
+                entry["unpriced_tokens"] += tokens_in + tokens_out
+                entry["unpriced_reason"].add(part["reason"])
+            else:
+                entry["cost"] = (entry["cost"] or Decimal(0)) + part["cost"]
+                entry["priced_from"].add(part["priced_from"])
+    return _report_rows(db, by, totals, models)
 
 
-def _report_rows(by, totals, prices):
+def _refuse_unpriced(parts):
+    unpriced = [p for p in parts if p["cost"] is None]
+    if unpriced:
+        tokens = sum(sum(_tokens(p)) for p in unpriced)
+        reasons = sorted({"model %s: %s" % (p["model_id"], p["reason"]) for p in unpriced})
+        raise UnpricedUsageError("%d tokens (%d calls) cannot be priced: %s" % (
+            tokens, sum(p["calls"] for p in unpriced), "; ".join(reasons)))
+
+
+def _report_rows(db, by, totals, models):
     rows = []
     agent_ids = {key[0] for key in totals if by in ("agent", "tree") and key[0] is not None}
-    agents = {a.id: a for a in PsAgent.select().where(PsAgent.id.in_(list(agent_ids)))} if agent_ids else {}
-    levels = _levels() if by == "tree" else {}
-    models = {model.id: model for model, _rates, _currency in prices.values()}
+    agents = {a.id: a for a in PsAgent.select().where(PsAgent.id.in_(sorted(agent_ids)))} if agent_ids else {}
+    levels = _levels(db) if by == "tree" else {}
     for (key, currency), entry in totals.items():
         row = {}
         if by == "model":
-            model = models[key]
-            row.update(model_id=key, model_name=model.name, provider=model.configuration.get("provider"))
+            model = models.get(key)
+            configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
+            row.update(model_id=key, model_name=model.name if model else None, provider=configuration.get("provider"))
         elif by in ("agent", "tree"):
             agent = agents.get(key)
-            row.update(agent_id=key, agent_name=(agent.configuration.get("name") if agent else None))
+            configuration = agent.configuration if agent is not None and isinstance(agent.configuration, dict) else {}
+            row.update(agent_id=key, agent_name=configuration.get("name"))
             if by == "tree":
                 row.update(parent_agent_id=agent.parent_agent_id if agent else None, level=levels.get(key))
         elif by == "provider":
             row["provider"] = key
         else:
             row["day"] = key
-        row.update(entry, currency=currency)
+        row.update(calls=entry["calls"], tokens_in=entry["tokens_in"], tokens_out=entry["tokens_out"],
+                   cost=entry["cost"], currency=currency, unpriced_tokens=entry["unpriced_tokens"],
+                   priced_from=",".join(sorted(entry["priced_from"])) or None,
+                   unpriced_reason="; ".join(sorted(entry["unpriced_reason"])) or None)
         rows.append(row)
 
     def order(row):
         if by == "tree":
-            return (row["level"] is None, row["level"] or 0, row["agent_id"] is None, row["agent_id"] or 0)
+            return (row["level"] is None, row["level"] or 0, row["agent_id"] is None, row["agent_id"] or 0,
+                    row["currency"] is None, row["currency"] or "")
         first = next(iter(row.values()))
-        return (first is None, first if first is not None else 0, row["currency"] or "")
+        return (first is None, first if first is not None else 0, row["currency"] is None, row["currency"] or "")
     rows.sort(key=order)
     return rows
 
 
 def report_totals(rows, by=None):
-    """Total cost and tokens per currency. Tree rows overlap (a parent holds
-    its sub-agents), so for them only the roots (level 0) are added."""
+    """Totals per currency (None: the unpriced usage, whose ``cost`` is
+    None). Tree rows overlap (a parent holds its sub-agents), so for them
+    only the roots (level 0) are added."""
     totals = {}
     for row in rows:
         if by == "tree" and row.get("level") not in (0, None):
             continue
-        entry = totals.setdefault(row["currency"], {"tokens_in": 0, "tokens_out": 0, "cost": Decimal(0)})
-        for name in ("tokens_in", "tokens_out", "cost"):
+        entry = totals.setdefault(row["currency"], {"calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None,
+                                                    "unpriced_tokens": 0})
+        for name in ("calls", "tokens_in", "tokens_out", "unpriced_tokens"):
             entry[name] += row[name]
+        if row["cost"] is not None:
+            entry["cost"] = (entry["cost"] or Decimal(0)) + row["cost"]
     return totals

@@ -79,14 +79,14 @@ def scratch(policysynth_package):
         with psycopg2.connect(url) as conn, conn.cursor() as cursor:
             cursor.execute("SELECT table_name, column_name, data_type, is_nullable, column_default "
                            "FROM information_schema.columns WHERE table_schema = 'public' "
-                           "AND table_name <> 'psai_migrations' ORDER BY 1, 2")
+                           "AND table_name NOT LIKE 'psai\\_%' ORDER BY 1, 2")
             columns = cursor.fetchall()
             cursor.execute("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
                            "FROM pg_constraint WHERE connamespace = 'public'::regnamespace "
-                           "AND conrelid::regclass::text <> 'psai_migrations' ORDER BY 1, 2")
+                           "AND conrelid::regclass::text NOT LIKE 'psai\\_%' ORDER BY 1, 2")
             constraints = cursor.fetchall()
             cursor.execute("SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' "
-                           "AND tablename <> 'psai_migrations' ORDER BY 1, 2")
+                           "AND tablename NOT LIKE 'psai\\_%' ORDER BY 1, 2")
             indexes = cursor.fetchall()
         return {"columns": columns, "constraints": constraints, "indexes": indexes}
 

@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 
 import psai
-from psai import PsAgent, PsAiModel, PsModelUsage
+from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from psai.pricing import COUNTERS, cost_of_counters, resolve_prices
 from psai.usage import cost_report, record_usage, report_totals
 
@@ -145,11 +145,13 @@ def usage_world(db):
     for m, a, tokens_in, tokens_out in plan:
         record_usage(m, a, tokens_in=tokens_in, tokens_out=tokens_out, cached_tokens=tokens_in // 10,
                      reasoning_tokens=tokens_out // 3)
-    # Spread the rows over three days (psai keeps one row per day).
+    # Spread the calls over three days (psai keeps one counter row per day);
+    # each call made a counter row of its own and an item, in the same order.
     day = datetime.timedelta(days=1)
-    for index, row in enumerate(PsModelUsage.select().order_by(PsModelUsage.id)):
-        when = datetime.datetime(2026, 11, 20, 12, tzinfo=datetime.timezone.utc) + day * (index % 3)
-        PsModelUsage.update(created_at=when, updated_at=when).where(PsModelUsage.id == row.id).execute()
+    for table in (PsModelUsage, PsModelUsageItem):
+        for index, row in enumerate(table.select().order_by(table.id)):
+            when = datetime.datetime(2026, 11, 20, 12, tzinfo=datetime.timezone.utc) + day * (index % 3)
+            table.update(created_at=when, updated_at=when).where(table.id == row.id).execute()
     return {"old_gpt": old_gpt, "new_gpt": new_gpt, "mistral": mistral, "root": root, "child": child,
             "grandchild": grandchild, "other": other}
 

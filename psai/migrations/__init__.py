@@ -14,7 +14,7 @@ import os
 
 from peewee import DatabaseError
 
-from ..db import database
+from ..db import database, forget_schema
 from ..errors import PsaiError
 
 __all__ = ["migrate", "adopt", "ensure_schema", "is_policysynth_database", "HISTORY_TABLE", "DIRECTORY",
@@ -77,8 +77,8 @@ def migrate(db=None):
 
 
 def _forget_columns(db, applied):
-    # Column lists cached for this database (psai.usage) may have changed.
-    db.__dict__.pop("_psai_usage_counters", None)
+    # What psai knows of this database's tables may have changed.
+    forget_schema(db)
     return applied
 
 

@@ -1,15 +1,35 @@
 // PolicySynth's side of the interop test: its own Node package, its own
-// Sequelize models. Usage: node policysynth.mjs sync|seed|read|add-usage
+// Sequelize models and managers. Usage:
+//   node policysynth.mjs sync|seed|read     its tables, some rows, all rows
+//   node policysynth.mjs calls              record the calls in $PSAI_ARGS (JSON) as
+//                                           its model manager does after each call
+//   node policysynth.mjs item-costs         every item priced by its item cost manager
+//   node policysynth.mjs calc               calcCostsFromItem on the items in the
+//                                           file $PSAI_ARGS (no database)
 // The package directory comes from PS_AGENTS_DIR; the database from
 // PSQL_DB_NAME, PSQL_DB_USER, PSQL_DB_PASS, DB_HOST, DB_PORT.
 import { pathToFileURL } from "node:url";
 import path from "node:path";
 
-const dir = process.env.PS_AGENTS_DIR;
-const db = await import(pathToFileURL(path.join(dir, "dbModels", "index.js")).href);
-const { initializeModels, sequelize, PsAiModel, PsAgent, PsModelUsage, User, Group, PsAgentClass } = db;
+import fs from "node:fs";
 
+const dir = process.env.PS_AGENTS_DIR;
+const load = (...parts) => import(pathToFileURL(path.join(dir, ...parts)).href);
 const command = process.argv[2];
+const output = (result) => process.stdout.write("\n@@psai-result@@\n" + JSON.stringify(result) + "\n");
+
+if (command === "calc") {
+  // Pure pricing: no database is touched.
+  const { AgentCostItemManager } = await load("operations", "agentCostItemManager.js");
+  const manager = new AgentCostItemManager();
+  const items = JSON.parse(fs.readFileSync(process.env.PSAI_ARGS, "utf8"));
+  output(items.map(({ data, fallback }) => manager.calcCostsFromItem(data, fallback).totalCost));
+  process.exit(0);
+}
+
+const db = await load("dbModels", "index.js");
+const { initializeModels, sequelize, PsAiModel, PsAgent, PsModelUsage, PsModelUsageItem, User, Group,
+        PsAgentClass } = db;
 await initializeModels();
 
 const configuration = (name, size, extra = {}) => ({
@@ -58,9 +78,42 @@ if (command === "sync") {
   result = { user_id: user.id, group_id: group.id, class_id: agentClass.id, ...(await dump()) };
 } else if (command === "read") {
   result = await dump();
+  result.ps_model_usage_item = await PsModelUsageItem.findAll({ raw: true, order: [["id", "ASC"]] });
+} else if (command === "calls") {
+  // What PsAiModelManager does after each model call: saveTokenUsageItem,
+  // then saveTokenUsage, with the prices configured at that moment.
+  const { PsAiModelManager } = await load("base", "agentModelManager.js");
+  for (const call of JSON.parse(process.env.PSAI_ARGS)) {
+    const model = await PsAiModel.findByPk(call.modelId);
+    const config = model.configuration;
+    const manager = new PsAiModelManager([], {}, 4096, 0.7, "medium", 0, call.agentId, call.userId);
+    await manager.saveTokenUsageItem({
+      modelName: config.model, modelProvider: config.provider, prices: config.prices,
+      modelType: config.type, modelSize: config.modelSize, tokensIn: call.tokensIn,
+      cachedInTokens: call.cachedInTokens ?? 0, tokensOut: call.tokensOut, reasoningTokens: call.reasoningTokens,
+      audioTokens: call.audioTokens, streaming: false, modelId: model.id,
+      regionalProcessing: config.regionalProcessing, inferenceType: config.inferenceType,
+      usageItemData: call.providerMetadata ? { providerMetadata: call.providerMetadata } : undefined,
+    });
+    await manager.saveTokenUsage(config.model, config.provider, config.prices, config.type, config.modelSize,
+                                 call.tokensIn, call.cachedInTokens ?? 0, call.tokensOut, model.id);
+  }
+  result = { ok: true };
+} else if (command === "item-costs") {
+  const { AgentCostItemManager } = await load("operations", "agentCostItemManager.js");
+  const manager = new AgentCostItemManager();
+  const agentIds = (await PsAgent.findAll({ raw: true })).map((a) => a.id);
+  const rows = await manager.fetchUsageItemRows(agentIds);
+  result = {
+    items: rows.map((row) => ({ agentId: row.agent_id,
+                                totalCost: manager.calcCostsFromItem(manager.normalizeItemData(row.data),
+                                                                     row.price_cfg).totalCost })),
+    perAgent: Object.fromEntries(await Promise.all(agentIds.map(
+      async (id) => [id, await manager.getSingleAgentCosts(id)]))),
+  };
 } else {
   throw new Error("unknown command " + command);
 }
 await sequelize.close();
 // PolicySynth logs to stdout too: the result follows a marker line.
-process.stdout.write("\n@@psai-result@@\n" + JSON.stringify(result) + "\n");
+output(result);

@@ -1,0 +1,230 @@
+"""One model call as PolicySynth records it, and what it costs.
+
+PolicySynth 1.3.172 writes a ``ps_model_usage_item`` row per call
+(``base/modelUsageItemManager.js``) whose ``data`` holds the prices in force
+then; its item cost manager (``operations/agentCostItemManager.js``) prices
+each item from that snapshot. psai writes the same layout (``item_data``) and
+prices items by the same rules (``item_cost``, and the reports in
+``psai.usage``, which add calls up in SQL first):
+
+- the tier the provider applied (``providerMetadata.appliedServiceTier`` for
+  OpenAI and Azure, ``appliedSpeed`` or a ``priority`` service tier for
+  Anthropic) wins over the one requested; Azure ignores a requested tier;
+- the EU margin applies to OpenAI calls only;
+- a long-context rate that is unset or 0 falls back to the standard rate;
+- each call's own input total decides whether it was long context.
+
+psai adds what it records and PolicySynth 1.3.172 does not, under the key
+``psai`` (PolicySynth ignores it): cache-write tokens, priced with
+``cacheWriteInputCostMultiplier`` (PolicySynth prices them as ordinary input,
+since they are part of ``tokensIn``), and web searches. Counts that are
+negative or not numbers count as 0 (PolicySynth would subtract them).
+"""
+import copy
+import math
+
+from .pricing import COUNTERS, cost_of_counters, resolve_prices
+
+__all__ = ["item_data", "item_cost", "effective_prices", "price_problem", "call_buckets", "bucket_cost",
+           "applied_tier_metadata", "BUCKETS", "LAYOUT_VERSION"]
+
+LAYOUT_VERSION = 1
+
+# What a call adds up to, in the buckets that are priced alike: the input
+# counters, and all output (reasoning, audio and image tokens are output).
+BUCKETS = ("in", "cached", "cache_write", "long_in", "long_cached", "long_cache_write", "out", "long_out")
+BUCKET_COUNTERS = {
+    "in": "token_in_count", "cached": "token_in_cached_context_count",
+    "cache_write": "token_in_cache_write_count", "long_in": "long_context_token_in_count",
+    "long_cached": "long_context_token_in_cached_context_count",
+    "long_cache_write": "long_context_token_in_cache_write_count",
+    "out": "token_out_count", "long_out": "long_context_token_out_count",
+}
+_REQUIRED_RATES = ("costInTokensPerMillion", "costOutTokensPerMillion", "costInCachedContextTokensPerMillion")
+_OPTIONAL_NUMBERS = (
+    "costPerThousandWebSearches", "cacheWriteInputCostMultiplier", "longContextCostInTokensPerMillion",
+    "longContextCostInCachedContextTokensPerMillion", "longContextCostOutTokensPerMillion",
+    "longContextTokenThreshold", "flexTokensIn", "flexTokensCachedIn", "flexTokensOut", "priorityTokensIn",
+    "priorityTokensCachedIn", "priorityTokensOut", "fastTokensIn", "fastTokensCachedIn", "fastTokensOut",
+)
+_OPENAI = ("openai", "openairesponses")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def js_timestamp(moment):
+    """JavaScript's ``Date.toISOString()``: UTC, milliseconds, ``Z``."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
+
+
+def item_data(*, model_id, configuration, user_id, agent_id, connector_id, moment, tokens_in, tokens_out,
+              cached_tokens=0, cache_write_tokens=0, reasoning_tokens=0, audio_tokens=0, image_tokens=0,
+              web_searches=0, provider_metadata=None):
+    """``ps_model_usage_item.data`` for one call, in PolicySynth's layout
+    (version 1). ``configuration`` is the model's, as stored at call time."""
+    provider = configuration.get("provider")
+    pricing = {"configuredPrices": copy.deepcopy(configuration.get("prices"))}
+    for key in ("inferenceType", "regionalProcessing"):
+        if configuration.get(key) is not None:
+            pricing[key] = configuration[key]
+    actor = {"userId": user_id, "agentId": agent_id}
+    if connector_id is not None:
+        actor["connectorId"] = connector_id
+    data = {
+        "version": LAYOUT_VERSION,
+        "provider": provider,
+        "apiFamily": provider,
+        "timestamp": js_timestamp(moment),
+        "model": {"id": model_id, "name": configuration.get("model"), "type": configuration.get("type"),
+                  "size": configuration.get("modelSize")},
+        "actor": actor,
+        "request": {},
+        "pricing": pricing,
+        "usageNormalized": {"tokensIn": tokens_in, "tokensOut": tokens_out, "cachedInTokens": cached_tokens,
+                            "reasoningTokens": reasoning_tokens, "audioTokens": audio_tokens,
+                            "imageTokens": image_tokens},
+    }
+    if provider_metadata is not None:
+        data["providerMetadata"] = copy.deepcopy(provider_metadata)
+    extras = {key: value for key, value in (("cacheWriteTokens", cache_write_tokens),
+                                            ("webSearches", web_searches)) if value}
+    if extras:
+        data["psai"] = extras
+    return data
+
+
+def applied_tier_metadata(provider, tier):
+    """``providerMetadata`` saying the provider served ``tier``, as
+    PolicySynth's item cost manager reads it: Anthropic reports a speed
+    (``fast`` / ``standard``), the others a service tier."""
+    if tier is None:
+        return None
+    if (provider or "").lower() == "anthropic" and tier in ("fast", "standard"):
+        return {"appliedSpeed": tier}
+    return {"appliedServiceTier": tier}
+
+
+def _lower(value):
+    return value.lower() if isinstance(value, str) else None
+
+
+def applied_tier(provider, metadata):
+    """(tier, reported): the tier the provider says it applied, and whether
+    it said anything PolicySynth reads."""
+    provider = _lower(provider)
+    metadata = metadata if isinstance(metadata, dict) else {}
+    service_tier, speed = _lower(metadata.get("appliedServiceTier")), _lower(metadata.get("appliedSpeed"))
+    if provider in _OPENAI + ("azure",) and service_tier:
+        return (service_tier if service_tier in ("flex", "priority") else None), True
+    if provider == "anthropic":
+        if speed:
+            return ("fast" if speed == "fast" else None), True
+        if service_tier:
+            return ("fast" if service_tier == "priority" else None), True
+    return None, False
+
+
+def _requested_tier(pricing):
+    legacy = pricing.get("inferenceMode")
+    tier = pricing.get("inferenceType")
+    if tier is None and legacy in ("flex", "priority"):
+        tier = legacy
+    return tier
+
+
+def price_problem(prices):
+    """Why these prices cannot price a call (a sentence), or None."""
+    if not isinstance(prices, dict):
+        return "no prices"
+    for key in _REQUIRED_RATES:
+        value = prices.get(key)
+        if value is None:
+            return "prices.%s is missing" % key
+        if not _is_number(value) or value < 0:
+            return "prices.%s is not a usable rate (%r)" % (key, value)
+    for key in _OPTIONAL_NUMBERS:
+        value = prices.get(key)
+        if value is not None and not (_is_number(value) and value >= 0):
+            return "prices.%s is not a usable number (%r)" % (key, value)
+    margin = prices.get("regionalProcessingMargin")
+    if margin is not None and not isinstance(margin, str) and not _is_number(margin):
+        return "prices.regionalProcessingMargin is not a usable number (%r)" % (margin,)
+    if not isinstance(prices.get("currency"), str) or not prices.get("currency"):
+        return "prices.currency is missing"
+    return None
+
+
+def effective_prices(provider, pricing, provider_metadata=None, fallback_prices=None):
+    """The rates a call is priced at: PolicySynth's
+    ``AgentCostItemManager.resolveEffectivePrices``. ``pricing`` is the
+    item's ``pricing`` (its snapshot), ``provider_metadata`` what the
+    provider reported (the tier applied); ``fallback_prices`` the model's
+    current prices, used only when the item has no snapshot. Returns
+    ``(prices, problem)``: ``problem`` a sentence when they cannot be used."""
+    pricing = pricing if isinstance(pricing, dict) else {}
+    configured = pricing.get("configuredPrices")
+    if configured is None:
+        configured = fallback_prices
+    provider_name = _lower(provider)
+    tier, reported = applied_tier(provider, provider_metadata)
+    if not reported:
+        tier = None if provider_name == "azure" else _requested_tier(pricing)
+    snapshot = pricing.get("effectivePrices")
+    if snapshot is not None and not reported and provider_name != "azure":
+        return snapshot, price_problem(snapshot)
+    problem = price_problem(configured)
+    if problem:
+        return configured, problem
+    region = pricing.get("regionalProcessing") if provider_name in _OPENAI else None
+    resolved = resolve_prices(configured, provider=provider if isinstance(provider, str) else None,
+                              inference_type=tier if tier in ("flex", "priority", "fast") else None,
+                              regional_processing=region)
+    return resolved, None
+
+
+def _count(value):
+    return value if _is_number(value) and value > 0 else 0
+
+
+def call_buckets(usage, *, cache_write_tokens=0, threshold=None):
+    """One call's usage (``usageNormalized``) in BUCKETS: input beyond the
+    cached and cache-write parts is ordinary; all of it is long context when
+    the input total reaches ``threshold``."""
+    usage = usage if isinstance(usage, dict) else {}
+    total_in, cached, cache_write = _count(usage.get("tokensIn")), _count(usage.get("cachedInTokens")), \
+        _count(cache_write_tokens)
+    parts = [_count(usage.get(key)) for key in ("reasoningTokens", "audioTokens", "imageTokens")]
+    out = max(_count(usage.get("tokensOut")) - sum(parts), 0) + sum(parts)
+    buckets = dict.fromkeys(BUCKETS, 0)
+    prefix = "long_" if _is_number(threshold) and threshold > 0 and total_in >= threshold else ""
+    buckets.update({prefix + "in": max(total_in - cached - cache_write, 0), prefix + "cached": cached,
+                    prefix + "cache_write": cache_write, prefix + "out": out})
+    return buckets
+
+
+def bucket_cost(buckets, prices, *, web_searches=0):
+    """The exact cost (Decimal) of usage in BUCKETS at resolved ``prices``,
+    by PolicySynth's item rules (a long-context rate of 0 means unset)."""
+    counters = dict.fromkeys(COUNTERS, 0)
+    for bucket, counter in BUCKET_COUNTERS.items():
+        counters[counter] = buckets.get(bucket) or 0
+    return cost_of_counters(counters, prices, web_searches=web_searches, exact=True,
+                            zero_long_rate_is_unset=True)["total"]
+
+
+def item_cost(data, fallback_prices=None):
+    """What one item (its ``data``) cost, as a Decimal, or None when its
+    prices are missing or unusable. ``fallback_prices``: the model's current
+    prices, for an item without a snapshot (PolicySynth's rule too)."""
+    if not isinstance(data, dict) or not isinstance(data.get("usageNormalized"), dict):
+        return None
+    prices, problem = effective_prices(data.get("provider"), data.get("pricing"), data.get("providerMetadata"),
+                                       fallback_prices)
+    if problem:
+        return None
+    extras = data.get("psai") if isinstance(data.get("psai"), dict) else {}
+    buckets = call_buckets(data["usageNormalized"], cache_write_tokens=extras.get("cacheWriteTokens", 0),
+                           threshold=prices.get("longContextTokenThreshold"))
+    return bucket_cost(buckets, prices, web_searches=_count(extras.get("webSearches")))
