@@ -26,7 +26,7 @@ from .errors import NotFoundError, PsaiError, ValidationError
 from .fields import utcnow
 from .models import PriceCorrection, PriceVersion, PsAiModel, PsModelUsageItem, strict_json_dumps
 
-__all__ = ["price_history", "prices_at", "reprice", "record_price_change", "resolve_models"]
+__all__ = ["price_history", "prices_at", "model_corrections", "reprice", "record_price_change", "resolve_models"]
 
 
 def _prices_of(configuration):
@@ -55,12 +55,12 @@ def record_price_change(model, stored_configuration, stored_updated_at):
         # The first save through psai, or prices changed elsewhere since the
         # last one: the stored prices were in force at least since the row
         # was last written.
-        start = stored_updated_at
+        start = min(stored_updated_at, now) if stored_updated_at is not None else now  # clocks differ
         if current is not None:
-            if start is None or start <= current.valid_from:
+            if start <= current.valid_from:
                 start = now  # changed without touching updated_at: known only from now
             _close(current, start)
-        current = PriceVersion.create(model=model.id, valid_from=start or now, prices=stored,
+        current = PriceVersion.create(model=model.id, valid_from=start, prices=stored,
                                       source="observed" if current is not None else "stored")
     if new != stored:
         _close(current, now)
@@ -68,10 +68,10 @@ def record_price_change(model, stored_configuration, stored_updated_at):
 
 
 def resolve_models(model):
-    """Model rows from a row, an id, a uuid, or a name (every row with it,
-    oldest first)."""
+    """Model rows, as stored now, from a row, an id, a uuid, or a name (every
+    row with it, oldest first)."""
     if isinstance(model, PsAiModel):
-        return [model]
+        model = model.id
     try:
         return [PsAiModel.get_by_key(model)]
     except NotFoundError:
@@ -139,25 +139,30 @@ def price_history(model):
     return history
 
 
-def prices_at(model, moment, history=None):
+def prices_at(model, moment, history=None, corrections=None):
     """``(prices, known)``: the prices of ``model`` (a row) in force at
-    ``moment`` by its history, with the corrections applied since; when the
-    history does not reach back that far, its current prices and
-    ``known=False``."""
+    ``moment`` by its history, with the corrections covering ``moment``
+    applied; when the history does not reach back that far, its current
+    prices and ``known=False``. ``history`` and ``corrections`` (of this
+    model, as ``price_history`` and ``model_corrections`` give them) may be
+    passed when pricing many moments."""
     history = price_history(model) if history is None else history
+    corrections = model_corrections(model) if corrections is None else corrections
     prices, known = _prices_of(model.configuration), False
     for version in history:
         if version["valid_from"] is not None and version["valid_from"] <= moment \
                 and (version["valid_to"] is None or moment < version["valid_to"]):
             prices, known = version["prices"], True
             break
-    applied = set()
-    for version in history:
-        for correction in version["corrections"]:
-            if correction["id"] not in applied and _covers(correction, moment):
-                applied.add(correction["id"])
-                prices = _merge_prices(prices, correction["changes"])
+    for correction in corrections:
+        if _covers(correction, moment):
+            prices = _merge_prices(prices, correction["changes"])
     return prices, known
+
+
+def model_corrections(model):
+    """The corrections applied to a model's recorded usage, oldest first."""
+    return _corrections(model_db(PriceCorrection), [model.id]).get(model.id, [])
 
 
 def _covers(correction, moment):
@@ -234,10 +239,11 @@ def reprice(model, changes, *, since=None, until=None, dry_run=True):
             db.execute_sql('LOCK TABLE "ps_model_usage_item", "ps_model_usage" IN EXCLUSIVE MODE')
         before = _price_parts(_usage_parts(db, "model", since, until, ids))
         after = _price_parts(copy.deepcopy(_usage_parts(db, "model", since, until, ids)), transform)
-        for part in after:
-            if part["has_usage"] and part["reason"]:
-                prices = part["pricing"].get("configuredPrices") if isinstance(part["pricing"], dict) else None
-                _check_prices(transform(prices) if prices is not None else changes)
+        # Every price set the correction makes must be one psai would store.
+        corrected = [transform(_prices_of(row.configuration)) for row in rows]
+        corrected += [p["pricing"]["configuredPrices"] for p in after if p["has_usage"]]
+        for prices in {strict_json_dumps(prices, sort_keys=True): prices for prices in corrected}.values():
+            _check_prices(prices)
         currencies = {p["currency"] for p in before + after if p["cost"] is not None}
         if len(currencies) > 1:
             raise ValidationError({"since/until": [

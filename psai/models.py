@@ -33,9 +33,12 @@ class BaseModel(Model):
         legacy_table_names = False
 
     def save(self, *args, **kwargs):
-        # PolicySynth (Sequelize) refreshes updated_at on every save.
+        # PolicySynth (Sequelize) refreshes updated_at on every save; a new
+        # row has one time for both, as Sequelize gives it.
         if "updated_at" in self._meta.fields:
-            self.updated_at = utcnow()
+            inserting = self._pk is None or kwargs.get("force_insert")
+            created = getattr(self, "created_at", None)
+            self.updated_at = created if inserting and created is not None else utcnow()
             only = kwargs.get("only")
             if only is not None:
                 field = self._meta.fields["updated_at"]

@@ -461,7 +461,7 @@ def _usage_parts(db, by, since, until, model_ids=None):
     """All recorded usage in [since, until), as parts each priced alike:
     item groups and uncovered counter pieces. Each part has ``model_id``,
     the report keys, the pricing context and its ``buckets``."""
-    from .history import price_history, prices_at
+    from .history import model_corrections, price_history, prices_at
     keys = {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
     parts = []
     for group in _item_groups(db, keys, since, until, model_ids):
@@ -475,11 +475,11 @@ def _usage_parts(db, by, since, until, model_ids=None):
               if (since is None or piece["created_at"] >= since) and (until is None or piece["created_at"] < until)]
     if pieces:
         models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}
-        histories = {model_id: price_history(model) for model_id, model in models.items()}
+        histories = {model_id: (price_history(model), model_corrections(model)) for model_id, model in models.items()}
         for piece in pieces:
             model = models.get(piece["model_id"])
             configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
-            prices, known = prices_at(model, piece["created_at"], histories[model.id]) if model is not None \
+            prices, known = prices_at(model, piece["created_at"], *histories[model.id]) if model is not None \
                 else (None, False)
             pricing = {"configuredPrices": prices}
             for key in ("inferenceType", "regionalProcessing"):

@@ -136,7 +136,8 @@ def test_models_add_supersedes_and_history(run, config_file):
     assert PsAiModel.get_by_id(first["id"]).configuration["active"] is False
     assert second["configuration"]["prices"]["costInTokensPerMillion"] == 20
     history = json.loads(run("models", "history", "GPT-4", "--json").stdout)
-    assert [m["id"] for m in history] == [second["id"], first["id"]]
+    assert [(v["model_id"], v["prices"]["costInTokensPerMillion"], v["valid_to"]) for v in history] == [
+        (first["id"], 30, None), (second["id"], 20, None)]
 
 
 def test_models_list_filters_and_formats(run, config_file):

@@ -65,3 +65,14 @@ def supersede_forever(url, ready_path):
         i += 1
         if i == 20:
             pathlib.Path(ready_path).touch()
+
+
+def change_prices(url, model_id, times):
+    """Edit a model's input price in place, ``times`` times: 1, 2, 3, ..."""
+    import psai
+    from psai import PsAiModel
+    psai.connect(url)
+    for i in range(1, times + 1):
+        PsAiModel.get_by_id(model_id).update_configuration({"prices": {"costInTokensPerMillion": i}})
+    psai.database.close()
+    return times

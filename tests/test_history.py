@@ -1,0 +1,425 @@
+"""Usage items with price snapshots: recorded costs never change by accident,
+price history, deliberate corrections, unpriced usage never a silent 0."""
+import datetime
+import json
+import multiprocessing
+from decimal import Decimal
+
+import pytest
+from click.testing import CliRunner
+
+import psai
+from psai import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+from psai.cli import cli
+from psai.history import price_history, reprice
+from psai.items import item_cost
+from psai.usage import NO_AGENT, cost_report, record_usage, report_totals
+
+from conftest import SEED_CONFIGURATION, make_configuration
+
+UTC = datetime.timezone.utc
+
+
+def model(name="GPT-4", provider="openai", **prices):
+    config = make_configuration(provider=provider)
+    config["prices"].update(prices)
+    return PsAiModel.create(user_id=7, organization_id=2, name=name, configuration=config)
+
+
+def agent(name="a", parent=None):
+    return PsAgent.create(user_id=3, class_id=1, group_id=1, configuration={"name": name}, parent_agent=parent)
+
+
+def total(by="model", **kwargs):
+    totals = report_totals(cost_report(by, **kwargs), by)
+    return {currency: t["cost"] for currency, t in totals.items()}
+
+
+def items():
+    return list(PsModelUsageItem.select().order_by(PsModelUsageItem.id))
+
+
+# -- the scenario of the issue, on the command line ----------------------------------
+
+def test_a_price_edit_does_not_rewrite_recorded_cost(backend):
+    def run(*args):
+        result = CliRunner().invoke(cli, ["--database", backend.url] + list(args))
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    def report_cost():
+        return [row["cost"] for row in json.loads(run("usage", "report", "--json"))]
+
+    run("demo")
+    run("usage", "record", "1", "--agent", "1", "--in", "1000000", "--out", "100000")
+    assert report_cost() == ["36"]
+    run("models", "update", "1", "--set", "prices.costInTokensPerMillion=60")
+    assert report_cost() == ["36"]
+    run("usage", "record", "1", "--agent", "1", "--in", "1000000", "--out", "100000")
+    assert report_cost() == ["102"]  # 36 + 66
+    history = json.loads(run("models", "history", "OpenAI GPT-4 Large", "--json"))
+    assert [(v["prices"]["costInTokensPerMillion"], v["source"]) for v in history] == [(30, "stored"), (60, "psai")]
+    assert history[0]["valid_to"] == history[1]["valid_from"] and history[1]["valid_to"] is None
+
+
+# -- recording -------------------------------------------------------------------------
+
+def test_record_usage_writes_an_item_in_policysynths_layout(db):
+    m, a = model(), agent()
+    m.update_configuration({"inferenceType": "flex", "regionalProcessing": "eu"})
+    record_usage(m, a, tokens_in=1000, tokens_out=300, cached_tokens=200, cache_write_tokens=100,
+                 reasoning_tokens=50, web_searches=2, connector_id=9,
+                 provider_metadata={"appliedServiceTier": "priority"})
+    [item] = items()
+    assert (item.model_id, item.agent_id, item.user_id, item.connector_id) == (m.id, a.id, 3, 9)
+    data = item.data
+    assert data["version"] == 1 and data["provider"] == data["apiFamily"] == "openai"
+    assert data["model"] == {"id": m.id, "name": "gpt-4", "type": "text", "size": "large"}
+    assert data["actor"] == {"userId": 3, "agentId": a.id, "connectorId": 9}
+    assert data["pricing"] == {"configuredPrices": SEED_CONFIGURATION["prices"], "inferenceType": "flex",
+                               "regionalProcessing": "eu"}
+    assert data["usageNormalized"] == {"tokensIn": 1000, "tokensOut": 300, "cachedInTokens": 200,
+                                       "reasoningTokens": 50, "audioTokens": 0, "imageTokens": 0}
+    assert data["providerMetadata"] == {"appliedServiceTier": "priority"}
+    assert data["psai"] == {"cacheWriteTokens": 100, "webSearches": 2}
+    stamp = datetime.datetime.fromisoformat(data["timestamp"].replace("Z", "+00:00"))
+    assert abs(stamp - item.created_at) < datetime.timedelta(milliseconds=2)
+
+
+def test_usage_without_an_agent_is_kept_with_agent_id_0(db):
+    m = model()
+    record_usage(m, None, tokens_in=100, tokens_out=10)
+    [item] = items()
+    assert item.agent_id == NO_AGENT == 0 and item.data["actor"]["agentId"] is None
+    m.update_configuration({"prices": {"costInTokensPerMillion": 1000}})
+    [row] = cost_report("agent")
+    assert row["agent_id"] is None and row["cost"] == Decimal(100 * 30 + 10 * 60) / 10 ** 6
+    assert row["priced_from"] == "snapshot"
+
+
+def test_the_snapshot_is_the_stored_price_not_the_callers_stale_object(db):
+    m = model()
+    stale = PsAiModel.get_by_id(m.id)
+    m.update_configuration({"prices": {"costInTokensPerMillion": 1}})
+    record_usage(stale, None, tokens_in=1_000_000, tokens_out=0)
+    assert items()[0].data["pricing"]["configuredPrices"]["costInTokensPerMillion"] == 1
+    assert total() == {"USD": Decimal(1)}
+
+
+def test_provider_metadata_must_be_a_dict(db):
+    with pytest.raises(psai.ValidationError, match="provider_metadata"):
+        record_usage(model(), None, tokens_in=1, tokens_out=1, provider_metadata="flex")
+    assert items() == [] and PsModelUsage.select().count() == 0
+
+
+# -- pricing each call from its own snapshot --------------------------------------------
+
+def test_the_applied_tier_wins_over_the_requested_one(db):
+    m = model(flexTokensIn=1, flexTokensOut=2, priorityTokensIn=100, priorityTokensOut=200)
+    m.update_configuration({"inferenceType": "flex"})
+    record_usage(m, None, tokens_in=1_000_000, tokens_out=1_000_000)  # flex, as requested
+    record_usage(m, None, tokens_in=1_000_000, tokens_out=1_000_000,
+                 provider_metadata={"appliedServiceTier": "priority"})
+    record_usage(m, None, tokens_in=1_000_000, tokens_out=1_000_000,
+                 provider_metadata={"appliedServiceTier": "default"})  # standard rates
+    assert total() == {"USD": Decimal(3) + Decimal(300) + Decimal(90)}
+
+
+def test_the_eu_margin_applies_to_openai_calls_only(db):
+    openai = model("o", regionalProcessingMargin=10)
+    google = model("g", provider="google", regionalProcessingMargin=10)
+    for m in (openai, google):
+        m.update_configuration({"regionalProcessing": "eu"})
+        record_usage(m, None, tokens_in=1_000_000, tokens_out=0)
+    costs = {row["model_name"]: row["cost"] for row in cost_report("model")}
+    assert costs == {"o": Decimal("33.0"), "g": Decimal(30)}
+
+
+def test_each_calls_own_input_decides_long_context(db):
+    m = model(longContextTokenThreshold=1000, longContextCostInTokensPerMillion=100,
+              longContextCostOutTokensPerMillion=0)
+    record_usage(m, None, tokens_in=600, tokens_out=10)
+    record_usage(m, None, tokens_in=600, tokens_out=10)  # together 1200, each below the threshold
+    record_usage(m, None, tokens_in=1000, tokens_out=10)
+    # Long output rate 0 falls back to the standard rate, as PolicySynth's item cost manager does.
+    expected = Decimal(1200 * 30 + 20 * 60 + 1000 * 100 + 10 * 60) / 10 ** 6
+    assert total() == {"USD": expected}
+    assert sum(item_cost(i.data) for i in items()) == expected
+
+
+def test_calls_recorded_at_different_prices_keep_them_in_every_grouping(db):
+    parent = agent("lead")
+    child = agent("helper", parent)
+    m = model()
+    record_usage(m, parent, tokens_in=1_000_000, tokens_out=0)
+    m.update_configuration({"prices": {"costInTokensPerMillion": 60}})
+    record_usage(m, child, tokens_in=1_000_000, tokens_out=0)
+    expected = {"USD": Decimal(90)}
+    for by in ("model", "agent", "tree", "provider", "day"):
+        assert total(by) == expected, by
+    tree = {row["agent_id"]: row["cost"] for row in cost_report("tree")}
+    assert tree == {parent.id: Decimal(90), child.id: Decimal(60)}
+
+
+# -- counter usage that no item covers -------------------------------------------------
+
+def counter_row(m, a, when, **counters):
+    return PsModelUsage.insert(user_id=1, model=m.id, agent=a.id if a else None, created_at=when, updated_at=when,
+                               **counters).execute()
+
+
+def test_counters_without_items_are_priced_by_the_version_in_force_then(db):
+    m, a = model(), agent()
+    old = PsAiModel.get_by_id(m.id).updated_at
+    m.update_configuration({"prices": {"costInTokensPerMillion": 60}})  # psai keeps 30 from `old` on
+    changed = price_history(m)[1]["valid_from"]
+    counter_row(m, a, old + datetime.timedelta(microseconds=1), token_in_count=1_000_000)  # while 30 was in force
+    counter_row(m, a, changed + datetime.timedelta(seconds=1), token_in_count=1_000_000)  # at 60
+    counter_row(m, a, old - datetime.timedelta(days=30), token_in_count=1_000_000)  # before psai knew: current
+    record_usage(m, agent("b"), tokens_in=1_000_000, tokens_out=0)  # covered by its item: counted once
+    rows = cost_report("model")
+    assert [(r["cost"], r["tokens_in"], r["priced_from"]) for r in rows] == [
+        (Decimal(30 + 60 + 60 + 60), 4_000_000, "current,history,snapshot")]
+
+
+def test_recorded_usage_is_never_counted_twice(db):
+    m, a = model(), agent()
+    for i in range(5):
+        record_usage(m, a if i % 2 else None, tokens_in=1000 + i, tokens_out=100, cached_tokens=10,
+                     cache_write_tokens=5, reasoning_tokens=7, connector_id=i % 2 or None)
+    [row] = cost_report("model")
+    assert row["priced_from"] == "snapshot" and row["calls"] == 5
+    assert row["tokens_in"] == sum(1000 + i for i in range(5))
+    assert row["cost"] == sum(item_cost(i.data) for i in items())
+
+
+def test_items_beyond_the_counters_still_count(db):
+    m = model()
+    record_usage(m, None, tokens_in=1_000_000, tokens_out=0)
+    PsModelUsage.delete().execute()  # a counter write that never happened
+    assert total() == {"USD": Decimal(30)}
+
+
+# -- price history -----------------------------------------------------------------------
+
+def test_history_versions_are_contiguous_oldest_first(db):
+    m = model()
+    for price in (40, 50, 50, 60):
+        m.update_configuration({"prices": {"costInTokensPerMillion": price}})
+    m.update_configuration({"maxTokensOut": 100})  # not a price change
+    history = price_history(m)
+    assert [v["prices"]["costInTokensPerMillion"] for v in history] == [30, 40, 50, 60]
+    assert history[0]["valid_from"] == m.created_at
+    for earlier, later in zip(history, history[1:]):
+        assert earlier["valid_to"] == later["valid_from"]
+    assert history[-1]["valid_to"] is None
+    assert price_history(m.id) == price_history(str(m.uuid)) == price_history("GPT-4") == history
+
+
+def test_a_change_made_elsewhere_is_shown_dated_by_updated_at(db):
+    m = model()
+    m.update_configuration({"prices": {"costInTokensPerMillion": 40}})
+    edited = datetime.datetime.now(UTC)
+    config = dict(m.configuration, prices=dict(m.configuration["prices"], costInTokensPerMillion=45))
+    # As PolicySynth's UI saves a row: in place, refreshing updated_at.
+    PsAiModel.update(configuration=config, updated_at=edited).where(PsAiModel.id == m.id).execute()
+    history = price_history(m)
+    assert [(v["prices"]["costInTokensPerMillion"], v["source"]) for v in history] == [
+        (30, "stored"), (40, "psai"), (45, "observed")]
+    assert history[1]["valid_to"] == history[2]["valid_from"] == edited
+    # psai's next save keeps what it found.
+    PsAiModel.get_by_id(m.id).update_configuration({"prices": {"costInTokensPerMillion": 50}})
+    assert [(v["prices"]["costInTokensPerMillion"], v["source"]) for v in price_history(m)] == [
+        (30, "stored"), (40, "psai"), (45, "observed"), (50, "psai")]
+
+
+def test_a_change_that_left_no_date_is_shown_undated(db):
+    m = model()
+    m.update_configuration({"prices": {"costInTokensPerMillion": 40}})
+    config = dict(m.configuration, prices=dict(m.configuration["prices"], costInTokensPerMillion=45))
+    PsAiModel.update(configuration=config).where(PsAiModel.id == m.id).execute()  # updated_at untouched
+    history = price_history(m)
+    assert history[-1]["source"] == "observed" and history[-1]["valid_from"] is None
+    assert history[-2]["valid_to"] is None  # not guessed
+
+
+def test_a_model_never_changed_has_one_version_since_it_was_written(db):
+    m = model()
+    assert price_history(m) == [{"model_id": m.id, "valid_from": m.updated_at, "valid_to": None,
+                                 "prices": SEED_CONFIGURATION["prices"], "source": "stored", "corrections": []}]
+    with pytest.raises(psai.NotFoundError):
+        price_history("no such model")
+
+
+def test_superseding_keeps_the_agents_on_a_model_of_that_name(db):
+    a, b = agent("a"), agent("b")
+    old = model()
+    a.ai_models.add(old)
+    b.ai_models.add(old)
+    config = make_configuration()
+    config["prices"]["costInTokensPerMillion"] = 25
+    new = psai.add_model(name="GPT-4", user_id=7, organization_id=2, configuration=config)
+    for each in (a, b):
+        chosen = each.select_model("text", "large")
+        assert chosen.id == new.id and chosen.configuration["prices"]["costInTokensPerMillion"] == 25
+    assert AgentModels.select().where(AgentModels.ai_model == old.id).count() == 0
+    # The old row's calls keep their prices; the history of the name holds both rows.
+    assert [v["model_id"] for v in price_history("GPT-4")] == [old.id, new.id]
+
+
+# -- corrections ---------------------------------------------------------------------------
+
+def usage_over_days(m, a):
+    """Three calls, one a day from 2026-11-20, at 30 per million input tokens."""
+    for day in range(3):
+        record_usage(m, a, tokens_in=1_000_000, tokens_out=0)
+    when = datetime.datetime(2026, 11, 20, 12, tzinfo=UTC)
+    for index, item in enumerate(items()):
+        stamp = when + datetime.timedelta(days=index)
+        PsModelUsageItem.update(created_at=stamp).where(PsModelUsageItem.id == item.id).execute()
+    PsModelUsage.update(created_at=when).execute()
+
+
+def test_a_dry_run_changes_nothing_and_its_difference_is_what_applying_changes(db):
+    m, a = model(), agent()
+    usage_over_days(m, a)
+    before_items = [i.data for i in items()]
+    before = total()
+    dry = reprice(m, {"costInTokensPerMillion": 20}, since="2026-11-21")
+    assert dry == {"before": Decimal(60), "after": Decimal(40), "difference": Decimal(-20), "currency": "USD",
+                   "calls": 2, "unpriced_tokens_before": 0, "unpriced_tokens_after": 0, "applied": False}
+    assert [i.data for i in items()] == before_items and total() == before
+    assert price_history(m)[0]["corrections"] == []
+    applied = reprice(m, {"prices.costInTokensPerMillion": 20}, since="2026-11-21", dry_run=False)
+    assert applied == dict(dry, applied=True)
+    assert total()["USD"] - before["USD"] == dry["difference"]
+    # The original snapshot is kept, and the correction is in the history.
+    corrected = items()[1].data
+    assert corrected["pricing"]["configuredPrices"]["costInTokensPerMillion"] == 20
+    assert corrected["psai"]["originalPricing"]["configuredPrices"]["costInTokensPerMillion"] == 30
+    [correction] = price_history(m)[0]["corrections"]
+    assert correction["changes"] == {"costInTokensPerMillion": 20} and correction["calls"] == 2
+    assert (correction["before"], correction["after"]) == (Decimal(60), Decimal(40))
+    # Calls to come are not affected: that is the model's own price.
+    assert m.configuration["prices"]["costInTokensPerMillion"] == 30
+
+
+def test_a_correction_reaches_counter_usage_without_items(db):
+    m, a = model(), agent()
+    counter_row(m, a, datetime.datetime(2026, 1, 5, tzinfo=UTC), token_in_count=1_000_000)
+    counter_row(m, a, datetime.datetime(2026, 3, 5, tzinfo=UTC), token_in_count=1_000_000)
+    dry = reprice(m, {"costInTokensPerMillion": 10}, until="2026-01-31")
+    assert (dry["before"], dry["after"]) == (Decimal(30), Decimal(10))
+    before = total()["USD"]
+    reprice(m, {"costInTokensPerMillion": 10}, until="2026-01-31", dry_run=False)
+    assert total()["USD"] == before + dry["difference"] == Decimal(40)
+
+
+def test_a_bad_correction_is_refused_and_writes_nothing(db):
+    m, a = model(), agent()
+    usage_over_days(m, a)
+    before_items = [i.data for i in items()]
+    for changes, path in [({"costInTokensPerMillion": -1}, "prices.costInTokensPerMillion"),
+                          ({"costInTokenPerMillion": 1}, "costInTokenPerMillion"),
+                          ({"currency": "dollars"}, "prices.currency"),
+                          ({}, "changes")]:
+        with pytest.raises(psai.ValidationError, match=path):
+            reprice(m, changes, dry_run=False)
+    assert [i.data for i in items()] == before_items
+    assert price_history(m)[0]["corrections"] == []
+
+
+def test_reprice_on_the_command_line(backend):
+    def run(*args, code=0):
+        result = CliRunner().invoke(cli, ["--database", backend.url] + list(args))
+        assert result.exit_code == code, result.output
+        return result
+
+    run("demo")
+    run("usage", "record", "1", "--agent", "1", "--in", "1000000", "--out", "0")
+    dry = run("models", "reprice", "OpenAI GPT-4 Large", "--set", "costInTokensPerMillion=25").stdout
+    assert "difference  -5" in dry and "dry run: nothing changed" in dry
+    assert json.loads(run("usage", "report", "--json").stdout)[0]["cost"] == "30"
+    result = json.loads(run("models", "reprice", "1", "--set", "costInTokensPerMillion=25", "--apply",
+                            "--json").stdout)
+    assert result["applied"] is True and result["difference"] == "-5"
+    assert json.loads(run("usage", "report", "--json").stdout)[0]["cost"] == "25"
+    assert "Not a price" in run("models", "reprice", "1", "--set", "nope=1", code=2).output
+    history = run("models", "history", "1").stdout
+    assert "corrections" in history.splitlines()[0] and history.splitlines()[2].rstrip().endswith("1")
+
+
+# -- unpriced usage --------------------------------------------------------------------------
+
+def break_prices(m, prices):
+    """Prices as a hand-written or foreign row may hold them (psai refuses to write these)."""
+    mark = "%s" if psai.db.is_postgres() else "?"
+    psai.database.execute_sql('UPDATE "ps_ai_models" SET "configuration" = %s WHERE "id" = %s' % (mark, mark),
+                              (json.dumps(dict(m.configuration, prices=prices)), m.id))
+
+
+@pytest.mark.parametrize("prices, reason", [
+    (None, "no prices"),
+    ({"costInTokensPerMillion": "30", "costOutTokensPerMillion": 60, "costInCachedContextTokensPerMillion": 1,
+      "currency": "USD"}, "prices.costInTokensPerMillion is not a usable rate"),
+    ({"costOutTokensPerMillion": 60, "costInCachedContextTokensPerMillion": 1, "currency": "USD"},
+     "prices.costInTokensPerMillion is missing"),
+])
+def test_usage_without_usable_prices_is_unpriced_never_zero(db, prices, reason):
+    good, bad = model("good"), model("bad")
+    break_prices(bad, prices)
+    record_usage(good, None, tokens_in=1_000_000, tokens_out=0)
+    record_usage(bad, None, tokens_in=500, tokens_out=20)
+    rows = cost_report("model")
+    unpriced = [r for r in rows if r["model_name"] == "bad"]
+    assert [(r["cost"], r["currency"], r["unpriced_tokens"]) for r in unpriced] == [(None, None, 520)]
+    assert reason in unpriced[0]["unpriced_reason"]
+    totals = report_totals(rows, "model")
+    assert totals["USD"]["cost"] == Decimal(30) and totals[None] == {
+        "calls": 1, "tokens_in": 500, "tokens_out": 20, "cost": None, "unpriced_tokens": 520}
+    with pytest.raises(psai.UnpricedUsageError, match="520 tokens .* cannot be priced: model %d" % bad.id):
+        cost_report("model", strict=True)
+
+
+def test_strict_report_on_the_command_line(backend):
+    psai.migrate()
+    m = model()
+    record_usage(m, None, tokens_in=100, tokens_out=10)
+    ok = CliRunner().invoke(cli, ["--database", backend.url, "usage", "report", "--strict"])
+    assert ok.exit_code == 0, ok.output
+    break_prices(m, None)
+    PsModelUsageItem.update(data=dict(items()[0].data, pricing={})).execute()  # an item without a snapshot
+    table = CliRunner().invoke(cli, ["--database", backend.url, "usage", "report"])
+    assert table.exit_code == 0 and "unpriced: model_id %d: 110 tokens: no prices" % m.id in table.stderr
+    strict = CliRunner().invoke(cli, ["--database", backend.url, "usage", "report", "--strict"])
+    assert strict.exit_code == 1 and "cannot be priced" in strict.stderr
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_processes_recording_while_prices_change(backend):
+    psai.migrate()
+    m, a = model(), agent()
+    from workers import change_prices, record_many
+    context = multiprocessing.get_context("spawn")
+    calls, changes = (150, 30) if backend.kind == "sqlite" else (60, 20)
+    with context.Pool(5) as pool:
+        results = [pool.apply_async(record_many, (backend.url, m.id, a.id, calls, seed)) for seed in range(4)]
+        results.append(pool.apply_async(change_prices, (backend.url, m.id, changes)))
+        for result in results:
+            result.get(timeout=300)
+    psai.connect(backend.url)
+    recorded = items()
+    assert len(recorded) == 4 * calls
+    # Every call carries the price in force when it was recorded, by the history.
+    history = price_history(m)
+    assert [v["prices"]["costInTokensPerMillion"] for v in history] == [30] + list(range(1, changes + 1))
+    for item in recorded:
+        [version] = [v for v in history if v["valid_from"] <= item.created_at
+                     and (v["valid_to"] is None or item.created_at < v["valid_to"])]
+        assert item.data["pricing"]["configuredPrices"] == version["prices"]
+    assert total() == {"USD": sum(item_cost(i.data) for i in recorded)}
+    [row] = cost_report("model")
+    assert row["priced_from"] == "snapshot"
+    assert row["tokens_in"] == sum(c.token_in_count + c.token_in_cached_context_count for c in PsModelUsage.select())
