@@ -14,7 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 import psai
-from psai import AgentModels, PsAgent, PsAiModel
+from psai import AgentModels, PsAgent, PsAiModel, PsModelUsageItem
+from psai.items import item_cost
 from psai.migrations import NotAdoptedError, is_policysynth_database
 from psai.schemas import INCLUDE, PsAiModelSchema
 from psai.usage import usage_counters
@@ -53,6 +54,16 @@ def policysynth_package():
     return package
 
 
+def run_node(env, command, args=None):
+    """policysynth.mjs COMMAND, with ``args`` as JSON in $PSAI_ARGS; its result."""
+    if args is not None:
+        env = dict(env, PSAI_ARGS=json.dumps(args))
+    result = subprocess.run(["node", str(SCRIPT), command], env=env, capture_output=True, text=True,
+                            timeout=300, cwd=str(PACKAGE_DIR))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.split("@@psai-result@@", 1)[1])
+
+
 @pytest.fixture
 def scratch(policysynth_package):
     """A new PostgreSQL database, PolicySynth's Node side wired to it."""
@@ -68,11 +79,8 @@ def scratch(policysynth_package):
                PSQL_DB_USER=parts.username or "postgres", PSQL_DB_PASS=parts.password or "",
                DB_HOST=parts.hostname or "127.0.0.1", DB_PORT=str(parts.port or 5432), NODE_ENV="test")
 
-    def node(command):
-        result = subprocess.run(["node", str(SCRIPT), command], env=env, capture_output=True, text=True,
-                                timeout=300, cwd=str(PACKAGE_DIR))
-        assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads(result.stdout.split("@@psai-result@@", 1)[1])
+    def node(command, args=None):
+        return run_node(env, command, args)
 
     def ddl():
         """PolicySynth's tables as PostgreSQL describes them."""
@@ -251,3 +259,111 @@ def test_policysynth_reads_a_database_psai_created(scratch):
     assert read["ps_model_usage"][0]["token_in_count"] == 100
     index_names = {name for _t, name, _d in scratch.ddl()["indexes"]}
     assert "agent_models_agent_id" in index_names and "AgentModels_agent_id" not in index_names
+
+
+# -- usage items: PolicySynth's item cost manager and psai agree, whoever wrote them ----
+
+def test_items_are_priced_alike_whoever_wrote_them_after_prices_are_edited(scratch):
+    scratch.node("sync")
+    seeded = scratch.node("seed")
+    user, parent, child = seeded["user_id"], seeded["ps_agents"][0]["id"], seeded["ps_agents"][1]["id"]
+    psai.connect(scratch.url)
+    big = PsAiModel.get_by_id(seeded["ps_ai_models"][0]["id"])
+    big.update_configuration({"regionalProcessing": "eu", "prices": {
+        "flexTokensIn": 1.25, "flexTokensOut": 5, "priorityTokensIn": 5, "priorityTokensOut": 20,
+        "regionalProcessingMargin": 10, "longContextTokenThreshold": 50_000,
+        "longContextCostInTokensPerMillion": 5, "longContextCostOutTokensPerMillion": 0}})
+    # PolicySynth's model manager records three calls: an item, then its counters, each.
+    scratch.node("calls", [
+        dict(modelId=big.id, agentId=parent, userId=user, tokensIn=1000, cachedInTokens=100, tokensOut=300,
+             reasoningTokens=50),
+        dict(modelId=big.id, agentId=parent, userId=user, tokensIn=60_000, cachedInTokens=0, tokensOut=1000),
+        dict(modelId=big.id, agentId=child, userId=user, tokensIn=5000, cachedInTokens=1000, tokensOut=700,
+             providerMetadata={"appliedServiceTier": "priority"}),
+    ])
+    big.update_configuration({"prices": {"costInTokensPerMillion": 3}})  # edited in place
+    psai.record_usage(big, parent, tokens_in=2000, cached_tokens=500, tokens_out=100,
+                      provider_metadata={"appliedServiceTier": "flex"})
+    psai.record_usage(big, child, tokens_in=70_000, tokens_out=10, reasoning_tokens=4)
+    big.update_configuration({"prices": {"costInTokensPerMillion": 4}})  # and again
+
+    theirs = scratch.node("item-costs")
+    read = scratch.node("read")
+    assert len(read["ps_model_usage_item"]) == len(theirs["items"]) == 5  # PolicySynth reads psai's items
+    current = PsAiModel.get_by_id(big.id).configuration["prices"]
+    ours = sorted(float(item_cost(i.data, current)) for i in PsModelUsageItem.select())
+    assert ours == pytest.approx(sorted(i["totalCost"] for i in theirs["items"]), rel=1e-9, abs=1e-9)
+
+    # psai's report adds the counters PolicySynth's seed wrote without an item,
+    # priced by today's prices (nothing older is known), and counts nothing twice.
+    by_agent = {row["agent_id"]: row for row in psai.cost_report("agent")}
+    theirs_by_agent = {}
+    for item in theirs["items"]:
+        theirs_by_agent[item["agentId"]] = theirs_by_agent.get(item["agentId"], 0) + item["totalCost"]
+    seed_cost = (1000 * 4 + 100 * 1.25 + 200 * 10) * 1.1 / 1e6
+    assert float(by_agent[parent]["cost"]) == pytest.approx(theirs_by_agent[parent] + seed_cost, rel=1e-9)
+    assert by_agent[parent]["priced_from"] == "current,snapshot"
+    assert float(by_agent[child]["cost"]) == pytest.approx(theirs_by_agent[child], rel=1e-9)
+    assert by_agent[child]["priced_from"] == "snapshot"
+    assert {int(k): v for k, v in theirs["perAgent"].items()} == {
+        parent: "%.2f" % theirs_by_agent[parent], child: "%.2f" % theirs_by_agent[child]}
+
+
+def random_prices(rng):
+    def rate():
+        return rng.choice([0, rng.randint(0, 60), round(rng.uniform(0, 100), 4)])
+    prices = {"costInTokensPerMillion": rate(), "costOutTokensPerMillion": rate(),
+              "costInCachedContextTokensPerMillion": rate(), "currency": "USD"}
+    for key in ("flexTokensIn", "flexTokensCachedIn", "flexTokensOut", "priorityTokensIn", "priorityTokensCachedIn",
+                "priorityTokensOut", "fastTokensIn", "fastTokensCachedIn", "fastTokensOut"):
+        if rng.random() < 0.4:
+            prices[key] = rate()
+    if rng.random() < 0.5:
+        prices["longContextTokenThreshold"] = rng.randint(1, 200_000)
+        for key in ("longContextCostInTokensPerMillion", "longContextCostInCachedContextTokensPerMillion",
+                    "longContextCostOutTokensPerMillion"):
+            if rng.random() < 0.7:
+                prices[key] = rate()  # 0 now and then: the item cost manager falls back to the standard rate
+    if rng.random() < 0.5:
+        prices["regionalProcessingMargin"] = rng.choice([0, 10, 12.5])
+    if rng.random() < 0.3:
+        prices["flexPriorityTokensEnabledOnLongContext"] = rng.random() < 0.5
+    return prices
+
+
+def random_item(rng):
+    provider = rng.choice(["openai", "openairesponses", "anthropic", "azure", "google"])
+    pricing = {"configuredPrices": random_prices(rng)} if rng.random() < 0.9 else {}
+    if rng.random() < 0.6:
+        pricing["inferenceType"] = rng.choice(["flex", "priority", "fast"])
+    if rng.random() < 0.5:
+        pricing["regionalProcessing"] = "eu"
+    tokens_in = rng.randint(0, 300_000)
+    tokens_out = rng.randint(0, 20_000)
+    reasoning = rng.randint(0, tokens_out)
+    audio = rng.randint(0, tokens_out - reasoning)
+    data = {"version": 1, "provider": provider, "pricing": pricing,
+            "usageNormalized": {"tokensIn": tokens_in, "cachedInTokens": rng.randint(0, tokens_in),
+                                "tokensOut": tokens_out, "reasoningTokens": reasoning, "audioTokens": audio,
+                                "imageTokens": rng.randint(0, tokens_out - reasoning - audio)}}
+    metadata = rng.choice([None, {"appliedServiceTier": rng.choice(["flex", "priority", "default", "Flex"])},
+                           {"appliedSpeed": rng.choice(["fast", "standard"])}])
+    if metadata is not None:
+        data["providerMetadata"] = metadata
+    return {"data": data, "fallback": random_prices(rng)}
+
+
+def test_random_items_cost_what_policysynths_calc_costs_from_item_says(policysynth_package, tmp_path):
+    import random
+    rng = random.Random(1729)
+    items = [random_item(rng) for _ in range(600)]
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps(items))
+    # The item cost manager needs no database for this, only its settings to load.
+    env = dict(os.environ, PS_AGENTS_DIR=str(policysynth_package), PSQL_DB_NAME="none", PSQL_DB_USER="none",
+               DB_HOST="127.0.0.1", DB_PORT="1", NODE_ENV="test")
+    theirs = run_node(dict(env, PSAI_ARGS=str(path)), "calc")
+    ours = [item_cost(item["data"], item["fallback"]) for item in items]
+    assert None not in ours
+    for item, mine, policysynth in zip(items, ours, theirs):
+        assert float(mine) == pytest.approx(policysynth, rel=1e-9, abs=1e-9), item
