@@ -4,6 +4,7 @@ database; psai reads what it wrote, writes its own rows, and PolicySynth
 reads those back. Runs wherever Node.js is; with CI=true it must run."""
 import datetime
 import json
+from decimal import Decimal
 import os
 import pathlib
 import shutil
@@ -367,3 +368,37 @@ def test_random_items_cost_what_policysynths_calc_costs_from_item_says(policysyn
     assert None not in ours
     for item, mine, policysynth in zip(items, ours, theirs):
         assert float(mine) == pytest.approx(policysynth, rel=1e-9, abs=1e-9), item
+
+
+# The worked example of docs/policysynth.md, checked against PolicySynth itself.
+EXAMPLE_CONFIGURATION = {
+    "type": "text", "modelSize": "medium", "model": "gpt-4o", "provider": "openai", "active": True,
+    "inferenceType": "flex", "regionalProcessing": "eu", "maxTokensOut": 16384, "defaultTemperature": 0.7,
+    "prices": {"costInTokensPerMillion": 2.5, "costOutTokensPerMillion": 10,
+               "costInCachedContextTokensPerMillion": 1.25, "flexTokensIn": 1.25, "flexTokensOut": 5,
+               "regionalProcessingMargin": 10, "longContextTokenThreshold": 100_000, "currency": "USD"},
+}
+EXAMPLE_CALLS = [
+    dict(tokensIn=1000, cachedInTokens=200, tokensOut=500),
+    dict(tokensIn=150_000, cachedInTokens=0, tokensOut=1000),
+    dict(tokensIn=10_000, cachedInTokens=0, tokensOut=2000, providerMetadata={"appliedServiceTier": "default"}),
+]
+
+
+def test_the_worked_example_of_the_docs(scratch):
+    scratch.node("sync")
+    seeded = scratch.node("seed")
+    lead = seeded["ps_agents"][1]["id"]  # the seed's sub-agent: no other usage in its tree
+    psai.connect(scratch.url)
+    model = PsAiModel.create(user_id=seeded["user_id"], organization_id=2, name="GPT-4o EU",
+                             configuration=EXAMPLE_CONFIGURATION)
+    scratch.node("calls", [dict(call, modelId=model.id, agentId=lead, userId=seeded["user_id"])
+                           for call in EXAMPLE_CALLS])
+    model.update_configuration({"prices": {"costInTokensPerMillion": 5}})  # edited in place afterwards
+    reports = scratch.node("reports", lead)
+    assert reports["items"]["exact"] == pytest.approx(0.265375, rel=1e-12)
+    assert reports["items"]["report"]["totalCost"] == "0.27"
+    assert reports["counters"]["exact"] == pytest.approx(0.08925, rel=1e-12)
+    assert reports["counters"]["report"]["totalCost"] == "0.09"
+    [row] = [r for r in psai.cost_report("agent") if r["agent_id"] == lead]
+    assert row["cost"] == Decimal("0.265375") and row["priced_from"] == "snapshot"

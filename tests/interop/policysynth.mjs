@@ -4,6 +4,8 @@
 //   node policysynth.mjs calls              record the calls in $PSAI_ARGS (JSON) as
 //                                           its model manager does after each call
 //   node policysynth.mjs item-costs         every item priced by its item cost manager
+//   node policysynth.mjs reports            both its agent cost reports for the agent
+//                                           tree of $PSAI_ARGS: items and counters
 //   node policysynth.mjs calc               calcCostsFromItem on the items in the
 //                                           file $PSAI_ARGS (no database)
 // The package directory comes from PS_AGENTS_DIR; the database from
@@ -110,6 +112,20 @@ if (command === "sync") {
                                                                      row.price_cfg).totalCost })),
     perAgent: Object.fromEntries(await Promise.all(agentIds.map(
       async (id) => [id, await manager.getSingleAgentCosts(id)]))),
+  };
+} else if (command === "reports") {
+  const rootId = JSON.parse(process.env.PSAI_ARGS);
+  const { AgentCostItemManager } = await load("operations", "agentCostItemManager.js");
+  const { AgentCostManager } = await load("operations", "agentCostsManager.js");
+  const counters = new AgentCostManager();
+  const agentIds = await counters.getSubAgentIds(rootId);
+  const items = new AgentCostItemManager();
+  const sum = (rows) => rows.reduce((total, row) => total + row.totalCost, 0);
+  result = {
+    items: { report: await items.getAgentCosts(rootId, agentIds),
+             exact: sum(await items.getDetailedAgentCosts(agentIds)) },
+    counters: { report: await counters.getAgentCosts(rootId),
+                exact: sum(await counters.getDetailedAgentCosts(rootId)) },
   };
 } else {
   throw new Error("unknown command " + command);
