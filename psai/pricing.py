@@ -3,10 +3,10 @@
 All rates are per million tokens. ``resolve_prices`` gives the rates in force
 for a call (inference tier, long-context re-derivation, EU margin);
 ``partition_usage`` splits provider totals into PolicySynth's counters;
-``cost_breakdown`` and ``estimate_cost`` price one call. Float arithmetic
-follows PolicySynth's order of operations, so results agree with its own to
-the last bit; reports that add many values use ``Decimal`` instead
-(``cost_of_counters(..., exact=True)``).
+``cost_breakdown`` and ``estimate_cost`` price one call, in floating point
+as PolicySynth does, though not in its order (PolicySynth divides each part
+by a million before adding, psai adds first), so the last digit can differ;
+reports use exact ``Decimal`` arithmetic (``cost_of_counters(..., exact=True)``).
 """
 import math
 from decimal import Decimal
@@ -98,7 +98,8 @@ def _count(value):
 def partition_usage(*, tokens_in, tokens_out=0, cached_tokens=0, cache_write_tokens=0,
                     reasoning_tokens=0, audio_tokens=0, image_tokens=0, long_context_threshold=None):
     """Split a call's provider totals into PolicySynth's counters (a dict keyed
-    by ``COUNTERS``). Counts are not rounded here; they are when stored."""
+    by ``COUNTERS``). Counts are not rounded here (``record_usage`` rounds
+    the counts it records)."""
     total_in, cached, cache_write = _count(tokens_in), _count(cached_tokens), _count(cache_write_tokens)
     reasoning, audio, image = _count(reasoning_tokens), _count(audio_tokens), _count(image_tokens)
     ordinary = max(total_in - cached - cache_write, 0)

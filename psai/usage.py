@@ -57,7 +57,7 @@ def _check_counts(counts):
 
 
 def _round_half_up(value):
-    # JavaScript's Math.round, which PolicySynth applies when storing counters.
+    # Half up, as JavaScript's Math.round: whole tokens for the integer counters.
     return int(math.floor(value + 0.5))
 
 
