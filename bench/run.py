@@ -278,6 +278,22 @@ def raw_record(kind, url, path, schema, model_ids, agent_ids, count, seed):
             cursor.execute('UPDATE "ps_model_usage" SET token_in_count = token_in_count + {p}, token_out_count = '
                            'token_out_count + {p}, updated_at = {p} WHERE id = {p}'.format(p=p),
                            (tokens_in, tokens_out, stamp, row[0]))
+        # The call's item, with the prices stored now.
+        cursor.execute('SELECT configuration FROM "ps_ai_models" WHERE id = {p}{share}'.format(
+            p=p, share=" FOR SHARE" if kind == "postgres" else ""), (model_id,))
+        config = cursor.fetchone()[0]
+        config = json.loads(config) if isinstance(config, str) else config
+        data = {"version": 1, "provider": config["provider"], "apiFamily": config["provider"],
+                "timestamp": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "model": {"id": model_id, "name": config["model"], "type": config["type"],
+                          "size": config["modelSize"]},
+                "actor": {"userId": 1, "agentId": agent_id}, "request": {},
+                "pricing": {"configuredPrices": config["prices"]},
+                "usageNormalized": {"tokensIn": tokens_in, "tokensOut": tokens_out, "cachedInTokens": 0,
+                                    "reasoningTokens": 0, "audioTokens": 0, "imageTokens": 0}}
+        cursor.execute('INSERT INTO "ps_model_usage_item" (user_id, created_at, updated_at, model_id, agent_id, data) '
+                       'VALUES (1, {p}, {p}, {p}, {p}, {p})'.format(p=p),
+                       (stamp, stamp, model_id, agent_id, raw_json(data)))
         if kind == "sqlite":
             cursor.execute("COMMIT")
         else:
@@ -296,7 +312,7 @@ def bench_record_usage(backend, results, count):
     for processes in (1, 4):
         each = count // processes
         for runner, label in ((raw_record, "raw"), (psai_record, "psai")):
-            backend.truncate("ps_model_usage")
+            backend.truncate("ps_model_usage", "ps_model_usage_item")
             call_args = (raw_args + args) if runner is raw_record else ((backend.url,) + args)
             with context.Pool(processes) as pool:
                 start = time.perf_counter()
@@ -310,8 +326,10 @@ def bench_record_usage(backend, results, count):
             tokens = psai.database.execute_sql('SELECT SUM(token_in_count) FROM "ps_model_usage"').fetchone()[0]
             expected = sum(t for seed in range(processes) for _p, t, _o in usage_plan(each, seed))
             assert tokens == expected, (label, tokens, expected)
-        results.add("record usage, %d process%s" % (processes, "es" if processes > 1 else ""), count,
-                    backend.kind, psai_wall, raw_wall, note="%.0f calls/s through psai" % (count / psai_wall))
+            calls = psai.database.execute_sql('SELECT COUNT(*) FROM "ps_model_usage_item"').fetchone()[0]
+            assert calls == each * processes, (label, calls)
+        results.add("record usage with its item, %d process%s" % (processes, "es" if processes > 1 else ""),
+                    count, backend.kind, psai_wall, raw_wall, note="%.0f calls/s through psai" % (count / psai_wall))
 
 
 # -- 6. cost reports ----------------------------------------------------------------------------
@@ -369,7 +387,9 @@ def raw_report(backend, group_column):
     return totals
 
 
-def bench_reports(backend, results, rows):
+def bench_counter_reports(backend, results, rows):
+    """Counters without items: a database from before usage items."""
+    backend.truncate("ps_model_usage_item")
     start = time.perf_counter()
     fill_usage(backend, rows)
     print("  (filled %d usage rows in %.1fs)" % (rows, time.perf_counter() - start), flush=True)
@@ -377,14 +397,128 @@ def bench_reports(backend, results, rows):
         psai_rows = psai.cost_report(by)
         key = "model_id" if by == "model" else "agent_id"
         assert {r[key]: r["cost"] for r in psai_rows} == raw_report(backend, column)
-        results.add("cost report by %s" % by, rows, backend.kind, timed(lambda: psai.cost_report(by), 3),
-                    timed(lambda: raw_report(backend, column), 3), note="target <= 1.2x")
+        results.add("cost report by %s, counters without items" % by, rows, backend.kind,
+                    timed(lambda: psai.cost_report(by), 3), timed(lambda: raw_report(backend, column), 3))
+    backend.truncate("ps_model_usage")
 
 
-# -- 7. the command line as a whole process ------------------------------------------------------
+# -- 7. cost reports over usage items ---------------------------------------------------------------
+
+def fill_items(backend, rows):
+    """``rows`` usage items straight through the raw driver (set-up, not
+    timed): 100 models, each with three price snapshots over time, a long
+    context threshold on every fifth, a provider-applied tier on some calls."""
+    from bench.common import configuration
+    models = list(PsAiModel.select(PsAiModel.id, PsAiModel.configuration).order_by(PsAiModel.id).limit(100))
+    agent_ids = [a.id for a in PsAgent.select(PsAgent.id).order_by(PsAgent.id)]
+    backend.truncate("ps_model_usage_item", "ps_model_usage")
+    cursor = backend.raw.cursor()
+    backend.raw_begin()
+    base = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    columns = ["user_id", "created_at", "updated_at", "model_id", "agent_id", "data"]
+    chunk = 10_000
+    for start in range(0, rows, chunk):
+        batch = []
+        for i in range(start, min(rows, start + chunk)):
+            model = models[i % len(models)]
+            config = model.configuration
+            prices = dict(config["prices"], costInTokensPerMillion=config["prices"]["costInTokensPerMillion"]
+                          + (i // 7) % 3)
+            if model.id % 5 == 0:
+                prices["longContextTokenThreshold"] = 800
+            when = base + datetime.timedelta(days=i % 300, seconds=i % 86_400)
+            stamp = when.isoformat(sep=" ", timespec="microseconds") if backend.kind == "sqlite" else when
+            tokens_in, tokens_out = 500 + i % 400, 50 + i % 70
+            data = {"version": 1, "provider": config["provider"], "apiFamily": config["provider"],
+                    "timestamp": when.strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                    "model": {"id": model.id, "name": config["model"], "type": config["type"],
+                              "size": config["modelSize"]},
+                    "actor": {"userId": 1, "agentId": agent_ids[(i // 7) % len(agent_ids)]}, "request": {},
+                    "pricing": {"configuredPrices": prices},
+                    "usageNormalized": {"tokensIn": tokens_in, "tokensOut": tokens_out, "cachedInTokens": i % 50,
+                                        "reasoningTokens": i % 20, "audioTokens": 0, "imageTokens": 0}}
+            if i % 11 == 0:
+                data["providerMetadata"] = {"appliedServiceTier": "default"}
+            batch.append((1, stamp, stamp, model.id, agent_ids[(i // 7) % len(agent_ids)], raw_json(data)))
+        sql = 'INSERT INTO "ps_model_usage_item" (%s) VALUES ' % ", ".join(columns)
+        if backend.kind == "sqlite":
+            cursor.executemany(sql + "(?, ?, ?, ?, ?, json(?))", batch)
+        else:
+            from psycopg2.extras import execute_values
+            execute_values(cursor, sql + "%s", batch, page_size=chunk)
+    backend.raw_commit()
+    backend.db.execute_sql("ANALYZE")
+
+
+RAW_ITEM_SQL = {
+    # The same aggregation written plainly: no type checks, no coverage of counters.
+    "sqlite": """SELECT model_id, {key}, pricing, tier, long, COUNT(*), SUM(tin - cached), SUM(cached), SUM(tout)
+        FROM (SELECT model_id, agent_id, json_extract(data, '$.pricing') AS pricing,
+                     json_extract(data, '$.providerMetadata.appliedServiceTier') AS tier,
+                     json_extract(data, '$.usageNormalized.tokensIn') AS tin,
+                     json_extract(data, '$.usageNormalized.cachedInTokens') AS cached,
+                     json_extract(data, '$.usageNormalized.tokensOut') AS tout,
+                     coalesce(json_extract(data, '$.usageNormalized.tokensIn')
+                              >= json_extract(data, '$.pricing.configuredPrices.longContextTokenThreshold'), 0)
+                       AS long
+              FROM ps_model_usage_item)
+        GROUP BY model_id, {key}, pricing, tier, long""",
+    "postgres": """SELECT model_id, {key}, pricing, tier, long, COUNT(*), SUM(tin - cached), SUM(cached), SUM(tout)
+        FROM (SELECT model_id, agent_id, data -> 'pricing' AS pricing,
+                     data #>> '{{providerMetadata,appliedServiceTier}}' AS tier,
+                     (data #>> '{{usageNormalized,tokensIn}}')::numeric AS tin,
+                     (data #>> '{{usageNormalized,cachedInTokens}}')::numeric AS cached,
+                     (data #>> '{{usageNormalized,tokensOut}}')::numeric AS tout,
+                     coalesce((data #>> '{{usageNormalized,tokensIn}}')::numeric
+                              >= (data #>> '{{pricing,configuredPrices,longContextTokenThreshold}}')::numeric, false)
+                       AS long
+              FROM ps_model_usage_item) c
+        GROUP BY model_id, {key}, pricing, tier, long""",
+}
+
+
+def raw_item_report(backend, key):
+    """The item report by hand: one aggregate, then each group priced with
+    psai's pure pricing functions."""
+    from psai.items import bucket_cost, effective_prices
+    cursor = backend.raw.cursor()
+    cursor.execute(RAW_ITEM_SQL[backend.kind].format(key=key))
+    totals = {}
+    resolved = {}
+    for model_id, group, pricing, tier, long, calls, tokens_in, cached, tokens_out in cursor.fetchall():
+        pricing = json.loads(pricing) if isinstance(pricing, str) else pricing
+        cache_key = (raw_json(pricing), tier)
+        if cache_key not in resolved:
+            resolved[cache_key] = effective_prices("provider", pricing,
+                                                   {"appliedServiceTier": tier} if tier else None)[0]
+        prefix = "long_" if long else ""
+        buckets = {prefix + "in": int(tokens_in), prefix + "cached": int(cached), prefix + "out": int(tokens_out)}
+        totals[group] = totals.get(group, Decimal(0)) + bucket_cost(buckets, resolved[cache_key])
+    if backend.kind == "postgres":
+        backend.raw.commit()
+    return totals
+
+
+def bench_item_reports(backend, results, sizes):
+    for rows in sizes:
+        start = time.perf_counter()
+        fill_items(backend, rows)
+        print("  (filled %d usage items in %.1fs)" % (rows, time.perf_counter() - start), flush=True)
+        repeat = 3 if rows <= 100_000 else 1
+        for by, key in (("model", "model_id"), ("agent", "agent_id")):
+            psai_rows = psai.cost_report(by)
+            assert {r[key]: r["cost"] for r in psai_rows} == raw_item_report(backend, key)
+            results.add("cost report by %s over items" % by, rows, backend.kind,
+                        timed(lambda: psai.cost_report(by), repeat), timed(lambda: raw_item_report(backend, key),
+                                                                           repeat),
+                        note="target <= 1.5x (issue 16)")
+    backend.truncate("ps_model_usage_item")
+
+
+# -- 8. the command line as a whole process ------------------------------------------------------
 
 def bench_cli(backend, results, runs):
-    backend.truncate("AgentModels", "ps_model_usage", "ps_ai_models")
+    backend.truncate("AgentModels", "ps_model_usage", "ps_model_usage_item", "ps_ai_models")
     psai_insert_models(model_rows(100), validate=False)
     env = dict(os.environ, PSAI_DATABASE_URL=backend.url)
 
@@ -404,12 +538,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.1 for a quick run)")
-    parser.add_argument("--only", nargs="*", help="run only these: insert validated filter eager usage report cli")
+    parser.add_argument("--only", nargs="*",
+                        help="run only these: insert validated filter eager usage report items cli")
     parser.add_argument("--markdown", help="also write the results table to this Markdown file")
     args = parser.parse_args(argv)
     scale = lambda n: max(1, int(n * args.scale))
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "cli"]
+    steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "items", "cli"]
     results = Results()
     started = time.perf_counter()
     for kind in backends:
@@ -420,14 +555,16 @@ def main(argv=None):
                 bench_bulk_insert(backend, results, scale(100_000))
             if "validated" in steps:
                 bench_validated(backend, results, scale(5_000))
-            if any(step in steps for step in ("filter", "eager", "usage", "report")):
+            if any(step in steps for step in ("filter", "eager", "usage", "report", "items")):
                 bench_filter(backend, results, scale(100_000), runs=51)
-            if any(step in steps for step in ("eager", "usage", "report")):
+            if any(step in steps for step in ("eager", "usage", "report", "items")):
                 bench_eager(backend, results, scale(1_000))
             if "usage" in steps:
                 bench_record_usage(backend, results, scale(100_000))
             if "report" in steps:
-                bench_reports(backend, results, scale(1_000_000))
+                bench_counter_reports(backend, results, scale(100_000))
+            if "items" in steps:
+                bench_item_reports(backend, results, [scale(10_000), scale(100_000), scale(1_000_000)])
             if "cli" in steps:
                 bench_cli(backend, results, runs=11)
         finally:

@@ -26,7 +26,7 @@ from .errors import NotFoundError, PsaiError, ValidationError
 from .fields import utcnow
 from .models import PriceCorrection, PriceVersion, PsAiModel, PsModelUsageItem, strict_json_dumps
 
-__all__ = ["price_history", "prices_at", "model_corrections", "reprice", "record_price_change", "resolve_models"]
+__all__ = ["price_history", "histories_of", "prices_at", "reprice", "record_price_change", "resolve_models"]
 
 
 def _prices_of(configuration):
@@ -108,17 +108,24 @@ def price_history(model):
     """The versions of a model's prices, oldest first (see the module's
     docstring). ``model``: a row, id, uuid or name (every row that has it)."""
     rows = resolve_models(model)
+    histories = histories_of(rows)
+    return [version for row in rows for version in histories[row.id][0]]
+
+
+def histories_of(rows):
+    """``{model_id: (versions, corrections)}`` of model rows as stored, in
+    two queries whatever their number (reports price many models)."""
     db = model_db(PriceVersion)
     ids = [row.id for row in rows]
     stored = {}
-    if _has_history(db):
+    if _has_history(db) and ids:
         for v in (PriceVersion.select().where(PriceVersion.model.in_(ids))
                   .order_by(PriceVersion.valid_from, PriceVersion.id)):
             stored.setdefault(v.model_id, []).append(
                 {"model_id": v.model_id, "valid_from": v.valid_from, "valid_to": v.valid_to, "prices": v.prices,
                  "source": v.source})
     corrections = _corrections(db, ids)
-    history = []
+    histories = {}
     for row in rows:
         versions = stored.get(row.id, [])
         current = _prices_of(row.configuration)
@@ -135,19 +142,18 @@ def price_history(model):
                              "source": "observed"})
         for version in versions:
             version["corrections"] = [c for c in corrections.get(row.id, []) if _overlaps(c, version)]
-        history.extend(versions)
-    return history
+        histories[row.id] = (versions, corrections.get(row.id, []))
+    return histories
 
 
 def prices_at(model, moment, history=None, corrections=None):
     """``(prices, known)``: the prices of ``model`` (a row) in force at
     ``moment`` by its history, with the corrections covering ``moment``
     applied; when the history does not reach back that far, its current
-    prices and ``known=False``. ``history`` and ``corrections`` (of this
-    model, as ``price_history`` and ``model_corrections`` give them) may be
-    passed when pricing many moments."""
-    history = price_history(model) if history is None else history
-    corrections = model_corrections(model) if corrections is None else corrections
+    prices and ``known=False``. ``history`` and ``corrections`` (as
+    ``histories_of`` gives them) may be passed when pricing many moments."""
+    if history is None or corrections is None:
+        history, corrections = histories_of([PsAiModel.get_by_key(model.id)])[model.id]
     prices, known = _prices_of(model.configuration), False
     for version in history:
         if version["valid_from"] is not None and version["valid_from"] <= moment \
@@ -158,11 +164,6 @@ def prices_at(model, moment, history=None, corrections=None):
         if _covers(correction, moment):
             prices = _merge_prices(prices, correction["changes"])
     return prices, known
-
-
-def model_corrections(model):
-    """The corrections applied to a model's recorded usage, oldest first."""
-    return _corrections(model_db(PriceCorrection), [model.id]).get(model.id, [])
 
 
 def _covers(correction, moment):

@@ -20,7 +20,6 @@ psai adds what it records and PolicySynth 1.3.172 does not, under the key
 since they are part of ``tokensIn``), and web searches. Counts that are
 negative or not numbers count as 0 (PolicySynth would subtract them).
 """
-import copy
 import math
 
 from .pricing import COUNTERS, cost_of_counters, resolve_prices
@@ -63,9 +62,10 @@ def item_data(*, model_id, configuration, user_id, agent_id, connector_id, momen
               cached_tokens=0, cache_write_tokens=0, reasoning_tokens=0, audio_tokens=0, image_tokens=0,
               web_searches=0, provider_metadata=None):
     """``ps_model_usage_item.data`` for one call, in PolicySynth's layout
-    (version 1). ``configuration`` is the model's, as stored at call time."""
+    (version 1). ``configuration`` is the model's, as stored at call time;
+    the result shares its ``prices`` (it is meant to be serialised)."""
     provider = configuration.get("provider")
-    pricing = {"configuredPrices": copy.deepcopy(configuration.get("prices"))}
+    pricing = {"configuredPrices": configuration.get("prices")}
     for key in ("inferenceType", "regionalProcessing"):
         if configuration.get(key) is not None:
             pricing[key] = configuration[key]
@@ -87,7 +87,7 @@ def item_data(*, model_id, configuration, user_id, agent_id, connector_id, momen
                             "imageTokens": image_tokens},
     }
     if provider_metadata is not None:
-        data["providerMetadata"] = copy.deepcopy(provider_metadata)
+        data["providerMetadata"] = provider_metadata
     extras = {key: value for key, value in (("cacheWriteTokens", cache_write_tokens),
                                             ("webSearches", web_searches)) if value}
     if extras:

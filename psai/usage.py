@@ -5,6 +5,7 @@
 counters up in SQL and prices each group with the prices of the model row the
 usage points to, in exact ``Decimal`` arithmetic.
 """
+import bisect
 import datetime
 import hashlib
 import json
@@ -172,10 +173,10 @@ def _stored_configuration(db, model):
 
 
 def _item_insert(db):
+    # The data is psai's own strict, minified JSON: SQLite need not parse it again with json().
     p = "%s" if is_postgres(db) else "?"
     return ('INSERT INTO "ps_model_usage_item" ("user_id", "created_at", "updated_at", "model_id", "agent_id", '
-            '"connector_id", "data") VALUES (%s, %s, %s, %s, %s, %s, %s)'
-            % (p, p, p, p, p, p, p if is_postgres(db) else "json(?)"))
+            '"connector_id", "data") VALUES (%s)' % ", ".join([p] * 7))
 
 
 _ROW_COLUMNS = ("id", "user_id", "created_at", "updated_at", "model_id", "agent_id", "connector_id")
@@ -309,24 +310,21 @@ def _window(db, column, since, until, model_ids, params):
     return clauses
 
 
-def _item_groups(db, keys, since=None, until=None, model_ids=None):
-    """Items added up in SQL by model, ``keys`` (among agent, connector,
-    day), and everything that decides their price. One dict a group."""
+def _item_groups(db, keys=(), since=None, until=None, model_ids=None):
+    """Items added up in SQL by model, ``keys`` (among agent, connector and
+    day, the UTC day) and everything that decides their price. One dict a
+    group; ``agent_id`` is None for usage without an agent or whose agent
+    was deleted."""
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return []
     j = _JsonSQL(is_postgres(db))
     data = "i.data"
-    source = '"ps_model_usage_item" i'
-    if not j.postgres:
-        # A hand-written row may hold text that is not JSON: read it as {}.
-        source = ('(SELECT id, model_id, agent_id, connector_id, created_at, '
-                  "CASE WHEN json_valid(data) THEN data ELSE '{}' END AS data FROM \"ps_model_usage_item\") i")
-    snapshot_threshold = j.number(data, "pricing", "configuredPrices", "longContextTokenThreshold")
-    current_threshold = j.number("m.configuration", "prices", "longContextTokenThreshold")
-    has_snapshot = j.object(data, "pricing", "configuredPrices") + " IS NOT NULL"
+    # The long-context threshold of the call's own prices; for an item
+    # without a snapshot, of the model's current prices. (A join, not a
+    # subquery per row: PostgreSQL's estimate for that made it JIT-compile.)
     columns = {
         "model_id": "i.model_id",
-        "agent_id": "a.id" if "agent" in keys else None,
+        "agent_id": "i.agent_id" if "agent" in keys else None,
         "connector_id": "i.connector_id" if "connector" in keys else None,
         "day": j.day("i.created_at") if "day" in keys else None,
         "provider": j.string(data, "provider"),
@@ -341,14 +339,16 @@ def _item_groups(db, keys, since=None, until=None, model_ids=None):
         "parts": " + ".join(j.count(data, "usageNormalized", k) for k in ("reasoningTokens", "audioTokens",
                                                                           "imageTokens")),
         "web": j.count(data, "psai", "webSearches"),
-        "threshold": "(CASE WHEN %s THEN %s ELSE %s END)" % (has_snapshot, snapshot_threshold, current_threshold),
+        "threshold": "(CASE WHEN %s IS NOT NULL THEN %s ELSE %s END)" % (
+            j.object(data, "pricing", "configuredPrices"),
+            j.number(data, "pricing", "configuredPrices", "longContextTokenThreshold"),
+            j.number("m.configuration", "prices", "longContextTokenThreshold")),
     }
     columns = {name: sql for name, sql in columns.items() if sql is not None}
     params = []
-    where = _window(db, "i.created_at", since, until, model_ids, params)
-    inner = "SELECT %s FROM %s LEFT JOIN \"ps_ai_models\" m ON m.id = i.model_id%s%s" % (
-        ", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()), source,
-        ' LEFT JOIN "ps_agents" a ON a.id = i.agent_id' if "agent" in keys else "",
+    where = _window(db, "i.created_at", since, until, model_ids, params) + _valid_json(j, data)
+    inner = 'SELECT %s FROM "ps_model_usage_item" i LEFT JOIN "ps_ai_models" m ON m.id = i.model_id%s' % (
+        ", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
         " WHERE " + " AND ".join(where) if where else "")
     group = [name for name in columns if name not in ("tin", "cached", "cw", "tout", "parts", "web", "threshold")]
     group.append("long")
@@ -357,6 +357,7 @@ def _item_groups(db, keys, since=None, until=None, model_ids=None):
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long "
            "FROM (%s) c) g GROUP BY %s" % (", ".join(group), ", ".join(sums), inner, ", ".join(group)))
     names = group + ["calls", "in", "cached", "cache_write", "out", "web"]
+    agents = _agent_ids(db) if "agent" in keys else ()
     rows = []
     for values in db.execute_sql(sql, params).fetchall():
         row = dict(zip(names, values))
@@ -365,10 +366,51 @@ def _item_groups(db, keys, since=None, until=None, model_ids=None):
         for bucket in ("in", "cached", "cache_write", "out"):
             row["buckets"][prefix + bucket] = _number(row.pop(bucket))
         row["web"] = int(row["web"] or 0)
+        if "agent" in keys:
+            row["agent_id"] = row["agent_id"] if row["agent_id"] in agents else None
         if isinstance(row["pricing"], str):
             row["pricing"] = json.loads(row["pricing"])
         rows.append(row)
+    rows.extend(_unreadable_items(db, keys, since, until, model_ids))
     return rows
+
+
+def _valid_json(j, column):
+    """SQLite keeps JSON as text, and a hand-written row may hold text that
+    is not JSON, which would fail every JSON function: such rows are left to
+    ``_unreadable_items``. (jsonb is always JSON.)"""
+    return [] if j.postgres else ["json_valid(%s)" % column]
+
+
+def _unreadable_items(db, keys, since, until, model_ids):
+    """SQLite: items whose data is not JSON, as groups without usage (they
+    are reported unpriced, with their number of calls)."""
+    if is_postgres(db):
+        return []
+    params = []
+    where = _window(db, "i.created_at", since, until, model_ids, params) + ["NOT json_valid(i.data)"]
+    key_columns = [c for c, k in (("i.agent_id", "agent"), ("i.connector_id", "connector"),
+                                  (_JsonSQL(False).day("i.created_at"), "day")) if k in keys]
+    names = [n for n, k in (("agent_id", "agent"), ("connector_id", "connector"), ("day", "day")) if k in keys]
+    sql = 'SELECT i.model_id, %sCOUNT(*) FROM "ps_model_usage_item" i WHERE %s GROUP BY i.model_id%s' % (
+        "".join(c + ", " for c in key_columns), " AND ".join(where), "".join(", " + c for c in key_columns))
+    agents = _agent_ids(db) if "agent" in keys else ()
+    groups = []
+    for values in db.execute_sql(sql, params).fetchall():
+        group = dict(zip(["model_id"] + names, values[:-1]), calls=values[-1], provider=None, pricing=None,
+                     applied_service_tier=None, applied_speed=None, has_usage=0, web=0,
+                     buckets=dict.fromkeys(BUCKETS, 0))
+        if "agent" in keys:
+            group["agent_id"] = group["agent_id"] if group["agent_id"] in agents else None
+        groups.append(group)
+    return groups
+
+
+def _agent_ids(db):
+    """The ids of the agents that exist: usage of a deleted agent (or of
+    none, agent_id 0 in an item) is reported without one, as
+    ps_model_usage's ON DELETE SET NULL has it."""
+    return {row[0] for row in db.execute_sql('SELECT "id" FROM "ps_agents"').fetchall()}
 
 
 def _number(value):
@@ -397,51 +439,75 @@ def _counter_buckets(row, present):
     }
 
 
+def _item_totals(db, model_ids=None):
+    """Input and output tokens of all items per (model, agent, connector):
+    the light pass that tells which counters the items cover."""
+    if not table_columns(db, PsModelUsageItem._meta.table_name):
+        return {}
+    j = _JsonSQL(is_postgres(db))
+    params = []
+    where = _window(db, "i.created_at", None, None, model_ids, params) + _valid_json(j, "i.data")
+    agents = _agent_ids(db)
+    totals = defaultdict(lambda: [0, 0])
+    for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
+            'SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM "ps_model_usage_item" i%s '
+            'GROUP BY model_id, agent_id, connector_id' % (
+                j.count("i.data", "usageNormalized", "tokensIn"), j.count("i.data", "usageNormalized", "tokensOut"),
+                " WHERE " + " AND ".join(where) if where else ""), params).fetchall():
+        entry = totals[(model_id, agent_id if agent_id in agents else None, connector_id)]
+        entry[0] += _number(tokens_in)
+        entry[1] += _number(tokens_out)
+    return totals
+
+
 def _uncovered_counters(db, model_ids=None):
     """Counter usage that no item accounts for, as pieces of counter rows.
 
-    Items and counters are compared per (model, agent, connector): what the
-    items add up to is taken off the newest counter rows first (items came
-    later than counters), and what is left of each row is its uncovered part.
-    Items beyond the counters (a counter write that failed) count as they
-    are: the items are the record of the calls."""
+    Items and counters are compared per (model, agent, connector): where the
+    counters hold more tokens than the items, what the items add up to is
+    taken off the newest counter rows first (items came later than
+    counters), bucket by bucket, and what is left of each row is its
+    uncovered part. Items beyond the counters (a counter write that failed)
+    count as they are: the items are the record of the calls."""
     present = usage_counters(db)
+    p = "%s" if is_postgres(db) else "?"
+    params, where = [], ""
+    if model_ids is not None:
+        where = " WHERE model_id IN (%s)" % (", ".join([p] * len(model_ids)) or "NULL")
+        params = list(model_ids)
+    agents = _agent_ids(db)
+    counted = defaultdict(lambda: [0, 0])
+    for values in db.execute_sql(
+            'SELECT model_id, agent_id, connector_id, %s FROM "ps_model_usage"%s '
+            'GROUP BY model_id, agent_id, connector_id' % (", ".join("SUM(%s)" % c for c in present), where),
+            params).fetchall():
+        key = (values[0], values[1] if values[1] in agents else None, values[2])
+        buckets = _counter_buckets(dict(zip(present, values[3:])), present)
+        counted[key][0] += sum(buckets[b] for b in BUCKETS if b not in ("out", "long_out"))
+        counted[key][1] += buckets["out"] + buckets["long_out"]
+    if not counted:
+        return []
+    itemized = _item_totals(db, model_ids)
+    short = {key for key, (tokens_in, tokens_out) in counted.items()
+             if tokens_in > itemized.get(key, (0, 0))[0] or tokens_out > itemized.get(key, (0, 0))[1]}
+    if not short:
+        return []
+    models = sorted({key[0] for key in short})
     folded = "token_in_cache_write_count" not in present
     covered = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
-    for group in _item_groups(db, ("agent", "connector"), model_ids=model_ids):
+    for group in _item_groups(db, ("agent", "connector"), model_ids=models):
         into = covered[(group["model_id"], group["agent_id"], group["connector_id"])]
         for bucket, value in group["buckets"].items():
             if folded and bucket.endswith("cache_write"):
                 bucket = bucket.replace("cache_write", "in")  # how such a table counted them
             into[bucket] += value
-    p = "%s" if is_postgres(db) else "?"
-    params = []
-    where = ""
-    if model_ids is not None:
-        where = " WHERE u.model_id IN (%s)" % (", ".join([p] * len(model_ids)) or "NULL")
-        params = list(model_ids)
-    sums = ", ".join("SUM(u.%s)" % c for c in present)
-    totals = db.execute_sql(
-        'SELECT u.model_id, a.id, u.connector_id, %s FROM "ps_model_usage" u '
-        'LEFT JOIN "ps_agents" a ON a.id = u.agent_id%s GROUP BY u.model_id, a.id, u.connector_id'
-        % (sums, where), params).fetchall()
-    short = set()
-    for values in totals:
-        key = values[:3]
-        buckets = _counter_buckets(dict(zip(present, values[3:])), present)
-        if any(buckets[b] > covered[key][b] for b in BUCKETS):
-            short.add(key)
-    if not short:
-        return []
-    models = sorted({key[0] for key in short})
     rows = db.execute_sql(
-        'SELECT u.model_id, a.id, u.connector_id, u.created_at, %s FROM "ps_model_usage" u '
-        'LEFT JOIN "ps_agents" a ON a.id = u.agent_id WHERE u.model_id IN (%s) '
-        'ORDER BY u.created_at DESC, u.id DESC' % (", ".join("u.%s" % c for c in present), ", ".join([p] * len(models))),
+        'SELECT model_id, agent_id, connector_id, created_at, %s FROM "ps_model_usage" WHERE model_id IN (%s) '
+        'ORDER BY created_at DESC, id DESC' % (", ".join(present), ", ".join([p] * len(models))),
         models).fetchall()
     pieces = []
     for values in rows:
-        key = tuple(values[:3])
+        key = (values[0], values[1] if values[1] in agents else None, values[2])
         if key not in short:
             continue
         remaining = covered[key]
@@ -460,36 +526,70 @@ def _uncovered_counters(db, model_ids=None):
 def _usage_parts(db, by, since, until, model_ids=None):
     """All recorded usage in [since, until), as parts each priced alike:
     item groups and uncovered counter pieces. Each part has ``model_id``,
-    the report keys, the pricing context and its ``buckets``."""
-    from .history import model_corrections, price_history, prices_at
+    ``agent_id`` (by agent or tree), ``day`` (by day), the pricing context
+    and its ``buckets``."""
+    from .history import histories_of, prices_at
     keys = {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
     parts = []
     for group in _item_groups(db, keys, since, until, model_ids):
         pricing = group["pricing"] or {}
         parts.append(dict(
-            group, agent_id=group.get("agent_id"),
+            group,
             metadata={k: v for k, v in (("appliedServiceTier", group.pop("applied_service_tier")),
                                         ("appliedSpeed", group.pop("applied_speed"))) if v is not None},
             priced_from="snapshot" if pricing.get("configuredPrices") is not None else "current"))
     pieces = [piece for piece in _uncovered_counters(db, model_ids)
               if (since is None or piece["created_at"] >= since) and (until is None or piece["created_at"] < until)]
-    if pieces:
-        models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}
-        histories = {model_id: (price_history(model), model_corrections(model)) for model_id, model in models.items()}
-        for piece in pieces:
-            model = models.get(piece["model_id"])
-            configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
-            prices, known = prices_at(model, piece["created_at"], *histories[model.id]) if model is not None \
-                else (None, False)
-            pricing = {"configuredPrices": prices}
-            for key in ("inferenceType", "regionalProcessing"):
-                if configuration.get(key) is not None:
-                    pricing[key] = configuration[key]
-            parts.append(dict(
-                piece, provider=configuration.get("provider"), pricing=pricing, metadata={}, has_usage=1, calls=0,
-                web=0, day=piece["created_at"].astimezone(UTC).strftime("%Y-%m-%d"),
-                priced_from="history" if known else "current"))
-    return parts
+    if not pieces:
+        return parts
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}
+    histories = histories_of(list(models.values()))
+    # The prices in force change only where a version or a correction begins
+    # or ends: the pieces between the same two such moments are priced alike.
+    moments = {model_id: sorted({t for v in history for t in (v["valid_from"], v["valid_to"]) if t is not None}
+                                | {t for c in corrections for t in (c["since"], c["until"]) if t is not None})
+               for model_id, (history, corrections) in histories.items()}
+    merged = {}
+    for piece in pieces:
+        model_id = piece["model_id"]
+        day = piece["created_at"].astimezone(UTC).strftime("%Y-%m-%d") if by == "day" else None
+        period = bisect.bisect_right(moments.get(model_id, ()), piece["created_at"])
+        key = (model_id, piece["agent_id"], day, period)
+        if key in merged:
+            for bucket, value in piece["buckets"].items():
+                merged[key]["buckets"][bucket] += value
+            continue
+        model = models.get(model_id)
+        configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
+        prices, known = prices_at(model, piece["created_at"], *histories[model_id]) if model is not None \
+            else (None, False)
+        pricing = {"configuredPrices": prices}
+        for name in ("inferenceType", "regionalProcessing"):
+            if configuration.get(name) is not None:
+                pricing[name] = configuration[name]
+        merged[key] = dict(piece, provider=configuration.get("provider"), pricing=pricing, metadata={},
+                           has_usage=1, calls=0, web=0, priced_from="history" if known else "current", day=day,
+                           buckets=dict(piece["buckets"]))
+    return parts + list(merged.values())
+
+
+def _merge_parts(parts, fields):
+    """Parts that agree on ``fields`` and on everything that prices them,
+    added up: each is priced once."""
+    merged = {}
+    for part in parts:
+        key = tuple(part[f] for f in fields) + (
+            part["provider"], part["priced_from"], part["has_usage"],
+            strict_json_dumps([part["pricing"], part["metadata"]], sort_keys=True))
+        into = merged.get(key)
+        if into is None:
+            merged[key] = dict(part, buckets=dict(part["buckets"]))
+            continue
+        for bucket, value in part["buckets"].items():
+            into["buckets"][bucket] += value
+        into["calls"] += part["calls"]
+        into["web"] += part["web"]
+    return list(merged.values())
 
 
 def _price_parts(parts, transform=None):
@@ -593,7 +693,8 @@ def cost_report(by="model", *, since=None, until=None, strict=False, progress=No
         raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
     since, until = _as_datetime(since), _as_datetime(until, end=True)
     db = model_db(PsModelUsage)
-    parts = _price_parts(_usage_parts(db, by, since, until))
+    keep = {"agent": ("agent_id",), "tree": ("agent_id",), "day": ("day",)}.get(by, ())
+    parts = _price_parts(_merge_parts(_usage_parts(db, by, since, until), ("model_id",) + keep))
     if strict:
         _refuse_unpriced(parts)
     ancestors = _ancestors(db) if by == "tree" else None
