@@ -331,7 +331,9 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None):
         "pricing": j.object(data, "pricing"),
         "applied_service_tier": j.string(data, "providerMetadata", "appliedServiceTier"),
         "applied_speed": j.string(data, "providerMetadata", "appliedSpeed"),
-        "has_usage": "(CASE WHEN %s IS NOT NULL THEN 1 ELSE 0 END)" % j.object(data, "usageNormalized"),
+        # Readable: token counts, the input total a number (an item whose
+        # counts are text is not priced as 0 tokens, nor guessed).
+        "has_usage": "(CASE WHEN %s IS NOT NULL THEN 1 ELSE 0 END)" % j.number(data, "usageNormalized", "tokensIn"),
         "tin": j.count(data, "usageNormalized", "tokensIn"),
         "cached": j.count(data, "usageNormalized", "cachedInTokens"),
         "cw": j.count(data, "psai", "cacheWriteTokens"),
@@ -603,7 +605,7 @@ def _price_parts(parts, transform=None):
     for part in parts:
         part["cost"], part["currency"], part["reason"] = None, None, None
         if not part["has_usage"]:
-            part["reason"] = "the item has no usage counts (usageNormalized)"
+            part["reason"] = "the item has no usable token counts (usageNormalized.tokensIn)"
             continue
         pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
         fallback = None

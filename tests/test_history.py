@@ -423,3 +423,22 @@ def test_processes_recording_while_prices_change(backend):
     [row] = cost_report("model")
     assert row["priced_from"] == "snapshot"
     assert row["tokens_in"] == sum(c.token_in_count + c.token_in_cached_context_count for c in PsModelUsage.select())
+
+
+def test_items_that_cannot_be_read_are_reported_not_dropped(db):
+    m = model()
+    record_usage(m, None, tokens_in=1_000_000, tokens_out=0)
+    mark = "%s" if psai.db.is_postgres() else "?"
+    insert = ('INSERT INTO "ps_model_usage_item" (user_id, created_at, updated_at, model_id, agent_id, data) '
+              'VALUES (1, %s, %s, %s, 0, %s)' % (mark, mark, mark, mark))
+    stamp = PsModelUsageItem.created_at.db_value(datetime.datetime.now(UTC))
+    odd = ['[1, 2]', '{"usageNormalized": "many"}', '{"usageNormalized": {"tokensIn": "5"}, "pricing": 7}']
+    if not psai.db.is_postgres():
+        odd.append("not json at all")  # only SQLite's text column can hold it
+    for data in odd:
+        psai.database.execute_sql(insert, (stamp, stamp, m.id, data))
+    rows = cost_report("model")
+    assert [(r["currency"], r["cost"], r["calls"]) for r in rows] == [("USD", Decimal(30), 1), (None, None, len(odd))]
+    assert "no usable token counts" in rows[1]["unpriced_reason"]
+    with pytest.raises(psai.UnpricedUsageError):
+        cost_report("day", strict=True)
