@@ -9,7 +9,9 @@ import datetime
 import functools
 import io
 import json
+import os
 import sys
+import tempfile
 from decimal import Decimal
 
 import click
@@ -70,18 +72,34 @@ def _json_default(value):
     raise TypeError("%r is not JSON serialisable" % (value,))
 
 
+def json_text(value, **options):
+    """JSON as UTF-8-safe text: non-ASCII kept as it is, unless the data
+    holds text that is not Unicode (a lone surrogate in an old row), which
+    is then written as JSON escapes instead of failing the output."""
+    text = json.dumps(value, default=_json_default, ensure_ascii=False, **options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, default=_json_default, ensure_ascii=True, **options)
+    return text
+
+
+def _safe(text):
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def emit(rows, fmt, columns=None, single=False):
     """Write rows (dicts) as a table, JSON or CSV. ``single`` writes one
     object rather than a list in JSON."""
     if fmt == "json":
-        click.echo(json.dumps(rows[0] if single else rows, indent=2, default=_json_default, ensure_ascii=False))
+        click.echo(json_text(rows[0] if single else rows, indent=2))
         return
     columns = columns or (list(rows[0]) if rows else [])
 
     def cell(value):
         if isinstance(value, (dict, list)):
-            return json.dumps(value, default=_json_default, ensure_ascii=False)
-        return "" if value is None else str(value)
+            return json_text(value)
+        return "" if value is None else _safe(str(value))
 
     if fmt == "csv":
         out = io.StringIO()
@@ -131,13 +149,15 @@ def output_options(command):
     return command
 
 
-def _read_json(handle):
+def _read_json(handle, limit=None):
     """Parse an open click.File (a path, or '-' for stdin)."""
+    from .schemas import MAX_JSON_DEPTH, load_json
     name = "stdin" if handle.name == "<stdin>" else handle.name
     try:
-        return json.loads(handle.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = handle.read()
+    except UnicodeDecodeError as exc:
         raise ValidationError({name: ["Not JSON: %s." % exc]}) from None
+    return load_json(text, name, limit or MAX_JSON_DEPTH)
 
 
 class Progress:
@@ -212,8 +232,9 @@ MODEL_COLUMNS = ["id", "name", "provider", "type", "size", "model", "active", "i
 
 
 def _model_row(dump):
-    config = dump["configuration"]
-    prices = config.get("prices") or {}
+    from .check import readable
+    config = readable(dump["configuration"])
+    prices = config.get("prices") if isinstance(config.get("prices"), dict) else {}
     return {"id": dump["id"], "name": dump["name"], "provider": config.get("provider"),
             "type": config.get("type"), "size": config.get("modelSize"), "model": config.get("model"),
             "active": config.get("active"), "in": prices.get("costInTokensPerMillion"),
@@ -221,9 +242,23 @@ def _model_row(dump):
             "cached": prices.get("costInCachedContextTokensPerMillion"), "currency": prices.get("currency")}
 
 
+def _dump_rows(schema, rows, kind, model=False):
+    """Rows dumped one by one: a row psai cannot read as one (a hand-written
+    configuration) is shown as stored and flagged, and never hides the others."""
+    from .check import dump_rows
+    dumps = []
+    for dump, problem in dump_rows(schema, rows, model=model):
+        if problem:
+            click.echo("warning: %s %s: %s (`psai check` lists every such row)" % (kind, dump["id"], problem),
+                       err=True)
+            dump["problem"] = problem
+        dumps.append(dump)
+    return dumps
+
+
 def emit_models(models, fmt, single=False):
     from .schemas import PsAiModelSchema
-    dumps = PsAiModelSchema(many=True).dump(models)
+    dumps = _dump_rows(PsAiModelSchema(), models, "model", model=True)
     if fmt == "json":
         emit(dumps, fmt, single=single)
     elif fmt == "csv":
@@ -339,9 +374,12 @@ def models_show(model, fmt):
 
 
 def _parse_value(raw):
+    from .schemas import load_json
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
+        return load_json(raw, "value")
+    except ValidationError as exc:
+        if "Not JSON" not in str(exc):
+            raise
         return raw  # a bare word is a string: provider=openai
 
 
@@ -390,11 +428,12 @@ def models_update(model, assignments, source, name, fmt):
 @click.argument("model")
 @handle_errors
 def models_deactivate(model):
-    """Mark a model inactive (it stays for history and reports)."""
+    """Mark a model inactive (it stays for history and reports); works on a
+    row psai would otherwise refuse, so a bad row can be taken out of use."""
     from .models import PsAiModel
     connect()
     found = PsAiModel.get_by_key(model)
-    found.update_configuration({"active": False})
+    found.deactivate()
     click.echo("deactivated model %s (%s)" % (found.id, found.name))
 
 
@@ -462,10 +501,7 @@ def models_reprice(model, assignments, since, until, apply_changes, fmt):
             raise ValidationError({assignment: ["Use KEY=VALUE, e.g. costInTokensPerMillion=2.5."]})
         changes[key] = _parse_value(raw)
     connect()
-    try:
-        result = reprice(model, changes, since=since, until=until, dry_run=not apply_changes)
-    except ValueError as exc:
-        raise ValidationError({"since/until": [str(exc)]}) from None
+    result = reprice(model, changes, since=since, until=until, dry_run=not apply_changes)
     if fmt is not None:
         emit([result], fmt, single=True)
         return
@@ -516,14 +552,15 @@ def agents():
 
 
 def emit_agents(agent_list, fmt, single=False):
+    from .check import readable
     from .schemas import PsAgentSchema
-    dumps = PsAgentSchema(with_links=True, many=True).dump(agent_list)
+    dumps = _dump_rows(PsAgentSchema(with_links=True), agent_list, "agent")
     if fmt == "json":
         emit(dumps, fmt, single=single)
     elif fmt == "csv":
         emit(dumps, fmt, columns=list(dumps[0]) if dumps else AGENT_COLUMNS)
     else:
-        rows = [{"id": d["id"], "name": d["configuration"].get("name"), "user_id": d["user_id"],
+        rows = [{"id": d["id"], "name": readable(d["configuration"]).get("name"), "user_id": d["user_id"],
                  "class_id": d["class_id"], "group_id": d["group_id"], "parent_agent_id": d["parent_agent_id"],
                  "models": ",".join(str(m["id"]) for m in d["ai_models"])} for d in dumps]
         emit(rows, fmt, columns=AGENT_COLUMNS)
@@ -543,10 +580,8 @@ def agents_add(user_id, class_id, group_id, name, configuration_json, parent, mo
     """Add an agent."""
     from .db import write_transaction
     from .models import PsAgent, PsAiModel
-    try:
-        configuration = json.loads(configuration_json) if configuration_json else {}
-    except json.JSONDecodeError as exc:
-        raise ValidationError({"configuration": ["Not JSON: %s." % exc]}) from None
+    from .schemas import load_json
+    configuration = load_json(configuration_json, "configuration") if configuration_json else {}
     if not isinstance(configuration, dict):
         raise ValidationError({"configuration": ["Must be a JSON object."]})
     if name is not None:
@@ -733,13 +768,10 @@ def usage_report(grouping, since, until, strict, fmt):
     """
     from .usage import cost_report, report_totals
     connect()
-    try:
-        with Progress("pricing usage") as progress:
-            if progress.enabled:
-                click.echo("summing usage in the database...", err=True)
-            rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress)
-    except ValueError as exc:
-        raise ValidationError({"since/until": [str(exc)]}) from None
+    with Progress("pricing usage") as progress:
+        if progress.enabled:
+            click.echo("summing usage in the database...", err=True)
+        rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress)
     if fmt is not None:
         emit(rows, fmt)
         return
@@ -755,6 +787,24 @@ def usage_report(grouping, since, until, strict, fmt):
                                                          row["unpriced_reason"]), err=True)
 
 
+@cli.command("check")
+@output_options
+@handle_errors
+def check_command(fmt):
+    """List every stored row psai would refuse or cannot use, and why
+    (exit 1 when there is one). Fix a model with `models update`, or take it
+    out of use with `models deactivate`."""
+    from .check import check
+    connect()
+    found = check()
+    if fmt is not None or found:
+        emit(found, fmt, columns=["table", "id", "problem"])
+    else:
+        click.echo("every row is fine")
+    if found:
+        sys.exit(EXIT_FAILURE)
+
+
 # -- export / import -------------------------------------------------------------------
 
 @cli.command("export")
@@ -764,10 +814,9 @@ def export_command(output):
     """Export every model, agent and link as JSON (PolicySynth's row format)."""
     from .transfer import export_data
     connect()
-    text = json.dumps(export_data(), indent=2, ensure_ascii=False)
+    text = json_text(export_data(), indent=2)
     if output:
-        with open(output, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
+        write_file(output, text + "\n")
     else:
         click.echo(text)
 
@@ -781,7 +830,8 @@ def import_command(source, allow_unknown_keys):
     """Import a psai export ('-' reads stdin). All or nothing: one bad row
     imports nothing and the error names its table, row and field."""
     from .transfer import import_data
-    data = _read_json(source)
+    from .schemas import MAX_JSON_DEPTH
+    data = _read_json(source, limit=MAX_JSON_DEPTH + 4)  # the export's own levels, then configurations
     connect()
     with Progress("checking rows") as progress:
         counts = import_data(data, allow_unknown_keys=allow_unknown_keys, progress=progress)
@@ -817,8 +867,22 @@ def write_reference(path):
         text = handle.read()
     head, _, rest = text.partition(REFERENCE_START)
     _, _, tail = rest.partition(REFERENCE_END)
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(head + REFERENCE_START + "\n\n" + help_reference() + "\n" + REFERENCE_END + tail)
+    write_file(path, head + REFERENCE_START + "\n\n" + help_reference() + "\n" + REFERENCE_END + tail)
+
+
+def write_file(path, text):
+    """Write ``text`` to ``path`` through a temporary file renamed over it:
+    the file is replaced whole, or, if anything fails, left as it was."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
 
 
 def main():

@@ -1,7 +1,9 @@
 """Connecting: one database proxy that every psai model is bound to."""
+import hashlib
 import os
+import re
 import weakref
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from peewee import DatabaseProxy, InterfaceError, OperationalError, PostgresqlDatabase, SqliteDatabase
 from playhouse import db_url
@@ -9,7 +11,7 @@ from playhouse.shortcuts import ReconnectMixin
 
 from .errors import DatabaseUnavailableError, DatabaseURLError
 
-__all__ = ["database", "connect", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction",
+__all__ = ["database", "connect", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction", "lock",
            "table_columns", "forget_schema", "model_db"]
 
 DEFAULT_URL = "sqlite:///psai.db"
@@ -49,29 +51,66 @@ class PostgresDatabase(ReconnectMixin, PostgresqlDatabase):
     )
 
 
+# Query parameters that carry a secret (libpq's names).
+SECRET_PARAMETERS = ("password", "sslpassword", "passfile", "sslkey")
+
+
+def _split_secret(url):
+    """(head, password, tail) with ``url == head + password + tail``, the
+    password found by the URL's structure: the userinfo is everything
+    before the last "@" of the authority, so a password holding an
+    unencoded "#", "/" or "?" is still found whole. No password: None."""
+    scheme, sep, rest = str(url).partition("://")
+    if not sep:
+        return None
+    at = rest.rfind("@")
+    if at < 0:
+        return None
+    colon = rest.find(":", 0, at)
+    if colon < 0:
+        return None
+    start = len(scheme) + len(sep) + colon + 1
+    return url[:start], url[start:start + at - colon - 1], url[start + at - colon - 1:]
+
+
+def _redact_parameters(text):
+    return re.sub(r"(?i)\b(%s)=([^&\s'\"]*)" % "|".join(SECRET_PARAMETERS), r"\1=***", text)
+
+
 def redact_url(url):
-    """The URL with any password replaced by ``***``, safe to print."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable database URL>"
-    if parts.password is None:
+    """The URL with every secret replaced by ``***`` (the password, and
+    query parameters such as ``password=`` and ``sslpassword=``), safe to print."""
+    url = str(url)
+    parts = _split_secret(url)
+    if parts is not None:
+        url = parts[0] + "***" + parts[2]
+    return _redact_parameters(url)
+
+
+def _normalize_url(url):
+    """The URL with its password percent-encoded, so that a password holding
+    "#", "/", "?" or "@" is read whole by playhouse.db_url."""
+    parts = _split_secret(url)
+    if parts is None:
         return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0] + ":***"
-    return urlunsplit(parts._replace(netloc=userinfo + "@" + netloc[1]))
+    return parts[0] + quote(unquote(parts[1]), safe="") + parts[2]
 
 
 def _scrub(message, url):
-    """Remove the URL's password from a driver's error message."""
+    """A driver's error message without the URL's secrets, on one line."""
     message = str(message)
-    if not url:
-        return " ".join(message.split())
-    password = urlsplit(url).password
-    message = message.replace(url, redact_url(url))
-    if password:
-        message = message.replace(password, "***")
-    return " ".join(message.split())  # drivers' messages span lines; errors are one line
+    if url:
+        for form in {url, _normalize_url(url)}:
+            message = message.replace(form, redact_url(url))
+        parts = _split_secret(url)
+        if parts is not None and parts[1]:
+            # The bare password too, unless it also spells part of what is
+            # shown (the host, the user...): that would mangle the message.
+            visible = redact_url(url)
+            for password in {parts[1], unquote(parts[1])}:
+                if password and password not in visible:
+                    message = message.replace(password, "***")
+    return " ".join(_redact_parameters(message).split())  # drivers' messages span lines; errors are one line
 
 
 def connect(url=None, **options):
@@ -83,11 +122,12 @@ def connect(url=None, **options):
     Extra keyword ``options`` go to the peewee database (for example
     ``options="-c search_path=myschema"`` for psycopg2).
     """
-    url = url or os.environ.get("PSAI_DATABASE_URL") or DEFAULT_URL
+    given = url or os.environ.get("PSAI_DATABASE_URL") or DEFAULT_URL
+    url = _normalize_url(given)
     try:
         scheme = urlsplit(url).scheme
     except ValueError:
-        raise DatabaseURLError("cannot parse database URL %s" % redact_url(url)) from None
+        raise DatabaseURLError("cannot parse database URL %s" % redact_url(given)) from None
     kind = _SCHEMES.get(scheme)
     if kind is None:
         raise DatabaseURLError(
@@ -143,6 +183,15 @@ def model_db(model):
 def is_postgres(db=None):
     db = db or database.obj
     return isinstance(db, PostgresqlDatabase)
+
+
+def lock(db, key):
+    """Inside a write transaction: serialise the writers of ``key`` (any
+    repr-able value) until commit. SQLite: the write transaction already
+    holds the database's write lock. PostgreSQL: an advisory lock for this key."""
+    if is_postgres(db):
+        digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (int.from_bytes(digest, "big", signed=True),))
 
 
 def write_transaction():

@@ -11,7 +11,7 @@ from peewee import (
 )
 from peewee import ManyToManyFieldAccessor
 
-from .db import database, is_postgres, model_db, table_columns, write_transaction
+from .db import database, is_postgres, lock, model_db, table_columns, write_transaction
 from .errors import InUseError, NotFoundError, ValidationError
 from .fields import TimestampTzField, UUIDTextField, utcnow
 
@@ -22,6 +22,9 @@ __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "
 # Set while save() writes a row it has validated itself, so that insert() and
 # update() (which save() calls) do not validate it twice.
 _validated_by_save = contextvars.ContextVar("psai_validated_by_save", default=False)
+
+# PolicySynth's ids are PostgreSQL INTEGERs (SQLite would overflow past 2**63).
+MAX_ID = 2 ** 31 - 1
 
 # NaN and Infinity are not JSON; PostgreSQL's jsonb refuses them, so SQLite must too.
 strict_json_dumps = partial(json.dumps, allow_nan=False, separators=(",", ":"))
@@ -128,8 +131,11 @@ class BaseModel(Model):
         """The row with this id (int or digit string) or uuid; NotFoundError if none."""
         query = cls.select()
         text = str(key).strip()
-        if text.isdigit():
-            query = query.where(cls.id == int(text))
+        if text.isascii() and text.isdigit():  # not "²": str.isdigit takes other digits too
+            number = int(text)
+            if number > MAX_ID:
+                raise NotFoundError("%s %s does not exist (ids stop at %d)" % (cls.__name__, key, MAX_ID))
+            query = query.where(cls.id == number)
         else:
             try:
                 query = query.where(cls.uuid == uuid.UUID(text))
@@ -342,7 +348,8 @@ def _load_links(query, name, source_column, target_model, target_column):
     targets = {m.id: m for m in target_model.select().where(target_model.id.in_(wanted_targets))}
     by_id = {row.id: row for row in rows}
     for source_id, target_id in sorted(links):
-        by_id[source_id].__dict__[_loaded_key(name)].append(targets[target_id])
+        if target_id in targets:  # a link to a row that is gone (written by hand) is not shown
+            by_id[source_id].__dict__[_loaded_key(name)].append(targets[target_id])
     return rows
 
 
@@ -410,15 +417,36 @@ class PsAiModel(BaseModel):
 
     def update_configuration(self, changes):
         """Merge ``changes`` into the configuration (nested dicts merge, a
-        None value removes a key), validate the result and save it."""
+        None value removes a key), validate the result and save it. A stored
+        configuration that is not an object (a hand-written row) is replaced
+        by ``changes``, so a bad row can be fixed."""
         from .schemas import merge_configuration
+        if not isinstance(changes, dict):
+            raise ValidationError({"changes": ["Must be a dict of configuration fields to change."]})
         before = self.configuration
-        self.configuration = merge_configuration(before, changes)
+        self.configuration = merge_configuration(before if isinstance(before, dict) else {}, changes)
         try:
             self.save()
         except ValidationError:
             self.configuration = before  # a refused change leaves the object as it was too
             raise
+        return self
+
+    def deactivate(self):
+        """Mark the model inactive. Unlike other changes this is written even
+        when the row holds something psai would refuse (written by hand or by
+        another tool): taking a bad row out of use never makes it worse. A
+        configuration that is not an object cannot hold the flag: replace it
+        with ``update_configuration``."""
+        from .check import shape_problem
+        problem = shape_problem(self.configuration)
+        if problem:
+            raise ValidationError({"configuration": [problem + "; replace it with a whole configuration."]})
+        self.configuration = dict(self.configuration, active=False)
+        self.updated_at = utcnow()
+        # peewee's own update query, not BaseModel.update: on purpose, without validation.
+        ModelUpdate(PsAiModel, {PsAiModel.configuration: self.configuration, PsAiModel.updated_at: self.updated_at}) \
+            .where(PsAiModel.id == self.id).execute()
         return self
 
     @classmethod
@@ -470,6 +498,9 @@ class PsAgent(BaseModel):
         from .schemas import validate_agent_row
         validate_agent_row(self)
         if self.id is not None and self.parent_agent_id is not None:
+            # One change of the tree at a time: two saves each checking the
+            # tree before the other's write could make a loop together.
+            lock(model_db(self), "agent tree")
             self._refuse_cycle()
 
     def save(self, *args, **kwargs):

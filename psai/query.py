@@ -6,14 +6,15 @@ and never put a caller's key or value into the SQL text: values are always
 bound parameters, and keys must be plain identifiers (PolicySynth's are
 camelCase) or the filter is refused with ``psai.ValidationError``.
 """
+import json
 import math
 import operator
 import re
 from functools import reduce
 
-from peewee import SQL, Value, fn
+from peewee import SQL, NodeList, Value, fn
 
-from .db import is_postgres, write_transaction
+from .db import is_postgres, lock, model_db, write_transaction
 from .enums import PsAiModelSize
 from .errors import NotFoundError, ValidationError
 from .models import AgentModels, PsAgent, PsAiModel
@@ -89,9 +90,38 @@ def _sqlite_equals(path, value):
     return (extract == value) & kind.in_(["integer", "real"])
 
 
+def _sqlite_any(path, values):
+    """``path`` equals one of ``values``, by JSON type, for any number of
+    values: each type's values are one bound JSON array read by json_each,
+    so the SQL stays the same size (an OR per value overflows SQLite's
+    parser at a few dozen)."""
+    extract = _sqlite_extract(path).coerce(False)
+    kind = fn.json_type(PsAiModel.configuration, "$." + ".".join(path))
+    clauses = []
+    for kinds, chosen in ((("text",), [v for v in values if isinstance(v, str)]),
+                          (("integer", "real"), [v for v in values if _is_number(v)])):
+        if chosen:
+            within = NodeList((extract, SQL("IN (SELECT value FROM json_each(?))", [json.dumps(chosen)])))
+            clauses.append(kind.in_(list(kinds)) & within)
+    clauses += [_sqlite_equals(path, v) for v in dict.fromkeys(v for v in values if v is None or isinstance(v, bool))]
+    return reduce(operator.or_, clauses)
+
+
+def _postgres_any(path, values):
+    """``path`` equals one of ``values`` as jsonb (so 1, "1" and true
+    differ), all values one bound jsonb array."""
+    return NodeList((PsAiModel.configuration, SQL("#> %s::text[] IN (SELECT jsonb_array_elements(%s::jsonb))",
+                                                   ["{%s}" % ",".join(path), json.dumps(values)])))
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def config_filter(filters):
     """A WHERE expression matching models whose configuration has every
-    ``path: value`` of ``filters`` (a value that is a list matches any of it)."""
+    ``path: value`` of ``filters`` (a value that is a list matches any of
+    it, however long the list)."""
     postgres = is_postgres()
     clauses, document = [], {}
     for key, value in filters.items():
@@ -102,10 +132,11 @@ def config_filter(filters):
             # bound parameter, one GIN index probe, a sharper row estimate.
             _merge(document, _nest(path, values[0]))
         elif postgres:
-            clauses.append(reduce(operator.or_, [PsAiModel.configuration.contains(_nest(path, v))
-                                                 for v in values]))
+            clauses.append(_postgres_any(path, values))
+        elif len(values) == 1:
+            clauses.append(_sqlite_equals(path, values[0]))
         else:
-            clauses.append(reduce(operator.or_, [_sqlite_equals(path, v) for v in values]))
+            clauses.append(_sqlite_any(path, values))
     if document:
         clauses.insert(0, PsAiModel.configuration.contains(document))
     return reduce(operator.and_, clauses) if clauses else SQL("1 = 1")
@@ -139,8 +170,10 @@ def select_model(agent, model_type, size, *, include_inactive=False):
     ``include_inactive``. Among equals the newest row wins."""
     model_type = getattr(model_type, "value", model_type)
     size = getattr(size, "value", size)
-    if size not in SIZE_FALLBACK:
+    if not isinstance(size, str) or size not in SIZE_FALLBACK:
         raise ValidationError({"size": ["Must be one of: %s." % ", ".join(s.value for s in PsAiModelSize)]})
+    if not isinstance(model_type, str):
+        raise ValidationError({"model_type": ["Must be a model type such as 'text'."]})
     filters = {"type": model_type}
     if not include_inactive:
         filters["active"] = True
@@ -212,6 +245,9 @@ def add_model(*, name, user_id, organization_id, configuration):
                     configuration=configuration)
     new.validate()  # before anything changes
     with write_transaction():
+        # One superseding of a name at a time: reading the older rows and
+        # writing the new one must not interleave with another's.
+        lock(model_db(PsAiModel), ("add_model", organization_id, name))
         older = list(PsAiModel.select()
                      .where((PsAiModel.name == name) & (PsAiModel.organization_id == organization_id)))
         for row in older:

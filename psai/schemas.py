@@ -52,9 +52,16 @@ class Number(fields.Field):
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise self.make_error("invalid")
+        # Integers first: math.isfinite(10**400) overflows.
+        if isinstance(value, int):
+            if abs(value) > MAX_SAFE_INTEGER:
+                raise self.make_error("too_large")
+            return value
         if not math.isfinite(value):
             raise self.make_error("not_finite")
-        if isinstance(value, int) and abs(value) > MAX_SAFE_INTEGER:
+        # A float past 2**53 comes back from PostgreSQL's jsonb as an integer
+        # that would then be refused: refuse it now, on both backends.
+        if abs(value) > MAX_SAFE_INTEGER:
             raise self.make_error("too_large")
         return value
 
@@ -84,17 +91,36 @@ class Boolean(fields.Field):
 
 
 class String(fields.String):
-    """A string without NUL characters; str enums are stored as their plain value."""
+    """A string without NUL characters or lone surrogates; str enums are
+    stored as their plain value."""
 
-    default_error_messages = {"nul": "Contains a NUL character (\\u0000), which PostgreSQL's jsonb cannot store."}
+    default_error_messages = {
+        "nul": "Contains a NUL character (\\u0000), which PostgreSQL's jsonb cannot store.",
+        "surrogate": "Contains a lone surrogate (e.g. \\ud800): not Unicode text, which PostgreSQL refuses "
+                     "and SQLite would store unreadably.",
+    }
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, Enum):
             value = value.value
         value = super()._deserialize(value, attr, data, **kwargs)
-        if "\x00" in value:
-            raise self.make_error("nul")
+        problem = text_problem(value)
+        if problem:
+            raise self.make_error(problem)
         return value
+
+
+def text_problem(value):
+    """"nul" or "surrogate" when a string cannot be stored as JSON text on
+    both backends, else None."""
+    if "\x00" in value:
+        return "nul"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "surrogate"
+    return None
 
 
 def Choice(enum, **kwargs):
@@ -213,12 +239,22 @@ def validate_configuration(configuration, *, allow_unknown=False):
 
 # -- rows -------------------------------------------------------------------------
 
+# PolicySynth's id and reference columns are PostgreSQL INTEGERs.
+MAX_COLUMN_INTEGER = 2 ** 31 - 1
+
+
+def ColumnInteger(minimum=-MAX_COLUMN_INTEGER - 1, **kwargs):
+    """An integer that fits a 32-bit INTEGER column, as on PostgreSQL (SQLite
+    would store more, and the same row could not be copied to PostgreSQL)."""
+    return Integer(validate=Range(min=minimum, max=MAX_COLUMN_INTEGER), **kwargs)
+
+
 class _Row(_Base):
     class Meta:
         unknown = RAISE
         ordered = True
 
-    id = Integer(validate=Range(min=1))
+    id = ColumnInteger(minimum=1)
     uuid = fields.UUID()
     created_at = fields.AwareDateTime(format="iso", default_timezone=None)
     updated_at = fields.AwareDateTime(format="iso", default_timezone=None)
@@ -244,8 +280,8 @@ class PsAiModelSchema(_Row):
     _model_name = "PsAiModel"
     _link_field = "agents"
 
-    user_id = Integer(required=True)
-    organization_id = Integer(required=True)
+    user_id = ColumnInteger(required=True)
+    organization_id = ColumnInteger(required=True)
     name = String(required=True, validate=Length(min=1, max=255))
     configuration = _NestedPart(AiModelConfigurationSchema, required=True)
     agents = fields.Method("_dump_agents", dump_only=True)
@@ -260,11 +296,11 @@ class PsAgentSchema(_Row):
     _model_name = "PsAgent"
     _link_field = "ai_models"
 
-    user_id = Integer(required=True)
-    class_id = Integer(required=True)
-    group_id = Integer(required=True)
+    user_id = ColumnInteger(required=True)
+    class_id = ColumnInteger(required=True)
+    group_id = ColumnInteger(required=True)
     configuration = fields.Dict(keys=fields.String(), required=True)
-    parent_agent_id = Integer(allow_none=True, load_default=None, validate=Range(min=1))
+    parent_agent_id = ColumnInteger(minimum=1, allow_none=True, load_default=None)
     ai_models = fields.Method("_dump_ai_models", dump_only=True)
 
     def _dump_ai_models(self, agent):
@@ -289,32 +325,67 @@ def _row_schema(schema_class, unknown):
     return _ROW_SCHEMAS[key]
 
 
+# Configurations are a few levels deep; hundreds is a mistake or an attack
+# (and Python's own recursion ends near a thousand).
+MAX_JSON_DEPTH = 64
+
+
+def json_problem(value, limit=MAX_JSON_DEPTH):
+    """Why ``value`` cannot be stored as JSON by psai (a sentence), or None:
+    nested deeper than ``limit``, a string that is not storable text, a
+    value that is not JSON. Walks without recursion."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return "Nested deeper than %d levels." % limit
+            children = list(item.items()) if isinstance(item, dict) else [(None, v) for v in item]
+            for key, child in children:
+                if key is not None:
+                    if not isinstance(key, str):
+                        return "Not valid JSON: a key is not a string (%r)." % (key,)
+                    stack.append((key, depth))
+                stack.append((child, depth + 1))
+        elif isinstance(item, str):
+            problem = text_problem(item)
+            if problem:
+                return String.default_error_messages[problem]
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return "Not valid JSON: NaN and infinity are not allowed."
+        elif item is not None and not isinstance(item, (bool, int)):
+            return "Not valid JSON: %s is not a JSON value." % type(item).__name__
+    return None
+
+
 def _check_json(configuration):
-    """Refuse what is not plain JSON (NaN, sets, objects) or is too large."""
+    """Refuse what is not plain JSON (NaN, sets, objects), is nested too deep
+    or is too large."""
     if configuration is None:
         return
-    try:
-        size = len(json.dumps(configuration, allow_nan=False, separators=(",", ":")))
-    except (TypeError, ValueError) as exc:
-        raise ValidationError({"configuration": ["Not valid JSON: %s." % exc]}) from None
+    problem = json_problem(configuration)
+    if problem:
+        raise ValidationError({"configuration": [problem]})
+    size = len(json.dumps(configuration, separators=(",", ":")))
     if size > MAX_CONFIGURATION_BYTES:
         raise ValidationError({"configuration": [
             "Too large: %d bytes; at most %d." % (size, MAX_CONFIGURATION_BYTES)]})
-    if _has_nul(configuration):
-        raise ValidationError({"configuration": [NUL_MESSAGE]})
 
 
-NUL_MESSAGE = String.default_error_messages["nul"]
-
-
-def _has_nul(value):
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
+def load_json(text, name="JSON", limit=MAX_JSON_DEPTH):
+    """Parse JSON a user gave (a file, a flag): psai.ValidationError naming
+    ``name`` when it is not JSON or is nested deeper than ``limit``."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValidationError({name: ["Nested deeper than %d levels." % limit]}) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValidationError({name: ["Not JSON: %s." % exc]}) from None
+    problem = json_problem(value, limit)
+    if problem:
+        raise ValidationError({name: [problem]})
+    return value
 
 
 def _unknown_paths(configuration):

@@ -17,10 +17,13 @@ TABLES = ("ps_ai_models", "ps_agents", "AgentModels")
 
 
 def export_data():
-    """Every model, agent and link, JSON-ready."""
+    """Every model, agent and link, JSON-ready. A row psai would refuse is
+    exported as stored (`psai check` says what is wrong with it)."""
+    from .check import dump_rows
     return {
-        "ps_ai_models": PsAiModelSchema(many=True).dump(PsAiModel.select().order_by(PsAiModel.id)),
-        "ps_agents": PsAgentSchema(many=True).dump(PsAgent.select().order_by(PsAgent.id)),
+        "ps_ai_models": [dump for dump, _problem in dump_rows(
+            PsAiModelSchema(), PsAiModel.select().order_by(PsAiModel.id), model=True)],
+        "ps_agents": [dump for dump, _problem in dump_rows(PsAgentSchema(), PsAgent.select().order_by(PsAgent.id))],
         "AgentModels": [
             {"agent_id": link.agent_id, "ai_model_id": link.ai_model_id}
             for link in AgentModels.select().order_by(AgentModels.agent, AgentModels.ai_model)
@@ -77,6 +80,9 @@ def import_data(data, *, allow_unknown_keys=False, progress=None):
         problems = {}
         if not isinstance(link, dict) or set(link) != {"agent_id", "ai_model_id"}:
             problems["_schema"] = ["A link is {\"agent_id\": ..., \"ai_model_id\": ...}."]
+        elif not all(isinstance(link[k], int) and not isinstance(link[k], bool) for k in link):
+            problems.update({k: ["Not an integer id."] for k in link
+                             if not isinstance(link[k], int) or isinstance(link[k], bool)})
         else:
             if link["agent_id"] not in agent_ids:
                 problems["agent_id"] = ["No agent with id %s in this file." % link["agent_id"]]

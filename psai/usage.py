@@ -7,14 +7,13 @@ usage points to, in exact ``Decimal`` arithmetic.
 """
 import bisect
 import datetime
-import hashlib
 import json
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from decimal import Decimal
 
 
-from .db import is_postgres, model_db, table_columns, write_transaction
+from .db import is_postgres, lock, model_db, table_columns, write_transaction
 from .errors import NotFoundError, UnpricedUsageError, ValidationError
 from .fields import UTC, utcnow
 from .items import BUCKETS, BUCKET_COUNTERS, bucket_cost, effective_prices, item_data
@@ -45,14 +44,31 @@ def _agent(agent):
 
 
 def _check_counts(counts):
+    """One rule for every count a caller gives (record_usage, model_cost): a
+    number, finite, 0 or more, at most what one counter column holds."""
     errors = {}
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors[name] = ["Not a number."]
-        elif not math.isfinite(value) or value < 0:
+        elif isinstance(value, float) and not math.isfinite(value) or value < 0:
             errors[name] = ["Must be a finite number, 0 or more."]
-        elif value > MAX_COUNTER:
+        elif value > MAX_COUNTER:  # compared as given: math.isfinite(10**400) would overflow
             errors[name] = ["Too large for one call: at most %d." % MAX_COUNTER]
+    if errors:
+        raise ValidationError(errors)
+
+
+def _check_ids(ids):
+    """Ids a caller gives for columns: integers that fit PostgreSQL's INTEGER
+    (SQLite would store text or huge numbers where PolicySynth cannot read them)."""
+    errors = {}
+    for name, value in ids.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors[name] = ["Not an integer."]
+        elif not -MAX_COUNTER - 1 <= value <= MAX_COUNTER:
+            errors[name] = ["Out of range for an INTEGER column (at most %d)." % MAX_COUNTER]
     if errors:
         raise ValidationError(errors)
 
@@ -60,15 +76,6 @@ def _check_counts(counts):
 def _round_half_up(value):
     # Half up, as JavaScript's Math.round: whole tokens for the integer counters.
     return int(math.floor(value + 0.5))
-
-
-def _lock(db, key):
-    """Serialise writers of one counter row. SQLite: the write transaction
-    already holds the database's write lock. PostgreSQL: an advisory lock for
-    this key, released at commit."""
-    if is_postgres(db):
-        digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (int.from_bytes(digest, "big", signed=True),))
 
 
 def _day_bounds(moment):
@@ -114,8 +121,13 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
                   cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens,
                   audio_tokens=audio_tokens, image_tokens=image_tokens, web_searches=web_searches)
     _check_counts(counts)
-    if provider_metadata is not None and not isinstance(provider_metadata, dict):
-        raise ValidationError({"provider_metadata": ["Must be a dict, e.g. {'appliedServiceTier': 'flex'}."]})
+    _check_ids({"user_id": user_id, "connector_id": connector_id})
+    if provider_metadata is not None:
+        from .schemas import json_problem
+        problem = "Must be a dict, e.g. {'appliedServiceTier': 'flex'}." if not isinstance(provider_metadata, dict) \
+            else json_problem(provider_metadata)
+        if problem:
+            raise ValidationError({"provider_metadata": [problem]})
     counts = {name: _round_half_up(value) for name, value in counts.items()}
     web_searches = counts.pop("web_searches")
     model, agent = _model(model), _agent(agent)
@@ -128,7 +140,7 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
     U = PsModelUsage
     find, update, insert = _usage_statements(db, present, agent_id is None, connector_id is None)
     with write_transaction():
-        _lock(db, (model.id, agent_id, connector_id))
+        lock(db, (model.id, agent_id, connector_id))
         # The prices as stored now, not as this object last saw them; the
         # shared lock makes a concurrent price change wait for this call.
         configuration = _stored_configuration(db, model)
@@ -228,13 +240,26 @@ def _call_context(configuration):
             "regional_processing": configuration.get("regionalProcessing")}
 
 
+_CALL_COUNTS = ("tokens_in", "tokens_out", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
+                "audio_tokens", "image_tokens", "web_searches")
+
+
 def model_cost(model, **usage):
     """``psai.pricing.cost_breakdown`` for a stored model: its prices, with
-    its provider, inference type and region unless given."""
+    its provider, inference type and region unless given. Counts follow
+    ``record_usage``'s rule (a bad count is a ValidationError, not 0), and
+    prices that cannot price a call are a ValidationError, not a cost of 0."""
+    from .items import price_problem
     from .pricing import cost_breakdown
-    configuration = _model(model).configuration
+    _check_counts({name: value for name, value in usage.items() if name in _CALL_COUNTS})
+    model = _model(model)
+    configuration = model.configuration if isinstance(model.configuration, dict) else {}
+    prices = configuration.get("prices")
+    problem = price_problem(prices)
+    if problem:
+        raise ValidationError({"prices": ["Model %s cannot be priced: %s." % (model.id, problem)]})
     usage = dict(_call_context(configuration), **usage)
-    return cost_breakdown(configuration.get("prices") or {}, **usage)
+    return cost_breakdown(prices, **usage)
 
 
 # -- reports -------------------------------------------------------------------
@@ -473,9 +498,12 @@ def _uncovered_counters(db, model_ids=None):
     count as they are: the items are the record of the calls."""
     present = usage_counters(db)
     p = "%s" if is_postgres(db) else "?"
-    params, where = [], ""
+    # A row with a negative counter (written by hand) is not counted: it is
+    # reported unpriced (_negative_counters).
+    sound = "NOT (%s)" % " OR ".join("%s < 0" % c for c in present)
+    where, params = " WHERE " + sound, []
     if model_ids is not None:
-        where = " WHERE model_id IN (%s)" % (", ".join([p] * len(model_ids)) or "NULL")
+        where += " AND model_id IN (%s)" % (", ".join([p] * len(model_ids)) or "NULL")
         params = list(model_ids)
     agents = _agent_ids(db)
     counted = defaultdict(lambda: [0, 0])
@@ -505,7 +533,7 @@ def _uncovered_counters(db, model_ids=None):
             into[bucket] += value
     rows = db.execute_sql(
         'SELECT model_id, agent_id, connector_id, created_at, %s FROM "ps_model_usage" WHERE model_id IN (%s) '
-        'ORDER BY created_at DESC, id DESC' % (", ".join(present), ", ".join([p] * len(models))),
+        'AND %s ORDER BY created_at DESC, id DESC' % (", ".join(present), ", ".join([p] * len(models)), sound),
         models).fetchall()
     pieces = []
     for values in rows:
@@ -525,6 +553,29 @@ def _uncovered_counters(db, model_ids=None):
     return pieces
 
 
+def _negative_counters(db, by, since, until, model_ids=None):
+    """Counter rows with a negative counter, as unpriced parts: a negative
+    count is never added (it would lower the total) nor priced as 0."""
+    present = usage_counters(db)
+    params = []
+    where = _window(db, "u.created_at", since, until, model_ids, params) + [
+        "(%s)" % " OR ".join("u.%s < 0" % c for c in present)]
+    agents = _agent_ids(db) if by in ("agent", "tree") else ()
+    parts = []
+    for values in db.execute_sql('SELECT u.id, u.model_id, u.agent_id, u.created_at, %s FROM "ps_model_usage" u '
+                                 'WHERE %s' % (", ".join("u." + c for c in present), " AND ".join(where)),
+                                 params).fetchall():
+        model_id, agent_id, created_at = values[1:4]
+        buckets = {bucket: max(value, 0) for bucket, value in
+                   _counter_buckets(dict(zip(present, (max(v, 0) for v in values[4:]))), present).items()}
+        created_at = PsModelUsage.created_at.python_value(created_at)
+        parts.append({"model_id": model_id, "agent_id": agent_id if agent_id in agents else None, "provider": None,
+                      "pricing": None, "metadata": {}, "has_usage": 0, "calls": 0, "web": 0, "buckets": buckets,
+                      "priced_from": "current", "problem": "negative token counters (`psai check` lists the rows)",
+                      "day": created_at.astimezone(UTC).strftime("%Y-%m-%d") if by == "day" else None})
+    return parts
+
+
 def _usage_parts(db, by, since, until, model_ids=None):
     """All recorded usage in [since, until), as parts each priced alike:
     item groups and uncovered counter pieces. Each part has ``model_id``,
@@ -540,6 +591,7 @@ def _usage_parts(db, by, since, until, model_ids=None):
             metadata={k: v for k, v in (("appliedServiceTier", group.pop("applied_service_tier")),
                                         ("appliedSpeed", group.pop("applied_speed"))) if v is not None},
             priced_from="snapshot" if pricing.get("configuredPrices") is not None else "current"))
+    parts += _negative_counters(db, by, since, until, model_ids)
     pieces = [piece for piece in _uncovered_counters(db, model_ids)
               if (since is None or piece["created_at"] >= since) and (until is None or piece["created_at"] < until)]
     if not pieces:
@@ -605,7 +657,7 @@ def _price_parts(parts, transform=None):
     for part in parts:
         part["cost"], part["currency"], part["reason"] = None, None, None
         if not part["has_usage"]:
-            part["reason"] = "the item has no usable token counts (usageNormalized.tokensIn)"
+            part["reason"] = part.get("problem") or "the item has no usable token counts (usageNormalized.tokensIn)"
             continue
         pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
         fallback = None
@@ -634,42 +686,71 @@ def _tokens(part):
     return tokens_in, buckets["out"] + buckets["long_out"]
 
 
-def _as_datetime(value, end=False):
+def _as_datetime(value, end=False, name=None):
+    """A since/until as an aware datetime: a date, a datetime or their ISO
+    text (a date ``until`` is inclusive). None stays None."""
+    name = name or ("until" if end else "since")
     if value is None:
         return None
     if isinstance(value, str):
-        value = datetime.datetime.fromisoformat(value) if "T" in value or " " in value \
-            else datetime.date.fromisoformat(value)
+        try:
+            value = datetime.datetime.fromisoformat(value) if "T" in value or " " in value \
+                else datetime.date.fromisoformat(value)
+        except ValueError as exc:
+            raise ValidationError({name: ["Not a date or time (YYYY-MM-DD or ISO 8601): %s." % exc]}) from None
+    if not isinstance(value, datetime.date):
+        raise ValidationError({name: ["Not a date or time: %r." % (value,)]})
     if not isinstance(value, datetime.datetime):
-        value = datetime.datetime(value.year, value.month, value.day, tzinfo=UTC)
+        day = value
+        value = datetime.datetime(day.year, day.month, day.day, tzinfo=UTC)
         if end:
+            if day == datetime.date.max:
+                return None  # until the end of time
             value += datetime.timedelta(days=1)  # a date until is inclusive
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value
 
 
-def _ancestors(db):
-    """For every agent, the agents whose tree holds it (itself included), by
-    one recursive query. UNION (not UNION ALL) ends at a cycle."""
-    cursor = db.execute_sql(
-        'WITH RECURSIVE tree(root, id) AS ('
-        ' SELECT id, id FROM "ps_agents"'
-        ' UNION SELECT tree.root, a.id FROM "ps_agents" a JOIN tree ON a.parent_agent_id = tree.id)'
-        ' SELECT root, id FROM tree')
-    pairs = defaultdict(set)
-    for root, agent_id in cursor.fetchall():
-        pairs[agent_id].add(root)
-    return pairs
+def _agent_tree(db):
+    """``(levels, ancestors)`` of every agent, from one query of (id,
+    parent): its depth in its tree, and the agents whose tree holds it
+    (itself first, its root last). A loop in parent_agent_id, which
+    PolicySynth does not prevent, is cut at its smallest id, which stands
+    as the root of the loop: every agent has one root, so each call is
+    counted once in the roots' totals."""
+    parent = dict(db.execute_sql('SELECT "id", "parent_agent_id" FROM "ps_agents"').fetchall())
+    children = defaultdict(list)
+    for child, of in parent.items():
+        if of in parent:
+            children[of].append(child)
+    levels = {}
 
+    def walk(root):
+        queue = deque([(root, 0)])
+        while queue:
+            agent, level = queue.popleft()
+            if agent not in levels:
+                levels[agent] = level
+                queue.extend((child, level + 1) for child in sorted(children[agent]))
 
-def _levels(db):
-    cursor = db.execute_sql(
-        'WITH RECURSIVE depth(id, level) AS ('
-        ' SELECT id, 0 FROM "ps_agents" WHERE parent_agent_id IS NULL'
-        ' UNION ALL SELECT a.id, depth.level + 1 FROM "ps_agents" a JOIN depth ON a.parent_agent_id = depth.id)'
-        ' SELECT id, level FROM depth')
-    return dict(cursor.fetchall())
+    for agent in sorted(parent):
+        if parent[agent] not in parent:
+            walk(agent)
+    for agent in sorted(parent):
+        if agent not in levels:  # in a loop, or under one
+            path, node = [], agent
+            while node not in path:
+                path.append(node)
+                node = parent[node]
+            walk(min(path[path.index(node):]))
+    ancestors = {}
+    for agent in parent:
+        chain = [agent]
+        while levels[chain[-1]] > 0:
+            chain.append(parent[chain[-1]])
+        ancestors[agent] = chain
+    return levels, ancestors
 
 
 def cost_report(by="model", *, since=None, until=None, strict=False, progress=None):
@@ -699,7 +780,7 @@ def cost_report(by="model", *, since=None, until=None, strict=False, progress=No
     parts = _price_parts(_merge_parts(_usage_parts(db, by, since, until), ("model_id",) + keep))
     if strict:
         _refuse_unpriced(parts)
-    ancestors = _ancestors(db) if by == "tree" else None
+    levels, ancestors = _agent_tree(db) if by == "tree" else ({}, {})
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))} \
         if by in ("model", "provider") else {}
     totals = {}
@@ -719,8 +800,7 @@ def cost_report(by="model", *, since=None, until=None, strict=False, progress=No
         elif by == "day":
             keys = [(part["day"],)]
         else:
-            agent_id = part["agent_id"]
-            keys = [(root,) for root in ancestors.get(agent_id, ())] if agent_id is not None else [(None,)]
+            keys = [(agent,) for agent in ancestors.get(part["agent_id"], [None])]
         tokens_in, tokens_out = _tokens(part)
         for key in keys:
             entry = totals.setdefault(key + (part["currency"],), {
@@ -735,7 +815,7 @@ def cost_report(by="model", *, since=None, until=None, strict=False, progress=No
             else:
                 entry["cost"] = (entry["cost"] or Decimal(0)) + part["cost"]
                 entry["priced_from"].add(part["priced_from"])
-    return _report_rows(db, by, totals, models)
+    return _report_rows(by, totals, models, levels)
 
 
 def _refuse_unpriced(parts):
@@ -747,11 +827,10 @@ def _refuse_unpriced(parts):
             tokens, sum(p["calls"] for p in unpriced), "; ".join(reasons)))
 
 
-def _report_rows(db, by, totals, models):
+def _report_rows(by, totals, models, levels):
     rows = []
     agent_ids = {key[0] for key in totals if by in ("agent", "tree") and key[0] is not None}
     agents = {a.id: a for a in PsAgent.select().where(PsAgent.id.in_(sorted(agent_ids)))} if agent_ids else {}
-    levels = _levels(db) if by == "tree" else {}
     for (key, currency), entry in totals.items():
         row = {}
         if by == "model":

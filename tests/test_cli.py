@@ -337,7 +337,7 @@ def test_usage_bad_input(run, config_file):
         (["usage", "record", "999", "--in", "1", "--out", "1"], 1, "PsAiModel 999 does not exist"),
         (["usage", "record", str(model["id"]), "--agent", "9", "--in", "1", "--out", "1"], 1, "PsAgent 9"),
         (["usage", "report", "--by", "week"], 2, "Invalid value for '--by'"),
-        (["usage", "report", "--since", "yesterday"], 2, "since/until"),
+        (["usage", "report", "--since", "yesterday"], 2, "since: Not a date or time"),
         (["cost", str(model["id"]), "--in", "x", "--out", "1"], 2, "'x' is not a valid integer"),
         (["cost", "999", "--in", "1", "--out", "1"], 1, "PsAiModel 999 does not exist"),
         (["cost", str(model["id"]), "--in", "1", "--out", "1", "--tier", "batch"], 2, "Invalid value for '--tier'"),

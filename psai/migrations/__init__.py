@@ -10,9 +10,10 @@ works with them as they are and adds nothing until asked: ``adopt()`` (``psai
 init --adopt``) records the migrations whose tables PolicySynth made as
 applied and creates only psai's own additions beside them.
 """
+import contextlib
 import os
 
-from peewee import DatabaseError
+from peewee import DatabaseError, PostgresqlDatabase
 
 from ..db import database, forget_schema
 from ..errors import PsaiError
@@ -63,17 +64,40 @@ def is_policysynth_database(db=None):
     return POLICYSYNTH_TABLES <= tables and HISTORY_TABLE not in tables
 
 
+# The key of PostgreSQL's advisory lock that serialises psai's migrations.
+MIGRATION_LOCK = 0x70736169  # "psai"
+
+
+@contextlib.contextmanager
+def _migration_lock(db):
+    """One process at a time runs migrations; the others wait, then find the
+    work done. PostgreSQL: a session advisory lock (each migration keeps its
+    own transaction). SQLite: the write lock, taken at BEGIN IMMEDIATE, for
+    the whole run (each migration a savepoint in it)."""
+    if isinstance(db, PostgresqlDatabase):
+        db.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
+        try:
+            yield
+        finally:
+            db.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+    else:
+        with db.atomic("IMMEDIATE"):
+            yield
+
+
 def migrate(db=None):
-    """Create or upgrade psai's tables; idempotent. Returns the names applied.
+    """Create or upgrade psai's tables; idempotent, and safe when several
+    processes run it at once. Returns the names applied (by this process).
     On a PolicySynth database psai has not adopted, changes nothing and
     raises NotAdoptedError."""
     db = _db(db)
-    if is_policysynth_database(db):
-        raise NotAdoptedError(
-            "this database has PolicySynth's tables but not psai's: run `psai init --adopt` "
-            "(psai.migrations.adopt()) to add psai's migration table and indexes beside them; "
-            "psai reads and writes PolicySynth's tables without it")
-    return _forget_columns(db, runner(db).up())
+    with _migration_lock(db):
+        if is_policysynth_database(db):
+            raise NotAdoptedError(
+                "this database has PolicySynth's tables but not psai's: run `psai init --adopt` "
+                "(psai.migrations.adopt()) to add psai's migration table and indexes beside them; "
+                "psai reads and writes PolicySynth's tables without it")
+        return _forget_columns(db, runner(db).up())
 
 
 def _forget_columns(db, applied):
@@ -87,25 +111,29 @@ def adopt(db=None):
     tables PolicySynth already made, then apply the rest (psai's indexes).
     PolicySynth's tables are not altered. Returns the names applied."""
     db = _db(db)
-    if not is_policysynth_database(db):
-        return migrate(db)
-    tables = set(db.get_tables())
-    run = runner(db)
-    faked = []
-    with db.atomic():
-        for name, needs in POLICYSYNTH_MIGRATIONS.items():
-            if needs <= tables:
-                run.fake(name)
-                faked.append(name)
-            else:
-                break
-    return _forget_columns(db, faked + run.up())
+    with _migration_lock(db):
+        if not is_policysynth_database(db):
+            return _forget_columns(db, runner(db).up())
+        tables = set(db.get_tables())
+        run = runner(db)
+        faked = []
+        with db.atomic():
+            for name, needs in POLICYSYNTH_MIGRATIONS.items():
+                if needs <= tables:
+                    run.fake(name)
+                    faked.append(name)
+                else:
+                    break
+        return _forget_columns(db, faked + run.up())
 
 
 def ensure_schema(db=None):
     """What the CLI runs first: bring psai's schema up to date, but leave an
     un-adopted PolicySynth database exactly as it is."""
     db = _db(db)
-    if _up_to_date(db) or is_policysynth_database(db):
+    if _up_to_date(db):
         return []
-    return _forget_columns(db, runner(db).up())
+    with _migration_lock(db):
+        if is_policysynth_database(db):
+            return []
+        return _forget_columns(db, runner(db).up())

@@ -1,0 +1,149 @@
+"""Stored rows psai would refuse, found and shown without failing.
+
+Rows written by PolicySynth, another tool or by hand can hold anything. psai
+never lets one of them break a listing, an export or a report: each is shown
+as far as it can be read, flagged with what is wrong. ``check()`` (``psai
+check``) lists every such row and why, so it can be fixed or deactivated.
+"""
+import json
+
+from .db import is_postgres, model_db, table_columns
+from .errors import ValidationError
+from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+
+__all__ = ["shape_problem", "model_problem", "agent_problem", "check", "readable", "dump_rows"]
+
+
+def shape_problem(configuration, *, model=False):
+    """Why a stored configuration cannot even be read as one (a sentence),
+    or None: not an object, nested too deep, a model's prices not an object."""
+    from .schemas import json_problem
+    if not isinstance(configuration, dict):
+        return "configuration is not a JSON object (%s)" % type(configuration).__name__
+    problem = json_problem(configuration)
+    if problem:
+        return "configuration: %s" % problem
+    if model and "prices" in configuration and not isinstance(configuration["prices"], dict):
+        return "configuration.prices is not a JSON object"
+    return None
+
+
+def readable(configuration):
+    """The configuration when it can be read as one, else {}: what listings
+    show of a bad row besides its flag."""
+    return configuration if shape_problem(configuration) is None else {}
+
+
+def dump_rows(schema, rows, model=False):
+    """``[(dump, problem)]``: each row dumped by ``schema``; a row whose
+    configuration cannot be read as one is dumped as stored (None where even
+    JSON cannot hold it), with the problem, so it never hides the others."""
+    dumped = []
+    for row in rows:
+        problem = shape_problem(row.configuration, model=model)
+        if problem is None:
+            dumped.append((schema.dump(row), None))
+            continue
+        stored = row.configuration
+        try:
+            json.dumps(stored)
+        except (RecursionError, ValueError, TypeError):
+            stored = None
+        blank = type(row)(**dict(row.__data__, configuration={}))
+        dumped.append((dict(schema.dump(blank), configuration=stored), problem))
+    return dumped
+
+
+def _problem(validate, values):
+    try:
+        validate(values)
+    except ValidationError as exc:
+        return str(exc)
+    except RecursionError:
+        return "configuration: nested too deep"
+    return None
+
+
+def model_problem(row):
+    """Why psai would refuse to write this model row as it is, or None.
+    Configuration keys psai does not know are accepted (a newer PolicySynth
+    writes them)."""
+    from .schemas import INCLUDE, validate_model_values
+    return _problem(lambda values: validate_model_values(values, unknown=INCLUDE), {
+        "user_id": row.user_id, "organization_id": row.organization_id, "name": row.name,
+        "configuration": row.configuration})
+
+
+def agent_problem(row):
+    from .schemas import validate_agent_values
+    return _problem(validate_agent_values, {
+        "user_id": row.user_id, "class_id": row.class_id, "group_id": row.group_id,
+        "configuration": row.configuration, "parent_agent_id": row.parent_agent_id})
+
+
+def check():
+    """Every stored row psai would refuse or cannot use, as dicts
+    ``{"table", "id", "problem"}`` (``id`` is a pair for a link)."""
+    from .items import price_problem
+    found = []
+    model_ids, agent_ids = set(), set()
+    for row in PsAiModel.select().order_by(PsAiModel.id):
+        model_ids.add(row.id)
+        problem = model_problem(row)
+        if problem:
+            found.append({"table": "ps_ai_models", "id": row.id, "problem": problem})
+    for row in PsAgent.select().order_by(PsAgent.id):
+        agent_ids.add(row.id)
+        problem = agent_problem(row)
+        if problem:
+            found.append({"table": "ps_agents", "id": row.id, "problem": problem})
+    for agent_id, model_id in AgentModels.select(AgentModels.agent, AgentModels.ai_model).tuples():
+        missing = [name for name, key, ids in (("agent", agent_id, agent_ids), ("model", model_id, model_ids))
+                   if key not in ids]
+        if missing:
+            found.append({"table": "AgentModels", "id": [agent_id, model_id],
+                          "problem": "links to a %s that does not exist" % " and a ".join(missing)})
+    db = model_db(PsModelUsage)
+    from .usage import usage_counters
+    counters = usage_counters(db)
+    for row in PsModelUsage.select(PsModelUsage.id, PsModelUsage.model, *[getattr(PsModelUsage, c)
+                                                                           for c in counters]).tuples():
+        row_id, model_id, values = row[0], row[1], row[2:]
+        if model_id not in model_ids:
+            found.append({"table": "ps_model_usage", "id": row_id,
+                          "problem": "model %s does not exist: its usage cannot be priced" % model_id})
+        negative = [name for name, value in zip(counters, values) if value is not None and value < 0]
+        if negative:
+            found.append({"table": "ps_model_usage", "id": row_id,
+                          "problem": "negative counters (%s): not counted" % ", ".join(negative)})
+    if table_columns(db, PsModelUsageItem._meta.table_name):
+        found += _check_items(db, model_ids, price_problem)
+    return found
+
+
+def _check_items(db, model_ids, price_problem):
+    """Items whose data cannot be read, or whose snapshot cannot price them."""
+    from .usage import _JsonSQL
+    j = _JsonSQL(is_postgres(db))
+    data = "data" if j.postgres else "(CASE WHEN json_valid(data) THEN data ELSE '[]' END)"
+    found, verdicts = [], {}
+    cursor = db.execute_sql('SELECT id, model_id, %s, %s FROM "ps_model_usage_item" ORDER BY id' % (
+        j.number(data, "usageNormalized", "tokensIn"), j.object(data, "pricing", "configuredPrices")))
+    for item_id, model_id, tokens_in, configured in cursor.fetchall():
+        if tokens_in is None:
+            found.append({"table": "ps_model_usage_item", "id": item_id,
+                          "problem": "no usable token counts (data.usageNormalized.tokensIn)"})
+            continue
+        if configured is None:
+            if model_id not in model_ids:
+                found.append({"table": "ps_model_usage_item", "id": item_id,
+                              "problem": "no price snapshot, and model %s does not exist" % model_id})
+            continue
+        prices = json.loads(configured) if isinstance(configured, str) else configured
+        key = json.dumps(prices, sort_keys=True)
+        if key not in verdicts:
+            verdicts[key] = price_problem(prices)
+        if verdicts[key]:
+            found.append({"table": "ps_model_usage_item", "id": item_id,
+                          "problem": "its price snapshot cannot price it: %s" % verdicts[key]})
+    return found
