@@ -368,7 +368,7 @@ def models_show(model, fmt):
     found = PsAiModel.get_by_key(model)
     if fmt is None:
         from .schemas import PsAiModelSchema
-        emit_fields(PsAiModelSchema().dump(found))
+        emit_fields(_dump_rows(PsAiModelSchema(), [found], "model", model=True)[0])
     else:
         emit_models([found], fmt, single=True)
 
@@ -617,7 +617,7 @@ def agents_show(agent, fmt):
     found = PsAgent.get_by_key(agent)
     if fmt is None:
         from .schemas import PsAgentSchema
-        emit_fields(PsAgentSchema(with_links=True).dump(found))
+        emit_fields(_dump_rows(PsAgentSchema(with_links=True), [found], "agent")[0])
     else:
         emit_agents([found], fmt, single=True)
 

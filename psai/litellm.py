@@ -130,6 +130,8 @@ def import_cost_map(cost_map, *, user_id, organization_id, model_size, default_t
         try:
             configurations[name] = map_entry(name, entry, model_size=model_size,
                                              default_temperature=default_temperature)
+        except ArithmeticError:
+            skipped[name] = "a number too large to use"  # e.g. 10**400, which no float holds
         except ValueError as exc:
             skipped[name] = str(exc)
     if not dry_run:
