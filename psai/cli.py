@@ -743,8 +743,10 @@ def usage_record(model, agent, applied_tier, **usage):
     from .usage import record_usage
     connect()
     if applied_tier is not None:
+        from .check import readable
         model = PsAiModel.get_by_key(model)
-        usage["provider_metadata"] = applied_tier_metadata(model.configuration.get("provider"), applied_tier)
+        usage["provider_metadata"] = applied_tier_metadata(readable(model.configuration).get("provider"),
+                                                           applied_tier)
     row = record_usage(model, agent, **usage)
     click.echo("recorded on usage row %s" % row.id)
 

@@ -354,6 +354,8 @@ def json_problem(value, limit=MAX_JSON_DEPTH):
         elif isinstance(item, float):
             if not math.isfinite(item):
                 return "Not valid JSON: NaN and infinity are not allowed."
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_SAFE_INTEGER:
+            return Number.default_error_messages["too_large"]
         elif item is not None and not isinstance(item, (bool, int)):
             return "Not valid JSON: %s is not a JSON value." % type(item).__name__
     return None

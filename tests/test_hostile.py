@@ -244,7 +244,8 @@ def test_links_and_usage_that_point_to_missing_rows(db, backend):
     rows = cost_report("model")
     assert {(r["model_id"], r["cost"] is None, r["unpriced_tokens"]) for r in rows} == {
         (m.id, False, 0), (998, True, 500)}
-    found = {(row["table"], row["problem"].split(" ")[0]) for row in psai.check.check()}
+    from psai.check import check
+    found = {(row["table"], row["problem"].split(" ")[0]) for row in check()}
     assert ("AgentModels", "links") in found and ("ps_model_usage", "model") in found
 
 
@@ -333,6 +334,8 @@ def test_ids_that_are_not_ids(db, backend):
     with pytest.raises(psai.ValidationError, match="connector_id"):
         record_usage(model(), None, tokens_in=1, tokens_out=1, connector_id=2 ** 40)
     assert PsModelUsage.select().count() == 0
+    with pytest.raises(psai.ValidationError, match="2\\*\\*53"):
+        PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"budget": HUGE})
 
 
 def test_json_nested_deeper_than_the_limit_is_refused(db, backend, tmp_path):
