@@ -408,7 +408,6 @@ def fill_items(backend, rows):
     """``rows`` usage items straight through the raw driver (set-up, not
     timed): 100 models, each with three price snapshots over time, a long
     context threshold on every fifth, a provider-applied tier on some calls."""
-    from bench.common import configuration
     models = list(PsAiModel.select(PsAiModel.id, PsAiModel.configuration).order_by(PsAiModel.id).limit(100))
     agent_ids = [a.id for a in PsAgent.select(PsAgent.id).order_by(PsAgent.id)]
     backend.truncate("ps_model_usage_item", "ps_model_usage")

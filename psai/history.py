@@ -278,7 +278,11 @@ def _apply(db, rows, ids, changes, transform, since, until, result):
             currency=result["currency"], cost_before="0", cost_after="0")
     current = {row.id: _prices_of(row.configuration) for row in rows}
     params = []
-    where = _window(db, "i.created_at", since, until, ids, params)
+    # Items whose data is not an object are left as they are (reports show them unpriced).
+    postgres = is_postgres(db)
+    where = _window(db, "i.created_at", since, until, ids, params) + (
+        ["jsonb_typeof(i.data) = 'object'"] if postgres
+        else ["(CASE WHEN json_valid(i.data) THEN json_type(i.data) END) = 'object'"])
     items = db.execute_sql('SELECT i.id, i.model_id, i.data FROM "ps_model_usage_item" i WHERE %s'
                            % " AND ".join(where), params).fetchall()
     p = "%s" if is_postgres(db) else "?"
@@ -288,7 +292,6 @@ def _apply(db, rows, ids, changes, transform, since, until, result):
     changed = []
     for item_id, model_id, data in items:
         data = PsModelUsageItem.data.python_value(data)
-        data = data if isinstance(data, dict) else {}
         pricing = data.get("pricing") if isinstance(data.get("pricing"), dict) else {}
         configured = pricing.get("configuredPrices")
         extras = data.get("psai") if isinstance(data.get("psai"), dict) else {}

@@ -1,9 +1,11 @@
 """Recording token usage and reporting what it cost.
 
-``record_usage`` adds one call's tokens to the counters of ``ps_model_usage``
-(one row per model, agent, connector and UTC day). ``cost_report`` adds the
-counters up in SQL and prices each group with the prices of the model row the
-usage points to, in exact ``Decimal`` arithmetic.
+``record_usage`` records one call as PolicySynth 1.3.172 does: a
+``ps_model_usage_item`` with the prices in force (``psai.items``), and its
+tokens added to the counters of ``ps_model_usage`` (one row per model,
+agent, connector and UTC day). ``cost_report`` prices every call from its
+own item, adding calls priced alike up in SQL first; counter usage no item
+covers is priced by the price history. Exact ``Decimal`` arithmetic.
 """
 import bisect
 import datetime
@@ -12,11 +14,10 @@ import math
 from collections import defaultdict, deque
 from decimal import Decimal
 
-
 from .db import is_postgres, lock, model_db, table_columns, write_transaction
 from .errors import NotFoundError, UnpricedUsageError, ValidationError
 from .fields import UTC, utcnow
-from .items import BUCKETS, BUCKET_COUNTERS, bucket_cost, effective_prices, item_data
+from .items import BUCKETS, bucket_cost, effective_prices, item_data
 from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, strict_json_dumps
 from .pricing import COUNTERS, partition_usage
 
@@ -24,8 +25,6 @@ __all__ = ["record_usage", "cost_report", "report_totals", "usage_counters", "RE
            "UnpricedUsageError", "NO_AGENT"]
 
 REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
-INPUT_COUNTERS = tuple(c for c in COUNTERS if "_in_" in c)
-OUTPUT_COUNTERS = tuple(c for c in COUNTERS if "_out_" in c)
 
 # PolicySynth's counters are 32-bit INTEGER columns.
 MAX_COUNTER = 2 ** 31 - 1

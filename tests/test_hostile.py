@@ -11,12 +11,12 @@ import pytest
 from click.testing import CliRunner
 
 import psai
-from psai import AgentModels, PsAgent, PsAiModel, PsModelUsage
+from psai import PsAgent, PsAiModel, PsModelUsage
 from psai.cli import cli
 from psai.db import is_postgres
 from psai.usage import cost_report, record_usage, report_totals
 
-from conftest import POSTGRES_URL, make_backend, make_configuration, require_postgres
+from conftest import make_backend, make_configuration
 
 
 def run(backend, *args, code=0):
@@ -218,7 +218,8 @@ def test_a_model_whose_configuration_is_not_an_object(backend, stored):
 @pytest.mark.parametrize("stored", BAD_CONFIGURATIONS)
 def test_an_agent_whose_configuration_is_not_an_object(backend, stored):
     psai.migrate()
-    m, good, bad = model(), agent("good"), agent("bad")
+    m, bad = model(), agent("bad")
+    agent("good")
     record_usage(m, bad, tokens_in=100, tokens_out=10)
     raw('UPDATE "ps_agents" SET "configuration" = ? WHERE "id" = ?', (stored, bad.id))
     listed = run(backend, "agents", "list")
