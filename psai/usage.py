@@ -448,21 +448,27 @@ def _number(value):
     return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else value
 
 
-def _counter_buckets(row, present):
-    """A counter row (or sums) in BUCKETS."""
-    def get(name):
-        return int(row.get(name) or 0) if name in present else 0
-    return {
-        "in": get("token_in_count"), "cached": get("token_in_cached_context_count"),
-        "cache_write": get("token_in_cache_write_count"), "long_in": get("long_context_token_in_count"),
-        "long_cached": get("long_context_token_in_cached_context_count"),
-        "long_cache_write": get("long_context_token_in_cache_write_count"),
-        "out": sum(get(n) for n in ("token_out_count", "token_out_reasoning_count", "token_out_audio_count",
-                                     "token_out_image_count")),
-        "long_out": sum(get(n) for n in ("long_context_token_out_count", "long_context_token_out_reasoning_count",
-                                          "long_context_token_out_audio_count",
-                                          "long_context_token_out_image_count")),
-    }
+_BUCKET_COUNTER_NAMES = {
+    "in": ("token_in_count",), "cached": ("token_in_cached_context_count",),
+    "cache_write": ("token_in_cache_write_count",), "long_in": ("long_context_token_in_count",),
+    "long_cached": ("long_context_token_in_cached_context_count",),
+    "long_cache_write": ("long_context_token_in_cache_write_count",),
+    "out": ("token_out_count", "token_out_reasoning_count", "token_out_audio_count", "token_out_image_count"),
+    "long_out": ("long_context_token_out_count", "long_context_token_out_reasoning_count",
+                 "long_context_token_out_audio_count", "long_context_token_out_image_count"),
+}
+
+
+def _bucket_reader(present):
+    """A function from counter values (a sequence in the order of
+    ``present``: a row or its sums) to BUCKETS. Output counters are one
+    bucket: they share the output rate."""
+    position = {name: i for i, name in enumerate(present)}
+    spec = [(bucket, [position[n] for n in names if n in position]) for bucket, names in _BUCKET_COUNTER_NAMES.items()]
+
+    def read(values):
+        return {bucket: sum(int(values[i] or 0) for i in indexes) for bucket, indexes in spec}
+    return read
 
 
 def _item_totals(db, model_ids=None):
@@ -486,15 +492,19 @@ def _item_totals(db, model_ids=None):
     return totals
 
 
-def _uncovered_counters(db, model_ids=None):
-    """Counter usage that no item accounts for, as pieces of counter rows.
+def _uncovered_counters(db, by, since=None, until=None, model_ids=None):
+    """Counter usage in [since, until) that no item accounts for, as pieces
+    of counter rows.
 
-    Items and counters are compared per (model, agent, connector): where the
-    counters hold more tokens than the items, what the items add up to is
-    taken off the newest counter rows first (items came later than
-    counters), bucket by bucket, and what is left of each row is its
-    uncovered part. Items beyond the counters (a counter write that failed)
-    count as they are: the items are the record of the calls."""
+    Items and counters are compared per (model, agent, connector). Where
+    there are no items at all (usage recorded before items, or by other
+    tools), every counter row is uncovered, and SQL adds the rows up by
+    price period (``_untouched_pieces``). Where there are items, but fewer
+    tokens than the counters hold, what the items add up to is taken off
+    the newest counter rows first (items came later than counters), bucket
+    by bucket, and what is left of each row is its uncovered part. Items
+    beyond the counters (a counter write that failed) count as they are:
+    the items are the record of the calls."""
     present = usage_counters(db)
     p = "%s" if is_postgres(db) else "?"
     # A row with a negative counter (written by hand) is not counted: it is
@@ -505,13 +515,14 @@ def _uncovered_counters(db, model_ids=None):
         where += " AND model_id IN (%s)" % (", ".join([p] * len(model_ids)) or "NULL")
         params = list(model_ids)
     agents = _agent_ids(db)
+    read = _bucket_reader(present)
     counted = defaultdict(lambda: [0, 0])
     for values in db.execute_sql(
             'SELECT model_id, agent_id, connector_id, %s FROM "ps_model_usage"%s '
             'GROUP BY model_id, agent_id, connector_id' % (", ".join("SUM(%s)" % c for c in present), where),
             params).fetchall():
         key = (values[0], values[1] if values[1] in agents else None, values[2])
-        buckets = _counter_buckets(dict(zip(present, values[3:])), present)
+        buckets = read(values[3:])
         counted[key][0] += sum(buckets[b] for b in BUCKETS if b not in ("out", "long_out"))
         counted[key][1] += buckets["out"] + buckets["long_out"]
     if not counted:
@@ -519,9 +530,12 @@ def _uncovered_counters(db, model_ids=None):
     itemized = _item_totals(db, model_ids)
     short = {key for key, (tokens_in, tokens_out) in counted.items()
              if tokens_in > itemized.get(key, (0, 0))[0] or tokens_out > itemized.get(key, (0, 0))[1]}
-    if not short:
-        return []
-    models = sorted({key[0] for key in short})
+    untouched = {key for key in short if key not in itemized}
+    pieces = _untouched_pieces(db, by, since, until, untouched, agents, sound) if untouched else []
+    partly = short - untouched
+    if not partly:
+        return pieces
+    models = sorted({key[0] for key in partly})
     folded = "token_in_cache_write_count" not in present
     covered = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
     for group in _item_groups(db, ("agent", "connector"), model_ids=models):
@@ -534,21 +548,65 @@ def _uncovered_counters(db, model_ids=None):
         'SELECT model_id, agent_id, connector_id, created_at, %s FROM "ps_model_usage" WHERE model_id IN (%s) '
         'AND %s ORDER BY created_at DESC, id DESC' % (", ".join(present), ", ".join([p] * len(models)), sound),
         models).fetchall()
-    pieces = []
     for values in rows:
         key = (values[0], values[1] if values[1] in agents else None, values[2])
-        if key not in short:
+        if key not in partly:
             continue
         remaining = covered[key]
-        buckets = _counter_buckets(dict(zip(present, values[4:])), present)
+        buckets = read(values[4:])
         piece = {}
         for bucket in BUCKETS:
             taken = min(buckets[bucket], remaining[bucket])
             remaining[bucket] -= taken
             piece[bucket] = buckets[bucket] - taken
-        if any(piece.values()):
+        created_at = PsModelUsage.created_at.python_value(values[3])
+        if any(piece.values()) and (since is None or created_at >= since) and (until is None or created_at < until):
             pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
-                           "created_at": PsModelUsage.created_at.python_value(values[3]), "buckets": piece})
+                           "created_at": created_at, "buckets": piece})
+    return pieces
+
+
+def _price_moments(histories):
+    """For each model, the moments where the prices in force may change (a
+    version or a correction begins or ends): usage between the same two of
+    them is priced alike."""
+    return {model_id: sorted({t for v in history for t in (v["valid_from"], v["valid_to"]) if t is not None}
+                             | {t for c in corrections for t in (c["since"], c["until"]) if t is not None})
+            for model_id, (history, corrections) in histories.items()}
+
+
+def _untouched_pieces(db, by, since, until, keys, agents, sound):
+    """The counter rows of ``keys`` (no item at all), added up in SQL by
+    key, price period (and day), each sum a piece dated by its first row."""
+    from .history import histories_of
+    j = _JsonSQL(is_postgres(db))
+    p = "%s" if j.postgres else "?"
+    field = PsModelUsage.created_at
+    present = usage_counters(db)
+    models = list(PsAiModel.select().where(PsAiModel.id.in_(sorted({key[0] for key in keys}))))
+    moments = _price_moments(histories_of(models))
+    period, params = ["CASE u.model_id"], []
+    for model_id, times in moments.items():
+        if times:
+            period.append("WHEN %s THEN CASE %s ELSE %d END" % (
+                p, " ".join("WHEN u.created_at < %s THEN %d" % (p, i) for i in range(len(times))), len(times)))
+            params += [model_id] + [field.db_value(t) for t in times]
+    period = " ".join(period) + " ELSE 0 END" if len(period) > 1 else "0"
+    columns = ["u.model_id", "u.agent_id", "u.connector_id", "(%s)" % period]
+    if by == "day":
+        columns.append(j.day("u.created_at"))
+    where = _window(db, "u.created_at", since, until, sorted({key[0] for key in keys}), params) + [sound]
+    groups = ", ".join(str(i + 1) for i in range(len(columns)))
+    sql = 'SELECT %s, MIN(u.created_at), %s FROM "ps_model_usage" u WHERE %s GROUP BY %s' % (
+        ", ".join(columns), ", ".join("SUM(u.%s)" % c for c in present), " AND ".join(where), groups)
+    read = _bucket_reader(present)
+    offset = len(columns)
+    pieces = []
+    for values in db.execute_sql(sql, params).fetchall():
+        key = (values[0], values[1] if values[1] in agents else None, values[2])
+        if key in keys:
+            pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
+                           "created_at": field.python_value(values[offset]), "buckets": read(values[offset + 1:])})
     return pieces
 
 
@@ -560,13 +618,13 @@ def _negative_counters(db, by, since, until, model_ids=None):
     where = _window(db, "u.created_at", since, until, model_ids, params) + [
         "(%s)" % " OR ".join("u.%s < 0" % c for c in present)]
     agents = _agent_ids(db) if by in ("agent", "tree") else ()
+    read = _bucket_reader(present)
     parts = []
     for values in db.execute_sql('SELECT u.id, u.model_id, u.agent_id, u.created_at, %s FROM "ps_model_usage" u '
                                  'WHERE %s' % (", ".join("u." + c for c in present), " AND ".join(where)),
                                  params).fetchall():
         model_id, agent_id, created_at = values[1:4]
-        buckets = {bucket: max(value, 0) for bucket, value in
-                   _counter_buckets(dict(zip(present, (max(v, 0) for v in values[4:]))), present).items()}
+        buckets = read([max(v or 0, 0) for v in values[4:]])
         created_at = PsModelUsage.created_at.python_value(created_at)
         parts.append({"model_id": model_id, "agent_id": agent_id if agent_id in agents else None, "provider": None,
                       "pricing": None, "metadata": {}, "has_usage": 0, "calls": 0, "web": 0, "buckets": buckets,
@@ -591,17 +649,12 @@ def _usage_parts(db, by, since, until, model_ids=None):
                                         ("appliedSpeed", group.pop("applied_speed"))) if v is not None},
             priced_from="snapshot" if pricing.get("configuredPrices") is not None else "current"))
     parts += _negative_counters(db, by, since, until, model_ids)
-    pieces = [piece for piece in _uncovered_counters(db, model_ids)
-              if (since is None or piece["created_at"] >= since) and (until is None or piece["created_at"] < until)]
+    pieces = _uncovered_counters(db, by, since, until, model_ids)
     if not pieces:
         return parts
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}
     histories = histories_of(list(models.values()))
-    # The prices in force change only where a version or a correction begins
-    # or ends: the pieces between the same two such moments are priced alike.
-    moments = {model_id: sorted({t for v in history for t in (v["valid_from"], v["valid_to"]) if t is not None}
-                                | {t for c in corrections for t in (c["since"], c["until"]) if t is not None})
-               for model_id, (history, corrections) in histories.items()}
+    moments = _price_moments(histories)
     merged = {}
     for piece in pieces:
         model_id = piece["model_id"]
