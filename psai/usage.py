@@ -515,6 +515,9 @@ def _uncovered_counters(db, by, since=None, until=None, model_ids=None):
         where += " AND model_id IN (%s)" % (", ".join([p] * len(model_ids)) or "NULL")
         params = list(model_ids)
     agents = _agent_ids(db)
+    itemized = _item_totals(db, model_ids)
+    if not itemized:  # no items at all (a database from before them): every row is uncovered
+        return _untouched_pieces(db, by, since, until, None, agents, sound, model_ids)
     read = _bucket_reader(present)
     counted = defaultdict(lambda: [0, 0])
     for values in db.execute_sql(
@@ -527,7 +530,6 @@ def _uncovered_counters(db, by, since=None, until=None, model_ids=None):
         counted[key][1] += buckets["out"] + buckets["long_out"]
     if not counted:
         return []
-    itemized = _item_totals(db, model_ids)
     short = {key for key, (tokens_in, tokens_out) in counted.items()
              if tokens_in > itemized.get(key, (0, 0))[0] or tokens_out > itemized.get(key, (0, 0))[1]}
     untouched = {key for key in short if key not in itemized}
@@ -575,16 +577,32 @@ def _price_moments(histories):
             for model_id, (history, corrections) in histories.items()}
 
 
-def _untouched_pieces(db, by, since, until, keys, agents, sound):
-    """The counter rows of ``keys`` (no item at all), added up in SQL by
-    key, price period (and day), each sum a piece dated by its first row."""
+MAX_PERIOD_BRANCHES = 400
+
+
+def _untouched_pieces(db, by, since, until, keys, agents, sound, model_ids=None):
+    """The counter rows of ``keys`` (keys with no item at all; None: every
+    row), added up in SQL by key, price period (and day), each sum a piece
+    dated by its first row. Without keys, rows are added up only by what
+    the report needs (the agent for agent and tree reports)."""
     from .history import histories_of
     j = _JsonSQL(is_postgres(db))
     p = "%s" if j.postgres else "?"
     field = PsModelUsage.created_at
     present = usage_counters(db)
-    models = list(PsAiModel.select().where(PsAiModel.id.in_(sorted({key[0] for key in keys}))))
+    if keys is not None:
+        model_ids = sorted({key[0] for key in keys})
+    else:  # the models that have counter rows
+        used = {row[0] for row in db.execute_sql('SELECT DISTINCT model_id FROM "ps_model_usage"').fetchall()}
+        model_ids = sorted(used if model_ids is None else used & set(model_ids))
+    if not model_ids:
+        return []
+    models = list(PsAiModel.select().where(PsAiModel.id.in_(model_ids)))
     moments = _price_moments(histories_of(models))
+    if sum(len(times) for times in moments.values()) > MAX_PERIOD_BRANCHES:
+        # The period expression grows with the moments of every model and is
+        # evaluated per row: past a few hundred, each row on its own is faster.
+        moments = {}
     period, params = ["CASE u.model_id"], []
     for model_id, times in moments.items():
         if times:
@@ -592,10 +610,12 @@ def _untouched_pieces(db, by, since, until, keys, agents, sound):
                 p, " ".join("WHEN u.created_at < %s THEN %d" % (p, i) for i in range(len(times))), len(times)))
             params += [model_id] + [field.db_value(t) for t in times]
     period = " ".join(period) + " ELSE 0 END" if len(period) > 1 else "0"
-    columns = ["u.model_id", "u.agent_id", "u.connector_id", "(%s)" % period]
+    whole = keys is not None or by in ("agent", "tree")
+    columns = ["u.model_id", "u.agent_id" if whole else "NULL", "u.connector_id" if keys is not None else "NULL",
+               "(%s)" % period if moments else "u.id"]
     if by == "day":
         columns.append(j.day("u.created_at"))
-    where = _window(db, "u.created_at", since, until, sorted({key[0] for key in keys}), params) + [sound]
+    where = _window(db, "u.created_at", since, until, model_ids, params) + [sound]
     groups = ", ".join(str(i + 1) for i in range(len(columns)))
     sql = 'SELECT %s, MIN(u.created_at), %s FROM "ps_model_usage" u WHERE %s GROUP BY %s' % (
         ", ".join(columns), ", ".join("SUM(u.%s)" % c for c in present), " AND ".join(where), groups)
@@ -604,7 +624,7 @@ def _untouched_pieces(db, by, since, until, keys, agents, sound):
     pieces = []
     for values in db.execute_sql(sql, params).fetchall():
         key = (values[0], values[1] if values[1] in agents else None, values[2])
-        if key in keys:
+        if keys is None or key in keys:
             pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
                            "created_at": field.python_value(values[offset]), "buckets": read(values[offset + 1:])})
     return pieces

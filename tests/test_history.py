@@ -442,3 +442,19 @@ def test_items_that_cannot_be_read_are_reported_not_dropped(db):
     assert "no usable token counts" in rows[1]["unpriced_reason"]
     with pytest.raises(psai.UnpricedUsageError):
         cost_report("day", strict=True)
+
+
+def test_counters_without_items_price_alike_row_by_row_and_summed(db, monkeypatch):
+    """A database from before items: SQL adds the rows up per price period,
+    or, past a few hundred period bounds, takes each row on its own; the
+    same report either way."""
+    m, a, b = model(), agent("a"), agent("b")
+    first = PsAiModel.get_by_id(m.id).updated_at
+    m.update_configuration({"prices": {"costInTokensPerMillion": 60}})
+    for when, who in ((first - datetime.timedelta(days=3), a), (first + datetime.timedelta(microseconds=5), a),
+                      (datetime.datetime.now(UTC) + datetime.timedelta(hours=1), b)):
+        counter_row(m, who, when, token_in_count=1_000_000, token_out_count=1000)
+    reports = {by: cost_report(by) for by in ("model", "agent", "tree", "day")}
+    monkeypatch.setattr("psai.usage.MAX_PERIOD_BRANCHES", 0)
+    assert {by: cost_report(by) for by in reports} == reports
+    assert report_totals(reports["model"])["USD"]["cost"] == Decimal(60 + 30 + 60) + Decimal(3 * 1000 * 60) / 10 ** 6
