@@ -2,6 +2,7 @@
 import hashlib
 import os
 import re
+import time
 import weakref
 from urllib.parse import quote, unquote, urlsplit
 
@@ -158,11 +159,21 @@ def connect(url=None, **options):
             db = db_url.connect(url, unquote_password=True, unquote_user=True, **options)
     except (ValueError, RuntimeError) as exc:
         raise DatabaseURLError(_scrub(exc, url)) from None
-    try:
-        db.connect()
-    except OperationalError as exc:
-        db.close()
-        raise DatabaseUnavailableError("cannot connect to %s: %s" % (redact_url(url), _scrub(exc, url))) from None
+    # Switching a new SQLite file to WAL takes a lock SQLite does not wait
+    # for: processes opening a fresh file at once retry for the busy timeout.
+    deadline = time.monotonic() + SQLITE_PRAGMAS["busy_timeout"] / 1000
+    while True:
+        try:
+            db.connect()
+            break
+        except OperationalError as exc:
+            if not db.is_closed():
+                db.close()
+            if kind == "sqlite" and "locked" in str(exc) and time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            raise DatabaseUnavailableError(
+                "cannot connect to %s: %s" % (redact_url(url), _scrub(exc, url))) from None
     _rebind(db)
     return db
 
