@@ -463,15 +463,20 @@ def _history_row(version):
 
 @models.command("history")
 @click.argument("name")
+@click.option("--organization-id", type=int, help="Only this organization's rows of NAME.")
 @output_options
 @handle_errors
-def models_history(name, fmt):
+def models_history(name, organization_id, fmt):
     """The price history of NAME (or of a model id or uuid): every version of
     its prices, oldest first, with the period it was in force and the
     corrections applied to the calls of that period."""
     from .history import price_history
+    from .models import PsAiModel
     connect()
     versions = price_history(name)
+    if organization_id is not None:
+        ids = {row.id for row in PsAiModel.select(PsAiModel.id).where(PsAiModel.organization_id == organization_id)}
+        versions = [version for version in versions if version["model_id"] in ids]
     if fmt == "json":
         emit(versions, fmt)
     elif fmt == "csv":
