@@ -172,13 +172,9 @@ def _covers(correction, moment):
 
 
 def _merge_prices(prices, changes):
-    merged = copy.deepcopy(prices) if isinstance(prices, dict) else {}
-    for key, value in changes.items():
-        if value is None:
-            merged.pop(key, None)
-        else:
-            merged[key] = value
-    return merged
+    # Prices are flat: merge_configuration's rules (None removes a key) apply as they are.
+    from .schemas import merge_configuration
+    return merge_configuration(prices if isinstance(prices, dict) else {}, changes)
 
 
 def _price_changes(changes):

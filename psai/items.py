@@ -22,7 +22,7 @@ negative or not numbers count as 0 (PolicySynth would subtract them).
 """
 import math
 
-from .pricing import COUNTERS, cost_of_counters, resolve_prices
+from .pricing import COUNTERS, _count, _is_number as _number_type, cost_of_counters, resolve_prices
 
 __all__ = ["item_data", "item_cost", "effective_prices", "price_problem", "call_buckets", "bucket_cost",
            "applied_tier_metadata", "BUCKETS", "LAYOUT_VERSION"]
@@ -50,7 +50,8 @@ _OPENAI = ("openai", "openairesponses")
 
 
 def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number (not a boolean)."""
+    return _number_type(value) and math.isfinite(value)
 
 
 def js_timestamp(moment):
@@ -182,10 +183,6 @@ def effective_prices(provider, pricing, provider_metadata=None, fallback_prices=
                               inference_type=tier if tier in ("flex", "priority", "fast") else None,
                               regional_processing=region)
     return resolved, None
-
-
-def _count(value):
-    return value if _is_number(value) and value > 0 else 0
 
 
 def call_buckets(usage, *, cache_write_tokens=0, threshold=None):

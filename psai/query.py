@@ -18,6 +18,7 @@ from .db import is_postgres, lock, model_db, write_transaction
 from .enums import PsAiModelSize
 from .errors import NotFoundError, ValidationError
 from .models import AgentModels, PsAgent, PsAiModel
+from .pricing import _is_number
 from .schemas import MAX_SAFE_INTEGER
 
 __all__ = ["config_filter", "where_config", "select_model", "model_choices", "find_by_provider_model",
@@ -112,10 +113,6 @@ def _postgres_any(path, values):
     differ), all values one bound jsonb array."""
     return NodeList((PsAiModel.configuration, SQL("#> %s::text[] IN (SELECT jsonb_array_elements(%s::jsonb))",
                                                    ["{%s}" % ",".join(path), json.dumps(values)])))
-
-
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def config_filter(filters):

@@ -334,11 +334,11 @@ def _window(db, column, since, until, model_ids, params):
     return clauses
 
 
-def _item_groups(db, keys=(), since=None, until=None, model_ids=None):
+def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None):
     """Items added up in SQL by model, ``keys`` (among agent, connector and
     day, the UTC day) and everything that decides their price. One dict a
     group; ``agent_id`` is None for usage without an agent or whose agent
-    was deleted."""
+    was deleted (``agents``: the ids that exist, when the caller has them)."""
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return []
     j = _JsonSQL(is_postgres(db))
@@ -383,7 +383,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None):
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long "
            "FROM (%s) c) g GROUP BY %s" % (", ".join(group), ", ".join(sums), inner, ", ".join(group)))
     names = group + ["calls", "in", "cached", "cache_write", "out", "web"]
-    agents = _agent_ids(db) if "agent" in keys else ()
+    if "agent" in keys and agents is None:
+        agents = _agent_ids(db)
     rows = []
     for values in db.execute_sql(sql, params).fetchall():
         row = dict(zip(names, values))
@@ -397,7 +398,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None):
         if isinstance(row["pricing"], str):
             row["pricing"] = json.loads(row["pricing"])
         rows.append(row)
-    rows.extend(_unreadable_items(db, keys, since, until, model_ids))
+    rows.extend(_unreadable_items(db, keys, since, until, model_ids, agents))
     return rows
 
 
@@ -408,7 +409,7 @@ def _valid_json(j, column):
     return [] if j.postgres else ["json_valid(%s)" % column]
 
 
-def _unreadable_items(db, keys, since, until, model_ids):
+def _unreadable_items(db, keys, since, until, model_ids, agents):
     """SQLite: items whose data is not JSON, as groups without usage (they
     are reported unpriced, with their number of calls)."""
     if is_postgres(db):
@@ -420,7 +421,6 @@ def _unreadable_items(db, keys, since, until, model_ids):
     names = [n for n, k in (("agent_id", "agent"), ("connector_id", "connector"), ("day", "day")) if k in keys]
     sql = 'SELECT i.model_id, %sCOUNT(*) FROM "ps_model_usage_item" i WHERE %s GROUP BY i.model_id%s' % (
         "".join(c + ", " for c in key_columns), " AND ".join(where), "".join(", " + c for c in key_columns))
-    agents = _agent_ids(db) if "agent" in keys else ()
     groups = []
     for values in db.execute_sql(sql, params).fetchall():
         group = dict(zip(["model_id"] + names, values[:-1]), calls=values[-1], provider=None, pricing=None,
@@ -471,7 +471,7 @@ def _bucket_reader(present):
     return read
 
 
-def _item_totals(db, model_ids=None):
+def _item_totals(db, agents, model_ids=None):
     """Input and output tokens of all items per (model, agent, connector):
     the light pass that tells which counters the items cover."""
     if not table_columns(db, PsModelUsageItem._meta.table_name):
@@ -479,7 +479,6 @@ def _item_totals(db, model_ids=None):
     j = _JsonSQL(is_postgres(db))
     params = []
     where = _window(db, "i.created_at", None, None, model_ids, params) + _valid_json(j, "i.data")
-    agents = _agent_ids(db)
     totals = defaultdict(lambda: [0, 0])
     for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
             'SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM "ps_model_usage_item" i%s '
@@ -492,7 +491,7 @@ def _item_totals(db, model_ids=None):
     return totals
 
 
-def _uncovered_counters(db, by, since=None, until=None, model_ids=None):
+def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None):
     """Counter usage in [since, until) that no item accounts for, as pieces
     of counter rows.
 
@@ -514,8 +513,7 @@ def _uncovered_counters(db, by, since=None, until=None, model_ids=None):
     if model_ids is not None:
         where += " AND model_id IN (%s)" % (", ".join([p] * len(model_ids)) or "NULL")
         params = list(model_ids)
-    agents = _agent_ids(db)
-    itemized = _item_totals(db, model_ids)
+    itemized = _item_totals(db, agents, model_ids)
     if not itemized:  # no items at all (a database from before them): every row is uncovered
         return _untouched_pieces(db, by, since, until, None, agents, sound, model_ids)
     read = _bucket_reader(present)
@@ -540,7 +538,7 @@ def _uncovered_counters(db, by, since=None, until=None, model_ids=None):
     models = sorted({key[0] for key in partly})
     folded = "token_in_cache_write_count" not in present
     covered = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
-    for group in _item_groups(db, ("agent", "connector"), model_ids=models):
+    for group in _item_groups(db, ("agent", "connector"), model_ids=models, agents=agents):
         into = covered[(group["model_id"], group["agent_id"], group["connector_id"])]
         for bucket, value in group["buckets"].items():
             if folded and bucket.endswith("cache_write"):
@@ -630,14 +628,13 @@ def _untouched_pieces(db, by, since, until, keys, agents, sound, model_ids=None)
     return pieces
 
 
-def _negative_counters(db, by, since, until, model_ids=None):
+def _negative_counters(db, by, agents, since, until, model_ids=None):
     """Counter rows with a negative counter, as unpriced parts: a negative
     count is never added (it would lower the total) nor priced as 0."""
     present = usage_counters(db)
     params = []
     where = _window(db, "u.created_at", since, until, model_ids, params) + [
         "(%s)" % " OR ".join("u.%s < 0" % c for c in present)]
-    agents = _agent_ids(db) if by in ("agent", "tree") else ()
     read = _bucket_reader(present)
     parts = []
     for values in db.execute_sql('SELECT u.id, u.model_id, u.agent_id, u.created_at, %s FROM "ps_model_usage" u '
@@ -660,16 +657,17 @@ def _usage_parts(db, by, since, until, model_ids=None):
     and its ``buckets``."""
     from .history import histories_of, prices_at
     keys = {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
+    agents = _agent_ids(db)  # once a report: items and counters both map deleted agents to None
     parts = []
-    for group in _item_groups(db, keys, since, until, model_ids):
+    for group in _item_groups(db, keys, since, until, model_ids, agents):
         pricing = group["pricing"] or {}
         parts.append(dict(
             group,
             metadata={k: v for k, v in (("appliedServiceTier", group.pop("applied_service_tier")),
                                         ("appliedSpeed", group.pop("applied_speed"))) if v is not None},
             priced_from="snapshot" if pricing.get("configuredPrices") is not None else "current"))
-    parts += _negative_counters(db, by, since, until, model_ids)
-    pieces = _uncovered_counters(db, by, since, until, model_ids)
+    parts += _negative_counters(db, by, agents, since, until, model_ids)
+    pieces = _uncovered_counters(db, by, agents, since, until, model_ids)
     if not pieces:
         return parts
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}
