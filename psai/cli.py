@@ -282,7 +282,7 @@ def emit_fields(dump):
 
 @cli.group()
 def models():
-    """AI models: add, list, show, update, deactivate, delete, history, reprice, import-litellm."""
+    """AI models: add, list, show, update, deactivate, delete, history, reprice, import-litellm (an alias)."""
 
 
 def _configuration_from_flags(model_type, size, model_name, provider, inactive, in_price, out_price,
@@ -362,15 +362,20 @@ def models_list(provider, model_type, size, active, name, fmt):
 @output_options
 @handle_errors
 def models_show(model, fmt):
-    """Show one model, by id or uuid."""
+    """Show one model, by id or uuid, with where its prices came from."""
+    from .catalog import provenance
     from .models import PsAiModel
+    from .schemas import PsAiModelSchema
     connect()
     found = PsAiModel.get_by_key(model)
-    if fmt is None:
-        from .schemas import PsAiModelSchema
-        emit_fields(_dump_rows(PsAiModelSchema(), [found], "model", model=True)[0])
+    dump = _dump_rows(PsAiModelSchema(), [found], "model", model=True)[0]
+    dump["provenance"] = provenance(found)
+    if fmt == "json":
+        emit([dump], fmt, single=True)
+    elif fmt == "csv":
+        emit([dump], fmt, columns=list(PsAiModelSchema().fields) + ["provenance"])
     else:
-        emit_models([found], fmt, single=True)
+        emit_fields(dump)
 
 
 def _parse_value(raw):
@@ -518,32 +523,92 @@ def models_reprice(model, assignments, since, until, apply_changes, fmt):
 
 
 @models.command("import-litellm")
-@click.argument("source", metavar="PATH", type=click.File("r", encoding="utf-8"))
+@click.argument("source", metavar="PATH", type=click.Path(exists=True, dir_okay=False))
 @click.option("--user-id", type=int, required=True)
 @click.option("--organization-id", type=int, required=True)
-@click.option("--size", type=MODEL_SIZES, required=True, help="modelSize for every model (LiteLLM has none).")
+@click.option("--size", type=MODEL_SIZES, help="modelSize for every model (default: by input price).")
 @click.option("--temperature", type=NUMBER, default=0.7, show_default=True, help="defaultTemperature.")
 @click.option("--provider", multiple=True, help="Only entries of this litellm_provider (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Report what would be imported; write nothing.")
 @output_options
 @handle_errors
 def models_import_litellm(source, user_id, organization_id, size, temperature, provider, dry_run, fmt):
-    """Import LiteLLM's model cost map (model_prices_and_context_window.json).
+    """Import LiteLLM's cost map from PATH: `psai catalog import litellm --file PATH`."""
+    _import_catalog("litellm", user_id, organization_id, size, temperature, provider, (), dry_run, source, fmt)
 
-    Entries that cannot be mapped are listed with the reason, not guessed.
+
+# -- catalogs -------------------------------------------------------------------
+
+CATALOG_SOURCES = click.Choice(["genai-prices", "litellm"])
+
+
+@cli.group()
+def catalog():
+    """Price catalogs (genai-prices, LiteLLM): import models with provenance, find drift."""
+
+
+@catalog.command("import")
+@click.argument("source", type=CATALOG_SOURCES)
+@click.option("--provider", multiple=True, help="Only this provider of the source (repeatable).")
+@click.option("--model", "model_ids", multiple=True, help="Only this source model id (repeatable).")
+@click.option("--user-id", type=int, required=True)
+@click.option("--organization-id", type=int, required=True)
+@click.option("--size", type=MODEL_SIZES,
+              help="modelSize of new models (default: by input price per million: <0.5 small, <2 medium, "
+                   "else large).")
+@click.option("--temperature", type=NUMBER, default=0.7, show_default=True, help="defaultTemperature of new models.")
+@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False),
+              help="litellm: this cost map instead of the installed package's.")
+@click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
+@output_options
+@handle_errors
+def catalog_import(source, provider, model_ids, user_id, organization_id, size, temperature, path, dry_run, fmt):
+    """Import the priced models of SOURCE (genai-prices or litellm), offline.
+
+    A model imported before from the same source is updated in place (its price
+    history kept), never duplicated. What the source prices and PolicySynth's
+    configuration cannot say is listed, not dropped silently.
     """
-    from .litellm import import_cost_map
-    cost_map = _read_json(source)
+    _import_catalog(source, user_id, organization_id, size, temperature, provider, model_ids, dry_run, path, fmt)
+
+
+def _import_catalog(source, user_id, organization_id, size, temperature, providers, model_ids, dry_run, path, fmt):
+    from .catalog import import_catalog
     connect()
-    result = import_cost_map(cost_map, user_id=user_id, organization_id=organization_id, model_size=size,
-                             default_temperature=temperature, providers=set(provider) or None,
-                             dry_run=dry_run)
+    with Progress("importing") as progress:
+        result = import_catalog(source, user_id=user_id, organization_id=organization_id, size=size,
+                                temperature=temperature, providers=providers, models=model_ids,
+                                dry_run=dry_run, file=path, progress=progress)
     if fmt == "json":
         emit([result], fmt, single=True)
         return
-    rows = [{"name": name, "result": "would import" if dry_run else "imported"} for name in result["imported"]]
-    rows += [{"name": name, "result": "skipped: " + reason} for name, reason in result["skipped"].items()]
-    emit(rows, fmt, columns=["name", "result"])
+    rows = [{"source_model": m["source_model"], "model_id": m["model_id"], "result": m["action"],
+             "not expressed": "; ".join(m["unexpressed"])} for m in result["models"]]
+    rows += [{"source_model": name, "result": "skipped: " + reason} for name, reason in result["skipped"].items()]
+    emit(rows, fmt, columns=["source_model", "model_id", "result", "not expressed"])
+    click.echo("%s %s: %d models, %d skipped" % (source, result["source_version"], len(result["models"]),
+                                                len(result["skipped"])), err=True)
+
+
+@catalog.command("diff")
+@click.argument("source", type=CATALOG_SOURCES)
+@click.option("--organization-id", type=int, help="Only this organization's models.")
+@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False),
+              help="litellm: this cost map instead of the installed package's.")
+@click.option("--apply", "apply_changes", is_flag=True, help="Set the stored prices to the source's.")
+@output_options
+@handle_errors
+def catalog_diff(source, organization_id, path, apply_changes, fmt):
+    """The imported models whose prices differ from SOURCE as installed now."""
+    from .catalog import diff
+    connect()
+    rows = diff(source, file=path, organization_id=organization_id, apply=apply_changes)
+    if fmt is None and not rows:
+        click.echo("no differences")
+        return
+    emit(rows, fmt, columns=["model_id", "name", "source_model", "field", "stored", "source"])
+    if apply_changes and rows and fmt is None:
+        click.echo("applied", err=True)
 
 
 # -- agents ---------------------------------------------------------------------

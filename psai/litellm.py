@@ -1,5 +1,6 @@
-"""Import LiteLLM's model cost map (``model_prices_and_context_window.json``,
-shipped in the ``litellm`` package) as psai models.
+"""LiteLLM's model cost map (``model_prices_and_context_window.json``, shipped
+in the ``litellm`` package) as PolicySynth configurations; ``psai.catalog``
+imports them.
 
 LiteLLM gives USD per token; PolicySynth wants per million tokens. What maps:
 
@@ -22,12 +23,10 @@ refuses) is reported with the reason, never guessed.
 """
 import re
 
-from .db import write_transaction
 from .errors import ValidationError
-from .query import add_model
 from .schemas import validate_configuration
 
-__all__ = ["map_entry", "import_cost_map", "MODES"]
+__all__ = ["map_entry", "consumed_keys", "MODES"]
 
 MODES = {"chat": "text", "completion": "text", "responses": "text", "embedding": "embedding",
          "image_generation": "image", "audio_speech": "audio", "audio_transcription": "audio",
@@ -114,32 +113,13 @@ def map_entry(name, entry, *, model_size, default_temperature=0.7):
         raise ValueError(str(exc)) from None
 
 
-def import_cost_map(cost_map, *, user_id, organization_id, model_size, default_temperature=0.7,
-                    providers=None, dry_run=False):
-    """Add a model for every entry of ``cost_map`` that maps (optionally only
-    these ``providers``), superseding same-name models, in one transaction.
-    Returns ``{"imported": [names], "skipped": {name: reason}}``."""
-    if not isinstance(cost_map, dict):
-        raise ValidationError({"cost_map": ["Must be a JSON object of model name to prices."]})
-    imported, skipped, configurations = [], {}, {}
-    for name, entry in cost_map.items():
-        if name == "sample_spec":
-            continue  # LiteLLM's own documentation of the format
-        if providers and isinstance(entry, dict) and entry.get("litellm_provider") not in providers:
-            continue
-        try:
-            configurations[name] = map_entry(name, entry, model_size=model_size,
-                                             default_temperature=default_temperature)
-        except ArithmeticError:
-            skipped[name] = "a number too large to use"  # e.g. 10**400, which no float holds
-        except ValueError as exc:
-            skipped[name] = str(exc)
-    if not dry_run:
-        with write_transaction():
-            for name, configuration in configurations.items():
-                add_model(name=name, user_id=user_id, organization_id=organization_id,
-                          configuration=configuration)
-                imported.append(name)
-    else:
-        imported = list(configurations)
-    return {"imported": imported, "skipped": skipped}
+def consumed_keys(entry):
+    """The price keys of ``entry`` that ``map_entry`` turns into PolicySynth
+    prices (the others are reported by a catalog import)."""
+    used = {"input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost",
+            "cache_creation_input_token_cost", "search_context_cost_per_query"} | set(_TIER_KEYS)
+    for key in entry:
+        match = _ABOVE.match(key)
+        if match and match.group("base") in _LONG_KEYS:
+            used.add(key)
+    return used

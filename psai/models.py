@@ -16,7 +16,7 @@ from .errors import InUseError, NotFoundError, ValidationError
 from .fields import TimestampTzField, UUIDTextField, utcnow
 
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
-           "PriceVersion", "PriceCorrection", "ALL_MODELS"]
+           "PriceVersion", "PriceCorrection", "ModelProvenance", "ALL_MODELS"]
 
 
 # Set while save() writes a row it has validated itself, so that insert() and
@@ -662,4 +662,20 @@ class PriceCorrection(BaseModel):
         table_name = "psai_price_corrections"
 
 
-ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage, PsModelUsageItem, PriceVersion, PriceCorrection]
+class ModelProvenance(BaseModel):
+    """psai's own: where an imported model's prices came from (``psai.catalog``)."""
+
+    id = AutoField()
+    model = ForeignKeyField(PsAiModel, column_name="model_id", on_delete="CASCADE", unique=True,
+                            backref="provenance_rows")
+    source = CharField(max_length=64)
+    source_version = CharField(max_length=128)
+    source_model = CharField(max_length=255)
+    imported_at = TimestampTzField()
+
+    class Meta:
+        table_name = "psai_model_provenance"
+
+
+ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage, PsModelUsageItem, PriceVersion, PriceCorrection,
+              ModelProvenance]

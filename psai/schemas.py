@@ -375,16 +375,18 @@ def _check_json(configuration):
             "Too large: %d bytes; at most %d." % (size, MAX_CONFIGURATION_BYTES)]})
 
 
-def load_json(text, name="JSON", limit=MAX_JSON_DEPTH):
+def load_json(text, name="JSON", limit=MAX_JSON_DEPTH, check=True):
     """Parse JSON a user gave (a file, a flag): psai.ValidationError naming
-    ``name`` when it is not JSON or is nested deeper than ``limit``."""
+    ``name`` when it is not JSON or is nested deeper than ``limit``. Without
+    ``check``, what psai could not store (a huge number, say) is left for the
+    caller to find part by part (a catalog reports one bad entry and goes on)."""
     try:
         value = json.loads(text)
     except RecursionError:
         raise ValidationError({name: ["Nested deeper than %d levels." % limit]}) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValidationError({name: ["Not JSON: %s." % exc]}) from None
-    problem = json_problem(value, limit)
+    problem = json_problem(value, limit) if check else None
     if problem:
         raise ValidationError({name: [problem]})
     return value

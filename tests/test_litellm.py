@@ -7,7 +7,8 @@ from click.testing import CliRunner
 import psai
 from psai import PsAiModel
 from psai.cli import cli
-from psai.litellm import import_cost_map, map_entry
+from psai.catalog import import_catalog
+from psai.litellm import map_entry
 
 COST_MAP = {
     "sample_spec": {"max_tokens": "LEGACY parameter", "input_cost_per_token": 0.0, "mode": "one of ..."},
@@ -77,21 +78,27 @@ def test_entries_that_cannot_be_mapped_are_reported(name, reason):
         map_entry(name, COST_MAP[name], model_size="small")
 
 
-def test_import_creates_models_and_reports_the_rest(db):
-    result = import_cost_map(COST_MAP, user_id=1, organization_id=2, model_size="medium")
-    assert sorted(result["imported"]) == ["claude-sonnet-4-20250514", "gemini/gemini-2.5-pro", "gpt-4o"]
+def _import(tmp_path, cost_map, **options):
+    path = tmp_path / "model_prices_and_context_window.json"
+    path.write_text(json.dumps(cost_map))
+    return import_catalog("litellm", file=str(path), user_id=1, organization_id=2, **options)
+
+
+def test_import_creates_models_and_reports_the_rest(db, tmp_path):
+    result = _import(tmp_path, COST_MAP, size="medium")
+    assert sorted(m["source_model"] for m in result["models"]) == [
+        "claude-sonnet-4-20250514", "gemini/gemini-2.5-pro", "gpt-4o"]
     assert set(result["skipped"]) == {"text-embedding-3-small", "dall-e-3", "omni-moderation-latest",
                                       "odd/two-thresholds"}
     assert "sample_spec" not in result["skipped"]
     assert PsAiModel.where_config(provider="gemini").get().configuration["prices"]["longContextTokenThreshold"] == 200_000
-    # Importing a newer map supersedes: old prices stay, inactive, for history.
+    # Importing a newer map updates the imported row in place; the old prices stay in its history.
     newer = json.loads(json.dumps(COST_MAP))
     newer["gpt-4o"]["input_cost_per_token"] = 2e-06
-    import_cost_map(newer, user_id=1, organization_id=2, model_size="medium", providers={"openai"})
-    history = PsAiModel.history("gpt-4o")
-    assert [(m.configuration["active"], m.configuration["prices"]["costInTokensPerMillion"]) for m in history] == [
-        (True, 2), (False, 2.5)]
-    assert PsAiModel.select().count() == 4
+    _import(tmp_path, newer, size="medium", providers={"openai"})
+    [gpt] = PsAiModel.history("gpt-4o")
+    assert [v["prices"]["costInTokensPerMillion"] for v in psai.price_history(gpt)] == [2.5, 2]
+    assert PsAiModel.select().count() == 3
 
 
 def test_import_from_the_command_line(backend, tmp_path):
@@ -105,9 +112,9 @@ def test_import_from_the_command_line(backend, tmp_path):
     psai.connect(backend.url)
     assert PsAiModel.select().count() == 0
     result = CliRunner().invoke(cli, command + ["--json"])
-    assert sorted(json.loads(result.stdout)["imported"]) == ["claude-sonnet-4-20250514", "gemini/gemini-2.5-pro",
-                                                             "gpt-4o"]
+    assert sorted(m["source_model"] for m in json.loads(result.stdout)["models"]) == [
+        "claude-sonnet-4-20250514", "gemini/gemini-2.5-pro", "gpt-4o"]
     psai.connect(backend.url)
     assert PsAiModel.select().count() == 3
-    result = CliRunner().invoke(cli, command[:5] + ["--user-id", "1", "--organization-id", "2"])
-    assert result.exit_code == 2 and "Missing option '--size'" in result.stderr
+    result = CliRunner().invoke(cli, command[:5] + ["--organization-id", "2"])
+    assert result.exit_code == 2 and "Missing option '--user-id'" in result.stderr
