@@ -1,5 +1,5 @@
 """psai: PolicySynth's AI-model store in Python."""
-from .db import connect, database, redact_url
+from .db import connect, database, redact_url, using
 from .enums import PsAiModelProvider, PsAiModelSize, PsAiModelType
 from .errors import (
     DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError, PsaiError, UnpricedUsageError,
@@ -9,7 +9,7 @@ from .migrations import migrate
 from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 
 __all__ = [
-    "connect", "database", "migrate", "redact_url",
+    "connect", "database", "migrate", "redact_url", "using", "copy",
     "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "record_usage", "cost_report", "pricing",
     "add_model", "find_by_provider_model",
     "PsAiModelType", "PsAiModelSize", "PsAiModelProvider",
@@ -20,7 +20,7 @@ __all__ = [
 # Imported on first use, so a short command does not pay for them.
 _LAZY = {"record_usage": "usage", "cost_report": "usage",
          "price_history": "history", "reprice": "history", "add_model": "query",
-         "find_by_provider_model": "query", "pricing": None, "catalog": None}
+         "find_by_provider_model": "query", "pricing": None, "catalog": None, "copy": "transfer"}
 
 
 def __getattr__(name):

@@ -547,7 +547,7 @@ def import_catalog(source, *, user_id, organization_id, size=None, temperature=0
     result = {"source": source, "source_version": catalog["source_version"], "models": [],
               "skipped": catalog["skipped"]}
     total = len(entries)
-    with write_transaction():
+    with write_transaction(db):
         existing = _imported(source, organization_id, set(entries))
         now = utcnow()
         for done, (source_model, entry) in enumerate(sorted(entries.items()), 1):
@@ -613,7 +613,7 @@ def diff(source, *, file=None, organization_id=None, apply=False):
         if differences:
             updates.append((model, source_prices))
     if apply and updates:
-        with write_transaction():
+        with write_transaction(db):
             for model, source_prices in updates:
                 _update_prices(model, source_prices)
             ModelProvenance.update(source_version=catalog["source_version"], imported_at=utcnow()) \

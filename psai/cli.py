@@ -6,7 +6,6 @@ on stderr (exit 1 for a failure, 2 for bad usage or bad input).
 """
 import csv
 import datetime
-import functools
 import io
 import json
 import os
@@ -27,41 +26,46 @@ EXIT_BAD_INPUT = 2
 
 # -- plumbing ------------------------------------------------------------------
 
-def _fail(message, code):
-    click.echo("Error: %s" % message, err=True)
-    sys.exit(code)
-
-
 def _database_url():
     context = click.get_current_context(silent=True)
     root = context.find_root() if context else None
     return (root.obj or {}).get("database") if root else None
 
 
-def handle_errors(command):
-    """A user's mistake is one line on stderr, never a traceback."""
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        url = _database_url() or ""
+class CommandError(click.ClickException):
+    """A user's mistake or an unavailable database: one line on stderr
+    ("Error: ..."), never a traceback, and the exit code says which."""
+
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class PsaiGroup(click.Group):
+    """The root group: psai's errors become a CommandError here, once for
+    every command."""
+
+    def invoke(self, ctx):
         try:
-            return command(*args, **kwargs)
+            return super().invoke(ctx)
         except (ValidationError, DatabaseURLError) as exc:
-            _fail(str(exc), EXIT_BAD_INPUT)
+            raise CommandError(str(exc), EXIT_BAD_INPUT) from None
         except PsaiError as exc:  # not found, in use, unreachable, not adopted, unpriced (--strict)
-            _fail(str(exc), EXIT_FAILURE)
+            raise CommandError(str(exc), EXIT_FAILURE) from None
         except peewee.DatabaseError as exc:
-            _fail("database error: %s" % dbmod._scrub(exc, url), EXIT_FAILURE)
+            raise CommandError("database error: %s" % dbmod._scrub(exc, _database_url() or ""), EXIT_FAILURE) \
+                from None
         except OSError as exc:
-            _fail(str(exc), EXIT_FAILURE)
-    return wrapper
+            raise CommandError(str(exc), EXIT_FAILURE) from None
 
 
 def connect():
     """Connect to the --database URL and bring psai's schema up to date (an
     un-adopted PolicySynth database is used as it is)."""
     from .migrations import ensure_schema
-    dbmod.connect(_database_url())
-    ensure_schema()
+    db = dbmod.connect(_database_url())
+    ensure_schema(db)
+    return db
 
 
 def _json_default(value):
@@ -186,7 +190,7 @@ class Progress:
 
 # -- the group ------------------------------------------------------------------
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PsaiGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--database", "database", envvar="PSAI_DATABASE_URL", metavar="URL",
               help="Database URL: sqlite:///path.db or postgresql://user@host:port/db "
                    "(default: $PSAI_DATABASE_URL, else sqlite:///psai.db).")
@@ -204,7 +208,6 @@ def cli(ctx, database):
 @click.option("--adopt", is_flag=True,
               help="The database is PolicySynth's: add psai's migration table and indexes "
                    "beside its tables, without changing them.")
-@handle_errors
 def init(adopt):
     """Create or upgrade the schema."""
     from .migrations import adopt as adopt_database, migrate
@@ -214,7 +217,6 @@ def init(adopt):
 
 
 @cli.command()
-@handle_errors
 def demo():
     """Store the seed model and two agents linked to it, and print them."""
     from .demo import seed
@@ -314,7 +316,6 @@ def _configuration_from_flags(model_type, size, model_name, provider, inactive, 
 @click.option("--max-tokens-out", type=int)
 @click.option("--temperature", type=NUMBER, help="Default temperature.")
 @output_options
-@handle_errors
 def models_add(name, user_id, organization_id, source, fmt, **flags):
     """Add a model, from flags or a configuration JSON file.
 
@@ -342,7 +343,6 @@ def models_add(name, user_id, organization_id, source, fmt, **flags):
 @click.option("--active/--inactive", default=None, help="Only active, or only inactive, models.")
 @click.option("--name", help="Only models with this name.")
 @output_options
-@handle_errors
 def models_list(provider, model_type, size, active, name, fmt):
     """List models, filtered by configuration fields."""
     from .models import PsAiModel
@@ -360,7 +360,6 @@ def models_list(provider, model_type, size, active, name, fmt):
 @models.command("show")
 @click.argument("model")
 @output_options
-@handle_errors
 def models_show(model, fmt):
     """Show one model, by id or uuid, with where its prices came from."""
     from .catalog import provenance
@@ -408,7 +407,6 @@ def _parse_assignment(text):
               help="JSON object of changes to merge ('-' reads stdin).")
 @click.option("--name", help="A new name.")
 @output_options
-@handle_errors
 def models_update(model, assignments, source, name, fmt):
     """Change fields of a model's configuration (validated before saving)."""
     from .models import PsAiModel
@@ -431,7 +429,6 @@ def models_update(model, assignments, source, name, fmt):
 
 @models.command("deactivate")
 @click.argument("model")
-@handle_errors
 def models_deactivate(model):
     """Mark a model inactive (it stays for history and reports); works on a
     row psai would otherwise refuse, so a bad row can be taken out of use."""
@@ -444,7 +441,6 @@ def models_deactivate(model):
 
 @models.command("delete")
 @click.argument("model")
-@handle_errors
 def models_delete(model):
     """Delete a model and its links (refused if usage was recorded for it)."""
     from .models import PsAiModel
@@ -470,7 +466,6 @@ def _history_row(version):
 @click.argument("name")
 @click.option("--organization-id", type=int, help="Only this organization's rows of NAME.")
 @output_options
-@handle_errors
 def models_history(name, organization_id, fmt):
     """The price history of NAME (or of a model id or uuid): every version of
     its prices, oldest first, with the period it was in force and the
@@ -498,7 +493,6 @@ def models_history(name, organization_id, fmt):
 @click.option("--until", metavar="DATE", help="Only calls up to and including this day, or before this time.")
 @click.option("--apply", "apply_changes", is_flag=True, help="Apply the correction (without it: a dry run).")
 @output_options
-@handle_errors
 def models_reprice(model, assignments, since, until, apply_changes, fmt):
     """Correct the prices of calls already recorded for MODEL (id, uuid or
     name): shows the cost before and after, and changes nothing without
@@ -531,7 +525,6 @@ def models_reprice(model, assignments, since, until, apply_changes, fmt):
 @click.option("--provider", multiple=True, help="Only entries of this litellm_provider (repeatable).")
 @click.option("--dry-run", is_flag=True, help="Report what would be imported; write nothing.")
 @output_options
-@handle_errors
 def models_import_litellm(source, user_id, organization_id, size, temperature, provider, dry_run, fmt):
     """Import LiteLLM's cost map from PATH: `psai catalog import litellm --file PATH`."""
     _import_catalog("litellm", user_id, organization_id, size, temperature, provider, (), dry_run, source, fmt)
@@ -561,7 +554,6 @@ def catalog():
               help="litellm: this cost map instead of the installed package's.")
 @click.option("--dry-run", is_flag=True, help="Report what would change; write nothing.")
 @output_options
-@handle_errors
 def catalog_import(source, provider, model_ids, user_id, organization_id, size, temperature, path, dry_run, fmt):
     """Import the priced models of SOURCE (genai-prices or litellm), offline.
 
@@ -597,7 +589,6 @@ def _import_catalog(source, user_id, organization_id, size, temperature, provide
               help="litellm: this cost map instead of the installed package's.")
 @click.option("--apply", "apply_changes", is_flag=True, help="Set the stored prices to the source's.")
 @output_options
-@handle_errors
 def catalog_diff(source, organization_id, path, apply_changes, fmt):
     """The imported models whose prices differ from SOURCE as installed now."""
     from .catalog import diff
@@ -645,7 +636,6 @@ def emit_agents(agent_list, fmt, single=False):
 @click.option("--parent", metavar="AGENT", help="Parent agent (id or uuid).")
 @click.option("--model", "model_keys", multiple=True, metavar="MODEL", help="Link this model (repeatable).")
 @output_options
-@handle_errors
 def agents_add(user_id, class_id, group_id, name, configuration_json, parent, model_keys, fmt):
     """Add an agent."""
     from .db import write_transaction
@@ -656,8 +646,7 @@ def agents_add(user_id, class_id, group_id, name, configuration_json, parent, mo
         raise ValidationError({"configuration": ["Must be a JSON object."]})
     if name is not None:
         configuration["name"] = name
-    connect()
-    with write_transaction():
+    with write_transaction(connect()):
         parent_agent = PsAgent.get_by_key(parent) if parent else None
         agent = PsAgent.create(user_id=user_id, class_id=class_id, group_id=group_id,
                                configuration=configuration, parent_agent=parent_agent)
@@ -668,7 +657,6 @@ def agents_add(user_id, class_id, group_id, name, configuration_json, parent, mo
 
 @agents.command("list")
 @output_options
-@handle_errors
 def agents_list(fmt):
     """List agents with the ids of their models."""
     from .models import PsAgent
@@ -679,7 +667,6 @@ def agents_list(fmt):
 @agents.command("show")
 @click.argument("agent")
 @output_options
-@handle_errors
 def agents_show(agent, fmt):
     """Show one agent, by id or uuid, with its models."""
     from .models import PsAgent
@@ -695,7 +682,6 @@ def agents_show(agent, fmt):
 @agents.command("link")
 @click.argument("agent")
 @click.argument("model_keys", nargs=-1, required=True, metavar="MODEL...")
-@handle_errors
 def agents_link(agent, model_keys):
     """Let AGENT use MODEL(s); linking twice is harmless."""
     found, _removed = _change_links(agent, model_keys, "add")
@@ -705,7 +691,6 @@ def agents_link(agent, model_keys):
 @agents.command("unlink")
 @click.argument("agent")
 @click.argument("model_keys", nargs=-1, required=True, metavar="MODEL...")
-@handle_errors
 def agents_unlink(agent, model_keys):
     """Remove the links between AGENT and MODEL(s)."""
     found, removed = _change_links(agent, model_keys, "remove")
@@ -716,8 +701,7 @@ def _change_links(agent, model_keys, change):
     """Add or remove links of an agent (by id or uuid) to models, in one transaction."""
     from .db import write_transaction
     from .models import PsAgent, PsAiModel
-    connect()
-    with write_transaction():
+    with write_transaction(connect()):
         found = PsAgent.get_by_key(agent)
         result = getattr(found.ai_models, change)([PsAiModel.get_by_key(key) for key in model_keys])
     return found, result
@@ -727,7 +711,6 @@ def _change_links(agent, model_keys, change):
 @click.argument("agent")
 @click.option("--include-inactive", is_flag=True, help="Let inactive models be selected too.")
 @output_options
-@handle_errors
 def agents_models(agent, include_inactive, fmt):
     """The model AGENT would use for each type and size, by PolicySynth's rules."""
     from .models import PsAgent
@@ -767,7 +750,6 @@ def usage_options(command):
               help="Inference tier (default: the model's inferenceType).")
 @click.option("--region", type=click.Choice(["eu"]), help="Regional processing (default: the model's).")
 @output_options
-@handle_errors
 def cost(model, tier, region, fmt, **usage):
     """What one call to MODEL costs, by PolicySynth's pricing rules."""
     from .usage import model_cost
@@ -804,7 +786,6 @@ def usage():
                    "reports price it instead of the model's configured inferenceType.")
 @click.option("--user-id", type=int, help="Default: the agent's user, else the model's.")
 @click.option("--connector-id", type=int)
-@handle_errors
 def usage_record(model, agent, applied_tier, **usage):
     """Record one call to MODEL (and AGENT): its usage item, with the prices
     in force now, and the usage counters."""
@@ -831,7 +812,6 @@ REPORT_COLUMNS = ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpri
 @click.option("--until", metavar="DATE", help="Up to and including this day, or up to this time.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) when any usage cannot be priced.")
 @output_options
-@handle_errors
 def usage_report(grouping, since, until, strict, fmt):
     """Cost of recorded usage, each call priced at the prices stored with it.
 
@@ -861,7 +841,6 @@ def usage_report(grouping, since, until, strict, fmt):
 
 @cli.command("check")
 @output_options
-@handle_errors
 def check_command(fmt):
     """List every stored row psai would refuse or cannot use, and why
     (exit 1 when there is one). Fix a model with `models update`, or take it
@@ -881,7 +860,6 @@ def check_command(fmt):
 
 @cli.command("export")
 @click.option("--output", "-o", metavar="PATH", help="Write to a file instead of stdout.")
-@handle_errors
 def export_command(output):
     """Export every model, agent and link as JSON (PolicySynth's row format)."""
     from .transfer import export_data
@@ -897,7 +875,6 @@ def export_command(output):
 @click.argument("source", metavar="PATH", type=click.File("r", encoding="utf-8"))
 @click.option("--allow-unknown-keys", is_flag=True,
               help="Keep configuration keys psai does not know (from a newer PolicySynth).")
-@handle_errors
 def import_command(source, allow_unknown_keys):
     """Import a psai export ('-' reads stdin). All or nothing: one bad row
     imports nothing and the error names its table, row and field."""
@@ -908,6 +885,28 @@ def import_command(source, allow_unknown_keys):
     with Progress("checking rows") as progress:
         counts = import_data(data, allow_unknown_keys=allow_unknown_keys, progress=progress)
     click.echo("imported: %(created)d created, %(updated)d updated, %(links)d links added" % counts)
+
+
+@cli.command("copy")
+@click.option("--from", "source", required=True, metavar="URL", help="The database to copy from.")
+@click.option("--to", "target", required=True, metavar="URL", help="The database to copy into.")
+@click.option("--dry-run", is_flag=True, help="Count what would be copied; change nothing.")
+@output_options
+def copy_command(source, target, dry_run, fmt):
+    """Copy models, agents, links, usage and price history from one database
+    to another (a PolicySynth deployment into a local SQLite file, say).
+
+    Models and agents are matched by uuid, usage rows by model, agent,
+    connector and time: copying again updates, never duplicates. One
+    transaction on the target.
+    """
+    from .transfer import copy
+    with Progress("copying") as progress:
+        counts = copy(source, target, dry_run=dry_run, progress=progress)
+    rows = [dict(table=table, **numbers) for table, numbers in counts.items()]
+    emit(rows, fmt, columns=["table", "created", "updated"])
+    if dry_run and fmt is None:
+        click.echo("dry run: nothing changed", err=True)
 
 
 def help_reference():

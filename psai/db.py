@@ -1,4 +1,6 @@
-"""Connecting: one database proxy that every psai model is bound to."""
+"""Connecting: one database proxy that every psai model is bound to by
+default, and ``using(db)`` to bind them to another database for a block."""
+import contextlib
 import hashlib
 import os
 import re
@@ -12,8 +14,8 @@ from playhouse.shortcuts import ReconnectMixin
 
 from .errors import DatabaseUnavailableError, DatabaseURLError
 
-__all__ = ["database", "connect", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction", "lock",
-           "table_columns", "forget_schema", "model_db"]
+__all__ = ["database", "connect", "using", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction", "lock",
+           "table_columns", "forget_schema", "model_db", "current_db", "NotConnectedError"]
 
 DEFAULT_URL = "sqlite:///psai.db"
 
@@ -114,8 +116,11 @@ def _scrub(message, url):
     return " ".join(_redact_parameters(message).split())  # drivers' messages span lines; errors are one line
 
 
-def connect(url=None, **options):
-    """Bind psai's models to the database at ``url`` and return that database.
+def connect(url=None, *, bind=True, **options):
+    """Open the database at ``url`` and return it; with ``bind`` (the
+    default) psai's models use it from now on, wherever no ``using`` block
+    says otherwise. A database opened before stays open: another part of the
+    program may still use it.
 
     ``url`` defaults to ``$PSAI_DATABASE_URL``, else ``sqlite:///psai.db``.
     Supported: ``sqlite:///path`` (``sqlite:///:memory:`` too) and
@@ -174,26 +179,53 @@ def connect(url=None, **options):
                 continue
             raise DatabaseUnavailableError(
                 "cannot connect to %s: %s" % (redact_url(url), _scrub(exc, url))) from None
-    _rebind(db)
+    if bind:
+        database.initialize(db)
     return db
 
 
-def _rebind(db):
-    old = database.obj
-    database.initialize(db)
-    if old is not None and old is not db and not old.is_closed():
-        old.close()
+@contextlib.contextmanager
+def using(db):
+    """Inside the block, every psai model, and so every psai function, works
+    on ``db`` (a database from ``connect(url, bind=False)``, or a URL), in
+    this thread only: another thread keeps its own binding. Blocks nest. The
+    same as peewee's ``db.bind_ctx(psai.models.ALL_MODELS)``."""
+    from .models import ALL_MODELS
+    opened = isinstance(db, str)
+    if opened:
+        db = connect(db, bind=False)
+    try:
+        with db.bind_ctx(ALL_MODELS, bind_refs=False, bind_backrefs=False):
+            yield db
+    finally:
+        if opened:
+            db.close()
+
+
+class NotConnectedError(DatabaseUnavailableError):
+    """psai's models are bound to no database yet."""
 
 
 def model_db(model):
-    """The database a model (class or row) is bound to: its own, not a global."""
+    """The database a model (class or row) is bound to in this thread: its
+    own, never a global."""
     db = model._meta.database
-    return db.obj if isinstance(db, DatabaseProxy) else db
+    if isinstance(db, DatabaseProxy):
+        db = db.obj
+        if db is None:
+            raise NotConnectedError("no database: call psai.connect(url) or use `with psai.using(db):`")
+    return db
+
+
+def current_db():
+    """The database psai's models are bound to in this thread: the innermost
+    ``using`` (or ``bind_ctx``) block's, else the one ``connect()`` bound."""
+    from .models import PsAiModel
+    return model_db(PsAiModel)
 
 
 def is_postgres(db=None):
-    db = db or database.obj
-    return isinstance(db, PostgresqlDatabase)
+    return isinstance(db if db is not None else current_db(), PostgresqlDatabase)
 
 
 def lock(db, key):
@@ -205,14 +237,15 @@ def lock(db, key):
         db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (int.from_bytes(digest, "big", signed=True),))
 
 
-def write_transaction():
-    """A transaction for writes. On SQLite it takes the write lock at BEGIN
-    (IMMEDIATE), so two writers queue on the busy timeout instead of failing
-    with "database is locked" when a read lock cannot be upgraded."""
-    db = database.obj
+def write_transaction(db=None):
+    """A transaction for writes on ``db`` (default: ``current_db()``). On
+    SQLite it takes the write lock at BEGIN (IMMEDIATE), so two writers queue
+    on the busy timeout instead of failing with "database is locked" when a
+    read lock cannot be upgraded."""
+    db = db if db is not None else current_db()
     if isinstance(db, SqliteDatabase) and not db.in_transaction():
         return db.atomic("IMMEDIATE")
-    return database.atomic()
+    return db.atomic()
 
 
 # Which tables and columns a database has, looked up once per database: psai

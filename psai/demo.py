@@ -1,5 +1,5 @@
 """The demo `make demo` runs: the seed model, two agents linked to it, printed."""
-from .db import write_transaction
+from .db import model_db, write_transaction
 from .models import PsAgent, PsAiModel
 
 SEED_MODEL = {
@@ -23,7 +23,7 @@ SEED_AGENTS = [
 def seed():
     """Store the seed model and two agents linked to it, once: running it
     again finds them instead of adding copies. Returns (model, agents)."""
-    with write_transaction():
+    with write_transaction(model_db(PsAiModel)):
         model = PsAiModel.get_or_none(PsAiModel.name == SEED_MODEL["name"])
         if model is None:
             model = PsAiModel.create(**SEED_MODEL)

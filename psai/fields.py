@@ -1,10 +1,18 @@
-"""Column types PolicySynth's tables need and peewee does not ship portably."""
+"""Column types PolicySynth's tables need and peewee does not ship portably.
+
+A field whose conversion depends on the backend looks the backend up from the
+database its model is bound to in the current thread, rather than keeping it
+from the last binding (peewee's ``FieldDatabaseHook``): psai's models use
+``ThreadSafeDatabaseMetadata``, so one thread may work on PostgreSQL while
+another works on SQLite.
+"""
 import datetime
 import uuid
 
-from peewee import Field, FieldDatabaseHook, PostgresqlDatabase, UUIDField
+import peewee
+from peewee import Field, PostgresqlDatabase, Proxy, UUIDField
 
-__all__ = ["TimestampTzField", "UUIDTextField", "utcnow", "UTC"]
+__all__ = ["TimestampTzField", "UUIDTextField", "JSONField", "utcnow", "UTC"]
 
 UTC = datetime.timezone.utc
 
@@ -25,22 +33,25 @@ def _aware(value):
     return value
 
 
-class TimestampTzField(FieldDatabaseHook, Field):
+def bound_database(field):
+    """The database ``field``'s model is bound to in this thread, or None."""
+    model = getattr(field, "model", None)
+    db = model._meta.database if model is not None else None
+    return db.obj if isinstance(db, Proxy) else db
+
+
+class TimestampTzField(Field):
     """``timestamptz`` on PostgreSQL; on SQLite, UTC ISO 8601 text with the
     offset, fixed-width so that text order is time order. Always returns
     timezone-aware datetimes."""
 
     field_type = "TIMESTAMPTZ"
-    _native = False
-
-    def _db_hook(self, database):
-        self._native = isinstance(database, PostgresqlDatabase)
 
     def db_value(self, value):
         if value is None or not isinstance(value, (str, datetime.datetime)):
             return value
         value = _aware(value)
-        if self._native:
+        if isinstance(bound_database(self), PostgresqlDatabase):
             return value
         return value.astimezone(UTC).isoformat(sep=" ", timespec="microseconds")
 
@@ -63,3 +74,28 @@ class UUIDTextField(UUIDField):
         if value is None or isinstance(value, uuid.UUID):
             return value
         return uuid.UUID(str(value))
+
+
+class JSONField(peewee.JSONField):
+    """peewee's portable JSONField (JSON text on SQLite, jsonb on PostgreSQL)
+    with its backend helpers looked up per call from the thread's database."""
+
+    def _db_hook(self, database):
+        pass  # see _backend
+
+    def _backend(self):
+        db = bound_database(self)
+        if db is None:
+            return None, None, None
+        methods = type(db).json_methods
+        helpers = self.__dict__.setdefault("_by_backend", {})
+        if methods not in helpers:
+            helper = methods(db)
+            helpers[methods] = (helper, helper.make_value_wrapper(self._dumps),
+                                helper.make_value_reader(self._loads))
+        return helpers[methods]
+
+    # peewee's JSONField reads these three attributes; they follow the database.
+    _helper = property(lambda self: self._backend()[0], lambda self, value: None)
+    _wrap = property(lambda self: self._backend()[1], lambda self, value: None)
+    _read = property(lambda self: self._backend()[2], lambda self, value: None)

@@ -230,7 +230,7 @@ def reprice(model, changes, *, since=None, until=None, dry_run=True):
     def transform(prices):
         return _merge_prices(prices, changes)
 
-    with (write_transaction() if not dry_run else nullcontext()):
+    with (write_transaction(db) if not dry_run else nullcontext()):
         if not dry_run and is_postgres(db):
             # No call may be recorded in between: what is reported is what is changed.
             db.execute_sql('LOCK TABLE "ps_model_usage_item", "ps_model_usage" IN EXCLUSIVE MODE')

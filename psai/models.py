@@ -6,14 +6,15 @@ from functools import partial
 
 from peewee import (
     AutoField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField,
-    IntegerField, IntegrityError, JSONField, ManyToManyField, ManyToManyQuery,
+    IntegerField, IntegrityError, ManyToManyField, ManyToManyQuery,
     Model, ModelInsert, ModelSelect, ModelUpdate, Node, PostgresqlDatabase,
 )
 from peewee import ManyToManyFieldAccessor
+from playhouse.shortcuts import ThreadSafeDatabaseMetadata
 
 from .db import database, is_postgres, lock, model_db, table_columns, write_transaction
 from .errors import InUseError, NotFoundError, ValidationError
-from .fields import TimestampTzField, UUIDTextField, utcnow
+from .fields import JSONField, TimestampTzField, UUIDTextField, utcnow
 
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
            "PriceVersion", "PriceCorrection", "ModelProvenance", "ALL_MODELS"]
@@ -32,10 +33,13 @@ strict_json_dumps = partial(json.dumps, allow_nan=False, separators=(",", ":"))
 
 class BaseModel(Model):
     class Meta:
-        database = database
+        database = database  # the default; psai.using(db) / bind_ctx rebind per thread
+        model_metadata_class = ThreadSafeDatabaseMetadata
         legacy_table_names = False
 
-    def save(self, *args, **kwargs):
+    def save(self, *args, validate=True, **kwargs):
+        """Save the row, validated first unless ``validate=False`` (for rows a
+        schema has already checked, with its own rules: an import)."""
         # PolicySynth (Sequelize) refreshes updated_at on every save; a new
         # row has one time for both, as Sequelize gives it.
         if "updated_at" in self._meta.fields:
@@ -48,7 +52,8 @@ class BaseModel(Model):
                 # Field == builds SQL, so compare by identity and by name.
                 if not any(f is field or (isinstance(f, str) and f == "updated_at") for f in only):
                     kwargs["only"] = list(only) + [field]
-        self.validate()
+        if validate:
+            self.validate()
         token = _validated_by_save.set(True)
         try:
             return super().save(*args, **kwargs)
@@ -92,7 +97,7 @@ class BaseModel(Model):
             rows = [{field.name: value for field, value in row.items()} for row in cls._checked_rows(rows)]
         else:
             rows = [{getattr(k, "name", k): v for k, v in row.items()} for row in rows]
-        with write_transaction():
+        with write_transaction(model_db(cls)):
             for start in range(0, len(rows), batch_size):
                 _PreparedInsert.many(cls, rows[start:start + batch_size])
         return len(rows)
@@ -159,7 +164,7 @@ class _PreparedInsert:
 
     @classmethod
     def _statement(cls, model, names):
-        db = database.obj
+        db = model_db(model)
         key = (model, names, type(db))
         if key not in cls._cache:
             postgres = isinstance(db, PostgresqlDatabase)
@@ -209,7 +214,8 @@ class _PreparedInsert:
         data = self._complete()
         names = tuple(sorted(data))
         sql, row, returning, postgres = self._statement(self.model, names)
-        cursor = database.execute_sql(sql + row + returning, self._params(self.model, names, data, postgres))
+        cursor = model_db(self.model).execute_sql(sql + row + returning,
+                                                  self._params(self.model, names, data, postgres))
         if not self.model._meta.auto_increment:
             return None
         return cursor.fetchone()[0] if postgres else cursor.lastrowid
@@ -226,8 +232,9 @@ class _PreparedInsert:
         sql, row, _returning, postgres = cls._statement(model, names)
         shared = (now, TimestampTzField().db_value(now) if not postgres else now)
         params = [cls._params(model, names, data, postgres, shared) for data in completed]
-        database.obj.connect(reuse_if_open=True)
-        cursor = database.obj.cursor()
+        db = model_db(model)
+        db.connect(reuse_if_open=True)
+        cursor = db.cursor()
         if postgres:
             from psycopg2.extras import execute_values
             execute_values(cursor, sql + "%s", params, template=row, page_size=len(params))
@@ -241,7 +248,7 @@ class LinkQuery(ManyToManyQuery):
     def add(self, value, clear_existing=False):
         accessor = self._accessor
         src_id = getattr(self._instance, self._src_attr)
-        with write_transaction():
+        with write_transaction(model_db(accessor.through_model)):
             if clear_existing:
                 self.clear()
             if isinstance(value, ModelSelect):
@@ -389,7 +396,7 @@ class PsAiModel(BaseModel):
         if self.id is None or kwargs.get("force_insert"):
             return super().save(*args, **kwargs)
         from .history import record_price_change
-        with write_transaction():
+        with write_transaction(model_db(self)):
             # Lock the row before the new updated_at is taken, so a call
             # recorded at the same moment is either before the change or after it.
             query = PsAiModel.select(PsAiModel.configuration, PsAiModel.updated_at).where(PsAiModel.id == self.id)
@@ -405,7 +412,7 @@ class PsAiModel(BaseModel):
         in_use = InUseError("model %s (%s) has recorded usage; deactivate it instead of deleting it"
                             % (self.id, self.name))
         try:
-            with write_transaction():
+            with write_transaction(model_db(self)):
                 if (table_columns(model_db(self), PsModelUsageItem._meta.table_name)
                         and PsModelUsageItem.select().where(PsModelUsageItem.model_id == self.id).exists()):
                     raise in_use
@@ -507,7 +514,7 @@ class PsAgent(BaseModel):
         try:
             # The cycle check reads before the write: take the write lock first
             # on SQLite, or a concurrent writer makes the upgrade fail.
-            with write_transaction():
+            with write_transaction(model_db(self)):
                 return super().save(*args, **kwargs)
         except IntegrityError as exc:
             # PolicySynth's own schema (its Sequelize association) makes

@@ -119,7 +119,7 @@ def config_filter(filters):
     """A WHERE expression matching models whose configuration has every
     ``path: value`` of ``filters`` (a value that is a list matches any of
     it, however long the list)."""
-    postgres = is_postgres()
+    postgres = is_postgres(model_db(PsAiModel))
     clauses, document = [], {}
     for key, value in filters.items():
         path = _path(key)
@@ -241,7 +241,7 @@ def add_model(*, name, user_id, organization_id, configuration):
     new = PsAiModel(name=name, user_id=user_id, organization_id=organization_id,
                     configuration=configuration)
     new.validate()  # before anything changes
-    with write_transaction():
+    with write_transaction(model_db(PsAiModel)):
         # One superseding of a name at a time: reading the older rows and
         # writing the new one must not interleave with another's.
         lock(model_db(PsAiModel), ("add_model", organization_id, name))

@@ -1,17 +1,20 @@
 """Export and import of models, agents and their links, as JSON in
-PolicySynth's row format (the shape PsAiModelSchema and PsAgentSchema dump).
+PolicySynth's row format (the shape PsAiModelSchema and PsAgentSchema dump),
+and ``copy`` of a whole store from one database to another.
 
 An import is all or nothing: every row is checked before anything is
 written, the writes share one transaction, and an error names the table,
 the row and the field. Rows are matched by uuid, so importing the same file
 twice changes nothing the second time.
 """
-from .db import write_transaction
+from peewee import ModelUpdate
+
+from .db import connect, model_db, table_columns, using, write_transaction
 from .errors import ValidationError
 from .models import AgentModels, PsAgent, PsAiModel
 from .schemas import INCLUDE, RAISE, PsAgentSchema, PsAiModelSchema
 
-__all__ = ["export_data", "import_data", "TABLES"]
+__all__ = ["export_data", "import_data", "copy", "TABLES"]
 
 TABLES = ("ps_ai_models", "ps_agents", "AgentModels")
 
@@ -99,7 +102,7 @@ def import_data(data, *, allow_unknown_keys=False, progress=None):
         raise ValidationError(errors)
 
     counts = {"created": 0, "updated": 0, "links": 0}
-    with write_transaction():
+    with write_transaction(model_db(PsAiModel)):
         model_map = {row["id"]: _upsert(PsAiModel, row, counts) for row in models}
         # Parents may come after their children in the file: rows first, then parents.
         agent_map = {row["id"]: _upsert(PsAgent, {k: v for k, v in row.items() if k != "parent_agent_id"}, counts)
@@ -127,13 +130,200 @@ def _upsert(model_class, row, counts):
     existing = model_class.get_or_none(model_class.uuid == fields["uuid"]) if "uuid" in fields else None
     if existing is None:
         instance = model_class(**fields)
-        instance.save(force_insert=True)
+        instance.save(force_insert=True, validate=False)  # checked by the import's schema, with its rules
         counts["created"] += 1
         return instance.id
     changed = {key: value for key, value in fields.items() if getattr(existing, key) != value}
     if changed:
         for key, value in changed.items():
             setattr(existing, key, value)
-        existing.save()
+        existing.save(validate=False)
         counts["updated"] += 1
     return existing.id
+
+
+# -- copying between databases ----------------------------------------------------
+
+def _columns(model_class, db):
+    """The fields of ``model_class`` whose columns ``db``'s table has (a
+    PolicySynth table may lack some of psai's)."""
+    present = table_columns(db, model_class._meta.table_name)
+    return [field for field in model_class._meta.sorted_fields if field.column_name in present]
+
+
+def _read(model_class, db, order_by=None):
+    """Every row of ``model_class`` in ``db`` as {field name: value}, as stored."""
+    fields = _columns(model_class, db)
+    if not fields:
+        return []
+    with using(db):
+        query = model_class.select(*fields).order_by(*(order_by or [model_class._meta.primary_key])).tuples()
+        return [dict(zip((f.name for f in fields), row)) for row in query]
+
+
+def _fit(model_class, names, values):
+    """``values`` without the columns the target's table lacks; refused when
+    that would lose something (a PolicySynth table without psai's two
+    cache-write counters takes a row whose counts there are 0)."""
+    dropped = [key for key, value in values.items() if key not in names and value not in (None, 0)]
+    if dropped:
+        raise ValidationError({model_class._meta.table_name: [
+            "The target's table has no column for %s." % ", ".join(sorted(dropped))]})
+    return {key: value for key, value in values.items() if key in names}
+
+
+def _insert(model_class, rows):
+    """Insert rows as they are (copied, not typed in: a row psai would
+    refuse is copied as stored, and `psai check` finds it on both sides)."""
+    for start in range(0, len(rows), 500):
+        model_class.insert_many(rows[start:start + 500], validate=False).execute()  # peewee fills defaults
+
+
+def _update(model_class, row_id, values):
+    ModelUpdate(model_class, {model_class._meta.fields[k]: v for k, v in values.items()}) \
+        .where(model_class._meta.primary_key == row_id).execute()
+
+
+def _by_key(rows, key):
+    """{key: [rows...]} keeping order: rows that share a key pair up in order."""
+    grouped = {}
+    for row in rows:
+        grouped.setdefault(key(row), []).append(row)
+    return grouped
+
+
+def _mirror_rows(model_class, target, source_rows, key, translate, counts, name):
+    """Update the target rows that match a source row by ``key``, insert the
+    others; rows of the target's own are left alone."""
+    target_rows = _by_key(_read(model_class, target), key) if source_rows else {}
+    pk = model_class._meta.primary_key.name
+    names = {field.name for field in _columns(model_class, target)} - {pk}
+    inserts = []
+    for group_key, rows in _by_key(source_rows, key).items():
+        matches = target_rows.get(group_key, [])
+        for index, row in enumerate(rows):
+            values = translate(row)
+            values.pop(pk, None)
+            values = _fit(model_class, names, values)
+            if index < len(matches):
+                existing = matches[index]
+                changed = {k: v for k, v in values.items() if existing.get(k) != v}
+                if changed:
+                    _update(model_class, existing[pk], changed)
+                    counts[name]["updated"] += 1
+            else:
+                inserts.append(values)
+    _insert(model_class, inserts)
+    counts[name]["created"] += len(inserts)
+
+
+def _retarget_item(data, model_id, agent_id):
+    """An item's JSON names the model and agent by id: the target's ids."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    if isinstance(data.get("model"), dict) and "id" in data["model"]:
+        data["model"] = dict(data["model"], id=model_id)
+    if isinstance(data.get("actor"), dict) and "agentId" in data["actor"]:
+        data["actor"] = dict(data["actor"], agentId=agent_id)
+    return data
+
+
+def copy(source, target, *, dry_run=False, progress=None):
+    """Copy models, agents, links, usage counters, usage items, price history
+    and provenance from ``source`` to ``target`` (databases, or URLs), in one
+    transaction on the target. Models and agents are matched by uuid (ids are
+    the target's own); usage rows by model, agent, connector and time, so a
+    second copy updates rather than duplicates. Returns ``{table: {"created",
+    "updated"}}``; ``dry_run`` computes the same and writes nothing."""
+    from .migrations import ensure_schema
+    from .models import (AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel,
+                         PsModelUsage, PsModelUsageItem)
+    from .usage import NO_AGENT
+    opened = []
+    if isinstance(source, str):
+        source = connect(source, bind=False)
+        opened.append(source)
+    if isinstance(target, str):
+        target = connect(target, bind=False)
+        opened.append(target)
+    try:
+        ensure_schema(target)
+        names = ["ps_ai_models", "ps_agents", "AgentModels", "ps_model_usage", "ps_model_usage_item",
+                 "psai_price_versions", "psai_price_corrections", "psai_model_provenance"]
+        counts = {name: {"created": 0, "updated": 0} for name in names}
+        models = _read(PsAiModel, source)
+        agents = _read(PsAgent, source)
+        links = _read(AgentModels, source, [AgentModels.agent, AgentModels.ai_model])
+        usage = _read(PsModelUsage, source)
+        items = _read(PsModelUsageItem, source)
+        versions = _read(PriceVersion, source)
+        corrections = _read(PriceCorrection, source)
+        provenance = _read(ModelProvenance, source)
+        total = sum(map(len, (models, agents, links, usage, items, versions, corrections, provenance)))
+        step = [0]
+
+        def done(rows):
+            step[0] += len(rows)
+            if progress:
+                progress(step[0], total)
+
+        with using(target):
+            with write_transaction(target) as transaction:
+                by_uuid = {"ps_ai_models": PsAiModel, "ps_agents": PsAgent}
+                ids = {}
+                for name, rows in (("ps_ai_models", models), ("ps_agents", agents)):
+                    model_class = by_uuid[name]
+                    rows = [{k: v for k, v in row.items() if k != "parent_agent"} for row in rows]
+                    _mirror_rows(model_class, target, rows, lambda row: str(row["uuid"]), dict, counts, name)
+                    here = {str(u): i for i, u in model_class.select(model_class.id, model_class.uuid).tuples()}
+                    ids[name] = {row["id"]: here[str(row["uuid"])] for row in rows}
+                    done(rows)
+                model_ids, agent_ids = ids["ps_ai_models"], ids["ps_agents"]
+                # Parents once every agent is there (a loop PolicySynth allowed is copied as it is).
+                here_parents = dict(PsAgent.select(PsAgent.id, PsAgent.parent_agent).tuples())
+                for row in agents:
+                    parent = agent_ids.get(row.get("parent_agent"))
+                    if here_parents.get(agent_ids[row["id"]]) != parent:
+                        _update(PsAgent, agent_ids[row["id"]], {"parent_agent": parent})
+                linked = [{"agent": agent_ids[l["agent"]], "ai_model": model_ids[l["ai_model"]]} for l in links
+                          if l["agent"] in agent_ids and l["ai_model"] in model_ids]
+                if linked:
+                    before = AgentModels.select().count()
+                    AgentModels.insert_many(linked, validate=False).on_conflict_ignore().execute()
+                    counts["AgentModels"]["created"] = AgentModels.select().count() - before
+                done(links)
+
+                def usage_row(row):
+                    return dict(row, model=model_ids.get(row["model"]), agent=agent_ids.get(row.get("agent")))
+                usage = [usage_row(row) for row in usage if row["model"] in model_ids]  # a row pointing nowhere stays behind
+                _mirror_rows(PsModelUsage, target, usage,
+                             lambda r: (r["model"], r.get("agent"), r.get("connector_id"), r["created_at"]),
+                             dict, counts, "ps_model_usage")
+                done(usage)
+
+                def item_row(row):
+                    model_id, agent_id = model_ids.get(row["model_id"]), agent_ids.get(row["agent_id"], NO_AGENT)
+                    return dict(row, model_id=model_id, agent_id=agent_id,
+                                data=_retarget_item(row["data"], model_id, agent_id))
+                items = [row for row in items if row["model_id"] in model_ids]
+                _mirror_rows(PsModelUsageItem, target, [item_row(r) for r in items],
+                             lambda r: (r["model_id"], r["agent_id"], r.get("connector_id"), r["user_id"],
+                                        r["created_at"]),
+                             dict, counts, "ps_model_usage_item")
+                done(items)
+                for model_class, rows, key, name in (
+                        (PriceVersion, versions, lambda r: (r["model"], r["valid_from"]), "psai_price_versions"),
+                        (PriceCorrection, corrections, lambda r: (r["model"], r["applied_at"]),
+                         "psai_price_corrections"),
+                        (ModelProvenance, provenance, lambda r: r["model"], "psai_model_provenance")):
+                    rows = [dict(r, model=model_ids[r["model"]]) for r in rows if r["model"] in model_ids]
+                    if table_columns(target, model_class._meta.table_name):
+                        _mirror_rows(model_class, target, rows, key, dict, counts, name)
+                    done(rows)
+                if dry_run:
+                    transaction.rollback()
+        return counts
+    finally:
+        for db in opened:
+            db.close()

@@ -138,7 +138,7 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
     agent_id = agent.id if agent is not None else None
     U = PsModelUsage
     find, update, insert = _usage_statements(db, present, agent_id is None, connector_id is None)
-    with write_transaction():
+    with write_transaction(db):
         lock(db, (model.id, agent_id, connector_id))
         # The prices as stored now, not as this object last saw them; the
         # shared lock makes a concurrent price change wait for this call.

@@ -477,3 +477,22 @@ def test_library_progress_callbacks(db):
     calls.clear()
     import_data(export_data(), progress=lambda done, total: calls.append((done, total)))
     assert calls[-1] == (5, 5) and len(calls) == 5  # 1 model, 2 agents, 2 links
+
+
+def test_import_allow_unknown_keys_keeps_them_on_new_rows(run, tmp_path):
+    run("demo")
+    data = json.loads(run("export").stdout)
+    config = data["ps_ai_models"][0]["configuration"]
+    config["someFutureKey"] = {"from": "a newer PolicySynth"}
+    config["prices"]["someFuturePrice"] = 3
+    path = tmp_path / "future.json"
+    path.write_text(json.dumps(data))
+    target = "sqlite:///%s" % (tmp_path / "new.db")
+    refused = CliRunner().invoke(cli, ["--database", target, "import", str(path)])
+    assert_bad(refused, 2, "ps_ai_models.0.configuration.someFutureKey: Unknown field")
+    result = CliRunner().invoke(cli, ["--database", target, "import", "--allow-unknown-keys", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("imported: 3 created")  # the model and the demo's two agents
+    psai.connect(target)
+    stored = PsAiModel.get(PsAiModel.uuid == data["ps_ai_models"][0]["uuid"]).configuration
+    assert stored["someFutureKey"] == {"from": "a newer PolicySynth"} and stored["prices"]["someFuturePrice"] == 3

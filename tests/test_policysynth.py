@@ -402,3 +402,41 @@ def test_the_worked_example_of_the_docs(scratch):
     assert reports["counters"]["report"]["totalCost"] == "0.09"
     [row] = [r for r in psai.cost_report("agent") if r["agent_id"] == lead]
     assert row["cost"] == Decimal("0.265375") and row["priced_from"] == "snapshot"
+
+
+def test_copy_round_trips_a_policysynth_database(scratch, tmp_path):
+    """PolicySynth's own database (its calls written by its model manager)
+    into a local SQLite file and back: the same reports on every side, and
+    the way back finds nothing to change."""
+    scratch.node("sync")
+    seeded = scratch.node("seed")
+    parent = seeded["ps_agents"][0]["id"]
+    psai.connect(scratch.url)
+    big = PsAiModel.get_by_id(seeded["ps_ai_models"][0]["id"])
+    scratch.node("calls", [dict(modelId=big.id, agentId=parent, userId=seeded["user_id"], tokensIn=1000,
+                                cachedInTokens=100, tokensOut=300, reasoningTokens=50)])
+    big.update_configuration({"prices": {"costInTokensPerMillion": 3}})  # edited in place, as its UI does
+    policysynth = psai.database.obj
+    local = psai.connect("sqlite:///%s" % (tmp_path / "local.db"), bind=False)
+
+    def reports(db):
+        with psai.using(db):
+            return {by: sorted((r.get("model_name") or r.get("agent_name") or "", r["calls"], r["tokens_in"],
+                                r["tokens_out"], r["cost"]) for r in psai.cost_report(by))
+                    for by in ("model", "agent", "tree")}
+
+    counts = psai.copy(policysynth, local)
+    assert counts["ps_ai_models"]["created"] == len(seeded["ps_ai_models"])
+    assert counts["ps_model_usage_item"]["created"] == 1
+    assert reports(local) == reports(policysynth)
+    stored = {str(m.uuid): m.configuration for m in PsAiModel.select()}
+    with psai.using(local):
+        # Every configuration as stored, PolicySynth's extra keys (eloRating) included.
+        assert {str(m.uuid): m.configuration for m in PsAiModel.select()} == stored
+
+    back = psai.copy(local, policysynth)
+    assert all(numbers == {"created": 0, "updated": 0} for numbers in back.values()), back
+    assert not set(policysynth.get_tables()) & {"psai_price_versions", "psai_model_provenance"}  # nothing added
+    read = scratch.node("read")  # and PolicySynth still reads its database
+    assert len(read["ps_ai_models"]) == len(seeded["ps_ai_models"])
+    local.close()

@@ -15,7 +15,7 @@ import os
 
 from peewee import DatabaseError, PostgresqlDatabase
 
-from ..db import database, forget_schema
+from ..db import NotConnectedError, forget_schema, model_db
 from ..errors import PsaiError
 
 __all__ = ["migrate", "adopt", "ensure_schema", "is_policysynth_database", "HISTORY_TABLE", "DIRECTORY",
@@ -34,11 +34,16 @@ class NotAdoptedError(PsaiError):
 
 
 def _db(db):
-    db = db or database.obj
-    if db is None:
+    """``db``, else the database psai's models are bound to in this thread
+    (``psai.using``), else the one ``connect()`` opens by default."""
+    if db is not None:
+        return db
+    from ..models import PsAiModel
+    try:
+        return model_db(PsAiModel)
+    except NotConnectedError:
         from ..db import connect
-        db = connect()
-    return db
+        return connect()
 
 
 def runner(db=None):

@@ -1,0 +1,189 @@
+"""Several databases in one process: psai.using(db), peewee's bind_ctx,
+threads on two backends, and psai.copy between databases."""
+import json
+import threading
+
+import pytest
+from click.testing import CliRunner
+
+import psai
+from psai import PsAgent, PsAiModel, PsModelUsageItem
+from psai.cli import cli
+
+from conftest import make_backend, make_configuration
+
+
+class Two:
+    """The default database (bound by connect) of one kind, and another,
+    opened without binding, of the other kind; each with its URL."""
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def two(request, tmp_path):
+    other_kind = {"sqlite": "postgres", "postgres": "sqlite"}[request.param]
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    first = make_backend(request.param, tmp_path / "first")
+    second = make_backend(other_kind, tmp_path / "second")
+    pair = Two()
+    pair.default, pair.default_url = first.connect(), first.url
+    psai.migrate()
+    pair.other, pair.other_url = psai.connect(second.url, bind=False), second.url
+    psai.migrate(pair.other)
+    yield pair
+    pair.other.close()
+    first.close()
+    second.close()
+
+
+def add(name, **config):
+    return psai.add_model(name=name, user_id=1, organization_id=2, configuration=make_configuration(**config))
+
+
+def agent(name):
+    return PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": name})
+
+
+def test_using_sends_every_operation_to_the_block_database(two):
+    default, other = two.default, two.other
+    add("home")
+    with psai.using(other) as bound:
+        assert bound is other
+        assert PsAiModel.select().count() == 0  # reads go to the block's database
+        model = add("away", modelSize="medium")
+        lead = agent("lead")
+        lead.ai_models.add(model)
+        assert lead.select_model("text", "large").name == "away"
+        psai.record_usage(model, lead, tokens_in=1_000_000, tokens_out=0)
+        [row] = psai.cost_report("model")
+        assert (row["model_name"], row["cost"]) == ("away", 30)
+        assert [m.name for m in PsAiModel.where_config(modelSize="medium")] == ["away"]
+        assert psai.price_history(model)[0]["model_id"] == model.id
+    # Outside the block: the default database, untouched by what happened inside.
+    assert [m.name for m in PsAiModel.select()] == ["home"]
+    assert PsAgent.select().count() == 0 and PsModelUsageItem.select().count() == 0
+    assert psai.cost_report("model") == []
+    with other.bind_ctx(psai.models.ALL_MODELS):  # peewee's own way works the same
+        assert [m.name for m in PsAiModel.select()] == ["away"]
+        assert PsModelUsageItem.select().count() == 1
+
+
+def test_blocks_nest(two):
+    default, other = two.default, two.other
+    with psai.using(other):
+        add("outer")
+        with psai.using(default):
+            add("inner")
+        assert [m.name for m in PsAiModel.select()] == ["outer"]
+    assert [m.name for m in PsAiModel.select()] == ["inner"]
+    with psai.using(two.other_url) as opened:  # a URL: opened for the block, closed after it
+        assert [m.name for m in PsAiModel.select()] == ["outer"]
+    assert opened.is_closed()
+
+
+def test_connect_does_not_close_a_database_still_in_use(two, tmp_path):
+    default, other = two.default, two.other
+    add("default")
+    with psai.using(other):
+        add("kept")
+        fresh = psai.connect("sqlite:///%s" % (tmp_path / "fresh.db"))  # binds the default to a new file
+        psai.migrate(fresh)
+        assert [m.name for m in PsAiModel.select()] == ["kept"]  # the block's database still works
+    assert PsAiModel.select().count() == 0  # the new default
+    with psai.using(default):  # the old default was not closed under anyone's feet
+        assert [m.name for m in PsAiModel.select()] == ["default"]
+    fresh.close()
+
+
+def test_two_threads_two_backends(two):
+    default, other = two.default, two.other
+    errors, counts = [], {}
+
+    def work(db, label):
+        try:
+            with psai.using(db):
+                model = add(label)
+                for index in range(40):
+                    psai.record_usage(model, agent("%s-%d" % (label, index)), tokens_in=1000, tokens_out=10)
+                counts[label] = (PsAiModel.select().count(), PsAgent.select().count(),
+                                 sum(r["tokens_in"] for r in psai.cost_report("model")))
+        except Exception as exc:  # reported below, with the thread's label
+            errors.append((label, exc))
+
+    threads = [threading.Thread(target=work, args=(db, label)) for db, label in ((default, "a"), (other, "b"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert counts == {"a": (1, 40, 40_000), "b": (1, 40, 40_000)}
+    assert [m.name for m in PsAiModel.select()] == ["a"]
+    with psai.using(other):
+        assert [m.name for m in PsAiModel.select()] == ["b"]
+        assert json.dumps(PsAiModel.get().configuration)  # JSON read back whole on its own backend
+
+
+def _report(db, by):
+    with psai.using(db):
+        rows = psai.cost_report(by)
+    return sorted((r.get("model_name") or r.get("agent_name") or "", r["tokens_in"], r["tokens_out"], r["cost"])
+                  for r in rows)
+
+
+def test_copy_mirrors_a_store_and_a_second_copy_changes_nothing(two):
+    source, target = two.default, two.other
+    gpt, mini = add("GPT"), add("mini", modelSize="small")
+    lead, helper = agent("lead"), agent("helper")
+    helper.parent_agent = lead
+    helper.save()
+    lead.ai_models.add([gpt, mini])
+    psai.record_usage(gpt, lead, tokens_in=1_000_000, tokens_out=100_000)
+    gpt.update_configuration({"prices": {"costInTokensPerMillion": 60}})
+    psai.record_usage(gpt, helper, tokens_in=500_000, tokens_out=0, cached_tokens=100_000)
+    psai.record_usage(mini, None, tokens_in=10_000, tokens_out=1_000)
+
+    preview = psai.copy(source, target, dry_run=True)
+    assert preview["ps_ai_models"]["created"] == 2 and preview["ps_model_usage_item"]["created"] == 3
+    with psai.using(target):
+        assert PsAiModel.select().count() == 0  # a dry run writes nothing
+
+    counts = psai.copy(source, target)
+    assert counts == preview
+    for by in ("model", "agent", "tree"):
+        assert _report(target, by) == _report(source, by)
+    with psai.using(target):
+        copied = PsAiModel.get(PsAiModel.name == "GPT")
+        assert copied.uuid == gpt.uuid
+        assert [v["prices"]["costInTokensPerMillion"] for v in psai.price_history(copied)] == [30, 60]
+        copied_lead = PsAgent.get(PsAgent.uuid == lead.uuid)
+        assert sorted(m.name for m in copied_lead.ai_models) == ["GPT", "mini"]
+        assert [a.uuid for a in copied_lead.sub_agent_tree()] == [lead.uuid, helper.uuid]
+        item = PsModelUsageItem.select().where(PsModelUsageItem.model_id == copied.id).first()
+        assert item.data["model"]["id"] == copied.id  # the item names the target's ids
+
+    again = psai.copy(source, target)
+    assert all(numbers == {"created": 0, "updated": 0} for numbers in again.values()), again
+    # A change in the source reaches the target as an update, not a new row.
+    psai.record_usage(gpt, lead, tokens_in=1, tokens_out=0)
+    third = psai.copy(source, target)
+    assert third["ps_model_usage"] == {"created": 0, "updated": 1}
+    assert third["ps_model_usage_item"] == {"created": 1, "updated": 0}
+    assert _report(target, "model") == _report(source, "model")
+
+
+def test_copy_from_the_command_line(two, tmp_path):
+    source, target = two.default, two.other
+    add("GPT")
+    source_url, target_url = two.default_url, two.other_url
+    result = CliRunner().invoke(cli, ["copy", "--from", source_url, "--to", target_url, "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {r["table"]: r["created"] for r in json.loads(result.stdout)}["ps_ai_models"] == 1
+    with psai.using(target):
+        assert PsAiModel.select().count() == 0
+    result = CliRunner().invoke(cli, ["copy", "--from", source_url, "--to", target_url])
+    assert result.exit_code == 0, result.output
+    assert "ps_ai_models" in result.stdout
+    with psai.using(target):
+        assert [m.name for m in PsAiModel.select()] == ["GPT"]
+    bad = CliRunner().invoke(cli, ["copy", "--from", "mysql://x", "--to", target_url])
+    assert bad.exit_code == 2 and "unsupported database URL scheme" in bad.stderr
