@@ -10,7 +10,7 @@ import datetime
 import uuid
 
 import peewee
-from peewee import Field, PostgresqlDatabase, Proxy, UUIDField
+from peewee import DatabaseProxy, Field, Node, PostgresqlDatabase, UUIDField
 
 __all__ = ["TimestampTzField", "UUIDTextField", "JSONField", "utcnow", "UTC"]
 
@@ -35,9 +35,8 @@ def _aware(value):
 
 def bound_database(field):
     """The database ``field``'s model is bound to in this thread, or None."""
-    model = getattr(field, "model", None)
-    db = model._meta.database if model is not None else None
-    return db.obj if isinstance(db, Proxy) else db
+    db = field.model._meta.database
+    return db.obj if type(db) is DatabaseProxy else db
 
 
 class TimestampTzField(Field):
@@ -84,18 +83,34 @@ class JSONField(peewee.JSONField):
         pass  # see _backend
 
     def _backend(self):
-        db = bound_database(self)
+        """(helper, value wrapper, value reader) for the thread's database."""
+        db = self.model._meta.database
+        if type(db) is DatabaseProxy:
+            db = db.obj
+        try:
+            return self.__dict__["_by_database"][db]
+        except KeyError:
+            pass
         if db is None:
             return None, None, None
-        methods = type(db).json_methods
-        helpers = self.__dict__.setdefault("_by_backend", {})
-        if methods not in helpers:
-            helper = methods(db)
-            helpers[methods] = (helper, helper.make_value_wrapper(self._dumps),
-                                helper.make_value_reader(self._loads))
-        return helpers[methods]
+        helper = type(db).json_methods(db)
+        found = (helper, helper.make_value_wrapper(self._dumps), helper.make_value_reader(self._loads))
+        self.__dict__.setdefault("_by_database", {})[db] = found
+        return found
 
     # peewee's JSONField reads these three attributes; they follow the database.
     _helper = property(lambda self: self._backend()[0], lambda self, value: None)
     _wrap = property(lambda self: self._backend()[1], lambda self, value: None)
     _read = property(lambda self: self._backend()[2], lambda self, value: None)
+
+    def db_value(self, value):
+        if value is None or isinstance(value, Node):
+            return value
+        wrap = self._backend()[1]
+        return wrap(value) if wrap is not None else value
+
+    def python_value(self, value):
+        if value is None:
+            return value
+        read = self._backend()[2]
+        return read(value) if read is not None else value
