@@ -35,7 +35,8 @@ def _aware(value):
 
 def bound_database(field):
     """The database ``field``'s model is bound to in this thread, or None."""
-    db = field.model._meta.database
+    model = getattr(field, "model", None)  # None for a field used on its own
+    db = model._meta.database if model is not None else None
     return db.obj if type(db) is DatabaseProxy else db
 
 
