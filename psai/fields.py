@@ -8,6 +8,7 @@ another works on SQLite.
 """
 import datetime
 import uuid
+import weakref
 
 import peewee
 from peewee import DatabaseProxy, Field, Node, PostgresqlDatabase, UUIDField
@@ -88,15 +89,18 @@ class JSONField(peewee.JSONField):
         db = self.model._meta.database
         if type(db) is DatabaseProxy:
             db = db.obj
-        try:
-            return self.__dict__["_by_database"][db]
-        except KeyError:
-            pass
         if db is None:
             return None, None, None
-        helper = type(db).json_methods(db)
-        found = (helper, helper.make_value_wrapper(self._dumps), helper.make_value_reader(self._loads))
-        self.__dict__.setdefault("_by_database", {})[db] = found
+        by_database = self.__dict__.get("_by_database")
+        if by_database is None:
+            # Weak: a database nobody uses any more is freed, and its connection closed.
+            by_database = self.__dict__["_by_database"] = weakref.WeakKeyDictionary()
+        found = by_database.get(db)
+        if found is None:
+            # The helper keeps its database weakly too, or the entry would keep its own key alive.
+            helper = type(db).json_methods(weakref.proxy(db))
+            found = by_database[db] = (helper, helper.make_value_wrapper(self._dumps),
+                                       helper.make_value_reader(self._loads))
         return found
 
     # peewee's JSONField reads these three attributes; they follow the database.

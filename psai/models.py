@@ -132,21 +132,27 @@ class BaseModel(Model):
         return checked
 
     @classmethod
-    def get_by_key(cls, key):
-        """The row with this id (int or digit string) or uuid; NotFoundError if none."""
-        query = cls.select()
+    def key_field(cls, key):
+        """``(field, value)`` that finds the row with this id (int or digit
+        string) or uuid; NotFoundError when ``key`` is neither."""
+        if type(key) is int and 0 <= key <= MAX_ID:
+            return cls.id, key
         text = str(key).strip()
         if text.isascii() and text.isdigit():  # not "²": str.isdigit takes other digits too
             number = int(text)
             if number > MAX_ID:
                 raise NotFoundError("%s %s does not exist (ids stop at %d)" % (cls.__name__, key, MAX_ID))
-            query = query.where(cls.id == number)
-        else:
-            try:
-                query = query.where(cls.uuid == uuid.UUID(text))
-            except ValueError:
-                raise NotFoundError("%s %r is neither an id nor a uuid" % (cls.__name__, key)) from None
-        row = query.first()
+            return cls.id, number
+        try:
+            return cls.uuid, uuid.UUID(text)
+        except ValueError:
+            raise NotFoundError("%s %r is neither an id nor a uuid" % (cls.__name__, key)) from None
+
+    @classmethod
+    def get_by_key(cls, key):
+        """The row with this id (int or digit string) or uuid; NotFoundError if none."""
+        field, value = cls.key_field(key)
+        row = cls.select().where(field == value).first()
         if row is None:
             raise NotFoundError("%s %s does not exist" % (cls.__name__, key))
         return row

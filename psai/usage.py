@@ -243,20 +243,45 @@ _CALL_COUNTS = ("tokens_in", "tokens_out", "cached_tokens", "cache_write_tokens"
                 "audio_tokens", "image_tokens", "web_searches")
 
 
+_BY_KEY_SQL = {}
+
+
+def stored_configuration(key):
+    """``(id, configuration)`` of the model with this id or uuid, as stored
+    now: one statement (built by peewee once per backend and key kind), no
+    row object. Read afresh every time, so a price another process just
+    changed is the price used."""
+    field, value = PsAiModel.key_field(key)
+    db = model_db(PsAiModel)
+    cache_key = (type(db), field.name)
+    sql = _BY_KEY_SQL.get(cache_key)
+    if sql is None:
+        sql = _BY_KEY_SQL[cache_key] = (PsAiModel.select(PsAiModel.id, PsAiModel.configuration)
+                                        .where(field == value).sql()[0])
+    row = db.execute_sql(sql, (field.db_value(value),)).fetchone()
+    if row is None:
+        raise NotFoundError("PsAiModel %s does not exist" % key)
+    return row[0], PsAiModel.configuration.python_value(row[1])
+
+
 def model_cost(model, **usage):
-    """``psai.pricing.cost_breakdown`` for a stored model: its prices, with
-    its provider, inference type and region unless given. Counts follow
-    ``record_usage``'s rule (a bad count is a ValidationError, not 0), and
-    prices that cannot price a call are a ValidationError, not a cost of 0."""
+    """``psai.pricing.cost_breakdown`` for a stored model (a row, an id or a
+    uuid): its prices, with its provider, inference type and region unless
+    given. Counts follow ``record_usage``'s rule (a bad count is a
+    ValidationError, not 0), and prices that cannot price a call are a
+    ValidationError, not a cost of 0."""
     from .items import price_problem
     from .pricing import cost_breakdown
     _check_counts({name: value for name, value in usage.items() if name in _CALL_COUNTS})
-    model = _model(model)
-    configuration = model.configuration if isinstance(model.configuration, dict) else {}
+    if isinstance(model, PsAiModel):
+        model_id, configuration = model.id, model.configuration
+    else:
+        model_id, configuration = stored_configuration(model)
+    configuration = configuration if isinstance(configuration, dict) else {}
     prices = configuration.get("prices")
     problem = price_problem(prices)
     if problem:
-        raise ValidationError({"prices": ["Model %s cannot be priced: %s." % (model.id, problem)]})
+        raise ValidationError({"prices": ["Model %s cannot be priced: %s." % (model_id, problem)]})
     usage = dict(_call_context(configuration), **usage)
     return cost_breakdown(prices, **usage)
 
