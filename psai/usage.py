@@ -17,9 +17,9 @@ from decimal import Decimal
 from .db import is_postgres, lock, model_db, table_columns, write_transaction
 from .errors import NotFoundError, UnpricedUsageError, ValidationError
 from .fields import UTC, utcnow
-from .items import BUCKETS, bucket_cost, effective_prices, item_data
+from .items import BUCKETS, bucket_cost, effective_prices, item_data, price_problem
 from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, strict_json_dumps
-from .pricing import COUNTERS, partition_usage
+from .pricing import COUNTERS, cost_breakdown, partition_usage
 
 __all__ = ["record_usage", "cost_report", "report_totals", "usage_counters", "REPORT_GROUPINGS", "model_cost",
            "UnpricedUsageError", "NO_AGENT"]
@@ -244,13 +244,36 @@ _CALL_COUNTS = ("tokens_in", "tokens_out", "cached_tokens", "cache_write_tokens"
 
 
 _BY_KEY_SQL = {}
+# Configurations as read, by the JSON text stored: a row read again whose
+# text has not changed is not parsed and checked again (the row itself is
+# always read afresh, so a price another process changed is seen at once).
+_PARSED = {}
+_PARSED_MAX = 512
 
 
-def stored_configuration(key):
-    """``(id, configuration)`` of the model with this id or uuid, as stored
-    now: one statement (built by peewee once per backend and key kind), no
-    row object. Read afresh every time, so a price another process just
-    changed is the price used."""
+def _parsed(text):
+    """(configuration, prices, price problem) of a configuration's JSON text."""
+    found = _PARSED.get(text)
+    if found is None:
+        configuration = PsAiModel.configuration.python_value(text)
+        found = _checked_configuration(configuration)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[text] = found
+    return found
+
+
+def _checked_configuration(configuration):
+    configuration = configuration if isinstance(configuration, dict) else {}
+    prices = configuration.get("prices")
+    return configuration, prices, price_problem(prices)
+
+
+def _stored(key):
+    """``(id, (configuration, prices, price problem))`` of the model with this
+    id or uuid, as stored now: one statement (built by peewee once per
+    backend and key kind), no row object. The configuration may be shared
+    with other calls: read it, never change it."""
     field, value = PsAiModel.key_field(key)
     db = model_db(PsAiModel)
     cache_key = (type(db), field.name)
@@ -258,10 +281,14 @@ def stored_configuration(key):
     if sql is None:
         sql = _BY_KEY_SQL[cache_key] = (PsAiModel.select(PsAiModel.id, PsAiModel.configuration)
                                         .where(field == value).sql()[0])
-    row = db.execute_sql(sql, (field.db_value(value),)).fetchone()
+    cursor = db.cursor()  # peewee's cursor on the thread's connection: the statement is built already
+    cursor.execute(sql, (field.db_value(value),))
+    row = cursor.fetchone()
     if row is None:
         raise NotFoundError("PsAiModel %s does not exist" % key)
-    return row[0], PsAiModel.configuration.python_value(row[1])
+    if isinstance(row[1], str):  # SQLite's text; psycopg2 gives jsonb parsed already
+        return row[0], _parsed(row[1])
+    return row[0], _checked_configuration(row[1])
 
 
 def model_cost(model, **usage):
@@ -270,16 +297,12 @@ def model_cost(model, **usage):
     given. Counts follow ``record_usage``'s rule (a bad count is a
     ValidationError, not 0), and prices that cannot price a call are a
     ValidationError, not a cost of 0."""
-    from .items import price_problem
-    from .pricing import cost_breakdown
     _check_counts({name: value for name, value in usage.items() if name in _CALL_COUNTS})
     if isinstance(model, PsAiModel):
-        model_id, configuration = model.id, model.configuration
+        model_id = model.id
+        configuration, prices, problem = _checked_configuration(model.configuration)
     else:
-        model_id, configuration = stored_configuration(model)
-    configuration = configuration if isinstance(configuration, dict) else {}
-    prices = configuration.get("prices")
-    problem = price_problem(prices)
+        model_id, (configuration, prices, problem) = _stored(model)
     if problem:
         raise ValidationError({"prices": ["Model %s cannot be priced: %s." % (model_id, problem)]})
     usage = dict(_call_context(configuration), **usage)

@@ -256,3 +256,26 @@ def test_counters_that_would_overflow_start_a_new_row(db):
     assert cost_report("model")[0]["tokens_in"] == 4_000_000_100
     with pytest.raises(psai.ValidationError, match="tokens_in: Too large for one call"):
         record_usage(m, a, tokens_in=2 ** 31, tokens_out=1)
+
+
+def test_model_cost_by_key_sees_prices_another_connection_just_changed(db, backend):
+    """model_cost(id or uuid) reads the row every time: a price edited
+    elsewhere (another process, PolicySynth's UI) is used at once."""
+    from psai.pricing import estimate_cost
+    from psai.usage import model_cost
+    model = PsAiModel.create(user_id=1, organization_id=2, name="m", configuration=make_configuration())
+    call = dict(tokens_in=1_000_000, tokens_out=100_000, cached_tokens=200_000)
+    first = model_cost(model.id, **call)
+    assert first["total"] == estimate_cost(model.configuration["prices"], provider="openai", **call) == 32
+    assert model_cost(str(model.uuid), **call) == first == model_cost(model, **call)
+    elsewhere = psai.connect(backend.url, bind=False)
+    with psai.using(elsewhere):
+        PsAiModel.get_by_id(model.id).update_configuration({"prices": {"costInTokensPerMillion": 60}})
+    elsewhere.close()
+    assert model_cost(model.id, **call)["total"] == 60 * 0.8 + 10 * 0.2 + 60 * 0.1
+    assert model_cost(str(model.uuid), **call)["total"] == 56
+    with pytest.raises(psai.NotFoundError):
+        model_cost(model.id + 1, **call)
+    # What model_cost hands back is the caller's to change: the next call is unaffected.
+    model_cost(model.id, **call)["rates"]["costInTokensPerMillion"] = 0
+    assert model_cost(model.id, **call)["total"] == 56
