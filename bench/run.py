@@ -36,14 +36,14 @@ class Results:
         ratio = psai_s / raw_s if raw_s else float("nan")
         self.rows.append(dict(operation=operation, size=size, backend=backend, psai=psai_s, raw=raw_s,
                               ratio=ratio, queries=queries, note=note))
-        print("  %-44s %9s %-8s psai %9.4fs  raw %9.4fs  ratio %6.2f  %s %s" % (
+        print("  %-44s %9s %-8s psai %11.6fs  raw %11.6fs  ratio %6.2f  %s %s" % (
             operation, size, backend, psai_s, raw_s, ratio, queries, note), flush=True)
 
     def table(self):
         header = "| operation | size | backend | psai (s) | raw (s) | ratio | queries | note |"
         lines = [header, "| --- | ---: | --- | ---: | ---: | ---: | --- | --- |"]
         for r in self.rows:
-            lines.append("| %s | %s | %s | %.4f | %.4f | %.2f | %s | %s |" % (
+            lines.append("| %s | %s | %s | %.6f | %.6f | %.2f | %s | %s |" % (
                 r["operation"], r["size"], r["backend"], r["psai"], r["raw"], r["ratio"], r["queries"],
                 r["note"]))
         return "\n".join(lines)
@@ -531,6 +531,81 @@ def bench_cli(backend, results, runs):
                                                       "target <= 1.5x")
 
 
+# -- 9. peers: the price libraries people would use instead -----------------------------------------
+
+PEER_CALLS = [dict(tokens_in=1200 + 37 * i, tokens_out=300 + 11 * i, cached_tokens=100 * (i % 5)) for i in range(50)]
+
+
+def _per_call(function, rounds=40):
+    """Best of ``rounds`` passes over PEER_CALLS, in seconds per call
+    (the best pass: the cost of the work, not of the machine's other work)."""
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for call in PEER_CALLS:
+            function(call)
+        best = min(best, time.perf_counter() - start)
+    return best / len(PEER_CALLS)
+
+
+def _litellm_cost_per_token():
+    """LiteLLM's cost_per_token, only when installed, its network fetch of
+    prices disabled (it reads its bundled map instead)."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    try:
+        from litellm import cost_per_token
+    except ImportError:
+        return None
+    return cost_per_token
+
+
+def bench_peers(backend, results):
+    """Pricing one call of gpt-4o: psai on a model stored in the database
+    (looked up by id, and by uuid, then priced), against genai-prices
+    ``calc_price`` and LiteLLM ``cost_per_token`` on the same calls. The
+    ratio is psai's time over the peer's: below 1 is faster."""
+    from psai.pricing import estimate_cost
+    from psai.usage import model_cost
+    try:
+        from genai_prices import Usage, calc_price
+    except ImportError:
+        print("  peers: genai-prices is not installed (pip install 'psai[bench]')")
+        return
+    model = PsAiModel.create(user_id=1, organization_id=2, name="gpt-4o", configuration={
+        "type": "text", "modelSize": "large", "model": "gpt-4o", "provider": "openai", "active": True,
+        "prices": {"costInTokensPerMillion": 2.5, "costOutTokensPerMillion": 10,
+                   "costInCachedContextTokensPerMillion": 1.25, "currency": "USD"},
+        "maxTokensOut": 16384, "defaultTemperature": 0.7})
+    key, uuid_key = model.id, str(model.uuid)
+
+    def genai(call):
+        return calc_price(Usage(input_tokens=call["tokens_in"], output_tokens=call["tokens_out"],
+                                cache_read_tokens=call["cached_tokens"]), "gpt-4o", provider_id="openai").total_price
+
+    for call in PEER_CALLS:  # the same answers, before anything is timed
+        assert abs(Decimal(model_cost(key, **call)["total"]) - genai(call)) < Decimal("1e-12")
+    prices = model.configuration["prices"]
+    timings = {
+        "model_cost(id)": _per_call(lambda call: model_cost(key, **call)),
+        "model_cost(uuid)": _per_call(lambda call: model_cost(uuid_key, **call)),
+        "estimate_cost (no database)": _per_call(lambda call: estimate_cost(prices, provider="openai", **call)),
+    }
+    peers = {"genai-prices calc_price": _per_call(genai)}
+    litellm = _litellm_cost_per_token()
+    if litellm is not None:
+        def litellm_call(call):
+            return sum(litellm(model="gpt-4o", prompt_tokens=call["tokens_in"], completion_tokens=call["tokens_out"],
+                               cache_read_input_tokens=call["cached_tokens"]))
+        peers["LiteLLM cost_per_token"] = _per_call(litellm_call)
+    else:
+        print("  peers: LiteLLM is not installed: not measured")
+    for peer, peer_s in peers.items():
+        for label, psai_s in timings.items():
+            results.add("price a call: %s vs %s" % (label, peer), len(PEER_CALLS), backend.kind, psai_s, peer_s,
+                        note="%.1f vs %.1f us a call%s" % (psai_s * 1e6, peer_s * 1e6,
+                                                           "; target <= 0.33" if "model_cost" in label else ""))
+
+
 # -------------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -538,12 +613,12 @@ def main(argv=None):
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.1 for a quick run)")
     parser.add_argument("--only", nargs="*",
-                        help="run only these: insert validated filter eager usage report items cli")
+                        help="run only these: insert validated filter eager usage report items cli peers")
     parser.add_argument("--markdown", help="also write the results table to this Markdown file")
     args = parser.parse_args(argv)
     scale = lambda n: max(1, int(n * args.scale))
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "items", "cli"]
+    steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "items", "cli", "peers"]
     results = Results()
     started = time.perf_counter()
     for kind in backends:
@@ -566,6 +641,8 @@ def main(argv=None):
                 bench_item_reports(backend, results, [scale(10_000), scale(100_000), scale(1_000_000)])
             if "cli" in steps:
                 bench_cli(backend, results, runs=11)
+            if "peers" in steps:
+                bench_peers(backend, results)
         finally:
             backend.close()
     elapsed = time.perf_counter() - started
