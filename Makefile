@@ -21,10 +21,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) psai.db psai.db-wal psai.db-shm
+	rm -rf $(VENV) psai.db psai.db-wal psai.db-shm psai-report.html
 
 docs: $(STAMP)
 	$(BIN)/python -c "from psai.cli import write_reference; write_reference('docs/cli.md')"
+	PSAI_WRITE_SCREENSHOT=1 $(BIN)/python -m pytest -q tests/test_report.py -k browser
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -14,13 +14,13 @@ __all__ = [
     "add_model", "find_by_provider_model",
     "PsAiModelType", "PsAiModelSize", "PsAiModelProvider",
     "ValidationError", "PsaiError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
-    "InUseError", "PsModelUsageItem", "price_history", "reprice", "UnpricedUsageError", "catalog",
+    "InUseError", "PsModelUsageItem", "price_history", "reprice", "UnpricedUsageError", "catalog", "report",
 ]
 
 # Imported on first use, so a short command does not pay for them.
 _LAZY = {"record_usage": "usage", "cost_report": "usage",
          "price_history": "history", "reprice": "history", "add_model": "query",
-         "find_by_provider_model": "query", "pricing": None, "catalog": None, "copy": "transfer"}
+         "find_by_provider_model": "query", "pricing": None, "catalog": None, "copy": "transfer", "report": None}
 
 
 def __getattr__(name):

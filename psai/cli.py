@@ -217,15 +217,25 @@ def init(adopt):
 
 
 @cli.command()
-def demo():
-    """Store the seed model and two agents linked to it, and print them."""
-    from .demo import seed
-    from .models import PsAiModel
-    from .schemas import PsAiModelSchema
+@click.option("--html", "html_path", default="psai-report.html", show_default=True, metavar="FILE",
+              help="Where to write the report page.")
+def demo(html_path):
+    """The main job in a nutshell: models of three providers and sizes,
+    agents linked to them, which model each agent selects and why, recorded
+    calls, their cost, and an HTML report. Safe to run again."""
+    from .demo import seed, selections
+    from .report import html
+    from .usage import cost_report
     connect()
-    model, _agents = seed()
-    model = PsAiModel.with_agents(PsAiModel.select().where(PsAiModel.id == model.id))[0]
-    click.echo(json.dumps(PsAiModelSchema(with_links=True).dump(model), indent=2))
+    models, agents, recorded = seed()
+    click.echo("psai demo: %d models (%s), %d agents" % (
+        len(models), ", ".join(sorted({m.configuration["provider"] for m in models.values()})), len(agents)))
+    emit(selections(agents), None, columns=["agent", "asks for", "uses", "why"])
+    click.echo("%s; their cost, each call at the prices stored with it:" % (
+        "recorded 6 calls" if recorded else "6 calls recorded by an earlier run"))
+    _emit_report(cost_report("agent"), "agent")
+    write_file(html_path, html("tree"))
+    click.echo("report page: %s" % os.path.abspath(html_path))
 
 
 # -- models ---------------------------------------------------------------------
@@ -811,28 +821,42 @@ REPORT_COLUMNS = ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpri
 @click.option("--since", metavar="DATE", help="From this day (YYYY-MM-DD) or time.")
 @click.option("--until", metavar="DATE", help="Up to and including this day, or up to this time.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) when any usage cannot be priced.")
+@click.option("--html", "html_path", metavar="FILE",
+              help="Also write a self-contained HTML page with charts (no network needed to open it).")
 @output_options
-def usage_report(grouping, since, until, strict, fmt):
+def usage_report(grouping, since, until, strict, html_path, fmt):
     """Cost of recorded usage, each call priced at the prices stored with it.
 
     Usage that cannot be priced (prices missing or unusable) is shown in rows
     of its own with no cost, never as 0; --strict makes it an error.
     """
-    from .usage import cost_report, report_totals
+    from .usage import cost_report
     connect()
     with Progress("pricing usage") as progress:
         if progress.enabled:
             click.echo("summing usage in the database...", err=True)
         rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress)
+    if html_path:
+        from .report import html
+        write_file(html_path, html(grouping, since=since, until=until, rows=rows,
+                                   database=_database_url() or dbmod.DEFAULT_URL))
+        click.echo("wrote %s" % html_path, err=True)
     if fmt is not None:
         emit(rows, fmt)
         return
+    _emit_report(rows, grouping)
+
+
+def _emit_report(rows, grouping):
+    """A cost report as a table with a TOTAL row per currency; unpriced usage on stderr."""
+    from .usage import report_totals
     keys = [column for column in (rows[0] if rows else {}) if column not in REPORT_COLUMNS + ["unpriced_reason"]]
+    keys = keys or [{"tree": "agent_id", "day": "day", "provider": "provider"}.get(grouping, grouping + "_id")]
     totals = report_totals(rows, grouping)
     table = list(rows)
     for currency, total in sorted(totals.items(), key=lambda item: (item[0] is None, str(item[0]))):
         table.append(dict(total, **{keys[0]: "TOTAL", "currency": currency}))
-    emit(table, fmt, columns=keys + REPORT_COLUMNS)
+    emit(table, None, columns=keys + REPORT_COLUMNS)
     for row in rows:
         if row["unpriced_reason"]:
             click.echo("unpriced: %s %s: %d tokens: %s" % (keys[0], row[keys[0]], row["unpriced_tokens"],

@@ -22,7 +22,7 @@ from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, strict_j
 from .pricing import COUNTERS, cost_breakdown, partition_usage
 
 __all__ = ["record_usage", "cost_report", "report_totals", "usage_counters", "REPORT_GROUPINGS", "model_cost",
-           "UnpricedUsageError", "NO_AGENT"]
+           "UnpricedUsageError", "NO_AGENT", "daily_costs"]
 
 REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
 
@@ -996,3 +996,30 @@ def report_totals(rows, by=None):
         if row["cost"] is not None:
             entry["cost"] = (entry["cost"] or Decimal(0)) + row["cost"]
     return totals
+
+
+def daily_costs(*, since=None, until=None):
+    """Cost per UTC day and model, for charts: rows ``{"day", "model_id",
+    "model_name", "provider", "currency", "cost", "tokens_in", "tokens_out",
+    "unpriced_tokens"}`` (``cost`` None where nothing of it could be
+    priced), each call priced as ``cost_report`` prices it."""
+    since, until = _as_datetime(since), _as_datetime(until, end=True)
+    db = model_db(PsModelUsage)
+    parts = _price_parts(_merge_parts(_usage_parts(db, "day", since, until), ("model_id", "day")))
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))}
+    rows = {}
+    for part in parts:
+        model = models.get(part["model_id"])
+        configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
+        row = rows.setdefault((part["day"], part["model_id"], part["currency"]), {
+            "day": part["day"], "model_id": part["model_id"], "model_name": model.name if model else None,
+            "provider": part["provider"] or configuration.get("provider"), "currency": part["currency"],
+            "cost": None, "tokens_in": 0, "tokens_out": 0, "unpriced_tokens": 0})
+        tokens_in, tokens_out = _tokens(part)
+        row["tokens_in"] += tokens_in
+        row["tokens_out"] += tokens_out
+        if part["cost"] is None:
+            row["unpriced_tokens"] += tokens_in + tokens_out
+        else:
+            row["cost"] = (row["cost"] or Decimal(0)) + part["cost"]
+    return sorted(rows.values(), key=lambda r: (r["day"] or "", r["model_id"], r["currency"] or ""))

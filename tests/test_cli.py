@@ -79,13 +79,13 @@ def test_init_is_idempotent(run):
     assert run("init").stdout.strip() == "schema is up to date"
 
 
-def test_demo_stores_and_prints_the_seed(run):
-    result = run("demo")
-    dump = json.loads(result.stdout)
-    assert dump["name"] == "OpenAI GPT-4 Large" and dump["configuration"] == SEED_CONFIGURATION
-    assert sorted(a["configuration"]["name"] for a in dump["agents"]) == ["Researcher", "Writer"]
-    run("demo")
-    assert PsAiModel.select().count() == 1 and PsAgent.select().count() == 2
+def test_demo_stores_its_catalog_once(run, tmp_path):
+    page = tmp_path / "page.html"
+    first = run("demo", "--html", str(page))
+    assert first.exit_code == 0 and page.exists()
+    assert PsAiModel.get_by_id(1).configuration == SEED_CONFIGURATION  # what the examples of the docs use
+    run("demo", "--html", str(page))
+    assert PsAiModel.select().count() == 5 and PsAgent.select().count() == 3
 
 
 @pytest.mark.parametrize("url", ["mysql://root:hunter2@localhost/db", "postgresql://u:hunter2@127.0.0.1:5432"])
@@ -354,16 +354,16 @@ def test_export_import_round_trip(run_on_both, tmp_path):
     run = run_on_both
     config = tmp_path / "c.json"
     config.write_text(json.dumps(SEED_CONFIGURATION))
-    run("demo")
+    run("demo", "--html", str(tmp_path / "page.html"))
     exported = tmp_path / "export.json"
     assert run("export", "-o", str(exported)).exit_code == 0
     data = json.loads(exported.read_text())
-    assert len(data["ps_ai_models"]) == 1 and len(data["ps_agents"]) == 2 and len(data["AgentModels"]) == 2
+    assert len(data["ps_ai_models"]) == 5 and len(data["ps_agents"]) == 3 and len(data["AgentModels"]) == 6
 
     target = "sqlite:///%s" % (tmp_path / "target.db")
     runner = CliRunner()
     result = runner.invoke(cli, ["--database", target, "import", str(exported)])
-    assert result.exit_code == 0 and "3 created" in result.stdout and "2 links" in result.stdout
+    assert result.exit_code == 0 and "8 created" in result.stdout and "6 links" in result.stdout
     again = runner.invoke(cli, ["--database", target, "import", str(exported)])
     assert "0 created, 0 updated, 0 links" in again.stdout
     second = json.loads(runner.invoke(cli, ["--database", target, "export"]).stdout)
@@ -373,7 +373,7 @@ def test_export_import_round_trip(run_on_both, tmp_path):
 
 
 def test_import_is_all_or_nothing_and_names_row_and_field(run, tmp_path):
-    run("demo")
+    run("demo", "--html", str(tmp_path / "page.html"))
     data = json.loads(run("export").stdout)
     data["ps_ai_models"].append(dict(data["ps_ai_models"][0], id=99, uuid="3f1f9d1e-4a4e-4c8e-9e3b-0d6f5b1c2a77",
                                      name="second"))
@@ -391,7 +391,7 @@ def test_import_is_all_or_nothing_and_names_row_and_field(run, tmp_path):
     dangling["AgentModels"].append({"agent_id": 1, "ai_model_id": 12345})
     path.write_text(json.dumps(dangling))
     result = CliRunner().invoke(cli, ["--database", "sqlite:///%s" % target, "import", str(path)])
-    assert_bad(result, 2, "AgentModels.2.ai_model_id: No model with id 12345")
+    assert_bad(result, 2, "AgentModels.6.ai_model_id: No model with id 12345")
     path.write_text("[1, 2]")
     result = CliRunner().invoke(cli, ["--database", "sqlite:///%s" % target, "import", str(path)])
     assert_bad(result, 2, "An import is a JSON object")
@@ -466,21 +466,19 @@ def test_progress_bars_when_stderr_is_a_terminal(tmp_path, config_file):
 
 def test_library_progress_callbacks(db):
     from psai.transfer import export_data, import_data
-    from psai.usage import cost_report, record_usage
+    from psai.usage import cost_report
     from psai.demo import seed
-    model, agents = seed()
-    record_usage(model, agents[0], tokens_in=5, tokens_out=1)
-    record_usage(model, agents[1], tokens_in=5, tokens_out=1)
+    seed()  # five models, three agents, six links, six calls of the three agents
     calls = []
     cost_report("agent", progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(1, 2), (2, 2)]
+    assert calls == [(1, 3), (2, 3), (3, 3)]
     calls.clear()
     import_data(export_data(), progress=lambda done, total: calls.append((done, total)))
-    assert calls[-1] == (5, 5) and len(calls) == 5  # 1 model, 2 agents, 2 links
+    assert calls[-1] == (14, 14) and len(calls) == 14
 
 
 def test_import_allow_unknown_keys_keeps_them_on_new_rows(run, tmp_path):
-    run("demo")
+    run("demo", "--html", str(tmp_path / "page.html"))
     data = json.loads(run("export").stdout)
     config = data["ps_ai_models"][0]["configuration"]
     config["someFutureKey"] = {"from": "a newer PolicySynth"}
@@ -492,7 +490,7 @@ def test_import_allow_unknown_keys_keeps_them_on_new_rows(run, tmp_path):
     assert_bad(refused, 2, "ps_ai_models.0.configuration.someFutureKey: Unknown field")
     result = CliRunner().invoke(cli, ["--database", target, "import", "--allow-unknown-keys", str(path)])
     assert result.exit_code == 0, result.output
-    assert result.stdout.startswith("imported: 3 created")  # the model and the demo's two agents
+    assert result.stdout.startswith("imported: 8 created")  # the demo's five models and three agents
     psai.connect(target)
     stored = PsAiModel.get(PsAiModel.uuid == data["ps_ai_models"][0]["uuid"]).configuration
     assert stored["someFutureKey"] == {"from": "a newer PolicySynth"} and stored["prices"]["someFuturePrice"] == 3

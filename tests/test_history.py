@@ -41,22 +41,25 @@ def items():
 
 # -- the scenario of the issue, on the command line ----------------------------------
 
-def test_a_price_edit_does_not_rewrite_recorded_cost(backend):
+def test_a_price_edit_does_not_rewrite_recorded_cost(backend, tmp_path):
     def run(*args):
         result = CliRunner().invoke(cli, ["--database", backend.url] + list(args))
         assert result.exit_code == 0, result.output
         return result.stdout
 
     def report_cost():
-        return [row["cost"] for row in json.loads(run("usage", "report", "--json"))]
+        """Model 1's cost in the report (the demo records calls of its own first)."""
+        [row] = [row for row in json.loads(run("usage", "report", "--json")) if row["model_id"] == 1]
+        return Decimal(row["cost"])
 
-    run("demo")
+    run("demo", "--html", str(tmp_path / "page.html"))
+    before = report_cost()
     run("usage", "record", "1", "--agent", "1", "--in", "1000000", "--out", "100000")
-    assert report_cost() == ["36"]
+    assert report_cost() == before + 36
     run("models", "update", "1", "--set", "prices.costInTokensPerMillion=60")
-    assert report_cost() == ["36"]
+    assert report_cost() == before + 36
     run("usage", "record", "1", "--agent", "1", "--in", "1000000", "--out", "100000")
-    assert report_cost() == ["102"]  # 36 + 66
+    assert report_cost() == before + 36 + 66
     history = json.loads(run("models", "history", "OpenAI GPT-4 Large", "--json"))
     assert [(v["prices"]["costInTokensPerMillion"], v["source"]) for v in history] == [(30, "stored"), (60, "psai")]
     assert history[0]["valid_to"] == history[1]["valid_from"] and history[1]["valid_to"] is None
@@ -335,7 +338,11 @@ def test_reprice_on_the_command_line(backend):
         assert result.exit_code == code, result.output
         return result
 
-    run("demo")
+    run("models", "add", "--name", "OpenAI GPT-4 Large", "--user-id", "1", "--organization-id", "2",
+        "--type", "text", "--size", "large", "--model", "gpt-4", "--provider", "openai", "--in-price", "30",
+        "--out-price", "60", "--cached-price", "10", "--currency", "USD", "--max-tokens-out", "4096",
+        "--temperature", "0.7")
+    run("agents", "add", "--user-id", "1", "--class-id", "1", "--group-id", "1", "--name", "Researcher")
     run("usage", "record", "1", "--agent", "1", "--in", "1000000", "--out", "0")
     dry = run("models", "reprice", "OpenAI GPT-4 Large", "--set", "costInTokensPerMillion=25").stdout
     assert "difference  -5" in dry and "dry run: nothing changed" in dry

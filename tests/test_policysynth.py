@@ -248,16 +248,21 @@ def test_policysynth_reads_a_database_psai_created(scratch):
     psai.connect(scratch.url)
     psai.migrate()
     from psai.demo import seed
-    model, agents = seed()
-    psai.record_usage(model, agents[0], tokens_in=100, tokens_out=10)
+    models, agents, _recorded = seed()  # five models, three agents, six links, six calls
     # PolicySynth's sync adds its other tables beside psai's and leaves psai's as they are.
     scratch.node("sync")
     read = scratch.node("read")
-    assert_model_equal(read["ps_ai_models"][0], PsAiModel.get_by_id(model.id))
+    by_id = {row["id"]: row for row in read["ps_ai_models"]}
+    assert sorted(by_id) == sorted(m.id for m in models.values())
+    for model in models.values():
+        assert_model_equal(by_id[model.id], PsAiModel.get_by_id(model.id))
     for row in read["ps_agents"]:
         assert_agent_equal(row, PsAgent.get_by_id(row["id"]))
-    assert {(r["agent_id"], r["ai_model_id"]) for r in read["AgentModels"]} == {(a.id, model.id) for a in agents}
-    assert read["ps_model_usage"][0]["token_in_count"] == 100
+    assert {(r["agent_id"], r["ai_model_id"]) for r in read["AgentModels"]} == {
+        (link.agent_id, link.ai_model_id) for link in AgentModels.select()}
+    assert len(read["AgentModels"]) == 6
+    assert sum(row["token_in_count"] + row["token_in_cached_context_count"] for row in read["ps_model_usage"]) == \
+        sum(tokens_in for _agent, tokens_in, _cached, _out in psai.demo.SEED_CALLS)
     index_names = {name for _t, name, _d in scratch.ddl()["indexes"]}
     assert "agent_models_agent_id" in index_names and "AgentModels_agent_id" not in index_names
 

@@ -1,0 +1,266 @@
+"""A cost report to look at: one self-contained HTML page with charts.
+
+``html(by="model", since=None, until=None)`` returns the page: totals per
+currency, unpriced usage called out, cost over time by day stacked by model,
+the agent trees (a parent with its sub-agents), top models and agents, and
+the table of the requested grouping. Charts are inline SVG: the page needs
+no network, no script and no font of its own, reads the same with
+JavaScript off, follows the reader's light or dark setting and prints.
+"""
+import datetime
+from decimal import Decimal
+from html import escape
+
+from peewee import PostgresqlDatabase
+
+from .db import current_db, redact_url
+from .fields import utcnow
+from .usage import REPORT_GROUPINGS, cost_report, daily_costs, report_totals
+
+__all__ = ["html", "describe_database"]
+
+# Tableau 10: distinguishable in light and dark, and in print.
+PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7", "#9c755f",
+           "#bab0ac")
+OTHER = "other models"
+TOP = 8
+
+STYLE = """
+:root { color-scheme: light dark; --fg: #1d2329; --muted: #5c6670; --bg: #ffffff; --panel: #f4f6f8;
+  --line: #d5dbe1; --warn: #b54708; --warn-bg: #fff4e5; }
+@media (prefers-color-scheme: dark) {
+  :root { --fg: #e6e9ec; --muted: #9aa5b1; --bg: #15191d; --panel: #1f252b; --line: #36404a;
+    --warn: #fdb022; --warn-bg: #3a2a0c; } }
+* { box-sizing: border-box; }
+body { margin: 0 auto; max-width: 1100px; padding: 24px; background: var(--bg); color: var(--fg);
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+h1 { font-size: 24px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 8px; }
+.meta { color: var(--muted); margin: 0 0 16px; }
+.totals { display: flex; flex-wrap: wrap; gap: 12px; }
+.total { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 12px 16px; min-width: 180px; }
+.total .amount { font-size: 26px; font-weight: 600; } .total .label { color: var(--muted); font-size: 13px; }
+.warn { background: var(--warn-bg); border: 1px solid var(--warn); color: var(--fg); border-radius: 8px;
+  padding: 10px 14px; margin: 14px 0; } .warn strong { color: var(--warn); }
+svg { display: block; max-width: 100%; height: auto; } svg text { fill: var(--fg); font-size: 12px; }
+svg .grid { stroke: var(--line); } svg .axis { fill: var(--muted); }
+.legend { display: flex; flex-wrap: wrap; gap: 6px 16px; margin: 6px 0 0; font-size: 13px; }
+.legend span::before { content: ""; display: inline-block; width: 11px; height: 11px; margin-right: 6px;
+  border-radius: 2px; background: var(--swatch); vertical-align: -1px; }
+table { border-collapse: collapse; width: 100%; font-size: 14px; }
+th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line); vertical-align: middle; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+.bar { height: 10px; border-radius: 2px; background: #4e79a7; print-color-adjust: exact; -webkit-print-color-adjust: exact; }
+.cols { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 24px; }
+.unpriced { color: var(--warn); }
+@media print { body { max-width: none; padding: 0; } .total, .warn { break-inside: avoid; }
+  section { break-inside: avoid; } }
+"""
+
+
+def describe_database(db=None):
+    """Where a report's data came from, with no secret in it."""
+    db = db or current_db()
+    if isinstance(db, PostgresqlDatabase):
+        params = db.connect_params
+        user = params.get("user")
+        return "postgresql://%s%s:%s/%s" % (user + "@" if user else "", params.get("host", ""),
+                                            params.get("port", 5432), db.database)
+    return "sqlite:///%s" % db.database
+
+
+def _money(value):
+    if value is None:
+        return "unpriced"
+    value = Decimal(value)
+    return "{:,.2f}".format(value) if abs(value) >= 1 else "{:,.4f}".format(value)
+
+
+def _number(value):
+    return "{:,}".format(value)
+
+
+def _nice_ceiling(value):
+    """A round axis top at or above ``value``."""
+    if value <= 0:
+        return Decimal(1)
+    exponent = Decimal(10) ** (len(str(int(value))) - 1) if value >= 1 else Decimal("0.0001")
+    while exponent * 10 < value:
+        exponent *= 10
+    for step in (1, 2, 2.5, 5, 10):
+        top = exponent * Decimal(str(step))
+        if top >= value:
+            return top
+    return exponent * 10
+
+
+def _daily_chart(days, series, values, currency):
+    """Stacked bars: one per day, a segment per series; ``values[(day, name)]``."""
+    width, height, left, bottom, top_pad = 960, 300, 70, 40, 12
+    plot_w, plot_h = width - left - 10, height - bottom - top_pad
+    totals = {day: sum((values.get((day, name)) or Decimal(0) for name in series), Decimal(0)) for day in days}
+    top = _nice_ceiling(max(totals.values(), default=Decimal(0)))
+    slot = plot_w / max(len(days), 1)
+    bar = max(min(slot * 0.7, 48), 2)
+    out = ['<svg viewBox="0 0 %d %d" width="%d" height="%d" role="img" aria-label="Cost per day in %s, by model">'
+           % (width, height, width, height, escape(currency or ""))]
+    for i in range(5):
+        y = top_pad + plot_h - plot_h * i / 4
+        out.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>' % (left, width - 10, y, y))
+        out.append('<text class="axis" x="%d" y="%.1f" text-anchor="end">%s</text>'
+                   % (left - 6, y + 4, escape(_money(top * i / 4) if i else "0")))
+    label_every = max(1, int(len(days) / 12) + 1) if len(days) > 14 else 1
+    for index, day in enumerate(days):
+        x = left + slot * index + (slot - bar) / 2
+        y = top_pad + plot_h
+        for position, name in enumerate(series):
+            value = values.get((day, name))
+            if not value:
+                continue
+            h = float(value / top) * plot_h
+            y -= h
+            out.append('<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"><title>%s, %s: %s %s</title></rect>'
+                       % (x, y, bar, max(h, 0.5), PALETTE[position % len(PALETTE)], escape(day), escape(name),
+                          escape(_money(value)), escape(currency or "")))
+        if index % label_every == 0:
+            out.append('<text class="axis" x="%.1f" y="%d" text-anchor="middle">%s</text>'
+                       % (left + slot * index + slot / 2, height - bottom + 16, escape(day[5:])))
+    out.append("</svg>")
+    legend = "".join('<span style="--swatch:%s">%s</span>' % (PALETTE[i % len(PALETTE)], escape(name))
+                     for i, name in enumerate(series))
+    return "".join(out) + '<div class="legend">%s</div>' % legend
+
+
+def _bar_table(rows, label, limit=10):
+    """Rows of (name, cost, currency, extra) as a table with inline bars."""
+    rows = rows[:limit]
+    peak = max((r[1] for r in rows if r[1] is not None), default=Decimal(0)) or Decimal(1)
+    body = []
+    for name, cost, currency, extra in rows:
+        share = float(cost / peak) * 100 if cost is not None else 0
+        body.append('<tr><td>%s</td><td style="width:40%%"><div class="bar" style="width:%.1f%%"></div></td>'
+                    '<td class="num%s">%s %s</td></tr>'
+                    % (name, share, "" if cost is not None else " unpriced", escape(_money(cost)),
+                       escape(currency or "") + extra))
+    if not body:
+        body.append('<tr><td colspan="3">no usage</td></tr>')
+    return ('<table><thead><tr><th>%s</th><th></th><th class="num">cost</th></tr></thead><tbody>%s</tbody></table>'
+            % (escape(label), "".join(body)))
+
+
+def _by_cost(rows):
+    return sorted(rows, key=lambda r: (r["cost"] is None, -(r["cost"] or 0)))
+
+
+def _unpriced_note(rows, key):
+    if not rows:
+        return ""
+    lines = "".join("<li>%s: %s tokens (%s)</li>" % (escape(str(r.get(key))), _number(r["unpriced_tokens"]),
+                                                     escape(r["unpriced_reason"] or "no usable prices"))
+                    for r in rows)
+    total = sum(r["unpriced_tokens"] for r in rows)
+    return ('<div class="warn"><strong>Unpriced usage: %s tokens</strong> could not be priced and are '
+            'not in the totals (never counted as 0).<ul>%s</ul></div>' % (_number(total), lines))
+
+
+def _period(since, until):
+    def text(value):
+        return value.isoformat() if isinstance(value, (datetime.date, datetime.datetime)) else str(value)
+    if since is None and until is None:
+        return "all recorded usage"
+    if since is None:
+        return "up to %s" % text(until)
+    if until is None:
+        return "from %s" % text(since)
+    return "%s to %s" % (text(since), text(until))
+
+
+def _table(rows, by):
+    keys = {"model": ["model_id", "model_name", "provider"], "agent": ["agent_id", "agent_name"],
+            "tree": ["level", "agent_id", "agent_name"], "provider": ["provider"], "day": ["day"]}[by]
+    columns = keys + ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpriced_tokens", "priced_from"]
+    numeric = {"calls", "tokens_in", "tokens_out", "cost", "unpriced_tokens", "model_id", "agent_id", "level"}
+    head = "".join('<th class="%s">%s</th>' % ("num" if c in numeric else "", escape(c)) for c in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            text = _money(value) if column == "cost" else _number(value) if isinstance(value, int) else (
+                "" if value is None else str(value))
+            if column == "agent_name" and by == "tree":
+                text = "\u2003" * (row.get("level") or 0) + text
+            cells.append('<td class="%s">%s</td>' % ("num" if column in numeric else "", escape(text)))
+        body.append("<tr>%s</tr>" % "".join(cells))
+    return "<table><thead><tr>%s</tr></thead><tbody>%s</tbody></table>" % (head, "".join(body))
+
+
+def html(by="model", *, since=None, until=None, rows=None, database=None, title="psai cost report"):
+    """The report page for usage in [since, until), its table grouped ``by``
+    (model, agent, tree, provider or day); ``rows``, when given, are that
+    grouping's ``cost_report`` rows already made. ``database`` is shown as
+    where the data came from (default: the database in use, no password)."""
+    if by not in REPORT_GROUPINGS:
+        from .errors import ValidationError
+        raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
+    rows = rows if rows is not None else cost_report(by, since=since, until=until)
+    by_model = rows if by == "model" else cost_report("model", since=since, until=until)
+    by_agent = rows if by == "agent" else cost_report("agent", since=since, until=until)
+    trees = rows if by == "tree" else cost_report("tree", since=since, until=until)
+    daily = daily_costs(since=since, until=until)
+    totals = report_totals(by_model, "model")
+
+    parts = ['<!doctype html><html lang="en"><head><meta charset="utf-8">',
+             '<meta name="viewport" content="width=device-width, initial-scale=1">',
+             "<title>%s</title><style>%s</style></head><body>" % (escape(title), STYLE),
+             "<h1>%s</h1>" % escape(title),
+             '<p class="meta">Period: %s · Database: %s · Made %s by psai</p>' % (
+                 escape(_period(since, until)), escape(redact_url(database) if database else describe_database()),
+                 escape(utcnow().strftime("%Y-%m-%d %H:%M UTC")))]
+
+    parts.append('<section><h2>Total</h2><div class="totals">')
+    priced = {currency: total for currency, total in totals.items() if currency is not None}
+    for currency, total in sorted(priced.items()):
+        parts.append('<div class="total"><div class="amount" id="total-%s">%s %s</div><div class="label">%s calls, '
+                     '%s tokens in, %s out</div></div>' % (escape(currency), escape(_money(total["cost"])),
+                                                           escape(currency), _number(total["calls"]),
+                                                           _number(total["tokens_in"]), _number(total["tokens_out"])))
+    if not priced:
+        parts.append('<div class="total"><div class="amount">0</div><div class="label">no priced usage in this '
+                     'period</div></div>')
+    parts.append("</div>")
+    parts.append(_unpriced_note([r for r in by_model if r["unpriced_tokens"]], "model_name"))
+    parts.append("</section>")
+
+    for currency in sorted(priced):
+        days = sorted({r["day"] for r in daily if r["currency"] == currency})
+        per_model = {}
+        for r in daily:
+            if r["currency"] == currency and r["cost"] is not None:
+                per_model[r["model_name"] or "model %s" % r["model_id"]] = \
+                    per_model.get(r["model_name"] or "model %s" % r["model_id"], Decimal(0)) + r["cost"]
+        ranked = sorted(per_model, key=lambda name: -per_model[name])
+        series = ranked[:TOP] + ([OTHER] if len(ranked) > TOP else [])
+        values = {}
+        for r in daily:
+            if r["currency"] != currency or r["cost"] is None:
+                continue
+            name = r["model_name"] or "model %s" % r["model_id"]
+            name = name if name in ranked[:TOP] else OTHER
+            values[(r["day"], name)] = values.get((r["day"], name), Decimal(0)) + r["cost"]
+        parts.append('<section><h2>Cost per day (%s), by model</h2>%s</section>'
+                     % (escape(currency), _daily_chart(days, series, values, currency)))
+
+    tree_rows = [(("\u2003" * (r["level"] or 0)) + escape(r["agent_name"] or "agent %s" % r["agent_id"]),
+                  r["cost"], r["currency"], "") for r in trees if r["agent_id"] is not None]
+    parts.append("<section><h2>Agent trees: each agent with its sub-agents</h2>%s</section>"
+                 % _bar_table(tree_rows, "agent (sub-agents indented)", limit=50))
+    model_rows = [(escape(r["model_name"] or "model %s" % r["model_id"]) + (
+        ' <span class="meta">%s</span>' % escape(r["provider"]) if r.get("provider") else ""),
+        r["cost"], r["currency"], "") for r in _by_cost(by_model)]
+    agent_rows = [(escape(r["agent_name"] or ("no agent" if r["agent_id"] is None else "agent %s" % r["agent_id"])),
+                   r["cost"], r["currency"], "") for r in _by_cost(by_agent)]
+    parts.append('<div class="cols"><section><h2>Top models</h2>%s</section><section><h2>Top agents</h2>%s'
+                 '</section></div>' % (_bar_table(model_rows, "model"), _bar_table(agent_rows, "agent")))
+    parts.append("<section><h2>By %s</h2>%s</section>" % (escape(by), _table(rows, by)))
+    parts.append("</body></html>\n")
+    return "".join(parts)

@@ -1,0 +1,183 @@
+"""The HTML cost report: its content on both backends, and a real browser
+(Debian's headless Chromium) drawing it."""
+import datetime
+import os
+import pathlib
+import shutil
+import struct
+import subprocess
+import zlib
+from html import escape
+
+import pytest
+from click.testing import CliRunner
+
+import psai
+from psai import PsAgent, PsModelUsage, PsModelUsageItem
+from psai.cli import cli
+from psai.demo import seed
+from psai.report import PALETTE, html
+
+from conftest import IN_CI, make_backend
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def spread_over_days(days=5):
+    """The demo's calls and more, moved onto the last ``days`` days (as
+    recorded on those days)."""
+    models, agents, _ = seed()
+    today = datetime.datetime.now(datetime.timezone.utc).replace(hour=12, minute=0, second=0, microsecond=0)
+    plan = [("Researcher", "OpenAI GPT-4 Large"), ("Writer", "Anthropic Claude Sonnet"),
+            ("Summarizer", "Anthropic Claude Haiku"), ("Writer", "Google Gemini Pro")]
+    for day in range(1, days):
+        for index, (agent, model) in enumerate(plan):
+            psai.record_usage(models[model], agents[agent], tokens_in=20_000 * (day + index), tokens_out=2_000 * day)
+        when = today - datetime.timedelta(days=day)
+        recent = today - datetime.timedelta(hours=1)
+        PsModelUsageItem.update(created_at=when, updated_at=when).where(
+            PsModelUsageItem.created_at > recent).execute()
+        PsModelUsage.update(created_at=when, updated_at=when).where(PsModelUsage.created_at > recent).execute()
+    return models, agents
+
+
+def test_the_page_shows_totals_charts_trees_and_unpriced_usage(db):
+    models, agents = spread_over_days()
+    # A call whose stored prices are unusable (as another tool may write one): called out, never 0.
+    psai.record_usage(models["OpenAI GPT-4o mini"], agents["Writer"], tokens_in=777, tokens_out=0)
+    item = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).get()
+    data = dict(item.data, pricing=dict(item.data["pricing"], configuredPrices={"currency": "USD"}))
+    PsModelUsageItem.update(data=data).where(PsModelUsageItem.id == item.id).execute()
+    page = html("agent", database="postgresql://me:sekr1t@db.example:5432/ps")
+    total = sum(r["cost"] for r in psai.cost_report("model") if r["cost"] is not None)
+    assert "%s USD" % "{:,.2f}".format(total) in page
+    assert "Cost per day (USD), by model" in page and page.count("<rect ") >= 5 * 3
+    assert "Anthropic Claude Sonnet" in page and "Google Gemini Pro" in page
+    # The tree: the Writer's row holds its sub-agent's cost too.
+    tree = {r["agent_name"]: r for r in psai.cost_report("tree") if r["currency"] == "USD"}
+    alone = {r["agent_name"]: r for r in psai.cost_report("agent") if r["currency"] == "USD"}
+    assert tree["Writer"]["cost"] == alone["Writer"]["cost"] + alone["Summarizer"]["cost"]
+    assert "\u2003Summarizer" in page
+    assert "Unpriced usage" in page and "777" in page
+    assert "sekr1t" not in page and "postgresql://me:***@db.example:5432/ps" in page
+    # Self-contained: nothing to fetch, nothing to run.
+    for marker in ("<script", "http://", "https://", "@import", "url("):
+        assert marker not in page, marker
+    assert "prefers-color-scheme: dark" in page and "@media print" in page
+
+
+def test_report_html_from_the_command_line(db, backend, tmp_path):
+    seed()
+    out = tmp_path / "report.html"
+    result = CliRunner().invoke(cli, ["--database", backend.url, "usage", "report", "--by", "tree",
+                                      "--since", "2020-01-01", "--html", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "By tree" in page and "from 2020-01-01" in page and "TOTAL" in result.stdout
+    assert "Database: %s " % escape(psai.redact_url(backend.url)) in page
+    bad = CliRunner().invoke(cli, ["--database", backend.url, "usage", "report", "--html",
+                                   str(tmp_path / "missing" / "r.html")])
+    assert bad.exit_code == 1 and not (tmp_path / "missing").exists()
+
+
+def test_demo_shows_selection_cost_and_the_page(backend, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = backend.url
+    first = CliRunner().invoke(cli, ["--database", url, "demo"])
+    assert first.exit_code == 0, first.output
+    lines = first.stdout.splitlines()
+    assert len(lines) < 20
+    assert any("Summarizer" in line and "falls back to small" in line for line in lines)
+    assert any(line.startswith("TOTAL") for line in lines) and "recorded 6 calls" in first.stdout
+    assert lines[-1] == "report page: %s" % (tmp_path / "psai-report.html")
+    again = CliRunner().invoke(cli, ["--database", url, "demo"])
+    assert again.exit_code == 0
+    total = [line for line in lines if line.startswith("TOTAL")]
+    assert total == [line for line in again.stdout.splitlines() if line.startswith("TOTAL")]  # nothing doubled
+    psai.connect(url)
+    assert (psai.PsAiModel.select().count(), PsAgent.select().count(), PsModelUsageItem.select().count()) == (5, 3, 6)
+
+
+# -- in a browser --------------------------------------------------------------------------------
+
+def chromium():
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        message = "Debian's chromium is needed for the browser test (apt-get install chromium)"
+        if IN_CI:
+            pytest.fail(message + "; with CI=true this is a failure, not a skip")
+        pytest.skip(message)
+    return found
+
+
+def headless(binary, profile, *args):
+    return subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           "--hide-scrollbars", "--user-data-dir=%s" % profile, *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def png_pixels(path):
+    """(width, height, rows of RGB tuples) of an 8-bit RGB or RGBA PNG."""
+    data = pathlib.Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    position, chunks, header = 8, [], None
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        body = data[position + 8:position + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            chunks.append(body)
+        position += 12 + length
+    width, height, depth, color, _, _, interlace = header
+    assert depth == 8 and color in (2, 6) and interlace == 0
+    channels = 3 if color == 2 else 4
+    raw, stride, rows, previous = zlib.decompress(b"".join(chunks)), width * channels, [], bytearray(width * channels)
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            left = line[i - channels] if i >= channels else 0
+            up, corner = previous[i], previous[i - channels] if i >= channels else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 255
+            elif kind == 2:
+                line[i] = (line[i] + up) & 255
+            elif kind == 3:
+                line[i] = (line[i] + (left + up) // 2) & 255
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 255
+        rows.append([tuple(line[x * channels:x * channels + 3]) for x in range(width)])
+        previous = line
+    return width, height, rows
+
+
+def test_a_browser_draws_the_chart(tmp_path):
+    """One browser run, on SQLite: the page's content on both backends is tested above."""
+    binary = chromium()
+    store = make_backend("sqlite", tmp_path)
+    store.connect()
+    psai.migrate()
+    spread_over_days()
+    page = tmp_path / "report.html"
+    page.write_text(html("tree", database="sqlite:///psai.db"))
+    dom = headless(binary, tmp_path / "profile-dom", "--dump-dom", page.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    total = sum(r["cost"] for r in psai.cost_report("model") if r["cost"] is not None)
+    assert "%s USD" % "{:,.2f}".format(total) in dom.stdout  # the total's text, as the browser has it
+    shot = tmp_path / "report.png"
+    result = headless(binary, tmp_path / "profile-shot", "--window-size=1200,1500", "--screenshot=%s" % shot,
+                      page.as_uri())
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    width, height, rows = png_pixels(shot)
+    assert (width, height) == (1200, 1500)
+    first_series = tuple(int(PALETTE[0][i:i + 2], 16) for i in (1, 3, 5))
+    painted = sum(row.count(first_series) for row in rows)
+    assert painted > 2000, painted  # the bars of the first model, drawn
+    background = rows[5][5]
+    assert sum(1 for row in rows[:height // 2] for pixel in row if pixel != background) > 20_000  # not blank
+    if os.environ.get("PSAI_WRITE_SCREENSHOT"):
+        shutil.copyfile(shot, ROOT / "docs" / "report.png")  # `make docs` refreshes the README's picture
+    store.close()
