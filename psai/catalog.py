@@ -208,7 +208,8 @@ def _standard_configuration(provider, model, prices):
     else:
         model_type = "text"
     (rate_in, long_in, _), (cached, long_cached, _) = rates["in"], rates["cached"]
-    (write, long_write, _), (rate_out, long_out, _) = rates["write"], rates["out"]
+    # A long-context cache-write price is PolicySynth's long input rate times the multiplier: the probes check it.
+    (write, _, _), (rate_out, long_out, _) = rates["write"], rates["out"]
     result = {"costInTokensPerMillion": _number(rate_in), "costOutTokensPerMillion": _number(rate_out),
               "costInCachedContextTokensPerMillion": _number(cached), "currency": "USD"}
     if prices.__dict__.get("cache_write_mtok") is not None and write != rate_in:

@@ -45,7 +45,7 @@ def agent(name):
 
 
 def test_using_sends_every_operation_to_the_block_database(two):
-    default, other = two.default, two.other
+    other = two.other
     add("home")
     with psai.using(other) as bound:
         assert bound is other
@@ -172,7 +172,7 @@ def test_copy_mirrors_a_store_and_a_second_copy_changes_nothing(two):
 
 
 def test_copy_from_the_command_line(two, tmp_path):
-    source, target = two.default, two.other
+    target = two.other
     add("GPT")
     source_url, target_url = two.default_url, two.other_url
     result = CliRunner().invoke(cli, ["copy", "--from", source_url, "--to", target_url, "--dry-run", "--json"])
