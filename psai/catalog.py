@@ -520,12 +520,11 @@ def _same(a, b):
     return a == b  # 2 == 2.0: PostgreSQL's jsonb may give an int back
 
 
-def _update_prices(model, source_prices):
-    """The catalog's price keys of ``model`` set to the source's, through the
-    price-change path (history kept)."""
-    changes = {key: source_prices.get(key) for key, _, _ in price_differences(model.configuration.get("prices"),
-                                                                              source_prices)}
-    model.update_configuration({"prices": changes})
+def _update_prices(model, differences):
+    """Set the differing price keys (``price_differences``) of ``model`` to
+    the source's, through the price-change path (history kept); a key the
+    source does not have is removed."""
+    model.update_configuration({"prices": {key: source for key, _stored, source in differences}})
 
 
 def import_catalog(source, *, user_id, organization_id, size=None, temperature=0.7, providers=(), models=(),
@@ -558,9 +557,8 @@ def import_catalog(source, *, user_id, organization_id, size=None, temperature=0
             if found is None:
                 configuration = dict(entry["configuration"], modelSize=size or default_size(
                     entry["configuration"]["prices"]), defaultTemperature=temperature)
-                max_out = entry.get("maxTokensOut") or min(DEFAULT_MAX_TOKENS_OUT,
-                                                           configuration.get("maxContextTokens") or DEFAULT_MAX_TOKENS_OUT)
-                configuration["maxTokensOut"] = max_out
+                configuration["maxTokensOut"] = entry.get("maxTokensOut") or min(
+                    DEFAULT_MAX_TOKENS_OUT, configuration.get("maxContextTokens", DEFAULT_MAX_TOKENS_OUT))
                 configuration = validate_configuration(configuration)
                 row["action"] = "would import" if dry_run else "imported"
                 if not dry_run:
@@ -576,7 +574,7 @@ def import_catalog(source, *, user_id, organization_id, size=None, temperature=0
                 row["action"] = ("would update" if dry_run else "updated") if changed else "unchanged"
                 if not dry_run:
                     if changed:
-                        _update_prices(model, entry["configuration"]["prices"])
+                        _update_prices(model, changed)
                     ModelProvenance.update(source_version=catalog["source_version"], imported_at=now) \
                         .where(ModelProvenance.id == provenance_row.id).execute()
             result["models"].append(row)
@@ -612,11 +610,11 @@ def diff(source, *, file=None, organization_id=None, apply=False):
         differences = price_differences(model.configuration.get("prices"), source_prices)
         rows += [dict(base, field="prices." + key, stored=stored, source=new) for key, stored, new in differences]
         if differences:
-            updates.append((model, source_prices))
+            updates.append((model, differences))
     if apply and updates:
         with write_transaction(db):
-            for model, source_prices in updates:
-                _update_prices(model, source_prices)
+            for model, differences in updates:
+                _update_prices(model, differences)
             ModelProvenance.update(source_version=catalog["source_version"], imported_at=utcnow()) \
                 .where(ModelProvenance.model.in_([model.id for model, _ in updates])).execute()
     return rows

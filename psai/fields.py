@@ -86,9 +86,7 @@ class JSONField(peewee.JSONField):
 
     def _backend(self):
         """(helper, value wrapper, value reader) for the thread's database."""
-        db = self.model._meta.database
-        if type(db) is DatabaseProxy:
-            db = db.obj
+        db = bound_database(self)
         if db is None:
             return None, None, None
         by_database = self.__dict__.get("_by_database")

@@ -131,20 +131,24 @@ def _daily_chart(days, series, values, currency):
 
 
 def _bar_table(rows, label, limit=10):
-    """Rows of (name, cost, currency, extra) as a table with inline bars."""
+    """Rows of (name as HTML, cost, currency) as a table with inline bars."""
     rows = rows[:limit]
     peak = max((r[1] for r in rows if r[1] is not None), default=Decimal(0)) or Decimal(1)
     body = []
-    for name, cost, currency, extra in rows:
+    for name, cost, currency in rows:
         share = float(cost / peak) * 100 if cost is not None else 0
         body.append('<tr><td>%s</td><td style="width:40%%"><div class="bar" style="width:%.1f%%"></div></td>'
                     '<td class="num%s">%s %s</td></tr>'
                     % (name, share, "" if cost is not None else " unpriced", escape(_money(cost)),
-                       escape(currency or "") + extra))
+                       escape(currency or "")))
     if not body:
         body.append('<tr><td colspan="3">no usage</td></tr>')
     return ('<table><thead><tr><th>%s</th><th></th><th class="num">cost</th></tr></thead><tbody>%s</tbody></table>'
             % (escape(label), "".join(body)))
+
+
+def _model_name(row):
+    return row["model_name"] or "model %s" % row["model_id"]
 
 
 def _by_cost(rows):
@@ -233,32 +237,28 @@ def html(by="model", *, since=None, until=None, rows=None, database=None, title=
 
     for currency in sorted(priced):
         days = sorted({r["day"] for r in daily if r["currency"] == currency})
+        priced_days = [r for r in daily if r["currency"] == currency and r["cost"] is not None]
         per_model = {}
-        for r in daily:
-            if r["currency"] == currency and r["cost"] is not None:
-                per_model[r["model_name"] or "model %s" % r["model_id"]] = \
-                    per_model.get(r["model_name"] or "model %s" % r["model_id"], Decimal(0)) + r["cost"]
+        for r in priced_days:
+            per_model[_model_name(r)] = per_model.get(_model_name(r), Decimal(0)) + r["cost"]
         ranked = sorted(per_model, key=lambda name: -per_model[name])
         series = ranked[:TOP] + ([OTHER] if len(ranked) > TOP else [])
         values = {}
-        for r in daily:
-            if r["currency"] != currency or r["cost"] is None:
-                continue
-            name = r["model_name"] or "model %s" % r["model_id"]
-            name = name if name in ranked[:TOP] else OTHER
+        for r in priced_days:
+            name = _model_name(r) if _model_name(r) in ranked[:TOP] else OTHER
             values[(r["day"], name)] = values.get((r["day"], name), Decimal(0)) + r["cost"]
         parts.append('<section><h2>Cost per day (%s), by model</h2>%s</section>'
                      % (escape(currency), _daily_chart(days, series, values, currency)))
 
     tree_rows = [(("\u2003" * (r["level"] or 0)) + escape(r["agent_name"] or "agent %s" % r["agent_id"]),
-                  r["cost"], r["currency"], "") for r in trees if r["agent_id"] is not None]
+                  r["cost"], r["currency"]) for r in trees if r["agent_id"] is not None]
     parts.append("<section><h2>Agent trees: each agent with its sub-agents</h2>%s</section>"
                  % _bar_table(tree_rows, "agent (sub-agents indented)", limit=50))
-    model_rows = [(escape(r["model_name"] or "model %s" % r["model_id"]) + (
+    model_rows = [(escape(_model_name(r)) + (
         ' <span class="meta">%s</span>' % escape(r["provider"]) if r.get("provider") else ""),
-        r["cost"], r["currency"], "") for r in _by_cost(by_model)]
+        r["cost"], r["currency"]) for r in _by_cost(by_model)]
     agent_rows = [(escape(r["agent_name"] or ("no agent" if r["agent_id"] is None else "agent %s" % r["agent_id"])),
-                   r["cost"], r["currency"], "") for r in _by_cost(by_agent)]
+                   r["cost"], r["currency"]) for r in _by_cost(by_agent)]
     parts.append('<div class="cols"><section><h2>Top models</h2>%s</section><section><h2>Top agents</h2>%s'
                  '</section></div>' % (_bar_table(model_rows, "model"), _bar_table(agent_rows, "agent")))
     parts.append("<section><h2>By %s</h2>%s</section>" % (escape(by), _table(rows, by)))

@@ -919,21 +919,32 @@ def cost_report(by="model", *, since=None, until=None, strict=False, progress=No
             keys = [(part["day"],)]
         else:
             keys = [(agent,) for agent in ancestors.get(part["agent_id"], [None])]
-        tokens_in, tokens_out = _tokens(part)
         for key in keys:
-            entry = totals.setdefault(key + (part["currency"],), {
-                "calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None, "unpriced_tokens": 0,
-                "priced_from": set(), "unpriced_reason": set()})
-            entry["calls"] += part["calls"]
-            entry["tokens_in"] += tokens_in
-            entry["tokens_out"] += tokens_out
-            if part["cost"] is None:
-                entry["unpriced_tokens"] += tokens_in + tokens_out
-                entry["unpriced_reason"].add(part["reason"])
-            else:
-                entry["cost"] = (entry["cost"] or Decimal(0)) + part["cost"]
+            entry = totals.setdefault(key + (part["currency"],), _new_total(priced_from=set(), unpriced_reason=set()))
+            if _add_part(entry, part):
                 entry["priced_from"].add(part["priced_from"])
+            else:
+                entry["unpriced_reason"].add(part["reason"])
     return _report_rows(by, totals, models, levels)
+
+
+def _new_total(**more):
+    return dict({"calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None, "unpriced_tokens": 0}, **more)
+
+
+def _add_part(entry, part):
+    """Add a priced part's calls, tokens and cost to a report entry (its
+    tokens to ``unpriced_tokens`` when it has no cost, never a cost of 0).
+    True when the part was priced."""
+    tokens_in, tokens_out = _tokens(part)
+    entry["calls"] += part["calls"]
+    entry["tokens_in"] += tokens_in
+    entry["tokens_out"] += tokens_out
+    if part["cost"] is None:
+        entry["unpriced_tokens"] += tokens_in + tokens_out
+        return False
+    entry["cost"] = (entry["cost"] or Decimal(0)) + part["cost"]
+    return True
 
 
 def _refuse_unpriced(parts):
@@ -1000,9 +1011,9 @@ def report_totals(rows, by=None):
 
 def daily_costs(*, since=None, until=None):
     """Cost per UTC day and model, for charts: rows ``{"day", "model_id",
-    "model_name", "provider", "currency", "cost", "tokens_in", "tokens_out",
-    "unpriced_tokens"}`` (``cost`` None where nothing of it could be
-    priced), each call priced as ``cost_report`` prices it."""
+    "model_name", "provider", "currency", "calls", "cost", "tokens_in",
+    "tokens_out", "unpriced_tokens"}`` (``cost`` None where nothing of it
+    could be priced), each call priced as ``cost_report`` prices it."""
     since, until = _as_datetime(since), _as_datetime(until, end=True)
     db = model_db(PsModelUsage)
     parts = _price_parts(_merge_parts(_usage_parts(db, "day", since, until), ("model_id", "day")))
@@ -1011,15 +1022,8 @@ def daily_costs(*, since=None, until=None):
     for part in parts:
         model = models.get(part["model_id"])
         configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
-        row = rows.setdefault((part["day"], part["model_id"], part["currency"]), {
-            "day": part["day"], "model_id": part["model_id"], "model_name": model.name if model else None,
-            "provider": part["provider"] or configuration.get("provider"), "currency": part["currency"],
-            "cost": None, "tokens_in": 0, "tokens_out": 0, "unpriced_tokens": 0})
-        tokens_in, tokens_out = _tokens(part)
-        row["tokens_in"] += tokens_in
-        row["tokens_out"] += tokens_out
-        if part["cost"] is None:
-            row["unpriced_tokens"] += tokens_in + tokens_out
-        else:
-            row["cost"] = (row["cost"] or Decimal(0)) + part["cost"]
+        row = rows.setdefault((part["day"], part["model_id"], part["currency"]), _new_total(
+            day=part["day"], model_id=part["model_id"], model_name=model.name if model else None,
+            provider=part["provider"] or configuration.get("provider"), currency=part["currency"]))
+        _add_part(row, part)
     return sorted(rows.values(), key=lambda r: (r["day"] or "", r["model_id"], r["currency"] or ""))

@@ -15,7 +15,7 @@ import os
 
 from peewee import DatabaseError, PostgresqlDatabase
 
-from ..db import NotConnectedError, forget_schema, model_db
+from ..db import NotConnectedError, current_db, forget_schema
 from ..errors import PsaiError
 
 __all__ = ["migrate", "adopt", "ensure_schema", "is_policysynth_database", "HISTORY_TABLE", "DIRECTORY",
@@ -38,9 +38,8 @@ def _db(db):
     (``psai.using``), else the one ``connect()`` opens by default."""
     if db is not None:
         return db
-    from ..models import PsAiModel
     try:
-        return model_db(PsAiModel)
+        return current_db()
     except NotConnectedError:
         from ..db import connect
         return connect()
