@@ -15,7 +15,8 @@ from playhouse.shortcuts import ReconnectMixin
 from .errors import DatabaseUnavailableError, DatabaseURLError
 
 __all__ = ["database", "connect", "using", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction", "lock",
-           "table_columns", "forget_schema", "model_db", "current_db", "NotConnectedError"]
+           "lock_id", "prepared", "forget_prepared", "table_columns", "forget_schema", "model_db", "current_db",
+           "NotConnectedError"]
 
 DEFAULT_URL = "sqlite:///psai.db"
 
@@ -228,13 +229,18 @@ def is_postgres(db=None):
     return isinstance(db if db is not None else current_db(), PostgresqlDatabase)
 
 
+def lock_id(key):
+    """The 64-bit advisory lock number of ``key`` (any repr-able value)."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 def lock(db, key):
     """Inside a write transaction: serialise the writers of ``key`` (any
     repr-able value) until commit. SQLite: the write transaction already
     holds the database's write lock. PostgreSQL: an advisory lock for this key."""
     if is_postgres(db):
-        digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (int.from_bytes(digest, "big", signed=True),))
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (lock_id(key),))
 
 
 def write_transaction(db=None):
@@ -246,6 +252,38 @@ def write_transaction(db=None):
     if isinstance(db, SqliteDatabase) and not db.in_transaction():
         return db.atomic("IMMEDIATE")
     return db.atomic()
+
+
+# Statements prepared on each PostgreSQL connection: {sql: name}. Keyed by
+# the driver's connection, so a reconnected database prepares them again.
+_prepared = weakref.WeakKeyDictionary()
+PREPARED_STATEMENT_MISSING = "26000"  # SQLSTATE invalid_sql_statement_name
+
+
+def prepared(db, sql):
+    """PostgreSQL: ``sql`` (one statement, ``%s`` placeholders) prepared on
+    this thread's connection the first time, and the ``EXECUTE`` text that
+    runs it with the same parameters. The server then parses and plans a
+    long statement once per connection, not on every call. If the server
+    has forgotten it (``DEALLOCATE``, a pooler), the error's ``__context__``
+    has SQLSTATE ``PREPARED_STATEMENT_MISSING``: call ``forget_prepared``
+    and run it again."""
+    conn = db.connection()
+    names = _prepared.setdefault(conn, {})
+    count = sql.count("%s")
+    name = names.get(sql)
+    if name is None:
+        name = "psai_" + hashlib.blake2b(sql.encode(), digest_size=8).hexdigest()
+        numbers = iter(range(1, count + 1))
+        # No parameters: psycopg2 sends the text as is (no % interpolation).
+        conn.cursor().execute("PREPARE %s AS %s" % (name, re.sub(r"%s", lambda _: "$%d" % next(numbers), sql)))
+        names[sql] = name
+    return "EXECUTE %s (%s)" % (name, ", ".join(["%s"] * count))
+
+
+def forget_prepared(db):
+    """Forget what ``prepared`` prepared on this thread's connection."""
+    _prepared.pop(db.connection(), None)
 
 
 # Which tables and columns a database has, looked up once per database: psai

@@ -14,7 +14,10 @@ import math
 from collections import defaultdict, deque
 from decimal import Decimal
 
-from .db import is_postgres, lock, model_db, table_columns, write_transaction
+from peewee import DatabaseError
+
+from .db import (PREPARED_STATEMENT_MISSING, forget_prepared, is_postgres, lock, lock_id, model_db, prepared,
+                 table_columns, write_transaction)
 from .errors import NotFoundError, UnpricedUsageError, ValidationError
 from .fields import UTC, utcnow
 from .items import BUCKETS, bucket_cost, effective_prices, item_data, price_problem
@@ -136,40 +139,123 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
     if user_id is None:
         user_id = agent.user_id if agent is not None else model.user_id
     agent_id = agent.id if agent is not None else None
-    U = PsModelUsage
+    keys = (model.id, agent_id, connector_id)
+    call = dict(counts, model_id=model.id, user_id=user_id, agent_id=agent_id, connector_id=connector_id,
+                web_searches=web_searches, provider_metadata=provider_metadata)
+    if is_postgres(db) and with_items and not db.in_transaction() and isinstance(model.configuration, dict):
+        returned = _record_in_one_round_trip(db, present, model.configuration, call)
+        if returned is not None:
+            return _usage_row(present, returned)
     find, update, insert = _usage_statements(db, present, agent_id is None, connector_id is None)
     with write_transaction(db):
-        lock(db, (model.id, agent_id, connector_id))
+        lock(db, keys)
         # The prices as stored now, not as this object last saw them; the
         # shared lock makes a concurrent price change wait for this call.
         configuration = _stored_configuration(db, model)
         now = utcnow()  # after the lock: a price change is wholly before or after the call
-        prices = configuration.get("prices") if isinstance(configuration.get("prices"), dict) else {}
-        counters = partition_usage(long_context_threshold=prices.get("longContextTokenThreshold"), **counts)
-        for name, fallback in CACHE_WRITE_COUNTERS.items():
-            if name not in present:
-                counters[fallback] += counters.pop(name)
+        values, data = _call_rows(configuration, present, with_items, now, call)
         start, end = _day_bounds(now)
-        stamp = U.created_at.db_value(now)
-        keys = [model.id] + [v for v in (agent_id, connector_id) if v is not None]
-        values = [counters[name] for name in present]
+        stamp = PsModelUsage.created_at.db_value(now)
         # A row with no room left for these counts (32-bit counters) is not
         # found, and a new one is started: reports add all rows up.
         room = [MAX_COUNTER - count for count in values]
-        row = db.execute_sql(
-            find, keys + [U.created_at.db_value(start), U.created_at.db_value(end)] + room).fetchone()
+        found = [v for v in keys if v is not None]
+        row = db.execute_sql(find, found + [_stamp(start), _stamp(end)] + room).fetchone()
         if row is None:
             cursor = db.execute_sql(insert, [model.id, agent_id, connector_id, user_id, stamp, stamp] + values)
         else:
             cursor = db.execute_sql(update, values + [stamp, row[0]])
         returned = cursor.fetchone()
         if with_items:
-            data = item_data(model_id=model.id, configuration=configuration, user_id=user_id, agent_id=agent_id,
-                             connector_id=connector_id, moment=now, web_searches=web_searches,
-                             provider_metadata=provider_metadata, **counts)
             db.execute_sql(_item_insert(db), [user_id, stamp, stamp, model.id, agent_id or NO_AGENT,
-                                              connector_id, strict_json_dumps(data)])
+                                              connector_id, data])
     return _usage_row(present, returned)
+
+
+def _stamp(moment):
+    return PsModelUsage.created_at.db_value(moment)
+
+
+def _call_rows(configuration, present, with_items, now, call):
+    """(counter values in the order of ``present``, the item's JSON text or
+    None) of one call priced with ``configuration``."""
+    prices = configuration.get("prices") if isinstance(configuration.get("prices"), dict) else {}
+    counts = {name: call[name] for name in _RECORDED_COUNTS}
+    counters = partition_usage(long_context_threshold=prices.get("longContextTokenThreshold"), **counts)
+    for name, fallback in CACHE_WRITE_COUNTERS.items():
+        if name not in present:
+            counters[fallback] += counters.pop(name)
+    data = None
+    if with_items:
+        data = strict_json_dumps(item_data(configuration=configuration, moment=now, **call))
+    return [counters[name] for name in present], data
+
+
+_RECORDED_COUNTS = ("tokens_in", "tokens_out", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
+                    "audio_tokens", "image_tokens")
+
+
+def _record_in_one_round_trip(db, present, configuration, call):
+    """PostgreSQL, outside a transaction: record the call in one round trip,
+    priced with the configuration the caller's model object holds, on
+    condition that it is still the stored one (compared as jsonb, under the
+    share lock the general path takes). One message of two statements: the
+    advisory lock, then a prepared statement that finds or starts the day's
+    counter row, adds to it and writes the item. PostgreSQL runs a message
+    of several statements as one transaction, and psycopg2 (autocommit, as
+    peewee runs it) adds no BEGIN or COMMIT round trip. The lock is its own
+    statement so that the next one's snapshot sees the rows written by the
+    writer it waited for.
+
+    Returns the counter row, or None when the stored configuration differs
+    (or the model is gone): nothing was written, and the general path takes
+    over."""
+    agent_id, connector_id = call["agent_id"], call["connector_id"]
+    now = utcnow()
+    values, data = _call_rows(configuration, present, True, now, call)
+    start, end = _day_bounds(now)
+    stamp = _stamp(now)
+    found = [v for v in (call["model_id"], agent_id, connector_id) if v is not None]
+    params = ([lock_id((call["model_id"], agent_id, connector_id)), call["model_id"],
+               strict_json_dumps(configuration)]
+              + found + [_stamp(start), _stamp(end)] + [MAX_COUNTER - count for count in values]
+              + values + [stamp]
+              + [call["model_id"], agent_id, connector_id, call["user_id"], stamp, stamp] + values
+              + [call["user_id"], stamp, stamp, call["model_id"], agent_id or NO_AGENT, connector_id, data])
+    lock_sql, record_sql = _one_round_trip_statements(present, agent_id is None, connector_id is None)
+    for attempt in (1, 2):
+        try:
+            return db.execute_sql(lock_sql + "; " + prepared(db, record_sql), params).fetchone()
+        except DatabaseError as exc:
+            if attempt == 2 or getattr(exc.__context__, "pgcode", None) != PREPARED_STATEMENT_MISSING:
+                raise
+            forget_prepared(db)  # the server forgot it (DEALLOCATE, a reconnect): prepare it again
+
+
+def _one_round_trip_statements(present, agent_is_null, connector_is_null):
+    """(the lock, the statement that records the call), built once."""
+    key = ("one round trip", present, agent_is_null, connector_is_null)
+    if key not in _USAGE_SQL:
+        find, _update, _insert = _usage_statements(db=None, present=present, agent_is_null=agent_is_null,
+                                                   connector_is_null=connector_is_null, postgres=True)
+        columns = ", ".join('"%s"' % c for c in _ROW_COLUMNS + present)
+        counters = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present
+        casts = ["%s::integer"] * 4 + ["%s::timestamptz"] * 2 + ["%s::integer"] * len(present)
+        _USAGE_SQL[key] = "SELECT pg_advisory_xact_lock(%s)", (
+            'WITH m AS (SELECT "id" FROM "ps_ai_models" WHERE "id" = %s AND "configuration" = %s::jsonb FOR SHARE), '
+            'found AS ({find}), '
+            'updated AS (UPDATE "ps_model_usage" SET {add}, "updated_at" = %s '
+            'WHERE "id" = (SELECT "id" FROM found) RETURNING {columns}), '
+            'inserted AS (INSERT INTO "ps_model_usage" ({counters}) SELECT {casts} FROM m '
+            'WHERE NOT EXISTS (SELECT 1 FROM found) RETURNING {columns}), '
+            'item AS (INSERT INTO "ps_model_usage_item" ("user_id", "created_at", "updated_at", "model_id", '
+            '"agent_id", "connector_id", "data") SELECT %s::integer, %s::timestamptz, %s::timestamptz, '
+            '%s::integer, %s::integer, %s::integer, %s::jsonb FROM m) '
+            'SELECT * FROM updated UNION ALL SELECT * FROM inserted').format(
+                find=find.replace('WHERE ', 'WHERE EXISTS (SELECT 1 FROM m) AND ', 1),
+                add=", ".join('"{0}" = "{0}" + %s'.format(c) for c in present), columns=columns,
+                counters=", ".join('"%s"' % c for c in counters), casts=", ".join(casts))
+    return _USAGE_SQL[key]
 
 
 def _stored_configuration(db, model):
@@ -196,13 +282,14 @@ _ROW_COLUMNS = ("id", "user_id", "created_at", "updated_at", "model_id", "agent_
 _USAGE_SQL = {}
 
 
-def _usage_statements(db, present, agent_is_null, connector_is_null):
+def _usage_statements(db, present, agent_is_null, connector_is_null, postgres=None):
     """record_usage's three statements for this kind of database, built
     once: the hot path of every agent call should not pay for building SQL."""
     cache = _USAGE_SQL
-    key = (is_postgres(db), present, agent_is_null, connector_is_null)
+    postgres = is_postgres(db) if postgres is None else postgres
+    key = (postgres, present, agent_is_null, connector_is_null)
     if key not in cache:
-        p = "%s" if is_postgres(db) else "?"
+        p = "%s" if postgres else "?"
         returning = " RETURNING " + ", ".join('"%s"' % c for c in _ROW_COLUMNS + present)
         find = ('SELECT "id" FROM "ps_model_usage" WHERE "model_id" = {p} AND "agent_id" {agent} '
                 'AND "connector_id" {connector} AND "created_at" >= {p} AND "created_at" < {p} {room}'

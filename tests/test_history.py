@@ -109,6 +109,58 @@ def test_the_snapshot_is_the_stored_price_not_the_callers_stale_object(db):
     assert total() == {"USD": Decimal(1)}
 
 
+class _CountingCursor:
+    """psycopg2 cursors that note every message sent to the server."""
+    sent = None
+
+    @classmethod
+    def install(cls, db):
+        import psycopg2.extensions
+
+        class Counting(psycopg2.extensions.cursor):
+            def execute(self, sql, params=None):
+                cls.sent.append(sql)
+                return super().execute(sql, params)
+        cls.sent = []
+        db.connection().cursor_factory = Counting
+        return cls.sent
+
+
+def test_postgres_records_a_call_in_one_round_trip(postgres_db):
+    m, a = model(), agent()
+    record_usage(m, a, tokens_in=10, tokens_out=1)  # the first call prepares the statement
+    sent = _CountingCursor.install(postgres_db)
+    for _ in range(5):
+        record_usage(m, a, tokens_in=1000, tokens_out=100, cached_tokens=10)
+    assert len(sent) == 5
+    assert all(sql.startswith("SELECT pg_advisory_xact_lock") and "EXECUTE psai_" in sql for sql in sent)
+    [row] = PsModelUsage.select()
+    assert (row.token_in_count, row.token_in_cached_context_count, row.token_out_count) == (10 + 5 * 990, 50, 1 + 5 * 100)
+    assert len(items()) == 6
+    assert total() == {"USD": (Decimal(10 + 5 * 990) * 30 + 50 * 10 + 501 * 60) / 10 ** 6}
+
+
+def test_postgres_prepares_again_what_the_server_forgot(postgres_db):
+    m = model()
+    record_usage(m, None, tokens_in=100, tokens_out=10)
+    postgres_db.execute_sql("DEALLOCATE ALL")
+    record_usage(m, None, tokens_in=100, tokens_out=10)
+    postgres_db.close()  # a new connection has none of them either
+    record_usage(m, None, tokens_in=100, tokens_out=10)
+    assert len(items()) == 3 and PsModelUsage.get().token_in_count == 300
+
+
+def test_inside_a_transaction_a_call_is_part_of_it(db):
+    m = model()
+    with db.atomic() as transaction:
+        record_usage(m, None, tokens_in=100, tokens_out=10)
+        transaction.rollback()
+    assert items() == [] and PsModelUsage.select().count() == 0
+    with db.atomic():
+        record_usage(m, None, tokens_in=100, tokens_out=10)
+    assert len(items()) == 1 and PsModelUsage.get().token_in_count == 100
+
+
 def test_provider_metadata_must_be_a_dict(db):
     with pytest.raises(psai.ValidationError, match="provider_metadata"):
         record_usage(model(), None, tokens_in=1, tokens_out=1, provider_metadata="flex")
