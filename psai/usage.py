@@ -469,102 +469,192 @@ def _window(db, column, since, until, model_ids, params):
     return clauses
 
 
-def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None):
+# What a report reads of each item's data: (name, path, kind).
+_ITEM_VALUES = (
+    ("provider", ("provider",), "string"),
+    ("applied_service_tier", ("providerMetadata", "appliedServiceTier"), "string"),
+    ("applied_speed", ("providerMetadata", "appliedSpeed"), "string"),
+    ("tin", ("usageNormalized", "tokensIn"), "number"),
+    ("cached", ("usageNormalized", "cachedInTokens"), "number"),
+    ("cw", ("psai", "cacheWriteTokens"), "number"),
+    ("tout", ("usageNormalized", "tokensOut"), "number"),
+    ("reasoning", ("usageNormalized", "reasoningTokens"), "number"),
+    ("audio", ("usageNormalized", "audioTokens"), "number"),
+    ("image", ("usageNormalized", "imageTokens"), "number"),
+    ("web", ("psai", "webSearches"), "number"),
+    ("pricing", ("pricing",), "object"),
+    ("configured", ("pricing", "configuredPrices"), "object"),
+    ("threshold", ("pricing", "configuredPrices", "longContextTokenThreshold"), "number"),
+)
+_MODEL_THRESHOLD = ("prices", "longContextTokenThreshold")
+
+
+class _ItemReader:
+    """Reading items' data for reports, in two steps, each a subquery:
+    ``select(names)`` reads each JSON value once a row, and the typed
+    values (``value``, ``count``, ``is_a``) are read from its columns. A
+    value of the wrong type reads as absent and a count as 0 (as
+    ``_JsonSQL`` does), so one odd row cannot fail a report.
+
+    The first step is fenced, so that the values are computed once a row
+    however often the second uses them: SQLite keeps a subquery with
+    OFFSET as it is; PostgreSQL keeps one whose columns hold a volatile
+    function (it would change how often that runs), and clock_timestamp()
+    is one that parallel workers may run, where OFFSET would stop them.
+
+    SQLite reads each value as its JSON text (``->``; the text of a row is
+    parsed once for all of them) and tells its type by its first character;
+    text that is not JSON (SQLite's column can hold it) reads as an item
+    without usage. PostgreSQL reads jsonb values with ``->``, key by key."""
+
+    def __init__(self, postgres):
+        self.postgres = postgres
+        self.j = _JsonSQL(postgres)
+
+    def _raw(self, column, path):
+        if self.postgres:
+            return column + "".join(" -> '%s'" % key for key in path)
+        sql = "%s -> '$.%s'" % (column, ".".join(path))
+        return sql if column != "i.data" else "(CASE WHEN json_valid(i.data) THEN %s END)" % sql
+
+    def select(self, names, where, model_threshold=False):
+        """The first step: the items' key columns and ``v_<name>`` for each
+        value named (and the model's current long-context threshold)."""
+        paths = {name: path for name, path, _kind in _ITEM_VALUES}
+        columns = ["i.model_id", "i.agent_id", "i.connector_id", "i.created_at"]
+        columns += ["%s AS v_%s" % (self._raw("i.data", paths[name]), name) for name in names]
+        join = ""
+        if model_threshold:
+            columns.append("%s AS v_model_threshold" % self._raw("m.configuration", _MODEL_THRESHOLD))
+            join = ' LEFT JOIN "ps_ai_models" m ON m.id = i.model_id'
+        if self.postgres:
+            columns.append("clock_timestamp() AS fence")
+        return 'SELECT %s FROM "ps_model_usage_item" i%s%s%s' % (
+            ", ".join(columns), join, " WHERE " + " AND ".join(where) if where else "",
+            "" if self.postgres else " LIMIT -1 OFFSET 0")
+
+    def is_a(self, name):
+        kind = "number" if name == "model_threshold" else {n: k for n, _p, k in _ITEM_VALUES}[name]
+        column = "v_" + name
+        if self.postgres:
+            return "jsonb_typeof(%s) = '%s'" % (column, kind)
+        return "%s GLOB '%s'" % (column, {"number": "[0-9-]*", "string": '"*', "object": "{*"}[kind])
+
+    def value(self, name):
+        kind = "number" if name == "model_threshold" else {n: k for n, _p, k in _ITEM_VALUES}[name]
+        column = "v_" + name
+        if self.postgres:
+            read = {"number": "(%s)::numeric", "string": "%s #>> '{}'", "object": "(%s)::text"}[kind] % column
+        else:
+            read = {"number": "CAST(%s AS NUMERIC)", "string": "json_extract(%s, '$')", "object": "%s"}[kind] % column
+        return "(CASE WHEN %s THEN %s END)" % (self.is_a(name), read)
+
+    def count(self, name):
+        """A count: the number if it is one above 0, else 0."""
+        return "coalesce(%s, 0)" % self.j.greatest(self.value(name), "0")
+
+
+def _fence(postgres):
+    """See _ItemReader: the second step fenced as the first."""
+    return ", clock_timestamp() AS fence" if postgres else "", "" if postgres else " LIMIT -1 OFFSET 0"
+
+
+def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None):
     """Items added up in SQL by model, ``keys`` (among agent, connector and
     day, the UTC day) and everything that decides their price. One dict a
     group; ``agent_id`` is None for usage without an agent or whose agent
-    was deleted (``agents``: the ids that exist, when the caller has them)."""
+    was deleted (``agents``: the ids that exist, when the caller has them).
+
+    ``totals``, a ``defaultdict(lambda: [0, 0])``, gets the items' input and
+    output tokens per (model, agent, connector) from the same pass: what
+    ``_uncovered_counters`` compares with the counters."""
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return []
-    j = _JsonSQL(is_postgres(db))
-    data = "i.data"
-    # The long-context threshold of the call's own prices; for an item
-    # without a snapshot, of the model's current prices. (A join, not a
-    # subquery per row: PostgreSQL's estimate for that made it JIT-compile.)
+    postgres = is_postgres(db)
+    r = _ItemReader(postgres)
+    params = []
+    read = r.select([name for name, _path, _kind in _ITEM_VALUES],
+                    _window(db, "i.created_at", since, until, model_ids, params), model_threshold=True)
+    # Rows that differ only by the agent and connector asked for by
+    # ``totals`` and not by ``keys`` are added up in Python.
+    extra = () if totals is None else tuple(k for k in ("agent", "connector") if k not in keys)
+    grouped = tuple(keys) + extra
     columns = {
-        "model_id": "i.model_id",
-        "agent_id": "i.agent_id" if "agent" in keys else None,
-        "connector_id": "i.connector_id" if "connector" in keys else None,
-        "day": j.day("i.created_at") if "day" in keys else None,
-        "provider": j.string(data, "provider"),
-        "pricing": j.object(data, "pricing"),
-        "applied_service_tier": j.string(data, "providerMetadata", "appliedServiceTier"),
-        "applied_speed": j.string(data, "providerMetadata", "appliedSpeed"),
+        "model_id": "model_id",
+        "agent_id": "agent_id" if "agent" in grouped else None,
+        "connector_id": "connector_id" if "connector" in grouped else None,
+        "day": r.j.day("created_at") if "day" in grouped else None,
+        "provider": r.value("provider"),
+        "pricing": r.value("pricing"),
+        "applied_service_tier": r.value("applied_service_tier"),
+        "applied_speed": r.value("applied_speed"),
         # Readable: token counts, the input total a number (an item whose
         # counts are text is not priced as 0 tokens, nor guessed).
-        "has_usage": "(CASE WHEN %s IS NOT NULL THEN 1 ELSE 0 END)" % j.number(data, "usageNormalized", "tokensIn"),
-        "tin": j.count(data, "usageNormalized", "tokensIn"),
-        "cached": j.count(data, "usageNormalized", "cachedInTokens"),
-        "cw": j.count(data, "psai", "cacheWriteTokens"),
-        "tout": j.count(data, "usageNormalized", "tokensOut"),
-        "parts": " + ".join(j.count(data, "usageNormalized", k) for k in ("reasoningTokens", "audioTokens",
-                                                                          "imageTokens")),
-        "web": j.count(data, "psai", "webSearches"),
-        "threshold": "(CASE WHEN %s IS NOT NULL THEN %s ELSE %s END)" % (
-            j.object(data, "pricing", "configuredPrices"),
-            j.number(data, "pricing", "configuredPrices", "longContextTokenThreshold"),
-            j.number("m.configuration", "prices", "longContextTokenThreshold")),
+        "has_usage": "(CASE WHEN %s THEN 1 ELSE 0 END)" % r.is_a("tin"),
+        "tin": r.count("tin"), "cached": r.count("cached"), "cw": r.count("cw"), "tout": r.count("tout"),
+        "parts": " + ".join(r.count(name) for name in ("reasoning", "audio", "image")),
+        "web": r.count("web"),
+        # The call's own prices' threshold; for an item without a snapshot,
+        # the model's current prices'.
+        "threshold": "(CASE WHEN %s THEN %s ELSE %s END)" % (
+            r.is_a("configured"), r.value("threshold"), r.value("model_threshold")),
     }
     columns = {name: sql for name, sql in columns.items() if sql is not None}
-    params = []
-    where = _window(db, "i.created_at", since, until, model_ids, params) + _valid_json(j, data)
-    inner = 'SELECT %s FROM "ps_model_usage_item" i LEFT JOIN "ps_ai_models" m ON m.id = i.model_id%s' % (
-        ", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
-        " WHERE " + " AND ".join(where) if where else "")
+    fence_column, fence = _fence(postgres)
+    typed = "SELECT %s%s FROM (%s) r%s" % (", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
+                                            fence_column, read, fence)
     group = [name for name in columns if name not in ("tin", "cached", "cw", "tout", "parts", "web", "threshold")]
     group.append("long")
-    sums = ["COUNT(*)", "SUM(%s)" % j.greatest("tin - cached - cw", "0"), "SUM(cached)", "SUM(cw)",
-            "SUM(%s + parts)" % j.greatest("tout - parts", "0"), "SUM(web)"]
+    sums = ["COUNT(*)", "SUM(%s)" % r.j.greatest("tin - cached - cw", "0"), "SUM(cached)", "SUM(cw)",
+            "SUM(%s + parts)" % r.j.greatest("tout - parts", "0"), "SUM(web)", "SUM(tin)", "SUM(tout)"]
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long "
-           "FROM (%s) c) g GROUP BY %s" % (", ".join(group), ", ".join(sums), inner, ", ".join(group)))
-    names = group + ["calls", "in", "cached", "cache_write", "out", "web"]
-    if "agent" in keys and agents is None:
+           "FROM (%s) c) g GROUP BY %s" % (", ".join(group), ", ".join(sums), typed, ", ".join(group)))
+    if agents is None and "agent" in grouped:
         agents = _agent_ids(db)
+    # The columns of a group, without the extra ones.
+    keep = [i for i, name in enumerate(group) if name not in {k + "_id" for k in extra}]
+    names = [group[i] for i in keep]
+    agent_at = group.index("agent_id") if "agent" in grouped else None
+    connector_at = group.index("connector_id") if "connector" in grouped else None
+    width = len(group)
+    merged = {}
+    for values in db.execute_sql(sql, params):
+        if agent_at is not None and values[agent_at] not in agents:
+            values = values[:agent_at] + (None,) + values[agent_at + 1:]
+        # Sums as exact numbers (SQLite sums REAL values as floats).
+        sums = [value if type(value) is not float else _number(value) for value in values[width:]]
+        if totals is not None:
+            entry = totals[(values[0], values[agent_at], values[connector_at])]
+            entry[0] += sums[6] or 0
+            entry[1] += sums[7] or 0
+        key = tuple(values[i] for i in keep) if extra else values[:width]
+        into = merged.get(key)
+        if into is None:
+            merged[key] = sums
+        else:
+            for i in range(6):
+                into[i] += sums[i] or 0
+    pricing_at = names.index("pricing")
+    parsed = {}
     rows = []
-    for values in db.execute_sql(sql, params).fetchall():
-        row = dict(zip(names, values))
+    for key, sums in merged.items():
+        row = dict(zip(names, key))
         prefix = "long_" if row.pop("long") else ""
+        row["calls"] = sums[0]
         row["buckets"] = dict.fromkeys(BUCKETS, 0)
-        for bucket in ("in", "cached", "cache_write", "out"):
-            row["buckets"][prefix + bucket] = _number(row.pop(bucket))
-        row["web"] = int(row["web"] or 0)
-        if "agent" in keys:
-            row["agent_id"] = row["agent_id"] if row["agent_id"] in agents else None
-        if isinstance(row["pricing"], str):
-            row["pricing"] = json.loads(row["pricing"])
+        for bucket, value in zip(("in", "cached", "cache_write", "out"), sums[1:5]):
+            row["buckets"][prefix + bucket] = _number(value)
+        row["web"] = int(sums[5] or 0)
+        # Pricing is JSON text: parsed once for each distinct text, and with
+        # the tier applied, what tells groups priced alike without comparing dicts.
+        pricing = key[pricing_at]
+        row["price_key"] = (pricing, row["applied_service_tier"], row["applied_speed"])
+        if pricing is not None:
+            if pricing not in parsed:
+                parsed[pricing] = json.loads(pricing)
+            row["pricing"] = parsed[pricing]
         rows.append(row)
-    rows.extend(_unreadable_items(db, keys, since, until, model_ids, agents))
     return rows
-
-
-def _valid_json(j, column):
-    """SQLite keeps JSON as text, and a hand-written row may hold text that
-    is not JSON, which would fail every JSON function: such rows are left to
-    ``_unreadable_items``. (jsonb is always JSON.)"""
-    return [] if j.postgres else ["json_valid(%s)" % column]
-
-
-def _unreadable_items(db, keys, since, until, model_ids, agents):
-    """SQLite: items whose data is not JSON, as groups without usage (they
-    are reported unpriced, with their number of calls)."""
-    if is_postgres(db):
-        return []
-    params = []
-    where = _window(db, "i.created_at", since, until, model_ids, params) + ["NOT json_valid(i.data)"]
-    key_columns = [c for c, k in (("i.agent_id", "agent"), ("i.connector_id", "connector"),
-                                  (_JsonSQL(False).day("i.created_at"), "day")) if k in keys]
-    names = [n for n, k in (("agent_id", "agent"), ("connector_id", "connector"), ("day", "day")) if k in keys]
-    sql = 'SELECT i.model_id, %sCOUNT(*) FROM "ps_model_usage_item" i WHERE %s GROUP BY i.model_id%s' % (
-        "".join(c + ", " for c in key_columns), " AND ".join(where), "".join(", " + c for c in key_columns))
-    groups = []
-    for values in db.execute_sql(sql, params).fetchall():
-        group = dict(zip(["model_id"] + names, values[:-1]), calls=values[-1], provider=None, pricing=None,
-                     applied_service_tier=None, applied_speed=None, has_usage=0, web=0,
-                     buckets=dict.fromkeys(BUCKETS, 0))
-        if "agent" in keys:
-            group["agent_id"] = group["agent_id"] if group["agent_id"] in agents else None
-        groups.append(group)
-    return groups
 
 
 def _agent_ids(db):
@@ -609,24 +699,22 @@ def _bucket_reader(present):
 def _item_totals(db, agents, model_ids=None):
     """Input and output tokens of all items per (model, agent, connector):
     the light pass that tells which counters the items cover."""
-    if not table_columns(db, PsModelUsageItem._meta.table_name):
-        return {}
-    j = _JsonSQL(is_postgres(db))
-    params = []
-    where = _window(db, "i.created_at", None, None, model_ids, params) + _valid_json(j, "i.data")
     totals = defaultdict(lambda: [0, 0])
+    if not table_columns(db, PsModelUsageItem._meta.table_name):
+        return totals
+    r = _ItemReader(is_postgres(db))
+    params = []
+    read = r.select(["tin", "tout"], _window(db, "i.created_at", None, None, model_ids, params))
     for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
-            'SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM "ps_model_usage_item" i%s '
-            'GROUP BY model_id, agent_id, connector_id' % (
-                j.count("i.data", "usageNormalized", "tokensIn"), j.count("i.data", "usageNormalized", "tokensOut"),
-                " WHERE " + " AND ".join(where) if where else ""), params).fetchall():
+            'SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM (%s) r '
+            'GROUP BY model_id, agent_id, connector_id' % (r.count("tin"), r.count("tout"), read), params):
         entry = totals[(model_id, agent_id if agent_id in agents else None, connector_id)]
         entry[0] += _number(tokens_in)
         entry[1] += _number(tokens_out)
     return totals
 
 
-def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None):
+def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, itemized=None):
     """Counter usage in [since, until) that no item accounts for, as pieces
     of counter rows.
 
@@ -638,7 +726,8 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None):
     the newest counter rows first (items came later than counters), bucket
     by bucket, and what is left of each row is its uncovered part. Items
     beyond the counters (a counter write that failed) count as they are:
-    the items are the record of the calls."""
+    the items are the record of the calls. ``itemized``: the items' totals
+    per (model, agent, connector), when the caller has them already."""
     present = usage_counters(db)
     p = "%s" if is_postgres(db) else "?"
     # A row with a negative counter (written by hand) is not counted: it is
@@ -648,7 +737,8 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None):
     if model_ids is not None:
         where += " AND model_id IN (%s)" % (", ".join([p] * len(model_ids)) or "NULL")
         params = list(model_ids)
-    itemized = _item_totals(db, agents, model_ids)
+    if itemized is None:
+        itemized = _item_totals(db, agents, model_ids)
     if not itemized:  # no items at all (a database from before them): every row is uncovered
         return _untouched_pieces(db, by, since, until, None, agents, sound, model_ids)
     read = _bucket_reader(present)
@@ -793,8 +883,17 @@ def _usage_parts(db, by, since, until, model_ids=None):
     from .history import histories_of, prices_at
     keys = {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
     agents = _agent_ids(db)  # once a report: items and counters both map deleted agents to None
+    # What the items cover of the counters comes from a pass over all items.
+    # Over all usage, the pass that adds the items up can give it, grouping
+    # by agent and connector too. That is cheaper than a second pass on
+    # SQLite, which reads each row's JSON once either way, and on
+    # PostgreSQL when the groups have the agent already; otherwise more
+    # groups cost PostgreSQL's parallel workers more than a light pass.
+    one_pass = since is None and until is None and model_ids is None and (
+        "agent" in keys or not is_postgres(db))
+    itemized = defaultdict(lambda: [0, 0]) if one_pass else None
     parts = []
-    for group in _item_groups(db, keys, since, until, model_ids, agents):
+    for group in _item_groups(db, keys, since, until, model_ids, agents, totals=itemized):
         pricing = group["pricing"] or {}
         parts.append(dict(
             group,
@@ -802,7 +901,7 @@ def _usage_parts(db, by, since, until, model_ids=None):
                                         ("appliedSpeed", group.pop("applied_speed"))) if v is not None},
             priced_from="snapshot" if pricing.get("configuredPrices") is not None else "current"))
     parts += _negative_counters(db, by, agents, since, until, model_ids)
-    pieces = _uncovered_counters(db, by, agents, since, until, model_ids)
+    pieces = _uncovered_counters(db, by, agents, since, until, model_ids, itemized)
     if not pieces:
         return parts
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}
@@ -832,14 +931,23 @@ def _usage_parts(db, by, since, until, model_ids=None):
     return parts + list(merged.values())
 
 
+def _price_key(part):
+    """What prices a part besides its provider, hashable: item groups have it
+    from SQL (the pricing's text and the tier applied); other parts get their
+    pricing and metadata as canonical JSON."""
+    key = part.get("price_key")
+    if key is None:
+        key = part["price_key"] = strict_json_dumps([part["pricing"], part["metadata"]], sort_keys=True)
+    return key
+
+
 def _merge_parts(parts, fields):
     """Parts that agree on ``fields`` and on everything that prices them,
     added up: each is priced once."""
     merged = {}
     for part in parts:
         key = tuple(part[f] for f in fields) + (
-            part["provider"], part["priced_from"], part["has_usage"],
-            strict_json_dumps([part["pricing"], part["metadata"]], sort_keys=True))
+            part["provider"], part["priced_from"], part["has_usage"], _price_key(part))
         into = merged.get(key)
         if into is None:
             merged[key] = dict(part, buckets=dict(part["buckets"]))
@@ -873,7 +981,10 @@ def _price_parts(parts, transform=None):
         if transform is not None:
             pricing = dict(pricing, configuredPrices=transform(
                 pricing["configuredPrices"] if pricing.get("configuredPrices") is not None else fallback))
-        key = strict_json_dumps([part["provider"], pricing, part["metadata"], fallback], sort_keys=True)
+        if transform is None:
+            key = (part["provider"], _price_key(part), part["model_id"] if fallback is not None else None)
+        else:
+            key = strict_json_dumps([part["provider"], pricing, part["metadata"], fallback], sort_keys=True)
         if key not in resolved:
             resolved[key] = effective_prices(part["provider"], pricing, part["metadata"], fallback)
         prices, problem = resolved[key]
