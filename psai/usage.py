@@ -550,8 +550,12 @@ class _ItemReader:
         return "(CASE WHEN %s THEN %s END)" % (self.is_a(name), read)
 
     def count(self, name):
-        """A count: the number if it is one above 0, else 0."""
-        return "coalesce(%s, 0)" % self.j.greatest(self.value(name), "0")
+        """A count: the number if it is one above 0, else 0. (SQLite: only a
+        number's JSON text starts with a digit or "-", and CAST reads any
+        other text as 0.)"""
+        if self.postgres:
+            return "coalesce(GREATEST(%s, 0), 0)" % self.value(name)
+        return "coalesce(max(CAST(v_%s AS NUMERIC), 0), 0)" % name
 
 
 def _fence(postgres):
