@@ -9,7 +9,7 @@ from peewee import (
     IntegerField, IntegrityError, ManyToManyField, ManyToManyQuery,
     Model, ModelInsert, ModelSelect, ModelUpdate, Node, PostgresqlDatabase,
 )
-from peewee import ManyToManyFieldAccessor
+from peewee import FieldAccessor, ManyToManyFieldAccessor
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
 
 from .db import database, is_postgres, lock, model_db, table_columns, write_transaction
@@ -31,11 +31,40 @@ MAX_ID = 2 ** 31 - 1
 strict_json_dumps = partial(json.dumps, allow_nan=False, separators=(",", ":"))
 
 
+def _plain_fields(model, _cache={}):
+    """The names of ``model``'s fields whose accessor is peewee's plain
+    FieldAccessor (storing a value is ``__data__[name] = value``)."""
+    names = _cache.get(model)
+    if names is None:
+        names = _cache[model] = frozenset(
+            name for name in model._meta.fields if type(model.__dict__.get(name)) is FieldAccessor)
+    return names
+
+
 class BaseModel(Model):
     class Meta:
         database = database  # the default; psai.using(db) / bind_ctx rebind per thread
         model_metadata_class = ThreadSafeDatabaseMetadata
         legacy_table_names = False
+
+    def __init__(self, *args, **kwargs):
+        if not kwargs.get("__no_default__"):
+            super().__init__(*args, **kwargs)
+            return
+        # A row peewee read from the database (its cursor wrappers pass
+        # __no_default__ with the row's values): values of plain fields go
+        # straight into __data__, as FieldAccessor.__set__ would put them,
+        # without a descriptor call and a dirty mark each. The rest (foreign
+        # keys, their *_id names, other columns selected) go through setattr.
+        del kwargs["__no_default__"]
+        super().__init__(__no_default__=True)
+        plain = _plain_fields(type(self))
+        data = self.__data__
+        for name, value in kwargs.items():
+            if name in plain:
+                data[name] = value
+            else:
+                setattr(self, name, value)
 
     def save(self, *args, validate=True, **kwargs):
         """Save the row, validated first unless ``validate=False`` (for rows a

@@ -181,6 +181,24 @@ def test_updated_at_refreshed_on_every_save(db):
     assert PsAiModel.get_by_id(model.id).updated_at > second
 
 
+def test_rows_read_back_are_whole_objects(db):
+    """Rows from a query are built without a descriptor call per field:
+    they must be the same objects as ever."""
+    parent = new_agent("lead")
+    child = new_agent("helper", parent=parent)
+    [read] = PsAgent.select().where(PsAgent.id == child.id)
+    assert read._dirty == set()
+    assert read.parent_agent_id == parent.id and read.parent_agent.configuration == {"name": "lead"}
+    assert isinstance(read.uuid, uuid.UUID) and read.created_at.tzinfo is not None
+    [extra] = PsAgent.select(PsAgent, (PsAgent.class_id + 1).alias("next_class")).where(PsAgent.id == child.id)
+    assert extra.next_class == 2 and extra.class_id == 1
+    read.configuration = {"name": "renamed"}
+    assert read._dirty == {"configuration"}
+    read.save()
+    again = PsAgent.get_by_id(child.id)
+    assert again.configuration == {"name": "renamed"} and again.parent_agent_id == parent.id
+
+
 def test_get_by_key_accepts_id_and_uuid(db):
     model = new_model()
     assert PsAiModel.get_by_key(model.id) == model
