@@ -275,7 +275,7 @@ def test_deleting_a_parent_agent_sets_children_parent_to_null(db):
 
 # -- eager loading ------------------------------------------------------------
 
-@pytest.mark.parametrize("count", [3, 30])
+@pytest.mark.parametrize("count", [3, 30, 150])  # 150: the ids as a subquery
 def test_eager_loading_uses_a_constant_number_of_queries(db, count):
     models = [new_model("m%d" % i) for i in range(count)]
     agents = [new_agent("a%d" % i) for i in range(count)]
@@ -293,6 +293,11 @@ def test_eager_loading_uses_a_constant_number_of_queries(db, count):
     assert counter.count == 3
     assert links["a0"] == ["m0", "m1"]
     assert links["a%d" % (count - 1)] == ["m%d" % (count - 1)]
+    # Links of the agents the query selects only, however many.
+    some = PsAgent.with_ai_models(PsAgent.select().order_by(PsAgent.id.desc()).limit(count - 1))
+    assert [a.configuration["name"] for a in some][-1] == "a1"
+    assert sorted(m.name for a in some for m in a.ai_models) == sorted(
+        ["m%d" % i for i in range(1, count)] + ["m%d" % i for i in range(2, count)])
 
 
 def test_bulk_insert(db):
