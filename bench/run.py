@@ -407,13 +407,16 @@ def bench_counter_reports(backend, results, rows):
 def fill_items(backend, rows):
     """``rows`` usage items straight through the raw driver (set-up, not
     timed): 100 models, each with three price snapshots over time, a long
-    context threshold on every fifth, a provider-applied tier on some calls."""
+    context threshold on every fifth, a provider-applied tier on some calls;
+    and the counter rows record_usage would have kept beside them, which the
+    items cover exactly (psai's report checks that; raw does not)."""
     models = list(PsAiModel.select(PsAiModel.id, PsAiModel.configuration).order_by(PsAiModel.id).limit(100))
     agent_ids = [a.id for a in PsAgent.select(PsAgent.id).order_by(PsAgent.id)]
     backend.truncate("ps_model_usage_item", "ps_model_usage")
     cursor = backend.raw.cursor()
     backend.raw_begin()
     base = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    counters = {}
     columns = ["user_id", "created_at", "updated_at", "model_id", "agent_id", "data"]
     chunk = 10_000
     for start in range(0, rows, chunk):
@@ -439,12 +442,30 @@ def fill_items(backend, rows):
             if i % 11 == 0:
                 data["providerMetadata"] = {"appliedServiceTier": "default"}
             batch.append((1, stamp, stamp, model.id, agent_ids[(i // 7) % len(agent_ids)], raw_json(data)))
+            # The counters record_usage keeps beside the items: one row per model, agent and day.
+            day = counters.setdefault((model.id, agent_ids[(i // 7) % len(agent_ids)], when.date()), [0, 0, 0, 0])
+            long = model.id % 5 == 0 and tokens_in >= 800
+            day[2 if long else 0] += tokens_in - i % 50
+            day[1] += i % 50
+            day[3] += tokens_out
         sql = 'INSERT INTO "ps_model_usage_item" (%s) VALUES ' % ", ".join(columns)
         if backend.kind == "sqlite":
             cursor.executemany(sql + "(?, ?, ?, ?, ?, json(?))", batch)
         else:
             from psycopg2.extras import execute_values
             execute_values(cursor, sql + "%s", batch, page_size=chunk)
+    rows = []
+    for (model_id, agent_id, day), (ordinary, cached, long_in, out) in counters.items():
+        when = datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.timezone.utc)
+        stamp = when.isoformat(sep=" ", timespec="microseconds") if backend.kind == "sqlite" else when
+        rows.append((model_id, agent_id, 1, stamp, stamp, ordinary, cached, long_in, out))
+    sql = ('INSERT INTO "ps_model_usage" (model_id, agent_id, user_id, created_at, updated_at, token_in_count, '
+           'token_in_cached_context_count, long_context_token_in_count, token_out_count) VALUES ')
+    if backend.kind == "sqlite":
+        cursor.executemany(sql + "(%s)" % ", ".join("?" * 9), rows)
+    else:
+        from psycopg2.extras import execute_values
+        execute_values(cursor, sql + "%s", rows, page_size=chunk)
     backend.raw_commit()
     backend.db.execute_sql("ANALYZE")
 
@@ -596,6 +617,9 @@ def bench_peers(backend, results):
         def litellm_call(call):
             return sum(litellm(model="gpt-4o", prompt_tokens=call["tokens_in"], completion_tokens=call["tokens_out"],
                                cache_read_input_tokens=call["cached_tokens"]))
+        for call in PEER_CALLS:  # LiteLLM prices in floats: the same answer to a part in a billion
+            psai_total = Decimal(model_cost(key, **call)["total"])
+            assert abs(Decimal(repr(litellm_call(call))) - psai_total) <= psai_total * Decimal("1e-9"), call
         peers["LiteLLM cost_per_token"] = _per_call(litellm_call)
     else:
         print("  peers: LiteLLM is not installed: not measured")

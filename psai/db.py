@@ -8,14 +8,14 @@ import time
 import weakref
 from urllib.parse import quote, unquote, urlsplit
 
-from peewee import DatabaseProxy, InterfaceError, OperationalError, PostgresqlDatabase, SqliteDatabase
+from peewee import DatabaseError, DatabaseProxy, InterfaceError, OperationalError, PostgresqlDatabase, SqliteDatabase
 from playhouse import db_url
 from playhouse.shortcuts import ReconnectMixin
 
 from .errors import DatabaseUnavailableError, DatabaseURLError
 
 __all__ = ["database", "connect", "using", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction", "lock",
-           "lock_id", "prepared", "forget_prepared", "table_columns", "forget_schema", "model_db", "current_db",
+           "lock_id", "execute_prepared", "table_columns", "forget_schema", "model_db", "current_db",
            "NotConnectedError"]
 
 DEFAULT_URL = "sqlite:///psai.db"
@@ -256,20 +256,15 @@ def write_transaction(db=None):
 
 # Statements prepared on each PostgreSQL connection: {sql: name}. Keyed by
 # the driver's connection, so a reconnected database prepares them again.
-_prepared = weakref.WeakKeyDictionary()
+_prepared_names = weakref.WeakKeyDictionary()
 PREPARED_STATEMENT_MISSING = "26000"  # SQLSTATE invalid_sql_statement_name
 
 
-def prepared(db, sql):
-    """PostgreSQL: ``sql`` (one statement, ``%s`` placeholders) prepared on
-    this thread's connection the first time, and the ``EXECUTE`` text that
-    runs it with the same parameters. The server then parses and plans a
-    long statement once per connection, not on every call. If the server
-    has forgotten it (``DEALLOCATE``, a pooler), the error's ``__context__``
-    has SQLSTATE ``PREPARED_STATEMENT_MISSING``: call ``forget_prepared``
-    and run it again."""
+def _prepared(db, sql):
+    """The ``EXECUTE`` text for ``sql`` (one statement, ``%s`` placeholders),
+    prepared on this thread's connection the first time."""
     conn = db.connection()
-    names = _prepared.setdefault(conn, {})
+    names = _prepared_names.setdefault(conn, {})
     count = sql.count("%s")
     name = names.get(sql)
     if name is None:
@@ -281,9 +276,20 @@ def prepared(db, sql):
     return "EXECUTE %s (%s)" % (name, ", ".join(["%s"] * count))
 
 
-def forget_prepared(db):
-    """Forget what ``prepared`` prepared on this thread's connection."""
-    _prepared.pop(db.connection(), None)
+def execute_prepared(db, sql, params, before=""):
+    """PostgreSQL: run ``sql`` (one statement, ``%s`` placeholders) as a
+    statement prepared on this thread's connection the first time: the
+    server parses and plans it once per connection, not on every call.
+    ``before``: statements sent ahead of it in the same message (their
+    parameters first in ``params``). Returns the cursor. A statement the
+    server has forgotten (``DEALLOCATE``, a new connection) is prepared again."""
+    for attempt in (1, 2):
+        try:
+            return db.execute_sql(before + _prepared(db, sql), params)
+        except DatabaseError as exc:
+            if attempt == 2 or getattr(exc.__context__, "pgcode", None) != PREPARED_STATEMENT_MISSING:
+                raise
+            _prepared_names.pop(db.connection(), None)
 
 
 # Which tables and columns a database has, looked up once per database: psai

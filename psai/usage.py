@@ -14,10 +14,9 @@ import math
 from collections import defaultdict, deque
 from decimal import Decimal
 
-from peewee import DatabaseError
+from peewee import Cast
 
-from .db import (PREPARED_STATEMENT_MISSING, forget_prepared, is_postgres, lock, lock_id, model_db, prepared,
-                 table_columns, write_transaction)
+from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_columns, write_transaction
 from .errors import NotFoundError, UnpricedUsageError, ValidationError
 from .fields import UTC, utcnow
 from .items import BUCKETS, bucket_cost, effective_prices, item_data, price_problem
@@ -223,13 +222,7 @@ def _record_in_one_round_trip(db, present, configuration, call):
               + [call["model_id"], agent_id, connector_id, call["user_id"], stamp, stamp] + values
               + [call["user_id"], stamp, stamp, call["model_id"], agent_id or NO_AGENT, connector_id, data])
     lock_sql, record_sql = _one_round_trip_statements(present, agent_id is None, connector_id is None)
-    for attempt in (1, 2):
-        try:
-            return db.execute_sql(lock_sql + "; " + prepared(db, record_sql), params).fetchone()
-        except DatabaseError as exc:
-            if attempt == 2 or getattr(exc.__context__, "pgcode", None) != PREPARED_STATEMENT_MISSING:
-                raise
-            forget_prepared(db)  # the server forgot it (DEALLOCATE, a reconnect): prepare it again
+    return execute_prepared(db, record_sql, params, before=lock_sql + "; ").fetchone()
 
 
 def _one_round_trip_statements(present, agent_is_null, connector_is_null):
@@ -342,7 +335,10 @@ def _parsed(text):
     """(configuration, prices, price problem) of a configuration's JSON text."""
     found = _PARSED.get(text)
     if found is None:
-        configuration = PsAiModel.configuration.python_value(text)
+        try:
+            configuration = json.loads(text)
+        except ValueError:  # SQLite's text may not be JSON: read as the JSON field reads it, unchanged
+            configuration = text
         found = _checked_configuration(configuration)
         if len(_PARSED) >= _PARSED_MAX:
             _PARSED.clear()
@@ -363,19 +359,24 @@ def _stored(key):
     with other calls: read it, never change it."""
     field, value = PsAiModel.key_field(key)
     db = model_db(PsAiModel)
-    cache_key = (type(db), field.name)
+    postgres = is_postgres(db)
+    cache_key = (postgres, field.name)
     sql = _BY_KEY_SQL.get(cache_key)
     if sql is None:
-        sql = _BY_KEY_SQL[cache_key] = (PsAiModel.select(PsAiModel.id, PsAiModel.configuration)
-                                        .where(field == value).sql()[0])
-    cursor = db.cursor()  # peewee's cursor on the thread's connection: the statement is built already
-    cursor.execute(sql, (field.db_value(value),))
+        # The configuration as text on PostgreSQL too (psycopg2 would parse
+        # jsonb on every call): parsed once per distinct text by _parsed.
+        configuration = Cast(PsAiModel.configuration, "text") if postgres else PsAiModel.configuration
+        sql = _BY_KEY_SQL[cache_key] = PsAiModel.select(PsAiModel.id, configuration).where(field == value).sql()[0]
+    params = (field.db_value(value),)
+    if postgres and not db.in_transaction():
+        cursor = execute_prepared(db, sql, params)  # parsed and planned once per connection
+    else:
+        cursor = db.cursor()  # peewee's cursor on the thread's connection: the statement is built already
+        cursor.execute(sql, params)
     row = cursor.fetchone()
     if row is None:
         raise NotFoundError("PsAiModel %s does not exist" % key)
-    if isinstance(row[1], str):  # SQLite's text; psycopg2 gives jsonb parsed already
-        return row[0], _parsed(row[1])
-    return row[0], _checked_configuration(row[1])
+    return row[0], _parsed(row[1])
 
 
 def model_cost(model, **usage):
