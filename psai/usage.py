@@ -412,8 +412,8 @@ class _JsonSQL:
     as absent, so one odd row cannot fail a report. Paths are psai's own
     literals, never a caller's."""
 
-    _SQLITE_TYPES = {"number": "IN ('integer', 'real')", "string": "= 'text'", "object": "= 'object'"}
-    _POSTGRES_VALUES = {"number": "(%s #>> %s)::numeric", "string": "%s #>> %s", "object": "%s #> %s"}
+    _SQLITE_TYPES = {"number": "IN ('integer', 'real')", "object": "= 'object'"}
+    _POSTGRES_VALUES = {"number": "(%s #>> %s)::numeric", "object": "%s #> %s"}
 
     def __init__(self, postgres):
         self.postgres = postgres
@@ -426,19 +426,11 @@ class _JsonSQL:
         p = "'$.%s'" % ".".join(path)
         return "json_type(%s, %s) %s" % (column, p, self._SQLITE_TYPES[kind]), "json_extract(%s, %s)" % (column, p)
 
-    def count(self, column, *path):
-        """A count: the number if it is one above 0, else 0."""
-        test, value = self._typed(column, path, "number")
-        return "(CASE WHEN %s THEN %s ELSE 0 END)" % (test, self.greatest(value, "0"))
-
     def _value(self, column, path, kind):
         return "(CASE WHEN %s THEN %s END)" % self._typed(column, path, kind)
 
     def number(self, column, *path):
         return self._value(column, path, "number")
-
-    def string(self, column, *path):
-        return self._value(column, path, "string")
 
     def object(self, column, *path):
         return self._value(column, path, "object")
