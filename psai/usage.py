@@ -154,12 +154,12 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
         now = utcnow()  # after the lock: a price change is wholly before or after the call
         values, data = _call_rows(configuration, present, with_items, now, call)
         start, end = _day_bounds(now)
-        stamp = PsModelUsage.created_at.db_value(now)
+        stamp = _stamp(now)
         # A row with no room left for these counts (32-bit counters) is not
         # found, and a new one is started: reports add all rows up.
         room = [MAX_COUNTER - count for count in values]
-        found = [v for v in keys if v is not None]
-        row = db.execute_sql(find, found + [_stamp(start), _stamp(end)] + room).fetchone()
+        key_values = [v for v in keys if v is not None]
+        row = db.execute_sql(find, key_values + [_stamp(start), _stamp(end)] + room).fetchone()
         if row is None:
             cursor = db.execute_sql(insert, [model.id, agent_id, connector_id, user_id, stamp, stamp] + values)
         else:
@@ -214,10 +214,10 @@ def _record_in_one_round_trip(db, present, configuration, call):
     values, data = _call_rows(configuration, present, True, now, call)
     start, end = _day_bounds(now)
     stamp = _stamp(now)
-    found = [v for v in (call["model_id"], agent_id, connector_id) if v is not None]
-    params = ([lock_id((call["model_id"], agent_id, connector_id)), call["model_id"],
-               strict_json_dumps(configuration)]
-              + found + [_stamp(start), _stamp(end)] + [MAX_COUNTER - count for count in values]
+    keys = (call["model_id"], agent_id, connector_id)
+    params = ([lock_id(keys), call["model_id"], strict_json_dumps(configuration)]
+              + [v for v in keys if v is not None] + [_stamp(start), _stamp(end)]
+              + [MAX_COUNTER - count for count in values]
               + values + [stamp]
               + [call["model_id"], agent_id, connector_id, call["user_id"], stamp, stamp] + values
               + [call["user_id"], stamp, stamp, call["model_id"], agent_id or NO_AGENT, connector_id, data])
@@ -739,15 +739,18 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
     if not itemized:  # no items at all (a database from before them): every row is uncovered
         return _untouched_pieces(db, by, since, until, None, agents, sound, model_ids)
     read = _bucket_reader(present)
+    # Input and output tokens of the counters per (model, agent, connector).
+    output = {c for bucket in ("out", "long_out") for c in _BUCKET_COUNTER_NAMES[bucket]}
     counted = defaultdict(lambda: [0, 0])
-    for values in db.execute_sql(
-            'SELECT model_id, agent_id, connector_id, %s FROM "ps_model_usage"%s '
-            'GROUP BY model_id, agent_id, connector_id' % (", ".join("SUM(%s)" % c for c in present), where),
-            params).fetchall():
-        key = (values[0], values[1] if values[1] in agents else None, values[2])
-        buckets = read(values[3:])
-        counted[key][0] += sum(buckets[b] for b in BUCKETS if b not in ("out", "long_out"))
-        counted[key][1] += buckets["out"] + buckets["long_out"]
+    for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
+            'SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM "ps_model_usage"%s '
+            'GROUP BY model_id, agent_id, connector_id' % (
+                # BIGINT: PostgreSQL adds 32-bit counters in 32 bits, and two full ones overflow.
+                " + ".join("CAST(%s AS BIGINT)" % c for c in present if c not in output),
+                " + ".join("CAST(%s AS BIGINT)" % c for c in present if c in output), where), params):
+        entry = counted[(model_id, agent_id if agent_id in agents else None, connector_id)]
+        entry[0] += int(tokens_in)
+        entry[1] += int(tokens_out)
     if not counted:
         return []
     short = {key for key, (tokens_in, tokens_out) in counted.items()

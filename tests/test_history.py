@@ -223,6 +223,18 @@ def counter_row(m, a, when, **counters):
                                **counters).execute()
 
 
+def test_full_counters_beside_items_add_up_without_overflow(db):
+    """Counters are 32-bit; what they add up to is not."""
+    m, a = model(), agent()
+    record_usage(m, a, tokens_in=1_000_000, tokens_out=0)
+    full = 2 ** 31 - 1
+    counter_row(m, a, datetime.datetime.now(UTC), token_in_count=full, token_in_cached_context_count=full,
+                token_out_count=full, token_out_reasoning_count=full)
+    [row] = cost_report("model")
+    assert row["tokens_in"] == 1_000_000 + 2 * full and row["tokens_out"] == 2 * full
+    assert row["cost"] == (Decimal(1_000_000 + full) * 30 + Decimal(full) * 10 + Decimal(2 * full) * 60) / 10 ** 6
+
+
 def test_counters_without_items_are_priced_by_the_version_in_force_then(db):
     m, a = model(), agent()
     old = PsAiModel.get_by_id(m.id).updated_at

@@ -102,24 +102,26 @@ def test_deleting_a_model_with_usage_is_refused_and_agent_deletion_keeps_usage(d
     assert row.agent_id is None and row.token_in_count == 5
 
 
-def test_four_processes_recording_at_once_lose_no_tokens(backend):
+def test_eight_processes_recording_at_once_lose_no_tokens(backend):
+    """All on one counter row (on PostgreSQL, each call one round trip)."""
     psai.migrate()
     m, a = model("gpt"), agent("a")
-    calls = 40
+    calls, processes = 40, 8
     context = multiprocessing.get_context("spawn")
     from workers import record_many
-    with context.Pool(4) as pool:
-        results = [pool.apply_async(record_many, (backend.url, m.id, a.id, calls, seed)) for seed in range(4)]
-        assert [r.get(timeout=120) for r in results] == [True] * 4
-    expected_in = sum(100 + (seed + i) % 7 for seed in range(4) for i in range(calls))
-    expected_cached = sum(i % 5 for _ in range(4) for i in range(calls))
-    expected_out = sum(10 + i % 3 for _ in range(4) for i in range(calls))
+    with context.Pool(processes) as pool:
+        results = [pool.apply_async(record_many, (backend.url, m.id, a.id, calls, seed)) for seed in range(processes)]
+        assert [r.get(timeout=120) for r in results] == [True] * processes
+    expected_in = sum(100 + (seed + i) % 7 for seed in range(processes) for i in range(calls))
+    expected_cached = sum(i % 5 for _ in range(processes) for i in range(calls))
+    expected_out = sum(10 + i % 3 for _ in range(processes) for i in range(calls))
     rows = list(PsModelUsage.select())
     assert len(rows) == 1
     row = rows[0]
     assert row.token_in_count + row.token_in_cached_context_count == expected_in
     assert row.token_in_cached_context_count == expected_cached
     assert row.token_out_count == expected_out
+    assert PsModelUsageItem.select().count() == processes * calls
 
 
 # -- reports ---------------------------------------------------------------------
