@@ -168,6 +168,10 @@ def bench_filter(backend, results, count, runs):
                 raw_time, note="%d rows, %s, median of %d; target <= 1.5x" % (found, index, runs))
     results.add("filter provider/type/size/active -> tuples", count, backend.kind, timed(psai_tuples, runs),
                 raw_time, note="same query, rows as tuples")
+    psai_dicts = lambda: list(PsAiModel.where_config(provider=provider, type="text", modelSize="large",
+                                                     active=True).dicts())
+    results.add("filter provider/type/size/active -> dicts", count, backend.kind, timed(psai_dicts, runs),
+                raw_time, note="same query, rows as dicts; target <= 1.3x")
 
 
 # -- 4. eager loading ---------------------------------------------------------------------
