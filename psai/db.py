@@ -258,38 +258,48 @@ def write_transaction(db=None):
 # the driver's connection, so a reconnected database prepares them again.
 _prepared_names = weakref.WeakKeyDictionary()
 PREPARED_STATEMENT_MISSING = "26000"  # SQLSTATE invalid_sql_statement_name
+_NOT_KEPT = None  # the key saying a connection's prepared statements do not stay
 
 
-def _prepared(db, sql):
+def _execute_text(db, names, sql):
     """The ``EXECUTE`` text for ``sql`` (one statement, ``%s`` placeholders),
     prepared on this thread's connection the first time."""
-    conn = db.connection()
-    names = _prepared_names.setdefault(conn, {})
     count = sql.count("%s")
     name = names.get(sql)
     if name is None:
         name = "psai_" + hashlib.blake2b(sql.encode(), digest_size=8).hexdigest()
         numbers = iter(range(1, count + 1))
         # No parameters: psycopg2 sends the text as is (no % interpolation).
-        conn.cursor().execute("PREPARE %s AS %s" % (name, re.sub(r"%s", lambda _: "$%d" % next(numbers), sql)))
+        db.connection().cursor().execute(
+            "PREPARE %s AS %s" % (name, re.sub(r"%s", lambda _: "$%d" % next(numbers), sql)))
         names[sql] = name
     return "EXECUTE %s (%s)" % (name, ", ".join(["%s"] * count))
 
 
 def execute_prepared(db, sql, params, before=""):
-    """PostgreSQL: run ``sql`` (one statement, ``%s`` placeholders) as a
-    statement prepared on this thread's connection the first time: the
-    server parses and plans it once per connection, not on every call.
-    ``before``: statements sent ahead of it in the same message (their
-    parameters first in ``params``). Returns the cursor. A statement the
-    server has forgotten (``DEALLOCATE``, a new connection) is prepared again."""
-    for attempt in (1, 2):
+    """PostgreSQL, outside a transaction: run ``sql`` (one statement, ``%s``
+    placeholders) as a statement prepared on this thread's connection the
+    first time: the server parses and plans it once per connection, not on
+    every call. ``before``: statements sent ahead of it in the same message
+    (their parameters first in ``params``). Returns the cursor.
+
+    A statement the server has forgotten (``DEALLOCATE``, a reconnect) is
+    prepared again; forgotten twice running, as behind a pooler that hands
+    each transaction another server connection, the connection sends its
+    statements unprepared from then on."""
+    for _attempt in (1, 2):
+        names = _prepared_names.setdefault(db.connection(), {})
+        if names.get(_NOT_KEPT):
+            break
         try:
-            return db.execute_sql(before + _prepared(db, sql), params)
+            return db.execute_sql(before + _execute_text(db, names, sql), params)
         except DatabaseError as exc:
-            if attempt == 2 or getattr(exc.__context__, "pgcode", None) != PREPARED_STATEMENT_MISSING:
+            if getattr(exc.__context__, "pgcode", None) != PREPARED_STATEMENT_MISSING:
                 raise
-            _prepared_names.pop(db.connection(), None)
+            names.clear()
+    else:
+        _prepared_names.setdefault(db.connection(), {})[_NOT_KEPT] = True
+    return db.execute_sql(before + sql, params)
 
 
 # Which tables and columns a database has, looked up once per database: psai

@@ -150,6 +150,24 @@ def test_postgres_prepares_again_what_the_server_forgot(postgres_db):
     assert len(items()) == 3 and PsModelUsage.get().token_in_count == 300
 
 
+def test_postgres_behind_a_pooler_that_drops_prepared_statements(postgres_db):
+    """A pooler handing each transaction another server connection: what
+    was prepared is never there; calls go unprepared and are recorded."""
+    import psycopg2.extensions
+
+    class Pooled(psycopg2.extensions.cursor):
+        def execute(self, sql, params=None):
+            if "EXECUTE psai_" in sql:
+                sql = "DEALLOCATE ALL; " + sql
+            return super().execute(sql, params)
+    postgres_db.connection().cursor_factory = Pooled
+    m, a = model(), agent()
+    for _ in range(3):
+        record_usage(m, a, tokens_in=100, tokens_out=10)
+    assert psai.usage.model_cost(m.id, tokens_in=1_000_000, tokens_out=0)["total"] == 30
+    assert len(items()) == 3 and PsModelUsage.get().token_in_count == 300
+
+
 def test_inside_a_transaction_a_call_is_part_of_it(db):
     m = model()
     with db.atomic() as transaction:
