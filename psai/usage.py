@@ -480,6 +480,7 @@ _ITEM_VALUES = (
     ("threshold", ("pricing", "configuredPrices", "longContextTokenThreshold"), "number"),
 )
 _MODEL_THRESHOLD = ("prices", "longContextTokenThreshold")
+_KINDS = dict({name: kind for name, _path, kind in _ITEM_VALUES}, model_threshold="number")
 
 
 class _ItemReader:
@@ -503,6 +504,9 @@ class _ItemReader:
     def __init__(self, postgres):
         self.postgres = postgres
         self.j = _JsonSQL(postgres)
+        # A column to add and a clause to end a subquery with, that fence it.
+        self.fence_column = ", clock_timestamp() AS fence" if postgres else ""
+        self.fence = "" if postgres else " LIMIT -1 OFFSET 0"
 
     def _raw(self, column, path):
         if self.postgres:
@@ -520,22 +524,18 @@ class _ItemReader:
         if model_threshold:
             columns.append("%s AS v_model_threshold" % self._raw("m.configuration", _MODEL_THRESHOLD))
             join = ' LEFT JOIN "ps_ai_models" m ON m.id = i.model_id'
-        if self.postgres:
-            columns.append("clock_timestamp() AS fence")
-        return 'SELECT %s FROM "ps_model_usage_item" i%s%s%s' % (
-            ", ".join(columns), join, " WHERE " + " AND ".join(where) if where else "",
-            "" if self.postgres else " LIMIT -1 OFFSET 0")
+        return 'SELECT %s%s FROM "ps_model_usage_item" i%s%s%s' % (
+            ", ".join(columns), self.fence_column, join, " WHERE " + " AND ".join(where) if where else "",
+            self.fence)
 
     def is_a(self, name):
-        kind = "number" if name == "model_threshold" else {n: k for n, _p, k in _ITEM_VALUES}[name]
-        column = "v_" + name
+        kind, column = _KINDS[name], "v_" + name
         if self.postgres:
             return "jsonb_typeof(%s) = '%s'" % (column, kind)
         return "%s GLOB '%s'" % (column, {"number": "[0-9-]*", "string": '"*', "object": "{*"}[kind])
 
     def value(self, name):
-        kind = "number" if name == "model_threshold" else {n: k for n, _p, k in _ITEM_VALUES}[name]
-        column = "v_" + name
+        kind, column = _KINDS[name], "v_" + name
         if self.postgres:
             read = {"number": "(%s)::numeric", "string": "%s #>> '{}'", "object": "(%s)::text"}[kind] % column
         else:
@@ -551,11 +551,6 @@ class _ItemReader:
         return "coalesce(max(CAST(v_%s AS NUMERIC), 0), 0)" % name
 
 
-def _fence(postgres):
-    """See _ItemReader: the second step fenced as the first."""
-    return ", clock_timestamp() AS fence" if postgres else "", "" if postgres else " LIMIT -1 OFFSET 0"
-
-
 def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None):
     """Items added up in SQL by model, ``keys`` (among agent, connector and
     day, the UTC day) and everything that decides their price. One dict a
@@ -567,8 +562,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     ``_uncovered_counters`` compares with the counters."""
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return []
-    postgres = is_postgres(db)
-    r = _ItemReader(postgres)
+    r = _ItemReader(is_postgres(db))
     params = []
     read = r.select([name for name, _path, _kind in _ITEM_VALUES],
                     _window(db, "i.created_at", since, until, model_ids, params), model_threshold=True)
@@ -597,9 +591,9 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
             r.is_a("configured"), r.value("threshold"), r.value("model_threshold")),
     }
     columns = {name: sql for name, sql in columns.items() if sql is not None}
-    fence_column, fence = _fence(postgres)
+    # The second step fenced as the first: its columns are used several times.
     typed = "SELECT %s%s FROM (%s) r%s" % (", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
-                                            fence_column, read, fence)
+                                            r.fence_column, read, r.fence)
     group = [name for name in columns if name not in ("tin", "cached", "cw", "tout", "parts", "web", "threshold")]
     group.append("long")
     sums = ["COUNT(*)", "SUM(%s)" % r.j.greatest("tin - cached - cw", "0"), "SUM(cached)", "SUM(cw)",
