@@ -277,16 +277,19 @@ def _execute_text(db, names, sql):
 
 
 def execute_prepared(db, sql, params, before=""):
-    """PostgreSQL, outside a transaction: run ``sql`` (one statement, ``%s``
-    placeholders) as a statement prepared on this thread's connection the
-    first time: the server parses and plans it once per connection, not on
-    every call. ``before``: statements sent ahead of it in the same message
-    (their parameters first in ``params``). Returns the cursor.
+    """PostgreSQL: run ``sql`` (one statement, ``%s`` placeholders) as a
+    statement prepared on this thread's connection the first time: the
+    server parses and plans it once per connection, not on every call.
+    ``before``: statements sent ahead of it in the same message (their
+    parameters first in ``params``). Returns the cursor.
 
     A statement the server has forgotten (``DEALLOCATE``, a reconnect) is
     prepared again; forgotten twice running, as behind a pooler that hands
     each transaction another server connection, the connection sends its
-    statements unprepared from then on."""
+    statements unprepared from then on. Inside a transaction the statement
+    goes unprepared: a forgotten one would fail the caller's transaction."""
+    if db.in_transaction():
+        return db.execute_sql(before + sql, params)
     for _attempt in (1, 2):
         names = _prepared_names.setdefault(db.connection(), {})
         if names.get(_NOT_KEPT):

@@ -152,27 +152,39 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
         # shared lock makes a concurrent price change wait for this call.
         configuration = _stored_configuration(db, model)
         now = utcnow()  # after the lock: a price change is wholly before or after the call
-        values, data = _call_rows(configuration, present, with_items, now, call)
-        start, end = _day_bounds(now)
-        stamp = _stamp(now)
-        # A row with no room left for these counts (32-bit counters) is not
-        # found, and a new one is started: reports add all rows up.
-        room = [MAX_COUNTER - count for count in values]
-        key_values = [v for v in keys if v is not None]
-        row = db.execute_sql(find, key_values + [_stamp(start), _stamp(end)] + room).fetchone()
+        params = _statement_params(call, *_call_rows(configuration, present, with_items, now, call), now)
+        row = db.execute_sql(find, params["find"]).fetchone()
         if row is None:
-            cursor = db.execute_sql(insert, [model.id, agent_id, connector_id, user_id, stamp, stamp] + values)
+            cursor = db.execute_sql(insert, params["insert"])
         else:
-            cursor = db.execute_sql(update, values + [stamp, row[0]])
+            cursor = db.execute_sql(update, params["update"] + [row[0]])
         returned = cursor.fetchone()
         if with_items:
-            db.execute_sql(_item_insert(db), [user_id, stamp, stamp, model.id, agent_id or NO_AGENT,
-                                              connector_id, data])
+            db.execute_sql(_item_insert(db), params["item"])
     return _usage_row(present, returned)
 
 
 def _stamp(moment):
     return PsModelUsage.created_at.db_value(moment)
+
+
+def _statement_params(call, values, data, now):
+    """The parameters of record_usage's statements for one call, by
+    statement: find the day's counter row, insert one, update one (its id
+    last, not here), insert the item."""
+    start, end = _day_bounds(now)
+    stamp = _stamp(now)
+    keys = (call["model_id"], call["agent_id"], call["connector_id"])
+    return {
+        # A row with no room left for these counts (32-bit counters) is not
+        # found, and a new one is started: reports add all rows up.
+        "find": [v for v in keys if v is not None] + [_stamp(start), _stamp(end)]
+                + [MAX_COUNTER - count for count in values],
+        "insert": list(keys) + [call["user_id"], stamp, stamp] + values,
+        "update": values + [stamp],
+        "item": [call["user_id"], stamp, stamp, call["model_id"], call["agent_id"] or NO_AGENT,
+                 call["connector_id"], data],
+    }
 
 
 def _call_rows(configuration, present, with_items, now, call):
@@ -211,16 +223,10 @@ def _record_in_one_round_trip(db, present, configuration, call):
     over."""
     agent_id, connector_id = call["agent_id"], call["connector_id"]
     now = utcnow()
-    values, data = _call_rows(configuration, present, True, now, call)
-    start, end = _day_bounds(now)
-    stamp = _stamp(now)
-    keys = (call["model_id"], agent_id, connector_id)
-    params = ([lock_id(keys), call["model_id"], strict_json_dumps(configuration)]
-              + [v for v in keys if v is not None] + [_stamp(start), _stamp(end)]
-              + [MAX_COUNTER - count for count in values]
-              + values + [stamp]
-              + [call["model_id"], agent_id, connector_id, call["user_id"], stamp, stamp] + values
-              + [call["user_id"], stamp, stamp, call["model_id"], agent_id or NO_AGENT, connector_id, data])
+    statements = _statement_params(call, *_call_rows(configuration, present, True, now, call), now)
+    params = ([lock_id((call["model_id"], agent_id, connector_id)), call["model_id"],
+               strict_json_dumps(configuration)]
+              + statements["find"] + statements["update"] + statements["insert"] + statements["item"])
     lock_sql, record_sql = _one_round_trip_statements(present, agent_id is None, connector_id is None)
     return execute_prepared(db, record_sql, params, before=lock_sql + "; ").fetchone()
 
@@ -368,7 +374,7 @@ def _stored(key):
         configuration = Cast(PsAiModel.configuration, "text") if postgres else PsAiModel.configuration
         sql = _BY_KEY_SQL[cache_key] = PsAiModel.select(PsAiModel.id, configuration).where(field == value).sql()[0]
     params = (field.db_value(value),)
-    if postgres and not db.in_transaction():
+    if postgres:
         cursor = execute_prepared(db, sql, params)  # parsed and planned once per connection
     else:
         cursor = db.cursor()  # peewee's cursor on the thread's connection: the statement is built already

@@ -176,6 +176,7 @@ def test_inside_a_transaction_a_call_is_part_of_it(db):
     assert items() == [] and PsModelUsage.select().count() == 0
     with db.atomic():
         record_usage(m, None, tokens_in=100, tokens_out=10)
+        assert psai.usage.model_cost(m.id, tokens_in=1_000_000, tokens_out=0)["total"] == 30
     assert len(items()) == 1 and PsModelUsage.get().token_in_count == 100
 
 
