@@ -9,6 +9,7 @@ another works on SQLite.
 import datetime
 import uuid
 import weakref
+from typing import Callable
 
 import peewee
 from peewee import DatabaseProxy, Field, Node, PostgresqlDatabase, UUIDField
@@ -18,8 +19,17 @@ __all__ = ["TimestampTzField", "UUIDTextField", "JSONField", "utcnow", "UTC"]
 UTC = datetime.timezone.utc
 
 
-def utcnow():
+def system_now() -> datetime.datetime:
     return datetime.datetime.now(UTC)
+
+
+# Where every timestamp psai writes comes from; a test (or a replay) pins
+# "now" by replacing it, since the fields' defaults hold ``utcnow`` itself.
+now_source: Callable[[], datetime.datetime] = system_now
+
+
+def utcnow() -> datetime.datetime:
+    return now_source()
 
 
 def _aware(value):

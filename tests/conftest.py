@@ -1,5 +1,6 @@
 """Fixtures: every store test runs on a real SQLite file and on a real PostgreSQL
 server (each test in a schema of its own, dropped afterwards)."""
+import datetime
 import os
 import uuid
 from urllib.parse import quote
@@ -128,3 +129,29 @@ def seed_model(db):
     return psai.PsAiModel.create(
         user_id=1, organization_id=2, name="OpenAI GPT-4 Large", configuration=make_configuration()
     )
+
+
+class PinnedClock:
+    """psai's "now", pinned: ``set`` and ``advance`` move it, nothing else does."""
+
+    def __init__(self, moment):
+        self.moment = moment
+
+    def __call__(self):
+        return self.moment
+
+    def set(self, moment):
+        self.moment = moment
+
+    def advance(self, **delta):
+        self.moment += datetime.timedelta(**delta)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Pins the time psai stamps rows with (and reports read as now) for this
+    test's process: a morning, before 11:00 UTC, so that nothing passes only
+    in the afternoon."""
+    pinned = PinnedClock(datetime.datetime(2026, 11, 25, 9, 30, tzinfo=datetime.timezone.utc))
+    monkeypatch.setattr(psai.fields, "now_source", pinned)
+    return pinned

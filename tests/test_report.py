@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import psai
-from psai import PsAgent, PsModelUsage, PsModelUsageItem
+from psai import PsAgent, PsModelUsageItem
 from psai.cli import cli
 from psai.demo import seed
 from psai.report import PALETTE, html
@@ -23,26 +23,23 @@ from conftest import IN_CI, make_backend
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def spread_over_days(days=5):
-    """The demo's calls and more, moved onto the last ``days`` days (as
-    recorded on those days)."""
+def spread_over_days(clock, days=5):
+    """The demo's calls ``days`` days ago, and more on each day since,
+    recorded on those days (the clock moved, nothing backdated)."""
+    today = clock().replace(hour=12, minute=0, second=0, microsecond=0)
+    clock.set(today - datetime.timedelta(days=days - 1))
     models, agents, _ = seed()
-    today = datetime.datetime.now(datetime.timezone.utc).replace(hour=12, minute=0, second=0, microsecond=0)
     plan = [("Researcher", "OpenAI GPT-4 Large"), ("Writer", "Anthropic Claude Sonnet"),
             ("Summarizer", "Anthropic Claude Haiku"), ("Writer", "Google Gemini Pro")]
     for day in range(1, days):
+        clock.set(today - datetime.timedelta(days=days - 1 - day))
         for index, (agent, model) in enumerate(plan):
             psai.record_usage(models[model], agents[agent], tokens_in=20_000 * (day + index), tokens_out=2_000 * day)
-        when = today - datetime.timedelta(days=day)
-        recent = today - datetime.timedelta(hours=1)
-        PsModelUsageItem.update(created_at=when, updated_at=when).where(
-            PsModelUsageItem.created_at > recent).execute()
-        PsModelUsage.update(created_at=when, updated_at=when).where(PsModelUsage.created_at > recent).execute()
     return models, agents
 
 
-def test_the_page_shows_totals_charts_trees_and_unpriced_usage(db):
-    models, agents = spread_over_days()
+def test_the_page_shows_totals_charts_trees_and_unpriced_usage(db, clock):
+    models, agents = spread_over_days(clock)
     # A call whose stored prices are unusable (as another tool may write one): called out, never 0.
     psai.record_usage(models["OpenAI GPT-4o mini"], agents["Writer"], tokens_in=777, tokens_out=0)
     item = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).get()
@@ -154,13 +151,13 @@ def png_pixels(path):
     return width, height, rows
 
 
-def test_a_browser_draws_the_chart(tmp_path):
+def test_a_browser_draws_the_chart(tmp_path, clock):
     """One browser run, on SQLite: the page's content on both backends is tested above."""
     binary = chromium()
     store = make_backend("sqlite", tmp_path)
     store.connect()
     psai.migrate()
-    spread_over_days()
+    spread_over_days(clock)
     page = tmp_path / "report.html"
     page.write_text(html("tree", database="sqlite:///psai.db"))
     dom = headless(binary, tmp_path / "profile-dom", "--dump-dom", page.as_uri())
