@@ -24,7 +24,7 @@ clean:
 	rm -rf $(VENV) psai.db psai.db-wal psai.db-shm psai-report.html
 
 docs: $(STAMP)
-	$(BIN)/python -c "from psai.cli import write_reference; write_reference('docs/cli.md')"
+	$(BIN)/cog -r docs/cli.md
 	PSAI_WRITE_SCREENSHOT=1 $(BIN)/python -m pytest -q tests/test_report.py -k browser
 
 bench: $(STAMP)

@@ -159,17 +159,22 @@ def bench_filter(backend, results, count, runs):
         return rows
     if backend.kind == "postgres":
         backend.raw.commit()
-    psai_models = lambda: list(PsAiModel.where_config(provider=provider, type="text", modelSize="large",
-                                                      active=True))
-    psai_tuples = lambda: list(PsAiModel.where_config(provider=provider, type="text", modelSize="large",
-                                                      active=True).tuples())
+
+    def psai_models():
+        return list(PsAiModel.where_config(provider=provider, type="text", modelSize="large", active=True))
+
+    def psai_tuples():
+        return list(PsAiModel.where_config(provider=provider, type="text", modelSize="large", active=True).tuples())
+
     raw_time = timed(raw, runs)
     results.add("filter provider/type/size/active -> models", count, backend.kind, timed(psai_models, runs),
                 raw_time, note="%d rows, %s, median of %d; target <= 1.5x" % (found, index, runs))
     results.add("filter provider/type/size/active -> tuples", count, backend.kind, timed(psai_tuples, runs),
                 raw_time, note="same query, rows as tuples")
-    psai_dicts = lambda: list(PsAiModel.where_config(provider=provider, type="text", modelSize="large",
-                                                     active=True).dicts())
+
+    def psai_dicts():
+        return list(PsAiModel.where_config(provider=provider, type="text", modelSize="large", active=True).dicts())
+
     results.add("filter provider/type/size/active -> dicts", count, backend.kind, timed(psai_dicts, runs),
                 raw_time, note="same query, rows as dicts; target <= 1.3x")
 
@@ -645,7 +650,10 @@ def main(argv=None):
                         help="run only these: insert validated filter eager usage report items cli peers")
     parser.add_argument("--markdown", help="also write the results table to this Markdown file")
     args = parser.parse_args(argv)
-    scale = lambda n: max(1, int(n * args.scale))
+
+    def scale(n):
+        return max(1, int(n * args.scale))
+
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "items", "cli", "peers"]
     results = Results()

@@ -9,29 +9,13 @@ import json
 
 from .db import is_postgres, model_db, table_columns
 from .errors import ValidationError
+from .items import price_problem
 from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+from .recording import usage_counters
+from .schemas import INCLUDE, readable, shape_problem, validate_agent_values, validate_model_values
+from .sql import JsonSQL
 
 __all__ = ["shape_problem", "model_problem", "agent_problem", "check", "readable", "dump_rows"]
-
-
-def shape_problem(configuration, *, model=False):
-    """Why a stored configuration cannot even be read as one (a sentence),
-    or None: not an object, nested too deep, a model's prices not an object."""
-    from .schemas import json_problem
-    if not isinstance(configuration, dict):
-        return "configuration is not a JSON object (%s)" % type(configuration).__name__
-    problem = json_problem(configuration)
-    if problem:
-        return "configuration: %s" % problem
-    if model and "prices" in configuration and not isinstance(configuration["prices"], dict):
-        return "configuration.prices is not a JSON object"
-    return None
-
-
-def readable(configuration):
-    """The configuration when it can be read as one, else {}: what listings
-    show of a bad row besides its flag."""
-    return configuration if shape_problem(configuration) is None else {}
 
 
 def dump_rows(schema, rows, model=False):
@@ -68,14 +52,12 @@ def model_problem(row):
     """Why psai would refuse to write this model row as it is, or None.
     Configuration keys psai does not know are accepted (a newer PolicySynth
     writes them)."""
-    from .schemas import INCLUDE, validate_model_values
     return _problem(lambda values: validate_model_values(values, unknown=INCLUDE), {
         "user_id": row.user_id, "organization_id": row.organization_id, "name": row.name,
         "configuration": row.configuration})
 
 
 def agent_problem(row):
-    from .schemas import validate_agent_values
     return _problem(validate_agent_values, {
         "user_id": row.user_id, "class_id": row.class_id, "group_id": row.group_id,
         "configuration": row.configuration, "parent_agent_id": row.parent_agent_id})
@@ -84,7 +66,6 @@ def agent_problem(row):
 def check():
     """Every stored row psai would refuse or cannot use, as dicts
     ``{"table", "id", "problem"}`` (``id`` is a pair for a link)."""
-    from .items import price_problem
     found = []
     model_ids, agent_ids = set(), set()
     for row in PsAiModel.select().order_by(PsAiModel.id):
@@ -104,7 +85,6 @@ def check():
             found.append({"table": "AgentModels", "id": [agent_id, model_id],
                           "problem": "links to a %s that does not exist" % " and a ".join(missing)})
     db = model_db(PsModelUsage)
-    from .usage import usage_counters
     counters = usage_counters(db)
     for row in PsModelUsage.select(PsModelUsage.id, PsModelUsage.model, *[getattr(PsModelUsage, c)
                                                                            for c in counters]).tuples():
@@ -123,8 +103,7 @@ def check():
 
 def _check_items(db, model_ids, price_problem):
     """Items whose data cannot be read, or whose snapshot cannot price them."""
-    from .usage import _JsonSQL
-    j = _JsonSQL(is_postgres(db))
+    j = JsonSQL(is_postgres(db))
     data = "data" if j.postgres else "(CASE WHEN json_valid(data) THEN data ELSE '[]' END)"
     found, verdicts = [], {}
     cursor = db.execute_sql('SELECT id, model_id, %s, %s FROM "ps_model_usage_item" ORDER BY id' % (

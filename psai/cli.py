@@ -956,15 +956,6 @@ REFERENCE_START = "<!-- reference: generated from --help by `make docs`; do not 
 REFERENCE_END = "<!-- end of reference -->"
 
 
-def write_reference(path):
-    """Replace the reference section of docs/cli.md with help_reference()."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    head, _, rest = text.partition(REFERENCE_START)
-    _, _, tail = rest.partition(REFERENCE_END)
-    write_file(path, head + REFERENCE_START + "\n\n" + help_reference() + "\n" + REFERENCE_END + tail)
-
-
 def write_file(path, text):
     """Write ``text`` to ``path`` through a temporary file renamed over it:
     the file is replaced whole, or, if anything fails, left as it was."""

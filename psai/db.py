@@ -6,13 +6,21 @@ import os
 import re
 import time
 import weakref
+from typing import Iterable
 from urllib.parse import quote, unquote, urlsplit
 
-from peewee import DatabaseError, DatabaseProxy, InterfaceError, OperationalError, PostgresqlDatabase, SqliteDatabase
+from peewee import (
+    DatabaseError, DatabaseProxy, InterfaceError, Model, OperationalError, PostgresqlDatabase, SqliteDatabase,
+)
 from playhouse import db_url
 from playhouse.shortcuts import ReconnectMixin
 
-from .errors import DatabaseUnavailableError, DatabaseURLError
+try:  # the PostgreSQL driver is an extra: psai[postgres]
+    import psycopg2
+except ImportError:  # pragma: no cover - installed in the tests
+    psycopg2 = None
+
+from .errors import DatabaseUnavailableError, DatabaseURLError, NotConnectedError
 
 __all__ = ["database", "connect", "using", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction", "lock",
            "lock_id", "execute_prepared", "table_columns", "forget_schema", "model_db", "current_db",
@@ -22,6 +30,19 @@ DEFAULT_URL = "sqlite:///psai.db"
 
 # Every model's Meta.database; connect() points it at a real database.
 database = DatabaseProxy()
+
+# The model classes psai binds (psai.models registers its tables), so that
+# using() and current_db() need not know them.
+_registered_models: list[type[Model]] = []
+
+
+def register_models(models: Iterable[type[Model]]) -> None:
+    """Add model classes to those ``using()`` binds and ``current_db()`` reads."""
+    _registered_models.extend(model for model in models if model not in _registered_models)
+
+
+def registered_models() -> tuple[type[Model], ...]:
+    return tuple(_registered_models)
 
 SQLITE_PRAGMAS = {
     "foreign_keys": 1,  # SQLite enforces ON DELETE CASCADE / SET NULL only with this on
@@ -147,12 +168,9 @@ def connect(url=None, *, bind=True, **options):
         # sqlite3's own busy wait, applied before the pragmas run.
         options.setdefault("timeout", SQLITE_PRAGMAS["busy_timeout"] / 1000)
     else:
-        try:
-            import psycopg2  # noqa: F401
-        except ImportError:
+        if psycopg2 is None:
             raise DatabaseURLError(
-                "%s needs the PostgreSQL driver: pip install 'psai[postgres]'" % redact_url(url)
-            ) from None
+                "%s needs the PostgreSQL driver: pip install 'psai[postgres]'" % redact_url(url))
         options.setdefault("field_types", POSTGRES_FIELD_TYPES)
     try:
         if kind == "postgres":
@@ -191,20 +209,18 @@ def using(db):
     on ``db`` (a database from ``connect(url, bind=False)``, or a URL), in
     this thread only: another thread keeps its own binding. Blocks nest. The
     same as peewee's ``db.bind_ctx(psai.models.ALL_MODELS)``."""
-    from .models import ALL_MODELS
     opened = isinstance(db, str)
     if opened:
         db = connect(db, bind=False)
     try:
-        with db.bind_ctx(ALL_MODELS, bind_refs=False, bind_backrefs=False):
+        with db.bind_ctx(_registered_models, bind_refs=False, bind_backrefs=False):
             yield db
     finally:
         if opened:
             db.close()
 
 
-class NotConnectedError(DatabaseUnavailableError):
-    """psai's models are bound to no database yet."""
+_NOT_CONNECTED = "no database: call psai.connect(url) or use `with psai.using(db):`"
 
 
 def model_db(model):
@@ -214,15 +230,18 @@ def model_db(model):
     if isinstance(db, DatabaseProxy):
         db = db.obj
         if db is None:
-            raise NotConnectedError("no database: call psai.connect(url) or use `with psai.using(db):`")
+            raise NotConnectedError(_NOT_CONNECTED)
     return db
 
 
 def current_db():
     """The database psai's models are bound to in this thread: the innermost
     ``using`` (or ``bind_ctx``) block's, else the one ``connect()`` bound."""
-    from .models import PsAiModel
-    return model_db(PsAiModel)
+    if _registered_models:
+        return model_db(_registered_models[0])
+    if database.obj is None:
+        raise NotConnectedError(_NOT_CONNECTED)
+    return database.obj
 
 
 def is_postgres(db=None):

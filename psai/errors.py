@@ -2,7 +2,7 @@
 import marshmallow
 
 __all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError", "InUseError", "UnpricedUsageError",
-           "flatten_messages"]
+           "NotConnectedError", "NotAdoptedError", "CatalogUnavailableError", "flatten_messages"]
 
 
 def flatten_messages(messages, prefix=""):
@@ -50,6 +50,10 @@ class DatabaseUnavailableError(PsaiError):
     """The database could not be reached. The message never holds the password."""
 
 
+class NotConnectedError(DatabaseUnavailableError):
+    """psai's models are bound to no database yet."""
+
+
 class NotFoundError(PsaiError, LookupError):
     """A row that was named (by id, uuid or name) does not exist."""
 
@@ -61,3 +65,11 @@ class InUseError(PsaiError):
 class UnpricedUsageError(PsaiError):
     """A strict report found usage whose prices are missing or unusable
     (``cost_report(..., strict=True)``): it names the models and why."""
+
+
+class NotAdoptedError(PsaiError):
+    """The database is PolicySynth's and psai was not asked to add to it."""
+
+
+class CatalogUnavailableError(PsaiError):
+    """The source's package or file is not there."""

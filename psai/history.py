@@ -21,166 +21,23 @@ from decimal import Decimal
 
 import marshmallow
 
+from .arguments import as_datetime
+from .constants import strict_json_dumps
 from .db import is_postgres, model_db, table_columns, write_transaction
-from .errors import NotFoundError, PsaiError, ValidationError
+from .errors import PsaiError, ValidationError
 from .fields import utcnow
-from .models import PriceCorrection, PriceVersion, PsAiModel, PsModelUsageItem, strict_json_dumps
+from .models import PriceCorrection, PriceVersion, PsModelUsageItem, prices_of, record_price_change
+from .reports import part_tokens, price_parts, usage_parts
+from .schemas import INCLUDE, ModelPricesSchema
+from .sql import window
+from .versions import histories_of, merge_prices, price_history, prices_at, resolve_models
 
 __all__ = ["price_history", "histories_of", "prices_at", "reprice", "record_price_change", "resolve_models"]
-
-
-def _prices_of(configuration):
-    prices = configuration.get("prices") if isinstance(configuration, dict) else None
-    return prices if isinstance(prices, dict) else {}
-
-
-def _has_history(db):
-    return bool(table_columns(db, PriceVersion._meta.table_name))
-
-
-def _close(version, at):
-    PriceVersion.update(valid_to=at).where(PriceVersion.id == version.id).execute()
-
-
-def record_price_change(model, stored_configuration, stored_updated_at):
-    """Called by ``PsAiModel.save`` inside its transaction, with the row as
-    it was stored before the save: keep the history true."""
-    if not _has_history(model_db(PriceVersion)):
-        return  # a PolicySynth database psai has not adopted: nothing of psai's is written
-    stored, new, now = _prices_of(stored_configuration), _prices_of(model.configuration), model.updated_at
-    current = (PriceVersion.select()
-               .where((PriceVersion.model == model.id) & PriceVersion.valid_to.is_null())
-               .order_by(PriceVersion.valid_from.desc(), PriceVersion.id.desc()).first())
-    if current is None or current.prices != stored:
-        # The first save through psai, or prices changed elsewhere since the
-        # last one: the stored prices were in force at least since the row
-        # was last written.
-        start = min(stored_updated_at, now) if stored_updated_at is not None else now  # clocks differ
-        if current is not None:
-            if start <= current.valid_from:
-                start = now  # changed without touching updated_at: known only from now
-            _close(current, start)
-        current = PriceVersion.create(model=model.id, valid_from=start, prices=stored,
-                                      source="observed" if current is not None else "stored")
-    if new != stored:
-        _close(current, now)
-        PriceVersion.create(model=model.id, valid_from=now, prices=new, source="psai")
-
-
-def resolve_models(model):
-    """Model rows, as stored now, from a row, an id, a uuid, or a name (every
-    row with it, oldest first)."""
-    if isinstance(model, PsAiModel):
-        model = model.id
-    try:
-        return [PsAiModel.get_by_key(model)]
-    except NotFoundError:
-        if not isinstance(model, str):
-            raise
-    rows = list(PsAiModel.select().where(PsAiModel.name == model).order_by(PsAiModel.created_at, PsAiModel.id))
-    if not rows:
-        raise NotFoundError("no model has the id, uuid or name %r" % (model,))
-    return rows
-
-
-def _corrections(db, model_ids):
-    if not model_ids or not table_columns(db, PriceCorrection._meta.table_name):
-        return {}
-    found = {}
-    for c in (PriceCorrection.select().where(PriceCorrection.model.in_(model_ids))
-              .order_by(PriceCorrection.applied_at, PriceCorrection.id)):
-        found.setdefault(c.model_id, []).append({
-            "id": c.id, "applied_at": c.applied_at, "since": c.since, "until": c.until, "changes": c.changes,
-            "calls": c.calls, "currency": c.currency, "before": Decimal(c.cost_before),
-            "after": Decimal(c.cost_after)})
-    return found
-
-
-def _overlaps(correction, version):
-    starts_before_end = version["valid_to"] is None or correction["since"] is None \
-        or correction["since"] < version["valid_to"]
-    ends_after_start = version["valid_from"] is None or correction["until"] is None \
-        or correction["until"] > version["valid_from"]
-    return starts_before_end and ends_after_start
-
-
-def price_history(model):
-    """The versions of a model's prices, oldest first (see the module's
-    docstring). ``model``: a row, id, uuid or name (every row that has it)."""
-    rows = resolve_models(model)
-    histories = histories_of(rows)
-    return [version for row in rows for version in histories[row.id][0]]
-
-
-def histories_of(rows):
-    """``{model_id: (versions, corrections)}`` of model rows as stored, in
-    two queries whatever their number (reports price many models)."""
-    db = model_db(PriceVersion)
-    ids = [row.id for row in rows]
-    stored = {}
-    if _has_history(db) and ids:
-        for v in (PriceVersion.select().where(PriceVersion.model.in_(ids))
-                  .order_by(PriceVersion.valid_from, PriceVersion.id)):
-            stored.setdefault(v.model_id, []).append(
-                {"model_id": v.model_id, "valid_from": v.valid_from, "valid_to": v.valid_to, "prices": v.prices,
-                 "source": v.source})
-    corrections = _corrections(db, ids)
-    histories = {}
-    for row in rows:
-        versions = stored.get(row.id, [])
-        current = _prices_of(row.configuration)
-        if not versions:
-            # Never changed through psai: these prices since the row was last written.
-            versions = [{"model_id": row.id, "valid_from": row.updated_at, "valid_to": None, "prices": current,
-                         "source": "stored"}]
-        elif versions[-1]["prices"] != current:
-            # Changed elsewhere since psai last saved the row.
-            last = versions[-1]
-            at = row.updated_at if row.updated_at and row.updated_at > last["valid_from"] else None
-            last["valid_to"] = at
-            versions.append({"model_id": row.id, "valid_from": at, "valid_to": None, "prices": current,
-                             "source": "observed"})
-        for version in versions:
-            version["corrections"] = [c for c in corrections.get(row.id, []) if _overlaps(c, version)]
-        histories[row.id] = (versions, corrections.get(row.id, []))
-    return histories
-
-
-def prices_at(model, moment, history=None, corrections=None):
-    """``(prices, known)``: the prices of ``model`` (a row) in force at
-    ``moment`` by its history, with the corrections covering ``moment``
-    applied; when the history does not reach back that far, its current
-    prices and ``known=False``. ``history`` and ``corrections`` (as
-    ``histories_of`` gives them) may be passed when pricing many moments."""
-    if history is None or corrections is None:
-        history, corrections = histories_of([PsAiModel.get_by_key(model.id)])[model.id]
-    prices, known = _prices_of(model.configuration), False
-    for version in history:
-        if version["valid_from"] is not None and version["valid_from"] <= moment \
-                and (version["valid_to"] is None or moment < version["valid_to"]):
-            prices, known = version["prices"], True
-            break
-    for correction in corrections:
-        if _covers(correction, moment):
-            prices = _merge_prices(prices, correction["changes"])
-    return prices, known
-
-
-def _covers(correction, moment):
-    return (correction["since"] is None or correction["since"] <= moment) and \
-        (correction["until"] is None or moment < correction["until"])
-
-
-def _merge_prices(prices, changes):
-    # Prices are flat: merge_configuration's rules (None removes a key) apply as they are.
-    from .schemas import merge_configuration
-    return merge_configuration(prices if isinstance(prices, dict) else {}, changes)
 
 
 def _price_changes(changes):
     """The changes of a correction: price keys (``prices.`` may lead) to
     new values, None removing a key. Refuses keys that are not prices."""
-    from .schemas import ModelPricesSchema
     if not isinstance(changes, dict) or not changes:
         raise ValidationError({"changes": ["Give the prices to change, e.g. {'costInTokensPerMillion': 2.5}."]})
     known = ModelPricesSchema().fields
@@ -197,7 +54,6 @@ def _price_changes(changes):
 
 
 def _check_prices(prices):
-    from .schemas import INCLUDE, ModelPricesSchema
     try:
         ModelPricesSchema(unknown=INCLUDE).load(prices)
     except marshmallow.ValidationError as exc:
@@ -218,26 +74,25 @@ def reprice(model, changes, *, since=None, until=None, dry_run=True):
     ``difference``. The model's own prices, for calls to come, are not
     changed: that is ``PsAiModel.update_configuration``.
     """
-    from .usage import _as_datetime, _price_parts, _tokens, _usage_parts
     rows = resolve_models(model)
     changes = _price_changes(changes)
-    since, until = _as_datetime(since), _as_datetime(until, end=True)
+    since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsageItem)
-    if not dry_run and not _has_history(db):
+    if not dry_run and not table_columns(db, PriceVersion._meta.table_name):
         raise PsaiError("this PolicySynth database has no psai tables for corrections: run `psai init --adopt` first")
     ids = [row.id for row in rows]
 
     def transform(prices):
-        return _merge_prices(prices, changes)
+        return merge_prices(prices, changes)
 
     with (write_transaction(db) if not dry_run else nullcontext()):
         if not dry_run and is_postgres(db):
             # No call may be recorded in between: what is reported is what is changed.
             db.execute_sql('LOCK TABLE "ps_model_usage_item", "ps_model_usage" IN EXCLUSIVE MODE')
-        before = _price_parts(_usage_parts(db, "model", since, until, ids))
-        after = _price_parts(copy.deepcopy(_usage_parts(db, "model", since, until, ids)), transform)
+        before = price_parts(usage_parts(db, "model", since, until, ids))
+        after = price_parts(copy.deepcopy(usage_parts(db, "model", since, until, ids)), transform)
         # Every price set the correction makes must be one psai would store.
-        corrected = [transform(_prices_of(row.configuration)) for row in rows]
+        corrected = [transform(prices_of(row.configuration)) for row in rows]
         corrected += [p["pricing"]["configuredPrices"] for p in after if p["has_usage"]]
         for prices in {strict_json_dumps(prices, sort_keys=True): prices for prices in corrected}.values():
             _check_prices(prices)
@@ -251,8 +106,8 @@ def reprice(model, changes, *, since=None, until=None, dry_run=True):
             "after": sum((p["cost"] for p in after if p["cost"] is not None), Decimal(0)),
             "currency": currencies.pop() if currencies else None,
             "calls": sum(p["calls"] for p in before),
-            "unpriced_tokens_before": sum(sum(_tokens(p)) for p in before if p["cost"] is None),
-            "unpriced_tokens_after": sum(sum(_tokens(p)) for p in after if p["cost"] is None),
+            "unpriced_tokens_before": sum(sum(part_tokens(p)) for p in before if p["cost"] is None),
+            "unpriced_tokens_after": sum(sum(part_tokens(p)) for p in after if p["cost"] is None),
             "applied": False,
         }
         result["difference"] = result["after"] - result["before"]
@@ -263,7 +118,6 @@ def reprice(model, changes, *, since=None, until=None, dry_run=True):
 
 
 def _apply(db, rows, ids, changes, transform, since, until, result):
-    from .usage import _window
     now = utcnow()
     correction = PriceCorrection.create(
         model=ids[0], applied_at=now, since=since, until=until, changes=changes, calls=result["calls"],
@@ -272,18 +126,18 @@ def _apply(db, rows, ids, changes, transform, since, until, result):
         PriceCorrection.create(
             model=other, applied_at=now, since=since, until=until, changes=changes, calls=0,
             currency=result["currency"], cost_before="0", cost_after="0")
-    current = {row.id: _prices_of(row.configuration) for row in rows}
+    current = {row.id: prices_of(row.configuration) for row in rows}
     params = []
     # Items whose data is not an object are left as they are (reports show them unpriced).
     postgres = is_postgres(db)
-    where = _window(db, "i.created_at", since, until, ids, params) + (
+    where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params) + (
         ["jsonb_typeof(i.data) = 'object'"] if postgres
         else ["(CASE WHEN json_valid(i.data) THEN json_type(i.data) END) = 'object'"])
     items = db.execute_sql('SELECT i.id, i.model_id, i.data FROM "ps_model_usage_item" i WHERE %s'
                            % " AND ".join(where), params).fetchall()
-    p = "%s" if is_postgres(db) else "?"
+    p = db.param
     update = 'UPDATE "ps_model_usage_item" SET "data" = %s, "updated_at" = %s WHERE "id" = %s' % (
-        p if is_postgres(db) else "json(?)", p, p)
+        p if postgres else "json(?)", p, p)
     stamp = PsModelUsageItem.updated_at.db_value(now)
     changed = []
     for item_id, model_id, data in items:

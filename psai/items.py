@@ -22,6 +22,7 @@ negative or not numbers count as 0 (PolicySynth would subtract them).
 """
 import math
 
+from .constants import OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
 from .pricing import COUNTERS, _count, _is_number as _number_type, cost_of_counters, resolve_prices
 
 __all__ = ["item_data", "item_cost", "effective_prices", "price_problem", "call_buckets", "bucket_cost",
@@ -39,13 +40,6 @@ BUCKET_COUNTERS = {
     "long_cache_write": "long_context_token_in_cache_write_count",
     "out": "token_out_count", "long_out": "long_context_token_out_count",
 }
-_REQUIRED_RATES = ("costInTokensPerMillion", "costOutTokensPerMillion", "costInCachedContextTokensPerMillion")
-_OPTIONAL_NUMBERS = (
-    "costPerThousandWebSearches", "cacheWriteInputCostMultiplier", "longContextCostInTokensPerMillion",
-    "longContextCostInCachedContextTokensPerMillion", "longContextCostOutTokensPerMillion",
-    "longContextTokenThreshold", "flexTokensIn", "flexTokensCachedIn", "flexTokensOut", "priorityTokensIn",
-    "priorityTokensCachedIn", "priorityTokensOut", "fastTokensIn", "fastTokensCachedIn", "fastTokensOut",
-)
 _OPENAI = ("openai", "openairesponses")
 
 
@@ -139,13 +133,13 @@ def price_problem(prices):
     """Why these prices cannot price a call (a sentence), or None."""
     if not isinstance(prices, dict):
         return "no prices"
-    for key in _REQUIRED_RATES:
+    for key in REQUIRED_RATE_KEYS:
         value = prices.get(key)
         if value is None:
             return "prices.%s is missing" % key
         if not _is_number(value) or value < 0:
             return "prices.%s is not a usable rate (%r)" % (key, value)
-    for key in _OPTIONAL_NUMBERS:
+    for key in OPTIONAL_NUMBER_KEYS:
         value = prices.get(key)
         if value is not None and not (_is_number(value) and value >= 0):
             return "prices.%s is not a usable number (%r)" % (key, value)

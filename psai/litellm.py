@@ -7,12 +7,13 @@ LiteLLM gives USD per token; PolicySynth wants per million tokens. What maps:
 | LiteLLM | psai configuration |
 | --- | --- |
 | ``input_cost_per_token``, ``output_cost_per_token`` | ``prices.costIn/OutTokensPerMillion`` |
-| ``cache_read_input_token_cost`` | ``prices.costInCachedContextTokensPerMillion`` (absent: the input rate, as without a cache discount) |
+| ``cache_read_input_token_cost`` | ``prices.costInCachedContextTokensPerMillion`` (absent: the input rate) |
 | ``cache_creation_input_token_cost`` | ``prices.cacheWriteInputCostMultiplier`` (its ratio to the input rate) |
 | ``*_above_Nk_tokens`` | ``prices.longContext*`` rates and ``longContextTokenThreshold`` = N × 1000 |
 | ``*_flex``, ``*_priority`` | ``prices.flexTokens*``, ``prices.priorityTokens*`` |
 | ``search_context_cost_per_query.search_context_size_medium`` | ``prices.costPerThousandWebSearches`` (× 1000) |
-| ``mode`` | ``type``: chat, completion, responses → text; embedding; image_generation → image; audio_* → audio; video_generation → video |
+| ``mode``: chat, completion, responses; embedding | ``type``: text; embedding |
+| ``mode``: image_generation; audio_speech, audio_transcription; video_generation | ``type``: image; audio; video |
 | ``max_output_tokens`` | ``maxTokensOut``; ``max_input_tokens`` → ``maxContextTokens`` |
 | ``litellm_provider`` | ``provider`` |
 
@@ -21,25 +22,37 @@ An entry that cannot be mapped (no token prices, another mode, no output
 limit, two different long-context thresholds, a configuration psai's schema
 refuses) is reported with the reason, never guessed.
 """
+import importlib.util
+import json
+import os
 import re
+from collections.abc import Collection
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
-from .errors import ValidationError
-from .schemas import validate_configuration
+from .constants import LONG_CONTEXT_RATE_KEYS, TIER_KEYS
+from .errors import CatalogUnavailableError, ValidationError
+from .schemas import json_problem, validate_configuration
 
-__all__ = ["map_entry", "consumed_keys", "MODES"]
+__all__ = ["map_entry", "consumed_keys", "MODES", "LITELLM_FILE", "litellm_cost_map_path", "litellm_version",
+           "litellm_catalog"]
+
+# The cost map inside the litellm package.
+LITELLM_FILE = "model_prices_and_context_window_backup.json"
 
 MODES = {"chat": "text", "completion": "text", "responses": "text", "embedding": "embedding",
          "image_generation": "image", "audio_speech": "audio", "audio_transcription": "audio",
          "video_generation": "video"}
 _ABOVE = re.compile(r"^(?P<base>.+)_above_(?P<n>\d+)k_tokens$")
-_LONG_KEYS = {"input_cost_per_token": "longContextCostInTokensPerMillion",
-              "output_cost_per_token": "longContextCostOutTokensPerMillion",
-              "cache_read_input_token_cost": "longContextCostInCachedContextTokensPerMillion"}
-_TIER_KEYS = {"input_cost_per_token_flex": "flexTokensIn", "output_cost_per_token_flex": "flexTokensOut",
-              "cache_read_input_token_cost_flex": "flexTokensCachedIn",
-              "input_cost_per_token_priority": "priorityTokensIn",
-              "output_cost_per_token_priority": "priorityTokensOut",
-              "cache_read_input_token_cost_priority": "priorityTokensCachedIn"}
+# LiteLLM's input, cached input and output rates (the order of constants.BASE_RATE_KEYS).
+_RATES = ("input_cost_per_token", "cache_read_input_token_cost", "output_cost_per_token")
+# LiteLLM's ``RATE_above_Nk_tokens`` base and PolicySynth's long-context key:
+# input_cost_per_token → longContextCostInTokensPerMillion, ...
+_LONG_KEYS = dict(zip(_RATES, LONG_CONTEXT_RATE_KEYS))
+# LiteLLM's ``RATE_flex`` and ``RATE_priority`` and PolicySynth's tier key:
+# input_cost_per_token_flex → flexTokensIn, cache_read_input_token_cost_priority → priorityTokensCachedIn, ...
+_TIER_KEYS = {"%s_%s" % (rate, tier): key
+              for tier in ("flex", "priority") for rate, key in zip(_RATES, TIER_KEYS[tier])}
 
 
 def _per_million(value):
@@ -55,7 +68,7 @@ def _rate(entry, key):
     return _per_million(value)
 
 
-def map_entry(name, entry, *, model_size, default_temperature=0.7):
+def map_entry(name: str, entry: Any, *, model_size: str, default_temperature: float = 0.7) -> dict[str, Any]:
     """The psai configuration for one cost-map entry. Raises ValueError with
     the reason when it cannot be mapped."""
     if not isinstance(entry, dict):
@@ -113,7 +126,7 @@ def map_entry(name, entry, *, model_size, default_temperature=0.7):
         raise ValueError(str(exc)) from None
 
 
-def consumed_keys(entry):
+def consumed_keys(entry: dict[str, Any]) -> set[str]:
     """The price keys of ``entry`` that ``map_entry`` turns into PolicySynth
     prices (the others are reported by a catalog import)."""
     used = {"input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost",
@@ -123,3 +136,75 @@ def consumed_keys(entry):
         if match and match.group("base") in _LONG_KEYS:
             used.add(key)
     return used
+
+
+# -- reading the cost map --------------------------------------------------------
+
+def litellm_cost_map_path() -> str:
+    """The cost map inside the installed litellm package, found without
+    importing it."""
+    spec = importlib.util.find_spec("litellm")
+    if spec is None or not spec.submodule_search_locations:
+        raise CatalogUnavailableError(
+            "LiteLLM is not installed: pip install litellm, or pass its cost map with --file PATH "
+            "(model_prices_and_context_window.json)")
+    for location in spec.submodule_search_locations:
+        path = os.path.join(location, LITELLM_FILE)
+        if os.path.exists(path):
+            return path
+    raise CatalogUnavailableError("the installed litellm package has no %s" % LITELLM_FILE)
+
+
+def litellm_version() -> str:
+    """The installed litellm's version, or "unknown"."""
+    try:
+        return version("litellm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _litellm_notes(entry, consumed):
+    notes = []
+    for key, value in entry.items():
+        if key in consumed or "cost" not in key or not value:
+            continue
+        if isinstance(value, (int, float, dict)) and not isinstance(value, bool):
+            notes.append("%s %s: no PolicySynth price for it" % (key, json.dumps(value, sort_keys=True)))
+    return notes
+
+
+def litellm_catalog(cost_map: dict[str, Any], providers: Collection[str],
+                    models: Collection[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The entries of a cost map, optionally only these ``litellm_provider``
+    values and models (the cost-map key, or without its ``provider/``):
+    ``({name: {"name", "configuration", "unexpressed", "disagreements",
+    "maxTokensOut"}}, {name: why it is skipped})``. The configurations have
+    no size and no temperature (the import gives them)."""
+    entries: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    for name, entry in cost_map.items():
+        if name == "sample_spec":
+            continue  # LiteLLM's own documentation of the format
+        problem = json_problem(entry)
+        if problem:
+            skipped[name] = problem
+            continue
+        provider = entry.get("litellm_provider") if isinstance(entry, dict) else None
+        if providers and provider not in providers:
+            continue
+        if models and not (name in models or (provider and name[len(provider) + 1:] in models)):
+            continue
+        try:
+            configuration = map_entry(name, entry, model_size="medium")
+        except ArithmeticError:
+            skipped[name] = "a number too large to use"  # e.g. 10**400, which no float holds
+            continue
+        except ValueError as exc:
+            skipped[name] = str(exc)
+            continue
+        for key in ("modelSize", "defaultTemperature", "maxTokensOut"):
+            configuration.pop(key)
+        entries[name] = {"name": name, "configuration": configuration,
+                         "unexpressed": _litellm_notes(entry, consumed_keys(entry)), "disagreements": set(),
+                         "maxTokensOut": entry["max_output_tokens"]}
+    return entries, skipped

@@ -1,402 +1,40 @@
-"""The store: PolicySynth's tables as peewee models, bound to ``psai.db.database``."""
-import contextvars
-import json
+"""The store: PolicySynth's tables as peewee models, bound to
+``psai.db.database``, with their own queries (configuration filters, model
+selection, the sub-agent tree) and the save hook that keeps price history."""
+import operator
 import uuid
-from functools import partial
+from functools import reduce
 
 from peewee import (
-    AutoField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField,
-    IntegerField, IntegrityError, ManyToManyField, ManyToManyQuery,
-    Model, ModelInsert, ModelSelect, ModelUpdate, Node, PostgresqlDatabase,
+    AutoField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField, IntegerField, IntegrityError,
+    ModelUpdate, Value,
 )
-from peewee import FieldAccessor, ManyToManyFieldAccessor
-from playhouse.shortcuts import ThreadSafeDatabaseMetadata
 
-from .db import database, is_postgres, lock, model_db, table_columns, write_transaction
+from .base import BaseModel, LinkField, load_links
+from .constants import strict_json_dumps
+from .db import is_postgres, lock, model_db, register_models, table_columns, write_transaction
+from .enums import PsAiModelSize
 from .errors import InUseError, NotFoundError, ValidationError
 from .fields import JSONField, TimestampTzField, UUIDTextField, utcnow
+from .schemas import (
+    PsAgentSchema, PsAiModelSchema, bind_row_class, merge_configuration, shape_problem, unknown_paths,
+    validate_agent_row, validate_agent_values, validate_model_row, validate_model_values,
+)
+from .sql import config_filter
 
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
-           "PriceVersion", "PriceCorrection", "ModelProvenance", "ALL_MODELS"]
+           "PriceVersion", "PriceCorrection", "ModelProvenance", "ALL_MODELS", "strict_json_dumps",
+           "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
+           "record_price_change", "prices_of"]
 
-
-# Set while save() writes a row it has validated itself, so that insert() and
-# update() (which save() calls) do not validate it twice.
-_validated_by_save = contextvars.ContextVar("psai_validated_by_save", default=False)
-
-# PolicySynth's ids are PostgreSQL INTEGERs (SQLite would overflow past 2**63).
-MAX_ID = 2 ** 31 - 1
-
-# NaN and Infinity are not JSON; PostgreSQL's jsonb refuses them, so SQLite must too.
-strict_json_dumps = partial(json.dumps, allow_nan=False, separators=(",", ":"))
-
-
-def _plain_fields(model, _cache={}):
-    """The names of ``model``'s fields whose accessor is peewee's plain
-    FieldAccessor (storing a value is ``__data__[name] = value``)."""
-    names = _cache.get(model)
-    if names is None:
-        names = _cache[model] = frozenset(
-            name for name in model._meta.fields if type(model.__dict__.get(name)) is FieldAccessor)
-    return names
-
-
-class BaseModel(Model):
-    class Meta:
-        database = database  # the default; psai.using(db) / bind_ctx rebind per thread
-        model_metadata_class = ThreadSafeDatabaseMetadata
-        legacy_table_names = False
-
-    def __init__(self, *args, **kwargs):
-        if not kwargs.get("__no_default__"):
-            super().__init__(*args, **kwargs)
-            return
-        # A row peewee read from the database (its cursor wrappers pass
-        # __no_default__ with the row's values): values of plain fields go
-        # straight into __data__, as FieldAccessor.__set__ would put them,
-        # without a descriptor call and a dirty mark each. The rest (foreign
-        # keys, their *_id names, other columns selected) go through setattr.
-        del kwargs["__no_default__"]
-        super().__init__(__no_default__=True)
-        plain = _plain_fields(type(self))
-        data = self.__data__
-        for name, value in kwargs.items():
-            if name in plain:
-                data[name] = value
-            else:
-                setattr(self, name, value)
-
-    def save(self, *args, validate=True, **kwargs):
-        """Save the row, validated first unless ``validate=False`` (for rows a
-        schema has already checked, with its own rules: an import)."""
-        # PolicySynth (Sequelize) refreshes updated_at on every save; a new
-        # row has one time for both, as Sequelize gives it.
-        if "updated_at" in self._meta.fields:
-            inserting = self._pk is None or kwargs.get("force_insert")
-            created = getattr(self, "created_at", None)
-            self.updated_at = created if inserting and created is not None else utcnow()
-            only = kwargs.get("only")
-            if only is not None:
-                field = self._meta.fields["updated_at"]
-                # Field == builds SQL, so compare by identity and by name.
-                if not any(f is field or (isinstance(f, str) and f == "updated_at") for f in only):
-                    kwargs["only"] = list(only) + [field]
-        if validate:
-            self.validate()
-        token = _validated_by_save.set(True)
-        try:
-            return super().save(*args, **kwargs)
-        finally:
-            _validated_by_save.reset(token)
-
-    def validate(self):
-        """Raise psai.ValidationError if this row may not be written."""
-
-    # Writes that bypass save() are validated too. Values that are SQL
-    # expressions (JSON path updates and the like) are passed through as given.
-
-    @classmethod
-    def _validate_values(cls, values, partial):
-        """Validate {field name: value}; return the values to write."""
-        return values
-
-    @classmethod
-    def _checked(cls, data, partial):
-        if _validated_by_save.get():
-            return data
-        names = {field.name: value for field, value in data.items()
-                 if not isinstance(value, Node) and field.name in cls._meta.fields}
-        checked = cls._validate_values(names, partial)
-        return {field: checked.get(field.name, value) for field, value in data.items()}
-
-    @classmethod
-    def insert(cls, __data=None, **insert):
-        if _validated_by_save.get() and __data is None:
-            # save() inserting a row it has validated: one cached statement.
-            return _PreparedInsert(cls, insert)
-        return ModelInsert(cls, cls._checked(cls._normalize_data(__data, insert), partial=False))
-
-    @classmethod
-    def bulk_insert(cls, rows, *, validate=True, batch_size=1000):
-        """Insert many rows (dicts of field names) at the driver's full speed:
-        one prepared statement, executemany on SQLite, multi-row VALUES on
-        PostgreSQL, all in one transaction. Every row is validated first
-        unless ``validate=False``. Returns the number of rows inserted."""
-        if validate:
-            rows = [{field.name: value for field, value in row.items()} for row in cls._checked_rows(rows)]
-        else:
-            rows = [{getattr(k, "name", k): v for k, v in row.items()} for row in rows]
-        with write_transaction(model_db(cls)):
-            for start in range(0, len(rows), batch_size):
-                _PreparedInsert.many(cls, rows[start:start + batch_size])
-        return len(rows)
-
-    @classmethod
-    def update(cls, __data=None, **update):
-        return ModelUpdate(cls, cls._checked(cls._normalize_data(__data, update), partial=True))
-
-    @classmethod
-    def insert_many(cls, rows, fields=None, *, validate=True):
-        """Bulk insert. Every row is validated before anything is written;
-        ``validate=False`` is the trusted path for rows already checked."""
-        if not validate:
-            return super().insert_many(rows, fields)
-        if fields is not None:
-            names = [f if isinstance(f, str) else f.name for f in fields]
-            rows = [dict(zip(names, row)) for row in rows]
-        return super().insert_many(cls._checked_rows(rows))
-
-    @classmethod
-    def _checked_rows(cls, rows):
-        """Every row validated ({Field: value} each), or one ValidationError
-        whose paths start with the index of each bad row."""
-        checked, errors = [], {}
-        for index, row in enumerate(rows):
-            try:
-                checked.append(cls._checked(cls._normalize_data(None, dict(row)), partial=False))
-            except ValidationError as exc:
-                errors[index] = exc.messages
-        if errors:
-            raise ValidationError(errors)
-        return checked
-
-    @classmethod
-    def key_field(cls, key):
-        """``(field, value)`` that finds the row with this id (int or digit
-        string) or uuid; NotFoundError when ``key`` is neither."""
-        if type(key) is int and 0 <= key <= MAX_ID:
-            return cls.id, key
-        text = str(key).strip()
-        if text.isascii() and text.isdigit():  # not "²": str.isdigit takes other digits too
-            number = int(text)
-            if number > MAX_ID:
-                raise NotFoundError("%s %s does not exist (ids stop at %d)" % (cls.__name__, key, MAX_ID))
-            return cls.id, number
-        try:
-            return cls.uuid, uuid.UUID(text)
-        except ValueError:
-            raise NotFoundError("%s %r is neither an id nor a uuid" % (cls.__name__, key)) from None
-
-    @classmethod
-    def get_by_key(cls, key):
-        """The row with this id (int or digit string) or uuid; NotFoundError if none."""
-        field, value = cls.key_field(key)
-        row = cls.select().where(field == value).first()
-        if row is None:
-            raise NotFoundError("%s %s does not exist" % (cls.__name__, key))
-        return row
-
-
-class _PreparedInsert:
-    """An INSERT compiled once per model, column set and backend, and then
-    only executed: peewee builds SQL afresh for every query, which costs more
-    than the insert itself for one row."""
-
-    _cache = {}
-
-    def __init__(self, model, data):
-        self.model, self.data = model, data
-
-    @classmethod
-    def _statement(cls, model, names):
-        db = model_db(model)
-        key = (model, names, type(db))
-        if key not in cls._cache:
-            postgres = isinstance(db, PostgresqlDatabase)
-            columns, marks = [], []
-            for name in names:
-                field = model._meta.fields[name]
-                columns.append('"%s"' % field.column_name)
-                json_column = isinstance(field, JSONField)
-                marks.append("%s" if postgres else ("json(?)" if json_column else "?"))
-            sql = 'INSERT INTO "%s" (%s) VALUES ' % (model._meta.table_name, ", ".join(columns))
-            row = "(%s)" % ", ".join(marks)
-            pk = model._meta.primary_key
-            returning = ' RETURNING "%s"' % pk.column_name if postgres and model._meta.auto_increment else ""
-            cls._cache[key] = (sql, row, returning, postgres)
-        return cls._cache[key]
-
-    @staticmethod
-    def _params(model, names, data, postgres, shared=None):
-        params = []
-        for name in names:
-            field, value = model._meta.fields[name], data[name]
-            if value is not None and isinstance(field, JSONField):
-                # SQLite wraps the text in json(); psycopg2 takes it as a jsonb literal.
-                value = field._dumps(value)
-            elif shared is not None and value is shared[0]:
-                value = shared[1]  # the batch's timestamp, converted once
-            else:
-                value = field.db_value(value)
-            params.append(value)
-        return params
-
-    def _complete(self, now=None):
-        data = dict(self.data)
-        pk = self.model._meta.primary_key
-        if self.model._meta.auto_increment:
-            data.pop(pk.name, None)
-        for name, default in self.model._meta.defaults.items():
-            name = getattr(name, "name", name)
-            if name not in data:
-                if default is utcnow and now is not None:
-                    data[name] = now  # one time for a whole batch, as now() is in a transaction
-                else:
-                    data[name] = default() if callable(default) else default
-        return data
-
-    def execute(self):
-        data = self._complete()
-        names = tuple(sorted(data))
-        sql, row, returning, postgres = self._statement(self.model, names)
-        cursor = model_db(self.model).execute_sql(sql + row + returning,
-                                                  self._params(self.model, names, data, postgres))
-        if not self.model._meta.auto_increment:
-            return None
-        return cursor.fetchone()[0] if postgres else cursor.lastrowid
-
-    @classmethod
-    def many(cls, model, rows):
-        if not rows:
-            return
-        now = utcnow()
-        completed = [cls(model, row)._complete(now) for row in rows]
-        names = tuple(sorted(completed[0]))
-        if any(tuple(sorted(row)) != names for row in completed):
-            raise ValueError("bulk_insert rows must all have the same fields")
-        sql, row, _returning, postgres = cls._statement(model, names)
-        shared = (now, TimestampTzField().db_value(now) if not postgres else now)
-        params = [cls._params(model, names, data, postgres, shared) for data in completed]
-        db = model_db(model)
-        db.connect(reuse_if_open=True)
-        cursor = db.cursor()
-        if postgres:
-            from psycopg2.extras import execute_values
-            execute_values(cursor, sql + "%s", params, template=row, page_size=len(params))
-        else:
-            cursor.executemany(sql + row, params)
-
-
-# -- links: adding twice is harmless, linking to a missing row is a clear error ----
-
-class LinkQuery(ManyToManyQuery):
-    def add(self, value, clear_existing=False):
-        accessor = self._accessor
-        src_id = getattr(self._instance, self._src_attr)
-        with write_transaction(model_db(accessor.through_model)):
-            if clear_existing:
-                self.clear()
-            if isinstance(value, ModelSelect):
-                query = value.columns(accessor.dest_fk.rel_field)
-                ids = [row[0] for row in query.tuples()]
-            else:
-                value = value if isinstance(value, (list, tuple, set)) else [value]
-                ids = self._ids(value)
-            if not ids:
-                return
-            target = accessor.rel_model
-            found = {
-                row[0] for row in
-                target.select(target._meta.primary_key).where(target._meta.primary_key.in_(ids)).tuples()
-            }
-            missing = [i for i in ids if i not in found]
-            if missing:
-                raise NotFoundError(
-                    "cannot link: %s id %s does not exist"
-                    % (target.__name__, ", ".join(str(i) for i in missing))
-                )
-            rows = [{accessor.src_fk.name: src_id, accessor.dest_fk.name: i} for i in dict.fromkeys(ids)]
-            accessor.through_model.insert_many(rows).on_conflict_ignore().execute()
-
-    def _ids(self, values):
-        ids = []
-        for value in values:
-            if isinstance(value, Model):
-                pk = getattr(value, self._dest_attr)
-                if pk is None:
-                    raise NotFoundError("cannot link an unsaved %s; save it first" % type(value).__name__)
-                ids.append(pk)
-            else:
-                ids.append(int(value))
-        return ids
-
-    def remove(self, value):
-        if isinstance(value, ModelSelect):
-            return super().remove(value)
-        value = value if isinstance(value, (list, tuple, set)) else [value]
-        return super().remove(list(value)) if value else 0
-
-
-class LinkAccessor(ManyToManyFieldAccessor):
-    def __get__(self, instance, instance_type=None):
-        if instance is not None:
-            # Set by with_agents() / with_ai_models(): the links, loaded eagerly.
-            loaded = instance.__dict__.get(_loaded_key(self.name))
-            if loaded is not None:
-                return loaded
-        return super().__get__(instance, instance_type)
-
-    def get_query(self, instance):
-        src_id = getattr(instance, self.src_fk.rel_field.name)
-        if src_id is None:
-            raise NotFoundError("%s is not saved yet: it has no links" % type(instance).__name__)
-        return (
-            LinkQuery(instance, self, self.rel_model)
-            .join(self.through_model)
-            .join(self.model)
-            .where(self.src_fk == src_id)
-        )
-
-
-class LinkField(ManyToManyField):
-    """ManyToManyField whose ``add`` ignores existing links and checks the
-    targets exist; its backref on the other model behaves the same."""
-
-    accessor_class = LinkAccessor
-
-    def bind(self, model, name, set_attribute=True):
-        if isinstance(self._through_model, DeferredThroughModel):
-            self._through_model.set_field(model, self, name)
-            return
-        super(ManyToManyField, self).bind(model, name, set_attribute)
-        if not self._is_backref:
-            field = LinkField(self.model, backref=name, through_model=self.through_model, _is_backref=True)
-            self.rel_model._meta.add_field(self.backref, field)
-
+# PolicySynth's size fallback: which sizes to try, in order, for a size asked for.
+SIZE_FALLBACK = {
+    "large": ("large", "medium", "small"),
+    "medium": ("medium", "large", "small"),
+    "small": ("small", "medium", "large"),
+}
 
 AgentModelsThrough = DeferredThroughModel()
-
-
-def _loaded_key(name):
-    return "_loaded_" + name
-
-
-def _load_links(query, name, source_column, target_model, target_column):
-    """Eager loading in three queries: the rows, their links as plain tuples,
-    and the linked rows; each row gets a list under ``name`` (the accessor
-    then returns it instead of querying)."""
-    rows = list(query)
-    for row in rows:
-        row.__dict__[_loaded_key(name)] = []
-    if not rows:
-        return rows
-    source, target = getattr(AgentModels, source_column), getattr(AgentModels, target_column)
-    # Few rows: their ids as parameters. Many: the query itself as a subquery,
-    # so no driver's parameter limit is reached, and peewee does not convert
-    # and bind an id at a time (for 1,000 agents, a tenth of the load's time).
-    wanted = [row.id for row in rows] if len(rows) <= _MAX_IDS else query.columns(type(rows[0]).id)
-    links = list(AgentModels.select(source, target).where(source.in_(wanted)).tuples())
-    linked = sorted({target_id for _source_id, target_id in links})
-    wanted_targets = linked if len(linked) <= _MAX_IDS else AgentModels.select(target).where(source.in_(wanted))
-    targets = {m.id: m for m in target_model.select().where(target_model.id.in_(wanted_targets))}
-    by_id = {row.id: row for row in rows}
-    for source_id, target_id in sorted(links):
-        if target_id in targets:  # a link to a row that is gone (written by hand) is not shown
-            by_id[source_id].__dict__[_loaded_key(name)].append(targets[target_id])
-    return rows
-
-
-_MAX_IDS = 100
 
 
 # -- tables -----------------------------------------------------------------------
@@ -417,12 +55,14 @@ class PsAiModel(BaseModel):
         table_name = "ps_ai_models"
 
     def validate(self):
-        from .schemas import validate_model_row
-        self.configuration = validate_model_row(self)
+        stored = None
+        if self.id is not None and unknown_paths(self.configuration):
+            # Keys psai does not know may stay where the row already had them.
+            stored = PsAiModel.select(PsAiModel.configuration).where(PsAiModel.id == self.id).scalar()
+        self.configuration = validate_model_row(self, stored)
 
     @classmethod
     def _validate_values(cls, values, partial):
-        from .schemas import validate_model_values
         return validate_model_values(values, partial=partial)
 
     def save(self, *args, **kwargs):
@@ -431,7 +71,6 @@ class PsAiModel(BaseModel):
         in the same transaction."""
         if self.id is None or kwargs.get("force_insert"):
             return super().save(*args, **kwargs)
-        from .history import record_price_change
         with write_transaction(model_db(self)):
             # Lock the row before the new updated_at is taken, so a call
             # recorded at the same moment is either before the change or after it.
@@ -463,7 +102,6 @@ class PsAiModel(BaseModel):
         None value removes a key), validate the result and save it. A stored
         configuration that is not an object (a hand-written row) is replaced
         by ``changes``, so a bad row can be fixed."""
-        from .schemas import merge_configuration
         if not isinstance(changes, dict):
             raise ValidationError({"changes": ["Must be a dict of configuration fields to change."]})
         before = self.configuration
@@ -481,7 +119,6 @@ class PsAiModel(BaseModel):
         another tool): taking a bad row out of use never makes it worse. A
         configuration that is not an object cannot hold the flag: replace it
         with ``update_configuration``."""
-        from .check import shape_problem
         problem = shape_problem(self.configuration)
         if problem:
             raise ValidationError({"configuration": [problem + "; replace it with a whole configuration."]})
@@ -498,20 +135,18 @@ class PsAiModel(BaseModel):
         ``where_config(provider="openai", type="text", active=True)``; nested
         keys by path: ``where_config({"prices.currency": "EUR"})``. A list
         value matches any of its items. Same rows on SQLite and PostgreSQL."""
-        from .query import where_config
         return where_config(filters, **fields)
 
     @classmethod
     def history(cls, name, organization_id=None):
         """Every row that had this name, newest first."""
-        from .query import model_history
         return model_history(name, organization_id)
 
     @classmethod
     def with_agents(cls, query=None):
         """Models with ``.agents`` loaded, in three queries whatever their number."""
         query = cls.select().order_by(cls.id) if query is None else query
-        return _load_links(query, "agents", "ai_model", PsAgent, "agent")
+        return load_links(query, "agents", AgentModels, "ai_model", PsAgent, "agent")
 
     def __repr__(self):
         return "<PsAiModel %s %r>" % (self.id, self.name)
@@ -538,7 +173,6 @@ class PsAgent(BaseModel):
         table_name = "ps_agents"
 
     def validate(self):
-        from .schemas import validate_agent_row
         validate_agent_row(self)
         if self.id is not None and self.parent_agent_id is not None:
             # One change of the tree at a time: two saves each checking the
@@ -566,7 +200,6 @@ class PsAgent(BaseModel):
     def _refuse_cycle(self):
         """A sub-agent tree has no loops: the new parent may not be this
         agent or one of its sub-agents."""
-        from .query import sub_agent_tree
         if self.parent_agent_id in {agent.id for agent in sub_agent_tree(self)}:
             raise ValidationError({"parent_agent_id": [
                 "Agent %s is this agent or one of its sub-agents; a parent there would make a loop."
@@ -574,25 +207,22 @@ class PsAgent(BaseModel):
 
     @classmethod
     def _validate_values(cls, values, partial):
-        from .schemas import validate_agent_values
         return validate_agent_values(values, partial=partial)
 
     def select_model(self, model_type, size, *, include_inactive=False):
         """The PsAiModel this agent would use for ``model_type`` and ``size``,
-        under PolicySynth's size fallback (see ``psai.query.select_model``)."""
-        from .query import select_model
+        under PolicySynth's size fallback (see ``select_model``)."""
         return select_model(self, model_type, size, include_inactive=include_inactive)
 
     def sub_agent_tree(self, *, include_self=True):
         """This agent's sub-agents at every depth, each with ``.level``, in one query."""
-        from .query import sub_agent_tree
         return sub_agent_tree(self, include_self=include_self)
 
     @classmethod
     def with_ai_models(cls, query=None):
         """Agents with ``.ai_models`` loaded, in three queries whatever their number."""
         query = cls.select().order_by(cls.id) if query is None else query
-        return _load_links(query, "ai_models", "agent", PsAiModel, "ai_model")
+        return load_links(query, "ai_models", AgentModels, "agent", PsAiModel, "ai_model")
 
     def __repr__(self):
         return "<PsAgent %s>" % (self.id,)
@@ -722,3 +352,148 @@ class ModelProvenance(BaseModel):
 
 ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage, PsModelUsageItem, PriceVersion, PriceCorrection,
               ModelProvenance]
+
+
+register_models(ALL_MODELS)
+bind_row_class(PsAiModelSchema, PsAiModel)
+bind_row_class(PsAgentSchema, PsAgent)
+
+
+# -- price history: what PsAiModel.save keeps ---------------------------------------
+
+def prices_of(configuration):
+    """A configuration's prices, or {} when it has none that can be read."""
+    prices = configuration.get("prices") if isinstance(configuration, dict) else None
+    return prices if isinstance(prices, dict) else {}
+
+
+def _close(version, at):
+    PriceVersion.update(valid_to=at).where(PriceVersion.id == version.id).execute()
+
+
+def record_price_change(model, stored_configuration, stored_updated_at):
+    """Called by ``PsAiModel.save`` inside its transaction, with the row as
+    it was stored before the save: keep the history true."""
+    if not table_columns(model_db(PriceVersion), PriceVersion._meta.table_name):
+        return  # a PolicySynth database psai has not adopted: nothing of psai's is written
+    stored, new, now = prices_of(stored_configuration), prices_of(model.configuration), model.updated_at
+    current = (PriceVersion.select()
+               .where((PriceVersion.model == model.id) & PriceVersion.valid_to.is_null())
+               .order_by(PriceVersion.valid_from.desc(), PriceVersion.id.desc()).first())
+    if current is None or current.prices != stored:
+        # The first save through psai, or prices changed elsewhere since the
+        # last one: the stored prices were in force at least since the row
+        # was last written.
+        start = min(stored_updated_at, now) if stored_updated_at is not None else now  # clocks differ
+        if current is not None:
+            if start <= current.valid_from:
+                start = now  # changed without touching updated_at: known only from now
+            _close(current, start)
+        current = PriceVersion.create(model=model.id, valid_from=start, prices=stored,
+                                      source="observed" if current is not None else "stored")
+    if new != stored:
+        _close(current, now)
+        PriceVersion.create(model=model.id, valid_from=now, prices=new, source="psai")
+
+
+# -- the tables' own queries --------------------------------------------------------
+
+def where_config(filters=None, query=None, **fields):
+    """Models whose configuration matches, e.g. ``where_config(provider="openai",
+    type="text", active=True)`` or ``where_config({"prices.currency": "EUR"})``."""
+    combined = dict(filters or {})
+    combined.update(fields)
+    query = PsAiModel.select() if query is None else query
+    return query.where(config_filter(PsAiModel.configuration, combined, is_postgres(model_db(PsAiModel))))
+
+
+def newest_first(query):
+    return query.order_by(PsAiModel.created_at.desc(), PsAiModel.id.desc())
+
+
+def select_model(agent, model_type, size, *, include_inactive=False):
+    """The model ``agent`` uses for ``model_type`` and ``size`` under
+    PolicySynth's rules: the first size of SIZE_FALLBACK[size] the agent has a
+    model for, else any model of the type. Inactive models are skipped unless
+    ``include_inactive``. Among equals the newest row wins."""
+    model_type = getattr(model_type, "value", model_type)
+    size = getattr(size, "value", size)
+    if not isinstance(size, str) or size not in SIZE_FALLBACK:
+        raise ValidationError({"size": ["Must be one of: %s." % ", ".join(s.value for s in PsAiModelSize)]})
+    if not isinstance(model_type, str):
+        raise ValidationError({"model_type": ["Must be a model type such as 'text'."]})
+    filters = {"type": model_type}
+    if not include_inactive:
+        filters["active"] = True
+    candidates = list(newest_first(where_config(filters, query=agent.ai_models)))
+    chosen = _choose(candidates, size)
+    if chosen is None:
+        raise NotFoundError("agent %s has no %s%r model" % (
+            agent.id, "" if include_inactive else "active ", model_type))
+    return chosen
+
+
+def _choose(candidates, size):
+    """From models of one type, newest first: PolicySynth's pick for ``size``."""
+    by_size = {}
+    for model in candidates:
+        by_size.setdefault(model.configuration.get("modelSize"), model)
+    for wanted in SIZE_FALLBACK[size]:
+        if wanted in by_size:
+            return by_size[wanted]
+    return candidates[0] if candidates else None
+
+
+def model_choices(agent, *, include_inactive=False):
+    """For each type among the agent's models and each size: the model
+    select_model would pick. One query."""
+    query = agent.ai_models if include_inactive else where_config({"active": True}, query=agent.ai_models)
+    by_type = {}
+    for model in newest_first(query):
+        by_type.setdefault(model.configuration.get("type"), []).append(model)
+    rows = []
+    for model_type in sorted(by_type, key=str):
+        for size in SIZE_FALLBACK:
+            model = _choose(by_type[model_type], size)
+            rows.append({"type": model_type, "size": size, "model_id": model.id, "name": model.name,
+                         "model_size": model.configuration.get("modelSize"),
+                         "model": model.configuration.get("model")})
+    return rows
+
+
+def model_history(name, organization_id=None):
+    """Every row that had this name, newest first."""
+    query = PsAiModel.select().where(PsAiModel.name == name)
+    if organization_id is not None:
+        query = query.where(PsAiModel.organization_id == organization_id)
+    return list(newest_first(query))
+
+
+MAX_TREE_DEPTH = 64
+
+
+def sub_agent_tree(agent, *, include_self=True):
+    """The agents under ``agent`` (and itself), each with ``.level`` (0 for
+    ``agent``), in one recursive query, by level then id. A loop in
+    parent_agent_id (which PolicySynth does not prevent) ends the walk."""
+    tree = (PsAgent.select(PsAgent.id, Value(0).alias("level"))
+            .where(PsAgent.id == agent.id)
+            .cte("agent_tree", recursive=True, columns=("id", "level")))
+    child = PsAgent.alias("child")
+    step = (child.select(child.id, tree.c.level + 1)
+            .join(tree, on=(child.parent_agent == tree.c.id))
+            .where(tree.c.level < MAX_TREE_DEPTH))
+    tree = tree.union_all(step)
+    query = (PsAgent.select(PsAgent, tree.c.level.alias("level"))
+             .join(tree, on=(PsAgent.id == tree.c.id))
+             .with_cte(tree)
+             .order_by(tree.c.level, PsAgent.id)
+             .objects())  # level lands on each agent, not on a joined object
+    seen, result = set(), []
+    for row in query:
+        if row.id in seen:
+            continue
+        seen.add(row.id)
+        if include_self or row.level > 0:
+            result.append(row)
+    return result

@@ -11,6 +11,8 @@ reports use exact ``Decimal`` arithmetic (``cost_of_counters(..., exact=True)``)
 import math
 from decimal import Decimal
 
+from .constants import BASE_RATE_KEYS, LONG_CONTEXT_RATE_KEYS, TIER_KEYS, TIER_RATE_KEYS
+
 __all__ = [
     "resolve_prices", "partition_usage", "cost_of_counters", "cost_breakdown", "estimate_cost",
     "COUNTERS", "normalize_inference_type",
@@ -26,18 +28,8 @@ COUNTERS = (
     "long_context_token_out_audio_count", "long_context_token_out_image_count",
 )
 
-_TIER_KEYS = {
-    "flex": ("flexTokensIn", "flexTokensCachedIn", "flexTokensOut"),
-    "priority": ("priorityTokensIn", "priorityTokensCachedIn", "priorityTokensOut"),
-    "fast": ("fastTokensIn", "fastTokensCachedIn", "fastTokensOut"),
-}
-_BASE_KEYS = ("costInTokensPerMillion", "costInCachedContextTokensPerMillion", "costOutTokensPerMillion")
-_LONG_KEYS = (
-    "longContextCostInTokensPerMillion",
-    "longContextCostInCachedContextTokensPerMillion",
-    "longContextCostOutTokensPerMillion",
-)
-_MARGIN_KEYS = _BASE_KEYS + _LONG_KEYS + tuple(k for keys in _TIER_KEYS.values() for k in keys)
+# The rates the EU margin raises.
+_MARGIN_KEYS = BASE_RATE_KEYS + LONG_CONTEXT_RATE_KEYS + TIER_RATE_KEYS
 
 
 def _is_number(value):
@@ -75,11 +67,11 @@ def resolve_prices(prices, *, provider=None, inference_type=None, regional_proce
     if tier in ("flex", "priority", "fast"):
         # A tier rate that is not set falls back to the standard rate.
         selected = [prices.get(base_key) if prices.get(tier_key) is None else prices[tier_key]
-                    for tier_key, base_key in zip(_TIER_KEYS[tier], _BASE_KEYS)]
-        for base_key, rate in zip(_BASE_KEYS, selected):
+                    for tier_key, base_key in zip(TIER_KEYS[tier], BASE_RATE_KEYS)]
+        for base_key, rate in zip(BASE_RATE_KEYS, selected):
             resolved[base_key] = rate
         if tier == "fast" or prices.get("flexPriorityTokensEnabledOnLongContext"):
-            for long_key, base_key, rate in zip(_LONG_KEYS, _BASE_KEYS, selected):
+            for long_key, base_key, rate in zip(LONG_CONTEXT_RATE_KEYS, BASE_RATE_KEYS, selected):
                 resolved[long_key] = _derive_long_rate(rate, prices.get(base_key), prices.get(long_key))
     margin = prices.get("regionalProcessingMargin")
     if regional_processing == "eu" and _is_number(margin) and math.isfinite(margin):

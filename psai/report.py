@@ -14,6 +14,7 @@ from html import escape
 from peewee import PostgresqlDatabase
 
 from .db import current_db, redact_url
+from .errors import ValidationError
 from .fields import utcnow
 from .usage import REPORT_GROUPINGS, cost_report, daily_costs, report_totals
 
@@ -204,7 +205,6 @@ def html(by="model", *, since=None, until=None, rows=None, database=None, title=
     grouping's ``cost_report`` rows already made. ``database`` is shown as
     where the data came from (default: the database in use, no password)."""
     if by not in REPORT_GROUPINGS:
-        from .errors import ValidationError
         raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
     rows = rows if rows is not None else cost_report(by, since=since, until=until)
     by_model = rows if by == "model" else cost_report("model", since=since, until=until)

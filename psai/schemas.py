@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import numbers
+from typing import Any
 from enum import Enum
 
 from marshmallow import (
@@ -15,6 +16,7 @@ from marshmallow import (
 from marshmallow import ValidationError as _MarshmallowValidationError
 from marshmallow.validate import Length, OneOf, Range, Regexp
 
+from .constants import LONG_CONTEXT_RATE_KEYS, MAX_INTEGER, MAX_SAFE_INTEGER, MIN_INTEGER
 from .enums import (
     InferenceType, PsAiModelSize, PsAiModelType, ReasoningMode, RegionalProcessing,
 )
@@ -36,7 +38,6 @@ class _Base(Schema):
 
 # -- strict scalar fields: JSON has no "30" for 30, no 1 for true, no NaN ------------
 
-MAX_SAFE_INTEGER = 2 ** 53 - 1  # JavaScript's Number.MAX_SAFE_INTEGER
 
 
 class Number(fields.Field):
@@ -139,13 +140,6 @@ def Count(minimum=0, **kwargs):
 
 # -- configuration ----------------------------------------------------------------
 
-LONG_CONTEXT_RATES = (
-    "longContextCostInTokensPerMillion",
-    "longContextCostInCachedContextTokensPerMillion",
-    "longContextCostOutTokensPerMillion",
-)
-
-
 class _ConfigurationPart(_Base):
     """Unknown keys are refused by default (a typo is the common case); a
     schema built with unknown=INCLUDE keeps them, for rows written by a newer
@@ -202,7 +196,7 @@ class ModelPricesSchema(_ConfigurationPart):
             return
         errors = {
             key: ["Only meaningful with longContextTokenThreshold, which is missing."]
-            for key in LONG_CONTEXT_RATES if key in data
+            for key in LONG_CONTEXT_RATE_KEYS if key in data
         }
         if errors:
             raise _MarshmallowValidationError(errors)
@@ -239,14 +233,10 @@ def validate_configuration(configuration, *, allow_unknown=False):
 
 # -- rows -------------------------------------------------------------------------
 
-# PolicySynth's id and reference columns are PostgreSQL INTEGERs.
-MAX_COLUMN_INTEGER = 2 ** 31 - 1
-
-
-def ColumnInteger(minimum=-MAX_COLUMN_INTEGER - 1, **kwargs):
+def ColumnInteger(minimum=MIN_INTEGER, **kwargs):
     """An integer that fits a 32-bit INTEGER column, as on PostgreSQL (SQLite
     would store more, and the same row could not be copied to PostgreSQL)."""
-    return Integer(validate=Range(min=minimum, max=MAX_COLUMN_INTEGER), **kwargs)
+    return Integer(validate=Range(min=minimum, max=MAX_INTEGER), **kwargs)
 
 
 class _Row(_Base):
@@ -266,18 +256,20 @@ class _Row(_Base):
         self.as_rows = as_rows
         super().__init__(**kwargs)
 
+    # The model class load() builds rows of: psai.models binds its tables
+    # here (``bind_row_class``), as this module knows no database.
+    row_class: Any = None
+
     @post_load
     def _make_row(self, data, **kwargs):
         if not self.as_rows:
             return data
-        from . import models
-        return getattr(models, self._model_name)(**data)
+        return self.row_class(**data)
 
 
 class PsAiModelSchema(_Row):
     """A ``ps_ai_models`` row. ``with_links=True`` adds the linked agents."""
 
-    _model_name = "PsAiModel"
     _link_field = "agents"
 
     user_id = ColumnInteger(required=True)
@@ -293,7 +285,6 @@ class PsAiModelSchema(_Row):
 class PsAgentSchema(_Row):
     """A ``ps_agents`` row. ``with_links=True`` adds the linked AI models."""
 
-    _model_name = "PsAgent"
     _link_field = "ai_models"
 
     user_id = ColumnInteger(required=True)
@@ -428,17 +419,24 @@ def validate_model_values(values, *, partial=False, unknown=RAISE):
     return values
 
 
-def validate_model_row(row):
+def bind_row_class(schema_class: type["_Row"], row_class: Any) -> None:
+    """Make ``schema_class().load()`` build rows of ``row_class``."""
+    schema_class.row_class = row_class
+
+
+def unknown_paths(configuration: Any) -> set[str]:
+    """The dotted paths of a configuration's keys psai does not know."""
+    return _unknown_paths(configuration)
+
+
+def validate_model_row(row: Any, stored_configuration: Any = None) -> dict:
     """Validate a PsAiModel before save() writes it; return its normalised
-    configuration. Unknown configuration keys are refused, except on an
-    existing row that already stored them (written by a newer PolicySynth)."""
+    configuration. Unknown configuration keys are refused, except those the
+    row already stored (``stored_configuration``: written by a newer PolicySynth)."""
     unknown = RAISE
     extra = _unknown_paths(row.configuration)
-    if extra and row.id is not None:
-        model = type(row)
-        stored = model.select(model.configuration).where(model.id == row.id).scalar()
-        if extra <= _unknown_paths(stored):
-            unknown = INCLUDE
+    if extra and stored_configuration is not None and extra <= _unknown_paths(stored_configuration):
+        unknown = INCLUDE
     values = {"user_id": row.user_id, "organization_id": row.organization_id,
               "name": row.name, "configuration": row.configuration}
     return validate_model_values(values, unknown=unknown)["configuration"]
@@ -485,3 +483,22 @@ def merge_configuration(configuration, changes):
         else:
             merged[key] = copy.deepcopy(value)
     return merged
+
+
+def shape_problem(configuration: Any, *, model: bool = False) -> str | None:
+    """Why a stored configuration cannot even be read as one (a sentence),
+    or None: not an object, nested too deep, a model's prices not an object."""
+    if not isinstance(configuration, dict):
+        return "configuration is not a JSON object (%s)" % type(configuration).__name__
+    problem = json_problem(configuration)
+    if problem:
+        return "configuration: %s" % problem
+    if model and "prices" in configuration and not isinstance(configuration["prices"], dict):
+        return "configuration.prices is not a JSON object"
+    return None
+
+
+def readable(configuration: Any) -> dict:
+    """The configuration when it can be read as one, else {}: what listings
+    show of a bad row besides its flag."""
+    return configuration if shape_problem(configuration) is None else {}

@@ -11,7 +11,12 @@ from peewee import ModelUpdate
 
 from .db import connect, model_db, table_columns, using, write_transaction
 from .errors import ValidationError
-from .models import AgentModels, PsAgent, PsAiModel
+from .check import dump_rows
+from .migrations import ensure_schema
+from .models import (
+    AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
+)
+from .recording import NO_AGENT
 from .schemas import INCLUDE, RAISE, PsAgentSchema, PsAiModelSchema
 
 __all__ = ["export_data", "import_data", "copy", "TABLES"]
@@ -22,7 +27,6 @@ TABLES = ("ps_ai_models", "ps_agents", "AgentModels")
 def export_data():
     """Every model, agent and link, JSON-ready. A row psai would refuse is
     exported as stored (`psai check` says what is wrong with it)."""
-    from .check import dump_rows
     return {
         "ps_ai_models": [dump for dump, _problem in dump_rows(
             PsAiModelSchema(), PsAiModel.select().order_by(PsAiModel.id), model=True)],
@@ -236,10 +240,6 @@ def copy(source, target, *, dry_run=False, progress=None):
     the target's own); usage rows by model, agent, connector and time, so a
     second copy updates rather than duplicates. Returns ``{table: {"created",
     "updated"}}``; ``dry_run`` computes the same and writes nothing."""
-    from .migrations import ensure_schema
-    from .models import (AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel,
-                         PsModelUsage, PsModelUsageItem)
-    from .usage import NO_AGENT
     opened = []
     if isinstance(source, str):
         source = connect(source, bind=False)

@@ -84,10 +84,12 @@ def test_a_second_import_updates_in_place_keeping_history_links_and_your_keys(db
     agent.ai_models.add(gpt)
     gpt.update_configuration({"prices": {"costInTokensPerMillion": 1, "regionalProcessingMargin": 10},
                               "maxTokensOut": 1000})
-    again = catalog.import_catalog("genai-prices", models=["gpt-4o"], providers=["openai"], user_id=1, organization_id=2, dry_run=True)
+    again = catalog.import_catalog("genai-prices", models=["gpt-4o"], providers=["openai"], user_id=1,
+                                   organization_id=2, dry_run=True)
     assert [m["action"] for m in again["models"]] == ["would update"]
     assert PsAiModel.get_by_id(gpt.id).configuration["prices"]["costInTokensPerMillion"] == 1  # dry run
-    again = catalog.import_catalog("genai-prices", models=["openai/gpt-4o"], providers=["openai"], user_id=1, organization_id=2)
+    again = catalog.import_catalog("genai-prices", models=["openai/gpt-4o"], providers=["openai"], user_id=1,
+                                   organization_id=2)
     assert [(m["action"], m["model_id"]) for m in again["models"]] == [("updated", gpt.id)]
     assert PsAiModel.select().count() == 1  # never duplicated
     stored = PsAiModel.get_by_id(gpt.id).configuration
@@ -95,7 +97,8 @@ def test_a_second_import_updates_in_place_keeping_history_links_and_your_keys(db
     assert stored["prices"]["regionalProcessingMargin"] == 10 and stored["maxTokensOut"] == 1000  # yours
     assert agent.select_model("text", "large").id == gpt.id
     assert [v["prices"]["costInTokensPerMillion"] for v in psai.price_history(gpt)] == [2.5, 1, 2.5]
-    third = catalog.import_catalog("genai-prices", models=["gpt-4o"], providers=["openai"], user_id=1, organization_id=2)
+    third = catalog.import_catalog("genai-prices", models=["gpt-4o"], providers=["openai"], user_id=1,
+                                   organization_id=2)
     assert [m["action"] for m in third["models"]] == ["unchanged"]
     # Another organization gets its own row.
     catalog.import_catalog("genai-prices", models=["gpt-4o"], providers=["openai"], user_id=1, organization_id=3)
@@ -127,8 +130,8 @@ def test_sizes_and_types(db):
     assert by_model["gpt-4o-mini"]["modelSize"] == "small" and by_model["gpt-4o"]["modelSize"] == "large"
     assert by_model["text-embedding-3-small"]["type"] == "embedding"
     assert by_model["gpt-4o"]["maxTokensOut"] == 4096 and by_model["gpt-4o"]["maxContextTokens"] == 128000
-    catalog.import_catalog("genai-prices", models=["o3"], providers=["openai"], user_id=1, organization_id=2, size="medium",
-                           temperature=0.2)
+    catalog.import_catalog("genai-prices", models=["o3"], providers=["openai"], user_id=1, organization_id=2,
+                           size="medium", temperature=0.2)
     o3 = PsAiModel.where_config(model="o3").get().configuration
     assert (o3["modelSize"], o3["defaultTemperature"]) == ("medium", 0.2)
 
@@ -205,7 +208,8 @@ def test_psai_and_genai_prices_agree_on_random_calls(db):
 
 
 def test_genai_prices_top_level_calc_price_on_a_known_model(db):
-    catalog.import_catalog("genai-prices", models=["claude-sonnet-4-5"], providers=["anthropic"], user_id=1, organization_id=2)
+    catalog.import_catalog("genai-prices", models=["claude-sonnet-4-5"], providers=["anthropic"], user_id=1,
+                           organization_id=2)
     sonnet = PsAiModel.select().get()
     usage = {"tokens_in": 250_000, "cached_tokens": 50_000, "cache_write_tokens": 10_000, "tokens_out": 3_000}
     theirs = genai_prices.calc_price(catalog.genai_usage(**usage), "claude-sonnet-4-5",

@@ -2,7 +2,6 @@
 the main paths on PostgreSQL too, and a real subprocess."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -11,12 +10,10 @@ from click.testing import CliRunner
 
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsage
-from psai.cli import REFERENCE_END, REFERENCE_START, cli, help_reference
+from psai.cli import cli
 from psai.schemas import PsAiModelSchema
 
 from conftest import SEED_CONFIGURATION, make_backend
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -367,7 +364,10 @@ def test_export_import_round_trip(run_on_both, tmp_path):
     again = runner.invoke(cli, ["--database", target, "import", str(exported)])
     assert "0 created, 0 updated, 0 links" in again.stdout
     second = json.loads(runner.invoke(cli, ["--database", target, "export"]).stdout)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("id", "updated_at", "ai_models")} for r in rows]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("id", "updated_at", "ai_models")} for r in rows]
+
     assert strip(second["ps_ai_models"]) == strip(data["ps_ai_models"])
     assert strip(second["ps_agents"]) == strip(data["ps_agents"])
 
@@ -416,14 +416,6 @@ def test_real_subprocess(tmp_path, config_file):
     assert bad.returncode == 1 and bad.stderr == "Error: PsAiModel 77 does not exist\n"
     usage = psai_process("models", "list", "--size", "xl")
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
-
-
-# -- the reference in docs/cli.md ------------------------------------------------------------
-
-def test_cli_reference_in_docs_matches_help():
-    text = (ROOT / "docs" / "cli.md").read_text()
-    reference = text.split(REFERENCE_START, 1)[1].split(REFERENCE_END, 1)[0]
-    assert reference.strip() == help_reference().strip(), "docs/cli.md is stale: run `make docs`"
 
 
 def test_progress_bars_when_stderr_is_a_terminal(tmp_path, config_file):

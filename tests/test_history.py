@@ -135,7 +135,8 @@ def test_postgres_records_a_call_in_one_round_trip(postgres_db):
     assert len(sent) == 5
     assert all(sql.startswith("SELECT pg_advisory_xact_lock") and "EXECUTE psai_" in sql for sql in sent)
     [row] = PsModelUsage.select()
-    assert (row.token_in_count, row.token_in_cached_context_count, row.token_out_count) == (10 + 5 * 990, 50, 1 + 5 * 100)
+    counts = (row.token_in_count, row.token_in_cached_context_count, row.token_out_count)
+    assert counts == (10 + 5 * 990, 50, 1 + 5 * 100)
     assert len(items()) == 6
     assert total() == {"USD": (Decimal(10 + 5 * 990) * 30 + 50 * 10 + 501 * 60) / 10 ** 6}
 
@@ -545,6 +546,6 @@ def test_counters_without_items_price_alike_row_by_row_and_summed(db, monkeypatc
                       (datetime.datetime.now(UTC) + datetime.timedelta(hours=1), b)):
         counter_row(m, who, when, token_in_count=1_000_000, token_out_count=1000)
     reports = {by: cost_report(by) for by in ("model", "agent", "tree", "day")}
-    monkeypatch.setattr("psai.usage.MAX_PERIOD_BRANCHES", 0)
+    monkeypatch.setattr("psai.reports.MAX_PERIOD_BRANCHES", 0)
     assert {by: cost_report(by) for by in reports} == reports
     assert report_totals(reports["model"])["USD"]["cost"] == Decimal(60 + 30 + 60) + Decimal(3 * 1000 * 60) / 10 ** 6

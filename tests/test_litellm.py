@@ -91,7 +91,8 @@ def test_import_creates_models_and_reports_the_rest(db, tmp_path):
     assert set(result["skipped"]) == {"text-embedding-3-small", "dall-e-3", "omni-moderation-latest",
                                       "odd/two-thresholds"}
     assert "sample_spec" not in result["skipped"]
-    assert PsAiModel.where_config(provider="gemini").get().configuration["prices"]["longContextTokenThreshold"] == 200_000
+    gemini = PsAiModel.where_config(provider="gemini").get()
+    assert gemini.configuration["prices"]["longContextTokenThreshold"] == 200_000
     # Importing a newer map updates the imported row in place; the old prices stay in its history.
     newer = json.loads(json.dumps(COST_MAP))
     newer["gpt-4o"]["input_cost_per_token"] = 2e-06

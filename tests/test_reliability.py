@@ -62,7 +62,8 @@ def assert_consistent(backend):
     if backend.kind == "sqlite":
         assert db.execute_sql("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert db.execute_sql("PRAGMA foreign_key_check").fetchall() == []
-    dangling = (AgentModels.select().join(PsAiModel, on=(AgentModels.ai_model == PsAiModel.id), join_type=JOIN.LEFT_OUTER)
+    dangling = (AgentModels.select()
+                .join(PsAiModel, on=(AgentModels.ai_model == PsAiModel.id), join_type=JOIN.LEFT_OUTER)
                 .where(PsAiModel.id.is_null()).count())
     assert dangling == 0
     return db
@@ -216,7 +217,7 @@ def test_deletes_never_leave_dangling_rows(db):
         models[0].delete_instance()
     agents[0].delete_instance()
     PsAgent.delete().where(PsAgent.id == agents[3].id).execute()  # a bulk delete too
-    links = [(l.agent_id, l.ai_model_id) for l in AgentModels.select()]
+    links = [(link.agent_id, link.ai_model_id) for link in AgentModels.select()]
     live_agents = {a.id for a in PsAgent.select()}
     live_models = {m.id for m in PsAiModel.select()}
     assert all(a in live_agents and m in live_models for a, m in links)

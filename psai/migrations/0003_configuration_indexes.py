@@ -4,11 +4,10 @@ SQLite: expression indexes on the JSON paths psai.query writes as literals
 (INDEXED_PATHS). PostgreSQL: one GIN index (jsonb_path_ops) that serves every
 containment filter. Both: an index on name, for superseding and history.
 """
+from playhouse.migrate import PostgresqlMigrator
 
 
 def up(migrator, db):
-    from playhouse.migrate import PostgresqlMigrator
-
     statements = ['CREATE INDEX IF NOT EXISTS "ps_ai_models_name" ON "ps_ai_models" ("name")']
     if isinstance(migrator, PostgresqlMigrator):
         statements.append(

@@ -15,8 +15,10 @@ import os
 
 from peewee import DatabaseError, PostgresqlDatabase
 
-from ..db import NotConnectedError, current_db, forget_schema
-from ..errors import PsaiError
+from playhouse.migrations import Runner
+
+from ..db import NotConnectedError, connect, current_db, forget_schema
+from ..errors import NotAdoptedError
 
 __all__ = ["migrate", "adopt", "ensure_schema", "is_policysynth_database", "HISTORY_TABLE", "DIRECTORY",
            "runner", "NotAdoptedError"]
@@ -29,10 +31,6 @@ POLICYSYNTH_MIGRATIONS = {"0001_initial": {"ps_ai_models", "ps_agents", "AgentMo
                           "0002_model_usage": {"ps_model_usage"}}
 
 
-class NotAdoptedError(PsaiError):
-    """The database is PolicySynth's and psai was not asked to add to it."""
-
-
 def _db(db):
     """``db``, else the database psai's models are bound to in this thread
     (``psai.using``), else the one ``connect()`` opens by default."""
@@ -41,12 +39,10 @@ def _db(db):
     try:
         return current_db()
     except NotConnectedError:
-        from ..db import connect
         return connect()
 
 
 def runner(db=None):
-    from playhouse.migrations import Runner
     return Runner(_db(db), DIRECTORY, table_name=HISTORY_TABLE)
 
 

@@ -1,0 +1,78 @@
+"""Arguments callers give psai's recording and report functions, checked
+one way everywhere: models and agents by row, id or uuid; counts and ids
+that fit PolicySynth's INTEGER columns; periods as aware datetimes."""
+import datetime
+import math
+
+from .constants import MAX_INTEGER
+from .errors import ValidationError
+from .fields import UTC
+from .models import PsAgent, PsAiModel
+
+__all__ = ["model_arg", "agent_arg", "check_counts", "check_ids", "as_datetime"]
+
+
+def model_arg(model):
+    return model if isinstance(model, PsAiModel) else PsAiModel.get_by_key(model)
+
+
+def agent_arg(agent):
+    if agent is None or isinstance(agent, PsAgent):
+        return agent
+    return PsAgent.get_by_key(agent)
+
+
+def check_counts(counts):
+    """One rule for every count a caller gives (record_usage, model_cost): a
+    number, finite, 0 or more, at most what one counter column holds."""
+    errors = {}
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors[name] = ["Not a number."]
+        elif isinstance(value, float) and not math.isfinite(value) or value < 0:
+            errors[name] = ["Must be a finite number, 0 or more."]
+        elif value > MAX_INTEGER:  # compared as given: math.isfinite(10**400) would overflow
+            errors[name] = ["Too large for one call: at most %d." % MAX_INTEGER]
+    if errors:
+        raise ValidationError(errors)
+
+
+def check_ids(ids):
+    """Ids a caller gives for columns: integers that fit PostgreSQL's INTEGER
+    (SQLite would store text or huge numbers where PolicySynth cannot read them)."""
+    errors = {}
+    for name, value in ids.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors[name] = ["Not an integer."]
+        elif not -MAX_INTEGER - 1 <= value <= MAX_INTEGER:
+            errors[name] = ["Out of range for an INTEGER column (at most %d)." % MAX_INTEGER]
+    if errors:
+        raise ValidationError(errors)
+
+
+def as_datetime(value, end=False, name=None):
+    """A since/until as an aware datetime: a date, a datetime or their ISO
+    text (a date ``until`` is inclusive). None stays None."""
+    name = name or ("until" if end else "since")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value) if "T" in value or " " in value \
+                else datetime.date.fromisoformat(value)
+        except ValueError as exc:
+            raise ValidationError({name: ["Not a date or time (YYYY-MM-DD or ISO 8601): %s." % exc]}) from None
+    if not isinstance(value, datetime.date):
+        raise ValidationError({name: ["Not a date or time: %r." % (value,)]})
+    if not isinstance(value, datetime.datetime):
+        day = value
+        value = datetime.datetime(day.year, day.month, day.day, tzinfo=UTC)
+        if end:
+            if day == datetime.date.max:
+                return None  # until the end of time
+            value += datetime.timedelta(days=1)  # a date until is inclusive
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value

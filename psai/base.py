@@ -1,0 +1,396 @@
+"""psai's peewee base: the model class every table derives from, and every
+dependency on peewee's internals in one place: rows read without a
+descriptor call per field, validation on every write path, a cached INSERT
+for save(), links whose ``add`` is harmless twice, eager loading of links."""
+import uuid
+from typing import Any
+
+from peewee import (
+    DeferredThroughModel, FieldAccessor, ManyToManyField, ManyToManyFieldAccessor, ManyToManyQuery,
+    Model, ModelInsert, ModelSelect, ModelUpdate, Node, PostgresqlDatabase,
+)
+from playhouse.hybrid import hybrid_method
+from playhouse.shortcuts import ThreadSafeDatabaseMetadata
+
+try:  # the PostgreSQL driver is an extra: psai[postgres]
+    from psycopg2.extras import execute_values
+except ImportError:  # pragma: no cover - installed in the tests
+    execute_values = None
+
+from .constants import MAX_INTEGER
+from .db import database, model_db, write_transaction
+from .errors import NotFoundError, ValidationError
+from .fields import JSONField, TimestampTzField, utcnow
+
+__all__ = ["BaseModel", "LinkField", "load_links"]
+
+
+def _plain_fields(model, _cache={}):
+    """The names of ``model``'s fields whose accessor is peewee's plain
+    FieldAccessor (storing a value is ``__data__[name] = value``)."""
+    names = _cache.get(model)
+    if names is None:
+        names = _cache[model] = frozenset(
+            name for name in model._meta.fields if type(model.__dict__.get(name)) is FieldAccessor)
+    return names
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database  # the default; psai.using(db) / bind_ctx rebind per thread
+        model_metadata_class = ThreadSafeDatabaseMetadata
+        legacy_table_names = False
+
+    def __init__(self, *args, **kwargs):
+        if not kwargs.get("__no_default__"):
+            super().__init__(*args, **kwargs)
+            return
+        # A row peewee read from the database (its cursor wrappers pass
+        # __no_default__ with the row's values): values of plain fields go
+        # straight into __data__, as FieldAccessor.__set__ would put them,
+        # without a descriptor call and a dirty mark each. The rest (foreign
+        # keys, their *_id names, other columns selected) go through setattr.
+        del kwargs["__no_default__"]
+        super().__init__(__no_default__=True)
+        plain = _plain_fields(type(self))
+        data = self.__data__
+        for name, value in kwargs.items():
+            if name in plain:
+                data[name] = value
+            else:
+                setattr(self, name, value)
+
+    def save(self, *args: Any, validate: bool = True, **kwargs: Any) -> Any:
+        """Save the row, validated first unless ``validate=False`` (for rows a
+        schema has already checked, with its own rules: an import)."""
+        # PolicySynth (Sequelize) refreshes updated_at on every save; a new
+        # row has one time for both, as Sequelize gives it.
+        if "updated_at" in self._meta.fields:
+            inserting = self._pk is None or kwargs.get("force_insert")
+            created = getattr(self, "created_at", None)
+            self.updated_at = created if inserting and created is not None else utcnow()
+            only = kwargs.get("only")
+            if only is not None:
+                field = self._meta.fields["updated_at"]
+                # Field == builds SQL, so compare by identity and by name.
+                if not any(f is field or (isinstance(f, str) and f == "updated_at") for f in only):
+                    kwargs["only"] = list(only) + [field]
+        if validate:
+            self.validate()
+        # peewee's save() writes through this row's insert() or update():
+        # called on a row, they write what save() has validated.
+        return super().save(*args, **kwargs)
+
+    def validate(self):
+        """Raise psai.ValidationError if this row may not be written."""
+
+    # Writes that bypass save() are validated too. Values that are SQL
+    # expressions (JSON path updates and the like) are passed through as given.
+
+    @classmethod
+    def _validate_values(cls, values, partial):
+        """Validate {field name: value}; return the values to write."""
+        return values
+
+    @classmethod
+    def _checked(cls, data, partial):
+        names = {field.name: value for field, value in data.items()
+                 if not isinstance(value, Node) and field.name in cls._meta.fields}
+        checked = cls._validate_values(names, partial)
+        return {field: checked.get(field.name, value) for field, value in data.items()}
+
+    def _insert_row(self, __data=None, **insert):
+        """save() inserting this row, which it has validated: one cached statement."""
+        if __data is not None:
+            return type(self).insert(__data, **insert)
+        return _PreparedInsert(type(self), insert)
+
+    def _insert_checked(cls, __data=None, **insert):
+        return ModelInsert(cls, cls._checked(cls._normalize_data(__data, insert), partial=False))
+
+    # On the class (``Model.insert(...)``): validated. On a row: save()'s own write.
+    insert = hybrid_method(_insert_row, _insert_checked)
+
+    @classmethod
+    def bulk_insert(cls, rows, *, validate=True, batch_size=1000):
+        """Insert many rows (dicts of field names) at the driver's full speed:
+        one prepared statement, executemany on SQLite, multi-row VALUES on
+        PostgreSQL, all in one transaction. Every row is validated first
+        unless ``validate=False``. Returns the number of rows inserted."""
+        if validate:
+            rows = [{field.name: value for field, value in row.items()} for row in cls._checked_rows(rows)]
+        else:
+            rows = [{getattr(k, "name", k): v for k, v in row.items()} for row in rows]
+        with write_transaction(model_db(cls)):
+            for start in range(0, len(rows), batch_size):
+                _PreparedInsert.many(cls, rows[start:start + batch_size])
+        return len(rows)
+
+    def _update_row(self, __data=None, **update):
+        """save() updating this row, which it has validated."""
+        return ModelUpdate(type(self), type(self)._normalize_data(__data, update))
+
+    def _update_checked(cls, __data=None, **update):
+        return ModelUpdate(cls, cls._checked(cls._normalize_data(__data, update), partial=True))
+
+    # On the class (``Model.update(...)``): validated. On a row: save()'s own write.
+    update = hybrid_method(_update_row, _update_checked)
+
+    @classmethod
+    def insert_many(cls, rows, fields=None, *, validate=True):
+        """Bulk insert. Every row is validated before anything is written;
+        ``validate=False`` is the trusted path for rows already checked."""
+        if not validate:
+            return super().insert_many(rows, fields)
+        if fields is not None:
+            names = [f if isinstance(f, str) else f.name for f in fields]
+            rows = [dict(zip(names, row)) for row in rows]
+        return super().insert_many(cls._checked_rows(rows))
+
+    @classmethod
+    def _checked_rows(cls, rows):
+        """Every row validated ({Field: value} each), or one ValidationError
+        whose paths start with the index of each bad row."""
+        checked, errors = [], {}
+        for index, row in enumerate(rows):
+            try:
+                checked.append(cls._checked(cls._normalize_data(None, dict(row)), partial=False))
+            except ValidationError as exc:
+                errors[index] = exc.messages
+        if errors:
+            raise ValidationError(errors)
+        return checked
+
+    @classmethod
+    def key_field(cls, key):
+        """``(field, value)`` that finds the row with this id (int or digit
+        string) or uuid; NotFoundError when ``key`` is neither."""
+        if type(key) is int and 0 <= key <= MAX_INTEGER:
+            return cls.id, key
+        text = str(key).strip()
+        if text.isascii() and text.isdigit():  # not "²": str.isdigit takes other digits too
+            number = int(text)
+            if number > MAX_INTEGER:
+                raise NotFoundError("%s %s does not exist (ids stop at %d)" % (cls.__name__, key, MAX_INTEGER))
+            return cls.id, number
+        try:
+            return cls.uuid, uuid.UUID(text)
+        except ValueError:
+            raise NotFoundError("%s %r is neither an id nor a uuid" % (cls.__name__, key)) from None
+
+    @classmethod
+    def get_by_key(cls, key):
+        """The row with this id (int or digit string) or uuid; NotFoundError if none."""
+        field, value = cls.key_field(key)
+        row = cls.select().where(field == value).first()
+        if row is None:
+            raise NotFoundError("%s %s does not exist" % (cls.__name__, key))
+        return row
+
+
+class _PreparedInsert:
+    """An INSERT compiled once per model, column set and backend, and then
+    only executed: peewee builds SQL afresh for every query, which costs more
+    than the insert itself for one row."""
+
+    _cache = {}
+
+    def __init__(self, model, data):
+        self.model, self.data = model, data
+
+    @classmethod
+    def _statement(cls, model, names):
+        db = model_db(model)
+        key = (model, names, type(db))
+        if key not in cls._cache:
+            postgres = isinstance(db, PostgresqlDatabase)
+            columns, marks = [], []
+            for name in names:
+                field = model._meta.fields[name]
+                columns.append('"%s"' % field.column_name)
+                json_column = isinstance(field, JSONField)
+                marks.append("%s" if postgres else ("json(?)" if json_column else "?"))
+            sql = 'INSERT INTO "%s" (%s) VALUES ' % (model._meta.table_name, ", ".join(columns))
+            row = "(%s)" % ", ".join(marks)
+            pk = model._meta.primary_key
+            returning = ' RETURNING "%s"' % pk.column_name if postgres and model._meta.auto_increment else ""
+            cls._cache[key] = (sql, row, returning, postgres)
+        return cls._cache[key]
+
+    @staticmethod
+    def _params(model, names, data, postgres, shared=None):
+        params = []
+        for name in names:
+            field, value = model._meta.fields[name], data[name]
+            if value is not None and isinstance(field, JSONField):
+                # SQLite wraps the text in json(); psycopg2 takes it as a jsonb literal.
+                value = field._dumps(value)
+            elif shared is not None and value is shared[0]:
+                value = shared[1]  # the batch's timestamp, converted once
+            else:
+                value = field.db_value(value)
+            params.append(value)
+        return params
+
+    def _complete(self, now=None):
+        data = dict(self.data)
+        pk = self.model._meta.primary_key
+        if self.model._meta.auto_increment:
+            data.pop(pk.name, None)
+        for name, default in self.model._meta.defaults.items():
+            name = getattr(name, "name", name)
+            if name not in data:
+                if default is utcnow and now is not None:
+                    data[name] = now  # one time for a whole batch, as now() is in a transaction
+                else:
+                    data[name] = default() if callable(default) else default
+        return data
+
+    def execute(self):
+        data = self._complete()
+        names = tuple(sorted(data))
+        sql, row, returning, postgres = self._statement(self.model, names)
+        cursor = model_db(self.model).execute_sql(sql + row + returning,
+                                                  self._params(self.model, names, data, postgres))
+        if not self.model._meta.auto_increment:
+            return None
+        return cursor.fetchone()[0] if postgres else cursor.lastrowid
+
+    @classmethod
+    def many(cls, model, rows):
+        if not rows:
+            return
+        now = utcnow()
+        completed = [cls(model, row)._complete(now) for row in rows]
+        names = tuple(sorted(completed[0]))
+        if any(tuple(sorted(row)) != names for row in completed):
+            raise ValueError("bulk_insert rows must all have the same fields")
+        sql, row, _returning, postgres = cls._statement(model, names)
+        shared = (now, TimestampTzField().db_value(now) if not postgres else now)
+        params = [cls._params(model, names, data, postgres, shared) for data in completed]
+        db = model_db(model)
+        db.connect(reuse_if_open=True)
+        cursor = db.cursor()
+        if postgres:
+                execute_values(cursor, sql + "%s", params, template=row, page_size=len(params))
+        else:
+            cursor.executemany(sql + row, params)
+
+
+# -- links: adding twice is harmless, linking to a missing row is a clear error ----
+
+class LinkQuery(ManyToManyQuery):
+    def add(self, value, clear_existing=False):
+        accessor = self._accessor
+        src_id = getattr(self._instance, self._src_attr)
+        with write_transaction(model_db(accessor.through_model)):
+            if clear_existing:
+                self.clear()
+            if isinstance(value, ModelSelect):
+                query = value.columns(accessor.dest_fk.rel_field)
+                ids = [row[0] for row in query.tuples()]
+            else:
+                value = value if isinstance(value, (list, tuple, set)) else [value]
+                ids = self._ids(value)
+            if not ids:
+                return
+            target = accessor.rel_model
+            found = {
+                row[0] for row in
+                target.select(target._meta.primary_key).where(target._meta.primary_key.in_(ids)).tuples()
+            }
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise NotFoundError(
+                    "cannot link: %s id %s does not exist"
+                    % (target.__name__, ", ".join(str(i) for i in missing))
+                )
+            rows = [{accessor.src_fk.name: src_id, accessor.dest_fk.name: i} for i in dict.fromkeys(ids)]
+            accessor.through_model.insert_many(rows).on_conflict_ignore().execute()
+
+    def _ids(self, values):
+        ids = []
+        for value in values:
+            if isinstance(value, Model):
+                pk = getattr(value, self._dest_attr)
+                if pk is None:
+                    raise NotFoundError("cannot link an unsaved %s; save it first" % type(value).__name__)
+                ids.append(pk)
+            else:
+                ids.append(int(value))
+        return ids
+
+    def remove(self, value):
+        if isinstance(value, ModelSelect):
+            return super().remove(value)
+        value = value if isinstance(value, (list, tuple, set)) else [value]
+        return super().remove(list(value)) if value else 0
+
+
+class LinkAccessor(ManyToManyFieldAccessor):
+    def __get__(self, instance, instance_type=None):
+        if instance is not None:
+            # Set by with_agents() / with_ai_models(): the links, loaded eagerly.
+            loaded = instance.__dict__.get(_loaded_key(self.name))
+            if loaded is not None:
+                return loaded
+        return super().__get__(instance, instance_type)
+
+    def get_query(self, instance):
+        src_id = getattr(instance, self.src_fk.rel_field.name)
+        if src_id is None:
+            raise NotFoundError("%s is not saved yet: it has no links" % type(instance).__name__)
+        return (
+            LinkQuery(instance, self, self.rel_model)
+            .join(self.through_model)
+            .join(self.model)
+            .where(self.src_fk == src_id)
+        )
+
+
+class LinkField(ManyToManyField):
+    """ManyToManyField whose ``add`` ignores existing links and checks the
+    targets exist; its backref on the other model behaves the same."""
+
+    accessor_class = LinkAccessor
+
+    def bind(self, model, name, set_attribute=True):
+        if isinstance(self._through_model, DeferredThroughModel):
+            self._through_model.set_field(model, self, name)
+            return
+        super(ManyToManyField, self).bind(model, name, set_attribute)
+        if not self._is_backref:
+            field = LinkField(self.model, backref=name, through_model=self.through_model, _is_backref=True)
+            self.rel_model._meta.add_field(self.backref, field)
+
+
+def _loaded_key(name):
+    return "_loaded_" + name
+
+
+def load_links(query, name, through, source_column, target_model, target_column):
+    """Eager loading in three queries: the rows, their links as plain tuples,
+    and the linked rows; each row gets a list under ``name`` (the accessor
+    then returns it instead of querying)."""
+    rows = list(query)
+    for row in rows:
+        row.__dict__[_loaded_key(name)] = []
+    if not rows:
+        return rows
+    source, target = getattr(through, source_column), getattr(through, target_column)
+    # Few rows: their ids as parameters. Many: the query itself as a subquery,
+    # so no driver's parameter limit is reached, and peewee does not convert
+    # and bind an id at a time (for 1,000 agents, a tenth of the load's time).
+    wanted = [row.id for row in rows] if len(rows) <= _MAX_IDS else query.columns(type(rows[0]).id)
+    links = list(through.select(source, target).where(source.in_(wanted)).tuples())
+    linked = sorted({target_id for _source_id, target_id in links})
+    wanted_targets = linked if len(linked) <= _MAX_IDS else through.select(target).where(source.in_(wanted))
+    targets = {m.id: m for m in target_model.select().where(target_model.id.in_(wanted_targets))}
+    by_id = {row.id: row for row in rows}
+    for source_id, target_id in sorted(links):
+        if target_id in targets:  # a link to a row that is gone (written by hand) is not shown
+            by_id[source_id].__dict__[_loaded_key(name)].append(targets[target_id])
+    return rows
+
+
+_MAX_IDS = 100

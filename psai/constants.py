@@ -1,0 +1,53 @@
+"""Numbers and names psai shares across its layers, each said once: the
+limits of PolicySynth's columns, the keys of its ``prices``, psai's JSON text."""
+import json
+from functools import partial
+
+__all__ = ["MAX_INTEGER", "MIN_INTEGER", "MAX_SAFE_INTEGER", "BASE_RATE_KEYS", "REQUIRED_RATE_KEYS",
+           "LONG_CONTEXT_RATE_KEYS", "TIER_KEYS", "TIER_RATE_KEYS", "PRICE_KEYS", "OPTIONAL_NUMBER_KEYS",
+           "CATALOG_PRICE_KEYS", "strict_json_dumps"]
+
+# PolicySynth's ids, references and token counters are PostgreSQL INTEGERs
+# (SQLite would store more, which PolicySynth could not read back).
+MAX_INTEGER = 2 ** 31 - 1
+MIN_INTEGER = -MAX_INTEGER - 1
+
+# JavaScript's Number.MAX_SAFE_INTEGER: PolicySynth reads configurations in Node.
+MAX_SAFE_INTEGER = 2 ** 53 - 1
+
+# -- the keys of a configuration's ``prices`` ------------------------------------
+
+# The standard rates per million tokens: input, cached input, output.
+BASE_RATE_KEYS = ("costInTokensPerMillion", "costInCachedContextTokensPerMillion", "costOutTokensPerMillion")
+# The rates every priced model has (PolicySynth's required keys), in its order.
+REQUIRED_RATE_KEYS = ("costInTokensPerMillion", "costOutTokensPerMillion", "costInCachedContextTokensPerMillion")
+# The long-context rates, in the order of BASE_RATE_KEYS.
+LONG_CONTEXT_RATE_KEYS = (
+    "longContextCostInTokensPerMillion",
+    "longContextCostInCachedContextTokensPerMillion",
+    "longContextCostOutTokensPerMillion",
+)
+# An inference tier's rates, in the order of BASE_RATE_KEYS (input, cached input, output).
+TIER_KEYS = {
+    "flex": ("flexTokensIn", "flexTokensCachedIn", "flexTokensOut"),
+    "priority": ("priorityTokensIn", "priorityTokensCachedIn", "priorityTokensOut"),
+    "fast": ("fastTokensIn", "fastTokensCachedIn", "fastTokensOut"),
+}
+TIER_RATE_KEYS = tuple(key for keys in TIER_KEYS.values() for key in keys)
+
+# Every key ``prices`` may hold, in ModelPricesSchema's order (a test holds them together).
+PRICE_KEYS = (
+    REQUIRED_RATE_KEYS + ("currency", "costPerThousandWebSearches", "cacheWriteInputCostMultiplier")
+    + LONG_CONTEXT_RATE_KEYS + ("longContextTokenThreshold", "regionalProcessingMargin")
+    + TIER_RATE_KEYS + ("flexPriorityTokensEnabledOnLongContext",)
+)
+# The optional keys whose value is a number.
+OPTIONAL_NUMBER_KEYS = (
+    ("costPerThousandWebSearches", "cacheWriteInputCostMultiplier") + LONG_CONTEXT_RATE_KEYS
+    + ("longContextTokenThreshold",) + TIER_RATE_KEYS
+)
+# The keys a catalog writes and compares; the rest (the EU margin) is the user's.
+CATALOG_PRICE_KEYS = tuple(key for key in PRICE_KEYS if key != "regionalProcessingMargin")
+
+# NaN and Infinity are not JSON; PostgreSQL's jsonb refuses them, so SQLite must too.
+strict_json_dumps = partial(json.dumps, allow_nan=False, separators=(",", ":"))

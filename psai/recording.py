@@ -1,0 +1,291 @@
+"""Recording calls: ``record_usage`` writes one call as PolicySynth 1.3.172
+does, a ``ps_model_usage_item`` with the prices in force (``psai.items``),
+its tokens added to the counters of ``ps_model_usage`` (one row per model,
+agent, connector and UTC day), in one transaction; on PostgreSQL outside a
+caller's transaction, in one round trip. ``model_cost`` prices a call for a
+stored model without recording it."""
+import datetime
+import json
+import math
+
+from peewee import Cast
+
+from .arguments import agent_arg, check_counts, check_ids, model_arg
+from .constants import MAX_INTEGER, strict_json_dumps
+from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_columns, write_transaction
+from .errors import NotFoundError, ValidationError
+from .fields import UTC, utcnow
+from .items import item_data, price_problem
+from .models import PsAiModel, PsModelUsage, PsModelUsageItem
+from .pricing import COUNTERS, cost_breakdown, partition_usage
+from .schemas import json_problem
+from .sql import (
+    USAGE_ROW_COLUMNS, item_insert, one_round_trip_statements, stored_configuration_sql, usage_statements,
+)
+
+__all__ = ["record_usage", "model_cost", "usage_counters", "NO_AGENT", "CACHE_WRITE_COUNTERS"]
+
+# ps_model_usage_item.agent_id for usage without an agent (NOT NULL there).
+NO_AGENT = 0
+
+
+def _round_half_up(value):
+    # Half up, as JavaScript's Math.round: whole tokens for the integer counters.
+    return int(math.floor(value + 0.5))
+
+
+def _day_bounds(moment):
+    start = datetime.datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
+    return start, start + datetime.timedelta(days=1)
+
+
+CACHE_WRITE_COUNTERS = {"token_in_cache_write_count": "token_in_count",
+                        "long_context_token_in_cache_write_count": "long_context_token_in_count"}
+
+
+def usage_counters(db=None):
+    """The counters this database's ps_model_usage has. psai creates all 14;
+    a table made by PolicySynth's npm release has 12, without the cache-write
+    counters, and psai works with it as it is (see ``record_usage``)."""
+    columns = table_columns(db or model_db(PsModelUsage), PsModelUsage._meta.table_name)
+    return tuple(name for name in COUNTERS if name in columns)
+
+
+def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=0, cache_write_tokens=0,
+                 reasoning_tokens=0, audio_tokens=0, image_tokens=0, web_searches=0, user_id=None,
+                 connector_id=None, provider_metadata=None):
+    """Record one call: add its tokens to the usage counters of (model,
+    agent) and write its ``ps_model_usage_item`` with the model's prices as
+    stored at that moment, in one transaction.
+
+    The counts are the provider's totals, as ``psai.pricing.estimate_cost``
+    takes them (rounded half up to whole tokens); they are partitioned like
+    PolicySynth does (long context when ``tokens_in`` reaches the model's
+    threshold). ``provider_metadata`` is what the provider reported, e.g.
+    ``{"appliedServiceTier": "flex"}``: reports price the tier applied.
+    Safe when several processes record at once, and against a concurrent
+    price change: the call is priced either before it or after it. Returns
+    the counter row.
+
+    On a ps_model_usage table without the cache-write counters (PolicySynth's
+    npm release), cache-write tokens are added to the ordinary input counters,
+    as that release itself counts them. On a database without
+    ps_model_usage_item (a PolicySynth older than items), only the counters
+    are written.
+    """
+    counts = dict(tokens_in=tokens_in, tokens_out=tokens_out, cached_tokens=cached_tokens,
+                  cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens,
+                  audio_tokens=audio_tokens, image_tokens=image_tokens, web_searches=web_searches)
+    check_counts(counts)
+    check_ids({"user_id": user_id, "connector_id": connector_id})
+    if provider_metadata is not None:
+        problem = "Must be a dict, e.g. {'appliedServiceTier': 'flex'}." if not isinstance(provider_metadata, dict) \
+            else json_problem(provider_metadata)
+        if problem:
+            raise ValidationError({"provider_metadata": [problem]})
+    counts = {name: _round_half_up(value) for name, value in counts.items()}
+    web_searches = counts.pop("web_searches")
+    model, agent = model_arg(model), agent_arg(agent)
+    db = model_db(PsModelUsage)
+    present = usage_counters(db)
+    with_items = bool(table_columns(db, PsModelUsageItem._meta.table_name))
+    if user_id is None:
+        user_id = agent.user_id if agent is not None else model.user_id
+    agent_id = agent.id if agent is not None else None
+    keys = (model.id, agent_id, connector_id)
+    call = dict(counts, model_id=model.id, user_id=user_id, agent_id=agent_id, connector_id=connector_id,
+                web_searches=web_searches, provider_metadata=provider_metadata)
+    if is_postgres(db) and with_items and not db.in_transaction() and isinstance(model.configuration, dict):
+        returned = _record_in_one_round_trip(db, present, model.configuration, call)
+        if returned is not None:
+            return _usage_row(present, returned)
+    find, update, insert = usage_statements(is_postgres(db), present, agent_id is None, connector_id is None)
+    with write_transaction(db):
+        lock(db, keys)
+        # The prices as stored now, not as this object last saw them; the
+        # shared lock makes a concurrent price change wait for this call.
+        configuration = _stored_configuration(db, model)
+        now = utcnow()  # after the lock: a price change is wholly before or after the call
+        params = _statement_params(call, *_call_rows(configuration, present, with_items, now, call), now)
+        row = db.execute_sql(find, params["find"]).fetchone()
+        if row is None:
+            cursor = db.execute_sql(insert, params["insert"])
+        else:
+            cursor = db.execute_sql(update, params["update"] + [row[0]])
+        returned = cursor.fetchone()
+        if with_items:
+            db.execute_sql(item_insert(db), params["item"])
+    return _usage_row(present, returned)
+
+
+def _stamp(moment):
+    return PsModelUsage.created_at.db_value(moment)
+
+
+def _statement_params(call, values, data, now):
+    """The parameters of record_usage's statements for one call, by
+    statement: find the day's counter row, insert one, update one (its id
+    last, not here), insert the item."""
+    start, end = _day_bounds(now)
+    stamp = _stamp(now)
+    keys = (call["model_id"], call["agent_id"], call["connector_id"])
+    return {
+        # A row with no room left for these counts (32-bit counters) is not
+        # found, and a new one is started: reports add all rows up.
+        "find": [v for v in keys if v is not None] + [_stamp(start), _stamp(end)]
+                + [MAX_INTEGER - count for count in values],
+        "insert": list(keys) + [call["user_id"], stamp, stamp] + values,
+        "update": values + [stamp],
+        "item": [call["user_id"], stamp, stamp, call["model_id"], call["agent_id"] or NO_AGENT,
+                 call["connector_id"], data],
+    }
+
+
+def _call_rows(configuration, present, with_items, now, call):
+    """(counter values in the order of ``present``, the item's JSON text or
+    None) of one call priced with ``configuration``."""
+    prices = configuration.get("prices") if isinstance(configuration.get("prices"), dict) else {}
+    counts = {name: call[name] for name in _RECORDED_COUNTS}
+    counters = partition_usage(long_context_threshold=prices.get("longContextTokenThreshold"), **counts)
+    for name, fallback in CACHE_WRITE_COUNTERS.items():
+        if name not in present:
+            counters[fallback] += counters.pop(name)
+    data = None
+    if with_items:
+        data = strict_json_dumps(item_data(configuration=configuration, moment=now, **call))
+    return [counters[name] for name in present], data
+
+
+_RECORDED_COUNTS = ("tokens_in", "tokens_out", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
+                    "audio_tokens", "image_tokens")
+
+
+def _record_in_one_round_trip(db, present, configuration, call):
+    """PostgreSQL, outside a transaction: record the call in one round trip,
+    priced with the configuration the caller's model object holds, on
+    condition that it is still the stored one (compared as jsonb, under the
+    share lock the general path takes). One message of two statements: the
+    advisory lock, then a prepared statement that finds or starts the day's
+    counter row, adds to it and writes the item. PostgreSQL runs a message
+    of several statements as one transaction, and psycopg2 (autocommit, as
+    peewee runs it) adds no BEGIN or COMMIT round trip. The lock is its own
+    statement so that the next one's snapshot sees the rows written by the
+    writer it waited for.
+
+    Returns the counter row, or None when the stored configuration differs
+    (or the model is gone): nothing was written, and the general path takes
+    over."""
+    agent_id, connector_id = call["agent_id"], call["connector_id"]
+    now = utcnow()
+    statements = _statement_params(call, *_call_rows(configuration, present, True, now, call), now)
+    params = ([lock_id((call["model_id"], agent_id, connector_id)), call["model_id"],
+               strict_json_dumps(configuration)]
+              + statements["find"] + statements["update"] + statements["insert"] + statements["item"])
+    lock_sql, record_sql = one_round_trip_statements(present, agent_id is None, connector_id is None)
+    return execute_prepared(db, record_sql, params, before=lock_sql + "; ").fetchone()
+
+
+def _stored_configuration(db, model):
+    row = db.execute_sql(stored_configuration_sql(db), (model.id,)).fetchone()
+    if row is None:
+        raise NotFoundError("PsAiModel %s does not exist" % model.id)
+    configuration = PsAiModel.configuration.python_value(row[0])
+    return configuration if isinstance(configuration, dict) else {}
+
+
+def _usage_row(present, values):
+    """A PsModelUsage from a RETURNING row."""
+    fields = PsModelUsage._meta.columns
+    data = {}
+    for column, value in zip(USAGE_ROW_COLUMNS + present, values):
+        field = fields[column]
+        data[field.name] = field.python_value(value)
+    row = PsModelUsage(__no_default__=True, **data)
+    row._dirty.clear()
+    return row
+
+
+def _call_context(configuration):
+    """How a model's calls are priced, from its configuration: the keyword
+    arguments resolve_prices and cost_breakdown take besides the prices."""
+    return {"provider": configuration.get("provider"),
+            "inference_type": configuration.get("inferenceType"),
+            "regional_processing": configuration.get("regionalProcessing")}
+
+
+_CALL_COUNTS = ("tokens_in", "tokens_out", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
+                "audio_tokens", "image_tokens", "web_searches")
+
+
+_BY_KEY_SQL = {}
+# Configurations as read, by the JSON text stored: a row read again whose
+# text has not changed is not parsed and checked again (the row itself is
+# always read afresh, so a price another process changed is seen at once).
+_PARSED = {}
+_PARSED_MAX = 512
+
+
+def _parsed(text):
+    """(configuration, prices, price problem) of a configuration's JSON text."""
+    found = _PARSED.get(text)
+    if found is None:
+        try:
+            configuration = json.loads(text)
+        except ValueError:  # SQLite's text may not be JSON: read as the JSON field reads it, unchanged
+            configuration = text
+        found = _checked_configuration(configuration)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[text] = found
+    return found
+
+
+def _checked_configuration(configuration):
+    configuration = configuration if isinstance(configuration, dict) else {}
+    prices = configuration.get("prices")
+    return configuration, prices, price_problem(prices)
+
+
+def _stored(key):
+    """``(id, (configuration, prices, price problem))`` of the model with this
+    id or uuid, as stored now: one statement (built by peewee once per
+    backend and key kind), no row object. The configuration may be shared
+    with other calls: read it, never change it."""
+    field, value = PsAiModel.key_field(key)
+    db = model_db(PsAiModel)
+    postgres = is_postgres(db)
+    cache_key = (postgres, field.name)
+    sql = _BY_KEY_SQL.get(cache_key)
+    if sql is None:
+        # The configuration as text on PostgreSQL too (psycopg2 would parse
+        # jsonb on every call): parsed once per distinct text by _parsed.
+        configuration = Cast(PsAiModel.configuration, "text") if postgres else PsAiModel.configuration
+        sql = _BY_KEY_SQL[cache_key] = PsAiModel.select(PsAiModel.id, configuration).where(field == value).sql()[0]
+    params = (field.db_value(value),)
+    if postgres:
+        cursor = execute_prepared(db, sql, params)  # parsed and planned once per connection
+    else:
+        cursor = db.cursor()  # peewee's cursor on the thread's connection: the statement is built already
+        cursor.execute(sql, params)
+    row = cursor.fetchone()
+    if row is None:
+        raise NotFoundError("PsAiModel %s does not exist" % key)
+    return row[0], _parsed(row[1])
+
+
+def model_cost(model, **usage):
+    """``psai.pricing.cost_breakdown`` for a stored model (a row, an id or a
+    uuid): its prices, with its provider, inference type and region unless
+    given. Counts follow ``record_usage``'s rule (a bad count is a
+    ValidationError, not 0), and prices that cannot price a call are a
+    ValidationError, not a cost of 0."""
+    check_counts({name: value for name, value in usage.items() if name in _CALL_COUNTS})
+    if isinstance(model, PsAiModel):
+        model_id = model.id
+        configuration, prices, problem = _checked_configuration(model.configuration)
+    else:
+        model_id, (configuration, prices, problem) = _stored(model)
+    if problem:
+        raise ValidationError({"prices": ["Model %s cannot be priced: %s." % (model_id, problem)]})
+    usage = dict(_call_context(configuration), **usage)
+    return cost_breakdown(prices, **usage)

@@ -1,0 +1,680 @@
+"""Reports: what recorded usage cost.
+
+Every call is priced from its own item: the prices stored with it, the tier
+the provider applied, its own long-context split. The SQL adds up calls
+that are priced alike (same model, snapshot, tier and split), so Python
+prices groups, not rows, and the sums stay exact (cost is linear in the
+counts of a group). Counter usage that no item covers (recorded before
+items existed, or by other tools) is priced by the price version in force
+when its counter row was started, else by the model's current prices.
+"""
+import bisect
+import json
+from collections import defaultdict, deque
+from decimal import Decimal
+
+from .arguments import as_datetime
+from .constants import strict_json_dumps
+from .db import is_postgres, model_db, table_columns
+from .errors import UnpricedUsageError, ValidationError
+from .fields import UTC
+from .items import BUCKETS, bucket_cost, effective_prices
+from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+from .recording import usage_counters
+from .sql import ITEM_VALUES, ItemReader, JsonSQL, window
+from .versions import histories_of, prices_at
+
+__all__ = ["cost_report", "report_totals", "daily_costs", "REPORT_GROUPINGS", "usage_parts", "price_parts",
+           "merge_parts", "part_tokens"]
+
+REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
+
+#
+# Every call is priced from its own item: the prices stored with it, the tier
+# the provider applied, its own long-context split. The SQL adds up calls
+# that are priced alike (same model, snapshot, tier and split), so Python
+# prices groups, not rows, and the sums stay exact (cost is linear in the
+# counts of a group). Counter usage that no item covers (recorded before
+# items existed, or by other tools) is priced by the price version in force
+# when its counter row was started, else by the model's current prices.
+
+def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None):
+    """Items added up in SQL by model, ``keys`` (among agent, connector and
+    day, the UTC day) and everything that decides their price. One dict a
+    group; ``agent_id`` is None for usage without an agent or whose agent
+    was deleted (``agents``: the ids that exist, when the caller has them).
+
+    ``totals``, a ``defaultdict(lambda: [0, 0])``, gets the items' input and
+    output tokens per (model, agent, connector) from the same pass: what
+    ``_uncovered_counters`` compares with the counters."""
+    if not table_columns(db, PsModelUsageItem._meta.table_name):
+        return []
+    r = ItemReader(is_postgres(db))
+    params = []
+    read = r.select([name for name, _path, _kind in ITEM_VALUES],
+                    window(db, "i.created_at", PsModelUsageItem.created_at, since, until, model_ids, params), model_threshold=True)
+    # Rows that differ only by the agent and connector asked for by
+    # ``totals`` and not by ``keys`` are added up in Python.
+    extra = () if totals is None else tuple(k for k in ("agent", "connector") if k not in keys)
+    grouped = tuple(keys) + extra
+    columns = {
+        "model_id": "model_id",
+        "agent_id": "agent_id" if "agent" in grouped else None,
+        "connector_id": "connector_id" if "connector" in grouped else None,
+        "day": r.j.day("created_at") if "day" in grouped else None,
+        "provider": r.value("provider"),
+        "pricing": r.value("pricing"),
+        "applied_service_tier": r.value("applied_service_tier"),
+        "applied_speed": r.value("applied_speed"),
+        # Readable: token counts, the input total a number (an item whose
+        # counts are text is not priced as 0 tokens, nor guessed).
+        "has_usage": "(CASE WHEN %s THEN 1 ELSE 0 END)" % r.is_a("tin"),
+        "tin": r.count("tin"), "cached": r.count("cached"), "cw": r.count("cw"), "tout": r.count("tout"),
+        "parts": " + ".join(r.count(name) for name in ("reasoning", "audio", "image")),
+        "web": r.count("web"),
+        # The call's own prices' threshold; for an item without a snapshot,
+        # the model's current prices'.
+        "threshold": "(CASE WHEN %s THEN %s ELSE %s END)" % (
+            r.is_a("configured"), r.value("threshold"), r.value("model_threshold")),
+    }
+    columns = {name: sql for name, sql in columns.items() if sql is not None}
+    # The second step fenced as the first: its columns are used several times.
+    typed = "SELECT %s%s FROM (%s) r%s" % (", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
+                                            r.fence_column, read, r.fence)
+    group = [name for name in columns if name not in ("tin", "cached", "cw", "tout", "parts", "web", "threshold")]
+    group.append("long")
+    sums = ["COUNT(*)", "SUM(%s)" % r.j.greatest("tin - cached - cw", "0"), "SUM(cached)", "SUM(cw)",
+            "SUM(%s + parts)" % r.j.greatest("tout - parts", "0"), "SUM(web)", "SUM(tin)", "SUM(tout)"]
+    sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long "
+           "FROM (%s) c) g GROUP BY %s" % (", ".join(group), ", ".join(sums), typed, ", ".join(group)))
+    if agents is None and "agent" in grouped:
+        agents = _agent_ids(db)
+    # The columns of a group, without the extra ones.
+    keep = [i for i, name in enumerate(group) if name not in {k + "_id" for k in extra}]
+    names = [group[i] for i in keep]
+    agent_at = group.index("agent_id") if "agent" in grouped else None
+    connector_at = group.index("connector_id") if "connector" in grouped else None
+    width = len(group)
+    merged = {}
+    for values in db.execute_sql(sql, params):
+        if agent_at is not None and values[agent_at] not in agents:
+            values = values[:agent_at] + (None,) + values[agent_at + 1:]
+        # Sums as exact numbers (SQLite sums REAL values as floats).
+        sums = [value if type(value) is not float else _number(value) for value in values[width:]]
+        if totals is not None:
+            entry = totals[(values[0], values[agent_at], values[connector_at])]
+            entry[0] += sums[6] or 0
+            entry[1] += sums[7] or 0
+        key = tuple(values[i] for i in keep) if extra else values[:width]
+        into = merged.get(key)
+        if into is None:
+            merged[key] = sums
+        else:
+            for i in range(6):
+                into[i] += sums[i] or 0
+    pricing_at = names.index("pricing")
+    parsed = {}
+    rows = []
+    for key, sums in merged.items():
+        row = dict(zip(names, key))
+        prefix = "long_" if row.pop("long") else ""
+        row["calls"] = sums[0]
+        row["buckets"] = dict.fromkeys(BUCKETS, 0)
+        for bucket, value in zip(("in", "cached", "cache_write", "out"), sums[1:5]):
+            row["buckets"][prefix + bucket] = _number(value)
+        row["web"] = int(sums[5] or 0)
+        # Pricing is JSON text: parsed once for each distinct text, and with
+        # the tier applied, what tells groups priced alike without comparing dicts.
+        pricing = key[pricing_at]
+        row["price_key"] = (pricing, row["applied_service_tier"], row["applied_speed"])
+        if pricing is not None:
+            if pricing not in parsed:
+                parsed[pricing] = json.loads(pricing)
+            row["pricing"] = parsed[pricing]
+        rows.append(row)
+    return rows
+
+
+def _agent_ids(db):
+    """The ids of the agents that exist: usage of a deleted agent (or of
+    none, agent_id 0 in an item) is reported without one, as
+    ps_model_usage's ON DELETE SET NULL has it."""
+    return {row[0] for row in db.execute_sql('SELECT "id" FROM "ps_agents"').fetchall()}
+
+
+def _number(value):
+    """A sum from SQL as an exact number (SQLite sums floats as REAL)."""
+    if value is None:
+        return 0
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else Decimal(repr(value))
+    return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else value
+
+
+_BUCKET_COUNTER_NAMES = {
+    "in": ("token_in_count",), "cached": ("token_in_cached_context_count",),
+    "cache_write": ("token_in_cache_write_count",), "long_in": ("long_context_token_in_count",),
+    "long_cached": ("long_context_token_in_cached_context_count",),
+    "long_cache_write": ("long_context_token_in_cache_write_count",),
+    "out": ("token_out_count", "token_out_reasoning_count", "token_out_audio_count", "token_out_image_count"),
+    "long_out": ("long_context_token_out_count", "long_context_token_out_reasoning_count",
+                 "long_context_token_out_audio_count", "long_context_token_out_image_count"),
+}
+
+
+def _bucket_reader(present):
+    """A function from counter values (a sequence in the order of
+    ``present``: a row or its sums) to BUCKETS. Output counters are one
+    bucket: they share the output rate."""
+    position = {name: i for i, name in enumerate(present)}
+    spec = [(bucket, [position[n] for n in names if n in position]) for bucket, names in _BUCKET_COUNTER_NAMES.items()]
+
+    def read(values):
+        return {bucket: sum(int(values[i] or 0) for i in indexes) for bucket, indexes in spec}
+    return read
+
+
+def _item_totals(db, agents, model_ids=None):
+    """Input and output tokens of all items per (model, agent, connector):
+    the light pass that tells which counters the items cover."""
+    totals = defaultdict(lambda: [0, 0])
+    if not table_columns(db, PsModelUsageItem._meta.table_name):
+        return totals
+    r = ItemReader(is_postgres(db))
+    params = []
+    read = r.select(["tin", "tout"], window(db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params))
+    for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
+            'SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM (%s) r '
+            'GROUP BY model_id, agent_id, connector_id' % (r.count("tin"), r.count("tout"), read), params):
+        entry = totals[(model_id, agent_id if agent_id in agents else None, connector_id)]
+        entry[0] += _number(tokens_in)
+        entry[1] += _number(tokens_out)
+    return totals
+
+
+def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, itemized=None):
+    """Counter usage in [since, until) that no item accounts for, as pieces
+    of counter rows.
+
+    Items and counters are compared per (model, agent, connector). Where
+    there are no items at all (usage recorded before items, or by other
+    tools), every counter row is uncovered, and SQL adds the rows up by
+    price period (``_untouched_pieces``). Where there are items, but fewer
+    tokens than the counters hold, what the items add up to is taken off
+    the newest counter rows first (items came later than counters), bucket
+    by bucket, and what is left of each row is its uncovered part. Items
+    beyond the counters (a counter write that failed) count as they are:
+    the items are the record of the calls. ``itemized``: the items' totals
+    per (model, agent, connector), when the caller has them already."""
+    present = usage_counters(db)
+    p = "%s" if is_postgres(db) else "?"
+    # A row with a negative counter (written by hand) is not counted: it is
+    # reported unpriced (_negative_counters).
+    sound = "NOT (%s)" % " OR ".join("%s < 0" % c for c in present)
+    where, params = " WHERE " + sound, []
+    if model_ids is not None:
+        where += " AND model_id IN (%s)" % (", ".join([p] * len(model_ids)) or "NULL")
+        params = list(model_ids)
+    if itemized is None:
+        itemized = _item_totals(db, agents, model_ids)
+    if not itemized:  # no items at all (a database from before them): every row is uncovered
+        return _untouched_pieces(db, by, since, until, None, agents, sound, model_ids)
+    read = _bucket_reader(present)
+    # Input and output tokens of the counters per (model, agent, connector).
+    output = {c for bucket in ("out", "long_out") for c in _BUCKET_COUNTER_NAMES[bucket]}
+    counted = defaultdict(lambda: [0, 0])
+    for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
+            'SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM "ps_model_usage"%s '
+            'GROUP BY model_id, agent_id, connector_id' % (
+                # BIGINT: PostgreSQL adds 32-bit counters in 32 bits, and two full ones overflow.
+                " + ".join("CAST(%s AS BIGINT)" % c for c in present if c not in output),
+                " + ".join("CAST(%s AS BIGINT)" % c for c in present if c in output), where), params):
+        entry = counted[(model_id, agent_id if agent_id in agents else None, connector_id)]
+        entry[0] += int(tokens_in)
+        entry[1] += int(tokens_out)
+    if not counted:
+        return []
+    short = {key for key, (tokens_in, tokens_out) in counted.items()
+             if tokens_in > itemized.get(key, (0, 0))[0] or tokens_out > itemized.get(key, (0, 0))[1]}
+    untouched = {key for key in short if key not in itemized}
+    pieces = _untouched_pieces(db, by, since, until, untouched, agents, sound) if untouched else []
+    partly = short - untouched
+    if not partly:
+        return pieces
+    models = sorted({key[0] for key in partly})
+    folded = "token_in_cache_write_count" not in present
+    covered = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
+    for group in _item_groups(db, ("agent", "connector"), model_ids=models, agents=agents):
+        into = covered[(group["model_id"], group["agent_id"], group["connector_id"])]
+        for bucket, value in group["buckets"].items():
+            if folded and bucket.endswith("cache_write"):
+                bucket = bucket.replace("cache_write", "in")  # how such a table counted them
+            into[bucket] += value
+    rows = db.execute_sql(
+        'SELECT model_id, agent_id, connector_id, created_at, %s FROM "ps_model_usage" WHERE model_id IN (%s) '
+        'AND %s ORDER BY created_at DESC, id DESC' % (", ".join(present), ", ".join([p] * len(models)), sound),
+        models).fetchall()
+    for values in rows:
+        key = (values[0], values[1] if values[1] in agents else None, values[2])
+        if key not in partly:
+            continue
+        remaining = covered[key]
+        buckets = read(values[4:])
+        piece = {}
+        for bucket in BUCKETS:
+            taken = min(buckets[bucket], remaining[bucket])
+            remaining[bucket] -= taken
+            piece[bucket] = buckets[bucket] - taken
+        created_at = PsModelUsage.created_at.python_value(values[3])
+        if any(piece.values()) and (since is None or created_at >= since) and (until is None or created_at < until):
+            pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
+                           "created_at": created_at, "buckets": piece})
+    return pieces
+
+
+def _price_moments(histories):
+    """For each model, the moments where the prices in force may change (a
+    version or a correction begins or ends): usage between the same two of
+    them is priced alike."""
+    return {model_id: sorted({t for v in history for t in (v["valid_from"], v["valid_to"]) if t is not None}
+                             | {t for c in corrections for t in (c["since"], c["until"]) if t is not None})
+            for model_id, (history, corrections) in histories.items()}
+
+
+MAX_PERIOD_BRANCHES = 400
+
+
+def _untouched_pieces(db, by, since, until, keys, agents, sound, model_ids=None):
+    """The counter rows of ``keys`` (keys with no item at all; None: every
+    row), added up in SQL by key, price period (and day), each sum a piece
+    dated by its first row. Without keys, rows are added up only by what
+    the report needs (the agent for agent and tree reports)."""
+    j = JsonSQL(is_postgres(db))
+    p = "%s" if j.postgres else "?"
+    field = PsModelUsage.created_at
+    present = usage_counters(db)
+    if keys is not None:
+        model_ids = sorted({key[0] for key in keys})
+    else:  # the models that have counter rows
+        used = {row[0] for row in db.execute_sql('SELECT DISTINCT model_id FROM "ps_model_usage"').fetchall()}
+        model_ids = sorted(used if model_ids is None else used & set(model_ids))
+    if not model_ids:
+        return []
+    models = list(PsAiModel.select().where(PsAiModel.id.in_(model_ids)))
+    moments = _price_moments(histories_of(models))
+    if sum(len(times) for times in moments.values()) > MAX_PERIOD_BRANCHES:
+        # The period expression grows with the moments of every model and is
+        # evaluated per row: past a few hundred, each row on its own is faster.
+        moments = {}
+    period, params = ["CASE u.model_id"], []
+    for model_id, times in moments.items():
+        if times:
+            period.append("WHEN %s THEN CASE %s ELSE %d END" % (
+                p, " ".join("WHEN u.created_at < %s THEN %d" % (p, i) for i in range(len(times))), len(times)))
+            params += [model_id] + [field.db_value(t) for t in times]
+    period = " ".join(period) + " ELSE 0 END" if len(period) > 1 else "0"
+    whole = keys is not None or by in ("agent", "tree")
+    columns = ["u.model_id", "u.agent_id" if whole else "NULL", "u.connector_id" if keys is not None else "NULL",
+               "(%s)" % period if moments else "u.id"]
+    if by == "day":
+        columns.append(j.day("u.created_at"))
+    where = window(db, "u.created_at", PsModelUsage.created_at, since, until, model_ids, params) + [sound]
+    groups = ", ".join(str(i + 1) for i in range(len(columns)))
+    sql = 'SELECT %s, MIN(u.created_at), %s FROM "ps_model_usage" u WHERE %s GROUP BY %s' % (
+        ", ".join(columns), ", ".join("SUM(u.%s)" % c for c in present), " AND ".join(where), groups)
+    read = _bucket_reader(present)
+    offset = len(columns)
+    pieces = []
+    for values in db.execute_sql(sql, params).fetchall():
+        key = (values[0], values[1] if values[1] in agents else None, values[2])
+        if keys is None or key in keys:
+            pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
+                           "created_at": field.python_value(values[offset]), "buckets": read(values[offset + 1:])})
+    return pieces
+
+
+def _negative_counters(db, by, agents, since, until, model_ids=None):
+    """Counter rows with a negative counter, as unpriced parts: a negative
+    count is never added (it would lower the total) nor priced as 0."""
+    present = usage_counters(db)
+    params = []
+    where = window(db, "u.created_at", PsModelUsage.created_at, since, until, model_ids, params) + [
+        "(%s)" % " OR ".join("u.%s < 0" % c for c in present)]
+    read = _bucket_reader(present)
+    parts = []
+    for values in db.execute_sql('SELECT u.id, u.model_id, u.agent_id, u.created_at, %s FROM "ps_model_usage" u '
+                                 'WHERE %s' % (", ".join("u." + c for c in present), " AND ".join(where)),
+                                 params).fetchall():
+        model_id, agent_id, created_at = values[1:4]
+        buckets = read([max(v or 0, 0) for v in values[4:]])
+        created_at = PsModelUsage.created_at.python_value(created_at)
+        parts.append({"model_id": model_id, "agent_id": agent_id if agent_id in agents else None, "provider": None,
+                      "pricing": None, "metadata": {}, "has_usage": 0, "calls": 0, "web": 0, "buckets": buckets,
+                      "priced_from": "current", "problem": "negative token counters (`psai check` lists the rows)",
+                      "day": created_at.astimezone(UTC).strftime("%Y-%m-%d") if by == "day" else None})
+    return parts
+
+
+def usage_parts(db, by, since, until, model_ids=None):
+    """All recorded usage in [since, until), as parts each priced alike:
+    item groups and uncovered counter pieces. Each part has ``model_id``,
+    ``agent_id`` (by agent or tree), ``day`` (by day), the pricing context
+    and its ``buckets``."""
+    keys = {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
+    agents = _agent_ids(db)  # once a report: items and counters both map deleted agents to None
+    # What the items cover of the counters comes from a pass over all items.
+    # Over all usage, the pass that adds the items up can give it, grouping
+    # by agent and connector too. That is cheaper than a second pass on
+    # SQLite, which reads each row's JSON once either way, and on
+    # PostgreSQL when the groups have the agent already; otherwise more
+    # groups cost PostgreSQL's parallel workers more than a light pass.
+    one_pass = since is None and until is None and model_ids is None and (
+        "agent" in keys or not is_postgres(db))
+    itemized = defaultdict(lambda: [0, 0]) if one_pass else None
+    parts = []
+    for group in _item_groups(db, keys, since, until, model_ids, agents, totals=itemized):
+        pricing = group["pricing"] or {}
+        parts.append(dict(
+            group,
+            metadata={k: v for k, v in (("appliedServiceTier", group.pop("applied_service_tier")),
+                                        ("appliedSpeed", group.pop("applied_speed"))) if v is not None},
+            priced_from="snapshot" if pricing.get("configuredPrices") is not None else "current"))
+    parts += _negative_counters(db, by, agents, since, until, model_ids)
+    pieces = _uncovered_counters(db, by, agents, since, until, model_ids, itemized)
+    if not pieces:
+        return parts
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}
+    histories = histories_of(list(models.values()))
+    moments = _price_moments(histories)
+    merged = {}
+    for piece in pieces:
+        model_id = piece["model_id"]
+        day = piece["created_at"].astimezone(UTC).strftime("%Y-%m-%d") if by == "day" else None
+        period = bisect.bisect_right(moments.get(model_id, ()), piece["created_at"])
+        key = (model_id, piece["agent_id"], day, period)
+        if key in merged:
+            for bucket, value in piece["buckets"].items():
+                merged[key]["buckets"][bucket] += value
+            continue
+        model = models.get(model_id)
+        configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
+        prices, known = prices_at(model, piece["created_at"], *histories[model_id]) if model is not None \
+            else (None, False)
+        pricing = {"configuredPrices": prices}
+        for name in ("inferenceType", "regionalProcessing"):
+            if configuration.get(name) is not None:
+                pricing[name] = configuration[name]
+        merged[key] = dict(piece, provider=configuration.get("provider"), pricing=pricing, metadata={},
+                           has_usage=1, calls=0, web=0, priced_from="history" if known else "current", day=day,
+                           buckets=dict(piece["buckets"]))
+    return parts + list(merged.values())
+
+
+def _price_key(part):
+    """What prices a part besides its provider, hashable: item groups have it
+    from SQL (the pricing's text and the tier applied); other parts get their
+    pricing and metadata as canonical JSON."""
+    key = part.get("price_key")
+    if key is None:
+        key = part["price_key"] = strict_json_dumps([part["pricing"], part["metadata"]], sort_keys=True)
+    return key
+
+
+def merge_parts(parts, fields):
+    """Parts that agree on ``fields`` and on everything that prices them,
+    added up: each is priced once."""
+    merged = {}
+    for part in parts:
+        key = tuple(part[f] for f in fields) + (
+            part["provider"], part["priced_from"], part["has_usage"], _price_key(part))
+        into = merged.get(key)
+        if into is None:
+            merged[key] = dict(part, buckets=dict(part["buckets"]))
+            continue
+        for bucket, value in part["buckets"].items():
+            into["buckets"][bucket] += value
+        into["calls"] += part["calls"]
+        into["web"] += part["web"]
+    return list(merged.values())
+
+
+def price_parts(parts, transform=None):
+    """Give each part ``cost`` (Decimal, or None), ``currency`` and, when it
+    cannot be priced, ``reason``. ``transform(prices)`` changes the prices a
+    part is priced at (psai.reprice's "after")."""
+    models = {m.id: m for m in PsAiModel.select().where(
+        PsAiModel.id.in_(sorted({p["model_id"] for p in parts if p["priced_from"] == "current"})))} \
+        if any(p["priced_from"] == "current" for p in parts) else {}
+    resolved = {}
+    for part in parts:
+        part["cost"], part["currency"], part["reason"] = None, None, None
+        if not part["has_usage"]:
+            part["reason"] = part.get("problem") or "the item has no usable token counts (usageNormalized.tokensIn)"
+            continue
+        pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
+        fallback = None
+        if pricing.get("configuredPrices") is None:
+            model = models.get(part["model_id"])
+            configuration = model.configuration if model is not None else None
+            fallback = configuration.get("prices") if isinstance(configuration, dict) else None
+        if transform is not None:
+            pricing = dict(pricing, configuredPrices=transform(
+                pricing["configuredPrices"] if pricing.get("configuredPrices") is not None else fallback))
+        if transform is None:
+            key = (part["provider"], _price_key(part), part["model_id"] if fallback is not None else None)
+        else:
+            key = strict_json_dumps([part["provider"], pricing, part["metadata"], fallback], sort_keys=True)
+        if key not in resolved:
+            resolved[key] = effective_prices(part["provider"], pricing, part["metadata"], fallback)
+        prices, problem = resolved[key]
+        if problem:
+            part["reason"] = problem
+            continue
+        part["cost"] = bucket_cost(part["buckets"], prices, web_searches=part["web"])
+        part["currency"] = prices.get("currency")
+    return parts
+
+
+def part_tokens(part):
+    buckets = part["buckets"]
+    tokens_in = sum(buckets[b] for b in BUCKETS if b not in ("out", "long_out"))
+    return tokens_in, buckets["out"] + buckets["long_out"]
+
+
+def _agent_tree(db):
+    """``(levels, ancestors)`` of every agent, from one query of (id,
+    parent): its depth in its tree, and the agents whose tree holds it
+    (itself first, its root last). A loop in parent_agent_id, which
+    PolicySynth does not prevent, is cut at its smallest id, which stands
+    as the root of the loop: every agent has one root, so each call is
+    counted once in the roots' totals."""
+    parent = dict(db.execute_sql('SELECT "id", "parent_agent_id" FROM "ps_agents"').fetchall())
+    children = defaultdict(list)
+    for child, of in parent.items():
+        if of in parent:
+            children[of].append(child)
+    levels = {}
+
+    def walk(root):
+        queue = deque([(root, 0)])
+        while queue:
+            agent, level = queue.popleft()
+            if agent not in levels:
+                levels[agent] = level
+                queue.extend((child, level + 1) for child in sorted(children[agent]))
+
+    for agent in sorted(parent):
+        if parent[agent] not in parent:
+            walk(agent)
+    for agent in sorted(parent):
+        if agent not in levels:  # in a loop, or under one
+            path, node = [], agent
+            while node not in path:
+                path.append(node)
+                node = parent[node]
+            walk(min(path[path.index(node):]))
+    ancestors = {}
+    for agent in parent:
+        chain = [agent]
+        while levels[chain[-1]] > 0:
+            chain.append(parent[chain[-1]])
+        ancestors[agent] = chain
+    return levels, ancestors
+
+
+def cost_report(by="model", *, since=None, until=None, strict=False, progress=None):
+    """Cost of recorded usage grouped ``by`` model, agent, tree, provider or day.
+
+    Each call is priced from its own usage item (the prices stored with it,
+    the tier the provider applied), so editing a price never changes the
+    cost of calls already recorded. Rows have the group's keys, ``calls``
+    (items), ``tokens_in``, ``tokens_out``, ``cost`` (an exact ``Decimal``),
+    ``currency``, ``unpriced_tokens`` and ``priced_from`` (``snapshot``, and
+    for usage without a snapshot ``history`` or ``current``). Usage whose
+    prices are missing or unusable is never priced at 0: it is in a row of
+    its own with ``currency`` and ``cost`` None, its tokens in
+    ``unpriced_tokens`` and why in ``unpriced_reason``; with ``strict=True``
+    it raises ``UnpricedUsageError`` instead.
+
+    ``tree`` rows hold an agent with all its sub-agents, and their ``level``.
+    ``since``/``until`` limit the usage by time recorded (dates or datetimes;
+    a date ``until`` is inclusive). ``progress``, if given, is called as
+    ``progress(done, total)`` while the groups the SQL summed are priced.
+    """
+    if by not in REPORT_GROUPINGS:
+        raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
+    since, until = as_datetime(since), as_datetime(until, end=True)
+    db = model_db(PsModelUsage)
+    keep = {"agent": ("agent_id",), "tree": ("agent_id",), "day": ("day",)}.get(by, ())
+    parts = price_parts(merge_parts(usage_parts(db, by, since, until), ("model_id",) + keep))
+    if strict:
+        _refuse_unpriced(parts)
+    levels, ancestors = _agent_tree(db) if by == "tree" else ({}, {})
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))} \
+        if by in ("model", "provider") else {}
+    totals = {}
+    for done, part in enumerate(parts, 1):
+        if progress:
+            progress(done, len(parts))
+        if by == "model":
+            keys = [(part["model_id"],)]
+        elif by == "agent":
+            keys = [(part["agent_id"],)]
+        elif by == "provider":
+            provider = part["provider"]
+            if provider is None and part["model_id"] in models:
+                configuration = models[part["model_id"]].configuration
+                provider = configuration.get("provider") if isinstance(configuration, dict) else None
+            keys = [(provider,)]
+        elif by == "day":
+            keys = [(part["day"],)]
+        else:
+            keys = [(agent,) for agent in ancestors.get(part["agent_id"], [None])]
+        for key in keys:
+            entry = totals.setdefault(key + (part["currency"],), _new_total(priced_from=set(), unpriced_reason=set()))
+            if _add_part(entry, part):
+                entry["priced_from"].add(part["priced_from"])
+            else:
+                entry["unpriced_reason"].add(part["reason"])
+    return _report_rows(by, totals, models, levels)
+
+
+def _new_total(**more):
+    return dict({"calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None, "unpriced_tokens": 0}, **more)
+
+
+def _add_part(entry, part):
+    """Add a priced part's calls, tokens and cost to a report entry (its
+    tokens to ``unpriced_tokens`` when it has no cost, never a cost of 0).
+    True when the part was priced."""
+    tokens_in, tokens_out = part_tokens(part)
+    entry["calls"] += part["calls"]
+    entry["tokens_in"] += tokens_in
+    entry["tokens_out"] += tokens_out
+    if part["cost"] is None:
+        entry["unpriced_tokens"] += tokens_in + tokens_out
+        return False
+    entry["cost"] = (entry["cost"] or Decimal(0)) + part["cost"]
+    return True
+
+
+def _refuse_unpriced(parts):
+    unpriced = [p for p in parts if p["cost"] is None]
+    if unpriced:
+        tokens = sum(sum(part_tokens(p)) for p in unpriced)
+        reasons = sorted({"model %s: %s" % (p["model_id"], p["reason"]) for p in unpriced})
+        raise UnpricedUsageError("%d tokens (%d calls) cannot be priced: %s" % (
+            tokens, sum(p["calls"] for p in unpriced), "; ".join(reasons)))
+
+
+def _report_rows(by, totals, models, levels):
+    rows = []
+    agent_ids = {key[0] for key in totals if by in ("agent", "tree") and key[0] is not None}
+    agents = {a.id: a for a in PsAgent.select().where(PsAgent.id.in_(sorted(agent_ids)))} if agent_ids else {}
+    for (key, currency), entry in totals.items():
+        row = {}
+        if by == "model":
+            model = models.get(key)
+            configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
+            row.update(model_id=key, model_name=model.name if model else None, provider=configuration.get("provider"))
+        elif by in ("agent", "tree"):
+            agent = agents.get(key)
+            configuration = agent.configuration if agent is not None and isinstance(agent.configuration, dict) else {}
+            row.update(agent_id=key, agent_name=configuration.get("name"))
+            if by == "tree":
+                row.update(parent_agent_id=agent.parent_agent_id if agent else None, level=levels.get(key))
+        elif by == "provider":
+            row["provider"] = key
+        else:
+            row["day"] = key
+        row.update(calls=entry["calls"], tokens_in=entry["tokens_in"], tokens_out=entry["tokens_out"],
+                   cost=entry["cost"], currency=currency, unpriced_tokens=entry["unpriced_tokens"],
+                   priced_from=",".join(sorted(entry["priced_from"])) or None,
+                   unpriced_reason="; ".join(sorted(entry["unpriced_reason"])) or None)
+        rows.append(row)
+
+    def order(row):
+        if by == "tree":
+            return (row["level"] is None, row["level"] or 0, row["agent_id"] is None, row["agent_id"] or 0,
+                    row["currency"] is None, row["currency"] or "")
+        first = next(iter(row.values()))
+        return (first is None, first if first is not None else 0, row["currency"] is None, row["currency"] or "")
+    rows.sort(key=order)
+    return rows
+
+
+def report_totals(rows, by=None):
+    """Totals per currency (None: the unpriced usage, whose ``cost`` is
+    None). Tree rows overlap (a parent holds its sub-agents), so for them
+    only the roots (level 0) are added."""
+    totals = {}
+    for row in rows:
+        if by == "tree" and row.get("level") not in (0, None):
+            continue
+        entry = totals.setdefault(row["currency"], {"calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None,
+                                                    "unpriced_tokens": 0})
+        for name in ("calls", "tokens_in", "tokens_out", "unpriced_tokens"):
+            entry[name] += row[name]
+        if row["cost"] is not None:
+            entry["cost"] = (entry["cost"] or Decimal(0)) + row["cost"]
+    return totals
+
+
+def daily_costs(*, since=None, until=None):
+    """Cost per UTC day and model, for charts: rows ``{"day", "model_id",
+    "model_name", "provider", "currency", "calls", "cost", "tokens_in",
+    "tokens_out", "unpriced_tokens"}`` (``cost`` None where nothing of it
+    could be priced), each call priced as ``cost_report`` prices it."""
+    since, until = as_datetime(since), as_datetime(until, end=True)
+    db = model_db(PsModelUsage)
+    parts = price_parts(merge_parts(usage_parts(db, "day", since, until), ("model_id", "day")))
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))}
+    rows = {}
+    for part in parts:
+        model = models.get(part["model_id"])
+        configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
+        row = rows.setdefault((part["day"], part["model_id"], part["currency"]), _new_total(
+            day=part["day"], model_id=part["model_id"], model_name=model.name if model else None,
+            provider=part["provider"] or configuration.get("provider"), currency=part["currency"]))
+        _add_part(row, part)
+    return sorted(rows.values(), key=lambda r: (r["day"] or "", r["model_id"], r["currency"] or ""))

@@ -1,0 +1,367 @@
+"""The SQL psai writes by hand, in one place: where peewee cannot say it
+(JSON read defensively the same way on both backends, fenced subqueries,
+PostgreSQL's one-round-trip recording statement) or where a statement on
+the hot path is built once and kept as text. Identifiers here are psai's
+own literals, never a caller's; values are always bound parameters
+(placeholders from ``db.param``).
+
+- configuration filters (``config_filter``) as peewee expressions;
+- ``JsonSQL`` and ``ItemReader``: reading usage items' JSON for reports;
+- ``window``: a period and a set of models as WHERE clauses;
+- record_usage's statements (``usage_statements``, ``one_round_trip_statements``).
+"""
+import json
+import math
+import operator
+import re
+from functools import reduce
+
+from peewee import SQL, NodeList, PostgresqlDatabase, fn
+
+from .constants import MAX_SAFE_INTEGER
+from .errors import ValidationError
+from .pricing import _is_number
+
+__all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALUES", "window", "quoted",
+           "usage_statements", "item_insert", "one_round_trip_statements", "stored_configuration_sql",
+           "USAGE_ROW_COLUMNS"]
+
+
+# -- configuration filters ------------------------------------------------------------
+
+# Paths served by expression indexes on SQLite (migration 0003). They are the
+# only paths written into SQL as literals: they come from this list, never
+# from a caller. PostgreSQL serves every path from one jsonb GIN index.
+INDEXED_PATHS = ("provider", "type", "modelSize", "active", "model")
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_SCALARS = (str, int, float, bool, type(None))
+# Keyword spellings accepted for where_config, besides the configuration keys.
+_ALIASES = {"size": "modelSize"}
+
+
+def _path(key):
+    key = _ALIASES.get(key, key)
+    parts = key.split(".") if isinstance(key, str) else []
+    if not parts or not all(_KEY.match(part) for part in parts):
+        raise ValidationError({str(key): [
+            "Not a configuration key: use letters, digits and _ (nested keys joined by '.')."]})
+    return tuple(parts)
+
+
+def _check_value(key, value):
+    values = list(value) if isinstance(value, (list, tuple, set, frozenset)) else [value]
+    bad = [v for v in values if not isinstance(v, _SCALARS)
+           or (isinstance(v, float) and not math.isfinite(v))
+           or (isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_SAFE_INTEGER)
+           or (isinstance(v, str) and "\x00" in v)]
+    if bad or not values:
+        raise ValidationError({str(key): [
+            "Filter values must be strings, finite numbers (integers up to 2**53), booleans or null."]})
+    return values
+
+
+def _nest(path, value):
+    for part in reversed(path):
+        value = {part: value}
+    return value
+
+
+def _sqlite_extract(field, path):
+    if len(path) == 1 and path[0] in INDEXED_PATHS:
+        # The literal must match the index expression for SQLite to use it.
+        return fn.json_extract(field, SQL("'$.%s'" % path[0]))
+    return fn.json_extract(field, "$." + ".".join(path))
+
+
+def _sqlite_equals(field, path, value):
+    extract = _sqlite_extract(field, path).coerce(False)
+    # json_type tells true/false from 1/0 and numbers from strings, so values
+    # match by JSON type, as jsonb equality does on PostgreSQL.
+    kind = fn.json_type(field, "$." + ".".join(path))
+    if value is None:
+        return kind == "null"
+    if isinstance(value, bool):
+        return (extract == int(value)) & (kind == ("true" if value else "false"))
+    if isinstance(value, str):
+        return (extract == value) & (kind == "text")
+    return (extract == value) & kind.in_(["integer", "real"])
+
+
+def _sqlite_any(field, path, values):
+    """``path`` equals one of ``values``, by JSON type, for any number of
+    values: each type's values are one bound JSON array read by json_each,
+    so the SQL stays the same size (an OR per value overflows SQLite's
+    parser at a few dozen)."""
+    extract = _sqlite_extract(field, path).coerce(False)
+    kind = fn.json_type(field, "$." + ".".join(path))
+    clauses = []
+    for kinds, chosen in ((("text",), [v for v in values if isinstance(v, str)]),
+                          (("integer", "real"), [v for v in values if _is_number(v)])):
+        if chosen:
+            within = NodeList((extract, SQL("IN (SELECT value FROM json_each(?))", [json.dumps(chosen)])))
+            clauses.append(kind.in_(list(kinds)) & within)
+    clauses += [_sqlite_equals(field, path, v) for v in dict.fromkeys(v for v in values if v is None or isinstance(v, bool))]
+    return reduce(operator.or_, clauses)
+
+
+def _postgres_any(field, path, values):
+    """``path`` equals one of ``values`` as jsonb (so 1, "1" and true
+    differ), all values one bound jsonb array."""
+    return NodeList((field, SQL("#> %s::text[] IN (SELECT jsonb_array_elements(%s::jsonb))",
+                                                   ["{%s}" % ",".join(path), json.dumps(values)])))
+
+
+def config_filter(field, filters, postgres):
+    """A WHERE expression matching rows whose JSON ``field`` has every
+    ``path: value`` of ``filters`` (a value that is a list matches any of
+    it, however long the list), on PostgreSQL or SQLite."""
+    clauses, document = [], {}
+    for key, value in filters.items():
+        path = _path(key)
+        values = _check_value(key, value)
+        if postgres and len(values) == 1:
+            # All single values go into one jsonb containment document: one
+            # bound parameter, one GIN index probe, a sharper row estimate.
+            _merge(document, _nest(path, values[0]))
+        elif postgres:
+            clauses.append(_postgres_any(field, path, values))
+        elif len(values) == 1:
+            clauses.append(_sqlite_equals(field, path, values[0]))
+        else:
+            clauses.append(_sqlite_any(field, path, values))
+    if document:
+        clauses.insert(0, field.contains(document))
+    return reduce(operator.and_, clauses) if clauses else SQL("1 = 1")
+
+
+def _merge(target, addition):
+    for key, value in addition.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
+# -- reading usage items for reports -------------------------------------------------
+
+class JsonSQL:
+    """SQL reading a JSON column defensively: a value of the wrong type reads
+    as absent, so one odd row cannot fail a report. Paths are psai's own
+    literals, never a caller's."""
+
+    _SQLITE_TYPES = {"number": "IN ('integer', 'real')", "object": "= 'object'"}
+    _POSTGRES_VALUES = {"number": "(%s #>> %s)::numeric", "object": "%s #> %s"}
+
+    def __init__(self, postgres):
+        self.postgres = postgres
+
+    def _typed(self, column, path, kind):
+        """(SQL testing the value at ``path`` is of ``kind``, SQL reading it)."""
+        if self.postgres:
+            p = "'{%s}'" % ",".join(path)
+            return ("jsonb_typeof(%s #> %s) = '%s'" % (column, p, kind), self._POSTGRES_VALUES[kind] % (column, p))
+        p = "'$.%s'" % ".".join(path)
+        return "json_type(%s, %s) %s" % (column, p, self._SQLITE_TYPES[kind]), "json_extract(%s, %s)" % (column, p)
+
+    def _value(self, column, path, kind):
+        return "(CASE WHEN %s THEN %s END)" % self._typed(column, path, kind)
+
+    def number(self, column, *path):
+        return self._value(column, path, "number")
+
+    def object(self, column, *path):
+        return self._value(column, path, "object")
+
+    def greatest(self, a, b):
+        return ("GREATEST(%s, %s)" if self.postgres else "max(%s, %s)") % (a, b)
+
+    def day(self, column):
+        """The UTC day of a timestamp column as YYYY-MM-DD text."""
+        if self.postgres:
+            return "to_char(%s AT TIME ZONE 'UTC', 'YYYY-MM-DD')" % column
+        return "substr(%s, 1, 10)" % column  # SQLite keeps UTC ISO 8601 text
+
+
+def window(db, column, field, since, until, model_ids, params):
+    """WHERE clauses for a period (of the timestamp ``field``, read as
+    ``column``) and a set of models; their parameters appended to ``params``."""
+    p = db.param
+    clauses = []
+    if since is not None:
+        clauses.append("%s >= %s" % (column, p))
+        params.append(field.db_value(since))
+    if until is not None:
+        clauses.append("%s < %s" % (column, p))
+        params.append(field.db_value(until))
+    if model_ids is not None:
+        clauses.append("%s IN (%s)" % (column.split(".")[0] + ".model_id", ", ".join([p] * len(model_ids)) or "NULL"))
+        params.extend(model_ids)
+    return clauses
+
+
+# What a report reads of each item's data: (name, path, kind).
+ITEM_VALUES = (
+    ("provider", ("provider",), "string"),
+    ("applied_service_tier", ("providerMetadata", "appliedServiceTier"), "string"),
+    ("applied_speed", ("providerMetadata", "appliedSpeed"), "string"),
+    ("tin", ("usageNormalized", "tokensIn"), "number"),
+    ("cached", ("usageNormalized", "cachedInTokens"), "number"),
+    ("cw", ("psai", "cacheWriteTokens"), "number"),
+    ("tout", ("usageNormalized", "tokensOut"), "number"),
+    ("reasoning", ("usageNormalized", "reasoningTokens"), "number"),
+    ("audio", ("usageNormalized", "audioTokens"), "number"),
+    ("image", ("usageNormalized", "imageTokens"), "number"),
+    ("web", ("psai", "webSearches"), "number"),
+    ("pricing", ("pricing",), "object"),
+    ("configured", ("pricing", "configuredPrices"), "object"),
+    ("threshold", ("pricing", "configuredPrices", "longContextTokenThreshold"), "number"),
+)
+_MODEL_THRESHOLD = ("prices", "longContextTokenThreshold")
+_KINDS = dict({name: kind for name, _path, kind in ITEM_VALUES}, model_threshold="number")
+
+
+class ItemReader:
+    """Reading items' data for reports, in two steps, each a subquery:
+    ``select(names)`` reads each JSON value once a row, and the typed
+    values (``value``, ``count``, ``is_a``) are read from its columns. A
+    value of the wrong type reads as absent and a count as 0 (as
+    ``JsonSQL`` does), so one odd row cannot fail a report.
+
+    The first step is fenced, so that the values are computed once a row
+    however often the second uses them: SQLite keeps a subquery with
+    OFFSET as it is; PostgreSQL keeps one whose columns hold a volatile
+    function (it would change how often that runs), and clock_timestamp()
+    is one that parallel workers may run, where OFFSET would stop them.
+
+    SQLite reads each value as its JSON text (``->``; the text of a row is
+    parsed once for all of them) and tells its type by its first character;
+    text that is not JSON (SQLite's column can hold it) reads as an item
+    without usage. PostgreSQL reads jsonb values with ``->``, key by key."""
+
+    def __init__(self, postgres):
+        self.postgres = postgres
+        self.j = JsonSQL(postgres)
+        # A column to add and a clause to end a subquery with, that fence it.
+        self.fence_column = ", clock_timestamp() AS fence" if postgres else ""
+        self.fence = "" if postgres else " LIMIT -1 OFFSET 0"
+
+    def _raw(self, column, path):
+        if self.postgres:
+            return column + "".join(" -> '%s'" % key for key in path)
+        sql = "%s -> '$.%s'" % (column, ".".join(path))
+        return sql if column != "i.data" else "(CASE WHEN json_valid(i.data) THEN %s END)" % sql
+
+    def select(self, names, where, model_threshold=False):
+        """The first step: the items' key columns and ``v_<name>`` for each
+        value named (and the model's current long-context threshold)."""
+        paths = {name: path for name, path, _kind in ITEM_VALUES}
+        columns = ["i.model_id", "i.agent_id", "i.connector_id", "i.created_at"]
+        columns += ["%s AS v_%s" % (self._raw("i.data", paths[name]), name) for name in names]
+        join = ""
+        if model_threshold:
+            columns.append("%s AS v_model_threshold" % self._raw("m.configuration", _MODEL_THRESHOLD))
+            join = ' LEFT JOIN "ps_ai_models" m ON m.id = i.model_id'
+        return 'SELECT %s%s FROM "ps_model_usage_item" i%s%s%s' % (
+            ", ".join(columns), self.fence_column, join, " WHERE " + " AND ".join(where) if where else "",
+            self.fence)
+
+    def is_a(self, name):
+        kind, column = _KINDS[name], "v_" + name
+        if self.postgres:
+            return "jsonb_typeof(%s) = '%s'" % (column, kind)
+        return "%s GLOB '%s'" % (column, {"number": "[0-9-]*", "string": '"*', "object": "{*"}[kind])
+
+    def value(self, name):
+        kind, column = _KINDS[name], "v_" + name
+        if self.postgres:
+            read = {"number": "(%s)::numeric", "string": "%s #>> '{}'", "object": "(%s)::text"}[kind] % column
+        else:
+            read = {"number": "CAST(%s AS NUMERIC)", "string": "json_extract(%s, '$')", "object": "%s"}[kind] % column
+        return "(CASE WHEN %s THEN %s END)" % (self.is_a(name), read)
+
+    def count(self, name):
+        """A count: the number if it is one above 0, else 0. (SQLite: only a
+        number's JSON text starts with a digit or "-", and CAST reads any
+        other text as 0.)"""
+        if self.postgres:
+            return "coalesce(GREATEST(%s, 0), 0)" % self.value(name)
+        return "coalesce(max(CAST(v_%s AS NUMERIC), 0), 0)" % name
+
+
+# -- recording a call: record_usage's statements, built once per shape ----------------
+
+# The counter row's columns record_usage reads back, before the counters.
+USAGE_ROW_COLUMNS = ("id", "user_id", "created_at", "updated_at", "model_id", "agent_id", "connector_id")
+
+_USAGE_SQL: dict = {}
+
+
+def quoted(name):
+    """An identifier as SQL (psai's own names: tables, columns)."""
+    return '"%s"' % name
+
+
+def usage_statements(postgres, present, agent_is_null, connector_is_null, guard=""):
+    """record_usage's three statements (find the day's counter row, update
+    it, insert one) for a backend and the counters ``present``, built once:
+    the hot path of every agent call should not pay for building SQL.
+    ``guard``: a condition the find must also meet (its first)."""
+    key = (postgres, present, agent_is_null, connector_is_null, guard)
+    if key not in _USAGE_SQL:
+        p = "%s" if postgres else "?"
+        returning = " RETURNING " + ", ".join(quoted(c) for c in USAGE_ROW_COLUMNS + present)
+        find = ('SELECT "id" FROM "ps_model_usage" WHERE {guard}"model_id" = {p} AND "agent_id" {agent} '
+                'AND "connector_id" {connector} AND "created_at" >= {p} AND "created_at" < {p} {room}'
+                'ORDER BY "id" LIMIT 1').format(
+                    p=p, guard=guard + " AND " if guard else "", agent="IS NULL" if agent_is_null else "= " + p,
+                    connector="IS NULL" if connector_is_null else "= " + p,
+                    room="".join('AND %s <= %s ' % (quoted(c), p) for c in present))
+        update = ('UPDATE "ps_model_usage" SET %s, "updated_at" = {p} WHERE "id" = {p}'
+                  % ", ".join('{0} = {0} + {{p}}'.format(quoted(c)) for c in present)).format(p=p) + returning
+        columns = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present
+        insert = 'INSERT INTO "ps_model_usage" (%s) VALUES (%s)' % (
+            ", ".join(quoted(c) for c in columns), ", ".join([p] * len(columns))) + returning
+        _USAGE_SQL[key] = (find, update, insert)
+    return _USAGE_SQL[key]
+
+
+def item_insert(db):
+    """The INSERT of one usage item. The data is psai's own strict, minified
+    JSON: SQLite need not parse it again with json()."""
+    return ('INSERT INTO "ps_model_usage_item" ("user_id", "created_at", "updated_at", "model_id", "agent_id", '
+            '"connector_id", "data") VALUES (%s)' % ", ".join([db.param] * 7))
+
+
+def one_round_trip_statements(present, agent_is_null, connector_is_null):
+    """PostgreSQL: (the advisory lock, the statement that records a call:
+    on condition that the model's stored configuration is the one given,
+    find or start the day's counter row, add to it, insert the item), built once."""
+    key = ("one round trip", present, agent_is_null, connector_is_null)
+    if key not in _USAGE_SQL:
+        find, _update, _insert = usage_statements(True, present, agent_is_null, connector_is_null,
+                                                  guard="EXISTS (SELECT 1 FROM m)")
+        columns = ", ".join(quoted(c) for c in USAGE_ROW_COLUMNS + present)
+        counters = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present
+        casts = ["%s::integer"] * 4 + ["%s::timestamptz"] * 2 + ["%s::integer"] * len(present)
+        _USAGE_SQL[key] = "SELECT pg_advisory_xact_lock(%s)", (
+            'WITH m AS (SELECT "id" FROM "ps_ai_models" WHERE "id" = %s AND "configuration" = %s::jsonb FOR SHARE), '
+            'found AS ({find}), '
+            'updated AS (UPDATE "ps_model_usage" SET {add}, "updated_at" = %s '
+            'WHERE "id" = (SELECT "id" FROM found) RETURNING {columns}), '
+            'inserted AS (INSERT INTO "ps_model_usage" ({counters}) SELECT {casts} FROM m '
+            'WHERE NOT EXISTS (SELECT 1 FROM found) RETURNING {columns}), '
+            'item AS (INSERT INTO "ps_model_usage_item" ("user_id", "created_at", "updated_at", "model_id", '
+            '"agent_id", "connector_id", "data") SELECT %s::integer, %s::timestamptz, %s::timestamptz, '
+            '%s::integer, %s::integer, %s::integer, %s::jsonb FROM m) '
+            'SELECT * FROM updated UNION ALL SELECT * FROM inserted').format(
+                find=find, add=", ".join('{0} = {0} + %s'.format(quoted(c)) for c in present), columns=columns,
+                counters=", ".join(quoted(c) for c in counters), casts=", ".join(casts))
+    return _USAGE_SQL[key]
+
+
+def stored_configuration_sql(db):
+    """The SELECT of one model's stored configuration (FOR SHARE on PostgreSQL:
+    a concurrent price change waits for the call being recorded)."""
+    sql = 'SELECT "configuration" FROM "ps_ai_models" WHERE "id" = %s' % db.param
+    return sql + " FOR SHARE" if isinstance(db, PostgresqlDatabase) else sql

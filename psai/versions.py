@@ -1,0 +1,121 @@
+"""Price versions: the prices a model had over time, and the corrections
+applied to them (see ``psai.history`` for the whole story). The save hook
+that writes versions lives beside the tables (``psai.models``); this
+module reads them."""
+from decimal import Decimal
+
+from .db import model_db, table_columns
+from .errors import NotFoundError
+from .models import PriceCorrection, PriceVersion, PsAiModel, prices_of
+from .schemas import merge_configuration
+
+__all__ = ["price_history", "histories_of", "prices_at", "resolve_models", "merge_prices"]
+
+
+def resolve_models(model):
+    """Model rows, as stored now, from a row, an id, a uuid, or a name (every
+    row with it, oldest first)."""
+    if isinstance(model, PsAiModel):
+        model = model.id
+    try:
+        return [PsAiModel.get_by_key(model)]
+    except NotFoundError:
+        if not isinstance(model, str):
+            raise
+    rows = list(PsAiModel.select().where(PsAiModel.name == model).order_by(PsAiModel.created_at, PsAiModel.id))
+    if not rows:
+        raise NotFoundError("no model has the id, uuid or name %r" % (model,))
+    return rows
+
+
+def _corrections(db, model_ids):
+    if not model_ids or not table_columns(db, PriceCorrection._meta.table_name):
+        return {}
+    found = {}
+    for c in (PriceCorrection.select().where(PriceCorrection.model.in_(model_ids))
+              .order_by(PriceCorrection.applied_at, PriceCorrection.id)):
+        found.setdefault(c.model_id, []).append({
+            "id": c.id, "applied_at": c.applied_at, "since": c.since, "until": c.until, "changes": c.changes,
+            "calls": c.calls, "currency": c.currency, "before": Decimal(c.cost_before),
+            "after": Decimal(c.cost_after)})
+    return found
+
+
+def _overlaps(correction, version):
+    starts_before_end = version["valid_to"] is None or correction["since"] is None \
+        or correction["since"] < version["valid_to"]
+    ends_after_start = version["valid_from"] is None or correction["until"] is None \
+        or correction["until"] > version["valid_from"]
+    return starts_before_end and ends_after_start
+
+
+def price_history(model):
+    """The versions of a model's prices, oldest first (see the module's
+    docstring). ``model``: a row, id, uuid or name (every row that has it)."""
+    rows = resolve_models(model)
+    histories = histories_of(rows)
+    return [version for row in rows for version in histories[row.id][0]]
+
+
+def histories_of(rows):
+    """``{model_id: (versions, corrections)}`` of model rows as stored, in
+    two queries whatever their number (reports price many models)."""
+    db = model_db(PriceVersion)
+    ids = [row.id for row in rows]
+    stored = {}
+    if table_columns(db, PriceVersion._meta.table_name) and ids:
+        for v in (PriceVersion.select().where(PriceVersion.model.in_(ids))
+                  .order_by(PriceVersion.valid_from, PriceVersion.id)):
+            stored.setdefault(v.model_id, []).append(
+                {"model_id": v.model_id, "valid_from": v.valid_from, "valid_to": v.valid_to, "prices": v.prices,
+                 "source": v.source})
+    corrections = _corrections(db, ids)
+    histories = {}
+    for row in rows:
+        versions = stored.get(row.id, [])
+        current = prices_of(row.configuration)
+        if not versions:
+            # Never changed through psai: these prices since the row was last written.
+            versions = [{"model_id": row.id, "valid_from": row.updated_at, "valid_to": None, "prices": current,
+                         "source": "stored"}]
+        elif versions[-1]["prices"] != current:
+            # Changed elsewhere since psai last saved the row.
+            last = versions[-1]
+            at = row.updated_at if row.updated_at and row.updated_at > last["valid_from"] else None
+            last["valid_to"] = at
+            versions.append({"model_id": row.id, "valid_from": at, "valid_to": None, "prices": current,
+                             "source": "observed"})
+        for version in versions:
+            version["corrections"] = [c for c in corrections.get(row.id, []) if _overlaps(c, version)]
+        histories[row.id] = (versions, corrections.get(row.id, []))
+    return histories
+
+
+def prices_at(model, moment, history=None, corrections=None):
+    """``(prices, known)``: the prices of ``model`` (a row) in force at
+    ``moment`` by its history, with the corrections covering ``moment``
+    applied; when the history does not reach back that far, its current
+    prices and ``known=False``. ``history`` and ``corrections`` (as
+    ``histories_of`` gives them) may be passed when pricing many moments."""
+    if history is None or corrections is None:
+        history, corrections = histories_of([PsAiModel.get_by_key(model.id)])[model.id]
+    prices, known = prices_of(model.configuration), False
+    for version in history:
+        if version["valid_from"] is not None and version["valid_from"] <= moment \
+                and (version["valid_to"] is None or moment < version["valid_to"]):
+            prices, known = version["prices"], True
+            break
+    for correction in corrections:
+        if _covers(correction, moment):
+            prices = merge_prices(prices, correction["changes"])
+    return prices, known
+
+
+def _covers(correction, moment):
+    return (correction["since"] is None or correction["since"] <= moment) and \
+        (correction["until"] is None or moment < correction["until"])
+
+
+def merge_prices(prices, changes):
+    # Prices are flat: merge_configuration's rules (None removes a key) apply as they are.
+    return merge_configuration(prices if isinstance(prices, dict) else {}, changes)
