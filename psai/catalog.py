@@ -22,6 +22,10 @@ organization) updates its prices in place through
 ``PsAiModel.update_configuration``, so the price history keeps the old
 prices and recorded calls keep theirs; only the price keys a catalog sets
 are touched (a ``regionalProcessingMargin`` of your own stays).
+
+The sources' adapters, which read and map them without a database, are
+``psai.genai`` and ``psai.litellm``; this module is the database side:
+reading a catalog, importing it, its provenance and drift.
 """
 import hashlib
 import os
@@ -38,7 +42,7 @@ from .genai import Unmappable as Unmappable, genai_entry as genai_entry, genai_u
 from .genai import standard_prices as standard_prices
 from .litellm import LITELLM_FILE as LITELLM_FILE, litellm_cost_map_path as litellm_cost_map_path
 from .litellm import litellm_catalog, litellm_version
-from .models import ModelProvenance, PsAiModel
+from .models import ModelProvenance, PsAiModel, provenance as provenance
 from .query import add_model
 from .schemas import load_json, validate_configuration, validate_model_values
 
@@ -233,18 +237,3 @@ def diff(source: str, *, file: str | os.PathLike[str] | None = None, organizatio
             ModelProvenance.update(source_version=catalog["source_version"], imported_at=utcnow()) \
                 .where(ModelProvenance.model.in_([model.id for model, _ in updates])).execute()
     return rows
-
-
-def provenance(model: PsAiModel | int | str) -> dict[str, Any] | None:
-    """Where an imported model's prices came from: ``{"source",
-    "source_version", "source_model", "imported_at"}``, or None for a model
-    not imported from a catalog (or a database without psai's tables)."""
-    if not isinstance(model, PsAiModel):
-        model = PsAiModel.get_by_key(model)
-    if not table_columns(model_db(PsAiModel), ModelProvenance._meta.table_name):
-        return None
-    row = ModelProvenance.select().where(ModelProvenance.model == model.id).first()
-    if row is None:
-        return None
-    return {"source": row.source, "source_version": row.source_version, "source_model": row.source_model,
-            "imported_at": row.imported_at}

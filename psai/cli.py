@@ -372,7 +372,7 @@ def models_list(provider, model_type, size, active, name, fmt):
 @output_options
 def models_show(model, fmt):
     """Show one model, by id or uuid, with where its prices came from."""
-    from .catalog import provenance
+    from .models import provenance
     from .models import PsAiModel
     from .schemas import PsAiModelSchema
     connect()

@@ -1,7 +1,8 @@
 """psai's exceptions."""
 import marshmallow
 
-__all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError", "InUseError", "UnpricedUsageError",
+__all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
+           "InUseError", "UnpricedUsageError",
            "NotConnectedError", "NotAdoptedError", "CatalogUnavailableError", "flatten_messages"]
 
 

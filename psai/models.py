@@ -1,9 +1,8 @@
 """The store: PolicySynth's tables as peewee models, bound to
 ``psai.db.database``, with their own queries (configuration filters, model
 selection, the sub-agent tree) and the save hook that keeps price history."""
-import operator
 import uuid
-from functools import reduce
+from typing import Any
 
 from peewee import (
     AutoField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField, IntegerField, IntegrityError,
@@ -25,7 +24,7 @@ from .sql import config_filter
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
            "PriceVersion", "PriceCorrection", "ModelProvenance", "ALL_MODELS", "strict_json_dumps",
            "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
-           "record_price_change", "prices_of"]
+           "record_price_change", "prices_of", "provenance"]
 
 # PolicySynth's size fallback: which sizes to try, in order, for a size asked for.
 SIZE_FALLBACK = {
@@ -397,6 +396,22 @@ def record_price_change(model, stored_configuration, stored_updated_at):
 
 
 # -- the tables' own queries --------------------------------------------------------
+
+def provenance(model: PsAiModel | int | str) -> dict[str, Any] | None:
+    """Where an imported model's prices came from: ``{"source",
+    "source_version", "source_model", "imported_at"}``, or None for a model
+    not imported from a catalog (or a database without psai's tables)."""
+    found = model if isinstance(model, PsAiModel) else PsAiModel.get_by_key(model)
+    if not table_columns(model_db(PsAiModel), ModelProvenance._meta.table_name):
+        return None
+    row = ModelProvenance.select().where(ModelProvenance.model == found.id).first()
+    if row is None:
+        return None
+    return {"source": row.source, "source_version": row.source_version, "source_model": row.source_model,
+            "imported_at": row.imported_at}
+
+
+
 
 def where_config(filters=None, query=None, **fields):
     """Models whose configuration matches, e.g. ``where_config(provider="openai",

@@ -38,7 +38,8 @@ body { margin: 0 auto; max-width: 1100px; padding: 24px; background: var(--bg); 
 h1 { font-size: 24px; margin: 0 0 4px; } h2 { font-size: 18px; margin: 28px 0 8px; }
 .meta { color: var(--muted); margin: 0 0 16px; }
 .totals { display: flex; flex-wrap: wrap; gap: 12px; }
-.total { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 12px 16px; min-width: 180px; }
+.total { background: var(--panel); border: 1px solid var(--line); border-radius: 8px; padding: 12px 16px;
+         min-width: 180px; }
 .total .amount { font-size: 26px; font-weight: 600; } .total .label { color: var(--muted); font-size: 13px; }
 .warn { background: var(--warn-bg); border: 1px solid var(--warn); color: var(--fg); border-radius: 8px;
   padding: 10px 14px; margin: 14px 0; } .warn strong { color: var(--warn); }
@@ -50,7 +51,8 @@ svg .grid { stroke: var(--line); } svg .axis { fill: var(--muted); }
 table { border-collapse: collapse; width: 100%; font-size: 14px; }
 th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--line); vertical-align: middle; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-.bar { height: 10px; border-radius: 2px; background: #4e79a7; print-color-adjust: exact; -webkit-print-color-adjust: exact; }
+.bar { height: 10px; border-radius: 2px; background: #4e79a7; print-color-adjust: exact;
+       -webkit-print-color-adjust: exact; }
 .cols { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 24px; }
 .unpriced { color: var(--warn); }
 @media print { body { max-width: none; padding: 0; } .total, .warn { break-inside: avoid; }
@@ -119,7 +121,8 @@ def _daily_chart(days, series, values, currency):
                 continue
             h = float(value / top) * plot_h
             y -= h
-            out.append('<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s"><title>%s, %s: %s %s</title></rect>'
+            out.append('<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s">'
+                       '<title>%s, %s: %s %s</title></rect>'
                        % (x, y, bar, max(h, 0.5), PALETTE[position % len(PALETTE)], escape(day), escape(name),
                           escape(_money(value)), escape(currency or "")))
         if index % label_every == 0:

@@ -9,6 +9,7 @@ items existed, or by other tools) is priced by the price version in force
 when its counter row was started, else by the model's current prices.
 """
 import bisect
+from dataclasses import dataclass
 import json
 from collections import defaultdict, deque
 from decimal import Decimal
@@ -29,6 +30,9 @@ __all__ = ["cost_report", "report_totals", "daily_costs", "REPORT_GROUPINGS", "u
 
 REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
 
+# A token count or a sum of them: whole, or exact where SQL summed fractions.
+Number = int | Decimal
+
 #
 # Every call is priced from its own item: the prices stored with it, the tier
 # the provider applied, its own long-context split. The SQL adds up calls
@@ -38,13 +42,48 @@ REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
 # items existed, or by other tools) is priced by the price version in force
 # when its counter row was started, else by the model's current prices.
 
+@dataclass
+class TokenTotals:
+    """The input and output tokens of the usage of one (model, agent,
+    connector): what tells whether items cover the counters."""
+
+    tokens_in: Number = 0
+    tokens_out: Number = 0
+
+
+@dataclass
+class GroupSums:
+    """What SQL adds up for one group of items priced alike (its columns in
+    this order): the calls, the input in its buckets (neither cached nor a
+    cache write; cached; cache writes), all output, web searches, and the
+    items' input and output totals as recorded."""
+
+    calls: int
+    fresh_in: Number
+    cached: Number
+    cache_write: Number
+    out: Number
+    web: Number
+    all_in: Number
+    all_out: Number
+
+    def add(self, other: "GroupSums") -> None:
+        """Add another group's sums (the coverage totals stay this group's)."""
+        self.calls += other.calls or 0
+        self.fresh_in += other.fresh_in or 0
+        self.cached += other.cached or 0
+        self.cache_write += other.cache_write or 0
+        self.out += other.out or 0
+        self.web += other.web or 0
+
+
 def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None):
     """Items added up in SQL by model, ``keys`` (among agent, connector and
     day, the UTC day) and everything that decides their price. One dict a
     group; ``agent_id`` is None for usage without an agent or whose agent
     was deleted (``agents``: the ids that exist, when the caller has them).
 
-    ``totals``, a ``defaultdict(lambda: [0, 0])``, gets the items' input and
+    ``totals``, a ``defaultdict(TokenTotals)``, gets the items' input and
     output tokens per (model, agent, connector) from the same pass: what
     ``_uncovered_counters`` compares with the counters."""
     if not table_columns(db, PsModelUsageItem._meta.table_name):
@@ -52,7 +91,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     r = ItemReader(is_postgres(db))
     params = []
     read = r.select([name for name, _path, _kind in ITEM_VALUES],
-                    window(db, "i.created_at", PsModelUsageItem.created_at, since, until, model_ids, params), model_threshold=True)
+                    window(db, "i.created_at", PsModelUsageItem.created_at, since, until, model_ids, params),
+                    model_threshold=True)
     # Rows that differ only by the agent and connector asked for by
     # ``totals`` and not by ``keys`` are added up in Python.
     extra = () if totals is None else tuple(k for k in ("agent", "connector") if k not in keys)
@@ -83,6 +123,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
                                             r.fence_column, read, r.fence)
     group = [name for name in columns if name not in ("tin", "cached", "cw", "tout", "parts", "web", "threshold")]
     group.append("long")
+    # In the order of GroupSums' fields.
     sums = ["COUNT(*)", "SUM(%s)" % r.j.greatest("tin - cached - cw", "0"), "SUM(cached)", "SUM(cw)",
             "SUM(%s + parts)" % r.j.greatest("tout - parts", "0"), "SUM(web)", "SUM(tin)", "SUM(tout)"]
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long "
@@ -100,29 +141,29 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
         if agent_at is not None and values[agent_at] not in agents:
             values = values[:agent_at] + (None,) + values[agent_at + 1:]
         # Sums as exact numbers (SQLite sums REAL values as floats).
-        sums = [value if type(value) is not float else _number(value) for value in values[width:]]
+        sums = GroupSums(*[value if type(value) is not float else _number(value) for value in values[width:]])
         if totals is not None:
             entry = totals[(values[0], values[agent_at], values[connector_at])]
-            entry[0] += sums[6] or 0
-            entry[1] += sums[7] or 0
+            entry.tokens_in += sums.all_in or 0
+            entry.tokens_out += sums.all_out or 0
         key = tuple(values[i] for i in keep) if extra else values[:width]
         into = merged.get(key)
         if into is None:
             merged[key] = sums
         else:
-            for i in range(6):
-                into[i] += sums[i] or 0
+            into.add(sums)
     pricing_at = names.index("pricing")
     parsed = {}
     rows = []
     for key, sums in merged.items():
         row = dict(zip(names, key))
         prefix = "long_" if row.pop("long") else ""
-        row["calls"] = sums[0]
+        row["calls"] = sums.calls
         row["buckets"] = dict.fromkeys(BUCKETS, 0)
-        for bucket, value in zip(("in", "cached", "cache_write", "out"), sums[1:5]):
+        for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached), ("cache_write", sums.cache_write),
+                              ("out", sums.out)):
             row["buckets"][prefix + bucket] = _number(value)
-        row["web"] = int(sums[5] or 0)
+        row["web"] = int(sums.web or 0)
         # Pricing is JSON text: parsed once for each distinct text, and with
         # the tier applied, what tells groups priced alike without comparing dicts.
         pricing = key[pricing_at]
@@ -177,18 +218,19 @@ def _bucket_reader(present):
 def _item_totals(db, agents, model_ids=None):
     """Input and output tokens of all items per (model, agent, connector):
     the light pass that tells which counters the items cover."""
-    totals = defaultdict(lambda: [0, 0])
+    totals: defaultdict[tuple, TokenTotals] = defaultdict(TokenTotals)
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return totals
     r = ItemReader(is_postgres(db))
     params = []
-    read = r.select(["tin", "tout"], window(db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params))
+    where = window(db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params)
+    read = r.select(["tin", "tout"], where)
     for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
             'SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM (%s) r '
             'GROUP BY model_id, agent_id, connector_id' % (r.count("tin"), r.count("tout"), read), params):
         entry = totals[(model_id, agent_id if agent_id in agents else None, connector_id)]
-        entry[0] += _number(tokens_in)
-        entry[1] += _number(tokens_out)
+        entry.tokens_in += _number(tokens_in)
+        entry.tokens_out += _number(tokens_out)
     return totals
 
 
@@ -222,7 +264,7 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
     read = _bucket_reader(present)
     # Input and output tokens of the counters per (model, agent, connector).
     output = {c for bucket in ("out", "long_out") for c in _BUCKET_COUNTER_NAMES[bucket]}
-    counted = defaultdict(lambda: [0, 0])
+    counted: defaultdict[tuple, TokenTotals] = defaultdict(TokenTotals)
     for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
             'SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM "ps_model_usage"%s '
             'GROUP BY model_id, agent_id, connector_id' % (
@@ -230,12 +272,14 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
                 " + ".join("CAST(%s AS BIGINT)" % c for c in present if c not in output),
                 " + ".join("CAST(%s AS BIGINT)" % c for c in present if c in output), where), params):
         entry = counted[(model_id, agent_id if agent_id in agents else None, connector_id)]
-        entry[0] += int(tokens_in)
-        entry[1] += int(tokens_out)
+        entry.tokens_in += int(tokens_in)
+        entry.tokens_out += int(tokens_out)
     if not counted:
         return []
-    short = {key for key, (tokens_in, tokens_out) in counted.items()
-             if tokens_in > itemized.get(key, (0, 0))[0] or tokens_out > itemized.get(key, (0, 0))[1]}
+    nothing = TokenTotals()
+    short = {key for key, total in counted.items()
+             if total.tokens_in > itemized.get(key, nothing).tokens_in
+             or total.tokens_out > itemized.get(key, nothing).tokens_out}
     untouched = {key for key in short if key not in itemized}
     pieces = _untouched_pieces(db, by, since, until, untouched, agents, sound) if untouched else []
     partly = short - untouched
@@ -370,7 +414,7 @@ def usage_parts(db, by, since, until, model_ids=None):
     # groups cost PostgreSQL's parallel workers more than a light pass.
     one_pass = since is None and until is None and model_ids is None and (
         "agent" in keys or not is_postgres(db))
-    itemized = defaultdict(lambda: [0, 0]) if one_pass else None
+    itemized = defaultdict(TokenTotals) if one_pass else None
     parts = []
     for group in _item_groups(db, keys, since, until, model_ids, agents, totals=itemized):
         pricing = group["pricing"] or {}

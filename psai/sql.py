@@ -101,7 +101,8 @@ def _sqlite_any(field, path, values):
         if chosen:
             within = NodeList((extract, SQL("IN (SELECT value FROM json_each(?))", [json.dumps(chosen)])))
             clauses.append(kind.in_(list(kinds)) & within)
-    clauses += [_sqlite_equals(field, path, v) for v in dict.fromkeys(v for v in values if v is None or isinstance(v, bool))]
+    singles = dict.fromkeys(v for v in values if v is None or isinstance(v, bool))
+    clauses += [_sqlite_equals(field, path, v) for v in singles]
     return reduce(operator.or_, clauses)
 
 

@@ -286,8 +286,8 @@ def copy(source, target, *, dry_run=False, progress=None):
                     parent = agent_ids.get(row.get("parent_agent"))
                     if here_parents.get(agent_ids[row["id"]]) != parent:
                         _update(PsAgent, agent_ids[row["id"]], {"parent_agent": parent})
-                linked = [{"agent": agent_ids[l["agent"]], "ai_model": model_ids[l["ai_model"]]} for l in links
-                          if l["agent"] in agent_ids and l["ai_model"] in model_ids]
+                linked = [{"agent": agent_ids[link["agent"]], "ai_model": model_ids[link["ai_model"]]} for link in links
+                          if link["agent"] in agent_ids and link["ai_model"] in model_ids]
                 if linked:
                     before = AgentModels.select().count()
                     AgentModels.insert_many(linked, validate=False).on_conflict_ignore().execute()
@@ -296,7 +296,8 @@ def copy(source, target, *, dry_run=False, progress=None):
 
                 def usage_row(row):
                     return dict(row, model=model_ids.get(row["model"]), agent=agent_ids.get(row.get("agent")))
-                usage = [usage_row(row) for row in usage if row["model"] in model_ids]  # a row pointing nowhere stays behind
+                # A row pointing nowhere stays behind.
+                usage = [usage_row(row) for row in usage if row["model"] in model_ids]
                 _mirror_rows(PsModelUsage, target, usage,
                              lambda r: (r["model"], r.get("agent"), r.get("connector_id"), r["created_at"]),
                              dict, counts, "ps_model_usage")
