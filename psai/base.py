@@ -12,11 +12,6 @@ from peewee import (
 from playhouse.hybrid import hybrid_method
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
 
-try:  # the PostgreSQL driver is an extra: psai[postgres]
-    from psycopg2.extras import execute_values
-except ImportError:  # pragma: no cover - installed in the tests
-    execute_values = None
-
 from .constants import MAX_INTEGER
 from .db import database, model_db, write_transaction
 from .errors import NotFoundError, ValidationError
@@ -189,36 +184,39 @@ class BaseModel(Model):
 
 
 class _PreparedInsert:
-    """An INSERT compiled once per model, column set and backend, and then
-    only executed: peewee builds SQL afresh for every query, which costs more
-    than the insert itself for one row."""
+    """An INSERT compiled by peewee once per model, column set, backend and
+    number of rows, and then only executed: peewee builds SQL afresh for
+    every query, which costs more than the insert itself for one row."""
 
-    _cache = {}
+    _cache: dict[tuple, str] = {}
+    # Multi-row texts are kept for full batches only (a last, shorter batch is compiled once).
+    _KEPT_ROWS = (1, 1000)
 
     def __init__(self, model, data):
         self.model, self.data = model, data
 
     @classmethod
-    def _statement(cls, model, names):
+    def statement(cls, model, names, rows=1):
+        """The INSERT of ``rows`` rows of the fields ``names``, in that order
+        (PostgreSQL: one row returns its id)."""
         db = model_db(model)
-        key = (model, names, type(db))
-        if key not in cls._cache:
-            postgres = isinstance(db, PostgresqlDatabase)
-            columns, marks = [], []
-            for name in names:
-                field = model._meta.fields[name]
-                columns.append('"%s"' % field.column_name)
-                json_column = isinstance(field, JSONField)
-                marks.append("%s" if postgres else ("json(?)" if json_column else "?"))
-            sql = 'INSERT INTO "%s" (%s) VALUES ' % (model._meta.table_name, ", ".join(columns))
-            row = "(%s)" % ", ".join(marks)
-            pk = model._meta.primary_key
-            returning = ' RETURNING "%s"' % pk.column_name if postgres and model._meta.auto_increment else ""
-            cls._cache[key] = (sql, row, returning, postgres)
-        return cls._cache[key]
+        key = (model, names, type(db), rows)
+        sql = cls._cache.get(key)
+        if sql is None:
+            fields = [model._meta.fields[name] for name in names]
+            # A value of each column's kind, so that peewee writes its
+            # placeholder as for a real row (SQLite's json(?) for JSON).
+            sample = tuple({} if isinstance(field, JSONField) else None for field in fields)
+            query = ModelInsert(model, [sample] * rows, columns=fields)
+            if rows > 1 or not model._meta.auto_increment:
+                query = query.returning()  # an id only from a single row that has one
+            sql = query.sql()[0]
+            if rows in cls._KEPT_ROWS:
+                cls._cache[key] = sql
+        return sql
 
     @staticmethod
-    def _params(model, names, data, postgres, shared=None):
+    def _params(model, names, data, shared=None):
         params = []
         for name in names:
             field, value = model._meta.fields[name], data[name]
@@ -249,12 +247,11 @@ class _PreparedInsert:
     def execute(self):
         data = self._complete()
         names = tuple(sorted(data))
-        sql, row, returning, postgres = self._statement(self.model, names)
-        cursor = model_db(self.model).execute_sql(sql + row + returning,
-                                                  self._params(self.model, names, data, postgres))
+        db = model_db(self.model)
+        cursor = db.execute_sql(self.statement(self.model, names), self._params(self.model, names, data))
         if not self.model._meta.auto_increment:
             return None
-        return cursor.fetchone()[0] if postgres else cursor.lastrowid
+        return cursor.fetchone()[0] if isinstance(db, PostgresqlDatabase) else cursor.lastrowid
 
     @classmethod
     def many(cls, model, rows):
@@ -265,16 +262,16 @@ class _PreparedInsert:
         names = tuple(sorted(completed[0]))
         if any(tuple(sorted(row)) != names for row in completed):
             raise ValueError("bulk_insert rows must all have the same fields")
-        sql, row, _returning, postgres = cls._statement(model, names)
-        shared = (now, TimestampTzField().db_value(now) if not postgres else now)
-        params = [cls._params(model, names, data, postgres, shared) for data in completed]
         db = model_db(model)
+        shared = (now, TimestampTzField().db_value(now) if not isinstance(db, PostgresqlDatabase) else now)
+        params = [cls._params(model, names, data, shared) for data in completed]
         db.connect(reuse_if_open=True)
         cursor = db.cursor()
-        if postgres:
-                execute_values(cursor, sql + "%s", params, template=row, page_size=len(params))
+        if isinstance(db, PostgresqlDatabase):
+            # One statement of all the rows: one round trip.
+            cursor.execute(cls.statement(model, names, len(params)), [value for row in params for value in row])
         else:
-            cursor.executemany(sql + row, params)
+            cursor.executemany(cls.statement(model, names), params)
 
 
 # -- links: adding twice is harmless, linking to a missing row is a clear error ----

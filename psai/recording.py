@@ -7,8 +7,10 @@ stored model without recording it."""
 import datetime
 import json
 import math
+import operator
+from functools import reduce
 
-from peewee import Cast
+from peewee import SQL, Cast, Insert, ModelUpdate
 
 from .arguments import agent_arg, check_counts, check_ids, model_arg
 from .constants import MAX_INTEGER, strict_json_dumps
@@ -20,7 +22,7 @@ from .models import PsAiModel, PsModelUsage, PsModelUsageItem
 from .pricing import COUNTERS, cost_breakdown, partition_usage
 from .schemas import json_problem
 from .sql import (
-    USAGE_ROW_COLUMNS, item_insert, one_round_trip_statements, stored_configuration_sql, usage_statements,
+    USAGE_ROW_COLUMNS, Statement, compiled, item_insert, one_round_trip_statements, slot, stored_configuration_sql,
 )
 
 __all__ = ["record_usage", "model_cost", "usage_counters", "NO_AGENT", "CACHE_WRITE_COUNTERS"]
@@ -99,22 +101,22 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
         returned = _record_in_one_round_trip(db, present, model.configuration, call)
         if returned is not None:
             return _usage_row(present, returned)
-    find, update, insert = usage_statements(is_postgres(db), present, agent_id is None, connector_id is None)
+    find, update, insert = _usage_statements(db, present, agent_id is None, connector_id is None)
     with write_transaction(db):
         lock(db, keys)
         # The prices as stored now, not as this object last saw them; the
         # shared lock makes a concurrent price change wait for this call.
         configuration = _stored_configuration(db, model)
         now = utcnow()  # after the lock: a price change is wholly before or after the call
-        params = _statement_params(call, *_call_rows(configuration, present, with_items, now, call), now)
-        row = db.execute_sql(find, params["find"]).fetchone()
+        values = _statement_values(call, present, *_call_rows(configuration, present, with_items, now, call), now)
+        row = db.execute_sql(find.sql, find.params(values)).fetchone()
         if row is None:
-            cursor = db.execute_sql(insert, params["insert"])
+            cursor = db.execute_sql(insert.sql, insert.params(values))
         else:
-            cursor = db.execute_sql(update, params["update"] + [row[0]])
+            cursor = db.execute_sql(update.sql, update.params(dict(values, id=row[0])))
         returned = cursor.fetchone()
         if with_items:
-            db.execute_sql(item_insert(db), params["item"])
+            db.execute_sql(item_insert(db), _item_params(values))
     return _usage_row(present, returned)
 
 
@@ -122,23 +124,59 @@ def _stamp(moment):
     return PsModelUsage.created_at.db_value(moment)
 
 
-def _statement_params(call, values, data, now):
-    """The parameters of record_usage's statements for one call, by
-    statement: find the day's counter row, insert one, update one (its id
-    last, not here), insert the item."""
-    start, end = _day_bounds(now)
-    stamp = _stamp(now)
-    keys = (call["model_id"], call["agent_id"], call["connector_id"])
-    return {
+_STATEMENTS: dict[tuple, tuple[Statement, Statement, Statement]] = {}
+
+
+def _usage_statements(db, present, agent_is_null, connector_is_null, guarded=False):
+    """record_usage's statements on ``ps_model_usage`` (find the day's
+    counter row, update it, insert one), compiled by peewee once per backend
+    and shape: the hot path of every agent call does not build SQL.
+    ``guarded``: the find also needs a row in ``m`` (the one-round-trip
+    statement's model check)."""
+    key = (type(db), present, agent_is_null, connector_is_null, guarded)
+    found = _STATEMENTS.get(key)
+    if found is None:
+        usage, columns = PsModelUsage, PsModelUsage._meta.columns
         # A row with no room left for these counts (32-bit counters) is not
         # found, and a new one is started: reports add all rows up.
-        "find": [v for v in keys if v is not None] + [_stamp(start), _stamp(end)]
-                + [MAX_INTEGER - count for count in values],
-        "insert": list(keys) + [call["user_id"], stamp, stamp] + values,
-        "update": values + [stamp],
-        "item": [call["user_id"], stamp, stamp, call["model_id"], call["agent_id"] or NO_AGENT,
-                 call["connector_id"], data],
-    }
+        where = [usage.model == slot("model_id"),
+                 usage.agent.is_null() if agent_is_null else usage.agent == slot("agent_id"),
+                 usage.connector_id.is_null() if connector_is_null else usage.connector_id == slot("connector_id"),
+                 usage.created_at >= slot("start"), usage.created_at < slot("end")]
+        where += [columns[name] <= slot("room_" + name) for name in present]
+        if guarded:
+            where.insert(0, SQL("EXISTS (SELECT 1 FROM m)"))
+        returning = [columns[name] for name in USAGE_ROW_COLUMNS + present]
+        find = usage.select(usage.id).where(reduce(operator.and_, where)).order_by(usage.id).limit(1)
+        # peewee's own queries: these values are checked already, and an
+        # INSERT of the model's would add the defaults of columns a
+        # PolicySynth table may not have.
+        added = {columns[name]: slot("add_" + name) for name in present}
+        update = ModelUpdate(usage, {**{field: field + value for field, value in added.items()},
+                                     usage.updated_at: slot("stamp")}) \
+            .where(usage.id == slot("id")).returning(*returning)
+        insert = Insert(usage._meta.table, {
+            usage.model: slot("model_id"), usage.agent: slot("agent_id"), usage.connector_id: slot("connector_id"),
+            usage.user_id: slot("user_id"), usage.created_at: slot("stamp"), usage.updated_at: slot("stamp"),
+            **added}).returning(*returning)
+        found = _STATEMENTS[key] = (compiled(find, db), compiled(update, db), compiled(insert, db))
+    return found
+
+
+def _statement_values(call, present, values, data, now):
+    """The values of record_usage's statements' slots for one call."""
+    start, end = _day_bounds(now)
+    named = dict(call, start=_stamp(start), end=_stamp(end), stamp=_stamp(now), data=data)
+    for name, count in zip(present, values):
+        named["add_" + name] = count
+        named["room_" + name] = MAX_INTEGER - count
+    return named
+
+
+def _item_params(values):
+    """The item INSERT's parameters (``item_insert``)."""
+    return [values["user_id"], values["stamp"], values["stamp"], values["model_id"], values["agent_id"] or NO_AGENT,
+            values["connector_id"], values["data"]]
 
 
 def _call_rows(configuration, present, with_items, now, call):
@@ -177,11 +215,14 @@ def _record_in_one_round_trip(db, present, configuration, call):
     over."""
     agent_id, connector_id = call["agent_id"], call["connector_id"]
     now = utcnow()
-    statements = _statement_params(call, *_call_rows(configuration, present, True, now, call), now)
-    params = ([lock_id((call["model_id"], agent_id, connector_id)), call["model_id"],
-               strict_json_dumps(configuration)]
-              + statements["find"] + statements["update"] + statements["insert"] + statements["item"])
-    lock_sql, record_sql = one_round_trip_statements(present, agent_id is None, connector_id is None)
+    values = _statement_values(call, present, *_call_rows(configuration, present, True, now, call), now)
+    find = _usage_statements(db, present, agent_id is None, connector_id is None, guarded=True)[0]
+    counts = [values["add_" + name] for name in present]
+    params = ([lock_id((call["model_id"], agent_id, connector_id)), call["model_id"], strict_json_dumps(configuration)]
+              + find.params(values) + counts + [values["stamp"]]
+              + [call["model_id"], agent_id, connector_id, call["user_id"], values["stamp"], values["stamp"]] + counts
+              + _item_params(values))
+    lock_sql, record_sql = one_round_trip_statements(find.sql, present, agent_id is None, connector_id is None)
     return execute_prepared(db, record_sql, params, before=lock_sql + "; ").fetchone()
 
 

@@ -8,7 +8,8 @@ own literals, never a caller's; values are always bound parameters
 - configuration filters (``config_filter``) as peewee expressions;
 - ``JsonSQL`` and ``ItemReader``: reading usage items' JSON for reports;
 - ``window``: a period and a set of models as WHERE clauses;
-- record_usage's statements (``usage_statements``, ``one_round_trip_statements``).
+- statements compiled once by peewee with named slots (``compiled``), and
+  PostgreSQL's one-round-trip recording statement (``one_round_trip_statements``).
 """
 import json
 import math
@@ -16,15 +17,18 @@ import operator
 import re
 from functools import reduce
 
-from peewee import SQL, NodeList, PostgresqlDatabase, fn
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from peewee import SQL, NodeList, PostgresqlDatabase, Value, fn
 
 from .constants import MAX_SAFE_INTEGER
 from .errors import ValidationError
 from .pricing import _is_number
 
 __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALUES", "window", "quoted",
-           "usage_statements", "item_insert", "one_round_trip_statements", "stored_configuration_sql",
-           "USAGE_ROW_COLUMNS"]
+           "item_insert", "one_round_trip_statements", "stored_configuration_sql", "USAGE_ROW_COLUMNS",
+           "Slot", "slot", "Statement", "compiled"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -290,41 +294,44 @@ class ItemReader:
         return "coalesce(max(CAST(v_%s AS NUMERIC), 0), 0)" % name
 
 
-# -- recording a call: record_usage's statements, built once per shape ----------------
+# -- statements built once ----------------------------------------------------------
 
 # The counter row's columns record_usage reads back, before the counters.
 USAGE_ROW_COLUMNS = ("id", "user_id", "created_at", "updated_at", "model_id", "agent_id", "connector_id")
 
-_USAGE_SQL: dict = {}
+_USAGE_SQL: dict[tuple, tuple[str, str]] = {}
+
+
+class Slot(str):
+    """The name of a parameter in a statement compiled once (``compiled``)."""
+
+
+def slot(name: str) -> Value:
+    """A named placeholder for peewee to compile: its value is given each
+    time the statement runs (``Statement.params``)."""
+    return Value(Slot(name), converter=False)
+
+
+class Statement(NamedTuple):
+    """A statement peewee compiled once: its text, and in the order of its
+    placeholders the names of its slots (or the constants peewee bound)."""
+
+    sql: str
+    order: tuple
+
+    def params(self, values: Mapping[str, Any]) -> list:
+        return [values[name] if type(name) is Slot else name for name in self.order]
+
+
+def compiled(query: Any, db: Any) -> Statement:
+    """``query`` (peewee's, with ``slot`` placeholders) compiled for ``db``."""
+    sql, params = query.bind(db).sql()
+    return Statement(sql, tuple(params))
 
 
 def quoted(name):
     """An identifier as SQL (psai's own names: tables, columns)."""
     return '"%s"' % name
-
-
-def usage_statements(postgres, present, agent_is_null, connector_is_null, guard=""):
-    """record_usage's three statements (find the day's counter row, update
-    it, insert one) for a backend and the counters ``present``, built once:
-    the hot path of every agent call should not pay for building SQL.
-    ``guard``: a condition the find must also meet (its first)."""
-    key = (postgres, present, agent_is_null, connector_is_null, guard)
-    if key not in _USAGE_SQL:
-        p = "%s" if postgres else "?"
-        returning = " RETURNING " + ", ".join(quoted(c) for c in USAGE_ROW_COLUMNS + present)
-        find = ('SELECT "id" FROM "ps_model_usage" WHERE {guard}"model_id" = {p} AND "agent_id" {agent} '
-                'AND "connector_id" {connector} AND "created_at" >= {p} AND "created_at" < {p} {room}'
-                'ORDER BY "id" LIMIT 1').format(
-                    p=p, guard=guard + " AND " if guard else "", agent="IS NULL" if agent_is_null else "= " + p,
-                    connector="IS NULL" if connector_is_null else "= " + p,
-                    room="".join('AND %s <= %s ' % (quoted(c), p) for c in present))
-        update = ('UPDATE "ps_model_usage" SET %s, "updated_at" = {p} WHERE "id" = {p}'
-                  % ", ".join('{0} = {0} + {{p}}'.format(quoted(c)) for c in present)).format(p=p) + returning
-        columns = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present
-        insert = 'INSERT INTO "ps_model_usage" (%s) VALUES (%s)' % (
-            ", ".join(quoted(c) for c in columns), ", ".join([p] * len(columns))) + returning
-        _USAGE_SQL[key] = (find, update, insert)
-    return _USAGE_SQL[key]
 
 
 def item_insert(db):
@@ -334,14 +341,15 @@ def item_insert(db):
             '"connector_id", "data") VALUES (%s)' % ", ".join([db.param] * 7))
 
 
-def one_round_trip_statements(present, agent_is_null, connector_is_null):
+def one_round_trip_statements(find, present, agent_is_null, connector_is_null):
     """PostgreSQL: (the advisory lock, the statement that records a call:
     on condition that the model's stored configuration is the one given,
-    find or start the day's counter row, add to it, insert the item), built once."""
-    key = ("one round trip", present, agent_is_null, connector_is_null)
+    find or start the day's counter row, add to it, insert the item), built
+    once. ``find``: the text of the counter row's find, guarded by ``m``
+    (peewee's; its parameters come between the configuration's and the
+    update's). Data-modifying CTEs are what peewee cannot say."""
+    key = ("one round trip", find, present, agent_is_null, connector_is_null)
     if key not in _USAGE_SQL:
-        find, _update, _insert = usage_statements(True, present, agent_is_null, connector_is_null,
-                                                  guard="EXISTS (SELECT 1 FROM m)")
         columns = ", ".join(quoted(c) for c in USAGE_ROW_COLUMNS + present)
         counters = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present
         casts = ["%s::integer"] * 4 + ["%s::timestamptz"] * 2 + ["%s::integer"] * len(present)
