@@ -22,7 +22,10 @@ from .fields import UTC
 from .items import BUCKETS, bucket_cost, effective_prices
 from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from .recording import usage_counters
-from .sql import ITEM_VALUES, ItemReader, JsonSQL, window
+from .sql import (
+    ITEM_VALUES, ItemReader, JsonSQL, counter_rows_sql, counter_sums_sql, counter_totals_sql, counters_negative,
+    counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql, price_period_sql, window,
+)
 from .versions import histories_of, prices_at
 
 __all__ = ["cost_report", "report_totals", "daily_costs", "REPORT_GROUPINGS", "usage_parts", "price_parts",
@@ -97,37 +100,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     # ``totals`` and not by ``keys`` are added up in Python.
     extra = () if totals is None else tuple(k for k in ("agent", "connector") if k not in keys)
     grouped = tuple(keys) + extra
-    columns = {
-        "model_id": "model_id",
-        "agent_id": "agent_id" if "agent" in grouped else None,
-        "connector_id": "connector_id" if "connector" in grouped else None,
-        "day": r.j.day("created_at") if "day" in grouped else None,
-        "provider": r.value("provider"),
-        "pricing": r.value("pricing"),
-        "applied_service_tier": r.value("applied_service_tier"),
-        "applied_speed": r.value("applied_speed"),
-        # Readable: token counts, the input total a number (an item whose
-        # counts are text is not priced as 0 tokens, nor guessed).
-        "has_usage": "(CASE WHEN %s THEN 1 ELSE 0 END)" % r.is_a("tin"),
-        "tin": r.count("tin"), "cached": r.count("cached"), "cw": r.count("cw"), "tout": r.count("tout"),
-        "parts": " + ".join(r.count(name) for name in ("reasoning", "audio", "image")),
-        "web": r.count("web"),
-        # The call's own prices' threshold; for an item without a snapshot,
-        # the model's current prices'.
-        "threshold": "(CASE WHEN %s THEN %s ELSE %s END)" % (
-            r.is_a("configured"), r.value("threshold"), r.value("model_threshold")),
-    }
-    columns = {name: sql for name, sql in columns.items() if sql is not None}
-    # The second step fenced as the first: its columns are used several times.
-    typed = "SELECT %s%s FROM (%s) r%s" % (", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
-                                            r.fence_column, read, r.fence)
-    group = [name for name in columns if name not in ("tin", "cached", "cw", "tout", "parts", "web", "threshold")]
-    group.append("long")
-    # In the order of GroupSums' fields.
-    sums = ["COUNT(*)", "SUM(%s)" % r.j.greatest("tin - cached - cw", "0"), "SUM(cached)", "SUM(cw)",
-            "SUM(%s + parts)" % r.j.greatest("tout - parts", "0"), "SUM(web)", "SUM(tin)", "SUM(tout)"]
-    sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long "
-           "FROM (%s) c) g GROUP BY %s" % (", ".join(group), ", ".join(sums), typed, ", ".join(group)))
+    sql, group = item_groups_sql(r, read, grouped)
     if agents is None and "agent" in grouped:
         agents = _agent_ids(db)
     # The columns of a group, without the extra ones.
@@ -180,7 +153,7 @@ def _agent_ids(db):
     """The ids of the agents that exist: usage of a deleted agent (or of
     none, agent_id 0 in an item) is reported without one, as
     ps_model_usage's ON DELETE SET NULL has it."""
-    return {row[0] for row in db.execute_sql('SELECT "id" FROM "ps_agents"').fetchall()}
+    return {agent_id for (agent_id,) in PsAgent.select(PsAgent.id).tuples()}
 
 
 def _number(value):
@@ -225,9 +198,7 @@ def _item_totals(db, agents, model_ids=None):
     params = []
     where = window(db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params)
     read = r.select(["tin", "tout"], where)
-    for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
-            'SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM (%s) r '
-            'GROUP BY model_id, agent_id, connector_id' % (r.count("tin"), r.count("tout"), read), params):
+    for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(item_totals_sql(r, read), params):
         entry = totals[(model_id, agent_id if agent_id in agents else None, connector_id)]
         entry.tokens_in += _number(tokens_in)
         entry.tokens_out += _number(tokens_out)
@@ -249,13 +220,12 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
     the items are the record of the calls. ``itemized``: the items' totals
     per (model, agent, connector), when the caller has them already."""
     present = usage_counters(db)
-    p = "%s" if is_postgres(db) else "?"
     # A row with a negative counter (written by hand) is not counted: it is
     # reported unpriced (_negative_counters).
-    sound = "NOT (%s)" % " OR ".join("%s < 0" % c for c in present)
-    where, params = " WHERE " + sound, []
+    sound = counters_sound(present)
+    where, params = [sound], []
     if model_ids is not None:
-        where += " AND model_id IN (%s)" % (", ".join([p] * len(model_ids)) or "NULL")
+        where.append("model_id IN (%s)" % (", ".join([db.param] * len(model_ids)) or "NULL"))
         params = list(model_ids)
     if itemized is None:
         itemized = _item_totals(db, agents, model_ids)
@@ -266,11 +236,7 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
     output = {c for bucket in ("out", "long_out") for c in _BUCKET_COUNTER_NAMES[bucket]}
     counted: defaultdict[tuple, TokenTotals] = defaultdict(TokenTotals)
     for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
-            'SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM "ps_model_usage"%s '
-            'GROUP BY model_id, agent_id, connector_id' % (
-                # BIGINT: PostgreSQL adds 32-bit counters in 32 bits, and two full ones overflow.
-                " + ".join("CAST(%s AS BIGINT)" % c for c in present if c not in output),
-                " + ".join("CAST(%s AS BIGINT)" % c for c in present if c in output), where), params):
+            counter_totals_sql(present, output, where), params):
         entry = counted[(model_id, agent_id if agent_id in agents else None, connector_id)]
         entry.tokens_in += int(tokens_in)
         entry.tokens_out += int(tokens_out)
@@ -294,10 +260,7 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
             if folded and bucket.endswith("cache_write"):
                 bucket = bucket.replace("cache_write", "in")  # how such a table counted them
             into[bucket] += value
-    rows = db.execute_sql(
-        'SELECT model_id, agent_id, connector_id, created_at, %s FROM "ps_model_usage" WHERE model_id IN (%s) '
-        'AND %s ORDER BY created_at DESC, id DESC' % (", ".join(present), ", ".join([p] * len(models)), sound),
-        models).fetchall()
+    rows = db.execute_sql(counter_rows_sql(db, present, len(models), sound), models).fetchall()
     for values in rows:
         key = (values[0], values[1] if values[1] in agents else None, values[2])
         if key not in partly:
@@ -334,13 +297,12 @@ def _untouched_pieces(db, by, since, until, keys, agents, sound, model_ids=None)
     dated by its first row. Without keys, rows are added up only by what
     the report needs (the agent for agent and tree reports)."""
     j = JsonSQL(is_postgres(db))
-    p = "%s" if j.postgres else "?"
     field = PsModelUsage.created_at
     present = usage_counters(db)
     if keys is not None:
         model_ids = sorted({key[0] for key in keys})
     else:  # the models that have counter rows
-        used = {row[0] for row in db.execute_sql('SELECT DISTINCT model_id FROM "ps_model_usage"').fetchall()}
+        used = {row[0] for row in PsModelUsage.select(PsModelUsage.model).distinct().tuples()}
         model_ids = sorted(used if model_ids is None else used & set(model_ids))
     if not model_ids:
         return []
@@ -350,22 +312,16 @@ def _untouched_pieces(db, by, since, until, keys, agents, sound, model_ids=None)
         # The period expression grows with the moments of every model and is
         # evaluated per row: past a few hundred, each row on its own is faster.
         moments = {}
-    period, params = ["CASE u.model_id"], []
-    for model_id, times in moments.items():
-        if times:
-            period.append("WHEN %s THEN CASE %s ELSE %d END" % (
-                p, " ".join("WHEN u.created_at < %s THEN %d" % (p, i) for i in range(len(times))), len(times)))
-            params += [model_id] + [field.db_value(t) for t in times]
-    period = " ".join(period) + " ELSE 0 END" if len(period) > 1 else "0"
+    params: list = []
+    period = price_period_sql(db, "u", {model_id: [field.db_value(t) for t in times]
+                                        for model_id, times in moments.items()}, params)
     whole = keys is not None or by in ("agent", "tree")
     columns = ["u.model_id", "u.agent_id" if whole else "NULL", "u.connector_id" if keys is not None else "NULL",
                "(%s)" % period if moments else "u.id"]
     if by == "day":
         columns.append(j.day("u.created_at"))
     where = window(db, "u.created_at", PsModelUsage.created_at, since, until, model_ids, params) + [sound]
-    groups = ", ".join(str(i + 1) for i in range(len(columns)))
-    sql = 'SELECT %s, MIN(u.created_at), %s FROM "ps_model_usage" u WHERE %s GROUP BY %s' % (
-        ", ".join(columns), ", ".join("SUM(u.%s)" % c for c in present), " AND ".join(where), groups)
+    sql = counter_sums_sql(present, columns, where)
     read = _bucket_reader(present)
     offset = len(columns)
     pieces = []
@@ -383,12 +339,10 @@ def _negative_counters(db, by, agents, since, until, model_ids=None):
     present = usage_counters(db)
     params = []
     where = window(db, "u.created_at", PsModelUsage.created_at, since, until, model_ids, params) + [
-        "(%s)" % " OR ".join("u.%s < 0" % c for c in present)]
+        counters_negative(present, "u")]
     read = _bucket_reader(present)
     parts = []
-    for values in db.execute_sql('SELECT u.id, u.model_id, u.agent_id, u.created_at, %s FROM "ps_model_usage" u '
-                                 'WHERE %s' % (", ".join("u." + c for c in present), " AND ".join(where)),
-                                 params).fetchall():
+    for values in db.execute_sql(negative_rows_sql(present, where), params).fetchall():
         model_id, agent_id, created_at = values[1:4]
         buckets = read([max(v or 0, 0) for v in values[4:]])
         created_at = PsModelUsage.created_at.python_value(created_at)
@@ -532,7 +486,7 @@ def _agent_tree(db):
     PolicySynth does not prevent, is cut at its smallest id, which stands
     as the root of the loop: every agent has one root, so each call is
     counted once in the roots' totals."""
-    parent = dict(db.execute_sql('SELECT "id", "parent_agent_id" FROM "ps_agents"').fetchall())
+    parent = dict(PsAgent.select(PsAgent.id, PsAgent.parent_agent).tuples())
     children = defaultdict(list)
     for child, of in parent.items():
         if of in parent:

@@ -28,7 +28,9 @@ from .pricing import _is_number
 
 __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALUES", "window", "quoted",
            "item_insert", "one_round_trip_statements", "stored_configuration_sql", "USAGE_ROW_COLUMNS",
-           "Slot", "slot", "Statement", "compiled"]
+           "Slot", "slot", "Statement", "compiled", "item_groups_sql", "item_totals_sql", "counters_sound",
+           "counters_negative", "counter_totals_sql", "counter_rows_sql", "price_period_sql", "counter_sums_sql",
+           "negative_rows_sql"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -292,6 +294,105 @@ class ItemReader:
         if self.postgres:
             return "coalesce(GREATEST(%s, 0), 0)" % self.value(name)
         return "coalesce(max(CAST(v_%s AS NUMERIC), 0), 0)" % name
+
+
+# -- reports' statements over items and counters ---------------------------------------
+
+def item_groups_sql(r, read, grouped):
+    """``(sql, group)``: items (``read``, ItemReader.select's subquery) added
+    up by model, the keys ``grouped`` (among agent, connector, day) and all
+    that prices them; ``group``, the grouping columns in the order the rows
+    return them, GroupSums' columns after them."""
+    columns = {
+        "model_id": "model_id",
+        "agent_id": "agent_id" if "agent" in grouped else None,
+        "connector_id": "connector_id" if "connector" in grouped else None,
+        "day": r.j.day("created_at") if "day" in grouped else None,
+        "provider": r.value("provider"),
+        "pricing": r.value("pricing"),
+        "applied_service_tier": r.value("applied_service_tier"),
+        "applied_speed": r.value("applied_speed"),
+        # Readable: token counts, the input total a number (an item whose
+        # counts are text is not priced as 0 tokens, nor guessed).
+        "has_usage": "(CASE WHEN %s THEN 1 ELSE 0 END)" % r.is_a("tin"),
+        "tin": r.count("tin"), "cached": r.count("cached"), "cw": r.count("cw"), "tout": r.count("tout"),
+        "parts": " + ".join(r.count(name) for name in ("reasoning", "audio", "image")),
+        "web": r.count("web"),
+        # The call's own prices' threshold; for an item without a snapshot,
+        # the model's current prices'.
+        "threshold": "(CASE WHEN %s THEN %s ELSE %s END)" % (
+            r.is_a("configured"), r.value("threshold"), r.value("model_threshold")),
+    }
+    columns = {name: sql for name, sql in columns.items() if sql is not None}
+    # The second step fenced as the first: its columns are used several times.
+    typed = "SELECT %s%s FROM (%s) r%s" % (", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
+                                            r.fence_column, read, r.fence)
+    group = [name for name in columns if name not in ("tin", "cached", "cw", "tout", "parts", "web", "threshold")]
+    group.append("long")
+    # In the order of GroupSums' fields.
+    sums = ["COUNT(*)", "SUM(%s)" % r.j.greatest("tin - cached - cw", "0"), "SUM(cached)", "SUM(cw)",
+            "SUM(%s + parts)" % r.j.greatest("tout - parts", "0"), "SUM(web)", "SUM(tin)", "SUM(tout)"]
+    sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long "
+           "FROM (%s) c) g GROUP BY %s" % (", ".join(group), ", ".join(sums), typed, ", ".join(group)))
+    return sql, group
+
+
+def item_totals_sql(r, read):
+    """The items' input and output totals per (model, agent, connector)."""
+    return ('SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM (%s) r '
+            'GROUP BY model_id, agent_id, connector_id' % (r.count("tin"), r.count("tout"), read))
+
+
+def counters_sound(present):
+    """Counter rows without a negative counter (a row written by hand)."""
+    return "NOT (%s)" % " OR ".join("%s < 0" % c for c in present)
+
+
+def counters_negative(present, alias):
+    return "(%s)" % " OR ".join("%s.%s < 0" % (alias, c) for c in present)
+
+
+def counter_totals_sql(present, output, where):
+    """The counters' input and output totals per (model, agent, connector);
+    ``output``, the output counters."""
+    return ('SELECT model_id, agent_id, connector_id, SUM(%s), SUM(%s) FROM "ps_model_usage" WHERE %s '
+            'GROUP BY model_id, agent_id, connector_id' % (
+                # BIGINT: PostgreSQL adds 32-bit counters in 32 bits, and two full ones overflow.
+                " + ".join("CAST(%s AS BIGINT)" % c for c in present if c not in output),
+                " + ".join("CAST(%s AS BIGINT)" % c for c in present if c in output), " AND ".join(where)))
+
+
+def counter_rows_sql(db, present, models, sound):
+    """The sound counter rows of ``models`` (that many ids bound), newest first."""
+    return ('SELECT model_id, agent_id, connector_id, created_at, %s FROM "ps_model_usage" WHERE model_id IN (%s) '
+            'AND %s ORDER BY created_at DESC, id DESC' % (", ".join(present), ", ".join([db.param] * models), sound))
+
+
+def price_period_sql(db, alias, moments, params):
+    """The number of the price period a counter row falls in, by its model:
+    ``moments``, ``{model_id: [moments as stored]}`` where prices may change
+    (their parameters appended to ``params``); "0" when there are none."""
+    p = db.param
+    period = ["CASE %s.model_id" % alias]
+    for model_id, times in moments.items():
+        if times:
+            period.append("WHEN %s THEN CASE %s ELSE %d END" % (
+                p, " ".join("WHEN %s.created_at < %s THEN %d" % (alias, p, i) for i in range(len(times))),
+                len(times)))
+            params += [model_id] + list(times)
+    return " ".join(period) + " ELSE 0 END" if len(period) > 1 else "0"
+
+
+def counter_sums_sql(present, columns, where):
+    """Counter rows added up by ``columns`` (the first row's time, then the counters)."""
+    groups = ", ".join(str(i + 1) for i in range(len(columns)))
+    return 'SELECT %s, MIN(u.created_at), %s FROM "ps_model_usage" u WHERE %s GROUP BY %s' % (
+        ", ".join(columns), ", ".join("SUM(u.%s)" % c for c in present), " AND ".join(where), groups)
+
+
+def negative_rows_sql(present, where):
+    return 'SELECT u.id, u.model_id, u.agent_id, u.created_at, %s FROM "ps_model_usage" u WHERE %s' % (
+        ", ".join("u." + c for c in present), " AND ".join(where))
 
 
 # -- statements built once ----------------------------------------------------------
