@@ -3,6 +3,8 @@ one way everywhere: models and agents by row, id or uuid; counts and ids
 that fit PolicySynth's INTEGER columns; periods as aware datetimes."""
 import datetime
 import math
+import uuid
+from collections.abc import Mapping
 
 from .constants import MAX_INTEGER
 from .errors import ValidationError
@@ -12,20 +14,20 @@ from .models import PsAgent, PsAiModel
 __all__ = ["model_arg", "agent_arg", "check_counts", "check_ids", "as_datetime"]
 
 
-def model_arg(model):
+def model_arg(model: PsAiModel | int | str | uuid.UUID) -> PsAiModel:
     return model if isinstance(model, PsAiModel) else PsAiModel.get_by_key(model)
 
 
-def agent_arg(agent):
+def agent_arg(agent: PsAgent | int | str | uuid.UUID | None) -> PsAgent | None:
     if agent is None or isinstance(agent, PsAgent):
         return agent
     return PsAgent.get_by_key(agent)
 
 
-def check_counts(counts):
+def check_counts(counts: Mapping[str, object]) -> None:
     """One rule for every count a caller gives (record_usage, model_cost): a
     number, finite, 0 or more, at most what one counter column holds."""
-    errors = {}
+    errors: dict[str, list[str]] = {}
     for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors[name] = ["Not a number."]
@@ -37,10 +39,10 @@ def check_counts(counts):
         raise ValidationError(errors)
 
 
-def check_ids(ids):
+def check_ids(ids: Mapping[str, object]) -> None:
     """Ids a caller gives for columns: integers that fit PostgreSQL's INTEGER
     (SQLite would store text or huge numbers where PolicySynth cannot read them)."""
-    errors = {}
+    errors: dict[str, list[str]] = {}
     for name, value in ids.items():
         if value is None:
             continue
@@ -52,7 +54,8 @@ def check_ids(ids):
         raise ValidationError(errors)
 
 
-def as_datetime(value, end=False, name=None):
+def as_datetime(value: datetime.date | str | None, end: bool = False,
+                name: str | None = None) -> datetime.datetime | None:
     """A since/until as an aware datetime: a date, a datetime or their ISO
     text (a date ``until`` is inclusive). None stays None."""
     name = name or ("until" if end else "since")

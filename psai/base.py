@@ -3,6 +3,7 @@ dependency on peewee's internals in one place: rows read without a
 descriptor call per field, validation on every write path, a cached INSERT
 for save(), links whose ``add`` is harmless twice, eager loading of links."""
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from peewee import (
@@ -20,7 +21,7 @@ from .fields import JSONField, TimestampTzField, utcnow
 __all__ = ["BaseModel", "LinkField", "load_links"]
 
 
-def _plain_fields(model, _cache={}):
+def _plain_fields(model, _cache: dict = {}):  # noqa: B006  (a cache on purpose)
     """The names of ``model``'s fields whose accessor is peewee's plain
     FieldAccessor (storing a value is ``__data__[name] = value``)."""
     names = _cache.get(model)
@@ -31,6 +32,11 @@ def _plain_fields(model, _cache={}):
 
 
 class BaseModel(Model):
+    # The key columns key_field() looks rows up by, for the type checker:
+    # peewee gives every table its own fields.
+    id: Any
+    uuid: Any
+
     class Meta:
         database = database  # the default; psai.using(db) / bind_ctx rebind per thread
         model_metadata_class = ThreadSafeDatabaseMetadata
@@ -61,7 +67,7 @@ class BaseModel(Model):
         # PolicySynth (Sequelize) refreshes updated_at on every save; a new
         # row has one time for both, as Sequelize gives it.
         if "updated_at" in self._meta.fields:
-            inserting = self._pk is None or kwargs.get("force_insert")
+            inserting = self.get_id() is None or kwargs.get("force_insert")
             created = getattr(self, "created_at", None)
             self.updated_at = created if inserting and created is not None else utcnow()
             only = kwargs.get("only")
@@ -76,7 +82,7 @@ class BaseModel(Model):
         # called on a row, they write what save() has validated.
         return super().save(*args, **kwargs)
 
-    def validate(self):
+    def validate(self) -> None:
         """Raise psai.ValidationError if this row may not be written."""
 
     # Writes that bypass save() are validated too. Values that are SQL
@@ -107,7 +113,7 @@ class BaseModel(Model):
     insert = hybrid_method(_insert_row, _insert_checked)
 
     @classmethod
-    def bulk_insert(cls, rows, *, validate=True, batch_size=1000):
+    def bulk_insert(cls, rows: Iterable[Mapping[Any, Any]], *, validate: bool = True, batch_size: int = 1000) -> int:
         """Insert many rows (dicts of field names) at the driver's full speed:
         one prepared statement, executemany on SQLite, multi-row VALUES on
         PostgreSQL, all in one transaction. Every row is validated first
@@ -132,7 +138,7 @@ class BaseModel(Model):
     update = hybrid_method(_update_row, _update_checked)
 
     @classmethod
-    def insert_many(cls, rows, fields=None, *, validate=True):
+    def insert_many(cls, rows: Iterable[Any], fields: Sequence[Any] | None = None, *, validate: bool = True) -> Any:
         """Bulk insert. Every row is validated before anything is written;
         ``validate=False`` is the trusted path for rows already checked."""
         if not validate:
@@ -157,7 +163,7 @@ class BaseModel(Model):
         return checked
 
     @classmethod
-    def key_field(cls, key):
+    def key_field(cls, key: int | str | uuid.UUID) -> tuple[Any, Any]:
         """``(field, value)`` that finds the row with this id (int or digit
         string) or uuid; NotFoundError when ``key`` is neither."""
         if type(key) is int and 0 <= key <= MAX_INTEGER:
@@ -174,7 +180,7 @@ class BaseModel(Model):
             raise NotFoundError("%s %r is neither an id nor a uuid" % (cls.__name__, key)) from None
 
     @classmethod
-    def get_by_key(cls, key):
+    def get_by_key(cls, key: int | str | uuid.UUID) -> Any:
         """The row with this id (int or digit string) or uuid; NotFoundError if none."""
         field, value = cls.key_field(key)
         row = cls.select().where(field == value).first()
@@ -365,7 +371,7 @@ def _loaded_key(name):
     return "_loaded_" + name
 
 
-def load_links(query, name, through, source_column, target_model, target_column):
+def load_links(query: Any, name: str, through: Any, source_column: str, target_model: Any, target_column: str) -> list:
     """Eager loading in three queries: the rows, their links as plain tuples,
     and the linked rows; each row gets a list under ``name`` (the accessor
     then returns it instead of querying)."""

@@ -6,6 +6,10 @@ as far as it can be read, flagged with what is wrong. ``check()`` (``psai
 check``) lists every such row and why, so it can be fixed or deactivated.
 """
 import json
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+from marshmallow import Schema
 
 from .db import is_postgres, model_db, table_columns
 from .errors import ValidationError
@@ -18,11 +22,12 @@ from .sql import JsonSQL
 __all__ = ["shape_problem", "model_problem", "agent_problem", "check", "readable", "dump_rows"]
 
 
-def dump_rows(schema, rows, model=False):
+def dump_rows(schema: Schema, rows: Iterable[PsAiModel | PsAgent],
+              model: bool = False) -> list[tuple[dict[str, Any], str | None]]:
     """``[(dump, problem)]``: each row dumped by ``schema``; a row whose
     configuration cannot be read as one is dumped as stored (None where even
     JSON cannot hold it), with the problem, so it never hides the others."""
-    dumped = []
+    dumped: list[tuple[dict[str, Any], str | None]] = []
     for row in rows:
         problem = shape_problem(row.configuration, model=model)
         if problem is None:
@@ -38,7 +43,7 @@ def dump_rows(schema, rows, model=False):
     return dumped
 
 
-def _problem(validate, values):
+def _problem(validate: Callable[[dict[str, Any]], object], values: dict[str, Any]) -> str | None:
     try:
         validate(values)
     except ValidationError as exc:
@@ -48,7 +53,7 @@ def _problem(validate, values):
     return None
 
 
-def model_problem(row):
+def model_problem(row: PsAiModel) -> str | None:
     """Why psai would refuse to write this model row as it is, or None.
     Configuration keys psai does not know are accepted (a newer PolicySynth
     writes them)."""
@@ -57,28 +62,31 @@ def model_problem(row):
         "configuration": row.configuration})
 
 
-def agent_problem(row):
+def agent_problem(row: PsAgent) -> str | None:
     return _problem(validate_agent_values, {
         "user_id": row.user_id, "class_id": row.class_id, "group_id": row.group_id,
         "configuration": row.configuration, "parent_agent_id": row.parent_agent_id})
 
 
-def check():
+def check() -> list[dict[str, Any]]:
     """Every stored row psai would refuse or cannot use, as dicts
     ``{"table", "id", "problem"}`` (``id`` is a pair for a link)."""
-    found = []
-    model_ids, agent_ids = set(), set()
-    for row in PsAiModel.select().order_by(PsAiModel.id):
-        model_ids.add(row.id)
-        problem = model_problem(row)
+    found: list[dict[str, Any]] = []
+    model_ids: set[int] = set()
+    agent_ids: set[int] = set()
+    for model in PsAiModel.select().order_by(PsAiModel.id):
+        model_ids.add(model.id)
+        problem = model_problem(model)
         if problem:
-            found.append({"table": "ps_ai_models", "id": row.id, "problem": problem})
-    for row in PsAgent.select().order_by(PsAgent.id):
-        agent_ids.add(row.id)
-        problem = agent_problem(row)
+            found.append({"table": "ps_ai_models", "id": model.id, "problem": problem})
+    for agent in PsAgent.select().order_by(PsAgent.id):
+        agent_ids.add(agent.id)
+        problem = agent_problem(agent)
         if problem:
-            found.append({"table": "ps_agents", "id": row.id, "problem": problem})
-    for agent_id, model_id in AgentModels.select(AgentModels.agent, AgentModels.ai_model).tuples():
+            found.append({"table": "ps_agents", "id": agent.id, "problem": problem})
+    # .tuples() gives tuples, which peewee's type stubs do not say (they give the query's model).
+    links = cast(Iterable[tuple[int, int]], AgentModels.select(AgentModels.agent, AgentModels.ai_model).tuples())
+    for agent_id, model_id in links:
         missing = [name for name, key, ids in (("agent", agent_id, agent_ids), ("model", model_id, model_ids))
                    if key not in ids]
         if missing:
@@ -86,8 +94,8 @@ def check():
                           "problem": "links to a %s that does not exist" % " and a ".join(missing)})
     db = model_db(PsModelUsage)
     counters = usage_counters(db)
-    for row in PsModelUsage.select(PsModelUsage.id, PsModelUsage.model, *[getattr(PsModelUsage, c)
-                                                                           for c in counters]).tuples():
+    usage = PsModelUsage.select(PsModelUsage.id, PsModelUsage.model, *[getattr(PsModelUsage, c) for c in counters])
+    for row in cast(Iterable[tuple[Any, ...]], usage.tuples()):
         row_id, model_id, values = row[0], row[1], row[2:]
         if model_id not in model_ids:
             found.append({"table": "ps_model_usage", "id": row_id,

@@ -1,16 +1,19 @@
 """Connecting: one database proxy that every psai model is bound to by
 default, and ``using(db)`` to bind them to another database for a block."""
+from __future__ import annotations
+
 import contextlib
 import hashlib
 import os
 import re
 import time
 import weakref
-from typing import Iterable
+from typing import Any, Iterable, Iterator, Sequence
 from urllib.parse import quote, unquote, urlsplit
 
 from peewee import (
-    DatabaseError, DatabaseProxy, InterfaceError, Model, OperationalError, PostgresqlDatabase, SqliteDatabase,
+    Database, DatabaseError, DatabaseProxy, InterfaceError, Model, OperationalError, PostgresqlDatabase,
+    SqliteDatabase,
 )
 from playhouse import db_url
 from playhouse.shortcuts import ReconnectMixin
@@ -44,7 +47,7 @@ def register_models(models: Iterable[type[Model]]) -> None:
 def registered_models() -> tuple[type[Model], ...]:
     return tuple(_registered_models)
 
-SQLITE_PRAGMAS = {
+SQLITE_PRAGMAS: dict[str, Any] = {
     "foreign_keys": 1,  # SQLite enforces ON DELETE CASCADE / SET NULL only with this on
     "journal_mode": "wal",  # readers do not block the writer
     "busy_timeout": 30_000,  # wait for a concurrent writer instead of failing at once
@@ -80,7 +83,7 @@ class PostgresDatabase(ReconnectMixin, PostgresqlDatabase):
 SECRET_PARAMETERS = ("password", "sslpassword", "passfile", "sslkey")
 
 
-def _split_secret(url):
+def _split_secret(url: str) -> tuple[str, str, str] | None:
     """(head, password, tail) with ``url == head + password + tail``, the
     password found by the URL's structure: the userinfo is everything
     before the last "@" of the authority, so a password holding an
@@ -98,11 +101,11 @@ def _split_secret(url):
     return url[:start], url[start:start + at - colon - 1], url[start + at - colon - 1:]
 
 
-def _redact_parameters(text):
+def _redact_parameters(text: str) -> str:
     return re.sub(r"(?i)\b(%s)=([^&\s'\"]*)" % "|".join(SECRET_PARAMETERS), r"\1=***", text)
 
 
-def redact_url(url):
+def redact_url(url: str) -> str:
     """The URL with every secret replaced by ``***`` (the password, and
     query parameters such as ``password=`` and ``sslpassword=``), safe to print."""
     url = str(url)
@@ -112,7 +115,7 @@ def redact_url(url):
     return _redact_parameters(url)
 
 
-def _normalize_url(url):
+def _normalize_url(url: str) -> str:
     """The URL with its password percent-encoded, so that a password holding
     "#", "/", "?" or "@" is read whole by playhouse.db_url."""
     parts = _split_secret(url)
@@ -121,7 +124,7 @@ def _normalize_url(url):
     return parts[0] + quote(unquote(parts[1]), safe="") + parts[2]
 
 
-def _scrub(message, url):
+def _scrub(message: object, url: str) -> str:
     """A driver's error message without the URL's secrets, on one line."""
     message = str(message)
     if url:
@@ -138,7 +141,7 @@ def _scrub(message, url):
     return " ".join(_redact_parameters(message).split())  # drivers' messages span lines; errors are one line
 
 
-def connect(url=None, *, bind=True, **options):
+def connect(url: str | None = None, *, bind: bool = True, **options: Any) -> Database:
     """Open the database at ``url`` and return it; with ``bind`` (the
     default) psai's models use it from now on, wherever no ``using`` block
     says otherwise. A database opened before stays open: another part of the
@@ -204,13 +207,13 @@ def connect(url=None, *, bind=True, **options):
 
 
 @contextlib.contextmanager
-def using(db):
+def using(db: Database | str) -> Iterator[Database]:
     """Inside the block, every psai model, and so every psai function, works
     on ``db`` (a database from ``connect(url, bind=False)``, or a URL), in
     this thread only: another thread keeps its own binding. Blocks nest. The
     same as peewee's ``db.bind_ctx(psai.models.ALL_MODELS)``."""
     opened = isinstance(db, str)
-    if opened:
+    if isinstance(db, str):
         db = connect(db, bind=False)
     try:
         with db.bind_ctx(_registered_models, bind_refs=False, bind_backrefs=False):
@@ -223,7 +226,7 @@ def using(db):
 _NOT_CONNECTED = "no database: call psai.connect(url) or use `with psai.using(db):`"
 
 
-def model_db(model):
+def model_db(model: type[Model] | Model) -> Database:
     """The database a model (class or row) is bound to in this thread: its
     own, never a global."""
     db = model._meta.database
@@ -234,7 +237,7 @@ def model_db(model):
     return db
 
 
-def current_db():
+def current_db() -> Database:
     """The database psai's models are bound to in this thread: the innermost
     ``using`` (or ``bind_ctx``) block's, else the one ``connect()`` bound."""
     if _registered_models:
@@ -244,17 +247,17 @@ def current_db():
     return database.obj
 
 
-def is_postgres(db=None):
+def is_postgres(db: Database | None = None) -> bool:
     return isinstance(db if db is not None else current_db(), PostgresqlDatabase)
 
 
-def lock_id(key):
+def lock_id(key: object) -> int:
     """The 64-bit advisory lock number of ``key`` (any repr-able value)."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
-def lock(db, key):
+def lock(db: Database, key: object) -> None:
     """Inside a write transaction: serialise the writers of ``key`` (any
     repr-able value) until commit. SQLite: the write transaction already
     holds the database's write lock. PostgreSQL: an advisory lock for this key."""
@@ -262,7 +265,7 @@ def lock(db, key):
         db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (lock_id(key),))
 
 
-def write_transaction(db=None):
+def write_transaction(db: Database | None = None) -> contextlib.AbstractContextManager[Any, None]:
     """A transaction for writes on ``db`` (default: ``current_db()``). On
     SQLite it takes the write lock at BEGIN (IMMEDIATE), so two writers queue
     on the busy timeout instead of failing with "database is locked" when a
@@ -275,12 +278,12 @@ def write_transaction(db=None):
 
 # Statements prepared on each PostgreSQL connection: {sql: name}. Keyed by
 # the driver's connection, so a reconnected database prepares them again.
-_prepared_names = weakref.WeakKeyDictionary()
+_prepared_names: weakref.WeakKeyDictionary[Any, dict[str | None, str | bool]] = weakref.WeakKeyDictionary()
 PREPARED_STATEMENT_MISSING = "26000"  # SQLSTATE invalid_sql_statement_name
 _NOT_KEPT = None  # the key saying a connection's prepared statements do not stay
 
 
-def _execute_text(db, names, sql):
+def _execute_text(db: Database, names: dict[str | None, str | bool], sql: str) -> str:
     """The ``EXECUTE`` text for ``sql`` (one statement, ``%s`` placeholders),
     prepared on this thread's connection the first time."""
     count = sql.count("%s")
@@ -295,7 +298,7 @@ def _execute_text(db, names, sql):
     return "EXECUTE %s (%s)" % (name, ", ".join(["%s"] * count))
 
 
-def execute_prepared(db, sql, params, before=""):
+def execute_prepared(db: Database, sql: str, params: Sequence[Any], before: str = "") -> Any:
     """PostgreSQL: run ``sql`` (one statement, ``%s`` placeholders) as a
     statement prepared on this thread's connection the first time: the
     server parses and plans it once per connection, not on every call.
@@ -326,10 +329,10 @@ def execute_prepared(db, sql, params, before=""):
 
 # Which tables and columns a database has, looked up once per database: psai
 # works on PolicySynth databases whose schema may lack a table or a column.
-_schema = weakref.WeakKeyDictionary()
+_schema: weakref.WeakKeyDictionary[Database, dict[str, frozenset[str]]] = weakref.WeakKeyDictionary()
 
 
-def table_columns(db, table):
+def table_columns(db: Database, table: str) -> frozenset[str]:
     """The column names of ``table`` in ``db`` as a frozenset (empty when the
     table does not exist), cached until ``forget_schema(db)``."""
     tables = _schema.setdefault(db, {})
@@ -338,6 +341,6 @@ def table_columns(db, table):
     return tables[table]
 
 
-def forget_schema(db):
+def forget_schema(db: Database) -> None:
     """Drop what ``table_columns`` knows of ``db`` (after a migration)."""
     _schema.pop(db, None)

@@ -2,6 +2,9 @@
 in three sizes, three agents linked to them (one a sub-agent), which model
 each agent selects and why, a few recorded calls, their cost, and an HTML
 report. Running it again finds what it stored instead of adding copies."""
+from collections.abc import Mapping
+from typing import Any
+
 from .db import model_db, write_transaction
 from .models import PsAgent, PsAiModel
 from .query import SIZE_FALLBACK, select_model
@@ -43,22 +46,23 @@ SEED_CALLS = [
 ]
 
 
-def seed():
+def seed() -> tuple[dict[str, PsAiModel], dict[str, PsAgent], bool]:
     """Store the demo's models, agents and links once, and record its calls
     the first time. Returns ``(models, agents, recorded)``: rows by name,
     and whether the calls were recorded now."""
     with write_transaction(model_db(PsAiModel)):
-        models = {}
+        models: dict[str, PsAiModel] = {}
         for fields in SEED_MODELS:
             found = PsAiModel.get_or_none(PsAiModel.name == fields["name"])
             models[fields["name"]] = found or PsAiModel.create(**fields)
-        agents, fresh = {}, False
+        agents: dict[str, PsAgent] = {}
+        fresh = False
         for name, parent, linked, _size in SEED_AGENTS:
             agent = PsAgent.select().where(PsAgent.configuration["name"] == name).first()
             if agent is None:
                 fresh = True
                 agent = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": name},
-                                       parent_agent=agents.get(parent))
+                                       parent_agent=agents.get(parent) if parent is not None else None)
             agent.ai_models.add([models[model] for model in linked])
             agents[name] = agent
         if fresh:
@@ -69,11 +73,11 @@ def seed():
     return models, agents, fresh
 
 
-def _asks(agent_name):
+def _asks(agent_name: str) -> str:
     return next(size for name, _parent, _linked, size in SEED_AGENTS if name == agent_name)
 
 
-def selections(agents):
+def selections(agents: Mapping[str, PsAgent]) -> list[dict[str, Any]]:
     """For each demo agent: the size it asks for, the model select_model
     gives it, and why (PolicySynth's size fallback)."""
     rows = []

@@ -1,14 +1,16 @@
 """psai's exceptions."""
+from typing import Any
+
 import marshmallow
 
 __all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
            "InUseError", "UnpricedUsageError",
-           "NotConnectedError", "NotAdoptedError", "CatalogUnavailableError", "flatten_messages"]
+           "NotConnectedError", "NotAdoptedError", "CatalogUnavailableError", "Unmappable", "flatten_messages"]
 
 
-def flatten_messages(messages, prefix=""):
+def flatten_messages(messages: Any, prefix: str = "") -> dict[str, list[Any]]:
     """marshmallow's nested messages as ``{"prices.currency": [...]}``."""
-    flat = {}
+    flat: dict[str, list[Any]] = {}
     if isinstance(messages, dict):
         for key, value in messages.items():
             if key == marshmallow.exceptions.SCHEMA and prefix:
@@ -30,10 +32,10 @@ class ValidationError(marshmallow.ValidationError):
     dotted path, e.g. ``prices.costOutTokensPerMillion: Must be ...``."""
 
     @property
-    def paths(self):
+    def paths(self) -> dict[str, list[Any]]:
         return flatten_messages(self.messages)
 
-    def __str__(self):
+    def __str__(self) -> str:
         return "; ".join(
             "%s: %s" % (path, " ".join(str(m) for m in msgs)) for path, msgs in self.paths.items()
         )
@@ -74,3 +76,7 @@ class NotAdoptedError(PsaiError):
 
 class CatalogUnavailableError(PsaiError):
     """The source's package or file is not there."""
+
+
+class Unmappable(ValueError):
+    """A source model whose token prices PolicySynth's configuration cannot say."""

@@ -9,10 +9,10 @@ another works on SQLite.
 import datetime
 import uuid
 import weakref
-from typing import Callable
+from typing import Any, Callable
 
 import peewee
-from peewee import DatabaseProxy, Field, Node, PostgresqlDatabase, UUIDField
+from peewee import Database, DatabaseProxy, Field, Node, PostgresqlDatabase, UUIDField
 
 __all__ = ["TimestampTzField", "UUIDTextField", "JSONField", "utcnow", "UTC"]
 
@@ -32,19 +32,20 @@ def utcnow() -> datetime.datetime:
     return now_source()
 
 
-def _aware(value):
+def _aware(value: str | datetime.datetime) -> datetime.datetime:
     if isinstance(value, str):
+        text = value
         try:
-            value = datetime.datetime.fromisoformat(value)
+            value = datetime.datetime.fromisoformat(text)
         except ValueError:  # e.g. Sequelize's "2026-11-24 08:00:00.000 +00:00"
-            value = datetime.datetime.fromisoformat(value.strip().replace(" +", "+").replace(" -", "-"))
+            value = datetime.datetime.fromisoformat(text.strip().replace(" +", "+").replace(" -", "-"))
     if value.tzinfo is None:
         # Naive times are taken as UTC, as PostgreSQL does for a UTC session.
         value = value.replace(tzinfo=UTC)
     return value
 
 
-def bound_database(field):
+def bound_database(field: Field) -> Database | None:
     """The database ``field``'s model is bound to in this thread, or None."""
     model = getattr(field, "model", None)  # None for a field used on its own
     db = model._meta.database if model is not None else None
@@ -58,7 +59,7 @@ class TimestampTzField(Field):
 
     field_type = "TIMESTAMPTZ"
 
-    def db_value(self, value):
+    def db_value(self, value: Any) -> Any:
         if value is None or not isinstance(value, (str, datetime.datetime)):
             return value
         value = _aware(value)
@@ -66,7 +67,7 @@ class TimestampTzField(Field):
             return value
         return value.astimezone(UTC).isoformat(sep=" ", timespec="microseconds")
 
-    def python_value(self, value):
+    def python_value(self, value: Any) -> datetime.datetime | None:
         if value is None:
             return None
         return _aware(value)
@@ -76,12 +77,12 @@ class UUIDTextField(UUIDField):
     """Native ``uuid`` on PostgreSQL; the canonical dashed text on SQLite
     (peewee's own UUIDField stores 32 hex digits there)."""
 
-    def db_value(self, value):
+    def db_value(self, value: Any) -> Any:
         if value is None or not isinstance(value, (str, uuid.UUID)):
             return value
         return str(value if isinstance(value, uuid.UUID) else uuid.UUID(value))
 
-    def python_value(self, value):
+    def python_value(self, value: Any) -> uuid.UUID | None:
         if value is None or isinstance(value, uuid.UUID):
             return value
         return uuid.UUID(str(value))
@@ -116,13 +117,13 @@ class JSONField(peewee.JSONField):
     _wrap = property(lambda self: self._backend()[1], lambda self, value: None)
     _read = property(lambda self: self._backend()[2], lambda self, value: None)
 
-    def db_value(self, value):
+    def db_value(self, value: Any) -> Any:
         if value is None or isinstance(value, Node):
             return value
         wrap = self._backend()[1]
         return wrap(value) if wrap is not None else value
 
-    def python_value(self, value):
+    def python_value(self, value: Any) -> Any:
         if value is None:
             return value
         read = self._backend()[2]

@@ -23,7 +23,7 @@ from decimal import Decimal
 from typing import Any
 
 from .constants import LONG_CONTEXT_RATE_KEYS, TIER_KEYS
-from .errors import CatalogUnavailableError
+from .errors import CatalogUnavailableError, Unmappable
 from .pricing import estimate_cost, normalize_inference_type
 
 try:
@@ -51,10 +51,6 @@ _GENAI_WHAT = {
 _TIER_CONTEXTS = {"flex": ({"service_tier": "flex"},), "priority": ({"service_tier": "priority"},),
                   "fast": ({"speed": "fast"}, {"service_tier": "fast"})}
 _IGNORED_CONTEXTS = ({"service_tier": "default"},)  # the standard prices again
-
-
-class Unmappable(ValueError):
-    """A source model whose token prices PolicySynth's configuration cannot say."""
 
 
 def _require() -> None:

@@ -16,8 +16,11 @@ prices over time is kept here:
   recorded in a period, shown (dry run, the default) before it is applied.
 """
 import copy
+import datetime
+import uuid
 from contextlib import nullcontext
 from decimal import Decimal
+from typing import Any, TypedDict, cast
 
 import marshmallow
 
@@ -26,22 +29,41 @@ from .constants import strict_json_dumps
 from .db import is_postgres, model_db, table_columns, write_transaction
 from .errors import PsaiError, ValidationError
 from .fields import utcnow
-from .models import PriceCorrection, PriceVersion, PsModelUsageItem, prices_of, record_price_change
+from .models import PriceCorrection, PriceVersion, PsAiModel, PsModelUsageItem, prices_of, record_price_change
 from .reports import part_tokens, price_parts, usage_parts
 from .schemas import INCLUDE, ModelPricesSchema
 from .sql import window
-from .versions import histories_of, merge_prices, price_history, prices_at, resolve_models
+from .versions import (
+    PriceCorrectionEntry as PriceCorrectionEntry, PriceVersionEntry as PriceVersionEntry, histories_of, merge_prices,
+    price_history, prices_at, resolve_models,
+)
 
-__all__ = ["price_history", "histories_of", "prices_at", "reprice", "record_price_change", "resolve_models"]
+__all__ = ["price_history", "histories_of", "prices_at", "reprice", "record_price_change", "resolve_models",
+           "RepriceResult", "PriceVersionEntry", "PriceCorrectionEntry"]
 
 
-def _price_changes(changes):
+class RepriceResult(TypedDict):
+    """What ``reprice`` returns: the cost of the affected usage as recorded
+    (``before``) and as corrected (``after``)."""
+
+    before: Decimal
+    after: Decimal
+    currency: str | None
+    calls: int
+    unpriced_tokens_before: int
+    unpriced_tokens_after: int
+    applied: bool  # False for a dry run
+    difference: Decimal  # after - before
+
+
+def _price_changes(changes: Any) -> dict[str, Any]:
     """The changes of a correction: price keys (``prices.`` may lead) to
     new values, None removing a key. Refuses keys that are not prices."""
     if not isinstance(changes, dict) or not changes:
         raise ValidationError({"changes": ["Give the prices to change, e.g. {'costInTokensPerMillion': 2.5}."]})
     known = ModelPricesSchema().fields
-    normalized, errors = {}, {}
+    normalized: dict[str, Any] = {}
+    errors: dict[str, list[str]] = {}
     for key, value in changes.items():
         name = key[len("prices."):] if isinstance(key, str) and key.startswith("prices.") else key
         if name not in known:
@@ -53,14 +75,16 @@ def _price_changes(changes):
     return normalized
 
 
-def _check_prices(prices):
+def _check_prices(prices: dict[str, Any]) -> None:
     try:
         ModelPricesSchema(unknown=INCLUDE).load(prices)
     except marshmallow.ValidationError as exc:
         raise ValidationError({"prices": exc.messages}) from None
 
 
-def reprice(model, changes, *, since=None, until=None, dry_run=True):
+def reprice(model: PsAiModel | int | str | uuid.UUID, changes: dict[str, Any], *,
+            since: datetime.date | str | None = None, until: datetime.date | str | None = None,
+            dry_run: bool = True) -> RepriceResult:
     """Correct the prices of calls already recorded for ``model`` (a row,
     id, uuid or name) in [since, until), all of them by default.
 
@@ -114,7 +138,7 @@ def reprice(model, changes, *, since=None, until=None, dry_run=True):
         if not dry_run:
             _apply(db, rows, ids, changes, transform, since, until, result)
             result["applied"] = True
-    return result
+    return cast(RepriceResult, result)
 
 
 def _apply(db, rows, ids, changes, transform, since, until, result):

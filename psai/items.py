@@ -20,7 +20,11 @@ psai adds what it records and PolicySynth 1.3.172 does not, under the key
 since they are part of ``tokensIn``), and web searches. Counts that are
 negative or not numbers count as 0 (PolicySynth would subtract them).
 """
+import datetime
 import math
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any, TypeGuard
 
 from .constants import OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
 from .pricing import COUNTERS, _count, _is_number as _number_type, cost_of_counters, resolve_prices
@@ -43,19 +47,21 @@ BUCKET_COUNTERS = {
 _OPENAI = ("openai", "openairesponses")
 
 
-def _is_number(value):
+def _is_number(value: object) -> TypeGuard[float]:
     """A finite JSON number (not a boolean)."""
     return _number_type(value) and math.isfinite(value)
 
 
-def js_timestamp(moment):
+def js_timestamp(moment: datetime.datetime) -> str:
     """JavaScript's ``Date.toISOString()``: UTC, milliseconds, ``Z``."""
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (moment.microsecond // 1000)
 
 
-def item_data(*, model_id, configuration, user_id, agent_id, connector_id, moment, tokens_in, tokens_out,
-              cached_tokens=0, cache_write_tokens=0, reasoning_tokens=0, audio_tokens=0, image_tokens=0,
-              web_searches=0, provider_metadata=None):
+def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, agent_id: int | None,
+              connector_id: int | None, moment: datetime.datetime, tokens_in: float, tokens_out: float,
+              cached_tokens: float = 0, cache_write_tokens: float = 0, reasoning_tokens: float = 0,
+              audio_tokens: float = 0, image_tokens: float = 0, web_searches: float = 0,
+              provider_metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``ps_model_usage_item.data`` for one call, in PolicySynth's layout
     (version 1). ``configuration`` is the model's, as stored at call time;
     the result shares its ``prices`` (it is meant to be serialised)."""
@@ -90,7 +96,7 @@ def item_data(*, model_id, configuration, user_id, agent_id, connector_id, momen
     return data
 
 
-def applied_tier_metadata(provider, tier):
+def applied_tier_metadata(provider: str | None, tier: str | None) -> dict[str, str] | None:
     """``providerMetadata`` saying the provider served ``tier``, as
     PolicySynth's item cost manager reads it: Anthropic reports a speed
     (``fast`` / ``standard``), the others a service tier."""
@@ -101,11 +107,11 @@ def applied_tier_metadata(provider, tier):
     return {"appliedServiceTier": tier}
 
 
-def _lower(value):
+def _lower(value: object) -> str | None:
     return value.lower() if isinstance(value, str) else None
 
 
-def applied_tier(provider, metadata):
+def applied_tier(provider: Any, metadata: Any) -> tuple[str | None, bool]:
     """(tier, reported): the tier the provider says it applied, and whether
     it said anything PolicySynth reads."""
     provider = _lower(provider)
@@ -121,7 +127,7 @@ def applied_tier(provider, metadata):
     return None, False
 
 
-def _requested_tier(pricing):
+def _requested_tier(pricing: Mapping[str, Any]) -> Any:
     legacy = pricing.get("inferenceMode")
     tier = pricing.get("inferenceType")
     if tier is None and legacy in ("flex", "priority"):
@@ -129,7 +135,7 @@ def _requested_tier(pricing):
     return tier
 
 
-def price_problem(prices):
+def price_problem(prices: Any) -> str | None:
     """Why these prices cannot price a call (a sentence), or None."""
     if not isinstance(prices, dict):
         return "no prices"
@@ -151,7 +157,8 @@ def price_problem(prices):
     return None
 
 
-def effective_prices(provider, pricing, provider_metadata=None, fallback_prices=None):
+def effective_prices(provider: Any, pricing: Any, provider_metadata: Any = None,
+                     fallback_prices: Any = None) -> tuple[Any, str | None]:
     """The rates a call is priced at: PolicySynth's
     ``AgentCostItemManager.resolveEffectivePrices``. ``pricing`` is the
     item's ``pricing`` (its snapshot), ``provider_metadata`` what the
@@ -179,7 +186,7 @@ def effective_prices(provider, pricing, provider_metadata=None, fallback_prices=
     return resolved, None
 
 
-def call_buckets(usage, *, cache_write_tokens=0, threshold=None):
+def call_buckets(usage: Any, *, cache_write_tokens: float = 0, threshold: Any = None) -> dict[str, float]:
     """One call's usage (``usageNormalized``) in BUCKETS: input beyond the
     cached and cache-write parts is ordinary; all of it is long context when
     the input total reaches ``threshold``."""
@@ -188,24 +195,24 @@ def call_buckets(usage, *, cache_write_tokens=0, threshold=None):
         _count(cache_write_tokens)
     parts = [_count(usage.get(key)) for key in ("reasoningTokens", "audioTokens", "imageTokens")]
     out = max(_count(usage.get("tokensOut")) - sum(parts), 0) + sum(parts)
-    buckets = dict.fromkeys(BUCKETS, 0)
+    buckets: dict[str, float] = dict.fromkeys(BUCKETS, 0)
     prefix = "long_" if _is_number(threshold) and threshold > 0 and total_in >= threshold else ""
     buckets.update({prefix + "in": max(total_in - cached - cache_write, 0), prefix + "cached": cached,
                     prefix + "cache_write": cache_write, prefix + "out": out})
     return buckets
 
 
-def bucket_cost(buckets, prices, *, web_searches=0):
+def bucket_cost(buckets: Mapping[str, float], prices: Mapping[str, Any], *, web_searches: float = 0) -> Decimal:
     """The exact cost (Decimal) of usage in BUCKETS at resolved ``prices``,
     by PolicySynth's item rules (a long-context rate of 0 means unset)."""
-    counters = dict.fromkeys(COUNTERS, 0)
+    counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
     for bucket, counter in BUCKET_COUNTERS.items():
         counters[counter] = buckets.get(bucket) or 0
     return cost_of_counters(counters, prices, web_searches=web_searches, exact=True,
                             zero_long_rate_is_unset=True)["total"]
 
 
-def item_cost(data, fallback_prices=None):
+def item_cost(data: Any, fallback_prices: Any = None) -> Decimal | None:
     """What one item (its ``data``) cost, as a Decimal, or None when its
     prices are missing or unusable. ``fallback_prices``: the model's current
     prices, for an item without a snapshot (PolicySynth's rule too)."""
@@ -215,7 +222,9 @@ def item_cost(data, fallback_prices=None):
                                        fallback_prices)
     if problem:
         return None
-    extras = data.get("psai") if isinstance(data.get("psai"), dict) else {}
+    extras = data.get("psai")
+    if not isinstance(extras, dict):
+        extras = {}
     buckets = call_buckets(data["usageNormalized"], cache_write_tokens=extras.get("cacheWriteTokens", 0),
                            threshold=prices.get("longContextTokenThreshold"))
     return bucket_cost(buckets, prices, web_searches=_count(extras.get("webSearches")))

@@ -1,18 +1,22 @@
 """The store: PolicySynth's tables as peewee models, bound to
 ``psai.db.database``, with their own queries (configuration filters, model
 selection, the sub-agent tree) and the save hook that keeps price history."""
+from __future__ import annotations
+
+import datetime
 import uuid
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Self
 
 from peewee import (
     AutoField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField, IntegerField, IntegrityError,
-    ModelUpdate, Value,
+    ModelSelect, ModelUpdate, Value,
 )
 
 from .base import BaseModel, LinkField, load_links
 from .constants import strict_json_dumps
 from .db import is_postgres, lock, model_db, register_models, table_columns, write_transaction
-from .enums import PsAiModelSize
+from .enums import PsAiModelSize, PsAiModelType
 from .errors import InUseError, NotFoundError, ValidationError
 from .fields import JSONField, TimestampTzField, UUIDTextField, utcnow
 from .schemas import (
@@ -53,7 +57,7 @@ class PsAiModel(BaseModel):
     class Meta:
         table_name = "ps_ai_models"
 
-    def validate(self):
+    def validate(self) -> None:
         stored = None
         if self.id is not None and unknown_paths(self.configuration):
             # Keys psai does not know may stay where the row already had them.
@@ -61,10 +65,10 @@ class PsAiModel(BaseModel):
         self.configuration = validate_model_row(self, stored)
 
     @classmethod
-    def _validate_values(cls, values, partial):
+    def _validate_values(cls, values: dict[str, Any], partial: bool) -> dict[str, Any]:
         return validate_model_values(values, partial=partial)
 
-    def save(self, *args, **kwargs):
+    def save(self, *args: Any, **kwargs: Any) -> int:
         """Save, and keep the price history (``psai.price_history``): a
         change of ``prices`` closes the version in force and opens a new one,
         in the same transaction."""
@@ -80,7 +84,7 @@ class PsAiModel(BaseModel):
                 record_price_change(self, stored[0], stored[1])
             return result
 
-    def delete_instance(self, *args, **kwargs):
+    def delete_instance(self, *args: Any, **kwargs: Any) -> int:
         """Delete the model and its links. A model with recorded usage is
         refused (InUseError): deactivate it, so reports keep its prices."""
         in_use = InUseError("model %s (%s) has recorded usage; deactivate it instead of deleting it"
@@ -96,7 +100,7 @@ class PsAiModel(BaseModel):
                 raise in_use from None
             raise
 
-    def update_configuration(self, changes):
+    def update_configuration(self, changes: dict[str, Any]) -> Self:
         """Merge ``changes`` into the configuration (nested dicts merge, a
         None value removes a key), validate the result and save it. A stored
         configuration that is not an object (a hand-written row) is replaced
@@ -112,7 +116,7 @@ class PsAiModel(BaseModel):
             raise
         return self
 
-    def deactivate(self):
+    def deactivate(self) -> Self:
         """Mark the model inactive. Unlike other changes this is written even
         when the row holds something psai would refuse (written by hand or by
         another tool): taking a bad row out of use never makes it worse. A
@@ -129,7 +133,7 @@ class PsAiModel(BaseModel):
         return self
 
     @classmethod
-    def where_config(cls, filters=None, **fields):
+    def where_config(cls, filters: Mapping[str, Any] | None = None, **fields: Any) -> ModelSelect[PsAiModel]:
         """Models whose configuration matches every filter, e.g.
         ``where_config(provider="openai", type="text", active=True)``; nested
         keys by path: ``where_config({"prices.currency": "EUR"})``. A list
@@ -137,17 +141,17 @@ class PsAiModel(BaseModel):
         return where_config(filters, **fields)
 
     @classmethod
-    def history(cls, name, organization_id=None):
+    def history(cls, name: str, organization_id: int | None = None) -> list[PsAiModel]:
         """Every row that had this name, newest first."""
         return model_history(name, organization_id)
 
     @classmethod
-    def with_agents(cls, query=None):
+    def with_agents(cls, query: ModelSelect[Self] | None = None) -> list[Self]:
         """Models with ``.agents`` loaded, in three queries whatever their number."""
         query = cls.select().order_by(cls.id) if query is None else query
         return load_links(query, "agents", AgentModels, "ai_model", PsAgent, "agent")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<PsAiModel %s %r>" % (self.id, self.name)
 
 
@@ -167,11 +171,15 @@ class PsAgent(BaseModel):
         column_name="parent_agent_id", index=True,
     )
     ai_models = LinkField(PsAiModel, backref="agents", through_model=AgentModelsThrough)
+    # Declared for type checkers only: the parent's id (peewee's accessor of
+    # parent_agent), and the depth of an agent sub_agent_tree() returned.
+    parent_agent_id: int | None
+    level: int
 
     class Meta:
         table_name = "ps_agents"
 
-    def validate(self):
+    def validate(self) -> None:
         validate_agent_row(self)
         if self.id is not None and self.parent_agent_id is not None:
             # One change of the tree at a time: two saves each checking the
@@ -179,7 +187,7 @@ class PsAgent(BaseModel):
             lock(model_db(self), "agent tree")
             self._refuse_cycle()
 
-    def save(self, *args, **kwargs):
+    def save(self, *args: Any, **kwargs: Any) -> int:
         try:
             # The cycle check reads before the write: take the write lock first
             # on SQLite, or a concurrent writer makes the upgrade fail.
@@ -196,7 +204,7 @@ class PsAgent(BaseModel):
                     "(agent %s is not)." % self.parent_agent_id]}) from None
             raise
 
-    def _refuse_cycle(self):
+    def _refuse_cycle(self) -> None:
         """A sub-agent tree has no loops: the new parent may not be this
         agent or one of its sub-agents."""
         if self.parent_agent_id in {agent.id for agent in sub_agent_tree(self)}:
@@ -205,25 +213,26 @@ class PsAgent(BaseModel):
                 % self.parent_agent_id]})
 
     @classmethod
-    def _validate_values(cls, values, partial):
+    def _validate_values(cls, values: dict[str, Any], partial: bool) -> dict[str, Any]:
         return validate_agent_values(values, partial=partial)
 
-    def select_model(self, model_type, size, *, include_inactive=False):
+    def select_model(self, model_type: PsAiModelType | str, size: PsAiModelSize | str, *,
+                     include_inactive: bool = False) -> PsAiModel:
         """The PsAiModel this agent would use for ``model_type`` and ``size``,
         under PolicySynth's size fallback (see ``select_model``)."""
         return select_model(self, model_type, size, include_inactive=include_inactive)
 
-    def sub_agent_tree(self, *, include_self=True):
+    def sub_agent_tree(self, *, include_self: bool = True) -> list[PsAgent]:
         """This agent's sub-agents at every depth, each with ``.level``, in one query."""
         return sub_agent_tree(self, include_self=include_self)
 
     @classmethod
-    def with_ai_models(cls, query=None):
+    def with_ai_models(cls, query: ModelSelect[Self] | None = None) -> list[Self]:
         """Agents with ``.ai_models`` loaded, in three queries whatever their number."""
         query = cls.select().order_by(cls.id) if query is None else query
         return load_links(query, "ai_models", AgentModels, "agent", PsAiModel, "ai_model")
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "<PsAgent %s>" % (self.id,)
 
 
@@ -232,6 +241,9 @@ class AgentModels(BaseModel):
 
     agent = ForeignKeyField(PsAgent, column_name="agent_id", on_delete="CASCADE", backref="model_links")
     ai_model = ForeignKeyField(PsAiModel, column_name="ai_model_id", on_delete="CASCADE", backref="agent_links")
+    # Declared for type checkers only: peewee's accessors of the foreign keys' ids.
+    agent_id: int
+    ai_model_id: int
 
     class Meta:
         table_name = "AgentModels"
@@ -274,6 +286,9 @@ class PsModelUsage(BaseModel):
     # Cache-write input, added by a later PolicySynth; appended as its migration does.
     token_in_cache_write_count = _counter()
     long_context_token_in_cache_write_count = _counter()
+    # Declared for type checkers only: peewee's accessors of the foreign keys' ids.
+    model_id: int
+    agent_id: int | None
 
     class Meta:
         table_name = "ps_model_usage"
@@ -311,6 +326,7 @@ class PriceVersion(BaseModel):
     valid_to = TimestampTzField(null=True)
     prices = JSONField(dumps=strict_json_dumps)
     source = CharField(max_length=32)
+    model_id: int  # declared for type checkers only: peewee's accessor of the model's id
 
     class Meta:
         table_name = "psai_price_versions"
@@ -329,6 +345,7 @@ class PriceCorrection(BaseModel):
     currency = CharField(max_length=16, null=True)
     cost_before = CharField()
     cost_after = CharField()
+    model_id: int  # declared for type checkers only: peewee's accessor of the model's id
 
     class Meta:
         table_name = "psai_price_corrections"
@@ -344,6 +361,7 @@ class ModelProvenance(BaseModel):
     source_version = CharField(max_length=128)
     source_model = CharField(max_length=255)
     imported_at = TimestampTzField()
+    model_id: int  # declared for type checkers only: peewee's accessor of the model's id
 
     class Meta:
         table_name = "psai_model_provenance"
@@ -360,17 +378,18 @@ bind_row_class(PsAgentSchema, PsAgent)
 
 # -- price history: what PsAiModel.save keeps ---------------------------------------
 
-def prices_of(configuration):
+def prices_of(configuration: Any) -> dict[str, Any]:
     """A configuration's prices, or {} when it has none that can be read."""
     prices = configuration.get("prices") if isinstance(configuration, dict) else None
     return prices if isinstance(prices, dict) else {}
 
 
-def _close(version, at):
+def _close(version: PriceVersion, at: datetime.datetime) -> None:
     PriceVersion.update(valid_to=at).where(PriceVersion.id == version.id).execute()
 
 
-def record_price_change(model, stored_configuration, stored_updated_at):
+def record_price_change(model: PsAiModel, stored_configuration: Any,
+                        stored_updated_at: datetime.datetime | None) -> None:
     """Called by ``PsAiModel.save`` inside its transaction, with the row as
     it was stored before the save: keep the history true."""
     if not table_columns(model_db(PriceVersion), PriceVersion._meta.table_name):
@@ -397,7 +416,7 @@ def record_price_change(model, stored_configuration, stored_updated_at):
 
 # -- the tables' own queries --------------------------------------------------------
 
-def provenance(model: PsAiModel | int | str) -> dict[str, Any] | None:
+def provenance(model: PsAiModel | int | str | uuid.UUID) -> dict[str, Any] | None:
     """Where an imported model's prices came from: ``{"source",
     "source_version", "source_model", "imported_at"}``, or None for a model
     not imported from a catalog (or a database without psai's tables)."""
@@ -411,9 +430,8 @@ def provenance(model: PsAiModel | int | str) -> dict[str, Any] | None:
             "imported_at": row.imported_at}
 
 
-
-
-def where_config(filters=None, query=None, **fields):
+def where_config(filters: Mapping[str, Any] | None = None, query: ModelSelect[PsAiModel] | None = None,
+                 **fields: Any) -> ModelSelect[PsAiModel]:
     """Models whose configuration matches, e.g. ``where_config(provider="openai",
     type="text", active=True)`` or ``where_config({"prices.currency": "EUR"})``."""
     combined = dict(filters or {})
@@ -422,11 +440,12 @@ def where_config(filters=None, query=None, **fields):
     return query.where(config_filter(PsAiModel.configuration, combined, is_postgres(model_db(PsAiModel))))
 
 
-def newest_first(query):
+def newest_first(query: ModelSelect[PsAiModel]) -> ModelSelect[PsAiModel]:
     return query.order_by(PsAiModel.created_at.desc(), PsAiModel.id.desc())
 
 
-def select_model(agent, model_type, size, *, include_inactive=False):
+def select_model(agent: PsAgent, model_type: PsAiModelType | str, size: PsAiModelSize | str, *,
+                 include_inactive: bool = False) -> PsAiModel:
     """The model ``agent`` uses for ``model_type`` and ``size`` under
     PolicySynth's rules: the first size of SIZE_FALLBACK[size] the agent has a
     model for, else any model of the type. Inactive models are skipped unless
@@ -437,7 +456,7 @@ def select_model(agent, model_type, size, *, include_inactive=False):
         raise ValidationError({"size": ["Must be one of: %s." % ", ".join(s.value for s in PsAiModelSize)]})
     if not isinstance(model_type, str):
         raise ValidationError({"model_type": ["Must be a model type such as 'text'."]})
-    filters = {"type": model_type}
+    filters: dict[str, Any] = {"type": model_type}
     if not include_inactive:
         filters["active"] = True
     candidates = list(newest_first(where_config(filters, query=agent.ai_models)))
@@ -448,9 +467,9 @@ def select_model(agent, model_type, size, *, include_inactive=False):
     return chosen
 
 
-def _choose(candidates, size):
+def _choose(candidates: list[PsAiModel], size: str) -> PsAiModel | None:
     """From models of one type, newest first: PolicySynth's pick for ``size``."""
-    by_size = {}
+    by_size: dict[Any, PsAiModel] = {}
     for model in candidates:
         by_size.setdefault(model.configuration.get("modelSize"), model)
     for wanted in SIZE_FALLBACK[size]:
@@ -459,24 +478,25 @@ def _choose(candidates, size):
     return candidates[0] if candidates else None
 
 
-def model_choices(agent, *, include_inactive=False):
+def model_choices(agent: PsAgent, *, include_inactive: bool = False) -> list[dict[str, Any]]:
     """For each type among the agent's models and each size: the model
     select_model would pick. One query."""
     query = agent.ai_models if include_inactive else where_config({"active": True}, query=agent.ai_models)
-    by_type = {}
+    by_type: dict[Any, list[PsAiModel]] = {}
     for model in newest_first(query):
         by_type.setdefault(model.configuration.get("type"), []).append(model)
     rows = []
     for model_type in sorted(by_type, key=str):
         for size in SIZE_FALLBACK:
-            model = _choose(by_type[model_type], size)
-            rows.append({"type": model_type, "size": size, "model_id": model.id, "name": model.name,
-                         "model_size": model.configuration.get("modelSize"),
-                         "model": model.configuration.get("model")})
+            chosen = _choose(by_type[model_type], size)
+            assert chosen is not None  # by_type holds no empty list
+            rows.append({"type": model_type, "size": size, "model_id": chosen.id, "name": chosen.name,
+                         "model_size": chosen.configuration.get("modelSize"),
+                         "model": chosen.configuration.get("model")})
     return rows
 
 
-def model_history(name, organization_id=None):
+def model_history(name: str, organization_id: int | None = None) -> list[PsAiModel]:
     """Every row that had this name, newest first."""
     query = PsAiModel.select().where(PsAiModel.name == name)
     if organization_id is not None:
@@ -487,7 +507,7 @@ def model_history(name, organization_id=None):
 MAX_TREE_DEPTH = 64
 
 
-def sub_agent_tree(agent, *, include_self=True):
+def sub_agent_tree(agent: PsAgent, *, include_self: bool = True) -> list[PsAgent]:
     """The agents under ``agent`` (and itself), each with ``.level`` (0 for
     ``agent``), in one recursive query, by level then id. A loop in
     parent_agent_id (which PolicySynth does not prevent) ends the walk."""
@@ -504,7 +524,8 @@ def sub_agent_tree(agent, *, include_self=True):
              .with_cte(tree)
              .order_by(tree.c.level, PsAgent.id)
              .objects())  # level lands on each agent, not on a joined object
-    seen, result = set(), []
+    seen: set[int] = set()
+    result: list[PsAgent] = []
     for row in query:
         if row.id in seen:
             continue

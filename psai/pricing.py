@@ -9,13 +9,15 @@ by a million before adding, psai adds first), so the last digit can differ;
 reports use exact ``Decimal`` arithmetic (``cost_of_counters(..., exact=True)``).
 """
 import math
+from collections.abc import Mapping
 from decimal import Decimal
+from typing import Any, TypedDict, TypeGuard, cast
 
 from .constants import BASE_RATE_KEYS, LONG_CONTEXT_RATE_KEYS, TIER_KEYS, TIER_RATE_KEYS
 
 __all__ = [
     "resolve_prices", "partition_usage", "cost_of_counters", "cost_breakdown", "estimate_cost",
-    "COUNTERS", "normalize_inference_type",
+    "COUNTERS", "normalize_inference_type", "CostBreakdown",
 ]
 
 # The token counters of ps_model_usage, in PolicySynth's names.
@@ -28,15 +30,26 @@ COUNTERS = (
     "long_context_token_out_audio_count", "long_context_token_out_image_count",
 )
 
+
+class CostBreakdown(TypedDict):
+    """What ``cost_breakdown`` returns: the cost of one call."""
+
+    currency: str | None  # the prices' currency
+    total: float
+    parts: dict[str, float]  # the cost of each part: input, cached_input, ..., web_search
+    counters: dict[str, float]  # the counters the call adds, keyed by COUNTERS
+    rates: dict[str, Any]  # the resolved prices (PolicySynth's camelCase keys)
+
+
 # The rates the EU margin raises.
 _MARGIN_KEYS = BASE_RATE_KEYS + LONG_CONTEXT_RATE_KEYS + TIER_RATE_KEYS
 
 
-def _is_number(value):
+def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def normalize_inference_type(provider, inference_type):
+def normalize_inference_type(provider: str | None, inference_type: str | None) -> str | None:
     """OpenAI knows flex and priority (``fast`` means priority); Anthropic
     calls its priority tier ``fast``; other providers keep what they are given."""
     if not inference_type:
@@ -59,7 +72,8 @@ def _derive_long_rate(selected, base, long):
     return selected * (long / base)
 
 
-def resolve_prices(prices, *, provider=None, inference_type=None, regional_processing=None):
+def resolve_prices(prices: Mapping[str, Any], *, provider: str | None = None, inference_type: str | None = None,
+                   regional_processing: str | None = None) -> dict[str, Any]:
     """The rates in force for one call, as a new dict with PolicySynth's
     camelCase keys. ``prices`` is left unchanged."""
     resolved = dict(prices)
@@ -82,13 +96,14 @@ def resolve_prices(prices, *, provider=None, inference_type=None, regional_proce
     return resolved
 
 
-def _count(value):
+def _count(value: Any) -> float:
     """Negative, non-finite or non-numeric counts count as 0."""
     return value if _is_number(value) and math.isfinite(value) and value > 0 else 0
 
 
-def partition_usage(*, tokens_in, tokens_out=0, cached_tokens=0, cache_write_tokens=0,
-                    reasoning_tokens=0, audio_tokens=0, image_tokens=0, long_context_threshold=None):
+def partition_usage(*, tokens_in: float, tokens_out: float = 0, cached_tokens: float = 0,
+                    cache_write_tokens: float = 0, reasoning_tokens: float = 0, audio_tokens: float = 0,
+                    image_tokens: float = 0, long_context_threshold: float | None = None) -> dict[str, float]:
     """Split a call's provider totals into PolicySynth's counters (a dict keyed
     by ``COUNTERS``). Counts are not rounded here (``record_usage`` rounds
     the counts it records)."""
@@ -96,8 +111,8 @@ def partition_usage(*, tokens_in, tokens_out=0, cached_tokens=0, cache_write_tok
     reasoning, audio, image = _count(reasoning_tokens), _count(audio_tokens), _count(image_tokens)
     ordinary = max(total_in - cached - cache_write, 0)
     out = max(_count(tokens_out) - reasoning - audio - image, 0)
-    counters = dict.fromkeys(COUNTERS, 0)
-    long = bool(long_context_threshold) and total_in >= long_context_threshold
+    counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+    long = bool(long_context_threshold) and total_in >= cast(float, long_context_threshold)
     prefix = "long_context_" if long else ""
     counters.update({
         prefix + "token_in_count": ordinary,
@@ -120,7 +135,8 @@ def _exact(value):
     return value if isinstance(value, Decimal) else Decimal(value) if isinstance(value, int) else Decimal(repr(value))
 
 
-def cost_of_counters(counters, resolved_prices, *, web_searches=0, exact=False, zero_long_rate_is_unset=False):
+def cost_of_counters(counters: Mapping[str, float], resolved_prices: Mapping[str, Any], *, web_searches: float = 0,
+                     exact: bool = False, zero_long_rate_is_unset: bool = False) -> dict[str, Any]:
     """Price a set of counters with already resolved rates. Returns a dict of
     parts (input, cached_input, cache_write_input, long_context_* of each,
     output, long_context_output, web_search) and ``total``. With
@@ -183,9 +199,10 @@ def cost_of_counters(counters, resolved_prices, *, web_searches=0, exact=False, 
     return result
 
 
-def cost_breakdown(prices, *, tokens_in, tokens_out, cached_tokens=0, cache_write_tokens=0,
-                   reasoning_tokens=0, audio_tokens=0, image_tokens=0, web_searches=0,
-                   provider=None, inference_type=None, regional_processing=None):
+def cost_breakdown(prices: Mapping[str, Any], *, tokens_in: float, tokens_out: float, cached_tokens: float = 0,
+                   cache_write_tokens: float = 0, reasoning_tokens: float = 0, audio_tokens: float = 0,
+                   image_tokens: float = 0, web_searches: float = 0, provider: str | None = None,
+                   inference_type: str | None = None, regional_processing: str | None = None) -> CostBreakdown:
     """Everything about the cost of one call: the resolved ``rates``, the
     ``counters`` it adds, the cost of each part, ``total`` and ``currency``."""
     rates = resolve_prices(prices, provider=provider, inference_type=inference_type,
@@ -201,9 +218,10 @@ def cost_breakdown(prices, *, tokens_in, tokens_out, cached_tokens=0, cache_writ
             "counters": counters, "rates": rates}
 
 
-def estimate_cost(prices, *, tokens_in, tokens_out, cached_tokens=0, cache_write_tokens=0,
-                  reasoning_tokens=0, audio_tokens=0, image_tokens=0, web_searches=0,
-                  provider=None, inference_type=None, regional_processing=None):
+def estimate_cost(prices: Mapping[str, Any], *, tokens_in: float, tokens_out: float, cached_tokens: float = 0,
+                  cache_write_tokens: float = 0, reasoning_tokens: float = 0, audio_tokens: float = 0,
+                  image_tokens: float = 0, web_searches: float = 0, provider: str | None = None,
+                  inference_type: str | None = None, regional_processing: str | None = None) -> float:
     """The cost of one call in the prices' currency. ``tokens_in`` and
     ``tokens_out`` are the provider's totals (cached, cache-write, reasoning,
     audio and image tokens are parts of them)."""

@@ -8,6 +8,11 @@ and never put a caller's key or value into the SQL text: values are always
 bound parameters, and keys must be plain identifiers (PolicySynth's are
 camelCase) or the filter is refused with ``psai.ValidationError``.
 """
+from collections.abc import Mapping
+from typing import Any
+
+from peewee import ColumnBase
+
 from .db import is_postgres, lock, model_db, write_transaction
 from .errors import NotFoundError
 from .models import (
@@ -21,17 +26,17 @@ __all__ = ["config_filter", "where_config", "select_model", "model_choices", "fi
            "add_model", "model_history", "sub_agent_tree", "SIZE_FALLBACK", "INDEXED_PATHS"]
 
 
-def config_filter(filters):
+def config_filter(filters: Mapping[str, Any]) -> ColumnBase:
     """A WHERE expression matching models whose configuration has every
     ``path: value`` of ``filters`` (a value that is a list matches any of
     it, however long the list)."""
     return _config_filter(PsAiModel.configuration, filters, is_postgres(model_db(PsAiModel)))
 
 
-def find_by_provider_model(provider, model_name, *, include_inactive=False):
+def find_by_provider_model(provider: str, model_name: str, *, include_inactive: bool = False) -> PsAiModel:
     """PolicySynth's override lookup by provider and model name, made
     deterministic: the newest active row wins."""
-    filters = {"provider": provider, "model": model_name}
+    filters: dict[str, Any] = {"provider": provider, "model": model_name}
     if not include_inactive:
         filters["active"] = True
     found = newest_first(where_config(filters)).first()
@@ -41,7 +46,7 @@ def find_by_provider_model(provider, model_name, *, include_inactive=False):
     return found
 
 
-def add_model(*, name, user_id, organization_id, configuration):
+def add_model(*, name: str, user_id: int, organization_id: int, configuration: dict[str, Any]) -> PsAiModel:
     """Add a model as PolicySynth's add-model tool does: older rows with the
     same name (in the organization) are deactivated and the new row created,
     in one transaction. Agents linked to an older row are linked to the new

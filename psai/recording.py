@@ -8,9 +8,11 @@ import datetime
 import json
 import math
 import operator
+import uuid
 from functools import reduce
+from typing import Any
 
-from peewee import SQL, Cast, Insert, ModelUpdate
+from peewee import SQL, Cast, Database, Insert, ModelUpdate
 
 from .arguments import agent_arg, check_counts, check_ids, model_arg
 from .constants import MAX_INTEGER, strict_json_dumps
@@ -18,8 +20,8 @@ from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_co
 from .errors import NotFoundError, ValidationError
 from .fields import UTC, utcnow
 from .items import item_data, price_problem
-from .models import PsAiModel, PsModelUsage, PsModelUsageItem
-from .pricing import COUNTERS, cost_breakdown, partition_usage
+from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+from .pricing import COUNTERS, CostBreakdown, cost_breakdown, partition_usage
 from .schemas import json_problem
 from .sql import (
     USAGE_ROW_COLUMNS, Statement, compiled, item_insert, one_round_trip_statements, slot, stored_configuration_sql,
@@ -31,12 +33,12 @@ __all__ = ["record_usage", "model_cost", "usage_counters", "NO_AGENT", "CACHE_WR
 NO_AGENT = 0
 
 
-def _round_half_up(value):
+def _round_half_up(value: float) -> int:
     # Half up, as JavaScript's Math.round: whole tokens for the integer counters.
     return int(math.floor(value + 0.5))
 
 
-def _day_bounds(moment):
+def _day_bounds(moment: datetime.datetime) -> tuple[datetime.datetime, datetime.datetime]:
     start = datetime.datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
     return start, start + datetime.timedelta(days=1)
 
@@ -45,7 +47,7 @@ CACHE_WRITE_COUNTERS = {"token_in_cache_write_count": "token_in_count",
                         "long_context_token_in_cache_write_count": "long_context_token_in_count"}
 
 
-def usage_counters(db=None):
+def usage_counters(db: Database | None = None) -> tuple[str, ...]:
     """The counters this database's ps_model_usage has. psai creates all 14;
     a table made by PolicySynth's npm release has 12, without the cache-write
     counters, and psai works with it as it is (see ``record_usage``)."""
@@ -53,9 +55,11 @@ def usage_counters(db=None):
     return tuple(name for name in COUNTERS if name in columns)
 
 
-def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=0, cache_write_tokens=0,
-                 reasoning_tokens=0, audio_tokens=0, image_tokens=0, web_searches=0, user_id=None,
-                 connector_id=None, provider_metadata=None):
+def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int | str | uuid.UUID | None = None, *,
+                 tokens_in: float = 0, tokens_out: float = 0, cached_tokens: float = 0, cache_write_tokens: float = 0,
+                 reasoning_tokens: float = 0, audio_tokens: float = 0, image_tokens: float = 0,
+                 web_searches: float = 0, user_id: int | None = None, connector_id: int | None = None,
+                 provider_metadata: dict[str, Any] | None = None) -> PsModelUsage:
     """Record one call: add its tokens to the usage counters of (model,
     agent) and write its ``ps_model_usage_item`` with the model's prices as
     stored at that moment, in one transaction.
@@ -120,7 +124,7 @@ def record_usage(model, agent=None, *, tokens_in=0, tokens_out=0, cached_tokens=
     return _usage_row(present, returned)
 
 
-def _stamp(moment):
+def _stamp(moment: datetime.datetime) -> Any:
     return PsModelUsage.created_at.db_value(moment)
 
 
@@ -179,7 +183,8 @@ def _item_params(values):
             values["connector_id"], values["data"]]
 
 
-def _call_rows(configuration, present, with_items, now, call):
+def _call_rows(configuration: Any, present: tuple[str, ...], with_items: bool, now: datetime.datetime,
+               call: dict[str, Any]) -> tuple[list[float], str | None]:
     """(counter values in the order of ``present``, the item's JSON text or
     None) of one call priced with ``configuration``."""
     prices = configuration.get("prices") if isinstance(configuration.get("prices"), dict) else {}
@@ -246,7 +251,7 @@ def _usage_row(present, values):
     return row
 
 
-def _call_context(configuration):
+def _call_context(configuration: dict[str, Any]) -> dict[str, Any]:
     """How a model's calls are priced, from its configuration: the keyword
     arguments resolve_prices and cost_breakdown take besides the prices."""
     return {"provider": configuration.get("provider"),
@@ -258,15 +263,15 @@ _CALL_COUNTS = ("tokens_in", "tokens_out", "cached_tokens", "cache_write_tokens"
                 "audio_tokens", "image_tokens", "web_searches")
 
 
-_BY_KEY_SQL = {}
+_BY_KEY_SQL: dict[tuple[bool, str], str] = {}
 # Configurations as read, by the JSON text stored: a row read again whose
 # text has not changed is not parsed and checked again (the row itself is
 # always read afresh, so a price another process changed is seen at once).
-_PARSED = {}
+_PARSED: dict[str, tuple[dict[str, Any], Any, str | None]] = {}
 _PARSED_MAX = 512
 
 
-def _parsed(text):
+def _parsed(text: str) -> tuple[dict[str, Any], Any, str | None]:
     """(configuration, prices, price problem) of a configuration's JSON text."""
     found = _PARSED.get(text)
     if found is None:
@@ -281,13 +286,13 @@ def _parsed(text):
     return found
 
 
-def _checked_configuration(configuration):
+def _checked_configuration(configuration: Any) -> tuple[dict[str, Any], Any, str | None]:
     configuration = configuration if isinstance(configuration, dict) else {}
     prices = configuration.get("prices")
     return configuration, prices, price_problem(prices)
 
 
-def _stored(key):
+def _stored(key: int | str | uuid.UUID) -> tuple[int, tuple[dict[str, Any], Any, str | None]]:
     """``(id, (configuration, prices, price problem))`` of the model with this
     id or uuid, as stored now: one statement (built by peewee once per
     backend and key kind), no row object. The configuration may be shared
@@ -314,7 +319,7 @@ def _stored(key):
     return row[0], _parsed(row[1])
 
 
-def model_cost(model, **usage):
+def model_cost(model: PsAiModel | int | str | uuid.UUID, **usage: Any) -> CostBreakdown:
     """``psai.pricing.cost_breakdown`` for a stored model (a row, an id or a
     uuid): its prices, with its provider, inference type and region unless
     given. Counts follow ``record_usage``'s rule (a bad count is a

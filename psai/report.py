@@ -10,12 +10,14 @@ JavaScript off, follows the reader's light or dark setting and prints.
 import datetime
 from decimal import Decimal
 from html import escape
+from typing import cast
 
-from peewee import PostgresqlDatabase
+from peewee import Database, PostgresqlDatabase
 
 from .db import current_db, redact_url
 from .errors import ValidationError
 from .fields import utcnow
+from .reports import CostRow
 from .usage import REPORT_GROUPINGS, cost_report, daily_costs, report_totals
 
 __all__ = ["html", "describe_database"]
@@ -60,7 +62,7 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 """
 
 
-def describe_database(db=None):
+def describe_database(db: Database | None = None) -> str:
     """Where a report's data came from, with no secret in it."""
     db = db or current_db()
     if isinstance(db, PostgresqlDatabase):
@@ -202,7 +204,9 @@ def _table(rows, by):
     return "<table><thead><tr>%s</tr></thead><tbody>%s</tbody></table>" % (head, "".join(body))
 
 
-def html(by="model", *, since=None, until=None, rows=None, database=None, title="psai cost report"):
+def html(by: str = "model", *, since: datetime.date | str | None = None, until: datetime.date | str | None = None,
+         rows: list[CostRow] | None = None, database: str | None = None,
+         title: str = "psai cost report") -> str:
     """The report page for usage in [since, until), its table grouped ``by``
     (model, agent, tree, provider or day); ``rows``, when given, are that
     grouping's ``cost_report`` rows already made. ``database`` is shown as
@@ -239,17 +243,18 @@ def html(by="model", *, since=None, until=None, rows=None, database=None, title=
     parts.append("</section>")
 
     for currency in sorted(priced):
-        days = sorted({r["day"] for r in daily if r["currency"] == currency})
+        # Rows of daily_costs each have a day; those of priced_days each a cost.
+        days = sorted({cast(str, r["day"]) for r in daily if r["currency"] == currency})
         priced_days = [r for r in daily if r["currency"] == currency and r["cost"] is not None]
-        per_model = {}
+        per_model: dict[str, Decimal] = {}
         for r in priced_days:
-            per_model[_model_name(r)] = per_model.get(_model_name(r), Decimal(0)) + r["cost"]
+            per_model[_model_name(r)] = per_model.get(_model_name(r), Decimal(0)) + cast(Decimal, r["cost"])
         ranked = sorted(per_model, key=lambda name: -per_model[name])
         series = ranked[:TOP] + ([OTHER] if len(ranked) > TOP else [])
-        values = {}
+        values: dict[tuple[str | None, str], Decimal] = {}
         for r in priced_days:
             name = _model_name(r) if _model_name(r) in ranked[:TOP] else OTHER
-            values[(r["day"], name)] = values.get((r["day"], name), Decimal(0)) + r["cost"]
+            values[(r["day"], name)] = values.get((r["day"], name), Decimal(0)) + cast(Decimal, r["cost"])
         parts.append('<section><h2>Cost per day (%s), by model</h2>%s</section>'
                      % (escape(currency), _daily_chart(days, series, values, currency)))
 

@@ -9,6 +9,9 @@ items existed, or by other tools) is priced by the price version in force
 when its counter row was started, else by the model's current prices.
 """
 import bisect
+import datetime
+from collections.abc import Callable, Iterable
+from typing import Any, TypedDict
 from dataclasses import dataclass
 import json
 from collections import defaultdict, deque
@@ -29,12 +32,61 @@ from .sql import (
 from .versions import histories_of, prices_at
 
 __all__ = ["cost_report", "report_totals", "daily_costs", "REPORT_GROUPINGS", "usage_parts", "price_parts",
-           "merge_parts", "part_tokens"]
+           "merge_parts", "part_tokens", "CostRow", "CurrencyTotal", "DailyCost"]
 
 REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
 
 # A token count or a sum of them: whole, or exact where SQL summed fractions.
 Number = int | Decimal
+
+
+class CostRow(TypedDict, total=False):
+    """A row of ``cost_report``: the group's keys (by model: ``model_id``,
+    ``model_name``, ``provider``; by agent: ``agent_id``, ``agent_name``; by
+    tree: those and ``parent_agent_id``, ``level``; by provider:
+    ``provider``; by day: ``day``), then what the group cost."""
+
+    model_id: int | None
+    model_name: str | None
+    agent_id: int | None
+    agent_name: str | None
+    parent_agent_id: int | None
+    level: int | None
+    provider: str | None
+    day: str | None
+    calls: int
+    tokens_in: Number
+    tokens_out: Number
+    cost: Decimal | None
+    currency: str | None
+    unpriced_tokens: Number
+    priced_from: str | None
+    unpriced_reason: str | None
+
+
+class CurrencyTotal(TypedDict):
+    """``report_totals``' entry for one currency (None: the unpriced usage)."""
+
+    calls: int
+    tokens_in: Number
+    tokens_out: Number
+    cost: Decimal | None
+    unpriced_tokens: Number
+
+
+class DailyCost(TypedDict):
+    """A row of ``daily_costs``: one model's cost on one UTC day, in one currency."""
+
+    day: str | None
+    model_id: int
+    model_name: str | None
+    provider: str | None
+    currency: str | None
+    calls: int
+    cost: Decimal | None
+    tokens_in: Number
+    tokens_out: Number
+    unpriced_tokens: Number
 
 #
 # Every call is priced from its own item: the prices stored with it, the tier
@@ -520,7 +572,9 @@ def _agent_tree(db):
     return levels, ancestors
 
 
-def cost_report(by="model", *, since=None, until=None, strict=False, progress=None):
+def cost_report(by: str = "model", *, since: datetime.date | str | None = None,
+                until: datetime.date | str | None = None, strict: bool = False,
+                progress: Callable[[int, int], object] | None = None) -> list[CostRow]:
     """Cost of recorded usage grouped ``by`` model, agent, tree, provider or day.
 
     Each call is priced from its own usage item (the prices stored with it,
@@ -550,7 +604,7 @@ def cost_report(by="model", *, since=None, until=None, strict=False, progress=No
     levels, ancestors = _agent_tree(db) if by == "tree" else ({}, {})
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))} \
         if by in ("model", "provider") else {}
-    totals = {}
+    totals: dict[tuple, dict[str, Any]] = {}
     for done, part in enumerate(parts, 1):
         if progress:
             progress(done, len(parts))
@@ -641,24 +695,27 @@ def _report_rows(by, totals, models, levels):
     return rows
 
 
-def report_totals(rows, by=None):
+def report_totals(rows: Iterable[CostRow], by: str | None = None) -> dict[str | None, CurrencyTotal]:
     """Totals per currency (None: the unpriced usage, whose ``cost`` is
     None). Tree rows overlap (a parent holds its sub-agents), so for them
     only the roots (level 0) are added."""
-    totals = {}
+    totals: dict[str | None, CurrencyTotal] = {}
     for row in rows:
         if by == "tree" and row.get("level") not in (0, None):
             continue
         entry = totals.setdefault(row["currency"], {"calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None,
                                                     "unpriced_tokens": 0})
-        for name in ("calls", "tokens_in", "tokens_out", "unpriced_tokens"):
-            entry[name] += row[name]
+        entry["calls"] += row["calls"]
+        entry["tokens_in"] += row["tokens_in"]
+        entry["tokens_out"] += row["tokens_out"]
+        entry["unpriced_tokens"] += row["unpriced_tokens"]
         if row["cost"] is not None:
             entry["cost"] = (entry["cost"] or Decimal(0)) + row["cost"]
     return totals
 
 
-def daily_costs(*, since=None, until=None):
+def daily_costs(*, since: datetime.date | str | None = None,
+                until: datetime.date | str | None = None) -> list[DailyCost]:
     """Cost per UTC day and model, for charts: rows ``{"day", "model_id",
     "model_name", "provider", "currency", "calls", "cost", "tokens_in",
     "tokens_out", "unpriced_tokens"}`` (``cost`` None where nothing of it
@@ -667,7 +724,7 @@ def daily_costs(*, since=None, until=None):
     db = model_db(PsModelUsage)
     parts = price_parts(merge_parts(usage_parts(db, "day", since, until), ("model_id", "day")))
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))}
-    rows = {}
+    rows: dict[tuple, Any] = {}
     for part in parts:
         model = models.get(part["model_id"])
         configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}

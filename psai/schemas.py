@@ -7,7 +7,8 @@ import copy
 import json
 import math
 import numbers
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 from enum import Enum
 
 from marshmallow import (
@@ -111,7 +112,7 @@ class String(fields.String):
         return value
 
 
-def text_problem(value):
+def text_problem(value: str) -> str | None:
     """"nul" or "surrogate" when a string cannot be stored as JSON text on
     both backends, else None."""
     if "\x00" in value:
@@ -124,17 +125,17 @@ def text_problem(value):
     return None
 
 
-def Choice(enum, **kwargs):
+def Choice(enum: type[Enum], **kwargs: Any) -> String:
     values = [member.value for member in enum]
     return String(validate=OneOf(values, error="Must be one of: {choices}"), **kwargs)
 
 
-def Rate(**kwargs):
+def Rate(**kwargs: Any) -> Number:
     """A price per million tokens: finite and not negative."""
     return Number(validate=Range(min=0), **kwargs)
 
 
-def Count(minimum=0, **kwargs):
+def Count(minimum: int = 0, **kwargs: Any) -> Integer:
     return Integer(validate=Range(min=minimum), **kwargs)
 
 
@@ -224,7 +225,7 @@ class AiModelConfigurationSchema(_ConfigurationPart):
     reasoningMode = Choice(ReasoningMode)
 
 
-def validate_configuration(configuration, *, allow_unknown=False):
+def validate_configuration(configuration: Mapping[str, Any], *, allow_unknown: bool = False) -> dict[str, Any]:
     """Validate a model configuration and return it normalised (str enums to
     plain strings). Raises psai.ValidationError naming every bad field."""
     schema = AiModelConfigurationSchema(unknown=INCLUDE if allow_unknown else RAISE)
@@ -233,7 +234,7 @@ def validate_configuration(configuration, *, allow_unknown=False):
 
 # -- rows -------------------------------------------------------------------------
 
-def ColumnInteger(minimum=MIN_INTEGER, **kwargs):
+def ColumnInteger(minimum: int = MIN_INTEGER, **kwargs: Any) -> Integer:
     """An integer that fits a 32-bit INTEGER column, as on PostgreSQL (SQLite
     would store more, and the same row could not be copied to PostgreSQL)."""
     return Integer(validate=Range(min=minimum, max=MAX_INTEGER), **kwargs)
@@ -249,12 +250,15 @@ class _Row(_Base):
     created_at = fields.AwareDateTime(format="iso", default_timezone=None)
     updated_at = fields.AwareDateTime(format="iso", default_timezone=None)
 
-    def __init__(self, *, with_links=False, as_rows=True, **kwargs):
+    def __init__(self, *, with_links: bool = False, as_rows: bool = True, **kwargs: Any) -> None:
         if not with_links:
             kwargs["exclude"] = tuple(kwargs.get("exclude", ())) + (self._link_field,)
         # load() gives model instances (unsaved); as_rows=False gives dicts.
         self.as_rows = as_rows
         super().__init__(**kwargs)
+
+    # The name of the field holding the linked rows, dumped only with_links (each schema's own).
+    _link_field: str
 
     # The model class load() builds rows of: psai.models binds its tables
     # here (``bind_row_class``), as this module knows no database.
@@ -303,10 +307,10 @@ class PsAgentSchema(_Row):
 # A configuration is a few hundred bytes; megabytes are a mistake or an attack.
 MAX_CONFIGURATION_BYTES = 256 * 1024
 
-_ROW_SCHEMAS = {}
+_ROW_SCHEMAS: dict[tuple[type[_Row], str], _Row] = {}
 
 
-def _row_schema(schema_class, unknown):
+def _row_schema(schema_class: type[_Row], unknown: str) -> _Row:
     # marshmallow schemas are costly to build and safe to reuse: keep one each.
     key = (schema_class, unknown)
     if key not in _ROW_SCHEMAS:
@@ -321,7 +325,7 @@ def _row_schema(schema_class, unknown):
 MAX_JSON_DEPTH = 64
 
 
-def json_problem(value, limit=MAX_JSON_DEPTH):
+def json_problem(value: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
     """Why ``value`` cannot be stored as JSON by psai (a sentence), or None:
     nested deeper than ``limit``, a string that is not storable text, a
     value that is not JSON. Walks without recursion."""
@@ -341,18 +345,18 @@ def json_problem(value, limit=MAX_JSON_DEPTH):
         elif isinstance(item, str):
             problem = text_problem(item)
             if problem:
-                return String.default_error_messages[problem]
+                return cast(str, String.default_error_messages[problem])
         elif isinstance(item, float):
             if not math.isfinite(item):
                 return "Not valid JSON: NaN and infinity are not allowed."
         elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_SAFE_INTEGER:
-            return Number.default_error_messages["too_large"]
+            return cast(str, Number.default_error_messages["too_large"])
         elif item is not None and not isinstance(item, (bool, int)):
             return "Not valid JSON: %s is not a JSON value." % type(item).__name__
     return None
 
 
-def _check_json(configuration):
+def _check_json(configuration: Any) -> None:
     """Refuse what is not plain JSON (NaN, sets, objects), is nested too deep
     or is too large."""
     if configuration is None:
@@ -366,7 +370,7 @@ def _check_json(configuration):
             "Too large: %d bytes; at most %d." % (size, MAX_CONFIGURATION_BYTES)]})
 
 
-def load_json(text, name="JSON", limit=MAX_JSON_DEPTH, check=True):
+def load_json(text: str | bytes, name: str = "JSON", limit: int = MAX_JSON_DEPTH, check: bool = True) -> Any:
     """Parse JSON a user gave (a file, a flag): psai.ValidationError naming
     ``name`` when it is not JSON or is nested deeper than ``limit``. Without
     ``check``, what psai could not store (a huge number, say) is left for the
@@ -383,7 +387,7 @@ def load_json(text, name="JSON", limit=MAX_JSON_DEPTH, check=True):
     return value
 
 
-def _unknown_paths(configuration):
+def _unknown_paths(configuration: Any) -> set[str]:
     if not isinstance(configuration, dict):
         return set()
     paths = {key for key in configuration if key not in AiModelConfigurationSchema._declared_fields}
@@ -393,7 +397,8 @@ def _unknown_paths(configuration):
     return paths
 
 
-def _present(values, names, partial):
+def _present(values: Mapping[str, Any], names: Sequence[str],
+             partial: bool) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The data to load and the names a partial write may leave out. Only
     whole columns may be absent: a configuration given is checked in full."""
     data = {name: values[name] for name in names if name in values}
@@ -404,7 +409,7 @@ def _present(values, names, partial):
     return data, absent
 
 
-def validate_model_values(values, *, partial=False, unknown=RAISE):
+def validate_model_values(values: dict[str, Any], *, partial: bool = False, unknown: str = RAISE) -> dict[str, Any]:
     """Validate PsAiModel column values ({name: value}) before a write and
     return them with the configuration normalised."""
     fields_ = ("user_id", "organization_id", "name", "configuration")
@@ -429,7 +434,7 @@ def unknown_paths(configuration: Any) -> set[str]:
     return _unknown_paths(configuration)
 
 
-def validate_model_row(row: Any, stored_configuration: Any = None) -> dict:
+def validate_model_row(row: Any, stored_configuration: Any = None) -> dict[str, Any]:
     """Validate a PsAiModel before save() writes it; return its normalised
     configuration. Unknown configuration keys are refused, except those the
     row already stored (``stored_configuration``: written by a newer PolicySynth)."""
@@ -442,7 +447,7 @@ def validate_model_row(row: Any, stored_configuration: Any = None) -> dict:
     return validate_model_values(values, unknown=unknown)["configuration"]
 
 
-def validate_agent_values(values, *, partial=False):
+def validate_agent_values(values: dict[str, Any], *, partial: bool = False) -> dict[str, Any]:
     fields_ = ("user_id", "class_id", "group_id", "configuration")
     data, absent = _present(values, fields_, partial)
     parent = values.get("parent_agent", values.get("parent_agent_id"))
@@ -451,27 +456,27 @@ def validate_agent_values(values, *, partial=False):
     try:
         _row_schema(PsAgentSchema, RAISE).load(data, partial=absent)
     except ValidationError as exc:
-        errors = exc.messages
+        errors = cast(dict[str, Any], exc.messages)  # a schema's messages: a dict by field
     else:
         errors = {}
     if "configuration" in values and "configuration" not in errors:
         try:
             _check_json(values["configuration"])
         except ValidationError as exc:
-            errors.update(exc.messages)
+            errors.update(cast(dict[str, Any], exc.messages))
     if errors:
         raise ValidationError(errors)
     return values
 
 
-def validate_agent_row(row):
+def validate_agent_row(row: Any) -> None:
     validate_agent_values({
         "user_id": row.user_id, "class_id": row.class_id, "group_id": row.group_id,
         "configuration": row.configuration, "parent_agent_id": row.parent_agent_id,
     })
 
 
-def merge_configuration(configuration, changes):
+def merge_configuration(configuration: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``configuration`` with ``changes`` merged in: nested dicts
     merge key by key, a None value removes the key."""
     merged = copy.deepcopy(configuration)
@@ -498,7 +503,7 @@ def shape_problem(configuration: Any, *, model: bool = False) -> str | None:
     return None
 
 
-def readable(configuration: Any) -> dict:
+def readable(configuration: Any) -> dict[str, Any]:
     """The configuration when it can be read as one, else {}: what listings
     show of a bad row besides its flag."""
     return configuration if shape_problem(configuration) is None else {}

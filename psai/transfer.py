@@ -7,7 +7,10 @@ written, the writes share one transaction, and an error names the table,
 the row and the field. Rows are matched by uuid, so importing the same file
 twice changes nothing the second time.
 """
-from peewee import ModelUpdate
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+from peewee import Database, ModelUpdate
 
 from .db import connect, model_db, table_columns, using, write_transaction
 from .errors import ValidationError
@@ -24,7 +27,7 @@ __all__ = ["export_data", "import_data", "copy", "TABLES"]
 TABLES = ("ps_ai_models", "ps_agents", "AgentModels")
 
 
-def export_data():
+def export_data() -> dict[str, list[dict[str, Any]]]:
     """Every model, agent and link, JSON-ready. A row psai would refuse is
     exported as stored (`psai check` says what is wrong with it)."""
     return {
@@ -53,7 +56,8 @@ def _load_rows(schema, rows, table, errors, progress):
     return loaded
 
 
-def import_data(data, *, allow_unknown_keys=False, progress=None):
+def import_data(data: dict[str, Any], *, allow_unknown_keys: bool = False,
+                progress: Callable[[int, int], object] | None = None) -> dict[str, int]:
     """Import an ``export_data()`` document. Returns counts of what changed.
     ``progress``, if given, is called as ``progress(done, total)`` as rows are checked."""
     if not isinstance(data, dict):
@@ -68,7 +72,7 @@ def import_data(data, *, allow_unknown_keys=False, progress=None):
         checked[0] += 1
         if progress:
             progress(checked[0], total)
-    errors = {}
+    errors: dict[str, Any] = {}
     model_schema = PsAiModelSchema(unknown=INCLUDE if allow_unknown_keys else RAISE, as_rows=False)
     models = _load_rows(model_schema, data.get("ps_ai_models", []), "ps_ai_models", errors, step)
     agents = _load_rows(PsAgentSchema(as_rows=False), data.get("ps_agents", []), "ps_agents", errors, step)
@@ -84,7 +88,7 @@ def import_data(data, *, allow_unknown_keys=False, progress=None):
         errors["AgentModels"] = ["Must be a list of rows."]
         links = []
     for index, link in enumerate(links):
-        problems = {}
+        problems: dict[str, list[str]] = {}
         if not isinstance(link, dict) or set(link) != {"agent_id", "ai_model_id"}:
             problems["_schema"] = ["A link is {\"agent_id\": ..., \"ai_model_id\": ...}."]
         elif not all(isinstance(link[k], int) and not isinstance(link[k], bool) for k in link):
@@ -233,14 +237,15 @@ def _retarget_item(data, model_id, agent_id):
     return data
 
 
-def copy(source, target, *, dry_run=False, progress=None):
+def copy(source: Database | str, target: Database | str, *, dry_run: bool = False,
+         progress: Callable[[int, int], object] | None = None) -> dict[str, dict[str, int]]:
     """Copy models, agents, links, usage counters, usage items, price history
     and provenance from ``source`` to ``target`` (databases, or URLs), in one
     transaction on the target. Models and agents are matched by uuid (ids are
     the target's own); usage rows by model, agent, connector and time, so a
     second copy updates rather than duplicates. Returns ``{table: {"created",
     "updated"}}``; ``dry_run`` computes the same and writes nothing."""
-    opened = []
+    opened: list[Database] = []
     if isinstance(source, str):
         source = connect(source, bind=False)
         opened.append(source)
@@ -270,18 +275,22 @@ def copy(source, target, *, dry_run=False, progress=None):
 
         with using(target):
             with write_transaction(target) as transaction:
-                by_uuid = {"ps_ai_models": PsAiModel, "ps_agents": PsAgent}
+                by_uuid: dict[str, type[PsAiModel] | type[PsAgent]] = {"ps_ai_models": PsAiModel, "ps_agents": PsAgent}
                 ids = {}
                 for name, rows in (("ps_ai_models", models), ("ps_agents", agents)):
-                    model_class = by_uuid[name]
+                    by_uuid_class = by_uuid[name]
                     rows = [{k: v for k, v in row.items() if k != "parent_agent"} for row in rows]
-                    _mirror_rows(model_class, target, rows, lambda row: str(row["uuid"]), dict, counts, name)
-                    here = {str(u): i for i, u in model_class.select(model_class.id, model_class.uuid).tuples()}
+                    _mirror_rows(by_uuid_class, target, rows, lambda row: str(row["uuid"]), dict, counts, name)
+                    # .tuples() gives tuples, which peewee's type stubs do not say (they give the query's model).
+                    pairs = cast(Iterable[tuple[int, Any]],
+                                 by_uuid_class.select(by_uuid_class.id, by_uuid_class.uuid).tuples())
+                    here = {str(u): i for i, u in pairs}
                     ids[name] = {row["id"]: here[str(row["uuid"])] for row in rows}
                     done(rows)
                 model_ids, agent_ids = ids["ps_ai_models"], ids["ps_agents"]
                 # Parents once every agent is there (a loop PolicySynth allowed is copied as it is).
-                here_parents = dict(PsAgent.select(PsAgent.id, PsAgent.parent_agent).tuples())
+                here_parents = dict(cast(Iterable[tuple[int, int | None]],
+                                         PsAgent.select(PsAgent.id, PsAgent.parent_agent).tuples()))
                 for row in agents:
                     parent = agent_ids.get(row.get("parent_agent"))
                     if here_parents.get(agent_ids[row["id"]]) != parent:

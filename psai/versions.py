@@ -2,17 +2,50 @@
 applied to them (see ``psai.history`` for the whole story). The save hook
 that writes versions lives beside the tables (``psai.models``); this
 module reads them."""
+import datetime
+import uuid
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
+from typing import Any, TypedDict
+
+from peewee import Database
 
 from .db import model_db, table_columns
 from .errors import NotFoundError
 from .models import PriceCorrection, PriceVersion, PsAiModel, prices_of
 from .schemas import merge_configuration
 
-__all__ = ["price_history", "histories_of", "prices_at", "resolve_models", "merge_prices"]
+__all__ = ["price_history", "histories_of", "prices_at", "resolve_models", "merge_prices", "PriceVersionEntry",
+           "PriceCorrectionEntry"]
 
 
-def resolve_models(model):
+class PriceCorrectionEntry(TypedDict):
+    """A correction of recorded usage (``psai.reprice``), as ``price_history`` shows it."""
+
+    id: int
+    applied_at: datetime.datetime
+    since: datetime.datetime | None
+    until: datetime.datetime | None
+    changes: dict[str, Any]
+    calls: int
+    currency: str | None
+    before: Decimal
+    after: Decimal
+
+
+class PriceVersionEntry(TypedDict):
+    """One version of a model's prices: in force from ``valid_from`` (None:
+    unknown) until ``valid_to`` (None: still in force)."""
+
+    model_id: int
+    valid_from: datetime.datetime | None
+    valid_to: datetime.datetime | None
+    prices: dict[str, Any]
+    source: str  # "stored", "psai" or "observed"
+    corrections: list[PriceCorrectionEntry]
+
+
+def resolve_models(model: PsAiModel | int | str | uuid.UUID) -> list[PsAiModel]:
     """Model rows, as stored now, from a row, an id, a uuid, or a name (every
     row with it, oldest first)."""
     if isinstance(model, PsAiModel):
@@ -28,10 +61,10 @@ def resolve_models(model):
     return rows
 
 
-def _corrections(db, model_ids):
+def _corrections(db: Database, model_ids: Sequence[int]) -> dict[int, list[PriceCorrectionEntry]]:
     if not model_ids or not table_columns(db, PriceCorrection._meta.table_name):
         return {}
-    found = {}
+    found: dict[int, list[PriceCorrectionEntry]] = {}
     for c in (PriceCorrection.select().where(PriceCorrection.model.in_(model_ids))
               .order_by(PriceCorrection.applied_at, PriceCorrection.id)):
         found.setdefault(c.model_id, []).append({
@@ -41,7 +74,7 @@ def _corrections(db, model_ids):
     return found
 
 
-def _overlaps(correction, version):
+def _overlaps(correction: PriceCorrectionEntry, version: PriceVersionEntry) -> bool:
     starts_before_end = version["valid_to"] is None or correction["since"] is None \
         or correction["since"] < version["valid_to"]
     ends_after_start = version["valid_from"] is None or correction["until"] is None \
@@ -49,7 +82,7 @@ def _overlaps(correction, version):
     return starts_before_end and ends_after_start
 
 
-def price_history(model):
+def price_history(model: PsAiModel | int | str | uuid.UUID) -> list[PriceVersionEntry]:
     """The versions of a model's prices, oldest first (see the module's
     docstring). ``model``: a row, id, uuid or name (every row that has it)."""
     rows = resolve_models(model)
@@ -57,41 +90,42 @@ def price_history(model):
     return [version for row in rows for version in histories[row.id][0]]
 
 
-def histories_of(rows):
+def histories_of(rows: Sequence[PsAiModel]) -> dict[int, tuple[list[PriceVersionEntry], list[PriceCorrectionEntry]]]:
     """``{model_id: (versions, corrections)}`` of model rows as stored, in
     two queries whatever their number (reports price many models)."""
     db = model_db(PriceVersion)
     ids = [row.id for row in rows]
-    stored = {}
+    stored: dict[int, list[PriceVersionEntry]] = {}
     if table_columns(db, PriceVersion._meta.table_name) and ids:
         for v in (PriceVersion.select().where(PriceVersion.model.in_(ids))
                   .order_by(PriceVersion.valid_from, PriceVersion.id)):
             stored.setdefault(v.model_id, []).append(
                 {"model_id": v.model_id, "valid_from": v.valid_from, "valid_to": v.valid_to, "prices": v.prices,
-                 "source": v.source})
+                 "source": v.source, "corrections": []})
     corrections = _corrections(db, ids)
-    histories = {}
+    histories: dict[int, tuple[list[PriceVersionEntry], list[PriceCorrectionEntry]]] = {}
     for row in rows:
         versions = stored.get(row.id, [])
         current = prices_of(row.configuration)
         if not versions:
             # Never changed through psai: these prices since the row was last written.
             versions = [{"model_id": row.id, "valid_from": row.updated_at, "valid_to": None, "prices": current,
-                         "source": "stored"}]
+                         "source": "stored", "corrections": []}]
         elif versions[-1]["prices"] != current:
             # Changed elsewhere since psai last saved the row.
             last = versions[-1]
             at = row.updated_at if row.updated_at and row.updated_at > last["valid_from"] else None
             last["valid_to"] = at
             versions.append({"model_id": row.id, "valid_from": at, "valid_to": None, "prices": current,
-                             "source": "observed"})
+                             "source": "observed", "corrections": []})
         for version in versions:
             version["corrections"] = [c for c in corrections.get(row.id, []) if _overlaps(c, version)]
         histories[row.id] = (versions, corrections.get(row.id, []))
     return histories
 
 
-def prices_at(model, moment, history=None, corrections=None):
+def prices_at(model: PsAiModel, moment: datetime.datetime, history: Sequence[PriceVersionEntry] | None = None,
+              corrections: Sequence[PriceCorrectionEntry] | None = None) -> tuple[dict[str, Any], bool]:
     """``(prices, known)``: the prices of ``model`` (a row) in force at
     ``moment`` by its history, with the corrections covering ``moment``
     applied; when the history does not reach back that far, its current
@@ -111,11 +145,11 @@ def prices_at(model, moment, history=None, corrections=None):
     return prices, known
 
 
-def _covers(correction, moment):
+def _covers(correction: PriceCorrectionEntry, moment: datetime.datetime) -> bool:
     return (correction["since"] is None or correction["since"] <= moment) and \
         (correction["until"] is None or moment < correction["until"])
 
 
-def merge_prices(prices, changes):
+def merge_prices(prices: Any, changes: Mapping[str, Any]) -> dict[str, Any]:
     # Prices are flat: merge_configuration's rules (None removes a key) apply as they are.
     return merge_configuration(prices if isinstance(prices, dict) else {}, changes)

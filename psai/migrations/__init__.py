@@ -12,8 +12,9 @@ applied and creates only psai's own additions beside them.
 """
 import contextlib
 import os
+from collections.abc import Iterator
 
-from peewee import DatabaseError, PostgresqlDatabase
+from peewee import Database, DatabaseError, PostgresqlDatabase
 
 from playhouse.migrations import Runner
 
@@ -31,7 +32,7 @@ POLICYSYNTH_MIGRATIONS = {"0001_initial": {"ps_ai_models", "ps_agents", "AgentMo
                           "0002_model_usage": {"ps_model_usage"}}
 
 
-def _db(db):
+def _db(db: Database | None) -> Database:
     """``db``, else the database psai's models are bound to in this thread
     (``psai.using``), else the one ``connect()`` opens by default."""
     if db is not None:
@@ -42,11 +43,11 @@ def _db(db):
         return connect()
 
 
-def runner(db=None):
+def runner(db: Database | None = None) -> Runner:
     return Runner(_db(db), DIRECTORY, table_name=HISTORY_TABLE)
 
 
-def _up_to_date(db):
+def _up_to_date(db: Database) -> bool:
     """True when every migration file is recorded: one query, no runner
     (the command line asks this before every command)."""
     names = {name[:-3] for name in os.listdir(DIRECTORY) if name[:1].isdigit() and name.endswith(".py")}
@@ -58,7 +59,7 @@ def _up_to_date(db):
     return names <= applied
 
 
-def is_policysynth_database(db=None):
+def is_policysynth_database(db: Database | None = None) -> bool:
     """True when PolicySynth's tables are there and psai's history is not."""
     tables = set(_db(db).get_tables())
     return POLICYSYNTH_TABLES <= tables and HISTORY_TABLE not in tables
@@ -69,7 +70,7 @@ MIGRATION_LOCK = 0x70736169  # "psai"
 
 
 @contextlib.contextmanager
-def _migration_lock(db):
+def _migration_lock(db: Database) -> Iterator[None]:
     """One process at a time runs migrations; the others wait, then find the
     work done. PostgreSQL: a session advisory lock (each migration keeps its
     own transaction). SQLite: the write lock, taken at BEGIN IMMEDIATE, for
@@ -85,7 +86,7 @@ def _migration_lock(db):
             yield
 
 
-def migrate(db=None):
+def migrate(db: Database | None = None) -> list[str]:
     """Create or upgrade psai's tables; idempotent, and safe when several
     processes run it at once. Returns the names applied (by this process).
     On a PolicySynth database psai has not adopted, changes nothing and
@@ -100,13 +101,13 @@ def migrate(db=None):
         return _forget_columns(db, runner(db).up())
 
 
-def _forget_columns(db, applied):
+def _forget_columns(db: Database, applied: list[str]) -> list[str]:
     # What psai knows of this database's tables may have changed.
     forget_schema(db)
     return applied
 
 
-def adopt(db=None):
+def adopt(db: Database | None = None) -> list[str]:
     """Adopt a PolicySynth database: record as applied the migrations whose
     tables PolicySynth already made, then apply the rest (psai's indexes).
     PolicySynth's tables are not altered. Returns the names applied."""
@@ -116,7 +117,7 @@ def adopt(db=None):
             return _forget_columns(db, runner(db).up())
         tables = set(db.get_tables())
         run = runner(db)
-        faked = []
+        faked: list[str] = []
         with db.atomic():
             for name, needs in POLICYSYNTH_MIGRATIONS.items():
                 if needs <= tables:
@@ -127,7 +128,7 @@ def adopt(db=None):
         return _forget_columns(db, faked + run.up())
 
 
-def ensure_schema(db=None):
+def ensure_schema(db: Database | None = None) -> list[str]:
     """What the CLI runs first: bring psai's schema up to date, but leave an
     un-adopted PolicySynth database exactly as it is."""
     db = _db(db)
