@@ -1,4 +1,6 @@
 """psai: PolicySynth's AI-model store in Python."""
+from typing import TYPE_CHECKING, Any
+
 from .db import connect, database, redact_url, using
 from .enums import PsAiModelProvider, PsAiModelSize, PsAiModelType
 from .errors import (
@@ -7,6 +9,14 @@ from .errors import (
 )
 from .migrations import migrate
 from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+
+if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should see them
+    from . import catalog, pricing, report
+    from .history import price_history, reprice
+    from .query import add_model, find_by_provider_model
+    from .recording import record_usage
+    from .reports import cost_report
+    from .transfer import copy
 
 __all__ = [
     "connect", "database", "migrate", "redact_url", "using", "copy",
@@ -23,7 +33,7 @@ _LAZY = {"record_usage": "usage", "cost_report": "usage",
          "find_by_provider_model": "query", "pricing": None, "catalog": None, "copy": "transfer", "report": None}
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError("module 'psai' has no attribute %r" % name)
     import importlib

@@ -4,7 +4,7 @@ descriptor call per field, validation on every write path, a cached INSERT
 for save(), links whose ``add`` is harmless twice, eager loading of links."""
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Self
 
 from peewee import (
     DeferredThroughModel, FieldAccessor, ManyToManyField, ManyToManyFieldAccessor, ManyToManyQuery,
@@ -180,7 +180,7 @@ class BaseModel(Model):
             raise NotFoundError("%s %r is neither an id nor a uuid" % (cls.__name__, key)) from None
 
     @classmethod
-    def get_by_key(cls, key: int | str | uuid.UUID) -> Any:
+    def get_by_key(cls, key: int | str | uuid.UUID) -> Self:
         """The row with this id (int or digit string) or uuid; NotFoundError if none."""
         field, value = cls.key_field(key)
         row = cls.select().where(field == value).first()

@@ -17,7 +17,7 @@ from .items import price_problem
 from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from .recording import usage_counters
 from .schemas import INCLUDE, readable, shape_problem, validate_agent_values, validate_model_values
-from .sql import JsonSQL
+from .sql import item_check_sql
 
 __all__ = ["shape_problem", "model_problem", "agent_problem", "check", "readable", "dump_rows"]
 
@@ -111,11 +111,8 @@ def check() -> list[dict[str, Any]]:
 
 def _check_items(db, model_ids, price_problem):
     """Items whose data cannot be read, or whose snapshot cannot price them."""
-    j = JsonSQL(is_postgres(db))
-    data = "data" if j.postgres else "(CASE WHEN json_valid(data) THEN data ELSE '[]' END)"
     found, verdicts = [], {}
-    cursor = db.execute_sql('SELECT id, model_id, %s, %s FROM "ps_model_usage_item" ORDER BY id' % (
-        j.number(data, "usageNormalized", "tokensIn"), j.object(data, "pricing", "configuredPrices")))
+    cursor = db.execute_sql(item_check_sql(is_postgres(db)))
     for item_id, model_id, tokens_in, configured in cursor.fetchall():
         if tokens_in is None:
             found.append({"table": "ps_model_usage_item", "id": item_id,

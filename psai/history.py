@@ -32,7 +32,7 @@ from .fields import utcnow
 from .models import PriceCorrection, PriceVersion, PsAiModel, PsModelUsageItem, prices_of, record_price_change
 from .reports import part_tokens, price_parts, usage_parts
 from .schemas import INCLUDE, ModelPricesSchema
-from .sql import window
+from .sql import LOCK_USAGE_TABLES, item_data_update_sql, object_items_sql, window
 from .versions import (
     PriceCorrectionEntry as PriceCorrectionEntry, PriceVersionEntry as PriceVersionEntry, histories_of, merge_prices,
     price_history, prices_at, resolve_models,
@@ -112,7 +112,7 @@ def reprice(model: PsAiModel | int | str | uuid.UUID, changes: dict[str, Any], *
     with (write_transaction(db) if not dry_run else nullcontext()):
         if not dry_run and is_postgres(db):
             # No call may be recorded in between: what is reported is what is changed.
-            db.execute_sql('LOCK TABLE "ps_model_usage_item", "ps_model_usage" IN EXCLUSIVE MODE')
+            db.execute_sql(LOCK_USAGE_TABLES)
         before = price_parts(usage_parts(db, "model", since, until, ids))
         after = price_parts(copy.deepcopy(usage_parts(db, "model", since, until, ids)), transform)
         # Every price set the correction makes must be one psai would store.
@@ -154,14 +154,9 @@ def _apply(db, rows, ids, changes, transform, since, until, result):
     params = []
     # Items whose data is not an object are left as they are (reports show them unpriced).
     postgres = is_postgres(db)
-    where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params) + (
-        ["jsonb_typeof(i.data) = 'object'"] if postgres
-        else ["(CASE WHEN json_valid(i.data) THEN json_type(i.data) END) = 'object'"])
-    items = db.execute_sql('SELECT i.id, i.model_id, i.data FROM "ps_model_usage_item" i WHERE %s'
-                           % " AND ".join(where), params).fetchall()
-    p = db.param
-    update = 'UPDATE "ps_model_usage_item" SET "data" = %s, "updated_at" = %s WHERE "id" = %s' % (
-        p if postgres else "json(?)", p, p)
+    where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params)
+    items = db.execute_sql(object_items_sql(postgres, where), params).fetchall()
+    update = item_data_update_sql(db)
     stamp = PsModelUsageItem.updated_at.db_value(now)
     changed = []
     for item_id, model_id, data in items:

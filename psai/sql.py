@@ -30,7 +30,7 @@ __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALU
            "item_insert", "one_round_trip_statements", "stored_configuration_sql", "USAGE_ROW_COLUMNS",
            "Slot", "slot", "Statement", "compiled", "item_groups_sql", "item_totals_sql", "counters_sound",
            "counters_negative", "counter_totals_sql", "counter_rows_sql", "price_period_sql", "counter_sums_sql",
-           "negative_rows_sql"]
+           "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "LOCK_USAGE_TABLES"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -393,6 +393,35 @@ def counter_sums_sql(present, columns, where):
 def negative_rows_sql(present, where):
     return 'SELECT u.id, u.model_id, u.agent_id, u.created_at, %s FROM "ps_model_usage" u WHERE %s' % (
         ", ".join("u." + c for c in present), " AND ".join(where))
+
+
+# -- statements of check and reprice ------------------------------------------------
+
+def item_check_sql(postgres):
+    """Every item's id, model, input count and price snapshot, read
+    defensively (text that is not JSON reads as no data)."""
+    j = JsonSQL(postgres)
+    data = "data" if postgres else "(CASE WHEN json_valid(data) THEN data ELSE '[]' END)"
+    return 'SELECT id, model_id, %s, %s FROM "ps_model_usage_item" ORDER BY id' % (
+        j.number(data, "usageNormalized", "tokensIn"), j.object(data, "pricing", "configuredPrices"))
+
+
+def object_items_sql(postgres, where):
+    """The items (``i``) meeting ``where`` whose data is a JSON object: id, model, data."""
+    is_object = "jsonb_typeof(i.data) = 'object'" if postgres \
+        else "(CASE WHEN json_valid(i.data) THEN json_type(i.data) END) = 'object'"
+    return 'SELECT i.id, i.model_id, i.data FROM "ps_model_usage_item" i WHERE %s' % " AND ".join(where + [is_object])
+
+
+def item_data_update_sql(db):
+    """An item's new data (psai's JSON text) and updated_at, by id."""
+    p = db.param
+    return 'UPDATE "ps_model_usage_item" SET "data" = %s, "updated_at" = %s WHERE "id" = %s' % (
+        p if isinstance(db, PostgresqlDatabase) else "json(?)", p, p)
+
+
+# reprice on PostgreSQL: no call may be recorded while a correction is read and written.
+LOCK_USAGE_TABLES = 'LOCK TABLE "ps_model_usage_item", "ps_model_usage" IN EXCLUSIVE MODE'
 
 
 # -- statements built once ----------------------------------------------------------
