@@ -9,38 +9,17 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from marshmallow import Schema
 
 from .db import is_postgres, model_db, table_columns
 from .errors import ValidationError
 from .items import price_problem
-from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
-from .recording import usage_counters
-from .schemas import INCLUDE, readable, shape_problem, validate_agent_values, validate_model_values
+from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
+from .schemas import (
+    INCLUDE, dump_rows, readable, shape_problem, validate_agent_values, validate_model_values,
+)
 from .sql import item_check_sql
 
 __all__ = ["shape_problem", "model_problem", "agent_problem", "check", "readable", "dump_rows"]
-
-
-def dump_rows(schema: Schema, rows: Iterable[PsAiModel | PsAgent],
-              model: bool = False) -> list[tuple[dict[str, Any], str | None]]:
-    """``[(dump, problem)]``: each row dumped by ``schema``; a row whose
-    configuration cannot be read as one is dumped as stored (None where even
-    JSON cannot hold it), with the problem, so it never hides the others."""
-    dumped: list[tuple[dict[str, Any], str | None]] = []
-    for row in rows:
-        problem = shape_problem(row.configuration, model=model)
-        if problem is None:
-            dumped.append((schema.dump(row), None))
-            continue
-        stored = row.configuration
-        try:
-            json.dumps(stored)
-        except (RecursionError, ValueError, TypeError):
-            stored = None
-        blank = type(row)(**dict(row.__data__, configuration={}))
-        dumped.append((dict(schema.dump(blank), configuration=stored), problem))
-    return dumped
 
 
 def _problem(validate: Callable[[dict[str, Any]], object], values: dict[str, Any]) -> str | None:

@@ -244,7 +244,7 @@ MODEL_COLUMNS = ["id", "name", "provider", "type", "size", "model", "active", "i
 
 
 def _model_row(dump):
-    from .check import readable
+    from .schemas import readable
     config = readable(dump["configuration"])
     prices = config.get("prices") if isinstance(config.get("prices"), dict) else {}
     return {"id": dump["id"], "name": dump["name"], "provider": config.get("provider"),
@@ -257,7 +257,7 @@ def _model_row(dump):
 def _dump_rows(schema, rows, kind, model=False):
     """Rows dumped one by one: a row psai cannot read as one (a hand-written
     configuration) is shown as stored and flagged, and never hides the others."""
-    from .check import dump_rows
+    from .schemas import dump_rows
     dumps = []
     for dump, problem in dump_rows(schema, rows, model=model):
         if problem:
@@ -623,7 +623,7 @@ def agents():
 
 
 def emit_agents(agent_list, fmt, single=False):
-    from .check import readable
+    from .schemas import readable
     from .schemas import PsAgentSchema
     dumps = _dump_rows(PsAgentSchema(with_links=True), agent_list, "agent")
     if fmt == "json":
@@ -804,7 +804,7 @@ def usage_record(model, agent, applied_tier, **usage):
     from .usage import record_usage
     connect()
     if applied_tier is not None:
-        from .check import readable
+        from .schemas import readable
         model = PsAiModel.get_by_key(model)
         usage["provider_metadata"] = applied_tier_metadata(readable(model.configuration).get("provider"),
                                                            applied_tier)

@@ -19,6 +19,7 @@ from .db import is_postgres, lock, model_db, register_models, table_columns, wri
 from .enums import PsAiModelSize, PsAiModelType
 from .errors import InUseError, NotFoundError, ValidationError
 from .fields import JSONField, TimestampTzField, UUIDTextField, utcnow
+from .pricing import COUNTERS
 from .schemas import (
     PsAgentSchema, PsAiModelSchema, bind_row_class, merge_configuration, shape_problem, unknown_paths,
     validate_agent_row, validate_agent_values, validate_model_row, validate_model_values,
@@ -28,7 +29,7 @@ from .sql import config_filter
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
            "PriceVersion", "PriceCorrection", "ModelProvenance", "ALL_MODELS", "strict_json_dumps",
            "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
-           "record_price_change", "prices_of", "provenance"]
+           "record_price_change", "prices_of", "provenance", "usage_counters"]
 
 # PolicySynth's size fallback: which sizes to try, in order, for a size asked for.
 SIZE_FALLBACK = {
@@ -415,6 +416,14 @@ def record_price_change(model: PsAiModel, stored_configuration: Any,
 
 
 # -- the tables' own queries --------------------------------------------------------
+
+def usage_counters(db: Any = None) -> tuple[str, ...]:
+    """The counters this database's ps_model_usage has. psai creates all 14;
+    a table made by PolicySynth's npm release has 12, without the cache-write
+    counters, and psai works with it as it is (see ``record_usage``)."""
+    columns = table_columns(db or model_db(PsModelUsage), PsModelUsage._meta.table_name)
+    return tuple(name for name in COUNTERS if name in columns)
+
 
 def provenance(model: PsAiModel | int | str | uuid.UUID) -> dict[str, Any] | None:
     """Where an imported model's prices came from: ``{"source",

@@ -12,7 +12,7 @@ import uuid
 from functools import reduce
 from typing import Any
 
-from peewee import SQL, Cast, Database, Insert, ModelUpdate
+from peewee import SQL, Cast, Insert, ModelUpdate
 
 from .arguments import agent_arg, check_counts, check_ids, model_arg
 from .constants import MAX_INTEGER, strict_json_dumps
@@ -20,8 +20,8 @@ from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_co
 from .errors import NotFoundError, ValidationError
 from .fields import UTC, utcnow
 from .items import item_data, price_problem
-from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
-from .pricing import COUNTERS, CostBreakdown, cost_breakdown, partition_usage
+from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
+from .pricing import CostBreakdown, cost_breakdown, partition_usage
 from .schemas import json_problem
 from .sql import (
     USAGE_ROW_COLUMNS, Statement, compiled, item_insert, one_round_trip_statements, slot, stored_configuration_sql,
@@ -45,14 +45,6 @@ def _day_bounds(moment: datetime.datetime) -> tuple[datetime.datetime, datetime.
 
 CACHE_WRITE_COUNTERS = {"token_in_cache_write_count": "token_in_count",
                         "long_context_token_in_cache_write_count": "long_context_token_in_count"}
-
-
-def usage_counters(db: Database | None = None) -> tuple[str, ...]:
-    """The counters this database's ps_model_usage has. psai creates all 14;
-    a table made by PolicySynth's npm release has 12, without the cache-write
-    counters, and psai works with it as it is (see ``record_usage``)."""
-    columns = table_columns(db or model_db(PsModelUsage), PsModelUsage._meta.table_name)
-    return tuple(name for name in COUNTERS if name in columns)
 
 
 def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int | str | uuid.UUID | None = None, *,

@@ -7,7 +7,7 @@ import copy
 import json
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 from enum import Enum
 
@@ -24,7 +24,8 @@ from .enums import (
 from .errors import ValidationError
 
 __all__ = [
-    "ModelPricesSchema", "AiModelConfigurationSchema", "PsAiModelSchema", "PsAgentSchema",
+    "ModelPricesSchema", "AiModelConfigurationSchema", "PsAiModelSchema", "PsAgentSchema", "dump_rows",
+    "shape_problem", "readable",
     "validate_configuration", "EXCLUDE", "INCLUDE", "RAISE",
 ]
 
@@ -507,3 +508,24 @@ def readable(configuration: Any) -> dict[str, Any]:
     """The configuration when it can be read as one, else {}: what listings
     show of a bad row besides its flag."""
     return configuration if shape_problem(configuration) is None else {}
+
+
+def dump_rows(schema: Schema, rows: Iterable[Any],
+              model: bool = False) -> list[tuple[dict[str, Any], str | None]]:
+    """``[(dump, problem)]``: each row dumped by ``schema``; a row whose
+    configuration cannot be read as one is dumped as stored (None where even
+    JSON cannot hold it), with the problem, so it never hides the others."""
+    dumped: list[tuple[dict[str, Any], str | None]] = []
+    for row in rows:
+        problem = shape_problem(row.configuration, model=model)
+        if problem is None:
+            dumped.append((schema.dump(row), None))
+            continue
+        stored = row.configuration
+        try:
+            json.dumps(stored)
+        except (RecursionError, ValueError, TypeError):
+            stored = None
+        blank = type(row)(**dict(row.__data__, configuration={}))
+        dumped.append((dict(schema.dump(blank), configuration=stored), problem))
+    return dumped

@@ -14,13 +14,12 @@ from peewee import Database, ModelUpdate
 
 from .db import connect, model_db, table_columns, using, write_transaction
 from .errors import ValidationError
-from .check import dump_rows
 from .migrations import ensure_schema
 from .models import (
     AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
 )
 from .recording import NO_AGENT
-from .schemas import INCLUDE, RAISE, PsAgentSchema, PsAiModelSchema
+from .schemas import dump_rows, INCLUDE, RAISE, PsAgentSchema, PsAiModelSchema
 
 __all__ = ["export_data", "import_data", "copy", "TABLES"]
 

@@ -13,13 +13,15 @@ applied and creates only psai's own additions beside them.
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from peewee import Database, DatabaseError, PostgresqlDatabase
 
-from playhouse.migrations import Runner
-
 from ..db import NotConnectedError, connect, current_db, forget_schema
 from ..errors import NotAdoptedError
+
+if TYPE_CHECKING:
+    from playhouse.migrations import Runner
 
 __all__ = ["migrate", "adopt", "ensure_schema", "is_policysynth_database", "HISTORY_TABLE", "DIRECTORY",
            "runner", "NotAdoptedError"]
@@ -43,7 +45,10 @@ def _db(db: Database | None) -> Database:
         return connect()
 
 
-def runner(db: Database | None = None) -> Runner:
+def runner(db: Database | None = None) -> "Runner":
+    # Imported here: every command checks the schema (_up_to_date, one
+    # query), and only a schema that is behind needs the runner.
+    from playhouse.migrations import Runner
     return Runner(_db(db), DIRECTORY, table_name=HISTORY_TABLE)
 
 
