@@ -61,10 +61,15 @@ def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, 
               connector_id: int | None, moment: datetime.datetime, tokens_in: float, tokens_out: float,
               cached_tokens: float = 0, cache_write_tokens: float = 0, reasoning_tokens: float = 0,
               audio_tokens: float = 0, image_tokens: float = 0, web_searches: float = 0,
-              provider_metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              provider_metadata: Mapping[str, Any] | None = None,
+              response: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``ps_model_usage_item.data`` for one call, in PolicySynth's layout
     (version 1). ``configuration`` is the model's, as stored at call time;
-    the result shares its ``prices`` (it is meant to be serialised)."""
+    the result shares its ``prices`` (it is meant to be serialised).
+    ``response``, for a call recorded from the provider's response: its
+    ``apiFamily`` and ``usageRaw`` as PolicySynth's classes write them, and
+    what psai keeps of it besides (``psai``: 1-hour cache writes, the
+    provider's own cost)."""
     provider = configuration.get("provider")
     pricing = {"configuredPrices": configuration.get("prices")}
     for key in ("inferenceType", "regionalProcessing"):
@@ -91,6 +96,11 @@ def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, 
         data["providerMetadata"] = provider_metadata
     extras = {key: value for key, value in (("cacheWriteTokens", cache_write_tokens),
                                             ("webSearches", web_searches)) if value}
+    if response is not None:
+        data["apiFamily"] = response.get("apiFamily", provider)
+        if response.get("usageRaw") is not None:
+            data["usageRaw"] = response["usageRaw"]
+        extras.update(response.get("psai") or {})
     if extras:
         data["psai"] = extras
     return data

@@ -8,13 +8,14 @@ and never put a caller's key or value into the SQL text: values are always
 bound parameters, and keys must be plain identifiers (PolicySynth's are
 camelCase) or the filter is refused with ``psai.ValidationError``.
 """
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from peewee import ColumnBase
 
 from .db import is_postgres, lock, model_db, write_transaction
-from .errors import NotFoundError
+from .errors import NotFoundError, ValidationError
 from .models import (
     SIZE_FALLBACK, AgentModels, PsAiModel, newest_first, model_choices, model_history, select_model,
     sub_agent_tree, where_config,
@@ -23,7 +24,7 @@ from .sql import INDEXED_PATHS
 from .sql import config_filter as _config_filter
 
 __all__ = ["config_filter", "where_config", "select_model", "model_choices", "find_by_provider_model",
-           "add_model", "model_history", "sub_agent_tree", "SIZE_FALLBACK", "INDEXED_PATHS"]
+           "add_model", "model_history", "sub_agent_tree", "SIZE_FALLBACK", "INDEXED_PATHS", "resolve_model"]
 
 
 def config_filter(filters: Mapping[str, Any]) -> ColumnBase:
@@ -80,3 +81,70 @@ def _move_links(old_ids, new_id):
         AgentModels.delete().where(links).execute()
         AgentModels.insert_many([{"agent": agent_id, "ai_model": new_id} for agent_id in agent_ids]) \
             .on_conflict_ignore().execute()
+
+
+# -- a response's model name to a stored model ---------------------------------------------
+
+# Snapshot suffixes providers answer with, beside the name a model is configured by.
+_SNAPSHOT_SUFFIXES = (
+    ("a dated snapshot (-YYYY-MM-DD)", re.compile(r"-\d{4}-\d{2}-\d{2}\Z")),
+    ("a dated snapshot (-YYYYMMDD)", re.compile(r"-\d{8}\Z")),
+    ("a dated snapshot (@YYYYMMDD)", re.compile(r"@\d{8}\Z")),
+    ("a version suffix (-NNN)", re.compile(r"-\d{3}\Z")),
+)
+
+
+def _undated(name: str) -> tuple[str, str] | None:
+    """(the name without its snapshot suffix, which suffix), or None."""
+    for why, suffix in _SNAPSHOT_SUFFIXES:
+        if suffix.search(name):
+            return suffix.sub("", name), why
+    return None
+
+
+def resolve_model(name: str, *, provider: str | None = None, explain: bool = False) -> Any:
+    """The stored model a response's model name (``gpt-4o-2024-08-06``,
+    ``claude-sonnet-4-5-20250929``, ``models/gemini-2.5-pro``) means: an
+    active model whose ``model`` or ``apiModel`` is the name, else the name
+    without its dated snapshot suffix (Gemini's ``models/`` prefix never
+    counts). Never a different model: ``gpt-4o-mini`` is not ``gpt-4o``.
+    Among rows of one configured name the newest wins (as PolicySynth's
+    override lookup); two different configured names equally good, or
+    none, is a NotFoundError naming the candidates. ``explain=True``
+    returns ``(model, reason)``."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValidationError({"name": ["Give the model name the provider answered with."]})
+    asked = name.strip()
+    wanted = asked[len("models/"):] if asked.startswith("models/") else asked
+    tries = [(wanted, "the name itself")]
+    undated = _undated(wanted)
+    if undated is not None:
+        tries.append((undated[0], "the name without %s" % undated[1]))
+    filters: dict[str, Any] = {"active": True}
+    if provider is not None:
+        filters["provider"] = provider
+    rows = list(newest_first(where_config(filters)))
+    for candidate, how in tries:
+        by_name: dict[tuple[str, str], list[Any]] = {}
+        for row in rows:
+            configuration = row.configuration if isinstance(row.configuration, dict) else {}
+            for key in ("model", "apiModel"):
+                if configuration.get(key) == candidate:
+                    by_name.setdefault((str(configuration.get("provider")), key), []).append(row)
+                    break
+        if len(by_name) > 1:
+            raise NotFoundError("%r matches models of several names (%s): give the model, or the provider" % (
+                asked, "; ".join("%s %s=%r: %s" % (p, key, candidate, ", ".join("%s (id %s)" % (r.name, r.id)
+                                                                                  for r in found))
+                                 for (p, key), found in sorted(by_name.items()))))
+        if by_name:
+            [((_provider, key), found)] = by_name.items()
+            chosen = found[0]
+            reason = "%s equals configuration.%s of %d active model(s)%s; the newest row, id %s, wins" % (
+                how, key, len(found), " of provider %r" % provider if provider else "", chosen.id)
+            return (chosen, reason) if explain else chosen
+    near = sorted({str(r.configuration.get("model")) for r in rows if isinstance(r.configuration, dict)
+                   and str(r.configuration.get("model", "")).split("-")[0] == wanted.split("-")[0]})
+    raise NotFoundError("no active model%s is configured as %r%s%s" % (
+        " of provider %r" % provider if provider else "", wanted,
+        " or %r" % undated[0] if undated else "", ("; models of that family: %s" % ", ".join(near)) if near else ""))

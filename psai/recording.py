@@ -4,11 +4,14 @@ its tokens added to the counters of ``ps_model_usage`` (one row per model,
 agent, connector and UTC day), in one transaction; on PostgreSQL outside a
 caller's transaction, in one round trip. ``model_cost`` prices a call for a
 stored model without recording it."""
+import contextlib
 import datetime
 import json
 import math
 import operator
 import uuid
+from collections.abc import Iterator
+from decimal import Decimal
 from functools import reduce
 from typing import Any
 
@@ -19,15 +22,18 @@ from .constants import MAX_INTEGER, strict_json_dumps
 from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_columns, write_transaction
 from .errors import NotFoundError, ValidationError
 from .fields import UTC, utcnow
-from .items import item_data, price_problem
+from .items import item_cost, item_data, price_problem
 from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
 from .pricing import CostBreakdown, cost_breakdown, partition_usage
+from .query import resolve_model
+from .responses import usage_from_response
 from .schemas import json_problem
 from .sql import (
     USAGE_ROW_COLUMNS, Statement, compiled, item_insert, one_round_trip_statements, slot, stored_configuration_sql,
 )
 
-__all__ = ["record_usage", "model_cost", "usage_counters", "NO_AGENT", "CACHE_WRITE_COUNTERS"]
+__all__ = ["record_usage", "model_cost", "usage_counters", "NO_AGENT", "CACHE_WRITE_COUNTERS", "record_response",
+           "track", "Run"]
 
 # ps_model_usage_item.agent_id for usage without an agent (NOT NULL there).
 NO_AGENT = 0
@@ -81,9 +87,18 @@ def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int 
             else json_problem(provider_metadata)
         if problem:
             raise ValidationError({"provider_metadata": [problem]})
-    counts = {name: _round_half_up(value) for name, value in counts.items()}
+    whole = {name: _round_half_up(value) for name, value in counts.items()}
+    return _record(model_arg(model), agent_arg(agent), whole, user_id, connector_id, provider_metadata)[0]
+
+
+def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], user_id: int | None,
+            connector_id: int | None, provider_metadata: dict[str, Any] | None,
+            response: dict[str, Any] | None = None) -> tuple[PsModelUsage, str | None]:
+    """Record one call of checked, whole counts: (the counter row, the
+    item's data as written, or None without items). ``response``: what the
+    item keeps of the provider's response (``item_data``'s ``response``)."""
+    counts = dict(counts)
     web_searches = counts.pop("web_searches")
-    model, agent = model_arg(model), agent_arg(agent)
     db = model_db(PsModelUsage)
     present = usage_counters(db)
     with_items = bool(table_columns(db, PsModelUsageItem._meta.table_name))
@@ -92,11 +107,11 @@ def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int 
     agent_id = agent.id if agent is not None else None
     keys = (model.id, agent_id, connector_id)
     call = dict(counts, model_id=model.id, user_id=user_id, agent_id=agent_id, connector_id=connector_id,
-                web_searches=web_searches, provider_metadata=provider_metadata)
+                web_searches=web_searches, provider_metadata=provider_metadata, response=response)
     if is_postgres(db) and with_items and not db.in_transaction() and isinstance(model.configuration, dict):
-        returned = _record_in_one_round_trip(db, present, model.configuration, call)
+        returned, data = _record_in_one_round_trip(db, present, model.configuration, call)
         if returned is not None:
-            return _usage_row(present, returned)
+            return _usage_row(present, returned), data
     find, update, insert = _usage_statements(db, present, agent_id is None, connector_id is None)
     with write_transaction(db):
         lock(db, keys)
@@ -113,7 +128,7 @@ def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int 
         returned = cursor.fetchone()
         if with_items:
             db.execute_sql(item_insert(db), _item_params(values))
-    return _usage_row(present, returned)
+    return _usage_row(present, returned), values["data"]
 
 
 def _stamp(moment: datetime.datetime) -> Any:
@@ -207,9 +222,9 @@ def _record_in_one_round_trip(db, present, configuration, call):
     statement so that the next one's snapshot sees the rows written by the
     writer it waited for.
 
-    Returns the counter row, or None when the stored configuration differs
-    (or the model is gone): nothing was written, and the general path takes
-    over."""
+    Returns (the counter row, the item's data), the row None when the
+    stored configuration differs (or the model is gone): nothing was
+    written, and the general path takes over."""
     agent_id, connector_id = call["agent_id"], call["connector_id"]
     now = utcnow()
     values = _statement_values(call, present, *_call_rows(configuration, present, True, now, call), now)
@@ -220,7 +235,7 @@ def _record_in_one_round_trip(db, present, configuration, call):
               + [call["model_id"], agent_id, connector_id, call["user_id"], values["stamp"], values["stamp"]] + counts
               + _item_params(values))
     lock_sql, record_sql = one_round_trip_statements(find.sql, present, agent_id is None, connector_id is None)
-    return execute_prepared(db, record_sql, params, before=lock_sql + "; ").fetchone()
+    return execute_prepared(db, record_sql, params, before=lock_sql + "; ").fetchone(), values["data"]
 
 
 def _stored_configuration(db, model):
@@ -327,3 +342,77 @@ def model_cost(model: PsAiModel | int | str | uuid.UUID, **usage: Any) -> CostBr
         raise ValidationError({"prices": ["Model %s cannot be priced: %s." % (model_id, problem)]})
     usage = dict(_call_context(configuration), **usage)
     return cost_breakdown(prices, **usage)
+
+
+# -- recording from the provider's response ------------------------------------------------
+
+def record_response(model: PsAiModel | int | str | uuid.UUID | None, agent: PsAgent | int | str | uuid.UUID | None,
+                    response: Any, *, provider: str | None = None, user_id: int | None = None,
+                    connector_id: int | None = None) -> PsModelUsage:
+    """Record one call from the provider's own response (``usage_from_response``
+    reads it: an SDK object, its JSON, or a stream's chunks or events)
+    through ``record_usage``: counters and item in one transaction, the item
+    with the response's ``usageRaw``, ``apiFamily`` and ``providerMetadata``
+    as PolicySynth's classes write them. ``model=None``: the stored model
+    the response's model name means (``psai.query.resolve_model``)."""
+    return _record_response(model, agent, response, provider, user_id, connector_id)[0]
+
+
+def _record_response(model, agent, response, provider, user_id, connector_id):
+    usage = usage_from_response(response, provider=provider)
+    check_ids({"user_id": user_id, "connector_id": connector_id})
+    if model is None:
+        if not usage.model:
+            raise ValidationError({"model": ["The response names no model: give the stored model."]})
+        found = resolve_model(usage.model, provider=usage.provider)
+    else:
+        found = model_arg(model)
+    problem = json_problem(usage.usage_raw)
+    if problem:
+        raise ValidationError({"response.usage": [problem]})
+    extras: dict[str, Any] = {}
+    if usage.cache_write_1h_tokens:
+        extras["cacheWrite1hTokens"] = usage.cache_write_1h_tokens
+    if usage.provider_cost is not None:
+        extras["providerCost"] = usage.provider_cost
+    kept = {"apiFamily": usage.api_family, "usageRaw": usage.usage_raw, "psai": extras}
+    return _record(found, agent_arg(agent), usage.counts(), user_id, connector_id,
+                   usage.provider_metadata or None, kept)
+
+
+class Run:
+    """The calls recorded in one ``track`` block: ``calls``, and ``cost`` per
+    currency (Decimal; a call that cannot be priced adds to ``unpriced_calls``)."""
+
+    def __init__(self, agent: PsAgent | None, model: PsAiModel | None) -> None:
+        self.agent, self.model = agent, model
+        self.calls = 0
+        self.unpriced_calls = 0
+        self.cost: dict[str, Decimal] = {}
+
+    def record(self, response: Any, *, model: PsAiModel | int | str | None = None,
+               provider: str | None = None) -> Decimal | None:
+        """Record one call from its response (``record_response``) and return
+        what it cost, None when its prices cannot price it."""
+        chosen = model if model is not None else self.model
+        _row, data = _record_response(chosen, self.agent, response, provider, None, None)
+        self.calls += 1
+        item = json.loads(data) if data is not None else None
+        cost = item_cost(item)
+        currency = (item or {}).get("pricing", {}).get("configuredPrices", {}).get("currency") \
+            if isinstance(item, dict) else None
+        if cost is None or not isinstance(currency, str):
+            self.unpriced_calls += 1
+            return None
+        self.cost[currency] = self.cost.get(currency, Decimal(0)) + cost
+        return cost
+
+
+@contextlib.contextmanager
+def track(agent: PsAgent | int | str | uuid.UUID | None, model: PsAiModel | int | str | uuid.UUID | None = None
+          ) -> Iterator[Run]:
+    """For scripts: ``with psai.track(agent) as run: run.record(response)``
+    records each call the block makes (``record_response``; ``model`` for
+    all of them, else each response's model name) and keeps their count
+    and cost. A call recorded stays recorded if the block then fails."""
+    yield Run(agent_arg(agent), model_arg(model) if model is not None else None)

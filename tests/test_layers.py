@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "psai"
 
 # Lowest first. Within a layer, a module may import the ones listed before it.
 LAYERS = [
-    ("pure", ["errors", "constants", "enums", "pricing", "items", "schemas", "litellm", "genai"]),
+    ("pure", ["errors", "constants", "enums", "pricing", "items", "schemas", "responses", "litellm", "genai"]),
     ("peewee plumbing", ["fields", "db", "sql"]),
     ("store", ["base", "models"]),
     ("price versions and recording", ["versions", "arguments", "query", "recording"]),
