@@ -407,6 +407,23 @@ def _parse_assignment(text):
     return value
 
 
+@models.command("resolve")
+@click.argument("name")
+@click.option("--provider", help="Only this provider's models.")
+@click.option("--explain", is_flag=True, help="Say why this model was chosen.")
+@output_options
+def models_resolve(name, provider, explain, fmt):
+    """The stored model a response's model NAME means (gpt-4o-2024-08-06,
+    claude-sonnet-4-5-20250929, models/gemini-2.5-pro): its model or apiModel,
+    else the name without its dated snapshot suffix; never another model."""
+    from .query import resolve_model
+    connect()
+    found, reason = resolve_model(name, provider=provider, explain=True)
+    emit_models([found], fmt, single=True)
+    if explain:
+        click.echo(reason, err=fmt is not None)
+
+
 @models.command("update")
 @click.argument("model")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
@@ -810,6 +827,36 @@ def usage_record(model, agent, applied_tier, **usage):
                                                            applied_tier)
     row = record_usage(model, agent, **usage)
     click.echo("recorded on usage row %s" % row.id)
+
+
+@usage.command("record-response")
+@click.argument("model", required=False)
+@click.option("--agent", help="The agent that made the call (id or uuid).")
+@click.option("--file", "source", type=click.File("rb"), default="-", show_default=True, metavar="PATH",
+              help="The provider's response as JSON, or a stream's chunks or events, one JSON per line "
+                   "('-' reads stdin).")
+@click.option("--provider", type=click.Choice(["openai", "azure", "anthropic", "google"]),
+              help="Default: told from the response's shape.")
+@click.option("--user-id", type=int, help="Default: the agent's user, else the model's.")
+@click.option("--connector-id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Write what was read and recorded as JSON.")
+def usage_record_response(model, agent, source, provider, user_id, connector_id, as_json):
+    """Record one call from the provider's own response (OpenAI, Azure,
+    Anthropic, Gemini; streamed or not). Without MODEL, the stored model is
+    found from the response's model name (see `psai models resolve`)."""
+    from .recording import record_response
+    from .responses import load_response, usage_from_response
+    name = getattr(source, "name", "<stdin>")
+    response = load_response(source.read(), "stdin" if name in ("<stdin>", "-") else name)
+    usage = usage_from_response(response, provider=provider)
+    connect()
+    row = record_response(model, agent, response, provider=provider, user_id=user_id,
+                          connector_id=connector_id)
+    if as_json:
+        emit([dict(usage.as_dict(), usage_row=row.id)], "json", single=True)
+    else:
+        click.echo("recorded %s tokens in, %s out (%s, %s) on usage row %s" % (
+            usage.tokens_in, usage.tokens_out, usage.api_family, usage.model, row.id))
 
 
 REPORT_COLUMNS = ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpriced_tokens", "priced_from"]

@@ -36,8 +36,9 @@ from typing import Any
 
 from .constants import MAX_INTEGER
 from .errors import ValidationError
+from .schemas import load_json
 
-__all__ = ["ResponseUsage", "usage_from_response", "PROVIDERS", "API_FAMILIES"]
+__all__ = ["ResponseUsage", "usage_from_response", "load_response", "PROVIDERS", "API_FAMILIES"]
 
 # The provider names psai records (PolicySynth's configuration values).
 PROVIDERS = ("openai", "azure", "anthropic", "google")
@@ -480,6 +481,28 @@ def _gemini_policysynth(usage: dict[str, Any]) -> dict[str, Any]:
 
 
 # -----------------------------------------------------------------------------------------
+
+def load_response(text: str | bytes, name: str = "response") -> Any:
+    """A response saved as JSON text: one JSON document (the response, or a
+    list of a stream's events), or a stream's events one per line (JSON
+    lines, as ``psai usage record-response --file`` takes them)."""
+    try:
+        return load_json(text, name)
+    except ValidationError:
+        lines = [line for line in (text.decode() if isinstance(text, bytes) else text).splitlines() if line.strip()]
+        if len(lines) < 2:
+            raise
+    events = []
+    for number, line in enumerate(lines, 1):
+        if line.startswith("data:"):  # server-sent events as captured from the wire
+            line = line[len("data:"):].strip()
+            if line == "[DONE]":
+                continue
+        elif line.startswith("event:"):
+            continue
+        events.append(load_json(line, "%s line %d" % (name, number)))
+    return events
+
 
 def usage_from_response(response: Any, *, provider: str | None = None) -> ResponseUsage:
     """The billed counts of one call from the provider's response (see the

@@ -1,0 +1,296 @@
+"""Recording a call from the provider's own response: canned responses in
+each API's documented shape, whole and streamed, as dicts, as SDK-like
+objects and as JSON lines; what they cost against the bill worked out by
+hand from the providers' documented semantics; on both backends."""
+import json
+from decimal import Decimal
+
+import pytest
+from click.testing import CliRunner
+
+import psai
+from psai import PsAgent, PsAiModel, PsModelUsageItem
+from psai.cli import cli
+from psai.responses import load_response, usage_from_response
+from psai.usage import report_totals
+
+M = Decimal(10) ** 6
+
+
+def chat_completion(**usage):
+    return {"id": "chatcmpl-9", "object": "chat.completion", "created": 1, "model": "gpt-4o-2024-08-06",
+            "service_tier": "default",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": dict({"prompt_tokens": 3000, "completion_tokens": 700, "total_tokens": 3700,
+                           "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+                           "completion_tokens_details": {"reasoning_tokens": 256, "audio_tokens": 0}}, **usage)}
+
+
+def chat_stream(include_usage=True):
+    chunks = [{"id": "chatcmpl-9", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06",
+               "service_tier": "flex", "choices": [{"index": 0, "delta": {"content": "h"}}]},
+              {"id": "chatcmpl-9", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06",
+               "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+    if include_usage:
+        chunks.append({"id": "chatcmpl-9", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06",
+                       "choices": [], "usage": chat_completion()["usage"]})
+    return chunks
+
+
+def responses_response(searches=1):
+    return {"id": "resp_1", "object": "response", "status": "completed", "model": "o3-2025-04-16",
+            "service_tier": "priority",
+            "output": [{"type": "web_search_call", "id": "ws_%d" % i, "status": "completed"}
+                       for i in range(searches)] + [
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]}],
+            "usage": {"input_tokens": 5000, "input_tokens_details": {"cached_tokens": 2000},
+                      "output_tokens": 1500, "output_tokens_details": {"reasoning_tokens": 1000},
+                      "total_tokens": 6500}}
+
+
+def claude_message(one_hour=0, speed=None):
+    usage = {"input_tokens": 1000, "output_tokens": 500, "cache_creation_input_tokens": 2000 + one_hour,
+             "cache_read_input_tokens": 10000,
+             "cache_creation": {"ephemeral_5m_input_tokens": 2000, "ephemeral_1h_input_tokens": one_hour},
+             "server_tool_use": {"web_search_requests": 2}, "service_tier": "standard"}
+    if speed:
+        usage["speed"] = speed
+    return {"id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5-20250929",
+            "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn", "usage": usage}
+
+
+def claude_stream():
+    message = claude_message()
+    start = dict(message, content=[], usage=dict(message["usage"], output_tokens=1))
+    return [{"type": "message_start", "message": start},
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+            {"type": "content_block_stop", "index": 0},
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 500}},
+            {"type": "message_stop"}]
+
+
+def gemini_response():
+    return {"candidates": [{"content": {"parts": [{"text": "hi"}], "role": "model"}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 4000, "candidatesTokenCount": 600, "totalTokenCount": 5900,
+                              "cachedContentTokenCount": 1000, "thoughtsTokenCount": 1200,
+                              "toolUsePromptTokenCount": 100,
+                              "candidatesTokensDetails": [{"modality": "TEXT", "tokenCount": 600}]},
+            "modelVersion": "gemini-2.5-pro", "responseId": "gem-1"}
+
+
+class Dumped:
+    """An SDK response object: read through model_dump(), as pydantic's."""
+
+    def __init__(self, data):
+        self._data = data
+
+    def model_dump(self, mode="python"):
+        return json.loads(json.dumps(self._data))
+
+
+class GenaiLike:
+    """google-genai's objects: to_json_dict() with snake_case keys."""
+
+    def __init__(self, data):
+        self._data = data
+
+    def to_json_dict(self):
+        def snake(value):
+            if isinstance(value, dict):
+                return {"".join("_" + c.lower() if c.isupper() else c for c in k): snake(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [snake(v) for v in value]
+            return value
+        return snake(self._data)
+
+
+# -- reading responses (no database) ---------------------------------------------------------
+
+def test_openai_chat_counts_and_its_stream():
+    usage = usage_from_response(chat_completion())
+    assert (usage.tokens_in, usage.tokens_out, usage.cached_tokens, usage.reasoning_tokens) == (3000, 700, 1024, 256)
+    assert (usage.provider, usage.api_family, usage.model) == ("openai", "openai.chat.completions", "gpt-4o-2024-08-06")
+    assert usage.provider_metadata == {"responseId": "chatcmpl-9", "appliedServiceTier": "default"}
+    streamed = usage_from_response(chat_stream())
+    assert streamed.counts() == usage.counts() and streamed.provider_metadata["appliedServiceTier"] == "flex"
+    assert usage_from_response(Dumped(chat_completion())).counts() == usage.counts()
+
+
+def test_a_stream_without_usage_is_refused_never_zero():
+    with pytest.raises(psai.ValidationError, match="include_usage"):
+        usage_from_response(chat_stream(include_usage=False))
+    cut = [{"type": "response.created", "response": dict(responses_response(), status="in_progress", usage=None)},
+           {"type": "response.output_text.delta", "delta": "h"}]
+    with pytest.raises(psai.ValidationError, match="response.completed"):
+        usage_from_response(cut)
+
+
+def test_openai_responses_counts_web_searches_and_the_tier():
+    usage = usage_from_response(responses_response(searches=2))
+    assert (usage.tokens_in, usage.tokens_out, usage.cached_tokens, usage.reasoning_tokens) == (5000, 1500, 2000, 1000)
+    assert usage.web_searches == 2 and usage.api_family == "responses"
+    assert usage.provider_metadata == {"responseId": "resp_1", "appliedServiceTier": "priority"}
+    events = [{"type": "response.created", "response": dict(responses_response(), usage=None)},
+              {"type": "response.completed", "response": responses_response(searches=2)}]
+    assert usage_from_response(events).counts() == usage.counts()
+
+
+def test_anthropic_input_is_fresh_input_plus_cache_writes_plus_reads():
+    usage = usage_from_response(claude_message(one_hour=3000, speed="fast"))
+    assert usage.tokens_in == 1000 + 5000 + 10000 and usage.tokens_out == 500
+    assert (usage.cached_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens) == (10000, 2000, 3000)
+    assert usage.web_searches == 2 and usage.provider_metadata["appliedSpeed"] == "fast"
+    assert usage.api_family == "messages" and usage.provider == "anthropic"
+    streamed = usage_from_response(claude_stream())
+    assert streamed.counts() == usage_from_response(claude_message()).counts()
+    assert streamed.tokens_out == 500  # message_delta's cumulative count, not message_start's 1
+
+
+def test_gemini_bills_thoughts_as_output_and_tool_prompts_as_input():
+    usage = usage_from_response(gemini_response())
+    assert (usage.tokens_in, usage.tokens_out, usage.cached_tokens, usage.reasoning_tokens) == (4100, 1800, 1000, 1200)
+    assert (usage.provider, usage.api_family, usage.model) == ("google", "generateContent", "gemini-2.5-pro")
+    assert usage_from_response(GenaiLike(gemini_response())).counts() == usage.counts()
+    chunks = [dict(gemini_response(), usageMetadata={"promptTokenCount": 4000}), gemini_response()]
+    assert usage_from_response(chunks).counts() == usage.counts()
+
+
+def test_azure_is_told_by_its_content_filter_results():
+    response = chat_completion()
+    response["prompt_filter_results"] = [{"prompt_index": 0, "content_filter_results": {}}]
+    assert usage_from_response(response).provider == "azure"
+    assert usage_from_response(chat_completion(), provider="azure").provider == "azure"
+    with pytest.raises(psai.ValidationError, match="not anthropic"):
+        usage_from_response(chat_completion(), provider="anthropic")
+
+
+@pytest.mark.parametrize("usage, field", [
+    ({"prompt_tokens": 10, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 11}},
+     "usage.prompt_tokens_details.cached_tokens"),
+    ({"prompt_tokens": -1, "completion_tokens": 1}, "usage.prompt_tokens"),
+    ({"prompt_tokens": 1.5, "completion_tokens": 1}, "usage.prompt_tokens"),
+    ({"prompt_tokens": "12", "completion_tokens": 1}, "usage.prompt_tokens"),
+])
+def test_counts_that_cannot_be_are_refused_by_name(usage, field):
+    with pytest.raises(psai.ValidationError) as caught:
+        usage_from_response({"object": "chat.completion", "model": "m", "choices": [], "usage": usage})
+    assert field in caught.value.paths
+
+
+def test_what_is_not_a_response_is_refused():
+    for bad in ({"hello": 1}, 42, [{"nothing": True}]):
+        with pytest.raises(psai.ValidationError, match="response"):
+            usage_from_response(bad)
+
+
+def test_saved_responses_and_json_lines_streams_load():
+    assert load_response(json.dumps(claude_message())) == claude_message()
+    lines = "\n".join(json.dumps(event) for event in claude_stream())
+    assert load_response(lines) == claude_stream()
+    sse = "\n".join("data: " + json.dumps(chunk) for chunk in chat_stream()) + "\ndata: [DONE]\n"
+    assert usage_from_response(load_response(sse)).tokens_in == 3000
+    with pytest.raises(psai.ValidationError, match="line 2"):
+        load_response('{"a": 1}\n{nope\n')
+
+
+# -- recording them (both backends) ---------------------------------------------------------------
+
+def configuration(model, provider, **prices):
+    return {"type": "text", "modelSize": "large", "model": model, "provider": provider, "active": True,
+            "prices": dict({"currency": "USD"}, **prices), "maxTokensOut": 4096, "defaultTemperature": 0.7}
+
+
+@pytest.fixture
+def stored(db):
+    models = {
+        "gpt": PsAiModel.create(user_id=1, organization_id=1, name="GPT-4o", configuration=configuration(
+            "gpt-4o", "openai", costInTokensPerMillion=2.5, costOutTokensPerMillion=10,
+            costInCachedContextTokensPerMillion=1.25, flexTokensIn=1.25, flexTokensCachedIn=0.625,
+            flexTokensOut=5)),
+        "o3": PsAiModel.create(user_id=1, organization_id=1, name="o3", configuration=configuration(
+            "o3", "openai", costInTokensPerMillion=2, costOutTokensPerMillion=8,
+            costInCachedContextTokensPerMillion=0.5, priorityTokensIn=3.5, priorityTokensCachedIn=0.875,
+            priorityTokensOut=14, costPerThousandWebSearches=10)),
+        "sonnet": PsAiModel.create(user_id=1, organization_id=1, name="Sonnet", configuration=configuration(
+            "claude-sonnet-4-5", "anthropic", costInTokensPerMillion=3, costOutTokensPerMillion=15,
+            costInCachedContextTokensPerMillion=0.3, cacheWriteInputCostMultiplier=1.25,
+            costPerThousandWebSearches=10)),
+        "gemini": PsAiModel.create(user_id=1, organization_id=1, name="Gemini", configuration=configuration(
+            "gemini-2.5-pro", "google", costInTokensPerMillion=1.25, costOutTokensPerMillion=10,
+            costInCachedContextTokensPerMillion=0.31)),
+    }
+    agent = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "Researcher"})
+    return models, agent
+
+
+def test_each_api_recorded_costs_what_the_provider_bills(stored):
+    models, agent = stored
+    with psai.track(agent) as run:
+        chat = run.record(chat_stream())  # flex, as the provider says it served
+        response = run.record(responses_response(searches=1))  # priority
+        claude = run.record(claude_message())
+        gemini = run.record(GenaiLike(gemini_response()))
+    # The bills, from each provider's documented semantics.
+    assert chat == (Decimal(3000 - 1024) * Decimal("1.25") + 1024 * Decimal("0.625") + 700 * 5) / M
+    assert response == (Decimal(3000) * Decimal("3.5") + 2000 * Decimal("0.875") + 1500 * 14) / M + Decimal("0.01")
+    assert claude == (1000 * 3 + 2000 * Decimal("3.75") + 10000 * Decimal("0.3") + 500 * 15) / M + Decimal("0.02")
+    assert gemini == (Decimal(4100 - 1000) * Decimal("1.25") + 1000 * Decimal("0.31") + 1800 * 10) / M
+    assert run.calls == 4 and run.cost == {"USD": chat + response + claude + gemini}
+    total = report_totals(psai.cost_report("model"))["USD"]["cost"]
+    assert total == run.cost["USD"]
+
+
+def test_the_item_keeps_the_raw_usage_family_and_metadata(stored):
+    models, agent = stored
+    psai.record_response(None, agent, Dumped(claude_message(one_hour=3000)))
+    item = PsModelUsageItem.select().get()
+    assert item.model_id == models["sonnet"].id and item.agent_id == agent.id
+    data = item.data
+    assert data["apiFamily"] == "messages" and data["usageRaw"] == claude_message(one_hour=3000)["usage"]
+    assert data["providerMetadata"] == {"responseId": "msg_01", "appliedServiceTier": "standard"}
+    assert data["usageNormalized"]["tokensIn"] == 16000 and data["usageNormalized"]["cachedInTokens"] == 10000
+    assert data["psai"] == {"cacheWriteTokens": 5000, "cacheWrite1hTokens": 3000, "webSearches": 2}
+
+
+def test_the_model_is_found_from_the_response_never_another(stored):
+    models, _agent = stored
+    assert psai.resolve_model("gpt-4o-2024-08-06") == models["gpt"]
+    assert psai.resolve_model("claude-sonnet-4-5@20250929") == models["sonnet"]
+    assert psai.resolve_model("models/gemini-2.5-pro") == models["gemini"]
+    with pytest.raises(psai.NotFoundError, match="gpt-4o-mini"):
+        psai.resolve_model("gpt-4o-mini")
+    newer = PsAiModel.create(user_id=1, organization_id=1, name="GPT-4o v2",
+                             configuration=dict(models["gpt"].configuration))
+    found, reason = psai.resolve_model("gpt-4o", explain=True)
+    assert found == newer and "newest" in reason
+    PsAiModel.create(user_id=1, organization_id=1, name="Other", configuration=dict(
+        models["o3"].configuration, model="o3-pro", apiModel="gpt-4o"))
+    with pytest.raises(psai.NotFoundError, match="several"):
+        psai.resolve_model("gpt-4o")
+
+
+def test_a_refused_response_records_nothing(stored):
+    _models, agent = stored
+    with pytest.raises(psai.ValidationError):
+        psai.record_response(None, agent, chat_stream(include_usage=False))
+    with pytest.raises(psai.NotFoundError):
+        psai.record_response(None, agent, dict(chat_completion(), model="gpt-5-nano"))
+    assert PsModelUsageItem.select().count() == 0 and psai.PsModelUsage.select().count() == 0
+
+
+def test_record_response_from_the_command_line(stored, backend, tmp_path):
+    _models, agent = stored
+    events = tmp_path / "stream.jsonl"
+    events.write_text("\n".join(json.dumps(event) for event in claude_stream()))
+    result = CliRunner().invoke(cli, ["--database", backend.url, "usage", "record-response", "--agent",
+                                      str(agent.id), "--file", str(events), "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert shown["tokens_in"] == 13000 and shown["model"] == "claude-sonnet-4-5-20250929"
+    resolved = CliRunner().invoke(cli, ["--database", backend.url, "models", "resolve",
+                                        "claude-sonnet-4-5-20250929", "--explain"])
+    assert resolved.exit_code == 0 and "Sonnet" in resolved.stdout and "snapshot" in resolved.output
+    bad = CliRunner().invoke(cli, ["--database", backend.url, "usage", "record-response", "--file", "-"],
+                             input=json.dumps(chat_stream(include_usage=False)))
+    assert bad.exit_code == 2 and "include_usage" in bad.output
