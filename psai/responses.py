@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .constants import MAX_INTEGER
@@ -323,7 +323,7 @@ _FROM_STREAM = {"chat": _chat_from_stream, "responses": _responses_from_stream,
 
 # -- each API's usage ---------------------------------------------------------------------
 
-def _chat(data: dict[str, Any], provider: str) -> ResponseUsage:
+def _chat(data: dict[str, Any], provider: str, streamed: bool) -> ResponseUsage:
     usage = data.get("usage")
     if not isinstance(usage, dict):
         raise ValidationError({"response.usage": ["This chat completion has no usage."]})
@@ -343,14 +343,16 @@ def _chat(data: dict[str, Any], provider: str) -> ResponseUsage:
                      "completion_tokens_details")
     count.check()
     metadata = _metadata(data.get("id"), data.get("service_tier"))
-    policysynth = _openai_chat_policysynth(usage)
+    # Azure's class says "chat.completions" and defaults missing counts to 0.
+    family = "chat.completions" if provider == "azure" else API_FAMILIES["chat"]
+    policysynth = _openai_chat_policysynth(usage, streamed or provider == "azure")
     return ResponseUsage(
         tokens_in=prompt, tokens_out=completion, cached_tokens=cached, reasoning_tokens=reasoning,
-        audio_tokens=audio, model=data.get("model"), provider=provider, api_family=API_FAMILIES["chat"],
+        audio_tokens=audio, model=data.get("model"), provider=provider, api_family=family,
         usage_raw=usage, provider_metadata=metadata, provider_cost=_provider_cost(usage), _policysynth=policysynth)
 
 
-def _responses(data: dict[str, Any], provider: str) -> ResponseUsage:
+def _responses(data: dict[str, Any], provider: str, streamed: bool) -> ResponseUsage:
     usage = data.get("usage")
     if not isinstance(usage, dict):
         raise ValidationError({"response.usage": ["This response has no usage (not completed?)."]})
@@ -377,7 +379,7 @@ def _responses(data: dict[str, Any], provider: str) -> ResponseUsage:
         provider_cost=_provider_cost(usage), _policysynth=_openai_responses_policysynth(usage))
 
 
-def _messages(data: dict[str, Any], provider: str) -> ResponseUsage:
+def _messages(data: dict[str, Any], provider: str, streamed: bool) -> ResponseUsage:
     usage = data.get("usage")
     if not isinstance(usage, dict):
         raise ValidationError({"response.usage": ["This message has no usage."]})
@@ -400,11 +402,12 @@ def _messages(data: dict[str, Any], provider: str) -> ResponseUsage:
     searches = count((usage.get("server_tool_use") or {}).get("web_search_requests"),
                      "server_tool_use.web_search_requests")
     count.check()
-    speed = usage.get("speed")
     tier = usage.get("service_tier") if usage.get("service_tier") is not None else data.get("service_tier")
     metadata = _metadata(data.get("id"), tier)
-    if speed is not None:
-        metadata["appliedSpeed"] = speed
+    # Always said: without a speed, the call was served at standard speed
+    # (and a "priority" service tier is not fast mode, which PolicySynth's
+    # cost manager would take it for when no speed is given).
+    metadata["appliedSpeed"] = usage.get("speed") or "standard"
     return ResponseUsage(
         tokens_in=fresh + writes + reads, tokens_out=output, cached_tokens=reads, cache_write_tokens=five,
         cache_write_1h_tokens=hour, web_searches=searches, model=data.get("model"), provider=provider,
@@ -422,7 +425,7 @@ def _modality_tokens(details: Any, modality: str) -> int:
     return total
 
 
-def _gemini(data: dict[str, Any], provider: str) -> ResponseUsage:
+def _gemini(data: dict[str, Any], provider: str, streamed: bool) -> ResponseUsage:
     usage = _key(data, "usageMetadata")
     if not isinstance(usage, dict):
         raise ValidationError({"response.usageMetadata": ["This Gemini response has no usageMetadata."]})
@@ -463,21 +466,95 @@ def _provider_cost(usage: dict[str, Any]) -> float | None:
 
 
 # -- what PolicySynth 1.3.172 writes -------------------------------------------------------
+#
+# Each class's usageNormalized, as its compiled JS computes it (aiModels/*.js).
+# JavaScript's ``??`` takes only null/undefined as missing; a key whose value
+# is undefined is dropped when the item is serialised (None here drops it).
 
-def _openai_chat_policysynth(usage: dict[str, Any]) -> dict[str, Any]:
-    return {}
+def _js(value: Any, default: Any = None) -> Any:
+    """``value ?? default``."""
+    return default if value is None else value
+
+
+def _js_number(value: Any) -> Any:
+    """A JavaScript number as JSON prints it: 100, not 100.0."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _defined(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: _js_number(value) for key, value in values.items() if value is not None}
+
+
+def _openai_chat_policysynth(usage: dict[str, Any], streamed: bool) -> dict[str, Any]:
+    """openAiChat.js (and azureOpenAiChat.js, which defaults every count to 0):
+    the counts as the API gives them; without a stream, missing totals stay missing."""
+    prompt = usage.get("prompt_tokens_details") or {}
+    completion = usage.get("completion_tokens_details") or {}
+    return _defined({
+        "tokensIn": _js(usage.get("prompt_tokens"), 0 if streamed else None),
+        "tokensOut": _js(usage.get("completion_tokens"), 0 if streamed else None),
+        "cachedInTokens": _js(prompt.get("cached_tokens"), 0),
+        "reasoningTokens": _js(completion.get("reasoning_tokens"), 0),
+        "audioTokens": _js(completion.get("audio_tokens"), 0)})
 
 
 def _openai_responses_policysynth(usage: dict[str, Any]) -> dict[str, Any]:
-    return {}
+    """openAiResponses.js: Chat Completions' names as fallbacks, every count 0 when missing."""
+    return _defined({
+        "tokensIn": _js(usage.get("input_tokens"), _js(usage.get("prompt_tokens"), 0)),
+        "tokensOut": _js(usage.get("output_tokens"), _js(usage.get("completion_tokens"), 0)),
+        "cachedInTokens": _js((usage.get("input_tokens_details") or {}).get("cached_tokens"),
+                              _js((usage.get("prompt_tokens_details") or {}).get("cached_tokens"), 0)),
+        "reasoningTokens": _js((usage.get("output_tokens_details") or {}).get("reasoning_tokens"), 0),
+        "audioTokens": _js((usage.get("output_tokens_details") or {}).get("audio_tokens"), 0)})
 
 
 def _claude_policysynth(usage: dict[str, Any]) -> dict[str, Any]:
-    return {}
+    """claudeChat.js: cache writes weighted 1.25 and reads 0.1 into tokensIn
+    (fractional, in this order of operations), the writes as cachedInTokens;
+    1-hour writes, web searches and usage.speed not read."""
+    tokens_in = _js(usage.get("input_tokens"), 0)
+    writes = usage.get("cache_creation_input_tokens")
+    reads = _js(usage.get("cache_read_input_tokens"), 0)
+    if writes is not None:
+        tokens_in = tokens_in + writes * 1.25
+    if reads != 0:
+        tokens_in = tokens_in + reads * 0.1
+    return _defined({"tokensIn": tokens_in, "tokensOut": _js(usage.get("output_tokens"), 0),
+                     "cachedInTokens": _js(writes, 0), "cacheReadInputTokens": reads})
 
 
 def _gemini_policysynth(usage: dict[str, Any]) -> dict[str, Any]:
-    return {}
+    """googleGeminiChat.js: prompt plus tool-use prompt in; candidates plus
+    thoughts out (or the total less the prompts when candidates is missing)."""
+    prompt, tool = _key(usage, "promptTokenCount"), _key(usage, "toolUsePromptTokenCount")
+    candidates, thoughts, total = (_key(usage, "candidatesTokenCount"), _js(_key(usage, "thoughtsTokenCount"), 0),
+                                   _key(usage, "totalTokenCount"))
+    if candidates is not None:
+        tokens_out = candidates + thoughts
+    elif total is not None and prompt is not None:
+        tokens_out = total - prompt - _js(tool, 0)
+    else:
+        tokens_out = 0
+    return _defined({"tokensIn": _js(prompt, 0) + _js(tool, 0), "tokensOut": tokens_out,
+                     "cachedInTokens": _js(_key(usage, "cachedContentTokenCount"), 0),
+                     "reasoningTokens": _js(_key(usage, "thoughtsTokenCount"), 0)})
+
+
+def _policysynth_of_stream(api: str, events: list[Any], provider: str | None) -> dict[str, Any] | None:
+    """Where PolicySynth's stream handling loses what the stream carried:
+    OpenAI chat usage on a chunk without an id (the SDK's accumulator drops
+    it; Azure's class reads every chunk), Gemini usage on any chunk but the
+    last. None: as for the whole response."""
+    if api == "chat" and provider != "azure":
+        with_id = [e for e in events if isinstance(e, dict) and e.get("id") and isinstance(e.get("usage"), dict)]
+        if not with_id:
+            return {"tokensIn": 0, "tokensOut": 0, "cachedInTokens": 0, "reasoningTokens": 0, "audioTokens": 0}
+        return _openai_chat_policysynth(with_id[-1]["usage"], True)
+    if api == "gemini":
+        last = next((e for e in reversed(events) if isinstance(e, dict)), {})
+        return _gemini_policysynth(_key(last, "usageMetadata") or {})
+    return None
 
 
 # -----------------------------------------------------------------------------------------
@@ -526,4 +603,9 @@ def usage_from_response(response: Any, *, provider: str | None = None) -> Respon
                                                 "or Gemini found."]})
     if provider is not None and api not in _PROVIDER_APIS[provider]:
         raise ValidationError({"provider": ["This is a %s response, not %s's." % (API_FAMILIES[api], provider)]})
-    return _READERS[api](data, _provider_of(api, data, provider))
+    usage = _READERS[api](data, _provider_of(api, data, provider), events is not None)
+    if events is not None:
+        streamed_view = _policysynth_of_stream(api, events, usage.provider)
+        if streamed_view is not None:
+            usage = replace(usage, _policysynth=streamed_view)
+    return usage

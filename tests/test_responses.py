@@ -194,6 +194,34 @@ def test_saved_responses_and_json_lines_streams_load():
         load_response('{"a": 1}\n{nope\n')
 
 
+def test_policysynth_view_reproduces_its_classes_quirks_included():
+    """What PolicySynth 1.3.172's classes write as usageNormalized for the same
+    response (claudeChat.js weights cache writes 1.25 and reads 0.1 into
+    tokensIn, fractional, and puts the writes in cachedInTokens)."""
+    claude = usage_from_response({"type": "message", "model": "m", "content": [], "usage": {
+        "input_tokens": 100, "output_tokens": 7, "cache_creation_input_tokens": 1001, "cache_read_input_tokens": 3}})
+    assert claude.policysynth() == {"tokensIn": 1351.55, "tokensOut": 7, "cachedInTokens": 1001,
+                                    "cacheReadInputTokens": 3}
+    assert usage_from_response(claude_message()).policysynth() == {
+        "tokensIn": 1000 + 2500 + 1000, "tokensOut": 500, "cachedInTokens": 2000, "cacheReadInputTokens": 10000}
+    assert usage_from_response(chat_completion()).policysynth() == {
+        "tokensIn": 3000, "tokensOut": 700, "cachedInTokens": 1024, "reasoningTokens": 256, "audioTokens": 0}
+    assert usage_from_response(responses_response()).policysynth() == {
+        "tokensIn": 5000, "tokensOut": 1500, "cachedInTokens": 2000, "reasoningTokens": 1000, "audioTokens": 0}
+    assert usage_from_response(gemini_response()).policysynth() == {
+        "tokensIn": 4100, "tokensOut": 1800, "cachedInTokens": 1000, "reasoningTokens": 1200}
+    # Streams: OpenAI's accumulator drops usage on a chunk without an id; Gemini reads the last chunk only.
+    no_id = chat_stream()
+    no_id[-1] = {k: v for k, v in no_id[-1].items() if k != "id"}
+    assert usage_from_response(no_id).tokens_in == 3000 and usage_from_response(no_id).policysynth()["tokensIn"] == 0
+    trailing = [gemini_response(), {"candidates": gemini_response()["candidates"]}]
+    assert usage_from_response(trailing).tokens_in == 4100
+    assert usage_from_response(trailing).policysynth() == {"tokensIn": 0, "tokensOut": 0, "cachedInTokens": 0,
+                                                          "reasoningTokens": 0}
+    azure = dict(chat_completion(), prompt_filter_results=[])
+    assert usage_from_response(azure).api_family == "chat.completions"
+
+
 # -- recording them (both backends) ---------------------------------------------------------------
 
 def configuration(model, provider, **prices):
@@ -248,7 +276,8 @@ def test_the_item_keeps_the_raw_usage_family_and_metadata(stored):
     assert item.model_id == models["sonnet"].id and item.agent_id == agent.id
     data = item.data
     assert data["apiFamily"] == "messages" and data["usageRaw"] == claude_message(one_hour=3000)["usage"]
-    assert data["providerMetadata"] == {"responseId": "msg_01", "appliedServiceTier": "standard"}
+    assert data["providerMetadata"] == {"responseId": "msg_01", "appliedServiceTier": "standard",
+                                        "appliedSpeed": "standard"}
     assert data["usageNormalized"]["tokensIn"] == 16000 and data["usageNormalized"]["cachedInTokens"] == 10000
     assert data["psai"] == {"cacheWriteTokens": 5000, "cacheWrite1hTokens": 3000, "webSearches": 2}
 
