@@ -640,6 +640,54 @@ def bench_peers(backend, results):
                                                            "; target <= 0.33" if "model_cost" in label else ""))
 
 
+# -- 9. the way in: a provider's response -------------------------------------------------
+
+CHAT_RESPONSE = {
+    "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-2024-08-06", "service_tier": "default",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3000, "completion_tokens": 700, "total_tokens": 3700,
+              "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
+              "completion_tokens_details": {"reasoning_tokens": 256, "audio_tokens": 0}}}
+
+
+def bench_responses(backend, results, count):
+    """record_response against record_usage with the same counts (target:
+    at most 1.15x), and reading a response against genai-prices'
+    extract_usage on the same response (target: faster)."""
+    model = PsAiModel.create(user_id=1, organization_id=2, name="gpt-4o (responses)", configuration={
+        "type": "text", "modelSize": "large", "model": "gpt-4o", "provider": "openai", "active": True,
+        "prices": {"costInTokensPerMillion": 2.5, "costOutTokensPerMillion": 10,
+                   "costInCachedContextTokensPerMillion": 1.25, "currency": "USD"},
+        "maxTokensOut": 16384, "defaultTemperature": 0.7})
+    agent = PsAgent.select().first()
+    counts = psai.usage_from_response(CHAT_RESPONSE).counts()
+    timings = {}
+    for label, call in (("record_usage", lambda: psai.record_usage(model, agent, **counts)),
+                        ("record_response", lambda: psai.record_response(model, agent, CHAT_RESPONSE))):
+        backend.truncate("ps_model_usage", "ps_model_usage_item")
+        start = time.perf_counter()
+        for _ in range(count):
+            call()
+        timings[label] = time.perf_counter() - start
+    results.add("record_response vs record_usage (same counts)", count, backend.kind, timings["record_response"],
+                timings["record_usage"], note="target <= 1.15x")
+    try:
+        from genai_prices import extract_usage
+    except ImportError:
+        return
+    runs = 2000
+    start = time.perf_counter()
+    for _ in range(runs):
+        psai.usage_from_response(CHAT_RESPONSE)
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(runs):
+        extract_usage(CHAT_RESPONSE, provider_id="openai", api_flavor="chat")
+    theirs = time.perf_counter() - start
+    results.add("usage_from_response vs genai-prices extract_usage", runs, backend.kind, ours, theirs,
+                note="%.1f vs %.1f us a response; target < 1" % (ours / runs * 1e6, theirs / runs * 1e6))
+
+
 # -------------------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -647,7 +695,7 @@ def main(argv=None):
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.1 for a quick run)")
     parser.add_argument("--only", nargs="*",
-                        help="run only these: insert validated filter eager usage report items cli peers")
+                        help="run only these: insert validated filter eager usage report items cli peers responses")
     parser.add_argument("--markdown", help="also write the results table to this Markdown file")
     args = parser.parse_args(argv)
 
@@ -655,7 +703,8 @@ def main(argv=None):
         return max(1, int(n * args.scale))
 
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "items", "cli", "peers"]
+    steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "items", "cli", "peers",
+                          "responses"]
     results = Results()
     started = time.perf_counter()
     for kind in backends:
@@ -680,6 +729,10 @@ def main(argv=None):
                 bench_cli(backend, results, runs=11)
             if "peers" in steps:
                 bench_peers(backend, results)
+            if "responses" in steps:
+                if not any(step in steps for step in ("filter", "eager", "usage", "report", "items")):
+                    bench_filter(backend, results, scale(1_000), runs=3)  # models and agents to record on
+                bench_responses(backend, results, scale(2_000))
         finally:
             backend.close()
     elapsed = time.perf_counter() - started
