@@ -26,11 +26,11 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, TypeGuard
 
-from .constants import OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
+from .constants import CACHE_WRITE_1H_KEY, OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
 from .pricing import COUNTERS, _count, _is_number as _number_type, cost_of_counters, resolve_prices
 
 __all__ = ["item_data", "item_cost", "effective_prices", "price_problem", "call_buckets", "bucket_cost",
-           "applied_tier_metadata", "BUCKETS", "LAYOUT_VERSION"]
+           "applied_tier_metadata", "cache_write_1h_extra", "BUCKETS", "LAYOUT_VERSION"]
 
 LAYOUT_VERSION = 1
 
@@ -222,6 +222,29 @@ def bucket_cost(buckets: Mapping[str, float], prices: Mapping[str, Any], *, web_
                             zero_long_rate_is_unset=True)["total"]
 
 
+def cache_write_1h_extra(tokens: float, long_tokens: float, prices: Mapping[str, Any]
+                         ) -> tuple[Decimal, str | None]:
+    """What 1-hour cache writes cost beyond the 5-minute writes they are
+    counted with (``cacheWriteInputCostMultiplier``): their input rate times
+    the difference of the two multipliers. Without
+    ``cacheWrite1hInputCostMultiplier`` they cannot be priced: (0, why)."""
+    if not tokens and not long_tokens:
+        return Decimal(0), None
+    hour = prices.get(CACHE_WRITE_1H_KEY)
+    if not (_is_number(hour) and hour >= 0):
+        return Decimal(0), ("1-hour cache writes, and the prices have no %s (psai's key; Anthropic bills them "
+                            "at 2x input)" % CACHE_WRITE_1H_KEY)
+    five = prices.get("cacheWriteInputCostMultiplier")
+    five = five if _is_number(five) and five >= 0 else 1
+    rate_in = prices.get("costInTokensPerMillion")
+    long_in = prices.get("longContextCostInTokensPerMillion")
+    long_in = rate_in if not _is_number(long_in) or long_in == 0 else long_in
+    difference = Decimal(repr(hour)) - Decimal(repr(five))
+    extra = (Decimal(repr(_count(tokens))) * Decimal(repr(rate_in))
+             + Decimal(repr(_count(long_tokens))) * Decimal(repr(long_in))) * difference
+    return extra / Decimal(1_000_000), None
+
+
 def item_cost(data: Any, fallback_prices: Any = None) -> Decimal | None:
     """What one item (its ``data``) cost, as a Decimal, or None when its
     prices are missing or unusable. ``fallback_prices``: the model's current
@@ -237,4 +260,9 @@ def item_cost(data: Any, fallback_prices: Any = None) -> Decimal | None:
         extras = {}
     buckets = call_buckets(data["usageNormalized"], cache_write_tokens=extras.get("cacheWriteTokens", 0),
                            threshold=prices.get("longContextTokenThreshold"))
-    return bucket_cost(buckets, prices, web_searches=_count(extras.get("webSearches")))
+    hour = _count(extras.get("cacheWrite1hTokens"))
+    long = bool(buckets["long_in"] or buckets["long_cached"] or buckets["long_cache_write"] or buckets["long_out"])
+    extra, problem = cache_write_1h_extra(0 if long else hour, hour if long else 0, prices)
+    if problem:
+        return None
+    return bucket_cost(buckets, prices, web_searches=_count(extras.get("webSearches"))) + extra

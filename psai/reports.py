@@ -22,7 +22,7 @@ from .constants import strict_json_dumps
 from .db import is_postgres, model_db, table_columns
 from .errors import UnpricedUsageError, ValidationError
 from .fields import UTC
-from .items import BUCKETS, bucket_cost, effective_prices
+from .items import BUCKETS, bucket_cost, cache_write_1h_extra, effective_prices
 from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from .recording import usage_counters
 from .sql import (
@@ -110,8 +110,9 @@ class TokenTotals:
 class GroupSums:
     """What SQL adds up for one group of items priced alike (its columns in
     this order): the calls, the input in its buckets (neither cached nor a
-    cache write; cached; cache writes), all output, web searches, and the
-    items' input and output totals as recorded."""
+    cache write; cached; cache writes), all output, web searches, the
+    items' input and output totals as recorded, and the 1-hour cache
+    writes among the cache writes."""
 
     calls: int
     fresh_in: Number
@@ -121,6 +122,7 @@ class GroupSums:
     web: Number
     all_in: Number
     all_out: Number
+    cache_write_1h: Number
 
     def add(self, other: "GroupSums") -> None:
         """Add another group's sums (the coverage totals stay this group's)."""
@@ -130,6 +132,7 @@ class GroupSums:
         self.cache_write += other.cache_write or 0
         self.out += other.out or 0
         self.web += other.web or 0
+        self.cache_write_1h += other.cache_write_1h or 0
 
 
 def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None):
@@ -183,12 +186,16 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     for key, sums in merged.items():
         row = dict(zip(names, key))
         prefix = "long_" if row.pop("long") else ""
+        row.pop("hour")
         row["calls"] = sums.calls
         row["buckets"] = dict.fromkeys(BUCKETS, 0)
         for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached), ("cache_write", sums.cache_write),
                               ("out", sums.out)):
             row["buckets"][prefix + bucket] = _number(value)
         row["web"] = int(sums.web or 0)
+        # 1-hour writes are among the cache writes; their extra is priced apart (cache_write_1h_extra).
+        row["cw1h"], row["long_cw1h"] = (0, _number(sums.cache_write_1h)) if prefix \
+            else (_number(sums.cache_write_1h), 0)
         # Pricing is JSON text: parsed once for each distinct text, and with
         # the tier applied, what tells groups priced alike without comparing dicts.
         pricing = key[pricing_at]
@@ -475,8 +482,10 @@ def merge_parts(parts, fields):
     added up: each is priced once."""
     merged = {}
     for part in parts:
+        # Calls with 1-hour cache writes apart: without their price key only they are unpriced.
+        hour = bool(part.get("cw1h") or part.get("long_cw1h"))
         key = tuple(part[f] for f in fields) + (
-            part["provider"], part["priced_from"], part["has_usage"], _price_key(part))
+            part["provider"], part["priced_from"], part["has_usage"], _price_key(part), hour)
         into = merged.get(key)
         if into is None:
             merged[key] = dict(part, buckets=dict(part["buckets"]))
@@ -485,6 +494,9 @@ def merge_parts(parts, fields):
             into["buckets"][bucket] += value
         into["calls"] += part["calls"]
         into["web"] += part["web"]
+        if hour:
+            into["cw1h"] = into.get("cw1h", 0) + part.get("cw1h", 0)
+            into["long_cw1h"] = into.get("long_cw1h", 0) + part.get("long_cw1h", 0)
     return list(merged.values())
 
 
@@ -520,7 +532,11 @@ def price_parts(parts, transform=None):
         if problem:
             part["reason"] = problem
             continue
-        part["cost"] = bucket_cost(part["buckets"], prices, web_searches=part["web"])
+        extra, problem = cache_write_1h_extra(part.get("cw1h", 0), part.get("long_cw1h", 0), prices)
+        if problem:
+            part["reason"] = problem
+            continue
+        part["cost"] = bucket_cost(part["buckets"], prices, web_searches=part["web"]) + extra
         part["currency"] = prices.get("currency")
     return parts
 

@@ -176,6 +176,7 @@ class ModelPricesSchema(_ConfigurationPart):
     )
     costPerThousandWebSearches = Rate()
     cacheWriteInputCostMultiplier = Number(validate=Range(min=0))
+    cacheWrite1hInputCostMultiplier = Number(validate=Range(min=0))  # psai's own: 1-hour cache writes
     longContextCostInTokensPerMillion = Rate()
     longContextCostInCachedContextTokensPerMillion = Rate()
     longContextCostOutTokensPerMillion = Rate()

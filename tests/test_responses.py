@@ -323,3 +323,24 @@ def test_record_response_from_the_command_line(stored, backend, tmp_path):
     bad = CliRunner().invoke(cli, ["--database", backend.url, "usage", "record-response", "--file", "-"],
                              input=json.dumps(chat_stream(include_usage=False)))
     assert bad.exit_code == 2 and "include_usage" in bad.output
+
+
+def test_one_hour_cache_writes_are_priced_at_their_rate_or_said_unpriced(stored):
+    models, agent = stored
+    sonnet = models["sonnet"]
+    with psai.track(agent, sonnet) as run:
+        assert run.record(claude_message(one_hour=3000)) is None  # no 1-hour rate: never priced as 5-minute
+        run.record(claude_message())
+    assert run.unpriced_calls == 1 and run.calls == 2
+    rows = psai.cost_report("model")
+    unpriced = [r for r in rows if r["cost"] is None]
+    assert len(unpriced) == 1 and "cacheWrite1hInputCostMultiplier" in unpriced[0]["unpriced_reason"]
+    assert unpriced[0]["unpriced_tokens"] == 1000 + 5000 + 10000 + 500
+    sonnet.update_configuration({"prices": {"cacheWrite1hInputCostMultiplier": 2}})
+    with psai.track(agent, sonnet) as run:
+        cost = run.record(claude_message(one_hour=3000))
+    bill = (1000 * 3 + 2000 * Decimal("3.75") + 3000 * 6 + 10000 * Decimal("0.3") + 500 * 15) / M + Decimal("0.02")
+    assert cost == bill
+    priced = [r for r in psai.cost_report("model") if r["cost"] is not None]
+    assert priced[0]["cost"] == bill + (1000 * 3 + 2000 * Decimal("3.75") + 10000 * Decimal("0.3") + 500 * 15) / M \
+        + Decimal("0.02")
