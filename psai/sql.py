@@ -338,7 +338,8 @@ def item_groups_sql(r, read, grouped):
             "SUM(%s + parts)" % r.j.greatest("tout - parts", "0"), "SUM(web)", "SUM(tin)", "SUM(tout)",
             "SUM(cw1h)"]
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long, "
-           "CASE WHEN cw1h > 0 THEN 1 ELSE 0 END AS hour FROM (%s) c) g GROUP BY %s" % (", ".join(group), ", ".join(sums), typed, ", ".join(group)))
+           "CASE WHEN cw1h > 0 THEN 1 ELSE 0 END AS hour FROM (%s) c) g GROUP BY %s"
+           % (", ".join(group), ", ".join(sums), typed, ", ".join(group)))
     return sql, group
 
 
