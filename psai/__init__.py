@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should s
     from . import catalog, pricing, report
     from .history import price_history, reprice
     from .query import add_model, find_by_provider_model
+    from .audit import audit
     from .query import resolve_model
     from .recording import record_response, record_usage, track
     from .reports import cost_report
@@ -27,14 +28,15 @@ __all__ = [
     "PsAiModelType", "PsAiModelSize", "PsAiModelProvider",
     "ValidationError", "PsaiError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
     "InUseError", "PsModelUsageItem", "price_history", "reprice", "UnpricedUsageError", "catalog", "report",
-    "usage_from_response", "ResponseUsage", "record_response", "track", "resolve_model",
+    "usage_from_response", "ResponseUsage", "record_response", "track", "resolve_model", "audit",
 ]
 
 # Imported on first use, so a short command does not pay for them.
 _LAZY = {"record_usage": "usage", "cost_report": "usage",
          "price_history": "history", "reprice": "history", "add_model": "query",
          "find_by_provider_model": "query", "record_response": "recording", "track": "recording",
-         "resolve_model": "query", "pricing": None, "catalog": None, "copy": "transfer", "report": None}
+         "resolve_model": "query", "audit": "audit", "pricing": None, "catalog": None, "copy": "transfer",
+         "report": None}
 
 
 def __getattr__(name: str) -> Any:

@@ -910,6 +910,34 @@ def _emit_report(rows, grouping):
                                                          row["unpriced_reason"]), err=True)
 
 
+@cli.command("audit")
+@click.option("--since", metavar="DATE", help="From this day (YYYY-MM-DD) or time.")
+@click.option("--until", metavar="DATE", help="Up to and including this day, or up to this time.")
+@click.option("--model", help="Only this model (id, uuid or name).")
+@click.option("--json", "as_json", is_flag=True, help="Write every finding as JSON.")
+def audit_command(since, until, model, as_json):
+    """Items whose stored counts disagree with the provider's raw usage they
+    keep (PolicySynth's Claude accounting, fast mode lost, 1-hour writes),
+    with their cost as recorded and as billed. Changes nothing."""
+    from .audit import audit
+    connect()
+    result = audit(since=since, until=until, model=model)
+    if as_json:
+        emit([result], "json", single=True)
+        return
+    emit([{"item": f["item_id"], "model": f["model_id"], "api": f["api_family"],
+           "tokens_in": "%s -> %s" % (f["stored"]["tokensIn"], f["billed"]["tokensIn"]),
+           "cached": "%s -> %s" % (f["stored"]["cachedInTokens"], f["billed"]["cachedInTokens"]),
+           "recorded": f["cost_recorded"], "billed": f["cost_billed"], "currency": f["currency"]}
+          for f in result["findings"]], None,
+         columns=["item", "model", "api", "tokens_in", "cached", "recorded", "billed", "currency"])
+    for currency in sorted(result["recorded"]):
+        click.echo("%s: recorded %s, billed %s, difference %s (%d of %d items read)" % (
+            currency, result["recorded"][currency], result["billed"][currency],
+            result["billed"][currency] - result["recorded"][currency], len(result["findings"]),
+            result["items_read"]))
+
+
 @cli.command("check")
 @output_options
 def check_command(fmt):

@@ -13,7 +13,7 @@ LAYERS = [
     ("peewee plumbing", ["fields", "db", "sql"]),
     ("store", ["base", "models"]),
     ("price versions and recording", ["versions", "arguments", "query", "recording"]),
-    ("reports, check, catalog, copy", ["reports", "usage", "check", "migrations", "catalog", "transfer"]),
+    ("reports, check, catalog, copy", ["reports", "usage", "check", "migrations", "catalog", "transfer", "audit"]),
     ("history, HTML report, demo", ["history", "report", "demo"]),
     ("command line", ["cli", "__main__", "__init__"]),
 ]

@@ -344,3 +344,46 @@ def test_one_hour_cache_writes_are_priced_at_their_rate_or_said_unpriced(stored)
     priced = [r for r in psai.cost_report("model") if r["cost"] is not None]
     assert priced[0]["cost"] == bill + (1000 * 3 + 2000 * Decimal("3.75") + 10000 * Decimal("0.3") + 500 * 15) / M \
         + Decimal("0.02")
+
+
+def policysynth_claude_item(model, agent, usage_raw):
+    """An item as PolicySynth 1.3.172's claudeChat.js writes it (its own
+    weighting of cache writes and reads into tokensIn; fast mode lost)."""
+    usage = usage_from_response({"type": "message", "content": [], "usage": usage_raw})
+    data = {"version": 1, "provider": "anthropic", "apiFamily": "messages", "timestamp": "2026-11-30T10:00:00.000Z",
+            "model": {"id": model.id, "name": "claude-sonnet-4-5", "type": "text", "size": "large"},
+            "actor": {"userId": 1, "agentId": agent.id}, "request": {"streaming": False},
+            "pricing": {"configuredPrices": model.configuration["prices"]},
+            "usageNormalized": usage.policysynth(), "usageRaw": usage_raw,
+            "providerMetadata": {"responseId": "msg_ps", "appliedSpeed": None,
+                                 "appliedServiceTier": usage_raw.get("service_tier")}}
+    return PsModelUsageItem.create(user_id=1, model_id=model.id, agent_id=agent.id, data=data)
+
+
+def test_audit_finds_what_policysynths_claude_class_under_priced(stored, backend):
+    models, agent = stored
+    sonnet = models["sonnet"]
+    sonnet.update_configuration({"prices": {"fastTokensIn": 18, "fastTokensCachedIn": 1.8, "fastTokensOut": 90}})
+    raw = {"input_tokens": 1000, "output_tokens": 500, "cache_creation_input_tokens": 2000,
+           "cache_read_input_tokens": 10000, "service_tier": "standard"}
+    weighted = policysynth_claude_item(sonnet, agent, raw)
+    fast = policysynth_claude_item(sonnet, agent, {"input_tokens": 1000, "output_tokens": 500, "speed": "fast"})
+    psai.record_response(sonnet, agent, claude_message())  # psai's own item: what it says is right
+    result = psai.audit()
+    assert result["items_read"] == 3
+    found = {f["item_id"]: f for f in result["findings"]}
+    assert set(found) == {weighted.id, fast.id}
+    # PolicySynth: 4500 "input" (1000 + 2000 x 1.25 + 10000 x 0.1) of which 2000 "cached" (the writes).
+    assert found[weighted.id]["stored"]["tokensIn"] == 4500 and found[weighted.id]["billed"]["tokensIn"] == 13000
+    recorded = (Decimal(2500) * 3 + 2000 * Decimal("0.3") + 500 * 15) / M
+    billed = (1000 * 3 + 2000 * Decimal("3.75") + 10000 * Decimal("0.3") + 500 * 15) / M
+    assert found[weighted.id]["cost_recorded"] == recorded and found[weighted.id]["cost_billed"] == billed
+    # Fast mode, lost by PolicySynth (it reads response.speed): a sixth of the bill.
+    assert found[fast.id]["cost_recorded"] == (1000 * 3 + 500 * 15) / M
+    assert found[fast.id]["cost_billed"] == (1000 * 18 + 500 * 90) / M
+    assert result["billed"]["USD"] - result["recorded"]["USD"] == billed - recorded + (1000 * 15 + 500 * 75) / M
+    assert psai.audit(model="GPT-4o")["findings"] == []
+    with pytest.raises(psai.ValidationError, match="not available"):
+        psai.audit(dry_run=False)
+    shown = CliRunner().invoke(cli, ["--database", backend.url, "audit"])
+    assert shown.exit_code == 0 and "4500 -> 13000" in shown.stdout and "USD: recorded" in shown.output

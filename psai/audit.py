@@ -1,0 +1,152 @@
+"""Auditing recorded calls against the provider's own usage.
+
+Every item PolicySynth's model classes (or ``psai.record_response``) wrote
+keeps the provider's raw usage (``usageRaw``). ``audit()`` reads each such
+item's counts again from it (``psai.usage_from_response``) and lists the
+items whose stored counts disagree: PolicySynth 1.3.172's Claude class
+weights cache writes and reads into ``tokensIn`` and files the writes as
+cached, loses fast mode (``usage.speed``) and 1-hour writes. For each, the
+cost as recorded and as billed, per model and in total.
+"""
+import datetime
+from decimal import Decimal
+from typing import Any, TypedDict
+
+from .arguments import as_datetime
+from .db import model_db
+from .errors import ValidationError
+from .items import item_cost
+from .models import PsAiModel, PsModelUsageItem
+from .responses import ResponseUsage, usage_from_response
+from .versions import resolve_models
+
+__all__ = ["audit", "AuditFinding", "AuditResult"]
+
+# apiFamily (PolicySynth's names) -> a response of that API around its raw usage.
+_WRAPPERS = {
+    "openai.chat.completions": lambda usage: {"object": "chat.completion", "choices": [], "usage": usage},
+    "chat.completions": lambda usage: {"object": "chat.completion", "choices": [], "usage": usage},
+    "responses": lambda usage: {"object": "response", "status": "completed", "output": [], "usage": usage},
+    "messages": lambda usage: {"type": "message", "content": [], "usage": usage},
+    "generateContent": lambda usage: {"usageMetadata": usage},
+}
+_PROVIDERS = {"chat.completions": "azure", "generateContent": "google", "messages": "anthropic"}
+
+
+class AuditFinding(TypedDict):
+    """One item whose stored counts are not what its raw usage says."""
+
+    item_id: int
+    model_id: int
+    created_at: datetime.datetime
+    api_family: str
+    stored: dict[str, Any]
+    billed: dict[str, Any]
+    currency: str | None
+    cost_recorded: Decimal | None
+    cost_billed: Decimal | None
+
+
+class AuditResult(TypedDict):
+    findings: list[AuditFinding]
+    by_model: dict[int, dict[str, Any]]
+    recorded: dict[str, Decimal]
+    billed: dict[str, Decimal]
+    items_read: int
+    applied: bool
+
+
+def _part(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _corrected(data: dict[str, Any], usage: ResponseUsage) -> dict[str, Any]:
+    """The item's data with the counts its raw usage says, as psai records them."""
+    counts = usage.counts()
+    corrected = dict(data, usageNormalized={
+        "tokensIn": counts["tokens_in"], "tokensOut": counts["tokens_out"],
+        "cachedInTokens": counts["cached_tokens"], "reasoningTokens": counts["reasoning_tokens"],
+        "audioTokens": counts["audio_tokens"], "imageTokens": counts["image_tokens"]})
+    extras = dict(_part(data, "psai"))
+    for key, value in (("cacheWriteTokens", counts["cache_write_tokens"]),
+                       ("cacheWrite1hTokens", usage.cache_write_1h_tokens)):
+        if value:
+            extras[key] = value
+        else:
+            extras.pop(key, None)
+    if usage.web_searches:
+        extras["webSearches"] = usage.web_searches
+    corrected["psai"] = extras
+    speed = usage.provider_metadata.get("appliedSpeed")
+    if speed is not None:
+        corrected["providerMetadata"] = dict(_part(data, "providerMetadata"), appliedSpeed=speed)
+    return corrected
+
+
+def _stored_view(data: dict[str, Any]) -> dict[str, Any]:
+    usage, extras, metadata = _part(data, "usageNormalized"), _part(data, "psai"), _part(data, "providerMetadata")
+    return {"tokensIn": usage.get("tokensIn"), "tokensOut": usage.get("tokensOut"),
+            "cachedInTokens": usage.get("cachedInTokens") or 0, "cacheWriteTokens": extras.get("cacheWriteTokens", 0),
+            "cacheWrite1hTokens": extras.get("cacheWrite1hTokens", 0), "appliedSpeed": metadata.get("appliedSpeed")}
+
+
+def audit(*, since: datetime.date | str | None = None, until: datetime.date | str | None = None,
+          model: PsAiModel | int | str | None = None, dry_run: bool = True) -> AuditResult:
+    """Every item in [since, until) (of ``model``: a row, id, uuid or name)
+    whose raw usage can be read and whose stored counts disagree with it:
+    ``findings`` (each with its counts as stored and as billed, and its cost
+    both ways), per model and in total per currency. Writes nothing;
+    correcting the items (``dry_run=False``) is not available yet."""
+    if not dry_run:
+        raise ValidationError({"dry_run": ["Correcting audited items is not available in this release: "
+                                           "audit() lists them (a dry run)."]})
+    start, end = as_datetime(since), as_datetime(until, end=True)
+    query = PsModelUsageItem.select().order_by(PsModelUsageItem.id)
+    if start is not None:
+        query = query.where(PsModelUsageItem.created_at >= start)
+    if end is not None:
+        query = query.where(PsModelUsageItem.created_at < end)
+    if model is not None:
+        query = query.where(PsModelUsageItem.model_id.in_([row.id for row in resolve_models(model)]))
+    model_db(PsModelUsageItem)  # a clear error when not connected, before reading
+    findings: list[AuditFinding] = []
+    items_read = 0
+    for item in query:
+        data = item.data
+        if not isinstance(data, dict) or not isinstance(data.get("usageRaw"), dict):
+            continue
+        family = data.get("apiFamily")
+        if not isinstance(family, str) or family not in _WRAPPERS:
+            continue
+        wrap = _WRAPPERS[family]
+        items_read += 1
+        try:
+            usage = usage_from_response(wrap(data["usageRaw"]), provider=_PROVIDERS.get(family))
+        except ValidationError:
+            continue  # raw usage psai cannot read as counts: nothing to compare
+        corrected = _corrected(data, usage)
+        stored, billed = _stored_view(data), _stored_view(corrected)
+        if stored == billed:
+            continue
+        prices = _part(data, "pricing").get("configuredPrices")
+        currency = prices.get("currency") if isinstance(prices, dict) else None
+        findings.append({"item_id": item.id, "model_id": item.model_id, "created_at": item.created_at,
+                         "api_family": family, "stored": stored, "billed": billed,
+                         "currency": currency if isinstance(currency, str) else None,
+                         "cost_recorded": item_cost(data), "cost_billed": item_cost(corrected)})
+    by_model: dict[int, dict[str, Any]] = {}
+    recorded: dict[str, Decimal] = {}
+    billed_total: dict[str, Decimal] = {}
+    for finding in findings:
+        entry = by_model.setdefault(finding["model_id"], {"items": 0, "recorded": Decimal(0), "billed": Decimal(0)})
+        entry["items"] += 1
+        currency = finding["currency"]
+        if finding["cost_recorded"] is not None and finding["cost_billed"] is not None and currency:
+            entry["recorded"] += finding["cost_recorded"]
+            entry["billed"] += finding["cost_billed"]
+            recorded[currency] = recorded.get(currency, Decimal(0)) + finding["cost_recorded"]
+            billed_total[currency] = billed_total.get(currency, Decimal(0)) + finding["cost_billed"]
+    return {"findings": findings, "by_model": by_model, "recorded": recorded, "billed": billed_total,
+            "items_read": items_read, "applied": False}
+
