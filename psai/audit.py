@@ -9,14 +9,17 @@ cached, loses fast mode (``usage.speed``) and 1-hour writes. For each, the
 cost as recorded and as billed, per model and in total.
 """
 import datetime
+from contextlib import nullcontext
 from decimal import Decimal
 from typing import Any, TypedDict
 
 from .arguments import as_datetime
-from .db import model_db
+from .db import model_db, write_transaction
 from .errors import ValidationError
-from .items import item_cost
-from .models import PsAiModel, PsModelUsageItem
+from .fields import utcnow
+from .items import BUCKET_COUNTERS, BUCKETS, call_buckets, item_cost, js_timestamp
+from .models import PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
+from .recording import CACHE_WRITE_COUNTERS
 from .responses import ResponseUsage, usage_from_response
 from .versions import resolve_models
 
@@ -96,11 +99,11 @@ def audit(*, since: datetime.date | str | None = None, until: datetime.date | st
     """Every item in [since, until) (of ``model``: a row, id, uuid or name)
     whose raw usage can be read and whose stored counts disagree with it:
     ``findings`` (each with its counts as stored and as billed, and its cost
-    both ways), per model and in total per currency. Writes nothing;
-    correcting the items (``dry_run=False``) is not available yet."""
-    if not dry_run:
-        raise ValidationError({"dry_run": ["Correcting audited items is not available in this release: "
-                                           "audit() lists them (a dry run)."]})
+    both ways), per model and in total per currency. Writes nothing unless
+    ``dry_run=False``: then, in one transaction, each finding's item gets the
+    billed counts (the stored ones kept in ``data.psai.originalUsage``), and
+    the usage counters of its model, agent and connector change by the same
+    tokens, so that a report changes by exactly the difference shown."""
     start, end = as_datetime(since), as_datetime(until, end=True)
     query = PsModelUsageItem.select().order_by(PsModelUsageItem.id)
     if start is not None:
@@ -109,8 +112,17 @@ def audit(*, since: datetime.date | str | None = None, until: datetime.date | st
         query = query.where(PsModelUsageItem.created_at < end)
     if model is not None:
         query = query.where(PsModelUsageItem.model_id.in_([row.id for row in resolve_models(model)]))
-    model_db(PsModelUsageItem)  # a clear error when not connected, before reading
+    db = model_db(PsModelUsageItem)
+    with write_transaction(db) if not dry_run else nullcontext():
+        findings, items_read, corrections = _find(query)
+        if not dry_run and corrections:
+            _apply(db, corrections)
+    return _summary(findings, items_read, applied=not dry_run and bool(corrections))
+
+
+def _find(query: Any) -> tuple[list[AuditFinding], int, list[tuple[Any, dict[str, Any]]]]:
     findings: list[AuditFinding] = []
+    corrections: list[tuple[Any, dict[str, Any]]] = []
     items_read = 0
     for item in query:
         data = item.data
@@ -135,6 +147,11 @@ def audit(*, since: datetime.date | str | None = None, until: datetime.date | st
                          "api_family": family, "stored": stored, "billed": billed,
                          "currency": currency if isinstance(currency, str) else None,
                          "cost_recorded": item_cost(data), "cost_billed": item_cost(corrected)})
+        corrections.append((item, corrected))
+    return findings, items_read, corrections
+
+
+def _summary(findings: list[AuditFinding], items_read: int, applied: bool) -> AuditResult:
     by_model: dict[int, dict[str, Any]] = {}
     recorded: dict[str, Decimal] = {}
     billed_total: dict[str, Decimal] = {}
@@ -148,5 +165,50 @@ def audit(*, since: datetime.date | str | None = None, until: datetime.date | st
             recorded[currency] = recorded.get(currency, Decimal(0)) + finding["cost_recorded"]
             billed_total[currency] = billed_total.get(currency, Decimal(0)) + finding["cost_billed"]
     return {"findings": findings, "by_model": by_model, "recorded": recorded, "billed": billed_total,
-            "items_read": items_read, "applied": False}
+            "items_read": items_read, "applied": applied}
+
+
+def _counter_buckets(data: dict[str, Any]) -> dict[str, float]:
+    """An item's usage in BUCKETS, as the reports count it against the counters."""
+    prices = _part(data, "pricing").get("configuredPrices")
+    threshold = prices.get("longContextTokenThreshold") if isinstance(prices, dict) else None
+    return call_buckets(_part(data, "usageNormalized"), cache_write_tokens=_part(data, "psai").get(
+        "cacheWriteTokens", 0), threshold=threshold)
+
+
+def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]]) -> None:
+    """Write the billed counts into the items, and the same change of tokens
+    into the counters of each (model, agent, connector): what the counters
+    hold beyond the items (usage recorded before items) stays as it was."""
+    now = utcnow()
+    present = usage_counters(db)
+    deltas: dict[tuple[int, int | None, int | None], dict[str, float]] = {}
+    for item, corrected in corrections:
+        before, after = _counter_buckets(item.data), _counter_buckets(corrected)
+        key = (item.model_id, item.agent_id or None, item.connector_id)
+        delta = deltas.setdefault(key, dict.fromkeys(BUCKETS, 0))
+        for bucket in BUCKETS:
+            delta[bucket] += after[bucket] - before[bucket]
+        original = {name: item.data.get(name) for name in ("usageNormalized", "providerMetadata")}
+        original["psai"] = {k: v for k, v in _part(item.data, "psai").items() if k != "originalUsage"}
+        corrected["psai"] = dict(corrected["psai"], originalUsage=original, auditedAt=js_timestamp(now))
+        PsModelUsageItem.update(data=corrected, updated_at=now).where(PsModelUsageItem.id == item.id).execute()
+    for (model_id, agent_id, connector_id), delta in deltas.items():
+        usage = PsModelUsage
+        row = (usage.select().where((usage.model == model_id)
+                                    & (usage.agent.is_null() if agent_id is None else usage.agent == agent_id)
+                                    & (usage.connector_id.is_null() if connector_id is None
+                                       else usage.connector_id == connector_id))
+               .order_by(usage.created_at.desc(), usage.id.desc()).first())
+        if row is None:
+            continue  # no counters for these calls: the items alone are their record
+        changes: dict[str, float] = {}
+        for bucket, value in delta.items():
+            counter = BUCKET_COUNTERS[bucket]
+            if counter not in present:  # a table without cache-write counters counts them as input
+                counter = CACHE_WRITE_COUNTERS.get(counter, counter)
+            changes[counter] = changes.get(counter, 0) + value
+        values = {name: getattr(row, name) + round(value) for name, value in changes.items() if round(value)}
+        if values:
+            usage.update(dict(values, updated_at=now)).where(usage.id == row.id).execute()
 

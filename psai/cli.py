@@ -914,14 +914,16 @@ def _emit_report(rows, grouping):
 @click.option("--since", metavar="DATE", help="From this day (YYYY-MM-DD) or time.")
 @click.option("--until", metavar="DATE", help="Up to and including this day, or up to this time.")
 @click.option("--model", help="Only this model (id, uuid or name).")
+@click.option("--apply", "apply_changes", is_flag=True,
+              help="Correct those items (and their counters), in one transaction; without it nothing changes.")
 @click.option("--json", "as_json", is_flag=True, help="Write every finding as JSON.")
-def audit_command(since, until, model, as_json):
+def audit_command(since, until, model, apply_changes, as_json):
     """Items whose stored counts disagree with the provider's raw usage they
     keep (PolicySynth's Claude accounting, fast mode lost, 1-hour writes),
-    with their cost as recorded and as billed. Changes nothing."""
+    with their cost as recorded and as billed. A dry run unless --apply."""
     from .audit import audit
     connect()
-    result = audit(since=since, until=until, model=model)
+    result = audit(since=since, until=until, model=model, dry_run=not apply_changes)
     if as_json:
         emit([result], "json", single=True)
         return
@@ -936,6 +938,8 @@ def audit_command(since, until, model, as_json):
             currency, result["recorded"][currency], result["billed"][currency],
             result["billed"][currency] - result["recorded"][currency], len(result["findings"]),
             result["items_read"]))
+    click.echo("applied: items and counters corrected" if result["applied"]
+               else "dry run: nothing changed (--apply corrects)", err=True)
 
 
 @cli.command("check")

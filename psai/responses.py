@@ -29,7 +29,6 @@ A stream that carries no usage (OpenAI without
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -114,7 +113,7 @@ def _plain(value: Any) -> Any:
                 dumped = dump()
             return _plain(dumped)
     if isinstance(value, (str, bytes)) and value[:1] in ("{", b"{", "[", b"["):
-        return _plain(json.loads(value))
+        return _plain(load_json(value, "response"))
     return value
 
 
@@ -547,10 +546,20 @@ def _policysynth_of_stream(api: str, events: list[Any], provider: str | None) ->
     it; Azure's class reads every chunk), Gemini usage on any chunk but the
     last. None: as for the whole response."""
     if api == "chat" and provider != "azure":
-        with_id = [e for e in events if isinstance(e, dict) and e.get("id") and isinstance(e.get("usage"), dict)]
-        if not with_id:
-            return {"tokensIn": 0, "tokensOut": 0, "cachedInTokens": 0, "reasoningTokens": 0, "audioTokens": 0}
-        return _openai_chat_policysynth(with_id[-1]["usage"], True)
+        # The openai SDK's ChatCompletionStream: the first chunk starts the
+        # snapshot, each later chunk with an id overwrites what it carries
+        # (a null usage too).
+        snapshot: dict[str, Any] | None = None
+        for event in events:
+            if not isinstance(event, dict):
+                continue
+            rest = {key: value for key, value in event.items() if key != "choices"}
+            if snapshot is None:
+                snapshot = rest
+            elif event.get("id"):
+                snapshot.update(rest)
+        usage = (snapshot or {}).get("usage")
+        return _openai_chat_policysynth(usage if isinstance(usage, dict) else {}, True)
     if api == "gemini":
         last = next((e for e in reversed(events) if isinstance(e, dict)), {})
         return _gemini_policysynth(_key(last, "usageMetadata") or {})

@@ -383,7 +383,31 @@ def test_audit_finds_what_policysynths_claude_class_under_priced(stored, backend
     assert found[fast.id]["cost_billed"] == (1000 * 18 + 500 * 90) / M
     assert result["billed"]["USD"] - result["recorded"]["USD"] == billed - recorded + (1000 * 15 + 500 * 75) / M
     assert psai.audit(model="GPT-4o")["findings"] == []
-    with pytest.raises(psai.ValidationError, match="not available"):
-        psai.audit(dry_run=False)
     shown = CliRunner().invoke(cli, ["--database", backend.url, "audit"])
     assert shown.exit_code == 0 and "4500 -> 13000" in shown.stdout and "USD: recorded" in shown.output
+
+
+def test_audit_apply_corrects_items_and_counters_so_the_report_moves_by_the_difference(stored, backend):
+    models, agent = stored
+    sonnet = models["sonnet"]
+    raw = {"input_tokens": 1000, "output_tokens": 500, "cache_creation_input_tokens": 2000,
+           "cache_read_input_tokens": 10000, "service_tier": "standard"}
+    item = policysynth_claude_item(sonnet, agent, raw)
+    # PolicySynth's counters for the call (saveTokenUsage: its weighted input less its "cached"),
+    # and older counter usage no item covers.
+    psai.PsModelUsage.create(user_id=1, model=sonnet.id, agent=agent.id, token_in_count=2500 + 7000,
+                             token_in_cached_context_count=2000, token_out_count=500 + 100)
+    before = report_totals(psai.cost_report("model"))["USD"]["cost"]
+    dry = psai.audit()
+    assert not dry["applied"] and report_totals(psai.cost_report("model"))["USD"]["cost"] == before
+    applied = psai.audit(dry_run=False)
+    assert applied["applied"] and [f["item_id"] for f in applied["findings"]] == [item.id]
+    after = report_totals(psai.cost_report("model"))["USD"]["cost"]
+    assert after - before == applied["billed"]["USD"] - applied["recorded"]["USD"] > 0
+    data = PsModelUsageItem.get_by_id(item.id).data
+    assert data["usageNormalized"]["tokensIn"] == 13000 and data["psai"]["originalUsage"]["usageNormalized"][
+        "tokensIn"] == 4500
+    row = psai.PsModelUsage.select().get()
+    assert (row.token_in_count, row.token_in_cached_context_count, row.token_in_cache_write_count) == (
+        1000 + 7000, 10000, 2000)
+    assert psai.audit()["findings"] == []  # a second audit finds nothing left to correct
