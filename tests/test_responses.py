@@ -5,8 +5,13 @@ hand from the providers' documented semantics; on both backends."""
 import json
 from decimal import Decimal
 
+import pydantic  # the provider SDKs' own dependency
 import pytest
+from anthropic.types import Message
 from click.testing import CliRunner
+from google.genai.types import GenerateContentResponse
+from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
 
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsageItem
@@ -226,7 +231,6 @@ def sdk_object(model_class, data):
     """The SDK's own response object for ``data``: validated where the fixture
     has every field this SDK version requires, else built as is (the SDK's
     model_dump() serialises it either way)."""
-    import pydantic  # the SDKs' own dependency
     try:
         return model_class.model_validate(data)
     except pydantic.ValidationError:  # a field this SDK version requires that the fixture leaves out
@@ -234,11 +238,6 @@ def sdk_object(model_class, data):
 
 
 def test_the_sdks_own_response_objects():
-    from anthropic.types import Message
-    from google.genai.types import GenerateContentResponse
-    from openai.types.chat import ChatCompletion
-    from openai.types.responses import Response
-
     assert usage_from_response(sdk_object(ChatCompletion, chat_completion())).counts() == \
         usage_from_response(chat_completion()).counts()
     assert usage_from_response(sdk_object(Response, responses_response(searches=2))).counts() == \
