@@ -22,7 +22,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from .constants import LONG_CONTEXT_RATE_KEYS, TIER_KEYS
+from .constants import CACHE_WRITE_1H_KEY, LONG_CONTEXT_RATE_KEYS, TIER_KEYS
 from .errors import CatalogUnavailableError, Unmappable
 from .pricing import estimate_cost, normalize_inference_type
 
@@ -177,6 +177,9 @@ def _standard_configuration(provider, model, prices):
         for key, value in zip(LONG_CONTEXT_RATE_KEYS, (long_in, long_cached, long_out)):
             if value is not None:
                 result[key] = float(value)
+    hour = prices.__dict__.get("cache_write_1h_mtok")
+    if isinstance(hour, Decimal) and rate_in:  # a flat price; psai's own key (PolicySynth ignores it)
+        result[CACHE_WRITE_1H_KEY] = float(hour / rate_in)
     web = prices.__dict__.get("web_searches_kcount")
     if web is not None:
         if not isinstance(web, Decimal):
@@ -303,7 +306,9 @@ def genai_entry(provider: Provider, model: ModelInfo, now: datetime) -> dict[str
     standard, notes = standard_prices(model, now)
     configuration, threshold = _standard_configuration(provider, model, standard)
     for key, value in standard.__dict__.items():
-        if value is not None and key not in _GENAI_EXPRESSED:
+        expressed = key in _GENAI_EXPRESSED or (key == "cache_write_1h_mtok"
+                                                and CACHE_WRITE_1H_KEY in configuration["prices"])
+        if value is not None and not expressed:
             notes.append("%s %s: %s" % (key, _price_text(value), _GENAI_WHAT.get(key, "no PolicySynth price for it")))
     tiers, variant_notes = _tiered_configuration(configuration, model, standard, now, threshold)
     disagreements = _fewest_disagreements(configuration, tiers, threshold)

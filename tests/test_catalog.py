@@ -109,7 +109,10 @@ def test_what_the_configuration_cannot_say_is_reported(db):
     entries = catalog.read_catalog("genai-prices")
     def notes(source_model):
         return " | ".join(entries["entries"][source_model]["unexpressed"])
-    assert "1-hour cache writes" in notes("anthropic/claude-haiku-4-5")
+    # 1-hour cache writes are said now, by psai's own key: Haiku 4.5's $2/MTok on $1 input.
+    haiku = entries["entries"]["anthropic/claude-haiku-4-5"]["configuration"]["prices"]
+    assert haiku["cacheWrite1hInputCostMultiplier"] == 2.0 and haiku["cacheWriteInputCostMultiplier"] == 1.25
+    assert "1-hour cache writes" not in notes("anthropic/claude-haiku-4-5")
     assert "processing=batch" in notes("anthropic/claude-haiku-4-5")
     assert "a per-request fee" in notes("perplexity/sonar")
     deepseek = [k for k, e in entries["entries"].items()
