@@ -14,11 +14,11 @@ from decimal import Decimal
 from typing import Any, TypedDict
 
 from .arguments import as_datetime
-from .db import model_db, write_transaction
+from .db import model_db, table_columns, write_transaction
 from .errors import ValidationError
 from .fields import utcnow
 from .items import BUCKET_COUNTERS, BUCKETS, call_buckets, item_cost, js_timestamp
-from .models import PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
+from .models import PriceCorrection, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
 from .recording import CACHE_WRITE_COUNTERS
 from .responses import ResponseUsage, usage_from_response
 from .versions import resolve_models
@@ -116,7 +116,7 @@ def audit(*, since: datetime.date | str | None = None, until: datetime.date | st
     with write_transaction(db) if not dry_run else nullcontext():
         findings, items_read, corrections = _find(query)
         if not dry_run and corrections:
-            _apply(db, corrections)
+            _apply(db, corrections, _record_corrections(db, findings, start, end))
     return _summary(findings, items_read, applied=not dry_run and bool(corrections))
 
 
@@ -176,7 +176,28 @@ def _counter_buckets(data: dict[str, Any]) -> dict[str, float]:
         "cacheWriteTokens", 0), threshold=threshold)
 
 
-def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]]) -> None:
+def _record_corrections(db: Any, findings: list[AuditFinding], since: datetime.datetime | None,
+                        until: datetime.datetime | None) -> dict[int, int]:
+    """One correction a model, beside reprice's (``psai models history``
+    shows it): no price changed (``changes`` empty), the calls recounted
+    and their cost before and after. ``{model_id: correction id}``; none
+    on a PolicySynth database psai has not adopted."""
+    if not table_columns(db, PriceCorrection._meta.table_name):
+        return {}
+    ids = {}
+    for model_id in sorted({f["model_id"] for f in findings}):
+        mine = [f for f in findings if f["model_id"] == model_id]
+        currencies = {f["currency"] for f in mine}
+        before = sum((f["cost_recorded"] or Decimal(0) for f in mine), Decimal(0))
+        after = sum((f["cost_billed"] or Decimal(0) for f in mine), Decimal(0))
+        ids[model_id] = PriceCorrection.create(
+            model=model_id, applied_at=utcnow(), since=since, until=until, changes={}, calls=len(mine),
+            currency=currencies.pop() if len(currencies) == 1 else None, cost_before=str(before),
+            cost_after=str(after)).id
+    return ids
+
+
+def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]], correction_ids: dict[int, int]) -> None:
     """Write the billed counts into the items, and the same change of tokens
     into the counters of each (model, agent, connector): what the counters
     hold beyond the items (usage recorded before items) stays as it was."""
@@ -192,6 +213,9 @@ def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]]) -> None:
         original = {name: item.data.get(name) for name in ("usageNormalized", "providerMetadata")}
         original["psai"] = {k: v for k, v in _part(item.data, "psai").items() if k != "originalUsage"}
         corrected["psai"] = dict(corrected["psai"], originalUsage=original, auditedAt=js_timestamp(now))
+        if item.model_id in correction_ids:
+            corrected["psai"]["corrections"] = list(_part(item.data, "psai").get("corrections") or []) + [
+                correction_ids[item.model_id]]
         PsModelUsageItem.update(data=corrected, updated_at=now).where(PsModelUsageItem.id == item.id).execute()
     for (model_id, agent_id, connector_id), delta in deltas.items():
         usage = PsModelUsage

@@ -439,3 +439,8 @@ def test_audit_apply_corrects_items_and_counters_so_the_report_moves_by_the_diff
     assert (row.token_in_count, row.token_in_cached_context_count, row.token_in_cache_write_count) == (
         1000 + 7000, 10000, 2000)
     assert psai.audit()["findings"] == []  # a second audit finds nothing left to correct
+    [version] = psai.price_history(sonnet)
+    [correction] = version["corrections"]
+    assert correction["changes"] == {} and correction["calls"] == 1
+    assert correction["after"] - correction["before"] == after - before
+    assert data["psai"]["corrections"] == [correction["id"]]
