@@ -322,59 +322,55 @@ _FROM_STREAM = {"chat": _chat_from_stream, "responses": _responses_from_stream,
 
 # -- each API's usage ---------------------------------------------------------------------
 
+def _openai_counts(usage: dict[str, Any], prefix: str) -> tuple[int, int, int, int, int]:
+    """(input, output, cached, reasoning, audio) of an OpenAI usage object:
+    Chat Completions' (``prefix`` "prompt"/"completion" names) or the
+    Responses API's ("input"/"output"); the totals hold the parts."""
+    names = ("prompt", "completion") if prefix == "chat" else ("input", "output")
+    count = _Counts("usage")
+    total_in = count(usage.get(names[0] + "_tokens"), names[0] + "_tokens")
+    total_out = count(usage.get(names[1] + "_tokens"), names[1] + "_tokens")
+    in_details = usage.get(names[0] + "_tokens_details") or {}
+    out_details = usage.get(names[1] + "_tokens_details") or {}
+    cached = count(in_details.get("cached_tokens"), names[0] + "_tokens_details.cached_tokens")
+    reasoning = count(out_details.get("reasoning_tokens"), names[1] + "_tokens_details.reasoning_tokens")
+    audio = count(out_details.get("audio_tokens"), names[1] + "_tokens_details.audio_tokens")
+    if cached > total_in:
+        count.refuse("Cached tokens (%d) above the input's (%d)." % (cached, total_in),
+                     names[0] + "_tokens_details.cached_tokens")
+    if reasoning + audio > total_out:
+        count.refuse("Reasoning and audio tokens (%d) above the output's (%d)." % (reasoning + audio, total_out),
+                     names[1] + "_tokens_details")
+    count.check()
+    return total_in, total_out, cached, reasoning, audio
+
+
 def _chat(data: dict[str, Any], provider: str, streamed: bool) -> ResponseUsage:
     usage = data.get("usage")
     if not isinstance(usage, dict):
         raise ValidationError({"response.usage": ["This chat completion has no usage."]})
-    count = _Counts("usage")
-    prompt = count(usage.get("prompt_tokens"), "prompt_tokens")
-    completion = count(usage.get("completion_tokens"), "completion_tokens")
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
-    cached = count(prompt_details.get("cached_tokens"), "prompt_tokens_details.cached_tokens")
-    reasoning = count(completion_details.get("reasoning_tokens"), "completion_tokens_details.reasoning_tokens")
-    audio = count(completion_details.get("audio_tokens"), "completion_tokens_details.audio_tokens")
-    if cached > prompt:
-        count.refuse("Cached tokens (%d) above the prompt's (%d)." % (cached, prompt),
-                     "prompt_tokens_details.cached_tokens")
-    if reasoning + audio > completion:
-        count.refuse("Reasoning and audio tokens (%d) above the completion's (%d)." % (reasoning + audio, completion),
-                     "completion_tokens_details")
-    count.check()
-    metadata = _metadata(data.get("id"), data.get("service_tier"))
+    tokens_in, tokens_out, cached, reasoning, audio = _openai_counts(usage, "chat")
     # Azure's class says "chat.completions" and defaults missing counts to 0.
     family = "chat.completions" if provider == "azure" else API_FAMILIES["chat"]
-    policysynth = _openai_chat_policysynth(usage, streamed or provider == "azure")
     return ResponseUsage(
-        tokens_in=prompt, tokens_out=completion, cached_tokens=cached, reasoning_tokens=reasoning,
-        audio_tokens=audio, model=data.get("model"), provider=provider, api_family=family,
-        usage_raw=usage, provider_metadata=metadata, provider_cost=_provider_cost(usage), _policysynth=policysynth)
+        tokens_in=tokens_in, tokens_out=tokens_out, cached_tokens=cached, reasoning_tokens=reasoning,
+        audio_tokens=audio, model=data.get("model"), provider=provider, api_family=family, usage_raw=usage,
+        provider_metadata=_metadata(data.get("id"), data.get("service_tier")), provider_cost=_provider_cost(usage),
+        _policysynth=_openai_chat_policysynth(usage, streamed or provider == "azure"))
 
 
 def _responses(data: dict[str, Any], provider: str, streamed: bool) -> ResponseUsage:
     usage = data.get("usage")
     if not isinstance(usage, dict):
         raise ValidationError({"response.usage": ["This response has no usage (not completed?)."]})
-    count = _Counts("usage")
-    tokens_in = count(usage.get("input_tokens"), "input_tokens")
-    tokens_out = count(usage.get("output_tokens"), "output_tokens")
-    cached = count((usage.get("input_tokens_details") or {}).get("cached_tokens"),
-                   "input_tokens_details.cached_tokens")
-    reasoning = count((usage.get("output_tokens_details") or {}).get("reasoning_tokens"),
-                      "output_tokens_details.reasoning_tokens")
-    if cached > tokens_in:
-        count.refuse("Cached tokens (%d) above the input's (%d)." % (cached, tokens_in),
-                     "input_tokens_details.cached_tokens")
-    if reasoning > tokens_out:
-        count.refuse("Reasoning tokens (%d) above the output's (%d)." % (reasoning, tokens_out),
-                     "output_tokens_details.reasoning_tokens")
-    count.check()
+    tokens_in, tokens_out, cached, reasoning, audio = _openai_counts(usage, "responses")
     searches = sum(1 for item in data.get("output") or [] if isinstance(item, dict)
                    and item.get("type") == "web_search_call")
     return ResponseUsage(
         tokens_in=tokens_in, tokens_out=tokens_out, cached_tokens=cached, reasoning_tokens=reasoning,
-        web_searches=searches, model=data.get("model"), provider=provider, api_family=API_FAMILIES["responses"],
-        usage_raw=usage, provider_metadata=_metadata(data.get("id"), data.get("service_tier")),
+        audio_tokens=audio, web_searches=searches, model=data.get("model"), provider=provider,
+        api_family=API_FAMILIES["responses"], usage_raw=usage,
+        provider_metadata=_metadata(data.get("id"), data.get("service_tier")),
         provider_cost=_provider_cost(usage), _policysynth=_openai_responses_policysynth(usage))
 
 
