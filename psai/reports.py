@@ -60,6 +60,8 @@ class CostRow(TypedDict, total=False):
     cost: Decimal | None
     currency: str | None
     unpriced_tokens: Number
+    # What the provider itself said the calls cost (OpenRouter's usage.cost), beside psai's cost; None: not said.
+    provider_cost: Decimal | None
     priced_from: str | None
     unpriced_reason: str | None
 
@@ -72,6 +74,7 @@ class CurrencyTotal(TypedDict):
     tokens_out: Number
     cost: Decimal | None
     unpriced_tokens: Number
+    provider_cost: Decimal | None
 
 
 class DailyCost(TypedDict):
@@ -87,6 +90,8 @@ class DailyCost(TypedDict):
     tokens_in: Number
     tokens_out: Number
     unpriced_tokens: Number
+    provider_cost: Decimal | None
+
 
 #
 # Every call is priced from its own item: the prices stored with it, the tier
@@ -111,8 +116,9 @@ class GroupSums:
     """What SQL adds up for one group of items priced alike (its columns in
     this order): the calls, the input in its buckets (neither cached nor a
     cache write; cached; cache writes), all output, web searches, the
-    items' input and output totals as recorded, and the 1-hour cache
-    writes among the cache writes."""
+    items' input and output totals as recorded, the 1-hour cache writes
+    among the cache writes, and the provider's own cost of the calls that
+    reported one (None when none did)."""
 
     calls: int
     fresh_in: Number
@@ -123,6 +129,7 @@ class GroupSums:
     all_in: Number
     all_out: Number
     cache_write_1h: Number
+    provider_cost: Number | None
 
     def add(self, other: "GroupSums") -> None:
         """Add another group's sums (the coverage totals stay this group's)."""
@@ -133,6 +140,7 @@ class GroupSums:
         self.out += other.out or 0
         self.web += other.web or 0
         self.cache_write_1h += other.cache_write_1h or 0
+        self.provider_cost = _plus(self.provider_cost, other.provider_cost)
 
 
 def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None):
@@ -193,6 +201,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
                               ("out", sums.out)):
             row["buckets"][prefix + bucket] = _number(value)
         row["web"] = int(sums.web or 0)
+        row["provider_cost"] = None if sums.provider_cost is None else _number(sums.provider_cost)
         # 1-hour writes are among the cache writes; their extra is priced apart (cache_write_1h_extra).
         row["cw1h"], row["long_cw1h"] = (0, _number(sums.cache_write_1h)) if prefix \
             else (_number(sums.cache_write_1h), 0)
@@ -494,6 +503,7 @@ def merge_parts(parts, fields):
             into["buckets"][bucket] += value
         into["calls"] += part["calls"]
         into["web"] += part["web"]
+        into["provider_cost"] = _plus(into.get("provider_cost"), part.get("provider_cost"))
         if hour:
             into["cw1h"] = into.get("cw1h", 0) + part.get("cw1h", 0)
             into["long_cw1h"] = into.get("long_cw1h", 0) + part.get("long_cw1h", 0)
@@ -647,8 +657,18 @@ def cost_report(by: str = "model", *, since: datetime.date | str | None = None,
     return _report_rows(by, totals, models, levels)
 
 
+def _decimal(value):
+    return None if value is None else value if isinstance(value, Decimal) else Decimal(repr(value))
+
+
+def _plus(a, b):
+    """A sum of amounts that may be absent (None): None only when both are."""
+    return b if a is None else a if b is None else a + b
+
+
 def _new_total(**more):
-    return dict({"calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None, "unpriced_tokens": 0}, **more)
+    return dict({"calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None, "unpriced_tokens": 0,
+                 "provider_cost": None}, **more)
 
 
 def _add_part(entry, part):
@@ -659,6 +679,7 @@ def _add_part(entry, part):
     entry["calls"] += part["calls"]
     entry["tokens_in"] += tokens_in
     entry["tokens_out"] += tokens_out
+    entry["provider_cost"] = _plus(entry["provider_cost"], _decimal(part.get("provider_cost")))
     if part["cost"] is None:
         entry["unpriced_tokens"] += tokens_in + tokens_out
         return False
@@ -697,7 +718,7 @@ def _report_rows(by, totals, models, levels):
             row["day"] = key
         row.update(calls=entry["calls"], tokens_in=entry["tokens_in"], tokens_out=entry["tokens_out"],
                    cost=entry["cost"], currency=currency, unpriced_tokens=entry["unpriced_tokens"],
-                   priced_from=",".join(sorted(entry["priced_from"])) or None,
+                   provider_cost=entry["provider_cost"], priced_from=",".join(sorted(entry["priced_from"])) or None,
                    unpriced_reason="; ".join(sorted(entry["unpriced_reason"])) or None)
         rows.append(row)
 
@@ -720,11 +741,12 @@ def report_totals(rows: Iterable[CostRow], by: str | None = None) -> dict[str | 
         if by == "tree" and row.get("level") not in (0, None):
             continue
         entry = totals.setdefault(row["currency"], {"calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None,
-                                                    "unpriced_tokens": 0})
+                                                    "unpriced_tokens": 0, "provider_cost": None})
         entry["calls"] += row["calls"]
         entry["tokens_in"] += row["tokens_in"]
         entry["tokens_out"] += row["tokens_out"]
         entry["unpriced_tokens"] += row["unpriced_tokens"]
+        entry["provider_cost"] = _plus(entry.get("provider_cost"), row.get("provider_cost"))
         if row["cost"] is not None:
             entry["cost"] = (entry["cost"] or Decimal(0)) + row["cost"]
     return totals

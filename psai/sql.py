@@ -216,6 +216,7 @@ ITEM_VALUES = (
     ("cached", ("usageNormalized", "cachedInTokens"), "number"),
     ("cw", ("psai", "cacheWriteTokens"), "number"),
     ("cw1h", ("psai", "cacheWrite1hTokens"), "number"),
+    ("pcost", ("psai", "providerCost"), "number"),
     ("tout", ("usageNormalized", "tokensOut"), "number"),
     ("reasoning", ("usageNormalized", "reasoningTokens"), "number"),
     ("audio", ("usageNormalized", "audioTokens"), "number"),
@@ -317,7 +318,7 @@ def item_groups_sql(r, read, grouped):
         # counts are text is not priced as 0 tokens, nor guessed).
         "has_usage": "(CASE WHEN %s THEN 1 ELSE 0 END)" % r.is_a("tin"),
         "tin": r.count("tin"), "cached": r.count("cached"), "cw": r.count("cw"), "cw1h": r.count("cw1h"),
-        "tout": r.count("tout"),
+        "tout": r.count("tout"), "pcost": r.value("pcost"),
         "parts": " + ".join(r.count(name) for name in ("reasoning", "audio", "image")),
         "web": r.count("web"),
         # The call's own prices' threshold; for an item without a snapshot,
@@ -330,13 +331,13 @@ def item_groups_sql(r, read, grouped):
     typed = "SELECT %s%s FROM (%s) r%s" % (", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
                                             r.fence_column, read, r.fence)
     group = [name for name in columns
-             if name not in ("tin", "cached", "cw", "cw1h", "tout", "parts", "web", "threshold")]
+             if name not in ("tin", "cached", "cw", "cw1h", "tout", "parts", "web", "threshold", "pcost")]
     # Calls with 1-hour cache writes in groups of their own (their extra needs its own price key).
     group += ["long", "hour"]
     # In the order of GroupSums' fields.
     sums = ["COUNT(*)", "SUM(%s)" % r.j.greatest("tin - cached - cw", "0"), "SUM(cached)", "SUM(cw)",
             "SUM(%s + parts)" % r.j.greatest("tout - parts", "0"), "SUM(web)", "SUM(tin)", "SUM(tout)",
-            "SUM(cw1h)"]
+            "SUM(cw1h)", "SUM(pcost)"]
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long, "
            "CASE WHEN cw1h > 0 THEN 1 ELSE 0 END AS hour FROM (%s) c) g GROUP BY %s"
            % (", ".join(group), ", ".join(sums), typed, ", ".join(group)))

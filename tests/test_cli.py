@@ -323,7 +323,7 @@ def test_usage_record_and_report(run_on_both, tmp_path):
     assert "TOTAL" in table and "0.074" in table
     csv_text = run("usage", "report", "--by", "provider", "--csv").stdout
     assert csv_text.splitlines()[0] == ("provider,calls,tokens_in,tokens_out,cost,currency,unpriced_tokens,"
-                                        "priced_from,unpriced_reason")
+                                        "provider_cost,priced_from,unpriced_reason")
 
 
 def test_usage_bad_input(run, config_file):

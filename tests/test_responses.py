@@ -444,3 +444,15 @@ def test_audit_apply_corrects_items_and_counters_so_the_report_moves_by_the_diff
     assert correction["changes"] == {} and correction["calls"] == 1
     assert correction["after"] - correction["before"] == after - before
     assert data["psai"]["corrections"] == [correction["id"]]
+
+
+def test_the_providers_own_cost_is_kept_and_shown_beside_psais(stored):
+    models, agent = stored
+    said = chat_completion(cost=0.00123)  # OpenRouter's usage.cost
+    psai.record_response(models["gpt"], agent, said)
+    psai.record_response(models["gpt"], agent, chat_completion())  # says nothing: adds nothing
+    [row] = psai.cost_report("model")
+    assert row["provider_cost"] == Decimal("0.00123") and row["calls"] == 2
+    assert row["cost"] == 2 * (Decimal(3000 - 1024) * Decimal("2.5") + 1024 * Decimal("1.25") + 700 * 10) / M
+    assert report_totals([row])["USD"]["provider_cost"] == Decimal("0.00123")
+    assert PsModelUsageItem.select().first().data["psai"]["providerCost"] == 0.00123
