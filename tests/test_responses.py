@@ -3,6 +3,7 @@ each API's documented shape, whole and streamed, as dicts, as SDK-like
 objects and as JSON lines; what they cost against the bill worked out by
 hand from the providers' documented semantics; on both backends."""
 import json
+import os
 from decimal import Decimal
 
 import pydantic  # the provider SDKs' own dependency
@@ -18,6 +19,8 @@ from psai import PsAgent, PsAiModel, PsModelUsageItem
 from psai.cli import cli
 from psai.responses import load_response, usage_from_response
 from psai.usage import report_totals
+
+from test_policysynth import policysynth_package, run_node  # noqa: F401  (the session fixture)
 
 M = Decimal(10) ** 6
 
@@ -456,3 +459,32 @@ def test_the_providers_own_cost_is_kept_and_shown_beside_psais(stored):
     assert row["cost"] == 2 * (Decimal(3000 - 1024) * Decimal("2.5") + 1024 * Decimal("1.25") + 700 * 10) / M
     assert report_totals([row])["USD"]["provider_cost"] == Decimal("0.00123")
     assert PsModelUsageItem.select().first().data["psai"]["providerCost"] == 0.00123
+
+
+def test_policysynths_cost_manager_on_psais_items(stored, backend, request, tmp_path):
+    """PolicySynth's own item cost manager (calcCostsFromItem) on the items
+    record_response wrote: the bill, except where its rules cannot say it:
+    it prices cache writes as ordinary input (they are part of tokensIn) and
+    knows neither web searches nor 1-hour writes (psai's part of the item)."""
+    package = request.getfixturevalue("policysynth_package")
+    models, agent = stored
+    calls = [(models["gpt"], chat_stream()), (models["o3"], responses_response(searches=0)),
+             (models["sonnet"], claude_message()), (models["gemini"], gemini_response())]
+    bills = []
+    with psai.track(agent) as run:
+        for model, response in calls:
+            bills.append(run.record(response, model=model))
+    claude = claude_message()["usage"]
+    items = [{"data": item.data, "fallback": None}
+             for item in PsModelUsageItem.select().order_by(PsModelUsageItem.id)]
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps(items))
+    env = dict(os.environ, PS_AGENTS_DIR=str(package), PSQL_DB_NAME="none", PSQL_DB_USER="none",
+               DB_HOST="127.0.0.1", DB_PORT="1", NODE_ENV="test", PSAI_ARGS=str(path))
+    theirs = [Decimal(repr(cost)) for cost in run_node(env, "calc")]
+    assert theirs[0] == pytest.approx(bills[0]) and theirs[1] == pytest.approx(bills[1])
+    assert theirs[3] == pytest.approx(bills[3])
+    writes = claude["cache_creation_input_tokens"]
+    searches = claude["server_tool_use"]["web_search_requests"]
+    # Cache writes at the input rate, not 1.25 times it; web searches not priced.
+    assert theirs[2] == pytest.approx(bills[2] - writes * Decimal("0.75") / M - searches * Decimal("0.01"))
