@@ -14,9 +14,11 @@ events as dicts) and must give:
 3. its own counts: what the provider bills (Anthropic's input is fresh +
    cache writes + cache reads, Gemini's output is candidates + thoughts, ...).
 
-No database. Runs wherever Node.js is; with CI=true it must run."""
+No database, but for the audit of the items those classes wrote (both backends).
+Runs wherever Node.js is; with CI=true it must run."""
 import copy
 import json
+from decimal import Decimal
 import os
 import pathlib
 import subprocess
@@ -24,6 +26,8 @@ import subprocess
 import pytest
 
 import psai
+from psai import PsAiModel, PsModelUsageItem
+from psai.items import item_cost
 
 from test_policysynth import PACKAGE_DIR, policysynth_package  # noqa: F401  (the session fixture)
 
@@ -413,3 +417,33 @@ def test_anthropic_fast_mode_is_said(recorded):
         assert recorded[name]["requests"][0]["speed"] == "fast"
     for name in ("anthropic_messages", "anthropic_messages_stream"):
         assert _psai(name).provider_metadata["appliedSpeed"] == "standard"
+
+
+# -- psai audit on the items PolicySynth's own classes wrote (both backends) ------------------
+
+def test_audit_corrects_policysynths_own_claude_items_to_the_bill(recorded, db):
+    prices = {"costInTokensPerMillion": 1, "costOutTokensPerMillion": 2, "costInCachedContextTokensPerMillion": 0.5,
+              "cacheWriteInputCostMultiplier": 1.25, "cacheWrite1hInputCostMultiplier": 2,
+              "fastTokensIn": 6, "fastTokensCachedIn": 3, "fastTokensOut": 12, "currency": "USD"}
+    model = PsAiModel.create(user_id=1, organization_id=1, name="Claude", configuration={
+        "type": "text", "modelSize": "medium", "model": "claude-sonnet-4-5", "provider": "anthropic", "active": True,
+        "prices": prices, "maxTokensOut": 4096, "defaultTemperature": 0.7})
+    names = ("anthropic_messages", "anthropic_messages_stream", "anthropic_messages_fast",
+             "anthropic_messages_fast_stream", "openai_chat", "gemini")
+    ids = {}
+    for name in names:
+        data = copy.deepcopy(_item(recorded, name))
+        data["pricing"]["configuredPrices"] = prices  # PolicySynth's item as written, with a currency to price it
+        ids[name] = PsModelUsageItem.create(user_id=1, model_id=model.id, agent_id=0, data=data).id
+    result = psai.audit(dry_run=False)
+    assert sorted(f["item_id"] for f in result["findings"]) == sorted(ids[n] for n in names[:4])
+    million = Decimal(10) ** 6
+    standard = (100 * 1 + 1 * Decimal("1.25") + 1000 * 2 + 3 * Decimal("0.5") + 50 * 2) / million
+    fast = (100 * 6 + 1 * 6 * Decimal("1.25") + 1000 * 6 * 2 + 3 * 3 + 50 * 12) / million
+    for name, bill in zip(names[:4], (standard, standard, fast, fast)):
+        data = PsModelUsageItem.get_by_id(ids[name]).data
+        assert item_cost(data) == bill, name
+        assert data["usageNormalized"]["tokensIn"] == 1104 and data["psai"]["cacheWrite1hTokens"] == 1000
+        finding = next(f for f in result["findings"] if f["item_id"] == ids[name])
+        assert finding["cost_billed"] == bill and finding["cost_recorded"] < bill
+    assert psai.audit()["findings"] == []
