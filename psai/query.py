@@ -102,7 +102,7 @@ def _undated(name: str) -> tuple[str, str] | None:
     return None
 
 
-def resolve_model(name: str, *, provider: str | None = None, explain: bool = False) -> Any:
+def resolve_model(name: str, *, provider: str | list[str] | None = None, explain: bool = False) -> Any:
     """The stored model a response's model name (``gpt-4o-2024-08-06``,
     ``claude-sonnet-4-5-20250929``, ``models/gemini-2.5-pro``) means: an
     active model whose ``model`` or ``apiModel`` is the name, else the name
@@ -110,7 +110,8 @@ def resolve_model(name: str, *, provider: str | None = None, explain: bool = Fal
     counts). Never a different model: ``gpt-4o-mini`` is not ``gpt-4o``.
     Among rows of one configured name the newest wins (as PolicySynth's
     override lookup); two different configured names equally good, or
-    none, is a NotFoundError naming the candidates. ``explain=True``
+    none, is a NotFoundError naming the candidates. ``provider``: only
+    models of that provider (or of any in a list). ``explain=True``
     returns ``(model, reason)``."""
     if not isinstance(name, str) or not name.strip():
         raise ValidationError({"name": ["Give the model name the provider answered with."]})

@@ -364,7 +364,9 @@ def _record_response(model, agent, response, provider, user_id, connector_id):
     if model is None:
         if not usage.model:
             raise ValidationError({"model": ["The response names no model: give the stored model."]})
-        found = resolve_model(usage.model, provider=usage.provider)
+        # PolicySynth configures the Responses API's models as provider "openaiResponses".
+        stored = ["openai", "openaiResponses"] if usage.provider == "openai" else usage.provider
+        found = resolve_model(usage.model, provider=stored)
     else:
         found = model_arg(model)
     problem = json_problem(usage.usage_raw)

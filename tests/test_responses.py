@@ -488,3 +488,11 @@ def test_policysynths_cost_manager_on_psais_items(stored, backend, request, tmp_
     searches = claude["server_tool_use"]["web_search_requests"]
     # Cache writes at the input rate, not 1.25 times it; web searches not priced.
     assert theirs[2] == pytest.approx(bills[2] - writes * Decimal("0.75") / M - searches * Decimal("0.01"))
+
+
+def test_a_responses_call_finds_a_model_policysynth_configured_as_openai_responses(db):
+    model = PsAiModel.create(user_id=1, organization_id=1, name="o3", configuration=configuration(
+        "o3", "openaiResponses", costInTokensPerMillion=2, costOutTokensPerMillion=8,
+        costInCachedContextTokensPerMillion=0.5))
+    psai.record_response(None, None, responses_response(searches=0))
+    assert PsModelUsageItem.select().get().model_id == model.id
