@@ -1012,29 +1012,6 @@ def copy_command(source, target, dry_run, fmt):
         click.echo("dry run: nothing changed", err=True)
 
 
-def help_reference():
-    """The --help of every command, as Markdown (docs/cli.md embeds it)."""
-    parts = []
-
-    def walk(command, path, parent):
-        # A fixed width, so the text is the same on every terminal.
-        context = command.make_context(path[-1], [], parent=parent, resilient_parsing=True,
-                                       terminal_width=88, max_content_width=88)
-        with context:
-            text = command.get_help(context)
-            parts.append("### `%s`\n\n```\n%s\n```\n" % (" ".join(path), text))
-            if isinstance(command, click.Group):
-                for name in command.list_commands(context):
-                    walk(command.get_command(context, name), path + [name], context)
-
-    walk(cli, ["psai"], None)
-    return "\n".join(parts)
-
-
-REFERENCE_START = "<!-- reference: generated from --help by `make docs`; do not edit by hand -->"
-REFERENCE_END = "<!-- end of reference -->"
-
-
 def write_file(path, text):
     """Write ``text`` to ``path`` through a temporary file renamed over it:
     the file is replaced whole, or, if anything fails, left as it was."""
