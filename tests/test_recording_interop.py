@@ -316,12 +316,6 @@ SCENARIOS.update({
 # every count 0, so shouldPersistUsageItem is false); its usageNormalized is still compared.
 NOT_WRITTEN = {"openai_chat_stream_usage_without_id", "openai_chat_stream_null_usage_after"}
 
-# Where psai's .policysynth() differs from what PolicySynth wrote: name -> the difference.
-# Scenarios where psai's .policysynth() is known to differ from what PolicySynth wrote (none now: the
-# chat stream whose later chunk carries "usage": null, as the openai SDK's accumulator has it, agrees).
-DISAGREE: dict[str, str] = {}
-
-
 def _response_of(scenario):
     spec = SCENARIOS[scenario][0]
     return copy.deepcopy(spec["events"] if "events" in spec else spec["response"])
@@ -362,12 +356,6 @@ def _json(value):
     return json.dumps(value, sort_keys=True)
 
 
-def _agreement(name):
-    if name in DISAGREE:
-        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=DISAGREE[name]))
-    return name
-
-
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_policysynth_ran_its_class_on_the_canned_response(recorded, name):
     spec, path, _, _ = SCENARIOS[name]
@@ -381,7 +369,7 @@ def test_policysynth_ran_its_class_on_the_canned_response(recorded, name):
     assert entry["counters"] == [[normalized.get(key) for key in ("tokensIn", "cachedInTokens", "tokensOut")]]
 
 
-@pytest.mark.parametrize("name", [_agreement(name) for name in SCENARIOS])
+@pytest.mark.parametrize("name", list(SCENARIOS))
 def test_policysynth_view_is_what_policysynth_wrote(recorded, name):
     written = _item(recorded, name)["usageNormalized"]
     assert _json(_psai(name).policysynth()) == _json(written)
