@@ -350,13 +350,15 @@ def item_totals_sql(r, read):
             'GROUP BY model_id, agent_id, connector_id' % (r.count("tin"), r.count("tout"), read))
 
 
+def counters_negative(present, alias=None):
+    """Counter rows with a negative counter (a row written by hand)."""
+    prefix = alias + "." if alias else ""
+    return "(%s)" % " OR ".join("%s%s < 0" % (prefix, c) for c in present)
+
+
 def counters_sound(present):
-    """Counter rows without a negative counter (a row written by hand)."""
-    return "NOT (%s)" % " OR ".join("%s < 0" % c for c in present)
-
-
-def counters_negative(present, alias):
-    return "(%s)" % " OR ".join("%s.%s < 0" % (alias, c) for c in present)
+    """Counter rows without a negative counter."""
+    return "NOT " + counters_negative(present)
 
 
 def counter_totals_sql(present, output, where):
