@@ -850,8 +850,7 @@ def usage_record_response(model, agent, source, provider, user_id, connector_id,
     response = load_response(source.read(), "stdin" if name in ("<stdin>", "-") else name)
     usage = usage_from_response(response, provider=provider)
     connect()
-    row = record_response(model, agent, response, provider=provider, user_id=user_id,
-                          connector_id=connector_id)
+    row = record_response(model, agent, usage, user_id=user_id, connector_id=connector_id)
     if as_json:
         emit([dict(usage.as_dict(), usage_row=row.id)], "json", single=True)
     else:

@@ -588,10 +588,15 @@ def load_response(text: str | bytes, name: str = "response") -> Any:
 
 def usage_from_response(response: Any, *, provider: str | None = None) -> ResponseUsage:
     """The billed counts of one call from the provider's response (see the
-    module's docstring for what is accepted). ``provider``: ``openai``,
+    module's docstring for what is accepted; a ResponseUsage read before is
+    returned as it is). ``provider``: ``openai``,
     ``azure``, ``anthropic`` or ``google``; told from the shape when not given."""
     if provider is not None and provider not in PROVIDERS:
         raise ValidationError({"provider": ["Must be one of: %s." % ", ".join(PROVIDERS)]})
+    if isinstance(response, ResponseUsage):  # read already (the command line shows it, then records it)
+        if provider is not None and response.provider != provider:
+            raise ValidationError({"provider": ["This is %s's response, not %s's." % (response.provider, provider)]})
+        return response
     data, events = _stream_or_response(response)
     if events is not None:
         api = _api_of_stream(events)

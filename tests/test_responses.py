@@ -171,6 +171,10 @@ def test_azure_is_told_by_its_content_filter_results():
     assert usage_from_response(chat_completion(), provider="azure").provider == "azure"
     with pytest.raises(psai.ValidationError, match="not anthropic"):
         usage_from_response(chat_completion(), provider="anthropic")
+    read = usage_from_response(chat_completion())
+    assert usage_from_response(read) is read  # read once, recorded as it is
+    with pytest.raises(psai.ValidationError, match="not anthropic"):
+        usage_from_response(read, provider="anthropic")
 
 
 @pytest.mark.parametrize("usage, field", [
