@@ -7,10 +7,13 @@ on stderr (exit 1 for a failure, 2 for bad usage or bad input).
 import csv
 import datetime
 import io
+import errno
 import json
 import os
+import re
+import secrets
+import stat
 import sys
-import tempfile
 from decimal import Decimal
 
 import click
@@ -92,9 +95,41 @@ def _safe(text):
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+# What a terminal acts on or reorders rather than shows: C0 and C1 controls
+# (escape sequences, newlines), DEL, the bidi marks, embeddings, overrides and
+# isolates, and the line and paragraph separators.
+_UNSHOWABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_character(match):
+    character = match.group()
+    code = ord(character)
+    return _ESCAPES.get(character) or ("\\x%02x" % code if code < 0x100 else "\\u%04x" % code)
+
+
+def shown(value):
+    """``value`` as text for the terminal: control and bidi characters
+    written as escapes (``\\x1b``, ``\\n``, ``\\u202e``), so a stored name can
+    neither drive the terminal nor break a line (a table row, a TOTAL)."""
+    return _UNSHOWABLE.sub(_escape_character, _safe(str(value)))
+
+
+# Cells a spreadsheet would read as a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value):
+    """Text as a CSV cell: one starting like a formula gets a leading ``'``,
+    so a spreadsheet shows it instead of running it; numbers stay numbers."""
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
 def emit(rows, fmt, columns=None, single=False):
     """Write rows (dicts) as a table, JSON or CSV. ``single`` writes one
-    object rather than a list in JSON."""
+    object rather than a list in JSON. JSON is the data exactly; CSV too,
+    but for text cells that start like a formula (``csv_text``); a table
+    shows control characters escaped (``shown``)."""
     if fmt == "json":
         click.echo(json_text(rows[0] if single else rows, indent=2))
         return
@@ -108,14 +143,20 @@ def emit(rows, fmt, columns=None, single=False):
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
+        # The csv module quotes a cell holding "\n" but not one holding a lone "\r", which no reader
+        # would then read back: such a row has every cell quoted.
+        quoting = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([cell(row.get(c)) for c in columns])
-        click.echo(out.getvalue(), nl=False)
+            cells = [csv_text(cell(value)) if isinstance(value, str) else cell(value)
+                     for value in (row.get(c) for c in columns)]
+            (quoting if any("\r" in c for c in cells) else writer).writerow(cells)
+        click.echo(out.getvalue(), nl=False, color=True)  # color: click would drop escape sequences, not data
         return
-    table = [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in table]) for i, c in enumerate(columns)]
-    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    headings = [shown(c) for c in columns]
+    table = [[shown(cell(row.get(c))) for c in columns] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(headings)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headings, widths)).rstrip())
     click.echo("  ".join("-" * w for w in widths))
     for row in table:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
@@ -228,14 +269,17 @@ def demo(html_path):
     from .usage import cost_report
     connect()
     models, agents, recorded = seed()
-    click.echo("psai demo: %d models (%s), %d agents" % (
-        len(models), ", ".join(sorted({m.configuration["provider"] for m in models.values()})), len(agents)))
+    from .schemas import readable
+    providers = {json_text(p) if not isinstance(p, str) else p
+                 for p in (readable(m.configuration).get("provider") for m in models.values())}
+    click.echo("psai demo: %d models (%s), %d agents" % (len(models), shown(", ".join(sorted(providers))),
+                                                        len(agents)))
     emit(selections(agents), None, columns=["agent", "asks for", "uses", "why"])
     click.echo("%s; their cost, each call at the prices stored with it:" % (
         "recorded 6 calls" if recorded else "6 calls recorded by an earlier run"))
     _emit_report(cost_report("agent"), "agent")
     write_file(html_path, html("tree"))
-    click.echo("report page: %s" % os.path.abspath(html_path))
+    click.echo("report page: %s" % ("stdout" if html_path == "-" else shown(os.path.abspath(html_path))))
 
 
 # -- models ---------------------------------------------------------------------
@@ -261,7 +305,7 @@ def _dump_rows(schema, rows, kind, model=False):
     dumps = []
     for dump, problem in dump_rows(schema, rows, model=model):
         if problem:
-            click.echo("warning: %s %s: %s (`psai check` lists every such row)" % (kind, dump["id"], problem),
+            click.echo("warning: %s %s: %s (`psai check` lists every such row)" % (kind, dump["id"], shown(problem)),
                        err=True)
             dump["problem"] = problem
         dumps.append(dump)
@@ -421,7 +465,7 @@ def models_resolve(name, provider, explain, fmt):
     found, reason = resolve_model(name, provider=provider, explain=True)
     emit_models([found], fmt, single=True)
     if explain:
-        click.echo(reason, err=fmt is not None)
+        click.echo(shown(reason), err=fmt is not None)
 
 
 @models.command("update")
@@ -463,7 +507,7 @@ def models_deactivate(model):
     connect()
     found = PsAiModel.get_by_key(model)
     found.deactivate()
-    click.echo("deactivated model %s (%s)" % (found.id, found.name))
+    click.echo("deactivated model %s (%s)" % (found.id, shown(found.name)))
 
 
 @models.command("delete")
@@ -474,7 +518,7 @@ def models_delete(model):
     connect()
     found = PsAiModel.get_by_key(model)
     found.delete_instance()
-    click.echo("deleted model %s (%s)" % (found.id, found.name))
+    click.echo("deleted model %s (%s)" % (found.id, shown(found.name)))
 
 
 HISTORY_COLUMNS = ["model_id", "valid_from", "valid_to", "source", "in", "out", "cached", "currency", "corrections"]
@@ -712,7 +756,7 @@ def agents_show(agent, fmt):
 def agents_link(agent, model_keys):
     """Let AGENT use MODEL(s); linking twice is harmless."""
     found, _removed = _change_links(agent, model_keys, "add")
-    click.echo("agent %s linked to model %s" % (found.id, ", ".join(model_keys)))
+    click.echo("agent %s linked to model %s" % (found.id, shown(", ".join(model_keys))))
 
 
 @agents.command("unlink")
@@ -855,7 +899,7 @@ def usage_record_response(model, agent, source, provider, user_id, connector_id,
         emit([dict(usage.as_dict(), usage_row=row.id)], "json", single=True)
     else:
         click.echo("recorded %s tokens in, %s out (%s, %s) on usage row %s" % (
-            usage.tokens_in, usage.tokens_out, usage.api_family, usage.model, row.id))
+            usage.tokens_in, usage.tokens_out, usage.api_family, shown(usage.model), row.id))
 
 
 REPORT_COLUMNS = ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpriced_tokens", "priced_from"]
@@ -905,8 +949,8 @@ def _emit_report(rows, grouping):
     emit(table, None, columns=keys + REPORT_COLUMNS)
     for row in rows:
         if row["unpriced_reason"]:
-            click.echo("unpriced: %s %s: %d tokens: %s" % (keys[0], row[keys[0]], row["unpriced_tokens"],
-                                                         row["unpriced_reason"]), err=True)
+            click.echo("unpriced: %s %s: %d tokens: %s" % (keys[0], shown(row[keys[0]]), row["unpriced_tokens"],
+                                                         shown(row["unpriced_reason"])), err=True)
 
 
 @cli.command("audit")
@@ -934,7 +978,7 @@ def audit_command(since, until, model, apply_changes, as_json):
          columns=["item", "model", "api", "tokens_in", "cached", "recorded", "billed", "currency"])
     for currency in sorted(result["recorded"]):
         click.echo("%s: recorded %s, billed %s, difference %s (%d of %d items read)" % (
-            currency, result["recorded"][currency], result["billed"][currency],
+            shown(currency), result["recorded"][currency], result["billed"][currency],
             result["billed"][currency] - result["recorded"][currency], len(result["findings"]),
             result["items_read"]))
     click.echo("applied: items and counters corrected" if result["applied"]
@@ -1012,18 +1056,77 @@ def copy_command(source, target, dry_run, fmt):
 
 
 def write_file(path, text):
-    """Write ``text`` to ``path`` through a temporary file renamed over it:
-    the file is replaced whole, or, if anything fails, left as it was."""
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    """Write ``text`` to ``path``; ``-`` is stdout.
+
+    A regular file, new or existing, is replaced whole or, if anything
+    fails, left as it was: a temporary file beside it takes the old file's
+    mode and owner (a new file gets the mode ``>`` would give it), is flushed
+    to disk and renamed over it. A symlink is followed: the file it points to
+    is replaced so, the link kept (a link to nothing is refused). A FIFO or a
+    character device (``/dev/null``, ``/dev/stdout``, a terminal) is written
+    straight through, never replaced; a directory, block device or socket is
+    refused.
+    """
+    if path == "-":
+        click.echo(text, nl=False, color=True)
+        return
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise FileNotFoundError(errno.ENOENT, "a symlink to %s, which does not exist" % os.path.realpath(path),
+                                    path) from None
+        status = None
+    if status is not None and (stat.S_ISFIFO(status.st_mode) or stat.S_ISCHR(status.st_mode)):
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(text)
+        return
+    if status is not None and not stat.S_ISREG(status.st_mode):
+        raise OSError(errno.EISDIR if stat.S_ISDIR(status.st_mode) else errno.EINVAL,
+                      "not a regular file, FIFO or character device: refused", path)
+    target = path
+    if os.path.islink(path):
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND))  # may this process write through the link? (no change)
+        target = os.path.realpath(path)
+    handle, temporary = _temporary_beside(target)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
+            if status is not None:
+                _keep_owner_and_mode(out.fileno(), status)
             out.write(text)
-        os.replace(temporary, path)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename, so a crash leaves old or new, never empty
+        os.replace(temporary, target)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def _temporary_beside(target):
+    """A new file in ``target``'s directory, open for writing: ``(fd, path)``.
+    Made as ``>`` would make it (0666 less the umask), and never through a
+    link an attacker left at its name (O_EXCL)."""
+    directory, name = os.path.split(os.path.abspath(target))
+    while True:
+        temporary = os.path.join(directory, ".%s.%s.tmp" % (name, secrets.token_hex(6)))
+        try:
+            return os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temporary
+        except FileExistsError:
+            continue
+
+
+def _keep_owner_and_mode(handle, status):
+    """Give the open file ``handle`` the owner, group and mode of ``status``,
+    as far as this process may: another owner needs root, the group
+    membership of it; the mode is always kept (set last: chown clears setuid)."""
+    for uid, gid in ((status.st_uid, status.st_gid), (-1, status.st_gid)):
+        try:
+            os.fchown(handle, uid, gid)
+            break
+        except PermissionError:
+            continue
+    os.fchmod(handle, stat.S_IMODE(status.st_mode))
 
 
 def main():

@@ -8,6 +8,7 @@ no network, no script and no font of its own, reads the same with
 JavaScript off, follows the reader's light or dark setting and prints.
 """
 import datetime
+import json
 from decimal import Decimal
 from html import escape
 from typing import cast
@@ -153,8 +154,25 @@ def _bar_table(rows, label, limit=10):
             % (escape(label), "".join(body)))
 
 
+def _text(value: object) -> str:
+    """A stored value as text to show (then escaped): a string as it is, any
+    other JSON value as JSON, so a name stored as a number is shown, never a
+    crash."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _given(value):
+    return value is not None and value != ""
+
+
 def _model_name(row):
-    return row["model_name"] or "model %s" % row["model_id"]
+    return _text(row["model_name"]) if _given(row["model_name"]) else "model %s" % row["model_id"]
+
+
+def _agent_name(row):
+    if _given(row["agent_name"]):
+        return _text(row["agent_name"])
+    return "no agent" if row["agent_id"] is None else "agent %s" % row["agent_id"]
 
 
 def _by_cost(rows):
@@ -164,7 +182,7 @@ def _by_cost(rows):
 def _unpriced_note(rows, key):
     if not rows:
         return ""
-    lines = "".join("<li>%s: %s tokens (%s)</li>" % (escape(str(r.get(key))), _number(r["unpriced_tokens"]),
+    lines = "".join("<li>%s: %s tokens (%s)</li>" % (escape(_text(r.get(key))), _number(r["unpriced_tokens"]),
                                                      escape(r["unpriced_reason"] or "no usable prices"))
                     for r in rows)
     total = sum(r["unpriced_tokens"] for r in rows)
@@ -195,8 +213,12 @@ def _table(rows, by):
         cells = []
         for column in columns:
             value = row.get(column)
-            text = _money(value) if column == "cost" else _number(value) if isinstance(value, int) else (
-                "" if value is None else str(value))
+            if column == "cost":
+                text = _money(value)
+            elif column in numeric and isinstance(value, int):
+                text = _number(value)
+            else:
+                text = "" if value is None else _text(value)
             if column == "agent_name" and by == "tree":
                 text = "\u2003" * (row.get("level") or 0) + text
             cells.append('<td class="%s">%s</td>' % ("num" if column in numeric else "", escape(text)))
@@ -258,15 +280,14 @@ def html(by: str = "model", *, since: datetime.date | str | None = None, until: 
         parts.append('<section><h2>Cost per day (%s), by model</h2>%s</section>'
                      % (escape(currency), _daily_chart(days, series, values, currency)))
 
-    tree_rows = [(("\u2003" * (r["level"] or 0)) + escape(r["agent_name"] or "agent %s" % r["agent_id"]),
+    tree_rows = [(("\u2003" * (r["level"] or 0)) + escape(_agent_name(r)),
                   r["cost"], r["currency"]) for r in trees if r["agent_id"] is not None]
     parts.append("<section><h2>Agent trees: each agent with its sub-agents</h2>%s</section>"
                  % _bar_table(tree_rows, "agent (sub-agents indented)", limit=50))
     model_rows = [(escape(_model_name(r)) + (
-        ' <span class="meta">%s</span>' % escape(r["provider"]) if r.get("provider") else ""),
+        ' <span class="meta">%s</span>' % escape(_text(r["provider"])) if _given(r.get("provider")) else ""),
         r["cost"], r["currency"]) for r in _by_cost(by_model)]
-    agent_rows = [(escape(r["agent_name"] or ("no agent" if r["agent_id"] is None else "agent %s" % r["agent_id"])),
-                   r["cost"], r["currency"]) for r in _by_cost(by_agent)]
+    agent_rows = [(escape(_agent_name(r)), r["cost"], r["currency"]) for r in _by_cost(by_agent)]
     parts.append('<div class="cols"><section><h2>Top models</h2>%s</section><section><h2>Top agents</h2>%s'
                  '</section></div>' % (_bar_table(model_rows, "model"), _bar_table(agent_rows, "agent")))
     parts.append("<section><h2>By %s</h2>%s</section>" % (escape(by), _table(rows, by)))

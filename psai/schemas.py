@@ -303,6 +303,13 @@ class PsAgentSchema(_Row):
     def _dump_ai_models(self, agent):
         return PsAiModelSchema(many=True).dump(agent.ai_models)
 
+    @validates_schema
+    def _name_is_text(self, data, **kwargs):
+        # PolicySynth's agents name themselves in configuration.name: text, as a model's name is.
+        configuration = data.get("configuration")
+        if isinstance(configuration, dict) and "name" in configuration and not isinstance(configuration["name"], str):
+            raise _MarshmallowValidationError({"configuration": {"name": ["Not a valid string."]}})
+
 
 # -- validation of rows before they are written -------------------------------------
 
