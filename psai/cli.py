@@ -1005,7 +1005,8 @@ def check_command(fmt):
 # -- export / import -------------------------------------------------------------------
 
 @cli.command("export")
-@click.option("--output", "-o", metavar="PATH", help="Write to a file instead of stdout.")
+@click.option("--output", "-o", metavar="PATH",
+              help="Write to this file instead of stdout (replaced whole; - is stdout).")
 def export_command(output):
     """Export every model, agent and link as JSON (PolicySynth's row format)."""
     from .transfer import export_data
