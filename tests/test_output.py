@@ -225,6 +225,10 @@ def test_an_agent_name_or_provider_stored_as_a_number_is_shown_in_reports(db, ba
     assert "5 models (anthropic, google, openai)" in shown
     assert [str(numbered.id), "5"] in [line.split()[:2] for line in shown.splitlines()]  # the agent's cost row
     assert "<td>5</td>" in (tmp_path / "psai-report.html").read_text()
+    demo_model = PsAiModel.get(PsAiModel.name == "OpenAI GPT-4 Large")
+    raw('UPDATE "ps_ai_models" SET "configuration" = ? WHERE "id" = ?',
+        (json.dumps(make_configuration(provider=7)), demo_model.id))
+    assert "5 models (7, anthropic, google, openai)" in run(backend, "demo").stdout
     # psai refuses to write such a name, and check names the row that holds one: one rule.
     checked = run(backend, "check", code=1).stdout
     assert "ps_agents     %d   configuration.name: Not a valid string." % numbered.id in checked
