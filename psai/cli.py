@@ -649,7 +649,7 @@ def _import_catalog(source, user_id, organization_id, size, temperature, provide
              "not expressed": "; ".join(m["unexpressed"])} for m in result["models"]]
     rows += [{"source_model": name, "result": "skipped: " + reason} for name, reason in result["skipped"].items()]
     emit(rows, fmt, columns=["source_model", "model_id", "result", "not expressed"])
-    click.echo("%s %s: %d models, %d skipped" % (source, result["source_version"], len(result["models"]),
+    click.echo("%s %s: %d models, %d skipped" % (source, shown(result["source_version"]), len(result["models"]),
                                                 len(result["skipped"])), err=True)
 
 
@@ -930,7 +930,7 @@ def usage_report(grouping, since, until, strict, html_path, fmt):
         from .report import html
         write_file(html_path, html(grouping, since=since, until=until, rows=rows,
                                    database=_database_url() or dbmod.DEFAULT_URL))
-        click.echo("wrote %s" % html_path, err=True)
+        click.echo("wrote %s" % shown(html_path), err=True)
     if fmt is not None:
         emit(rows, fmt)
         return
