@@ -6,8 +6,8 @@ on stderr (exit 1 for a failure, 2 for bad usage or bad input).
 """
 import csv
 import datetime
-import io
 import errno
+import io
 import json
 import os
 import re
@@ -266,10 +266,10 @@ def demo(html_path):
     calls, their cost, and an HTML report. Safe to run again."""
     from .demo import seed, selections
     from .report import html
+    from .schemas import readable
     from .usage import cost_report
     connect()
     models, agents, recorded = seed()
-    from .schemas import readable
     providers = {json_text(p) if not isinstance(p, str) else p
                  for p in (readable(m.configuration).get("provider") for m in models.values())}
     click.echo("psai demo: %d models (%s), %d agents" % (len(models), shown(", ".join(sorted(providers))),

@@ -179,10 +179,11 @@ def _by_cost(rows):
     return sorted(rows, key=lambda r: (r["cost"] is None, -(r["cost"] or 0)))
 
 
-def _unpriced_note(rows, key):
+def _unpriced_note(rows):
+    """The unpriced usage of model rows, called out."""
     if not rows:
         return ""
-    lines = "".join("<li>%s: %s tokens (%s)</li>" % (escape(_text(r.get(key))), _number(r["unpriced_tokens"]),
+    lines = "".join("<li>%s: %s tokens (%s)</li>" % (escape(_model_name(r)), _number(r["unpriced_tokens"]),
                                                      escape(r["unpriced_reason"] or "no usable prices"))
                     for r in rows)
     total = sum(r["unpriced_tokens"] for r in rows)
@@ -261,7 +262,7 @@ def html(by: str = "model", *, since: datetime.date | str | None = None, until: 
         parts.append('<div class="total"><div class="amount">0</div><div class="label">no priced usage in this '
                      'period</div></div>')
     parts.append("</div>")
-    parts.append(_unpriced_note([r for r in by_model if r["unpriced_tokens"]], "model_name"))
+    parts.append(_unpriced_note([r for r in by_model if r["unpriced_tokens"]]))
     parts.append("</section>")
 
     for currency in sorted(priced):
