@@ -164,6 +164,8 @@ def test_a_read_only_sqlite_file_is_read_and_writes_say_it_is_read_only(archive,
     assert [m["name"] for m in json.loads(listed.stdout)] == ["m0", "m1", "m2"]
     report = as_unprivileged("--database", url, "usage", "report", "--json")
     assert report.returncode == 0, report.stderr
+    exported = as_unprivileged("--database", url, "export")
+    assert exported.returncode == 0 and len(json.loads(exported.stdout)["ps_ai_models"]) == 3, exported.stderr
     checked = as_unprivileged("--database", url, "check")
     assert (checked.returncode, checked.stdout.strip()) == (0, "every row is fine"), checked.stderr
     written = as_unprivileged("--database", url, "agents", "add", "--user-id", "1", "--class-id", "1",
