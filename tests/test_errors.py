@@ -78,6 +78,21 @@ def test_a_cli_write_cut_off_by_the_server_is_one_line_and_writes_nothing(postgr
     assert (PsAiModel.select().count(), PsAgent.select().count()) == (0, 0)  # all or nothing
 
 
+def test_a_savepoint_cut_off_by_the_server_raises_the_cause(postgres):
+    db = psai.connect(postgres.url)
+    psai.migrate()
+    db.execute_sql(CUT_OFF)
+    # The inner block's savepoint went with the connection: its failed
+    # ROLLBACK TO SAVEPOINT ("connection already closed") hides nothing.
+    with pytest.raises(OperationalError, match="server closed the connection|terminating connection"):
+        with write_transaction(db):
+            psai.add_model(name="first", user_id=1, organization_id=2, configuration=make_configuration())
+            with write_transaction(db):
+                PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "cut"})
+    db.execute_sql('DROP TRIGGER psai_test_cut_off ON "ps_agents"')  # reconnected
+    assert (PsAiModel.select().count(), PsAgent.select().count()) == (0, 0)
+
+
 # -- SQLite: database or disk is full -------------------------------------------------------
 
 @pytest.fixture
