@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 
+from .constants import MAX_INTEGER, MIN_INTEGER
 from .db import is_postgres, model_db, table_columns
 from .errors import ValidationError
 from .items import price_problem
@@ -83,6 +84,14 @@ def check() -> list[dict[str, Any]]:
         if negative:
             found.append({"table": "ps_model_usage", "id": row_id,
                           "problem": "negative counters (%s): not counted" % ", ".join(negative)})
+        # SQLite stores any integer; PostgreSQL's (and so PolicySynth's) INTEGER does not.
+        beyond = [name for name, value in zip(counters, values) if isinstance(value, (int, float))
+                  and not isinstance(value, bool) and not MIN_INTEGER <= value <= MAX_INTEGER]
+        if beyond:
+            found.append({"table": "ps_model_usage", "id": row_id,
+                          "problem": "counters beyond PostgreSQL's INTEGER, at most %d (%s): PolicySynth cannot "
+                                     "hold them, and a copy to PostgreSQL refuses the row"
+                                     % (MAX_INTEGER, ", ".join(beyond))})
     if table_columns(db, PsModelUsageItem._meta.table_name):
         found += _check_items(db, model_ids, price_problem)
     return found

@@ -55,9 +55,12 @@ class PsaiGroup(click.Group):
             raise CommandError(str(exc), EXIT_BAD_INPUT) from None
         except PsaiError as exc:  # not found, in use, unreachable, not adopted, unpriced (--strict)
             raise CommandError(str(exc), EXIT_FAILURE) from None
-        except peewee.DatabaseError as exc:
-            raise CommandError("database error: %s" % dbmod._scrub(exc, _database_url() or ""), EXIT_FAILURE) \
-                from None
+        except (peewee.DatabaseError, peewee.InterfaceError) as exc:
+            lost = dbmod.connection_lost(exc)
+            if not lost and isinstance(exc, peewee.InterfaceError):
+                raise  # psai's own misuse of peewee: a bug, shown as one
+            raise CommandError("%s: %s" % ("lost the connection to the database" if lost else "database error",
+                                           dbmod._scrub(exc, _database_url() or "")), EXIT_FAILURE) from None
         except OSError as exc:
             raise CommandError(str(exc), EXIT_FAILURE) from None
 

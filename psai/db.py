@@ -9,7 +9,7 @@ import re
 import time
 import weakref
 from typing import Any, Iterable, Iterator, Sequence
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from peewee import (
     Database, DatabaseError, DatabaseProxy, InterfaceError, Model, OperationalError, PostgresqlDatabase,
@@ -27,7 +27,7 @@ from .errors import DatabaseUnavailableError, DatabaseURLError, NotConnectedErro
 
 __all__ = ["database", "connect", "using", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction", "lock",
            "lock_id", "execute_prepared", "table_columns", "forget_schema", "model_db", "current_db",
-           "NotConnectedError"]
+           "connection_lost", "NotConnectedError"]
 
 DEFAULT_URL = "sqlite:///psai.db"
 
@@ -77,6 +77,102 @@ class PostgresDatabase(ReconnectMixin, PostgresqlDatabase):
         (InterfaceError, "connection already closed"),
         (InterfaceError, "cursor already closed"),
     )
+
+    def transaction_lost(self) -> bool:
+        """The server dropped the connection, and its transaction with it."""
+        return not self.is_closed() and bool(self.connection().closed)
+
+    def rollback(self) -> None:
+        # Nothing to roll back, and the ROLLBACK's own "connection already
+        # closed" would hide the error that ended the transaction.
+        if not self.transaction_lost():
+            super().rollback()
+
+
+def connection_lost(error: BaseException) -> bool:
+    """True when ``error`` is a driver's "the server dropped the connection"."""
+    message = str(error).lower()
+    return any(isinstance(error, kind) and fragment.lower() in message
+               for kind, fragment in PostgresDatabase.reconnect_errors)
+
+
+class SqliteFileDatabase(SqliteDatabase):
+    """SQLite as psai opens it. ``read_only``: the file or its directory is
+    not writable (an archive), so it is opened read-only, ``"ro"``
+    (``mode=ro``), or ``"immutable"`` when SQLite could not otherwise read it
+    (a WAL database whose shared-memory file cannot be created, and no WAL
+    content to miss); a write then fails saying the database is read-only."""
+
+    def __init__(self, database: str, *args: Any, read_only: str | None = None, **kwargs: Any) -> None:
+        self.path, self.read_only = database, read_only
+        if read_only:
+            # Switching to WAL writes the file: a read-only file keeps its journal mode.
+            kwargs["pragmas"] = {k: v for k, v in dict(kwargs.get("pragmas") or {}).items() if k != "journal_mode"}
+            kwargs["uri"] = True
+            query = {"mode": "ro", **({"immutable": 1} if read_only == "immutable" else {})}
+            database = "file:%s?%s" % (quote(os.path.abspath(database)), urlencode(query))
+        super().__init__(database, *args, **kwargs)
+
+    def _read_only_error(self, exc: OperationalError) -> OperationalError:
+        if self.read_only and "readonly" in str(exc):
+            return OperationalError("%s is read-only (the file or its directory is not writable), so psai opened "
+                                    "it for reading only: %s" % (self.path, exc))
+        return exc
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        try:
+            return super().execute_sql(sql, params)
+        except OperationalError as exc:
+            error = self._read_only_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def begin(self, lock_type: str | None = None) -> None:
+        try:
+            super().begin(lock_type)
+        except OperationalError as exc:
+            error = self._read_only_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def transaction_lost(self) -> bool:
+        """SQLite rolled the transaction back itself, as it does after
+        "database or disk is full" and other I/O errors."""
+        return not self.is_closed() and not self.connection().in_transaction
+
+    def rollback(self) -> None:
+        # Nothing to roll back, and the ROLLBACK's own "no transaction is
+        # active" would hide the error that ended the transaction.
+        if not self.transaction_lost():
+            super().rollback()
+
+
+def _readable(db: SqliteFileDatabase, parameters: dict[str, Any]) -> SqliteFileDatabase:
+    """``db`` connected (read-only) if SQLite can read it, else the same file
+    opened immutable: a WAL database needs its shared-memory file, which a
+    read-only directory cannot take. Immutable ignores the WAL file, so only
+    when there is nothing in it to miss."""
+    try:
+        db.connect()
+        db.execute_sql("SELECT count(*) FROM sqlite_master").fetchall()
+        return db
+    except OperationalError:
+        if not db.is_closed():
+            db.close()
+        wal = db.path + "-wal"
+        if os.path.exists(wal) and os.path.getsize(wal) > 0:
+            raise
+    immutable = SqliteFileDatabase(db.path, read_only="immutable", **parameters)
+    immutable.connect()
+    return immutable
+
+
+def _writable(path: str) -> bool:
+    """Whether this process may write ``path`` and create files beside it
+    (SQLite's journal, WAL and shared-memory files)."""
+    return os.access(path, os.W_OK) and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
 
 
 # Query parameters that carry a secret (libpq's names).
@@ -181,9 +277,13 @@ def connect(url: str | None = None, *, bind: bool = True, **options: Any) -> Dat
             parameters.update(options)
             if not parameters.get("database"):
                 raise ValueError("%s has no database name: postgresql://user@host:port/dbname" % url)
-            db = PostgresDatabase(**parameters)
+            db: Database = PostgresDatabase(**parameters)
         else:
-            db = db_url.connect(url, unquote_password=True, unquote_user=True, **options)
+            parameters = db_url.parse(url, unquote_password=True, unquote_user=True)
+            parameters.update(options)
+            path = parameters.pop("database")
+            read_only = path != ":memory:" and os.path.exists(path) and not _writable(path)
+            db = SqliteFileDatabase(path, read_only="ro" if read_only else None, **parameters)
     except (ValueError, RuntimeError) as exc:
         raise DatabaseURLError(_scrub(exc, url)) from None
     # Switching a new SQLite file to WAL takes a lock SQLite does not wait
@@ -191,7 +291,10 @@ def connect(url: str | None = None, *, bind: bool = True, **options: Any) -> Dat
     deadline = time.monotonic() + SQLITE_PRAGMAS["busy_timeout"] / 1000
     while True:
         try:
-            db.connect()
+            if isinstance(db, SqliteFileDatabase) and db.read_only == "ro":
+                db = _readable(db, parameters)
+            else:
+                db.connect()
             break
         except OperationalError as exc:
             if not db.is_closed():
@@ -272,8 +375,29 @@ def write_transaction(db: Database | None = None) -> contextlib.AbstractContextM
     read lock cannot be upgraded."""
     db = db if db is not None else current_db()
     if isinstance(db, SqliteDatabase) and not db.in_transaction():
-        return db.atomic("IMMEDIATE")
-    return db.atomic()
+        return _KeepingTheCause(db, db.atomic("IMMEDIATE"))
+    return _KeepingTheCause(db, db.atomic())
+
+
+class _KeepingTheCause:
+    """A peewee atomic block whose error, when the database ended the
+    transaction itself (a dropped connection, SQLite after "database or disk
+    is full"), is raised as it is, not hidden by the failed rollback of a
+    savepoint that is gone with it."""
+
+    def __init__(self, db: Database, block: Any) -> None:
+        self.db, self.block = db, block
+
+    def __enter__(self) -> Any:
+        return self.block.__enter__()
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> Any:
+        try:
+            return self.block.__exit__(exc_type, exc, traceback)
+        except Exception:
+            if exc is None or not getattr(self.db, "transaction_lost", lambda: False)():
+                raise
+            return False  # the block's own error goes on
 
 
 # Statements prepared on each PostgreSQL connection: {sql: name}. Keyed by

@@ -10,9 +10,10 @@ twice changes nothing the second time.
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from peewee import Database, ModelUpdate
+from peewee import Database, ForeignKeyField, ModelUpdate
 
-from .db import connect, model_db, table_columns, using, write_transaction
+from .constants import MAX_INTEGER, MIN_INTEGER
+from .db import connect, is_postgres, model_db, table_columns, using, write_transaction
 from .errors import ValidationError
 from .migrations import ensure_schema
 from .models import (
@@ -224,6 +225,25 @@ def _mirror_rows(model_class, target, source_rows, key, translate, counts, name)
     counts[name]["created"] += len(inserts)
 
 
+def _beyond_integer(model_class, rows, errors):
+    """Add to ``errors`` the values of ``rows`` that PostgreSQL's INTEGER
+    columns cannot hold (SQLite stores any integer), by table, the source's
+    row id and column. References are left out: copy gives them the
+    target's ids."""
+    columns = [field for field in model_class._meta.sorted_fields
+               if field.field_type == "INT" and not isinstance(field, ForeignKeyField)
+               and field.name not in ("model_id", "agent_id")]
+    pk = model_class._meta.primary_key.name
+    for row in rows:
+        for field in columns:
+            value = row.get(field.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and not MIN_INTEGER <= value <= MAX_INTEGER:
+                errors.setdefault(model_class._meta.table_name, {}).setdefault(row[pk], {})[field.column_name] = [
+                    "Row %s holds %s, beyond the target's INTEGER column (%d to %d)." % (
+                        row[pk], value, MIN_INTEGER, MAX_INTEGER)]
+
+
 def _retarget_item(data, model_id, agent_id):
     """An item's JSON names the model and agent by id: the target's ids."""
     if not isinstance(data, dict):
@@ -265,6 +285,13 @@ def copy(source: Database | str, target: Database | str, *, dry_run: bool = Fals
         corrections = _read(PriceCorrection, source)
         provenance = _read(ModelProvenance, source)
         total = sum(map(len, (models, agents, links, usage, items, versions, corrections, provenance)))
+        if is_postgres(target):
+            too_large: dict[str, Any] = {}
+            for table_class, rows in ((PsAiModel, models), (PsAgent, agents), (PsModelUsage, usage),
+                                      (PsModelUsageItem, items), (PriceCorrection, corrections)):
+                _beyond_integer(table_class, rows, too_large)
+            if too_large:
+                raise ValidationError(too_large)
         step = [0]
 
         def done(rows):
