@@ -78,6 +78,24 @@ class PostgresDatabase(ReconnectMixin, PostgresqlDatabase):
         (InterfaceError, "cursor already closed"),
     )
 
+    def _initialize_connection(self, conn):
+        super()._initialize_connection(conn)
+        psycopg2.extensions.register_type(TIMESTAMPTZ_READER, conn)
+
+
+def _read_timestamptz(text, cursor):
+    """psycopg2's own timestamptz reader, except that a value Python cannot
+    hold (a BC date, a year past 9999) comes back as its text, for
+    ``TimestampTzField`` to flag, instead of failing the whole fetch."""
+    try:
+        return psycopg2.extensions.PYDATETIMETZ(text, cursor)
+    except ValueError:
+        return text
+
+
+TIMESTAMPTZ_READER = psycopg2.extensions.new_type(
+    psycopg2.extensions.PYDATETIMETZ.values, "PSAI_TIMESTAMPTZ", _read_timestamptz) if psycopg2 else None
+
 
 # Query parameters that carry a secret (libpq's names).
 SECRET_PARAMETERS = ("password", "sslpassword", "passfile", "sslkey")
