@@ -5,8 +5,11 @@ never lets one of them break a listing, an export or a report: each is shown
 as far as it can be read, flagged with what is wrong. ``check()`` (``psai
 check``) lists every such row and why, so it can be fixed or deactivated.
 """
+import datetime
 import json
+import operator
 from collections.abc import Callable, Iterable
+from functools import reduce
 from typing import Any, cast
 
 
@@ -14,7 +17,7 @@ from peewee import Model
 
 from .db import is_postgres, model_db, table_columns
 from .errors import ValidationError
-from .fields import TimestampTzField, UnreadableTime, read_time
+from .fields import UTC, TimestampTzField, UnreadableTime, read_time
 from .items import price_problem
 from .models import (
     AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
@@ -63,6 +66,10 @@ def _time_columns(model_class: type[Model]) -> list[TimestampTzField]:
     return [f for f in model_class._meta.sorted_fields if isinstance(f, TimestampTzField) and f.column_name in present]
 
 
+EARLIEST = datetime.datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime.datetime(9999, 12, 31, tzinfo=UTC)
+
+
 def _unreadable_times(model_class: type[Model]) -> list[dict[str, Any]]:
     """``model_class``'s rows with a timestamp psai cannot read as a time."""
     columns = _time_columns(model_class)
@@ -70,6 +77,9 @@ def _unreadable_times(model_class: type[Model]) -> list[dict[str, Any]]:
         return []
     found = []
     query = model_class.select(model_class._meta.primary_key, *columns).order_by(model_class._meta.primary_key)
+    if is_postgres(model_db(model_class)):
+        # timestamptz holds only times: the ones Python cannot are at the ends (any session time zone).
+        query = query.where(reduce(operator.or_, [(c < EARLIEST) | (c >= LATEST) for c in columns]))
     # .tuples() gives tuples, which peewee's type stubs do not say (they give the query's model).
     for row in cast(Iterable[tuple[Any, ...]], query.tuples()):
         problems = ["%s %s" % (f.name, v.problem) for f, v in zip(columns, row[1:]) if isinstance(v, UnreadableTime)]

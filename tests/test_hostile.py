@@ -350,6 +350,9 @@ def test_a_stored_timestamp_psai_cannot_read(db, backend, tmp_path, table, colum
             assert shown[column] == str(stored) and column in shown["problem"]
             exported = json.loads(run(backend, "export").stdout)[table]
             assert [r[column] for r in exported if r["id"] == row_id] == [str(stored)]  # as stored
+        if table == "ps_ai_models":  # a save writes the value back as it was
+            run(backend, "models", "deactivate", str(row_id))
+            assert PsAiModel.get_by_id(row_id).created_at == str(stored)
         checked = json.loads(run(backend, "check", "--json", code=1).stdout)
         assert [(c["table"], c["id"]) for c in checked if column in c["problem"]] == [(table, row_id)], checked
         refused = run(backend, "copy", "--from", backend.url, "--to", target.url, code=2)
