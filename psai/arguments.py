@@ -6,7 +6,7 @@ import math
 import uuid
 from collections.abc import Mapping
 
-from .constants import MAX_INTEGER
+from .constants import MAX_INTEGER, time_range_problem
 from .errors import ValidationError
 from .fields import UTC
 from .models import PsAgent, PsAiModel
@@ -78,4 +78,7 @@ def as_datetime(value: datetime.date | str | None, end: bool = False,
             value += datetime.timedelta(days=1)  # a date until is inclusive
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
+    problem = time_range_problem(value)
+    if problem:  # PostgreSQL would store it (a correction's period) where nothing can read it
+        raise ValidationError({name: [problem]})
     return value

@@ -5,18 +5,27 @@ never lets one of them break a listing, an export or a report: each is shown
 as far as it can be read, flagged with what is wrong. ``check()`` (``psai
 check``) lists every such row and why, so it can be fixed or deactivated.
 """
+import datetime
 import json
+import operator
 from collections.abc import Callable, Iterable
+from functools import reduce
 from typing import Any, cast
 
+
+from peewee import Model
 
 from .constants import MAX_INTEGER, MIN_INTEGER
 from .db import is_postgres, model_db, table_columns
 from .errors import ValidationError
+from .fields import UTC, TimestampTzField, UnreadableTime, read_time
 from .items import price_problem
-from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
+from .models import (
+    AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
+    usage_counters,
+)
 from .schemas import (
-    INCLUDE, dump_rows, readable, shape_problem, validate_agent_values, validate_model_values,
+    INCLUDE, dump_rows, readable, shape_problem, time_problems, validate_agent_values, validate_model_values,
 )
 from .sql import item_check_sql
 
@@ -48,6 +57,58 @@ def agent_problem(row: PsAgent) -> str | None:
         "configuration": row.configuration, "parent_agent_id": row.parent_agent_id})
 
 
+def _with_times(problem: str | None, row: Model) -> str | None:
+    return "; ".join(([problem] if problem else []) + time_problems(row)) or None
+
+
+def _time_columns(model_class: type[Model]) -> list[TimestampTzField]:
+    """``model_class``'s timestamp fields whose columns its table has."""
+    present = table_columns(model_db(model_class), model_class._meta.table_name)
+    return [f for f in model_class._meta.sorted_fields if isinstance(f, TimestampTzField) and f.column_name in present]
+
+
+EARLIEST = datetime.datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime.datetime(9999, 12, 31, tzinfo=UTC)
+
+
+def _unreadable_times(model_class: type[Model]) -> list[dict[str, Any]]:
+    """``model_class``'s rows with a timestamp psai cannot read as a time."""
+    columns = _time_columns(model_class)
+    if not columns:
+        return []
+    found = []
+    query = model_class.select(model_class._meta.primary_key, *columns).order_by(model_class._meta.primary_key)
+    if is_postgres(model_db(model_class)):
+        # timestamptz holds only times: the ones Python cannot are at the ends (any session time zone).
+        query = query.where(reduce(operator.or_, [(c < EARLIEST) | (c >= LATEST) for c in columns]))
+    # .tuples() gives tuples, which peewee's type stubs do not say (they give the query's model).
+    for row in cast(Iterable[tuple[Any, ...]], query.tuples()):
+        problems = ["%s %s" % (f.name, v.problem) for f, v in zip(columns, row[1:]) if isinstance(v, UnreadableTime)]
+        if problems:
+            found.append({"table": model_class._meta.table_name, "id": row[0], "problem": "; ".join(problems)})
+    return found
+
+
+def _unix_times(model_class: type[Model]) -> list[dict[str, Any]]:
+    """On SQLite, ``model_class``'s rows with a timestamp stored as a Unix
+    time: read as one, but periods (``--since``/``--until``) and days are
+    taken from the stored text in SQL, and miss it."""
+    db = model_db(model_class)
+    if is_postgres(db):
+        return []
+    table, found = model_class._meta.table_name, []
+    for column in _time_columns(model_class):
+        cursor = db.execute_sql('SELECT "id", "%s" FROM "%s" WHERE typeof("%s") IN (\'integer\', \'real\') '
+                                'ORDER BY "id"' % (column.column_name, table, column.column_name))
+        for row_id, stored in cursor.fetchall():
+            read = read_time(stored)
+            if not isinstance(read, UnreadableTime):
+                found.append({"table": table, "id": row_id, "problem": (
+                    "%s is stored as a Unix time (%s), read as %s, but periods and days in reports miss it: "
+                    "store it as ISO 8601 text" % (column.name, stored, read.isoformat()))})
+    return found
+
+
 def check() -> list[dict[str, Any]]:
     """Every stored row psai would refuse or cannot use, as dicts
     ``{"table", "id", "problem"}`` (``id`` is a pair for a link)."""
@@ -56,12 +117,12 @@ def check() -> list[dict[str, Any]]:
     agent_ids: set[int] = set()
     for model in PsAiModel.select().order_by(PsAiModel.id):
         model_ids.add(model.id)
-        problem = model_problem(model)
+        problem = _with_times(model_problem(model), model)
         if problem:
             found.append({"table": "ps_ai_models", "id": model.id, "problem": problem})
     for agent in PsAgent.select().order_by(PsAgent.id):
         agent_ids.add(agent.id)
-        problem = agent_problem(agent)
+        problem = _with_times(agent_problem(agent), agent)
         if problem:
             found.append({"table": "ps_agents", "id": agent.id, "problem": problem})
     # .tuples() gives tuples, which peewee's type stubs do not say (they give the query's model).
@@ -94,6 +155,11 @@ def check() -> list[dict[str, Any]]:
                                      % (MAX_INTEGER, ", ".join(beyond))})
     if table_columns(db, PsModelUsageItem._meta.table_name):
         found += _check_items(db, model_ids, price_problem)
+    timed: list[type[Model]] = [PsModelUsage, PsModelUsageItem, PriceVersion, PriceCorrection, ModelProvenance]
+    for model_class in timed:  # models' and agents' are read with their rows above
+        found += _unreadable_times(model_class)
+    for model_class in [PsAiModel, PsAgent] + timed:
+        found += _unix_times(model_class)
     return found
 
 

@@ -1,16 +1,34 @@
 """Numbers and names psai shares across its layers, each said once: the
 limits of PolicySynth's columns, the keys of its ``prices``, psai's JSON text."""
+import datetime
 import json
 from functools import partial
 
 __all__ = ["MAX_INTEGER", "MIN_INTEGER", "MAX_SAFE_INTEGER", "BASE_RATE_KEYS", "REQUIRED_RATE_KEYS",
            "LONG_CONTEXT_RATE_KEYS", "TIER_KEYS", "TIER_RATE_KEYS", "PRICE_KEYS", "OPTIONAL_NUMBER_KEYS",
-           "CATALOG_PRICE_KEYS", "CACHE_WRITE_1H_KEY", "strict_json_dumps"]
+           "CATALOG_PRICE_KEYS", "CACHE_WRITE_1H_KEY", "strict_json_dumps", "time_range_problem"]
 
 # PolicySynth's ids, references and token counters are PostgreSQL INTEGERs
 # (SQLite would store more, which PolicySynth could not read back).
 MAX_INTEGER = 2 ** 31 - 1
 MIN_INTEGER = -MAX_INTEGER - 1
+
+# PolicySynth's timestamps are timestamptz, which holds years Python cannot
+# read (BC, past 9999); psai writes only times whose UTC falls in years 1-9999.
+TIME_RANGE_MESSAGE = "Out of range: in UTC it falls outside the years 1 to 9999."
+
+
+def time_range_problem(value: datetime.datetime) -> str | None:
+    """Why an aware time cannot be written (it could not be read back), or
+    None. A naive time is taken as UTC, so it is always in range."""
+    if value.tzinfo is None or 1 < value.year < 9999:  # only the first and last year can cross
+        return None
+    try:
+        value.astimezone(datetime.timezone.utc)
+    except OverflowError:
+        return TIME_RANGE_MESSAGE
+    return None
+
 
 # JavaScript's Number.MAX_SAFE_INTEGER: PolicySynth reads configurations in Node.
 MAX_SAFE_INTEGER = 2 ** 53 - 1

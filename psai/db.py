@@ -88,6 +88,10 @@ class PostgresDatabase(ReconnectMixin, PostgresqlDatabase):
         if not self.transaction_lost():
             super().rollback()
 
+    def _initialize_connection(self, conn):
+        super()._initialize_connection(conn)
+        psycopg2.extensions.register_type(TIMESTAMPTZ_READER, conn)
+
 
 def connection_lost(error: BaseException) -> bool:
     """True when ``error`` is a driver's "the server dropped the connection"."""
@@ -173,6 +177,20 @@ def _writable(path: str) -> bool:
     """Whether this process may write ``path`` and create files beside it
     (SQLite's journal, WAL and shared-memory files)."""
     return os.access(path, os.W_OK) and os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
+
+
+def _read_timestamptz(text, cursor):
+    """psycopg2's own timestamptz reader, except that a value Python cannot
+    hold (a BC date, a year past 9999) comes back as its text, for
+    ``TimestampTzField`` to flag, instead of failing the whole fetch."""
+    try:
+        return psycopg2.extensions.PYDATETIMETZ(text, cursor)
+    except ValueError:
+        return text
+
+
+TIMESTAMPTZ_READER = psycopg2.extensions.new_type(
+    psycopg2.extensions.PYDATETIMETZ.values, "PSAI_TIMESTAMPTZ", _read_timestamptz) if psycopg2 else None
 
 
 # Query parameters that carry a secret (libpq's names).

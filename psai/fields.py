@@ -7,6 +7,7 @@ from the last binding (peewee's ``FieldDatabaseHook``): psai's models use
 another works on SQLite.
 """
 import datetime
+import re
 import uuid
 import weakref
 from typing import Any, Callable
@@ -14,7 +15,10 @@ from typing import Any, Callable
 import peewee
 from peewee import Database, DatabaseProxy, Field, Node, PostgresqlDatabase, UUIDField
 
-__all__ = ["TimestampTzField", "UUIDTextField", "JSONField", "utcnow", "UTC"]
+from .constants import time_range_problem
+from .errors import ValidationError
+
+__all__ = ["TimestampTzField", "UUIDTextField", "JSONField", "utcnow", "UTC", "UnreadableTime", "read_time"]
 
 UTC = datetime.timezone.utc
 
@@ -45,6 +49,74 @@ def _aware(value: str | datetime.datetime) -> datetime.datetime:
     return value
 
 
+class UnreadableTime(str):
+    """A stored timestamp psai cannot read as a time (text that is not one,
+    a BC date, a year past 9999): the text as stored, so that listings and
+    exports show it and ``psai check`` names it instead of failing; writing
+    the row back writes ``stored`` unchanged."""
+
+    stored: Any
+
+    def __new__(cls, stored: Any) -> "UnreadableTime":
+        text = super().__new__(cls, stored if isinstance(stored, str) else str(stored))
+        text.stored = stored
+        return text
+
+    def __repr__(self) -> str:
+        return "UnreadableTime(%s)" % str.__repr__(self)
+
+    @property
+    def problem(self) -> str:
+        return "cannot be read as a time (stored: %s)" % (
+            repr(self.stored) if isinstance(self.stored, str) else self.stored)
+
+
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+def read_time(value: Any) -> datetime.datetime | UnreadableTime:
+    """psai's one rule for reading a stored timestamp: a time (naive: UTC),
+    its ISO 8601 text, or a Unix time in seconds (an integer or its text,
+    as people write by hand on SQLite) is read as an aware time; anything
+    else, or a time whose UTC falls outside years 1-9999, is unreadable."""
+    # Every timestamp of every row read comes here: the usual cases first, cheaply.
+    found: datetime.datetime | None
+    if isinstance(value, datetime.datetime):
+        found = value
+    elif isinstance(value, str):
+        try:
+            found = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            found = _read_odd(value)
+    else:
+        found = _read_odd(value)
+    if found is None:
+        return UnreadableTime(value)
+    if found.tzinfo is None:
+        # Naive times are taken as UTC, as PostgreSQL does for a UTC session.
+        found = found.replace(tzinfo=UTC)
+    if 1 < found.year < 9999 or time_range_problem(found) is None:
+        return found
+    return UnreadableTime(value)
+
+
+def _read_odd(value: Any) -> datetime.datetime | None:
+    """A stored value that is not ISO text: Sequelize's text, a Unix time, or None."""
+    try:
+        if isinstance(value, str):
+            try:  # e.g. Sequelize's "2026-11-24 08:00:00.000 +00:00"
+                return datetime.datetime.fromisoformat(value.strip().replace(" +", "+").replace(" -", "-"))
+            except ValueError:
+                if not _NUMBER.fullmatch(value):
+                    return None
+                return datetime.datetime.fromtimestamp(float(value), UTC)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return datetime.datetime.fromtimestamp(value, UTC)
+    except (ValueError, OverflowError, OSError):  # a Unix time past year 9999, NaN
+        pass
+    return None
+
+
 def bound_database(field: Field) -> Database | None:
     """The database ``field``'s model is bound to in this thread, or None."""
     model = getattr(field, "model", None)  # None for a field used on its own
@@ -62,15 +134,20 @@ class TimestampTzField(Field):
     def db_value(self, value: Any) -> Any:
         if value is None or not isinstance(value, (str, datetime.datetime)):
             return value
+        if isinstance(value, UnreadableTime):
+            return value.stored  # a row read with one is written back as it was
         value = _aware(value)
+        problem = time_range_problem(value)
+        if problem:  # PostgreSQL would store it (a year 10000, 1 BC) where nothing can read it
+            raise ValidationError({self.name: [problem]})
         if isinstance(bound_database(self), PostgresqlDatabase):
             return value
         return value.astimezone(UTC).isoformat(sep=" ", timespec="microseconds")
 
-    def python_value(self, value: Any) -> datetime.datetime | None:
+    def python_value(self, value: Any) -> datetime.datetime | UnreadableTime | None:
         if value is None:
             return None
-        return _aware(value)
+        return read_time(value)
 
 
 class UUIDTextField(UUIDField):

@@ -341,7 +341,11 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
             remaining[bucket] -= taken
             piece[bucket] = buckets[bucket] - taken
         created_at = PsModelUsage.created_at.python_value(values[3])
-        if any(piece.values()) and (since is None or created_at >= since) and (until is None or created_at < until):
+        if isinstance(created_at, str):  # not a time: in no period, in the whole (flagged unpriced)
+            within = since is None and until is None
+        else:
+            within = (since is None or created_at >= since) and (until is None or created_at < until)
+        if any(piece.values()) and within:
             pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
                            "created_at": created_at, "buckets": piece})
     return pieces
@@ -414,11 +418,22 @@ def _negative_counters(db, by, agents, since, until, model_ids=None):
         model_id, agent_id, created_at = values[1:4]
         buckets = read([max(v or 0, 0) for v in values[4:]])
         created_at = PsModelUsage.created_at.python_value(created_at)
-        parts.append({"model_id": model_id, "agent_id": agent_id if agent_id in agents else None, "provider": None,
-                      "pricing": None, "metadata": {}, "has_usage": 0, "calls": 0, "web": 0, "buckets": buckets,
-                      "priced_from": "current", "problem": "negative token counters (`psai check` lists the rows)",
-                      "day": created_at.astimezone(UTC).strftime("%Y-%m-%d") if by == "day" else None})
+        parts.append(_unpriced_counters(model_id, agent_id if agent_id in agents else None, buckets,
+                                        "negative token counters", _day(created_at) if by == "day" else None))
     return parts
+
+
+def _day(moment):
+    """A counter row's UTC day; one psai cannot read as a time (it reads as
+    its text) shows its first ten characters as stored, as items' days do."""
+    return moment[:10] if isinstance(moment, str) else moment.astimezone(UTC).strftime("%Y-%m-%d")
+
+
+def _unpriced_counters(model_id, agent_id, buckets, why, day):
+    """Counter rows reported unpriced, with why (never priced as 0)."""
+    return {"model_id": model_id, "agent_id": agent_id, "provider": None, "pricing": None, "metadata": {},
+            "has_usage": 0, "calls": 0, "web": 0, "buckets": buckets, "priced_from": "current",
+            "problem": "%s (`psai check` lists the rows)" % why, "day": day}
 
 
 def usage_parts(db, by, since, until, model_ids=None):
@@ -455,7 +470,11 @@ def usage_parts(db, by, since, until, model_ids=None):
     merged = {}
     for piece in pieces:
         model_id = piece["model_id"]
-        day = piece["created_at"].astimezone(UTC).strftime("%Y-%m-%d") if by == "day" else None
+        day = _day(piece["created_at"]) if by == "day" else None
+        if isinstance(piece["created_at"], str):  # no time, so no price in force: unpriced, with why
+            parts.append(_unpriced_counters(model_id, piece["agent_id"], piece["buckets"],
+                                            "usage rows whose created_at cannot be read as a time", day))
+            continue
         period = bisect.bisect_right(moments.get(model_id, ()), piece["created_at"])
         key = (model_id, piece["agent_id"], day, period)
         if key in merged:

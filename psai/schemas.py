@@ -17,7 +17,7 @@ from marshmallow import (
 from marshmallow import ValidationError as _MarshmallowValidationError
 from marshmallow.validate import Length, OneOf, Range, Regexp
 
-from .constants import LONG_CONTEXT_RATE_KEYS, MAX_INTEGER, MAX_SAFE_INTEGER, MIN_INTEGER
+from .constants import LONG_CONTEXT_RATE_KEYS, MAX_INTEGER, MAX_SAFE_INTEGER, MIN_INTEGER, time_range_problem
 from .enums import (
     InferenceType, PsAiModelSize, PsAiModelType, ReasoningMode, RegionalProcessing,
 )
@@ -25,7 +25,7 @@ from .errors import ValidationError
 
 __all__ = [
     "ModelPricesSchema", "AiModelConfigurationSchema", "PsAiModelSchema", "PsAgentSchema", "dump_rows",
-    "shape_problem", "readable",
+    "shape_problem", "readable", "time_problems", "Timestamp",
     "validate_configuration", "EXCLUDE", "INCLUDE", "RAISE",
 ]
 
@@ -111,6 +111,34 @@ class String(fields.String):
         if problem:
             raise self.make_error(problem)
         return value
+
+
+class Timestamp(fields.AwareDateTime):
+    """An aware ISO 8601 time that can be read back (its UTC in years
+    1-9999). On dump, a stored value psai could not read as a time (it reads
+    as its text) is shown as stored."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(format="iso", default_timezone=None, **kwargs)
+
+    def _serialize(self, value, attr, obj, **kwargs):
+        if isinstance(value, str):
+            return str(value)
+        return super()._serialize(value, attr, obj, **kwargs)
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        value = super()._deserialize(value, attr, data, **kwargs)
+        problem = time_range_problem(value)
+        if problem:
+            raise _MarshmallowValidationError(problem)
+        return value
+
+
+def time_problems(row: Any, names: Iterable[str] = ("created_at", "updated_at")) -> list[str]:
+    """What is wrong with a stored row's timestamps: each one psai could not
+    read as a time (it reads as its text, with the reason)."""
+    return ["%s %s" % (name, getattr(value, "problem", "cannot be read as a time"))
+            for name in names if isinstance(value := getattr(row, name, None), str)]
 
 
 def text_problem(value: str) -> str | None:
@@ -249,8 +277,8 @@ class _Row(_Base):
 
     id = ColumnInteger(minimum=1)
     uuid = fields.UUID()
-    created_at = fields.AwareDateTime(format="iso", default_timezone=None)
-    updated_at = fields.AwareDateTime(format="iso", default_timezone=None)
+    created_at = Timestamp()
+    updated_at = Timestamp()
 
     def __init__(self, *, with_links: bool = False, as_rows: bool = True, **kwargs: Any) -> None:
         if not with_links:
@@ -522,13 +550,17 @@ def dump_rows(schema: Schema, rows: Iterable[Any],
               model: bool = False) -> list[tuple[dict[str, Any], str | None]]:
     """``[(dump, problem)]``: each row dumped by ``schema``; a row whose
     configuration cannot be read as one is dumped as stored (None where even
-    JSON cannot hold it), with the problem, so it never hides the others."""
+    JSON cannot hold it), with the problem, so it never hides the others; so
+    is a row with a timestamp psai cannot read."""
     dumped: list[tuple[dict[str, Any], str | None]] = []
     for row in rows:
         problem = shape_problem(row.configuration, model=model)
         if problem is None:
-            dumped.append((schema.dump(row), None))
+            dump = schema.dump(row)
+            odd_times = time_problems(row)
+            dumped.append((dump, "; ".join(odd_times) if odd_times else None))
             continue
+        problem = "; ".join([problem] + time_problems(row))
         stored = row.configuration
         try:
             json.dumps(stored)

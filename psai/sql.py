@@ -389,7 +389,14 @@ def price_period_sql(db, alias, moments, params):
                 p, " ".join("WHEN %s.created_at < %s THEN %d" % (alias, p, i) for i in range(len(times))),
                 len(times)))
             params += [model_id] + list(times)
-    return " ".join(period) + " ELSE 0 END" if len(period) > 1 else "0"
+    if len(period) == 1:
+        return "0"
+    # A row whose time psai cannot read (or, on SQLite, one stored as a Unix
+    # time) is a piece of its own, so that it never dates the others.
+    readable = ("%s.created_at >= '0001-01-01 00:00:00+00' AND %s.created_at < '10000-01-01 00:00:00+00'"
+                if isinstance(db, PostgresqlDatabase)
+                else "typeof(%s.created_at) = 'text' AND %s.created_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-*'")
+    return "CASE WHEN %s THEN %s ELSE 0 END ELSE -%s.id END" % (readable % (alias, alias), " ".join(period), alias)
 
 
 def counter_sums_sql(present, columns, where):

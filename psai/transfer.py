@@ -15,6 +15,7 @@ from peewee import Database, ForeignKeyField, ModelUpdate
 from .constants import MAX_INTEGER, MIN_INTEGER
 from .db import connect, is_postgres, model_db, table_columns, using, write_transaction
 from .errors import ValidationError
+from .fields import TimestampTzField, UnreadableTime
 from .migrations import ensure_schema
 from .models import (
     AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
@@ -256,6 +257,24 @@ def _retarget_item(data, model_id, agent_id):
     return data
 
 
+def _refuse_unreadable_times(tables):
+    """A timestamp psai cannot read (it reads as its text) could not be
+    written to a target of the other kind, and would stay unreadable on one
+    of the same: refused before anything is written, naming every such row."""
+    errors: dict[str, Any] = {}
+    for model_class, rows in tables:
+        times = [f.name for f in model_class._meta.sorted_fields if isinstance(f, TimestampTzField)]
+        pk = model_class._meta.primary_key.name
+        for row in rows:
+            for name in times:
+                value = row.get(name)
+                if isinstance(value, UnreadableTime):
+                    errors.setdefault(model_class._meta.table_name, {}).setdefault(row[pk], {})[name] = [
+                        "%s; fix the row first (`psai check` lists it)." % value.problem.capitalize()]
+    if errors:
+        raise ValidationError(errors)
+
+
 def copy(source: Database | str, target: Database | str, *, dry_run: bool = False,
          progress: Callable[[int, int], object] | None = None) -> dict[str, dict[str, int]]:
     """Copy models, agents, links, usage counters, usage items, price history
@@ -272,7 +291,6 @@ def copy(source: Database | str, target: Database | str, *, dry_run: bool = Fals
         target = connect(target, bind=False)
         opened.append(target)
     try:
-        ensure_schema(target)
         names = ["ps_ai_models", "ps_agents", "AgentModels", "ps_model_usage", "ps_model_usage_item",
                  "psai_price_versions", "psai_price_corrections", "psai_model_provenance"]
         counts = {name: {"created": 0, "updated": 0} for name in names}
@@ -284,6 +302,10 @@ def copy(source: Database | str, target: Database | str, *, dry_run: bool = Fals
         versions = _read(PriceVersion, source)
         corrections = _read(PriceCorrection, source)
         provenance = _read(ModelProvenance, source)
+        _refuse_unreadable_times(zip((PsAiModel, PsAgent, PsModelUsage, PsModelUsageItem, PriceVersion,
+                                      PriceCorrection, ModelProvenance),
+                                     (models, agents, usage, items, versions, corrections, provenance)))
+        ensure_schema(target)
         total = sum(map(len, (models, agents, links, usage, items, versions, corrections, provenance)))
         if is_postgres(target):
             too_large: dict[str, Any] = {}

@@ -61,12 +61,20 @@ def resolve_models(model: PsAiModel | int | str | uuid.UUID) -> list[PsAiModel]:
     return rows
 
 
+def _time(value: datetime.datetime | str | None) -> datetime.datetime | None:
+    """A stored time as history uses it: one psai cannot read (it reads as
+    its text; `psai check` names the row) is unknown."""
+    return None if isinstance(value, str) else value
+
+
 def _corrections(db: Database, model_ids: Sequence[int]) -> dict[int, list[PriceCorrectionEntry]]:
     if not model_ids or not table_columns(db, PriceCorrection._meta.table_name):
         return {}
     found: dict[int, list[PriceCorrectionEntry]] = {}
     for c in (PriceCorrection.select().where(PriceCorrection.model.in_(model_ids))
               .order_by(PriceCorrection.applied_at, PriceCorrection.id)):
+        if isinstance(c.since, str) or isinstance(c.until, str):
+            continue  # a period psai cannot read: applied nowhere rather than everywhere
         found.setdefault(c.model_id, []).append({
             "id": c.id, "applied_at": c.applied_at, "since": c.since, "until": c.until, "changes": c.changes,
             "calls": c.calls, "currency": c.currency, "before": Decimal(c.cost_before),
@@ -100,7 +108,9 @@ def histories_of(rows: Sequence[PsAiModel]) -> dict[int, tuple[list[PriceVersion
         for v in (PriceVersion.select().where(PriceVersion.model.in_(ids))
                   .order_by(PriceVersion.valid_from, PriceVersion.id)):
             stored.setdefault(v.model_id, []).append(
-                {"model_id": v.model_id, "valid_from": v.valid_from, "valid_to": v.valid_to, "prices": v.prices,
+                # An unknown start is never matched (prices_at), so a version with an unreadable bound prices nothing.
+                {"model_id": v.model_id, "valid_from": _time(v.valid_from) if not isinstance(v.valid_to, str) else None,
+                 "valid_to": _time(v.valid_to), "prices": v.prices,
                  "source": v.source, "corrections": []})
     corrections = _corrections(db, ids)
     histories: dict[int, tuple[list[PriceVersionEntry], list[PriceCorrectionEntry]]] = {}
@@ -109,12 +119,13 @@ def histories_of(rows: Sequence[PsAiModel]) -> dict[int, tuple[list[PriceVersion
         current = prices_of(row.configuration)
         if not versions:
             # Never changed through psai: these prices since the row was last written.
-            versions = [{"model_id": row.id, "valid_from": row.updated_at, "valid_to": None, "prices": current,
+            versions = [{"model_id": row.id, "valid_from": _time(row.updated_at), "valid_to": None, "prices": current,
                          "source": "stored", "corrections": []}]
         elif versions[-1]["prices"] != current:
             # Changed elsewhere since psai last saved the row.
             last = versions[-1]
-            at = row.updated_at if row.updated_at and row.updated_at > last["valid_from"] else None
+            updated_at = _time(row.updated_at)
+            at = updated_at if updated_at and (last["valid_from"] is None or updated_at > last["valid_from"]) else None
             last["valid_to"] = at
             versions.append({"model_id": row.id, "valid_from": at, "valid_to": None, "prices": current,
                              "source": "observed", "corrections": []})

@@ -294,6 +294,162 @@ def test_a_model_with_bad_prices_can_be_deactivated(db, backend):
     assert "deactivate" not in run(backend, "check", code=1).stdout
 
 
+# -- odd timestamps ---------------------------------------------------------------------------
+
+# Stored timestamps psai cannot read as a time: text that is not one on
+# SQLite; on PostgreSQL, times its timestamptz holds and Python cannot.
+UNREADABLE_TIMES = {"sqlite": ["yesterday", "", "0044-03-15 12:00:00+00 BC", 10 ** 12],
+                    "postgres": ["0044-03-15 12:00:00+00 BC", "10000-06-01 00:00:00+00"]}
+# (table, column) of every timestamp psai reads.
+TIME_COLUMNS = [("ps_ai_models", "created_at"), ("ps_agents", "updated_at"), ("ps_model_usage", "created_at"),
+                ("ps_model_usage_item", "created_at"), ("psai_price_versions", "valid_from"),
+                ("psai_price_corrections", "applied_at")]
+
+
+def odd_time_store():
+    """A model and an agent with usage, a price change and a correction:
+    a row in every table that has a timestamp."""
+    good, m, a = model("good"), model("odd"), agent()
+    a.ai_models.add([good, m])
+    record_usage(m, a, tokens_in=1000, tokens_out=10)
+    record_usage(good, a, tokens_in=1000, tokens_out=10)
+    m.update_configuration({"prices": {"costInTokensPerMillion": 40}})
+    psai.reprice(m, {"costInTokensPerMillion": 35}, dry_run=False)
+    return good, m, a
+
+
+def row_of(table, m, a):
+    """The id of ``table``'s row that belongs to model ``m`` (agent ``a``)."""
+    if table == "ps_agents":
+        return a.id
+    if table == "ps_ai_models":
+        return m.id
+    return raw('SELECT MIN("id") FROM "%s" WHERE "model_id" = ?' % table, (m.id,)).fetchone()[0]
+
+
+@pytest.mark.parametrize("table, column", TIME_COLUMNS)
+def test_a_stored_timestamp_psai_cannot_read(db, backend, tmp_path, table, column):
+    good, m, a = odd_time_store()
+    row_id = row_of(table, m, a)
+    target = make_backend("sqlite", tmp_path)
+    for stored in UNREADABLE_TIMES[backend.kind]:
+        raw('UPDATE "%s" SET "%s" = ? WHERE "id" = ?' % (table, column), (stored, row_id))
+        results = [run(backend, *args) for args in (
+            ["models", "list"], ["models", "list", "--json"], ["agents", "list"], ["agents", "list", "--json"],
+            ["models", "show", str(m.id)], ["models", "history", "odd"], ["models", "history", "odd", "--json"],
+            ["usage", "report", "--by", "model"], ["usage", "report", "--by", "day", "--json"],
+            ["usage", "report", "--by", "agent", "--since", "2000-01-01"],
+            ["usage", "report", "--html", str(tmp_path / "report.html")])]
+        assert not any("Traceback" in r.output for r in results)
+        if table in ("ps_ai_models", "ps_agents"):
+            kind = "model" if table == "ps_ai_models" else "agent"
+            flag = "%s %d: %s cannot be read as a time" % (kind, row_id, column)
+            assert flag in results[0 if kind == "model" else 2].stderr
+            listed = json.loads(results[1 if kind == "model" else 3].stdout)
+            [shown] = [r for r in listed if r["id"] == row_id]
+            assert shown[column] == str(stored) and column in shown["problem"]
+            exported = json.loads(run(backend, "export").stdout)[table]
+            assert [r[column] for r in exported if r["id"] == row_id] == [str(stored)]  # as stored
+        if table == "ps_ai_models":  # a save writes the value back as it was
+            run(backend, "models", "deactivate", str(row_id))
+            assert PsAiModel.get_by_id(row_id).created_at == str(stored)
+        checked = json.loads(run(backend, "check", "--json", code=1).stdout)
+        assert [(c["table"], c["id"]) for c in checked if column in c["problem"]] == [(table, row_id)], checked
+        refused = run(backend, "copy", "--from", backend.url, "--to", target.url, code=2)
+        assert "%s" % table in refused.stderr and str(row_id) in refused.stderr and column in refused.stderr
+    # the rest of the store was never in doubt
+    raw('UPDATE "%s" SET "%s" = ? WHERE "id" = ?' % (table, column),
+        (PsModelUsage.created_at.db_value(datetime.datetime(2026, 11, 1, tzinfo=datetime.timezone.utc)), row_id))
+    assert run(backend, "check").stdout.strip() == "every row is fine"
+    run(backend, "copy", "--from", backend.url, "--to", target.url)
+
+
+def test_counters_whose_time_cannot_be_read_are_unpriced_with_the_reason(db, backend):
+    """Counter rows without items (a PolicySynth before items) are priced by
+    the prices in force at their time: without one, they are unpriced."""
+    m = model()
+    stamp = PsModelUsage.created_at.db_value(datetime.datetime(2026, 11, 1, tzinfo=datetime.timezone.utc))
+    for created_at in (stamp, UNREADABLE_TIMES[backend.kind][0]):
+        raw('INSERT INTO "ps_model_usage" ("user_id", "model_id", "created_at", "updated_at", "token_in_count") '
+            'VALUES (1, ?, ?, ?, 1000000)', (m.id, created_at, stamp))
+    for by in ("model", "day", "agent"):
+        rows = cost_report(by)
+        assert sorted((r["cost"], r["unpriced_tokens"]) for r in rows if r["cost"] is None) == [(None, 1_000_000)]
+        [unpriced] = [r for r in rows if r["cost"] is None]
+        assert "created_at cannot be read as a time" in unpriced["unpriced_reason"]
+        assert report_totals(rows)["USD"]["cost"] == Decimal(30)
+    # With a period the row is selected by SQL on its stored value, and is never priced either way.
+    windowed = cost_report("model", since="2026-10-01")
+    assert [r["cost"] for r in windowed if r["currency"] == "USD"] == [Decimal(30)]
+    assert all(r["cost"] is None and "cannot be read" in r["unpriced_reason"] for r in windowed if not r["currency"])
+    assert "created_at cannot be read" in run(backend, "usage", "report", "--strict", code=1).stderr
+
+
+@pytest.mark.parametrize("table, column", TIME_COLUMNS)
+def test_a_unix_time_is_read_and_named_by_check(tmp_path, table, column):
+    """A Unix time in seconds, as people write on SQLite by hand, is read as
+    that time; `check` names it (reports' periods, in SQL, compare the
+    stored text); `copy` writes it as psai's ISO text."""
+    source, target = make_backend("sqlite", tmp_path / "source"), make_backend("sqlite", tmp_path)
+    (tmp_path / "source").mkdir()
+    source.connect()
+    try:
+        psai.migrate()
+        good, m, a = odd_time_store()
+        row_id = row_of(table, m, a)
+        raw('UPDATE "%s" SET "%s" = ? WHERE "id" = ?' % (table, column), (1700000000, row_id))
+        for args in (["models", "list"], ["agents", "list"], ["models", "history", "odd"], ["export"],
+                     ["usage", "report", "--by", "day"]):
+            assert "Traceback" not in run(source, *args).output
+        if table in ("ps_ai_models", "ps_agents"):
+            listed = json.loads(run(source, "models" if table == "ps_ai_models" else "agents", "list", "--json").stdout)
+            [shown] = [r for r in listed if r["id"] == row_id]
+            assert shown[column] == "2023-11-14T22:13:20+00:00" and "problem" not in shown
+        [named] = json.loads(run(source, "check", "--json", code=1).stdout)
+        assert (named["table"], named["id"]) == (table, row_id)
+        assert "%s is stored as a Unix time (1700000000), read as 2023-11-14T22:13:20+00:00" % column \
+            in named["problem"]
+        run(source, "copy", "--from", source.url, "--to", target.url)
+    finally:
+        source.close()
+    target.connect()
+    try:
+        assert run(target, "check").stdout.strip() == "every row is fine"
+    finally:
+        target.close()
+
+
+# Times Python holds whose UTC falls outside years 1-9999: PostgreSQL would
+# store them (year 10000, 1 BC) where nothing could read them back.
+OUT_OF_RANGE_TIMES = ["9999-12-31T23:59:59-01:00", "0001-01-01T00:00:00+01:00"]
+
+
+@pytest.mark.parametrize("moment", OUT_OF_RANGE_TIMES)
+def test_psai_never_writes_a_time_it_cannot_read(db, backend, tmp_path, moment):
+    m = model()
+    record_usage(m, None, tokens_in=1000, tokens_out=10)
+    before = run(backend, "export").stdout
+    exported = json.loads(before)
+    row = dict(exported["ps_ai_models"][0], id=7, uuid=str(uuid.uuid4()), name="new", created_at=moment)
+    document = tmp_path / "import.json"
+    document.write_text(json.dumps({"ps_ai_models": [row], "ps_agents": [], "AgentModels": []}))
+    refused = run(backend, "import", str(document), code=2)
+    assert "ps_ai_models.0.created_at: Out of range: in UTC it falls outside the years 1 to 9999." \
+        in refused.stderr and "Traceback" not in refused.output
+    for option in ("--since", "--until"):
+        refused = run(backend, "models", "reprice", str(m.id), "--set", "costInTokensPerMillion=1", option, moment,
+                      "--apply", code=2)
+        assert "%s: Out of range" % option[2:] in refused.stderr and "Traceback" not in refused.output
+        for args in (["usage", "report"], ["audit"]):
+            assert "%s: Out of range" % option[2:] in run(backend, *args, option, moment, code=2).stderr
+    with pytest.raises(psai.ValidationError, match="created_at: Out of range"):
+        PsAiModel.create(user_id=1, organization_id=2, name="api", configuration=make_configuration(),
+                         created_at=datetime.datetime.fromisoformat(moment))
+    assert run(backend, "export").stdout == before
+    assert raw('SELECT COUNT(*) FROM "psai_price_corrections"').fetchone()[0] == 0
+    assert run(backend, "check").stdout.strip() == "every row is fine"
+
+
 # -- hostile input ----------------------------------------------------------------------------
 
 HUGE = 10 ** 400
