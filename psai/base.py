@@ -56,9 +56,11 @@ def check_database(row: Model, db: Database | None = None) -> None:
     origin = row.__dict__.get(_DATABASE)
     if origin is None:
         return
-    if db is None:
-        db = model_db(type(row))
-    if origin is db or same_database(origin, db):
+    bound = type(row)._meta.database if db is None else db
+    if origin is bound or (type(bound) is DatabaseProxy and origin is bound.obj):
+        return
+    db = model_db(type(row)) if db is None else db
+    if same_database(origin, db):
         return
     raise WrongDatabaseError("%s %s was read from %s and cannot be used on %s: there id %s is another row "
                              "(read it again inside the block that uses that database)"
