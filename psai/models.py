@@ -552,6 +552,7 @@ def sub_agent_tree(agent: PsAgent, *, include_self: bool = True) -> list[PsAgent
     """The agents under ``agent`` (and itself), each with ``.level`` (0 for
     ``agent``), in one recursive query, by level then id. A loop in
     parent_agent_id (which PolicySynth does not prevent) ends the walk."""
+    check_database(agent)
     tree = (PsAgent.select(PsAgent.id, Value(0).alias("level"))
             .where(PsAgent.id == agent.id)
             .cte("agent_tree", recursive=True, columns=("id", "level")))

@@ -229,6 +229,7 @@ def test_a_row_from_another_database_is_refused_on_every_write_path(two):
             "link remove": lambda: away_agent.ai_models.remove(home_model),
             "link clear": lambda: home_agent.ai_models.clear(),
             "select_model": lambda: home_agent.select_model("text", "large"),
+            "sub_agent_tree": lambda: home_agent.sub_agent_tree(),
             "update_configuration": lambda: home_model.update_configuration({"maxTokensOut": 5}),
             "deactivate": lambda: home_model.deactivate(),
             "save": lambda: home_model.save(),
