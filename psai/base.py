@@ -20,7 +20,7 @@ from .db import database, describe_database, model_db, same_database, write_tran
 from .errors import NotFoundError, ValidationError, WrongDatabaseError
 from .fields import JSONField, TimestampTzField, utcnow
 
-__all__ = ["BaseModel", "LinkField", "load_links", "row_database", "check_database"]
+__all__ = ["BaseModel", "LinkField", "load_links", "check_database"]
 
 
 def _plain_fields(model, _cache: dict = {}):  # noqa: B006  (a cache on purpose)
@@ -43,16 +43,11 @@ def _bound(model: type[Model]) -> Database | None:
     return db.obj if isinstance(db, DatabaseProxy) else db
 
 
-def row_database(row: Model) -> Database | None:
-    """The database ``row`` was read from or last saved to; None for a row
-    made in Python and never saved."""
-    return row.__dict__.get(_DATABASE)
-
-
 def check_database(row: Model, db: Database | None = None) -> None:
     """Refuse ``row`` on ``db`` (default: where its table is bound in this
-    thread) when it came from another database: there its id is another
-    row. An identity check on the hot path, no query."""
+    thread) when it comes from another database (read from it, or first
+    saved to it): there its id is another row. An identity check on the
+    hot path, no query."""
     origin = row.__dict__.get(_DATABASE)
     if origin is None:
         return
@@ -62,8 +57,8 @@ def check_database(row: Model, db: Database | None = None) -> None:
     db = model_db(type(row)) if db is None else db
     if same_database(origin, db):
         return
-    raise WrongDatabaseError("%s %s was read from %s and cannot be used on %s: there id %s is another row "
-                             "(read it again inside the block that uses that database)"
+    raise WrongDatabaseError("%s %s comes from %s and cannot be used on %s, where id %s is another row "
+                             "(read the row from that database instead)"
                              % (type(row).__name__, row.get_id(), describe_database(origin),
                                 describe_database(db), row.get_id()))
 
