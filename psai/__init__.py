@@ -5,7 +5,7 @@ from .db import connect, database, redact_url, using
 from .enums import PsAiModelProvider, PsAiModelSize, PsAiModelType
 from .errors import (
     DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError, PsaiError, UnpricedUsageError,
-    ValidationError,
+    ValidationError, WrongDatabaseError,
 )
 from .migrations import migrate
 from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
@@ -29,6 +29,7 @@ __all__ = [
     "ValidationError", "PsaiError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
     "InUseError", "PsModelUsageItem", "price_history", "reprice", "UnpricedUsageError", "catalog", "report",
     "usage_from_response", "ResponseUsage", "record_response", "track", "resolve_model", "audit",
+    "WrongDatabaseError",
 ]
 
 # Imported on first use, so a short command does not pay for them.

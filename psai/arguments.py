@@ -9,17 +9,27 @@ from collections.abc import Mapping
 from .constants import MAX_INTEGER, time_range_problem
 from .errors import ValidationError
 from .fields import UTC
+from .base import check_database
 from .models import PsAgent, PsAiModel
 
 __all__ = ["model_arg", "agent_arg", "check_counts", "check_ids", "as_datetime"]
 
 
 def model_arg(model: PsAiModel | int | str | uuid.UUID) -> PsAiModel:
-    return model if isinstance(model, PsAiModel) else PsAiModel.get_by_key(model)
+    """The model row: a row given (refused if it came from another
+    database than the one bound here), else the row with this id or uuid."""
+    if isinstance(model, PsAiModel):
+        check_database(model)
+        return model
+    return PsAiModel.get_by_key(model)
 
 
 def agent_arg(agent: PsAgent | int | str | uuid.UUID | None) -> PsAgent | None:
-    if agent is None or isinstance(agent, PsAgent):
+    """The agent row, as ``model_arg`` finds a model; None stays None."""
+    if agent is None:
+        return None
+    if isinstance(agent, PsAgent):
+        check_database(agent)
         return agent
     return PsAgent.get_by_key(agent)
 

@@ -1,24 +1,26 @@
 """psai's peewee base: the model class every table derives from, and every
 dependency on peewee's internals in one place: rows read without a
 descriptor call per field, validation on every write path, a cached INSERT
-for save(), links whose ``add`` is harmless twice, eager loading of links."""
+for save(), links whose ``add`` is harmless twice, eager loading of links,
+and each row's database: a row read from (or saved to) one database is
+refused on another, where its id names a different row."""
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Self
 
 from peewee import (
-    DeferredThroughModel, FieldAccessor, ManyToManyField, ManyToManyFieldAccessor, ManyToManyQuery,
-    Model, ModelInsert, ModelSelect, ModelUpdate, Node, PostgresqlDatabase,
+    Database, DatabaseProxy, DeferredThroughModel, FieldAccessor, ManyToManyField, ManyToManyFieldAccessor,
+    ManyToManyQuery, Model, ModelInsert, ModelSelect, ModelUpdate, Node, PostgresqlDatabase,
 )
 from playhouse.hybrid import hybrid_method
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
 
 from .constants import MAX_INTEGER
-from .db import database, model_db, write_transaction
-from .errors import NotFoundError, ValidationError
+from .db import database, describe_database, model_db, same_database, write_transaction
+from .errors import NotFoundError, ValidationError, WrongDatabaseError
 from .fields import JSONField, TimestampTzField, utcnow
 
-__all__ = ["BaseModel", "LinkField", "load_links"]
+__all__ = ["BaseModel", "LinkField", "load_links", "check_database"]
 
 
 def _plain_fields(model, _cache: dict = {}):  # noqa: B006  (a cache on purpose)
@@ -29,6 +31,36 @@ def _plain_fields(model, _cache: dict = {}):  # noqa: B006  (a cache on purpose)
         names = _cache[model] = frozenset(
             name for name in model._meta.fields if type(model.__dict__.get(name)) is FieldAccessor)
     return names
+
+
+# Where a row's database is kept, in the row's __dict__ (beside peewee's own).
+_DATABASE = "_psai_database"
+
+
+def _bound(model: type[Model]) -> Database | None:
+    """The database ``model`` is bound to in this thread, or None."""
+    db = model._meta.database
+    return db.obj if isinstance(db, DatabaseProxy) else db
+
+
+def check_database(row: Model, db: Database | None = None) -> None:
+    """Refuse ``row`` on ``db`` (default: where its table is bound in this
+    thread) when it comes from another database (read from it, or first
+    saved to it): there its id is another row. An identity check on the
+    hot path, no query."""
+    origin = row.__dict__.get(_DATABASE)
+    if origin is None:
+        return
+    bound = type(row)._meta.database if db is None else db
+    if origin is bound or (type(bound) is DatabaseProxy and origin is bound.obj):
+        return
+    db = model_db(type(row)) if db is None else db
+    if same_database(origin, db):
+        return
+    raise WrongDatabaseError("%s %s comes from %s and cannot be used on %s, where id %s is another row "
+                             "(read the row from that database instead)"
+                             % (type(row).__name__, row.get_id(), describe_database(origin),
+                                describe_database(db), row.get_id()))
 
 
 class BaseModel(Model):
@@ -60,10 +92,17 @@ class BaseModel(Model):
                 data[name] = value
             else:
                 setattr(self, name, value)
+        # The database it was read from: the one its table is bound to while
+        # peewee builds it, as peewee runs the query there.
+        self.__dict__[_DATABASE] = _bound(type(self))
 
     def save(self, *args: Any, validate: bool = True, **kwargs: Any) -> Any:
         """Save the row, validated first unless ``validate=False`` (for rows a
-        schema has already checked, with its own rules: an import)."""
+        schema has already checked, with its own rules: an import). A row
+        from another database is refused (WrongDatabaseError); a new row
+        belongs to the database it is first saved to."""
+        db = model_db(type(self))
+        check_database(self, db)
         # PolicySynth (Sequelize) refreshes updated_at on every save; a new
         # row has one time for both, as Sequelize gives it.
         if "updated_at" in self._meta.fields:
@@ -80,10 +119,37 @@ class BaseModel(Model):
             self.validate()
         # peewee's save() writes through this row's insert() or update():
         # called on a row, they write what save() has validated.
-        return super().save(*args, **kwargs)
+        result = super().save(*args, **kwargs)
+        self.__dict__[_DATABASE] = db
+        return result
+
+    def delete_instance(self, *args: Any, **kwargs: Any) -> Any:
+        """Delete the row; one from another database is refused (WrongDatabaseError)."""
+        check_database(self)
+        return super().delete_instance(*args, **kwargs)
 
     def validate(self) -> None:
         """Raise psai.ValidationError if this row may not be written."""
+
+    def _state(self):
+        """The row's values and unsaved fields, to put back with ``_restore``."""
+        return dict(self.__data__), set(self._dirty)
+
+    def _restore(self, state):
+        self.__data__, self._dirty = dict(state[0]), set(state[1])
+
+    def _take_stored(self, stored):
+        """This object becomes ``stored`` (the same row, read again), but for
+        the fields the caller has set and not saved yet."""
+        for name, value in stored.__data__.items():
+            if name not in self._dirty:
+                self.__data__[name] = value
+
+    def _saved_as(self, values):
+        """After a write of ``values`` ({field name: value}) this object did not
+        make through save(): it holds them, and nothing is left unsaved."""
+        self.__data__.update(values)
+        self._dirty.clear()
 
     # Writes that bypass save() are validated too. Values that are SQL
     # expressions (JSON path updates and the like) are passed through as given.
@@ -313,8 +379,10 @@ class LinkQuery(ManyToManyQuery):
 
     def _ids(self, values):
         ids = []
+        db = model_db(self._accessor.through_model)
         for value in values:
             if isinstance(value, Model):
+                check_database(value, db)
                 pk = getattr(value, self._dest_attr)
                 if pk is None:
                     raise NotFoundError("cannot link an unsaved %s; save it first" % type(value).__name__)
@@ -327,7 +395,7 @@ class LinkQuery(ManyToManyQuery):
         if isinstance(value, ModelSelect):
             return super().remove(value)
         value = value if isinstance(value, (list, tuple, set)) else [value]
-        return super().remove(list(value)) if value else 0
+        return super().remove(self._ids(value)) if value else 0
 
 
 class LinkAccessor(ManyToManyFieldAccessor):
@@ -340,6 +408,8 @@ class LinkAccessor(ManyToManyFieldAccessor):
         return super().__get__(instance, instance_type)
 
     def get_query(self, instance):
+        # Another database's links of this id are another row's: refused.
+        check_database(instance, model_db(self.through_model))
         src_id = getattr(instance, self.src_fk.rel_field.name)
         if src_id is None:
             raise NotFoundError("%s is not saved yet: it has no links" % type(instance).__name__)

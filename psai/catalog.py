@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any
 
 from .constants import CATALOG_PRICE_KEYS
-from .db import model_db, table_columns, write_transaction
+from .db import lock, model_db, table_columns, write_transaction
 from .errors import CatalogUnavailableError, NotAdoptedError, ValidationError
 from .fields import UTC, utcnow
 from .genai import genai_catalog
@@ -166,6 +166,12 @@ def import_catalog(source: str, *, user_id: int, organization_id: int, size: str
               "skipped": catalog["skipped"]}
     total = len(entries)
     with write_transaction(db):
+        # One import of a source model at a time (per organization), as
+        # superseding a name is: what is "already imported" is read after the
+        # locks, so a concurrent import's rows are seen, never duplicated. In
+        # one order for every import, so two cannot deadlock.
+        for source_model in sorted(entries):
+            lock(db, ("catalog import", source, organization_id, source_model))
         existing = _imported(source, organization_id, set(entries))
         now = utcnow()
         for done, (source_model, entry) in enumerate(sorted(entries.items()), 1):

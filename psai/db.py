@@ -27,7 +27,7 @@ from .errors import DatabaseUnavailableError, DatabaseURLError, NotConnectedErro
 
 __all__ = ["database", "connect", "using", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction", "lock",
            "lock_id", "execute_prepared", "table_columns", "forget_schema", "model_db", "current_db",
-           "connection_lost", "NotConnectedError"]
+           "connection_lost", "NotConnectedError", "describe_database", "same_database"]
 
 DEFAULT_URL = "sqlite:///psai.db"
 
@@ -366,6 +366,49 @@ def current_db() -> Database:
     if database.obj is None:
         raise NotConnectedError(_NOT_CONNECTED)
     return database.obj
+
+
+def describe_database(db: Database | None = None) -> str:
+    """The database as a URL with no secret in it (default: ``current_db()``);
+    a PostgreSQL search_path given in the options is named too, since two
+    schemas of one server are two stores."""
+    db = db or current_db()
+    if isinstance(db, PostgresqlDatabase):
+        params = db.connect_params
+        user = params.get("user")
+        text = "postgresql://%s%s:%s/%s" % (user + "@" if user else "", params.get("host", ""),
+                                            params.get("port", 5432), db.database)
+        path = re.search(r"search_path\s*=\s*([^\s]+)", str(params.get("options") or ""))
+        return text + (" (search_path %s)" % path.group(1) if path else "")
+    return "sqlite:///%s" % _sqlite_path(db)
+
+
+def _sqlite_path(db: Database) -> str:
+    # A read-only file is opened by a file: URI; its path is what names it.
+    return getattr(db, "path", None) or str(db.database)
+
+
+def _identity(db: Database) -> tuple[Any, ...] | None:
+    """What makes two Database objects the same store: the file, or the
+    server, database and search_path. None for an in-memory SQLite database,
+    which is only ever itself."""
+    if isinstance(db, PostgresqlDatabase):
+        params = db.connect_params
+        return ("postgresql", params.get("host"), params.get("port", 5432), db.database, params.get("options"))
+    name = _sqlite_path(db)
+    if name == ":memory:" or name.startswith("file::memory:") or not name:
+        return None
+    return ("sqlite", os.path.realpath(name))
+
+
+def same_database(a: Database, b: Database) -> bool:
+    """Whether ``a`` and ``b`` reach one store: the same object, or opened
+    from the same file or server, database and search_path (each
+    ``connect(url)`` opens a new object for the same store)."""
+    if a is b:
+        return True
+    identity = _identity(a)
+    return identity is not None and identity == _identity(b)
 
 
 def is_postgres(db: Database | None = None) -> bool:

@@ -4,7 +4,7 @@ from typing import Any
 import marshmallow
 
 __all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
-           "InUseError", "UnpricedUsageError",
+           "InUseError", "UnpricedUsageError", "WrongDatabaseError",
            "NotConnectedError", "NotAdoptedError", "CatalogUnavailableError", "Unmappable", "flatten_messages"]
 
 
@@ -59,6 +59,11 @@ class NotConnectedError(DatabaseUnavailableError):
 
 class NotFoundError(PsaiError, LookupError):
     """A row that was named (by id, uuid or name) does not exist."""
+
+
+class WrongDatabaseError(PsaiError):
+    """A row read from (or saved to) one database was used on another, where
+    a row with the same id is a different row: refused, naming both."""
 
 
 class InUseError(PsaiError):

@@ -13,7 +13,7 @@ from peewee import (
     ModelSelect, ModelUpdate, Value,
 )
 
-from .base import BaseModel, LinkField, load_links
+from .base import BaseModel, LinkField, check_database, load_links
 from .constants import strict_json_dumps
 from .db import is_postgres, lock, model_db, register_models, table_columns, write_transaction
 from .enums import PsAiModelSize, PsAiModelType
@@ -72,9 +72,12 @@ class PsAiModel(BaseModel):
     def save(self, *args: Any, **kwargs: Any) -> int:
         """Save, and keep the price history (``psai.price_history``): a
         change of ``prices`` closes the version in force and opens a new one,
-        in the same transaction."""
+        in the same transaction. This writes the object as it is: to change
+        some fields while other processes may change others, use
+        ``update_configuration`` (it merges into the row as stored)."""
         if self.id is None or kwargs.get("force_insert"):
             return super().save(*args, **kwargs)
+        check_database(self)
         with write_transaction(model_db(self)):
             # Lock the row before the new updated_at is taken, so a call
             # recorded at the same moment is either before the change or after it.
@@ -88,6 +91,7 @@ class PsAiModel(BaseModel):
     def delete_instance(self, *args: Any, **kwargs: Any) -> int:
         """Delete the model and its links. A model with recorded usage is
         refused (InUseError): deactivate it, so reports keep its prices."""
+        check_database(self)
         in_use = InUseError("model %s (%s) has recorded usage; deactivate it instead of deleting it"
                             % (self.id, self.name))
         try:
@@ -101,36 +105,62 @@ class PsAiModel(BaseModel):
                 raise in_use from None
             raise
 
+    def _stored_for_update(self) -> PsAiModel:
+        """Inside a write transaction: the row as stored now, locked until
+        commit (PostgreSQL: FOR UPDATE; SQLite: the write transaction holds
+        the database's write lock). NotFoundError when it is gone."""
+        query = PsAiModel.select().where(PsAiModel.id == self.id)
+        stored = (query.for_update() if is_postgres(model_db(self)) else query).first()
+        if stored is None:
+            raise NotFoundError("PsAiModel %s does not exist (deleted?)" % self.id)
+        return stored
+
     def update_configuration(self, changes: dict[str, Any]) -> Self:
-        """Merge ``changes`` into the configuration (nested dicts merge, a
-        None value removes a key), validate the result and save it. A stored
-        configuration that is not an object (a hand-written row) is replaced
-        by ``changes``, so a bad row can be fixed."""
+        """Merge ``changes`` into the configuration as stored now (nested
+        dicts merge, a None value removes a key), validate the result and
+        save it, reading and writing under the row's lock: two processes
+        changing different fields both keep their change. A stored
+        configuration that is not an object (a hand-written row) is
+        replaced by ``changes``, so a bad row can be fixed. Fields set on
+        the object and not saved (``name``) are saved with it; the object
+        then holds the row as stored. NotFoundError when the row is gone."""
         if not isinstance(changes, dict):
             raise ValidationError({"changes": ["Must be a dict of configuration fields to change."]})
-        before = self.configuration
-        self.configuration = merge_configuration(before if isinstance(before, dict) else {}, changes)
+        check_database(self)
+        before = self._state()
         try:
-            self.save()
-        except ValidationError:
-            self.configuration = before  # a refused change leaves the object as it was too
+            with write_transaction(model_db(self)):
+                if self.id is not None:  # else a new row, saved for the first time
+                    self._take_stored(self._stored_for_update())
+                base = self.configuration
+                self.configuration = merge_configuration(base if isinstance(base, dict) else {}, changes)
+                self.save()
+        except BaseException:
+            # A refused change leaves the object as it was too.
+            self._restore(before)
             raise
         return self
 
     def deactivate(self) -> Self:
-        """Mark the model inactive. Unlike other changes this is written even
-        when the row holds something psai would refuse (written by hand or by
-        another tool): taking a bad row out of use never makes it worse. A
-        configuration that is not an object cannot hold the flag: replace it
-        with ``update_configuration``."""
-        problem = shape_problem(self.configuration)
-        if problem:
-            raise ValidationError({"configuration": [problem + "; replace it with a whole configuration."]})
-        self.configuration = dict(self.configuration, active=False)
-        self.updated_at = utcnow()
-        # peewee's own update query, not BaseModel.update: on purpose, without validation.
-        ModelUpdate(PsAiModel, {PsAiModel.configuration: self.configuration, PsAiModel.updated_at: self.updated_at}) \
-            .where(PsAiModel.id == self.id).execute()
+        """Mark the model inactive, in the row as stored now (under its lock:
+        nothing another process changed meanwhile is written back). Unlike
+        other changes this is written even when the row holds something
+        psai would refuse (written by hand or by another tool): taking a
+        bad row out of use never makes it worse. A configuration that is
+        not an object cannot hold the flag: replace it with
+        ``update_configuration``. NotFoundError when the row is gone."""
+        check_database(self)
+        with write_transaction(model_db(self)):
+            stored = self._stored_for_update()
+            problem = shape_problem(stored.configuration)
+            if problem:
+                raise ValidationError({"configuration": [problem + "; replace it with a whole configuration."]})
+            configuration = dict(stored.configuration, active=False)
+            now = utcnow()
+            # peewee's own update query, not BaseModel.update: on purpose, without validation.
+            ModelUpdate(PsAiModel, {PsAiModel.configuration: configuration, PsAiModel.updated_at: now}) \
+                .where(PsAiModel.id == self.id).execute()
+        self._saved_as(dict(stored.__data__, configuration=configuration, updated_at=now))
         return self
 
     @classmethod
@@ -429,6 +459,8 @@ def provenance(model: PsAiModel | int | str | uuid.UUID) -> dict[str, Any] | Non
     """Where an imported model's prices came from: ``{"source",
     "source_version", "source_model", "imported_at"}``, or None for a model
     not imported from a catalog (or a database without psai's tables)."""
+    if isinstance(model, PsAiModel):
+        check_database(model)
     found = model if isinstance(model, PsAiModel) else PsAiModel.get_by_key(model)
     if not table_columns(model_db(PsAiModel), ModelProvenance._meta.table_name):
         return None
@@ -520,6 +552,7 @@ def sub_agent_tree(agent: PsAgent, *, include_self: bool = True) -> list[PsAgent
     """The agents under ``agent`` (and itself), each with ``.level`` (0 for
     ``agent``), in one recursive query, by level then id. A loop in
     parent_agent_id (which PolicySynth does not prevent) ends the walk."""
+    check_database(agent)
     tree = (PsAgent.select(PsAgent.id, Value(0).alias("level"))
             .where(PsAgent.id == agent.id)
             .cte("agent_tree", recursive=True, columns=("id", "level")))

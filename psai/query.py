@@ -64,9 +64,8 @@ def add_model(*, name: str, user_id: int, organization_id: int, configuration: d
         older = list(PsAiModel.select()
                      .where((PsAiModel.name == name) & (PsAiModel.organization_id == organization_id)))
         for row in older:
-            if row.configuration.get("active") is not False:
-                row.configuration = dict(row.configuration, active=False)
-                row.save()
+            if isinstance(row.configuration, dict) and row.configuration.get("active") is not False:
+                row.deactivate()  # the flag alone, under the row's lock: nothing else is written back
         new.save(force_insert=True)
         _move_links([row.id for row in older], new.id)
     return new

@@ -13,9 +13,7 @@ from decimal import Decimal
 from html import escape
 from typing import cast
 
-from peewee import Database, PostgresqlDatabase
-
-from .db import current_db, redact_url
+from .db import describe_database, redact_url
 from .errors import ValidationError
 from .fields import utcnow
 from .reports import CostRow
@@ -61,17 +59,6 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
 @media print { body { max-width: none; padding: 0; } .total, .warn { break-inside: avoid; }
   section { break-inside: avoid; } }
 """
-
-
-def describe_database(db: Database | None = None) -> str:
-    """Where a report's data came from, with no secret in it."""
-    db = db or current_db()
-    if isinstance(db, PostgresqlDatabase):
-        params = db.connect_params
-        user = params.get("user")
-        return "postgresql://%s%s:%s/%s" % (user + "@" if user else "", params.get("host", ""),
-                                            params.get("port", 5432), db.database)
-    return "sqlite:///%s" % db.database
 
 
 def _money(value):

@@ -10,6 +10,7 @@ from typing import Any, TypedDict
 
 from peewee import Database
 
+from .base import check_database
 from .db import model_db, table_columns
 from .errors import NotFoundError
 from .models import PriceCorrection, PriceVersion, PsAiModel, prices_of
@@ -49,6 +50,7 @@ def resolve_models(model: PsAiModel | int | str | uuid.UUID) -> list[PsAiModel]:
     """Model rows, as stored now, from a row, an id, a uuid, or a name (every
     row with it, oldest first)."""
     if isinstance(model, PsAiModel):
+        check_database(model)
         model = model.id
     try:
         return [PsAiModel.get_by_key(model)]

@@ -1,6 +1,7 @@
 """Several databases in one process: psai.using(db), peewee's bind_ctx,
 threads on two backends, and psai.copy between databases."""
 import json
+from decimal import Decimal
 import threading
 
 import pytest
@@ -187,3 +188,81 @@ def test_copy_from_the_command_line(two, tmp_path):
         assert [m.name for m in PsAiModel.select()] == ["GPT"]
     bad = CliRunner().invoke(cli, ["copy", "--from", "mysql://x", "--to", target_url])
     assert bad.exit_code == 2 and "unsupported database URL scheme" in bad.stderr
+
+
+RESPONSE = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010}}
+
+
+def _state(db):
+    """Everything a misplaced write could change in ``db``."""
+    with psai.using(db):
+        return ([(m.id, m.name, m.configuration) for m in PsAiModel.select().order_by(PsAiModel.id)],
+                [(a.id, a.configuration) for a in PsAgent.select().order_by(PsAgent.id)],
+                sorted(psai.AgentModels.select(psai.AgentModels.agent, psai.AgentModels.ai_model).tuples()),
+                PsModelUsageItem.select().count(), psai.PsModelUsage.select().count(),
+                [v["prices"] for m in PsAiModel.select() for v in psai.price_history(m)])
+
+
+def test_a_row_from_another_database_is_refused_on_every_write_path(two):
+    """Ids repeat across databases: a row read from one and used in a block
+    on the other would act on the other's row of that id. Refused, naming both."""
+    home_model, home_agent = add("home"), agent("home agent")  # id 1 in the default database
+    home_model.update_configuration({"prices": {"costInTokensPerMillion": 31}})
+    with psai.using(two.other):
+        away_model = add("away", model="other-model")  # id 1 here too
+        away_model.update_configuration({"prices": {"costInTokensPerMillion": 99}})
+        away_agent = agent("away agent")
+    assert (home_model.id, home_agent.id) == (away_model.id, away_agent.id)
+    before = _state(two.other), _state(two.default)
+    with psai.using(two.other):
+        attempts = {
+            "record_usage": lambda: psai.record_usage(home_model, tokens_in=1000, tokens_out=10),
+            "record_usage agent": lambda: psai.record_usage(away_model, home_agent, tokens_in=1, tokens_out=1),
+            "record_response": lambda: psai.record_response(home_model, None, RESPONSE),
+            "track": lambda: psai.track(home_agent, away_model).__enter__(),
+            "track model": lambda: psai.track(away_agent, home_model).__enter__(),
+            "link add": lambda: home_agent.ai_models.add(away_model),
+            "link add target": lambda: away_agent.ai_models.add(home_model),
+            "link add from the model": lambda: home_model.agents.add(away_agent),
+            "link remove": lambda: away_agent.ai_models.remove(home_model),
+            "link clear": lambda: home_agent.ai_models.clear(),
+            "select_model": lambda: home_agent.select_model("text", "large"),
+            "sub_agent_tree": lambda: home_agent.sub_agent_tree(),
+            "update_configuration": lambda: home_model.update_configuration({"maxTokensOut": 5}),
+            "deactivate": lambda: home_model.deactivate(),
+            "save": lambda: home_model.save(),
+            "save agent": lambda: home_agent.save(),
+            "delete_instance": lambda: home_model.delete_instance(),
+            "delete agent": lambda: home_agent.delete_instance(),
+            "reprice": lambda: psai.reprice(home_model, {"costInTokensPerMillion": 1}, dry_run=False),
+            "price_history": lambda: psai.price_history(home_model),
+            "audit": lambda: psai.audit(model=home_model, dry_run=False),
+            "provenance": lambda: psai.catalog.provenance(home_model),
+        }
+        for name, attempt in attempts.items():
+            with pytest.raises(psai.WrongDatabaseError) as refused:
+                attempt()
+            message = str(refused.value)
+            assert psai.db.describe_database(two.default) in message, (name, message)
+            assert psai.db.describe_database(two.other) in message, (name, message)
+            assert isinstance(refused.value, psai.PsaiError)
+    assert (_state(two.other), _state(two.default)) == before  # nothing written anywhere
+
+    # Each row goes on working on its own database, and a row created in a
+    # block belongs to that block's database.
+    psai.record_usage(home_model, home_agent, tokens_in=1000, tokens_out=10)
+    home_agent.ai_models.add(home_model)
+    [row] = psai.cost_report("model")
+    assert (row["model_name"], row["cost"]) == ("home", Decimal("0.031") + Decimal("0.0006"))
+    with pytest.raises(psai.WrongDatabaseError):
+        away_model.update_configuration({"maxTokensOut": 5})
+    with psai.using(two.other):
+        away_agent.ai_models.add(away_model)
+        assert away_agent.select_model("text", "large").name == "away"
+    # The same database opened again (each connect() makes a new object) is the same store.
+    with psai.using(two.default_url):
+        home_model.update_configuration({"maxTokensOut": 5})
+        psai.record_usage(home_model, home_agent, tokens_in=1, tokens_out=0)
+    assert PsAiModel.get_by_id(home_model.id).configuration["maxTokensOut"] == 5

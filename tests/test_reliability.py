@@ -41,6 +41,52 @@ def test_eight_concurrent_writers_lose_nothing(backend):
     assert PsModelUsage.select().count() == workers * count  # one counter row per (model, agent)
 
 
+@pytest.mark.slow
+def test_processes_changing_different_fields_of_one_model_keep_every_change(db, backend, tmp_path):
+    """`psai models update --set prices...` in one process, update_configuration
+    of another field in a second, of a third (and deactivate half-way) in a
+    third, 25 times each at once: the row ends with every change, and the
+    price history has each price once, in order (a stale configuration
+    written back would open a version with an older price, which calls
+    recorded then are charged)."""
+    from test_hostile import start_together
+    from workers import change_one_field
+    times = 25
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(3) as pool:
+        for round_ in range(3):
+            model = PsAiModel.create(user_id=1, organization_id=1, name="race-%d" % round_,
+                                     configuration=make_configuration())
+            work = [(backend.url, model.id, how, times) for how in ("price", "max tokens", "temperature")]
+            assert sorted(start_together(pool, change_one_field, work, tmp_path)) == \
+                ["max tokens", "price", "temperature"]
+            stored = PsAiModel.get_by_id(model.id).configuration
+            assert (stored["prices"]["costInTokensPerMillion"], stored["maxTokensOut"],
+                    stored["defaultTemperature"], stored["active"]) == (times, 1000 + times, times / 100, False), \
+                round_
+            prices = [v["prices"]["costInTokensPerMillion"] for v in psai.price_history(model)]
+            assert prices == [30] + list(range(1, times + 1)), round_
+
+
+@pytest.mark.slow
+def test_concurrent_catalog_imports_never_duplicate_a_model(db, backend, tmp_path):
+    """Four `catalog import genai-prices --provider openai --provider
+    anthropic` at once: one model and one provenance row per source model."""
+    from test_hostile import start_together
+    from workers import import_genai_prices
+    from psai.models import ModelProvenance
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        for organization in (1, 2):  # a round each, into an empty organization
+            imported = start_together(pool, import_genai_prices, [(backend.url, organization)] * 4, tmp_path)
+            source_models = imported[0]
+            assert all(models == source_models for models in imported) and len(source_models) > 100
+            models = PsAiModel.select(PsAiModel.id).where(PsAiModel.organization_id == organization)
+            provenance = ModelProvenance.select(ModelProvenance.source_model).where(ModelProvenance.model.in_(models))
+            assert sorted(name for (name,) in provenance.tuples()) == source_models, organization
+            assert models.count() == len(source_models), organization
+
+
 # -- 2. crash safety ----------------------------------------------------------------
 
 def spawn(function, *args):

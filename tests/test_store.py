@@ -320,3 +320,13 @@ def test_bulk_insert_validates_every_row_first(db):
         PsAiModel.bulk_insert(rows)
     assert list(info.value.paths) == ["3.configuration.active"]
     assert PsAiModel.select().count() == 0
+
+
+def test_changing_a_deleted_model_is_not_found_not_silent(db):
+    model = new_model()
+    PsAiModel.get_by_id(model.id).delete_instance()  # another copy of the row, as another process would
+    for change in (lambda: model.update_configuration({"maxTokensOut": 5}), model.deactivate):
+        with pytest.raises(psai.NotFoundError, match="PsAiModel %s does not exist" % model.id):
+            change()
+    assert PsAiModel.select().count() == 0  # not written back as a new row either
+    assert model.configuration["active"] is True and "maxTokensOut" in model.configuration  # the object as it was

@@ -76,3 +76,50 @@ def change_prices(url, model_id, times):
         PsAiModel.get_by_id(model_id).update_configuration({"prices": {"costInTokensPerMillion": i}})
     psai.database.close()
     return times
+
+
+def _wait_for_start(barrier_path):
+    import os
+    import time
+    while not os.path.exists(barrier_path):
+        time.sleep(0.001)
+
+
+def change_one_field(url, model_id, how, times, barrier_path):
+    """Change one field of a model ``times`` times (1, 2, ...) while others
+    change other fields: ``how`` is "price" (the CLI's `psai models update
+    ID --set prices.costInTokensPerMillion=N`, run in this process),
+    "max tokens" (a script's get + update_configuration) or "temperature"
+    (the same, and deactivate() half-way)."""
+    import contextlib
+    import io
+    import psai
+    from psai import PsAiModel
+    from psai.cli import cli
+    psai.connect(url)
+    _wait_for_start(barrier_path)
+    for i in range(1, times + 1):
+        if how == "price":
+            with contextlib.redirect_stdout(io.StringIO()):
+                cli.main(["--database", url, "models", "update", str(model_id),
+                          "--set", "prices.costInTokensPerMillion=%d" % i], standalone_mode=False)
+            psai.database.close()  # each command opens its own connection, as a process of its own would
+        elif how == "max tokens":
+            PsAiModel.get_by_id(model_id).update_configuration({"maxTokensOut": 1000 + i})
+        elif i == times // 2:
+            PsAiModel.get_by_id(model_id).deactivate()
+        else:
+            PsAiModel.get_by_id(model_id).update_configuration({"defaultTemperature": i / 100})
+    psai.database.close()
+    return how
+
+
+def import_genai_prices(url, organization_id, barrier_path):
+    import psai
+    from psai import catalog
+    psai.connect(url)
+    _wait_for_start(barrier_path)
+    result = catalog.import_catalog("genai-prices", providers=["openai", "anthropic"], user_id=1,
+                                    organization_id=organization_id)
+    psai.database.close()
+    return sorted(row["source_model"] for row in result["models"])
