@@ -32,7 +32,7 @@ from .fields import utcnow
 from .models import PriceCorrection, PriceVersion, PsAiModel, PsModelUsageItem, prices_of, record_price_change
 from .reports import part_tokens, price_parts, usage_parts
 from .schemas import INCLUDE, ModelPricesSchema
-from .sql import LOCK_USAGE_TABLES, item_data_update_sql, object_items_sql, window
+from .sql import item_reprice_sql, lock_models_sql, window
 from .versions import (
     PriceCorrectionEntry as PriceCorrectionEntry, PriceVersionEntry as PriceVersionEntry, histories_of, merge_prices,
     price_history, prices_at, resolve_models,
@@ -111,13 +111,19 @@ def reprice(model: PsAiModel | int | str | uuid.UUID, changes: dict[str, Any], *
 
     with (write_transaction(db) if not dry_run else nullcontext()):
         if not dry_run and is_postgres(db):
-            # No call may be recorded in between: what is reported is what is changed.
-            db.execute_sql(LOCK_USAGE_TABLES)
+            # Calls on these models wait (psai records under a share lock on
+            # the model's row): what is reported is what is changed. Calls on
+            # other models go on; the UPDATE locks only the rows it corrects.
+            db.execute_sql(lock_models_sql(db, len(ids)), ids)
         before = price_parts(usage_parts(db, "model", since, until, ids))
-        after = price_parts(copy.deepcopy(usage_parts(db, "model", since, until, ids)), transform)
+        after = price_parts(copy.deepcopy(before), transform)
         # Every price set the correction makes must be one psai would store.
-        corrected = [transform(prices_of(row.configuration)) for row in rows]
-        corrected += [p["pricing"]["configuredPrices"] for p in after if p["has_usage"]]
+        current = {row.id: prices_of(row.configuration) for row in rows}
+        corrected = [transform(prices) for prices in current.values()]
+        for part in before:
+            pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
+            if part["has_usage"] and pricing.get("configuredPrices") is not None:
+                corrected.append(transform(pricing["configuredPrices"]))
         for prices in {strict_json_dumps(prices, sort_keys=True): prices for prices in corrected}.values():
             _check_prices(prices)
         currencies = {p["currency"] for p in before + after if p["cost"] is not None}
@@ -136,12 +142,12 @@ def reprice(model: PsAiModel | int | str | uuid.UUID, changes: dict[str, Any], *
         }
         result["difference"] = result["after"] - result["before"]
         if not dry_run:
-            _apply(db, rows, ids, changes, transform, since, until, result)
+            _apply(db, rows, ids, changes, since, until, result)
             result["applied"] = True
     return cast(RepriceResult, result)
 
 
-def _apply(db, rows, ids, changes, transform, since, until, result):
+def _apply(db, rows, ids, changes, since, until, result):
     now = utcnow()
     correction = PriceCorrection.create(
         model=ids[0], applied_at=now, since=since, until=until, changes=changes, calls=result["calls"],
@@ -150,25 +156,16 @@ def _apply(db, rows, ids, changes, transform, since, until, result):
         PriceCorrection.create(
             model=other, applied_at=now, since=since, until=until, changes=changes, calls=0,
             currency=result["currency"], cost_before="0", cost_after="0")
-    current = {row.id: prices_of(row.configuration) for row in rows}
-    params = []
-    # Items whose data is not an object are left as they are (reports show them unpriced).
+    # One statement computing each corrected snapshot in SQL; items whose
+    # data is not an object are left as they are (reports show them unpriced).
     postgres = is_postgres(db)
+    params = [PsModelUsageItem.updated_at.db_value(now)]
+    for row in rows:
+        params += [row.id, strict_json_dumps(prices_of(row.configuration))]
+    params.append(strict_json_dumps(changes if not postgres else
+                                    {key: value for key, value in changes.items() if value is not None}))
+    if postgres:
+        params.append([key for key, value in changes.items() if value is None])
+    params.append(correction.id)
     where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params)
-    items = db.execute_sql(object_items_sql(postgres, where), params).fetchall()
-    update = item_data_update_sql(db)
-    stamp = PsModelUsageItem.updated_at.db_value(now)
-    changed = []
-    for item_id, model_id, data in items:
-        data = PsModelUsageItem.data.python_value(data)
-        pricing = data.get("pricing") if isinstance(data.get("pricing"), dict) else {}
-        configured = pricing.get("configuredPrices")
-        extras = data.get("psai") if isinstance(data.get("psai"), dict) else {}
-        extras.setdefault("originalPricing", copy.deepcopy(data.get("pricing")))
-        extras["corrections"] = list(extras.get("corrections") or []) + [correction.id]
-        data["psai"] = extras
-        data["pricing"] = dict(pricing, configuredPrices=transform(
-            configured if configured is not None else current.get(model_id)))
-        changed.append((strict_json_dumps(data), stamp, item_id))
-    if changed:
-        db.cursor().executemany(update, changed)
+    db.execute_sql(item_reprice_sql(postgres, where, len(rows)), params)

@@ -30,7 +30,8 @@ __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALU
            "item_insert", "one_round_trip_statements", "stored_configuration_sql", "USAGE_ROW_COLUMNS",
            "Slot", "slot", "Statement", "compiled", "item_groups_sql", "item_totals_sql", "counters_sound",
            "counters_negative", "counter_totals_sql", "counter_rows_sql", "price_period_sql", "counter_sums_sql",
-           "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "LOCK_USAGE_TABLES"]
+           "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "lock_models_sql",
+           "item_reprice_sql"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -429,8 +430,61 @@ def item_data_update_sql(db):
         p if isinstance(db, PostgresqlDatabase) else "json(?)", p, p)
 
 
-# reprice on PostgreSQL: no call may be recorded while a correction is read and written.
-LOCK_USAGE_TABLES = 'LOCK TABLE "ps_model_usage_item", "ps_model_usage" IN EXCLUSIVE MODE'
+def lock_models_sql(db, count):
+    """PostgreSQL: lock ``count`` models' rows (by id) until commit. psai
+    records a call under a share lock on its model's row, so calls on these
+    models wait, and calls on every other model go on."""
+    return 'SELECT "id" FROM "ps_ai_models" WHERE "id" IN (%s) ORDER BY "id" FOR UPDATE' % (
+        ", ".join([db.param] * count) or "NULL")
+
+
+def item_reprice_sql(postgres, where, model_count):
+    """One UPDATE correcting the snapshot of every item (``i``) meeting
+    ``where`` whose data is an object, computed in SQL: the prices
+    (``configuredPrices``, else the model's current ones, else {}) with the
+    changes merged in, the original ``pricing`` kept once in
+    ``psai.originalPricing``, the correction's id appended to
+    ``psai.corrections``.
+    Parameters, in order: updated_at; (model id, its current prices as a
+    JSON object) ``model_count`` times; the changes (a JSON object, null
+    removing a key); on PostgreSQL the removed keys (a text[]); the
+    correction's id; ``where``'s."""
+    if postgres:
+        data = "i.data"
+        pricing = "(CASE WHEN jsonb_typeof(%s -> 'pricing') = 'object' THEN %s -> 'pricing' ELSE '{}' END)" % (
+            data, data)
+        extras = "(CASE WHEN jsonb_typeof(%s -> 'psai') = 'object' THEN %s -> 'psai' ELSE '{}' END)" % (data, data)
+        configured = "%s #> '{pricing,configuredPrices}'" % data
+        current = "(CASE i.model_id %s END)" % " ".join(["WHEN %s THEN %s::jsonb"] * model_count) \
+            if model_count else "NULL"
+        base = ("(CASE WHEN jsonb_typeof({c}) = 'object' THEN {c} WHEN {c} IS NULL OR jsonb_typeof({c}) = 'null' "
+                "THEN coalesce({current}, '{{}}') ELSE '{{}}' END)").format(c=configured, current=current)
+        corrections = "%s -> 'corrections'" % extras
+        return (
+            'UPDATE "ps_model_usage_item" i SET "updated_at" = %s, "data" = {data} || jsonb_build_object('
+            "'pricing', {pricing} || jsonb_build_object('configuredPrices', ({base} || %s::jsonb) - %s::text[]), "
+            "'psai', jsonb_build_object('originalPricing', coalesce({data} -> 'pricing', 'null')) || {extras} || "
+            "jsonb_build_object('corrections', (CASE WHEN jsonb_typeof({corrections}) = 'array' THEN {corrections} "
+            "ELSE '[]' END) || to_jsonb(%s::integer))) WHERE {where}").format(
+                data=data, pricing=pricing, base=base, extras=extras, corrections=corrections,
+                where=" AND ".join(where + ["jsonb_typeof(i.data) = 'object'"]))
+    # SQLite: JSON text; "->" gives any value as JSON text, json() marks text as JSON for json_set.
+    data = "i.data"
+    pricing = "(CASE WHEN json_type(%s, '$.pricing') = 'object' THEN %s -> '$.pricing' ELSE '{}' END)" % (data, data)
+    extras = "(CASE WHEN json_type(%s, '$.psai') = 'object' THEN %s -> '$.psai' ELSE '{}' END)" % (data, data)
+    kind = "json_type(%s, '$.pricing.configuredPrices')" % data
+    current = "(CASE i.model_id %s END)" % " ".join(["WHEN ? THEN ?"] * model_count) if model_count else "NULL"
+    base = ("(CASE WHEN {k} = 'object' THEN {d} -> '$.pricing.configuredPrices' WHEN {k} IS NULL OR {k} = 'null' "
+            "THEN coalesce({current}, '{{}}') ELSE '{{}}' END)").format(k=kind, d=data, current=current)
+    corrections = "CASE WHEN json_type({e}, '$.corrections') = 'array' THEN {e} -> '$.corrections' ELSE '[]' END" \
+        .format(e=extras)
+    return (
+        'UPDATE "ps_model_usage_item" AS i SET "updated_at" = ?, "data" = json_set({data}, '
+        "'$.pricing', json_set(json({pricing}), '$.configuredPrices', json_patch({base}, ?)), "
+        "'$.psai', json_set(json_insert(json({extras}), '$.originalPricing', json(coalesce({data} -> '$.pricing', "
+        "'null'))), '$.corrections', json_insert(json({corrections}), '$[#]', ?))) WHERE {where}").format(
+            data=data, pricing=pricing, base=base, extras=extras, corrections=corrections,
+            where=" AND ".join(where + ["(CASE WHEN json_valid(i.data) THEN json_type(i.data) END) = 'object'"]))
 
 
 # -- statements built once ----------------------------------------------------------
