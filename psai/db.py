@@ -25,9 +25,9 @@ except ImportError:  # pragma: no cover - installed in the tests
 
 from .errors import DatabaseUnavailableError, DatabaseURLError, NotConnectedError
 
-__all__ = ["database", "connect", "using", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction", "lock",
-           "lock_id", "execute_prepared", "table_columns", "forget_schema", "model_db", "current_db",
-           "NotConnectedError"]
+__all__ = ["database", "connect", "using", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction",
+           "read_transaction", "lock", "lock_id", "execute_prepared", "table_columns", "forget_schema", "model_db",
+           "current_db", "NotConnectedError"]
 
 DEFAULT_URL = "sqlite:///psai.db"
 
@@ -274,6 +274,25 @@ def write_transaction(db: Database | None = None) -> contextlib.AbstractContextM
     if isinstance(db, SqliteDatabase) and not db.in_transaction():
         return db.atomic("IMMEDIATE")
     return db.atomic()
+
+
+@contextlib.contextmanager
+def read_transaction(db: Database | None = None) -> Iterator[Database]:
+    """A block whose reads on ``db`` (default: ``current_db()``) all see one
+    snapshot of it, so that what they read together agrees: PostgreSQL
+    ``REPEATABLE READ READ ONLY``; SQLite a deferred BEGIN (under WAL the
+    first read fixes the snapshot until the block ends, and writers go on).
+    Inside a transaction already, the block is part of it."""
+    db = db if db is not None else current_db()
+    if db.in_transaction():
+        yield db
+    elif isinstance(db, PostgresqlDatabase):
+        with db.atomic(isolation_level="REPEATABLE READ"):
+            db.execute_sql("SET TRANSACTION READ ONLY")
+            yield db
+    else:
+        with db.atomic():
+            yield db
 
 
 # Statements prepared on each PostgreSQL connection: {sql: name}. Keyed by

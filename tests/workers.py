@@ -76,3 +76,14 @@ def change_prices(url, model_id, times):
         PsAiModel.get_by_id(model_id).update_configuration({"prices": {"costInTokensPerMillion": i}})
     psai.database.close()
     return times
+
+
+def record_fixed(url, model_ids, agent_id, calls):
+    """``calls`` calls of 1,000 tokens in and 10 out each, round the models:
+    any report of them has exactly 1,000 tokens in per call."""
+    import psai
+    psai.connect(url)
+    for i in range(calls):
+        psai.record_usage(model_ids[i % len(model_ids)], agent_id, tokens_in=1000, tokens_out=10)
+    psai.database.close()
+    return calls
