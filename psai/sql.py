@@ -468,23 +468,23 @@ def item_reprice_sql(postgres, where, model_count):
             "ELSE '[]' END) || to_jsonb(%s::integer))) WHERE {where}").format(
                 data=data, pricing=pricing, base=base, extras=extras, corrections=corrections,
                 where=" AND ".join(where + ["jsonb_typeof(i.data) = 'object'"]))
-    # SQLite: JSON text; "->" gives any value as JSON text, json() marks text as JSON for json_set.
-    data = "i.data"
-    pricing = "(CASE WHEN json_type(%s, '$.pricing') = 'object' THEN %s -> '$.pricing' ELSE '{}' END)" % (data, data)
-    extras = "(CASE WHEN json_type(%s, '$.psai') = 'object' THEN %s -> '$.psai' ELSE '{}' END)" % (data, data)
-    kind = "json_type(%s, '$.pricing.configuredPrices')" % data
+    # SQLite: JSON text, parsed again by every JSON function; so the item's
+    # pricing (p) and extras (x) are taken out once ("->" gives any value as
+    # JSON text) and the rest works on them. json() marks text as JSON.
+    kind = "json_type(p, '$.configuredPrices')"
     current = "(CASE i.model_id %s END)" % " ".join(["WHEN ? THEN ?"] * model_count) if model_count else "NULL"
-    base = ("(CASE WHEN {k} = 'object' THEN {d} -> '$.pricing.configuredPrices' WHEN {k} IS NULL OR {k} = 'null' "
-            "THEN coalesce({current}, '{{}}') ELSE '{{}}' END)").format(k=kind, d=data, current=current)
-    corrections = "CASE WHEN json_type({e}, '$.corrections') = 'array' THEN {e} -> '$.corrections' ELSE '[]' END" \
-        .format(e=extras)
+    base = ("(CASE WHEN {k} = 'object' THEN p -> '$.configuredPrices' WHEN {k} IS NULL OR {k} = 'null' "
+            "THEN coalesce({current}, '{{}}') ELSE '{{}}' END)").format(k=kind, current=current)
+    is_object = "json_valid(i.data) AND ltrim(i.data, ' ' || char(9, 10, 13)) LIKE '{%'"  # valid, and an object
     return (
-        'UPDATE "ps_model_usage_item" AS i SET "updated_at" = ?, "data" = json_set({data}, '
-        "'$.pricing', json_set(json({pricing}), '$.configuredPrices', json_patch({base}, ?)), "
-        "'$.psai', json_set(json_insert(json({extras}), '$.originalPricing', json(coalesce({data} -> '$.pricing', "
-        "'null'))), '$.corrections', json_insert(json({corrections}), '$[#]', ?))) WHERE {where}").format(
-            data=data, pricing=pricing, base=base, extras=extras, corrections=corrections,
-            where=" AND ".join(where + ["(CASE WHEN json_valid(i.data) THEN json_type(i.data) END) = 'object'"]))
+        'UPDATE "ps_model_usage_item" AS i SET "updated_at" = ?, "data" = (SELECT json_set(i.data, '
+        "'$.pricing', json_set(CASE WHEN json_type(p) = 'object' THEN json(p) ELSE json('{{}}') END, "
+        "'$.configuredPrices', json_patch({base}, ?)), "
+        "'$.psai', json_set(json_insert(CASE WHEN json_type(x) = 'object' THEN json(x) ELSE json('{{}}') END, "
+        "'$.originalPricing', json(coalesce(p, 'null'))), '$.corrections', json_insert("
+        "CASE WHEN json_type(x, '$.corrections') = 'array' THEN json(x -> '$.corrections') ELSE json('[]') END, "
+        "'$[#]', ?))) FROM (SELECT i.data -> '$.pricing' AS p, i.data -> '$.psai' AS x)) WHERE {where}").format(
+            base=base, where=" AND ".join(where + [is_object]))
 
 
 # -- statements built once ----------------------------------------------------------
