@@ -423,11 +423,15 @@ def object_items_sql(postgres, where):
     return 'SELECT i.id, i.model_id, i.data FROM "ps_model_usage_item" i WHERE %s' % " AND ".join(where + [is_object])
 
 
-def item_data_update_sql(db):
-    """An item's new data (psai's JSON text) and updated_at, by id."""
-    p = db.param
-    return 'UPDATE "ps_model_usage_item" SET "data" = %s, "updated_at" = %s WHERE "id" = %s' % (
-        p if isinstance(db, PostgresqlDatabase) else "json(?)", p, p)
+def item_data_update_sql(db, count=1):
+    """Items' new data (psai's JSON text) and updated_at, by id. PostgreSQL:
+    ``count`` items in one statement, parameters updated_at then (id, data)
+    ``count`` times. SQLite: one item, parameters (updated_at, data, id), for
+    executemany (in process: no round trips to save)."""
+    if not isinstance(db, PostgresqlDatabase):
+        return 'UPDATE "ps_model_usage_item" SET "updated_at" = ?, "data" = json(?) WHERE "id" = ?'
+    return ('UPDATE "ps_model_usage_item" AS i SET "updated_at" = %%s, "data" = v.data FROM (VALUES %s) '
+            'AS v(id, data) WHERE i.id = v.id' % ", ".join(["(%s::integer, %s::jsonb)"] * count))
 
 
 def lock_models_sql(db, count):
