@@ -18,7 +18,6 @@ prices over time is kept here:
 import copy
 import datetime
 import uuid
-from contextlib import nullcontext
 from decimal import Decimal
 from typing import Any, TypedDict, cast
 
@@ -26,13 +25,13 @@ import marshmallow
 
 from .arguments import as_datetime
 from .constants import strict_json_dumps
-from .db import is_postgres, model_db, table_columns, write_transaction
+from .db import is_postgres, model_db, read_transaction, table_columns, write_transaction
 from .errors import PsaiError, ValidationError
 from .fields import utcnow
 from .models import PriceCorrection, PriceVersion, PsAiModel, PsModelUsageItem, prices_of, record_price_change
 from .reports import part_tokens, price_parts, usage_parts
 from .schemas import INCLUDE, ModelPricesSchema
-from .sql import item_reprice_sql, lock_models_sql, window
+from .sql import item_reprice_sql, lock_models_sql, usage_state_sql, window
 from .versions import (
     PriceCorrectionEntry as PriceCorrectionEntry, PriceVersionEntry as PriceVersionEntry, histories_of, merge_prices,
     price_history, prices_at, resolve_models,
@@ -106,44 +105,71 @@ def reprice(model: PsAiModel | int | str | uuid.UUID, changes: dict[str, Any], *
         raise PsaiError("this PolicySynth database has no psai tables for corrections: run `psai init --adopt` first")
     ids = [row.id for row in rows]
 
-    def transform(prices):
-        return merge_prices(prices, changes)
-
-    with (write_transaction(db) if not dry_run else nullcontext()):
-        if not dry_run and is_postgres(db):
+    if dry_run:
+        with read_transaction(db):
+            return cast(RepriceResult, _measure(db, rows, ids, changes, since, until))
+    if is_postgres(db):
+        with write_transaction(db):
             # Calls on these models wait (psai records under a share lock on
             # the model's row): what is reported is what is changed. Calls on
             # other models go on; the UPDATE locks only the rows it corrects.
             db.execute_sql(lock_models_sql(db, len(ids)), ids)
-        before = price_parts(usage_parts(db, "model", since, until, ids))
-        after = price_parts(copy.deepcopy(before), transform)
-        # Every price set the correction makes must be one psai would store.
-        current = {row.id: prices_of(row.configuration) for row in rows}
-        corrected = [transform(prices) for prices in current.values()]
-        for part in before:
-            pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
-            if part["has_usage"] and pricing.get("configuredPrices") is not None:
-                corrected.append(transform(pricing["configuredPrices"]))
-        for prices in {strict_json_dumps(prices, sort_keys=True): prices for prices in corrected}.values():
-            _check_prices(prices)
-        currencies = {p["currency"] for p in before + after if p["cost"] is not None}
-        if len(currencies) > 1:
-            raise ValidationError({"since/until": [
-                "The usage in this period is priced in several currencies (%s): correct one period at a time."
-                % ", ".join(sorted(currencies))]})
-        result = {
-            "before": sum((p["cost"] for p in before if p["cost"] is not None), Decimal(0)),
-            "after": sum((p["cost"] for p in after if p["cost"] is not None), Decimal(0)),
-            "currency": currencies.pop() if currencies else None,
-            "calls": sum(p["calls"] for p in before),
-            "unpriced_tokens_before": sum(sum(part_tokens(p)) for p in before if p["cost"] is None),
-            "unpriced_tokens_after": sum(sum(part_tokens(p)) for p in after if p["cost"] is None),
-            "applied": False,
-        }
-        result["difference"] = result["after"] - result["before"]
-        if not dry_run:
+            result = _measure(db, rows, ids, changes, since, until)
             _apply(db, rows, ids, changes, since, until, result)
-            result["applied"] = True
+        return cast(RepriceResult, result)
+    # SQLite: one write lock for the whole database, so the correction is
+    # measured first in a read transaction, writers going on; under the
+    # write lock it is measured again only if its usage changed meanwhile.
+    with read_transaction(db):
+        result = _measure(db, rows, ids, changes, since, until)
+        seen = _usage_state(db, ids, since, until)
+    with write_transaction(db):
+        if _usage_state(db, ids, since, until) != seen:
+            result = _measure(db, rows, ids, changes, since, until)
+        _apply(db, rows, ids, changes, since, until, result)
+    return cast(RepriceResult, result)
+
+
+def _usage_state(db, ids, since, until):
+    """SQLite: what changes when the usage a correction measures changes:
+    its items and counter rows (how many, ids, latest update) and the
+    models' rows."""
+    params = []
+    where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params)
+    return db.execute_sql(usage_state_sql(where, len(ids)), params + ids + ids).fetchall()
+
+
+def _measure(db, rows, ids, changes, since, until):
+    """The correction's result, not applied: the usage's cost as recorded and corrected."""
+    def transform(prices):
+        return merge_prices(prices, changes)
+
+    before = price_parts(usage_parts(db, "model", since, until, ids))
+    after = price_parts(copy.deepcopy(before), transform)
+    # Every price set the correction makes must be one psai would store.
+    current = {row.id: prices_of(row.configuration) for row in rows}
+    corrected = [transform(prices) for prices in current.values()]
+    for part in before:
+        pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
+        if part["has_usage"] and pricing.get("configuredPrices") is not None:
+            corrected.append(transform(pricing["configuredPrices"]))
+    for prices in {strict_json_dumps(prices, sort_keys=True): prices for prices in corrected}.values():
+        _check_prices(prices)
+    currencies = {p["currency"] for p in before + after if p["cost"] is not None}
+    if len(currencies) > 1:
+        raise ValidationError({"since/until": [
+            "The usage in this period is priced in several currencies (%s): correct one period at a time."
+            % ", ".join(sorted(currencies))]})
+    result = {
+        "before": sum((p["cost"] for p in before if p["cost"] is not None), Decimal(0)),
+        "after": sum((p["cost"] for p in after if p["cost"] is not None), Decimal(0)),
+        "currency": currencies.pop() if currencies else None,
+        "calls": sum(p["calls"] for p in before),
+        "unpriced_tokens_before": sum(sum(part_tokens(p)) for p in before if p["cost"] is None),
+        "unpriced_tokens_after": sum(sum(part_tokens(p)) for p in after if p["cost"] is None),
+        "applied": False,
+    }
+    result["difference"] = result["after"] - result["before"]
     return cast(RepriceResult, result)
 
 
@@ -169,3 +195,4 @@ def _apply(db, rows, ids, changes, since, until, result):
     params.append(correction.id)
     where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params)
     db.execute_sql(item_reprice_sql(postgres, where, len(rows)), params)
+    result["applied"] = True

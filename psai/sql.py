@@ -31,7 +31,7 @@ __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALU
            "Slot", "slot", "Statement", "compiled", "item_groups_sql", "item_totals_sql", "counters_sound",
            "counters_negative", "counter_totals_sql", "counter_rows_sql", "price_period_sql", "counter_sums_sql",
            "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "lock_models_sql",
-           "item_reprice_sql"]
+           "item_reprice_sql", "usage_state_sql"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -440,6 +440,18 @@ def lock_models_sql(db, count):
     models wait, and calls on every other model go on."""
     return 'SELECT "id" FROM "ps_ai_models" WHERE "id" IN (%s) ORDER BY "id" FOR UPDATE' % (
         ", ".join([db.param] * count) or "NULL")
+
+
+def usage_state_sql(where, model_count):
+    """SQLite: the state of a correction's usage: of the items (``i``)
+    meeting ``where``, of the models' counter rows and of the models' rows,
+    how many, their ids and latest update. Parameters: ``where``'s, then the
+    model ids twice."""
+    ids = ", ".join(["?"] * model_count) or "NULL"
+    return ('SELECT count(*), max(i.id), total(i.id), max(i.updated_at) FROM "ps_model_usage_item" i WHERE {where} '
+            'UNION ALL SELECT count(*), max(id), total(id), max(updated_at) FROM "ps_model_usage" WHERE model_id IN '
+            '({ids}) UNION ALL SELECT count(*), max(id), total(id), max(updated_at) || group_concat(configuration) '
+            'FROM "ps_ai_models" WHERE id IN ({ids})').format(where=" AND ".join(where) or "1", ids=ids)
 
 
 def item_reprice_sql(postgres, where, model_count):

@@ -509,6 +509,42 @@ def test_reprice_does_not_stop_calls_on_other_models(postgres_db):
     assert total()["USD"] == Decimal(60) + Decimal("0.00036")
 
 
+def test_calls_are_recorded_while_a_correction_is_measured(db, backend, monkeypatch):
+    """While a correction reads the usage it corrects, a call on another
+    model is recorded (on SQLite the correction is measured before it takes
+    the write lock; on PostgreSQL it locks only the corrected model). On
+    SQLite a call on the corrected model itself recorded meanwhile is found
+    under the write lock, measured and corrected too."""
+    import threading
+    import psai.history
+    m, other, a = model(), model(name="other"), agent()
+    for _ in range(3):
+        record_usage(m, a, tokens_in=1_000_000, tokens_out=0)
+    measure, finished = psai.history.usage_parts, []
+
+    def record_meanwhile(*args, **kwargs):
+        parts = measure(*args, **kwargs)
+        if not finished:
+            calls = [other] + ([m] if backend.kind == "sqlite" else [])
+            worker = threading.Thread(target=lambda: [record_usage(x, a, tokens_in=1_000_000, tokens_out=0)
+                                                      for x in calls] and db.close())
+            worker.start()
+            worker.join(10)
+            finished.append(not worker.is_alive())
+            if not finished[0]:
+                finished.append(worker)
+        return parts
+    monkeypatch.setattr(psai.history, "usage_parts", record_meanwhile)
+    before = total()["USD"]
+    result = reprice(m, {"costInTokensPerMillion": 20}, dry_run=False)
+    if len(finished) > 1:
+        finished[1].join(60)
+    assert finished[0], "a call on another model waited for the correction to end"
+    corrected_calls = 4 if backend.kind == "sqlite" else 3
+    assert result["calls"] == corrected_calls and result["difference"] == -10 * corrected_calls
+    assert total()["USD"] == before + 30 * (corrected_calls - 2) + result["difference"]
+
+
 def test_reprice_on_the_command_line(backend):
     def run(*args, code=0):
         result = CliRunner().invoke(cli, ["--database", backend.url] + list(args))
