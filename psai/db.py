@@ -291,7 +291,7 @@ def read_transaction(db: Database | None = None) -> Iterator[Database]:
             db.execute_sql("SET TRANSACTION READ ONLY")
             yield db
     else:
-        with db.atomic():
+        with db.atomic("DEFERRED"):
             yield db
 
 
