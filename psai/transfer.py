@@ -7,6 +7,7 @@ written, the writes share one transaction, and an error names the table,
 the row and the field. Rows are matched by uuid, so importing the same file
 twice changes nothing the second time.
 """
+import datetime
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -250,11 +251,12 @@ def _mirror_usage(target, source_rows, counts):
             return values
         merged = dict(values)
         for name in present:
-            if name in values:
-                merged[name] = (values[name] or 0) + (existing.get(name) or 0) - _count_of(last.get(name))
-        if any(merged[name] != values[name] for name in present if name in values):
-            # The target's own calls since: its last update stays if it is the later.
-            merged["updated_at"] = max(values["updated_at"], existing["updated_at"])
+            source, here, copied_last = values.get(name), existing.get(name), last.get(name)
+            if all(map(_is_count, (source, here, copied_last))):  # else copied as stored, as any odd value
+                merged[name] = source + here - copied_last
+        later = [values.get("updated_at"), existing.get("updated_at")]
+        if merged != values and all(isinstance(moment, datetime.datetime) for moment in later):
+            merged["updated_at"] = max(later)  # the target's own calls since: its last update stays
         return merged
 
     _mirror_rows(PsModelUsage, target, source_rows, _usage_key, dict, counts, "ps_model_usage", merge)
@@ -271,8 +273,8 @@ def _mirror_usage(target, source_rows, counts):
     _insert(CopiedUsage, [{"usage": usage_id, "counters": memory[usage_id]} for usage_id in stale])
 
 
-def _count_of(value):
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _retarget_item(data, model_id, agent_id):
