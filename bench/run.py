@@ -545,6 +545,80 @@ def bench_item_reports(backend, results, sizes):
     backend.truncate("ps_model_usage_item")
 
 
+# -- 7b. reprice --apply beside a writer ---------------------------------------------------------
+
+def record_while(url, model_id, ready, stop, queue):
+    """Record calls on ``model_id`` until ``stop`` is set; put each call's
+    (start, seconds) on ``queue`` (perf_counter is system-wide on Linux)."""
+    psai.connect(url)
+    model = PsAiModel.get_by_id(model_id)
+    calls = []
+    while not stop.is_set():
+        start = time.perf_counter()
+        psai.record_usage(model, tokens_in=100, tokens_out=10)
+        calls.append((start, time.perf_counter() - start))
+        ready.set()
+        time.sleep(0.002)
+    psai.database.close()
+    queue.put(calls)
+
+
+RAW_REPRICE_SQL = {
+    # The floor: the same prices set in one statement, without keeping originals or checking anything.
+    "sqlite": "UPDATE ps_model_usage_item SET data = json_set(data, "
+              "'$.pricing.configuredPrices.costInTokensPerMillion', ?) WHERE model_id = ?",
+    "postgres": "UPDATE ps_model_usage_item SET data = jsonb_set(data, "
+                "'{pricing,configuredPrices,costInTokensPerMillion}', to_jsonb(?::numeric)) WHERE model_id = ?",
+}
+
+
+def _quantile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def bench_reprice(backend, results, rows):
+    """``reprice --apply`` over ``rows`` items of one model while another
+    process records on another model: the correction's time, and the
+    longest a call on the other model took meanwhile (against its median
+    when nothing else writes)."""
+    fill_items(backend, rows)
+    corrected, other = [m.id for m in PsAiModel.select(PsAiModel.id).order_by(PsAiModel.id).limit(2)]
+    with backend.db.atomic():  # every item and counter row on the corrected model
+        backend.db.execute_sql('UPDATE "ps_model_usage_item" SET model_id = %s' % corrected)
+        backend.db.execute_sql('DELETE FROM "ps_model_usage"')
+    backend.db.execute_sql("ANALYZE")
+    context = multiprocessing.get_context("spawn")
+    ready, stop, queue = context.Event(), context.Event(), context.Queue()
+    writer = context.Process(target=record_while, args=(backend.url, other, ready, stop, queue))
+    writer.start()
+    ready.wait(60)
+    time.sleep(0.5)  # some calls alone first: the writer's own pace
+    start = time.perf_counter()
+    result = psai.reprice(corrected, {"costInTokensPerMillion": 9.5}, dry_run=False)
+    end = time.perf_counter()
+    time.sleep(0.3)
+    stop.set()
+    calls = queue.get(timeout=60)
+    writer.join()
+    assert result["calls"] == rows, result
+    alone = sorted(seconds for began, seconds in calls if began + seconds < start)
+    during = [seconds for began, seconds in calls if began < end and began + seconds > start]
+    cursor = backend.raw.cursor()
+    raw_start = time.perf_counter()
+    backend.raw_begin(immediate=True)
+    cursor.execute(backend.sql(RAW_REPRICE_SQL[backend.kind]), (9.75, corrected))
+    backend.raw_commit()
+    raw_time = time.perf_counter() - raw_start
+    results.add("reprice --apply over items", rows, backend.kind, end - start, raw_time,
+                note="raw: one json_set UPDATE; target <= 2 s (issue 25)")
+    results.add("record_usage on another model during reprice", len(during), backend.kind,
+                max(during) if during else 0.0, alone[len(alone) // 2] if alone else float("nan"),
+                note="psai: longest call during the reprice (median %.4f s, p99 %.4f s of %d); raw: median call "
+                     "alone; target <= 50 ms" % (_quantile(during, 0.5), _quantile(during, 0.99), len(during)))
+    backend.truncate("ps_model_usage_item", "ps_model_usage")
+
+
 # -- 8. the command line as a whole process ------------------------------------------------------
 
 def bench_cli(backend, results, runs):
@@ -695,7 +769,8 @@ def main(argv=None):
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.1 for a quick run)")
     parser.add_argument("--only", nargs="*",
-                        help="run only these: insert validated filter eager usage report items cli peers responses")
+                        help="run only these: insert validated filter eager usage report items reprice cli peers "
+                             "responses")
     parser.add_argument("--markdown", help="also write the results table to this Markdown file")
     args = parser.parse_args(argv)
 
@@ -703,8 +778,8 @@ def main(argv=None):
         return max(1, int(n * args.scale))
 
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "items", "cli", "peers",
-                          "responses"]
+    steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "items", "reprice", "cli",
+                          "peers", "responses"]
     results = Results()
     started = time.perf_counter()
     for kind in backends:
@@ -725,6 +800,11 @@ def main(argv=None):
                 bench_counter_reports(backend, results, scale(100_000))
             if "items" in steps:
                 bench_item_reports(backend, results, [scale(10_000), scale(100_000), scale(1_000_000)])
+            if "reprice" in steps:
+                if not any(step in steps for step in ("filter", "eager", "usage", "report", "items")):
+                    bench_filter(backend, results, 200, runs=3)  # models and agents the items are on
+                    bench_eager(backend, results, 50)
+                bench_reprice(backend, results, scale(100_000))
             if "cli" in steps:
                 bench_cli(backend, results, runs=11)
             if "peers" in steps:

@@ -14,13 +14,15 @@ from decimal import Decimal
 from typing import Any, TypedDict
 
 from .arguments import as_datetime
-from .db import model_db, table_columns, write_transaction
+from .constants import strict_json_dumps
+from .db import is_postgres, model_db, table_columns, write_transaction
 from .errors import ValidationError
 from .fields import utcnow
 from .items import BUCKET_COUNTERS, BUCKETS, call_buckets, item_cost, js_timestamp
 from .models import PriceCorrection, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
 from .recording import CACHE_WRITE_COUNTERS
 from .responses import ResponseUsage, usage_from_response
+from .sql import item_data_update_sql
 from .versions import resolve_models
 
 __all__ = ["audit", "AuditFinding", "AuditResult"]
@@ -197,6 +199,16 @@ def _record_corrections(db: Any, findings: list[AuditFinding], since: datetime.d
     return ids
 
 
+def _update_items(db: Any, changed: list[tuple[int, str]], stamp: Any) -> None:
+    """Set-based: PostgreSQL a statement per 1,000 items, SQLite one executemany."""
+    if not is_postgres(db):
+        db.cursor().executemany(item_data_update_sql(db), [(stamp, data, item_id) for item_id, data in changed])
+        return
+    for start in range(0, len(changed), 1000):
+        batch = changed[start:start + 1000]
+        db.execute_sql(item_data_update_sql(db, len(batch)), [stamp] + [v for pair in batch for v in pair])
+
+
 def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]], correction_ids: dict[int, int]) -> None:
     """Write the billed counts into the items, and the same change of tokens
     into the counters of each (model, agent, connector): what the counters
@@ -204,6 +216,7 @@ def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]], correction_id
     now = utcnow()
     present = usage_counters(db)
     deltas: dict[tuple[int, int | None, int | None], dict[str, float]] = {}
+    changed: list[tuple[int, str]] = []
     for item, corrected in corrections:
         before, after = _counter_buckets(item.data), _counter_buckets(corrected)
         key = (item.model_id, item.agent_id or None, item.connector_id)
@@ -216,7 +229,8 @@ def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]], correction_id
         if item.model_id in correction_ids:
             corrected["psai"]["corrections"] = list(_part(item.data, "psai").get("corrections") or []) + [
                 correction_ids[item.model_id]]
-        PsModelUsageItem.update(data=corrected, updated_at=now).where(PsModelUsageItem.id == item.id).execute()
+        changed.append((item.id, strict_json_dumps(corrected)))
+    _update_items(db, changed, PsModelUsageItem.updated_at.db_value(now))
     for (model_id, agent_id, connector_id), delta in deltas.items():
         usage = PsModelUsage
         row = (usage.select().where((usage.model == model_id)

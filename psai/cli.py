@@ -924,15 +924,17 @@ def usage_report(grouping, since, until, strict, html_path, fmt):
     of its own with no cost, never as 0; --strict makes it an error.
     """
     from .usage import cost_report
+    from .report import html
     connect()
-    with Progress("pricing usage") as progress:
-        if progress.enabled:
-            click.echo("summing usage in the database...", err=True)
-        rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress)
+    with dbmod.read_transaction():  # the table and the page: one moment
+        with Progress("pricing usage") as progress:
+            if progress.enabled:
+                click.echo("summing usage in the database...", err=True)
+            rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress)
+        page = html(grouping, since=since, until=until, rows=rows,
+                    database=_database_url() or dbmod.DEFAULT_URL) if html_path else None
     if html_path:
-        from .report import html
-        write_file(html_path, html(grouping, since=since, until=until, rows=rows,
-                                   database=_database_url() or dbmod.DEFAULT_URL))
+        write_file(html_path, page)
         click.echo("wrote %s" % shown(html_path), err=True)
     if fmt is not None:
         emit(rows, fmt)

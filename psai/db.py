@@ -25,9 +25,9 @@ except ImportError:  # pragma: no cover - installed in the tests
 
 from .errors import DatabaseUnavailableError, DatabaseURLError, NotConnectedError
 
-__all__ = ["database", "connect", "using", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction", "lock",
-           "lock_id", "execute_prepared", "table_columns", "forget_schema", "model_db", "current_db",
-           "connection_lost", "NotConnectedError", "describe_database", "same_database"]
+__all__ = ["database", "connect", "using", "DEFAULT_URL", "redact_url", "is_postgres", "write_transaction",
+           "read_transaction", "lock", "lock_id", "execute_prepared", "table_columns", "forget_schema", "model_db",
+           "current_db", "connection_lost", "NotConnectedError", "describe_database", "same_database"]
 
 DEFAULT_URL = "sqlite:///psai.db"
 
@@ -459,6 +459,25 @@ class _KeepingTheCause:
             if exc is None or not getattr(self.db, "transaction_lost", lambda: False)():
                 raise
             return False  # the block's own error goes on
+
+
+@contextlib.contextmanager
+def read_transaction(db: Database | None = None) -> Iterator[Database]:
+    """A block whose reads on ``db`` (default: ``current_db()``) all see one
+    snapshot of it, so that what they read together agrees: PostgreSQL
+    ``REPEATABLE READ READ ONLY``; SQLite a deferred BEGIN (under WAL the
+    first read fixes the snapshot until the block ends, and writers go on).
+    Inside a transaction already, the block is part of it."""
+    db = db if db is not None else current_db()
+    if db.in_transaction():
+        yield db
+    elif isinstance(db, PostgresqlDatabase):
+        with db.atomic(isolation_level="REPEATABLE READ"):
+            db.execute_sql("SET TRANSACTION READ ONLY")
+            yield db
+    else:
+        with db.atomic("DEFERRED"):
+            yield db
 
 
 # Statements prepared on each PostgreSQL connection: {sql: name}. Keyed by

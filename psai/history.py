@@ -18,7 +18,6 @@ prices over time is kept here:
 import copy
 import datetime
 import uuid
-from contextlib import nullcontext
 from decimal import Decimal
 from typing import Any, TypedDict, cast
 
@@ -26,13 +25,13 @@ import marshmallow
 
 from .arguments import as_datetime
 from .constants import strict_json_dumps
-from .db import is_postgres, model_db, table_columns, write_transaction
+from .db import is_postgres, model_db, read_transaction, table_columns, write_transaction
 from .errors import PsaiError, ValidationError
 from .fields import utcnow
 from .models import PriceCorrection, PriceVersion, PsAiModel, PsModelUsageItem, prices_of, record_price_change
 from .reports import part_tokens, price_parts, usage_parts
 from .schemas import INCLUDE, ModelPricesSchema
-from .sql import LOCK_USAGE_TABLES, item_data_update_sql, object_items_sql, window
+from .sql import item_reprice_sql, lock_models_sql, usage_state_sql, window
 from .versions import (
     PriceCorrectionEntry as PriceCorrectionEntry, PriceVersionEntry as PriceVersionEntry, histories_of, merge_prices,
     price_history, prices_at, resolve_models,
@@ -106,42 +105,75 @@ def reprice(model: PsAiModel | int | str | uuid.UUID, changes: dict[str, Any], *
         raise PsaiError("this PolicySynth database has no psai tables for corrections: run `psai init --adopt` first")
     ids = [row.id for row in rows]
 
-    def transform(prices):
-        return merge_prices(prices, changes)
-
-    with (write_transaction(db) if not dry_run else nullcontext()):
-        if not dry_run and is_postgres(db):
-            # No call may be recorded in between: what is reported is what is changed.
-            db.execute_sql(LOCK_USAGE_TABLES)
-        before = price_parts(usage_parts(db, "model", since, until, ids))
-        after = price_parts(copy.deepcopy(usage_parts(db, "model", since, until, ids)), transform)
-        # Every price set the correction makes must be one psai would store.
-        corrected = [transform(prices_of(row.configuration)) for row in rows]
-        corrected += [p["pricing"]["configuredPrices"] for p in after if p["has_usage"]]
-        for prices in {strict_json_dumps(prices, sort_keys=True): prices for prices in corrected}.values():
-            _check_prices(prices)
-        currencies = {p["currency"] for p in before + after if p["cost"] is not None}
-        if len(currencies) > 1:
-            raise ValidationError({"since/until": [
-                "The usage in this period is priced in several currencies (%s): correct one period at a time."
-                % ", ".join(sorted(currencies))]})
-        result = {
-            "before": sum((p["cost"] for p in before if p["cost"] is not None), Decimal(0)),
-            "after": sum((p["cost"] for p in after if p["cost"] is not None), Decimal(0)),
-            "currency": currencies.pop() if currencies else None,
-            "calls": sum(p["calls"] for p in before),
-            "unpriced_tokens_before": sum(sum(part_tokens(p)) for p in before if p["cost"] is None),
-            "unpriced_tokens_after": sum(sum(part_tokens(p)) for p in after if p["cost"] is None),
-            "applied": False,
-        }
-        result["difference"] = result["after"] - result["before"]
-        if not dry_run:
-            _apply(db, rows, ids, changes, transform, since, until, result)
-            result["applied"] = True
+    if dry_run:
+        with read_transaction(db):
+            return cast(RepriceResult, _measure(db, rows, ids, changes, since, until))
+    if is_postgres(db):
+        with write_transaction(db):
+            # Calls on these models wait (psai records under a share lock on
+            # the model's row): what is reported is what is changed. Calls on
+            # other models go on; the UPDATE locks only the rows it corrects.
+            db.execute_sql(lock_models_sql(db, len(ids)), ids)
+            result = _measure(db, rows, ids, changes, since, until)
+            _apply(db, rows, ids, changes, since, until, result)
+        return cast(RepriceResult, result)
+    # SQLite: one write lock for the whole database, so the correction is
+    # measured first in a read transaction, writers going on; under the
+    # write lock it is measured again only if its usage changed meanwhile.
+    with read_transaction(db):
+        result = _measure(db, rows, ids, changes, since, until)
+        seen = _usage_state(db, ids, since, until)
+    with write_transaction(db):
+        if _usage_state(db, ids, since, until) != seen:
+            result = _measure(db, rows, ids, changes, since, until)
+        _apply(db, rows, ids, changes, since, until, result)
     return cast(RepriceResult, result)
 
 
-def _apply(db, rows, ids, changes, transform, since, until, result):
+def _usage_state(db, ids, since, until):
+    """SQLite: what changes when the usage a correction measures changes:
+    its items and counter rows (how many, ids, latest update) and the
+    models' rows."""
+    params = []
+    where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params)
+    return db.execute_sql(usage_state_sql(where, len(ids)), params + ids + ids).fetchall()
+
+
+def _measure(db, rows, ids, changes, since, until):
+    """The correction's result, not applied: the usage's cost as recorded and corrected."""
+    def transform(prices):
+        return merge_prices(prices, changes)
+
+    before = price_parts(usage_parts(db, "model", since, until, ids))
+    after = price_parts(copy.deepcopy(before), transform)
+    # Every price set the correction makes must be one psai would store.
+    current = {row.id: prices_of(row.configuration) for row in rows}
+    corrected = [transform(prices) for prices in current.values()]
+    for part in before:
+        pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
+        if part["has_usage"] and pricing.get("configuredPrices") is not None:
+            corrected.append(transform(pricing["configuredPrices"]))
+    for prices in {strict_json_dumps(prices, sort_keys=True): prices for prices in corrected}.values():
+        _check_prices(prices)
+    currencies = {p["currency"] for p in before + after if p["cost"] is not None}
+    if len(currencies) > 1:
+        raise ValidationError({"since/until": [
+            "The usage in this period is priced in several currencies (%s): correct one period at a time."
+            % ", ".join(sorted(currencies))]})
+    result = {
+        "before": sum((p["cost"] for p in before if p["cost"] is not None), Decimal(0)),
+        "after": sum((p["cost"] for p in after if p["cost"] is not None), Decimal(0)),
+        "currency": currencies.pop() if currencies else None,
+        "calls": sum(p["calls"] for p in before),
+        "unpriced_tokens_before": sum(sum(part_tokens(p)) for p in before if p["cost"] is None),
+        "unpriced_tokens_after": sum(sum(part_tokens(p)) for p in after if p["cost"] is None),
+        "applied": False,
+    }
+    result["difference"] = result["after"] - result["before"]
+    return cast(RepriceResult, result)
+
+
+def _apply(db, rows, ids, changes, since, until, result):
     now = utcnow()
     correction = PriceCorrection.create(
         model=ids[0], applied_at=now, since=since, until=until, changes=changes, calls=result["calls"],
@@ -150,25 +182,17 @@ def _apply(db, rows, ids, changes, transform, since, until, result):
         PriceCorrection.create(
             model=other, applied_at=now, since=since, until=until, changes=changes, calls=0,
             currency=result["currency"], cost_before="0", cost_after="0")
-    current = {row.id: prices_of(row.configuration) for row in rows}
-    params = []
-    # Items whose data is not an object are left as they are (reports show them unpriced).
+    # One statement computing each corrected snapshot in SQL; items whose
+    # data is not an object are left as they are (reports show them unpriced).
     postgres = is_postgres(db)
+    params = [PsModelUsageItem.updated_at.db_value(now)]
+    for row in rows:
+        params += [row.id, strict_json_dumps(prices_of(row.configuration))]
+    params.append(strict_json_dumps(changes if not postgres else
+                                    {key: value for key, value in changes.items() if value is not None}))
+    if postgres:
+        params.append([key for key, value in changes.items() if value is None])
+    params.append(correction.id)
     where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params)
-    items = db.execute_sql(object_items_sql(postgres, where), params).fetchall()
-    update = item_data_update_sql(db)
-    stamp = PsModelUsageItem.updated_at.db_value(now)
-    changed = []
-    for item_id, model_id, data in items:
-        data = PsModelUsageItem.data.python_value(data)
-        pricing = data.get("pricing") if isinstance(data.get("pricing"), dict) else {}
-        configured = pricing.get("configuredPrices")
-        extras = data.get("psai") if isinstance(data.get("psai"), dict) else {}
-        extras.setdefault("originalPricing", copy.deepcopy(data.get("pricing")))
-        extras["corrections"] = list(extras.get("corrections") or []) + [correction.id]
-        data["psai"] = extras
-        data["pricing"] = dict(pricing, configuredPrices=transform(
-            configured if configured is not None else current.get(model_id)))
-        changed.append((strict_json_dumps(data), stamp, item_id))
-    if changed:
-        db.cursor().executemany(update, changed)
+    db.execute_sql(item_reprice_sql(postgres, where, len(rows)), params)
+    result["applied"] = True

@@ -27,7 +27,7 @@ from .schemas import (
 from .sql import config_filter
 
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
-           "PriceVersion", "PriceCorrection", "ModelProvenance", "ALL_MODELS", "strict_json_dumps",
+           "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "ALL_MODELS", "strict_json_dumps",
            "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
            "record_price_change", "prices_of", "provenance", "usage_counters"]
 
@@ -398,8 +398,22 @@ class ModelProvenance(BaseModel):
         table_name = "psai_model_provenance"
 
 
+class CopiedUsage(BaseModel):
+    """psai's own, on the target of a ``psai.copy``: the counters last copied
+    into a ``ps_model_usage`` row, so that a later copy keeps what the target
+    recorded in that row itself since. Removed with the row."""
+
+    usage = ForeignKeyField(PsModelUsage, column_name="usage_id", primary_key=True, on_delete="CASCADE",
+                            backref="copied_rows")
+    counters = JSONField(dumps=strict_json_dumps)
+    usage_id: int  # declared for type checkers only: peewee's accessor of the row's id
+
+    class Meta:
+        table_name = "psai_copied_usage"
+
+
 ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage, PsModelUsageItem, PriceVersion, PriceCorrection,
-              ModelProvenance]
+              ModelProvenance, CopiedUsage]
 
 
 register_models(ALL_MODELS)

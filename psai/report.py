@@ -16,7 +16,7 @@ from typing import cast
 from .db import describe_database, redact_url
 from .errors import ValidationError
 from .fields import utcnow
-from .reports import CostRow
+from .reports import CostRow, one_snapshot
 from .usage import REPORT_GROUPINGS, cost_report, daily_costs, report_totals
 
 __all__ = ["html", "describe_database"]
@@ -214,6 +214,7 @@ def _table(rows, by):
     return "<table><thead><tr>%s</tr></thead><tbody>%s</tbody></table>" % (head, "".join(body))
 
 
+@one_snapshot
 def html(by: str = "model", *, since: datetime.date | str | None = None, until: datetime.date | str | None = None,
          rows: list[CostRow] | None = None, database: str | None = None,
          title: str = "psai cost report") -> str:

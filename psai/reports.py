@@ -10,8 +10,9 @@ when its counter row was started, else by the model's current prices.
 """
 import bisect
 import datetime
+import functools
 from collections.abc import Callable, Iterable
-from typing import Any, TypedDict
+from typing import Any, ParamSpec, TypedDict, TypeVar
 from dataclasses import dataclass
 import json
 from collections import defaultdict, deque
@@ -19,7 +20,7 @@ from decimal import Decimal
 
 from .arguments import as_datetime
 from .constants import strict_json_dumps
-from .db import is_postgres, model_db, table_columns
+from .db import is_postgres, model_db, read_transaction, table_columns
 from .errors import UnpricedUsageError, ValidationError
 from .fields import UTC
 from .items import BUCKETS, bucket_cost, cache_write_1h_extra, effective_prices
@@ -31,8 +32,8 @@ from .sql import (
 )
 from .versions import histories_of, prices_at
 
-__all__ = ["cost_report", "report_totals", "daily_costs", "REPORT_GROUPINGS", "usage_parts", "price_parts",
-           "merge_parts", "part_tokens", "CostRow", "CurrencyTotal", "DailyCost"]
+__all__ = ["one_snapshot", "cost_report", "report_totals", "daily_costs", "REPORT_GROUPINGS", "usage_parts",
+           "price_parts", "merge_parts", "part_tokens", "CostRow", "CurrencyTotal", "DailyCost"]
 
 REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
 
@@ -617,6 +618,22 @@ def _agent_tree(db):
     return levels, ancestors
 
 
+Params = ParamSpec("Params")
+Result = TypeVar("Result")
+
+
+def one_snapshot(function: Callable[Params, Result]) -> Callable[Params, Result]:
+    """``function`` reading the usage tables in one read transaction: the
+    items, counters, models and agents it reads are of one moment, however
+    many statements read them (writers go on meanwhile)."""
+    @functools.wraps(function)
+    def read(*args: Params.args, **kwargs: Params.kwargs) -> Result:
+        with read_transaction(model_db(PsModelUsage)):
+            return function(*args, **kwargs)
+    return read
+
+
+@one_snapshot
 def cost_report(by: str = "model", *, since: datetime.date | str | None = None,
                 until: datetime.date | str | None = None, strict: bool = False,
                 progress: Callable[[int, int], object] | None = None) -> list[CostRow]:
@@ -771,6 +788,7 @@ def report_totals(rows: Iterable[CostRow], by: str | None = None) -> dict[str | 
     return totals
 
 
+@one_snapshot
 def daily_costs(*, since: datetime.date | str | None = None,
                 until: datetime.date | str | None = None) -> list[DailyCost]:
     """Cost per UTC day and model, for charts: rows ``{"day", "model_id",

@@ -30,7 +30,8 @@ __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALU
            "item_insert", "one_round_trip_statements", "stored_configuration_sql", "USAGE_ROW_COLUMNS",
            "Slot", "slot", "Statement", "compiled", "item_groups_sql", "item_totals_sql", "counters_sound",
            "counters_negative", "counter_totals_sql", "counter_rows_sql", "price_period_sql", "counter_sums_sql",
-           "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "LOCK_USAGE_TABLES"]
+           "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "lock_models_sql",
+           "item_reprice_sql", "usage_state_sql"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -429,15 +430,84 @@ def object_items_sql(postgres, where):
     return 'SELECT i.id, i.model_id, i.data FROM "ps_model_usage_item" i WHERE %s' % " AND ".join(where + [is_object])
 
 
-def item_data_update_sql(db):
-    """An item's new data (psai's JSON text) and updated_at, by id."""
-    p = db.param
-    return 'UPDATE "ps_model_usage_item" SET "data" = %s, "updated_at" = %s WHERE "id" = %s' % (
-        p if isinstance(db, PostgresqlDatabase) else "json(?)", p, p)
+def item_data_update_sql(db, count=1):
+    """Items' new data (psai's JSON text) and updated_at, by id. PostgreSQL:
+    ``count`` items in one statement, parameters updated_at then (id, data)
+    ``count`` times. SQLite: one item, parameters (updated_at, data, id), for
+    executemany (in process: no round trips to save)."""
+    if not isinstance(db, PostgresqlDatabase):
+        return 'UPDATE "ps_model_usage_item" SET "updated_at" = ?, "data" = json(?) WHERE "id" = ?'
+    return ('UPDATE "ps_model_usage_item" AS i SET "updated_at" = %%s, "data" = v.data FROM (VALUES %s) '
+            'AS v(id, data) WHERE i.id = v.id' % ", ".join(["(%s::integer, %s::jsonb)"] * count))
 
 
-# reprice on PostgreSQL: no call may be recorded while a correction is read and written.
-LOCK_USAGE_TABLES = 'LOCK TABLE "ps_model_usage_item", "ps_model_usage" IN EXCLUSIVE MODE'
+def lock_models_sql(db, count):
+    """PostgreSQL: lock ``count`` models' rows (by id) until commit. psai
+    records a call under a share lock on its model's row, so calls on these
+    models wait, and calls on every other model go on."""
+    return 'SELECT "id" FROM "ps_ai_models" WHERE "id" IN (%s) ORDER BY "id" FOR UPDATE' % (
+        ", ".join([db.param] * count) or "NULL")
+
+
+def usage_state_sql(where, model_count):
+    """SQLite: the state of a correction's usage: of the items (``i``)
+    meeting ``where``, of the models' counter rows and of the models' rows,
+    how many, their ids and latest update. Parameters: ``where``'s, then the
+    model ids twice."""
+    ids = ", ".join(["?"] * model_count) or "NULL"
+    return ('SELECT count(*), max(i.id), total(i.id), max(i.updated_at) FROM "ps_model_usage_item" i WHERE {where} '
+            'UNION ALL SELECT count(*), max(id), total(id), max(updated_at) FROM "ps_model_usage" WHERE model_id IN '
+            '({ids}) UNION ALL SELECT count(*), max(id), total(id), max(updated_at) || group_concat(configuration) '
+            'FROM "ps_ai_models" WHERE id IN ({ids})').format(where=" AND ".join(where) or "1", ids=ids)
+
+
+def item_reprice_sql(postgres, where, model_count):
+    """One UPDATE correcting the snapshot of every item (``i``) meeting
+    ``where`` whose data is an object, computed in SQL: the prices
+    (``configuredPrices``, else the model's current ones, else {}) with the
+    changes merged in, the original ``pricing`` kept once in
+    ``psai.originalPricing``, the correction's id appended to
+    ``psai.corrections``.
+    Parameters, in order: updated_at; (model id, its current prices as a
+    JSON object) ``model_count`` times; the changes (a JSON object, null
+    removing a key); on PostgreSQL the removed keys (a text[]); the
+    correction's id; ``where``'s."""
+    if postgres:
+        data = "i.data"
+        pricing = "(CASE WHEN jsonb_typeof(%s -> 'pricing') = 'object' THEN %s -> 'pricing' ELSE '{}' END)" % (
+            data, data)
+        extras = "(CASE WHEN jsonb_typeof(%s -> 'psai') = 'object' THEN %s -> 'psai' ELSE '{}' END)" % (data, data)
+        configured = "%s #> '{pricing,configuredPrices}'" % data
+        current = "(CASE i.model_id %s END)" % " ".join(["WHEN %s THEN %s::jsonb"] * model_count) \
+            if model_count else "NULL"
+        base = ("(CASE WHEN jsonb_typeof({c}) = 'object' THEN {c} WHEN {c} IS NULL OR jsonb_typeof({c}) = 'null' "
+                "THEN coalesce({current}, '{{}}') ELSE '{{}}' END)").format(c=configured, current=current)
+        corrections = "%s -> 'corrections'" % extras
+        return (
+            'UPDATE "ps_model_usage_item" i SET "updated_at" = %s, "data" = {data} || jsonb_build_object('
+            "'pricing', {pricing} || jsonb_build_object('configuredPrices', ({base} || %s::jsonb) - %s::text[]), "
+            "'psai', jsonb_build_object('originalPricing', coalesce({data} -> 'pricing', 'null')) || {extras} || "
+            "jsonb_build_object('corrections', (CASE WHEN jsonb_typeof({corrections}) = 'array' THEN {corrections} "
+            "ELSE '[]' END) || to_jsonb(%s::integer))) WHERE {where}").format(
+                data=data, pricing=pricing, base=base, extras=extras, corrections=corrections,
+                where=" AND ".join(where + ["jsonb_typeof(i.data) = 'object'"]))
+    # SQLite: JSON text, parsed again by every JSON function; so the item's
+    # pricing (p) and extras (x) are taken out once ("->" gives any value as
+    # JSON text) and the rest works on them. json() marks text as JSON.
+    kind = "json_type(p, '$.configuredPrices')"
+    current = "(CASE i.model_id %s END)" % " ".join(["WHEN ? THEN ?"] * model_count) if model_count else "NULL"
+    base = ("(CASE WHEN {k} = 'object' THEN p -> '$.configuredPrices' WHEN {k} IS NULL OR {k} = 'null' "
+            "THEN coalesce({current}, '{{}}') ELSE '{{}}' END)").format(k=kind, current=current)
+    is_object = "json_valid(i.data) AND ltrim(i.data, ' ' || char(9, 10, 13)) LIKE '{%'"  # valid, and an object
+    return (
+        'UPDATE "ps_model_usage_item" AS i SET "updated_at" = ?, "data" = (SELECT json_set(i.data, '
+        "'$.pricing', json_set(CASE WHEN json_type(p) = 'object' THEN json(p) ELSE json('{{}}') END, "
+        "'$.configuredPrices', json_patch({base}, ?)), "
+        "'$.psai', json_set(json_insert(CASE WHEN json_type(x) = 'object' THEN json(x) ELSE json('{{}}') END, "
+        "'$.originalPricing', json(coalesce(p, 'null'))), '$.corrections', json_insert("
+        "CASE WHEN json_type(x, '$.corrections') = 'array' THEN json(x -> '$.corrections') ELSE json('[]') END, "
+        "'$[#]', ?))) FROM (SELECT i.data -> '$.pricing' AS p, i.data -> '$.psai' AS x)) WHERE {where}").format(
+            base=base, where=" AND ".join(where + [is_object]))
 
 
 # -- statements built once ----------------------------------------------------------

@@ -7,6 +7,7 @@ written, the writes share one transaction, and an error names the table,
 the row and the field. Rows are matched by uuid, so importing the same file
 twice changes nothing the second time.
 """
+import datetime
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -18,8 +19,10 @@ from .errors import ValidationError
 from .fields import TimestampTzField, UnreadableTime
 from .migrations import ensure_schema
 from .models import (
-    AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
+    AgentModels, CopiedUsage, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage,
+    PsModelUsageItem,
 )
+from .pricing import COUNTERS
 from .recording import NO_AGENT
 from .schemas import dump_rows, INCLUDE, RAISE, PsAgentSchema, PsAiModelSchema
 
@@ -201,9 +204,10 @@ def _by_key(rows, key):
     return grouped
 
 
-def _mirror_rows(model_class, target, source_rows, key, translate, counts, name):
+def _mirror_rows(model_class, target, source_rows, key, translate, counts, name, merge=None):
     """Update the target rows that match a source row by ``key``, insert the
-    others; rows of the target's own are left alone."""
+    others; rows of the target's own are left alone. ``merge(existing,
+    values)``, if given, gives the values a matched row is to have."""
     target_rows = _by_key(_read(model_class, target), key) if source_rows else {}
     pk = model_class._meta.primary_key.name
     names = {field.name for field in _columns(model_class, target)} - {pk}
@@ -216,6 +220,8 @@ def _mirror_rows(model_class, target, source_rows, key, translate, counts, name)
             values = _fit(model_class, names, values)
             if index < len(matches):
                 existing = matches[index]
+                if merge is not None:
+                    values = merge(existing, values)
                 changed = {k: v for k, v in values.items() if existing.get(k) != v}
                 if changed:
                     _update(model_class, existing[pk], changed)
@@ -243,6 +249,53 @@ def _beyond_integer(model_class, rows, errors):
                 errors.setdefault(model_class._meta.table_name, {}).setdefault(row[pk], {})[field.column_name] = [
                     "Row %s holds %s, beyond the target's INTEGER column (%d to %d)." % (
                         row[pk], value, MIN_INTEGER, MAX_INTEGER)]
+
+
+def _usage_key(row):
+    return row["model"], row.get("agent"), row.get("connector_id"), row["created_at"]
+
+
+def _mirror_usage(target, source_rows, counts):
+    """Counter rows, matched by model, agent, connector and time. A matched
+    row keeps what the target recorded in it itself: each counter becomes
+    the source's value plus what the target's grew by since the value last
+    copied into it (``psai_copied_usage``; a row without that memory takes
+    the source's value). Nothing new on either side: nothing changes."""
+    remembers = bool(table_columns(target, CopiedUsage._meta.table_name))
+    copied = dict(cast(Iterable[tuple[int, Any]], CopiedUsage.select(CopiedUsage.usage, CopiedUsage.counters)
+                       .tuples())) if remembers and source_rows else {}
+    present = [name for name in COUNTERS if name in {field.name for field in _columns(PsModelUsage, target)}]
+
+    def merge(existing, values):
+        last = copied.get(existing["id"])
+        if not isinstance(last, dict):
+            return values
+        merged = dict(values)
+        for name in present:
+            source, here, copied_last = values.get(name), existing.get(name), last.get(name)
+            if all(map(_is_count, (source, here, copied_last))):  # else copied as stored, as any odd value
+                merged[name] = source + here - copied_last
+        later = [values.get("updated_at"), existing.get("updated_at")]
+        if merged != values and all(isinstance(moment, datetime.datetime) for moment in later):
+            merged["updated_at"] = max(later)  # the target's own calls since: its last update stays
+        return merged
+
+    _mirror_rows(PsModelUsage, target, source_rows, _usage_key, dict, counts, "ps_model_usage", merge)
+    if not remembers or not source_rows:
+        return
+    here = _by_key(_read(PsModelUsage, target), _usage_key)
+    memory = {}
+    for group_key, rows in _by_key(source_rows, _usage_key).items():
+        for row, existing in zip(rows, here.get(group_key, [])):
+            memory[existing["id"]] = {name: row.get(name) or 0 for name in present}
+    stale = [usage_id for usage_id, counters in memory.items() if copied.get(usage_id) != counters]
+    for start in range(0, len(stale), 500):
+        CopiedUsage.delete().where(CopiedUsage.usage.in_(stale[start:start + 500])).execute()
+    _insert(CopiedUsage, [{"usage": usage_id, "counters": memory[usage_id]} for usage_id in stale])
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _retarget_item(data, model_id, agent_id):
@@ -355,9 +408,7 @@ def copy(source: Database | str, target: Database | str, *, dry_run: bool = Fals
                     return dict(row, model=model_ids.get(row["model"]), agent=agent_ids.get(row.get("agent")))
                 # A row pointing nowhere stays behind.
                 usage = [usage_row(row) for row in usage if row["model"] in model_ids]
-                _mirror_rows(PsModelUsage, target, usage,
-                             lambda r: (r["model"], r.get("agent"), r.get("connector_id"), r["created_at"]),
-                             dict, counts, "ps_model_usage")
+                _mirror_usage(target, usage, counts)
                 done(usage)
 
                 def item_row(row):

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 import psai
-from psai import PsAgent, PsAiModel, PsModelUsageItem
+from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from psai.cli import cli
 
 from conftest import make_backend, make_configuration
@@ -170,6 +170,40 @@ def test_copy_mirrors_a_store_and_a_second_copy_changes_nothing(two):
     assert third["ps_model_usage"] == {"created": 0, "updated": 1}
     assert third["ps_model_usage_item"] == {"created": 1, "updated": 0}
     assert _report(target, "model") == _report(source, "model")
+
+
+def test_a_second_copy_keeps_what_the_target_recorded(two, clock):
+    """Copy, record on the target the same day (into the copied counter row),
+    copy again: the target's calls stay counted, the source's new ones are
+    added, and a copy with nothing new changes nothing."""
+    source, target = two.default, two.other
+    gpt, lead = add("GPT"), agent("lead")
+    psai.record_usage(gpt, lead, tokens_in=1000, tokens_out=10)
+    psai.copy(source, target)
+
+    def counters(db):
+        with psai.using(db):
+            return sorted((row.token_in_count, row.token_out_count) for row in PsModelUsage.select())
+
+    clock.advance(minutes=5)
+    with psai.using(target):
+        psai.record_usage(PsAiModel.get(PsAiModel.uuid == gpt.uuid), PsAgent.get(PsAgent.uuid == lead.uuid),
+                          tokens_in=500, tokens_out=5)
+    assert counters(target) == [(1500, 15)]
+    again = psai.copy(source, target)
+    assert all(numbers == {"created": 0, "updated": 0} for numbers in again.values()), again
+    assert counters(target) == [(1500, 15)]
+    clock.advance(minutes=5)
+    psai.record_usage(gpt, lead, tokens_in=200, tokens_out=2)  # the source grows too
+    third = psai.copy(source, target)
+    assert third["ps_model_usage"] == {"created": 0, "updated": 1}
+    assert counters(target) == [(1700, 17)] and counters(source) == [(1200, 12)]
+    assert all(n == {"created": 0, "updated": 0} for n in psai.copy(source, target).values())
+    assert counters(target) == [(1700, 17)]
+    # What the counters say is what the items say, on the target as on the source.
+    with psai.using(target):
+        [row] = psai.cost_report("model")
+    assert (row["calls"], row["tokens_in"], row["tokens_out"]) == (3, 1700, 17)
 
 
 def test_copy_from_the_command_line(two, tmp_path):

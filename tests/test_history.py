@@ -13,6 +13,7 @@ from psai import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from psai.cli import cli
 from psai.history import price_history, reprice
 from psai.items import item_cost
+from psai.models import PriceCorrection
 from psai.usage import NO_AGENT, cost_report, record_usage, report_totals
 
 from conftest import SEED_CONFIGURATION, make_configuration
@@ -414,6 +415,134 @@ def test_a_bad_correction_is_refused_and_writes_nothing(db):
             reprice(m, changes, dry_run=False)
     assert [i.data for i in items()] == before_items
     assert price_history(m)[0]["corrections"] == []
+
+
+def old_correction(data, prices, correction_id):
+    """What a correction does to one item's data, the rule written out."""
+    if not isinstance(data, dict):
+        return data
+    data = json.loads(json.dumps(data))
+    pricing = data.get("pricing") if isinstance(data.get("pricing"), dict) else {}
+    configured = pricing.get("configuredPrices")
+    base = configured if configured is not None else prices
+    base = dict(base) if isinstance(base, dict) else {}
+    base.update(costInTokensPerMillion=20)
+    base.pop("costPerThousandWebSearches", None)
+    extras = data.get("psai") if isinstance(data.get("psai"), dict) else {}
+    extras.setdefault("originalPricing", data.get("pricing"))
+    extras["corrections"] = list(extras.get("corrections") or []) + [correction_id]
+    data["psai"] = extras
+    data["pricing"] = dict(pricing, configuredPrices=base)
+    return data
+
+
+def test_a_correction_changes_each_kind_of_snapshot_by_the_same_rule(db):
+    """The correction is computed in SQL: snapshots without prices, with
+    another correction already, with odd psai extras, or not objects at all
+    are corrected as the rule says (or left alone)."""
+    m, a = model(costPerThousandWebSearches=10), agent()
+    record_usage(m, a, tokens_in=1_000_000, tokens_out=10, web_searches=2)
+    [recorded] = items()
+    usage = recorded.data["usageNormalized"]
+    odd = [
+        {"version": 1, "provider": "openai", "usageNormalized": usage},
+        {"version": 1, "provider": "openai", "usageNormalized": usage, "pricing": {"configuredPrices": None}},
+        {"version": 1, "provider": "openai", "usageNormalized": usage, "pricing": "weird", "psai": "x"},
+        dict(recorded.data, psai={"originalPricing": {"configuredPrices": {"costInTokensPerMillion": 1}},
+                                  "corrections": [99], "cacheWriteTokens": 5}),
+        dict(recorded.data, psai={"originalPricing": None, "corrections": None}),
+        [1, 2],
+    ]
+    for data in odd:
+        PsModelUsageItem.insert(user_id=1, model_id=m.id, agent_id=a.id, data=data).execute()
+    before = {item.id: item.data for item in items()}
+    result = reprice(m, {"costInTokensPerMillion": 20, "costPerThousandWebSearches": None}, dry_run=False)
+    [correction] = price_history(m)[0]["corrections"]
+    correction_id = PriceCorrection.select().get().id
+    assert correction["calls"] == result["calls"] == len(odd) + 1
+    for item in items():
+        assert item.data == old_correction(before[item.id], m.configuration["prices"], correction_id), item.id
+    assert total()["USD"] == result["after"]
+
+
+def test_reprice_does_not_stop_calls_on_other_models(postgres_db):
+    """PostgreSQL: while a correction waits (here for a row another
+    transaction holds), calls on another model are recorded: it locks the
+    corrected model and the items it changes, not the tables."""
+    import threading
+    m, other, a = model(), model(name="other"), agent()
+    for _ in range(3):
+        record_usage(m, a, tokens_in=1_000_000, tokens_out=0)
+    blocker, watcher = (type(postgres_db)(postgres_db.database, **postgres_db.connect_params) for _ in range(2))
+    outcome = {}
+
+    def correct():
+        outcome["reprice"] = reprice(m, {"costInTokensPerMillion": 20}, dry_run=False)
+        postgres_db.close()
+
+    def record():
+        outcome["record"] = record_usage(other, a, tokens_in=10, tokens_out=1)
+        postgres_db.close()
+
+    with blocker.atomic():
+        blocker.execute_sql('SELECT id FROM "ps_model_usage_item" WHERE model_id = %s LIMIT 1 FOR UPDATE', (m.id,))
+        correcting = threading.Thread(target=correct)
+        correcting.start()
+        for _ in range(600):  # until the correction waits for a lock
+            waiting = watcher.execute_sql(  # pg_stat_activity is read afresh outside a transaction
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = "
+                "current_database()").fetchone()[0]
+            if waiting:
+                break
+            correcting.join(0.05)
+        assert waiting and correcting.is_alive()
+        recording = threading.Thread(target=record)
+        recording.start()
+        recording.join(60)
+        finished_meanwhile = not recording.is_alive()
+    correcting.join(60)
+    recording.join(60)
+    blocker.close()
+    watcher.close()
+    assert finished_meanwhile, "a call on another model waited for the correction"
+    assert outcome["reprice"]["calls"] == 3 and outcome["reprice"]["difference"] == Decimal(-30)
+    assert total()["USD"] == Decimal(60) + Decimal("0.00036")
+
+
+def test_calls_are_recorded_while_a_correction_is_measured(db, backend, monkeypatch):
+    """While a correction reads the usage it corrects, a call on another
+    model is recorded (on SQLite the correction is measured before it takes
+    the write lock; on PostgreSQL it locks only the corrected model). On
+    SQLite a call on the corrected model itself recorded meanwhile is found
+    under the write lock, measured and corrected too."""
+    import threading
+    import psai.history
+    m, other, a = model(), model(name="other"), agent()
+    for _ in range(3):
+        record_usage(m, a, tokens_in=1_000_000, tokens_out=0)
+    measure, finished = psai.history.usage_parts, []
+
+    def record_meanwhile(*args, **kwargs):
+        parts = measure(*args, **kwargs)
+        if not finished:
+            calls = [other] + ([m] if backend.kind == "sqlite" else [])
+            worker = threading.Thread(target=lambda: [record_usage(x, a, tokens_in=1_000_000, tokens_out=0)
+                                                      for x in calls] and db.close())
+            worker.start()
+            worker.join(10)
+            finished.append(not worker.is_alive())
+            if not finished[0]:
+                finished.append(worker)
+        return parts
+    monkeypatch.setattr(psai.history, "usage_parts", record_meanwhile)
+    before = total()["USD"]
+    result = reprice(m, {"costInTokensPerMillion": 20}, dry_run=False)
+    if len(finished) > 1:
+        finished[1].join(60)
+    assert finished[0], "a call on another model waited for the correction to end"
+    corrected_calls = 4 if backend.kind == "sqlite" else 3
+    assert result["calls"] == corrected_calls and result["difference"] == -10 * corrected_calls
+    assert total()["USD"] == before + 30 * (corrected_calls - 2) + result["difference"]
 
 
 def test_reprice_on_the_command_line(backend):

@@ -123,3 +123,14 @@ def import_genai_prices(url, organization_id, barrier_path):
                                     organization_id=organization_id)
     psai.database.close()
     return sorted(row["source_model"] for row in result["models"])
+
+
+def record_fixed(url, model_ids, agent_id, calls):
+    """``calls`` calls of 1,000 tokens in and 10 out each, round the models:
+    any report of them has exactly 1,000 tokens in per call."""
+    import psai
+    psai.connect(url)
+    for i in range(calls):
+        psai.record_usage(model_ids[i % len(model_ids)], agent_id, tokens_in=1000, tokens_out=10)
+    psai.database.close()
+    return calls
