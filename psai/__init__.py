@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should s
     from .query import resolve_model
     from .recording import record_response, record_usage
     from .tracking import track
-    from .budgets import (
+    from .budget import (
         budget_events, budget_status, budgets, check_budget, on_budget_event, remove_budget, set_budget,
     )
     from .reports import cost_report
@@ -43,7 +43,7 @@ _LAZY = {"record_usage": "usage", "cost_report": "usage",
          "find_by_provider_model": "query", "record_response": "recording", "track": "tracking",
          "resolve_model": "query", "audit": "audit", "pricing": None, "catalog": None, "copy": "transfer",
          "report": None, **dict.fromkeys(["set_budget", "budgets", "remove_budget", "budget_status", "check_budget",
-                                          "budget_events", "on_budget_event"], "budgets")}
+                                          "budget_events", "on_budget_event"], "budget")}
 
 
 def __getattr__(name: str) -> Any:
@@ -58,8 +58,8 @@ def __getattr__(name: str) -> Any:
 
 def _watch_budgets(db: Any, model: Any, agent: Any) -> Any:
     # Every recorded call is weighed against the budgets covering it; the
-    # budgets module (and the report pipeline it needs) is loaded on the first call.
-    from .budgets import watch_call
+    # budget module (and the report pipeline it needs) is loaded on the first call.
+    from .budget import watch_call
     return watch_call(db, model, agent)
 
 

@@ -1,6 +1,6 @@
 """``psai.track``: the calls a script's block makes, recorded from their
 responses, counted and priced, and, with ``budget=True``, stopped by a hard
-budget before the next call (``psai.budgets``)."""
+budget before the next call (``psai.budget``)."""
 import contextlib
 import json
 import uuid
@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from .arguments import agent_arg, model_arg
-from .budgets import check_budget
+from .budget import check_budget
 from .items import item_cost
 from .models import PsAgent, PsAiModel
 from .recording import record_response_data

@@ -14,7 +14,7 @@ LAYERS = [
     ("store", ["base", "models"]),
     ("price versions and recording", ["versions", "arguments", "query", "recording"]),
     ("reports, check, catalog, copy", ["reports", "usage", "check", "migrations", "catalog", "transfer", "audit",
-                                        "budgets"]),
+                                        "budget"]),
     ("history, HTML report, demo", ["history", "report", "demo", "tracking"]),
     ("command line", ["cli", "__main__", "__init__"]),
 ]

@@ -76,3 +76,19 @@ def change_prices(url, model_id, times):
         PsAiModel.get_by_id(model_id).update_configuration({"prices": {"costInTokensPerMillion": i}})
     psai.database.close()
     return times
+
+
+def record_until_refused(url, model_id, calls):
+    """A worker: check, then call, then record, until the budget refuses."""
+    import psai
+    psai.connect(url)
+    made = 0
+    try:
+        for _ in range(calls):
+            psai.check_budget(model=model_id, estimate={"tokens_in": 10_000, "tokens_out": 1_000})
+            psai.record_usage(model_id, None, tokens_in=10_000, tokens_out=1_000)
+            made += 1
+    except psai.BudgetExceededError:
+        pass
+    psai.database.close()
+    return made
