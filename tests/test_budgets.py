@@ -385,3 +385,20 @@ def test_budgets_on_the_command_line(backend, clock):
     assert run("budgets", "remove", "team").exit_code == 0
     assert run("budgets", "remove", "team").exit_code == 1
     assert run("budgets", "status").exit_code == 0
+
+
+def test_the_html_report_shows_each_budget_against_its_limit(db, clock):
+    m = model()
+    assert "Budgets this period" not in psai.report.html()
+    psai.set_budget(name="<b>team</b>", amount=1, warn_at=(0.5, 0.9))
+    psai.set_budget(name="soft", amount="0.5", hard=False, period="total")
+    record_usage(m, None, **CALL)
+    record_usage(m, None, **CALL)
+    page = psai.report.html()
+    section = page[page.index("<h2>Budgets this period</h2>"):]
+    section = section[:section.index("</section>")]
+    assert "&lt;b&gt;team&lt;/b&gt;" in section and "<b>team</b>" not in section
+    assert section.count('class="mark"') == 3  # 0.5 and 0.9 of one, 0.8 of the other
+    assert 'class="spent warning" style="width:72.0%"' in section
+    assert 'class="spent exceeded" style="width:100.0%"' in section and "exceeded (soft)" in section
+    assert "0.7200 of 1.00 USD" in section and "2026-11-01 00:00 to 2026-12-01 00:00 UTC" in section
