@@ -56,11 +56,11 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def _watch_budgets(db: Any, model: Any, agent: Any) -> Any:
+def _budget_watcher() -> Any:
     # Every recorded call is weighed against the budgets covering it; the
     # budget module (and the report pipeline it needs) is loaded on the first call.
-    from .budget import watch_call
-    return watch_call(db, model, agent)
+    from .budget import WATCHER
+    return WATCHER
 
 
-CALL_WATCHERS.append(_watch_budgets)
+CALL_WATCHERS.append(_budget_watcher)

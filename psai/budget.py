@@ -11,6 +11,7 @@ import calendar
 import datetime
 import logging
 import uuid
+import weakref
 import zoneinfo
 from collections.abc import Callable, Iterable
 from decimal import Decimal
@@ -28,7 +29,7 @@ from .reports import merge_parts, part_tokens, price_parts, usage_parts
 from .schemas import BUDGET_FIELDS, validate_budget_values
 
 __all__ = ["set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events",
-           "on_budget_event", "period_bounds", "BudgetStatus", "BudgetEventRow", "watch_call", "LIMIT"]
+           "on_budget_event", "period_bounds", "BudgetStatus", "BudgetEventRow", "BudgetWatcher", "WATCHER", "LIMIT"]
 
 log = logging.getLogger("psai")
 
@@ -36,6 +37,8 @@ log = logging.getLogger("psai")
 LIMIT = Decimal(1)
 # The key a "total" budget's crossings are stored under: it has one period, from the start.
 TOTAL_PERIOD_KEY = datetime.datetime(1970, 1, 1, tzinfo=UTC)
+ANY_BUDGET_SQL = 'SELECT 1 FROM "%s" LIMIT 1' % Budget._meta.table_name
+ANY_BUDGET_PROBE = 'EXISTS (SELECT 1 FROM "%s")' % Budget._meta.table_name
 
 
 class BudgetStatus(TypedDict):
@@ -119,6 +122,7 @@ def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", pe
         for column in BUDGET_FIELDS:
             setattr(row, column, values[column])
         row.save()
+    WATCHER.forget(db)
     return row
 
 
@@ -431,20 +435,56 @@ def _fire(events: list[BudgetEventRow]) -> None:
                 log.exception("psai budget event listener %r failed", listener)
 
 
-def watch_call(db: Database, model: PsAiModel, agent: PsAgent | None) -> Callable[[], Callable[[], None] | None] | None:
-    """What recording a call of ``model`` for ``agent`` must do for budgets:
-    None when no budget covers it (one query), else a function to run in the
-    call's transaction, which returns what to run once it is committed."""
-    if not table_columns(db, Budget._meta.table_name):
-        return None
-    rows = _covering(model, agent, list(Budget.select().order_by(Budget.id)))
-    if not rows:
-        return None
+class BudgetWatcher:
+    """What recording a call does for budgets (``models.CallWatcher``): in
+    the call's transaction, the crossings of the budgets covering it.
 
-    def in_transaction() -> Callable[[], None] | None:
-        fired = _record_crossings(db, rows)
-        return (lambda: _fire(fired)) if fired else None
-    return in_transaction
+    Most deployments have no budget. On SQLite asking costs a statement in
+    the process; on PostgreSQL it would cost a round trip, so once a
+    database is seen without budgets, the one-round-trip statement that
+    records a call asks for it (``probe_sql``), and a budget set since is
+    handled right after that call (``probed``), in a transaction of its own."""
+
+    def __init__(self) -> None:
+        # The databases seen with no budget at the last look.
+        self._none_seen: weakref.WeakKeyDictionary[Database, bool] = weakref.WeakKeyDictionary()
+
+    def _covering(self, db: Database, model: PsAiModel, agent: PsAgent | None) -> list[Budget]:
+        if db.execute_sql(ANY_BUDGET_SQL).fetchone() is None:
+            self._none_seen[db] = True
+            return []
+        self._none_seen.pop(db, None)
+        return _covering(model, agent, list(Budget.select().order_by(Budget.id)))
+
+    def watch(self, db: Database, model: PsAiModel, agent: PsAgent | None, one_trip: bool
+              ) -> Callable[[], Callable[[], None] | None] | None:
+        if not table_columns(db, Budget._meta.table_name) or one_trip and self._none_seen.get(db):
+            return None
+        rows = self._covering(db, model, agent)
+        if not rows:
+            return None
+
+        def in_transaction() -> Callable[[], None] | None:
+            fired = _record_crossings(db, rows)
+            return (lambda: _fire(fired)) if fired else None
+        return in_transaction
+
+    def forget(self, db: Database) -> None:
+        """This process has just set a budget on ``db``: look again."""
+        self._none_seen.pop(db, None)
+
+    def probe_sql(self, db: Database) -> str | None:
+        return ANY_BUDGET_PROBE if table_columns(db, Budget._meta.table_name) else None
+
+    def probed(self, db: Database, model: PsAiModel, agent: PsAgent | None) -> None:
+        self._none_seen.pop(db, None)
+        with write_transaction(db):
+            rows = self._covering(db, model, agent)
+            fired = _record_crossings(db, rows) if rows else []
+        _fire(fired)
+
+
+WATCHER = BudgetWatcher()
 
 
 def on_budget_event(callback: Callable[[BudgetEventRow], Any]) -> Callable[[BudgetEventRow], Any]:

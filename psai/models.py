@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 from peewee import (
     AutoField, BooleanField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField, IntegerField,
@@ -30,7 +30,7 @@ __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "
            "PriceVersion", "PriceCorrection", "ModelProvenance", "Budget", "BudgetEvent", "ALL_MODELS",
            "strict_json_dumps",
            "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
-           "record_price_change", "prices_of", "provenance", "usage_counters", "CALL_WATCHERS"]
+           "record_price_change", "prices_of", "provenance", "usage_counters", "CALL_WATCHERS", "CallWatcher"]
 
 # PolicySynth's size fallback: which sizes to try, in order, for a size asked for.
 SIZE_FALLBACK = {
@@ -425,11 +425,27 @@ ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage, PsModelUsageItem, P
 
 register_models(ALL_MODELS)
 
-# What else recording a call must do in its transaction (budgets' alerts,
-# registered by psai/__init__.py): each is called as watcher(db, model,
-# agent) and returns None (nothing to do) or a function to run in the call's
-# transaction, which returns None or a function to run after the commit.
-CALL_WATCHERS: list[Callable[..., Any]] = []
+class CallWatcher(Protocol):
+    """What else recording a call must do in its transaction: budgets' alerts."""
+
+    def watch(self, db: Any, model: PsAiModel, agent: PsAgent | None, one_trip: bool
+              ) -> Callable[[], Callable[[], None] | None] | None:
+        """None (nothing to do, or, with ``one_trip``, leave it to the
+        probe), else a function to run in the call's transaction, which
+        returns None or a function to run after the commit."""
+
+    def probe_sql(self, db: Any) -> str | None:
+        """A boolean SQL expression PostgreSQL's one-round-trip statement
+        reads in the call's own snapshot: true when there may be work."""
+
+    def probed(self, db: Any, model: PsAiModel, agent: PsAgent | None) -> None:
+        """The probe was true for a call recorded in one round trip: do the
+        work now, in a transaction of its own."""
+
+
+# Functions returning the watchers (loaded on first use): psai/__init__.py
+# registers the budgets'.
+CALL_WATCHERS: list[Callable[[], CallWatcher]] = []
 bind_row_class(PsAiModelSchema, PsAiModel)
 bind_row_class(PsAgentSchema, PsAgent)
 

@@ -105,12 +105,19 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
     keys = (model.id, agent_id, connector_id)
     call = dict(counts, model_id=model.id, user_id=user_id, agent_id=agent_id, connector_id=connector_id,
                 web_searches=web_searches, provider_metadata=provider_metadata, response=response)
-    watching = [found for found in (watch(db, model, agent) for watch in CALL_WATCHERS) if found is not None]
-    if not watching and is_postgres(db) and with_items and not db.in_transaction() \
-            and isinstance(model.configuration, dict):
-        returned, data = _record_in_one_round_trip(db, present, model.configuration, call)
+    one_trip = is_postgres(db) and with_items and not db.in_transaction() and isinstance(model.configuration, dict)
+    watchers = [loaded() for loaded in CALL_WATCHERS]
+    watching = [found for found in (w.watch(db, model, agent, one_trip) for w in watchers) if found is not None]
+    if one_trip and not watching:
+        probing = [(w, probe) for w, probe in ((w, w.probe_sql(db)) for w in watchers) if probe is not None]
+        returned, data = _record_in_one_round_trip(db, present, model.configuration, call,
+                                                   [probe for _w, probe in probing])
         if returned is not None:
-            return _usage_row(present, returned), data
+            width = len(USAGE_ROW_COLUMNS) + len(present)
+            for (watcher, _probe), found in zip(probing, returned[width:]):
+                if found:
+                    watcher.probed(db, model, agent)
+            return _usage_row(present, returned[:width]), data
     find, update, insert = _usage_statements(db, present, agent_id is None, connector_id is None)
     committed = []
     with write_transaction(db):
@@ -213,7 +220,7 @@ _RECORDED_COUNTS = ("tokens_in", "tokens_out", "cached_tokens", "cache_write_tok
                     "audio_tokens", "image_tokens")
 
 
-def _record_in_one_round_trip(db, present, configuration, call):
+def _record_in_one_round_trip(db, present, configuration, call, probes=()):
     """PostgreSQL, outside a transaction: record the call in one round trip,
     priced with the configuration the caller's model object holds, on
     condition that it is still the stored one (compared as jsonb, under the
@@ -224,6 +231,9 @@ def _record_in_one_round_trip(db, present, configuration, call):
     peewee runs it) adds no BEGIN or COMMIT round trip. The lock is its own
     statement so that the next one's snapshot sees the rows written by the
     writer it waited for.
+
+    ``probes``: boolean SQL the row returns after its columns (a watcher's
+    "anything for me?", read in the call's own snapshot).
 
     Returns (the counter row, the item's data), the row None when the
     stored configuration differs (or the model is gone): nothing was
@@ -237,7 +247,8 @@ def _record_in_one_round_trip(db, present, configuration, call):
               + find.params(values) + counts + [values["stamp"]]
               + [call["model_id"], agent_id, connector_id, call["user_id"], values["stamp"], values["stamp"]] + counts
               + _item_params(values))
-    lock_sql, record_sql = one_round_trip_statements(find.sql, present, agent_id is None, connector_id is None)
+    lock_sql, record_sql = one_round_trip_statements(find.sql, present, agent_id is None, connector_id is None,
+                                                     probes)
     return execute_prepared(db, record_sql, params, before=lock_sql + "; ").fetchone(), values["data"]
 
 

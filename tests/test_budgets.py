@@ -402,3 +402,24 @@ def test_the_html_report_shows_each_budget_against_its_limit(db, clock):
     assert 'class="spent warning" style="width:72.0%"' in section
     assert 'class="spent exceeded" style="width:100.0%"' in section and "exceeded (soft)" in section
     assert "0.7200 of 1.00 USD" in section and "2026-11-01 00:00 to 2026-12-01 00:00 UTC" in section
+
+
+def test_a_budget_set_by_another_process_is_seen_by_the_next_call(backend, clock):
+    """On PostgreSQL a database seen without budgets is asked again by the
+    call's own one-round-trip statement; on SQLite by a statement of its own."""
+    psai.migrate()
+    m = model()
+    record_usage(m, None, **CALL)  # no budget yet: seen so
+    made = CliRunner().invoke(cli, ["--database", backend.url, "budgets", "set", "--name", "elsewhere",
+                                    "--amount", "0.5", "--warn-at", "0.9"])
+    assert made.exit_code == 0, made.output
+    psai.budget.WATCHER._none_seen[psai.database.obj] = True  # as a process that never set one sees it
+    heard = []
+    psai.on_budget_event(heard.append)
+    try:
+        record_usage(m, None, **CALL)  # 0.72: past 0.45 and 0.5
+    finally:
+        psai.budget._listeners.remove(heard.append)
+    assert [(e["threshold"], e["spent"]) for e in psai.budget_events()] == [
+        (Decimal("0.9"), Decimal("0.72")), (Decimal(1), Decimal("0.72"))]
+    assert heard == psai.budget_events()
