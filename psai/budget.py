@@ -21,7 +21,7 @@ from peewee import Database
 
 from .arguments import agent_arg, as_datetime, model_arg
 from .db import is_postgres, model_db, table_columns, write_transaction
-from .errors import BudgetExceededError, NotFoundError, ValidationError
+from .errors import BudgetExceededError, NotAdoptedError, NotFoundError, ValidationError
 from .fields import UTC, utcnow
 from .models import Budget, BudgetEvent, PsAgent, PsAiModel
 from .recording import model_cost
@@ -116,6 +116,9 @@ def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", pe
         values["name"] = _default_name(values)
     values = validate_budget_values(values)
     db = model_db(Budget)
+    if not table_columns(db, Budget._meta.table_name):
+        raise NotAdoptedError("this database has no psai_budgets table: run `psai init --adopt` (a PolicySynth "
+                              "database; its own tables are not changed) or `psai.migrate()`")
     with write_transaction(db):
         found = Budget.get_or_none(Budget.name == values["name"])
         row = found if found is not None else Budget()
