@@ -269,7 +269,8 @@ def _status(db: Database, budget: Budget, now: datetime.datetime) -> BudgetStatu
     if start is not None and end is not None:
         elapsed = (now - start).total_seconds()
         length = (end - start).total_seconds()
-        forecast = spent * Decimal(repr(length)) / Decimal(repr(elapsed)) if elapsed > 0 else spent
+        forecast = (spent * Decimal(repr(length)) / Decimal(repr(elapsed)) if elapsed > 0 else spent).quantize(
+            Decimal("0.000001"))
     return {"budget": budget.name, "currency": budget.currency, "limit": limit, "spent": spent,
             "unpriced_tokens": unpriced, "remaining": max(limit - spent, Decimal(0)), "period_start": start,
             "period_end": end, "forecast": forecast, "state": _state(budget, spent, unpriced), "hard": budget.hard,
