@@ -619,6 +619,30 @@ def bench_reprice(backend, results, rows):
     backend.truncate("ps_model_usage_item", "ps_model_usage")
 
 
+def bench_budgets(backend, results, sizes):
+    """check_budget for a budget whose period holds every item (a year
+    budget over the filled items), against one raw aggregate of the same items."""
+    for rows in sizes:
+        fill_items(backend, rows)
+        model_id = PsAiModel.select(PsAiModel.id).order_by(PsAiModel.id).scalar()
+        psai.set_budget(name="bench", amount=10 ** 9, period="year")
+        pinned = psai.fields.now_source
+        psai.fields.now_source = lambda: datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc)
+        try:
+            (status,) = psai.check_budget(model=model_id)
+            assert status["calls"] == rows
+            assert status["spent"] == sum(raw_item_report(backend, "model_id").values())
+            repeat = 5 if rows <= 100_000 else 2
+            check = timed(lambda: psai.check_budget(model=model_id), repeat)
+            results.add("check_budget, a year budget over every item", rows, backend.kind, check,
+                        timed(lambda: raw_item_report(backend, "model_id"), repeat),
+                        note="%.1f ms a check; target <= 5 ms (issue 25)" % (check * 1000))
+        finally:
+            psai.fields.now_source = pinned
+            psai.remove_budget("bench")
+    backend.truncate("ps_model_usage_item")
+
+
 # -- 8. the command line as a whole process ------------------------------------------------------
 
 def bench_cli(backend, results, runs):
@@ -769,8 +793,8 @@ def main(argv=None):
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.1 for a quick run)")
     parser.add_argument("--only", nargs="*",
-                        help="run only these: insert validated filter eager usage report items reprice cli peers "
-                             "responses")
+                        help="run only these: insert validated filter eager usage report items reprice budgets cli "
+                             "peers responses")
     parser.add_argument("--markdown", help="also write the results table to this Markdown file")
     args = parser.parse_args(argv)
 
@@ -778,8 +802,8 @@ def main(argv=None):
         return max(1, int(n * args.scale))
 
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
-    steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "items", "reprice", "cli",
-                          "peers", "responses"]
+    steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "items", "reprice", "budgets",
+                          "cli", "peers", "responses"]
     results = Results()
     started = time.perf_counter()
     for kind in backends:
@@ -790,9 +814,9 @@ def main(argv=None):
                 bench_bulk_insert(backend, results, scale(100_000))
             if "validated" in steps:
                 bench_validated(backend, results, scale(5_000))
-            if any(step in steps for step in ("filter", "eager", "usage", "report", "items")):
+            if any(step in steps for step in ("filter", "eager", "usage", "report", "items", "budgets")):
                 bench_filter(backend, results, scale(100_000), runs=51)
-            if any(step in steps for step in ("eager", "usage", "report", "items")):
+            if any(step in steps for step in ("eager", "usage", "report", "items", "budgets")):
                 bench_eager(backend, results, scale(1_000))
             if "usage" in steps:
                 bench_record_usage(backend, results, scale(100_000))
@@ -805,6 +829,8 @@ def main(argv=None):
                     bench_filter(backend, results, 200, runs=3)  # models and agents the items are on
                     bench_eager(backend, results, 50)
                 bench_reprice(backend, results, scale(100_000))
+            if "budgets" in steps:
+                bench_budgets(backend, results, [scale(100_000), scale(1_000_000)])
             if "cli" in steps:
                 bench_cli(backend, results, runs=11)
             if "peers" in steps:

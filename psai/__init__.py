@@ -4,11 +4,11 @@ from typing import TYPE_CHECKING, Any
 from .db import connect, database, redact_url, using
 from .enums import PsAiModelProvider, PsAiModelSize, PsAiModelType
 from .errors import (
-    DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError, PsaiError, UnpricedUsageError,
-    ValidationError, WrongDatabaseError,
+    BudgetExceededError, DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError, PsaiError,
+    UnpricedUsageError, ValidationError, WrongDatabaseError,
 )
 from .migrations import migrate
-from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+from .models import CALL_WATCHERS, AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from .responses import ResponseUsage, usage_from_response
 
 if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should see them
@@ -17,7 +17,11 @@ if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should s
     from .query import add_model, find_by_provider_model
     from .audit import audit
     from .query import resolve_model
-    from .recording import record_response, record_usage, track
+    from .recording import record_response, record_usage
+    from .tracking import track
+    from .budget import (
+        budget_events, budget_status, budgets, check_budget, on_budget_event, remove_budget, set_budget,
+    )
     from .reports import cost_report
     from .transfer import copy
 
@@ -30,14 +34,17 @@ __all__ = [
     "InUseError", "PsModelUsageItem", "price_history", "reprice", "UnpricedUsageError", "catalog", "report",
     "usage_from_response", "ResponseUsage", "record_response", "track", "resolve_model", "audit",
     "WrongDatabaseError",
+    "set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events", "on_budget_event",
+    "BudgetExceededError",
 ]
 
 # Imported on first use, so a short command does not pay for them.
 _LAZY = {"record_usage": "usage", "cost_report": "usage",
          "price_history": "history", "reprice": "history", "add_model": "query",
-         "find_by_provider_model": "query", "record_response": "recording", "track": "recording",
+         "find_by_provider_model": "query", "record_response": "recording", "track": "tracking",
          "resolve_model": "query", "audit": "audit", "pricing": None, "catalog": None, "copy": "transfer",
-         "report": None}
+         "report": None, **dict.fromkeys(["set_budget", "budgets", "remove_budget", "budget_status", "check_budget",
+                                          "budget_events", "on_budget_event"], "budget")}
 
 
 def __getattr__(name: str) -> Any:
@@ -48,3 +55,13 @@ def __getattr__(name: str) -> Any:
     value = module if _LAZY[name] is None else getattr(module, name)
     globals()[name] = value
     return value
+
+
+def _budget_watcher() -> Any:
+    # Every recorded call is weighed against the budgets covering it; the
+    # budget module (and the report pipeline it needs) is loaded on the first call.
+    from .budget import WATCHER
+    return WATCHER
+
+
+CALL_WATCHERS.append(_budget_watcher)

@@ -25,6 +25,7 @@ from .errors import DatabaseURLError, PsaiError, ValidationError
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+EXIT_BUDGET_EXCEEDED = 3  # `budgets status`: a hard budget is exceeded
 
 
 # -- plumbing ------------------------------------------------------------------
@@ -872,6 +873,7 @@ def usage_record(model, agent, applied_tier, **usage):
         model = PsAiModel.get_by_key(model)
         usage["provider_metadata"] = applied_tier_metadata(readable(model.configuration).get("provider"),
                                                            applied_tier)
+    _report_budget_events()
     row = record_usage(model, agent, **usage)
     click.echo("recorded on usage row %s" % row.id)
 
@@ -897,6 +899,7 @@ def usage_record_response(model, agent, source, provider, user_id, connector_id,
     response = load_response(source.read(), "stdin" if name in ("<stdin>", "-") else name)
     usage = usage_from_response(response, provider=provider)
     connect()
+    _report_budget_events()
     row = record_response(model, agent, usage, user_id=user_id, connector_id=connector_id)
     if as_json:
         emit([dict(usage.as_dict(), usage_row=row.id)], "json", single=True)
@@ -988,6 +991,112 @@ def audit_command(since, until, model, apply_changes, as_json):
             result["items_read"]))
     click.echo("applied: items and counters corrected" if result["applied"]
                else "dry run: nothing changed (--apply corrects)", err=True)
+
+
+# -- budgets ------------------------------------------------------------------------------
+
+@cli.group()
+def budgets():
+    """Spending limits per agent tree, model, provider or organization, over
+    a calendar period, with alerts that fire once (docs/budgets.md)."""
+
+
+def _budget_row(budget):
+    scope = next(("%s=%s" % (label, value) for label, value in (
+        ("agent", budget.agent_id), ("model", budget.model_name), ("provider", budget.provider),
+        ("organization", budget.organization_id)) if value is not None), "all usage")
+    if budget.agent_id is not None and not budget.include_sub_agents:
+        scope += " (only)"
+    return {"name": budget.name, "limit": budget.amount, "currency": budget.currency, "period": budget.period,
+            "timezone": budget.timezone, "scope": scope, "warn_at": ",".join(str(f) for f in budget.warn_at),
+            "hard": budget.hard, "unpriced": budget.unpriced}
+
+
+@budgets.command("set")
+@click.option("--name", required=True, help="The budget's name (an existing one is changed).")
+@click.option("--amount", required=True, metavar="AMOUNT", help="The limit, e.g. 25 or 2.50.")
+@click.option("--currency", default="USD", show_default=True)
+@click.option("--period", type=click.Choice(["day", "week", "month", "year", "total"]), default="month",
+              show_default=True, help="A calendar period in --timezone (week: ISO, from Monday).")
+@click.option("--timezone", default="UTC", show_default=True, help="An IANA zone, e.g. Europe/Berlin.")
+@click.option("--agent", metavar="ID", help="Scope: this agent (id or uuid) and its sub-agents.")
+@click.option("--agent-only", is_flag=True, help="With --agent: the agent alone, not its sub-agents.")
+@click.option("--model", "model_name", metavar="NAME", help="Scope: every version of the model of this name.")
+@click.option("--provider", help="Scope: every model of this provider.")
+@click.option("--organization-id", type=int, help="Scope: every model of this organization.")
+@click.option("--warn-at", "warn_at", type=float, multiple=True, metavar="FRACTION",
+              help="Alert at this fraction of the limit (repeat for more; default 0.8). The limit alerts too.")
+@click.option("--soft", is_flag=True, help="Alerts only: check_budget never refuses a call.")
+@click.option("--unpriced", type=click.Choice(["block", "allow"]), default="block", show_default=True,
+              help="Whether usage that cannot be priced blocks calls (the state is then unknown).")
+@output_options
+def budgets_set(name, amount, currency, period, timezone, agent, agent_only, model_name, provider, organization_id,
+                warn_at, soft, unpriced, fmt):
+    """Create or change a budget (one scope at most; none: all usage)."""
+    from .budget import set_budget
+    connect()
+    budget = set_budget(name=name, amount=amount, currency=currency, period=period, timezone=timezone, agent=agent,
+                        include_sub_agents=not agent_only, model=model_name, provider=provider,
+                        organization_id=organization_id, warn_at=warn_at or (0.8,), hard=not soft,
+                        unpriced=unpriced)
+    emit([_budget_row(budget)], fmt, single=True)
+
+
+@budgets.command("list")
+@output_options
+def budgets_list(fmt):
+    """Every budget, by name."""
+    from .budget import budgets as all_budgets
+    connect()
+    emit([_budget_row(b) for b in all_budgets()], fmt,
+         columns=["name", "limit", "currency", "period", "timezone", "scope", "warn_at", "hard", "unpriced"])
+
+
+@budgets.command("status")
+@click.argument("name", required=False)
+@output_options
+def budgets_status(name, fmt):
+    """What each budget (or NAME) has spent this period, against its limit:
+    exit 3 when a hard budget is exceeded (for cron and CI), else 0."""
+    from .budget import budget_status
+    connect()
+    statuses = budget_status(name)
+    emit(statuses, fmt, columns=["budget", "state", "spent", "limit", "currency", "remaining", "forecast",
+                                 "unpriced_tokens", "period_start", "period_end"])
+    if any(s["hard"] and s["state"] == "exceeded" for s in statuses):
+        sys.exit(EXIT_BUDGET_EXCEEDED)
+
+
+@budgets.command("events")
+@click.option("--since", metavar="DATE", help="From this day (YYYY-MM-DD) or time.")
+@output_options
+def budgets_events(since, fmt):
+    """The thresholds crossed, oldest first: each once per budget and period."""
+    from .budget import budget_events
+    connect()
+    emit(budget_events(since), fmt, columns=["at", "budget", "threshold", "spent", "currency", "period_start"])
+
+
+@budgets.command("remove")
+@click.argument("name")
+def budgets_remove(name):
+    """Remove a budget and its recorded alerts."""
+    from .budget import remove_budget
+    connect()
+    remove_budget(name)
+    click.echo("removed budget %s" % name)
+
+
+def _report_budget_events():
+    """Say on stderr when the call being recorded crosses a budget's threshold."""
+    from .budget import on_budget_event
+
+    @on_budget_event
+    def say(event):
+        percent = format((event["threshold"] * 100).normalize(), "f")
+        what = "its limit" if event["threshold"] == 1 else "%s%% of its limit" % percent
+        click.echo("budget %s: %s reached (%s %s spent)" % (_safe(event["budget"]), what, event["spent"],
+                                                           event["currency"]), err=True)
 
 
 @cli.command("check")

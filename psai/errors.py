@@ -4,7 +4,7 @@ from typing import Any
 import marshmallow
 
 __all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
-           "InUseError", "UnpricedUsageError", "WrongDatabaseError",
+           "InUseError", "UnpricedUsageError", "WrongDatabaseError", "BudgetExceededError",
            "NotConnectedError", "NotAdoptedError", "CatalogUnavailableError", "Unmappable", "flatten_messages"]
 
 
@@ -73,6 +73,16 @@ class InUseError(PsaiError):
 class UnpricedUsageError(PsaiError):
     """A strict report found usage whose prices are missing or unusable
     (``cost_report(..., strict=True)``): it names the models and why."""
+
+
+class BudgetExceededError(PsaiError):
+    """A hard budget is reached, would be passed by the call about to be
+    made, or cannot tell (unpriced usage) and blocks: ``psai.check_budget``."""
+
+    def __init__(self, message: str, *, budget: str, spent: Any, limit: Any, currency: str,
+                 period_end: Any) -> None:
+        super().__init__(message)
+        self.budget, self.spent, self.limit, self.currency, self.period_end = budget, spent, limit, currency, period_end
 
 
 class NotAdoptedError(PsaiError):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from collections.abc import Mapping
-from typing import Any, Self
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, Self
 
 from peewee import (
-    AutoField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField, IntegerField, IntegrityError,
-    ModelSelect, ModelUpdate, Value,
+    AutoField, BooleanField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField, IntegerField,
+    IntegrityError, ModelSelect, ModelUpdate, Value,
 )
 
 from .base import BaseModel, LinkField, check_database, load_links
@@ -21,15 +21,16 @@ from .errors import InUseError, NotFoundError, ValidationError
 from .fields import JSONField, TimestampTzField, UUIDTextField, utcnow
 from .pricing import COUNTERS
 from .schemas import (
-    PsAgentSchema, PsAiModelSchema, bind_row_class, merge_configuration, shape_problem, unknown_paths,
-    validate_agent_row, validate_agent_values, validate_model_row, validate_model_values,
+    BUDGET_FIELDS, PsAgentSchema, PsAiModelSchema, bind_row_class, merge_configuration, shape_problem, unknown_paths,
+    validate_agent_row, validate_agent_values, validate_budget_values, validate_model_row, validate_model_values,
 )
 from .sql import config_filter
 
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
-           "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "ALL_MODELS", "strict_json_dumps",
+           "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "Budget", "BudgetEvent", "ALL_MODELS",
+           "strict_json_dumps",
            "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
-           "record_price_change", "prices_of", "provenance", "usage_counters"]
+           "record_price_change", "prices_of", "provenance", "usage_counters", "CALL_WATCHERS", "CallWatcher"]
 
 # PolicySynth's size fallback: which sizes to try, in order, for a size asked for.
 SIZE_FALLBACK = {
@@ -412,11 +413,83 @@ class CopiedUsage(BaseModel):
         table_name = "psai_copied_usage"
 
 
+class Budget(BaseModel):
+    """psai's own: a spending limit over one scope and a calendar period (``psai.budgets``)."""
+
+    id = AutoField()
+    name = CharField(max_length=255, unique=True)
+    amount = CharField(max_length=64)  # a Decimal's exact text
+    currency = CharField(max_length=16)
+    period = CharField(max_length=8)
+    timezone = CharField(max_length=64)
+    agent_id = IntegerField(null=True)
+    include_sub_agents = BooleanField()
+    model_name = CharField(max_length=255, null=True)
+    provider = CharField(max_length=64, null=True)
+    organization_id = IntegerField(null=True)
+    warn_at = JSONField(dumps=strict_json_dumps)
+    hard = BooleanField()
+    unpriced = CharField(max_length=8)
+    created_at = TimestampTzField(default=utcnow)
+
+    class Meta:
+        table_name = "psai_budgets"
+
+    def validate(self) -> None:
+        self.__data__.update(validate_budget_values(
+            {name: self.__data__.get(name) for name in BUDGET_FIELDS}))
+
+    @classmethod
+    def _validate_values(cls, values: dict[str, Any], partial: bool) -> dict[str, Any]:
+        return values if partial else dict(values, **validate_budget_values(
+            {name: values.get(name) for name in BUDGET_FIELDS}))
+
+    def __repr__(self) -> str:
+        return "<Budget %s: %r>" % (self.id, self.name)
+
+
+class BudgetEvent(BaseModel):
+    """psai's own: a budget's threshold crossed, once per budget, period and threshold."""
+
+    id = AutoField()
+    budget = ForeignKeyField(Budget, column_name="budget_id", on_delete="CASCADE", backref="events")
+    period_start = TimestampTzField()
+    threshold = CharField(max_length=32)  # a Decimal's exact text: "0.8", "1"
+    spent = CharField(max_length=64)
+    at = TimestampTzField(default=utcnow)
+    budget_id: int  # declared for type checkers only: peewee's accessor of the budget's id
+
+    class Meta:
+        table_name = "psai_budget_events"
+
+
 ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage, PsModelUsageItem, PriceVersion, PriceCorrection,
-              ModelProvenance, CopiedUsage]
+              ModelProvenance, CopiedUsage, Budget, BudgetEvent]
 
 
 register_models(ALL_MODELS)
+
+class CallWatcher(Protocol):
+    """What else recording a call must do in its transaction: budgets' alerts."""
+
+    def watch(self, db: Any, model: PsAiModel, agent: PsAgent | None, one_trip: bool
+              ) -> Callable[[], Callable[[], None] | None] | None:
+        """None (nothing to do, or, with ``one_trip``, leave it to the
+        probe), else a function to run in the call's transaction, which
+        returns None or a function to run after the commit."""
+
+    def probe_sql(self, db: Any) -> str | None:
+        """A boolean SQL expression PostgreSQL's one-round-trip statement
+        reads in the call's own snapshot: true when there may be work."""
+
+    def probed(self, db: Any, model: PsAiModel, agent: PsAgent | None) -> None:
+        """The probe was true for a call recorded in one round trip: do the
+        work now, in a transaction of its own."""
+
+
+# Functions returning the watchers (loaded on first use): psai/__init__.py
+# registers the budgets'.
+CALL_WATCHERS: list[Callable[[], CallWatcher]] = []
 bind_row_class(PsAiModelSchema, PsAiModel)
 bind_row_class(PsAgentSchema, PsAgent)
 

@@ -4,14 +4,11 @@ its tokens added to the counters of ``ps_model_usage`` (one row per model,
 agent, connector and UTC day), in one transaction; on PostgreSQL outside a
 caller's transaction, in one round trip. ``model_cost`` prices a call for a
 stored model without recording it."""
-import contextlib
 import datetime
 import json
 import math
 import operator
 import uuid
-from collections.abc import Iterator
-from decimal import Decimal
 from functools import reduce
 from typing import Any
 
@@ -22,8 +19,8 @@ from .constants import MAX_INTEGER, strict_json_dumps
 from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_columns, write_transaction
 from .errors import NotFoundError, ValidationError
 from .fields import UTC, utcnow
-from .items import item_cost, item_data, price_problem
-from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
+from .items import item_data, price_problem
+from .models import CALL_WATCHERS, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
 from .pricing import CostBreakdown, cost_breakdown, partition_usage
 from .query import resolve_model
 from .responses import usage_from_response
@@ -33,7 +30,7 @@ from .sql import (
 )
 
 __all__ = ["record_usage", "model_cost", "usage_counters", "NO_AGENT", "CACHE_WRITE_COUNTERS", "record_response",
-           "track", "Run"]
+           "record_response_data"]
 
 # ps_model_usage_item.agent_id for usage without an agent (NOT NULL there).
 NO_AGENT = 0
@@ -108,11 +105,21 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
     keys = (model.id, agent_id, connector_id)
     call = dict(counts, model_id=model.id, user_id=user_id, agent_id=agent_id, connector_id=connector_id,
                 web_searches=web_searches, provider_metadata=provider_metadata, response=response)
-    if is_postgres(db) and with_items and not db.in_transaction() and isinstance(model.configuration, dict):
-        returned, data = _record_in_one_round_trip(db, present, model.configuration, call)
+    one_trip = is_postgres(db) and with_items and not db.in_transaction() and isinstance(model.configuration, dict)
+    watchers = [loaded() for loaded in CALL_WATCHERS]
+    watching = [found for found in (w.watch(db, model, agent, one_trip) for w in watchers) if found is not None]
+    if one_trip and not watching:
+        probing = [(w, probe) for w, probe in ((w, w.probe_sql(db)) for w in watchers) if probe is not None]
+        returned, data = _record_in_one_round_trip(db, present, model.configuration, call,
+                                                   [probe for _w, probe in probing])
         if returned is not None:
-            return _usage_row(present, returned), data
+            width = len(USAGE_ROW_COLUMNS) + len(present)
+            for (watcher, _probe), found in zip(probing, returned[width:]):
+                if found:
+                    watcher.probed(db, model, agent)
+            return _usage_row(present, returned[:width]), data
     find, update, insert = _usage_statements(db, present, agent_id is None, connector_id is None)
+    committed = []
     with write_transaction(db):
         lock(db, keys)
         # The prices as stored now, not as this object last saw them; the
@@ -128,6 +135,9 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
         returned = cursor.fetchone()
         if with_items:
             db.execute_sql(item_insert(db), _item_params(values))
+        committed = [then for then in (run() for run in watching) if then is not None]
+    for then in committed:
+        then()
     return _usage_row(present, returned), values["data"]
 
 
@@ -210,7 +220,7 @@ _RECORDED_COUNTS = ("tokens_in", "tokens_out", "cached_tokens", "cache_write_tok
                     "audio_tokens", "image_tokens")
 
 
-def _record_in_one_round_trip(db, present, configuration, call):
+def _record_in_one_round_trip(db, present, configuration, call, probes=()):
     """PostgreSQL, outside a transaction: record the call in one round trip,
     priced with the configuration the caller's model object holds, on
     condition that it is still the stored one (compared as jsonb, under the
@@ -221,6 +231,9 @@ def _record_in_one_round_trip(db, present, configuration, call):
     peewee runs it) adds no BEGIN or COMMIT round trip. The lock is its own
     statement so that the next one's snapshot sees the rows written by the
     writer it waited for.
+
+    ``probes``: boolean SQL the row returns after its columns (a watcher's
+    "anything for me?", read in the call's own snapshot).
 
     Returns (the counter row, the item's data), the row None when the
     stored configuration differs (or the model is gone): nothing was
@@ -234,7 +247,8 @@ def _record_in_one_round_trip(db, present, configuration, call):
               + find.params(values) + counts + [values["stamp"]]
               + [call["model_id"], agent_id, connector_id, call["user_id"], values["stamp"], values["stamp"]] + counts
               + _item_params(values))
-    lock_sql, record_sql = one_round_trip_statements(find.sql, present, agent_id is None, connector_id is None)
+    lock_sql, record_sql = one_round_trip_statements(find.sql, present, agent_id is None, connector_id is None,
+                                                     probes)
     return execute_prepared(db, record_sql, params, before=lock_sql + "; ").fetchone(), values["data"]
 
 
@@ -355,10 +369,12 @@ def record_response(model: PsAiModel | int | str | uuid.UUID | None, agent: PsAg
     with the response's ``usageRaw``, ``apiFamily`` and ``providerMetadata``
     as PolicySynth's classes write them. ``model=None``: the stored model
     the response's model name means (``psai.query.resolve_model``)."""
-    return _record_response(model, agent, response, provider, user_id, connector_id)[0]
+    return record_response_data(model, agent, response, provider, user_id, connector_id)[0]
 
 
-def _record_response(model, agent, response, provider, user_id, connector_id):
+def record_response_data(model: Any, agent: Any, response: Any, provider: str | None, user_id: int | None,
+                         connector_id: int | None) -> tuple[PsModelUsage, str | None]:
+    """``record_response``, returning (the counter row, the item's data as written)."""
     usage = usage_from_response(response, provider=provider)
     check_ids({"user_id": user_id, "connector_id": connector_id})
     if model is None:
@@ -380,41 +396,3 @@ def _record_response(model, agent, response, provider, user_id, connector_id):
     kept = {"apiFamily": usage.api_family, "usageRaw": usage.usage_raw, "psai": extras}
     return _record(found, agent_arg(agent), usage.counts(), user_id, connector_id,
                    usage.provider_metadata or None, kept)
-
-
-class Run:
-    """The calls recorded in one ``track`` block: ``calls``, and ``cost`` per
-    currency (Decimal; a call that cannot be priced adds to ``unpriced_calls``)."""
-
-    def __init__(self, agent: PsAgent | None, model: PsAiModel | None) -> None:
-        self.agent, self.model = agent, model
-        self.calls = 0
-        self.unpriced_calls = 0
-        self.cost: dict[str, Decimal] = {}
-
-    def record(self, response: Any, *, model: PsAiModel | int | str | None = None,
-               provider: str | None = None) -> Decimal | None:
-        """Record one call from its response (``record_response``) and return
-        what it cost, None when its prices cannot price it."""
-        chosen = model if model is not None else self.model
-        _row, data = _record_response(chosen, self.agent, response, provider, None, None)
-        self.calls += 1
-        item = json.loads(data) if data is not None else None
-        cost = item_cost(item)
-        currency = (item or {}).get("pricing", {}).get("configuredPrices", {}).get("currency") \
-            if isinstance(item, dict) else None
-        if cost is None or not isinstance(currency, str):
-            self.unpriced_calls += 1
-            return None
-        self.cost[currency] = self.cost.get(currency, Decimal(0)) + cost
-        return cost
-
-
-@contextlib.contextmanager
-def track(agent: PsAgent | int | str | uuid.UUID | None, model: PsAiModel | int | str | uuid.UUID | None = None
-          ) -> Iterator[Run]:
-    """For scripts: ``with psai.track(agent) as run: run.record(response)``
-    records each call the block makes (``record_response``; ``model`` for
-    all of them, else each response's model name) and keeps their count
-    and cost. A call recorded stays recorded if the block then fails."""
-    yield Run(agent_arg(agent), model_arg(model) if model is not None else None)

@@ -13,6 +13,7 @@ from decimal import Decimal
 from html import escape
 from typing import cast
 
+from .budget import budget_status, budgets
 from .db import describe_database, redact_url
 from .errors import ValidationError
 from .fields import utcnow
@@ -56,6 +57,12 @@ td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-sp
        -webkit-print-color-adjust: exact; }
 .cols { display: grid; grid-template-columns: repeat(auto-fit, minmax(320px, 1fr)); gap: 24px; }
 .unpriced { color: var(--warn); }
+.gauge { position: relative; height: 12px; border-radius: 3px; background: var(--panel); border: 1px solid var(--line);
+  print-color-adjust: exact; -webkit-print-color-adjust: exact; }
+.gauge .spent { height: 100%; border-radius: 2px; background: #59a14f; }
+.gauge .spent.warning { background: #edc948; } .gauge .spent.exceeded { background: #e15759; }
+.gauge .spent.unknown { background: #bab0ac; }
+.gauge .mark { position: absolute; top: -3px; bottom: -3px; width: 2px; background: var(--fg); }
 @media print { body { max-width: none; padding: 0; } .total, .warn { break-inside: avoid; }
   section { break-inside: avoid; } }
 """
@@ -214,6 +221,37 @@ def _table(rows, by):
     return "<table><thead><tr>%s</tr></thead><tbody>%s</tbody></table>" % (head, "".join(body))
 
 
+def _budgets_section():
+    """Each budget's spending this period against its limit, its thresholds
+    marked (empty when there are no budgets)."""
+    rows = {budget.name: budget for budget in budgets()}
+    if not rows:
+        return ""
+    body = []
+    for status in budget_status():
+        budget = rows.get(status["budget"])
+        if budget is None:  # set between the two reads
+            continue
+        limit = status["limit"]
+        share = min(float(status["spent"] / limit), 1.0) * 100
+        marks = "".join('<div class="mark" style="left:%.1f%%" title="%s%%"></div>' % (
+            float(fraction) * 100, escape(format(Decimal(repr(fraction)) * 100, "f"))) for fraction in budget.warn_at)
+        period = "total" if status["period_start"] is None else "%s to %s" % (
+            status["period_start"].strftime("%Y-%m-%d %H:%M"), status["period_end"].strftime("%Y-%m-%d %H:%M %Z"))
+        forecast = "" if status["forecast"] is None else "%s %s" % (_money(status["forecast"]), status["currency"])
+        gauge = '<div class="gauge"><div class="spent %s" style="width:%.1f%%"></div>%s</div>' % (
+            escape(status["state"]), share, marks)
+        state = escape(status["state"]) + ("" if budget.hard else " (soft)")
+        body.append('<tr><td>%s</td><td style="width:30%%">%s</td><td class="num">%s of %s %s</td>'
+                    '<td class="num">%s</td><td>%s</td><td class="%s">%s</td></tr>' % (
+                        escape(str(budget.name)), gauge, escape(_money(status["spent"])), escape(_money(limit)),
+                        escape(status["currency"]), escape(forecast), escape(period),
+                        "unpriced" if status["state"] in ("exceeded", "unknown") else "", state))
+    return ('<section><h2>Budgets this period</h2><table><thead><tr><th>budget</th><th>spent against the limit '
+            '(thresholds marked)</th><th class="num">spent</th><th class="num">forecast</th><th>period</th>'
+            '<th>state</th></tr></thead><tbody>%s</tbody></table></section>' % "".join(body))
+
+
 @one_snapshot
 def html(by: str = "model", *, since: datetime.date | str | None = None, until: datetime.date | str | None = None,
          rows: list[CostRow] | None = None, database: str | None = None,
@@ -252,6 +290,7 @@ def html(by: str = "model", *, since: datetime.date | str | None = None, until: 
     parts.append("</div>")
     parts.append(_unpriced_note([r for r in by_model if r["unpriced_tokens"]]))
     parts.append("</section>")
+    parts.append(_budgets_section())
 
     for currency in sorted(priced):
         # Rows of daily_costs each have a day; those of priced_days each a cost.

@@ -4,9 +4,11 @@ Configuration keys stay camelCase, exactly as PolicySynth stores them. Row
 fields are snake_case, as PolicySynth's API returns them.
 """
 import copy
+import decimal
 import json
 import math
 import numbers
+import zoneinfo
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 from enum import Enum
@@ -26,7 +28,8 @@ from .errors import ValidationError
 __all__ = [
     "ModelPricesSchema", "AiModelConfigurationSchema", "PsAiModelSchema", "PsAgentSchema", "dump_rows",
     "shape_problem", "readable", "time_problems", "Timestamp",
-    "validate_configuration", "EXCLUDE", "INCLUDE", "RAISE",
+    "validate_configuration", "EXCLUDE", "INCLUDE", "RAISE", "BudgetSchema", "validate_budget_values",
+    "BUDGET_FIELDS", "BUDGET_PERIODS",
 ]
 
 
@@ -569,3 +572,80 @@ def dump_rows(schema: Schema, rows: Iterable[Any],
         blank = type(row)(**dict(row.__data__, configuration={}))
         dumped.append((dict(schema.dump(blank), configuration=stored), problem))
     return dumped
+
+
+# -- budgets -------------------------------------------------------------------------
+
+BUDGET_PERIODS = ("day", "week", "month", "year", "total")
+BUDGET_UNPRICED = ("block", "allow")
+BUDGET_SCOPES = ("agent_id", "model_name", "provider", "organization_id")
+BUDGET_FIELDS = ("name", "amount", "currency", "period", "timezone", "agent_id", "include_sub_agents", "model_name",
+                 "provider", "organization_id", "warn_at", "hard", "unpriced")
+
+
+class Amount(fields.Field):
+    """A positive amount of money as exact decimal text ("10", "2.50"); a
+    number is taken by its decimal digits (2.5 is "2.5"), never as a binary float."""
+
+    default_error_messages = {"invalid": "Not an amount of money (a number or decimal text such as \"2.50\").",
+                              "positive": "Must be more than 0."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
+            raise self.make_error("invalid")
+        try:
+            amount = decimal.Decimal(value if isinstance(value, str) else repr(value))
+        except decimal.InvalidOperation:
+            raise self.make_error("invalid") from None
+        if not amount.is_finite() or len(str(amount)) > 64:
+            raise self.make_error("invalid")
+        if amount <= 0:
+            raise self.make_error("positive")
+        return str(amount)
+
+
+class TimeZoneName(String):
+    default_error_messages = {"unknown_zone": "Not an IANA time zone name (e.g. UTC, Europe/Berlin)."}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        name = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise self.make_error("unknown_zone") from None
+        return name
+
+
+class BudgetSchema(_Base):
+    """A budget's columns (``psai.set_budget``): one scope at most (none: all usage)."""
+
+    name = String(required=True, validate=Length(1, 255))
+    amount = Amount(required=True)
+    currency = String(required=True, validate=Regexp(r"^[A-Z]{3,16}$", error="Must be a currency code such as USD."))
+    period = String(required=True, validate=OneOf(BUDGET_PERIODS, error="Must be one of: {choices}"))
+    timezone = TimeZoneName(required=True, validate=Length(1, 64))
+    agent_id = ColumnInteger(minimum=1, allow_none=True)
+    include_sub_agents = Boolean(required=True)
+    model_name = String(allow_none=True, validate=Length(1, 255))
+    provider = String(allow_none=True, validate=Length(1, 64))
+    organization_id = ColumnInteger(allow_none=True)
+    warn_at = fields.List(Number(validate=Range(0, 1, min_inclusive=False, max_inclusive=False,
+                                                error="Must be a fraction of the limit, between 0 and 1.")),
+                          required=True, validate=Length(max=16))
+    hard = Boolean(required=True)
+    unpriced = String(required=True, validate=OneOf(BUDGET_UNPRICED, error="Must be one of: {choices}"))
+
+    @validates_schema
+    def _one_scope(self, data, **kwargs):
+        given = [name for name in BUDGET_SCOPES if data.get(name) is not None]
+        if len(given) > 1:
+            raise _MarshmallowValidationError("A budget has one scope: give one of agent, model, provider, "
+                                              "organization_id (got %s)." % ", ".join(given), "scope")
+
+
+def validate_budget_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a budget's columns before a write; return them normalised
+    (the amount as decimal text, warn_at sorted without repeats)."""
+    loaded = BudgetSchema().load(dict(values))
+    loaded["warn_at"] = sorted(set(loaded["warn_at"]))
+    return loaded

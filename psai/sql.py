@@ -557,14 +557,17 @@ def item_insert(db):
             '"connector_id", "data") VALUES (%s)' % ", ".join([db.param] * 7))
 
 
-def one_round_trip_statements(find, present, agent_is_null, connector_is_null):
+def one_round_trip_statements(find, present, agent_is_null, connector_is_null, probes=()):
     """PostgreSQL: (the advisory lock, the statement that records a call:
     on condition that the model's stored configuration is the one given,
     find or start the day's counter row, add to it, insert the item), built
     once. ``find``: the text of the counter row's find, guarded by ``m``
     (peewee's; its parameters come between the configuration's and the
-    update's). Data-modifying CTEs are what peewee cannot say."""
-    key = ("one round trip", find, present, agent_is_null, connector_is_null)
+    update's). ``probes``: boolean SQL expressions returned after the
+    counter row's columns, read in the same snapshot (is there a budget?).
+    Data-modifying CTEs are what peewee cannot say."""
+    probes = tuple(probes)
+    key = ("one round trip", find, present, agent_is_null, connector_is_null, probes)
     if key not in _USAGE_SQL:
         columns = ", ".join(quoted(c) for c in USAGE_ROW_COLUMNS + present)
         counters = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present
@@ -579,8 +582,9 @@ def one_round_trip_statements(find, present, agent_is_null, connector_is_null):
             'item AS (INSERT INTO "ps_model_usage_item" ("user_id", "created_at", "updated_at", "model_id", '
             '"agent_id", "connector_id", "data") SELECT %s::integer, %s::timestamptz, %s::timestamptz, '
             '%s::integer, %s::integer, %s::integer, %s::jsonb FROM m) '
-            'SELECT * FROM updated UNION ALL SELECT * FROM inserted').format(
-                find=find, add=", ".join('{0} = {0} + %s'.format(quoted(c)) for c in present), columns=columns,
+            'SELECT *{probes} FROM updated UNION ALL SELECT *{probes} FROM inserted').format(
+                probes="".join(", (%s)" % probe for probe in probes), find=find,
+                add=", ".join('{0} = {0} + %s'.format(quoted(c)) for c in present), columns=columns,
                 counters=", ".join(quoted(c) for c in counters), casts=", ".join(casts))
     return _USAGE_SQL[key]
 

@@ -13,8 +13,9 @@ LAYERS = [
     ("peewee plumbing", ["fields", "db", "sql"]),
     ("store", ["base", "models"]),
     ("price versions and recording", ["versions", "arguments", "query", "recording"]),
-    ("reports, check, catalog, copy", ["reports", "usage", "check", "migrations", "catalog", "transfer", "audit"]),
-    ("history, HTML report, demo", ["history", "report", "demo"]),
+    ("reports, check, catalog, copy", ["reports", "usage", "check", "migrations", "catalog", "transfer", "audit",
+                                        "budget"]),
+    ("history, HTML report, demo", ["history", "report", "demo", "tracking"]),
     ("command line", ["cli", "__main__", "__init__"]),
 ]
 RANK = {name: (layer, position) for layer, (_title, names) in enumerate(LAYERS) for position, name in enumerate(names)}

@@ -216,6 +216,9 @@ def test_adoption_adds_beside_and_changes_nothing_of_policysynths(scratch):
     PsAiModel.get_by_id(1).update_configuration({"maxTokensOut": 8000})
     with pytest.raises(NotAdoptedError, match="psai init --adopt"):
         psai.migrate()
+    with pytest.raises(NotAdoptedError, match="no psai_budgets table: run `psai init --adopt`"):
+        psai.set_budget(amount=10)
+    assert psai.budget_status() == [] and psai.check_budget(model=1) == []
     from click.testing import CliRunner
     from psai.cli import cli
     listed = CliRunner().invoke(cli, ["--database", scratch.url, "models", "list", "--json"])
@@ -236,6 +239,7 @@ def test_adoption_adds_beside_and_changes_nothing_of_policysynths(scratch):
     assert psai.migrate() == []
     assert CliRunner().invoke(cli, ["--database", scratch.url, "init", "--adopt"]).stdout.strip() == \
         "schema is up to date"
+    assert psai.set_budget(name="all", amount=10).id == 1  # psai's own tables, beside PolicySynth's
 
     # PolicySynth still syncs and reads its database, psai's additions beside.
     scratch.node("sync")

@@ -134,3 +134,19 @@ def record_fixed(url, model_ids, agent_id, calls):
         psai.record_usage(model_ids[i % len(model_ids)], agent_id, tokens_in=1000, tokens_out=10)
     psai.database.close()
     return calls
+
+
+def record_until_refused(url, model_id, calls):
+    """A worker: check, then call, then record, until the budget refuses."""
+    import psai
+    psai.connect(url)
+    made = 0
+    try:
+        for _ in range(calls):
+            psai.check_budget(model=model_id, estimate={"tokens_in": 10_000, "tokens_out": 1_000})
+            psai.record_usage(model_id, None, tokens_in=10_000, tokens_out=1_000)
+            made += 1
+    except psai.BudgetExceededError:
+        pass
+    psai.database.close()
+    return made

@@ -1,0 +1,74 @@
+"""``psai.track``: the calls a script's block makes, recorded from their
+responses, counted and priced, and, with ``budget=True``, stopped by a hard
+budget before the next call (``psai.budget``)."""
+import contextlib
+import json
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+from .arguments import agent_arg, model_arg
+from .budget import check_budget
+from .items import item_cost
+from .models import PsAgent, PsAiModel
+from .recording import record_response_data
+
+__all__ = ["track", "Run"]
+
+
+class Run:
+    """The calls recorded in one ``track`` block: ``calls``, and ``cost`` per
+    currency (Decimal; a call that cannot be priced adds to ``unpriced_calls``)."""
+
+    def __init__(self, agent: PsAgent | None, model: PsAiModel | None, budget: bool = False) -> None:
+        self.agent, self.model, self.budget = agent, model, budget
+        self.calls = 0
+        self.unpriced_calls = 0
+        self.cost: dict[str, Decimal] = {}
+
+    def check(self, *, model: PsAiModel | int | str | None = None,
+              estimate: Decimal | int | float | str | dict[str, Any] | None = None) -> None:
+        """``psai.check_budget`` for this block's agent and model (or ``model``),
+        with an ``estimate`` of the call about to be made if given."""
+        chosen = model if model is not None else self.model
+        check_budget(self.agent, chosen, estimate=estimate)
+
+    def record(self, response: Any, *, model: PsAiModel | int | str | None = None,
+               provider: str | None = None) -> Decimal | None:
+        """Record one call from its response (``record_response``) and return
+        what it cost, None when its prices cannot price it. With
+        ``budget=True`` the budgets are checked once the call is recorded (a
+        call made is always recorded): BudgetExceededError stops the block
+        before its next call."""
+        chosen = model if model is not None else self.model
+        row, data = record_response_data(chosen, self.agent, response, provider, None, None)
+        self.calls += 1
+        item = json.loads(data) if data is not None else None
+        cost = item_cost(item)
+        currency = (item or {}).get("pricing", {}).get("configuredPrices", {}).get("currency") \
+            if isinstance(item, dict) else None
+        if cost is None or not isinstance(currency, str):
+            self.unpriced_calls += 1
+            cost = None
+        else:
+            self.cost[currency] = self.cost.get(currency, Decimal(0)) + cost
+        if self.budget:
+            check_budget(self.agent, row.model_id)
+        return cost
+
+
+@contextlib.contextmanager
+def track(agent: PsAgent | int | str | uuid.UUID | None, model: PsAiModel | int | str | uuid.UUID | None = None,
+          budget: bool = False) -> Iterator[Run]:
+    """For scripts: ``with psai.track(agent) as run: run.record(response)``
+    records each call the block makes (``record_response``; ``model`` for
+    all of them, else each response's model name) and keeps their count
+    and cost. A call recorded stays recorded if the block then fails.
+    ``budget=True``: ``psai.check_budget`` on entry and after each recorded
+    call, so a hard budget reached stops the block before its next call
+    (``run.check(estimate=...)`` checks before a call with what it will cost)."""
+    run = Run(agent_arg(agent), model_arg(model) if model is not None else None, budget)
+    if budget:
+        run.check()
+    yield run
