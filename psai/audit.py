@@ -21,6 +21,7 @@ from .items import BUCKET_COUNTERS, BUCKETS, call_buckets, item_cost, js_timesta
 from .models import PriceCorrection, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
 from .recording import CACHE_WRITE_COUNTERS
 from .responses import ResponseUsage, usage_from_response
+from .rollups import invalidate_items
 from .versions import resolve_models
 
 __all__ = ["audit", "AuditFinding", "AuditResult"]
@@ -217,6 +218,7 @@ def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]], correction_id
             corrected["psai"]["corrections"] = list(_part(item.data, "psai").get("corrections") or []) + [
                 correction_ids[item.model_id]]
         PsModelUsageItem.update(data=corrected, updated_at=now).where(PsModelUsageItem.id == item.id).execute()
+    invalidate_items(db, [(item.created_at, item.model_id) for item, _corrected in corrections])
     for (model_id, agent_id, connector_id), delta in deltas.items():
         usage = PsModelUsage
         row = (usage.select().where((usage.model == model_id)

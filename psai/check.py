@@ -14,6 +14,7 @@ from .db import is_postgres, model_db, table_columns
 from .errors import ValidationError
 from .items import price_problem
 from .models import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
+from .rollups import ROLLUP_TABLE, verify as verify_rollups
 from .schemas import (
     INCLUDE, dump_rows, readable, shape_problem, validate_agent_values, validate_model_values,
 )
@@ -85,6 +86,7 @@ def check() -> list[dict[str, Any]]:
                           "problem": "negative counters (%s): not counted" % ", ".join(negative)})
     if table_columns(db, PsModelUsageItem._meta.table_name):
         found += _check_items(db, model_ids, price_problem)
+        found += [{"table": ROLLUP_TABLE, "id": p["day"], "problem": p["problem"]} for p in verify_rollups(db)]
     return found
 
 

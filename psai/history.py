@@ -31,6 +31,7 @@ from .errors import PsaiError, ValidationError
 from .fields import utcnow
 from .models import PriceCorrection, PriceVersion, PsAiModel, PsModelUsageItem, prices_of, record_price_change
 from .reports import part_tokens, price_parts, usage_parts
+from .rollups import invalidate as invalidate_rollups
 from .schemas import INCLUDE, ModelPricesSchema
 from .sql import LOCK_USAGE_TABLES, item_data_update_sql, object_items_sql, window
 from .versions import (
@@ -172,3 +173,4 @@ def _apply(db, rows, ids, changes, transform, since, until, result):
         changed.append((strict_json_dumps(data), stamp, item_id))
     if changed:
         db.cursor().executemany(update, changed)
+        invalidate_rollups(db, since, until, ids)  # the count check cannot see items changed in place

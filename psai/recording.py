@@ -27,6 +27,7 @@ from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, usage_co
 from .pricing import CostBreakdown, cost_breakdown, partition_usage
 from .query import resolve_model
 from .responses import usage_from_response
+from .rollups import add_item, has_rollups, round_trip_rollup
 from .schemas import json_problem
 from .sql import (
     USAGE_ROW_COLUMNS, Statement, compiled, item_insert, one_round_trip_statements, slot, stored_configuration_sql,
@@ -127,7 +128,11 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
             cursor = db.execute_sql(update.sql, update.params(dict(values, id=row[0])))
         returned = cursor.fetchone()
         if with_items:
-            db.execute_sql(item_insert(db), _item_params(values))
+            rolled = has_rollups(db)
+            cursor = db.execute_sql(item_insert(db) + (' RETURNING "id"' if rolled and is_postgres(db) else ""),
+                                    _item_params(values))
+            if rolled:
+                add_item(db, cursor.fetchone()[0] if is_postgres(db) else cursor.lastrowid)
     return _usage_row(present, returned), values["data"]
 
 
@@ -234,7 +239,8 @@ def _record_in_one_round_trip(db, present, configuration, call):
               + find.params(values) + counts + [values["stamp"]]
               + [call["model_id"], agent_id, connector_id, call["user_id"], values["stamp"], values["stamp"]] + counts
               + _item_params(values))
-    lock_sql, record_sql = one_round_trip_statements(find.sql, present, agent_id is None, connector_id is None)
+    lock_sql, record_sql = one_round_trip_statements(find.sql, present, agent_id is None, connector_id is None,
+                                                     round_trip_rollup() if has_rollups(db) else "")
     return execute_prepared(db, record_sql, params, before=lock_sql + "; ").fetchone(), values["data"]
 
 

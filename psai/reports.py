@@ -15,6 +15,7 @@ from typing import Any, TypedDict
 from dataclasses import dataclass
 import json
 from collections import defaultdict, deque
+from itertools import chain
 from decimal import Decimal
 
 from .arguments import as_datetime
@@ -25,6 +26,7 @@ from .fields import UTC
 from .items import BUCKETS, bucket_cost, cache_write_1h_extra, effective_prices
 from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from .recording import usage_counters
+from .rollups import coverage, rollup_rows, scan_where
 from .sql import (
     ITEM_VALUES, ItemReader, JsonSQL, counter_rows_sql, counter_sums_sql, counter_totals_sql, counters_negative,
     counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql, price_period_sql, window,
@@ -155,9 +157,10 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return []
     r = ItemReader(is_postgres(db))
+    # Closed days from the rollups, what they do not cover from the items.
+    cover = coverage(db, since, until)
     params = []
-    read = r.select([name for name, _path, _kind in ITEM_VALUES],
-                    window(db, "i.created_at", PsModelUsageItem.created_at, since, until, model_ids, params),
+    read = r.select([name for name, _path, _kind in ITEM_VALUES], _item_window(db, cover, model_ids, params),
                     model_threshold=True)
     # Rows that differ only by the agent and connector asked for by
     # ``totals`` and not by ``keys`` are added up in Python.
@@ -173,7 +176,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     connector_at = group.index("connector_id") if "connector" in grouped else None
     width = len(group)
     merged = {}
-    for values in db.execute_sql(sql, params):
+    for values in chain(rollup_rows(db, group, cover.days, model_ids),
+                        db.execute_sql(sql, params) if cover.scan else ()):
         if agent_at is not None and values[agent_at] not in agents:
             values = values[:agent_at] + (None,) + values[agent_at + 1:]
         # Sums as exact numbers (SQLite sums REAL values as floats).
@@ -191,7 +195,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     pricing_at = names.index("pricing")
     parsed = {}
     rows = []
-    for key, sums in merged.items():
+    # In one order whatever read them (rollups, items): what depends on order (daily_costs' provider) agrees.
+    for key, sums in sorted(merged.items(), key=lambda entry: repr(entry[0])):
         row = dict(zip(names, key))
         prefix = "long_" if row.pop("long") else ""
         row.pop("hour")
@@ -215,6 +220,13 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
             row["pricing"] = parsed[pricing]
         rows.append(row)
     return rows
+
+
+def _item_window(db, cover, model_ids, params):
+    """WHERE clauses for the items a report scans: the ranges ``cover``
+    leaves to the items, of the models ``model_ids``."""
+    return scan_where(db, "i.created_at", cover.scan, params) + window(
+        db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params)
 
 
 def _agent_ids(db):
@@ -263,10 +275,13 @@ def _item_totals(db, agents, model_ids=None):
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return totals
     r = ItemReader(is_postgres(db))
+    cover = coverage(db)
     params = []
-    where = window(db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params)
-    read = r.select(["tin", "tout"], where)
-    for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(item_totals_sql(r, read), params):
+    read = r.select(["tin", "tout"], _item_window(db, cover, model_ids, params))
+    rolled = ((row[0], row[1], row[2], row[9], row[10])  # the keys, then GroupSums' all_in and all_out
+              for row in rollup_rows(db, ["model_id", "agent_id", "connector_id"], cover.days, model_ids))
+    for model_id, agent_id, connector_id, tokens_in, tokens_out in chain(
+            rolled, db.execute_sql(item_totals_sql(r, read), params) if cover.scan else ()):
         entry = totals[(model_id, agent_id if agent_id in agents else None, connector_id)]
         entry.tokens_in += _number(tokens_in)
         entry.tokens_out += _number(tokens_out)
