@@ -40,9 +40,9 @@ from .db import current_db, is_postgres, table_columns, write_transaction
 from .fields import UTC
 from .models import PsModelUsageItem
 from .sql import (
-    ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, ItemReader, item_days_sql, model_thresholds_sql, ranges_clause,
-    rollup_add_sql, rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql, rollup_sums_sql,
-    rollup_thresholds_sql, window,
+    ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, ItemReader, item_day_counts_sql, item_days_sql, model_thresholds_sql,
+    ranges_clause, rollup_add_sql, rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql,
+    rollup_sums_sql, rollup_thresholds_sql, window,
 )
 
 __all__ = ["full_scan", "invalidate_items", "Coverage", "coverage", "has_rollups", "add_item", "round_trip_rollup",
@@ -194,24 +194,17 @@ class Coverage:
     detail: dict[str, tuple[int, int, int, int, bool]] = field(default_factory=dict)
 
 
-def _items_per_day(db: Database, first: Moment, last: Moment) -> dict[str, tuple[int, int]] | None:
-    """(count, sum of ids) of the items of each day in [first, last): None
-    when some item's timestamp text (SQLite) does not lie in its day's range."""
+def _items_per_day(db: Database, days: list[str]) -> dict[str, tuple[int, int]]:
+    """(count, sum of ids) of the items of each range day of ``days``."""
     params: list = []
-    where = window(db, "created_at", PsModelUsageItem.created_at, first, last, None, params)
-    postgres = is_postgres(db)
-    days = {}
-    for row in db.execute_sql(item_days_sql(postgres, where), params):
-        day, count, ids = row[0], int(row[1]), int(row[2] or 0)
-        if not postgres:
-            try:
-                start = _start(day)
-            except (TypeError, ValueError):
-                return None
-            if not (_stamp(start) <= row[3] and row[4] < _stamp(start + ONE_DAY)):
-                return None
-        days[day] = (count, ids)
-    return days
+    for day in days:
+        start = _start(day)
+        params += [day, _stamp(start), _stamp(start + ONE_DAY)]
+    counts = {}
+    for day, count, ids in (row if len(row) == 3 else (row[0],) + tuple(row[1].split(":"))
+                            for row in db.execute_sql(item_day_counts_sql(db, len(days)), params)):
+        counts[day] = (int(count), int(ids or 0))
+    return counts
 
 
 def _stale_threshold_days(db: Database, where: list[str], params: list) -> set[str]:
@@ -226,9 +219,9 @@ def _stale_threshold_days(db: Database, where: list[str], params: list) -> set[s
 
 def coverage(db: Database, since: Moment = None, until: Moment = None) -> Coverage:
     """Which days of [since, until) the rollups cover exactly now, and the
-    rest to scan. A day is covered when its items' count and id sum equal
-    its rollups' and no threshold it was split by has changed; a day with
-    neither items nor rollups needs nothing."""
+    rest to scan. A day is covered when its items' count and id sum (each
+    day a range over the created_at index) equal its rollups' and no
+    threshold it was split by has changed."""
     everything = Coverage([], [(since, until)])
     if getattr(_BYPASS, "on", False) or not has_rollups(db):
         return everything
@@ -241,32 +234,24 @@ def coverage(db: Database, since: Moment = None, until: Moment = None) -> Covera
     rolled = {day: (int(calls), int(ids or 0)) for day, calls, ids in db.execute_sql(rollup_days_sql(where), params)}
     if not rolled:
         return everything
-    items = _items_per_day(db, first, last)
-    if items is None:
-        return everything
+    items = _items_per_day(db, sorted(rolled))
     stale = _stale_threshold_days(db, where, params)
     detail = {}
-    for day in sorted(set(items) | set(rolled)):
+    for day in sorted(rolled):
         count, ids = items.get(day, (0, 0))
-        calls, rolled_ids = rolled.get(day, (0, 0))
+        calls, rolled_ids = rolled[day]
         detail[day] = (count, ids, calls, rolled_ids, (count, ids) == (calls, rolled_ids) and day not in stale)
-    days = [day for day in sorted(rolled) if detail[day][4] and rolled[day][0] > 0]
-    # Scanned: the partial days at the ends, and every day whose rollups do not account for its items.
+    days = [day for day in sorted(rolled) if detail[day][4]]
+    # Scanned: all of [since, until) but the days read from the rollups.
     scan: list[tuple[Moment, Moment]] = []
-    if since is not None and first is not None and since < first:
-        scan.append((since, first))
-    for day, (_c, _i, _r, _s, usable) in detail.items():
-        if not usable and day in items:
-            start = _start(day)
-            if scan and scan[-1][1] == start:
-                scan[-1] = (scan[-1][0], start + ONE_DAY)
-            else:
-                scan.append((start, start + ONE_DAY))
-    if last is not None and until is not None and until > last:
-        if scan and scan[-1][1] == last:
-            scan[-1] = (scan[-1][0], until)
-        else:
-            scan.append((last, until))
+    at: Moment = since
+    for day in days:
+        start = _start(day)
+        if at is None or at < start:
+            scan.append((at, start))
+        at = start + ONE_DAY
+    if until is None or at is None or at < until:
+        scan.append((at, until))
     return Coverage(days, scan, detail)
 
 

@@ -185,8 +185,8 @@ def test_record_usage_keeps_the_day_current(db, clock, seed_model):
     PsModelUsageItem.insert(user_id=1, model_id=seed_model.id, agent_id=0, created_at=clock(), updated_at=clock(),
                             data=PsModelUsageItem.get().data).execute()
     found = rollups.coverage(db)
-    assert found.days == ["2026-11-25"] and found.scan == [(datetime.datetime(2026, 11, 26, tzinfo=UTC),
-                                                            datetime.datetime(2026, 11, 27, tzinfo=UTC))]
+    assert found.days == ["2026-11-25"] and found.scan == [(None, datetime.datetime(2026, 11, 25, tzinfo=UTC)),
+                                                            (datetime.datetime(2026, 11, 26, tzinfo=UTC), None)]
     assert [d["state"] for d in rollups.status(db)] == ["current", "stale"]
     assert rollups.rebuild(db) == ["2026-11-26"]
     assert len(rollups.coverage(db).days) == 2
