@@ -248,3 +248,27 @@ def test_the_command_line(db, backend, clock, seed_model):
     assert "2026-11-25" in run("verify", code=1).stdout
     run("rebuild", "--all")
     run("verify")
+
+
+def test_concurrent_writers_and_rebuilds_leave_the_rollups_exact(db, backend, seed_model):
+    """Processes record calls (two on one model and agent) while this one
+    rebuilds every day again and again: no call is counted twice or lost."""
+    import multiprocessing
+    from workers import record_many
+    other = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "other"})
+    context = multiprocessing.get_context("spawn")
+    calls = 150 if backend.kind == "sqlite" else 80
+    with context.Pool(4) as pool:
+        results = [pool.apply_async(record_many, (backend.url, seed_model.id, agent, calls, seed))
+                   for seed, agent in enumerate([None, None, other.id, other.id])]
+        rebuilt = 0
+        while not all(r.ready() for r in results):
+            rebuilt += len(rollups.rebuild(db, everything=True))
+        assert all(r.get(timeout=240) for r in results)
+    assert rebuilt > 0
+    assert PsModelUsageItem.select().count() == 4 * calls
+    assert [d["state"] for d in rollups.status(db)] == ["current"] and rollups.verify(db) == []
+    for by in REPORT_GROUPINGS:
+        with rollups.full_scan():
+            scanned = cost_report(by)
+        assert cost_report(by) == scanned
