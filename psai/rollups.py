@@ -111,9 +111,13 @@ def add_item(db: Database, item_id: int) -> None:
     """Add the item ``item_id`` (just written, in the caller's transaction) to its rollup row."""
     postgres = is_postgres(db)
     update, insert = _add_statements(postgres)
-    changed = db.execute_sql(update, (item_id,)).rowcount
-    if not postgres:  # Python's sqlite3 gives no rowcount for a statement that starts WITH
-        changed = db.execute_sql("SELECT changes()").fetchone()[0]
+    if postgres:
+        changed = db.execute_sql(update, (item_id,)).rowcount
+    else:  # Python's sqlite3 gives no rowcount for a statement that starts WITH
+        connection = db.connection()
+        before = connection.total_changes
+        db.execute_sql(update, (item_id,))
+        changed = connection.total_changes - before
     if changed == 0:
         db.execute_sql(insert, (item_id,))
 

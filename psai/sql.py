@@ -557,7 +557,7 @@ def rollup_insert_sql(db, groups):
 
 
 def rollup_add_sql(postgres, groups):
-    """(update, insert): add the rows ``groups`` (one item's, as
+    """(CTEs, update, insert): add the rows ``groups`` (one item's, as
     rollup_groups_sql gives them) to the rollup row of their key, the one
     update; the insert, for when the update found none, starts it. Several
     rows of one key are harmless (reads add them up); the update adds to
@@ -571,10 +571,11 @@ def rollup_add_sql(postgres, groups):
     added.append('"provider_cost" = CASE WHEN %s."provider_cost" IS NULL THEN g."provider_cost" '
                  'WHEN g."provider_cost" IS NULL THEN %s."provider_cost" '
                  'ELSE %s."provider_cost" + g."provider_cost" END' % (target, target, target))
-    g = 'g(%s) AS (%s)' % (", ".join(quoted(c) for c in ROLLUP_KEYS + ROLLUP_SUMS), groups)
-    update = ('UPDATE "{table}"{alias} SET {added} FROM g WHERE {target}."id" = (SELECT r."id" FROM "{table}" r '
-              'WHERE r."range_day" = g."day" AND {same} LIMIT 1)').format(
-        table=ROLLUP_TABLE, alias=" t" if postgres else "", added=", ".join(added), target=target, same=same)
+    # The row found first, by the index, so that the update reads one row by its id.
+    g = ('g(%s) AS (%s), hit AS (SELECT r."id" FROM "%s" r, g WHERE r."range_day" = g."day" AND %s LIMIT 1)' % (
+        ", ".join(quoted(c) for c in ROLLUP_KEYS + ROLLUP_SUMS), groups, ROLLUP_TABLE, same))
+    update = 'UPDATE "{table}"{alias} SET {added} FROM g, hit WHERE {target}."id" = hit."id"'.format(
+        table=ROLLUP_TABLE, alias=" t" if postgres else "", added=", ".join(added), target=target)
     insert = 'INSERT INTO "%s" (%s) SELECT g."day", g.* FROM g' % (ROLLUP_TABLE, _ROLLUP_COLUMNS)
     return g, update, insert
 
