@@ -33,8 +33,8 @@ from .sql import (
 )
 from .versions import histories_of, prices_at
 
-__all__ = ["cost_report", "report_totals", "daily_costs", "REPORT_GROUPINGS", "usage_parts", "price_parts",
-           "merge_parts", "part_tokens", "CostRow", "CurrencyTotal", "DailyCost"]
+__all__ = ["cost_report", "cost_reports", "report_totals", "daily_costs", "REPORT_GROUPINGS", "usage_parts",
+           "price_parts", "merge_parts", "part_tokens", "CostRow", "CurrencyTotal", "DailyCost"]
 
 REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
 
@@ -398,10 +398,10 @@ def _untouched_pieces(db, by, since, until, keys, agents, sound, model_ids=None)
     params: list = []
     period = price_period_sql(db, "u", {model_id: [field.db_value(t) for t in times]
                                         for model_id, times in moments.items()}, params)
-    whole = keys is not None or by in ("agent", "tree")
+    whole = keys is not None or "agent" in _keys(by)
     columns = ["u.model_id", "u.agent_id" if whole else "NULL", "u.connector_id" if keys is not None else "NULL",
                "(%s)" % period if moments else "u.id"]
-    if by == "day":
+    if "day" in _keys(by):
         columns.append(j.day("u.created_at"))
     where = window(db, "u.created_at", PsModelUsage.created_at, since, until, model_ids, params) + [sound]
     sql = counter_sums_sql(present, columns, where)
@@ -432,16 +432,23 @@ def _negative_counters(db, by, agents, since, until, model_ids=None):
         parts.append({"model_id": model_id, "agent_id": agent_id if agent_id in agents else None, "provider": None,
                       "pricing": None, "metadata": {}, "has_usage": 0, "calls": 0, "web": 0, "buckets": buckets,
                       "priced_from": "current", "problem": "negative token counters (`psai check` lists the rows)",
-                      "day": created_at.astimezone(UTC).strftime("%Y-%m-%d") if by == "day" else None})
+                      "day": created_at.astimezone(UTC).strftime("%Y-%m-%d") if "day" in _keys(by) else None})
     return parts
+
+
+def _keys(by):
+    """What parts are kept apart by besides the model, for a grouping (or
+    these keys themselves, a tuple among agent and day)."""
+    return by if isinstance(by, tuple) else {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
 
 
 def usage_parts(db, by, since, until, model_ids=None):
     """All recorded usage in [since, until), as parts each priced alike:
     item groups and uncovered counter pieces. Each part has ``model_id``,
     ``agent_id`` (by agent or tree), ``day`` (by day), the pricing context
-    and its ``buckets``."""
-    keys = {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
+    and its ``buckets``. ``by``: a grouping, or the keys (agent, day) to
+    keep parts apart by."""
+    keys = _keys(by)
     agents = _agent_ids(db)  # once a report: items and counters both map deleted agents to None
     # What the items cover of the counters comes from a pass over all items.
     # Over all usage, the pass that adds the items up can give it, grouping
@@ -470,7 +477,7 @@ def usage_parts(db, by, since, until, model_ids=None):
     merged = {}
     for piece in pieces:
         model_id = piece["model_id"]
-        day = piece["created_at"].astimezone(UTC).strftime("%Y-%m-%d") if by == "day" else None
+        day = piece["created_at"].astimezone(UTC).strftime("%Y-%m-%d") if "day" in keys else None
         period = bisect.bisect_right(moments.get(model_id, ()), piece["created_at"])
         key = (model_id, piece["agent_id"], day, period)
         if key in merged:
@@ -640,6 +647,26 @@ def cost_report(by: str = "model", *, since: datetime.date | str | None = None,
     db = model_db(PsModelUsage)
     keep = {"agent": ("agent_id",), "tree": ("agent_id",), "day": ("day",)}.get(by, ())
     parts = price_parts(merge_parts(usage_parts(db, by, since, until), ("model_id",) + keep))
+    return _rows_of(db, by, parts, strict, progress)
+
+
+def cost_reports(groupings: Iterable[str], *, since: datetime.date | str | None = None,
+                 until: datetime.date | str | None = None) -> tuple[dict[str, list[CostRow]], list[DailyCost]]:
+    """``cost_report`` of each grouping and ``daily_costs``, the same rows,
+    from one read of the priced groups (kept apart by model, agent and
+    day, priced once, then added up for each): what the HTML page shows."""
+    groupings = list(groupings)
+    for by in groupings:
+        if by not in REPORT_GROUPINGS:
+            raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
+    since, until = as_datetime(since), as_datetime(until, end=True)
+    db = model_db(PsModelUsage)
+    parts = price_parts(merge_parts(usage_parts(db, ("agent", "day"), since, until), ("model_id", "agent_id", "day")))
+    return {by: _rows_of(db, by, parts, False, None) for by in groupings}, _daily_of(parts)
+
+
+def _rows_of(db, by, parts, strict, progress):
+    """A report's rows grouped ``by``, from priced parts kept apart at least by what it groups by."""
     if strict:
         _refuse_unpriced(parts)
     levels, ancestors = _agent_tree(db) if by == "tree" else ({}, {})
@@ -775,14 +802,24 @@ def daily_costs(*, since: datetime.date | str | None = None,
     could be priced), each call priced as ``cost_report`` prices it."""
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
-    parts = price_parts(merge_parts(usage_parts(db, "day", since, until), ("model_id", "day")))
+    return _daily_of(price_parts(merge_parts(usage_parts(db, "day", since, until), ("model_id", "day"))))
+
+
+def _daily_of(parts):
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))}
     rows: dict[tuple, Any] = {}
+    providers: defaultdict[tuple, set[str]] = defaultdict(set)
     for part in parts:
         model = models.get(part["model_id"])
         configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
-        row = rows.setdefault((part["day"], part["model_id"], part["currency"]), _new_total(
+        key = (part["day"], part["model_id"], part["currency"])
+        row = rows.setdefault(key, _new_total(
             day=part["day"], model_id=part["model_id"], model_name=model.name if model else None,
-            provider=part["provider"] or configuration.get("provider"), currency=part["currency"]))
+            provider=configuration.get("provider"), currency=part["currency"]))
+        if part["provider"] is not None:
+            providers[key].add(part["provider"])
         _add_part(row, part)
+    for key, named in providers.items():
+        # The calls' own provider (the first by name where they name several: the same whatever the order).
+        rows[key]["provider"] = min(named)
     return sorted(rows.values(), key=lambda r: (r["day"] or "", r["model_id"], r["currency"] or ""))

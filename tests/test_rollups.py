@@ -14,7 +14,7 @@ from psai import PsAgent, PsAiModel, PsModelUsageItem, rollups
 from psai.check import check
 from psai.cli import cli
 from psai.fields import UTC
-from psai.reports import REPORT_GROUPINGS, cost_report, daily_costs
+from psai.reports import REPORT_GROUPINGS, cost_report, cost_reports, daily_costs
 
 from conftest import make_configuration
 
@@ -71,6 +71,11 @@ def reports_equal_a_full_scan(rng):
         rolled_days = daily_costs(since=since, until=until)
         with rollups.full_scan():
             assert rolled_days == daily_costs(since=since, until=until), (since, until)
+        # The HTML page's one pass gives every grouping's rows, and the days', as they are alone.
+        together, days = cost_reports(REPORT_GROUPINGS, since=since, until=until)
+        assert days == rolled_days, (since, until)
+        for by in REPORT_GROUPINGS:
+            assert together[by] == cost_report(by, since=since, until=until), (by, since, until)
 
 
 def record(rng, clock, ms, ags):
