@@ -568,6 +568,10 @@ def bench_rollup_reports(backend, results, rows, repeat):
     after new items PolicySynth wrote without psai, against the raw aggregate
     over the items (issue 25)."""
     from psai import rollups
+    from psai.report import html
+    results.add("report.html by model vs one cost_report, items only", rows, backend.kind,
+                timed(lambda: html("model"), repeat), timed(lambda: psai.cost_report("model"), repeat),
+                note="raw: cost_report(model); target <= 1.3x (issue 25)")
     start = time.perf_counter()
     rollups.rebuild(backend.db)
     print("  (rolled up %d items in %.1fs)" % (rows, time.perf_counter() - start), flush=True)
@@ -582,6 +586,10 @@ def bench_rollup_reports(backend, results, rows, repeat):
             results.add("cost report by %s over items, %s" % (by, label), rows, backend.kind,
                         timed(lambda: psai.cost_report(by), repeat),
                         timed(lambda: raw_item_report(backend, key), repeat), note="%s (issue 25)" % target)
+        if label == "rollups current":
+            results.add("report.html by model vs one cost_report, rollups current", rows, backend.kind,
+                        timed(lambda: html("model"), repeat), timed(lambda: psai.cost_report("model"), repeat),
+                        note="raw: cost_report(model); target <= 1.3x (issue 25)")
 
 
 def bench_record_with_rollups(backend, results, count):
