@@ -421,7 +421,7 @@ def fill_items(backend, rows):
     items cover exactly (psai's report checks that; raw does not)."""
     models = list(PsAiModel.select(PsAiModel.id, PsAiModel.configuration).order_by(PsAiModel.id).limit(100))
     agent_ids = [a.id for a in PsAgent.select(PsAgent.id).order_by(PsAgent.id)]
-    backend.truncate("ps_model_usage_item", "ps_model_usage")
+    backend.truncate("ps_model_usage_item", "ps_model_usage", "psai_usage_rollup")
     cursor = backend.raw.cursor()
     backend.raw_begin()
     base = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
@@ -542,7 +542,79 @@ def bench_item_reports(backend, results, sizes):
                         timed(lambda: psai.cost_report(by), repeat), timed(lambda: raw_item_report(backend, key),
                                                                            repeat),
                         note="target <= 1.5x (issue 16)")
-    backend.truncate("ps_model_usage_item")
+        bench_rollup_reports(backend, results, rows, repeat)
+    backend.truncate("ps_model_usage_item", "psai_usage_rollup")
+
+
+def raw_items_like_policysynth(backend, count):
+    """``count`` items written as PolicySynth's own processes write them (no
+    psai, so no rollup), on the last day of the filled ones: copies of it."""
+    cursor = backend.raw.cursor()
+    cursor.execute('SELECT user_id, created_at, updated_at, model_id, agent_id, data FROM "ps_model_usage_item" '
+                   'ORDER BY created_at DESC LIMIT %d' % count)
+    rows = [tuple(row[:5]) + (row[5] if isinstance(row[5], str) else raw_json(row[5]),) for row in cursor.fetchall()]
+    backend.raw_begin()
+    sql = 'INSERT INTO "ps_model_usage_item" (user_id, created_at, updated_at, model_id, agent_id, data) VALUES '
+    if backend.kind == "sqlite":
+        cursor.executemany(sql + "(?, ?, ?, ?, ?, json(?))", rows)
+    else:
+        from psycopg2.extras import execute_values
+        execute_values(cursor, sql + "%s", rows, page_size=10_000)
+    backend.raw_commit()
+
+
+def bench_rollup_reports(backend, results, rows, repeat):
+    """cost_report with current rollups (psai rollup rebuild once), and right
+    after new items PolicySynth wrote without psai, against the raw aggregate
+    over the items (issue 25)."""
+    from psai import rollups
+    from psai.report import html
+    results.add("report.html by model vs one cost_report, items only", rows, backend.kind,
+                timed(lambda: html("model"), repeat), timed(lambda: psai.cost_report("model"), repeat),
+                note="raw: cost_report(model); target <= 1.3x (issue 25)")
+    start = time.perf_counter()
+    rollups.rebuild(backend.db)
+    print("  (rolled up %d items in %.1fs)" % (rows, time.perf_counter() - start), flush=True)
+    for label, target in (("rollups current", "target >= 50x faster"),
+                          ("after %d new items without psai" % max(1, rows // 100), "target >= 20x faster")):
+        if label != "rollups current":
+            raw_items_like_policysynth(backend, max(1, rows // 100))
+        for by, key in (("model", "model_id"), ("agent", "agent_id")):
+            with rollups.full_scan():
+                scanned = psai.cost_report(by)
+            assert psai.cost_report(by) == scanned
+            results.add("cost report by %s over items, %s" % (by, label), rows, backend.kind,
+                        timed(lambda: psai.cost_report(by), repeat),
+                        timed(lambda: raw_item_report(backend, key), repeat), note="%s (issue 25)" % target)
+        if label == "rollups current":
+            results.add("report.html by model vs one cost_report, rollups current", rows, backend.kind,
+                        timed(lambda: html("model"), repeat), timed(lambda: psai.cost_report("model"), repeat),
+                        note="raw: cost_report(model); target <= 1.3x (issue 25)")
+
+
+def bench_record_with_rollups(backend, results, count):
+    """record_usage with its rollup row, against record_usage where the
+    database has no rollups (the table renamed away): issue 25's target is
+    a ratio <= 1.15."""
+    from psai.db import forget_schema
+    model_ids = [m.id for m in PsAiModel.select(PsAiModel.id).order_by(PsAiModel.id).limit(PAIRS)]
+    agent_ids = [a.id for a in PsAgent.select(PsAgent.id).order_by(PsAgent.id).limit(PAIRS)]
+    times = {}
+    for rolled in (False, True, False, True):
+        backend.truncate("ps_model_usage", "ps_model_usage_item", "psai_usage_rollup")
+        if not rolled:
+            backend.db.execute_sql('ALTER TABLE "psai_usage_rollup" RENAME TO "psai_usage_rollup_off"')
+        forget_schema(backend.db)
+        try:
+            elapsed = psai_record(backend.url, model_ids, agent_ids, count, 0)
+        finally:
+            backend.db = psai.connect(backend.url)
+            if not rolled:
+                backend.db.execute_sql('ALTER TABLE "psai_usage_rollup_off" RENAME TO "psai_usage_rollup"')
+            forget_schema(backend.db)
+        times.setdefault(rolled, []).append(elapsed)
+    results.add("record usage, with its rollup vs without rollups", count, backend.kind, min(times[True]),
+                min(times[False]), note="raw: psai without the rollup table; target <= 1.15x (issue 25)")
 
 
 # -- 7b. reprice --apply beside a writer ---------------------------------------------------------
@@ -793,8 +865,8 @@ def main(argv=None):
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.1 for a quick run)")
     parser.add_argument("--only", nargs="*",
-                        help="run only these: insert validated filter eager usage report items reprice budgets cli "
-                             "peers responses")
+                        help="run only these: insert validated filter eager usage rollups report items reprice "
+                             "budgets cli peers responses")
     parser.add_argument("--markdown", help="also write the results table to this Markdown file")
     args = parser.parse_args(argv)
 
@@ -814,12 +886,14 @@ def main(argv=None):
                 bench_bulk_insert(backend, results, scale(100_000))
             if "validated" in steps:
                 bench_validated(backend, results, scale(5_000))
-            if any(step in steps for step in ("filter", "eager", "usage", "report", "items", "budgets")):
+            if any(step in steps for step in ("filter", "eager", "usage", "rollups", "report", "items", "budgets")):
                 bench_filter(backend, results, scale(100_000), runs=51)
-            if any(step in steps for step in ("eager", "usage", "report", "items", "budgets")):
+            if any(step in steps for step in ("eager", "usage", "rollups", "report", "items", "budgets")):
                 bench_eager(backend, results, scale(1_000))
             if "usage" in steps:
                 bench_record_usage(backend, results, scale(100_000))
+            if "usage" in steps or "rollups" in steps:
+                bench_record_with_rollups(backend, results, scale(10_000))
             if "report" in steps:
                 bench_counter_reports(backend, results, scale(100_000))
             if "items" in steps:

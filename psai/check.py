@@ -24,6 +24,7 @@ from .models import (
     AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
     usage_counters,
 )
+from .rollups import ROLLUP_TABLE, verify as verify_rollups
 from .schemas import (
     INCLUDE, dump_rows, readable, shape_problem, time_problems, validate_agent_values, validate_model_values,
 )
@@ -160,6 +161,7 @@ def check() -> list[dict[str, Any]]:
         found += _unreadable_times(model_class)
     for model_class in [PsAiModel, PsAgent] + timed:
         found += _unix_times(model_class)
+    found += [{"table": ROLLUP_TABLE, "id": p["day"], "problem": p["problem"]} for p in verify_rollups(db)]
     return found
 
 

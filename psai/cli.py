@@ -1116,6 +1116,57 @@ def check_command(fmt):
         sys.exit(EXIT_FAILURE)
 
 
+# -- rollups -------------------------------------------------------------------------
+
+@cli.group()
+def rollup():
+    """psai's per-day rollups of the usage items, which reports read (docs/rollups.md)."""
+
+
+@rollup.command("status")
+@click.option("--since", metavar="DATE", help="Only from this day (YYYY-MM-DD).")
+@click.option("--until", metavar="DATE", help="Only up to and including this day.")
+@output_options
+def rollup_status(since, until, fmt):
+    """Each day with items or rollups: its items, the calls its rollups hold,
+    and whether reports read it from the rollups (current) or the items (stale)."""
+    from .rollups import status
+    connect()
+    emit(status(since=since, until=until), fmt, columns=["day", "items", "rolled_up", "state"])
+
+
+@rollup.command("verify")
+@click.option("--since", metavar="DATE", help="Only from this day (YYYY-MM-DD).")
+@click.option("--until", metavar="DATE", help="Only up to and including this day.")
+@output_options
+def rollup_verify(since, until, fmt):
+    """Recompute every day reports read from the rollups and list those whose
+    rollups differ from their items (exit 1 when there is one)."""
+    from .rollups import verify
+    connect()
+    found = verify(since=since, until=until)
+    if fmt is not None or found:
+        emit(found, fmt, columns=["day", "problem"])
+    else:
+        click.echo("the rollups agree with the items")
+    if found:
+        sys.exit(EXIT_FAILURE)
+
+
+@rollup.command("rebuild")
+@click.option("--since", metavar="DATE", help="Only from this day (YYYY-MM-DD).")
+@click.option("--until", metavar="DATE", help="Only up to and including this day.")
+@click.option("--all", "everything", is_flag=True, help="Every day, not only the stale ones.")
+@output_options
+def rollup_rebuild(since, until, everything, fmt):
+    """Recompute from their items the rollups of the stale days (with --all:
+    of every day), each day in its own transaction."""
+    from .rollups import rebuild
+    connect()
+    days = rebuild(since=since, until=until, everything=everything)
+    emit([{"day": day} for day in days], fmt, columns=["day"])
+
+
 # -- export / import -------------------------------------------------------------------
 
 @cli.command("export")

@@ -17,8 +17,8 @@ from .budget import budget_status, budgets
 from .db import describe_database, redact_url
 from .errors import ValidationError
 from .fields import utcnow
-from .reports import CostRow, one_snapshot
-from .usage import REPORT_GROUPINGS, cost_report, daily_costs, report_totals
+from .reports import CostRow, cost_reports, one_snapshot
+from .usage import REPORT_GROUPINGS, report_totals
 
 __all__ = ["html", "describe_database"]
 
@@ -262,11 +262,10 @@ def html(by: str = "model", *, since: datetime.date | str | None = None, until: 
     where the data came from (default: the database in use, no password)."""
     if by not in REPORT_GROUPINGS:
         raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
-    rows = rows if rows is not None else cost_report(by, since=since, until=until)
-    by_model = rows if by == "model" else cost_report("model", since=since, until=until)
-    by_agent = rows if by == "agent" else cost_report("agent", since=since, until=until)
-    trees = rows if by == "tree" else cost_report("tree", since=since, until=until)
-    daily = daily_costs(since=since, until=until)
+    # Every section from one read of the priced groups.
+    reports, daily = cost_reports(sorted({"model", "agent", "tree", by}), since=since, until=until)
+    rows = rows if rows is not None else reports[by]
+    by_model, by_agent, trees = reports["model"], reports["agent"], reports["tree"]
     totals = report_totals(by_model, "model")
 
     parts = ['<!doctype html><html lang="en"><head><meta charset="utf-8">',

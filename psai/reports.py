@@ -16,6 +16,7 @@ from typing import Any, ParamSpec, TypedDict, TypeVar
 from dataclasses import dataclass
 import json
 from collections import defaultdict, deque
+from itertools import chain
 from decimal import Decimal
 
 from .arguments import as_datetime
@@ -26,13 +27,15 @@ from .fields import UTC
 from .items import BUCKETS, bucket_cost, cache_write_1h_extra, effective_prices
 from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from .recording import usage_counters
+from .rollups import coverage, rollup_rows, scan_where
 from .sql import (
     ITEM_VALUES, ItemReader, JsonSQL, counter_rows_sql, counter_sums_sql, counter_totals_sql, counters_negative,
     counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql, price_period_sql, window,
 )
 from .versions import histories_of, prices_at
 
-__all__ = ["one_snapshot", "cost_report", "report_totals", "daily_costs", "REPORT_GROUPINGS", "usage_parts",
+__all__ = ["one_snapshot", "cost_report", "cost_reports", "report_totals", "daily_costs", "REPORT_GROUPINGS",
+           "usage_parts",
            "price_parts", "merge_parts", "part_tokens", "CostRow", "CurrencyTotal", "DailyCost"]
 
 REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
@@ -156,9 +159,10 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return []
     r = ItemReader(is_postgres(db))
+    # Closed days from the rollups, what they do not cover from the items.
+    cover = coverage(db, since, until)
     params = []
-    read = r.select([name for name, _path, _kind in ITEM_VALUES],
-                    window(db, "i.created_at", PsModelUsageItem.created_at, since, until, model_ids, params),
+    read = r.select([name for name, _path, _kind in ITEM_VALUES], _item_window(db, cover, model_ids, params),
                     model_threshold=True)
     # Rows that differ only by the agent and connector asked for by
     # ``totals`` and not by ``keys`` are added up in Python.
@@ -174,7 +178,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     connector_at = group.index("connector_id") if "connector" in grouped else None
     width = len(group)
     merged = {}
-    for values in db.execute_sql(sql, params):
+    for values in chain(rollup_rows(db, group, cover.days, model_ids),
+                        db.execute_sql(sql, params) if cover.scan else ()):
         if agent_at is not None and values[agent_at] not in agents:
             values = values[:agent_at] + (None,) + values[agent_at + 1:]
         # Sums as exact numbers (SQLite sums REAL values as floats).
@@ -192,7 +197,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     pricing_at = names.index("pricing")
     parsed = {}
     rows = []
-    for key, sums in merged.items():
+    # In one order whatever read them (rollups, items): what depends on order (daily_costs' provider) agrees.
+    for key, sums in sorted(merged.items(), key=lambda entry: repr(entry[0])):
         row = dict(zip(names, key))
         prefix = "long_" if row.pop("long") else ""
         row.pop("hour")
@@ -216,6 +222,13 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
             row["pricing"] = parsed[pricing]
         rows.append(row)
     return rows
+
+
+def _item_window(db, cover, model_ids, params):
+    """WHERE clauses for the items a report scans: the ranges ``cover``
+    leaves to the items, of the models ``model_ids``."""
+    return scan_where(db, "i.created_at", cover.scan, params) + window(
+        db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params)
 
 
 def _agent_ids(db):
@@ -264,10 +277,13 @@ def _item_totals(db, agents, model_ids=None):
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return totals
     r = ItemReader(is_postgres(db))
+    cover = coverage(db)
     params = []
-    where = window(db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params)
-    read = r.select(["tin", "tout"], where)
-    for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(item_totals_sql(r, read), params):
+    read = r.select(["tin", "tout"], _item_window(db, cover, model_ids, params))
+    rolled = ((row[0], row[1], row[2], row[9], row[10])  # the keys, then GroupSums' all_in and all_out
+              for row in rollup_rows(db, ["model_id", "agent_id", "connector_id"], cover.days, model_ids))
+    for model_id, agent_id, connector_id, tokens_in, tokens_out in chain(
+            rolled, db.execute_sql(item_totals_sql(r, read), params) if cover.scan else ()):
         entry = totals[(model_id, agent_id if agent_id in agents else None, connector_id)]
         entry.tokens_in += _number(tokens_in)
         entry.tokens_out += _number(tokens_out)
@@ -388,10 +404,10 @@ def _untouched_pieces(db, by, since, until, keys, agents, sound, model_ids=None)
     params: list = []
     period = price_period_sql(db, "u", {model_id: [field.db_value(t) for t in times]
                                         for model_id, times in moments.items()}, params)
-    whole = keys is not None or by in ("agent", "tree")
+    whole = keys is not None or "agent" in _keys(by)
     columns = ["u.model_id", "u.agent_id" if whole else "NULL", "u.connector_id" if keys is not None else "NULL",
                "(%s)" % period if moments else "u.id"]
-    if by == "day":
+    if "day" in _keys(by):
         columns.append(j.day("u.created_at"))
     where = window(db, "u.created_at", PsModelUsage.created_at, since, until, model_ids, params) + [sound]
     sql = counter_sums_sql(present, columns, where)
@@ -420,7 +436,7 @@ def _negative_counters(db, by, agents, since, until, model_ids=None):
         buckets = read([max(v or 0, 0) for v in values[4:]])
         created_at = PsModelUsage.created_at.python_value(created_at)
         parts.append(_unpriced_counters(model_id, agent_id if agent_id in agents else None, buckets,
-                                        "negative token counters", _day(created_at) if by == "day" else None))
+                                        "negative token counters", _day(created_at) if "day" in _keys(by) else None))
     return parts
 
 
@@ -437,12 +453,19 @@ def _unpriced_counters(model_id, agent_id, buckets, why, day):
             "problem": "%s (`psai check` lists the rows)" % why, "day": day}
 
 
+def _keys(by):
+    """What parts are kept apart by besides the model, for a grouping (or
+    these keys themselves, a tuple among agent and day)."""
+    return by if isinstance(by, tuple) else {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
+
+
 def usage_parts(db, by, since, until, model_ids=None):
     """All recorded usage in [since, until), as parts each priced alike:
     item groups and uncovered counter pieces. Each part has ``model_id``,
     ``agent_id`` (by agent or tree), ``day`` (by day), the pricing context
-    and its ``buckets``."""
-    keys = {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
+    and its ``buckets``. ``by``: a grouping, or the keys (agent, day) to
+    keep parts apart by."""
+    keys = _keys(by)
     agents = _agent_ids(db)  # once a report: items and counters both map deleted agents to None
     # What the items cover of the counters comes from a pass over all items.
     # Over all usage, the pass that adds the items up can give it, grouping
@@ -471,7 +494,7 @@ def usage_parts(db, by, since, until, model_ids=None):
     merged = {}
     for piece in pieces:
         model_id = piece["model_id"]
-        day = _day(piece["created_at"]) if by == "day" else None
+        day = _day(piece["created_at"]) if "day" in keys else None
         if isinstance(piece["created_at"], str):  # no time, so no price in force: unpriced, with why
             parts.append(_unpriced_counters(model_id, piece["agent_id"], piece["buckets"],
                                             "usage rows whose created_at cannot be read as a time", day))
@@ -661,6 +684,26 @@ def cost_report(by: str = "model", *, since: datetime.date | str | None = None,
     db = model_db(PsModelUsage)
     keep = {"agent": ("agent_id",), "tree": ("agent_id",), "day": ("day",)}.get(by, ())
     parts = price_parts(merge_parts(usage_parts(db, by, since, until), ("model_id",) + keep))
+    return _rows_of(db, by, parts, strict, progress)
+
+
+def cost_reports(groupings: Iterable[str], *, since: datetime.date | str | None = None,
+                 until: datetime.date | str | None = None) -> tuple[dict[str, list[CostRow]], list[DailyCost]]:
+    """``cost_report`` of each grouping and ``daily_costs``, the same rows,
+    from one read of the priced groups (kept apart by model, agent and
+    day, priced once, then added up for each): what the HTML page shows."""
+    groupings = list(groupings)
+    for by in groupings:
+        if by not in REPORT_GROUPINGS:
+            raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
+    since, until = as_datetime(since), as_datetime(until, end=True)
+    db = model_db(PsModelUsage)
+    parts = price_parts(merge_parts(usage_parts(db, ("agent", "day"), since, until), ("model_id", "agent_id", "day")))
+    return {by: _rows_of(db, by, parts, False, None) for by in groupings}, _daily_of(parts)
+
+
+def _rows_of(db, by, parts, strict, progress):
+    """A report's rows grouped ``by``, from priced parts kept apart at least by what it groups by."""
     if strict:
         _refuse_unpriced(parts)
     levels, ancestors = _agent_tree(db) if by == "tree" else ({}, {})
@@ -797,14 +840,24 @@ def daily_costs(*, since: datetime.date | str | None = None,
     could be priced), each call priced as ``cost_report`` prices it."""
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
-    parts = price_parts(merge_parts(usage_parts(db, "day", since, until), ("model_id", "day")))
+    return _daily_of(price_parts(merge_parts(usage_parts(db, "day", since, until), ("model_id", "day"))))
+
+
+def _daily_of(parts):
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))}
     rows: dict[tuple, Any] = {}
+    providers: defaultdict[tuple, set[str]] = defaultdict(set)
     for part in parts:
         model = models.get(part["model_id"])
         configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
-        row = rows.setdefault((part["day"], part["model_id"], part["currency"]), _new_total(
+        key = (part["day"], part["model_id"], part["currency"])
+        row = rows.setdefault(key, _new_total(
             day=part["day"], model_id=part["model_id"], model_name=model.name if model else None,
-            provider=part["provider"] or configuration.get("provider"), currency=part["currency"]))
+            provider=configuration.get("provider"), currency=part["currency"]))
+        if part["provider"] is not None:
+            providers[key].add(part["provider"])
         _add_part(row, part)
+    for key, named in providers.items():
+        # The calls' own provider (the first by name where they name several: the same whatever the order).
+        rows[key]["provider"] = min(named)
     return sorted(rows.values(), key=lambda r: (r["day"] or "", r["model_id"], r["currency"] or ""))

@@ -262,18 +262,19 @@ class ItemReader:
         sql = "%s -> '$.%s'" % (column, ".".join(path))
         return sql if column != "i.data" else "(CASE WHEN json_valid(i.data) THEN %s END)" % sql
 
-    def select(self, names, where, model_threshold=False):
+    def select(self, names, where, model_threshold=False, with_id=False, source='"ps_model_usage_item"'):
         """The first step: the items' key columns and ``v_<name>`` for each
-        value named (and the model's current long-context threshold)."""
+        value named (and the model's current long-context threshold; the
+        items' ids). ``source``: the items' table, or a CTE of new items."""
         paths = {name: path for name, path, _kind in ITEM_VALUES}
-        columns = ["i.model_id", "i.agent_id", "i.connector_id", "i.created_at"]
+        columns = ["i.model_id", "i.agent_id", "i.connector_id", "i.created_at"] + (["i.id"] if with_id else [])
         columns += ["%s AS v_%s" % (self._raw("i.data", paths[name]), name) for name in names]
         join = ""
         if model_threshold:
             columns.append("%s AS v_model_threshold" % self._raw("m.configuration", _MODEL_THRESHOLD))
             join = ' LEFT JOIN "ps_ai_models" m ON m.id = i.model_id'
-        return 'SELECT %s%s FROM "ps_model_usage_item" i%s%s%s' % (
-            ", ".join(columns), self.fence_column, join, " WHERE " + " AND ".join(where) if where else "",
+        return 'SELECT %s%s FROM %s i%s%s%s' % (
+            ", ".join(columns), self.fence_column, source, join, " WHERE " + " AND ".join(where) if where else "",
             self.fence)
 
     def is_a(self, name):
@@ -301,11 +302,15 @@ class ItemReader:
 
 # -- reports' statements over items and counters ---------------------------------------
 
-def item_groups_sql(r, read, grouped):
+def item_groups_sql(r, read, grouped, rollup=False):
     """``(sql, group)``: items (``read``, ItemReader.select's subquery) added
     up by model, the keys ``grouped`` (among agent, connector, day) and all
     that prices them; ``group``, the grouping columns in the order the rows
-    return them, GroupSums' columns after them."""
+    return them, GroupSums' columns after them. ``rollup``: as the rollups
+    keep them (``ROLLUP_COLUMNS``): grouped also by whether the model's
+    current threshold decided the long-context side (an item without a
+    snapshot) and by that threshold, and the sum of the items' ids last
+    (``read`` with_id)."""
     columns = {
         "model_id": "model_id",
         "agent_id": "agent_id" if "agent" in grouped else None,
@@ -327,18 +332,24 @@ def item_groups_sql(r, read, grouped):
         "threshold": "(CASE WHEN %s THEN %s ELSE %s END)" % (
             r.is_a("configured"), r.value("threshold"), r.value("model_threshold")),
     }
+    if rollup:
+        columns.update({
+            "model_priced": "(CASE WHEN %s THEN 0 ELSE 1 END)" % r.is_a("configured"),
+            "model_threshold": "(CASE WHEN %s THEN NULL ELSE %s END)" % (r.is_a("configured"),
+                                                                     r.value("model_threshold")),
+            "id": "id"})
     columns = {name: sql for name, sql in columns.items() if sql is not None}
     # The second step fenced as the first: its columns are used several times.
     typed = "SELECT %s%s FROM (%s) r%s" % (", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
                                             r.fence_column, read, r.fence)
     group = [name for name in columns
-             if name not in ("tin", "cached", "cw", "cw1h", "tout", "parts", "web", "threshold", "pcost")]
+             if name not in ("tin", "cached", "cw", "cw1h", "tout", "parts", "web", "threshold", "pcost", "id")]
     # Calls with 1-hour cache writes in groups of their own (their extra needs its own price key).
     group += ["long", "hour"]
     # In the order of GroupSums' fields.
     sums = ["COUNT(*)", "SUM(%s)" % r.j.greatest("tin - cached - cw", "0"), "SUM(cached)", "SUM(cw)",
             "SUM(%s + parts)" % r.j.greatest("tout - parts", "0"), "SUM(web)", "SUM(tin)", "SUM(tout)",
-            "SUM(cw1h)", "SUM(pcost)"]
+            "SUM(cw1h)", "SUM(pcost)"] + (["SUM(id)"] if rollup else [])
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long, "
            "CASE WHEN cw1h > 0 THEN 1 ELSE 0 END AS hour FROM (%s) c) g GROUP BY %s"
            % (", ".join(group), ", ".join(sums), typed, ", ".join(group)))
@@ -557,17 +568,18 @@ def item_insert(db):
             '"connector_id", "data") VALUES (%s)' % ", ".join([db.param] * 7))
 
 
-def one_round_trip_statements(find, present, agent_is_null, connector_is_null, probes=()):
+def one_round_trip_statements(find, present, agent_is_null, connector_is_null, rollup="", probes=()):
     """PostgreSQL: (the advisory lock, the statement that records a call:
     on condition that the model's stored configuration is the one given,
     find or start the day's counter row, add to it, insert the item), built
     once. ``find``: the text of the counter row's find, guarded by ``m``
     (peewee's; its parameters come between the configuration's and the
-    update's). ``probes``: boolean SQL expressions returned after the
-    counter row's columns, read in the same snapshot (is there a budget?).
-    Data-modifying CTEs are what peewee cannot say."""
+    update's). ``rollup``: CTEs that add the new item (``item``, RETURNING
+    *) to its rollup row (psai.rollups). ``probes``: boolean SQL expressions
+    returned after the counter row's columns, read in the same snapshot (is
+    there a budget?). Data-modifying CTEs are what peewee cannot say."""
     probes = tuple(probes)
-    key = ("one round trip", find, present, agent_is_null, connector_is_null, probes)
+    key = ("one round trip", find, present, agent_is_null, connector_is_null, rollup, probes)
     if key not in _USAGE_SQL:
         columns = ", ".join(quoted(c) for c in USAGE_ROW_COLUMNS + present)
         counters = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present
@@ -581,8 +593,9 @@ def one_round_trip_statements(find, present, agent_is_null, connector_is_null, p
             'WHERE NOT EXISTS (SELECT 1 FROM found) RETURNING {columns}), '
             'item AS (INSERT INTO "ps_model_usage_item" ("user_id", "created_at", "updated_at", "model_id", '
             '"agent_id", "connector_id", "data") SELECT %s::integer, %s::timestamptz, %s::timestamptz, '
-            '%s::integer, %s::integer, %s::integer, %s::jsonb FROM m) '
+            '%s::integer, %s::integer, %s::integer, %s::jsonb FROM m{returning}){rollup} '
             'SELECT *{probes} FROM updated UNION ALL SELECT *{probes} FROM inserted').format(
+                returning=" RETURNING *" if rollup else "", rollup=rollup.replace("%", "%%"),
                 probes="".join(", (%s)" % probe for probe in probes), find=find,
                 add=", ".join('{0} = {0} + %s'.format(quoted(c)) for c in present), columns=columns,
                 counters=", ".join(quoted(c) for c in counters), casts=", ".join(casts))
@@ -594,3 +607,122 @@ def stored_configuration_sql(db):
     a concurrent price change waits for the call being recorded)."""
     sql = 'SELECT "configuration" FROM "ps_ai_models" WHERE "id" = %s' % db.param
     return sql + " FOR SHARE" if isinstance(db, PostgresqlDatabase) else sql
+
+
+# -- rollups (psai.rollups) --------------------------------------------------------------
+
+ROLLUP_TABLE = "psai_usage_rollup"
+# A rollup row's key (item_groups_sql's groups with rollup=True, in its order) and sums
+# (GroupSums' order, then the sum of the items' ids).
+ROLLUP_KEYS = ("model_id", "agent_id", "connector_id", "day", "provider", "pricing", "applied_service_tier",
+               "applied_speed", "has_usage", "model_priced", "model_threshold", "long", "hour")
+ROLLUP_SUMS = ("calls", "fresh_in", "cached", "cache_write", "out", "web", "all_in", "all_out", "cache_write_1h",
+               "provider_cost", "id_sum")
+_ROLLUP_COLUMNS = ", ".join(quoted(c) for c in ("range_day",) + ROLLUP_KEYS + ROLLUP_SUMS)
+
+
+def rollup_groups_sql(r, where, source='"ps_model_usage_item"'):
+    """The items meeting ``where`` added up as rollup rows are (ROLLUP_KEYS, ROLLUP_SUMS)."""
+    read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True, with_id=True,
+                    source=source)
+    sql, group = item_groups_sql(r, read, ("agent", "connector", "day"), rollup=True)
+    assert tuple(group) == ROLLUP_KEYS, group
+    return sql
+
+
+def rollup_insert_sql(db, groups):
+    """Insert the rows ``groups`` (rollup_groups_sql) as the rollups of one
+    range day, its parameter first."""
+    return 'INSERT INTO "%s" (%s) SELECT %s, g.* FROM (%s) g' % (ROLLUP_TABLE, _ROLLUP_COLUMNS, db.param, groups)
+
+
+def rollup_add_sql(postgres, groups):
+    """(CTEs, update, insert): add the rows ``groups`` (one item's, as
+    rollup_groups_sql gives them) to the rollup row of their key, the one
+    update; the insert, for when the update found none, starts it. Several
+    rows of one key are harmless (reads add them up); the update adds to
+    one of them only."""
+    same = " AND ".join(('r.%s = g.%s' if c in ("model_id", "agent_id") else
+                         ('r.%s IS NOT DISTINCT FROM g.%s' if postgres else 'r.%s IS g.%s')) % (quoted(c), quoted(c))
+                        for c in ROLLUP_KEYS)
+    target = "t" if postgres else quoted(ROLLUP_TABLE)
+    added = ['%s = %s.%s + g.%s' % (quoted(c), target, quoted(c), quoted(c)) for c in ROLLUP_SUMS
+             if c != "provider_cost"]
+    added.append('"provider_cost" = CASE WHEN %s."provider_cost" IS NULL THEN g."provider_cost" '
+                 'WHEN g."provider_cost" IS NULL THEN %s."provider_cost" '
+                 'ELSE %s."provider_cost" + g."provider_cost" END' % (target, target, target))
+    # The row found first, by the index, so that the update reads one row by its id.
+    g = ('g(%s) AS (%s), hit AS (SELECT r."id" FROM "%s" r, g WHERE r."range_day" = g."day" AND %s LIMIT 1)' % (
+        ", ".join(quoted(c) for c in ROLLUP_KEYS + ROLLUP_SUMS), groups, ROLLUP_TABLE, same))
+    update = 'UPDATE "{table}"{alias} SET {added} FROM g, hit WHERE {target}."id" = hit."id"'.format(
+        table=ROLLUP_TABLE, alias=" t" if postgres else "", added=", ".join(added), target=target)
+    insert = 'INSERT INTO "%s" (%s) SELECT g."day", g.* FROM g' % (ROLLUP_TABLE, _ROLLUP_COLUMNS)
+    return g, update, insert
+
+
+def rollup_sums_sql(group, where):
+    """Rollup rows meeting ``where`` added up by ``group`` (names among
+    ROLLUP_KEYS): rows in item_groups_sql's layout (GroupSums after the keys)."""
+    sums = ["CAST(SUM(\"calls\") AS BIGINT)"] + ['SUM(%s)' % quoted(c) for c in ROLLUP_SUMS[1:-1]]
+    keys = ", ".join(quoted(c) for c in group)
+    return 'SELECT %s, %s FROM "%s" WHERE %s GROUP BY %s' % (keys, ", ".join(sums), ROLLUP_TABLE,
+                                                             " AND ".join(where) or "1 = 1", keys)
+
+
+def rollup_days_sql(where):
+    """Per range day of the rollups: their calls and the sum of their items' ids."""
+    return ('SELECT "range_day", CAST(SUM("calls") AS BIGINT), SUM("id_sum") FROM "%s" WHERE %s '
+            'GROUP BY "range_day"' % (ROLLUP_TABLE, " AND ".join(where) or "1 = 1"))
+
+
+def rollup_thresholds_sql(where):
+    """The thresholds of models' current prices the rollups of items without a snapshot were split by."""
+    return ('SELECT DISTINCT "range_day", "model_id", "model_threshold" FROM "%s" WHERE "model_priced" = 1 AND %s'
+            % (ROLLUP_TABLE, " AND ".join(where) or "1 = 1"))
+
+
+def rollup_rows_sql(where):
+    """Rollup rows (range day, keys, sums), for verify."""
+    return 'SELECT %s FROM "%s" WHERE %s' % (_ROLLUP_COLUMNS, ROLLUP_TABLE, " AND ".join(where) or "1 = 1")
+
+
+def item_days_sql(postgres, where):
+    """The items per UTC day over the created_at index: their count, the sum
+    of their ids and (SQLite, whose column is text) the first and last
+    timestamp text, which tells that the day's text is its range's."""
+    if postgres:
+        return ('SELECT to_char(created_at AT TIME ZONE \'UTC\', \'YYYY-MM-DD\'), COUNT(*), SUM(id) '
+                'FROM "ps_model_usage_item" WHERE %s GROUP BY 1' % (" AND ".join(where) or "1 = 1"))
+    return ('SELECT substr(created_at, 1, 10), COUNT(*), SUM(id), MIN(created_at), MAX(created_at) '
+            'FROM "ps_model_usage_item" WHERE %s GROUP BY 1' % (" AND ".join(where) or "1 = 1"))
+
+
+def item_day_counts_sql(db, days):
+    """For each of ``days`` range days (day, start, end bound in that order):
+    the count and the sum of the ids of its items, each day a range over
+    the created_at index (cheaper than grouping every entry). SQLite, which
+    has no LATERAL, gives them as one text "count:sum"."""
+    p = db.param
+    values = ", ".join(["(%s, %s, %s)" % (p, p, p)] * days)
+    if isinstance(db, PostgresqlDatabase):
+        return ('WITH d(day, lo, hi) AS (VALUES %s) SELECT d.day, x.n, x.ids FROM d, LATERAL '
+                '(SELECT COUNT(*) AS n, SUM(i.id) AS ids FROM "ps_model_usage_item" i WHERE i.created_at >= '
+                'd.lo::timestamptz AND i.created_at < d.hi::timestamptz) x' % values)
+    return ('WITH d(day, lo, hi) AS (VALUES %s) SELECT d.day, (SELECT COUNT(*) || \':\' || coalesce(SUM(i.id), 0) '
+            'FROM "ps_model_usage_item" i WHERE i.created_at >= d.lo AND i.created_at < d.hi) FROM d' % values)
+
+
+def model_thresholds_sql(r):
+    """Every model's current long-context threshold, read as the reports read it."""
+    return 'SELECT id, %s FROM (SELECT m.id, %s AS v_model_threshold FROM "ps_ai_models" m) t' % (
+        r.value("model_threshold"), r._raw("m.configuration", _MODEL_THRESHOLD))
+
+
+def ranges_clause(db, column, field, ranges, params):
+    """One WHERE clause: ``column`` in any of ``ranges`` ([start, end), None
+    for open), their parameters appended to ``params``; FALSE for none."""
+    clauses = []
+    for start, end in ranges:
+        parts = window(db, column, field, start, end, None, params)
+        clauses.append("(%s)" % " AND ".join(parts) if parts else "1 = 1")
+    return "(%s)" % " OR ".join(clauses) if clauses else "1 = 0"

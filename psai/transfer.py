@@ -24,6 +24,7 @@ from .models import (
 )
 from .pricing import COUNTERS
 from .recording import NO_AGENT
+from .rollups import invalidate as invalidate_rollups
 from .schemas import dump_rows, INCLUDE, RAISE, PsAgentSchema, PsAiModelSchema
 
 __all__ = ["export_data", "import_data", "copy", "TABLES"]
@@ -420,6 +421,8 @@ def copy(source: Database | str, target: Database | str, *, dry_run: bool = Fals
                              lambda r: (r["model_id"], r["agent_id"], r.get("connector_id"), r["user_id"],
                                         r["created_at"]),
                              dict, counts, "ps_model_usage_item")
+                if counts["ps_model_usage_item"]["updated"]:
+                    invalidate_rollups(target)  # items changed in place: the count check cannot see it
                 done(items)
                 for model_class, rows, key, name in (
                         (PriceVersion, versions, lambda r: (r["model"], r["valid_from"]), "psai_price_versions"),

@@ -44,7 +44,11 @@ def test_the_page_shows_totals_charts_trees_and_unpriced_usage(db, clock):
     psai.record_usage(models["OpenAI GPT-4o mini"], agents["Writer"], tokens_in=777, tokens_out=0)
     item = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).get()
     data = dict(item.data, pricing=dict(item.data["pricing"], configuredPrices={"currency": "USD"}))
-    PsModelUsageItem.update(data=data).where(PsModelUsageItem.id == item.id).execute()
+    # Written by another tool: a row of its own (an edit in place is what `psai rollup verify` finds).
+    PsModelUsageItem.insert(user_id=item.user_id, model_id=item.model_id, agent_id=item.agent_id,
+                            connector_id=item.connector_id, created_at=item.created_at, updated_at=item.updated_at,
+                            data=data).execute()
+    PsModelUsageItem.delete().where(PsModelUsageItem.id == item.id).execute()
     page = html("agent", database="postgresql://me:sekr1t@db.example:5432/ps")
     total = sum(r["cost"] for r in psai.cost_report("model") if r["cost"] is not None)
     assert "%s USD" % "{:,.2f}".format(total) in page
