@@ -13,7 +13,8 @@ import itertools
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from peewee import Database, ForeignKeyField, ModelUpdate
+import peewee
+from peewee import Database, ExceptionWrapper, ForeignKeyField, ModelUpdate
 
 from .constants import MAX_INTEGER, MIN_INTEGER
 from .db import connect, is_postgres, model_db, read_transaction, table_columns, using, write_transaction
@@ -177,6 +178,8 @@ def _read(model_class, db, order_by=None):
 
 COPY_BATCH = 2000  # rows read, compared and written at a time: what a copy holds of its large tables
 _cursor_names = itertools.count(1)
+# A raw cursor's driver errors raised as peewee's, as from any query (peewee's stubs lack the table).
+_AS_PEEWEES = ExceptionWrapper(vars(peewee)["EXCEPTIONS"])
 
 
 def _stream(model_class, db, fields, order_by, batch):
@@ -197,16 +200,19 @@ def _stream(model_class, db, fields, order_by, batch):
     names = [field.name for field in fields]
     readers = [field.python_value for field in fields]
     try:
-        cursor.execute(sql, params)
+        with _AS_PEEWEES:
+            cursor.execute(sql, params)
         while True:
-            fetched = cursor.fetchmany(batch)
+            with _AS_PEEWEES:
+                fetched = cursor.fetchmany(batch)
             if not fetched:
                 return
             with using(db):  # a JSON field reads the way its database stores it
                 rows = [{name: read(value) for name, read, value in zip(names, readers, row)} for row in fetched]
             yield from rows
     finally:
-        cursor.close()
+        if not getattr(cursor.connection, "closed", False):  # a cut connection took its cursor with it
+            cursor.close()
 
 
 class _OutOfOrder(Exception):

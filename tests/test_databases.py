@@ -428,3 +428,34 @@ def test_a_copy_holds_a_batch_not_the_store(kind, tmp_path):
     finally:
         target.close()
         source_backend.close()
+
+
+def test_a_copy_whose_source_connection_is_cut_writes_nothing_and_the_next_is_exact(tmp_path, clock):
+    """The server ends the source's connection while the copy streams its
+    items (after models and agents are written to the target): the copy
+    fails, the target holds nothing of it, and the copy run again is exact."""
+    postgres = make_backend("postgres", tmp_path)
+    source = postgres.connect()
+    psai.migrate()
+    target = psai.connect("sqlite:///%s" % (tmp_path / "target.db"), bind=False)
+    try:
+        gpt, lead = add("GPT"), agent("lead")
+        for call in range(50):
+            psai.record_usage(gpt, lead, tokens_in=100 + call, tokens_out=1)
+            clock.advance(minutes=1)
+        [source_pid] = source.execute_sql("SELECT pg_backend_pid()").fetchone()
+        admin = psai.connect(postgres.url, bind=False)
+
+        def cut(done, total):
+            if done >= 2:  # models and agents mirrored, the items not yet
+                admin.execute_sql("SELECT pg_terminate_backend(%s)", (source_pid,))
+        with pytest.raises(psai.db.OperationalError, match="terminating connection|server closed the connection"):
+            psai.copy(source, target, batch=7, progress=cut)
+        admin.close()
+        with psai.using(target):
+            assert (PsAiModel.select().count(), PsModelUsageItem.select().count()) == (0, 0)
+        assert psai.copy(source, target, batch=7)["ps_model_usage_item"] == {"created": 50, "updated": 0}
+        assert _items(target) == _items(source)
+    finally:
+        target.close()
+        postgres.close()
