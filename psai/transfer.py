@@ -258,7 +258,8 @@ def _fit(model_class, names, values):
 def _insert(model_class, rows):
     """Insert rows as they are (copied, not typed in: a row psai would
     refuse is copied as stored, and `psai check` finds it on both sides)."""
-    model_class.bulk_insert(rows, validate=False)  # defaults filled; peewee's own SQL per batch costs more
+    with _AS_PEEWEES:  # bulk_insert's cursor raises the driver's errors (a cut connection) as they are
+        model_class.bulk_insert(rows, validate=False)  # defaults filled; peewee's own SQL per batch costs more
 
 
 def _update(model_class, row_id, values):
