@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from decimal import Decimal
@@ -715,6 +716,94 @@ def bench_budgets(backend, results, sizes):
     backend.truncate("ps_model_usage_item")
 
 
+# -- 7c. copy to a new SQLite store, in bounded memory ----------------------------------------------
+
+# What a raw copy moves: the rows psai copies, as they are.
+COPIED_TABLES = ("ps_ai_models", "ps_agents", "AgentModels", "ps_model_usage", "ps_model_usage_item")
+CHILD = "import sys; from bench.run import copy_child; copy_child(*sys.argv[1:])"
+
+
+def copy_child(mode, kind, source_url, target_path):
+    """Run in a child process (its peak RSS is its own): ``psai`` copies
+    with ``psai.copy``; ``raw`` moves the same tables' rows through the
+    drivers, a server-side cursor on PostgreSQL, ``executemany`` into SQLite.
+    Prints {"seconds", "max_rss_mb", "rows"}."""
+    import resource
+    import sqlite3
+    start = time.perf_counter()
+    if mode == "psai":
+        counts = psai.copy(source_url, "sqlite:///" + target_path)
+        moved = sum(n["created"] + n["updated"] for n in counts.values())
+    else:
+        target = sqlite3.connect(target_path, isolation_level=None)
+        target.execute("BEGIN IMMEDIATE")
+        if kind == "sqlite":
+            source = sqlite3.connect(psai.db.connect(source_url, bind=False).path)
+        else:
+            import psycopg2
+            source = psycopg2.connect(source_url)
+        moved = 0
+        for table in COPIED_TABLES:
+            columns = [row[1] for row in target.execute('PRAGMA table_info("%s")' % table)]
+            quoted = ", ".join('"%s"' % c for c in columns)
+            cursor = source.cursor() if kind == "sqlite" else source.cursor(name="raw_copy_" + table.lower())
+            cursor.execute('SELECT %s FROM "%s" ORDER BY "%s"' % (quoted, table, columns[0]))
+            insert = 'INSERT INTO "%s" (%s) VALUES (%s)' % (table, quoted, ", ".join("?" * len(columns)))
+            while True:
+                rows = cursor.fetchmany(2000)
+                if not rows:
+                    break
+                if kind == "postgres":  # psycopg2 gives Python objects; SQLite takes text for these
+                    rows = [tuple(raw_json(v) if isinstance(v, (dict, list)) else
+                                  v.isoformat(sep=" ", timespec="microseconds") if isinstance(v, datetime.datetime)
+                                  else str(v) if isinstance(v, uuid.UUID) else v for v in row) for row in rows]
+                target.executemany(insert, rows)
+                moved += len(rows)
+            cursor.close()
+        target.execute("COMMIT")
+        source.close()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "rows": moved,
+                      "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _copy_in_child(mode, backend, target_path):
+    if os.path.exists(target_path):
+        os.remove(target_path)
+    target = psai.connect("sqlite:///" + target_path, bind=False)
+    psai.migrate(target)  # the same empty schema for both: the copy's time is the rows'
+    target.close()
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, backend.kind, backend.url, target_path],
+                         check=True, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_copy(backend, results, rows):
+    """``psai copy`` of ``rows`` items (and their counters, models, agents)
+    from this backend to a new SQLite file, against a raw driver copy of the
+    same rows; each in its own process, for its peak memory."""
+    fill_items(backend, rows)
+    with tempfile.TemporaryDirectory(prefix="psai-copy-") as directory:
+        target_path = os.path.join(directory, "copy.db")
+        raw = _copy_in_child("raw", backend, target_path)
+        ours = _copy_in_child("psai", backend, target_path)
+        check = psai.connect("sqlite:///" + target_path, bind=False)
+        with psai.using(check):
+            copied = psai.PsModelUsageItem.select().count()
+        check.close()
+        assert copied == rows, copied
+        start = time.perf_counter()
+        again = psai.copy(backend.db, "sqlite:///" + target_path)
+        second = time.perf_counter() - start
+        assert all(n == {"created": 0, "updated": 0} for n in again.values()), again
+    results.add("psai copy %s -> sqlite (new file)" % backend.kind, rows, backend.kind, ours["seconds"],
+                raw["seconds"], note="peak RSS psai %.0f MB, raw %.0f MB; target <= 3x and <= 256 MB (issue 25)" % (
+                    ours["max_rss_mb"], raw["max_rss_mb"]))
+    results.add("psai copy again, nothing new", rows, backend.kind, second, raw["seconds"],
+                note="in this process; raw: the first copy's")
+    backend.truncate("ps_model_usage_item", "ps_model_usage")
+
+
 # -- 8. the command line as a whole process ------------------------------------------------------
 
 def bench_cli(backend, results, runs):
@@ -866,7 +955,7 @@ def main(argv=None):
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.1 for a quick run)")
     parser.add_argument("--only", nargs="*",
                         help="run only these: insert validated filter eager usage rollups report items reprice "
-                             "budgets cli peers responses")
+                             "budgets cli peers responses copy")
     parser.add_argument("--markdown", help="also write the results table to this Markdown file")
     args = parser.parse_args(argv)
 
@@ -875,7 +964,7 @@ def main(argv=None):
 
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "items", "reprice", "budgets",
-                          "cli", "peers", "responses"]
+                          "copy", "cli", "peers", "responses"]
     results = Results()
     started = time.perf_counter()
     for kind in backends:
@@ -905,6 +994,11 @@ def main(argv=None):
                 bench_reprice(backend, results, scale(100_000))
             if "budgets" in steps:
                 bench_budgets(backend, results, [scale(100_000), scale(1_000_000)])
+            if "copy" in steps:
+                if not any(step in steps for step in ("filter", "eager", "usage", "report", "items", "reprice")):
+                    bench_filter(backend, results, 200, runs=3)  # models and agents the items are on
+                    bench_eager(backend, results, 50)
+                bench_copy(backend, results, scale(1_000_000))
             if "cli" in steps:
                 bench_cli(backend, results, runs=11)
             if "peers" in steps:

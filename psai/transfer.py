@@ -7,14 +7,17 @@ written, the writes share one transaction, and an error names the table,
 the row and the field. Rows are matched by uuid, so importing the same file
 twice changes nothing the second time.
 """
+import contextlib
 import datetime
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from peewee import Database, ForeignKeyField, ModelUpdate
+import peewee
+from peewee import Database, ExceptionWrapper, ForeignKeyField, ModelUpdate
 
 from .constants import MAX_INTEGER, MIN_INTEGER
-from .db import connect, is_postgres, model_db, table_columns, using, write_transaction
+from .db import connect, is_postgres, model_db, read_transaction, table_columns, using, write_transaction
 from .errors import ValidationError
 from .fields import TimestampTzField, UnreadableTime
 from .migrations import ensure_schema
@@ -174,6 +177,74 @@ def _read(model_class, db, order_by=None):
         return [dict(zip((f.name for f in fields), row)) for row in query]
 
 
+COPY_BATCH = 2000  # rows read, compared and written at a time: what a copy holds of its large tables
+_cursor_names = itertools.count(1)
+# A raw cursor's driver errors raised as peewee's, as from any query (peewee's stubs lack the table).
+_AS_PEEWEES = ExceptionWrapper(vars(peewee)["EXCEPTIONS"])
+
+
+def _stream(model_class, db, fields, order_by, batch):
+    """The rows of ``model_class`` in ``db`` as {field name: value}, as
+    stored, in ``order_by``, read ``batch`` rows at a time: on PostgreSQL
+    through a server-side cursor (inside the caller's transaction), on
+    SQLite by stepping the statement; so only a batch is ever in memory."""
+    with using(db):
+        sql, params = model_class.select(*fields).order_by(*order_by).sql()
+    if is_postgres(db):
+        # peewee runs psycopg2 in autocommit and sends BEGIN itself, so the
+        # driver takes a named cursor only WITH HOLD; inside the transaction
+        # that is an ordinary one, read as it goes (closed before the commit).
+        cursor = db.connection().cursor(name="psai_copy_%d" % next(_cursor_names), withhold=True)
+        cursor.itersize = batch
+    else:
+        cursor = db.cursor()
+    names = [field.name for field in fields]
+    readers = [field.python_value for field in fields]
+    try:
+        with _AS_PEEWEES:
+            cursor.execute(sql, params)
+        while True:
+            with _AS_PEEWEES:
+                fetched = cursor.fetchmany(batch)
+            if not fetched:
+                return
+            with using(db):  # a JSON field reads the way its database stores it
+                rows = [{name: read(value) for name, read, value in zip(names, readers, row)} for row in fetched]
+            yield from rows
+    finally:
+        if not getattr(cursor.connection, "closed", False):  # a cut connection took its cursor with it
+            cursor.close()
+
+
+class _OutOfOrder(Exception):
+    """A table read in ``created_at`` order gave an earlier time after a later one."""
+
+
+def _later(when, than):
+    try:
+        return bool(when > than)
+    except TypeError:  # a time that is not one (unreadable, missing) has no place in the order
+        raise _OutOfOrder() from None
+
+
+def _by_time(rows):
+    """(created_at, [rows]) for each run of rows sharing their created_at,
+    which must grow from run to run (else ``_OutOfOrder``)."""
+    group: list[dict[str, Any]] = []
+    last = None
+    for row in rows:
+        when = row["created_at"]
+        if group and when != last:
+            if not _later(when, last):
+                raise _OutOfOrder()
+            yield last, group
+            group = []
+        group.append(row)
+        last = when
+    if group:
+        yield last, group
+
+
 def _fit(model_class, names, values):
     """``values`` without the columns the target's table lacks; refused when
     that would lose something (a PolicySynth table without psai's two
@@ -188,8 +259,8 @@ def _fit(model_class, names, values):
 def _insert(model_class, rows):
     """Insert rows as they are (copied, not typed in: a row psai would
     refuse is copied as stored, and `psai check` finds it on both sides)."""
-    for start in range(0, len(rows), 500):
-        model_class.insert_many(rows[start:start + 500], validate=False).execute()  # peewee fills defaults
+    with _AS_PEEWEES:  # bulk_insert's cursor raises the driver's errors (a cut connection) as they are
+        model_class.bulk_insert(rows, validate=False)  # defaults filled; peewee's own SQL per batch costs more
 
 
 def _update(model_class, row_id, values):
@@ -210,6 +281,14 @@ def _mirror_rows(model_class, target, source_rows, key, translate, counts, name,
     others; rows of the target's own are left alone. ``merge(existing,
     values)``, if given, gives the values a matched row is to have."""
     target_rows = _by_key(_read(model_class, target), key) if source_rows else {}
+    inserts = _match(model_class, target, target_rows, source_rows, key, translate, counts, name, merge)
+    _insert(model_class, inserts)
+    counts[name]["created"] += len(inserts)
+
+
+def _match(model_class, target, target_rows, source_rows, key, translate, counts, name, merge=None):
+    """Update the rows of ``target_rows`` ({key: [rows]}) that match a source
+    row by ``key``, in order; return the values of the others, to insert."""
     pk = model_class._meta.primary_key.name
     names = {field.name for field in _columns(model_class, target)} - {pk}
     inserts = []
@@ -229,7 +308,35 @@ def _mirror_rows(model_class, target, source_rows, key, translate, counts, name,
                     counts[name]["updated"] += 1
             else:
                 inserts.append(values)
-    _insert(model_class, inserts)
+    return inserts
+
+
+def _item_key(row):
+    return row["model_id"], row["agent_id"], row.get("connector_id"), row["user_id"], row["created_at"]
+
+
+def _merge_items(target, source_rows, counts, batch):
+    """Mirror the items of ``source_rows`` (read in created_at order) onto
+    the target's, read in the same order: the two are walked side by side
+    a run of equal times at a time, and rows are matched by ``_item_key``
+    within a run, so only a batch of each side is in memory. ``_OutOfOrder``
+    when either side's order is not its times' (text SQLite could not sort)."""
+    fields = _columns(PsModelUsageItem, target)
+    order = [PsModelUsageItem.created_at, PsModelUsageItem.id]
+    name = "ps_model_usage_item"
+    inserts: list[dict[str, Any]] = []
+    with contextlib.closing(_by_time(_stream(PsModelUsageItem, target, fields, order, batch))) as here:
+        pending = next(here, None)
+        for when, rows in _by_time(source_rows):
+            while pending is not None and _later(when, pending[0]):
+                pending = next(here, None)  # the target's own items, left alone
+            matches = _by_key(pending[1], _item_key) if pending is not None and pending[0] == when else {}
+            inserts += _match(PsModelUsageItem, target, matches, rows, _item_key, dict, counts, name)
+            if len(inserts) >= batch:
+                _insert(PsModelUsageItem, inserts)
+                counts[name]["created"] += len(inserts)
+                inserts = []
+    _insert(PsModelUsageItem, inserts)
     counts[name]["created"] += len(inserts)
 
 
@@ -311,32 +418,168 @@ def _retarget_item(data, model_id, agent_id):
     return data
 
 
-def _refuse_unreadable_times(tables):
-    """A timestamp psai cannot read (it reads as its text) could not be
-    written to a target of the other kind, and would stay unreadable on one
-    of the same: refused before anything is written, naming every such row."""
-    errors: dict[str, Any] = {}
-    for model_class, rows in tables:
-        times = [f.name for f in model_class._meta.sorted_fields if isinstance(f, TimestampTzField)]
-        pk = model_class._meta.primary_key.name
-        for row in rows:
-            for name in times:
-                value = row.get(name)
-                if isinstance(value, UnreadableTime):
-                    errors.setdefault(model_class._meta.table_name, {}).setdefault(row[pk], {})[name] = [
-                        "%s; fix the row first (`psai check` lists it)." % value.problem.capitalize()]
-    if errors:
-        raise ValidationError(errors)
+def _unreadable_times(model_class, rows, errors):
+    """Add to ``errors`` the timestamps of ``rows`` psai cannot read (they
+    read as their text): one could not be written to a target of the other
+    kind, and would stay unreadable on one of the same."""
+    times = [f.name for f in model_class._meta.sorted_fields if isinstance(f, TimestampTzField)]
+    pk = model_class._meta.primary_key.name
+    for row in rows:
+        for name in times:
+            value = row.get(name)
+            if isinstance(value, UnreadableTime):
+                errors.setdefault(model_class._meta.table_name, {}).setdefault(row[pk], {})[name] = [
+                    "%s; fix the row first (`psai check` lists it)." % value.problem.capitalize()]
+
+
+def _checked(model_class, rows, errors, to_postgres, batch):
+    """``rows``, a batch at a time, while none has a value the target cannot
+    take (``_unreadable_times``, ``_beyond_integer``); from the first such
+    batch on, the rest is only checked, so that ``errors`` names every row
+    and the copy, refused, writes nothing more."""
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, batch)):
+        _unreadable_times(model_class, chunk, errors)
+        if to_postgres:
+            _beyond_integer(model_class, chunk, errors)
+        if not errors:
+            yield from chunk
+
+
+def _source_items(source, errors, to_postgres, batch):
+    """The source's items in time order, checked (``_checked``)."""
+    fields = _columns(PsModelUsageItem, source)
+    if not fields:
+        return iter(())
+    rows = _stream(PsModelUsageItem, source, fields, [PsModelUsageItem.created_at, PsModelUsageItem.id], batch)
+    return _checked(PsModelUsageItem, rows, errors, to_postgres, batch)
+
+
+def _count(model_class, db):
+    if not table_columns(db, model_class._meta.table_name):
+        return 0
+    with using(db):
+        return model_class.select().count()
+
+
+def _copy(source, target, counts, dry_run, progress, batch):
+    models = _read(PsAiModel, source)
+    agents = _read(PsAgent, source)
+    links = _read(AgentModels, source, [AgentModels.agent, AgentModels.ai_model])
+    usage = _read(PsModelUsage, source)
+    versions = _read(PriceVersion, source)
+    corrections = _read(PriceCorrection, source)
+    provenance = _read(ModelProvenance, source)
+    to_postgres = is_postgres(target)
+    refused: dict[str, Any] = {}
+
+    def refuse():
+        if refused:
+            for _row in _source_items(source, refused, to_postgres, batch):
+                pass  # every item checked too, for the error to name them all
+            raise ValidationError(refused)
+    for table_class, rows in ((PsAiModel, models), (PsAgent, agents), (PsModelUsage, usage),
+                              (PriceVersion, versions), (PriceCorrection, corrections), (ModelProvenance, provenance)):
+        _unreadable_times(table_class, rows, refused)
+    refuse()
+    ensure_schema(target)
+    if to_postgres:
+        for table_class, rows in ((PsAiModel, models), (PsAgent, agents), (PsModelUsage, usage),
+                                  (PriceCorrection, corrections)):
+            _beyond_integer(table_class, rows, refused)
+        refuse()
+    item_count = _count(PsModelUsageItem, source)
+    total = sum(map(len, (models, agents, links, usage, versions, corrections, provenance))) + item_count
+    step = [0]
+
+    def done(rows):
+        step[0] += rows if isinstance(rows, int) else len(rows)
+        if progress:
+            progress(step[0], total)
+
+    with using(target):
+        with write_transaction(target) as transaction:
+            by_uuid: dict[str, type[PsAiModel] | type[PsAgent]] = {"ps_ai_models": PsAiModel, "ps_agents": PsAgent}
+            ids = {}
+            for name, rows in (("ps_ai_models", models), ("ps_agents", agents)):
+                by_uuid_class = by_uuid[name]
+                rows = [{k: v for k, v in row.items() if k != "parent_agent"} for row in rows]
+                _mirror_rows(by_uuid_class, target, rows, lambda row: str(row["uuid"]), dict, counts, name)
+                # .tuples() gives tuples, which peewee's type stubs do not say (they give the query's model).
+                pairs = cast(Iterable[tuple[int, Any]],
+                             by_uuid_class.select(by_uuid_class.id, by_uuid_class.uuid).tuples())
+                here = {str(u): i for i, u in pairs}
+                ids[name] = {row["id"]: here[str(row["uuid"])] for row in rows}
+                done(rows)
+            model_ids, agent_ids = ids["ps_ai_models"], ids["ps_agents"]
+            # Parents once every agent is there (a loop PolicySynth allowed is copied as it is).
+            here_parents = dict(cast(Iterable[tuple[int, int | None]],
+                                     PsAgent.select(PsAgent.id, PsAgent.parent_agent).tuples()))
+            for row in agents:
+                parent = agent_ids.get(row.get("parent_agent"))
+                if here_parents.get(agent_ids[row["id"]]) != parent:
+                    _update(PsAgent, agent_ids[row["id"]], {"parent_agent": parent})
+            linked = [{"agent": agent_ids[link["agent"]], "ai_model": model_ids[link["ai_model"]]} for link in links
+                      if link["agent"] in agent_ids and link["ai_model"] in model_ids]
+            if linked:
+                before = AgentModels.select().count()
+                AgentModels.insert_many(linked, validate=False).on_conflict_ignore().execute()
+                counts["AgentModels"]["created"] = AgentModels.select().count() - before
+            done(links)
+
+            def usage_row(row):
+                return dict(row, model=model_ids.get(row["model"]), agent=agent_ids.get(row.get("agent")))
+            # A row pointing nowhere stays behind.
+            usage = [usage_row(row) for row in usage if row["model"] in model_ids]
+            _mirror_usage(target, usage, counts)
+            done(usage)
+
+            def item_row(row):
+                model_id, agent_id = model_ids.get(row["model_id"]), agent_ids.get(row["agent_id"], NO_AGENT)
+                return dict(row, model_id=model_id, agent_id=agent_id,
+                            data=_retarget_item(row["data"], model_id, agent_id))
+
+            def copied_items():  # an item pointing nowhere stays behind
+                return (item_row(row) for row in _source_items(source, refused, to_postgres, batch)
+                        if row["model_id"] in model_ids)
+            try:
+                with target.atomic():  # a savepoint: an order the walk cannot follow is undone, then matched whole
+                    _merge_items(target, copied_items(), counts, batch)
+            except _OutOfOrder:
+                counts["ps_model_usage_item"] = {"created": 0, "updated": 0}
+                _mirror_rows(PsModelUsageItem, target, list(copied_items()), _item_key, dict, counts,
+                             "ps_model_usage_item")
+            if refused:
+                raise ValidationError(refused)
+            if counts["ps_model_usage_item"]["updated"]:
+                invalidate_rollups(target)  # items changed in place: the count check cannot see it
+            done(item_count)
+            for model_class, rows, key, name in (
+                    (PriceVersion, versions, lambda r: (r["model"], r["valid_from"]), "psai_price_versions"),
+                    (PriceCorrection, corrections, lambda r: (r["model"], r["applied_at"]),
+                     "psai_price_corrections"),
+                    (ModelProvenance, provenance, lambda r: r["model"], "psai_model_provenance")):
+                rows = [dict(r, model=model_ids[r["model"]]) for r in rows if r["model"] in model_ids]
+                if table_columns(target, model_class._meta.table_name):
+                    _mirror_rows(model_class, target, rows, key, dict, counts, name)
+                done(rows)
+            if dry_run:
+                transaction.rollback()
 
 
 def copy(source: Database | str, target: Database | str, *, dry_run: bool = False,
-         progress: Callable[[int, int], object] | None = None) -> dict[str, dict[str, int]]:
+         progress: Callable[[int, int], object] | None = None,
+         batch: int = COPY_BATCH) -> dict[str, dict[str, int]]:
     """Copy models, agents, links, usage counters, usage items, price history
     and provenance from ``source`` to ``target`` (databases, or URLs), in one
     transaction on the target. Models and agents are matched by uuid (ids are
     the target's own); usage rows by model, agent, connector and time, so a
     second copy updates rather than duplicates. Returns ``{table: {"created",
-    "updated"}}``; ``dry_run`` computes the same and writes nothing."""
+    "updated"}}``; ``dry_run`` computes the same and writes nothing.
+
+    The items, the table that grows, are streamed: read from both sides in
+    time order ``batch`` rows at a time and matched side by side, so memory
+    does not grow with the store."""
     opened: list[Database] = []
     if isinstance(source, str):
         source = connect(source, bind=False)
@@ -348,93 +591,8 @@ def copy(source: Database | str, target: Database | str, *, dry_run: bool = Fals
         names = ["ps_ai_models", "ps_agents", "AgentModels", "ps_model_usage", "ps_model_usage_item",
                  "psai_price_versions", "psai_price_corrections", "psai_model_provenance"]
         counts = {name: {"created": 0, "updated": 0} for name in names}
-        models = _read(PsAiModel, source)
-        agents = _read(PsAgent, source)
-        links = _read(AgentModels, source, [AgentModels.agent, AgentModels.ai_model])
-        usage = _read(PsModelUsage, source)
-        items = _read(PsModelUsageItem, source)
-        versions = _read(PriceVersion, source)
-        corrections = _read(PriceCorrection, source)
-        provenance = _read(ModelProvenance, source)
-        _refuse_unreadable_times(zip((PsAiModel, PsAgent, PsModelUsage, PsModelUsageItem, PriceVersion,
-                                      PriceCorrection, ModelProvenance),
-                                     (models, agents, usage, items, versions, corrections, provenance)))
-        ensure_schema(target)
-        total = sum(map(len, (models, agents, links, usage, items, versions, corrections, provenance)))
-        if is_postgres(target):
-            too_large: dict[str, Any] = {}
-            for table_class, rows in ((PsAiModel, models), (PsAgent, agents), (PsModelUsage, usage),
-                                      (PsModelUsageItem, items), (PriceCorrection, corrections)):
-                _beyond_integer(table_class, rows, too_large)
-            if too_large:
-                raise ValidationError(too_large)
-        step = [0]
-
-        def done(rows):
-            step[0] += len(rows)
-            if progress:
-                progress(step[0], total)
-
-        with using(target):
-            with write_transaction(target) as transaction:
-                by_uuid: dict[str, type[PsAiModel] | type[PsAgent]] = {"ps_ai_models": PsAiModel, "ps_agents": PsAgent}
-                ids = {}
-                for name, rows in (("ps_ai_models", models), ("ps_agents", agents)):
-                    by_uuid_class = by_uuid[name]
-                    rows = [{k: v for k, v in row.items() if k != "parent_agent"} for row in rows]
-                    _mirror_rows(by_uuid_class, target, rows, lambda row: str(row["uuid"]), dict, counts, name)
-                    # .tuples() gives tuples, which peewee's type stubs do not say (they give the query's model).
-                    pairs = cast(Iterable[tuple[int, Any]],
-                                 by_uuid_class.select(by_uuid_class.id, by_uuid_class.uuid).tuples())
-                    here = {str(u): i for i, u in pairs}
-                    ids[name] = {row["id"]: here[str(row["uuid"])] for row in rows}
-                    done(rows)
-                model_ids, agent_ids = ids["ps_ai_models"], ids["ps_agents"]
-                # Parents once every agent is there (a loop PolicySynth allowed is copied as it is).
-                here_parents = dict(cast(Iterable[tuple[int, int | None]],
-                                         PsAgent.select(PsAgent.id, PsAgent.parent_agent).tuples()))
-                for row in agents:
-                    parent = agent_ids.get(row.get("parent_agent"))
-                    if here_parents.get(agent_ids[row["id"]]) != parent:
-                        _update(PsAgent, agent_ids[row["id"]], {"parent_agent": parent})
-                linked = [{"agent": agent_ids[link["agent"]], "ai_model": model_ids[link["ai_model"]]} for link in links
-                          if link["agent"] in agent_ids and link["ai_model"] in model_ids]
-                if linked:
-                    before = AgentModels.select().count()
-                    AgentModels.insert_many(linked, validate=False).on_conflict_ignore().execute()
-                    counts["AgentModels"]["created"] = AgentModels.select().count() - before
-                done(links)
-
-                def usage_row(row):
-                    return dict(row, model=model_ids.get(row["model"]), agent=agent_ids.get(row.get("agent")))
-                # A row pointing nowhere stays behind.
-                usage = [usage_row(row) for row in usage if row["model"] in model_ids]
-                _mirror_usage(target, usage, counts)
-                done(usage)
-
-                def item_row(row):
-                    model_id, agent_id = model_ids.get(row["model_id"]), agent_ids.get(row["agent_id"], NO_AGENT)
-                    return dict(row, model_id=model_id, agent_id=agent_id,
-                                data=_retarget_item(row["data"], model_id, agent_id))
-                items = [row for row in items if row["model_id"] in model_ids]
-                _mirror_rows(PsModelUsageItem, target, [item_row(r) for r in items],
-                             lambda r: (r["model_id"], r["agent_id"], r.get("connector_id"), r["user_id"],
-                                        r["created_at"]),
-                             dict, counts, "ps_model_usage_item")
-                if counts["ps_model_usage_item"]["updated"]:
-                    invalidate_rollups(target)  # items changed in place: the count check cannot see it
-                done(items)
-                for model_class, rows, key, name in (
-                        (PriceVersion, versions, lambda r: (r["model"], r["valid_from"]), "psai_price_versions"),
-                        (PriceCorrection, corrections, lambda r: (r["model"], r["applied_at"]),
-                         "psai_price_corrections"),
-                        (ModelProvenance, provenance, lambda r: r["model"], "psai_model_provenance")):
-                    rows = [dict(r, model=model_ids[r["model"]]) for r in rows if r["model"] in model_ids]
-                    if table_columns(target, model_class._meta.table_name):
-                        _mirror_rows(model_class, target, rows, key, dict, counts, name)
-                    done(rows)
-                if dry_run:
-                    transaction.rollback()
+        with read_transaction(source):  # one snapshot of the source, however long the copy
+            _copy(source, target, counts, dry_run, progress, batch)
         return counts
     finally:
         for db in opened:

@@ -1,8 +1,10 @@
 """Several databases in one process: psai.using(db), peewee's bind_ctx,
 threads on two backends, and psai.copy between databases."""
+import datetime
 import json
 from decimal import Decimal
 import threading
+import tracemalloc
 
 import pytest
 from click.testing import CliRunner
@@ -300,3 +302,160 @@ def test_a_row_from_another_database_is_refused_on_every_write_path(two):
         home_model.update_configuration({"maxTokensOut": 5})
         psai.record_usage(home_model, home_agent, tokens_in=1, tokens_out=0)
     assert PsAiModel.get_by_id(home_model.id).configuration["maxTokensOut"] == 5
+
+
+def _items(db):
+    """Every item of ``db`` as what it says, with models and agents by uuid
+    (ids are each database's own), sorted: a multiset to compare stores."""
+    with psai.using(db):
+        models = {m.id: str(m.uuid) for m in PsAiModel.select(PsAiModel.id, PsAiModel.uuid)}
+        agents = {a.id: str(a.uuid) for a in PsAgent.select(PsAgent.id, PsAgent.uuid)}
+        rows = []
+        for item in PsModelUsageItem.select().order_by(PsModelUsageItem.id):
+            assert item.data["model"]["id"] == item.model_id
+            rows.append((models[item.model_id], agents.get(item.agent_id), item.connector_id, item.user_id,
+                         item.created_at, json.dumps(item.data["usageNormalized"], sort_keys=True)))
+    return sorted(rows, key=repr)
+
+
+def _counters(db):
+    with psai.using(db):
+        return sorted((str(row.model.uuid), row.created_at, row.token_in_count, row.token_out_count)
+                      for row in PsModelUsage.select())
+
+
+def test_a_copy_streams_its_items_in_batches(two, clock):
+    """With batches of 7, runs of items with one key (same model, agent,
+    user and microsecond) straddle batch boundaries, on both sides: the
+    target ends equal to the source, a second copy changes nothing, and what
+    the target recorded itself (items and counters) stays."""
+    source, target = two.default, two.other
+    gpt, mini = add("GPT"), add("mini", modelSize="small")
+    lead, helper = agent("lead"), agent("helper")
+    runs = [1, 3, 5, 8, 13, 2, 7, 7, 1, 20]  # calls that share one key
+    for day in range(4):
+        for index, run in enumerate(runs):
+            for call in range(run):
+                psai.record_usage((gpt, mini)[index % 2], (lead, helper, None)[index % 3],
+                                  tokens_in=1000 + call, tokens_out=10 + index, connector_id=index % 2 or None)
+            clock.advance(minutes=7)
+        clock.advance(days=1)
+    assert PsModelUsageItem.select().count() == 4 * sum(runs)
+    counts = psai.copy(source, target, batch=7)
+    assert counts["ps_model_usage_item"] == {"created": 4 * sum(runs), "updated": 0}
+    assert _items(target) == _items(source)
+    assert all(n == {"created": 0, "updated": 0} for n in psai.copy(source, target, batch=7).values())
+
+    # The target records at a time the source has items too (the last run's key), and after.
+    last = PsModelUsageItem.select().order_by(PsModelUsageItem.created_at.desc()).first()
+    later, clock.moment = clock.moment, last.created_at
+    with psai.using(target):
+        here = PsAiModel.get(PsAiModel.uuid == mini.uuid), PsAgent.get(PsAgent.uuid == lead.uuid)
+        for call in range(4):
+            psai.record_usage(*here, tokens_in=5, tokens_out=1, connector_id=1)
+    clock.moment = later
+    own = [row for row in _items(target) if row not in _items(source)]
+    assert len(own) == 4 and own[0][:5] == (str(mini.uuid), str(lead.uuid), 1, 1, last.created_at)
+    for call in range(9):  # the source grows under the same key, and later
+        psai.record_usage(mini, lead, tokens_in=6, tokens_out=2)
+        clock.advance(seconds=call % 2)
+    third = psai.copy(source, target, batch=7)
+    assert third["ps_model_usage_item"] == {"created": 9, "updated": 0}
+    assert _items(target) == sorted(_items(source) + own, key=repr)
+    assert all(n == {"created": 0, "updated": 0} for n in psai.copy(source, target, batch=7).values())
+    # The target's counters hold its own calls and the source's.
+    with psai.using(target):
+        target_in = sum(row.token_in_count for row in PsModelUsage.select())
+        assert target_in == sum(r["tokens_in"] for r in psai.cost_report("model"))
+    assert target_in == sum(row[2] for row in _counters(source)) + 4 * 5
+
+
+def test_a_copy_matches_items_whose_stored_text_is_not_in_time_order(tmp_path, clock):
+    """SQLite compares times as text: an item stored by hand in another
+    format sorts out of time order, and the copy matches the items whole
+    instead (the same result), on the first copy and the next."""
+    source = make_backend("sqlite", tmp_path).connect()
+    psai.migrate()
+    (tmp_path / "other").mkdir()
+    target = psai.connect(make_backend("sqlite", tmp_path / "other").url, bind=False)
+    try:
+        gpt = add("GPT")
+        for call in range(30):
+            psai.record_usage(gpt, tokens_in=100 + call, tokens_out=1)
+            clock.advance(hours=1)
+        first = PsModelUsageItem.select().order_by(PsModelUsageItem.id).first()
+        # The earliest call written ISO-style with a "T": as text it sorts after every other.
+        source.execute_sql('UPDATE "ps_model_usage_item" SET "created_at" = ? WHERE "id" = ?',
+                           (first.created_at.isoformat(), first.id))
+        assert psai.copy(source, target, batch=7)["ps_model_usage_item"] == {"created": 30, "updated": 0}
+        assert _items(target) == _items(source)
+        assert all(n == {"created": 0, "updated": 0} for n in psai.copy(source, target, batch=7).values())
+    finally:
+        target.close()
+        source.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_a_copy_holds_a_batch_not_the_store(kind, tmp_path):
+    """The memory a copy of 20,000 items allocates at its peak stays under a
+    bound that holding every item would pass (all in memory, psai's copy
+    peaked at 102 MB here); the source is SQLite or PostgreSQL, the target SQLite."""
+    source_backend = make_backend(kind, tmp_path)
+    source = source_backend.connect()
+    psai.migrate()
+    (tmp_path / "target").mkdir()
+    target = psai.connect(make_backend("sqlite", tmp_path / "target").url, bind=False)
+    try:
+        gpt, lead = add("GPT"), agent("lead")
+        psai.record_usage(gpt, lead, tokens_in=1000, tokens_out=10)
+        [item] = PsModelUsageItem.select()
+        start = item.created_at
+        with psai.db.write_transaction(source):
+            for chunk in range(0, 20_000, 1000):
+                PsModelUsageItem.insert_many([
+                    dict(user_id=1, model_id=gpt.id, agent_id=lead.id, connector_id=None,
+                         created_at=start + datetime.timedelta(seconds=index), updated_at=start,
+                         data=dict(item.data, request={"note": "call %d" % index}))
+                    for index in range(chunk, chunk + 1000)]).execute()
+        tracemalloc.start()
+        try:
+            counts = psai.copy(source, target)
+            _current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert counts["ps_model_usage_item"]["created"] == 20_001
+        assert peak < 40 * 2**20, "a copy of 20,000 items peaked at %.1f MB" % (peak / 2**20)
+    finally:
+        target.close()
+        source_backend.close()
+
+
+def test_a_copy_whose_source_connection_is_cut_writes_nothing_and_the_next_is_exact(tmp_path, clock):
+    """The server ends the source's connection while the copy streams its
+    items (after models and agents are written to the target): the copy
+    fails, the target holds nothing of it, and the copy run again is exact."""
+    postgres = make_backend("postgres", tmp_path)
+    source = postgres.connect()
+    psai.migrate()
+    target = psai.connect("sqlite:///%s" % (tmp_path / "target.db"), bind=False)
+    try:
+        gpt, lead = add("GPT"), agent("lead")
+        for call in range(50):
+            psai.record_usage(gpt, lead, tokens_in=100 + call, tokens_out=1)
+            clock.advance(minutes=1)
+        [source_pid] = source.execute_sql("SELECT pg_backend_pid()").fetchone()
+        admin = psai.connect(postgres.url, bind=False)
+
+        def cut(done, total):
+            if done >= 2:  # models and agents mirrored, the items not yet
+                admin.execute_sql("SELECT pg_terminate_backend(%s)", (source_pid,))
+        with pytest.raises(psai.db.OperationalError, match="terminating connection|server closed the connection"):
+            psai.copy(source, target, batch=7, progress=cut)
+        admin.close()
+        with psai.using(target):
+            assert (PsAiModel.select().count(), PsModelUsageItem.select().count()) == (0, 0)
+        assert psai.copy(source, target, batch=7)["ps_model_usage_item"] == {"created": 50, "updated": 0}
+        assert _items(target) == _items(source)
+    finally:
+        target.close()
+        postgres.close()
