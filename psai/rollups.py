@@ -306,6 +306,16 @@ def _recompute(db: Database, day: str) -> None:
     db.execute_sql(rollup_insert_sql(db, rollup_groups_sql(ItemReader(is_postgres(db)), where)), params)
 
 
+def _whole_days(since: datetime.date | str | None, until: datetime.date | str | None
+                ) -> tuple[datetime.datetime | None, datetime.datetime | None]:
+    """[since, until) widened to whole UTC days: what rollups are kept by."""
+    start, end = as_datetime(since), as_datetime(until, end=True)
+    start = None if start is None else _start(_day(start))
+    if end is not None and end != _start(_day(end)):
+        end = _start(_day(end)) + ONE_DAY
+    return start, end
+
+
 def rebuild(db: Database | None = None, *, since: datetime.date | str | None = None,
             until: datetime.date | str | None = None, everything: bool = False) -> list[str]:
     """Recompute the rollups of the days in [since, until) from their items
@@ -316,10 +326,7 @@ def rebuild(db: Database | None = None, *, since: datetime.date | str | None = N
     db = _db(db)
     if not has_rollups(db):
         return []
-    start, end = as_datetime(since), as_datetime(until, end=True)
-    start = None if start is None else _start(_day(start))
-    if end is not None and end != _start(_day(end)):
-        end = _start(_day(end)) + ONE_DAY
+    start, end = _whole_days(since, until)
     found = coverage(db, start, end)
     if not found.detail and not found.days:
         # Nothing rolled up yet in the period: every day with items.
@@ -432,10 +439,7 @@ def status(db: Database | None = None, *, since: datetime.date | str | None = No
     db = _db(db)
     if not has_rollups(db):
         return []
-    start, end = as_datetime(since), as_datetime(until, end=True)
-    start = None if start is None else _start(_day(start))
-    if end is not None and end != _start(_day(end)):
-        end = _start(_day(end)) + ONE_DAY
+    start, end = _whole_days(since, until)
     used = set(coverage(db, start, end).days)
     params: list = []
     where = window(db, "created_at", PsModelUsageItem.created_at, start, end, None, params)
