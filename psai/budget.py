@@ -23,9 +23,9 @@ from .arguments import agent_arg, as_datetime, model_arg
 from .db import is_postgres, model_db, table_columns, write_transaction
 from .errors import BudgetExceededError, NotAdoptedError, NotFoundError, ValidationError
 from .fields import UTC, utcnow
-from .models import Budget, BudgetEvent, PsAgent, PsAiModel
+from .models import Budget, BudgetEvent, PsAgent, PsAiModel, sub_agent_tree
 from .recording import model_cost
-from .reports import merge_parts, part_tokens, price_parts, usage_parts
+from .reports import merge_parts, part_provider, part_tokens, price_parts, usage_parts
 from .schemas import BUDGET_FIELDS, validate_budget_values
 
 __all__ = ["set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events",
@@ -187,19 +187,10 @@ def period_bounds(period: str, timezone: str, now: datetime.datetime | None = No
 # -- what a budget has spent -----------------------------------------------------------
 
 def _sub_agents(agent_id: int) -> set[int]:
-    """The agent and every agent under it (a cycle written by hand ends the walk)."""
-    children: dict[int, list[int]] = {}
-    links: Any = PsAgent.select(PsAgent.id, PsAgent.parent_agent).tuples()
-    for child, parent in links:
-        if parent is not None:
-            children.setdefault(parent, []).append(child)
-    found, todo = {agent_id}, [agent_id]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
+    """The agent and every agent under it (``sub_agent_tree``); a deleted
+    agent's calls are reported without one, so it covers none."""
+    agent = PsAgent.get_or_none(PsAgent.id == agent_id)
+    return {row.id for row in sub_agent_tree(agent)} if agent is not None else {agent_id}
 
 
 def _scope_model_ids(budget: Budget) -> list[int] | None:
@@ -212,15 +203,6 @@ def _scope_model_ids(budget: Budget) -> list[int] | None:
         return None
     ids: Any = query.tuples()
     return sorted(model_id for (model_id,) in ids)
-
-
-def _provider_of(part: dict[str, Any], models: dict[int, PsAiModel]) -> Any:
-    # As cost_report's provider rows: the item's provider, else the model's.
-    provider = part["provider"]
-    if provider is None and part["model_id"] in models:
-        configuration = models[part["model_id"]].configuration
-        provider = configuration.get("provider") if isinstance(configuration, dict) else None
-    return provider
 
 
 def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None
@@ -239,7 +221,7 @@ def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: d
     if budget.provider is not None:
         models = {m.id: m for m in PsAiModel.select().where(
             PsAiModel.id.in_(sorted({p["model_id"] for p in parts if p["provider"] is None})))}
-        parts = [part for part in parts if _provider_of(part, models) == budget.provider]
+        parts = [part for part in parts if part_provider(part, models) == budget.provider]
     spent, unpriced, calls = Decimal(0), 0, 0
     for part in parts:
         calls += part["calls"]

@@ -36,7 +36,7 @@ from .versions import histories_of, prices_at
 
 __all__ = ["one_snapshot", "cost_report", "cost_reports", "report_totals", "daily_costs", "REPORT_GROUPINGS",
            "usage_parts",
-           "price_parts", "merge_parts", "part_tokens", "CostRow", "CurrencyTotal", "DailyCost"]
+           "price_parts", "merge_parts", "part_tokens", "part_provider", "CostRow", "CurrencyTotal", "DailyCost"]
 
 REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
 
@@ -594,6 +594,16 @@ def price_parts(parts, transform=None):
     return parts
 
 
+def part_provider(part, models):
+    """A part's provider as provider reports name it: the item's, else its
+    model's (``models``: rows by id, holding the part's model)."""
+    provider = part["provider"]
+    if provider is None and part["model_id"] in models:
+        configuration = models[part["model_id"]].configuration
+        provider = configuration.get("provider") if isinstance(configuration, dict) else None
+    return provider
+
+
 def part_tokens(part):
     buckets = part["buckets"]
     tokens_in = sum(buckets[b] for b in BUCKETS if b not in ("out", "long_out"))
@@ -718,11 +728,7 @@ def _rows_of(db, by, parts, strict, progress):
         elif by == "agent":
             keys = [(part["agent_id"],)]
         elif by == "provider":
-            provider = part["provider"]
-            if provider is None and part["model_id"] in models:
-                configuration = models[part["model_id"]].configuration
-                provider = configuration.get("provider") if isinstance(configuration, dict) else None
-            keys = [(provider,)]
+            keys = [(part_provider(part, models),)]
         elif by == "day":
             keys = [(part["day"],)]
         else:
