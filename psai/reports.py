@@ -27,9 +27,9 @@ from .fields import UTC
 from .items import BUCKETS, bucket_cost, cache_write_1h_extra, effective_prices
 from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from .recording import usage_counters
-from .rollups import coverage, rollup_rows, scan_where
+from .rollups import coverage, one_reading, rollup_rows, scan_where
 from .sql import (
-    ITEM_VALUES, ItemReader, JsonSQL, counter_rows_sql, counter_sums_sql, counter_totals_sql, counters_negative,
+    ITEM_VALUES, ItemReader, JsonSQL, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql, counter_totals_sql, counters_negative,
     counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql, price_period_sql, window,
 )
 from .versions import histories_of, prices_at
@@ -147,7 +147,7 @@ class GroupSums:
         self.provider_cost = _plus(self.provider_cost, other.provider_cost)
 
 
-def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None):
+def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None, key_buckets=None):
     """Items added up in SQL by model, ``keys`` (among agent, connector and
     day, the UTC day) and everything that decides their price. One dict a
     group; ``agent_id`` is None for usage without an agent or whose agent
@@ -155,7 +155,9 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
 
     ``totals``, a ``defaultdict(TokenTotals)``, gets the items' input and
     output tokens per (model, agent, connector) from the same pass: what
-    ``_uncovered_counters`` compares with the counters."""
+    ``_uncovered_counters`` compares with the counters; ``key_buckets``, a
+    ``defaultdict`` of BUCKETS, gets their buckets per (model, agent,
+    connector)."""
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return []
     r = ItemReader(is_postgres(db))
@@ -166,7 +168,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
                     model_threshold=True)
     # Rows that differ only by the agent and connector asked for by
     # ``totals`` and not by ``keys`` are added up in Python.
-    extra = () if totals is None else tuple(k for k in ("agent", "connector") if k not in keys)
+    extra = () if totals is None and key_buckets is None else tuple(
+        k for k in ("agent", "connector") if k not in keys)
     grouped = tuple(keys) + extra
     sql, group = item_groups_sql(r, read, grouped)
     if agents is None and "agent" in grouped:
@@ -176,6 +179,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     names = [group[i] for i in keep]
     agent_at = group.index("agent_id") if "agent" in grouped else None
     connector_at = group.index("connector_id") if "connector" in grouped else None
+    long_at = group.index("long")
     width = len(group)
     merged = {}
     for values in chain(rollup_rows(db, group, cover.days, model_ids),
@@ -188,6 +192,12 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
             entry = totals[(values[0], values[agent_at], values[connector_at])]
             entry.tokens_in += sums.all_in or 0
             entry.tokens_out += sums.all_out or 0
+        if key_buckets is not None:
+            into_buckets = key_buckets[(values[0], values[agent_at], values[connector_at])]
+            prefix = "long_" if values[long_at] else ""
+            for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached),
+                                  ("cache_write", sums.cache_write), ("out", sums.out)):
+                into_buckets[prefix + bucket] += _number(value)
         key = tuple(values[i] for i in keep) if extra else values[:width]
         into = merged.get(key)
         if into is None:
@@ -290,7 +300,7 @@ def _item_totals(db, agents, model_ids=None):
     return totals
 
 
-def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, itemized=None):
+def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, itemized=None, recent=None):
     """Counter usage in [since, until) that no item accounts for, as pieces
     of counter rows.
 
@@ -303,11 +313,17 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
     by bucket, and what is left of each row is its uncovered part. Items
     beyond the counters (a counter write that failed) count as they are:
     the items are the record of the calls. ``itemized``: the items' totals
-    per (model, agent, connector), when the caller has them already."""
+    per (model, agent, connector), when the caller has them already.
+    ``recent``: the buckets of the period's items per (model, agent,
+    connector), which may tell without the pass over all items that
+    nothing in the period is uncovered (``_newest_rows_covered``)."""
     present = usage_counters(db)
     # A row with a negative counter (written by hand) is not counted: it is
     # reported unpriced (_negative_counters).
     sound = counters_sound(present)
+    if recent is not None and since is not None and _newest_rows_covered(db, present, sound, since, model_ids,
+                                                                          agents, recent):
+        return []
     where, params = [sound], []
     if model_ids is not None:
         where.append("model_id IN (%s)" % (", ".join([db.param] * len(model_ids)) or "NULL"))
@@ -366,6 +382,32 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
             pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
                            "created_at": created_at, "buckets": piece})
     return pieces
+
+
+def _newest_rows_covered(db, present, sound, since, model_ids, agents, recent):
+    """True when the period's items alone cover, bucket by bucket, every
+    counter row from ``since`` on (``recent``: their buckets per key).
+
+    Items are taken off the newest counter rows first, and all the items of
+    a key are at least those of the period: so then no counter row of the
+    period keeps an uncovered part, and the pass over every item is not
+    needed. (Usage recorded through psai or PolicySynth, an item beside
+    every counter increment, is always so.)"""
+    params = []
+    where = window(db, "u.created_at", PsModelUsage.created_at, since, None, model_ids, params) + [sound]
+    read = _bucket_reader(present)
+    folded = "token_in_cache_write_count" not in present
+    for values in db.execute_sql(counter_bucket_sums_sql(present, where), params):
+        items = recent.get((values[0], values[1] if values[1] in agents else None, values[2]))
+        if items is None:
+            return False
+        if folded:  # how such a table counted cache writes
+            items = dict(items, **{prefix + "in": items[prefix + "in"] + items[prefix + "cache_write"]
+                                   for prefix in ("", "long_")})
+        for bucket, count in read(values[3:]).items():
+            if count > items[bucket]:
+                return False
+    return True
 
 
 def _price_moments(histories):
@@ -465,6 +507,11 @@ def usage_parts(db, by, since, until, model_ids=None):
     ``agent_id`` (by agent or tree), ``day`` (by day), the pricing context
     and its ``buckets``. ``by``: a grouping, or the keys (agent, day) to
     keep parts apart by."""
+    with one_reading():  # the rollups' coverage of a period checked once
+        return _usage_parts(db, by, since, until, model_ids)
+
+
+def _usage_parts(db, by, since, until, model_ids):
     keys = _keys(by)
     agents = _agent_ids(db)  # once a report: items and counters both map deleted agents to None
     # What the items cover of the counters comes from a pass over all items.
@@ -476,8 +523,10 @@ def usage_parts(db, by, since, until, model_ids=None):
     one_pass = since is None and until is None and model_ids is None and (
         "agent" in keys or not is_postgres(db))
     itemized = defaultdict(TokenTotals) if one_pass else None
+    # A period's own items may be enough to tell what they cover of its counters.
+    recent = defaultdict(lambda: dict.fromkeys(BUCKETS, 0)) if since is not None else None
     parts = []
-    for group in _item_groups(db, keys, since, until, model_ids, agents, totals=itemized):
+    for group in _item_groups(db, keys, since, until, model_ids, agents, totals=itemized, key_buckets=recent):
         pricing = group["pricing"] or {}
         parts.append(dict(
             group,
@@ -485,7 +534,7 @@ def usage_parts(db, by, since, until, model_ids=None):
                                         ("appliedSpeed", group.pop("applied_speed"))) if v is not None},
             priced_from="snapshot" if pricing.get("configuredPrices") is not None else "current"))
     parts += _negative_counters(db, by, agents, since, until, model_ids)
-    pieces = _uncovered_counters(db, by, agents, since, until, model_ids, itemized)
+    pieces = _uncovered_counters(db, by, agents, since, until, model_ids, itemized, recent)
     if not pieces:
         return parts
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}

@@ -45,7 +45,7 @@ from .sql import (
     rollup_sums_sql, rollup_thresholds_sql, window,
 )
 
-__all__ = ["full_scan", "invalidate_items", "Coverage", "coverage", "has_rollups", "add_item", "round_trip_rollup",
+__all__ = ["full_scan", "one_reading", "invalidate_items", "Coverage", "coverage", "has_rollups", "add_item", "round_trip_rollup",
            "rollup_rows", "invalidate", "rebuild", "verify", "status", "DayStatus", "RollupProblem", "ROLLUP_TABLE",
            "scan_where", "ROLLUP_SUMS"]
 
@@ -72,6 +72,24 @@ def full_scan() -> Iterator[None]:
         yield
     finally:
         _BYPASS.on = before
+
+
+_READING = threading.local()
+
+
+@contextlib.contextmanager
+def one_reading() -> Iterator[None]:
+    """Inside the block, in this thread, ``coverage`` of one period is
+    checked once: for a report whose reads are one snapshot, which asks it
+    more than once (its items, and what they cover of the counters)."""
+    if getattr(_READING, "found", None) is not None:
+        yield
+        return
+    _READING.found = {}
+    try:
+        yield
+    finally:
+        _READING.found = None
 
 
 def _start(day: str) -> datetime.datetime:
@@ -229,13 +247,24 @@ def coverage(db: Database, since: Moment = None, until: Moment = None) -> Covera
     everything = Coverage([], [(since, until)])
     if getattr(_BYPASS, "on", False) or not has_rollups(db):
         return everything
+    found = getattr(_READING, "found", None)
+    if found is None:
+        return _coverage(db, since, until, everything)
+    key = (db, since, until)
+    if key not in found:
+        found[key] = _coverage(db, since, until, everything)
+    return found[key]
+
+
+def _coverage(db: Database, since: Moment, until: Moment, everything: Coverage) -> Coverage:
     first = None if since is None else _start(_day(since)) if since == _start(_day(since)) \
         else _start(_day(since)) + ONE_DAY
     last = None if until is None else _start(_day(until))
     if first is not None and last is not None and first >= last:
         return everything
     where, params = _day_window(db, since, until)
-    rolled = {day: (int(calls), int(ids or 0)) for day, calls, ids in db.execute_sql(rollup_days_sql(where), params)}
+    rolled = {day: (int(calls), int(ids or 0)) for day, calls, ids in
+              db.execute_sql(rollup_days_sql(is_postgres(db), where), params)}
     if not rolled:
         return everything
     items = _items_per_day(db, sorted(rolled))
@@ -445,7 +474,8 @@ def status(db: Database | None = None, *, since: datetime.date | str | None = No
     where = window(db, "created_at", PsModelUsageItem.created_at, start, end, None, params)
     items = {row[0]: int(row[1]) for row in db.execute_sql(item_days_sql(is_postgres(db), where), params)}
     day_where, day_params = _day_window(db, start, end)
-    rolled = {day: int(calls) for day, calls, _ids in db.execute_sql(rollup_days_sql(day_where), day_params)}
+    rolled = {day: int(calls) for day, calls, _ids in
+              db.execute_sql(rollup_days_sql(is_postgres(db), day_where), day_params)}
     return [{"day": day, "items": items.get(day, 0), "rolled_up": rolled.get(day, 0),
              "state": "current" if day in used else "stale"} for day in sorted(set(items) | set(rolled))]
 

@@ -337,23 +337,31 @@ def item_groups_sql(r, read, grouped, rollup=False):
             "model_priced": "(CASE WHEN %s THEN 0 ELSE 1 END)" % r.is_a("configured"),
             "model_threshold": "(CASE WHEN %s THEN NULL ELSE %s END)" % (r.is_a("configured"),
                                                                      r.value("model_threshold")),
-            "id": "id"})
+            "id": "id",
+            # PostgreSQL's fingerprint of a day (its index holds no ids): each
+            # item's offset into its UTC day, summed (``item_day_counts_sql``).
+            "at": "created_at - date_trunc('day', created_at, 'UTC')" if r.postgres else "NULL"})
     columns = {name: sql for name, sql in columns.items() if sql is not None}
     # The second step fenced as the first: its columns are used several times.
     typed = "SELECT %s%s FROM (%s) r%s" % (", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
                                             r.fence_column, read, r.fence)
     group = [name for name in columns
-             if name not in ("tin", "cached", "cw", "cw1h", "tout", "parts", "web", "threshold", "pcost", "id")]
+             if name not in ("tin", "cached", "cw", "cw1h", "tout", "parts", "web", "threshold", "pcost", "id", "at")]
     # Calls with 1-hour cache writes in groups of their own (their extra needs its own price key).
     group += ["long", "hour"]
     # In the order of GroupSums' fields.
     sums = ["COUNT(*)", "SUM(%s)" % r.j.greatest("tin - cached - cw", "0"), "SUM(cached)", "SUM(cw)",
             "SUM(%s + parts)" % r.j.greatest("tout - parts", "0"), "SUM(web)", "SUM(tin)", "SUM(tout)",
-            "SUM(cw1h)", "SUM(pcost)"] + (["SUM(id)"] if rollup else [])
+            "SUM(cw1h)", "SUM(pcost)"] + (["SUM(id)", _at_sum("at") if r.postgres else "NULL"] if rollup else [])
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long, "
            "CASE WHEN cw1h > 0 THEN 1 ELSE 0 END AS hour FROM (%s) c) g GROUP BY %s"
            % (", ".join(group), ", ".join(sums), typed, ", ".join(group)))
     return sql, group
+
+
+def _at_sum(offsets):
+    """PostgreSQL: a sum of intervals (each under a day) as whole microseconds."""
+    return "ROUND(EXTRACT(EPOCH FROM SUM(%s)) * 1000000)" % offsets
 
 
 def item_totals_sql(r, read):
@@ -381,6 +389,13 @@ def counter_totals_sql(present, output, where):
                 # BIGINT: PostgreSQL adds 32-bit counters in 32 bits, and two full ones overflow.
                 " + ".join("CAST(%s AS BIGINT)" % c for c in present if c not in output),
                 " + ".join("CAST(%s AS BIGINT)" % c for c in present if c in output), " AND ".join(where)))
+
+
+def counter_bucket_sums_sql(present, where):
+    """Each counter's sum per (model, agent, connector) of the rows meeting ``where``."""
+    return ('SELECT u.model_id, u.agent_id, u.connector_id, %s FROM "ps_model_usage" u WHERE %s '
+            'GROUP BY u.model_id, u.agent_id, u.connector_id' % (
+                ", ".join("SUM(CAST(u.%s AS BIGINT))" % c for c in present), " AND ".join(where)))
 
 
 def counter_rows_sql(db, present, models, sound):
@@ -613,11 +628,13 @@ def stored_configuration_sql(db):
 
 ROLLUP_TABLE = "psai_usage_rollup"
 # A rollup row's key (item_groups_sql's groups with rollup=True, in its order) and sums
-# (GroupSums' order, then the sum of the items' ids).
+# (GroupSums' order, then the day's fingerprints: the sum of the items' ids, and on
+# PostgreSQL the sum of their offsets into the day, NULL on SQLite).
 ROLLUP_KEYS = ("model_id", "agent_id", "connector_id", "day", "provider", "pricing", "applied_service_tier",
                "applied_speed", "has_usage", "model_priced", "model_threshold", "long", "hour")
 ROLLUP_SUMS = ("calls", "fresh_in", "cached", "cache_write", "out", "web", "all_in", "all_out", "cache_write_1h",
-               "provider_cost", "id_sum")
+               "provider_cost", "id_sum", "at_sum")
+ROLLUP_FINGERPRINTS = ("id_sum", "at_sum")
 _ROLLUP_COLUMNS = ", ".join(quoted(c) for c in ("range_day",) + ROLLUP_KEYS + ROLLUP_SUMS)
 
 
@@ -663,16 +680,19 @@ def rollup_add_sql(postgres, groups):
 def rollup_sums_sql(group, where):
     """Rollup rows meeting ``where`` added up by ``group`` (names among
     ROLLUP_KEYS): rows in item_groups_sql's layout (GroupSums after the keys)."""
-    sums = ["CAST(SUM(\"calls\") AS BIGINT)"] + ['SUM(%s)' % quoted(c) for c in ROLLUP_SUMS[1:-1]]
+    sums = ["CAST(SUM(\"calls\") AS BIGINT)"] + ['SUM(%s)' % quoted(c) for c in ROLLUP_SUMS[1:]
+                                                 if c not in ROLLUP_FINGERPRINTS]
     keys = ", ".join(quoted(c) for c in group)
     return 'SELECT %s, %s FROM "%s" WHERE %s GROUP BY %s' % (keys, ", ".join(sums), ROLLUP_TABLE,
                                                              " AND ".join(where) or "1 = 1", keys)
 
 
-def rollup_days_sql(where):
-    """Per range day of the rollups: their calls and the sum of their items' ids."""
-    return ('SELECT "range_day", CAST(SUM("calls") AS BIGINT), SUM("id_sum") FROM "%s" WHERE %s '
-            'GROUP BY "range_day"' % (ROLLUP_TABLE, " AND ".join(where) or "1 = 1"))
+def rollup_days_sql(postgres, where):
+    """Per range day of the rollups: their calls and their items' fingerprint
+    (``item_day_counts_sql``'s: the sum of their ids; PostgreSQL, of their
+    offsets into the day)."""
+    return ('SELECT "range_day", CAST(SUM("calls") AS BIGINT), SUM(%s) FROM "%s" WHERE %s GROUP BY "range_day"'
+            % ('"at_sum"' if postgres else '"id_sum"', ROLLUP_TABLE, " AND ".join(where) or "1 = 1"))
 
 
 def rollup_thresholds_sql(where):
@@ -699,15 +719,18 @@ def item_days_sql(postgres, where):
 
 def item_day_counts_sql(db, days):
     """For each of ``days`` range days (day, start, end bound in that order):
-    the count and the sum of the ids of its items, each day a range over
-    the created_at index (cheaper than grouping every entry). SQLite, which
-    has no LATERAL, gives them as one text "count:sum"."""
+    the count of its items and their fingerprint, each day a range over the
+    created_at index (cheaper than grouping every entry) read from the index
+    alone: on SQLite the sum of their ids (the index holds them), on
+    PostgreSQL, whose index holds no ids, the sum of their offsets into the
+    day. SQLite, which has no LATERAL, gives them as one text "count:sum"."""
     p = db.param
     values = ", ".join(["(%s, %s, %s)" % (p, p, p)] * days)
     if isinstance(db, PostgresqlDatabase):
-        return ('WITH d(day, lo, hi) AS (VALUES %s) SELECT d.day, x.n, x.ids FROM d, LATERAL '
-                '(SELECT COUNT(*) AS n, SUM(i.id) AS ids FROM "ps_model_usage_item" i WHERE i.created_at >= '
-                'd.lo::timestamptz AND i.created_at < d.hi::timestamptz) x' % values)
+        return ('WITH d(day, lo, hi) AS (VALUES %s) SELECT d.day, x.n, x.at FROM d, LATERAL '
+                '(SELECT COUNT(*) AS n, %s AS at FROM "ps_model_usage_item" i WHERE i.created_at >= '
+                'd.lo::timestamptz AND i.created_at < d.hi::timestamptz) x'
+                % (values, _at_sum("i.created_at - d.lo::timestamptz")))
     return ('WITH d(day, lo, hi) AS (VALUES %s) SELECT d.day, (SELECT COUNT(*) || \':\' || coalesce(SUM(i.id), 0) '
             'FROM "ps_model_usage_item" i WHERE i.created_at >= d.lo AND i.created_at < d.hi) FROM d' % values)
 

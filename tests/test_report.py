@@ -44,9 +44,11 @@ def test_the_page_shows_totals_charts_trees_and_unpriced_usage(db, clock):
     psai.record_usage(models["OpenAI GPT-4o mini"], agents["Writer"], tokens_in=777, tokens_out=0)
     item = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).get()
     data = dict(item.data, pricing=dict(item.data["pricing"], configuredPrices={"currency": "USD"}))
-    # Written by another tool: a row of its own (an edit in place is what `psai rollup verify` finds).
+    # Written by another tool: a row of its own, a moment later (the same moment would be an edit in
+    # place to the rollups' check on PostgreSQL, what `psai rollup verify` finds: test_rollups).
+    moment = item.created_at + datetime.timedelta(microseconds=1)
     PsModelUsageItem.insert(user_id=item.user_id, model_id=item.model_id, agent_id=item.agent_id,
-                            connector_id=item.connector_id, created_at=item.created_at, updated_at=item.updated_at,
+                            connector_id=item.connector_id, created_at=moment, updated_at=moment,
                             data=data).execute()
     PsModelUsageItem.delete().where(PsModelUsageItem.id == item.id).execute()
     page = html("agent", database="postgresql://me:sekr1t@db.example:5432/ps")

@@ -220,6 +220,31 @@ def test_a_rollup_made_wrong_is_found_by_verify_and_check_and_repaired_by_rebuil
     assert rollups.verify(db) == [] and cost_report("model") == right
 
 
+def test_an_item_replaced_at_the_same_moment(db, backend, clock, seed_model):
+    """Another item written at the very microsecond of one deleted: SQLite's
+    check sees its id; PostgreSQL's, which reads the created_at index alone
+    (count and offsets into the day), takes it for an edit in place, which
+    verify finds and rebuild repairs (docs/rollups.md)."""
+    for _ in range(2):
+        psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
+    item = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).get()
+    data = dict(item.data, usageNormalized=dict(item.data["usageNormalized"], tokensIn=5000))
+    PsModelUsageItem.insert(user_id=1, model_id=item.model_id, agent_id=item.agent_id, created_at=item.created_at,
+                            updated_at=item.created_at, data=data).execute()
+    PsModelUsageItem.delete().where(PsModelUsageItem.id == item.id).execute()
+    with rollups.full_scan():
+        right = cost_report("model")
+    assert right[0]["tokens_in"] == 6000
+    if backend.kind == "sqlite":
+        assert rollups.coverage(db).days == [] and cost_report("model") == right
+        assert rollups.verify(db) == []
+    else:
+        assert rollups.coverage(db).days == ["2026-11-25"] and cost_report("model") != right
+        assert [p["day"] for p in rollups.verify(db)] == ["2026-11-25"]
+        assert rollups.rebuild(db, since="2026-11-25", until="2026-11-25", everything=True) == ["2026-11-25"]
+    assert rollups.verify(db) == [] and cost_report("model") == right
+
+
 def test_psai_writers_that_change_items_in_place_drop_their_days(db, clock, seed_model):
     psai.record_usage(seed_model, None, tokens_in=1_000_000, tokens_out=0)
     psai.reprice(seed_model, {"costInTokensPerMillion": 10}, dry_run=False)
