@@ -29,8 +29,8 @@ from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from .recording import usage_counters
 from .rollups import coverage, one_reading, rollup_rows, scan_where
 from .sql import (
-    ITEM_VALUES, ItemReader, JsonSQL, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql, counter_totals_sql, counters_negative,
-    counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql, price_period_sql, window,
+    ITEM_VALUES, ItemReader, JsonSQL, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql, counter_totals_sql,
+    counters_negative, counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql, price_period_sql, window,
 )
 from .versions import histories_of, prices_at
 

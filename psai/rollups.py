@@ -45,9 +45,9 @@ from .sql import (
     rollup_sums_sql, rollup_thresholds_sql, window,
 )
 
-__all__ = ["full_scan", "one_reading", "invalidate_items", "Coverage", "coverage", "has_rollups", "add_item", "round_trip_rollup",
-           "rollup_rows", "invalidate", "rebuild", "verify", "status", "DayStatus", "RollupProblem", "ROLLUP_TABLE",
-           "scan_where", "ROLLUP_SUMS"]
+__all__ = ["full_scan", "one_reading", "invalidate_items", "Coverage", "coverage", "has_rollups", "add_item",
+           "round_trip_rollup", "rollup_rows", "invalidate", "rebuild", "verify", "status", "DayStatus",
+           "RollupProblem", "ROLLUP_TABLE", "scan_where", "ROLLUP_SUMS"]
 
 ONE_DAY = datetime.timedelta(days=1)
 # Range moment: a datetime, or None for an open end.
