@@ -454,10 +454,10 @@ def fill_items(backend, rows):
             batch.append((1, stamp, stamp, model.id, agent_ids[(i // 7) % len(agent_ids)], raw_json(data)))
             # The counters record_usage keeps beside the items: one row per model, agent and day.
             counted = counters.setdefault((model.id, agent_ids[(i // 7) % len(agent_ids)], when.date()),
-                                          [0, 0, 0, 0])
+                                          [0, 0, 0, 0, 0])
             long = model.id % 5 == 0 and tokens_in >= 800
             counted[2 if long else 0] += tokens_in - i % 50
-            counted[1] += i % 50
+            counted[4 if long else 1] += i % 50  # a long call's cached input is long-context too
             counted[3] += tokens_out
         sql = 'INSERT INTO "ps_model_usage_item" (%s) VALUES ' % ", ".join(columns)
         if backend.kind == "sqlite":
@@ -466,14 +466,15 @@ def fill_items(backend, rows):
             from psycopg2.extras import execute_values
             execute_values(cursor, sql + "%s", batch, page_size=chunk)
     counter_rows = []
-    for (model_id, agent_id, day), (ordinary, cached, long_in, out) in counters.items():
+    for (model_id, agent_id, day), (ordinary, cached, long_in, out, long_cached) in counters.items():
         when = datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.timezone.utc)
         stamp = when.isoformat(sep=" ", timespec="microseconds") if backend.kind == "sqlite" else when
-        counter_rows.append((model_id, agent_id, 1, stamp, stamp, ordinary, cached, long_in, out))
+        counter_rows.append((model_id, agent_id, 1, stamp, stamp, ordinary, cached, long_in, out, long_cached))
     sql = ('INSERT INTO "ps_model_usage" (model_id, agent_id, user_id, created_at, updated_at, token_in_count, '
-           'token_in_cached_context_count, long_context_token_in_count, token_out_count) VALUES ')
+           'token_in_cached_context_count, long_context_token_in_count, token_out_count, '
+           'long_context_token_in_cached_context_count) VALUES ')
     if backend.kind == "sqlite":
-        cursor.executemany(sql + "(%s)" % ", ".join("?" * 9), counter_rows)
+        cursor.executemany(sql + "(%s)" % ", ".join("?" * 10), counter_rows)
     else:
         from psycopg2.extras import execute_values
         execute_values(cursor, sql + "%s", counter_rows, page_size=chunk)

@@ -27,9 +27,9 @@ from decimal import Decimal
 from typing import Any, TypeGuard
 
 from .constants import CACHE_WRITE_1H_KEY, OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
-from .pricing import COUNTERS, _count, _is_number as _number_type, cost_of_counters, resolve_prices
+from .pricing import _count, _is_number as _number_type, resolve_prices
 
-__all__ = ["item_data", "item_cost", "effective_prices", "price_problem", "call_buckets", "bucket_cost",
+__all__ = ["item_data", "item_cost", "effective_prices", "price_problem", "call_buckets", "bucket_cost", "BucketPricer",
            "applied_tier_metadata", "cache_write_1h_extra", "BUCKETS", "LAYOUT_VERSION"]
 
 LAYOUT_VERSION = 1
@@ -215,11 +215,65 @@ def call_buckets(usage: Any, *, cache_write_tokens: float = 0, threshold: Any = 
 def bucket_cost(buckets: Mapping[str, float], prices: Mapping[str, Any], *, web_searches: float = 0) -> Decimal:
     """The exact cost (Decimal) of usage in BUCKETS at resolved ``prices``,
     by PolicySynth's item rules (a long-context rate of 0 means unset)."""
-    counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
-    for bucket, counter in BUCKET_COUNTERS.items():
-        counters[counter] = buckets.get(bucket) or 0
-    return cost_of_counters(counters, prices, web_searches=web_searches, exact=True,
-                            zero_long_rate_is_unset=True)["total"]
+    return BucketPricer(prices)(buckets, web_searches)
+
+
+_ZERO = Decimal(0)
+_MILLION = Decimal(1_000_000)
+
+
+def _exact_rate(value: Any) -> Decimal:
+    return Decimal(repr(value if _number_type(value) else 0))
+
+
+def _exact_count(value: Any) -> Decimal:
+    if type(value) is int:  # most counts: the first test
+        return Decimal(value)
+    value = value or 0
+    return value if isinstance(value, Decimal) else Decimal(value) if isinstance(value, int) else Decimal(repr(value))
+
+
+class BucketPricer:
+    """``bucket_cost`` at one set of resolved prices, its rates read once: a
+    report prices many groups at few prices. The arithmetic is
+    ``cost_of_counters``' (exact, a long-context rate of 0 unset), step for
+    step, so the Decimal is the same, its exponent included."""
+
+    def __init__(self, prices: Mapping[str, Any]) -> None:
+        self.rate_in = _exact_rate(prices.get("costInTokensPerMillion"))
+        self.rate_cached = _exact_rate(prices.get("costInCachedContextTokensPerMillion"))
+        self.rate_out = _exact_rate(prices.get("costOutTokensPerMillion"))
+
+        def long_rate(key: str, base: Decimal) -> Decimal:
+            value = prices.get(key)
+            return base if value is None or value == 0 else _exact_rate(value)
+
+        self.long_in = long_rate("longContextCostInTokensPerMillion", self.rate_in)
+        self.long_cached = long_rate("longContextCostInCachedContextTokensPerMillion", self.rate_cached)
+        self.long_out = long_rate("longContextCostOutTokensPerMillion", self.rate_out)
+        multiplier = prices.get("cacheWriteInputCostMultiplier")
+        if not (_number_type(multiplier) and math.isfinite(multiplier) and multiplier >= 0):
+            multiplier = 1
+        self.multiplier = _exact_rate(multiplier)
+        per_thousand = prices.get("costPerThousandWebSearches")
+        self.web_rate = _exact_rate(per_thousand) if _number_type(per_thousand) and math.isfinite(per_thousand) \
+            and per_thousand >= 0 else None
+
+    def __call__(self, buckets: Mapping[str, float], web_searches: float = 0) -> Decimal:
+        get = buckets.get
+        input_sum = (_exact_count(get("in")) * self.rate_in + _exact_count(get("cached")) * self.rate_cached
+                     + _exact_count(get("cache_write")) * self.rate_in * self.multiplier
+                     + _exact_count(get("long_in")) * self.long_in
+                     + _exact_count(get("long_cached")) * self.long_cached
+                     + _exact_count(get("long_cache_write")) * self.long_in * self.multiplier)
+        # The output counters other than the bucket's are 0 here, added as cost_of_counters adds them.
+        output_sum = ((_exact_count(get("out")) + _ZERO + _ZERO + _ZERO) * self.rate_out
+                      + (_exact_count(get("long_out")) + _ZERO + _ZERO + _ZERO) * self.long_out)
+        if self.web_rate is None:
+            web = _ZERO
+        else:
+            web = math.floor(_count(web_searches)) * self.web_rate / Decimal(1000)
+        return (input_sum + output_sum) / _MILLION + web
 
 
 def cache_write_1h_extra(tokens: float, long_tokens: float, prices: Mapping[str, Any]

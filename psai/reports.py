@@ -24,7 +24,7 @@ from .constants import strict_json_dumps
 from .db import is_postgres, model_db, read_transaction, table_columns
 from .errors import UnpricedUsageError, ValidationError
 from .fields import UTC
-from .items import BUCKETS, bucket_cost, cache_write_1h_extra, effective_prices
+from .items import BUCKETS, BucketPricer, cache_write_1h_extra, effective_prices
 from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from .recording import usage_counters
 from .rollups import coverage, one_reading, rollup_rows, scan_where
@@ -629,8 +629,9 @@ def price_parts(parts, transform=None):
         else:
             key = strict_json_dumps([part["provider"], pricing, part["metadata"], fallback], sort_keys=True)
         if key not in resolved:
-            resolved[key] = effective_prices(part["provider"], pricing, part["metadata"], fallback)
-        prices, problem = resolved[key]
+            prices, problem = effective_prices(part["provider"], pricing, part["metadata"], fallback)
+            resolved[key] = prices, problem, None if problem else BucketPricer(prices)
+        prices, problem, pricer = resolved[key]
         if problem:
             part["reason"] = problem
             continue
@@ -638,7 +639,7 @@ def price_parts(parts, transform=None):
         if problem:
             part["reason"] = problem
             continue
-        part["cost"] = bucket_cost(part["buckets"], prices, web_searches=part["web"]) + extra
+        part["cost"] = pricer(part["buckets"], part["web"]) + extra
         part["currency"] = prices.get("currency")
     return parts
 

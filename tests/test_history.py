@@ -608,10 +608,12 @@ def test_strict_report_on_the_command_line(backend):
     ok = CliRunner().invoke(cli, ["--database", backend.url, "usage", "report", "--strict"])
     assert ok.exit_code == 0, ok.output
     break_prices(m, None)
-    item = items()[0]  # an item without a snapshot, written by another tool (a row of its own)
+    # An item without a snapshot, written by another tool: a row of its own, a moment later (at the
+    # same moment it would be an edit in place to PostgreSQL's rollup check: test_rollups).
+    item = items()[0]
+    moment = item.created_at + datetime.timedelta(microseconds=1)
     PsModelUsageItem.insert(user_id=item.user_id, model_id=item.model_id, agent_id=item.agent_id,
-                            created_at=item.created_at, updated_at=item.updated_at,
-                            data=dict(item.data, pricing={})).execute()
+                            created_at=moment, updated_at=moment, data=dict(item.data, pricing={})).execute()
     PsModelUsageItem.delete().where(PsModelUsageItem.id == item.id).execute()
     table = CliRunner().invoke(cli, ["--database", backend.url, "usage", "report"])
     assert table.exit_code == 0 and "unpriced: model_id %d: 110 tokens: no prices" % m.id in table.stderr

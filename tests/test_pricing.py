@@ -6,6 +6,7 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, strategies as st
 
+from psai.items import BUCKET_COUNTERS, BucketPricer
 from psai.pricing import (
     COUNTERS, cost_breakdown, cost_of_counters, estimate_cost, partition_usage, resolve_prices,
 )
@@ -308,3 +309,27 @@ def test_cost_is_monotone_in_the_provider_totals(prices, tokens_in, tokens_out, 
                  reasoning_tokens=reasoning)
     larger = dict(usage, **{which: usage[which] + more})
     assert estimate_cost(prices, **larger) >= estimate_cost(prices, **usage) * (1 - 1e-12)
+
+
+RATE = st.one_of(st.integers(0, 10 ** 6), st.floats(0, 1e6, allow_nan=False), st.decimals(0, 1000, places=3),
+                 st.none(), st.just("12"), st.just(True))
+COUNT = st.one_of(st.integers(0, 10 ** 12), st.floats(0, 1e12, allow_nan=False), st.decimals(0, 10 ** 9, places=2),
+                  st.none())
+
+
+@given(st.fixed_dictionaries({}, optional={
+    "costInTokensPerMillion": RATE, "costInCachedContextTokensPerMillion": RATE, "costOutTokensPerMillion": RATE,
+    "longContextCostInTokensPerMillion": RATE, "longContextCostInCachedContextTokensPerMillion": RATE,
+    "longContextCostOutTokensPerMillion": RATE, "cacheWriteInputCostMultiplier": RATE,
+    "costPerThousandWebSearches": st.one_of(RATE, st.just(float("inf")), st.just(-1))}),
+    st.fixed_dictionaries({}, optional=dict.fromkeys(
+        ("in", "cached", "cache_write", "long_in", "long_cached", "long_cache_write", "out", "long_out"), COUNT)),
+    st.one_of(st.integers(0, 10 ** 6), st.floats(0, 1e6, allow_nan=False)))
+def test_a_bucket_pricer_is_cost_of_counters_to_the_exponent(prices, buckets, web):
+    """Reports price groups with BucketPricer (rates read once); its Decimal
+    is cost_of_counters', the same digits and exponent (str equal)."""
+    counters = dict.fromkeys(COUNTERS, 0)
+    for bucket, counter in BUCKET_COUNTERS.items():
+        counters[counter] = buckets.get(bucket) or 0
+    expected = cost_of_counters(counters, prices, web_searches=web, exact=True, zero_long_rate_is_unset=True)["total"]
+    assert str(BucketPricer(prices)(buckets, web)) == str(expected)
