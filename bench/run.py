@@ -454,11 +454,12 @@ def fill_items(backend, rows):
             batch.append((1, stamp, stamp, model.id, agent_ids[(i // 7) % len(agent_ids)], raw_json(data)))
             # The counters record_usage keeps beside the items: one row per model, agent and day.
             counted = counters.setdefault((model.id, agent_ids[(i // 7) % len(agent_ids)], when.date()),
-                                          [0, 0, 0, 0, 0])
+                                          [0, 0, 0, 0, 0, 0])
             long = model.id % 5 == 0 and tokens_in >= 800
+            # A long call's counts are all long-context ones, as record_usage counts them.
             counted[2 if long else 0] += tokens_in - i % 50
-            counted[4 if long else 1] += i % 50  # a long call's cached input is long-context too
-            counted[3] += tokens_out
+            counted[4 if long else 1] += i % 50
+            counted[5 if long else 3] += tokens_out
         sql = 'INSERT INTO "ps_model_usage_item" (%s) VALUES ' % ", ".join(columns)
         if backend.kind == "sqlite":
             cursor.executemany(sql + "(?, ?, ?, ?, ?, json(?))", batch)
@@ -466,15 +467,15 @@ def fill_items(backend, rows):
             from psycopg2.extras import execute_values
             execute_values(cursor, sql + "%s", batch, page_size=chunk)
     counter_rows = []
-    for (model_id, agent_id, day), (ordinary, cached, long_in, out, long_cached) in counters.items():
+    for (model_id, agent_id, day), counts in counters.items():
         when = datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.timezone.utc)
         stamp = when.isoformat(sep=" ", timespec="microseconds") if backend.kind == "sqlite" else when
-        counter_rows.append((model_id, agent_id, 1, stamp, stamp, ordinary, cached, long_in, out, long_cached))
+        counter_rows.append((model_id, agent_id, 1, stamp, stamp) + tuple(counts))
     sql = ('INSERT INTO "ps_model_usage" (model_id, agent_id, user_id, created_at, updated_at, token_in_count, '
            'token_in_cached_context_count, long_context_token_in_count, token_out_count, '
-           'long_context_token_in_cached_context_count) VALUES ')
+           'long_context_token_in_cached_context_count, long_context_token_out_count) VALUES ')
     if backend.kind == "sqlite":
-        cursor.executemany(sql + "(%s)" % ", ".join("?" * 10), counter_rows)
+        cursor.executemany(sql + "(%s)" % ", ".join("?" * 11), counter_rows)
     else:
         from psycopg2.extras import execute_values
         execute_values(cursor, sql + "%s", counter_rows, page_size=chunk)
