@@ -15,7 +15,6 @@ prices over time is kept here:
 - ``reprice(model, changes, ...)``: a correction of the calls already
   recorded in a period, shown (dry run, the default) before it is applied.
 """
-import copy
 import datetime
 import uuid
 from decimal import Decimal
@@ -146,7 +145,9 @@ def _measure(db, rows, ids, changes, since, until):
         return merge_prices(prices, changes)
 
     before = price_parts(usage_parts(db, "model", since, until, ids))
-    after = price_parts(copy.deepcopy(before), transform)
+    # The same parts priced again: price_parts only sets each part's cost,
+    # currency and reason, so a copy of each part's dict is enough.
+    after = price_parts([dict(part) for part in before], transform)
     # Every price set the correction makes must be one psai would store.
     current = {row.id: prices_of(row.configuration) for row in rows}
     corrected = [transform(prices) for prices in current.values()]

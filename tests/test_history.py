@@ -451,6 +451,11 @@ def test_a_correction_changes_each_kind_of_snapshot_by_the_same_rule(db):
         dict(recorded.data, psai={"originalPricing": {"configuredPrices": {"costInTokensPerMillion": 1}},
                                   "corrections": [99], "cacheWriteTokens": 5}),
         dict(recorded.data, psai={"originalPricing": None, "corrections": None}),
+        # The usual shapes SQLite corrects by paths inside the item (its fast path): extras without
+        # corrections, an original already kept (null too), empty extras.
+        dict(recorded.data, psai={"cacheWriteTokens": 5}),
+        dict(recorded.data, psai={"originalPricing": None, "corrections": [7]}),
+        dict(recorded.data, psai={}),
         [1, 2],
     ]
     for data in odd:
