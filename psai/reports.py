@@ -759,7 +759,28 @@ def cost_reports(groupings: Iterable[str], *, since: datetime.date | str | None 
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
     parts = price_parts(merge_parts(usage_parts(db, ("agent", "day"), since, until), ("model_id", "agent_id", "day")))
-    return {by: _rows_of(db, by, parts, False, None) for by in groupings}, _daily_of(parts)
+    # The groupings but by day need no day: the priced parts added up without it first (exact sums).
+    undated = _undated(parts)
+    return {by: _rows_of(db, by, parts if by == "day" else undated, False, None) for by in groupings}, \
+        _daily_of(parts)
+
+
+def _undated(parts):
+    """Priced parts added up by all that ``_rows_of`` reads of them but the day."""
+    summed = {}
+    for part in parts:
+        key = (part["model_id"], part["agent_id"], part["provider"], part["currency"], part["priced_from"],
+               part["reason"])
+        into = summed.get(key)
+        if into is None:
+            summed[key] = dict(part, buckets=dict(part["buckets"]))
+            continue
+        for bucket, value in part["buckets"].items():
+            into["buckets"][bucket] += value
+        into["calls"] += part["calls"]
+        into["provider_cost"] = _plus(_decimal(into.get("provider_cost")), _decimal(part.get("provider_cost")))
+        into["cost"] = _plus(into["cost"], part["cost"])
+    return list(summed.values())
 
 
 def _rows_of(db, by, parts, strict, progress):
