@@ -101,12 +101,19 @@ class Backend:
 
 def timed(function, repeat=1):
     """Median wall time of ``repeat`` runs, in seconds."""
+    return timed_result(function, repeat)[0]
+
+
+def timed_result(function, repeat=1):
+    """(median wall time of ``repeat`` runs, the last run's result): a
+    result checked without running the work once more."""
     times = []
+    result = None
     for _ in range(repeat):
         start = time.perf_counter()
-        function()
+        result = function()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), result
 
 
 def raw_json(value):
