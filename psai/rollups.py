@@ -6,12 +6,14 @@ in ``[day 00:00, next day 00:00)`` UTC), the sums the report SQL forms
 for one group of items priced alike: model, agent, connector, the day as
 the reports read it, provider, price snapshot, the tier applied,
 long-context side, 1-hour cache writes (``sql.ROLLUP_KEYS``). Beside the
-sums, each row keeps the sum of its items' ids.
+sums, each row keeps its items' fingerprint: the sum of their ids, and on
+PostgreSQL the sum of their offsets into the day.
 
 Whoever writes the items, a report uses a day's rollups only when they
-still account for exactly that day's items: the count and the sum of the
-ids of the day's items, read over the ``created_at`` index, must equal
-those the rollups hold (``coverage``), and rows split by a model's
+still account for exactly that day's items: the count and the fingerprint
+of the day's items, read from the ``created_at`` index alone (SQLite's
+holds the ids, PostgreSQL's only the times), must equal those the rollups
+hold (``coverage``), and rows split by a model's
 current long-context threshold (items without a price snapshot) must have
 been split by the threshold the model has now. Any other day, and the
 partial days at a period's ends, are scanned from the items. An insert,
@@ -217,7 +219,7 @@ class Coverage:
 
 
 def _items_per_day(db: Database, days: list[str]) -> dict[str, tuple[int, int]]:
-    """(count, sum of ids) of the items of each range day of ``days``."""
+    """(count, fingerprint) of the items of each range day of ``days`` (``item_day_counts_sql``)."""
     params: list = []
     for day in days:
         start = _start(day)
@@ -241,8 +243,8 @@ def _stale_threshold_days(db: Database, where: list[str], params: list) -> set[s
 
 def coverage(db: Database, since: Moment = None, until: Moment = None) -> Coverage:
     """Which days of [since, until) the rollups cover exactly now, and the
-    rest to scan. A day is covered when its items' count and id sum (each
-    day a range over the created_at index) equal its rollups' and no
+    rest to scan. A day is covered when its items' count and fingerprint
+    (each day a range over the created_at index) equal its rollups' and no
     threshold it was split by has changed."""
     everything = Coverage([], [(since, until)])
     if getattr(_BYPASS, "on", False) or not has_rollups(db):
