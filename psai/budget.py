@@ -20,12 +20,13 @@ from typing import Any, TypedDict
 from peewee import Database
 
 from .arguments import agent_arg, as_datetime, model_arg
-from .db import is_postgres, model_db, table_columns, write_transaction
+from .db import is_postgres, model_db, read_transaction, table_columns, write_transaction
 from .errors import BudgetExceededError, NotAdoptedError, NotFoundError, ValidationError
 from .fields import UTC, utcnow
 from .models import Budget, BudgetEvent, PsAgent, PsAiModel, sub_agent_tree
 from .recording import model_cost
 from .reports import merge_parts, part_provider, part_tokens, price_parts, usage_parts
+from .rollups import one_reading
 from .schemas import BUDGET_FIELDS, validate_budget_values
 
 __all__ = ["set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events",
@@ -265,7 +266,14 @@ def budget_status(budget: Budget | str | None = None) -> list[BudgetStatus]:
     chosen = [_budget(budget)] if budget is not None else budgets()
     db = model_db(Budget)
     now = utcnow()
-    return [_status(db, row, now) for row in chosen]
+    return _statuses(db, chosen, now)
+
+
+def _statuses(db: Database, rows: list[Budget], now: datetime.datetime) -> list[BudgetStatus]:
+    """The budgets' statuses from one snapshot, the rollups' coverage of a
+    period checked once for all the budgets of that period."""
+    with read_transaction(db), one_reading():
+        return [_status(db, row, now) for row in rows]
 
 
 # -- before a call ----------------------------------------------------------------------
@@ -351,10 +359,8 @@ def check_budget(agent: PsAgent | int | str | uuid.UUID | None = None,
         return []
     guess = _estimate(estimate, model_row)
     now = utcnow()
-    statuses = []
-    for row in rows:
-        status = _status(db, row, now)
-        statuses.append(status)
+    statuses = _statuses(db, rows, now)
+    for row, status in zip(rows, statuses):
         spent, limit = status["spent"], status["limit"]
         ends = "; the period ends %s" % status["period_end"].isoformat() if status["period_end"] else ""
         named = "budget %r (%s)" % (row.name, row.currency)
