@@ -723,14 +723,9 @@ def rollup_rows_sql(where):
 
 
 def item_days_sql(postgres, where):
-    """The items per UTC day over the created_at index: their count, the sum
-    of their ids and (SQLite, whose column is text) the first and last
-    timestamp text, which tells that the day's text is its range's."""
-    if postgres:
-        return ('SELECT to_char(created_at AT TIME ZONE \'UTC\', \'YYYY-MM-DD\'), COUNT(*), SUM(id) '
-                'FROM "ps_model_usage_item" WHERE %s GROUP BY 1' % (" AND ".join(where) or "1 = 1"))
-    return ('SELECT substr(created_at, 1, 10), COUNT(*), SUM(id), MIN(created_at), MAX(created_at) '
-            'FROM "ps_model_usage_item" WHERE %s GROUP BY 1' % (" AND ".join(where) or "1 = 1"))
+    """The items per UTC day and their count, from the created_at index alone."""
+    day = "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')" if postgres else "substr(created_at, 1, 10)"
+    return 'SELECT %s, COUNT(*) FROM "ps_model_usage_item" WHERE %s GROUP BY 1' % (day, " AND ".join(where) or "1 = 1")
 
 
 def item_day_counts_sql(db, days):
