@@ -520,8 +520,11 @@ def _usage_parts(db, by, since, until, model_ids):
     # SQLite, which reads each row's JSON once either way, and on
     # PostgreSQL when the groups have the agent already; otherwise more
     # groups cost PostgreSQL's parallel workers more than a light pass.
+    # Days read from rollups are the other way round: their groups kept
+    # apart by agent and connector are many rows to add up in Python, and
+    # the light pass over them reads few.
     one_pass = since is None and until is None and model_ids is None and (
-        "agent" in keys or not is_postgres(db))
+        "agent" in keys or not is_postgres(db)) and not coverage(db, since, until).days
     itemized = defaultdict(TokenTotals) if one_pass else None
     # A period's own items may be enough to tell what they cover of its counters.
     recent = defaultdict(lambda: dict.fromkeys(BUCKETS, 0)) if since is not None else None
