@@ -16,7 +16,6 @@ from typing import Any, ParamSpec, TypedDict, TypeVar
 from dataclasses import dataclass
 import json
 from collections import defaultdict, deque
-from itertools import chain
 from decimal import Decimal
 
 from .arguments import as_datetime
@@ -175,35 +174,46 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     if agents is None and "agent" in grouped:
         agents = _agent_ids(db)
     # The columns of a group, without the extra ones.
-    keep = [i for i, name in enumerate(group) if name not in {k + "_id" for k in extra}]
-    names = [group[i] for i in keep]
-    agent_at = group.index("agent_id") if "agent" in grouped else None
-    connector_at = group.index("connector_id") if "connector" in grouped else None
-    long_at = group.index("long")
-    width = len(group)
+    extra_columns = {k + "_id" for k in extra}
+    names = [name for name in group if name not in extra_columns]
+    # Rolled-up days are read kept apart by the extra keys only for
+    # ``key_buckets`` (a period's, few days): ``totals`` of those days come
+    # from a light read of the rollups below, not from many more rows here.
+    rolled_group = group if key_buckets is not None else names
+    sources = [(rollup_rows(db, rolled_group, cover.days, model_ids), rolled_group)]
+    if cover.scan:
+        sources.append((db.execute_sql(sql, params), group))
     merged = {}
-    for values in chain(rollup_rows(db, group, cover.days, model_ids),
-                        db.execute_sql(sql, params) if cover.scan else ()):
-        if agent_at is not None and values[agent_at] not in agents:
-            values = values[:agent_at] + (None,) + values[agent_at + 1:]
-        # Sums as exact numbers (SQLite sums REAL values as floats).
-        sums = GroupSums(*[value if type(value) is not float else _number(value) for value in values[width:]])
-        if totals is not None:
-            entry = totals[(values[0], values[agent_at], values[connector_at])]
-            entry.tokens_in += sums.all_in or 0
-            entry.tokens_out += sums.all_out or 0
-        if key_buckets is not None:
-            into_buckets = key_buckets[(values[0], values[agent_at], values[connector_at])]
-            prefix = "long_" if values[long_at] else ""
-            for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached),
-                                  ("cache_write", sums.cache_write), ("out", sums.out)):
-                into_buckets[prefix + bucket] += _number(value)
-        key = tuple(values[i] for i in keep) if extra else values[:width]
-        into = merged.get(key)
-        if into is None:
-            merged[key] = sums
-        else:
-            into.add(sums)
+    for rows, layout in sources:
+        per_key = bool(extra) and layout is group  # the rows carry (model, agent, connector)
+        agent_at = layout.index("agent_id") if "agent_id" in layout else None
+        connector_at = layout.index("connector_id") if "connector_id" in layout else None
+        long_at = layout.index("long")
+        keep = [i for i, name in enumerate(layout) if name not in extra_columns]
+        width = len(layout)
+        for values in rows:
+            if agent_at is not None and values[agent_at] not in agents:
+                values = values[:agent_at] + (None,) + values[agent_at + 1:]
+            # Sums as exact numbers (SQLite sums REAL values as floats).
+            sums = GroupSums(*[value if type(value) is not float else _number(value) for value in values[width:]])
+            if per_key and totals is not None:
+                entry = totals[(values[0], values[agent_at], values[connector_at])]
+                entry.tokens_in += sums.all_in or 0
+                entry.tokens_out += sums.all_out or 0
+            if per_key and key_buckets is not None:
+                into_buckets = key_buckets[(values[0], values[agent_at], values[connector_at])]
+                prefix = "long_" if values[long_at] else ""
+                for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached),
+                                      ("cache_write", sums.cache_write), ("out", sums.out)):
+                    into_buckets[prefix + bucket] += _number(value)
+            key = tuple(values[i] for i in keep) if per_key else values[:width]
+            into = merged.get(key)
+            if into is None:
+                merged[key] = sums
+            else:
+                into.add(sums)
+    if totals is not None and rolled_group is not group:
+        _add_rolled_totals(db, cover.days, model_ids, agents, totals)
     pricing_at = names.index("pricing")
     parsed = {}
     rows = []
@@ -280,6 +290,15 @@ def _bucket_reader(present):
     return read
 
 
+def _add_rolled_totals(db, days, model_ids, agents, totals):
+    """Add the input and output tokens of the rolled-up ``days`` to ``totals`` per (model, agent, connector)."""
+    for row in rollup_rows(db, ["model_id", "agent_id", "connector_id"], days, model_ids):
+        # The keys, then GroupSums' columns: all_in and all_out are its 7th and 8th.
+        entry = totals[(row[0], row[1] if row[1] in agents else None, row[2])]
+        entry.tokens_in += _number(row[9])
+        entry.tokens_out += _number(row[10])
+
+
 def _item_totals(db, agents, model_ids=None):
     """Input and output tokens of all items per (model, agent, connector):
     the light pass that tells which counters the items cover."""
@@ -290,10 +309,9 @@ def _item_totals(db, agents, model_ids=None):
     cover = coverage(db)
     params = []
     read = r.select(["tin", "tout"], _item_window(db, cover, model_ids, params))
-    rolled = ((row[0], row[1], row[2], row[9], row[10])  # the keys, then GroupSums' all_in and all_out
-              for row in rollup_rows(db, ["model_id", "agent_id", "connector_id"], cover.days, model_ids))
-    for model_id, agent_id, connector_id, tokens_in, tokens_out in chain(
-            rolled, db.execute_sql(item_totals_sql(r, read), params) if cover.scan else ()):
+    _add_rolled_totals(db, cover.days, model_ids, agents, totals)
+    for model_id, agent_id, connector_id, tokens_in, tokens_out in (
+            db.execute_sql(item_totals_sql(r, read), params) if cover.scan else ()):
         entry = totals[(model_id, agent_id if agent_id in agents else None, connector_id)]
         entry.tokens_in += _number(tokens_in)
         entry.tokens_out += _number(tokens_out)
@@ -520,11 +538,9 @@ def _usage_parts(db, by, since, until, model_ids):
     # SQLite, which reads each row's JSON once either way, and on
     # PostgreSQL when the groups have the agent already; otherwise more
     # groups cost PostgreSQL's parallel workers more than a light pass.
-    # Days read from rollups are the other way round: their groups kept
-    # apart by agent and connector are many rows to add up in Python, and
-    # the light pass over them reads few.
+    # (Days read from rollups give their part from a light read of the rollups.)
     one_pass = since is None and until is None and model_ids is None and (
-        "agent" in keys or not is_postgres(db)) and not coverage(db, since, until).days
+        "agent" in keys or not is_postgres(db))
     itemized = defaultdict(TokenTotals) if one_pass else None
     # A period's own items may be enough to tell what they cover of its counters.
     recent = defaultdict(lambda: dict.fromkeys(BUCKETS, 0)) if since is not None else None
