@@ -302,3 +302,53 @@ def test_concurrent_writers_and_rebuilds_leave_the_rollups_exact(db, backend, se
         with rollups.full_scan():
             scanned = cost_report(by)
         assert cost_report(by) == scanned
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_a_period_reads_its_counters_as_the_pass_over_every_item_does(db, clock, monkeypatch, seed):
+    """A report from ``since`` on may tell from the period's own items alone
+    that none of its counter rows is uncovered (reports._newest_rows_covered);
+    with counters grown without items, items without counters and items
+    without a snapshot, each such report equals the one that compares every
+    item with every counter."""
+    from psai import reports
+    rng = random.Random(seed)
+    ms, ags = models(), agents()
+    taken = []
+    original = reports._newest_rows_covered
+
+    def spy(*args):
+        taken.append(original(*args))
+        return taken[-1]
+
+    def compare():
+        for since, until in windows(rng) + windows(rng):
+            if since is None:
+                continue
+            for by in REPORT_GROUPINGS:
+                monkeypatch.setattr(reports, "_newest_rows_covered", spy)
+                quick = cost_report(by, since=since, until=until)
+                monkeypatch.setattr(reports, "_newest_rows_covered", lambda *args: False)
+                assert quick == cost_report(by, since=since, until=until), (by, since, until)
+
+    for _ in range(20):  # calls recorded through psai, in time order: an item beside every counter increment
+        clock.advance(minutes=rng.randrange(1, 600))
+        psai.record_usage(rng.choice(ms), rng.choice(ags + [None]), tokens_in=rng.choice([10, 250_000]),
+                          tokens_out=rng.randrange(100), cached_tokens=rng.choice([0, 5]))
+    compare()
+    assert True in taken  # the period's items told
+    for _ in range(30):
+        record(rng, clock, ms, ags)
+        what = rng.random()
+        if what < 0.25:  # a counter grown by another tool, no item beside it
+            row = psai.PsModelUsage.select().order_by(psai.PsModelUsage.id.desc()).first()
+            column = rng.choice([psai.PsModelUsage.token_in_count, psai.PsModelUsage.token_out_count,
+                                 psai.PsModelUsage.token_in_cached_context_count])
+            psai.PsModelUsage.update({column: column + rng.choice([1, 500, 300_000])}).where(
+                psai.PsModelUsage.id == row.id).execute()
+        elif what < 0.4:
+            raw_insert(rng, ms, ags)
+        elif what < 0.5:
+            rollups.rebuild(db)
+    compare()
+    assert False in taken  # and where they could not, every item was read
