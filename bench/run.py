@@ -981,6 +981,8 @@ def main(argv=None):
                         help="run only these: insert validated filter eager usage rollups report items reprice "
                              "budgets cli peers responses copy growth growth-copy")
     parser.add_argument("--markdown", help="also write the results table to this Markdown file")
+    parser.add_argument("--sizes", type=int, nargs="*",
+                        help="the item counts of growth and growth-copy (default 10k 100k 1M 3M, scaled)")
     args = parser.parse_args(argv)
 
     def scale(n):
@@ -1023,7 +1025,7 @@ def main(argv=None):
                     bench_filter(backend, results, 200, runs=3)  # models and agents the items are on
                     bench_eager(backend, results, 50)
                 bench_copy(backend, results, scale(1_000_000))
-            growth = [scale(10_000), scale(100_000), scale(1_000_000), scale(3_000_000)]
+            growth = args.sizes or [scale(10_000), scale(100_000), scale(1_000_000), scale(3_000_000)]
             if "growth" in steps or "growth-copy" in steps:
                 # The items on 100 of 200 models and 50 agents (issue 25's measure), whatever ran before.
                 backend.truncate("ps_model_usage_item", "ps_model_usage", "psai_usage_rollup", "AgentModels",
