@@ -304,7 +304,7 @@ class ItemReader:
 
 # -- reports' statements over items and counters ---------------------------------------
 
-def item_groups_sql(r, read, grouped, rollup=False, single=False):
+def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
     """``(sql, group)``: items (``read``, ItemReader.select's subquery) added
     up by model, the keys ``grouped`` (among agent, connector, day) and all
     that prices them; ``group``, the grouping columns in the order the rows
@@ -313,7 +313,8 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False):
     current threshold decided the long-context side (an item without a
     snapshot) and by that threshold, and the sum of the items' ids last
     (``read`` with_id). ``single``: ``read`` holds one item (or none), its
-    one group without a GROUP BY: the sums are its values."""
+    one group without a GROUP BY: the sums are its values; ``extra``, SQL
+    returned after them, over the group's columns (in ``g``)."""
     columns = {
         "model_id": "model_id",
         "agent_id": "agent_id" if "agent" in grouped else None,
@@ -356,7 +357,7 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False):
     summed = [r.j.greatest("tin - cached - cw", "0"), "cached", "cw", "%s + parts" % r.j.greatest("tout - parts", "0"),
               "web", "tin", "tout", "cw1h", "pcost"] + (["id"] if rollup else [])
     if single:
-        sums = ["1"] + summed + ([_at_sum("at", single) if r.postgres else "NULL"] if rollup else [])
+        sums = ["1"] + summed + ([_at_sum("at", single) if r.postgres else "NULL"] if rollup else []) + list(extra)
     else:
         sums = ["COUNT(*)"] + ["SUM(%s)" % value for value in summed] + (
             [_at_sum("at") if r.postgres else "NULL"] if rollup else [])
@@ -664,13 +665,13 @@ _ROLLUP_COLUMNS = ", ".join(quoted(c) for c in ("range_day",) + ROLLUP_KEYS + RO
 _ROLLUP_NOT_NULL = ("model_id", "agent_id", "day", "has_usage", "model_priced", "long", "hour")
 
 
-def rollup_groups_sql(r, where, source='"ps_model_usage_item"', single=False, models='"ps_ai_models"'):
+def rollup_groups_sql(r, where, source='"ps_model_usage_item"', single=False, models='"ps_ai_models"', extra=()):
     """The items meeting ``where`` added up as rollup rows are (ROLLUP_KEYS,
-    ROLLUP_SUMS). ``single``: they are one item (item_groups_sql's);
+    ROLLUP_SUMS). ``single``, ``extra``: they are one item (item_groups_sql's);
     ``source``, ``models``: ItemReader.select's."""
     read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True, with_id=True,
                     source=source, models=models)
-    sql, group = item_groups_sql(r, read, ("agent", "connector", "day"), rollup=True, single=single)
+    sql, group = item_groups_sql(r, read, ("agent", "connector", "day"), rollup=True, single=single, extra=extra)
     assert tuple(group) == ROLLUP_KEYS, group
     return sql
 
@@ -681,30 +682,31 @@ def rollup_insert_sql(db, groups):
     return 'INSERT INTO "%s" (%s) SELECT %s, g.* FROM (%s) g' % (ROLLUP_TABLE, _ROLLUP_COLUMNS, db.param, groups)
 
 
-def rollup_add_sql(postgres, groups):
-    """(CTEs, update, insert): add the rows ``groups`` (one item's, as
-    rollup_groups_sql gives them) to the rollup row of their key, the one
-    update; the insert, for when the update found none, starts it. Several
-    rows of one key are harmless (reads add them up); the update adds to
-    one of them only. The CTE ``g`` holds the rows and, as ``hit``, the id
-    of the row found for each by the rollup index (NULL: none)."""
-    same = " AND ".join(('r.%s = g0.%s' if c in _ROLLUP_NOT_NULL else
-                         ('r.%s IS NOT DISTINCT FROM g0.%s' if postgres else 'r.%s IS g0.%s')) % (quoted(c), quoted(c))
+def rollup_add_sql(r, where, source='"ps_model_usage_item"', models='"ps_ai_models"'):
+    """(CTE, update, insert): add one item (``where``; ``source``, ``models``:
+    ItemReader.select's) to the rollup row of its key, the one update; the
+    insert, for when the update found none, starts it. Several rows of one
+    key are harmless (reads add them up); the update adds to one of them
+    only. The CTE ``g`` holds the item's group (rollup_groups_sql's, single)
+    and, as ``hit``, the id of the row found for it by the rollup index
+    (NULL: none), so that the update reads one row by its id."""
+    same = " AND ".join(('x.%s = g.%s' if c in _ROLLUP_NOT_NULL else
+                         ('x.%s IS NOT DISTINCT FROM g.%s' if r.postgres else 'x.%s IS g.%s')) % (quoted(c), c)
                         for c in ROLLUP_KEYS)
-    target = "t" if postgres else quoted(ROLLUP_TABLE)
+    hit = '(SELECT x."id" FROM "%s" x WHERE x."range_day" = g.day AND %s LIMIT 1)' % (ROLLUP_TABLE, same)
+    groups = rollup_groups_sql(r, where, source=source, single=True, models=models, extra=[hit])
+    target = "t" if r.postgres else quoted(ROLLUP_TABLE)
     added = ['%s = %s.%s + g.%s' % (quoted(c), target, quoted(c), quoted(c)) for c in ROLLUP_SUMS
              if c != "provider_cost"]
     added.append('"provider_cost" = CASE WHEN %s."provider_cost" IS NULL THEN g."provider_cost" '
                  'WHEN g."provider_cost" IS NULL THEN %s."provider_cost" '
                  'ELSE %s."provider_cost" + g."provider_cost" END' % (target, target, target))
-    columns = ", ".join(quoted(c) for c in ROLLUP_KEYS + ROLLUP_SUMS)
-    # The row found first, by the index, so that the update reads one row by its id.
-    g = ('g0(%s) AS (%s), g AS (SELECT g0.*, (SELECT r."id" FROM "%s" r WHERE r."range_day" = g0."day" AND %s '
-         'LIMIT 1) AS hit FROM g0)' % (columns, groups, ROLLUP_TABLE, same))
-    update = 'UPDATE "{table}"{alias} SET {added} FROM g WHERE {target}."id" = g.hit'.format(
-        table=ROLLUP_TABLE, alias=" t" if postgres else "", added=", ".join(added), target=target)
+    columns = ROLLUP_KEYS + ROLLUP_SUMS
+    g = 'g(%s, "hit") AS (%s)' % (", ".join(quoted(c) for c in columns), groups)
+    update = 'UPDATE "{table}"{alias} SET {added} FROM g WHERE {target}."id" = g."hit"'.format(
+        table=ROLLUP_TABLE, alias=" t" if r.postgres else "", added=", ".join(added), target=target)
     insert = 'INSERT INTO "%s" (%s) SELECT g."day", %s FROM g' % (
-        ROLLUP_TABLE, _ROLLUP_COLUMNS, ", ".join("g.%s" % quoted(c) for c in ROLLUP_KEYS + ROLLUP_SUMS))
+        ROLLUP_TABLE, _ROLLUP_COLUMNS, ", ".join("g.%s" % quoted(c) for c in columns))
     return g, update, insert
 
 
