@@ -614,7 +614,8 @@ def one_round_trip_statements(find, present, agent_is_null, connector_is_null, r
     once. ``find``: the text of the counter row's find, guarded by ``m``
     (peewee's; its parameters come between the configuration's and the
     update's). ``rollup``: CTEs that add the new item (``item``, RETURNING
-    *) to its rollup row (psai.rollups). ``probes``: boolean SQL expressions
+    *; the model's row is ``m``, its id and configuration) to its rollup row
+    (psai.rollups). ``probes``: boolean SQL expressions
     returned after the counter row's columns, read in the same snapshot (is
     there a budget?). Data-modifying CTEs are what peewee cannot say."""
     probes = tuple(probes)
@@ -624,8 +625,8 @@ def one_round_trip_statements(find, present, agent_is_null, connector_is_null, r
         counters = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present
         casts = ["%s::integer"] * 4 + ["%s::timestamptz"] * 2 + ["%s::integer"] * len(present)
         _USAGE_SQL[key] = "SELECT pg_advisory_xact_lock(%s)", (
-            'WITH m AS (SELECT "id", "configuration" FROM "ps_ai_models" WHERE "id" = %s AND "configuration" = %s::jsonb '
-            'FOR SHARE), '
+            'WITH m AS (SELECT "id", "configuration" FROM "ps_ai_models" WHERE "id" = %s '
+            'AND "configuration" = %s::jsonb FOR SHARE), '
             'found AS ({find}), '
             'updated AS (UPDATE "ps_model_usage" SET {add}, "updated_at" = %s '
             'WHERE "id" = (SELECT "id" FROM found) RETURNING {columns}), '
