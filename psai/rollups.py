@@ -122,7 +122,7 @@ def _add_statements(postgres: bool) -> tuple[str, str]:
     """(update, insert) adding one item (by id, the one parameter) to its rollup row."""
     if postgres not in _ADD:
         r = ItemReader(postgres)
-        g, update, insert = rollup_add_sql(postgres, rollup_groups_sql(r, ["i.id = %s" % ("%s" if postgres else "?")]))
+        g, update, insert = rollup_add_sql(r, ["i.id = %s" % ("%s" if postgres else "?")])
         _ADD[postgres] = ("WITH %s %s" % (g, update), "WITH %s %s" % (g, insert))
     return _ADD[postgres]
 
@@ -145,9 +145,10 @@ def add_item(db: Database, item_id: int) -> None:
 def round_trip_rollup() -> str:
     """PostgreSQL's one-round-trip recording statement's part that adds the
     new item (the CTE ``item``, its RETURNING *) to its rollup row: CTEs to
-    follow ``item``'s, no parameters."""
+    follow ``item``'s, no parameters. The model's row is the CTE ``m`` (its
+    id and configuration), read already."""
     if True not in _ROUND_TRIP:
-        g, update, insert = rollup_add_sql(True, rollup_groups_sql(ItemReader(True), [], source="item"))
+        g, update, insert = rollup_add_sql(ItemReader(True), [], source="item", models="m")
         _ROUND_TRIP[True] = (', %s, rolled AS (%s RETURNING t."id"), started AS (%s WHERE NOT EXISTS '
                              '(SELECT 1 FROM rolled))' % (g, update, insert))
     return _ROUND_TRIP[True]

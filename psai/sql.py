@@ -262,17 +262,19 @@ class ItemReader:
         sql = "%s -> '$.%s'" % (column, ".".join(path))
         return sql if column != "i.data" else "(CASE WHEN json_valid(i.data) THEN %s END)" % sql
 
-    def select(self, names, where, model_threshold=False, with_id=False, source='"ps_model_usage_item"'):
+    def select(self, names, where, model_threshold=False, with_id=False, source='"ps_model_usage_item"',
+               models='"ps_ai_models"'):
         """The first step: the items' key columns and ``v_<name>`` for each
         value named (and the model's current long-context threshold; the
-        items' ids). ``source``: the items' table, or a CTE of new items."""
+        items' ids). ``source``: the items' table, or a CTE of new items;
+        ``models``: the models' table, or a CTE of their rows (id, configuration)."""
         paths = {name: path for name, path, _kind in ITEM_VALUES}
         columns = ["i.model_id", "i.agent_id", "i.connector_id", "i.created_at"] + (["i.id"] if with_id else [])
         columns += ["%s AS v_%s" % (self._raw("i.data", paths[name]), name) for name in names]
         join = ""
         if model_threshold:
             columns.append("%s AS v_model_threshold" % self._raw("m.configuration", _MODEL_THRESHOLD))
-            join = ' LEFT JOIN "ps_ai_models" m ON m.id = i.model_id'
+            join = ' LEFT JOIN %s m ON m.id = i.model_id' % models
         return 'SELECT %s%s FROM %s i%s%s%s' % (
             ", ".join(columns), self.fence_column, source, join, " WHERE " + " AND ".join(where) if where else "",
             self.fence)
@@ -302,7 +304,7 @@ class ItemReader:
 
 # -- reports' statements over items and counters ---------------------------------------
 
-def item_groups_sql(r, read, grouped, rollup=False):
+def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
     """``(sql, group)``: items (``read``, ItemReader.select's subquery) added
     up by model, the keys ``grouped`` (among agent, connector, day) and all
     that prices them; ``group``, the grouping columns in the order the rows
@@ -310,7 +312,9 @@ def item_groups_sql(r, read, grouped, rollup=False):
     keep them (``ROLLUP_COLUMNS``): grouped also by whether the model's
     current threshold decided the long-context side (an item without a
     snapshot) and by that threshold, and the sum of the items' ids last
-    (``read`` with_id)."""
+    (``read`` with_id). ``single``: ``read`` holds one item (or none), its
+    one group without a GROUP BY: the sums are its values; ``extra``, SQL
+    returned after them, over the group's columns (in ``g``)."""
     columns = {
         "model_id": "model_id",
         "agent_id": "agent_id" if "agent" in grouped else None,
@@ -350,18 +354,22 @@ def item_groups_sql(r, read, grouped, rollup=False):
     # Calls with 1-hour cache writes in groups of their own (their extra needs its own price key).
     group += ["long", "hour"]
     # In the order of GroupSums' fields.
-    sums = ["COUNT(*)", "SUM(%s)" % r.j.greatest("tin - cached - cw", "0"), "SUM(cached)", "SUM(cw)",
-            "SUM(%s + parts)" % r.j.greatest("tout - parts", "0"), "SUM(web)", "SUM(tin)", "SUM(tout)",
-            "SUM(cw1h)", "SUM(pcost)"] + (["SUM(id)", _at_sum("at") if r.postgres else "NULL"] if rollup else [])
+    summed = [r.j.greatest("tin - cached - cw", "0"), "cached", "cw", "%s + parts" % r.j.greatest("tout - parts", "0"),
+              "web", "tin", "tout", "cw1h", "pcost"] + (["id"] if rollup else [])
+    if single:
+        sums = ["1"] + summed + ([_at_sum("at", single) if r.postgres else "NULL"] if rollup else []) + list(extra)
+    else:
+        sums = ["COUNT(*)"] + ["SUM(%s)" % value for value in summed] + (
+            [_at_sum("at") if r.postgres else "NULL"] if rollup else [])
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long, "
-           "CASE WHEN cw1h > 0 THEN 1 ELSE 0 END AS hour FROM (%s) c) g GROUP BY %s"
-           % (", ".join(group), ", ".join(sums), typed, ", ".join(group)))
-    return sql, group
+           "CASE WHEN cw1h > 0 THEN 1 ELSE 0 END AS hour FROM (%s) c) g" % (", ".join(group), ", ".join(sums), typed))
+    return (sql if single else "%s GROUP BY %s" % (sql, ", ".join(group))), group
 
 
-def _at_sum(offsets):
-    """PostgreSQL: a sum of intervals (each under a day) as whole microseconds."""
-    return "ROUND(EXTRACT(EPOCH FROM SUM(%s)) * 1000000)" % offsets
+def _at_sum(offsets, single=False):
+    """PostgreSQL: a sum of intervals (each under a day) as whole microseconds
+    (``single``: the one interval ``offsets``)."""
+    return "ROUND(EXTRACT(EPOCH FROM %s) * 1000000)" % (offsets if single else "SUM(%s)" % offsets)
 
 
 def item_totals_sql(r, read):
@@ -606,7 +614,8 @@ def one_round_trip_statements(find, present, agent_is_null, connector_is_null, r
     once. ``find``: the text of the counter row's find, guarded by ``m``
     (peewee's; its parameters come between the configuration's and the
     update's). ``rollup``: CTEs that add the new item (``item``, RETURNING
-    *) to its rollup row (psai.rollups). ``probes``: boolean SQL expressions
+    *; the model's row is ``m``, its id and configuration) to its rollup row
+    (psai.rollups). ``probes``: boolean SQL expressions
     returned after the counter row's columns, read in the same snapshot (is
     there a budget?). Data-modifying CTEs are what peewee cannot say."""
     probes = tuple(probes)
@@ -616,7 +625,8 @@ def one_round_trip_statements(find, present, agent_is_null, connector_is_null, r
         counters = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present
         casts = ["%s::integer"] * 4 + ["%s::timestamptz"] * 2 + ["%s::integer"] * len(present)
         _USAGE_SQL[key] = "SELECT pg_advisory_xact_lock(%s)", (
-            'WITH m AS (SELECT "id" FROM "ps_ai_models" WHERE "id" = %s AND "configuration" = %s::jsonb FOR SHARE), '
+            'WITH m AS (SELECT "id", "configuration" FROM "ps_ai_models" WHERE "id" = %s '
+            'AND "configuration" = %s::jsonb FOR SHARE), '
             'found AS ({find}), '
             'updated AS (UPDATE "ps_model_usage" SET {add}, "updated_at" = %s '
             'WHERE "id" = (SELECT "id" FROM found) RETURNING {columns}), '
@@ -652,13 +662,17 @@ ROLLUP_SUMS = ("calls", "fresh_in", "cached", "cache_write", "out", "web", "all_
                "provider_cost", "id_sum", "at_sum")
 ROLLUP_FINGERPRINTS = ("id_sum", "at_sum")
 _ROLLUP_COLUMNS = ", ".join(quoted(c) for c in ("range_day",) + ROLLUP_KEYS + ROLLUP_SUMS)
+# Rollup keys never NULL (an item's ids, its day, and flags that are 0 or 1), compared with "=".
+_ROLLUP_NOT_NULL = ("model_id", "agent_id", "day", "has_usage", "model_priced", "long", "hour")
 
 
-def rollup_groups_sql(r, where, source='"ps_model_usage_item"'):
-    """The items meeting ``where`` added up as rollup rows are (ROLLUP_KEYS, ROLLUP_SUMS)."""
+def rollup_groups_sql(r, where, source='"ps_model_usage_item"', single=False, models='"ps_ai_models"', extra=()):
+    """The items meeting ``where`` added up as rollup rows are (ROLLUP_KEYS,
+    ROLLUP_SUMS). ``single``, ``extra``: they are one item (item_groups_sql's);
+    ``source``, ``models``: ItemReader.select's."""
     read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True, with_id=True,
-                    source=source)
-    sql, group = item_groups_sql(r, read, ("agent", "connector", "day"), rollup=True)
+                    source=source, models=models)
+    sql, group = item_groups_sql(r, read, ("agent", "connector", "day"), rollup=True, single=single, extra=extra)
     assert tuple(group) == ROLLUP_KEYS, group
     return sql
 
@@ -669,27 +683,31 @@ def rollup_insert_sql(db, groups):
     return 'INSERT INTO "%s" (%s) SELECT %s, g.* FROM (%s) g' % (ROLLUP_TABLE, _ROLLUP_COLUMNS, db.param, groups)
 
 
-def rollup_add_sql(postgres, groups):
-    """(CTEs, update, insert): add the rows ``groups`` (one item's, as
-    rollup_groups_sql gives them) to the rollup row of their key, the one
-    update; the insert, for when the update found none, starts it. Several
-    rows of one key are harmless (reads add them up); the update adds to
-    one of them only."""
-    same = " AND ".join(('r.%s = g.%s' if c in ("model_id", "agent_id") else
-                         ('r.%s IS NOT DISTINCT FROM g.%s' if postgres else 'r.%s IS g.%s')) % (quoted(c), quoted(c))
+def rollup_add_sql(r, where, source='"ps_model_usage_item"', models='"ps_ai_models"'):
+    """(CTE, update, insert): add one item (``where``; ``source``, ``models``:
+    ItemReader.select's) to the rollup row of its key, the one update; the
+    insert, for when the update found none, starts it. Several rows of one
+    key are harmless (reads add them up); the update adds to one of them
+    only. The CTE ``g`` holds the item's group (rollup_groups_sql's, single)
+    and, as ``hit``, the id of the row found for it by the rollup index
+    (NULL: none), so that the update reads one row by its id."""
+    same = " AND ".join(('x.%s = g.%s' if c in _ROLLUP_NOT_NULL else
+                         ('x.%s IS NOT DISTINCT FROM g.%s' if r.postgres else 'x.%s IS g.%s')) % (quoted(c), c)
                         for c in ROLLUP_KEYS)
-    target = "t" if postgres else quoted(ROLLUP_TABLE)
+    hit = '(SELECT x."id" FROM "%s" x WHERE x."range_day" = g.day AND %s LIMIT 1)' % (ROLLUP_TABLE, same)
+    groups = rollup_groups_sql(r, where, source=source, single=True, models=models, extra=[hit])
+    target = "t" if r.postgres else quoted(ROLLUP_TABLE)
     added = ['%s = %s.%s + g.%s' % (quoted(c), target, quoted(c), quoted(c)) for c in ROLLUP_SUMS
              if c != "provider_cost"]
     added.append('"provider_cost" = CASE WHEN %s."provider_cost" IS NULL THEN g."provider_cost" '
                  'WHEN g."provider_cost" IS NULL THEN %s."provider_cost" '
                  'ELSE %s."provider_cost" + g."provider_cost" END' % (target, target, target))
-    # The row found first, by the index, so that the update reads one row by its id.
-    g = ('g(%s) AS (%s), hit AS (SELECT r."id" FROM "%s" r, g WHERE r."range_day" = g."day" AND %s LIMIT 1)' % (
-        ", ".join(quoted(c) for c in ROLLUP_KEYS + ROLLUP_SUMS), groups, ROLLUP_TABLE, same))
-    update = 'UPDATE "{table}"{alias} SET {added} FROM g, hit WHERE {target}."id" = hit."id"'.format(
-        table=ROLLUP_TABLE, alias=" t" if postgres else "", added=", ".join(added), target=target)
-    insert = 'INSERT INTO "%s" (%s) SELECT g."day", g.* FROM g' % (ROLLUP_TABLE, _ROLLUP_COLUMNS)
+    columns = ROLLUP_KEYS + ROLLUP_SUMS
+    g = 'g(%s, "hit") AS (%s)' % (", ".join(quoted(c) for c in columns), groups)
+    update = 'UPDATE "{table}"{alias} SET {added} FROM g WHERE {target}."id" = g."hit"'.format(
+        table=ROLLUP_TABLE, alias=" t" if r.postgres else "", added=", ".join(added), target=target)
+    insert = 'INSERT INTO "%s" (%s) SELECT g."day", %s FROM g' % (
+        ROLLUP_TABLE, _ROLLUP_COLUMNS, ", ".join("g.%s" % quoted(c) for c in columns))
     return g, update, insert
 
 
