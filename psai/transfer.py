@@ -10,6 +10,7 @@ twice changes nothing the second time.
 import contextlib
 import datetime
 import itertools
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -350,6 +351,7 @@ def _item_key(row):
 
 
 _ITEM_ORDER = [PsModelUsageItem.created_at, PsModelUsageItem.id]
+_DATA = PsModelUsageItem.data
 
 
 class _Items:
@@ -372,6 +374,7 @@ class _Items:
 
     @classmethod
     def can_be_stored(cls, source, target):
+        """Both SQLite, with the same item columns (none to fill with a default)."""
         return not is_postgres(source) and not is_postgres(target) and \
             [f.name for f in _columns(PsModelUsageItem, source)] == [f.name for f in _columns(PsModelUsageItem, target)]
 
@@ -400,7 +403,7 @@ class _Items:
 
     def new(self, row):
         """A translated row that matches none of the target's, as it is to be inserted."""
-        del row["id"]
+        row.pop("id", None)
         return row if self.fits else _fit(PsModelUsageItem, self.names, row)
 
     def changes(self, existing, values):
@@ -417,21 +420,20 @@ class _Items:
         if not self.stored:
             _insert(PsModelUsageItem, rows)
         elif rows:
-            names = list(rows[0])
+            names = list(rows[0])  # every row has the same keys: the source's columns
+            values = operator.itemgetter(*names)
             with _AS_PEEWEES:
-                PsModelUsageItem.insert_stored(names, [tuple(row[name] for name in names) for row in rows])
+                PsModelUsageItem.insert_stored(names, [values(row) for row in rows])
 
 
-_DATA = PsModelUsageItem.data
-
-
-def _data_as_is(item=PsModelUsageItem):
+def _data_as_is():
     """SQLite: 1 when the item's JSON text is an object as SQLite's json()
     gives it back (so Python reads it as SQLite does) whose model and agent
     ids, where it has them, are integers equal to the item's own
     ``model_id`` and ``agent_id``: copied where those ids stay the same, the
     text is what retargeting would leave. 0 otherwise (then the item is
     read, retargeted and written, as on any other pair of databases)."""
+    item = PsModelUsageItem
     data = item.data
 
     def other_id(path, column):
