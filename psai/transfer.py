@@ -359,10 +359,11 @@ class _Items:
     Python values (fields' ``python_value``, ``bulk_insert``), between any
     two databases; or, SQLite to SQLite with the same columns (``stored``),
     as stored: times as psai's stored text, which compares as the times do
-    (``read_sqlite_time_text``), and the item's JSON as its text, kept as it
-    is when it already names the target's ids (``_data_as_is``), else read,
-    retargeted and written as the general path writes it; rows go in by
-    ``insert_stored``. What lands in the target is the same either way."""
+    (``read_sqlite_time_text``), and the item's JSON as its text, retargeted
+    by SQLite where the copy keeps the item's ids (``_data_on_own_ids``),
+    else read, retargeted and written as the general path writes it; rows
+    go in by ``insert_stored``. What lands in the target is the same either
+    way, as psai reads it."""
 
     def __init__(self, source, target, model_ids, agent_ids, stored):
         self.target_fields = _columns(PsModelUsageItem, target)
@@ -384,7 +385,7 @@ class _Items:
     def source_columns(self):
         if not self.stored:
             return _as_read(self.source_fields)
-        return _as_stored(self.source_fields) + [("as_is", _data_as_is(), None)]
+        return _as_stored(self.source_fields) + [("on_own_ids", _data_on_own_ids(), None)]
 
     def translate(self, row):
         """A source row (``_item_key`` and all) as the target is to hold it,
@@ -395,7 +396,10 @@ class _Items:
         agent_id = self.agent_ids.get(row["agent_id"], NO_AGENT)
         if not self.stored:
             return dict(row, model_id=model_id, agent_id=agent_id, data=_retarget_item(row["data"], model_id, agent_id))
-        if not row.pop("as_is") or model_id != row["model_id"] or agent_id != row["agent_id"]:
+        on_own_ids = row.pop("on_own_ids")
+        if on_own_ids is not None and model_id == row["model_id"] and agent_id == row["agent_id"]:
+            row["data"] = on_own_ids  # the target's ids are the item's own (a target filled in id order)
+        else:
             data = _retarget_item(_DATA.read_text(row["data"]), model_id, agent_id)
             row["data"] = None if data is None else _DATA.text(data)  # as bulk_insert would write it
         row["model_id"], row["agent_id"] = model_id, agent_id
@@ -426,23 +430,21 @@ class _Items:
                 PsModelUsageItem.insert_stored(names, [values(row) for row in rows])
 
 
-def _data_as_is():
-    """SQLite: 1 when the item's JSON text is an object as SQLite's json()
-    gives it back (so Python reads it as SQLite does) whose model and agent
-    ids, where it has them, are integers equal to the item's own
-    ``model_id`` and ``agent_id``: copied where those ids stay the same, the
-    text is what retargeting would leave. 0 otherwise (then the item is
-    read, retargeted and written, as on any other pair of databases)."""
+def _data_on_own_ids():
+    """SQLite: the item's JSON with its model id and agent id, where it has
+    them (``_retarget_item``'s rule: ``json_replace`` sets only paths that
+    exist), set to the item's own ``model_id`` and ``agent_id`` columns, so
+    retargeted by SQLite when the copy maps both to themselves (an item
+    without an agent names 0, as ``NO_AGENT``). NULL unless the JSON is an
+    object exactly as SQLite's json() gives it back, so that Python reads it
+    as SQLite does; such an item is read, retargeted and written in Python."""
     item = PsModelUsageItem
     data = item.data
-
-    def other_id(path, column):
-        kind = fn.json_type(data, path)
-        return kind.is_null(False) & ((kind != "integer") | (fn.json_extract(data, path) != column))
     # CASE tries its conditions in order: the JSON functions only see valid JSON.
-    return Case(None, [(~((fn.typeof(data) == "text") & (fn.json_valid(data) == 1)), 0),
-                       (fn.json(data) != data, 0), (fn.json_type(data) != "object", 0),
-                       (other_id("$.model.id", item.model_id), 0), (other_id("$.actor.agentId", item.agent_id), 0)], 1)
+    plain = Case(None, [(~((fn.typeof(data) == "text") & (fn.json_valid(data) == 1)), 0),
+                        (fn.json(data) != data, 0), (fn.json_type(data) != "object", 0)], 1)
+    return Case(None, [(plain == 1, fn.json_replace(data, "$.model.id", item.model_id,
+                                                    "$.actor.agentId", item.agent_id))], None)
 
 
 def _merge_items(target, source_rows, counts, batch, items):

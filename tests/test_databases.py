@@ -426,7 +426,8 @@ def test_sqlite_to_sqlite_copies_items_as_stored_with_the_general_paths_result(t
     general path (every other pair of databases) reads, retargets and
     writes each item. Both leave the same rows in the target, first copy
     and next, whether the target's ids are the source's or shifted by rows
-    of its own; so do odd items: JSON that is not an object, not JSON, not
+    of its own; so do calls without an agent (JSON ``agentId`` null, set to
+    0 either way) and odd items: JSON that is not an object, not JSON, not
     minified, not ASCII, a model id that is text or not the item's column,
     an agent that is gone, times stored in other formats."""
     source = make_backend("sqlite", tmp_path).connect()
