@@ -193,6 +193,20 @@ class BaseModel(Model):
                 _PreparedInsert.many(cls, rows[start:start + batch_size])
         return len(rows)
 
+    @classmethod
+    def insert_stored(cls, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> int:
+        """Insert ``rows``, each a tuple of the fields ``names`` in that
+        order, whose values are already as this database stores them and its
+        driver takes them (on SQLite what a SELECT of those columns gives:
+        JSON and psai's times as text): ``bulk_insert``'s prepared statement,
+        with no default filled and no value converted. Nothing is checked:
+        for rows copied as stored. Returns the number of rows inserted."""
+        names = tuple(names)
+        with write_transaction(model_db(cls)):
+            for start in range(0, len(rows), 1000):
+                _PreparedInsert.stored(cls, names, rows[start:start + 1000])
+        return len(rows)
+
     def _update_row(self, __data=None, **update):
         """save() updating this row, which it has validated."""
         return ModelUpdate(type(self), type(self)._normalize_data(__data, update))
@@ -326,6 +340,19 @@ class _PreparedInsert:
         return cursor.fetchone()[0] if isinstance(db, PostgresqlDatabase) else cursor.lastrowid
 
     @classmethod
+    def stored(cls, model, names, rows):
+        """Run the INSERT of ``rows`` (tuples in the order of ``names``) as they are."""
+        if not rows:
+            return
+        db = model_db(model)
+        db.connect(reuse_if_open=True)
+        cursor = db.cursor()
+        if isinstance(db, PostgresqlDatabase):
+            cursor.execute(cls.statement(model, names, len(rows)), [value for row in rows for value in row])
+        else:
+            cursor.executemany(cls.statement(model, names), rows)
+
+    @classmethod
     def many(cls, model, rows):
         if not rows:
             return
@@ -336,14 +363,8 @@ class _PreparedInsert:
             raise ValueError("bulk_insert rows must all have the same fields")
         db = model_db(model)
         shared = (now, TimestampTzField().db_value(now) if not isinstance(db, PostgresqlDatabase) else now)
-        params = [cls._params(model, names, data, shared) for data in completed]
-        db.connect(reuse_if_open=True)
-        cursor = db.cursor()
-        if isinstance(db, PostgresqlDatabase):
-            # One statement of all the rows: one round trip.
-            cursor.execute(cls.statement(model, names, len(params)), [value for row in params for value in row])
-        else:
-            cursor.executemany(cls.statement(model, names), params)
+        # PostgreSQL: one statement of all the rows, one round trip; SQLite: executemany.
+        cls.stored(model, names, [cls._params(model, names, data, shared) for data in completed])
 
 
 # -- links: adding twice is harmless, linking to a missing row is a clear error ----

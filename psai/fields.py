@@ -18,7 +18,8 @@ from peewee import Database, DatabaseProxy, Field, Node, PostgresqlDatabase, UUI
 from .constants import time_range_problem
 from .errors import ValidationError
 
-__all__ = ["TimestampTzField", "UUIDTextField", "JSONField", "utcnow", "UTC", "UnreadableTime", "read_time"]
+__all__ = ["TimestampTzField", "UUIDTextField", "JSONField", "utcnow", "UTC", "UnreadableTime", "read_time",
+           "sqlite_time_text", "read_sqlite_time_text"]
 
 UTC = datetime.timezone.utc
 
@@ -117,6 +118,34 @@ def _read_odd(value: Any) -> datetime.datetime | None:
     return None
 
 
+def sqlite_time_text(value: datetime.datetime) -> str:
+    """How psai stores an aware time on SQLite: UTC, fixed-width ISO 8601
+    text with the offset, so that text order is time order."""
+    return value.astimezone(UTC).isoformat(sep=" ", timespec="microseconds")
+
+
+# sqlite_time_text's output, years 2-9998 (the first and last can cross a range end: read_time decides).
+_SQLITE_TIME_TEXT = re.compile(r"(?!0001|9999)[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}\+00:00")
+
+
+def read_sqlite_time_text(value: Any) -> str | UnreadableTime | None:
+    """A timestamp stored on SQLite as the text psai would store for it
+    (``sqlite_time_text``), read by ``read_time``'s rule: two equal texts
+    are one time, and text order is time order, without making a datetime
+    of either. Text already in psai's form is returned as it is; an
+    unreadable value as ``UnreadableTime``; None as None."""
+    if type(value) is str and _SQLITE_TIME_TEXT.fullmatch(value):
+        try:
+            datetime.datetime.fromisoformat(value)  # the form is right; the date must exist too
+            return value
+        except ValueError:
+            return UnreadableTime(value)
+    if value is None:
+        return None
+    found = read_time(value)
+    return found if isinstance(found, UnreadableTime) else sqlite_time_text(found)
+
+
 def bound_database(field: Field) -> Database | None:
     """The database ``field``'s model is bound to in this thread, or None."""
     model = getattr(field, "model", None)  # None for a field used on its own
@@ -142,7 +171,7 @@ class TimestampTzField(Field):
             raise ValidationError({self.name: [problem]})
         if isinstance(bound_database(self), PostgresqlDatabase):
             return value
-        return value.astimezone(UTC).isoformat(sep=" ", timespec="microseconds")
+        return sqlite_time_text(value)
 
     def python_value(self, value: Any) -> datetime.datetime | UnreadableTime | None:
         if value is None:
@@ -205,3 +234,18 @@ class JSONField(peewee.JSONField):
             return value
         read = self._backend()[2]
         return read(value) if read is not None else value
+
+    def text(self, value: Any) -> str:
+        """The JSON text this field writes for ``value`` (SQLite stores it as it is)."""
+        dumps: Callable[[Any], str] = self.__dict__["_dumps"]  # peewee's JSONField keeps it; its stubs do not say
+        return dumps(value)
+
+    def read_text(self, value: Any) -> Any:
+        """A value stored on SQLite as Python reads it, as ``python_value``
+        does there: JSON text parsed; anything else (text that is not JSON) as it is."""
+        if isinstance(value, str):
+            try:
+                return self.__dict__["_loads"](value)
+            except (TypeError, ValueError):
+                pass
+        return value

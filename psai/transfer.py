@@ -10,16 +10,17 @@ twice changes nothing the second time.
 import contextlib
 import datetime
 import itertools
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import peewee
-from peewee import Database, ExceptionWrapper, ForeignKeyField, ModelUpdate
+from peewee import Case, Database, ExceptionWrapper, ForeignKeyField, ModelUpdate, fn
 
 from .constants import MAX_INTEGER, MIN_INTEGER
 from .db import connect, is_postgres, model_db, read_transaction, table_columns, using, write_transaction
 from .errors import ValidationError
-from .fields import TimestampTzField, UnreadableTime
+from .fields import TimestampTzField, UnreadableTime, read_sqlite_time_text
 from .migrations import ensure_schema
 from .models import (
     AgentModels, CopiedUsage, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage,
@@ -183,13 +184,29 @@ _cursor_names = itertools.count(1)
 _AS_PEEWEES = ExceptionWrapper(vars(peewee)["EXCEPTIONS"])
 
 
-def _stream(model_class, db, fields, order_by, batch):
-    """The rows of ``model_class`` in ``db`` as {field name: value}, as
-    stored, in ``order_by``, read ``batch`` rows at a time: on PostgreSQL
-    through a server-side cursor (inside the caller's transaction), on
-    SQLite by stepping the statement; so only a batch is ever in memory."""
+def _as_read(fields):
+    """``_stream``'s columns for ``fields``, each value as its field reads it."""
+    return [(field.name, field, field.python_value) for field in fields]
+
+
+def _as_stored(fields):
+    """``_stream``'s columns for ``fields`` on SQLite, each value as stored
+    but times, which read as psai's stored text (``read_sqlite_time_text``):
+    equal and ordered as the times are, and written back as they are."""
+    return [(field.name, field, read_sqlite_time_text if isinstance(field, TimestampTzField) else None)
+            for field in fields]
+
+
+def _stream(model_class, db, columns, order_by, batch):
+    """The rows of ``model_class`` in ``db`` as {name: value}, in
+    ``order_by``, read ``batch`` rows at a time: on PostgreSQL through a
+    server-side cursor (inside the caller's transaction), on SQLite by
+    stepping the statement; so only a batch is ever in memory. ``columns``
+    are (name, expression, read): ``read`` turns a stored value other than
+    None into the row's; without one the value stays as stored."""
     with using(db):
-        sql, params = model_class.select(*fields).order_by(*order_by).sql()
+        sql, params = model_class.select(*(expression for _name, expression, _read in columns)) \
+            .order_by(*order_by).sql()
     if is_postgres(db):
         # peewee runs psycopg2 in autocommit and sends BEGIN itself, so the
         # driver takes a named cursor only WITH HOLD; inside the transaction
@@ -198,8 +215,8 @@ def _stream(model_class, db, fields, order_by, batch):
         cursor.itersize = batch
     else:
         cursor = db.cursor()
-    names = [field.name for field in fields]
-    readers = [field.python_value for field in fields]
+    names = [name for name, _expression, _read in columns]
+    readers = [(name, read) for name, _expression, read in columns if read is not None]
     try:
         with _AS_PEEWEES:
             cursor.execute(sql, params)
@@ -208,8 +225,14 @@ def _stream(model_class, db, fields, order_by, batch):
                 fetched = cursor.fetchmany(batch)
             if not fetched:
                 return
-            with using(db):  # a JSON field reads the way its database stores it
-                rows = [{name: read(value) for name, read, value in zip(names, readers, row)} for row in fetched]
+            rows = [dict(zip(names, row)) for row in fetched]
+            if readers:
+                with using(db):  # a JSON field reads the way its database stores it
+                    for row in rows:
+                        for name, read in readers:
+                            value = row[name]
+                            if value is not None:
+                                row[name] = read(value)
             yield from rows
     finally:
         if not getattr(cursor.connection, "closed", False):  # a cut connection took its cursor with it
@@ -281,19 +304,31 @@ def _mirror_rows(model_class, target, source_rows, key, translate, counts, name,
     others; rows of the target's own are left alone. ``merge(existing,
     values)``, if given, gives the values a matched row is to have."""
     target_rows = _by_key(_read(model_class, target), key) if source_rows else {}
-    inserts = _match(model_class, target, target_rows, source_rows, key, translate, counts, name, merge)
+    names = _target_names(model_class, target)
+    inserts = _match(model_class, names, target_rows, source_rows, key, translate, counts, name, merge)
     _insert(model_class, inserts)
     counts[name]["created"] += len(inserts)
 
 
-def _match(model_class, target, target_rows, source_rows, key, translate, counts, name, merge=None):
+def _target_names(model_class, target):
+    """The names of the fields a copied row may give ``target``'s table (its id is the target's own)."""
+    return {field.name for field in _columns(model_class, target)} - {model_class._meta.primary_key.name}
+
+
+def _changes(existing, values):
+    return {k: v for k, v in values.items() if existing.get(k) != v}
+
+
+def _match(model_class, names, target_rows, source_rows, key, translate, counts, name, merge=None,
+           changes=_changes):
     """Update the rows of ``target_rows`` ({key: [rows]}) that match a source
-    row by ``key``, in order; return the values of the others, to insert."""
+    row by ``key``, in order; return the values of the others, to insert.
+    ``names``: ``_target_names``; ``changes(existing, values)``: what of
+    ``values`` a matched row does not hold yet, as ``_update`` writes it."""
     pk = model_class._meta.primary_key.name
-    names = {field.name for field in _columns(model_class, target)} - {pk}
     inserts = []
     for group_key, rows in _by_key(source_rows, key).items():
-        matches = target_rows.get(group_key, [])
+        matches = target_rows.get(group_key, ())
         for index, row in enumerate(rows):
             values = translate(row)
             values.pop(pk, None)
@@ -302,7 +337,7 @@ def _match(model_class, target, target_rows, source_rows, key, translate, counts
                 existing = matches[index]
                 if merge is not None:
                     values = merge(existing, values)
-                changed = {k: v for k, v in values.items() if existing.get(k) != v}
+                changed = changes(existing, values)
                 if changed:
                     _update(model_class, existing[pk], changed)
                     counts[name]["updated"] += 1
@@ -315,28 +350,129 @@ def _item_key(row):
     return row["model_id"], row["agent_id"], row.get("connector_id"), row["user_id"], row["created_at"]
 
 
-def _merge_items(target, source_rows, counts, batch):
-    """Mirror the items of ``source_rows`` (read in created_at order) onto
-    the target's, read in the same order: the two are walked side by side
-    a run of equal times at a time, and rows are matched by ``_item_key``
-    within a run, so only a batch of each side is in memory. ``_OutOfOrder``
-    when either side's order is not its times' (text SQLite could not sort)."""
-    fields = _columns(PsModelUsageItem, target)
-    order = [PsModelUsageItem.created_at, PsModelUsageItem.id]
+_ITEM_ORDER = [PsModelUsageItem.created_at, PsModelUsageItem.id]
+_DATA = PsModelUsageItem.data
+
+
+class _Items:
+    """How a copy reads, retargets, compares and writes the items. As
+    Python values (fields' ``python_value``, ``bulk_insert``), between any
+    two databases; or, SQLite to SQLite with the same columns (``stored``),
+    as stored: times as psai's stored text, which compares as the times do
+    (``read_sqlite_time_text``), and the item's JSON as its text, retargeted
+    by SQLite where the copy keeps the item's ids (``_data_on_own_ids``),
+    else read, retargeted and written as the general path writes it; rows
+    go in by ``insert_stored``. What lands in the target is the same either
+    way, as psai reads it."""
+
+    def __init__(self, source, target, model_ids, agent_ids, stored):
+        self.target_fields = _columns(PsModelUsageItem, target)
+        self.source_fields = _columns(PsModelUsageItem, source)
+        self.model_ids, self.agent_ids, self.stored = model_ids, agent_ids, stored
+        self.names = _target_names(PsModelUsageItem, target)
+        # Every source column has one in the target: _fit would change nothing.
+        self.fits = {f.name for f in self.source_fields} - {"id"} <= self.names
+
+    @classmethod
+    def can_be_stored(cls, source, target):
+        """Both SQLite, with the same item columns (none to fill with a default)."""
+        return not is_postgres(source) and not is_postgres(target) and \
+            [f.name for f in _columns(PsModelUsageItem, source)] == [f.name for f in _columns(PsModelUsageItem, target)]
+
+    def target_columns(self):
+        return (_as_stored if self.stored else _as_read)(self.target_fields)
+
+    def source_columns(self):
+        if not self.stored:
+            return _as_read(self.source_fields)
+        return _as_stored(self.source_fields) + [("on_own_ids", _data_on_own_ids(), None)]
+
+    def translate(self, row):
+        """A source row (``_item_key`` and all) as the target is to hold it,
+        or None when its model is not copied (it points nowhere)."""
+        model_id = self.model_ids.get(row["model_id"])
+        if model_id is None:
+            return None
+        agent_id = self.agent_ids.get(row["agent_id"], NO_AGENT)
+        if not self.stored:
+            return dict(row, model_id=model_id, agent_id=agent_id, data=_retarget_item(row["data"], model_id, agent_id))
+        on_own_ids = row.pop("on_own_ids")
+        if on_own_ids is not None and model_id == row["model_id"] and agent_id == row["agent_id"]:
+            row["data"] = on_own_ids  # the target's ids are the item's own (a target filled in id order)
+        else:
+            data = _retarget_item(_DATA.read_text(row["data"]), model_id, agent_id)
+            row["data"] = None if data is None else _DATA.text(data)  # as bulk_insert would write it
+        row["model_id"], row["agent_id"] = model_id, agent_id
+        return row
+
+    def new(self, row):
+        """A translated row that matches none of the target's, as it is to be inserted."""
+        row.pop("id", None)
+        return row if self.fits else _fit(PsModelUsageItem, self.names, row)
+
+    def changes(self, existing, values):
+        changed = _changes(existing, values)
+        if self.stored and "data" in changed:
+            data = _DATA.read_text(changed["data"])
+            if _DATA.read_text(existing.get("data")) == data:
+                del changed["data"]  # the same JSON, written another way: as the general path compares
+            else:
+                changed["data"] = data  # for _update, which writes it through the field
+        return changed
+
+    def insert(self, rows):
+        if not self.stored:
+            _insert(PsModelUsageItem, rows)
+        elif rows:
+            names = list(rows[0])  # every row has the same keys: the source's columns
+            values = operator.itemgetter(*names)
+            with _AS_PEEWEES:
+                PsModelUsageItem.insert_stored(names, [values(row) for row in rows])
+
+
+def _data_on_own_ids():
+    """SQLite: the item's JSON with its model id and agent id, where it has
+    them (``_retarget_item``'s rule: ``json_replace`` sets only paths that
+    exist), set to the item's own ``model_id`` and ``agent_id`` columns, so
+    retargeted by SQLite when the copy maps both to themselves (an item
+    without an agent names 0, as ``NO_AGENT``). NULL unless the JSON is an
+    object exactly as SQLite's json() gives it back, so that Python reads it
+    as SQLite does; such an item is read, retargeted and written in Python."""
+    item = PsModelUsageItem
+    data = item.data
+    # CASE tries its conditions in order: the JSON functions only see valid JSON.
+    plain = Case(None, [(~((fn.typeof(data) == "text") & (fn.json_valid(data) == 1)), 0),
+                        (fn.json(data) != data, 0), (fn.json_type(data) != "object", 0)], 1)
+    return Case(None, [(plain == 1, fn.json_replace(data, "$.model.id", item.model_id,
+                                                    "$.actor.agentId", item.agent_id))], None)
+
+
+def _merge_items(target, source_rows, counts, batch, items):
+    """Mirror the items of ``source_rows`` (read in created_at order, as
+    ``items`` translates them) onto the target's, read in the same order:
+    the two are walked side by side a run of equal times at a time, and
+    rows are matched by ``_item_key`` within a run, so only a batch of each
+    side is in memory. ``_OutOfOrder`` when either side's order is not its
+    times' (text SQLite could not sort)."""
     name = "ps_model_usage_item"
     inserts: list[dict[str, Any]] = []
-    with contextlib.closing(_by_time(_stream(PsModelUsageItem, target, fields, order, batch))) as here:
+    model = PsModelUsageItem
+    with contextlib.closing(_by_time(_stream(model, target, items.target_columns(), _ITEM_ORDER, batch))) as here:
         pending = next(here, None)
         for when, rows in _by_time(source_rows):
             while pending is not None and _later(when, pending[0]):
                 pending = next(here, None)  # the target's own items, left alone
-            matches = _by_key(pending[1], _item_key) if pending is not None and pending[0] == when else {}
-            inserts += _match(PsModelUsageItem, target, matches, rows, _item_key, dict, counts, name)
+            if pending is not None and pending[0] == when:
+                matches = _by_key(pending[1], _item_key)
+                inserts += _match(model, items.names, matches, rows, _item_key, dict, counts, name,
+                                  changes=items.changes)
+            else:  # nothing of the target's at this time: every row is new
+                inserts += map(items.new, rows)
             if len(inserts) >= batch:
-                _insert(PsModelUsageItem, inserts)
+                items.insert(inserts)
                 counts[name]["created"] += len(inserts)
                 inserts = []
-    _insert(PsModelUsageItem, inserts)
+    items.insert(inserts)
     counts[name]["created"] += len(inserts)
 
 
@@ -446,12 +582,13 @@ def _checked(model_class, rows, errors, to_postgres, batch):
             yield from chunk
 
 
-def _source_items(source, errors, to_postgres, batch):
-    """The source's items in time order, checked (``_checked``)."""
-    fields = _columns(PsModelUsageItem, source)
-    if not fields:
+def _source_items(source, errors, to_postgres, batch, columns=None):
+    """The source's items in time order, checked (``_checked``); ``columns``
+    as ``_stream`` takes them, by default every field as it reads."""
+    columns = columns if columns is not None else _as_read(_columns(PsModelUsageItem, source))
+    if not columns:
         return iter(())
-    rows = _stream(PsModelUsageItem, source, fields, [PsModelUsageItem.created_at, PsModelUsageItem.id], batch)
+    rows = _stream(PsModelUsageItem, source, columns, _ITEM_ORDER, batch)
     return _checked(PsModelUsageItem, rows, errors, to_postgres, batch)
 
 
@@ -534,20 +671,18 @@ def _copy(source, target, counts, dry_run, progress, batch):
             _mirror_usage(target, usage, counts)
             done(usage)
 
-            def item_row(row):
-                model_id, agent_id = model_ids.get(row["model_id"]), agent_ids.get(row["agent_id"], NO_AGENT)
-                return dict(row, model_id=model_id, agent_id=agent_id,
-                            data=_retarget_item(row["data"], model_id, agent_id))
-
-            def copied_items():  # an item pointing nowhere stays behind
-                return (item_row(row) for row in _source_items(source, refused, to_postgres, batch)
-                        if row["model_id"] in model_ids)
+            def copied_items(items):  # an item pointing nowhere (translated to None) stays behind
+                rows = _source_items(source, refused, to_postgres, batch, items.source_columns())
+                return (row for row in map(items.translate, rows) if row is not None)
+            items = _Items(source, target, model_ids, agent_ids, stored=_Items.can_be_stored(source, target))
             try:
                 with target.atomic():  # a savepoint: an order the walk cannot follow is undone, then matched whole
-                    _merge_items(target, copied_items(), counts, batch)
+                    _merge_items(target, copied_items(items), counts, batch, items)
             except _OutOfOrder:
                 counts["ps_model_usage_item"] = {"created": 0, "updated": 0}
-                _mirror_rows(PsModelUsageItem, target, list(copied_items()), _item_key, dict, counts,
+                # Whole, the general way: the target's items as _read gives them.
+                items = _Items(source, target, model_ids, agent_ids, stored=False)
+                _mirror_rows(PsModelUsageItem, target, list(copied_items(items)), _item_key, dict, counts,
                              "ps_model_usage_item")
             if refused:
                 raise ValidationError(refused)
@@ -579,7 +714,8 @@ def copy(source: Database | str, target: Database | str, *, dry_run: bool = Fals
 
     The items, the table that grows, are streamed: read from both sides in
     time order ``batch`` rows at a time and matched side by side, so memory
-    does not grow with the store."""
+    does not grow with the store; SQLite to SQLite they move in their
+    stored form (``_Items``), with the same result."""
     opened: list[Database] = []
     if isinstance(source, str):
         source = connect(source, bind=False)

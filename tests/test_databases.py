@@ -12,27 +12,44 @@ from click.testing import CliRunner
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from psai.cli import cli
+from psai.transfer import _Items
 
 from conftest import make_backend, make_configuration
 
 
 class Two:
-    """The default database (bound by connect) of one kind, and another,
-    opened without binding, of the other kind; each with its URL."""
+    """The default database (bound by connect) and another, opened without
+    binding (for ``two``, of the other kind); each with its URL."""
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def two(request, tmp_path):
-    other_kind = {"sqlite": "postgres", "postgres": "sqlite"}[request.param]
+def _two(tmp_path, kind, other_kind):
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
-    first = make_backend(request.param, tmp_path / "first")
+    first = make_backend(kind, tmp_path / "first")
     second = make_backend(other_kind, tmp_path / "second")
     pair = Two()
     pair.default, pair.default_url = first.connect(), first.url
     psai.migrate()
     pair.other, pair.other_url = psai.connect(second.url, bind=False), second.url
     psai.migrate(pair.other)
+    return pair, first, second
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def two(request, tmp_path):
+    pair, first, second = _two(tmp_path, request.param, {"sqlite": "postgres", "postgres": "sqlite"}[request.param])
+    yield pair
+    pair.other.close()
+    first.close()
+    second.close()
+
+
+@pytest.fixture(params=[("sqlite", "postgres"), ("postgres", "sqlite"), ("sqlite", "sqlite")],
+                ids=["sqlite-postgres", "postgres-sqlite", "sqlite-sqlite"])
+def copies(request, tmp_path):
+    """``two`` for a copy from ``default`` to ``other``: each way between
+    the backends, and SQLite to SQLite (the items copied as stored)."""
+    pair, first, second = _two(tmp_path, *request.param)
     yield pair
     pair.other.close()
     first.close()
@@ -133,8 +150,8 @@ def _report(db, by):
                   for r in rows)
 
 
-def test_copy_mirrors_a_store_and_a_second_copy_changes_nothing(two):
-    source, target = two.default, two.other
+def test_copy_mirrors_a_store_and_a_second_copy_changes_nothing(copies):
+    source, target = copies.default, copies.other
     gpt, mini = add("GPT"), add("mini", modelSize="small")
     lead, helper = agent("lead"), agent("helper")
     helper.parent_agent = lead
@@ -174,11 +191,11 @@ def test_copy_mirrors_a_store_and_a_second_copy_changes_nothing(two):
     assert _report(target, "model") == _report(source, "model")
 
 
-def test_a_second_copy_keeps_what_the_target_recorded(two, clock):
+def test_a_second_copy_keeps_what_the_target_recorded(copies, clock):
     """Copy, record on the target the same day (into the copied counter row),
     copy again: the target's calls stay counted, the source's new ones are
     added, and a copy with nothing new changes nothing."""
-    source, target = two.default, two.other
+    source, target = copies.default, copies.other
     gpt, lead = add("GPT"), agent("lead")
     psai.record_usage(gpt, lead, tokens_in=1000, tokens_out=10)
     psai.copy(source, target)
@@ -208,10 +225,10 @@ def test_a_second_copy_keeps_what_the_target_recorded(two, clock):
     assert (row["calls"], row["tokens_in"], row["tokens_out"]) == (3, 1700, 17)
 
 
-def test_copy_from_the_command_line(two, tmp_path):
-    target = two.other
+def test_copy_from_the_command_line(copies, tmp_path):
+    target = copies.other
     add("GPT")
-    source_url, target_url = two.default_url, two.other_url
+    source_url, target_url = copies.default_url, copies.other_url
     result = CliRunner().invoke(cli, ["copy", "--from", source_url, "--to", target_url, "--dry-run", "--json"])
     assert result.exit_code == 0, result.output
     assert {r["table"]: r["created"] for r in json.loads(result.stdout)}["ps_ai_models"] == 1
@@ -324,12 +341,12 @@ def _counters(db):
                       for row in PsModelUsage.select())
 
 
-def test_a_copy_streams_its_items_in_batches(two, clock):
+def test_a_copy_streams_its_items_in_batches(copies, clock):
     """With batches of 7, runs of items with one key (same model, agent,
     user and microsecond) straddle batch boundaries, on both sides: the
     target ends equal to the source, a second copy changes nothing, and what
     the target recorded itself (items and counters) stays."""
-    source, target = two.default, two.other
+    source, target = copies.default, copies.other
     gpt, mini = add("GPT"), add("mini", modelSize="small")
     lead, helper = agent("lead"), agent("helper")
     runs = [1, 3, 5, 8, 13, 2, 7, 7, 1, 20]  # calls that share one key
@@ -392,6 +409,95 @@ def test_a_copy_matches_items_whose_stored_text_is_not_in_time_order(tmp_path, c
         assert all(n == {"created": 0, "updated": 0} for n in psai.copy(source, target, batch=7).values())
     finally:
         target.close()
+        source.close()
+
+
+def _stored_items(db):
+    """Every item of ``db`` as psai reads it, in id order: what a copy wrote."""
+    with psai.using(db):
+        return [(i.id, i.user_id, i.model_id, i.agent_id, i.connector_id, i.created_at, i.updated_at, i.data)
+                for i in PsModelUsageItem.select().order_by(PsModelUsageItem.id)]
+
+
+@pytest.mark.parametrize("ids", ["the source's", "shifted"])
+def test_sqlite_to_sqlite_copies_items_as_stored_with_the_general_paths_result(tmp_path, clock, monkeypatch, ids):
+    """SQLite to SQLite a copy keeps each item's JSON text where it already
+    names the target's ids and compares times as their stored text; the
+    general path (every other pair of databases) reads, retargets and
+    writes each item. Both leave the same rows in the target, first copy
+    and next, whether the target's ids are the source's or shifted by rows
+    of its own; so do calls without an agent (JSON ``agentId`` null, set to
+    0 either way) and odd items: JSON that is not an object, not JSON, not
+    minified, not ASCII, a model id that is text or not the item's column,
+    an agent that is gone, times stored in other formats."""
+    source = make_backend("sqlite", tmp_path).connect()
+    psai.migrate()
+    gpt, mini, lead, helper = add("GPT"), add("mini", modelSize="small"), agent("lead"), agent("helper")
+    for call in range(12):
+        psai.record_usage((gpt, mini)[call % 2], (lead, helper, None)[call % 3], tokens_in=100 + call, tokens_out=1,
+                          connector_id=call % 2 or None)
+        clock.advance(minutes=call % 3)  # some calls share their time
+    stamp = PsModelUsageItem.created_at.db_value(clock.moment)
+    odd = [(gpt.id, lead.id, '{\n  "model": {"id": %d},\n  "actor": {"agentId": %d}\n}' % (gpt.id, lead.id), stamp),
+           (gpt.id, lead.id, '{"model":{"id":%d},"actor":{"agentId":%d},"note":"caf\u00e9 \u00e9t\u00e9"}'
+            % (gpt.id, lead.id), 1700000000),
+           (gpt.id, lead.id, '{"model":{"id":"%d"},"actor":{"agentId":%d}}' % (gpt.id, lead.id), stamp),
+           (gpt.id, lead.id, '{"model":{"id":%d},"actor":{"agentId":%d}}' % (mini.id, lead.id), stamp),
+           (mini.id, 77, '{"model":{"id":%d},"actor":{"agentId":77}}' % mini.id, "2026-11-25T09:30:00Z"),
+           (mini.id, helper.id, '{"model":{"name":"mini"},"actor":"helper"}', stamp),
+           (mini.id, helper.id, '[1,2]', stamp), (mini.id, helper.id, 'not JSON', stamp),
+           (999, lead.id, '{"model":{"id":999}}', stamp)]  # a model that is gone: stays behind
+    for model_id, agent_id, data, updated in odd:
+        source.execute_sql('INSERT INTO "ps_model_usage_item" ("user_id", "model_id", "agent_id", "data", '
+                           '"created_at", "updated_at") VALUES (1, ?, ?, ?, ?, ?)',
+                           (model_id, agent_id, data, stamp, updated))
+    targets = {}
+    for way in ("as stored", "general"):
+        (tmp_path / way).mkdir()
+        targets[way] = psai.connect(make_backend("sqlite", tmp_path / way).url, bind=False)
+        psai.migrate(targets[way])
+        if ids == "shifted":  # the target's own rows first: every copied id differs from the source's
+            with psai.using(targets[way]):
+                add("own", model="own-model")
+                agent("own")
+    assert _Items.can_be_stored(source, targets["as stored"])
+    try:
+        def copy_each():
+            counts = {"as stored": psai.copy(source, targets["as stored"], batch=5)}
+            with monkeypatch.context() as general:
+                general.setattr(_Items, "can_be_stored", classmethod(lambda cls, *dbs: False))
+                counts["general"] = psai.copy(source, targets["general"], batch=5)
+            assert counts["as stored"] == counts["general"]
+            assert _stored_items(targets["as stored"]) == _stored_items(targets["general"])
+            return counts["as stored"]
+        assert copy_each()["ps_model_usage_item"] == {"created": 12 + len(odd) - 1, "updated": 0}
+        items = _stored_items(targets["as stored"])
+        with psai.using(targets["as stored"]):
+            here = {m.uuid: m.id for m in PsAiModel.select()}, {a.uuid: a.id for a in PsAgent.select()}
+        assert {item[2] for item in items} == {here[0][gpt.uuid], here[0][mini.uuid]}
+        assert {item[3] for item in items} == {here[1][lead.uuid], here[1][helper.uuid], psai.recording.NO_AGENT}
+        for item in items:  # every id the item's JSON has is the target's, a text one too
+            data = item[7]
+            if isinstance(data, dict) and isinstance(data["model"], dict) and "id" in data["model"]:
+                assert data["model"]["id"] == item[2]
+            if isinstance(data, dict) and isinstance(data.get("actor"), dict):
+                assert data["actor"]["agentId"] == item[3]
+        utc = datetime.timezone.utc  # updated_at: a Unix time and ISO text with a "T", read as times
+        unix = datetime.datetime(2023, 11, 14, 22, 13, 20, tzinfo=utc)
+        iso = datetime.datetime(2026, 11, 25, 9, 30, tzinfo=utc)
+        assert {item[6] for item in items[12:]} == {clock.moment, unix, iso}
+        assert [item[7] for item in items[-2:]] == [[1, 2], "not JSON"]
+        assert all(n == {"created": 0, "updated": 0} for n in copy_each().values())
+        clock.advance(minutes=1)
+        psai.record_usage(mini, helper, tokens_in=5, tokens_out=1)
+        source.execute_sql('UPDATE "ps_model_usage_item" SET "data" = ? WHERE "data" = ?',
+                           ('{"model":{"id":%d},"actor":{"agentId":%d},"note":"edited"}' % (mini.id, lead.id),
+                            '{"model":{"id":%d},"actor":{"agentId":%d}}' % (mini.id, lead.id)))
+        assert copy_each()["ps_model_usage_item"] == {"created": 1, "updated": 1}
+        assert all(n == {"created": 0, "updated": 0} for n in copy_each().values())
+    finally:
+        for db in targets.values():
+            db.close()
         source.close()
 
 
