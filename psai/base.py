@@ -199,8 +199,10 @@ class BaseModel(Model):
         order, whose values are already as this database stores them and its
         driver takes them (on SQLite what a SELECT of those columns gives:
         JSON and psai's times as text): ``bulk_insert``'s prepared statement,
-        with no default filled and no value converted. Nothing is checked:
-        for rows copied as stored. Returns the number of rows inserted."""
+        with no default filled and no value converted in Python (SQLite's
+        ``json(?)`` still minifies JSON text, and refuses text that is not
+        JSON). Nothing is checked: for rows copied as stored. Returns the
+        number of rows inserted."""
         names = tuple(names)
         with write_transaction(model_db(cls)):
             for start in range(0, len(rows), 1000):

@@ -29,7 +29,8 @@ from .recording import usage_counters
 from .rollups import coverage, one_reading, rollup_rows, scan_where
 from .sql import (
     ITEM_VALUES, ItemReader, JsonSQL, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql, counter_totals_sql,
-    counters_negative, counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql, price_period_sql, window,
+    counters_negative, counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql, odd_counter_times_sql,
+    price_period_sql, window,
 )
 from .versions import histories_of, prices_at
 
@@ -176,16 +177,16 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     # The columns of a group, without the extra ones.
     extra_columns = {k + "_id" for k in extra}
     names = [name for name in group if name not in extra_columns]
-    # Rolled-up days are read kept apart by the extra keys only for
-    # ``key_buckets`` (a period's, few days): ``totals`` of those days come
-    # from a light read of the rollups below, not from many more rows here.
-    rolled_group = group if key_buckets is not None else names
+    # Rolled-up days are read without the extra keys: their ``totals`` and
+    # ``key_buckets`` come from light reads of the rollups below, not from
+    # many more rows here.
+    rolled_group = names
     sources = [(rollup_rows(db, rolled_group, cover.days, model_ids), rolled_group)]
     if cover.scan:
         sources.append((db.execute_sql(sql, params), group))
     merged = {}
     for rows, layout in sources:
-        per_key = bool(extra) and layout is group  # the rows carry (model, agent, connector)
+        per_key = layout is group  # the rows carry (model, agent, connector) for totals and key_buckets
         agent_at = layout.index("agent_id") if "agent_id" in layout else None
         connector_at = layout.index("connector_id") if "connector_id" in layout else None
         long_at = layout.index("long")
@@ -214,6 +215,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
                 into.add(sums)
     if totals is not None and rolled_group is not group:
         _add_rolled_totals(db, cover.days, model_ids, agents, totals)
+    if key_buckets is not None and rolled_group is not group:
+        _add_rolled_buckets(db, cover.days, model_ids, agents, key_buckets)
     pricing_at = names.index("pricing")
     parsed = {}
     rows = []
@@ -297,6 +300,16 @@ def _add_rolled_totals(db, days, model_ids, agents, totals):
         entry = totals[(row[0], row[1] if row[1] in agents else None, row[2])]
         entry.tokens_in += _number(row[9])
         entry.tokens_out += _number(row[10])
+
+
+def _add_rolled_buckets(db, days, model_ids, agents, key_buckets):
+    """Add the buckets of the rolled-up ``days`` to ``key_buckets`` per (model, agent, connector)."""
+    for row in rollup_rows(db, ["model_id", "agent_id", "connector_id", "long"], days, model_ids):
+        # The keys, then GroupSums' columns: fresh_in, cached, cache_write and out are its 2nd to 5th.
+        into = key_buckets[(row[0], row[1] if row[1] in agents else None, row[2])]
+        prefix = "long_" if row[3] else ""
+        for bucket, value in zip(("in", "cached", "cache_write", "out"), row[5:9]):
+            into[prefix + bucket] += _number(value)
 
 
 def _item_totals(db, agents, model_ids=None):
@@ -411,20 +424,29 @@ def _newest_rows_covered(db, present, sound, since, model_ids, agents, recent):
     period keeps an uncovered part, and the pass over every item is not
     needed. (Usage recorded through psai or PolicySynth, an item beside
     every counter increment, is always so.)"""
+    if not is_postgres(db) and db.execute_sql(odd_counter_times_sql(db, model_ids), list(model_ids or ())).fetchone():
+        # A time stored otherwise than psai's text (SQLite keeps what it is
+        # given) compares with ``since`` as text, not as the time it is.
+        return False
     params = []
     where = window(db, "u.created_at", PsModelUsage.created_at, since, None, model_ids, params) + [sound]
     read = _bucket_reader(present)
-    folded = "token_in_cache_write_count" not in present
+    counted = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
     for values in db.execute_sql(counter_bucket_sums_sql(present, where), params):
-        items = recent.get((values[0], values[1] if values[1] in agents else None, values[2]))
+        # Keys as reports name them: a deleted agent's rows and the rows without one are one key.
+        into = counted[(values[0], values[1] if values[1] in agents else None, values[2])]
+        for bucket, count in read(values[3:]).items():
+            into[bucket] += count
+    folded = "token_in_cache_write_count" not in present
+    for key, counters in counted.items():
+        items = recent.get(key)
         if items is None:
             return False
         if folded:  # how such a table counted cache writes
             items = dict(items, **{prefix + "in": items[prefix + "in"] + items[prefix + "cache_write"]
                                    for prefix in ("", "long_")})
-        for bucket, count in read(values[3:]).items():
-            if count > items[bucket]:
-                return False
+        if any(count > items[bucket] for bucket, count in counters.items()):
+            return False
     return True
 
 
@@ -778,7 +800,7 @@ def cost_reports(groupings: Iterable[str], *, since: datetime.date | str | None 
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
     parts = price_parts(merge_parts(usage_parts(db, ("agent", "day"), since, until), ("model_id", "agent_id", "day")))
-    # The groupings but by day need no day: the priced parts added up without it first (exact sums).
+    # The groupings but by day need no day: the priced parts added up without it first.
     undated = _undated(parts)
     return {by: _rows_of(db, by, parts if by == "day" else undated, False, None) for by in groupings}, \
         _daily_of(parts)

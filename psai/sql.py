@@ -344,7 +344,7 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
             "id": "id",
             # PostgreSQL's fingerprint of a day (its index holds no ids): each
             # item's offset into its UTC day, summed (``item_day_counts_sql``).
-            "at": "created_at - date_trunc('day', created_at, 'UTC')" if r.postgres else "NULL"})
+            "at": _DAY_OFFSET % ("created_at", "created_at") if r.postgres else "NULL"})
     columns = {name: sql for name, sql in columns.items() if sql is not None}
     # The second step fenced as the first: its columns are used several times.
     typed = "SELECT %s%s FROM (%s) r%s" % (", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
@@ -364,6 +364,11 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long, "
            "CASE WHEN cw1h > 0 THEN 1 ELSE 0 END AS hour FROM (%s) c) g" % (", ".join(group), ", ".join(sums), typed))
     return (sql if single else "%s GROUP BY %s" % (sql, ", ".join(group))), group
+
+
+# A timestamptz's offset into its UTC day (an interval; date_trunc on the UTC
+# wall time, which PostgreSQL before 12 has too).
+_DAY_OFFSET = "%s - (date_trunc('day', %s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')"
 
 
 def _at_sum(offsets, single=False):
@@ -404,6 +409,20 @@ def counter_bucket_sums_sql(present, where):
     return ('SELECT u.model_id, u.agent_id, u.connector_id, %s FROM "ps_model_usage" u WHERE %s '
             'GROUP BY u.model_id, u.agent_id, u.connector_id' % (
                 ", ".join("SUM(CAST(u.%s AS BIGINT))" % c for c in present), " AND ".join(where)))
+
+
+# psai's stored time on SQLite: fixed-width UTC text, which sorts as the times do.
+SQLITE_TIME_GLOB = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9]."
+                    "[0-9][0-9][0-9][0-9][0-9][0-9]+00:00")
+
+
+def odd_counter_times_sql(db, models):
+    """SQLite: a row (1) when a counter row (of ``models``, that many ids
+    bound; None: all) has a time stored otherwise than psai's text."""
+    where = ["(typeof(created_at) <> 'text' OR created_at NOT GLOB '%s')" % SQLITE_TIME_GLOB]
+    if models is not None:
+        where.append("model_id IN (%s)" % (", ".join([db.param] * len(models)) or "NULL"))
+    return 'SELECT 1 FROM "ps_model_usage" WHERE %s LIMIT 1' % " AND ".join(where)
 
 
 def counter_rows_sql(db, present, models, sound):

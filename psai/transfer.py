@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import peewee
-from peewee import Case, Database, ExceptionWrapper, ForeignKeyField, ModelUpdate, fn
+from peewee import Case, Database, ExceptionWrapper, ForeignKeyField, IntegerField, ModelUpdate, fn
 
 from .constants import MAX_INTEGER, MIN_INTEGER
 from .db import connect, is_postgres, model_db, read_transaction, table_columns, using, write_transaction
@@ -192,9 +192,14 @@ def _as_read(fields):
 def _as_stored(fields):
     """``_stream``'s columns for ``fields`` on SQLite, each value as stored
     but times, which read as psai's stored text (``read_sqlite_time_text``):
-    equal and ordered as the times are, and written back as they are."""
-    return [(field.name, field, read_sqlite_time_text if isinstance(field, TimestampTzField) else None)
-            for field in fields]
+    equal and ordered as the times are, and written back as they are; and
+    whole numbers, read as their field reads them (SQLite keeps a 7.5 given
+    to an INTEGER column), as the general path reads and matches them."""
+    def reader(field):
+        if isinstance(field, TimestampTzField):
+            return read_sqlite_time_text
+        return field.python_value if isinstance(field, IntegerField) else None
+    return [(field.name, field, reader(field)) for field in fields]
 
 
 def _stream(model_class, db, columns, order_by, batch):
@@ -437,7 +442,9 @@ def _data_on_own_ids():
     retargeted by SQLite when the copy maps both to themselves (an item
     without an agent names 0, as ``NO_AGENT``). NULL unless the JSON is an
     object exactly as SQLite's json() gives it back, so that Python reads it
-    as SQLite does; such an item is read, retargeted and written in Python."""
+    as SQLite does (but for a duplicate ``model`` or ``actor`` key: SQLite
+    rewrites the first, Python reads the last; docs/performance.md); any
+    other item is read, retargeted and written in Python."""
     item = PsModelUsageItem
     data = item.data
     # CASE tries its conditions in order: the JSON functions only see valid JSON.

@@ -419,6 +419,29 @@ def _stored_items(db):
                 for i in PsModelUsageItem.select().order_by(PsModelUsageItem.id)]
 
 
+def test_a_whole_number_stored_as_a_fraction_is_copied_as_the_general_path_reads_it(tmp_path, clock, monkeypatch):
+    """SQLite keeps a 7.5 given to an INTEGER column. The general path reads
+    it as its field does (7); so does the copy as stored, whose second copy
+    then matches what the general path wrote instead of adding the item again."""
+    source = make_backend("sqlite", tmp_path).connect()
+    psai.migrate()
+    psai.record_usage(add("GPT"), agent("lead"), tokens_in=100, tokens_out=1, connector_id=7)
+    source.execute_sql('UPDATE "ps_model_usage_item" SET "connector_id" = 7.5')
+    (tmp_path / "target").mkdir()
+    target = psai.connect(make_backend("sqlite", tmp_path / "target").url, bind=False)
+    psai.migrate(target)
+    try:
+        with monkeypatch.context() as general:
+            general.setattr(_Items, "can_be_stored", classmethod(lambda cls, *dbs: False))
+            assert psai.copy(source, target)["ps_model_usage_item"] == {"created": 1, "updated": 0}
+        assert _Items.can_be_stored(source, target)
+        assert psai.copy(source, target)["ps_model_usage_item"] == {"created": 0, "updated": 0}
+        assert [item[4] for item in _stored_items(target)] == [7]
+    finally:
+        target.close()
+        source.close()
+
+
 @pytest.mark.parametrize("ids", ["the source's", "shifted"])
 def test_sqlite_to_sqlite_copies_items_as_stored_with_the_general_paths_result(tmp_path, clock, monkeypatch, ids):
     """SQLite to SQLite a copy keeps each item's JSON text where it already

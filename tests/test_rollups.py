@@ -352,3 +352,46 @@ def test_a_period_reads_its_counters_as_the_pass_over_every_item_does(db, clock,
             rollups.rebuild(db)
     compare()
     assert False in taken  # and where they could not, every item was read
+
+
+def _without_shortcut(monkeypatch, by, since):
+    from psai import reports
+    with monkeypatch.context() as full:
+        full.setattr(reports, "_newest_rows_covered", lambda *args: False)
+        return cost_report(by, since=since)
+
+
+def test_a_period_adds_up_counter_rows_its_report_names_alike(db, backend, clock, monkeypatch, seed_model):
+    """Counter rows without an agent and rows of an agent that is gone (a
+    dangling id, where the foreign key was off) are one key to a report:
+    the period's items are compared with their sum, not with each alone."""
+    psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
+    row = psai.PsModelUsage.get()
+    # Written by another tool, its foreign key not enforced.
+    off, on = (("PRAGMA foreign_keys = OFF", "PRAGMA foreign_keys = ON") if backend.kind == "sqlite" else
+               ("SET session_replication_role = replica", "SET session_replication_role = DEFAULT"))
+    db.execute_sql(off)
+    try:
+        psai.PsModelUsage.insert(model=seed_model.id, agent=999, user_id=1, token_in_count=1000,
+                                 created_at=row.created_at, updated_at=row.created_at).execute()
+    finally:
+        db.execute_sql(on)
+    since = clock() - datetime.timedelta(hours=1)
+    assert cost_report("model")[0]["tokens_in"] == 2000
+    assert cost_report("model", since=since) == _without_shortcut(monkeypatch, "model", since)
+    assert cost_report("model", since=since)[0]["tokens_in"] == 2000
+
+
+def test_a_period_reads_counter_rows_whose_time_is_stored_otherwise(db, backend, clock, monkeypatch, seed_model):
+    """SQLite keeps a counter row's time as given (a Unix time, psai reads
+    it): compared as stored text it would fall outside the period, so such
+    a store is read the full way."""
+    psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
+    psai.PsModelUsage.insert(model=seed_model.id, agent=None, user_id=1, token_in_count=500,
+                             created_at=clock(), updated_at=clock()).execute()
+    if backend.kind == "sqlite":
+        db.execute_sql('UPDATE "ps_model_usage" SET "created_at" = ? WHERE "token_in_count" = 500',
+                       (int(clock().timestamp()),))
+    since = clock() - datetime.timedelta(hours=1)
+    assert cost_report("model", since=since) == _without_shortcut(monkeypatch, "model", since)
+    assert cost_report("model", since=since)[0]["tokens_in"] == 1500
