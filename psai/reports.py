@@ -619,6 +619,21 @@ def _price_key(part):
     return key
 
 
+def _add_to(merged, key, part):
+    """Add ``part`` to ``merged[key]``, a copy of the first part of that key:
+    its buckets, calls and the provider's cost. Returns the entry added
+    to, or None when ``part`` started it."""
+    into = merged.get(key)
+    if into is None:
+        merged[key] = dict(part, buckets=dict(part["buckets"]))
+        return None
+    for bucket, value in part["buckets"].items():
+        into["buckets"][bucket] += value
+    into["calls"] += part["calls"]
+    into["provider_cost"] = _plus(into.get("provider_cost"), part.get("provider_cost"))
+    return into
+
+
 def merge_parts(parts, fields):
     """Parts that agree on ``fields`` and on everything that prices them,
     added up: each is priced once."""
@@ -628,15 +643,10 @@ def merge_parts(parts, fields):
         hour = bool(part.get("cw1h") or part.get("long_cw1h"))
         key = tuple(part[f] for f in fields) + (
             part["provider"], part["priced_from"], part["has_usage"], _price_key(part), hour)
-        into = merged.get(key)
+        into = _add_to(merged, key, part)
         if into is None:
-            merged[key] = dict(part, buckets=dict(part["buckets"]))
             continue
-        for bucket, value in part["buckets"].items():
-            into["buckets"][bucket] += value
-        into["calls"] += part["calls"]
         into["web"] += part["web"]
-        into["provider_cost"] = _plus(into.get("provider_cost"), part.get("provider_cost"))
         if hour:
             into["cw1h"] = into.get("cw1h", 0) + part.get("cw1h", 0)
             into["long_cw1h"] = into.get("long_cw1h", 0) + part.get("long_cw1h", 0)
@@ -812,15 +822,9 @@ def _undated(parts):
     for part in parts:
         key = (part["model_id"], part["agent_id"], part["provider"], part["currency"], part["priced_from"],
                part["reason"])
-        into = summed.get(key)
-        if into is None:
-            summed[key] = dict(part, buckets=dict(part["buckets"]))
-            continue
-        for bucket, value in part["buckets"].items():
-            into["buckets"][bucket] += value
-        into["calls"] += part["calls"]
-        into["provider_cost"] = _plus(_decimal(into.get("provider_cost")), _decimal(part.get("provider_cost")))
-        into["cost"] = _plus(into["cost"], part["cost"])
+        into = _add_to(summed, key, part)
+        if into is not None:
+            into["cost"] = _plus(into["cost"], part["cost"])
     return list(summed.values())
 
 

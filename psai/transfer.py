@@ -193,13 +193,15 @@ def _as_stored(fields):
     """``_stream``'s columns for ``fields`` on SQLite, each value as stored
     but times, which read as psai's stored text (``read_sqlite_time_text``):
     equal and ordered as the times are, and written back as they are; and
-    whole numbers, read as their field reads them (SQLite keeps a 7.5 given
-    to an INTEGER column), as the general path reads and matches them."""
-    def reader(field):
-        if isinstance(field, TimestampTzField):
-            return read_sqlite_time_text
-        return field.python_value if isinstance(field, IntegerField) else None
-    return [(field.name, field, reader(field)) for field in fields]
+    whole numbers, whose fraction SQLite drops as the general path's field
+    does (SQLite keeps a 7.5 given to an INTEGER column; the general path
+    reads and matches it as 7), in the SELECT, not a call a value."""
+    def column(field):
+        if isinstance(field, IntegerField):
+            return Case(None, [(fn.typeof(field) == "real", field.cast("INTEGER"))], field)
+        return field
+    return [(field.name, column(field), read_sqlite_time_text if isinstance(field, TimestampTzField) else None)
+            for field in fields]
 
 
 def _stream(model_class, db, columns, order_by, batch):
