@@ -76,6 +76,10 @@ def reports_equal_a_full_scan(rng):
         assert days == rolled_days, (since, until)
         for by in REPORT_GROUPINGS:
             assert together[by] == cost_report(by, since=since, until=until), (by, since, until)
+    # Every budget's status (its period's spending, read from the rollups) as a full scan gives it.
+    rolled_status = psai.budget_status()
+    with rollups.full_scan():
+        assert rolled_status == psai.budget_status()
 
 
 def record(rng, clock, ms, ags):
@@ -162,6 +166,11 @@ def act(rng, clock, ms, ags, db):
 def test_randomized_histories_report_as_a_full_scan(db, clock, seed):
     rng = random.Random(seed)
     ms, ags = models(), agents()
+    # Budgets over periods that hold some of the days, all of them, or one.
+    psai.set_budget(name="all", amount=1000, period="total")
+    psai.set_budget(name="day", amount=1, period="day", timezone="America/New_York")
+    psai.set_budget(name="plain", amount=5, period="week", model="plain")
+    psai.set_budget(name="tree", amount=5, period="month", agent=ags[0], currency="EUR")
     for _ in range(12):
         record(rng, clock, ms, ags)
     assert rollups.rebuild(db) == []  # record_usage kept every day current
