@@ -573,7 +573,6 @@ def bench_rollup_reports(backend, results, rows, repeat, raw_totals):
     after new items PolicySynth wrote without psai, against the raw aggregate
     over the items (issue 25). Each report's costs are checked against the
     raw aggregate's (``raw_totals`` by key, for the filled items)."""
-    from psai import rollups
     from psai.report import html
     results.add("report.html by model vs one cost_report, items only", rows, backend.kind,
                 timed(lambda: html("model"), repeat), timed(lambda: psai.cost_report("model"), repeat),
@@ -719,7 +718,6 @@ def bench_budgets(backend, results, sizes):
     filled item (30 days of them; now the month's last day), against one raw
     aggregate of the same items: with the items only, with the rollups
     current, and right after 1% new items PolicySynth wrote without psai."""
-    from psai import rollups
     small_store(backend, results)
     for rows in sizes:
         fill_items(backend, rows, days=30)
