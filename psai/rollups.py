@@ -18,7 +18,7 @@ current long-context threshold (items without a price snapshot) must have
 been split by the threshold the model has now. Any other day, and the
 partial days at a period's ends, are scanned from the items. An insert,
 a delete or a changed ``created_at`` that psai did not make changes a
-day's count or id sum; what psai changes in place (reprice, audit,
+day's count or fingerprint; what psai changes in place (reprice, audit,
 import, copy) it drops from the rollups in the same transaction
 (``invalidate``). ``record_usage`` adds each call to its row in the
 call's own transaction (``add_item``, and on PostgreSQL inside the one
@@ -215,7 +215,8 @@ class Coverage:
 
     days: list[str]
     scan: list[tuple[Moment, Moment]]
-    # Per day of the period that has items or rollups: (items, their id sum, rolled calls, rolled id sum, usable).
+    # Per day of the period that has items or rollups: (items, their fingerprint, rolled calls, rolled
+    # fingerprint, usable).
     detail: dict[str, tuple[int, int, int, int, bool]] = field(default_factory=dict)
 
 
