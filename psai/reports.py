@@ -180,8 +180,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     # Rolled-up days are read without the extra keys: their ``totals`` and
     # ``key_buckets`` come from light reads of the rollups below, not from
     # many more rows here.
-    rolled_group = names
-    sources = [(rollup_rows(db, rolled_group, cover.days, model_ids), rolled_group)]
+    sources = [(rollup_rows(db, names, cover.days, model_ids), names)]
     if cover.scan:
         sources.append((db.execute_sql(sql, params), group))
     merged = {}
@@ -213,9 +212,9 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
                 merged[key] = sums
             else:
                 into.add(sums)
-    if totals is not None and rolled_group is not group:
+    if totals is not None:
         _add_rolled_totals(db, cover.days, model_ids, agents, totals)
-    if key_buckets is not None and rolled_group is not group:
+    if key_buckets is not None:
         _add_rolled_buckets(db, cover.days, model_ids, agents, key_buckets)
     pricing_at = names.index("pricing")
     parsed = {}
