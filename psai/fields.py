@@ -19,7 +19,7 @@ from .constants import time_range_problem
 from .errors import ValidationError
 
 __all__ = ["TimestampTzField", "UUIDTextField", "JSONField", "utcnow", "UTC", "UnreadableTime", "read_time",
-           "sqlite_time_text", "read_sqlite_time_text"]
+           "sqlite_time_text", "read_sqlite_time_text", "SQLITE_TIME_GLOB"]
 
 UTC = datetime.timezone.utc
 
@@ -126,6 +126,9 @@ def sqlite_time_text(value: datetime.datetime) -> str:
 
 # sqlite_time_text's output, years 2-9998 (the first and last can cross a range end: read_time decides).
 _SQLITE_TIME_TEXT = re.compile(r"(?!0001|9999)[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}\+00:00")
+# The same form as SQLite's GLOB says it (any year), for SQL that tells it from other stored times.
+SQLITE_TIME_GLOB = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9]."
+                    "[0-9][0-9][0-9][0-9][0-9][0-9]+00:00")
 
 
 def read_sqlite_time_text(value: Any) -> str | UnreadableTime | None:

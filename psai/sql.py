@@ -24,6 +24,7 @@ from peewee import SQL, NodeList, PostgresqlDatabase, Value, fn
 
 from .constants import MAX_SAFE_INTEGER
 from .errors import ValidationError
+from .fields import SQLITE_TIME_GLOB
 from .pricing import _is_number
 
 __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALUES", "window", "quoted",
@@ -411,14 +412,10 @@ def counter_bucket_sums_sql(present, where):
                 ", ".join("SUM(CAST(u.%s AS BIGINT))" % c for c in present), " AND ".join(where)))
 
 
-# psai's stored time on SQLite: fixed-width UTC text, which sorts as the times do.
-SQLITE_TIME_GLOB = ("[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9] [0-9][0-9]:[0-9][0-9]:[0-9][0-9]."
-                    "[0-9][0-9][0-9][0-9][0-9][0-9]+00:00")
-
-
 def odd_counter_times_sql(db, models):
     """SQLite: a row (1) when a counter row (of ``models``, that many ids
-    bound; None: all) has a time stored otherwise than psai's text."""
+    bound; None: all) has a time stored otherwise than psai's text
+    (``fields.sqlite_time_text``, which sorts as the times do)."""
     where = ["(typeof(created_at) <> 'text' OR created_at NOT GLOB '%s')" % SQLITE_TIME_GLOB]
     if models is not None:
         where.append("model_id IN (%s)" % (", ".join([db.param] * len(models)) or "NULL"))
