@@ -27,7 +27,7 @@ from decimal import Decimal
 from typing import Any, TypeGuard
 
 from .constants import CACHE_WRITE_1H_KEY, OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
-from .pricing import _count, _is_number as _number_type, resolve_prices
+from .pricing import _count, _exact, _is_number as _number_type, _rate, resolve_prices
 
 __all__ = ["item_data", "item_cost", "effective_prices", "price_problem", "call_buckets", "bucket_cost", "BucketPricer",
            "applied_tier_metadata", "cache_write_1h_extra", "BUCKETS", "LAYOUT_VERSION"]
@@ -223,14 +223,11 @@ _MILLION = Decimal(1_000_000)
 
 
 def _exact_rate(value: Any) -> Decimal:
-    return Decimal(repr(value if _number_type(value) else 0))
+    return _rate(value, True)
 
 
 def _exact_count(value: Any) -> Decimal:
-    if type(value) is int:  # most counts: the first test
-        return Decimal(value)
-    value = value or 0
-    return value if isinstance(value, Decimal) else Decimal(value) if isinstance(value, int) else Decimal(repr(value))
+    return _exact(value or 0)  # as cost_of_counters reads a counter
 
 
 class BucketPricer:
