@@ -22,7 +22,6 @@ from .items import BUCKET_COUNTERS, BUCKETS, call_buckets, item_cost, js_timesta
 from .models import PriceCorrection, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
 from .recording import CACHE_WRITE_COUNTERS
 from .responses import ResponseUsage, usage_from_response
-from .rollups import invalidate_items
 from .sql import item_data_update_sql
 from .versions import resolve_models
 
@@ -232,7 +231,6 @@ def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]], correction_id
                 correction_ids[item.model_id]]
         changed.append((item.id, strict_json_dumps(corrected)))
     _update_items(db, changed, PsModelUsageItem.updated_at.db_value(now))
-    invalidate_items(db, [(item.created_at, item.model_id) for item, _corrected in corrections])
     for (model_id, agent_id, connector_id), delta in deltas.items():
         usage = PsModelUsage
         row = (usage.select().where((usage.model == model_id)

@@ -4,9 +4,12 @@ and a calendar period in an IANA time zone, checked before a call
 (``check_budget``), with threshold alerts recorded once per budget and period
 (``budget_events``) in the transaction of the call that crosses them.
 
-What a budget has spent is what ``cost_report`` says of that scope and
-period: every call priced from its own item. Usage that cannot be priced is
-never counted as 0: it makes the state ``unknown``."""
+What a budget has spent is a lookup: the calls' items in its scope and
+period, read from the rollups the triggers keep (the partial days at the
+period's ends, in a zone other than UTC, from the items), each call priced
+from its own item as ``cost_report`` prices it. Usage that cannot be priced,
+or whose counts cannot be read, is never counted as 0: it makes the state
+``unknown``."""
 import calendar
 import datetime
 import logging
@@ -25,8 +28,7 @@ from .errors import BudgetExceededError, NotAdoptedError, NotFoundError, Validat
 from .fields import UTC, utcnow
 from .models import Budget, BudgetEvent, PsAgent, PsAiModel, sub_agent_tree
 from .recording import model_cost
-from .reports import merge_parts, part_provider, part_tokens, price_parts, usage_parts
-from .rollups import one_reading
+from .reports import item_parts, merge_parts, part_provider, part_tokens, price_parts
 from .schemas import BUDGET_FIELDS, validate_budget_values
 
 __all__ = ["set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events",
@@ -207,37 +209,39 @@ def _scope_model_ids(budget: Budget) -> list[int] | None:
 
 
 def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None
-           ) -> tuple[Decimal, int, int]:
-    """(spent in the budget's currency, unpriced tokens, calls) in [start, end),
-    from the parts cost_report prices for the same grouping."""
+           ) -> tuple[Decimal, int, int, bool]:
+    """(spent in the budget's currency, unpriced tokens, calls, whether some
+    calls cannot be priced) in [start, end): the calls' items in the scope,
+    read from the rollups (the period's partial days at its ends from the
+    items), priced as cost_report prices them."""
     model_ids = _scope_model_ids(budget)
     if model_ids == []:
-        return Decimal(0), 0, 0
-    by = "agent" if budget.agent_id is not None else "model"
-    keep = ("model_id", "agent_id") if by == "agent" else ("model_id",)
-    parts = price_parts(merge_parts(usage_parts(db, by, start, end, model_ids), keep))
+        return Decimal(0), 0, 0, False
+    agent_ids = None
     if budget.agent_id is not None:
-        agents = _sub_agents(budget.agent_id) if budget.include_sub_agents else {budget.agent_id}
-        parts = [part for part in parts if part["agent_id"] in agents]
+        agent_ids = sorted(_sub_agents(budget.agent_id) if budget.include_sub_agents else {budget.agent_id})
+    parts = price_parts(merge_parts(item_parts(db, (), start, end, model_ids, agent_ids), ("model_id",)))
     if budget.provider is not None:
         models = {m.id: m for m in PsAiModel.select().where(
             PsAiModel.id.in_(sorted({p["model_id"] for p in parts if p["provider"] is None})))}
         parts = [part for part in parts if part_provider(part, models) == budget.provider]
-    spent, unpriced, calls = Decimal(0), 0, 0
+    spent, unpriced, calls, unknown = Decimal(0), 0, 0, False
     for part in parts:
         calls += part["calls"]
         if part["cost"] is not None and part["currency"] == budget.currency:
             spent += part["cost"]
         else:
+            # Calls whose counts cannot be read are unknown too, never $0.
             unpriced += sum(part_tokens(part))
-    return spent, unpriced, calls
+            unknown = unknown or bool(part["calls"]) or bool(sum(part_tokens(part)))
+    return spent, unpriced, calls, unknown
 
 
-def _state(budget: Budget, spent: Decimal, unpriced: int) -> str:
+def _state(budget: Budget, spent: Decimal, unknown: bool) -> str:
     limit = Decimal(budget.amount)
     if spent >= limit:
         return "exceeded"
-    if unpriced:
+    if unknown:
         return "unknown"
     if any(spent >= Decimal(repr(fraction)) * limit for fraction in budget.warn_at):
         return "warning"
@@ -246,7 +250,7 @@ def _state(budget: Budget, spent: Decimal, unpriced: int) -> str:
 
 def _status(db: Database, budget: Budget, now: datetime.datetime) -> BudgetStatus:
     start, end = period_bounds(budget.period, budget.timezone, now)
-    spent, unpriced, calls = _spent(db, budget, start, end)
+    spent, unpriced, calls, unknown = _spent(db, budget, start, end)
     limit = Decimal(budget.amount)
     forecast = None
     if start is not None and end is not None:
@@ -256,7 +260,7 @@ def _status(db: Database, budget: Budget, now: datetime.datetime) -> BudgetStatu
             Decimal("0.000001"))
     return {"budget": budget.name, "currency": budget.currency, "limit": limit, "spent": spent,
             "unpriced_tokens": unpriced, "remaining": max(limit - spent, Decimal(0)), "period_start": start,
-            "period_end": end, "forecast": forecast, "state": _state(budget, spent, unpriced), "hard": budget.hard,
+            "period_end": end, "forecast": forecast, "state": _state(budget, spent, unknown), "hard": budget.hard,
             "calls": calls}
 
 
@@ -270,9 +274,8 @@ def budget_status(budget: Budget | str | None = None) -> list[BudgetStatus]:
 
 
 def _statuses(db: Database, rows: list[Budget], now: datetime.datetime) -> list[BudgetStatus]:
-    """The budgets' statuses from one snapshot, the rollups' coverage of a
-    period checked once for all the budgets of that period."""
-    with read_transaction(db), one_reading():
+    """The budgets' statuses from one snapshot."""
+    with read_transaction(db):
         return [_status(db, row, now) for row in rows]
 
 
@@ -372,8 +375,8 @@ def check_budget(agent: PsAgent | int | str | uuid.UUID | None = None,
             reason = "%s would be passed by this call: %s spent + %s estimated is more than %s%s" % (
                 named, _money(spent), _money(guess[0]), _money(limit), ends)
         elif status["state"] == "unknown" and row.unpriced == "block":
-            reason = "%s is unknown: %d tokens cannot be priced (%s spent of %s)%s" % (
-                named, status["unpriced_tokens"], _money(spent), _money(limit), ends)
+            reason = "%s is unknown: calls of %d tokens cannot be priced, or their counts cannot be read (%s spent " \
+                     "of %s)%s" % (named, status["unpriced_tokens"], _money(spent), _money(limit), ends)
         else:
             continue
         raise BudgetExceededError(reason, budget=row.name, spent=spent, limit=limit, currency=row.currency,

@@ -24,7 +24,7 @@ from .models import (
     AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
     usage_counters,
 )
-from .rollups import ROLLUP_TABLE, verify as verify_rollups
+from .rollups import ROLLUP_TABLE, unfolded, verify as verify_rollups
 from .schemas import (
     INCLUDE, dump_rows, readable, shape_problem, time_problems, validate_agent_values, validate_model_values,
 )
@@ -88,6 +88,23 @@ def _unreadable_times(model_class: type[Model]) -> list[dict[str, Any]]:
         if problems:
             found.append({"table": model_class._meta.table_name, "id": row[0], "problem": "; ".join(problems)})
     return found
+
+
+# Item times this far out are not a call's: a test, a typo, a default written by hand.
+EDGE_EARLY = datetime.datetime(1000, 1, 1, tzinfo=datetime.timezone.utc)
+EDGE_LATE = datetime.datetime(9999, 12, 31, tzinfo=datetime.timezone.utc)
+
+
+def _edge_times() -> list[dict[str, Any]]:
+    """Items dated before year 1000 or on the calendar's last day: reports
+    and rollups read them, but no call was made then."""
+    item = PsModelUsageItem
+    query = item.select(item.id, item.created_at).where(
+        (item.created_at < EDGE_EARLY) | (item.created_at >= EDGE_LATE)).order_by(item.id)
+    return [{"table": item._meta.table_name, "id": row_id,
+             "problem": "created_at %s is at the edge of the calendar (before year 1000, or 9999-12-31): not a "
+                        "call's time" % (stamp.isoformat() if isinstance(stamp, datetime.datetime) else stamp)}
+            for row_id, stamp in cast(Iterable[tuple[Any, ...]], query.tuples())]
 
 
 def _unix_times(model_class: type[Model]) -> list[dict[str, Any]]:
@@ -161,7 +178,19 @@ def check() -> list[dict[str, Any]]:
         found += _unreadable_times(model_class)
     for model_class in [PsAiModel, PsAgent] + timed:
         found += _unix_times(model_class)
+    if table_columns(db, PsModelUsageItem._meta.table_name):
+        found += _edge_times()
     found += [{"table": ROLLUP_TABLE, "id": p["day"], "problem": p["problem"]} for p in verify_rollups(db)]
+    for mark in unfolded(db):  # what the rollups' triggers could not fold: read from the items
+        if mark["item"] is not None:
+            found.append({"table": "ps_model_usage_item", "id": mark["item"],
+                          "problem": "the rollups' trigger could not fold it (%s): reports read it from the items"
+                                     % mark["reason"]})
+        else:
+            found.append({"table": ROLLUP_TABLE, "id": mark["day"],
+                          "problem": "a trigger could not keep this day's rollups (%s): reports read it from the "
+                                     "items; `psai rollup rebuild --since %s --until %s` repairs it"
+                                     % (mark["reason"], mark["day"], mark["day"])})
     return found
 
 

@@ -251,13 +251,18 @@ def cli(ctx, database):
 
 @cli.command()
 @click.option("--adopt", is_flag=True,
-              help="The database is PolicySynth's: add psai's migration table and indexes "
-                   "beside its tables, without changing them.")
-def init(adopt):
+              help="The database is PolicySynth's: add psai's migration table, indexes and rollup "
+                   "triggers beside its tables, without changing them.")
+@click.option("--no-triggers", is_flag=True,
+              help="Install no rollup triggers: reports read every item (`psai rollup enable` later).")
+def init(adopt, no_triggers):
     """Create or upgrade the schema."""
     from .migrations import adopt as adopt_database, migrate
-    dbmod.connect(_database_url())
+    from .rollups import disable
+    db = dbmod.connect(_database_url())
     applied = adopt_database() if adopt else migrate()
+    if no_triggers:
+        disable(db)
     click.echo("applied: %s" % ", ".join(applied) if applied else "schema is up to date")
 
 
@@ -1128,10 +1133,14 @@ def rollup():
 @click.option("--until", metavar="DATE", help="Only up to and including this day.")
 @output_options
 def rollup_status(since, until, fmt):
-    """Each day with items or rollups: its items, the calls its rollups hold,
-    and whether reports read it from the rollups (current) or the items (stale)."""
-    from .rollups import status
-    connect()
+    """Whether triggers keep the rollups, then each day with items or
+    rollups: its items, the calls its rollups hold, and whether reports read
+    it from the rollups (current) or the items (items)."""
+    from .rollups import enabled, status
+    db = connect()
+    if fmt is None:
+        click.echo("rollups: kept by triggers" if enabled(db) else
+                   "rollups: off (no triggers): reports read every item; `psai rollup enable` turns them on")
     emit(status(since=since, until=until), fmt, columns=["day", "items", "rolled_up", "state"])
 
 
@@ -1156,14 +1165,22 @@ def rollup_verify(since, until, fmt):
 @rollup.command("rebuild")
 @click.option("--since", metavar="DATE", help="Only from this day (YYYY-MM-DD).")
 @click.option("--until", metavar="DATE", help="Only up to and including this day.")
-@click.option("--all", "everything", is_flag=True, help="Every day, not only the stale ones.")
 @output_options
-def rollup_rebuild(since, until, everything, fmt):
-    """Recompute from their items the rollups of the stale days (with --all:
-    of every day), each day in its own transaction."""
+def rollup_rebuild(since, until, fmt):
+    """Recompute from their items the rollups of the days (default: every
+    day), in one transaction; lists the days that hold rollups."""
     from .rollups import rebuild
     connect()
-    days = rebuild(since=since, until=until, everything=everything)
+    days = rebuild(since=since, until=until)
+    emit([{"day": day} for day in days], fmt, columns=["day"])
+
+
+@rollup.command("enable")
+@output_options
+def rollup_enable(fmt):
+    """Install the triggers that keep the rollups and rebuild every day."""
+    from .rollups import enable
+    days = enable(connect())
     emit([{"day": day} for day in days], fmt, columns=["day"])
 
 

@@ -89,6 +89,10 @@ class NotAdoptedError(PsaiError):
     """The database is PolicySynth's and psai was not asked to add to it."""
 
 
+class RollupsOffError(PsaiError):
+    """The triggers that keep the rollups are not installed (``psai rollup enable``)."""
+
+
 class CatalogUnavailableError(PsaiError):
     """The source's package or file is not there."""
 

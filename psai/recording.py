@@ -24,7 +24,6 @@ from .models import CALL_WATCHERS, PsAgent, PsAiModel, PsModelUsage, PsModelUsag
 from .pricing import CostBreakdown, cost_breakdown, partition_usage
 from .query import resolve_model
 from .responses import usage_from_response
-from .rollups import add_item, has_rollups, round_trip_rollup
 from .schemas import json_problem
 from .sql import (
     USAGE_ROW_COLUMNS, Statement, compiled, item_insert, one_round_trip_statements, slot, stored_configuration_sql,
@@ -135,11 +134,7 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
             cursor = db.execute_sql(update.sql, update.params(dict(values, id=row[0])))
         returned = cursor.fetchone()
         if with_items:
-            rolled = has_rollups(db)
-            cursor = db.execute_sql(item_insert(db) + (' RETURNING "id"' if rolled and is_postgres(db) else ""),
-                                    _item_params(values))
-            if rolled:
-                add_item(db, cursor.fetchone()[0] if is_postgres(db) else cursor.lastrowid)
+            db.execute_sql(item_insert(db), _item_params(values))
         committed = [then for then in (run() for run in watching) if then is not None]
     for then in committed:
         then()
@@ -253,7 +248,7 @@ def _record_in_one_round_trip(db, present, configuration, call, probes=()):
               + [call["model_id"], agent_id, connector_id, call["user_id"], values["stamp"], values["stamp"]] + counts
               + _item_params(values))
     lock_sql, record_sql = one_round_trip_statements(find.sql, present, agent_id is None, connector_id is None,
-                                                     round_trip_rollup() if has_rollups(db) else "", probes)
+                                                     probes)
     return execute_prepared(db, record_sql, params, before=lock_sql + "; ").fetchone(), values["data"]
 
 

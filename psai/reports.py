@@ -26,7 +26,7 @@ from .fields import UTC
 from .items import BUCKETS, BucketPricer, cache_write_1h_extra, effective_prices
 from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from .recording import usage_counters
-from .rollups import coverage, one_reading, rollup_rows, scan_where
+from .rollups import read_plan, rollup_rows, scan_where
 from .sql import (
     ITEM_VALUES, ItemReader, JsonSQL, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql, counter_totals_sql,
     counters_negative, counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql, odd_counter_times_sql,
@@ -35,7 +35,7 @@ from .sql import (
 from .versions import histories_of, prices_at
 
 __all__ = ["one_snapshot", "cost_report", "cost_reports", "report_totals", "daily_costs", "REPORT_GROUPINGS",
-           "usage_parts",
+           "usage_parts", "item_parts",
            "price_parts", "merge_parts", "part_tokens", "part_provider", "CostRow", "CurrencyTotal", "DailyCost"]
 
 REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
@@ -147,7 +147,8 @@ class GroupSums:
         self.provider_cost = _plus(self.provider_cost, other.provider_cost)
 
 
-def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None, key_buckets=None):
+def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None, key_buckets=None,
+                 agent_ids=None):
     """Items added up in SQL by model, ``keys`` (among agent, connector and
     day, the UTC day) and everything that decides their price. One dict a
     group; ``agent_id`` is None for usage without an agent or whose agent
@@ -157,15 +158,15 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     output tokens per (model, agent, connector) from the same pass: what
     ``_uncovered_counters`` compares with the counters; ``key_buckets``, a
     ``defaultdict`` of BUCKETS, gets their buckets per (model, agent,
-    connector)."""
+    connector). ``agent_ids``: only the items of these agents (a budget's)."""
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return []
     r = ItemReader(is_postgres(db))
     # Closed days from the rollups, what they do not cover from the items.
-    cover = coverage(db, since, until)
+    cover = read_plan(db, since, until)
     params = []
-    read = r.select([name for name, _path, _kind in ITEM_VALUES], _item_window(db, cover, model_ids, params),
-                    model_threshold=True)
+    read = r.select([name for name, _path, _kind in ITEM_VALUES], _item_window(db, cover, model_ids, params,
+                                                                                agent_ids), model_threshold=True)
     # Rows that differ only by the agent and connector asked for by
     # ``totals`` and not by ``keys`` are added up in Python.
     extra = () if totals is None and key_buckets is None else tuple(
@@ -180,8 +181,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     # Rolled-up days are read without the extra keys: their ``totals`` and
     # ``key_buckets`` come from light reads of the rollups below, not from
     # many more rows here.
-    sources = [(rollup_rows(db, names, cover.days, model_ids), names)]
-    if cover.scan:
+    sources = [(rollup_rows(db, names, cover.days, model_ids, agent_ids), names)]
+    if cover.reads_items:
         sources.append((db.execute_sql(sql, params), group))
     merged = {}
     for rows, layout in sources:
@@ -246,11 +247,15 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     return rows
 
 
-def _item_window(db, cover, model_ids, params):
+def _item_window(db, cover, model_ids, params, agent_ids=None):
     """WHERE clauses for the items a report scans: the ranges ``cover``
-    leaves to the items, of the models ``model_ids``."""
-    return scan_where(db, "i.created_at", cover.scan, params) + window(
+    leaves to the items, of the models ``model_ids`` (and agents ``agent_ids``)."""
+    where = scan_where(db, "i.created_at", cover, params) + window(
         db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params)
+    if agent_ids is not None:
+        where.append("i.agent_id IN (%s)" % (", ".join([db.param] * len(agent_ids)) or "NULL"))
+        params.extend(agent_ids)
+    return where
 
 
 def _agent_ids(db):
@@ -318,12 +323,12 @@ def _item_totals(db, agents, model_ids=None):
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return totals
     r = ItemReader(is_postgres(db))
-    cover = coverage(db)
+    cover = read_plan(db)
     params = []
     read = r.select(["tin", "tout"], _item_window(db, cover, model_ids, params))
     _add_rolled_totals(db, cover.days, model_ids, agents, totals)
     for model_id, agent_id, connector_id, tokens_in, tokens_out in (
-            db.execute_sql(item_totals_sql(r, read), params) if cover.scan else ()):
+            db.execute_sql(item_totals_sql(r, read), params) if cover.reads_items else ()):
         entry = totals[(model_id, agent_id if agent_id in agents else None, connector_id)]
         entry.tokens_in += _number(tokens_in)
         entry.tokens_out += _number(tokens_out)
@@ -540,17 +545,33 @@ def _keys(by):
     return by if isinstance(by, tuple) else {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
 
 
+def _group_parts(groups):
+    """Item groups as parts: their pricing context beside their buckets."""
+    parts = []
+    for group in groups:
+        pricing = group["pricing"] or {}
+        parts.append(dict(
+            group,
+            metadata={k: v for k, v in (("appliedServiceTier", group.pop("applied_service_tier")),
+                                        ("appliedSpeed", group.pop("applied_speed"))) if v is not None},
+            priced_from="snapshot" if pricing.get("configuredPrices") is not None else "current"))
+    return parts
+
+
+def item_parts(db, keys, since, until, model_ids=None, agent_ids=None):
+    """The calls' items in [since, until) as parts (``usage_parts``' item
+    groups, kept apart by ``keys`` among agent and day; of ``model_ids``
+    and ``agent_ids``), read from the rollups but at the period's edges:
+    what a budget weighs, without the counters' pass."""
+    return _group_parts(_item_groups(db, tuple(keys), since, until, model_ids, agent_ids=agent_ids))
+
+
 def usage_parts(db, by, since, until, model_ids=None):
     """All recorded usage in [since, until), as parts each priced alike:
     item groups and uncovered counter pieces. Each part has ``model_id``,
     ``agent_id`` (by agent or tree), ``day`` (by day), the pricing context
     and its ``buckets``. ``by``: a grouping, or the keys (agent, day) to
     keep parts apart by."""
-    with one_reading():  # the rollups' coverage of a period checked once
-        return _usage_parts(db, by, since, until, model_ids)
-
-
-def _usage_parts(db, by, since, until, model_ids):
     keys = _keys(by)
     agents = _agent_ids(db)  # once a report: items and counters both map deleted agents to None
     # What the items cover of the counters comes from a pass over all items.
@@ -565,14 +586,8 @@ def _usage_parts(db, by, since, until, model_ids):
     itemized = defaultdict(TokenTotals) if one_pass else None
     # A period's own items may be enough to tell what they cover of its counters.
     recent = defaultdict(lambda: dict.fromkeys(BUCKETS, 0)) if since is not None else None
-    parts = []
-    for group in _item_groups(db, keys, since, until, model_ids, agents, totals=itemized, key_buckets=recent):
-        pricing = group["pricing"] or {}
-        parts.append(dict(
-            group,
-            metadata={k: v for k, v in (("appliedServiceTier", group.pop("applied_service_tier")),
-                                        ("appliedSpeed", group.pop("applied_speed"))) if v is not None},
-            priced_from="snapshot" if pricing.get("configuredPrices") is not None else "current"))
+    parts = _group_parts(_item_groups(db, keys, since, until, model_ids, agents, totals=itemized,
+                                      key_buckets=recent))
     parts += _negative_counters(db, by, agents, since, until, model_ids)
     pieces = _uncovered_counters(db, by, agents, since, until, model_ids, itemized, recent)
     if not pieces:

@@ -261,7 +261,8 @@ class ItemReader:
         if self.postgres:
             return column + "".join(" -> '%s'" % key for key in path)
         sql = "%s -> '$.%s'" % (column, ".".join(path))
-        return sql if column != "i.data" else "(CASE WHEN json_valid(i.data) THEN %s END)" % sql
+        # Text that is not JSON (or a blob) reads as absent: one odd row never fails a report or a trigger.
+        return "(CASE WHEN typeof(%s) = 'text' AND json_valid(%s) THEN %s END)" % (column, column, sql)
 
     def select(self, names, where, model_threshold=False, with_id=False, source='"ps_model_usage_item"',
                models='"ps_ai_models"'):
@@ -312,8 +313,8 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
     return them, GroupSums' columns after them. ``rollup``: as the rollups
     keep them (``ROLLUP_COLUMNS``): grouped also by whether the model's
     current threshold decided the long-context side (an item without a
-    snapshot) and by that threshold, and the sum of the items' ids last
-    (``read`` with_id). ``single``: ``read`` holds one item (or none), its
+    snapshot) and by that threshold, and the count of calls that said
+    their own cost last. ``single``: ``read`` holds one item (or none), its
     one group without a GROUP BY: the sums are its values; ``extra``, SQL
     returned after them, over the group's columns (in ``g``)."""
     columns = {
@@ -341,41 +342,28 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
         columns.update({
             "model_priced": "(CASE WHEN %s THEN 0 ELSE 1 END)" % r.is_a("configured"),
             "model_threshold": "(CASE WHEN %s THEN NULL ELSE %s END)" % (r.is_a("configured"),
-                                                                     r.value("model_threshold")),
-            "id": "id",
-            # PostgreSQL's fingerprint of a day (its index holds no ids): each
-            # item's offset into its UTC day, summed (``item_day_counts_sql``).
-            "at": _DAY_OFFSET % ("created_at", "created_at") if r.postgres else "NULL"})
+                                                                     r.value("model_threshold"))})
     columns = {name: sql for name, sql in columns.items() if sql is not None}
     # The second step fenced as the first: its columns are used several times.
     typed = "SELECT %s%s FROM (%s) r%s" % (", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
                                             r.fence_column, read, r.fence)
     group = [name for name in columns
-             if name not in ("tin", "cached", "cw", "cw1h", "tout", "parts", "web", "threshold", "pcost", "id", "at")]
+             if name not in ("tin", "cached", "cw", "cw1h", "tout", "parts", "web", "threshold", "pcost")]
     # Calls with 1-hour cache writes in groups of their own (their extra needs its own price key).
     group += ["long", "hour"]
     # In the order of GroupSums' fields.
     summed = [r.j.greatest("tin - cached - cw", "0"), "cached", "cw", "%s + parts" % r.j.greatest("tout - parts", "0"),
-              "web", "tin", "tout", "cw1h", "pcost"] + (["id"] if rollup else [])
+              "web", "tin", "tout", "cw1h", "pcost"]
+    # The rollups also count the calls that said their own cost: a sum of none of them is NULL.
     if single:
-        sums = ["1"] + summed + ([_at_sum("at", single) if r.postgres else "NULL"] if rollup else []) + list(extra)
+        sums = ["1"] + summed + (["(CASE WHEN pcost IS NULL THEN 0 ELSE 1 END)"] if rollup else []) + list(extra)
     else:
-        sums = ["COUNT(*)"] + ["SUM(%s)" % value for value in summed] + (
-            [_at_sum("at") if r.postgres else "NULL"] if rollup else [])
+        sums = ["COUNT(*)"] + ["SUM(%s)" % value for value in summed] + (["COUNT(pcost)"] if rollup else [])
+    if rollup:  # named, for the statements that write them
+        sums = ["%s AS %s" % (sql, quoted(name)) for sql, name in zip(sums, ROLLUP_SUMS)] + sums[len(ROLLUP_SUMS):]
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long, "
            "CASE WHEN cw1h > 0 THEN 1 ELSE 0 END AS hour FROM (%s) c) g" % (", ".join(group), ", ".join(sums), typed))
     return (sql if single else "%s GROUP BY %s" % (sql, ", ".join(group))), group
-
-
-# A timestamptz's offset into its UTC day (an interval; date_trunc on the UTC
-# wall time, which PostgreSQL before 12 has too).
-_DAY_OFFSET = "%s - (date_trunc('day', %s AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')"
-
-
-def _at_sum(offsets, single=False):
-    """PostgreSQL: a sum of intervals (each under a day) as whole microseconds
-    (``single``: the one interval ``offsets``)."""
-    return "ROUND(EXTRACT(EPOCH FROM %s) * 1000000)" % (offsets if single else "SUM(%s)" % offsets)
 
 
 def item_totals_sql(r, read):
@@ -623,19 +611,17 @@ def item_insert(db):
             '"connector_id", "data") VALUES (%s)' % ", ".join([db.param] * 7))
 
 
-def one_round_trip_statements(find, present, agent_is_null, connector_is_null, rollup="", probes=()):
+def one_round_trip_statements(find, present, agent_is_null, connector_is_null, probes=()):
     """PostgreSQL: (the advisory lock, the statement that records a call:
     on condition that the model's stored configuration is the one given,
     find or start the day's counter row, add to it, insert the item), built
     once. ``find``: the text of the counter row's find, guarded by ``m``
     (peewee's; its parameters come between the configuration's and the
-    update's). ``rollup``: CTEs that add the new item (``item``, RETURNING
-    *; the model's row is ``m``, its id and configuration) to its rollup row
-    (psai.rollups). ``probes``: boolean SQL expressions
+    update's). ``probes``: boolean SQL expressions
     returned after the counter row's columns, read in the same snapshot (is
     there a budget?). Data-modifying CTEs are what peewee cannot say."""
     probes = tuple(probes)
-    key = ("one round trip", find, present, agent_is_null, connector_is_null, rollup, probes)
+    key = ("one round trip", find, present, agent_is_null, connector_is_null, probes)
     if key not in _USAGE_SQL:
         columns = ", ".join(quoted(c) for c in USAGE_ROW_COLUMNS + present)
         counters = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present
@@ -650,9 +636,8 @@ def one_round_trip_statements(find, present, agent_is_null, connector_is_null, r
             'WHERE NOT EXISTS (SELECT 1 FROM found) RETURNING {columns}), '
             'item AS (INSERT INTO "ps_model_usage_item" ("user_id", "created_at", "updated_at", "model_id", '
             '"agent_id", "connector_id", "data") SELECT %s::integer, %s::timestamptz, %s::timestamptz, '
-            '%s::integer, %s::integer, %s::integer, %s::jsonb FROM m{returning}){rollup} '
+            '%s::integer, %s::integer, %s::integer, %s::jsonb FROM m) '
             'SELECT *{probes} FROM updated UNION ALL SELECT *{probes} FROM inserted').format(
-                returning=" RETURNING *" if rollup else "", rollup=rollup.replace("%", "%%"),
                 probes="".join(", (%s)" % probe for probe in probes), find=find,
                 add=", ".join('{0} = {0} + %s'.format(quoted(c)) for c in present), columns=columns,
                 counters=", ".join(quoted(c) for c in counters), casts=", ".join(casts))
@@ -669,80 +654,190 @@ def stored_configuration_sql(db):
 # -- rollups (psai.rollups) --------------------------------------------------------------
 
 ROLLUP_TABLE = "psai_usage_rollup"
+# Items the triggers could not fold (their time is not one psai stores, or on
+# PostgreSQL the fold failed), and days whose fold-out failed: read from the items.
+UNFOLDED_TABLE = "psai_rollup_unfolded"
+ROLLUP_FUNCTION = "psai_rollup_fold"
+ROLLUP_TRIGGERS = {False: ("psai_rollup_insert", "psai_rollup_update", "psai_rollup_delete"),
+                   True: (ROLLUP_FUNCTION,)}
 # A rollup row's key (item_groups_sql's groups with rollup=True, in its order) and sums
-# (GroupSums' order, then the day's fingerprints: the sum of the items' ids, and on
-# PostgreSQL the sum of their offsets into the day, NULL on SQLite).
+# (GroupSums' order, then how many of its calls said their own cost).
 ROLLUP_KEYS = ("model_id", "agent_id", "connector_id", "day", "provider", "pricing", "applied_service_tier",
                "applied_speed", "has_usage", "model_priced", "model_threshold", "long", "hour")
 ROLLUP_SUMS = ("calls", "fresh_in", "cached", "cache_write", "out", "web", "all_in", "all_out", "cache_write_1h",
-               "provider_cost", "id_sum", "at_sum")
-ROLLUP_FINGERPRINTS = ("id_sum", "at_sum")
-_ROLLUP_COLUMNS = ", ".join(quoted(c) for c in ("range_day",) + ROLLUP_KEYS + ROLLUP_SUMS)
-# Rollup keys never NULL (an item's ids, its day, and flags that are 0 or 1), compared with "=".
-_ROLLUP_NOT_NULL = ("model_id", "agent_id", "day", "has_usage", "model_priced", "long", "hour")
+               "provider_cost", "cost_calls")
+_ROLLUP_COLUMNS = ", ".join(quoted(c) for c in ("range_day",) + ROLLUP_KEYS + ROLLUP_SUMS + ("group_key",))
+# The columns an item's fold reads: an UPDATE of others (updated_at) folds nothing.
+_FOLDED_COLUMNS = ("id", "model_id", "agent_id", "connector_id", "created_at", "data")
 
 
-def rollup_groups_sql(r, where, source='"ps_model_usage_item"', single=False, models='"ps_ai_models"', extra=()):
+def rollup_groups_sql(r, where, source='"ps_model_usage_item"', single=False, models='"ps_ai_models"'):
     """The items meeting ``where`` added up as rollup rows are (ROLLUP_KEYS,
-    ROLLUP_SUMS). ``single``, ``extra``: they are one item (item_groups_sql's);
+    ROLLUP_SUMS). ``single``: they are one item (item_groups_sql's);
     ``source``, ``models``: ItemReader.select's."""
-    read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True, with_id=True,
+    read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True,
                     source=source, models=models)
-    sql, group = item_groups_sql(r, read, ("agent", "connector", "day"), rollup=True, single=single, extra=extra)
+    sql, group = item_groups_sql(r, read, ("agent", "connector", "day"), rollup=True, single=single)
     assert tuple(group) == ROLLUP_KEYS, group
     return sql
 
 
-def rollup_insert_sql(db, groups):
-    """Insert the rows ``groups`` (rollup_groups_sql) as the rollups of one
-    range day, its parameter first."""
-    return 'INSERT INTO "%s" (%s) SELECT %s, g.* FROM (%s) g' % (ROLLUP_TABLE, _ROLLUP_COLUMNS, db.param, groups)
+def _group_key(postgres, alias="g"):
+    """One text naming a rollup row's key (NULLs apart from any text): the
+    unique index the triggers' upsert finds the row by. PostgreSQL: its md5,
+    a price snapshot can be longer than a btree entry."""
+    if postgres:
+        return "md5(concat_ws('|', %s))" % ", ".join("quote_nullable(%s.%s)" % (alias, quoted(c)) for c in ROLLUP_KEYS)
+    return " || '|' || ".join("quote(%s.%s)" % (alias, quoted(c)) for c in ROLLUP_KEYS)
 
 
-def rollup_add_sql(r, where, source='"ps_model_usage_item"', models='"ps_ai_models"'):
-    """(CTE, update, insert): add one item (``where``; ``source``, ``models``:
-    ItemReader.select's) to the rollup row of its key, the one update; the
-    insert, for when the update found none, starts it. Several rows of one
-    key are harmless (reads add them up); the update adds to one of them
-    only. The CTE ``g`` holds the item's group (rollup_groups_sql's, single)
-    and, as ``hit``, the id of the row found for it by the rollup index
-    (NULL: none), so that the update reads one row by its id."""
-    same = " AND ".join(('x.%s = g.%s' if c in _ROLLUP_NOT_NULL else
-                         ('x.%s IS NOT DISTINCT FROM g.%s' if r.postgres else 'x.%s IS g.%s')) % (quoted(c), c)
-                        for c in ROLLUP_KEYS)
-    hit = '(SELECT x."id" FROM "%s" x WHERE x."range_day" = g.day AND %s LIMIT 1)' % (ROLLUP_TABLE, same)
-    groups = rollup_groups_sql(r, where, source=source, single=True, models=models, extra=[hit])
-    target = "t" if r.postgres else quoted(ROLLUP_TABLE)
-    added = ['%s = %s.%s + g.%s' % (quoted(c), target, quoted(c), quoted(c)) for c in ROLLUP_SUMS
+def rollup_insert_sql(r, groups):
+    """Insert the rows ``groups`` (rollup_groups_sql, not single) as rollup rows, each under its day."""
+    return 'INSERT INTO "%s" (%s) SELECT g."day", %s, %s FROM (%s) g' % (
+        ROLLUP_TABLE, _ROLLUP_COLUMNS, ", ".join("g.%s" % quoted(c) for c in ROLLUP_KEYS + ROLLUP_SUMS),
+        _group_key(r.postgres), groups)
+
+
+def foldable_sql(postgres, column):
+    """True when the item time ``column`` is one the triggers fold: a time
+    psai stores (SQLite: its text, whose first ten characters are the UTC
+    day its range holds it in), from year 1 to 9999."""
+    if postgres:
+        return ("coalesce(%s >= '0001-01-01 00:00:00+00' AND %s < '10000-01-01 00:00:00+00', false)"
+                % (column, column))
+    return "coalesce(typeof(%s) = 'text' AND %s GLOB '%s' AND %s >= '0001', 0)" % (
+        column, column, SQLITE_TIME_GLOB, column)
+
+
+def _row_source(row):
+    """An item of a trigger (NEW or OLD) as the one-row table ItemReader reads."""
+    return "(SELECT %s)" % ", ".join("%s.%s AS %s" % (row, quoted(c), c) for c in _FOLDED_COLUMNS)
+
+
+def _fold_sql(r, row, sign, condition):
+    """Add (``sign`` 1) or take off (-1) the trigger's item ``row`` to the
+    rollup row of its key, when ``condition`` holds: one upsert."""
+    groups = rollup_groups_sql(r, [], source=_row_source(row), single=True)
+    times = "" if sign == 1 else "-1 * "
+    values = ["g.%s" % quoted(c) for c in ROLLUP_KEYS] + ["%sg.%s" % (times, quoted(c)) for c in ROLLUP_SUMS]
+    target = quoted(ROLLUP_TABLE)
+    added = ["%s = %s.%s + excluded.%s" % (quoted(c), target, quoted(c), quoted(c)) for c in ROLLUP_SUMS
              if c != "provider_cost"]
-    added.append('"provider_cost" = CASE WHEN %s."provider_cost" IS NULL THEN g."provider_cost" '
-                 'WHEN g."provider_cost" IS NULL THEN %s."provider_cost" '
-                 'ELSE %s."provider_cost" + g."provider_cost" END' % (target, target, target))
-    columns = ROLLUP_KEYS + ROLLUP_SUMS
-    g = 'g(%s, "hit") AS (%s)' % (", ".join(quoted(c) for c in columns), groups)
-    update = 'UPDATE "{table}"{alias} SET {added} FROM g WHERE {target}."id" = g."hit"'.format(
-        table=ROLLUP_TABLE, alias=" t" if r.postgres else "", added=", ".join(added), target=target)
-    insert = 'INSERT INTO "%s" (%s) SELECT g."day", %s FROM g' % (
-        ROLLUP_TABLE, _ROLLUP_COLUMNS, ", ".join("g.%s" % quoted(c) for c in columns))
-    return g, update, insert
+    added.append('"provider_cost" = coalesce(%s."provider_cost", 0) + coalesce(excluded."provider_cost", 0)'
+                 % target)
+    return ('INSERT INTO %s (%s) SELECT g."day", %s, %s FROM (%s) g WHERE %s ON CONFLICT ("range_day", "group_key") '
+            'DO UPDATE SET %s' % (target, _ROLLUP_COLUMNS, ", ".join(values), _group_key(r.postgres), groups,
+                                  condition, ", ".join(added)))
+
+
+def _range_day(postgres, column):
+    return ("to_char(%s AT TIME ZONE 'UTC', 'YYYY-MM-DD')" if postgres else "substr(%s, 1, 10)") % column
+
+
+def _emptied_sql(postgres, row):
+    """Drop the rows of the trigger's item's day that hold no call any more."""
+    return 'DELETE FROM "%s" WHERE "range_day" = %s AND "calls" = 0' % (
+        ROLLUP_TABLE, _range_day(postgres, "%s.created_at" % row))
+
+
+_ODD_TIME = "its created_at is not a time psai folds"
+
+
+def rollup_trigger_sql(postgres):
+    """The statements installing the triggers that keep the rollups in the
+    writer's own transaction (docs/rollups.md). SQLite: one trigger an
+    event, SQL that cannot fail (a value of the wrong type reads as absent;
+    an item whose time psai does not store is marked unfolded). PostgreSQL:
+    one plpgsql function, each fold in a block that marks what it could not
+    fold instead of failing the writer's statement."""
+    r = ItemReader(postgres)
+    unfolded = quoted(UNFOLDED_TABLE)
+    if not postgres:
+        new_ok, old_ok = foldable_sql(False, "NEW.created_at"), foldable_sql(False, "OLD.created_at")
+        old_rolled = "%s AND NOT EXISTS (SELECT 1 FROM %s WHERE item_id = OLD.id)" % (old_ok, unfolded)
+        fold_in = [_fold_sql(r, "NEW", 1, new_ok),
+                   "INSERT INTO %s (item_id, reason) SELECT NEW.id, '%s' WHERE NOT %s" % (unfolded, _ODD_TIME, new_ok)]
+        fold_out = [_fold_sql(r, "OLD", -1, old_rolled), _emptied_sql(False, "OLD"),
+                    "DELETE FROM %s WHERE item_id = OLD.id" % unfolded]
+        insert, update, delete = ROLLUP_TRIGGERS[False]
+        body = 'CREATE TRIGGER IF NOT EXISTS "%s" AFTER %s ON "ps_model_usage_item" BEGIN %s; END'
+        return [body % (insert, "INSERT", "; ".join(fold_in)),
+                body % (update, "UPDATE OF %s" % ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
+                        "; ".join(fold_out + fold_in)),
+                body % (delete, "DELETE", "; ".join(fold_out))]
+    function = """CREATE OR REPLACE FUNCTION %(function)s() RETURNS trigger LANGUAGE plpgsql AS $psai$
+BEGIN
+  IF TG_OP <> 'INSERT' THEN
+    IF EXISTS (SELECT 1 FROM %(unfolded)s WHERE item_id = OLD.id) THEN
+      DELETE FROM %(unfolded)s WHERE item_id = OLD.id;
+    ELSIF %(old_ok)s THEN
+      BEGIN
+        %(fold_out)s;
+        %(emptied)s;
+      EXCEPTION WHEN OTHERS THEN
+        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(old_day)s, SQLERRM);
+      END;
+    END IF;
+  END IF;
+  IF TG_OP <> 'DELETE' THEN
+    IF %(new_ok)s THEN
+      BEGIN
+        %(fold_in)s;
+      EXCEPTION WHEN OTHERS THEN
+        INSERT INTO %(unfolded)s (item_id, reason) VALUES (NEW.id, SQLERRM);
+      END;
+    ELSE
+      INSERT INTO %(unfolded)s (item_id, reason) VALUES (NEW.id, '%(odd)s');
+    END IF;
+  END IF;
+  RETURN NULL;
+END
+$psai$""" % {"function": ROLLUP_FUNCTION, "unfolded": unfolded, "old_ok": foldable_sql(True, "OLD.created_at"),
+             "new_ok": foldable_sql(True, "NEW.created_at"), "fold_out": _fold_sql(r, "OLD", -1, "true"),
+             "emptied": _emptied_sql(True, "OLD"), "old_day": _range_day(True, "OLD.created_at"),
+             "fold_in": _fold_sql(r, "NEW", 1, "true"), "odd": _ODD_TIME}
+    trigger = ('CREATE TRIGGER "%s" AFTER INSERT OR DELETE OR UPDATE OF %s ON "ps_model_usage_item" '
+               'FOR EACH ROW EXECUTE PROCEDURE %s()' % (ROLLUP_FUNCTION, ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
+                                                       ROLLUP_FUNCTION))
+    return [function, 'DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % ROLLUP_FUNCTION, trigger]
+
+
+def drop_rollup_triggers_sql(postgres):
+    """The statements removing the triggers (the function stays, harmless)."""
+    if postgres:
+        return ['DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % ROLLUP_FUNCTION]
+    return ['DROP TRIGGER IF EXISTS "%s"' % name for name in ROLLUP_TRIGGERS[False]]
+
+
+def rollup_triggers_sql(postgres):
+    """How many of psai's rollup triggers the item table has (enabled)."""
+    if postgres:
+        return ("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('\"ps_model_usage_item\"') "
+                "AND tgname = '%s' AND tgenabled <> 'D'" % ROLLUP_FUNCTION)
+    return ("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ps_model_usage_item' "
+            "AND name IN (%s)" % ", ".join("'%s'" % name for name in ROLLUP_TRIGGERS[False]))
+
+
+def unfolded_items_sql(postgres, where):
+    """Items the triggers could not fold (``where`` on their time, ``created_at``)."""
+    return ('SELECT i.id FROM "ps_model_usage_item" i WHERE NOT %s%s'
+            % (foldable_sql(postgres, "i.created_at"), "".join(" AND " + w for w in where)))
 
 
 def rollup_sums_sql(group, where):
     """Rollup rows meeting ``where`` added up by ``group`` (names among
     ROLLUP_KEYS): rows in item_groups_sql's layout (GroupSums after the keys)."""
-    sums = ["CAST(SUM(\"calls\") AS BIGINT)"] + ['SUM(%s)' % quoted(c) for c in ROLLUP_SUMS[1:]
-                                                 if c not in ROLLUP_FINGERPRINTS]
+    sums = ["CAST(SUM(\"calls\") AS BIGINT)"] + ['SUM(%s)' % quoted(c) for c in ROLLUP_SUMS[1:-2]] + [
+        'CASE WHEN SUM("cost_calls") > 0 THEN SUM("provider_cost") END']
     keys = ", ".join(quoted(c) for c in group)
     return 'SELECT %s, %s FROM "%s" WHERE %s GROUP BY %s' % (keys, ", ".join(sums), ROLLUP_TABLE,
                                                              " AND ".join(where) or "1 = 1", keys)
 
 
-def rollup_days_sql(postgres, where):
-    """Per range day of the rollups: their calls and their items' fingerprint
-    (``item_day_counts_sql``'s: the sum of their ids; PostgreSQL, of their
-    offsets into the day)."""
-    return ('SELECT "range_day", CAST(SUM("calls") AS BIGINT), SUM(%s) FROM "%s" WHERE %s GROUP BY "range_day"'
-            % ('"at_sum"' if postgres else '"id_sum"', ROLLUP_TABLE, " AND ".join(where) or "1 = 1"))
+def rollup_days_sql(where):
+    """Per range day of the rollups: their calls."""
+    return ('SELECT "range_day", CAST(SUM("calls") AS BIGINT) FROM "%s" WHERE %s GROUP BY "range_day"'
+            % (ROLLUP_TABLE, " AND ".join(where) or "1 = 1"))
 
 
 def rollup_thresholds_sql(where):
@@ -752,32 +847,14 @@ def rollup_thresholds_sql(where):
 
 
 def rollup_rows_sql(where):
-    """Rollup rows (range day, keys, sums), for verify."""
+    """Rollup rows (range day, keys, sums, key), for verify."""
     return 'SELECT %s FROM "%s" WHERE %s' % (_ROLLUP_COLUMNS, ROLLUP_TABLE, " AND ".join(where) or "1 = 1")
 
 
 def item_days_sql(postgres, where):
     """The items per UTC day and their count, from the created_at index alone."""
-    day = "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')" if postgres else "substr(created_at, 1, 10)"
-    return 'SELECT %s, COUNT(*) FROM "ps_model_usage_item" WHERE %s GROUP BY 1' % (day, " AND ".join(where) or "1 = 1")
-
-
-def item_day_counts_sql(db, days):
-    """For each of ``days`` range days (day, start, end bound in that order):
-    the count of its items and their fingerprint, each day a range over the
-    created_at index (cheaper than grouping every entry) read from the index
-    alone: on SQLite the sum of their ids (the index holds them), on
-    PostgreSQL, whose index holds no ids, the sum of their offsets into the
-    day. SQLite, which has no LATERAL, gives them as one text "count:sum"."""
-    p = db.param
-    values = ", ".join(["(%s, %s, %s)" % (p, p, p)] * days)
-    if isinstance(db, PostgresqlDatabase):
-        return ('WITH d(day, lo, hi) AS (VALUES %s) SELECT d.day, x.n, x.at FROM d, LATERAL '
-                '(SELECT COUNT(*) AS n, %s AS at FROM "ps_model_usage_item" i WHERE i.created_at >= '
-                'd.lo::timestamptz AND i.created_at < d.hi::timestamptz) x'
-                % (values, _at_sum("i.created_at - d.lo::timestamptz")))
-    return ('WITH d(day, lo, hi) AS (VALUES %s) SELECT d.day, (SELECT COUNT(*) || \':\' || coalesce(SUM(i.id), 0) '
-            'FROM "ps_model_usage_item" i WHERE i.created_at >= d.lo AND i.created_at < d.hi) FROM d' % values)
+    return 'SELECT %s, COUNT(*) FROM "ps_model_usage_item" WHERE %s GROUP BY 1' % (
+        _range_day(postgres, "created_at"), " AND ".join(where) or "1 = 1")
 
 
 def model_thresholds_sql(r):

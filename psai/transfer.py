@@ -28,7 +28,6 @@ from .models import (
 )
 from .pricing import COUNTERS
 from .recording import NO_AGENT
-from .rollups import invalidate as invalidate_rollups
 from .schemas import dump_rows, INCLUDE, RAISE, PsAgentSchema, PsAiModelSchema
 
 __all__ = ["export_data", "import_data", "copy", "TABLES"]
@@ -695,8 +694,6 @@ def _copy(source, target, counts, dry_run, progress, batch):
                              "ps_model_usage_item")
             if refused:
                 raise ValidationError(refused)
-            if counts["ps_model_usage_item"]["updated"]:
-                invalidate_rollups(target)  # items changed in place: the count check cannot see it
             done(item_count)
             for model_class, rows, key, name in (
                     (PriceVersion, versions, lambda r: (r["model"], r["valid_from"]), "psai_price_versions"),

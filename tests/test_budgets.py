@@ -423,3 +423,32 @@ def test_a_budget_set_by_another_process_is_seen_by_the_next_call(backend, clock
     assert [(e["threshold"], e["spent"]) for e in psai.budget_events()] == [
         (Decimal("0.9"), Decimal("0.72")), (Decimal(1), Decimal("0.72"))]
     assert heard == psai.budget_events()
+
+
+# -- usage whose counts cannot be read (issue 34) -------------------------------------------
+
+@pytest.mark.parametrize("data", [
+    {"usageNormalized": {"tokensIn": "10000", "tokensOut": "1000"}},  # counts as strings
+    {"pricing": {}},  # no usageNormalized
+    [1, 2, 3],  # data not an object
+    "not json at all",
+])
+def test_items_whose_counts_cannot_be_read_make_the_budget_unknown(db, clock, data):
+    m = model()
+    at(clock, "2026-12-03T10:00:00+00:00")
+    record_usage(m, None, **CALL)
+    psai.set_budget(name="b", amount=10, period="month")
+    assert status("b")["state"] == "ok"
+    item = psai.PsModelUsageItem.get()
+    psai.PsModelUsageItem.insert(user_id=1, model_id=m.id, agent_id=0, created_at=clock(), updated_at=clock(),
+                                 data=item.data).execute()
+    mark = "%s" if psai.db.is_postgres() else "?"
+    stored = json.dumps(data) if not isinstance(data, str) or psai.db.is_postgres() else data
+    psai.database.execute_sql('UPDATE "ps_model_usage_item" SET "data" = %s WHERE "id" = %s' % (mark, mark),
+                              (stored, item.id))
+    found = status("b")
+    assert found["state"] == "unknown" and found["spent"] == CALL_COST and found["calls"] == 2
+    with pytest.raises(psai.BudgetExceededError, match="unknown"):
+        psai.check_budget(None, m)
+    with pytest.raises(psai.UnpricedUsageError):
+        cost_report("model", strict=True)  # what a strict report refuses, a budget does not count as $0

@@ -1,6 +1,9 @@
-"""Rollups (psai.rollups, docs/rollups.md): every report read from them
-equals the report from a full scan of the items, whoever wrote the items,
-on both backends; a rollup made wrong by hand is found and repaired."""
+"""Rollups (psai.rollups, docs/rollups.md): kept by triggers, every report
+read from them equals the report from a full scan of the items, whoever
+wrote the items (psai, PolicySynth, SQL by hand: inserts, edits in place,
+deletes), on both backends; a rollup made wrong by hand is found and
+repaired."""
+import contextlib
 import copy
 import datetime
 import json
@@ -20,6 +23,16 @@ from conftest import make_configuration
 
 DAY0 = datetime.datetime(2026, 11, 20, tzinfo=UTC)
 DAYS = 6
+
+
+@contextlib.contextmanager
+def full_scan(db):
+    """Reports inside read every item: the triggers dropped in a transaction rolled back after."""
+    with db.atomic() as transaction:
+        rollups.disable(db)
+        assert not rollups.enabled(db)
+        yield
+        transaction.rollback()
 
 
 def models():
@@ -61,15 +74,15 @@ def windows(rng):
             (day, None)]
 
 
-def reports_equal_a_full_scan(rng):
+def reports_equal_a_full_scan(db, rng):
     for since, until in windows(rng):
         for by in REPORT_GROUPINGS:
             rolled = cost_report(by, since=since, until=until)
-            with rollups.full_scan():
+            with full_scan(db):
                 scanned = cost_report(by, since=since, until=until)
             assert rolled == scanned, (by, since, until)
         rolled_days = daily_costs(since=since, until=until)
-        with rollups.full_scan():
+        with full_scan(db):
             assert rolled_days == daily_costs(since=since, until=until), (since, until)
         # The HTML page's one pass gives every grouping's rows, and the days', as they are alone.
         together, days = cost_reports(REPORT_GROUPINGS, since=since, until=until)
@@ -78,7 +91,7 @@ def reports_equal_a_full_scan(rng):
             assert together[by] == cost_report(by, since=since, until=until), (by, since, until)
     # Every budget's status (its period's spending, read from the rollups) as a full scan gives it.
     rolled_status = psai.budget_status()
-    with rollups.full_scan():
+    with full_scan(db):
         assert rolled_status == psai.budget_status()
 
 
@@ -98,7 +111,7 @@ def raw_insert(rng, ms, ags):
     """An item as PolicySynth's own processes write one: no psai involved,
     at any time (backdated too), sometimes without a snapshot or odd."""
     template = rng.choice(list(PsModelUsageItem.select()))
-    data = copy.deepcopy(template.data)
+    data = copy.deepcopy(template.data) if isinstance(template.data, dict) else {}
     data["usageNormalized"] = dict(data.get("usageNormalized") or {}, tokensIn=rng.choice([10, 210_000]),
                                    tokensOut=rng.randrange(100))
     shape = rng.random()
@@ -117,21 +130,40 @@ def raw_insert(rng, ms, ags):
                             created_at=stamp, updated_at=stamp, data=data).execute()
 
 
+def edit_in_place(rng, items):
+    """An item's data changed by hand: other counts, no usage, another snapshot, not an object."""
+    item = PsModelUsageItem.get_by_id(rng.choice(items).id)
+    data = copy.deepcopy(item.data) if isinstance(item.data, dict) else {}
+    shape = rng.random()
+    if shape < 0.4:
+        data["usageNormalized"] = dict(data.get("usageNormalized") or {}, tokensIn=rng.choice([5, 230_000]))
+    elif shape < 0.6:
+        data.pop("usageNormalized", None)
+    elif shape < 0.8:
+        data["psai"] = dict(data.get("psai") or {}, providerCost=0.75)
+    else:
+        data = [1, 2]
+    PsModelUsageItem.update(data=data).where(PsModelUsageItem.id == item.id).execute()
+
+
 def act(rng, clock, ms, ags, db):
     what = rng.random()
     items = list(PsModelUsageItem.select(PsModelUsageItem.id))
-    if what < 0.4 or not items:
+    if what < 0.35 or not items:
         record(rng, clock, ms, ags)
         return "record"
-    if what < 0.55:
+    if what < 0.5:
         raw_insert(rng, ms, ags)
         return "raw insert"
-    if what < 0.62:  # backdated, or moved across midnight
+    if what < 0.57:  # backdated, or moved across midnight
         PsModelUsageItem.update(created_at=moment(rng)).where(PsModelUsageItem.id == rng.choice(items).id).execute()
         return "moved"
-    if what < 0.67:
+    if what < 0.62:
         PsModelUsageItem.delete().where(PsModelUsageItem.id == rng.choice(items).id).execute()
         return "deleted"
+    if what < 0.68:
+        edit_in_place(rng, items)
+        return "edited"
     if what < 0.75:  # a day that has calls of the model
         item = PsModelUsageItem.get_by_id(rng.choice(items).id)
         if item.model_id == ms[2].id:
@@ -152,10 +184,10 @@ def act(rng, clock, ms, ags, db):
         model.configuration = configuration
         model.save()
         return "threshold"
-    if what < 0.92:
-        rollups.rebuild(db, everything=rng.random() < 0.3)
+    if what < 0.88:
+        rollups.rebuild(db)
         return "rebuilt"
-    if what < 0.95 and len(ags) > 1:
+    if what < 0.92 and len(ags) > 1:
         ags.pop(rng.randrange(len(ags))).delete_instance()  # its usage is reported without an agent
         return "agent deleted"
     psai.audit(dry_run=False)
@@ -173,42 +205,70 @@ def test_randomized_histories_report_as_a_full_scan(db, clock, seed):
     psai.set_budget(name="tree", amount=5, period="month", agent=ags[0], currency="EUR")
     for _ in range(12):
         record(rng, clock, ms, ags)
-    assert rollups.rebuild(db) == []  # record_usage kept every day current
-    assert len(rollups.coverage(db).days) == len({i.created_at.date() for i in PsModelUsageItem.select()})
+    assert len(rollups.read_plan(db).days) == len({i.created_at.date() for i in PsModelUsageItem.select()})
     used, done = 0, set()
     for step in range(80):
         done.add(act(rng, clock, ms, ags, db))
-        used += len(rollups.coverage(db).days)
+        used += len(rollups.read_plan(db).days)
         if step % 5 == 4:
-            reports_equal_a_full_scan(rng)
+            reports_equal_a_full_scan(db, rng)
+            assert rollups.verify(db) == []  # the triggers kept every day exact, with no rebuild
     assert used > 0  # the reports did read rollups
-    assert done >= {"record", "raw insert", "moved", "deleted", "repriced", "threshold", "rebuilt"}, done
-    rollups.rebuild(db)
+    assert done >= {"record", "raw insert", "moved", "deleted", "edited", "threshold", "rebuilt"}, done
     assert rollups.verify(db) == []
-    assert all(day["state"] == "current" for day in rollups.status(db))
-    reports_equal_a_full_scan(rng)
+    reports_equal_a_full_scan(db, rng)
 
 
-def test_record_usage_keeps_the_day_current(db, clock, seed_model):
+def test_writes_by_anyone_are_in_the_next_report(db, clock, seed_model):
     psai.record_usage(seed_model, None, tokens_in=10, tokens_out=1)
-    assert rollups.coverage(db).days == ["2026-11-25"]  # rollups are current from the first call
-    assert rollups.rebuild(db) == []
+    assert rollups.read_plan(db).days == ("2026-11-25",)  # the trigger kept it from the first call
     clock.advance(days=1)
     psai.record_usage(seed_model, None, tokens_in=10, tokens_out=1)
-    # PolicySynth writes an item: that day is read from the items until rebuilt.
+    # PolicySynth writes an item: the trigger folds it, in PolicySynth's own transaction.
     PsModelUsageItem.insert(user_id=1, model_id=seed_model.id, agent_id=0, created_at=clock(), updated_at=clock(),
                             data=PsModelUsageItem.get().data).execute()
-    found = rollups.coverage(db)
-    assert found.days == ["2026-11-25"] and found.scan == [(None, datetime.datetime(2026, 11, 25, tzinfo=UTC)),
-                                                            (datetime.datetime(2026, 11, 26, tzinfo=UTC), None)]
-    assert [d["state"] for d in rollups.status(db)] == ["current", "stale"]
-    assert rollups.rebuild(db) == ["2026-11-26"]
-    assert len(rollups.coverage(db).days) == 2
+    plan = rollups.read_plan(db)
+    assert plan.days == ("2026-11-25", "2026-11-26") and not plan.reads_items
+    assert [(d["items"], d["rolled_up"], d["state"]) for d in rollups.status(db)] == [(1, 1, "current"),
+                                                                                      (2, 2, "current")]
     assert cost_report("model")[0]["calls"] == 3
+    PsModelUsageItem.delete().where(PsModelUsageItem.id == 1).execute()
+    assert cost_report("model")[0]["calls"] == 2 and rollups.read_plan(db).days == ("2026-11-26",)
+
+
+@pytest.mark.parametrize("how", ["peewee", "sql"])
+def test_an_item_edited_in_place_or_deleted_by_hand_shows_in_the_next_report_and_budget(db, backend, clock,
+                                                                                       seed_model, how):
+    """The issue's case: an item's data edited in place so that its usage
+    cannot be priced makes the budget "unknown" at once (it used to stay
+    "ok" on the old figures); deleting it takes its cost off."""
+    for _ in range(3):
+        psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=100)
+    psai.set_budget(name="b", amount=10, period="month")
+    assert psai.budget_status("b")[0]["state"] == "ok"
+    spent = psai.budget_status("b")[0]["spent"]
+    item = PsModelUsageItem.select().order_by(PsModelUsageItem.id).first()
+    data = dict(item.data, usageNormalized={"tokensIn": "a lot", "tokensOut": 100})
+    if how == "peewee":
+        PsModelUsageItem.update(data=data).where(PsModelUsageItem.id == item.id).execute()
+    else:
+        db.execute_sql('UPDATE "ps_model_usage_item" SET "data" = %s WHERE "id" = %s' % (db.param, db.param),
+                       (json.dumps(data), item.id))
+    status = psai.budget_status("b")[0]
+    assert status["state"] == "unknown" and status["spent"] < spent
+    with pytest.raises(psai.BudgetExceededError, match="unknown"):
+        psai.check_budget()
+    with full_scan(db):
+        scanned = cost_report("model")
+    assert cost_report("model") == scanned
+    PsModelUsageItem.delete().where(PsModelUsageItem.id == item.id).execute()
+    assert psai.budget_status("b")[0]["state"] == "ok"
+    assert psai.budget_status("b")[0]["calls"] == 2 and cost_report("model")[0]["calls"] == 2
+    assert rollups.verify(db) == []
 
 
 def corrupt(db):
-    """A rollup row edited by hand: its count and ids still agree with the items."""
+    """A rollup row edited by hand."""
     db.execute_sql('UPDATE "psai_usage_rollup" SET "fresh_in" = "fresh_in" + 1000000 WHERE "id" = '
                    '(SELECT MIN("id") FROM "psai_usage_rollup")')
 
@@ -216,58 +276,63 @@ def corrupt(db):
 def test_a_rollup_made_wrong_is_found_by_verify_and_check_and_repaired_by_rebuild(db, clock, seed_model):
     for _ in range(3):
         psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
-    with rollups.full_scan():
+    with full_scan(db):
         right = cost_report("model")
     assert rollups.verify(db) == [] and not [p for p in check() if p["table"] == "psai_usage_rollup"]
     corrupt(db)
-    assert cost_report("model") != right  # reports trust a day whose count check passes
+    assert cost_report("model") != right  # reports trust the rollups
     problems = rollups.verify(db)
     assert [p["day"] for p in problems] == ["2026-11-25"] and "differ" in problems[0]["problem"]
     assert [p["id"] for p in check() if p["table"] == "psai_usage_rollup"] == ["2026-11-25"]
-    assert rollups.rebuild(db) == []  # the count check passes: a stale-only rebuild leaves it
-    assert rollups.rebuild(db, since="2026-11-25", until="2026-11-25", everything=True) == ["2026-11-25"]
+    assert rollups.rebuild(db, since="2026-11-25", until="2026-11-25") == ["2026-11-25"]
     assert rollups.verify(db) == [] and cost_report("model") == right
 
 
-def test_an_item_replaced_at_the_same_moment(db, backend, clock, seed_model):
-    """Another item written at the very microsecond of one deleted: SQLite's
-    check sees its id; PostgreSQL's, which reads the created_at index alone
-    (count and offsets into the day), takes it for an edit in place, which
-    verify finds and rebuild repairs (docs/rollups.md)."""
-    for _ in range(2):
-        psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
-    item = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).get()
-    data = dict(item.data, usageNormalized=dict(item.data["usageNormalized"], tokensIn=5000))
-    PsModelUsageItem.insert(user_id=1, model_id=item.model_id, agent_id=item.agent_id, created_at=item.created_at,
-                            updated_at=item.created_at, data=data).execute()
-    PsModelUsageItem.delete().where(PsModelUsageItem.id == item.id).execute()
-    with rollups.full_scan():
-        right = cost_report("model")
-    assert right[0]["tokens_in"] == 6000
-    if backend.kind == "sqlite":
-        assert rollups.coverage(db).days == [] and cost_report("model") == right
-        assert rollups.verify(db) == []
-    else:
-        assert rollups.coverage(db).days == ["2026-11-25"] and cost_report("model") != right
-        assert [p["day"] for p in rollups.verify(db)] == ["2026-11-25"]
-        assert rollups.rebuild(db, since="2026-11-25", until="2026-11-25", everything=True) == ["2026-11-25"]
-    assert rollups.verify(db) == [] and cost_report("model") == right
+def test_what_a_trigger_cannot_fold_is_read_from_the_items_and_named_by_check(db, backend, clock, seed_model):
+    """A time psai does not store (SQLite: other text; PostgreSQL: infinity)
+    never fails the writer: the item is marked, reports read it from the
+    items, ``psai check`` names it, and an edit or delete unmarks it."""
+    psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
+    item = PsModelUsageItem.get()
+    odd = "2026-11-25T10:00:00Z" if backend.kind == "sqlite" else "infinity"
+    db.execute_sql('INSERT INTO "ps_model_usage_item" ("user_id", "model_id", "agent_id", "created_at", '
+                   '"updated_at", "data") VALUES (1, %s, 0, %s, %s, %s)' % ((db.param,) * 4),
+                   (seed_model.id, odd, odd, json.dumps(item.data)))
+    odd_id = PsModelUsageItem.select(PsModelUsageItem.id).order_by(PsModelUsageItem.id.desc()).scalar()
+    assert [m["item"] for m in rollups.unfolded(db)] == [odd_id]
+    assert [p["id"] for p in check() if "could not fold" in p["problem"]] == [odd_id]
+    plan = rollups.read_plan(db)
+    assert plan.days == ("2026-11-25",) and plan.unfolded
+    with full_scan(db):
+        scanned = cost_report("model")
+    assert scanned[0]["calls"] == 2 and cost_report("model") == scanned
+    assert rollups.rebuild(db) == ["2026-11-25"] and [m["item"] for m in rollups.unfolded(db)] == [odd_id]
+    db.execute_sql('UPDATE "ps_model_usage_item" SET "created_at" = %s WHERE "id" = %s' % (db.param, db.param),
+                   (PsModelUsageItem.created_at.db_value(clock()), odd_id))
+    assert rollups.unfolded(db) == [] and not rollups.read_plan(db).unfolded
+    assert cost_report("model") == scanned and rollups.verify(db) == []
 
 
-def test_psai_writers_that_change_items_in_place_drop_their_days(db, clock, seed_model):
+def test_psai_writers_that_change_items_in_place_are_in_the_next_report(db, clock, seed_model):
     psai.record_usage(seed_model, None, tokens_in=1_000_000, tokens_out=0)
     psai.reprice(seed_model, {"costInTokensPerMillion": 10}, dry_run=False)
-    assert rollups.coverage(db).days == []  # dropped in reprice's transaction
-    with rollups.full_scan():
-        assert cost_report("model") == cost_report("model")
+    assert rollups.read_plan(db).days == ("2026-11-25",)  # the triggers refolded the items reprice changed
     assert str(cost_report("model")[0]["cost"]) == "10"
-    assert rollups.rebuild(db) == ["2026-11-25"] and str(cost_report("model")[0]["cost"]) == "10"
+    assert rollups.verify(db) == []
 
 
-def test_a_database_without_rollups_reads_the_items(db, clock, seed_model):
+def test_without_triggers_reports_read_the_items_until_enabled(db, backend, clock, seed_model):
     psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
-    db.execute_sql('DELETE FROM "psai_usage_rollup"')
-    assert rollups.coverage(db).days == [] and cost_report("model")[0]["calls"] == 1
+    rollups.disable(db)
+    psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
+    assert not rollups.enabled(db) and rollups.read_plan(db).scan == ((None, None),)
+    assert cost_report("model")[0]["calls"] == 2
+    assert [d["state"] for d in rollups.status(db)] == ["items"]
+    with pytest.raises(psai.errors.RollupsOffError, match="psai rollup enable"):
+        rollups.rebuild(db)
+    assert rollups.enable(db) == ["2026-11-25"]
+    assert [(d["rolled_up"], d["state"]) for d in rollups.status(db)] == [(2, "current")]
+    assert cost_report("model")[0]["calls"] == 2 and rollups.verify(db) == []
 
 
 def test_the_command_line(db, backend, clock, seed_model):
@@ -280,13 +345,18 @@ def test_the_command_line(db, backend, clock, seed_model):
     PsModelUsageItem.insert(user_id=1, model_id=seed_model.id, agent_id=0, created_at=DAY0, updated_at=DAY0,
                             data=PsModelUsageItem.get().data).execute()
     status = json.loads(run("status", "--json").stdout)
-    assert [(d["day"], d["state"]) for d in status] == [("2026-11-20", "stale"), ("2026-11-25", "current")]
+    assert [(d["day"], d["state"]) for d in status] == [("2026-11-20", "current"), ("2026-11-25", "current")]
+    assert "kept by triggers" in run("status").stdout
     assert "2026-11-20" in run("rebuild").stdout
     assert "agree" in run("verify").stdout
     corrupt(db)
-    assert "2026-11-25" in run("verify", code=1).stdout
-    run("rebuild", "--all")
+    assert "2026-11-20" in run("verify", code=1).stdout
+    run("rebuild", "--since", "2026-11-20", "--until", "2026-11-20")
     run("verify")
+    rollups.disable(db)
+    assert "off (no triggers)" in run("status").stdout
+    assert "2026-11-25" in run("enable").stdout
+    assert "kept by triggers" in run("status").stdout
 
 
 def test_concurrent_writers_and_rebuilds_leave_the_rollups_exact(db, backend, seed_model):
@@ -302,13 +372,13 @@ def test_concurrent_writers_and_rebuilds_leave_the_rollups_exact(db, backend, se
                    for seed, agent in enumerate([None, None, other.id, other.id])]
         rebuilt = 0
         while not all(r.ready() for r in results):
-            rebuilt += len(rollups.rebuild(db, everything=True))
+            rebuilt += len(rollups.rebuild(db))
         assert all(r.get(timeout=240) for r in results)
     assert rebuilt > 0
     assert PsModelUsageItem.select().count() == 4 * calls
     assert [d["state"] for d in rollups.status(db)] == ["current"] and rollups.verify(db) == []
     for by in REPORT_GROUPINGS:
-        with rollups.full_scan():
+        with full_scan(db):
             scanned = cost_report(by)
         assert cost_report(by) == scanned
 
@@ -404,3 +474,30 @@ def test_a_period_reads_counter_rows_whose_time_is_stored_otherwise(db, backend,
     since = clock() - datetime.timedelta(hours=1)
     assert cost_report("model", since=since) == _without_shortcut(monkeypatch, "model", since)
     assert cost_report("model", since=since)[0]["tokens_in"] == 1500
+
+
+def test_times_at_the_edges_of_the_calendar(db, clock, seed_model):
+    """Issue 34: items dated 9999-12-31 or before year 1000, and periods
+    that end or start there, never end in OverflowError or ValueError; the
+    rollups keep them and ``psai check`` names them."""
+    assert rollups.status(db, since="0999-01-01") == [] and cost_report("model", since="0999-01-01") == []
+    psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
+    item = PsModelUsageItem.get()
+    stamps = [datetime.datetime(9999, 12, 31, 23, tzinfo=UTC), datetime.datetime(999, 5, 1, tzinfo=UTC),
+              datetime.datetime(1, 1, 1, tzinfo=UTC)]
+    for stamp in stamps:
+        PsModelUsageItem.insert(user_id=1, model_id=seed_model.id, agent_id=0, created_at=stamp, updated_at=stamp,
+                                data=item.data).execute()
+    days = ["0001-01-01", "0999-05-01", "2026-11-25", "9999-12-31"]
+    end = "9999-12-31T23:59:59+00:00"
+    assert [d["day"] for d in rollups.status(db, until=end)] == days
+    assert [d["day"] for d in rollups.status(db, since="0999-01-01")] == days[1:]
+    assert rollups.rebuild(db, until=end) == days and rollups.rebuild(db, until="9999-12-31") == days
+    assert rollups.verify(db, since="0999-01-01", until=end) == [] and rollups.verify(db) == []
+    assert cost_report("model")[0]["calls"] == 4 and cost_report("model", since="0999-01-01")[0]["calls"] == 3
+    assert cost_report("model", until=end)[0]["calls"] == 4
+    assert [r["day"] for r in cost_report("day")] == days
+    with full_scan(db):
+        assert cost_report("day") == cost_report("day", since=None)
+    edge = [p["id"] for p in check() if "edge of the calendar" in p["problem"]]
+    assert edge == [item.id + 1, item.id + 2, item.id + 3]
