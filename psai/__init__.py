@@ -8,7 +8,7 @@ from .errors import (
     UnpricedUsageError, ValidationError, WrongDatabaseError,
 )
 from .migrations import migrate
-from .models import CALL_WATCHERS, AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+from .models import CALL_WATCHERS, AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, Reservation
 from .responses import ResponseUsage, usage_from_response
 
 if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should see them
@@ -35,7 +35,7 @@ __all__ = [
     "usage_from_response", "ResponseUsage", "record_response", "track", "resolve_model", "audit",
     "WrongDatabaseError",
     "set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events", "on_budget_event",
-    "BudgetExceededError",
+    "BudgetExceededError", "Reservation",
 ]
 
 # Imported on first use, so a short command does not pay for them.

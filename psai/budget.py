@@ -18,7 +18,7 @@ import weakref
 import zoneinfo
 from collections.abc import Callable, Iterable
 from decimal import Decimal
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict, overload
 
 from peewee import Database
 
@@ -26,13 +26,14 @@ from .arguments import agent_arg, as_datetime, model_arg
 from .db import is_postgres, model_db, read_transaction, table_columns, write_transaction
 from .errors import BudgetExceededError, NotAdoptedError, NotFoundError, ValidationError
 from .fields import UTC, utcnow
-from .models import Budget, BudgetEvent, PsAgent, PsAiModel, sub_agent_tree
+from .models import Budget, BudgetEvent, BudgetReservation, PsAgent, PsAiModel, Reservation, sub_agent_tree
 from .recording import model_cost
 from .reports import item_parts, merge_parts, part_provider, part_tokens, price_parts
 from .schemas import BUDGET_FIELDS, validate_budget_values
 
 __all__ = ["set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events",
-           "on_budget_event", "period_bounds", "BudgetStatus", "BudgetEventRow", "BudgetWatcher", "WATCHER", "LIMIT"]
+           "on_budget_event", "period_bounds", "RESERVATION_TTL", "Reservation",
+           "BudgetStatus", "BudgetEventRow", "BudgetWatcher", "WATCHER", "LIMIT"]
 
 log = logging.getLogger("psai")
 
@@ -343,45 +344,120 @@ def _money(value: Decimal) -> str:
     return format(value.quantize(Decimal("0.01")) if abs(value) >= Decimal("0.01") else value.normalize(), "f")
 
 
+# How long a reservation holds its estimate when its call is neither recorded nor released (a process that died).
+RESERVATION_TTL = datetime.timedelta(minutes=10)
+
+
+def _held(db: Database, rows: list[Budget], now: datetime.datetime) -> dict[int, Decimal]:
+    """What live reservations hold against each of ``rows``."""
+    if not rows or not table_columns(db, BudgetReservation._meta.table_name):
+        return {}
+    held: dict[int, Decimal] = {}
+    query = (BudgetReservation.select(BudgetReservation.budget, BudgetReservation.amount)
+             .where(BudgetReservation.budget.in_([row.id for row in rows]) & (BudgetReservation.expires_at > now)))
+    rows_held: Any = query.tuples()
+    for budget_id, amount in rows_held:
+        held[budget_id] = held.get(budget_id, Decimal(0)) + Decimal(amount)
+    return held
+
+
+def _refusal(row: Budget, status: BudgetStatus, held: Decimal, guess: tuple[Decimal, str | None] | None
+             ) -> str | None:
+    """Why a call is refused by ``row`` (None: it is not)."""
+    spent, limit = status["spent"], status["limit"]
+    ends = "; the period ends %s" % status["period_end"].isoformat() if status["period_end"] else ""
+    named = "budget %r (%s)" % (row.name, row.currency)
+    holding = " and %s held by reservations" % _money(held) if held else ""
+    if status["state"] == "exceeded" or held and spent + held >= limit:
+        return "%s is reached: %s spent%s of %s%s" % (named, _money(spent), holding, _money(limit), ends)
+    if guess is not None and guess[1] not in (None, row.currency) and row.unpriced == "block":
+        return "%s cannot weigh this call: it is priced in %s%s" % (named, guess[1], ends)
+    if guess is not None and spent + held + guess[0] > limit and guess[1] in (None, row.currency):
+        return "%s would be passed by this call: %s spent%s + %s estimated is more than %s%s" % (
+            named, _money(spent), holding, _money(guess[0]), _money(limit), ends)
+    if status["state"] == "unknown" and row.unpriced == "block":
+        return "%s is unknown: %d tokens cannot be priced, or calls' counts cannot be read (%s spent of %s)%s" % (
+            named, status["unpriced_tokens"], _money(spent), _money(limit), ends)
+    return None
+
+
+def _refuse(rows: list[Budget], statuses: list[BudgetStatus], held: dict[int, Decimal],
+            guess: tuple[Decimal, str | None] | None) -> None:
+    for row, status in zip(rows, statuses):
+        reason = _refusal(row, status, held.get(row.id, Decimal(0)), guess)
+        if reason is not None:
+            raise BudgetExceededError(reason, budget=row.name, spent=status["spent"], limit=status["limit"],
+                                      currency=row.currency, period_end=status["period_end"])
+
+
+@overload
 def check_budget(agent: PsAgent | int | str | uuid.UUID | None = None,
                  model: PsAiModel | int | str | uuid.UUID | None = None, *,
-                 estimate: Decimal | int | float | str | dict[str, Any] | None = None) -> list[BudgetStatus]:
+                 estimate: Decimal | int | float | str | dict[str, Any] | None = None,
+                 reserve: Literal[False] = False) -> list[BudgetStatus]: ...
+
+
+@overload
+def check_budget(agent: PsAgent | int | str | uuid.UUID | None = None,
+                 model: PsAiModel | int | str | uuid.UUID | None = None, *,
+                 estimate: Decimal | int | float | str | dict[str, Any] | None = None,
+                 reserve: Literal[True]) -> Reservation: ...
+
+
+def check_budget(agent: PsAgent | int | str | uuid.UUID | None = None,
+                 model: PsAiModel | int | str | uuid.UUID | None = None, *,
+                 estimate: Decimal | int | float | str | dict[str, Any] | None = None,
+                 reserve: bool = False) -> list[BudgetStatus] | Reservation:
     """Before a call: raise ``BudgetExceededError`` when a hard budget
     covering this agent and model is reached, would be passed by
     ``estimate`` (a cost in the budget's currency, or the counts of the call,
     priced with the model's prices), or is ``unknown`` and blocks unpriced
-    usage. Returns the statuses of the budgets checked. A check is a read:
-    calls in flight elsewhere are counted once they are recorded."""
+    usage. What live reservations hold counts as spent. Returns the
+    statuses of the budgets checked.
+
+    ``reserve=True``: the check and a hold of ``estimate`` against every
+    covering hard budget are one atomic step (concurrent reservations
+    queue), and the ``Reservation`` is returned: record the call with
+    ``record_usage(..., reservation=r)`` (its real cost replaces the
+    estimate) or ``r.release()`` it; one left alone expires after
+    ``RESERVATION_TTL``. So N processes never spend past a hard limit by
+    more than their estimates were wrong."""
     agent_row = agent_arg(agent)
     model_row = model_arg(model) if model is not None else None
-    db = model_db(Budget)
-    if not table_columns(db, Budget._meta.table_name):
-        return []
-    rows = _covering(model_row, agent_row, [row for row in Budget.select().order_by(Budget.name) if row.hard])
-    if not rows:
-        return []
+    if reserve and estimate is None:
+        raise ValidationError({"estimate": ["A reservation holds an estimate of the call: give estimate=."]})
     guess = _estimate(estimate, model_row)
+    db = model_db(Budget)
     now = utcnow()
-    statuses = _statuses(db, rows, now)
-    for row, status in zip(rows, statuses):
-        spent, limit = status["spent"], status["limit"]
-        ends = "; the period ends %s" % status["period_end"].isoformat() if status["period_end"] else ""
-        named = "budget %r (%s)" % (row.name, row.currency)
-        if status["state"] == "exceeded":
-            reason = "%s is reached: %s spent of %s%s" % (named, _money(spent), _money(limit), ends)
-        elif guess is not None and guess[1] not in (None, row.currency) and row.unpriced == "block":
-            reason = "%s cannot weigh this call: it is priced in %s%s" % (named, guess[1], ends)
-        elif guess is not None and spent + guess[0] > limit and guess[1] in (None, row.currency):
-            reason = "%s would be passed by this call: %s spent + %s estimated is more than %s%s" % (
-                named, _money(spent), _money(guess[0]), _money(limit), ends)
-        elif status["state"] == "unknown" and row.unpriced == "block":
-            reason = "%s is unknown: calls of %d tokens cannot be priced, or their counts cannot be read (%s spent " \
-                     "of %s)%s" % (named, status["unpriced_tokens"], _money(spent), _money(limit), ends)
-        else:
-            continue
-        raise BudgetExceededError(reason, budget=row.name, spent=spent, limit=limit, currency=row.currency,
-                                  period_end=status["period_end"])
-    return statuses
+    if not table_columns(db, Budget._meta.table_name):
+        return Reservation(str(uuid.uuid4()), guess[0] if guess else None, (), now + RESERVATION_TTL) \
+            if reserve else []
+    rows = _covering(model_row, agent_row, [row for row in Budget.select().order_by(Budget.name) if row.hard])
+    if not reserve:
+        if not rows:
+            return []
+        with read_transaction(db):
+            statuses = [_status(db, row, now) for row in rows]
+            held = _held(db, rows, now)
+        _refuse(rows, statuses, held, guess)
+        return statuses
+    assert guess is not None
+    token = str(uuid.uuid4())
+    with write_transaction(db):
+        if rows and is_postgres(db):
+            # Reservations and recordings of these budgets queue here (recording locks them for its alerts).
+            rows = list(Budget.select().where(Budget.id.in_([row.id for row in rows])).order_by(Budget.id)
+                        .for_update())
+            rows.sort(key=lambda row: row.name)
+        BudgetReservation.delete().where(BudgetReservation.expires_at <= now).execute()
+        statuses = [_status(db, row, now) for row in rows]
+        _refuse(rows, statuses, _held(db, rows, now), guess)
+        holding = [row for row in rows if guess[1] in (None, row.currency)]
+        if holding:
+            BudgetReservation.insert_many([{"token": token, "budget": row.id, "amount": str(guess[0]),
+                                            "created_at": now, "expires_at": now + RESERVATION_TTL}
+                                           for row in holding]).execute()
+    return Reservation(token, guess[0], tuple(row.name for row in holding), now + RESERVATION_TTL)
 
 
 # -- alerts -------------------------------------------------------------------------

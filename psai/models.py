@@ -30,7 +30,8 @@ __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "
            "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "Budget", "BudgetEvent", "ALL_MODELS",
            "strict_json_dumps",
            "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
-           "record_price_change", "prices_of", "provenance", "usage_counters", "CALL_WATCHERS", "CallWatcher"]
+           "record_price_change", "prices_of", "provenance", "usage_counters", "CALL_WATCHERS", "CallWatcher",
+           "BudgetReservation", "Reservation"]
 
 # PolicySynth's size fallback: which sizes to try, in order, for a size asked for.
 SIZE_FALLBACK = {
@@ -463,8 +464,42 @@ class BudgetEvent(BaseModel):
         table_name = "psai_budget_events"
 
 
+class BudgetReservation(BaseModel):
+    """psai's own: an estimate held against a budget until the call is
+    recorded (``record_usage(..., reservation=r)``), released, or expired."""
+
+    id = AutoField()
+    token = CharField(max_length=36, index=True)  # one reservation: a row per budget it holds against
+    budget = ForeignKeyField(Budget, column_name="budget_id", on_delete="CASCADE", backref="reservations")
+    amount = CharField(max_length=64)  # a Decimal's exact text, in the budget's currency
+    created_at = TimestampTzField(default=utcnow)
+    expires_at = TimestampTzField(index=True)
+    budget_id: int  # declared for type checkers only
+
+    class Meta:
+        table_name = "psai_budget_reservations"
+
+
+class Reservation:
+    """An estimate held against every hard budget covering a call
+    (``psai.check_budget(..., reserve=True)``): ``token``, ``amount``,
+    ``budgets`` (their names) and ``expires_at``. Settled by recording the
+    call with ``reservation=``; ``release()`` gives it back."""
+
+    def __init__(self, token: str, amount: Any, budgets: tuple[str, ...], expires_at: datetime.datetime) -> None:
+        self.token, self.amount, self.budgets, self.expires_at = token, amount, budgets, expires_at
+
+    def __repr__(self) -> str:
+        return "<Reservation %s of %s on %s>" % (self.token, self.amount, ", ".join(self.budgets) or "no budget")
+
+    def release(self) -> None:
+        """Give the estimate back (a call that was not made). Idempotent."""
+        if table_columns(model_db(BudgetReservation), BudgetReservation._meta.table_name):
+            BudgetReservation.delete().where(BudgetReservation.token == self.token).execute()
+
+
 ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage, PsModelUsageItem, PriceVersion, PriceCorrection,
-              ModelProvenance, CopiedUsage, Budget, BudgetEvent]
+              ModelProvenance, CopiedUsage, Budget, BudgetEvent, BudgetReservation]
 
 
 register_models(ALL_MODELS)

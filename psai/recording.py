@@ -20,7 +20,9 @@ from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_co
 from .errors import NotFoundError, ValidationError
 from .fields import UTC, utcnow
 from .items import item_data, price_problem
-from .models import CALL_WATCHERS, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
+from .models import (
+    CALL_WATCHERS, BudgetReservation, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, Reservation, usage_counters,
+)
 from .pricing import CostBreakdown, cost_breakdown, partition_usage
 from .query import resolve_model
 from .responses import usage_from_response
@@ -54,7 +56,8 @@ def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int 
                  tokens_in: float = 0, tokens_out: float = 0, cached_tokens: float = 0, cache_write_tokens: float = 0,
                  reasoning_tokens: float = 0, audio_tokens: float = 0, image_tokens: float = 0,
                  web_searches: float = 0, user_id: int | None = None, connector_id: int | None = None,
-                 provider_metadata: dict[str, Any] | None = None) -> PsModelUsage:
+                 provider_metadata: dict[str, Any] | None = None, reservation: Reservation | None = None
+                 ) -> PsModelUsage:
     """Record one call: add its tokens to the usage counters of (model,
     agent) and write its ``ps_model_usage_item`` with the model's prices as
     stored at that moment, in one transaction.
@@ -64,6 +67,8 @@ def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int 
     PolicySynth does (long context when ``tokens_in`` reaches the model's
     threshold). ``provider_metadata`` is what the provider reported, e.g.
     ``{"appliedServiceTier": "flex"}``: reports price the tier applied.
+    ``reservation``: what ``psai.check_budget(..., reserve=True)`` held for
+    this call, settled in its transaction (its real cost replaces it).
     Safe when several processes record at once, and against a concurrent
     price change: the call is priced either before it or after it. Returns
     the counter row.
@@ -85,12 +90,14 @@ def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int 
         if problem:
             raise ValidationError({"provider_metadata": [problem]})
     whole = {name: _round_half_up(value) for name, value in counts.items()}
-    return _record(model_arg(model), agent_arg(agent), whole, user_id, connector_id, provider_metadata)[0]
+    return _record(model_arg(model), agent_arg(agent), whole, user_id, connector_id, provider_metadata,
+                   reservation=reservation)[0]
 
 
 def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], user_id: int | None,
             connector_id: int | None, provider_metadata: dict[str, Any] | None,
-            response: dict[str, Any] | None = None) -> tuple[PsModelUsage, str | None]:
+            response: dict[str, Any] | None = None, reservation: Reservation | None = None
+            ) -> tuple[PsModelUsage, str | None]:
     """Record one call of checked, whole counts: (the counter row, the
     item's data as written, or None without items). ``response``: what the
     item keeps of the provider's response (``item_data``'s ``response``)."""
@@ -105,7 +112,8 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
     keys = (model.id, agent_id, connector_id)
     call = dict(counts, model_id=model.id, user_id=user_id, agent_id=agent_id, connector_id=connector_id,
                 web_searches=web_searches, provider_metadata=provider_metadata, response=response)
-    one_trip = is_postgres(db) and with_items and not db.in_transaction() and isinstance(model.configuration, dict)
+    one_trip = is_postgres(db) and with_items and not db.in_transaction() and isinstance(
+        model.configuration, dict) and reservation is None
     watchers = [loaded() for loaded in CALL_WATCHERS]
     watching = [found for found in (w.watch(db, model, agent, one_trip) for w in watchers) if found is not None]
     if one_trip and not watching:
@@ -135,6 +143,8 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
         returned = cursor.fetchone()
         if with_items:
             db.execute_sql(item_insert(db), _item_params(values))
+        if reservation is not None:  # settled: the call's real cost, in the rollups, replaces the estimate
+            BudgetReservation.delete().where(BudgetReservation.token == reservation.token).execute()
         committed = [then for then in (run() for run in watching) if then is not None]
     for then in committed:
         then()
@@ -362,18 +372,20 @@ def model_cost(model: PsAiModel | int | str | uuid.UUID, **usage: Any) -> CostBr
 
 def record_response(model: PsAiModel | int | str | uuid.UUID | None, agent: PsAgent | int | str | uuid.UUID | None,
                     response: Any, *, provider: str | None = None, user_id: int | None = None,
-                    connector_id: int | None = None) -> PsModelUsage:
+                    connector_id: int | None = None, reservation: Reservation | None = None) -> PsModelUsage:
     """Record one call from the provider's own response (``usage_from_response``
     reads it: an SDK object, its JSON, or a stream's chunks or events)
     through ``record_usage``: counters and item in one transaction, the item
     with the response's ``usageRaw``, ``apiFamily`` and ``providerMetadata``
     as PolicySynth's classes write them. ``model=None``: the stored model
-    the response's model name means (``psai.query.resolve_model``)."""
-    return record_response_data(model, agent, response, provider, user_id, connector_id)[0]
+    the response's model name means (``psai.query.resolve_model``).
+    ``reservation``: as ``record_usage``'s."""
+    return record_response_data(model, agent, response, provider, user_id, connector_id, reservation)[0]
 
 
 def record_response_data(model: Any, agent: Any, response: Any, provider: str | None, user_id: int | None,
-                         connector_id: int | None) -> tuple[PsModelUsage, str | None]:
+                         connector_id: int | None, reservation: Reservation | None = None
+                         ) -> tuple[PsModelUsage, str | None]:
     """``record_response``, returning (the counter row, the item's data as written)."""
     usage = usage_from_response(response, provider=provider)
     check_ids({"user_id": user_id, "connector_id": connector_id})
@@ -395,4 +407,4 @@ def record_response_data(model: Any, agent: Any, response: Any, provider: str | 
         extras["providerCost"] = usage.provider_cost
     kept = {"apiFamily": usage.api_family, "usageRaw": usage.usage_raw, "psai": extras}
     return _record(found, agent_arg(agent), usage.counts(), user_id, connector_id,
-                   usage.provider_metadata or None, kept)
+                   usage.provider_metadata or None, kept, reservation)

@@ -11,7 +11,7 @@ from typing import Any
 from .arguments import agent_arg, model_arg
 from .budget import check_budget
 from .items import item_cost
-from .models import PsAgent, PsAiModel
+from .models import PsAgent, PsAiModel, Reservation
 from .recording import record_response_data
 
 __all__ = ["track", "Run"]
@@ -26,13 +26,27 @@ class Run:
         self.calls = 0
         self.unpriced_calls = 0
         self.cost: dict[str, Decimal] = {}
+        self.reservation: Reservation | None = None
 
     def check(self, *, model: PsAiModel | int | str | None = None,
               estimate: Decimal | int | float | str | dict[str, Any] | None = None) -> None:
         """``psai.check_budget`` for this block's agent and model (or ``model``),
-        with an ``estimate`` of the call about to be made if given."""
+        with an ``estimate`` of the call about to be made if given. With
+        ``budget=True`` and an estimate, the estimate is reserved against the
+        hard budgets until ``record`` settles it (the next call's check
+        releases one left unsettled)."""
         chosen = model if model is not None else self.model
-        check_budget(self.agent, chosen, estimate=estimate)
+        self.release()
+        if self.budget and estimate is not None:
+            self.reservation = check_budget(self.agent, chosen, estimate=estimate, reserve=True)
+        else:
+            check_budget(self.agent, chosen, estimate=estimate)
+
+    def release(self) -> None:
+        """Give back the reservation of a call that was not made."""
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None
 
     def record(self, response: Any, *, model: PsAiModel | int | str | None = None,
                provider: str | None = None) -> Decimal | None:
@@ -42,7 +56,8 @@ class Run:
         call made is always recorded): BudgetExceededError stops the block
         before its next call."""
         chosen = model if model is not None else self.model
-        row, data = record_response_data(chosen, self.agent, response, provider, None, None)
+        held, self.reservation = self.reservation, None
+        row, data = record_response_data(chosen, self.agent, response, provider, None, None, held)
         self.calls += 1
         item = json.loads(data) if data is not None else None
         cost = item_cost(item)
@@ -67,8 +82,12 @@ def track(agent: PsAgent | int | str | uuid.UUID | None, model: PsAiModel | int 
     and cost. A call recorded stays recorded if the block then fails.
     ``budget=True``: ``psai.check_budget`` on entry and after each recorded
     call, so a hard budget reached stops the block before its next call
-    (``run.check(estimate=...)`` checks before a call with what it will cost)."""
+    (``run.check(estimate=...)`` checks before a call with what it will
+    cost and, with ``budget=True``, reserves it until ``run.record``)."""
     run = Run(agent_arg(agent), model_arg(model) if model is not None else None, budget)
     if budget:
         run.check()
-    yield run
+    try:
+        yield run
+    finally:
+        run.release()

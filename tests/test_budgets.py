@@ -452,3 +452,65 @@ def test_items_whose_counts_cannot_be_read_make_the_budget_unknown(db, clock, da
         psai.check_budget(None, m)
     with pytest.raises(psai.UnpricedUsageError):
         cost_report("model", strict=True)  # what a strict report refuses, a budget does not count as $0
+
+
+# -- reservations ----------------------------------------------------------------------------
+
+def test_a_reservation_holds_its_estimate_until_the_call_is_recorded(db, clock):
+    m = model()
+    at(clock, "2026-12-03T10:00:00+00:00")
+    psai.set_budget(name="b", amount=1, period="month")
+    first = psai.check_budget(None, m, estimate=CALL, reserve=True)
+    assert isinstance(first, psai.Reservation) and first.amount == CALL_COST and first.budgets == ("b",)
+    psai.check_budget(None, m, estimate="0.28")  # 0.36 held + 0.28 < 1
+    with pytest.raises(psai.BudgetExceededError, match="held by reservations"):
+        psai.check_budget(None, m, estimate="0.65")
+    second = psai.check_budget(None, m, estimate="0.5", reserve=True)
+    with pytest.raises(psai.BudgetExceededError, match="would be passed"):
+        psai.check_budget(None, m, estimate="0.2", reserve=True)  # 0.86 held
+    second.release()
+    second.release()  # idempotent
+    record_usage(m, None, reservation=first, **CALL)  # settled: its real cost replaces the estimate
+    assert status("b")["spent"] == CALL_COST
+    assert psai.models.BudgetReservation.select().count() == 0
+    third = psai.check_budget(None, m, estimate="0.6", reserve=True)
+    with pytest.raises(psai.BudgetExceededError):
+        psai.check_budget(None, m, estimate="0.1", reserve=True)
+    clock.advance(minutes=11)  # RESERVATION_TTL: a process that died gives its hold back
+    assert psai.check_budget(None, m, estimate="0.6", reserve=True).budgets == ("b",)
+    third.release()
+    with pytest.raises(psai.ValidationError, match="estimate"):
+        psai.check_budget(None, m, reserve=True)
+
+
+def test_track_with_budget_reserves_each_call(db, clock):
+    m = model()
+    at(clock, "2026-12-03T10:00:00+00:00")
+    psai.set_budget(name="b", amount="0.5", period="month")
+    response = {"model": "gpt-4", "usage": {"prompt_tokens": 10_000, "completion_tokens": 1_000}}
+    with psai.track(None, m, budget=True) as run:
+        run.check(estimate=CALL)
+        assert psai.models.BudgetReservation.select().count() == 1
+        with pytest.raises(psai.BudgetExceededError):
+            psai.check_budget(None, m, estimate=CALL)  # the held call counts
+        run.record(response, provider="openai")
+        assert psai.models.BudgetReservation.select().count() == 0
+        with pytest.raises(psai.BudgetExceededError):
+            run.check(estimate=CALL)
+    with psai.track(None, m, budget=True) as run:
+        run.check(estimate="0.1")
+    assert psai.models.BudgetReservation.select().count() == 0  # released at the block's end
+
+
+def test_concurrent_processes_with_reservations_never_pass_a_hard_limit(db, backend, clock):
+    """Four processes reserve, call and record until the budget refuses:
+    exactly the calls the limit holds are made (today's docs allowed up to
+    N-1 over without reservations)."""
+    m = model()
+    psai.set_budget(name="b", amount=str(CALL_COST * 10 + Decimal("0.2")), period="total")
+    from workers import reserve_and_record
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        made = pool.starmap(reserve_and_record, [(backend.url, m.id, CALL)] * 4)
+    assert sum(made) == 10
+    assert status("b")["spent"] == CALL_COST * 10 and status("b")["calls"] == 10

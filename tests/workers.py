@@ -150,3 +150,20 @@ def record_until_refused(url, model_id, calls):
         pass
     psai.database.close()
     return made
+
+
+def reserve_and_record(url, model_id, counts):
+    """Reserve the call's cost, make it, record it against the reservation,
+    until a hard budget refuses: how many calls this process made."""
+    import psai
+    psai.connect(url)
+    made = 0
+    while True:
+        try:
+            reservation = psai.check_budget(None, model_id, estimate=counts, reserve=True)
+        except psai.BudgetExceededError:
+            break
+        psai.record_usage(model_id, None, reservation=reservation, **counts)
+        made += 1
+    psai.database.close()
+    return made

@@ -3,9 +3,11 @@ anew without migration 0009's fingerprints, one row per day and key (the
 unique index the triggers' upsert finds it by), the table of what the
 triggers could not fold, the triggers on ps_model_usage_item (they touch no
 column, index or constraint of PolicySynth's tables), and the rollups
-rebuilt from the items in the same transaction."""
-from peewee import AutoField, BigIntegerField, CharField, Field, IntegerField, Model, TextField
+rebuilt from the items in the same transaction. Also the budgets'
+reservations (docs/budgets.md): estimates held until their call is recorded."""
+from peewee import AutoField, BigIntegerField, CharField, Field, ForeignKeyField, IntegerField, Model, TextField
 
+from psai.fields import TimestampTzField
 from psai.rollups import enable
 
 
@@ -58,8 +60,27 @@ def up(migrator, db):
             database = db
             table_name = "psai_rollup_unfolded"
 
+    class Budget(Model):
+        id = AutoField()
+
+        class Meta:
+            database = db
+            table_name = "psai_budgets"
+
+    class BudgetReservation(Model):
+        id = AutoField()
+        token = CharField(max_length=36, index=True)
+        budget = ForeignKeyField(Budget, column_name="budget_id", on_delete="CASCADE")
+        amount = CharField(max_length=64)
+        created_at = TimestampTzField()
+        expires_at = TimestampTzField(index=True)
+
+        class Meta:
+            database = db
+            table_name = "psai_budget_reservations"
+
     db.execute_sql('DROP TABLE IF EXISTS "psai_usage_rollup"')
-    db.create_tables([UsageRollup, RollupUnfolded], safe=True)
+    db.create_tables([UsageRollup, RollupUnfolded, BudgetReservation], safe=True)
     db.execute_sql('CREATE UNIQUE INDEX IF NOT EXISTS "psai_usage_rollup_day_key" '
                    'ON "psai_usage_rollup" ("range_day", "group_key")')
     enable(db)
