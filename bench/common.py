@@ -85,9 +85,16 @@ class Backend:
         return text if self.kind == "sqlite" else text.replace("?", "%s")
 
     def truncate(self, *tables):
+        from psai import rollups
+        # Emptying the items with the triggers on would fold out every row: off, emptied, on again.
+        kept = "ps_model_usage_item" in tables and rollups.enabled(self.db)
         with self.db.atomic():
-            for table in tables:
+            if kept:
+                rollups.disable(self.db)
+            for table in tables + (("psai_usage_rollup", "psai_rollup_unfolded") if kept else ()):
                 self.db.execute_sql('DELETE FROM "%s"' % table)
+            if kept:
+                rollups.enable(self.db)
 
     def close(self):
         self.raw.close()

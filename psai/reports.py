@@ -667,6 +667,12 @@ def merge_parts(parts, fields):
     return list(merged.values())
 
 
+# Prices resolved and their pricer, by what decides them (provider, snapshot text, tier applied, model's
+# prices): kept across calls, so a budget check or a report prices its groups without resolving them again.
+_RESOLVED: dict = {}
+_RESOLVED_MAX = 4096
+
+
 def price_parts(parts, transform=None):
     """Give each part ``cost`` (Decimal, or None), ``currency`` and, when it
     cannot be priced, ``reason``. ``transform(prices)`` changes the prices a
@@ -674,7 +680,9 @@ def price_parts(parts, transform=None):
     models = {m.id: m for m in PsAiModel.select().where(
         PsAiModel.id.in_(sorted({p["model_id"] for p in parts if p["priced_from"] == "current"})))} \
         if any(p["priced_from"] == "current" for p in parts) else {}
-    resolved = {}
+    resolved = _RESOLVED if transform is None else {}
+    if len(resolved) > _RESOLVED_MAX:
+        resolved.clear()
     for part in parts:
         part["cost"], part["currency"], part["reason"] = None, None, None
         if not part["has_usage"]:
@@ -690,7 +698,9 @@ def price_parts(parts, transform=None):
             pricing = dict(pricing, configuredPrices=transform(
                 pricing["configuredPrices"] if pricing.get("configuredPrices") is not None else fallback))
         if transform is None:
-            key = (part["provider"], _price_key(part), part["model_id"] if fallback is not None else None)
+            # The model's current prices as they are now, when they price the part: a change is a new key.
+            key = (part["provider"], _price_key(part),
+                   strict_json_dumps(fallback, sort_keys=True) if fallback is not None else None)
         else:
             key = strict_json_dumps([part["provider"], pricing, part["metadata"], fallback], sort_keys=True)
         if key not in resolved:
