@@ -13,7 +13,7 @@ import datetime
 import functools
 from collections.abc import Callable, Iterable
 from typing import Any, ParamSpec, TypedDict, TypeVar
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 import json
 from collections import defaultdict, deque
 from decimal import Decimal
@@ -297,23 +297,28 @@ def _bucket_reader(present):
     return read
 
 
+def _named_rollups(db, keys, days, model_ids):
+    """``rollup_rows`` grouped by ``keys``, each row a dict by column name (the keys, then GroupSums' fields)."""
+    names = list(keys) + [f.name for f in fields(GroupSums)]
+    return [dict(zip(names, row)) for row in rollup_rows(db, list(keys), days, model_ids)]
+
+
 def _add_rolled_totals(db, days, model_ids, agents, totals):
     """Add the input and output tokens of the rolled-up ``days`` to ``totals`` per (model, agent, connector)."""
-    for row in rollup_rows(db, ["model_id", "agent_id", "connector_id"], days, model_ids):
-        # The keys, then GroupSums' columns: all_in and all_out are its 7th and 8th.
-        entry = totals[(row[0], row[1] if row[1] in agents else None, row[2])]
-        entry.tokens_in += _number(row[9])
-        entry.tokens_out += _number(row[10])
+    for row in _named_rollups(db, ("model_id", "agent_id", "connector_id"), days, model_ids):
+        entry = totals[(row["model_id"], row["agent_id"] if row["agent_id"] in agents else None, row["connector_id"])]
+        entry.tokens_in += _number(row["all_in"])
+        entry.tokens_out += _number(row["all_out"])
 
 
 def _add_rolled_buckets(db, days, model_ids, agents, key_buckets):
     """Add the buckets of the rolled-up ``days`` to ``key_buckets`` per (model, agent, connector)."""
-    for row in rollup_rows(db, ["model_id", "agent_id", "connector_id", "long"], days, model_ids):
-        # The keys, then GroupSums' columns: fresh_in, cached, cache_write and out are its 2nd to 5th.
-        into = key_buckets[(row[0], row[1] if row[1] in agents else None, row[2])]
-        prefix = "long_" if row[3] else ""
-        for bucket, value in zip(("in", "cached", "cache_write", "out"), row[5:9]):
-            into[prefix + bucket] += _number(value)
+    for row in _named_rollups(db, ("model_id", "agent_id", "connector_id", "long"), days, model_ids):
+        into = key_buckets[(row["model_id"], row["agent_id"] if row["agent_id"] in agents else None,
+                            row["connector_id"])]
+        prefix = "long_" if row["long"] else ""
+        for bucket, name in (("in", "fresh_in"), ("cached", "cached"), ("cache_write", "cache_write"), ("out", "out")):
+            into[prefix + bucket] += _number(row[name])
 
 
 def _item_totals(db, agents, model_ids=None):

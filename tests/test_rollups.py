@@ -501,3 +501,29 @@ def test_times_at_the_edges_of_the_calendar(db, clock, seed_model):
         assert cost_report("day") == cost_report("day", since=None)
     edge = [p["id"] for p in check() if "edge of the calendar" in p["problem"]]
     assert edge == [item.id + 1, item.id + 2, item.id + 3]
+
+
+def test_a_fold_that_fails_never_fails_the_writer(db, backend, clock, seed_model):
+    """PostgreSQL: a fold that fails (here a constraint added to the rollup
+    table by hand) is caught in the trigger's block: the item is written,
+    marked, read from the items, and named by check."""
+    if backend.kind != "postgres":
+        pytest.skip("SQLite's triggers run SQL that cannot fail; PostgreSQL's catch what does")
+    psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
+    db.execute_sql('ALTER TABLE "psai_usage_rollup" ADD CONSTRAINT "hand_made" CHECK ("calls" < 2)')
+    psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)  # its fold would make calls 2
+    item_id = PsModelUsageItem.select(PsModelUsageItem.id).order_by(PsModelUsageItem.id.desc()).scalar()
+    assert [m["item"] for m in rollups.unfolded(db)] == [item_id]
+    assert [p["id"] for p in check() if "could not fold" in p["problem"]] == [item_id]
+    assert cost_report("model")[0]["calls"] == 2
+    PsModelUsageItem.delete().where(PsModelUsageItem.id == item_id).execute()  # unmarked, nothing folded out
+    assert rollups.unfolded(db) == [] and cost_report("model")[0]["calls"] == 1 and rollups.verify(db) == []
+
+
+def test_init_without_triggers(db, backend):
+    result = CliRunner().invoke(cli, ["--database", backend.url, "init", "--no-triggers"])
+    assert result.exit_code == 0, result.output
+    assert not rollups.enabled(db)
+    result = CliRunner().invoke(cli, ["--database", backend.url, "rollup", "enable"])
+    assert result.exit_code == 0, result.output
+    assert rollups.enabled(db)
