@@ -765,31 +765,40 @@ def rollup_trigger_sql(postgres):
                 body % (update, "UPDATE OF %s" % ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
                         "; ".join(fold_out + fold_in)),
                 body % (delete, "DELETE", "; ".join(fold_out))]
-    function = """CREATE OR REPLACE FUNCTION %(function)s() RETURNS trigger LANGUAGE plpgsql AS $psai$
+    # One block around the work (one subtransaction a row): what fails in it is undone and marked instead;
+    # if even the mark fails, a warning. The function's search_path is the one it was made with, so a
+    # writer connected with another still finds psai's tables. (The statement goes through psycopg2: "%%%%" is one "%".)
+    function = """CREATE OR REPLACE FUNCTION %(function)s() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $psai$
 BEGIN
-  IF TG_OP <> 'INSERT' THEN
-    IF EXISTS (SELECT 1 FROM %(unfolded)s WHERE item_id = OLD.id) THEN
-      DELETE FROM %(unfolded)s WHERE item_id = OLD.id;
-    ELSIF %(old_ok)s THEN
-      BEGIN
+  BEGIN
+    IF TG_OP <> 'INSERT' THEN
+      IF EXISTS (SELECT 1 FROM %(unfolded)s WHERE item_id = OLD.id) THEN
+        DELETE FROM %(unfolded)s WHERE item_id = OLD.id;
+      ELSIF %(old_ok)s THEN
         %(fold_out)s;
         %(emptied)s;
-      EXCEPTION WHEN OTHERS THEN
-        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(old_day)s, SQLERRM);
-      END;
+      END IF;
     END IF;
-  END IF;
-  IF TG_OP <> 'DELETE' THEN
-    IF %(new_ok)s THEN
-      BEGIN
+    IF TG_OP <> 'DELETE' THEN
+      IF %(new_ok)s THEN
         %(fold_in)s;
-      EXCEPTION WHEN OTHERS THEN
-        INSERT INTO %(unfolded)s (item_id, reason) VALUES (NEW.id, SQLERRM);
-      END;
-    ELSE
-      INSERT INTO %(unfolded)s (item_id, reason) VALUES (NEW.id, '%(odd)s');
+      ELSE
+        INSERT INTO %(unfolded)s (item_id, reason) VALUES (NEW.id, '%(odd)s');
+      END IF;
     END IF;
-  END IF;
+  EXCEPTION WHEN OTHERS THEN
+    BEGIN
+      IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
+        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(old_day)s, SQLERRM);
+      END IF;
+      IF TG_OP <> 'DELETE' THEN
+        INSERT INTO %(unfolded)s (item_id, reason) VALUES (NEW.id, SQLERRM);
+      END IF;
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'psai: the rollups could not keep a change of ps_model_usage_item: %%%%', SQLERRM;
+    END;
+  END;
   RETURN NULL;
 END
 $psai$""" % {"function": ROLLUP_FUNCTION, "unfolded": unfolded, "old_ok": foldable_sql(True, "OLD.created_at"),
