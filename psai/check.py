@@ -179,9 +179,13 @@ def check() -> list[dict[str, Any]]:
     for model_class in [PsAiModel, PsAgent] + timed:
         found += _unix_times(model_class)
     if table_columns(db, PsModelUsageItem._meta.table_name):
-        found += _edge_times()
+        found += [row for row in _edge_times() if (row["table"], row["id"]) not in
+                  {(seen["table"], seen["id"]) for seen in found}]
     found += [{"table": ROLLUP_TABLE, "id": p["day"], "problem": p["problem"]} for p in verify_rollups(db)]
+    named = {(row["table"], row["id"]) for row in found}
     for mark in unfolded(db):  # what the rollups' triggers could not fold: read from the items
+        if mark["item"] is not None and ("ps_model_usage_item", mark["item"]) in named:
+            continue  # its time is named already: one problem a row
         if mark["item"] is not None:
             found.append({"table": "ps_model_usage_item", "id": mark["item"],
                           "problem": "the rollups' trigger could not fold it (%s): reports read it from the items"
