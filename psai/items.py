@@ -127,7 +127,9 @@ def applied_tier(provider: Any, metadata: Any) -> tuple[str | None, bool]:
     provider = _lower(provider)
     metadata = metadata if isinstance(metadata, dict) else {}
     service_tier, speed = _lower(metadata.get("appliedServiceTier")), _lower(metadata.get("appliedSpeed"))
-    if provider in _OPENAI + ("azure",) and service_tier:
+    # Gemini and Vertex say the tier that served too (trafficType / serviceTier,
+    # read by psai.responses into appliedServiceTier); PolicySynth ignores it.
+    if provider in _OPENAI + ("azure", "google") and service_tier:
         return (service_tier if service_tier in ("flex", "priority") else None), True
     if provider == "anthropic":
         if speed:
