@@ -398,6 +398,8 @@ def record_response_data(model: Any, agent: Any, response: Any, provider: str | 
         extras["cacheWrite1hTokens"] = usage.cache_write_1h_tokens
     if usage.provider_cost is not None:
         extras["providerCost"] = usage.provider_cost
+    if usage.other_calls:  # another model's calls (an Anthropic advisor): kept, never dropped unsaid
+        extras["otherCalls"] = [dict(call.counts(), model=call.model) for call in usage.other_calls]
     kept = {"apiFamily": usage.api_family, "usageRaw": usage.usage_raw, "psai": extras}
     return _record(found, agent_arg(agent), usage.counts(), user_id, connector_id,
                    usage.provider_metadata or None, kept)
