@@ -894,9 +894,10 @@ def usage_record_response(model, agent, source, provider, user_id, connector_id,
     Anthropic, Gemini; streamed or not). Without MODEL, the stored model is
     found from the response's model name (see `psai models resolve`)."""
     from .recording import record_response
-    from .responses import load_response, usage_from_response
+    from .responses import read_response, usage_from_response
     name = getattr(source, "name", "<stdin>")
-    response = load_response(source.read(), "stdin" if name in ("<stdin>", "-") else name)
+    # A stream is read an event at a time, never held whole.
+    response = read_response(source, "stdin" if name in ("<stdin>", "-") else name)
     usage = usage_from_response(response, provider=provider)
     connect()
     _report_budget_events()

@@ -50,7 +50,7 @@ from typing import Any
 from .constants import MAX_INTEGER
 from .errors import ValidationError
 
-__all__ = ["ResponseUsage", "usage_from_response", "load_response", "iter_response", "PROVIDERS", "API_FAMILIES"]
+__all__ = ["ResponseUsage", "usage_from_response", "load_response", "read_response", "PROVIDERS", "API_FAMILIES"]
 
 # The provider names psai records (PolicySynth's configuration values).
 PROVIDERS = ("openai", "azure", "anthropic", "google")
@@ -273,10 +273,33 @@ def load_response(text: str | bytes, name: str = "response") -> Any:
     return list(_sse_events(text.splitlines(), name))
 
 
-def iter_response(lines: Iterable[str | bytes], name: str = "response") -> Iterator[Any]:
-    """A stream's events read one line at a time (an open file, say), so
-    that reading a stream holds one event at a time, not the whole file."""
-    return _sse_events(lines, name)
+def read_response(source: Iterable[str | bytes], name: str = "response") -> Any:
+    """A response from an open file (or any lines): a stream (server-sent
+    events, or JSON lines) comes back as an iterator of its events, read a
+    line at a time as ``usage_from_response`` consumes it, so a stream is
+    never held whole in memory; anything else is read and parsed whole."""
+    lines = iter(source)
+    first: str | bytes = b""
+    for first in lines:
+        if first.strip():
+            break
+    head = first.strip()
+    text_head = head.decode("utf-8", "replace") if isinstance(head, bytes) else head
+    if text_head.startswith(("data:", "event:", "id:", "retry:", ":")):
+        return _sse_events(chain([first], lines), name)
+    if text_head.startswith("{"):
+        try:
+            event = _parse(head, "%s line 1" % name)
+        except ValidationError:
+            event = None  # a document over several lines
+        if isinstance(event, dict):
+            for second in lines:
+                if second.strip():  # JSON lines: one event a line
+                    return chain([event], _sse_events(chain([second], lines), name))
+            return event
+    rest = [first, *lines]
+    joined = b"".join(rest) if isinstance(first, bytes) else "".join(rest)  # type: ignore[arg-type]
+    return load_response(joined, name)
 
 
 def _get(data: Any, *names: str) -> Any:
@@ -479,9 +502,9 @@ class _ChatStream(_Stream):
         self.same_call(event.get("id"), number)
         if _is_azure(event):
             self.azure = True
-        for choice in event.get("choices") or []:
-            if isinstance(choice, dict) and choice.get("finish_reason"):
-                self.finished = True
+        choices = event.get("choices")
+        if isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices):
+            self.finished = True
         for key in ("id", "model", "service_tier", "system_fingerprint"):
             if not self.kept.get(key) and event.get(key):
                 self.kept[key] = event[key]

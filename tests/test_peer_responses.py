@@ -287,3 +287,222 @@ def test_every_billed_case_is_recorded_with_its_counts(db):
         assert counters.token_in_count + counters.token_in_cached_context_count \
             + counters.token_in_cache_write_count + counters.long_context_token_in_count == counts["tokens_in"], case
     assert recorded == 73 and PsModelUsageItem.select().count() == 73
+
+
+# -- one test per defect class, each on a documented shape ------------------------------------------
+
+def chat(content="hi", usage=None, **extra):
+    return dict({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-2024-08-06",
+                 "choices": [{"index": 0, "finish_reason": "stop",
+                              "message": {"role": "assistant", "content": content}}],
+                 "usage": usage or {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}, **extra)
+
+
+def chat_chunks(usage=None, first=None):
+    chunks = [{"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o",
+               "choices": [{"index": 0, "delta": {"content": "[1] Paris"}, "finish_reason": None}]},
+              {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o",
+               "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+              {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o", "choices": [],
+               "usage": usage or {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}]
+    return ([first] if first else []) + chunks
+
+
+def claude_events(start_usage=None, delta_usage=None, blocks=()):
+    events = [{"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-opus-4-7", "content": [],
+        "usage": start_usage or {"input_tokens": 25, "output_tokens": 1}}}]
+    for index, block in enumerate(blocks):
+        events += [{"type": "content_block_start", "index": index, "content_block": block},
+                   {"type": "content_block_stop", "index": index}]
+    if delta_usage is not False:
+        events.append({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                       "usage": delta_usage or {"output_tokens": 8}})
+    return events + [{"type": "message_stop"}]
+
+
+def gemini_chunks(last_finishes=True, **usage):
+    usage = dict({"promptTokenCount": 10, "candidatesTokenCount": 5, "totalTokenCount": 15}, **usage)
+    last = {"candidates": [{"content": {"parts": [{"text": "]"}]}}], "usageMetadata": usage,
+            "modelVersion": "gemini-2.5-flash", "responseId": "r1"}
+    if last_finishes:
+        last["candidates"][0]["finishReason"] = "STOP"
+    return [{"candidates": [{"content": {"parts": [{"text": "[1"}]}}], "modelVersion": "gemini-2.5-flash",
+             "responseId": "r1"}, last]
+
+
+def sse(events):
+    return "".join("data: %s\n\n" % json.dumps(event) for event in events)
+
+
+def test_strings_inside_a_response_are_the_models_words_never_parsed():
+    # An answer that reads like JSON, tool arguments cut mid-value, structured output.
+    for content in ("[1] Paris", '{"city": "Par', "[", '{"a": 1}'):
+        assert usage_from_response(chat(content)).tokens_in == 100
+        assert usage_from_response(json.dumps(chat(content))).tokens_in == 100
+    tool_call = chat(None)
+    tool_call["choices"][0]["message"]["tool_calls"] = [{"id": "c", "type": "function", "function": {
+        "name": "f", "arguments": '{"q": [1, 2'}}]
+    assert usage_from_response(tool_call).tokens_out == 20
+    assert usage_from_response(chat_chunks()).tokens_in == 100
+    assert usage_from_response(load_response(sse(chat_chunks()))).tokens_in == 100
+    partial = claude_events(blocks=[{"type": "tool_use", "id": "t", "name": "f", "input": {}}])
+    partial.insert(2, {"type": "content_block_delta", "index": 0,
+                       "delta": {"type": "input_json_delta", "partial_json": '{"location": "San Fra'}})
+    assert usage_from_response(partial).tokens_out == 8
+    assert usage_from_response(gemini_chunks()).tokens_in == 10
+    # Lines of a stream as the wire gave them are the one place text is read.
+    assert usage_from_response(sse(chat_chunks()).splitlines()).tokens_in == 100
+
+
+def test_a_one_event_sse_transcript_is_a_stream_of_one_event():
+    chunk = gemini_chunks()[1]
+    assert load_response("data: %s\n\n" % json.dumps(chunk)) == [chunk]
+    assert load_response(("data: %s\r\n\r\n" % json.dumps(chunk)).encode()) == [chunk]
+    assert usage_from_response("data: %s\n" % json.dumps(chunk)).tokens_in == 10
+
+
+def test_anthropic_compaction_is_billed_outside_the_top_level_usage():
+    compaction = {"type": "compaction", "input_tokens": 100, "output_tokens": 131,
+                  "cache_creation_input_tokens": 55096, "cache_read_input_tokens": 0,
+                  "cache_creation": {"ephemeral_5m_input_tokens": 55096, "ephemeral_1h_input_tokens": 0}}
+    message = {"type": "message", "input_tokens": 229, "output_tokens": 5, "cache_creation_input_tokens": 0,
+               "cache_read_input_tokens": 0}
+    body = {"id": "msg_1", "type": "message", "model": "claude-sonnet-4-6", "content": [],
+            "usage": {"input_tokens": 229, "output_tokens": 5, "cache_creation_input_tokens": 0,
+                      "cache_read_input_tokens": 0, "iterations": [compaction, message]}}
+    usage = usage_from_response(body)
+    assert (usage.tokens_in, usage.tokens_out, usage.cache_write_tokens) == (229 + 100 + 55096, 136, 55096)
+    # Streamed: message_start's usage is the compaction's; message_delta brings
+    # the iterations and resets cache_read_input_tokens to the message's 0.
+    events = claude_events(
+        start_usage={"input_tokens": 100, "output_tokens": 7, "cache_read_input_tokens": 55096,
+                     "cache_creation_input_tokens": 0},
+        delta_usage={"input_tokens": 181, "output_tokens": 8, "cache_read_input_tokens": 0,
+                     "cache_creation_input_tokens": 0, "iterations": [
+                         dict(compaction, output_tokens=83, cache_creation_input_tokens=0, cache_creation=None,
+                              cache_read_input_tokens=55096),
+                         dict(message, input_tokens=181, output_tokens=8)]})
+    streamed = usage_from_response(events)
+    assert (streamed.tokens_in, streamed.cached_tokens, streamed.tokens_out) == (181 + 100 + 55096, 55096, 91)
+
+
+def test_an_advisor_iteration_is_another_models_call_never_dropped(db):
+    advisor = {"type": "advisor_message", "model": "claude-opus-4-8", "input_tokens": 2518, "output_tokens": 22,
+               "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    body = {"id": "msg_1", "type": "message", "model": "claude-sonnet-5", "content": [],
+            "usage": {"input_tokens": 2390, "output_tokens": 121, "iterations": [
+                {"type": "message", "input_tokens": 1128, "output_tokens": 110}, advisor,
+                {"type": "message", "input_tokens": 1262, "output_tokens": 11}]}}
+    usage = usage_from_response(body)
+    assert (usage.model, usage.tokens_in, usage.tokens_out) == ("claude-sonnet-5", 2390, 121)
+    [call] = usage.other_calls
+    assert (call.model, call.tokens_in, call.tokens_out, call.provider) == ("claude-opus-4-8", 2518, 22, "anthropic")
+    assert call.provider_metadata["parentResponseId"] == "msg_1"
+    assert usage.as_dict()["other_calls"][0]["model"] == "claude-opus-4-8"
+    with pytest.raises(psai.ValidationError, match="names no model"):
+        usage_from_response(dict(body, usage=dict(body["usage"], iterations=[dict(advisor, model=None)])))
+    model = PsAiModel.create(user_id=1, organization_id=1, name="Sonnet 5", configuration={
+        "type": "text", "modelSize": "large", "model": "claude-sonnet-5", "provider": "anthropic", "active": True,
+        "maxTokensOut": 4096, "defaultTemperature": 0.7, "prices": PRICES})
+    psai.record_response(model, None, body)
+    assert PsModelUsageItem.select().get().data["psai"]["otherCalls"] == [dict(
+        call.counts(), model="claude-opus-4-8")]
+
+
+def test_openai_cache_writes_thirty_minutes_and_twelve_hours():
+    usage = usage_from_response(chat(usage={"prompt_tokens": 4020, "completion_tokens": 4, "prompt_tokens_details": {
+        "cached_tokens": 0, "cache_write_tokens": 4012}}))
+    assert (usage.cache_write_tokens, usage.cache_write_12h_tokens, usage.counts()["cache_write_tokens"]) \
+        == (4012, 0, 4012)
+    response = {"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-5.6-sol", "output": [],
+                "usage": {"input_tokens": 5000, "output_tokens": 5, "input_tokens_details": {
+                    "cached_tokens": 100, "cache_write_tokens": 4000,
+                    "cache_write_tokens_details": {"ttl_30m_tokens": 1000, "ttl_12h_tokens": 3000}}}}
+    usage = usage_from_response(response)
+    assert (usage.tokens_in, usage.cached_tokens, usage.cache_write_tokens, usage.cache_write_12h_tokens) \
+        == (5000, 100, 1000, 3000)
+    assert usage.counts()["cache_write_tokens"] == 4000  # every write is a write; 12 hours priced apart
+    response["usage"]["input_tokens_details"]["cache_write_tokens"] = 3999
+    with pytest.raises(psai.ValidationError, match="differ from cache_write_tokens"):
+        usage_from_response(response)
+    with pytest.raises(psai.ValidationError, match="above the input"):
+        usage_from_response(chat(usage={"prompt_tokens": 10, "completion_tokens": 1, "prompt_tokens_details": {
+            "cached_tokens": 5, "cache_write_tokens": 6}}))
+
+
+def test_an_anthropic_fallback_is_priced_at_the_model_that_served():
+    fallback = {"type": "fallback", "from": {"model": "claude-opus-4-7"}, "to": {"model": "claude-sonnet-4-5"},
+                "trigger": {"type": "refusal"}}
+    assert usage_from_response(claude_events(blocks=[fallback])).model == "claude-sonnet-4-5"
+    body = {"id": "msg_1", "type": "message", "model": "claude-opus-4-7", "content": [fallback],
+            "usage": {"input_tokens": 25, "output_tokens": 8}}
+    assert usage_from_response(body).model == "claude-sonnet-4-5"
+    served = dict(body, content=[], usage=dict(body["usage"], iterations=[
+        {"type": "fallback_message", "model": "claude-haiku-4-5", "input_tokens": 25, "output_tokens": 8}]))
+    assert usage_from_response(served).model == "claude-haiku-4-5"
+
+
+def test_azure_is_told_from_any_chunk_and_from_a_responses_content_filters():
+    first = {"id": "", "object": "", "model": "", "choices": [], "prompt_filter_results": [
+        {"prompt_index": 0, "content_filter_results": {}}]}
+    assert usage_from_response(chat_chunks(first=first)).provider == "azure"
+    assert usage_from_response(chat_chunks()).provider == "openai"
+    response = {"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-5", "output": [],
+                "content_filters": [{"blocked": False, "source_type": "prompt"}],
+                "usage": {"input_tokens": 18, "output_tokens": 5}}
+    assert usage_from_response(response).provider == "azure"
+
+
+def test_gemini_through_the_openai_endpoint_bills_its_hidden_thinking_as_output():
+    body = chat(usage={"prompt_tokens": 35, "completion_tokens": 12, "total_tokens": 109},
+                model="gemini-2.5-pro")
+    usage = usage_from_response(body)
+    assert (usage.tokens_out, usage.reasoning_tokens, usage.provider) == (74, 62, "google")
+    assert usage_from_response(body, provider="google").api_family == "openai.chat.completions"
+
+
+def test_the_callers_provider_decides_the_api_over_the_shape():
+    bare = {"model": "claude-3-5-haiku", "usage": {"input_tokens": 504, "output_tokens": 97}}
+    assert usage_from_response(bare).api_family == "responses"  # the shape alone: OpenAI's names
+    read = usage_from_response(bare, provider="anthropic")
+    assert (read.api_family, read.provider, read.tokens_in) == ("messages", "anthropic", 504)
+    with pytest.raises(psai.ValidationError, match="not anthropic's"):
+        usage_from_response(chat(), provider="anthropic")
+
+
+def test_gemini_and_vertex_tiers_are_kept_and_priced(db):
+    model = PsAiModel.create(user_id=1, organization_id=1, name="Flash", configuration={
+        "type": "text", "modelSize": "large", "model": "gemini-3-flash-preview", "provider": "google",
+        "active": True, "maxTokensOut": 4096, "defaultTemperature": 0.7,
+        "prices": dict(PRICES, flexTokensIn=1, flexTokensOut=4, flexTokensCachedIn=0.25)})
+    body = {"candidates": [{"finishReason": "STOP"}], "modelVersion": "gemini-3-flash-preview", "responseId": "r",
+            "usageMetadata": {"promptTokenCount": 1000, "candidatesTokenCount": 500,
+                              "trafficType": "ON_DEMAND_FLEX"}}
+    usage = usage_from_response(body)
+    assert usage.provider_metadata == {"responseId": "r", "trafficType": "ON_DEMAND_FLEX",
+                                       "appliedServiceTier": "flex"}
+    with psai.track(None, model) as run:
+        flex = run.record(body)
+        standard = run.record(dict(body, usageMetadata=dict(body["usageMetadata"], trafficType="ON_DEMAND")))
+        service_tier = run.record(dict(body, usageMetadata=dict(
+            {"promptTokenCount": 1000, "candidatesTokenCount": 500}, serviceTier="flex")))
+    assert flex == (1000 * 1 + 500 * 4) / M == service_tier
+    assert standard == (1000 * 2 + 500 * 8) / M
+
+
+def test_cut_off_streams_are_refused_alike_for_every_api():
+    with pytest.raises(psai.ValidationError, match="no message_delta"):
+        usage_from_response(claude_events(delta_usage=False))
+    with pytest.raises(psai.ValidationError, match="no finishing chunk"):
+        usage_from_response(gemini_chunks(last_finishes=False))
+    chunks = chat_chunks()
+    del chunks[1]  # the chunk with the finish_reason
+    with pytest.raises(psai.ValidationError, match="no finish_reason"):
+        usage_from_response(chunks)
+    with pytest.raises(psai.ValidationError, match="no response.completed"):
+        usage_from_response([{"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}}])
+    # A Responses stream that ran out of output tokens is billed as it ran.
+    incomplete = {"id": "resp_1", "object": "response", "status": "incomplete", "model": "gpt-5", "output": [],
+                  "usage": {"input_tokens": 10, "output_tokens": 100}}
+    assert usage_from_response([{"type": "response.incomplete", "response": incomplete}]).tokens_out == 100
