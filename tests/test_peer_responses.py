@@ -14,7 +14,7 @@ import pytest
 
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
-from psai.responses import load_response, usage_from_response
+from psai.responses import load_response, read_response, usage_from_response
 
 DATA = Path(__file__).parent / "data" / "peer-responses"
 CASES_DIR = DATA / "cases"
@@ -295,7 +295,8 @@ def chat(content="hi", usage=None, **extra):
     return dict({"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-2024-08-06",
                  "choices": [{"index": 0, "finish_reason": "stop",
                               "message": {"role": "assistant", "content": content}}],
-                 "usage": usage or {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}, **extra)
+                 "usage": usage if usage is not None else {"prompt_tokens": 100, "completion_tokens": 20,
+                                                          "total_tokens": 120}}, **extra)
 
 
 def chat_chunks(usage=None, first=None):
@@ -506,3 +507,117 @@ def test_cut_off_streams_are_refused_alike_for_every_api():
     incomplete = {"id": "resp_1", "object": "response", "status": "incomplete", "model": "gpt-5", "output": [],
                   "usage": {"input_tokens": 10, "output_tokens": 100}}
     assert usage_from_response([{"type": "response.incomplete", "response": incomplete}]).tokens_out == 100
+
+
+# -- hostile and odd input (issue 34): refused in one line, never a traceback or a 0-token call ---------
+
+@pytest.mark.parametrize("response, why", [
+    (chat(usage={}), "no counts"),
+    (chat(usage={"total_tokens": 120}), "no counts"),
+    ({"id": "resp_1", "object": "response", "status": "completed", "output": [], "usage": {"total_tokens": 5}},
+     "no counts"),
+    ({"id": "msg_1", "type": "message", "content": [], "usage": {}}, "no counts"),
+    ({"candidates": [{"finishReason": "STOP"}], "usageMetadata": {"totalTokenCount": 5}}, "no counts"),
+])
+def test_a_usage_without_counts_is_refused_naming_why(response, why):
+    with pytest.raises(psai.ValidationError, match=why):
+        usage_from_response(response)
+
+
+def test_a_stream_mixing_calls_or_providers_is_refused_never_merged():
+    claude = claude_events()
+    with pytest.raises(psai.ValidationError, match="another provider's"):
+        usage_from_response(chat_chunks() + [claude[0]])
+    with pytest.raises(psai.ValidationError, match="another provider's"):
+        usage_from_response(claude + [gemini_chunks()[1]])
+    other = [dict(chunk, id="chatcmpl-2") for chunk in chat_chunks()]
+    with pytest.raises(psai.ValidationError, match="another call"):
+        usage_from_response(chat_chunks() + other)
+    with pytest.raises(psai.ValidationError, match="another message"):
+        usage_from_response(claude + claude)
+    with pytest.raises(psai.ValidationError, match="another call"):
+        usage_from_response(gemini_chunks() + [dict(gemini_chunks()[1], responseId="r2")])
+    done = {"id": "resp_1", "object": "response", "status": "completed", "output": [],
+            "usage": {"input_tokens": 1, "output_tokens": 1}}
+    with pytest.raises(psai.ValidationError, match="another call"):
+        usage_from_response([{"type": "response.completed", "response": done},
+                             {"type": "response.completed", "response": dict(done, id="resp_2")}])
+
+
+def test_sse_comments_ids_and_retries_are_part_of_the_wire_format():
+    text = ": keep-alive\nretry: 1000\n" + "".join(
+        "id: %d\nevent: chunk\ndata: %s\n\n" % (n, json.dumps(event)) for n, event in enumerate(chat_chunks()))
+    assert load_response(text) == chat_chunks()
+    assert usage_from_response(text).tokens_in == 100
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 1, "completion_tokens": 1, "prompt_tokens_details": [1]},
+    {"prompt_tokens": 1, "completion_tokens": 1, "completion_tokens_details": "many"},
+    {"prompt_tokens": 1, "completion_tokens": 1, "cost": 10 ** 400},
+    {"prompt_tokens": "1", "completion_tokens": 1},
+])
+def test_wrongly_shaped_chat_usage_is_a_validation_error(usage):
+    with pytest.raises(psai.ValidationError):
+        usage_from_response(chat(usage=usage))
+
+
+def test_wrongly_shaped_responses_are_validation_errors():
+    for body in ({"id": "msg_1", "type": "message", "content": [],
+                  "usage": {"input_tokens": 1, "output_tokens": 1, "server_tool_use": [1]}},
+                 {"id": "msg_1", "type": "message", "content": [], "usage": {"input_tokens": 1, "iterations": 5}},
+                 {"candidates": [], "usageMetadata": {"promptTokenCount": 1, "promptTokensDetails": "AUDIO"}},
+                 {"id": "resp_1", "object": "response", "status": "completed", "output": 5,
+                  "usage": {"input_tokens": 1, "output_tokens": 1, "input_tokens_details": [0]}},
+                 "[" * 5000 + "]" * 5000, b"\xff\xfe{}", '{"usage": {"prompt_tokens": 1%s}}' % ("0" * 5000)):
+        with pytest.raises(psai.ValidationError):
+            usage_from_response(body)
+    assert usage_from_response(dict(chat(), choices=5)).tokens_in == 100  # choices are not usage
+    with pytest.raises(psai.ValidationError):
+        usage_from_response([dict(chunk, choices=5) for chunk in chat_chunks()])  # no finish_reason
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"\xff\xfe not text", "UTF-8"),
+    (('{"object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 1%s}}' % ("0" * 5000)).encode(),
+     "digits"),
+    (json.dumps(chat(usage={"prompt_tokens": 1, "completion_tokens": 1, "cost": 10 ** 400})).encode(), "cost"),
+    (("[" * 5000 + "]" * 5000).encode(), "deep"),
+    (json.dumps(chat(usage={"prompt_tokens": 1, "completion_tokens_details": [1]})).encode(), "Not an object"),
+    (sse(chat_chunks() + claude_events()[:1]).encode(), "another provider's"),
+])
+def test_record_response_from_the_command_line_refuses_hostile_files_in_one_line(db, backend, tmp_path,
+                                                                                 content, why):
+    from click.testing import CliRunner
+    from psai.cli import cli
+    path = tmp_path / "response"
+    path.write_bytes(content)
+    result = CliRunner().invoke(cli, ["--database", backend.url, "usage", "record-response", "gpt-4o",
+                                      "--file", str(path)])
+    assert result.exit_code == 2, result.output
+    assert why in result.output and "Traceback" not in result.output and len(result.output.splitlines()) <= 2
+    assert PsModelUsageItem.select().count() == 0
+
+
+def test_a_stream_is_read_in_bounded_memory():
+    import tracemalloc
+    chunk = json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o",
+                        "choices": [{"index": 0, "delta": {"content": "x" * 200}, "finish_reason": None}]})
+    count = 20000
+
+    def lines():
+        for _ in range(count):
+            yield "data: %s\n" % chunk
+            yield "\n"
+        for event in chat_chunks()[1:]:
+            yield "data: %s\n\n" % json.dumps(event)
+        yield "data: [DONE]\n"
+
+    tracemalloc.start()
+    try:
+        usage = usage_from_response(read_response(lines()))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert usage.tokens_in == 100
+    assert peak < len(chunk) * count / 20  # the stream is ~5 MB; a few events are held at a time
