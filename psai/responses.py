@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from itertools import chain
 from typing import Any
 
@@ -182,6 +183,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _dict_of(value: Any) -> Any:
+    """A part of a response as a plain dict where it is an SDK object (a
+    dict given is taken as JSON values, not walked: what is read of it is
+    checked where it is read)."""
+    return value if isinstance(value, dict) or isinstance(value, _JSON_SCALARS) else _plain(value)
+
+
 def _line_event(line: str | bytes, number: int, name: str) -> Any:
     """One line of a stream as given (JSON, or an SSE ``data:`` line); None
     for what carries no event (blank, ``[DONE]``, SSE comment/event/id)."""
@@ -312,13 +320,17 @@ def _get(data: Any, *names: str) -> Any:
     return None
 
 
+@lru_cache(maxsize=None)
 def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name)
 
 
 def _key(data: Any, name: str) -> Any:
     """``data[name]`` by Gemini's camelCase name or the SDK's snake_case one."""
-    return _get(data, name, _snake(name))
+    if not isinstance(data, dict):
+        return None
+    value = data.get(name)
+    return value if value is not None else data.get(_snake(name))
 
 
 class _Counts:
@@ -348,6 +360,7 @@ class _Counts:
         """A details object: absent is empty; anything but an object is refused."""
         if value is None:
             return {}
+        value = _dict_of(value)
         if not isinstance(value, dict):
             self.refuse("Not an object: %s." % type(value).__name__, name)
             return {}
@@ -764,7 +777,7 @@ def _openai_usage(usage: dict[str, Any], api: str) -> dict[str, Any]:
 
 
 def _usage_of(data: dict[str, Any], what: str) -> dict[str, Any]:
-    usage = data.get("usage")
+    usage = _dict_of(data.get("usage"))
     if usage is None:
         raise _refuse("This %s has no usage." % what, "response.usage")
     if not isinstance(usage, dict):
@@ -938,7 +951,7 @@ def _gemini(data: dict[str, Any], provider: str, streamed: bool) -> ResponseUsag
     if isinstance(name, str) and name.startswith("cachedContents/"):
         raise _refuse("A cachedContents resource (%s), not a generateContent response: creating a cache is "
                       "no call; its tokens are billed where a call reads them (cachedContentTokenCount)." % name)
-    usage = _key(data, "usageMetadata")
+    usage = _dict_of(_key(data, "usageMetadata"))
     if usage is None:
         raise _refuse("This Gemini response has no usageMetadata.", "response.usageMetadata")
     if not isinstance(usage, dict):
@@ -1091,7 +1104,7 @@ def _events_of(response: Any, name: str = "response") -> Iterator[Any]:
         if isinstance(event, (str, bytes)):
             yield _line_event(event, number, name)
         else:
-            yield _plain(event)
+            yield _dict_of(event)
 
 
 def usage_from_response(response: Any, *, provider: str | None = None) -> ResponseUsage:
@@ -1120,7 +1133,7 @@ def _usage_from_response(response: Any, provider: str | None) -> ResponseUsage:
             hasattr(response, "model_dump") or hasattr(response, "to_json_dict")):
         response = _plain(response)
     if isinstance(response, Mapping):
-        data = _plain(response)
+        data = response if isinstance(response, dict) else _plain(response)
         candidates = _apis_of(data)
         api = _choose_api(candidates, provider)
         if api is None:
