@@ -75,6 +75,15 @@ def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, 
     for key in ("inferenceType", "regionalProcessing"):
         if configuration.get(key) is not None:
             pricing[key] = configuration[key]
+    # Gemini and Vertex report the tier that served (psai.responses keeps
+    # trafficType / serviceTier as appliedServiceTier), which PolicySynth's
+    # cost manager reads for Google only as the item's inferenceType.
+    served = provider_metadata.get("appliedServiceTier") if isinstance(provider_metadata, Mapping) else None
+    if str(provider).lower() == "google" and served in ("flex", "priority", "standard"):
+        if served == "standard":
+            pricing.pop("inferenceType", None)
+        else:
+            pricing["inferenceType"] = served
     actor = {"userId": user_id, "agentId": agent_id}
     if connector_id is not None:
         actor["connectorId"] = connector_id
@@ -127,9 +136,7 @@ def applied_tier(provider: Any, metadata: Any) -> tuple[str | None, bool]:
     provider = _lower(provider)
     metadata = metadata if isinstance(metadata, dict) else {}
     service_tier, speed = _lower(metadata.get("appliedServiceTier")), _lower(metadata.get("appliedSpeed"))
-    # Gemini and Vertex say the tier that served too (trafficType / serviceTier,
-    # read by psai.responses into appliedServiceTier); PolicySynth ignores it.
-    if provider in _OPENAI + ("azure", "google") and service_tier:
+    if provider in _OPENAI + ("azure",) and service_tier:
         return (service_tier if service_tier in ("flex", "priority") else None), True
     if provider == "anthropic":
         if speed:
