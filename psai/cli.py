@@ -972,7 +972,7 @@ def audit_command(since, until, model, apply_changes, as_json):
     """Items whose stored counts disagree with the provider's raw usage they
     keep (PolicySynth's Claude accounting, fast mode lost, 1-hour writes),
     with their cost as recorded and as billed. A dry run unless --apply."""
-    from .audit import audit
+    from ._audit import audit
     connect()
     result = audit(since=since, until=until, model=model, dry_run=not apply_changes)
     if as_json:

@@ -174,3 +174,18 @@ def clock(monkeypatch):
     pinned = PinnedClock(datetime.datetime(2026, 11, 25, 9, 30, tzinfo=datetime.timezone.utc))
     monkeypatch.setattr(psai.fields, "now_source", pinned)
     return pinned
+
+
+# -- the suite in another order ------------------------------------------------------------------
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse-files", action="store_true",
+                     help="run the test files in reversed order (each file's tests in their own order), "
+                          "to catch state one file leaves for the next")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse-files"):
+        files = list(dict.fromkeys(item.path for item in items))
+        rank = {path: position for position, path in enumerate(reversed(files))}
+        items.sort(key=lambda item: rank[item.path])  # stable: a file's own order is kept
