@@ -322,7 +322,9 @@ def _estimate(estimate: Any, model: PsAiModel | None) -> tuple[Decimal, str | No
         return None
     if isinstance(estimate, dict):
         if model is None:
-            raise ValidationError({"estimate": ["Counts can only be priced with a model: give model=."]})
+            raise ValidationError({"estimate": [
+                "Counts can only be priced with a model: name it, model=\"GPT-4o\" (a name, id or uuid, as "
+                "`psai models list` shows), or give the cost as a number."]})
         cost = model_cost(model, **estimate)
         return Decimal(repr(cost["total"])), cost["currency"]
     if isinstance(estimate, bool) or not isinstance(estimate, (Decimal, int, float, str)):

@@ -584,9 +584,20 @@ def models_reprice(model, assignments, since, until, apply_changes, fmt):
     if fmt is not None:
         emit([result], fmt, single=True)
         return
-    emit([{"": label, "cost": result[key], "currency": result["currency"]}
-          for label, key in (("before", "before"), ("after", "after"), ("difference", "difference"))],
-         fmt, columns=["", "cost", "currency"])
+    unpriced = {side: result["unpriced_tokens_" + side] for side in ("before", "after")}
+    rows = []
+    for side in ("before", "after"):
+        # Calls that could not be priced are not a cost of 0.
+        priced = not unpriced[side] or result[side] != 0
+        rows.append({"": side, "cost": result[side] if priced else "unpriced",
+                     "currency": result["currency"] if priced else None, "unpriced_tokens": unpriced[side] or None})
+    known = not any(unpriced.values())
+    rows.append({"": "difference", "cost": result["difference"] if known else "unknown",
+                 "currency": result["currency"] if known else None, "unpriced_tokens": None})
+    emit(rows, fmt, columns=["", "cost", "currency", "unpriced_tokens"])
+    if not known:
+        click.echo("%d tokens could not be priced before, %d after: the costs leave them out"
+                   % (unpriced["before"], unpriced["after"]))
     click.echo("%d calls; %s" % (result["calls"], "applied" if result["applied"] else
                                  "dry run: nothing changed (add --apply to apply)"))
 
@@ -977,6 +988,11 @@ def audit_command(since, until, model, apply_changes, as_json):
     result = audit(since=since, until=until, model=model, dry_run=not apply_changes)
     if as_json:
         emit([result], "json", single=True)
+        return
+    if not result["findings"]:
+        click.echo("nothing to correct: %s" % (
+            "the counts of %d items agree with the provider's usage they keep" % result["items_read"]
+            if result["items_read"] else "no item keeps the provider's usage"))
         return
     emit([{"item": f["item_id"], "model": f["model_id"], "api": f["api_family"],
            "tokens_in": "%s -> %s" % (f["stored"]["tokensIn"], f["billed"]["tokensIn"]),
