@@ -584,7 +584,7 @@ def models_reprice(model, assignments, since, until, apply_changes, fmt):
     if fmt is not None:
         emit([result], fmt, single=True)
         return
-    unpriced = {side: result["unpriced_tokens_" + side] for side in ("before", "after")}
+    unpriced = {"before": result["unpriced_tokens_before"], "after": result["unpriced_tokens_after"]}
     rows = []
     for side in ("before", "after"):
         # Calls that could not be priced are not a cost of 0.

@@ -10,7 +10,7 @@ camelCase) or the filter is refused with ``psai.ValidationError``.
 """
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 from peewee import ColumnBase
 
@@ -101,7 +101,23 @@ def _undated(name: str) -> tuple[str, str] | None:
     return None
 
 
-def resolve_model(name: str, *, provider: str | list[str] | None = None, explain: bool = False) -> Any:
+@overload
+def resolve_model(name: str, *, provider: str | list[str] | None = None,
+                  explain: Literal[False] = False) -> PsAiModel: ...
+
+
+@overload
+def resolve_model(name: str, *, provider: str | list[str] | None = None,
+                  explain: Literal[True]) -> tuple[PsAiModel, str]: ...
+
+
+@overload
+def resolve_model(name: str, *, provider: str | list[str] | None = None,
+                  explain: bool) -> PsAiModel | tuple[PsAiModel, str]: ...
+
+
+def resolve_model(name: str, *, provider: str | list[str] | None = None,
+                  explain: bool = False) -> PsAiModel | tuple[PsAiModel, str]:
     """The stored model a response's model name (``gpt-4o-2024-08-06``,
     ``claude-sonnet-4-5-20250929``, ``models/gemini-2.5-pro``) means: an
     active model whose ``model`` or ``apiModel`` is the name, else the name

@@ -52,9 +52,9 @@ CACHE_WRITE_COUNTERS = {"token_in_cache_write_count": "token_in_count",
 
 
 def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int | str | uuid.UUID | None = None, *,
-                 tokens_in: float = 0, tokens_out: float = 0, cached_tokens: float = 0, cache_write_tokens: float = 0,
-                 reasoning_tokens: float = 0, audio_tokens: float = 0, image_tokens: float = 0,
-                 web_searches: float = 0, user_id: int | None = None, connector_id: int | None = None,
+                 tokens_in: int = 0, tokens_out: int = 0, cached_tokens: int = 0, cache_write_tokens: int = 0,
+                 reasoning_tokens: int = 0, audio_tokens: int = 0, image_tokens: int = 0,
+                 web_searches: int = 0, user_id: int | None = None, connector_id: int | None = None,
                  provider_metadata: dict[str, Any] | None = None) -> PsModelUsage:
     """Record one call: add its tokens to the usage counters of (model,
     agent) and write its ``ps_model_usage_item`` with the model's prices as

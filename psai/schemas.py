@@ -10,7 +10,7 @@ import math
 import numbers
 import zoneinfo
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 from enum import Enum
 
 from marshmallow import (
@@ -29,7 +29,7 @@ __all__ = [
     "ModelPricesSchema", "AiModelConfigurationSchema", "PsAiModelSchema", "PsAgentSchema", "dump_rows",
     "shape_problem", "readable", "time_problems", "Timestamp",
     "validate_configuration", "EXCLUDE", "INCLUDE", "RAISE", "BudgetSchema", "validate_budget_values",
-    "BUDGET_FIELDS", "BUDGET_PERIODS",
+    "BUDGET_FIELDS", "BUDGET_PERIODS", "BudgetPeriod", "BudgetUnpriced",
 ]
 
 
@@ -576,8 +576,10 @@ def dump_rows(schema: Schema, rows: Iterable[Any],
 
 # -- budgets -------------------------------------------------------------------------
 
-BUDGET_PERIODS = ("day", "week", "month", "year", "total")
-BUDGET_UNPRICED = ("block", "allow")
+BudgetPeriod = Literal["day", "week", "month", "year", "total"]
+BudgetUnpriced = Literal["block", "allow"]
+BUDGET_PERIODS: tuple[BudgetPeriod, ...] = get_args(BudgetPeriod)
+BUDGET_UNPRICED: tuple[BudgetUnpriced, ...] = get_args(BudgetUnpriced)
 BUDGET_SCOPES = ("agent_id", "model_name", "provider", "organization_id")
 BUDGET_FIELDS = ("name", "amount", "currency", "period", "timezone", "agent_id", "include_sub_agents", "model_name",
                  "provider", "organization_id", "warn_at", "hard", "unpriced")
