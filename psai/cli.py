@@ -42,7 +42,7 @@ class CommandError(click.ClickException):
 
     def __init__(self, message, exit_code):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it from the instance
 
 
 class PsaiGroup(click.Group):
@@ -294,7 +294,7 @@ MODEL_COLUMNS = ["id", "name", "provider", "type", "size", "model", "active", "i
 def _model_row(dump):
     from .schemas import readable
     config = readable(dump["configuration"])
-    prices = config.get("prices") if isinstance(config.get("prices"), dict) else {}
+    prices = config["prices"] if isinstance(config.get("prices"), dict) else {}
     return {"id": dump["id"], "name": dump["name"], "provider": config.get("provider"),
             "type": config.get("type"), "size": config.get("modelSize"), "model": config.get("model"),
             "active": config.get("active"), "in": prices.get("costInTokensPerMillion"),

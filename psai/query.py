@@ -75,7 +75,7 @@ def _move_links(old_ids, new_id):
     if not old_ids:
         return
     links = AgentModels.ai_model.in_(old_ids)
-    agent_ids = sorted({agent_id for (agent_id,) in AgentModels.select(AgentModels.agent).where(links).tuples()})
+    agent_ids = sorted(set(AgentModels.select(AgentModels.agent).where(links).scalars()))
     if agent_ids:
         AgentModels.delete().where(links).execute()
         AgentModels.insert_many([{"agent": agent_id, "ai_model": new_id} for agent_id in agent_ids]) \

@@ -165,7 +165,7 @@ def _usage_statements(db, present, agent_is_null, connector_is_null, guarded=Fal
         usage, columns = PsModelUsage, PsModelUsage._meta.columns
         # A row with no room left for these counts (32-bit counters) is not
         # found, and a new one is started: reports add all rows up.
-        where = [usage.model == slot("model_id"),
+        where: list[Any] = [usage.model == slot("model_id"),
                  usage.agent.is_null() if agent_is_null else usage.agent == slot("agent_id"),
                  usage.connector_id.is_null() if connector_is_null else usage.connector_id == slot("connector_id"),
                  usage.created_at >= slot("start"), usage.created_at < slot("end")]

@@ -67,7 +67,7 @@ class Number(fields.Field):
             raise self.make_error("not_finite")
         # A float past 2**53 comes back from PostgreSQL's jsonb as an integer
         # that would then be refused: refuse it now, on both backends.
-        if abs(value) > MAX_SAFE_INTEGER:
+        if abs(cast(float, value)) > MAX_SAFE_INTEGER:
             raise self.make_error("too_large")
         return value
 
@@ -189,10 +189,10 @@ class _NestedPart(fields.Nested):
     def _deserialize(self, value, attr, data, partial=None, **kwargs):
         # The nested schema object belongs to this field alone, so setting
         # its ``unknown`` passes the choice on to the level below it too.
-        self.unknown = self.schema.unknown = self.parent.unknown
+        self.unknown = self.schema.unknown = cast(Schema, self.parent).unknown
         return super()._deserialize(value, attr, data, partial=partial, **kwargs)
 
-    def _serialize(self, nested_obj, attr, obj, **kwargs):
+    def _serialize(self, nested_obj, attr, obj, **kwargs):  # type: ignore[override]  # Nested's names, not Field's
         # Dumps pass stored JSON through whole, so extra keys round-trip.
         return copy.deepcopy(nested_obj)
 
