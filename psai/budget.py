@@ -27,7 +27,7 @@ from .models import Budget, BudgetEvent, PsAgent, PsAiModel, sub_agent_tree
 from .recording import model_cost
 from .reports import merge_parts, part_provider, part_tokens, price_parts, usage_parts
 from .rollups import one_reading
-from .schemas import BUDGET_FIELDS, validate_budget_values
+from .schemas import BUDGET_FIELDS, BudgetPeriod, BudgetUnpriced, validate_budget_values
 
 __all__ = ["set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events",
            "on_budget_event", "period_bounds", "BudgetStatus", "BudgetEventRow", "BudgetWatcher", "WATCHER", "LIMIT"]
@@ -88,11 +88,11 @@ def _default_name(values: dict[str, Any]) -> str:
     return "%s per %s" % (scope, values["period"]) if values["period"] != "total" else scope + " in total"
 
 
-def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", period: str = "month",
+def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", period: BudgetPeriod = "month",
                timezone: str = "UTC", agent: PsAgent | int | str | uuid.UUID | None = None,
                include_sub_agents: bool = True, model: PsAiModel | int | str | None = None,
                provider: str | None = None, organization_id: int | None = None,
-               warn_at: Iterable[float] = (0.8,), hard: bool = True, unpriced: str = "block",
+               warn_at: Iterable[float] = (0.8,), hard: bool = True, unpriced: BudgetUnpriced = "block",
                name: str | None = None) -> Budget:
     """Create a budget, or change the one of that ``name`` (its alerts so far
     stay). One scope at most: ``agent`` (with its sub-agent tree unless
@@ -322,7 +322,9 @@ def _estimate(estimate: Any, model: PsAiModel | None) -> tuple[Decimal, str | No
         return None
     if isinstance(estimate, dict):
         if model is None:
-            raise ValidationError({"estimate": ["Counts can only be priced with a model: give model=."]})
+            raise ValidationError({"estimate": [
+                "Counts can only be priced with a model: name it, model=\"GPT-4o\" (a name, id or uuid, as "
+                "`psai models list` shows), or give the cost as a number."]})
         cost = model_cost(model, **estimate)
         return Decimal(repr(cost["total"])), cost["currency"]
     if isinstance(estimate, bool) or not isinstance(estimate, (Decimal, int, float, str)):

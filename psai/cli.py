@@ -42,7 +42,7 @@ class CommandError(click.ClickException):
 
     def __init__(self, message, exit_code):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it from the instance
 
 
 class PsaiGroup(click.Group):
@@ -294,7 +294,7 @@ MODEL_COLUMNS = ["id", "name", "provider", "type", "size", "model", "active", "i
 def _model_row(dump):
     from .schemas import readable
     config = readable(dump["configuration"])
-    prices = config.get("prices") if isinstance(config.get("prices"), dict) else {}
+    prices = config["prices"] if isinstance(config.get("prices"), dict) else {}
     return {"id": dump["id"], "name": dump["name"], "provider": config.get("provider"),
             "type": config.get("type"), "size": config.get("modelSize"), "model": config.get("model"),
             "active": config.get("active"), "in": prices.get("costInTokensPerMillion"),
@@ -584,9 +584,20 @@ def models_reprice(model, assignments, since, until, apply_changes, fmt):
     if fmt is not None:
         emit([result], fmt, single=True)
         return
-    emit([{"": label, "cost": result[key], "currency": result["currency"]}
-          for label, key in (("before", "before"), ("after", "after"), ("difference", "difference"))],
-         fmt, columns=["", "cost", "currency"])
+    unpriced = {"before": result["unpriced_tokens_before"], "after": result["unpriced_tokens_after"]}
+    rows = []
+    for side in ("before", "after"):
+        # Calls that could not be priced are not a cost of 0.
+        priced = not unpriced[side] or result[side] != 0
+        rows.append({"": side, "cost": result[side] if priced else "unpriced",
+                     "currency": result["currency"] if priced else None, "unpriced_tokens": unpriced[side] or None})
+    known = not any(unpriced.values())
+    rows.append({"": "difference", "cost": result["difference"] if known else "unknown",
+                 "currency": result["currency"] if known else None, "unpriced_tokens": None})
+    emit(rows, fmt, columns=["", "cost", "currency", "unpriced_tokens"])
+    if not known:
+        click.echo("%d tokens could not be priced before, %d after: the costs leave them out"
+                   % (unpriced["before"], unpriced["after"]))
     click.echo("%d calls; %s" % (result["calls"], "applied" if result["applied"] else
                                  "dry run: nothing changed (add --apply to apply)"))
 
@@ -973,11 +984,16 @@ def audit_command(since, until, model, apply_changes, as_json):
     """Items whose stored counts disagree with the provider's raw usage they
     keep (PolicySynth's Claude accounting, fast mode lost, 1-hour writes),
     with their cost as recorded and as billed. A dry run unless --apply."""
-    from .audit import audit
+    from ._audit import audit
     connect()
     result = audit(since=since, until=until, model=model, dry_run=not apply_changes)
     if as_json:
         emit([result], "json", single=True)
+        return
+    if not result["findings"]:
+        click.echo("nothing to correct: %s" % (
+            "the counts of %d items agree with the provider's usage they keep" % result["items_read"]
+            if result["items_read"] else "no item keeps the provider's usage"))
         return
     emit([{"item": f["item_id"], "model": f["model_id"], "api": f["api_family"],
            "tokens_in": "%s -> %s" % (f["stored"]["tokensIn"], f["billed"]["tokensIn"]),

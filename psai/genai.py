@@ -98,7 +98,8 @@ def standard_prices(model: ModelInfo, now: datetime) -> tuple[ModelPrice, list[s
 def _with_context(model, standard, context, now):
     """``standard`` with the overrides of the variants matching ``context``
     (genai-prices' own rule: the first matching variant sets each key)."""
-    overrides, matched = {}, False
+    overrides: dict[str, Any] = {}
+    matched = False
     for variant in model.price_variants or ():
         if variant.constraint is not None and not variant.constraint.active(now):
             continue
@@ -260,7 +261,8 @@ def _tiered_configuration(configuration, model, standard, now, threshold):
     where PolicySynth can say them; returns ``{tier: genai prices}`` for the
     tiers the source has and the notes on its other request variants."""
     provider = configuration["provider"]
-    tiers, notes = {None: standard}, []
+    tiers: dict[str | None, Any] = {None: standard}
+    notes = []
     used = list(_IGNORED_CONTEXTS)
     for tier, contexts in _TIER_CONTEXTS.items():
         for context in contexts:

@@ -134,7 +134,7 @@ def _usage_state(db, ids, since, until):
     """SQLite: what changes when the usage a correction measures changes:
     its items and counter rows (how many, ids, latest update) and the
     models' rows."""
-    params = []
+    params: list[Any] = []
     where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params)
     return db.execute_sql(usage_state_sql(where, len(ids)), params + ids + ids).fetchall()
 

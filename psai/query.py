@@ -10,7 +10,7 @@ camelCase) or the filter is refused with ``psai.ValidationError``.
 """
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 from peewee import ColumnBase
 
@@ -75,7 +75,7 @@ def _move_links(old_ids, new_id):
     if not old_ids:
         return
     links = AgentModels.ai_model.in_(old_ids)
-    agent_ids = sorted({agent_id for (agent_id,) in AgentModels.select(AgentModels.agent).where(links).tuples()})
+    agent_ids = sorted(set(AgentModels.select(AgentModels.agent).where(links).scalars()))
     if agent_ids:
         AgentModels.delete().where(links).execute()
         AgentModels.insert_many([{"agent": agent_id, "ai_model": new_id} for agent_id in agent_ids]) \
@@ -101,7 +101,23 @@ def _undated(name: str) -> tuple[str, str] | None:
     return None
 
 
-def resolve_model(name: str, *, provider: str | list[str] | None = None, explain: bool = False) -> Any:
+@overload
+def resolve_model(name: str, *, provider: str | list[str] | None = None,
+                  explain: Literal[False] = False) -> PsAiModel: ...
+
+
+@overload
+def resolve_model(name: str, *, provider: str | list[str] | None = None,
+                  explain: Literal[True]) -> tuple[PsAiModel, str]: ...
+
+
+@overload
+def resolve_model(name: str, *, provider: str | list[str] | None = None,
+                  explain: bool) -> PsAiModel | tuple[PsAiModel, str]: ...
+
+
+def resolve_model(name: str, *, provider: str | list[str] | None = None,
+                  explain: bool = False) -> PsAiModel | tuple[PsAiModel, str]:
     """The stored model a response's model name (``gpt-4o-2024-08-06``,
     ``claude-sonnet-4-5-20250929``, ``models/gemini-2.5-pro``) means: an
     active model whose ``model`` or ``apiModel`` is the name, else the name

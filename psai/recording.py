@@ -52,9 +52,9 @@ CACHE_WRITE_COUNTERS = {"token_in_cache_write_count": "token_in_count",
 
 
 def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int | str | uuid.UUID | None = None, *,
-                 tokens_in: float = 0, tokens_out: float = 0, cached_tokens: float = 0, cache_write_tokens: float = 0,
-                 reasoning_tokens: float = 0, audio_tokens: float = 0, image_tokens: float = 0,
-                 web_searches: float = 0, user_id: int | None = None, connector_id: int | None = None,
+                 tokens_in: int = 0, tokens_out: int = 0, cached_tokens: int = 0, cache_write_tokens: int = 0,
+                 reasoning_tokens: int = 0, audio_tokens: int = 0, image_tokens: int = 0,
+                 web_searches: int = 0, user_id: int | None = None, connector_id: int | None = None,
                  provider_metadata: dict[str, Any] | None = None) -> PsModelUsage:
     """Record one call: add its tokens to the usage counters of (model,
     agent) and write its ``ps_model_usage_item`` with the model's prices as
@@ -165,7 +165,7 @@ def _usage_statements(db, present, agent_is_null, connector_is_null, guarded=Fal
         usage, columns = PsModelUsage, PsModelUsage._meta.columns
         # A row with no room left for these counts (32-bit counters) is not
         # found, and a new one is started: reports add all rows up.
-        where = [usage.model == slot("model_id"),
+        where: list[Any] = [usage.model == slot("model_id"),
                  usage.agent.is_null() if agent_is_null else usage.agent == slot("agent_id"),
                  usage.connector_id.is_null() if connector_is_null else usage.connector_id == slot("connector_id"),
                  usage.created_at >= slot("start"), usage.created_at < slot("end")]

@@ -236,8 +236,9 @@ def _budgets_section():
         share = min(float(status["spent"] / limit), 1.0) * 100
         marks = "".join('<div class="mark" style="left:%.1f%%" title="%s%%"></div>' % (
             float(fraction) * 100, escape(format(Decimal(repr(fraction)) * 100, "f"))) for fraction in budget.warn_at)
-        period = "total" if status["period_start"] is None else "%s to %s" % (
-            status["period_start"].strftime("%Y-%m-%d %H:%M"), status["period_end"].strftime("%Y-%m-%d %H:%M %Z"))
+        start, end = status["period_start"], status["period_end"]  # both None for a total budget
+        period = "total" if start is None or end is None else "%s to %s" % (
+            start.strftime("%Y-%m-%d %H:%M"), end.strftime("%Y-%m-%d %H:%M %Z"))
         forecast = "" if status["forecast"] is None else "%s %s" % (_money(status["forecast"]), status["currency"])
         gauge = '<div class="gauge"><div class="spent %s" style="width:%.1f%%"></div>%s</div>' % (
             escape(status["state"]), share, marks)

@@ -12,7 +12,7 @@ import bisect
 import datetime
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any, ParamSpec, TypedDict, TypeVar
+from typing import Any, Literal, ParamSpec, TypedDict, TypeVar, get_args
 from dataclasses import dataclass
 import json
 from collections import defaultdict, deque
@@ -35,10 +35,11 @@ from .sql import (
 from .versions import histories_of, prices_at
 
 __all__ = ["one_snapshot", "cost_report", "cost_reports", "report_totals", "daily_costs", "REPORT_GROUPINGS",
-           "usage_parts",
+           "ReportGrouping", "usage_parts",
            "price_parts", "merge_parts", "part_tokens", "part_provider", "CostRow", "CurrencyTotal", "DailyCost"]
 
-REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
+ReportGrouping = Literal["model", "agent", "tree", "provider", "day"]
+REPORT_GROUPINGS: tuple[ReportGrouping, ...] = get_args(ReportGrouping)
 
 # A token count or a sum of them: whole, or exact where SQL summed fractions.
 Number = int | Decimal
@@ -767,7 +768,7 @@ def one_snapshot(function: Callable[Params, Result]) -> Callable[Params, Result]
 
 
 @one_snapshot
-def cost_report(by: str = "model", *, since: datetime.date | str | None = None,
+def cost_report(by: ReportGrouping = "model", *, since: datetime.date | str | None = None,
                 until: datetime.date | str | None = None, strict: bool = False,
                 progress: Callable[[int, int], object] | None = None) -> list[CostRow]:
     """Cost of recorded usage grouped ``by`` model, agent, tree, provider or day.

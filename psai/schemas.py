@@ -10,7 +10,7 @@ import math
 import numbers
 import zoneinfo
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 from enum import Enum
 
 from marshmallow import (
@@ -29,7 +29,7 @@ __all__ = [
     "ModelPricesSchema", "AiModelConfigurationSchema", "PsAiModelSchema", "PsAgentSchema", "dump_rows",
     "shape_problem", "readable", "time_problems", "Timestamp",
     "validate_configuration", "EXCLUDE", "INCLUDE", "RAISE", "BudgetSchema", "validate_budget_values",
-    "BUDGET_FIELDS", "BUDGET_PERIODS",
+    "BUDGET_FIELDS", "BUDGET_PERIODS", "BudgetPeriod", "BudgetUnpriced",
 ]
 
 
@@ -67,7 +67,7 @@ class Number(fields.Field):
             raise self.make_error("not_finite")
         # A float past 2**53 comes back from PostgreSQL's jsonb as an integer
         # that would then be refused: refuse it now, on both backends.
-        if abs(value) > MAX_SAFE_INTEGER:
+        if abs(cast(float, value)) > MAX_SAFE_INTEGER:
             raise self.make_error("too_large")
         return value
 
@@ -189,10 +189,10 @@ class _NestedPart(fields.Nested):
     def _deserialize(self, value, attr, data, partial=None, **kwargs):
         # The nested schema object belongs to this field alone, so setting
         # its ``unknown`` passes the choice on to the level below it too.
-        self.unknown = self.schema.unknown = self.parent.unknown
+        self.unknown = self.schema.unknown = cast(Schema, self.parent).unknown
         return super()._deserialize(value, attr, data, partial=partial, **kwargs)
 
-    def _serialize(self, nested_obj, attr, obj, **kwargs):
+    def _serialize(self, nested_obj, attr, obj, **kwargs):  # type: ignore[override]  # Nested's names, not Field's
         # Dumps pass stored JSON through whole, so extra keys round-trip.
         return copy.deepcopy(nested_obj)
 
@@ -576,8 +576,10 @@ def dump_rows(schema: Schema, rows: Iterable[Any],
 
 # -- budgets -------------------------------------------------------------------------
 
-BUDGET_PERIODS = ("day", "week", "month", "year", "total")
-BUDGET_UNPRICED = ("block", "allow")
+BudgetPeriod = Literal["day", "week", "month", "year", "total"]
+BudgetUnpriced = Literal["block", "allow"]
+BUDGET_PERIODS: tuple[BudgetPeriod, ...] = get_args(BudgetPeriod)
+BUDGET_UNPRICED: tuple[BudgetUnpriced, ...] = get_args(BudgetUnpriced)
 BUDGET_SCOPES = ("agent_id", "model_name", "provider", "organization_id")
 BUDGET_FIELDS = ("name", "amount", "currency", "period", "timezone", "agent_id", "include_sub_agents", "model_name",
                  "provider", "organization_id", "warn_at", "hard", "unpriced")

@@ -125,7 +125,8 @@ def config_filter(field, filters, postgres):
     """A WHERE expression matching rows whose JSON ``field`` has every
     ``path: value`` of ``filters`` (a value that is a list matches any of
     it, however long the list), on PostgreSQL or SQLite."""
-    clauses, document = [], {}
+    clauses = []
+    document: dict[str, Any] = {}
     for key, value in filters.items():
         path = _path(key)
         values = _check_value(key, value)

@@ -51,7 +51,7 @@ def export_data() -> dict[str, list[dict[str, Any]]]:
 
 
 def _load_rows(schema, rows, table, errors, progress):
-    loaded = []
+    loaded: list[Any] = []
     if not isinstance(rows, list):
         errors[table] = ["Must be a list of rows."]
         return loaded
@@ -300,7 +300,7 @@ def _update(model_class, row_id, values):
 
 def _by_key(rows, key):
     """{key: [rows...]} keeping order: rows that share a key pair up in order."""
-    grouped = {}
+    grouped: dict[Any, list[Any]] = {}
     for row in rows:
         grouped.setdefault(key(row), []).append(row)
     return grouped
