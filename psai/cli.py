@@ -1018,7 +1018,8 @@ def _budget_row(budget):
 @click.option("--currency", default="USD", show_default=True)
 @click.option("--period", type=click.Choice(["day", "week", "month", "year", "total"]), default="month",
               show_default=True, help="A calendar period in --timezone (week: ISO, from Monday).")
-@click.option("--timezone", default="UTC", show_default=True, help="An IANA zone, e.g. Europe/Berlin.")
+@click.option("--timezone", default="UTC", show_default=True,
+              help="An IANA zone, e.g. Europe/Berlin (not localtime: the host's own zone is refused).")
 @click.option("--agent", metavar="ID", help="Scope: this agent (id or uuid) and its sub-agents.")
 @click.option("--agent-only", is_flag=True, help="With --agent: the agent alone, not its sub-agents.")
 @click.option("--model", "model_name", metavar="NAME", help="Scope: every version of the model of this name.")
@@ -1034,6 +1035,8 @@ def budgets_set(name, amount, currency, period, timezone, agent, agent_only, mod
                 warn_at, soft, unpriced, fmt):
     """Create or change a budget (one scope at most; none: all usage)."""
     from .budget import set_budget
+    if agent_only and agent is None:
+        raise click.UsageError("--agent-only needs --agent (without it the budget would cover all usage)")
     connect()
     budget = set_budget(name=name, amount=amount, currency=currency, period=period, timezone=timezone, agent=agent,
                         include_sub_agents=not agent_only, model=model_name, provider=provider,
