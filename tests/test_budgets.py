@@ -555,3 +555,16 @@ def test_budgets_set_refuses_what_it_would_misread(backend):
     with pytest.raises(psai.ValidationError, match="include_sub_agents: .*an agent"):
         psai.set_budget(amount=5, include_sub_agents=False)
     assert Budget.select().count() == 0
+
+
+@pytest.mark.parametrize("prices", [None, "30 USD", [30, 60], 5])
+def test_track_records_a_call_of_a_model_whose_stored_prices_are_not_an_object(db, clock, prices):
+    """Before: the call was recorded, then record() raised AttributeError."""
+    m = model()
+    mark = "%s" if psai.db.is_postgres() else "?"
+    psai.database.execute_sql('UPDATE "ps_ai_models" SET "configuration" = %s WHERE "id" = %s' % (mark, mark),
+                              (json.dumps(dict(m.configuration, prices=prices)), m.id))
+    with psai.track(None, m.id) as run:
+        assert run.record(openai_response()) is None
+    assert (run.calls, run.unpriced_calls, run.cost) == (1, 1, {})
+    assert psai.PsModelUsageItem.select().count() == 1
