@@ -460,7 +460,10 @@ def _thresholds(budget: Budget) -> list[Decimal]:
 
 
 def _event_row(event: BudgetEvent, budget: Budget) -> BudgetEventRow:
-    zone = zoneinfo.ZoneInfo(budget.timezone)
+    try:
+        zone: datetime.tzinfo = zoneinfo.ZoneInfo(budget.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):  # an invalid budget's: the time in UTC
+        zone = UTC
     start = None if budget.period == "total" else event.period_start.astimezone(zone)
     return {"budget": budget.name, "threshold": Decimal(event.threshold), "spent": Decimal(event.spent),
             "currency": budget.currency, "period_start": start, "at": event.at}

@@ -1011,7 +1011,8 @@ def _budget_row(budget):
     if budget.agent_id is not None and not budget.include_sub_agents:
         scope += " (only)"
     return {"name": budget.name, "limit": budget.amount, "currency": budget.currency, "period": budget.period,
-            "timezone": budget.timezone, "scope": scope, "warn_at": ",".join(str(f) for f in budget.warn_at),
+            "timezone": budget.timezone, "scope": scope,
+            "warn_at": ",".join(str(f) for f in budget.warn_at) if isinstance(budget.warn_at, list) else budget.warn_at,
             "hard": budget.hard, "unpriced": budget.unpriced}
 
 

@@ -452,25 +452,29 @@ def hand_written(column, value):
     ("amount", "1e1000000", "amount: Must be at most 10**15"), ("amount", "ten", "amount: Not an amount"),
     ("amount", "-5", "amount: Must be more than 0"), ("timezone", "Mars/Olympus", "timezone: Not an IANA"),
     ("period", "hourly", "period: Must be one of"), ("warn_at", '"0.8"', "warn_at: Not a valid list"),
-    ("warn_at", "[1e400]", "warn_at"), ("currency", "", "currency")])
+    ("warn_at", "[1e400]", "warn_at"), ("warn_at", "5", "warn_at"), ("currency", "", "currency")])
 def test_nothing_a_stored_budget_holds_stops_a_call_from_being_recorded(backend, clock, column, value, problem):
     psai.migrate()
     m = model()
     psai.set_budget(name="stored", amount="0.1", model=m.name)
+    record_usage(m, None, **CALL)  # its alerts while it was sound
     hand_written(column, value)
     for one_trip_seen in (False, True):  # PostgreSQL: the watcher's own read, then the one-round-trip probe
         psai.budget.WATCHER._none_seen.pop(psai.database.obj, None)
         if one_trip_seen:
             psai.budget.WATCHER._none_seen[psai.database.obj] = True
         record_usage(m, None, **CALL)
-    assert sum(row.token_in_count for row in psai.PsModelUsage.select()) == 2 * CALL["tokens_in"]
-    assert psai.budget_events() == []
+    assert sum(row.token_in_count for row in psai.PsModelUsage.select()) == 3 * CALL["tokens_in"]
+    assert [e["threshold"] for e in psai.budget_events()] == [Decimal("0.8"), Decimal(1)]  # none since
     (invalid,) = psai.budget_status()
     assert invalid["state"] == "invalid" and problem in invalid["problem"] and invalid["limit"] is None
     with pytest.raises(psai.BudgetExceededError, match="budget 'stored' .* cannot be used: .*" + problem[:8]):
         psai.check_budget(model=m)
     shown = CliRunner().invoke(cli, ["--database", backend.url, "budgets", "status"])
     assert shown.exit_code == 0 and "invalid" in shown.stdout, shown.output
+    for command in ("list", "events"):
+        listed = CliRunner().invoke(cli, ["--database", backend.url, "budgets", command])
+        assert listed.exit_code == 0 and "stored" in listed.stdout, listed.output
     assert "invalid" in psai.report.html()
     psai.set_budget(name="stored", amount="0.1", model=m.name)  # set again: usable, and it counts what was spent
     assert status("stored")["state"] == "exceeded"
