@@ -4,6 +4,7 @@ that fit PolicySynth's INTEGER columns; periods as aware datetimes."""
 import datetime
 import math
 import uuid
+from typing import cast
 from collections.abc import Mapping
 
 from .constants import MAX_INTEGER, time_range_problem
@@ -45,8 +46,22 @@ def check_counts(counts: Mapping[str, object]) -> None:
             errors[name] = ["Must be a finite number, 0 or more."]
         elif value > MAX_INTEGER:  # compared as given: math.isfinite(10**400) would overflow
             errors[name] = ["Too large for one call: at most %d." % MAX_INTEGER]
+    if not errors:
+        # The totals hold their parts, as every provider reports them (and
+        # record_response refuses a response whose parts are above them).
+        for total, parts in (("tokens_in", ("cached_tokens", "cache_write_tokens")),
+                             ("tokens_out", ("reasoning_tokens", "audio_tokens", "image_tokens"))):
+            given = [name for name in parts if counts.get(name)]
+            held = sum(cast(float, counts[name]) for name in given)
+            if held > cast(float, counts.get(total, 0)):
+                errors[given[0]] = ["%s (%s) above %s (%s): %s is the call's total, which holds them." % (
+                    " and ".join(given), _number(held), total, _number(cast(float, counts.get(total, 0))), total)]
     if errors:
         raise ValidationError(errors)
+
+
+def _number(value: float) -> str:
+    return "%d" % value if float(value).is_integer() else repr(value)
 
 
 def check_ids(ids: Mapping[str, object]) -> None:

@@ -169,10 +169,15 @@ def _check_items(db, model_ids, price_problem):
     """Items whose data cannot be read, or whose snapshot cannot price them."""
     found, verdicts = [], {}
     cursor = db.execute_sql(item_check_sql(is_postgres(db)))
-    for item_id, model_id, tokens_in, configured in cursor.fetchall():
+    for item_id, model_id, tokens_in, configured, counts_usable in cursor.fetchall():
         if tokens_in is None:
             found.append({"table": "ps_model_usage_item", "id": item_id,
                           "problem": "no usable token counts (data.usageNormalized.tokensIn)"})
+            continue
+        if not counts_usable:
+            found.append({"table": "ps_model_usage_item", "id": item_id,
+                          "problem": "token counts below 0 or beyond %d (data.usageNormalized, data.psai): not "
+                                     "priced" % MAX_INTEGER})
             continue
         if configured is None:
             if model_id not in model_ids:

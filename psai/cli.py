@@ -1006,8 +1006,11 @@ def audit_command(since, until, model, apply_changes, as_json):
             shown(currency), result["recorded"][currency], result["billed"][currency],
             result["billed"][currency] - result["recorded"][currency], len(result["findings"]),
             result["items_read"]))
-    click.echo("applied: items and counters corrected" if result["applied"]
-               else "dry run: nothing changed (--apply corrects)", err=True)
+    if not result["findings"]:
+        click.echo("nothing to correct", err=True)
+    else:
+        click.echo("applied: items and counters corrected" if result["applied"]
+                   else "dry run: nothing changed (--apply corrects)", err=True)
 
 
 # -- budgets ------------------------------------------------------------------------------
@@ -1025,7 +1028,8 @@ def _budget_row(budget):
     if budget.agent_id is not None and not budget.include_sub_agents:
         scope += " (only)"
     return {"name": budget.name, "limit": budget.amount, "currency": budget.currency, "period": budget.period,
-            "timezone": budget.timezone, "scope": scope, "warn_at": ",".join(str(f) for f in budget.warn_at),
+            "timezone": budget.timezone, "scope": scope,
+            "warn_at": ",".join(str(f) for f in budget.warn_at) if isinstance(budget.warn_at, list) else budget.warn_at,
             "hard": budget.hard, "unpriced": budget.unpriced}
 
 
@@ -1035,7 +1039,8 @@ def _budget_row(budget):
 @click.option("--currency", default="USD", show_default=True)
 @click.option("--period", type=click.Choice(["day", "week", "month", "year", "total"]), default="month",
               show_default=True, help="A calendar period in --timezone (week: ISO, from Monday).")
-@click.option("--timezone", default="UTC", show_default=True, help="An IANA zone, e.g. Europe/Berlin.")
+@click.option("--timezone", default="UTC", show_default=True,
+              help="An IANA zone, e.g. Europe/Berlin (not localtime: the host's own zone is refused).")
 @click.option("--agent", metavar="ID", help="Scope: this agent (id or uuid) and its sub-agents.")
 @click.option("--agent-only", is_flag=True, help="With --agent: the agent alone, not its sub-agents.")
 @click.option("--model", "model_name", metavar="NAME", help="Scope: every version of the model of this name.")
@@ -1051,6 +1056,8 @@ def budgets_set(name, amount, currency, period, timezone, agent, agent_only, mod
                 warn_at, soft, unpriced, fmt):
     """Create or change a budget (one scope at most; none: all usage)."""
     from .budget import set_budget
+    if agent_only and agent is None:
+        raise click.UsageError("--agent-only needs --agent (without it the budget would cover all usage)")
     connect()
     budget = set_budget(name=name, amount=amount, currency=currency, period=period, timezone=timezone, agent=agent,
                         include_sub_agents=not agent_only, model=model_name, provider=provider,

@@ -232,8 +232,12 @@ def _budgets_section():
         budget = rows.get(status["budget"])
         if budget is None:  # set between the two reads
             continue
-        limit = status["limit"]
-        share = min(float(status["spent"] / limit), 1.0) * 100
+        limit, spent = status["limit"], status["spent"]
+        if limit is None or spent is None:  # invalid: nothing is measured against it
+            body.append('<tr><td>%s</td><td colspan="4">%s</td><td class="unpriced">invalid</td></tr>' % (
+                escape(str(budget.name)), escape(str(status["problem"]))))
+            continue
+        share = min(float(spent / limit), 1.0) * 100
         marks = "".join('<div class="mark" style="left:%.1f%%" title="%s%%"></div>' % (
             float(fraction) * 100, escape(format(Decimal(repr(fraction)) * 100, "f"))) for fraction in budget.warn_at)
         start, end = status["period_start"], status["period_end"]  # both None for a total budget
@@ -245,7 +249,7 @@ def _budgets_section():
         state = escape(status["state"]) + ("" if budget.hard else " (soft)")
         body.append('<tr><td>%s</td><td style="width:30%%">%s</td><td class="num">%s of %s %s</td>'
                     '<td class="num">%s</td><td>%s</td><td class="%s">%s</td></tr>' % (
-                        escape(str(budget.name)), gauge, escape(_money(status["spent"])), escape(_money(limit)),
+                        escape(str(budget.name)), gauge, escape(_money(spent)), escape(_money(limit)),
                         escape(status["currency"]), escape(forecast), escape(period),
                         "unpriced" if status["state"] in ("exceeded", "unknown") else "", state))
     return ('<section><h2>Budgets this period</h2><table><thead><tr><th>budget</th><th>spent against the limit '

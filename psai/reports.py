@@ -664,7 +664,9 @@ def price_parts(parts, transform=None):
     for part in parts:
         part["cost"], part["currency"], part["reason"] = None, None, None
         if not part["has_usage"]:
-            part["reason"] = part.get("problem") or "the item has no usable token counts (usageNormalized.tokensIn)"
+            part["reason"] = part.get("problem") or (
+                "the item has no usable token counts (usageNormalized.tokensIn a number, every count 0 or more "
+                "and within a counter)")
             continue
         pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
         fallback = None

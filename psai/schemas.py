@@ -585,12 +585,23 @@ BUDGET_FIELDS = ("name", "amount", "currency", "period", "timezone", "agent_id",
                  "provider", "organization_id", "warn_at", "hard", "unpriced")
 
 
+# A budget's amount: at most 10**15 with at most 9 decimal places, so that
+# every limit, fraction of it and sum psai compares it with stays within
+# Decimal's 28 digits (an amount like 1e1000000 overflowed every call in scope).
+MAX_BUDGET_AMOUNT = decimal.Decimal(10) ** 15
+BUDGET_AMOUNT_PLACES = 9
+
+
 class Amount(fields.Field):
     """A positive amount of money as exact decimal text ("10", "2.50"); a
-    number is taken by its decimal digits (2.5 is "2.5"), never as a binary float."""
+    number is taken by its decimal digits (2.5 is "2.5"), never as a binary
+    float. At most ``MAX_BUDGET_AMOUNT``, with at most ``BUDGET_AMOUNT_PLACES``
+    decimal places."""
 
     default_error_messages = {"invalid": "Not an amount of money (a number or decimal text such as \"2.50\").",
-                              "positive": "Must be more than 0."}
+                              "positive": "Must be more than 0.",
+                              "bounds": "Must be at most 10**15, with at most %d decimal places." % (
+                                  BUDGET_AMOUNT_PLACES)}
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
@@ -603,14 +614,29 @@ class Amount(fields.Field):
             raise self.make_error("invalid")
         if amount <= 0:
             raise self.make_error("positive")
+        if amount > MAX_BUDGET_AMOUNT or amount.as_tuple().exponent < -BUDGET_AMOUNT_PLACES and \
+                amount != amount.quantize(decimal.Decimal(1).scaleb(-BUDGET_AMOUNT_PLACES), decimal.ROUND_DOWN):
+            raise self.make_error("bounds")
         return str(amount)
 
 
+# Files in the zone directory that are not zones of their own: "localtime"
+# is whatever the host's clock is set to, so a budget in it would change
+# its periods with the machine that reads it.
+HOST_ZONE_NAMES = {"localtime", "posixrules"}
+
+
 class TimeZoneName(String):
-    default_error_messages = {"unknown_zone": "Not an IANA time zone name (e.g. UTC, Europe/Berlin)."}
+    """An IANA time zone name; never the host's own (``localtime``)."""
+
+    default_error_messages = {"unknown_zone": "Not an IANA time zone name (e.g. UTC, Europe/Berlin).",
+                              "host_zone": "Depends on the host's clock settings: give an IANA name "
+                                           "(e.g. UTC, Europe/Berlin)."}
 
     def _deserialize(self, value, attr, data, **kwargs):
         name = super()._deserialize(value, attr, data, **kwargs)
+        if name.lower() in HOST_ZONE_NAMES or name.lower().startswith(("posix/", "right/")):
+            raise self.make_error("host_zone")
         try:
             zoneinfo.ZoneInfo(name)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from peewee import SQL, NodeList, PostgresqlDatabase, Value, fn
 
-from .constants import MAX_SAFE_INTEGER
+from .constants import MAX_INTEGER, MAX_SAFE_INTEGER
 from .errors import ValidationError
 from .fields import SQLITE_TIME_GLOB
 from .pricing import _is_number
@@ -229,6 +229,8 @@ ITEM_VALUES = (
     ("configured", ("pricing", "configuredPrices"), "object"),
     ("threshold", ("pricing", "configuredPrices", "longContextTokenThreshold"), "number"),
 )
+# The counts of a call an item holds, each 0 to MAX_INTEGER for the item to be priced.
+ITEM_COUNTS = ("tin", "cached", "cw", "cw1h", "tout", "reasoning", "audio", "image", "web")
 _MODEL_THRESHOLD = ("prices", "longContextTokenThreshold")
 _KINDS = dict({name: kind for name, _path, kind in ITEM_VALUES}, model_threshold="number")
 
@@ -295,6 +297,14 @@ class ItemReader:
             read = {"number": "CAST(%s AS NUMERIC)", "string": "json_extract(%s, '$')", "object": "%s"}[kind] % column
         return "(CASE WHEN %s THEN %s END)" % (self.is_a(name), read)
 
+    def counts_usable(self, names):
+        """True when none of the counts ``names`` is a number below 0 or
+        beyond what a counter column holds (a count of -5 or 1e300, written
+        by hand, is not a call's: its item is not priced, at 0 or at 1e294)."""
+        usable = "TRUE" if self.postgres else "1"
+        return " AND ".join("coalesce(%s BETWEEN 0 AND %d, %s)" % (self.value(name), MAX_INTEGER, usable)
+                            for name in names)
+
     def count(self, name):
         """A count: the number if it is one above 0, else 0. (SQLite: only a
         number's JSON text starts with a digit or "-", and CAST reads any
@@ -328,7 +338,7 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
         "applied_speed": r.value("applied_speed"),
         # Readable: token counts, the input total a number (an item whose
         # counts are text is not priced as 0 tokens, nor guessed).
-        "has_usage": "(CASE WHEN %s THEN 1 ELSE 0 END)" % r.is_a("tin"),
+        "has_usage": "(CASE WHEN %s AND %s THEN 1 ELSE 0 END)" % (r.is_a("tin"), r.counts_usable(ITEM_COUNTS)),
         "tin": r.count("tin"), "cached": r.count("cached"), "cw": r.count("cw"), "cw1h": r.count("cw1h"),
         "tout": r.count("tout"), "pcost": r.value("pcost"),
         "parts": " + ".join(r.count(name) for name in ("reasoning", "audio", "image")),
@@ -467,11 +477,17 @@ def negative_rows_sql(present, where):
 
 def item_check_sql(postgres):
     """Every item's id, model, input count and price snapshot, read
-    defensively (text that is not JSON reads as no data)."""
+    defensively (text that is not JSON reads as no data), and whether its
+    counts are usable (``ItemReader.counts_usable``)."""
     j = JsonSQL(postgres)
     data = "data" if postgres else "(CASE WHEN json_valid(data) THEN data ELSE '[]' END)"
-    return 'SELECT id, model_id, %s, %s FROM "ps_model_usage_item" ORDER BY id' % (
-        j.number(data, "usageNormalized", "tokensIn"), j.object(data, "pricing", "configuredPrices"))
+    r = ItemReader(postgres)
+    return 'SELECT id, model_id, tokens_in, configured, (CASE WHEN %s THEN 1 ELSE 0 END) FROM (%s) r ORDER BY id' % (
+        r.counts_usable(ITEM_COUNTS), 'SELECT id, model_id, %s AS tokens_in, %s AS configured, %s FROM '
+        '"ps_model_usage_item"' % (j.number(data, "usageNormalized", "tokensIn"),
+                                   j.object(data, "pricing", "configuredPrices"),
+                                   ", ".join("%s AS v_%s" % (r._raw(data, path), name)
+                                             for name, path, _kind in ITEM_VALUES if name in ITEM_COUNTS)))
 
 
 def object_items_sql(postgres, where):

@@ -46,8 +46,10 @@ class Run:
         self.calls += 1
         item = json.loads(data) if data is not None else None
         cost = item_cost(item)
-        currency = (item or {}).get("pricing", {}).get("configuredPrices", {}).get("currency") \
-            if isinstance(item, dict) else None
+        # The item holds the model's prices as stored, whatever they are (null, text, a list, by hand).
+        pricing = item.get("pricing") if isinstance(item, dict) else None
+        prices = pricing.get("configuredPrices") if isinstance(pricing, dict) else None
+        currency = prices.get("currency") if isinstance(prices, dict) else None
         if cost is None or not isinstance(currency, str):
             self.unpriced_calls += 1
             cost = None

@@ -500,3 +500,18 @@ def test_a_responses_call_finds_a_model_policysynth_configured_as_openai_respons
         costInCachedContextTokensPerMillion=0.5))
     psai.record_response(None, None, responses_response(searches=0))
     assert PsModelUsageItem.select().get().model_id == model.id
+
+
+def test_audit_apply_with_nothing_to_correct_says_so(stored, backend):
+    """Before: `audit --apply` that found nothing said "dry run: nothing changed"."""
+    models, agent = stored
+    psai.record_response(models["sonnet"], agent, claude_message())  # psai's own item: nothing to correct
+    for args in (["audit", "--apply"], ["audit"]):
+        shown = CliRunner().invoke(cli, ["--database", backend.url, *args])
+        assert shown.exit_code == 0 and shown.stderr.strip().splitlines()[-1] == "nothing to correct", shown.output
+        assert "dry run" not in shown.output
+    policysynth_claude_item(models["sonnet"], agent, {"input_tokens": 1000, "output_tokens": 500,
+                                                      "cache_read_input_tokens": 10000})
+    assert "dry run: nothing changed" in CliRunner().invoke(cli, ["--database", backend.url, "audit"]).stderr
+    applied = CliRunner().invoke(cli, ["--database", backend.url, "audit", "--apply"])
+    assert "applied: items and counters corrected" in applied.stderr

@@ -87,7 +87,8 @@ def record(rng, clock, ms, ags):
     tokens_in = rng.choice([0, 1, 999, 150_000, 200_000, 250_000])
     cached = rng.randrange(tokens_in + 1) if rng.random() < 0.3 else 0
     write = rng.randrange(tokens_in - cached + 1) if rng.random() < 0.2 else 0
-    psai.record_usage(rng.choice(ms), rng.choice(ags + [None]), tokens_in=tokens_in, tokens_out=rng.randrange(5000),
+    psai.record_usage(rng.choice(ms), rng.choice(ags + [None]), tokens_in=tokens_in,
+                      tokens_out=rng.randrange(100, 5000),  # holds the reasoning tokens
                       cached_tokens=cached, cache_write_tokens=write,
                       reasoning_tokens=rng.choice([0, 0, 100]), web_searches=rng.choice([0, 0, 2]),
                       connector_id=rng.choice([None, None, 5]),

@@ -150,3 +150,18 @@ def record_until_refused(url, model_id, calls):
         pass
     psai.database.close()
     return made
+
+
+def set_new_budgets(url, names, amount, barrier_path):
+    """Set each budget of ``names`` (new to the store), as other processes set
+    the same names at once: every worker goes through them in the same order."""
+    import pathlib
+    import psai
+    psai.connect(url)
+    psai.budgets()  # connected, and the budget module loaded
+    pathlib.Path("%s.ready.%s" % (barrier_path, amount)).touch()
+    _wait_for_start(barrier_path)
+    for name in names:
+        psai.set_budget(name=name, amount=amount)
+    psai.database.close()
+    return amount

@@ -79,7 +79,10 @@ def _migration_lock(db: Database) -> Iterator[None]:
     """One process at a time runs migrations; the others wait, then find the
     work done. PostgreSQL: a session advisory lock (each migration keeps its
     own transaction). SQLite: the write lock, taken at BEGIN IMMEDIATE, for
-    the whole run (each migration a savepoint in it)."""
+    the whole run (each migration a savepoint in it), with foreign keys off
+    (SQLite's way to rebuild a table: dropping the old one would cascade to
+    its links; the pragma can only change outside a transaction), as they
+    were after."""
     if isinstance(db, PostgresqlDatabase):
         db.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         try:
@@ -87,8 +90,15 @@ def _migration_lock(db: Database) -> Iterator[None]:
         finally:
             db.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
     else:
-        with db.atomic("IMMEDIATE"):
-            yield
+        (enforced,) = db.execute_sql("PRAGMA foreign_keys").fetchone()
+        if enforced and not db.in_transaction():
+            db.execute_sql("PRAGMA foreign_keys = OFF")
+        try:
+            with db.atomic("IMMEDIATE"):
+                yield
+        finally:
+            if enforced and not db.in_transaction():
+                db.execute_sql("PRAGMA foreign_keys = ON")
 
 
 def migrate(db: Database | None = None) -> list[str]:
