@@ -419,12 +419,11 @@ def models_list(provider, model_type, size, active, name, fmt):
 @click.argument("model")
 @output_options
 def models_show(model, fmt):
-    """Show one model, by id or uuid, with where its prices came from."""
-    from .models import provenance
-    from .models import PsAiModel
+    """Show one model, by id, uuid or name, with where its prices came from."""
+    from .models import find_model, provenance
     from .schemas import PsAiModelSchema
     connect()
-    found = PsAiModel.get_by_key(model)
+    found = find_model(model)
     dump = _dump_rows(PsAiModelSchema(), [found], "model", model=True)[0]
     dump["provenance"] = provenance(found)
     if fmt == "json":
@@ -484,7 +483,7 @@ def models_resolve(name, provider, explain, fmt):
 @output_options
 def models_update(model, assignments, source, name, fmt):
     """Change fields of a model's configuration (validated before saving)."""
-    from .models import PsAiModel
+    from .models import find_model
     from .schemas import merge_configuration
     changes = _read_json(source) if source else {}
     if not isinstance(changes, dict):
@@ -495,7 +494,7 @@ def models_update(model, assignments, source, name, fmt):
     if not changes and name is None:
         raise click.UsageError("nothing to change: give --set, --file or --name")
     connect()
-    found = PsAiModel.get_by_key(model)
+    found = find_model(model)
     if name is not None:
         found.name = name
     found.update_configuration(changes)
@@ -507,9 +506,9 @@ def models_update(model, assignments, source, name, fmt):
 def models_deactivate(model):
     """Mark a model inactive (it stays for history and reports); works on a
     row psai would otherwise refuse, so a bad row can be taken out of use."""
-    from .models import PsAiModel
+    from .models import find_model
     connect()
-    found = PsAiModel.get_by_key(model)
+    found = find_model(model)
     found.deactivate()
     click.echo("deactivated model %s (%s)" % (found.id, shown(found.name)))
 
@@ -518,9 +517,9 @@ def models_deactivate(model):
 @click.argument("model")
 def models_delete(model):
     """Delete a model and its links (refused if usage was recorded for it)."""
-    from .models import PsAiModel
+    from .models import find_model
     connect()
-    found = PsAiModel.get_by_key(model)
+    found = find_model(model)
     found.delete_instance()
     click.echo("deleted model %s (%s)" % (found.id, shown(found.name)))
 
@@ -708,13 +707,14 @@ def emit_agents(agent_list, fmt, single=False):
 @click.option("--group-id", type=int, required=True)
 @click.option("--name", help="Sets configuration.name.")
 @click.option("--configuration", "configuration_json", metavar="JSON", help="The configuration as JSON.")
-@click.option("--parent", metavar="AGENT", help="Parent agent (id or uuid).")
-@click.option("--model", "model_keys", multiple=True, metavar="MODEL", help="Link this model (repeatable).")
+@click.option("--parent", metavar="AGENT", help="Parent agent (id, uuid or name).")
+@click.option("--model", "model_keys", multiple=True, metavar="MODEL",
+              help="Link this model (id, uuid or name; repeatable).")
 @output_options
 def agents_add(user_id, class_id, group_id, name, configuration_json, parent, model_keys, fmt):
     """Add an agent."""
     from .db import write_transaction
-    from .models import PsAgent, PsAiModel
+    from .models import PsAgent, find_agent, find_model
     from .schemas import load_json
     configuration = load_json(configuration_json, "configuration") if configuration_json else {}
     if not isinstance(configuration, dict):
@@ -722,11 +722,11 @@ def agents_add(user_id, class_id, group_id, name, configuration_json, parent, mo
     if name is not None:
         configuration["name"] = name
     with write_transaction(connect()):
-        parent_agent = PsAgent.get_by_key(parent) if parent else None
+        parent_agent = find_agent(parent) if parent else None
         agent = PsAgent.create(user_id=user_id, class_id=class_id, group_id=group_id,
                                configuration=configuration, parent_agent=parent_agent)
         if model_keys:
-            agent.ai_models.add([PsAiModel.get_by_key(key) for key in model_keys])
+            agent.ai_models.add([find_model(key) for key in model_keys])
     emit_agents([agent], fmt, single=True)
 
 
@@ -743,10 +743,10 @@ def agents_list(fmt):
 @click.argument("agent")
 @output_options
 def agents_show(agent, fmt):
-    """Show one agent, by id or uuid, with its models."""
-    from .models import PsAgent
+    """Show one agent, by id, uuid or name, with its models."""
+    from .models import find_agent
     connect()
-    found = PsAgent.get_by_key(agent)
+    found = find_agent(agent)
     if fmt is None:
         from .schemas import PsAgentSchema
         emit_fields(_dump_rows(PsAgentSchema(with_links=True), [found], "agent")[0])
@@ -773,12 +773,12 @@ def agents_unlink(agent, model_keys):
 
 
 def _change_links(agent, model_keys, change):
-    """Add or remove links of an agent (by id or uuid) to models, in one transaction."""
+    """Add or remove links of an agent (by id, uuid or name) to models, in one transaction."""
     from .db import write_transaction
-    from .models import PsAgent, PsAiModel
+    from .models import find_agent, find_model
     with write_transaction(connect()):
-        found = PsAgent.get_by_key(agent)
-        result = getattr(found.ai_models, change)([PsAiModel.get_by_key(key) for key in model_keys])
+        found = find_agent(agent)
+        result = getattr(found.ai_models, change)([find_model(key) for key in model_keys])
     return found, result
 
 
@@ -788,10 +788,10 @@ def _change_links(agent, model_keys, change):
 @output_options
 def agents_models(agent, include_inactive, fmt):
     """The model AGENT would use for each type and size, by PolicySynth's rules."""
-    from .models import PsAgent
+    from .models import find_agent
     from .query import model_choices
     connect()
-    rows = model_choices(PsAgent.get_by_key(agent), include_inactive=include_inactive)
+    rows = model_choices(find_agent(agent), include_inactive=include_inactive)
     emit(rows, fmt, columns=["type", "size", "model_id", "name", "model_size", "model"])
 
 
@@ -853,7 +853,7 @@ def usage():
 
 @usage.command("record")
 @click.argument("model")
-@click.option("--agent", help="The agent that made the call (id or uuid).")
+@click.option("--agent", help="The agent that made the call (id, uuid or name).")
 @usage_options
 @click.option("--web-searches", type=click.IntRange(min=0), default=0, help="Web search calls.")
 @click.option("--applied-tier", metavar="TIER",
@@ -865,12 +865,12 @@ def usage_record(model, agent, applied_tier, **usage):
     """Record one call to MODEL (and AGENT): its usage item, with the prices
     in force now, and the usage counters."""
     from .items import applied_tier_metadata
-    from .models import PsAiModel
+    from .models import find_model
     from .usage import record_usage
     connect()
     if applied_tier is not None:
         from .schemas import readable
-        model = PsAiModel.get_by_key(model)
+        model = find_model(model)
         usage["provider_metadata"] = applied_tier_metadata(readable(model.configuration).get("provider"),
                                                            applied_tier)
     _report_budget_events()
@@ -880,7 +880,7 @@ def usage_record(model, agent, applied_tier, **usage):
 
 @usage.command("record-response")
 @click.argument("model", required=False)
-@click.option("--agent", help="The agent that made the call (id or uuid).")
+@click.option("--agent", help="The agent that made the call (id, uuid or name).")
 @click.option("--file", "source", type=click.File("rb"), default="-", show_default=True, metavar="PATH",
               help="The provider's response as JSON, or a stream's chunks or events, one JSON per line "
                    "('-' reads stdin).")
@@ -1019,9 +1019,10 @@ def _budget_row(budget):
 @click.option("--period", type=click.Choice(["day", "week", "month", "year", "total"]), default="month",
               show_default=True, help="A calendar period in --timezone (week: ISO, from Monday).")
 @click.option("--timezone", default="UTC", show_default=True, help="An IANA zone, e.g. Europe/Berlin.")
-@click.option("--agent", metavar="ID", help="Scope: this agent (id or uuid) and its sub-agents.")
+@click.option("--agent", metavar="AGENT", help="Scope: this agent (id, uuid or name) and its sub-agents.")
 @click.option("--agent-only", is_flag=True, help="With --agent: the agent alone, not its sub-agents.")
-@click.option("--model", "model_name", metavar="NAME", help="Scope: every version of the model of this name.")
+@click.option("--model", "model_name", metavar="MODEL",
+              help="Scope: every version of this model (id, uuid or name).")
 @click.option("--provider", help="Scope: every model of this provider.")
 @click.option("--organization-id", type=int, help="Scope: every model of this organization.")
 @click.option("--warn-at", "warn_at", type=float, multiple=True, metavar="FRACTION",

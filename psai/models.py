@@ -4,9 +4,10 @@ selection, the sub-agent tree) and the save hook that keeps price history."""
 from __future__ import annotations
 
 import datetime
+import difflib
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, TypeAlias
 
 from peewee import (
     AutoField, BooleanField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField, IntegerField,
@@ -14,10 +15,10 @@ from peewee import (
 )
 
 from .base import BaseModel, LinkField, check_database, load_links
-from .constants import strict_json_dumps
+from .constants import MAX_INTEGER, strict_json_dumps
 from .db import is_postgres, lock, model_db, register_models, table_columns, write_transaction
 from .enums import PsAiModelSize, PsAiModelType
-from .errors import InUseError, NotFoundError, ValidationError
+from .errors import AmbiguousNameError, InUseError, NotFoundError, ValidationError
 from .fields import JSONField, TimestampTzField, UUIDTextField, utcnow
 from .pricing import COUNTERS
 from .schemas import (
@@ -30,7 +31,8 @@ __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "
            "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "Budget", "BudgetEvent", "ALL_MODELS",
            "strict_json_dumps",
            "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
-           "record_price_change", "prices_of", "provenance", "usage_counters", "CALL_WATCHERS", "CallWatcher"]
+           "record_price_change", "prices_of", "provenance", "usage_counters", "CALL_WATCHERS", "CallWatcher",
+           "ModelRef", "AgentRef", "ref_key", "find_model", "find_models", "find_agent"]
 
 # PolicySynth's size fallback: which sizes to try, in order, for a size asked for.
 SIZE_FALLBACK = {
@@ -532,6 +534,123 @@ def record_price_change(model: PsAiModel, stored_configuration: Any,
         PriceVersion.create(model=model.id, valid_from=now, prices=new, source="psai")
 
 
+# -- naming a model or an agent -----------------------------------------------------------
+#
+# One rule everywhere a model or an agent is named, in Python and on the
+# command line: a row; an int id; a string of ASCII digits, which is always
+# an id (``"7"`` is the row with id 7, never a model named "7": name such a
+# row by its uuid); a uuid (a ``uuid.UUID`` or its text); else a name. A
+# model's name is its ``name`` column, an agent's its ``configuration.name``.
+
+ModelRef: TypeAlias = PsAiModel | int | str | uuid.UUID
+AgentRef: TypeAlias = PsAgent | int | str | uuid.UUID
+
+
+def ref_key(ref: int | str | uuid.UUID) -> tuple[str, Any]:
+    """``("id", n)``, ``("uuid", UUID)`` or ``("name", text)``: what a
+    reference that is not a row names, by the rule above."""
+    if isinstance(ref, bool):
+        return "name", str(ref)  # never an id: True == 1 would name row 1
+    if isinstance(ref, int):
+        return "id", ref
+    if isinstance(ref, uuid.UUID):
+        return "uuid", ref
+    text = str(ref).strip()
+    if text.isascii() and text.isdigit():  # not "²": str.isdigit takes other digits too
+        return "id", int(text)
+    try:
+        return "uuid", uuid.UUID(text)
+    except ValueError:
+        return "name", text
+
+
+def _named(kind: str, text: str, every: list[str]) -> NotFoundError:
+    """The error for a name no row has, with the nearest names there are."""
+    near = difflib.get_close_matches(text, sorted(set(every)), n=3, cutoff=0.6)
+    return NotFoundError("no %s has the id, uuid or name %r%s" % (
+        kind, text, "; did you mean %s?" % " or ".join(repr(name) for name in near) if near else ""))
+
+
+def _by_key(cls: type[BaseModel], kind: str, ref: int | str | uuid.UUID) -> Any:
+    how, value = ref_key(ref)
+    if how == "id" and not 0 <= value <= MAX_INTEGER:
+        raise NotFoundError("%s %s does not exist (ids run from 0 to %d)" % (cls.__name__, value, MAX_INTEGER))
+    row = cls.select().where((cls.id if how == "id" else cls.uuid) == value).first()
+    if row is None:
+        text = str(ref).strip()
+        named = how == "id" and cls is PsAiModel and PsAiModel.select().where(PsAiModel.name == text).exists()
+        raise NotFoundError("%s %s does not exist%s" % (cls.__name__, ref, (
+            " (a string of digits is always an id: name the model called %r by its uuid)" % text)
+            if named else ""))
+    return row
+
+
+def _active(row: PsAiModel) -> bool:
+    return not isinstance(row.configuration, dict) or row.configuration.get("active") is not False
+
+
+def find_models(ref: ModelRef) -> list[PsAiModel]:
+    """Every model row a reference names, oldest first: the one row of an
+    id, uuid or row, or every row with a name (its versions: older rows of a
+    name are kept, inactive, when it is added again). Functions over a
+    model's history (prices, repricing, audits, budgets) take this."""
+    if isinstance(ref, PsAiModel):
+        check_database(ref)
+        return [ref]
+    how, text = ref_key(ref)
+    if how != "name":
+        return [_by_key(PsAiModel, "model", ref)]
+    rows = list(PsAiModel.select().where(PsAiModel.name == text).order_by(PsAiModel.created_at, PsAiModel.id))
+    if not rows:
+        every = [str(name) for name in PsAiModel.select(PsAiModel.name).distinct().scalars()]
+        raise _named("model", text, every)
+    return rows
+
+
+def find_model(ref: ModelRef) -> PsAiModel:
+    """The one model row a reference names (the rule above). A name fits
+    the row of that name that is active; several active rows of one name
+    (in several organizations), or only inactive ones, are an
+    ``AmbiguousNameError`` listing them with their ids; no row of the name
+    is a ``NotFoundError`` suggesting the nearest names there are."""
+    rows = find_models(ref)
+    if len(rows) == 1:
+        return rows[0]
+    active = [row for row in rows if _active(row)]
+    if len(active) == 1:
+        return active[0]
+    raise AmbiguousNameError("%d models are named %r and %s: give one by id or uuid: %s" % (
+        len(rows), rows[0].name, "%d of them are active" % len(active) if active else "none is active",
+        ", ".join("id %s (organization %s, %s, created %s)" % (
+            row.id, row.organization_id, "active" if _active(row) else "inactive",
+            row.created_at.isoformat() if isinstance(row.created_at, datetime.datetime) else row.created_at)
+            for row in reversed(active or rows))))
+
+
+def find_agent(ref: AgentRef) -> PsAgent:
+    """The one agent row a reference names (the rule above; a name is
+    ``configuration.name``). Several agents of one name are an
+    ``AmbiguousNameError`` listing their ids; none, a ``NotFoundError``
+    suggesting the nearest names there are."""
+    if isinstance(ref, PsAgent):
+        check_database(ref)
+        return ref
+    how, text = ref_key(ref)
+    if how != "name":
+        return _by_key(PsAgent, "agent", ref)
+    rows = list(PsAgent.select().where(config_filter(PsAgent.configuration, {"name": text},
+                                                     is_postgres(model_db(PsAgent)))).order_by(PsAgent.id))
+    if len(rows) == 1:
+        return rows[0]
+    if rows:
+        raise AmbiguousNameError("%d agents are named %r: give one by id or uuid: %s" % (
+            len(rows), text, ", ".join("id %s (class %s, group %s)" % (row.id, row.class_id, row.group_id)
+                                       for row in rows)))
+    every = [str(row.configuration["name"]) for row in PsAgent.select(PsAgent.configuration)
+             if isinstance(row.configuration, dict) and isinstance(row.configuration.get("name"), str)]
+    raise _named("agent", text, every)
+
+
 # -- the tables' own queries --------------------------------------------------------
 
 def usage_counters(db: Any = None) -> tuple[str, ...]:
@@ -542,13 +661,11 @@ def usage_counters(db: Any = None) -> tuple[str, ...]:
     return tuple(name for name in COUNTERS if name in columns)
 
 
-def provenance(model: PsAiModel | int | str | uuid.UUID) -> dict[str, Any] | None:
+def provenance(model: ModelRef) -> dict[str, Any] | None:
     """Where an imported model's prices came from: ``{"source",
     "source_version", "source_model", "imported_at"}``, or None for a model
     not imported from a catalog (or a database without psai's tables)."""
-    if isinstance(model, PsAiModel):
-        check_database(model)
-    found = model if isinstance(model, PsAiModel) else PsAiModel.get_by_key(model)
+    found = find_model(model)
     if not table_columns(model_db(PsAiModel), ModelProvenance._meta.table_name):
         return None
     row = ModelProvenance.select().where(ModelProvenance.model == found.id).first()

@@ -196,7 +196,7 @@ def test_models_bad_input(run, config_file, tmp_path):
         (["models", "add", "--name", "X", "--file", config_file], 2, "Missing option"),
         (["models", "list", "--size", "huge"], 2, "Invalid value for '--size'"),
         (["models", "show", "999"], 1, "PsAiModel 999 does not exist"),
-        (["models", "show", "gpt-4"], 1, "neither an id nor a uuid"),
+        (["models", "show", "gpt-4"], 1, "no model has the id, uuid or name 'gpt-4'"),
         (["models", "update", str(model["id"]), "--set", "prices.currency=usd"], 2, "prices.currency"),
         (["models", "update", str(model["id"]), "--set", "typo=1"], 2, "configuration.typo: Unknown field"),
         (["models", "update", str(model["id"]), "--set", "novalue"], 2, "Use KEY=VALUE"),
