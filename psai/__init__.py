@@ -9,8 +9,8 @@ from .errors import (
 )
 from .migrations import migrate
 from .models import (
-    CALL_WATCHERS, AgentModels, AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent,
-    find_model,
+    CALL_WATCHERS, AgentModels, AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, config,
+    find_agent, find_model,
 )
 from .responses import ResponseUsage, usage_from_response
 
@@ -36,7 +36,7 @@ __all__ = [
     "ValidationError", "PsaiError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
     "InUseError", "PsModelUsageItem", "price_history", "reprice", "UnpricedUsageError", "catalog", "report",
     "usage_from_response", "ResponseUsage", "record_response", "track", "resolve_model", "audit",
-    "WrongDatabaseError", "AmbiguousNameError", "ModelRef", "AgentRef", "find_model", "find_agent",
+    "WrongDatabaseError", "AmbiguousNameError", "ModelRef", "AgentRef", "find_model", "find_agent", "config",
     "set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events", "on_budget_event",
     "BudgetExceededError",
 ]

@@ -42,7 +42,7 @@ from .genai import Unmappable as Unmappable, genai_entry as genai_entry, genai_u
 from .genai import standard_prices as standard_prices
 from .litellm import LITELLM_FILE as LITELLM_FILE, litellm_cost_map_path as litellm_cost_map_path
 from .litellm import litellm_catalog, litellm_version
-from .models import ModelProvenance, PsAiModel, provenance as provenance
+from .models import ModelProvenance, PsAiModel, default_ids, provenance as provenance
 from .query import add_model
 from .schemas import load_json, validate_configuration, validate_model_values
 
@@ -145,7 +145,8 @@ def _update_prices(model, differences):
     model.update_configuration({"prices": {key: source for key, _stored, source in differences}})
 
 
-def import_catalog(source: str, *, user_id: int, organization_id: int, size: str | None = None,
+def import_catalog(source: str, *, user_id: int | None = None, organization_id: int | None = None,
+                   size: str | None = None,
                    temperature: float = 0.7, providers: Iterable[str] | None = (), models: Iterable[str] | None = (),
                    dry_run: bool = False, file: str | os.PathLike[str] | None = None,
                    progress: Callable[[int, int], object] | None = None) -> dict[str, Any]:
@@ -154,7 +155,10 @@ def import_catalog(source: str, *, user_id: int, organization_id: int, size: str
     Returns ``{"source", "source_version", "models": [{"source_model",
     "name", "model_id", "action", "unexpressed"}], "skipped": {source_model:
     reason}}``; ``action`` is imported, updated or unchanged (``would
-    import`` / ``would update`` with ``dry_run``, which writes nothing)."""
+    import`` / ``would update`` with ``dry_run``, which writes nothing).
+    Ids not given are the store's defaults (``psai.config``)."""
+    ids = default_ids(user_id=user_id, organization_id=organization_id)
+    user_id, organization_id = ids["user_id"], ids["organization_id"]
     validate_model_values({"user_id": user_id, "organization_id": organization_id}, partial=True)
     if size is not None and size not in ("large", "medium", "small"):
         raise ValidationError({"size": ["Must be one of: large, medium, small."]})

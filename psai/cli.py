@@ -345,52 +345,108 @@ def models():
     """AI models: add, list, show, update, deactivate, delete, history, reprice, import-litellm (an alias)."""
 
 
-def _configuration_from_flags(model_type, size, model_name, provider, inactive, in_price, out_price,
-                              cached_price, currency, max_tokens_out, temperature):
-    config = {"type": model_type, "modelSize": size, "model": model_name, "provider": provider,
-              "active": False if inactive else None,
-              "prices": {"costInTokensPerMillion": in_price, "costOutTokensPerMillion": out_price,
-                         "costInCachedContextTokensPerMillion": cached_price, "currency": currency},
-              "maxTokensOut": max_tokens_out, "defaultTemperature": temperature}
-    config["prices"] = {k: v for k, v in config["prices"].items() if v is not None} or None
-    return {k: v for k, v in config.items() if v is not None}
+# `psai models add`'s flags besides the price keys: (flag, parameter, configuration path).
+MODEL_FLAGS = (("--type", "model_type", "configuration.type"), ("--size", "size", "configuration.modelSize"),
+               ("--model", "model_name", "configuration.model"), ("--provider", "provider", "configuration.provider"),
+               ("--max-tokens-out", "max_tokens_out", "configuration.maxTokensOut"),
+               ("--temperature", "temperature", "configuration.defaultTemperature"))
+
+
+def _price_options(command):
+    """An option for every price key (``psai.query.PRICE_FLAGS``); --in, --out
+    and --cached keep their older names --in-price, --out-price, --cached-price."""
+    from .query import PRICE_FLAGS
+    older = {"in": "--in-price", "out": "--out-price", "cached": "--cached-price"}
+    for flag, key in reversed(PRICE_FLAGS.items()):
+        names = ["--" + flag] + ([older[flag]] if flag in older else [])
+        parameter = "price_" + flag.replace("-", "_")
+        if key == "currency":
+            option = click.option(*names, parameter, help="Three-letter currency code (default USD; upper-cased).")
+        elif key == "flexPriorityTokensEnabledOnLongContext":
+            option = click.option(*names, parameter, type=bool, metavar="true|false", help="prices.%s." % key)
+        else:
+            option = click.option(*names, parameter, type=NUMBER, help="prices.%s." % key)
+        command = option(command)
+    return command
+
+
+def _flag_errors(exc, given):
+    """A ValidationError whose paths are the flags the user typed (of those
+    ``given``: {configuration path: flag}), so `--max-tokens-out: ...`, not
+    `configuration.maxTokensOut: ...`."""
+    return ValidationError({given.get(path, path): messages for path, messages in exc.paths.items()})
 
 
 @models.command("add")
-@click.option("--name", required=True, help="The model's name; older rows with it are deactivated.")
-@click.option("--user-id", type=int, required=True)
-@click.option("--organization-id", type=int, required=True)
+@click.argument("name", required=False)
+@click.option("--name", "name_option", help="The model's name (or give it as NAME); older rows with it are "
+                                            "deactivated.")
+@click.option("--user-id", type=int, help="Default: the store's (psai config).")
+@click.option("--organization-id", type=int, help="Default: the store's (psai config).")
 @click.option("--file", "source", type=click.File("r", encoding="utf-8"), metavar="PATH",
-              help="Configuration JSON ('-' reads stdin).")
-@click.option("--type", "model_type", type=MODEL_TYPES)
-@click.option("--size", type=MODEL_SIZES)
+              help="Configuration JSON ('-' reads stdin); flags change it.")
+@click.option("--type", "model_type", type=MODEL_TYPES, help="Default: text.")
+@click.option("--size", type=MODEL_SIZES, help="Default: medium.")
 @click.option("--model", "model_name", help="The provider's model name.")
-@click.option("--provider", help="openai, anthropic, google, azure, ...")
+@click.option("--provider", help="openai, openaiResponses, anthropic, google or azure.")
+@click.option("--any-provider", is_flag=True, help="Take a provider psai does not know.")
 @click.option("--inactive", is_flag=True, help="Store it inactive.")
-@click.option("--in-price", type=NUMBER, help="Input cost per million tokens.")
-@click.option("--out-price", type=NUMBER, help="Output cost per million tokens.")
-@click.option("--cached-price", type=NUMBER, help="Cached input cost per million tokens.")
-@click.option("--currency", help="Three-letter currency code, e.g. USD.")
-@click.option("--max-tokens-out", type=int)
-@click.option("--temperature", type=NUMBER, help="Default temperature.")
+@_price_options
+@click.option("--max-tokens-out", type=int, help="Default: 4096.")
+@click.option("--temperature", type=NUMBER, help="Default temperature (default: 0.7).")
 @output_options
-def models_add(name, user_id, organization_id, source, fmt, **flags):
-    """Add a model, from flags or a configuration JSON file.
+def models_add(name, name_option, user_id, organization_id, source, any_provider, inactive, fmt, **flags):
+    """Add a model NAME, in one line: `psai models add "GPT-4o" --provider
+    openai --model gpt-4o --in 2.5 --out 10` (the rest has defaults: USD,
+    cached input at the input rate, text, medium, 4096 tokens out,
+    temperature 0.7), or from a configuration JSON file.
 
     As PolicySynth's add-model tool does, rows that already have this name in
     the organization are deactivated in the same transaction.
     """
-    from .query import add_model
+    from .query import PRICE_FLAGS, add_model, model_configuration
+    from .schemas import merge_configuration
+    if name and name_option and name != name_option:
+        raise click.UsageError("give the name once: NAME or --name")
+    name = name or name_option
+    if not name:
+        raise click.UsageError("Missing argument 'NAME'.")
+    prices = {key: flags.pop("price_" + flag.replace("-", "_")) for flag, key in PRICE_FLAGS.items()}
+    prices = {key: value for key, value in prices.items() if value is not None}
+    given = {path: flag for flag, parameter, path in MODEL_FLAGS if flags.get(parameter) is not None}
+    given.update({"configuration.prices." + key: "--" + flag + ("/--%s-price" % flag if flag in ("in", "out", "cached")
+                                                               else "")
+                  for flag, key in PRICE_FLAGS.items() if key in prices})
+    if isinstance(prices.get("currency"), str):
+        prices["currency"] = prices["currency"].upper()
     configuration = _read_json(source) if source else {}
     if source and not isinstance(configuration, dict):
         raise ValidationError({"configuration": ["Must be a JSON object."]})
-    overrides = _configuration_from_flags(**flags)
-    if "prices" in overrides and isinstance(configuration.get("prices"), dict):
-        overrides["prices"] = dict(configuration["prices"], **overrides["prices"])
-    configuration = dict(configuration, **overrides)
-    configuration.setdefault("active", True)
-    connect()
-    model = add_model(name=name, user_id=user_id, organization_id=organization_id, configuration=configuration)
+    try:
+        if source:  # the file's configuration, the flags given changing it
+            changes = {"type": flags["model_type"], "modelSize": flags["size"], "model": flags["model_name"],
+                       "provider": flags["provider"], "maxTokensOut": flags["max_tokens_out"],
+                       "defaultTemperature": flags["temperature"], "active": False if inactive else None}
+            changes = {key: value for key, value in changes.items() if value is not None}
+            if prices:
+                changes["prices"] = prices
+            configuration = merge_configuration(configuration, changes)
+            configuration.setdefault("active", True)
+        else:
+            missing = [flag for flag, value in (("--provider", flags["provider"]), ("--model", flags["model_name"]),
+                                                ("--in", prices.get("costInTokensPerMillion")),
+                                                ("--out", prices.get("costOutTokensPerMillion"))) if value is None]
+            if missing:
+                raise click.UsageError("give %s (or --file with a configuration)" % ", ".join(missing))
+            configuration = model_configuration(
+                provider=flags["provider"], model=flags["model_name"], prices=prices,
+                model_type=flags["model_type"], size=flags["size"], max_tokens_out=flags["max_tokens_out"],
+                temperature=flags["temperature"], active=not inactive, any_provider=any_provider)
+        connect()
+        model = add_model(name=name, user_id=user_id, organization_id=organization_id, configuration=configuration)
+    except ValidationError as exc:
+        raise _flag_errors(exc, {**given, **{path[len("configuration."):]: flag for path, flag in given.items()}}) \
+            from None
     emit_models([model], fmt, single=True)
 
 
@@ -592,8 +648,8 @@ def models_reprice(model, assignments, since, until, apply_changes, fmt):
 
 @models.command("import-litellm")
 @click.argument("source", metavar="PATH", type=click.Path(exists=True, dir_okay=False))
-@click.option("--user-id", type=int, required=True)
-@click.option("--organization-id", type=int, required=True)
+@click.option("--user-id", type=int, help="Default: the store's (psai config).")
+@click.option("--organization-id", type=int, help="Default: the store's (psai config).")
 @click.option("--size", type=MODEL_SIZES, help="modelSize for every model (default: by input price).")
 @click.option("--temperature", type=NUMBER, default=0.7, show_default=True, help="defaultTemperature.")
 @click.option("--provider", multiple=True, help="Only entries of this litellm_provider (repeatable).")
@@ -602,6 +658,32 @@ def models_reprice(model, assignments, since, until, apply_changes, fmt):
 def models_import_litellm(source, user_id, organization_id, size, temperature, provider, dry_run, fmt):
     """Import LiteLLM's cost map from PATH: `psai catalog import litellm --file PATH`."""
     _import_catalog("litellm", user_id, organization_id, size, temperature, provider, (), dry_run, source, fmt)
+
+
+# -- settings -------------------------------------------------------------------
+
+@cli.command("config")
+@click.option("--user-id", type=int, help="The user_id of new models and agents given none.")
+@click.option("--organization-id", type=int, help="The organization_id of new models given none.")
+@click.option("--class-id", type=int, help="The class_id of new agents given none.")
+@click.option("--group-id", type=int, help="The group_id of new agents given none.")
+@click.option("--require-ids/--no-require-ids", default=None,
+              help="Refuse new models and agents without their ids, as PolicySynth does (on by "
+                   "`psai init --adopt`); off: the defaults above.")
+@output_options
+def config_command(user_id, organization_id, class_id, group_id, require_ids, fmt):
+    """Show the store's settings, after setting those given: the ids new
+    models and agents get when a command or function is given none (1
+    each unless set here)."""
+    from .models import config
+    connect()
+    settings = config(user_id=user_id, organization_id=organization_id, class_id=class_id, group_id=group_id,
+                      require_ids=require_ids)
+    if fmt is None:
+        emit([{"setting": key, "value": value} for key, value in settings.items()], None,
+             columns=["setting", "value"])
+    else:
+        emit([settings], fmt, single=True)
 
 
 # -- catalogs -------------------------------------------------------------------
@@ -618,8 +700,8 @@ def catalog():
 @click.argument("source", type=CATALOG_SOURCES)
 @click.option("--provider", multiple=True, help="Only this provider of the source (repeatable).")
 @click.option("--model", "model_ids", multiple=True, help="Only this source model id (repeatable).")
-@click.option("--user-id", type=int, required=True)
-@click.option("--organization-id", type=int, required=True)
+@click.option("--user-id", type=int, help="Default: the store's (psai config).")
+@click.option("--organization-id", type=int, help="Default: the store's (psai config).")
 @click.option("--size", type=MODEL_SIZES,
               help="modelSize of new models (default: by input price per million: <0.5 small, <2 medium, "
                    "else large).")
@@ -702,9 +784,9 @@ def emit_agents(agent_list, fmt, single=False):
 
 
 @agents.command("add")
-@click.option("--user-id", type=int, required=True)
-@click.option("--class-id", type=int, required=True)
-@click.option("--group-id", type=int, required=True)
+@click.option("--user-id", type=int, help="Default: the store's (psai config).")
+@click.option("--class-id", type=int, help="Default: the store's (psai config).")
+@click.option("--group-id", type=int, help="Default: the store's (psai config).")
 @click.option("--name", help="Sets configuration.name.")
 @click.option("--configuration", "configuration_json", metavar="JSON", help="The configuration as JSON.")
 @click.option("--parent", metavar="AGENT", help="Parent agent (id, uuid or name).")

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import json
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, Self, TypeAlias
 
 from peewee import (
     AutoField, BooleanField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField, IntegerField,
-    IntegrityError, ModelSelect, ModelUpdate, Value,
+    IntegrityError, ModelSelect, ModelUpdate, TextField, Value,
 )
 
 from .base import BaseModel, LinkField, check_database, load_links
 from .constants import MAX_INTEGER, strict_json_dumps
 from .db import is_postgres, lock, model_db, register_models, table_columns, write_transaction
 from .enums import PsAiModelSize, PsAiModelType
-from .errors import AmbiguousNameError, InUseError, NotFoundError, ValidationError
+from .errors import AmbiguousNameError, InUseError, NotAdoptedError, NotFoundError, ValidationError
 from .fields import JSONField, TimestampTzField, UUIDTextField, utcnow
 from .pricing import COUNTERS
 from .schemas import (
@@ -28,11 +29,14 @@ from .schemas import (
 from .sql import config_filter
 
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
-           "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "Budget", "BudgetEvent", "ALL_MODELS",
+           "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "Budget", "BudgetEvent", "Setting",
+           "ALL_MODELS",
            "strict_json_dumps",
            "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
            "record_price_change", "prices_of", "provenance", "usage_counters", "CALL_WATCHERS", "CallWatcher",
-           "ModelRef", "AgentRef", "ref_key", "find_model", "find_models", "find_agent"]
+           "ModelRef", "AgentRef", "ref_key", "find_model", "find_models", "find_agent",
+           "DEFAULT_IDS", "config", "store_settings", "change_settings", "fill_default_ids",
+           "default_ids"]
 
 # PolicySynth's size fallback: which sizes to try, in order, for a size asked for.
 SIZE_FALLBACK = {
@@ -63,6 +67,8 @@ class PsAiModel(BaseModel):
 
     def validate(self) -> None:
         stored = None
+        if self.id is None:
+            fill_default_ids(self, ("user_id", "organization_id"))
         if self.id is not None and unknown_paths(self.configuration):
             # Keys psai does not know may stay where the row already had them.
             stored = PsAiModel.select(PsAiModel.configuration).where(PsAiModel.id == self.id).scalar()
@@ -214,6 +220,8 @@ class PsAgent(BaseModel):
         table_name = "ps_agents"
 
     def validate(self) -> None:
+        if self.id is None:
+            fill_default_ids(self, ("user_id", "class_id", "group_id"))
         validate_agent_row(self)
         if self.id is not None and self.parent_agent_id is not None:
             # One change of the tree at a time: two saves each checking the
@@ -465,8 +473,18 @@ class BudgetEvent(BaseModel):
         table_name = "psai_budget_events"
 
 
+class Setting(BaseModel):
+    """psai's own: one setting of the store (``psai.config``), its value as JSON text."""
+
+    key = CharField(max_length=64, primary_key=True)
+    value = TextField()
+
+    class Meta:
+        table_name = "psai_settings"
+
+
 ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage, PsModelUsageItem, PriceVersion, PriceCorrection,
-              ModelProvenance, CopiedUsage, Budget, BudgetEvent]
+              ModelProvenance, CopiedUsage, Budget, BudgetEvent, Setting]
 
 
 register_models(ALL_MODELS)
@@ -649,6 +667,95 @@ def find_agent(ref: AgentRef) -> PsAgent:
     every = [str(row.configuration["name"]) for row in PsAgent.select(PsAgent.configuration)
              if isinstance(row.configuration, dict) and isinstance(row.configuration.get("name"), str)]
     raise _named("agent", text, every)
+
+
+# -- the store's settings: default ids ------------------------------------------------------
+#
+# PolicySynth's rows carry ids of its users, organizations, agent classes and
+# groups. A store used on its own has none of these: new models and agents
+# get the store's defaults (1 each unless ``psai.config`` changed them). A
+# PolicySynth database (adopted with ``psai init --adopt``) requires them, as
+# PolicySynth does, unless ``psai.config(require_ids=False)``.
+
+DEFAULT_IDS = {"user_id": 1, "organization_id": 1, "class_id": 1, "group_id": 1}
+_SETTINGS = (*DEFAULT_IDS, "require_ids")
+
+
+def store_settings() -> dict[str, Any]:
+    """The settings in force: ``{"user_id", "organization_id", "class_id",
+    "group_id", "require_ids"}``. A database without psai's settings table
+    (not migrated, or PolicySynth's not adopted) requires every id."""
+    settings: dict[str, Any] = dict(DEFAULT_IDS, require_ids=False)
+    if not table_columns(model_db(Setting), Setting._meta.table_name):
+        return dict(settings, require_ids=True)
+    for row in Setting.select().where(Setting.key.in_(_SETTINGS)):
+        settings[row.key] = json.loads(row.value)
+    return settings
+
+
+def config(*, user_id: int | None = None, organization_id: int | None = None, class_id: int | None = None,
+           group_id: int | None = None, require_ids: bool | None = None) -> dict[str, Any]:
+    """The store's settings (``psai.config()``), after setting those given
+    (None leaves one as it is), in one transaction: the ids new models and
+    agents get when none is given, and ``require_ids`` (no defaults: every
+    id must be given, as on a PolicySynth database)."""
+    return change_settings(user_id=user_id, organization_id=organization_id, class_id=class_id,
+                           group_id=group_id, require_ids=require_ids)
+
+
+def change_settings(**changes: Any) -> dict[str, Any]:
+    """Set some of the settings (a None leaves one as it is), in one
+    transaction; returns the settings in force. Ids must fit PolicySynth's
+    INTEGER columns; ``require_ids`` is a bool."""
+    if all(value is None for value in changes.values()):
+        return store_settings()
+    errors: dict[str, list[str]] = {}
+    for key, value in changes.items():
+        if key not in _SETTINGS:
+            errors[key] = ["Unknown setting: one of %s." % ", ".join(_SETTINGS)]
+        elif value is None:
+            continue
+        elif key == "require_ids":
+            if not isinstance(value, bool):
+                errors[key] = ["Must be true or false."]
+        elif isinstance(value, bool) or not isinstance(value, int) or not -MAX_INTEGER - 1 <= value <= MAX_INTEGER:
+            errors[key] = ["Must be an integer that fits an INTEGER column."]
+    if errors:
+        raise ValidationError(errors)
+    db = model_db(Setting)
+    if not table_columns(db, Setting._meta.table_name):
+        raise NotAdoptedError("this database has no psai_settings table: run `psai migrate` (psai.migrate()) or, "
+                              "on a PolicySynth database, `psai init --adopt`")
+    with write_transaction(db):
+        for key, value in changes.items():
+            if value is not None:
+                Setting.insert(key=key, value=json.dumps(value)).on_conflict(
+                    conflict_target=[Setting.key], update={Setting.value: json.dumps(value)}).execute()
+    return store_settings()
+
+
+def default_ids(**ids: int | None) -> dict[str, int | None]:
+    """``ids`` with each None replaced by the store's default (left None
+    where the store requires ids, for validation to name)."""
+    if all(value is not None for value in ids.values()):
+        return ids
+    settings = store_settings()
+    return {name: settings[name] if value is None and not settings["require_ids"] else value
+            for name, value in ids.items()}
+
+
+def fill_default_ids(row: BaseModel, names: tuple[str, ...]) -> None:
+    """Give a new row the store's default for each of ``names`` it lacks
+    (one query, and only when one is missing); a store that requires ids
+    leaves them missing, for validation to name."""
+    if all(getattr(row, name) is not None for name in names):
+        return
+    settings = store_settings()
+    if settings["require_ids"]:
+        return
+    for name in names:
+        if getattr(row, name) is None:
+            setattr(row, name, settings[name])
 
 
 # -- the tables' own queries --------------------------------------------------------

@@ -15,16 +15,19 @@ from typing import Any
 from peewee import ColumnBase
 
 from .db import is_postgres, lock, model_db, write_transaction
+from .enums import PsAiModelProvider
 from .errors import NotFoundError, ValidationError
 from .models import (
     SIZE_FALLBACK, AgentModels, PsAiModel, newest_first, model_choices, model_history, select_model,
     sub_agent_tree, where_config,
 )
+from .schemas import validate_configuration
 from .sql import INDEXED_PATHS
 from .sql import config_filter as _config_filter
 
 __all__ = ["config_filter", "where_config", "select_model", "model_choices", "find_by_provider_model",
-           "add_model", "model_history", "sub_agent_tree", "SIZE_FALLBACK", "INDEXED_PATHS", "resolve_model"]
+           "add_model", "model_history", "sub_agent_tree", "SIZE_FALLBACK", "INDEXED_PATHS", "resolve_model",
+           "model_configuration", "PRICE_FLAGS", "MODEL_DEFAULTS", "KNOWN_PROVIDERS"]
 
 
 def config_filter(filters: Mapping[str, Any]) -> ColumnBase:
@@ -47,16 +50,19 @@ def find_by_provider_model(provider: str, model_name: str, *, include_inactive: 
     return found
 
 
-def add_model(*, name: str, user_id: int, organization_id: int, configuration: dict[str, Any]) -> PsAiModel:
+def add_model(*, name: str, configuration: dict[str, Any], user_id: int | None = None,
+              organization_id: int | None = None) -> PsAiModel:
     """Add a model as PolicySynth's add-model tool does: older rows with the
     same name (in the organization) are deactivated and the new row created,
     in one transaction. Agents linked to an older row are linked to the new
     one instead, so they go on selecting a model of that name (PolicySynth
     would go on calling the old row, inactive or not); calls already
-    recorded keep the prices they were charged at."""
+    recorded keep the prices they were charged at. Ids not given are the
+    store's defaults (``psai.config``)."""
     new = PsAiModel(name=name, user_id=user_id, organization_id=organization_id,
                     configuration=configuration)
-    new.validate()  # before anything changes
+    new.validate()  # before anything changes; fills the default ids
+    organization_id = new.organization_id
     with write_transaction(model_db(PsAiModel)):
         # One superseding of a name at a time: reading the older rows and
         # writing the new one must not interleave with another's.
@@ -69,6 +75,61 @@ def add_model(*, name: str, user_id: int, organization_id: int, configuration: d
         new.save(force_insert=True)
         _move_links([row.id for row in older], new.id)
     return new
+
+
+# The flags `psai models add` takes for each price key (without "--"); the
+# same names say which flag a bad value came from.
+PRICE_FLAGS = {
+    "in": "costInTokensPerMillion", "out": "costOutTokensPerMillion", "cached": "costInCachedContextTokensPerMillion",
+    "currency": "currency", "web-search-price": "costPerThousandWebSearches",
+    "cache-write-multiplier": "cacheWriteInputCostMultiplier",
+    "cache-write-1h-multiplier": "cacheWrite1hInputCostMultiplier",
+    "long-context-in": "longContextCostInTokensPerMillion",
+    "long-context-cached": "longContextCostInCachedContextTokensPerMillion",
+    "long-context-out": "longContextCostOutTokensPerMillion", "long-context-threshold": "longContextTokenThreshold",
+    "regional-margin": "regionalProcessingMargin",
+    "flex-in": "flexTokensIn", "flex-cached": "flexTokensCachedIn", "flex-out": "flexTokensOut",
+    "priority-in": "priorityTokensIn", "priority-cached": "priorityTokensCachedIn", "priority-out": "priorityTokensOut",
+    "fast-in": "fastTokensIn", "fast-cached": "fastTokensCachedIn", "fast-out": "fastTokensOut",
+    "flex-priority-on-long-context": "flexPriorityTokensEnabledOnLongContext",
+}
+# What a new model gets when it is not said (docs/configuration.md).
+MODEL_DEFAULTS = {"type": "text", "modelSize": "medium", "maxTokensOut": 4096, "defaultTemperature": 0.7,
+                  "currency": "USD"}
+KNOWN_PROVIDERS = tuple(provider.value for provider in PsAiModelProvider)
+
+
+def model_configuration(*, provider: str, model: str, prices: Mapping[str, Any], model_type: str | None = None,
+                        size: str | None = None, max_tokens_out: int | None = None,
+                        temperature: float | None = None, active: bool = True,
+                        any_provider: bool = False, **extra: Any) -> dict[str, Any]:
+    """A whole, validated configuration from what a script cares about:
+    the provider, its model name and ``prices`` (PolicySynth's keys; the
+    cached input rate is the input rate unless given, the currency USD,
+    upper-cased). The rest has documented defaults (``MODEL_DEFAULTS``):
+    type text, size medium, 4096 tokens out, temperature 0.7. A provider
+    psai does not know (``KNOWN_PROVIDERS``) is refused unless
+    ``any_provider``. ``extra``: other configuration keys (apiModel, ...)."""
+    errors: dict[str, list[str]] = {}
+    if not any_provider and provider not in KNOWN_PROVIDERS:
+        errors["provider"] = ["Unknown provider %r: one of %s (or allow any provider)." % (
+            provider, ", ".join(KNOWN_PROVIDERS))]
+    if not isinstance(prices, Mapping):
+        errors["prices"] = ["Must be a mapping of PolicySynth's price keys."]
+    if errors:
+        raise ValidationError(errors)
+    priced = {key: value for key, value in prices.items() if value is not None}
+    currency = priced.get("currency", MODEL_DEFAULTS["currency"])
+    priced["currency"] = currency.upper() if isinstance(currency, str) else currency
+    if "costInCachedContextTokensPerMillion" not in priced and "costInTokensPerMillion" in priced:
+        priced["costInCachedContextTokensPerMillion"] = priced["costInTokensPerMillion"]
+    configuration = dict(extra, type=model_type or MODEL_DEFAULTS["type"],
+                         modelSize=size or MODEL_DEFAULTS["modelSize"], model=model, provider=provider,
+                         active=active, prices=priced,
+                         maxTokensOut=MODEL_DEFAULTS["maxTokensOut"] if max_tokens_out is None else max_tokens_out,
+                         defaultTemperature=MODEL_DEFAULTS["defaultTemperature"] if temperature is None
+                         else temperature)
+    return validate_configuration(configuration)
 
 
 def _move_links(old_ids, new_id):
