@@ -390,12 +390,16 @@ def _flag_errors(exc, given):
 @click.option("--model", "model_name", help="The provider's model name.")
 @click.option("--provider", help="openai, openaiResponses, anthropic, google or azure.")
 @click.option("--any-provider", is_flag=True, help="Take a provider psai does not know.")
+@click.option("--from", "catalog_ref", nargs=2, metavar="SOURCE REF",
+              help="The prices of REF in a catalog (genai-prices openai/gpt-4o, litellm gpt-4o): a new model, "
+                   "or NAME's prices filled in; with provenance, so catalog diff follows it.")
 @click.option("--inactive", is_flag=True, help="Store it inactive.")
 @_price_options
 @click.option("--max-tokens-out", type=int, help="Default: 4096.")
 @click.option("--temperature", type=NUMBER, help="Default temperature (default: 0.7).")
 @output_options
-def models_add(name, name_option, user_id, organization_id, source, any_provider, inactive, fmt, **flags):
+def models_add(name, name_option, user_id, organization_id, source, any_provider, catalog_ref, inactive, fmt,
+               **flags):
     """Add a model NAME, in one line: `psai models add "GPT-4o" --provider
     openai --model gpt-4o --in 2.5 --out 10` (the rest has defaults: USD,
     cached input at the input rate, text, medium, 4096 tokens out,
@@ -413,6 +417,15 @@ def models_add(name, name_option, user_id, organization_id, source, any_provider
         raise click.UsageError("Missing argument 'NAME'.")
     prices = {key: flags.pop("price_" + flag.replace("-", "_")) for flag, key in PRICE_FLAGS.items()}
     prices = {key: value for key, value in prices.items() if value is not None}
+    if catalog_ref:
+        others = [flag for flag, parameter, _path in MODEL_FLAGS if flags.get(parameter) is not None
+                  and parameter not in ("size", "temperature")] + (["--file"] if source else []) + \
+            (["price flags"] if prices else [])
+        if others:
+            raise click.UsageError("--from takes the catalog's configuration; change %s after with "
+                                   "`psai models update`" % ", ".join(others))
+        _add_from_catalog(name, catalog_ref, user_id, organization_id, flags["size"], flags["temperature"], fmt)
+        return
     given = {path: flag for flag, parameter, path in MODEL_FLAGS if flags.get(parameter) is not None}
     given.update({"configuration.prices." + key: "--" + flag + ("/--%s-price" % flag if flag in ("in", "out", "cached")
                                                                else "")
@@ -448,6 +461,25 @@ def models_add(name, name_option, user_id, organization_id, source, any_provider
         raise _flag_errors(exc, {**given, **{path[len("configuration."):]: flag for path, flag in given.items()}}) \
             from None
     emit_models([model], fmt, single=True)
+
+
+def _add_from_catalog(name, catalog_ref, user_id, organization_id, size, temperature, fmt):
+    from .catalog import SOURCES, add_from_catalog
+    from .models import PsAiModel
+    source, ref = catalog_ref
+    if source not in SOURCES:
+        raise click.BadParameter("%r is not one of %s" % (source, ", ".join(SOURCES)), param_hint="'--from'")
+    connect()
+    result = add_from_catalog(name, source, ref, user_id=user_id, organization_id=organization_id, size=size,
+                              temperature=0.7 if temperature is None else temperature)
+    emit_models([PsAiModel.get_by_id(result["model_id"])], fmt, single=True)
+    click.echo("%s model %s (%s) from %s %s %s: %s" % (
+        result["action"], result["model_id"], shown(name), source, shown(result["source_version"]),
+        shown(result["source_model"]), ", ".join("%s %s -> %s" % (key, before, after)
+                                                 for key, before, after in result["changes"]) or "prices as they were"),
+        err=True)
+    for note in result["unexpressed"]:
+        click.echo("  not expressed: %s" % _short(note), err=True)
 
 
 @models.command("list")
@@ -730,12 +762,33 @@ def _import_catalog(source, user_id, organization_id, size, temperature, provide
     if fmt == "json":
         emit([result], fmt, single=True)
         return
-    rows = [{"source_model": m["source_model"], "model_id": m["model_id"], "result": m["action"],
-             "not expressed": "; ".join(m["unexpressed"])} for m in result["models"]]
-    rows += [{"source_model": name, "result": "skipped: " + reason} for name, reason in result["skipped"].items()]
-    emit(rows, fmt, columns=["source_model", "model_id", "result", "not expressed"])
+    if fmt == "csv":
+        rows = [{"source_model": m["source_model"], "model_id": m["model_id"], "result": m["action"],
+                 "calls": m["calls"], "not expressed": "; ".join(m["unexpressed"])} for m in result["models"]]
+        rows += [{"source_model": name, "result": "skipped: " + reason} for name, reason in result["skipped"].items()]
+        emit(rows, fmt, columns=["source_model", "model_id", "result", "calls", "not expressed"])
+        return
+    # A table a person reads: one short line a model; what it cannot say, and skips, listed below it.
+    emit([{"source_model": m["source_model"], "model_id": m["model_id"], "result": m["action"],
+           "in": m.get("prices", {}).get("costInTokensPerMillion"),
+           "out": m.get("prices", {}).get("costOutTokensPerMillion"),
+           "notes": len(m["unexpressed"]) or None} for m in result["models"]], None,
+         columns=["source_model", "model_id", "result", "in", "out", "notes"])
+    for m in result["models"]:
+        if m["calls"]:
+            click.echo("%s: %s" % (shown(m["source_model"]), shown(m["calls"])))
+    for m in result["models"]:
+        for note in m["unexpressed"]:
+            click.echo("  %s not expressed: %s" % (shown(m["source_model"]), _short(note)))
+    for name, reason in result["skipped"].items():
+        click.echo("  %s skipped: %s" % (shown(name), _short(reason)))
     click.echo("%s %s: %d models, %d skipped" % (source, shown(result["source_version"]), len(result["models"]),
                                                 len(result["skipped"])), err=True)
+
+
+def _short(text, width=110):
+    text = shown(text)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 @catalog.command("diff")

@@ -8,17 +8,18 @@ and never put a caller's key or value into the SQL text: values are always
 bound parameters, and keys must be plain identifiers (PolicySynth's are
 camelCase) or the filter is refused with ``psai.ValidationError``.
 """
+import difflib
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from peewee import ColumnBase
 
-from .db import is_postgres, lock, model_db, write_transaction
+from .db import is_postgres, lock, model_db, table_columns, write_transaction
 from .enums import PsAiModelProvider
 from .errors import NotFoundError, ValidationError
 from .models import (
-    SIZE_FALLBACK, AgentModels, PsAiModel, newest_first, model_choices, model_history, select_model,
+    SIZE_FALLBACK, AgentModels, ModelProvenance, PsAiModel, newest_first, model_choices, model_history, select_model,
     sub_agent_tree, where_config,
 )
 from .schemas import validate_configuration
@@ -27,7 +28,7 @@ from .sql import config_filter as _config_filter
 
 __all__ = ["config_filter", "where_config", "select_model", "model_choices", "find_by_provider_model",
            "add_model", "model_history", "sub_agent_tree", "SIZE_FALLBACK", "INDEXED_PATHS", "resolve_model",
-           "model_configuration", "PRICE_FLAGS", "MODEL_DEFAULTS", "KNOWN_PROVIDERS"]
+           "model_configuration", "imported_ids", "PRICE_FLAGS", "MODEL_DEFAULTS", "KNOWN_PROVIDERS"]
 
 
 def config_filter(filters: Mapping[str, Any]) -> ColumnBase:
@@ -162,13 +163,38 @@ def _undated(name: str) -> tuple[str, str] | None:
     return None
 
 
+def imported_ids(model_ids: list[int]) -> set[int]:
+    """Of these models, those a catalog import made: named by their source
+    model (``openai/gpt-4o``), with its provenance. A model you named and
+    filled from a catalog (``psai models add NAME --from ...``) is yours."""
+    db = model_db(PsAiModel)
+    if not model_ids or not table_columns(db, ModelProvenance._meta.table_name):
+        return set()
+    query = (ModelProvenance.select(ModelProvenance.model).join(PsAiModel)
+             .where(ModelProvenance.model.in_(model_ids) & (PsAiModel.name == ModelProvenance.source_model)))
+    return {row.model_id for row in query}
+
+
+def _yours_first(by_name: dict[tuple[str, str], list[Any]]) -> tuple[dict[tuple[str, str], list[Any]], list[Any]]:
+    """Among the candidates of a response's model name, rows you made win
+    over rows a catalog import made (an import never takes your calls):
+    the candidates left, and those passed over."""
+    imported = imported_ids([row.id for found in by_name.values() for row in found])
+    if not imported or all(row.id in imported for found in by_name.values() for row in found):
+        return by_name, []
+    yours = {key: [row for row in found if row.id not in imported] for key, found in by_name.items()}
+    passed = [row for found in by_name.values() for row in found if row.id in imported]
+    return {key: found for key, found in yours.items() if found}, passed
+
+
 def resolve_model(name: str, *, provider: str | list[str] | None = None, explain: bool = False) -> Any:
     """The stored model a response's model name (``gpt-4o-2024-08-06``,
     ``claude-sonnet-4-5-20250929``, ``models/gemini-2.5-pro``) means: an
     active model whose ``model`` or ``apiModel`` is the name, else the name
     without its dated snapshot suffix (Gemini's ``models/`` prefix never
     counts). Never a different model: ``gpt-4o-mini`` is not ``gpt-4o``.
-    Among rows of one configured name the newest wins (as PolicySynth's
+    Rows you made win over rows a catalog import made (``imported_ids``);
+    among rows of one configured name the newest wins (as PolicySynth's
     override lookup); two different configured names equally good, or
     none, is a NotFoundError naming the candidates. ``provider``: only
     models of that provider (or of any in a list). ``explain=True``
@@ -193,6 +219,7 @@ def resolve_model(name: str, *, provider: str | list[str] | None = None, explain
                 if configuration.get(key) == candidate:
                     by_name.setdefault((str(configuration.get("provider")), key), []).append(row)
                     break
+        by_name, passed_over = _yours_first(by_name)
         if len(by_name) > 1:
             raise NotFoundError("%r matches models of several names (%s): give the model, or the provider" % (
                 asked, "; ".join("%s %s=%r: %s" % (p, key, candidate, ", ".join("%s (id %s)" % (r.name, r.id)
@@ -203,9 +230,14 @@ def resolve_model(name: str, *, provider: str | list[str] | None = None, explain
             chosen = found[0]
             reason = "%s equals configuration.%s of %d active model(s)%s; the newest row, id %s, wins" % (
                 how, key, len(found), " of provider %r" % provider if provider else "", chosen.id)
+            if passed_over:
+                reason += "; rows you made win over rows a catalog import made: %s passed over" % ", ".join(
+                    "%s (id %s)" % (row.name, row.id) for row in passed_over)
             return (chosen, reason) if explain else chosen
-    near = sorted({str(r.configuration.get("model")) for r in rows if isinstance(r.configuration, dict)
-                   and str(r.configuration.get("model", "")).split("-")[0] == wanted.split("-")[0]})
-    raise NotFoundError("no active model%s is configured as %r%s%s" % (
+    configured = sorted({str(r.configuration.get("model")) for r in rows if isinstance(r.configuration, dict)})
+    near = [name for name in configured if name.split("-")[0] == wanted.split("-")[0]]
+    close = [name for name in difflib.get_close_matches(wanted, configured, n=3, cutoff=0.6) if name not in near]
+    raise NotFoundError("no active model%s is configured as %r%s%s%s" % (
         " of provider %r" % provider if provider else "", wanted,
-        " or %r" % undated[0] if undated else "", ("; models of that family: %s" % ", ".join(near)) if near else ""))
+        " or %r" % undated[0] if undated else "", ("; models of that family: %s" % ", ".join(near)) if near else "",
+        ("; did you mean %s?" % " or ".join(repr(name) for name in close)) if close else ""))
