@@ -281,7 +281,8 @@ def demo(html_path):
     emit(selections(agents), None, columns=["agent", "asks for", "uses", "why"])
     click.echo("%s; their cost, each call at the prices stored with it:" % (
         "recorded 6 calls" if recorded else "6 calls recorded by an earlier run"))
-    _emit_report(cost_report("agent"), "agent")
+    rows = cost_report("agent")
+    _emit_report(rows, "agent", _report_keys(rows, "agent"))
     write_file(html_path, html("tree"))
     click.echo("report page: %s" % ("stdout" if html_path == "-" else shown(os.path.abspath(html_path))))
 
@@ -1044,6 +1045,46 @@ def usage_record_response(model, agent, source, provider, user_id, connector_id,
 
 
 REPORT_COLUMNS = ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpriced_tokens", "priced_from"]
+# Columns a report shows when asked (--columns), after tokens_out.
+EXTRA_REPORT_COLUMNS = {"cached": "cached_tokens", "cache-write": "cache_write_tokens"}
+# Digits after the point of currencies whose minor unit is not the cent (ISO 4217).
+CURRENCY_DIGITS = {"JPY": 0, "KRW": 0, "VND": 0, "CLP": 0, "ISK": 0, "UGX": 0, "XOF": 0, "XAF": 0,
+                   "BHD": 3, "KWD": 3, "OMR": 3, "JOD": 3, "TND": 3, "LYD": 3, "IQD": 3}
+
+
+def money_shown(value, currency):
+    """An amount as a table shows it: rounded to the currency's minor unit
+    (cents), an amount above 0 that would round to 0 as "<0.01"."""
+    from decimal import ROUND_HALF_UP, Decimal
+    if value is None:
+        return None
+    digits = CURRENCY_DIGITS.get(currency, 2) if isinstance(currency, str) else 2
+    unit = Decimal(1).scaleb(-digits)
+    rounded = Decimal(value).quantize(unit, rounding=ROUND_HALF_UP)
+    if not rounded and value:
+        return ("<" if value > 0 else ">-") + format(unit, "f")
+    return format(rounded, "f")
+
+
+def report_columns(rows, keys, extra=()):
+    """One column order for a report's table, CSV and JSON: the group's keys,
+    calls and tokens, the columns asked for, cost, and provider_cost last,
+    only when a call has one."""
+    columns = keys + REPORT_COLUMNS[:3] + [EXTRA_REPORT_COLUMNS[name] for name in extra] + REPORT_COLUMNS[3:]
+    if any(row.get("provider_cost") is not None for row in rows):
+        columns.append("provider_cost")
+    return columns
+
+
+class ColumnList(click.ParamType):
+    name = "NAMES"
+
+    def convert(self, value, param, ctx):
+        names = [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
+        unknown = [name for name in names if name not in EXTRA_REPORT_COLUMNS]
+        if unknown:
+            self.fail("%s: give some of %s" % (", ".join(unknown), ", ".join(EXTRA_REPORT_COLUMNS)), param, ctx)
+        return names
 
 
 @usage.command("report")
@@ -1051,45 +1092,66 @@ REPORT_COLUMNS = ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpri
               default="model", show_default=True)
 @click.option("--since", metavar="DATE", help="From this day (YYYY-MM-DD) or time.")
 @click.option("--until", metavar="DATE", help="Up to and including this day, or up to this time.")
+@click.option("--agent", metavar="AGENT", help="Only this agent's calls (id, uuid or name).")
+@click.option("--model", metavar="MODEL", help="Only calls to this model, every version of it (id, uuid or name).")
+@click.option("--provider", help="Only calls to this provider.")
+@click.option("--columns", "extra", type=ColumnList(), default="", metavar="NAMES",
+              help="More columns, comma-separated: cached (input tokens read from cache), cache-write.")
+@click.option("--exact", is_flag=True, help="Amounts in the table as computed, not rounded to cents.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) when any usage cannot be priced.")
 @click.option("--html", "html_path", metavar="FILE",
               help="Also write a self-contained HTML page with charts (no network needed to open it).")
 @output_options
-def usage_report(grouping, since, until, strict, html_path, fmt):
+def usage_report(grouping, since, until, agent, model, provider, extra, exact, strict, html_path, fmt):
     """Cost of recorded usage, each call priced at the prices stored with it.
 
     Usage that cannot be priced (prices missing or unusable) is shown in rows
-    of its own with no cost, never as 0; --strict makes it an error.
+    of its own with no cost, never as 0; --strict makes it an error. The
+    table rounds amounts to the currency's cents (--exact: as computed); CSV
+    and JSON have them exact, in the table's column order.
     """
     from .usage import cost_report
     from .report import html
     connect()
+    filters = {"agent": agent, "model": model, "provider": provider}
+    if html_path and any(value is not None for value in filters.values()):
+        raise click.UsageError("--html shows all usage: give --agent, --model or --provider without it")
     with dbmod.read_transaction():  # the table and the page: one moment
         with Progress("pricing usage") as progress:
             if progress.enabled:
                 click.echo("summing usage in the database...", err=True)
-            rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress)
+            rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress, **filters)
         page = html(grouping, since=since, until=until, rows=rows,
                     database=_database_url() or dbmod.DEFAULT_URL) if html_path else None
     if html_path:
         write_file(html_path, page)
         click.echo("wrote %s" % shown(html_path), err=True)
+    keys = _report_keys(rows, grouping)
     if fmt is not None:
-        emit(rows, fmt)
+        columns = report_columns(rows, keys, extra)
+        columns.insert(columns.index("priced_from") + 1, "unpriced_reason")
+        emit([{column: row.get(column) for column in columns} for row in rows], fmt, columns=columns)
         return
-    _emit_report(rows, grouping)
+    _emit_report(rows, grouping, keys, extra, exact)
 
 
-def _emit_report(rows, grouping):
+def _report_keys(rows, grouping):
+    known = set(REPORT_COLUMNS) | set(EXTRA_REPORT_COLUMNS.values()) | {"unpriced_reason", "provider_cost"}
+    keys = [column for column in (rows[0] if rows else {}) if column not in known]
+    return keys or [{"tree": "agent_id", "day": "day", "provider": "provider"}.get(grouping, grouping + "_id")]
+
+
+def _emit_report(rows, grouping, keys, extra=(), exact=False):
     """A cost report as a table with a TOTAL row per currency; unpriced usage on stderr."""
     from .usage import report_totals
-    keys = [column for column in (rows[0] if rows else {}) if column not in REPORT_COLUMNS + ["unpriced_reason"]]
-    keys = keys or [{"tree": "agent_id", "day": "day", "provider": "provider"}.get(grouping, grouping + "_id")]
     totals = report_totals(rows, grouping)
     table = list(rows)
     for currency, total in sorted(totals.items(), key=lambda item: (item[0] is None, str(item[0]))):
         table.append(dict(total, **{keys[0]: "TOTAL", "currency": currency}))
-    emit(table, None, columns=keys + REPORT_COLUMNS)
+    if not exact:
+        table = [dict(row, cost=money_shown(row["cost"], row["currency"]),
+                      provider_cost=money_shown(row.get("provider_cost"), row["currency"])) for row in table]
+    emit(table, None, columns=report_columns(rows, keys, extra))
     for row in rows:
         if row["unpriced_reason"]:
             click.echo("unpriced: %s %s: %d tokens: %s" % (keys[0], shown(row[keys[0]]), row["unpriced_tokens"],

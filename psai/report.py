@@ -75,6 +75,12 @@ def _money(value):
     return "{:,.2f}".format(value) if abs(value) >= 1 else "{:,.4f}".format(value)
 
 
+def _axis(value):
+    """An axis label: as few digits as the round value needs (0.5, 2.5, 1,000), never 0.5000."""
+    value = Decimal(value).normalize()
+    return "{:,}".format(int(value)) if value == value.to_integral_value() else "{:,f}".format(value)
+
+
 def _number(value):
     return "{:,}".format(value)
 
@@ -107,7 +113,7 @@ def _daily_chart(days, series, values, currency):
         y = top_pad + plot_h - plot_h * i / 4
         out.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>' % (left, width - 10, y, y))
         out.append('<text class="axis" x="%d" y="%.1f" text-anchor="end">%s</text>'
-                   % (left - 6, y + 4, escape(_money(top * i / 4) if i else "0")))
+                   % (left - 6, y + 4, escape(_axis(top * i / 4))))
     label_every = max(1, int(len(days) / 12) + 1) if len(days) > 14 else 1
     for index, day in enumerate(days):
         x = left + slot * index + (slot - bar) / 2
