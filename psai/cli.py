@@ -394,13 +394,15 @@ def _flag_errors(exc, given):
 @click.option("--from", "catalog_ref", nargs=2, metavar="SOURCE REF",
               help="The prices of REF in a catalog (genai-prices openai/gpt-4o, litellm gpt-4o): a new model, "
                    "or NAME's prices filled in; with provenance, so catalog diff follows it.")
+@click.option("--catalog-file", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
+              help="With --from litellm: this cost map instead of the installed package's.")
 @click.option("--inactive", is_flag=True, help="Store it inactive.")
 @_price_options
 @click.option("--max-tokens-out", type=int, help="Default: 4096.")
 @click.option("--temperature", type=NUMBER, help="Default temperature (default: 0.7).")
 @output_options
-def models_add(name, name_option, user_id, organization_id, source, any_provider, catalog_ref, inactive, fmt,
-               **flags):
+def models_add(name, name_option, user_id, organization_id, source, any_provider, catalog_ref, catalog_file, inactive,
+               fmt, **flags):
     """Add a model NAME, in one line: `psai models add "GPT-4o" --provider
     openai --model gpt-4o --in 2.5 --out 10` (the rest has defaults: USD,
     cached input at the input rate, text, medium, 4096 tokens out,
@@ -425,7 +427,8 @@ def models_add(name, name_option, user_id, organization_id, source, any_provider
         if others:
             raise click.UsageError("--from takes the catalog's configuration; change %s after with "
                                    "`psai models update`" % ", ".join(others))
-        _add_from_catalog(name, catalog_ref, user_id, organization_id, flags["size"], flags["temperature"], fmt)
+        _add_from_catalog(name, catalog_ref, user_id, organization_id, flags["size"], flags["temperature"],
+                          catalog_file, fmt)
         return
     given = {path: flag for flag, parameter, path in MODEL_FLAGS if flags.get(parameter) is not None}
     given.update({"configuration.prices." + key: "--" + flag + ("/--%s-price" % flag if flag in ("in", "out", "cached")
@@ -464,7 +467,7 @@ def models_add(name, name_option, user_id, organization_id, source, any_provider
     emit_models([model], fmt, single=True)
 
 
-def _add_from_catalog(name, catalog_ref, user_id, organization_id, size, temperature, fmt):
+def _add_from_catalog(name, catalog_ref, user_id, organization_id, size, temperature, catalog_file, fmt):
     from .catalog import SOURCES, add_from_catalog
     from .models import PsAiModel
     source, ref = catalog_ref
@@ -472,7 +475,7 @@ def _add_from_catalog(name, catalog_ref, user_id, organization_id, size, tempera
         raise click.BadParameter("%r is not one of %s" % (source, ", ".join(SOURCES)), param_hint="'--from'")
     connect()
     result = add_from_catalog(name, source, ref, user_id=user_id, organization_id=organization_id, size=size,
-                              temperature=0.7 if temperature is None else temperature)
+                              temperature=0.7 if temperature is None else temperature, file=catalog_file)
     emit_models([PsAiModel.get_by_id(result["model_id"])], fmt, single=True)
     click.echo("%s model %s (%s) from %s %s %s: %s" % (
         result["action"], result["model_id"], shown(name), source, shown(result["source_version"]),

@@ -108,6 +108,17 @@ def run(request, tmp_path):
     backend.close()
 
 
+def test_from_a_litellm_cost_map(run, tmp_path):
+    from test_litellm import COST_MAP
+    path = tmp_path / "model_prices_and_context_window.json"
+    path.write_text(json.dumps(COST_MAP))
+    added = json.loads(run("models", "add", "Sonnet", "--from", "litellm", "claude-sonnet-4-20250514",
+                           "--catalog-file", str(path), "--json").stdout)
+    assert added["configuration"]["prices"]["costOutTokensPerMillion"] == 15
+    assert added["configuration"]["maxTokensOut"] == 64000
+    assert catalog.provenance(added["id"])["source"] == "litellm"
+
+
 def test_on_the_command_line(run):
     added = json.loads(run("models", "add", "GPT-4o", "--from", "genai-prices", "openai/gpt-4o", "--json").stdout)
     assert added["name"] == "GPT-4o" and added["configuration"]["prices"]["costOutTokensPerMillion"] == 10
