@@ -1117,15 +1117,13 @@ def usage_report(grouping, since, until, agent, model, provider, extra, exact, s
     from .report import html
     connect()
     filters = {"agent": agent, "model": model, "provider": provider}
-    if html_path and any(value is not None for value in filters.values()):
-        raise click.UsageError("--html shows all usage: give --agent, --model or --provider without it")
     with dbmod.read_transaction():  # the table and the page: one moment
         with Progress("pricing usage") as progress:
             if progress.enabled:
                 click.echo("summing usage in the database...", err=True)
             rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress, **filters)
         page = html(grouping, since=since, until=until, rows=rows,
-                    database=_database_url() or dbmod.DEFAULT_URL) if html_path else None
+                    database=_database_url() or dbmod.DEFAULT_URL, **filters) if html_path else None
     if html_path:
         write_file(html_path, page)
         click.echo("wrote %s" % shown(html_path), err=True)

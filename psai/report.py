@@ -17,6 +17,7 @@ from .budget import budget_status, budgets
 from .db import describe_database, redact_url
 from .errors import ValidationError
 from .fields import utcnow
+from .models import AgentRef, ModelRef
 from .reports import CostRow, cost_reports, one_snapshot
 from .usage import REPORT_GROUPINGS, report_totals
 
@@ -261,15 +262,20 @@ def _budgets_section():
 @one_snapshot
 def html(by: str = "model", *, since: datetime.date | str | None = None, until: datetime.date | str | None = None,
          rows: list[CostRow] | None = None, database: str | None = None,
-         title: str = "psai cost report") -> str:
+         title: str = "psai cost report", agent: AgentRef | None = None, model: ModelRef | None = None,
+         provider: str | None = None) -> str:
     """The report page for usage in [since, until), its table grouped ``by``
     (model, agent, tree, provider or day); ``rows``, when given, are that
     grouping's ``cost_report`` rows already made. ``database`` is shown as
-    where the data came from (default: the database in use, no password)."""
+    where the data came from (default: the database in use, no password).
+    ``agent``, ``model``, ``provider``: only that usage (``cost_report``'s
+    filters), said under the title."""
     if by not in REPORT_GROUPINGS:
         raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
     # Every section from one read of the priced groups.
-    reports, daily = cost_reports(sorted({"model", "agent", "tree", by}), since=since, until=until)
+    filters: dict[str, object] = {"agent": agent, "model": model, "provider": provider}
+    reports, daily = cost_reports(sorted({"model", "agent", "tree", by}), since=since, until=until, agent=agent,
+                                  model=model, provider=provider)
     rows = rows if rows is not None else reports[by]
     by_model, by_agent, trees = reports["model"], reports["agent"], reports["tree"]
     totals = report_totals(by_model, "model")
@@ -278,8 +284,10 @@ def html(by: str = "model", *, since: datetime.date | str | None = None, until: 
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              "<title>%s</title><style>%s</style></head><body>" % (escape(title), STYLE),
              "<h1>%s</h1>" % escape(title),
-             '<p class="meta">Period: %s · Database: %s · Made %s by psai</p>' % (
-                 escape(_period(since, until)), escape(redact_url(database) if database else describe_database()),
+             '<p class="meta">Period: %s%s · Database: %s · Made %s by psai</p>' % (
+                 escape(_period(since, until)), "".join(" · Only %s %s" % (name, escape(str(value)))
+                                                        for name, value in filters.items() if value is not None),
+                 escape(redact_url(database) if database else describe_database()),
                  escape(utcnow().strftime("%Y-%m-%d %H:%M UTC")))]
 
     parts.append('<section><h2>Total</h2><div class="totals">')

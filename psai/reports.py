@@ -826,17 +826,23 @@ def _only(parts, agent_id, provider):
 
 
 def cost_reports(groupings: Iterable[str], *, since: datetime.date | str | None = None,
-                 until: datetime.date | str | None = None) -> tuple[dict[str, list[CostRow]], list[DailyCost]]:
+                 until: datetime.date | str | None = None, agent: AgentRef | None = None,
+                 model: ModelRef | None = None, provider: str | None = None
+                 ) -> tuple[dict[str, list[CostRow]], list[DailyCost]]:
     """``cost_report`` of each grouping and ``daily_costs``, the same rows,
     from one read of the priced groups (kept apart by model, agent and
-    day, priced once, then added up for each): what the HTML page shows."""
+    day, priced once, then added up for each): what the HTML page shows.
+    ``agent``, ``model``, ``provider``: ``cost_report``'s filters."""
     groupings = list(groupings)
     for by in groupings:
         if by not in REPORT_GROUPINGS:
             raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
-    parts = price_parts(merge_parts(usage_parts(db, ("agent", "day"), since, until), ("model_id", "agent_id", "day")))
+    model_ids = [row.id for row in find_models(model)] if model is not None else None
+    agent_id = find_agent(agent).id if agent is not None else None
+    parts = _only(usage_parts(db, ("agent", "day"), since, until, model_ids), agent_id, provider)
+    parts = price_parts(merge_parts(parts, ("model_id", "agent_id", "day")))
     # The groupings but by day need no day: the priced parts added up without it first.
     undated = _undated(parts)
     return {by: _rows_of(db, by, parts if by == "day" else undated, False, None) for by in groupings}, \

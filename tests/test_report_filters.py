@@ -88,7 +88,15 @@ def test_the_command_line_report(backend, clock):
         rows = json.loads(run("usage", "report", "--by", by, "--model", "GPT", "--since", "2026-11-03",
                               "--until", "2026-11-03", "--json").stdout)
         assert sum(r["calls"] for r in rows if r.get("level") in (0, None)) == 1, by
-    assert "Unknown" not in run("usage", "report", "--columns", "reasoning", code=2).stderr
+    assert "reasoning: give some of cached, cache-write" in run("usage", "report", "--columns", "reasoning",
+                                                                code=2).stderr
+
+
+def test_the_page_takes_the_filters(db, clock):
+    seed(clock)
+    page = psai.report.html("model", model="Claude", agent="Editor")
+    assert "Only agent Editor · Only model Claude" in page
+    assert ">GPT<" not in page and ">Claude<" in page
 
 
 def test_amounts_shown_and_axis_labels():
