@@ -17,11 +17,14 @@ from typing import TYPE_CHECKING, Any
 from .db import connect, database, redact_url, using
 from .enums import PsAiModelProvider, PsAiModelSize, PsAiModelType
 from .errors import (
-    BudgetExceededError, DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError, PsaiError,
-    UnpricedUsageError, ValidationError, WrongDatabaseError,
+    AmbiguousNameError, BudgetExceededError, DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError,
+    PsaiError, UnpricedUsageError, ValidationError, WrongDatabaseError,
 )
 from .migrations import migrate
-from .models import CALL_WATCHERS, AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+from .models import (
+    CALL_WATCHERS, AgentModels, AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, config,
+    find_agent, find_model,
+)
 from .responses import ResponseUsage, usage_from_response
 
 if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should see them
@@ -46,7 +49,7 @@ __all__ = [
     "ValidationError", "PsaiError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
     "InUseError", "PsModelUsageItem", "price_history", "reprice", "UnpricedUsageError", "catalog", "report",
     "usage_from_response", "ResponseUsage", "record_response", "track", "resolve_model", "audit",
-    "WrongDatabaseError",
+    "WrongDatabaseError", "AmbiguousNameError", "ModelRef", "AgentRef", "find_model", "find_agent", "config",
     "set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events", "on_budget_event",
     "BudgetExceededError",
 ]

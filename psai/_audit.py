@@ -19,7 +19,7 @@ from .db import is_postgres, lock, lock_id, model_db, table_columns, write_trans
 from .errors import ValidationError
 from .fields import utcnow
 from .items import BUCKET_COUNTERS, BUCKETS, call_buckets, item_cost, js_timestamp
-from .models import PriceCorrection, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
+from .models import ModelRef, PriceCorrection, PsModelUsage, PsModelUsageItem, usage_counters
 from .recording import CACHE_WRITE_COUNTERS
 from .responses import ResponseUsage, usage_from_response
 from .rollups import invalidate_items
@@ -98,7 +98,7 @@ def _stored_view(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def audit(*, since: datetime.date | str | None = None, until: datetime.date | str | None = None,
-          model: PsAiModel | int | str | None = None, dry_run: bool = True) -> AuditResult:
+          model: ModelRef | None = None, dry_run: bool = True) -> AuditResult:
     """Every item in [since, until) (of ``model``: a row, id, uuid or name)
     whose raw usage can be read and whose stored counts disagree with it:
     ``findings`` (each with its counts as stored and as billed, and its cost

@@ -1,38 +1,30 @@
 """Arguments callers give psai's recording and report functions, checked
-one way everywhere: models and agents by row, id or uuid; counts and ids
+one way everywhere: models and agents by row, id, uuid or name (the one
+rule of ``psai.models.find_model``); counts and ids
 that fit PolicySynth's INTEGER columns; periods as aware datetimes."""
 import datetime
 import math
-import uuid
-from typing import cast
 from collections.abc import Mapping
+from typing import cast
 
 from .constants import MAX_INTEGER, time_range_problem
 from .errors import ValidationError
 from .fields import UTC
-from .base import check_database
-from .models import PsAgent, PsAiModel
+from .models import AgentRef, ModelRef, PsAgent, PsAiModel, find_agent, find_model
 
 __all__ = ["model_arg", "agent_arg", "check_counts", "check_ids", "as_datetime"]
 
 
-def model_arg(model: PsAiModel | int | str | uuid.UUID) -> PsAiModel:
+def model_arg(model: ModelRef) -> PsAiModel:
     """The model row: a row given (refused if it came from another
-    database than the one bound here), else the row with this id or uuid."""
-    if isinstance(model, PsAiModel):
-        check_database(model)
-        return model
-    return PsAiModel.get_by_key(model)
+    database than the one bound here), else the row this id, uuid or name
+    names (``find_model``)."""
+    return find_model(model)
 
 
-def agent_arg(agent: PsAgent | int | str | uuid.UUID | None) -> PsAgent | None:
+def agent_arg(agent: AgentRef | None) -> PsAgent | None:
     """The agent row, as ``model_arg`` finds a model; None stays None."""
-    if agent is None:
-        return None
-    if isinstance(agent, PsAgent):
-        check_database(agent)
-        return agent
-    return PsAgent.get_by_key(agent)
+    return None if agent is None else find_agent(agent)
 
 
 def check_counts(counts: Mapping[str, object]) -> None:

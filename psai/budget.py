@@ -11,7 +11,6 @@ import calendar
 import datetime
 import json
 import logging
-import uuid
 import weakref
 import zoneinfo
 from collections.abc import Callable, Iterable
@@ -24,7 +23,7 @@ from .arguments import agent_arg, as_datetime, model_arg
 from .db import is_postgres, lock, model_db, read_transaction, table_columns, write_transaction
 from .errors import BudgetExceededError, NotAdoptedError, NotFoundError, ValidationError
 from .fields import UTC, utcnow
-from .models import Budget, BudgetEvent, PsAgent, PsAiModel, sub_agent_tree
+from .models import AgentRef, Budget, BudgetEvent, ModelRef, PsAgent, PsAiModel, find_models, sub_agent_tree
 from .recording import model_cost
 from .reports import merge_parts, part_provider, part_tokens, price_parts, usage_parts
 from .rollups import one_reading
@@ -91,15 +90,15 @@ def _default_name(values: dict[str, Any]) -> str:
 
 
 def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", period: BudgetPeriod = "month",
-               timezone: str = "UTC", agent: PsAgent | int | str | uuid.UUID | None = None,
-               include_sub_agents: bool = True, model: PsAiModel | int | str | None = None,
+               timezone: str = "UTC", agent: AgentRef | None = None,
+               include_sub_agents: bool = True, model: ModelRef | None = None,
                provider: str | None = None, organization_id: int | None = None,
                warn_at: Iterable[float] = (0.8,), hard: bool = True, unpriced: BudgetUnpriced = "block",
                name: str | None = None) -> Budget:
     """Create a budget, or change the one of that ``name`` (its alerts so far
     stay). One scope at most: ``agent`` (with its sub-agent tree unless
-    ``include_sub_agents=False``), ``model`` (a model's name, or a stored
-    model whose name is taken: every version of it), ``provider``,
+    ``include_sub_agents=False``), ``model`` (a model named as everywhere:
+    row, id, uuid or name; the budget covers every version of its name), ``provider``,
     ``organization_id``; none: all usage. ``period``: day, week (ISO, from
     Monday), month, year (on the calendar of ``timezone``) or total.
     ``warn_at``: fractions of the limit that raise an alert; the limit is one
@@ -110,8 +109,8 @@ def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", pe
         raise ValidationError({"include_sub_agents": ["False limits an agent budget to the agent itself: "
                                                       "give an agent."]})
     agent_row = agent_arg(agent) if agent is not None else None
-    if isinstance(model, PsAiModel) or isinstance(model, int) and not isinstance(model, bool):
-        model = model_arg(model).name
+    if model is not None:  # every version of the model this names: its name
+        model = find_models(model)[0].name
     values = {"amount": amount, "currency": currency, "period": period, "timezone": timezone,
               "agent_id": agent_row.id if agent_row is not None else None,
               "include_sub_agents": include_sub_agents, "model_name": model, "provider": provider,
@@ -409,8 +408,8 @@ def _money(value: Decimal) -> str:
     return format(value.quantize(Decimal("0.01")) if abs(value) >= Decimal("0.01") else value.normalize(), "f")
 
 
-def check_budget(agent: PsAgent | int | str | uuid.UUID | None = None,
-                 model: PsAiModel | int | str | uuid.UUID | None = None, *,
+def check_budget(agent: AgentRef | None = None,
+                 model: ModelRef | None = None, *,
                  estimate: Decimal | int | float | str | dict[str, Any] | None = None) -> list[BudgetStatus]:
     """Before a call: raise ``BudgetExceededError`` when a hard budget
     covering this agent and model is reached, would be passed by

@@ -16,7 +16,7 @@ differently is in ``disagreements``, not passed off as agreeing.
 """
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from copy import copy
 from datetime import datetime
 from decimal import Decimal
@@ -42,7 +42,8 @@ __all__ = ["genai_catalog", "genai_entry", "genai_usage", "standard_prices", "Un
 # genai-prices price keys PolicySynth's configuration expresses.
 _GENAI_EXPRESSED = {"input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok", "web_searches_kcount"}
 _GENAI_WHAT = {
-    "cache_write_1h_mtok": "1-hour cache writes (PolicySynth has one cache-write multiplier)",
+    "cache_write_1h_mtok": "1-hour cache writes, not imported: psai's cacheWrite1hInputCostMultiplier is one "
+                           "multiplier of the input rate, and this price is not",
     "requests_kcount": "a per-request fee",
     "storage_searches_kcount": "file-search calls",
     "output_reasoning_mtok": "a separate reasoning-token price",
@@ -181,6 +182,11 @@ def _standard_configuration(provider, model, prices):
     hour = prices.__dict__.get("cache_write_1h_mtok")
     if isinstance(hour, Decimal) and rate_in:  # a flat price; psai's own key (PolicySynth ignores it)
         result[CACHE_WRITE_1H_KEY] = float(hour / rate_in)
+    elif isinstance(hour, TieredPrices) and rate_in and long_in and len(hour.tiers) == 1 \
+            and hour.tiers[0].start + 1 == threshold and hour.base / rate_in == hour.tiers[0].price / long_in:
+        # Tiered like the input (Sonnet 4.5: 6 then 12 on 3 then 6): one
+        # multiplier of the input rate in force says both.
+        result[CACHE_WRITE_1H_KEY] = float(hour.base / rate_in)
     web = prices.__dict__.get("web_searches_kcount")
     if web is not None:
         if not isinstance(web, Decimal):
@@ -320,10 +326,10 @@ def genai_entry(provider: Provider, model: ModelInfo, now: datetime) -> dict[str
     return {"configuration": configuration, "unexpressed": notes, "disagreements": disagreements}
 
 
-def genai_catalog(providers: Collection[str], models: Collection[str],
+def genai_catalog(providers: Collection[str], wanted: Callable[[str, str], bool] | None,
                   now: datetime) -> tuple[str, dict[str, dict[str, Any]], dict[str, str]]:
     """The installed genai-prices' models, optionally only these providers
-    and models (``model`` or ``provider/model``): ``(version, {source_model:
+    and the models ``wanted(provider/model, model)`` takes: ``(version, {source_model:
     entry}, {source_model: why it is skipped})``; each entry is
     ``genai_entry``'s with its ``name``."""
     version, catalog = _genai()
@@ -333,7 +339,7 @@ def genai_catalog(providers: Collection[str], models: Collection[str],
             continue
         for model in provider.models:
             source_model = "%s/%s" % (provider.id, model.id)
-            if models and model.id not in models and source_model not in models:
+            if wanted is not None and not wanted(source_model, model.id):
                 continue
             try:
                 entries[source_model] = dict(genai_entry(provider, model, now), name=source_model)

@@ -26,7 +26,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -174,9 +174,9 @@ def _litellm_notes(entry, consumed):
 
 
 def litellm_catalog(cost_map: dict[str, Any], providers: Collection[str],
-                    models: Collection[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+                    wanted: Callable[[str, str], bool] | None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """The entries of a cost map, optionally only these ``litellm_provider``
-    values and models (the cost-map key, or without its ``provider/``):
+    values and the models ``wanted(key, key without its provider/)`` takes:
     ``({name: {"name", "configuration", "unexpressed", "disagreements",
     "maxTokensOut"}}, {name: why it is skipped})``. The configurations have
     no size and no temperature (the import gives them)."""
@@ -192,7 +192,8 @@ def litellm_catalog(cost_map: dict[str, Any], providers: Collection[str],
         provider = entry.get("litellm_provider") if isinstance(entry, dict) else None
         if providers and provider not in providers:
             continue
-        if models and not (name in models or (provider and name[len(provider) + 1:] in models)):
+        if wanted is not None and not wanted(name, name[len(provider) + 1:] if isinstance(provider, str)
+                                             and name.startswith(provider + "/") else name):
             continue
         try:
             configuration = map_entry(name, entry, model_size="medium")

@@ -20,7 +20,9 @@ from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_co
 from .errors import NotFoundError, ValidationError
 from .fields import UTC, utcnow
 from .items import item_data, price_problem
-from .models import CALL_WATCHERS, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
+from .models import (
+    CALL_WATCHERS, AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, ref_key, usage_counters,
+)
 from .pricing import CostBreakdown, cost_breakdown, partition_usage
 from .query import resolve_model
 from .responses import usage_from_response
@@ -51,7 +53,7 @@ CACHE_WRITE_COUNTERS = {"token_in_cache_write_count": "token_in_count",
                         "long_context_token_in_cache_write_count": "long_context_token_in_count"}
 
 
-def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int | str | uuid.UUID | None = None, *,
+def record_usage(model: ModelRef, agent: AgentRef | None = None, *,
                  tokens_in: int = 0, tokens_out: int = 0, cached_tokens: int = 0, cache_write_tokens: int = 0,
                  reasoning_tokens: int = 0, audio_tokens: int = 0, image_tokens: int = 0,
                  web_searches: int = 0, user_id: int | None = None, connector_id: int | None = None,
@@ -345,13 +347,15 @@ def _stored(key: int | str | uuid.UUID) -> tuple[int, tuple[dict[str, Any], Any,
     return row[0], _parsed(row[1])
 
 
-def model_cost(model: PsAiModel | int | str | uuid.UUID, **usage: Any) -> CostBreakdown:
-    """``psai.pricing.cost_breakdown`` for a stored model (a row, an id or a
-    uuid): its prices, with its provider, inference type and region unless
+def model_cost(model: ModelRef, **usage: Any) -> CostBreakdown:
+    """``psai.pricing.cost_breakdown`` for a stored model (a row, an id, a
+    uuid or a name): its prices, with its provider, inference type and region unless
     given. Counts follow ``record_usage``'s rule (a bad count is a
     ValidationError, not 0), and prices that cannot price a call are a
     ValidationError, not a cost of 0."""
     check_counts({name: value for name, value in usage.items() if name in _CALL_COUNTS})
+    if not isinstance(model, PsAiModel) and ref_key(model)[0] == "name":
+        model = model_arg(model)
     if isinstance(model, PsAiModel):
         model_id = model.id
         configuration, prices, problem = _checked_configuration(model.configuration)
@@ -365,7 +369,7 @@ def model_cost(model: PsAiModel | int | str | uuid.UUID, **usage: Any) -> CostBr
 
 # -- recording from the provider's response ------------------------------------------------
 
-def record_response(model: PsAiModel | int | str | uuid.UUID | None, agent: PsAgent | int | str | uuid.UUID | None,
+def record_response(model: ModelRef | None, agent: AgentRef | None,
                     response: Any, *, provider: str | None = None, user_id: int | None = None,
                     connector_id: int | None = None) -> PsModelUsage:
     """Record one call from the provider's own response (``usage_from_response``

@@ -24,7 +24,7 @@ from .db import is_postgres, model_db, read_transaction, table_columns
 from .errors import UnpricedUsageError, ValidationError
 from .fields import UTC
 from .items import BUCKETS, BucketPricer, cache_write_1h_extra, effective_prices
-from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
 from .recording import usage_counters
 from .rollups import coverage, one_reading, rollup_rows, scan_where
 from .sql import (
@@ -62,13 +62,15 @@ class CostRow(TypedDict, total=False):
     calls: int
     tokens_in: Number
     tokens_out: Number
+    cached_tokens: Number  # of tokens_in, read from cache
+    cache_write_tokens: Number  # of tokens_in, written to cache
     cost: Decimal | None
     currency: str | None
     unpriced_tokens: Number
-    # What the provider itself said the calls cost (OpenRouter's usage.cost), beside psai's cost; None: not said.
-    provider_cost: Decimal | None
     priced_from: str | None
     unpriced_reason: str | None
+    # What the provider itself said the calls cost (OpenRouter's usage.cost), beside psai's cost; None: not said.
+    provider_cost: Decimal | None
 
 
 class CurrencyTotal(TypedDict):
@@ -77,6 +79,8 @@ class CurrencyTotal(TypedDict):
     calls: int
     tokens_in: Number
     tokens_out: Number
+    cached_tokens: Number
+    cache_write_tokens: Number
     cost: Decimal | None
     unpriced_tokens: Number
     provider_cost: Decimal | None
@@ -772,7 +776,8 @@ def one_snapshot(function: Callable[Params, Result]) -> Callable[Params, Result]
 @one_snapshot
 def cost_report(by: ReportGrouping = "model", *, since: datetime.date | str | None = None,
                 until: datetime.date | str | None = None, strict: bool = False,
-                progress: Callable[[int, int], object] | None = None) -> list[CostRow]:
+                progress: Callable[[int, int], object] | None = None, agent: AgentRef | None = None,
+                model: ModelRef | None = None, provider: str | None = None) -> list[CostRow]:
     """Cost of recorded usage grouped ``by`` model, agent, tree, provider or day.
 
     Each call is priced from its own usage item (the prices stored with it,
@@ -786,32 +791,61 @@ def cost_report(by: ReportGrouping = "model", *, since: datetime.date | str | No
     ``unpriced_tokens`` and why in ``unpriced_reason``; with ``strict=True``
     it raises ``UnpricedUsageError`` instead.
 
+    Rows also have ``cached_tokens`` and ``cache_write_tokens`` (of the
+    input) and, after them, ``provider_cost``.
+
     ``tree`` rows hold an agent with all its sub-agents, and their ``level``.
     ``since``/``until`` limit the usage by time recorded (dates or datetimes;
-    a date ``until`` is inclusive). ``progress``, if given, is called as
-    ``progress(done, total)`` while the groups the SQL summed are priced.
+    a date ``until`` is inclusive); ``agent`` (that agent's own calls),
+    ``model`` (every version of it) and ``provider`` (the calls' provider)
+    limit it too, whatever the grouping; agents and models are named as
+    everywhere (``psai.find_agent``, ``psai.find_model``). ``progress``, if
+    given, is called as ``progress(done, total)`` while the groups the SQL
+    summed are priced.
     """
     if by not in REPORT_GROUPINGS:
         raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
     keep = {"agent": ("agent_id",), "tree": ("agent_id",), "day": ("day",)}.get(by, ())
-    parts = price_parts(merge_parts(usage_parts(db, by, since, until), ("model_id",) + keep))
+    model_ids = [row.id for row in find_models(model)] if model is not None else None
+    agent_id = find_agent(agent).id if agent is not None else None
+    # An agent filter needs each part's agent, whatever the grouping.
+    keys = _keys(by) if agent_id is None or "agent" in _keys(by) else _keys(by) + ("agent",)
+    parts = _only(usage_parts(db, keys, since, until, model_ids), agent_id, provider)
+    parts = price_parts(merge_parts(parts, ("model_id",) + keep))
     return _rows_of(db, by, parts, strict, progress)
 
 
+def _only(parts, agent_id, provider):
+    """The parts of one agent's calls and of one provider's (None: any)."""
+    if agent_id is not None:
+        parts = [part for part in parts if part.get("agent_id") == agent_id]
+    if provider is not None:
+        models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(
+            sorted({p["model_id"] for p in parts if p["provider"] is None})))}
+        parts = [part for part in parts if part_provider(part, models) == provider]
+    return parts
+
+
 def cost_reports(groupings: Iterable[str], *, since: datetime.date | str | None = None,
-                 until: datetime.date | str | None = None) -> tuple[dict[str, list[CostRow]], list[DailyCost]]:
+                 until: datetime.date | str | None = None, agent: AgentRef | None = None,
+                 model: ModelRef | None = None, provider: str | None = None
+                 ) -> tuple[dict[str, list[CostRow]], list[DailyCost]]:
     """``cost_report`` of each grouping and ``daily_costs``, the same rows,
     from one read of the priced groups (kept apart by model, agent and
-    day, priced once, then added up for each): what the HTML page shows."""
+    day, priced once, then added up for each): what the HTML page shows.
+    ``agent``, ``model``, ``provider``: ``cost_report``'s filters."""
     groupings = list(groupings)
     for by in groupings:
         if by not in REPORT_GROUPINGS:
             raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
-    parts = price_parts(merge_parts(usage_parts(db, ("agent", "day"), since, until), ("model_id", "agent_id", "day")))
+    model_ids = [row.id for row in find_models(model)] if model is not None else None
+    agent_id = find_agent(agent).id if agent is not None else None
+    parts = _only(usage_parts(db, ("agent", "day"), since, until, model_ids), agent_id, provider)
+    parts = price_parts(merge_parts(parts, ("model_id", "agent_id", "day")))
     # The groupings but by day need no day: the priced parts added up without it first.
     undated = _undated(parts)
     return {by: _rows_of(db, by, parts if by == "day" else undated, False, None) for by in groupings}, \
@@ -870,8 +904,8 @@ def _plus(a, b):
 
 
 def _new_total(**more):
-    return dict({"calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None, "unpriced_tokens": 0,
-                 "provider_cost": None}, **more)
+    return dict({"calls": 0, "tokens_in": 0, "tokens_out": 0, "cached_tokens": 0, "cache_write_tokens": 0,
+                 "cost": None, "unpriced_tokens": 0, "provider_cost": None}, **more)
 
 
 def _add_part(entry, part):
@@ -882,6 +916,9 @@ def _add_part(entry, part):
     entry["calls"] += part["calls"]
     entry["tokens_in"] += tokens_in
     entry["tokens_out"] += tokens_out
+    buckets = part["buckets"]
+    entry["cached_tokens"] += buckets["cached"] + buckets["long_cached"]
+    entry["cache_write_tokens"] += buckets["cache_write"] + buckets["long_cache_write"]
     entry["provider_cost"] = _plus(entry["provider_cost"], _decimal(part.get("provider_cost")))
     if part["cost"] is None:
         entry["unpriced_tokens"] += tokens_in + tokens_out
@@ -920,9 +957,11 @@ def _report_rows(by, totals, models, levels):
         else:
             row["day"] = key
         row.update(calls=entry["calls"], tokens_in=entry["tokens_in"], tokens_out=entry["tokens_out"],
+                   cached_tokens=entry["cached_tokens"], cache_write_tokens=entry["cache_write_tokens"],
                    cost=entry["cost"], currency=currency, unpriced_tokens=entry["unpriced_tokens"],
-                   provider_cost=entry["provider_cost"], priced_from=",".join(sorted(entry["priced_from"])) or None,
-                   unpriced_reason="; ".join(sorted(entry["unpriced_reason"])) or None)
+                   priced_from=",".join(sorted(entry["priced_from"])) or None,
+                   unpriced_reason="; ".join(sorted(entry["unpriced_reason"])) or None,
+                   provider_cost=entry["provider_cost"])
         rows.append(row)
 
     def order(row):
@@ -943,11 +982,14 @@ def report_totals(rows: Iterable[CostRow], by: str | None = None) -> dict[str | 
     for row in rows:
         if by == "tree" and row.get("level") not in (0, None):
             continue
-        entry = totals.setdefault(row["currency"], {"calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None,
+        entry = totals.setdefault(row["currency"], {"calls": 0, "tokens_in": 0, "tokens_out": 0, "cached_tokens": 0,
+                                                    "cache_write_tokens": 0, "cost": None,
                                                     "unpriced_tokens": 0, "provider_cost": None})
         entry["calls"] += row["calls"]
         entry["tokens_in"] += row["tokens_in"]
         entry["tokens_out"] += row["tokens_out"]
+        entry["cached_tokens"] += row.get("cached_tokens", 0)
+        entry["cache_write_tokens"] += row.get("cache_write_tokens", 0)
         entry["unpriced_tokens"] += row["unpriced_tokens"]
         entry["provider_cost"] = _plus(entry.get("provider_cost"), row.get("provider_cost"))
         if row["cost"] is not None:

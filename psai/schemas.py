@@ -614,7 +614,8 @@ class Amount(fields.Field):
             raise self.make_error("invalid")
         if amount <= 0:
             raise self.make_error("positive")
-        if amount > MAX_BUDGET_AMOUNT or amount.as_tuple().exponent < -BUDGET_AMOUNT_PLACES and \
+        exponent = amount.as_tuple().exponent  # an int: the amount is finite
+        if amount > MAX_BUDGET_AMOUNT or isinstance(exponent, int) and exponent < -BUDGET_AMOUNT_PLACES and \
                 amount != amount.quantize(decimal.Decimal(1).scaleb(-BUDGET_AMOUNT_PLACES), decimal.ROUND_DOWN):
             raise self.make_error("bounds")
         return str(amount)

@@ -3,7 +3,6 @@ responses, counted and priced, and, with ``budget=True``, stopped by a hard
 budget before the next call (``psai.budget``)."""
 import contextlib
 import json
-import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from .arguments import agent_arg, model_arg
 from .budget import check_budget
 from .items import item_cost
-from .models import PsAgent, PsAiModel
+from .models import AgentRef, ModelRef, PsAgent, PsAiModel
 from .recording import record_response_data
 
 __all__ = ["track", "Run"]
@@ -27,14 +26,14 @@ class Run:
         self.unpriced_calls = 0
         self.cost: dict[str, Decimal] = {}
 
-    def check(self, *, model: PsAiModel | int | str | None = None,
+    def check(self, *, model: ModelRef | None = None,
               estimate: Decimal | int | float | str | dict[str, Any] | None = None) -> None:
         """``psai.check_budget`` for this block's agent and model (or ``model``),
         with an ``estimate`` of the call about to be made if given."""
         chosen = model if model is not None else self.model
         check_budget(self.agent, chosen, estimate=estimate)
 
-    def record(self, response: Any, *, model: PsAiModel | int | str | None = None,
+    def record(self, response: Any, *, model: ModelRef | None = None,
                provider: str | None = None) -> Decimal | None:
         """Record one call from its response (``record_response``) and return
         what it cost, None when its prices cannot price it. With
@@ -61,7 +60,7 @@ class Run:
 
 
 @contextlib.contextmanager
-def track(agent: PsAgent | int | str | uuid.UUID | None, model: PsAiModel | int | str | uuid.UUID | None = None,
+def track(agent: AgentRef | None, model: ModelRef | None = None,
           budget: bool = False) -> Iterator[Run]:
     """For scripts: ``with psai.track(agent) as run: run.record(response)``
     records each call the block makes (``record_response``; ``model`` for

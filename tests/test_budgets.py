@@ -370,7 +370,7 @@ def test_budgets_on_the_command_line(backend, clock):
                "--timezone", "Europe/Berlin", "--json")
     assert made.exit_code == 0, made.output
     assert json.loads(made.stdout)["scope"] == "agent=%d" % a.id
-    assert run("budgets", "set", "--name", "x", "--amount", "1", "--agent", "1", "--model", "y").exit_code == 2
+    assert run("budgets", "set", "--name", "x", "--amount", "1", "--agent", "1", "--model", "GPT-4").exit_code == 2
     assert run("budgets", "status").exit_code == 0
     first = run("usage", "record", str(m.id), "--agent", str(a.id), "--in", "10000", "--out", "1000")
     assert first.exit_code == 0 and "budget team: 50% of its limit reached (0.36 USD spent)" in first.stderr

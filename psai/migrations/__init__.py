@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from peewee import Database, DatabaseError, PostgresqlDatabase
+from peewee import Database, DatabaseError, PostgresqlDatabase, Table
 
 from ..db import NotConnectedError, connect, current_db, forget_schema
 from ..errors import NotAdoptedError
@@ -27,6 +27,7 @@ __all__ = ["migrate", "adopt", "ensure_schema", "is_policysynth_database", "HIST
            "runner", "NotAdoptedError"]
 
 HISTORY_TABLE = "psai_migrations"
+SETTINGS_TABLE = "psai_settings"  # psai.models.Setting
 DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 POLICYSYNTH_TABLES = {"ps_ai_models", "ps_agents", "AgentModels"}
 # Migrations that create tables PolicySynth's own sync creates too.
@@ -140,7 +141,14 @@ def adopt(db: Database | None = None) -> list[str]:
                     faked.append(name)
                 else:
                     break
-        return _forget_columns(db, faked + run.up())
+        applied = faked + run.up()
+        # PolicySynth requires its ids on every row: no defaults here until
+        # `psai config --no-require-ids` says otherwise.
+        settings = Table(SETTINGS_TABLE).bind(db)
+        with db.atomic():
+            if not settings.select(settings.c.key).where(settings.c.key == "require_ids").exists():
+                settings.insert({settings.c.key: "require_ids", settings.c.value: "true"}).execute()
+        return _forget_columns(db, applied)
 
 
 def ensure_schema(db: Database | None = None) -> list[str]:
