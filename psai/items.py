@@ -29,7 +29,8 @@ from typing import Any, TypeGuard
 from .constants import CACHE_WRITE_1H_KEY, OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
 from .pricing import _count, _exact, _is_number as _number_type, _rate, resolve_prices
 
-__all__ = ["item_data", "item_cost", "effective_prices", "price_problem", "call_buckets", "bucket_cost", "BucketPricer",
+__all__ = ["item_data", "item_model", "item_pricing", "item_cost", "item_price",
+           "effective_prices", "price_problem", "call_buckets", "bucket_cost", "BucketPricer",
            "applied_tier_metadata", "cache_write_1h_extra", "BUCKETS", "LAYOUT_VERSION"]
 
 LAYOUT_VERSION = 1
@@ -71,10 +72,6 @@ def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, 
     what psai keeps of it besides (``psai``: 1-hour cache writes, the
     provider's own cost)."""
     provider = configuration.get("provider")
-    pricing = {"configuredPrices": configuration.get("prices")}
-    for key in ("inferenceType", "regionalProcessing"):
-        if configuration.get(key) is not None:
-            pricing[key] = configuration[key]
     actor = {"userId": user_id, "agentId": agent_id}
     if connector_id is not None:
         actor["connectorId"] = connector_id
@@ -83,11 +80,10 @@ def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, 
         "provider": provider,
         "apiFamily": provider,
         "timestamp": js_timestamp(moment),
-        "model": {"id": model_id, "name": configuration.get("model"), "type": configuration.get("type"),
-                  "size": configuration.get("modelSize")},
+        "model": item_model(model_id, configuration),
         "actor": actor,
         "request": {},
-        "pricing": pricing,
+        "pricing": item_pricing(configuration),
         "usageNormalized": {"tokensIn": tokens_in, "tokensOut": tokens_out, "cachedInTokens": cached_tokens,
                             "reasoningTokens": reasoning_tokens, "audioTokens": audio_tokens,
                             "imageTokens": image_tokens},
@@ -104,6 +100,22 @@ def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, 
     if extras:
         data["psai"] = extras
     return data
+
+
+def item_model(model_id: int, configuration: Mapping[str, Any]) -> dict[str, Any]:
+    """An item's ``model``: the model it was recorded on."""
+    return {"id": model_id, "name": configuration.get("model"), "type": configuration.get("type"),
+            "size": configuration.get("modelSize")}
+
+
+def item_pricing(configuration: Mapping[str, Any]) -> dict[str, Any]:
+    """An item's ``pricing``: the snapshot of the model's prices in force
+    (they are shared, not copied), and how its calls are priced."""
+    pricing = {"configuredPrices": configuration.get("prices")}
+    for key in ("inferenceType", "regionalProcessing"):
+        if configuration.get(key) is not None:
+            pricing[key] = configuration[key]
+    return pricing
 
 
 def applied_tier_metadata(provider: str | None, tier: str | None) -> dict[str, str] | None:
@@ -149,6 +161,9 @@ def price_problem(prices: Any) -> str | None:
     """Why these prices cannot price a call (a sentence), or None."""
     if not isinstance(prices, dict):
         return "no prices"
+    if not prices:
+        return ("no prices: the model has none (a placeholder for calls whose model name matched no configured "
+                "model; configure it and run `psai usage assign`)")
     for key in REQUIRED_RATE_KEYS:
         value = prices.get(key)
         if value is None:
@@ -300,12 +315,18 @@ def item_cost(data: Any, fallback_prices: Any = None) -> Decimal | None:
     """What one item (its ``data``) cost, as a Decimal, or None when its
     prices are missing or unusable. ``fallback_prices``: the model's current
     prices, for an item without a snapshot (PolicySynth's rule too)."""
+    return item_price(data, fallback_prices)[0]
+
+
+def item_price(data: Any, fallback_prices: Any = None) -> tuple[Decimal | None, str | None]:
+    """``(cost, None)`` of one item (its ``data``), or ``(None, why)`` when
+    it cannot be priced: ``item_cost`` with the reason a report gives."""
     if not isinstance(data, dict) or not isinstance(data.get("usageNormalized"), dict):
-        return None
+        return None, "the item has no usable token counts (usageNormalized.tokensIn)"
     prices, problem = effective_prices(data.get("provider"), data.get("pricing"), data.get("providerMetadata"),
                                        fallback_prices)
     if problem:
-        return None
+        return None, problem
     extras = data.get("psai")
     if not isinstance(extras, dict):
         extras = {}
@@ -315,5 +336,5 @@ def item_cost(data: Any, fallback_prices: Any = None) -> Decimal | None:
     long = bool(buckets["long_in"] or buckets["long_cached"] or buckets["long_cache_write"] or buckets["long_out"])
     extra, problem = cache_write_1h_extra(0 if long else hour, hour if long else 0, prices)
     if problem:
-        return None
-    return bucket_cost(buckets, prices, web_searches=_count(extras.get("webSearches"))) + extra
+        return None, problem
+    return bucket_cost(buckets, prices, web_searches=_count(extras.get("webSearches"))) + extra, None

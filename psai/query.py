@@ -8,6 +8,7 @@ and never put a caller's key or value into the SQL text: values are always
 bound parameters, and keys must be plain identifiers (PolicySynth's are
 camelCase) or the filter is refused with ``psai.ValidationError``.
 """
+import difflib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +25,8 @@ from .sql import INDEXED_PATHS
 from .sql import config_filter as _config_filter
 
 __all__ = ["config_filter", "where_config", "select_model", "model_choices", "find_by_provider_model",
-           "add_model", "model_history", "sub_agent_tree", "SIZE_FALLBACK", "INDEXED_PATHS", "resolve_model"]
+           "add_model", "model_history", "sub_agent_tree", "SIZE_FALLBACK", "INDEXED_PATHS", "resolve_model",
+           "unmatched_model", "is_unmatched", "UNMATCHED_PREFIX", "nearest_names"]
 
 
 def config_filter(filters: Mapping[str, Any]) -> ColumnBase:
@@ -143,8 +145,47 @@ def resolve_model(name: str, *, provider: str | list[str] | None = None, explain
             reason = "%s equals configuration.%s of %d active model(s)%s; the newest row, id %s, wins" % (
                 how, key, len(found), " of provider %r" % provider if provider else "", chosen.id)
             return (chosen, reason) if explain else chosen
-    near = sorted({str(r.configuration.get("model")) for r in rows if isinstance(r.configuration, dict)
-                   and str(r.configuration.get("model", "")).split("-")[0] == wanted.split("-")[0]})
+    configured = {str(r.configuration.get(key)) for r in rows if isinstance(r.configuration, dict)
+                  for key in ("model", "apiModel") if isinstance(r.configuration.get(key), str)}
+    near = nearest_names(undated[0] if undated else wanted, configured)
     raise NotFoundError("no active model%s is configured as %r%s%s" % (
         " of provider %r" % provider if provider else "", wanted,
-        " or %r" % undated[0] if undated else "", ("; models of that family: %s" % ", ".join(near)) if near else ""))
+        " or %r" % undated[0] if undated else "", ("; the nearest configured: %s" % ", ".join(near)) if near else ""))
+
+
+def nearest_names(name: str, names: Any, count: int = 3) -> list[str]:
+    """The configured names nearest to ``name`` (at most ``count``, nearest
+    first): what an error suggests instead of a name that matches none."""
+    return difflib.get_close_matches(name, sorted(names), n=count, cutoff=0.6)
+
+
+# A placeholder model's name: calls whose model name matched no configured model.
+UNMATCHED_PREFIX = "Unmatched model: "
+
+
+def is_unmatched(model: PsAiModel) -> bool:
+    """True for a placeholder model (``unmatched_model``): inactive, its
+    prices empty, named with UNMATCHED_PREFIX."""
+    configuration = model.configuration if isinstance(model.configuration, dict) else {}
+    return (isinstance(model.name, str) and model.name.startswith(UNMATCHED_PREFIX)
+            and configuration.get("active") is False and configuration.get("prices") == {})
+
+
+def unmatched_model(name: str, provider: str | None, *, user_id: int) -> PsAiModel:
+    """The placeholder model that holds the calls whose response named
+    ``name`` (of ``provider``) when no active model matched it: found, or
+    created once (several processes at once make one). It is inactive, so
+    nothing selects or resolves it, and its prices are empty (``{}``), so
+    its calls are unpriced, saying why, until ``psai.assign_unmatched``
+    moves them to the model configured for the name."""
+    provider = provider or "unknown"
+    label = ("%s%s (%s)" % (UNMATCHED_PREFIX, name, provider))[:255]
+    db = model_db(PsAiModel)
+    with write_transaction(db):
+        lock(db, ("unmatched model", label))
+        found = newest_first(PsAiModel.select().where(PsAiModel.name == label)).first()
+        if found is not None and is_unmatched(found):
+            return found
+        return PsAiModel.create(user_id=user_id, organization_id=0, name=label, configuration={
+            "type": "text", "modelSize": "medium", "model": name[:255], "provider": provider[:64],
+            "active": False, "prices": {}, "maxTokensOut": 1, "defaultTemperature": 0})

@@ -32,7 +32,7 @@ __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALU
            "Slot", "slot", "Statement", "compiled", "item_groups_sql", "item_totals_sql", "counters_sound",
            "counters_negative", "counter_totals_sql", "counter_rows_sql", "price_period_sql", "counter_sums_sql",
            "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "lock_models_sql",
-           "item_reprice_sql", "usage_state_sql"]
+           "item_reprice_sql", "usage_state_sql", "response_id_sql", "item_by_response_id_sql"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -621,6 +621,23 @@ def item_insert(db):
     JSON: SQLite need not parse it again with json()."""
     return ('INSERT INTO "ps_model_usage_item" ("user_id", "created_at", "updated_at", "model_id", "agent_id", '
             '"connector_id", "data") VALUES (%s)' % ", ".join([db.param] * 7))
+
+
+def response_id_sql(postgres):
+    """The provider's response id an item keeps in psai's part
+    (``data.psai.responseId``), as the unique index of migration 0010 reads
+    it (the same text, so that a lookup uses the index): SQLite only from
+    valid JSON, which its column need not hold."""
+    if postgres:
+        return "(data -> 'psai' ->> 'responseId')"
+    return "(CASE WHEN json_valid(data) THEN json_extract(data, '$.psai.responseId') END)"
+
+
+def item_by_response_id_sql(db):
+    """The item (id, model id, data) recorded for a response id: one lookup
+    in migration 0010's index."""
+    return 'SELECT "id", "model_id", "data" FROM "ps_model_usage_item" WHERE %s = %s' % (
+        response_id_sql(isinstance(db, PostgresqlDatabase)), db.param)
 
 
 def one_round_trip_statements(find, present, agent_is_null, connector_is_null, rollup="", probes=()):
