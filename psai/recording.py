@@ -9,9 +9,8 @@ import json
 import math
 import operator
 import uuid
-from dataclasses import dataclass
 from decimal import Decimal
-from functools import reduce
+from functools import cached_property, reduce
 from typing import Any, TypedDict
 
 from peewee import SQL, Cast, Insert, IntegrityError, ModelUpdate
@@ -369,7 +368,6 @@ def model_cost(model: PsAiModel | int | str | uuid.UUID, **usage: Any) -> CostBr
 
 # -- recording from the provider's response ------------------------------------------------
 
-@dataclass(frozen=True)
 class RecordedCall:
     """What ``record_response`` recorded: the call's ``cost`` (a Decimal in
     ``currency``; None when it cannot be priced, and ``unpriced_reason``
@@ -377,15 +375,44 @@ class RecordedCall:
     when no configured model matched the response's model name, see
     ``assign_unmatched``), the counter row it added to (``usage_row``),
     and ``duplicate``: the response (its id, ``response_id``) had been
-    recorded already, nothing was added, and the cost is the first's."""
+    recorded already, nothing was added, and the cost is the first's.
 
-    cost: Decimal | None
-    currency: str | None
-    unpriced_reason: str | None
-    model_id: int
-    response_id: str | None
-    duplicate: bool = False
-    usage_row: PsModelUsage | None = None
+    The cost is worked out from the item when first read, so a caller
+    that does not read it does not pay for it."""
+
+    def __init__(self, model_id: int, response_id: str | None, duplicate: bool, usage_row: PsModelUsage | None,
+                 data: str | dict[str, Any] | None, fallback_prices: Any = None) -> None:
+        self.model_id, self.response_id, self.duplicate, self.usage_row = model_id, response_id, duplicate, usage_row
+        self._data, self._fallback = data, fallback_prices
+
+    @cached_property
+    def _priced(self) -> tuple[Decimal | None, str | None, str | None]:
+        item = json.loads(self._data) if isinstance(self._data, str) else self._data
+        if item is None:  # a database without items: the counters only
+            return None, None, "no usage items in this database"
+        cost, reason = item_price(item, self._fallback)
+        pricing = item.get("pricing")
+        prices = pricing.get("configuredPrices") if isinstance(pricing, dict) else None
+        currency = prices.get("currency") if isinstance(prices, dict) else None
+        if cost is not None and not isinstance(currency, str):
+            return None, None, "the prices have no currency"
+        return cost, currency if cost is not None else None, reason
+
+    @property
+    def cost(self) -> Decimal | None:
+        return self._priced[0]
+
+    @property
+    def currency(self) -> str | None:
+        return self._priced[1]
+
+    @property
+    def unpriced_reason(self) -> str | None:
+        return self._priced[2]
+
+    def __repr__(self) -> str:
+        return "RecordedCall(cost=%r, currency=%r, model_id=%r, response_id=%r, duplicate=%r)" % (
+            self.cost, self.currency, self.model_id, self.response_id, self.duplicate)
 
 
 def record_response(model: PsAiModel | int | str | uuid.UUID | None, agent: PsAgent | int | str | uuid.UUID | None,
@@ -449,21 +476,7 @@ def record_response_data(model: Any, agent: Any, response: Any, provider: str | 
         if first is None:
             raise
         return first
-    return _recorded_call(found.id, data, None, response_id, row)
-
-
-def _recorded_call(model_id: int, data: Any, fallback_prices: Any, response_id: str | None,
-                   row: PsModelUsage | None = None) -> RecordedCall:
-    """The RecordedCall of an item's data (its JSON text or the dict)."""
-    item = json.loads(data) if isinstance(data, str) else data
-    if item is None:  # a database without items: the counters only
-        return RecordedCall(None, None, "no usage items in this database", model_id, response_id, row is None, row)
-    cost, reason = item_price(item, fallback_prices)
-    currency = ((item.get("pricing") or {}).get("configuredPrices") or {}).get("currency") \
-        if isinstance(item.get("pricing"), dict) else None
-    if cost is not None and not isinstance(currency, str):
-        cost, reason = None, "the prices have no currency"
-    return RecordedCall(cost, currency if cost is not None else None, reason, model_id, response_id, row is None, row)
+    return RecordedCall(found.id, response_id, False, row, data)
 
 
 def _recorded_response(response_id: str) -> RecordedCall | None:
@@ -479,7 +492,7 @@ def _recorded_response(response_id: str) -> RecordedCall | None:
         stored = PsAiModel.get_or_none(PsAiModel.id == model_id)
         fallback = stored.configuration.get("prices") if stored is not None and isinstance(
             stored.configuration, dict) else None
-    return _recorded_call(model_id, data, fallback, response_id)
+    return RecordedCall(model_id, response_id, True, None, data, fallback)
 
 
 def recorded_response(response_id: str) -> RecordedCall | None:

@@ -150,3 +150,13 @@ def record_until_refused(url, model_id, calls):
         pass
     psai.database.close()
     return made
+
+
+def record_responses(url, model_id, agent_id, responses):
+    """Record each of ``responses`` (the same list in every process, at once):
+    returns how many this process found recorded already."""
+    import psai
+    psai.connect(url)
+    duplicates = sum(psai.record_response(model_id, agent_id, response).duplicate for response in responses)
+    psai.database.close()
+    return duplicates
