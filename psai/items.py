@@ -26,12 +26,12 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, TypeGuard
 
-from .constants import CACHE_WRITE_1H_KEY, OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
+from .constants import CACHE_WRITE_12H_KEY, CACHE_WRITE_1H_KEY, OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
 from .pricing import _count, _exact, _is_number as _number_type, _rate, resolve_prices
 
 __all__ = ["item_data", "item_model", "item_pricing", "item_cost", "item_price",
            "effective_prices", "price_problem", "call_buckets", "bucket_cost", "BucketPricer",
-           "applied_tier_metadata", "cache_write_1h_extra", "BUCKETS", "LAYOUT_VERSION"]
+           "applied_tier_metadata", "apart_extra", "item_apart", "APART", "BUCKETS", "LAYOUT_VERSION"]
 
 LAYOUT_VERSION = 1
 
@@ -61,7 +61,7 @@ def js_timestamp(moment: datetime.datetime) -> str:
 def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, agent_id: int | None,
               connector_id: int | None, moment: datetime.datetime, tokens_in: float, tokens_out: float,
               cached_tokens: float = 0, cache_write_tokens: float = 0, reasoning_tokens: float = 0,
-              audio_tokens: float = 0, image_tokens: float = 0, web_searches: float = 0,
+              audio_tokens: float = 0, image_tokens: float = 0, web_searches: float = 0, audio_in_tokens: float = 0,
               provider_metadata: Mapping[str, Any] | None = None,
               response: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``ps_model_usage_item.data`` for one call, in PolicySynth's layout
@@ -90,8 +90,9 @@ def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, 
     }
     if provider_metadata is not None:
         data["providerMetadata"] = provider_metadata
-    extras = {key: value for key, value in (("cacheWriteTokens", cache_write_tokens),
-                                            ("webSearches", web_searches)) if value}
+    # Audio input is part of tokensIn, as PolicySynth counts it; psai prices it at its own rate.
+    extras = {key: value for key, value in (("cacheWriteTokens", cache_write_tokens), ("webSearches", web_searches),
+                                            ("audioInTokens", audio_in_tokens)) if value}
     if response is not None:
         data["apiFamily"] = response.get("apiFamily", provider)
         if response.get("usageRaw") is not None:
@@ -288,27 +289,72 @@ class BucketPricer:
         return (input_sum + output_sum) / _MILLION + web
 
 
-def cache_write_1h_extra(tokens: float, long_tokens: float, prices: Mapping[str, Any]
-                         ) -> tuple[Decimal, str | None]:
-    """What 1-hour cache writes cost beyond the 5-minute writes they are
-    counted with (``cacheWriteInputCostMultiplier``): their input rate times
-    the difference of the two multipliers. Without
-    ``cacheWrite1hInputCostMultiplier`` they cannot be priced: (0, why)."""
-    if not tokens and not long_tokens:
+# Tokens priced apart from the rate of the bucket they are counted in, by
+# the names ``apart_extra`` reads: the longer-lived cache writes (counted
+# among the cache writes: what, price key, why the key) ...
+_LONGER_CACHE_WRITES = (
+    ("cw1h", "1-hour cache writes", CACHE_WRITE_1H_KEY, "Anthropic bills them at 2x input"),
+    ("cw12h", "12-hour cache writes", CACHE_WRITE_12H_KEY, "OpenAI bills them apart from 30-minute writes"),
+)
+# ... and the tokens that are not text (counted as input or output: what, their rate's key, their side).
+_MODALITIES = (
+    ("audio_in", "audio input tokens", "costInAudioTokensPerMillion", "in"),
+    ("audio_out", "audio output tokens", "costOutAudioTokensPerMillion", "out"),
+    ("image_out", "image output tokens", "costOutImageTokensPerMillion", "out"),
+)
+APART = tuple(name for name, *_rest in _LONGER_CACHE_WRITES + _MODALITIES)
+
+
+def apart_extra(apart: Mapping[str, float], prices: Mapping[str, Any]) -> tuple[Decimal, str | None]:
+    """What tokens priced apart cost beyond the bucket's rate they are
+    counted at (``call_buckets``; ``bucket_cost``), exactly. ``apart`` holds
+    counts by the names of APART, a long-context call's under ``long_`` +
+    name. Longer-lived cache writes cost their multiplier instead of
+    ``cacheWriteInputCostMultiplier``; audio and image tokens their own
+    rate instead of the text rate. A count whose price key is missing
+    cannot be priced: ``(0, why)``, never the text rate."""
+    if not any(apart.values()):
         return Decimal(0), None
-    hour = prices.get(CACHE_WRITE_1H_KEY)
-    if not (_is_number(hour) and hour >= 0):
-        return Decimal(0), ("1-hour cache writes, and the prices have no %s (psai's key; Anthropic bills them "
-                            "at 2x input)" % CACHE_WRITE_1H_KEY)
     five = prices.get("cacheWriteInputCostMultiplier")
-    five = five if _is_number(five) and five >= 0 else 1
-    rate_in = prices.get("costInTokensPerMillion")
-    long_in = prices.get("longContextCostInTokensPerMillion")
-    long_in = rate_in if not _is_number(long_in) or long_in == 0 else long_in
-    difference = Decimal(repr(hour)) - Decimal(repr(five))
-    extra = (Decimal(repr(_count(tokens))) * Decimal(repr(rate_in))
-             + Decimal(repr(_count(long_tokens))) * Decimal(repr(long_in))) * difference
-    return extra / Decimal(1_000_000), None
+    five = _exact_rate(five if _is_number(five) and five >= 0 else 1)
+    rates = {}
+    for side, base_key, long_key in (("in", "costInTokensPerMillion", "longContextCostInTokensPerMillion"),
+                                     ("out", "costOutTokensPerMillion", "longContextCostOutTokensPerMillion")):
+        base, long = prices.get(base_key), prices.get(long_key)
+        rates[side] = _exact_rate(base)
+        # A long-context rate of 0 or unset is the standard rate (PolicySynth's item rule, as bucket_cost).
+        rates["long_" + side] = rates[side] if not _is_number(long) or long == 0 else _exact_rate(long)
+    extra = Decimal(0)
+    for prefix in ("", "long_"):
+        for name, what, key, why in _LONGER_CACHE_WRITES:
+            tokens = _count(apart.get(prefix + name))
+            if tokens:
+                multiplier = prices.get(key)
+                if not (_is_number(multiplier) and multiplier >= 0):
+                    return Decimal(0), "%s, and the prices have no %s (psai's key; %s)" % (what, key, why)
+                extra += _exact_count(tokens) * rates[prefix + "in"] * (_exact_rate(multiplier) - five)
+        for name, what, key, side in _MODALITIES:
+            tokens = _count(apart.get(prefix + name))
+            if tokens:
+                rate = prices.get(key)
+                if not (_is_number(rate) and rate >= 0):
+                    return Decimal(0), ("%s, and the prices have no %s (psai's key): they are not priced at the "
+                                        "text rate" % (what, key))
+                extra += _exact_count(tokens) * (_exact_rate(rate) - rates[prefix + side])
+    return extra / _MILLION, None
+
+
+def item_apart(data: Mapping[str, Any], long: bool) -> dict[str, float]:
+    """An item's tokens priced apart (``apart_extra``'s names; ``long_`` ones
+    for a long-context call): from psai's part and usageNormalized."""
+    extras, usage = data.get("psai"), data.get("usageNormalized")
+    extras = extras if isinstance(extras, dict) else {}
+    usage = usage if isinstance(usage, dict) else {}
+    prefix = "long_" if long else ""
+    return {prefix + name: _count(value) for name, value in (
+        ("cw1h", extras.get("cacheWrite1hTokens")), ("cw12h", extras.get("cacheWrite12hTokens")),
+        ("audio_in", extras.get("audioInTokens")), ("audio_out", usage.get("audioTokens")),
+        ("image_out", usage.get("imageTokens")))}
 
 
 def item_cost(data: Any, fallback_prices: Any = None) -> Decimal | None:
@@ -332,9 +378,8 @@ def item_price(data: Any, fallback_prices: Any = None) -> tuple[Decimal | None, 
         extras = {}
     buckets = call_buckets(data["usageNormalized"], cache_write_tokens=extras.get("cacheWriteTokens", 0),
                            threshold=prices.get("longContextTokenThreshold"))
-    hour = _count(extras.get("cacheWrite1hTokens"))
     long = bool(buckets["long_in"] or buckets["long_cached"] or buckets["long_cache_write"] or buckets["long_out"])
-    extra, problem = cache_write_1h_extra(0 if long else hour, hour if long else 0, prices)
+    extra, problem = apart_extra(item_apart(data, long), prices)
     if problem:
         return None, problem
     return bucket_cost(buckets, prices, web_searches=_count(extras.get("webSearches"))) + extra, None

@@ -57,8 +57,8 @@ CACHE_WRITE_COUNTERS = {"token_in_cache_write_count": "token_in_count",
 def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int | str | uuid.UUID | None = None, *,
                  tokens_in: float = 0, tokens_out: float = 0, cached_tokens: float = 0, cache_write_tokens: float = 0,
                  reasoning_tokens: float = 0, audio_tokens: float = 0, image_tokens: float = 0,
-                 web_searches: float = 0, user_id: int | None = None, connector_id: int | None = None,
-                 provider_metadata: dict[str, Any] | None = None) -> PsModelUsage:
+                 web_searches: float = 0, audio_in_tokens: float = 0, user_id: int | None = None,
+                 connector_id: int | None = None, provider_metadata: dict[str, Any] | None = None) -> PsModelUsage:
     """Record one call: add its tokens to the usage counters of (model,
     agent) and write its ``ps_model_usage_item`` with the model's prices as
     stored at that moment, in one transaction.
@@ -66,7 +66,12 @@ def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int 
     The counts are the provider's totals, as ``psai.pricing.estimate_cost``
     takes them (rounded half up to whole tokens); they are partitioned like
     PolicySynth does (long context when ``tokens_in`` reaches the model's
-    threshold). ``provider_metadata`` is what the provider reported, e.g.
+    threshold). ``audio_tokens`` and ``image_tokens`` are output,
+    ``audio_in_tokens`` input (part of ``tokens_in``): reports price each
+    at its own rate (``costOutAudioTokensPerMillion``,
+    ``costOutImageTokensPerMillion``, ``costInAudioTokensPerMillion``), and
+    leave it unpriced, saying why, where the prices lack it.
+    ``provider_metadata`` is what the provider reported, e.g.
     ``{"appliedServiceTier": "flex"}``: reports price the tier applied.
     Safe when several processes record at once, and against a concurrent
     price change: the call is priced either before it or after it. Returns
@@ -80,7 +85,8 @@ def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int 
     """
     counts = dict(tokens_in=tokens_in, tokens_out=tokens_out, cached_tokens=cached_tokens,
                   cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens,
-                  audio_tokens=audio_tokens, image_tokens=image_tokens, web_searches=web_searches)
+                  audio_tokens=audio_tokens, image_tokens=image_tokens, web_searches=web_searches,
+                  audio_in_tokens=audio_in_tokens)
     check_counts(counts)
     check_ids({"user_id": user_id, "connector_id": connector_id})
     if provider_metadata is not None:
@@ -464,9 +470,14 @@ def record_response_data(model: Any, agent: Any, response: Any, provider: str | 
         extras["cacheWrite1hTokens"] = usage.cache_write_1h_tokens
     if usage.provider_cost is not None:
         extras["providerCost"] = usage.provider_cost
+    if usage.cache_write_12h_tokens:
+        extras["cacheWrite12hTokens"] = usage.cache_write_12h_tokens
     kept = {"apiFamily": usage.api_family, "usageRaw": usage.usage_raw, "psai": extras}
+    # Every cache write is among the cache writes (the longer-lived priced apart); audio input among the input.
+    counts = dict(usage.counts(), audio_in_tokens=usage.audio_in_tokens, cache_write_tokens=(
+        usage.cache_write_tokens + usage.cache_write_1h_tokens + usage.cache_write_12h_tokens))
     try:
-        row, data = _record(found, found_agent, usage.counts(), user_id, connector_id,
+        row, data = _record(found, found_agent, counts, user_id, connector_id,
                             usage.provider_metadata or None, kept)
     except IntegrityError:
         # Recorded already (by this process or another at the same moment):

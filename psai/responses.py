@@ -64,6 +64,8 @@ class ResponseUsage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    cache_write_12h_tokens: int = 0
+    audio_in_tokens: int = 0
     reasoning_tokens: int = 0
     audio_tokens: int = 0
     image_tokens: int = 0

@@ -208,6 +208,10 @@ class ModelPricesSchema(_ConfigurationPart):
     costPerThousandWebSearches = Rate()
     cacheWriteInputCostMultiplier = Number(validate=Range(min=0))
     cacheWrite1hInputCostMultiplier = Number(validate=Range(min=0))  # psai's own: 1-hour cache writes
+    cacheWrite12hInputCostMultiplier = Number(validate=Range(min=0))  # psai's own: OpenAI's 12-hour writes
+    costInAudioTokensPerMillion = Rate()  # psai's own: the rates of tokens that are not text
+    costOutAudioTokensPerMillion = Rate()
+    costOutImageTokensPerMillion = Rate()
     longContextCostInTokensPerMillion = Rate()
     longContextCostInCachedContextTokensPerMillion = Rate()
     longContextCostOutTokensPerMillion = Rate()

@@ -2,6 +2,7 @@
 often its response is recorded (the provider's response id), and never
 refused after the provider was paid (a model name no configured model
 matches is recorded unpriced, then assigned). On both backends."""
+import datetime
 import json
 import multiprocessing
 from decimal import Decimal
@@ -10,9 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 import psai
-from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, ResponseUsage
 from psai.check import check
+from psai.genai import genai_catalog
 from psai.cli import cli
+from psai.rollups import full_scan, rebuild
 from psai.sql import item_by_response_id_sql
 
 M = Decimal(10) ** 6
@@ -205,3 +208,105 @@ def test_record_response_prints_the_calls_cost(backend, agent, tmp_path):
     assert unknown.exit_code == 0 and "unpriced" in unknown.output
     assign = runner.invoke(cli, ["usage", "assign"], env=env)
     assert assign.exit_code == 0 and "gpt-9" in assign.output and "dry run" in assign.output
+
+
+# -- tokens priced apart: audio, images, 12-hour cache writes ----------------------------
+
+MODALITY_PRICES = {"costInAudioTokensPerMillion": 40, "costOutAudioTokensPerMillion": 80,
+                   "costOutImageTokensPerMillion": 30}
+
+
+def report_of(model):
+    """The model's rows, read from the items and (rebuilt) from the rollups: the same."""
+    with full_scan():
+        scanned = [r for r in psai.cost_report("model") if r["model_id"] == model.id]
+    rebuild()
+    assert [r for r in psai.cost_report("model") if r["model_id"] == model.id] == scanned
+    return scanned
+
+
+@pytest.mark.parametrize("counts, key", [
+    ({"audio_in_tokens": 400}, "costInAudioTokensPerMillion"),
+    ({"audio_tokens": 300}, "costOutAudioTokensPerMillion"),
+    ({"image_tokens": 200}, "costOutImageTokensPerMillion"),
+])
+def test_audio_and_image_tokens_are_unpriced_without_their_rate(agent, counts, key):
+    model = gpt4o()
+    psai.record_usage(model, agent, tokens_in=3000, cached_tokens=1024, tokens_out=700, **counts)
+    psai.record_usage(model, agent, tokens_in=3000, cached_tokens=1024, tokens_out=700)  # text only: priced
+    rows = report_of(model)
+    [unpriced] = [r for r in rows if r["cost"] is None]
+    assert key in unpriced["unpriced_reason"] and unpriced["unpriced_tokens"] == 3700 and unpriced["calls"] == 1
+    assert [r["cost"] for r in rows if r["cost"] is not None] == [COST]
+
+
+def test_a_responses_audio_output_is_unpriced_without_its_rate(agent):
+    model = gpt4o()
+    spoken = dict(chat(), usage=dict(chat()["usage"], completion_tokens_details={"audio_tokens": 300}))
+    with psai.track(agent, model) as run:
+        assert run.record(spoken) is None
+    assert run.unpriced_calls == 1
+    model.update_configuration({"prices": MODALITY_PRICES})
+    assert psai.record_response(model, agent, dict(spoken, id="chatcmpl-2")).cost == (
+        1976 * Decimal("2.5") + 1024 * Decimal("1.25") + 400 * 10 + 300 * 80) / M
+
+
+def test_audio_and_image_tokens_price_at_their_own_rates(agent):
+    model = gpt4o(prices=dict(PRICES, **MODALITY_PRICES))
+    psai.record_usage(model, agent, tokens_in=3000, cached_tokens=1024, audio_in_tokens=400, tokens_out=700,
+                      audio_tokens=300, image_tokens=200)
+    text_in, text_out = 3000 - 1024 - 400, 700 - 300 - 200
+    expected = (text_in * Decimal("2.5") + 1024 * Decimal("1.25") + 400 * 40 + text_out * 10 + 300 * 80
+                + 200 * 30) / M
+    [row] = report_of(model)
+    assert row["cost"] == expected and row["tokens_in"] == 3000 and row["tokens_out"] == 700
+    item = PsModelUsageItem.get()
+    assert item.data["psai"]["audioInTokens"] == 400 and item.data["usageNormalized"]["audioTokens"] == 300
+    assert counted() == (3000, 700 - 300 - 200)  # PolicySynth's counters: audio and image out have their own
+
+
+def test_audio_in_through_a_response_is_priced_apart(agent):
+    model = gpt4o(prices=dict(PRICES, **MODALITY_PRICES))
+    usage = ResponseUsage(tokens_in=3000, tokens_out=700, cached_tokens=1024, audio_in_tokens=400, audio_tokens=300,
+                          model="gpt-4o", provider="openai", api_family="openai.chat.completions",
+                          provider_metadata={"responseId": "chatcmpl-a"})
+    call = psai.record_response(model, agent, usage)
+    assert call.cost == (1576 * Decimal("2.5") + 1024 * Decimal("1.25") + 400 * 40 + 400 * 10 + 300 * 80) / M
+
+
+def openai_12h(response_id):
+    usage = ResponseUsage(tokens_in=3000, tokens_out=700, cached_tokens=1024, cache_write_tokens=500,
+                          cache_write_12h_tokens=600, model="gpt-5", provider="openai", api_family="responses",
+                          provider_metadata={"responseId": response_id})
+    return usage
+
+
+def test_twelve_hour_cache_writes_price_at_their_key_or_are_unpriced(agent):
+    model = gpt4o(prices=dict(PRICES, cacheWriteInputCostMultiplier=1.25))
+    call = psai.record_response(model, agent, openai_12h("resp_1"))
+    assert call.cost is None and "cacheWrite12hInputCostMultiplier" in call.unpriced_reason
+    item = PsModelUsageItem.get()
+    assert item.data["psai"]["cacheWriteTokens"] == 1100 and item.data["psai"]["cacheWrite12hTokens"] == 600
+    [row] = report_of(model)
+    assert row["cost"] is None and "12-hour cache writes" in row["unpriced_reason"]
+
+    model.update_configuration({"prices": {"cacheWrite12hInputCostMultiplier": 2}})
+    call = psai.record_response(model, agent, openai_12h("resp_2"))
+    # 876 fresh × 2.5 + 1024 cached × 1.25 + 500 30-minute writes × 2.5 × 1.25 + 600 12-hour × 2.5 × 2 + 700 × 10
+    expected = (876 * Decimal("2.5") + 1024 * Decimal("1.25") + 500 * Decimal("3.125") + 600 * 5 + 700 * 10) / M
+    assert call.cost == expected
+    assert [r["cost"] for r in report_of(model) if r["cost"] is not None] == [expected]
+
+
+def test_catalogs_fill_the_modality_rates():
+    from psai.litellm import consumed_keys, map_entry
+    entry = {"mode": "chat", "litellm_provider": "openai", "max_output_tokens": 16384,
+             "input_cost_per_token": 2.5e-06, "output_cost_per_token": 1e-05,
+             "input_cost_per_audio_token": 4e-05, "output_cost_per_audio_token": 8e-05}
+    prices = map_entry("gpt-4o-audio-preview", entry, model_size="medium")["prices"]
+    assert (prices["costInAudioTokensPerMillion"], prices["costOutAudioTokensPerMillion"]) == (40, 80)
+    assert "input_cost_per_audio_token" in consumed_keys(entry)
+    genai = pytest.importorskip("genai_prices")
+    _version, entries, _skipped = genai_catalog(["google"], ["gemini-2.5-flash"],
+                                                datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc))
+    assert genai and entries["google/gemini-2.5-flash"]["configuration"]["prices"]["costInAudioTokensPerMillion"] == 1
