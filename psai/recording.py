@@ -88,6 +88,8 @@ def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int 
                   audio_tokens=audio_tokens, image_tokens=image_tokens, web_searches=web_searches,
                   audio_in_tokens=audio_in_tokens)
     check_counts(counts)
+    if audio_in_tokens > tokens_in:
+        raise ValidationError({"audio_in_tokens": ["Part of tokens_in (%s), so at most that." % tokens_in]})
     check_ids({"user_id": user_id, "connector_id": connector_id})
     if provider_metadata is not None:
         problem = "Must be a dict, e.g. {'appliedServiceTier': 'flex'}." if not isinstance(provider_metadata, dict) \

@@ -310,3 +310,9 @@ def test_catalogs_fill_the_modality_rates():
     _version, entries, _skipped = genai_catalog(["google"], ["gemini-2.5-flash"],
                                                 datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc))
     assert genai and entries["google/gemini-2.5-flash"]["configuration"]["prices"]["costInAudioTokensPerMillion"] == 1
+
+
+def test_audio_input_beyond_the_input_is_refused(agent):
+    with pytest.raises(psai.ValidationError, match="audio_in_tokens"):
+        psai.record_usage(gpt4o(), agent, tokens_in=100, audio_in_tokens=101)
+    assert PsModelUsageItem.select().count() == 0
