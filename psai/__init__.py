@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should s
     from .query import add_model, find_by_provider_model
     from ._audit import audit
     from .query import resolve_model
-    from .recording import record_response, record_usage
+    from .recording import RecordedCall, assign_unmatched, record_response, record_usage, recorded_response
     from .tracking import track
     from .budget import (
         budget_events, budget_status, budgets, check_budget, on_budget_event, remove_budget, set_budget,
@@ -51,13 +51,15 @@ __all__ = [
     "usage_from_response", "ResponseUsage", "record_response", "track", "resolve_model", "audit",
     "WrongDatabaseError", "AmbiguousNameError", "ModelRef", "AgentRef", "find_model", "find_agent", "config",
     "set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events", "on_budget_event",
-    "BudgetExceededError",
+    "BudgetExceededError", "RecordedCall", "assign_unmatched", "recorded_response",
 ]
 
 # Imported on first use, so a short command does not pay for them.
 _LAZY = {"record_usage": "usage", "cost_report": "usage",
          "price_history": "history", "reprice": "history", "add_model": "query",
-         "find_by_provider_model": "query", "record_response": "recording", "track": "tracking",
+         "find_by_provider_model": "query", "record_response": "recording",
+         "RecordedCall": "recording", "assign_unmatched": "recording", "recorded_response": "recording",
+         "track": "tracking",
          "resolve_model": "query", "audit": "_audit", "pricing": None, "catalog": None, "copy": "transfer",
          "report": None, **dict.fromkeys(["set_budget", "budgets", "remove_budget", "budget_status", "check_budget",
                                           "budget_events", "on_budget_event"], "budget")}

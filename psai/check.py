@@ -24,6 +24,7 @@ from .models import (
     AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
     usage_counters,
 )
+from .query import is_unmatched
 from .rollups import ROLLUP_TABLE, verify as verify_rollups
 from .schemas import (
     INCLUDE, dump_rows, readable, shape_problem, time_problems, validate_agent_values, validate_model_values,
@@ -119,6 +120,10 @@ def check() -> list[dict[str, Any]]:
     for model in PsAiModel.select().order_by(PsAiModel.id):
         model_ids.add(model.id)
         problem = _with_times(model_problem(model), model)
+        if problem is None and is_unmatched(model):
+            problem = ("a placeholder holding calls whose response named %r, which no configured model matched: "
+                       "they are unpriced until the model is configured and `psai usage assign --apply` moves them"
+                       % model.configuration["model"])
         if problem:
             found.append({"table": "ps_ai_models", "id": model.id, "problem": problem})
     for agent in PsAgent.select().order_by(PsAgent.id):

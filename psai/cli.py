@@ -1051,12 +1051,36 @@ def usage_record_response(model, agent, source, provider, user_id, connector_id,
     usage = usage_from_response(response, provider=provider)
     connect()
     _report_budget_events()
-    row = record_response(model, agent, usage, user_id=user_id, connector_id=connector_id)
+    call = record_response(model, agent, usage, user_id=user_id, connector_id=connector_id)
     if as_json:
-        emit([dict(usage.as_dict(), usage_row=row.id)], "json", single=True)
-    else:
-        click.echo("recorded %s tokens in, %s out (%s, %s) on usage row %s" % (
-            usage.tokens_in, usage.tokens_out, usage.api_family, shown(usage.model), row.id))
+        emit([dict(usage.as_dict(), cost=call.cost, currency=call.currency, unpriced_reason=call.unpriced_reason,
+                   model_id=call.model_id, response_id=call.response_id, duplicate=call.duplicate)],
+             "json", single=True)
+        return
+    cost = "%s %s" % (call.cost, call.currency) if call.cost is not None else "unpriced (%s)" % call.unpriced_reason
+    click.echo("%s %s tokens in, %s out (%s, %s): %s" % (
+        "already recorded (response %s):" % shown(call.response_id) if call.duplicate else "recorded",
+        usage.tokens_in, usage.tokens_out, usage.api_family, shown(usage.model), shown(cost)))
+
+
+@usage.command("assign")
+@click.option("--apply", "apply_changes", is_flag=True,
+              help="Move the calls to the model now configured for their name; without it nothing changes.")
+@click.option("--json", "as_json", is_flag=True, help="Write every placeholder as JSON.")
+def usage_assign(apply_changes, as_json):
+    """Calls recorded unpriced because their response's model name matched
+    no configured model (held by placeholder models): with --apply, moved
+    to the model configured for that name since, and priced at its prices."""
+    from .recording import assign_unmatched
+    connect()
+    found = assign_unmatched(dry_run=not apply_changes)
+    if as_json:
+        emit(found, "json")
+        return
+    emit([{"placeholder": f["placeholder_id"], "name": f["name"], "provider": f["provider"], "calls": f["calls"],
+           "model": f["model_id"], "why": f["reason"]} for f in found], None,
+         columns=["placeholder", "name", "provider", "calls", "model", "why"])
+    click.echo("applied: calls moved" if apply_changes else "dry run: nothing changed (--apply moves them)", err=True)
 
 
 REPORT_COLUMNS = ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpriced_tokens", "priced_from"]

@@ -8,8 +8,9 @@ packaged data (``genai_prices.data``) is read, never its network update.
 Each genai-prices model becomes a configuration whose prices are the ones in
 force without a request context; its flex, priority and fast variants become
 PolicySynth's tier rates where PolicySynth can say them. Whatever else the
-source prices (1-hour cache writes, batch or off-peak prices, per-request
-fees, ...) is listed in ``unexpressed``; a model whose token prices cannot be
+source prices (batch or off-peak prices, per-request fees, ...) is listed
+in ``unexpressed``; 1-hour cache writes and flat audio and image token
+prices go to psai's own keys; a model whose token prices cannot be
 said at all raises Unmappable with the reason. Every mapped model is checked
 against genai-prices' own calculation: a rate that would come out
 differently is in ``disagreements``, not passed off as agreeing.
@@ -22,7 +23,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from .constants import CACHE_WRITE_1H_KEY, LONG_CONTEXT_RATE_KEYS, TIER_KEYS
+from .constants import CACHE_WRITE_1H_KEY, LONG_CONTEXT_RATE_KEYS, MODALITY_RATE_KEYS, TIER_KEYS
 from .errors import CatalogUnavailableError, Unmappable
 from .pricing import estimate_cost, normalize_inference_type
 
@@ -48,6 +49,8 @@ _GENAI_WHAT = {
     "storage_searches_kcount": "file-search calls",
     "output_reasoning_mtok": "a separate reasoning-token price",
 }
+# genai-prices' prices of tokens that are not text, and psai's own keys for them.
+_GENAI_MODALITY_KEYS = dict(zip(("input_audio_mtok", "output_audio_mtok", "output_image_mtok"), MODALITY_RATE_KEYS))
 # PolicySynth's inference tiers and the genai-prices request contexts they are.
 _TIER_CONTEXTS = {"flex": ({"service_tier": "flex"},), "priority": ({"service_tier": "priority"},),
                   "fast": ({"speed": "fast"}, {"service_tier": "fast"})}
@@ -187,6 +190,10 @@ def _standard_configuration(provider, model, prices):
         # Tiered like the input (Sonnet 4.5: 6 then 12 on 3 then 6): one
         # multiplier of the input rate in force says both.
         result[CACHE_WRITE_1H_KEY] = float(hour.base / rate_in)
+    for source_key, key in _GENAI_MODALITY_KEYS.items():
+        rate = prices.__dict__.get(source_key)
+        if isinstance(rate, Decimal):  # a flat price; psai's own keys (PolicySynth ignores them)
+            result[key] = float(rate)
     web = prices.__dict__.get("web_searches_kcount")
     if web is not None:
         if not isinstance(web, Decimal):
@@ -315,7 +322,8 @@ def genai_entry(provider: Provider, model: ModelInfo, now: datetime) -> dict[str
     configuration, threshold = _standard_configuration(provider, model, standard)
     for key, value in standard.__dict__.items():
         expressed = key in _GENAI_EXPRESSED or (key == "cache_write_1h_mtok"
-                                                and CACHE_WRITE_1H_KEY in configuration["prices"])
+                                                and CACHE_WRITE_1H_KEY in configuration["prices"]) or (
+            _GENAI_MODALITY_KEYS.get(key) in configuration["prices"])
         if value is not None and not expressed:
             notes.append("%s %s: %s" % (key, _price_text(value), _GENAI_WHAT.get(key, "no PolicySynth price for it")))
     tiers, variant_notes = _tiered_configuration(configuration, model, standard, now, threshold)

@@ -7,7 +7,7 @@ import datetime
 import difflib
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, Self, TypeAlias
 
 from peewee import (
@@ -36,7 +36,7 @@ __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "
            "record_price_change", "prices_of", "provenance", "usage_counters", "CALL_WATCHERS", "CallWatcher",
            "ModelRef", "AgentRef", "ref_key", "find_model", "find_models", "find_agent",
            "DEFAULT_IDS", "config", "store_settings", "change_settings", "fill_default_ids",
-           "default_ids"]
+           "default_ids", "nearest_names"]
 
 # PolicySynth's size fallback: which sizes to try, in order, for a size asked for.
 SIZE_FALLBACK = {
@@ -582,9 +582,15 @@ def ref_key(ref: int | str | uuid.UUID) -> tuple[str, Any]:
         return "name", text
 
 
+def nearest_names(name: str, names: Iterable[str], count: int = 3) -> list[str]:
+    """The names nearest to ``name`` (at most ``count``, nearest first):
+    what an error suggests instead of a name that matches none."""
+    return difflib.get_close_matches(name, sorted(set(names)), n=count, cutoff=0.6)
+
+
 def _named(kind: str, text: str, every: list[str]) -> NotFoundError:
     """The error for a name no row has, with the nearest names there are."""
-    near = difflib.get_close_matches(text, sorted(set(every)), n=3, cutoff=0.6)
+    near = nearest_names(text, every)
     return NotFoundError("no %s has the id, uuid or name %r%s" % (
         kind, text, "; did you mean %s?" % " or ".join(repr(name) for name in near) if near else ""))
 

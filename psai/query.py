@@ -8,7 +8,6 @@ and never put a caller's key or value into the SQL text: values are always
 bound parameters, and keys must be plain identifiers (PolicySynth's are
 camelCase) or the filter is refused with ``psai.ValidationError``.
 """
-import difflib
 import re
 from collections.abc import Mapping
 from typing import Any, Literal, overload
@@ -19,8 +18,8 @@ from .db import is_postgres, lock, model_db, table_columns, write_transaction
 from .enums import PsAiModelProvider
 from .errors import NotFoundError, ValidationError
 from .models import (
-    SIZE_FALLBACK, AgentModels, ModelProvenance, PsAiModel, newest_first, model_choices, model_history, select_model,
-    sub_agent_tree, where_config,
+    SIZE_FALLBACK, AgentModels, ModelProvenance, PsAiModel, model_choices, model_history, nearest_names, newest_first,
+    select_model, sub_agent_tree, where_config,
 )
 from .schemas import validate_configuration
 from .sql import INDEXED_PATHS
@@ -28,7 +27,8 @@ from .sql import config_filter as _config_filter
 
 __all__ = ["config_filter", "where_config", "select_model", "model_choices", "find_by_provider_model",
            "add_model", "model_history", "sub_agent_tree", "SIZE_FALLBACK", "INDEXED_PATHS", "resolve_model",
-           "model_configuration", "imported_ids", "PRICE_FLAGS", "MODEL_DEFAULTS", "KNOWN_PROVIDERS"]
+           "model_configuration", "imported_ids", "PRICE_FLAGS", "MODEL_DEFAULTS", "KNOWN_PROVIDERS",
+           "unmatched_model", "is_unmatched", "UNMATCHED_PREFIX"]
 
 
 def config_filter(filters: Mapping[str, Any]) -> ColumnBase:
@@ -250,10 +250,41 @@ def resolve_model(name: str, *, provider: str | list[str] | None = None,
                 reason += "; rows you made win over rows a catalog import made: %s passed over" % ", ".join(
                     "%s (id %s)" % (row.name, row.id) for row in passed_over)
             return (chosen, reason) if explain else chosen
-    configured = sorted({str(r.configuration.get("model")) for r in rows if isinstance(r.configuration, dict)})
-    near = [name for name in configured if name.split("-")[0] == wanted.split("-")[0]]
-    close = [name for name in difflib.get_close_matches(wanted, configured, n=3, cutoff=0.6) if name not in near]
-    raise NotFoundError("no active model%s is configured as %r%s%s%s" % (
+    configured = {str(r.configuration.get(key)) for r in rows if isinstance(r.configuration, dict)
+                  for key in ("model", "apiModel") if isinstance(r.configuration.get(key), str)}
+    near = nearest_names(undated[0] if undated else wanted, configured)
+    raise NotFoundError("no active model%s is configured as %r%s%s" % (
         " of provider %r" % provider if provider else "", wanted,
-        " or %r" % undated[0] if undated else "", ("; models of that family: %s" % ", ".join(near)) if near else "",
-        ("; did you mean %s?" % " or ".join(repr(name) for name in close)) if close else ""))
+        " or %r" % undated[0] if undated else "", ("; the nearest configured: %s" % ", ".join(near)) if near else ""))
+
+
+# A placeholder model's name: calls whose model name matched no configured model.
+UNMATCHED_PREFIX = "Unmatched model: "
+
+
+def is_unmatched(model: PsAiModel) -> bool:
+    """True for a placeholder model (``unmatched_model``): inactive, its
+    prices empty, named with UNMATCHED_PREFIX."""
+    configuration = model.configuration if isinstance(model.configuration, dict) else {}
+    return (isinstance(model.name, str) and model.name.startswith(UNMATCHED_PREFIX)
+            and configuration.get("active") is False and configuration.get("prices") == {})
+
+
+def unmatched_model(name: str, provider: str | None, *, user_id: int) -> PsAiModel:
+    """The placeholder model that holds the calls whose response named
+    ``name`` (of ``provider``) when no active model matched it: found, or
+    created once (several processes at once make one). It is inactive, so
+    nothing selects or resolves it, and its prices are empty (``{}``), so
+    its calls are unpriced, saying why, until ``psai.assign_unmatched``
+    moves them to the model configured for the name."""
+    provider = provider or "unknown"
+    label = ("%s%s (%s)" % (UNMATCHED_PREFIX, name, provider))[:255]
+    db = model_db(PsAiModel)
+    with write_transaction(db):
+        lock(db, ("unmatched model", label))
+        found = newest_first(PsAiModel.select().where(PsAiModel.name == label)).first()
+        if found is not None and is_unmatched(found):
+            return found
+        return PsAiModel.create(user_id=user_id, organization_id=0, name=label, configuration={
+            "type": "text", "modelSize": "medium", "model": name[:255], "provider": provider[:64],
+            "active": False, "prices": {}, "maxTokensOut": 1, "defaultTemperature": 0})

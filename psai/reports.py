@@ -23,7 +23,7 @@ from .constants import strict_json_dumps
 from .db import is_postgres, model_db, read_transaction, table_columns
 from .errors import UnpricedUsageError, ValidationError
 from .fields import UTC
-from .items import BUCKETS, BucketPricer, cache_write_1h_extra, effective_prices
+from .items import APART, BUCKETS, BucketPricer, apart_extra, effective_prices
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
 from .recording import usage_counters
 from .rollups import coverage, one_reading, rollup_rows, scan_where
@@ -125,9 +125,11 @@ class GroupSums:
     """What SQL adds up for one group of items priced alike (its columns in
     this order): the calls, the input in its buckets (neither cached nor a
     cache write; cached; cache writes), all output, web searches, the
-    items' input and output totals as recorded, the 1-hour cache writes
-    among the cache writes, and the provider's own cost of the calls that
-    reported one (None when none did)."""
+    items' input and output totals as recorded, the tokens priced apart
+    (``items.APART``: 1-hour and 12-hour cache writes among the cache
+    writes, audio input among the input, audio and image output among the
+    output), and the provider's own cost of the calls that reported one
+    (None when none did)."""
 
     calls: int
     fresh_in: Number
@@ -138,7 +140,16 @@ class GroupSums:
     all_in: Number
     all_out: Number
     cache_write_1h: Number
+    cache_write_12h: Number
+    audio_in: Number
+    audio_out: Number
+    image_out: Number
     provider_cost: Number | None
+
+    def apart(self) -> dict[str, Number]:
+        """The tokens priced apart, by ``items.APART``'s names."""
+        return dict(zip(APART, (self.cache_write_1h, self.cache_write_12h, self.audio_in, self.audio_out,
+                                self.image_out)))
 
     def add(self, other: "GroupSums") -> None:
         """Add another group's sums (the coverage totals stay this group's)."""
@@ -149,6 +160,10 @@ class GroupSums:
         self.out += other.out or 0
         self.web += other.web or 0
         self.cache_write_1h += other.cache_write_1h or 0
+        self.cache_write_12h += other.cache_write_12h or 0
+        self.audio_in += other.audio_in or 0
+        self.audio_out += other.audio_out or 0
+        self.image_out += other.image_out or 0
         self.provider_cost = _plus(self.provider_cost, other.provider_cost)
 
 
@@ -228,7 +243,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     for key, sums in sorted(merged.items(), key=lambda entry: repr(entry[0])):
         row = dict(zip(names, key))
         prefix = "long_" if row.pop("long") else ""
-        row.pop("hour")
+        row.pop("apart")
         row["calls"] = sums.calls
         row["buckets"] = dict.fromkeys(BUCKETS, 0)
         for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached), ("cache_write", sums.cache_write),
@@ -236,9 +251,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
             row["buckets"][prefix + bucket] = _number(value)
         row["web"] = int(sums.web or 0)
         row["provider_cost"] = None if sums.provider_cost is None else _number(sums.provider_cost)
-        # 1-hour writes are among the cache writes; their extra is priced apart (cache_write_1h_extra).
-        row["cw1h"], row["long_cw1h"] = (0, _number(sums.cache_write_1h)) if prefix \
-            else (_number(sums.cache_write_1h), 0)
+        # Counted in the buckets above; what they cost beyond them is priced apart (apart_extra).
+        row["apart"] = {prefix + name: _number(value) for name, value in sums.apart().items() if value}
         # Pricing is JSON text: parsed once for each distinct text, and with
         # the tier applied, what tells groups priced alike without comparing dicts.
         pricing = key[pricing_at]
@@ -643,17 +657,18 @@ def merge_parts(parts, fields):
     added up: each is priced once."""
     merged = {}
     for part in parts:
-        # Calls with 1-hour cache writes apart: without their price key only they are unpriced.
-        hour = bool(part.get("cw1h") or part.get("long_cw1h"))
+        # Calls with tokens priced apart kept apart: without their price keys only they are unpriced.
+        apart = part.get("apart") or {}
         key = tuple(part[f] for f in fields) + (
-            part["provider"], part["priced_from"], part["has_usage"], _price_key(part), hour)
+            part["provider"], part["priced_from"], part["has_usage"], _price_key(part), bool(apart))
         into = _add_to(merged, key, part)
         if into is None:
             continue
         into["web"] += part["web"]
-        if hour:
-            into["cw1h"] = into.get("cw1h", 0) + part.get("cw1h", 0)
-            into["long_cw1h"] = into.get("long_cw1h", 0) + part.get("long_cw1h", 0)
+        if apart:
+            into["apart"] = dict(into.get("apart") or {})
+            for name, value in apart.items():
+                into["apart"][name] = into["apart"].get(name, 0) + value
     return list(merged.values())
 
 
@@ -692,7 +707,7 @@ def price_parts(parts, transform=None):
         if problem:
             part["reason"] = problem
             continue
-        extra, problem = cache_write_1h_extra(part.get("cw1h", 0), part.get("long_cw1h", 0), prices)
+        extra, problem = apart_extra(part.get("apart") or {}, prices)
         if problem:
             part["reason"] = problem
             continue

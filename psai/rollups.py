@@ -5,7 +5,7 @@ A rollup row holds, for one range day (the items whose ``created_at`` is
 in ``[day 00:00, next day 00:00)`` UTC), the sums the report SQL forms
 for one group of items priced alike: model, agent, connector, the day as
 the reports read it, provider, price snapshot, the tier applied,
-long-context side, 1-hour cache writes (``sql.ROLLUP_KEYS``). Beside the
+long-context side, tokens priced apart (``sql.ROLLUP_KEYS``). Beside the
 sums, each row keeps its items' fingerprint: the sum of their ids, and on
 PostgreSQL the sum of their offsets into the day.
 

@@ -208,6 +208,10 @@ class ModelPricesSchema(_ConfigurationPart):
     costPerThousandWebSearches = Rate()
     cacheWriteInputCostMultiplier = Number(validate=Range(min=0))
     cacheWrite1hInputCostMultiplier = Number(validate=Range(min=0))  # psai's own: 1-hour cache writes
+    cacheWrite12hInputCostMultiplier = Number(validate=Range(min=0))  # psai's own: OpenAI's 12-hour writes
+    costInAudioTokensPerMillion = Rate()  # psai's own: the rates of tokens that are not text
+    costOutAudioTokensPerMillion = Rate()
+    costOutImageTokensPerMillion = Rate()
     longContextCostInTokensPerMillion = Rate()
     longContextCostInCachedContextTokensPerMillion = Rate()
     longContextCostOutTokensPerMillion = Rate()
@@ -236,13 +240,24 @@ class ModelPricesSchema(_ConfigurationPart):
             raise _MarshmallowValidationError(errors)
 
 
+class _PricesPart(_NestedPart):
+    """``prices``: ModelPricesSchema's, or ``{}``, which only an inactive
+    model may have (a placeholder for calls whose model was not configured:
+    they stay unpriced, saying so). An active one is told what is missing."""
+
+    def _deserialize(self, value, attr, data, partial=None, **kwargs):
+        if value == {} and isinstance(data, Mapping) and data.get("active") is False and not partial:
+            return {}
+        return super()._deserialize(value, attr, data, partial=partial, **kwargs)
+
+
 class AiModelConfigurationSchema(_ConfigurationPart):
     type = Choice(PsAiModelType, required=True)
     modelSize = Choice(PsAiModelSize, required=True)
     model = String(required=True, validate=Length(min=1, max=255))
     provider = String(required=True, validate=Length(min=1, max=64))
     active = Boolean(required=True)
-    prices = _NestedPart(ModelPricesSchema, required=True)
+    prices = _PricesPart(ModelPricesSchema, required=True)
     maxTokensOut = Count(minimum=1, required=True)
     defaultTemperature = Number(required=True, validate=Range(min=0, max=2))
     apiModel = String(validate=Length(min=1, max=255))

@@ -32,7 +32,7 @@ __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALU
            "Slot", "slot", "Statement", "compiled", "item_groups_sql", "item_totals_sql", "counters_sound",
            "counters_negative", "counter_totals_sql", "counter_rows_sql", "price_period_sql", "counter_sums_sql",
            "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "lock_models_sql",
-           "item_reprice_sql", "usage_state_sql"]
+           "item_reprice_sql", "usage_state_sql", "response_id_sql", "item_by_response_id_sql"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -219,6 +219,8 @@ ITEM_VALUES = (
     ("cached", ("usageNormalized", "cachedInTokens"), "number"),
     ("cw", ("psai", "cacheWriteTokens"), "number"),
     ("cw1h", ("psai", "cacheWrite1hTokens"), "number"),
+    ("cw12h", ("psai", "cacheWrite12hTokens"), "number"),
+    ("audio_in", ("psai", "audioInTokens"), "number"),
     ("pcost", ("psai", "providerCost"), "number"),
     ("tout", ("usageNormalized", "tokensOut"), "number"),
     ("reasoning", ("usageNormalized", "reasoningTokens"), "number"),
@@ -316,6 +318,11 @@ class ItemReader:
 
 # -- reports' statements over items and counters ---------------------------------------
 
+# The typed values priced apart (items.APART's, in its order), and all those summed, not grouped by.
+_APART_VALUES = ("cw1h", "cw12h", "audio_in", "audio", "image")
+_SUMMED_VALUES = ("tin", "cached", "cw", "tout", "parts", "web", "threshold", "pcost", "id", "at") + _APART_VALUES
+
+
 def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
     """``(sql, group)``: items (``read``, ItemReader.select's subquery) added
     up by model, the keys ``grouped`` (among agent, connector, day) and all
@@ -340,7 +347,8 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
         # counts are text is not priced as 0 tokens, nor guessed).
         "has_usage": "(CASE WHEN %s AND %s THEN 1 ELSE 0 END)" % (r.is_a("tin"), r.counts_usable(ITEM_COUNTS)),
         "tin": r.count("tin"), "cached": r.count("cached"), "cw": r.count("cw"), "cw1h": r.count("cw1h"),
-        "tout": r.count("tout"), "pcost": r.value("pcost"),
+        "cw12h": r.count("cw12h"), "audio_in": r.count("audio_in"), "audio": r.count("audio"),
+        "image": r.count("image"), "tout": r.count("tout"), "pcost": r.value("pcost"),
         "parts": " + ".join(r.count(name) for name in ("reasoning", "audio", "image")),
         "web": r.count("web"),
         # The call's own prices' threshold; for an item without a snapshot,
@@ -362,19 +370,21 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
     typed = "SELECT %s%s FROM (%s) r%s" % (", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
                                             r.fence_column, read, r.fence)
     group = [name for name in columns
-             if name not in ("tin", "cached", "cw", "cw1h", "tout", "parts", "web", "threshold", "pcost", "id", "at")]
-    # Calls with 1-hour cache writes in groups of their own (their extra needs its own price key).
-    group += ["long", "hour"]
+             if name not in _SUMMED_VALUES]
+    # Calls with tokens priced apart (longer-lived cache writes, audio, images) in groups of their
+    # own: their extra needs price keys of its own, and without them only those calls are unpriced.
+    group += ["long", "apart"]
     # In the order of GroupSums' fields.
     summed = [r.j.greatest("tin - cached - cw", "0"), "cached", "cw", "%s + parts" % r.j.greatest("tout - parts", "0"),
-              "web", "tin", "tout", "cw1h", "pcost"] + (["id"] if rollup else [])
+              "web", "tin", "tout"] + list(_APART_VALUES) + ["pcost"] + (["id"] if rollup else [])
     if single:
         sums = ["1"] + summed + ([_at_sum("at", single) if r.postgres else "NULL"] if rollup else []) + list(extra)
     else:
         sums = ["COUNT(*)"] + ["SUM(%s)" % value for value in summed] + (
             [_at_sum("at") if r.postgres else "NULL"] if rollup else [])
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long, "
-           "CASE WHEN cw1h > 0 THEN 1 ELSE 0 END AS hour FROM (%s) c) g" % (", ".join(group), ", ".join(sums), typed))
+           "CASE WHEN %s THEN 1 ELSE 0 END AS apart FROM (%s) c) g" % (
+               ", ".join(group), ", ".join(sums), " OR ".join("%s > 0" % name for name in _APART_VALUES), typed))
     return (sql if single else "%s GROUP BY %s" % (sql, ", ".join(group))), group
 
 
@@ -640,6 +650,23 @@ def item_insert(db):
             '"connector_id", "data") VALUES (%s)' % ", ".join([db.param] * 7))
 
 
+def response_id_sql(postgres):
+    """The provider's response id an item keeps in psai's part
+    (``data.psai.responseId``), as the unique index of migration 0010 reads
+    it (the same text, so that a lookup uses the index): SQLite only from
+    valid JSON, which its column need not hold."""
+    if postgres:
+        return "(data -> 'psai' ->> 'responseId')"
+    return "(CASE WHEN json_valid(data) THEN json_extract(data, '$.psai.responseId') END)"
+
+
+def item_by_response_id_sql(db):
+    """The item (id, model id, data) recorded for a response id: one lookup
+    in migration 0010's index."""
+    return 'SELECT "id", "model_id", "data" FROM "ps_model_usage_item" WHERE %s = %s' % (
+        response_id_sql(isinstance(db, PostgresqlDatabase)), db.param)
+
+
 def one_round_trip_statements(find, present, agent_is_null, connector_is_null, rollup="", probes=()):
     """PostgreSQL: (the advisory lock, the statement that records a call:
     on condition that the model's stored configuration is the one given,
@@ -690,13 +717,13 @@ ROLLUP_TABLE = "psai_usage_rollup"
 # (GroupSums' order, then the day's fingerprints: the sum of the items' ids, and on
 # PostgreSQL the sum of their offsets into the day, NULL on SQLite).
 ROLLUP_KEYS = ("model_id", "agent_id", "connector_id", "day", "provider", "pricing", "applied_service_tier",
-               "applied_speed", "has_usage", "model_priced", "model_threshold", "long", "hour")
+               "applied_speed", "has_usage", "model_priced", "model_threshold", "long", "apart")
 ROLLUP_SUMS = ("calls", "fresh_in", "cached", "cache_write", "out", "web", "all_in", "all_out", "cache_write_1h",
-               "provider_cost", "id_sum", "at_sum")
+               "cache_write_12h", "audio_in", "audio_out", "image_out", "provider_cost", "id_sum", "at_sum")
 ROLLUP_FINGERPRINTS = ("id_sum", "at_sum")
 _ROLLUP_COLUMNS = ", ".join(quoted(c) for c in ("range_day",) + ROLLUP_KEYS + ROLLUP_SUMS)
 # Rollup keys never NULL (an item's ids, its day, and flags that are 0 or 1), compared with "=".
-_ROLLUP_NOT_NULL = ("model_id", "agent_id", "day", "has_usage", "model_priced", "long", "hour")
+_ROLLUP_NOT_NULL = ("model_id", "agent_id", "day", "has_usage", "model_priced", "long", "apart")
 
 
 def rollup_groups_sql(r, where, source='"ps_model_usage_item"', single=False, models='"ps_ai_models"', extra=()):

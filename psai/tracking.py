@@ -2,14 +2,12 @@
 responses, counted and priced, and, with ``budget=True``, stopped by a hard
 budget before the next call (``psai.budget``)."""
 import contextlib
-import json
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 from .arguments import agent_arg, model_arg
 from .budget import check_budget
-from .items import item_cost
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel
 from .recording import record_response_data
 
@@ -36,27 +34,23 @@ class Run:
     def record(self, response: Any, *, model: ModelRef | None = None,
                provider: str | None = None) -> Decimal | None:
         """Record one call from its response (``record_response``) and return
-        what it cost, None when its prices cannot price it. With
+        what it cost, None when its prices cannot price it (or no configured
+        model matched its model name: it is recorded, unpriced). A response
+        recorded already returns the first's cost and is not counted again. With
         ``budget=True`` the budgets are checked once the call is recorded (a
         call made is always recorded): BudgetExceededError stops the block
         before its next call."""
         chosen = model if model is not None else self.model
-        row, data = record_response_data(chosen, self.agent, response, provider, None, None)
-        self.calls += 1
-        item = json.loads(data) if data is not None else None
-        cost = item_cost(item)
-        # The item holds the model's prices as stored, whatever they are (null, text, a list, by hand).
-        pricing = item.get("pricing") if isinstance(item, dict) else None
-        prices = pricing.get("configuredPrices") if isinstance(pricing, dict) else None
-        currency = prices.get("currency") if isinstance(prices, dict) else None
-        if cost is None or not isinstance(currency, str):
-            self.unpriced_calls += 1
-            cost = None
-        else:
-            self.cost[currency] = self.cost.get(currency, Decimal(0)) + cost
+        call = record_response_data(chosen, self.agent, response, provider, None, None)
+        if not call.duplicate:  # a response recorded already is the same call: counted once
+            self.calls += 1
+            if call.cost is None or call.currency is None:
+                self.unpriced_calls += 1
+            else:
+                self.cost[call.currency] = self.cost.get(call.currency, Decimal(0)) + call.cost
         if self.budget:
-            check_budget(self.agent, row.model_id)
-        return cost
+            check_budget(self.agent, call.model_id)
+        return call.cost
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Budgets (docs/budgets.md): spending limits on a calendar, what they have
 spent equal to cost_report's, checks before a call, alerts that fire once."""
 import datetime
+import itertools
 import json
 import multiprocessing
 import os
@@ -323,8 +324,12 @@ def test_eight_processes_crossing_a_threshold_fire_each_alert_once(backend):
 
 # -- track ------------------------------------------------------------------------------
 
+_RESPONSE_IDS = itertools.count(1)
+
+
 def openai_response(tokens_in=10_000, tokens_out=1_000):
-    return {"object": "chat.completion", "model": "gpt-4", "id": "x", "choices": [],
+    # Each call its own response id: one recorded twice is one call.
+    return {"object": "chat.completion", "model": "gpt-4", "id": "chatcmpl-%d" % next(_RESPONSE_IDS), "choices": [],
             "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
                       "total_tokens": tokens_in + tokens_out}}
 

@@ -165,3 +165,13 @@ def set_new_budgets(url, names, amount, barrier_path):
         psai.set_budget(name=name, amount=amount)
     psai.database.close()
     return amount
+
+
+def record_responses(url, model_id, agent_id, responses):
+    """Record each of ``responses`` (the same list in every process, at once):
+    returns how many this process found recorded already."""
+    import psai
+    psai.connect(url)
+    duplicates = sum(psai.record_response(model_id, agent_id, response).duplicate for response in responses)
+    psai.database.close()
+    return duplicates
