@@ -1228,11 +1228,8 @@ def audit_command(since, until, model, apply_changes, as_json):
             shown(currency), result["recorded"][currency], result["billed"][currency],
             result["billed"][currency] - result["recorded"][currency], len(result["findings"]),
             result["items_read"]))
-    if not result["findings"]:
-        click.echo("nothing to correct", err=True)
-    else:
-        click.echo("applied: items and counters corrected" if result["applied"]
-                   else "dry run: nothing changed (--apply corrects)", err=True)
+    click.echo("applied: items and counters corrected" if result["applied"]
+               else "dry run: nothing changed (--apply corrects)", err=True)
 
 
 # -- budgets ------------------------------------------------------------------------------

@@ -307,7 +307,7 @@ def test_catalogs_fill_the_modality_rates():
     assert (prices["costInAudioTokensPerMillion"], prices["costOutAudioTokensPerMillion"]) == (40, 80)
     assert "input_cost_per_audio_token" in consumed_keys(entry)
     genai = pytest.importorskip("genai_prices")
-    _version, entries, _skipped = genai_catalog(["google"], ["gemini-2.5-flash"],
+    _version, entries, _skipped = genai_catalog(["google"], lambda _source, model: model == "gemini-2.5-flash",
                                                 datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc))
     assert genai and entries["google/gemini-2.5-flash"]["configuration"]["prices"]["costInAudioTokensPerMillion"] == 1
 
