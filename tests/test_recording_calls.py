@@ -316,3 +316,12 @@ def test_audio_input_beyond_the_input_is_refused(agent):
     with pytest.raises(psai.ValidationError, match="audio_in_tokens"):
         psai.record_usage(gpt4o(), agent, tokens_in=100, audio_in_tokens=101)
     assert PsModelUsageItem.select().count() == 0
+
+
+def test_usage_record_takes_audio_input(backend, agent):
+    model = gpt4o(prices=dict(PRICES, **MODALITY_PRICES))
+    result = CliRunner().invoke(cli, ["usage", "record", str(model.id), "--in", "1000", "--audio-in", "400",
+                                      "--out", "10"], env={"PSAI_DATABASE_URL": backend.url})
+    assert result.exit_code == 0, result.output
+    assert PsModelUsageItem.get().data["psai"]["audioInTokens"] == 400
+    assert psai.cost_report("model")[0]["cost"] == (600 * Decimal("2.5") + 400 * 40 + 10 * 10) / M
