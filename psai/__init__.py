@@ -1,23 +1,40 @@
-"""psai: PolicySynth's AI-model store in Python."""
+"""psai: PolicySynth's AI-model store in Python.
+
+Connect and set up: connect, database, using, migrate, redact_url.
+Models and agents: PsAiModel, PsAgent, AgentModels, add_model, resolve_model,
+find_by_provider_model.
+Recording: record_usage, record_response, usage_from_response, track, audit.
+Reports and prices: cost_report, price_history, reprice, copy; the modules
+pricing, catalog and report.
+Budgets: set_budget, budgets, remove_budget, budget_status, check_budget,
+budget_events, on_budget_event.
+
+Every name above is in ``psai.__all__`` and has its own help, e.g.
+``help(psai.record_usage)``; docs/*.md is the guide.
+"""
 from typing import TYPE_CHECKING, Any
 
 from .db import connect, database, redact_url, using
 from .enums import PsAiModelProvider, PsAiModelSize, PsAiModelType
 from .errors import (
-    BudgetExceededError, DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError, PsaiError,
-    UnpricedUsageError, ValidationError, WrongDatabaseError,
+    AmbiguousNameError, BudgetExceededError, DatabaseUnavailableError, DatabaseURLError, InUseError, NotFoundError,
+    PsaiError, UnpricedUsageError, ValidationError, WrongDatabaseError,
 )
 from .migrations import migrate
-from .models import CALL_WATCHERS, AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, Reservation
+from .models import (
+    CALL_WATCHERS, AgentModels, AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, Reservation,
+    config,
+    find_agent, find_model,
+)
 from .responses import ResponseUsage, usage_from_response
 
 if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should see them
     from . import catalog, pricing, report
     from .history import price_history, reprice
     from .query import add_model, find_by_provider_model
-    from .audit import audit
+    from ._audit import audit
     from .query import resolve_model
-    from .recording import record_response, record_usage
+    from .recording import RecordedCall, assign_unmatched, record_response, record_usage, recorded_response
     from .tracking import track
     from .budget import (
         budget_events, budget_status, budgets, check_budget, on_budget_event, remove_budget, set_budget,
@@ -33,21 +50,35 @@ __all__ = [
     "ValidationError", "PsaiError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
     "InUseError", "PsModelUsageItem", "price_history", "reprice", "UnpricedUsageError", "catalog", "report",
     "usage_from_response", "ResponseUsage", "record_response", "track", "resolve_model", "audit",
-    "WrongDatabaseError",
+    "WrongDatabaseError", "AmbiguousNameError", "ModelRef", "AgentRef", "find_model", "find_agent", "config",
     "set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events", "on_budget_event",
-    "BudgetExceededError", "Reservation",
+    "BudgetExceededError", "Reservation", "RecordedCall", "assign_unmatched", "recorded_response",
 ]
 
 # Imported on first use, so a short command does not pay for them.
 _LAZY = {"record_usage": "usage", "cost_report": "usage",
          "price_history": "history", "reprice": "history", "add_model": "query",
-         "find_by_provider_model": "query", "record_response": "recording", "track": "tracking",
-         "resolve_model": "query", "audit": "audit", "pricing": None, "catalog": None, "copy": "transfer",
+         "find_by_provider_model": "query", "record_response": "recording",
+         "RecordedCall": "recording", "assign_unmatched": "recording", "recorded_response": "recording",
+         "track": "tracking",
+         "resolve_model": "query", "audit": "_audit", "pricing": None, "catalog": None, "copy": "transfer",
          "report": None, **dict.fromkeys(["set_budget", "budgets", "remove_budget", "budget_status", "check_budget",
                                           "budget_events", "on_budget_event"], "budget")}
 
 
+if TYPE_CHECKING:
+    __version__: str
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            installed = version(__name__)
+        except PackageNotFoundError:  # psai's source on sys.path, never installed
+            installed = "0+unknown"
+        globals()[name] = installed
+        return installed
     if name not in _LAZY:
         raise AttributeError("module 'psai' has no attribute %r" % name)
     import importlib
@@ -55,6 +86,11 @@ def __getattr__(name: str) -> Any:
     value = module if _LAZY[name] is None else getattr(module, name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    # The lazy names too, so dir() and help(psai) list every public function.
+    return sorted(set(globals()) | set(__all__) | {"__version__"})
 
 
 def _budget_watcher() -> Any:

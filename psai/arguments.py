@@ -1,37 +1,30 @@
 """Arguments callers give psai's recording and report functions, checked
-one way everywhere: models and agents by row, id or uuid; counts and ids
+one way everywhere: models and agents by row, id, uuid or name (the one
+rule of ``psai.models.find_model``); counts and ids
 that fit PolicySynth's INTEGER columns; periods as aware datetimes."""
 import datetime
 import math
-import uuid
 from collections.abc import Mapping
+from typing import cast
 
 from .constants import MAX_INTEGER, time_range_problem
 from .errors import ValidationError
 from .fields import UTC
-from .base import check_database
-from .models import PsAgent, PsAiModel
+from .models import AgentRef, ModelRef, PsAgent, PsAiModel, find_agent, find_model
 
 __all__ = ["model_arg", "agent_arg", "check_counts", "check_ids", "as_datetime"]
 
 
-def model_arg(model: PsAiModel | int | str | uuid.UUID) -> PsAiModel:
+def model_arg(model: ModelRef) -> PsAiModel:
     """The model row: a row given (refused if it came from another
-    database than the one bound here), else the row with this id or uuid."""
-    if isinstance(model, PsAiModel):
-        check_database(model)
-        return model
-    return PsAiModel.get_by_key(model)
+    database than the one bound here), else the row this id, uuid or name
+    names (``find_model``)."""
+    return find_model(model)
 
 
-def agent_arg(agent: PsAgent | int | str | uuid.UUID | None) -> PsAgent | None:
+def agent_arg(agent: AgentRef | None) -> PsAgent | None:
     """The agent row, as ``model_arg`` finds a model; None stays None."""
-    if agent is None:
-        return None
-    if isinstance(agent, PsAgent):
-        check_database(agent)
-        return agent
-    return PsAgent.get_by_key(agent)
+    return None if agent is None else find_agent(agent)
 
 
 def check_counts(counts: Mapping[str, object]) -> None:
@@ -45,8 +38,22 @@ def check_counts(counts: Mapping[str, object]) -> None:
             errors[name] = ["Must be a finite number, 0 or more."]
         elif value > MAX_INTEGER:  # compared as given: math.isfinite(10**400) would overflow
             errors[name] = ["Too large for one call: at most %d." % MAX_INTEGER]
+    if not errors:
+        # The totals hold their parts, as every provider reports them (and
+        # record_response refuses a response whose parts are above them).
+        for total, parts in (("tokens_in", ("cached_tokens", "cache_write_tokens")),
+                             ("tokens_out", ("reasoning_tokens", "audio_tokens", "image_tokens"))):
+            given = [name for name in parts if counts.get(name)]
+            held = sum(cast(float, counts[name]) for name in given)
+            if held > cast(float, counts.get(total, 0)):
+                errors[given[0]] = ["%s (%s) above %s (%s): %s is the call's total, which holds them." % (
+                    " and ".join(given), _number(held), total, _number(cast(float, counts.get(total, 0))), total)]
     if errors:
         raise ValidationError(errors)
+
+
+def _number(value: float) -> str:
+    return "%d" % value if float(value).is_integer() else repr(value)
 
 
 def check_ids(ids: Mapping[str, object]) -> None:

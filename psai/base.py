@@ -6,7 +6,7 @@ and each row's database: a row read from (or saved to) one database is
 refused on another, where its id names a different row."""
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from peewee import (
     Database, DatabaseProxy, DeferredThroughModel, FieldAccessor, ManyToManyField, ManyToManyFieldAccessor,
@@ -68,6 +68,8 @@ class BaseModel(Model):
     # peewee gives every table its own fields.
     id: Any
     uuid: Any
+    # peewee's Model has it; its stubs do not say.
+    _normalize_data: ClassVar[Any]
 
     class Meta:
         database = database  # the default; psai.using(db) / bind_ctx rebind per thread
@@ -294,7 +296,8 @@ class _PreparedInsert:
             fields = [model._meta.fields[name] for name in names]
             # A value of each column's kind, so that peewee writes its
             # placeholder as for a real row (SQLite's json(?) for JSON).
-            sample = tuple({} if isinstance(field, JSONField) else None for field in fields)
+            sample: tuple[dict[str, Any] | None, ...] = tuple(
+                {} if isinstance(field, JSONField) else None for field in fields)
             query = ModelInsert(model, [sample] * rows, columns=fields)
             if rows > 1 or not model._meta.auto_increment:
                 query = query.returning()  # an id only from a single row that has one
@@ -372,6 +375,12 @@ class _PreparedInsert:
 # -- links: adding twice is harmless, linking to a missing row is a clear error ----
 
 class LinkQuery(ManyToManyQuery):
+    # Set by peewee's ManyToManyQuery; its stubs do not say.
+    _accessor: Any
+    _instance: Any
+    _src_attr: str
+    _dest_attr: str
+
     def add(self, value, clear_existing=False):
         accessor = self._accessor
         src_id = getattr(self._instance, self._src_attr)
@@ -449,6 +458,9 @@ class LinkField(ManyToManyField):
     targets exist; its backref on the other model behaves the same."""
 
     accessor_class = LinkAccessor
+    # Set by peewee's ManyToManyField; its stubs do not say.
+    _through_model: Any
+    _is_backref: bool
 
     def bind(self, model, name, set_attribute=True):
         if isinstance(self._through_model, DeferredThroughModel):

@@ -12,6 +12,7 @@ or whose counts cannot be read, is never counted as 0: it makes the state
 ``unknown``."""
 import calendar
 import datetime
+import json
 import logging
 import uuid
 import weakref
@@ -23,13 +24,16 @@ from typing import Any, Literal, TypedDict, overload
 from peewee import Database
 
 from .arguments import agent_arg, as_datetime, model_arg
-from .db import is_postgres, model_db, read_transaction, table_columns, write_transaction
+from .db import is_postgres, lock, model_db, read_transaction, table_columns, write_transaction
 from .errors import BudgetExceededError, NotAdoptedError, NotFoundError, ValidationError
 from .fields import UTC, utcnow
-from .models import Budget, BudgetEvent, BudgetReservation, PsAgent, PsAiModel, Reservation, sub_agent_tree
+from .models import (
+    AgentRef, Budget, BudgetEvent, BudgetReservation, ModelRef, PsAgent, PsAiModel, Reservation, find_models,
+    sub_agent_tree,
+)
 from .recording import model_cost
 from .reports import item_parts, merge_parts, part_provider, part_tokens, price_parts
-from .schemas import BUDGET_FIELDS, validate_budget_values
+from .schemas import BUDGET_FIELDS, BudgetPeriod, BudgetUnpriced, validate_budget_values
 
 __all__ = ["set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events",
            "on_budget_event", "period_bounds", "RESERVATION_TTL", "Reservation",
@@ -50,16 +54,17 @@ class BudgetStatus(TypedDict):
 
     budget: str  # its name
     currency: str
-    limit: Decimal
-    spent: Decimal  # priced calls in the scope and period
+    limit: Decimal | None  # None when the budget is invalid
+    spent: Decimal | None  # priced calls in the scope and period; None when the budget is invalid
     unpriced_tokens: int  # tokens of calls that cannot be priced (or are priced in another currency)
-    remaining: Decimal  # the limit less what is spent, 0 once exceeded
+    remaining: Decimal | None  # the limit less what is spent, 0 once exceeded; None when invalid
     period_start: datetime.datetime | None  # in the budget's zone; None for a total budget
     period_end: datetime.datetime | None
     forecast: Decimal | None  # the period's pace carried to its end; None for a total budget
-    state: str  # ok, warning, exceeded, unknown
+    state: str  # ok, warning, exceeded, unknown; invalid: it holds what psai cannot use (problem says what)
     hard: bool
     calls: int
+    problem: str | None  # why an invalid budget cannot be used; None for every other state
 
 
 class BudgetEventRow(TypedDict):
@@ -91,25 +96,28 @@ def _default_name(values: dict[str, Any]) -> str:
     return "%s per %s" % (scope, values["period"]) if values["period"] != "total" else scope + " in total"
 
 
-def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", period: str = "month",
-               timezone: str = "UTC", agent: PsAgent | int | str | uuid.UUID | None = None,
-               include_sub_agents: bool = True, model: PsAiModel | int | str | None = None,
+def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", period: BudgetPeriod = "month",
+               timezone: str = "UTC", agent: AgentRef | None = None,
+               include_sub_agents: bool = True, model: ModelRef | None = None,
                provider: str | None = None, organization_id: int | None = None,
-               warn_at: Iterable[float] = (0.8,), hard: bool = True, unpriced: str = "block",
+               warn_at: Iterable[float] = (0.8,), hard: bool = True, unpriced: BudgetUnpriced = "block",
                name: str | None = None) -> Budget:
     """Create a budget, or change the one of that ``name`` (its alerts so far
     stay). One scope at most: ``agent`` (with its sub-agent tree unless
-    ``include_sub_agents=False``), ``model`` (a model's name, or a stored
-    model whose name is taken: every version of it), ``provider``,
+    ``include_sub_agents=False``), ``model`` (a model named as everywhere:
+    row, id, uuid or name; the budget covers every version of its name), ``provider``,
     ``organization_id``; none: all usage. ``period``: day, week (ISO, from
     Monday), month, year (on the calendar of ``timezone``) or total.
     ``warn_at``: fractions of the limit that raise an alert; the limit is one
     too. ``hard``: ``check_budget`` refuses calls once it is reached.
     ``unpriced="block"``: usage that cannot be priced makes ``check_budget``
     refuse (the state is ``unknown``); ``"allow"`` lets it pass."""
+    if include_sub_agents is False and agent is None:  # it would silently cover all usage
+        raise ValidationError({"include_sub_agents": ["False limits an agent budget to the agent itself: "
+                                                      "give an agent."]})
     agent_row = agent_arg(agent) if agent is not None else None
-    if isinstance(model, PsAiModel) or isinstance(model, int) and not isinstance(model, bool):
-        model = model_arg(model).name
+    if model is not None:  # every version of the model this names: its name
+        model = find_models(model)[0].name
     values = {"amount": amount, "currency": currency, "period": period, "timezone": timezone,
               "agent_id": agent_row.id if agent_row is not None else None,
               "include_sub_agents": include_sub_agents, "model_name": model, "provider": provider,
@@ -124,6 +132,9 @@ def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", pe
         raise NotAdoptedError("this database has no psai_budgets table: run `psai init --adopt` (a PolicySynth "
                               "database; its own tables are not changed) or `psai.migrate()`")
     with write_transaction(db):
+        # Two processes setting one new name at once: the second waits, then
+        # finds the first's row and changes it (not a duplicate-key error).
+        lock(db, ("psai_budgets", values["name"]))
         found = Budget.get_or_none(Budget.name == values["name"])
         row = found if found is not None else Budget()
         for column in BUDGET_FIELDS:
@@ -151,11 +162,62 @@ def _budget(budget: Budget | str) -> Budget:
 
 
 def remove_budget(budget: Budget | str) -> None:
-    """Remove a budget (by name or row) and its recorded alerts."""
+    """Remove a budget (by name or row) and its recorded alerts. Calls
+    recorded meanwhile are recorded all the same: the alerts of a budget
+    gone by the time a call is written are not."""
     found = _budget(budget)
     with write_transaction(model_db(Budget)):
         if not Budget.delete().where(Budget.id == found.id).execute():
             raise NotFoundError("no budget named %r" % (found.name,))
+
+
+# Problems of stored budgets by their values: recording a call asks for each
+# budget covering it, and the answer does not change while the row does not.
+_PROBLEMS: dict[str, str | None] = {}
+_PROBLEMS_MAX = 256
+
+
+def budget_problem(budget: Budget) -> str | None:
+    """Why a stored budget cannot be used, or None. psai validates what it
+    writes; a row written by an older psai (an amount of 1e1000000) or by
+    hand (an unknown zone, a text agent id) is read through the same rule,
+    so that no value a budget holds can fail a call being recorded."""
+    values = {name: budget.__data__.get(name) for name in BUDGET_FIELDS}
+    try:
+        key = json.dumps(values, sort_keys=True, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        key = repr(sorted(values.items(), key=lambda item: item[0]))
+    if key in _PROBLEMS:
+        return _PROBLEMS[key]
+    try:
+        validate_budget_values(values)
+        problem = None
+    except ValidationError as error:
+        problem = str(error)
+    except (RecursionError, TypeError, ValueError, ArithmeticError) as error:  # beyond what the schema expects
+        problem = "%s: %s" % (type(error).__name__, error)
+    if len(_PROBLEMS) >= _PROBLEMS_MAX:
+        _PROBLEMS.clear()
+    _PROBLEMS[key] = problem
+    return problem
+
+
+def _usable(rows: Iterable[Budget]) -> list[Budget]:
+    """The budgets that can be used; each one that cannot is logged, once a
+    process, and otherwise left out (``budget_status`` shows it invalid)."""
+    usable = []
+    for row in rows:
+        problem = budget_problem(row)
+        if problem is None:
+            usable.append(row)
+        elif (row.id, problem) not in _logged:
+            _logged.add((row.id, problem))
+            log.warning("psai budget %r is invalid and is left out: %s (set it again with `psai budgets set`, "
+                        "or remove it)", row.name, problem)
+    return usable
+
+
+_logged: set[tuple[Any, str]] = set()
 
 
 # -- periods ------------------------------------------------------------------------
@@ -262,7 +324,7 @@ def _status(db: Database, budget: Budget, now: datetime.datetime) -> BudgetStatu
     return {"budget": budget.name, "currency": budget.currency, "limit": limit, "spent": spent,
             "unpriced_tokens": unpriced, "remaining": max(limit - spent, Decimal(0)), "period_start": start,
             "period_end": end, "forecast": forecast, "state": _state(budget, spent, unknown), "hard": budget.hard,
-            "calls": calls}
+            "calls": calls, "problem": None}
 
 
 def budget_status(budget: Budget | str | None = None) -> list[BudgetStatus]:
@@ -277,7 +339,15 @@ def budget_status(budget: Budget | str | None = None) -> list[BudgetStatus]:
 def _statuses(db: Database, rows: list[Budget], now: datetime.datetime) -> list[BudgetStatus]:
     """The budgets' statuses from one snapshot."""
     with read_transaction(db):
-        return [_status(db, row, now) for row in rows]
+        return [_status(db, row, now) if (problem := budget_problem(row)) is None else _invalid(row, problem)
+                for row in rows]
+
+
+def _invalid(budget: Budget, problem: str) -> BudgetStatus:
+    """The status of a budget psai cannot use: nothing is measured against it."""
+    return {"budget": str(budget.name), "currency": str(budget.currency), "limit": None, "spent": None,
+            "unpriced_tokens": 0, "remaining": None, "period_start": None, "period_end": None, "forecast": None,
+            "state": "invalid", "hard": bool(budget.hard), "calls": 0, "problem": problem}
 
 
 # -- before a call ----------------------------------------------------------------------
@@ -326,7 +396,9 @@ def _estimate(estimate: Any, model: PsAiModel | None) -> tuple[Decimal, str | No
         return None
     if isinstance(estimate, dict):
         if model is None:
-            raise ValidationError({"estimate": ["Counts can only be priced with a model: give model=."]})
+            raise ValidationError({"estimate": [
+                "Counts can only be priced with a model: name it, model=\"GPT-4o\" (a name, id or uuid, as "
+                "`psai models list` shows), or give the cost as a number."]})
         cost = model_cost(model, **estimate)
         return Decimal(repr(cost["total"])), cost["currency"]
     if isinstance(estimate, bool) or not isinstance(estimate, (Decimal, int, float, str)):
@@ -364,9 +436,12 @@ def _held(db: Database, rows: list[Budget], now: datetime.datetime) -> dict[int,
 def _refusal(row: Budget, status: BudgetStatus, held: Decimal, guess: tuple[Decimal, str | None] | None
              ) -> str | None:
     """Why a call is refused by ``row`` (None: it is not)."""
-    spent, limit = status["spent"], status["limit"]
-    ends = "; the period ends %s" % status["period_end"].isoformat() if status["period_end"] else ""
     named = "budget %r (%s)" % (row.name, row.currency)
+    spent, limit = status["spent"], status["limit"]
+    if spent is None or limit is None:  # invalid: a hard limit that cannot be weighed refuses, like unknown
+        return "%s cannot be used: %s (set it again with `psai budgets set`, or remove it)" % (
+            named, status["problem"])
+    ends = "; the period ends %s" % status["period_end"].isoformat() if status["period_end"] else ""
     holding = " and %s held by reservations" % _money(held) if held else ""
     if status["state"] == "exceeded" or held and spent + held >= limit:
         return "%s is reached: %s spent%s of %s%s" % (named, _money(spent), holding, _money(limit), ends)
@@ -391,21 +466,21 @@ def _refuse(rows: list[Budget], statuses: list[BudgetStatus], held: dict[int, De
 
 
 @overload
-def check_budget(agent: PsAgent | int | str | uuid.UUID | None = None,
-                 model: PsAiModel | int | str | uuid.UUID | None = None, *,
+def check_budget(agent: AgentRef | None = None,
+                 model: ModelRef | None = None, *,
                  estimate: Decimal | int | float | str | dict[str, Any] | None = None,
                  reserve: Literal[False] = False) -> list[BudgetStatus]: ...
 
 
 @overload
-def check_budget(agent: PsAgent | int | str | uuid.UUID | None = None,
-                 model: PsAiModel | int | str | uuid.UUID | None = None, *,
+def check_budget(agent: AgentRef | None = None,
+                 model: ModelRef | None = None, *,
                  estimate: Decimal | int | float | str | dict[str, Any] | None = None,
                  reserve: Literal[True]) -> Reservation: ...
 
 
-def check_budget(agent: PsAgent | int | str | uuid.UUID | None = None,
-                 model: PsAiModel | int | str | uuid.UUID | None = None, *,
+def check_budget(agent: AgentRef | None = None,
+                 model: ModelRef | None = None, *,
                  estimate: Decimal | int | float | str | dict[str, Any] | None = None,
                  reserve: bool = False) -> list[BudgetStatus] | Reservation:
     """Before a call: raise ``BudgetExceededError`` when a hard budget
@@ -437,7 +512,7 @@ def check_budget(agent: PsAgent | int | str | uuid.UUID | None = None,
         if not rows:
             return []
         with read_transaction(db):
-            statuses = [_status(db, row, now) for row in rows]
+            statuses = _statuses(db, rows, now)
             held = _held(db, rows, now)
         _refuse(rows, statuses, held, guess)
         return statuses
@@ -450,7 +525,7 @@ def check_budget(agent: PsAgent | int | str | uuid.UUID | None = None,
                         .for_update())
             rows.sort(key=lambda row: row.name)
         BudgetReservation.delete().where(BudgetReservation.expires_at <= now).execute()
-        statuses = [_status(db, row, now) for row in rows]
+        statuses = _statuses(db, rows, now)
         _refuse(rows, statuses, _held(db, rows, now), guess)
         holding = [row for row in rows if guess[1] in (None, row.currency)]
         if holding:
@@ -467,7 +542,10 @@ def _thresholds(budget: Budget) -> list[Decimal]:
 
 
 def _event_row(event: BudgetEvent, budget: Budget) -> BudgetEventRow:
-    zone = zoneinfo.ZoneInfo(budget.timezone)
+    try:
+        zone: datetime.tzinfo = zoneinfo.ZoneInfo(budget.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):  # an invalid budget's: the time in UTC
+        zone = UTC
     start = None if budget.period == "total" else event.period_start.astimezone(zone)
     return {"budget": budget.name, "threshold": Decimal(event.threshold), "spent": Decimal(event.spent),
             "currency": budget.currency, "period_start": start, "at": event.at}
@@ -475,16 +553,26 @@ def _event_row(event: BudgetEvent, budget: Budget) -> BudgetEventRow:
 
 def _record_crossings(db: Database, rows: list[Budget]) -> list[BudgetEventRow]:
     """In a recording's transaction: each threshold of ``rows`` that what is
-    spent has reached and that has no alert in this period yet gets one. On
-    PostgreSQL the budgets are locked first, so that of two calls crossing at
-    once the second sees the first (SQLite has one writer at a time)."""
-    if is_postgres(db):
-        list(Budget.select(Budget.id).where(Budget.id.in_([row.id for row in rows])).order_by(Budget.id)
-             .for_update())
+    spent has reached and that has no alert in this period yet gets one. The
+    budgets are read again first, as they are now (one removed or changed
+    since ``rows`` were read is left out, or weighed as it is now), and on
+    PostgreSQL locked, so that of two calls crossing at once the second sees
+    the first, and a budget cannot be removed under the alert written for it
+    (SQLite has one writer at a time). A budget whose status cannot be
+    worked out is logged and left out: the call is recorded all the same."""
+    query = Budget.select().where(Budget.id.in_([row.id for row in rows])).order_by(Budget.id)
+    rows = _usable(query.for_update() if is_postgres(db) else query)
     now = utcnow()
     fired = []
     for row in rows:
-        status = _status(db, row, now)
+        try:
+            status = _status(db, row, now)
+        except (ArithmeticError, LookupError, TypeError, ValueError):
+            log.exception("psai budget %r: its status could not be worked out; the call is recorded without "
+                          "its alerts", row.name)
+            continue
+        if status["spent"] is None or status["limit"] is None:
+            continue
         key = status["period_start"].astimezone(UTC) if status["period_start"] is not None else TOTAL_PERIOD_KEY
         for threshold in _thresholds(row):
             if status["spent"] < threshold * status["limit"]:
@@ -525,7 +613,7 @@ class BudgetWatcher:
             self._none_seen[db] = True
             return []
         self._none_seen.pop(db, None)
-        return _covering(model, agent, list(Budget.select().order_by(Budget.id)))
+        return _covering(model, agent, _usable(Budget.select().order_by(Budget.id)))
 
     def watch(self, db: Database, model: PsAiModel, agent: PsAgent | None, one_trip: bool
               ) -> Callable[[], Callable[[], None] | None] | None:
@@ -548,10 +636,17 @@ class BudgetWatcher:
         return ANY_BUDGET_PROBE if table_columns(db, Budget._meta.table_name) else None
 
     def probed(self, db: Database, model: PsAiModel, agent: PsAgent | None) -> None:
+        """The call is committed: whatever happens to its alerts is logged,
+        never raised (a caller retrying a call that raised would record it
+        twice)."""
         self._none_seen.pop(db, None)
-        with write_transaction(db):
-            rows = self._covering(db, model, agent)
-            fired = _record_crossings(db, rows) if rows else []
+        try:
+            with write_transaction(db):
+                rows = self._covering(db, model, agent)
+                fired = _record_crossings(db, rows) if rows else []
+        except Exception:
+            log.exception("psai: the call is recorded, but its budget alerts could not be")
+            return
         _fire(fired)
 
 

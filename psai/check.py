@@ -24,6 +24,7 @@ from .models import (
     AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
     usage_counters,
 )
+from .query import is_unmatched
 from .rollups import ROLLUP_TABLE, unfolded, verify as verify_rollups
 from .schemas import (
     INCLUDE, dump_rows, readable, shape_problem, time_problems, validate_agent_values, validate_model_values,
@@ -136,6 +137,10 @@ def check() -> list[dict[str, Any]]:
     for model in PsAiModel.select().order_by(PsAiModel.id):
         model_ids.add(model.id)
         problem = _with_times(model_problem(model), model)
+        if problem is None and is_unmatched(model):
+            problem = ("a placeholder holding calls whose response named %r, which no configured model matched: "
+                       "they are unpriced until the model is configured and `psai usage assign --apply` moves them"
+                       % model.configuration["model"])
         if problem:
             found.append({"table": "ps_ai_models", "id": model.id, "problem": problem})
     for agent in PsAgent.select().order_by(PsAgent.id):
@@ -202,10 +207,15 @@ def _check_items(db, model_ids, price_problem):
     """Items whose data cannot be read, or whose snapshot cannot price them."""
     found, verdicts = [], {}
     cursor = db.execute_sql(item_check_sql(is_postgres(db)))
-    for item_id, model_id, tokens_in, configured in cursor.fetchall():
+    for item_id, model_id, tokens_in, configured, counts_usable in cursor.fetchall():
         if tokens_in is None:
             found.append({"table": "ps_model_usage_item", "id": item_id,
                           "problem": "no usable token counts (data.usageNormalized.tokensIn)"})
+            continue
+        if not counts_usable:
+            found.append({"table": "ps_model_usage_item", "id": item_id,
+                          "problem": "token counts below 0 or beyond %d (data.usageNormalized, data.psai): not "
+                                     "priced" % MAX_INTEGER})
             continue
         if configured is None:
             if model_id not in model_ids:

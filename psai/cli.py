@@ -42,7 +42,7 @@ class CommandError(click.ClickException):
 
     def __init__(self, message, exit_code):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click reads it from the instance
 
 
 class PsaiGroup(click.Group):
@@ -286,7 +286,8 @@ def demo(html_path):
     emit(selections(agents), None, columns=["agent", "asks for", "uses", "why"])
     click.echo("%s; their cost, each call at the prices stored with it:" % (
         "recorded 6 calls" if recorded else "6 calls recorded by an earlier run"))
-    _emit_report(cost_report("agent"), "agent")
+    rows = cost_report("agent")
+    _emit_report(rows, "agent", _report_keys(rows, "agent"))
     write_file(html_path, html("tree"))
     click.echo("report page: %s" % ("stdout" if html_path == "-" else shown(os.path.abspath(html_path))))
 
@@ -299,7 +300,7 @@ MODEL_COLUMNS = ["id", "name", "provider", "type", "size", "model", "active", "i
 def _model_row(dump):
     from .schemas import readable
     config = readable(dump["configuration"])
-    prices = config.get("prices") if isinstance(config.get("prices"), dict) else {}
+    prices = config["prices"] if isinstance(config.get("prices"), dict) else {}
     return {"id": dump["id"], "name": dump["name"], "provider": config.get("provider"),
             "type": config.get("type"), "size": config.get("modelSize"), "model": config.get("model"),
             "active": config.get("active"), "in": prices.get("costInTokensPerMillion"),
@@ -350,53 +351,144 @@ def models():
     """AI models: add, list, show, update, deactivate, delete, history, reprice, import-litellm (an alias)."""
 
 
-def _configuration_from_flags(model_type, size, model_name, provider, inactive, in_price, out_price,
-                              cached_price, currency, max_tokens_out, temperature):
-    config = {"type": model_type, "modelSize": size, "model": model_name, "provider": provider,
-              "active": False if inactive else None,
-              "prices": {"costInTokensPerMillion": in_price, "costOutTokensPerMillion": out_price,
-                         "costInCachedContextTokensPerMillion": cached_price, "currency": currency},
-              "maxTokensOut": max_tokens_out, "defaultTemperature": temperature}
-    config["prices"] = {k: v for k, v in config["prices"].items() if v is not None} or None
-    return {k: v for k, v in config.items() if v is not None}
+# `psai models add`'s flags besides the price keys: (flag, parameter, configuration path).
+MODEL_FLAGS = (("--type", "model_type", "configuration.type"), ("--size", "size", "configuration.modelSize"),
+               ("--model", "model_name", "configuration.model"), ("--provider", "provider", "configuration.provider"),
+               ("--max-tokens-out", "max_tokens_out", "configuration.maxTokensOut"),
+               ("--temperature", "temperature", "configuration.defaultTemperature"))
+
+
+def _price_options(command):
+    """An option for every price key (``psai.query.PRICE_FLAGS``); --in, --out
+    and --cached keep their older names --in-price, --out-price, --cached-price."""
+    from .query import PRICE_FLAGS
+    older = {"in": "--in-price", "out": "--out-price", "cached": "--cached-price"}
+    for flag, key in reversed(PRICE_FLAGS.items()):
+        names = ["--" + flag] + ([older[flag]] if flag in older else [])
+        parameter = "price_" + flag.replace("-", "_")
+        if key == "currency":
+            option = click.option(*names, parameter, help="Three-letter currency code (default USD; upper-cased).")
+        elif key == "flexPriorityTokensEnabledOnLongContext":
+            option = click.option(*names, parameter, type=bool, metavar="true|false", help="prices.%s." % key)
+        else:
+            option = click.option(*names, parameter, type=NUMBER, help="prices.%s." % key)
+        command = option(command)
+    return command
+
+
+def _flag_errors(exc, given):
+    """A ValidationError whose paths are the flags the user typed (of those
+    ``given``: {configuration path: flag}), so `--max-tokens-out: ...`, not
+    `configuration.maxTokensOut: ...`."""
+    return ValidationError({given.get(path, path): messages for path, messages in exc.paths.items()})
 
 
 @models.command("add")
-@click.option("--name", required=True, help="The model's name; older rows with it are deactivated.")
-@click.option("--user-id", type=int, required=True)
-@click.option("--organization-id", type=int, required=True)
+@click.argument("name", required=False)
+@click.option("--name", "name_option", help="The model's name (or give it as NAME); older rows with it are "
+                                            "deactivated.")
+@click.option("--user-id", type=int, help="Default: the store's (psai config).")
+@click.option("--organization-id", type=int, help="Default: the store's (psai config).")
 @click.option("--file", "source", type=click.File("r", encoding="utf-8"), metavar="PATH",
-              help="Configuration JSON ('-' reads stdin).")
-@click.option("--type", "model_type", type=MODEL_TYPES)
-@click.option("--size", type=MODEL_SIZES)
+              help="Configuration JSON ('-' reads stdin); flags change it.")
+@click.option("--type", "model_type", type=MODEL_TYPES, help="Default: text.")
+@click.option("--size", type=MODEL_SIZES, help="Default: medium.")
 @click.option("--model", "model_name", help="The provider's model name.")
-@click.option("--provider", help="openai, anthropic, google, azure, ...")
+@click.option("--provider", help="openai, openaiResponses, anthropic, google or azure.")
+@click.option("--any-provider", is_flag=True, help="Take a provider psai does not know.")
+@click.option("--from", "catalog_ref", nargs=2, metavar="SOURCE REF",
+              help="The prices of REF in a catalog (genai-prices openai/gpt-4o, litellm gpt-4o): a new model, "
+                   "or NAME's prices filled in; with provenance, so catalog diff follows it.")
+@click.option("--catalog-file", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
+              help="With --from litellm: this cost map instead of the installed package's.")
 @click.option("--inactive", is_flag=True, help="Store it inactive.")
-@click.option("--in-price", type=NUMBER, help="Input cost per million tokens.")
-@click.option("--out-price", type=NUMBER, help="Output cost per million tokens.")
-@click.option("--cached-price", type=NUMBER, help="Cached input cost per million tokens.")
-@click.option("--currency", help="Three-letter currency code, e.g. USD.")
-@click.option("--max-tokens-out", type=int)
-@click.option("--temperature", type=NUMBER, help="Default temperature.")
+@_price_options
+@click.option("--max-tokens-out", type=int, help="Default: 4096.")
+@click.option("--temperature", type=NUMBER, help="Default temperature (default: 0.7).")
 @output_options
-def models_add(name, user_id, organization_id, source, fmt, **flags):
-    """Add a model, from flags or a configuration JSON file.
+def models_add(name, name_option, user_id, organization_id, source, any_provider, catalog_ref, catalog_file, inactive,
+               fmt, **flags):
+    """Add a model NAME, in one line: `psai models add "GPT-4o" --provider
+    openai --model gpt-4o --in 2.5 --out 10` (the rest has defaults: USD,
+    cached input at the input rate, text, medium, 4096 tokens out,
+    temperature 0.7), or from a configuration JSON file.
 
     As PolicySynth's add-model tool does, rows that already have this name in
     the organization are deactivated in the same transaction.
     """
-    from .query import add_model
+    from .query import PRICE_FLAGS, add_model, model_configuration
+    from .schemas import merge_configuration
+    if name and name_option and name != name_option:
+        raise click.UsageError("give the name once: NAME or --name")
+    name = name or name_option
+    if not name:
+        raise click.UsageError("Missing argument 'NAME'.")
+    prices = {key: flags.pop("price_" + flag.replace("-", "_")) for flag, key in PRICE_FLAGS.items()}
+    prices = {key: value for key, value in prices.items() if value is not None}
+    if catalog_ref:
+        others = [flag for flag, parameter, _path in MODEL_FLAGS if flags.get(parameter) is not None
+                  and parameter not in ("size", "temperature")] + (["--file"] if source else []) + \
+            (["price flags"] if prices else [])
+        if others:
+            raise click.UsageError("--from takes the catalog's configuration; change %s after with "
+                                   "`psai models update`" % ", ".join(others))
+        _add_from_catalog(name, catalog_ref, user_id, organization_id, flags["size"], flags["temperature"],
+                          catalog_file, fmt)
+        return
+    given = {path: flag for flag, parameter, path in MODEL_FLAGS if flags.get(parameter) is not None}
+    given.update({"configuration.prices." + key: "--" + flag + ("/--%s-price" % flag if flag in ("in", "out", "cached")
+                                                               else "")
+                  for flag, key in PRICE_FLAGS.items() if key in prices})
+    if isinstance(prices.get("currency"), str):
+        prices["currency"] = prices["currency"].upper()
     configuration = _read_json(source) if source else {}
     if source and not isinstance(configuration, dict):
         raise ValidationError({"configuration": ["Must be a JSON object."]})
-    overrides = _configuration_from_flags(**flags)
-    if "prices" in overrides and isinstance(configuration.get("prices"), dict):
-        overrides["prices"] = dict(configuration["prices"], **overrides["prices"])
-    configuration = dict(configuration, **overrides)
-    configuration.setdefault("active", True)
-    connect()
-    model = add_model(name=name, user_id=user_id, organization_id=organization_id, configuration=configuration)
+    try:
+        if source:  # the file's configuration, the flags given changing it
+            changes = {"type": flags["model_type"], "modelSize": flags["size"], "model": flags["model_name"],
+                       "provider": flags["provider"], "maxTokensOut": flags["max_tokens_out"],
+                       "defaultTemperature": flags["temperature"], "active": False if inactive else None}
+            changes = {key: value for key, value in changes.items() if value is not None}
+            if prices:
+                changes["prices"] = prices
+            configuration = merge_configuration(configuration, changes)
+            configuration.setdefault("active", True)
+        else:
+            missing = [flag for flag, value in (("--provider", flags["provider"]), ("--model", flags["model_name"]),
+                                                ("--in", prices.get("costInTokensPerMillion")),
+                                                ("--out", prices.get("costOutTokensPerMillion"))) if value is None]
+            if missing:
+                raise click.UsageError("give %s (or --file with a configuration)" % ", ".join(missing))
+            configuration = model_configuration(
+                provider=flags["provider"], model=flags["model_name"], prices=prices,
+                model_type=flags["model_type"], size=flags["size"], max_tokens_out=flags["max_tokens_out"],
+                temperature=flags["temperature"], active=not inactive, any_provider=any_provider)
+        connect()
+        model = add_model(name=name, user_id=user_id, organization_id=organization_id, configuration=configuration)
+    except ValidationError as exc:
+        raise _flag_errors(exc, {**given, **{path[len("configuration."):]: flag for path, flag in given.items()}}) \
+            from None
     emit_models([model], fmt, single=True)
+
+
+def _add_from_catalog(name, catalog_ref, user_id, organization_id, size, temperature, catalog_file, fmt):
+    from .catalog import SOURCES, add_from_catalog
+    from .models import PsAiModel
+    source, ref = catalog_ref
+    if source not in SOURCES:
+        raise click.BadParameter("%r is not one of %s" % (source, ", ".join(SOURCES)), param_hint="'--from'")
+    connect()
+    result = add_from_catalog(name, source, ref, user_id=user_id, organization_id=organization_id, size=size,
+                              temperature=0.7 if temperature is None else temperature, file=catalog_file)
+    emit_models([PsAiModel.get_by_id(result["model_id"])], fmt, single=True)
+    click.echo("%s model %s (%s) from %s %s %s: %s" % (
+        result["action"], result["model_id"], shown(name), source, shown(result["source_version"]),
+        shown(result["source_model"]), ", ".join("%s %s -> %s" % (key, before, after)
+                                                 for key, before, after in result["changes"]) or "prices as they were"),
+        err=True)
+    for note in result["unexpressed"]:
+        click.echo("  not expressed: %s" % _short(note), err=True)
 
 
 @models.command("list")
@@ -424,12 +516,11 @@ def models_list(provider, model_type, size, active, name, fmt):
 @click.argument("model")
 @output_options
 def models_show(model, fmt):
-    """Show one model, by id or uuid, with where its prices came from."""
-    from .models import provenance
-    from .models import PsAiModel
+    """Show one model, by id, uuid or name, with where its prices came from."""
+    from .models import find_model, provenance
     from .schemas import PsAiModelSchema
     connect()
-    found = PsAiModel.get_by_key(model)
+    found = find_model(model)
     dump = _dump_rows(PsAiModelSchema(), [found], "model", model=True)[0]
     dump["provenance"] = provenance(found)
     if fmt == "json":
@@ -489,7 +580,7 @@ def models_resolve(name, provider, explain, fmt):
 @output_options
 def models_update(model, assignments, source, name, fmt):
     """Change fields of a model's configuration (validated before saving)."""
-    from .models import PsAiModel
+    from .models import find_model
     from .schemas import merge_configuration
     changes = _read_json(source) if source else {}
     if not isinstance(changes, dict):
@@ -500,7 +591,7 @@ def models_update(model, assignments, source, name, fmt):
     if not changes and name is None:
         raise click.UsageError("nothing to change: give --set, --file or --name")
     connect()
-    found = PsAiModel.get_by_key(model)
+    found = find_model(model)
     if name is not None:
         found.name = name
     found.update_configuration(changes)
@@ -512,9 +603,9 @@ def models_update(model, assignments, source, name, fmt):
 def models_deactivate(model):
     """Mark a model inactive (it stays for history and reports); works on a
     row psai would otherwise refuse, so a bad row can be taken out of use."""
-    from .models import PsAiModel
+    from .models import find_model
     connect()
-    found = PsAiModel.get_by_key(model)
+    found = find_model(model)
     found.deactivate()
     click.echo("deactivated model %s (%s)" % (found.id, shown(found.name)))
 
@@ -523,9 +614,9 @@ def models_deactivate(model):
 @click.argument("model")
 def models_delete(model):
     """Delete a model and its links (refused if usage was recorded for it)."""
-    from .models import PsAiModel
+    from .models import find_model
     connect()
-    found = PsAiModel.get_by_key(model)
+    found = find_model(model)
     found.delete_instance()
     click.echo("deleted model %s (%s)" % (found.id, shown(found.name)))
 
@@ -589,17 +680,28 @@ def models_reprice(model, assignments, since, until, apply_changes, fmt):
     if fmt is not None:
         emit([result], fmt, single=True)
         return
-    emit([{"": label, "cost": result[key], "currency": result["currency"]}
-          for label, key in (("before", "before"), ("after", "after"), ("difference", "difference"))],
-         fmt, columns=["", "cost", "currency"])
+    unpriced = {"before": result["unpriced_tokens_before"], "after": result["unpriced_tokens_after"]}
+    rows = []
+    for side in ("before", "after"):
+        # Calls that could not be priced are not a cost of 0.
+        priced = not unpriced[side] or result[side] != 0
+        rows.append({"": side, "cost": result[side] if priced else "unpriced",
+                     "currency": result["currency"] if priced else None, "unpriced_tokens": unpriced[side] or None})
+    known = not any(unpriced.values())
+    rows.append({"": "difference", "cost": result["difference"] if known else "unknown",
+                 "currency": result["currency"] if known else None, "unpriced_tokens": None})
+    emit(rows, fmt, columns=["", "cost", "currency", "unpriced_tokens"])
+    if not known:
+        click.echo("%d tokens could not be priced before, %d after: the costs leave them out"
+                   % (unpriced["before"], unpriced["after"]))
     click.echo("%d calls; %s" % (result["calls"], "applied" if result["applied"] else
                                  "dry run: nothing changed (add --apply to apply)"))
 
 
 @models.command("import-litellm")
 @click.argument("source", metavar="PATH", type=click.Path(exists=True, dir_okay=False))
-@click.option("--user-id", type=int, required=True)
-@click.option("--organization-id", type=int, required=True)
+@click.option("--user-id", type=int, help="Default: the store's (psai config).")
+@click.option("--organization-id", type=int, help="Default: the store's (psai config).")
 @click.option("--size", type=MODEL_SIZES, help="modelSize for every model (default: by input price).")
 @click.option("--temperature", type=NUMBER, default=0.7, show_default=True, help="defaultTemperature.")
 @click.option("--provider", multiple=True, help="Only entries of this litellm_provider (repeatable).")
@@ -608,6 +710,32 @@ def models_reprice(model, assignments, since, until, apply_changes, fmt):
 def models_import_litellm(source, user_id, organization_id, size, temperature, provider, dry_run, fmt):
     """Import LiteLLM's cost map from PATH: `psai catalog import litellm --file PATH`."""
     _import_catalog("litellm", user_id, organization_id, size, temperature, provider, (), dry_run, source, fmt)
+
+
+# -- settings -------------------------------------------------------------------
+
+@cli.command("config")
+@click.option("--user-id", type=int, help="The user_id of new models and agents given none.")
+@click.option("--organization-id", type=int, help="The organization_id of new models given none.")
+@click.option("--class-id", type=int, help="The class_id of new agents given none.")
+@click.option("--group-id", type=int, help="The group_id of new agents given none.")
+@click.option("--require-ids/--no-require-ids", default=None,
+              help="Refuse new models and agents without their ids, as PolicySynth does (on by "
+                   "`psai init --adopt`); off: the defaults above.")
+@output_options
+def config_command(user_id, organization_id, class_id, group_id, require_ids, fmt):
+    """Show the store's settings, after setting those given: the ids new
+    models and agents get when a command or function is given none (1
+    each unless set here)."""
+    from .models import config
+    connect()
+    settings = config(user_id=user_id, organization_id=organization_id, class_id=class_id, group_id=group_id,
+                      require_ids=require_ids)
+    if fmt is None:
+        emit([{"setting": key, "value": value} for key, value in settings.items()], None,
+             columns=["setting", "value"])
+    else:
+        emit([settings], fmt, single=True)
 
 
 # -- catalogs -------------------------------------------------------------------
@@ -624,8 +752,8 @@ def catalog():
 @click.argument("source", type=CATALOG_SOURCES)
 @click.option("--provider", multiple=True, help="Only this provider of the source (repeatable).")
 @click.option("--model", "model_ids", multiple=True, help="Only this source model id (repeatable).")
-@click.option("--user-id", type=int, required=True)
-@click.option("--organization-id", type=int, required=True)
+@click.option("--user-id", type=int, help="Default: the store's (psai config).")
+@click.option("--organization-id", type=int, help="Default: the store's (psai config).")
 @click.option("--size", type=MODEL_SIZES,
               help="modelSize of new models (default: by input price per million: <0.5 small, <2 medium, "
                    "else large).")
@@ -654,12 +782,33 @@ def _import_catalog(source, user_id, organization_id, size, temperature, provide
     if fmt == "json":
         emit([result], fmt, single=True)
         return
-    rows = [{"source_model": m["source_model"], "model_id": m["model_id"], "result": m["action"],
-             "not expressed": "; ".join(m["unexpressed"])} for m in result["models"]]
-    rows += [{"source_model": name, "result": "skipped: " + reason} for name, reason in result["skipped"].items()]
-    emit(rows, fmt, columns=["source_model", "model_id", "result", "not expressed"])
+    if fmt == "csv":
+        rows = [{"source_model": m["source_model"], "model_id": m["model_id"], "result": m["action"],
+                 "calls": m["calls"], "not expressed": "; ".join(m["unexpressed"])} for m in result["models"]]
+        rows += [{"source_model": name, "result": "skipped: " + reason} for name, reason in result["skipped"].items()]
+        emit(rows, fmt, columns=["source_model", "model_id", "result", "calls", "not expressed"])
+        return
+    # A table a person reads: one short line a model; what it cannot say, and skips, listed below it.
+    emit([{"source_model": m["source_model"], "model_id": m["model_id"], "result": m["action"],
+           "in": m.get("prices", {}).get("costInTokensPerMillion"),
+           "out": m.get("prices", {}).get("costOutTokensPerMillion"),
+           "notes": len(m["unexpressed"]) or None} for m in result["models"]], None,
+         columns=["source_model", "model_id", "result", "in", "out", "notes"])
+    for m in result["models"]:
+        if m["calls"]:
+            click.echo("%s: %s" % (shown(m["source_model"]), shown(m["calls"])))
+    for m in result["models"]:
+        for note in m["unexpressed"]:
+            click.echo("  %s not expressed: %s" % (shown(m["source_model"]), _short(note)))
+    for name, reason in result["skipped"].items():
+        click.echo("  %s skipped: %s" % (shown(name), _short(reason)))
     click.echo("%s %s: %d models, %d skipped" % (source, shown(result["source_version"]), len(result["models"]),
                                                 len(result["skipped"])), err=True)
+
+
+def _short(text, width=110):
+    text = shown(text)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 @catalog.command("diff")
@@ -708,18 +857,19 @@ def emit_agents(agent_list, fmt, single=False):
 
 
 @agents.command("add")
-@click.option("--user-id", type=int, required=True)
-@click.option("--class-id", type=int, required=True)
-@click.option("--group-id", type=int, required=True)
+@click.option("--user-id", type=int, help="Default: the store's (psai config).")
+@click.option("--class-id", type=int, help="Default: the store's (psai config).")
+@click.option("--group-id", type=int, help="Default: the store's (psai config).")
 @click.option("--name", help="Sets configuration.name.")
 @click.option("--configuration", "configuration_json", metavar="JSON", help="The configuration as JSON.")
-@click.option("--parent", metavar="AGENT", help="Parent agent (id or uuid).")
-@click.option("--model", "model_keys", multiple=True, metavar="MODEL", help="Link this model (repeatable).")
+@click.option("--parent", metavar="AGENT", help="Parent agent (id, uuid or name).")
+@click.option("--model", "model_keys", multiple=True, metavar="MODEL",
+              help="Link this model (id, uuid or name; repeatable).")
 @output_options
 def agents_add(user_id, class_id, group_id, name, configuration_json, parent, model_keys, fmt):
     """Add an agent."""
     from .db import write_transaction
-    from .models import PsAgent, PsAiModel
+    from .models import PsAgent, find_agent, find_model
     from .schemas import load_json
     configuration = load_json(configuration_json, "configuration") if configuration_json else {}
     if not isinstance(configuration, dict):
@@ -727,11 +877,11 @@ def agents_add(user_id, class_id, group_id, name, configuration_json, parent, mo
     if name is not None:
         configuration["name"] = name
     with write_transaction(connect()):
-        parent_agent = PsAgent.get_by_key(parent) if parent else None
+        parent_agent = find_agent(parent) if parent else None
         agent = PsAgent.create(user_id=user_id, class_id=class_id, group_id=group_id,
                                configuration=configuration, parent_agent=parent_agent)
         if model_keys:
-            agent.ai_models.add([PsAiModel.get_by_key(key) for key in model_keys])
+            agent.ai_models.add([find_model(key) for key in model_keys])
     emit_agents([agent], fmt, single=True)
 
 
@@ -748,10 +898,10 @@ def agents_list(fmt):
 @click.argument("agent")
 @output_options
 def agents_show(agent, fmt):
-    """Show one agent, by id or uuid, with its models."""
-    from .models import PsAgent
+    """Show one agent, by id, uuid or name, with its models."""
+    from .models import find_agent
     connect()
-    found = PsAgent.get_by_key(agent)
+    found = find_agent(agent)
     if fmt is None:
         from .schemas import PsAgentSchema
         emit_fields(_dump_rows(PsAgentSchema(with_links=True), [found], "agent")[0])
@@ -778,12 +928,12 @@ def agents_unlink(agent, model_keys):
 
 
 def _change_links(agent, model_keys, change):
-    """Add or remove links of an agent (by id or uuid) to models, in one transaction."""
+    """Add or remove links of an agent (by id, uuid or name) to models, in one transaction."""
     from .db import write_transaction
-    from .models import PsAgent, PsAiModel
+    from .models import find_agent, find_model
     with write_transaction(connect()):
-        found = PsAgent.get_by_key(agent)
-        result = getattr(found.ai_models, change)([PsAiModel.get_by_key(key) for key in model_keys])
+        found = find_agent(agent)
+        result = getattr(found.ai_models, change)([find_model(key) for key in model_keys])
     return found, result
 
 
@@ -793,10 +943,10 @@ def _change_links(agent, model_keys, change):
 @output_options
 def agents_models(agent, include_inactive, fmt):
     """The model AGENT would use for each type and size, by PolicySynth's rules."""
-    from .models import PsAgent
+    from .models import find_agent
     from .query import model_choices
     connect()
-    rows = model_choices(PsAgent.get_by_key(agent), include_inactive=include_inactive)
+    rows = model_choices(find_agent(agent), include_inactive=include_inactive)
     emit(rows, fmt, columns=["type", "size", "model_id", "name", "model_size", "model"])
 
 
@@ -858,8 +1008,10 @@ def usage():
 
 @usage.command("record")
 @click.argument("model")
-@click.option("--agent", help="The agent that made the call (id or uuid).")
+@click.option("--agent", help="The agent that made the call (id, uuid or name).")
 @usage_options
+@click.option("--audio-in", "audio_in_tokens", type=click.IntRange(min=0), default=0,
+              help="Of the input, audio tokens (priced at costInAudioTokensPerMillion).")
 @click.option("--web-searches", type=click.IntRange(min=0), default=0, help="Web search calls.")
 @click.option("--applied-tier", metavar="TIER",
               help="The tier the provider says it served (flex, priority, default; Anthropic: fast, standard); "
@@ -870,12 +1022,12 @@ def usage_record(model, agent, applied_tier, **usage):
     """Record one call to MODEL (and AGENT): its usage item, with the prices
     in force now, and the usage counters."""
     from .items import applied_tier_metadata
-    from .models import PsAiModel
+    from .models import find_model
     from .usage import record_usage
     connect()
     if applied_tier is not None:
         from .schemas import readable
-        model = PsAiModel.get_by_key(model)
+        model = find_model(model)
         usage["provider_metadata"] = applied_tier_metadata(readable(model.configuration).get("provider"),
                                                            applied_tier)
     _report_budget_events()
@@ -885,7 +1037,7 @@ def usage_record(model, agent, applied_tier, **usage):
 
 @usage.command("record-response")
 @click.argument("model", required=False)
-@click.option("--agent", help="The agent that made the call (id or uuid).")
+@click.option("--agent", help="The agent that made the call (id, uuid or name).")
 @click.option("--file", "source", type=click.File("rb"), default="-", show_default=True, metavar="PATH",
               help="The provider's response as JSON, or a stream's chunks or events, one JSON per line "
                    "('-' reads stdin).")
@@ -899,21 +1051,86 @@ def usage_record_response(model, agent, source, provider, user_id, connector_id,
     Anthropic, Gemini; streamed or not). Without MODEL, the stored model is
     found from the response's model name (see `psai models resolve`)."""
     from .recording import record_response
-    from .responses import load_response, usage_from_response
+    from .responses import read_response, usage_from_response
     name = getattr(source, "name", "<stdin>")
-    response = load_response(source.read(), "stdin" if name in ("<stdin>", "-") else name)
+    # A stream is read an event at a time, never held whole.
+    response = read_response(source, "stdin" if name in ("<stdin>", "-") else name)
     usage = usage_from_response(response, provider=provider)
     connect()
     _report_budget_events()
-    row = record_response(model, agent, usage, user_id=user_id, connector_id=connector_id)
+    call = record_response(model, agent, usage, user_id=user_id, connector_id=connector_id)
     if as_json:
-        emit([dict(usage.as_dict(), usage_row=row.id)], "json", single=True)
-    else:
-        click.echo("recorded %s tokens in, %s out (%s, %s) on usage row %s" % (
-            usage.tokens_in, usage.tokens_out, usage.api_family, shown(usage.model), row.id))
+        emit([dict(usage.as_dict(), cost=call.cost, currency=call.currency, unpriced_reason=call.unpriced_reason,
+                   model_id=call.model_id, response_id=call.response_id, duplicate=call.duplicate)],
+             "json", single=True)
+        return
+    cost = "%s %s" % (call.cost, call.currency) if call.cost is not None else "unpriced (%s)" % call.unpriced_reason
+    click.echo("%s %s tokens in, %s out (%s, %s): %s" % (
+        "already recorded (response %s):" % shown(call.response_id) if call.duplicate else "recorded",
+        usage.tokens_in, usage.tokens_out, usage.api_family, shown(usage.model), shown(cost)))
+
+
+@usage.command("assign")
+@click.option("--apply", "apply_changes", is_flag=True,
+              help="Move the calls to the model now configured for their name; without it nothing changes.")
+@click.option("--json", "as_json", is_flag=True, help="Write every placeholder as JSON.")
+def usage_assign(apply_changes, as_json):
+    """Calls recorded unpriced because their response's model name matched
+    no configured model (held by placeholder models): with --apply, moved
+    to the model configured for that name since, and priced at its prices."""
+    from .recording import assign_unmatched
+    connect()
+    found = assign_unmatched(dry_run=not apply_changes)
+    if as_json:
+        emit(found, "json")
+        return
+    emit([{"placeholder": f["placeholder_id"], "name": f["name"], "provider": f["provider"], "calls": f["calls"],
+           "model": f["model_id"], "why": f["reason"]} for f in found], None,
+         columns=["placeholder", "name", "provider", "calls", "model", "why"])
+    click.echo("applied: calls moved" if apply_changes else "dry run: nothing changed (--apply moves them)", err=True)
 
 
 REPORT_COLUMNS = ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpriced_tokens", "priced_from"]
+# Columns a report shows when asked (--columns), after tokens_out.
+EXTRA_REPORT_COLUMNS = {"cached": "cached_tokens", "cache-write": "cache_write_tokens"}
+# Digits after the point of currencies whose minor unit is not the cent (ISO 4217).
+CURRENCY_DIGITS = {"JPY": 0, "KRW": 0, "VND": 0, "CLP": 0, "ISK": 0, "UGX": 0, "XOF": 0, "XAF": 0,
+                   "BHD": 3, "KWD": 3, "OMR": 3, "JOD": 3, "TND": 3, "LYD": 3, "IQD": 3}
+
+
+def money_shown(value, currency):
+    """An amount as a table shows it: rounded to the currency's minor unit
+    (cents), an amount above 0 that would round to 0 as "<0.01"."""
+    from decimal import ROUND_HALF_UP, Decimal
+    if value is None:
+        return None
+    digits = CURRENCY_DIGITS.get(currency, 2) if isinstance(currency, str) else 2
+    unit = Decimal(1).scaleb(-digits)
+    rounded = Decimal(value).quantize(unit, rounding=ROUND_HALF_UP)
+    if not rounded and value:
+        return ("<" if value > 0 else ">-") + format(unit, "f")
+    return format(rounded, "f")
+
+
+def report_columns(rows, keys, extra=()):
+    """One column order for a report's table, CSV and JSON: the group's keys,
+    calls and tokens, the columns asked for, cost, and provider_cost last,
+    only when a call has one."""
+    columns = keys + REPORT_COLUMNS[:3] + [EXTRA_REPORT_COLUMNS[name] for name in extra] + REPORT_COLUMNS[3:]
+    if any(row.get("provider_cost") is not None for row in rows):
+        columns.append("provider_cost")
+    return columns
+
+
+class ColumnList(click.ParamType):
+    name = "NAMES"
+
+    def convert(self, value, param, ctx):
+        names = [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
+        unknown = [name for name in names if name not in EXTRA_REPORT_COLUMNS]
+        if unknown:
+            self.fail("%s: give some of %s" % (", ".join(unknown), ", ".join(EXTRA_REPORT_COLUMNS)), param, ctx)
+        return names
 
 
 @usage.command("report")
@@ -921,45 +1138,64 @@ REPORT_COLUMNS = ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpri
               default="model", show_default=True)
 @click.option("--since", metavar="DATE", help="From this day (YYYY-MM-DD) or time.")
 @click.option("--until", metavar="DATE", help="Up to and including this day, or up to this time.")
+@click.option("--agent", metavar="AGENT", help="Only this agent's calls (id, uuid or name).")
+@click.option("--model", metavar="MODEL", help="Only calls to this model, every version of it (id, uuid or name).")
+@click.option("--provider", help="Only calls to this provider.")
+@click.option("--columns", "extra", type=ColumnList(), default="", metavar="NAMES",
+              help="More columns, comma-separated: cached (input tokens read from cache), cache-write.")
+@click.option("--exact", is_flag=True, help="Amounts in the table as computed, not rounded to cents.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) when any usage cannot be priced.")
 @click.option("--html", "html_path", metavar="FILE",
               help="Also write a self-contained HTML page with charts (no network needed to open it).")
 @output_options
-def usage_report(grouping, since, until, strict, html_path, fmt):
+def usage_report(grouping, since, until, agent, model, provider, extra, exact, strict, html_path, fmt):
     """Cost of recorded usage, each call priced at the prices stored with it.
 
     Usage that cannot be priced (prices missing or unusable) is shown in rows
-    of its own with no cost, never as 0; --strict makes it an error.
+    of its own with no cost, never as 0; --strict makes it an error. The
+    table rounds amounts to the currency's cents (--exact: as computed); CSV
+    and JSON have them exact, in the table's column order.
     """
     from .usage import cost_report
     from .report import html
     connect()
+    filters = {"agent": agent, "model": model, "provider": provider}
     with dbmod.read_transaction():  # the table and the page: one moment
         with Progress("pricing usage") as progress:
             if progress.enabled:
                 click.echo("summing usage in the database...", err=True)
-            rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress)
+            rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress, **filters)
         page = html(grouping, since=since, until=until, rows=rows,
-                    database=_database_url() or dbmod.DEFAULT_URL) if html_path else None
+                    database=_database_url() or dbmod.DEFAULT_URL, **filters) if html_path else None
     if html_path:
         write_file(html_path, page)
         click.echo("wrote %s" % shown(html_path), err=True)
+    keys = _report_keys(rows, grouping)
     if fmt is not None:
-        emit(rows, fmt)
+        columns = report_columns(rows, keys, extra)
+        columns.insert(columns.index("priced_from") + 1, "unpriced_reason")
+        emit([{column: row.get(column) for column in columns} for row in rows], fmt, columns=columns)
         return
-    _emit_report(rows, grouping)
+    _emit_report(rows, grouping, keys, extra, exact)
 
 
-def _emit_report(rows, grouping):
+def _report_keys(rows, grouping):
+    known = set(REPORT_COLUMNS) | set(EXTRA_REPORT_COLUMNS.values()) | {"unpriced_reason", "provider_cost"}
+    keys = [column for column in (rows[0] if rows else {}) if column not in known]
+    return keys or [{"tree": "agent_id", "day": "day", "provider": "provider"}.get(grouping, grouping + "_id")]
+
+
+def _emit_report(rows, grouping, keys, extra=(), exact=False):
     """A cost report as a table with a TOTAL row per currency; unpriced usage on stderr."""
     from .usage import report_totals
-    keys = [column for column in (rows[0] if rows else {}) if column not in REPORT_COLUMNS + ["unpriced_reason"]]
-    keys = keys or [{"tree": "agent_id", "day": "day", "provider": "provider"}.get(grouping, grouping + "_id")]
     totals = report_totals(rows, grouping)
     table = list(rows)
     for currency, total in sorted(totals.items(), key=lambda item: (item[0] is None, str(item[0]))):
         table.append(dict(total, **{keys[0]: "TOTAL", "currency": currency}))
-    emit(table, None, columns=keys + REPORT_COLUMNS)
+    if not exact:
+        table = [dict(row, cost=money_shown(row["cost"], row["currency"]),
+                      provider_cost=money_shown(row.get("provider_cost"), row["currency"])) for row in table]
+    emit(table, None, columns=report_columns(rows, keys, extra))
     for row in rows:
         if row["unpriced_reason"]:
             click.echo("unpriced: %s %s: %d tokens: %s" % (keys[0], shown(row[keys[0]]), row["unpriced_tokens"],
@@ -977,11 +1213,16 @@ def audit_command(since, until, model, apply_changes, as_json):
     """Items whose stored counts disagree with the provider's raw usage they
     keep (PolicySynth's Claude accounting, fast mode lost, 1-hour writes),
     with their cost as recorded and as billed. A dry run unless --apply."""
-    from .audit import audit
+    from ._audit import audit
     connect()
     result = audit(since=since, until=until, model=model, dry_run=not apply_changes)
     if as_json:
         emit([result], "json", single=True)
+        return
+    if not result["findings"]:
+        click.echo("nothing to correct: %s" % (
+            "the counts of %d items agree with the provider's usage they keep" % result["items_read"]
+            if result["items_read"] else "no item keeps the provider's usage"))
         return
     emit([{"item": f["item_id"], "model": f["model_id"], "api": f["api_family"],
            "tokens_in": "%s -> %s" % (f["stored"]["tokensIn"], f["billed"]["tokensIn"]),
@@ -1013,7 +1254,8 @@ def _budget_row(budget):
     if budget.agent_id is not None and not budget.include_sub_agents:
         scope += " (only)"
     return {"name": budget.name, "limit": budget.amount, "currency": budget.currency, "period": budget.period,
-            "timezone": budget.timezone, "scope": scope, "warn_at": ",".join(str(f) for f in budget.warn_at),
+            "timezone": budget.timezone, "scope": scope,
+            "warn_at": ",".join(str(f) for f in budget.warn_at) if isinstance(budget.warn_at, list) else budget.warn_at,
             "hard": budget.hard, "unpriced": budget.unpriced}
 
 
@@ -1023,10 +1265,12 @@ def _budget_row(budget):
 @click.option("--currency", default="USD", show_default=True)
 @click.option("--period", type=click.Choice(["day", "week", "month", "year", "total"]), default="month",
               show_default=True, help="A calendar period in --timezone (week: ISO, from Monday).")
-@click.option("--timezone", default="UTC", show_default=True, help="An IANA zone, e.g. Europe/Berlin.")
-@click.option("--agent", metavar="ID", help="Scope: this agent (id or uuid) and its sub-agents.")
+@click.option("--timezone", default="UTC", show_default=True,
+              help="An IANA zone, e.g. Europe/Berlin (not localtime: the host's own zone is refused).")
+@click.option("--agent", metavar="AGENT", help="Scope: this agent (id, uuid or name) and its sub-agents.")
 @click.option("--agent-only", is_flag=True, help="With --agent: the agent alone, not its sub-agents.")
-@click.option("--model", "model_name", metavar="NAME", help="Scope: every version of the model of this name.")
+@click.option("--model", "model_name", metavar="MODEL",
+              help="Scope: every version of this model (id, uuid or name).")
 @click.option("--provider", help="Scope: every model of this provider.")
 @click.option("--organization-id", type=int, help="Scope: every model of this organization.")
 @click.option("--warn-at", "warn_at", type=float, multiple=True, metavar="FRACTION",
@@ -1039,6 +1283,8 @@ def budgets_set(name, amount, currency, period, timezone, agent, agent_only, mod
                 warn_at, soft, unpriced, fmt):
     """Create or change a budget (one scope at most; none: all usage)."""
     from .budget import set_budget
+    if agent_only and agent is None:
+        raise click.UsageError("--agent-only needs --agent (without it the budget would cover all usage)")
     connect()
     budget = set_budget(name=name, amount=amount, currency=currency, period=period, timezone=timezone, agent=agent,
                         include_sub_agents=not agent_only, model=model_name, provider=provider,

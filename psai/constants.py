@@ -6,7 +6,8 @@ from functools import partial
 
 __all__ = ["MAX_INTEGER", "MIN_INTEGER", "MAX_SAFE_INTEGER", "BASE_RATE_KEYS", "REQUIRED_RATE_KEYS",
            "LONG_CONTEXT_RATE_KEYS", "TIER_KEYS", "TIER_RATE_KEYS", "PRICE_KEYS", "OPTIONAL_NUMBER_KEYS",
-           "CATALOG_PRICE_KEYS", "CACHE_WRITE_1H_KEY", "strict_json_dumps", "time_range_problem"]
+           "CATALOG_PRICE_KEYS", "CACHE_WRITE_1H_KEY", "CACHE_WRITE_12H_KEY", "MODALITY_RATE_KEYS",
+           "strict_json_dumps", "time_range_problem"]
 
 # PolicySynth's ids, references and token counters are PostgreSQL INTEGERs
 # (SQLite would store more, which PolicySynth could not read back).
@@ -53,21 +54,29 @@ TIER_KEYS = {
 }
 TIER_RATE_KEYS = tuple(key for keys in TIER_KEYS.values() for key in keys)
 
+# psai's own rates per million tokens that are not text: audio input, audio
+# output, image output (PolicySynth ignores them and prices those tokens as
+# text; psai prices them at these, and without them leaves them unpriced).
+MODALITY_RATE_KEYS = ("costInAudioTokensPerMillion", "costOutAudioTokensPerMillion", "costOutImageTokensPerMillion")
+
 # Every key ``prices`` may hold, in ModelPricesSchema's order (a test holds them together).
 PRICE_KEYS = (
     REQUIRED_RATE_KEYS + ("currency", "costPerThousandWebSearches", "cacheWriteInputCostMultiplier",
-                          "cacheWrite1hInputCostMultiplier")
-    + LONG_CONTEXT_RATE_KEYS + ("longContextTokenThreshold", "regionalProcessingMargin")
+                          "cacheWrite1hInputCostMultiplier", "cacheWrite12hInputCostMultiplier")
+    + MODALITY_RATE_KEYS + LONG_CONTEXT_RATE_KEYS + ("longContextTokenThreshold", "regionalProcessingMargin")
     + TIER_RATE_KEYS + ("flexPriorityTokensEnabledOnLongContext",)
 )
 # The optional keys whose value is a number.
 OPTIONAL_NUMBER_KEYS = (
-    ("costPerThousandWebSearches", "cacheWriteInputCostMultiplier", "cacheWrite1hInputCostMultiplier")
-    + LONG_CONTEXT_RATE_KEYS
+    ("costPerThousandWebSearches", "cacheWriteInputCostMultiplier", "cacheWrite1hInputCostMultiplier",
+     "cacheWrite12hInputCostMultiplier") + MODALITY_RATE_KEYS + LONG_CONTEXT_RATE_KEYS
     + ("longContextTokenThreshold",) + TIER_RATE_KEYS
 )
 # psai's own key (PolicySynth ignores it): 1-hour cache writes cost the input rate times this.
 CACHE_WRITE_1H_KEY = "cacheWrite1hInputCostMultiplier"
+# psai's own key: OpenAI's 12-hour cache writes cost the input rate times this (30-minute
+# writes are ordinary cache writes, priced with cacheWriteInputCostMultiplier).
+CACHE_WRITE_12H_KEY = "cacheWrite12hInputCostMultiplier"
 
 # The keys a catalog writes and compares; the rest (the EU margin) is the user's.
 CATALOG_PRICE_KEYS = tuple(key for key in PRICE_KEYS if key != "regionalProcessingMargin")

@@ -255,6 +255,20 @@ def _scrub(message: object, url: str) -> str:
     return " ".join(_redact_parameters(message).split())  # drivers' messages span lines; errors are one line
 
 
+def _sqlite_url_problem(url: str) -> str | None:
+    """What is wrong with a SQLite URL whose file the parser would take
+    for a host (``sqlite://psai.db``) or lose a letter of (``sqlite:psai.db``
+    opens ``sai.db``), or None."""
+    parts = urlsplit(url)
+    if not url[len(parts.scheme) + 1:].startswith("///"):
+        return ("%s is not a SQLite URL psai reads: a SQLite URL has three slashes, sqlite:///%s for a path "
+                "relative to the working directory, sqlite:////absolute/path.db for an absolute one"
+                % (url, (parts.netloc + parts.path).lstrip("/") or "psai.db"))
+    if not parts.path.lstrip("/"):
+        return "%s names no file: sqlite:///psai.db, or sqlite:///:memory: for a database in memory" % url
+    return None
+
+
 def connect(url: str | None = None, *, bind: bool = True, **options: Any) -> Database:
     """Open the database at ``url`` and return it; with ``bind`` (the
     default) psai's models use it from now on, wherever no ``using`` block
@@ -280,6 +294,9 @@ def connect(url: str | None = None, *, bind: bool = True, **options: Any) -> Dat
             "postgresql://user@host:port/dbname" % (scheme, redact_url(url))
         )
     if kind == "sqlite":
+        problem = _sqlite_url_problem(url)
+        if problem:
+            raise DatabaseURLError(problem)
         options.setdefault("pragmas", SQLITE_PRAGMAS)
         options.setdefault("field_types", SQLITE_FIELD_TYPES)
         # sqlite3's own busy wait, applied before the pragmas run.

@@ -4,7 +4,7 @@ from typing import Any
 import marshmallow
 
 __all__ = ["PsaiError", "ValidationError", "DatabaseURLError", "DatabaseUnavailableError", "NotFoundError",
-           "InUseError", "UnpricedUsageError", "WrongDatabaseError", "BudgetExceededError",
+           "AmbiguousNameError", "InUseError", "UnpricedUsageError", "WrongDatabaseError", "BudgetExceededError",
            "NotConnectedError", "NotAdoptedError", "CatalogUnavailableError", "Unmappable", "flatten_messages"]
 
 
@@ -59,6 +59,11 @@ class NotConnectedError(DatabaseUnavailableError):
 
 class NotFoundError(PsaiError, LookupError):
     """A row that was named (by id, uuid or name) does not exist."""
+
+
+class AmbiguousNameError(NotFoundError):
+    """A name given where one row is needed fits several rows; the message
+    lists them with their ids (name one by id or uuid instead)."""
 
 
 class WrongDatabaseError(PsaiError):

@@ -201,6 +201,10 @@ class JSONField(peewee.JSONField):
     """peewee's portable JSONField (JSON text on SQLite, jsonb on PostgreSQL)
     with its backend helpers looked up per call from the thread's database."""
 
+    # Set by peewee's JSONField; its stubs do not say.
+    _dumps: Callable[[Any], str]
+    _loads: Callable[[str], Any]
+
     def _db_hook(self, database):
         pass  # see _backend
 

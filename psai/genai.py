@@ -8,21 +8,22 @@ packaged data (``genai_prices.data``) is read, never its network update.
 Each genai-prices model becomes a configuration whose prices are the ones in
 force without a request context; its flex, priority and fast variants become
 PolicySynth's tier rates where PolicySynth can say them. Whatever else the
-source prices (1-hour cache writes, batch or off-peak prices, per-request
-fees, ...) is listed in ``unexpressed``; a model whose token prices cannot be
+source prices (batch or off-peak prices, per-request fees, ...) is listed
+in ``unexpressed``; 1-hour cache writes and flat audio and image token
+prices go to psai's own keys; a model whose token prices cannot be
 said at all raises Unmappable with the reason. Every mapped model is checked
 against genai-prices' own calculation: a rate that would come out
 differently is in ``disagreements``, not passed off as agreeing.
 """
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from copy import copy
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from .constants import CACHE_WRITE_1H_KEY, LONG_CONTEXT_RATE_KEYS, TIER_KEYS
+from .constants import CACHE_WRITE_1H_KEY, LONG_CONTEXT_RATE_KEYS, MODALITY_RATE_KEYS, TIER_KEYS
 from .errors import CatalogUnavailableError, Unmappable
 from .pricing import estimate_cost, normalize_inference_type
 
@@ -42,11 +43,14 @@ __all__ = ["genai_catalog", "genai_entry", "genai_usage", "standard_prices", "Un
 # genai-prices price keys PolicySynth's configuration expresses.
 _GENAI_EXPRESSED = {"input_mtok", "output_mtok", "cache_read_mtok", "cache_write_mtok", "web_searches_kcount"}
 _GENAI_WHAT = {
-    "cache_write_1h_mtok": "1-hour cache writes (PolicySynth has one cache-write multiplier)",
+    "cache_write_1h_mtok": "1-hour cache writes, not imported: psai's cacheWrite1hInputCostMultiplier is one "
+                           "multiplier of the input rate, and this price is not",
     "requests_kcount": "a per-request fee",
     "storage_searches_kcount": "file-search calls",
     "output_reasoning_mtok": "a separate reasoning-token price",
 }
+# genai-prices' prices of tokens that are not text, and psai's own keys for them.
+_GENAI_MODALITY_KEYS = dict(zip(("input_audio_mtok", "output_audio_mtok", "output_image_mtok"), MODALITY_RATE_KEYS))
 # PolicySynth's inference tiers and the genai-prices request contexts they are.
 _TIER_CONTEXTS = {"flex": ({"service_tier": "flex"},), "priority": ({"service_tier": "priority"},),
                   "fast": ({"speed": "fast"}, {"service_tier": "fast"})}
@@ -98,7 +102,8 @@ def standard_prices(model: ModelInfo, now: datetime) -> tuple[ModelPrice, list[s
 def _with_context(model, standard, context, now):
     """``standard`` with the overrides of the variants matching ``context``
     (genai-prices' own rule: the first matching variant sets each key)."""
-    overrides, matched = {}, False
+    overrides: dict[str, Any] = {}
+    matched = False
     for variant in model.price_variants or ():
         if variant.constraint is not None and not variant.constraint.active(now):
             continue
@@ -180,6 +185,15 @@ def _standard_configuration(provider, model, prices):
     hour = prices.__dict__.get("cache_write_1h_mtok")
     if isinstance(hour, Decimal) and rate_in:  # a flat price; psai's own key (PolicySynth ignores it)
         result[CACHE_WRITE_1H_KEY] = float(hour / rate_in)
+    elif isinstance(hour, TieredPrices) and rate_in and long_in and len(hour.tiers) == 1 \
+            and hour.tiers[0].start + 1 == threshold and hour.base / rate_in == hour.tiers[0].price / long_in:
+        # Tiered like the input (Sonnet 4.5: 6 then 12 on 3 then 6): one
+        # multiplier of the input rate in force says both.
+        result[CACHE_WRITE_1H_KEY] = float(hour.base / rate_in)
+    for source_key, key in _GENAI_MODALITY_KEYS.items():
+        rate = prices.__dict__.get(source_key)
+        if isinstance(rate, Decimal):  # a flat price; psai's own keys (PolicySynth ignores them)
+            result[key] = float(rate)
     web = prices.__dict__.get("web_searches_kcount")
     if web is not None:
         if not isinstance(web, Decimal):
@@ -260,7 +274,8 @@ def _tiered_configuration(configuration, model, standard, now, threshold):
     where PolicySynth can say them; returns ``{tier: genai prices}`` for the
     tiers the source has and the notes on its other request variants."""
     provider = configuration["provider"]
-    tiers, notes = {None: standard}, []
+    tiers: dict[str | None, Any] = {None: standard}
+    notes = []
     used = list(_IGNORED_CONTEXTS)
     for tier, contexts in _TIER_CONTEXTS.items():
         for context in contexts:
@@ -307,7 +322,8 @@ def genai_entry(provider: Provider, model: ModelInfo, now: datetime) -> dict[str
     configuration, threshold = _standard_configuration(provider, model, standard)
     for key, value in standard.__dict__.items():
         expressed = key in _GENAI_EXPRESSED or (key == "cache_write_1h_mtok"
-                                                and CACHE_WRITE_1H_KEY in configuration["prices"])
+                                                and CACHE_WRITE_1H_KEY in configuration["prices"]) or (
+            _GENAI_MODALITY_KEYS.get(key) in configuration["prices"])
         if value is not None and not expressed:
             notes.append("%s %s: %s" % (key, _price_text(value), _GENAI_WHAT.get(key, "no PolicySynth price for it")))
     tiers, variant_notes = _tiered_configuration(configuration, model, standard, now, threshold)
@@ -318,10 +334,10 @@ def genai_entry(provider: Provider, model: ModelInfo, now: datetime) -> dict[str
     return {"configuration": configuration, "unexpressed": notes, "disagreements": disagreements}
 
 
-def genai_catalog(providers: Collection[str], models: Collection[str],
+def genai_catalog(providers: Collection[str], wanted: Callable[[str, str], bool] | None,
                   now: datetime) -> tuple[str, dict[str, dict[str, Any]], dict[str, str]]:
     """The installed genai-prices' models, optionally only these providers
-    and models (``model`` or ``provider/model``): ``(version, {source_model:
+    and the models ``wanted(provider/model, model)`` takes: ``(version, {source_model:
     entry}, {source_model: why it is skipped})``; each entry is
     ``genai_entry``'s with its ``name``."""
     version, catalog = _genai()
@@ -331,7 +347,7 @@ def genai_catalog(providers: Collection[str], models: Collection[str],
             continue
         for model in provider.models:
             source_model = "%s/%s" % (provider.id, model.id)
-            if models and model.id not in models and source_model not in models:
+            if wanted is not None and not wanted(source_model, model.id):
                 continue
             try:
                 entries[source_model] = dict(genai_entry(provider, model, now), name=source_model)

@@ -16,7 +16,6 @@ prices over time is kept here:
   recorded in a period, shown (dry run, the default) before it is applied.
 """
 import datetime
-import uuid
 from decimal import Decimal
 from typing import Any, TypedDict, cast
 
@@ -27,7 +26,7 @@ from .constants import strict_json_dumps
 from .db import is_postgres, model_db, read_transaction, table_columns, write_transaction
 from .errors import PsaiError, ValidationError
 from .fields import utcnow
-from .models import PriceCorrection, PriceVersion, PsAiModel, PsModelUsageItem, prices_of, record_price_change
+from .models import ModelRef, PriceCorrection, PriceVersion, PsModelUsageItem, prices_of, record_price_change
 from .reports import part_tokens, price_parts, usage_parts
 from .schemas import INCLUDE, ModelPricesSchema
 from .sql import item_reprice_sql, lock_models_sql, usage_state_sql, window
@@ -80,7 +79,7 @@ def _check_prices(prices: dict[str, Any]) -> None:
         raise ValidationError({"prices": exc.messages}) from None
 
 
-def reprice(model: PsAiModel | int | str | uuid.UUID, changes: dict[str, Any], *,
+def reprice(model: ModelRef, changes: dict[str, Any], *,
             since: datetime.date | str | None = None, until: datetime.date | str | None = None,
             dry_run: bool = True) -> RepriceResult:
     """Correct the prices of calls already recorded for ``model`` (a row,
@@ -133,7 +132,7 @@ def _usage_state(db, ids, since, until):
     """SQLite: what changes when the usage a correction measures changes:
     its items and counter rows (how many, ids, latest update) and the
     models' rows."""
-    params = []
+    params: list[Any] = []
     where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params)
     return db.execute_sql(usage_state_sql(where, len(ids)), params + ids + ids).fetchall()
 

@@ -26,11 +26,12 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, TypeGuard
 
-from .constants import CACHE_WRITE_1H_KEY, OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
+from .constants import CACHE_WRITE_12H_KEY, CACHE_WRITE_1H_KEY, OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
 from .pricing import _count, _exact, _is_number as _number_type, _rate, resolve_prices
 
-__all__ = ["item_data", "item_cost", "effective_prices", "price_problem", "call_buckets", "bucket_cost", "BucketPricer",
-           "applied_tier_metadata", "cache_write_1h_extra", "BUCKETS", "LAYOUT_VERSION"]
+__all__ = ["item_data", "item_model", "item_pricing", "item_cost", "item_price",
+           "effective_prices", "price_problem", "call_buckets", "bucket_cost", "BucketPricer",
+           "applied_tier_metadata", "apart_extra", "item_apart", "APART", "BUCKETS", "LAYOUT_VERSION"]
 
 LAYOUT_VERSION = 1
 
@@ -60,7 +61,7 @@ def js_timestamp(moment: datetime.datetime) -> str:
 def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, agent_id: int | None,
               connector_id: int | None, moment: datetime.datetime, tokens_in: float, tokens_out: float,
               cached_tokens: float = 0, cache_write_tokens: float = 0, reasoning_tokens: float = 0,
-              audio_tokens: float = 0, image_tokens: float = 0, web_searches: float = 0,
+              audio_tokens: float = 0, image_tokens: float = 0, web_searches: float = 0, audio_in_tokens: float = 0,
               provider_metadata: Mapping[str, Any] | None = None,
               response: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``ps_model_usage_item.data`` for one call, in PolicySynth's layout
@@ -71,10 +72,6 @@ def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, 
     what psai keeps of it besides (``psai``: 1-hour cache writes, the
     provider's own cost)."""
     provider = configuration.get("provider")
-    pricing = {"configuredPrices": configuration.get("prices")}
-    for key in ("inferenceType", "regionalProcessing"):
-        if configuration.get(key) is not None:
-            pricing[key] = configuration[key]
     actor = {"userId": user_id, "agentId": agent_id}
     if connector_id is not None:
         actor["connectorId"] = connector_id
@@ -83,19 +80,19 @@ def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, 
         "provider": provider,
         "apiFamily": provider,
         "timestamp": js_timestamp(moment),
-        "model": {"id": model_id, "name": configuration.get("model"), "type": configuration.get("type"),
-                  "size": configuration.get("modelSize")},
+        "model": item_model(model_id, configuration),
         "actor": actor,
         "request": {},
-        "pricing": pricing,
+        "pricing": item_pricing(configuration, provider_metadata),
         "usageNormalized": {"tokensIn": tokens_in, "tokensOut": tokens_out, "cachedInTokens": cached_tokens,
                             "reasoningTokens": reasoning_tokens, "audioTokens": audio_tokens,
                             "imageTokens": image_tokens},
     }
     if provider_metadata is not None:
         data["providerMetadata"] = provider_metadata
-    extras = {key: value for key, value in (("cacheWriteTokens", cache_write_tokens),
-                                            ("webSearches", web_searches)) if value}
+    # Audio input is part of tokensIn, as PolicySynth counts it; psai prices it at its own rate.
+    extras = {key: value for key, value in (("cacheWriteTokens", cache_write_tokens), ("webSearches", web_searches),
+                                            ("audioInTokens", audio_in_tokens)) if value}
     if response is not None:
         data["apiFamily"] = response.get("apiFamily", provider)
         if response.get("usageRaw") is not None:
@@ -104,6 +101,32 @@ def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, 
     if extras:
         data["psai"] = extras
     return data
+
+
+def item_model(model_id: int, configuration: Mapping[str, Any]) -> dict[str, Any]:
+    """An item's ``model``: the model it was recorded on."""
+    return {"id": model_id, "name": configuration.get("model"), "type": configuration.get("type"),
+            "size": configuration.get("modelSize")}
+
+
+def item_pricing(configuration: Mapping[str, Any],
+                 provider_metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """An item's ``pricing``: the snapshot of the model's prices in force
+    (they are shared, not copied), and how its calls are priced."""
+    pricing = {"configuredPrices": configuration.get("prices")}
+    for key in ("inferenceType", "regionalProcessing"):
+        if configuration.get(key) is not None:
+            pricing[key] = configuration[key]
+    # Gemini and Vertex report the tier that served (psai.responses keeps
+    # trafficType / serviceTier as appliedServiceTier), which PolicySynth's
+    # cost manager reads for Google only as the item's inferenceType.
+    served = provider_metadata.get("appliedServiceTier") if isinstance(provider_metadata, Mapping) else None
+    if str(configuration.get("provider")).lower() == "google" and served in ("flex", "priority", "standard"):
+        if served == "standard":
+            pricing.pop("inferenceType", None)
+        else:
+            pricing["inferenceType"] = served
+    return pricing
 
 
 def applied_tier_metadata(provider: str | None, tier: str | None) -> dict[str, str] | None:
@@ -149,6 +172,9 @@ def price_problem(prices: Any) -> str | None:
     """Why these prices cannot price a call (a sentence), or None."""
     if not isinstance(prices, dict):
         return "no prices"
+    if not prices:
+        return ("no prices: the model has none (a placeholder for calls whose model name matched no configured "
+                "model; configure it and run `psai usage assign`)")
     for key in REQUIRED_RATE_KEYS:
         value = prices.get(key)
         if value is None:
@@ -273,47 +299,97 @@ class BucketPricer:
         return (input_sum + output_sum) / _MILLION + web
 
 
-def cache_write_1h_extra(tokens: float, long_tokens: float, prices: Mapping[str, Any]
-                         ) -> tuple[Decimal, str | None]:
-    """What 1-hour cache writes cost beyond the 5-minute writes they are
-    counted with (``cacheWriteInputCostMultiplier``): their input rate times
-    the difference of the two multipliers. Without
-    ``cacheWrite1hInputCostMultiplier`` they cannot be priced: (0, why)."""
-    if not tokens and not long_tokens:
+# Tokens priced apart from the rate of the bucket they are counted in, by
+# the names ``apart_extra`` reads: the longer-lived cache writes (counted
+# among the cache writes: what, price key, why the key) ...
+_LONGER_CACHE_WRITES = (
+    ("cw1h", "1-hour cache writes", CACHE_WRITE_1H_KEY, "Anthropic bills them at 2x input"),
+    ("cw12h", "12-hour cache writes", CACHE_WRITE_12H_KEY, "OpenAI bills them apart from 30-minute writes"),
+)
+# ... and the tokens that are not text (counted as input or output: what, their rate's key, their side).
+_MODALITIES = (
+    ("audio_in", "audio input tokens", "costInAudioTokensPerMillion", "in"),
+    ("audio_out", "audio output tokens", "costOutAudioTokensPerMillion", "out"),
+    ("image_out", "image output tokens", "costOutImageTokensPerMillion", "out"),
+)
+APART = tuple(name for name, *_rest in _LONGER_CACHE_WRITES + _MODALITIES)
+
+
+def apart_extra(apart: Mapping[str, float], prices: Mapping[str, Any]) -> tuple[Decimal, str | None]:
+    """What tokens priced apart cost beyond the bucket's rate they are
+    counted at (``call_buckets``; ``bucket_cost``), exactly. ``apart`` holds
+    counts by the names of APART, a long-context call's under ``long_`` +
+    name. Longer-lived cache writes cost their multiplier instead of
+    ``cacheWriteInputCostMultiplier``; audio and image tokens their own
+    rate instead of the text rate. A count whose price key is missing
+    cannot be priced: ``(0, why)``, never the text rate."""
+    if not any(apart.values()):
         return Decimal(0), None
-    hour = prices.get(CACHE_WRITE_1H_KEY)
-    if not (_is_number(hour) and hour >= 0):
-        return Decimal(0), ("1-hour cache writes, and the prices have no %s (psai's key; Anthropic bills them "
-                            "at 2x input)" % CACHE_WRITE_1H_KEY)
     five = prices.get("cacheWriteInputCostMultiplier")
-    five = five if _is_number(five) and five >= 0 else 1
-    rate_in = prices.get("costInTokensPerMillion")
-    long_in = prices.get("longContextCostInTokensPerMillion")
-    long_in = rate_in if not _is_number(long_in) or long_in == 0 else long_in
-    difference = Decimal(repr(hour)) - Decimal(repr(five))
-    extra = (Decimal(repr(_count(tokens))) * Decimal(repr(rate_in))
-             + Decimal(repr(_count(long_tokens))) * Decimal(repr(long_in))) * difference
-    return extra / Decimal(1_000_000), None
+    five = _exact_rate(five if _is_number(five) and five >= 0 else 1)
+    rates = {}
+    for side, base_key, long_key in (("in", "costInTokensPerMillion", "longContextCostInTokensPerMillion"),
+                                     ("out", "costOutTokensPerMillion", "longContextCostOutTokensPerMillion")):
+        base, long = prices.get(base_key), prices.get(long_key)
+        rates[side] = _exact_rate(base)
+        # A long-context rate of 0 or unset is the standard rate (PolicySynth's item rule, as bucket_cost).
+        rates["long_" + side] = rates[side] if not _is_number(long) or long == 0 else _exact_rate(long)
+    extra = Decimal(0)
+    for prefix in ("", "long_"):
+        for name, what, key, why in _LONGER_CACHE_WRITES:
+            tokens = _count(apart.get(prefix + name))
+            if tokens:
+                multiplier = prices.get(key)
+                if not (_is_number(multiplier) and multiplier >= 0):
+                    return Decimal(0), "%s, and the prices have no %s (psai's key; %s)" % (what, key, why)
+                extra += _exact_count(tokens) * rates[prefix + "in"] * (_exact_rate(multiplier) - five)
+        for name, what, key, side in _MODALITIES:
+            tokens = _count(apart.get(prefix + name))
+            if tokens:
+                rate = prices.get(key)
+                if not (_is_number(rate) and rate >= 0):
+                    return Decimal(0), ("%s, and the prices have no %s (psai's key): they are not priced at the "
+                                        "text rate" % (what, key))
+                extra += _exact_count(tokens) * (_exact_rate(rate) - rates[prefix + side])
+    return extra / _MILLION, None
+
+
+def item_apart(data: Mapping[str, Any], long: bool) -> dict[str, float]:
+    """An item's tokens priced apart (``apart_extra``'s names; ``long_`` ones
+    for a long-context call): from psai's part and usageNormalized."""
+    extras, usage = data.get("psai"), data.get("usageNormalized")
+    extras = extras if isinstance(extras, dict) else {}
+    usage = usage if isinstance(usage, dict) else {}
+    prefix = "long_" if long else ""
+    return {prefix + name: _count(value) for name, value in (
+        ("cw1h", extras.get("cacheWrite1hTokens")), ("cw12h", extras.get("cacheWrite12hTokens")),
+        ("audio_in", extras.get("audioInTokens")), ("audio_out", usage.get("audioTokens")),
+        ("image_out", usage.get("imageTokens")))}
 
 
 def item_cost(data: Any, fallback_prices: Any = None) -> Decimal | None:
     """What one item (its ``data``) cost, as a Decimal, or None when its
     prices are missing or unusable. ``fallback_prices``: the model's current
     prices, for an item without a snapshot (PolicySynth's rule too)."""
+    return item_price(data, fallback_prices)[0]
+
+
+def item_price(data: Any, fallback_prices: Any = None) -> tuple[Decimal | None, str | None]:
+    """``(cost, None)`` of one item (its ``data``), or ``(None, why)`` when
+    it cannot be priced: ``item_cost`` with the reason a report gives."""
     if not isinstance(data, dict) or not isinstance(data.get("usageNormalized"), dict):
-        return None
+        return None, "the item has no usable token counts (usageNormalized.tokensIn)"
     prices, problem = effective_prices(data.get("provider"), data.get("pricing"), data.get("providerMetadata"),
                                        fallback_prices)
     if problem:
-        return None
+        return None, problem
     extras = data.get("psai")
     if not isinstance(extras, dict):
         extras = {}
     buckets = call_buckets(data["usageNormalized"], cache_write_tokens=extras.get("cacheWriteTokens", 0),
                            threshold=prices.get("longContextTokenThreshold"))
-    hour = _count(extras.get("cacheWrite1hTokens"))
     long = bool(buckets["long_in"] or buckets["long_cached"] or buckets["long_cache_write"] or buckets["long_out"])
-    extra, problem = cache_write_1h_extra(0 if long else hour, hour if long else 0, prices)
+    extra, problem = apart_extra(item_apart(data, long), prices)
     if problem:
-        return None
-    return bucket_cost(buckets, prices, web_searches=_count(extras.get("webSearches"))) + extra
+        return None, problem
+    return bucket_cost(buckets, prices, web_searches=_count(extras.get("webSearches"))) + extra, None

@@ -11,12 +11,15 @@ LiteLLM gives USD per token; PolicySynth wants per million tokens. What maps:
 | ``cache_creation_input_token_cost`` | ``prices.cacheWriteInputCostMultiplier`` (its ratio to the input rate) |
 | ``*_above_Nk_tokens`` | ``prices.longContext*`` rates and ``longContextTokenThreshold`` = N × 1000 |
 | ``*_flex``, ``*_priority`` | ``prices.flexTokens*``, ``prices.priorityTokens*`` |
+| ``input_cost_per_audio_token``, ``output_cost_per_audio_token`` | ``prices.costIn/OutAudioTokensPerMillion`` |
+| ``output_cost_per_image_token`` | ``prices.costOutImageTokensPerMillion`` |
 | ``search_context_cost_per_query.search_context_size_medium`` | ``prices.costPerThousandWebSearches`` (× 1000) |
 | ``mode``: chat, completion, responses; embedding | ``type``: text; embedding |
 | ``mode``: image_generation; audio_speech, audio_transcription; video_generation | ``type``: image; audio; video |
 | ``max_output_tokens`` | ``maxTokensOut``; ``max_input_tokens`` → ``maxContextTokens`` |
 | ``litellm_provider`` | ``provider`` |
 
+The audio and image rates are psai's own keys (PolicySynth ignores them).
 LiteLLM has no model size and no temperature, so the caller gives them.
 An entry that cannot be mapped (no token prices, another mode, no output
 limit, two different long-context thresholds, a configuration psai's schema
@@ -26,11 +29,11 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from .constants import LONG_CONTEXT_RATE_KEYS, TIER_KEYS
+from .constants import LONG_CONTEXT_RATE_KEYS, MODALITY_RATE_KEYS, TIER_KEYS
 from .errors import CatalogUnavailableError, ValidationError
 from .schemas import json_problem, validate_configuration
 
@@ -53,6 +56,9 @@ _LONG_KEYS = dict(zip(_RATES, LONG_CONTEXT_RATE_KEYS))
 # input_cost_per_token_flex → flexTokensIn, cache_read_input_token_cost_priority → priorityTokensCachedIn, ...
 _TIER_KEYS = {"%s_%s" % (rate, tier): key
               for tier in ("flex", "priority") for rate, key in zip(_RATES, TIER_KEYS[tier])}
+# LiteLLM's per-token rates of tokens that are not text, and psai's own keys for them.
+_MODALITY_KEYS = dict(zip(("input_cost_per_audio_token", "output_cost_per_audio_token",
+                           "output_cost_per_image_token"), MODALITY_RATE_KEYS))
 
 
 def _per_million(value):
@@ -103,7 +109,7 @@ def map_entry(name: str, entry: Any, *, model_size: str, default_temperature: fl
         raise ValueError("long-context prices at several thresholds (%s)" % ", ".join(map(str, sorted(thresholds))))
     if thresholds:
         prices["longContextTokenThreshold"] = thresholds.pop()
-    for key, target in _TIER_KEYS.items():
+    for key, target in list(_TIER_KEYS.items()) + list(_MODALITY_KEYS.items()):
         if _rate(entry, key) is not None:
             prices[target] = _rate(entry, key)
     search = entry.get("search_context_cost_per_query")
@@ -130,7 +136,7 @@ def consumed_keys(entry: dict[str, Any]) -> set[str]:
     """The price keys of ``entry`` that ``map_entry`` turns into PolicySynth
     prices (the others are reported by a catalog import)."""
     used = {"input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost",
-            "cache_creation_input_token_cost", "search_context_cost_per_query"} | set(_TIER_KEYS)
+            "cache_creation_input_token_cost", "search_context_cost_per_query"} | set(_TIER_KEYS) | set(_MODALITY_KEYS)
     for key in entry:
         match = _ABOVE.match(key)
         if match and match.group("base") in _LONG_KEYS:
@@ -174,9 +180,9 @@ def _litellm_notes(entry, consumed):
 
 
 def litellm_catalog(cost_map: dict[str, Any], providers: Collection[str],
-                    models: Collection[str]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+                    wanted: Callable[[str, str], bool] | None) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """The entries of a cost map, optionally only these ``litellm_provider``
-    values and models (the cost-map key, or without its ``provider/``):
+    values and the models ``wanted(key, key without its provider/)`` takes:
     ``({name: {"name", "configuration", "unexpressed", "disagreements",
     "maxTokensOut"}}, {name: why it is skipped})``. The configurations have
     no size and no temperature (the import gives them)."""
@@ -192,7 +198,8 @@ def litellm_catalog(cost_map: dict[str, Any], providers: Collection[str],
         provider = entry.get("litellm_provider") if isinstance(entry, dict) else None
         if providers and provider not in providers:
             continue
-        if models and not (name in models or (provider and name[len(provider) + 1:] in models)):
+        if wanted is not None and not wanted(name, name[len(provider) + 1:] if isinstance(provider, str)
+                                             and name.startswith(provider + "/") else name):
             continue
         try:
             configuration = map_entry(name, entry, model_size="medium")

@@ -4,20 +4,22 @@ selection, the sub-agent tree) and the save hook that keeps price history."""
 from __future__ import annotations
 
 import datetime
+import difflib
+import json
 import uuid
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol, Self
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol, Self, TypeAlias
 
 from peewee import (
     AutoField, BooleanField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField, IntegerField,
-    IntegrityError, ModelSelect, ModelUpdate, Value,
+    IntegrityError, ModelSelect, ModelUpdate, TextField, Value,
 )
 
 from .base import BaseModel, LinkField, check_database, load_links
-from .constants import strict_json_dumps
+from .constants import MAX_INTEGER, strict_json_dumps
 from .db import is_postgres, lock, model_db, register_models, table_columns, write_transaction
 from .enums import PsAiModelSize, PsAiModelType
-from .errors import InUseError, NotFoundError, ValidationError
+from .errors import AmbiguousNameError, InUseError, NotAdoptedError, NotFoundError, ValidationError
 from .fields import JSONField, TimestampTzField, UUIDTextField, utcnow
 from .pricing import COUNTERS
 from .schemas import (
@@ -27,11 +29,14 @@ from .schemas import (
 from .sql import config_filter
 
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
-           "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "Budget", "BudgetEvent", "ALL_MODELS",
+           "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "Budget", "BudgetEvent", "Setting",
+           "ALL_MODELS",
            "strict_json_dumps",
            "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
            "record_price_change", "prices_of", "provenance", "usage_counters", "CALL_WATCHERS", "CallWatcher",
-           "BudgetReservation", "Reservation"]
+           "ModelRef", "AgentRef", "ref_key", "find_model", "find_models", "find_agent",
+           "DEFAULT_IDS", "config", "store_settings", "change_settings", "fill_default_ids",
+           "default_ids", "nearest_names", "BudgetReservation", "Reservation"]
 
 # PolicySynth's size fallback: which sizes to try, in order, for a size asked for.
 SIZE_FALLBACK = {
@@ -62,6 +67,8 @@ class PsAiModel(BaseModel):
 
     def validate(self) -> None:
         stored = None
+        if self.id is None:
+            fill_default_ids(self, ("user_id", "organization_id"))
         if self.id is not None and unknown_paths(self.configuration):
             # Keys psai does not know may stay where the row already had them.
             stored = PsAiModel.select(PsAiModel.configuration).where(PsAiModel.id == self.id).scalar()
@@ -213,6 +220,8 @@ class PsAgent(BaseModel):
         table_name = "ps_agents"
 
     def validate(self) -> None:
+        if self.id is None:
+            fill_default_ids(self, ("user_id", "class_id", "group_id"))
         validate_agent_row(self)
         if self.id is not None and self.parent_agent_id is not None:
             # One change of the tree at a time: two saves each checking the
@@ -498,8 +507,19 @@ class Reservation:
             BudgetReservation.delete().where(BudgetReservation.token == self.token).execute()
 
 
+
+class Setting(BaseModel):
+    """psai's own: one setting of the store (``psai.config``), its value as JSON text."""
+
+    key = CharField(max_length=64, primary_key=True)
+    value = TextField()
+
+    class Meta:
+        table_name = "psai_settings"
+
+
 ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage, PsModelUsageItem, PriceVersion, PriceCorrection,
-              ModelProvenance, CopiedUsage, Budget, BudgetEvent, BudgetReservation]
+              ModelProvenance, CopiedUsage, Budget, BudgetEvent, BudgetReservation, Setting]
 
 
 register_models(ALL_MODELS)
@@ -567,6 +587,218 @@ def record_price_change(model: PsAiModel, stored_configuration: Any,
         PriceVersion.create(model=model.id, valid_from=now, prices=new, source="psai")
 
 
+# -- naming a model or an agent -----------------------------------------------------------
+#
+# One rule everywhere a model or an agent is named, in Python and on the
+# command line: a row; an int id; a string of ASCII digits, which is always
+# an id (``"7"`` is the row with id 7, never a model named "7": name such a
+# row by its uuid); a uuid (a ``uuid.UUID`` or its text); else a name. A
+# model's name is its ``name`` column, an agent's its ``configuration.name``.
+
+ModelRef: TypeAlias = PsAiModel | int | str | uuid.UUID
+AgentRef: TypeAlias = PsAgent | int | str | uuid.UUID
+
+
+def ref_key(ref: int | str | uuid.UUID) -> tuple[str, Any]:
+    """``("id", n)``, ``("uuid", UUID)`` or ``("name", text)``: what a
+    reference that is not a row names, by the rule above."""
+    if isinstance(ref, bool):
+        return "name", str(ref)  # never an id: True == 1 would name row 1
+    if isinstance(ref, int):
+        return "id", ref
+    if isinstance(ref, uuid.UUID):
+        return "uuid", ref
+    text = str(ref).strip()
+    if text.isascii() and text.isdigit():  # not "²": str.isdigit takes other digits too
+        return "id", int(text)
+    try:
+        return "uuid", uuid.UUID(text)
+    except ValueError:
+        return "name", text
+
+
+def nearest_names(name: str, names: Iterable[str], count: int = 3) -> list[str]:
+    """The names nearest to ``name`` (at most ``count``, nearest first):
+    what an error suggests instead of a name that matches none."""
+    return difflib.get_close_matches(name, sorted(set(names)), n=count, cutoff=0.6)
+
+
+def _named(kind: str, text: str, every: list[str]) -> NotFoundError:
+    """The error for a name no row has, with the nearest names there are."""
+    near = nearest_names(text, every)
+    return NotFoundError("no %s has the id, uuid or name %r%s" % (
+        kind, text, "; did you mean %s?" % " or ".join(repr(name) for name in near) if near else ""))
+
+
+def _by_key(cls: type[BaseModel], kind: str, ref: int | str | uuid.UUID) -> Any:
+    how, value = ref_key(ref)
+    if how == "id" and not 0 <= value <= MAX_INTEGER:
+        raise NotFoundError("%s %s does not exist (ids run from 0 to %d)" % (cls.__name__, value, MAX_INTEGER))
+    row = cls.select().where((cls.id if how == "id" else cls.uuid) == value).first()
+    if row is None:
+        text = str(ref).strip()
+        named = how == "id" and cls is PsAiModel and PsAiModel.select().where(PsAiModel.name == text).exists()
+        raise NotFoundError("%s %s does not exist%s" % (cls.__name__, ref, (
+            " (a string of digits is always an id: name the model called %r by its uuid)" % text)
+            if named else ""))
+    return row
+
+
+def _active(row: PsAiModel) -> bool:
+    return not isinstance(row.configuration, dict) or row.configuration.get("active") is not False
+
+
+def find_models(ref: ModelRef) -> list[PsAiModel]:
+    """Every model row a reference names, oldest first: the one row of an
+    id, uuid or row, or every row with a name (its versions: older rows of a
+    name are kept, inactive, when it is added again). Functions over a
+    model's history (prices, repricing, audits, budgets) take this."""
+    if isinstance(ref, PsAiModel):
+        check_database(ref)
+        return [ref]
+    how, text = ref_key(ref)
+    if how != "name":
+        return [_by_key(PsAiModel, "model", ref)]
+    rows = list(PsAiModel.select().where(PsAiModel.name == text).order_by(PsAiModel.created_at, PsAiModel.id))
+    if not rows:
+        every = [str(name) for name in PsAiModel.select(PsAiModel.name).distinct().scalars()]
+        raise _named("model", text, every)
+    return rows
+
+
+def find_model(ref: ModelRef) -> PsAiModel:
+    """The one model row a reference names (the rule above). A name fits
+    the row of that name that is active; several active rows of one name
+    (in several organizations), or only inactive ones, are an
+    ``AmbiguousNameError`` listing them with their ids; no row of the name
+    is a ``NotFoundError`` suggesting the nearest names there are."""
+    rows = find_models(ref)
+    if len(rows) == 1:
+        return rows[0]
+    active = [row for row in rows if _active(row)]
+    if len(active) == 1:
+        return active[0]
+    raise AmbiguousNameError("%d models are named %r and %s: give one by id or uuid: %s" % (
+        len(rows), rows[0].name, "%d of them are active" % len(active) if active else "none is active",
+        ", ".join("id %s (organization %s, %s, created %s)" % (
+            row.id, row.organization_id, "active" if _active(row) else "inactive",
+            row.created_at.isoformat() if isinstance(row.created_at, datetime.datetime) else row.created_at)
+            for row in reversed(active or rows))))
+
+
+def find_agent(ref: AgentRef) -> PsAgent:
+    """The one agent row a reference names (the rule above; a name is
+    ``configuration.name``). Several agents of one name are an
+    ``AmbiguousNameError`` listing their ids; none, a ``NotFoundError``
+    suggesting the nearest names there are."""
+    if isinstance(ref, PsAgent):
+        check_database(ref)
+        return ref
+    how, text = ref_key(ref)
+    if how != "name":
+        return _by_key(PsAgent, "agent", ref)
+    rows = list(PsAgent.select().where(config_filter(PsAgent.configuration, {"name": text},
+                                                     is_postgres(model_db(PsAgent)))).order_by(PsAgent.id))
+    if len(rows) == 1:
+        return rows[0]
+    if rows:
+        raise AmbiguousNameError("%d agents are named %r: give one by id or uuid: %s" % (
+            len(rows), text, ", ".join("id %s (class %s, group %s)" % (row.id, row.class_id, row.group_id)
+                                       for row in rows)))
+    every = [str(row.configuration["name"]) for row in PsAgent.select(PsAgent.configuration)
+             if isinstance(row.configuration, dict) and isinstance(row.configuration.get("name"), str)]
+    raise _named("agent", text, every)
+
+
+# -- the store's settings: default ids ------------------------------------------------------
+#
+# PolicySynth's rows carry ids of its users, organizations, agent classes and
+# groups. A store used on its own has none of these: new models and agents
+# get the store's defaults (1 each unless ``psai.config`` changed them). A
+# PolicySynth database (adopted with ``psai init --adopt``) requires them, as
+# PolicySynth does, unless ``psai.config(require_ids=False)``.
+
+DEFAULT_IDS = {"user_id": 1, "organization_id": 1, "class_id": 1, "group_id": 1}
+_SETTINGS = (*DEFAULT_IDS, "require_ids")
+
+
+def store_settings() -> dict[str, Any]:
+    """The settings in force: ``{"user_id", "organization_id", "class_id",
+    "group_id", "require_ids"}``. A database without psai's settings table
+    (not migrated, or PolicySynth's not adopted) requires every id."""
+    settings: dict[str, Any] = dict(DEFAULT_IDS, require_ids=False)
+    if not table_columns(model_db(Setting), Setting._meta.table_name):
+        return dict(settings, require_ids=True)
+    for row in Setting.select().where(Setting.key.in_(_SETTINGS)):
+        settings[row.key] = json.loads(row.value)
+    return settings
+
+
+def config(*, user_id: int | None = None, organization_id: int | None = None, class_id: int | None = None,
+           group_id: int | None = None, require_ids: bool | None = None) -> dict[str, Any]:
+    """The store's settings (``psai.config()``), after setting those given
+    (None leaves one as it is), in one transaction: the ids new models and
+    agents get when none is given, and ``require_ids`` (no defaults: every
+    id must be given, as on a PolicySynth database)."""
+    return change_settings(user_id=user_id, organization_id=organization_id, class_id=class_id,
+                           group_id=group_id, require_ids=require_ids)
+
+
+def change_settings(**changes: Any) -> dict[str, Any]:
+    """Set some of the settings (a None leaves one as it is), in one
+    transaction; returns the settings in force. Ids must fit PolicySynth's
+    INTEGER columns; ``require_ids`` is a bool."""
+    if all(value is None for value in changes.values()):
+        return store_settings()
+    errors: dict[str, list[str]] = {}
+    for key, value in changes.items():
+        if key not in _SETTINGS:
+            errors[key] = ["Unknown setting: one of %s." % ", ".join(_SETTINGS)]
+        elif value is None:
+            continue
+        elif key == "require_ids":
+            if not isinstance(value, bool):
+                errors[key] = ["Must be true or false."]
+        elif isinstance(value, bool) or not isinstance(value, int) or not -MAX_INTEGER - 1 <= value <= MAX_INTEGER:
+            errors[key] = ["Must be an integer that fits an INTEGER column."]
+    if errors:
+        raise ValidationError(errors)
+    db = model_db(Setting)
+    if not table_columns(db, Setting._meta.table_name):
+        raise NotAdoptedError("this database has no psai_settings table: run `psai migrate` (psai.migrate()) or, "
+                              "on a PolicySynth database, `psai init --adopt`")
+    with write_transaction(db):
+        for key, value in changes.items():
+            if value is not None:
+                Setting.insert(key=key, value=json.dumps(value)).on_conflict(
+                    conflict_target=[Setting.key], update={Setting.value: json.dumps(value)}).execute()
+    return store_settings()
+
+
+def default_ids(**ids: int | None) -> dict[str, int | None]:
+    """``ids`` with each None replaced by the store's default (left None
+    where the store requires ids, for validation to name)."""
+    if all(value is not None for value in ids.values()):
+        return ids
+    settings = store_settings()
+    return {name: settings[name] if value is None and not settings["require_ids"] else value
+            for name, value in ids.items()}
+
+
+def fill_default_ids(row: BaseModel, names: tuple[str, ...]) -> None:
+    """Give a new row the store's default for each of ``names`` it lacks
+    (one query, and only when one is missing); a store that requires ids
+    leaves them missing, for validation to name."""
+    if all(getattr(row, name) is not None for name in names):
+        return
+    settings = store_settings()
+    if settings["require_ids"]:
+        return
+    for name in names:
+        if getattr(row, name) is None:
+            setattr(row, name, settings[name])
+
+
 # -- the tables' own queries --------------------------------------------------------
 
 def usage_counters(db: Any = None) -> tuple[str, ...]:
@@ -577,13 +809,11 @@ def usage_counters(db: Any = None) -> tuple[str, ...]:
     return tuple(name for name in COUNTERS if name in columns)
 
 
-def provenance(model: PsAiModel | int | str | uuid.UUID) -> dict[str, Any] | None:
+def provenance(model: ModelRef) -> dict[str, Any] | None:
     """Where an imported model's prices came from: ``{"source",
     "source_version", "source_model", "imported_at"}``, or None for a model
     not imported from a catalog (or a database without psai's tables)."""
-    if isinstance(model, PsAiModel):
-        check_database(model)
-    found = model if isinstance(model, PsAiModel) else PsAiModel.get_by_key(model)
+    found = find_model(model)
     if not table_columns(model_db(PsAiModel), ModelProvenance._meta.table_name):
         return None
     row = ModelProvenance.select().where(ModelProvenance.model == found.id).first()

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, TypedDict, TypeGuard, cast
 
-from .constants import BASE_RATE_KEYS, LONG_CONTEXT_RATE_KEYS, TIER_KEYS, TIER_RATE_KEYS
+from .constants import BASE_RATE_KEYS, LONG_CONTEXT_RATE_KEYS, MODALITY_RATE_KEYS, TIER_KEYS, TIER_RATE_KEYS
 
 __all__ = [
     "resolve_prices", "partition_usage", "cost_of_counters", "cost_breakdown", "estimate_cost",
@@ -42,7 +42,7 @@ class CostBreakdown(TypedDict):
 
 
 # The rates the EU margin raises.
-_MARGIN_KEYS = BASE_RATE_KEYS + LONG_CONTEXT_RATE_KEYS + TIER_RATE_KEYS
+_MARGIN_KEYS = BASE_RATE_KEYS + LONG_CONTEXT_RATE_KEYS + TIER_RATE_KEYS + MODALITY_RATE_KEYS
 
 
 def _is_number(value: object) -> TypeGuard[float]:

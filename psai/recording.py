@@ -9,30 +9,34 @@ import json
 import math
 import operator
 import uuid
-from functools import reduce
-from typing import Any
+from decimal import Decimal
+from functools import cached_property, reduce
+from typing import Any, TypedDict
 
-from peewee import SQL, Cast, Insert, ModelUpdate
+from peewee import SQL, Cast, Insert, IntegrityError, ModelUpdate
 
 from .arguments import agent_arg, check_counts, check_ids, model_arg
 from .constants import MAX_INTEGER, strict_json_dumps
 from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_columns, write_transaction
 from .errors import NotFoundError, ValidationError
 from .fields import UTC, utcnow
-from .items import item_data, price_problem
+from .items import item_data, item_model, item_price, item_pricing, price_problem
 from .models import (
-    CALL_WATCHERS, BudgetReservation, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, Reservation, usage_counters,
+    CALL_WATCHERS, AgentRef, BudgetReservation, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
+    Reservation, ref_key, usage_counters,
 )
 from .pricing import CostBreakdown, cost_breakdown, partition_usage
-from .query import resolve_model
+from .query import UNMATCHED_PREFIX, is_unmatched, resolve_model, unmatched_model
 from .responses import usage_from_response
 from .schemas import json_problem
 from .sql import (
-    USAGE_ROW_COLUMNS, Statement, compiled, item_insert, one_round_trip_statements, slot, stored_configuration_sql,
+    USAGE_ROW_COLUMNS, Statement, compiled, item_by_response_id_sql, item_insert, one_round_trip_statements, slot,
+    stored_configuration_sql,
 )
 
 __all__ = ["record_usage", "model_cost", "usage_counters", "NO_AGENT", "CACHE_WRITE_COUNTERS", "record_response",
-           "record_response_data"]
+           "record_response_data", "RecordedCall", "recorded_response",
+           "assign_unmatched", "Assignment"]
 
 # ps_model_usage_item.agent_id for usage without an agent (NOT NULL there).
 NO_AGENT = 0
@@ -52,12 +56,12 @@ CACHE_WRITE_COUNTERS = {"token_in_cache_write_count": "token_in_count",
                         "long_context_token_in_cache_write_count": "long_context_token_in_count"}
 
 
-def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int | str | uuid.UUID | None = None, *,
-                 tokens_in: float = 0, tokens_out: float = 0, cached_tokens: float = 0, cache_write_tokens: float = 0,
-                 reasoning_tokens: float = 0, audio_tokens: float = 0, image_tokens: float = 0,
-                 web_searches: float = 0, user_id: int | None = None, connector_id: int | None = None,
-                 provider_metadata: dict[str, Any] | None = None, reservation: Reservation | None = None
-                 ) -> PsModelUsage:
+def record_usage(model: ModelRef, agent: AgentRef | None = None, *,
+                 tokens_in: int = 0, tokens_out: int = 0, cached_tokens: int = 0, cache_write_tokens: int = 0,
+                 reasoning_tokens: int = 0, audio_tokens: int = 0, image_tokens: int = 0,
+                 web_searches: int = 0, audio_in_tokens: int = 0, user_id: int | None = None,
+                 connector_id: int | None = None, provider_metadata: dict[str, Any] | None = None,
+                 reservation: Reservation | None = None) -> PsModelUsage:
     """Record one call: add its tokens to the usage counters of (model,
     agent) and write its ``ps_model_usage_item`` with the model's prices as
     stored at that moment, in one transaction.
@@ -65,7 +69,12 @@ def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int 
     The counts are the provider's totals, as ``psai.pricing.estimate_cost``
     takes them (rounded half up to whole tokens); they are partitioned like
     PolicySynth does (long context when ``tokens_in`` reaches the model's
-    threshold). ``provider_metadata`` is what the provider reported, e.g.
+    threshold). ``audio_tokens`` and ``image_tokens`` are output,
+    ``audio_in_tokens`` input (part of ``tokens_in``): reports price each
+    at its own rate (``costOutAudioTokensPerMillion``,
+    ``costOutImageTokensPerMillion``, ``costInAudioTokensPerMillion``), and
+    leave it unpriced, saying why, where the prices lack it.
+    ``provider_metadata`` is what the provider reported, e.g.
     ``{"appliedServiceTier": "flex"}``: reports price the tier applied.
     ``reservation``: what ``psai.check_budget(..., reserve=True)`` held for
     this call, settled in its transaction (its real cost replaces it).
@@ -81,8 +90,11 @@ def record_usage(model: PsAiModel | int | str | uuid.UUID, agent: PsAgent | int 
     """
     counts = dict(tokens_in=tokens_in, tokens_out=tokens_out, cached_tokens=cached_tokens,
                   cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens,
-                  audio_tokens=audio_tokens, image_tokens=image_tokens, web_searches=web_searches)
+                  audio_tokens=audio_tokens, image_tokens=image_tokens, web_searches=web_searches,
+                  audio_in_tokens=audio_in_tokens)
     check_counts(counts)
+    if audio_in_tokens > tokens_in:
+        raise ValidationError({"audio_in_tokens": ["Part of tokens_in (%s), so at most that." % tokens_in]})
     check_ids({"user_id": user_id, "connector_id": connector_id})
     if provider_metadata is not None:
         problem = "Must be a dict, e.g. {'appliedServiceTier': 'flex'}." if not isinstance(provider_metadata, dict) \
@@ -170,7 +182,7 @@ def _usage_statements(db, present, agent_is_null, connector_is_null, guarded=Fal
         usage, columns = PsModelUsage, PsModelUsage._meta.columns
         # A row with no room left for these counts (32-bit counters) is not
         # found, and a new one is started: reports add all rows up.
-        where = [usage.model == slot("model_id"),
+        where: list[Any] = [usage.model == slot("model_id"),
                  usage.agent.is_null() if agent_is_null else usage.agent == slot("agent_id"),
                  usage.connector_id.is_null() if connector_is_null else usage.connector_id == slot("connector_id"),
                  usage.created_at >= slot("start"), usage.created_at < slot("end")]
@@ -350,13 +362,15 @@ def _stored(key: int | str | uuid.UUID) -> tuple[int, tuple[dict[str, Any], Any,
     return row[0], _parsed(row[1])
 
 
-def model_cost(model: PsAiModel | int | str | uuid.UUID, **usage: Any) -> CostBreakdown:
-    """``psai.pricing.cost_breakdown`` for a stored model (a row, an id or a
-    uuid): its prices, with its provider, inference type and region unless
+def model_cost(model: ModelRef, **usage: Any) -> CostBreakdown:
+    """``psai.pricing.cost_breakdown`` for a stored model (a row, an id, a
+    uuid or a name): its prices, with its provider, inference type and region unless
     given. Counts follow ``record_usage``'s rule (a bad count is a
     ValidationError, not 0), and prices that cannot price a call are a
     ValidationError, not a cost of 0."""
     check_counts({name: value for name, value in usage.items() if name in _CALL_COUNTS})
+    if not isinstance(model, PsAiModel) and ref_key(model)[0] == "name":
+        model = model_arg(model)
     if isinstance(model, PsAiModel):
         model_id = model.id
         configuration, prices, problem = _checked_configuration(model.configuration)
@@ -370,41 +384,205 @@ def model_cost(model: PsAiModel | int | str | uuid.UUID, **usage: Any) -> CostBr
 
 # -- recording from the provider's response ------------------------------------------------
 
-def record_response(model: PsAiModel | int | str | uuid.UUID | None, agent: PsAgent | int | str | uuid.UUID | None,
+class RecordedCall:
+    """What ``record_response`` recorded: the call's ``cost`` (a Decimal in
+    ``currency``; None when it cannot be priced, and ``unpriced_reason``
+    says why), the model it was recorded on (``model_id``; a placeholder
+    when no configured model matched the response's model name, see
+    ``assign_unmatched``), the counter row it added to (``usage_row``),
+    and ``duplicate``: the response (its id, ``response_id``) had been
+    recorded already, nothing was added, and the cost is the first's.
+
+    The cost is worked out from the item when first read, so a caller
+    that does not read it does not pay for it."""
+
+    def __init__(self, model_id: int, response_id: str | None, duplicate: bool, usage_row: PsModelUsage | None,
+                 data: str | dict[str, Any] | None, fallback_prices: Any = None) -> None:
+        self.model_id, self.response_id, self.duplicate, self.usage_row = model_id, response_id, duplicate, usage_row
+        self._data, self._fallback = data, fallback_prices
+
+    @cached_property
+    def _priced(self) -> tuple[Decimal | None, str | None, str | None]:
+        item = json.loads(self._data) if isinstance(self._data, str) else self._data
+        if item is None:  # a database without items: the counters only
+            return None, None, "no usage items in this database"
+        cost, reason = item_price(item, self._fallback)
+        pricing = item.get("pricing")
+        prices = pricing.get("configuredPrices") if isinstance(pricing, dict) else None
+        currency = prices.get("currency") if isinstance(prices, dict) else None
+        if cost is not None and not isinstance(currency, str):
+            return None, None, "the prices have no currency"
+        return cost, currency if cost is not None else None, reason
+
+    @property
+    def cost(self) -> Decimal | None:
+        return self._priced[0]
+
+    @property
+    def currency(self) -> str | None:
+        return self._priced[1]
+
+    @property
+    def unpriced_reason(self) -> str | None:
+        return self._priced[2]
+
+    def __repr__(self) -> str:
+        return "RecordedCall(cost=%r, currency=%r, model_id=%r, response_id=%r, duplicate=%r)" % (
+            self.cost, self.currency, self.model_id, self.response_id, self.duplicate)
+
+
+def record_response(model: ModelRef | None, agent: AgentRef | None,
                     response: Any, *, provider: str | None = None, user_id: int | None = None,
-                    connector_id: int | None = None, reservation: Reservation | None = None) -> PsModelUsage:
+                    connector_id: int | None = None, reservation: Reservation | None = None) -> RecordedCall:
     """Record one call from the provider's own response (``usage_from_response``
     reads it: an SDK object, its JSON, or a stream's chunks or events)
     through ``record_usage``: counters and item in one transaction, the item
     with the response's ``usageRaw``, ``apiFamily`` and ``providerMetadata``
     as PolicySynth's classes write them. ``model=None``: the stored model
-    the response's model name means (``psai.query.resolve_model``).
-    ``reservation``: as ``record_usage``'s."""
-    return record_response_data(model, agent, response, provider, user_id, connector_id, reservation)[0]
+    the response's model name means (``psai.query.resolve_model``); when
+    none does, the call is recorded all the same, unpriced, on a
+    placeholder model (``assign_unmatched`` moves it once the model is
+    configured). A response already recorded (the same provider response
+    id) is not recorded again: the result is the first's. Returns the
+    call's cost (``RecordedCall``). ``reservation``: as ``record_usage``'s."""
+    return record_response_data(model, agent, response, provider, user_id, connector_id, reservation)
 
 
 def record_response_data(model: Any, agent: Any, response: Any, provider: str | None, user_id: int | None,
-                         connector_id: int | None, reservation: Reservation | None = None
-                         ) -> tuple[PsModelUsage, str | None]:
-    """``record_response``, returning (the counter row, the item's data as written)."""
+                         connector_id: int | None, reservation: Reservation | None = None) -> RecordedCall:
+    """``record_response``, its arguments checked."""
     usage = usage_from_response(response, provider=provider)
     check_ids({"user_id": user_id, "connector_id": connector_id})
+    problem = json_problem(usage.usage_raw)
+    if problem:
+        raise ValidationError({"response.usage": [problem]})
+    found_agent = agent_arg(agent)
+    extras: dict[str, Any] = {}
     if model is None:
         if not usage.model:
             raise ValidationError({"model": ["The response names no model: give the stored model."]})
         # PolicySynth configures the Responses API's models as provider "openaiResponses".
         stored = ["openai", "openaiResponses"] if usage.provider == "openai" else usage.provider
-        found = resolve_model(usage.model, provider=stored)
+        try:
+            found = resolve_model(usage.model, provider=stored)
+        except NotFoundError:
+            # The provider was paid: the call is recorded, unpriced, on the name's placeholder.
+            found = unmatched_model(usage.model, usage.provider, user_id=user_id if user_id is not None else
+                                    found_agent.user_id if found_agent is not None else 0)
+            extras["unmatchedModel"] = usage.model
     else:
         found = model_arg(model)
-    problem = json_problem(usage.usage_raw)
-    if problem:
-        raise ValidationError({"response.usage": [problem]})
-    extras: dict[str, Any] = {}
+    response_id = usage.provider_metadata.get("responseId")
+    response_id = response_id if isinstance(response_id, str) and response_id else None
+    if response_id is not None:
+        extras["responseId"] = response_id
     if usage.cache_write_1h_tokens:
         extras["cacheWrite1hTokens"] = usage.cache_write_1h_tokens
     if usage.provider_cost is not None:
         extras["providerCost"] = usage.provider_cost
+    if usage.cache_write_12h_tokens:
+        extras["cacheWrite12hTokens"] = usage.cache_write_12h_tokens
+    if usage.other_calls:  # another model's calls (an Anthropic advisor): kept, never dropped unsaid
+        extras["otherCalls"] = [dict(call.counts(), model=call.model) for call in usage.other_calls]
     kept = {"apiFamily": usage.api_family, "usageRaw": usage.usage_raw, "psai": extras}
-    return _record(found, agent_arg(agent), usage.counts(), user_id, connector_id,
-                   usage.provider_metadata or None, kept, reservation)
+    # counts() has every cache write among the cache writes (the longer-lived priced apart); audio input is
+    # among the input and priced apart too.
+    counts = dict(usage.counts(), audio_in_tokens=usage.audio_in_tokens)
+    try:
+        row, data = _record(found, found_agent, counts, user_id, connector_id,
+                            usage.provider_metadata or None, kept, reservation)
+    except IntegrityError:
+        # Recorded already (by this process or another at the same moment):
+        # the unique index on the response id refused the second item, and
+        # its transaction wrote nothing.
+        first = _recorded_response(response_id) if response_id is not None else None
+        if first is None:
+            raise
+        if reservation is not None:  # no call of its own to settle it: its estimate is given back
+            reservation.release()
+        return first
+    return RecordedCall(found.id, response_id, False, row, data)
+
+
+def _recorded_response(response_id: str) -> RecordedCall | None:
+    """The RecordedCall of the item recorded for ``response_id``, or None."""
+    db = model_db(PsModelUsageItem)
+    found = db.execute_sql(item_by_response_id_sql(db), (response_id,)).fetchone()
+    if found is None:
+        return None
+    _item_id, model_id, data = found
+    data = PsModelUsageItem.data.python_value(data)
+    fallback = None
+    if isinstance(data, dict) and (data.get("pricing") or {}).get("configuredPrices") is None:
+        stored = PsAiModel.get_or_none(PsAiModel.id == model_id)
+        fallback = stored.configuration.get("prices") if stored is not None and isinstance(
+            stored.configuration, dict) else None
+    return RecordedCall(model_id, response_id, True, None, data, fallback)
+
+
+def recorded_response(response_id: str) -> RecordedCall | None:
+    """What the call recorded for the provider's response id cost
+    (``RecordedCall``, ``duplicate`` True), or None when none was."""
+    if not isinstance(response_id, str) or not response_id:
+        raise ValidationError({"response_id": ["Give the provider's response id, e.g. 'chatcmpl-...'."]})
+    return _recorded_response(response_id)
+
+
+# -- calls recorded on a placeholder model --------------------------------------------------
+
+class Assignment(TypedDict):
+    """What ``assign_unmatched`` did (or would do) for one placeholder model."""
+
+    placeholder_id: int
+    name: str  # the model name the responses gave
+    provider: str | None
+    calls: int
+    model_id: int | None  # the configured model now matching the name; None: still none
+    reason: str  # how the model was found, or why none was
+    applied: bool
+
+
+def assign_unmatched(*, dry_run: bool = True) -> list[Assignment]:
+    """Move the calls recorded on placeholder models (their response's
+    model name matched no configured model, ``record_response``) to the
+    model now configured for that name (``resolve_model``): each item gets
+    that model and a snapshot of its prices as stored now, the counters
+    move with it, and the placeholder is removed; from then on reports
+    price them. ``dry_run=True`` (the default) changes nothing. Returns one
+    entry a placeholder; those whose name still matches no model stay."""
+    found: list[Assignment] = []
+    placeholders = [m for m in PsAiModel.select().where(PsAiModel.name.startswith(UNMATCHED_PREFIX))
+                    .order_by(PsAiModel.id) if is_unmatched(m)]
+    db = model_db(PsModelUsageItem)
+    for placeholder in placeholders:
+        name, provider = placeholder.configuration["model"], placeholder.configuration.get("provider")
+        stored = ["openai", "openaiResponses"] if provider == "openai" else provider
+        try:
+            target, reason = resolve_model(name, provider=stored, explain=True)
+        except NotFoundError as exc:
+            target, reason = None, str(exc)
+        calls = PsModelUsageItem.select().where(PsModelUsageItem.model_id == placeholder.id).count()
+        entry = Assignment(placeholder_id=placeholder.id, name=name, provider=provider, calls=calls,
+                           model_id=target.id if target is not None else None, reason=reason, applied=False)
+        if target is not None and not dry_run:
+            _assign(db, placeholder, target)
+            entry["applied"] = True
+        found.append(entry)
+    return found
+
+
+def _assign(db: Any, placeholder: PsAiModel, target: PsAiModel) -> None:
+    """Move a placeholder's items and counters to ``target``, in one transaction."""
+    with write_transaction(db):
+        lock(db, ("unmatched model", placeholder.name))
+        configuration = _stored_configuration(db, target)
+        now = utcnow()
+        item = PsModelUsageItem
+        moved = list(item.select(item.id, item.data).where(item.model_id == placeholder.id))
+        for row in moved:
+            data = row.data if isinstance(row.data, dict) else {}
+            data = dict(data, provider=configuration.get("provider"), model=item_model(target.id, configuration),
+                        pricing=item_pricing(configuration, data.get("providerMetadata")))
+            item.update(model_id=target.id, data=data, updated_at=now).where(item.id == row.id).execute()
+        PsModelUsage.update(model=target.id, updated_at=now).where(PsModelUsage.model == placeholder.id).execute()
+        placeholder.delete_instance()

@@ -17,6 +17,7 @@ from .budget import budget_status, budgets
 from .db import describe_database, redact_url
 from .errors import ValidationError
 from .fields import utcnow
+from .models import AgentRef, ModelRef
 from .reports import CostRow, cost_reports, one_snapshot
 from .usage import REPORT_GROUPINGS, report_totals
 
@@ -75,6 +76,12 @@ def _money(value):
     return "{:,.2f}".format(value) if abs(value) >= 1 else "{:,.4f}".format(value)
 
 
+def _axis(value):
+    """An axis label: as few digits as the round value needs (0.5, 2.5, 1,000), never 0.5000."""
+    value = Decimal(value).normalize()
+    return "{:,}".format(int(value)) if value == value.to_integral_value() else "{:,f}".format(value)
+
+
 def _number(value):
     return "{:,}".format(value)
 
@@ -107,7 +114,7 @@ def _daily_chart(days, series, values, currency):
         y = top_pad + plot_h - plot_h * i / 4
         out.append('<line class="grid" x1="%d" x2="%d" y1="%.1f" y2="%.1f"/>' % (left, width - 10, y, y))
         out.append('<text class="axis" x="%d" y="%.1f" text-anchor="end">%s</text>'
-                   % (left - 6, y + 4, escape(_money(top * i / 4) if i else "0")))
+                   % (left - 6, y + 4, escape(_axis(top * i / 4))))
     label_every = max(1, int(len(days) / 12) + 1) if len(days) > 14 else 1
     for index, day in enumerate(days):
         x = left + slot * index + (slot - bar) / 2
@@ -232,19 +239,24 @@ def _budgets_section():
         budget = rows.get(status["budget"])
         if budget is None:  # set between the two reads
             continue
-        limit = status["limit"]
-        share = min(float(status["spent"] / limit), 1.0) * 100
+        limit, spent = status["limit"], status["spent"]
+        if limit is None or spent is None:  # invalid: nothing is measured against it
+            body.append('<tr><td>%s</td><td colspan="4">%s</td><td class="unpriced">invalid</td></tr>' % (
+                escape(str(budget.name)), escape(str(status["problem"]))))
+            continue
+        share = min(float(spent / limit), 1.0) * 100
         marks = "".join('<div class="mark" style="left:%.1f%%" title="%s%%"></div>' % (
             float(fraction) * 100, escape(format(Decimal(repr(fraction)) * 100, "f"))) for fraction in budget.warn_at)
-        period = "total" if status["period_start"] is None else "%s to %s" % (
-            status["period_start"].strftime("%Y-%m-%d %H:%M"), status["period_end"].strftime("%Y-%m-%d %H:%M %Z"))
+        start, end = status["period_start"], status["period_end"]  # both None for a total budget
+        period = "total" if start is None or end is None else "%s to %s" % (
+            start.strftime("%Y-%m-%d %H:%M"), end.strftime("%Y-%m-%d %H:%M %Z"))
         forecast = "" if status["forecast"] is None else "%s %s" % (_money(status["forecast"]), status["currency"])
         gauge = '<div class="gauge"><div class="spent %s" style="width:%.1f%%"></div>%s</div>' % (
             escape(status["state"]), share, marks)
         state = escape(status["state"]) + ("" if budget.hard else " (soft)")
         body.append('<tr><td>%s</td><td style="width:30%%">%s</td><td class="num">%s of %s %s</td>'
                     '<td class="num">%s</td><td>%s</td><td class="%s">%s</td></tr>' % (
-                        escape(str(budget.name)), gauge, escape(_money(status["spent"])), escape(_money(limit)),
+                        escape(str(budget.name)), gauge, escape(_money(spent)), escape(_money(limit)),
                         escape(status["currency"]), escape(forecast), escape(period),
                         "unpriced" if status["state"] in ("exceeded", "unknown") else "", state))
     return ('<section><h2>Budgets this period</h2><table><thead><tr><th>budget</th><th>spent against the limit '
@@ -255,15 +267,20 @@ def _budgets_section():
 @one_snapshot
 def html(by: str = "model", *, since: datetime.date | str | None = None, until: datetime.date | str | None = None,
          rows: list[CostRow] | None = None, database: str | None = None,
-         title: str = "psai cost report") -> str:
+         title: str = "psai cost report", agent: AgentRef | None = None, model: ModelRef | None = None,
+         provider: str | None = None) -> str:
     """The report page for usage in [since, until), its table grouped ``by``
     (model, agent, tree, provider or day); ``rows``, when given, are that
     grouping's ``cost_report`` rows already made. ``database`` is shown as
-    where the data came from (default: the database in use, no password)."""
+    where the data came from (default: the database in use, no password).
+    ``agent``, ``model``, ``provider``: only that usage (``cost_report``'s
+    filters), said under the title."""
     if by not in REPORT_GROUPINGS:
         raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
     # Every section from one read of the priced groups.
-    reports, daily = cost_reports(sorted({"model", "agent", "tree", by}), since=since, until=until)
+    filters: dict[str, object] = {"agent": agent, "model": model, "provider": provider}
+    reports, daily = cost_reports(sorted({"model", "agent", "tree", by}), since=since, until=until, agent=agent,
+                                  model=model, provider=provider)
     rows = rows if rows is not None else reports[by]
     by_model, by_agent, trees = reports["model"], reports["agent"], reports["tree"]
     totals = report_totals(by_model, "model")
@@ -272,8 +289,10 @@ def html(by: str = "model", *, since: datetime.date | str | None = None, until: 
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
              "<title>%s</title><style>%s</style></head><body>" % (escape(title), STYLE),
              "<h1>%s</h1>" % escape(title),
-             '<p class="meta">Period: %s · Database: %s · Made %s by psai</p>' % (
-                 escape(_period(since, until)), escape(redact_url(database) if database else describe_database()),
+             '<p class="meta">Period: %s%s · Database: %s · Made %s by psai</p>' % (
+                 escape(_period(since, until)), "".join(" · Only %s %s" % (name, escape(str(value)))
+                                                        for name, value in filters.items() if value is not None),
+                 escape(redact_url(database) if database else describe_database()),
                  escape(utcnow().strftime("%Y-%m-%d %H:%M UTC")))]
 
     parts.append('<section><h2>Total</h2><div class="totals">')

@@ -12,7 +12,7 @@ import bisect
 import datetime
 import functools
 from collections.abc import Callable, Iterable
-from typing import Any, ParamSpec, TypedDict, TypeVar
+from typing import Any, Literal, ParamSpec, TypedDict, TypeVar, get_args
 from dataclasses import dataclass, fields
 import json
 from collections import defaultdict, deque
@@ -23,8 +23,8 @@ from .constants import strict_json_dumps
 from .db import is_postgres, model_db, read_transaction, table_columns
 from .errors import UnpricedUsageError, ValidationError
 from .fields import UTC
-from .items import BUCKETS, BucketPricer, cache_write_1h_extra, effective_prices
-from .models import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+from .items import APART, BUCKETS, BucketPricer, apart_extra, effective_prices
+from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
 from .recording import usage_counters
 from .rollups import read_plan, rollup_rows, scan_where
 from .sql import (
@@ -35,10 +35,11 @@ from .sql import (
 from .versions import histories_of, prices_at
 
 __all__ = ["one_snapshot", "cost_report", "cost_reports", "report_totals", "daily_costs", "REPORT_GROUPINGS",
-           "usage_parts", "item_parts",
+           "ReportGrouping", "usage_parts", "item_parts",
            "price_parts", "merge_parts", "part_tokens", "part_provider", "CostRow", "CurrencyTotal", "DailyCost"]
 
-REPORT_GROUPINGS = ("model", "agent", "tree", "provider", "day")
+ReportGrouping = Literal["model", "agent", "tree", "provider", "day"]
+REPORT_GROUPINGS: tuple[ReportGrouping, ...] = get_args(ReportGrouping)
 
 # A token count or a sum of them: whole, or exact where SQL summed fractions.
 Number = int | Decimal
@@ -61,13 +62,15 @@ class CostRow(TypedDict, total=False):
     calls: int
     tokens_in: Number
     tokens_out: Number
+    cached_tokens: Number  # of tokens_in, read from cache
+    cache_write_tokens: Number  # of tokens_in, written to cache
     cost: Decimal | None
     currency: str | None
     unpriced_tokens: Number
-    # What the provider itself said the calls cost (OpenRouter's usage.cost), beside psai's cost; None: not said.
-    provider_cost: Decimal | None
     priced_from: str | None
     unpriced_reason: str | None
+    # What the provider itself said the calls cost (OpenRouter's usage.cost), beside psai's cost; None: not said.
+    provider_cost: Decimal | None
 
 
 class CurrencyTotal(TypedDict):
@@ -76,6 +79,8 @@ class CurrencyTotal(TypedDict):
     calls: int
     tokens_in: Number
     tokens_out: Number
+    cached_tokens: Number
+    cache_write_tokens: Number
     cost: Decimal | None
     unpriced_tokens: Number
     provider_cost: Decimal | None
@@ -120,9 +125,11 @@ class GroupSums:
     """What SQL adds up for one group of items priced alike (its columns in
     this order): the calls, the input in its buckets (neither cached nor a
     cache write; cached; cache writes), all output, web searches, the
-    items' input and output totals as recorded, the 1-hour cache writes
-    among the cache writes, and the provider's own cost of the calls that
-    reported one (None when none did)."""
+    items' input and output totals as recorded, the tokens priced apart
+    (``items.APART``: 1-hour and 12-hour cache writes among the cache
+    writes, audio input among the input, audio and image output among the
+    output), and the provider's own cost of the calls that reported one
+    (None when none did)."""
 
     calls: int
     fresh_in: Number
@@ -133,7 +140,16 @@ class GroupSums:
     all_in: Number
     all_out: Number
     cache_write_1h: Number
+    cache_write_12h: Number
+    audio_in: Number
+    audio_out: Number
+    image_out: Number
     provider_cost: Number | None
+
+    def apart(self) -> dict[str, Number]:
+        """The tokens priced apart, by ``items.APART``'s names."""
+        return dict(zip(APART, (self.cache_write_1h, self.cache_write_12h, self.audio_in, self.audio_out,
+                                self.image_out)))
 
     def add(self, other: "GroupSums") -> None:
         """Add another group's sums (the coverage totals stay this group's)."""
@@ -144,6 +160,10 @@ class GroupSums:
         self.out += other.out or 0
         self.web += other.web or 0
         self.cache_write_1h += other.cache_write_1h or 0
+        self.cache_write_12h += other.cache_write_12h or 0
+        self.audio_in += other.audio_in or 0
+        self.audio_out += other.audio_out or 0
+        self.image_out += other.image_out or 0
         self.provider_cost = _plus(self.provider_cost, other.provider_cost)
 
 
@@ -224,7 +244,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     for key, sums in sorted(merged.items(), key=lambda entry: repr(entry[0])):
         row = dict(zip(names, key))
         prefix = "long_" if row.pop("long") else ""
-        row.pop("hour")
+        row.pop("apart")
         row["calls"] = sums.calls
         row["buckets"] = dict.fromkeys(BUCKETS, 0)
         for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached), ("cache_write", sums.cache_write),
@@ -232,9 +252,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
             row["buckets"][prefix + bucket] = _number(value)
         row["web"] = int(sums.web or 0)
         row["provider_cost"] = None if sums.provider_cost is None else _number(sums.provider_cost)
-        # 1-hour writes are among the cache writes; their extra is priced apart (cache_write_1h_extra).
-        row["cw1h"], row["long_cw1h"] = (0, _number(sums.cache_write_1h)) if prefix \
-            else (_number(sums.cache_write_1h), 0)
+        # Counted in the buckets above; what they cost beyond them is priced apart (apart_extra).
+        row["apart"] = {prefix + name: _number(value) for name, value in sums.apart().items() if value}
         # Pricing is JSON text: parsed once for each distinct text, and with
         # the tier applied, what tells groups priced alike without comparing dicts.
         pricing = key[pricing_at]
@@ -658,17 +677,18 @@ def merge_parts(parts, fields):
     added up: each is priced once."""
     merged = {}
     for part in parts:
-        # Calls with 1-hour cache writes apart: without their price key only they are unpriced.
-        hour = bool(part.get("cw1h") or part.get("long_cw1h"))
+        # Calls with tokens priced apart kept apart: without their price keys only they are unpriced.
+        apart = part.get("apart") or {}
         key = tuple(part[f] for f in fields) + (
-            part["provider"], part["priced_from"], part["has_usage"], _price_key(part), hour)
+            part["provider"], part["priced_from"], part["has_usage"], _price_key(part), bool(apart))
         into = _add_to(merged, key, part)
         if into is None:
             continue
         into["web"] += part["web"]
-        if hour:
-            into["cw1h"] = into.get("cw1h", 0) + part.get("cw1h", 0)
-            into["long_cw1h"] = into.get("long_cw1h", 0) + part.get("long_cw1h", 0)
+        if apart:
+            into["apart"] = dict(into.get("apart") or {})
+            for name, value in apart.items():
+                into["apart"][name] = into["apart"].get(name, 0) + value
     return list(merged.values())
 
 
@@ -691,7 +711,9 @@ def price_parts(parts, transform=None):
     for part in parts:
         part["cost"], part["currency"], part["reason"] = None, None, None
         if not part["has_usage"]:
-            part["reason"] = part.get("problem") or "the item has no usable token counts (usageNormalized.tokensIn)"
+            part["reason"] = part.get("problem") or (
+                "the item has no usable token counts (usageNormalized.tokensIn a number, every count 0 or more "
+                "and within a counter)")
             continue
         pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
         fallback = None
@@ -715,7 +737,7 @@ def price_parts(parts, transform=None):
         if problem:
             part["reason"] = problem
             continue
-        extra, problem = cache_write_1h_extra(part.get("cw1h", 0), part.get("long_cw1h", 0), prices)
+        extra, problem = apart_extra(part.get("apart") or {}, prices)
         if problem:
             part["reason"] = problem
             continue
@@ -797,9 +819,10 @@ def one_snapshot(function: Callable[Params, Result]) -> Callable[Params, Result]
 
 
 @one_snapshot
-def cost_report(by: str = "model", *, since: datetime.date | str | None = None,
+def cost_report(by: ReportGrouping = "model", *, since: datetime.date | str | None = None,
                 until: datetime.date | str | None = None, strict: bool = False,
-                progress: Callable[[int, int], object] | None = None) -> list[CostRow]:
+                progress: Callable[[int, int], object] | None = None, agent: AgentRef | None = None,
+                model: ModelRef | None = None, provider: str | None = None) -> list[CostRow]:
     """Cost of recorded usage grouped ``by`` model, agent, tree, provider or day.
 
     Each call is priced from its own usage item (the prices stored with it,
@@ -813,32 +836,61 @@ def cost_report(by: str = "model", *, since: datetime.date | str | None = None,
     ``unpriced_tokens`` and why in ``unpriced_reason``; with ``strict=True``
     it raises ``UnpricedUsageError`` instead.
 
+    Rows also have ``cached_tokens`` and ``cache_write_tokens`` (of the
+    input) and, after them, ``provider_cost``.
+
     ``tree`` rows hold an agent with all its sub-agents, and their ``level``.
     ``since``/``until`` limit the usage by time recorded (dates or datetimes;
-    a date ``until`` is inclusive). ``progress``, if given, is called as
-    ``progress(done, total)`` while the groups the SQL summed are priced.
+    a date ``until`` is inclusive); ``agent`` (that agent's own calls),
+    ``model`` (every version of it) and ``provider`` (the calls' provider)
+    limit it too, whatever the grouping; agents and models are named as
+    everywhere (``psai.find_agent``, ``psai.find_model``). ``progress``, if
+    given, is called as ``progress(done, total)`` while the groups the SQL
+    summed are priced.
     """
     if by not in REPORT_GROUPINGS:
         raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
     keep = {"agent": ("agent_id",), "tree": ("agent_id",), "day": ("day",)}.get(by, ())
-    parts = price_parts(merge_parts(usage_parts(db, by, since, until), ("model_id",) + keep))
+    model_ids = [row.id for row in find_models(model)] if model is not None else None
+    agent_id = find_agent(agent).id if agent is not None else None
+    # An agent filter needs each part's agent, whatever the grouping.
+    keys = _keys(by) if agent_id is None or "agent" in _keys(by) else _keys(by) + ("agent",)
+    parts = _only(usage_parts(db, keys, since, until, model_ids), agent_id, provider)
+    parts = price_parts(merge_parts(parts, ("model_id",) + keep))
     return _rows_of(db, by, parts, strict, progress)
 
 
+def _only(parts, agent_id, provider):
+    """The parts of one agent's calls and of one provider's (None: any)."""
+    if agent_id is not None:
+        parts = [part for part in parts if part.get("agent_id") == agent_id]
+    if provider is not None:
+        models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(
+            sorted({p["model_id"] for p in parts if p["provider"] is None})))}
+        parts = [part for part in parts if part_provider(part, models) == provider]
+    return parts
+
+
 def cost_reports(groupings: Iterable[str], *, since: datetime.date | str | None = None,
-                 until: datetime.date | str | None = None) -> tuple[dict[str, list[CostRow]], list[DailyCost]]:
+                 until: datetime.date | str | None = None, agent: AgentRef | None = None,
+                 model: ModelRef | None = None, provider: str | None = None
+                 ) -> tuple[dict[str, list[CostRow]], list[DailyCost]]:
     """``cost_report`` of each grouping and ``daily_costs``, the same rows,
     from one read of the priced groups (kept apart by model, agent and
-    day, priced once, then added up for each): what the HTML page shows."""
+    day, priced once, then added up for each): what the HTML page shows.
+    ``agent``, ``model``, ``provider``: ``cost_report``'s filters."""
     groupings = list(groupings)
     for by in groupings:
         if by not in REPORT_GROUPINGS:
             raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
-    parts = price_parts(merge_parts(usage_parts(db, ("agent", "day"), since, until), ("model_id", "agent_id", "day")))
+    model_ids = [row.id for row in find_models(model)] if model is not None else None
+    agent_id = find_agent(agent).id if agent is not None else None
+    parts = _only(usage_parts(db, ("agent", "day"), since, until, model_ids), agent_id, provider)
+    parts = price_parts(merge_parts(parts, ("model_id", "agent_id", "day")))
     # The groupings but by day need no day: the priced parts added up without it first.
     undated = _undated(parts)
     return {by: _rows_of(db, by, parts if by == "day" else undated, False, None) for by in groupings}, \
@@ -897,8 +949,8 @@ def _plus(a, b):
 
 
 def _new_total(**more):
-    return dict({"calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None, "unpriced_tokens": 0,
-                 "provider_cost": None}, **more)
+    return dict({"calls": 0, "tokens_in": 0, "tokens_out": 0, "cached_tokens": 0, "cache_write_tokens": 0,
+                 "cost": None, "unpriced_tokens": 0, "provider_cost": None}, **more)
 
 
 def _add_part(entry, part):
@@ -909,6 +961,9 @@ def _add_part(entry, part):
     entry["calls"] += part["calls"]
     entry["tokens_in"] += tokens_in
     entry["tokens_out"] += tokens_out
+    buckets = part["buckets"]
+    entry["cached_tokens"] += buckets["cached"] + buckets["long_cached"]
+    entry["cache_write_tokens"] += buckets["cache_write"] + buckets["long_cache_write"]
     entry["provider_cost"] = _plus(entry["provider_cost"], _decimal(part.get("provider_cost")))
     if part["cost"] is None:
         entry["unpriced_tokens"] += tokens_in + tokens_out
@@ -947,9 +1002,11 @@ def _report_rows(by, totals, models, levels):
         else:
             row["day"] = key
         row.update(calls=entry["calls"], tokens_in=entry["tokens_in"], tokens_out=entry["tokens_out"],
+                   cached_tokens=entry["cached_tokens"], cache_write_tokens=entry["cache_write_tokens"],
                    cost=entry["cost"], currency=currency, unpriced_tokens=entry["unpriced_tokens"],
-                   provider_cost=entry["provider_cost"], priced_from=",".join(sorted(entry["priced_from"])) or None,
-                   unpriced_reason="; ".join(sorted(entry["unpriced_reason"])) or None)
+                   priced_from=",".join(sorted(entry["priced_from"])) or None,
+                   unpriced_reason="; ".join(sorted(entry["unpriced_reason"])) or None,
+                   provider_cost=entry["provider_cost"])
         rows.append(row)
 
     def order(row):
@@ -970,11 +1027,14 @@ def report_totals(rows: Iterable[CostRow], by: str | None = None) -> dict[str | 
     for row in rows:
         if by == "tree" and row.get("level") not in (0, None):
             continue
-        entry = totals.setdefault(row["currency"], {"calls": 0, "tokens_in": 0, "tokens_out": 0, "cost": None,
+        entry = totals.setdefault(row["currency"], {"calls": 0, "tokens_in": 0, "tokens_out": 0, "cached_tokens": 0,
+                                                    "cache_write_tokens": 0, "cost": None,
                                                     "unpriced_tokens": 0, "provider_cost": None})
         entry["calls"] += row["calls"]
         entry["tokens_in"] += row["tokens_in"]
         entry["tokens_out"] += row["tokens_out"]
+        entry["cached_tokens"] += row.get("cached_tokens", 0)
+        entry["cache_write_tokens"] += row.get("cache_write_tokens", 0)
         entry["unpriced_tokens"] += row["unpriced_tokens"]
         entry["provider_cost"] = _plus(entry.get("provider_cost"), row.get("provider_cost"))
         if row["cost"] is not None:

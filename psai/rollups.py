@@ -4,7 +4,7 @@ call (docs/rollups.md).
 
 A rollup row holds, for one UTC day and one group of items priced alike
 (model, agent, connector, provider, price snapshot, the tier applied,
-long-context side, 1-hour cache writes: ``sql.ROLLUP_KEYS``), the sums the
+long-context side, tokens priced apart: ``sql.ROLLUP_KEYS``), the sums the
 report SQL forms. Triggers on ``ps_model_usage_item`` (``sql.rollup_trigger_sql``)
 add each item written to its row, and take off each item deleted or
 changed, in the writer's own transaction, whoever the writer is: psai,

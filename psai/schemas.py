@@ -10,7 +10,7 @@ import math
 import numbers
 import zoneinfo
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast, get_args
 from enum import Enum
 
 from marshmallow import (
@@ -29,7 +29,7 @@ __all__ = [
     "ModelPricesSchema", "AiModelConfigurationSchema", "PsAiModelSchema", "PsAgentSchema", "dump_rows",
     "shape_problem", "readable", "time_problems", "Timestamp",
     "validate_configuration", "EXCLUDE", "INCLUDE", "RAISE", "BudgetSchema", "validate_budget_values",
-    "BUDGET_FIELDS", "BUDGET_PERIODS",
+    "BUDGET_FIELDS", "BUDGET_PERIODS", "BudgetPeriod", "BudgetUnpriced",
 ]
 
 
@@ -67,7 +67,7 @@ class Number(fields.Field):
             raise self.make_error("not_finite")
         # A float past 2**53 comes back from PostgreSQL's jsonb as an integer
         # that would then be refused: refuse it now, on both backends.
-        if abs(value) > MAX_SAFE_INTEGER:
+        if abs(cast(float, value)) > MAX_SAFE_INTEGER:
             raise self.make_error("too_large")
         return value
 
@@ -189,10 +189,10 @@ class _NestedPart(fields.Nested):
     def _deserialize(self, value, attr, data, partial=None, **kwargs):
         # The nested schema object belongs to this field alone, so setting
         # its ``unknown`` passes the choice on to the level below it too.
-        self.unknown = self.schema.unknown = self.parent.unknown
+        self.unknown = self.schema.unknown = cast(Schema, self.parent).unknown
         return super()._deserialize(value, attr, data, partial=partial, **kwargs)
 
-    def _serialize(self, nested_obj, attr, obj, **kwargs):
+    def _serialize(self, nested_obj, attr, obj, **kwargs):  # type: ignore[override]  # Nested's names, not Field's
         # Dumps pass stored JSON through whole, so extra keys round-trip.
         return copy.deepcopy(nested_obj)
 
@@ -208,6 +208,10 @@ class ModelPricesSchema(_ConfigurationPart):
     costPerThousandWebSearches = Rate()
     cacheWriteInputCostMultiplier = Number(validate=Range(min=0))
     cacheWrite1hInputCostMultiplier = Number(validate=Range(min=0))  # psai's own: 1-hour cache writes
+    cacheWrite12hInputCostMultiplier = Number(validate=Range(min=0))  # psai's own: OpenAI's 12-hour writes
+    costInAudioTokensPerMillion = Rate()  # psai's own: the rates of tokens that are not text
+    costOutAudioTokensPerMillion = Rate()
+    costOutImageTokensPerMillion = Rate()
     longContextCostInTokensPerMillion = Rate()
     longContextCostInCachedContextTokensPerMillion = Rate()
     longContextCostOutTokensPerMillion = Rate()
@@ -236,13 +240,24 @@ class ModelPricesSchema(_ConfigurationPart):
             raise _MarshmallowValidationError(errors)
 
 
+class _PricesPart(_NestedPart):
+    """``prices``: ModelPricesSchema's, or ``{}``, which only an inactive
+    model may have (a placeholder for calls whose model was not configured:
+    they stay unpriced, saying so). An active one is told what is missing."""
+
+    def _deserialize(self, value, attr, data, partial=None, **kwargs):
+        if value == {} and isinstance(data, Mapping) and data.get("active") is False and not partial:
+            return {}
+        return super()._deserialize(value, attr, data, partial=partial, **kwargs)
+
+
 class AiModelConfigurationSchema(_ConfigurationPart):
     type = Choice(PsAiModelType, required=True)
     modelSize = Choice(PsAiModelSize, required=True)
     model = String(required=True, validate=Length(min=1, max=255))
     provider = String(required=True, validate=Length(min=1, max=64))
     active = Boolean(required=True)
-    prices = _NestedPart(ModelPricesSchema, required=True)
+    prices = _PricesPart(ModelPricesSchema, required=True)
     maxTokensOut = Count(minimum=1, required=True)
     defaultTemperature = Number(required=True, validate=Range(min=0, max=2))
     apiModel = String(validate=Length(min=1, max=255))
@@ -576,19 +591,32 @@ def dump_rows(schema: Schema, rows: Iterable[Any],
 
 # -- budgets -------------------------------------------------------------------------
 
-BUDGET_PERIODS = ("day", "week", "month", "year", "total")
-BUDGET_UNPRICED = ("block", "allow")
+BudgetPeriod = Literal["day", "week", "month", "year", "total"]
+BudgetUnpriced = Literal["block", "allow"]
+BUDGET_PERIODS: tuple[BudgetPeriod, ...] = get_args(BudgetPeriod)
+BUDGET_UNPRICED: tuple[BudgetUnpriced, ...] = get_args(BudgetUnpriced)
 BUDGET_SCOPES = ("agent_id", "model_name", "provider", "organization_id")
 BUDGET_FIELDS = ("name", "amount", "currency", "period", "timezone", "agent_id", "include_sub_agents", "model_name",
                  "provider", "organization_id", "warn_at", "hard", "unpriced")
 
 
+# A budget's amount: at most 10**15 with at most 9 decimal places, so that
+# every limit, fraction of it and sum psai compares it with stays within
+# Decimal's 28 digits (an amount like 1e1000000 overflowed every call in scope).
+MAX_BUDGET_AMOUNT = decimal.Decimal(10) ** 15
+BUDGET_AMOUNT_PLACES = 9
+
+
 class Amount(fields.Field):
     """A positive amount of money as exact decimal text ("10", "2.50"); a
-    number is taken by its decimal digits (2.5 is "2.5"), never as a binary float."""
+    number is taken by its decimal digits (2.5 is "2.5"), never as a binary
+    float. At most ``MAX_BUDGET_AMOUNT``, with at most ``BUDGET_AMOUNT_PLACES``
+    decimal places."""
 
     default_error_messages = {"invalid": "Not an amount of money (a number or decimal text such as \"2.50\").",
-                              "positive": "Must be more than 0."}
+                              "positive": "Must be more than 0.",
+                              "bounds": "Must be at most 10**15, with at most %d decimal places." % (
+                                  BUDGET_AMOUNT_PLACES)}
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, bool) or not isinstance(value, (str, numbers.Real)):
@@ -601,14 +629,30 @@ class Amount(fields.Field):
             raise self.make_error("invalid")
         if amount <= 0:
             raise self.make_error("positive")
+        exponent = amount.as_tuple().exponent  # an int: the amount is finite
+        if amount > MAX_BUDGET_AMOUNT or isinstance(exponent, int) and exponent < -BUDGET_AMOUNT_PLACES and \
+                amount != amount.quantize(decimal.Decimal(1).scaleb(-BUDGET_AMOUNT_PLACES), decimal.ROUND_DOWN):
+            raise self.make_error("bounds")
         return str(amount)
 
 
+# Files in the zone directory that are not zones of their own: "localtime"
+# is whatever the host's clock is set to, so a budget in it would change
+# its periods with the machine that reads it.
+HOST_ZONE_NAMES = {"localtime", "posixrules"}
+
+
 class TimeZoneName(String):
-    default_error_messages = {"unknown_zone": "Not an IANA time zone name (e.g. UTC, Europe/Berlin)."}
+    """An IANA time zone name; never the host's own (``localtime``)."""
+
+    default_error_messages = {"unknown_zone": "Not an IANA time zone name (e.g. UTC, Europe/Berlin).",
+                              "host_zone": "Depends on the host's clock settings: give an IANA name "
+                                           "(e.g. UTC, Europe/Berlin)."}
 
     def _deserialize(self, value, attr, data, **kwargs):
         name = super()._deserialize(value, attr, data, **kwargs)
+        if name.lower() in HOST_ZONE_NAMES or name.lower().startswith(("posix/", "right/")):
+            raise self.make_error("host_zone")
         try:
             zoneinfo.ZoneInfo(name)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):

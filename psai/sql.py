@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from peewee import SQL, NodeList, PostgresqlDatabase, Value, fn
 
-from .constants import MAX_SAFE_INTEGER
+from .constants import MAX_INTEGER, MAX_SAFE_INTEGER
 from .errors import ValidationError
 from .fields import SQLITE_TIME_GLOB
 from .pricing import _is_number
@@ -32,7 +32,7 @@ __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALU
            "Slot", "slot", "Statement", "compiled", "item_groups_sql", "item_totals_sql", "counters_sound",
            "counters_negative", "counter_totals_sql", "counter_rows_sql", "price_period_sql", "counter_sums_sql",
            "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "lock_models_sql",
-           "item_reprice_sql", "usage_state_sql"]
+           "item_reprice_sql", "usage_state_sql", "response_id_sql", "item_by_response_id_sql"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -125,7 +125,8 @@ def config_filter(field, filters, postgres):
     """A WHERE expression matching rows whose JSON ``field`` has every
     ``path: value`` of ``filters`` (a value that is a list matches any of
     it, however long the list), on PostgreSQL or SQLite."""
-    clauses, document = [], {}
+    clauses = []
+    document: dict[str, Any] = {}
     for key, value in filters.items():
         path = _path(key)
         values = _check_value(key, value)
@@ -218,6 +219,8 @@ ITEM_VALUES = (
     ("cached", ("usageNormalized", "cachedInTokens"), "number"),
     ("cw", ("psai", "cacheWriteTokens"), "number"),
     ("cw1h", ("psai", "cacheWrite1hTokens"), "number"),
+    ("cw12h", ("psai", "cacheWrite12hTokens"), "number"),
+    ("audio_in", ("psai", "audioInTokens"), "number"),
     ("pcost", ("psai", "providerCost"), "number"),
     ("tout", ("usageNormalized", "tokensOut"), "number"),
     ("reasoning", ("usageNormalized", "reasoningTokens"), "number"),
@@ -228,6 +231,8 @@ ITEM_VALUES = (
     ("configured", ("pricing", "configuredPrices"), "object"),
     ("threshold", ("pricing", "configuredPrices", "longContextTokenThreshold"), "number"),
 )
+# The counts of a call an item holds, each 0 to MAX_INTEGER for the item to be priced.
+ITEM_COUNTS = ("tin", "cached", "cw", "cw1h", "tout", "reasoning", "audio", "image", "web")
 _MODEL_THRESHOLD = ("prices", "longContextTokenThreshold")
 _KINDS = dict({name: kind for name, _path, kind in ITEM_VALUES}, model_threshold="number")
 
@@ -295,6 +300,14 @@ class ItemReader:
             read = {"number": "CAST(%s AS NUMERIC)", "string": "json_extract(%s, '$')", "object": "%s"}[kind] % column
         return "(CASE WHEN %s THEN %s END)" % (self.is_a(name), read)
 
+    def counts_usable(self, names):
+        """True when none of the counts ``names`` is a number below 0 or
+        beyond what a counter column holds (a count of -5 or 1e300, written
+        by hand, is not a call's: its item is not priced, at 0 or at 1e294)."""
+        usable = "TRUE" if self.postgres else "1"
+        return " AND ".join("coalesce(%s BETWEEN 0 AND %d, %s)" % (self.value(name), MAX_INTEGER, usable)
+                            for name in names)
+
     def count(self, name):
         """A count: the number if it is one above 0, else 0. (SQLite: only a
         number's JSON text starts with a digit or "-", and CAST reads any
@@ -305,6 +318,11 @@ class ItemReader:
 
 
 # -- reports' statements over items and counters ---------------------------------------
+
+# The typed values priced apart (items.APART's, in its order), and all those summed, not grouped by.
+_APART_VALUES = ("cw1h", "cw12h", "audio_in", "audio", "image")
+_SUMMED_VALUES = ("tin", "cached", "cw", "tout", "parts", "web", "threshold", "pcost") + _APART_VALUES
+
 
 def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
     """``(sql, group)``: items (``read``, ItemReader.select's subquery) added
@@ -328,9 +346,10 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
         "applied_speed": r.value("applied_speed"),
         # Readable: token counts, the input total a number (an item whose
         # counts are text is not priced as 0 tokens, nor guessed).
-        "has_usage": "(CASE WHEN %s THEN 1 ELSE 0 END)" % r.is_a("tin"),
+        "has_usage": "(CASE WHEN %s AND %s THEN 1 ELSE 0 END)" % (r.is_a("tin"), r.counts_usable(ITEM_COUNTS)),
         "tin": r.count("tin"), "cached": r.count("cached"), "cw": r.count("cw"), "cw1h": r.count("cw1h"),
-        "tout": r.count("tout"), "pcost": r.value("pcost"),
+        "cw12h": r.count("cw12h"), "audio_in": r.count("audio_in"), "audio": r.count("audio"),
+        "image": r.count("image"), "tout": r.count("tout"), "pcost": r.value("pcost"),
         "parts": " + ".join(r.count(name) for name in ("reasoning", "audio", "image")),
         "web": r.count("web"),
         # The call's own prices' threshold; for an item without a snapshot,
@@ -348,12 +367,13 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
     typed = "SELECT %s%s FROM (%s) r%s" % (", ".join("%s AS %s" % (sql, name) for name, sql in columns.items()),
                                             r.fence_column, read, r.fence)
     group = [name for name in columns
-             if name not in ("tin", "cached", "cw", "cw1h", "tout", "parts", "web", "threshold", "pcost")]
-    # Calls with 1-hour cache writes in groups of their own (their extra needs its own price key).
-    group += ["long", "hour"]
+             if name not in _SUMMED_VALUES]
+    # Calls with tokens priced apart (longer-lived cache writes, audio, images) in groups of their
+    # own: their extra needs price keys of its own, and without them only those calls are unpriced.
+    group += ["long", "apart"]
     # In the order of GroupSums' fields.
     summed = [r.j.greatest("tin - cached - cw", "0"), "cached", "cw", "%s + parts" % r.j.greatest("tout - parts", "0"),
-              "web", "tin", "tout", "cw1h", "pcost"]
+              "web", "tin", "tout"] + list(_APART_VALUES) + ["pcost"]
     # The rollups also count the calls that said their own cost: a sum of none of them is NULL.
     if single:
         sums = ["1"] + summed + (["(CASE WHEN pcost IS NULL THEN 0 ELSE 1 END)"] if rollup else []) + list(extra)
@@ -362,7 +382,8 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
     if rollup:  # named, for the statements that write them
         sums = ["%s AS %s" % (sql, quoted(name)) for sql, name in zip(sums, ROLLUP_SUMS)] + sums[len(ROLLUP_SUMS):]
     sql = ("SELECT %s, %s FROM (SELECT c.*, CASE WHEN threshold > 0 AND tin >= threshold THEN 1 ELSE 0 END AS long, "
-           "CASE WHEN cw1h > 0 THEN 1 ELSE 0 END AS hour FROM (%s) c) g" % (", ".join(group), ", ".join(sums), typed))
+           "CASE WHEN %s THEN 1 ELSE 0 END AS apart FROM (%s) c) g" % (
+               ", ".join(group), ", ".join(sums), " OR ".join("%s > 0" % name for name in _APART_VALUES), typed))
     return (sql if single else "%s GROUP BY %s" % (sql, ", ".join(group))), group
 
 
@@ -454,11 +475,17 @@ def negative_rows_sql(present, where):
 
 def item_check_sql(postgres):
     """Every item's id, model, input count and price snapshot, read
-    defensively (text that is not JSON reads as no data)."""
+    defensively (text that is not JSON reads as no data), and whether its
+    counts are usable (``ItemReader.counts_usable``)."""
     j = JsonSQL(postgres)
     data = "data" if postgres else "(CASE WHEN json_valid(data) THEN data ELSE '[]' END)"
-    return 'SELECT id, model_id, %s, %s FROM "ps_model_usage_item" ORDER BY id' % (
-        j.number(data, "usageNormalized", "tokensIn"), j.object(data, "pricing", "configuredPrices"))
+    r = ItemReader(postgres)
+    return 'SELECT id, model_id, tokens_in, configured, (CASE WHEN %s THEN 1 ELSE 0 END) FROM (%s) r ORDER BY id' % (
+        r.counts_usable(ITEM_COUNTS), 'SELECT id, model_id, %s AS tokens_in, %s AS configured, %s FROM '
+        '"ps_model_usage_item"' % (j.number(data, "usageNormalized", "tokensIn"),
+                                   j.object(data, "pricing", "configuredPrices"),
+                                   ", ".join("%s AS v_%s" % (r._raw(data, path), name)
+                                             for name, path, _kind in ITEM_VALUES if name in ITEM_COUNTS)))
 
 
 def object_items_sql(postgres, where):
@@ -611,6 +638,23 @@ def item_insert(db):
             '"connector_id", "data") VALUES (%s)' % ", ".join([db.param] * 7))
 
 
+def response_id_sql(postgres):
+    """The provider's response id an item keeps in psai's part
+    (``data.psai.responseId``), as the unique index of migration 0010 reads
+    it (the same text, so that a lookup uses the index): SQLite only from
+    valid JSON, which its column need not hold."""
+    if postgres:
+        return "(data -> 'psai' ->> 'responseId')"
+    return "(CASE WHEN json_valid(data) THEN json_extract(data, '$.psai.responseId') END)"
+
+
+def item_by_response_id_sql(db):
+    """The item (id, model id, data) recorded for a response id: one lookup
+    in migration 0010's index."""
+    return 'SELECT "id", "model_id", "data" FROM "ps_model_usage_item" WHERE %s = %s' % (
+        response_id_sql(isinstance(db, PostgresqlDatabase)), db.param)
+
+
 def one_round_trip_statements(find, present, agent_is_null, connector_is_null, probes=()):
     """PostgreSQL: (the advisory lock, the statement that records a call:
     on condition that the model's stored configuration is the one given,
@@ -663,9 +707,9 @@ ROLLUP_TRIGGERS = {False: ("psai_rollup_insert", "psai_rollup_update", "psai_rol
 # A rollup row's key (item_groups_sql's groups with rollup=True, in its order) and sums
 # (GroupSums' order, then how many of its calls said their own cost).
 ROLLUP_KEYS = ("model_id", "agent_id", "connector_id", "day", "provider", "pricing", "applied_service_tier",
-               "applied_speed", "has_usage", "model_priced", "model_threshold", "long", "hour")
+               "applied_speed", "has_usage", "model_priced", "model_threshold", "long", "apart")
 ROLLUP_SUMS = ("calls", "fresh_in", "cached", "cache_write", "out", "web", "all_in", "all_out", "cache_write_1h",
-               "provider_cost", "cost_calls")
+               "cache_write_12h", "audio_in", "audio_out", "image_out", "provider_cost", "cost_calls")
 _ROLLUP_COLUMNS = ", ".join(quoted(c) for c in ("range_day",) + ROLLUP_KEYS + ROLLUP_SUMS + ("group_key",))
 # The columns an item's fold reads: an UPDATE of others (updated_at) folds nothing.
 _FOLDED_COLUMNS = ("id", "model_id", "agent_id", "connector_id", "created_at", "data")

@@ -2,16 +2,13 @@
 responses, counted and priced, and, with ``budget=True``, stopped by a hard
 budget before the next call (``psai.budget``)."""
 import contextlib
-import json
-import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
 from .arguments import agent_arg, model_arg
 from .budget import check_budget
-from .items import item_cost
-from .models import PsAgent, PsAiModel, Reservation
+from .models import AgentRef, ModelRef, PsAgent, PsAiModel, Reservation
 from .recording import record_response_data
 
 __all__ = ["track", "Run"]
@@ -28,7 +25,7 @@ class Run:
         self.cost: dict[str, Decimal] = {}
         self.reservation: Reservation | None = None
 
-    def check(self, *, model: PsAiModel | int | str | None = None,
+    def check(self, *, model: ModelRef | None = None,
               estimate: Decimal | int | float | str | dict[str, Any] | None = None) -> None:
         """``psai.check_budget`` for this block's agent and model (or ``model``),
         with an ``estimate`` of the call about to be made if given. With
@@ -48,33 +45,31 @@ class Run:
             self.reservation.release()
             self.reservation = None
 
-    def record(self, response: Any, *, model: PsAiModel | int | str | None = None,
+    def record(self, response: Any, *, model: ModelRef | None = None,
                provider: str | None = None) -> Decimal | None:
         """Record one call from its response (``record_response``) and return
-        what it cost, None when its prices cannot price it. With
+        what it cost, None when its prices cannot price it (or no configured
+        model matched its model name: it is recorded, unpriced). A response
+        recorded already returns the first's cost and is not counted again. With
         ``budget=True`` the budgets are checked once the call is recorded (a
         call made is always recorded): BudgetExceededError stops the block
         before its next call."""
         chosen = model if model is not None else self.model
         held, self.reservation = self.reservation, None
-        row, data = record_response_data(chosen, self.agent, response, provider, None, None, held)
-        self.calls += 1
-        item = json.loads(data) if data is not None else None
-        cost = item_cost(item)
-        currency = (item or {}).get("pricing", {}).get("configuredPrices", {}).get("currency") \
-            if isinstance(item, dict) else None
-        if cost is None or not isinstance(currency, str):
-            self.unpriced_calls += 1
-            cost = None
-        else:
-            self.cost[currency] = self.cost.get(currency, Decimal(0)) + cost
+        call = record_response_data(chosen, self.agent, response, provider, None, None, held)
+        if not call.duplicate:  # a response recorded already is the same call: counted once
+            self.calls += 1
+            if call.cost is None or call.currency is None:
+                self.unpriced_calls += 1
+            else:
+                self.cost[call.currency] = self.cost.get(call.currency, Decimal(0)) + call.cost
         if self.budget:
-            check_budget(self.agent, row.model_id)
-        return cost
+            check_budget(self.agent, call.model_id)
+        return call.cost
 
 
 @contextlib.contextmanager
-def track(agent: PsAgent | int | str | uuid.UUID | None, model: PsAiModel | int | str | uuid.UUID | None = None,
+def track(agent: AgentRef | None, model: ModelRef | None = None,
           budget: bool = False) -> Iterator[Run]:
     """For scripts: ``with psai.track(agent) as run: run.record(response)``
     records each call the block makes (``record_response``; ``model`` for

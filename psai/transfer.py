@@ -50,7 +50,7 @@ def export_data() -> dict[str, list[dict[str, Any]]]:
 
 
 def _load_rows(schema, rows, table, errors, progress):
-    loaded = []
+    loaded: list[Any] = []
     if not isinstance(rows, list):
         errors[table] = ["Must be a list of rows."]
         return loaded
@@ -299,7 +299,7 @@ def _update(model_class, row_id, values):
 
 def _by_key(rows, key):
     """{key: [rows...]} keeping order: rows that share a key pair up in order."""
-    grouped = {}
+    grouped: dict[Any, list[Any]] = {}
     for row in rows:
         grouped.setdefault(key(row), []).append(row)
     return grouped
@@ -322,7 +322,8 @@ def _target_names(model_class, target):
 
 
 def _changes(existing, values):
-    return {k: v for k, v in values.items() if existing.get(k) != v}
+    # An expression (a counter plus a difference, ``_mirror_usage``) is a change by itself.
+    return {k: v for k, v in values.items() if isinstance(v, peewee.Node) or existing.get(k) != v}
 
 
 def _match(model_class, names, target_rows, source_rows, key, translate, counts, name, merge=None,
@@ -512,23 +513,32 @@ def _mirror_usage(target, source_rows, counts):
     row keeps what the target recorded in it itself: each counter becomes
     the source's value plus what the target's grew by since the value last
     copied into it (``psai_copied_usage``; a row without that memory takes
-    the source's value). Nothing new on either side: nothing changes."""
+    the source's value). That is written as a difference, the counter plus
+    what the source grew by since that copy, in SQL: calls the target
+    records meanwhile (another process, PolicySynth) stay counted, where a
+    value computed from the row as read would have overwritten them.
+    Nothing new on either side: nothing changes."""
     remembers = bool(table_columns(target, CopiedUsage._meta.table_name))
     copied = dict(cast(Iterable[tuple[int, Any]], CopiedUsage.select(CopiedUsage.usage, CopiedUsage.counters)
                        .tuples())) if remembers and source_rows else {}
     present = [name for name in COUNTERS if name in {field.name for field in _columns(PsModelUsage, target)}]
+    fields = PsModelUsage._meta.fields
 
     def merge(existing, values):
         last = copied.get(existing["id"])
         if not isinstance(last, dict):
             return values
         merged = dict(values)
+        grown = False  # the target's own calls since the last copy
         for name in present:
             source, here, copied_last = values.get(name), existing.get(name), last.get(name)
             if all(map(_is_count, (source, here, copied_last))):  # else copied as stored, as any odd value
-                merged[name] = source + here - copied_last
+                del merged[name]
+                if source != copied_last:
+                    merged[name] = fields[name] + (source - copied_last)
+                grown = grown or here != copied_last
         later = [values.get("updated_at"), existing.get("updated_at")]
-        if merged != values and all(isinstance(moment, datetime.datetime) for moment in later):
+        if grown and all(isinstance(moment, datetime.datetime) for moment in later):
             merged["updated_at"] = max(later)  # the target's own calls since: its last update stays
         return merged
 

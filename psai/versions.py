@@ -3,7 +3,6 @@ applied to them (see ``psai.history`` for the whole story). The save hook
 that writes versions lives beside the tables (``psai.models``); this
 module reads them."""
 import datetime
-import uuid
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, TypedDict
@@ -12,8 +11,7 @@ from peewee import Database
 
 from .base import check_database
 from .db import model_db, table_columns
-from .errors import NotFoundError
-from .models import PriceCorrection, PriceVersion, PsAiModel, prices_of
+from .models import ModelRef, PriceCorrection, PriceVersion, PsAiModel, find_models, prices_of
 from .schemas import merge_configuration
 
 __all__ = ["price_history", "histories_of", "prices_at", "resolve_models", "merge_prices", "PriceVersionEntry",
@@ -46,21 +44,13 @@ class PriceVersionEntry(TypedDict):
     corrections: list[PriceCorrectionEntry]
 
 
-def resolve_models(model: PsAiModel | int | str | uuid.UUID) -> list[PsAiModel]:
+def resolve_models(model: ModelRef) -> list[PsAiModel]:
     """Model rows, as stored now, from a row, an id, a uuid, or a name (every
-    row with it, oldest first)."""
+    row with it, oldest first): ``psai.models.find_models``."""
     if isinstance(model, PsAiModel):
         check_database(model)
-        model = model.id
-    try:
-        return [PsAiModel.get_by_key(model)]
-    except NotFoundError:
-        if not isinstance(model, str):
-            raise
-    rows = list(PsAiModel.select().where(PsAiModel.name == model).order_by(PsAiModel.created_at, PsAiModel.id))
-    if not rows:
-        raise NotFoundError("no model has the id, uuid or name %r" % (model,))
-    return rows
+        model = model.id  # the row as stored now
+    return find_models(model)
 
 
 def _time(value: datetime.datetime | str | None) -> datetime.datetime | None:
@@ -92,7 +82,7 @@ def _overlaps(correction: PriceCorrectionEntry, version: PriceVersionEntry) -> b
     return starts_before_end and ends_after_start
 
 
-def price_history(model: PsAiModel | int | str | uuid.UUID) -> list[PriceVersionEntry]:
+def price_history(model: ModelRef) -> list[PriceVersionEntry]:
     """The versions of a model's prices, oldest first (see the module's
     docstring). ``model``: a row, id, uuid or name (every row that has it)."""
     rows = resolve_models(model)

@@ -1,5 +1,6 @@
 """Fixtures: every store test runs on a real SQLite file and on a real PostgreSQL
 server (each test in a schema of its own, dropped afterwards)."""
+import ctypes
 import datetime
 import os
 import uuid
@@ -32,6 +33,24 @@ def _postgres_reachable():
         except Exception as exc:  # any failure means "no server for the tests"
             _postgres_error = "%s: %s" % (type(exc).__name__, psai.redact_url(str(exc)))
     return not _postgres_error
+
+
+# The capabilities that let root ignore permission bits (linux/capability.h):
+# CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER.
+ROOT_OVERRIDES = (1, 2, 3)
+PR_CAPBSET_DROP = 24
+
+
+def obey_permission_bits():
+    """In the child before exec: drop root's overrides from the bounding set,
+    so the command runs as root but meets permission bits as any user does.
+    The same user keeps reaching the interpreter and the checkout wherever
+    they live (switching to another user, who may not, is what failed in a
+    clone under a private directory)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in ROOT_OVERRIDES:
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP, %d)" % capability)
 
 
 def require_postgres():
@@ -155,3 +174,18 @@ def clock(monkeypatch):
     pinned = PinnedClock(datetime.datetime(2026, 11, 25, 9, 30, tzinfo=datetime.timezone.utc))
     monkeypatch.setattr(psai.fields, "now_source", pinned)
     return pinned
+
+
+# -- the suite in another order ------------------------------------------------------------------
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse-files", action="store_true",
+                     help="run the test files in reversed order (each file's tests in their own order), "
+                          "to catch state one file leaves for the next")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse-files"):
+        files = list(dict.fromkeys(item.path for item in items))
+        rank = {path: position for position, path in enumerate(reversed(files))}
+        items.sort(key=lambda item: rank[item.path])  # stable: a file's own order is kept

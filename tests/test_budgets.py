@@ -1,8 +1,11 @@
 """Budgets (docs/budgets.md): spending limits on a calendar, what they have
 spent equal to cost_report's, checks before a call, alerts that fire once."""
 import datetime
+import itertools
 import json
 import multiprocessing
+import os
+import time
 import zoneinfo
 from decimal import Decimal
 
@@ -321,8 +324,12 @@ def test_eight_processes_crossing_a_threshold_fire_each_alert_once(backend):
 
 # -- track ------------------------------------------------------------------------------
 
+_RESPONSE_IDS = itertools.count(1)
+
+
 def openai_response(tokens_in=10_000, tokens_out=1_000):
-    return {"object": "chat.completion", "model": "gpt-4", "id": "x", "choices": [],
+    # Each call its own response id: one recorded twice is one call.
+    return {"object": "chat.completion", "model": "gpt-4", "id": "chatcmpl-%d" % next(_RESPONSE_IDS), "choices": [],
             "usage": {"prompt_tokens": tokens_in, "completion_tokens": tokens_out,
                       "total_tokens": tokens_in + tokens_out}}
 
@@ -368,7 +375,7 @@ def test_budgets_on_the_command_line(backend, clock):
                "--timezone", "Europe/Berlin", "--json")
     assert made.exit_code == 0, made.output
     assert json.loads(made.stdout)["scope"] == "agent=%d" % a.id
-    assert run("budgets", "set", "--name", "x", "--amount", "1", "--agent", "1", "--model", "y").exit_code == 2
+    assert run("budgets", "set", "--name", "x", "--amount", "1", "--agent", "1", "--model", "GPT-4").exit_code == 2
     assert run("budgets", "status").exit_code == 0
     first = run("usage", "record", str(m.id), "--agent", str(a.id), "--in", "10000", "--out", "1000")
     assert first.exit_code == 0 and "budget team: 50% of its limit reached (0.36 USD spent)" in first.stderr
@@ -514,3 +521,150 @@ def test_concurrent_processes_with_reservations_never_pass_a_hard_limit(db, back
         made = pool.starmap(reserve_and_record, [(backend.url, m.id, CALL)] * 4)
     assert sum(made) == 10
     assert status("b")["spent"] == CALL_COST * 10 and status("b")["calls"] == 10
+
+
+# -- budgets that cannot stop a call (docs/reliability.md) --------------------------------------
+
+def test_an_amount_out_of_bounds_is_refused_on_every_write_path(backend):
+    psai.migrate()
+    for amount in ("1e1000000", "1e-1000000", "1000000000000001", "0.0000000001", "1e999999999"):
+        with pytest.raises(psai.ValidationError, match="amount: Must be at most 10\\*\\*15"):
+            psai.set_budget(name="b", amount=amount)
+        refused = CliRunner().invoke(cli, ["--database", backend.url, "budgets", "set", "--name", "b",
+                                           "--amount", str(amount)])
+        assert refused.exit_code == 2 and "Must be at most 10**15" in refused.output, refused.output
+    assert Budget.select().count() == 0
+    assert psai.set_budget(name="b", amount="1000000000000000").amount == "1000000000000000"
+    assert psai.set_budget(name="b", amount="0.000000001").amount == "1E-9"
+
+
+def hand_written(column, value):
+    """Store a budget value as an older psai or another tool would (psai refuses it now)."""
+    mark = "%s" if psai.db.is_postgres() else "?"
+    psai.database.execute_sql('UPDATE "psai_budgets" SET "%s" = %s' % (column, mark), (value,))
+
+
+@pytest.mark.parametrize("column, value, problem", [
+    ("amount", "1e1000000", "amount: Must be at most 10**15"), ("amount", "ten", "amount: Not an amount"),
+    ("amount", "-5", "amount: Must be more than 0"), ("timezone", "Mars/Olympus", "timezone: Not an IANA"),
+    ("period", "hourly", "period: Must be one of"), ("warn_at", '"0.8"', "warn_at: Not a valid list"),
+    ("warn_at", "[1e400]", "warn_at"), ("warn_at", "5", "warn_at"), ("currency", "", "currency")])
+def test_nothing_a_stored_budget_holds_stops_a_call_from_being_recorded(backend, clock, column, value, problem):
+    psai.migrate()
+    m = model()
+    psai.set_budget(name="stored", amount="0.1", model=m.name)
+    record_usage(m, None, **CALL)  # its alerts while it was sound
+    hand_written(column, value)
+    for one_trip_seen in (False, True):  # PostgreSQL: the watcher's own read, then the one-round-trip probe
+        psai.budget.WATCHER._none_seen.pop(psai.database.obj, None)
+        if one_trip_seen:
+            psai.budget.WATCHER._none_seen[psai.database.obj] = True
+        record_usage(m, None, **CALL)
+    assert sum(row.token_in_count for row in psai.PsModelUsage.select()) == 3 * CALL["tokens_in"]
+    assert [e["threshold"] for e in psai.budget_events()] == [Decimal("0.8"), Decimal(1)]  # none since
+    (invalid,) = psai.budget_status()
+    assert invalid["state"] == "invalid" and problem in invalid["problem"] and invalid["limit"] is None
+    with pytest.raises(psai.BudgetExceededError, match="budget 'stored' .* cannot be used: .*" + problem[:8]):
+        psai.check_budget(model=m)
+    shown = CliRunner().invoke(cli, ["--database", backend.url, "budgets", "status"])
+    assert shown.exit_code == 0 and "invalid" in shown.stdout, shown.output
+    for command in ("list", "events"):
+        listed = CliRunner().invoke(cli, ["--database", backend.url, "budgets", command])
+        assert listed.exit_code == 0 and "stored" in listed.stdout, listed.output
+    assert "invalid" in psai.report.html()
+    psai.set_budget(name="stored", amount="0.1", model=m.name)  # set again: usable, and it counts what was spent
+    assert status("stored")["state"] == "exceeded"
+
+
+def test_a_budget_removed_while_a_call_records_never_fails_the_call(backend, clock, monkeypatch):
+    """The budget goes between the call's read of the budgets covering it
+    and the alert it writes: the call is recorded once, no error (before:
+    a foreign-key error, the call lost, or, on PostgreSQL's one round trip,
+    committed and raised, so a retry counted it twice)."""
+    psai.migrate()
+    m = model()
+    watcher = psai.budget.WATCHER
+    covering = watcher._covering
+
+    def then_removed(db, model_row, agent_row):
+        found = covering(db, model_row, agent_row)
+        if found and psai.budgets():
+            psai.remove_budget(found[0].name)  # in the probe's transaction on PostgreSQL's one round trip
+        return found
+    monkeypatch.setattr(watcher, "_covering", then_removed)
+    for one_trip_seen in (False, True):
+        psai.set_budget(name="going", amount="0.1", model=m.name)
+        watcher._none_seen.pop(psai.database.obj, None)
+        if one_trip_seen:
+            watcher._none_seen[psai.database.obj] = True
+        record_usage(m, None, **CALL)
+        assert psai.budgets() == []
+    assert psai.PsModelUsageItem.select().count() == 2
+    assert sum(row.token_in_count for row in psai.PsModelUsage.select()) == 2 * CALL["tokens_in"]
+
+
+def test_budgets_set_and_removed_while_processes_record_lose_no_call(backend):
+    psai.migrate()
+    from workers import record_many
+    m = model()
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(3) as pool:
+        results = [pool.apply_async(record_many, (backend.url, m.id, None, 150, seed)) for seed in range(3)]
+        psai.connect(backend.url)
+        while not all(r.ready() for r in results):
+            psai.set_budget(name="flicker", amount="0.000001", model=m.name, warn_at=(0.5,))
+            psai.remove_budget("flicker")
+        assert all(r.get(timeout=300) for r in results)  # a call that failed fails here
+    psai.connect(backend.url)
+    assert psai.PsModelUsageItem.select().count() == 450
+
+
+def test_one_new_budget_set_by_processes_at_once_is_one_budget(backend, tmp_path):
+    """Before, on PostgreSQL: both read no budget of that name, then one of
+    the two inserts failed on the unique name (an IntegrityError)."""
+    psai.migrate()
+    from workers import set_new_budgets
+    names = ["same %d" % i for i in range(40)]
+    barrier = str(tmp_path / "start")
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        results = [pool.apply_async(set_new_budgets, (backend.url, names, amount, barrier))
+                   for amount in ("1", "2", "3", "4")]
+        while not all(os.path.exists("%s.ready.%s" % (barrier, amount)) for amount in ("1", "2", "3", "4")):
+            time.sleep(0.01)
+        open(barrier, "w").close()
+        amounts = [r.get(timeout=300) for r in results]  # a duplicate-key error fails here
+    psai.connect(backend.url)
+    assert [b.name for b in psai.budgets()] == sorted(names)
+    assert {b.amount for b in psai.budgets()} <= set(amounts)
+
+
+def test_budgets_set_refuses_what_it_would_misread(backend):
+    psai.migrate()
+
+    def run(*args):
+        return CliRunner().invoke(cli, ["--database", backend.url, "budgets", "set", "--name", "b", "--amount", "5",
+                                        *args])
+    only = run("--agent-only")
+    assert only.exit_code == 2 and "--agent-only needs --agent" in only.output, only.output
+    for zone in ("localtime", "posixrules", "posix/Europe/Berlin"):
+        local = run("--timezone", zone)
+        assert local.exit_code == 2 and "timezone: Depends on the host" in local.output, local.output
+        with pytest.raises(psai.ValidationError, match="timezone: Depends on the host"):
+            psai.set_budget(amount=5, timezone=zone)
+    with pytest.raises(psai.ValidationError, match="include_sub_agents: .*an agent"):
+        psai.set_budget(amount=5, include_sub_agents=False)
+    assert Budget.select().count() == 0
+
+
+@pytest.mark.parametrize("prices", [None, "30 USD", [30, 60], 5])
+def test_track_records_a_call_of_a_model_whose_stored_prices_are_not_an_object(db, clock, prices):
+    """Before: the call was recorded, then record() raised AttributeError."""
+    m = model()
+    mark = "%s" if psai.db.is_postgres() else "?"
+    psai.database.execute_sql('UPDATE "ps_ai_models" SET "configuration" = %s WHERE "id" = %s' % (mark, mark),
+                              (json.dumps(dict(m.configuration, prices=prices)), m.id))
+    with psai.track(None, m.id) as run:
+        assert run.record(openai_response()) is None
+    assert (run.calls, run.unpriced_calls, run.cost) == (1, 1, {})
+    assert psai.PsModelUsageItem.select().count() == 1

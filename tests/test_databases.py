@@ -225,6 +225,50 @@ def test_a_second_copy_keeps_what_the_target_recorded(copies, clock):
     assert (row["calls"], row["tokens_in"], row["tokens_out"]) == (3, 1700, 17)
 
 
+def input_tokens(db):
+    """(what the counters hold, what the items say) of the input tokens on ``db``."""
+    with psai.using(db):
+        counted = sum(row.token_in_count + row.token_in_cached_context_count + row.token_in_cache_write_count
+                      for row in PsModelUsage.select())
+        said = sum(item.data["usageNormalized"]["tokensIn"] for item in PsModelUsageItem.select())
+    return counted, said
+
+
+@pytest.mark.parametrize("target_kind", ["postgres", "sqlite"])
+def test_copies_while_the_target_records_lose_none_of_its_calls(tmp_path, target_kind):
+    """Before, on PostgreSQL: the copy wrote each counter back as a value
+    worked out from the row it had read, over the calls another process
+    recorded into the row meanwhile."""
+    import multiprocessing
+    from workers import record_many
+    pair, first, second = _two(tmp_path, "sqlite", target_kind)
+    try:
+        source, target = pair.default, pair.other
+        gpt, lead = add("GPT"), agent("lead")
+        psai.record_usage(gpt, lead, tokens_in=1000, tokens_out=10)
+        psai.copy(source, target)
+        with psai.using(target):
+            model_id, agent_id = PsAiModel.get(PsAiModel.uuid == gpt.uuid).id, PsAgent.get(PsAgent.uuid == lead.uuid).id
+        context = multiprocessing.get_context("spawn")
+        copies = 0
+        with context.Pool(2) as pool:
+            results = [pool.apply_async(record_many, (pair.other_url, model_id, agent_id, 300, seed))
+                       for seed in range(2)]
+            while not all(r.ready() for r in results) or copies < 3:
+                psai.record_usage(gpt, lead, tokens_in=1000, tokens_out=10)  # the source grows: each copy updates
+                psai.copy(source, target)
+                copies += 1
+            assert all(r.get(timeout=300) for r in results)
+        psai.copy(source, target)
+        counted, said = input_tokens(target)
+        assert counted == said == 1000 * (copies + 1) + sum(100 + (seed + i) % 7 for seed in range(2)
+                                                             for i in range(300))
+    finally:
+        pair.other.close()
+        first.close()
+        second.close()
+
+
 def test_copy_from_the_command_line(copies, tmp_path):
     target = copies.other
     add("GPT")

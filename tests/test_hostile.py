@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 import psai
-from psai import PsAgent, PsAiModel, PsModelUsage
+from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+from psai.check import check
 from psai.cli import cli
 from psai.db import is_postgres
 from psai.usage import cost_report, record_usage, report_totals
@@ -280,6 +281,27 @@ def test_negative_counters_are_unpriced_never_subtracted(db):
     assert totals[None]["unpriced_tokens"] == 10
     [row] = [r for r in cost_report("day") if r["cost"] is None]
     assert "negative token counters" in row["unpriced_reason"]
+
+
+@pytest.mark.parametrize("counts", [{"tokensIn": -5}, {"tokensIn": 1e300}, {"tokensOut": 1e300},
+                                    {"cachedInTokens": -1}, {"reasoningTokens": 2147483648}])
+def test_items_whose_counts_are_negative_or_huge_are_named_and_never_priced(db, backend, counts):
+    """Before: `psai check` said nothing, and the strict report priced them
+    at $0 (negative) or 2.5E+294 USD (1e300 tokens)."""
+    m = model()
+    record_usage(m, None, tokens_in=1_000_000, tokens_out=0)
+    [good] = PsModelUsageItem.select()
+    data = dict(good.data, usageNormalized=dict(good.data["usageNormalized"], **counts))
+    odd = PsModelUsageItem.create(user_id=1, model_id=m.id, agent_id=0, data=data, created_at=good.created_at)
+    [named] = [f for f in check() if f["table"] == "ps_model_usage_item"]
+    assert named["id"] == odd.id and "token counts below 0 or beyond 2147483647" in named["problem"]
+    assert "token counts below 0 or beyond" in run(backend, "check", code=1).stdout
+    with pytest.raises(psai.UnpricedUsageError):
+        cost_report("model", strict=True)
+    totals = report_totals(cost_report("model"))
+    assert totals["USD"]["cost"] == Decimal(30) and totals["USD"]["tokens_in"] == 1_000_000
+    [unpriced] = [r for r in cost_report("model") if r["cost"] is None]
+    assert "no usable token counts" in unpriced["unpriced_reason"]
 
 
 def test_a_model_with_bad_prices_can_be_deactivated(db, backend):

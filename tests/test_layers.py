@@ -13,7 +13,7 @@ LAYERS = [
     ("peewee plumbing", ["fields", "db", "sql"]),
     ("store", ["base", "models"]),
     ("price versions and recording", ["versions", "arguments", "query", "rollups", "recording"]),
-    ("reports, check, catalog, copy", ["reports", "usage", "check", "migrations", "catalog", "transfer", "audit",
+    ("reports, check, catalog, copy", ["reports", "usage", "check", "migrations", "catalog", "transfer", "_audit",
                                         "budget"]),
     ("history, HTML report, demo", ["history", "report", "demo", "tracking"]),
     ("command line", ["cli", "__main__", "__init__"]),

@@ -12,6 +12,8 @@ from playhouse.migrations import Migration, Runner
 import psai
 from psai.migrations import DIRECTORY, HISTORY_TABLE, runner
 
+from conftest import make_configuration
+
 MIGRATIONS = [m.name for m in Migration.load_directory(DIRECTORY)]
 NOW = "2026-11-01 12:00:00.000000+00:00"
 
@@ -98,3 +100,61 @@ def test_a_failing_migration_is_rolled_back_whole(backend, tmp_path):
     assert "half_done" not in db.get_tables()
     applied = {m.name for m in run.status() if m.applied}
     assert applied == set(MIGRATIONS)  # everything before the broken one stayed
+
+
+def test_ids_of_deleted_agents_and_models_are_never_reused(db):
+    """Before, on SQLite (no AUTOINCREMENT), a new agent took the id of the
+    newest one deleted, and with it that agent's calls and budget."""
+    m = psai.PsAiModel.create(user_id=1, organization_id=1, name="m", configuration=make_configuration())
+    agent = psai.PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "old"})
+    psai.record_usage(m, agent, tokens_in=1000, tokens_out=10)
+    gone = agent.id
+    agent.delete_instance()
+    newer = psai.PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "new"})
+    assert newer.id != gone
+    assert newer.id not in {row["agent_id"] for row in psai.cost_report("agent")}  # the old agent's calls stay its
+    spare = psai.PsAiModel.create(user_id=1, organization_id=1, name="spare", configuration=make_configuration())
+    spare_id = spare.id
+    spare.delete_instance()
+    assert psai.PsAiModel.create(user_id=1, organization_id=1, name="next", configuration=make_configuration()).id \
+        != spare_id
+
+
+def sqlite_schema(db, table):
+    rows = db.execute_sql("SELECT type, name FROM sqlite_master WHERE tbl_name = ? AND sql IS NOT NULL "
+                          "AND type != 'table' ORDER BY name", (table,)).fetchall()
+    keys = db.execute_sql('PRAGMA foreign_key_list("%s")' % table).fetchall()
+    return rows, sorted(tuple(key[2:]) for key in keys)
+
+
+def test_a_sqlite_store_made_before_autoincrement_is_migrated_with_its_rows_and_links(tmp_path):
+    psai.connect("sqlite:///%s" % (tmp_path / "old.db"))
+    db = psai.database.obj
+    before_autoincrement = MIGRATIONS[MIGRATIONS.index("0011_sqlite_ids_never_reused") - 1]
+    runner().up(target=before_autoincrement)
+    fill(db, before_autoincrement)
+    # An agent 4, deleted before the upgrade, still named by a call.
+    db.execute_sql("INSERT INTO ps_agents (uuid, user_id, class_id, group_id, created_at, updated_at, configuration,"
+                   " parent_agent_id) VALUES ('%s', 1, 1, 1, '%s', '%s', '{\"name\": \"c\"}', 2)"
+                   % (uuid.uuid4(), NOW, NOW))
+    db.execute_sql('INSERT INTO "AgentModels" (agent_id, ai_model_id) VALUES (3, 2)')
+    db.execute_sql("INSERT INTO ps_model_usage_item (user_id, model_id, agent_id, data, created_at, updated_at) "
+                   "VALUES (1, 2, 4, '{}', '%s', '%s')" % (NOW, NOW))  # an agent 4 deleted long ago
+    schemas = {table: sqlite_schema(db, table) for table in ("ps_ai_models", "ps_agents", "AgentModels")}
+    before = snapshot(db)
+    assert "AUTOINCREMENT" not in db.execute_sql(
+        "SELECT sql FROM sqlite_master WHERE name = 'ps_agents'").fetchone()[0]
+    psai.migrate()
+    assert snapshot(db) == before
+    assert {table: sqlite_schema(db, table) for table in schemas} == schemas  # indexes and foreign keys kept
+    for table in ("ps_ai_models", "ps_agents"):
+        assert "AUTOINCREMENT" in db.execute_sql("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+    assert db.execute_sql("PRAGMA foreign_keys").fetchone() == (1,)
+    assert db.execute_sql("PRAGMA foreign_key_check").fetchall() == []
+    assert db.execute_sql("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert psai.PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "d"}).id == 5
+    # Foreign keys work on the rebuilt tables: links cascade, sub-agents are freed.
+    psai.PsAgent.get_by_id(2).delete_instance()
+    assert psai.PsAgent.get_by_id(3).parent_agent_id is None
+    assert sorted(r.agent_id for r in psai.AgentModels.select()) == [1, 3]
+    assert psai.migrate() == []

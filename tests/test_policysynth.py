@@ -35,23 +35,41 @@ def _unavailable(message):
     pytest.skip(message)
 
 
+# Written last into a finished install: a cache without it (an install
+# killed or racing another run) is never used, it is installed again.
+INSTALLED_MARK = PACKAGE_DIR / ".psai-installed"
+
+
 @pytest.fixture(scope="session")
 def policysynth_package():
-    """PolicySynth's package, installed once into a cache outside the clone."""
+    """PolicySynth's package, installed once into a cache outside the clone:
+    into a directory of its own, then renamed into place whole."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
         _unavailable("Node.js and npm are needed for the PolicySynth interop test")
     package = PACKAGE_DIR / "node_modules" / "@policysynth" / "agents"
-    if not (package / "dbModels" / "index.js").exists():
-        PACKAGE_DIR.mkdir(parents=True, exist_ok=True)
-        (PACKAGE_DIR / "package.json").write_text('{"name": "psai-policysynth-interop", "private": true}\n')
+    if not INSTALLED_MARK.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        staging = CACHE / ("%s.installing-%d" % (PACKAGE_DIR.name, os.getpid()))
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        (staging / "package.json").write_text('{"name": "psai-policysynth-interop", "private": true}\n')
         result = subprocess.run(
             [npm, "install", "--no-audit", "--no-fund", "--loglevel=error",
              "@policysynth/agents@" + POLICYSYNTH_VERSION],
-            cwd=PACKAGE_DIR, env=dict(os.environ, PUPPETEER_SKIP_DOWNLOAD="1"),
+            cwd=staging, env=dict(os.environ, PUPPETEER_SKIP_DOWNLOAD="1"),
             capture_output=True, text=True, timeout=1200)
         if result.returncode != 0:
+            shutil.rmtree(staging, ignore_errors=True)
             _unavailable("npm install @policysynth/agents failed: " + result.stderr[-2000:])
+        (staging / INSTALLED_MARK.name).write_text(POLICYSYNTH_VERSION + "\n")
+        if not INSTALLED_MARK.exists():  # another run may have finished first
+            shutil.rmtree(PACKAGE_DIR, ignore_errors=True)
+            try:
+                staging.rename(PACKAGE_DIR)
+            except OSError:  # it did, just now
+                pass
+        shutil.rmtree(staging, ignore_errors=True)
     return package
 
 
@@ -234,7 +252,9 @@ def test_adoption_adds_beside_and_changes_nothing_of_policysynths(scratch):
     assert adopted["constraints"] == original["constraints"]
     added = set(adopted["indexes"]) - set(original["indexes"])
     assert set(original["indexes"]) <= set(adopted["indexes"])
-    assert {name for _table, name, _definition in added} == {"ps_ai_models_name", "ps_ai_models_configuration_gin"}
+    # psai's indexes; on the items, over psai's own part (the response id), which PolicySynth never writes.
+    assert {name for _table, name, _definition in added} == {"ps_ai_models_name", "ps_ai_models_configuration_gin",
+                                                            "psai_usage_item_response_id"}
     psai.connect(scratch.url)
     assert psai.migrate() == []
     assert CliRunner().invoke(cli, ["--database", scratch.url, "init", "--adopt"]).stdout.strip() == \

@@ -41,6 +41,43 @@ def test_eight_concurrent_writers_lose_nothing(backend):
     assert PsModelUsage.select().count() == workers * count  # one counter row per (model, agent)
 
 
+def counted_input(model_id):
+    """Every input token the counters of a model hold (ordinary, cached and cache writes)."""
+    return sum(row.token_in_count + row.token_in_cached_context_count + row.token_in_cache_write_count
+               for row in PsModelUsage.select().where(PsModelUsage.model == model_id))
+
+
+def test_audit_apply_while_processes_record_on_its_model_and_agent(backend):
+    """Before, on PostgreSQL: the audit and a recorder locked the counter row
+    and the day's rollup in opposite orders, and the deadlock failed the
+    call; and the audit wrote back counter values it had read, losing the
+    calls recorded meanwhile."""
+    psai.migrate()
+    from test_responses import policysynth_claude_item
+    from workers import record_many
+    model = PsAiModel.create(user_id=1, organization_id=1, name="Sonnet",
+                             configuration=make_configuration(provider="anthropic", model="claude-sonnet-4-5"))
+    agent = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "a"})
+    psai.record_usage(model, agent, tokens_in=1_000_000, tokens_out=10)
+    # PolicySynth's item of a Claude call: 4,500 weighted "input" tokens where the bill says 13,000.
+    raw = {"input_tokens": 1000, "output_tokens": 500, "cache_creation_input_tokens": 2000,
+           "cache_read_input_tokens": 10000}
+    workers, calls = 3, 100
+    corrected = 0
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers) as pool:
+        results = [pool.apply_async(record_many, (backend.url, model.id, agent.id, calls, seed))
+                   for seed in range(workers)]
+        while not all(r.ready() for r in results) or not corrected:
+            policysynth_claude_item(model, agent, raw)
+            corrected += len(psai.audit(dry_run=False)["findings"])
+        assert all(r.get(timeout=300) for r in results)  # a call that failed (a deadlock) fails here
+    psai.connect(backend.url)
+    recorded = sum(100 + (seed + i) % 7 for seed in range(workers) for i in range(calls))
+    assert counted_input(model.id) == 1_000_000 + recorded + (13_000 - 4_500) * corrected
+    assert psai.audit()["findings"] == []
+
+
 @pytest.mark.slow
 def test_processes_changing_different_fields_of_one_model_keep_every_change(db, backend, tmp_path):
     """`psai models update --set prices...` in one process, update_configuration

@@ -314,7 +314,8 @@ def test_the_item_keeps_the_raw_usage_family_and_metadata(stored):
     assert data["providerMetadata"] == {"responseId": "msg_01", "appliedServiceTier": "standard",
                                         "appliedSpeed": "standard"}
     assert data["usageNormalized"]["tokensIn"] == 16000 and data["usageNormalized"]["cachedInTokens"] == 10000
-    assert data["psai"] == {"cacheWriteTokens": 5000, "cacheWrite1hTokens": 3000, "webSearches": 2}
+    assert data["psai"] == {"cacheWriteTokens": 5000, "cacheWrite1hTokens": 3000, "webSearches": 2,
+                            "responseId": "msg_01"}
 
 
 def test_the_model_is_found_from_the_response_never_another(stored):
@@ -338,8 +339,6 @@ def test_a_refused_response_records_nothing(stored):
     _models, agent = stored
     with pytest.raises(psai.ValidationError):
         psai.record_response(None, agent, chat_stream(include_usage=False))
-    with pytest.raises(psai.NotFoundError):
-        psai.record_response(None, agent, dict(chat_completion(), model="gpt-5-nano"))
     assert PsModelUsageItem.select().count() == 0 and psai.PsModelUsage.select().count() == 0
 
 
@@ -365,7 +364,7 @@ def test_one_hour_cache_writes_are_priced_at_their_rate_or_said_unpriced(stored)
     sonnet = models["sonnet"]
     with psai.track(agent, sonnet) as run:
         assert run.record(claude_message(one_hour=3000)) is None  # no 1-hour rate: never priced as 5-minute
-        run.record(claude_message())
+        run.record(dict(claude_message(), id="msg_02"))  # another call (the same id would be the same call)
     assert run.unpriced_calls == 1 and run.calls == 2
     rows = psai.cost_report("model")
     unpriced = [r for r in rows if r["cost"] is None]
@@ -373,7 +372,7 @@ def test_one_hour_cache_writes_are_priced_at_their_rate_or_said_unpriced(stored)
     assert unpriced[0]["unpriced_tokens"] == 1000 + 5000 + 10000 + 500
     sonnet.update_configuration({"prices": {"cacheWrite1hInputCostMultiplier": 2}})
     with psai.track(agent, sonnet) as run:
-        cost = run.record(claude_message(one_hour=3000))
+        cost = run.record(dict(claude_message(one_hour=3000), id="msg_03"))
     bill = (1000 * 3 + 2000 * Decimal("3.75") + 3000 * 6 + 10000 * Decimal("0.3") + 500 * 15) / M + Decimal("0.02")
     assert cost == bill
     priced = [r for r in psai.cost_report("model") if r["cost"] is not None]
@@ -457,7 +456,7 @@ def test_the_providers_own_cost_is_kept_and_shown_beside_psais(stored):
     models, agent = stored
     said = chat_completion(cost=0.00123)  # OpenRouter's usage.cost
     psai.record_response(models["gpt"], agent, said)
-    psai.record_response(models["gpt"], agent, chat_completion())  # says nothing: adds nothing
+    psai.record_response(models["gpt"], agent, dict(chat_completion(), id="chatcmpl-2"))  # says nothing: adds nothing
     [row] = psai.cost_report("model")
     assert row["provider_cost"] == Decimal("0.00123") and row["calls"] == 2
     assert row["cost"] == 2 * (Decimal(3000 - 1024) * Decimal("2.5") + 1024 * Decimal("1.25") + 700 * 10) / M
@@ -500,3 +499,18 @@ def test_a_responses_call_finds_a_model_policysynth_configured_as_openai_respons
         costInCachedContextTokensPerMillion=0.5))
     psai.record_response(None, None, responses_response(searches=0))
     assert PsModelUsageItem.select().get().model_id == model.id
+
+
+def test_audit_apply_with_nothing_to_correct_says_so(stored, backend):
+    """Before: `audit --apply` that found nothing said "dry run: nothing changed"."""
+    models, agent = stored
+    psai.record_response(models["sonnet"], agent, claude_message())  # psai's own item: nothing to correct
+    for args in (["audit", "--apply"], ["audit"]):
+        shown = CliRunner().invoke(cli, ["--database", backend.url, *args])
+        assert shown.exit_code == 0 and shown.output.startswith("nothing to correct: "), shown.output
+        assert "dry run" not in shown.output
+    policysynth_claude_item(models["sonnet"], agent, {"input_tokens": 1000, "output_tokens": 500,
+                                                      "cache_read_input_tokens": 10000})
+    assert "dry run: nothing changed" in CliRunner().invoke(cli, ["--database", backend.url, "audit"]).stderr
+    applied = CliRunner().invoke(cli, ["--database", backend.url, "audit", "--apply"])
+    assert "applied: items and counters corrected" in applied.stderr

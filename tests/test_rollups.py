@@ -36,7 +36,11 @@ def full_scan(db):
 
 
 def models():
-    plain = PsAiModel.create(user_id=1, organization_id=1, name="plain", configuration=make_configuration())
+    # Tokens priced apart (audio input, 12-hour cache writes) priced on "plain", unpriced on the others.
+    apart_prices = dict(make_configuration()["prices"], costInAudioTokensPerMillion=40,
+                        cacheWrite12hInputCostMultiplier=2)
+    plain = PsAiModel.create(user_id=1, organization_id=1, name="plain",
+                             configuration=make_configuration(prices=apart_prices))
     long_prices = dict(make_configuration()["prices"], longContextTokenThreshold=200_000,
                        longContextCostInTokensPerMillion=60, longContextCostOutTokensPerMillion=120,
                        longContextCostInCachedContextTokensPerMillion=20, cacheWriteInputCostMultiplier=1.25)
@@ -100,7 +104,9 @@ def record(rng, clock, ms, ags):
     tokens_in = rng.choice([0, 1, 999, 150_000, 200_000, 250_000])
     cached = rng.randrange(tokens_in + 1) if rng.random() < 0.3 else 0
     write = rng.randrange(tokens_in - cached + 1) if rng.random() < 0.2 else 0
-    psai.record_usage(rng.choice(ms), rng.choice(ags + [None]), tokens_in=tokens_in, tokens_out=rng.randrange(5000),
+    audio_in = rng.randrange(tokens_in - cached - write + 1) if rng.random() < 0.25 else 0
+    psai.record_usage(rng.choice(ms), rng.choice(ags + [None]), tokens_in=tokens_in, audio_in_tokens=audio_in,
+                      tokens_out=rng.randrange(100, 5000),  # holds the reasoning tokens
                       cached_tokens=cached, cache_write_tokens=write,
                       reasoning_tokens=rng.choice([0, 0, 100]), web_searches=rng.choice([0, 0, 2]),
                       connector_id=rng.choice([None, None, 5]),
@@ -125,6 +131,12 @@ def raw_insert(rng, ms, ags):
         data["usageNormalized"]["tokensIn"] = "many"  # unreadable: unpriced
     elif shape < 0.4:
         data["psai"] = dict(data.get("psai") or {}, providerCost=rng.choice([0.25, 0.5, 1.125]))
+    elif shape < 0.5:  # tokens priced apart: 12-hour cache writes (among the writes), audio input
+        data["usageNormalized"]["tokensIn"] = 210_000
+        data["psai"] = dict(data.get("psai") or {}, cacheWriteTokens=900, cacheWrite12hTokens=rng.choice([300, 900]),
+                            audioInTokens=rng.choice([0, 50]))
+    elif shape < 0.56:  # a count no call has (written by hand): unusable, the item unpriced
+        data["usageNormalized"][rng.choice(["tokensOut", "cachedInTokens"])] = rng.choice([-5, 2**31, 1e300])
     stamp = moment(rng)
     PsModelUsageItem.insert(user_id=1, model_id=model.id, agent_id=rng.choice(ags).id, connector_id=None,
                             created_at=stamp, updated_at=stamp, data=data).execute()
@@ -139,8 +151,13 @@ def edit_in_place(rng, items):
         data["usageNormalized"] = dict(data.get("usageNormalized") or {}, tokensIn=rng.choice([5, 230_000]))
     elif shape < 0.6:
         data.pop("usageNormalized", None)
-    elif shape < 0.8:
+    elif shape < 0.7:
         data["psai"] = dict(data.get("psai") or {}, providerCost=0.75)
+    elif shape < 0.8:  # 12-hour writes and audio input added, or a count made unusable
+        if rng.random() < 0.5:
+            data["psai"] = dict(data.get("psai") or {}, cacheWriteTokens=4, cacheWrite12hTokens=4, audioInTokens=1)
+        else:
+            data["usageNormalized"] = dict(data.get("usageNormalized") or {}, tokensOut=-1)
     else:
         data = [1, 2]
     PsModelUsageItem.update(data=data).where(PsModelUsageItem.id == item.id).execute()

@@ -163,11 +163,11 @@ def test_every_error_is_listed_at_once(db):
 
 def test_row_fields_are_validated(db):
     with pytest.raises(psai.ValidationError) as info:
-        PsAiModel.create(user_id=None, organization_id="2", name="x" * 256,
+        PsAiModel.create(user_id=2**40, organization_id="2", name="x" * 256,  # None: the store's default
                          configuration=make_configuration())
     assert set(info.value.paths) == {"user_id", "organization_id", "name"}
     with pytest.raises(psai.ValidationError) as info:
-        PsAgent.create(user_id=1, class_id=1, group_id=None, configuration=["not", "an", "object"])
+        PsAgent.create(user_id=1, class_id=1, group_id=2**40, configuration=["not", "an", "object"])
     assert set(info.value.paths) == {"group_id", "configuration"}
     with pytest.raises(psai.ValidationError) as info:
         PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"x": float("nan")})

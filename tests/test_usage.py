@@ -281,3 +281,33 @@ def test_model_cost_by_key_sees_prices_another_connection_just_changed(db, backe
     # What model_cost hands back is the caller's to change: the next call is unaffected.
     model_cost(model.id, **call)["rates"]["costInTokensPerMillion"] = 0
     assert model_cost(model.id, **call)["total"] == 56
+
+
+def test_parts_above_their_total_are_refused_as_record_response_refuses_them(backend):
+    """Before: `usage record --in 10 --cached 1000000` was recorded (reports
+    then showed 1,000,010 input tokens) while record-response refused the
+    same counts."""
+    from click.testing import CliRunner
+    from psai.cli import cli
+    psai.migrate()
+    m = PsAiModel.create(user_id=1, organization_id=1, name="m", configuration=make_configuration())
+    for counts, field in [(dict(tokens_in=10, cached_tokens=1_000_000), "cached_tokens"),
+                          (dict(tokens_in=10, cached_tokens=6, cache_write_tokens=5), "cached_tokens"),
+                          (dict(tokens_in=10, cache_write_tokens=11), "cache_write_tokens"),
+                          (dict(tokens_out=3, reasoning_tokens=2, audio_tokens=1, image_tokens=1),
+                           "reasoning_tokens")]:
+        with pytest.raises(psai.ValidationError, match="%s: .* above" % field):
+            record_usage(m, None, **counts)
+        with pytest.raises(psai.ValidationError, match="%s: .* above" % field):
+            psai.recording.model_cost(m, **dict({"tokens_in": 0, "tokens_out": 0}, **counts))
+    refused = CliRunner().invoke(cli, ["--database", backend.url, "usage", "record", str(m.id), "--in", "10",
+                                       "--out", "1", "--cached", "1000000"])
+    assert refused.exit_code == 2 and "cached_tokens" in refused.output and "Traceback" not in refused.output
+    response = {"object": "chat.completion", "model": "gpt-4", "choices": [],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 0,
+                          "prompt_tokens_details": {"cached_tokens": 1_000_000}}}
+    with pytest.raises(psai.ValidationError, match="above"):
+        psai.record_response(m, None, response)
+    assert PsModelUsage.select().count() == PsModelUsageItem.select().count() == 0
+    record_usage(m, None, tokens_in=10, cached_tokens=4, cache_write_tokens=6, tokens_out=3, reasoning_tokens=3)
+    assert PsModelUsageItem.select().count() == 1

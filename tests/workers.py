@@ -167,3 +167,28 @@ def reserve_and_record(url, model_id, counts):
         made += 1
     psai.database.close()
     return made
+
+
+def set_new_budgets(url, names, amount, barrier_path):
+    """Set each budget of ``names`` (new to the store), as other processes set
+    the same names at once: every worker goes through them in the same order."""
+    import pathlib
+    import psai
+    psai.connect(url)
+    psai.budgets()  # connected, and the budget module loaded
+    pathlib.Path("%s.ready.%s" % (barrier_path, amount)).touch()
+    _wait_for_start(barrier_path)
+    for name in names:
+        psai.set_budget(name=name, amount=amount)
+    psai.database.close()
+    return amount
+
+
+def record_responses(url, model_id, agent_id, responses):
+    """Record each of ``responses`` (the same list in every process, at once):
+    returns how many this process found recorded already."""
+    import psai
+    psai.connect(url)
+    duplicates = sum(psai.record_response(model_id, agent_id, response).duplicate for response in responses)
+    psai.database.close()
+    return duplicates

@@ -1,5 +1,6 @@
 """The rollups kept by triggers (docs/rollups.md): the rollup table made
-anew without migration 0009's fingerprints, one row per day and key (the
+anew without migration 0009's fingerprints (with 0010's sums of the tokens
+priced apart), one row per day and key (the
 unique index the triggers' upsert finds it by), the table of what the
 triggers could not fold, the triggers on ps_model_usage_item (they touch no
 column, index or constraint of PolicySynth's tables), and the rollups
@@ -33,7 +34,7 @@ def up(migrator, db):
         model_priced = IntegerField(null=True)
         model_threshold = NumericField(null=True)
         long = IntegerField(null=True)
-        hour = IntegerField(null=True)
+        apart = IntegerField(null=True)
         calls = BigIntegerField()
         fresh_in = NumericField(null=True)
         cached = NumericField(null=True)
@@ -43,6 +44,10 @@ def up(migrator, db):
         all_in = NumericField(null=True)
         all_out = NumericField(null=True)
         cache_write_1h = NumericField(null=True)
+        cache_write_12h = NumericField(null=True)
+        audio_in = NumericField(null=True)
+        audio_out = NumericField(null=True)
+        image_out = NumericField(null=True)
         provider_cost = NumericField(null=True)
         cost_calls = BigIntegerField(null=True)
 

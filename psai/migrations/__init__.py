@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from peewee import Database, DatabaseError, PostgresqlDatabase
+from peewee import Database, DatabaseError, PostgresqlDatabase, Table
 
 from ..db import NotConnectedError, connect, current_db, forget_schema
 from ..errors import NotAdoptedError
@@ -27,6 +27,7 @@ __all__ = ["migrate", "adopt", "ensure_schema", "is_policysynth_database", "HIST
            "runner", "NotAdoptedError"]
 
 HISTORY_TABLE = "psai_migrations"
+SETTINGS_TABLE = "psai_settings"  # psai.models.Setting
 DIRECTORY = os.path.dirname(os.path.abspath(__file__))
 POLICYSYNTH_TABLES = {"ps_ai_models", "ps_agents", "AgentModels"}
 # Migrations that create tables PolicySynth's own sync creates too.
@@ -79,7 +80,10 @@ def _migration_lock(db: Database) -> Iterator[None]:
     """One process at a time runs migrations; the others wait, then find the
     work done. PostgreSQL: a session advisory lock (each migration keeps its
     own transaction). SQLite: the write lock, taken at BEGIN IMMEDIATE, for
-    the whole run (each migration a savepoint in it)."""
+    the whole run (each migration a savepoint in it), with foreign keys off
+    (SQLite's way to rebuild a table: dropping the old one would cascade to
+    its links; the pragma can only change outside a transaction), as they
+    were after."""
     if isinstance(db, PostgresqlDatabase):
         db.execute_sql("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         try:
@@ -87,8 +91,15 @@ def _migration_lock(db: Database) -> Iterator[None]:
         finally:
             db.execute_sql("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
     else:
-        with db.atomic("IMMEDIATE"):
-            yield
+        (enforced,) = db.execute_sql("PRAGMA foreign_keys").fetchone()
+        if enforced and not db.in_transaction():
+            db.execute_sql("PRAGMA foreign_keys = OFF")
+        try:
+            with db.atomic("IMMEDIATE"):
+                yield
+        finally:
+            if enforced and not db.in_transaction():
+                db.execute_sql("PRAGMA foreign_keys = ON")
 
 
 def migrate(db: Database | None = None) -> list[str]:
@@ -130,7 +141,14 @@ def adopt(db: Database | None = None) -> list[str]:
                     faked.append(name)
                 else:
                     break
-        return _forget_columns(db, faked + run.up())
+        applied = faked + run.up()
+        # PolicySynth requires its ids on every row: no defaults here until
+        # `psai config --no-require-ids` says otherwise.
+        settings = Table(SETTINGS_TABLE).bind(db)
+        with db.atomic():
+            if not settings.select(settings.c.key).where(settings.c.key == "require_ids").exists():
+                settings.insert({settings.c.key: "require_ids", settings.c.value: "true"}).execute()
+        return _forget_columns(db, applied)
 
 
 def ensure_schema(db: Database | None = None) -> list[str]:

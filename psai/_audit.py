@@ -15,11 +15,11 @@ from typing import Any, TypedDict
 
 from .arguments import as_datetime
 from .constants import strict_json_dumps
-from .db import is_postgres, model_db, table_columns, write_transaction
+from .db import is_postgres, lock, lock_id, model_db, table_columns, write_transaction
 from .errors import ValidationError
 from .fields import utcnow
 from .items import BUCKET_COUNTERS, BUCKETS, call_buckets, item_cost, js_timestamp
-from .models import PriceCorrection, PsAiModel, PsModelUsage, PsModelUsageItem, usage_counters
+from .models import ModelRef, PriceCorrection, PsModelUsage, PsModelUsageItem, usage_counters
 from .recording import CACHE_WRITE_COUNTERS
 from .responses import ResponseUsage, usage_from_response
 from .sql import item_data_update_sql
@@ -97,7 +97,7 @@ def _stored_view(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def audit(*, since: datetime.date | str | None = None, until: datetime.date | str | None = None,
-          model: PsAiModel | int | str | None = None, dry_run: bool = True) -> AuditResult:
+          model: ModelRef | None = None, dry_run: bool = True) -> AuditResult:
     """Every item in [since, until) (of ``model``: a row, id, uuid or name)
     whose raw usage can be read and whose stored counts disagree with it:
     ``findings`` (each with its counts as stored and as billed, and its cost
@@ -118,6 +118,7 @@ def audit(*, since: datetime.date | str | None = None, until: datetime.date | st
     with write_transaction(db) if not dry_run else nullcontext():
         findings, items_read, corrections = _find(query)
         if not dry_run and corrections:
+            _lock_calls(db, corrections)
             _apply(db, corrections, _record_corrections(db, findings, start, end))
     return _summary(findings, items_read, applied=not dry_run and bool(corrections))
 
@@ -209,6 +210,18 @@ def _update_items(db: Any, changed: list[tuple[int, str]], stamp: Any) -> None:
         db.execute_sql(item_data_update_sql(db, len(batch)), [stamp] + [v for pair in batch for v in pair])
 
 
+def _lock_calls(db: Any, corrections: list[tuple[Any, dict[str, Any]]]) -> None:
+    """Before changing anything: the lock ``record_usage`` takes for each
+    (model, agent, connector) whose counters the audit changes, in one order
+    (two audits cannot deadlock). A call on those counters then waits for
+    the audit, or the audit for it, instead of the two locking the counter
+    row and the day's rollup row in opposite orders (PostgreSQL's deadlock,
+    which failed the call). SQLite: the write transaction holds the file."""
+    keys = {(item.model_id, item.agent_id or None, item.connector_id) for item, _corrected in corrections}
+    for key in sorted(keys, key=lock_id):
+        lock(db, key)
+
+
 def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]], correction_ids: dict[int, int]) -> None:
     """Write the billed counts into the items, and the same change of tokens
     into the counters of each (model, agent, connector): what the counters
@@ -246,7 +259,10 @@ def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]], correction_id
             if counter not in present:  # a table without cache-write counters counts them as input
                 counter = CACHE_WRITE_COUNTERS.get(counter, counter)
             changes[counter] = changes.get(counter, 0) + value
-        values = {name: getattr(row, name) + round(value) for name, value in changes.items() if round(value)}
+        # Changed by the difference, in SQL: calls another writer (PolicySynth)
+        # adds to the row meanwhile stay in it (a value read, then written back, lost them).
+        fields = usage._meta.fields
+        values = {fields[name]: fields[name] + round(value) for name, value in changes.items() if round(value)}
         if values:
-            usage.update(dict(values, updated_at=now)).where(usage.id == row.id).execute()
+            usage.update({**values, usage.updated_at: now}).where(usage.id == row.id).execute()
 
