@@ -91,6 +91,11 @@ def _unreadable_times(model_class: type[Model]) -> list[dict[str, Any]]:
     return found
 
 
+def _named(row: dict[str, Any]) -> tuple[Any, Any]:
+    """(table, id) of a problem, hashable (a link's id is a list of two)."""
+    return row["table"], tuple(row["id"]) if isinstance(row["id"], list) else row["id"]
+
+
 # Item times this far out are not a call's: a test, a typo, a default written by hand.
 EDGE_EARLY = datetime.datetime(1000, 1, 1, tzinfo=datetime.timezone.utc)
 EDGE_LATE = datetime.datetime(9999, 12, 31, tzinfo=datetime.timezone.utc)
@@ -184,10 +189,9 @@ def check() -> list[dict[str, Any]]:
     for model_class in [PsAiModel, PsAgent] + timed:
         found += _unix_times(model_class)
     if table_columns(db, PsModelUsageItem._meta.table_name):
-        found += [row for row in _edge_times() if (row["table"], row["id"]) not in
-                  {(seen["table"], seen["id"]) for seen in found}]
+        found += [row for row in _edge_times() if _named(row) not in {_named(seen) for seen in found}]
     found += [{"table": ROLLUP_TABLE, "id": p["day"], "problem": p["problem"]} for p in verify_rollups(db)]
-    named = {(row["table"], row["id"]) for row in found}
+    named = {_named(row) for row in found}
     for mark in unfolded(db):  # what the rollups' triggers could not fold: read from the items
         if mark["item"] is not None and ("ps_model_usage_item", mark["item"]) in named:
             continue  # its time is named already: one problem a row
