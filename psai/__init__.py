@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should s
     )
     from .reports import cost_report
     from .transfer import copy
+    from .capture import instrument, uninstrument
+    from .writer import arecord_response, flush
 
 __all__ = [
     "connect", "database", "migrate", "redact_url", "using", "copy",
@@ -36,6 +38,7 @@ __all__ = [
     "WrongDatabaseError",
     "set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events", "on_budget_event",
     "BudgetExceededError",
+    "arecord_response", "flush", "instrument", "uninstrument",
 ]
 
 # Imported on first use, so a short command does not pay for them.
@@ -44,7 +47,8 @@ _LAZY = {"record_usage": "usage", "cost_report": "usage",
          "find_by_provider_model": "query", "record_response": "recording", "track": "tracking",
          "resolve_model": "query", "audit": "audit", "pricing": None, "catalog": None, "copy": "transfer",
          "report": None, **dict.fromkeys(["set_budget", "budgets", "remove_budget", "budget_status", "check_budget",
-                                          "budget_events", "on_budget_event"], "budget")}
+                                          "budget_events", "on_budget_event"], "budget"),
+         "arecord_response": "writer", "flush": "writer", "instrument": "capture", "uninstrument": "capture"}
 
 
 def __getattr__(name: str) -> Any:
