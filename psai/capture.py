@@ -170,7 +170,21 @@ def _record(options: _Options, response: Any) -> None:
         LOG.warning("psai: an instrumented call was not recorded", exc_info=True)
 
 
-def _record_later(db: Database, options: _Options, response: Any) -> None:
+def _database(options: _Options) -> Database | None:
+    """The database bound here, where the call will be recorded; None (logged)
+    when psai is not connected: the call still goes ahead (strict: raises)."""
+    try:
+        return current_db()
+    except Exception:
+        if options.strict:
+            raise
+        LOG.warning("psai: no database is bound here: an instrumented call is not recorded", exc_info=True)
+        return None
+
+
+def _record_later(db: Database | None, options: _Options, response: Any) -> None:
+    if db is None:
+        return  # logged when the call began
     enqueue(db, "an instrumented call", record_response, options.model, options.agent, response,
             provider=options.provider)
 
@@ -199,7 +213,7 @@ def _sync_call(original: Callable[..., Any], options: _Options, *, always_stream
         hide = chat and _ask_for_usage(kwargs)
         result = original(*args, **kwargs)
         if always_stream or kwargs.get("stream") is True:
-            return _Stream(result, _Call(options, hide))
+            return _Stream(result, _Call(options, hide, _database(options)))
         _record(options, result)
         return result
     return call
@@ -209,14 +223,14 @@ def _async_call(original: Callable[..., Any], options: _Options, *, always_strea
                 chat: bool) -> Callable[..., Any]:
     @functools.wraps(original)
     async def call(*args: Any, **kwargs: Any) -> Any:
-        db = current_db()
-        if options.budget:
+        db = _database(options)
+        if options.budget and db is not None:
             await run_in(db, _check, options)
         hide = chat and _ask_for_usage(kwargs)
         result = await original(*args, **kwargs)
         if always_stream or kwargs.get("stream") is True:
             return _AsyncStream(result, _Call(options, hide, db))
-        if options.strict:
+        if options.strict and db is not None:
             await run_in(db, _record, options, result)
         else:
             _record_later(db, options, result)
@@ -241,9 +255,8 @@ class _Call:
 
     __slots__ = ("options", "hide", "db", "first", "start", "last", "done")
 
-    def __init__(self, options: _Options, hide: bool, db: Database | None = None) -> None:
-        self.options, self.hide = options, hide
-        self.db = db if db is not None else current_db()
+    def __init__(self, options: _Options, hide: bool, db: Database | None) -> None:
+        self.options, self.hide, self.db = options, hide, db
         self.first: Any = None
         self.start: Any = None
         self.last: Any = None
@@ -302,7 +315,7 @@ class _Call:
         events = self.ending(complete)
         if events is None:
             return
-        if complete and self.options.strict:
+        if complete and self.options.strict and self.db is not None:
             await run_in(self.db, _record, self.options, events)
         else:
             _record_later(self.db, self.options, events)
@@ -420,7 +433,7 @@ class _StreamManager:
     def __init__(self, manager: Any, options: _Options) -> None:
         self._manager, self._options = manager, options
         self._stream: Any = None
-        self._db = current_db()
+        self._db = _database(options)
 
     def _snapshot(self) -> Any:
         try:
@@ -445,7 +458,7 @@ class _StreamManager:
                 _record(self._options, snapshot)
 
     async def __aenter__(self) -> Any:
-        if self._options.budget:
+        if self._options.budget and self._db is not None:
             await run_in(self._db, _check, self._options)
         self._stream = await self._manager.__aenter__()
         return self._stream
@@ -457,7 +470,7 @@ class _StreamManager:
             snapshot = self._snapshot()
             if snapshot is None:
                 LOG.warning("psai: a stream closed before the provider reported its usage was not recorded")
-            elif self._options.strict:
+            elif self._options.strict and self._db is not None:
                 await run_in(self._db, _record, self._options, snapshot)
             else:
                 _record_later(self._db, self._options, snapshot)

@@ -4,6 +4,7 @@ tests/data/capture (taken from /work/shared/peer-responses: real responses
 and stream transcripts). Never a provider."""
 import json
 import pathlib
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -51,6 +52,12 @@ class ProviderServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()
+                # Headers and body go out as two writes: without this, Nagle's algorithm holds the body
+                # for the client's delayed ACK (40 ms a call).
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def log_message(self, *args):
                 pass

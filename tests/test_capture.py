@@ -390,3 +390,18 @@ def test_queued_calls_are_written_at_interpreter_exit(backend, model, tmp_path):
     """)
     subprocess.run([sys.executable, "-c", script, backend.url, str(model.id)], check=True, timeout=120)
     assert len(items()) == 50
+
+
+def test_no_database_bound_never_breaks_the_call(server, db, monkeypatch, caplog):
+    monkeypatch.setattr(psai.database, "obj", None)  # psai not connected at all
+    client = psai.instrument(openai_client(server))
+
+    async def call():
+        async_client = psai.instrument(async_openai_client(server))
+        return await async_client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+
+    with caplog.at_level(logging.WARNING, logger="psai"):
+        assert client.chat.completions.create(model="gpt-4o", messages=MESSAGES).id
+        assert list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+        assert asyncio.run(call()).id
+    assert caplog.text.count("not recorded") >= 3  # each call said so (a stream at its start and its end)
