@@ -1100,6 +1100,23 @@ def bench_capture(backend, results, count):
         results.add("instrumented async client, wall (writer running)", count, backend.kind, psai_wall,
                     bare_wall, note="%.0f us a call more; the writer drains after: %.0f us a call" % (
                         (psai_wall - bare_wall) / count * 1e6, min(flushes) / count * 1e6))
+
+        # What the app thread pays to hand a call to the writer, alone (the SDK's own work, which makes
+        # the rows above noisy on a busy machine, left out): against recording it inline.
+        from psai import writer
+        response = bare.chat.completions.create(model="gpt-4o", messages=messages)  # the SDK's object
+        handed = writer.QUEUE_SIZE - writer.BATCH  # never a full queue: its wait is back-pressure, not the hand-off
+        cpu = time.thread_time()
+        for _ in range(handed):
+            writer.enqueue(None, "a call", psai.record_response, model, agent, response)
+        handoff = (time.thread_time() - cpu) / handed
+        psai.flush()
+        cpu = time.thread_time()
+        for _ in range(count):
+            psai.record_response(model, agent, response)
+        inline = (time.thread_time() - cpu) / count
+        results.add("hand-off to the writer vs record_response inline, a call", handed, backend.kind, handoff,
+                    inline, note="%.1f us a call on the app thread (CPU); target <= 50 us" % (handoff * 1e6))
     finally:
         server.close()
 
