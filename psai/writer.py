@@ -191,13 +191,19 @@ def _shared(db: Database) -> bool:
     return bool(name) and name != ":memory:" and not name.startswith("file::memory:")
 
 
+def _on_writer() -> bool:
+    # Work the writer itself asks for (a budget listener's recorded call, a
+    # stream collected there) runs there and then: queueing it would wait on itself.
+    return threading.current_thread() is _WRITER.thread
+
+
 def enqueue(db: Database | None, what: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     """Run ``function(*args, **kwargs)`` on the writer, on ``db`` (None:
     the database bound here now), and return at once; a failure there is
     logged as ``what`` not recorded. On an in-memory SQLite database (no
     other connection reaches it) it runs here, now."""
     db = db if db is not None else current_db()
-    if not _shared(db):
+    if not _shared(db) or _on_writer():
         try:
             with using(db):
                 function(*args, **kwargs)
@@ -213,7 +219,7 @@ def submit(db: Database | None, function: Callable[..., Any], *args: Any, **kwar
     error goes to the future returned."""
     db = db if db is not None else current_db()
     future: Future[Any] = Future()
-    if not _shared(db):
+    if not _shared(db) or _on_writer():
         try:
             with using(db):
                 future.set_result(function(*args, **kwargs))
@@ -234,6 +240,8 @@ def flush(timeout: float | None = None) -> bool:
     """Wait until every call handed to the background writer before now is
     written (or logged as not recorded). False when ``timeout`` seconds
     passed first. Runs at interpreter exit too."""
+    if _on_writer():
+        return True  # called by work the writer is doing: what is queued after it cannot be waited for here
     return _WRITER.flush(timeout)
 
 

@@ -405,3 +405,17 @@ def test_no_database_bound_never_breaks_the_call(server, db, monkeypatch, caplog
         assert list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
         assert asyncio.run(call()).id
     assert caplog.text.count("not recorded") >= 3  # each call said so (a stream at its start and its end)
+
+
+def test_work_on_the_writer_may_queue_and_flush_without_waiting_on_itself(model):
+    response = load_response(body_text("chat_cache_read.json"))
+    flushed_there = []
+
+    def on_the_writer():  # as a budget listener run there would
+        writer.enqueue(None, "a nested call", psai.record_response, model, None, response)
+        flushed_there.append(psai.flush(timeout=30))
+
+    writer.enqueue(None, "a call", on_the_writer)
+    assert psai.flush(timeout=60)
+    assert flushed_there == [True]
+    assert len(items()) == 1
