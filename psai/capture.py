@@ -253,12 +253,13 @@ def _stream_helper(original: Callable[..., Any], options: _Options) -> Callable[
 class _Call:
     """One streamed call: the events that carry its usage, kept as they pass."""
 
-    __slots__ = ("options", "hide", "db", "first", "start", "last", "done")
+    __slots__ = ("options", "hide", "db", "first", "start", "finished", "last", "done")
 
     def __init__(self, options: _Options, hide: bool, db: Database | None) -> None:
         self.options, self.hide, self.db = options, hide, db
         self.first: Any = None
         self.start: Any = None
+        self.finished: Any = None  # a Chat chunk with a finish_reason: the reader's proof the call ended
         self.last: Any = None
         self.done = False
 
@@ -267,6 +268,9 @@ class _Call:
         not see it (the usage-only chunk psai asked for)."""
         if self.first is None and getattr(event, "object", None) == "chat.completion.chunk":
             self.first = event  # the SDK's chat accumulator starts from it (PolicySynth's view of the usage)
+        choices = getattr(event, "choices", None)
+        if choices and any(getattr(choice, "finish_reason", None) for choice in choices):
+            self.finished = event
         kind = getattr(event, "type", None)
         if kind in _START_EVENTS:
             self.start = event
@@ -279,7 +283,7 @@ class _Call:
 
     def events(self) -> list[Any]:
         kept: list[Any] = []
-        for event in (self.first, self.start, self.last):
+        for event in (self.first, self.start, self.finished, self.last):
             if event is not None and not any(event is seen for seen in kept):
                 kept.append(event)
         return kept
