@@ -13,7 +13,9 @@ A wrapper calls the SDK, then records the call from its response
 (``psai.record_response``): inline for a sync client, on the background
 writer (``psai.writer``) for an async one, so the event loop never waits on
 the database. A stream is recorded when it ends, from the events that
-carry usage (kept as they pass; the others are not held). psai never
+carry usage or show the call's end (kept as they pass; the others are not
+held); one abandoned early is recorded only when what the provider
+reported is the whole call, else named as not recorded. psai never
 breaks the user's call: a recording that fails is logged on the ``psai``
 logger and the response returned (``strict=True`` raises instead).
 """
@@ -182,11 +184,10 @@ def _database(options: _Options) -> Database | None:
         return None
 
 
-def _record_later(db: Database | None, options: _Options, response: Any) -> None:
+def _record_later(db: Database | None, options: _Options, response: Any, what: str = "an instrumented call") -> None:
     if db is None:
         return  # logged when the call began
-    enqueue(db, "an instrumented call", record_response, options.model, options.agent, response,
-            provider=options.provider)
+    enqueue(db, what, record_response, options.model, options.agent, response, provider=options.provider)
 
 
 def _ask_for_usage(kwargs: dict[str, Any]) -> bool:
@@ -251,7 +252,8 @@ def _stream_helper(original: Callable[..., Any], options: _Options) -> Callable[
 # -- streams ----------------------------------------------------------------------------------
 
 class _Call:
-    """One streamed call: the events that carry its usage, kept as they pass."""
+    """One streamed call: the events the reader needs (those that carry its
+    usage, and those that show it ended), kept as they pass."""
 
     __slots__ = ("options", "hide", "db", "first", "start", "finished", "last", "done")
 
@@ -259,24 +261,23 @@ class _Call:
         self.options, self.hide, self.db = options, hide, db
         self.first: Any = None
         self.start: Any = None
-        self.finished: Any = None  # a Chat chunk with a finish_reason: the reader's proof the call ended
+        self.finished: Any = None  # the chunk with a finish_reason (Chat, Gemini): the reader's proof the call ended
         self.last: Any = None
         self.done = False
 
     def observe(self, event: Any) -> bool:
-        """Keep what ``event`` says of usage; False when the caller should
-        not see it (the usage-only chunk psai asked for)."""
+        """Keep what ``event`` says of usage and of the call's end; False
+        when the caller should not see it (the usage-only chunk psai asked for)."""
         if self.first is None and getattr(event, "object", None) == "chat.completion.chunk":
             self.first = event  # the SDK's chat accumulator starts from it (PolicySynth's view of the usage)
-        choices = getattr(event, "choices", None)
-        if choices and any(getattr(choice, "finish_reason", None) for choice in choices):
+        if _ends_the_call(event):
             self.finished = event
         kind = getattr(event, "type", None)
         if kind in _START_EVENTS:
             self.start = event
         elif kind in _FINAL_EVENTS or getattr(event, "usage", None) is not None \
                 or getattr(event, "usage_metadata", None) is not None:
-            self.last = event
+            self.last = event  # Chat's usage chunk, Anthropic's message_delta, Responses' final event
             if self.hide and getattr(event, "choices", None) == []:
                 return False
         return True
@@ -288,51 +289,59 @@ class _Call:
                 kept.append(event)
         return kept
 
-    def ending(self, complete: bool) -> list[Any] | None:
-        """The events to record once, or None (recorded already, or nothing
-        the provider reported: logged)."""
+    def ending(self) -> list[Any] | None:
+        """The events to record, once (None: recorded already)."""
         if self.done:
             return None
         self.done = True
-        if self.start is None and self.last is None:
-            if complete:
-                return self.events()  # usage_from_response says what is missing (strict raises it)
-            LOG.warning("psai: a stream closed before the provider reported its usage was not recorded")
-            return None
-        if not complete:
-            LOG.info("psai: a stream closed before its end: recording the usage the provider reported so far")
         return self.events()
 
-    def finish(self, complete: bool) -> None:
-        events = self.ending(complete)
+    def finish(self, complete: bool, *, failing: bool = False) -> None:
+        """Record the call. One that did not run to its end is recorded only
+        when what the provider reported is the whole call (the reader says);
+        else it is logged as not recorded (strict: raises, unless the stream
+        itself ``failing`` already raises)."""
+        events = self.ending()
         if events is None:
             return
-        if complete:
-            _record(self.options, events)
-        else:  # abandoned: never raises, even strict
-            try:
-                record_response(self.options.model, self.options.agent, events, provider=self.options.provider)
-            except Exception:
-                LOG.warning("psai: a stream closed early was not recorded", exc_info=True)
+        try:
+            record_response(self.options.model, self.options.agent, events, provider=self.options.provider)
+        except Exception:
+            if self.options.strict and not failing:
+                raise
+            LOG.warning("psai: %s was not recorded", _WHAT[complete], exc_info=True)
 
-    async def afinish(self, complete: bool) -> None:
-        events = self.ending(complete)
+    async def afinish(self, complete: bool, *, failing: bool = False) -> None:
+        events = self.ending()
         if events is None:
             return
-        if complete and self.options.strict and self.db is not None:
-            await run_in(self.db, _record, self.options, events)
+        if self.options.strict and not failing and self.db is not None:
+            await run_in(self.db, record_response, self.options.model, self.options.agent, events,
+                         provider=self.options.provider)
         else:
-            _record_later(self.db, self.options, events)
+            _record_later(self.db, self.options, events, _WHAT[complete])
 
     def abandoned(self) -> None:
         """Garbage-collected before its end: on the writer, never here (a
         collection can happen anywhere)."""
         try:
-            events = self.ending(False)
+            events = self.ending()
             if events is not None:
-                _record_later(self.db, self.options, events)
+                _record_later(self.db, self.options, events, _WHAT[False])
         except Exception:
             pass  # nothing may escape a finalizer
+
+
+_WHAT = {True: "an instrumented stream", False: "a stream closed before its end"}
+
+
+def _ends_the_call(event: Any) -> bool:
+    """A Chat chunk with a finish_reason, or a Gemini chunk with a
+    candidate's finish_reason (or a blocked prompt): the call ran to its end."""
+    candidates = getattr(event, "choices", None) or getattr(event, "candidates", None)
+    if candidates and any(getattr(candidate, "finish_reason", None) for candidate in candidates):
+        return True
+    return getattr(getattr(event, "prompt_feedback", None), "block_reason", None) is not None
 
 
 class _Stream:
@@ -353,7 +362,7 @@ class _Stream:
                 self._call.finish(True)
                 raise
             except BaseException:
-                self._call.finish(False)
+                self._call.finish(False, failing=True)
                 raise
             if self._call.observe(event):
                 return event
@@ -400,7 +409,7 @@ class _AsyncStream:
                 await self._call.afinish(True)
                 raise
             except BaseException:
-                await self._call.afinish(False)
+                await self._call.afinish(False, failing=True)
                 raise
             if self._call.observe(event):
                 return event
@@ -439,11 +448,21 @@ class _StreamManager:
         self._stream: Any = None
         self._db = _database(options)
 
-    def _snapshot(self) -> Any:
+    def _snapshot(self, exc: tuple[Any, ...]) -> Any:
+        """The accumulated message, or None (logged; strict raises unless the
+        block raises already) when the stream did not reach message_delta:
+        its output is unknown, and psai never records part of a call."""
         try:
-            return self._stream.current_message_snapshot
+            snapshot = self._stream.current_message_snapshot
         except Exception:  # no message_start came: nothing was reported
-            return None
+            snapshot = None
+        if snapshot is not None and getattr(snapshot, "stop_reason", None) is not None:
+            return snapshot  # message_delta came (it brings the stop_reason and the final usage)
+        problem = "a stream closed before its end (no message_delta) was not recorded"
+        if self._options.strict and exc[0] is None:
+            raise ValidationError({"response": ["This Anthropic stream was closed before its end: %s." % problem]})
+        LOG.warning("psai: %s", problem)
+        return None
 
     def __enter__(self) -> Any:
         if self._options.budget:
@@ -455,10 +474,8 @@ class _StreamManager:
         try:
             return self._manager.__exit__(*exc)
         finally:
-            snapshot = self._snapshot()
-            if snapshot is None:
-                LOG.warning("psai: a stream closed before the provider reported its usage was not recorded")
-            else:
+            snapshot = self._snapshot(exc)
+            if snapshot is not None:
                 _record(self._options, snapshot)
 
     async def __aenter__(self) -> Any:
@@ -471,12 +488,10 @@ class _StreamManager:
         try:
             return await self._manager.__aexit__(*exc)
         finally:
-            snapshot = self._snapshot()
-            if snapshot is None:
-                LOG.warning("psai: a stream closed before the provider reported its usage was not recorded")
-            elif self._options.strict and self._db is not None:
+            snapshot = self._snapshot(exc)
+            if snapshot is not None and self._options.strict and self._db is not None:
                 await run_in(self._db, _record, self._options, snapshot)
-            else:
+            elif snapshot is not None:
                 _record_later(self._db, self._options, snapshot)
 
     def __getattr__(self, name: str) -> Any:

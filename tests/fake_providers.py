@@ -2,6 +2,7 @@
 SDKs (their ``base_url`` pointed here) get recorded bodies from
 tests/data/capture (taken from /work/shared/peer-responses: real responses
 and stream transcripts). Never a provider."""
+import itertools
 import json
 import pathlib
 import socket
@@ -22,6 +23,20 @@ BODIES = {
     (":streamGenerateContent", True): "gem_stream_thinking.sse",
 }
 AZURE_CHAT = "azure_chat.json"
+
+# Each body's response id: served with a number appended, a new one for every
+# response, as a provider's ids are (psai records a response id once).
+RESPONSE_IDS = {
+    "ant_cache_read.json": "msg_01UUPT9QdZnZSRzcQJkjG25U",
+    "azure_chat.json": "chatcmpl-BAeyRj7gU6aCNSSAskAFbupBWYMIT",
+    "chat_cache_read.json": "chatcmpl-E1mBQt42vYTsKNd5wnyJlT0db7v9S",
+    "chat_stream.sse": "chatcmpl-Dx0XpqH8w09uBXwq1zFGYdETjtnEl",
+    "gem_stream_thinking.sse": "hVP6afiZEuitz7IPypuAsQY",
+    "gem_thinking.json": "ON4gaYT4Gc20qtsP2bSiiQ0",
+    "hc_anthropic_stream_1h.sse": "msg_018nzQcNteHNGhuEAzJDzUMd",
+    "resp_cached.json": "resp_67e53e7416808191a407bcab0af8377b03c28585ba97a132",
+    "resp_web_search_stream.sse": "resp_00a60507bf41223d0068c9d2fbf93481a0ba2a7796ae2cab4c",
+}
 
 
 def body_text(name):
@@ -44,10 +59,13 @@ def sse_without_usage(text):
 
 
 class ProviderServer:
-    """``url``; ``requests``: (path, JSON body) of every request served."""
+    """``url``; ``requests``: (path, JSON body) of every request served;
+    ``response_ids``: the response id each one was served with."""
 
     def __init__(self):
         self.requests = []
+        self.response_ids = []
+        served = itertools.count(1)
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,6 +95,9 @@ class ProviderServer:
                 if "/openai/deployments/" in path and not streamed:
                     name = AZURE_CHAT
                 text = body_text(name)
+                response_id = "%s-%d" % (RESPONSE_IDS[name], next(served))
+                server.response_ids.append(response_id)
+                text = text.replace(RESPONSE_IDS[name], response_id)
                 if path.endswith("chat/completions") and streamed \
                         and not (body.get("stream_options") or {}).get("include_usage"):
                     text = sse_without_usage(text)

@@ -18,13 +18,15 @@ MODULES = {"pricing", "catalog", "report"}  # the public names that are modules
 def test_exported_members():
     # Other work adds names: this list changes with them, on purpose.
     assert sorted(psai.__all__) == [
-        "AgentModels", "BudgetExceededError", "DatabaseURLError", "DatabaseUnavailableError", "InUseError",
-        "NotFoundError", "PsAgent", "PsAiModel", "PsAiModelProvider", "PsAiModelSize", "PsAiModelType",
-        "PsModelUsage", "PsModelUsageItem", "PsaiError", "ResponseUsage", "UnpricedUsageError", "ValidationError",
-        "WrongDatabaseError", "add_model", "audit", "budget_events", "budget_status", "budgets", "catalog",
-        "check_budget", "connect", "copy", "cost_report", "database", "find_by_provider_model", "migrate",
-        "on_budget_event", "price_history", "pricing", "record_response", "record_usage", "redact_url",
-        "remove_budget", "report", "reprice", "resolve_model", "set_budget", "track", "usage_from_response", "using",
+        "AgentModels", "AgentRef", "AmbiguousNameError", "BudgetExceededError", "DatabaseURLError",
+        "DatabaseUnavailableError", "InUseError", "ModelRef", "NotFoundError", "PsAgent", "PsAiModel",
+        "PsAiModelProvider", "PsAiModelSize", "PsAiModelType", "PsModelUsage", "PsModelUsageItem", "PsaiError",
+        "RecordedCall", "ResponseUsage", "UnpricedUsageError", "ValidationError", "WrongDatabaseError", "add_model",
+        "arecord_response", "assign_unmatched", "audit", "budget_events", "budget_status", "budgets", "catalog",
+        "check_budget", "config", "connect", "copy", "cost_report", "database", "find_agent", "find_by_provider_model",
+        "find_model", "flush", "instrument", "migrate", "on_budget_event", "price_history", "pricing",
+        "record_response", "record_usage", "recorded_response", "redact_url", "remove_budget", "report", "reprice",
+        "resolve_model", "set_budget", "track", "uninstrument", "usage_from_response", "using",
     ]
     for name in psai.__all__:
         assert name in dir(psai)
@@ -36,7 +38,7 @@ def test_help_lists_every_public_function_and_the_version():
     public = [name for name in psai.__all__ if isinstance(getattr(psai, name), types.FunctionType)]
     assert len(public) > 20
     for name in public:
-        assert "\n    %s(" % name in functions, name
+        assert "\n    %s(" % name in functions or "\n    async %s(" % name in functions, name
     assert "\nVERSION\n    %s\n" % psai.__version__ in page
 
 

@@ -15,7 +15,7 @@ from google import genai
 
 import psai
 from conftest import make_configuration
-from fake_providers import ProviderServer, body_text
+from fake_providers import RESPONSE_IDS, ProviderServer, body_text
 from psai import writer
 from psai.responses import load_response
 
@@ -63,6 +63,16 @@ EXPECTED = {
 
 def expected(path_end, streamed):
     return EXPECTED[(path_end, streamed)]
+
+
+def chat_response(number):
+    """The recorded chat completion, as the ``number``th response a provider sent (its own id)."""
+    name = "chat_cache_read.json"
+    return load_response(body_text(name).replace(RESPONSE_IDS[name], "%s-%d" % (RESPONSE_IDS[name], number)))
+
+
+def without_id(chunk):
+    return {key: value for key, value in chunk.model_dump().items() if key != "id"}
 
 
 def items():
@@ -118,7 +128,7 @@ def test_openai_chat_stream_asks_for_usage_and_hides_its_chunk(server, model):
     client = psai.instrument(openai_client(server), model=model)
     chunks = list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
     assert server.requests[-1][1]["stream_options"] == {"include_usage": True}
-    assert [c.model_dump() for c in chunks] == [c.model_dump() for c in bare]  # what the caller asked for
+    assert [without_id(c) for c in chunks] == [without_id(c) for c in bare]  # what the caller asked for
     [data] = items()
     assert_recorded(data, expected("chat/completions", True))
 
@@ -222,14 +232,53 @@ def test_async_anthropic_is_recorded(server, model):
     assert_recorded(recorded[2], expected("messages", True))
 
 
-def test_an_anthropic_stream_closed_early_records_what_was_reported(server, model, caplog):
+def test_an_anthropic_stream_closed_before_its_end_is_logged_unrecorded(server, model, caplog):
     client = psai.instrument(anthropic_client(server), model=model)
-    stream = client.messages.create(model="claude", max_tokens=10, messages=MESSAGES, stream=True)
-    next(stream)  # message_start: the input is reported
-    stream.close()
+    with caplog.at_level(logging.WARNING, logger="psai"):
+        stream = client.messages.create(model="claude", max_tokens=10, messages=MESSAGES, stream=True)
+        next(stream)  # message_start: its usage is the input's, not the call's
+        stream.close()
+        with client.messages.stream(model="claude", max_tokens=10, messages=MESSAGES) as helper:
+            next(iter(helper))
+    assert items() == []  # psai never records part of a call
+    assert caplog.text.count("not recorded") == 2
+
+    strict = psai.instrument(anthropic_client(server), model=model, strict=True)
+    stream = strict.messages.create(model="claude", max_tokens=10, messages=MESSAGES, stream=True)
+    next(stream)
+    with pytest.raises(psai.ValidationError, match="message_delta"):
+        stream.close()
+    with pytest.raises(psai.ValidationError, match="message_delta"):
+        with strict.messages.stream(model="claude", max_tokens=10, messages=MESSAGES) as helper:
+            next(iter(helper))
+    assert items() == []
+
+
+def test_a_stream_closed_after_the_provider_reported_the_whole_call_is_recorded(server, model):
+    client = psai.instrument(anthropic_client(server), model=model, strict=True)
+    with client.messages.create(model="claude", max_tokens=10, messages=MESSAGES, stream=True) as stream:
+        for event in stream:
+            if event.type == "message_delta":  # the final usage: message_stop is all that is left
+                break
     [data] = items()
-    assert data["usageNormalized"]["tokensIn"] == expected("messages", True)[0]
-    assert data["usageNormalized"]["tokensOut"] == 1  # what message_start said so far
+    assert_recorded(data, expected("messages", True))
+
+
+def test_a_response_recorded_twice_is_one_call(server, model):
+    client = psai.instrument(openai_client(server), model=model)
+    with client.chat.completions.stream(model="gpt-4o", messages=MESSAGES,
+                                        stream_options={"include_usage": True}) as stream:
+        for _event in stream:
+            pass
+    again = psai.record_response(model, None, stream.get_final_completion())  # the stream's final object
+    assert again.duplicate and again.response_id == server.response_ids[-1]
+    anthropic_instrumented = psai.instrument(anthropic_client(server), model=model)
+    with anthropic_instrumented.messages.stream(model="claude", max_tokens=10, messages=MESSAGES) as helper:
+        message = helper.get_final_message()
+    assert psai.record_response(model, None, message).duplicate
+    chat, messages = items()
+    assert_recorded(chat, expected("chat/completions", True))
+    assert_recorded(messages, expected("messages", True))
 
 
 def test_an_openai_stream_closed_before_its_usage_is_logged_unrecorded(server, model, caplog):
@@ -265,15 +314,15 @@ def test_genai_is_recorded_sync_and_async(server, model):
 
 # -- never breaking the call; strict; uninstrument ------------------------------------------------
 
-def test_a_failing_recording_never_breaks_the_call(server, db, caplog):
-    # No stored model answers to the response's model name: the call cannot be recorded.
-    client = psai.instrument(openai_client(server))
+def test_a_failing_recording_never_breaks_the_call(server, model, caplog):
+    client = psai.instrument(openai_client(server), model=model)
+    async_client = psai.instrument(async_openai_client(server), model=model)
+    model.delete_instance()  # the model the calls are for is gone: they cannot be recorded
     with caplog.at_level(logging.WARNING, logger="psai"):
         response = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
         chunks = list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
 
         async def call():
-            async_client = psai.instrument(async_openai_client(server))
             return await async_client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
 
         async_response = asyncio.run(call())
@@ -283,15 +332,16 @@ def test_a_failing_recording_never_breaks_the_call(server, db, caplog):
     assert caplog.text.count("not recorded") == 3
 
 
-def test_strict_raises(server, db):
-    client = psai.instrument(openai_client(server), strict=True)
+def test_strict_raises(server, model):
+    client = psai.instrument(openai_client(server), model=model, strict=True)
+    async_client = psai.instrument(async_openai_client(server), model=model, strict=True)
+    model.delete_instance()
     with pytest.raises(psai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     with pytest.raises(psai.NotFoundError):
         list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
 
     async def call():
-        async_client = psai.instrument(async_openai_client(server), strict=True)
         await async_client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
 
     with pytest.raises(psai.NotFoundError):
@@ -351,26 +401,25 @@ def test_budget_checked_before_the_call(server, model):
 # -- async recording and the writer ---------------------------------------------------------------
 
 def test_arecord_response_and_async_track(model, agent):
-    response = load_response(body_text("chat_cache_read.json"))
-
     async def record():
-        row = await psai.arecord_response(model, agent, response)
+        call = await psai.arecord_response(model, agent, chat_response(1))
         async with psai.track(agent, model=model) as run:
-            cost = await run.arecord(response)
-        return row, run, cost
+            cost = await run.arecord(chat_response(2))
+            again = await run.arecord(chat_response(1))  # recorded already: the same call
+        return call, run, cost, again
 
-    row, run, cost = asyncio.run(record())
-    assert row.model_id == model.id
-    assert run.calls == 1 and cost is not None and cost > 0
+    call, run, cost, again = asyncio.run(record())
+    assert isinstance(call, psai.RecordedCall) and not call.duplicate
+    assert call.model_id == model.id and call.response_id == RESPONSE_IDS["chat_cache_read.json"] + "-1"
+    assert run.calls == 1 and cost is not None and cost > 0 and again == call.cost
     assert len(items()) == 2
 
 
 def test_the_writer_batches_and_one_failure_loses_no_other(model, caplog):
-    response = load_response(body_text("chat_cache_read.json"))
     with caplog.at_level(logging.WARNING, logger="psai"):
         for number in range(25):
             writer.enqueue(None, "call %d" % number, psai.record_response, model if number != 7 else 10**9, None,
-                           response)
+                           chat_response(number))
         psai.flush()
     assert len(items()) == 24
     assert "call 7 not recorded" in caplog.text
