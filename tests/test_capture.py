@@ -254,6 +254,19 @@ def test_an_anthropic_stream_closed_before_its_end_is_logged_unrecorded(server, 
     assert items() == []
 
 
+def test_responses_and_gemini_streams_closed_before_their_end_are_logged_unrecorded(server, model, caplog):
+    openai_instrumented = psai.instrument(openai_client(server), model=model)
+    genai_instrumented = psai.instrument(genai_client(server), model=model)
+    with caplog.at_level(logging.WARNING, logger="psai"):
+        with openai_instrumented.responses.create(model="gpt-4o", input="hi", stream=True) as stream:
+            next(stream)  # response.created: no usage yet
+        chunks = genai_instrumented.models.generate_content_stream(model="gemini-2.5-pro", contents="hi")
+        next(chunks)  # usage so far, no finishReason
+        chunks.close()
+    assert items() == []
+    assert caplog.text.count("not recorded") == 2
+
+
 def test_a_stream_closed_after_the_provider_reported_the_whole_call_is_recorded(server, model):
     client = psai.instrument(anthropic_client(server), model=model, strict=True)
     with client.messages.create(model="claude", max_tokens=10, messages=MESSAGES, stream=True) as stream:
