@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should s
     )
     from .reports import cost_report
     from .transfer import copy
+    from .capture import instrument, uninstrument
+    from .writer import arecord_response, flush
 
 __all__ = [
     "connect", "database", "migrate", "redact_url", "using", "copy",
@@ -53,6 +55,7 @@ __all__ = [
     "WrongDatabaseError", "AmbiguousNameError", "ModelRef", "AgentRef", "find_model", "find_agent", "config",
     "set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events", "on_budget_event",
     "BudgetExceededError", "Reservation", "RecordedCall", "assign_unmatched", "recorded_response",
+    "arecord_response", "flush", "instrument", "uninstrument",
 ]
 
 # Imported on first use, so a short command does not pay for them.
@@ -63,7 +66,8 @@ _LAZY = {"record_usage": "usage", "cost_report": "usage",
          "track": "tracking",
          "resolve_model": "query", "audit": "_audit", "pricing": None, "catalog": None, "copy": "transfer",
          "report": None, **dict.fromkeys(["set_budget", "budgets", "remove_budget", "budget_status", "check_budget",
-                                          "budget_events", "on_budget_event"], "budget")}
+                                          "budget_events", "on_budget_event"], "budget"),
+         "arecord_response": "writer", "flush": "writer", "instrument": "capture", "uninstrument": "capture"}
 
 
 if TYPE_CHECKING:

@@ -1,8 +1,9 @@
 """``psai.track``: the calls a script's block makes, recorded from their
 responses, counted and priced, and, with ``budget=True``, stopped by a hard
-budget before the next call (``psai.budget``)."""
-import contextlib
-from collections.abc import Iterator
+budget before the next call (``psai.budget``). ``async with psai.track(...)``
+does the same without blocking the event loop: its reads and writes run on
+the background writer (``psai.writer``), and ``await run.arecord(response)``
+records there."""
 from decimal import Decimal
 from typing import Any
 
@@ -10,6 +11,7 @@ from .arguments import agent_arg, model_arg
 from .budget import check_budget
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, Reservation
 from .recording import record_response_data
+from .writer import run_in
 
 __all__ = ["track", "Run"]
 
@@ -67,10 +69,45 @@ class Run:
             check_budget(self.agent, call.model_id)
         return call.cost
 
+    async def arecord(self, response: Any, *, model: ModelRef | None = None,
+                      provider: str | None = None) -> Decimal | None:
+        """``record`` for async code: on the background writer's thread, the
+        event loop going on meanwhile."""
+        return await run_in(None, self.record, response, model=model, provider=provider)
 
-@contextlib.contextmanager
+
+class _Tracking:
+    """``track``'s block, for ``with`` and ``async with``."""
+
+    run: Run
+
+    def __init__(self, agent: Any, model: Any, budget: bool) -> None:
+        self.agent, self.model, self.budget = agent, model, budget
+
+    def _start(self) -> Run:
+        run = Run(agent_arg(self.agent), model_arg(self.model) if self.model is not None else None, self.budget)
+        if self.budget:
+            run.check()
+        return run
+
+    def __enter__(self) -> Run:
+        self.run = self._start()
+        return self.run
+
+    def __exit__(self, *exc: Any) -> None:
+        self.run.release()  # a reservation no call settled
+
+    async def __aenter__(self) -> Run:
+        # Resolving and checking read the database: off the event loop.
+        self.run = await run_in(None, self._start)
+        return self.run
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await run_in(None, self.run.release)
+
+
 def track(agent: AgentRef | None, model: ModelRef | None = None,
-          budget: bool = False) -> Iterator[Run]:
+          budget: bool = False) -> _Tracking:
     """For scripts: ``with psai.track(agent) as run: run.record(response)``
     records each call the block makes (``record_response``; ``model`` for
     all of them, else each response's model name) and keeps their count
@@ -78,11 +115,8 @@ def track(agent: AgentRef | None, model: ModelRef | None = None,
     ``budget=True``: ``psai.check_budget`` on entry and after each recorded
     call, so a hard budget reached stops the block before its next call
     (``run.check(estimate=...)`` checks before a call with what it will
-    cost and, with ``budget=True``, reserves it until ``run.record``)."""
-    run = Run(agent_arg(agent), model_arg(model) if model is not None else None, budget)
-    if budget:
-        run.check()
-    try:
-        yield run
-    finally:
-        run.release()
+    cost and, with ``budget=True``, reserves it until ``run.record``; the
+    block's end gives back a reservation no call settled).
+    ``async with psai.track(agent) as run: await run.arecord(response)``
+    for async code."""
+    return _Tracking(agent, model, budget)

@@ -22,11 +22,12 @@ def test_exported_members():
         "DatabaseUnavailableError", "InUseError", "ModelRef", "NotFoundError", "PsAgent", "PsAiModel",
         "PsAiModelProvider", "PsAiModelSize", "PsAiModelType", "PsModelUsage", "PsModelUsageItem", "PsaiError",
         "RecordedCall", "Reservation", "ResponseUsage", "UnpricedUsageError", "ValidationError",
-        "WrongDatabaseError", "add_model", "assign_unmatched", "audit", "budget_events", "budget_status",
-        "budgets", "catalog", "check_budget", "config", "connect", "copy", "cost_report", "database",
-        "find_agent", "find_by_provider_model", "find_model", "migrate", "on_budget_event", "price_history",
-        "pricing", "record_response", "record_usage", "recorded_response", "redact_url", "remove_budget",
-        "report", "reprice", "resolve_model", "set_budget", "track", "usage_from_response", "using",
+        "WrongDatabaseError", "add_model", "arecord_response", "assign_unmatched", "audit", "budget_events",
+        "budget_status", "budgets", "catalog", "check_budget", "config", "connect", "copy", "cost_report",
+        "database", "find_agent", "find_by_provider_model", "find_model", "flush", "instrument", "migrate",
+        "on_budget_event", "price_history", "pricing", "record_response", "record_usage", "recorded_response",
+        "redact_url", "remove_budget", "report", "reprice", "resolve_model", "set_budget", "track",
+        "uninstrument", "usage_from_response", "using",
     ]
     for name in psai.__all__:
         assert name in dir(psai)
@@ -38,7 +39,7 @@ def test_help_lists_every_public_function_and_the_version():
     public = [name for name in psai.__all__ if isinstance(getattr(psai, name), types.FunctionType)]
     assert len(public) > 20
     for name in public:
-        assert "\n    %s(" % name in functions, name
+        assert "\n    %s(" % name in functions or "\n    async %s(" % name in functions, name
     assert "\nVERSION\n    %s\n" % psai.__version__ in page
 
 
