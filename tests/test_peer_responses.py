@@ -580,8 +580,10 @@ def test_gemini_and_vertex_tiers_are_kept_and_priced(db):
                                        "appliedServiceTier": "flex"}
     with psai.track(None, model) as run:
         flex = run.record(body)
-        standard = run.record(dict(body, usageMetadata=dict(body["usageMetadata"], trafficType="ON_DEMAND")))
-        service_tier = run.record(dict(body, usageMetadata=dict(
+        # Each its own response (id): the same id would be the same call, recorded once.
+        standard = run.record(dict(body, responseId="r2", usageMetadata=dict(body["usageMetadata"],
+                                                                            trafficType="ON_DEMAND")))
+        service_tier = run.record(dict(body, responseId="r3", usageMetadata=dict(
             {"promptTokenCount": 1000, "candidatesTokenCount": 500}, serviceTier="flex")))
     assert flex == (1000 * 1 + 500 * 4) / M == service_tier
     assert standard == (1000 * 2 + 500 * 8) / M
