@@ -580,9 +580,9 @@ def test_gemini_and_vertex_tiers_are_kept_and_priced(db):
                                        "appliedServiceTier": "flex"}
     with psai.track(None, model) as run:
         flex = run.record(body)
-        # Each its own response (id): the same id would be the same call, recorded once.
-        standard = run.record(dict(body, responseId="r2", usageMetadata=dict(body["usageMetadata"],
-                                                                            trafficType="ON_DEMAND")))
+        # Three calls: three response ids (one response recorded twice is one call).
+        standard = run.record(dict(body, responseId="r2",
+                                   usageMetadata=dict(body["usageMetadata"], trafficType="ON_DEMAND")))
         service_tier = run.record(dict(body, responseId="r3", usageMetadata=dict(
             {"promptTokenCount": 1000, "candidatesTokenCount": 500}, serviceTier="flex")))
     assert flex == (1000 * 1 + 500 * 4) / M == service_tier
