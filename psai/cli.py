@@ -1060,14 +1060,19 @@ def usage_record_response(model, agent, source, provider, user_id, connector_id,
     _report_budget_events()
     call = record_response(model, agent, usage, user_id=user_id, connector_id=connector_id)
     if as_json:
-        emit([dict(usage.as_dict(), cost=call.cost, currency=call.currency, unpriced_reason=call.unpriced_reason,
-                   model_id=call.model_id, response_id=call.response_id, duplicate=call.duplicate)],
+        def recorded(read, call):
+            return dict(read, cost=call.cost, currency=call.currency, unpriced_reason=call.unpriced_reason,
+                        model_id=call.model_id, response_id=call.response_id, duplicate=call.duplicate)
+        emit([dict(recorded(usage.as_dict(), call), other_calls=[
+            recorded(read, other) for read, other in zip(usage.as_dict()["other_calls"], call.other_calls)])],
              "json", single=True)
         return
-    cost = "%s %s" % (call.cost, call.currency) if call.cost is not None else "unpriced (%s)" % call.unpriced_reason
-    click.echo("%s %s tokens in, %s out (%s, %s): %s" % (
-        "already recorded (response %s):" % shown(call.response_id) if call.duplicate else "recorded",
-        usage.tokens_in, usage.tokens_out, usage.api_family, shown(usage.model), shown(cost)))
+    for read, recorded_call in [(usage, call), *zip(usage.other_calls, call.other_calls)]:
+        cost = "%s %s" % (recorded_call.cost, recorded_call.currency) if recorded_call.cost is not None \
+            else "unpriced (%s)" % recorded_call.unpriced_reason
+        click.echo("%s %s tokens in, %s out (%s, %s): %s" % (
+            "already recorded (response %s):" % shown(recorded_call.response_id) if recorded_call.duplicate
+            else "recorded", read.tokens_in, read.tokens_out, read.api_family, shown(read.model), shown(cost)))
 
 
 @usage.command("assign")

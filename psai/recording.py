@@ -11,7 +11,7 @@ import operator
 import uuid
 from decimal import Decimal
 from functools import cached_property, reduce
-from typing import Any, TypedDict
+from typing import Any, Callable, TypedDict
 
 from peewee import SQL, Cast, Insert, IntegrityError, ModelUpdate
 
@@ -108,11 +108,13 @@ def record_usage(model: ModelRef, agent: AgentRef | None = None, *,
 
 def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], user_id: int | None,
             connector_id: int | None, provider_metadata: dict[str, Any] | None,
-            response: dict[str, Any] | None = None, reservation: Reservation | None = None
-            ) -> tuple[PsModelUsage, str | None]:
+            response: dict[str, Any] | None = None, reservation: Reservation | None = None,
+            after_commit: list[Callable[[], None]] | None = None) -> tuple[PsModelUsage, str | None]:
     """Record one call of checked, whole counts: (the counter row, the
     item's data as written, or None without items). ``response``: what the
-    item keeps of the provider's response (``item_data``'s ``response``)."""
+    item keeps of the provider's response (``item_data``'s ``response``).
+    ``after_commit``: inside the caller's transaction, what must run once it
+    commits (budget alerts) is added to it, not run."""
     counts = dict(counts)
     web_searches = counts.pop("web_searches")
     db = model_db(PsModelUsage)
@@ -158,6 +160,9 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
         if reservation is not None:  # settled: the call's real cost, in the rollups, replaces the estimate
             BudgetReservation.delete().where(BudgetReservation.token == reservation.token).execute()
         committed = [then for then in (run() for run in watching) if then is not None]
+    if after_commit is not None:
+        after_commit += committed
+        committed = []
     for then in committed:
         then()
     return _usage_row(present, returned), values["data"]
@@ -393,6 +398,12 @@ class RecordedCall:
     and ``duplicate``: the response (its id, ``response_id``) had been
     recorded already, nothing was added, and the cost is the first's.
 
+    ``other_calls``: the calls of other models the response reported
+    beside this one (an Anthropic advisor's iterations), each recorded as
+    its own item on its model (a ``RecordedCall`` each, ``response_id``
+    the response's with ``#advisor-N``). ``cost`` is this call's alone:
+    each other call has its own, in its own model's currency.
+
     The cost is worked out from the item when first read, so a caller
     that does not read it does not pay for it."""
 
@@ -400,6 +411,7 @@ class RecordedCall:
                  data: str | dict[str, Any] | None, fallback_prices: Any = None) -> None:
         self.model_id, self.response_id, self.duplicate, self.usage_row = model_id, response_id, duplicate, usage_row
         self._data, self._fallback = data, fallback_prices
+        self.other_calls: list[RecordedCall] = []
 
     @cached_property
     def _priced(self) -> tuple[Decimal | None, str | None, str | None]:
@@ -443,8 +455,14 @@ def record_response(model: ModelRef | None, agent: AgentRef | None,
     none does, the call is recorded all the same, unpriced, on a
     placeholder model (``assign_unmatched`` moves it once the model is
     configured). A response already recorded (the same provider response
-    id) is not recorded again: the result is the first's. Returns the
-    call's cost (``RecordedCall``). ``reservation``: as ``record_usage``'s."""
+    id) is not recorded again: the result is the first's. The calls of
+    other models the response reports (an Anthropic advisor's iterations,
+    ``ResponseUsage.other_calls``) are recorded in the same transaction,
+    each as its own item on the model its name means (or its
+    placeholder), with the same agent, user and connector; the call's item
+    lists them in ``psai.otherCalls``. Returns the call's cost
+    (``RecordedCall``, its ``other_calls`` theirs). ``reservation``: as
+    ``record_usage``'s, settled by the call's own cost."""
     return record_response_data(model, agent, response, provider, user_id, connector_id, reservation)
 
 
@@ -453,44 +471,54 @@ def record_response_data(model: Any, agent: Any, response: Any, provider: str | 
     """``record_response``, its arguments checked."""
     usage = usage_from_response(response, provider=provider)
     check_ids({"user_id": user_id, "connector_id": connector_id})
-    problem = json_problem(usage.usage_raw)
+    problem = json_problem(usage.usage_raw)  # the other calls' usage is part of it
     if problem:
         raise ValidationError({"response.usage": [problem]})
     found_agent = agent_arg(agent)
-    extras: dict[str, Any] = {}
+    owner = user_id if user_id is not None else found_agent.user_id if found_agent is not None else 0
     if model is None:
         if not usage.model:
             raise ValidationError({"model": ["The response names no model: give the stored model."]})
-        # PolicySynth configures the Responses API's models as provider "openaiResponses".
-        stored = ["openai", "openaiResponses"] if usage.provider == "openai" else usage.provider
-        try:
-            found = resolve_model(usage.model, provider=stored)
-        except NotFoundError:
-            # The provider was paid: the call is recorded, unpriced, on the name's placeholder.
-            found = unmatched_model(usage.model, usage.provider, user_id=user_id if user_id is not None else
-                                    found_agent.user_id if found_agent is not None else 0)
-            extras["unmatchedModel"] = usage.model
+        found, extras = _model_named(usage, owner)
     else:
-        found = model_arg(model)
+        found, extras = model_arg(model), {}
     response_id = usage.provider_metadata.get("responseId")
     response_id = response_id if isinstance(response_id, str) and response_id else None
-    if response_id is not None:
-        extras["responseId"] = response_id
-    if usage.cache_write_1h_tokens:
-        extras["cacheWrite1hTokens"] = usage.cache_write_1h_tokens
-    if usage.provider_cost is not None:
-        extras["providerCost"] = usage.provider_cost
-    if usage.cache_write_12h_tokens:
-        extras["cacheWrite12hTokens"] = usage.cache_write_12h_tokens
-    if usage.other_calls:  # another model's calls (an Anthropic advisor): kept, never dropped unsaid
-        extras["otherCalls"] = [dict(call.counts(), model=call.model) for call in usage.other_calls]
-    kept = {"apiFamily": usage.api_family, "usageRaw": usage.usage_raw, "psai": extras}
-    # counts() has every cache write among the cache writes (the longer-lived priced apart); audio input is
-    # among the input and priced apart too.
-    counts = dict(usage.counts(), audio_in_tokens=usage.audio_in_tokens)
+    # Another model's calls (an Anthropic advisor's iterations): each its own
+    # item on its model, found by its name; an id derived from the response's
+    # makes recording the response again record none of them twice.
+    others = []
+    for number, other in enumerate(usage.other_calls, 1):
+        other_model, other_extras = _model_named(other, owner)
+        other_id = "%s#advisor-%s" % (response_id, other.provider_metadata.get("advisorIteration", number)) \
+            if response_id is not None else None
+        if response_id is not None:
+            other_extras["parentResponseId"] = response_id
+        others.append((other, other_model, other_id, other_extras))
+    if others:  # the main item names them, so its own data says the response cost more
+        extras["otherCalls"] = [{"model": other.model, "modelId": other_model.id, "responseId": other_id}
+                                for other, other_model, other_id, _extras in others]
+    calls = [(usage, found, response_id, extras)] + others
     try:
-        row, data = _record(found, found_agent, counts, user_id, connector_id,
-                            usage.provider_metadata or None, kept, reservation)
+        if not others:  # the hot path: one call, maybe in one round trip
+            counts, metadata, kept = _recorded_counts(usage, response_id, extras)
+            row, data = _record(found, found_agent, counts, user_id, connector_id, metadata, kept, reservation)
+            return RecordedCall(found.id, response_id, False, row, data)
+        db = model_db(PsModelUsage)
+        after: list[Callable[[], None]] = []
+        with write_transaction(db):  # all the response's calls or none
+            for model_id in sorted({call_model.id for _call, call_model, _id, _extras in calls}):
+                lock(db, (model_id, found_agent.id if found_agent is not None else None, connector_id))
+            recorded = []
+            for call, call_model, call_id, call_extras in calls:
+                counts, metadata, kept = _recorded_counts(call, call_id, call_extras)
+                row, data = _record(call_model, found_agent, counts, user_id, connector_id, metadata, kept,
+                                    reservation if call is usage else None, after)
+                recorded.append(RecordedCall(call_model.id, call_id, False, row, data))
+        for then in after:
+            then()
+        recorded[0].other_calls = recorded[1:]
+        return recorded[0]
     except IntegrityError:
         # Recorded already (by this process or another at the same moment):
         # the unique index on the response id refused the second item, and
@@ -501,11 +529,43 @@ def record_response_data(model: Any, agent: Any, response: Any, provider: str | 
         if reservation is not None:  # no call of its own to settle it: its estimate is given back
             reservation.release()
         return first
-    return RecordedCall(found.id, response_id, False, row, data)
+
+
+def _model_named(usage: Any, owner: int) -> tuple[PsAiModel, dict[str, Any]]:
+    """(the stored model a response's model name means, the item's extras:
+    ``unmatchedModel`` when none does and the call goes on the name's
+    placeholder)."""
+    # PolicySynth configures the Responses API's models as provider "openaiResponses".
+    stored = ["openai", "openaiResponses"] if usage.provider == "openai" else usage.provider
+    try:
+        return resolve_model(usage.model, provider=stored), {}
+    except NotFoundError:
+        # The provider was paid: the call is recorded, unpriced, on the name's placeholder.
+        return unmatched_model(usage.model, usage.provider, user_id=owner), {"unmatchedModel": usage.model}
+
+
+def _recorded_counts(usage: Any, response_id: str | None, extras: dict[str, Any]
+                     ) -> tuple[dict[str, int], dict[str, Any] | None, dict[str, Any]]:
+    """``_record``'s counts, provider metadata and response for one call."""
+    extras = dict(extras)
+    if response_id is not None:
+        extras["responseId"] = response_id
+    if usage.cache_write_1h_tokens:
+        extras["cacheWrite1hTokens"] = usage.cache_write_1h_tokens
+    if usage.provider_cost is not None:
+        extras["providerCost"] = usage.provider_cost
+    if usage.cache_write_12h_tokens:
+        extras["cacheWrite12hTokens"] = usage.cache_write_12h_tokens
+    kept = {"apiFamily": usage.api_family, "usageRaw": usage.usage_raw, "psai": extras}
+    # counts() has every cache write among the cache writes (the longer-lived priced apart); audio input is
+    # among the input and priced apart too.
+    counts = dict(usage.counts(), audio_in_tokens=usage.audio_in_tokens)
+    return counts, usage.provider_metadata or None, kept
 
 
 def _recorded_response(response_id: str) -> RecordedCall | None:
-    """The RecordedCall of the item recorded for ``response_id``, or None."""
+    """The RecordedCall of the item recorded for ``response_id`` (with its
+    other calls), or None."""
     db = model_db(PsModelUsageItem)
     found = db.execute_sql(item_by_response_id_sql(db), (response_id,)).fetchone()
     if found is None:
@@ -517,7 +577,15 @@ def _recorded_response(response_id: str) -> RecordedCall | None:
         stored = PsAiModel.get_or_none(PsAiModel.id == model_id)
         fallback = stored.configuration.get("prices") if stored is not None and isinstance(
             stored.configuration, dict) else None
-    return RecordedCall(model_id, response_id, True, None, data, fallback)
+    first = RecordedCall(model_id, response_id, True, None, data, fallback)
+    extras = data.get("psai") if isinstance(data, dict) else None
+    others = extras.get("otherCalls") if isinstance(extras, dict) else None
+    for other in others if isinstance(others, list) else []:
+        other_id = other.get("responseId") if isinstance(other, dict) else None
+        recorded = _recorded_response(other_id) if isinstance(other_id, str) and other_id else None
+        if recorded is not None:
+            first.other_calls.append(recorded)
+    return first
 
 
 def recorded_response(response_id: str) -> RecordedCall | None:

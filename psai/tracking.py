@@ -51,7 +51,9 @@ class Run:
                provider: str | None = None) -> Decimal | None:
         """Record one call from its response (``record_response``) and return
         what it cost, None when its prices cannot price it (or no configured
-        model matched its model name: it is recorded, unpriced). A response
+        model matched its model name: it is recorded, unpriced); the calls of
+        other models it reports (an advisor's) are recorded too, and counted
+        in ``calls`` and ``cost``, not in what this returns. A response
         recorded already returns the first's cost and is not counted again. With
         ``budget=True`` the budgets are checked once the call is recorded (a
         call made is always recorded): BudgetExceededError stops the block
@@ -60,11 +62,12 @@ class Run:
         held, self.reservation = self.reservation, None
         call = record_response_data(chosen, self.agent, response, provider, None, None, held)
         if not call.duplicate:  # a response recorded already is the same call: counted once
-            self.calls += 1
-            if call.cost is None or call.currency is None:
-                self.unpriced_calls += 1
-            else:
-                self.cost[call.currency] = self.cost.get(call.currency, Decimal(0)) + call.cost
+            for each in (call, *call.other_calls):  # an advisor's calls are calls the block made too
+                self.calls += 1
+                if each.cost is None or each.currency is None:
+                    self.unpriced_calls += 1
+                else:
+                    self.cost[each.currency] = self.cost.get(each.currency, Decimal(0)) + each.cost
         if self.budget:
             check_budget(self.agent, call.model_id)
         return call.cost

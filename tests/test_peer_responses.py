@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from peewee import IntegrityError
 
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
@@ -280,13 +281,19 @@ def test_every_billed_case_is_recorded_with_its_counts(db):
         writes = counts["cache_write_tokens"] + counts["cache_write_1h_tokens"] + counts["cache_write_12h_tokens"]
         assert extras.get("cacheWriteTokens", 0) == writes, case
         assert extras.get("webSearches", 0) == counts["web_searches"], case
-        assert [(call["model"], call["tokens_in"], call["tokens_out"]) for call in extras.get("otherCalls", [])] \
-            == expected["other_calls"], case
+        # Each other call is an item of its own, on its model (here its placeholder: none is configured).
+        others = [PsModelUsageItem.get(PsModelUsageItem.model_id == other.model_id,
+                                       PsModelUsageItem.created_at == other.usage_row.updated_at).data
+                  for other in row.other_calls]
+        assert [(data["model"]["name"], data["usageNormalized"]["tokensIn"], data["usageNormalized"]["tokensOut"])
+                for data in others] == expected["other_calls"], case
+        assert [other["model"] for other in extras.get("otherCalls", [])] \
+            == [name for name, _in, _out in expected["other_calls"]], case
         assert item.data.get("providerMetadata", {}).get("appliedServiceTier") == expected["tier"], case
         counters = PsModelUsage.get_by_id(row.usage_row.id)
         assert counters.token_in_count + counters.token_in_cached_context_count \
             + counters.token_in_cache_write_count + counters.long_context_token_in_count == counts["tokens_in"], case
-    assert recorded == 73 and PsModelUsageItem.select().count() == 73
+    assert recorded == 73 and PsModelUsageItem.select().count() == 75  # and the two advisor calls
 
 
 # -- one test per defect class, each on a documented shape ------------------------------------------
@@ -406,9 +413,97 @@ def test_an_advisor_iteration_is_another_models_call_never_dropped(db):
     model = PsAiModel.create(user_id=1, organization_id=1, name="Sonnet 5", configuration={
         "type": "text", "modelSize": "large", "model": "claude-sonnet-5", "provider": "anthropic", "active": True,
         "maxTokensOut": 4096, "defaultTemperature": 0.7, "prices": PRICES})
-    psai.record_response(model, None, body)
-    assert PsModelUsageItem.select().get().data["psai"]["otherCalls"] == [dict(
-        call.counts(), model="claude-opus-4-8")]
+    recorded = psai.record_response(model, None, body)
+    [other] = recorded.other_calls
+    main = PsModelUsageItem.get(PsModelUsageItem.model_id == model.id)
+    assert main.data["psai"]["otherCalls"] == [
+        {"model": "claude-opus-4-8", "modelId": other.model_id, "responseId": "msg_1#advisor-1"}]
+
+
+OPUS_PRICES = dict(PRICES, costInTokensPerMillion=5, costOutTokensPerMillion=25)
+
+
+@pytest.mark.parametrize("case, advisor_in, advisor_out", [("ant_advisor", 2518, 22),
+                                                           ("ant_advisor_stream", 2543, 18)])
+def test_an_advisor_call_is_recorded_as_its_own_item_on_its_model(db, case, advisor_in, advisor_out):
+    agent = PsAgent.create(user_id=7, class_id=1, group_id=1, configuration={"name": "Advised"})
+    sonnet, opus = (PsAiModel.create(user_id=1, organization_id=1, name=name, configuration={
+        "type": "text", "modelSize": "large", "model": model, "provider": "anthropic", "active": True,
+        "maxTokensOut": 4096, "defaultTemperature": 0.7, "prices": prices})
+        for name, model, prices in [("Sonnet 5", "claude-sonnet-5", PRICES),
+                                    ("Opus 4.8", "claude-opus-4-8", OPUS_PRICES)])
+    response = load_response(case_file(case).read_bytes())
+    call = psai.record_response(None, agent, response, connector_id=3)
+    [advisor] = call.other_calls
+    assert (call.model_id, advisor.model_id, advisor.duplicate) == (sonnet.id, opus.id, False)
+    assert advisor.response_id == call.response_id + "#advisor-1"
+    assert (advisor.cost, advisor.currency) == ((advisor_in * 5 + advisor_out * 25) / M, "USD")
+    items = {item.model_id: item for item in PsModelUsageItem.select()}
+    assert set(items) == {sonnet.id, opus.id}
+    assert {(item.agent_id, item.user_id, item.connector_id) for item in items.values()} == {(agent.id, 7, 3)}
+    assert items[sonnet.id].data["psai"]["otherCalls"] == [
+        {"model": "claude-opus-4-8", "modelId": opus.id, "responseId": advisor.response_id}]
+    assert items[opus.id].data["psai"]["parentResponseId"] == call.response_id
+    by_model = {row["model_id"]: (row["calls"], row["tokens_in"], row["tokens_out"], row["cost"])
+                for row in psai.cost_report("model")}
+    assert by_model[opus.id] == (1, advisor_in, advisor_out, advisor.cost)
+    assert by_model[sonnet.id][::3] == (1, call.cost)
+    again = psai.record_response(None, agent, response)  # the same response: nothing recorded twice
+    assert again.duplicate and [(other.model_id, other.response_id, other.duplicate, other.cost)
+                                for other in again.other_calls] == [(opus.id, advisor.response_id, True, advisor.cost)]
+    assert PsModelUsageItem.select().count() == 2
+
+
+def test_an_advisor_on_no_configured_model_goes_on_its_placeholder_unpriced(db):
+    sonnet = PsAiModel.create(user_id=1, organization_id=1, name="Sonnet 5", configuration={
+        "type": "text", "modelSize": "large", "model": "claude-sonnet-5", "provider": "anthropic", "active": True,
+        "maxTokensOut": 4096, "defaultTemperature": 0.7, "prices": PRICES})
+    call = psai.record_response(None, None, load_response(case_file("ant_advisor").read_bytes()))
+    [advisor] = call.other_calls
+    placeholder = PsAiModel.get_by_id(advisor.model_id)
+    assert call.cost is not None and call.model_id == sonnet.id
+    assert placeholder.configuration["model"] == "claude-opus-4-8" and not placeholder.configuration["active"]
+    assert advisor.cost is None and advisor.unpriced_reason
+    [row] = [row for row in psai.cost_report("model") if row["model_id"] == placeholder.id]
+    assert (row["cost"], row["unpriced_tokens"], bool(row["unpriced_reason"])) == (None, 2518 + 22, True)
+
+
+def test_track_and_the_command_line_count_and_show_the_advisor_call(db, backend):
+    from click.testing import CliRunner
+    from psai.cli import cli
+    for name, model, prices in [("Sonnet 5", "claude-sonnet-5", PRICES), ("Opus 4.8", "claude-opus-4-8", OPUS_PRICES)]:
+        PsAiModel.create(user_id=1, organization_id=1, name=name, configuration={
+            "type": "text", "modelSize": "large", "model": model, "provider": "anthropic", "active": True,
+            "maxTokensOut": 4096, "defaultTemperature": 0.7, "prices": prices})
+    with psai.track(None) as run:
+        main_cost = run.record(load_response(case_file("ant_advisor").read_bytes()))
+    assert (run.calls, run.unpriced_calls, run.cost) == (2, 0, {"USD": main_cost + (2518 * 5 + 22 * 25) / M})
+    result = CliRunner().invoke(cli, ["--database", backend.url, "usage", "record-response", "--json",
+                                      "--file", str(case_file("ant_advisor_stream"))])
+    assert result.exit_code == 0, result.output
+    [other] = json.loads(result.output)["other_calls"]
+    assert (other["model"], other["response_id"].endswith("#advisor-1"), other["duplicate"], Decimal(other["cost"])) \
+        == ("claude-opus-4-8", True, False, (2543 * 5 + 18 * 25) / M)
+    result = CliRunner().invoke(cli, ["--database", backend.url, "usage", "record-response",
+                                      "--file", str(case_file("ant_advisor_stream"))])
+    assert result.exit_code == 0 and len(result.output.splitlines()) == 2, result.output
+    assert "already recorded" in result.output and "claude-opus-4-8" in result.output.splitlines()[1]
+    assert PsModelUsageItem.select().count() == 4
+
+
+def test_a_response_and_its_advisor_calls_are_recorded_all_or_nothing(db):
+    for name, model in [("Sonnet 5", "claude-sonnet-5"), ("Opus 4.8", "claude-opus-4-8")]:
+        PsAiModel.create(user_id=1, organization_id=1, name=name, configuration={
+            "type": "text", "modelSize": "large", "model": model, "provider": "anthropic", "active": True,
+            "maxTokensOut": 4096, "defaultTemperature": 0.7, "prices": PRICES})
+    response = json.loads(case_file("ant_advisor").read_text())
+    # An item holding the advisor's derived id already: its insert fails, and the main call's goes with it.
+    taken = psai.record_response(None, None, dict(response, id=response["id"] + "#advisor-1", usage={
+        "input_tokens": 1, "output_tokens": 1}))
+    with pytest.raises(IntegrityError):
+        psai.record_response(None, None, response)
+    assert [item.data["psai"]["responseId"] for item in PsModelUsageItem.select()] == [taken.response_id]
+    assert PsModelUsage.select().count() == 1
 
 
 def test_openai_cache_writes_thirty_minutes_and_twelve_hours():
