@@ -445,15 +445,16 @@ def record_response(model: ModelRef | None, agent: AgentRef | None,
 
 
 def record_response_data(model: Any, agent: Any, response: Any, provider: str | None, user_id: int | None,
-                         connector_id: int | None) -> RecordedCall:
-    """``record_response``, its arguments checked."""
+                         connector_id: int | None, kept: dict[str, Any] | None = None) -> RecordedCall:
+    """``record_response``, its arguments checked. ``kept``: more for the
+    item's ``psai`` part (JSON; a span's approximations, its trace)."""
     usage = usage_from_response(response, provider=provider)
     check_ids({"user_id": user_id, "connector_id": connector_id})
     problem = json_problem(usage.usage_raw)
     if problem:
         raise ValidationError({"response.usage": [problem]})
     found_agent = agent_arg(agent)
-    extras: dict[str, Any] = {}
+    extras: dict[str, Any] = dict(kept or {})
     if model is None:
         if not usage.model:
             raise ValidationError({"model": ["The response names no model: give the stored model."]})
