@@ -12,6 +12,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from opentelemetry.context import Context
@@ -152,6 +153,12 @@ def _run_now(job: Callable[[], Any]) -> None:
     job()
 
 
+def _describe(attributes: Mapping[str, Any], context: Any) -> str:
+    """A span in a log line: its model and ids."""
+    ids = " (trace %032x, span %016x)" % (context.trace_id, context.span_id) if context is not None else ""
+    return "of model %r%s" % (_first(attributes, "model"), ids)
+
+
 class SpanProcessor(SdkSpanProcessor):
     """Records each inference span, when it ends, as one call
     (``record_response``'s path): of ``agent`` (a PsAgent, its id, uuid or
@@ -187,7 +194,7 @@ class SpanProcessor(SdkSpanProcessor):
         try:
             self._on_end(span)
         except Exception:  # never into the application: the call it traced has happened
-            LOG.warning("psai could not record span %r", getattr(span, "name", None), exc_info=True)
+            LOG.warning("psai could not read span %r", getattr(span, "name", None), exc_info=True)
 
     def _on_end(self, span: ReadableSpan) -> None:
         attributes = span.attributes or {}
@@ -203,21 +210,29 @@ class SpanProcessor(SdkSpanProcessor):
                     self._covered.popitem(last=False)
         if covered or not is_inference(attributes):
             return
-        usage, approximate = span_usage(attributes)
-        kept: dict[str, Any] = {"source": "otel", "approximate": approximate}
-        if context is not None:
-            kept["trace"] = {"traceId": "%032x" % context.trace_id, "spanId": "%016x" % context.span_id}
-        for kind, name in (("conversation", "conversationId"), ("agent_name", "agentName"),
-                           ("provider", "providerName")):
-            value = _first(attributes, kind)
-            if value is not None:
-                kept[name] = str(value)
-        if self.tags:
-            kept["tags"] = self.tags
-        self.submit(lambda: self.record(usage, kept))
+        # The rest is the writer's: the span has ended, its attributes no longer change.
+        self.submit(partial(self._record_span, attributes, context))
+
+    def _record_span(self, attributes: Mapping[str, Any], context: Any) -> RecordedCall | None:
+        try:
+            usage, approximate = span_usage(attributes)
+            kept: dict[str, Any] = {"source": "otel", "approximate": approximate}
+            if context is not None:
+                kept["trace"] = {"traceId": "%032x" % context.trace_id, "spanId": "%016x" % context.span_id}
+            for kind, name in (("conversation", "conversationId"), ("agent_name", "agentName"),
+                               ("provider", "providerName")):
+                value = _first(attributes, kind)
+                if value is not None:
+                    kept[name] = str(value)
+            if self.tags:
+                kept["tags"] = self.tags
+            return self.record(usage, kept)
+        except Exception:  # never into the application (nor into the writer's other jobs)
+            LOG.warning("psai could not record span %s", _describe(attributes, context), exc_info=True)
+            return None
 
     def record(self, usage: ResponseUsage, kept: dict[str, Any]) -> RecordedCall:
-        """Record one span's call (what ``on_end`` hands to ``submit``)."""
+        """Record one span's call."""
         if self.database is None:
             return record_response_data(None, self.agent, usage, None, None, None, kept)
         with using(self.database):
