@@ -1005,6 +1005,8 @@ def usage():
 @click.argument("model")
 @click.option("--agent", help="The agent that made the call (id, uuid or name).")
 @usage_options
+@click.option("--audio-in", "audio_in_tokens", type=click.IntRange(min=0), default=0,
+              help="Of the input, audio tokens (priced at costInAudioTokensPerMillion).")
 @click.option("--web-searches", type=click.IntRange(min=0), default=0, help="Web search calls.")
 @click.option("--applied-tier", metavar="TIER",
               help="The tier the provider says it served (flex, priority, default; Anthropic: fast, standard); "
@@ -1228,11 +1230,8 @@ def audit_command(since, until, model, apply_changes, as_json):
             shown(currency), result["recorded"][currency], result["billed"][currency],
             result["billed"][currency] - result["recorded"][currency], len(result["findings"]),
             result["items_read"]))
-    if not result["findings"]:
-        click.echo("nothing to correct", err=True)
-    else:
-        click.echo("applied: items and counters corrected" if result["applied"]
-                   else "dry run: nothing changed (--apply corrects)", err=True)
+    click.echo("applied: items and counters corrected" if result["applied"]
+               else "dry run: nothing changed (--apply corrects)", err=True)
 
 
 # -- budgets ------------------------------------------------------------------------------

@@ -283,7 +283,7 @@ def test_every_billed_case_is_recorded_with_its_counts(db):
         assert [(call["model"], call["tokens_in"], call["tokens_out"]) for call in extras.get("otherCalls", [])] \
             == expected["other_calls"], case
         assert item.data.get("providerMetadata", {}).get("appliedServiceTier") == expected["tier"], case
-        counters = PsModelUsage.get_by_id(row.id)
+        counters = PsModelUsage.get_by_id(row.usage_row.id)
         assert counters.token_in_count + counters.token_in_cached_context_count \
             + counters.token_in_cache_write_count + counters.long_context_token_in_count == counts["tokens_in"], case
     assert recorded == 73 and PsModelUsageItem.select().count() == 73
@@ -485,8 +485,10 @@ def test_gemini_and_vertex_tiers_are_kept_and_priced(db):
                                        "appliedServiceTier": "flex"}
     with psai.track(None, model) as run:
         flex = run.record(body)
-        standard = run.record(dict(body, usageMetadata=dict(body["usageMetadata"], trafficType="ON_DEMAND")))
-        service_tier = run.record(dict(body, usageMetadata=dict(
+        # Three calls: three response ids (one response recorded twice is one call).
+        standard = run.record(dict(body, responseId="r2",
+                                   usageMetadata=dict(body["usageMetadata"], trafficType="ON_DEMAND")))
+        service_tier = run.record(dict(body, responseId="r3", usageMetadata=dict(
             {"promptTokenCount": 1000, "candidatesTokenCount": 500}, serviceTier="flex")))
     assert flex == (1000 * 1 + 500 * 4) / M == service_tier
     assert standard == (1000 * 2 + 500 * 8) / M

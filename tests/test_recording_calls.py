@@ -14,6 +14,7 @@ import psai
 from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, ResponseUsage
 from psai.check import check
 from psai.genai import genai_catalog
+from psai.migrations import runner
 from psai.cli import cli
 from psai.rollups import full_scan, rebuild
 from psai.sql import item_by_response_id_sql
@@ -307,7 +308,7 @@ def test_catalogs_fill_the_modality_rates():
     assert (prices["costInAudioTokensPerMillion"], prices["costOutAudioTokensPerMillion"]) == (40, 80)
     assert "input_cost_per_audio_token" in consumed_keys(entry)
     genai = pytest.importorskip("genai_prices")
-    _version, entries, _skipped = genai_catalog(["google"], ["gemini-2.5-flash"],
+    _version, entries, _skipped = genai_catalog(["google"], lambda _source, model: model == "gemini-2.5-flash",
                                                 datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc))
     assert genai and entries["google/gemini-2.5-flash"]["configuration"]["prices"]["costInAudioTokensPerMillion"] == 1
 
@@ -316,3 +317,31 @@ def test_audio_input_beyond_the_input_is_refused(agent):
     with pytest.raises(psai.ValidationError, match="audio_in_tokens"):
         psai.record_usage(gpt4o(), agent, tokens_in=100, audio_in_tokens=101)
     assert PsModelUsageItem.select().count() == 0
+
+
+def test_usage_record_takes_audio_input(backend, agent):
+    model = gpt4o(prices=dict(PRICES, **MODALITY_PRICES))
+    result = CliRunner().invoke(cli, ["usage", "record", str(model.id), "--in", "1000", "--audio-in", "400",
+                                      "--out", "10"], env={"PSAI_DATABASE_URL": backend.url})
+    assert result.exit_code == 0, result.output
+    assert PsModelUsageItem.get().data["psai"]["audioInTokens"] == 400
+    assert psai.cost_report("model")[0]["cost"] == (600 * Decimal("2.5") + 400 * 40 + 10 * 10) / M
+
+
+def test_the_upgrade_drops_the_rollups_split_the_old_way(backend):
+    db = psai.database.obj
+    runner().up(target="0009_rollup_fingerprint")
+    columns = {c.name for c in db.get_columns("psai_usage_rollup")}
+    assert "hour" in columns and "apart" not in columns
+    row = dict.fromkeys(("model_id", "agent_id", "has_usage", "model_priced", "long", "hour", "calls", "fresh_in",
+                         "cached", "cache_write", "out", "web", "all_in", "all_out", "cache_write_1h", "id_sum"), 1)
+    row.update(range_day="2026-11-01", day="2026-11-01")
+    db.execute_sql('INSERT INTO "psai_usage_rollup" (%s) VALUES (%s)' % (
+        ", ".join('"%s"' % name for name in row), ", ".join([db.param] * len(row))), list(row.values()))
+    assert psai.migrate() == ["0010_response_ids_and_apart_sums"]
+    columns = {c.name for c in db.get_columns("psai_usage_rollup")}
+    assert {"apart", "cache_write_12h", "audio_in", "audio_out", "image_out"} <= columns and "hour" not in columns
+    assert db.execute_sql('SELECT COUNT(*) FROM "psai_usage_rollup"').fetchone()[0] == 0
+    psai.record_usage(gpt4o(), None, tokens_in=10, tokens_out=1)
+    rebuild()
+    assert psai.cost_report("model")[0]["calls"] == 1

@@ -507,7 +507,7 @@ def test_audit_apply_with_nothing_to_correct_says_so(stored, backend):
     psai.record_response(models["sonnet"], agent, claude_message())  # psai's own item: nothing to correct
     for args in (["audit", "--apply"], ["audit"]):
         shown = CliRunner().invoke(cli, ["--database", backend.url, *args])
-        assert shown.exit_code == 0 and shown.stderr.strip().splitlines()[-1] == "nothing to correct", shown.output
+        assert shown.exit_code == 0 and shown.output.startswith("nothing to correct: "), shown.output
         assert "dry run" not in shown.output
     policysynth_claude_item(models["sonnet"], agent, {"input_tokens": 1000, "output_tokens": 500,
                                                       "cache_read_input_tokens": 10000})
