@@ -200,15 +200,16 @@ class SpanProcessor(SdkSpanProcessor):
         attributes = span.attributes or {}
         context, parent = span.context, span.parent
         key = (context.trace_id, context.span_id) if context is not None else None
+        inference = is_inference(attributes)
         with self._lock:
             covered = key is not None and key in self._covered
             if key is not None and covered:
                 del self._covered[key]
-            if (covered or is_inference(attributes)) and parent is not None:
+            if (covered or inference) and parent is not None:
                 self._covered[(parent.trace_id, parent.span_id)] = None
                 if len(self._covered) > 10000:  # parents that never end: forget the oldest
                     self._covered.popitem(last=False)
-        if covered or not is_inference(attributes):
+        if covered or not inference:
             return
         # The rest is the writer's: the span has ended, its attributes no longer change.
         self.submit(partial(self._record_span, attributes, context))
