@@ -1004,6 +1004,67 @@ def bench_responses(backend, results, count):
                 note="%.1f vs %.1f us a response; target < 1" % (ours / runs * 1e6, theirs / runs * 1e6))
 
 
+# OpenLLMetry's openai chat span, as tests/test_otel.py has it.
+OTEL_CHAT_SPAN = {
+    "llm.request.type": "chat", "gen_ai.system": "openai", "gen_ai.request.model": "gpt-4o",
+    "gen_ai.response.model": "gpt-4o-2024-08-06", "gen_ai.usage.prompt_tokens": 3000,
+    "gen_ai.usage.completion_tokens": 700, "llm.usage.total_tokens": 3700, "llm.usage.cache_read_input_tokens": 1024,
+}
+
+
+def bench_otel(backend, results, count):
+    """psai.otel.SpanProcessor.on_end on the thread that ends the span: with
+    the write handed to a writer (target <= 50 us a span), and recording
+    there and then (today's default) against record_response of the same
+    counts. The raw column of the first is the span's own start and end
+    with no processor."""
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+    except ImportError:
+        print("  (opentelemetry-sdk not installed: psai[otel])")
+        return
+    from psai.otel import SpanProcessor, span_usage
+    PsAiModel.create(user_id=1, organization_id=2, name="gpt-4o (otel)", configuration={
+        "type": "text", "modelSize": "large", "model": "gpt-4o", "provider": "openai", "active": True,
+        "prices": {"costInTokensPerMillion": 2.5, "costOutTokensPerMillion": 10,
+                   "costInCachedContextTokensPerMillion": 1.25, "currency": "USD"},
+        "maxTokensOut": 16384, "defaultTemperature": 0.7})
+    tracer = TracerProvider().get_tracer("bench")  # no processor: the spans are ended, nothing else
+    start = time.perf_counter()
+    spans = []
+    for i in range(count):
+        with tracer.start_as_current_span("openai.chat", attributes=dict(
+                OTEL_CHAT_SPAN, **{"gen_ai.response.id": "chatcmpl-otel-%d" % i})) as span:
+            spans.append(span)
+    bare = time.perf_counter() - start
+    processor = SpanProcessor()
+    jobs = []
+    processor.submit = jobs.append
+    start = time.perf_counter()
+    for span in spans:
+        processor.on_end(span)
+    handed = time.perf_counter() - start
+    results.add("otel on_end, the write handed to a writer", count, backend.kind, handed, bare,
+                note="%.1f us a span on the app thread; target <= 50; raw: the span itself" % (
+                    handed / count * 1e6))
+    backend.truncate("ps_model_usage", "ps_model_usage_item")
+    processor.submit = lambda job: job()
+    start = time.perf_counter()
+    for span in spans:
+        processor.on_end(span)
+    synchronous = time.perf_counter() - start
+    usages = [span_usage(span.attributes)[0] for span in spans]
+    for usage in usages:
+        usage.provider_metadata["responseId"] += "-direct"
+    start = time.perf_counter()
+    for usage in usages:
+        psai.record_response(None, None, usage)  # the model found from the name, as the span's is
+    direct = time.perf_counter() - start
+    results.add("otel on_end recording on the app thread vs record_response", count, backend.kind, synchronous,
+                direct, note="%.0f us a span: today's default, until a background writer takes it" % (
+                    synchronous / count * 1e6))
+
+
 PEER_RESPONSES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data",
                               "peer-responses", "cases")
 # genai-prices' provider and API flavour of each API psai reads.
@@ -1216,7 +1277,7 @@ def main(argv=None):
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.1 for a quick run)")
     parser.add_argument("--only", nargs="*",
                         help="run only these: insert validated filter eager usage rollups report items reprice "
-                             "budgets cli peers responses peer-responses capture copy growth growth-copy")
+                             "budgets cli peers responses peer-responses capture otel copy growth growth-copy")
     parser.add_argument("--markdown", help="also write the results table to this Markdown file")
     parser.add_argument("--sizes", type=int, nargs="*",
                         help="the item counts of growth and growth-copy (default 10k 100k 1M 3M, scaled)")
@@ -1227,7 +1288,7 @@ def main(argv=None):
 
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     steps = args.only or ["insert", "validated", "filter", "eager", "usage", "report", "items", "reprice", "budgets",
-                          "copy", "cli", "peers", "responses", "peer-responses", "capture"]
+                          "copy", "cli", "peers", "responses", "peer-responses", "capture", "otel"]
     results = Results()
     started = time.perf_counter()
     for kind in backends:
@@ -1279,6 +1340,10 @@ def main(argv=None):
                 if not any(step in steps for step in ("filter", "eager", "usage", "report", "items")):
                     bench_filter(backend, results, scale(1_000), runs=3)  # models and agents to record on
                 bench_responses(backend, results, scale(2_000))
+            if "otel" in steps:
+                if not any(step in steps for step in ("filter", "eager", "usage", "report", "items", "responses")):
+                    bench_filter(backend, results, scale(1_000), runs=3)  # models and agents to record on
+                bench_otel(backend, results, scale(2_000))
             if "peer-responses" in steps and kind == backends[0]:  # no database: once
                 bench_peer_responses(backend, results)
             if "capture" in steps:

@@ -30,6 +30,8 @@ from .responses import ResponseUsage, usage_from_response
 
 if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should see them
     from . import catalog, pricing, report
+    from . import otel as otel  # psai.otel: a module, not in __all__ (its extra may not be installed)
+    from . import openai_agents as openai_agents  # the same, for the OpenAI Agents SDK
     from .history import price_history, reprice
     from .query import add_model, find_by_provider_model
     from ._audit import audit
@@ -63,7 +65,7 @@ _LAZY = {"record_usage": "usage", "cost_report": "usage",
          "price_history": "history", "reprice": "history", "add_model": "query",
          "find_by_provider_model": "query", "record_response": "recording",
          "RecordedCall": "recording", "assign_unmatched": "recording", "recorded_response": "recording",
-         "track": "tracking",
+         "track": "tracking", "otel": None, "openai_agents": None,
          "resolve_model": "query", "audit": "_audit", "pricing": None, "catalog": None, "copy": "transfer",
          "report": None, **dict.fromkeys(["set_budget", "budgets", "remove_budget", "budget_status", "check_budget",
                                           "budget_events", "on_budget_event"], "budget"),

@@ -467,8 +467,10 @@ def record_response(model: ModelRef | None, agent: AgentRef | None,
 
 
 def record_response_data(model: Any, agent: Any, response: Any, provider: str | None, user_id: int | None,
-                         connector_id: int | None, reservation: Reservation | None = None) -> RecordedCall:
-    """``record_response``, its arguments checked."""
+                         connector_id: int | None, reservation: Reservation | None = None,
+                         kept: dict[str, Any] | None = None) -> RecordedCall:
+    """``record_response``, its arguments checked. ``kept``: more for the
+    item's ``psai`` part (JSON; a span's approximations, its trace)."""
     usage = usage_from_response(response, provider=provider)
     check_ids({"user_id": user_id, "connector_id": connector_id})
     problem = json_problem(usage.usage_raw)  # the other calls' usage is part of it
@@ -482,6 +484,7 @@ def record_response_data(model: Any, agent: Any, response: Any, provider: str | 
         found, extras = _model_named(usage, owner)
     else:
         found, extras = model_arg(model), {}
+    extras = dict(kept or {}, **extras)
     response_id = usage.provider_metadata.get("responseId")
     response_id = response_id if isinstance(response_id, str) and response_id else None
     # Another model's calls (an Anthropic advisor's iterations): each its own

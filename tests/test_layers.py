@@ -15,7 +15,8 @@ LAYERS = [
     ("price versions and recording", ["versions", "arguments", "query", "rollups", "recording"]),
     ("reports, check, catalog, copy", ["reports", "usage", "check", "migrations", "catalog", "transfer", "_audit",
                                         "budget"]),
-    ("history, HTML report, demo", ["history", "report", "demo", "writer", "tracking", "capture"]),
+    ("history, HTML report, demo", ["history", "report", "demo", "writer", "tracking", "capture", "otel",
+                                    "openai_agents"]),
     ("command line", ["cli", "__main__", "__init__"]),
 ]
 RANK = {name: (layer, position) for layer, (_title, names) in enumerate(LAYERS) for position, name in enumerate(names)}
