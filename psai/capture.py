@@ -21,7 +21,6 @@ logger and the response returned (``strict=True`` raises instead).
 """
 import functools
 import inspect
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,7 +30,7 @@ from .arguments import agent_arg, model_arg
 from .budget import check_budget
 from .db import current_db
 from .errors import BudgetExceededError, ValidationError
-from .models import PsAgent, PsAiModel
+from .models import AgentRef, ModelRef, PsAgent, PsAiModel
 from .recording import record_response
 from .writer import LOG, enqueue, run_in
 
@@ -97,8 +96,7 @@ def _sdk_of(client: Any) -> str | None:
     return None
 
 
-def instrument(client: Any, *, agent: PsAgent | int | str | uuid.UUID | None = None,
-               model: PsAiModel | int | str | uuid.UUID | None = None, budget: bool = False,
+def instrument(client: Any, *, agent: AgentRef | None = None, model: ModelRef | None = None, budget: bool = False,
                strict: bool = False) -> Any:
     """Return ``client`` (openai ``OpenAI``/``AsyncOpenAI``/``AzureOpenAI``,
     anthropic ``Anthropic``/``AsyncAnthropic``, google-genai ``Client``)
