@@ -8,6 +8,7 @@ import copy
 import datetime
 import json
 import random
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -390,6 +391,11 @@ def test_concurrent_writers_and_rebuilds_leave_the_rollups_exact(db, backend, se
         rebuilt = 0
         while not all(r.ready() for r in results):
             rebuilt += len(rollups.rebuild(db))
+            # SQLite's lock is not fair: a loop that takes it again at once can
+            # keep the writers waiting past their busy timeout on a loaded
+            # machine. A pause between rebuilds lets them in; rebuilds still
+            # run between and beside their calls.
+            time.sleep(0.02)
         assert all(r.get(timeout=240) for r in results)
     assert rebuilt > 0
     assert PsModelUsageItem.select().count() == 4 * calls
