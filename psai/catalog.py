@@ -47,10 +47,11 @@ from .litellm import LITELLM_FILE as LITELLM_FILE, litellm_cost_map_path as lite
 from .litellm import litellm_catalog, litellm_version
 from .models import ModelProvenance, PsAiModel, default_ids, provenance as provenance
 from .models import newest_first
-from .query import add_model, imported_ids, resolve_model
+from .query import MODEL_DEFAULTS, add_model, imported_ids, resolve_model
 from .schemas import load_json, validate_configuration, validate_model_values
 
-__all__ = ["SOURCES", "read_catalog", "import_catalog", "add_from_catalog", "diff", "provenance", "default_size",
+__all__ = ["SOURCES", "read_catalog", "import_catalog", "add_from_catalog", "catalog_defaults", "diff", "provenance",
+           "default_size",
            "CATALOG_PRICE_KEYS", "CatalogUnavailableError"]
 
 SOURCES = ("genai-prices", "litellm")
@@ -292,6 +293,39 @@ def _new_configuration(entry, size, temperature):
     configuration["maxTokensOut"] = entry.get("maxTokensOut") or min(
         DEFAULT_MAX_TOKENS_OUT, configuration.get("maxContextTokens", DEFAULT_MAX_TOKENS_OUT))
     return validate_configuration(configuration)
+
+
+# psai's providers and the providers the catalogs file their models under (default: the same name).
+_CATALOG_PROVIDERS = {"openaiResponses": ("openai",), "google": ("google", "gemini", "vertex_ai-language-models")}
+
+
+def catalog_defaults(provider: str, model: str, *,
+                     file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """What a catalog installed here says of a new model that a script gives
+    by provider and model name (``psai models add NAME --provider P --model
+    M --in X --out Y``): ``{"size", "max_tokens_out"}``, keywords of
+    ``query.model_configuration``, as ``add_from_catalog`` derives them (the
+    size by the catalog's input price, ``default_size``; the output limit
+    the catalog's, else 4096 within the context window), from the first of
+    LiteLLM's cost map (it knows output limits; ``file``: this one instead
+    of the installed package's) and genai-prices that has the model under
+    exactly that name. ``{}`` when neither is installed or knows it: the
+    documented defaults (``query.MODEL_DEFAULTS``) apply."""
+    if _GLOB.search(model):
+        return {}  # a model name is never read as a glob of the catalog's
+    providers = set(_CATALOG_PROVIDERS.get(provider, (provider,)))
+    for source in ("litellm", "genai-prices"):
+        try:
+            catalog = read_catalog(source, providers=providers, models=[model], models_must_match=False,
+                                   file=file if source == "litellm" else None)
+        except CatalogUnavailableError:
+            continue
+        for found in sorted(catalog["entries"]):
+            entry = catalog["entries"][found]
+            if entry["configuration"]["model"] == model:
+                configuration = _new_configuration(entry, None, MODEL_DEFAULTS["defaultTemperature"])
+                return {"size": configuration["modelSize"], "max_tokens_out": configuration["maxTokensOut"]}
+    return {}
 
 
 def _landing(configuration: dict[str, Any]) -> PsAiModel | None:

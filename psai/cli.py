@@ -392,7 +392,8 @@ def _flag_errors(exc, given):
 @click.option("--file", "source", type=click.File("r", encoding="utf-8"), metavar="PATH",
               help="Configuration JSON ('-' reads stdin); flags change it.")
 @click.option("--type", "model_type", type=MODEL_TYPES, help="Default: text.")
-@click.option("--size", type=MODEL_SIZES, help="Default: medium.")
+@click.option("--size", type=MODEL_SIZES, help="Default: by the catalog's input price when an installed catalog "
+                                                 "knows the model (genai-prices, LiteLLM), else medium.")
 @click.option("--model", "model_name", help="The provider's model name.")
 @click.option("--provider", help="openai, openaiResponses, anthropic, google or azure.")
 @click.option("--any-provider", is_flag=True, help="Take a provider psai does not know.")
@@ -400,18 +401,20 @@ def _flag_errors(exc, given):
               help="The prices of REF in a catalog (genai-prices openai/gpt-4o, litellm gpt-4o): a new model, "
                    "or NAME's prices filled in; with provenance, so catalog diff follows it.")
 @click.option("--catalog-file", type=click.Path(exists=True, dir_okay=False), metavar="PATH",
-              help="With --from litellm: this cost map instead of the installed package's.")
+              help="A LiteLLM cost map instead of the installed package's: with --from litellm, and for the "
+                   "defaults of a model given by flags.")
 @click.option("--inactive", is_flag=True, help="Store it inactive.")
 @_price_options
-@click.option("--max-tokens-out", type=int, help="Default: 4096.")
+@click.option("--max-tokens-out", type=int, help="Default: an installed catalog's for the model, else 4096.")
 @click.option("--temperature", type=NUMBER, help="Default temperature (default: 0.7).")
 @output_options
 def models_add(name, name_option, user_id, organization_id, source, any_provider, catalog_ref, catalog_file, inactive,
                fmt, **flags):
     """Add a model NAME, in one line: `psai models add "GPT-4o" --provider
     openai --model gpt-4o --in 2.5 --out 10` (the rest has defaults: USD,
-    cached input at the input rate, text, medium, 4096 tokens out,
-    temperature 0.7), or from a configuration JSON file.
+    cached input at the input rate, text, temperature 0.7; the size and
+    output limit from an installed catalog that knows the model, else
+    medium and 4096 tokens out), or from a configuration JSON file.
 
     As PolicySynth's add-model tool does, rows that already have this name in
     the organization are deactivated in the same transaction.
@@ -460,10 +463,15 @@ def models_add(name, name_option, user_id, organization_id, source, any_provider
                                                 ("--out", prices.get("costOutTokensPerMillion"))) if value is None]
             if missing:
                 raise click.UsageError("give %s (or --file with a configuration)" % ", ".join(missing))
+            known = {"size": flags["size"], "max_tokens_out": flags["max_tokens_out"]}
+            if None in known.values():  # what the flags leave out, from a catalog that knows the model
+                from .catalog import catalog_defaults
+                defaults = catalog_defaults(flags["provider"], flags["model_name"], file=catalog_file)
+                known = {key: defaults.get(key) if value is None else value for key, value in known.items()}
             configuration = model_configuration(
                 provider=flags["provider"], model=flags["model_name"], prices=prices,
-                model_type=flags["model_type"], size=flags["size"], max_tokens_out=flags["max_tokens_out"],
-                temperature=flags["temperature"], active=not inactive, any_provider=any_provider)
+                model_type=flags["model_type"], temperature=flags["temperature"], active=not inactive,
+                any_provider=any_provider, **known)
         connect()
         model = add_model(name=name, user_id=user_id, organization_id=organization_id, configuration=configuration)
     except ValidationError as exc:

@@ -108,7 +108,9 @@ def model_configuration(*, provider: str, model: str, prices: Mapping[str, Any],
     the provider, its model name and ``prices`` (PolicySynth's keys; the
     cached input rate is the input rate unless given, the currency USD,
     upper-cased). The rest has documented defaults (``MODEL_DEFAULTS``):
-    type text, size medium, 4096 tokens out, temperature 0.7. A provider
+    type text, size medium, 4096 tokens out, temperature 0.7
+    (``catalog.catalog_defaults`` gives a size and output limit from an
+    installed catalog that knows the model). A provider
     psai does not know (``KNOWN_PROVIDERS``) is refused unless
     ``any_provider``. ``extra``: other configuration keys (apiModel, ...)."""
     errors: dict[str, list[str]] = {}

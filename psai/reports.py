@@ -184,7 +184,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     r = ItemReader(is_postgres(db))
     # Closed days from the rollups, what they do not cover from the items.
     cover = read_plan(db, since, until)
-    params = []
+    params: list[Any] = []
     read = r.select([name for name, _path, _kind in ITEM_VALUES], _item_window(db, cover, model_ids, params,
                                                                                 agent_ids), model_threshold=True)
     # Rows that differ only by the agent and connector asked for by
@@ -204,15 +204,15 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     sources = [(rollup_rows(db, names, cover.days, model_ids, agent_ids), names)]
     if cover.reads_items:
         sources.append((db.execute_sql(sql, params), group))
-    merged = {}
-    for rows, layout in sources:
+    merged: dict[tuple, GroupSums] = {}
+    for source_rows, layout in sources:
         per_key = layout is group  # the rows carry (model, agent, connector) for totals and key_buckets
-        agent_at = layout.index("agent_id") if "agent_id" in layout else None
-        connector_at = layout.index("connector_id") if "connector_id" in layout else None
+        agent_at: Any = layout.index("agent_id") if "agent_id" in layout else None
+        connector_at: Any = layout.index("connector_id") if "connector_id" in layout else None
         long_at = layout.index("long")
         keep = [i for i, name in enumerate(layout) if name not in extra_columns]
         width = len(layout)
-        for values in rows:
+        for values in source_rows:
             if agent_at is not None and values[agent_at] not in agents:
                 values = values[:agent_at] + (None,) + values[agent_at + 1:]
             # Sums as exact numbers (SQLite sums REAL values as floats).
@@ -277,11 +277,16 @@ def _item_window(db, cover, model_ids, params, agent_ids=None):
     return where
 
 
+def _tuples(query) -> Iterable[tuple[Any, ...]]:
+    """A query's rows as tuples (peewee's stubs type its rows as models)."""
+    return query.tuples()
+
+
 def _agent_ids(db):
     """The ids of the agents that exist: usage of a deleted agent (or of
     none, agent_id 0 in an item) is reported without one, as
     ps_model_usage's ON DELETE SET NULL has it."""
-    return {agent_id for (agent_id,) in PsAgent.select(PsAgent.id).tuples()}
+    return {agent_id for (agent_id,) in _tuples(PsAgent.select(PsAgent.id))}
 
 
 def _number(value):
@@ -348,7 +353,7 @@ def _item_totals(db, agents, model_ids=None):
         return totals
     r = ItemReader(is_postgres(db))
     cover = read_plan(db)
-    params = []
+    params: list[Any] = []
     read = r.select(["tin", "tout"], _item_window(db, cover, model_ids, params))
     _add_rolled_totals(db, cover.days, model_ids, agents, totals)
     for model_id, agent_id, connector_id, tokens_in, tokens_out in (
@@ -413,7 +418,7 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
         return pieces
     models = sorted({key[0] for key in partly})
     folded = "token_in_cache_write_count" not in present
-    covered = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
+    covered: defaultdict[tuple, dict[str, Any]] = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
     for group in _item_groups(db, ("agent", "connector"), model_ids=models, agents=agents):
         into = covered[(group["model_id"], group["agent_id"], group["connector_id"])]
         for bucket, value in group["buckets"].items():
@@ -456,10 +461,10 @@ def _newest_rows_covered(db, present, sound, since, model_ids, agents, recent):
         # A time stored otherwise than psai's text (SQLite keeps what it is
         # given) compares with ``since`` as text, not as the time it is.
         return False
-    params = []
+    params: list[Any] = []
     where = window(db, "u.created_at", PsModelUsage.created_at, since, None, model_ids, params) + [sound]
     read = _bucket_reader(present)
-    counted = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
+    counted: defaultdict[tuple, dict[str, Any]] = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
     for values in db.execute_sql(counter_bucket_sums_sql(present, where), params):
         # Keys as reports name them: a deleted agent's rows and the rows without one are one key.
         into = counted[(values[0], values[1] if values[1] in agents else None, values[2])]
@@ -501,7 +506,7 @@ def _untouched_pieces(db, by, since, until, keys, agents, sound, model_ids=None)
     if keys is not None:
         model_ids = sorted({key[0] for key in keys})
     else:  # the models that have counter rows
-        used = {row[0] for row in PsModelUsage.select(PsModelUsage.model).distinct().tuples()}
+        used = {row[0] for row in _tuples(PsModelUsage.select(PsModelUsage.model).distinct())}
         model_ids = sorted(used if model_ids is None else used & set(model_ids))
     if not model_ids:
         return []
@@ -536,7 +541,7 @@ def _negative_counters(db, by, agents, since, until, model_ids=None):
     """Counter rows with a negative counter, as unpriced parts: a negative
     count is never added (it would lower the total) nor priced as 0."""
     present = usage_counters(db)
-    params = []
+    params: list[Any] = []
     where = window(db, "u.created_at", PsModelUsage.created_at, since, until, model_ids, params) + [
         counters_negative(present, "u")]
     read = _bucket_reader(present)
@@ -607,9 +612,10 @@ def usage_parts(db, by, since, until, model_ids=None):
     # (Days read from rollups give their part from a light read of the rollups.)
     one_pass = since is None and until is None and model_ids is None and (
         "agent" in keys or not is_postgres(db))
-    itemized = defaultdict(TokenTotals) if one_pass else None
+    itemized: defaultdict[tuple, TokenTotals] | None = defaultdict(TokenTotals) if one_pass else None
     # A period's own items may be enough to tell what they cover of its counters.
-    recent = defaultdict(lambda: dict.fromkeys(BUCKETS, 0)) if since is not None else None
+    recent: defaultdict[tuple, dict[str, Any]] | None = (
+        defaultdict(lambda: dict.fromkeys(BUCKETS, 0)) if since is not None else None)
     parts = _group_parts(_item_groups(db, keys, since, until, model_ids, agents, totals=itemized,
                                       key_buckets=recent))
     parts += _negative_counters(db, by, agents, since, until, model_ids)
@@ -619,7 +625,7 @@ def usage_parts(db, by, since, until, model_ids=None):
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}
     histories = histories_of(list(models.values()))
     moments = _price_moments(histories)
-    merged = {}
+    merged: dict[tuple, Any] = {}
     for piece in pieces:
         model_id = piece["model_id"]
         day = _day(piece["created_at"]) if "day" in keys else None
@@ -675,7 +681,7 @@ def _add_to(merged, key, part):
 def merge_parts(parts, fields):
     """Parts that agree on ``fields`` and on everything that prices them,
     added up: each is priced once."""
-    merged = {}
+    merged: dict[tuple, Any] = {}
     for part in parts:
         # Calls with tokens priced apart kept apart: without their price keys only they are unpriced.
         apart = part.get("apart") or {}
@@ -724,6 +730,7 @@ def price_parts(parts, transform=None):
         if transform is not None:
             pricing = dict(pricing, configuredPrices=transform(
                 pricing["configuredPrices"] if pricing.get("configuredPrices") is not None else fallback))
+        key: Any
         if transform is None:
             # The model's current prices as they are now, when they price the part: a change is a new key.
             key = (part["provider"], _price_key(part),
@@ -769,7 +776,7 @@ def _agent_tree(db):
     PolicySynth does not prevent, is cut at its smallest id, which stands
     as the root of the loop: every agent has one root, so each call is
     counted once in the roots' totals."""
-    parent = dict(PsAgent.select(PsAgent.id, PsAgent.parent_agent).tuples())
+    parent: dict[Any, Any] = dict(_tuples(PsAgent.select(PsAgent.id, PsAgent.parent_agent)))
     children = defaultdict(list)
     for child, of in parent.items():
         if of in parent:
@@ -899,7 +906,7 @@ def cost_reports(groupings: Iterable[str], *, since: datetime.date | str | None 
 
 def _undated(parts):
     """Priced parts added up by all that ``_rows_of`` reads of them but the day."""
-    summed = {}
+    summed: dict[tuple, Any] = {}
     for part in parts:
         key = (part["model_id"], part["agent_id"], part["provider"], part["currency"], part["priced_from"],
                part["reason"])
@@ -986,7 +993,7 @@ def _report_rows(by, totals, models, levels):
     agent_ids = {key[0] for key in totals if by in ("agent", "tree") and key[0] is not None}
     agents = {a.id: a for a in PsAgent.select().where(PsAgent.id.in_(sorted(agent_ids)))} if agent_ids else {}
     for (key, currency), entry in totals.items():
-        row = {}
+        row: dict[str, Any] = {}
         if by == "model":
             model = models.get(key)
             configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}

@@ -231,8 +231,8 @@ ITEM_VALUES = (
     ("configured", ("pricing", "configuredPrices"), "object"),
     ("threshold", ("pricing", "configuredPrices", "longContextTokenThreshold"), "number"),
 )
-# The counts of a call an item holds, each 0 to MAX_INTEGER for the item to be priced.
-ITEM_COUNTS = ("tin", "cached", "cw", "cw1h", "tout", "reasoning", "audio", "image", "web")
+# The counts of a call an item holds (every one a report reads), each 0 to MAX_INTEGER for the item to be priced.
+ITEM_COUNTS = ("tin", "cached", "cw", "cw1h", "cw12h", "audio_in", "tout", "reasoning", "audio", "image", "web")
 _MODEL_THRESHOLD = ("prices", "longContextTokenThreshold")
 _KINDS = dict({name: kind for name, _path, kind in ITEM_VALUES}, model_threshold="number")
 

@@ -10,6 +10,7 @@ import psai
 from conftest import make_backend
 from psai import PsAiModel
 from psai.cli import cli
+from psai.catalog import catalog_defaults
 from psai.query import PRICE_FLAGS, model_configuration
 
 
@@ -30,14 +31,46 @@ def run(request, tmp_path):
 
 
 def test_a_model_in_one_line(run):
-    added = json.loads(run("models", "add", "GPT-4o", "--provider", "openai", "--model", "gpt-4o",
+    # A model no catalog knows: the documented defaults.
+    added = json.loads(run("models", "add", "GPT-4o", "--provider", "openai", "--model", "gpt-4o-of-our-own",
                            "--in", "2.5", "--out", "10", "--currency", "usd", "--json").output)
     assert (added["name"], added["user_id"], added["organization_id"]) == ("GPT-4o", 1, 1)
     assert added["configuration"] == {
-        "type": "text", "modelSize": "medium", "model": "gpt-4o", "provider": "openai", "active": True,
+        "type": "text", "modelSize": "medium", "model": "gpt-4o-of-our-own", "provider": "openai", "active": True,
         "prices": {"costInTokensPerMillion": 2.5, "costOutTokensPerMillion": 10,
                    "costInCachedContextTokensPerMillion": 2.5, "currency": "USD"},
         "maxTokensOut": 4096, "defaultTemperature": 0.7}
+
+
+COST_MAP = {
+    "gpt-4o": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 2.5e-06,
+               "output_cost_per_token": 1e-05, "max_output_tokens": 16384, "max_input_tokens": 128000},
+    "gpt-4o-mini": {"litellm_provider": "openai", "mode": "chat", "input_cost_per_token": 1.5e-07,
+                    "output_cost_per_token": 6e-07, "max_output_tokens": 8192},
+}
+
+
+def test_size_and_output_limit_from_a_catalog_that_knows_the_model(run, tmp_path):
+    """Before: medium and 4096 whatever the model; now as `--from` derives
+    them (size by the catalog's input price), flags given still winning."""
+    cost_map = tmp_path / "cost_map.json"
+    cost_map.write_text(json.dumps(COST_MAP))
+
+    def add(name, *args):
+        added = json.loads(run("models", "add", name, "--in", "1", "--out", "2", *args, "--json").output)
+        return added["configuration"]["modelSize"], added["configuration"]["maxTokensOut"]
+    litellm = ["--catalog-file", str(cost_map)]
+    assert add("4o", "--provider", "openai", "--model", "gpt-4o", *litellm) == ("large", 16384)
+    assert add("mini", "--provider", "openaiResponses", "--model", "gpt-4o-mini", *litellm) == ("small", 8192)
+    assert add("sized", "--provider", "openai", "--model", "gpt-4o", "--size", "medium", "--max-tokens-out", "100",
+               *litellm) == ("medium", 100)
+    # Only the provider's own entries.
+    assert add("other", "--provider", "anthropic", "--model", "gpt-4o", *litellm) == ("medium", 4096)
+    assert catalog_defaults("openai", "gpt-4o*", file=cost_map) == {}  # a name is never a glob
+    assert add("unknown", "--provider", "ollama", "--any-provider", "--model", "llama3", *litellm) == ("medium", 4096)
+    pytest.importorskip("genai_prices")  # what genai-prices (no output limits) says without a cost map
+    assert add("4o from genai-prices", "--provider", "openai", "--model", "gpt-4o") == ("large", 4096)
+    assert catalog_defaults("openai", "gpt-4o-mini") == {"size": "small", "max_tokens_out": 4096}
 
 
 def test_every_price_key_has_a_flag(run):

@@ -304,6 +304,32 @@ def test_items_whose_counts_are_negative_or_huge_are_named_and_never_priced(db, 
     assert "no usable token counts" in unpriced["unpriced_reason"]
 
 
+@pytest.mark.parametrize("counts", [{"cacheWrite12hTokens": -5}, {"cacheWrite12hTokens": 1e300},
+                                    {"audioInTokens": -1}, {"audioInTokens": 2147483648},
+                                    {"cacheWrite1hTokens": -1}, {"cacheWriteTokens": 1e300}, {"webSearches": -2}])
+def test_items_whose_psai_counts_are_negative_or_huge_are_named_and_never_priced(db, backend, counts):
+    """The counts of an item's psai part that reports price (12-hour cache
+    writes, audio input, ...) as the others: before, a 12-hour write or audio
+    count of -5 or 1e300 was priced (by the report and the rollups' trigger)
+    and `psai check` said nothing."""
+    m = model()
+    record_usage(m, None, tokens_in=1_000_000, tokens_out=0)
+    [good] = PsModelUsageItem.select()
+    data = dict(good.data, psai=dict(good.data.get("psai") or {}, **counts))
+    odd = PsModelUsageItem.create(user_id=1, model_id=m.id, agent_id=0, data=data, created_at=good.created_at)
+    [named] = [f for f in check() if f["table"] == "ps_model_usage_item"]
+    assert named["id"] == odd.id and "token counts below 0 or beyond 2147483647" in named["problem"]
+    assert "token counts below 0 or beyond" in run(backend, "check", code=1).stdout
+    with pytest.raises(psai.UnpricedUsageError):
+        cost_report("model", strict=True)
+    for rows in (cost_report("model"), cost_report("day")):  # by model from the items, by day from the rollups
+        totals = report_totals(rows)
+        assert totals["USD"]["cost"] == Decimal(30) and totals["USD"]["tokens_in"] == 1_000_000
+        [unpriced] = [r for r in rows if r["cost"] is None]
+        assert "no usable token counts" in unpriced["unpriced_reason"]
+    assert psai.rollups.verify() == []
+
+
 def test_a_model_with_bad_prices_can_be_deactivated(db, backend):
     m = model()
     config = dict(m.configuration, prices=dict(m.configuration["prices"], costInTokensPerMillion="30"))

@@ -158,3 +158,26 @@ def test_a_sqlite_store_made_before_autoincrement_is_migrated_with_its_rows_and_
     assert psai.PsAgent.get_by_id(3).parent_agent_id is None
     assert sorted(r.agent_id for r in psai.AgentModels.select()) == [1, 3]
     assert psai.migrate() == []
+
+
+def test_0014_remakes_the_triggers_that_folded_unusable_counts(backend, monkeypatch):
+    """A store whose triggers were made before 12-hour cache writes and
+    audio input counted toward an item's being usable (sql.ITEM_COUNTS):
+    they folded an item with -5 of them into a priced rollup; the migration
+    remakes them and rebuilds, and the rollups agree with the items."""
+    import psai.sql
+    from psai import rollups
+    from psai.usage import cost_report, record_usage
+    with monkeypatch.context() as patch:
+        patch.setattr(psai.sql, "ITEM_COUNTS", tuple(c for c in psai.sql.ITEM_COUNTS if c not in ("cw12h", "audio_in")))
+        assert runner().up(target="0013_settings")[-1] == "0013_settings"
+    model = psai.add_model(name="m", configuration=make_configuration())
+    record_usage(model, None, tokens_in=1000, tokens_out=10)
+    [good] = psai.PsModelUsageItem.select()
+    psai.PsModelUsageItem.create(user_id=1, model_id=model.id, agent_id=0, created_at=good.created_at,
+                                 data=dict(good.data, psai={"cacheWrite12hTokens": -5}))
+    assert rollups.verify() != []  # the old trigger priced it
+    assert psai.migrate() == ["0014_rollup_triggers_read_every_count"]
+    assert rollups.enabled(psai.database.obj) and rollups.verify() == []
+    [unpriced] = [row for row in cost_report("day") if row["cost"] is None]
+    assert "no usable token counts" in unpriced["unpriced_reason"]
