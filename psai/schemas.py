@@ -436,6 +436,8 @@ def load_json(text: str | bytes, name: str = "JSON", limit: int = MAX_JSON_DEPTH
         raise ValidationError({name: ["Nested deeper than %d levels." % limit]}) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValidationError({name: ["Not JSON: %s." % exc]}) from None
+    except ValueError as exc:  # a whole number past Python's digit limit (4,300 digits)
+        raise ValidationError({name: ["A number too long to read: %s." % str(exc).split(";")[0]]}) from None
     problem = json_problem(value, limit) if check else None
     if problem:
         raise ValidationError({name: [problem]})

@@ -658,3 +658,20 @@ def test_a_password_that_spells_part_of_the_host_leaves_the_host_alone():
         psai.connect("postgresql://nobody:127@127.0.0.1:1/x")
     assert "127.0.0.1" in str(raised.value) and "***.0.0.1" not in str(raised.value)
     assert psai.redact_url("postgresql://nobody:127@127.0.0.1:1/x") == "postgresql://nobody:***@127.0.0.1:1/x"
+
+
+def test_a_number_past_pythons_digit_limit_in_a_file_is_one_line_and_writes_nothing(db, backend, tmp_path):
+    """Before: `models add --file` and `import` of JSON holding a whole number
+    of more than 4,300 digits ended in a ValueError traceback."""
+    huge = "9" * 5000
+    configuration = tmp_path / "configuration.json"
+    configuration.write_text(json.dumps(make_configuration()).replace("4096", huge))
+    export = tmp_path / "export.json"
+    export.write_text('{"version": 1, "ps_ai_models": [{"id": %s}]}' % huge)
+    added = run(backend, "models", "add", "Huge", "--user-id", "1", "--organization-id", "2",
+                "--file", str(configuration), code=2)
+    imported = run(backend, "import", str(export), code=2)
+    for result in (added, imported):
+        assert "A number too long to read" in result.stderr and "Traceback" not in result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert PsAiModel.select().count() == 0
