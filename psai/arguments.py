@@ -12,7 +12,7 @@ from .errors import ValidationError
 from .fields import UTC
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, find_agent, find_model
 
-__all__ = ["model_arg", "agent_arg", "check_counts", "check_ids", "as_datetime"]
+__all__ = ["model_arg", "agent_arg", "check_counts", "check_ids", "as_datetime", "tags_arg"]
 
 
 def model_arg(model: ModelRef) -> PsAiModel:
@@ -99,3 +99,12 @@ def as_datetime(value: datetime.date | str | None, end: bool = False,
     if problem:  # PostgreSQL would store it (a correction's period) where nothing can read it
         raise ValidationError({name: [problem]})
     return value
+
+
+def tags_arg(tags: Mapping[str, str] | None) -> dict[str, str] | None:
+    """Tags a caller gives (kept in an item's ``psai`` part): text keys and
+    values, or None."""
+    if tags is not None and (not isinstance(tags, Mapping) or not all(
+            isinstance(key, str) and isinstance(value, str) for key, value in tags.items())):
+        raise ValidationError({"tags": ["Give text keys and values, e.g. {'team': 'search'}."]})
+    return dict(tags) if tags else None

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
+from .arguments import tags_arg
 from .db import connect, using
 from .errors import ValidationError
 from .models import AgentRef
@@ -69,12 +70,9 @@ class TracingProcessor:
 
     def __init__(self, *, agent: AgentRef | None = None, database: Any = None,
                  tags: Mapping[str, str] | None = None) -> None:
-        if tags is not None and (not isinstance(tags, Mapping) or not all(
-                isinstance(key, str) and isinstance(value, str) for key, value in tags.items())):
-            raise ValidationError({"tags": ["Give text keys and values, e.g. {'team': 'search'}."]})
+        self.tags = tags_arg(tags)
         self.agent = agent
         self.database = connect(database, bind=False) if isinstance(database, str) else database
-        self.tags = dict(tags) if tags else None
         self.submit: Callable[[Callable[[], Any]], None] = _run_now
         self._groups: dict[str, str] = {}  # trace id -> group id, while the trace runs
 

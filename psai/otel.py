@@ -19,6 +19,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span
 from opentelemetry.sdk.trace import SpanProcessor as SdkSpanProcessor
 
+from .arguments import tags_arg
 from .db import connect, using
 from .errors import ValidationError
 from .models import AgentRef
@@ -175,12 +176,9 @@ class SpanProcessor(SdkSpanProcessor):
 
     def __init__(self, *, agent: AgentRef | None = None, database: Any = None,
                  tags: Mapping[str, str] | None = None) -> None:
-        if tags is not None and (not isinstance(tags, Mapping) or not all(
-                isinstance(key, str) and isinstance(value, str) for key, value in tags.items())):
-            raise ValidationError({"tags": ["Give text keys and values, e.g. {'team': 'search'}."]})
+        self.tags = tags_arg(tags)
         self.agent = agent
         self.database = connect(database, bind=False) if isinstance(database, str) else database
-        self.tags = dict(tags) if tags else None
         self.submit: Callable[[Callable[[], Any]], None] = _run_now
         # (trace id, span id) of spans with an inference span below them: their
         # usage, if any, is their children's again.
