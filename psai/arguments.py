@@ -4,15 +4,17 @@ rule of ``psai.models.find_model``); counts and ids
 that fit PolicySynth's INTEGER columns; periods as aware datetimes."""
 import datetime
 import math
+import re
 from collections.abc import Mapping
-from typing import cast
+from typing import Any, cast
 
 from .constants import MAX_INTEGER, time_range_problem
 from .errors import ValidationError
 from .fields import UTC
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, find_agent, find_model
 
-__all__ = ["model_arg", "agent_arg", "check_counts", "check_ids", "as_datetime", "tags_arg"]
+__all__ = ["model_arg", "agent_arg", "check_counts", "check_ids", "as_datetime", "tags_arg", "attribution_arg",
+           "tag_key_problem", "ATTRIBUTES", "MAX_ATTRIBUTE_LENGTH", "MAX_TAGS"]
 
 
 def model_arg(model: ModelRef) -> PsAiModel:
@@ -101,10 +103,103 @@ def as_datetime(value: datetime.date | str | None, end: bool = False,
     return value
 
 
+# The attribution a call carries, as ``data.psai`` keys (text each but ``tags``, a dict, and ``trace``).
+ATTRIBUTES = ("user", "session", "trace", "tags", "environment")
+MAX_ATTRIBUTE_LENGTH = 255  # a value's characters: one varchar(255), as PolicySynth's names
+MAX_TAGS = 32
+MAX_TAG_KEY_LENGTH = 64
+# Tag keys are named in reports (``by="tag:KEY"``) and on the command line (``--tag KEY=VALUE``).
+_TAG_KEY = re.compile(r"[A-Za-z0-9_.:/-]+\Z")
+
+
+def _text_problem(value: object, example: str) -> str | None:
+    if not isinstance(value, str):
+        return "Not text (got %s): give e.g. %r." % (type(value).__name__, example)
+    if not value.strip():
+        return "Empty: give e.g. %r, or leave it out." % example
+    if len(value) > MAX_ATTRIBUTE_LENGTH:
+        return "Too long: %d characters, at most %d." % (len(value), MAX_ATTRIBUTE_LENGTH)
+    return None
+
+
+def tag_key_problem(key: object) -> str | None:
+    """Why ``key`` cannot be a tag's key (a sentence), or None."""
+    if not isinstance(key, str) or not key:
+        return "A tag's key is text, e.g. 'team': got %r." % (key,)
+    if len(key) > MAX_TAG_KEY_LENGTH or not _TAG_KEY.match(key):
+        return ("Tag key %r: use at most %d letters, digits and _ . : / - (it is named in reports, "
+                "by='tag:KEY', and on the command line, --tag KEY=VALUE)." % (key, MAX_TAG_KEY_LENGTH))
+    return None
+
+
 def tags_arg(tags: Mapping[str, str] | None) -> dict[str, str] | None:
     """Tags a caller gives (kept in an item's ``psai`` part): text keys and
     values, or None."""
-    if tags is not None and (not isinstance(tags, Mapping) or not all(
-            isinstance(key, str) and isinstance(value, str) for key, value in tags.items())):
-        raise ValidationError({"tags": ["Give text keys and values, e.g. {'team': 'search'}."]})
+    if tags is None:
+        return None
+    if not isinstance(tags, Mapping):
+        raise ValidationError({"tags": ["Give text keys and values, e.g. {'team': 'search'}: got %s."
+                                        % type(tags).__name__]})
+    problems = []
+    if len(tags) > MAX_TAGS:
+        problems.append("%d tags: at most %d." % (len(tags), MAX_TAGS))
+    for key, value in tags.items():
+        problem = tag_key_problem(key)
+        if problem is None:
+            value_problem = _text_problem(value, "search")
+            problem = value_problem and "Tag %r: %s" % (key, value_problem)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ValidationError({"tags": problems})
     return dict(tags) if tags else None
+
+
+def _trace_arg(trace: object) -> dict[str, str]:
+    """A trace id (text), or ``{"traceId": ..., "spanId": ...}`` (the span id
+    optional): as spans' items keep it."""
+    if isinstance(trace, str):
+        trace = {"traceId": trace}
+    if not isinstance(trace, Mapping) or not trace or set(trace) - {"traceId", "spanId"} or "traceId" not in trace:
+        raise ValidationError({"trace": ["Give the trace id (text), or {'traceId': ..., 'spanId': ...}: got %r."
+                                         % (trace,)]})
+    for key, value in trace.items():
+        problem = _text_problem(value, "4bf92f3577b34da6a3ce929d0e0e4736")
+        if problem:
+            raise ValidationError({"trace": ["%s: %s" % (key, problem)]})
+    return dict(trace)
+
+
+def attribution_arg(*, user: str | None = None, session: str | None = None, trace: Any = None,
+                    tags: Mapping[str, str] | None = None, environment: str | None = None) -> dict[str, Any]:
+    """The attribution a caller gives a call, checked (each error names its
+    argument), as its item's ``data.psai`` keeps it: ``user`` (the
+    application's end user), ``session`` (the conversation), ``environment``
+    (text, at most 255 characters each), ``trace`` (a trace id, or
+    ``{"traceId", "spanId"}``), ``tags`` (text keys and values). Only those
+    given are in it."""
+    found: dict[str, Any] = {}
+    errors: dict[str, list[str]] = {}
+    for name, value, example in (("user", user, "user-42"), ("session", session, "conversation-7"),
+                                 ("environment", environment, "prod")):
+        if value is None:
+            continue
+        problem = _text_problem(value, example)
+        if problem:
+            errors[name] = [problem]
+        else:
+            found[name] = value
+    try:
+        if trace is not None:
+            found["trace"] = _trace_arg(trace)
+    except ValidationError as exc:
+        errors["trace"] = exc.messages["trace"] if isinstance(exc.messages, dict) else [str(exc)]
+    try:
+        checked_tags = tags_arg(tags)
+        if checked_tags:
+            found["tags"] = checked_tags
+    except ValidationError as exc:
+        errors["tags"] = exc.messages["tags"] if isinstance(exc.messages, dict) else [str(exc)]
+    if errors:
+        raise ValidationError(errors)
+    return found

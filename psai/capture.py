@@ -26,12 +26,12 @@ from typing import Any
 
 from peewee import Database
 
-from .arguments import agent_arg, model_arg
+from .arguments import agent_arg, attribution_arg, model_arg
 from .budget import check_budget
 from .db import current_db
 from .errors import BudgetExceededError, ValidationError
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel
-from .recording import record_response
+from .recording import record_response_data
 from .writer import LOG, enqueue, run_in
 
 __all__ = ["instrument", "uninstrument"]
@@ -66,11 +66,17 @@ _FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "respons
 class _Options:
     """What ``instrument`` was given, resolved once."""
 
-    __slots__ = ("agent", "model", "budget", "strict", "provider")
+    __slots__ = ("agent", "model", "budget", "strict", "provider", "attribution")
 
     def __init__(self, agent: PsAgent | None, model: PsAiModel | None, budget: bool, strict: bool,
-                 provider: str | None) -> None:
+                 provider: str | None, attribution: dict[str, Any]) -> None:
         self.agent, self.model, self.budget, self.strict, self.provider = agent, model, budget, strict, provider
+        self.attribution = attribution
+
+    def record(self, response: Any) -> Any:
+        """Record one call (``record_response``, its attribution checked already)."""
+        return record_response_data(self.model, self.agent, response, self.provider, None, None,
+                                    attribution=self.attribution)
 
 
 def _resolve(root: Any, path: str) -> Any:
@@ -97,7 +103,9 @@ def _sdk_of(client: Any) -> str | None:
 
 
 def instrument(client: Any, *, agent: AgentRef | None = None, model: ModelRef | None = None, budget: bool = False,
-               strict: bool = False) -> Any:
+               strict: bool = False, user: str | None = None, session: str | None = None,
+               trace: str | dict[str, str] | None = None, tags: dict[str, str] | None = None,
+               environment: str | None = None) -> Any:
     """Return ``client`` (openai ``OpenAI``/``AsyncOpenAI``/``AzureOpenAI``,
     anthropic ``Anthropic``/``AsyncAnthropic``, google-genai ``Client``)
     with every call it makes recorded (``psai.record_response``) for
@@ -106,15 +114,19 @@ def instrument(client: Any, *, agent: AgentRef | None = None, model: ModelRef | 
     before each call (a hard budget reached raises BudgetExceededError
     instead of calling). ``strict=True``: a call that cannot be recorded
     raises; by default it is logged on the ``psai`` logger and the response
-    returned. Instrumenting again replaces the options;
+    returned. ``user``, ``session``, ``trace``, ``tags``, ``environment``:
+    whose the client's calls are, kept in each one's item (as
+    ``record_response`` keeps them). Instrumenting again replaces the options;
     ``uninstrument(client)`` restores the SDK's methods."""
     sdk = _sdk_of(client)
     if sdk is None:
         raise ValidationError({"client": ["Not an SDK client psai can instrument (openai OpenAI/AsyncOpenAI/"
                                           "AzureOpenAI, anthropic Anthropic/AsyncAnthropic, google-genai "
                                           "Client): got %s." % type(client).__name__]})
+    attribution = attribution_arg(user=user, session=session, trace=trace, tags=tags, environment=environment)
     options = _Options(agent_arg(agent), model_arg(model) if model is not None else None, bool(budget),
-                       bool(strict), "azure" if sdk == "openai" and "Azure" in type(client).__name__ else None)
+                       bool(strict), "azure" if sdk == "openai" and "Azure" in type(client).__name__ else None,
+                       attribution)
     uninstrument(client)
     patched: list[tuple[Any, str]] = []
     for path, name, how in _SDKS[sdk]:
@@ -163,7 +175,7 @@ def _check(options: _Options) -> None:
 
 def _record(options: _Options, response: Any) -> None:
     try:
-        record_response(options.model, options.agent, response, provider=options.provider)
+        options.record(response)
     except Exception:
         if options.strict:
             raise
@@ -185,7 +197,7 @@ def _database(options: _Options) -> Database | None:
 def _record_later(db: Database | None, options: _Options, response: Any, what: str = "an instrumented call") -> None:
     if db is None:
         return  # logged when the call began
-    enqueue(db, what, record_response, options.model, options.agent, response, provider=options.provider)
+    enqueue(db, what, options.record, response)
 
 
 def _ask_for_usage(kwargs: dict[str, Any]) -> bool:
@@ -303,7 +315,7 @@ class _Call:
         if events is None:
             return
         try:
-            record_response(self.options.model, self.options.agent, events, provider=self.options.provider)
+            self.options.record(events)
         except Exception:
             if self.options.strict and not failing:
                 raise
@@ -314,8 +326,7 @@ class _Call:
         if events is None:
             return
         if self.options.strict and not failing and self.db is not None:
-            await run_in(self.db, record_response, self.options.model, self.options.agent, events,
-                         provider=self.options.provider)
+            await run_in(self.db, self.options.record, events)
         else:
             _record_later(self.db, self.options, events, _WHAT[complete])
 

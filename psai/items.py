@@ -63,14 +63,16 @@ def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, 
               cached_tokens: float = 0, cache_write_tokens: float = 0, reasoning_tokens: float = 0,
               audio_tokens: float = 0, image_tokens: float = 0, web_searches: float = 0, audio_in_tokens: float = 0,
               provider_metadata: Mapping[str, Any] | None = None,
-              response: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              response: Mapping[str, Any] | None = None,
+              attribution: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``ps_model_usage_item.data`` for one call, in PolicySynth's layout
     (version 1). ``configuration`` is the model's, as stored at call time;
     the result shares its ``prices`` (it is meant to be serialised).
     ``response``, for a call recorded from the provider's response: its
     ``apiFamily`` and ``usageRaw`` as PolicySynth's classes write them, and
     what psai keeps of it besides (``psai``: 1-hour cache writes, the
-    provider's own cost)."""
+    provider's own cost). ``attribution``: whose the call was (``user``,
+    ``session``, ``trace``, ``tags``, ``environment``), kept in ``psai`` too."""
     provider = configuration.get("provider")
     actor = {"userId": user_id, "agentId": agent_id}
     if connector_id is not None:
@@ -98,6 +100,8 @@ def item_data(*, model_id: int, configuration: Mapping[str, Any], user_id: int, 
         if response.get("usageRaw") is not None:
             data["usageRaw"] = response["usageRaw"]
         extras.update(response.get("psai") or {})
+    if attribution:
+        extras.update(attribution)
     if extras:
         data["psai"] = extras
     return data

@@ -60,9 +60,10 @@ class TracingProcessor:
     end, as calls: of ``agent`` (a PsAgent, its id, uuid or name; None: no
     agent), in ``database`` (a database or URL; None: the one psai is bound
     to in the thread that ends the span), with ``tags`` kept in each item's
-    ``psai`` part beside the trace and span ids and the trace's group id
-    (the SDK's conversation). A generation span cannot say its tier or
-    web searches: its item names them in ``data.psai.approximate``.
+    ``psai`` part beside the trace and span ids (``trace``) and the trace's
+    group id (the SDK's conversation, as ``session``). A generation span
+    cannot say its tier or web searches: its item names them in
+    ``data.psai.approximate``.
 
     ``on_span_end`` never raises into the agent run (a span it cannot record
     is logged, logger ``psai.openai_agents``); ``submit`` is where a
@@ -111,7 +112,7 @@ class TracingProcessor:
                 usage = call  # the Responses API's own response: record_response reads it
             group = self._groups.get(trace_id)
             if group is not None:
-                kept["conversationId"] = group
+                kept["session"] = group  # the key record_response's session has
             if self.tags:
                 kept["tags"] = self.tags
             if self.database is None:

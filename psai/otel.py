@@ -58,6 +58,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "operation": ("gen_ai.operation.name", "llm.request.type"),
     "service_tier": ("openai.response.service_tier", "gen_ai.openai.response.service_tier"),
     "conversation": ("gen_ai.conversation.id", "session.id"),
+    "user": ("user.id", "enduser.id"),
     "agent_name": ("gen_ai.agent.name",),
 }
 
@@ -166,7 +167,8 @@ class SpanProcessor(SdkSpanProcessor):
     name; None: no agent), in ``database`` (a database or URL; None: the
     one psai is bound to in the thread that ends the span), with ``tags``
     (text keys and values) kept in the item's ``psai`` part, beside the
-    span's trace and span ids, its conversation id and agent name, and what
+    span's trace and span ids (``trace``), its conversation id (``session``),
+    end user (``user``, from ``user.id`` or ``enduser.id``) and agent name, and what
     about its cost is approximate (``data.psai.approximate``).
 
     ``on_end`` never raises into the application: a span it cannot record
@@ -218,7 +220,8 @@ class SpanProcessor(SdkSpanProcessor):
             kept: dict[str, Any] = {"source": "otel", "approximate": approximate}
             if context is not None:
                 kept["trace"] = {"traceId": "%032x" % context.trace_id, "spanId": "%016x" % context.span_id}
-            for kind, name in (("conversation", "conversationId"), ("agent_name", "agentName"),
+            # The conversation and the end user under the keys record_response's session and user have.
+            for kind, name in (("conversation", "session"), ("user", "user"), ("agent_name", "agentName"),
                                ("provider", "providerName")):
                 value = _first(attributes, kind)
                 if value is not None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, TypedDict
 
 from peewee import SQL, Cast, Insert, IntegrityError, ModelUpdate
 
-from .arguments import agent_arg, check_counts, check_ids, model_arg
+from .arguments import agent_arg, attribution_arg, check_counts, check_ids, model_arg
 from .constants import MAX_INTEGER, strict_json_dumps
 from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_columns, write_transaction
 from .errors import NotFoundError, ValidationError
@@ -61,7 +61,9 @@ def record_usage(model: ModelRef, agent: AgentRef | None = None, *,
                  reasoning_tokens: int = 0, audio_tokens: int = 0, image_tokens: int = 0,
                  web_searches: int = 0, audio_in_tokens: int = 0, user_id: int | None = None,
                  connector_id: int | None = None, provider_metadata: dict[str, Any] | None = None,
-                 reservation: Reservation | None = None) -> PsModelUsage:
+                 reservation: Reservation | None = None, user: str | None = None, session: str | None = None,
+                 trace: str | dict[str, str] | None = None, tags: dict[str, str] | None = None,
+                 environment: str | None = None) -> PsModelUsage:
     """Record one call: add its tokens to the usage counters of (model,
     agent) and write its ``ps_model_usage_item`` with the model's prices as
     stored at that moment, in one transaction.
@@ -78,9 +80,13 @@ def record_usage(model: ModelRef, agent: AgentRef | None = None, *,
     ``{"appliedServiceTier": "flex"}``: reports price the tier applied.
     ``reservation``: what ``psai.check_budget(..., reserve=True)`` held for
     this call, settled in its transaction (its real cost replaces it).
-    Safe when several processes record at once, and against a concurrent
-    price change: the call is priced either before it or after it. Returns
-    the counter row.
+    ``user`` (the application's end user), ``session`` (the
+    conversation), ``trace`` (a trace id, or ``{"traceId", "spanId"}``),
+    ``tags`` (text keys and values) and ``environment``: whose the call
+    was, kept in the item's ``psai`` part; reports group and filter by
+    them (``cost_report(by="user")``, docs/capture.md). Safe when several
+    processes record at once, and against a concurrent price change: the
+    call is priced either before it or after it. Returns the counter row.
 
     On a ps_model_usage table without the cache-write counters (PolicySynth's
     npm release), cache-write tokens are added to the ordinary input counters,
@@ -101,20 +107,23 @@ def record_usage(model: ModelRef, agent: AgentRef | None = None, *,
             else json_problem(provider_metadata)
         if problem:
             raise ValidationError({"provider_metadata": [problem]})
+    attribution = attribution_arg(user=user, session=session, trace=trace, tags=tags, environment=environment)
     whole = {name: _round_half_up(value) for name, value in counts.items()}
     return _record(model_arg(model), agent_arg(agent), whole, user_id, connector_id, provider_metadata,
-                   reservation=reservation)[0]
+                   reservation=reservation, attribution=attribution)[0]
 
 
 def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], user_id: int | None,
             connector_id: int | None, provider_metadata: dict[str, Any] | None,
             response: dict[str, Any] | None = None, reservation: Reservation | None = None,
-            after_commit: list[Callable[[], None]] | None = None) -> tuple[PsModelUsage, str | None]:
+            after_commit: list[Callable[[], None]] | None = None,
+            attribution: dict[str, Any] | None = None) -> tuple[PsModelUsage, str | None]:
     """Record one call of checked, whole counts: (the counter row, the
     item's data as written, or None without items). ``response``: what the
     item keeps of the provider's response (``item_data``'s ``response``).
     ``after_commit``: inside the caller's transaction, what must run once it
-    commits (budget alerts) is added to it, not run."""
+    commits (budget alerts) is added to it, not run. ``attribution``: the
+    checked ``attribution_arg``, for the item's ``psai`` part."""
     counts = dict(counts)
     web_searches = counts.pop("web_searches")
     db = model_db(PsModelUsage)
@@ -125,7 +134,8 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
     agent_id = agent.id if agent is not None else None
     keys = (model.id, agent_id, connector_id)
     call = dict(counts, model_id=model.id, user_id=user_id, agent_id=agent_id, connector_id=connector_id,
-                web_searches=web_searches, provider_metadata=provider_metadata, response=response)
+                web_searches=web_searches, provider_metadata=provider_metadata, response=response,
+                attribution=attribution or None)
     one_trip = is_postgres(db) and with_items and not db.in_transaction() and isinstance(
         model.configuration, dict) and reservation is None
     watchers = [loaded() for loaded in CALL_WATCHERS]
@@ -445,7 +455,10 @@ class RecordedCall:
 
 def record_response(model: ModelRef | None, agent: AgentRef | None,
                     response: Any, *, provider: str | None = None, user_id: int | None = None,
-                    connector_id: int | None = None, reservation: Reservation | None = None) -> RecordedCall:
+                    connector_id: int | None = None, reservation: Reservation | None = None,
+                    user: str | None = None, session: str | None = None,
+                    trace: str | dict[str, str] | None = None, tags: dict[str, str] | None = None,
+                    environment: str | None = None) -> RecordedCall:
     """Record one call from the provider's own response (``usage_from_response``
     reads it: an SDK object, its JSON, or a stream's chunks or events)
     through ``record_usage``: counters and item in one transaction, the item
@@ -462,15 +475,21 @@ def record_response(model: ModelRef | None, agent: AgentRef | None,
     placeholder), with the same agent, user and connector; the call's item
     lists them in ``psai.otherCalls``. Returns the call's cost
     (``RecordedCall``, its ``other_calls`` theirs). ``reservation``: as
-    ``record_usage``'s, settled by the call's own cost."""
-    return record_response_data(model, agent, response, provider, user_id, connector_id, reservation)
+    ``record_usage``'s, settled by the call's own cost. ``user``,
+    ``session``, ``trace``, ``tags``, ``environment``: whose the call was,
+    as ``record_usage`` keeps them (the other calls' items too)."""
+    attribution = attribution_arg(user=user, session=session, trace=trace, tags=tags, environment=environment)
+    return record_response_data(model, agent, response, provider, user_id, connector_id, reservation,
+                                attribution=attribution)
 
 
 def record_response_data(model: Any, agent: Any, response: Any, provider: str | None, user_id: int | None,
                          connector_id: int | None, reservation: Reservation | None = None,
-                         kept: dict[str, Any] | None = None) -> RecordedCall:
+                         kept: dict[str, Any] | None = None,
+                         attribution: dict[str, Any] | None = None) -> RecordedCall:
     """``record_response``, its arguments checked. ``kept``: more for the
-    item's ``psai`` part (JSON; a span's approximations, its trace)."""
+    item's ``psai`` part (JSON; a span's approximations, its trace);
+    ``attribution`` (``attribution_arg``'s), whose the call was, over it."""
     usage = usage_from_response(response, provider=provider)
     check_ids({"user_id": user_id, "connector_id": connector_id})
     problem = json_problem(usage.usage_raw)  # the other calls' usage is part of it
@@ -484,7 +503,8 @@ def record_response_data(model: Any, agent: Any, response: Any, provider: str | 
         found, extras = _model_named(usage, owner)
     else:
         found, extras = model_arg(model), {}
-    extras = dict(kept or {}, **extras)
+    attributed = dict(kept or {}, **(attribution or {}))
+    extras = dict(attributed, **extras)
     response_id = usage.provider_metadata.get("responseId")
     response_id = response_id if isinstance(response_id, str) and response_id else None
     # Another model's calls (an Anthropic advisor's iterations): each its own
@@ -493,6 +513,7 @@ def record_response_data(model: Any, agent: Any, response: Any, provider: str | 
     others = []
     for number, other in enumerate(usage.other_calls, 1):
         other_model, other_extras = _model_named(other, owner)
+        other_extras = dict(attributed, **other_extras)  # the same caller's: the same attribution
         other_id = "%s#advisor-%s" % (response_id, other.provider_metadata.get("advisorIteration", number)) \
             if response_id is not None else None
         if response_id is not None:

@@ -18,7 +18,7 @@ import json
 from collections import defaultdict, deque
 from decimal import Decimal
 
-from .arguments import as_datetime
+from .arguments import as_datetime, attribution_arg, tag_key_problem
 from .constants import strict_json_dumps
 from .db import is_postgres, model_db, read_transaction, table_columns
 from .errors import UnpricedUsageError, ValidationError
@@ -26,20 +26,55 @@ from .fields import UTC
 from .items import APART, BUCKETS, BucketPricer, apart_extra, effective_prices
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
 from .recording import usage_counters
-from .rollups import read_plan, rollup_rows, scan_where
+from .rollups import ReadPlan, read_plan, rollup_rows, scan_where
 from .sql import (
-    ITEM_VALUES, ItemReader, JsonSQL, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql, counter_totals_sql,
-    counters_negative, counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql, odd_counter_times_sql,
-    price_period_sql, window,
+    ITEM_VALUES, ItemReader, JsonSQL, attribute_sql, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql,
+    counter_totals_sql, counters_negative, counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql,
+    odd_counter_times_sql, price_period_sql, window,
 )
 from .versions import histories_of, prices_at
 
 __all__ = ["one_snapshot", "cost_report", "cost_reports", "report_totals", "daily_costs", "REPORT_GROUPINGS",
            "ReportGrouping", "usage_parts", "item_parts",
-           "price_parts", "merge_parts", "part_tokens", "part_provider", "CostRow", "CurrencyTotal", "DailyCost"]
+           "price_parts", "merge_parts", "part_tokens", "part_provider", "CostRow", "CurrencyTotal", "DailyCost",
+           "Attribution", "ATTRIBUTE_GROUPINGS"]
 
 ReportGrouping = Literal["model", "agent", "tree", "provider", "day"]
 REPORT_GROUPINGS: tuple[ReportGrouping, ...] = get_args(ReportGrouping)
+# Groupings by whose the calls were (data.psai), besides ``tag:KEY``: a report's row key of the same name.
+ATTRIBUTE_GROUPINGS = ("user", "session")
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """What a report asks of the calls' attribution (their items'
+    ``data.psai``): ``by``, the one it groups by (``user``, ``session``,
+    ``tag:KEY``) or None; ``only``, (kind, value) pairs each call must have."""
+
+    by: str | None = None
+    only: tuple[tuple[str, str], ...] = ()
+
+
+def _attribute_grouping(by: object) -> str | None:
+    """``by`` when it groups by an attribution (checked), else None."""
+    if by in ATTRIBUTE_GROUPINGS:
+        return str(by)
+    if isinstance(by, str) and by.startswith("tag:"):
+        problem = tag_key_problem(by[4:])
+        if problem:
+            raise ValidationError({"by": [problem]})
+        return by
+    return None
+
+
+def _attribution(by: object, user: str | None, session: str | None,
+                 tags: dict[str, str] | None) -> Attribution | None:
+    """A report's Attribution (None: it asks nothing of it), its filters checked as recording checks them."""
+    given = attribution_arg(user=user, session=session, tags=tags)
+    only = tuple((kind, given[kind]) for kind in ("user", "session") if kind in given) + tuple(
+        ("tag:" + key, value) for key, value in sorted((given.get("tags") or {}).items()))
+    grouped = _attribute_grouping(by)
+    return Attribution(grouped, only) if grouped is not None or only else None
 
 # A token count or a sum of them: whole, or exact where SQL summed fractions.
 Number = int | Decimal
@@ -49,7 +84,9 @@ class CostRow(TypedDict, total=False):
     """A row of ``cost_report``: the group's keys (by model: ``model_id``,
     ``model_name``, ``provider``; by agent: ``agent_id``, ``agent_name``; by
     tree: those and ``parent_agent_id``, ``level``; by provider:
-    ``provider``; by day: ``day``), then what the group cost."""
+    ``provider``; by day: ``day``; by user, session: ``user``, ``session``;
+    by tag:KEY: ``tag``, the calls' value of tag KEY; None for the calls
+    without it), then what the group cost."""
 
     model_id: int | None
     model_name: str | None
@@ -59,6 +96,9 @@ class CostRow(TypedDict, total=False):
     level: int | None
     provider: str | None
     day: str | None
+    user: str | None
+    session: str | None
+    tag: str | None
     calls: int
     tokens_in: Number
     tokens_out: Number
@@ -168,7 +208,7 @@ class GroupSums:
 
 
 def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None, key_buckets=None,
-                 agent_ids=None):
+                 agent_ids=None, attribution=None):
     """Items added up in SQL by model, ``keys`` (among agent, connector and
     day, the UTC day) and everything that decides their price. One dict a
     group; ``agent_id`` is None for usage without an agent or whose agent
@@ -178,15 +218,27 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     output tokens per (model, agent, connector) from the same pass: what
     ``_uncovered_counters`` compares with the counters; ``key_buckets``, a
     ``defaultdict`` of BUCKETS, gets their buckets per (model, agent,
-    connector). ``agent_ids``: only the items of these agents (a budget's)."""
+    connector). ``agent_ids``: only the items of these agents (a budget's).
+    ``attribution`` (an Attribution): only the items it asks for, grouped
+    by the one it groups by too (key ``attribute``, among ``keys``)."""
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return []
     r = ItemReader(is_postgres(db))
     # Closed days from the rollups, what they do not cover from the items.
     cover = read_plan(db, since, until)
+    if attribution is not None:  # the rollups do not keep whose calls were: every item is read
+        cover = ReadPlan(since, until, (), ((since, until),))
     params: list[Any] = []
-    read = r.select([name for name, _path, _kind in ITEM_VALUES], _item_window(db, cover, model_ids, params,
-                                                                                agent_ids), model_threshold=True)
+    column_params: list[Any] = []
+    attribute = None
+    if attribution is not None and attribution.by is not None:
+        attribute = attribute_sql(r.postgres, "i.data", attribution.by, column_params)
+    where = _item_window(db, cover, model_ids, params, agent_ids)
+    for kind, value in attribution.only if attribution is not None else ():
+        where.append("%s = %s" % (attribute_sql(r.postgres, "i.data", kind, params), db.param))
+        params.append(value)
+    params = column_params + params  # in the order the statement names them: its columns first
+    read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True, attribute=attribute)
     # Rows that differ only by the agent and connector asked for by
     # ``totals`` and not by ``keys`` are added up in Python.
     extra = () if totals is None and key_buckets is None else tuple(
@@ -595,12 +647,25 @@ def item_parts(db, keys, since, until, model_ids=None, agent_ids=None):
     return _group_parts(_item_groups(db, tuple(keys), since, until, model_ids, agent_ids=agent_ids))
 
 
-def usage_parts(db, by, since, until, model_ids=None):
+def usage_parts(db, by, since, until, model_ids=None, attribution=None):
     """All recorded usage in [since, until), as parts each priced alike:
     item groups and uncovered counter pieces. Each part has ``model_id``,
     ``agent_id`` (by agent or tree), ``day`` (by day), the pricing context
     and its ``buckets``. ``by``: a grouping, or the keys (agent, day) to
-    keep parts apart by."""
+    keep parts apart by. ``attribution`` (an Attribution): only the calls
+    it asks for, each part with its ``attribute`` (the value grouped by;
+    None for counter usage no item covers, which has no attribution, and
+    which is left out when the attribution filters)."""
+    if attribution is not None:
+        keys = tuple(_keys(by)) + (("attribute",) if attribution.by is not None else ())
+        agents = _agent_ids(db)
+        parts = _group_parts(_item_groups(db, keys, since, until, model_ids, agents, attribution=attribution))
+        if attribution.only:
+            return parts
+        for part in parts:
+            part.setdefault("attribute", None)
+        return parts + [dict(part, attribute=None) for part in _counter_parts(db, keys, agents, since, until,
+                                                                               model_ids, None, None)]
     keys = _keys(by)
     agents = _agent_ids(db)  # once a report: items and counters both map deleted agents to None
     # What the items cover of the counters comes from a pass over all items.
@@ -618,7 +683,14 @@ def usage_parts(db, by, since, until, model_ids=None):
         defaultdict(lambda: dict.fromkeys(BUCKETS, 0)) if since is not None else None)
     parts = _group_parts(_item_groups(db, keys, since, until, model_ids, agents, totals=itemized,
                                       key_buckets=recent))
-    parts += _negative_counters(db, by, agents, since, until, model_ids)
+    return parts + _counter_parts(db, by, agents, since, until, model_ids, itemized, recent)
+
+
+def _counter_parts(db, by, agents, since, until, model_ids, itemized, recent):
+    """The counter usage of [since, until) no item accounts for, as parts
+    (``usage_parts``'; ``itemized`` and ``recent``: ``_uncovered_counters``')."""
+    keys = _keys(by)
+    parts = _negative_counters(db, by, agents, since, until, model_ids)
     pieces = _uncovered_counters(db, by, agents, since, until, model_ids, itemized, recent)
     if not pieces:
         return parts
@@ -826,11 +898,15 @@ def one_snapshot(function: Callable[Params, Result]) -> Callable[Params, Result]
 
 
 @one_snapshot
-def cost_report(by: ReportGrouping = "model", *, since: datetime.date | str | None = None,
+def cost_report(by: ReportGrouping | str = "model", *, since: datetime.date | str | None = None,
                 until: datetime.date | str | None = None, strict: bool = False,
                 progress: Callable[[int, int], object] | None = None, agent: AgentRef | None = None,
-                model: ModelRef | None = None, provider: str | None = None) -> list[CostRow]:
-    """Cost of recorded usage grouped ``by`` model, agent, tree, provider or day.
+                model: ModelRef | None = None, provider: str | None = None, user: str | None = None,
+                session: str | None = None, tags: dict[str, str] | None = None) -> list[CostRow]:
+    """Cost of recorded usage grouped ``by`` model, agent, tree, provider,
+    day, or whose the calls were: ``user``, ``session`` or ``tag:KEY``
+    (what ``record_usage(..., user=, session=, tags=)`` kept; the calls
+    without it in a row whose key is None).
 
     Each call is priced from its own usage item (the prices stored with it,
     the tier the provider applied), so editing a price never changes the
@@ -851,20 +927,27 @@ def cost_report(by: ReportGrouping = "model", *, since: datetime.date | str | No
     a date ``until`` is inclusive); ``agent`` (that agent's own calls),
     ``model`` (every version of it) and ``provider`` (the calls' provider)
     limit it too, whatever the grouping; agents and models are named as
-    everywhere (``psai.find_agent``, ``psai.find_model``). ``progress``, if
+    everywhere (``psai.find_agent``, ``psai.find_model``); ``user``,
+    ``session`` (text) and ``tags`` (a dict: the calls having every one of
+    these tags) limit it to the calls so attributed (counter usage without
+    an item has no attribution: it is in none of them). ``progress``, if
     given, is called as ``progress(done, total)`` while the groups the SQL
     summed are priced.
     """
-    if by not in REPORT_GROUPINGS:
-        raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
+    if by not in REPORT_GROUPINGS and _attribute_grouping(by) is None:
+        raise ValidationError({"by": ["Must be one of: %s, or tag:KEY." % ", ".join(
+            REPORT_GROUPINGS + ATTRIBUTE_GROUPINGS)]})
+    attribution = _attribution(by, user, session, tags)
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
     keep = {"agent": ("agent_id",), "tree": ("agent_id",), "day": ("day",)}.get(by, ())
+    if attribution is not None and attribution.by is not None:
+        keep = ("attribute",)
     model_ids = [row.id for row in find_models(model)] if model is not None else None
     agent_id = find_agent(agent).id if agent is not None else None
     # An agent filter needs each part's agent, whatever the grouping.
     keys = _keys(by) if agent_id is None or "agent" in _keys(by) else _keys(by) + ("agent",)
-    parts = _only(usage_parts(db, keys, since, until, model_ids), agent_id, provider)
+    parts = _only(usage_parts(db, keys, since, until, model_ids, attribution), agent_id, provider)
     parts = price_parts(merge_parts(parts, ("model_id",) + keep))
     return _rows_of(db, by, parts, strict, progress)
 
@@ -935,6 +1018,8 @@ def _rows_of(db, by, parts, strict, progress):
             keys = [(part_provider(part, models),)]
         elif by == "day":
             keys = [(part["day"],)]
+        elif by != "tree":  # whose the calls were
+            keys = [(part["attribute"],)]
         else:
             keys = [(agent,) for agent in ancestors.get(part["agent_id"], [None])]
         for key in keys:
@@ -1006,8 +1091,10 @@ def _report_rows(by, totals, models, levels):
                 row.update(parent_agent_id=agent.parent_agent_id if agent else None, level=levels.get(key))
         elif by == "provider":
             row["provider"] = key
-        else:
+        elif by == "day":
             row["day"] = key
+        else:  # user, session, tag:KEY
+            row["tag" if by.startswith("tag:") else by] = key
         row.update(calls=entry["calls"], tokens_in=entry["tokens_in"], tokens_out=entry["tokens_out"],
                    cached_tokens=entry["cached_tokens"], cache_write_tokens=entry["cache_write_tokens"],
                    cost=entry["cost"], currency=currency, unpriced_tokens=entry["unpriced_tokens"],

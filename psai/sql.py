@@ -32,7 +32,8 @@ __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALU
            "Slot", "slot", "Statement", "compiled", "item_groups_sql", "item_totals_sql", "counters_sound",
            "counters_negative", "counter_totals_sql", "counter_rows_sql", "price_period_sql", "counter_sums_sql",
            "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "lock_models_sql",
-           "item_reprice_sql", "usage_state_sql", "response_id_sql", "item_by_response_id_sql"]
+           "item_reprice_sql", "usage_state_sql", "response_id_sql", "item_by_response_id_sql", "attribute_sql",
+           "attribute_path"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -270,13 +271,16 @@ class ItemReader:
         return "(CASE WHEN typeof(%s) = 'text' AND json_valid(%s) THEN %s END)" % (column, column, sql)
 
     def select(self, names, where, model_threshold=False, with_id=False, source='"ps_model_usage_item"',
-               models='"ps_ai_models"'):
+               models='"ps_ai_models"', attribute=None):
         """The first step: the items' key columns and ``v_<name>`` for each
         value named (and the model's current long-context threshold; the
         items' ids). ``source``: the items' table, or a CTE of new items;
-        ``models``: the models' table, or a CTE of their rows (id, configuration)."""
+        ``models``: the models' table, or a CTE of their rows (id, configuration).
+        ``attribute``: SQL of the attribution a report groups by (``attribute_sql``), as ``v_attribute``."""
         paths = {name: path for name, path, _kind in ITEM_VALUES}
         columns = ["i.model_id", "i.agent_id", "i.connector_id", "i.created_at"] + (["i.id"] if with_id else [])
+        if attribute is not None:
+            columns.append("%s AS v_attribute" % attribute)
         columns += ["%s AS v_%s" % (self._raw("i.data", paths[name]), name) for name in names]
         join = ""
         if model_threshold:
@@ -317,6 +321,26 @@ class ItemReader:
         return "coalesce(max(CAST(v_%s AS NUMERIC), 0), 0)" % name
 
 
+def attribute_path(kind):
+    """The path in an item's data of an attribution ``kind`` (user, session,
+    environment, or ``tag:KEY``)."""
+    return ("psai", "tags", kind[4:]) if kind.startswith("tag:") else ("psai", kind)
+
+
+def attribute_sql(postgres, column, kind, params):
+    """SQL reading one attribution of an item (``column`` its data) as text:
+    NULL when the item has none, or a value that is not text. Its path (a
+    tag's key is a caller's) is a bound parameter, appended to ``params``."""
+    path = attribute_path(kind)
+    if postgres:
+        params.extend([list(path), list(path)])
+        return "(CASE WHEN jsonb_typeof(%s #> %%s::text[]) = 'string' THEN %s #>> %%s::text[] END)" % (column, column)
+    text = "$." + ".".join('"%s"' % key for key in path)
+    params.extend([text, text])
+    return ("(CASE WHEN typeof(%s) = 'text' AND json_valid(%s) AND json_type(%s, ?) = 'text' "
+            "THEN json_extract(%s, ?) END)" % (column, column, column, column))
+
+
 # -- reports' statements over items and counters ---------------------------------------
 
 # The typed values priced apart (items.APART's, in its order), and all those summed, not grouped by.
@@ -340,6 +364,7 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
         "agent_id": "agent_id" if "agent" in grouped else None,
         "connector_id": "connector_id" if "connector" in grouped else None,
         "day": r.j.day("created_at") if "day" in grouped else None,
+        "attribute": "v_attribute" if "attribute" in grouped else None,
         "provider": r.value("provider"),
         "pricing": r.value("pricing"),
         "applied_service_tier": r.value("applied_service_tier"),

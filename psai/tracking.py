@@ -7,7 +7,7 @@ records there."""
 from decimal import Decimal
 from typing import Any
 
-from .arguments import agent_arg, model_arg
+from .arguments import agent_arg, attribution_arg, model_arg
 from .budget import check_budget
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, Reservation
 from .recording import record_response_data
@@ -20,8 +20,10 @@ class Run:
     """The calls recorded in one ``track`` block: ``calls``, and ``cost`` per
     currency (Decimal; a call that cannot be priced adds to ``unpriced_calls``)."""
 
-    def __init__(self, agent: PsAgent | None, model: PsAiModel | None, budget: bool = False) -> None:
+    def __init__(self, agent: PsAgent | None, model: PsAiModel | None, budget: bool = False,
+                 attribution: dict[str, Any] | None = None) -> None:
         self.agent, self.model, self.budget = agent, model, budget
+        self.attribution = attribution or {}  # whose the block's calls are (attribution_arg's)
         self.calls = 0
         self.unpriced_calls = 0
         self.cost: dict[str, Decimal] = {}
@@ -60,7 +62,8 @@ class Run:
         before its next call."""
         chosen = model if model is not None else self.model
         held, self.reservation = self.reservation, None
-        call = record_response_data(chosen, self.agent, response, provider, None, None, held)
+        call = record_response_data(chosen, self.agent, response, provider, None, None, held,
+                                    attribution=self.attribution)
         if not call.duplicate:  # a response recorded already is the same call: counted once
             for each in (call, *call.other_calls):  # an advisor's calls are calls the block made too
                 self.calls += 1
@@ -84,11 +87,12 @@ class _Tracking:
 
     run: Run
 
-    def __init__(self, agent: Any, model: Any, budget: bool) -> None:
-        self.agent, self.model, self.budget = agent, model, budget
+    def __init__(self, agent: Any, model: Any, budget: bool, attribution: dict[str, Any]) -> None:
+        self.agent, self.model, self.budget, self.attribution = agent, model, budget, attribution
 
     def _start(self) -> Run:
-        run = Run(agent_arg(self.agent), model_arg(self.model) if self.model is not None else None, self.budget)
+        run = Run(agent_arg(self.agent), model_arg(self.model) if self.model is not None else None, self.budget,
+                  self.attribution)
         if self.budget:
             run.check()
         return run
@@ -110,7 +114,9 @@ class _Tracking:
 
 
 def track(agent: AgentRef | None, model: ModelRef | None = None,
-          budget: bool = False) -> _Tracking:
+          budget: bool = False, *, user: str | None = None, session: str | None = None,
+          trace: str | dict[str, str] | None = None, tags: dict[str, str] | None = None,
+          environment: str | None = None) -> _Tracking:
     """For scripts: ``with psai.track(agent) as run: run.record(response)``
     records each call the block makes (``record_response``; ``model`` for
     all of them, else each response's model name) and keeps their count
@@ -121,5 +127,8 @@ def track(agent: AgentRef | None, model: ModelRef | None = None,
     cost and, with ``budget=True``, reserves it until ``run.record``; the
     block's end gives back a reservation no call settled).
     ``async with psai.track(agent) as run: await run.arecord(response)``
-    for async code."""
-    return _Tracking(agent, model, budget)
+    for async code. ``user``, ``session``, ``trace``, ``tags``,
+    ``environment``: whose the block's calls are, kept in each one's item
+    (``record_response``'s; checked here, before any call)."""
+    attribution = attribution_arg(user=user, session=session, trace=trace, tags=tags, environment=environment)
+    return _Tracking(agent, model, budget, attribution)

@@ -249,10 +249,14 @@ atexit.register(flush)
 
 async def arecord_response(model: ModelRef | None, agent: AgentRef | None, response: Any, *,
                            provider: str | None = None, user_id: int | None = None,
-                           connector_id: int | None = None) -> RecordedCall:
+                           connector_id: int | None = None, user: str | None = None,
+                           session: str | None = None, trace: str | dict[str, str] | None = None,
+                           tags: dict[str, str] | None = None, environment: str | None = None) -> RecordedCall:
     """``record_response`` for async code: the response is read and the call
     written on the background writer's thread and connection, and the
     event loop goes on meanwhile. Returns the ``RecordedCall``, as
-    ``record_response`` does; its errors are raised here."""
+    ``record_response`` does; its errors are raised here. ``user``,
+    ``session``, ``trace``, ``tags``, ``environment``: ``record_response``'s."""
     return await run_in(None, record_response, model, agent, response, provider=provider, user_id=user_id,
-                        connector_id=connector_id)
+                        connector_id=connector_id, user=user, session=session, trace=trace, tags=tags,
+                        environment=environment)

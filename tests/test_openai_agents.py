@@ -60,7 +60,7 @@ def test_a_response_span_is_recorded_once_from_the_response_itself(gpt4o, proces
     [data] = items()
     assert data["psai"]["responseId"] == "resp_agents_1" and data["apiFamily"] == "responses"
     assert psai.recorded_response("resp_agents_1").cost == COST
-    assert data["psai"]["source"] == "openai-agents" and data["psai"]["conversationId"] == "conversation-3"
+    assert data["psai"]["source"] == "openai-agents" and data["psai"]["session"] == "conversation-3"
     assert data["psai"]["tags"] == {"team": "search"} and "approximate" not in data["psai"]
 
 

@@ -209,7 +209,7 @@ def test_conversation_and_agent_name_are_kept(models):
     with trace.start_as_current_span("chat", attributes=SEMCONV_ANTHROPIC):
         pass
     [data] = items()
-    assert data["psai"]["conversationId"] == "conv-1" and data["psai"]["agentName"] == "Researcher"
+    assert data["psai"]["session"] == "conv-1" and data["psai"]["agentName"] == "Researcher"
 
 
 def test_an_unmatched_model_is_recorded_unpriced_on_a_placeholder(models):
