@@ -1146,14 +1146,47 @@ class ColumnList(click.ParamType):
         return names
 
 
+class Grouping(click.ParamType):
+    """A report's --by: a grouping, or tag:KEY."""
+    name = "GROUPING"
+    choices = ("model", "agent", "tree", "provider", "day", "user", "session")
+
+    def convert(self, value, param, ctx):
+        if value in self.choices or isinstance(value, str) and value.startswith("tag:") and value[4:]:
+            return value
+        self.fail("%s: give one of %s, or tag:KEY" % (shown(value), ", ".join(self.choices)), param, ctx)
+
+    def get_metavar(self, param, ctx=None):
+        return "[%s|tag:KEY]" % "|".join(self.choices)
+
+
+class TagFilter(click.ParamType):
+    """A report's --tag KEY=VALUE."""
+    name = "KEY=VALUE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        key, equals, text = value.partition("=")
+        if not equals or not key:
+            self.fail("%s: give KEY=VALUE, e.g. env=prod" % shown(value), param, ctx)
+        return key, text
+
+
 @usage.command("report")
-@click.option("--by", "grouping", type=click.Choice(["model", "agent", "tree", "provider", "day"]),
-              default="model", show_default=True)
+@click.option("--by", "grouping", type=Grouping(), default="model", show_default=True,
+              help="How rows are grouped: by model, agent, agent tree, provider, UTC day, the application's "
+                   "end user, session, or a tag's value (tag:KEY); calls without the user, session or tag "
+                   "are in the row (none).")
 @click.option("--since", metavar="DATE", help="From this day (YYYY-MM-DD) or time.")
 @click.option("--until", metavar="DATE", help="Up to and including this day, or up to this time.")
 @click.option("--agent", metavar="AGENT", help="Only this agent's calls (id, uuid or name).")
 @click.option("--model", metavar="MODEL", help="Only calls to this model, every version of it (id, uuid or name).")
 @click.option("--provider", help="Only calls to this provider.")
+@click.option("--user", metavar="USER", help="Only the calls of this end user (record_usage's user=).")
+@click.option("--session", metavar="SESSION", help="Only the calls of this session (conversation).")
+@click.option("--tag", "tag_filters", type=TagFilter(), multiple=True,
+              help="Only the calls with this tag (repeat: all of them).")
 @click.option("--columns", "extra", type=ColumnList(), default="", metavar="NAMES",
               help="More columns, comma-separated: cached (input tokens read from cache), cache-write.")
 @click.option("--exact", is_flag=True, help="Amounts in the table as computed, not rounded to cents.")
@@ -1161,7 +1194,8 @@ class ColumnList(click.ParamType):
 @click.option("--html", "html_path", metavar="FILE",
               help="Also write a self-contained HTML page with charts (no network needed to open it).")
 @output_options
-def usage_report(grouping, since, until, agent, model, provider, extra, exact, strict, html_path, fmt):
+def usage_report(grouping, since, until, agent, model, provider, user, session, tag_filters, extra, exact, strict,
+                 html_path, fmt):
     """Cost of recorded usage, each call priced at the prices stored with it.
 
     Usage that cannot be priced (prices missing or unusable) is shown in rows
@@ -1171,13 +1205,18 @@ def usage_report(grouping, since, until, agent, model, provider, extra, exact, s
     """
     from .usage import cost_report
     from .report import html
+    if html_path and (grouping in ("user", "session") or grouping.startswith("tag:") or user or session
+                      or tag_filters):
+        raise click.UsageError("--html: the page groups by model, agent, tree, provider or day, without the "
+                               "user, session and tag filters; leave --html out for this report")
     connect()
     filters = {"agent": agent, "model": model, "provider": provider}
     with dbmod.read_transaction():  # the table and the page: one moment
         with Progress("pricing usage") as progress:
             if progress.enabled:
                 click.echo("summing usage in the database...", err=True)
-            rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress, **filters)
+            rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress, user=user,
+                               session=session, tags=dict(tag_filters) or None, **filters)
         page = html(grouping, since=since, until=until, rows=rows,
                     database=_database_url() or dbmod.DEFAULT_URL, **filters) if html_path else None
     if html_path:
@@ -1195,7 +1234,8 @@ def usage_report(grouping, since, until, agent, model, provider, extra, exact, s
 def _report_keys(rows, grouping):
     known = set(REPORT_COLUMNS) | set(EXTRA_REPORT_COLUMNS.values()) | {"unpriced_reason", "provider_cost"}
     keys = [column for column in (rows[0] if rows else {}) if column not in known]
-    return keys or [{"tree": "agent_id", "day": "day", "provider": "provider"}.get(grouping, grouping + "_id")]
+    return keys or [{"tree": "agent_id", "day": "day", "provider": "provider", "user": "user",
+                     "session": "session"}.get(grouping, "tag" if grouping.startswith("tag:") else grouping + "_id")]
 
 
 def _emit_report(rows, grouping, keys, extra=(), exact=False):
@@ -1205,6 +1245,8 @@ def _emit_report(rows, grouping, keys, extra=(), exact=False):
     table = list(rows)
     for currency, total in sorted(totals.items(), key=lambda item: (item[0] is None, str(item[0]))):
         table.append(dict(total, **{keys[0]: "TOTAL", "currency": currency}))
+    if keys[0] in ("user", "session", "tag"):  # the calls without one
+        table = [dict(row, **{keys[0]: "(none)"}) if row[keys[0]] is None else row for row in table]
     if not exact:
         table = [dict(row, cost=money_shown(row["cost"], row["currency"]),
                       provider_cost=money_shown(row.get("provider_cost"), row["currency"])) for row in table]
