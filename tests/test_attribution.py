@@ -1,0 +1,234 @@
+"""Attribution (docs/capture.md): whose each call was (user, session, trace,
+tags, environment) kept in its item's psai part by every way of recording,
+checked before anything is written, and reports grouped and filtered by
+it, equal to pricing every item on its own, rollups on and off."""
+import asyncio
+import datetime
+import json
+from collections import defaultdict
+from decimal import Decimal
+
+import pytest
+from click.testing import CliRunner
+
+import psai
+from conftest import make_configuration
+from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, cost_report, rollups
+from psai.cli import cli
+from psai.items import item_price
+from psai.responses import ResponseUsage
+
+UTC = datetime.timezone.utc
+ATTRIBUTION = {"user": "user-42", "session": "conversation-7", "trace": {"traceId": "4bf92f35", "spanId": "00f067aa"},
+               "tags": {"team": "search", "env": "prod"}, "environment": "staging"}
+
+
+@pytest.fixture
+def model(db):
+    return PsAiModel.create(name="GPT", configuration=make_configuration())
+
+
+def kept():
+    return [row.data.get("psai", {}) for row in PsModelUsageItem.select().order_by(PsModelUsageItem.id)]
+
+
+def a_response(number):
+    return ResponseUsage(tokens_in=100 * number, tokens_out=10, model="gpt-4", provider="openai",
+                         provider_metadata={"responseId": "resp-%d" % number})
+
+
+def test_every_way_of_recording_keeps_the_attribution(db, model):
+    psai.record_usage(model, tokens_in=10, tokens_out=1, **ATTRIBUTION)
+    psai.record_response(model, None, a_response(1), **ATTRIBUTION)
+    asyncio.run(psai.arecord_response(model, None, a_response(2), **ATTRIBUTION))
+    with psai.track(None, model, **ATTRIBUTION) as run:
+        run.record(a_response(3))
+    for data in kept():
+        assert {key: data[key] for key in ATTRIBUTION} == ATTRIBUTION
+    assert [data.get("responseId") for data in kept()] == [None, "resp-1", "resp-2", "resp-3"]
+
+
+def test_a_trace_id_alone_and_only_what_is_given(db, model):
+    psai.record_usage(model, tokens_in=10, tokens_out=1, trace="4bf92f3577b34da6", user="u")
+    psai.record_usage(model, tokens_in=10, tokens_out=1)
+    first, second = kept()
+    assert first == {"trace": {"traceId": "4bf92f3577b34da6"}, "user": "u"}
+    assert not {"user", "session", "trace", "tags", "environment"} & set(second)
+
+
+@pytest.mark.parametrize("given, named, says", [
+    ({"user": 42}, "user", "Not text (got int)"),
+    ({"session": ""}, "session", "Empty"),
+    ({"environment": "x" * 256}, "environment", "Too long: 256 characters, at most 255"),
+    ({"tags": ["team"]}, "tags", "Give text keys and values"),
+    ({"tags": {"team": 1}}, "tags", "Tag 'team': Not text"),
+    ({"tags": {"a=b": "c"}}, "tags", "Tag key 'a=b'"),
+    ({"tags": {"k%d" % i: "v" for i in range(33)}}, "tags", "33 tags: at most 32"),
+    ({"trace": {"traceId": "t", "parent": "p"}}, "trace", "Give the trace id"),
+    ({"trace": {"traceId": 5}}, "trace", "traceId: Not text"),
+])
+def test_bad_attribution_is_refused_naming_the_argument_and_nothing_is_written(db, model, given, named, says):
+    for record in (lambda: psai.record_usage(model, tokens_in=10, tokens_out=1, **given),
+                   lambda: psai.record_response(model, None, a_response(1), **given),
+                   lambda: psai.track(None, model, **given)):
+        with pytest.raises(psai.ValidationError) as raised:
+            record()
+        assert list(raised.value.paths) == [named] and says in str(raised.value)
+    assert PsModelUsageItem.select().count() == 0 and PsModelUsage.select().count() == 0
+
+
+def test_two_bad_arguments_are_both_named(db, model):
+    with pytest.raises(psai.ValidationError) as raised:
+        psai.record_usage(model, tokens_in=1, user=1, tags={"": "x"})
+    assert set(raised.value.paths) == {"user", "tags"}
+
+
+# -- reports ---------------------------------------------------------------------------------
+
+USERS, SESSIONS, TEAMS = ["alice", "bob", None], ["s1", "s2", "s3", None], ["search", "ads", None]
+
+
+def seed(clock):
+    """Calls of two models, three days, two agents, every mix of user, session
+    and team (some without), some with env=prod; plus counter usage no
+    item covers (no attribution) and an item written by hand with odd values."""
+    gpt = PsAiModel.create(name="GPT", configuration=make_configuration())
+    claude = PsAiModel.create(name="Claude", configuration=make_configuration(provider="anthropic", model="claude"))
+    writer = PsAgent.create(configuration={"name": "Writer"})
+    number = 0
+    for day in (1, 2, 3):
+        clock.set(datetime.datetime(2026, 11, day, 9, tzinfo=UTC))
+        for user in USERS:
+            for session in SESSIONS:
+                for team in TEAMS:
+                    number += 1
+                    tags = {"team": team} if team else {}
+                    if number % 3 == 0:
+                        tags["env"] = "prod"
+                    psai.record_usage(gpt if number % 2 else claude, writer if number % 5 else None,
+                                      tokens_in=100 + number, tokens_out=10 + number, cached_tokens=number % 7,
+                                      user=user, session=session, tags=tags or None)
+    # Counter usage without an item (recorded by an older tool): no attribution.
+    PsModelUsage.create(model=gpt, user_id=1, token_in_count=5000, token_out_count=50,
+                        created_at=datetime.datetime(2026, 11, 2, 10, tzinfo=UTC))
+    # An item edited by hand: a user that is not text counts as none.
+    odd = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).first()
+    odd.data = dict(odd.data, psai=dict(odd.data["psai"], user=7, tags={"team": ["x"]}))
+    odd.save()
+    return gpt, claude, writer
+
+
+def scanned(kind, only=lambda data: True, agent_id=None):
+    """Each item priced on its own, added up by its attribution ``kind``."""
+    totals = defaultdict(lambda: [0, Decimal(0)])
+    for item in PsModelUsageItem.select():
+        extras = item.data.get("psai") or {}
+        if not only(extras) or agent_id is not None and item.agent_id != agent_id:
+            continue
+        value = extras.get("tags", {}).get(kind[4:]) if kind.startswith("tag:") else extras.get(kind)
+        value = value if isinstance(value, str) else None
+        cost, _reason = item_price(item.data)
+        totals[value][0] += 1
+        totals[value][1] += cost
+    return {key: tuple(entry) for key, entry in totals.items()}
+
+
+def reported(rows, column):
+    totals = defaultdict(lambda: [0, Decimal(0)])
+    for row in rows:
+        totals[row[column]][0] += row["calls"]
+        totals[row[column]][1] += row["cost"] or 0
+    return {key: tuple(entry) for key, entry in totals.items()}
+
+
+def counters_alone(model):
+    """What the counter row without items costs (no attribution: in the (none) group)."""
+    return 5000 * Decimal(30) / 1000000 + 50 * Decimal(60) / 1000000
+
+
+@pytest.mark.parametrize("rolled_up", [True, False])
+def test_reports_by_user_session_and_tag_equal_pricing_every_item(db, clock, rolled_up):
+    gpt, claude, writer = seed(clock)
+    if not rolled_up:
+        rollups.disable(db)
+    assert rollups.enabled(db) is rolled_up
+    for by, column in (("user", "user"), ("session", "session"), ("tag:team", "tag"), ("tag:env", "tag")):
+        expected = scanned(by)
+        calls, cost = expected.get(None, (0, Decimal(0)))
+        expected[None] = (calls, cost + counters_alone(gpt))  # the counters no item covers have no attribution
+        rows = cost_report(by)
+        assert reported(rows, column) == expected, by
+        assert sum(row["calls"] for row in rows) == PsModelUsageItem.select().count()
+        assert rows[-1][column] is None  # the calls without it come last
+    # A period: the items of those days only.
+    rows = cost_report("user", since="2026-11-02", until="2026-11-02")
+    assert sum(row["calls"] for row in rows) == len(USERS) * len(SESSIONS) * len(TEAMS)
+
+
+@pytest.mark.parametrize("rolled_up", [True, False])
+def test_filters_by_user_session_and_tags(db, clock, rolled_up):
+    gpt, claude, writer = seed(clock)
+    if not rolled_up:
+        rollups.disable(db)
+    assert reported(cost_report("model", user="alice"), "model_id").keys() == {gpt.id, claude.id}
+    alice = scanned("user", lambda extras: extras.get("user") == "alice")
+    assert reported(cost_report("user", user="alice"), "user") == alice
+    assert sum(row["calls"] for row in cost_report("model", user="alice")) == alice["alice"][0]
+    prod_search = scanned("tag:team", lambda e: (e.get("tags") or {}).get("env") == "prod")
+    assert reported(cost_report("tag:team", tags={"env": "prod"}), "tag") == prod_search
+    both = scanned("session", lambda e: e.get("user") == "bob" and (e.get("tags") or {}).get("team") == "ads")
+    assert reported(cost_report("session", user="bob", tags={"team": "ads"}), "session") == both
+    # With the agent, model and provider filters too.
+    mine = scanned("user", lambda e: e.get("session") == "s2", agent_id=writer.id)
+    assert reported(cost_report("user", session="s2", agent="Writer"), "user") == mine
+    rows = cost_report("provider", user="alice", model="Claude", provider="anthropic")
+    assert [row["provider"] for row in rows] == ["anthropic"]
+    assert cost_report("user", user="nobody") == []
+
+
+def test_a_report_refuses_a_bad_grouping_or_filter(db):
+    with pytest.raises(psai.ValidationError, match="by: Must be one of: .*user, session, or tag:KEY"):
+        cost_report("team")
+    with pytest.raises(psai.ValidationError, match="by: Tag key 'a b'"):
+        cost_report("tag:a b")
+    with pytest.raises(psai.ValidationError, match="user: Not text"):
+        cost_report("model", user=3)
+    with pytest.raises(psai.ValidationError, match="tags: Give text keys and values"):
+        cost_report("model", tags="env=prod")
+
+
+def test_spans_and_calls_are_reported_together(db, model):
+    """A span's conversation id is a session, as record_usage's session is."""
+    from psai.recording import record_response_data
+    record_response_data(model, None, a_response(1), None, None, None,
+                         kept={"source": "otel", "session": "conversation-7", "tags": {"team": "search"}})
+    psai.record_usage(model, tokens_in=10, tokens_out=1, session="conversation-7", tags={"team": "search"})
+    [row] = cost_report("session")
+    assert (row["session"], row["calls"]) == ("conversation-7", 2)
+    [row] = cost_report("tag:team")
+    assert (row["tag"], row["calls"]) == ("search", 2)
+
+
+def test_the_command_line_report_by_tag_with_filters(backend, clock):
+    psai.migrate()
+    gpt, claude, writer = seed(clock)
+
+    def run(*args, code=0):
+        result = CliRunner().invoke(cli, ["--database", backend.url, *args], catch_exceptions=False)
+        psai.connect(backend.url)
+        assert result.exit_code == code, (result.exit_code, result.output)
+        return result
+
+    rows = json.loads(run("usage", "report", "--by", "tag:team", "--tag", "env=prod", "--json").stdout)
+    assert reported([dict(row, cost=Decimal(row["cost"])) for row in rows], "tag") == scanned(
+        "tag:team", lambda e: (e.get("tags") or {}).get("env") == "prod")
+    rows = json.loads(run("usage", "report", "--by", "user", "--agent", "Writer", "--model", "GPT",
+                          "--provider", "openai", "--session", "s1", "--json").stdout)
+    assert {row["user"] for row in rows} <= {"alice", "bob", None} and rows
+    assert sum(row["calls"] for row in rows) == sum(row["calls"] for row in cost_report(
+        "model", agent="Writer", model="GPT", provider="openai", session="s1"))
+    table = run("usage", "report", "--by", "user").stdout.splitlines()
+    assert table[0].split()[0] == "user" and any(line.startswith("(none)") for line in table)
+    assert "give KEY=VALUE" in run("usage", "report", "--tag", "env", code=2).stderr
+    assert "give one of model" in run("usage", "report", "--by", "team", code=2).stderr
+    assert "--html" in run("usage", "report", "--by", "user", "--html", "page.html", code=2).stderr
