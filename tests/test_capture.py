@@ -481,3 +481,27 @@ def test_work_on_the_writer_may_queue_and_flush_without_waiting_on_itself(model)
     assert psai.flush(timeout=60)
     assert flushed_there == [True]
     assert len(items()) == 1
+
+
+def test_instrumented_calls_keep_their_attribution(server, model):
+    """user, session, trace, tags, environment on every call, sync, async and streamed."""
+    given = {"user": "user-42", "session": "conversation-7", "trace": "4bf92f35", "tags": {"team": "search"},
+             "environment": "prod"}
+    client = psai.instrument(openai_client(server), model=model, **given)
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True))
+
+    async def calls():
+        async_client = psai.instrument(async_anthropic_client(server), model=model, **given)
+        await async_client.messages.create(model="claude", max_tokens=10, messages=MESSAGES)
+        async with async_client.messages.stream(model="claude", max_tokens=10, messages=MESSAGES) as stream:
+            await stream.get_final_message()
+
+    asyncio.run(calls())
+    psai.flush()
+    recorded = items()
+    assert len(recorded) == 4
+    for data in recorded:
+        assert {key: data["psai"][key] for key in given} == dict(given, trace={"traceId": "4bf92f35"})
+    with pytest.raises(psai.ValidationError, match="tags"):
+        psai.instrument(openai_client(server), model=model, tags={"team": 1})
