@@ -26,7 +26,7 @@ from .fields import UTC
 from .items import APART, BUCKETS, BucketPricer, apart_extra, effective_prices
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
 from .recording import usage_counters
-from .rollups import ReadPlan, read_plan, rollup_rows, scan_where
+from .rollups import ReadPlan, enabled, ledger_enabled, ledger_rows, read_plan, rollup_rows, scan_where
 from .sql import (
     ITEM_VALUES, ItemReader, JsonSQL, attribute_sql, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql,
     counter_totals_sql, counters_negative, counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql,
@@ -226,7 +226,9 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     r = ItemReader(is_postgres(db))
     # Closed days from the rollups, what they do not cover from the items.
     cover = read_plan(db, since, until)
-    if attribution is not None:  # the rollups do not keep whose calls were: every item is read
+    # Whose calls were: the ledger's days when it answers (one kind asked), else every item is read.
+    ledger = attribution is not None and _ledger_answers(db, attribution)
+    if attribution is not None and not ledger:
         cover = ReadPlan(since, until, (), ((since, until),))
     params: list[Any] = []
     column_params: list[Any] = []
@@ -253,7 +255,11 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     # Rolled-up days are read without the extra keys: their ``totals`` and
     # ``key_buckets`` come from light reads of the rollups below, not from
     # many more rows here.
-    sources = [(rollup_rows(db, names, cover.days, model_ids, agent_ids), names)]
+    if attribution is None:
+        sources = [(rollup_rows(db, names, cover.days, model_ids, agent_ids), names)]
+    else:
+        kind, value = _ledger_query(attribution)
+        sources = [(ledger_rows(db, names, cover.days, model_ids, agent_ids, kind, value) if ledger else [], names)]
     if cover.reads_items:
         sources.append((db.execute_sql(sql, params), group))
     merged: dict[tuple, GroupSums] = {}
@@ -316,6 +322,23 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
             row["pricing"] = parsed[pricing]
         rows.append(row)
     return rows
+
+
+def _ledger_query(attribution):
+    """(kind, value) the ledger is read for: the one kind the Attribution
+    asks about, and the value it filters on (None: every value, and the
+    calls without one)."""
+    kinds = {kind for kind, _value in attribution.only} | ({attribution.by} if attribution.by else set())
+    kind = min(kinds)
+    return kind, dict(attribution.only).get(kind)
+
+
+def _ledger_answers(db, attribution):
+    """True when the attribution ledger can answer: its triggers keep it
+    beside the rollups, and the report asks about one kind of attribution
+    (grouping by it, filtering on it, or both; other mixes read the items)."""
+    kinds = {kind for kind, _value in attribution.only} | ({attribution.by} if attribution.by else set())
+    return len(kinds) == 1 and len(attribution.only) <= 1 and enabled(db) and ledger_enabled(db)
 
 
 def _item_window(db, cover, model_ids, params, agent_ids=None):

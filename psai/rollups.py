@@ -33,14 +33,16 @@ from .errors import NotAdoptedError, RollupsOffError
 from .fields import UTC
 from .models import PsModelUsageItem
 from .sql import (
-    ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, ROLLUP_TRIGGERS, UNFOLDED_TABLE, ItemReader, drop_rollup_triggers_sql,
-    foldable_sql, item_days_sql, model_thresholds_sql, quoted, ranges_clause, rollup_days_sql, rollup_groups_sql,
-    rollup_insert_sql, rollup_rows_sql, rollup_sums_sql, rollup_thresholds_sql, rollup_trigger_sql,
-    rollup_triggers_sql, window,
+    LEDGER_TABLE, LEDGER_TRIGGERS, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, ROLLUP_TRIGGERS, UNFOLDED_TABLE,
+    drop_ledger_triggers_sql, drop_rollup_triggers_sql, foldable_sql, item_days_sql, ItemReader, ledger_groups_sql,
+    ledger_insert_sql, ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, quoted,
+    ranges_clause, rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql, rollup_sums_sql,
+    rollup_thresholds_sql, rollup_trigger_sql, rollup_triggers_sql, window,
 )
 
 __all__ = ["has_rollups", "enabled", "enable", "disable", "ReadPlan", "read_plan", "rollup_rows", "scan_where",
-           "rebuild", "verify", "status", "unfolded", "DayStatus", "RollupProblem", "ROLLUP_TABLE", "ROLLUP_SUMS"]
+           "rebuild", "verify", "status", "unfolded", "DayStatus", "RollupProblem", "ROLLUP_TABLE", "ROLLUP_SUMS",
+           "has_ledger", "ledger_enabled", "enable_ledger", "ledger_rows"]
 
 ONE_DAY = datetime.timedelta(days=1)
 # Range moment: a datetime, or None for an open end.
@@ -60,6 +62,40 @@ def enabled(db: Database) -> bool:
     return db.execute_sql(rollup_triggers_sql(postgres)).fetchone()[0] == len(ROLLUP_TRIGGERS[postgres])
 
 
+def has_ledger(db: Database) -> bool:
+    """True when the database has the attribution ledger (migration 0017)."""
+    return bool(table_columns(db, LEDGER_TABLE))
+
+
+def ledger_enabled(db: Database) -> bool:
+    """True when triggers keep the attribution ledger beside the rollups:
+    reports by user, session and tag read it for the days they read the
+    rollups (without its triggers they read the items)."""
+    if not has_ledger(db):
+        return False
+    postgres = is_postgres(db)
+    return db.execute_sql(ledger_triggers_sql(postgres)).fetchone()[0] == len(LEDGER_TRIGGERS[postgres])
+
+
+def enable_ledger(db: Database) -> None:
+    """In the caller's write transaction, with the rollups on: install the
+    ledger's triggers and rebuild it from the items."""
+    for statement in ledger_trigger_sql(is_postgres(db)):
+        db.execute_sql(statement)
+    _rebuild_ledger(db, None, None)
+
+
+def _rebuild_ledger(db: Database, start: Moment, end: Moment) -> None:
+    """The ledger of [start, end) (whole days) recomputed from the items."""
+    where, params = _day_where(db, start, end)
+    db.execute_sql('DELETE FROM "%s" WHERE %s' % (LEDGER_TABLE, " AND ".join(where) or "1 = 1"), params)
+    r = ItemReader(is_postgres(db))
+    item_params: list = []
+    item_where = window(db, "i.created_at", PsModelUsageItem.created_at, start, end, None, item_params) + [
+        foldable_sql(r.postgres, "i.created_at")]
+    db.execute_sql(ledger_insert_sql(r, ledger_groups_sql(r, item_where)), item_params)
+
+
 def _db(db: Database | None) -> Database:
     return db if db is not None else current_db()
 
@@ -74,6 +110,9 @@ def enable(db: Database | None = None) -> list[str]:
     with write_transaction(db):
         for statement in rollup_trigger_sql(is_postgres(db)):
             db.execute_sql(statement)
+        if has_ledger(db):
+            for statement in ledger_trigger_sql(is_postgres(db)):
+                db.execute_sql(statement)
         return _rebuild(db, None, None)
 
 
@@ -81,7 +120,7 @@ def disable(db: Database | None = None) -> None:
     """Remove the triggers: reports read the items (``enable`` to come back)."""
     db = _db(db)
     with write_transaction(db):
-        for statement in drop_rollup_triggers_sql(is_postgres(db)):
+        for statement in drop_rollup_triggers_sql(is_postgres(db)) + drop_ledger_triggers_sql(is_postgres(db)):
             db.execute_sql(statement)
 
 
@@ -230,6 +269,50 @@ def rollup_rows(db: Database, group: list[str], days: Iterable[str], model_ids: 
     return db.execute_sql(rollup_sums_sql(group, where), params).fetchall()
 
 
+def ledger_rows(db: Database, group: list[str], days: Iterable[str], model_ids: Iterable[int] | None,
+                agent_ids: Iterable[int] | None, kind: str, value: str | None) -> list[tuple]:
+    """The attribution ledger of ``days`` (of ``model_ids``, ``agent_ids``)
+    for ``kind`` (user, session, ``tag:KEY``) and ``value`` (None: every
+    value, and the calls without one, ``attribute`` None: the rollups less
+    the ledger) added up by ``group`` (``attribute``: the value): rows in
+    rollup_rows' layout."""
+    days = list(days)
+    if not days:
+        return []
+    common, params = _days_clause(db, days, model_ids, agent_ids)
+    attributed = ['"kind" = %s' % db.param] + (['"value" = %s' % db.param] if value is not None else [])
+    attributed_params = [kind] + ([value] if value is not None else [])
+    every = value is None and "attribute" in group
+    all_params = params + attributed_params + ((params + params + attributed_params) if every else [])
+    return db.execute_sql(ledger_sums_sql(group, common, attributed, every), all_params).fetchall()
+
+
+def _days_clause(db: Database, days: list[str], model_ids: Iterable[int] | None,
+                 agent_ids: Iterable[int] | None) -> tuple[list[str], list]:
+    """WHERE clauses of rollup (and ledger) rows of ``days`` (consecutive ones as one range), models and agents."""
+    params: list = []
+    runs: list[list[str]] = []
+    for day in days:
+        if runs and _after(runs[-1][1]) == _start(day):
+            runs[-1][1] = day
+        else:
+            runs.append([day, day])
+    clauses = []
+    for first, last in runs:
+        clauses.append('("range_day" >= %s AND "range_day" <= %s)' % (db.param, db.param))
+        params += [first, last]
+    where = ["(%s)" % " OR ".join(clauses)]
+    if model_ids is not None:
+        ids = list(model_ids)
+        where.append('"model_id" IN (%s)' % (", ".join([db.param] * len(ids)) or "NULL"))
+        params += ids
+    if agent_ids is not None:
+        agents = list(agent_ids)
+        where.append('"agent_id" IN (%s)' % (", ".join([db.param] * len(agents)) or "NULL"))
+        params += agents
+    return where, params
+
+
 def scan_where(db: Database, column: str, plan: ReadPlan, params: list) -> list[str]:
     """WHERE clauses for the items ``plan`` reads from the items (``column``
     their created_at; ``i.id`` their id): one clause, or none for everything."""
@@ -279,6 +362,8 @@ def _rebuild(db: Database, start: Moment, end: Moment) -> list[str]:
     db.execute_sql('INSERT INTO %s ("item_id", "reason") SELECT i.id, %s FROM "ps_model_usage_item" i WHERE NOT %s '
                    'AND NOT EXISTS (SELECT 1 FROM %s u WHERE u."item_id" = i.id)'
                    % (marks, db.param, foldable, marks), ("its created_at is not a time psai folds",))
+    if ledger_enabled(db):
+        _rebuild_ledger(db, start, end)
     return sorted(row[0] for row in db.execute_sql(rollup_days_sql(where), params))
 
 

@@ -33,7 +33,8 @@ __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALU
            "counters_negative", "counter_totals_sql", "counter_rows_sql", "price_period_sql", "counter_sums_sql",
            "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "lock_models_sql",
            "item_reprice_sql", "usage_state_sql", "response_id_sql", "item_by_response_id_sql", "attribute_sql",
-           "attribute_path"]
+           "attribute_path", "LEDGER_TABLE", "LEDGER_TRIGGERS", "ledger_trigger_sql", "drop_ledger_triggers_sql",
+           "ledger_triggers_sql", "ledger_groups_sql", "ledger_insert_sql", "ledger_sums_sql", "attributed_items_sql"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -271,7 +272,7 @@ class ItemReader:
         return "(CASE WHEN typeof(%s) = 'text' AND json_valid(%s) THEN %s END)" % (column, column, sql)
 
     def select(self, names, where, model_threshold=False, with_id=False, source='"ps_model_usage_item"',
-               models='"ps_ai_models"', attribute=None):
+               models='"ps_ai_models"', attribute=None, with_kind=False):
         """The first step: the items' key columns and ``v_<name>`` for each
         value named (and the model's current long-context threshold; the
         items' ids). ``source``: the items' table, or a CTE of new items;
@@ -281,6 +282,8 @@ class ItemReader:
         columns = ["i.model_id", "i.agent_id", "i.connector_id", "i.created_at"] + (["i.id"] if with_id else [])
         if attribute is not None:
             columns.append("%s AS v_attribute" % attribute)
+        if with_kind:  # the attribution ledger's: the source's kind of attribution beside its value
+            columns.append("i.kind AS v_kind")
         columns += ["%s AS v_%s" % (self._raw("i.data", paths[name]), name) for name in names]
         join = ""
         if model_threshold:
@@ -364,6 +367,7 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
         "agent_id": "agent_id" if "agent" in grouped else None,
         "connector_id": "connector_id" if "connector" in grouped else None,
         "day": r.j.day("created_at") if "day" in grouped else None,
+        "kind": "v_kind" if "kind" in grouped else None,
         "attribute": "v_attribute" if "attribute" in grouped else None,
         "provider": r.value("provider"),
         "pricing": r.value("pricing"),
@@ -949,3 +953,182 @@ def ranges_clause(db, column, field, ranges, params):
         parts = window(db, column, field, start, end, None, params)
         clauses.append("(%s)" % " AND ".join(parts) if parts else "1 = 1")
     return "(%s)" % " OR ".join(clauses) if clauses else "1 = 0"
+
+
+# -- the attribution ledger (psai.rollups; reports by user, session and tag) -------------------
+
+LEDGER_TABLE = "psai_attribution_ledger"
+LEDGER_FUNCTION = "psai_ledger_fold"
+LEDGER_TRIGGERS = {False: ("psai_ledger_insert", "psai_ledger_update", "psai_ledger_delete"),
+                   True: (LEDGER_FUNCTION,)}
+# A ledger row: one UTC day, one attribution (kind: user, session or tag:KEY; its text value) and one
+# rollup key, with the rollup sums of the items so attributed.
+_LEDGER_COLUMNS = ", ".join(quoted(c) for c in ("range_day", "kind", "value") + ROLLUP_KEYS + ROLLUP_SUMS
+                            + ("group_key",))
+
+
+def attributed_items_sql(postgres, source):
+    """The items of ``source`` (a table or a subquery of items, as ``i``),
+    one row for each attribution each holds as text: their folded columns,
+    ``kind`` (user, session, ``tag:KEY``) and ``value``. Data that is not
+    JSON, or a value that is not text, holds none."""
+    columns = ", ".join("i.%s" % quoted(c) for c in _FOLDED_COLUMNS)
+    if postgres:
+        def text(path):
+            return "jsonb_typeof(i.data #> '{%s}') = 'string'" % path, "i.data #>> '{%s}'" % path
+        user, session = text("psai,user"), text("psai,session")
+        return ("SELECT %s, a.kind, a.value FROM %s i CROSS JOIN LATERAL ("
+                "SELECT 'user' AS kind, %s AS value WHERE %s "
+                "UNION ALL SELECT 'session', %s WHERE %s "
+                "UNION ALL SELECT 'tag:' || t.key, t.value #>> '{}' FROM jsonb_each(CASE WHEN "
+                "jsonb_typeof(i.data #> '{psai,tags}') = 'object' THEN i.data #> '{psai,tags}' ELSE '{}'::jsonb END) t "
+                "WHERE jsonb_typeof(t.value) = 'string') a" % (columns, source, user[1], user[0], session[1],
+                                                               session[0]))
+    data = "(CASE WHEN typeof(i.data) = 'text' AND json_valid(i.data) THEN i.data ELSE '{}' END)"
+    selects = ["SELECT %s, '%s' AS kind, json_extract(%s, '$.psai.%s') AS value FROM %s i "
+               "WHERE json_type(%s, '$.psai.%s') = 'text'" % (columns, kind, data, kind, source, data, kind)
+               for kind in ("user", "session")]
+    selects.append("SELECT %s, 'tag:' || t.key, t.value FROM %s i, json_each(CASE WHEN json_type(%s, '$.psai.tags') "
+                   "= 'object' THEN json_extract(%s, '$.psai.tags') ELSE '{}' END) t WHERE t.type = 'text'"
+                   % (columns, source, data, data))
+    return " UNION ALL ".join(selects)
+
+
+def ledger_groups_sql(r, where, source='"ps_model_usage_item"'):
+    """The attributions of the items meeting ``where`` added up as ledger
+    rows are: (day, kind, value, ROLLUP_KEYS' other columns, ROLLUP_SUMS)."""
+    attributed = "(%s)" % attributed_items_sql(r.postgres, source)
+    read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True, source=attributed,
+                    attribute="i.value", with_kind=True)
+    sql, group = item_groups_sql(r, read, ("agent", "connector", "day", "kind", "attribute"), rollup=True)
+    assert tuple(g for g in group if g not in ("kind", "attribute")) == ROLLUP_KEYS, group
+    return sql
+
+
+def _ledger_key(postgres):
+    keys = _group_key(postgres)
+    if postgres:
+        return "md5(quote_nullable(g.kind) || '|' || quote_nullable(g.attribute) || '|' || %s)" % keys
+    return "quote(g.kind) || '|' || quote(g.attribute) || '|' || %s" % keys
+
+
+def ledger_insert_sql(r, groups):
+    """Insert the rows ``groups`` (ledger_groups_sql) into the ledger, each under its day."""
+    return 'INSERT INTO "%s" (%s) SELECT g."day", g.kind, g.attribute, %s, %s FROM (%s) g' % (
+        LEDGER_TABLE, _LEDGER_COLUMNS, ", ".join("g.%s" % quoted(c) for c in ROLLUP_KEYS + ROLLUP_SUMS),
+        _ledger_key(r.postgres), groups)
+
+
+def _ledger_fold_sql(r, row, sign, condition):
+    """Add (``sign`` 1) or take off (-1) the trigger's item ``row`` to the
+    ledger rows of its attributions, when ``condition`` holds."""
+    groups = ledger_groups_sql(r, [], source=_row_source(row))
+    times = "" if sign == 1 else "-1 * "
+    values = ["g.%s" % quoted(c) for c in ROLLUP_KEYS] + ["%sg.%s" % (times, quoted(c)) for c in ROLLUP_SUMS]
+    target = quoted(LEDGER_TABLE)
+    added = ["%s = %s.%s + excluded.%s" % (quoted(c), target, quoted(c), quoted(c)) for c in ROLLUP_SUMS
+             if c != "provider_cost"]
+    added.append('"provider_cost" = coalesce(%s."provider_cost", 0) + coalesce(excluded."provider_cost", 0)'
+                 % target)
+    return ('INSERT INTO %s (%s) SELECT g."day", g.kind, g.attribute, %s, %s FROM (%s) g WHERE %s '
+            'ON CONFLICT ("range_day", "group_key") DO UPDATE SET %s' % (
+                target, _LEDGER_COLUMNS, ", ".join(values), _ledger_key(r.postgres), groups, condition,
+                ", ".join(added)))
+
+
+def _ledger_emptied_sql(postgres, row):
+    return 'DELETE FROM "%s" WHERE "range_day" = %s AND "calls" = 0' % (
+        LEDGER_TABLE, _range_day(postgres, "%s.created_at" % row))
+
+
+def ledger_trigger_sql(postgres):
+    """The statements installing the ledger's own triggers, beside the
+    rollups' and like them: in the writer's transaction, never failing it
+    (SQLite: SQL that cannot fail; PostgreSQL: a block that, when a fold
+    fails, marks the item's day in ``psai_rollup_unfolded``, so reports read
+    that day from the items until it is rebuilt). Items whose time psai
+    does not fold are not in the ledger (the rollups mark them)."""
+    r = ItemReader(postgres)
+    new_ok, old_ok = foldable_sql(postgres, "NEW.created_at"), foldable_sql(postgres, "OLD.created_at")
+    if not postgres:
+        fold_in = [_ledger_fold_sql(r, "NEW", 1, new_ok)]
+        fold_out = [_ledger_fold_sql(r, "OLD", -1, old_ok), _ledger_emptied_sql(False, "OLD")]
+        insert, update, delete = LEDGER_TRIGGERS[False]
+        body = 'CREATE TRIGGER IF NOT EXISTS "%s" AFTER %s ON "ps_model_usage_item" BEGIN %s; END'
+        return [body % (insert, "INSERT", "; ".join(fold_in)),
+                body % (update, "UPDATE OF %s" % ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
+                        "; ".join(fold_out + fold_in)),
+                body % (delete, "DELETE", "; ".join(fold_out))]
+    function = """CREATE OR REPLACE FUNCTION %(function)s() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $psai$
+BEGIN
+  BEGIN
+    IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
+      %(fold_out)s;
+      %(emptied)s;
+    END IF;
+    IF TG_OP <> 'DELETE' AND %(new_ok)s THEN
+      %(fold_in)s;
+    END IF;
+  EXCEPTION WHEN OTHERS THEN
+    BEGIN
+      IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
+        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(old_day)s, SQLERRM);
+      END IF;
+      IF TG_OP <> 'DELETE' AND %(new_ok)s THEN
+        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(new_day)s, SQLERRM);
+      END IF;
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'psai: the attribution ledger could not keep a change of ps_model_usage_item: %%%%', SQLERRM;
+    END;
+  END;
+  RETURN NULL;
+END
+$psai$""" % {"function": LEDGER_FUNCTION, "unfolded": quoted(UNFOLDED_TABLE), "old_ok": old_ok, "new_ok": new_ok,
+             "fold_out": _ledger_fold_sql(r, "OLD", -1, "true"), "emptied": _ledger_emptied_sql(True, "OLD"),
+             "fold_in": _ledger_fold_sql(r, "NEW", 1, "true"), "old_day": _range_day(True, "OLD.created_at"),
+             "new_day": _range_day(True, "NEW.created_at")}
+    trigger = ('CREATE TRIGGER "%s" AFTER INSERT OR DELETE OR UPDATE OF %s ON "ps_model_usage_item" '
+               'FOR EACH ROW EXECUTE PROCEDURE %s()' % (LEDGER_FUNCTION, ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
+                                                       LEDGER_FUNCTION))
+    return [function, 'DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % LEDGER_FUNCTION, trigger]
+
+
+def drop_ledger_triggers_sql(postgres):
+    """The statements removing the ledger's triggers (the function stays, harmless)."""
+    if postgres:
+        return ['DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % LEDGER_FUNCTION]
+    return ['DROP TRIGGER IF EXISTS "%s"' % name for name in LEDGER_TRIGGERS[False]]
+
+
+def ledger_triggers_sql(postgres):
+    """How many of the ledger's triggers the item table has (enabled)."""
+    if postgres:
+        return ("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('\"ps_model_usage_item\"') "
+                "AND tgname = '%s' AND tgenabled <> 'D'" % LEDGER_FUNCTION)
+    return ("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ps_model_usage_item' "
+            "AND name IN (%s)" % ", ".join("'%s'" % name for name in LEDGER_TRIGGERS[False]))
+
+
+def ledger_sums_sql(group, common, attributed, none_group):
+    """Ledger rows meeting ``common`` (days, models, agents) and
+    ``attributed`` (their kind, maybe their value) added up by ``group``
+    (names among ROLLUP_KEYS, and ``attribute``, the value): rows in
+    item_groups_sql's layout. ``none_group``: also the calls without that
+    kind, attribute NULL: the rollups meeting ``common`` less those ledger
+    rows. Parameters: ``common``'s and ``attributed``'s; with ``none_group``
+    then ``common``'s, and ``common``'s and ``attributed``'s again."""
+    keys = [quoted(c) for c in group]
+    named = ", ".join('"value" AS "attribute"' if c == "attribute" else quoted(c) for c in group)
+    nulled = ", ".join('NULL AS "attribute"' if c == "attribute" else quoted(c) for c in group)
+    sums = ", ".join(quoted(c) for c in ROLLUP_SUMS)
+    ledger_where = " AND ".join(list(common) + list(attributed))
+    parts = ['SELECT %s, 1 AS s, %s FROM "%s" WHERE %s' % (named, sums, LEDGER_TABLE, ledger_where)]
+    if none_group:
+        parts.append('SELECT %s, 1, %s FROM "%s" WHERE %s' % (nulled, sums, ROLLUP_TABLE,
+                                                              " AND ".join(common) or "1 = 1"))
+        parts.append('SELECT %s, -1, %s FROM "%s" WHERE %s' % (nulled, sums, LEDGER_TABLE, ledger_where))
+    summed = ['CAST(SUM(s * "calls") AS BIGINT)'] + ['SUM(s * %s)' % quoted(c) for c in ROLLUP_SUMS[1:-2]] + [
+        'CASE WHEN SUM(s * "cost_calls") > 0 THEN SUM(s * "provider_cost") END']
+    return 'SELECT %s, %s FROM (%s) t GROUP BY %s HAVING SUM(s * "calls") <> 0' % (
+        ", ".join(keys), ", ".join(summed), " UNION ALL ".join(parts), ", ".join(keys))
