@@ -7,6 +7,7 @@ import contextlib
 import copy
 import datetime
 import json
+import math
 import random
 import time
 
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsageItem, rollups
 from psai.check import check
+from psai.db import is_postgres
 from psai.cli import cli
 from psai.fields import UTC
 from psai.reports import REPORT_GROUPINGS, cost_report, cost_reports, daily_costs
@@ -235,6 +237,32 @@ def test_randomized_histories_report_as_a_full_scan(db, clock, seed):
     assert done >= {"record", "raw insert", "moved", "deleted", "edited", "threshold", "rebuilt"}, done
     assert rollups.verify(db) == []
     reports_equal_a_full_scan(db, rng)
+
+
+def test_a_huge_count_adds_exactly_whichever_source_reads_it(db, clock, seed_model):
+    """Counts no call has (so the items are unpriced) read from the rollups
+    for one day and from the items for a partial one: the two sums
+    meet as PostgreSQL numerics (Decimals, which add in 28 digits unless
+    made ints first). They used to meet in an order set by hash seeds, and
+    the report differed from a full scan by the 48 tokens."""
+    data = {"modelType": "text", "usageNormalized": {"tokensIn": 10, "tokensOut": 10**300}}
+    PsModelUsageItem.insert(user_id=1, model_id=seed_model.id, agent_id=0, created_at=clock(), updated_at=clock(),
+                            data=data).execute()
+    clock.advance(days=1)
+    data = {"modelType": "text", "usageNormalized": {"tokensIn": 10, "tokensOut": 48, "cachedInTokens": -5}}
+    PsModelUsageItem.insert(user_id=1, model_id=seed_model.id, agent_id=0, created_at=clock(), updated_at=clock(),
+                            data=data).execute()
+    until = clock() + datetime.timedelta(hours=1)  # a partial day: read from the items
+    assert rollups.read_plan(db, None, until).days == ("2026-11-25",)
+    rolled = cost_report("model", until=until)
+    with full_scan(db):
+        scanned = cost_report("model", until=until)
+    if is_postgres(db):
+        assert rolled == scanned
+        assert rolled[0]["tokens_out"] == 10**300 + 48 and rolled[0]["cost"] is None and rolled[0]["calls"] == 2
+    else:  # SQLite keeps a number past 2**63 as a float (REAL): its sums are a float's
+        assert math.isclose(rolled[0]["tokens_out"], scanned[0]["tokens_out"], rel_tol=1e-15)
+        assert rolled[0]["calls"] == scanned[0]["calls"] == 2 and rolled[0]["cost"] is scanned[0]["cost"] is None
 
 
 def test_writes_by_anyone_are_in_the_next_report(db, clock, seed_model):
