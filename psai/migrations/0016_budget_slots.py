@@ -7,6 +7,7 @@ slots' are installed too and the rollups rebuilt (slots with them) in the
 same transaction; where they are off, ``psai rollup enable`` installs both."""
 from peewee import AutoField, BigIntegerField, CharField, Field, IntegerField, Model, TextField
 
+from psai.db import forget_schema
 from psai.rollups import disable, enable, enabled
 
 
@@ -50,6 +51,7 @@ def up(migrator, db):
     db.create_tables([UsageSlot], safe=True)
     db.execute_sql('CREATE UNIQUE INDEX IF NOT EXISTS "psai_usage_slots_slot_key" '
                    'ON "psai_usage_slots" ("range_slot", "group_key")')
+    forget_schema(db)  # psai's look at the tables has to see this one
     if enabled(db):
         disable(db)  # SQLite's triggers are made only if missing
         enable(db)
