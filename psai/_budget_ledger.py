@@ -34,7 +34,7 @@ from .rollups import budget_plan, scan_where
 from .schemas import BUDGET_FIELDS, validate_budget_values
 from .sql import (
     BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_TABLE, ItemReader, budget_sums_sql,
-    item_groups_sql, window,
+    item_groups_sql, model_thresholds_sql, window,
 )
 
 __all__ = ["LIMIT", "TOTAL_PERIOD_KEY", "BudgetStatus", "BudgetEventRow", "LISTENERS", "budget_problem", "usable",
@@ -195,14 +195,15 @@ _ITEM_SUMS_AT = [ROLLUP_SUMS.index(name) for name in BUDGET_SUMS]
 
 
 def _groups(db: Database, start: datetime.datetime | None, end: datetime.datetime | None,
-            model_ids: list[int] | None, agent_ids: list[int] | None) -> list[tuple]:
+            model_ids: list[int] | None, agent_ids: list[int] | None, exact: bool = False) -> list[tuple]:
     """The calls of [start, end) of these models and agents, added up by
-    what prices them (rows: BUDGET_GROUP, then BUDGET_SUMS): whole UTC days
-    from the daily rollups, partial days from the 15-minute slots, what
-    neither holds from the items (``rollups.budget_plan``)."""
+    what prices them (rows: BUDGET_GROUP, whether the model's threshold
+    split them and that threshold, then BUDGET_SUMS): whole UTC days from the
+    daily rollups, partial days from the 15-minute slots, what neither holds
+    from the items (``rollups.budget_plan``)."""
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return []
-    plan, slots = budget_plan(db, start, end)
+    plan, slots = budget_plan(db, start, end, exact)
     rows: list[tuple] = []
     if plan.days:
         where, params = [], []  # consecutive days as one range
@@ -218,6 +219,9 @@ def _groups(db: Database, start: datetime.datetime | None, end: datetime.datetim
         _in(db, '"model_id"', model_ids, where, params)
         _in(db, '"agent_id"', agent_ids, where, params)
         rows += db.execute_sql(budget_sums_sql(ROLLUP_TABLE, where), params).fetchall()
+        split = {(row[0], row[len(BUDGET_GROUP) + 1]) for row in rows if row[len(BUDGET_GROUP)] == 1}
+        if split and not exact and _thresholds_changed(db, split):  # read as reports read them
+            return _groups(db, start, end, model_ids, agent_ids, exact=True)
     for first, last in slots:
         where, params = ['"range_slot" >= %s' % db.param, '"range_slot" < %s' % db.param], [first, last]
         _in(db, '"model_id"', model_ids, where, params)
@@ -233,9 +237,19 @@ def _groups(db: Database, start: datetime.datetime | None, end: datetime.datetim
         sql, group = item_groups_sql(r, read, ())
         assert tuple(group) == BUDGET_GROUP, group
         width = len(group)
-        rows += [row[:width] + tuple(row[width + at] for at in _ITEM_SUMS_AT)
+        rows += [row[:width] + (0, None) + tuple(row[width + at] for at in _ITEM_SUMS_AT)
                  for row in db.execute_sql(sql, params).fetchall()]
     return rows
+
+
+def _thresholds_changed(db: Database, split: set[tuple[Any, Any]]) -> bool:
+    """Whether a model's long-context threshold is no longer the one rollup
+    rows of its items without a snapshot were split by."""
+    current = dict(db.execute_sql(model_thresholds_sql(ItemReader(is_postgres(db)))).fetchall())
+
+    def plain(value: Any) -> Any:
+        return _number(value) if value is not None else None
+    return any(plain(threshold) != plain(current.get(model_id)) for model_id, threshold in split)
 
 
 def _next_day(day: str) -> str:
@@ -294,14 +308,15 @@ def spent(db: Database, budget: Budget, start: datetime.datetime | None, end: da
         into = merged.get(key)
         if into is None:  # calls, buckets, web, apart counts
             into = merged[key] = [0, dict.fromkeys(BUCKETS, 0), 0, {}]
-        sums = row[width:]
-        into[0] += _number(sums[0])
+        # Sums as exact numbers (SQLite sums REAL values as floats; PostgreSQL's are numeric).
+        sums = [value if type(value) is int else _number(value) for value in row[width + 2:]]
+        into[0] += sums[0]
         prefix = "long_" if row[6] else ""
         for bucket, at in _SIDES:
-            into[1][prefix + bucket] += _number(sums[at])
-        into[2] += _number(sums[5])
+            into[1][prefix + bucket] += sums[at]
+        into[2] += sums[5]
         for name, at in zip(APART, _APART_AT):
-            value = _number(sums[at])
+            value = sums[at]
             if value:
                 into[3][prefix + name] = into[3].get(prefix + name, 0) + value
     needed = {key[0] for key in merged if key[1] is None or "configuredPrices" not in _pricing(key[2])}

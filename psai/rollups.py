@@ -285,21 +285,36 @@ def _slots_usable(db: Database, first: str, last: str) -> bool:
     return all(_number(threshold) == _number(current.get(model_id)) for model_id, threshold in rows)
 
 
-def budget_plan(db: Database, since: Moment, until: Moment) -> tuple[ReadPlan, tuple[tuple[str, str], ...]]:
-    """How a budget reads [since, until): ``read_plan``'s whole UTC days,
-    and the partial days at the ends from the 15-minute slots (their ranges
-    of ``range_slot``, [first, last)) where triggers keep them, the ends fall
-    on a quarter hour (every IANA zone's midnight does) and nothing there is
-    marked; the rest from the items. While some item could not be folded at
-    all, the ends are read from the items (a slot may hold it)."""
+def budget_plan(db: Database, since: Moment, until: Moment, exact: bool = False
+                ) -> tuple[ReadPlan, tuple[tuple[str, str], ...]]:
+    """How a budget reads [since, until): its whole UTC days from the
+    rollups, and the partial days at the ends from the 15-minute slots
+    (their ranges of ``range_slot``, [first, last)) where triggers keep
+    them, the ends fall on a quarter hour (every IANA zone's midnight does)
+    and nothing there is marked; the rest from the items. While some item
+    could not be folded at all, the ends are read from the items (a slot
+    may hold it).
+
+    The whole days are every day of the range but the marked ones (a day
+    without rollups has nothing to read), without ``read_plan``'s look at
+    each day's rollups; the reader checks the long-context thresholds the
+    rows it reads were split by, and asks again with ``exact`` (``read_plan``'s
+    days) when one is no longer its model's."""
     if since is None or until is None or not enabled(db) or not slots_enabled(db):
         return read_plan(db, since, until), ()
     first, last = _ceil(since), _floor(until)
     if first is None:
         return read_plan(db, since, until), ()
-    if first < last:
+    if first < last and exact:
         whole = read_plan(db, first, last)
         days, scan, edges = whole.days, list(whole.scan), [(since, first), (last, until)]
+    elif first < last:
+        where, params = _day_where(db, first, last)
+        marked = _marked_days(db, where, params)
+        every = [_day(first + datetime.timedelta(days=n)) for n in range((last - first).days)]
+        days = tuple(day for day in every if day not in marked)
+        scan = [(_start(day), _after(day)) for day in sorted(marked)]
+        edges = [(since, first), (last, until)]
     elif first == last:
         days, scan, edges = (), [], [(since, first), (last, until)]
     else:  # within one UTC day

@@ -1070,8 +1070,11 @@ def slot_thresholds_sql(where):
 
 def budget_sums_sql(table, where):
     """The rows of a rollup table (the daily rollups or the slots) meeting
-    ``where`` added up by BUDGET_GROUP: the keys, then BUDGET_SUMS."""
-    keys = ", ".join(quoted(c) for c in BUDGET_GROUP)
+    ``where`` added up by BUDGET_GROUP and the model's threshold that split
+    rows of items without a snapshot (``model_priced``, that threshold): the
+    keys, those two, then BUDGET_SUMS."""
+    keys = ", ".join([quoted(c) for c in BUDGET_GROUP + ("model_priced",)]
+                     + ['CASE WHEN "model_priced" = 1 THEN "model_threshold" END'])
     return 'SELECT %s, %s FROM %s WHERE %s GROUP BY %s' % (
         keys, ", ".join("SUM(%s)" % quoted(c) for c in BUDGET_SUMS), quoted(table), " AND ".join(where) or "1 = 1",
         keys)
