@@ -153,3 +153,31 @@ def test_without_the_slots_triggers_budgets_read_the_ends_from_the_items(db, clo
     assert psai.budget_status("kathmandu")[0]["spent"] == with_slots == Decimal("0.36")
     rollups.enable(db)  # installs both and rebuilds the slots
     assert rollups.slots_enabled(db) and psai.budget_status("kathmandu")[0]["spent"] == with_slots
+
+
+def test_calls_without_a_price_snapshot_follow_their_models_threshold(db, clock):
+    """Rollup rows of items without a snapshot are split by their model's
+    current long-context threshold: once it changes, a budget reads them as
+    reports do, and still equals a full scan."""
+    prices = {"costInTokensPerMillion": 2, "costOutTokensPerMillion": 6, "costInCachedContextTokensPerMillion": 1,
+              "currency": "USD", "longContextTokenThreshold": 5000, "longContextCostInTokensPerMillion": 4}
+    m = PsAiModel.create(user_id=1, organization_id=2, name="m", configuration=make_configuration(prices=prices))
+    for day, tokens_in in ((3, 6000), (10, 1000), (17, 7000), (24, 800)):
+        clock.set(datetime.datetime(2026, 11, day, 12, tzinfo=UTC))
+        record_usage(m, None, tokens_in=tokens_in, tokens_out=100)
+    for item_id, data in list(db.execute_sql('SELECT id, data FROM "ps_model_usage_item"')):
+        data = PsModelUsageItem.data.python_value(data)
+        del data["pricing"]["configuredPrices"]  # as an item written without one
+        db.execute_sql('UPDATE "ps_model_usage_item" SET data = %s WHERE id = %s' % (
+            db.param + ("::jsonb" if psai.db.is_postgres() else ""), db.param), (json.dumps(data), item_id))
+    clock.set(NOW)
+    budget = psai.set_budget(name="month", amount=1000, timezone="Asia/Kathmandu")
+    start, end = period_bounds("month", "Asia/Kathmandu", NOW)
+    seen = []
+    for threshold in (5000, 900):
+        m.configuration = dict(m.configuration, prices=dict(prices, longContextTokenThreshold=threshold))
+        m.save()
+        (found,) = psai.budget_status("month")
+        assert (found["spent"], found["calls"]) == full_scan(db, budget, start, end, set())[:2], threshold
+        seen.append(found["spent"])
+    assert seen[0] != seen[1]  # the call of 1,000 tokens is a long-context one now
