@@ -22,7 +22,7 @@ from .errors import (
 )
 from .migrations import migrate
 from .models import (
-    CALL_WATCHERS, AgentModels, AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, Reservation,
+    AgentModels, AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, Reservation,
     config,
     find_agent, find_model,
 )
@@ -98,12 +98,3 @@ def __dir__() -> list[str]:
     # The lazy names too, so dir() and help(psai) list every public function.
     return sorted(set(globals()) | set(__all__) | {"__version__"})
 
-
-def _budget_watcher() -> Any:
-    # Every recorded call is weighed against the budgets covering it; the
-    # budget module (and the report pipeline it needs) is loaded on the first call.
-    from .budget import WATCHER
-    return WATCHER
-
-
-CALL_WATCHERS.append(_budget_watcher)

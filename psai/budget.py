@@ -1,84 +1,39 @@
 """Budgets: spending limits over one scope (an agent and its sub-agents, a
 model name across its versions, a provider, an organization, or all usage)
 and a calendar period in an IANA time zone, checked before a call
-(``check_budget``), with threshold alerts recorded once per budget and period
-(``budget_events``) in the transaction of the call that crosses them.
+(``check_budget``, with reservations), with threshold alerts recorded once
+per budget and period (``budget_events``) in the transaction of the call
+that crosses them.
 
-What a budget has spent is a lookup: the calls' items in its scope and
-period, read from the rollups the triggers keep (the partial days at the
-period's ends, in a zone other than UTC, from the items), each call priced
-from its own item as ``cost_report`` prices it. Usage that cannot be priced,
-or whose counts cannot be read, is never counted as 0: it makes the state
-``unknown``."""
-import calendar
+What a budget has spent, and the alerts recording raises, are the ledger's
+(``psai._budget_ledger``, below recording, which calls it directly): a
+lookup of the rollups the triggers keep, each group of calls priced alike
+priced from its own snapshot as ``cost_report`` prices it."""
 import datetime
-import json
-import logging
 import uuid
-import weakref
-import zoneinfo
 from collections.abc import Callable, Iterable
 from decimal import Decimal
-from typing import Any, Literal, TypedDict, overload
+from typing import Any, Literal, overload
 
 from peewee import Database
 
 from .arguments import agent_arg, as_datetime, model_arg
 from .db import is_postgres, lock, model_db, read_transaction, table_columns, write_transaction
 from .errors import BudgetExceededError, NotAdoptedError, NotFoundError, ValidationError
-from .fields import UTC, utcnow
+from .fields import utcnow
 from .models import (
-    AgentRef, Budget, BudgetEvent, BudgetReservation, ModelRef, PsAgent, PsAiModel, Reservation, find_models,
-    sub_agent_tree,
+    AgentRef, Budget, BudgetEvent, BudgetReservation, ModelRef, PsAiModel, Reservation, find_models,
+)
+from ._budget_ledger import (
+    LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, covering, event_row, forget, period_bounds,
+    statuses,
 )
 from .recording import model_cost
-from .reports import item_parts, merge_parts, part_provider, part_tokens, price_parts
 from .schemas import BUDGET_FIELDS, BudgetPeriod, BudgetUnpriced, validate_budget_values
 
 __all__ = ["set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events",
            "on_budget_event", "period_bounds", "RESERVATION_TTL", "Reservation",
-           "BudgetStatus", "BudgetEventRow", "BudgetWatcher", "WATCHER", "LIMIT"]
-
-log = logging.getLogger("psai")
-
-# The limit is a threshold of its own, beside the warnings.
-LIMIT = Decimal(1)
-# The key a "total" budget's crossings are stored under: it has one period, from the start.
-TOTAL_PERIOD_KEY = datetime.datetime(1970, 1, 1, tzinfo=UTC)
-ANY_BUDGET_SQL = 'SELECT 1 FROM "%s" LIMIT 1' % Budget._meta.table_name
-ANY_BUDGET_PROBE = 'EXISTS (SELECT 1 FROM "%s")' % Budget._meta.table_name
-
-
-class BudgetStatus(TypedDict):
-    """One budget's state now (``budget_status``)."""
-
-    budget: str  # its name
-    currency: str
-    limit: Decimal | None  # None when the budget is invalid
-    spent: Decimal | None  # priced calls in the scope and period; None when the budget is invalid
-    unpriced_tokens: int  # tokens of calls that cannot be priced (or are priced in another currency)
-    remaining: Decimal | None  # the limit less what is spent, 0 once exceeded; None when invalid
-    period_start: datetime.datetime | None  # in the budget's zone; None for a total budget
-    period_end: datetime.datetime | None
-    forecast: Decimal | None  # the period's pace carried to its end; None for a total budget
-    state: str  # ok, warning, exceeded, unknown; invalid: it holds what psai cannot use (problem says what)
-    hard: bool
-    calls: int
-    problem: str | None  # why an invalid budget cannot be used; None for every other state
-
-
-class BudgetEventRow(TypedDict):
-    """A threshold crossed (``budget_events``, ``on_budget_event``)."""
-
-    budget: str
-    threshold: Decimal  # a fraction of the limit; 1 is the limit itself
-    spent: Decimal
-    currency: str
-    period_start: datetime.datetime | None
-    at: datetime.datetime
-
-
-_listeners: list[Callable[[BudgetEventRow], Any]] = []
+           "BudgetStatus", "BudgetEventRow", "LIMIT"]
 
 
 # -- budgets ------------------------------------------------------------------------
@@ -140,7 +95,7 @@ def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", pe
         for column in BUDGET_FIELDS:
             setattr(row, column, values[column])
         row.save()
-    WATCHER.forget(db)
+    forget(db)  # this process's calls weigh it from the next one on
     return row
 
 
@@ -171,224 +126,14 @@ def remove_budget(budget: Budget | str) -> None:
             raise NotFoundError("no budget named %r" % (found.name,))
 
 
-# Problems of stored budgets by their values: recording a call asks for each
-# budget covering it, and the answer does not change while the row does not.
-_PROBLEMS: dict[str, str | None] = {}
-_PROBLEMS_MAX = 256
-
-
-def budget_problem(budget: Budget) -> str | None:
-    """Why a stored budget cannot be used, or None. psai validates what it
-    writes; a row written by an older psai (an amount of 1e1000000) or by
-    hand (an unknown zone, a text agent id) is read through the same rule,
-    so that no value a budget holds can fail a call being recorded."""
-    values = {name: budget.__data__.get(name) for name in BUDGET_FIELDS}
-    try:
-        key = json.dumps(values, sort_keys=True, default=repr)
-    except (TypeError, ValueError, RecursionError):
-        key = repr(sorted(values.items(), key=lambda item: item[0]))
-    if key in _PROBLEMS:
-        return _PROBLEMS[key]
-    try:
-        validate_budget_values(values)
-        problem = None
-    except ValidationError as error:
-        problem = str(error)
-    except (RecursionError, TypeError, ValueError, ArithmeticError) as error:  # beyond what the schema expects
-        problem = "%s: %s" % (type(error).__name__, error)
-    if len(_PROBLEMS) >= _PROBLEMS_MAX:
-        _PROBLEMS.clear()
-    _PROBLEMS[key] = problem
-    return problem
-
-
-def _usable(rows: Iterable[Budget]) -> list[Budget]:
-    """The budgets that can be used; each one that cannot is logged, once a
-    process, and otherwise left out (``budget_status`` shows it invalid)."""
-    usable = []
-    for row in rows:
-        problem = budget_problem(row)
-        if problem is None:
-            usable.append(row)
-        elif (row.id, problem) not in _logged:
-            _logged.add((row.id, problem))
-            log.warning("psai budget %r is invalid and is left out: %s (set it again with `psai budgets set`, "
-                        "or remove it)", row.name, problem)
-    return usable
-
-
-_logged: set[tuple[Any, str]] = set()
-
-
-# -- periods ------------------------------------------------------------------------
-
-def _midnight(day: datetime.date, zone: zoneinfo.ZoneInfo) -> datetime.datetime:
-    # Midnight as the zone's clocks show it (fold=0: the first of two, when clocks go back then).
-    return datetime.datetime(day.year, day.month, day.day, tzinfo=zone)
-
-
-def period_bounds(period: str, timezone: str, now: datetime.datetime | None = None
-                  ) -> tuple[datetime.datetime | None, datetime.datetime | None]:
-    """The period holding ``now`` (default: psai's now), as aware datetimes
-    in ``timezone``: [start, end). A total budget has (None, None)."""
-    if period == "total":
-        return None, None
-    zone = zoneinfo.ZoneInfo(timezone)
-    today = (now or utcnow()).astimezone(zone).date()
-    if period == "day":
-        first, after = today, today + datetime.timedelta(days=1)
-    elif period == "week":
-        first = today - datetime.timedelta(days=today.weekday())
-        after = first + datetime.timedelta(days=7)
-    elif period == "month":
-        first = today.replace(day=1)
-        after = (first + datetime.timedelta(days=calendar.monthrange(first.year, first.month)[1]))
-    elif period == "year":
-        first, after = today.replace(month=1, day=1), today.replace(year=today.year + 1, month=1, day=1)
-    else:
-        raise ValidationError({"period": ["Must be one of: day, week, month, year, total."]})
-    return _midnight(first, zone), _midnight(after, zone)
-
-
-# -- what a budget has spent -----------------------------------------------------------
-
-def _sub_agents(agent_id: int) -> set[int]:
-    """The agent and every agent under it (``sub_agent_tree``); a deleted
-    agent's calls are reported without one, so it covers none."""
-    agent = PsAgent.get_or_none(PsAgent.id == agent_id)
-    return {row.id for row in sub_agent_tree(agent)} if agent is not None else {agent_id}
-
-
-def _scope_model_ids(budget: Budget) -> list[int] | None:
-    """The models a model or organization budget covers (None: not limited by model)."""
-    if budget.model_name is not None:
-        query = PsAiModel.select(PsAiModel.id).where(PsAiModel.name == budget.model_name)
-    elif budget.organization_id is not None:
-        query = PsAiModel.select(PsAiModel.id).where(PsAiModel.organization_id == budget.organization_id)
-    else:
-        return None
-    ids: Any = query.tuples()
-    return sorted(model_id for (model_id,) in ids)
-
-
-def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None
-           ) -> tuple[Decimal, int, int, bool]:
-    """(spent in the budget's currency, unpriced tokens, calls, whether some
-    calls cannot be priced) in [start, end): the calls' items in the scope,
-    read from the rollups (the period's partial days at its ends from the
-    items), priced as cost_report prices them."""
-    model_ids = _scope_model_ids(budget)
-    if model_ids == []:
-        return Decimal(0), 0, 0, False
-    agent_ids = None
-    if budget.agent_id is not None:
-        agent_ids = sorted(_sub_agents(budget.agent_id) if budget.include_sub_agents else {budget.agent_id})
-    parts = price_parts(merge_parts(item_parts(db, (), start, end, model_ids, agent_ids), ("model_id",)))
-    if budget.provider is not None:
-        models = {m.id: m for m in PsAiModel.select().where(
-            PsAiModel.id.in_(sorted({p["model_id"] for p in parts if p["provider"] is None})))}
-        parts = [part for part in parts if part_provider(part, models) == budget.provider]
-    spent, unpriced, calls, unknown = Decimal(0), 0, 0, False
-    for part in parts:
-        calls += part["calls"]
-        if part["cost"] is not None and part["currency"] == budget.currency:
-            spent += part["cost"]
-        else:
-            # Calls whose counts cannot be read are unknown too, never $0.
-            unpriced += sum(part_tokens(part))
-            unknown = unknown or bool(part["calls"]) or bool(sum(part_tokens(part)))
-    return spent, unpriced, calls, unknown
-
-
-def _state(budget: Budget, spent: Decimal, unknown: bool) -> str:
-    limit = Decimal(budget.amount)
-    if spent >= limit:
-        return "exceeded"
-    if unknown:
-        return "unknown"
-    if any(spent >= Decimal(repr(fraction)) * limit for fraction in budget.warn_at):
-        return "warning"
-    return "ok"
-
-
-def _status(db: Database, budget: Budget, now: datetime.datetime) -> BudgetStatus:
-    start, end = period_bounds(budget.period, budget.timezone, now)
-    spent, unpriced, calls, unknown = _spent(db, budget, start, end)
-    limit = Decimal(budget.amount)
-    forecast = None
-    if start is not None and end is not None:
-        elapsed = (now - start).total_seconds()
-        length = (end - start).total_seconds()
-        forecast = (spent * Decimal(repr(length)) / Decimal(repr(elapsed)) if elapsed > 0 else spent).quantize(
-            Decimal("0.000001"))
-    return {"budget": budget.name, "currency": budget.currency, "limit": limit, "spent": spent,
-            "unpriced_tokens": unpriced, "remaining": max(limit - spent, Decimal(0)), "period_start": start,
-            "period_end": end, "forecast": forecast, "state": _state(budget, spent, unknown), "hard": budget.hard,
-            "calls": calls, "problem": None}
-
-
 def budget_status(budget: Budget | str | None = None) -> list[BudgetStatus]:
     """The state of one budget (by name or row) or of every budget, now:
     the same spending as ``cost_report`` over that scope and period."""
     chosen = [_budget(budget)] if budget is not None else budgets()
-    db = model_db(Budget)
-    now = utcnow()
-    return _statuses(db, chosen, now)
-
-
-def _statuses(db: Database, rows: list[Budget], now: datetime.datetime) -> list[BudgetStatus]:
-    """The budgets' statuses from one snapshot."""
-    with read_transaction(db):
-        return [_status(db, row, now) if (problem := budget_problem(row)) is None else _invalid(row, problem)
-                for row in rows]
-
-
-def _invalid(budget: Budget, problem: str) -> BudgetStatus:
-    """The status of a budget psai cannot use: nothing is measured against it."""
-    return {"budget": str(budget.name), "currency": str(budget.currency), "limit": None, "spent": None,
-            "unpriced_tokens": 0, "remaining": None, "period_start": None, "period_end": None, "forecast": None,
-            "state": "invalid", "hard": bool(budget.hard), "calls": 0, "problem": problem}
+    return statuses(model_db(Budget), chosen, utcnow())
 
 
 # -- before a call ----------------------------------------------------------------------
-
-def _ancestors(agent: PsAgent) -> set[int]:
-    """The agent and the agents above it (a cycle written by hand ends the walk)."""
-    found = {agent.id}
-    parent = agent.parent_agent_id
-    while parent is not None and parent not in found:
-        found.add(parent)
-        parent = PsAgent.select(PsAgent.parent_agent).where(PsAgent.id == parent).scalar()
-    return found
-
-
-def _covers(budget: Budget, model: PsAiModel | None, agent: PsAgent | None,
-            ancestors: Callable[[], set[int]]) -> bool:
-    """Whether a call of ``model`` for ``agent`` counts against ``budget``."""
-    if budget.agent_id is not None:
-        if agent is None:
-            return False
-        return agent.id == budget.agent_id or budget.include_sub_agents and budget.agent_id in ancestors()
-    configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
-    if budget.model_name is not None:
-        return model is not None and model.name == budget.model_name
-    if budget.provider is not None:
-        return configuration.get("provider") == budget.provider
-    if budget.organization_id is not None:
-        return model is not None and model.organization_id == budget.organization_id
-    return True
-
-
-def _covering(model: PsAiModel | None, agent: PsAgent | None, rows: list[Budget]) -> list[Budget]:
-    found: set[int] | None = None
-
-    def ancestors() -> set[int]:
-        nonlocal found
-        if found is None:
-            found = _ancestors(agent) if agent is not None else set()
-        return found
-    return [row for row in rows if _covers(row, model, agent, ancestors)]
-
 
 def _estimate(estimate: Any, model: PsAiModel | None) -> tuple[Decimal, str | None] | None:
     """An estimate as (cost, currency; None: any currency), or None when none is given."""
@@ -456,9 +201,9 @@ def _refusal(row: Budget, status: BudgetStatus, held: Decimal, guess: tuple[Deci
     return None
 
 
-def _refuse(rows: list[Budget], statuses: list[BudgetStatus], held: dict[int, Decimal],
+def _refuse(rows: list[Budget], found: list[BudgetStatus], held: dict[int, Decimal],
             guess: tuple[Decimal, str | None] | None) -> None:
-    for row, status in zip(rows, statuses):
+    for row, status in zip(rows, found):
         reason = _refusal(row, status, held.get(row.id, Decimal(0)), guess)
         if reason is not None:
             raise BudgetExceededError(reason, budget=row.name, spent=status["spent"], limit=status["limit"],
@@ -507,15 +252,15 @@ def check_budget(agent: AgentRef | None = None,
     if not table_columns(db, Budget._meta.table_name):
         return Reservation(str(uuid.uuid4()), guess[0] if guess else None, (), now + RESERVATION_TTL) \
             if reserve else []
-    rows = _covering(model_row, agent_row, [row for row in Budget.select().order_by(Budget.name) if row.hard])
+    rows = covering(model_row, agent_row, [row for row in Budget.select().order_by(Budget.name) if row.hard])
     if not reserve:
         if not rows:
             return []
         with read_transaction(db):
-            statuses = _statuses(db, rows, now)
+            found = statuses(db, rows, now)
             held = _held(db, rows, now)
-        _refuse(rows, statuses, held, guess)
-        return statuses
+        _refuse(rows, found, held, guess)
+        return found
     assert guess is not None
     token = str(uuid.uuid4())
     with write_transaction(db):
@@ -525,8 +270,8 @@ def check_budget(agent: AgentRef | None = None,
                         .for_update())
             rows.sort(key=lambda row: row.name)
         BudgetReservation.delete().where(BudgetReservation.expires_at <= now).execute()
-        statuses = _statuses(db, rows, now)
-        _refuse(rows, statuses, _held(db, rows, now), guess)
+        found = statuses(db, rows, now)
+        _refuse(rows, found, _held(db, rows, now), guess)
         holding = [row for row in rows if guess[1] in (None, row.currency)]
         if holding:
             BudgetReservation.insert_many([{"token": token, "budget": row.id, "amount": str(guess[0]),
@@ -537,127 +282,11 @@ def check_budget(agent: AgentRef | None = None,
 
 # -- alerts -------------------------------------------------------------------------
 
-def _thresholds(budget: Budget) -> list[Decimal]:
-    return [Decimal(repr(fraction)) for fraction in budget.warn_at] + [LIMIT]
-
-
-def _event_row(event: BudgetEvent, budget: Budget) -> BudgetEventRow:
-    try:
-        zone: datetime.tzinfo = zoneinfo.ZoneInfo(budget.timezone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):  # an invalid budget's: the time in UTC
-        zone = UTC
-    start = None if budget.period == "total" else event.period_start.astimezone(zone)
-    return {"budget": budget.name, "threshold": Decimal(event.threshold), "spent": Decimal(event.spent),
-            "currency": budget.currency, "period_start": start, "at": event.at}
-
-
-def _record_crossings(db: Database, rows: list[Budget]) -> list[BudgetEventRow]:
-    """In a recording's transaction: each threshold of ``rows`` that what is
-    spent has reached and that has no alert in this period yet gets one. The
-    budgets are read again first, as they are now (one removed or changed
-    since ``rows`` were read is left out, or weighed as it is now), and on
-    PostgreSQL locked, so that of two calls crossing at once the second sees
-    the first, and a budget cannot be removed under the alert written for it
-    (SQLite has one writer at a time). A budget whose status cannot be
-    worked out is logged and left out: the call is recorded all the same."""
-    query = Budget.select().where(Budget.id.in_([row.id for row in rows])).order_by(Budget.id)
-    rows = _usable(query.for_update() if is_postgres(db) else query)
-    now = utcnow()
-    fired = []
-    for row in rows:
-        try:
-            status = _status(db, row, now)
-        except (ArithmeticError, LookupError, TypeError, ValueError):
-            log.exception("psai budget %r: its status could not be worked out; the call is recorded without "
-                          "its alerts", row.name)
-            continue
-        if status["spent"] is None or status["limit"] is None:
-            continue
-        key = status["period_start"].astimezone(UTC) if status["period_start"] is not None else TOTAL_PERIOD_KEY
-        for threshold in _thresholds(row):
-            if status["spent"] < threshold * status["limit"]:
-                continue
-            values = {"budget": row.id, "period_start": key, "threshold": str(threshold),
-                      "spent": str(status["spent"]), "at": now}
-            # The unique (budget, period, threshold) index makes it once, whoever tries.
-            if db.execute(BudgetEvent.insert(**values).on_conflict_ignore()).rowcount:
-                fired.append(_event_row(BudgetEvent(**values), row))
-    return fired
-
-
-def _fire(events: list[BudgetEventRow]) -> None:
-    for event in events:
-        for listener in list(_listeners):
-            try:
-                listener(event)
-            except Exception:  # the call is recorded; a listener's failure must not look like the call's
-                log.exception("psai budget event listener %r failed", listener)
-
-
-class BudgetWatcher:
-    """What recording a call does for budgets (``models.CallWatcher``): in
-    the call's transaction, the crossings of the budgets covering it.
-
-    Most deployments have no budget. On SQLite asking costs a statement in
-    the process; on PostgreSQL it would cost a round trip, so once a
-    database is seen without budgets, the one-round-trip statement that
-    records a call asks for it (``probe_sql``), and a budget set since is
-    handled right after that call (``probed``), in a transaction of its own."""
-
-    def __init__(self) -> None:
-        # The databases seen with no budget at the last look.
-        self._none_seen: weakref.WeakKeyDictionary[Database, bool] = weakref.WeakKeyDictionary()
-
-    def _covering(self, db: Database, model: PsAiModel, agent: PsAgent | None) -> list[Budget]:
-        if db.execute_sql(ANY_BUDGET_SQL).fetchone() is None:
-            self._none_seen[db] = True
-            return []
-        self._none_seen.pop(db, None)
-        return _covering(model, agent, _usable(Budget.select().order_by(Budget.id)))
-
-    def watch(self, db: Database, model: PsAiModel, agent: PsAgent | None, one_trip: bool
-              ) -> Callable[[], Callable[[], None] | None] | None:
-        if not table_columns(db, Budget._meta.table_name) or one_trip and self._none_seen.get(db):
-            return None
-        rows = self._covering(db, model, agent)
-        if not rows:
-            return None
-
-        def in_transaction() -> Callable[[], None] | None:
-            fired = _record_crossings(db, rows)
-            return (lambda: _fire(fired)) if fired else None
-        return in_transaction
-
-    def forget(self, db: Database) -> None:
-        """This process has just set a budget on ``db``: look again."""
-        self._none_seen.pop(db, None)
-
-    def probe_sql(self, db: Database) -> str | None:
-        return ANY_BUDGET_PROBE if table_columns(db, Budget._meta.table_name) else None
-
-    def probed(self, db: Database, model: PsAiModel, agent: PsAgent | None) -> None:
-        """The call is committed: whatever happens to its alerts is logged,
-        never raised (a caller retrying a call that raised would record it
-        twice)."""
-        self._none_seen.pop(db, None)
-        try:
-            with write_transaction(db):
-                rows = self._covering(db, model, agent)
-                fired = _record_crossings(db, rows) if rows else []
-        except Exception:
-            log.exception("psai: the call is recorded, but its budget alerts could not be")
-            return
-        _fire(fired)
-
-
-WATCHER = BudgetWatcher()
-
-
 def on_budget_event(callback: Callable[[BudgetEventRow], Any]) -> Callable[[BudgetEventRow], Any]:
     """Call ``callback(event)`` in this process after each call it records
     that crosses a threshold (once the call is committed). Returns the
     callback, so this works as a decorator."""
-    _listeners.append(callback)
+    LISTENERS.append(callback)
     return callback
 
 
@@ -670,5 +299,5 @@ def budget_events(since: datetime.date | str | None = None) -> list[BudgetEventR
     query = BudgetEvent.select(BudgetEvent, Budget).join(Budget).order_by(BudgetEvent.at, BudgetEvent.id)
     if from_time is not None:
         query = query.where(BudgetEvent.at >= from_time)
-    return [_event_row(event, event.budget) for event in query]
+    return [event_row(event, event.budget) for event in query]
 

@@ -7,8 +7,8 @@ import datetime
 import difflib
 import json
 import uuid
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol, Self, TypeAlias
+from collections.abc import Iterable, Mapping
+from typing import Any, Self, TypeAlias
 
 from peewee import (
     AutoField, BooleanField, CharField, CompositeKey, DeferredThroughModel, ForeignKeyField, IntegerField,
@@ -33,7 +33,7 @@ __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "
            "ALL_MODELS",
            "strict_json_dumps",
            "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
-           "record_price_change", "prices_of", "provenance", "usage_counters", "CALL_WATCHERS", "CallWatcher",
+           "record_price_change", "prices_of", "provenance", "usage_counters",
            "ModelRef", "AgentRef", "ref_key", "find_model", "find_models", "find_agent",
            "DEFAULT_IDS", "config", "store_settings", "change_settings", "fill_default_ids",
            "default_ids", "nearest_names", "BudgetReservation", "Reservation"]
@@ -524,27 +524,6 @@ ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage, PsModelUsageItem, P
 
 register_models(ALL_MODELS)
 
-class CallWatcher(Protocol):
-    """What else recording a call must do in its transaction: budgets' alerts."""
-
-    def watch(self, db: Any, model: PsAiModel, agent: PsAgent | None, one_trip: bool
-              ) -> Callable[[], Callable[[], None] | None] | None:
-        """None (nothing to do, or, with ``one_trip``, leave it to the
-        probe), else a function to run in the call's transaction, which
-        returns None or a function to run after the commit."""
-
-    def probe_sql(self, db: Any) -> str | None:
-        """A boolean SQL expression PostgreSQL's one-round-trip statement
-        reads in the call's own snapshot: true when there may be work."""
-
-    def probed(self, db: Any, model: PsAiModel, agent: PsAgent | None) -> None:
-        """The probe was true for a call recorded in one round trip: do the
-        work now, in a transaction of its own."""
-
-
-# Functions returning the watchers (loaded on first use): psai/__init__.py
-# registers the budgets'.
-CALL_WATCHERS: list[Callable[[], CallWatcher]] = []
 bind_row_class(PsAiModelSchema, PsAiModel)
 bind_row_class(PsAgentSchema, PsAgent)
 

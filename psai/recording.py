@@ -21,8 +21,9 @@ from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_co
 from .errors import NotFoundError, ValidationError
 from .fields import UTC, utcnow
 from .items import item_data, item_model, item_price, item_pricing, price_problem
+from ._budget_ledger import budgets_covering, fire, record_crossings
 from .models import (
-    CALL_WATCHERS, AgentRef, BudgetReservation, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
+    AgentRef, BudgetReservation, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
     Reservation, ref_key, usage_counters,
 )
 from .pricing import CostBreakdown, cost_breakdown, partition_usage
@@ -138,20 +139,14 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
                 attribution=attribution or None)
     one_trip = is_postgres(db) and with_items and not db.in_transaction() and isinstance(
         model.configuration, dict) and reservation is None
-    watchers = [loaded() for loaded in CALL_WATCHERS]
-    watching = [found for found in (w.watch(db, model, agent, one_trip) for w in watchers) if found is not None]
-    if one_trip and not watching:
-        probing = [(w, probe) for w, probe in ((w, w.probe_sql(db)) for w in watchers) if probe is not None]
-        returned, data = _record_in_one_round_trip(db, present, model.configuration, call,
-                                                   [probe for _w, probe in probing])
+    # The budgets this call counts against (none, on PostgreSQL, without a round trip
+    # once a database is seen without budgets: _budget_ledger.NO_BUDGET_RECHECK).
+    alerting = budgets_covering(db, model, agent)
+    if one_trip and not alerting:
+        returned, data = _record_in_one_round_trip(db, present, model.configuration, call)
         if returned is not None:
-            width = len(USAGE_ROW_COLUMNS) + len(present)
-            for (watcher, _probe), found in zip(probing, returned[width:]):
-                if found:
-                    watcher.probed(db, model, agent)
-            return _usage_row(present, returned[:width]), data
+            return _usage_row(present, returned), data
     find, update, insert = _usage_statements(db, present, agent_id is None, connector_id is None)
-    committed = []
     with write_transaction(db):
         lock(db, keys)
         # The prices as stored now, not as this object last saw them; the
@@ -169,12 +164,12 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
             db.execute_sql(item_insert(db), _item_params(values))
         if reservation is not None:  # settled: the call's real cost, in the rollups, replaces the estimate
             BudgetReservation.delete().where(BudgetReservation.token == reservation.token).execute()
-        committed = [then for then in (run() for run in watching) if then is not None]
-    if after_commit is not None:
-        after_commit += committed
-        committed = []
-    for then in committed:
-        then()
+        # The budgets' alerts in the call's own transaction; their listeners once it commits.
+        fired = record_crossings(db, alerting) if alerting else []
+    if fired and after_commit is not None:
+        after_commit.append(lambda: fire(fired))
+    elif fired:
+        fire(fired)
     return _usage_row(present, returned), values["data"]
 
 
@@ -257,7 +252,7 @@ _RECORDED_COUNTS = ("tokens_in", "tokens_out", "cached_tokens", "cache_write_tok
                     "audio_tokens", "image_tokens")
 
 
-def _record_in_one_round_trip(db, present, configuration, call, probes=()):
+def _record_in_one_round_trip(db, present, configuration, call):
     """PostgreSQL, outside a transaction: record the call in one round trip,
     priced with the configuration the caller's model object holds, on
     condition that it is still the stored one (compared as jsonb, under the
@@ -268,9 +263,6 @@ def _record_in_one_round_trip(db, present, configuration, call, probes=()):
     peewee runs it) adds no BEGIN or COMMIT round trip. The lock is its own
     statement so that the next one's snapshot sees the rows written by the
     writer it waited for.
-
-    ``probes``: boolean SQL the row returns after its columns (a watcher's
-    "anything for me?", read in the call's own snapshot).
 
     Returns (the counter row, the item's data), the row None when the
     stored configuration differs (or the model is gone): nothing was
@@ -284,8 +276,7 @@ def _record_in_one_round_trip(db, present, configuration, call, probes=()):
               + find.params(values) + counts + [values["stamp"]]
               + [call["model_id"], agent_id, connector_id, call["user_id"], values["stamp"], values["stamp"]] + counts
               + _item_params(values))
-    lock_sql, record_sql = one_round_trip_statements(find.sql, present, agent_id is None, connector_id is None,
-                                                     probes)
+    lock_sql, record_sql = one_round_trip_statements(find.sql, present, agent_id is None, connector_id is None)
     return execute_prepared(db, record_sql, params, before=lock_sql + "; ").fetchone(), values["data"]
 
 

@@ -275,7 +275,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
                 values = values[:agent_at] + (None,) + values[agent_at + 1:]
             # Sums as exact numbers: SQLite sums REAL values as floats, and a
             # PostgreSQL numeric arrives as a Decimal, which adds in 28 digits.
-            sums = GroupSums(*[value if value is None else _number(value) for value in values[width:]])
+            exact: list[Any] = [value if value is None else _number(value) for value in values[width:]]
+            sums = GroupSums(*exact)
             if per_key and totals is not None:
                 entry = totals[(values[0], values[agent_at], values[connector_at])]
                 entry.tokens_in += sums.all_in or 0

@@ -33,16 +33,18 @@ from .errors import NotAdoptedError, RollupsOffError
 from .fields import UTC
 from .models import PsModelUsageItem
 from .sql import (
-    LEDGER_TABLE, LEDGER_TRIGGERS, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, ROLLUP_TRIGGERS, UNFOLDED_TABLE,
-    drop_ledger_triggers_sql, drop_rollup_triggers_sql, foldable_sql, item_days_sql, ItemReader, ledger_groups_sql,
-    ledger_insert_sql, ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, quoted,
-    ranges_clause, rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql, rollup_sums_sql,
-    rollup_thresholds_sql, rollup_trigger_sql, rollup_triggers_sql, window,
+    LEDGER_TABLE, LEDGER_TRIGGERS, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, ROLLUP_TRIGGERS, SLOT_MINUTES, SLOT_TABLE,
+    SLOT_TRIGGERS, UNFOLDED_TABLE, ItemReader, drop_ledger_triggers_sql, drop_rollup_triggers_sql,
+    drop_slot_triggers_sql, foldable_sql, item_days_sql, ledger_groups_sql, ledger_insert_sql, ledger_sums_sql,
+    ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, quoted, ranges_clause, rollup_days_sql,
+    rollup_groups_sql, rollup_insert_sql, rollup_rows_sql, rollup_sums_sql, rollup_thresholds_sql, rollup_trigger_sql,
+    rollup_triggers_sql, slot_rebuild_sql, slot_thresholds_sql, slot_trigger_sql, slot_triggers_sql, window,
 )
 
 __all__ = ["has_rollups", "enabled", "enable", "disable", "ReadPlan", "read_plan", "rollup_rows", "scan_where",
            "rebuild", "verify", "status", "unfolded", "DayStatus", "RollupProblem", "ROLLUP_TABLE", "ROLLUP_SUMS",
-           "has_ledger", "ledger_enabled", "enable_ledger", "ledger_rows"]
+           "has_ledger", "ledger_enabled", "enable_ledger", "ledger_rows", "has_slots", "slots_enabled", "budget_plan",
+           "slot_text"]
 
 ONE_DAY = datetime.timedelta(days=1)
 # Range moment: a datetime, or None for an open end.
@@ -96,6 +98,19 @@ def _rebuild_ledger(db: Database, start: Moment, end: Moment) -> None:
     db.execute_sql(ledger_insert_sql(r, ledger_groups_sql(r, item_where)), item_params)
 
 
+def has_slots(db: Database) -> bool:
+    """True when the database has the budgets' 15-minute slots (migration 0016)."""
+    return bool(table_columns(db, SLOT_TABLE))
+
+
+def slots_enabled(db: Database) -> bool:
+    """True when triggers keep the 15-minute slots: budgets read their periods' partial days from them."""
+    if not has_slots(db):
+        return False
+    postgres = is_postgres(db)
+    return db.execute_sql(slot_triggers_sql(postgres)).fetchone()[0] == len(SLOT_TRIGGERS[postgres])
+
+
 def _db(db: Database | None) -> Database:
     return db if db is not None else current_db()
 
@@ -108,7 +123,8 @@ def enable(db: Database | None = None) -> list[str]:
         raise NotAdoptedError("this database has no psai rollup table: run `psai init --adopt` (a PolicySynth "
                               "database) or `psai migrate`")
     with write_transaction(db):
-        for statement in rollup_trigger_sql(is_postgres(db)):
+        for statement in rollup_trigger_sql(is_postgres(db)) + (
+                slot_trigger_sql(is_postgres(db)) if has_slots(db) else []):
             db.execute_sql(statement)
         if has_ledger(db):
             for statement in ledger_trigger_sql(is_postgres(db)):
@@ -120,7 +136,9 @@ def disable(db: Database | None = None) -> None:
     """Remove the triggers: reports read the items (``enable`` to come back)."""
     db = _db(db)
     with write_transaction(db):
-        for statement in drop_rollup_triggers_sql(is_postgres(db)) + drop_ledger_triggers_sql(is_postgres(db)):
+        postgres = is_postgres(db)
+        for statement in (drop_rollup_triggers_sql(postgres) + drop_ledger_triggers_sql(postgres)
+                          + drop_slot_triggers_sql(postgres)):
             db.execute_sql(statement)
 
 
@@ -328,6 +346,79 @@ def scan_where(db: Database, column: str, plan: ReadPlan, params: list) -> list[
     return ["(%s OR (%s))" % (ranges, " AND ".join([marked] + within))]
 
 
+def slot_text(moment: datetime.datetime) -> str | None:
+    """The slot starting at ``moment`` as the slots' ``range_slot`` has it;
+    None when ``moment`` is not a slot's start (a zone's midnight before
+    offsets were whole quarter hours)."""
+    moment = moment.astimezone(UTC)
+    if moment.minute % SLOT_MINUTES or moment.second or moment.microsecond:
+        return None
+    return "%04d-%02d-%02d %02d:%02d" % (moment.year, moment.month, moment.day, moment.hour, moment.minute)
+
+
+def _slots_usable(db: Database, first: str, last: str) -> bool:
+    """Whether the slots [first, last) of one UTC day hold its calls: the day
+    is not marked, and no slot row was split by a threshold its model no longer has."""
+    if _marked_days(db, ['"range_day" = %s' % db.param], [first[:10]]):
+        return False
+    rows = db.execute_sql(slot_thresholds_sql(['"range_slot" >= %s' % db.param, '"range_slot" < %s' % db.param]),
+                          [first, last]).fetchall()
+    if not rows:
+        return True
+    current = dict(db.execute_sql(model_thresholds_sql(ItemReader(is_postgres(db)))).fetchall())
+    return all(_number(threshold) == _number(current.get(model_id)) for model_id, threshold in rows)
+
+
+def budget_plan(db: Database, since: Moment, until: Moment, exact: bool = False
+                ) -> tuple[ReadPlan, tuple[tuple[str, str], ...]]:
+    """How a budget reads [since, until): its whole UTC days from the
+    rollups, and the partial days at the ends from the 15-minute slots
+    (their ranges of ``range_slot``, [first, last)) where triggers keep
+    them, the ends fall on a quarter hour (every IANA zone's midnight does)
+    and nothing there is marked; the rest from the items. While some item
+    could not be folded at all, the ends are read from the items (a slot
+    may hold it).
+
+    The whole days are every day of the range but the marked ones (a day
+    without rollups has nothing to read), without ``read_plan``'s look at
+    each day's rollups; the reader checks the long-context thresholds the
+    rows it reads were split by, and asks again with ``exact`` (``read_plan``'s
+    days) when one is no longer its model's."""
+    if since is None or until is None or not enabled(db) or not slots_enabled(db):
+        return read_plan(db, since, until), ()
+    first, last = _ceil(since), _floor(until)
+    if first is None:
+        return read_plan(db, since, until), ()
+    if first < last and exact:
+        whole = read_plan(db, first, last)
+        days, scan, edges = whole.days, list(whole.scan), [(since, first), (last, until)]
+    elif first < last:
+        where, params = _day_where(db, first, last)
+        marked = _marked_days(db, where, params)
+        every = [_day(first + datetime.timedelta(days=n)) for n in range((last - first).days)]
+        days = tuple(day for day in every if day not in marked)
+        scan = [(_start(day), _after(day)) for day in sorted(marked)]
+        edges = [(since, first), (last, until)]
+    elif first == last:
+        days, scan, edges = (), [], [(since, first), (last, until)]
+    else:  # within one UTC day
+        days, scan, edges = (), [], [(since, until)]
+    unfolded = _any_unfolded_item(db)
+    slots = []
+    for start, end in edges:
+        if start >= end:
+            continue
+        first_slot = slot_text(start)
+        # The end of a day is the next day's first slot.
+        last_slot = slot_text(end)
+        if not unfolded and first_slot is not None and last_slot is not None and _slots_usable(
+                db, first_slot, last_slot):
+            slots.append((first_slot, last_slot))
+        else:
+            scan.append((start, end))
+    return ReadPlan(since, until, tuple(days), tuple(sorted(scan, key=lambda r: r[0] or since)), unfolded), tuple(slots)
+
+
 # -- rebuild, verify, status --------------------------------------------------------------
 
 def _whole_days(since: datetime.date | str | None, until: datetime.date | str | None
@@ -353,6 +444,10 @@ def _rebuild(db: Database, start: Moment, end: Moment) -> list[str]:
     foldable = foldable_sql(postgres, "i.created_at")
     item_where = window(db, "i.created_at", PsModelUsageItem.created_at, start, end, None, item_params) + [foldable]
     db.execute_sql(rollup_insert_sql(r, rollup_groups_sql(r, item_where)), item_params)
+    if has_slots(db):  # the budgets' slots of the same days
+        slot_where = [w.replace('"range_day"', '"range_slot"') for w in where]
+        db.execute_sql('DELETE FROM %s WHERE %s' % (quoted(SLOT_TABLE), " AND ".join(slot_where) or "1 = 1"), params)
+        db.execute_sql(slot_rebuild_sql(r, item_where), item_params)
     # Items folded now are no longer unfolded; items gone need no mark; every odd time has one.
     marks = quoted(UNFOLDED_TABLE)
     db.execute_sql('DELETE FROM %s WHERE "item_id" IN (SELECT i.id FROM "ps_model_usage_item" i WHERE %s)'

@@ -684,17 +684,14 @@ def item_by_response_id_sql(db):
         response_id_sql(isinstance(db, PostgresqlDatabase)), db.param)
 
 
-def one_round_trip_statements(find, present, agent_is_null, connector_is_null, probes=()):
+def one_round_trip_statements(find, present, agent_is_null, connector_is_null):
     """PostgreSQL: (the advisory lock, the statement that records a call:
     on condition that the model's stored configuration is the one given,
     find or start the day's counter row, add to it, insert the item), built
     once. ``find``: the text of the counter row's find, guarded by ``m``
     (peewee's; its parameters come between the configuration's and the
-    update's). ``probes``: boolean SQL expressions
-    returned after the counter row's columns, read in the same snapshot (is
-    there a budget?). Data-modifying CTEs are what peewee cannot say."""
-    probes = tuple(probes)
-    key = ("one round trip", find, present, agent_is_null, connector_is_null, probes)
+    update's). Data-modifying CTEs are what peewee cannot say."""
+    key = ("one round trip", find, present, agent_is_null, connector_is_null)
     if key not in _USAGE_SQL:
         columns = ", ".join(quoted(c) for c in USAGE_ROW_COLUMNS + present)
         counters = ("model_id", "agent_id", "connector_id", "user_id", "created_at", "updated_at") + present
@@ -710,8 +707,8 @@ def one_round_trip_statements(find, present, agent_is_null, connector_is_null, p
             'item AS (INSERT INTO "ps_model_usage_item" ("user_id", "created_at", "updated_at", "model_id", '
             '"agent_id", "connector_id", "data") SELECT %s::integer, %s::timestamptz, %s::timestamptz, '
             '%s::integer, %s::integer, %s::integer, %s::jsonb FROM m) '
-            'SELECT *{probes} FROM updated UNION ALL SELECT *{probes} FROM inserted').format(
-                probes="".join(", (%s)" % probe for probe in probes), find=find,
+            'SELECT * FROM updated UNION ALL SELECT * FROM inserted').format(
+                find=find,
                 add=", ".join('{0} = {0} + %s'.format(quoted(c)) for c in present), columns=columns,
                 counters=", ".join(quoted(c) for c in counters), casts=", ".join(casts))
     return _USAGE_SQL[key]
@@ -1132,3 +1129,160 @@ def ledger_sums_sql(group, common, attributed, none_group):
         'CASE WHEN SUM(s * "cost_calls") > 0 THEN SUM(s * "provider_cost") END']
     return 'SELECT %s, %s FROM (%s) t GROUP BY %s HAVING SUM(s * "calls") <> 0' % (
         ", ".join(keys), ", ".join(summed), " UNION ALL ".join(parts), ", ".join(keys))
+
+
+# -- the budgets' 15-minute slots (psai._budget_ledger) ------------------------------------
+
+# The items added up per 15-minute slot of UTC time, beside the daily rollups,
+# kept by triggers of their own: a budget in a zone other than UTC reads the
+# partial days at its period's ends from them (every IANA zone's midnight is
+# on a quarter hour), not from the items.
+SLOT_TABLE = "psai_usage_slots"
+SLOT_FUNCTION = "psai_slot_fold"
+SLOT_TRIGGERS = {False: ("psai_slot_insert", "psai_slot_update", "psai_slot_delete"), True: (SLOT_FUNCTION,)}
+SLOT_MINUTES = 15
+# A slot row's key (a daily rollup's, without the connector and the day) and the sums a budget reads.
+SLOT_KEYS = ("model_id", "agent_id", "provider", "pricing", "applied_service_tier", "applied_speed", "has_usage",
+             "model_priced", "model_threshold", "long", "apart")
+BUDGET_SUMS = ("calls", "fresh_in", "cached", "cache_write", "out", "web", "cache_write_1h", "cache_write_12h",
+               "audio_in", "audio_out", "image_out")
+# What a budget groups calls by: what prices them (item_groups_sql's group without agent, connector or day).
+BUDGET_GROUP = ("model_id", "provider", "pricing", "applied_service_tier", "applied_speed", "has_usage", "long",
+                "apart")
+_SLOT_COLUMNS = ", ".join(quoted(c) for c in ("range_slot",) + SLOT_KEYS + BUDGET_SUMS + ("group_key",))
+
+
+def range_slot_sql(postgres, column):
+    """The 15-minute slot of UTC time holding the time ``column``, as text
+    'YYYY-MM-DD HH:MM' (its start): ordered as the times are."""
+    if postgres:
+        return ("to_char(date_trunc('hour', %s AT TIME ZONE 'UTC') + floor(date_part('minute', %s AT TIME ZONE "
+                "'UTC') / 15) * interval '15 minutes', 'YYYY-MM-DD HH24:MI')" % (column, column))
+    # SQLite keeps UTC text: 'YYYY-MM-DD HH:MM:...'.
+    return ("(substr(%s, 1, 14) || CASE WHEN substr(%s, 15, 2) < '15' THEN '00' WHEN substr(%s, 15, 2) < '30' "
+            "THEN '15' WHEN substr(%s, 15, 2) < '45' THEN '30' ELSE '45' END)" % ((column,) * 4))
+
+
+def _slot_key(postgres, alias="g"):
+    """One text naming a slot row's key: the unique index the upsert finds it by."""
+    if postgres:
+        return "md5(concat_ws('|', %s))" % ", ".join("quote_nullable(%s.%s)" % (alias, quoted(c)) for c in SLOT_KEYS)
+    return " || '|' || ".join("quote(%s.%s)" % (alias, quoted(c)) for c in SLOT_KEYS)
+
+
+def _slot_fold_sql(r, row, sign, condition):
+    """Add (``sign`` 1) or take off (-1) the trigger's item ``row`` to its slot row, when ``condition`` holds."""
+    groups = rollup_groups_sql(r, [], source=_row_source(row), single=True)
+    times = "" if sign == 1 else "-1 * "
+    values = ["g.%s" % quoted(c) for c in SLOT_KEYS] + ["%sg.%s" % (times, quoted(c)) for c in BUDGET_SUMS]
+    target = quoted(SLOT_TABLE)
+    added = ", ".join("%s = %s.%s + excluded.%s" % (quoted(c), target, quoted(c), quoted(c)) for c in BUDGET_SUMS)
+    return ('INSERT INTO %s (%s) SELECT %s, %s, %s FROM (%s) g WHERE %s ON CONFLICT ("range_slot", "group_key") '
+            'DO UPDATE SET %s' % (target, _SLOT_COLUMNS, range_slot_sql(r.postgres, "%s.created_at" % row),
+                                  ", ".join(values), _slot_key(r.postgres), groups, condition, added))
+
+
+def _slot_emptied_sql(postgres, row):
+    return 'DELETE FROM %s WHERE "range_slot" = %s AND "calls" = 0' % (
+        quoted(SLOT_TABLE), range_slot_sql(postgres, "%s.created_at" % row))
+
+
+def slot_trigger_sql(postgres):
+    """The statements installing the triggers that keep the 15-minute slots,
+    beside the rollups' own (their own names and function): they fold what
+    the rollups' fold (``foldable_sql``). PostgreSQL: a fold that fails is
+    undone and its day marked in the rollups' table of what could not be
+    folded, so reports and budgets read that day from the items until rebuilt."""
+    r = ItemReader(postgres)
+    new_ok, old_ok = foldable_sql(postgres, "NEW.created_at"), foldable_sql(postgres, "OLD.created_at")
+    if not postgres:
+        fold_in = [_slot_fold_sql(r, "NEW", 1, new_ok)]
+        fold_out = [_slot_fold_sql(r, "OLD", -1, old_ok), _slot_emptied_sql(False, "OLD")]
+        insert, update, delete = SLOT_TRIGGERS[False]
+        body = 'CREATE TRIGGER IF NOT EXISTS "%s" AFTER %s ON "ps_model_usage_item" BEGIN %s; END'
+        return [body % (insert, "INSERT", "; ".join(fold_in)),
+                body % (update, "UPDATE OF %s" % ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
+                        "; ".join(fold_out + fold_in)),
+                body % (delete, "DELETE", "; ".join(fold_out))]
+    function = """CREATE OR REPLACE FUNCTION %(function)s() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $psai$
+BEGIN
+  BEGIN
+    IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
+      %(fold_out)s;
+      %(emptied)s;
+    END IF;
+    IF TG_OP <> 'DELETE' AND %(new_ok)s THEN
+      %(fold_in)s;
+    END IF;
+  EXCEPTION WHEN OTHERS THEN
+    BEGIN
+      IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
+        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(old_day)s, SQLERRM);
+      END IF;
+      IF TG_OP <> 'DELETE' AND %(new_ok)s THEN
+        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(new_day)s, SQLERRM);
+      END IF;
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'psai: the budgets'' slots could not keep a change of ps_model_usage_item: %%%%', SQLERRM;
+    END;
+  END;
+  RETURN NULL;
+END
+$psai$""" % {"function": SLOT_FUNCTION, "unfolded": quoted(UNFOLDED_TABLE), "old_ok": old_ok, "new_ok": new_ok,
+             "fold_out": _slot_fold_sql(r, "OLD", -1, "true"), "emptied": _slot_emptied_sql(True, "OLD"),
+             "fold_in": _slot_fold_sql(r, "NEW", 1, "true"), "old_day": _range_day(True, "OLD.created_at"),
+             "new_day": _range_day(True, "NEW.created_at")}
+    trigger = ('CREATE TRIGGER "%s" AFTER INSERT OR DELETE OR UPDATE OF %s ON "ps_model_usage_item" '
+               'FOR EACH ROW EXECUTE PROCEDURE %s()' % (SLOT_FUNCTION, ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
+                                                       SLOT_FUNCTION))
+    return [function, 'DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % SLOT_FUNCTION, trigger]
+
+
+def drop_slot_triggers_sql(postgres):
+    """The statements removing the slots' triggers (the function stays, harmless)."""
+    if postgres:
+        return ['DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % SLOT_FUNCTION]
+    return ['DROP TRIGGER IF EXISTS "%s"' % name for name in SLOT_TRIGGERS[False]]
+
+
+def slot_triggers_sql(postgres):
+    """How many of the slots' triggers the item table has (enabled)."""
+    if postgres:
+        return ("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('\"ps_model_usage_item\"') "
+                "AND tgname = '%s' AND tgenabled <> 'D'" % SLOT_FUNCTION)
+    return ("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ps_model_usage_item' "
+            "AND name IN (%s)" % ", ".join("'%s'" % name for name in SLOT_TRIGGERS[False]))
+
+
+def slot_rebuild_sql(r, where):
+    """Insert the slot rows of the items meeting ``where`` (``i``), added up
+    by slot and key: item_groups_sql's groups, the slot standing in the
+    connector's column (slots keep no connector)."""
+    read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True)
+    slotted = "SELECT s.model_id, s.agent_id, %s AS connector_id, s.created_at, %s FROM (%s) s" % (
+        range_slot_sql(r.postgres, "s.created_at"), ", ".join("s.v_" + name for name, _p, _k in ITEM_VALUES)
+        + ", s.v_model_threshold", read)
+    groups, group = item_groups_sql(r, slotted, ("agent", "connector"), rollup=True)
+    assert set(SLOT_KEYS) <= set(group) and "connector_id" in group, group
+    return 'INSERT INTO %s (%s) SELECT g."connector_id", %s, %s FROM (%s) g' % (
+        quoted(SLOT_TABLE), _SLOT_COLUMNS, ", ".join("g.%s" % quoted(c) for c in SLOT_KEYS + BUDGET_SUMS),
+        _slot_key(r.postgres), groups)
+
+
+def slot_thresholds_sql(where):
+    """The models' thresholds the slot rows of items without a snapshot were split by."""
+    return ('SELECT DISTINCT "model_id", "model_threshold" FROM %s WHERE "model_priced" = 1 AND %s'
+            % (quoted(SLOT_TABLE), " AND ".join(where) or "1 = 1"))
+
+
+def budget_sums_sql(table, where):
+    """The rows of a rollup table (the daily rollups or the slots) meeting
+    ``where`` added up by BUDGET_GROUP and the model's threshold that split
+    rows of items without a snapshot (``model_priced``, that threshold): the
+    keys, those two, then BUDGET_SUMS."""
+    keys = ", ".join([quoted(c) for c in BUDGET_GROUP + ("model_priced",)]
+                     + ['CASE WHEN "model_priced" = 1 THEN "model_threshold" END'])
+    return 'SELECT %s, %s FROM %s WHERE %s GROUP BY %s' % (
+        keys, ", ".join("SUM(%s)" % quoted(c) for c in BUDGET_SUMS), quoted(table), " AND ".join(where) or "1 = 1",
+        keys)

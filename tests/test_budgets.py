@@ -273,7 +273,7 @@ def test_each_threshold_fires_once_a_period_and_a_new_period_starts_clean(db, cl
         assert status("daily")["spent"] == CALL_COST and status("daily")["state"] == "ok"
         record_usage(m, None, **CALL)
     finally:
-        psai.budget._listeners.remove(heard.append)
+        psai._budget_ledger.LISTENERS.remove(heard.append)
     events = psai.budget_events()
     assert [(e["period_start"].date().isoformat(), e["threshold"], e["spent"]) for e in events] == [
         ("2026-11-25", Decimal("0.5"), Decimal("0.72")), ("2026-11-25", Decimal("0.8"), Decimal("1.08")),
@@ -293,7 +293,7 @@ def test_a_listener_that_fails_does_not_fail_the_call(db, clock, caplog):
     try:
         row = record_usage(m, None, **CALL)
     finally:
-        psai.budget._listeners.remove(broken)
+        psai._budget_ledger.LISTENERS.remove(broken)
     assert row.token_in_count == CALL["tokens_in"] and "listener down" in caplog.text
     assert len(psai.budget_events()) == 2
 
@@ -411,24 +411,35 @@ def test_the_html_report_shows_each_budget_against_its_limit(db, clock):
     assert "0.7200 of 1.00 USD" in section and "2026-11-01 00:00 to 2026-12-01 00:00 UTC" in section
 
 
-def test_a_budget_set_by_another_process_is_seen_by_the_next_call(backend, clock):
-    """On PostgreSQL a database seen without budgets is asked again by the
-    call's own one-round-trip statement; on SQLite by a statement of its own."""
+def test_a_budget_set_by_another_process_is_weighed_by_the_calls_after_the_recheck(backend, clock, monkeypatch):
+    """SQLite asks for budgets at every call (a statement in the process);
+    PostgreSQL asks a database seen without budgets again only
+    NO_BUDGET_RECHECK seconds later (a round trip saved on every call). No
+    alert is lost: the first call weighed raises every threshold reached."""
     psai.migrate()
     m = model()
+    seconds = [1000.0]
+    monkeypatch.setattr(psai._budget_ledger.time, "monotonic", lambda: seconds[0])
     record_usage(m, None, **CALL)  # no budget yet: seen so
     made = CliRunner().invoke(cli, ["--database", backend.url, "budgets", "set", "--name", "elsewhere",
                                     "--amount", "0.5", "--warn-at", "0.9"])
     assert made.exit_code == 0, made.output
-    psai.budget.WATCHER._none_seen[psai.database.obj] = True  # as a process that never set one sees it
+    psai._budget_ledger._none_seen[psai.database.obj] = seconds[0]  # as this process saw it, before the budget
     heard = []
     psai.on_budget_event(heard.append)
     try:
         record_usage(m, None, **CALL)  # 0.72: past 0.45 and 0.5
+        if psai.db.is_postgres():
+            assert psai.budget_events() == [] and heard == []  # within the recheck: not weighed yet
+            with pytest.raises(psai.BudgetExceededError, match="elsewhere"):
+                psai.check_budget(model=m)  # which always reads the budgets
+            seconds[0] += psai._budget_ledger.NO_BUDGET_RECHECK
+            record_usage(m, None, **CALL)  # 1.08
     finally:
-        psai.budget._listeners.remove(heard.append)
+        psai._budget_ledger.LISTENERS.remove(heard.append)
+    spent = Decimal("1.08") if psai.db.is_postgres() else Decimal("0.72")
     assert [(e["threshold"], e["spent"]) for e in psai.budget_events()] == [
-        (Decimal("0.9"), Decimal("0.72")), (Decimal(1), Decimal("0.72"))]
+        (Decimal("0.9"), spent), (Decimal(1), spent)]
     assert heard == psai.budget_events()
 
 
@@ -555,10 +566,7 @@ def test_nothing_a_stored_budget_holds_stops_a_call_from_being_recorded(backend,
     psai.set_budget(name="stored", amount="0.1", model=m.name)
     record_usage(m, None, **CALL)  # its alerts while it was sound
     hand_written(column, value)
-    for one_trip_seen in (False, True):  # PostgreSQL: the watcher's own read, then the one-round-trip probe
-        psai.budget.WATCHER._none_seen.pop(psai.database.obj, None)
-        if one_trip_seen:
-            psai.budget.WATCHER._none_seen[psai.database.obj] = True
+    for _ in range(2):
         record_usage(m, None, **CALL)
     assert sum(row.token_in_count for row in psai.PsModelUsage.select()) == 3 * CALL["tokens_in"]
     assert [e["threshold"] for e in psai.budget_events()] == [Decimal("0.8"), Decimal(1)]  # none since
@@ -583,20 +591,16 @@ def test_a_budget_removed_while_a_call_records_never_fails_the_call(backend, clo
     committed and raised, so a retry counted it twice)."""
     psai.migrate()
     m = model()
-    watcher = psai.budget.WATCHER
-    covering = watcher._covering
+    covering = psai.recording.budgets_covering
 
     def then_removed(db, model_row, agent_row):
         found = covering(db, model_row, agent_row)
         if found and psai.budgets():
-            psai.remove_budget(found[0].name)  # in the probe's transaction on PostgreSQL's one round trip
+            psai.remove_budget(found[0].name)  # between the call's read of its budgets and its transaction
         return found
-    monkeypatch.setattr(watcher, "_covering", then_removed)
-    for one_trip_seen in (False, True):
+    monkeypatch.setattr(psai.recording, "budgets_covering", then_removed)
+    for _ in range(2):
         psai.set_budget(name="going", amount="0.1", model=m.name)
-        watcher._none_seen.pop(psai.database.obj, None)
-        if one_trip_seen:
-            watcher._none_seen[psai.database.obj] = True
         record_usage(m, None, **CALL)
         assert psai.budgets() == []
     assert psai.PsModelUsageItem.select().count() == 2

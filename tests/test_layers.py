@@ -12,7 +12,7 @@ LAYERS = [
     ("pure", ["errors", "constants", "enums", "pricing", "items", "schemas", "responses", "litellm", "genai"]),
     ("peewee plumbing", ["fields", "db", "sql"]),
     ("store", ["base", "models"]),
-    ("price versions and recording", ["versions", "arguments", "query", "rollups", "recording"]),
+    ("price versions and recording", ["versions", "arguments", "query", "rollups", "_budget_ledger", "recording"]),
     ("reports, check, catalog, copy", ["reports", "usage", "check", "migrations", "catalog", "transfer", "_audit",
                                         "budget"]),
     ("history, HTML report, demo", ["history", "report", "demo", "writer", "tracking", "capture", "otel",

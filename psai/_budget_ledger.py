@@ -1,0 +1,535 @@
+"""What a budget has spent, and the alerts a recorded call raises: the
+budgets' ledger, below recording, which calls it directly in each call's
+transaction (``budget_alerts``, then ``fire`` after the commit). The
+user-facing functions (``psai.set_budget``, ``check_budget``, ...) are in
+``psai.budget``.
+
+What a budget has spent is a lookup: the calls' items in its scope and
+period, read from the rollups the triggers keep (whole UTC days from the
+daily rollups, the partial days at the period's ends, in a zone other than
+UTC, from the 15-minute slots; from the items where neither can be read),
+each group of calls priced alike priced once from its own snapshot, as
+``cost_report`` prices it. Usage that cannot be priced, or whose counts
+cannot be read, is never counted as 0: it makes the state ``unknown``."""
+import calendar
+import datetime
+import json
+import logging
+import time
+import weakref
+import zoneinfo
+from collections.abc import Callable, Iterable
+from decimal import Decimal
+from typing import Any, TypedDict
+
+from peewee import Database
+
+from .constants import strict_json_dumps
+from .db import is_postgres, read_transaction, table_columns
+from .errors import ValidationError
+from .fields import UTC, utcnow
+from .items import APART, BUCKETS, BucketPricer, apart_extra, effective_prices
+from .models import Budget, BudgetEvent, PsAgent, PsAiModel, PsModelUsageItem, sub_agent_tree
+from .rollups import budget_plan, scan_where
+from .schemas import BUDGET_FIELDS, validate_budget_values
+from .sql import (
+    BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_TABLE, ItemReader, budget_sums_sql,
+    item_groups_sql, model_thresholds_sql, window,
+)
+
+__all__ = ["LIMIT", "TOTAL_PERIOD_KEY", "BudgetStatus", "BudgetEventRow", "LISTENERS", "budget_problem", "usable",
+           "period_bounds", "spent", "status", "statuses", "invalid_status", "covering", "event_row",
+           "record_crossings", "fire", "budgets_covering", "forget", "NO_BUDGET_RECHECK"]
+
+log = logging.getLogger("psai")
+
+# The limit is a threshold of its own, beside the warnings.
+LIMIT = Decimal(1)
+# The key a "total" budget's crossings are stored under: it has one period, from the start.
+TOTAL_PERIOD_KEY = datetime.datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class BudgetStatus(TypedDict):
+    """One budget's state now (``budget_status``)."""
+
+    budget: str  # its name
+    currency: str
+    limit: Decimal | None  # None when the budget is invalid
+    spent: Decimal | None  # priced calls in the scope and period; None when the budget is invalid
+    unpriced_tokens: int  # tokens of calls that cannot be priced (or are priced in another currency)
+    remaining: Decimal | None  # the limit less what is spent, 0 once exceeded; None when invalid
+    period_start: datetime.datetime | None  # in the budget's zone; None for a total budget
+    period_end: datetime.datetime | None
+    forecast: Decimal | None  # the period's pace carried to its end; None for a total budget
+    state: str  # ok, warning, exceeded, unknown; invalid: it holds what psai cannot use (problem says what)
+    hard: bool
+    calls: int
+    problem: str | None  # why an invalid budget cannot be used; None for every other state
+
+
+class BudgetEventRow(TypedDict):
+    """A threshold crossed (``budget_events``, ``on_budget_event``)."""
+
+    budget: str
+    threshold: Decimal  # a fraction of the limit; 1 is the limit itself
+    spent: Decimal
+    currency: str
+    period_start: datetime.datetime | None
+    at: datetime.datetime
+
+
+# What ``psai.on_budget_event`` registered: called after each recorded call that crosses a threshold.
+LISTENERS: list[Callable[[BudgetEventRow], Any]] = []
+
+
+# -- budgets ------------------------------------------------------------------------
+
+# Problems of stored budgets by their values: recording a call asks for each
+# budget covering it, and the answer does not change while the row does not.
+_PROBLEMS: dict[str, str | None] = {}
+_PROBLEMS_MAX = 256
+
+
+def budget_problem(budget: Budget) -> str | None:
+    """Why a stored budget cannot be used, or None. psai validates what it
+    writes; a row written by an older psai (an amount of 1e1000000) or by
+    hand (an unknown zone, a text agent id) is read through the same rule,
+    so that no value a budget holds can fail a call being recorded."""
+    values = {name: budget.__data__.get(name) for name in BUDGET_FIELDS}
+    try:
+        key = json.dumps(values, sort_keys=True, default=repr)
+    except (TypeError, ValueError, RecursionError):
+        key = repr(sorted(values.items(), key=lambda item: item[0]))
+    if key in _PROBLEMS:
+        return _PROBLEMS[key]
+    try:
+        validate_budget_values(values)
+        problem = None
+    except ValidationError as error:
+        problem = str(error)
+    except (RecursionError, TypeError, ValueError, ArithmeticError) as error:  # beyond what the schema expects
+        problem = "%s: %s" % (type(error).__name__, error)
+    if len(_PROBLEMS) >= _PROBLEMS_MAX:
+        _PROBLEMS.clear()
+    _PROBLEMS[key] = problem
+    return problem
+
+
+def usable(rows: Iterable[Budget]) -> list[Budget]:
+    """The budgets that can be used; each one that cannot is logged, once a
+    process, and otherwise left out (``budget_status`` shows it invalid)."""
+    usable = []
+    for row in rows:
+        problem = budget_problem(row)
+        if problem is None:
+            usable.append(row)
+        elif (row.id, problem) not in _logged:
+            _logged.add((row.id, problem))
+            log.warning("psai budget %r is invalid and is left out: %s (set it again with `psai budgets set`, "
+                        "or remove it)", row.name, problem)
+    return usable
+
+
+_logged: set[tuple[Any, str]] = set()
+
+
+# -- periods ------------------------------------------------------------------------
+
+def _midnight(day: datetime.date, zone: zoneinfo.ZoneInfo) -> datetime.datetime:
+    # Midnight as the zone's clocks show it (fold=0: the first of two, when clocks go back then).
+    return datetime.datetime(day.year, day.month, day.day, tzinfo=zone)
+
+
+def period_bounds(period: str, timezone: str, now: datetime.datetime | None = None
+                  ) -> tuple[datetime.datetime | None, datetime.datetime | None]:
+    """The period holding ``now`` (default: psai's now), as aware datetimes
+    in ``timezone``: [start, end). A total budget has (None, None)."""
+    if period == "total":
+        return None, None
+    zone = zoneinfo.ZoneInfo(timezone)
+    today = (now or utcnow()).astimezone(zone).date()
+    if period == "day":
+        first, after = today, today + datetime.timedelta(days=1)
+    elif period == "week":
+        first = today - datetime.timedelta(days=today.weekday())
+        after = first + datetime.timedelta(days=7)
+    elif period == "month":
+        first = today.replace(day=1)
+        after = (first + datetime.timedelta(days=calendar.monthrange(first.year, first.month)[1]))
+    elif period == "year":
+        first, after = today.replace(month=1, day=1), today.replace(year=today.year + 1, month=1, day=1)
+    else:
+        raise ValidationError({"period": ["Must be one of: day, week, month, year, total."]})
+    return _midnight(first, zone), _midnight(after, zone)
+
+
+# -- what a budget has spent -----------------------------------------------------------
+
+def _sub_agents(agent_id: int) -> set[int]:
+    """The agent and every agent under it (``sub_agent_tree``); a deleted
+    agent's calls are reported without one, so it covers none."""
+    agent = PsAgent.get_or_none(PsAgent.id == agent_id)
+    return {row.id for row in sub_agent_tree(agent)} if agent is not None else {agent_id}
+
+
+def _scope_model_ids(budget: Budget) -> list[int] | None:
+    """The models a model or organization budget covers (None: not limited by model)."""
+    if budget.model_name is not None:
+        query = PsAiModel.select(PsAiModel.id).where(PsAiModel.name == budget.model_name)
+    elif budget.organization_id is not None:
+        query = PsAiModel.select(PsAiModel.id).where(PsAiModel.organization_id == budget.organization_id)
+    else:
+        return None
+    ids: Any = query.tuples()
+    return sorted(model_id for (model_id,) in ids)
+
+
+def _in(db: Database, column: str, ids: list[int] | None, where: list[str], params: list) -> None:
+    if ids is not None:
+        where.append("%s IN (%s)" % (column, ", ".join([db.param] * len(ids)) or "NULL"))
+        params.extend(ids)
+
+
+# Where each of BUDGET_SUMS is among the sums of item_groups_sql's rows (GroupSums', ROLLUP_SUMS' order).
+_ITEM_SUMS_AT = [ROLLUP_SUMS.index(name) for name in BUDGET_SUMS]
+
+
+def _groups(db: Database, start: datetime.datetime | None, end: datetime.datetime | None,
+            model_ids: list[int] | None, agent_ids: list[int] | None, exact: bool = False) -> list[tuple]:
+    """The calls of [start, end) of these models and agents, added up by
+    what prices them (rows: BUDGET_GROUP, whether the model's threshold
+    split them and that threshold, then BUDGET_SUMS): whole UTC days from the
+    daily rollups, partial days from the 15-minute slots, what neither holds
+    from the items (``rollups.budget_plan``)."""
+    if not table_columns(db, PsModelUsageItem._meta.table_name):
+        return []
+    plan, slots = budget_plan(db, start, end, exact)
+    rows: list[tuple] = []
+    if plan.days:
+        where, params = [], []  # consecutive days as one range
+        runs: list[list[str]] = []
+        for day in plan.days:
+            if runs and _next_day(runs[-1][1]) == day:
+                runs[-1][1] = day
+            else:
+                runs.append([day, day])
+        where.append("(%s)" % " OR ".join(['("range_day" >= %s AND "range_day" <= %s)' % (db.param, db.param)]
+                                          * len(runs)))
+        params += [day for run in runs for day in run]
+        _in(db, '"model_id"', model_ids, where, params)
+        _in(db, '"agent_id"', agent_ids, where, params)
+        rows += db.execute_sql(budget_sums_sql(ROLLUP_TABLE, where), params).fetchall()
+        split = {(row[0], row[len(BUDGET_GROUP) + 1]) for row in rows if row[len(BUDGET_GROUP)] == 1}
+        if split and not exact and _thresholds_changed(db, split):  # read as reports read them
+            return _groups(db, start, end, model_ids, agent_ids, exact=True)
+    for first, last in slots:
+        where, params = ['"range_slot" >= %s' % db.param, '"range_slot" < %s' % db.param], [first, last]
+        _in(db, '"model_id"', model_ids, where, params)
+        _in(db, '"agent_id"', agent_ids, where, params)
+        rows += db.execute_sql(budget_sums_sql(SLOT_TABLE, where), params).fetchall()
+    if plan.reads_items:
+        r = ItemReader(is_postgres(db))
+        params = []
+        where = scan_where(db, "i.created_at", plan, params) + window(
+            db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params)
+        _in(db, "i.agent_id", agent_ids, where, params)
+        read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True)
+        sql, group = item_groups_sql(r, read, ())
+        assert tuple(group) == BUDGET_GROUP, group
+        width = len(group)
+        rows += [row[:width] + (0, None) + tuple(row[width + at] for at in _ITEM_SUMS_AT)
+                 for row in db.execute_sql(sql, params).fetchall()]
+    return rows
+
+
+def _thresholds_changed(db: Database, split: set[tuple[Any, Any]]) -> bool:
+    """Whether a model's long-context threshold is no longer the one rollup
+    rows of its items without a snapshot were split by."""
+    current = dict(db.execute_sql(model_thresholds_sql(ItemReader(is_postgres(db)))).fetchall())
+
+    def plain(value: Any) -> Any:
+        return _number(value) if value is not None else None
+    return any(plain(threshold) != plain(current.get(model_id)) for model_id, threshold in split)
+
+
+def _next_day(day: str) -> str:
+    return (datetime.date.fromisoformat(day) + datetime.timedelta(days=1)).isoformat()
+
+
+def _number(value: Any) -> Any:
+    """A sum from SQL as an exact number (SQLite sums floats as REAL)."""
+    if value is None:
+        return 0
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else Decimal(repr(value))
+    return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else value
+
+
+# Resolved prices and their pricer, by what decides them (provider, snapshot text, tier applied, the
+# model's prices when the item has none): kept across checks, so a check prices its groups without
+# resolving them again.
+_RESOLVED: dict[tuple, tuple[Any, str | None, BucketPricer | None]] = {}
+_RESOLVED_MAX = 4096
+_PARSED: dict[str, Any] = {}
+
+
+def _pricing(text: str | None) -> dict[str, Any]:
+    if text is None:
+        return {}
+    found = _PARSED.get(text)
+    if found is None:
+        if len(_PARSED) > _RESOLVED_MAX:
+            _PARSED.clear()
+        found = _PARSED[text] = json.loads(text)
+    return found if isinstance(found, dict) else {}
+
+
+_SIDES = (("in", 1), ("cached", 2), ("cache_write", 3), ("out", 4))  # bucket, its place among BUDGET_SUMS
+_APART_AT = [BUDGET_SUMS.index(name) for name in ("cache_write_1h", "cache_write_12h", "audio_in", "audio_out",
+                                                    "image_out")]
+
+
+def spent(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None
+          ) -> tuple[Decimal, int, int, bool]:
+    """(spent in the budget's currency, unpriced tokens, calls, whether some
+    calls cannot be priced) in [start, end): the calls in the scope, each
+    group priced alike priced once, as cost_report prices it."""
+    model_ids = _scope_model_ids(budget)
+    if model_ids == []:
+        return Decimal(0), 0, 0, False
+    agent_ids = None
+    if budget.agent_id is not None:
+        agent_ids = sorted(_sub_agents(budget.agent_id) if budget.include_sub_agents else {budget.agent_id})
+    # Groups priced alike, added up: (model, provider, pricing, tier, speed, has_usage, apart) -> sums.
+    merged: dict[tuple, list] = {}
+    width = len(BUDGET_GROUP)
+    for row in _groups(db, start, end, model_ids, agent_ids):
+        key = row[:5] + (row[5], row[7])
+        into = merged.get(key)
+        if into is None:  # calls, buckets, web, apart counts
+            into = merged[key] = [0, dict.fromkeys(BUCKETS, 0), 0, {}]
+        # Sums as exact numbers (SQLite sums REAL values as floats; PostgreSQL's are numeric).
+        sums = [value if type(value) is int else _number(value) for value in row[width + 2:]]
+        into[0] += sums[0]
+        prefix = "long_" if row[6] else ""
+        for bucket, at in _SIDES:
+            into[1][prefix + bucket] += sums[at]
+        into[2] += sums[5]
+        for name, at in zip(APART, _APART_AT):
+            value = sums[at]
+            if value:
+                into[3][prefix + name] = into[3].get(prefix + name, 0) + value
+    needed = {key[0] for key in merged if key[1] is None or "configuredPrices" not in _pricing(key[2])}
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted(needed)))} if needed else {}
+    if len(_RESOLVED) > _RESOLVED_MAX:
+        _RESOLVED.clear()
+    total, unpriced, calls, unknown = Decimal(0), 0, 0, False
+    for (model_id, provider, pricing_text, tier, speed, has_usage, _apart), (count, buckets, web, apart) in \
+            merged.items():
+        model = models.get(model_id)
+        configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
+        if budget.provider is not None and (provider if provider is not None
+                                            else configuration.get("provider")) != budget.provider:
+            continue
+        calls += count
+        cost, currency = None, None
+        if has_usage:
+            pricing = _pricing(pricing_text)
+            fallback = configuration.get("prices") if pricing.get("configuredPrices") is None else None
+            key = (provider, pricing_text, tier, speed,
+                   strict_json_dumps(fallback, sort_keys=True) if fallback is not None else None)
+            if key not in _RESOLVED:
+                metadata = {k: v for k, v in (("appliedServiceTier", tier), ("appliedSpeed", speed)) if v is not None}
+                prices, problem = effective_prices(provider, pricing, metadata, fallback)
+                _RESOLVED[key] = prices, problem, None if problem else BucketPricer(prices)
+            prices, problem, pricer = _RESOLVED[key]
+            if pricer is not None:
+                extra, problem = apart_extra(apart, prices)
+                if not problem:
+                    cost, currency = pricer(buckets, web) + extra, prices.get("currency")
+        if cost is not None and currency == budget.currency:
+            total += cost
+        else:
+            # Calls whose counts cannot be read are unknown too, never $0.
+            tokens = sum(buckets.values())
+            unpriced += tokens
+            unknown = unknown or bool(count) or bool(tokens)
+    return total, unpriced, calls, unknown
+
+
+def _state(budget: Budget, spent: Decimal, unknown: bool) -> str:
+    limit = Decimal(budget.amount)
+    if spent >= limit:
+        return "exceeded"
+    if unknown:
+        return "unknown"
+    if any(spent >= Decimal(repr(fraction)) * limit for fraction in budget.warn_at):
+        return "warning"
+    return "ok"
+
+
+def status(db: Database, budget: Budget, now: datetime.datetime) -> BudgetStatus:
+    """One usable budget's state at ``now``."""
+    start, end = period_bounds(budget.period, budget.timezone, now)
+    used, unpriced, calls, unknown = spent(db, budget, start, end)
+    limit = Decimal(budget.amount)
+    forecast = None
+    if start is not None and end is not None:
+        elapsed = (now - start).total_seconds()
+        length = (end - start).total_seconds()
+        forecast = (used * Decimal(repr(length)) / Decimal(repr(elapsed)) if elapsed > 0 else used).quantize(
+            Decimal("0.000001"))
+    return {"budget": budget.name, "currency": budget.currency, "limit": limit, "spent": used,
+            "unpriced_tokens": unpriced, "remaining": max(limit - used, Decimal(0)), "period_start": start,
+            "period_end": end, "forecast": forecast, "state": _state(budget, used, unknown), "hard": budget.hard,
+            "calls": calls, "problem": None}
+
+
+def statuses(db: Database, rows: list[Budget], now: datetime.datetime) -> list[BudgetStatus]:
+    """The budgets' statuses from one snapshot."""
+    with read_transaction(db):
+        return [status(db, row, now) if (problem := budget_problem(row)) is None else invalid_status(row, problem)
+                for row in rows]
+
+
+def invalid_status(budget: Budget, problem: str) -> BudgetStatus:
+    """The status of a budget psai cannot use: nothing is measured against it."""
+    return {"budget": str(budget.name), "currency": str(budget.currency), "limit": None, "spent": None,
+            "unpriced_tokens": 0, "remaining": None, "period_start": None, "period_end": None, "forecast": None,
+            "state": "invalid", "hard": bool(budget.hard), "calls": 0, "problem": problem}
+
+
+# -- which budgets a call counts against ----------------------------------------------
+
+def _ancestors(agent: PsAgent) -> set[int]:
+    """The agent and the agents above it (a cycle written by hand ends the walk)."""
+    found = {agent.id}
+    parent = agent.parent_agent_id
+    while parent is not None and parent not in found:
+        found.add(parent)
+        parent = PsAgent.select(PsAgent.parent_agent).where(PsAgent.id == parent).scalar()
+    return found
+
+
+def _covers(budget: Budget, model: PsAiModel | None, agent: PsAgent | None,
+            ancestors: Callable[[], set[int]]) -> bool:
+    """Whether a call of ``model`` for ``agent`` counts against ``budget``."""
+    if budget.agent_id is not None:
+        if agent is None:
+            return False
+        return agent.id == budget.agent_id or budget.include_sub_agents and budget.agent_id in ancestors()
+    configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
+    if budget.model_name is not None:
+        return model is not None and model.name == budget.model_name
+    if budget.provider is not None:
+        return configuration.get("provider") == budget.provider
+    if budget.organization_id is not None:
+        return model is not None and model.organization_id == budget.organization_id
+    return True
+
+
+def covering(model: PsAiModel | None, agent: PsAgent | None, rows: list[Budget]) -> list[Budget]:
+    """The budgets of ``rows`` a call of ``model`` for ``agent`` counts against."""
+    found: set[int] | None = None
+
+    def ancestors() -> set[int]:
+        nonlocal found
+        if found is None:
+            found = _ancestors(agent) if agent is not None else set()
+        return found
+    return [row for row in rows if _covers(row, model, agent, ancestors)]
+
+
+# -- alerts -------------------------------------------------------------------------
+
+def _thresholds(budget: Budget) -> list[Decimal]:
+    return [Decimal(repr(fraction)) for fraction in budget.warn_at] + [LIMIT]
+
+
+def event_row(event: BudgetEvent, budget: Budget) -> BudgetEventRow:
+    try:
+        zone: datetime.tzinfo = zoneinfo.ZoneInfo(budget.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, TypeError):  # an invalid budget's: the time in UTC
+        zone = UTC
+    start = None if budget.period == "total" else event.period_start.astimezone(zone)
+    return {"budget": budget.name, "threshold": Decimal(event.threshold), "spent": Decimal(event.spent),
+            "currency": budget.currency, "period_start": start, "at": event.at}
+
+
+def record_crossings(db: Database, rows: list[Budget]) -> list[BudgetEventRow]:
+    """In a recording's transaction: each threshold of ``rows`` that what is
+    spent has reached and that has no alert in this period yet gets one. The
+    budgets are read again first, as they are now (one removed or changed
+    since ``rows`` were read is left out, or weighed as it is now), and on
+    PostgreSQL locked, so that of two calls crossing at once the second sees
+    the first, and a budget cannot be removed under the alert written for it
+    (SQLite has one writer at a time). A budget whose status cannot be
+    worked out is logged and left out: the call is recorded all the same."""
+    query = Budget.select().where(Budget.id.in_([row.id for row in rows])).order_by(Budget.id)
+    rows = usable(query.for_update() if is_postgres(db) else query)
+    now = utcnow()
+    fired = []
+    for row in rows:
+        try:
+            found = status(db, row, now)
+        except (ArithmeticError, LookupError, TypeError, ValueError):
+            log.exception("psai budget %r: its status could not be worked out; the call is recorded without "
+                          "its alerts", row.name)
+            continue
+        if found["spent"] is None or found["limit"] is None:
+            continue
+        key = found["period_start"].astimezone(UTC) if found["period_start"] is not None else TOTAL_PERIOD_KEY
+        for threshold in _thresholds(row):
+            if found["spent"] < threshold * found["limit"]:
+                continue
+            values = {"budget": row.id, "period_start": key, "threshold": str(threshold),
+                      "spent": str(found["spent"]), "at": now}
+            # The unique (budget, period, threshold) index makes it once, whoever tries.
+            if db.execute(BudgetEvent.insert(**values).on_conflict_ignore()).rowcount:
+                fired.append(event_row(BudgetEvent(**values), row))
+    return fired
+
+
+def fire(events: list[BudgetEventRow]) -> None:
+    """After the call's commit: each event to every listener (``psai.on_budget_event``)."""
+    for event in events:
+        for listener in list(LISTENERS):
+            try:
+                listener(event)
+            except Exception:  # the call is recorded; a listener's failure must not look like the call's
+                log.exception("psai budget event listener %r failed", listener)
+
+
+# -- what recording a call does for budgets -------------------------------------------
+
+ANY_BUDGET_SQL = 'SELECT 1 FROM "%s" LIMIT 1' % Budget._meta.table_name
+# Most deployments have no budget. Asking costs SQLite a statement in the
+# process, asked at every call; it would cost PostgreSQL a round trip, so a
+# database seen without budgets is asked again only this many seconds later
+# (a budget set in this process is seen at once: ``forget``). The price: a
+# budget another process sets is weighed by this process's calls up to this
+# long after; no alert is lost, the next call weighed raises the thresholds
+# crossed meanwhile (docs/budgets.md). ``check_budget`` always reads them.
+NO_BUDGET_RECHECK = 1.0
+# The databases seen without a budget, and when (time.monotonic()).
+_none_seen: weakref.WeakKeyDictionary[Database, float] = weakref.WeakKeyDictionary()
+
+
+def forget(db: Database) -> None:
+    """This process has just set a budget on ``db``: look again at the next call."""
+    _none_seen.pop(db, None)
+
+
+def budgets_covering(db: Database, model: PsAiModel, agent: PsAgent | None) -> list[Budget]:
+    """The usable budgets a call of ``model`` for ``agent`` counts against:
+    what ``record_crossings`` weighs in the call's transaction."""
+    if not table_columns(db, Budget._meta.table_name):
+        return []
+    seen = _none_seen.get(db) if is_postgres(db) else None
+    if seen is not None and time.monotonic() - seen < NO_BUDGET_RECHECK:
+        return []
+    if db.execute_sql(ANY_BUDGET_SQL).fetchone() is None:
+        _none_seen[db] = time.monotonic()
+        return []
+    _none_seen.pop(db, None)
+    return covering(model, agent, usable(Budget.select().order_by(Budget.id)))

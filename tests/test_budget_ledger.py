@@ -1,0 +1,183 @@
+"""What a budget has spent (psai._budget_ledger) equals a full scan of the
+items, priced one by one, whatever wrote them: in zones whose midnight is
+not a UTC hour (+05:45, -03:30), where the period's partial days are read
+from the 15-minute slots, after items edited in place, moved and deleted
+by hand SQL."""
+import datetime
+import json
+import random
+from decimal import Decimal
+
+import pytest
+
+import psai
+from conftest import make_configuration
+from psai import PsAgent, PsAiModel, PsModelUsageItem, record_usage, rollups
+from psai._budget_ledger import period_bounds
+from psai.items import item_price
+from psai.sql import SLOT_TABLE
+
+UTC = datetime.timezone.utc
+ZONES = ("UTC", "Asia/Kathmandu", "America/St_Johns")  # +05:45, -03:30 (-02:30 in summer)
+NOW = datetime.datetime(2026, 11, 25, 9, 30, tzinfo=UTC)
+
+
+def mark(db):
+    return db.param
+
+
+def full_scan(db, budget, start, end, agents_covered):
+    """(spent, calls, unknown) of ``budget`` in [start, end): every item read and priced by itself."""
+    models = {m.id: m for m in PsAiModel.select()}
+    spent, calls, unknown = Decimal(0), 0, False
+    for item_id, model_id, agent_id, created_at, data in db.execute_sql(
+            'SELECT id, model_id, agent_id, created_at, data FROM "ps_model_usage_item"'):
+        when = PsModelUsageItem.created_at.python_value(created_at)
+        if start is not None and not start <= when < end:
+            continue
+        model = models.get(model_id)
+        if budget.model_name is not None and (model is None or model.name != budget.model_name):
+            continue
+        if budget.agent_id is not None and agent_id not in agents_covered:
+            continue
+        data = PsModelUsageItem.data.python_value(data)
+        pricing = data.get("pricing") if isinstance(data, dict) else None
+        configured = pricing.get("configuredPrices") if isinstance(pricing, dict) else None
+        fallback = model.configuration.get("prices") if model is not None and configured is None else None
+        cost, _why = item_price(data, fallback)
+        currency = (configured or fallback or {}).get("currency")
+        calls += 1
+        if cost is not None and currency == budget.currency:
+            spent += cost
+        else:
+            unknown = True
+    return spent, calls, unknown
+
+
+def random_moment(rng, edges):
+    """A time near one of ``edges`` (within two hours), to the microsecond."""
+    edge = rng.choice(edges)
+    return edge + datetime.timedelta(seconds=rng.randint(-7200, 7200), microseconds=rng.randint(0, 999_999))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_what_a_budget_spent_equals_a_full_scan_in_every_zone(db, clock, seed):
+    rng = random.Random(seed)
+    models = [PsAiModel.create(user_id=1, organization_id=2, name=name, configuration=make_configuration(
+        prices={"costInTokensPerMillion": rate, "costOutTokensPerMillion": rate * 3,
+                "costInCachedContextTokensPerMillion": rate / 4, "currency": "USD",
+                **({"longContextTokenThreshold": 5000, "longContextCostInTokensPerMillion": rate * 2}
+                   if rate == 3 else {})}))
+              for name, rate in (("small", 1), ("large", 3), ("odd", 7))]
+    root = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "root"})
+    child = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "child"}, parent_agent=root)
+    # Times near every period edge of every zone: their midnights, and the UTC days' around them.
+    edges = []
+    for zone in ZONES:
+        for period in ("day", "week", "month"):
+            start, end = period_bounds(period, zone, NOW)
+            edges += [start.astimezone(UTC), end.astimezone(UTC)]
+    edges += [datetime.datetime(2026, 11, day, tzinfo=UTC) for day in (1, 24, 25)]
+    for _ in range(120):
+        clock.set(min(random_moment(rng, edges), NOW))
+        record_usage(rng.choice(models), rng.choice([None, root, child]), tokens_in=rng.randint(200, 9000),
+                     tokens_out=rng.randint(0, 900), cached_tokens=rng.choice([0, 0, 100]),
+                     provider_metadata=rng.choice([None, {"appliedServiceTier": "flex"}]))
+    # Hand SQL: data edited in place (one count made text: unknown), items moved and deleted.
+    p = mark(db)
+    ids = [row[0] for row in db.execute_sql('SELECT id FROM "ps_model_usage_item" ORDER BY id')]
+    for item_id in rng.sample(ids, 8):
+        (data,) = db.execute_sql('SELECT data FROM "ps_model_usage_item" WHERE id = %s' % p, (item_id,)).fetchone()
+        data = PsModelUsageItem.data.python_value(data)
+        data["usageNormalized"]["tokensIn"] = rng.randint(0, 20000)
+        cast = "::jsonb" if psai.db.is_postgres() else ""
+        db.execute_sql('UPDATE "ps_model_usage_item" SET data = %s%s WHERE id = %s' % (p, cast, p),
+                       (json.dumps(data), item_id))
+    for item_id in rng.sample(ids, 6):
+        moved = min(random_moment(rng, edges), NOW)
+        db.execute_sql('UPDATE "ps_model_usage_item" SET created_at = %s WHERE id = %s' % (p, p),
+                       (PsModelUsageItem.created_at.db_value(moved), item_id))
+    for item_id in rng.sample(ids, 6):
+        db.execute_sql('DELETE FROM "ps_model_usage_item" WHERE id = %s' % p, (item_id,))
+    clock.set(NOW)
+    scopes = [{}, {"model": "large"}, {"agent": root}, {"agent": root, "include_sub_agents": False}]
+    for zone in ZONES:
+        for period in ("day", "week", "month"):
+            start, end = period_bounds(period, zone, NOW)
+            if zone != "UTC":  # the partial days at the ends come from the slots
+                assert rollups.budget_plan(db, start, end)[1]
+            for number, scope in enumerate(scopes):
+                name = "%s %s %d" % (zone, period, number)
+                budget = psai.set_budget(name=name, amount=1000, period=period, timezone=zone,
+                                         unpriced="allow", **scope)
+                covered = {root.id, child.id} if scope.get("include_sub_agents", True) else {root.id}
+                (found,) = psai.budget_status(name)
+                spent, calls, unknown = full_scan(db, budget, start, end, covered)
+                assert (found["spent"], found["calls"]) == (spent, calls), name
+                assert (found["state"] == "unknown") == unknown, name
+                psai.remove_budget(name)
+
+
+def test_the_slots_hold_what_the_items_do_after_hand_sql(db, clock):
+    """The slots' triggers keep them as the rollups' keep theirs: a rebuild changes nothing."""
+    m = PsAiModel.create(user_id=1, organization_id=2, name="m", configuration=make_configuration())
+    for minute in (0, 14, 15, 44, 59):
+        clock.set(datetime.datetime(2026, 11, 24, 23, minute, 30, tzinfo=UTC))
+        record_usage(m, None, tokens_in=1000 + minute, tokens_out=10)
+    p = db.param
+    db.execute_sql('UPDATE "ps_model_usage_item" SET created_at = %s WHERE id = (SELECT min(id) FROM '
+                   '"ps_model_usage_item")' % p,
+                   (PsModelUsageItem.created_at.db_value(datetime.datetime(2026, 11, 25, 3, tzinfo=UTC)),))
+    db.execute_sql('DELETE FROM "ps_model_usage_item" WHERE id = (SELECT max(id) FROM "ps_model_usage_item")')
+    query = 'SELECT range_slot, calls, fresh_in FROM "%s" ORDER BY range_slot' % SLOT_TABLE
+    kept = [tuple(int(v) if not isinstance(v, str) else v for v in row) for row in db.execute_sql(query)]
+    # The call at :00 moved to 03:00, the one at :59 deleted; :14 is in the first quarter, :44 in the third.
+    assert kept == [("2026-11-24 23:00", 1, 1014), ("2026-11-24 23:15", 1, 1015), ("2026-11-24 23:30", 1, 1044),
+                    ("2026-11-25 03:00", 1, 1000)]
+    rollups.rebuild(db)
+    assert [tuple(int(v) if not isinstance(v, str) else v for v in row) for row in db.execute_sql(query)] == kept
+
+
+def test_without_the_slots_triggers_budgets_read_the_ends_from_the_items(db, clock):
+    m = PsAiModel.create(user_id=1, organization_id=2, name="m", configuration=make_configuration())
+    clock.set(datetime.datetime(2026, 11, 24, 20, tzinfo=UTC))  # 01:45 on the 25th in Kathmandu
+    record_usage(m, None, tokens_in=10_000, tokens_out=1_000)
+    clock.set(NOW)
+    psai.set_budget(name="kathmandu", amount=10, period="day", timezone="Asia/Kathmandu")
+    assert rollups.slots_enabled(db)
+    with_slots = psai.budget_status("kathmandu")[0]["spent"]
+    db.execute_sql('DELETE FROM "%s"' % SLOT_TABLE)  # wrong slots are read while their triggers are on
+    assert psai.budget_status("kathmandu")[0]["spent"] == 0
+    rollups.disable(db)
+    assert not rollups.slots_enabled(db)
+    assert psai.budget_status("kathmandu")[0]["spent"] == with_slots == Decimal("0.36")
+    rollups.enable(db)  # installs both and rebuilds the slots
+    assert rollups.slots_enabled(db) and psai.budget_status("kathmandu")[0]["spent"] == with_slots
+
+
+def test_calls_without_a_price_snapshot_follow_their_models_threshold(db, clock):
+    """Rollup rows of items without a snapshot are split by their model's
+    current long-context threshold: once it changes, a budget reads them as
+    reports do, and still equals a full scan."""
+    prices = {"costInTokensPerMillion": 2, "costOutTokensPerMillion": 6, "costInCachedContextTokensPerMillion": 1,
+              "currency": "USD", "longContextTokenThreshold": 5000, "longContextCostInTokensPerMillion": 4}
+    m = PsAiModel.create(user_id=1, organization_id=2, name="m", configuration=make_configuration(prices=prices))
+    for day, tokens_in in ((3, 6000), (10, 1000), (17, 7000), (24, 800)):
+        clock.set(datetime.datetime(2026, 11, day, 12, tzinfo=UTC))
+        record_usage(m, None, tokens_in=tokens_in, tokens_out=100)
+    for item_id, data in list(db.execute_sql('SELECT id, data FROM "ps_model_usage_item"')):
+        data = PsModelUsageItem.data.python_value(data)
+        del data["pricing"]["configuredPrices"]  # as an item written without one
+        db.execute_sql('UPDATE "ps_model_usage_item" SET data = %s WHERE id = %s' % (
+            db.param + ("::jsonb" if psai.db.is_postgres() else ""), db.param), (json.dumps(data), item_id))
+    clock.set(NOW)
+    budget = psai.set_budget(name="month", amount=1000, timezone="Asia/Kathmandu")
+    start, end = period_bounds("month", "Asia/Kathmandu", NOW)
+    seen = []
+    for threshold in (5000, 900):
+        m.configuration = dict(m.configuration, prices=dict(prices, longContextTokenThreshold=threshold))
+        m.save()
+        (found,) = psai.budget_status("month")
+        assert (found["spent"], found["calls"]) == full_scan(db, budget, start, end, set())[:2], threshold
+        seen.append(found["spent"])
+    assert seen[0] != seen[1]  # the call of 1,000 tokens is a long-context one now
