@@ -177,7 +177,7 @@ def test_0014_remakes_the_triggers_that_folded_unusable_counts(backend, monkeypa
     psai.PsModelUsageItem.create(user_id=1, model_id=model.id, agent_id=0, created_at=good.created_at,
                                  data=dict(good.data, psai={"cacheWrite12hTokens": -5}))
     assert rollups.verify() != []  # the old trigger priced it
-    assert psai.migrate() == ["0014_rollup_triggers_read_every_count"]
+    assert runner().up(target="0014_rollup_triggers_read_every_count") == ["0014_rollup_triggers_read_every_count"]
     assert rollups.enabled(psai.database.obj) and rollups.verify() == []
     [unpriced] = [row for row in cost_report("day") if row["cost"] is None]
     assert "no usable token counts" in unpriced["unpriced_reason"]
