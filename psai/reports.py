@@ -219,8 +219,9 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
         for values in source_rows:
             if agent_at is not None and values[agent_at] not in agents:
                 values = values[:agent_at] + (None,) + values[agent_at + 1:]
-            # Sums as exact numbers (SQLite sums REAL values as floats).
-            sums = GroupSums(*[value if type(value) is not float else _number(value) for value in values[width:]])
+            # Sums as exact numbers (SQLite sums REAL values as floats; whole PostgreSQL sums as ints, which
+            # add up exactly where Decimals keep 28 digits: an item's count of 1e300 lost the others').
+            sums = GroupSums(*[value if value is None else _number(value) for value in values[width:]])
             if per_key and totals is not None:
                 entry = totals[(values[0], values[agent_at], values[connector_at])]
                 entry.tokens_in += sums.all_in or 0
