@@ -221,7 +221,8 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
                 values = values[:agent_at] + (None,) + values[agent_at + 1:]
             # Sums as exact numbers (SQLite sums REAL values as floats; whole PostgreSQL sums as ints, which
             # add up exactly where Decimals keep 28 digits: an item's count of 1e300 lost the others').
-            sums = GroupSums(*[value if value is None else _number(value) for value in values[width:]])
+            sums = GroupSums(*[value if type(value) not in (float, Decimal) else _number(value)
+                               for value in values[width:]])
             if per_key and totals is not None:
                 entry = totals[(values[0], values[agent_at], values[connector_at])]
                 entry.tokens_in += sums.all_in or 0
