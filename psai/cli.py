@@ -1105,7 +1105,8 @@ def usage_assign(apply_changes, as_json):
 
 REPORT_COLUMNS = ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpriced_tokens", "priced_from"]
 # Columns a report shows when asked (--columns), after tokens_out.
-EXTRA_REPORT_COLUMNS = {"cached": "cached_tokens", "cache-write": "cache_write_tokens"}
+EXTRA_REPORT_COLUMNS = {"cached": "cached_tokens", "cache-write": "cache_write_tokens",
+                        "reasoning": "reasoning_tokens"}
 # Digits after the point of currencies whose minor unit is not the cent (ISO 4217).
 CURRENCY_DIGITS = {"JPY": 0, "KRW": 0, "VND": 0, "CLP": 0, "ISK": 0, "UGX": 0, "XOF": 0, "XAF": 0,
                    "BHD": 3, "KWD": 3, "OMR": 3, "JOD": 3, "TND": 3, "LYD": 3, "IQD": 3}
@@ -1188,7 +1189,8 @@ class TagFilter(click.ParamType):
 @click.option("--tag", "tag_filters", type=TagFilter(), multiple=True,
               help="Only the calls with this tag (repeat: all of them).")
 @click.option("--columns", "extra", type=ColumnList(), default="", metavar="NAMES",
-              help="More columns, comma-separated: cached (input tokens read from cache), cache-write.")
+              help="More columns, comma-separated: cached (input tokens read from cache), cache-write, "
+                   "reasoning (output tokens spent reasoning).")
 @click.option("--exact", is_flag=True, help="Amounts in the table as computed, not rounded to cents.")
 @click.option("--strict", is_flag=True, help="Fail (exit 1) when any usage cannot be priced.")
 @click.option("--html", "html_path", metavar="FILE",

@@ -104,6 +104,7 @@ class CostRow(TypedDict, total=False):
     tokens_out: Number
     cached_tokens: Number  # of tokens_in, read from cache
     cache_write_tokens: Number  # of tokens_in, written to cache
+    reasoning_tokens: Number  # of tokens_out, reasoning
     cost: Decimal | None
     currency: str | None
     unpriced_tokens: Number
@@ -121,6 +122,7 @@ class CurrencyTotal(TypedDict):
     tokens_out: Number
     cached_tokens: Number
     cache_write_tokens: Number
+    reasoning_tokens: Number
     cost: Decimal | None
     unpriced_tokens: Number
     provider_cost: Decimal | None
@@ -168,8 +170,8 @@ class GroupSums:
     items' input and output totals as recorded, the tokens priced apart
     (``items.APART``: 1-hour and 12-hour cache writes among the cache
     writes, audio input among the input, audio and image output among the
-    output), and the provider's own cost of the calls that reported one
-    (None when none did)."""
+    output), the reasoning tokens among the output, and the provider's own
+    cost of the calls that reported one (None when none did)."""
 
     calls: int
     fresh_in: Number
@@ -184,6 +186,7 @@ class GroupSums:
     audio_in: Number
     audio_out: Number
     image_out: Number
+    reasoning_out: Number
     provider_cost: Number | None
 
     def apart(self) -> dict[str, Number]:
@@ -204,6 +207,7 @@ class GroupSums:
         self.audio_in += other.audio_in or 0
         self.audio_out += other.audio_out or 0
         self.image_out += other.image_out or 0
+        self.reasoning_out += other.reasoning_out or 0
         self.provider_cost = _plus(self.provider_cost, other.provider_cost)
 
 
@@ -311,6 +315,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
                               ("out", sums.out)):
             row["buckets"][prefix + bucket] = _number(value)
         row["web"] = int(sums.web or 0)
+        row["reasoning"] = _number(sums.reasoning_out)
         row["provider_cost"] = None if sums.provider_cost is None else _number(sums.provider_cost)
         # Counted in the buckets above; what they cost beyond them is priced apart (apart_extra).
         row["apart"] = {prefix + name: _number(value) for name, value in sums.apart().items() if value}
@@ -395,6 +400,20 @@ def _bucket_reader(present):
 
     def read(values):
         return {bucket: sum(int(values[i] or 0) for i in indexes) for bucket, indexes in spec}
+    return read
+
+
+# The counters of the reasoning tokens among the output (each output bucket's).
+_REASONING_COUNTER_NAMES = ("token_out_reasoning_count", "long_context_token_out_reasoning_count")
+
+
+def _reasoning_reader(present):
+    """A function from counter values (in the order of ``present``) to the
+    reasoning tokens among their output (0 where a table has no such counter)."""
+    indexes = [i for i, name in enumerate(present) if name in _REASONING_COUNTER_NAMES]
+
+    def read(values):
+        return sum(int(values[i] or 0) for i in indexes)
     return read
 
 
@@ -496,8 +515,12 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
     models = sorted({key[0] for key in partly})
     folded = "token_in_cache_write_count" not in present
     covered: defaultdict[tuple, dict[str, Any]] = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
+    covered_reasoning: defaultdict[tuple, Any] = defaultdict(int)
+    reasoning = _reasoning_reader(present)
     for group in _item_groups(db, ("agent", "connector"), model_ids=models, agents=agents):
-        into = covered[(group["model_id"], group["agent_id"], group["connector_id"])]
+        key = (group["model_id"], group["agent_id"], group["connector_id"])
+        covered_reasoning[key] += group["reasoning"]
+        into = covered[key]
         for bucket, value in group["buckets"].items():
             if folded and bucket.endswith("cache_write"):
                 bucket = bucket.replace("cache_write", "in")  # how such a table counted them
@@ -514,6 +537,12 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
             taken = min(buckets[bucket], remaining[bucket])
             remaining[bucket] -= taken
             piece[bucket] = buckets[bucket] - taken
+        # The reasoning tokens the items hold are taken off as the output is, and what is left is at most the
+        # piece's output (items may hold less reasoning than the output they cover).
+        reasoned = reasoning(values[4:])
+        taken = min(reasoned, covered_reasoning[key])
+        covered_reasoning[key] -= taken
+        piece_reasoning = min(reasoned - taken, piece["out"] + piece["long_out"])
         created_at = PsModelUsage.created_at.python_value(values[3])
         if isinstance(created_at, str):  # not a time: in no period, in the whole (flagged unpriced)
             within = since is None and until is None
@@ -521,7 +550,7 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
             within = (since is None or created_at >= since) and (until is None or created_at < until)
         if any(piece.values()) and within:
             pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
-                           "created_at": created_at, "buckets": piece})
+                           "created_at": created_at, "buckets": piece, "reasoning": piece_reasoning})
     return pieces
 
 
@@ -603,14 +632,15 @@ def _untouched_pieces(db, by, since, until, keys, agents, sound, model_ids=None)
         columns.append(j.day("u.created_at"))
     where = window(db, "u.created_at", PsModelUsage.created_at, since, until, model_ids, params) + [sound]
     sql = counter_sums_sql(present, columns, where)
-    read = _bucket_reader(present)
+    read, reasoning = _bucket_reader(present), _reasoning_reader(present)
     offset = len(columns)
     pieces = []
     for values in db.execute_sql(sql, params).fetchall():
         key = (values[0], values[1] if values[1] in agents else None, values[2])
         if keys is None or key in keys:
             pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
-                           "created_at": field.python_value(values[offset]), "buckets": read(values[offset + 1:])})
+                           "created_at": field.python_value(values[offset]), "buckets": read(values[offset + 1:]),
+                           "reasoning": reasoning(values[offset + 1:])})
     return pieces
 
 
@@ -621,14 +651,15 @@ def _negative_counters(db, by, agents, since, until, model_ids=None):
     params: list[Any] = []
     where = window(db, "u.created_at", PsModelUsage.created_at, since, until, model_ids, params) + [
         counters_negative(present, "u")]
-    read = _bucket_reader(present)
+    read, reasoning = _bucket_reader(present), _reasoning_reader(present)
     parts = []
     for values in db.execute_sql(negative_rows_sql(present, where), params).fetchall():
         model_id, agent_id, created_at = values[1:4]
-        buckets = read([max(v or 0, 0) for v in values[4:]])
+        counts = [max(v or 0, 0) for v in values[4:]]
         created_at = PsModelUsage.created_at.python_value(created_at)
-        parts.append(_unpriced_counters(model_id, agent_id if agent_id in agents else None, buckets,
-                                        "negative token counters", _day(created_at) if "day" in _keys(by) else None))
+        parts.append(_unpriced_counters(model_id, agent_id if agent_id in agents else None, read(counts),
+                                        reasoning(counts), "negative token counters",
+                                        _day(created_at) if "day" in _keys(by) else None))
     return parts
 
 
@@ -638,10 +669,10 @@ def _day(moment):
     return moment[:10] if isinstance(moment, str) else moment.astimezone(UTC).strftime("%Y-%m-%d")
 
 
-def _unpriced_counters(model_id, agent_id, buckets, why, day):
+def _unpriced_counters(model_id, agent_id, buckets, reasoning, why, day):
     """Counter rows reported unpriced, with why (never priced as 0)."""
     return {"model_id": model_id, "agent_id": agent_id, "provider": None, "pricing": None, "metadata": {},
-            "has_usage": 0, "calls": 0, "web": 0, "buckets": buckets, "priced_from": "current",
+            "has_usage": 0, "calls": 0, "web": 0, "buckets": buckets, "reasoning": reasoning, "priced_from": "current",
             "problem": "%s (`psai check` lists the rows)" % why, "day": day}
 
 
@@ -727,7 +758,7 @@ def _counter_parts(db, by, agents, since, until, model_ids, itemized, recent):
         model_id = piece["model_id"]
         day = _day(piece["created_at"]) if "day" in keys else None
         if isinstance(piece["created_at"], str):  # no time, so no price in force: unpriced, with why
-            parts.append(_unpriced_counters(model_id, piece["agent_id"], piece["buckets"],
+            parts.append(_unpriced_counters(model_id, piece["agent_id"], piece["buckets"], piece["reasoning"],
                                             "usage rows whose created_at cannot be read as a time", day))
             continue
         period = bisect.bisect_right(moments.get(model_id, ()), piece["created_at"])
@@ -735,6 +766,7 @@ def _counter_parts(db, by, agents, since, until, model_ids, itemized, recent):
         if key in merged:
             for bucket, value in piece["buckets"].items():
                 merged[key]["buckets"][bucket] += value
+            merged[key]["reasoning"] += piece["reasoning"]
             continue
         model = models.get(model_id)
         configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
@@ -771,6 +803,7 @@ def _add_to(merged, key, part):
     for bucket, value in part["buckets"].items():
         into["buckets"][bucket] += value
     into["calls"] += part["calls"]
+    into["reasoning"] += part["reasoning"]
     into["provider_cost"] = _plus(into.get("provider_cost"), part.get("provider_cost"))
     return into
 
@@ -945,7 +978,8 @@ def cost_report(by: ReportGrouping | str = "model", *, since: datetime.date | st
     it raises ``UnpricedUsageError`` instead.
 
     Rows also have ``cached_tokens`` and ``cache_write_tokens`` (of the
-    input) and, after them, ``provider_cost``.
+    input), ``reasoning_tokens`` (of the output) and, after them,
+    ``provider_cost``.
 
     ``tree`` rows hold an agent with all its sub-agents, and their ``level``.
     ``since``/``until`` limit the usage by time recorded (dates or datetimes;
@@ -1067,7 +1101,7 @@ def _plus(a, b):
 
 def _new_total(**more):
     return dict({"calls": 0, "tokens_in": 0, "tokens_out": 0, "cached_tokens": 0, "cache_write_tokens": 0,
-                 "cost": None, "unpriced_tokens": 0, "provider_cost": None}, **more)
+                 "reasoning_tokens": 0, "cost": None, "unpriced_tokens": 0, "provider_cost": None}, **more)
 
 
 def _add_part(entry, part):
@@ -1081,6 +1115,7 @@ def _add_part(entry, part):
     buckets = part["buckets"]
     entry["cached_tokens"] += buckets["cached"] + buckets["long_cached"]
     entry["cache_write_tokens"] += buckets["cache_write"] + buckets["long_cache_write"]
+    entry["reasoning_tokens"] += part["reasoning"]
     entry["provider_cost"] = _plus(entry["provider_cost"], _decimal(part.get("provider_cost")))
     if part["cost"] is None:
         entry["unpriced_tokens"] += tokens_in + tokens_out
@@ -1122,7 +1157,8 @@ def _report_rows(by, totals, models, levels):
             row["tag" if by.startswith("tag:") else by] = key
         row.update(calls=entry["calls"], tokens_in=entry["tokens_in"], tokens_out=entry["tokens_out"],
                    cached_tokens=entry["cached_tokens"], cache_write_tokens=entry["cache_write_tokens"],
-                   cost=entry["cost"], currency=currency, unpriced_tokens=entry["unpriced_tokens"],
+                   reasoning_tokens=entry["reasoning_tokens"], cost=entry["cost"], currency=currency,
+                   unpriced_tokens=entry["unpriced_tokens"],
                    priced_from=",".join(sorted(entry["priced_from"])) or None,
                    unpriced_reason="; ".join(sorted(entry["unpriced_reason"])) or None,
                    provider_cost=entry["provider_cost"])
@@ -1147,13 +1183,14 @@ def report_totals(rows: Iterable[CostRow], by: str | None = None) -> dict[str | 
         if by == "tree" and row.get("level") not in (0, None):
             continue
         entry = totals.setdefault(row["currency"], {"calls": 0, "tokens_in": 0, "tokens_out": 0, "cached_tokens": 0,
-                                                    "cache_write_tokens": 0, "cost": None,
+                                                    "cache_write_tokens": 0, "reasoning_tokens": 0, "cost": None,
                                                     "unpriced_tokens": 0, "provider_cost": None})
         entry["calls"] += row["calls"]
         entry["tokens_in"] += row["tokens_in"]
         entry["tokens_out"] += row["tokens_out"]
         entry["cached_tokens"] += row.get("cached_tokens", 0)
         entry["cache_write_tokens"] += row.get("cache_write_tokens", 0)
+        entry["reasoning_tokens"] += row.get("reasoning_tokens", 0)
         entry["unpriced_tokens"] += row["unpriced_tokens"]
         entry["provider_cost"] = _plus(entry.get("provider_cost"), row.get("provider_cost"))
         if row["cost"] is not None:

@@ -348,7 +348,7 @@ def attribute_sql(postgres, column, kind, params):
 
 # The typed values priced apart (items.APART's, in its order), and all those summed, not grouped by.
 _APART_VALUES = ("cw1h", "cw12h", "audio_in", "audio", "image")
-_SUMMED_VALUES = ("tin", "cached", "cw", "tout", "parts", "web", "threshold", "pcost") + _APART_VALUES
+_SUMMED_VALUES = ("tin", "cached", "cw", "tout", "parts", "reasoning", "web", "threshold", "pcost") + _APART_VALUES
 
 
 def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
@@ -380,6 +380,7 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
         "cw12h": r.count("cw12h"), "audio_in": r.count("audio_in"), "audio": r.count("audio"),
         "image": r.count("image"), "tout": r.count("tout"), "pcost": r.value("pcost"),
         "parts": " + ".join(r.count(name) for name in ("reasoning", "audio", "image")),
+        "reasoning": r.count("reasoning"),
         "web": r.count("web"),
         # The call's own prices' threshold; for an item without a snapshot,
         # the model's current prices'.
@@ -402,7 +403,7 @@ def item_groups_sql(r, read, grouped, rollup=False, single=False, extra=()):
     group += ["long", "apart"]
     # In the order of GroupSums' fields.
     summed = [r.j.greatest("tin - cached - cw", "0"), "cached", "cw", "%s + parts" % r.j.greatest("tout - parts", "0"),
-              "web", "tin", "tout"] + list(_APART_VALUES) + ["pcost"]
+              "web", "tin", "tout"] + list(_APART_VALUES) + ["reasoning", "pcost"]
     # The rollups also count the calls that said their own cost: a sum of none of them is NULL.
     if single:
         sums = ["1"] + summed + (["(CASE WHEN pcost IS NULL THEN 0 ELSE 1 END)"] if rollup else []) + list(extra)
@@ -735,7 +736,7 @@ ROLLUP_TRIGGERS = {False: ("psai_rollup_insert", "psai_rollup_update", "psai_rol
 ROLLUP_KEYS = ("model_id", "agent_id", "connector_id", "day", "provider", "pricing", "applied_service_tier",
                "applied_speed", "has_usage", "model_priced", "model_threshold", "long", "apart")
 ROLLUP_SUMS = ("calls", "fresh_in", "cached", "cache_write", "out", "web", "all_in", "all_out", "cache_write_1h",
-               "cache_write_12h", "audio_in", "audio_out", "image_out", "provider_cost", "cost_calls")
+               "cache_write_12h", "audio_in", "audio_out", "image_out", "reasoning_out", "provider_cost", "cost_calls")
 _ROLLUP_COLUMNS = ", ".join(quoted(c) for c in ("range_day",) + ROLLUP_KEYS + ROLLUP_SUMS + ("group_key",))
 # The columns an item's fold reads: an UPDATE of others (updated_at) folds nothing.
 _FOLDED_COLUMNS = ("id", "model_id", "agent_id", "connector_id", "created_at", "data")

@@ -601,8 +601,8 @@ def test_usage_without_usable_prices_is_unpriced_never_zero(db, prices, reason):
     assert reason in unpriced[0]["unpriced_reason"]
     totals = report_totals(rows, "model")
     assert totals["USD"]["cost"] == Decimal(30) and totals[None] == {
-        "calls": 1, "tokens_in": 500, "tokens_out": 20, "cached_tokens": 0, "cache_write_tokens": 0, "cost": None,
-        "unpriced_tokens": 520, "provider_cost": None}
+        "calls": 1, "tokens_in": 500, "tokens_out": 20, "cached_tokens": 0, "cache_write_tokens": 0,
+        "reasoning_tokens": 0, "cost": None, "unpriced_tokens": 520, "provider_cost": None}
     with pytest.raises(psai.UnpricedUsageError, match="520 tokens .* cannot be priced: model %d" % bad.id):
         cost_report("model", strict=True)
 

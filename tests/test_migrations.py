@@ -177,7 +177,35 @@ def test_0014_remakes_the_triggers_that_folded_unusable_counts(backend, monkeypa
     psai.PsModelUsageItem.create(user_id=1, model_id=model.id, agent_id=0, created_at=good.created_at,
                                  data=dict(good.data, psai={"cacheWrite12hTokens": -5}))
     assert rollups.verify() != []  # the old trigger priced it
-    assert psai.migrate() == ["0014_rollup_triggers_read_every_count", "0016_budget_slots", "0017_attribution_ledger"]
+    assert runner().up(target="0014_rollup_triggers_read_every_count") == ["0014_rollup_triggers_read_every_count"]
     assert rollups.enabled(psai.database.obj) and rollups.verify() == []
     [unpriced] = [row for row in cost_report("day") if row["cost"] is None]
     assert "no usable token counts" in unpriced["unpriced_reason"]
+
+
+def test_0015_gives_the_rollups_the_reasoning_sum_and_rebuilds_them(backend, clock):
+    """A store at 0014 as it was made before 0015 (a rollup table without
+    the reasoning sum, its triggers on) with items: after the upgrade the
+    reports read the items' reasoning tokens from the rollups, rebuilt, and
+    the triggers fold the next call's."""
+    from psai import rollups, sql
+    from psai.usage import cost_report, record_usage, report_totals
+    db = psai.database.obj
+    assert runner().up(target="0014_rollup_triggers_read_every_count")[-1] == "0014_rollup_triggers_read_every_count"
+    model = psai.add_model(name="m", configuration=make_configuration())
+    record_usage(model, None, tokens_in=1000, tokens_out=100, reasoning_tokens=40)
+    record_usage(model, None, tokens_in=10, tokens_out=10, reasoning_tokens=5)
+    # The table without the column, the triggers on (0015 makes them anew, and none fires before it).
+    rollups.disable(db)
+    db.execute_sql('ALTER TABLE "psai_usage_rollup" DROP COLUMN "reasoning_out"')
+    for statement in sql.rollup_trigger_sql(psai.db.is_postgres(db)):
+        db.execute_sql(statement)
+    assert rollups.enabled(db)
+    assert psai.migrate() == ["0015_rollup_reasoning_sum"]
+    assert "reasoning_out" in {column.name for column in db.get_columns("psai_usage_rollup")}
+    plan = rollups.read_plan(db)
+    assert plan.days == ("2026-11-25",) and not plan.reads_items
+    assert report_totals(cost_report("model"))["USD"]["reasoning_tokens"] == 45
+    record_usage(model, None, tokens_in=10, tokens_out=10, reasoning_tokens=7)
+    assert report_totals(cost_report("model"))["USD"]["reasoning_tokens"] == 52
+    assert rollups.verify() == [] and psai.migrate() == []

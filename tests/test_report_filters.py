@@ -1,6 +1,7 @@
 """Reports a user asks for (docs/recording.md): filters on every grouping,
-more token columns, one column order in table, CSV and JSON, amounts
-rounded for display."""
+more token columns (cached, cache-write, reasoning: from the rollups, the
+items and the counters alike), one column order in table, CSV and JSON,
+amounts rounded for display."""
 import csv
 import datetime
 import io
@@ -12,7 +13,8 @@ from click.testing import CliRunner
 
 import psai
 from conftest import make_configuration
-from psai import PsAgent, PsAiModel, cost_report
+from psai import PsAgent, PsAiModel, PsModelUsage, cost_report, rollups
+from psai.usage import daily_costs, report_totals
 from psai.cli import cli, money_shown
 from psai.report import _axis
 
@@ -25,7 +27,8 @@ def seed(clock):
     writer = PsAgent.create(configuration={"name": "Writer"})
     editor = PsAgent.create(configuration={"name": "Editor"}, parent_agent=writer)
     clock.set(datetime.datetime(2026, 11, 2, 9, tzinfo=UTC))
-    psai.record_usage(gpt, writer, tokens_in=1000, tokens_out=100, cached_tokens=400, cache_write_tokens=100)
+    psai.record_usage(gpt, writer, tokens_in=1000, tokens_out=100, cached_tokens=400, cache_write_tokens=100,
+                      reasoning_tokens=30)
     clock.set(datetime.datetime(2026, 11, 3, 9, tzinfo=UTC))
     psai.record_usage(claude, editor, tokens_in=2000, tokens_out=10)
     psai.record_usage(gpt, None, tokens_in=10, tokens_out=1)
@@ -55,6 +58,81 @@ def test_rows_count_cached_and_cache_write_tokens(db, clock):
     [row] = [r for r in cost_report("model") if r["model_name"] == "GPT"]
     assert (row["cached_tokens"], row["cache_write_tokens"]) == (400, 100)
     assert list(row)[-1] == "provider_cost"
+
+
+def long_context_model():
+    """A model whose calls of 1000 input tokens or more are priced on the long-context side."""
+    prices = dict(make_configuration()["prices"], longContextTokenThreshold=1000, longContextCostInTokensPerMillion=60,
+                  longContextCostOutTokensPerMillion=120, longContextCostInCachedContextTokensPerMillion=20)
+    return PsAiModel.create(name="Long", configuration=make_configuration(provider="anthropic", model="claude-long",
+                                                                          prices=prices))
+
+
+def reasoning_of(rows, key):
+    return {row[key]: row["reasoning_tokens"] for row in rows}
+
+
+def test_rows_count_reasoning_tokens_from_the_rollups_and_from_the_items(db, clock):
+    gpt, claude, writer, editor = seed(clock)  # the Writer's call to GPT: 30 of its 100 output tokens reasoning
+    long = long_context_model()
+    clock.set(datetime.datetime(2026, 11, 4, 9, tzinfo=UTC))
+    psai.record_usage(long, editor, tokens_in=5000, tokens_out=500, reasoning_tokens=200)
+    clock.set(datetime.datetime(2026, 11, 4, 15, tzinfo=UTC))
+    psai.record_usage(long, editor, tokens_in=10, tokens_out=50, reasoning_tokens=50)
+    # The first call is on the long-context side (its counter says so), the second is not.
+    [counters] = PsModelUsage.select().where(PsModelUsage.model == long)
+    assert (counters.long_context_token_out_reasoning_count, counters.token_out_reasoning_count) == (200, 50)
+    plan = rollups.read_plan(db)
+    assert plan.days == ("2026-11-02", "2026-11-03", "2026-11-04") and not plan.reads_items
+
+    def reports():
+        return {by: cost_report(by) for by in ("model", "agent", "tree", "provider", "day")}
+
+    rolled = reports()
+    assert reasoning_of(rolled["model"], "model_name") == {"GPT": 30, "Claude": 0, "Long": 250}
+    assert reasoning_of(rolled["agent"], "agent_name") == {"Writer": 30, "Editor": 250, None: 0}
+    assert reasoning_of(rolled["tree"], "agent_name") == {"Writer": 280, "Editor": 250, None: 0}
+    assert reasoning_of(rolled["day"], "day") == {"2026-11-02": 30, "2026-11-03": 0, "2026-11-04": 250}
+    assert report_totals(rolled["tree"], "tree")["USD"]["reasoning_tokens"] == 280
+    assert all(row["reasoning_tokens"] <= row["tokens_out"] for rows in rolled.values() for row in rows)
+    # A period that ends inside a day: that day's calls are read from the items.
+    since, until = datetime.datetime(2026, 11, 2, tzinfo=UTC), datetime.datetime(2026, 11, 4, 12, tzinfo=UTC)
+    assert rollups.read_plan(db, since, until).scan
+    assert reasoning_of(cost_report("model", since=since, until=until), "model_name") == {
+        "GPT": 30, "Claude": 0, "Long": 200}
+    rollups.disable(db)  # every report reads the items
+    assert not rollups.enabled(db)
+    assert reports() == rolled
+    assert reasoning_of(cost_report("model", since=since, until=until), "model_name")["Long"] == 200
+    assert daily_costs()[-1]["reasoning_tokens"] == 250
+
+
+def test_reasoning_tokens_of_counters_no_item_covers(db, clock):
+    """Counter rows without items (usage from before items, or another
+    tool's) and counters beyond their items give their reasoning tokens,
+    long-context side included; never more than the output they hold."""
+    old, topped, odd = (PsAiModel.create(name=name, configuration=make_configuration(model=name))
+                        for name in ("old", "topped", "odd"))
+    PsModelUsage.create(user_id=1, model=old, token_in_count=1000, token_out_count=70, token_out_reasoning_count=30,
+                        long_context_token_in_count=300_000, long_context_token_out_count=5,
+                        long_context_token_out_reasoning_count=20)
+    # A call recorded with its item, and its counters raised by another tool by 40 output tokens, 15 reasoning.
+    psai.record_usage(topped, None, tokens_in=100, tokens_out=100, reasoning_tokens=60)
+    PsModelUsage.update(token_out_count=PsModelUsage.token_out_count + 25,
+                        token_out_reasoning_count=PsModelUsage.token_out_reasoning_count + 15).where(
+        PsModelUsage.model == topped).execute()
+    # A call whose item says no reasoning, and counters that say 100 reasoning tokens of 110 output:
+    # the item covers 100 of the output, so at most the 10 left are reasoning.
+    psai.record_usage(odd, None, tokens_in=100, tokens_out=100)
+    PsModelUsage.update(token_out_count=10, token_out_reasoning_count=100).where(PsModelUsage.model == odd).execute()
+    rows = {row["model_name"]: row for row in cost_report("model")}
+    assert {name: (row["tokens_out"], row["reasoning_tokens"]) for name, row in rows.items()} == {
+        "old": (125, 50), "topped": (140, 75), "odd": (110, 10)}
+    assert report_totals(rows.values())["USD"]["reasoning_tokens"] == 135
+    for by in ("agent", "day", "provider"):
+        assert report_totals(cost_report(by))["USD"]["reasoning_tokens"] == 135, by
+    rollups.disable(db)
+    assert {row["model_name"]: row for row in cost_report("model")} == rows
 
 
 def test_the_command_line_report(backend, clock):
@@ -88,8 +166,20 @@ def test_the_command_line_report(backend, clock):
         rows = json.loads(run("usage", "report", "--by", by, "--model", "GPT", "--since", "2026-11-03",
                               "--until", "2026-11-03", "--json").stdout)
         assert sum(r["calls"] for r in rows if r.get("level") in (0, None)) == 1, by
-    assert "reasoning: give some of cached, cache-write" in run("usage", "report", "--columns", "reasoning",
-                                                                code=2).stderr
+    assert "audio: give some of cached, cache-write, reasoning" in run("usage", "report", "--columns", "audio",
+                                                                       code=2).stderr
+    # Reasoning tokens (of the output): after tokens_out, in the order asked, in table, CSV and JSON alike.
+    table = run("usage", "report", "--by", "agent", "--columns", "reasoning,cached").stdout.splitlines()
+    heading = table[0].split()
+    assert heading[4:8] == ["tokens_out", "reasoning_tokens", "cached_tokens", "cost"]
+    writer_row, total_row = table[2].split(), table[-1].split()
+    assert writer_row[1] == "Writer" and writer_row[5] == "30"
+    assert total_row[:5] == ["TOTAL", "3", "3010", "111", "30"]  # TOTAL in the first key column, the name blank
+    as_csv = list(csv.reader(io.StringIO(run("usage", "report", "--by", "agent", "--columns", "reasoning,cached",
+                                             "--csv").stdout)))
+    as_json = json.loads(run("usage", "report", "--by", "agent", "--columns", "reasoning,cached", "--json").stdout)
+    assert as_csv[0] == heading + ["unpriced_reason"] and list(as_json[0]) == as_csv[0]
+    assert {row["agent_name"]: row["reasoning_tokens"] for row in as_json} == {"Writer": 30, "Editor": 0, None: 0}
 
 
 def test_the_page_takes_the_filters(db, clock):

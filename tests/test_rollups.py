@@ -139,7 +139,8 @@ def raw_insert(rng, ms, ags):
         data["psai"] = dict(data.get("psai") or {}, cacheWriteTokens=900, cacheWrite12hTokens=rng.choice([300, 900]),
                             audioInTokens=rng.choice([0, 50]))
     elif shape < 0.56:  # a count no call has (written by hand): unusable, the item unpriced
-        data["usageNormalized"][rng.choice(["tokensOut", "cachedInTokens"])] = rng.choice([-5, 2**31, 1e300])
+        data["usageNormalized"][rng.choice(["tokensOut", "cachedInTokens", "reasoningTokens"])] = rng.choice(
+            [-5, 2**31, 1e300])
     stamp = moment(rng)
     PsModelUsageItem.insert(user_id=1, model_id=model.id, agent_id=rng.choice(ags).id, connector_id=None,
                             created_at=stamp, updated_at=stamp, data=data).execute()
@@ -237,6 +238,7 @@ def test_randomized_histories_report_as_a_full_scan(db, clock, seed):
     assert done >= {"record", "raw insert", "moved", "deleted", "edited", "threshold", "rebuilt"}, done
     assert rollups.verify(db) == []
     reports_equal_a_full_scan(db, rng)
+    assert any(row["reasoning_tokens"] for row in cost_report("model"))  # the rows compared count some
 
 
 def test_a_huge_count_adds_exactly_whichever_source_reads_it(db, clock, seed_model):

@@ -48,6 +48,8 @@ def up(migrator, db):
         audio_in = NumericField(null=True)
         audio_out = NumericField(null=True)
         image_out = NumericField(null=True)
+        # 0015's: the triggers and the rebuild below are psai's current ones, which write it.
+        reasoning_out = NumericField(null=True)
         provider_cost = NumericField(null=True)
         cost_calls = BigIntegerField(null=True)
 

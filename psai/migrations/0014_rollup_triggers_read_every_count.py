@@ -6,6 +6,7 @@ from psai.rollups import disable, enable, enabled
 
 
 def up(migrator, db):
-    if enabled(db):
+    # psai's current triggers write 0015's column: where it is missing, 0015 adds it and remakes them.
+    if enabled(db) and "reasoning_out" in {column.name for column in db.get_columns("psai_usage_rollup")}:
         disable(db)  # SQLite's triggers are made only if missing
         enable(db)

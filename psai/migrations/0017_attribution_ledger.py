@@ -48,6 +48,7 @@ def up(migrator, db):
         audio_in = NumericField(null=True)
         audio_out = NumericField(null=True)
         image_out = NumericField(null=True)
+        reasoning_out = NumericField(null=True)
         provider_cost = NumericField(null=True)
         cost_calls = BigIntegerField(null=True)
 
