@@ -1110,6 +1110,23 @@ def ledger_triggers_sql(postgres):
             "AND name IN (%s)" % ", ".join("'%s'" % name for name in LEDGER_TRIGGERS[False]))
 
 
+def ledger_kinds_sql(where):
+    """The kinds of attribution (user, session, ``tag:KEY``) in the ledger rows meeting ``where``."""
+    return 'SELECT DISTINCT "kind" FROM "%s" WHERE "calls" <> 0%s' % (LEDGER_TABLE, "".join(" AND " + w for w in where))
+
+
+def item_tag_keys_sql(postgres, where):
+    """The keys of the tags (with text values) of the items meeting ``where`` (as ``i``)."""
+    if postgres:
+        return ("SELECT DISTINCT t.key FROM \"ps_model_usage_item\" i CROSS JOIN LATERAL jsonb_each(CASE WHEN "
+                "jsonb_typeof(i.data #> '{psai,tags}') = 'object' THEN i.data #> '{psai,tags}' ELSE '{}'::jsonb END) t "
+                "WHERE jsonb_typeof(t.value) = 'string'%s" % "".join(" AND " + w for w in where))
+    data = "(CASE WHEN typeof(i.data) = 'text' AND json_valid(i.data) THEN i.data ELSE '{}' END)"
+    return ("SELECT DISTINCT t.key FROM \"ps_model_usage_item\" i, json_each(CASE WHEN json_type(%s, '$.psai.tags') "
+            "= 'object' THEN json_extract(%s, '$.psai.tags') ELSE '{}' END) t WHERE t.type = 'text'%s"
+            % (data, data, "".join(" AND " + w for w in where)))
+
+
 def ledger_sums_sql(group, common, attributed, none_group):
     """Ledger rows meeting ``common`` (days, models, agents) and
     ``attributed`` (their kind, maybe their value) added up by ``group``
