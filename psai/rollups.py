@@ -35,7 +35,8 @@ from .models import PsModelUsageItem
 from .sql import (
     LEDGER_TABLE, LEDGER_TRIGGERS, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, ROLLUP_TRIGGERS, UNFOLDED_TABLE,
     drop_ledger_triggers_sql, drop_rollup_triggers_sql, foldable_sql, item_days_sql, ItemReader, ledger_groups_sql,
-    ledger_insert_sql, ledger_kinds_sql, ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, quoted,
+    ledger_insert_sql, ledger_kinds_sql, ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql,
+    model_thresholds_sql, quoted,
     ranges_clause, rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql, rollup_sums_sql,
     rollup_thresholds_sql, rollup_trigger_sql, rollup_triggers_sql, window,
 )
