@@ -284,7 +284,7 @@ def ledger_rows(db: Database, group: list[str], days: Iterable[str], model_ids: 
     attributed = ['"kind" = %s' % db.param] + (['"value" = %s' % db.param] if value is not None else [])
     attributed_params = [kind] + ([value] if value is not None else [])
     every = value is None and "attribute" in group
-    all_params = params + attributed_params + ((params + params + attributed_params) if every else [])
+    all_params = params + attributed_params + (params if every else [])
     return db.execute_sql(ledger_sums_sql(group, common, attributed, every), all_params).fetchall()
 
 

@@ -1133,19 +1133,22 @@ def ledger_sums_sql(group, common, attributed, none_group):
     (names among ROLLUP_KEYS, and ``attribute``, the value): rows in
     item_groups_sql's layout. ``none_group``: also the calls without that
     kind, attribute NULL: the rollups meeting ``common`` less those ledger
-    rows. Parameters: ``common``'s and ``attributed``'s; with ``none_group``
-    then ``common``'s, and ``common``'s and ``attributed``'s again."""
+    rows (the ledger read once: its groups taken off). Parameters:
+    ``common``'s and ``attributed``'s; with ``none_group`` then ``common``'s."""
     keys = [quoted(c) for c in group]
     named = ", ".join('"value" AS "attribute"' if c == "attribute" else quoted(c) for c in group)
+    grouped = ", ".join('"value"' if c == "attribute" else quoted(c) for c in group)
     nulled = ", ".join('NULL AS "attribute"' if c == "attribute" else quoted(c) for c in group)
     sums = ", ".join(quoted(c) for c in ROLLUP_SUMS)
-    ledger_where = " AND ".join(list(common) + list(attributed))
-    parts = ['SELECT %s, 1 AS s, %s FROM "%s" WHERE %s' % (named, sums, LEDGER_TABLE, ledger_where)]
+    ledger = 'SELECT %s, %s FROM "%s" WHERE %s GROUP BY %s' % (
+        named, ", ".join("SUM(%s) AS %s" % (quoted(c), quoted(c)) for c in ROLLUP_SUMS), LEDGER_TABLE,
+        " AND ".join(list(common) + list(attributed)), grouped)
+    parts = ['SELECT %s, 1 AS s, %s FROM a' % (", ".join(keys), sums)]
     if none_group:
         parts.append('SELECT %s, 1, %s FROM "%s" WHERE %s' % (nulled, sums, ROLLUP_TABLE,
                                                               " AND ".join(common) or "1 = 1"))
-        parts.append('SELECT %s, -1, %s FROM "%s" WHERE %s' % (nulled, sums, LEDGER_TABLE, ledger_where))
+        parts.append('SELECT %s, -1, %s FROM a' % (nulled, sums))
     summed = ['CAST(SUM(s * "calls") AS BIGINT)'] + ['SUM(s * %s)' % quoted(c) for c in ROLLUP_SUMS[1:-2]] + [
         'CASE WHEN SUM(s * "cost_calls") > 0 THEN SUM(s * "provider_cost") END']
-    return 'SELECT %s, %s FROM (%s) t GROUP BY %s HAVING SUM(s * "calls") <> 0' % (
-        ", ".join(keys), ", ".join(summed), " UNION ALL ".join(parts), ", ".join(keys))
+    return 'WITH a AS (%s) SELECT %s, %s FROM (%s) t GROUP BY %s HAVING SUM(s * "calls") <> 0' % (
+        ledger, ", ".join(keys), ", ".join(summed), " UNION ALL ".join(parts), ", ".join(keys))
