@@ -1135,20 +1135,29 @@ def ledger_sums_sql(group, common, attributed, none_group):
     kind, attribute NULL: the rollups meeting ``common`` less those ledger
     rows (the ledger read once: its groups taken off). Parameters:
     ``common``'s and ``attributed``'s; with ``none_group`` then ``common``'s."""
-    keys = [quoted(c) for c in group]
+    keys = ", ".join(quoted(c) for c in group)
     named = ", ".join('"value" AS "attribute"' if c == "attribute" else quoted(c) for c in group)
     grouped = ", ".join('"value"' if c == "attribute" else quoted(c) for c in group)
     nulled = ", ".join('NULL AS "attribute"' if c == "attribute" else quoted(c) for c in group)
     sums = ", ".join(quoted(c) for c in ROLLUP_SUMS)
+
+    def summed(times):
+        return ", ".join(['CAST(SUM(%s"calls") AS BIGINT)' % times] + [
+            'SUM(%s%s)' % (times, quoted(c)) for c in ROLLUP_SUMS[1:-2]] + [
+            'CASE WHEN SUM(%s"cost_calls") > 0 THEN SUM(%s"provider_cost") END' % (times, times)])
     ledger = 'SELECT %s, %s FROM "%s" WHERE %s GROUP BY %s' % (
-        named, ", ".join("SUM(%s) AS %s" % (quoted(c), quoted(c)) for c in ROLLUP_SUMS), LEDGER_TABLE,
-        " AND ".join(list(common) + list(attributed)), grouped)
-    parts = ['SELECT %s, 1 AS s, %s FROM a' % (", ".join(keys), sums)]
-    if none_group:
-        parts.append('SELECT %s, 1, %s FROM "%s" WHERE %s' % (nulled, sums, ROLLUP_TABLE,
-                                                              " AND ".join(common) or "1 = 1"))
-        parts.append('SELECT %s, -1, %s FROM a' % (nulled, sums))
-    summed = ['CAST(SUM(s * "calls") AS BIGINT)'] + ['SUM(s * %s)' % quoted(c) for c in ROLLUP_SUMS[1:-2]] + [
-        'CASE WHEN SUM(s * "cost_calls") > 0 THEN SUM(s * "provider_cost") END']
-    return 'WITH a AS (%s) SELECT %s, %s FROM (%s) t GROUP BY %s HAVING SUM(s * "calls") <> 0' % (
-        ledger, ", ".join(keys), ", ".join(summed), " UNION ALL ".join(parts), ", ".join(keys))
+        named, summed(""), LEDGER_TABLE, " AND ".join(list(common) + list(attributed)), grouped)
+    if not none_group:
+        return ledger
+    # The ledger's groups as they are, and the rollups less their sums, by what is not the attribute.
+    kept = ", ".join(quoted(c) for c in ROLLUP_SUMS[:-2])
+    return ('WITH a AS (SELECT %s, %s FROM "%s" WHERE %s GROUP BY %s) '
+            'SELECT %s, %s, CASE WHEN "cost_calls" > 0 THEN "provider_cost" END FROM a UNION ALL '
+            'SELECT %s, %s FROM (SELECT %s, 1 AS s, %s FROM "%s" WHERE %s UNION ALL SELECT %s, -1, %s FROM a) t '
+            'GROUP BY %s HAVING SUM(s * "calls") <> 0' % (
+                named, ", ".join(("CAST(SUM(%s) AS BIGINT) AS %s" if c == "calls" else "SUM(%s) AS %s")
+                                 % (quoted(c), quoted(c)) for c in ROLLUP_SUMS), LEDGER_TABLE,
+                " AND ".join(list(common) + list(attributed)), grouped,
+                keys, kept,
+                keys, summed("s * "), nulled, sums, ROLLUP_TABLE, " AND ".join(common) or "1 = 1", nulled, sums,
+                keys))
