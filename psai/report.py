@@ -18,7 +18,7 @@ from .budget import budget_status, budgets
 from .db import describe_database, redact_url
 from .fields import utcnow
 from .models import AgentRef, ModelRef
-from .reports import CostRow, cost_reports, one_snapshot, tag_keys as tag_keys_of
+from .reports import CostRow, attribution_kinds, cost_reports, one_snapshot
 from .usage import report_totals
 
 __all__ = ["html", "describe_database"]
@@ -272,13 +272,14 @@ def _budgets_section():
             '<th>state</th></tr></thead><tbody>%s</tbody></table></section>' % "".join(body))
 
 
-def _attribution_sections(reports, tag_keys):
+def _attribution_sections(reports):
     """The cost by user, by session and by each tag key (the top rows of
-    each): a section for each that some call carries."""
+    each), of the groupings in ``reports``: a section for each that some call carries."""
     sections = []
+    tags = [by for by in sorted(reports) if by.startswith("tag:") and "," not in by]
     for by, label, heading in [("user", "user", "Top users"), ("session", "session", "Top sessions")] + [
-            ("tag:" + key, "tag " + key, "By tag %s" % key) for key in tag_keys]:
-        rows = reports[by]
+            (by, "tag " + by[4:], "By tag %s" % by[4:]) for by in tags]:
+        rows = reports.get(by, [])
         column = "tag" if by.startswith("tag:") else by
         if not any(row[column] is not None for row in rows):
             continue
@@ -307,15 +308,17 @@ def html(by: str = "model", *, since: datetime.date | str | None = None, until: 
     ``tags``: only that usage (``cost_report``'s filters), said under the
     title. The page has the cost by user, by session (the top ones) and by
     each tag key in ``tag_keys`` (default: every key the period's calls
-    carry, ``reports.tag_keys``), each when some call carries one."""
-    keys = sorted(set(tag_keys if tag_keys is not None else tag_keys_of(since=since, until=until)))
+    carry, ``reports.attribution_kinds``), each when some call carries one."""
+    # The kinds of attribution the period's calls carry (only those are read), or the tag keys named.
+    kinds = [kind for kind in attribution_kinds(since=since, until=until)
+             if kind in ("user", "session") or tag_keys is None and kind.startswith("tag:")]
+    kinds += ["tag:" + key for key in tag_keys or ()]
     # Every section from one read of the priced groups (and one of each kind of attribution).
     filters: dict[str, object] = {"agent": agent, "model": model, "provider": provider, "user": user,
                                   "session": session}
     filters.update({"tag %s =" % key: value for key, value in sorted((tags or {}).items())})
-    reports, daily = cost_reports(sorted({"model", "agent", "tree", "user", "session", by} | {
-        "tag:" + key for key in keys}), since=since, until=until, agent=agent, model=model, provider=provider,
-        user=user, session=session, tags=tags)
+    reports, daily = cost_reports(sorted({"model", "agent", "tree", by} | set(kinds)), since=since, until=until,
+                                  agent=agent, model=model, provider=provider, user=user, session=session, tags=tags)
     rows = rows if rows is not None else reports[by]
     by_model, by_agent, trees = reports["model"], reports["agent"], reports["tree"]
     totals = report_totals(by_model, "model")
@@ -371,7 +374,7 @@ def html(by: str = "model", *, since: datetime.date | str | None = None, until: 
     agent_rows = [(escape(_agent_name(r)), r["cost"], r["currency"]) for r in _by_cost(by_agent)]
     parts.append('<div class="cols"><section><h2>Top models</h2>%s</section><section><h2>Top agents</h2>%s'
                  '</section></div>' % (_bar_table(model_rows, "model"), _bar_table(agent_rows, "agent")))
-    parts.append(_attribution_sections(reports, keys))
+    parts.append(_attribution_sections(reports))
     parts.append("<section><h2>By %s</h2>%s</section>" % (escape(by), _table(rows, by)))
     parts.append("</body></html>\n")
     return "".join(parts)

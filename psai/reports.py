@@ -31,7 +31,7 @@ from .rollups import (
 )
 from .sql import (
     ITEM_VALUES, ItemReader, JsonSQL, attribute_sql, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql,
-    counter_totals_sql, counters_negative, counters_sound, item_groups_sql, item_tag_keys_sql, item_totals_sql,
+    counter_totals_sql, counters_negative, counters_sound, item_groups_sql, item_kinds_sql, item_totals_sql,
     negative_rows_sql, odd_counter_times_sql, price_period_sql, window,
 )
 from .versions import histories_of, prices_at
@@ -39,7 +39,7 @@ from .versions import histories_of, prices_at
 __all__ = ["one_snapshot", "cost_report", "cost_reports", "report_totals", "daily_costs", "REPORT_GROUPINGS",
            "ReportGrouping", "usage_parts", "item_parts",
            "price_parts", "merge_parts", "part_tokens", "part_provider", "CostRow", "CurrencyTotal", "DailyCost",
-           "Attribution", "ATTRIBUTE_GROUPINGS", "CROSS_GROUPINGS", "tag_keys"]
+           "Attribution", "ATTRIBUTE_GROUPINGS", "CROSS_GROUPINGS", "attribution_kinds"]
 
 ReportGrouping = Literal["model", "agent", "tree", "provider", "day"]
 REPORT_GROUPINGS: tuple[ReportGrouping, ...] = get_args(ReportGrouping)
@@ -1055,9 +1055,11 @@ def cost_reports(groupings: Iterable[str], *, since: datetime.date | str | None 
 
 
 @one_snapshot
-def tag_keys(*, since: datetime.date | str | None = None, until: datetime.date | str | None = None) -> list[str]:
-    """The keys of the tags the calls of [since, until) carry (as text),
-    sorted: what ``cost_report("tag:KEY")`` can group by. Read from the
+def attribution_kinds(*, since: datetime.date | str | None = None,
+                      until: datetime.date | str | None = None) -> list[str]:
+    """The kinds of attribution the calls of [since, until) carry (as
+    text), sorted: ``session``, ``tag:KEY`` for each tag key, ``user``;
+    what ``cost_report`` can group by besides the rest. Read from the
     attribution ledger for the days it keeps, else from the items."""
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
@@ -1066,13 +1068,13 @@ def tag_keys(*, since: datetime.date | str | None = None, until: datetime.date |
     cover = read_plan(db, since, until)
     if not ledger_enabled(db):
         cover = ReadPlan(since, until, (), ((since, until),))
-    found = {kind[4:] for kind in ledger_kinds(db, cover.days) if kind.startswith("tag:")}
+    found = ledger_kinds(db, cover.days)
     if cover.reads_items:
         params: list[Any] = []
         where = scan_where(db, "i.created_at", cover, params)
-        found |= {key for (key,) in db.execute_sql(item_tag_keys_sql(is_postgres(db), where), params)}
-    # A key written by hand that reports cannot name is left out.
-    return sorted(key for key in found if tag_key_problem(key) is None)
+        found |= {kind for (kind,) in db.execute_sql(item_kinds_sql(is_postgres(db), where), params * 3)}
+    # A tag key written by hand that reports cannot name is left out.
+    return sorted(kind for kind in found if not kind.startswith("tag:") or tag_key_problem(kind[4:]) is None)
 
 
 def _undated(parts):

@@ -1115,16 +1115,28 @@ def ledger_kinds_sql(where):
     return 'SELECT DISTINCT "kind" FROM "%s" WHERE "calls" <> 0%s' % (LEDGER_TABLE, "".join(" AND " + w for w in where))
 
 
-def item_tag_keys_sql(postgres, where):
-    """The keys of the tags (with text values) of the items meeting ``where`` (as ``i``)."""
+def item_kinds_sql(postgres, where):
+    """The kinds of attribution (``user``, ``session``, ``tag:KEY``) the
+    items meeting ``where`` (as ``i``) hold as text: a user or session
+    found ends its search at the first item. Parameters: ``where``'s three times."""
+    also = "".join(" AND " + w for w in where)
     if postgres:
-        return ("SELECT DISTINCT t.key FROM \"ps_model_usage_item\" i CROSS JOIN LATERAL jsonb_each(CASE WHEN "
-                "jsonb_typeof(i.data #> '{psai,tags}') = 'object' THEN i.data #> '{psai,tags}' ELSE '{}'::jsonb END) t "
-                "WHERE jsonb_typeof(t.value) = 'string'%s" % "".join(" AND " + w for w in where))
-    data = "(CASE WHEN typeof(i.data) = 'text' AND json_valid(i.data) THEN i.data ELSE '{}' END)"
-    return ("SELECT DISTINCT t.key FROM \"ps_model_usage_item\" i, json_each(CASE WHEN json_type(%s, '$.psai.tags') "
-            "= 'object' THEN json_extract(%s, '$.psai.tags') ELSE '{}' END) t WHERE t.type = 'text'%s"
-            % (data, data, "".join(" AND " + w for w in where)))
+        def held(path):
+            return ("SELECT '%s' AS kind WHERE EXISTS (SELECT 1 FROM \"ps_model_usage_item\" i WHERE "
+                    "jsonb_typeof(i.data #> '{psai,%s}') = 'string'%s)" % (path, path, also))
+        tags = ("SELECT DISTINCT 'tag:' || t.key FROM \"ps_model_usage_item\" i CROSS JOIN LATERAL jsonb_each(CASE "
+                "WHEN jsonb_typeof(i.data #> '{psai,tags}') = 'object' THEN i.data #> '{psai,tags}' ELSE '{}'::jsonb "
+                "END) t WHERE jsonb_typeof(t.value) = 'string'%s" % also)
+    else:
+        data = "(CASE WHEN typeof(i.data) = 'text' AND json_valid(i.data) THEN i.data ELSE '{}' END)"
+
+        def held(path):
+            return ("SELECT '%s' AS kind WHERE EXISTS (SELECT 1 FROM \"ps_model_usage_item\" i WHERE "
+                    "json_type(%s, '$.psai.%s') = 'text'%s)" % (path, data, path, also))
+        tags = ("SELECT DISTINCT 'tag:' || t.key FROM \"ps_model_usage_item\" i, json_each(CASE WHEN json_type(%s, "
+                "'$.psai.tags') = 'object' THEN json_extract(%s, '$.psai.tags') ELSE '{}' END) t "
+                "WHERE t.type = 'text'%s" % (data, data, also))
+    return " UNION ALL ".join([held("user"), held("session"), tags])
 
 
 def ledger_sums_sql(group, common, attributed, none_group):

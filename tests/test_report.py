@@ -134,24 +134,29 @@ def test_cost_reports_groups_and_filters_by_attribution_as_cost_report(db, clock
         for by in groupings:
             assert reports[by] == psai.cost_report(by, **filters), (by, filters)
         assert sum(row["calls"] for row in daily) == sum(row["calls"] for row in reports["model"])
-    assert psai.reports.tag_keys() == ["env", "team"]
+    assert psai.reports.attribution_kinds() == ["session", "tag:env", "tag:team", "user"]
 
 
-def test_tag_keys_are_those_of_the_period_from_the_ledger_or_the_items(db, clock):
+def test_the_kinds_of_attribution_are_those_of_the_period_from_the_ledger_or_the_items(db, clock):
     models, agents = attributed_calls(clock, sessions=3)
     yesterday = (clock() - datetime.timedelta(days=1)).date()
     psai.record_usage(models["OpenAI GPT-4 Large"], None, tokens_in=5, tokens_out=1, tags={"stage": "beta"})
-    # A key written by hand that reports cannot name is left out.
+    # A key written by hand that reports cannot name is left out, as is a value that is not text.
     item = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).get()
     item.data = dict(item.data, psai={"tags": {"stage": "beta", "not a key": "x", "n": 5}})
     item.save()
-    every = psai.reports.tag_keys()
-    assert every == ["env", "stage", "team"]
-    assert psai.reports.tag_keys(until=yesterday) == ["env", "team"]
-    assert psai.reports.tag_keys(since=yesterday, until=yesterday) == ["env", "team"]
+    kinds = psai.reports.attribution_kinds
+    every = kinds()
+    assert every == ["session", "tag:env", "tag:stage", "tag:team", "user"]
+    assert kinds(until=yesterday) == ["session", "tag:env", "tag:team", "user"]
+    assert kinds(since=yesterday, until=yesterday) == ["session", "tag:env", "tag:team", "user"]
     psai.rollups.disable(db)
-    assert psai.reports.tag_keys() == every
-    assert psai.reports.tag_keys(since=clock().date()) == ["stage", "team"]
+    assert kinds() == every
+    assert kinds(since=clock().date()) == ["session", "tag:stage", "tag:team", "user"]
+    clock.set(clock() + datetime.timedelta(days=1))
+    psai.record_usage(models["OpenAI GPT-4 Large"], None, tokens_in=5, tokens_out=1, session="s")
+    assert kinds(since=clock().date()) == ["session"]
+    assert kinds(since=clock().date() + datetime.timedelta(days=1)) == []
 
 
 def test_the_page_shows_the_cost_by_user_session_and_tag(db, clock):
