@@ -607,13 +607,14 @@ def bench_rollup_reports(backend, results, rows, repeat, raw_totals):
                         note="raw: cost_report(model); target <= 1.3x (issue 32)")
 
 
-# The item report by hand grouped by one tag's value instead of an agent (issue 35).
-RAW_TAG_SQL = {
+# The item report by hand grouped by one tag's value, or the session, instead of an agent (issue 35).
+RAW_TAG_SQL, RAW_SESSION_SQL = ({
     "sqlite": RAW_ITEM_SQL["sqlite"].replace(
-        "SELECT model_id, agent_id,", "SELECT model_id, json_extract(data, '$.psai.tags.team') AS team,"),
+        "SELECT model_id, agent_id,", "SELECT model_id, json_extract(data, '$.psai.%s') AS %s," % (path, name)),
     "postgres": RAW_ITEM_SQL["postgres"].replace(
-        "SELECT model_id, agent_id,", "SELECT model_id, data #>> '{{psai,tags,team}}' AS team,"),
-}
+        "SELECT model_id, agent_id,", "SELECT model_id, data #>> '{{psai,%s}}' AS %s," % (path.replace(".", ","),
+                                                                                          name)),
+} for path, name in (("tags.team", "team"), ("session", "session")))
 
 
 def bench_attribution_reports(backend, results, sizes):
@@ -641,10 +642,12 @@ def bench_attribution_reports(backend, results, sizes):
         assert sum(r["cost"] for r in psai_rows) == sum(raw_totals.values())
         results.add("cost report by tag:team,model, ledger", rows, backend.kind, ours, raw,
                     note="raw: aggregate by the tag over items")
+        # Sessions of 20 calls each: groups about as many as the calls, each priced.
+        raw, raw_totals = timed_result(lambda: raw_item_report(backend, "session", RAW_SESSION_SQL), 1)
         ours, psai_rows = timed_result(lambda: psai.cost_report("session"), 1)
-        assert sum(r["cost"] for r in psai_rows) == sum(raw_totals.values())
+        assert {r["session"]: r["cost"] for r in psai_rows} == raw_totals
         results.add("cost report by session, ledger (%d sessions)" % len(psai_rows), rows, backend.kind, ours, raw,
-                    note="raw: aggregate by the tag over items")
+                    note="raw: aggregate by the session over items")
     backend.truncate("ps_model_usage_item", "ps_model_usage", "psai_usage_rollup", "psai_attribution_ledger")
 
 
