@@ -953,7 +953,10 @@ def cost_report(by: ReportGrouping | str = "model", *, since: datetime.date | st
     """Cost of recorded usage grouped ``by`` model, agent, tree, provider,
     day, or whose the calls were: ``user``, ``session`` or ``tag:KEY``
     (what ``record_usage(..., user=, session=, tags=)`` kept; the calls
-    without it in a row whose key is None).
+    without it in a row whose key is None); or two of them comma-separated,
+    a cross grouping (``"agent,model"``, ``"tag:team,model"``): rows keyed
+    by both, ordered by the first then the second; two of model, agent,
+    provider and day, or one of them with user, session or tag:KEY.
 
     Each call is priced from its own usage item (the prices stored with it,
     the tier the provider applied), so editing a price never changes the
@@ -1172,7 +1175,8 @@ def _refuse_unpriced(parts):
 
 
 def _key_columns(row, by, key, models, agents, levels, provider=True):
-    """Add a row's key columns of one grouping (``provider``: the model's with its own)."""
+    """Add a row's key columns of one grouping (``provider``: by model, the
+    model's provider too; not when the report groups by provider as well)."""
     if by == "model":
         model = models.get(key)
         configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
