@@ -416,12 +416,14 @@ def bench_counter_reports(backend, results, rows):
 
 # -- 7. cost reports over usage items ---------------------------------------------------------------
 
-def fill_items(backend, rows, days=300):
+def fill_items(backend, rows, days=300, attributed=False):
     """``rows`` usage items straight through the raw driver (set-up, not
     timed), over ``days`` days from 2026-01-01: 100 models, each with three price snapshots over time, a long
     context threshold on every fifth, a provider-applied tier on some calls;
     and the counter rows record_usage would have kept beside them, which the
-    items cover exactly (psai's report checks that; raw does not)."""
+    items cover exactly (psai's report checks that; raw does not).
+    ``attributed``: each call with a user (1,000), a session (20 calls
+    each), a team tag (8 teams; one call in 9 without) and an env tag."""
     models = list(PsAiModel.select(PsAiModel.id, PsAiModel.configuration).order_by(PsAiModel.id).limit(100))
     agent_ids = [a.id for a in PsAgent.select(PsAgent.id).order_by(PsAgent.id)]
     backend.truncate("ps_model_usage_item", "ps_model_usage", "psai_usage_rollup")
@@ -453,6 +455,11 @@ def fill_items(backend, rows, days=300):
                                         "reasoningTokens": i % 20, "audioTokens": 0, "imageTokens": 0}}
             if i % 11 == 0:
                 data["providerMetadata"] = {"appliedServiceTier": "default"}
+            if attributed:
+                tags = {"env": ("prod", "staging")[i % 2]}
+                if i % 9:
+                    tags["team"] = "team-%d" % (i % 8)
+                data["psai"] = {"user": "user-%d" % (i % 1000), "session": "session-%d" % (i // 20), "tags": tags}
             batch.append((1, stamp, stamp, model.id, agent_ids[(i // 7) % len(agent_ids)], raw_json(data)))
             # The counters record_usage keeps beside the items: one row per model, agent and day.
             counted = counters.setdefault((model.id, agent_ids[(i // 7) % len(agent_ids)], when.date()),
@@ -514,12 +521,12 @@ RAW_ITEM_SQL = {
 }
 
 
-def raw_item_report(backend, key):
-    """The item report by hand: one aggregate, then each group priced with
-    psai's pure pricing functions."""
+def raw_item_report(backend, key, statements=RAW_ITEM_SQL):
+    """The item report by hand: one aggregate (``statements``' for the
+    backend), then each group priced with psai's pure pricing functions."""
     from psai.items import bucket_cost, effective_prices
     cursor = backend.raw.cursor()
-    cursor.execute(RAW_ITEM_SQL[backend.kind].format(key=key))
+    cursor.execute(statements[backend.kind].format(key=key))
     totals = {}
     resolved = {}
     for model_id, group, pricing, tier, long, calls, tokens_in, cached, tokens_out in cursor.fetchall():
@@ -598,6 +605,50 @@ def bench_rollup_reports(backend, results, rows, repeat, raw_totals):
             results.add("report.html by model vs one cost_report, rollups current", rows, backend.kind,
                         timed(lambda: html("model"), repeat), timed(lambda: psai.cost_report("model"), repeat),
                         note="raw: cost_report(model); target <= 1.3x (issue 32)")
+
+
+# The item report by hand grouped by one tag's value, or the session, instead of an agent (issue 35).
+RAW_TAG_SQL, RAW_SESSION_SQL = ({
+    "sqlite": RAW_ITEM_SQL["sqlite"].replace(
+        "SELECT model_id, agent_id,", "SELECT model_id, json_extract(data, '$.psai.%s') AS %s," % (path, name)),
+    "postgres": RAW_ITEM_SQL["postgres"].replace(
+        "SELECT model_id, agent_id,", "SELECT model_id, data #>> '{{psai,%s}}' AS %s," % (path.replace(".", ","),
+                                                                                          name)),
+} for path, name in (("tags.team", "team"), ("session", "session")))
+
+
+def bench_attribution_reports(backend, results, sizes):
+    """cost_report by a tag's value (and by session) reading the
+    attribution ledger the triggers keep, against the raw aggregate of the
+    items by that tag (json_extract of each item, grouped, each group
+    priced with psai's pure pricing): target <= 50 ms on SQLite at 1M
+    items (issue 35). Costs are checked against the raw aggregate's."""
+    for rows in sizes:
+        rollups.disable(backend.db)  # filled without the triggers, then rolled up at once
+        start = time.perf_counter()
+        fill_items(backend, rows, attributed=True)
+        filled = time.perf_counter() - start
+        start = time.perf_counter()
+        rollups.enable(backend.db)
+        print("  (filled %d attributed usage items in %.1fs, rolled up with the ledger in %.1fs)"
+              % (rows, filled, time.perf_counter() - start), flush=True)
+        repeat = 5 if rows <= 100_000 else 3
+        raw, raw_totals = timed_result(lambda: raw_item_report(backend, "team", RAW_TAG_SQL), repeat)
+        ours, psai_rows = timed_result(lambda: psai.cost_report("tag:team"), repeat)
+        assert {r["tag"]: r["cost"] for r in psai_rows} == raw_totals
+        results.add("cost report by tag:team, ledger", rows, backend.kind, ours, raw,
+                    note="raw: aggregate by the tag over items; target <= 50 ms on SQLite (issue 35)")
+        ours, psai_rows = timed_result(lambda: psai.cost_report("tag:team,model"), repeat)
+        assert sum(r["cost"] for r in psai_rows) == sum(raw_totals.values())
+        results.add("cost report by tag:team,model, ledger", rows, backend.kind, ours, raw,
+                    note="raw: aggregate by the tag over items")
+        # Sessions of 20 calls each: groups about as many as the calls, each priced.
+        raw, raw_totals = timed_result(lambda: raw_item_report(backend, "session", RAW_SESSION_SQL), 1)
+        ours, psai_rows = timed_result(lambda: psai.cost_report("session"), 1)
+        assert {r["session"]: r["cost"] for r in psai_rows} == raw_totals
+        results.add("cost report by session, ledger (%d sessions)" % len(psai_rows), rows, backend.kind, ours, raw,
+                    note="raw: aggregate by the session over items")
+    backend.truncate("ps_model_usage_item", "ps_model_usage", "psai_usage_rollup", "psai_attribution_ledger")
 
 
 def bench_record_with_rollups(backend, results, count):
@@ -1276,11 +1327,12 @@ def main(argv=None):
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.1 for a quick run)")
     parser.add_argument("--only", nargs="*",
-                        help="run only these: insert validated filter eager usage rollups report items reprice "
-                             "budgets cli peers responses peer-responses capture otel copy growth growth-copy")
+                        help="run only these: insert validated filter eager usage rollups report items attribution "
+                             "reprice budgets cli peers responses peer-responses capture otel copy growth growth-copy")
     parser.add_argument("--markdown", help="also write the results table to this Markdown file")
     parser.add_argument("--sizes", type=int, nargs="*",
-                        help="the item counts of growth and growth-copy (default 10k 100k 1M 3M, scaled)")
+                        help="the item counts of growth and growth-copy (default 10k 100k 1M 3M, scaled), "
+                             "and of attribution (default 100k 1M, scaled)")
     args = parser.parse_args(argv)
 
     def scale(n):
@@ -1311,6 +1363,11 @@ def main(argv=None):
                 bench_counter_reports(backend, results, scale(100_000))
             if "items" in steps:
                 bench_item_reports(backend, results, [scale(10_000), scale(100_000), scale(1_000_000)])
+            if "attribution" in steps:  # not in the default run: 1M items to fill
+                if not any(step in steps for step in ("filter", "eager", "usage", "report", "items")):
+                    bench_filter(backend, results, 200, runs=3)  # models and agents the items are on
+                    bench_eager(backend, results, 50)
+                bench_attribution_reports(backend, results, args.sizes or [scale(100_000), scale(1_000_000)])
             if "reprice" in steps:
                 if not any(step in steps for step in ("filter", "eager", "usage", "report", "items")):
                     bench_filter(backend, results, 200, runs=3)  # models and agents the items are on

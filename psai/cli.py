@@ -1148,17 +1148,19 @@ class ColumnList(click.ParamType):
 
 
 class Grouping(click.ParamType):
-    """A report's --by: a grouping, or tag:KEY."""
+    """A report's --by: a grouping, or tag:KEY; two comma-separated (cost_report checks which pair)."""
     name = "GROUPING"
     choices = ("model", "agent", "tree", "provider", "day", "user", "session")
 
     def convert(self, value, param, ctx):
-        if value in self.choices or isinstance(value, str) and value.startswith("tag:") and value[4:]:
+        if isinstance(value, str) and all(name in self.choices or name.startswith("tag:") and name[4:]
+                                          for name in value.split(",")):
             return value
-        self.fail("%s: give one of %s, or tag:KEY" % (shown(value), ", ".join(self.choices)), param, ctx)
+        self.fail("%s: give one of %s, or tag:KEY; or two of them comma-separated, e.g. agent,model"
+                  % (shown(value), ", ".join(self.choices)), param, ctx)
 
     def get_metavar(self, param, ctx=None):
-        return "[%s|tag:KEY]" % "|".join(self.choices)
+        return "[%s|tag:KEY][,...]" % "|".join(self.choices)
 
 
 class TagFilter(click.ParamType):
@@ -1178,7 +1180,7 @@ class TagFilter(click.ParamType):
 @click.option("--by", "grouping", type=Grouping(), default="model", show_default=True,
               help="How rows are grouped: by model, agent, agent tree, provider, UTC day, the application's "
                    "end user, session, or a tag's value (tag:KEY); calls without the user, session or tag "
-                   "are in the row (none).")
+                   "are in the row (none). Two comma-separated group by both (agent,model; tag:team,model).")
 @click.option("--since", metavar="DATE", help="From this day (YYYY-MM-DD) or time.")
 @click.option("--until", metavar="DATE", help="Up to and including this day, or up to this time.")
 @click.option("--agent", metavar="AGENT", help="Only this agent's calls (id, uuid or name).")
@@ -1207,18 +1209,14 @@ def usage_report(grouping, since, until, agent, model, provider, user, session, 
     """
     from .usage import cost_report
     from .report import html
-    if html_path and (grouping in ("user", "session") or grouping.startswith("tag:") or user or session
-                      or tag_filters):
-        raise click.UsageError("--html: the page groups by model, agent, tree, provider or day, without the "
-                               "user, session and tag filters; leave --html out for this report")
     connect()
-    filters = {"agent": agent, "model": model, "provider": provider}
+    filters = {"agent": agent, "model": model, "provider": provider, "user": user, "session": session,
+               "tags": dict(tag_filters) or None}
     with dbmod.read_transaction():  # the table and the page: one moment
         with Progress("pricing usage") as progress:
             if progress.enabled:
                 click.echo("summing usage in the database...", err=True)
-            rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress, user=user,
-                               session=session, tags=dict(tag_filters) or None, **filters)
+            rows = cost_report(grouping, since=since, until=until, strict=strict, progress=progress, **filters)
         page = html(grouping, since=since, until=until, rows=rows,
                     database=_database_url() or dbmod.DEFAULT_URL, **filters) if html_path else None
     if html_path:
@@ -1237,7 +1235,8 @@ def _report_keys(rows, grouping):
     known = set(REPORT_COLUMNS) | set(EXTRA_REPORT_COLUMNS.values()) | {"unpriced_reason", "provider_cost"}
     keys = [column for column in (rows[0] if rows else {}) if column not in known]
     return keys or [{"tree": "agent_id", "day": "day", "provider": "provider", "user": "user",
-                     "session": "session"}.get(grouping, "tag" if grouping.startswith("tag:") else grouping + "_id")]
+                     "session": "session"}.get(by, "tag" if by.startswith("tag:") else by + "_id")
+                    for by in grouping.split(",")]
 
 
 def _emit_report(rows, grouping, keys, extra=(), exact=False):
@@ -1247,8 +1246,9 @@ def _emit_report(rows, grouping, keys, extra=(), exact=False):
     table = list(rows)
     for currency, total in sorted(totals.items(), key=lambda item: (item[0] is None, str(item[0]))):
         table.append(dict(total, **{keys[0]: "TOTAL", "currency": currency}))
-    if keys[0] in ("user", "session", "tag"):  # the calls without one
-        table = [dict(row, **{keys[0]: "(none)"}) if row[keys[0]] is None else row for row in table]
+    for key in keys:
+        if key in ("user", "session", "tag"):  # the calls without one
+            table = [dict(row, **{key: "(none)"}) if row.get(key, "") is None else row for row in table]
     if not exact:
         table = [dict(row, cost=money_shown(row["cost"], row["currency"]),
                       provider_cost=money_shown(row.get("provider_cost"), row["currency"])) for row in table]

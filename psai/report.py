@@ -11,15 +11,15 @@ import datetime
 import json
 from decimal import Decimal
 from html import escape
+from collections.abc import Iterable
 from typing import cast
 
 from .budget import budget_status, budgets
 from .db import describe_database, redact_url
-from .errors import ValidationError
 from .fields import utcnow
 from .models import AgentRef, ModelRef
-from .reports import CostRow, cost_reports, one_snapshot
-from .usage import REPORT_GROUPINGS, report_totals
+from .reports import CostRow, attribution_kinds, cost_reports, one_snapshot
+from .usage import report_totals
 
 __all__ = ["html", "describe_database"]
 
@@ -28,6 +28,8 @@ PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b
            "#bab0ac")
 OTHER = "other models"
 TOP = 8
+# Rows shown of the cost by user, session and tag value (there may be thousands of sessions).
+ATTRIBUTION_ROWS = 15
 
 STYLE = """
 :root { color-scheme: light dark; --fg: #1d2329; --muted: #5c6670; --bg: #ffffff; --panel: #f4f6f8;
@@ -204,9 +206,15 @@ def _period(since, until):
     return "%s to %s" % (text(since), text(until))
 
 
+KEY_COLUMNS = {"model": ["model_id", "model_name", "provider"], "agent": ["agent_id", "agent_name"],
+               "tree": ["level", "agent_id", "agent_name"], "provider": ["provider"], "day": ["day"],
+               "user": ["user"], "session": ["session"]}
+
+
 def _table(rows, by):
-    keys = {"model": ["model_id", "model_name", "provider"], "agent": ["agent_id", "agent_name"],
-            "tree": ["level", "agent_id", "agent_name"], "provider": ["provider"], "day": ["day"]}[by]
+    keys: list[str] = []
+    for grouping in by.split(","):  # a cross grouping's keys, each once
+        keys += [key for key in KEY_COLUMNS.get(grouping.strip(), ["tag"]) if key not in keys]
     columns = keys + ["calls", "tokens_in", "tokens_out", "cost", "currency", "unpriced_tokens", "priced_from"]
     numeric = {"calls", "tokens_in", "tokens_out", "cost", "unpriced_tokens", "model_id", "agent_id", "level"}
     head = "".join('<th class="%s">%s</th>' % ("num" if c in numeric else "", escape(c)) for c in columns)
@@ -264,23 +272,53 @@ def _budgets_section():
             '<th>state</th></tr></thead><tbody>%s</tbody></table></section>' % "".join(body))
 
 
+def _attribution_sections(reports):
+    """The cost by user, by session and by each tag key (the top rows of
+    each), of the groupings in ``reports``: a section for each that some call carries."""
+    sections = []
+    tags = [by for by in sorted(reports) if by.startswith("tag:") and "," not in by]
+    for by, label, heading in [("user", "user", "Top users"), ("session", "session", "Top sessions")] + [
+            (by, "tag " + by[4:], "By tag %s" % by[4:]) for by in tags]:
+        rows = reports.get(by, [])
+        column = "tag" if by.startswith("tag:") else by
+        if not any(row[column] is not None for row in rows):
+            continue
+        named = [(escape(_text(row[column])) if row[column] is not None else
+                  '<span class="meta">no %s</span>' % escape(label), row["cost"], row["currency"])
+                 for row in _by_cost(rows)]
+        more = len(named) - ATTRIBUTION_ROWS
+        sections.append('<section><h2>%s</h2>%s%s</section>' % (
+            escape(heading), _bar_table(named, label, limit=ATTRIBUTION_ROWS),
+            '<p class="meta">%s more not shown (<code>psai usage report --by %s</code> lists them all)</p>'
+            % (_number(more), escape(by)) if more > 0 else ""))
+    return "".join(sections)
+
+
 @one_snapshot
 def html(by: str = "model", *, since: datetime.date | str | None = None, until: datetime.date | str | None = None,
          rows: list[CostRow] | None = None, database: str | None = None,
          title: str = "psai cost report", agent: AgentRef | None = None, model: ModelRef | None = None,
-         provider: str | None = None) -> str:
+         provider: str | None = None, user: str | None = None, session: str | None = None,
+         tags: dict[str, str] | None = None, tag_keys: Iterable[str] | None = None) -> str:
     """The report page for usage in [since, until), its table grouped ``by``
-    (model, agent, tree, provider or day); ``rows``, when given, are that
-    grouping's ``cost_report`` rows already made. ``database`` is shown as
-    where the data came from (default: the database in use, no password).
-    ``agent``, ``model``, ``provider``: only that usage (``cost_report``'s
-    filters), said under the title."""
-    if by not in REPORT_GROUPINGS:
-        raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
-    # Every section from one read of the priced groups.
-    filters: dict[str, object] = {"agent": agent, "model": model, "provider": provider}
-    reports, daily = cost_reports(sorted({"model", "agent", "tree", by}), since=since, until=until, agent=agent,
-                                  model=model, provider=provider)
+    (any ``cost_report`` grouping, a cross one too); ``rows``, when given,
+    are that grouping's ``cost_report`` rows already made. ``database`` is
+    shown as where the data came from (default: the database in use, no
+    password). ``agent``, ``model``, ``provider``, ``user``, ``session``,
+    ``tags``: only that usage (``cost_report``'s filters), said under the
+    title. The page has the cost by user, by session (the top ones) and by
+    each tag key in ``tag_keys`` (default: every key the period's calls
+    carry, ``reports.attribution_kinds``), each when some call carries one."""
+    # The kinds of attribution the period's calls carry (only those are read), or the tag keys named.
+    kinds = [kind for kind in attribution_kinds(since=since, until=until)
+             if kind in ("user", "session") or tag_keys is None and kind.startswith("tag:")]
+    kinds += ["tag:" + key for key in tag_keys or ()]
+    # Every section from one read of the priced groups (and one of each kind of attribution).
+    filters: dict[str, object] = {"agent": agent, "model": model, "provider": provider, "user": user,
+                                  "session": session}
+    filters.update({"tag %s =" % key: value for key, value in sorted((tags or {}).items())})
+    reports, daily = cost_reports(sorted({"model", "agent", "tree", by} | set(kinds)), since=since, until=until,
+                                  agent=agent, model=model, provider=provider, user=user, session=session, tags=tags)
     rows = rows if rows is not None else reports[by]
     by_model, by_agent, trees = reports["model"], reports["agent"], reports["tree"]
     totals = report_totals(by_model, "model")
@@ -336,6 +374,7 @@ def html(by: str = "model", *, since: datetime.date | str | None = None, until: 
     agent_rows = [(escape(_agent_name(r)), r["cost"], r["currency"]) for r in _by_cost(by_agent)]
     parts.append('<div class="cols"><section><h2>Top models</h2>%s</section><section><h2>Top agents</h2>%s'
                  '</section></div>' % (_bar_table(model_rows, "model"), _bar_table(agent_rows, "agent")))
+    parts.append(_attribution_sections(reports))
     parts.append("<section><h2>By %s</h2>%s</section>" % (escape(by), _table(rows, by)))
     parts.append("</body></html>\n")
     return "".join(parts)

@@ -26,18 +26,20 @@ from .fields import UTC
 from .items import APART, BUCKETS, BucketPricer, apart_extra, effective_prices
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
 from .recording import usage_counters
-from .rollups import ReadPlan, enabled, ledger_enabled, ledger_rows, read_plan, rollup_rows, scan_where
+from .rollups import (
+    ReadPlan, enabled, ledger_enabled, ledger_kinds, ledger_rows, read_plan, rollup_rows, scan_where,
+)
 from .sql import (
     ITEM_VALUES, ItemReader, JsonSQL, attribute_sql, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql,
-    counter_totals_sql, counters_negative, counters_sound, item_groups_sql, item_totals_sql, negative_rows_sql,
-    odd_counter_times_sql, price_period_sql, window,
+    counter_totals_sql, counters_negative, counters_sound, item_groups_sql, item_kinds_sql, item_totals_sql,
+    negative_rows_sql, odd_counter_times_sql, price_period_sql, window,
 )
 from .versions import histories_of, prices_at
 
 __all__ = ["one_snapshot", "cost_report", "cost_reports", "report_totals", "daily_costs", "REPORT_GROUPINGS",
            "ReportGrouping", "usage_parts", "item_parts",
            "price_parts", "merge_parts", "part_tokens", "part_provider", "CostRow", "CurrencyTotal", "DailyCost",
-           "Attribution", "ATTRIBUTE_GROUPINGS"]
+           "Attribution", "ATTRIBUTE_GROUPINGS", "CROSS_GROUPINGS", "attribution_kinds"]
 
 ReportGrouping = Literal["model", "agent", "tree", "provider", "day"]
 REPORT_GROUPINGS: tuple[ReportGrouping, ...] = get_args(ReportGrouping)
@@ -65,6 +67,28 @@ def _attribute_grouping(by: object) -> str | None:
             raise ValidationError({"by": [problem]})
         return by
     return None
+
+
+# What a cross grouping (``by="agent,model"``) may pair: two of these, at most one an attribution.
+CROSS_GROUPINGS = ("model", "agent", "provider", "day")
+
+
+def _dimensions(by: object) -> tuple[str, ...]:
+    """The groupings ``by`` names, checked: one, or two comma-separated (a
+    cross grouping, its rows keyed by both, in that order)."""
+    if not isinstance(by, str) or "," not in by:
+        if by not in REPORT_GROUPINGS and _attribute_grouping(by) is None:
+            raise ValidationError({"by": ["Must be one of: %s, or tag:KEY; or two of them comma-separated "
+                                          "(e.g. agent,model)." % ", ".join(REPORT_GROUPINGS + ATTRIBUTE_GROUPINGS)]})
+        return (str(by),)
+    names = tuple(name.strip() for name in by.split(","))
+    attributes = [name for name in names if name not in CROSS_GROUPINGS]
+    if len(names) != 2 or len(set(names)) != 2 or len(attributes) > 1 or any(
+            _attribute_grouping(name) is None for name in attributes):
+        raise ValidationError({"by": ["%r: a cross grouping is two different groupings among %s, user, session "
+                                      "and tag:KEY, at most one of those three, comma-separated (e.g. agent,model "
+                                      "or tag:team,model); tree groups alone." % (by, ", ".join(CROSS_GROUPINGS))]})
+    return names
 
 
 def _attribution(by: object, user: str | None, session: str | None,
@@ -964,7 +988,10 @@ def cost_report(by: ReportGrouping | str = "model", *, since: datetime.date | st
     """Cost of recorded usage grouped ``by`` model, agent, tree, provider,
     day, or whose the calls were: ``user``, ``session`` or ``tag:KEY``
     (what ``record_usage(..., user=, session=, tags=)`` kept; the calls
-    without it in a row whose key is None).
+    without it in a row whose key is None); or two of them comma-separated,
+    a cross grouping (``"agent,model"``, ``"tag:team,model"``): rows keyed
+    by both, ordered by the first then the second; two of model, agent,
+    provider and day, or one of them with user, session or tag:KEY.
 
     Each call is priced from its own usage item (the prices stored with it,
     the tier the provider applied), so editing a price never changes the
@@ -993,22 +1020,23 @@ def cost_report(by: ReportGrouping | str = "model", *, since: datetime.date | st
     given, is called as ``progress(done, total)`` while the groups the SQL
     summed are priced.
     """
-    if by not in REPORT_GROUPINGS and _attribute_grouping(by) is None:
-        raise ValidationError({"by": ["Must be one of: %s, or tag:KEY." % ", ".join(
-            REPORT_GROUPINGS + ATTRIBUTE_GROUPINGS)]})
-    attribution = _attribution(by, user, session, tags)
+    dimensions = _dimensions(by)
+    attribution = _attribution(next((d for d in dimensions if d not in REPORT_GROUPINGS), None), user, session,
+                               tags)
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
-    keep = {"agent": ("agent_id",), "tree": ("agent_id",), "day": ("day",)}.get(by, ())
+    keep = tuple(key for d in dimensions for key in {"agent": ("agent_id",), "tree": ("agent_id",),
+                                                     "day": ("day",)}.get(d, ()))
     if attribution is not None and attribution.by is not None:
-        keep = ("attribute",)
+        keep += ("attribute",)
     model_ids = [row.id for row in find_models(model)] if model is not None else None
     agent_id = find_agent(agent).id if agent is not None else None
     # An agent filter needs each part's agent, whatever the grouping.
-    keys = _keys(by) if agent_id is None or "agent" in _keys(by) else _keys(by) + ("agent",)
+    keys = tuple(key for d in dimensions for key in _keys(d))
+    keys += ("agent",) if agent_id is not None and "agent" not in keys else ()
     parts = _only(usage_parts(db, keys, since, until, model_ids, attribution), agent_id, provider)
     parts = price_parts(merge_parts(parts, ("model_id",) + keep))
-    return _rows_of(db, by, parts, strict, progress)
+    return _rows_of(db, dimensions, parts, strict, progress)
 
 
 def _only(parts, agent_id, provider):
@@ -1024,26 +1052,68 @@ def _only(parts, agent_id, provider):
 
 def cost_reports(groupings: Iterable[str], *, since: datetime.date | str | None = None,
                  until: datetime.date | str | None = None, agent: AgentRef | None = None,
-                 model: ModelRef | None = None, provider: str | None = None
+                 model: ModelRef | None = None, provider: str | None = None, user: str | None = None,
+                 session: str | None = None, tags: dict[str, str] | None = None
                  ) -> tuple[dict[str, list[CostRow]], list[DailyCost]]:
     """``cost_report`` of each grouping and ``daily_costs``, the same rows,
     from one read of the priced groups (kept apart by model, agent and
     day, priced once, then added up for each): what the HTML page shows.
-    ``agent``, ``model``, ``provider``: ``cost_report``'s filters."""
+    A grouping by user, session or tag:KEY (alone or crossed) adds one read
+    for each kind of attribution (of the ledger, where it answers).
+    ``agent``, ``model``, ``provider``, ``user``, ``session``, ``tags``:
+    ``cost_report``'s filters."""
     groupings = list(groupings)
-    for by in groupings:
-        if by not in REPORT_GROUPINGS:
-            raise ValidationError({"by": ["Must be one of: %s." % ", ".join(REPORT_GROUPINGS)]})
+    dimensions = {by: _dimensions(by) for by in groupings}
+    only = _attribution(None, user, session, tags)
     since, until = as_datetime(since), as_datetime(until, end=True)
     db = model_db(PsModelUsage)
     model_ids = [row.id for row in find_models(model)] if model is not None else None
     agent_id = find_agent(agent).id if agent is not None else None
-    parts = _only(usage_parts(db, ("agent", "day"), since, until, model_ids), agent_id, provider)
+    parts = _only(usage_parts(db, ("agent", "day"), since, until, model_ids, only), agent_id, provider)
     parts = price_parts(merge_parts(parts, ("model_id", "agent_id", "day")))
     # The groupings but by day need no day: the priced parts added up without it first.
     undated = _undated(parts)
-    return {by: _rows_of(db, by, parts if by == "day" else undated, False, None) for by in groupings}, \
-        _daily_of(parts)
+    reports: dict[str, list[CostRow]] = {}
+    attributed: defaultdict[str, list[str]] = defaultdict(list)
+    for by, grouped in dimensions.items():
+        kind = next((d for d in grouped if d not in REPORT_GROUPINGS), None)
+        if kind is None:
+            reports[by] = _rows_of(db, grouped, parts if "day" in grouped else undated, False, None)
+        else:
+            attributed[kind].append(by)
+    for kind, named in attributed.items():  # one read of each kind of attribution, for its groupings
+        keys = tuple(sorted({key for by in named for d in dimensions[by] for key in _keys(d)}
+                            | ({"agent"} if agent_id is not None else set())))
+        read = _only(usage_parts(db, keys, since, until, model_ids, Attribution(kind, only.only if only else ())),
+                     agent_id, provider)
+        read = price_parts(merge_parts(read, ("model_id",) + tuple(key + "_id" if key == "agent" else key
+                                                                   for key in keys) + ("attribute",)))
+        for by in named:
+            reports[by] = _rows_of(db, dimensions[by], read, False, None)
+    return {by: reports[by] for by in groupings}, _daily_of(parts)
+
+
+@one_snapshot
+def attribution_kinds(*, since: datetime.date | str | None = None,
+                      until: datetime.date | str | None = None) -> list[str]:
+    """The kinds of attribution the calls of [since, until) carry (as
+    text), sorted: ``session``, ``tag:KEY`` for each tag key, ``user``;
+    what ``cost_report`` can group by besides the rest. Read from the
+    attribution ledger for the days it keeps, else from the items."""
+    since, until = as_datetime(since), as_datetime(until, end=True)
+    db = model_db(PsModelUsage)
+    if not table_columns(db, PsModelUsageItem._meta.table_name):
+        return []
+    cover = read_plan(db, since, until)
+    if not ledger_enabled(db):
+        cover = ReadPlan(since, until, (), ((since, until),))
+    found = ledger_kinds(db, cover.days)
+    if cover.reads_items:
+        params: list[Any] = []
+        where = scan_where(db, "i.created_at", cover, params)
+        found |= {kind for (kind,) in db.execute_sql(item_kinds_sql(is_postgres(db), where), params * 3)}
+    # A tag key written by hand that reports cannot name is left out.
+    return sorted(kind for kind in found if not kind.startswith("tag:") or tag_key_problem(kind[4:]) is None)
 
 
 def _undated(parts):
@@ -1058,29 +1128,37 @@ def _undated(parts):
     return list(summed.values())
 
 
+def _part_keys(by, part, models, ancestors):
+    """A part's keys in one grouping: by tree, every agent whose tree holds it."""
+    if by == "model":
+        return (part["model_id"],)
+    if by == "agent":
+        return (part["agent_id"],)
+    if by == "provider":
+        return (part_provider(part, models),)
+    if by == "day":
+        return (part["day"],)
+    if by == "tree":
+        return ancestors.get(part["agent_id"], [None])
+    return (part["attribute"],)  # whose the calls were
+
+
 def _rows_of(db, by, parts, strict, progress):
-    """A report's rows grouped ``by``, from priced parts kept apart at least by what it groups by."""
+    """A report's rows grouped ``by`` (a grouping, or a tuple of them: a
+    cross grouping), from priced parts kept apart at least by what it groups by."""
+    by = _dimensions(by) if isinstance(by, str) else by
     if strict:
         _refuse_unpriced(parts)
-    levels, ancestors = _agent_tree(db) if by == "tree" else ({}, {})
+    levels, ancestors = _agent_tree(db) if "tree" in by else ({}, {})
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))} \
-        if by in ("model", "provider") else {}
+        if {"model", "provider"} & set(by) else {}
     totals: dict[tuple, dict[str, Any]] = {}
     for done, part in enumerate(parts, 1):
         if progress:
             progress(done, len(parts))
-        if by == "model":
-            keys = [(part["model_id"],)]
-        elif by == "agent":
-            keys = [(part["agent_id"],)]
-        elif by == "provider":
-            keys = [(part_provider(part, models),)]
-        elif by == "day":
-            keys = [(part["day"],)]
-        elif by != "tree":  # whose the calls were
-            keys = [(part["attribute"],)]
-        else:
-            keys = [(agent,) for agent in ancestors.get(part["agent_id"], [None])]
+        keys: list[tuple] = [()]
+        for dimension in by:
+            keys = [key + (value,) for key in keys for value in _part_keys(dimension, part, models, ancestors)]
         for key in keys:
             entry = totals.setdefault(key + (part["currency"],), _new_total(priced_from=set(), unpriced_reason=set()))
             if _add_part(entry, part):
@@ -1133,28 +1211,44 @@ def _refuse_unpriced(parts):
             tokens, sum(p["calls"] for p in unpriced), "; ".join(reasons)))
 
 
+def _key_columns(row, by, key, models, agents, levels, provider=True):
+    """Add a row's key columns of one grouping (``provider``: by model, the
+    model's provider too; not when the report groups by provider as well)."""
+    if by == "model":
+        model = models.get(key)
+        configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
+        row.update(model_id=key, model_name=model.name if model else None)
+        if provider:
+            row["provider"] = configuration.get("provider")
+    elif by in ("agent", "tree"):
+        agent = agents.get(key)
+        configuration = agent.configuration if agent is not None and isinstance(agent.configuration, dict) else {}
+        row.update(agent_id=key, agent_name=configuration.get("name"))
+        if by == "tree":
+            row.update(parent_agent_id=agent.parent_agent_id if agent else None, level=levels.get(key))
+    elif by in ("provider", "day"):
+        row[by] = key
+    else:  # user, session, tag:KEY
+        row[_first_column(by)] = key
+
+
+def _first_column(by):
+    """The column a grouping's rows are ordered by: its first key column."""
+    return {"model": "model_id", "agent": "agent_id", "tree": "agent_id"}.get(by, "tag" if by.startswith("tag:")
+                                                                             else by)
+
+
 def _report_rows(by, totals, models, levels):
     rows = []
-    agent_ids = {key[0] for key in totals if by in ("agent", "tree") and key[0] is not None}
+    agent_ids = {key[i] for key in totals for i, dimension in enumerate(by)
+                 if dimension in ("agent", "tree") and key[i] is not None}
     agents = {a.id: a for a in PsAgent.select().where(PsAgent.id.in_(sorted(agent_ids)))} if agent_ids else {}
-    for (key, currency), entry in totals.items():
+    for key, entry in totals.items():
+        currency = key[-1]
         row: dict[str, Any] = {}
-        if by == "model":
-            model = models.get(key)
-            configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
-            row.update(model_id=key, model_name=model.name if model else None, provider=configuration.get("provider"))
-        elif by in ("agent", "tree"):
-            agent = agents.get(key)
-            configuration = agent.configuration if agent is not None and isinstance(agent.configuration, dict) else {}
-            row.update(agent_id=key, agent_name=configuration.get("name"))
-            if by == "tree":
-                row.update(parent_agent_id=agent.parent_agent_id if agent else None, level=levels.get(key))
-        elif by == "provider":
-            row["provider"] = key
-        elif by == "day":
-            row["day"] = key
-        else:  # user, session, tag:KEY
-            row["tag" if by.startswith("tag:") else by] = key
+        for dimension, value in zip(by, key):
+            # By model and provider, ``provider`` is the calls' provider (the grouping's), not the model's.
+            _key_columns(row, dimension, value, models, agents, levels, provider="provider" not in by)
         row.update(calls=entry["calls"], tokens_in=entry["tokens_in"], tokens_out=entry["tokens_out"],
                    cached_tokens=entry["cached_tokens"], cache_write_tokens=entry["cache_write_tokens"],
                    reasoning_tokens=entry["reasoning_tokens"], cost=entry["cost"], currency=currency,
@@ -1165,11 +1259,12 @@ def _report_rows(by, totals, models, levels):
         rows.append(row)
 
     def order(row):
-        if by == "tree":
+        if by == ("tree",):
             return (row["level"] is None, row["level"] or 0, row["agent_id"] is None, row["agent_id"] or 0,
                     row["currency"] is None, row["currency"] or "")
-        first = next(iter(row.values()))
-        return (first is None, first if first is not None else 0, row["currency"] is None, row["currency"] or "")
+        keys = [row[_first_column(dimension)] for dimension in by]
+        return tuple(x for key in keys for x in (key is None, key if key is not None else 0)) + (
+            row["currency"] is None, row["currency"] or "")
     rows.sort(key=order)
     return rows
 

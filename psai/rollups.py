@@ -35,16 +35,17 @@ from .models import PsModelUsageItem
 from .sql import (
     LEDGER_TABLE, LEDGER_TRIGGERS, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, ROLLUP_TRIGGERS, SLOT_MINUTES, SLOT_TABLE,
     SLOT_TRIGGERS, UNFOLDED_TABLE, ItemReader, drop_ledger_triggers_sql, drop_rollup_triggers_sql,
-    drop_slot_triggers_sql, foldable_sql, item_days_sql, ledger_groups_sql, ledger_insert_sql, ledger_sums_sql,
-    ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, quoted, ranges_clause, rollup_days_sql,
-    rollup_groups_sql, rollup_insert_sql, rollup_rows_sql, rollup_sums_sql, rollup_thresholds_sql, rollup_trigger_sql,
-    rollup_triggers_sql, slot_rebuild_sql, slot_thresholds_sql, slot_trigger_sql, slot_triggers_sql, window,
+    drop_slot_triggers_sql, foldable_sql, item_days_sql, ledger_groups_sql, ledger_insert_sql, ledger_kinds_sql,
+    ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, quoted, ranges_clause,
+    rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql, rollup_sums_sql, rollup_thresholds_sql,
+    rollup_trigger_sql, rollup_triggers_sql, slot_rebuild_sql, slot_thresholds_sql, slot_trigger_sql,
+    slot_triggers_sql, window,
 )
 
 __all__ = ["has_rollups", "enabled", "enable", "disable", "ReadPlan", "read_plan", "rollup_rows", "scan_where",
            "rebuild", "verify", "status", "unfolded", "DayStatus", "RollupProblem", "ROLLUP_TABLE", "ROLLUP_SUMS",
-           "has_ledger", "ledger_enabled", "enable_ledger", "ledger_rows", "has_slots", "slots_enabled", "budget_plan",
-           "slot_text"]
+           "has_ledger", "ledger_enabled", "enable_ledger", "ledger_rows", "ledger_kinds", "has_slots", "slots_enabled",
+           "budget_plan", "slot_text"]
 
 ONE_DAY = datetime.timedelta(days=1)
 # Range moment: a datetime, or None for an open end.
@@ -301,8 +302,17 @@ def ledger_rows(db: Database, group: list[str], days: Iterable[str], model_ids: 
     attributed = ['"kind" = %s' % db.param] + (['"value" = %s' % db.param] if value is not None else [])
     attributed_params = [kind] + ([value] if value is not None else [])
     every = value is None and "attribute" in group
-    all_params = params + attributed_params + ((params + params + attributed_params) if every else [])
+    all_params = params + attributed_params + (params if every else [])
     return db.execute_sql(ledger_sums_sql(group, common, attributed, every), all_params).fetchall()
+
+
+def ledger_kinds(db: Database, days: Iterable[str]) -> set[str]:
+    """The kinds of attribution (user, session, ``tag:KEY``) the ledger holds for ``days``."""
+    days = list(days)
+    if not days:
+        return set()
+    where, params = _days_clause(db, days, None, None)
+    return {row[0] for row in db.execute_sql(ledger_kinds_sql(where), params)}
 
 
 def _days_clause(db: Database, days: list[str], model_ids: Iterable[int] | None,

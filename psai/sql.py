@@ -1108,28 +1108,69 @@ def ledger_triggers_sql(postgres):
             "AND name IN (%s)" % ", ".join("'%s'" % name for name in LEDGER_TRIGGERS[False]))
 
 
+def ledger_kinds_sql(where):
+    """The kinds of attribution (user, session, ``tag:KEY``) in the ledger rows meeting ``where``."""
+    return 'SELECT DISTINCT "kind" FROM "%s" WHERE "calls" <> 0%s' % (LEDGER_TABLE, "".join(" AND " + w for w in where))
+
+
+def item_kinds_sql(postgres, where):
+    """The kinds of attribution (``user``, ``session``, ``tag:KEY``) the
+    items meeting ``where`` (as ``i``) hold as text: a user or session
+    found ends its search at the first item. Parameters: ``where``'s three times."""
+    also = "".join(" AND " + w for w in where)
+    if postgres:
+        def held(path):
+            return ("SELECT '%s' AS kind WHERE EXISTS (SELECT 1 FROM \"ps_model_usage_item\" i WHERE "
+                    "jsonb_typeof(i.data #> '{psai,%s}') = 'string'%s)" % (path, path, also))
+        tags = ("SELECT DISTINCT 'tag:' || t.key FROM \"ps_model_usage_item\" i CROSS JOIN LATERAL jsonb_each(CASE "
+                "WHEN jsonb_typeof(i.data #> '{psai,tags}') = 'object' THEN i.data #> '{psai,tags}' ELSE '{}'::jsonb "
+                "END) t WHERE jsonb_typeof(t.value) = 'string'%s" % also)
+    else:
+        data = "(CASE WHEN typeof(i.data) = 'text' AND json_valid(i.data) THEN i.data ELSE '{}' END)"
+
+        def held(path):
+            return ("SELECT '%s' AS kind WHERE EXISTS (SELECT 1 FROM \"ps_model_usage_item\" i WHERE "
+                    "json_type(%s, '$.psai.%s') = 'text'%s)" % (path, data, path, also))
+        tags = ("SELECT DISTINCT 'tag:' || t.key FROM \"ps_model_usage_item\" i, json_each(CASE WHEN json_type(%s, "
+                "'$.psai.tags') = 'object' THEN json_extract(%s, '$.psai.tags') ELSE '{}' END) t "
+                "WHERE t.type = 'text'%s" % (data, data, also))
+    return " UNION ALL ".join([held("user"), held("session"), tags])
+
+
 def ledger_sums_sql(group, common, attributed, none_group):
     """Ledger rows meeting ``common`` (days, models, agents) and
     ``attributed`` (their kind, maybe their value) added up by ``group``
     (names among ROLLUP_KEYS, and ``attribute``, the value): rows in
     item_groups_sql's layout. ``none_group``: also the calls without that
     kind, attribute NULL: the rollups meeting ``common`` less those ledger
-    rows. Parameters: ``common``'s and ``attributed``'s; with ``none_group``
-    then ``common``'s, and ``common``'s and ``attributed``'s again."""
-    keys = [quoted(c) for c in group]
+    rows (the ledger read once: its groups taken off). Parameters:
+    ``common``'s and ``attributed``'s; with ``none_group`` then ``common``'s."""
+    keys = ", ".join(quoted(c) for c in group)
     named = ", ".join('"value" AS "attribute"' if c == "attribute" else quoted(c) for c in group)
+    grouped = ", ".join('"value"' if c == "attribute" else quoted(c) for c in group)
     nulled = ", ".join('NULL AS "attribute"' if c == "attribute" else quoted(c) for c in group)
     sums = ", ".join(quoted(c) for c in ROLLUP_SUMS)
-    ledger_where = " AND ".join(list(common) + list(attributed))
-    parts = ['SELECT %s, 1 AS s, %s FROM "%s" WHERE %s' % (named, sums, LEDGER_TABLE, ledger_where)]
-    if none_group:
-        parts.append('SELECT %s, 1, %s FROM "%s" WHERE %s' % (nulled, sums, ROLLUP_TABLE,
-                                                              " AND ".join(common) or "1 = 1"))
-        parts.append('SELECT %s, -1, %s FROM "%s" WHERE %s' % (nulled, sums, LEDGER_TABLE, ledger_where))
-    summed = ['CAST(SUM(s * "calls") AS BIGINT)'] + ['SUM(s * %s)' % quoted(c) for c in ROLLUP_SUMS[1:-2]] + [
-        'CASE WHEN SUM(s * "cost_calls") > 0 THEN SUM(s * "provider_cost") END']
-    return 'SELECT %s, %s FROM (%s) t GROUP BY %s HAVING SUM(s * "calls") <> 0' % (
-        ", ".join(keys), ", ".join(summed), " UNION ALL ".join(parts), ", ".join(keys))
+
+    def summed(times):
+        return ", ".join(['CAST(SUM(%s"calls") AS BIGINT)' % times] + [
+            'SUM(%s%s)' % (times, quoted(c)) for c in ROLLUP_SUMS[1:-2]] + [
+            'CASE WHEN SUM(%s"cost_calls") > 0 THEN SUM(%s"provider_cost") END' % (times, times)])
+    ledger = 'SELECT %s, %s FROM "%s" WHERE %s GROUP BY %s' % (
+        named, summed(""), LEDGER_TABLE, " AND ".join(list(common) + list(attributed)), grouped)
+    if not none_group:
+        return ledger
+    # The ledger's groups as they are, and the rollups less their sums, by what is not the attribute.
+    kept = ", ".join(quoted(c) for c in ROLLUP_SUMS[:-2])
+    return ('WITH a AS (SELECT %s, %s FROM "%s" WHERE %s GROUP BY %s) '
+            'SELECT %s, %s, CASE WHEN "cost_calls" > 0 THEN "provider_cost" END FROM a UNION ALL '
+            'SELECT %s, %s FROM (SELECT %s, 1 AS s, %s FROM "%s" WHERE %s UNION ALL SELECT %s, -1, %s FROM a) t '
+            'GROUP BY %s HAVING SUM(s * "calls") <> 0' % (
+                named, ", ".join(("CAST(SUM(%s) AS BIGINT) AS %s" if c == "calls" else "SUM(%s) AS %s")
+                                 % (quoted(c), quoted(c)) for c in ROLLUP_SUMS), LEDGER_TABLE,
+                " AND ".join(list(common) + list(attributed)), grouped,
+                keys, kept,
+                keys, summed("s * "), nulled, sums, ROLLUP_TABLE, " AND ".join(common) or "1 = 1", nulled, sums,
+                keys))
 
 
 # -- the budgets' 15-minute slots (psai._budget_ledger) ------------------------------------

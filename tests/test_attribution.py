@@ -209,7 +209,7 @@ def test_spans_and_calls_are_reported_together(db, model):
     assert (row["tag"], row["calls"]) == ("search", 2)
 
 
-def test_the_command_line_report_by_tag_with_filters(backend, clock):
+def test_the_command_line_report_by_tag_with_filters(backend, clock, tmp_path):
     psai.migrate()
     gpt, claude, writer = seed(clock)
 
@@ -231,7 +231,10 @@ def test_the_command_line_report_by_tag_with_filters(backend, clock):
     assert table[0].split()[0] == "user" and any(line.startswith("(none)") for line in table)
     assert "give KEY=VALUE" in run("usage", "report", "--tag", "env", code=2).stderr
     assert "give one of model" in run("usage", "report", "--by", "team", code=2).stderr
-    assert "--html" in run("usage", "report", "--by", "user", "--html", "page.html", code=2).stderr
+    # The page takes the grouping and the filters too.
+    run("usage", "report", "--by", "user", "--tag", "env=prod", "--html", str(tmp_path / "page.html"))
+    page = (tmp_path / "page.html").read_text()
+    assert "<h2>By user</h2>" in page and "Only tag env = prod" in page and "<h2>Top users</h2>" in page
 
 
 # -- the attribution ledger ----------------------------------------------------------------------
@@ -287,3 +290,126 @@ def test_a_store_upgraded_to_the_ledger_fills_it_from_its_items(db, clock):
         db.execute_sql(statement)
     assert psai.migrate() == ["0017_attribution_ledger"]
     assert rollups.ledger_enabled(db) and ledger(db) == expected
+
+
+# -- cross groupings ------------------------------------------------------------------------------
+
+def scanned_by(key_of):
+    """Each item priced on its own, added up by ``key_of(item, its psai part)``."""
+    totals = defaultdict(lambda: [0, Decimal(0)])
+    for item in PsModelUsageItem.select():
+        extras = item.data.get("psai") or {}
+        cost, _reason = item_price(item.data)
+        entry = totals[key_of(item, extras)]
+        entry[0] += 1
+        entry[1] += cost
+    return {key: tuple(entry) for key, entry in totals.items()}
+
+
+def reported_by(rows, *columns):
+    totals = defaultdict(lambda: [0, Decimal(0)])
+    for row in rows:
+        entry = totals[tuple(row[column] for column in columns)]
+        entry[0] += row["calls"]
+        entry[1] += row["cost"] or 0
+    return {key: tuple(entry) for key, entry in totals.items()}
+
+
+def team_of(extras):
+    team = (extras.get("tags") or {}).get("team")
+    return team if isinstance(team, str) else None
+
+
+@pytest.mark.parametrize("rolled_up", [True, False])
+def test_a_cross_grouping_keys_rows_by_both_and_its_totals_are_every_call(db, clock, rolled_up):
+    gpt, claude, writer = seed(clock)
+    if not rolled_up:
+        rollups.disable(db)
+    counters = counters_alone(gpt)  # the counter row: no item, no agent, no attribution
+    rows = cost_report("agent,model")
+    assert list(rows[0])[:5] == ["agent_id", "agent_name", "model_id", "model_name", "provider"]
+    expected = scanned_by(lambda item, extras: (item.agent_id or None, item.model_id))
+    calls, cost = expected.get((None, gpt.id), (0, Decimal(0)))
+    expected[(None, gpt.id)] = (calls, cost + counters)
+    assert reported_by(rows, "agent_id", "model_id") == expected
+    assert {row["agent_name"] for row in rows} == {"Writer", None}
+    assert {row["model_name"] for row in rows if row["model_id"] == claude.id} == {"Claude"}
+    # Ordered by the first grouping, then the second; the rows without an agent last.
+    assert [(row["agent_id"] is None, row["agent_id"] or 0, row["model_id"]) for row in rows] == sorted(
+        (row["agent_id"] is None, row["agent_id"] or 0, row["model_id"]) for row in rows)
+    assert rows[-1]["agent_id"] is None
+    by_model = {row["model_id"]: row["cost"] for row in cost_report("model")}
+    assert {model_id: sum(row["cost"] for row in rows if row["model_id"] == model_id)
+            for model_id in by_model} == by_model
+    # An attribution crossed with a model, an agent, a day: the same calls, in either order.
+    by_team = scanned_by(lambda item, extras: (team_of(extras), item.model_id))
+    calls, cost = by_team.get((None, gpt.id), (0, Decimal(0)))
+    by_team[(None, gpt.id)] = (calls, cost + counters)
+    team_model = cost_report("tag:team,model")
+    assert list(team_model[0])[:4] == ["tag", "model_id", "model_name", "provider"]
+    assert reported_by(team_model, "tag", "model_id") == by_team
+    model_team = cost_report("model,tag:team")
+    assert list(model_team[0])[:4] == ["model_id", "model_name", "provider", "tag"]
+    assert reported_by(model_team, "tag", "model_id") == by_team
+    assert [row["model_id"] for row in model_team] == sorted(row["model_id"] for row in model_team)
+    by_user_day = scanned_by(lambda item, extras: (
+        extras.get("user") if isinstance(extras.get("user"), str) else None, item.created_at.strftime("%Y-%m-%d")))
+    user_day = reported_by(cost_report("user,day"), "user", "day")
+    # The counters' part no item covers is dated by the counter rows it is left of (_uncovered_counters).
+    assert {key: value for key, value in user_day.items() if key[0]} == {
+        key: value for key, value in by_user_day.items() if key[0]}
+    assert sum(cost for (user, _day), (_calls, cost) in user_day.items() if user is None) == sum(
+        cost for (user, _day), (_calls, cost) in by_user_day.items() if user is None) + counters
+    # With filters: the session s2 of the Writer, by agent and user.
+    mine = scanned_by(lambda item, extras: (item.agent_id or None, extras.get("user") if isinstance(
+        extras.get("user"), str) else None) if extras.get("session") == "s2" and item.agent_id == writer.id
+        else "other")
+    mine.pop("other")
+    assert reported_by(cost_report("agent,user", session="s2", agent="Writer"), "agent_id", "user") == mine
+
+
+def test_by_model_and_provider_the_provider_is_the_calls(db, model):
+    psai.record_usage(model, tokens_in=10, tokens_out=1)
+    psai.record_usage(model, tokens_in=10, tokens_out=1)
+    routed = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).first()
+    routed.data = dict(routed.data, provider="azure")  # the call went through another provider
+    routed.save()
+    rows = cost_report("model,provider")
+    assert [(row["model_id"], row["provider"], row["calls"]) for row in rows] == [
+        (model.id, "azure", 1), (model.id, "openai", 1)]
+    assert [(row["provider"], row["model_id"]) for row in cost_report("provider,model")] == [
+        ("azure", model.id), ("openai", model.id)]
+
+
+@pytest.mark.parametrize("by", ["tree,model", "user,session", "tag:a,tag:b", "model,model", "agent,model,day",
+                                "agent,team", "model,", "tag:a b,model"])
+def test_a_cross_grouping_that_is_not_supported_is_refused_saying_what_is(db, by):
+    with pytest.raises(psai.ValidationError) as raised:
+        cost_report(by)
+    assert list(raised.value.paths) == ["by"]
+    if by != "tag:a b,model":
+        assert "two different groupings among model, agent, provider, day, user, session and tag:KEY" in str(
+            raised.value)
+    with pytest.raises(psai.ValidationError):
+        psai.reports.cost_reports([by])
+
+
+def test_the_command_line_report_by_two_groupings(backend, clock):
+    psai.migrate()
+    gpt, claude, writer = seed(clock)
+
+    def run(*args, code=0):
+        result = CliRunner().invoke(cli, ["--database", backend.url, *args], catch_exceptions=False)
+        psai.connect(backend.url)
+        assert result.exit_code == code, (result.exit_code, result.output)
+        return result
+
+    rows = json.loads(run("usage", "report", "--by", "agent,model", "--json").stdout)
+    assert reported_by([dict(row, cost=Decimal(row["cost"])) for row in rows], "agent_id", "model_id") == \
+        reported_by(cost_report("agent,model"), "agent_id", "model_id")
+    table = run("usage", "report", "--by", "model,tag:team", "--tag", "env=prod").stdout.splitlines()
+    assert table[0].split()[:4] == ["model_id", "model_name", "provider", "tag"]
+    assert any(line.startswith("TOTAL") for line in table) and any("(none)" in line for line in table)
+    refused = run("usage", "report", "--by", "user,session", code=2).stderr
+    assert "a cross grouping is two different groupings" in refused
+    assert "give one of model" in run("usage", "report", "--by", "agent,team", code=2).stderr

@@ -16,7 +16,8 @@ import psai
 from psai import PsAgent, PsModelUsageItem
 from psai.cli import cli
 from psai.demo import seed
-from psai.report import PALETTE, html
+from psai.report import PALETTE, _money, html
+from psai.reports import cost_reports
 
 from conftest import IN_CI, make_backend
 
@@ -99,6 +100,89 @@ def test_demo_shows_selection_cost_and_the_page(backend, tmp_path, monkeypatch):
     assert total == [line for line in again.stdout.splitlines() if line.startswith("TOTAL")]  # nothing doubled
     psai.connect(url)
     assert (psai.PsAiModel.select().count(), PsAgent.select().count(), PsModelUsageItem.select().count()) == (5, 3, 6)
+
+
+# -- whose the calls were ---------------------------------------------------------------------------
+
+def attributed_calls(clock, sessions=20):
+    """Calls of two users over ``sessions`` sessions, tagged by team (and some by env), on two days;
+    plus one call with none of it."""
+    models, agents, _ = seed()
+    clock.set(clock() - datetime.timedelta(days=1))
+    for number in range(sessions):
+        if number == sessions // 2:
+            clock.set(clock() + datetime.timedelta(days=1))
+        tags = {"team": ("search", "ads")[number % 2]}
+        if number % 3 == 0:
+            tags["env"] = "prod"
+        psai.record_usage(models["OpenAI GPT-4 Large"], agents["Writer"], tokens_in=1000 * (number + 1),
+                          tokens_out=100, user=("alice", "bob")[number % 2], session="s%02d" % number, tags=tags)
+    psai.record_usage(models["OpenAI GPT-4 Large"], None, tokens_in=5, tokens_out=1)
+    return models, agents
+
+
+@pytest.mark.parametrize("rolled_up", [True, False])
+def test_cost_reports_groups_and_filters_by_attribution_as_cost_report(db, clock, rolled_up):
+    attributed_calls(clock)
+    if not rolled_up:
+        psai.rollups.disable(db)
+    groupings = ["model", "tree", "user", "session", "tag:team", "tag:env", "agent,model", "tag:team,model",
+                 "day,user"]
+    for filters in ({}, {"user": "alice"}, {"tags": {"env": "prod"}, "agent": "Writer"},
+                    {"session": "s03", "provider": "openai"}):
+        reports, daily = cost_reports(groupings, **filters)
+        for by in groupings:
+            assert reports[by] == psai.cost_report(by, **filters), (by, filters)
+        assert sum(row["calls"] for row in daily) == sum(row["calls"] for row in reports["model"])
+    assert psai.reports.attribution_kinds() == ["session", "tag:env", "tag:team", "user"]
+
+
+def test_the_kinds_of_attribution_are_those_of_the_period_from_the_ledger_or_the_items(db, clock):
+    models, agents = attributed_calls(clock, sessions=3)
+    yesterday = (clock() - datetime.timedelta(days=1)).date()
+    psai.record_usage(models["OpenAI GPT-4 Large"], None, tokens_in=5, tokens_out=1, tags={"stage": "beta"})
+    # A key written by hand that reports cannot name is left out, as is a value that is not text.
+    item = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).get()
+    item.data = dict(item.data, psai={"tags": {"stage": "beta", "not a key": "x", "n": 5}})
+    item.save()
+    kinds = psai.reports.attribution_kinds
+    every = kinds()
+    assert every == ["session", "tag:env", "tag:stage", "tag:team", "user"]
+    assert kinds(until=yesterday) == ["session", "tag:env", "tag:team", "user"]
+    assert kinds(since=yesterday, until=yesterday) == ["session", "tag:env", "tag:team", "user"]
+    psai.rollups.disable(db)
+    assert kinds() == every
+    assert kinds(since=clock().date()) == ["session", "tag:stage", "tag:team", "user"]
+    clock.set(clock() + datetime.timedelta(days=1))
+    psai.record_usage(models["OpenAI GPT-4 Large"], None, tokens_in=5, tokens_out=1, session="s")
+    assert kinds(since=clock().date()) == ["session"]
+    assert kinds(since=clock().date() + datetime.timedelta(days=1)) == []
+
+
+def test_the_page_shows_the_cost_by_user_session_and_tag(db, clock):
+    attributed_calls(clock)
+    page = html("model")
+    users = {row["user"]: row["cost"] for row in psai.cost_report("user")}
+    assert "<h2>Top users</h2>" in page and "<h2>Top sessions</h2>" in page
+    assert "<h2>By tag env</h2>" in page and "<h2>By tag team</h2>" in page
+    for user in ("alice", "bob"):
+        assert "<td>%s</td>" % user in page and "%s USD" % _money(users[user]) in page
+    assert "no user" in page  # the call without one
+    assert "6 more not shown" in page and "--by session" in page  # 20 sessions and the calls without one: 15 shown
+    top = max((row for row in psai.cost_report("session") if row["session"]), key=lambda row: row["cost"])
+    assert "<td>%s</td>" % top["session"] in page
+    only_team = html("user", tag_keys=["team"])
+    assert "<h2>By tag team</h2>" in only_team and "By tag env" not in only_team and "<h2>By user</h2>" in only_team
+    # Filtered: only alice's calls, said under the title, in every section.
+    alice = html("tag:team,model", user="alice", tags={"team": "search"})
+    [total] = [row["cost"] for row in psai.cost_report("model", user="alice", tags={"team": "search"})]
+    assert "Only user alice" in alice and "Only tag team = search" in alice
+    assert 'id="total-USD">%s USD' % _money(total) in alice and "<td>bob</td>" not in alice
+    assert "<h2>By tag:team,model</h2>" in alice and "<th class=\"\">tag</th>" in alice
+    # A store whose calls carry no attribution: no such sections.
+    PsModelUsageItem.delete().where(PsModelUsageItem.data.is_null(False)).execute()
+    plain = html("model")
+    assert "Top users" not in plain and "By tag" not in plain
 
 
 # -- in a browser --------------------------------------------------------------------------------
