@@ -9,8 +9,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Self
 
 from peewee import (
-    Database, DatabaseProxy, DeferredThroughModel, FieldAccessor, ManyToManyField, ManyToManyFieldAccessor,
-    ManyToManyQuery, Model, ModelInsert, ModelSelect, ModelUpdate, Node, PostgresqlDatabase,
+    AutoField, BigIntegerField, BooleanField, CharField, Database, DatabaseProxy, DeferredThroughModel, Field,
+    FieldAccessor, IntegerField, ManyToManyField, ManyToManyFieldAccessor, ManyToManyQuery, Model, ModelInsert,
+    ModelSelect, ModelUpdate, Node, PostgresqlDatabase, TextField,
 )
 from playhouse.hybrid import hybrid_method
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
@@ -186,10 +187,7 @@ class BaseModel(Model):
         one prepared statement, executemany on SQLite, multi-row VALUES on
         PostgreSQL, all in one transaction. Every row is validated first
         unless ``validate=False``. Returns the number of rows inserted."""
-        if validate:
-            rows = [{field.name: value for field, value in row.items()} for row in cls._checked_rows(rows)]
-        else:
-            rows = [{getattr(k, "name", k): v for k, v in row.items()} for row in rows]
+        rows = cls._checked_rows(rows) if validate else list(rows)
         with write_transaction(model_db(cls)):
             for start in range(0, len(rows), batch_size):
                 _PreparedInsert.many(cls, rows[start:start + batch_size])
@@ -307,15 +305,13 @@ class _PreparedInsert:
         return sql
 
     @staticmethod
-    def _params(model, names, data, shared=None):
+    def _params(model, names, data):
         params = []
         for name in names:
             field, value = model._meta.fields[name], data[name]
             if value is not None and isinstance(field, JSONField):
                 # SQLite wraps the text in json(); psycopg2 takes it as a jsonb literal.
                 value = field._dumps(value)
-            elif shared is not None and value is shared[0]:
-                value = shared[1]  # the batch's timestamp, converted once
             else:
                 value = field.db_value(value)
             params.append(value)
@@ -359,17 +355,64 @@ class _PreparedInsert:
 
     @classmethod
     def many(cls, model, rows):
+        """Insert ``rows`` (dicts of field names, or of fields): defaults
+        filled and values converted a column at a time, as the rows of one
+        statement share their columns (the time of ``utcnow`` defaults is
+        one for the batch, converted once)."""
         if not rows:
             return
         now = utcnow()
-        completed = [cls(model, row)._complete(now) for row in rows]
-        names = tuple(sorted(completed[0]))
-        if any(tuple(sorted(row)) != names for row in completed):
-            raise ValueError("bulk_insert rows must all have the same fields")
+        keys = rows[0].keys()
+        given = {getattr(key, "name", key): key for key in keys}
+        if len(given) != len(keys) or any(row.keys() != keys for row in rows):
+            # Rows naming their fields differently: each completed on its own first.
+            rows = [cls(model, {getattr(k, "name", k): v for k, v in row.items()})._complete(now) for row in rows]
+            keys = rows[0].keys()
+            if any(row.keys() != keys for row in rows):
+                raise ValueError("bulk_insert rows must all have the same fields")
+            given = {key: key for key in keys}
+        meta = model._meta
+        if meta.auto_increment:
+            given.pop(meta.primary_key.name, None)  # the table numbers the rows
+        defaults = {getattr(field, "name", field): default for field, default in meta.defaults.items()}
+        names = tuple(sorted(set(given) | set(defaults)))
         db = model_db(model)
-        shared = (now, TimestampTzField().db_value(now) if not isinstance(db, PostgresqlDatabase) else now)
+        postgres = isinstance(db, PostgresqlDatabase)
+        columns = []
+        for name in names:
+            field = meta.fields[name]
+            if name in given:
+                key = given[name]
+                columns.append(_db_values(field, [row[key] for row in rows]))
+            elif defaults[name] is utcnow:
+                # One time for a whole batch, as now() is in a transaction.
+                columns.append([TimestampTzField().db_value(now) if not postgres else now] * len(rows))
+            elif callable(defaults[name]):
+                default = defaults[name]
+                columns.append(_db_values(field, [default() for _row in rows]))
+            else:
+                columns.append(_db_values(field, [defaults[name]]) * len(rows))
         # PostgreSQL: one statement of all the rows, one round trip; SQLite: executemany.
-        cls.stored(model, names, [cls._params(model, names, data, shared) for data in completed])
+        cls.stored(model, names, list(zip(*columns)))
+
+
+# peewee's fields whose db_value leaves a value of this exact type as it is:
+# a column of them is passed on without a call a value.
+_KEPT_AS_IS = {IntegerField: int, AutoField: int, BigIntegerField: int, CharField: str, TextField: str,
+               BooleanField: bool}
+
+
+def _db_values(field: Field, values: list) -> list:
+    """``values`` of ``field`` as its driver takes them (JSON as its text:
+    SQLite wraps it in json(), psycopg2 takes it as a jsonb literal)."""
+    if isinstance(field, JSONField):
+        dumps = field._dumps
+        return [None if value is None else dumps(value) for value in values]
+    kept = _KEPT_AS_IS.get(type(field))
+    db_value = field.db_value
+    if kept is None:
+        return [db_value(value) for value in values]
+    return [value if type(value) is kept else db_value(value) for value in values]
 
 
 # -- links: adding twice is harmless, linking to a missing row is a clear error ----
