@@ -10,6 +10,8 @@ from playhouse.test_utils import count_queries
 import psai
 from psai import AgentModels, PsAgent, PsAiModel
 
+from psai.db import is_postgres
+
 from conftest import make_configuration
 
 
@@ -393,3 +395,44 @@ def test_trusted_bulk_insert_stores_what_peewee_stores(db, clock):
     with pytest.raises(ValueError, match="same fields"):
         PsAiModel.bulk_insert([dict(user_id=1, organization_id=2, name="x", configuration={}),
                                dict(user_id=1, organization_id=2, name="y")], validate=False)
+
+
+def test_rows_read_as_objects_are_peewees_own(db):
+    """psai reads a table's rows into objects its own quick way: each is the
+    object peewee's own reader makes (``.objects(Model)``), for rows psai
+    wrote and rows written by hand, in a list, a loop, ``iterator()`` and
+    ``get``, with all columns, some, and more."""
+    parent = new_agent("parent")
+    new_agent("child", parent=parent)
+    new_model("one")
+    new_model("two", active=False)
+    if not is_postgres(db):  # rows written by hand that only SQLite's types let through
+        odd = [("not a time", "1700000000", "0000000000004000800000000000000a", "5"),
+               ("2026-11-24 08:00:00.000 +00:00", 1700000000, "{00000000-0000-4000-8000-00000000000b}", "[1, 2]")]
+        for created, updated, text_uuid, configuration in odd:
+            db.execute_sql('INSERT INTO "ps_ai_models" ("uuid", "user_id", "organization_id", "created_at", '
+                           '"updated_at", "name", "configuration") VALUES (?, ?, ?, ?, ?, ?, ?)',
+                           [text_uuid, 1, 2, created, updated, "odd", configuration])
+
+    def state(obj):
+        return (type(obj), {k: (type(v), v) for k, v in obj.__data__.items()}, set(obj._dirty), dict(obj.__rel__),
+                obj.__dict__.get("_psai_database"), {k: v for k, v in obj.__dict__.items() if k not in (
+                    "__data__", "_dirty", "__rel__", "_psai_database")})
+
+    queries = [PsAiModel.select().order_by(PsAiModel.id), PsAgent.select().order_by(PsAgent.id),
+               PsAiModel.select(PsAiModel.name, PsAiModel.created_at).order_by(PsAiModel.id),
+               PsAiModel.select(PsAiModel, PsAiModel.id.alias("number"), peewee.fn.upper(PsAiModel.name).alias("up"))
+               .order_by(PsAiModel.id),
+               PsAgent.select(PsAgent.id, PsAgent.parent_agent).order_by(PsAgent.id)]
+    for query in queries:
+        expected = [state(o) for o in query.clone().objects(query.model)]
+        assert len(expected) >= 2
+        assert [state(o) for o in query.clone()] == expected
+        assert [state(o) for o in list(query.clone())] == expected
+        assert [state(o) for o in query.clone().iterator()] == expected
+        again = query.clone()
+        assert [state(again[i]) for i in range(len(expected))] == expected
+    assert state(PsAiModel.get(PsAiModel.name == "one")) == state(
+        PsAiModel.select().where(PsAiModel.name == "one").objects(PsAiModel).get())
+    child = PsAgent.get(PsAgent.parent_agent == parent.id)
+    assert child.parent_agent.id == parent.id and child.parent_agent_id == parent.id and not child.is_dirty()
