@@ -4,13 +4,15 @@ descriptor call per field, validation on every write path, a cached INSERT
 for save(), links whose ``add`` is harmless twice, eager loading of links,
 and each row's database: a row read from (or saved to) one database is
 refused on another, where its id names a different row."""
+import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Self
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Self, cast
 
 from peewee import (
-    Database, DatabaseProxy, DeferredThroughModel, FieldAccessor, ManyToManyField, ManyToManyFieldAccessor,
-    ManyToManyQuery, Model, ModelInsert, ModelSelect, ModelUpdate, Node, PostgresqlDatabase,
+    AutoField, BigIntegerField, BooleanField, CharField, ColumnBase, Database, DatabaseProxy, DeferredThroughModel,
+    Field, FieldAccessor, IntegerField, ManyToManyField, ManyToManyFieldAccessor, ManyToManyQuery, Model,
+    ModelInsert, ModelObjectCursorWrapper, ModelSelect, ModelUpdate, Node, PostgresqlDatabase, TextField,
 )
 from playhouse.hybrid import hybrid_method
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
@@ -20,7 +22,7 @@ from .db import database, describe_database, model_db, same_database, write_tran
 from .errors import NotFoundError, ValidationError, WrongDatabaseError
 from .fields import JSONField, TimestampTzField, utcnow
 
-__all__ = ["BaseModel", "LinkField", "load_links", "check_database"]
+__all__ = ["BaseModel", "LinkField", "load_links", "check_database", "compiled"]
 
 
 def _plain_fields(model, _cache: dict = {}):  # noqa: B006  (a cache on purpose)
@@ -97,6 +99,11 @@ class BaseModel(Model):
         # The database it was read from: the one its table is bound to while
         # peewee builds it, as peewee runs the query there.
         self.__dict__[_DATABASE] = _bound(type(self))
+
+    @classmethod
+    def select(cls, *fields: Any) -> "ModelSelect[Self]":
+        """peewee's select, whose rows become objects the quick way (``_ModelRows``)."""
+        return cast("ModelSelect[Self]", _ModelSelect(cls, fields or cls._meta.sorted_fields, is_default=not fields))
 
     def save(self, *args: Any, validate: bool = True, **kwargs: Any) -> Any:
         """Save the row, validated first unless ``validate=False`` (for rows a
@@ -186,10 +193,7 @@ class BaseModel(Model):
         one prepared statement, executemany on SQLite, multi-row VALUES on
         PostgreSQL, all in one transaction. Every row is validated first
         unless ``validate=False``. Returns the number of rows inserted."""
-        if validate:
-            rows = [{field.name: value for field, value in row.items()} for row in cls._checked_rows(rows)]
-        else:
-            rows = [{getattr(k, "name", k): v for k, v in row.items()} for row in rows]
+        rows = cls._checked_rows(rows) if validate else list(rows)
         with write_transaction(model_db(cls)):
             for start in range(0, len(rows), batch_size):
                 _PreparedInsert.many(cls, rows[start:start + batch_size])
@@ -307,15 +311,13 @@ class _PreparedInsert:
         return sql
 
     @staticmethod
-    def _params(model, names, data, shared=None):
+    def _params(model, names, data):
         params = []
         for name in names:
             field, value = model._meta.fields[name], data[name]
             if value is not None and isinstance(field, JSONField):
                 # SQLite wraps the text in json(); psycopg2 takes it as a jsonb literal.
                 value = field._dumps(value)
-            elif shared is not None and value is shared[0]:
-                value = shared[1]  # the batch's timestamp, converted once
             else:
                 value = field.db_value(value)
             params.append(value)
@@ -359,17 +361,207 @@ class _PreparedInsert:
 
     @classmethod
     def many(cls, model, rows):
+        """Insert ``rows`` (dicts of field names, or of fields): defaults
+        filled and values converted a column at a time, as the rows of one
+        statement share their columns (the time of ``utcnow`` defaults is
+        one for the batch, converted once)."""
         if not rows:
             return
         now = utcnow()
-        completed = [cls(model, row)._complete(now) for row in rows]
-        names = tuple(sorted(completed[0]))
-        if any(tuple(sorted(row)) != names for row in completed):
-            raise ValueError("bulk_insert rows must all have the same fields")
+        keys = rows[0].keys()
+        given = {getattr(key, "name", key): key for key in keys}
+        if len(given) != len(keys) or any(row.keys() != keys for row in rows):
+            # Rows naming their fields differently: each completed on its own first.
+            rows = [cls(model, {getattr(k, "name", k): v for k, v in row.items()})._complete(now) for row in rows]
+            keys = rows[0].keys()
+            if any(row.keys() != keys for row in rows):
+                raise ValueError("bulk_insert rows must all have the same fields")
+            given = {key: key for key in keys}
+        meta = model._meta
+        if meta.auto_increment:
+            given.pop(meta.primary_key.name, None)  # the table numbers the rows
+        defaults = {getattr(field, "name", field): default for field, default in meta.defaults.items()}
+        names = tuple(sorted(set(given) | set(defaults)))
         db = model_db(model)
-        shared = (now, TimestampTzField().db_value(now) if not isinstance(db, PostgresqlDatabase) else now)
+        postgres = isinstance(db, PostgresqlDatabase)
+        columns = []
+        for name in names:
+            field = meta.fields[name]
+            if name in given:
+                key = given[name]
+                columns.append(_db_values(field, [row[key] for row in rows]))
+            elif defaults[name] is utcnow:
+                # One time for a whole batch, as now() is in a transaction.
+                columns.append([TimestampTzField().db_value(now) if not postgres else now] * len(rows))
+            elif callable(defaults[name]):
+                default = defaults[name]
+                columns.append(_db_values(field, [default() for _row in rows]))
+            else:
+                columns.append(_db_values(field, [defaults[name]]) * len(rows))
         # PostgreSQL: one statement of all the rows, one round trip; SQLite: executemany.
-        cls.stored(model, names, [cls._params(model, names, data, shared) for data in completed])
+        cls.stored(model, names, list(zip(*columns)))
+
+
+# peewee's fields whose db_value and python_value leave a value of this exact
+# type as it is: such values are passed on without a call each.
+_KEPT_AS_IS = {IntegerField: int, AutoField: int, BigIntegerField: int, CharField: str, TextField: str,
+               BooleanField: bool}
+
+
+def _db_values(field: Field, values: list) -> list:
+    """``values`` of ``field`` as its driver takes them (JSON as its text:
+    SQLite wraps it in json(), psycopg2 takes it as a jsonb literal)."""
+    if isinstance(field, JSONField):
+        dumps = field._dumps
+        return [None if value is None else dumps(value) for value in values]
+    kept = _KEPT_AS_IS.get(type(field))
+    db_value = field.db_value
+    if kept is None:
+        return [db_value(value) for value in values]
+    return [value if type(value) is kept else db_value(value) for value in values]
+
+
+class _ModelSelect(ModelSelect):
+    # Set by peewee's ModelSelect; its stubs do not say.
+    _from_list: Any
+    _joins: Any
+    _returning: Any
+
+    def _get_model_cursor_wrapper(self, cursor):
+        if len(self._from_list) == 1 and not self._joins:  # peewee's own test for one table's objects
+            return _ModelRows(cursor, self.model, self._returning, self.model)
+        return super()._get_model_cursor_wrapper(cursor)  # type: ignore[misc]  # peewee's; its stubs do not say
+
+
+class _ModelRows(ModelObjectCursorWrapper):
+    """peewee's reader of one table's rows as objects, with peewee's own
+    columns, names and conversions, that builds the objects directly
+    (``__data__`` filled as BaseModel.__init__ fills it) instead of through
+    a dict of keyword arguments and a call a field, and converts rows a
+    batch at a time, a column at a time; a conversion is skipped for a
+    value of the type it would keep (an integer read for an integer field,
+    NULL for a time)."""
+
+    # Rows converted together when the objects are kept (a list, a for loop).
+    BATCH = 256
+
+    def initialize(self):
+        super().initialize()
+        model = self.constructor
+        # A model with an __init__ of its own gets peewee's way, which calls it.
+        self._direct = self.is_model and model.__init__ is BaseModel.__init__
+        plain = _plain_fields(model)
+        self._converting = tuple((i, _column_reader(self.fields[i], self.converters[i])) for i in self.convert)
+        self._set = tuple(name for name in self.unique_columns if name not in plain)  # through setattr, as __init__
+        self._database = _bound(model)
+
+    def iterate(self, cache=True):
+        if not cache:  # iterator(): a row at a time, nothing kept
+            return super().iterate(cache)
+        rows = self.cursor.fetchmany(self.BATCH)
+        if not rows:
+            self.populated = True
+            self.cursor.close()
+            raise StopIteration
+        if not self.initialized:
+            self.initialize()
+            self.initialized = True
+        objects = self._objects(rows) if self._direct else [super(_ModelRows, self).process_row(r) for r in rows]
+        self.count += len(objects)
+        self.row_cache.extend(objects)
+        return objects[0]
+
+    def process_row(self, row):
+        return self._objects((row,))[0] if self._direct else super().process_row(row)
+
+    def _objects(self, rows):
+        columns: list[Any] = list(zip(*rows))
+        for index, read in self._converting:
+            columns[index] = read(columns[index])
+        model, names, database, later = self.constructor, self.unique_columns, self._database, self._set
+        new = model.__new__
+        objects = []
+        for values in zip(*columns):
+            obj = new(model)
+            data = dict(zip(names, values))
+            obj.__dict__.update({"__data__": data, "_dirty": set(), "__rel__": {}, _DATABASE: database})
+            if later:
+                for name in later:
+                    setattr(obj, name, data.pop(name))
+                obj._dirty.clear()
+            objects.append(obj)
+        return objects
+
+
+def _column_reader(field: Field | None, convert: Callable[[Any], Any]) -> Callable[[Sequence[Any]], list[Any]]:
+    """A function reading a column of values as peewee reads each with
+    ``convert`` (its field's python_value, or another function)."""
+    if field is not None and convert == field.python_value:
+        kept = _KEPT_AS_IS.get(type(field))
+        if kept is not None:
+            return lambda values: [value if type(value) is kept else convert(value) for value in values]
+        python_values = getattr(field, "python_values", None)  # psai's fields read a column at a time
+        if python_values is not None:
+            return python_values
+    return lambda values: [convert(value) for value in values]
+
+
+# -- expressions compiled once -------------------------------------------------------
+
+class _Compiled(ColumnBase):
+    """An expression over one column, as compiled once: its SQL text in
+    pieces, between which the column is written (under the alias the query
+    using it gives its table) and the parameters bound."""
+
+    _COLUMN = object()  # a piece that is the column
+
+    def __init__(self, field: Field, pieces: tuple, params: tuple) -> None:
+        super().__init__()
+        self.field, self.pieces, self.params = field, pieces, params
+
+    def __sql__(self, ctx):
+        params = iter(self.params)
+        for piece in self.pieces:
+            if piece is self._COLUMN:
+                ctx.sql(self.field)
+            elif piece is None:  # a parameter; a JSON one wrapped afresh for each query
+                value, wrap = next(params)
+                ctx.value(value if wrap is None else wrap(value), converter=False)
+            else:
+                ctx.literal(piece)
+        return ctx
+
+
+_compiled: dict[Hashable, _Compiled] = {}
+_COMPILED_KEPT = 256
+
+
+def compiled(key: Hashable, field: Field, build: Callable[[], Node]) -> Node:
+    """The expression ``build()`` makes, compiled once for ``key`` on the
+    backend of ``field``'s database (``field`` the one column it reads):
+    peewee compiles every query afresh, which for a JSON filter of a few
+    keys costs as much as running it. ``key`` must name everything the
+    expression depends on."""
+    db = model_db(field.model)
+    cache_key = (type(db), field.model, field.name, key)
+    found = _compiled.get(cache_key)
+    if found is None:
+        sql, params = db.get_sql_context().sql(build()).query()
+        column = db.get_sql_context().sql(field).query()[0]
+        pieces: list[Any] = []
+        for index, text in enumerate(re.split("(%s|%s)" % (re.escape(column), re.escape(db.param)), sql)):
+            if index % 2 == 0:
+                pieces.append(text)
+            else:
+                pieces.append(_Compiled._COLUMN if text == column else None)
+        # A wrapped JSON value (psycopg2's Json) is kept as its value and wrapped by the field each time.
+        kept = tuple((p, None) if getattr(p, "adapted", None) is None else (p.adapted, field.db_value)
+                     for p in params)
+        found = _Compiled(field, tuple(piece for piece in pieces if piece != ""), kept)
+        if len(_compiled) >= _COMPILED_KEPT:
+            _compiled.clear()
+        _compiled[cache_key] = found
+    return found
 
 
 # -- links: adding twice is harmless, linking to a missing row is a clear error ----

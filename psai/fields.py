@@ -10,6 +10,7 @@ import datetime
 import re
 import uuid
 import weakref
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import peewee
@@ -181,6 +182,13 @@ class TimestampTzField(Field):
             return None
         return read_time(value)
 
+    def python_values(self, values: Sequence[Any]) -> list[Any]:
+        """``python_value`` of each of ``values`` (a column of rows read
+        together), each text read once: rows written together share their times."""
+        texts = {text: read_time(text) for text in {value for value in values if type(value) is str}}
+        return [texts[value] if type(value) is str else None if value is None else read_time(value)
+                for value in values]
+
 
 class UUIDTextField(UUIDField):
     """Native ``uuid`` on PostgreSQL; the canonical dashed text on SQLite
@@ -195,6 +203,11 @@ class UUIDTextField(UUIDField):
         if value is None or isinstance(value, uuid.UUID):
             return value
         return uuid.UUID(str(value))
+
+    def python_values(self, values: Sequence[Any]) -> list[Any]:
+        """``python_value`` of each of ``values`` (a column of rows read together)."""
+        text, read = str, uuid.UUID
+        return [read(value) if type(value) is text else self.python_value(value) for value in values]
 
 
 class JSONField(peewee.JSONField):
@@ -241,6 +254,14 @@ class JSONField(peewee.JSONField):
             return value
         read = self._backend()[2]
         return read(value) if read is not None else value
+
+    def python_values(self, values: Sequence[Any]) -> list[Any]:
+        """``python_value`` of each of ``values`` (a column of rows read
+        together), the thread's database looked up once."""
+        read = self._backend()[2]
+        if read is None:
+            return list(values)
+        return [None if value is None else read(value) for value in values]
 
     def text(self, value: Any) -> str:
         """The JSON text this field writes for ``value`` (SQLite stores it as it is)."""

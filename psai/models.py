@@ -15,7 +15,7 @@ from peewee import (
     IntegrityError, ModelSelect, ModelUpdate, TextField, Value,
 )
 
-from .base import BaseModel, LinkField, check_database, load_links
+from .base import BaseModel, LinkField, check_database, compiled, load_links
 from .constants import MAX_INTEGER, strict_json_dumps
 from .db import is_postgres, lock, model_db, register_models, table_columns, write_transaction
 from .enums import PsAiModelSize, PsAiModelType
@@ -809,7 +809,27 @@ def where_config(filters: Mapping[str, Any] | None = None, query: ModelSelect[Ps
     combined = dict(filters or {})
     combined.update(fields)
     query = PsAiModel.select() if query is None else query
-    return query.where(config_filter(PsAiModel.configuration, combined, is_postgres(model_db(PsAiModel))))
+    field = PsAiModel.configuration
+
+    def condition() -> Any:
+        return config_filter(field, combined, is_postgres(model_db(PsAiModel)))
+    key = _filters_key(combined)
+    return query.where(condition() if key is None else compiled(key, field, condition))
+
+
+def _filters_key(filters: dict[Any, Any]) -> tuple | None:
+    """A key naming ``filters`` exactly (each value with its type: 1, 1.0
+    and True are other filters), or None for filters that are not kept."""
+    def value_key(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return (type(value),) + tuple(value_key(v) for v in value)
+        return type(value), repr(value) if type(value) is float else value  # -0.0 is not 0.0
+    try:
+        key = tuple((name, value_key(value)) for name, value in filters.items())
+        hash(key)
+    except TypeError:  # a value config_filter refuses (a dict, a set)
+        return None
+    return key
 
 
 def newest_first(query: ModelSelect[PsAiModel]) -> ModelSelect[PsAiModel]:

@@ -734,20 +734,13 @@ def _openai_usage(usage: dict[str, Any], api: str) -> dict[str, Any]:
     out_details = count.object(usage.get(out + "_tokens_details"), out + "_tokens_details")
     where_in = inp + "_tokens_details."
     cached = count(in_details.get("cached_tokens"), where_in + "cached_tokens")
-    writes = count(in_details.get("cache_write_tokens"), where_in + "cache_write_tokens")
-    split = count.object(in_details.get("cache_write_tokens_details"), where_in + "cache_write_tokens_details")
     # 30-minute and 12-hour writes (the Responses API says which); a write
     # without the split is a 30-minute one (OpenAI's default retention, and
     # OpenRouter's Claude writes, which are 5-minute).
-    half_hour, twelve_hours = writes, 0
-    if split:
-        half_hour = count(split.get("ttl_30m_tokens"), where_in + "cache_write_tokens_details.ttl_30m_tokens")
-        twelve_hours = count(split.get("ttl_12h_tokens"), where_in + "cache_write_tokens_details.ttl_12h_tokens")
-        if in_details.get("cache_write_tokens") is None:
-            writes = half_hour + twelve_hours
-        elif half_hour + twelve_hours != writes:
-            count.refuse("The 30-minute and 12-hour writes (%d) differ from cache_write_tokens (%d)."
-                         % (half_hour + twelve_hours, writes), where_in + "cache_write_tokens_details")
+    writes = count(in_details.get("cache_write_tokens"), where_in + "cache_write_tokens")
+    writes, half_hour, twelve_hours = _writes_by_retention(
+        count, in_details, writes, where_in, "cache_write_tokens", "cache_write_tokens_details",
+        ("ttl_30m_tokens", "ttl_12h_tokens"), "30-minute and 12-hour")
     audio_in = count(in_details.get("audio_tokens"), where_in + "audio_tokens")
     reasoning = count(out_details.get("reasoning_tokens"), out + "_tokens_details.reasoning_tokens")
     audio = count(out_details.get("audio_tokens"), out + "_tokens_details.audio_tokens")
@@ -768,6 +761,25 @@ def _openai_usage(usage: dict[str, Any], api: str) -> dict[str, Any]:
     return {"tokens_in": total_in, "tokens_out": total_out + hidden, "cached_tokens": cached,
             "cache_write_tokens": half_hour, "cache_write_12h_tokens": twelve_hours, "audio_in_tokens": audio_in,
             "reasoning_tokens": reasoning + hidden, "audio_tokens": audio, "image_tokens": image}
+
+
+def _writes_by_retention(count: _Counts, usage: dict[str, Any], writes: int, where: str, total: str, split: str,
+                         parts: tuple[str, str], retentions: str) -> tuple[int, int, int]:
+    """(all cache writes, the shorter retention's, the longer's) of a usage
+    object whose count ``total`` (read as ``writes``) may be split by
+    retention in its object ``split`` of the two counts ``parts``: without
+    the split every write is a shorter one; with it and the total, the
+    parts must add up to the total (``retentions`` names them for the error)."""
+    details = count.object(usage.get(split), where + split)
+    if not details:
+        return writes, writes, 0
+    shorter, longer = (count(details.get(part), "%s%s.%s" % (where, split, part)) for part in parts)
+    if usage.get(total) is None:
+        writes = shorter + longer
+    elif shorter + longer != writes:
+        count.refuse("The %s writes (%d) differ from %s (%d)." % (retentions, shorter + longer, total, writes),
+                     where + split)
+    return writes, shorter, longer
 
 
 def _usage_of(data: dict[str, Any], what: str) -> dict[str, Any]:
@@ -809,16 +821,9 @@ def _claude_parts(usage: dict[str, Any], count: _Counts, where: str) -> list[int
     output = count(usage.get("output_tokens"), where + "output_tokens")
     writes = count(usage.get("cache_creation_input_tokens"), where + "cache_creation_input_tokens")
     reads = count(usage.get("cache_read_input_tokens"), where + "cache_read_input_tokens")
-    split = count.object(usage.get("cache_creation"), where + "cache_creation")
-    five, hour = writes, 0
-    if split:
-        five = count(split.get("ephemeral_5m_input_tokens"), where + "cache_creation.ephemeral_5m_input_tokens")
-        hour = count(split.get("ephemeral_1h_input_tokens"), where + "cache_creation.ephemeral_1h_input_tokens")
-        if usage.get("cache_creation_input_tokens") is None:
-            writes = five + hour
-        elif five + hour != writes:
-            count.refuse("The 5-minute and 1-hour writes (%d) differ from cache_creation_input_tokens (%d)."
-                         % (five + hour, writes), where + "cache_creation")
+    _, five, hour = _writes_by_retention(
+        count, usage, writes, where, "cache_creation_input_tokens", "cache_creation",
+        ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens"), "5-minute and 1-hour")
     return [fresh, five, hour, reads, output]
 
 

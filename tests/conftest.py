@@ -7,9 +7,11 @@ import uuid
 from urllib.parse import quote
 
 import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, settings
 
 import psai
+from psai.cli import cli
 
 # Property tests assert behaviour, not speed: no per-example deadline, and no
 # "too slow" health check failing a run on a busy machine.
@@ -120,6 +122,25 @@ def db(backend):
     """A migrated database of each kind, bound to psai's models."""
     psai.migrate()
     return psai.database.obj
+
+
+@pytest.fixture(params=BACKENDS)
+def run(request, tmp_path):
+    """run(*args, code=0) → click Result: the command line on a fresh store
+    of each kind (``init`` already run), its exit code checked, and never a
+    traceback; psai's models are bound to the same database afterwards."""
+    backend = make_backend(request.param, tmp_path)
+    runner = CliRunner()
+
+    def invoke(*args, code=0):
+        result = runner.invoke(cli, ["--database", backend.url, *args], catch_exceptions=False)
+        psai.connect(backend.url)
+        assert result.exit_code == code, (result.exit_code, result.output)
+        assert "Traceback" not in result.output
+        return result
+    invoke("init")
+    yield invoke
+    backend.close()
 
 
 SEED_CONFIGURATION = {

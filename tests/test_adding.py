@@ -4,30 +4,11 @@ flag typed."""
 import json
 
 import pytest
-from click.testing import CliRunner
 
 import psai
-from conftest import make_backend
 from psai import PsAiModel
-from psai.cli import cli
 from psai.catalog import catalog_defaults
 from psai.query import PRICE_FLAGS, model_configuration
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def run(request, tmp_path):
-    backend = make_backend(request.param, tmp_path)
-    runner = CliRunner()
-
-    def invoke(*args, code=0):
-        result = runner.invoke(cli, ["--database", backend.url, *args], catch_exceptions=False)
-        psai.connect(backend.url)
-        assert result.exit_code == code, (result.exit_code, result.output)
-        assert "Traceback" not in result.output
-        return result
-    invoke("init")
-    yield invoke
-    backend.close()
 
 
 def test_a_model_in_one_line(run):

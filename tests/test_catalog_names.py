@@ -4,12 +4,10 @@ an exact id or a glob, diffs that keep your keys, a readable dry run."""
 import json
 
 import pytest
-from click.testing import CliRunner
 
 import psai
-from conftest import make_backend, make_configuration
+from conftest import make_configuration
 from psai import PsAiModel, catalog
-from psai.cli import cli
 from psai.query import resolve_model
 
 pytest.importorskip("genai_prices")
@@ -90,22 +88,6 @@ def test_diff_apply_keeps_keys_the_catalog_does_not_set(db):
     prices = PsAiModel.get_by_id(model.id).configuration["prices"]
     assert prices["costOutTokensPerMillion"] == 10 and prices["cacheWrite1hInputCostMultiplier"] == 2
     assert prices["regionalProcessingMargin"] == 10
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def run(request, tmp_path):
-    backend = make_backend(request.param, tmp_path)
-    runner = CliRunner()
-
-    def invoke(*args, code=0):
-        result = runner.invoke(cli, ["--database", backend.url, *args], catch_exceptions=False)
-        psai.connect(backend.url)
-        assert result.exit_code == code, (result.exit_code, result.output)
-        assert "Traceback" not in result.output
-        return result
-    invoke("init")
-    yield invoke
-    backend.close()
 
 
 def test_from_a_litellm_cost_map(run, tmp_path):

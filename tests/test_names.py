@@ -4,12 +4,10 @@ import json
 from decimal import Decimal
 
 import pytest
-from click.testing import CliRunner
 
 import psai
-from conftest import make_backend, make_configuration
+from conftest import make_configuration
 from psai import PsAgent, PsAiModel
-from psai.cli import cli
 from psai.models import Budget, find_agent, find_model, find_models
 
 CALL = {"tokens_in": 10_000, "tokens_out": 1_000}  # 0.36 USD at the seed prices
@@ -96,21 +94,6 @@ def test_functions_take_names(db, clock):
     with pytest.raises(psai.NotFoundError, match="did you mean 'Writer'"):
         psai.set_budget(name="typo", amount=1, model="Writter")
     assert not Budget.select().where(Budget.name == "typo").exists()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def run(request, tmp_path):
-    backend = make_backend(request.param, tmp_path)
-    runner = CliRunner()
-
-    def invoke(*args, code=0):
-        result = runner.invoke(cli, ["--database", backend.url, *args], catch_exceptions=False)
-        psai.connect(backend.url)
-        assert result.exit_code == code, (result.exit_code, result.output)
-        return result
-    invoke("init")
-    yield invoke
-    backend.close()
 
 
 def test_commands_take_names(run):

@@ -298,3 +298,44 @@ def test_loops_are_refused_and_tolerated_when_already_there(db):
     db.execute_sql('UPDATE "ps_agents" SET "parent_agent_id" = %s WHERE "id" = %s'.replace(
         "%s", "%s" if is_postgres(db) else "?"), (child.id, root.id))
     assert sorted(a.id for a in PsAgent.get_by_id(root.id).sub_agent_tree()) == [root.id, child.id]
+
+
+@pytest.mark.parametrize("filters", [
+    {}, {"provider": "openai"}, {"provider": "openai", "type": "text", "modelSize": "large", "active": True},
+    {"prices.currency": "EUR"}, {"model": ["gpt-4o", "o3", 7, 1.5, True, None]}, {"maxTokensOut": 1},
+    {"maxTokensOut": 1.0}, {"maxTokensOut": True}, {"defaultTemperature": -0.0}, {"defaultTemperature": 0.0},
+    {"active": None}, {"provider": ("openai", "anthropic")},
+])
+def test_where_config_compiled_once_is_the_filters_own_sql(catalog, db, filters):
+    """where_config keeps each filter's WHERE as compiled once: the query
+    it gives is the one peewee compiles from the filter, first time and
+    again, in a query of its own or within another (with its aliases)."""
+    from psai.sql import config_filter
+
+    def plain(query):
+        sql, params = query.sql()
+        return sql, [getattr(p, "adapted", p) for p in params]
+
+    own = PsAiModel.select().where(config_filter(PsAiModel.configuration, filters, is_postgres(db)))
+    for _ in range(2):
+        assert plain(PsAiModel.where_config(filters)) == plain(own)
+        assert names(PsAiModel.where_config(filters)) == names(own)
+    joined = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "a"})
+    joined.ai_models.add(list(PsAiModel.select()))
+    within = psai.models.where_config(filters, query=joined.ai_models.where(PsAiModel.name != "o3"))
+    assert plain(within) == plain(joined.ai_models.where(PsAiModel.name != "o3").where(
+        config_filter(PsAiModel.configuration, filters, is_postgres(db))))
+    assert names(within) == sorted(n for n in names(own) if n != "o3")
+
+
+def test_where_config_tells_values_of_other_types_apart(db):
+    # Written by another tool: psai itself would refuse true and 1.5 tokens.
+    rows = [dict(user_id=1, organization_id=2, name=name, configuration=make_configuration(maxTokensOut=tokens))
+            for name, tokens in (("one", 1), ("true", True), ("float", 1.5))]
+    PsAiModel.insert_many(rows, validate=False).execute()
+    assert names(PsAiModel.where_config(maxTokensOut=1)) == ["one"]
+    assert names(PsAiModel.where_config(maxTokensOut=True)) == ["true"]
+    assert names(PsAiModel.where_config(maxTokensOut=1.0)) == ["one"]
+    assert names(PsAiModel.where_config(maxTokensOut=[True])) == ["true"]
+    assert names(PsAiModel.where_config(maxTokensOut=[1])) == ["one"]
+    assert names(PsAiModel.where_config(maxTokensOut=1.5)) == ["float"]

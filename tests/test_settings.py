@@ -4,12 +4,10 @@ adopted by psai requires them, as PolicySynth does."""
 import json
 
 import pytest
-from click.testing import CliRunner
 
 import psai
-from conftest import make_backend, make_configuration
+from conftest import make_configuration
 from psai import PsAgent, PsAiModel
-from psai.cli import cli
 
 
 def test_new_rows_get_the_default_ids(db):
@@ -56,20 +54,6 @@ def test_an_adopted_policysynth_database_requires_ids(backend):
         PsAiModel.create(name="Writer", configuration=make_configuration())
     assert psai.config(require_ids=False)["require_ids"] is False
     assert PsAiModel.create(name="Writer", configuration=make_configuration()).user_id == 1
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def run(request, tmp_path):
-    backend = make_backend(request.param, tmp_path)
-    runner = CliRunner()
-
-    def invoke(*args, code=0):
-        result = runner.invoke(cli, ["--database", backend.url, *args], catch_exceptions=False)
-        psai.connect(backend.url)
-        assert result.exit_code == code, (result.exit_code, result.output)
-        return result
-    yield invoke
-    backend.close()
 
 
 def test_commands_without_ids(run):

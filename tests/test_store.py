@@ -10,6 +10,8 @@ from playhouse.test_utils import count_queries
 import psai
 from psai import AgentModels, PsAgent, PsAiModel
 
+from psai.db import is_postgres
+
 from conftest import make_configuration
 
 
@@ -335,3 +337,103 @@ def test_changing_a_deleted_model_is_not_found_not_silent(db):
             change()
     assert PsAiModel.select().count() == 0  # not written back as a new row either
     assert model.configuration["active"] is True and "maxTokensOut" in model.configuration  # the object as it was
+
+
+def _stored_models(db):
+    """Every ps_ai_models row as the driver reads it back, without the id."""
+    cursor = db.execute_sql('SELECT "uuid", "user_id", "organization_id", "created_at", "updated_at", "name", '
+                            '"configuration" FROM "ps_ai_models" ORDER BY "id"')
+    return [tuple(str(v) if isinstance(v, uuid.UUID) else v for v in row) for row in cursor.fetchall()]
+
+
+def test_trusted_bulk_insert_stores_what_peewee_stores(db, clock):
+    """bulk_insert(validate=False) builds its rows itself, for speed: what it
+    stores is what peewee's own insert of the same rows stores, defaults,
+    conversions and all (Field keys, numbers as text, times and uuids as
+    the caller gives them; the id of an auto-increment key is dropped)."""
+    given = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    moment = datetime.datetime(2026, 3, 4, 5, 6, 7, 890123)  # naive: UTC
+    rows = [
+        dict(user_id=1, organization_id=2, name="plain", configuration=make_configuration(model="a")),
+        {PsAiModel.user_id: "7", PsAiModel.organization_id: 2, PsAiModel.name: "fields",
+         PsAiModel.configuration: make_configuration(model="b")},
+        dict(user_id=True, organization_id=2.0, name=5, configuration="text"),
+        dict(user_id=1, organization_id=2, name="given", configuration=[1, "two", {"3": None}], uuid=given,
+             created_at=moment, updated_at="2026-01-02T03:04:05+02:00"),
+        dict(user_id=1, organization_id=2, name="uuid text", configuration={},
+             uuid="12345678-AAAA-4BBB-8CCC-567812345678"),
+    ]
+
+    def stored_by(insert):
+        PsAiModel.delete().execute()
+        with psai.database.atomic():
+            for row in rows:
+                insert(row)
+        stored = []
+        for row, (uuid_value, *rest) in zip(rows, _stored_models(psai.database)):
+            if "uuid" not in row:  # a new one each time: a version 4 uuid
+                assert uuid.UUID(uuid_value).version == 4
+                uuid_value = "new"
+            stored.append((uuid_value, *rest))
+        return stored
+
+    # Each row alone: a batch of rows naming other fields is refused.
+    by_peewee = stored_by(lambda row: peewee.Model.insert_many.__func__(PsAiModel, [row]).execute())
+    by_bulk_insert = stored_by(lambda row: PsAiModel.bulk_insert([row], validate=False))
+    assert by_bulk_insert == by_peewee
+    assert len(by_peewee) == len(rows)
+    # The id given with a row is dropped: the table numbers it.
+    PsAiModel.bulk_insert([dict(id=99, user_id=1, organization_id=2, name="id", configuration={})], validate=False)
+    assert PsAiModel.get(PsAiModel.name == "id").id != 99
+    # Many rows of the same fields: one time for a batch, a new uuid for each row.
+    PsAiModel.delete().execute()
+    many = [dict(user_id=i, organization_id=2, name="m%d" % i, configuration={"i": i}) for i in range(5)]
+    assert PsAiModel.bulk_insert(many, validate=False, batch_size=2) == 5
+    stored = [(m.user_id, m.name, m.configuration, m.created_at, m.updated_at)
+              for m in PsAiModel.select().order_by(PsAiModel.id)]
+    assert stored == [(i, "m%d" % i, {"i": i}, clock.moment, clock.moment) for i in range(5)]
+    assert len({m.uuid for m in PsAiModel.select()}) == 5
+    with pytest.raises(ValueError, match="same fields"):
+        PsAiModel.bulk_insert([dict(user_id=1, organization_id=2, name="x", configuration={}),
+                               dict(user_id=1, organization_id=2, name="y")], validate=False)
+
+
+def test_rows_read_as_objects_are_peewees_own(db):
+    """psai reads a table's rows into objects its own quick way: each is the
+    object peewee's own reader makes (``.objects(Model)``), for rows psai
+    wrote and rows written by hand, in a list, a loop, ``iterator()`` and
+    ``get``, with all columns, some, and more."""
+    parent = new_agent("parent")
+    new_agent("child", parent=parent)
+    new_model("one")
+    new_model("two", active=False)
+    if not is_postgres(db):  # rows written by hand that only SQLite's types let through
+        odd = [("not a time", "1700000000", "0000000000004000800000000000000a", "5"),
+               ("2026-11-24 08:00:00.000 +00:00", 1700000000, "{00000000-0000-4000-8000-00000000000b}", "[1, 2]")]
+        for created, updated, text_uuid, configuration in odd:
+            db.execute_sql('INSERT INTO "ps_ai_models" ("uuid", "user_id", "organization_id", "created_at", '
+                           '"updated_at", "name", "configuration") VALUES (?, ?, ?, ?, ?, ?, ?)',
+                           [text_uuid, 1, 2, created, updated, "odd", configuration])
+
+    def state(obj):
+        return (type(obj), {k: (type(v), v) for k, v in obj.__data__.items()}, set(obj._dirty), dict(obj.__rel__),
+                obj.__dict__.get("_psai_database"), {k: v for k, v in obj.__dict__.items() if k not in (
+                    "__data__", "_dirty", "__rel__", "_psai_database")})
+
+    queries = [PsAiModel.select().order_by(PsAiModel.id), PsAgent.select().order_by(PsAgent.id),
+               PsAiModel.select(PsAiModel.name, PsAiModel.created_at).order_by(PsAiModel.id),
+               PsAiModel.select(PsAiModel, PsAiModel.id.alias("number"), peewee.fn.upper(PsAiModel.name).alias("up"))
+               .order_by(PsAiModel.id),
+               PsAgent.select(PsAgent.id, PsAgent.parent_agent).order_by(PsAgent.id)]
+    for query in queries:
+        expected = [state(o) for o in query.clone().objects(query.model)]
+        assert len(expected) >= 2
+        assert [state(o) for o in query.clone()] == expected
+        assert [state(o) for o in list(query.clone())] == expected
+        assert [state(o) for o in query.clone().iterator()] == expected
+        again = query.clone()
+        assert [state(again[i]) for i in range(len(expected))] == expected
+    assert state(PsAiModel.get(PsAiModel.name == "one")) == state(
+        PsAiModel.select().where(PsAiModel.name == "one").objects(PsAiModel).get())
+    child = PsAgent.get(PsAgent.parent_agent == parent.id)
+    assert child.parent_agent.id == parent.id and child.parent_agent_id == parent.id and not child.is_dirty()
