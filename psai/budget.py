@@ -286,17 +286,18 @@ def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: d
     parts = price_parts(merge_parts(item_parts(db, (), start, end, model_ids, agent_ids), ("model_id",)))
     if budget.provider is not None:
         models = {m.id: m for m in PsAiModel.select().where(
-            PsAiModel.id.in_(sorted({p["model_id"] for p in parts if p["provider"] is None})))}
+            PsAiModel.id.in_(sorted({p.model_id for p in parts if p.provider is None})))}
         parts = [part for part in parts if part_provider(part, models) == budget.provider]
-    spent, unpriced, calls, unknown = Decimal(0), 0, 0, False
+    spent, calls, unknown = Decimal(0), 0, False
+    unpriced: Any = 0  # tokens: whole, or exact where SQL summed fractions
     for part in parts:
-        calls += part["calls"]
-        if part["cost"] is not None and part["currency"] == budget.currency:
-            spent += part["cost"]
+        calls += part.calls
+        if part.cost is not None and part.currency == budget.currency:
+            spent += part.cost
         else:
             # Calls whose counts cannot be read are unknown too, never $0.
             unpriced += sum(part_tokens(part))
-            unknown = unknown or bool(part["calls"]) or bool(sum(part_tokens(part)))
+            unknown = unknown or bool(part.calls) or bool(sum(part_tokens(part)))
     return spent, unpriced, calls, unknown
 
 

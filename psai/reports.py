@@ -13,7 +13,7 @@ import datetime
 import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, ParamSpec, TypedDict, TypeVar, get_args
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 import json
 from collections import defaultdict, deque
 from decimal import Decimal
@@ -23,7 +23,8 @@ from .constants import strict_json_dumps
 from .db import is_postgres, model_db, read_transaction, table_columns
 from .errors import UnpricedUsageError, ValidationError
 from .fields import UTC
-from .items import APART, BUCKETS, BucketPricer, apart_extra, effective_prices
+from .items import APART, BUCKETS, effective_prices
+from .pricing import Pricer
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
 from .recording import usage_counters
 from .rollups import read_plan, rollup_rows, scan_where
@@ -146,6 +147,13 @@ class GroupSums:
     image_out: Number
     provider_cost: Number | None
 
+    @classmethod
+    def of(cls, values: Iterable[Any]) -> "GroupSums":
+        """The sums of a row's columns in the order of the fields, as exact
+        numbers (SQLite sums REAL values as floats)."""
+        return cls(**{f.name: value if type(value) is not float else _number(value)
+                      for f, value in zip(fields(cls), values)})
+
     def apart(self) -> dict[str, Number]:
         """The tokens priced apart, by ``items.APART``'s names."""
         return dict(zip(APART, (self.cache_write_1h, self.cache_write_12h, self.audio_in, self.audio_out,
@@ -165,6 +173,60 @@ class GroupSums:
         self.audio_out += other.audio_out or 0
         self.image_out += other.image_out or 0
         self.provider_cost = _plus(self.provider_cost, other.provider_cost)
+
+
+@dataclass(frozen=True, eq=False)
+class UsagePart:
+    """Usage priced alike, what the report pipeline adds up and prices: its
+    keys (the model; the agent, connector and UTC day where kept apart),
+    its tokens (``buckets``: BUCKETS; ``apart``: APART's tokens, counted in
+    ``buckets`` too and priced apart, ``long_`` ones for long context), and
+    its pricing context (the item's ``pricing``, the tier the provider
+    applied in ``metadata``, where its prices come from). ``price_parts``
+    gives a copy with ``cost`` (None: unpriced), ``currency`` and ``reason``."""
+
+    model_id: Any
+    buckets: dict[str, Number]
+    agent_id: Any = None
+    connector_id: Any = None
+    day: str | None = None
+    provider: str | None = None
+    pricing: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    priced_from: str = "snapshot"  # snapshot, history or current
+    has_usage: bool = True  # False: its counts cannot be read (never priced)
+    problem: str | None = None  # why it is unpriced whatever its prices
+    calls: int = 0
+    web: int = 0
+    apart: dict[str, Number] = field(default_factory=dict)
+    provider_cost: Number | None = None
+    # What tells parts priced alike (with the provider), hashable; None: from pricing and metadata.
+    price_key: Any = None
+    cost: Decimal | None = None
+    currency: str | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.price_key is None:
+            object.__setattr__(self, "price_key", strict_json_dumps([self.pricing, self.metadata], sort_keys=True))
+
+    def tokens(self) -> tuple[Number, Number]:
+        """(input, output) tokens."""
+        buckets = self.buckets
+        return (buckets["in"] + buckets["cached"] + buckets["cache_write"] + buckets["long_in"]
+                + buckets["long_cached"] + buckets["long_cache_write"]), buckets["out"] + buckets["long_out"]
+
+    def plus(self, other: "UsagePart") -> "UsagePart":
+        """This part with ``other``'s tokens, calls, web searches and provider's cost added."""
+        buckets = dict(self.buckets)
+        for bucket, value in other.buckets.items():
+            buckets[bucket] = buckets.get(bucket, 0) + value
+        apart = dict(self.apart)
+        for name, value in other.apart.items():
+            apart[name] = apart.get(name, 0) + value
+        return replace(self, buckets=buckets, apart=apart, calls=self.calls + other.calls,
+                       web=self.web + other.web, provider_cost=_plus(self.provider_cost, other.provider_cost),
+                       cost=_plus(self.cost, other.cost))
 
 
 def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None, key_buckets=None,
@@ -207,27 +269,24 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     merged: dict[tuple, GroupSums] = {}
     for source_rows, layout in sources:
         per_key = layout is group  # the rows carry (model, agent, connector) for totals and key_buckets
-        agent_at: Any = layout.index("agent_id") if "agent_id" in layout else None
-        connector_at: Any = layout.index("connector_id") if "connector_id" in layout else None
-        long_at = layout.index("long")
-        keep = [i for i, name in enumerate(layout) if name not in extra_columns]
         width = len(layout)
         for values in source_rows:
-            if agent_at is not None and values[agent_at] not in agents:
-                values = values[:agent_at] + (None,) + values[agent_at + 1:]
-            # Sums as exact numbers (SQLite sums REAL values as floats).
-            sums = GroupSums(*[value if type(value) is not float else _number(value) for value in values[width:]])
+            # The keys by column name, GroupSums' columns after them.
+            row = dict(zip(layout, values[:width]))
+            if "agent_id" in row and row["agent_id"] not in agents:
+                row["agent_id"] = None
+            sums = GroupSums.of(values[width:])
             if per_key and totals is not None:
-                entry = totals[(values[0], values[agent_at], values[connector_at])]
+                entry = totals[(row["model_id"], row["agent_id"], row["connector_id"])]
                 entry.tokens_in += sums.all_in or 0
                 entry.tokens_out += sums.all_out or 0
             if per_key and key_buckets is not None:
-                into_buckets = key_buckets[(values[0], values[agent_at], values[connector_at])]
-                prefix = "long_" if values[long_at] else ""
+                into_buckets = key_buckets[(row["model_id"], row["agent_id"], row["connector_id"])]
+                prefix = "long_" if row["long"] else ""
                 for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached),
                                       ("cache_write", sums.cache_write), ("out", sums.out)):
                     into_buckets[prefix + bucket] += _number(value)
-            key = tuple(values[i] for i in keep) if per_key else values[:width]
+            key = tuple(row[name] for name in names)
             into = merged.get(key)
             if into is None:
                 merged[key] = sums
@@ -237,33 +296,42 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
         _add_rolled_totals(db, cover.days, model_ids, agents, totals)
     if key_buckets is not None:
         _add_rolled_buckets(db, cover.days, model_ids, agents, key_buckets)
-    pricing_at = names.index("pricing")
-    parsed = {}
-    rows = []
+    parsed: dict[Any, Any] = {}
+    parts = []
     # In one order whatever read them (rollups, items): what depends on order (daily_costs' provider) agrees.
     for key, sums in sorted(merged.items(), key=lambda entry: repr(entry[0])):
-        row = dict(zip(names, key))
-        prefix = "long_" if row.pop("long") else ""
-        row.pop("apart")
-        row["calls"] = sums.calls
-        row["buckets"] = dict.fromkeys(BUCKETS, 0)
-        for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached), ("cache_write", sums.cache_write),
-                              ("out", sums.out)):
-            row["buckets"][prefix + bucket] = _number(value)
-        row["web"] = int(sums.web or 0)
-        row["provider_cost"] = None if sums.provider_cost is None else _number(sums.provider_cost)
-        # Counted in the buckets above; what they cost beyond them is priced apart (apart_extra).
-        row["apart"] = {prefix + name: _number(value) for name, value in sums.apart().items() if value}
-        # Pricing is JSON text: parsed once for each distinct text, and with
-        # the tier applied, what tells groups priced alike without comparing dicts.
-        pricing = key[pricing_at]
-        row["price_key"] = (pricing, row["applied_service_tier"], row["applied_speed"])
-        if pricing is not None:
-            if pricing not in parsed:
-                parsed[pricing] = json.loads(pricing)
-            row["pricing"] = parsed[pricing]
-        rows.append(row)
-    return rows
+        parts.append(_group_part(dict(zip(names, key)), sums, parsed))
+    return parts
+
+
+def _group_part(row, sums, parsed):
+    """A group of items (``row``: its columns by name; ``sums``) as a part.
+    ``parsed``: pricing texts parsed so far, by text."""
+    prefix = "long_" if row["long"] else ""
+    buckets: dict[str, Number] = dict.fromkeys(BUCKETS, 0)
+    for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached), ("cache_write", sums.cache_write),
+                          ("out", sums.out)):
+        buckets[prefix + bucket] = _number(value)
+    # Pricing is JSON text: parsed once for each distinct text, and with the
+    # tier applied, what tells groups priced alike without comparing dicts.
+    text = row["pricing"]
+    pricing = None
+    if text is not None:
+        pricing = parsed.get(text)
+        if pricing is None:
+            pricing = parsed[text] = json.loads(text)
+    tier, speed = row["applied_service_tier"], row["applied_speed"]
+    return UsagePart(
+        model_id=row["model_id"], agent_id=row.get("agent_id"), connector_id=row.get("connector_id"),
+        day=row.get("day"), provider=row["provider"], pricing=pricing,
+        metadata={k: v for k, v in (("appliedServiceTier", tier), ("appliedSpeed", speed)) if v is not None},
+        priced_from="snapshot" if isinstance(pricing, dict) and pricing.get("configuredPrices") is not None
+        else "current",
+        has_usage=bool(row["has_usage"]), calls=sums.calls, buckets=buckets, web=int(sums.web or 0),
+        # Counted in the buckets above; what they cost beyond them is priced apart (Pricer.apart_extra).
+        apart={prefix + name: _number(value) for name, value in sums.apart().items() if value},
+        provider_cost=None if sums.provider_cost is None else _number(sums.provider_cost),
+        price_key=(text, tier, speed))
 
 
 def _item_window(db, cover, model_ids, params, agent_ids=None):
@@ -420,8 +488,8 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
     folded = "token_in_cache_write_count" not in present
     covered: defaultdict[tuple, dict[str, Any]] = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
     for group in _item_groups(db, ("agent", "connector"), model_ids=models, agents=agents):
-        into = covered[(group["model_id"], group["agent_id"], group["connector_id"])]
-        for bucket, value in group["buckets"].items():
+        into = covered[(group.model_id, group.agent_id, group.connector_id)]
+        for bucket, value in group.buckets.items():
             if folded and bucket.endswith("cache_write"):
                 bucket = bucket.replace("cache_write", "in")  # how such a table counted them
             into[bucket] += value
@@ -563,9 +631,8 @@ def _day(moment):
 
 def _unpriced_counters(model_id, agent_id, buckets, why, day):
     """Counter rows reported unpriced, with why (never priced as 0)."""
-    return {"model_id": model_id, "agent_id": agent_id, "provider": None, "pricing": None, "metadata": {},
-            "has_usage": 0, "calls": 0, "web": 0, "buckets": buckets, "priced_from": "current",
-            "problem": "%s (`psai check` lists the rows)" % why, "day": day}
+    return UsagePart(model_id=model_id, agent_id=agent_id, buckets=buckets, day=day, has_usage=False,
+                     priced_from="current", problem="%s (`psai check` lists the rows)" % why)
 
 
 def _keys(by):
@@ -574,25 +641,12 @@ def _keys(by):
     return by if isinstance(by, tuple) else {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
 
 
-def _group_parts(groups):
-    """Item groups as parts: their pricing context beside their buckets."""
-    parts = []
-    for group in groups:
-        pricing = group["pricing"] or {}
-        parts.append(dict(
-            group,
-            metadata={k: v for k, v in (("appliedServiceTier", group.pop("applied_service_tier")),
-                                        ("appliedSpeed", group.pop("applied_speed"))) if v is not None},
-            priced_from="snapshot" if pricing.get("configuredPrices") is not None else "current"))
-    return parts
-
-
 def item_parts(db, keys, since, until, model_ids=None, agent_ids=None):
     """The calls' items in [since, until) as parts (``usage_parts``' item
     groups, kept apart by ``keys`` among agent and day; of ``model_ids``
     and ``agent_ids``), read from the rollups but at the period's edges:
     what a budget weighs, without the counters' pass."""
-    return _group_parts(_item_groups(db, tuple(keys), since, until, model_ids, agent_ids=agent_ids))
+    return _item_groups(db, tuple(keys), since, until, model_ids, agent_ids=agent_ids)
 
 
 def usage_parts(db, by, since, until, model_ids=None):
@@ -616,8 +670,7 @@ def usage_parts(db, by, since, until, model_ids=None):
     # A period's own items may be enough to tell what they cover of its counters.
     recent: defaultdict[tuple, dict[str, Any]] | None = (
         defaultdict(lambda: dict.fromkeys(BUCKETS, 0)) if since is not None else None)
-    parts = _group_parts(_item_groups(db, keys, since, until, model_ids, agents, totals=itemized,
-                                      key_buckets=recent))
+    parts = _item_groups(db, keys, since, until, model_ids, agents, totals=itemized, key_buckets=recent)
     parts += _negative_counters(db, by, agents, since, until, model_ids)
     pieces = _uncovered_counters(db, by, agents, since, until, model_ids, itemized, recent)
     if not pieces:
@@ -625,7 +678,7 @@ def usage_parts(db, by, since, until, model_ids=None):
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}
     histories = histories_of(list(models.values()))
     moments = _price_moments(histories)
-    merged: dict[tuple, Any] = {}
+    merged: dict[tuple, Any] = {}  # (model, agent, day, period): [its part's fields, its buckets]
     for piece in pieces:
         model_id = piece["model_id"]
         day = _day(piece["created_at"]) if "day" in keys else None
@@ -637,7 +690,7 @@ def usage_parts(db, by, since, until, model_ids=None):
         key = (model_id, piece["agent_id"], day, period)
         if key in merged:
             for bucket, value in piece["buckets"].items():
-                merged[key]["buckets"][bucket] += value
+                merged[key][1][bucket] += value
             continue
         model = models.get(model_id)
         configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
@@ -647,54 +700,23 @@ def usage_parts(db, by, since, until, model_ids=None):
         for name in ("inferenceType", "regionalProcessing"):
             if configuration.get(name) is not None:
                 pricing[name] = configuration[name]
-        merged[key] = dict(piece, provider=configuration.get("provider"), pricing=pricing, metadata={},
-                           has_usage=1, calls=0, web=0, priced_from="history" if known else "current", day=day,
-                           buckets=dict(piece["buckets"]))
-    return parts + list(merged.values())
+        merged[key] = (dict(model_id=model_id, agent_id=piece["agent_id"], connector_id=piece["connector_id"],
+                            provider=configuration.get("provider"), pricing=pricing,
+                            priced_from="history" if known else "current", day=day), dict(piece["buckets"]))
+    return parts + [UsagePart(buckets=buckets, **fields) for fields, buckets in merged.values()]
 
 
-def _price_key(part):
-    """What prices a part besides its provider, hashable: item groups have it
-    from SQL (the pricing's text and the tier applied); other parts get their
-    pricing and metadata as canonical JSON."""
-    key = part.get("price_key")
-    if key is None:
-        key = part["price_key"] = strict_json_dumps([part["pricing"], part["metadata"]], sort_keys=True)
-    return key
-
-
-def _add_to(merged, key, part):
-    """Add ``part`` to ``merged[key]``, a copy of the first part of that key:
-    its buckets, calls and the provider's cost. Returns the entry added
-    to, or None when ``part`` started it."""
-    into = merged.get(key)
-    if into is None:
-        merged[key] = dict(part, buckets=dict(part["buckets"]))
-        return None
-    for bucket, value in part["buckets"].items():
-        into["buckets"][bucket] += value
-    into["calls"] += part["calls"]
-    into["provider_cost"] = _plus(into.get("provider_cost"), part.get("provider_cost"))
-    return into
-
-
-def merge_parts(parts, fields):
-    """Parts that agree on ``fields`` and on everything that prices them,
-    added up: each is priced once."""
-    merged: dict[tuple, Any] = {}
+def merge_parts(parts: Iterable[UsagePart], keys: Iterable[str]) -> list[UsagePart]:
+    """Parts that agree on ``keys`` (UsagePart's field names) and on
+    everything that prices them, added up: each is priced once."""
+    keys = tuple(keys)
+    merged: dict[tuple, UsagePart] = {}
     for part in parts:
         # Calls with tokens priced apart kept apart: without their price keys only they are unpriced.
-        apart = part.get("apart") or {}
-        key = tuple(part[f] for f in fields) + (
-            part["provider"], part["priced_from"], part["has_usage"], _price_key(part), bool(apart))
-        into = _add_to(merged, key, part)
-        if into is None:
-            continue
-        into["web"] += part["web"]
-        if apart:
-            into["apart"] = dict(into.get("apart") or {})
-            for name, value in apart.items():
-                into["apart"][name] = into["apart"].get(name, 0) + value
+        key = tuple(getattr(part, name) for name in keys) + (
+            part.provider, part.priced_from, part.has_usage, part.price_key, bool(part.apart))
+        into = merged.get(key)
+        merged[key] = part if into is None else into.plus(part)
     return list(merged.values())
 
 
@@ -704,27 +726,30 @@ _RESOLVED: dict = {}
 _RESOLVED_MAX = 4096
 
 
-def price_parts(parts, transform=None):
-    """Give each part ``cost`` (Decimal, or None), ``currency`` and, when it
-    cannot be priced, ``reason``. ``transform(prices)`` changes the prices a
-    part is priced at (psai.reprice's "after")."""
-    models = {m.id: m for m in PsAiModel.select().where(
-        PsAiModel.id.in_(sorted({p["model_id"] for p in parts if p["priced_from"] == "current"})))} \
-        if any(p["priced_from"] == "current" for p in parts) else {}
+_NO_USAGE = ("the item has no usable token counts (usageNormalized.tokensIn a number, every count 0 or more and "
+             "within a counter)")
+
+
+def price_parts(parts: Iterable[UsagePart], transform: Callable[[Any], Any] | None = None) -> list[UsagePart]:
+    """The parts, each with its ``cost`` (Decimal, or None), ``currency``
+    and, when it cannot be priced, ``reason``. ``transform(prices)`` changes
+    the prices a part is priced at (psai.reprice's "after"). Each distinct
+    set of prices is resolved and its rates read once (``Pricer``)."""
+    parts = list(parts)
+    current = sorted({p.model_id for p in parts if p.priced_from == "current"})
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(current))} if current else {}
     resolved = _RESOLVED if transform is None else {}
     if len(resolved) > _RESOLVED_MAX:
         resolved.clear()
+    priced = []
     for part in parts:
-        part["cost"], part["currency"], part["reason"] = None, None, None
-        if not part["has_usage"]:
-            part["reason"] = part.get("problem") or (
-                "the item has no usable token counts (usageNormalized.tokensIn a number, every count 0 or more "
-                "and within a counter)")
+        if not part.has_usage:
+            priced.append(replace(part, cost=None, currency=None, reason=part.problem or _NO_USAGE))
             continue
-        pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
+        pricing = part.pricing if isinstance(part.pricing, dict) else {}
         fallback = None
         if pricing.get("configuredPrices") is None:
-            model = models.get(part["model_id"])
+            model = models.get(part.model_id)
             configuration = model.configuration if model is not None else None
             fallback = configuration.get("prices") if isinstance(configuration, dict) else None
         if transform is not None:
@@ -733,40 +758,36 @@ def price_parts(parts, transform=None):
         key: Any
         if transform is None:
             # The model's current prices as they are now, when they price the part: a change is a new key.
-            key = (part["provider"], _price_key(part),
+            key = (part.provider, part.price_key,
                    strict_json_dumps(fallback, sort_keys=True) if fallback is not None else None)
         else:
-            key = strict_json_dumps([part["provider"], pricing, part["metadata"], fallback], sort_keys=True)
-        if key not in resolved:
-            prices, problem = effective_prices(part["provider"], pricing, part["metadata"], fallback)
-            resolved[key] = prices, problem, None if problem else BucketPricer(prices)
-        prices, problem, pricer = resolved[key]
-        if problem:
-            part["reason"] = problem
+            key = strict_json_dumps([part.provider, pricing, part.metadata, fallback], sort_keys=True)
+        pricer = resolved.get(key)
+        if pricer is None:
+            prices, problem = effective_prices(part.provider, pricing, part.metadata, fallback)
+            # PolicySynth's item rule: a long-context rate of 0 means unset.
+            pricer = resolved[key] = problem or Pricer(prices, zero_long_rate_is_unset=True)
+        if isinstance(pricer, str):
+            priced.append(replace(part, cost=None, currency=None, reason=pricer))
             continue
-        extra, problem = apart_extra(part.get("apart") or {}, prices)
-        if problem:
-            part["reason"] = problem
-            continue
-        part["cost"] = pricer(part["buckets"], part["web"]) + extra
-        part["currency"] = prices.get("currency")
-    return parts
+        cost, problem = pricer.price({**part.buckets, **part.apart} if part.apart else part.buckets, part.web)
+        priced.append(replace(part, cost=cost, currency=None if problem else pricer.currency, reason=problem))
+    return priced
 
 
-def part_provider(part, models):
+def part_provider(part: UsagePart, models: dict[int, PsAiModel]) -> str | None:
     """A part's provider as provider reports name it: the item's, else its
     model's (``models``: rows by id, holding the part's model)."""
-    provider = part["provider"]
-    if provider is None and part["model_id"] in models:
-        configuration = models[part["model_id"]].configuration
+    provider = part.provider
+    if provider is None and part.model_id in models:
+        configuration = models[part.model_id].configuration
         provider = configuration.get("provider") if isinstance(configuration, dict) else None
     return provider
 
 
-def part_tokens(part):
-    buckets = part["buckets"]
-    tokens_in = sum(buckets[b] for b in BUCKETS if b not in ("out", "long_out"))
-    return tokens_in, buckets["out"] + buckets["long_out"]
+def part_tokens(part: UsagePart) -> tuple[Number, Number]:
+    """A part's (input, output) tokens."""
+    return part.tokens()
 
 
 def _agent_tree(db):
@@ -872,10 +893,10 @@ def cost_report(by: ReportGrouping = "model", *, since: datetime.date | str | No
 def _only(parts, agent_id, provider):
     """The parts of one agent's calls and of one provider's (None: any)."""
     if agent_id is not None:
-        parts = [part for part in parts if part.get("agent_id") == agent_id]
+        parts = [part for part in parts if part.agent_id == agent_id]
     if provider is not None:
         models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(
-            sorted({p["model_id"] for p in parts if p["provider"] is None})))}
+            sorted({p.model_id for p in parts if p.provider is None})))}
         parts = [part for part in parts if part_provider(part, models) == provider]
     return parts
 
@@ -906,13 +927,11 @@ def cost_reports(groupings: Iterable[str], *, since: datetime.date | str | None 
 
 def _undated(parts):
     """Priced parts added up by all that ``_rows_of`` reads of them but the day."""
-    summed: dict[tuple, Any] = {}
+    summed: dict[tuple, UsagePart] = {}
     for part in parts:
-        key = (part["model_id"], part["agent_id"], part["provider"], part["currency"], part["priced_from"],
-               part["reason"])
-        into = _add_to(summed, key, part)
-        if into is not None:
-            into["cost"] = _plus(into["cost"], part["cost"])
+        key = (part.model_id, part.agent_id, part.provider, part.currency, part.priced_from, part.reason)
+        into = summed.get(key)
+        summed[key] = part if into is None else into.plus(part)
     return list(summed.values())
 
 
@@ -921,28 +940,28 @@ def _rows_of(db, by, parts, strict, progress):
     if strict:
         _refuse_unpriced(parts)
     levels, ancestors = _agent_tree(db) if by == "tree" else ({}, {})
-    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))} \
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p.model_id for p in parts})))} \
         if by in ("model", "provider") else {}
     totals: dict[tuple, dict[str, Any]] = {}
     for done, part in enumerate(parts, 1):
         if progress:
             progress(done, len(parts))
         if by == "model":
-            keys = [(part["model_id"],)]
+            keys = [(part.model_id,)]
         elif by == "agent":
-            keys = [(part["agent_id"],)]
+            keys = [(part.agent_id,)]
         elif by == "provider":
             keys = [(part_provider(part, models),)]
         elif by == "day":
-            keys = [(part["day"],)]
+            keys = [(part.day,)]
         else:
-            keys = [(agent,) for agent in ancestors.get(part["agent_id"], [None])]
+            keys = [(agent,) for agent in ancestors.get(part.agent_id, [None])]
         for key in keys:
-            entry = totals.setdefault(key + (part["currency"],), _new_total(priced_from=set(), unpriced_reason=set()))
+            entry = totals.setdefault(key + (part.currency,), _new_total(priced_from=set(), unpriced_reason=set()))
             if _add_part(entry, part):
-                entry["priced_from"].add(part["priced_from"])
+                entry["priced_from"].add(part.priced_from)
             else:
-                entry["unpriced_reason"].add(part["reason"])
+                entry["unpriced_reason"].add(part.reason)
     return _report_rows(by, totals, models, levels)
 
 
@@ -965,27 +984,27 @@ def _add_part(entry, part):
     tokens to ``unpriced_tokens`` when it has no cost, never a cost of 0).
     True when the part was priced."""
     tokens_in, tokens_out = part_tokens(part)
-    entry["calls"] += part["calls"]
+    entry["calls"] += part.calls
     entry["tokens_in"] += tokens_in
     entry["tokens_out"] += tokens_out
-    buckets = part["buckets"]
+    buckets = part.buckets
     entry["cached_tokens"] += buckets["cached"] + buckets["long_cached"]
     entry["cache_write_tokens"] += buckets["cache_write"] + buckets["long_cache_write"]
-    entry["provider_cost"] = _plus(entry["provider_cost"], _decimal(part.get("provider_cost")))
-    if part["cost"] is None:
+    entry["provider_cost"] = _plus(entry["provider_cost"], _decimal(part.provider_cost))
+    if part.cost is None:
         entry["unpriced_tokens"] += tokens_in + tokens_out
         return False
-    entry["cost"] = (entry["cost"] or Decimal(0)) + part["cost"]
+    entry["cost"] = (entry["cost"] or Decimal(0)) + part.cost
     return True
 
 
 def _refuse_unpriced(parts):
-    unpriced = [p for p in parts if p["cost"] is None]
+    unpriced = [p for p in parts if p.cost is None]
     if unpriced:
         tokens = sum(sum(part_tokens(p)) for p in unpriced)
-        reasons = sorted({"model %s: %s" % (p["model_id"], p["reason"]) for p in unpriced})
+        reasons = sorted({"model %s: %s" % (p.model_id, p.reason) for p in unpriced})
         raise UnpricedUsageError("%d tokens (%d calls) cannot be priced: %s" % (
-            tokens, sum(p["calls"] for p in unpriced), "; ".join(reasons)))
+            tokens, sum(p.calls for p in unpriced), "; ".join(reasons)))
 
 
 def _report_rows(by, totals, models, levels):
@@ -1062,18 +1081,18 @@ def daily_costs(*, since: datetime.date | str | None = None,
 
 
 def _daily_of(parts):
-    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))}
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p.model_id for p in parts})))}
     rows: dict[tuple, Any] = {}
     providers: defaultdict[tuple, set[str]] = defaultdict(set)
     for part in parts:
-        model = models.get(part["model_id"])
+        model = models.get(part.model_id)
         configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
-        key = (part["day"], part["model_id"], part["currency"])
+        key = (part.day, part.model_id, part.currency)
         row = rows.setdefault(key, _new_total(
-            day=part["day"], model_id=part["model_id"], model_name=model.name if model else None,
-            provider=configuration.get("provider"), currency=part["currency"]))
-        if part["provider"] is not None:
-            providers[key].add(part["provider"])
+            day=part.day, model_id=part.model_id, model_name=model.name if model else None,
+            provider=configuration.get("provider"), currency=part.currency))
+        if part.provider is not None:
+            providers[key].add(part.provider)
         _add_part(row, part)
     for key, named in providers.items():
         # The calls' own provider (the first by name where they name several: the same whatever the order).
