@@ -279,14 +279,22 @@ class Pricer:
                     self.apart[prefix + unit.bucket] = _exact_rate(value), None
         per_thousand = prices.get("costPerThousandWebSearches")
         self.web_rate = _exact_rate(per_thousand) if _usable(per_thousand) else None
+        # The text terms in the order they are added (input side, then output side), with what the term
+        # of no tokens is: still a term (its exponent is the rate's), computed once.
+        self._terms = [(bucket, rate, multiplier, _ZERO * rate if multiplier is None else _ZERO * rate * multiplier)
+                       for bucket, (rate, multiplier) in ((bucket, self.rates[bucket]) for bucket in BUCKETS)]
+        self._apart_buckets = [prefix + unit.bucket for prefix in ("", "long_") for unit in _APART_UNITS]
 
     def parts(self, buckets: Mapping[str, Any]) -> dict[str, Decimal]:
-        """The cost of each text bucket (before the division by a million)."""
-        rates, get = self.rates, buckets.get
+        """The cost of each text bucket (before the division by a million), in BUCKETS' order."""
+        get = buckets.get
         parts = {}
-        for bucket in BUCKETS:
-            rate, multiplier = rates[bucket]
-            term = _exact(get(bucket) or 0) * rate
+        for bucket, rate, multiplier, none in self._terms:
+            count = get(bucket)
+            if not count:  # no tokens (0, 0.0, None) count as the whole number 0
+                parts[bucket] = none
+                continue
+            term = (Decimal(count) if type(count) is int else _exact(count)) * rate
             parts[bucket] = term if multiplier is None else term * multiplier
         return parts
 
@@ -298,15 +306,16 @@ class Pricer:
 
     def text_cost(self, buckets: Mapping[str, Any], web_searches: Any = 0) -> Decimal:
         """The cost of the text buckets and web searches (APART's tokens at their bucket's rate)."""
-        p = self.parts(buckets)
-        input_sum = (p["in"] + p["cached"] + p["cache_write"] + p["long_in"] + p["long_cached"]
-                     + p["long_cache_write"])
-        return (input_sum + (p["out"] + p["long_out"])) / _MILLION + self.web(web_searches)
+        fresh, cached, written, long_fresh, long_cached, long_written, out, long_out = self.parts(buckets).values()
+        input_sum = fresh + cached + written + long_fresh + long_cached + long_written
+        return (input_sum + (out + long_out)) / _MILLION + self.web(web_searches)
 
     def apart_extra(self, buckets: Mapping[str, Any]) -> tuple[Decimal, str | None]:
         """What the tokens priced apart (APART's buckets, ``long_`` ones for a
         long-context call) cost beyond their text bucket's rate:
         ``(extra, None)``, or ``(0, why)`` when a key they need is missing."""
+        if not any(map(buckets.get, self._apart_buckets)):
+            return _ZERO, None
         extra, counted = _ZERO, False
         for prefix in ("", "long_"):
             for unit in _APART_UNITS:
@@ -322,7 +331,7 @@ class Pricer:
                 rate, multiplier = priced
                 text_rate, text_multiplier = self.rates[prefix + cast(str, unit.within)]
                 if multiplier is not None:  # the same rate, another multiplier
-                    extra += _exact(tokens) * rate * (multiplier - (text_multiplier or 1))
+                    extra += _exact(tokens) * rate * (multiplier - cast(Decimal, text_multiplier))
                 else:
                     extra += _exact(tokens) * (rate - text_rate)
         return (extra / _MILLION if counted else _ZERO), None

@@ -13,7 +13,7 @@ import datetime
 import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, ParamSpec, TypedDict, TypeVar, get_args
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 import json
 from collections import defaultdict, deque
 from decimal import Decimal
@@ -151,8 +151,8 @@ class GroupSums:
     def of(cls, values: Iterable[Any]) -> "GroupSums":
         """The sums of a row's columns in the order of the fields, as exact
         numbers (SQLite sums REAL values as floats)."""
-        return cls(**{f.name: value if type(value) is not float else _number(value)
-                      for f, value in zip(fields(cls), values)})
+        return cls(**{name: value if type(value) is not float else _number(value)
+                      for name, value in zip(_SUM_NAMES, values)})
 
     def apart(self) -> dict[str, Number]:
         """The tokens priced apart, by ``items.APART``'s names."""
@@ -173,6 +173,10 @@ class GroupSums:
         self.audio_out += other.audio_out or 0
         self.image_out += other.image_out or 0
         self.provider_cost = _plus(self.provider_cost, other.provider_cost)
+
+
+# GroupSums' fields, in the order of SQL's columns.
+_SUM_NAMES = tuple(f.name for f in fields(GroupSums))
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,15 +220,28 @@ class UsagePart:
         return (buckets["in"] + buckets["cached"] + buckets["cache_write"] + buckets["long_in"]
                 + buckets["long_cached"] + buckets["long_cache_write"]), buckets["out"] + buckets["long_out"]
 
+    def priced(self, cost: Decimal | None, currency: str | None, reason: str | None) -> "UsagePart":
+        """This part with its price (a copy: ``replace`` without its checks, many parts a report)."""
+        return self._with(cost=cost, currency=currency, reason=reason)
+
+    def _with(self, **changes: Any) -> "UsagePart":
+        """``dataclasses.replace`` without its checks and ``__post_init__``:
+        a report makes many copies. Frozen: set as dataclasses' own ``__init__`` sets them."""
+        part = object.__new__(UsagePart)
+        object.__setattr__(part, "__dict__", dict(self.__dict__, **changes))
+        return part
+
     def plus(self, other: "UsagePart") -> "UsagePart":
         """This part with ``other``'s tokens, calls, web searches and provider's cost added."""
         buckets = dict(self.buckets)
         for bucket, value in other.buckets.items():
             buckets[bucket] = buckets.get(bucket, 0) + value
-        apart = dict(self.apart)
-        for name, value in other.apart.items():
-            apart[name] = apart.get(name, 0) + value
-        return replace(self, buckets=buckets, apart=apart, calls=self.calls + other.calls,
+        apart = self.apart
+        if other.apart:
+            apart = dict(apart)
+            for name, value in other.apart.items():
+                apart[name] = apart.get(name, 0) + value
+        return self._with(buckets=buckets, apart=apart, calls=self.calls + other.calls,
                        web=self.web + other.web, provider_cost=_plus(self.provider_cost, other.provider_cost),
                        cost=_plus(self.cost, other.cost))
 
@@ -359,6 +376,8 @@ def _agent_ids(db):
 
 def _number(value):
     """A sum from SQL as an exact number (SQLite sums floats as REAL)."""
+    if type(value) is int:
+        return value
     if value is None:
         return 0
     if isinstance(value, float):
@@ -744,7 +763,7 @@ def price_parts(parts: Iterable[UsagePart], transform: Callable[[Any], Any] | No
     priced = []
     for part in parts:
         if not part.has_usage:
-            priced.append(replace(part, cost=None, currency=None, reason=part.problem or _NO_USAGE))
+            priced.append(part.priced(None, None, part.problem or _NO_USAGE))
             continue
         pricing = part.pricing if isinstance(part.pricing, dict) else {}
         fallback = None
@@ -768,10 +787,10 @@ def price_parts(parts: Iterable[UsagePart], transform: Callable[[Any], Any] | No
             # PolicySynth's item rule: a long-context rate of 0 means unset.
             pricer = resolved[key] = problem or Pricer(prices, zero_long_rate_is_unset=True)
         if isinstance(pricer, str):
-            priced.append(replace(part, cost=None, currency=None, reason=pricer))
+            priced.append(part.priced(None, None, pricer))
             continue
         cost, problem = pricer.price({**part.buckets, **part.apart} if part.apart else part.buckets, part.web)
-        priced.append(replace(part, cost=cost, currency=None if problem else pricer.currency, reason=problem))
+        priced.append(part.priced(cost, None if problem else pricer.currency, problem))
     return priced
 
 
