@@ -313,12 +313,17 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
         _add_rolled_totals(db, cover.days, model_ids, agents, totals)
     if key_buckets is not None:
         _add_rolled_buckets(db, cover.days, model_ids, agents, key_buckets)
-    parsed: dict[Any, Any] = {}
+    if len(_PARSED) > _RESOLVED_MAX:
+        _PARSED.clear()
     parts = []
     # In one order whatever read them (rollups, items): what depends on order (daily_costs' provider) agrees.
     for key, sums in sorted(merged.items(), key=lambda entry: repr(entry[0])):
-        parts.append(_group_part(dict(zip(names, key)), sums, parsed))
+        parts.append(_group_part(dict(zip(names, key)), sums, _PARSED))
     return parts
+
+
+# Items' pricing texts parsed, by text (never changed in place: price_parts copies what it changes).
+_PARSED: dict[str, Any] = {}
 
 
 def _group_part(row, sums, parsed):
