@@ -402,15 +402,23 @@ _BUCKET_COUNTER_NAMES = {
 
 
 def _bucket_reader(present):
-    """A function from counter values (a sequence in the order of
-    ``present``: a row or its sums) to BUCKETS. Output counters are one
-    bucket: they share the output rate."""
-    position = {name: i for i, name in enumerate(present)}
-    spec = [(bucket, [position[n] for n in names if n in position]) for bucket, names in _BUCKET_COUNTER_NAMES.items()]
+    """A function from a row by column name (``_named``), holding the
+    counters ``present`` (or their sums), to BUCKETS. Output counters are
+    one bucket: they share the output rate."""
+    spec = [(bucket, [n for n in names if n in present]) for bucket, names in _BUCKET_COUNTER_NAMES.items()]
 
-    def read(values):
-        return {bucket: sum(int(values[i] or 0) for i in indexes) for bucket, indexes in spec}
+    def read(row):
+        return {bucket: sum(int(row[name] or 0) for name in names) for bucket, names in spec}
     return read
+
+
+def _named(rows, names):
+    """A statement's rows (tuples) as dicts by column name: ``names``, its columns in order."""
+    return (dict(zip(names, values)) for values in rows)
+
+
+# The keys of the counter statements' rows (sql.py), before the counters.
+_COUNTER_KEYS = ("model_id", "agent_id", "connector_id")
 
 
 def _named_rollups(db, keys, days, model_ids):
@@ -518,18 +526,18 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
                 bucket = bucket.replace("cache_write", "in")  # how such a table counted them
             into[bucket] += value
     rows = db.execute_sql(counter_rows_sql(db, present, len(models), sound), models).fetchall()
-    for values in rows:
-        key = (values[0], values[1] if values[1] in agents else None, values[2])
+    for row in _named(rows, _COUNTER_KEYS + ("created_at",) + tuple(present)):
+        key = (row["model_id"], row["agent_id"] if row["agent_id"] in agents else None, row["connector_id"])
         if key not in partly:
             continue
         remaining = covered[key]
-        buckets = read(values[4:])
+        buckets = read(row)
         piece = {}
         for bucket in BUCKETS:
             taken = min(buckets[bucket], remaining[bucket])
             remaining[bucket] -= taken
             piece[bucket] = buckets[bucket] - taken
-        created_at = PsModelUsage.created_at.python_value(values[3])
+        created_at = PsModelUsage.created_at.python_value(row["created_at"])
         if isinstance(created_at, str):  # not a time: in no period, in the whole (flagged unpriced)
             within = since is None and until is None
         else:
@@ -557,10 +565,12 @@ def _newest_rows_covered(db, present, sound, since, model_ids, agents, recent):
     where = window(db, "u.created_at", PsModelUsage.created_at, since, None, model_ids, params) + [sound]
     read = _bucket_reader(present)
     counted: defaultdict[tuple, dict[str, Any]] = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
-    for values in db.execute_sql(counter_bucket_sums_sql(present, where), params):
+    for row in _named(db.execute_sql(counter_bucket_sums_sql(present, where), params),
+                      _COUNTER_KEYS + tuple(present)):
         # Keys as reports name them: a deleted agent's rows and the rows without one are one key.
-        into = counted[(values[0], values[1] if values[1] in agents else None, values[2])]
-        for bucket, count in read(values[3:]).items():
+        into = counted[(row["model_id"], row["agent_id"] if row["agent_id"] in agents else None,
+                        row["connector_id"])]
+        for bucket, count in read(row).items():
             into[bucket] += count
     folded = "token_in_cache_write_count" not in present
     for key, counters in counted.items():
@@ -619,13 +629,14 @@ def _untouched_pieces(db, by, since, until, keys, agents, sound, model_ids=None)
     where = window(db, "u.created_at", PsModelUsage.created_at, since, until, model_ids, params) + [sound]
     sql = counter_sums_sql(present, columns, where)
     read = _bucket_reader(present)
-    offset = len(columns)
+    # The key columns (the period, the day: grouped by, not read), the first row's time, the counters' sums.
+    names = _COUNTER_KEYS + tuple("group_%d" % i for i in range(len(columns) - 3)) + ("created_at",) + tuple(present)
     pieces = []
-    for values in db.execute_sql(sql, params).fetchall():
-        key = (values[0], values[1] if values[1] in agents else None, values[2])
+    for row in _named(db.execute_sql(sql, params).fetchall(), names):
+        key = (row["model_id"], row["agent_id"] if row["agent_id"] in agents else None, row["connector_id"])
         if keys is None or key in keys:
             pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
-                           "created_at": field.python_value(values[offset]), "buckets": read(values[offset + 1:])})
+                           "created_at": field.python_value(row["created_at"]), "buckets": read(row)})
     return pieces
 
 
@@ -638,10 +649,11 @@ def _negative_counters(db, by, agents, since, until, model_ids=None):
         counters_negative(present, "u")]
     read = _bucket_reader(present)
     parts = []
-    for values in db.execute_sql(negative_rows_sql(present, where), params).fetchall():
-        model_id, agent_id, created_at = values[1:4]
-        buckets = read([max(v or 0, 0) for v in values[4:]])
-        created_at = PsModelUsage.created_at.python_value(created_at)
+    for row in _named(db.execute_sql(negative_rows_sql(present, where), params).fetchall(),
+                      ("id", "model_id", "agent_id", "created_at") + tuple(present)):
+        model_id, agent_id = row["model_id"], row["agent_id"]
+        buckets = read({name: max(row[name] or 0, 0) for name in present})
+        created_at = PsModelUsage.created_at.python_value(row["created_at"])
         parts.append(_unpriced_counters(model_id, agent_id if agent_id in agents else None, buckets,
                                         "negative token counters", _day(created_at) if "day" in _keys(by) else None))
     return parts
