@@ -22,8 +22,8 @@ from .constants import (
 
 __all__ = [
     "resolve_prices", "partition_usage", "cost_breakdown", "estimate_cost", "counter_buckets", "Pricer",
-    "PriceUnit", "PRICE_UNITS", "APART", "BUCKETS", "BUCKET_COUNTERS", "COUNTERS", "normalize_inference_type",
-    "CostBreakdown",
+    "PriceUnit", "PRICE_UNITS", "APART", "BUCKETS", "BUCKET_COUNTERS", "COUNTERS_OF_BUCKET", "COUNTERS",
+    "normalize_inference_type", "CostBreakdown",
 ]
 
 # The token counters of ps_model_usage, in PolicySynth's names.
@@ -144,7 +144,9 @@ BUCKET_COUNTERS = {
     "long_cache_write": "long_context_token_in_cache_write_count",
     "out": "token_out_count", "long_out": "long_context_token_out_count",
 }
-_OUTPUT_COUNTERS = {
+# The counters each bucket adds up: all output counters share the output rate.
+COUNTERS_OF_BUCKET = {
+    **{bucket: (counter,) for bucket, counter in BUCKET_COUNTERS.items()},
     "out": ("token_out_count", "token_out_reasoning_count", "token_out_audio_count", "token_out_image_count"),
     "long_out": ("long_context_token_out_count", "long_context_token_out_reasoning_count",
                  "long_context_token_out_audio_count", "long_context_token_out_image_count"),
@@ -222,7 +224,7 @@ def counter_buckets(counters: Mapping[str, Any]) -> dict[str, Decimal]:
     Decimals: the output counters add up to the output bucket of their side."""
     buckets = {}
     for bucket in BUCKETS:
-        names = _OUTPUT_COUNTERS.get(bucket, (BUCKET_COUNTERS[bucket],))
+        names = COUNTERS_OF_BUCKET[bucket]
         total = _exact(counters.get(names[0], 0) or 0)
         for name in names[1:]:
             total += _exact(counters.get(name, 0) or 0)

@@ -18,13 +18,15 @@ import json
 from collections import defaultdict, deque
 from decimal import Decimal
 
+from peewee import Database
+
 from .arguments import as_datetime
 from .constants import strict_json_dumps
 from .db import is_postgres, model_db, read_transaction, table_columns
 from .errors import UnpricedUsageError, ValidationError
 from .fields import UTC
 from .items import APART, BUCKETS, effective_prices
-from .pricing import Pricer
+from .pricing import COUNTERS_OF_BUCKET, Pricer
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
 from .recording import usage_counters
 from .rollups import read_plan, rollup_rows, scan_where
@@ -249,7 +251,7 @@ class UsagePart:
 def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None, key_buckets=None,
                  agent_ids=None):
     """Items added up in SQL by model, ``keys`` (among agent, connector and
-    day, the UTC day) and everything that decides their price. One dict a
+    day, the UTC day) and everything that decides their price. One part a
     group; ``agent_id`` is None for usage without an agent or whose agent
     was deleted (``agents``: the ids that exist, when the caller has them).
 
@@ -390,22 +392,11 @@ def _number(value):
     return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else value
 
 
-_BUCKET_COUNTER_NAMES = {
-    "in": ("token_in_count",), "cached": ("token_in_cached_context_count",),
-    "cache_write": ("token_in_cache_write_count",), "long_in": ("long_context_token_in_count",),
-    "long_cached": ("long_context_token_in_cached_context_count",),
-    "long_cache_write": ("long_context_token_in_cache_write_count",),
-    "out": ("token_out_count", "token_out_reasoning_count", "token_out_audio_count", "token_out_image_count"),
-    "long_out": ("long_context_token_out_count", "long_context_token_out_reasoning_count",
-                 "long_context_token_out_audio_count", "long_context_token_out_image_count"),
-}
-
-
 def _bucket_reader(present):
     """A function from a row by column name (``_named``), holding the
     counters ``present`` (or their sums), to BUCKETS. Output counters are
     one bucket: they share the output rate."""
-    spec = [(bucket, [n for n in names if n in present]) for bucket, names in _BUCKET_COUNTER_NAMES.items()]
+    spec = [(bucket, [n for n in names if n in present]) for bucket, names in COUNTERS_OF_BUCKET.items()]
 
     def read(row):
         return {bucket: sum(int(row[name] or 0) for name in names) for bucket, names in spec}
@@ -498,7 +489,7 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
         return _untouched_pieces(db, by, since, until, None, agents, sound, model_ids)
     read = _bucket_reader(present)
     # Input and output tokens of the counters per (model, agent, connector).
-    output = {c for bucket in ("out", "long_out") for c in _BUCKET_COUNTER_NAMES[bucket]}
+    output = {c for bucket in ("out", "long_out") for c in COUNTERS_OF_BUCKET[bucket]}
     counted: defaultdict[tuple, TokenTotals] = defaultdict(TokenTotals)
     for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
             counter_totals_sql(present, output, where), params):
@@ -677,7 +668,8 @@ def _keys(by):
     return by if isinstance(by, tuple) else {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
 
 
-def item_parts(db, keys, since, until, model_ids=None, agent_ids=None):
+def item_parts(db: Database, keys: Iterable[str], since: datetime.datetime | None, until: datetime.datetime | None,
+               model_ids: Iterable[int] | None = None, agent_ids: Iterable[int] | None = None) -> list[UsagePart]:
     """The calls' items in [since, until) as parts (``usage_parts``' item
     groups, kept apart by ``keys`` among agent and day; of ``model_ids``
     and ``agent_ids``), read from the rollups but at the period's edges:
@@ -685,12 +677,12 @@ def item_parts(db, keys, since, until, model_ids=None, agent_ids=None):
     return _item_groups(db, tuple(keys), since, until, model_ids, agent_ids=agent_ids)
 
 
-def usage_parts(db, by, since, until, model_ids=None):
-    """All recorded usage in [since, until), as parts each priced alike:
-    item groups and uncovered counter pieces. Each part has ``model_id``,
-    ``agent_id`` (by agent or tree), ``day`` (by day), the pricing context
-    and its ``buckets``. ``by``: a grouping, or the keys (agent, day) to
-    keep parts apart by."""
+def usage_parts(db: Database, by: Any, since: datetime.datetime | None, until: datetime.datetime | None,
+                model_ids: Iterable[int] | None = None) -> list[UsagePart]:
+    """All recorded usage in [since, until), as parts (``UsagePart``) each
+    priced alike: item groups and uncovered counter pieces, with
+    ``agent_id`` (by agent or tree) and ``day`` (by day). ``by``: a
+    grouping, or the keys (agent, day) to keep parts apart by."""
     keys = _keys(by)
     agents = _agent_ids(db)  # once a report: items and counters both map deleted agents to None
     # What the items cover of the counters comes from a pass over all items.
