@@ -24,7 +24,7 @@ from playhouse.test_utils import count_queries
 
 import psai
 from psai import PsAgent, PsAiModel, rollups
-from psai.pricing import COUNTERS, cost_of_counters, resolve_prices
+from psai.pricing import COUNTERS, Pricer, counter_buckets, resolve_prices
 
 from bench.common import Backend, PROVIDERS, model_rows, raw_json, timed, timed_result
 
@@ -392,7 +392,7 @@ def raw_report(backend, group_column):
     totals = {}
     for group in groups:
         counters = dict(zip(COUNTERS, (int(v) for v in group[2:])))
-        cost = cost_of_counters(counters, rates[group[0]], exact=True)["total"]
+        cost = Pricer(rates[group[0]]).text_cost(counter_buckets(counters))
         totals[group[1]] = totals.get(group[1], Decimal(0)) + cost
     if backend.kind == "postgres":
         backend.raw.commit()
@@ -524,7 +524,7 @@ RAW_ITEM_SQL = {
 def raw_item_report(backend, key, statements=RAW_ITEM_SQL):
     """The item report by hand: one aggregate (``statements``' for the
     backend), then each group priced with psai's pure pricing functions."""
-    from psai.items import bucket_cost, effective_prices
+    from psai.items import effective_prices
     cursor = backend.raw.cursor()
     cursor.execute(statements[backend.kind].format(key=key))
     totals = {}
@@ -533,11 +533,12 @@ def raw_item_report(backend, key, statements=RAW_ITEM_SQL):
         pricing = json.loads(pricing) if isinstance(pricing, str) else pricing
         cache_key = (raw_json(pricing), tier)
         if cache_key not in resolved:
-            resolved[cache_key] = effective_prices("provider", pricing,
-                                                   {"appliedServiceTier": tier} if tier else None)[0]
+            resolved[cache_key] = Pricer(effective_prices("provider", pricing,
+                                                          {"appliedServiceTier": tier} if tier else None)[0],
+                                         zero_long_rate_is_unset=True)
         prefix = "long_" if long else ""
         buckets = {prefix + "in": int(tokens_in), prefix + "cached": int(cached), prefix + "out": int(tokens_out)}
-        totals[group] = totals.get(group, Decimal(0)) + bucket_cost(buckets, resolved[cache_key])
+        totals[group] = totals.get(group, Decimal(0)) + resolved[cache_key].text_cost(buckets)
     if backend.kind == "postgres":
         backend.raw.commit()
     return totals

@@ -28,8 +28,9 @@ from .constants import strict_json_dumps
 from .db import is_postgres, read_transaction, table_columns
 from .errors import ValidationError
 from .fields import UTC, utcnow
-from .items import APART, BUCKETS, BucketPricer, apart_extra, effective_prices
+from .items import APART, BUCKETS, effective_prices
 from .models import Budget, BudgetEvent, PsAgent, PsAiModel, PsModelUsageItem, sub_agent_tree
+from .pricing import Pricer
 from .rollups import budget_plan, scan_where
 from .schemas import BUDGET_FIELDS, validate_budget_values
 from .sql import (
@@ -268,7 +269,7 @@ def _number(value: Any) -> Any:
 # Resolved prices and their pricer, by what decides them (provider, snapshot text, tier applied, the
 # model's prices when the item has none): kept across checks, so a check prices its groups without
 # resolving them again.
-_RESOLVED: dict[tuple, tuple[Any, str | None, BucketPricer | None]] = {}
+_RESOLVED: dict[tuple, Pricer | str] = {}  # a pricer, or why the group cannot be priced
 _RESOLVED_MAX = 4096
 _PARSED: dict[str, Any] = {}
 
@@ -341,12 +342,12 @@ def spent(db: Database, budget: Budget, start: datetime.datetime | None, end: da
             if key not in _RESOLVED:
                 metadata = {k: v for k, v in (("appliedServiceTier", tier), ("appliedSpeed", speed)) if v is not None}
                 prices, problem = effective_prices(provider, pricing, metadata, fallback)
-                _RESOLVED[key] = prices, problem, None if problem else BucketPricer(prices)
-            prices, problem, pricer = _RESOLVED[key]
-            if pricer is not None:
-                extra, problem = apart_extra(apart, prices)
-                if not problem:
-                    cost, currency = pricer(buckets, web) + extra, prices.get("currency")
+                # PolicySynth's item rule, as reports price: a long-context rate of 0 means unset.
+                _RESOLVED[key] = problem or Pricer(prices, zero_long_rate_is_unset=True)
+            pricer = _RESOLVED[key]
+            if not isinstance(pricer, str):
+                cost, problem = pricer.price({**buckets, **apart} if apart else buckets, web)
+                currency = None if cost is None else pricer.currency
         if cost is not None and currency == budget.currency:
             total += cost
         else:

@@ -143,30 +143,29 @@ def _measure(db, rows, ids, changes, since, until):
         return merge_prices(prices, changes)
 
     before = price_parts(usage_parts(db, "model", since, until, ids))
-    # The same parts priced again: price_parts only sets each part's cost,
-    # currency and reason, so a copy of each part's dict is enough.
-    after = price_parts([dict(part) for part in before], transform)
+    # The same parts priced again (price_parts gives priced copies).
+    after = price_parts(before, transform)
     # Every price set the correction makes must be one psai would store.
     current = {row.id: prices_of(row.configuration) for row in rows}
     corrected = [transform(prices) for prices in current.values()]
     for part in before:
-        pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
-        if part["has_usage"] and pricing.get("configuredPrices") is not None:
+        pricing = part.pricing if isinstance(part.pricing, dict) else {}
+        if part.has_usage and pricing.get("configuredPrices") is not None:
             corrected.append(transform(pricing["configuredPrices"]))
     for prices in {strict_json_dumps(prices, sort_keys=True): prices for prices in corrected}.values():
         _check_prices(prices)
-    currencies = {p["currency"] for p in before + after if p["cost"] is not None}
+    currencies = {cast(str, p.currency) for p in before + after if p.cost is not None}
     if len(currencies) > 1:
         raise ValidationError({"since/until": [
             "The usage in this period is priced in several currencies (%s): correct one period at a time."
             % ", ".join(sorted(currencies))]})
-    result = {
-        "before": sum((p["cost"] for p in before if p["cost"] is not None), Decimal(0)),
-        "after": sum((p["cost"] for p in after if p["cost"] is not None), Decimal(0)),
+    result: dict[str, Any] = {
+        "before": sum((p.cost for p in before if p.cost is not None), Decimal(0)),
+        "after": sum((p.cost for p in after if p.cost is not None), Decimal(0)),
         "currency": currencies.pop() if currencies else None,
-        "calls": sum(p["calls"] for p in before),
-        "unpriced_tokens_before": sum(sum(part_tokens(p)) for p in before if p["cost"] is None),
-        "unpriced_tokens_after": sum(sum(part_tokens(p)) for p in after if p["cost"] is None),
+        "calls": sum(p.calls for p in before),
+        "unpriced_tokens_before": sum(sum(part_tokens(p)) for p in before if p.cost is None),
+        "unpriced_tokens_after": sum(sum(part_tokens(p)) for p in after if p.cost is None),
         "applied": False,
     }
     result["difference"] = result["after"] - result["before"]

@@ -26,25 +26,15 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, TypeGuard
 
-from .constants import CACHE_WRITE_12H_KEY, CACHE_WRITE_1H_KEY, OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
-from .pricing import _count, _exact, _is_number as _number_type, _rate, resolve_prices
+from .constants import OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
+from .pricing import APART, BUCKET_COUNTERS, BUCKETS, Pricer, _count, _is_number as _number_type, resolve_prices
 
 __all__ = ["item_data", "item_model", "item_pricing", "item_cost", "item_price",
-           "effective_prices", "price_problem", "call_buckets", "bucket_cost", "BucketPricer",
-           "applied_tier_metadata", "apart_extra", "item_apart", "APART", "BUCKETS", "LAYOUT_VERSION"]
+           "effective_prices", "price_problem", "call_buckets", "applied_tier_metadata", "item_apart", "APART",
+           "BUCKETS", "BUCKET_COUNTERS", "LAYOUT_VERSION"]
 
 LAYOUT_VERSION = 1
 
-# What a call adds up to, in the buckets that are priced alike: the input
-# counters, and all output (reasoning, audio and image tokens are output).
-BUCKETS = ("in", "cached", "cache_write", "long_in", "long_cached", "long_cache_write", "out", "long_out")
-BUCKET_COUNTERS = {
-    "in": "token_in_count", "cached": "token_in_cached_context_count",
-    "cache_write": "token_in_cache_write_count", "long_in": "long_context_token_in_count",
-    "long_cached": "long_context_token_in_cached_context_count",
-    "long_cache_write": "long_context_token_in_cache_write_count",
-    "out": "token_out_count", "long_out": "long_context_token_out_count",
-}
 _OPENAI = ("openai", "openairesponses")
 
 
@@ -242,133 +232,16 @@ def call_buckets(usage: Any, *, cache_write_tokens: float = 0, threshold: Any = 
     return buckets
 
 
-def bucket_cost(buckets: Mapping[str, float], prices: Mapping[str, Any], *, web_searches: float = 0) -> Decimal:
-    """The exact cost (Decimal) of usage in BUCKETS at resolved ``prices``,
-    by PolicySynth's item rules (a long-context rate of 0 means unset)."""
-    return BucketPricer(prices)(buckets, web_searches)
-
-
-_ZERO = Decimal(0)
-_MILLION = Decimal(1_000_000)
-
-
-def _exact_rate(value: Any) -> Decimal:
-    return _rate(value, True)
-
-
-def _exact_count(value: Any) -> Decimal:
-    return _exact(value or 0)  # as cost_of_counters reads a counter
-
-
-class BucketPricer:
-    """``bucket_cost`` at one set of resolved prices, its rates read once: a
-    report prices many groups at few prices. The arithmetic is
-    ``cost_of_counters``' (exact, a long-context rate of 0 unset), step for
-    step, so the Decimal is the same, its exponent included."""
-
-    def __init__(self, prices: Mapping[str, Any]) -> None:
-        self.rate_in = _exact_rate(prices.get("costInTokensPerMillion"))
-        self.rate_cached = _exact_rate(prices.get("costInCachedContextTokensPerMillion"))
-        self.rate_out = _exact_rate(prices.get("costOutTokensPerMillion"))
-
-        def long_rate(key: str, base: Decimal) -> Decimal:
-            value = prices.get(key)
-            return base if value is None or value == 0 else _exact_rate(value)
-
-        self.long_in = long_rate("longContextCostInTokensPerMillion", self.rate_in)
-        self.long_cached = long_rate("longContextCostInCachedContextTokensPerMillion", self.rate_cached)
-        self.long_out = long_rate("longContextCostOutTokensPerMillion", self.rate_out)
-        multiplier = prices.get("cacheWriteInputCostMultiplier")
-        if not (_number_type(multiplier) and math.isfinite(multiplier) and multiplier >= 0):
-            multiplier = 1
-        self.multiplier = _exact_rate(multiplier)
-        per_thousand = prices.get("costPerThousandWebSearches")
-        self.web_rate = _exact_rate(per_thousand) if _number_type(per_thousand) and math.isfinite(per_thousand) \
-            and per_thousand >= 0 else None
-
-    def __call__(self, buckets: Mapping[str, float], web_searches: float = 0) -> Decimal:
-        get = buckets.get
-        input_sum = (_exact_count(get("in")) * self.rate_in + _exact_count(get("cached")) * self.rate_cached
-                     + _exact_count(get("cache_write")) * self.rate_in * self.multiplier
-                     + _exact_count(get("long_in")) * self.long_in
-                     + _exact_count(get("long_cached")) * self.long_cached
-                     + _exact_count(get("long_cache_write")) * self.long_in * self.multiplier)
-        # The output counters other than the bucket's are 0 here, added as cost_of_counters adds them.
-        output_sum = ((_exact_count(get("out")) + _ZERO + _ZERO + _ZERO) * self.rate_out
-                      + (_exact_count(get("long_out")) + _ZERO + _ZERO + _ZERO) * self.long_out)
-        if self.web_rate is None:
-            web = _ZERO
-        else:
-            web = math.floor(_count(web_searches)) * self.web_rate / Decimal(1000)
-        return (input_sum + output_sum) / _MILLION + web
-
-
-# Tokens priced apart from the rate of the bucket they are counted in, by
-# the names ``apart_extra`` reads: the longer-lived cache writes (counted
-# among the cache writes: what, price key, why the key) ...
-_LONGER_CACHE_WRITES = (
-    ("cw1h", "1-hour cache writes", CACHE_WRITE_1H_KEY, "Anthropic bills them at 2x input"),
-    ("cw12h", "12-hour cache writes", CACHE_WRITE_12H_KEY, "OpenAI bills them apart from 30-minute writes"),
-)
-# ... and the tokens that are not text (counted as input or output: what, their rate's key, their side).
-_MODALITIES = (
-    ("audio_in", "audio input tokens", "costInAudioTokensPerMillion", "in"),
-    ("audio_out", "audio output tokens", "costOutAudioTokensPerMillion", "out"),
-    ("image_out", "image output tokens", "costOutImageTokensPerMillion", "out"),
-)
-APART = tuple(name for name, *_rest in _LONGER_CACHE_WRITES + _MODALITIES)
-
-
-def apart_extra(apart: Mapping[str, float], prices: Mapping[str, Any]) -> tuple[Decimal, str | None]:
-    """What tokens priced apart cost beyond the bucket's rate they are
-    counted at (``call_buckets``; ``bucket_cost``), exactly. ``apart`` holds
-    counts by the names of APART, a long-context call's under ``long_`` +
-    name. Longer-lived cache writes cost their multiplier instead of
-    ``cacheWriteInputCostMultiplier``; audio and image tokens their own
-    rate instead of the text rate. A count whose price key is missing
-    cannot be priced: ``(0, why)``, never the text rate."""
-    if not any(apart.values()):
-        return Decimal(0), None
-    five = prices.get("cacheWriteInputCostMultiplier")
-    five = _exact_rate(five if _is_number(five) and five >= 0 else 1)
-    rates = {}
-    for side, base_key, long_key in (("in", "costInTokensPerMillion", "longContextCostInTokensPerMillion"),
-                                     ("out", "costOutTokensPerMillion", "longContextCostOutTokensPerMillion")):
-        base, long = prices.get(base_key), prices.get(long_key)
-        rates[side] = _exact_rate(base)
-        # A long-context rate of 0 or unset is the standard rate (PolicySynth's item rule, as bucket_cost).
-        rates["long_" + side] = rates[side] if not _is_number(long) or long == 0 else _exact_rate(long)
-    extra = Decimal(0)
-    for prefix in ("", "long_"):
-        for name, what, key, why in _LONGER_CACHE_WRITES:
-            tokens = _count(apart.get(prefix + name))
-            if tokens:
-                multiplier = prices.get(key)
-                if not (_is_number(multiplier) and multiplier >= 0):
-                    return Decimal(0), "%s, and the prices have no %s (psai's key; %s)" % (what, key, why)
-                extra += _exact_count(tokens) * rates[prefix + "in"] * (_exact_rate(multiplier) - five)
-        for name, what, key, side in _MODALITIES:
-            tokens = _count(apart.get(prefix + name))
-            if tokens:
-                rate = prices.get(key)
-                if not (_is_number(rate) and rate >= 0):
-                    return Decimal(0), ("%s, and the prices have no %s (psai's key): they are not priced at the "
-                                        "text rate" % (what, key))
-                extra += _exact_count(tokens) * (_exact_rate(rate) - rates[prefix + side])
-    return extra / _MILLION, None
-
-
 def item_apart(data: Mapping[str, Any], long: bool) -> dict[str, float]:
-    """An item's tokens priced apart (``apart_extra``'s names; ``long_`` ones
-    for a long-context call): from psai's part and usageNormalized."""
+    """An item's tokens priced apart (APART's buckets; ``long_`` ones for a
+    long-context call): from psai's part and usageNormalized."""
     extras, usage = data.get("psai"), data.get("usageNormalized")
     extras = extras if isinstance(extras, dict) else {}
     usage = usage if isinstance(usage, dict) else {}
     prefix = "long_" if long else ""
-    return {prefix + name: _count(value) for name, value in (
-        ("cw1h", extras.get("cacheWrite1hTokens")), ("cw12h", extras.get("cacheWrite12hTokens")),
-        ("audio_in", extras.get("audioInTokens")), ("audio_out", usage.get("audioTokens")),
-        ("image_out", usage.get("imageTokens")))}
+    return {prefix + name: _count(value) for name, value in zip(APART, (
+        extras.get("cacheWrite1hTokens"), extras.get("cacheWrite12hTokens"), extras.get("audioInTokens"),
+        usage.get("audioTokens"), usage.get("imageTokens")))}
 
 
 def item_cost(data: Any, fallback_prices: Any = None) -> Decimal | None:
@@ -393,7 +266,5 @@ def item_price(data: Any, fallback_prices: Any = None) -> tuple[Decimal | None, 
     buckets = call_buckets(data["usageNormalized"], cache_write_tokens=extras.get("cacheWriteTokens", 0),
                            threshold=prices.get("longContextTokenThreshold"))
     long = bool(buckets["long_in"] or buckets["long_cached"] or buckets["long_cache_write"] or buckets["long_out"])
-    extra, problem = apart_extra(item_apart(data, long), prices)
-    if problem:
-        return None, problem
-    return bucket_cost(buckets, prices, web_searches=_count(extras.get("webSearches"))) + extra, None
+    return Pricer(prices, zero_long_rate_is_unset=True).price(
+        {**buckets, **item_apart(data, long)}, _count(extras.get("webSearches")))

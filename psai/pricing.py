@@ -3,21 +3,27 @@
 All rates are per million tokens. ``resolve_prices`` gives the rates in force
 for a call (inference tier, long-context re-derivation, EU margin);
 ``partition_usage`` splits provider totals into PolicySynth's counters;
-``cost_breakdown`` and ``estimate_cost`` price one call, in floating point
-as PolicySynth does, though not in its order (PolicySynth divides each part
-by a million before adding, psai adds first), so the last digit can differ;
-reports use exact ``Decimal`` arithmetic (``cost_of_counters(..., exact=True)``).
+``Pricer`` is the one cost formula, exact (``Decimal``), over the table
+``PRICE_UNITS``: reports and items price with it; ``cost_breakdown`` and
+``estimate_cost`` price one call with it and give floats, the nearest to
+the exact cost (PolicySynth computes in floating point, dividing each part
+by a million before adding, so its last digit can differ).
 """
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypedDict, TypeGuard, cast
 
-from .constants import BASE_RATE_KEYS, LONG_CONTEXT_RATE_KEYS, MODALITY_RATE_KEYS, TIER_KEYS, TIER_RATE_KEYS
+from .constants import (
+    BASE_RATE_KEYS, CACHE_WRITE_12H_KEY, CACHE_WRITE_1H_KEY, LONG_CONTEXT_RATE_KEYS, MODALITY_RATE_KEYS, TIER_KEYS,
+    TIER_RATE_KEYS,
+)
 
 __all__ = [
-    "resolve_prices", "partition_usage", "cost_of_counters", "cost_breakdown", "estimate_cost",
-    "COUNTERS", "normalize_inference_type", "CostBreakdown",
+    "resolve_prices", "partition_usage", "cost_breakdown", "estimate_cost", "counter_buckets", "Pricer",
+    "PriceUnit", "PRICE_UNITS", "APART", "BUCKETS", "BUCKET_COUNTERS", "COUNTERS_OF_BUCKET", "COUNTERS",
+    "normalize_inference_type", "CostBreakdown",
 ]
 
 # The token counters of ps_model_usage, in PolicySynth's names.
@@ -126,77 +132,219 @@ def partition_usage(*, tokens_in: float, tokens_out: float = 0, cached_tokens: f
     return counters
 
 
-def _rate(value, exact):
-    value = value if _is_number(value) else 0
-    return Decimal(repr(value)) if exact else value
+# The buckets usage is priced in: the input (neither cached nor a cache
+# write; cached; cache writes) and all output (reasoning, audio and image
+# tokens are output); a long-context call's under ``long_`` + name.
+BUCKETS = ("in", "cached", "cache_write", "long_in", "long_cached", "long_cache_write", "out", "long_out")
+# The counter of each input bucket; output buckets add up several counters (``counter_buckets``).
+BUCKET_COUNTERS = {
+    "in": "token_in_count", "cached": "token_in_cached_context_count",
+    "cache_write": "token_in_cache_write_count", "long_in": "long_context_token_in_count",
+    "long_cached": "long_context_token_in_cached_context_count",
+    "long_cache_write": "long_context_token_in_cache_write_count",
+    "out": "token_out_count", "long_out": "long_context_token_out_count",
+}
+# The counters each bucket adds up: all output counters share the output rate.
+COUNTERS_OF_BUCKET = {
+    **{bucket: (counter,) for bucket, counter in BUCKET_COUNTERS.items()},
+    "out": ("token_out_count", "token_out_reasoning_count", "token_out_audio_count", "token_out_image_count"),
+    "long_out": ("long_context_token_out_count", "long_context_token_out_reasoning_count",
+                 "long_context_token_out_audio_count", "long_context_token_out_image_count"),
+}
 
 
-def _exact(value):
+@dataclass(frozen=True)
+class PriceUnit:
+    """A line of the price table (genai-prices' way): the tokens of
+    ``bucket`` cost ``rate_key``'s rate per million (a long-context call's,
+    in ``"long_" + bucket``, ``long_rate_key``'s; None: the same rate),
+    times ``multiplier_key``'s value when it has one. ``side``: input or
+    output. ``within``: for psai's units priced apart, the text bucket
+    their tokens are counted in too, so they cost what their rate adds to
+    that bucket's, and without their key they cannot be priced (never at
+    the text rate)."""
+
+    bucket: str
+    rate_key: str
+    long_rate_key: str | None
+    multiplier_key: str | None
+    side: str
+    within: str | None = None
+
+
+_IN, _CACHED, _OUT = BASE_RATE_KEYS
+_LONG_IN, _LONG_CACHED, _LONG_OUT = LONG_CONTEXT_RATE_KEYS
+PRICE_UNITS = (
+    # PolicySynth's text units.
+    PriceUnit("in", _IN, _LONG_IN, None, "in"),
+    PriceUnit("cached", _CACHED, _LONG_CACHED, None, "in"),
+    PriceUnit("cache_write", _IN, _LONG_IN, "cacheWriteInputCostMultiplier", "in"),
+    PriceUnit("out", _OUT, _LONG_OUT, None, "out"),
+    # psai's, priced apart: longer-lived cache writes, and tokens that are not text.
+    PriceUnit("cache_write_1h", _IN, _LONG_IN, CACHE_WRITE_1H_KEY, "in", within="cache_write"),
+    PriceUnit("cache_write_12h", _IN, _LONG_IN, CACHE_WRITE_12H_KEY, "in", within="cache_write"),
+    PriceUnit("audio_in", MODALITY_RATE_KEYS[0], None, None, "in", within="in"),
+    PriceUnit("audio_out", MODALITY_RATE_KEYS[1], None, None, "out", within="out"),
+    PriceUnit("image_out", MODALITY_RATE_KEYS[2], None, None, "out", within="out"),
+)
+# The buckets of the units priced apart, in PRICE_UNITS' order.
+APART = tuple(unit.bucket for unit in PRICE_UNITS if unit.within)
+# Why a unit priced apart cannot be priced without its key.
+_MISSING = {
+    "cache_write_1h": "1-hour cache writes, and the prices have no %s (psai's key; Anthropic bills them at 2x input)",
+    "cache_write_12h": ("12-hour cache writes, and the prices have no %s (psai's key; OpenAI bills them apart "
+                        "from 30-minute writes)"),
+    "audio_in": "audio input tokens, and the prices have no %s (psai's key): they are not priced at the text rate",
+    "audio_out": "audio output tokens, and the prices have no %s (psai's key): they are not priced at the text rate",
+    "image_out": "image output tokens, and the prices have no %s (psai's key): they are not priced at the text rate",
+}
+_TEXT_UNITS = tuple(unit for unit in PRICE_UNITS if not unit.within)
+_APART_UNITS = tuple(unit for unit in PRICE_UNITS if unit.within)
+_ZERO = Decimal(0)
+_MILLION = Decimal(1_000_000)
+_THOUSAND = Decimal(1000)
+
+
+def _exact_rate(value: Any) -> Decimal:
+    """A rate as an exact Decimal (what is not a number is 0)."""
+    return Decimal(repr(value)) if _is_number(value) else _ZERO
+
+
+def _exact(value: Any) -> Decimal:
+    """A count as an exact Decimal."""
     return value if isinstance(value, Decimal) else Decimal(value) if isinstance(value, int) else Decimal(repr(value))
 
 
-def cost_of_counters(counters: Mapping[str, float], resolved_prices: Mapping[str, Any], *, web_searches: float = 0,
-                     exact: bool = False, zero_long_rate_is_unset: bool = False) -> dict[str, Any]:
-    """Price a set of counters with already resolved rates. Returns a dict of
-    parts (input, cached_input, cache_write_input, long_context_* of each,
-    output, long_context_output, web_search) and ``total``. With
-    ``exact=True`` every part is a ``Decimal`` computed without rounding.
+def _usable(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value) and value >= 0
 
-    A long-context rate of 0 is a rate (PRICING.md) unless
-    ``zero_long_rate_is_unset``: PolicySynth's cost managers, which price
-    recorded usage, fall back to the standard rate for 0 as for unset."""
-    p = resolved_prices
-    c = {key: counters.get(key, 0) or 0 for key in COUNTERS}
-    if exact:
-        c = {key: _exact(value) for key, value in c.items()}
-    rate_in = _rate(p.get("costInTokensPerMillion"), exact)
-    rate_cached = _rate(p.get("costInCachedContextTokensPerMillion"), exact)
-    rate_out = _rate(p.get("costOutTokensPerMillion"), exact)
 
-    def long_rate(key, base):
-        # A long-context rate that is set wins, an explicit 0 included
-        # (unless zero_long_rate_is_unset).
-        value = p.get(key)
-        if value is None or (zero_long_rate_is_unset and value == 0):
-            return base
-        return _rate(value, exact)
+def counter_buckets(counters: Mapping[str, Any]) -> dict[str, Decimal]:
+    """PolicySynth's counters (keyed by COUNTERS) in BUCKETS, as exact
+    Decimals: the output counters add up to the output bucket of their side."""
+    buckets = {}
+    for bucket in BUCKETS:
+        names = COUNTERS_OF_BUCKET[bucket]
+        total = _exact(counters.get(names[0], 0) or 0)
+        for name in names[1:]:
+            total += _exact(counters.get(name, 0) or 0)
+        buckets[bucket] = total
+    return buckets
 
-    long_in = long_rate("longContextCostInTokensPerMillion", rate_in)
-    long_cached = long_rate("longContextCostInCachedContextTokensPerMillion", rate_cached)
-    long_out = long_rate("longContextCostOutTokensPerMillion", rate_out)
-    multiplier = p.get("cacheWriteInputCostMultiplier")
-    if not (_is_number(multiplier) and math.isfinite(multiplier) and multiplier >= 0):
-        multiplier = 1
-    multiplier = _rate(multiplier, exact)
 
-    parts = {
-        "input": c["token_in_count"] * rate_in,
-        "cached_input": c["token_in_cached_context_count"] * rate_cached,
-        "cache_write_input": c["token_in_cache_write_count"] * rate_in * multiplier,
-        "long_context_input": c["long_context_token_in_count"] * long_in,
-        "long_context_cached_input": c["long_context_token_in_cached_context_count"] * long_cached,
-        "long_context_cache_write_input": c["long_context_token_in_cache_write_count"] * long_in * multiplier,
-        "output": (c["token_out_count"] + c["token_out_reasoning_count"]
-                   + c["token_out_audio_count"] + c["token_out_image_count"]) * rate_out,
-        "long_context_output": (c["long_context_token_out_count"] + c["long_context_token_out_reasoning_count"]
-                                + c["long_context_token_out_audio_count"]
-                                + c["long_context_token_out_image_count"]) * long_out,
-    }
-    input_sum = (parts["input"] + parts["cached_input"] + parts["cache_write_input"]
-                 + parts["long_context_input"] + parts["long_context_cached_input"]
-                 + parts["long_context_cache_write_input"])
-    output_sum = parts["output"] + parts["long_context_output"]
-    million = Decimal(1_000_000) if exact else 1e6
-    result = {key: value / million for key, value in parts.items()}
-    per_thousand = p.get("costPerThousandWebSearches")
-    searches = math.floor(_count(web_searches))
-    if _is_number(per_thousand) and math.isfinite(per_thousand) and per_thousand >= 0:
-        web = searches * _rate(per_thousand, exact) / (Decimal(1000) if exact else 1000)
-    else:
-        web = Decimal(0) if exact else 0
-    result["web_search"] = web
-    result["total"] = (input_sum + output_sum) / million + web
-    return result
+class Pricer:
+    """The one cost formula: usage in buckets (BUCKETS, and APART's units'
+    tokens, also counted in their ``within`` bucket) priced by PRICE_UNITS
+    at one set of resolved prices (``resolve_prices``, or an item's
+    ``effective_prices``), exactly, in ``Decimal``. The rates are read once,
+    so a report prices its many groups at few prices.
+
+    A long-context rate that is unset falls back to the standard one; an
+    explicit 0 is a rate (PRICING.md), unless ``zero_long_rate_is_unset``
+    (PolicySynth's cost managers, which price recorded usage). A cache-write
+    multiplier that is unset, negative or not a finite number is 1; web
+    searches cost ``costPerThousandWebSearches`` per thousand whole ones.
+
+    The exponent of a cost follows one rule, Decimal's for exact
+    arithmetic: every text unit's term (tokens × rate × multiplier), zero
+    tokens included, summed input side then output side, over a million;
+    plus the web searches; plus, over a million, what the units priced
+    apart add for the tokens they have (none: 0)."""
+
+    def __init__(self, prices: Mapping[str, Any], *, zero_long_rate_is_unset: bool = False) -> None:
+        self.currency = prices.get("currency")
+        # Per bucket (long ones too): (rate, multiplier or None).
+        self.rates: dict[str, tuple[Decimal, Decimal | None]] = {}
+        for unit in _TEXT_UNITS:
+            rate = _exact_rate(prices.get(unit.rate_key))
+            multiplier = None
+            if unit.multiplier_key is not None:
+                value = prices.get(unit.multiplier_key)
+                multiplier = _exact_rate(value if _usable(value) else 1)
+            long = prices.get(unit.long_rate_key) if unit.long_rate_key else None
+            unset = long is None or (zero_long_rate_is_unset and long == 0)
+            self.rates[unit.bucket] = rate, multiplier
+            self.rates["long_" + unit.bucket] = (rate if unset else _exact_rate(long)), multiplier
+        # Per apart bucket (long ones too): (rate, multiplier or None), or the reason it cannot be priced.
+        self.apart: dict[str, tuple[Decimal, Decimal | None] | str] = {}
+        for unit in _APART_UNITS:
+            key = unit.multiplier_key or unit.rate_key
+            value = prices.get(key)
+            if not _usable(value):
+                self.apart[unit.bucket] = self.apart["long_" + unit.bucket] = _MISSING[unit.bucket] % key
+                continue
+            for prefix in ("", "long_"):
+                if unit.multiplier_key:  # the text rate of its bucket, its own multiplier
+                    within = self.rates[prefix + cast(str, unit.within)][0]
+                    self.apart[prefix + unit.bucket] = within, _exact_rate(value)
+                else:  # its own rate, long context or not
+                    self.apart[prefix + unit.bucket] = _exact_rate(value), None
+        per_thousand = prices.get("costPerThousandWebSearches")
+        self.web_rate = _exact_rate(per_thousand) if _usable(per_thousand) else None
+        # The text terms in the order they are added (input side, then output side), with what the term
+        # of no tokens is: still a term (its exponent is the rate's), computed once.
+        self._terms = [(bucket, rate, multiplier, _ZERO * rate if multiplier is None else _ZERO * rate * multiplier)
+                       for bucket, (rate, multiplier) in ((bucket, self.rates[bucket]) for bucket in BUCKETS)]
+        self._apart_buckets = [prefix + unit.bucket for prefix in ("", "long_") for unit in _APART_UNITS]
+
+    def parts(self, buckets: Mapping[str, Any]) -> dict[str, Decimal]:
+        """The cost of each text bucket (before the division by a million), in BUCKETS' order."""
+        get = buckets.get
+        parts = {}
+        for bucket, rate, multiplier, none in self._terms:
+            count = get(bucket)
+            if not count:  # no tokens (0, 0.0, None) count as the whole number 0
+                parts[bucket] = none
+                continue
+            term = (Decimal(count) if type(count) is int else _exact(count)) * rate
+            parts[bucket] = term if multiplier is None else term * multiplier
+        return parts
+
+    def web(self, web_searches: Any = 0) -> Decimal:
+        """What ``web_searches`` searches cost."""
+        if self.web_rate is None:
+            return _ZERO
+        return math.floor(_count(web_searches)) * self.web_rate / _THOUSAND
+
+    def text_cost(self, buckets: Mapping[str, Any], web_searches: Any = 0) -> Decimal:
+        """The cost of the text buckets and web searches (APART's tokens at their bucket's rate)."""
+        fresh, cached, written, long_fresh, long_cached, long_written, out, long_out = self.parts(buckets).values()
+        input_sum = fresh + cached + written + long_fresh + long_cached + long_written
+        return (input_sum + (out + long_out)) / _MILLION + self.web(web_searches)
+
+    def apart_surcharge(self, buckets: Mapping[str, Any]) -> tuple[Decimal, str | None]:
+        """What the tokens priced apart (APART's buckets, ``long_`` ones for a
+        long-context call) cost beyond their text bucket's rate:
+        ``(extra, None)``, or ``(0, why)`` when a key they need is missing."""
+        if not any(map(buckets.get, self._apart_buckets)):
+            return _ZERO, None
+        extra, counted = _ZERO, False
+        for prefix in ("", "long_"):
+            for unit in _APART_UNITS:
+                bucket = prefix + unit.bucket
+                value = buckets.get(bucket)
+                counted = counted or bool(value)
+                tokens = _count(value)
+                if not tokens:
+                    continue
+                priced = self.apart[bucket]
+                if isinstance(priced, str):
+                    return _ZERO, priced
+                rate, multiplier = priced
+                text_rate, text_multiplier = self.rates[prefix + cast(str, unit.within)]
+                if multiplier is not None:  # the same rate, another multiplier
+                    extra += _exact(tokens) * rate * (multiplier - cast(Decimal, text_multiplier))
+                else:
+                    extra += _exact(tokens) * (rate - text_rate)
+        return (extra / _MILLION if counted else _ZERO), None
+
+    def price(self, buckets: Mapping[str, Any], web_searches: Any = 0) -> tuple[Decimal | None, str | None]:
+        """``(cost, None)`` of usage in buckets (APART's included), or
+        ``(None, why)`` when tokens priced apart lack their key."""
+        extra, problem = self.apart_surcharge(buckets)
+        if problem:
+            return None, problem
+        return self.text_cost(buckets, web_searches) + extra, None
 
 
 def cost_breakdown(prices: Mapping[str, Any], *, tokens_in: float, tokens_out: float, cached_tokens: float = 0,
@@ -213,9 +361,17 @@ def cost_breakdown(prices: Mapping[str, Any], *, tokens_in: float, tokens_out: f
         audio_tokens=audio_tokens, image_tokens=image_tokens,
         long_context_threshold=prices.get("longContextTokenThreshold"),
     )
-    costs = cost_of_counters(counters, rates, web_searches=web_searches)
-    return {"currency": prices.get("currency"), "total": costs.pop("total"), "parts": costs,
-            "counters": counters, "rates": rates}
+    pricer = Pricer(rates)
+    buckets = counter_buckets(counters)
+    parts = {name: float(cost / _MILLION) for name, cost in zip(_PART_NAMES, pricer.parts(buckets).values())}
+    parts["web_search"] = float(pricer.web(web_searches))
+    return {"currency": prices.get("currency"), "total": float(pricer.text_cost(buckets, web_searches)),
+            "parts": parts, "counters": counters, "rates": rates}
+
+
+# cost_breakdown's names of BUCKETS' costs.
+_PART_NAMES = ("input", "cached_input", "cache_write_input", "long_context_input", "long_context_cached_input",
+               "long_context_cache_write_input", "output", "long_context_output")
 
 
 def estimate_cost(prices: Mapping[str, Any], *, tokens_in: float, tokens_out: float, cached_tokens: float = 0,

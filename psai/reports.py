@@ -13,17 +13,20 @@ import datetime
 import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, ParamSpec, TypedDict, TypeVar, get_args
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 import json
 from collections import defaultdict, deque
 from decimal import Decimal
+
+from peewee import Database
 
 from .arguments import as_datetime, attribution_arg, tag_key_problem
 from .constants import strict_json_dumps
 from .db import is_postgres, model_db, read_transaction, table_columns
 from .errors import UnpricedUsageError, ValidationError
 from .fields import UTC
-from .items import APART, BUCKETS, BucketPricer, apart_extra, effective_prices
+from .items import APART, BUCKETS, effective_prices
+from .pricing import COUNTERS_OF_BUCKET, Pricer
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
 from .recording import usage_counters
 from .rollups import (
@@ -213,6 +216,15 @@ class GroupSums:
     reasoning_out: Number
     provider_cost: Number | None
 
+    @classmethod
+    def of(cls, values: Iterable[Any]) -> "GroupSums":
+        """The sums of a row's columns in the order of the fields, as exact
+        numbers: SQLite sums REAL values as floats, and a PostgreSQL numeric
+        arrives as a Decimal, which adds in 28 digits (None stays None)."""
+        exact: dict[str, Any] = {name: value if value is None else _number(value)
+                                 for name, value in zip(_SUM_NAMES, values)}
+        return cls(**exact)
+
     def apart(self) -> dict[str, Number]:
         """The tokens priced apart, by ``items.APART``'s names."""
         return dict(zip(APART, (self.cache_write_1h, self.cache_write_12h, self.audio_in, self.audio_out,
@@ -235,10 +247,87 @@ class GroupSums:
         self.provider_cost = _plus(self.provider_cost, other.provider_cost)
 
 
+# GroupSums' fields, in the order of SQL's columns.
+_SUM_NAMES = tuple(f.name for f in fields(GroupSums))
+
+
+@dataclass(frozen=True, eq=False)
+class UsagePart:
+    """Usage priced alike, what the report pipeline adds up and prices: its
+    keys (the model; the agent, connector and UTC day where kept apart; the
+    ``attribute`` a report by attribution groups by, None for the calls
+    without it), its tokens (``buckets``: BUCKETS; ``apart``: APART's
+    tokens, counted in ``buckets`` too and priced apart, ``long_`` ones for
+    long context; ``reasoning``: the reasoning tokens among the output), and
+    its pricing context (the item's ``pricing``, the tier the provider
+    applied in ``metadata``, where its prices come from). ``price_parts``
+    gives a copy with ``cost`` (None: unpriced), ``currency`` and ``reason``."""
+
+    model_id: Any
+    buckets: dict[str, Number]
+    agent_id: Any = None
+    connector_id: Any = None
+    day: str | None = None
+    attribute: str | None = None
+    provider: str | None = None
+    pricing: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    priced_from: str = "snapshot"  # snapshot, history or current
+    has_usage: bool = True  # False: its counts cannot be read (never priced)
+    problem: str | None = None  # why it is unpriced whatever its prices
+    calls: int = 0
+    web: int = 0
+    reasoning: Number = 0
+    apart: dict[str, Number] = field(default_factory=dict)
+    provider_cost: Number | None = None
+    # What tells parts priced alike (with the provider), hashable; None: from pricing and metadata.
+    price_key: Any = None
+    cost: Decimal | None = None
+    currency: str | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.price_key is None:
+            object.__setattr__(self, "price_key", strict_json_dumps([self.pricing, self.metadata], sort_keys=True))
+
+    def tokens(self) -> tuple[Number, Number]:
+        """(input, output) tokens."""
+        buckets = self.buckets
+        return (buckets["in"] + buckets["cached"] + buckets["cache_write"] + buckets["long_in"]
+                + buckets["long_cached"] + buckets["long_cache_write"]), buckets["out"] + buckets["long_out"]
+
+    def priced(self, cost: Decimal | None, currency: str | None, reason: str | None) -> "UsagePart":
+        """This part with its price (a copy: ``replace`` without its checks, many parts a report)."""
+        return self._with(cost=cost, currency=currency, reason=reason)
+
+    def _with(self, **changes: Any) -> "UsagePart":
+        """``dataclasses.replace`` without its checks and ``__post_init__``:
+        a report makes many copies. Frozen: set as dataclasses' own ``__init__`` sets them."""
+        part = object.__new__(UsagePart)
+        object.__setattr__(part, "__dict__", dict(self.__dict__, **changes))
+        return part
+
+    def plus(self, other: "UsagePart") -> "UsagePart":
+        """This part with ``other``'s tokens (reasoning ones too), calls, web
+        searches, provider's cost and cost added."""
+        buckets = dict(self.buckets)
+        for bucket, value in other.buckets.items():
+            buckets[bucket] = buckets.get(bucket, 0) + value
+        apart = self.apart
+        if other.apart:
+            apart = dict(apart)
+            for name, value in other.apart.items():
+                apart[name] = apart.get(name, 0) + value
+        return self._with(buckets=buckets, apart=apart, calls=self.calls + other.calls,
+                          web=self.web + other.web, reasoning=self.reasoning + other.reasoning,
+                          provider_cost=_plus(self.provider_cost, other.provider_cost),
+                          cost=_plus(self.cost, other.cost))
+
+
 def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None, key_buckets=None,
                  agent_ids=None, attribution=None):
     """Items added up in SQL by model, ``keys`` (among agent, connector and
-    day, the UTC day) and everything that decides their price. One dict a
+    day, the UTC day) and everything that decides their price. One part a
     group; ``agent_id`` is None for usage without an agent or whose agent
     was deleted (``agents``: the ids that exist, when the caller has them).
 
@@ -293,29 +382,24 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
     merged: dict[tuple, GroupSums] = {}
     for source_rows, layout in sources:
         per_key = layout is group  # the rows carry (model, agent, connector) for totals and key_buckets
-        agent_at: Any = layout.index("agent_id") if "agent_id" in layout else None
-        connector_at: Any = layout.index("connector_id") if "connector_id" in layout else None
-        long_at = layout.index("long")
-        keep = [i for i, name in enumerate(layout) if name not in extra_columns]
         width = len(layout)
         for values in source_rows:
-            if agent_at is not None and values[agent_at] not in agents:
-                values = values[:agent_at] + (None,) + values[agent_at + 1:]
-            # Sums as exact numbers: SQLite sums REAL values as floats, and a
-            # PostgreSQL numeric arrives as a Decimal, which adds in 28 digits.
-            exact: list[Any] = [value if value is None else _number(value) for value in values[width:]]
-            sums = GroupSums(*exact)
+            # The keys by column name, GroupSums' columns after them.
+            row = dict(zip(layout, values[:width]))
+            if "agent_id" in row and row["agent_id"] not in agents:
+                row["agent_id"] = None
+            sums = GroupSums.of(values[width:])
             if per_key and totals is not None:
-                entry = totals[(values[0], values[agent_at], values[connector_at])]
+                entry = totals[(row["model_id"], row["agent_id"], row["connector_id"])]
                 entry.tokens_in += sums.all_in or 0
                 entry.tokens_out += sums.all_out or 0
             if per_key and key_buckets is not None:
-                into_buckets = key_buckets[(values[0], values[agent_at], values[connector_at])]
-                prefix = "long_" if values[long_at] else ""
+                into_buckets = key_buckets[(row["model_id"], row["agent_id"], row["connector_id"])]
+                prefix = "long_" if row["long"] else ""
                 for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached),
                                       ("cache_write", sums.cache_write), ("out", sums.out)):
                     into_buckets[prefix + bucket] += _number(value)
-            key = tuple(values[i] for i in keep) if per_key else values[:width]
+            key = tuple(row[name] for name in names)
             into = merged.get(key)
             if into is None:
                 merged[key] = sums
@@ -325,34 +409,48 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
         _add_rolled_totals(db, cover.days, model_ids, agents, totals)
     if key_buckets is not None:
         _add_rolled_buckets(db, cover.days, model_ids, agents, key_buckets)
-    pricing_at = names.index("pricing")
-    parsed = {}
-    rows = []
+    if len(_PARSED) > _RESOLVED_MAX:
+        _PARSED.clear()
+    parts = []
     # In one order whatever read them (rollups, items): what depends on order (daily_costs' provider) agrees.
     for key, sums in sorted(merged.items(), key=lambda entry: repr(entry[0])):
-        row = dict(zip(names, key))
-        prefix = "long_" if row.pop("long") else ""
-        row.pop("apart")
-        row["calls"] = sums.calls
-        row["buckets"] = dict.fromkeys(BUCKETS, 0)
-        for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached), ("cache_write", sums.cache_write),
-                              ("out", sums.out)):
-            row["buckets"][prefix + bucket] = _number(value)
-        row["web"] = int(sums.web or 0)
-        row["reasoning"] = _number(sums.reasoning_out)
-        row["provider_cost"] = None if sums.provider_cost is None else _number(sums.provider_cost)
-        # Counted in the buckets above; what they cost beyond them is priced apart (apart_extra).
-        row["apart"] = {prefix + name: _number(value) for name, value in sums.apart().items() if value}
-        # Pricing is JSON text: parsed once for each distinct text, and with
-        # the tier applied, what tells groups priced alike without comparing dicts.
-        pricing = key[pricing_at]
-        row["price_key"] = (pricing, row["applied_service_tier"], row["applied_speed"])
-        if pricing is not None:
-            if pricing not in parsed:
-                parsed[pricing] = json.loads(pricing)
-            row["pricing"] = parsed[pricing]
-        rows.append(row)
-    return rows
+        parts.append(_group_part(dict(zip(names, key)), sums, _PARSED))
+    return parts
+
+
+# Items' pricing texts parsed, by text (never changed in place: price_parts copies what it changes).
+_PARSED: dict[str, Any] = {}
+
+
+def _group_part(row, sums, parsed):
+    """A group of items (``row``: its columns by name; ``sums``) as a part.
+    ``parsed``: pricing texts parsed so far, by text."""
+    prefix = "long_" if row["long"] else ""
+    buckets: dict[str, Number] = dict.fromkeys(BUCKETS, 0)
+    for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached), ("cache_write", sums.cache_write),
+                          ("out", sums.out)):
+        buckets[prefix + bucket] = _number(value)
+    # Pricing is JSON text: parsed once for each distinct text, and with the
+    # tier applied, what tells groups priced alike without comparing dicts.
+    text = row["pricing"]
+    pricing = None
+    if text is not None:
+        pricing = parsed.get(text)
+        if pricing is None:
+            pricing = parsed[text] = json.loads(text)
+    tier, speed = row["applied_service_tier"], row["applied_speed"]
+    return UsagePart(
+        model_id=row["model_id"], agent_id=row.get("agent_id"), connector_id=row.get("connector_id"),
+        day=row.get("day"), attribute=row.get("attribute"), provider=row["provider"], pricing=pricing,
+        metadata={k: v for k, v in (("appliedServiceTier", tier), ("appliedSpeed", speed)) if v is not None},
+        priced_from="snapshot" if isinstance(pricing, dict) and pricing.get("configuredPrices") is not None
+        else "current",
+        has_usage=bool(row["has_usage"]), calls=sums.calls, buckets=buckets, web=int(sums.web or 0),
+        reasoning=_number(sums.reasoning_out),
+        # Counted in the buckets above; what they cost beyond them is priced apart (Pricer.price).
+        apart={prefix + name: _number(value) for name, value in sums.apart().items() if value},
+        provider_cost=None if sums.provider_cost is None else _number(sums.provider_cost),
+        price_key=(text, tier, speed))
 
 
 def _ledger_query(attribution):
@@ -397,6 +495,8 @@ def _agent_ids(db):
 
 def _number(value):
     """A sum from SQL as an exact number (SQLite sums floats as REAL)."""
+    if type(value) is int:
+        return value
     if value is None:
         return 0
     if isinstance(value, float):
@@ -404,26 +504,14 @@ def _number(value):
     return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else value
 
 
-_BUCKET_COUNTER_NAMES = {
-    "in": ("token_in_count",), "cached": ("token_in_cached_context_count",),
-    "cache_write": ("token_in_cache_write_count",), "long_in": ("long_context_token_in_count",),
-    "long_cached": ("long_context_token_in_cached_context_count",),
-    "long_cache_write": ("long_context_token_in_cache_write_count",),
-    "out": ("token_out_count", "token_out_reasoning_count", "token_out_audio_count", "token_out_image_count"),
-    "long_out": ("long_context_token_out_count", "long_context_token_out_reasoning_count",
-                 "long_context_token_out_audio_count", "long_context_token_out_image_count"),
-}
-
-
 def _bucket_reader(present):
-    """A function from counter values (a sequence in the order of
-    ``present``: a row or its sums) to BUCKETS. Output counters are one
-    bucket: they share the output rate."""
-    position = {name: i for i, name in enumerate(present)}
-    spec = [(bucket, [position[n] for n in names if n in position]) for bucket, names in _BUCKET_COUNTER_NAMES.items()]
+    """A function from a row by column name (``_named``), holding the
+    counters ``present`` (or their sums), to BUCKETS. Output counters are
+    one bucket: they share the output rate."""
+    spec = [(bucket, [n for n in names if n in present]) for bucket, names in COUNTERS_OF_BUCKET.items()]
 
-    def read(values):
-        return {bucket: sum(int(values[i] or 0) for i in indexes) for bucket, indexes in spec}
+    def read(row):
+        return {bucket: sum(int(row[name] or 0) for name in names) for bucket, names in spec}
     return read
 
 
@@ -432,13 +520,23 @@ _REASONING_COUNTER_NAMES = ("token_out_reasoning_count", "long_context_token_out
 
 
 def _reasoning_reader(present):
-    """A function from counter values (in the order of ``present``) to the
-    reasoning tokens among their output (0 where a table has no such counter)."""
-    indexes = [i for i, name in enumerate(present) if name in _REASONING_COUNTER_NAMES]
+    """A function from a row by column name (``_named``), holding the
+    counters ``present`` (or their sums), to the reasoning tokens among
+    their output (0 where a table has no such counter)."""
+    names = [name for name in _REASONING_COUNTER_NAMES if name in present]
 
-    def read(values):
-        return sum(int(values[i] or 0) for i in indexes)
+    def read(row):
+        return sum(int(row[name] or 0) for name in names)
     return read
+
+
+def _named(rows, names):
+    """A statement's rows (tuples) as dicts by column name: ``names``, its columns in order."""
+    return (dict(zip(names, values)) for values in rows)
+
+
+# The keys of the counter statements' rows (sql.py), before the counters.
+_COUNTER_KEYS = ("model_id", "agent_id", "connector_id")
 
 
 def _named_rollups(db, keys, days, model_ids):
@@ -518,7 +616,7 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
         return _untouched_pieces(db, by, since, until, None, agents, sound, model_ids)
     read = _bucket_reader(present)
     # Input and output tokens of the counters per (model, agent, connector).
-    output = {c for bucket in ("out", "long_out") for c in _BUCKET_COUNTER_NAMES[bucket]}
+    output = {c for bucket in ("out", "long_out") for c in COUNTERS_OF_BUCKET[bucket]}
     counted: defaultdict[tuple, TokenTotals] = defaultdict(TokenTotals)
     for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
             counter_totals_sql(present, output, where), params):
@@ -542,20 +640,20 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
     covered_reasoning: defaultdict[tuple, Any] = defaultdict(int)
     reasoning = _reasoning_reader(present)
     for group in _item_groups(db, ("agent", "connector"), model_ids=models, agents=agents):
-        key = (group["model_id"], group["agent_id"], group["connector_id"])
-        covered_reasoning[key] += group["reasoning"]
+        key = (group.model_id, group.agent_id, group.connector_id)
+        covered_reasoning[key] += group.reasoning
         into = covered[key]
-        for bucket, value in group["buckets"].items():
+        for bucket, value in group.buckets.items():
             if folded and bucket.endswith("cache_write"):
                 bucket = bucket.replace("cache_write", "in")  # how such a table counted them
             into[bucket] += value
     rows = db.execute_sql(counter_rows_sql(db, present, len(models), sound), models).fetchall()
-    for values in rows:
-        key = (values[0], values[1] if values[1] in agents else None, values[2])
+    for row in _named(rows, _COUNTER_KEYS + ("created_at",) + tuple(present)):
+        key = (row["model_id"], row["agent_id"] if row["agent_id"] in agents else None, row["connector_id"])
         if key not in partly:
             continue
         remaining = covered[key]
-        buckets = read(values[4:])
+        buckets = read(row)
         piece = {}
         for bucket in BUCKETS:
             taken = min(buckets[bucket], remaining[bucket])
@@ -563,11 +661,11 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
             piece[bucket] = buckets[bucket] - taken
         # The reasoning tokens the items hold are taken off as the output is, and what is left is at most the
         # piece's output (items may hold less reasoning than the output they cover).
-        reasoned = reasoning(values[4:])
+        reasoned = reasoning(row)
         taken = min(reasoned, covered_reasoning[key])
         covered_reasoning[key] -= taken
         piece_reasoning = min(reasoned - taken, piece["out"] + piece["long_out"])
-        created_at = PsModelUsage.created_at.python_value(values[3])
+        created_at = PsModelUsage.created_at.python_value(row["created_at"])
         if isinstance(created_at, str):  # not a time: in no period, in the whole (flagged unpriced)
             within = since is None and until is None
         else:
@@ -595,10 +693,12 @@ def _newest_rows_covered(db, present, sound, since, model_ids, agents, recent):
     where = window(db, "u.created_at", PsModelUsage.created_at, since, None, model_ids, params) + [sound]
     read = _bucket_reader(present)
     counted: defaultdict[tuple, dict[str, Any]] = defaultdict(lambda: dict.fromkeys(BUCKETS, 0))
-    for values in db.execute_sql(counter_bucket_sums_sql(present, where), params):
+    for row in _named(db.execute_sql(counter_bucket_sums_sql(present, where), params),
+                      _COUNTER_KEYS + tuple(present)):
         # Keys as reports name them: a deleted agent's rows and the rows without one are one key.
-        into = counted[(values[0], values[1] if values[1] in agents else None, values[2])]
-        for bucket, count in read(values[3:]).items():
+        into = counted[(row["model_id"], row["agent_id"] if row["agent_id"] in agents else None,
+                        row["connector_id"])]
+        for bucket, count in read(row).items():
             into[bucket] += count
     folded = "token_in_cache_write_count" not in present
     for key, counters in counted.items():
@@ -657,14 +757,15 @@ def _untouched_pieces(db, by, since, until, keys, agents, sound, model_ids=None)
     where = window(db, "u.created_at", PsModelUsage.created_at, since, until, model_ids, params) + [sound]
     sql = counter_sums_sql(present, columns, where)
     read, reasoning = _bucket_reader(present), _reasoning_reader(present)
-    offset = len(columns)
+    # The key columns (the period, the day: grouped by, not read), the first row's time, the counters' sums.
+    names = _COUNTER_KEYS + tuple("group_%d" % i for i in range(len(columns) - 3)) + ("created_at",) + tuple(present)
     pieces = []
-    for values in db.execute_sql(sql, params).fetchall():
-        key = (values[0], values[1] if values[1] in agents else None, values[2])
+    for row in _named(db.execute_sql(sql, params).fetchall(), names):
+        key = (row["model_id"], row["agent_id"] if row["agent_id"] in agents else None, row["connector_id"])
         if keys is None or key in keys:
             pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
-                           "created_at": field.python_value(values[offset]), "buckets": read(values[offset + 1:]),
-                           "reasoning": reasoning(values[offset + 1:])})
+                           "created_at": field.python_value(row["created_at"]), "buckets": read(row),
+                           "reasoning": reasoning(row)})
     return pieces
 
 
@@ -677,10 +778,11 @@ def _negative_counters(db, by, agents, since, until, model_ids=None):
         counters_negative(present, "u")]
     read, reasoning = _bucket_reader(present), _reasoning_reader(present)
     parts = []
-    for values in db.execute_sql(negative_rows_sql(present, where), params).fetchall():
-        model_id, agent_id, created_at = values[1:4]
-        counts = [max(v or 0, 0) for v in values[4:]]
-        created_at = PsModelUsage.created_at.python_value(created_at)
+    for row in _named(db.execute_sql(negative_rows_sql(present, where), params).fetchall(),
+                      ("id", "model_id", "agent_id", "created_at") + tuple(present)):
+        model_id, agent_id = row["model_id"], row["agent_id"]
+        counts = {name: max(row[name] or 0, 0) for name in present}
+        created_at = PsModelUsage.created_at.python_value(row["created_at"])
         parts.append(_unpriced_counters(model_id, agent_id if agent_id in agents else None, read(counts),
                                         reasoning(counts), "negative token counters",
                                         _day(created_at) if "day" in _keys(by) else None))
@@ -695,9 +797,8 @@ def _day(moment):
 
 def _unpriced_counters(model_id, agent_id, buckets, reasoning, why, day):
     """Counter rows reported unpriced, with why (never priced as 0)."""
-    return {"model_id": model_id, "agent_id": agent_id, "provider": None, "pricing": None, "metadata": {},
-            "has_usage": 0, "calls": 0, "web": 0, "buckets": buckets, "reasoning": reasoning, "priced_from": "current",
-            "problem": "%s (`psai check` lists the rows)" % why, "day": day}
+    return UsagePart(model_id=model_id, agent_id=agent_id, buckets=buckets, reasoning=reasoning, day=day,
+                     has_usage=False, priced_from="current", problem="%s (`psai check` lists the rows)" % why)
 
 
 def _keys(by):
@@ -706,46 +807,33 @@ def _keys(by):
     return by if isinstance(by, tuple) else {"agent": ("agent",), "tree": ("agent",), "day": ("day",)}.get(by, ())
 
 
-def _group_parts(groups):
-    """Item groups as parts: their pricing context beside their buckets."""
-    parts = []
-    for group in groups:
-        pricing = group["pricing"] or {}
-        parts.append(dict(
-            group,
-            metadata={k: v for k, v in (("appliedServiceTier", group.pop("applied_service_tier")),
-                                        ("appliedSpeed", group.pop("applied_speed"))) if v is not None},
-            priced_from="snapshot" if pricing.get("configuredPrices") is not None else "current"))
-    return parts
-
-
-def item_parts(db, keys, since, until, model_ids=None, agent_ids=None):
+def item_parts(db: Database, keys: Iterable[str], since: datetime.datetime | None, until: datetime.datetime | None,
+               model_ids: Iterable[int] | None = None, agent_ids: Iterable[int] | None = None) -> list[UsagePart]:
     """The calls' items in [since, until) as parts (``usage_parts``' item
     groups, kept apart by ``keys`` among agent and day; of ``model_ids``
     and ``agent_ids``), read from the rollups but at the period's edges:
     what a budget weighs, without the counters' pass."""
-    return _group_parts(_item_groups(db, tuple(keys), since, until, model_ids, agent_ids=agent_ids))
+    return _item_groups(db, tuple(keys), since, until, model_ids, agent_ids=agent_ids)
 
 
-def usage_parts(db, by, since, until, model_ids=None, attribution=None):
-    """All recorded usage in [since, until), as parts each priced alike:
-    item groups and uncovered counter pieces. Each part has ``model_id``,
-    ``agent_id`` (by agent or tree), ``day`` (by day), the pricing context
-    and its ``buckets``. ``by``: a grouping, or the keys (agent, day) to
-    keep parts apart by. ``attribution`` (an Attribution): only the calls
-    it asks for, each part with its ``attribute`` (the value grouped by;
-    None for counter usage no item covers, which has no attribution, and
-    which is left out when the attribution filters)."""
+def usage_parts(db: Database, by: Any, since: datetime.datetime | None, until: datetime.datetime | None,
+                model_ids: Iterable[int] | None = None, attribution: Attribution | None = None) -> list[UsagePart]:
+    """All recorded usage in [since, until), as parts (``UsagePart``) each
+    priced alike: item groups and uncovered counter pieces, with
+    ``agent_id`` (by agent or tree) and ``day`` (by day). ``by``: a
+    grouping, or the keys (agent, day) to keep parts apart by.
+    ``attribution`` (an Attribution): only the calls it asks for, each part
+    with its ``attribute`` (the value grouped by; None for counter usage no
+    item covers, which has no attribution, and which is left out when the
+    attribution filters)."""
     if attribution is not None:
         keys = tuple(_keys(by)) + (("attribute",) if attribution.by is not None else ())
         agents = _agent_ids(db)
-        parts = _group_parts(_item_groups(db, keys, since, until, model_ids, agents, attribution=attribution))
+        parts = _item_groups(db, keys, since, until, model_ids, agents, attribution=attribution)
         if attribution.only:
             return parts
-        for part in parts:
-            part.setdefault("attribute", None)
-        return parts + [dict(part, attribute=None) for part in _counter_parts(db, keys, agents, since, until,
-                                                                               model_ids, None, None)]
+        # Counter parts have no attribution (their ``attribute`` is None).
+        return parts + _counter_parts(db, keys, agents, since, until, model_ids, None, None)
     keys = _keys(by)
     agents = _agent_ids(db)  # once a report: items and counters both map deleted agents to None
     # What the items cover of the counters comes from a pass over all items.
@@ -761,8 +849,7 @@ def usage_parts(db, by, since, until, model_ids=None, attribution=None):
     # A period's own items may be enough to tell what they cover of its counters.
     recent: defaultdict[tuple, dict[str, Any]] | None = (
         defaultdict(lambda: dict.fromkeys(BUCKETS, 0)) if since is not None else None)
-    parts = _group_parts(_item_groups(db, keys, since, until, model_ids, agents, totals=itemized,
-                                      key_buckets=recent))
+    parts = _item_groups(db, keys, since, until, model_ids, agents, totals=itemized, key_buckets=recent)
     return parts + _counter_parts(db, by, agents, since, until, model_ids, itemized, recent)
 
 
@@ -777,7 +864,7 @@ def _counter_parts(db, by, agents, since, until, model_ids, itemized, recent):
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}
     histories = histories_of(list(models.values()))
     moments = _price_moments(histories)
-    merged: dict[tuple, Any] = {}
+    merged: dict[tuple, Any] = {}  # (model, agent, day, period): [its part's fields, its buckets]
     for piece in pieces:
         model_id = piece["model_id"]
         day = _day(piece["created_at"]) if "day" in keys else None
@@ -789,8 +876,8 @@ def _counter_parts(db, by, agents, since, until, model_ids, itemized, recent):
         key = (model_id, piece["agent_id"], day, period)
         if key in merged:
             for bucket, value in piece["buckets"].items():
-                merged[key]["buckets"][bucket] += value
-            merged[key]["reasoning"] += piece["reasoning"]
+                merged[key][1][bucket] += value
+            merged[key][2] += piece["reasoning"]
             continue
         model = models.get(model_id)
         configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
@@ -800,55 +887,25 @@ def _counter_parts(db, by, agents, since, until, model_ids, itemized, recent):
         for name in ("inferenceType", "regionalProcessing"):
             if configuration.get(name) is not None:
                 pricing[name] = configuration[name]
-        merged[key] = dict(piece, provider=configuration.get("provider"), pricing=pricing, metadata={},
-                           has_usage=1, calls=0, web=0, priced_from="history" if known else "current", day=day,
-                           buckets=dict(piece["buckets"]))
-    return parts + list(merged.values())
+        merged[key] = [dict(model_id=model_id, agent_id=piece["agent_id"], connector_id=piece["connector_id"],
+                            provider=configuration.get("provider"), pricing=pricing,
+                            priced_from="history" if known else "current", day=day), dict(piece["buckets"]),
+                       piece["reasoning"]]
+    return parts + [UsagePart(buckets=buckets, reasoning=reasoning, **fields)
+                    for fields, buckets, reasoning in merged.values()]
 
 
-def _price_key(part):
-    """What prices a part besides its provider, hashable: item groups have it
-    from SQL (the pricing's text and the tier applied); other parts get their
-    pricing and metadata as canonical JSON."""
-    key = part.get("price_key")
-    if key is None:
-        key = part["price_key"] = strict_json_dumps([part["pricing"], part["metadata"]], sort_keys=True)
-    return key
-
-
-def _add_to(merged, key, part):
-    """Add ``part`` to ``merged[key]``, a copy of the first part of that key:
-    its buckets, calls and the provider's cost. Returns the entry added
-    to, or None when ``part`` started it."""
-    into = merged.get(key)
-    if into is None:
-        merged[key] = dict(part, buckets=dict(part["buckets"]))
-        return None
-    for bucket, value in part["buckets"].items():
-        into["buckets"][bucket] += value
-    into["calls"] += part["calls"]
-    into["reasoning"] += part["reasoning"]
-    into["provider_cost"] = _plus(into.get("provider_cost"), part.get("provider_cost"))
-    return into
-
-
-def merge_parts(parts, fields):
-    """Parts that agree on ``fields`` and on everything that prices them,
-    added up: each is priced once."""
-    merged: dict[tuple, Any] = {}
+def merge_parts(parts: Iterable[UsagePart], keys: Iterable[str]) -> list[UsagePart]:
+    """Parts that agree on ``keys`` (UsagePart's field names) and on
+    everything that prices them, added up: each is priced once."""
+    keys = tuple(keys)
+    merged: dict[tuple, UsagePart] = {}
     for part in parts:
         # Calls with tokens priced apart kept apart: without their price keys only they are unpriced.
-        apart = part.get("apart") or {}
-        key = tuple(part[f] for f in fields) + (
-            part["provider"], part["priced_from"], part["has_usage"], _price_key(part), bool(apart))
-        into = _add_to(merged, key, part)
-        if into is None:
-            continue
-        into["web"] += part["web"]
-        if apart:
-            into["apart"] = dict(into.get("apart") or {})
-            for name, value in apart.items():
-                into["apart"][name] = into["apart"].get(name, 0) + value
+        key = tuple(getattr(part, name) for name in keys) + (
+            part.provider, part.priced_from, part.has_usage, part.price_key, bool(part.apart))
+        into = merged.get(key)
+        merged[key] = part if into is None else into.plus(part)
     return list(merged.values())
 
 
@@ -858,27 +915,30 @@ _RESOLVED: dict = {}
 _RESOLVED_MAX = 4096
 
 
-def price_parts(parts, transform=None):
-    """Give each part ``cost`` (Decimal, or None), ``currency`` and, when it
-    cannot be priced, ``reason``. ``transform(prices)`` changes the prices a
-    part is priced at (psai.reprice's "after")."""
-    models = {m.id: m for m in PsAiModel.select().where(
-        PsAiModel.id.in_(sorted({p["model_id"] for p in parts if p["priced_from"] == "current"})))} \
-        if any(p["priced_from"] == "current" for p in parts) else {}
+_NO_USAGE = ("the item has no usable token counts (usageNormalized.tokensIn a number, every count 0 or more and "
+             "within a counter)")
+
+
+def price_parts(parts: Iterable[UsagePart], transform: Callable[[Any], Any] | None = None) -> list[UsagePart]:
+    """The parts, each with its ``cost`` (Decimal, or None), ``currency``
+    and, when it cannot be priced, ``reason``. ``transform(prices)`` changes
+    the prices a part is priced at (psai.reprice's "after"). Each distinct
+    set of prices is resolved and its rates read once (``Pricer``)."""
+    parts = list(parts)
+    current = sorted({p.model_id for p in parts if p.priced_from == "current"})
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(current))} if current else {}
     resolved = _RESOLVED if transform is None else {}
     if len(resolved) > _RESOLVED_MAX:
         resolved.clear()
+    priced = []
     for part in parts:
-        part["cost"], part["currency"], part["reason"] = None, None, None
-        if not part["has_usage"]:
-            part["reason"] = part.get("problem") or (
-                "the item has no usable token counts (usageNormalized.tokensIn a number, every count 0 or more "
-                "and within a counter)")
+        if not part.has_usage:
+            priced.append(part.priced(None, None, part.problem or _NO_USAGE))
             continue
-        pricing = part["pricing"] if isinstance(part["pricing"], dict) else {}
+        pricing = part.pricing if isinstance(part.pricing, dict) else {}
         fallback = None
         if pricing.get("configuredPrices") is None:
-            model = models.get(part["model_id"])
+            model = models.get(part.model_id)
             configuration = model.configuration if model is not None else None
             fallback = configuration.get("prices") if isinstance(configuration, dict) else None
         if transform is not None:
@@ -887,40 +947,36 @@ def price_parts(parts, transform=None):
         key: Any
         if transform is None:
             # The model's current prices as they are now, when they price the part: a change is a new key.
-            key = (part["provider"], _price_key(part),
+            key = (part.provider, part.price_key,
                    strict_json_dumps(fallback, sort_keys=True) if fallback is not None else None)
         else:
-            key = strict_json_dumps([part["provider"], pricing, part["metadata"], fallback], sort_keys=True)
-        if key not in resolved:
-            prices, problem = effective_prices(part["provider"], pricing, part["metadata"], fallback)
-            resolved[key] = prices, problem, None if problem else BucketPricer(prices)
-        prices, problem, pricer = resolved[key]
-        if problem:
-            part["reason"] = problem
+            key = strict_json_dumps([part.provider, pricing, part.metadata, fallback], sort_keys=True)
+        pricer = resolved.get(key)
+        if pricer is None:
+            prices, problem = effective_prices(part.provider, pricing, part.metadata, fallback)
+            # PolicySynth's item rule: a long-context rate of 0 means unset.
+            pricer = resolved[key] = problem or Pricer(prices, zero_long_rate_is_unset=True)
+        if isinstance(pricer, str):
+            priced.append(part.priced(None, None, pricer))
             continue
-        extra, problem = apart_extra(part.get("apart") or {}, prices)
-        if problem:
-            part["reason"] = problem
-            continue
-        part["cost"] = pricer(part["buckets"], part["web"]) + extra
-        part["currency"] = prices.get("currency")
-    return parts
+        cost, problem = pricer.price({**part.buckets, **part.apart} if part.apart else part.buckets, part.web)
+        priced.append(part.priced(cost, None if problem else pricer.currency, problem))
+    return priced
 
 
-def part_provider(part, models):
+def part_provider(part: UsagePart, models: dict[int, PsAiModel]) -> str | None:
     """A part's provider as provider reports name it: the item's, else its
     model's (``models``: rows by id, holding the part's model)."""
-    provider = part["provider"]
-    if provider is None and part["model_id"] in models:
-        configuration = models[part["model_id"]].configuration
+    provider = part.provider
+    if provider is None and part.model_id in models:
+        configuration = models[part.model_id].configuration
         provider = configuration.get("provider") if isinstance(configuration, dict) else None
     return provider
 
 
-def part_tokens(part):
-    buckets = part["buckets"]
-    tokens_in = sum(buckets[b] for b in BUCKETS if b not in ("out", "long_out"))
-    return tokens_in, buckets["out"] + buckets["long_out"]
+def part_tokens(part: UsagePart) -> tuple[Number, Number]:
+    """A part's (input, output) tokens."""
+    return part.tokens()
 
 
 def _agent_tree(db):
@@ -1042,10 +1098,10 @@ def cost_report(by: ReportGrouping | str = "model", *, since: datetime.date | st
 def _only(parts, agent_id, provider):
     """The parts of one agent's calls and of one provider's (None: any)."""
     if agent_id is not None:
-        parts = [part for part in parts if part.get("agent_id") == agent_id]
+        parts = [part for part in parts if part.agent_id == agent_id]
     if provider is not None:
         models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(
-            sorted({p["model_id"] for p in parts if p["provider"] is None})))}
+            sorted({p.model_id for p in parts if p.provider is None})))}
         parts = [part for part in parts if part_provider(part, models) == provider]
     return parts
 
@@ -1118,29 +1174,27 @@ def attribution_kinds(*, since: datetime.date | str | None = None,
 
 def _undated(parts):
     """Priced parts added up by all that ``_rows_of`` reads of them but the day."""
-    summed: dict[tuple, Any] = {}
+    summed: dict[tuple, UsagePart] = {}
     for part in parts:
-        key = (part["model_id"], part["agent_id"], part["provider"], part["currency"], part["priced_from"],
-               part["reason"])
-        into = _add_to(summed, key, part)
-        if into is not None:
-            into["cost"] = _plus(into["cost"], part["cost"])
+        key = (part.model_id, part.agent_id, part.provider, part.currency, part.priced_from, part.reason)
+        into = summed.get(key)
+        summed[key] = part if into is None else into.plus(part)
     return list(summed.values())
 
 
 def _part_keys(by, part, models, ancestors):
     """A part's keys in one grouping: by tree, every agent whose tree holds it."""
     if by == "model":
-        return (part["model_id"],)
+        return (part.model_id,)
     if by == "agent":
-        return (part["agent_id"],)
+        return (part.agent_id,)
     if by == "provider":
         return (part_provider(part, models),)
     if by == "day":
-        return (part["day"],)
+        return (part.day,)
     if by == "tree":
-        return ancestors.get(part["agent_id"], [None])
-    return (part["attribute"],)  # whose the calls were
+        return ancestors.get(part.agent_id, [None])
+    return (part.attribute,)  # whose the calls were
 
 
 def _rows_of(db, by, parts, strict, progress):
@@ -1150,7 +1204,7 @@ def _rows_of(db, by, parts, strict, progress):
     if strict:
         _refuse_unpriced(parts)
     levels, ancestors = _agent_tree(db) if "tree" in by else ({}, {})
-    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))} \
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p.model_id for p in parts})))} \
         if {"model", "provider"} & set(by) else {}
     totals: dict[tuple, dict[str, Any]] = {}
     for done, part in enumerate(parts, 1):
@@ -1160,11 +1214,11 @@ def _rows_of(db, by, parts, strict, progress):
         for dimension in by:
             keys = [key + (value,) for key in keys for value in _part_keys(dimension, part, models, ancestors)]
         for key in keys:
-            entry = totals.setdefault(key + (part["currency"],), _new_total(priced_from=set(), unpriced_reason=set()))
+            entry = totals.setdefault(key + (part.currency,), _new_total(priced_from=set(), unpriced_reason=set()))
             if _add_part(entry, part):
-                entry["priced_from"].add(part["priced_from"])
+                entry["priced_from"].add(part.priced_from)
             else:
-                entry["unpriced_reason"].add(part["reason"])
+                entry["unpriced_reason"].add(part.reason)
     return _report_rows(by, totals, models, levels)
 
 
@@ -1187,28 +1241,28 @@ def _add_part(entry, part):
     tokens to ``unpriced_tokens`` when it has no cost, never a cost of 0).
     True when the part was priced."""
     tokens_in, tokens_out = part_tokens(part)
-    entry["calls"] += part["calls"]
+    entry["calls"] += part.calls
     entry["tokens_in"] += tokens_in
     entry["tokens_out"] += tokens_out
-    buckets = part["buckets"]
+    buckets = part.buckets
     entry["cached_tokens"] += buckets["cached"] + buckets["long_cached"]
     entry["cache_write_tokens"] += buckets["cache_write"] + buckets["long_cache_write"]
-    entry["reasoning_tokens"] += part["reasoning"]
-    entry["provider_cost"] = _plus(entry["provider_cost"], _decimal(part.get("provider_cost")))
-    if part["cost"] is None:
+    entry["reasoning_tokens"] += part.reasoning
+    entry["provider_cost"] = _plus(entry["provider_cost"], _decimal(part.provider_cost))
+    if part.cost is None:
         entry["unpriced_tokens"] += tokens_in + tokens_out
         return False
-    entry["cost"] = (entry["cost"] or Decimal(0)) + part["cost"]
+    entry["cost"] = (entry["cost"] or Decimal(0)) + part.cost
     return True
 
 
 def _refuse_unpriced(parts):
-    unpriced = [p for p in parts if p["cost"] is None]
+    unpriced = [p for p in parts if p.cost is None]
     if unpriced:
         tokens = sum(sum(part_tokens(p)) for p in unpriced)
-        reasons = sorted({"model %s: %s" % (p["model_id"], p["reason"]) for p in unpriced})
+        reasons = sorted({"model %s: %s" % (p.model_id, p.reason) for p in unpriced})
         raise UnpricedUsageError("%d tokens (%d calls) cannot be priced: %s" % (
-            tokens, sum(p["calls"] for p in unpriced), "; ".join(reasons)))
+            tokens, sum(p.calls for p in unpriced), "; ".join(reasons)))
 
 
 def _key_columns(row, by, key, models, agents, levels, provider=True):
@@ -1306,18 +1360,18 @@ def daily_costs(*, since: datetime.date | str | None = None,
 
 
 def _daily_of(parts):
-    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in parts})))}
+    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p.model_id for p in parts})))}
     rows: dict[tuple, Any] = {}
     providers: defaultdict[tuple, set[str]] = defaultdict(set)
     for part in parts:
-        model = models.get(part["model_id"])
+        model = models.get(part.model_id)
         configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
-        key = (part["day"], part["model_id"], part["currency"])
+        key = (part.day, part.model_id, part.currency)
         row = rows.setdefault(key, _new_total(
-            day=part["day"], model_id=part["model_id"], model_name=model.name if model else None,
-            provider=configuration.get("provider"), currency=part["currency"]))
-        if part["provider"] is not None:
-            providers[key].add(part["provider"])
+            day=part.day, model_id=part.model_id, model_name=model.name if model else None,
+            provider=configuration.get("provider"), currency=part.currency))
+        if part.provider is not None:
+            providers[key].add(part.provider)
         _add_part(row, part)
     for key, named in providers.items():
         # The calls' own provider (the first by name where they name several: the same whatever the order).

@@ -6,9 +6,8 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, strategies as st
 
-from psai.items import BUCKET_COUNTERS, BucketPricer
 from psai.pricing import (
-    COUNTERS, cost_breakdown, cost_of_counters, estimate_cost, partition_usage, resolve_prices,
+    COUNTERS, Pricer, cost_breakdown, counter_buckets, estimate_cost, partition_usage, resolve_prices,
 )
 
 BASE = {"costInTokensPerMillion": 10, "costInCachedContextTokensPerMillion": 1,
@@ -204,8 +203,7 @@ def test_reference_stored_counters_cost_124_5():
                 "token_out_reasoning_count": 2, "token_out_audio_count": 1, "token_out_image_count": 1,
                 "long_context_token_out_count": 4, "long_context_token_out_reasoning_count": 3,
                 "long_context_token_out_audio_count": 2, "long_context_token_out_image_count": 1}
-    assert cost_of_counters(counters, REFERENCE_PRICES)["total"] == 124.5
-    assert cost_of_counters(counters, REFERENCE_PRICES, exact=True)["total"] == Decimal("124.5")
+    assert Pricer(REFERENCE_PRICES).text_cost(counter_buckets(counters)) == Decimal("124.5")
 
 
 @pytest.mark.parametrize("multiplier, expected", [
@@ -248,12 +246,11 @@ def test_tier_and_region_flow_into_the_cost():
 
 def test_exact_costs_match_float_costs():
     prices = {**BASE, **LONG, "cacheWriteInputCostMultiplier": 1.25}
-    counters = partition_usage(tokens_in=123_457, tokens_out=9_876, cached_tokens=1_001,
-                               cache_write_tokens=17, reasoning_tokens=33, long_context_threshold=None)
-    exact = cost_of_counters(counters, prices, exact=True)
-    loose = cost_of_counters(counters, prices)
-    assert all(isinstance(v, Decimal) for v in exact.values())
-    assert float(exact["total"]) == pytest.approx(loose["total"], rel=1e-12)
+    loose = cost_breakdown(prices, tokens_in=123_457, tokens_out=9_876, cached_tokens=1_001,
+                           cache_write_tokens=17, reasoning_tokens=33)
+    exact = Pricer(prices).text_cost(counter_buckets(loose["counters"]))
+    assert isinstance(exact, Decimal) and loose["total"] == float(exact)
+    assert sum(loose["parts"].values()) == pytest.approx(loose["total"], rel=1e-12)
 
 
 # -- properties ---------------------------------------------------------------------
@@ -294,8 +291,8 @@ def test_cost_is_never_negative(prices, usage, tier, region):
 @given(prices=price_sets(), counters=st.fixed_dictionaries({key: counts for key in COUNTERS}),
        key=st.sampled_from(COUNTERS), more=st.integers(1, 1_000_000))
 def test_cost_is_monotone_in_each_counter(prices, counters, key, more):
-    before = cost_of_counters(counters, prices, exact=True)["total"]
-    after = cost_of_counters({**counters, key: counters[key] + more}, prices, exact=True)["total"]
+    before = Pricer(prices).text_cost(counter_buckets(counters))
+    after = Pricer(prices).text_cost(counter_buckets({**counters, key: counters[key] + more}))
     assert after >= before
 
 
@@ -309,27 +306,3 @@ def test_cost_is_monotone_in_the_provider_totals(prices, tokens_in, tokens_out, 
                  reasoning_tokens=reasoning)
     larger = dict(usage, **{which: usage[which] + more})
     assert estimate_cost(prices, **larger) >= estimate_cost(prices, **usage) * (1 - 1e-12)
-
-
-RATE = st.one_of(st.integers(0, 10 ** 6), st.floats(0, 1e6, allow_nan=False), st.decimals(0, 1000, places=3),
-                 st.none(), st.just("12"), st.just(True))
-COUNT = st.one_of(st.integers(0, 10 ** 12), st.floats(0, 1e12, allow_nan=False), st.decimals(0, 10 ** 9, places=2),
-                  st.none())
-
-
-@given(st.fixed_dictionaries({}, optional={
-    "costInTokensPerMillion": RATE, "costInCachedContextTokensPerMillion": RATE, "costOutTokensPerMillion": RATE,
-    "longContextCostInTokensPerMillion": RATE, "longContextCostInCachedContextTokensPerMillion": RATE,
-    "longContextCostOutTokensPerMillion": RATE, "cacheWriteInputCostMultiplier": RATE,
-    "costPerThousandWebSearches": st.one_of(RATE, st.just(float("inf")), st.just(-1))}),
-    st.fixed_dictionaries({}, optional=dict.fromkeys(
-        ("in", "cached", "cache_write", "long_in", "long_cached", "long_cache_write", "out", "long_out"), COUNT)),
-    st.one_of(st.integers(0, 10 ** 6), st.floats(0, 1e6, allow_nan=False)))
-def test_a_bucket_pricer_is_cost_of_counters_to_the_exponent(prices, buckets, web):
-    """Reports price groups with BucketPricer (rates read once); its Decimal
-    is cost_of_counters', the same digits and exponent (str equal)."""
-    counters = dict.fromkeys(COUNTERS, 0)
-    for bucket, counter in BUCKET_COUNTERS.items():
-        counters[counter] = buckets.get(bucket) or 0
-    expected = cost_of_counters(counters, prices, web_searches=web, exact=True, zero_long_rate_is_unset=True)["total"]
-    assert str(BucketPricer(prices)(buckets, web)) == str(expected)

@@ -8,7 +8,7 @@ import pytest
 
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
-from psai.pricing import COUNTERS, cost_of_counters, resolve_prices
+from psai.pricing import COUNTERS, Pricer, counter_buckets, resolve_prices
 from psai.usage import cost_report, record_usage, report_totals
 
 from conftest import make_configuration
@@ -166,7 +166,7 @@ def recompute(key_of, since=None, until=None):
             continue
         config = PsAiModel.get_by_id(row.model_id).configuration
         rates = resolve_prices(config["prices"], provider=config["provider"])
-        cost = cost_of_counters(counters_of(row), rates, exact=True)["total"]
+        cost = Pricer(rates).text_cost(counter_buckets(counters_of(row)))
         for key in key_of(row, config):
             totals[(key, config["prices"]["currency"])] += cost
     return dict(totals)
