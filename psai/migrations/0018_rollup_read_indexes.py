@@ -1,16 +1,17 @@
 """Indexes that let a report plan its read (``rollups.read_plan``) without
-reading every rollup row: the days and their calls from an index alone
-(a few entries a row, not its price snapshot), and the rows split by a
+reading every rollup row: the days from an index of them alone (not
+``range_day, group_key``'s, whose key is longer than the day), and the rows split by a
 model's current long-context threshold (``model_priced`` 1, items without
 a price snapshot: usually none) from a partial index of just those
-(``model_priced`` in it too, so that SQLite reads the index alone)."""
+(``model_priced`` in it too, so that SQLite reads the index alone).
+Neither holds a column the triggers' folds change (the sums): a fold
+writes no entry of theirs (on PostgreSQL, its update stays HOT)."""
 
 
 def up(migrator, db):
     if "psai_usage_rollup" not in db.get_tables():
         return
-    db.execute_sql('CREATE INDEX IF NOT EXISTS "psai_usage_rollup_day_calls" '
-                   'ON "psai_usage_rollup" ("range_day", "calls")')
+    db.execute_sql('CREATE INDEX IF NOT EXISTS "psai_usage_rollup_day" ON "psai_usage_rollup" ("range_day")')
     db.execute_sql('CREATE INDEX IF NOT EXISTS "psai_usage_rollup_model_priced" '
                    'ON "psai_usage_rollup" ("range_day", "model_id", "model_threshold", "model_priced") '
                    'WHERE "model_priced" = 1')
