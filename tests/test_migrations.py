@@ -227,6 +227,9 @@ def test_0018_indexes_what_read_plan_reads_and_the_plan_stays_the_same(backend, 
     assert psai.migrate() == ["0018_rollup_read_indexes"]
     added = {index.name for index in db.get_indexes("psai_usage_rollup")} - before
     assert added == {"psai_usage_rollup_day", "psai_usage_rollup_model_priced"}
+    if psai.db.is_postgres(db):  # room on each page for the folds' new row versions
+        assert db.execute_sql("SELECT reloptions FROM pg_class WHERE oid = 'psai_usage_rollup'::regclass"
+                              ).fetchone()[0] == ["fillfactor=50"]
     assert rollups.read_plan(db) == plan and report_totals(cost_report("model")) == totals
     record_usage(model, None, tokens_in=10, tokens_out=10)
     assert rollups.read_plan(db) == plan and rollups.verify() == [] and psai.migrate() == []
