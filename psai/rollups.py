@@ -37,9 +37,9 @@ from .sql import (
     SLOT_TRIGGERS, UNFOLDED_TABLE, ItemReader, drop_ledger_triggers_sql, drop_rollup_triggers_sql,
     drop_slot_triggers_sql, foldable_sql, item_days_sql, ledger_groups_sql, ledger_insert_sql, ledger_kinds_sql,
     ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, quoted, ranges_clause,
-    rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql, rollup_sums_sql, rollup_thresholds_sql,
-    rollup_trigger_sql, rollup_triggers_sql, slot_rebuild_sql, slot_thresholds_sql, slot_trigger_sql,
-    slot_triggers_sql, window,
+    rollup_day_list_sql, rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql, rollup_sums_sql,
+    rollup_thresholds_sql, rollup_trigger_sql, rollup_triggers_sql, slot_rebuild_sql, slot_thresholds_sql,
+    slot_trigger_sql, slot_triggers_sql, window,
 )
 
 __all__ = ["has_rollups", "enabled", "enable", "disable", "ReadPlan", "read_plan", "rollup_rows", "scan_where",
@@ -246,7 +246,7 @@ def read_plan(db: Database, since: Moment = None, until: Moment = None) -> ReadP
     if since is not None and first is None or first is not None and last is not None and first >= last:
         return everything
     where, params = _day_where(db, first, last)
-    days = {row[0] for row in db.execute_sql(rollup_days_sql(where), params)}
+    days = {row[0] for row in db.execute_sql(rollup_day_list_sql(where), params)}
     left = _marked_days(db, where, params) | (_stale_threshold_days(db, where, params) if days else set())
     read = sorted(days - left)
     scan: list[tuple[Moment, Moment]] = []

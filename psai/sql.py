@@ -920,8 +920,14 @@ def rollup_days_sql(where):
             % (ROLLUP_TABLE, " AND ".join(where) or "1 = 1"))
 
 
+def rollup_day_list_sql(where):
+    """The range days of the rollups (index psai_usage_rollup_day alone, migration 0018)."""
+    return 'SELECT DISTINCT "range_day" FROM "%s" WHERE %s' % (ROLLUP_TABLE, " AND ".join(where) or "1 = 1")
+
+
 def rollup_thresholds_sql(where):
-    """The thresholds of models' current prices the rollups of items without a snapshot were split by."""
+    """The thresholds of models' current prices the rollups of items without a snapshot were split by
+    (a partial index of those rows alone, migration 0018)."""
     return ('SELECT DISTINCT "range_day", "model_id", "model_threshold" FROM "%s" WHERE "model_priced" = 1 AND %s'
             % (ROLLUP_TABLE, " AND ".join(where) or "1 = 1"))
 

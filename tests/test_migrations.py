@@ -209,3 +209,27 @@ def test_0015_gives_the_rollups_the_reasoning_sum_and_rebuilds_them(backend, clo
     record_usage(model, None, tokens_in=10, tokens_out=10, reasoning_tokens=7)
     assert report_totals(cost_report("model"))["USD"]["reasoning_tokens"] == 52
     assert rollups.verify() == [] and psai.migrate() == []
+
+
+def test_0018_indexes_what_read_plan_reads_and_the_plan_stays_the_same(backend, clock):
+    """A store at 0017 with rolled-up calls: the upgrade adds the rollups'
+    index of days and the partial one of rows split by a current
+    threshold; the read plan and the report are what they were."""
+    from psai import rollups
+    from psai.usage import cost_report, record_usage, report_totals
+    db = psai.database.obj
+    assert runner().up(target="0017_attribution_ledger")[-1] == "0017_attribution_ledger"
+    model = psai.add_model(name="m", configuration=make_configuration())
+    record_usage(model, None, tokens_in=1000, tokens_out=100)
+    plan, totals = rollups.read_plan(db), report_totals(cost_report("model"))
+    assert plan.days == ("2026-11-25",) and not plan.reads_items
+    before = {index.name for index in db.get_indexes("psai_usage_rollup")}
+    assert psai.migrate() == ["0018_rollup_read_indexes"]
+    added = {index.name for index in db.get_indexes("psai_usage_rollup")} - before
+    assert added == {"psai_usage_rollup_day", "psai_usage_rollup_model_priced"}
+    if psai.db.is_postgres(db):  # room on each page for the folds' new row versions
+        assert db.execute_sql("SELECT reloptions FROM pg_class WHERE oid = 'psai_usage_rollup'::regclass"
+                              ).fetchone()[0] == ["fillfactor=50"]
+    assert rollups.read_plan(db) == plan and report_totals(cost_report("model")) == totals
+    record_usage(model, None, tokens_in=10, tokens_out=10)
+    assert rollups.read_plan(db) == plan and rollups.verify() == [] and psai.migrate() == []
