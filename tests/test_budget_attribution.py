@@ -15,6 +15,7 @@ import psai
 from conftest import make_configuration
 from psai import BudgetExceededError, PsAgent, PsAiModel, PsModelUsageItem, ValidationError, record_usage, rollups
 from psai._budget_ledger import period_bounds
+from psai.models import Budget
 from psai.items import item_price
 from psai.migrations import runner
 from psai.sql import LEDGER_TABLE
@@ -259,7 +260,7 @@ def test_a_store_with_budgets_upgrades_to_attributed_budgets(backend, clock):
     db.execute_sql('INSERT INTO "psai_budgets" (name, amount, currency, period, timezone, include_sub_agents, '
                    'warn_at, hard, unpriced, created_at) VALUES (%s)' % ", ".join([db.param] * 10),
                    ("old", "5", "USD", "month", "UTC", True, "[0.8]", True, "block",
-                    psai.Budget.created_at.db_value(NOW)))
+                    Budget.created_at.db_value(NOW)))
     assert psai.migrate() == ["0019_budget_attribution"]
     assert {"user", "tag_key", "tag_value"} <= {c.name for c in db.get_columns("psai_budgets")}
     (old,) = psai.budgets()
