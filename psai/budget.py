@@ -1,6 +1,6 @@
 """Budgets: spending limits over one scope (an agent and its sub-agents, a
-model name across its versions, a provider, an organization, or all usage)
-and a calendar period in an IANA time zone, checked before a call
+model name across its versions, a provider, an organization, or all usage;
+only the calls of one end user or tag, if asked) and a calendar period in an IANA time zone, checked before a call
 (``check_budget``, with reservations), with threshold alerts recorded once
 per budget and period (``budget_events``) in the transaction of the call
 that crosses them.

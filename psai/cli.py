@@ -1300,8 +1300,9 @@ def audit_command(since, until, model, apply_changes, as_json):
 
 @cli.group()
 def budgets():
-    """Spending limits per agent tree, model, provider or organization, over
-    a calendar period, with alerts that fire once (docs/budgets.md)."""
+    """Spending limits per agent tree, model, provider or organization (and
+    end user or tag), over a calendar period, with alerts that fire once
+    (docs/budgets.md)."""
 
 
 def _budget_row(budget):
