@@ -18,7 +18,7 @@ import logging
 import time
 import weakref
 import zoneinfo
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any, TypedDict
 
@@ -31,16 +31,17 @@ from .fields import UTC, utcnow
 from .items import APART, BUCKETS, effective_prices
 from .models import Budget, BudgetEvent, PsAgent, PsAiModel, PsModelUsageItem, sub_agent_tree
 from .pricing import Pricer
-from .rollups import budget_plan, scan_where
+from .rollups import ReadPlan, budget_plan, enabled, ledger_enabled, read_plan, scan_where
 from .schemas import BUDGET_FIELDS, validate_budget_values
 from .sql import (
-    BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_TABLE, ItemReader, budget_sums_sql,
-    item_groups_sql, model_thresholds_sql, window,
+    BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, LEDGER_TABLE, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_TABLE, ItemReader,
+    attribute_sql, budget_sums_sql, item_groups_sql, model_thresholds_sql, window,
 )
 
 __all__ = ["LIMIT", "TOTAL_PERIOD_KEY", "BudgetStatus", "BudgetEventRow", "LISTENERS", "budget_problem", "usable",
            "period_bounds", "spent", "status", "statuses", "invalid_status", "covering", "event_row",
-           "record_crossings", "fire", "budgets_covering", "forget", "NO_BUDGET_RECHECK"]
+           "record_crossings", "fire", "budgets_covering", "forget", "NO_BUDGET_RECHECK", "attribution_of",
+           "call_carries"]
 
 log = logging.getLogger("psai")
 
@@ -207,19 +208,7 @@ def _groups(db: Database, start: datetime.datetime | None, end: datetime.datetim
     plan, slots = budget_plan(db, start, end, exact)
     rows: list[tuple] = []
     if plan.days:
-        where, params = [], []  # consecutive days as one range
-        runs: list[list[str]] = []
-        for day in plan.days:
-            if runs and _next_day(runs[-1][1]) == day:
-                runs[-1][1] = day
-            else:
-                runs.append([day, day])
-        where.append("(%s)" % " OR ".join(['("range_day" >= %s AND "range_day" <= %s)' % (db.param, db.param)]
-                                          * len(runs)))
-        params += [day for run in runs for day in run]
-        _in(db, '"model_id"', model_ids, where, params)
-        _in(db, '"agent_id"', agent_ids, where, params)
-        rows += db.execute_sql(budget_sums_sql(ROLLUP_TABLE, where), params).fetchall()
+        rows += _day_rows(db, ROLLUP_TABLE, plan.days, model_ids, agent_ids)
         split = {(row[0], row[len(BUDGET_GROUP) + 1]) for row in rows if row[len(BUDGET_GROUP)] == 1}
         if split and not exact and _thresholds_changed(db, split):  # read as reports read them
             return _groups(db, start, end, model_ids, agent_ids, exact=True)
@@ -229,18 +218,107 @@ def _groups(db: Database, start: datetime.datetime | None, end: datetime.datetim
         _in(db, '"agent_id"', agent_ids, where, params)
         rows += db.execute_sql(budget_sums_sql(SLOT_TABLE, where), params).fetchall()
     if plan.reads_items:
-        r = ItemReader(is_postgres(db))
-        params = []
-        where = scan_where(db, "i.created_at", plan, params) + window(
-            db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params)
-        _in(db, "i.agent_id", agent_ids, where, params)
-        read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True)
-        sql, group = item_groups_sql(r, read, ())
-        assert tuple(group) == BUDGET_GROUP, group
-        width = len(group)
-        rows += [row[:width] + (0, None) + tuple(row[width + at] for at in _ITEM_SUMS_AT)
-                 for row in db.execute_sql(sql, params).fetchall()]
+        rows += _item_rows(db, plan, model_ids, agent_ids)
     return rows
+
+
+def _day_rows(db: Database, table: str, days: Iterable[str], model_ids: list[int] | None,
+              agent_ids: list[int] | None, where: Iterable[str] = (), params: Iterable[Any] = ()) -> list[tuple]:
+    """The rows of ``table`` (the daily rollups or the attribution ledger) of
+    ``days`` (consecutive ones as one range), these models and agents and
+    ``where``, in budget_sums_sql's layout."""
+    runs: list[list[str]] = []
+    for day in days:
+        if runs and _next_day(runs[-1][1]) == day:
+            runs[-1][1] = day
+        else:
+            runs.append([day, day])
+    clauses = ["(%s)" % " OR ".join(['("range_day" >= %s AND "range_day" <= %s)' % (db.param, db.param)]
+                                    * len(runs))]
+    values: list[Any] = [day for run in runs for day in run]
+    _in(db, '"model_id"', model_ids, clauses, values)
+    _in(db, '"agent_id"', agent_ids, clauses, values)
+    return db.execute_sql(budget_sums_sql(table, clauses + list(where)), values + list(params)).fetchall()
+
+
+def _item_rows(db: Database, plan: ReadPlan, model_ids: list[int] | None, agent_ids: list[int] | None,
+               attribution: tuple[str, str] | None = None) -> list[tuple]:
+    """What ``plan`` reads from the items, of these models and agents (and
+    carrying ``attribution``, (kind, value), as text), in budget_sums_sql's layout."""
+    r = ItemReader(is_postgres(db))
+    params: list[Any] = []
+    where = scan_where(db, "i.created_at", plan, params) + window(
+        db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params)
+    _in(db, "i.agent_id", agent_ids, where, params)
+    if attribution is not None:
+        where.append("%s = %s" % (attribute_sql(r.postgres, "i.data", attribution[0], params), db.param))
+        params.append(attribution[1])
+    read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True)
+    sql, group = item_groups_sql(r, read, ())
+    assert tuple(group) == BUDGET_GROUP, group
+    width = len(group)
+    return [row[:width] + (0, None) + tuple(row[width + at] for at in _ITEM_SUMS_AT)
+            for row in db.execute_sql(sql, params).fetchall()]
+
+
+# -- budgets scoped to whose the calls were (a user, a tag) ------------------------------
+
+def attribution_of(budget: Budget) -> tuple[str, str] | None:
+    """The attribution a budget is limited to, as the ledger names it:
+    ("user", USER) or ("tag:KEY", VALUE); None: every call of its scope."""
+    if budget.user is not None:
+        return "user", budget.user
+    if budget.tag_key is not None and budget.tag_value is not None:
+        return "tag:" + budget.tag_key, budget.tag_value
+    return None
+
+
+def _attributed_groups(db: Database, start: datetime.datetime | None, end: datetime.datetime | None,
+                       model_ids: list[int] | None, agent_ids: list[int] | None,
+                       attribution: tuple[str, str]) -> list[tuple]:
+    """``_groups`` of the calls carrying ``attribution`` (kind, value): the
+    whole UTC days from the attribution ledger where its triggers keep it,
+    the rest (the partial days at a period's ends, days marked or split by
+    a threshold since changed; everything when the ledger is off) from the
+    items (the slots know no attribution)."""
+    if not table_columns(db, PsModelUsageItem._meta.table_name):
+        return []
+    if enabled(db) and ledger_enabled(db):
+        plan = read_plan(db, start, end)
+    else:
+        plan = ReadPlan(start, end, (), ((start, end),))
+    rows: list[tuple] = []
+    if plan.days:
+        rows += _day_rows(db, LEDGER_TABLE, plan.days, model_ids, agent_ids,
+                          ['"kind" = %s' % db.param, '"value" = %s' % db.param], attribution)
+    if plan.reads_items:
+        rows += _item_rows(db, plan, model_ids, agent_ids, attribution)
+    return rows
+
+
+def _scoped_groups(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None,
+                   model_ids: list[int] | None, agent_ids: list[int] | None) -> list[tuple]:
+    """The groups of the calls a budget covers in [start, end): its scope's, and its attribution's when it has one."""
+    attribution = attribution_of(budget)
+    if attribution is None:
+        return _groups(db, start, end, model_ids, agent_ids)
+    return _attributed_groups(db, start, end, model_ids, agent_ids, attribution)
+
+
+def call_carries(budget: Budget, attribution: Mapping[str, Any] | None) -> bool:
+    """Whether a call of ``attribution`` (attribution_arg's: ``user``,
+    ``tags``, ...) is one of those ``budget``'s attribution limits it to
+    (a budget without one: every call)."""
+    wanted = attribution_of(budget)
+    if wanted is None:
+        return True
+    if not attribution:
+        return False
+    kind, value = wanted
+    if kind == "user":
+        return attribution.get("user") == value
+    tags = attribution.get("tags")
+    return isinstance(tags, Mapping) and tags.get(kind[4:]) == value
 
 
 def _thresholds_changed(db: Database, split: set[tuple[Any, Any]]) -> bool:
@@ -304,7 +382,7 @@ def spent(db: Database, budget: Budget, start: datetime.datetime | None, end: da
     # Groups priced alike, added up: (model, provider, pricing, tier, speed, has_usage, apart) -> sums.
     merged: dict[tuple, list] = {}
     width = len(BUDGET_GROUP)
-    for row in _groups(db, start, end, model_ids, agent_ids):
+    for row in _scoped_groups(db, budget, start, end, model_ids, agent_ids):
         key = row[:5] + (row[5], row[7])
         into = merged.get(key)
         if into is None:  # calls, buckets, web, apart counts
@@ -429,8 +507,10 @@ def _covers(budget: Budget, model: PsAiModel | None, agent: PsAgent | None,
     return True
 
 
-def covering(model: PsAiModel | None, agent: PsAgent | None, rows: list[Budget]) -> list[Budget]:
-    """The budgets of ``rows`` a call of ``model`` for ``agent`` counts against."""
+def covering(model: PsAiModel | None, agent: PsAgent | None, rows: list[Budget],
+             attribution: Mapping[str, Any] | None = None) -> list[Budget]:
+    """The budgets of ``rows`` a call of ``model`` for ``agent``, of
+    ``attribution`` (attribution_arg's), counts against."""
     found: set[int] | None = None
 
     def ancestors() -> set[int]:
@@ -438,7 +518,7 @@ def covering(model: PsAiModel | None, agent: PsAgent | None, rows: list[Budget])
         if found is None:
             found = _ancestors(agent) if agent is not None else set()
         return found
-    return [row for row in rows if _covers(row, model, agent, ancestors)]
+    return [row for row in rows if call_carries(row, attribution) and _covers(row, model, agent, ancestors)]
 
 
 # -- alerts -------------------------------------------------------------------------
@@ -521,9 +601,11 @@ def forget(db: Database) -> None:
     _none_seen.pop(db, None)
 
 
-def budgets_covering(db: Database, model: PsAiModel, agent: PsAgent | None) -> list[Budget]:
-    """The usable budgets a call of ``model`` for ``agent`` counts against:
-    what ``record_crossings`` weighs in the call's transaction."""
+def budgets_covering(db: Database, model: PsAiModel, agent: PsAgent | None,
+                     attribution: Mapping[str, Any] | None = None) -> list[Budget]:
+    """The usable budgets a call of ``model`` for ``agent``, of
+    ``attribution`` (attribution_arg's), counts against: what
+    ``record_crossings`` weighs in the call's transaction."""
     if not table_columns(db, Budget._meta.table_name):
         return []
     seen = _none_seen.get(db) if is_postgres(db) else None
@@ -533,4 +615,4 @@ def budgets_covering(db: Database, model: PsAiModel, agent: PsAgent | None) -> l
         _none_seen[db] = time.monotonic()
         return []
     _none_seen.pop(db, None)
-    return covering(model, agent, usable(Budget.select().order_by(Budget.id)))
+    return covering(model, agent, usable(Budget.select().order_by(Budget.id)), attribution)

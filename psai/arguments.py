@@ -12,6 +12,7 @@ from .constants import MAX_INTEGER, time_range_problem
 from .errors import ValidationError
 from .fields import UTC
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, find_agent, find_model
+from .schemas import MAX_ATTRIBUTE_LENGTH, MAX_TAG_KEY_LENGTH, TAG_KEY_PATTERN
 
 __all__ = ["model_arg", "agent_arg", "check_counts", "check_ids", "as_datetime", "tags_arg", "attribution_arg",
            "tag_key_problem", "ATTRIBUTES", "MAX_ATTRIBUTE_LENGTH", "MAX_TAGS"]
@@ -105,11 +106,8 @@ def as_datetime(value: datetime.date | str | None, end: bool = False,
 
 # The attribution a call carries, as ``data.psai`` keys (text each but ``tags``, a dict, and ``trace``).
 ATTRIBUTES = ("user", "session", "trace", "tags", "environment")
-MAX_ATTRIBUTE_LENGTH = 255  # a value's characters: one varchar(255), as PolicySynth's names
 MAX_TAGS = 32
-MAX_TAG_KEY_LENGTH = 64
-# Tag keys are named in reports (``by="tag:KEY"``) and on the command line (``--tag KEY=VALUE``).
-_TAG_KEY = re.compile(r"[A-Za-z0-9_.:/-]+\Z")
+_TAG_KEY = re.compile(TAG_KEY_PATTERN)
 
 
 def _text_problem(value: object, example: str) -> str | None:

@@ -1,6 +1,6 @@
 """Budgets: spending limits over one scope (an agent and its sub-agents, a
-model name across its versions, a provider, an organization, or all usage)
-and a calendar period in an IANA time zone, checked before a call
+model name across its versions, a provider, an organization, or all usage;
+only the calls of one end user or tag, if asked) and a calendar period in an IANA time zone, checked before a call
 (``check_budget``, with reservations), with threshold alerts recorded once
 per budget and period (``budget_events``) in the transaction of the call
 that crosses them.
@@ -11,13 +11,13 @@ lookup of the rollups the triggers keep, each group of calls priced alike
 priced from its own snapshot as ``cost_report`` prices it."""
 import datetime
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any, Literal, overload
 
 from peewee import Database
 
-from .arguments import agent_arg, as_datetime, model_arg
+from .arguments import agent_arg, as_datetime, attribution_arg, model_arg
 from .db import is_postgres, lock, model_db, read_transaction, table_columns, write_transaction
 from .errors import BudgetExceededError, NotAdoptedError, NotFoundError, ValidationError
 from .fields import utcnow
@@ -48,6 +48,10 @@ def _default_name(values: dict[str, Any]) -> str:
             break
     else:
         scope = "all usage"
+    if values["user"] is not None:
+        scope += " of user %s" % values["user"]
+    elif values["tag_key"] is not None:
+        scope += " tagged %s=%s" % (values["tag_key"], values["tag_value"])
     return "%s per %s" % (scope, values["period"]) if values["period"] != "total" else scope + " in total"
 
 
@@ -55,13 +59,18 @@ def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", pe
                timezone: str = "UTC", agent: AgentRef | None = None,
                include_sub_agents: bool = True, model: ModelRef | None = None,
                provider: str | None = None, organization_id: int | None = None,
+               user: str | None = None, tags: Mapping[str, str] | None = None,
                warn_at: Iterable[float] = (0.8,), hard: bool = True, unpriced: BudgetUnpriced = "block",
                name: str | None = None) -> Budget:
     """Create a budget, or change the one of that ``name`` (its alerts so far
     stay). One scope at most: ``agent`` (with its sub-agent tree unless
     ``include_sub_agents=False``), ``model`` (a model named as everywhere:
     row, id, uuid or name; the budget covers every version of its name), ``provider``,
-    ``organization_id``; none: all usage. ``period``: day, week (ISO, from
+    ``organization_id``; none: all usage. ``user`` (the application's end
+    user) or ``tags`` (one tag, ``{"team": "search"}``, as ``cost_report``'s
+    ``tags=`` filter names it): only the calls of the scope recorded with
+    that user or tag (``record_usage(..., user=, tags=)``, ``track``,
+    ``instrument``), one attribution per budget. ``period``: day, week (ISO, from
     Monday), month, year (on the calendar of ``timezone``) or total.
     ``warn_at``: fractions of the limit that raise an alert; the limit is one
     too. ``hard``: ``check_budget`` refuses calls once it is reached.
@@ -70,13 +79,15 @@ def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", pe
     if include_sub_agents is False and agent is None:  # it would silently cover all usage
         raise ValidationError({"include_sub_agents": ["False limits an agent budget to the agent itself: "
                                                       "give an agent."]})
+    tag = _one_tag(user, tags)
     agent_row = agent_arg(agent) if agent is not None else None
     if model is not None:  # every version of the model this names: its name
         model = find_models(model)[0].name
     values = {"amount": amount, "currency": currency, "period": period, "timezone": timezone,
               "agent_id": agent_row.id if agent_row is not None else None,
               "include_sub_agents": include_sub_agents, "model_name": model, "provider": provider,
-              "organization_id": organization_id,
+              "organization_id": organization_id, "user": user,
+              "tag_key": tag[0] if tag else None, "tag_value": tag[1] if tag else None,
               "warn_at": list(warn_at) if isinstance(warn_at, (list, tuple, set, frozenset)) else warn_at,
               "hard": hard, "unpriced": unpriced, "name": name}
     if name is None:
@@ -97,6 +108,23 @@ def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", pe
         row.save()
     forget(db)  # this process's calls weigh it from the next one on
     return row
+
+
+def _one_tag(user: str | None, tags: Mapping[str, str] | None) -> tuple[str, str] | None:
+    """The one tag a budget is limited to, checked as recording checks a
+    call's (and the user with it); None without tags."""
+    given = attribution_arg(user=user, tags=tags)
+    if "tags" not in given:
+        if tags is not None:  # {}: it would silently cover every call
+            raise ValidationError({"tags": ["Give the one tag the budget covers, e.g. {'team': 'search'}."]})
+        return None
+    if len(given["tags"]) != 1:
+        raise ValidationError({"tags": ["A budget covers one tag: got %d (%s); set a budget for each." % (
+            len(given["tags"]), ", ".join(sorted(given["tags"])))]})
+    if user is not None:
+        raise ValidationError({"tags": ["A budget covers one attribution: give user or one tag, not both."]})
+    [(key, value)] = given["tags"].items()
+    return key, value
 
 
 def budgets() -> list[Budget]:
@@ -213,6 +241,7 @@ def _refuse(rows: list[Budget], found: list[BudgetStatus], held: dict[int, Decim
 @overload
 def check_budget(agent: AgentRef | None = None,
                  model: ModelRef | None = None, *,
+                 user: str | None = None, tags: Mapping[str, str] | None = None,
                  estimate: Decimal | int | float | str | dict[str, Any] | None = None,
                  reserve: Literal[False] = False) -> list[BudgetStatus]: ...
 
@@ -220,12 +249,14 @@ def check_budget(agent: AgentRef | None = None,
 @overload
 def check_budget(agent: AgentRef | None = None,
                  model: ModelRef | None = None, *,
+                 user: str | None = None, tags: Mapping[str, str] | None = None,
                  estimate: Decimal | int | float | str | dict[str, Any] | None = None,
                  reserve: Literal[True]) -> Reservation: ...
 
 
 def check_budget(agent: AgentRef | None = None,
                  model: ModelRef | None = None, *,
+                 user: str | None = None, tags: Mapping[str, str] | None = None,
                  estimate: Decimal | int | float | str | dict[str, Any] | None = None,
                  reserve: bool = False) -> list[BudgetStatus] | Reservation:
     """Before a call: raise ``BudgetExceededError`` when a hard budget
@@ -233,7 +264,9 @@ def check_budget(agent: AgentRef | None = None,
     ``estimate`` (a cost in the budget's currency, or the counts of the call,
     priced with the model's prices), or is ``unknown`` and blocks unpriced
     usage. What live reservations hold counts as spent. Returns the
-    statuses of the budgets checked.
+    statuses of the budgets checked. ``user``, ``tags``: whose the call
+    will be (as it will be recorded): the budgets limited to a user or a
+    tag are checked only for calls that carry it.
 
     ``reserve=True``: the check and a hold of ``estimate`` against every
     covering hard budget are one atomic step (concurrent reservations
@@ -242,6 +275,7 @@ def check_budget(agent: AgentRef | None = None,
     estimate) or ``r.release()`` it; one left alone expires after
     ``RESERVATION_TTL``. So N processes never spend past a hard limit by
     more than their estimates were wrong."""
+    whose = attribution_arg(user=user, tags=tags)
     agent_row = agent_arg(agent)
     model_row = model_arg(model) if model is not None else None
     if reserve and estimate is None:
@@ -252,7 +286,8 @@ def check_budget(agent: AgentRef | None = None,
     if not table_columns(db, Budget._meta.table_name):
         return Reservation(str(uuid.uuid4()), guess[0] if guess else None, (), now + RESERVATION_TTL) \
             if reserve else []
-    rows = covering(model_row, agent_row, [row for row in Budget.select().order_by(Budget.name) if row.hard])
+    rows = covering(model_row, agent_row, [row for row in Budget.select().order_by(Budget.name) if row.hard],
+                    whose)
     if not reserve:
         if not rows:
             return []

@@ -164,7 +164,8 @@ def _check(options: _Options) -> None:
     ``reserve=True`` here and hand the reservation to ``_record`` (released
     when the call fails)."""
     try:
-        check_budget(options.agent, options.model)
+        check_budget(options.agent, options.model, user=options.attribution.get("user"),
+                     tags=options.attribution.get("tags"))
     except BudgetExceededError:
         raise
     except Exception:

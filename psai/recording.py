@@ -141,7 +141,9 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
         model.configuration, dict) and reservation is None
     # The budgets this call counts against (none, on PostgreSQL, without a round trip
     # once a database is seen without budgets: _budget_ledger.NO_BUDGET_RECHECK).
-    alerting = budgets_covering(db, model, agent)
+    # Whose the call was: given to record_usage, or in what a response's item keeps (record_response's).
+    whose = attribution or (response.get("psai") if response is not None else None)
+    alerting = budgets_covering(db, model, agent, whose)
     if one_trip and not alerting:
         returned, data = _record_in_one_round_trip(db, present, model.configuration, call)
         if returned is not None:

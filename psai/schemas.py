@@ -29,7 +29,8 @@ __all__ = [
     "ModelPricesSchema", "AiModelConfigurationSchema", "PsAiModelSchema", "PsAgentSchema", "dump_rows",
     "shape_problem", "readable", "time_problems", "Timestamp",
     "validate_configuration", "EXCLUDE", "INCLUDE", "RAISE", "BudgetSchema", "validate_budget_values",
-    "BUDGET_FIELDS", "BUDGET_PERIODS", "BudgetPeriod", "BudgetUnpriced",
+    "BUDGET_FIELDS", "BUDGET_PERIODS", "BudgetPeriod", "BudgetUnpriced", "TAG_KEY_PATTERN",
+    "MAX_TAG_KEY_LENGTH", "MAX_ATTRIBUTE_LENGTH",
 ]
 
 
@@ -599,7 +600,12 @@ BUDGET_PERIODS: tuple[BudgetPeriod, ...] = get_args(BudgetPeriod)
 BUDGET_UNPRICED: tuple[BudgetUnpriced, ...] = get_args(BudgetUnpriced)
 BUDGET_SCOPES = ("agent_id", "model_name", "provider", "organization_id")
 BUDGET_FIELDS = ("name", "amount", "currency", "period", "timezone", "agent_id", "include_sub_agents", "model_name",
-                 "provider", "organization_id", "warn_at", "hard", "unpriced")
+                 "provider", "organization_id", "user", "tag_key", "tag_value", "warn_at", "hard", "unpriced")
+# A tag's key: named in reports (``by="tag:KEY"``) and on the command line (``--tag KEY=VALUE``).
+TAG_KEY_PATTERN = r"[A-Za-z0-9_.:/-]+\Z"
+MAX_TAG_KEY_LENGTH = 64
+# An attribution's text (user, session, a tag's value): at most this long.
+MAX_ATTRIBUTE_LENGTH = 255
 
 
 # A budget's amount: at most 10**15 with at most 9 decimal places, so that
@@ -675,6 +681,10 @@ class BudgetSchema(_Base):
     model_name = String(allow_none=True, validate=Length(1, 255))
     provider = String(allow_none=True, validate=Length(1, 64))
     organization_id = ColumnInteger(allow_none=True)
+    user = String(allow_none=True, validate=Length(1, MAX_ATTRIBUTE_LENGTH))
+    tag_key = String(allow_none=True, validate=[Length(1, MAX_TAG_KEY_LENGTH), Regexp(
+        TAG_KEY_PATTERN, error="Use letters, digits and _ . : / - (as in --tag KEY=VALUE).")])
+    tag_value = String(allow_none=True, validate=Length(1, MAX_ATTRIBUTE_LENGTH))
     warn_at = fields.List(Number(validate=Range(0, 1, min_inclusive=False, max_inclusive=False,
                                                 error="Must be a fraction of the limit, between 0 and 1.")),
                           required=True, validate=Length(max=16))
@@ -687,6 +697,16 @@ class BudgetSchema(_Base):
         if len(given) > 1:
             raise _MarshmallowValidationError("A budget has one scope: give one of agent, model, provider, "
                                               "organization_id (got %s)." % ", ".join(given), "scope")
+
+    @validates_schema
+    def _one_attribution(self, data, **kwargs):
+        tagged = data.get("tag_key") is not None, data.get("tag_value") is not None
+        if tagged[0] != tagged[1]:
+            raise _MarshmallowValidationError("A tag budget has a tag's key and its value, e.g. team=search.",
+                                              "tag_key" if not tagged[0] else "tag_value")
+        if data.get("user") is not None and tagged[0]:
+            raise _MarshmallowValidationError("A budget covers one attribution: give user or one tag, not both.",
+                                              "attribution")
 
 
 def validate_budget_values(values: Mapping[str, Any]) -> dict[str, Any]:

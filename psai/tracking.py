@@ -39,9 +39,13 @@ class Run:
         chosen = model if model is not None else self.model
         self.release()
         if self.budget and estimate is not None:
-            self.reservation = check_budget(self.agent, chosen, estimate=estimate, reserve=True)
+            self.reservation = check_budget(self.agent, chosen, estimate=estimate, reserve=True, **self._whose())
         else:
-            check_budget(self.agent, chosen, estimate=estimate)
+            check_budget(self.agent, chosen, estimate=estimate, **self._whose())
+
+    def _whose(self) -> dict[str, Any]:
+        """The block's user and tags, for ``check_budget``: the budgets of that user or tag weigh its calls."""
+        return {"user": self.attribution.get("user"), "tags": self.attribution.get("tags")}
 
     def release(self) -> None:
         """Give back the reservation of a call that was not made."""
@@ -72,7 +76,7 @@ class Run:
                 else:
                     self.cost[each.currency] = self.cost.get(each.currency, Decimal(0)) + each.cost
         if self.budget:
-            check_budget(self.agent, call.model_id)
+            check_budget(self.agent, call.model_id, **self._whose())
         return call.cost
 
     async def arecord(self, response: Any, *, model: ModelRef | None = None,

@@ -593,8 +593,8 @@ def test_a_budget_removed_while_a_call_records_never_fails_the_call(backend, clo
     m = model()
     covering = psai.recording.budgets_covering
 
-    def then_removed(db, model_row, agent_row):
-        found = covering(db, model_row, agent_row)
+    def then_removed(db, model_row, agent_row, attribution):
+        found = covering(db, model_row, agent_row, attribution)
         if found and psai.budgets():
             psai.remove_budget(found[0].name)  # between the call's read of its budgets and its transaction
         return found

@@ -411,6 +411,20 @@ def test_budget_checked_before_the_call(server, model):
     assert len(items()) == 1
 
 
+
+def test_budget_of_a_user_checked_before_the_calls_of_that_user(server, model):
+    alice = psai.instrument(openai_client(server), model=model, budget=True, user="alice")
+    bob = psai.instrument(openai_client(server), model=model, budget=True, user="bob", tags={"team": "ads"})
+    alice.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    psai.set_budget(amount="0.000001", user="alice", name="alice")
+    psai.set_budget(amount="0.000001", tags={"team": "search"}, name="search")
+    served = len(server.requests)
+    with pytest.raises(psai.BudgetExceededError, match="alice"):
+        alice.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert len(server.requests) == served  # never called
+    bob.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # neither alice nor tagged search
+    assert len(items()) == 2 and len(server.requests) == served + 1
+
 # -- async recording and the writer ---------------------------------------------------------------
 
 def test_arecord_response_and_async_track(model, agent):
