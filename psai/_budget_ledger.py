@@ -30,7 +30,7 @@ from .errors import ValidationError
 from .fields import UTC, utcnow
 from .items import APART, BUCKETS, effective_prices
 from .models import Budget, BudgetEvent, PsAgent, PsAiModel, PsModelUsageItem, sub_agent_tree
-from .pricing import Pricer
+from .pricing import Pricer, exact_sum
 from .rollups import ReadPlan, budget_plan, enabled, ledger_enabled, read_plan, scan_where
 from .schemas import BUDGET_FIELDS, validate_budget_values
 from .sql import (
@@ -327,21 +327,12 @@ def _thresholds_changed(db: Database, split: set[tuple[Any, Any]]) -> bool:
     current = dict(db.execute_sql(model_thresholds_sql(ItemReader(is_postgres(db)))).fetchall())
 
     def plain(value: Any) -> Any:
-        return _number(value) if value is not None else None
+        return exact_sum(value) if value is not None else None
     return any(plain(threshold) != plain(current.get(model_id)) for model_id, threshold in split)
 
 
 def _next_day(day: str) -> str:
     return (datetime.date.fromisoformat(day) + datetime.timedelta(days=1)).isoformat()
-
-
-def _number(value: Any) -> Any:
-    """A sum from SQL as an exact number (SQLite sums floats as REAL)."""
-    if value is None:
-        return 0
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else Decimal(repr(value))
-    return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else value
 
 
 # Resolved prices and their pricer, by what decides them (provider, snapshot text, tier applied, the
@@ -388,7 +379,7 @@ def spent(db: Database, budget: Budget, start: datetime.datetime | None, end: da
         if into is None:  # calls, buckets, web, apart counts
             into = merged[key] = [0, dict.fromkeys(BUCKETS, 0), 0, {}]
         # Sums as exact numbers (SQLite sums REAL values as floats; PostgreSQL's are numeric).
-        sums = [value if type(value) is int else _number(value) for value in row[width + 2:]]
+        sums = [value if type(value) is int else exact_sum(value) for value in row[width + 2:]]
         into[0] += sums[0]
         prefix = "long_" if row[6] else ""
         for bucket, at in _SIDES:

@@ -23,7 +23,7 @@ from .constants import (
 __all__ = [
     "resolve_prices", "partition_usage", "cost_breakdown", "estimate_cost", "counter_buckets", "Pricer",
     "PriceUnit", "PRICE_UNITS", "APART", "BUCKETS", "BUCKET_COUNTERS", "COUNTERS_OF_BUCKET", "COUNTERS",
-    "normalize_inference_type", "CostBreakdown",
+    "normalize_inference_type", "CostBreakdown", "exact_sum",
 ]
 
 # The token counters of ps_model_usage, in PolicySynth's names.
@@ -49,6 +49,20 @@ class CostBreakdown(TypedDict):
 
 # The rates the EU margin raises.
 _MARGIN_KEYS = BASE_RATE_KEYS + LONG_CONTEXT_RATE_KEYS + TIER_RATE_KEYS + MODALITY_RATE_KEYS
+
+
+def exact_sum(value: Any) -> Any:
+    """A sum SQL returned, as an exact number: None as 0; a whole float
+    (SQLite adds REAL values as floats) or a whole Decimal (PostgreSQL's
+    numeric, which Python adds in 28 digits) as an int; a fraction as the
+    Decimal of its text."""
+    if type(value) is int:
+        return value
+    if value is None:
+        return 0
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else Decimal(repr(value))
+    return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else value
 
 
 def _is_number(value: object) -> TypeGuard[float]:

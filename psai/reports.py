@@ -26,7 +26,7 @@ from .db import is_postgres, model_db, read_transaction, table_columns
 from .errors import UnpricedUsageError, ValidationError
 from .fields import UTC
 from .items import APART, BUCKETS, effective_prices
-from .pricing import COUNTERS_OF_BUCKET, Pricer
+from .pricing import COUNTERS_OF_BUCKET, Pricer, exact_sum
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
 from .recording import usage_counters
 from .rollups import (
@@ -221,7 +221,7 @@ class GroupSums:
         """The sums of a row's columns in the order of the fields, as exact
         numbers: SQLite sums REAL values as floats, and a PostgreSQL numeric
         arrives as a Decimal, which adds in 28 digits (None stays None)."""
-        exact: dict[str, Any] = {name: value if value is None else _number(value)
+        exact: dict[str, Any] = {name: value if value is None else exact_sum(value)
                                  for name, value in zip(_SUM_NAMES, values)}
         return cls(**exact)
 
@@ -398,7 +398,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
                 prefix = "long_" if row["long"] else ""
                 for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached),
                                       ("cache_write", sums.cache_write), ("out", sums.out)):
-                    into_buckets[prefix + bucket] += _number(value)
+                    into_buckets[prefix + bucket] += exact_sum(value)
             key = tuple(row[name] for name in names)
             into = merged.get(key)
             if into is None:
@@ -429,7 +429,7 @@ def _group_part(row, sums, parsed):
     buckets: dict[str, Number] = dict.fromkeys(BUCKETS, 0)
     for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached), ("cache_write", sums.cache_write),
                           ("out", sums.out)):
-        buckets[prefix + bucket] = _number(value)
+        buckets[prefix + bucket] = exact_sum(value)
     # Pricing is JSON text: parsed once for each distinct text, and with the
     # tier applied, what tells groups priced alike without comparing dicts.
     text = row["pricing"]
@@ -446,10 +446,10 @@ def _group_part(row, sums, parsed):
         priced_from="snapshot" if isinstance(pricing, dict) and pricing.get("configuredPrices") is not None
         else "current",
         has_usage=bool(row["has_usage"]), calls=sums.calls, buckets=buckets, web=int(sums.web or 0),
-        reasoning=_number(sums.reasoning_out),
+        reasoning=exact_sum(sums.reasoning_out),
         # Counted in the buckets above; what they cost beyond them is priced apart (Pricer.price).
-        apart={prefix + name: _number(value) for name, value in sums.apart().items() if value},
-        provider_cost=None if sums.provider_cost is None else _number(sums.provider_cost),
+        apart={prefix + name: exact_sum(value) for name, value in sums.apart().items() if value},
+        provider_cost=None if sums.provider_cost is None else exact_sum(sums.provider_cost),
         price_key=(text, tier, speed))
 
 
@@ -491,17 +491,6 @@ def _agent_ids(db):
     none, agent_id 0 in an item) is reported without one, as
     ps_model_usage's ON DELETE SET NULL has it."""
     return {agent_id for (agent_id,) in _tuples(PsAgent.select(PsAgent.id))}
-
-
-def _number(value):
-    """A sum from SQL as an exact number (SQLite sums floats as REAL)."""
-    if type(value) is int:
-        return value
-    if value is None:
-        return 0
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else Decimal(repr(value))
-    return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else value
 
 
 def _bucket_reader(present):
@@ -549,8 +538,8 @@ def _add_rolled_totals(db, days, model_ids, agents, totals):
     """Add the input and output tokens of the rolled-up ``days`` to ``totals`` per (model, agent, connector)."""
     for row in _named_rollups(db, ("model_id", "agent_id", "connector_id"), days, model_ids):
         entry = totals[(row["model_id"], row["agent_id"] if row["agent_id"] in agents else None, row["connector_id"])]
-        entry.tokens_in += _number(row["all_in"])
-        entry.tokens_out += _number(row["all_out"])
+        entry.tokens_in += exact_sum(row["all_in"])
+        entry.tokens_out += exact_sum(row["all_out"])
 
 
 def _add_rolled_buckets(db, days, model_ids, agents, key_buckets):
@@ -560,7 +549,7 @@ def _add_rolled_buckets(db, days, model_ids, agents, key_buckets):
                             row["connector_id"])]
         prefix = "long_" if row["long"] else ""
         for bucket, name in (("in", "fresh_in"), ("cached", "cached"), ("cache_write", "cache_write"), ("out", "out")):
-            into[prefix + bucket] += _number(row[name])
+            into[prefix + bucket] += exact_sum(row[name])
 
 
 def _item_totals(db, agents, model_ids=None):
@@ -577,8 +566,8 @@ def _item_totals(db, agents, model_ids=None):
     for model_id, agent_id, connector_id, tokens_in, tokens_out in (
             db.execute_sql(item_totals_sql(r, read), params) if cover.reads_items else ()):
         entry = totals[(model_id, agent_id if agent_id in agents else None, connector_id)]
-        entry.tokens_in += _number(tokens_in)
-        entry.tokens_out += _number(tokens_out)
+        entry.tokens_in += exact_sum(tokens_in)
+        entry.tokens_out += exact_sum(tokens_out)
     return totals
 
 
