@@ -814,6 +814,90 @@ def _emptied_sql(postgres, row):
 _ODD_TIME = "its created_at is not a time psai folds"
 
 
+def _sqlite_triggers_sql(names, fold_in, fold_out):
+    """SQLite's three triggers (``names``: insert, update, delete) running
+    ``fold_in`` and ``fold_out``, SQL statements that cannot fail."""
+    insert, update, delete = names
+    body = 'CREATE TRIGGER IF NOT EXISTS "%s" AFTER %s ON "ps_model_usage_item" BEGIN %s; END'
+    return [body % (insert, "INSERT", "; ".join(fold_in)),
+            body % (update, "UPDATE OF %s" % ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
+                    "; ".join(fold_out + fold_in)),
+            body % (delete, "DELETE", "; ".join(fold_out))]
+
+
+def _postgres_trigger_sql(function):
+    """PostgreSQL's one trigger calling the plpgsql ``function``, made anew."""
+    trigger = ('CREATE TRIGGER "%s" AFTER INSERT OR DELETE OR UPDATE OF %s ON "ps_model_usage_item" '
+               'FOR EACH ROW EXECUTE PROCEDURE %s()' % (function, ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
+                                                       function))
+    return ['DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % function, trigger]
+
+
+def _drop_triggers_sql(postgres, triggers):
+    """The statements removing one family's triggers (``triggers``: its
+    names by backend; PostgreSQL's function stays, harmless)."""
+    if postgres:
+        return ['DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % name for name in triggers[True]]
+    return ['DROP TRIGGER IF EXISTS "%s"' % name for name in triggers[False]]
+
+
+def _count_triggers_sql(postgres, triggers):
+    """How many of one family's triggers the item table has (enabled)."""
+    if postgres:
+        return ("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('\"ps_model_usage_item\"') "
+                "AND tgname IN (%s) AND tgenabled <> 'D'" % ", ".join("'%s'" % name for name in triggers[True]))
+    return ("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ps_model_usage_item' "
+            "AND name IN (%s)" % ", ".join("'%s'" % name for name in triggers[False]))
+
+
+def _beside_rollups_trigger_sql(postgres, triggers, what, fold, emptied):
+    """The statements installing a family of triggers kept beside the
+    rollups' (the attribution ledger's, the budgets' slots'), like them in
+    the writer's transaction and never failing it: they fold what the
+    rollups fold (``foldable_sql``; the rollups mark the rest). ``fold(r,
+    row, sign, condition)`` and ``emptied(postgres, row)``: the family's
+    statements. SQLite: SQL that cannot fail; PostgreSQL: a block that, when
+    a fold fails, marks the item's day in ``psai_rollup_unfolded``, so
+    reports and budgets read that day from the items until it is rebuilt
+    (``what`` names the family in the warning when even that fails)."""
+    r = ItemReader(postgres)
+    new_ok, old_ok = foldable_sql(postgres, "NEW.created_at"), foldable_sql(postgres, "OLD.created_at")
+    if not postgres:
+        return _sqlite_triggers_sql(triggers[False], [fold(r, "NEW", 1, new_ok)],
+                                    [fold(r, "OLD", -1, old_ok), emptied(False, "OLD")])
+    (function_name,) = triggers[True]
+    function = """CREATE OR REPLACE FUNCTION %(function)s() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $psai$
+BEGIN
+  BEGIN
+    IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
+      %(fold_out)s;
+      %(emptied)s;
+    END IF;
+    IF TG_OP <> 'DELETE' AND %(new_ok)s THEN
+      %(fold_in)s;
+    END IF;
+  EXCEPTION WHEN OTHERS THEN
+    BEGIN
+      IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
+        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(old_day)s, SQLERRM);
+      END IF;
+      IF TG_OP <> 'DELETE' AND %(new_ok)s THEN
+        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(new_day)s, SQLERRM);
+      END IF;
+    EXCEPTION WHEN OTHERS THEN
+      RAISE WARNING 'psai: %(what)s could not keep a change of ps_model_usage_item: %%%%', SQLERRM;
+    END;
+  END;
+  RETURN NULL;
+END
+$psai$""" % {"function": function_name, "unfolded": quoted(UNFOLDED_TABLE), "old_ok": old_ok, "new_ok": new_ok,
+             "fold_out": fold(r, "OLD", -1, "true"), "emptied": emptied(True, "OLD"),
+             "fold_in": fold(r, "NEW", 1, "true"), "old_day": _range_day(True, "OLD.created_at"),
+             "new_day": _range_day(True, "NEW.created_at"), "what": what.replace("'", "''")}
+    return [function] + _postgres_trigger_sql(function_name)
+
+
 def rollup_trigger_sql(postgres):
     """The statements installing the triggers that keep the rollups in the
     writer's own transaction (docs/rollups.md). SQLite: one trigger an
@@ -830,12 +914,7 @@ def rollup_trigger_sql(postgres):
                    "INSERT INTO %s (item_id, reason) SELECT NEW.id, '%s' WHERE NOT %s" % (unfolded, _ODD_TIME, new_ok)]
         fold_out = [_fold_sql(r, "OLD", -1, old_rolled), _emptied_sql(False, "OLD"),
                     "DELETE FROM %s WHERE item_id = OLD.id" % unfolded]
-        insert, update, delete = ROLLUP_TRIGGERS[False]
-        body = 'CREATE TRIGGER IF NOT EXISTS "%s" AFTER %s ON "ps_model_usage_item" BEGIN %s; END'
-        return [body % (insert, "INSERT", "; ".join(fold_in)),
-                body % (update, "UPDATE OF %s" % ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
-                        "; ".join(fold_out + fold_in)),
-                body % (delete, "DELETE", "; ".join(fold_out))]
+        return _sqlite_triggers_sql(ROLLUP_TRIGGERS[False], fold_in, fold_out)
     # One block around the work (one subtransaction a row): what fails in it is undone and marked instead;
     # if even the mark fails, a warning. The function's search_path is the one it was made with, so a
     # writer connected with another still finds psai's tables. (The statement goes through psycopg2: "%%%%" is one "%".)
@@ -876,26 +955,17 @@ $psai$""" % {"function": ROLLUP_FUNCTION, "unfolded": unfolded, "old_ok": foldab
              "new_ok": foldable_sql(True, "NEW.created_at"), "fold_out": _fold_sql(r, "OLD", -1, "true"),
              "emptied": _emptied_sql(True, "OLD"), "old_day": _range_day(True, "OLD.created_at"),
              "fold_in": _fold_sql(r, "NEW", 1, "true"), "odd": _ODD_TIME}
-    trigger = ('CREATE TRIGGER "%s" AFTER INSERT OR DELETE OR UPDATE OF %s ON "ps_model_usage_item" '
-               'FOR EACH ROW EXECUTE PROCEDURE %s()' % (ROLLUP_FUNCTION, ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
-                                                       ROLLUP_FUNCTION))
-    return [function, 'DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % ROLLUP_FUNCTION, trigger]
+    return [function] + _postgres_trigger_sql(ROLLUP_FUNCTION)
 
 
 def drop_rollup_triggers_sql(postgres):
     """The statements removing the triggers (the function stays, harmless)."""
-    if postgres:
-        return ['DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % ROLLUP_FUNCTION]
-    return ['DROP TRIGGER IF EXISTS "%s"' % name for name in ROLLUP_TRIGGERS[False]]
+    return _drop_triggers_sql(postgres, ROLLUP_TRIGGERS)
 
 
 def rollup_triggers_sql(postgres):
     """How many of psai's rollup triggers the item table has (enabled)."""
-    if postgres:
-        return ("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('\"ps_model_usage_item\"') "
-                "AND tgname = '%s' AND tgenabled <> 'D'" % ROLLUP_FUNCTION)
-    return ("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ps_model_usage_item' "
-            "AND name IN (%s)" % ", ".join("'%s'" % name for name in ROLLUP_TRIGGERS[False]))
+    return _count_triggers_sql(postgres, ROLLUP_TRIGGERS)
 
 
 def unfolded_items_sql(postgres, where):
@@ -1047,71 +1117,19 @@ def _ledger_emptied_sql(postgres, row):
 
 def ledger_trigger_sql(postgres):
     """The statements installing the ledger's own triggers, beside the
-    rollups' and like them: in the writer's transaction, never failing it
-    (SQLite: SQL that cannot fail; PostgreSQL: a block that, when a fold
-    fails, marks the item's day in ``psai_rollup_unfolded``, so reports read
-    that day from the items until it is rebuilt). Items whose time psai
-    does not fold are not in the ledger (the rollups mark them)."""
-    r = ItemReader(postgres)
-    new_ok, old_ok = foldable_sql(postgres, "NEW.created_at"), foldable_sql(postgres, "OLD.created_at")
-    if not postgres:
-        fold_in = [_ledger_fold_sql(r, "NEW", 1, new_ok)]
-        fold_out = [_ledger_fold_sql(r, "OLD", -1, old_ok), _ledger_emptied_sql(False, "OLD")]
-        insert, update, delete = LEDGER_TRIGGERS[False]
-        body = 'CREATE TRIGGER IF NOT EXISTS "%s" AFTER %s ON "ps_model_usage_item" BEGIN %s; END'
-        return [body % (insert, "INSERT", "; ".join(fold_in)),
-                body % (update, "UPDATE OF %s" % ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
-                        "; ".join(fold_out + fold_in)),
-                body % (delete, "DELETE", "; ".join(fold_out))]
-    function = """CREATE OR REPLACE FUNCTION %(function)s() RETURNS trigger LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $psai$
-BEGIN
-  BEGIN
-    IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
-      %(fold_out)s;
-      %(emptied)s;
-    END IF;
-    IF TG_OP <> 'DELETE' AND %(new_ok)s THEN
-      %(fold_in)s;
-    END IF;
-  EXCEPTION WHEN OTHERS THEN
-    BEGIN
-      IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
-        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(old_day)s, SQLERRM);
-      END IF;
-      IF TG_OP <> 'DELETE' AND %(new_ok)s THEN
-        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(new_day)s, SQLERRM);
-      END IF;
-    EXCEPTION WHEN OTHERS THEN
-      RAISE WARNING 'psai: the attribution ledger could not keep a change of ps_model_usage_item: %%%%', SQLERRM;
-    END;
-  END;
-  RETURN NULL;
-END
-$psai$""" % {"function": LEDGER_FUNCTION, "unfolded": quoted(UNFOLDED_TABLE), "old_ok": old_ok, "new_ok": new_ok,
-             "fold_out": _ledger_fold_sql(r, "OLD", -1, "true"), "emptied": _ledger_emptied_sql(True, "OLD"),
-             "fold_in": _ledger_fold_sql(r, "NEW", 1, "true"), "old_day": _range_day(True, "OLD.created_at"),
-             "new_day": _range_day(True, "NEW.created_at")}
-    trigger = ('CREATE TRIGGER "%s" AFTER INSERT OR DELETE OR UPDATE OF %s ON "ps_model_usage_item" '
-               'FOR EACH ROW EXECUTE PROCEDURE %s()' % (LEDGER_FUNCTION, ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
-                                                       LEDGER_FUNCTION))
-    return [function, 'DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % LEDGER_FUNCTION, trigger]
+    rollups' (``_beside_rollups_trigger_sql``)."""
+    return _beside_rollups_trigger_sql(postgres, LEDGER_TRIGGERS, "the attribution ledger", _ledger_fold_sql,
+                                       _ledger_emptied_sql)
 
 
 def drop_ledger_triggers_sql(postgres):
     """The statements removing the ledger's triggers (the function stays, harmless)."""
-    if postgres:
-        return ['DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % LEDGER_FUNCTION]
-    return ['DROP TRIGGER IF EXISTS "%s"' % name for name in LEDGER_TRIGGERS[False]]
+    return _drop_triggers_sql(postgres, LEDGER_TRIGGERS)
 
 
 def ledger_triggers_sql(postgres):
     """How many of the ledger's triggers the item table has (enabled)."""
-    if postgres:
-        return ("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('\"ps_model_usage_item\"') "
-                "AND tgname = '%s' AND tgenabled <> 'D'" % LEDGER_FUNCTION)
-    return ("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ps_model_usage_item' "
-            "AND name IN (%s)" % ", ".join("'%s'" % name for name in LEDGER_TRIGGERS[False]))
+    return _count_triggers_sql(postgres, LEDGER_TRIGGERS)
 
 
 def ledger_kinds_sql(where):
@@ -1237,70 +1255,19 @@ def _slot_emptied_sql(postgres, row):
 
 def slot_trigger_sql(postgres):
     """The statements installing the triggers that keep the 15-minute slots,
-    beside the rollups' own (their own names and function): they fold what
-    the rollups' fold (``foldable_sql``). PostgreSQL: a fold that fails is
-    undone and its day marked in the rollups' table of what could not be
-    folded, so reports and budgets read that day from the items until rebuilt."""
-    r = ItemReader(postgres)
-    new_ok, old_ok = foldable_sql(postgres, "NEW.created_at"), foldable_sql(postgres, "OLD.created_at")
-    if not postgres:
-        fold_in = [_slot_fold_sql(r, "NEW", 1, new_ok)]
-        fold_out = [_slot_fold_sql(r, "OLD", -1, old_ok), _slot_emptied_sql(False, "OLD")]
-        insert, update, delete = SLOT_TRIGGERS[False]
-        body = 'CREATE TRIGGER IF NOT EXISTS "%s" AFTER %s ON "ps_model_usage_item" BEGIN %s; END'
-        return [body % (insert, "INSERT", "; ".join(fold_in)),
-                body % (update, "UPDATE OF %s" % ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
-                        "; ".join(fold_out + fold_in)),
-                body % (delete, "DELETE", "; ".join(fold_out))]
-    function = """CREATE OR REPLACE FUNCTION %(function)s() RETURNS trigger LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $psai$
-BEGIN
-  BEGIN
-    IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
-      %(fold_out)s;
-      %(emptied)s;
-    END IF;
-    IF TG_OP <> 'DELETE' AND %(new_ok)s THEN
-      %(fold_in)s;
-    END IF;
-  EXCEPTION WHEN OTHERS THEN
-    BEGIN
-      IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
-        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(old_day)s, SQLERRM);
-      END IF;
-      IF TG_OP <> 'DELETE' AND %(new_ok)s THEN
-        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(new_day)s, SQLERRM);
-      END IF;
-    EXCEPTION WHEN OTHERS THEN
-      RAISE WARNING 'psai: the budgets'' slots could not keep a change of ps_model_usage_item: %%%%', SQLERRM;
-    END;
-  END;
-  RETURN NULL;
-END
-$psai$""" % {"function": SLOT_FUNCTION, "unfolded": quoted(UNFOLDED_TABLE), "old_ok": old_ok, "new_ok": new_ok,
-             "fold_out": _slot_fold_sql(r, "OLD", -1, "true"), "emptied": _slot_emptied_sql(True, "OLD"),
-             "fold_in": _slot_fold_sql(r, "NEW", 1, "true"), "old_day": _range_day(True, "OLD.created_at"),
-             "new_day": _range_day(True, "NEW.created_at")}
-    trigger = ('CREATE TRIGGER "%s" AFTER INSERT OR DELETE OR UPDATE OF %s ON "ps_model_usage_item" '
-               'FOR EACH ROW EXECUTE PROCEDURE %s()' % (SLOT_FUNCTION, ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
-                                                       SLOT_FUNCTION))
-    return [function, 'DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % SLOT_FUNCTION, trigger]
+    beside the rollups' (``_beside_rollups_trigger_sql``)."""
+    return _beside_rollups_trigger_sql(postgres, SLOT_TRIGGERS, "the budgets' slots", _slot_fold_sql,
+                                       _slot_emptied_sql)
 
 
 def drop_slot_triggers_sql(postgres):
     """The statements removing the slots' triggers (the function stays, harmless)."""
-    if postgres:
-        return ['DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % SLOT_FUNCTION]
-    return ['DROP TRIGGER IF EXISTS "%s"' % name for name in SLOT_TRIGGERS[False]]
+    return _drop_triggers_sql(postgres, SLOT_TRIGGERS)
 
 
 def slot_triggers_sql(postgres):
     """How many of the slots' triggers the item table has (enabled)."""
-    if postgres:
-        return ("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('\"ps_model_usage_item\"') "
-                "AND tgname = '%s' AND tgenabled <> 'D'" % SLOT_FUNCTION)
-    return ("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ps_model_usage_item' "
-            "AND name IN (%s)" % ", ".join("'%s'" % name for name in SLOT_TRIGGERS[False]))
+    return _count_triggers_sql(postgres, SLOT_TRIGGERS)
 
 
 def slot_rebuild_sql(r, where):
