@@ -265,26 +265,7 @@ def rollup_rows(db: Database, group: list[str], days: Iterable[str], model_ids: 
     days = list(days)
     if not days:
         return []
-    params: list = []
-    runs: list[list[str]] = []
-    for day in days:  # consecutive days as one range
-        if runs and _after(runs[-1][1]) == _start(day):
-            runs[-1][1] = day
-        else:
-            runs.append([day, day])
-    clauses = []
-    for first, last in runs:
-        clauses.append('("range_day" >= %s AND "range_day" <= %s)' % (db.param, db.param))
-        params += [first, last]
-    where = ["(%s)" % " OR ".join(clauses)]
-    if model_ids is not None:
-        ids = list(model_ids)
-        where.append('"model_id" IN (%s)' % (", ".join([db.param] * len(ids)) or "NULL"))
-        params += ids
-    if agent_ids is not None:
-        agents = list(agent_ids)
-        where.append('"agent_id" IN (%s)' % (", ".join([db.param] * len(agents)) or "NULL"))
-        params += agents
+    where, params = _days_clause(db, days, model_ids, agent_ids)
     return db.execute_sql(rollup_sums_sql(group, where), params).fetchall()
 
 
