@@ -67,6 +67,23 @@ class BudgetStatus(TypedDict):
     hard: bool
     calls: int
     problem: str | None  # why an invalid budget cannot be used; None for every other state
+    scope: str  # what it covers (scope_of): "agent=7", "model=GPT-4o, user=alice", "all usage, tag team=search"
+
+
+def scope_of(budget: Budget) -> str:
+    """What a budget covers, as ``psai budgets list`` and ``status`` show it:
+    its scope (agent, with " (only)" without its sub-agents; model;
+    provider; organization; else "all usage") and the user or tag it is limited to."""
+    scope = next(("%s=%s" % (label, value) for label, value in (
+        ("agent", budget.agent_id), ("model", budget.model_name), ("provider", budget.provider),
+        ("organization", budget.organization_id)) if value is not None), "all usage")
+    if budget.agent_id is not None and not budget.include_sub_agents:
+        scope += " (only)"
+    if budget.user is not None:
+        scope += ", user=%s" % budget.user
+    elif budget.tag_key is not None:
+        scope += ", tag %s=%s" % (budget.tag_key, budget.tag_value)
+    return scope
 
 
 class BudgetEventRow(TypedDict):
@@ -452,7 +469,7 @@ def status(db: Database, budget: Budget, now: datetime.datetime) -> BudgetStatus
     return {"budget": budget.name, "currency": budget.currency, "limit": limit, "spent": used,
             "unpriced_tokens": unpriced, "remaining": max(limit - used, Decimal(0)), "period_start": start,
             "period_end": end, "forecast": forecast, "state": _state(budget, used, unknown), "hard": budget.hard,
-            "calls": calls, "problem": None}
+            "calls": calls, "problem": None, "scope": scope_of(budget)}
 
 
 def statuses(db: Database, rows: list[Budget], now: datetime.datetime) -> list[BudgetStatus]:
@@ -466,7 +483,8 @@ def invalid_status(budget: Budget, problem: str) -> BudgetStatus:
     """The status of a budget psai cannot use: nothing is measured against it."""
     return {"budget": str(budget.name), "currency": str(budget.currency), "limit": None, "spent": None,
             "unpriced_tokens": 0, "remaining": None, "period_start": None, "period_end": None, "forecast": None,
-            "state": "invalid", "hard": bool(budget.hard), "calls": 0, "problem": problem}
+            "state": "invalid", "hard": bool(budget.hard), "calls": 0, "problem": problem,
+            "scope": scope_of(budget)}
 
 
 # -- which budgets a call counts against ----------------------------------------------

@@ -25,7 +25,7 @@ from .models import (
     AgentRef, Budget, BudgetEvent, BudgetReservation, ModelRef, PsAiModel, Reservation, find_models,
 )
 from ._budget_ledger import (
-    LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, covering, event_row, forget, period_bounds,
+    LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, covering, event_row, forget, period_bounds, scope_of,
     statuses,
 )
 from .recording import model_cost
@@ -33,7 +33,7 @@ from .schemas import BUDGET_FIELDS, BudgetPeriod, BudgetUnpriced, validate_budge
 
 __all__ = ["set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events",
            "on_budget_event", "period_bounds", "RESERVATION_TTL", "Reservation",
-           "BudgetStatus", "BudgetEventRow", "LIMIT"]
+           "BudgetStatus", "BudgetEventRow", "LIMIT", "scope_of", "check_before_call"]
 
 
 # -- budgets ------------------------------------------------------------------------
@@ -313,6 +313,20 @@ def check_budget(agent: AgentRef | None = None,
                                             "created_at": now, "expires_at": now + RESERVATION_TTL}
                                            for row in holding]).execute()
     return Reservation(token, guess[0], tuple(row.name for row in holding), now + RESERVATION_TTL)
+
+
+def check_before_call(agent: AgentRef | None, model: ModelRef | None, *,
+                      estimate: Decimal | int | float | str | dict[str, Any] | None, reserve: bool,
+                      user: str | None, tags: Mapping[str, str] | None) -> Reservation | None:
+    """``check_budget`` before one call, as ``psai.track``'s ``run.check`` and
+    ``psai.instrument(..., budget=True)`` make it: with ``reserve`` and an
+    ``estimate``, the estimate is held and its Reservation returned (the
+    recording of the call settles it, ``release()`` gives it back); else
+    the budgets are only checked (with the estimate, if any) and None returned."""
+    if reserve and estimate is not None:
+        return check_budget(agent, model, user=user, tags=tags, estimate=estimate, reserve=True)
+    check_budget(agent, model, user=user, tags=tags, estimate=estimate)
+    return None
 
 
 # -- alerts -------------------------------------------------------------------------

@@ -27,14 +27,15 @@ from typing import Any
 from peewee import Database
 
 from .arguments import agent_arg, attribution_arg, model_arg
-from .budget import check_budget
-from .db import current_db
-from .errors import BudgetExceededError, ValidationError
-from .models import AgentRef, ModelRef, PsAgent, PsAiModel
-from .recording import record_response_data
+from .budget import check_before_call
+from .db import current_db, write_transaction
+from .errors import BudgetExceededError, NotFoundError, ValidationError
+from .models import AgentRef, ModelRef, PsAgent, PsAiModel, Reservation
+from .query import resolve_model
+from .recording import model_cost, record_response_data
 from .writer import LOG, enqueue, run_in
 
-__all__ = ["instrument", "uninstrument"]
+__all__ = ["instrument", "uninstrument", "request_estimate", "CHARACTERS_PER_TOKEN"]
 
 # Where the originals live on an instrumented client.
 _STATE = "_psai_instrumented"
@@ -57,6 +58,10 @@ _SDKS: dict[str, list[tuple[str, str, str]]] = {
 }
 _MARKERS = {"openai": ("chat.completions", "create"), "anthropic": ("messages", "create"),
             "google": ("models", "generate_content")}
+# The stored models a request's model name is looked up among, as recording looks up a response's
+# (PolicySynth configures the Responses API's models as provider "openaiResponses").
+_STORED_PROVIDERS: dict[str, str | list[str]] = {"openai": ["openai", "openaiResponses"],
+                                                 "anthropic": "anthropic", "google": "google"}
 
 # Stream events kept because they carry usage (or end a Responses stream).
 _START_EVENTS = frozenset({"message_start"})
@@ -66,16 +71,18 @@ _FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "respons
 class _Options:
     """What ``instrument`` was given, resolved once."""
 
-    __slots__ = ("agent", "model", "budget", "strict", "provider", "attribution")
+    __slots__ = ("agent", "model", "budget", "strict", "provider", "attribution", "stored_providers")
 
     def __init__(self, agent: PsAgent | None, model: PsAiModel | None, budget: bool, strict: bool,
-                 provider: str | None, attribution: dict[str, Any]) -> None:
+                 provider: str | None, attribution: dict[str, Any], stored_providers: str | list[str]) -> None:
         self.agent, self.model, self.budget, self.strict, self.provider = agent, model, budget, strict, provider
         self.attribution = attribution
+        self.stored_providers = stored_providers  # whose models a request's model name is looked up among
 
-    def record(self, response: Any) -> Any:
-        """Record one call (``record_response``, its attribution checked already)."""
-        return record_response_data(self.model, self.agent, response, self.provider, None, None,
+    def record(self, response: Any, reservation: Reservation | None = None) -> Any:
+        """Record one call (``record_response``, its attribution checked
+        already), settling its reservation."""
+        return record_response_data(self.model, self.agent, response, self.provider, None, None, reservation,
                                     attribution=self.attribution)
 
 
@@ -110,9 +117,12 @@ def instrument(client: Any, *, agent: AgentRef | None = None, model: ModelRef | 
     anthropic ``Anthropic``/``AsyncAnthropic``, google-genai ``Client``)
     with every call it makes recorded (``psai.record_response``) for
     ``agent`` and ``model`` (``model=None``: the stored model each
-    response's model name means). ``budget=True``: ``psai.check_budget``
-    before each call (a hard budget reached raises BudgetExceededError
-    instead of calling). ``strict=True``: a call that cannot be recorded
+    response's model name means). ``budget=True``: before each call, an
+    estimate of its cost (its output bound and its text, priced with the
+    model's prices; docs/capture.md) is reserved against the hard budgets
+    covering it (``psai.check_budget(..., reserve=True)``) and the call's
+    recording settles it: a budget the call would pass raises
+    BudgetExceededError instead of calling. ``strict=True``: a call that cannot be recorded
     raises; by default it is logged on the ``psai`` logger and the response
     returned. ``user``, ``session``, ``trace``, ``tags``, ``environment``:
     whose the client's calls are, kept in each one's item (as
@@ -124,9 +134,9 @@ def instrument(client: Any, *, agent: AgentRef | None = None, model: ModelRef | 
                                           "AzureOpenAI, anthropic Anthropic/AsyncAnthropic, google-genai "
                                           "Client): got %s." % type(client).__name__]})
     attribution = attribution_arg(user=user, session=session, trace=trace, tags=tags, environment=environment)
+    provider = "azure" if sdk == "openai" and "Azure" in type(client).__name__ else None
     options = _Options(agent_arg(agent), model_arg(model) if model is not None else None, bool(budget),
-                       bool(strict), "azure" if sdk == "openai" and "Azure" in type(client).__name__ else None,
-                       attribution)
+                       bool(strict), provider, attribution, provider or _STORED_PROVIDERS[sdk])
     uninstrument(client)
     patched: list[tuple[Any, str]] = []
     for path, name, how in _SDKS[sdk]:
@@ -156,31 +166,156 @@ def uninstrument(client: Any) -> Any:
     return client
 
 
-# -- before and after the call -----------------------------------------------------------
+# -- the budget, before the call ------------------------------------------------------------
 
-def _check(options: _Options) -> None:
-    """With ``budget=True``, before the call: ``psai.check_budget`` for the
-    agent and model. The seam for reservations (issue 32): check with
-    ``reserve=True`` here and hand the reservation to ``_record`` (released
-    when the call fails)."""
+# The request's bound on the call's output (openai Chat, Responses, anthropic): the first one given.
+_OUTPUT_BOUNDS = ("max_completion_tokens", "max_output_tokens", "max_tokens")
+# The request's text: in these arguments, under these keys (or SDK objects' attributes) within them.
+_TEXT_ARGUMENTS = ("messages", "system", "instructions", "input", "contents")
+_TEXT_KEYS = ("content", "text", "parts")
+# A rough count of the input: a token is about four characters of English text.
+CHARACTERS_PER_TOKEN = 4
+_DEEPEST = 8  # how far into a request its text is looked for (a message's parts' parts)
+
+
+def _field(value: Any, name: str) -> Any:
+    """A dict's key or an SDK object's attribute (google-genai's config, Content, Part)."""
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    return value.get(name) if isinstance(value, Mapping) else getattr(value, name, None)
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _output_bound(request: Mapping[str, Any], model: PsAiModel) -> int | None:
+    """The most tokens the call may answer with: the request's bound, else the model's ``maxTokensOut``."""
+    for name in _OUTPUT_BOUNDS:
+        given = _count(request.get(name))
+        if given is not None:
+            return given
+    given = _count(_field(request.get("config"), "max_output_tokens"))  # google-genai's generation config
+    if given is not None:
+        return given
+    return _count(_field(model.configuration, "maxTokensOut"))
+
+
+def _characters(value: Any, depth: int = 0) -> int:
+    """The characters of text in a request's argument: strings, and what the
+    text keys hold (a message's ``content``, a part's ``text``); images,
+    files and audio (other keys) are not counted."""
+    if isinstance(value, str):
+        return len(value)
+    if value is None or depth > _DEEPEST or isinstance(value, (bytes, int, float)):
+        return 0
+    if isinstance(value, (list, tuple)):
+        return sum(_characters(each, depth + 1) for each in value)
+    return sum(_characters(_field(value, key), depth + 1) for key in _TEXT_KEYS)
+
+
+def request_estimate(request: Mapping[str, Any], model: PsAiModel) -> dict[str, int] | None:
+    """What ``instrument(..., budget=True)`` reserves for a call to ``model``
+    with these keyword arguments, as counts ``check_budget`` prices with
+    the model's prices: ``tokens_out``, the request's output bound
+    (``max_tokens``, ``max_completion_tokens``, ``max_output_tokens``, or
+    google-genai's ``config.max_output_tokens``), else the model's
+    ``maxTokensOut``; ``tokens_in``, the characters of the request's text
+    (messages, system, instructions, input, contents, and the config's
+    system_instruction) over ``CHARACTERS_PER_TOKEN``, rounded up. None when
+    there is no bound or the model's prices cannot price the call."""
+    tokens_out = _output_bound(request, model)
+    if tokens_out is None:
+        return None
+    characters = sum(_characters(request.get(name)) for name in _TEXT_ARGUMENTS)
+    characters += _characters(_field(request.get("config"), "system_instruction"))
+    counts = {"tokens_in": -(-characters // CHARACTERS_PER_TOKEN), "tokens_out": tokens_out}
     try:
-        check_budget(options.agent, options.model, user=options.attribution.get("user"),
-                     tags=options.attribution.get("tags"))
+        model_cost(model, **counts)
+    except ValidationError:  # prices that cannot price it (a placeholder's, none at all)
+        return None
+    return counts
+
+
+def _request_model(options: _Options, request: Mapping[str, Any]) -> PsAiModel | None:
+    """The model a call is made for: ``instrument``'s, else the stored model
+    the request's model name means (as recording finds the response's), else None."""
+    if options.model is not None:
+        return options.model
+    name = request.get("model")
+    if not isinstance(name, str):
+        return None
+    try:
+        return resolve_model(name, provider=options.stored_providers)
+    except (NotFoundError, ValidationError):
+        return None
+
+
+def _reserve(options: _Options, request: Mapping[str, Any]) -> Reservation | None:
+    """With ``budget=True``, before the call: the call's estimate reserved
+    against the hard budgets covering it (``check_before_call``, as
+    ``psai.track``'s ``run.check`` does), the Reservation returned for its
+    recording to settle. Without an estimate (no model known before the
+    call, no output bound, prices that cannot price it) the budgets are
+    checked and None returned. A budget refusal raises; a failure of the
+    check itself is logged and the call goes ahead (strict: raises)."""
+    try:
+        model = _request_model(options, request)
+        estimate = request_estimate(request, model) if model is not None else None
+        return check_before_call(options.agent, model, estimate=estimate, reserve=True,
+                                 user=options.attribution.get("user"), tags=options.attribution.get("tags"))
     except BudgetExceededError:
         raise
     except Exception:
         if options.strict:
             raise
         LOG.warning("psai: the budget check before a call failed; the call goes ahead", exc_info=True)
+        return None
 
 
-def _record(options: _Options, response: Any) -> None:
+def _release(reservation: Reservation | None) -> None:
+    """Give back the reservation of a call that was not made (or cannot be
+    recorded); one that cannot be released is logged, and expires."""
+    if reservation is None:
+        return
     try:
-        options.record(response)
+        reservation.release()
     except Exception:
-        if options.strict:
+        LOG.warning("psai: a budget reservation was not released (it expires after "
+                    "psai.budget.RESERVATION_TTL)", exc_info=True)
+
+
+def _release_later(db: Database | None, reservation: Reservation | None) -> None:
+    """``_release`` on the writer (an async call): after what is queued before it, before what comes next."""
+    if reservation is not None and db is not None:
+        enqueue(db, "a budget reservation's release", _release, reservation)
+
+
+# -- after the call -------------------------------------------------------------------------
+
+def _record(options: _Options, response: Any, reservation: Reservation | None = None,
+            what: str = "an instrumented call", *, quiet: bool = False) -> None:
+    """Record one call, settling its reservation. One that cannot be
+    recorded gives the reservation back and is logged (strict: raised,
+    unless ``quiet``: an exception is on its way already)."""
+    try:
+        options.record(response, reservation)
+    except Exception:
+        _release(reservation)
+        if options.strict and not quiet:
             raise
-        LOG.warning("psai: an instrumented call was not recorded", exc_info=True)
+        LOG.warning("psai: %s was not recorded", what, exc_info=True)
+
+
+def _record_on_writer(options: _Options, response: Any, reservation: Reservation, what: str) -> None:
+    """``_record`` in the writer's batch: in a savepoint of its own, so that
+    a call that cannot be recorded leaves nothing but its release."""
+    try:
+        with write_transaction():
+            options.record(response, reservation)
+    except Exception:
+        _release(reservation)
+        LOG.warning("psai: %s was not recorded", what, exc_info=True)
 
 
 def _database(options: _Options) -> Database | None:
@@ -195,10 +330,14 @@ def _database(options: _Options) -> Database | None:
         return None
 
 
-def _record_later(db: Database | None, options: _Options, response: Any, what: str = "an instrumented call") -> None:
+def _record_later(db: Database | None, options: _Options, response: Any, reservation: Reservation | None = None,
+                  what: str = "an instrumented call") -> None:
     if db is None:
         return  # logged when the call began
-    enqueue(db, what, options.record, response)
+    if reservation is None:
+        enqueue(db, what, options.record, response)
+    else:
+        enqueue(db, what, _record_on_writer, options, response, reservation, what)
 
 
 def _ask_for_usage(kwargs: dict[str, Any]) -> bool:
@@ -220,13 +359,16 @@ def _sync_call(original: Callable[..., Any], options: _Options, *, always_stream
                chat: bool) -> Callable[..., Any]:
     @functools.wraps(original)
     def call(*args: Any, **kwargs: Any) -> Any:
-        if options.budget:
-            _check(options)
-        hide = chat and _ask_for_usage(kwargs)
-        result = original(*args, **kwargs)
+        reservation = _reserve(options, kwargs) if options.budget else None
+        try:
+            hide = chat and _ask_for_usage(kwargs)
+            result = original(*args, **kwargs)
+        except BaseException:
+            _release(reservation)  # the call failed: nothing to settle
+            raise
         if always_stream or kwargs.get("stream") is True:
-            return _Stream(result, _Call(options, hide, _database(options)))
-        _record(options, result)
+            return _Stream(result, _Call(options, hide, _database(options), reservation))
+        _record(options, result, reservation)
         return result
     return call
 
@@ -236,16 +378,19 @@ def _async_call(original: Callable[..., Any], options: _Options, *, always_strea
     @functools.wraps(original)
     async def call(*args: Any, **kwargs: Any) -> Any:
         db = _database(options)
-        if options.budget and db is not None:
-            await run_in(db, _check, options)
-        hide = chat and _ask_for_usage(kwargs)
-        result = await original(*args, **kwargs)
+        reservation = await run_in(db, _reserve, options, kwargs) if options.budget and db is not None else None
+        try:
+            hide = chat and _ask_for_usage(kwargs)
+            result = await original(*args, **kwargs)
+        except BaseException:
+            _release_later(db, reservation)
+            raise
         if always_stream or kwargs.get("stream") is True:
-            return _AsyncStream(result, _Call(options, hide, db))
+            return _AsyncStream(result, _Call(options, hide, db, reservation))
         if options.strict and db is not None:
-            await run_in(db, _record, options, result)
+            await run_in(db, _record, options, result, reservation)
         else:
-            _record_later(db, options, result)
+            _record_later(db, options, result, reservation)
         return result
     return call
 
@@ -256,7 +401,7 @@ def _stream_helper(original: Callable[..., Any], options: _Options) -> Callable[
     (openai's ``.stream()`` helpers call ``create``, wrapped already.)"""
     @functools.wraps(original)
     def stream(*args: Any, **kwargs: Any) -> Any:
-        return _StreamManager(original(*args, **kwargs), options)
+        return _StreamManager(original(*args, **kwargs), options, kwargs)
     return stream
 
 
@@ -264,12 +409,14 @@ def _stream_helper(original: Callable[..., Any], options: _Options) -> Callable[
 
 class _Call:
     """One streamed call: the events the reader needs (those that carry its
-    usage, and those that show it ended), kept as they pass."""
+    usage, and those that show it ended), kept as they pass, and the
+    reservation its recording settles."""
 
-    __slots__ = ("options", "hide", "db", "first", "start", "finished", "last", "done")
+    __slots__ = ("options", "hide", "db", "reservation", "first", "start", "finished", "last", "done")
 
-    def __init__(self, options: _Options, hide: bool, db: Database | None) -> None:
-        self.options, self.hide, self.db = options, hide, db
+    def __init__(self, options: _Options, hide: bool, db: Database | None,
+                 reservation: Reservation | None = None) -> None:
+        self.options, self.hide, self.db, self.reservation = options, hide, db, reservation
         self.first: Any = None
         self.start: Any = None
         self.finished: Any = None  # the chunk with a finish_reason (Chat, Gemini): the reader's proof the call ended
@@ -308,28 +455,24 @@ class _Call:
         return self.events()
 
     def finish(self, complete: bool, *, failing: bool = False) -> None:
-        """Record the call. One that did not run to its end is recorded only
-        when what the provider reported is the whole call (the reader says);
-        else it is logged as not recorded (strict: raises, unless the stream
-        itself ``failing`` already raises)."""
+        """Record the call, settling its reservation. One that did not run to
+        its end is recorded only when what the provider reported is the
+        whole call (the reader says); else it is logged as not recorded and
+        its reservation released (strict: raises, unless the stream itself
+        ``failing`` already raises)."""
         events = self.ending()
         if events is None:
             return
-        try:
-            self.options.record(events)
-        except Exception:
-            if self.options.strict and not failing:
-                raise
-            LOG.warning("psai: %s was not recorded", _WHAT[complete], exc_info=True)
+        _record(self.options, events, self.reservation, _WHAT[complete], quiet=failing)
 
     async def afinish(self, complete: bool, *, failing: bool = False) -> None:
         events = self.ending()
         if events is None:
             return
         if self.options.strict and not failing and self.db is not None:
-            await run_in(self.db, self.options.record, events)
+            await run_in(self.db, _record, self.options, events, self.reservation, _WHAT[complete])
         else:
-            _record_later(self.db, self.options, events, _WHAT[complete])
+            _record_later(self.db, self.options, events, self.reservation, _WHAT[complete])
 
     def abandoned(self) -> None:
         """Garbage-collected before its end: on the writer, never here (a
@@ -337,7 +480,7 @@ class _Call:
         try:
             events = self.ending()
             if events is not None:
-                _record_later(self.db, self.options, events, _WHAT[False])
+                _record_later(self.db, self.options, events, self.reservation, _WHAT[False])
         except Exception:
             pass  # nothing may escape a finalizer
 
@@ -451,11 +594,13 @@ class _AsyncStream:
 
 class _StreamManager:
     """anthropic's stream manager, recorded from its accumulated message
-    when the ``with`` (or ``async with``) block ends."""
+    when the ``with`` (or ``async with``) block ends (its reservation
+    settled then, or released when there is nothing to record)."""
 
-    def __init__(self, manager: Any, options: _Options) -> None:
-        self._manager, self._options = manager, options
+    def __init__(self, manager: Any, options: _Options, request: dict[str, Any]) -> None:
+        self._manager, self._options, self._request = manager, options, request
         self._stream: Any = None
+        self._reservation: Reservation | None = None
         self._db = _database(options)
 
     def _snapshot(self, exc: tuple[Any, ...]) -> Any:
@@ -474,35 +619,53 @@ class _StreamManager:
         LOG.warning("psai: %s", problem)
         return None
 
+    def _snapshot_or_release(self, exc: tuple[Any, ...], release: Callable[[], None]) -> Any:
+        """``_snapshot``; when there is none (or it raises), nothing settles the
+        reservation: ``release`` gives it back."""
+        snapshot = None
+        try:
+            snapshot = self._snapshot(exc)
+            return snapshot
+        finally:
+            if snapshot is None:
+                release()
+
     def __enter__(self) -> Any:
-        if self._options.budget:
-            _check(self._options)
-        self._stream = self._manager.__enter__()
+        self._reservation = _reserve(self._options, self._request) if self._options.budget else None
+        try:
+            self._stream = self._manager.__enter__()
+        except BaseException:
+            _release(self._reservation)
+            raise
         return self._stream
 
     def __exit__(self, *exc: Any) -> Any:
         try:
             return self._manager.__exit__(*exc)
         finally:
-            snapshot = self._snapshot(exc)
+            snapshot = self._snapshot_or_release(exc, lambda: _release(self._reservation))
             if snapshot is not None:
-                _record(self._options, snapshot)
+                _record(self._options, snapshot, self._reservation)
 
     async def __aenter__(self) -> Any:
         if self._options.budget and self._db is not None:
-            await run_in(self._db, _check, self._options)
-        self._stream = await self._manager.__aenter__()
+            self._reservation = await run_in(self._db, _reserve, self._options, self._request)
+        try:
+            self._stream = await self._manager.__aenter__()
+        except BaseException:
+            _release_later(self._db, self._reservation)
+            raise
         return self._stream
 
     async def __aexit__(self, *exc: Any) -> Any:
         try:
             return await self._manager.__aexit__(*exc)
         finally:
-            snapshot = self._snapshot(exc)
+            snapshot = self._snapshot_or_release(exc, lambda: _release_later(self._db, self._reservation))
             if snapshot is not None and self._options.strict and self._db is not None:
-                await run_in(self._db, _record, self._options, snapshot)
+                await run_in(self._db, _record, self._options, snapshot, self._reservation)
             elif snapshot is not None:
-                _record_later(self._db, self._options, snapshot)
+                _record_later(self._db, self._options, snapshot, self._reservation)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._manager, name)

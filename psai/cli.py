@@ -1306,17 +1306,9 @@ def budgets():
 
 
 def _budget_row(budget):
-    scope = next(("%s=%s" % (label, value) for label, value in (
-        ("agent", budget.agent_id), ("model", budget.model_name), ("provider", budget.provider),
-        ("organization", budget.organization_id)) if value is not None), "all usage")
-    if budget.agent_id is not None and not budget.include_sub_agents:
-        scope += " (only)"
-    if budget.user is not None:
-        scope += ", user=%s" % budget.user
-    elif budget.tag_key is not None:
-        scope += ", tag %s=%s" % (budget.tag_key, budget.tag_value)
+    from .budget import scope_of
     return {"name": budget.name, "limit": budget.amount, "currency": budget.currency, "period": budget.period,
-            "timezone": budget.timezone, "scope": scope,
+            "timezone": budget.timezone, "scope": scope_of(budget),
             "warn_at": ",".join(str(f) for f in budget.warn_at) if isinstance(budget.warn_at, list) else budget.warn_at,
             "hard": budget.hard, "unpriced": budget.unpriced}
 
@@ -1373,12 +1365,14 @@ def budgets_list(fmt):
 @click.argument("name", required=False)
 @output_options
 def budgets_status(name, fmt):
-    """What each budget (or NAME) has spent this period, against its limit:
-    exit 3 when a hard budget is exceeded (for cron and CI), else 0."""
+    """What each budget (or NAME) has spent this period, against its limit,
+    and what it covers (its scope: agent, model, provider or organization,
+    and user or tag): exit 3 when a hard budget is exceeded (for cron and
+    CI), else 0."""
     from .budget import budget_status
     connect()
     statuses = budget_status(name)
-    emit(statuses, fmt, columns=["budget", "state", "spent", "limit", "currency", "remaining", "forecast",
+    emit(statuses, fmt, columns=["budget", "scope", "state", "spent", "limit", "currency", "remaining", "forecast",
                                  "unpriced_tokens", "period_start", "period_end"])
     if any(s["hard"] and s["state"] == "exceeded" for s in statuses):
         sys.exit(EXIT_BUDGET_EXCEEDED)

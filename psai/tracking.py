@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from .arguments import agent_arg, attribution_arg, model_arg
-from .budget import check_budget
+from .budget import check_before_call, check_budget
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, Reservation
 from .recording import record_response_data
 from .writer import run_in
@@ -38,10 +38,8 @@ class Run:
         releases one left unsettled)."""
         chosen = model if model is not None else self.model
         self.release()
-        if self.budget and estimate is not None:
-            self.reservation = check_budget(self.agent, chosen, estimate=estimate, reserve=True, **self._whose())
-        else:
-            check_budget(self.agent, chosen, estimate=estimate, **self._whose())
+        self.reservation = check_before_call(self.agent, chosen, estimate=estimate, reserve=self.budget,
+                                             **self._whose())
 
     def _whose(self) -> dict[str, Any]:
         """The block's user and tags, for ``check_budget``: the budgets of that user or tag weigh its calls."""
