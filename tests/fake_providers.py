@@ -60,11 +60,17 @@ def sse_without_usage(text):
 
 class ProviderServer:
     """``url``; ``requests``: (path, JSON body) of every request served;
-    ``response_ids``: the response id each one was served with."""
+    ``response_ids``: the response id each one was served with.
+    ``failing``: an HTTP status every request is answered with (an API
+    error), None to serve the bodies; ``gate``: a threading.Event each
+    request waits for before it is answered (a call held in flight), None
+    to answer at once."""
 
     def __init__(self):
         self.requests = []
         self.response_ids = []
+        self.failing = None
+        self.gate = None
         served = itertools.count(1)
         server = self
 
@@ -85,6 +91,16 @@ class ProviderServer:
                 raw = self.rfile.read(length) if length else b""
                 body = json.loads(raw) if raw else {}
                 server.requests.append((self.path, body))
+                if server.gate is not None:
+                    server.gate.wait(60)
+                if server.failing is not None:
+                    payload = json.dumps({"error": {"message": "a failure", "type": "server_error"}}).encode()
+                    self.send_response(server.failing)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
                 path = self.path.split("?")[0]
                 streamed = bool(body.get("stream")) or path.endswith(":streamGenerateContent")
                 name = next((file for (end, stream), file in BODIES.items()

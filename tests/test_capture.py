@@ -7,6 +7,8 @@ import logging
 import subprocess
 import sys
 import textwrap
+import threading
+from decimal import Decimal
 
 import anthropic
 import openai
@@ -14,6 +16,8 @@ import pytest
 from google import genai
 
 import psai
+import psai.capture
+import psai.query
 from conftest import make_configuration
 from fake_providers import RESPONSE_IDS, ProviderServer, body_text
 from psai import writer
@@ -424,6 +428,172 @@ def test_budget_of_a_user_checked_before_the_calls_of_that_user(server, model):
     assert len(server.requests) == served  # never called
     bob.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # neither alice nor tagged search
     assert len(items()) == 2 and len(server.requests) == served + 1
+
+# -- budget=True: each call's estimate reserved ---------------------------------------------------
+
+# The model's prices: 30 and 60 USD per million tokens in and out. MESSAGES is two characters (1 token
+# in), so a call bounded to 1,000 tokens out is estimated at 0.06003 USD, one bounded to 100 at 0.00603.
+LONG, SHORT = {"max_completion_tokens": 1000}, {"max_completion_tokens": 100}
+
+
+def reservations():
+    return psai.models.BudgetReservation.select().count()
+
+
+def async_chat(server, model, bound):
+    """One call of a budgeted async client (its own, on its own event loop)."""
+    async def call():
+        client = psai.instrument(async_openai_client(server), model=model, budget=True)
+        return await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, **bound)
+    return asyncio.run(call())
+
+
+def assert_settled(budget, response_ids):
+    """No reservation left held, and the budget has spent what its calls were recorded to cost."""
+    assert reservations() == 0
+    costs = [psai.recorded_response(response_id).cost for response_id in response_ids]
+    [status] = psai.budget_status(budget)
+    assert costs and status["spent"] == sum(costs)
+
+
+@pytest.fixture
+def served(server):
+    """The response ids the server sends from here on (a function); it answers at once again afterwards."""
+    before = len(server.response_ids)
+    yield lambda: server.response_ids[before:]
+    server.gate, server.failing = None, None
+
+
+def test_a_call_its_budget_cannot_hold_never_reaches_the_provider(server, model, served):
+    psai.set_budget(amount="0.05", model=model, name="small")
+    client = psai.instrument(openai_client(server), model=model, budget=True)
+    before = len(server.requests)
+    with pytest.raises(psai.BudgetExceededError, match="would be passed by this call: 0 spent \\+ 0.06 estimated"):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, **LONG)
+    with pytest.raises(psai.BudgetExceededError, match="would be passed"):
+        async_chat(server, model, LONG)
+    assert len(server.requests) == before  # refused before the call: the provider never saw it
+    assert reservations() == 0
+    # A tighter bound is a smaller estimate: held, made, settled by its recording.
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES, **SHORT)
+    assert len(server.requests) == before + 1
+    assert reservations() == 0
+    [status] = psai.budget_status("small")
+    assert status["spent"] == psai.recorded_response(server.response_ids[-1]).cost == Decimal("0.04060")
+
+
+def test_a_call_in_flight_holds_its_reservation(server, model, served):
+    psai.set_budget(amount="0.1", model=model, name="b")
+    before = len(server.requests)
+
+    async def calls():
+        client = psai.instrument(async_openai_client(server), model=model, budget=True)
+        server.gate = threading.Event()
+        first = asyncio.ensure_future(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, **LONG))
+        for _ in range(6000):  # until the provider has the first call
+            if len(server.requests) > before:
+                break
+            await asyncio.sleep(0.01)
+        assert reservations() == 1
+        with pytest.raises(psai.BudgetExceededError, match="0.06 held by reservations \\+ 0.06 estimated"):
+            await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, **LONG)
+        server.gate.set()
+        await first
+
+    asyncio.run(calls())
+    psai.flush()
+    assert len(server.requests) == before + 1  # the second never reached the provider
+    assert_settled("b", served())
+
+
+def test_a_stream_holds_its_reservation_until_it_ends(server, model, served):
+    psai.set_budget(amount="0.1", model=model, name="b")
+    client = psai.instrument(openai_client(server), model=model, budget=True)
+    stream = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, **LONG)
+    assert reservations() == 1
+    with pytest.raises(psai.BudgetExceededError, match="held by reservations"):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, **LONG)
+    assert len(list(stream)) > 1  # the caller reads it to its end
+    assert_settled("b", served())  # settled when the stream ended
+    # One abandoned before its usage cannot be recorded: its reservation is given back.
+    with client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, **LONG) as stream:
+        next(stream)
+        assert reservations() == 1
+    assert reservations() == 0 and len(items()) == 1
+
+
+def test_anthropic_streams_settle_their_reservations_sync_and_async(server, model, served):
+    # The recorded stream writes the cache for an hour: these prices cannot price that part.
+    psai.set_budget(amount="1", model=model, name="b", unpriced="allow")
+    client = psai.instrument(anthropic_client(server), model=model, budget=True)
+    with client.messages.stream(model="claude", max_tokens=1000, messages=MESSAGES) as stream:
+        assert reservations() == 1
+        stream.get_final_message()
+
+    async def call():
+        async_client = psai.instrument(async_anthropic_client(server), model=model, budget=True)
+        async with async_client.messages.stream(model="claude", max_tokens=1000, messages=MESSAGES) as stream:
+            assert reservations() == 1
+            await stream.get_final_message()
+
+    asyncio.run(call())
+    psai.flush()
+    assert len(items()) == 2 and len(served()) == 2
+    assert reservations() == 0
+
+
+def test_a_failing_call_gives_its_reservation_back(server, model, served):
+    # Room for one estimate (0.06 of 0.1): a reservation left held would refuse the next call.
+    psai.set_budget(amount="0.1", model=model, name="b")
+    client = psai.instrument(openai_client(server), model=model, budget=True)
+    before = len(server.requests)
+    server.failing = 500
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, **LONG)
+    with pytest.raises(openai.InternalServerError):
+        async_chat(server, model, LONG)
+    psai.flush()
+    assert len(server.requests) == before + 2 and reservations() == 0
+    server.failing = None
+    client.chat.completions.create(model="gpt-4o", messages=MESSAGES, **LONG)
+    async_chat(server, model, SHORT)
+    psai.flush()
+    assert len(items()) == 2
+    assert_settled("b", served())
+
+
+def test_without_a_model_the_request_names_the_model_reserved_for(server, model, served):
+    psai.set_budget(amount="0.05", model=model, name="small")
+    client = psai.instrument(openai_client(server), budget=True)
+    before = len(server.requests)
+    with pytest.raises(psai.BudgetExceededError, match="small"):  # "gpt-4" is the stored model's name
+        client.chat.completions.create(model="gpt-4", messages=MESSAGES, **LONG)
+    assert len(server.requests) == before
+    # A name no stored model has: nothing to price an estimate with, the other budgets are checked.
+    client.chat.completions.create(model="gpt-unknown", messages=MESSAGES, **LONG)
+    assert len(server.requests) == before + 1 and reservations() == 0
+
+
+def test_the_estimate_is_the_output_bound_and_the_text_over_four_characters(db, model):
+    estimate = psai.capture.request_estimate
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 4000}}  # not text
+    chat = {"messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}],
+            "max_completion_tokens": 300}
+    assert estimate(chat, model) == {"tokens_in": 6, "tokens_out": 300}  # 22 characters
+    assert estimate({"system": [{"type": "text", "text": "x" * 40}], "messages": MESSAGES, "max_tokens": 50},
+                    model) == {"tokens_in": 11, "tokens_out": 50}
+    assert estimate({"instructions": "abcd", "input": "abcdefgh", "max_output_tokens": 7}, model) == {
+        "tokens_in": 3, "tokens_out": 7}
+    config = genai.types.GenerateContentConfig(max_output_tokens=9, system_instruction="abcd")
+    contents = [genai.types.Content(role="user", parts=[genai.types.Part(text="abcdefgh")])]
+    assert estimate({"contents": contents, "config": config}, model) == {"tokens_in": 3, "tokens_out": 9}
+    assert estimate({"contents": "abcd", "config": {"max_output_tokens": 5}}, model) == {
+        "tokens_in": 1, "tokens_out": 5}
+    assert estimate({"messages": MESSAGES}, model) == {"tokens_in": 1, "tokens_out": 4096}  # its maxTokensOut
+    placeholder = psai.query.unmatched_model("gpt-unknown", "openai", user_id=1)  # its prices are {}
+    assert estimate({"messages": MESSAGES}, placeholder) is None  # the budgets are then checked without one
+
 
 # -- async recording and the writer ---------------------------------------------------------------
 
