@@ -1365,10 +1365,9 @@ def budgets_list(fmt):
 @click.argument("name", required=False)
 @output_options
 def budgets_status(name, fmt):
-    """What each budget (or NAME) has spent this period, against its limit,
-    and what it covers (its scope: agent, model, provider or organization,
-    and user or tag): exit 3 when a hard budget is exceeded (for cron and
-    CI), else 0."""
+    """What each budget (or NAME) covers (its scope) and has spent this
+    period, against its limit: exit 3 when a hard budget is exceeded (for
+    cron and CI), else 0."""
     from .budget import budget_status
     connect()
     statuses = budget_status(name)

@@ -249,6 +249,10 @@ def test_the_command_line_sets_and_lists_user_and_tag_budgets(run):
     assert "KEY=VALUE" in run("budgets", "set", "--name", "x", "--amount", "1", "--tag", "team", code=2).output
     statuses = json.loads(run("budgets", "status", "--json").stdout)
     assert {s["budget"]: s["calls"] for s in statuses} == {"alice": 0, "search": 0}
+    assert {s["budget"]: s["scope"] for s in statuses} == listed  # what each covers, as the list says
+    table = run("budgets", "status").stdout.splitlines()
+    assert "scope" in table[0].split() and any("provider=openai, tag team=search" in line for line in table)
+    assert {s["budget"]: s["scope"] for s in psai.budget_status()} == listed  # the library's rows carry it
 
 
 # -- a store from before the columns --------------------------------------------------------
