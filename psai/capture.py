@@ -15,7 +15,11 @@ writer (``psai.writer``) for an async one, so the event loop never waits on
 the database. A stream is recorded when it ends, from the events that
 carry usage or show the call's end (kept as they pass; the others are not
 held); one abandoned early is recorded only when what the provider
-reported is the whole call, else named as not recorded. psai never
+reported is the whole call, else named as not recorded. With
+``budget=True`` each call's estimate (``request_estimate``) is reserved
+before it (``check_before_call``, as ``psai.track`` reserves) and settled
+by its recording; a call that fails, or cannot be recorded, gives it
+back. psai never
 breaks the user's call: a recording that fails is logged on the ``psai``
 logger and the response returned (``strict=True`` raises instead).
 """
