@@ -562,6 +562,25 @@ def test_a_failing_call_gives_its_reservation_back(server, model, served):
     assert_settled("b", served())
 
 
+def test_a_call_that_cannot_be_recorded_gives_its_reservation_back(server, model, agent, caplog):
+    # Room for one estimate at a time: each call below is refused if the one before still holds its own.
+    psai.set_budget(amount="0.1", agent=agent, name="b")
+    client = psai.instrument(openai_client(server), agent=agent, model=model, budget=True)
+
+    async def call():
+        async_client = psai.instrument(async_openai_client(server), agent=agent, model=model, budget=True)
+        return await async_client.chat.completions.create(model="gpt-4o", messages=MESSAGES, **LONG)
+
+    model.delete_instance()  # the model the calls are for is gone: they cannot be recorded
+    with caplog.at_level(logging.WARNING, logger="psai"):
+        assert client.chat.completions.create(model="gpt-4o", messages=MESSAGES, **LONG).id
+        assert list(client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, **LONG))
+        assert asyncio.run(call()).id  # recorded (not) on the writer
+        psai.flush()
+    assert items() == [] and caplog.text.count("not recorded") == 3
+    assert reservations() == 0
+
+
 def test_without_a_model_the_request_names_the_model_reserved_for(server, model, served):
     psai.set_budget(amount="0.05", model=model, name="small")
     client = psai.instrument(openai_client(server), budget=True)
