@@ -528,15 +528,16 @@ def _named(rows, names):
 _COUNTER_KEYS = ("model_id", "agent_id", "connector_id")
 
 
-def _named_rollups(db, keys, days, model_ids):
-    """``rollup_rows`` grouped by ``keys``, each row a dict by column name (the keys, then GroupSums' fields)."""
-    names = list(keys) + [f.name for f in fields(GroupSums)]
-    return [dict(zip(names, row)) for row in rollup_rows(db, list(keys), days, model_ids)]
+def _named_rollups(db, keys, days, model_ids, sums):
+    """``rollup_rows`` grouped by ``keys``, each row a dict by column name (the keys, then ``sums``,
+    names among ROLLUP_SUMS: only what the caller reads is added up)."""
+    names = list(keys) + list(sums)
+    return [dict(zip(names, row)) for row in rollup_rows(db, list(keys), days, model_ids, only=sums)]
 
 
 def _add_rolled_totals(db, days, model_ids, agents, totals):
     """Add the input and output tokens of the rolled-up ``days`` to ``totals`` per (model, agent, connector)."""
-    for row in _named_rollups(db, ("model_id", "agent_id", "connector_id"), days, model_ids):
+    for row in _named_rollups(db, ("model_id", "agent_id", "connector_id"), days, model_ids, ("all_in", "all_out")):
         entry = totals[(row["model_id"], row["agent_id"] if row["agent_id"] in agents else None, row["connector_id"])]
         entry.tokens_in += exact_sum(row["all_in"])
         entry.tokens_out += exact_sum(row["all_out"])
@@ -544,7 +545,8 @@ def _add_rolled_totals(db, days, model_ids, agents, totals):
 
 def _add_rolled_buckets(db, days, model_ids, agents, key_buckets):
     """Add the buckets of the rolled-up ``days`` to ``key_buckets`` per (model, agent, connector)."""
-    for row in _named_rollups(db, ("model_id", "agent_id", "connector_id", "long"), days, model_ids):
+    for row in _named_rollups(db, ("model_id", "agent_id", "connector_id", "long"), days, model_ids,
+                              ("fresh_in", "cached", "cache_write", "out")):
         into = key_buckets[(row["model_id"], row["agent_id"] if row["agent_id"] in agents else None,
                             row["connector_id"])]
         prefix = "long_" if row["long"] else ""

@@ -259,14 +259,15 @@ def read_plan(db: Database, since: Moment = None, until: Moment = None) -> ReadP
 
 
 def rollup_rows(db: Database, group: list[str], days: Iterable[str], model_ids: Iterable[int] | None,
-                agent_ids: Iterable[int] | None = None) -> list[tuple]:
+                agent_ids: Iterable[int] | None = None, only: Iterable[str] | None = None) -> list[tuple]:
     """The rollups of ``days`` (of ``model_ids``, ``agent_ids``) added up by ``group``: rows
-    in the layout of item_groups_sql's (the keys, then GroupSums' columns)."""
+    in the layout of item_groups_sql's (the keys, then GroupSums' columns; ``only``: the
+    keys, then just those of ROLLUP_SUMS)."""
     days = list(days)
     if not days:
         return []
     where, params = _days_clause(db, days, model_ids, agent_ids)
-    return db.execute_sql(rollup_sums_sql(group, where), params).fetchall()
+    return db.execute_sql(rollup_sums_sql(group, where, None if only is None else list(only)), params).fetchall()
 
 
 def ledger_rows(db: Database, group: list[str], days: Iterable[str], model_ids: Iterable[int] | None,

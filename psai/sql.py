@@ -974,11 +974,15 @@ def unfolded_items_sql(postgres, where):
             % (foldable_sql(postgres, "i.created_at"), "".join(" AND " + w for w in where)))
 
 
-def rollup_sums_sql(group, where):
+def rollup_sums_sql(group, where, only=None):
     """Rollup rows meeting ``where`` added up by ``group`` (names among
-    ROLLUP_KEYS): rows in item_groups_sql's layout (GroupSums after the keys)."""
-    sums = ["CAST(SUM(\"calls\") AS BIGINT)"] + ['SUM(%s)' % quoted(c) for c in ROLLUP_SUMS[1:-2]] + [
-        'CASE WHEN SUM("cost_calls") > 0 THEN SUM("provider_cost") END']
+    ROLLUP_KEYS): rows in item_groups_sql's layout (GroupSums after the keys);
+    ``only`` (names among ROLLUP_SUMS): just those sums, in that order."""
+    if only is not None:
+        sums = ['SUM(%s)' % quoted(c) for c in only]
+    else:
+        sums = ["CAST(SUM(\"calls\") AS BIGINT)"] + ['SUM(%s)' % quoted(c) for c in ROLLUP_SUMS[1:-2]] + [
+            'CASE WHEN SUM("cost_calls") > 0 THEN SUM("provider_cost") END']
     keys = ", ".join(quoted(c) for c in group)
     return 'SELECT %s, %s FROM "%s" WHERE %s GROUP BY %s' % (keys, ", ".join(sums), ROLLUP_TABLE,
                                                              " AND ".join(where) or "1 = 1", keys)
