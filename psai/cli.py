@@ -1455,7 +1455,8 @@ def rollup_status(since, until, fmt):
 @output_options
 def rollup_verify(since, until, fmt):
     """Recompute every day reports read from the rollups and list those whose
-    rollups differ from their items (exit 1 when there is one)."""
+    rollups (or budget slots, or attribution ledger) differ from their items
+    (exit 1 when there is one)."""
     from .rollups import verify
     connect()
     found = verify(since=since, until=until)

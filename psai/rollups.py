@@ -20,7 +20,7 @@ only while the model still has that threshold.
 """
 import datetime
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypedDict
@@ -36,10 +36,11 @@ from .sql import (
     LEDGER_TABLE, LEDGER_TRIGGERS, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, ROLLUP_TRIGGERS, SLOT_MINUTES, SLOT_TABLE,
     SLOT_TRIGGERS, UNFOLDED_TABLE, ItemReader, drop_ledger_triggers_sql, drop_rollup_triggers_sql,
     drop_slot_triggers_sql, foldable_sql, item_days_sql, ledger_groups_sql, ledger_insert_sql, ledger_kinds_sql,
-    ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, quoted, ranges_clause,
+    ledger_rows_sql, ledger_sums_of_items_sql, ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql,
+    model_thresholds_sql, quoted, ranges_clause,
     rollup_day_list_sql, rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql, rollup_sums_sql,
-    rollup_thresholds_sql, rollup_trigger_sql, rollup_triggers_sql, slot_rebuild_sql, slot_thresholds_sql,
-    slot_trigger_sql, slot_triggers_sql, window,
+    rollup_thresholds_sql, rollup_trigger_sql, rollup_triggers_sql, slot_rebuild_sql, slot_rows_sql, slot_sums_sql,
+    slot_thresholds_sql, slot_trigger_sql, slot_triggers_sql, window, BUDGET_SUMS, SLOT_KEYS,
 )
 
 __all__ = ["has_rollups", "enabled", "enable", "disable", "ReadPlan", "read_plan", "rollup_rows", "scan_where",
@@ -477,14 +478,14 @@ class RollupProblem(TypedDict):
     problem: str
 
 
-def _sums(rows: Iterable[tuple]) -> dict[tuple, list]:
-    """Rollup rows (keys, sums) added up per key; rows of no call left out,
-    a provider's cost of no call None."""
+def _sums(rows: Iterable[tuple], width: int = len(ROLLUP_KEYS), names: tuple[str, ...] = ROLLUP_SUMS
+          ) -> dict[tuple, list]:
+    """Rows (their first ``width`` columns the key, then the sums ``names``)
+    added up per key; rows of no call left out, a provider's cost of no call None."""
     added: dict[tuple, list] = {}
-    width = len(ROLLUP_KEYS)
     for row in rows:
         key = tuple(_number(v) for v in row[:width])
-        sums = [_number(v) for v in row[width:width + len(ROLLUP_SUMS)]]
+        sums = [_number(v) for v in row[width:width + len(names)]]
         into = added.get(key)
         if into is None:
             added[key] = sums
@@ -494,10 +495,11 @@ def _sums(rows: Iterable[tuple]) -> dict[tuple, list]:
                 into[i] = value if into[i] is None else into[i]
             else:
                 into[i] = into[i] + value
-    cost_at, calls_at = ROLLUP_SUMS.index("provider_cost"), ROLLUP_SUMS.index("cost_calls")
-    for sums in added.values():
-        if not sums[calls_at]:
-            sums[cost_at], sums[calls_at] = None, 0
+    if "provider_cost" in names:
+        cost_at, calls_at = names.index("provider_cost"), names.index("cost_calls")
+        for sums in added.values():
+            if not sums[calls_at]:
+                sums[cost_at], sums[calls_at] = None, 0
     return {key: sums for key, sums in added.items() if sums[0]}
 
 
@@ -512,10 +514,28 @@ def _same(a: list, b: list) -> bool:
     return True
 
 
+def _differing_days(expected: dict[tuple, list], stored: dict[tuple, list], day_of: Callable[[tuple], str],
+                    days: set[str]) -> dict[str, int]:
+    """Of ``days``, those whose rows (by key: ``_sums``') differ between
+    ``expected`` and ``stored``, each with how many of its keys one of them lacks."""
+    differ: dict[str, int] = {}
+    for key in set(expected) | set(stored):
+        day = day_of(key)
+        if day not in days:
+            continue
+        if key not in expected or key not in stored:
+            differ[day] = differ.get(day, 0) + 1
+        elif not _same(expected[key], stored[key]):
+            differ.setdefault(day, 0)
+    return differ
+
+
 def verify(db: Database | None = None, *, since: datetime.date | str | None = None,
            until: datetime.date | str | None = None) -> list[RollupProblem]:
     """The days reports would read from the rollups whose rollups differ
-    from their items recomputed (a full read of those days' items)."""
+    from their items recomputed (a full read of those days' items), and
+    whose budgets' 15-minute slots or attribution ledger do, where triggers
+    keep them: one problem a day and table."""
     db = _db(db)
     if not enabled(db):
         return []
@@ -524,26 +544,37 @@ def verify(db: Database | None = None, *, since: datetime.date | str | None = No
     if not plan.days:
         return []
     days = set(plan.days)
-    postgres = is_postgres(db)
+    r = ItemReader(is_postgres(db))
     params: list = []
     where = window(db, "i.created_at", PsModelUsageItem.created_at, start, end, None, params) + [
-        foldable_sql(postgres, "i.created_at")]
-    expected = _sums(db.execute_sql(rollup_groups_sql(ItemReader(postgres), where), params).fetchall())
+        foldable_sql(r.postgres, "i.created_at")]
     day_where, day_params = _day_where(db, start, end)
-    stored = _sums(row[1:] for row in db.execute_sql(rollup_rows_sql(day_where), day_params))
     at = ROLLUP_KEYS.index("day")
+    # Each table kept beside the items: what it should hold, what it holds, the day of a key.
+    checks: list[tuple[str, dict[tuple, list], dict[tuple, list], Callable[[tuple], str]]] = [(
+        "rollups", _sums(db.execute_sql(rollup_groups_sql(r, where), params).fetchall()),
+        _sums(row[1:] for row in db.execute_sql(rollup_rows_sql(day_where), day_params)), lambda key: key[at])]
+    if slots_enabled(db):
+        width = 1 + len(SLOT_KEYS)
+        slot_where, _ = _day_where(db, start, end, '"range_slot"')
+        checks.append(("15-minute budget slots",
+                       _sums(db.execute_sql(slot_sums_sql(r, where), params).fetchall(), width, BUDGET_SUMS),
+                       _sums(db.execute_sql(slot_rows_sql(slot_where), day_params).fetchall(), width, BUDGET_SUMS),
+                       lambda key: key[0][:10]))
+    if ledger_enabled(db):
+        width = 2 + len(ROLLUP_KEYS)
+        checks.append(("attribution ledger rows",
+                       _sums(db.execute_sql(ledger_sums_of_items_sql(r, where), params).fetchall(), width),
+                       _sums(db.execute_sql(ledger_rows_sql(day_where), day_params).fetchall(), width),
+                       lambda key: key[2 + at]))
     problems: list[RollupProblem] = []
-    for day in sorted(days):
-        mine = {k: v for k, v in expected.items() if k[at] == day}
-        kept = {k: v for k, v in stored.items() if k[at] == day}
-        if mine.keys() == kept.keys() and all(_same(mine[k], kept[k]) for k in mine):
-            continue
-        differ = sorted(set(mine) ^ set(kept), key=repr)
-        problems.append({"day": day, "problem": "its rollups differ from its items (%s): run `psai rollup rebuild "
-                                                "--since %s --until %s`" % (
-                                                    "%d groups differ" % len(differ) if differ
-                                                    else "the sums differ", day, day)})
-    return problems
+    for table, expected, stored, day_of in checks:
+        for day, missing in sorted(_differing_days(expected, stored, day_of, days).items()):
+            problems.append({"day": day, "problem": "its %s differ from its items (%s): run `psai rollup rebuild "
+                                                    "--since %s --until %s`" % (
+                                                        table, "%d groups differ" % missing if missing
+                                                        else "the sums differ", day, day)})
+    return sorted(problems, key=lambda problem: problem["day"])
 
 
 class DayStatus(TypedDict):

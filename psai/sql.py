@@ -1083,6 +1083,19 @@ def ledger_groups_sql(r, where, source='"ps_model_usage_item"'):
     return sql
 
 
+def ledger_sums_of_items_sql(r, where):
+    """The ledger rows the items meeting ``where`` add up to, as
+    ``ledger_rows_sql`` reads the kept ones: (kind, value, ROLLUP_KEYS, ROLLUP_SUMS)."""
+    return 'SELECT g.kind, g.attribute, %s FROM (%s) g' % (
+        ", ".join("g.%s" % quoted(c) for c in ROLLUP_KEYS + ROLLUP_SUMS), ledger_groups_sql(r, where))
+
+
+def ledger_rows_sql(where):
+    """Ledger rows (kind, value, ROLLUP_KEYS, ROLLUP_SUMS) meeting ``where``, for verify."""
+    return 'SELECT %s FROM "%s" WHERE %s' % (", ".join(quoted(c) for c in ("kind", "value") + ROLLUP_KEYS
+                                                       + ROLLUP_SUMS), LEDGER_TABLE, " AND ".join(where) or "1 = 1")
+
+
 def _ledger_key(postgres):
     keys = _group_key(postgres)
     if postgres:
@@ -1274,19 +1287,37 @@ def slot_triggers_sql(postgres):
     return _count_triggers_sql(postgres, SLOT_TRIGGERS)
 
 
-def slot_rebuild_sql(r, where):
-    """Insert the slot rows of the items meeting ``where`` (``i``), added up
-    by slot and key: item_groups_sql's groups, the slot standing in the
-    connector's column (slots keep no connector)."""
+def _slot_groups_sql(r, where):
+    """The items meeting ``where`` (``i``) added up by slot and key:
+    item_groups_sql's groups, the slot standing in the connector's column
+    (slots keep no connector)."""
     read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True)
     slotted = "SELECT s.model_id, s.agent_id, %s AS connector_id, s.created_at, %s FROM (%s) s" % (
         range_slot_sql(r.postgres, "s.created_at"), ", ".join("s.v_" + name for name, _p, _k in ITEM_VALUES)
         + ", s.v_model_threshold", read)
     groups, group = item_groups_sql(r, slotted, ("agent", "connector"), rollup=True)
     assert set(SLOT_KEYS) <= set(group) and "connector_id" in group, group
+    return groups
+
+
+def slot_rebuild_sql(r, where):
+    """Insert the slot rows of the items meeting ``where`` (``i``)."""
     return 'INSERT INTO %s (%s) SELECT g."connector_id", %s, %s FROM (%s) g' % (
         quoted(SLOT_TABLE), _SLOT_COLUMNS, ", ".join("g.%s" % quoted(c) for c in SLOT_KEYS + BUDGET_SUMS),
-        _slot_key(r.postgres), groups)
+        _slot_key(r.postgres), _slot_groups_sql(r, where))
+
+
+def slot_sums_sql(r, where):
+    """The slot rows the items meeting ``where`` (``i``) add up to, as
+    ``slot_rows_sql`` reads the kept ones: (range_slot, SLOT_KEYS, BUDGET_SUMS)."""
+    return 'SELECT g."connector_id", %s FROM (%s) g' % (
+        ", ".join("g.%s" % quoted(c) for c in SLOT_KEYS + BUDGET_SUMS), _slot_groups_sql(r, where))
+
+
+def slot_rows_sql(where):
+    """Slot rows (range_slot, SLOT_KEYS, BUDGET_SUMS) meeting ``where``, for verify."""
+    return 'SELECT %s FROM %s WHERE %s' % (", ".join(quoted(c) for c in ("range_slot",) + SLOT_KEYS + BUDGET_SUMS),
+                                           quoted(SLOT_TABLE), " AND ".join(where) or "1 = 1")
 
 
 def slot_thresholds_sql(where):

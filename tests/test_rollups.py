@@ -336,6 +336,25 @@ def test_a_rollup_made_wrong_is_found_by_verify_and_check_and_repaired_by_rebuil
     assert rollups.verify(db) == [] and cost_report("model") == right
 
 
+@pytest.mark.parametrize("table, column, named", [("psai_usage_slots", "fresh_in", "15-minute budget slots"),
+                                                    ("psai_attribution_ledger", "out", "attribution ledger rows")])
+def test_slots_and_ledger_made_wrong_are_found_by_verify_and_repaired_by_rebuild(db, clock, seed_model, table,
+                                                                                column, named):
+    for _ in range(3):
+        psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10, user="ana", tags={"team": "search"})
+    assert rollups.verify(db) == []
+    db.execute_sql('UPDATE "%s" SET "%s" = "%s" + 7 WHERE "id" = (SELECT MIN("id") FROM "%s")'
+                   % (table, column, column, table))
+    problems = rollups.verify(db)
+    assert [p["day"] for p in problems] == ["2026-11-25"]
+    assert named in problems[0]["problem"] and "the sums differ" in problems[0]["problem"]
+    db.execute_sql('DELETE FROM "%s"' % table)  # rows missing: named by how many
+    (problem,) = rollups.verify(db)
+    assert named in problem["problem"] and "groups differ" in problem["problem"]
+    rollups.rebuild(db, since="2026-11-25", until="2026-11-25")
+    assert rollups.verify(db) == []
+
+
 def test_what_a_trigger_cannot_fold_is_read_from_the_items_and_named_by_check(db, backend, clock, seed_model):
     """A time psai does not store (SQLite: other text; PostgreSQL: infinity)
     never fails the writer: the item is marked, reports read it from the
