@@ -982,8 +982,9 @@ def _beside_rollups_trigger_sql(postgres, family):
             steps.append(_emptied_rows_sql(family, gone))
         days = " UNION ".join("SELECT %s AS d FROM %s i WHERE %s" % (_range_day(True, "i.created_at"), source, ok)
                               for source in (gone, came) if source)
-        return _guarded_sql(family, steps, ["INSERT INTO %s (range_day, reason) SELECT DISTINCT d, SQLERRM FROM (%s) days"
-                                            % (quoted(UNFOLDED_TABLE), days)])
+        mark = "INSERT INTO %s (range_day, reason) SELECT DISTINCT d, SQLERRM FROM (%s) days" % (
+            quoted(UNFOLDED_TABLE), days)
+        return _guarded_sql(family, steps, [mark])
     return _statement_triggers_sql(family, work)
 
 
