@@ -33,14 +33,13 @@ from .errors import NotAdoptedError, RollupsOffError
 from .fields import UTC
 from .models import PsModelUsageItem
 from .sql import (
-    LEDGER_TABLE, LEDGER_TRIGGERS, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, ROLLUP_TRIGGERS, SLOT_MINUTES, SLOT_TABLE,
-    SLOT_TRIGGERS, UNFOLDED_TABLE, ItemReader, drop_ledger_triggers_sql, drop_rollup_triggers_sql,
-    drop_slot_triggers_sql, foldable_sql, item_days_sql, ledger_groups_sql, ledger_insert_sql, ledger_kinds_sql,
-    ledger_rows_sql, ledger_sums_of_items_sql, ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql,
-    model_thresholds_sql, quoted, ranges_clause,
-    rollup_day_list_sql, rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql, rollup_sums_sql,
-    rollup_thresholds_sql, rollup_trigger_sql, rollup_triggers_sql, slot_rebuild_sql, slot_rows_sql, slot_sums_sql,
-    slot_thresholds_sql, slot_trigger_sql, slot_triggers_sql, window, BUDGET_SUMS, SLOT_KEYS,
+    BUDGET_SUMS, LEDGER_TABLE, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_KEYS, SLOT_MINUTES, SLOT_TABLE,
+    UNFOLDED_TABLE, ItemReader, drop_ledger_triggers_sql, drop_rollup_triggers_sql, drop_slot_triggers_sql,
+    foldable_sql, item_days_sql, ledger_groups_sql, ledger_insert_sql, ledger_kinds_sql, ledger_rows_sql,
+    ledger_sums_of_items_sql, ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, quoted,
+    ranges_clause, rollup_day_list_sql, rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql,
+    rollup_sums_sql, rollup_thresholds_sql, rollup_trigger_sql, rollup_triggers_sql, slot_rebuild_sql, slot_rows_sql,
+    slot_sums_sql, slot_thresholds_sql, slot_trigger_sql, slot_triggers_sql, window,
 )
 
 __all__ = ["has_rollups", "enabled", "enable", "disable", "ReadPlan", "read_plan", "rollup_rows", "scan_where",
@@ -62,8 +61,7 @@ def enabled(db: Database) -> bool:
     """True when the triggers keep the rollups: reports read them."""
     if not has_rollups(db):
         return False
-    postgres = is_postgres(db)
-    return db.execute_sql(rollup_triggers_sql(postgres)).fetchone()[0] == len(ROLLUP_TRIGGERS[postgres])
+    return bool(db.execute_sql(rollup_triggers_sql(is_postgres(db))).fetchone()[0])
 
 
 def has_ledger(db: Database) -> bool:
@@ -77,8 +75,7 @@ def ledger_enabled(db: Database) -> bool:
     rollups (without its triggers they read the items)."""
     if not has_ledger(db):
         return False
-    postgres = is_postgres(db)
-    return db.execute_sql(ledger_triggers_sql(postgres)).fetchone()[0] == len(LEDGER_TRIGGERS[postgres])
+    return bool(db.execute_sql(ledger_triggers_sql(is_postgres(db))).fetchone()[0])
 
 
 def enable_ledger(db: Database) -> None:
@@ -109,8 +106,7 @@ def slots_enabled(db: Database) -> bool:
     """True when triggers keep the 15-minute slots: budgets read their periods' partial days from them."""
     if not has_slots(db):
         return False
-    postgres = is_postgres(db)
-    return db.execute_sql(slot_triggers_sql(postgres)).fetchone()[0] == len(SLOT_TRIGGERS[postgres])
+    return bool(db.execute_sql(slot_triggers_sql(is_postgres(db))).fetchone()[0])
 
 
 def _db(db: Database | None) -> Database:

@@ -729,8 +729,7 @@ ROLLUP_TABLE = "psai_usage_rollup"
 # PostgreSQL the fold failed), and days whose fold-out failed: read from the items.
 UNFOLDED_TABLE = "psai_rollup_unfolded"
 ROLLUP_FUNCTION = "psai_rollup_fold"
-ROLLUP_TRIGGERS = {False: ("psai_rollup_insert", "psai_rollup_update", "psai_rollup_delete"),
-                   True: (ROLLUP_FUNCTION,)}
+ROLLUP_TRIGGERS = ("psai_rollup_insert", "psai_rollup_update", "psai_rollup_delete")
 # A rollup row's key (item_groups_sql's groups with rollup=True, in its order) and sums
 # (GroupSums' order, then how many of its calls said their own cost).
 ROLLUP_KEYS = ("model_id", "agent_id", "connector_id", "day", "provider", "pricing", "applied_service_tier",
@@ -781,42 +780,91 @@ def foldable_sql(postgres, column):
 
 
 def _row_source(row):
-    """An item of a trigger (NEW or OLD) as the one-row table ItemReader reads."""
+    """An item of a row trigger (NEW or OLD) as the one-row table ItemReader reads."""
     return "(SELECT %s)" % ", ".join("%s.%s AS %s" % (row, quoted(c), c) for c in _FOLDED_COLUMNS)
 
 
-def _fold_sql(r, row, sign, condition):
-    """Add (``sign`` 1) or take off (-1) the trigger's item ``row`` to the
-    rollup row of its key, when ``condition`` holds: one upsert."""
-    groups = rollup_groups_sql(r, [], source=_row_source(row), single=True)
+def _upsert_sql(table, columns, leading, keys, sums, key, groups, sign, condition=None):
+    """Add (``sign`` 1) or take off (-1) the rows ``groups`` (as ``g``) to
+    the rows of a rollup ``table`` (``columns``: those written) they key:
+    one upsert. ``leading``: the SQL of the columns before ``keys`` (the
+    range first; the ledger's attribution); ``key``: of the group key.
+    ``condition``: a row trigger's, its item folds when it holds; without
+    one (a statement's groups, many rows), the rows are written in the
+    order of their range and key, the order concurrent writers lock them in."""
     times = "" if sign == 1 else "-1 * "
-    values = ["g.%s" % quoted(c) for c in ROLLUP_KEYS] + ["%sg.%s" % (times, quoted(c)) for c in ROLLUP_SUMS]
-    target = quoted(ROLLUP_TABLE)
-    added = ["%s = %s.%s + excluded.%s" % (quoted(c), target, quoted(c), quoted(c)) for c in ROLLUP_SUMS
+    values = list(leading) + ["g.%s" % quoted(c) for c in keys] + ["%sg.%s" % (times, quoted(c)) for c in sums]
+    target = quoted(table)
+    added = ["%s = %s.%s + excluded.%s" % (quoted(c), target, quoted(c), quoted(c)) for c in sums
              if c != "provider_cost"]
-    added.append('"provider_cost" = coalesce(%s."provider_cost", 0) + coalesce(excluded."provider_cost", 0)'
-                 % target)
-    return ('INSERT INTO %s (%s) SELECT g."day", %s, %s FROM (%s) g WHERE %s ON CONFLICT ("range_day", "group_key") '
-            'DO UPDATE SET %s' % (target, _ROLLUP_COLUMNS, ", ".join(values), _group_key(r.postgres), groups,
-                                  condition, ", ".join(added)))
+    if "provider_cost" in sums:
+        added.append('"provider_cost" = coalesce(%s."provider_cost", 0) + coalesce(excluded."provider_cost", 0)'
+                     % target)
+    tail = " WHERE %s" % condition if condition is not None else " ORDER BY 1, %d" % (len(values) + 1)
+    return 'INSERT INTO %s (%s) SELECT %s, %s FROM (%s) g%s ON CONFLICT (%s, "group_key") DO UPDATE SET %s' % (
+        target, columns, ", ".join(values), key, groups, tail, columns.split(", ")[0], ", ".join(added))
+
+
+def _fold_sql(r, row, sign, condition):
+    """Add (``sign`` 1) or take off (-1) the row trigger's item ``row`` to
+    the rollup row of its key, when ``condition`` holds: one upsert."""
+    return _upsert_sql(ROLLUP_TABLE, _ROLLUP_COLUMNS, ['g."day"'], ROLLUP_KEYS, ROLLUP_SUMS, _group_key(r.postgres),
+                       rollup_groups_sql(r, [], source=_row_source(row), single=True), sign, condition)
+
+
+def _fold_rows_sql(r, source, where, sign):
+    """Add (``sign`` 1) or take off (-1) the items of ``source`` meeting
+    ``where`` (``i``; a statement's) to the rollup rows of their keys."""
+    return _upsert_sql(ROLLUP_TABLE, _ROLLUP_COLUMNS, ['g."day"'], ROLLUP_KEYS, ROLLUP_SUMS, _group_key(r.postgres),
+                       rollup_groups_sql(r, where, source=source), sign)
 
 
 def _range_day(postgres, column):
     return ("to_char(%s AT TIME ZONE 'UTC', 'YYYY-MM-DD')" if postgres else "substr(%s, 1, 10)") % column
 
 
-def _emptied_sql(postgres, row):
-    """Drop the rows of the trigger's item's day that hold no call any more."""
-    return 'DELETE FROM "%s" WHERE "range_day" = %s AND "calls" = 0' % (
-        ROLLUP_TABLE, _range_day(postgres, "%s.created_at" % row))
+class _Family(NamedTuple):
+    """A family of derived rows kept by triggers on the items: ``table``,
+    whose first column is the range (a UTC day or slot) of ``range_sql``
+    (postgres, time); its ``triggers`` (insert, update, delete) and, on
+    PostgreSQL, the plpgsql ``function`` they call (before migration 0020
+    one row trigger, named as the function); ``what`` it is, for a warning;
+    ``fold(r, row, sign, condition)``, a row trigger's fold (SQLite);
+    ``fold_rows(r, source, where, sign)``, a statement's (PostgreSQL)."""
+    table: str
+    range_column: str
+    range_sql: Any
+    triggers: tuple[str, str, str]
+    function: str
+    what: str
+    fold: Any
+    fold_rows: Any
+
+
+ROLLUPS = _Family(ROLLUP_TABLE, "range_day", _range_day, ROLLUP_TRIGGERS, ROLLUP_FUNCTION, "the rollups", _fold_sql,
+                  _fold_rows_sql)
+
+
+def _emptied_sql(family, postgres, row):
+    """Drop the rows of the row trigger's item's range that hold no call any more."""
+    return 'DELETE FROM "%s" WHERE "%s" = %s AND "calls" = 0' % (
+        family.table, family.range_column, family.range_sql(postgres, "%s.created_at" % row))
+
+
+def _emptied_rows_sql(family, source):
+    """Drop the rows that hold no call any more in the ranges of the items
+    of ``source`` (a statement's) whose time the triggers fold."""
+    return 'DELETE FROM "%s" WHERE "%s" IN (SELECT %s FROM %s i WHERE %s) AND "calls" = 0' % (
+        family.table, family.range_column, family.range_sql(True, "i.created_at"), source,
+        foldable_sql(True, "i.created_at"))
 
 
 _ODD_TIME = "its created_at is not a time psai folds"
 
 
 def _sqlite_triggers_sql(names, fold_in, fold_out):
-    """SQLite's three triggers (``names``: insert, update, delete) running
-    ``fold_in`` and ``fold_out``, SQL statements that cannot fail."""
+    """SQLite's three triggers (``names``: insert, update, delete), row
+    triggers running ``fold_in`` and ``fold_out``, SQL that cannot fail."""
     insert, update, delete = names
     body = 'CREATE TRIGGER IF NOT EXISTS "%s" AFTER %s ON "ps_model_usage_item" BEGIN %s; END'
     return [body % (insert, "INSERT", "; ".join(fold_in)),
@@ -825,86 +873,130 @@ def _sqlite_triggers_sql(names, fold_in, fold_out):
             body % (delete, "DELETE", "; ".join(fold_out))]
 
 
-def _postgres_trigger_sql(function):
-    """PostgreSQL's one trigger calling the plpgsql ``function``, made anew."""
-    trigger = ('CREATE TRIGGER "%s" AFTER INSERT OR DELETE OR UPDATE OF %s ON "ps_model_usage_item" '
-               'FOR EACH ROW EXECUTE PROCEDURE %s()' % (function, ", ".join(quoted(c) for c in _FOLDED_COLUMNS),
-                                                       function))
-    return ['DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % function, trigger]
+def _changed_sql(table, other):
+    """The rows of an UPDATE's transition ``table`` that have no row of the
+    same id and folded columns in ``other``: what the UPDATE changed that a
+    fold reads (an UPDATE of updated_at alone changes none; a changed id is
+    an item taken away and one brought)."""
+    same = " AND ".join("o.%s IS NOT DISTINCT FROM t.%s" % (quoted(c), quoted(c)) for c in _FOLDED_COLUMNS[1:])
+    return "(SELECT t.* FROM %s t WHERE NOT EXISTS (SELECT 1 FROM %s o WHERE o.id = t.id AND %s))" % (
+        table, other, same)
 
 
-def _drop_triggers_sql(postgres, triggers):
-    """The statements removing one family's triggers (``triggers``: its
-    names by backend; PostgreSQL's function stays, harmless)."""
+def _guarded_sql(family, steps, marks):
+    """plpgsql: ``steps`` in one block (one subtransaction a statement);
+    when one fails, all are undone and ``marks`` written instead, and when
+    even those fail, a warning: the writer's statement never fails. (The
+    function goes through psycopg2: "%%%%" here is one "%".)"""
+    return """    BEGIN
+      %s;
+    EXCEPTION WHEN OTHERS THEN
+      BEGIN
+        %s;
+      EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'psai: %s could not keep a change of ps_model_usage_item: %%%%', SQLERRM;
+      END;
+    END;""" % (";\n      ".join(steps), ";\n        ".join(marks), family.what.replace("'", "''"))
+
+
+def _statement_triggers_sql(family, work):
+    """PostgreSQL's statement triggers of a family (one an event; transition
+    tables allow no more) calling its plpgsql function, made anew, and its
+    row trigger of before migration 0020 dropped. ``work(gone, came)``: the
+    plpgsql keeping one statement's change, ``gone`` the items it took away
+    and ``came`` those it brought (SQL of a table of items, or None). The
+    function's search_path is the one it was made with, so a writer
+    connected with another still finds psai's tables."""
+    changed = _changed_sql("psai_old", "psai_new"), _changed_sql("psai_new", "psai_old")
+    function = """CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $psai$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+%s
+  ELSIF TG_OP = 'UPDATE' THEN
+%s
+  ELSE
+%s
+  END IF;
+  RETURN NULL;
+END
+$psai$""" % (family.function, work(None, "psai_new"), work(*changed), work("psai_old", None))
+    statements = [function] + _drop_triggers_sql(True, family)
+    for name, (event, transitions) in zip(family.triggers, _TRANSITIONS):
+        statements.append('CREATE TRIGGER "%s" AFTER %s ON "ps_model_usage_item" REFERENCING %s FOR EACH STATEMENT '
+                          'EXECUTE PROCEDURE %s()' % (name, event, transitions, family.function))
+    return statements
+
+
+# The transition tables a statement trigger of each event sees: the items an INSERT brought, a DELETE took
+# away, and both of an UPDATE.
+_TRANSITIONS = (("INSERT", "NEW TABLE AS psai_new"), ("UPDATE", "OLD TABLE AS psai_old NEW TABLE AS psai_new"),
+                ("DELETE", "OLD TABLE AS psai_old"))
+
+
+def _drop_triggers_sql(postgres, family):
+    """The statements removing a family's triggers (PostgreSQL's: also its
+    row trigger of before migration 0020; its function stays, harmless)."""
     if postgres:
-        return ['DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % name for name in triggers[True]]
-    return ['DROP TRIGGER IF EXISTS "%s"' % name for name in triggers[False]]
+        return ['DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage_item"' % name
+                for name in (family.function,) + family.triggers]
+    return ['DROP TRIGGER IF EXISTS "%s"' % name for name in family.triggers]
 
 
-def _count_triggers_sql(postgres, triggers):
-    """How many of one family's triggers the item table has (enabled)."""
+def _triggers_on_sql(postgres, family):
+    """One value, true when a family's triggers are all on the item table
+    (enabled): on PostgreSQL, its three statement triggers, or its one row
+    trigger of before migration 0020 (which keeps the rows as well; the
+    migrations before 0020 that remake triggers see it on)."""
     if postgres:
-        return ("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass('\"ps_model_usage_item\"') "
-                "AND tgname IN (%s) AND tgenabled <> 'D'" % ", ".join("'%s'" % name for name in triggers[True]))
-    return ("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ps_model_usage_item' "
-            "AND name IN (%s)" % ", ".join("'%s'" % name for name in triggers[False]))
+        return ("SELECT count(*) FILTER (WHERE tgname IN (%s)) = %d OR count(*) FILTER (WHERE tgname = '%s') = 1 "
+                "FROM pg_trigger WHERE tgrelid = to_regclass('\"ps_model_usage_item\"') AND tgenabled <> 'D'"
+                % (", ".join("'%s'" % name for name in family.triggers), len(family.triggers), family.function))
+    return ("SELECT count(*) = %d FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ps_model_usage_item' "
+            "AND name IN (%s)" % (len(family.triggers), ", ".join("'%s'" % name for name in family.triggers)))
 
 
-def _beside_rollups_trigger_sql(postgres, triggers, what, fold, emptied):
+def _beside_rollups_trigger_sql(postgres, family):
     """The statements installing a family of triggers kept beside the
     rollups' (the attribution ledger's, the budgets' slots'), like them in
     the writer's transaction and never failing it: they fold what the
-    rollups fold (``foldable_sql``; the rollups mark the rest). ``fold(r,
-    row, sign, condition)`` and ``emptied(postgres, row)``: the family's
-    statements. SQLite: SQL that cannot fail; PostgreSQL: a block that, when
-    a fold fails, marks the item's day in ``psai_rollup_unfolded``, so
-    reports and budgets read that day from the items until it is rebuilt
-    (``what`` names the family in the warning when even that fails)."""
+    rollups fold (``foldable_sql``; the rollups mark the rest). SQLite: row
+    triggers, SQL that cannot fail; PostgreSQL: statement triggers, whose
+    block, when a fold fails, marks the days of the statement's items in
+    ``psai_rollup_unfolded``, so reports and budgets read those days from
+    the items until they are rebuilt."""
     r = ItemReader(postgres)
-    new_ok, old_ok = foldable_sql(postgres, "NEW.created_at"), foldable_sql(postgres, "OLD.created_at")
     if not postgres:
-        return _sqlite_triggers_sql(triggers[False], [fold(r, "NEW", 1, new_ok)],
-                                    [fold(r, "OLD", -1, old_ok), emptied(False, "OLD")])
-    (function_name,) = triggers[True]
-    function = """CREATE OR REPLACE FUNCTION %(function)s() RETURNS trigger LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $psai$
-BEGIN
-  BEGIN
-    IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
-      %(fold_out)s;
-      %(emptied)s;
-    END IF;
-    IF TG_OP <> 'DELETE' AND %(new_ok)s THEN
-      %(fold_in)s;
-    END IF;
-  EXCEPTION WHEN OTHERS THEN
-    BEGIN
-      IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
-        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(old_day)s, SQLERRM);
-      END IF;
-      IF TG_OP <> 'DELETE' AND %(new_ok)s THEN
-        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(new_day)s, SQLERRM);
-      END IF;
-    EXCEPTION WHEN OTHERS THEN
-      RAISE WARNING 'psai: %(what)s could not keep a change of ps_model_usage_item: %%%%', SQLERRM;
-    END;
-  END;
-  RETURN NULL;
-END
-$psai$""" % {"function": function_name, "unfolded": quoted(UNFOLDED_TABLE), "old_ok": old_ok, "new_ok": new_ok,
-             "fold_out": fold(r, "OLD", -1, "true"), "emptied": emptied(True, "OLD"),
-             "fold_in": fold(r, "NEW", 1, "true"), "old_day": _range_day(True, "OLD.created_at"),
-             "new_day": _range_day(True, "NEW.created_at"), "what": what.replace("'", "''")}
-    return [function] + _postgres_trigger_sql(function_name)
+        new_ok, old_ok = foldable_sql(False, "NEW.created_at"), foldable_sql(False, "OLD.created_at")
+        return _sqlite_triggers_sql(family.triggers, [family.fold(r, "NEW", 1, new_ok)],
+                                    [family.fold(r, "OLD", -1, old_ok), _emptied_sql(family, False, "OLD")])
+    ok = foldable_sql(True, "i.created_at")
+
+    def work(gone, came):
+        steps = []
+        if gone:
+            steps.append(family.fold_rows(r, gone, [ok], -1))
+        if came:
+            steps.append(family.fold_rows(r, came, [ok], 1))
+        if gone:
+            steps.append(_emptied_rows_sql(family, gone))
+        days = " UNION ".join("SELECT %s AS d FROM %s i WHERE %s" % (_range_day(True, "i.created_at"), source, ok)
+                              for source in (gone, came) if source)
+        mark = "INSERT INTO %s (range_day, reason) SELECT DISTINCT d, SQLERRM FROM (%s) days" % (
+            quoted(UNFOLDED_TABLE), days)
+        return _guarded_sql(family, steps, [mark])
+    return _statement_triggers_sql(family, work)
 
 
 def rollup_trigger_sql(postgres):
     """The statements installing the triggers that keep the rollups in the
-    writer's own transaction (docs/rollups.md). SQLite: one trigger an
+    writer's own transaction (docs/rollups.md). SQLite: a row trigger an
     event, SQL that cannot fail (a value of the wrong type reads as absent;
-    an item whose time psai does not store is marked unfolded). PostgreSQL:
-    one plpgsql function, each fold in a block that marks what it could not
-    fold instead of failing the writer's statement."""
+    an item whose time psai does not store is marked unfolded).
+    PostgreSQL: a statement trigger an event, each statement's items added
+    up by group (one upsert a group, not one an item: a bulk write's rows
+    would each update the same few rows), the work in a block that marks
+    what it could not fold instead of failing the writer's statement."""
     r = ItemReader(postgres)
     unfolded = quoted(UNFOLDED_TABLE)
     if not postgres:
@@ -912,60 +1004,39 @@ def rollup_trigger_sql(postgres):
         old_rolled = "%s AND NOT EXISTS (SELECT 1 FROM %s WHERE item_id = OLD.id)" % (old_ok, unfolded)
         fold_in = [_fold_sql(r, "NEW", 1, new_ok),
                    "INSERT INTO %s (item_id, reason) SELECT NEW.id, '%s' WHERE NOT %s" % (unfolded, _ODD_TIME, new_ok)]
-        fold_out = [_fold_sql(r, "OLD", -1, old_rolled), _emptied_sql(False, "OLD"),
+        fold_out = [_fold_sql(r, "OLD", -1, old_rolled), _emptied_sql(ROLLUPS, False, "OLD"),
                     "DELETE FROM %s WHERE item_id = OLD.id" % unfolded]
-        return _sqlite_triggers_sql(ROLLUP_TRIGGERS[False], fold_in, fold_out)
-    # One block around the work (one subtransaction a row): what fails in it is undone and marked instead;
-    # if even the mark fails, a warning. The function's search_path is the one it was made with, so a
-    # writer connected with another still finds psai's tables. (The statement goes through psycopg2: "%%%%" is one "%".)
-    function = """CREATE OR REPLACE FUNCTION %(function)s() RETURNS trigger LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $psai$
-BEGIN
-  BEGIN
-    IF TG_OP <> 'INSERT' THEN
-      IF EXISTS (SELECT 1 FROM %(unfolded)s WHERE item_id = OLD.id) THEN
-        DELETE FROM %(unfolded)s WHERE item_id = OLD.id;
-      ELSIF %(old_ok)s THEN
-        %(fold_out)s;
-        %(emptied)s;
-      END IF;
-    END IF;
-    IF TG_OP <> 'DELETE' THEN
-      IF %(new_ok)s THEN
-        %(fold_in)s;
-      ELSE
-        INSERT INTO %(unfolded)s (item_id, reason) VALUES (NEW.id, '%(odd)s');
-      END IF;
-    END IF;
-  EXCEPTION WHEN OTHERS THEN
-    BEGIN
-      IF TG_OP <> 'INSERT' AND %(old_ok)s THEN
-        INSERT INTO %(unfolded)s (item_id, range_day, reason) VALUES (NULL, %(old_day)s, SQLERRM);
-      END IF;
-      IF TG_OP <> 'DELETE' THEN
-        INSERT INTO %(unfolded)s (item_id, reason) VALUES (NEW.id, SQLERRM);
-      END IF;
-    EXCEPTION WHEN OTHERS THEN
-      RAISE WARNING 'psai: the rollups could not keep a change of ps_model_usage_item: %%%%', SQLERRM;
-    END;
-  END;
-  RETURN NULL;
-END
-$psai$""" % {"function": ROLLUP_FUNCTION, "unfolded": unfolded, "old_ok": foldable_sql(True, "OLD.created_at"),
-             "new_ok": foldable_sql(True, "NEW.created_at"), "fold_out": _fold_sql(r, "OLD", -1, "true"),
-             "emptied": _emptied_sql(True, "OLD"), "old_day": _range_day(True, "OLD.created_at"),
-             "fold_in": _fold_sql(r, "NEW", 1, "true"), "odd": _ODD_TIME}
-    return [function] + _postgres_trigger_sql(ROLLUP_FUNCTION)
+        return _sqlite_triggers_sql(ROLLUPS.triggers, fold_in, fold_out)
+    ok = foldable_sql(True, "i.created_at")
+
+    def work(gone, came):
+        # Items taken away that are marked unfolded are unmarked, not folded out.
+        steps, marks = [], []
+        if gone:
+            steps += [_fold_rows_sql(r, gone, [ok, "NOT EXISTS (SELECT 1 FROM %s u WHERE u.item_id = i.id)" % unfolded],
+                                     -1),
+                      "DELETE FROM %s WHERE item_id IN (SELECT i.id FROM %s i)" % (unfolded, gone)]
+            marks.append("INSERT INTO %s (range_day, reason) SELECT DISTINCT %s, SQLERRM FROM %s i WHERE %s"
+                         % (unfolded, _range_day(True, "i.created_at"), gone, ok))
+        if came:
+            steps += [_fold_rows_sql(r, came, [ok], 1),
+                      "INSERT INTO %s (item_id, reason) SELECT i.id, '%s' FROM %s i WHERE NOT %s"
+                      % (unfolded, _ODD_TIME, came, ok)]
+            marks.append("INSERT INTO %s (item_id, reason) SELECT i.id, SQLERRM FROM %s i" % (unfolded, came))
+        if gone:
+            steps.append(_emptied_rows_sql(ROLLUPS, gone))
+        return _guarded_sql(ROLLUPS, steps, marks)
+    return _statement_triggers_sql(ROLLUPS, work)
 
 
 def drop_rollup_triggers_sql(postgres):
     """The statements removing the triggers (the function stays, harmless)."""
-    return _drop_triggers_sql(postgres, ROLLUP_TRIGGERS)
+    return _drop_triggers_sql(postgres, ROLLUPS)
 
 
 def rollup_triggers_sql(postgres):
-    """How many of psai's rollup triggers the item table has (enabled)."""
-    return _count_triggers_sql(postgres, ROLLUP_TRIGGERS)
+    """One value: true when psai's rollup triggers are on (``_triggers_on_sql``)."""
+    return _triggers_on_sql(postgres, ROLLUPS)
 
 
 def unfolded_items_sql(postgres, where):
@@ -1037,8 +1108,7 @@ def ranges_clause(db, column, field, ranges, params):
 
 LEDGER_TABLE = "psai_attribution_ledger"
 LEDGER_FUNCTION = "psai_ledger_fold"
-LEDGER_TRIGGERS = {False: ("psai_ledger_insert", "psai_ledger_update", "psai_ledger_delete"),
-                   True: (LEDGER_FUNCTION,)}
+LEDGER_TRIGGERS = ("psai_ledger_insert", "psai_ledger_update", "psai_ledger_delete")
 # A ledger row: one UTC day, one attribution (kind: user, session or tag:KEY; its text value) and one
 # rollup key, with the rollup sums of the items so attributed.
 _LEDGER_COLUMNS = ", ".join(quoted(c) for c in ("range_day", "kind", "value") + ROLLUP_KEYS + ROLLUP_SUMS
@@ -1111,42 +1181,37 @@ def ledger_insert_sql(r, groups):
 
 
 def _ledger_fold_sql(r, row, sign, condition):
-    """Add (``sign`` 1) or take off (-1) the trigger's item ``row`` to the
-    ledger rows of its attributions, when ``condition`` holds."""
-    groups = ledger_groups_sql(r, [], source=_row_source(row))
-    times = "" if sign == 1 else "-1 * "
-    values = ["g.%s" % quoted(c) for c in ROLLUP_KEYS] + ["%sg.%s" % (times, quoted(c)) for c in ROLLUP_SUMS]
-    target = quoted(LEDGER_TABLE)
-    added = ["%s = %s.%s + excluded.%s" % (quoted(c), target, quoted(c), quoted(c)) for c in ROLLUP_SUMS
-             if c != "provider_cost"]
-    added.append('"provider_cost" = coalesce(%s."provider_cost", 0) + coalesce(excluded."provider_cost", 0)'
-                 % target)
-    return ('INSERT INTO %s (%s) SELECT g."day", g.kind, g.attribute, %s, %s FROM (%s) g WHERE %s '
-            'ON CONFLICT ("range_day", "group_key") DO UPDATE SET %s' % (
-                target, _LEDGER_COLUMNS, ", ".join(values), _ledger_key(r.postgres), groups, condition,
-                ", ".join(added)))
+    """Add (``sign`` 1) or take off (-1) the row trigger's item ``row`` to
+    the ledger rows of its attributions, when ``condition`` holds."""
+    return _upsert_sql(LEDGER_TABLE, _LEDGER_COLUMNS, ['g."day"', "g.kind", "g.attribute"], ROLLUP_KEYS, ROLLUP_SUMS,
+                       _ledger_key(r.postgres), ledger_groups_sql(r, [], source=_row_source(row)), sign, condition)
 
 
-def _ledger_emptied_sql(postgres, row):
-    return 'DELETE FROM "%s" WHERE "range_day" = %s AND "calls" = 0' % (
-        LEDGER_TABLE, _range_day(postgres, "%s.created_at" % row))
+def _ledger_fold_rows_sql(r, source, where, sign):
+    """Add (``sign`` 1) or take off (-1) the items of ``source`` meeting
+    ``where`` (``i``; a statement's) to the ledger rows of their attributions."""
+    return _upsert_sql(LEDGER_TABLE, _LEDGER_COLUMNS, ['g."day"', "g.kind", "g.attribute"], ROLLUP_KEYS, ROLLUP_SUMS,
+                       _ledger_key(r.postgres), ledger_groups_sql(r, where, source=source), sign)
+
+
+LEDGER = _Family(LEDGER_TABLE, "range_day", _range_day, LEDGER_TRIGGERS, LEDGER_FUNCTION, "the attribution ledger",
+                 _ledger_fold_sql, _ledger_fold_rows_sql)
 
 
 def ledger_trigger_sql(postgres):
     """The statements installing the ledger's own triggers, beside the
     rollups' (``_beside_rollups_trigger_sql``)."""
-    return _beside_rollups_trigger_sql(postgres, LEDGER_TRIGGERS, "the attribution ledger", _ledger_fold_sql,
-                                       _ledger_emptied_sql)
+    return _beside_rollups_trigger_sql(postgres, LEDGER)
 
 
 def drop_ledger_triggers_sql(postgres):
     """The statements removing the ledger's triggers (the function stays, harmless)."""
-    return _drop_triggers_sql(postgres, LEDGER_TRIGGERS)
+    return _drop_triggers_sql(postgres, LEDGER)
 
 
 def ledger_triggers_sql(postgres):
-    """How many of the ledger's triggers the item table has (enabled)."""
-    return _count_triggers_sql(postgres, LEDGER_TRIGGERS)
+    """One value: true when the ledger's triggers are on (``_triggers_on_sql``)."""
+    return _triggers_on_sql(postgres, LEDGER)
 
 
 def ledger_kinds_sql(where):
@@ -1222,7 +1287,7 @@ def ledger_sums_sql(group, common, attributed, none_group):
 # on a quarter hour), not from the items.
 SLOT_TABLE = "psai_usage_slots"
 SLOT_FUNCTION = "psai_slot_fold"
-SLOT_TRIGGERS = {False: ("psai_slot_insert", "psai_slot_update", "psai_slot_delete"), True: (SLOT_FUNCTION,)}
+SLOT_TRIGGERS = ("psai_slot_insert", "psai_slot_update", "psai_slot_delete")
 SLOT_MINUTES = 15
 # A slot row's key (a daily rollup's, without the connector and the day) and the sums a budget reads.
 SLOT_KEYS = ("model_id", "agent_id", "provider", "pricing", "applied_service_tier", "applied_speed", "has_usage",
@@ -1254,44 +1319,17 @@ def _slot_key(postgres, alias="g"):
 
 
 def _slot_fold_sql(r, row, sign, condition):
-    """Add (``sign`` 1) or take off (-1) the trigger's item ``row`` to its slot row, when ``condition`` holds."""
+    """Add (``sign`` 1) or take off (-1) the row trigger's item ``row`` to its slot row, when ``condition`` holds."""
     groups = rollup_groups_sql(r, [], source=_row_source(row), single=True)
-    times = "" if sign == 1 else "-1 * "
-    values = ["g.%s" % quoted(c) for c in SLOT_KEYS] + ["%sg.%s" % (times, quoted(c)) for c in BUDGET_SUMS]
-    target = quoted(SLOT_TABLE)
-    added = ", ".join("%s = %s.%s + excluded.%s" % (quoted(c), target, quoted(c), quoted(c)) for c in BUDGET_SUMS)
-    return ('INSERT INTO %s (%s) SELECT %s, %s, %s FROM (%s) g WHERE %s ON CONFLICT ("range_slot", "group_key") '
-            'DO UPDATE SET %s' % (target, _SLOT_COLUMNS, range_slot_sql(r.postgres, "%s.created_at" % row),
-                                  ", ".join(values), _slot_key(r.postgres), groups, condition, added))
+    return _upsert_sql(SLOT_TABLE, _SLOT_COLUMNS, [range_slot_sql(r.postgres, "%s.created_at" % row)], SLOT_KEYS,
+                       BUDGET_SUMS, _slot_key(r.postgres), groups, sign, condition)
 
 
-def _slot_emptied_sql(postgres, row):
-    return 'DELETE FROM %s WHERE "range_slot" = %s AND "calls" = 0' % (
-        quoted(SLOT_TABLE), range_slot_sql(postgres, "%s.created_at" % row))
-
-
-def slot_trigger_sql(postgres):
-    """The statements installing the triggers that keep the 15-minute slots,
-    beside the rollups' (``_beside_rollups_trigger_sql``)."""
-    return _beside_rollups_trigger_sql(postgres, SLOT_TRIGGERS, "the budgets' slots", _slot_fold_sql,
-                                       _slot_emptied_sql)
-
-
-def drop_slot_triggers_sql(postgres):
-    """The statements removing the slots' triggers (the function stays, harmless)."""
-    return _drop_triggers_sql(postgres, SLOT_TRIGGERS)
-
-
-def slot_triggers_sql(postgres):
-    """How many of the slots' triggers the item table has (enabled)."""
-    return _count_triggers_sql(postgres, SLOT_TRIGGERS)
-
-
-def _slot_groups_sql(r, where):
-    """The items meeting ``where`` (``i``) added up by slot and key:
-    item_groups_sql's groups, the slot standing in the connector's column
-    (slots keep no connector)."""
-    read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True)
+def slot_groups_sql(r, where, source='"ps_model_usage_item"'):
+    """The items of ``source`` meeting ``where`` (``i``) added up by slot
+    and key: item_groups_sql's groups, the slot standing in the connector's
+    column (slots keep no connector)."""
+    read = r.select([name for name, _path, _kind in ITEM_VALUES], where, model_threshold=True, source=source)
     slotted = "SELECT s.model_id, s.agent_id, %s AS connector_id, s.created_at, %s FROM (%s) s" % (
         range_slot_sql(r.postgres, "s.created_at"), ", ".join("s.v_" + name for name, _p, _k in ITEM_VALUES)
         + ", s.v_model_threshold", read)
@@ -1300,18 +1338,45 @@ def _slot_groups_sql(r, where):
     return groups
 
 
+def _slot_fold_rows_sql(r, source, where, sign):
+    """Add (``sign`` 1) or take off (-1) the items of ``source`` meeting
+    ``where`` (``i``; a statement's) to their slot rows."""
+    return _upsert_sql(SLOT_TABLE, _SLOT_COLUMNS, ['g."connector_id"'], SLOT_KEYS, BUDGET_SUMS, _slot_key(r.postgres),
+                       slot_groups_sql(r, where, source=source), sign)
+
+
+SLOTS = _Family(SLOT_TABLE, "range_slot", range_slot_sql, SLOT_TRIGGERS, SLOT_FUNCTION, "the budgets' slots",
+                _slot_fold_sql, _slot_fold_rows_sql)
+
+
+def slot_trigger_sql(postgres):
+    """The statements installing the triggers that keep the 15-minute slots,
+    beside the rollups' (``_beside_rollups_trigger_sql``)."""
+    return _beside_rollups_trigger_sql(postgres, SLOTS)
+
+
+def drop_slot_triggers_sql(postgres):
+    """The statements removing the slots' triggers (the function stays, harmless)."""
+    return _drop_triggers_sql(postgres, SLOTS)
+
+
+def slot_triggers_sql(postgres):
+    """One value: true when the slots' triggers are on (``_triggers_on_sql``)."""
+    return _triggers_on_sql(postgres, SLOTS)
+
+
 def slot_rebuild_sql(r, where):
-    """Insert the slot rows of the items meeting ``where`` (``i``)."""
+    """Insert the slot rows of the items meeting ``where`` (``i``): ``slot_groups_sql``'s."""
     return 'INSERT INTO %s (%s) SELECT g."connector_id", %s, %s FROM (%s) g' % (
         quoted(SLOT_TABLE), _SLOT_COLUMNS, ", ".join("g.%s" % quoted(c) for c in SLOT_KEYS + BUDGET_SUMS),
-        _slot_key(r.postgres), _slot_groups_sql(r, where))
+        _slot_key(r.postgres), slot_groups_sql(r, where))
 
 
 def slot_sums_sql(r, where):
     """The slot rows the items meeting ``where`` (``i``) add up to, as
     ``slot_rows_sql`` reads the kept ones: (range_slot, SLOT_KEYS, BUDGET_SUMS)."""
     return 'SELECT g."connector_id", %s FROM (%s) g' % (
-        ", ".join("g.%s" % quoted(c) for c in SLOT_KEYS + BUDGET_SUMS), _slot_groups_sql(r, where))
+        ", ".join("g.%s" % quoted(c) for c in SLOT_KEYS + BUDGET_SUMS), slot_groups_sql(r, where))
 
 
 def slot_rows_sql(where):

@@ -265,7 +265,8 @@ def test_a_store_with_budgets_upgrades_to_attributed_budgets(backend, clock):
                    'warn_at, hard, unpriced, created_at) VALUES (%s)' % ", ".join([db.param] * 10),
                    ("old", "5", "USD", "month", "UTC", True, "[0.8]", True, "block",
                     Budget.created_at.db_value(NOW)))
-    assert psai.migrate() == ["0018_rollup_read_indexes", "0019_budget_attribution"]
+    assert psai.migrate() == ["0018_rollup_read_indexes", "0019_budget_attribution",
+                              "0020_postgres_statement_triggers"]
     assert {"user", "tag_key", "tag_value"} <= {c.name for c in db.get_columns("psai_budgets")}
     (old,) = psai.budgets()
     assert (old.user, old.tag_key, old.tag_value) == (None, None, None)

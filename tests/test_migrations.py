@@ -211,6 +211,79 @@ def test_0015_gives_the_rollups_the_reasoning_sum_and_rebuilds_them(backend, clo
     assert rollups.verify() == [] and psai.migrate() == []
 
 
+STATEMENT_TRIGGERS = {"psai_%s_%s" % (family, event) for family in ("rollup", "slot", "ledger")
+                      for event in ("insert", "update", "delete")}
+
+
+def psai_triggers(db):
+    """The names of psai's triggers on the item table."""
+    if psai.db.is_postgres(db):
+        sql = "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass('\"ps_model_usage_item\"')"
+    else:
+        sql = "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ps_model_usage_item'"
+    return {row[0] for row in db.execute_sql(sql) if row[0].startswith("psai_")}
+
+
+def row_triggers_of_before_0020(db, names):
+    """PostgreSQL: psai's triggers as before 0020, one row trigger a family
+    named as its function (here a function that folds nothing: nothing is
+    written while they are on)."""
+    from psai import rollups
+    rollups.disable(db)
+    db.execute_sql("CREATE FUNCTION psai_test_row_fold() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END'")
+    for name in names:
+        db.execute_sql('CREATE TRIGGER "%s" AFTER INSERT OR DELETE OR UPDATE ON "ps_model_usage_item" '
+                       'FOR EACH ROW EXECUTE PROCEDURE psai_test_row_fold()' % name)
+
+
+def test_0020_makes_postgres_row_triggers_statement_triggers_and_rebuilds_nothing(backend, clock):
+    """A store at 0019 whose triggers are PostgreSQL's row triggers: each
+    family reads as on, and the upgrade gives it its statement triggers,
+    the row trigger dropped, its rows kept as they are (not rebuilt: the
+    same row ids), folding what comes after. SQLite's stay as they were."""
+    from psai import rollups
+    from psai.usage import cost_report, record_usage
+    db = psai.database.obj
+    assert runner().up(target="0019_budget_attribution")[-1] == "0019_budget_attribution"
+    psai.db.forget_schema(db)  # the runner alone leaves psai's look at the tables as it was
+    model = psai.add_model(name="m", configuration=make_configuration())
+    record_usage(model, None, tokens_in=1000, tokens_out=100, user="alice")
+    assert psai_triggers(db) == STATEMENT_TRIGGERS
+    if psai.db.is_postgres(db):
+        row_triggers_of_before_0020(db, ["psai_rollup_fold", "psai_slot_fold", "psai_ledger_fold"])
+        assert psai_triggers(db) == {"psai_rollup_fold", "psai_slot_fold", "psai_ledger_fold"}
+    assert rollups.enabled(db) and rollups.slots_enabled(db) and rollups.ledger_enabled(db)
+    rows = [row[0] for row in db.execute_sql('SELECT id FROM "psai_usage_rollup" ORDER BY id')]
+    assert psai.migrate() == ["0020_postgres_statement_triggers"]
+    assert psai_triggers(db) == STATEMENT_TRIGGERS
+    assert [row[0] for row in db.execute_sql('SELECT id FROM "psai_usage_rollup" ORDER BY id')] == rows
+    record_usage(model, None, tokens_in=10, tokens_out=10, user="alice")
+    assert rollups.verify() == [] and rollups.read_plan(db).days == ("2026-11-25",)
+    assert [(r["user"], r["calls"]) for r in cost_report("user")] == [("alice", 2)]
+    assert psai.migrate() == []
+
+
+def test_migrations_before_0020_see_a_row_trigger_as_on(backend, clock):
+    """A store at 0013 whose rollups' trigger is PostgreSQL's row trigger:
+    the migrations after it that remake triggers (0014 to 0017) see the
+    rollups on, so the slots and the ledger are installed and built too;
+    every family ends with its statement triggers."""
+    from psai import rollups
+    from psai.usage import record_usage
+    db = psai.database.obj
+    assert runner().up(target="0013_settings")[-1] == "0013_settings"
+    model = psai.add_model(name="m", configuration=make_configuration())
+    record_usage(model, None, tokens_in=1000, tokens_out=100)
+    if psai.db.is_postgres(db):
+        row_triggers_of_before_0020(db, ["psai_rollup_fold"])
+    assert rollups.enabled(db)
+    assert psai.migrate() == MIGRATIONS[MIGRATIONS.index("0014_rollup_triggers_read_every_count"):]
+    assert psai_triggers(db) == STATEMENT_TRIGGERS
+    assert rollups.enabled(db) and rollups.slots_enabled(db) and rollups.ledger_enabled(db)
+    record_usage(model, None, tokens_in=10, tokens_out=10, user="bob")
+    assert rollups.verify() == [] and not rollups.read_plan(db).reads_items
+
+
 def test_0018_indexes_what_read_plan_reads_and_the_plan_stays_the_same(backend, clock):
     """A store at 0017 with rolled-up calls: the upgrade adds the rollups'
     index of days and the partial one of rows split by a current
@@ -224,7 +297,8 @@ def test_0018_indexes_what_read_plan_reads_and_the_plan_stays_the_same(backend, 
     plan, totals = rollups.read_plan(db), report_totals(cost_report("model"))
     assert plan.days == ("2026-11-25",) and not plan.reads_items
     before = {index.name for index in db.get_indexes("psai_usage_rollup")}
-    assert psai.migrate() == ["0018_rollup_read_indexes", "0019_budget_attribution"]
+    assert psai.migrate() == ["0018_rollup_read_indexes", "0019_budget_attribution",
+                              "0020_postgres_statement_triggers"]
     added = {index.name for index in db.get_indexes("psai_usage_rollup")} - before
     assert added == {"psai_usage_rollup_day", "psai_usage_rollup_model_priced"}
     if psai.db.is_postgres(db):  # room on each page for the folds' new row versions
