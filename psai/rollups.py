@@ -593,7 +593,9 @@ def status(db: Database | None = None, *, since: datetime.date | str | None = No
     where = window(db, "created_at", PsModelUsageItem.created_at, start, end, None, params)
     if not table_columns(db, PsModelUsageItem._meta.table_name):
         return []
-    items = {row[0]: int(row[1]) for row in db.execute_sql(item_days_sql(is_postgres(db), where), params)}
+    # An item whose time has no day (PostgreSQL's infinity) is on no day: `psai check` names it.
+    items = {row[0]: int(row[1]) for row in db.execute_sql(item_days_sql(is_postgres(db), where), params)
+             if row[0] is not None}
     rolled: dict[str, int] = {}
     used: set[str] = set()
     if has_rollups(db):

@@ -373,6 +373,7 @@ def test_what_a_trigger_cannot_fold_is_read_from_the_items_and_named_by_check(db
     odd_id = PsModelUsageItem.select(PsModelUsageItem.id).order_by(PsModelUsageItem.id.desc()).scalar()
     assert [m["item"] for m in rollups.unfolded(db)] == [odd_id]
     assert [p["id"] for p in check() if p["table"] == "ps_model_usage_item"] == [odd_id]  # named once
+    assert [day["day"] for day in rollups.status(db)] == ["2026-11-25"]
     plan = rollups.read_plan(db)
     assert plan.days == ("2026-11-25",) and plan.unfolded
     with full_scan(db):
