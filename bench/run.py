@@ -524,7 +524,7 @@ RAW_ITEM_SQL = {
 def raw_item_report(backend, key, statements=RAW_ITEM_SQL):
     """The item report by hand: one aggregate (``statements``' for the
     backend), then each group priced with psai's pure pricing functions."""
-    from psai.items import effective_prices
+    from psai._items import effective_prices
     cursor = backend.raw.cursor()
     cursor.execute(statements[backend.kind].format(key=key))
     totals = {}
@@ -1133,7 +1133,7 @@ def bench_peer_responses(backend, results, rounds=200):
     the cases timed are those both read (genai-prices has no streams, and
     raises on some: null counts, models it does not know). Streams are
     timed for psai alone, against reading their final response."""
-    from psai.responses import load_response
+    from psai._responses import load_response
     try:
         from genai_prices import extract_usage
     except ImportError:

@@ -26,23 +26,23 @@ from .models import (
     config,
     find_agent, find_model,
 )
-from .responses import ResponseUsage, usage_from_response
+from ._responses import ResponseUsage, usage_from_response
 
 if TYPE_CHECKING:  # the lazy names below, as type checkers and editors should see them
     from . import catalog, pricing, report
     from . import otel as otel  # psai.otel: a module, not in __all__ (its extra may not be installed)
     from . import openai_agents as openai_agents  # the same, for the OpenAI Agents SDK
-    from .history import price_history, reprice
+    from ._history import price_history, reprice
     from .query import add_model, find_by_provider_model
     from ._audit import audit
     from .query import resolve_model
-    from .recording import RecordedCall, assign_unmatched, record_response, record_usage, recorded_response
-    from .tracking import track
+    from ._recording import RecordedCall, assign_unmatched, record_response, record_usage, recorded_response
+    from ._tracking import track
     from .budget import (
         budget_events, budget_status, budgets, check_budget, on_budget_event, remove_budget, set_budget,
     )
     from .reports import cost_report
-    from .transfer import copy
+    from ._transfer import copy
     from .capture import instrument, uninstrument
     from .writer import arecord_response, flush
 
@@ -62,11 +62,11 @@ __all__ = [
 
 # Imported on first use, so a short command does not pay for them.
 _LAZY = {"record_usage": "usage", "cost_report": "usage",
-         "price_history": "history", "reprice": "history", "add_model": "query",
-         "find_by_provider_model": "query", "record_response": "recording",
-         "RecordedCall": "recording", "assign_unmatched": "recording", "recorded_response": "recording",
-         "track": "tracking", "otel": None, "openai_agents": None,
-         "resolve_model": "query", "audit": "_audit", "pricing": None, "catalog": None, "copy": "transfer",
+         "price_history": "_history", "reprice": "_history", "add_model": "query",
+         "find_by_provider_model": "query", "record_response": "_recording",
+         "RecordedCall": "_recording", "assign_unmatched": "_recording", "recorded_response": "_recording",
+         "track": "_tracking", "otel": None, "openai_agents": None,
+         "resolve_model": "query", "audit": "_audit", "pricing": None, "catalog": None, "copy": "_transfer",
          "report": None, **dict.fromkeys(["set_budget", "budgets", "remove_budget", "budget_status", "check_budget",
                                           "budget_events", "on_budget_event"], "budget"),
          "arecord_response": "writer", "flush": "writer", "instrument": "capture", "uninstrument": "capture"}

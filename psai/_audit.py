@@ -13,17 +13,17 @@ from contextlib import nullcontext
 from decimal import Decimal
 from typing import Any, TypedDict
 
-from .arguments import as_datetime
-from .constants import strict_json_dumps
+from ._arguments import as_datetime
+from ._constants import strict_json_dumps
 from .db import is_postgres, lock, lock_id, model_db, table_columns, write_transaction
 from .errors import ValidationError
 from .fields import utcnow
-from .items import BUCKET_COUNTERS, BUCKETS, call_buckets, item_cost, js_timestamp
+from ._items import BUCKET_COUNTERS, BUCKETS, call_buckets, item_cost, js_timestamp
 from .models import ModelRef, PriceCorrection, PsModelUsage, PsModelUsageItem, usage_counters
-from .recording import CACHE_WRITE_COUNTERS
-from .responses import ResponseUsage, usage_from_response
-from .sql import item_data_update_sql
-from .versions import resolve_models
+from ._recording import CACHE_WRITE_COUNTERS
+from ._responses import ResponseUsage, usage_from_response
+from ._sql import item_data_update_sql
+from ._versions import resolve_models
 
 __all__ = ["audit", "AuditFinding", "AuditResult"]
 

@@ -24,16 +24,16 @@ from typing import Any, TypedDict
 
 from peewee import Database
 
-from .constants import strict_json_dumps
+from ._constants import strict_json_dumps
 from .db import is_postgres, read_transaction, table_columns
 from .errors import ValidationError
 from .fields import UTC, utcnow
-from .items import APART, BUCKETS, effective_prices
+from ._items import APART, BUCKETS, effective_prices
 from .models import Budget, BudgetEvent, PsAgent, PsAiModel, PsModelUsageItem, sub_agent_tree
 from .pricing import Pricer, exact_sum
 from .rollups import ReadPlan, budget_plan, enabled, ledger_enabled, read_plan, scan_where
 from .schemas import BUDGET_FIELDS, validate_budget_values
-from .sql import (
+from ._sql import (
     BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, LEDGER_TABLE, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_TABLE, ItemReader,
     attribute_sql, budget_sums_sql, item_groups_sql, model_thresholds_sql, window,
 )

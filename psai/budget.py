@@ -17,7 +17,7 @@ from typing import Any, Literal, overload
 
 from peewee import Database
 
-from .arguments import agent_arg, as_datetime, attribution_arg, model_arg
+from ._arguments import agent_arg, as_datetime, attribution_arg, model_arg
 from .db import is_postgres, lock, model_db, read_transaction, table_columns, write_transaction
 from .errors import BudgetExceededError, NotAdoptedError, NotFoundError, ValidationError
 from .fields import utcnow
@@ -28,7 +28,7 @@ from ._budget_ledger import (
     LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, covering, event_row, forget, period_bounds, scope_of,
     statuses,
 )
-from .recording import model_cost
+from ._recording import model_cost
 from .schemas import BUDGET_FIELDS, BudgetPeriod, BudgetUnpriced, validate_budget_values
 
 __all__ = ["set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events",

@@ -30,13 +30,13 @@ from typing import Any
 
 from peewee import Database
 
-from .arguments import agent_arg, attribution_arg, model_arg
+from ._arguments import agent_arg, attribution_arg, model_arg
 from .budget import check_before_call
 from .db import current_db, write_transaction
 from .errors import BudgetExceededError, NotFoundError, ValidationError
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, Reservation
 from .query import resolve_model
-from .recording import model_cost, record_response_data
+from ._recording import model_cost, record_response_data
 from .writer import LOG, enqueue, run_in
 
 __all__ = ["instrument", "uninstrument", "request_estimate", "CHARACTERS_PER_TOKEN"]

@@ -24,7 +24,7 @@ prices and recorded calls keep theirs; only the price keys a catalog sets
 are touched (a ``regionalProcessingMargin`` of your own stays).
 
 The sources' adapters, which read and map them without a database, are
-``psai.genai`` and ``psai.litellm``; this module is the database side:
+``psai._genai`` and ``psai._litellm``; this module is the database side:
 reading a catalog, importing it, its provenance and drift.
 """
 import difflib
@@ -36,15 +36,15 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-from .constants import CATALOG_PRICE_KEYS
+from ._constants import CATALOG_PRICE_KEYS
 from .db import lock, model_db, table_columns, write_transaction
 from .errors import CatalogUnavailableError, NotAdoptedError, NotFoundError, ValidationError
 from .fields import UTC, utcnow
-from .genai import genai_catalog
-from .genai import Unmappable as Unmappable, genai_entry as genai_entry, genai_usage as genai_usage
-from .genai import standard_prices as standard_prices
-from .litellm import LITELLM_FILE as LITELLM_FILE, litellm_cost_map_path as litellm_cost_map_path
-from .litellm import litellm_catalog, litellm_version
+from ._genai import genai_catalog
+from ._genai import Unmappable as Unmappable, genai_entry as genai_entry, genai_usage as genai_usage
+from ._genai import standard_prices as standard_prices
+from ._litellm import LITELLM_FILE as LITELLM_FILE, litellm_cost_map_path as litellm_cost_map_path
+from ._litellm import litellm_catalog, litellm_version
 from .models import ModelProvenance, PsAiModel, default_ids, provenance as provenance
 from .models import newest_first
 from .query import MODEL_DEFAULTS, add_model, imported_ids, resolve_model

@@ -273,7 +273,7 @@ def demo(html_path):
     """The main job in a nutshell: models of three providers and sizes,
     agents linked to them, which model each agent selects and why, recorded
     calls, their cost, and an HTML report. Safe to run again."""
-    from .demo import seed, selections
+    from ._demo import seed, selections
     from .report import html
     from .schemas import readable
     from .usage import cost_report
@@ -649,7 +649,7 @@ def models_history(name, organization_id, fmt):
     """The price history of NAME (or of a model id or uuid): every version of
     its prices, oldest first, with the period it was in force and the
     corrections applied to the calls of that period."""
-    from .history import price_history
+    from ._history import price_history
     from .models import PsAiModel
     connect()
     versions = price_history(name)
@@ -676,7 +676,7 @@ def models_reprice(model, assignments, since, until, apply_changes, fmt):
     """Correct the prices of calls already recorded for MODEL (id, uuid or
     name): shows the cost before and after, and changes nothing without
     --apply. The model's prices for calls to come are `models update`."""
-    from .history import reprice
+    from ._history import reprice
     changes = {}
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
@@ -1029,7 +1029,7 @@ def usage():
 def usage_record(model, agent, applied_tier, **usage):
     """Record one call to MODEL (and AGENT): its usage item, with the prices
     in force now, and the usage counters."""
-    from .items import applied_tier_metadata
+    from ._items import applied_tier_metadata
     from .models import find_model
     from .usage import record_usage
     connect()
@@ -1058,8 +1058,8 @@ def usage_record_response(model, agent, source, provider, user_id, connector_id,
     """Record one call from the provider's own response (OpenAI, Azure,
     Anthropic, Gemini; streamed or not). Without MODEL, the stored model is
     found from the response's model name (see `psai models resolve`)."""
-    from .recording import record_response
-    from .responses import read_response, usage_from_response
+    from ._recording import record_response
+    from ._responses import read_response, usage_from_response
     name = getattr(source, "name", "<stdin>")
     # A stream is read an event at a time, never held whole.
     response = read_response(source, "stdin" if name in ("<stdin>", "-") else name)
@@ -1091,7 +1091,7 @@ def usage_assign(apply_changes, as_json):
     """Calls recorded unpriced because their response's model name matched
     no configured model (held by placeholder models): with --apply, moved
     to the model configured for that name since, and priced at its prices."""
-    from .recording import assign_unmatched
+    from ._recording import assign_unmatched
     connect()
     found = assign_unmatched(dry_run=not apply_changes)
     if as_json:
@@ -1415,7 +1415,7 @@ def check_command(fmt):
     """List every stored row psai would refuse or cannot use, and why
     (exit 1 when there is one). Fix a model with `models update`, or take it
     out of use with `models deactivate`."""
-    from .check import check
+    from ._check import check
     connect()
     found = check()
     if fmt is not None or found:
@@ -1497,7 +1497,7 @@ def rollup_enable(fmt):
               help="Write to this file instead of stdout (replaced whole; - is stdout).")
 def export_command(output):
     """Export every model, agent and link as JSON (PolicySynth's row format)."""
-    from .transfer import export_data
+    from ._transfer import export_data
     connect()
     text = json_text(export_data(), indent=2)
     if output:
@@ -1513,7 +1513,7 @@ def export_command(output):
 def import_command(source, allow_unknown_keys):
     """Import a psai export ('-' reads stdin). All or nothing: one bad row
     imports nothing and the error names its table, row and field."""
-    from .transfer import import_data
+    from ._transfer import import_data
     from .schemas import MAX_JSON_DEPTH
     data = _read_json(source, limit=MAX_JSON_DEPTH + 4)  # the export's own levels, then configurations
     connect()
@@ -1535,7 +1535,7 @@ def copy_command(source, target, dry_run, fmt):
     connector and time: copying again updates, never duplicates. One
     transaction on the target.
     """
-    from .transfer import copy
+    from ._transfer import copy
     with Progress("copying") as progress:
         counts = copy(source, target, dry_run=dry_run, progress=progress)
     rows = [dict(table=table, **numbers) for table, numbers in counts.items()]

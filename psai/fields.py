@@ -16,7 +16,7 @@ from typing import Any, Callable
 import peewee
 from peewee import Database, DatabaseProxy, Field, Node, PostgresqlDatabase, UUIDField
 
-from .constants import time_range_problem
+from ._constants import time_range_problem
 from .errors import ValidationError
 
 __all__ = ["TimestampTzField", "UUIDTextField", "JSONField", "utcnow", "UTC", "UnreadableTime", "read_time",

@@ -15,8 +15,8 @@ from peewee import (
     IntegrityError, ModelSelect, ModelUpdate, TextField, Value,
 )
 
-from .base import BaseModel, LinkField, check_database, compiled, load_links
-from .constants import MAX_INTEGER, strict_json_dumps
+from ._base import BaseModel, LinkField, check_database, compiled, load_links
+from ._constants import MAX_INTEGER, strict_json_dumps
 from .db import is_postgres, lock, model_db, register_models, table_columns, write_transaction
 from .enums import PsAiModelSize, PsAiModelType
 from .errors import AmbiguousNameError, InUseError, NotAdoptedError, NotFoundError, ValidationError
@@ -26,7 +26,7 @@ from .schemas import (
     BUDGET_FIELDS, PsAgentSchema, PsAiModelSchema, bind_row_class, merge_configuration, shape_problem, unknown_paths,
     validate_agent_row, validate_agent_values, validate_budget_values, validate_model_row, validate_model_values,
 )
-from .sql import config_filter
+from ._sql import config_filter
 
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
            "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "Budget", "BudgetEvent", "Setting",
@@ -339,7 +339,7 @@ class PsModelUsage(BaseModel):
 class PsModelUsageItem(BaseModel):
     """One model call: a ``ps_model_usage_item`` row, PolicySynth's record of
     the call with the prices in force then (``data``, its JSON layout; see
-    ``psai.items``). Usage recorded without an agent has ``agent_id`` 0: the
+    ``psai._items``). Usage recorded without an agent has ``agent_id`` 0: the
     column is NOT NULL in PolicySynth, and no agent has id 0."""
 
     id = AutoField()

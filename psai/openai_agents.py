@@ -14,12 +14,12 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
-from .arguments import tags_arg
+from ._arguments import tags_arg
 from .db import connect, using
 from .errors import ValidationError
 from .models import AgentRef
-from .recording import RecordedCall, record_response_data
-from .responses import ResponseUsage
+from ._recording import RecordedCall, record_response_data
+from ._responses import ResponseUsage
 
 __all__ = ["TracingProcessor", "generation_usage"]
 

@@ -19,12 +19,12 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span
 from opentelemetry.sdk.trace import SpanProcessor as SdkSpanProcessor
 
-from .arguments import tags_arg
+from ._arguments import tags_arg
 from .db import connect, using
 from .errors import ValidationError
 from .models import AgentRef
-from .recording import RecordedCall, record_response_data
-from .responses import ResponseUsage
+from ._recording import RecordedCall, record_response_data
+from ._responses import ResponseUsage
 
 __all__ = ["SpanProcessor", "span_usage", "ATTRIBUTES", "INFERENCE_OPERATIONS"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypedDict, TypeGuard, cast
 
-from .constants import (
+from ._constants import (
     BASE_RATE_KEYS, CACHE_WRITE_12H_KEY, CACHE_WRITE_1H_KEY, LONG_CONTEXT_RATE_KEYS, MODALITY_RATE_KEYS, TIER_KEYS,
     TIER_RATE_KEYS,
 )

@@ -22,8 +22,8 @@ from .models import (
     select_model, sub_agent_tree, where_config,
 )
 from .schemas import validate_configuration
-from .sql import INDEXED_PATHS
-from .sql import config_filter as _config_filter
+from ._sql import INDEXED_PATHS
+from ._sql import config_filter as _config_filter
 
 __all__ = ["config_filter", "where_config", "select_model", "model_choices", "find_by_provider_model",
            "add_model", "model_history", "sub_agent_tree", "SIZE_FALLBACK", "INDEXED_PATHS", "resolve_model",

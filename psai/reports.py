@@ -20,24 +20,24 @@ from decimal import Decimal
 
 from peewee import Database
 
-from .arguments import as_datetime, attribution_arg, tag_key_problem
-from .constants import strict_json_dumps
+from ._arguments import as_datetime, attribution_arg, tag_key_problem
+from ._constants import strict_json_dumps
 from .db import is_postgres, model_db, read_transaction, table_columns
 from .errors import UnpricedUsageError, ValidationError
 from .fields import UTC
-from .items import APART, BUCKETS, effective_prices
+from ._items import APART, BUCKETS, effective_prices
 from .pricing import COUNTERS_OF_BUCKET, Pricer, exact_sum
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
-from .recording import usage_counters
+from ._recording import usage_counters
 from .rollups import (
     ReadPlan, enabled, ledger_enabled, ledger_kinds, ledger_rows, read_plan, rollup_rows, scan_where,
 )
-from .sql import (
+from ._sql import (
     ITEM_VALUES, ItemReader, JsonSQL, attribute_sql, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql,
     counter_totals_sql, counters_negative, counters_sound, item_groups_sql, item_kinds_sql, item_totals_sql,
     negative_rows_sql, odd_counter_times_sql, price_period_sql, window,
 )
-from .versions import histories_of, prices_at
+from ._versions import histories_of, prices_at
 
 __all__ = ["one_snapshot", "cost_report", "cost_reports", "report_totals", "daily_costs", "REPORT_GROUPINGS",
            "ReportGrouping", "usage_parts", "item_parts",

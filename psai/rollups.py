@@ -27,12 +27,12 @@ from typing import Any, TypedDict
 
 from peewee import Database
 
-from .arguments import as_datetime
+from ._arguments import as_datetime
 from .db import current_db, is_postgres, table_columns, write_transaction
 from .errors import NotAdoptedError, RollupsOffError
 from .fields import UTC
 from .models import PsModelUsageItem
-from .sql import (
+from ._sql import (
     BUDGET_SUMS, LEDGER_TABLE, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_KEYS, SLOT_MINUTES, SLOT_TABLE,
     UNFOLDED_TABLE, ItemReader, drop_ledger_triggers_sql, drop_rollup_triggers_sql, drop_slot_triggers_sql,
     foldable_sql, item_days_sql, ledger_groups_sql, ledger_insert_sql, ledger_kinds_sql, ledger_rows_sql,

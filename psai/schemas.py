@@ -19,7 +19,7 @@ from marshmallow import (
 from marshmallow import ValidationError as _MarshmallowValidationError
 from marshmallow.validate import Length, OneOf, Range, Regexp
 
-from .constants import LONG_CONTEXT_RATE_KEYS, MAX_INTEGER, MAX_SAFE_INTEGER, MIN_INTEGER, time_range_problem
+from ._constants import LONG_CONTEXT_RATE_KEYS, MAX_INTEGER, MAX_SAFE_INTEGER, MIN_INTEGER, time_range_problem
 from .enums import (
     InferenceType, PsAiModelSize, PsAiModelType, ReasoningMode, RegionalProcessing,
 )

@@ -33,7 +33,7 @@ from peewee import Database
 
 from .db import current_db, using, write_transaction
 from .models import AgentRef, ModelRef
-from .recording import RecordedCall, record_response
+from ._recording import RecordedCall, record_response
 
 __all__ = ["QUEUE_SIZE", "BATCH", "LOG", "enqueue", "submit", "flush", "arecord_response", "run_in"]
 

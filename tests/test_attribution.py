@@ -15,8 +15,8 @@ import psai
 from conftest import make_configuration
 from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, cost_report, rollups
 from psai.cli import cli
-from psai.items import item_price
-from psai.responses import ResponseUsage
+from psai._items import item_price
+from psai._responses import ResponseUsage
 
 UTC = datetime.timezone.utc
 ATTRIBUTION = {"user": "user-42", "session": "conversation-7", "trace": {"traceId": "4bf92f35", "spanId": "00f067aa"},
@@ -199,7 +199,7 @@ def test_a_report_refuses_a_bad_grouping_or_filter(db):
 
 def test_spans_and_calls_are_reported_together(db, model):
     """A span's conversation id is a session, as record_usage's session is."""
-    from psai.recording import record_response_data
+    from psai._recording import record_response_data
     record_response_data(model, None, a_response(1), None, None, None,
                          kept={"source": "otel", "session": "conversation-7", "tags": {"team": "search"}})
     psai.record_usage(model, tokens_in=10, tokens_out=1, session="conversation-7", tags={"team": "search"})
@@ -286,7 +286,7 @@ def test_a_store_upgraded_to_the_ledger_fills_it_from_its_items(db, clock):
     expected = ledger(db)
     db.execute_sql('DELETE FROM "psai_attribution_ledger"')
     db.execute_sql('DELETE FROM "psai_migrations" WHERE "name" = %s' % db.param, ("0017_attribution_ledger",))
-    for statement in psai.sql.drop_ledger_triggers_sql(psai.db.is_postgres(db)):
+    for statement in psai._sql.drop_ledger_triggers_sql(psai.db.is_postgres(db)):
         db.execute_sql(statement)
     assert psai.migrate() == ["0017_attribution_ledger"]
     assert rollups.ledger_enabled(db) and ledger(db) == expected

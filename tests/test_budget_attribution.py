@@ -16,9 +16,9 @@ from conftest import make_configuration
 from psai import BudgetExceededError, PsAgent, PsAiModel, PsModelUsageItem, ValidationError, record_usage, rollups
 from psai._budget_ledger import period_bounds
 from psai.models import Budget
-from psai.items import item_price
+from psai._items import item_price
 from psai.migrations import runner
-from psai.sql import LEDGER_TABLE
+from psai._sql import LEDGER_TABLE
 
 UTC = datetime.timezone.utc
 ZONES = ("UTC", "Asia/Kathmandu")  # +05:45: the period's ends are partial UTC days

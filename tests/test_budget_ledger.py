@@ -14,8 +14,8 @@ import psai
 from conftest import make_configuration
 from psai import PsAgent, PsAiModel, PsModelUsageItem, record_usage, rollups
 from psai._budget_ledger import period_bounds
-from psai.items import item_price
-from psai.sql import SLOT_TABLE
+from psai._items import item_price
+from psai._sql import SLOT_TABLE
 
 UTC = datetime.timezone.utc
 ZONES = ("UTC", "Asia/Kathmandu", "America/St_Johns")  # +05:45, -03:30 (-02:30 in summer)

@@ -591,14 +591,14 @@ def test_a_budget_removed_while_a_call_records_never_fails_the_call(backend, clo
     committed and raised, so a retry counted it twice)."""
     psai.migrate()
     m = model()
-    covering = psai.recording.budgets_covering
+    covering = psai._recording.budgets_covering
 
     def then_removed(db, model_row, agent_row, attribution):
         found = covering(db, model_row, agent_row, attribution)
         if found and psai.budgets():
             psai.remove_budget(found[0].name)  # between the call's read of its budgets and its transaction
         return found
-    monkeypatch.setattr(psai.recording, "budgets_covering", then_removed)
+    monkeypatch.setattr(psai._recording, "budgets_covering", then_removed)
     for _ in range(2):
         psai.set_budget(name="going", amount="0.1", model=m.name)
         record_usage(m, None, **CALL)

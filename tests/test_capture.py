@@ -21,9 +21,9 @@ import psai.query
 from conftest import make_configuration
 from fake_providers import RESPONSE_IDS, ProviderServer, body_text
 from psai import writer
-from psai.responses import load_response
+from psai._responses import load_response
 
-# Dumping the openai SDK's Responses objects (psai.responses reads them so) warns about its own unions.
+# Dumping the openai SDK's Responses objects (psai._responses reads them so) warns about its own unions.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydantic.*")
 
 

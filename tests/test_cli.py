@@ -457,9 +457,9 @@ def test_progress_bars_when_stderr_is_a_terminal(tmp_path, config_file):
 
 
 def test_library_progress_callbacks(db):
-    from psai.transfer import export_data, import_data
+    from psai._transfer import export_data, import_data
     from psai.usage import cost_report
-    from psai.demo import seed
+    from psai._demo import seed
     seed()  # five models, three agents, six links, six calls of the three agents
     calls = []
     cost_report("agent", progress=lambda done, total: calls.append((done, total)))

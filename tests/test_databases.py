@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from psai.cli import cli
-from psai.transfer import _Items
+from psai._transfer import _Items
 
 from conftest import make_backend, make_configuration
 
@@ -542,7 +542,7 @@ def test_sqlite_to_sqlite_copies_items_as_stored_with_the_general_paths_result(t
         with psai.using(targets["as stored"]):
             here = {m.uuid: m.id for m in PsAiModel.select()}, {a.uuid: a.id for a in PsAgent.select()}
         assert {item[2] for item in items} == {here[0][gpt.uuid], here[0][mini.uuid]}
-        assert {item[3] for item in items} == {here[1][lead.uuid], here[1][helper.uuid], psai.recording.NO_AGENT}
+        assert {item[3] for item in items} == {here[1][lead.uuid], here[1][helper.uuid], psai._recording.NO_AGENT}
         for item in items:  # every id the item's JSON has is the target's, a text one too
             data = item[7]
             if isinstance(data, dict) and isinstance(data["model"], dict) and "id" in data["model"]:

@@ -14,11 +14,11 @@ from peewee import OperationalError
 
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsage
-from psai.check import check
+from psai._check import check
 from psai.cli import cli
-from psai.constants import MAX_INTEGER
+from psai._constants import MAX_INTEGER
 from psai.db import write_transaction
-from psai.transfer import copy, export_data, import_data
+from psai._transfer import copy, export_data, import_data
 
 from conftest import IN_CI, make_backend, make_configuration, obey_permission_bits
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 import psai
 from psai import AgentModels, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
 from psai.cli import cli
-from psai.history import price_history, reprice
-from psai.items import item_cost
+from psai._history import price_history, reprice
+from psai._items import item_cost
 from psai.models import PriceCorrection
 from psai.usage import NO_AGENT, cost_report, record_usage, report_totals
 
@@ -521,11 +521,11 @@ def test_calls_are_recorded_while_a_correction_is_measured(db, backend, monkeypa
     SQLite a call on the corrected model itself recorded meanwhile is found
     under the write lock, measured and corrected too."""
     import threading
-    import psai.history
+    import psai._history
     m, other, a = model(), model(name="other"), agent()
     for _ in range(3):
         record_usage(m, a, tokens_in=1_000_000, tokens_out=0)
-    measure, finished = psai.history.usage_parts, []
+    measure, finished = psai._history.usage_parts, []
 
     def record_meanwhile(*args, **kwargs):
         parts = measure(*args, **kwargs)
@@ -539,7 +539,7 @@ def test_calls_are_recorded_while_a_correction_is_measured(db, backend, monkeypa
             if not finished[0]:
                 finished.append(worker)
         return parts
-    monkeypatch.setattr(psai.history, "usage_parts", record_meanwhile)
+    monkeypatch.setattr(psai._history, "usage_parts", record_meanwhile)
     before = total()["USD"]
     result = reprice(m, {"costInTokensPerMillion": 20}, dry_run=False)
     if len(finished) > 1:

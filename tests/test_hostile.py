@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
-from psai.check import check
+from psai._check import check
 from psai.cli import cli
 from psai.db import is_postgres
 from psai.usage import cost_report, record_usage, report_totals
@@ -250,7 +250,7 @@ def test_links_and_usage_that_point_to_missing_rows(db, backend):
     rows = cost_report("model")
     assert {(r["model_id"], r["cost"] is None, r["unpriced_tokens"]) for r in rows} == {
         (m.id, False, 0), (998, True, 500)}
-    from psai.check import check
+    from psai._check import check
     found = {(row["table"], row["problem"].split(" ")[0]) for row in check()}
     assert ("AgentModels", "links") in found and ("ps_model_usage", "model") in found
 
@@ -576,7 +576,7 @@ def test_api_type_errors_are_validation_errors(db):
         a.select_model("text", ["large"])
     with pytest.raises(psai.ValidationError, match="changes"):
         m.update_configuration(None)
-    from psai.transfer import import_data
+    from psai._transfer import import_data
     with pytest.raises(psai.ValidationError, match="agent_id"):
         import_data({"ps_ai_models": [], "ps_agents": [], "AgentModels": [{"agent_id": [1], "ai_model_id": 1}]})
     for tokens in ("5", float("nan"), True):

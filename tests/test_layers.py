@@ -9,13 +9,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "psai"
 
 # Lowest first. Within a layer, a module may import the ones listed before it.
 LAYERS = [
-    ("pure", ["errors", "constants", "enums", "pricing", "items", "schemas", "responses", "litellm", "genai"]),
-    ("peewee plumbing", ["fields", "db", "sql"]),
-    ("store", ["base", "models"]),
-    ("price versions and recording", ["versions", "arguments", "query", "rollups", "_budget_ledger", "recording"]),
-    ("reports, check, catalog, copy", ["reports", "usage", "check", "migrations", "catalog", "transfer", "_audit",
+    ("pure", ["errors", "_constants", "enums", "pricing", "_items", "schemas", "_responses", "_litellm", "_genai"]),
+    ("peewee plumbing", ["fields", "db", "_sql"]),
+    ("store", ["_base", "models"]),
+    ("price versions and recording", ["_versions", "_arguments", "query", "rollups", "_budget_ledger", "_recording"]),
+    ("reports, check, catalog, copy", ["reports", "usage", "_check", "migrations", "catalog", "_transfer", "_audit",
                                         "budget"]),
-    ("history, HTML report, demo", ["history", "report", "demo", "writer", "tracking", "capture", "otel",
+    ("history, HTML report, demo", ["_history", "report", "_demo", "writer", "_tracking", "capture", "otel",
                                     "openai_agents"]),
     ("command line", ["cli", "__main__", "__init__"]),
 ]

@@ -8,7 +8,7 @@ import psai
 from psai import PsAiModel
 from psai.cli import cli
 from psai.catalog import import_catalog
-from psai.litellm import map_entry
+from psai._litellm import map_entry
 
 COST_MAP = {
     "sample_spec": {"max_tokens": "LEGACY parameter", "input_cost_per_token": 0.0, "mode": "one of ..."},

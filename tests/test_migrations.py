@@ -165,11 +165,12 @@ def test_0014_remakes_the_triggers_that_folded_unusable_counts(backend, monkeypa
     audio input counted toward an item's being usable (sql.ITEM_COUNTS):
     they folded an item with -5 of them into a priced rollup; the migration
     remakes them and rebuilds, and the rollups agree with the items."""
-    import psai.sql
+    import psai._sql
     from psai import rollups
     from psai.usage import cost_report, record_usage
     with monkeypatch.context() as patch:
-        patch.setattr(psai.sql, "ITEM_COUNTS", tuple(c for c in psai.sql.ITEM_COUNTS if c not in ("cw12h", "audio_in")))
+        patch.setattr(psai._sql, "ITEM_COUNTS",
+                      tuple(c for c in psai._sql.ITEM_COUNTS if c not in ("cw12h", "audio_in")))
         assert runner().up(target="0013_settings")[-1] == "0013_settings"
     model = psai.add_model(name="m", configuration=make_configuration())
     record_usage(model, None, tokens_in=1000, tokens_out=10)
@@ -188,7 +189,7 @@ def test_0015_gives_the_rollups_the_reasoning_sum_and_rebuilds_them(backend, clo
     the reasoning sum, its triggers on) with items: after the upgrade the
     reports read the items' reasoning tokens from the rollups, rebuilt, and
     the triggers fold the next call's."""
-    from psai import rollups, sql
+    from psai import _sql as sql, rollups
     from psai.usage import cost_report, record_usage, report_totals
     db = psai.database.obj
     assert runner().up(target="0014_rollup_triggers_read_every_count")[-1] == "0014_rollup_triggers_read_every_count"

@@ -15,7 +15,7 @@ from peewee import IntegrityError
 
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
-from psai.responses import load_response, read_response, usage_from_response
+from psai._responses import load_response, read_response, usage_from_response
 
 DATA = Path(__file__).parent / "data" / "peer-responses"
 CASES_DIR = DATA / "cases"

@@ -16,7 +16,7 @@ import pytest
 
 import psai
 from psai import AgentModels, PsAgent, PsAiModel, PsModelUsageItem
-from psai.items import item_cost, item_price
+from psai._items import item_cost, item_price
 from psai.migrations import NotAdoptedError, is_policysynth_database
 from psai.schemas import INCLUDE, PsAiModelSchema
 from psai.usage import usage_counters
@@ -271,7 +271,7 @@ def test_adoption_adds_beside_and_changes_nothing_of_policysynths(scratch):
 def test_policysynth_reads_a_database_psai_created(scratch):
     psai.connect(scratch.url)
     psai.migrate()
-    from psai.demo import seed
+    from psai._demo import seed
     models, agents, _recorded = seed()  # five models, three agents, six links, six calls
     # PolicySynth's sync adds its other tables beside psai's and leaves psai's as they are.
     scratch.node("sync")
@@ -286,7 +286,7 @@ def test_policysynth_reads_a_database_psai_created(scratch):
         (link.agent_id, link.ai_model_id) for link in AgentModels.select()}
     assert len(read["AgentModels"]) == 6
     assert sum(row["token_in_count"] + row["token_in_cached_context_count"] for row in read["ps_model_usage"]) == \
-        sum(tokens_in for _agent, tokens_in, _cached, _out in psai.demo.SEED_CALLS)
+        sum(tokens_in for _agent, tokens_in, _cached, _out in psai._demo.SEED_CALLS)
     index_names = {name for _t, name, _d in scratch.ddl()["indexes"]}
     assert "agent_models_agent_id" in index_names and "AgentModels_agent_id" not in index_names
 

@@ -8,8 +8,8 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from psai.constants import CACHE_WRITE_12H_KEY, CACHE_WRITE_1H_KEY
-from psai.items import item_price
+from psai._constants import CACHE_WRITE_12H_KEY, CACHE_WRITE_1H_KEY
+from psai._items import item_price
 from psai.pricing import (
     APART, BUCKET_COUNTERS, COUNTERS, PRICE_UNITS, Pricer, cost_breakdown, counter_buckets, estimate_cost,
 )

@@ -310,7 +310,7 @@ def test_where_config_compiled_once_is_the_filters_own_sql(catalog, db, filters)
     """where_config keeps each filter's WHERE as compiled once: the query
     it gives is the one peewee compiles from the filter, first time and
     again, in a query of its own or within another (with its aliases)."""
-    from psai.sql import config_filter
+    from psai._sql import config_filter
 
     def plain(query):
         sql, params = query.sql()

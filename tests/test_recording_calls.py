@@ -12,13 +12,13 @@ from click.testing import CliRunner
 
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, ResponseUsage
-from psai.check import check
-from psai.genai import genai_catalog
+from psai._check import check
+from psai._genai import genai_catalog
 from psai.migrations import runner
 from psai.cli import cli
 from psai import rollups
 from psai.rollups import rebuild
-from psai.sql import item_by_response_id_sql
+from psai._sql import item_by_response_id_sql
 
 M = Decimal(10) ** 6
 PRICES = {"costInTokensPerMillion": 2.5, "costOutTokensPerMillion": 10,
@@ -332,7 +332,7 @@ def test_twelve_hour_cache_writes_price_at_their_key_or_are_unpriced(agent):
 
 
 def test_catalogs_fill_the_modality_rates():
-    from psai.litellm import consumed_keys, map_entry
+    from psai._litellm import consumed_keys, map_entry
     entry = {"mode": "chat", "litellm_provider": "openai", "max_output_tokens": 16384,
              "input_cost_per_token": 2.5e-06, "output_cost_per_token": 1e-05,
              "input_cost_per_audio_token": 4e-05, "output_cost_per_audio_token": 8e-05}

@@ -27,7 +27,7 @@ import pytest
 
 import psai
 from psai import PsAiModel, PsModelUsageItem
-from psai.items import item_cost
+from psai._items import item_cost
 
 from test_policysynth import PACKAGE_DIR, policysynth_package  # noqa: F401  (the session fixture)
 

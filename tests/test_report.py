@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import psai
 from psai import PsAgent, PsModelUsageItem
 from psai.cli import cli
-from psai.demo import seed
+from psai._demo import seed
 from psai.report import PALETTE, _money, html
 from psai.reports import cost_reports
 

@@ -17,7 +17,7 @@ from openai.types.responses import Response
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsageItem
 from psai.cli import cli
-from psai.responses import load_response, usage_from_response
+from psai._responses import load_response, usage_from_response
 from psai.usage import report_totals
 
 from test_policysynth import policysynth_package, run_node  # noqa: F401  (the session fixture)

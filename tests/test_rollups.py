@@ -17,7 +17,7 @@ from peewee import Value
 
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsageItem, rollups
-from psai.check import check
+from psai._check import check
 from psai.db import is_postgres
 from psai.cli import cli
 from psai.fields import UTC

@@ -3,9 +3,9 @@ statements as the hand-built ones they replaced."""
 from peewee import ModelSelect
 
 import psai
-from psai.base import _PreparedInsert
+from psai._base import _PreparedInsert
 from psai.models import PsModelUsage
-from psai.sql import Slot, compiled, slot
+from psai._sql import Slot, compiled, slot
 
 MODEL_COLUMNS = ("configuration", "created_at", "name", "organization_id", "updated_at", "user_id", "uuid")
 

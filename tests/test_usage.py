@@ -299,7 +299,7 @@ def test_parts_above_their_total_are_refused_as_record_response_refuses_them(bac
         with pytest.raises(psai.ValidationError, match="%s: .* above" % field):
             record_usage(m, None, **counts)
         with pytest.raises(psai.ValidationError, match="%s: .* above" % field):
-            psai.recording.model_cost(m, **dict({"tokens_in": 0, "tokens_out": 0}, **counts))
+            psai._recording.model_cost(m, **dict({"tokens_in": 0, "tokens_out": 0}, **counts))
     refused = CliRunner().invoke(cli, ["--database", backend.url, "usage", "record", str(m.id), "--in", "10",
                                        "--out", "1", "--cached", "1000000"])
     assert refused.exit_code == 2 and "cached_tokens" in refused.output and "Traceback" not in refused.output

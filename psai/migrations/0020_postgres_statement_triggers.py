@@ -7,7 +7,7 @@ its function) is on gets its three statement triggers instead, the row
 trigger dropped; the rows they keep are the same, so nothing is rebuilt.
 SQLite keeps its row triggers."""
 from psai.db import is_postgres
-from psai.sql import ledger_trigger_sql, rollup_trigger_sql, slot_trigger_sql
+from psai._sql import ledger_trigger_sql, rollup_trigger_sql, slot_trigger_sql
 
 # Each family's row trigger before this migration, and the statements that install its triggers now.
 ROW_TRIGGERS = {"psai_rollup_fold": rollup_trigger_sql, "psai_slot_fold": slot_trigger_sql,

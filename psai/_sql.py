@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from peewee import SQL, NodeList, PostgresqlDatabase, Value, fn
 
-from .constants import MAX_INTEGER, MAX_SAFE_INTEGER
+from ._constants import MAX_INTEGER, MAX_SAFE_INTEGER
 from .errors import ValidationError
 from .fields import SQLITE_TIME_GLOB
 from .pricing import _is_number

@@ -21,16 +21,16 @@ from typing import Any, TypedDict, cast
 
 import marshmallow
 
-from .arguments import as_datetime
-from .constants import strict_json_dumps
+from ._arguments import as_datetime
+from ._constants import strict_json_dumps
 from .db import is_postgres, model_db, read_transaction, table_columns, write_transaction
 from .errors import PsaiError, ValidationError
 from .fields import utcnow
 from .models import ModelRef, PriceCorrection, PriceVersion, PsModelUsageItem, prices_of, record_price_change
 from .reports import part_tokens, price_parts, usage_parts
 from .schemas import INCLUDE, ModelPricesSchema
-from .sql import item_reprice_sql, lock_models_sql, usage_state_sql, window
-from .versions import (
+from ._sql import item_reprice_sql, lock_models_sql, usage_state_sql, window
+from ._versions import (
     PriceCorrectionEntry as PriceCorrectionEntry, PriceVersionEntry as PriceVersionEntry, histories_of, merge_prices,
     price_history, prices_at, resolve_models,
 )

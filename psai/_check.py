@@ -15,11 +15,11 @@ from typing import Any, cast
 
 from peewee import Model
 
-from .constants import MAX_INTEGER, MIN_INTEGER
+from ._constants import MAX_INTEGER, MIN_INTEGER
 from .db import is_postgres, model_db, table_columns
 from .errors import ValidationError
 from .fields import UTC, TimestampTzField, UnreadableTime, read_time
-from .items import price_problem
+from ._items import price_problem
 from .models import (
     AgentModels, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
     usage_counters,
@@ -29,7 +29,7 @@ from .rollups import ROLLUP_TABLE, unfolded, verify as verify_rollups
 from .schemas import (
     INCLUDE, dump_rows, readable, shape_problem, time_problems, validate_agent_values, validate_model_values,
 )
-from .sql import item_check_sql
+from ._sql import item_check_sql
 
 __all__ = ["shape_problem", "model_problem", "agent_problem", "check", "readable", "dump_rows"]
 

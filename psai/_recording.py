@@ -1,5 +1,5 @@
 """Recording calls: ``record_usage`` writes one call as PolicySynth 1.3.172
-does, a ``ps_model_usage_item`` with the prices in force (``psai.items``),
+does, a ``ps_model_usage_item`` with the prices in force (``psai._items``),
 its tokens added to the counters of ``ps_model_usage`` (one row per model,
 agent, connector and UTC day), in one transaction; on PostgreSQL outside a
 caller's transaction, in one round trip. ``model_cost`` prices a call for a
@@ -15,12 +15,12 @@ from typing import Any, Callable, TypedDict
 
 from peewee import SQL, Cast, Insert, IntegrityError, ModelUpdate
 
-from .arguments import agent_arg, attribution_arg, check_counts, check_ids, model_arg
-from .constants import MAX_INTEGER, strict_json_dumps
+from ._arguments import agent_arg, attribution_arg, check_counts, check_ids, model_arg
+from ._constants import MAX_INTEGER, strict_json_dumps
 from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_columns, write_transaction
 from .errors import NotFoundError, ValidationError
 from .fields import UTC, utcnow
-from .items import item_data, item_model, item_price, item_pricing, price_problem
+from ._items import item_data, item_model, item_price, item_pricing, price_problem
 from ._budget_ledger import budgets_covering, fire, record_crossings
 from .models import (
     AgentRef, BudgetReservation, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
@@ -28,9 +28,9 @@ from .models import (
 )
 from .pricing import CostBreakdown, cost_breakdown, partition_usage
 from .query import UNMATCHED_PREFIX, is_unmatched, resolve_model, unmatched_model
-from .responses import usage_from_response
+from ._responses import usage_from_response
 from .schemas import json_problem
-from .sql import (
+from ._sql import (
     USAGE_ROW_COLUMNS, Statement, compiled, item_by_response_id_sql, item_insert, one_round_trip_statements, slot,
     stored_configuration_sql,
 )

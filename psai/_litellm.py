@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from .constants import LONG_CONTEXT_RATE_KEYS, MODALITY_RATE_KEYS, TIER_KEYS
+from ._constants import LONG_CONTEXT_RATE_KEYS, MODALITY_RATE_KEYS, TIER_KEYS
 from .errors import CatalogUnavailableError, ValidationError
 from .schemas import json_problem, validate_configuration
 

@@ -17,7 +17,7 @@ from peewee import (
 from playhouse.hybrid import hybrid_method
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
 
-from .constants import MAX_INTEGER
+from ._constants import MAX_INTEGER
 from .db import database, describe_database, model_db, same_database, write_transaction
 from .errors import NotFoundError, ValidationError, WrongDatabaseError
 from .fields import JSONField, TimestampTzField, utcnow

@@ -23,7 +23,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from .constants import CACHE_WRITE_1H_KEY, LONG_CONTEXT_RATE_KEYS, MODALITY_RATE_KEYS, TIER_KEYS
+from ._constants import CACHE_WRITE_1H_KEY, LONG_CONTEXT_RATE_KEYS, MODALITY_RATE_KEYS, TIER_KEYS
 from .errors import CatalogUnavailableError, Unmappable
 from .pricing import estimate_cost, normalize_inference_type
 

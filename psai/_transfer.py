@@ -17,7 +17,7 @@ from typing import Any, cast
 import peewee
 from peewee import Case, Database, ExceptionWrapper, ForeignKeyField, IntegerField, ModelUpdate, fn
 
-from .constants import MAX_INTEGER, MIN_INTEGER
+from ._constants import MAX_INTEGER, MIN_INTEGER
 from .db import connect, is_postgres, model_db, read_transaction, table_columns, using, write_transaction
 from .errors import ValidationError
 from .fields import TimestampTzField, UnreadableTime, read_sqlite_time_text
@@ -27,7 +27,7 @@ from .models import (
     PsModelUsageItem,
 )
 from .pricing import COUNTERS
-from .recording import NO_AGENT
+from ._recording import NO_AGENT
 from .schemas import dump_rows, INCLUDE, RAISE, PsAgentSchema, PsAiModelSchema
 
 __all__ = ["export_data", "import_data", "copy", "TABLES"]

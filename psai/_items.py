@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any, TypeGuard
 
-from .constants import OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
+from ._constants import OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
 from .pricing import APART, BUCKET_COUNTERS, BUCKETS, Pricer, _count, _is_number as _number_type, resolve_prices
 
 __all__ = ["item_data", "item_model", "item_pricing", "item_cost", "item_price",
@@ -111,7 +111,7 @@ def item_pricing(configuration: Mapping[str, Any],
     for key in ("inferenceType", "regionalProcessing"):
         if configuration.get(key) is not None:
             pricing[key] = configuration[key]
-    # Gemini and Vertex report the tier that served (psai.responses keeps
+    # Gemini and Vertex report the tier that served (psai._responses keeps
     # trafficType / serviceTier as appliedServiceTier), which PolicySynth's
     # cost manager reads for Google only as the item's inferenceType.
     served = provider_metadata.get("appliedServiceTier") if isinstance(provider_metadata, Mapping) else None

@@ -7,10 +7,10 @@ records there."""
 from decimal import Decimal
 from typing import Any
 
-from .arguments import agent_arg, attribution_arg, model_arg
+from ._arguments import agent_arg, attribution_arg, model_arg
 from .budget import check_before_call, check_budget
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, Reservation
-from .recording import record_response_data
+from ._recording import record_response_data
 from .writer import run_in
 
 __all__ = ["track", "Run"]

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, cast
 
-from .constants import MAX_INTEGER, time_range_problem
+from ._constants import MAX_INTEGER, time_range_problem
 from .errors import ValidationError
 from .fields import UTC
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, find_agent, find_model

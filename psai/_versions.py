@@ -1,5 +1,5 @@
 """Price versions: the prices a model had over time, and the corrections
-applied to them (see ``psai.history`` for the whole story). The save hook
+applied to them (see ``psai._history`` for the whole story). The save hook
 that writes versions lives beside the tables (``psai.models``); this
 module reads them."""
 import datetime
@@ -9,7 +9,7 @@ from typing import Any, TypedDict
 
 from peewee import Database
 
-from .base import check_database
+from ._base import check_database
 from .db import model_db, table_columns
 from .models import ModelRef, PriceCorrection, PriceVersion, PsAiModel, find_models, prices_of
 from .schemas import merge_configuration

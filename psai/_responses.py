@@ -48,7 +48,7 @@ from functools import lru_cache
 from itertools import chain
 from typing import Any
 
-from .constants import MAX_INTEGER
+from ._constants import MAX_INTEGER
 from .errors import ValidationError
 
 __all__ = ["ResponseUsage", "usage_from_response", "load_response", "read_response", "PROVIDERS", "API_FAMILIES"]
