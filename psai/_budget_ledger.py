@@ -435,8 +435,8 @@ def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: d
         into = merged.get(key)
         if into is None:  # calls, buckets, web, apart counts
             into = merged[key] = [0, dict.fromkeys(BUCKETS, 0), 0, {}]
-        # Sums as exact numbers (SQLite sums REAL values as floats; PostgreSQL's are numeric).
-        sums = [value if type(value) is int else exact_sum(value) for value in row[width + 2:]]
+        # Sums as exact numbers (SQLite sums REAL values as floats; PostgreSQL's are numeric); most are 0.
+        sums = [value if type(value) is int else exact_sum(value) if value else 0 for value in row[width + 2:]]
         into[0] += sums[0]
         prefix = "long_" if row[6] else ""
         for bucket, at in _SIDES:
