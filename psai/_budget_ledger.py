@@ -18,7 +18,8 @@ import logging
 import time
 import weakref
 import zoneinfo
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any, TypedDict
 
@@ -41,7 +42,7 @@ from ._sql import (
 __all__ = ["LIMIT", "TOTAL_PERIOD_KEY", "BudgetStatus", "BudgetEventRow", "LISTENERS", "budget_problem", "usable",
            "period_bounds", "spent", "status", "statuses", "invalid_status", "covering", "event_row",
            "record_crossings", "fire", "budgets_covering", "forget", "NO_BUDGET_RECHECK", "attribution_of",
-           "call_carries"]
+           "call_carries", "ledger_snapshot"]
 
 log = logging.getLogger("psai")
 
@@ -376,11 +377,67 @@ _APART_AT = [BUDGET_SUMS.index(name) for name in ("cache_write_1h", "cache_write
                                                     "image_out")]
 
 
-def spent(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None
-          ) -> tuple[Decimal, int, int, bool]:
+# -- what is spent, kept while the data is unchanged ------------------------------------
+
+# Per database: (the connection, the state of the data it saw, {(budget's scope, start, end): spent's answer}).
+# A check that sees the data in the same state gets the same answer without reading it again.
+_SPENT: weakref.WeakKeyDictionary[Database, tuple[Any, Hashable, dict[tuple, tuple[Decimal, int, int, bool]]]] = \
+    weakref.WeakKeyDictionary()
+_SPENT_MAX = 256
+# What decides a budget's spending besides its period.
+_SCOPE_FIELDS = ("model_name", "organization_id", "agent_id", "include_sub_agents", "provider", "currency", "user",
+                 "tag_key", "tag_value")
+_SQLITE_STATE_SQL = "SELECT * FROM pragma_data_version(), pragma_schema_version()"
+_POSTGRES_STATE_SQL = "SELECT pg_current_snapshot()::text, current_user, current_setting('search_path')"
+
+
+def _data_state(db: Database) -> Hashable:
+    """As the first read of a read transaction: what names the data it sees,
+    equal in two transactions of one connection only when they see the same
+    data. SQLite: its data version (every other connection's commit changes
+    it; the read fixes the snapshot it names), the rows this connection has
+    changed (its own writes and their triggers', rolled back or not) and the
+    schema version. PostgreSQL: the transaction's snapshot (which
+    transactions it sees committed: the same ones, the same rows), with the
+    role and search path that choose the tables and rows."""
+    if is_postgres(db):
+        return tuple(db.execute_sql(_POSTGRES_STATE_SQL).fetchone())
+    return tuple(db.execute_sql(_SQLITE_STATE_SQL).fetchone()) + (db.connection().total_changes,)
+
+
+@contextmanager
+def ledger_snapshot(db: Database) -> Iterator[Hashable | None]:
+    """A read transaction for budgets' statuses. Yields the state of the data
+    it sees (``statuses``' ``state``) when it is begun here; None inside the
+    caller's transaction, whose own writes (to be committed or not) no state names."""
+    fresh = not db.in_transaction()
+    with read_transaction(db):
+        yield _data_state(db) if fresh else None
+
+
+def spent(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None,
+          state: Hashable | None = None) -> tuple[Decimal, int, int, bool]:
     """(spent in the budget's currency, unpriced tokens, calls, whether some
     calls cannot be priced) in [start, end): the calls in the scope, each
-    group priced alike priced once, as cost_report prices it."""
+    group priced alike priced once, as cost_report prices it. ``state``
+    (``ledger_snapshot``'s): the answer found for the same data, if any."""
+    if state is None:
+        return _spent(db, budget, start, end)
+    connection = db.connection()
+    kept = _SPENT.get(db)
+    if kept is None or kept[0] is not connection or kept[1] != state:
+        kept = _SPENT[db] = (connection, state, {})
+    key = (tuple(budget.__data__.get(name) for name in _SCOPE_FIELDS), start, end)
+    found = kept[2].get(key)
+    if found is None:
+        if len(kept[2]) >= _SPENT_MAX:
+            kept[2].clear()
+        found = kept[2][key] = _spent(db, budget, start, end)
+    return found
+
+
+def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None
+           ) -> tuple[Decimal, int, int, bool]:
     model_ids = _scope_model_ids(budget)
     if model_ids == []:
         return Decimal(0), 0, 0, False
@@ -395,8 +452,8 @@ def spent(db: Database, budget: Budget, start: datetime.datetime | None, end: da
         into = merged.get(key)
         if into is None:  # calls, buckets, web, apart counts
             into = merged[key] = [0, dict.fromkeys(BUCKETS, 0), 0, {}]
-        # Sums as exact numbers (SQLite sums REAL values as floats; PostgreSQL's are numeric).
-        sums = [value if type(value) is int else exact_sum(value) for value in row[width + 2:]]
+        # Sums as exact numbers (SQLite sums REAL values as floats; PostgreSQL's are numeric); most are 0.
+        sums = [value if type(value) is int else exact_sum(value) if value else 0 for value in row[width + 2:]]
         into[0] += sums[0]
         prefix = "long_" if row[6] else ""
         for bucket, at in _SIDES:
@@ -455,10 +512,10 @@ def _state(budget: Budget, spent: Decimal, unknown: bool) -> str:
     return "ok"
 
 
-def status(db: Database, budget: Budget, now: datetime.datetime) -> BudgetStatus:
-    """One usable budget's state at ``now``."""
+def status(db: Database, budget: Budget, now: datetime.datetime, state: Hashable | None = None) -> BudgetStatus:
+    """One usable budget's state at ``now`` (``state``: ``spent``'s)."""
     start, end = period_bounds(budget.period, budget.timezone, now)
-    used, unpriced, calls, unknown = spent(db, budget, start, end)
+    used, unpriced, calls, unknown = spent(db, budget, start, end, state)
     limit = Decimal(budget.amount)
     forecast = None
     if start is not None and end is not None:
@@ -472,11 +529,12 @@ def status(db: Database, budget: Budget, now: datetime.datetime) -> BudgetStatus
             "calls": calls, "problem": None, "scope": scope_of(budget)}
 
 
-def statuses(db: Database, rows: list[Budget], now: datetime.datetime) -> list[BudgetStatus]:
-    """The budgets' statuses from one snapshot."""
+def statuses(db: Database, rows: list[Budget], now: datetime.datetime, state: Hashable | None = None
+             ) -> list[BudgetStatus]:
+    """The budgets' statuses from one snapshot (``state``: ``ledger_snapshot``'s, of the caller's)."""
     with read_transaction(db):
-        return [status(db, row, now) if (problem := budget_problem(row)) is None else invalid_status(row, problem)
-                for row in rows]
+        return [status(db, row, now, state) if (problem := budget_problem(row)) is None
+                else invalid_status(row, problem) for row in rows]
 
 
 def invalid_status(budget: Budget, problem: str) -> BudgetStatus:

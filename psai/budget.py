@@ -18,14 +18,15 @@ from typing import Any, Literal, overload
 from peewee import Database
 
 from ._arguments import agent_arg, as_datetime, attribution_arg, model_arg
-from .db import is_postgres, lock, model_db, read_transaction, table_columns, write_transaction
+from .db import is_postgres, lock, model_db, table_columns, write_transaction
 from .errors import BudgetExceededError, NotAdoptedError, NotFoundError, ValidationError
 from .fields import utcnow
 from .models import (
     AgentRef, Budget, BudgetEvent, BudgetReservation, ModelRef, PsAiModel, Reservation, find_models,
 )
 from ._budget_ledger import (
-    LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, covering, event_row, forget, period_bounds, scope_of,
+    LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, covering, event_row, forget, ledger_snapshot, period_bounds,
+    scope_of,
     statuses,
 )
 from ._recording import model_cost
@@ -158,7 +159,11 @@ def budget_status(budget: Budget | str | None = None) -> list[BudgetStatus]:
     """The state of one budget (by name or row) or of every budget, now:
     the same spending as ``cost_report`` over that scope and period."""
     chosen = [_budget(budget)] if budget is not None else budgets()
-    return statuses(model_db(Budget), chosen, utcnow())
+    if not chosen:
+        return []
+    db = model_db(Budget)
+    with ledger_snapshot(db) as state:
+        return statuses(db, chosen, utcnow(), state)
 
 
 # -- before a call ----------------------------------------------------------------------
@@ -291,8 +296,8 @@ def check_budget(agent: AgentRef | None = None,
     if not reserve:
         if not rows:
             return []
-        with read_transaction(db):
-            found = statuses(db, rows, now)
+        with ledger_snapshot(db) as state:
+            found = statuses(db, rows, now, state)
             held = _held(db, rows, now)
         _refuse(rows, found, held, guess)
         return found

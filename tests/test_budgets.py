@@ -201,6 +201,39 @@ def test_check_budget_refuses_what_would_pass_the_limit(db, clock):
         psai.check_budget(a)
 
 
+def test_a_check_sees_every_write_since_the_one_before(backend, clock):
+    """A check answers as the one before it did while the data is unchanged:
+    a write of any connection, committed or rolled back, is seen by the next."""
+    psai.migrate()
+    db = psai.database.obj
+    m = model()
+    psai.set_budget(name="b", amount=100)
+    record_usage(m, None, **CALL)
+
+    def checked():
+        (found,) = psai.check_budget(model=m)
+        return found["spent"], found["calls"]
+    assert checked() == checked() == (CALL_COST, 1)
+    other = psai.connect(backend.url, bind=False)
+    with psai.using(other):
+        record_usage(m, None, **CALL)
+    other.close()
+    assert checked() == (2 * CALL_COST, 2)
+    # Hand SQL on this connection, the rollups' triggers taking the call off.
+    db.execute_sql('DELETE FROM "ps_model_usage_item" WHERE id = (SELECT max(id) FROM "ps_model_usage_item")')
+    assert checked() == (CALL_COST, 1)
+    with db.atomic() as transaction:
+        record_usage(m, None, **CALL)
+        assert checked() == (2 * CALL_COST, 2)
+        transaction.rollback()
+    assert checked() == (CALL_COST, 1) and status("b")["spent"] == CALL_COST
+    with psai.using(psai.connect(backend.url, bind=False)) as again:  # another connection's first check
+        assert checked() == (CALL_COST, 1)
+        record_usage(m, None, **CALL)
+        again.close()
+    assert checked() == (2 * CALL_COST, 2)
+
+
 def test_a_soft_budget_never_refuses(db, clock):
     m = model()
     psai.set_budget(name="soft", amount="0.1", hard=False)
