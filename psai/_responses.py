@@ -175,11 +175,12 @@ def _plain(value: Any) -> Any:
     for method in ("model_dump", "to_json_dict", "to_dict"):
         dump = getattr(value, method, None)
         if callable(dump):
-            try:
-                dumped = dump(mode="json") if method == "model_dump" else dump()
-            except TypeError:
-                dumped = dump()
-            return _plain(dumped)
+            if method == "model_dump":
+                try:
+                    return dump(mode="json")  # pydantic's JSON mode: plain JSON values already, not walked again
+                except TypeError:
+                    pass
+            return _plain(dump())
     return value
 
 

@@ -98,19 +98,28 @@ def _sqlite_equals(field, path, value):
     return (extract == value) & kind.in_(["integer", "real"])
 
 
+# Up to this many values, "one of" is an IN list of bound values, which
+# SQLite's planner matches against an expression index; beyond, one bound
+# JSON array read by json_each keeps the statement's size (the planner then
+# scans the table once its statistics say the table is large: a thousand
+# models, a millisecond, where the index takes 10 us).
+_SQLITE_IN_LIST = 100
+
+
 def _sqlite_any(field, path, values):
     """``path`` equals one of ``values``, by JSON type, for any number of
-    values: each type's values are one bound JSON array read by json_each,
-    so the SQL stays the same size (an OR per value overflows SQLite's
-    parser at a few dozen)."""
+    values: each type's values an IN list (an OR per value overflows SQLite's
+    parser at a few dozen), or a bound JSON array past ``_SQLITE_IN_LIST``."""
     extract = _sqlite_extract(field, path).coerce(False)
     kind = fn.json_type(field, "$." + ".".join(path))
     clauses = []
     for kinds, chosen in ((("text",), [v for v in values if isinstance(v, str)]),
                           (("integer", "real"), [v for v in values if _is_number(v)])):
-        if chosen:
+        if len(chosen) > _SQLITE_IN_LIST:
             within = NodeList((extract, SQL("IN (SELECT value FROM json_each(?))", [json.dumps(chosen)])))
             clauses.append(kind.in_(list(kinds)) & within)
+        elif chosen:
+            clauses.append(kind.in_(list(kinds)) & extract.in_(chosen))
     singles = dict.fromkeys(v for v in values if v is None or isinstance(v, bool))
     clauses += [_sqlite_equals(field, path, v) for v in singles]
     return reduce(operator.or_, clauses)

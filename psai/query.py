@@ -181,7 +181,10 @@ def _yours_first(by_name: dict[tuple[str, str], list[Any]]) -> tuple[dict[tuple[
     """Among the candidates of a response's model name, rows you made win
     over rows a catalog import made (an import never takes your calls):
     the candidates left, and those passed over."""
-    imported = imported_ids([row.id for found in by_name.values() for row in found])
+    candidates = [row.id for found in by_name.values() for row in found]
+    if len(candidates) < 2:  # one row (or none) is left whether it was imported or not: no query
+        return by_name, []
+    imported = imported_ids(candidates)
     if not imported or all(row.id in imported for found in by_name.values() for row in found):
         return by_name, []
     yours = {key: [row for row in found if row.id not in imported] for key, found in by_name.items()}

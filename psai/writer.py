@@ -5,8 +5,11 @@ write, so it hands each call to this writer: a bounded queue
 (``QUEUE_SIZE`` calls) drained by one daemon thread, which writes on its
 own connection to the same database (peewee keeps one connection per
 thread on one ``Database``) and writes what it finds queued in batches of
-up to ``BATCH`` calls, one transaction a batch. ``flush()`` waits until
-everything queued before it is written; it runs at interpreter exit.
+up to ``BATCH`` calls, one transaction a batch. Having written, it waits
+``LINGER_SECONDS`` for more before it sleeps on the queue: calls made
+meanwhile cost the caller no wake-up of the writer, and a call may be
+written that much later. ``flush()`` waits until everything queued before
+it is written (it wakes the writer at once); it runs at interpreter exit.
 
 What a SIGKILL (or a crash of the interpreter) can lose is what was not
 committed yet: at most ``QUEUE_SIZE`` queued calls and the ``BATCH`` being
@@ -35,10 +38,16 @@ from .db import current_db, using, write_transaction
 from .models import AgentRef, ModelRef
 from ._recording import RecordedCall, record_response
 
-__all__ = ["QUEUE_SIZE", "BATCH", "LOG", "enqueue", "submit", "flush", "arecord_response", "run_in"]
+__all__ = ["QUEUE_SIZE", "BATCH", "LINGER_SECONDS", "LOG", "enqueue", "submit", "flush", "arecord_response", "run_in"]
 
 QUEUE_SIZE = 1000
 BATCH = 100
+# Having written what it found, the writer waits this long for more before
+# it sleeps on the queue: the calls made meanwhile are queued without waking
+# it (waking a sleeping thread is most of what a hand-off costs the caller's
+# thread) and written as one batch. Work a caller waits for (submit, flush)
+# wakes it at once.
+LINGER_SECONDS = 0.02
 # Idle this long, the writer closes its connections (a test suite or a
 # long-lived process does not keep one open per database it once wrote to).
 IDLE_SECONDS = 1.0
@@ -65,6 +74,7 @@ class _Writer:
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
         self.opened: set[Database] = set()
+        self.hurry = threading.Event()  # set: work is waited for, the writer's linger ends
 
     def put(self, job: _Job) -> None:
         if self.thread is None or not self.thread.is_alive():
@@ -73,18 +83,30 @@ class _Writer:
                     self.thread = threading.Thread(target=self.run, name="psai-writer", daemon=True)
                     self.thread.start()
         self.queue.put(job)
+        if job.future is not None:
+            self.hurry.set()
 
     def run(self) -> None:
         pending: _Job | None = None
+        lingered = True  # nothing written yet: the first call wakes the writer
         while True:
             if pending is None:
                 try:
-                    job = self.queue.get(timeout=IDLE_SECONDS)
+                    job = self.queue.get_nowait()
                 except queue.Empty:
-                    self.close_connections()
-                    continue
+                    if not lingered:  # more calls may come: they are queued without waking the writer
+                        self.hurry.wait(LINGER_SECONDS)
+                        self.hurry.clear()  # set after its job was queued: get_nowait finds the job
+                        lingered = True
+                        continue
+                    try:
+                        job = self.queue.get(timeout=IDLE_SECONDS)
+                    except queue.Empty:
+                        self.close_connections()
+                        continue
             else:
                 job, pending = pending, None
+            lingered = False
             if job.future is not None:
                 self.run_alone(job)
                 continue
@@ -163,7 +185,7 @@ class _Writer:
         if self.thread is None or not self.thread.is_alive():
             return self.queue.unfinished_tasks == 0
         done: Future[Any] = Future()
-        self.queue.put(_Job(None, lambda: None, (), {}, done, "flush"))
+        self.put(_Job(None, lambda: None, (), {}, done, "flush"))
         try:
             done.result(timeout)
         except TimeoutError:
