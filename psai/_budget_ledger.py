@@ -68,13 +68,14 @@ class BudgetStatus(TypedDict):
     hard: bool
     calls: int
     problem: str | None  # why an invalid budget cannot be used; None for every other state
-    scope: str  # what it covers (scope_of): "agent=7", "model=GPT-4o, user=alice", "all usage, tag team=search"
+    scope: str  # what it covers (scope_of): "agent=7", "model=GPT-4o, user=alice", "all usage, tag team=search",
+    # "all usage, session=conv-1"
 
 
 def scope_of(budget: Budget) -> str:
     """What a budget covers, as ``psai budgets list`` and ``status`` show it:
     its scope (agent, with " (only)" without its sub-agents; model;
-    provider; organization; else "all usage") and the user or tag it is limited to."""
+    provider; organization; else "all usage") and the user, session or tag it is limited to."""
     scope = next(("%s=%s" % (label, value) for label, value in (
         ("agent", budget.agent_id), ("model", budget.model_name), ("provider", budget.provider),
         ("organization", budget.organization_id)) if value is not None), "all usage")
@@ -82,6 +83,8 @@ def scope_of(budget: Budget) -> str:
         scope += " (only)"
     if budget.user is not None:
         scope += ", user=%s" % budget.user
+    elif budget.session is not None:
+        scope += ", session=%s" % budget.session
     elif budget.tag_key is not None:
         scope += ", tag %s=%s" % (budget.tag_key, budget.tag_value)
     return scope
@@ -279,13 +282,16 @@ def _item_rows(db: Database, plan: ReadPlan, model_ids: list[int] | None, agent_
             for row in db.execute_sql(sql, params).fetchall()]
 
 
-# -- budgets scoped to whose the calls were (a user, a tag) ------------------------------
+# -- budgets scoped to whose the calls were (a user, a session, a tag) ---------------------
 
 def attribution_of(budget: Budget) -> tuple[str, str] | None:
     """The attribution a budget is limited to, as the ledger names it:
-    ("user", USER) or ("tag:KEY", VALUE); None: every call of its scope."""
+    ("user", USER), ("session", SESSION) or ("tag:KEY", VALUE); None: every
+    call of its scope."""
     if budget.user is not None:
         return "user", budget.user
+    if budget.session is not None:
+        return "session", budget.session
     if budget.tag_key is not None and budget.tag_value is not None:
         return "tag:" + budget.tag_key, budget.tag_value
     return None
@@ -325,7 +331,7 @@ def _scoped_groups(db: Database, budget: Budget, start: datetime.datetime | None
 
 def call_carries(budget: Budget, attribution: Mapping[str, Any] | None) -> bool:
     """Whether a call of ``attribution`` (attribution_arg's: ``user``,
-    ``tags``, ...) is one of those ``budget``'s attribution limits it to
+    ``session``, ``tags``, ...) is one of those ``budget``'s attribution limits it to
     (a budget without one: every call)."""
     wanted = attribution_of(budget)
     if wanted is None:
@@ -333,8 +339,8 @@ def call_carries(budget: Budget, attribution: Mapping[str, Any] | None) -> bool:
     if not attribution:
         return False
     kind, value = wanted
-    if kind == "user":
-        return attribution.get("user") == value
+    if kind in ("user", "session"):
+        return attribution.get(kind) == value
     tags = attribution.get("tags")
     return isinstance(tags, Mapping) and tags.get(kind[4:]) == value
 
@@ -386,7 +392,7 @@ _SPENT: weakref.WeakKeyDictionary[Database, tuple[Any, Hashable, dict[tuple, tup
 _SPENT_MAX = 256
 # What decides a budget's spending besides its period.
 _SCOPE_FIELDS = ("model_name", "organization_id", "agent_id", "include_sub_agents", "provider", "currency", "user",
-                 "tag_key", "tag_value")
+                 "session", "tag_key", "tag_value")
 _SQLITE_STATE_SQL = "SELECT * FROM pragma_data_version(), pragma_schema_version()"
 _POSTGRES_STATE_SQL = "SELECT pg_current_snapshot()::text, current_user, current_setting('search_path')"
 

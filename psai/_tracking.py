@@ -42,8 +42,9 @@ class Run:
                                              **self._whose())
 
     def _whose(self) -> dict[str, Any]:
-        """The block's user and tags, for ``check_budget``: the budgets of that user or tag weigh its calls."""
-        return {"user": self.attribution.get("user"), "tags": self.attribution.get("tags")}
+        """The block's user, session and tags, for ``check_budget``: the budgets of that user, session or tag
+        weigh its calls."""
+        return {name: self.attribution.get(name) for name in ("user", "session", "tags")}
 
     def release(self) -> None:
         """Give back the reservation of a call that was not made."""

@@ -1,7 +1,8 @@
 """Budgets: spending limits over one scope (an agent and its sub-agents, a
 model name across its versions, a provider, an organization, or all usage;
-only the calls of one end user or tag, if asked) and a calendar period in an IANA time zone, checked before a call
-(``check_budget``, with reservations), with threshold alerts recorded once
+only the calls of one end user, session or tag, if asked) and a calendar
+period in an IANA time zone, checked before a call (``check_budget``, with
+reservations), with threshold alerts recorded once
 per budget and period (``budget_events``) in the transaction of the call
 that crosses them.
 
@@ -51,6 +52,8 @@ def _default_name(values: dict[str, Any]) -> str:
         scope = "all usage"
     if values["user"] is not None:
         scope += " of user %s" % values["user"]
+    elif values["session"] is not None:
+        scope += " of session %s" % values["session"]
     elif values["tag_key"] is not None:
         scope += " tagged %s=%s" % (values["tag_key"], values["tag_value"])
     return "%s per %s" % (scope, values["period"]) if values["period"] != "total" else scope + " in total"
@@ -60,7 +63,7 @@ def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", pe
                timezone: str = "UTC", agent: AgentRef | None = None,
                include_sub_agents: bool = True, model: ModelRef | None = None,
                provider: str | None = None, organization_id: int | None = None,
-               user: str | None = None, tags: Mapping[str, str] | None = None,
+               user: str | None = None, session: str | None = None, tags: Mapping[str, str] | None = None,
                warn_at: Iterable[float] = (0.8,), hard: bool = True, unpriced: BudgetUnpriced = "block",
                name: str | None = None) -> Budget:
     """Create a budget, or change the one of that ``name`` (its alerts so far
@@ -68,9 +71,10 @@ def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", pe
     ``include_sub_agents=False``), ``model`` (a model named as everywhere:
     row, id, uuid or name; the budget covers every version of its name), ``provider``,
     ``organization_id``; none: all usage. ``user`` (the application's end
-    user) or ``tags`` (one tag, ``{"team": "search"}``, as ``cost_report``'s
-    ``tags=`` filter names it): only the calls of the scope recorded with
-    that user or tag (``record_usage(..., user=, tags=)``, ``track``,
+    user), ``session`` (one conversation) or ``tags`` (one tag,
+    ``{"team": "search"}``, as ``cost_report``'s ``tags=`` filter names it):
+    only the calls of the scope recorded with that user, session or tag
+    (``record_usage(..., user=, session=, tags=)``, ``track``,
     ``instrument``), one attribution per budget. ``period``: day, week (ISO, from
     Monday), month, year (on the calendar of ``timezone``) or total.
     ``warn_at``: fractions of the limit that raise an alert; the limit is one
@@ -80,14 +84,14 @@ def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", pe
     if include_sub_agents is False and agent is None:  # it would silently cover all usage
         raise ValidationError({"include_sub_agents": ["False limits an agent budget to the agent itself: "
                                                       "give an agent."]})
-    tag = _one_tag(user, tags)
+    tag = _one_tag(user, session, tags)
     agent_row = agent_arg(agent) if agent is not None else None
     if model is not None:  # every version of the model this names: its name
         model = find_models(model)[0].name
     values = {"amount": amount, "currency": currency, "period": period, "timezone": timezone,
               "agent_id": agent_row.id if agent_row is not None else None,
               "include_sub_agents": include_sub_agents, "model_name": model, "provider": provider,
-              "organization_id": organization_id, "user": user,
+              "organization_id": organization_id, "user": user, "session": session,
               "tag_key": tag[0] if tag else None, "tag_value": tag[1] if tag else None,
               "warn_at": list(warn_at) if isinstance(warn_at, (list, tuple, set, frozenset)) else warn_at,
               "hard": hard, "unpriced": unpriced, "name": name}
@@ -111,10 +115,15 @@ def set_budget(*, amount: Decimal | int | float | str, currency: str = "USD", pe
     return row
 
 
-def _one_tag(user: str | None, tags: Mapping[str, str] | None) -> tuple[str, str] | None:
+def _one_tag(user: str | None, session: str | None, tags: Mapping[str, str] | None) -> tuple[str, str] | None:
     """The one tag a budget is limited to, checked as recording checks a
-    call's (and the user with it); None without tags."""
-    given = attribution_arg(user=user, tags=tags)
+    call's (and the user and session with it: one of the three at most);
+    None without tags."""
+    given = attribution_arg(user=user, session=session, tags=tags)
+    named = [name for name in ("user", "session", "tags") if name in given]
+    if len(named) > 1:  # the last one named carries the error: tags, else session
+        raise ValidationError({named[-1]: ["A budget covers one attribution: user, session or one tag, not both "
+                                           "(got %s); set a budget for each." % " and ".join(named)]})
     if "tags" not in given:
         if tags is not None:  # {}: it would silently cover every call
             raise ValidationError({"tags": ["Give the one tag the budget covers, e.g. {'team': 'search'}."]})
@@ -122,8 +131,6 @@ def _one_tag(user: str | None, tags: Mapping[str, str] | None) -> tuple[str, str
     if len(given["tags"]) != 1:
         raise ValidationError({"tags": ["A budget covers one tag: got %d (%s); set a budget for each." % (
             len(given["tags"]), ", ".join(sorted(given["tags"])))]})
-    if user is not None:
-        raise ValidationError({"tags": ["A budget covers one attribution: give user or one tag, not both."]})
     [(key, value)] = given["tags"].items()
     return key, value
 
@@ -246,7 +253,8 @@ def _refuse(rows: list[Budget], found: list[BudgetStatus], held: dict[int, Decim
 @overload
 def check_budget(agent: AgentRef | None = None,
                  model: ModelRef | None = None, *,
-                 user: str | None = None, tags: Mapping[str, str] | None = None,
+                 user: str | None = None, session: str | None = None,
+                 tags: Mapping[str, str] | None = None,
                  estimate: Decimal | int | float | str | dict[str, Any] | None = None,
                  reserve: Literal[False] = False) -> list[BudgetStatus]: ...
 
@@ -254,14 +262,16 @@ def check_budget(agent: AgentRef | None = None,
 @overload
 def check_budget(agent: AgentRef | None = None,
                  model: ModelRef | None = None, *,
-                 user: str | None = None, tags: Mapping[str, str] | None = None,
+                 user: str | None = None, session: str | None = None,
+                 tags: Mapping[str, str] | None = None,
                  estimate: Decimal | int | float | str | dict[str, Any] | None = None,
                  reserve: Literal[True]) -> Reservation: ...
 
 
 def check_budget(agent: AgentRef | None = None,
                  model: ModelRef | None = None, *,
-                 user: str | None = None, tags: Mapping[str, str] | None = None,
+                 user: str | None = None, session: str | None = None,
+                 tags: Mapping[str, str] | None = None,
                  estimate: Decimal | int | float | str | dict[str, Any] | None = None,
                  reserve: bool = False) -> list[BudgetStatus] | Reservation:
     """Before a call: raise ``BudgetExceededError`` when a hard budget
@@ -269,9 +279,9 @@ def check_budget(agent: AgentRef | None = None,
     ``estimate`` (a cost in the budget's currency, or the counts of the call,
     priced with the model's prices), or is ``unknown`` and blocks unpriced
     usage. What live reservations hold counts as spent. Returns the
-    statuses of the budgets checked. ``user``, ``tags``: whose the call
-    will be (as it will be recorded): the budgets limited to a user or a
-    tag are checked only for calls that carry it.
+    statuses of the budgets checked. ``user``, ``session``, ``tags``: whose
+    the call will be (as it will be recorded): the budgets limited to a
+    user, a session or a tag are checked only for calls that carry it.
 
     ``reserve=True``: the check and a hold of ``estimate`` against every
     covering hard budget are one atomic step (concurrent reservations
@@ -280,7 +290,7 @@ def check_budget(agent: AgentRef | None = None,
     estimate) or ``r.release()`` it; one left alone expires after
     ``RESERVATION_TTL``. So N processes never spend past a hard limit by
     more than their estimates were wrong."""
-    whose = attribution_arg(user=user, tags=tags)
+    whose = attribution_arg(user=user, session=session, tags=tags)
     agent_row = agent_arg(agent)
     model_row = model_arg(model) if model is not None else None
     if reserve and estimate is None:
@@ -322,15 +332,16 @@ def check_budget(agent: AgentRef | None = None,
 
 def check_before_call(agent: AgentRef | None, model: ModelRef | None, *,
                       estimate: Decimal | int | float | str | dict[str, Any] | None, reserve: bool,
-                      user: str | None, tags: Mapping[str, str] | None) -> Reservation | None:
+                      user: str | None, session: str | None, tags: Mapping[str, str] | None
+                      ) -> Reservation | None:
     """``check_budget`` before one call, as ``psai.track``'s ``run.check`` and
     ``psai.instrument(..., budget=True)`` make it: with ``reserve`` and an
     ``estimate``, the estimate is held and its Reservation returned (the
     recording of the call settles it, ``release()`` gives it back); else
     the budgets are only checked (with the estimate, if any) and None returned."""
     if reserve and estimate is not None:
-        return check_budget(agent, model, user=user, tags=tags, estimate=estimate, reserve=True)
-    check_budget(agent, model, user=user, tags=tags, estimate=estimate)
+        return check_budget(agent, model, user=user, session=session, tags=tags, estimate=estimate, reserve=True)
+    check_budget(agent, model, user=user, session=session, tags=tags, estimate=estimate)
     return None
 
 

@@ -267,7 +267,8 @@ def _reserve(options: _Options, request: Mapping[str, Any]) -> Reservation | Non
         model = _request_model(options, request)
         estimate = request_estimate(request, model) if model is not None else None
         return check_before_call(options.agent, model, estimate=estimate, reserve=True,
-                                 user=options.attribution.get("user"), tags=options.attribution.get("tags"))
+                                 user=options.attribution.get("user"), session=options.attribution.get("session"),
+                                 tags=options.attribution.get("tags"))
     except BudgetExceededError:
         raise
     except Exception:

@@ -1301,7 +1301,7 @@ def audit_command(since, until, model, apply_changes, as_json):
 @cli.group()
 def budgets():
     """Spending limits per agent tree, model, provider or organization (and
-    end user or tag), over a calendar period, with alerts that fire once
+    end user, session or tag), over a calendar period, with alerts that fire once
     (docs/budgets.md)."""
 
 
@@ -1328,8 +1328,11 @@ def _budget_row(budget):
 @click.option("--provider", help="Scope: every model of this provider.")
 @click.option("--organization-id", type=int, help="Scope: every model of this organization.")
 @click.option("--user", metavar="USER", help="Only the calls of this end user (record_usage's user=), in the scope.")
+@click.option("--session", metavar="SESSION",
+              help="Only the calls of this session (record_usage's session=: one conversation), in the scope.")
 @click.option("--tag", "tag", type=TagFilter(), metavar="KEY=VALUE",
-              help="Only the calls with this tag (record_usage's tags=), in the scope; one tag, not with --user.")
+              help="Only the calls with this tag (record_usage's tags=), in the scope; one tag. One of --user, "
+                   "--session, --tag.")
 @click.option("--warn-at", "warn_at", type=float, multiple=True, metavar="FRACTION",
               help="Alert at this fraction of the limit (repeat for more; default 0.8). The limit alerts too.")
 @click.option("--soft", is_flag=True, help="Alerts only: check_budget never refuses a call.")
@@ -1337,7 +1340,7 @@ def _budget_row(budget):
               help="Whether usage that cannot be priced blocks calls (the state is then unknown).")
 @output_options
 def budgets_set(name, amount, currency, period, timezone, agent, agent_only, model_name, provider, organization_id,
-                user, tag, warn_at, soft, unpriced, fmt):
+                user, session, tag, warn_at, soft, unpriced, fmt):
     """Create or change a budget (one scope at most; none: all usage)."""
     from .budget import set_budget
     if agent_only and agent is None:
@@ -1345,7 +1348,8 @@ def budgets_set(name, amount, currency, period, timezone, agent, agent_only, mod
     connect()
     budget = set_budget(name=name, amount=amount, currency=currency, period=period, timezone=timezone, agent=agent,
                         include_sub_agents=not agent_only, model=model_name, provider=provider,
-                        organization_id=organization_id, user=user, tags=dict([tag]) if tag else None,
+                        organization_id=organization_id, user=user, session=session,
+                        tags=dict([tag]) if tag else None,
                         warn_at=warn_at or (0.8,), hard=not soft,
                         unpriced=unpriced)
     emit([_budget_row(budget)], fmt, single=True)

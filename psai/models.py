@@ -437,8 +437,10 @@ class Budget(BaseModel):
     model_name = CharField(max_length=255, null=True)
     provider = CharField(max_length=64, null=True)
     organization_id = IntegerField(null=True)
-    # Whose calls it covers (migration 0019): an end user, or one tag's key and value; none: every call.
+    # Whose calls it covers (migrations 0019, 0021): an end user, a session, or one tag's key and value;
+    # none: every call.
     user = CharField(max_length=255, null=True)
+    session = CharField(max_length=255, null=True)
     tag_key = CharField(max_length=64, null=True)
     tag_value = CharField(max_length=255, null=True)
     warn_at = JSONField(dumps=strict_json_dumps)

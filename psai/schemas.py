@@ -600,7 +600,8 @@ BUDGET_PERIODS: tuple[BudgetPeriod, ...] = get_args(BudgetPeriod)
 BUDGET_UNPRICED: tuple[BudgetUnpriced, ...] = get_args(BudgetUnpriced)
 BUDGET_SCOPES = ("agent_id", "model_name", "provider", "organization_id")
 BUDGET_FIELDS = ("name", "amount", "currency", "period", "timezone", "agent_id", "include_sub_agents", "model_name",
-                 "provider", "organization_id", "user", "tag_key", "tag_value", "warn_at", "hard", "unpriced")
+                 "provider", "organization_id", "user", "session", "tag_key", "tag_value", "warn_at", "hard",
+                 "unpriced")
 # A tag's key: named in reports (``by="tag:KEY"``) and on the command line (``--tag KEY=VALUE``).
 TAG_KEY_PATTERN = r"[A-Za-z0-9_.:/-]+\Z"
 MAX_TAG_KEY_LENGTH = 64
@@ -682,6 +683,7 @@ class BudgetSchema(_Base):
     provider = String(allow_none=True, validate=Length(1, 64))
     organization_id = ColumnInteger(allow_none=True)
     user = String(allow_none=True, validate=Length(1, MAX_ATTRIBUTE_LENGTH))
+    session = String(allow_none=True, validate=Length(1, MAX_ATTRIBUTE_LENGTH))
     tag_key = String(allow_none=True, validate=[Length(1, MAX_TAG_KEY_LENGTH), Regexp(
         TAG_KEY_PATTERN, error="Use letters, digits and _ . : / - (as in --tag KEY=VALUE).")])
     tag_value = String(allow_none=True, validate=Length(1, MAX_ATTRIBUTE_LENGTH))
@@ -704,9 +706,11 @@ class BudgetSchema(_Base):
         if tagged[0] != tagged[1]:
             raise _MarshmallowValidationError("A tag budget has a tag's key and its value, e.g. team=search.",
                                               "tag_key" if not tagged[0] else "tag_value")
-        if data.get("user") is not None and tagged[0]:
-            raise _MarshmallowValidationError("A budget covers one attribution: give user or one tag, not both.",
-                                              "attribution")
+        given = [name for name, value in (("user", data.get("user")), ("session", data.get("session")),
+                                          ("tags", data.get("tag_key"))) if value is not None]
+        if len(given) > 1:
+            raise _MarshmallowValidationError("A budget covers one attribution: user, session or one tag, not "
+                                              "both (got %s)." % " and ".join(given), "attribution")
 
 
 def validate_budget_values(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Budgets scoped to whose the calls were (a user, a tag): what they have
+"""Budgets scoped to whose the calls were (a user, a session, a tag): what they have
 spent equals their calls' items priced one by one, with the attribution
 ledger's triggers on and off, in UTC and in a zone whose midnight is not a
 UTC hour; only the calls carrying the attribution cross their thresholds
@@ -45,6 +45,8 @@ def priced_one_by_one(db, budget, start, end, covered):
         data = PsModelUsageItem.data.python_value(data)
         whose = data.get("psai") or {}
         if budget.user is not None and whose.get("user") != budget.user:
+            continue
+        if budget.session is not None and whose.get("session") != budget.session:
             continue
         if budget.tag_key is not None and (whose.get("tags") or {}).get(budget.tag_key) != budget.tag_value:
             continue
@@ -102,7 +104,8 @@ def test_a_user_or_tag_budget_spends_what_its_items_cost_one_by_one(db, clock, s
     db.execute_sql('UPDATE "ps_model_usage_item" SET created_at = %s WHERE id = %s' % (p, p),
                    (PsModelUsageItem.created_at.db_value(NOW - datetime.timedelta(days=1)), ids[5]))
     scopes = [{}, {"model": "large"}, {"agent": root}]
-    attributions = [{"user": "alice"}, {"user": "carol"}, {"tags": {"team": "search"}}, {"tags": {"env": "prod"}}]
+    attributions = [{"user": "alice"}, {"user": "carol"}, {"session": "s1"}, {"tags": {"team": "search"}},
+                    {"tags": {"env": "prod"}}]
     checked = 0
     for ledger_on in (True, False):
         if not ledger_on:
@@ -199,6 +202,85 @@ def test_check_budget_and_reservations_weigh_the_budgets_of_the_calls_attributio
             pass
 
 
+# -- session budgets: one conversation's calls ----------------------------------------------------
+
+@pytest.mark.parametrize("ledger_on", [True, False])
+def test_a_session_budget_spends_what_cost_report_gives_the_session_over_its_period(db, clock, ledger_on):
+    rng = random.Random(3)
+    root, _child = seed(clock, rng)
+    if not ledger_on:
+        rollups.disable(db)
+    checked = 0
+    for zone in ZONES:
+        for period in ("day", "week", "month", "total"):
+            start, end = period_bounds(period, zone, NOW)
+            for scope in ({}, {"model": "large"}, {"agent": root}):
+                name = "%s %s %s" % (zone, period, sorted(scope))
+                psai.set_budget(name=name, amount=1000, period=period, timezone=zone, session="s1", **scope)
+                (found,) = psai.budget_status(name)
+                if "agent" in scope:  # the tree's row: the agent with its sub-agents
+                    rows = [row for row in psai.cost_report("tree", since=start, until=end, session="s1")
+                            if row["agent_id"] == root.id]
+                else:
+                    rows = psai.cost_report("model", since=start, until=end, session="s1", **scope)
+                assert all(row["currency"] == "USD" for row in rows)
+                assert found["scope"].endswith(", session=s1")
+                assert (found["spent"], found["calls"]) == (sum((row["cost"] for row in rows), Decimal(0)),
+                                                            sum(row["calls"] for row in rows)), name
+                checked += found["calls"]
+                psai.remove_budget(name)
+    assert checked  # some covered calls
+
+
+def test_a_hard_session_budget_refuses_that_session_only(db, clock):
+    m = PsAiModel.create(user_id=1, organization_id=2, name="m", configuration=make_configuration())
+    psai.set_budget(name="conv-1", amount=1, session="conv-1")
+    record_usage(m, None, tokens_in=10_000, tokens_out=5_000, session="conv-1")  # $0.60
+    assert [s["budget"] for s in psai.check_budget(None, m, session="conv-1")] == ["conv-1"]
+    with pytest.raises(BudgetExceededError) as passed:  # 0.60 + 0.50 estimated > 1
+        psai.check_budget(None, m, session="conv-1", estimate="0.5")
+    assert passed.value.budget == "conv-1"
+    record_usage(m, None, tokens_in=20_000, tokens_out=10_000, session="conv-2")  # another conversation's
+    record_usage(m, None, tokens_in=20_000, tokens_out=10_000, user="conv-1", tags={"session": "conv-1"})  # not it
+    assert psai.budget_status("conv-1")[0]["spent"] == Decimal("0.6")
+    record_usage(m, None, tokens_in=10_000, tokens_out=5_000, session="conv-1")  # $1.20: reached
+    with pytest.raises(BudgetExceededError) as refused:
+        psai.check_budget(None, m, session="conv-1", user="alice", tags={"team": "search"})
+    assert refused.value.budget == "conv-1" and refused.value.spent == Decimal("1.2")
+    assert psai.check_budget(None, m, session="conv-2") == []
+    assert psai.check_budget(None, m, user="conv-1") == []
+    assert psai.check_budget(None, m) == []
+    assert psai.check_budget(None, m, session="conv-2", estimate=5, reserve=True).budgets == ()
+    with pytest.raises(BudgetExceededError):
+        with psai.track(None, m, budget=True, session="conv-1"):
+            pass
+    with psai.track(None, m, budget=True, session="conv-2") as run:
+        run.check(estimate=1)
+    with pytest.raises(ValidationError) as bad:
+        psai.check_budget(None, m, session="")
+    assert "session" in bad.value.messages
+
+
+def test_calls_recorded_with_the_session_fire_its_alerts(db, clock):
+    m = PsAiModel.create(user_id=1, organization_id=2, name="m", configuration=make_configuration())
+    heard = []
+    psai.on_budget_event(heard.append)
+    try:
+        psai.set_budget(name="conv-1", amount="1.50", session="conv-1", warn_at=(0.5,))
+        record_usage(m, None, tokens_in=20_000, tokens_out=10_000, session="conv-2", user="alice")  # $1.20
+        assert psai.budget_events() == []
+        record_usage(m, None, tokens_in=20_000, tokens_out=10_000, session="conv-1")  # $1.20: 80 %
+        assert [(e["budget"], e["threshold"]) for e in psai.budget_events()] == [("conv-1", Decimal("0.5"))]
+        psai.record_response(m, None, {"model": "gpt-4", "object": "chat.completion",
+                                       "usage": {"prompt_tokens": 20_000, "completion_tokens": 10_000}},
+                             session="conv-1")  # $2.40: the limit
+        assert [(e["budget"], e["threshold"]) for e in heard] == [("conv-1", Decimal("0.5")),
+                                                                  ("conv-1", Decimal("1"))]
+        assert psai.budget_status("conv-1")[0]["spent"] == Decimal("2.4")
+    finally:
+        psai.budget.LISTENERS.remove(heard.append)
+
+
 # -- what set_budget refuses ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("arguments, field, words", [
@@ -207,7 +289,12 @@ def test_check_budget_and_reservations_weigh_the_budgets_of_the_calls_attributio
     ({"tags": "team=search"}, "tags", "text keys and values"),
     ({"tags": {"team space": "x"}}, "tags", "letters, digits"),
     ({"tags": {"team": ""}}, "tags", "Empty"),
-    ({"user": "alice", "tags": {"team": "search"}}, "tags", "not both"),
+    ({"user": "alice", "tags": {"team": "search"}}, "tags", "not both (got user and tags)"),
+    ({"session": "s1", "tags": {"team": "search"}}, "tags", "not both (got session and tags)"),
+    ({"user": "alice", "session": "s1"}, "session", "not both (got user and session)"),
+    ({"session": ""}, "session", "Empty"),
+    ({"session": ["s1"]}, "session", "Not text"),
+    ({"session": "x" * 256}, "session", "at most 255"),
     ({"user": ""}, "user", "Empty"),
     ({"user": 42}, "user", "Not text"),
     ({"user": "x" * 256}, "user", "at most 255"),
@@ -232,6 +319,7 @@ def test_a_budget_gets_a_name_saying_whose_calls_it_covers(db):
     assert psai.set_budget(amount=1, user="alice").name == "all usage of user alice per month"
     assert psai.set_budget(amount=1, tags={"team": "search"}, period="day",
                            provider="openai").name == "provider openai tagged team=search per day"
+    assert psai.set_budget(amount=1, session="conv-1", period="total").name == "all usage of session conv-1 in total"
 
 
 # -- the command line --------------------------------------------------------------------------
@@ -255,6 +343,19 @@ def test_the_command_line_sets_and_lists_user_and_tag_budgets(run):
     assert {s["budget"]: s["scope"] for s in psai.budget_status()} == listed  # the library's rows carry it
 
 
+def test_the_command_line_sets_and_shows_a_session_budget(run):
+    made = json.loads(run("budgets", "set", "--name", "conv", "--amount", "2", "--session", "conv-1",
+                          "--json").stdout)
+    assert made["scope"] == "all usage, session=conv-1"
+    assert [(b.name, b.session, b.user, b.tag_key) for b in psai.budgets()] == [("conv", "conv-1", None, None)]
+    (status,) = json.loads(run("budgets", "status", "--json").stdout)
+    assert (status["budget"], status["scope"], status["calls"]) == ("conv", "all usage, session=conv-1", 0)
+    assert any("session=conv-1" in line for line in run("budgets", "status").stdout.splitlines()[1:])
+    refused = run("budgets", "set", "--name", "x", "--amount", "1", "--user", "a", "--session", "b", code=2)
+    assert "not both (got user and session)" in refused.output
+    assert [b.name for b in psai.budgets()] == ["conv"]
+
+
 # -- a store from before the columns --------------------------------------------------------
 
 def test_a_store_with_budgets_upgrades_to_attributed_budgets(backend, clock):
@@ -266,7 +367,7 @@ def test_a_store_with_budgets_upgrades_to_attributed_budgets(backend, clock):
                    ("old", "5", "USD", "month", "UTC", True, "[0.8]", True, "block",
                     Budget.created_at.db_value(NOW)))
     assert psai.migrate() == ["0018_rollup_read_indexes", "0019_budget_attribution",
-                              "0020_postgres_statement_triggers"]
+                              "0020_postgres_statement_triggers", "0021_budget_session"]
     assert {"user", "tag_key", "tag_value"} <= {c.name for c in db.get_columns("psai_budgets")}
     (old,) = psai.budgets()
     assert (old.user, old.tag_key, old.tag_value) == (None, None, None)
@@ -275,4 +376,24 @@ def test_a_store_with_budgets_upgrades_to_attributed_budgets(backend, clock):
     psai.set_budget(name="alice", amount=1, user="alice")
     assert {s["budget"]: s["spent"] for s in psai.budget_status()} == {"alice": Decimal("1.2"),
                                                                      "old": Decimal("1.2")}
+    assert psai.migrate() == []
+
+
+def test_a_store_at_0020_with_budgets_upgrades_to_session_budgets(backend, clock):
+    db = psai.database.obj
+    assert runner().up(target="0020_postgres_statement_triggers")[-1] == "0020_postgres_statement_triggers"
+    assert "session" not in {c.name for c in db.get_columns("psai_budgets")}
+    db.execute_sql('INSERT INTO "psai_budgets" (name, amount, currency, period, timezone, include_sub_agents, '
+                   'warn_at, hard, unpriced, created_at, "user") VALUES (%s)' % ", ".join([db.param] * 11),
+                   ("alice", "5", "USD", "month", "UTC", True, "[0.8]", True, "block",
+                    Budget.created_at.db_value(NOW), "alice"))
+    assert psai.migrate() == ["0021_budget_session"]
+    assert "session" in {c.name for c in db.get_columns("psai_budgets")}
+    (old,) = psai.budgets()
+    assert (old.name, old.user, old.session) == ("alice", "alice", None)
+    m = PsAiModel.create(user_id=1, organization_id=2, name="m", configuration=make_configuration())
+    record_usage(m, None, tokens_in=20_000, tokens_out=10_000, user="alice", session="conv-1")
+    psai.set_budget(name="conv-1", amount=1, session="conv-1")
+    assert {s["budget"]: (s["spent"], s["scope"]) for s in psai.budget_status()} == {
+        "alice": (Decimal("1.2"), "all usage, user=alice"), "conv-1": (Decimal("1.2"), "all usage, session=conv-1")}
     assert psai.migrate() == []

@@ -429,6 +429,19 @@ def test_budget_of_a_user_checked_before_the_calls_of_that_user(server, model):
     bob.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # neither alice nor tagged search
     assert len(items()) == 2 and len(server.requests) == served + 1
 
+
+def test_budget_of_a_session_checked_before_the_calls_of_that_session(server, model):
+    one = psai.instrument(openai_client(server), model=model, budget=True, session="conv-1")
+    other = psai.instrument(openai_client(server), model=model, budget=True, session="conv-2", user="conv-1")
+    one.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    psai.set_budget(amount="0.000001", session="conv-1", name="conv-1")
+    served = len(server.requests)
+    with pytest.raises(psai.BudgetExceededError, match="conv-1"):
+        one.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert len(server.requests) == served  # never called
+    other.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # another session's
+    assert len(items()) == 2 and len(server.requests) == served + 1
+
 # -- budget=True: each call's estimate reserved ---------------------------------------------------
 
 # The model's prices: 30 and 60 USD per million tokens in and out. MESSAGES is two characters (1 token
