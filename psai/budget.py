@@ -122,8 +122,8 @@ def _one_tag(user: str | None, session: str | None, tags: Mapping[str, str] | No
     given = attribution_arg(user=user, session=session, tags=tags)
     named = [name for name in ("user", "session", "tags") if name in given]
     if len(named) > 1:  # the last one named carries the error: tags, else session
-        raise ValidationError({named[-1]: ["A budget covers one attribution: user, session or one tag, not both "
-                                           "(got %s); set a budget for each." % " and ".join(named)]})
+        raise ValidationError({named[-1]: ["A budget covers one attribution (a user, a session or one tag), "
+                                           "not %s: set a budget for each." % " and ".join(named)]})
     if "tags" not in given:
         if tags is not None:  # {}: it would silently cover every call
             raise ValidationError({"tags": ["Give the one tag the budget covers, e.g. {'team': 'search'}."]})

@@ -289,9 +289,9 @@ def test_calls_recorded_with_the_session_fire_its_alerts(db, clock):
     ({"tags": "team=search"}, "tags", "text keys and values"),
     ({"tags": {"team space": "x"}}, "tags", "letters, digits"),
     ({"tags": {"team": ""}}, "tags", "Empty"),
-    ({"user": "alice", "tags": {"team": "search"}}, "tags", "not both (got user and tags)"),
-    ({"session": "s1", "tags": {"team": "search"}}, "tags", "not both (got session and tags)"),
-    ({"user": "alice", "session": "s1"}, "session", "not both (got user and session)"),
+    ({"user": "alice", "tags": {"team": "search"}}, "tags", "not user and tags: set a budget for each"),
+    ({"session": "s1", "tags": {"team": "search"}}, "tags", "not session and tags: set a budget for each"),
+    ({"user": "alice", "session": "s1"}, "session", "not user and session: set a budget for each"),
     ({"session": ""}, "session", "Empty"),
     ({"session": ["s1"]}, "session", "Not text"),
     ({"session": "x" * 256}, "session", "at most 255"),
@@ -333,7 +333,7 @@ def test_the_command_line_sets_and_lists_user_and_tag_budgets(run):
     assert {b.name: (b.user, b.tag_key, b.tag_value) for b in psai.budgets()} == {
         "alice": ("alice", None, None), "search": (None, "team", "search")}
     refused = run("budgets", "set", "--name", "x", "--amount", "1", "--user", "a", "--tag", "team=b", code=2)
-    assert "not both" in refused.output
+    assert "not user and tags" in refused.output
     assert "KEY=VALUE" in run("budgets", "set", "--name", "x", "--amount", "1", "--tag", "team", code=2).output
     statuses = json.loads(run("budgets", "status", "--json").stdout)
     assert {s["budget"]: s["calls"] for s in statuses} == {"alice": 0, "search": 0}
@@ -352,7 +352,7 @@ def test_the_command_line_sets_and_shows_a_session_budget(run):
     assert (status["budget"], status["scope"], status["calls"]) == ("conv", "all usage, session=conv-1", 0)
     assert any("session=conv-1" in line for line in run("budgets", "status").stdout.splitlines()[1:])
     refused = run("budgets", "set", "--name", "x", "--amount", "1", "--user", "a", "--session", "b", code=2)
-    assert "not both (got user and session)" in refused.output
+    assert "not user and session: set a budget for each" in refused.output
     assert [b.name for b in psai.budgets()] == ["conv"]
 
 
