@@ -25,6 +25,7 @@ from .errors import ValidationError
 from .models import AgentRef
 from ._recording import RecordedCall, record_response_data
 from ._responses import ResponseUsage
+from .writer import enqueue, flush
 
 __all__ = ["SpanProcessor", "span_usage", "ATTRIBUTES", "INFERENCE_OPERATIONS"]
 
@@ -151,10 +152,6 @@ def span_usage(attributes: Mapping[str, Any]) -> tuple[ResponseUsage, list[str]]
     return usage, approximate
 
 
-def _run_now(job: Callable[[], Any]) -> None:
-    job()
-
-
 def _describe(attributes: Mapping[str, Any], context: Any) -> str:
     """A span in a log line: its model and ids."""
     ids = " (trace %032x, span %016x)" % (context.trace_id, context.span_id) if context is not None else ""
@@ -172,20 +169,27 @@ class SpanProcessor(SdkSpanProcessor):
     about its cost is approximate (``data.psai.approximate``).
 
     ``on_end`` never raises into the application: a span it cannot record
-    is logged (logger ``psai.otel``) and skipped. It records on the thread
-    that ends the span; ``submit`` (a callable taking a job of no
-    arguments) is where a background writer takes the write over."""
+    is logged (logger ``psai.otel``) and skipped. It only tells whether
+    the span is a call on the thread that ends it, and hands the recording
+    to ``submit`` (a callable taking a job of no arguments): by default
+    psai's background writer (``psai.writer``, as instrumented async clients
+    use; ``force_flush``, ``shutdown`` and ``psai.flush()`` wait for it).
+    ``processor.submit = lambda job: job()`` records on that thread instead."""
 
     def __init__(self, *, agent: AgentRef | None = None, database: Any = None,
                  tags: Mapping[str, str] | None = None) -> None:
         self.tags = tags_arg(tags)
         self.agent = agent
         self.database = connect(database, bind=False) if isinstance(database, str) else database
-        self.submit: Callable[[Callable[[], Any]], None] = _run_now
+        self.submit: Callable[[Callable[[], Any]], None] = self._to_writer
         # (trace id, span id) of spans with an inference span below them: their
         # usage, if any, is their children's again.
         self._covered: OrderedDict[tuple[int, int], None] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _to_writer(self, job: Callable[[], Any]) -> None:
+        # The database bound on the thread that ends the span, when the processor has none.
+        enqueue(self.database, "a span", job)
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
         pass
@@ -241,7 +245,8 @@ class SpanProcessor(SdkSpanProcessor):
             return record_response_data(None, self.agent, usage, None, None, None, kept=kept)
 
     def shutdown(self) -> None:
-        pass
+        flush()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
+        """Wait until what was handed to the writer is written (True), or ``timeout_millis`` passes (False)."""
+        return flush(timeout_millis / 1000)

@@ -93,6 +93,7 @@ def tracer(**options):
 
 
 def items():
+    psai.flush()  # the processor hands its writes to psai's writer
     return [row.data for row in PsModelUsageItem.select().order_by(PsModelUsageItem.id)]
 
 
