@@ -20,6 +20,7 @@ from .errors import ValidationError
 from .models import AgentRef
 from ._recording import RecordedCall, record_response_data
 from ._responses import ResponseUsage
+from .writer import enqueue, flush
 
 __all__ = ["TracingProcessor", "generation_usage"]
 
@@ -51,10 +52,6 @@ def generation_usage(model: Any, usage: Mapping[str, Any]) -> ResponseUsage:
         model=model, usage_raw=dict(usage))
 
 
-def _run_now(job: Callable[[], Any]) -> None:
-    job()
-
-
 class TracingProcessor:
     """Records the Agents SDK's response and generation spans, when they
     end, as calls: of ``agent`` (a PsAgent, its id, uuid or name; None: no
@@ -66,16 +63,21 @@ class TracingProcessor:
     ``data.psai.approximate``.
 
     ``on_span_end`` never raises into the agent run (a span it cannot record
-    is logged, logger ``psai.openai_agents``); ``submit`` is where a
-    background writer takes the write over, as ``psai.otel``'s."""
+    is logged, logger ``psai.openai_agents``); it hands the recording to
+    ``submit``: by default psai's background writer, as ``psai.otel``'s
+    (``force_flush``, ``shutdown`` and ``psai.flush()`` wait for it)."""
 
     def __init__(self, *, agent: AgentRef | None = None, database: Any = None,
                  tags: Mapping[str, str] | None = None) -> None:
         self.tags = tags_arg(tags)
         self.agent = agent
         self.database = connect(database, bind=False) if isinstance(database, str) else database
-        self.submit: Callable[[Callable[[], Any]], None] = _run_now
+        self.submit: Callable[[Callable[[], Any]], None] = self._to_writer
         self._groups: dict[str, str] = {}  # trace id -> group id, while the trace runs
+
+    def _to_writer(self, job: Callable[[], Any]) -> None:
+        # The database bound on the thread that ends the span, when the processor has none.
+        enqueue(self.database, "a span", job)
 
     def on_trace_start(self, trace: Any) -> None:
         group = getattr(trace, "group_id", None)
@@ -98,11 +100,14 @@ class TracingProcessor:
                 call = (data.model, data.usage)
             else:
                 return
-            self.submit(partial(self._record_span, kind, call, span.trace_id, span.span_id))
+            # The trace's group now: the trace may have ended when the writer records.
+            self.submit(partial(self._record_span, kind, call, span.trace_id, span.span_id,
+                                self._groups.get(span.trace_id)))
         except Exception:  # never into the agent run: the call has happened
             LOG.warning("psai could not read span %r", span, exc_info=True)
 
-    def _record_span(self, kind: str, call: Any, trace_id: str, span_id: str) -> RecordedCall | None:
+    def _record_span(self, kind: str, call: Any, trace_id: str, span_id: str, group: str | None
+                     ) -> RecordedCall | None:
         try:
             kept: dict[str, Any] = {"source": "openai-agents", "trace": {"traceId": trace_id, "spanId": span_id}}
             if kind == "generation":
@@ -110,7 +115,6 @@ class TracingProcessor:
                 kept["approximate"] = ["webSearches", "serviceTier"]
             else:
                 usage = call  # the Responses API's own response: record_response reads it
-            group = self._groups.get(trace_id)
             if group is not None:
                 kept["session"] = group  # the key record_response's session has
             if self.tags:
@@ -124,7 +128,7 @@ class TracingProcessor:
             return None
 
     def shutdown(self) -> None:
-        pass
+        flush()
 
     def force_flush(self) -> None:
-        pass
+        flush()

@@ -46,6 +46,7 @@ def processor():
 
 
 def items():
+    psai.flush()  # the processor hands its writes to psai's writer
     return [row.data for row in PsModelUsageItem.select().order_by(PsModelUsageItem.id)]
 
 
