@@ -42,7 +42,7 @@ from ._sql import (
 __all__ = ["LIMIT", "TOTAL_PERIOD_KEY", "BudgetStatus", "BudgetEventRow", "LISTENERS", "budget_problem", "usable",
            "period_bounds", "spent", "status", "statuses", "invalid_status", "covering", "event_row",
            "record_crossings", "fire", "budgets_covering", "forget", "NO_BUDGET_RECHECK", "attribution_of",
-           "call_carries", "ledger_snapshot"]
+           "call_carries", "ledger_snapshot", "Carried", "carried", "CARRIED_MAX"]
 
 log = logging.getLogger("psai")
 
@@ -263,14 +263,16 @@ def _day_rows(db: Database, table: str, days: Iterable[str], model_ids: list[int
 
 
 def _item_rows(db: Database, plan: ReadPlan, model_ids: list[int] | None, agent_ids: list[int] | None,
-               attribution: tuple[str, str] | None = None) -> list[tuple]:
+               attribution: tuple[str, str] | None = None, item_id: int | None = None) -> list[tuple]:
     """What ``plan`` reads from the items, of these models and agents (and
-    carrying ``attribution``, (kind, value), as text), in budget_sums_sql's layout."""
+    carrying ``attribution``, (kind, value), as text; only the item
+    ``item_id`` when given), in budget_sums_sql's layout."""
     r = ItemReader(is_postgres(db))
     params: list[Any] = []
     where = scan_where(db, "i.created_at", plan, params) + window(
         db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params)
     _in(db, "i.agent_id", agent_ids, where, params)
+    _in(db, "i.id", [item_id] if item_id is not None else None, where, params)
     if attribution is not None:
         where.append("%s = %s" % (attribute_sql(r.postgres, "i.data", attribution[0], params), db.param))
         params.append(attribution[1])
@@ -321,9 +323,16 @@ def _attributed_groups(db: Database, start: datetime.datetime | None, end: datet
 
 
 def _scoped_groups(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None,
-                   model_ids: list[int] | None, agent_ids: list[int] | None) -> list[tuple]:
-    """The groups of the calls a budget covers in [start, end): its scope's, and its attribution's when it has one."""
+                   model_ids: list[int] | None, agent_ids: list[int] | None, item_id: int | None = None
+                   ) -> list[tuple]:
+    """The groups of the calls a budget covers in [start, end): its scope's,
+    and its attribution's when it has one; of the one item ``item_id``
+    when given (read from the items: what the rollups would add up for it)."""
     attribution = attribution_of(budget)
+    if item_id is not None:
+        if not table_columns(db, PsModelUsageItem._meta.table_name):
+            return []
+        return _item_rows(db, ReadPlan(start, end, (), ((start, end),)), model_ids, agent_ids, attribution, item_id)
     if attribution is None:
         return _groups(db, start, end, model_ids, agent_ids)
     return _attributed_groups(db, start, end, model_ids, agent_ids, attribution)
@@ -385,11 +394,18 @@ _APART_AT = [BUDGET_SUMS.index(name) for name in ("cache_write_1h", "cache_write
 
 # -- what is spent, kept while the data is unchanged ------------------------------------
 
-# Per database: (the connection, the state of the data it saw, {(budget's scope, start, end): spent's answer}).
-# A check that sees the data in the same state gets the same answer without reading it again.
-_SPENT: weakref.WeakKeyDictionary[Database, tuple[Any, Hashable, dict[tuple, tuple[Decimal, int, int, bool]]]] = \
+Spent = tuple[Decimal, int, int, bool]
+# Per database: (the connection, the state of the data it saw, {(budget's scope, start, end): (spent's
+# answer, the budget)}). A check that sees the data in the same state gets the same answer without
+# reading it again.
+_SPENT: weakref.WeakKeyDictionary[Database, tuple[Any, Hashable, dict[tuple, tuple[Spent, Budget]]]] = \
     weakref.WeakKeyDictionary()
 _SPENT_MAX = 256
+# A recording carries at most this many answers over to the data it leaves (each is one read of its item).
+CARRIED_MAX = 16
+# Past this many significant digits an answer is not carried: a sum of Decimals in the default
+# 28-digit context is then not sure to be the sum a fresh read prices.
+_CARRIED_DIGITS = 20
 # What decides a budget's spending besides its period.
 _SCOPE_FIELDS = ("model_name", "organization_id", "agent_id", "include_sub_agents", "provider", "currency", "user",
                  "session", "tag_key", "tag_value")
@@ -438,12 +454,71 @@ def spent(db: Database, budget: Budget, start: datetime.datetime | None, end: da
     if found is None:
         if len(kept[2]) >= _SPENT_MAX:
             kept[2].clear()
-        found = kept[2][key] = _spent(db, budget, start, end)
-    return found
+        found = kept[2][key] = (_spent(db, budget, start, end), budget)
+    return found[0]
 
 
-def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None
-           ) -> tuple[Decimal, int, int, bool]:
+class Carried:
+    """A write transaction's hold on the answers kept for the data it
+    began on (SQLite only, whose write transaction holds the database's
+    write lock: no other connection commits until it ends). ``state``:
+    what to pass ``status`` inside the transaction once ``carry`` has run;
+    ``settle`` after the commit makes the answers those of the committed
+    data. A transaction rolled back never settles: its answers match no
+    state a read can see."""
+
+    def __init__(self, db: Database) -> None:
+        self.db, self.connection = db, db.connection()
+        self.before = _data_state(db)
+        self.state: Hashable = ("carried", object())  # no read's state
+        self.after: Hashable | None = None
+
+    def carry(self, item_id: int | None = None) -> None:
+        """After the transaction's writes, which changed nothing a budget
+        spends but the new item ``item_id`` (if any): the answers kept for
+        the data as it began become this transaction's, each with the item
+        added (read back the way the answer's own scope reads items)."""
+        kept = _SPENT.get(self.db)
+        answers: dict[tuple, tuple[Spent, Budget]] = {}
+        if kept is not None and kept[0] is self.connection and kept[1] == self.before \
+                and len(kept[2]) <= CARRIED_MAX:
+            for key, (answer, budget) in kept[2].items():
+                if item_id is not None:
+                    added = _spent(self.db, budget, key[1], key[2], item_id)
+                    answer = (answer[0] + added[0], answer[1] + added[1], answer[2] + added[2],
+                              answer[3] or added[3])
+                if len(answer[0].as_tuple().digits) <= _CARRIED_DIGITS:
+                    answers[key] = (answer, budget)
+        _SPENT[self.db] = (self.connection, self.state, answers)
+
+    def close(self) -> None:
+        """At the end of the transaction, after its last write: the state
+        the committed data will have for this connection (its own commit
+        changes neither data version nor changed rows)."""
+        self.after = _data_state(self.db)
+
+    def settle(self) -> None:
+        """After the commit."""
+        kept = _SPENT.get(self.db)
+        if self.after is not None and kept is not None and kept[1] is self.state:
+            _SPENT[self.db] = (kept[0], self.after, kept[2])
+
+
+def carried(db: Database) -> Carried | None:
+    """A ``Carried`` for a write transaction just begun on ``db`` by the
+    caller (not one it is part of), or None where answers are not carried
+    over writes (PostgreSQL: its next snapshot cannot be known inside the
+    transaction; or no answer kept for this connection)."""
+    if is_postgres(db) or db.is_closed():
+        return None
+    kept = _SPENT.get(db)
+    if kept is None or kept[0] is not db.connection() or not kept[2]:
+        return None
+    return Carried(db)
+
+
+def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None,
+           item_id: int | None = None) -> tuple[Decimal, int, int, bool]:
     model_ids = _scope_model_ids(budget)
     if model_ids == []:
         return Decimal(0), 0, 0, False
@@ -453,7 +528,7 @@ def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: d
     # Groups priced alike, added up: (model, provider, pricing, tier, speed, has_usage, apart) -> sums.
     merged: dict[tuple, list] = {}
     width = len(BUDGET_GROUP)
-    for row in _scoped_groups(db, budget, start, end, model_ids, agent_ids):
+    for row in _scoped_groups(db, budget, start, end, model_ids, agent_ids, item_id):
         key = row[:5] + (row[5], row[7])
         into = merged.get(key)
         if into is None:  # calls, buckets, web, apart counts
@@ -610,7 +685,7 @@ def event_row(event: BudgetEvent, budget: Budget) -> BudgetEventRow:
             "currency": budget.currency, "period_start": start, "at": event.at}
 
 
-def record_crossings(db: Database, rows: list[Budget]) -> list[BudgetEventRow]:
+def record_crossings(db: Database, rows: list[Budget], state: Hashable | None = None) -> list[BudgetEventRow]:
     """In a recording's transaction: each threshold of ``rows`` that what is
     spent has reached and that has no alert in this period yet gets one. The
     budgets are read again first, as they are now (one removed or changed
@@ -618,14 +693,15 @@ def record_crossings(db: Database, rows: list[Budget]) -> list[BudgetEventRow]:
     PostgreSQL locked, so that of two calls crossing at once the second sees
     the first, and a budget cannot be removed under the alert written for it
     (SQLite has one writer at a time). A budget whose status cannot be
-    worked out is logged and left out: the call is recorded all the same."""
+    worked out is logged and left out: the call is recorded all the same.
+    ``state``: a ``Carried``'s, whose answers the statuses may use."""
     query = Budget.select().where(Budget.id.in_([row.id for row in rows])).order_by(Budget.id)
     rows = usable(query.for_update() if is_postgres(db) else query)
     now = utcnow()
     fired = []
     for row in rows:
         try:
-            found = status(db, row, now)
+            found = status(db, row, now, state)
         except (ArithmeticError, LookupError, TypeError, ValueError):
             log.exception("psai budget %r: its status could not be worked out; the call is recorded without "
                           "its alerts", row.name)

@@ -21,7 +21,7 @@ from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_co
 from .errors import NotFoundError, ValidationError
 from .fields import UTC, utcnow
 from ._items import item_data, item_model, item_price, item_pricing, price_problem
-from ._budget_ledger import budgets_covering, fire, record_crossings
+from ._budget_ledger import budgets_covering, carried, fire, record_crossings
 from .models import (
     AgentRef, BudgetReservation, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
     Reservation, ref_key, usage_counters,
@@ -149,7 +149,10 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
         if returned is not None:
             return _usage_row(present, returned), data
     find, update, insert = _usage_statements(db, present, agent_id is None, connector_id is None)
+    began = not db.in_transaction()
     with write_transaction(db):
+        # What budgets have spent, kept for the data as it is: carried over this call (plus its item).
+        answers = carried(db) if began else None
         lock(db, keys)
         # The prices as stored now, not as this object last saw them; the
         # shared lock makes a concurrent price change wait for this call.
@@ -162,12 +165,17 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
         else:
             cursor = db.execute_sql(update.sql, update.params(dict(values, id=row[0])))
         returned = cursor.fetchone()
-        if with_items:
-            db.execute_sql(item_insert(db), _item_params(values))
+        item = db.execute_sql(item_insert(db), _item_params(values)) if with_items else None
         if reservation is not None:  # settled: the call's real cost, in the rollups, replaces the estimate
             BudgetReservation.delete().where(BudgetReservation.token == reservation.token).execute()
+        if answers is not None:  # SQLite's: the item's rowid names it
+            answers.carry(item.lastrowid if item is not None else None)
         # The budgets' alerts in the call's own transaction; their listeners once it commits.
-        fired = record_crossings(db, alerting) if alerting else []
+        fired = record_crossings(db, alerting, answers.state if answers is not None else None) if alerting else []
+        if answers is not None:
+            answers.close()
+    if answers is not None:
+        answers.settle()
     if fired and after_commit is not None:
         after_commit.append(lambda: fire(fired))
     elif fired:
@@ -218,10 +226,25 @@ def _usage_statements(db, present, agent_is_null, connector_is_null, guarded=Fal
     return found
 
 
+# The stored form of a day's bounds, by the stored form's kind and the day: one a day, not two a call.
+_DAY_STAMPS: dict[tuple[bool, datetime.date], tuple[Any, Any]] = {}
+
+
+def _day_stamps(moment: datetime.datetime) -> tuple[Any, Any]:
+    key = (is_postgres(model_db(PsModelUsage)), moment.date())
+    found = _DAY_STAMPS.get(key)
+    if found is None:
+        if len(_DAY_STAMPS) > 8:
+            _DAY_STAMPS.clear()
+        start, end = _day_bounds(moment)
+        found = _DAY_STAMPS[key] = (_stamp(start), _stamp(end))
+    return found
+
+
 def _statement_values(call, present, values, data, now):
     """The values of record_usage's statements' slots for one call."""
-    start, end = _day_bounds(now)
-    named = dict(call, start=_stamp(start), end=_stamp(end), stamp=_stamp(now), data=data)
+    start, end = _day_stamps(now)
+    named = dict(call, start=start, end=end, stamp=_stamp(now), data=data)
     for name, count in zip(present, values):
         named["add_" + name] = count
         named["room_" + name] = MAX_INTEGER - count
@@ -286,6 +309,8 @@ def _stored_configuration(db, model):
     row = db.execute_sql(stored_configuration_sql(db), (model.id,)).fetchone()
     if row is None:
         raise NotFoundError("PsAiModel %s does not exist" % model.id)
+    if isinstance(row[0], str):  # SQLite's text: parsed once while it is unchanged
+        return _parsed(row[0])[0]
     configuration = PsAiModel.configuration.python_value(row[0])
     return configuration if isinstance(configuration, dict) else {}
 
@@ -296,7 +321,8 @@ def _usage_row(present, values):
     data = {}
     for column, value in zip(USAGE_ROW_COLUMNS + present, values):
         field = fields[column]
-        data[field.name] = field.python_value(value)
+        # A whole count needs no conversion (the counters are most of the row).
+        data[field.name] = value if type(value) is int else field.python_value(value)
     row = PsModelUsage(__no_default__=True, **data)
     row._dirty.clear()
     return row

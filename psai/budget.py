@@ -26,9 +26,8 @@ from .models import (
     AgentRef, Budget, BudgetEvent, BudgetReservation, ModelRef, PsAiModel, Reservation, find_models,
 )
 from ._budget_ledger import (
-    LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, covering, event_row, forget, ledger_snapshot, period_bounds,
-    scope_of,
-    statuses,
+    LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, carried, covering, event_row, forget, ledger_snapshot,
+    period_bounds, scope_of, statuses,
 )
 from ._recording import model_cost
 from .schemas import BUDGET_FIELDS, BudgetPeriod, BudgetUnpriced, validate_budget_values
@@ -313,20 +312,29 @@ def check_budget(agent: AgentRef | None = None,
         return found
     assert guess is not None
     token = str(uuid.uuid4())
+    began = not db.in_transaction()
     with write_transaction(db):
+        # The answers kept for the data as it is hold after this transaction's writes, which spend nothing.
+        answers = carried(db) if began else None
         if rows and is_postgres(db):
             # Reservations and recordings of these budgets queue here (recording locks them for its alerts).
             rows = list(Budget.select().where(Budget.id.in_([row.id for row in rows])).order_by(Budget.id)
                         .for_update())
             rows.sort(key=lambda row: row.name)
         BudgetReservation.delete().where(BudgetReservation.expires_at <= now).execute()
-        found = statuses(db, rows, now)
+        if answers is not None:
+            answers.carry()
+        found = statuses(db, rows, now, answers.state if answers is not None else None)
         _refuse(rows, found, _held(db, rows, now), guess)
         holding = [row for row in rows if guess[1] in (None, row.currency)]
         if holding:
             BudgetReservation.insert_many([{"token": token, "budget": row.id, "amount": str(guess[0]),
                                             "created_at": now, "expires_at": now + RESERVATION_TTL}
                                            for row in holding]).execute()
+        if answers is not None:
+            answers.close()
+    if answers is not None:
+        answers.settle()
     return Reservation(token, guess[0], tuple(row.name for row in holding), now + RESERVATION_TTL)
 
 

@@ -9,10 +9,12 @@ import random
 from decimal import Decimal
 
 import pytest
+from playhouse.test_utils import count_queries
 
 import psai
 from conftest import make_configuration
 from psai import PsAgent, PsAiModel, PsModelUsageItem, record_usage, rollups
+from psai import _budget_ledger
 from psai._budget_ledger import period_bounds
 from psai._items import item_price
 from psai._sql import SLOT_TABLE
@@ -181,3 +183,80 @@ def test_calls_without_a_price_snapshot_follow_their_models_threshold(db, clock)
         assert (found["spent"], found["calls"]) == full_scan(db, budget, start, end, set())[:2], threshold
         seen.append(found["spent"])
     assert seen[0] != seen[1]  # the call of 1,000 tokens is a long-context one now
+
+
+def _statuses():
+    return [(s["budget"], s["spent"], s["unpriced_tokens"], s["calls"], s["state"]) for s in psai.budget_status()]
+
+
+def _read_afresh():
+    """Every budget's status read from the data, nothing kept from a check before."""
+    _budget_ledger._SPENT.clear()
+    return _statuses()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_recorded_call_carries_what_budgets_spent_as_a_fresh_read_finds_it(backend, db, clock, seed):
+    """On SQLite a call recorded in this process adds itself to the answers
+    kept for the data it found (the next check reads no rollup); whatever
+    else changes the data (another connection, hand SQL, a price change, a
+    call rolled back) makes the next check read afresh. Every status equals
+    a fresh read of the data, on both backends."""
+    rng = random.Random(seed)
+    models = [PsAiModel.create(user_id=1, organization_id=2, name=name, configuration=make_configuration(
+        prices={"costInTokensPerMillion": rate, "costOutTokensPerMillion": rate * 3,
+                "costInCachedContextTokensPerMillion": rate / 4, "currency": "USD",
+                **({"longContextTokenThreshold": 5000, "longContextCostInTokensPerMillion": rate * 2}
+                   if rate == 3 else {})}))
+              for name, rate in (("small", 1), ("large", 3), ("odd", 7))]
+    root = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "root"})
+    child = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "child"}, parent_agent=root)
+    for name, scope in (("all", {}), ("large", {"model": "large"}), ("root", {"agent": root}),
+                        ("alice", {"user": "alice"}), ("team", {"tags": {"team": "search"}}),
+                        ("kathmandu day", {"period": "day", "timezone": "Asia/Kathmandu"})):
+        psai.set_budget(name=name, amount=rng.choice([1, 1000]), unpriced="allow", **scope)
+    p = db.param
+    def periods():
+        return [period_bounds(period, zone, psai.fields.utcnow())
+                for period, zone in (("month", "UTC"), ("day", "Asia/Kathmandu"))]
+    for step in range(60):
+        before = periods()
+        clock.advance(minutes=rng.randint(1, 90))
+        same_periods = periods() == before  # else a budget's new period is read
+        record_usage(rng.choice(models), rng.choice([None, root, child]), tokens_in=rng.randint(200, 9000),
+                     tokens_out=rng.randint(0, 900), cached_tokens=rng.choice([0, 0, 100]),
+                     user=rng.choice([None, "alice", "bob"]), tags=rng.choice([None, {"team": "search"}]),
+                     provider_metadata=rng.choice([None, {"appliedServiceTier": "flex"}]))
+        if step % 3 == 0:
+            with count_queries() as counter:
+                kept = _statuses()
+            read = " ".join(str(q.msg[0]) for q in counter.get_queries())
+            if not psai.db.is_postgres(db) and step and same_periods:
+                assert "psai_usage_rollup" not in read and "ps_model_usage_item" not in read
+            assert kept == _read_afresh(), step
+        change = rng.randrange(6)
+        if change == 0:  # hand SQL: an item's count edited in place
+            (item_id,) = db.execute_sql('SELECT max(id) FROM "ps_model_usage_item"').fetchone()
+            (data,) = db.execute_sql('SELECT data FROM "ps_model_usage_item" WHERE id = %s' % p,
+                                     (item_id,)).fetchone()
+            data = PsModelUsageItem.data.python_value(data)
+            data["usageNormalized"]["tokensIn"] += 1000
+            cast = "::jsonb" if psai.db.is_postgres(db) else ""
+            db.execute_sql('UPDATE "ps_model_usage_item" SET data = %s%s WHERE id = %s' % (p, cast, p),
+                           (json.dumps(data), item_id))
+        elif change == 1:  # a price changed: calls without a snapshot are priced anew
+            model = rng.choice(models)
+            model.update_configuration({"prices": {"costInTokensPerMillion": rng.randint(1, 9)}})
+        elif change == 3:  # another connection records a call
+            other = psai.connect(backend.url, bind=False)
+            try:
+                with psai.using(other):
+                    record_usage(rng.choice(models).id, tokens_in=4321, tokens_out=1, user="alice")
+            finally:
+                other.close()
+        elif change == 2:  # a call that fails inside its transaction is not carried
+            with pytest.raises(RuntimeError):
+                with psai.db.write_transaction(db):
+                    record_usage(models[0], root, tokens_in=777, tokens_out=7, user="alice")
+                    raise RuntimeError("rolled back")
+        assert _statuses() == _read_afresh(), step
