@@ -42,7 +42,7 @@ from ._sql import (
 __all__ = ["LIMIT", "TOTAL_PERIOD_KEY", "BudgetStatus", "BudgetEventRow", "LISTENERS", "budget_problem", "usable",
            "period_bounds", "spent", "status", "statuses", "invalid_status", "covering", "event_row",
            "record_crossings", "fire", "budgets_covering", "forget", "NO_BUDGET_RECHECK", "attribution_of",
-           "call_carries", "ledger_snapshot", "Carried", "carried", "CARRIED_MAX"]
+           "call_carries", "ledger_snapshot", "Carried", "carried", "CARRIED_MAX", "budget_rows"]
 
 log = logging.getLogger("psai")
 
@@ -154,6 +154,25 @@ def usable(rows: Iterable[Budget]) -> list[Budget]:
 
 
 _logged: set[tuple[Any, str]] = set()
+
+# The SELECT of budgets by shape and backend: a budget has many columns, and peewee compiling the
+# query afresh cost more than running it, at every recorded call a budget covers.
+_BUDGET_SQL: dict[tuple, str] = {}
+
+
+def budget_rows(db: Database, *, ids: list[int] | None = None, order: str = "id", lock: bool = False
+                ) -> list[Budget]:
+    """The budgets (those of ``ids``; every one without) in ``order`` ("id"
+    or "name"); ``lock``: FOR UPDATE, on PostgreSQL."""
+    lock = lock and is_postgres(db)
+    key = (type(db), None if ids is None else len(ids), order, lock)
+    sql = _BUDGET_SQL.get(key)
+    if sql is None:
+        query = Budget.select().order_by(getattr(Budget, order))
+        if ids is not None:  # placeholders: the ids are this call's parameters
+            query = query.where(Budget.id.in_(list(range(len(ids)))))
+        sql = _BUDGET_SQL[key] = (query.for_update() if lock else query).bind(db).sql()[0]
+    return list(Budget.raw(sql, *(ids or ())).bind(db))
 
 
 # -- periods ------------------------------------------------------------------------
@@ -695,8 +714,7 @@ def record_crossings(db: Database, rows: list[Budget], state: Hashable | None = 
     (SQLite has one writer at a time). A budget whose status cannot be
     worked out is logged and left out: the call is recorded all the same.
     ``state``: a ``Carried``'s, whose answers the statuses may use."""
-    query = Budget.select().where(Budget.id.in_([row.id for row in rows])).order_by(Budget.id)
-    rows = usable(query.for_update() if is_postgres(db) else query)
+    rows = usable(budget_rows(db, ids=[row.id for row in rows], lock=True))
     now = utcnow()
     fired = []
     for row in rows:
@@ -764,4 +782,4 @@ def budgets_covering(db: Database, model: PsAiModel, agent: PsAgent | None,
         _none_seen[db] = time.monotonic()
         return []
     _none_seen.pop(db, None)
-    return covering(model, agent, usable(Budget.select().order_by(Budget.id)), attribution)
+    return covering(model, agent, usable(budget_rows(db)), attribution)

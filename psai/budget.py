@@ -26,7 +26,7 @@ from .models import (
     AgentRef, Budget, BudgetEvent, BudgetReservation, ModelRef, PsAiModel, Reservation, find_models,
 )
 from ._budget_ledger import (
-    LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, carried, covering, event_row, forget, ledger_snapshot,
+    LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, budget_rows, carried, covering, event_row, forget, ledger_snapshot,
     period_bounds, scope_of, statuses,
 )
 from ._recording import model_cost
@@ -209,12 +209,19 @@ def _held(db: Database, rows: list[Budget], now: datetime.datetime) -> dict[int,
     if not rows or not table_columns(db, BudgetReservation._meta.table_name):
         return {}
     held: dict[int, Decimal] = {}
-    query = (BudgetReservation.select(BudgetReservation.budget, BudgetReservation.amount)
-             .where(BudgetReservation.budget.in_([row.id for row in rows]) & (BudgetReservation.expires_at > now)))
-    rows_held: Any = query.tuples()
-    for budget_id, amount in rows_held:
+    ids = [row.id for row in rows]
+    key = (type(db), len(ids))
+    sql = _HELD_SQL.get(key)
+    if sql is None:  # compiled once a shape: the ids and the moment are this call's parameters
+        query = (BudgetReservation.select(BudgetReservation.budget, BudgetReservation.amount)
+                 .where(BudgetReservation.budget.in_(ids) & (BudgetReservation.expires_at > now)))
+        sql = _HELD_SQL[key] = query.bind(db).sql()[0]
+    for budget_id, amount in db.execute_sql(sql, ids + [BudgetReservation.expires_at.db_value(now)]):
         held[budget_id] = held.get(budget_id, Decimal(0)) + Decimal(amount)
     return held
+
+
+_HELD_SQL: dict[tuple, str] = {}
 
 
 def _refusal(row: Budget, status: BudgetStatus, held: Decimal, guess: tuple[Decimal, str | None] | None
@@ -300,7 +307,7 @@ def check_budget(agent: AgentRef | None = None,
     if not table_columns(db, Budget._meta.table_name):
         return Reservation(str(uuid.uuid4()), guess[0] if guess else None, (), now + RESERVATION_TTL) \
             if reserve else []
-    rows = covering(model_row, agent_row, [row for row in Budget.select().order_by(Budget.name) if row.hard],
+    rows = covering(model_row, agent_row, [row for row in budget_rows(db, order="name") if row.hard],
                     whose)
     if not reserve:
         if not rows:
@@ -318,8 +325,7 @@ def check_budget(agent: AgentRef | None = None,
         answers = carried(db) if began else None
         if rows and is_postgres(db):
             # Reservations and recordings of these budgets queue here (recording locks them for its alerts).
-            rows = list(Budget.select().where(Budget.id.in_([row.id for row in rows])).order_by(Budget.id)
-                        .for_update())
+            rows = budget_rows(db, ids=[row.id for row in rows], lock=True)
             rows.sort(key=lambda row: row.name)
         BudgetReservation.delete().where(BudgetReservation.expires_at <= now).execute()
         if answers is not None:
