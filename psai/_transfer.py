@@ -23,8 +23,8 @@ from .errors import ValidationError
 from .fields import TimestampTzField, UnreadableTime, read_sqlite_time_text
 from .migrations import ensure_schema
 from .models import (
-    AgentModels, CopiedUsage, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel, PsModelUsage,
-    PsModelUsageItem,
+    AgentModels, CopiedItem, CopiedUsage, ModelProvenance, PriceCorrection, PriceVersion, PsAgent, PsAiModel,
+    PsModelUsage, PsModelUsageItem,
 )
 from .pricing import COUNTERS
 from ._recording import NO_AGENT
@@ -326,12 +326,10 @@ def _changes(existing, values):
     return {k: v for k, v in values.items() if isinstance(v, peewee.Node) or existing.get(k) != v}
 
 
-def _match(model_class, names, target_rows, source_rows, key, translate, counts, name, merge=None,
-           changes=_changes):
+def _match(model_class, names, target_rows, source_rows, key, translate, counts, name, merge=None):
     """Update the rows of ``target_rows`` ({key: [rows]}) that match a source
     row by ``key``, in order; return the values of the others, to insert.
-    ``names``: ``_target_names``; ``changes(existing, values)``: what of
-    ``values`` a matched row does not hold yet, as ``_update`` writes it."""
+    ``names``: ``_target_names``. (Items follow their own rule: ``_Items.match``.)"""
     pk = model_class._meta.primary_key.name
     inserts = []
     for group_key, rows in _by_key(source_rows, key).items():
@@ -344,7 +342,7 @@ def _match(model_class, names, target_rows, source_rows, key, translate, counts,
                 existing = matches[index]
                 if merge is not None:
                     values = merge(existing, values)
-                changed = changes(existing, values)
+                changed = _changes(existing, values)
                 if changed:
                     _update(model_class, existing[pk], changed)
                     counts[name]["updated"] += 1
@@ -359,6 +357,9 @@ def _item_key(row):
 
 _ITEM_ORDER = [PsModelUsageItem.created_at, PsModelUsageItem.id]
 _DATA = PsModelUsageItem.data
+# Whether the copy wrote the item (psai_copied_items), read with it: one index lookup a row, in SQL.
+_COPIED = fn.EXISTS(CopiedItem.select(CopiedItem.item).where(CopiedItem.item == PsModelUsageItem.id))
+_REMEMBER_BATCH = 1000  # memory rows written a statement at a time (SQLite's and PostgreSQL's parameter limits)
 
 
 class _Items:
@@ -370,7 +371,11 @@ class _Items:
     by SQLite where the copy keeps the item's ids (``_data_on_own_ids``),
     else read, retargeted and written as the general path writes it; rows
     go in by ``insert_stored``. What lands in the target is the same either
-    way, as psai reads it."""
+    way, as psai reads it.
+
+    Each item the copy writes, or finds already there, is remembered on the
+    target (``psai_copied_items``, when the target has psai's tables): a
+    later copy updates only those (``match``)."""
 
     def __init__(self, source, target, model_ids, agent_ids, stored):
         self.target_fields = _columns(PsModelUsageItem, target)
@@ -379,6 +384,10 @@ class _Items:
         self.names = _target_names(PsModelUsageItem, target)
         # Every source column has one in the target: _fit would change nothing.
         self.fits = {f.name for f in self.source_fields} - {"id"} <= self.names
+        self.to_postgres = is_postgres(target)
+        # An un-adopted PolicySynth target has no memory: its items are matched only when equal.
+        self.remembers = bool(table_columns(target, CopiedItem._meta.table_name))
+        self.found: list[int] = []  # target items found equal to a source item, not yet remembered
 
     @classmethod
     def can_be_stored(cls, source, target):
@@ -387,7 +396,8 @@ class _Items:
             [f.name for f in _columns(PsModelUsageItem, source)] == [f.name for f in _columns(PsModelUsageItem, target)]
 
     def target_columns(self):
-        return (_as_stored if self.stored else _as_read)(self.target_fields)
+        columns = (_as_stored if self.stored else _as_read)(self.target_fields)
+        return columns + [("copied", _COPIED, None)] if self.remembers else columns
 
     def source_columns(self):
         if not self.stored:
@@ -427,7 +437,68 @@ class _Items:
                 changed["data"] = data  # for _update, which writes it through the field
         return changed
 
+    def match(self, here, rows, counts):
+        """Pair each translated source row of ``rows`` with a target row of
+        ``here`` ({``_item_key``: [rows, in order]}) of its key: first one
+        that already holds its values (nothing to write: a copy's, also one
+        copied before the memory was kept); else, in order, one the copy
+        wrote whose source row changed since, updated. A target row neither
+        equal nor remembered is the target's own, left alone. Return the
+        values of the source rows left over, to insert."""
+        name = "ps_model_usage_item"
+        inserts = []
+        for group_key, group in _by_key(rows, _item_key).items():
+            targets = here.get(group_key, ())
+            free = [True] * len(targets)
+            first = 0  # the rows before it are taken
+            left = []
+            for values in map(self.new, group):
+                while first < len(targets) and not free[first]:
+                    first += 1
+                # A run's copies come in the source's order: the first free row is usually the one.
+                match = next((index for index in range(first, len(targets))
+                              if free[index] and not self.changes(targets[index], values)), None)
+                if match is None:
+                    left.append(values)
+                    continue
+                free[match] = False
+                if not targets[match].get("copied"):
+                    self.found.append(targets[match]["id"])
+            copies = (existing for index, existing in enumerate(targets) if free[index] and existing.get("copied"))
+            for values in left:
+                existing = next(copies, None)
+                if existing is None:
+                    inserts.append(values)
+                    continue
+                _update(PsModelUsageItem, existing["id"], self.changes(existing, values))
+                counts[name]["updated"] += 1
+        return inserts
+
     def insert(self, rows):
+        """Insert ``rows`` and remember them, with the rows found equal so far."""
+        if self.remembers and self.found:
+            for start in range(0, len(self.found), _REMEMBER_BATCH):
+                CopiedItem.insert_many([(item_id,) for item_id in self.found[start:start + _REMEMBER_BATCH]],
+                                       [CopiedItem.item], validate=False).on_conflict_ignore().execute()
+            self.found = []
+        if not rows:
+            return
+        if not self.remembers:
+            self._insert(rows)
+        elif self.to_postgres:
+            # Other processes may record meanwhile: the ids are the ones the INSERT gives back.
+            for start in range(0, len(rows), _REMEMBER_BATCH):
+                query = PsModelUsageItem.insert_many(rows[start:start + _REMEMBER_BATCH], validate=False)
+                ids = [row[0] for row in query.returning(PsModelUsageItem.id).tuples().execute()]
+                CopiedItem.insert_many([(item_id,) for item_id in ids], [CopiedItem.item], validate=False).execute()
+        else:
+            # The copy holds SQLite's write lock: every item numbered past the last one is the copy's.
+            last = PsModelUsageItem.select(fn.MAX(PsModelUsageItem.id)).scalar() or 0
+            self._insert(rows)
+            CopiedItem.insert_from(PsModelUsageItem.select(PsModelUsageItem.id).where(PsModelUsageItem.id > last),
+                                   [CopiedItem.item]).execute()
+
+    def _insert(self, rows):
         if not self.stored:
             _insert(PsModelUsageItem, rows)
         elif rows:
@@ -460,7 +531,7 @@ def _merge_items(target, source_rows, counts, batch, items):
     """Mirror the items of ``source_rows`` (read in created_at order, as
     ``items`` translates them) onto the target's, read in the same order:
     the two are walked side by side a run of equal times at a time, and
-    rows are matched by ``_item_key`` within a run, so only a batch of each
+    rows are matched within a run (``_Items.match``), so only a batch of each
     side is in memory. ``_OutOfOrder`` when either side's order is not its
     times' (text SQLite could not sort)."""
     name = "ps_model_usage_item"
@@ -472,9 +543,7 @@ def _merge_items(target, source_rows, counts, batch, items):
             while pending is not None and _later(when, pending[0]):
                 pending = next(here, None)  # the target's own items, left alone
             if pending is not None and pending[0] == when:
-                matches = _by_key(pending[1], _item_key)
-                inserts += _match(model, items.names, matches, rows, _item_key, dict, counts, name,
-                                  changes=items.changes)
+                inserts += items.match(_by_key(pending[1], _item_key), rows, counts)
             else:  # nothing of the target's at this time: every row is new
                 inserts += map(items.new, rows)
             if len(inserts) >= batch:
@@ -698,10 +767,14 @@ def _copy(source, target, counts, dry_run, progress, batch):
                     _merge_items(target, copied_items(items), counts, batch, items)
             except _OutOfOrder:
                 counts["ps_model_usage_item"] = {"created": 0, "updated": 0}
-                # Whole, the general way: the target's items as _read gives them.
+                # Whole, the general way: the target's items as they read, by the same rule.
                 items = _Items(source, target, model_ids, agent_ids, stored=False)
-                _mirror_rows(PsModelUsageItem, target, list(copied_items(items)), _item_key, dict, counts,
-                             "ps_model_usage_item")
+                rows = list(copied_items(items))
+                here = _by_key(_stream(PsModelUsageItem, target, items.target_columns(), [PsModelUsageItem.id],
+                                       batch), _item_key) if rows else {}
+                inserts = items.match(here, rows, counts)
+                items.insert(inserts)
+                counts["ps_model_usage_item"]["created"] += len(inserts)
             if refused:
                 raise ValidationError(refused)
             done(item_count)
@@ -725,8 +798,11 @@ def copy(source: Database | str, target: Database | str, *, dry_run: bool = Fals
     and provenance from ``source`` to ``target`` (databases, or URLs), in one
     transaction on the target. Models and agents are matched by uuid (ids are
     the target's own); usage rows by model, agent, connector and time, so a
-    second copy updates rather than duplicates. Returns ``{table: {"created",
-    "updated"}}``; ``dry_run`` computes the same and writes nothing.
+    second copy updates rather than duplicates. An item is matched, by
+    model, agent, connector, user and time, only to a target item that holds
+    its values already or that a copy wrote (``psai_copied_items``): an item
+    the target recorded itself is never overwritten. Returns ``{table:
+    {"created", "updated"}}``; ``dry_run`` computes the same and writes nothing.
 
     The items, the table that grows, are streamed: read from both sides in
     time order ``batch`` rows at a time and matched side by side, so memory

@@ -29,7 +29,8 @@ from .schemas import (
 from ._sql import config_filter
 
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
-           "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "Budget", "BudgetEvent", "Setting",
+           "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "CopiedItem", "Budget", "BudgetEvent",
+           "Setting",
            "ALL_MODELS",
            "strict_json_dumps",
            "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
@@ -423,6 +424,21 @@ class CopiedUsage(BaseModel):
         table_name = "psai_copied_usage"
 
 
+class CopiedItem(BaseModel):
+    """psai's own, on the target of a ``psai.copy``: an item the copy wrote
+    there (inserted, or found equal to a source item). A later copy updates
+    only these: an item the target recorded itself is never overwritten,
+    whatever it shares with a source item. Removed with the item, so the id
+    of a deleted item cannot mark a later one."""
+
+    item = ForeignKeyField(PsModelUsageItem, column_name="item_id", primary_key=True, on_delete="CASCADE",
+                           backref="copied_rows")
+    item_id: int  # declared for type checkers only: peewee's accessor of the item's id
+
+    class Meta:
+        table_name = "psai_copied_items"
+
+
 class Budget(BaseModel):
     """psai's own: a spending limit over one scope and a calendar period (``psai.budgets``)."""
 
@@ -525,7 +541,7 @@ class Setting(BaseModel):
 
 
 ALL_MODELS = [PsAiModel, PsAgent, AgentModels, PsModelUsage, PsModelUsageItem, PriceVersion, PriceCorrection,
-              ModelProvenance, CopiedUsage, Budget, BudgetEvent, BudgetReservation, Setting]
+              ModelProvenance, CopiedUsage, CopiedItem, Budget, BudgetEvent, BudgetReservation, Setting]
 
 
 register_models(ALL_MODELS)

@@ -456,6 +456,101 @@ def test_a_copy_matches_items_whose_stored_text_is_not_in_time_order(tmp_path, c
         source.close()
 
 
+def _force_whole(monkeypatch):
+    """The copy matches the items whole, as when an order cannot be walked (``_OutOfOrder``)."""
+    def out_of_order(*args, **kwargs):
+        raise psai._transfer._OutOfOrder()
+    monkeypatch.setattr(psai._transfer, "_merge_items", out_of_order)
+
+
+def _edit_in_place(db, item_id, **changes):
+    """An item's JSON changed by hand where it is (its id, times and key kept)."""
+    with psai.using(db):
+        item = PsModelUsageItem.get_by_id(item_id)
+        data = json.dumps(dict(item.data, **changes))
+        db.execute_sql('UPDATE "ps_model_usage_item" SET "data" = %s WHERE "id" = %s' % (db.param, db.param),
+                       (data, item_id))
+
+
+@pytest.mark.parametrize("walk", ["side by side", "whole"])
+def test_a_copy_never_overwrites_an_item_the_target_recorded_at_the_same_time(copies, clock, monkeypatch, walk):
+    """Before, the copy matched a source item to the target's own item of
+    the same model, agent, connector, user and microsecond, and wrote the
+    source's JSON over it: the target's call was lost from its items (its
+    counters still counted it; CI: 639800 tokens counted, 639699 in the
+    items). Now a copy updates only items it wrote itself
+    (``psai_copied_items``), and the target keeps both calls."""
+    if walk == "whole":
+        _force_whole(monkeypatch)
+    source, target = copies.default, copies.other
+    gpt, lead = add("GPT"), agent("lead")
+    psai.record_usage(gpt, lead, tokens_in=100, tokens_out=1)
+    psai.copy(source, target)  # the model, the agent (the target's ids) and the day's counter row
+    clock.advance(minutes=5)
+    with psai.using(target):
+        here = PsAiModel.get(PsAiModel.uuid == gpt.uuid), PsAgent.get(PsAgent.uuid == lead.uuid)
+        psai.record_usage(*here, tokens_in=7, tokens_out=1)  # the target's own call ...
+    psai.record_usage(gpt, lead, tokens_in=1000, tokens_out=10)  # ... and the source's, at the same microsecond
+    source_item = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).first()
+    with psai.using(target):
+        own = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).first()
+    assert own.created_at == source_item.created_at and (own.user_id, own.connector_id) == (
+        source_item.user_id, source_item.connector_id)
+
+    preview = psai.copy(source, target, dry_run=True)
+    assert preview["ps_model_usage_item"] == {"created": 1, "updated": 0}
+    assert input_tokens(target) == (107, 107)  # a dry run writes nothing
+    assert psai.copy(source, target) == preview
+    assert input_tokens(target) == (1107, 1107)
+    with psai.using(target):
+        kept = PsModelUsageItem.get_by_id(own.id)
+        assert (kept.data, kept.updated_at) == (own.data, own.updated_at)
+        assert PsModelUsageItem.select().count() == 3
+    assert all(n == {"created": 0, "updated": 0} for n in psai.copy(source, target).values())
+
+    # The source's item edited where it is: its copy follows, the target's own call stays as it was.
+    _edit_in_place(source, source_item.id, note="edited")
+    assert psai.copy(source, target)["ps_model_usage_item"] == {"created": 0, "updated": 1}
+    with psai.using(target):
+        notes = sorted((item.data.get("note") or "", item.data["usageNormalized"]["tokensIn"])
+                       for item in PsModelUsageItem.select())
+        assert PsModelUsageItem.get_by_id(own.id).data == own.data
+    assert notes == [("", 7), ("", 100), ("edited", 1000)]
+    assert input_tokens(target) == (1107, 1107)
+    assert all(n == {"created": 0, "updated": 0} for n in psai.copy(source, target).values())
+
+
+@pytest.mark.parametrize("walk", ["side by side", "whole"])
+def test_items_a_copy_wrote_before_it_remembered_them_are_matched_by_equality(copies, clock, monkeypatch, walk):
+    """A target filled by a copy before psai remembered the items it wrote
+    (here: the memory emptied) is matched by what its items hold: a second
+    copy duplicates nothing and remembers them. Such an item edited in the
+    source since is copied again, as new (the one limit, docs/store.md)."""
+    if walk == "whole":
+        _force_whole(monkeypatch)
+    source, target = copies.default, copies.other
+    gpt, lead = add("GPT"), agent("lead")
+    for call in range(3):
+        psai.record_usage(gpt, lead, tokens_in=100 + call, tokens_out=1)
+        clock.advance(seconds=call % 2)  # two calls share their time
+    assert psai.copy(source, target)["ps_model_usage_item"] == {"created": 3, "updated": 0}
+
+    def remembered():
+        return target.execute_sql('SELECT COUNT(*) FROM "psai_copied_items"').fetchone()[0]
+    assert remembered() == 3
+    target.execute_sql('DELETE FROM "psai_copied_items"')
+    assert all(n == {"created": 0, "updated": 0} for n in psai.copy(source, target).values())
+    assert remembered() == 3 and _items(target) == _items(source)
+
+    target.execute_sql('DELETE FROM "psai_copied_items"')
+    first = PsModelUsageItem.select().order_by(PsModelUsageItem.id).first()
+    _edit_in_place(source, first.id, note="edited")
+    assert psai.copy(source, target)["ps_model_usage_item"] == {"created": 1, "updated": 0}
+    with psai.using(target):
+        assert PsModelUsageItem.select().count() == 4
+    assert all(n == {"created": 0, "updated": 0} for n in psai.copy(source, target).values())
+
+
 def _stored_items(db):
     """Every item of ``db`` as psai reads it, in id order: what a copy wrote."""
     with psai.using(db):
