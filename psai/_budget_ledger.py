@@ -26,7 +26,7 @@ from typing import Any, TypedDict
 from peewee import Database
 
 from ._constants import strict_json_dumps
-from .db import is_postgres, read_transaction, table_columns
+from .db import is_postgres, read_transaction, table_columns, write_transaction
 from .errors import ValidationError
 from .fields import UTC, utcnow
 from ._items import APART, BUCKETS, effective_prices
@@ -36,13 +36,13 @@ from .rollups import ReadPlan, budget_plan, enabled, ledger_enabled, read_plan, 
 from .schemas import BUDGET_FIELDS, validate_budget_values
 from ._sql import (
     BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, LEDGER_TABLE, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_TABLE, ItemReader,
-    attribute_sql, budget_sums_sql, item_groups_sql, model_thresholds_sql, window,
+    attribute_sql, budget_sums_sql, compiled_once, item_groups_sql, model_thresholds_sql, slot, window,
 )
 
 __all__ = ["LIMIT", "TOTAL_PERIOD_KEY", "BudgetStatus", "BudgetEventRow", "LISTENERS", "budget_problem", "usable",
            "period_bounds", "spent", "status", "statuses", "invalid_status", "covering", "event_row",
            "record_crossings", "fire", "budgets_covering", "forget", "NO_BUDGET_RECHECK", "attribution_of",
-           "call_carries", "ledger_snapshot", "Carried", "carried", "CARRIED_MAX", "budget_rows"]
+           "call_carries", "ledger_snapshot", "Carried", "carrying_write", "CARRIED_MAX", "budget_rows"]
 
 log = logging.getLogger("psai")
 
@@ -155,24 +155,21 @@ def usable(rows: Iterable[Budget]) -> list[Budget]:
 
 _logged: set[tuple[Any, str]] = set()
 
-# The SELECT of budgets by shape and backend: a budget has many columns, and peewee compiling the
-# query afresh cost more than running it, at every recorded call a budget covers.
-_BUDGET_SQL: dict[tuple, str] = {}
-
-
 def budget_rows(db: Database, *, ids: list[int] | None = None, order: str = "id", lock: bool = False
                 ) -> list[Budget]:
     """The budgets (those of ``ids``; every one without) in ``order`` ("id"
-    or "name"); ``lock``: FOR UPDATE, on PostgreSQL."""
+    or "name"); ``lock``: FOR UPDATE, on PostgreSQL. Compiled once a shape
+    (``compiled_once``): at every recorded call a budget covers."""
     lock = lock and is_postgres(db)
-    key = (type(db), None if ids is None else len(ids), order, lock)
-    sql = _BUDGET_SQL.get(key)
-    if sql is None:
+    slots = None if ids is None else ["id%d" % i for i in range(len(ids))]
+
+    def build() -> Any:
         query = Budget.select().order_by(getattr(Budget, order))
-        if ids is not None:  # placeholders: the ids are this call's parameters
-            query = query.where(Budget.id.in_(list(range(len(ids)))))
-        sql = _BUDGET_SQL[key] = (query.for_update() if lock else query).bind(db).sql()[0]
-    return list(Budget.raw(sql, *(ids or ())).bind(db))
+        if slots is not None:
+            query = query.where(Budget.id.in_([slot(name) for name in slots]))
+        return query.for_update() if lock else query
+    statement = compiled_once(db, ("budget_rows", len(ids) if ids is not None else None, order, lock), build)
+    return list(Budget.raw(statement.sql, *statement.params(dict(zip(slots or (), ids or ())))).bind(db))
 
 
 # -- periods ------------------------------------------------------------------------
@@ -492,11 +489,12 @@ class Carried:
         self.state: Hashable = ("carried", object())  # no read's state
         self.after: Hashable | None = None
 
-    def carry(self, item_id: int | None = None) -> None:
+    def carry(self, item_id: int | None = None) -> Hashable:
         """After the transaction's writes, which changed nothing a budget
         spends but the new item ``item_id`` (if any): the answers kept for
         the data as it began become this transaction's, each with the item
-        added (read back the way the answer's own scope reads items)."""
+        added (read back the way the answer's own scope reads items).
+        Returns ``state``."""
         kept = _SPENT.get(self.db)
         answers: dict[tuple, tuple[Spent, Budget]] = {}
         if kept is not None and kept[0] is self.connection and kept[1] == self.before \
@@ -509,6 +507,7 @@ class Carried:
                 if len(answer[0].as_tuple().digits) <= _CARRIED_DIGITS:
                     answers[key] = (answer, budget)
         _SPENT[self.db] = (self.connection, self.state, answers)
+        return self.state
 
     def close(self) -> None:
         """At the end of the transaction, after its last write: the state
@@ -523,17 +522,34 @@ class Carried:
             _SPENT[self.db] = (kept[0], self.after, kept[2])
 
 
-def carried(db: Database) -> Carried | None:
-    """A ``Carried`` for a write transaction just begun on ``db`` by the
-    caller (not one it is part of), or None where answers are not carried
-    over writes (PostgreSQL: its next snapshot cannot be known inside the
-    transaction; or no answer kept for this connection)."""
+def _carried(db: Database) -> Carried | None:
+    """A ``Carried`` for a write transaction just begun on ``db``, or None
+    where answers are not carried over writes (PostgreSQL: its next
+    snapshot cannot be known inside the transaction; or no answer kept for
+    this connection)."""
     if is_postgres(db) or db.is_closed():
         return None
     kept = _SPENT.get(db)
     if kept is None or kept[0] is not db.connection() or not kept[2]:
         return None
     return Carried(db)
+
+
+@contextmanager
+def carrying_write(db: Database) -> Iterator[Carried | None]:
+    """``write_transaction(db)``, yielding the ``Carried`` of the answers
+    kept for the data it begins on (None inside a transaction already
+    begun, whose commit is the caller's, or with nothing to carry). The
+    block calls its ``carry`` after its writes; it is closed at the block's
+    end and settled once the transaction has committed."""
+    began = not db.in_transaction()
+    with write_transaction(db):
+        answers = _carried(db) if began else None
+        yield answers
+        if answers is not None:
+            answers.close()
+    if answers is not None:
+        answers.settle()
 
 
 def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None,

@@ -21,7 +21,7 @@ from .db import execute_prepared, is_postgres, lock, lock_id, model_db, table_co
 from .errors import NotFoundError, ValidationError
 from .fields import UTC, utcnow
 from ._items import item_data, item_model, item_price, item_pricing, price_problem
-from ._budget_ledger import budgets_covering, carried, fire, record_crossings
+from ._budget_ledger import budgets_covering, carrying_write, fire, record_crossings
 from .models import (
     AgentRef, BudgetReservation, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem,
     Reservation, ref_key, usage_counters,
@@ -149,16 +149,14 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
         if returned is not None:
             return _usage_row(present, returned), data
     find, update, insert = _usage_statements(db, present, agent_id is None, connector_id is None)
-    began = not db.in_transaction()
-    with write_transaction(db):
-        # What budgets have spent, kept for the data as it is: carried over this call (plus its item).
-        answers = carried(db) if began else None
+    # What budgets have spent, kept for the data as it is: carried over this call (plus its item).
+    with carrying_write(db) as answers:
         lock(db, keys)
         # The prices as stored now, not as this object last saw them; the
         # shared lock makes a concurrent price change wait for this call.
         configuration = _stored_configuration(db, model)
         now = utcnow()  # after the lock: a price change is wholly before or after the call
-        values = _statement_values(call, present, *_call_rows(configuration, present, with_items, now, call), now)
+        values = _statement_values(db, call, present, *_call_rows(configuration, present, with_items, now, call), now)
         row = db.execute_sql(find.sql, find.params(values)).fetchone()
         if row is None:
             cursor = db.execute_sql(insert.sql, insert.params(values))
@@ -168,14 +166,10 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
         item = db.execute_sql(item_insert(db), _item_params(values)) if with_items else None
         if reservation is not None:  # settled: the call's real cost, in the rollups, replaces the estimate
             BudgetReservation.delete().where(BudgetReservation.token == reservation.token).execute()
-        if answers is not None:  # SQLite's: the item's rowid names it
-            answers.carry(item.lastrowid if item is not None else None)
+        # SQLite's: the item's rowid names it.
+        state = answers.carry(item.lastrowid if item is not None else None) if answers is not None else None
         # The budgets' alerts in the call's own transaction; their listeners once it commits.
-        fired = record_crossings(db, alerting, answers.state if answers is not None else None) if alerting else []
-        if answers is not None:
-            answers.close()
-    if answers is not None:
-        answers.settle()
+        fired = record_crossings(db, alerting, state) if alerting else []
     if fired and after_commit is not None:
         after_commit.append(lambda: fire(fired))
     elif fired:
@@ -226,12 +220,12 @@ def _usage_statements(db, present, agent_is_null, connector_is_null, guarded=Fal
     return found
 
 
-# The stored form of a day's bounds, by the stored form's kind and the day: one a day, not two a call.
-_DAY_STAMPS: dict[tuple[bool, datetime.date], tuple[Any, Any]] = {}
+# The stored form of a day's bounds, by backend and day: one a day, not two a call.
+_DAY_STAMPS: dict[tuple[type, datetime.date], tuple[Any, Any]] = {}
 
 
-def _day_stamps(moment: datetime.datetime) -> tuple[Any, Any]:
-    key = (is_postgres(model_db(PsModelUsage)), moment.date())
+def _day_stamps(db: Any, moment: datetime.datetime) -> tuple[Any, Any]:
+    key = (type(db), moment.date())
     found = _DAY_STAMPS.get(key)
     if found is None:
         if len(_DAY_STAMPS) > 8:
@@ -241,9 +235,9 @@ def _day_stamps(moment: datetime.datetime) -> tuple[Any, Any]:
     return found
 
 
-def _statement_values(call, present, values, data, now):
-    """The values of record_usage's statements' slots for one call."""
-    start, end = _day_stamps(now)
+def _statement_values(db, call, present, values, data, now):
+    """The values of record_usage's statements' slots for one call on ``db``."""
+    start, end = _day_stamps(db, now)
     named = dict(call, start=start, end=end, stamp=_stamp(now), data=data)
     for name, count in zip(present, values):
         named["add_" + name] = count
@@ -294,7 +288,7 @@ def _record_in_one_round_trip(db, present, configuration, call):
     written, and the general path takes over."""
     agent_id, connector_id = call["agent_id"], call["connector_id"]
     now = utcnow()
-    values = _statement_values(call, present, *_call_rows(configuration, present, True, now, call), now)
+    values = _statement_values(db, call, present, *_call_rows(configuration, present, True, now, call), now)
     find = _usage_statements(db, present, agent_id is None, connector_id is None, guarded=True)[0]
     counts = [values["add_" + name] for name in present]
     params = ([lock_id((call["model_id"], agent_id, connector_id)), call["model_id"], strict_json_dumps(configuration)]

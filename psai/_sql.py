@@ -17,7 +17,7 @@ import operator
 import re
 from functools import reduce
 
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 from peewee import SQL, NodeList, PostgresqlDatabase, Value, fn
@@ -28,7 +28,7 @@ from .fields import SQLITE_TIME_GLOB
 from .pricing import _is_number
 
 __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALUES", "window", "quoted",
-           "item_insert", "one_round_trip_statements", "stored_configuration_sql", "USAGE_ROW_COLUMNS",
+           "item_insert", "one_round_trip_statements", "stored_configuration_sql", "USAGE_ROW_COLUMNS", "compiled_once",
            "Slot", "slot", "Statement", "compiled", "item_groups_sql", "item_totals_sql", "counters_sound",
            "counters_negative", "counter_totals_sql", "counter_rows_sql", "price_period_sql", "counter_sums_sql",
            "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "lock_models_sql",
@@ -663,6 +663,20 @@ def compiled(query: Any, db: Any) -> Statement:
     """``query`` (peewee's, with ``slot`` placeholders) compiled for ``db``."""
     sql, params = query.bind(db).sql()
     return Statement(sql, tuple(params))
+
+
+_COMPILED_ONCE: dict[tuple, Statement] = {}
+
+
+def compiled_once(db: Any, key: Hashable, build: Callable[[], Any]) -> Statement:
+    """The query ``build()`` makes (with ``slot`` placeholders) compiled for
+    ``db`` once per backend and ``key``, which names everything it depends
+    on: for a query of many columns, peewee compiling it afresh costs more
+    than running it."""
+    found = _COMPILED_ONCE.get((type(db), key))
+    if found is None:
+        found = _COMPILED_ONCE[(type(db), key)] = compiled(build(), db)
+    return found
 
 
 def quoted(name):

@@ -26,11 +26,12 @@ from .models import (
     AgentRef, Budget, BudgetEvent, BudgetReservation, ModelRef, PsAiModel, Reservation, find_models,
 )
 from ._budget_ledger import (
-    LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, budget_rows, carried, covering, event_row, forget, ledger_snapshot,
-    period_bounds, scope_of, statuses,
+    LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, budget_rows, carrying_write, covering, event_row, forget,
+    ledger_snapshot, period_bounds, scope_of, statuses,
 )
 from ._recording import model_cost
 from .schemas import BUDGET_FIELDS, BudgetPeriod, BudgetUnpriced, validate_budget_values
+from ._sql import compiled_once, slot
 
 __all__ = ["set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events",
            "on_budget_event", "period_bounds", "RESERVATION_TTL", "Reservation",
@@ -209,19 +210,15 @@ def _held(db: Database, rows: list[Budget], now: datetime.datetime) -> dict[int,
     if not rows or not table_columns(db, BudgetReservation._meta.table_name):
         return {}
     held: dict[int, Decimal] = {}
-    ids = [row.id for row in rows]
-    key = (type(db), len(ids))
-    sql = _HELD_SQL.get(key)
-    if sql is None:  # compiled once a shape: the ids and the moment are this call's parameters
-        query = (BudgetReservation.select(BudgetReservation.budget, BudgetReservation.amount)
-                 .where(BudgetReservation.budget.in_(ids) & (BudgetReservation.expires_at > now)))
-        sql = _HELD_SQL[key] = query.bind(db).sql()[0]
-    for budget_id, amount in db.execute_sql(sql, ids + [BudgetReservation.expires_at.db_value(now)]):
+    values = {"id%d" % i: row.id for i, row in enumerate(rows)}
+    values["now"] = BudgetReservation.expires_at.db_value(now)
+    statement = compiled_once(db, ("held", len(rows)), lambda: (
+        BudgetReservation.select(BudgetReservation.budget, BudgetReservation.amount)
+        .where(BudgetReservation.budget.in_([slot("id%d" % i) for i in range(len(rows))])
+               & (BudgetReservation.expires_at > slot("now")))))
+    for budget_id, amount in db.execute_sql(statement.sql, statement.params(values)):
         held[budget_id] = held.get(budget_id, Decimal(0)) + Decimal(amount)
     return held
-
-
-_HELD_SQL: dict[tuple, str] = {}
 
 
 def _refusal(row: Budget, status: BudgetStatus, held: Decimal, guess: tuple[Decimal, str | None] | None
@@ -319,28 +316,20 @@ def check_budget(agent: AgentRef | None = None,
         return found
     assert guess is not None
     token = str(uuid.uuid4())
-    began = not db.in_transaction()
-    with write_transaction(db):
-        # The answers kept for the data as it is hold after this transaction's writes, which spend nothing.
-        answers = carried(db) if began else None
+    # The answers kept for the data as it is hold after this transaction's writes, which spend nothing.
+    with carrying_write(db) as answers:
         if rows and is_postgres(db):
             # Reservations and recordings of these budgets queue here (recording locks them for its alerts).
             rows = budget_rows(db, ids=[row.id for row in rows], lock=True)
             rows.sort(key=lambda row: row.name)
         BudgetReservation.delete().where(BudgetReservation.expires_at <= now).execute()
-        if answers is not None:
-            answers.carry()
-        found = statuses(db, rows, now, answers.state if answers is not None else None)
+        found = statuses(db, rows, now, answers.carry() if answers is not None else None)
         _refuse(rows, found, _held(db, rows, now), guess)
         holding = [row for row in rows if guess[1] in (None, row.currency)]
         if holding:
             BudgetReservation.insert_many([{"token": token, "budget": row.id, "amount": str(guess[0]),
                                             "created_at": now, "expires_at": now + RESERVATION_TTL}
                                            for row in holding]).execute()
-        if answers is not None:
-            answers.close()
-    if answers is not None:
-        answers.settle()
     return Reservation(token, guess[0], tuple(row.name for row in holding), now + RESERVATION_TTL)
 
 
