@@ -477,9 +477,7 @@ class _Items:
     def insert(self, rows):
         """Insert ``rows`` and remember them, with the rows found equal so far."""
         if self.remembers and self.found:
-            for start in range(0, len(self.found), _REMEMBER_BATCH):
-                CopiedItem.insert_many([(item_id,) for item_id in self.found[start:start + _REMEMBER_BATCH]],
-                                       [CopiedItem.item], validate=False).on_conflict_ignore().execute()
+            self._remember(self.found)
             self.found = []
         if not rows:
             return
@@ -489,14 +487,20 @@ class _Items:
             # Other processes may record meanwhile: the ids are the ones the INSERT gives back.
             for start in range(0, len(rows), _REMEMBER_BATCH):
                 query = PsModelUsageItem.insert_many(rows[start:start + _REMEMBER_BATCH], validate=False)
-                ids = [row[0] for row in query.returning(PsModelUsageItem.id).tuples().execute()]
-                CopiedItem.insert_many([(item_id,) for item_id in ids], [CopiedItem.item], validate=False).execute()
+                self._remember([row[0] for row in query.returning(PsModelUsageItem.id).tuples().execute()])
         else:
             # The copy holds SQLite's write lock: every item numbered past the last one is the copy's.
             last = PsModelUsageItem.select(fn.MAX(PsModelUsageItem.id)).scalar() or 0
             self._insert(rows)
             CopiedItem.insert_from(PsModelUsageItem.select(PsModelUsageItem.id).where(PsModelUsageItem.id > last),
                                    [CopiedItem.item]).execute()
+
+    @staticmethod
+    def _remember(item_ids):
+        """Remember these target items as the copy's (those remembered already stay as they are)."""
+        for start in range(0, len(item_ids), _REMEMBER_BATCH):
+            CopiedItem.insert_many([(item_id,) for item_id in item_ids[start:start + _REMEMBER_BATCH]],
+                                   [CopiedItem.item], validate=False).on_conflict_ignore().execute()
 
     def _insert(self, rows):
         if not self.stored:
