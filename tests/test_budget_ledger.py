@@ -62,9 +62,8 @@ def random_moment(rng, edges):
     return edge + datetime.timedelta(seconds=rng.randint(-7200, 7200), microseconds=rng.randint(0, 999_999))
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_what_a_budget_spent_equals_a_full_scan_in_every_zone(db, clock, seed):
-    rng = random.Random(seed)
+def models_and_agents():
+    """Three models (one with a long-context threshold) and an agent with a sub-agent."""
     models = [PsAiModel.create(user_id=1, organization_id=2, name=name, configuration=make_configuration(
         prices={"costInTokensPerMillion": rate, "costOutTokensPerMillion": rate * 3,
                 "costInCachedContextTokensPerMillion": rate / 4, "currency": "USD",
@@ -73,6 +72,13 @@ def test_what_a_budget_spent_equals_a_full_scan_in_every_zone(db, clock, seed):
               for name, rate in (("small", 1), ("large", 3), ("odd", 7))]
     root = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "root"})
     child = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "child"}, parent_agent=root)
+    return models, root, child
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_what_a_budget_spent_equals_a_full_scan_in_every_zone(db, clock, seed):
+    rng = random.Random(seed)
+    models, root, child = models_and_agents()
     # Times near every period edge of every zone: their midnights, and the UTC days' around them.
     edges = []
     for zone in ZONES:
@@ -203,14 +209,7 @@ def test_a_recorded_call_carries_what_budgets_spent_as_a_fresh_read_finds_it(bac
     call rolled back) makes the next check read afresh. Every status equals
     a fresh read of the data, on both backends."""
     rng = random.Random(seed)
-    models = [PsAiModel.create(user_id=1, organization_id=2, name=name, configuration=make_configuration(
-        prices={"costInTokensPerMillion": rate, "costOutTokensPerMillion": rate * 3,
-                "costInCachedContextTokensPerMillion": rate / 4, "currency": "USD",
-                **({"longContextTokenThreshold": 5000, "longContextCostInTokensPerMillion": rate * 2}
-                   if rate == 3 else {})}))
-              for name, rate in (("small", 1), ("large", 3), ("odd", 7))]
-    root = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "root"})
-    child = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "child"}, parent_agent=root)
+    models, root, child = models_and_agents()
     for name, scope in (("all", {}), ("large", {"model": "large"}), ("root", {"agent": root}),
                         ("alice", {"user": "alice"}), ("team", {"tags": {"team": "search"}}),
                         ("kathmandu day", {"period": "day", "timezone": "Asia/Kathmandu"})):
