@@ -28,6 +28,7 @@ from .errors import PsaiError, ValidationError
 from .fields import utcnow
 from .models import ModelRef, PriceCorrection, PriceVersion, PsModelUsageItem, prices_of, record_price_change
 from .reports import part_tokens, price_parts, usage_parts
+from .rollups import folding_by_statement
 from .schemas import INCLUDE, ModelPricesSchema
 from ._sql import item_reprice_sql, lock_models_sql, usage_state_sql, window
 from ._versions import (
@@ -192,6 +193,8 @@ def _apply(db, rows, ids, changes, since, until, result):
     if postgres:
         params.append([key for key, value in changes.items() if value is None])
     params.append(correction.id)
-    where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params)
-    db.execute_sql(item_reprice_sql(postgres, where, len(rows)), params)
+    where_params: list = []
+    where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, where_params)
+    with folding_by_statement(db, where, where_params):
+        db.execute_sql(item_reprice_sql(postgres, where, len(rows)), params + where_params)
     result["applied"] = True

@@ -18,9 +18,10 @@ slower; ``enable`` installs them and rebuilds. Rows split by a model's
 current long-context threshold (items without a price snapshot) are read
 only while the model still has that threshold.
 """
+import contextlib
 import datetime
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypedDict
@@ -39,7 +40,7 @@ from ._sql import (
     ledger_sums_of_items_sql, ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, quoted,
     ranges_clause, rollup_day_list_sql, rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql,
     rollup_sums_sql, rollup_thresholds_sql, rollup_trigger_sql, rollup_triggers_sql, slot_rebuild_sql, slot_rows_sql,
-    slot_sums_sql, slot_thresholds_sql, slot_trigger_sql, slot_triggers_sql, window,
+    slot_sums_sql, slot_thresholds_sql, slot_trigger_sql, slot_triggers_sql, statement_folds_sql, window,
 )
 
 __all__ = ["has_rollups", "enabled", "enable", "disable", "ReadPlan", "read_plan", "rollup_rows", "scan_where",
@@ -138,6 +139,37 @@ def disable(db: Database | None = None) -> None:
         for statement in (drop_rollup_triggers_sql(postgres) + drop_ledger_triggers_sql(postgres)
                           + drop_slot_triggers_sql(postgres)):
             db.execute_sql(statement)
+
+
+@contextlib.contextmanager
+def folding_by_statement(db: Database, where: list[str], params: list) -> Iterator[None]:
+    """In the caller's write transaction, around one change of the items
+    meeting ``where`` (``i``; its parameters ``params``) that keeps their
+    ids and times (``reprice --apply``'s UPDATE): on SQLite the families'
+    update triggers are dropped for it, the items folded out before it and
+    in after it by whole statements, and the triggers made again, all in
+    that transaction, so no other connection sees them missing. On
+    PostgreSQL, whose triggers fold a statement at once, it does nothing."""
+    if is_postgres(db):
+        yield
+        return
+    on = [name for name, kept in (("rollups", enabled), ("ledger", ledger_enabled), ("slots", slots_enabled))
+          if kept(db)]
+    folds = [statement_folds_sql(name, where) for name in on]
+    for before, trigger, _after in folds:
+        for statement in before:
+            db.execute_sql(statement, params)
+        db.execute_sql('DROP TRIGGER "%s"' % trigger)
+    yield
+    for before, _trigger, after in folds:
+        for statement in after:
+            db.execute_sql(statement, params)
+    for name in on:
+        for statement in _TRIGGERS_SQL[name](False):  # CREATE TRIGGER IF NOT EXISTS: the dropped one again
+            db.execute_sql(statement)
+
+
+_TRIGGERS_SQL = {"rollups": rollup_trigger_sql, "ledger": ledger_trigger_sql, "slots": slot_trigger_sql}
 
 
 # -- days ---------------------------------------------------------------------------------

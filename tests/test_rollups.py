@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from peewee import Value
 
 import psai
-from psai import PsAgent, PsAiModel, PsModelUsageItem, rollups
+from psai import PsAgent, PsAiModel, PsModelUsageItem, _history, rollups
 from psai._check import check
 from psai.db import is_postgres
 from psai.cli import cli
@@ -391,6 +391,55 @@ def test_psai_writers_that_change_items_in_place_are_in_the_next_report(db, cloc
     psai.reprice(seed_model, {"costInTokensPerMillion": 10}, dry_run=False)
     assert rollups.read_plan(db).days == ("2026-11-25",)  # the triggers refolded the items reprice changed
     assert str(cost_report("model")[0]["cost"]) == "10"
+    assert rollups.verify(db) == []
+
+
+def test_a_correction_folds_its_items_once_and_keeps_every_trigger(db, backend, clock, seed_model, monkeypatch):
+    """reprice --apply changes many items in one UPDATE: on SQLite they are
+    folded out and in by whole statements, the row triggers dropped and made
+    again in the same transaction. The rollups, slots and attribution
+    ledger come out as a rebuild makes them, an item marked unfolded stays
+    marked, the triggers are all there after, and a correction that fails
+    leaves the triggers and the rollups as they were."""
+    other = PsAiModel.create(user_id=1, organization_id=1, name="other", configuration=make_configuration())
+    for hours in (0, 7, 30, 49):  # three UTC days; the middle one only partly corrected
+        clock.set(datetime.datetime(2026, 11, 23, 3, tzinfo=UTC) + datetime.timedelta(hours=hours))
+        psai.record_usage(seed_model, None, tokens_in=1000 + hours, tokens_out=10, user="ann", session="s1",
+                          tags={"team": "red"})
+        psai.record_usage(seed_model, None, tokens_in=500, tokens_out=5)
+        psai.record_usage(other, None, tokens_in=700, tokens_out=7, user="bob")
+    item = PsModelUsageItem.get()
+    odd = "2026-11-24T10:00:00Z" if backend.kind == "sqlite" else "infinity"
+    db.execute_sql('INSERT INTO "ps_model_usage_item" ("user_id", "model_id", "agent_id", "created_at", '
+                   '"updated_at", "data") VALUES (1, %s, 0, %s, %s, %s)' % ((db.param,) * 4),
+                   (seed_model.id, odd, odd, json.dumps(item.data)))
+    PsModelUsageItem.insert(user_id=1, model_id=seed_model.id, agent_id=0, data=[1, 2], created_at=clock(),
+                            updated_at=clock()).execute()
+    marked = rollups.unfolded(db)
+    assert len(marked) == 1
+
+    def kept():
+        tables = ("psai_usage_rollup", "psai_usage_slots", "psai_attribution_ledger")
+        return [sorted(map(repr, db.execute_sql('SELECT * FROM "%s"' % t).fetchall())) for t in tables]
+
+    def triggers_on():
+        return rollups.enabled(db) and rollups.ledger_enabled(db) and rollups.slots_enabled(db)
+
+    before = kept()
+    monkeypatch.setattr(_history, "item_reprice_sql", lambda *args: "UPDATE no_such_table SET x = 1")
+    with pytest.raises(Exception, match="no_such_table"):
+        psai.reprice(seed_model, {"costInTokensPerMillion": 20}, dry_run=False)
+    monkeypatch.undo()
+    assert triggers_on() and kept() == before  # nothing folded out stays so
+
+    result = psai.reprice(seed_model, {"costInTokensPerMillion": 20}, since="2026-11-24T05:00:00Z", dry_run=False)
+    assert result["calls"] == 6 and kept() != before  # 4 recorded, the odd time, the list
+    assert triggers_on() and rollups.unfolded(db) == marked
+    assert rollups.verify(db) == []  # rollups, slots and ledger as a rebuild makes them
+    with full_scan(db):
+        scanned = [cost_report("model"), cost_report("user"), cost_report("tag:team")]
+    assert [cost_report("model"), cost_report("user"), cost_report("tag:team")] == scanned
+    psai.record_usage(seed_model, None, tokens_in=1, tokens_out=1, user="ann")  # the triggers fold again
     assert rollups.verify(db) == []
 
 
