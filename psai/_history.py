@@ -28,9 +28,9 @@ from .errors import PsaiError, ValidationError
 from .fields import utcnow
 from .models import ModelRef, PriceCorrection, PriceVersion, PsModelUsageItem, prices_of, record_price_change
 from .reports import part_tokens, price_parts, usage_parts
-from .rollups import folding_by_statement
+from .rollups import applying_change, is_current, prepare_change
 from .schemas import INCLUDE, ModelPricesSchema
-from ._sql import item_reprice_sql, lock_models_sql, usage_state_sql, window
+from ._sql import item_reprice_sql, lock_models_sql, repriced_items_sql, usage_state_sql, window
 from ._versions import (
     PriceCorrectionEntry as PriceCorrectionEntry, PriceVersionEntry as PriceVersionEntry, histories_of, merge_prices,
     price_history, prices_at, resolve_models,
@@ -114,19 +114,43 @@ def reprice(model: ModelRef, changes: dict[str, Any], *,
             # other models go on; the UPDATE locks only the rows it corrects.
             db.execute_sql(lock_models_sql(db, len(ids)), ids)
             result = _measure(db, rows, ids, changes, since, until)
-            _apply(db, rows, ids, changes, since, until, result)
+            _apply(db, rows, ids, changes, since, until, result, None)
         return cast(RepriceResult, result)
     # SQLite: one write lock for the whole database, so the correction is
-    # measured first in a read transaction, writers going on; under the
-    # write lock it is measured again only if its usage changed meanwhile.
+    # measured first in a read transaction, writers going on, and what the
+    # rollups' triggers would fold out and in is computed then too; under
+    # the write lock both are computed again only if the usage changed meanwhile.
     with read_transaction(db):
         result = _measure(db, rows, ids, changes, since, until)
         seen = _usage_state(db, ids, since, until)
+        prepared = _prepare(db, rows, ids, changes, since, until)
     with write_transaction(db):
-        if _usage_state(db, ids, since, until) != seen:
+        if _usage_state(db, ids, since, until) != seen or not is_current(db, prepared):
             result = _measure(db, rows, ids, changes, since, until)
-        _apply(db, rows, ids, changes, since, until, result)
+            prepared = _prepare(db, rows, ids, changes, since, until)
+        _apply(db, rows, ids, changes, since, until, result, prepared)
     return cast(RepriceResult, result)
+
+
+def _prepare(db, rows, ids, changes, since, until):
+    """SQLite: the correction's folds prepared (``rollups.prepare_change``),
+    the items as the UPDATE leaves them read with a correction id of 0
+    (what the folds read of an item does not hold it)."""
+    params: list = []
+    where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params)
+    return prepare_change(db, where, params, repriced_items_sql(where, len(rows)),
+                          _corrected_params(db, rows, changes, 0) + params)
+
+
+def _corrected_params(db, rows, changes, correction_id):
+    """``item_reprice_sql``'s parameters after updated_at and before ``where``'s."""
+    params: list = []
+    for row in rows:
+        params += [row.id, strict_json_dumps(prices_of(row.configuration))]
+    if not is_postgres(db):
+        return params + [strict_json_dumps(changes), correction_id]
+    return params + [strict_json_dumps({key: value for key, value in changes.items() if value is not None}),
+                     [key for key, value in changes.items() if value is None], correction_id]
 
 
 def _usage_state(db, ids, since, until):
@@ -173,7 +197,7 @@ def _measure(db, rows, ids, changes, since, until):
     return cast(RepriceResult, result)
 
 
-def _apply(db, rows, ids, changes, since, until, result):
+def _apply(db, rows, ids, changes, since, until, result, prepared):
     now = utcnow()
     correction = PriceCorrection.create(
         model=ids[0], applied_at=now, since=since, until=until, changes=changes, calls=result["calls"],
@@ -184,17 +208,8 @@ def _apply(db, rows, ids, changes, since, until, result):
             currency=result["currency"], cost_before="0", cost_after="0")
     # One statement computing each corrected snapshot in SQL; items whose
     # data is not an object are left as they are (reports show them unpriced).
-    postgres = is_postgres(db)
-    params = [PsModelUsageItem.updated_at.db_value(now)]
-    for row in rows:
-        params += [row.id, strict_json_dumps(prices_of(row.configuration))]
-    params.append(strict_json_dumps(changes if not postgres else
-                                    {key: value for key, value in changes.items() if value is not None}))
-    if postgres:
-        params.append([key for key, value in changes.items() if value is None])
-    params.append(correction.id)
-    where_params: list = []
-    where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, where_params)
-    with folding_by_statement(db, where, where_params):
-        db.execute_sql(item_reprice_sql(postgres, where, len(rows)), params + where_params)
+    params = [PsModelUsageItem.updated_at.db_value(now)] + _corrected_params(db, rows, changes, correction.id)
+    where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params)
+    with applying_change(db, prepared):
+        db.execute_sql(item_reprice_sql(is_postgres(db), where, len(rows)), params)
     result["applied"] = True

@@ -32,9 +32,10 @@ __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALU
            "Slot", "slot", "Statement", "compiled", "item_groups_sql", "item_totals_sql", "counters_sound",
            "counters_negative", "counter_totals_sql", "counter_rows_sql", "price_period_sql", "counter_sums_sql",
            "negative_rows_sql", "item_check_sql", "object_items_sql", "item_data_update_sql", "lock_models_sql",
-           "item_reprice_sql", "usage_state_sql", "response_id_sql", "item_by_response_id_sql", "attribute_sql",
-           "attribute_path", "LEDGER_TABLE", "LEDGER_TRIGGERS", "ledger_trigger_sql", "drop_ledger_triggers_sql",
-           "ledger_triggers_sql", "ledger_groups_sql", "ledger_insert_sql", "ledger_sums_sql", "attributed_items_sql"]
+           "item_reprice_sql", "repriced_items_sql", "usage_state_sql", "response_id_sql", "item_by_response_id_sql",
+           "attribute_sql", "attribute_path", "LEDGER_TABLE", "LEDGER_TRIGGERS", "ledger_trigger_sql",
+           "drop_ledger_triggers_sql", "ledger_triggers_sql", "ledger_groups_sql", "ledger_insert_sql",
+           "ledger_sums_sql", "attributed_items_sql"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -595,6 +596,16 @@ def item_reprice_sql(postgres, where, model_count):
             "ELSE '[]' END) || to_jsonb(%s::integer))) WHERE {where}").format(
                 data=data, pricing=pricing, base=base, extras=extras, corrections=corrections,
                 where=" AND ".join(where + ["jsonb_typeof(i.data) = 'object'"]))
+    return 'UPDATE "ps_model_usage_item" AS i SET "updated_at" = ?, "data" = %s WHERE %s' % (
+        _sqlite_corrected_data(model_count), " AND ".join(where + [_SQLITE_OBJECT]))
+
+
+# An item's data SQLite corrects: valid JSON, an object.
+_SQLITE_OBJECT = "json_valid(i.data) AND ltrim(i.data, ' ' || char(9, 10, 13)) LIKE '{%'"
+
+
+def _sqlite_corrected_data(model_count):
+    """SQLite: the corrected data of an item ``i`` whose data is an object."""
     # SQLite: JSON text, parsed again by every JSON function; so the item's
     # pricing (p) and extras (x) are named once ("->" gives any value as
     # JSON text) and the rest works on them. json() marks text as JSON. The
@@ -622,12 +633,19 @@ def item_reprice_sql(postgres, where, model_count):
     fast = ("json_set(i.data, '$.pricing.configuredPrices', json_patch(i.data -> '$.pricing.configuredPrices', c), "
             "'$.psai.originalPricing', json(coalesce(i.data -> '$.psai.originalPricing', i.data -> '$.pricing')), "
             "'$.psai.corrections', json_insert(coalesce(i.data -> '$.psai.corrections', '[]'), '$[#]', k))")
-    is_object = "json_valid(i.data) AND ltrim(i.data, ' ' || char(9, 10, 13)) LIKE '{%'"  # valid, and an object
-    return (
-        'UPDATE "ps_model_usage_item" AS i SET "updated_at" = ?, "data" = (SELECT CASE WHEN {usual} THEN {fast} '
-        "ELSE {general} END FROM (SELECT i.data -> '$.pricing' AS p, i.data -> '$.psai' AS x, {current} AS cur, "
-        "? AS c, ? AS k)) WHERE {where}").format(
-            usual=usual, fast=fast, general=general, current=current, where=" AND ".join(where + [is_object]))
+    return ("(SELECT CASE WHEN {usual} THEN {fast} ELSE {general} END FROM (SELECT i.data -> '$.pricing' AS p, "
+            "i.data -> '$.psai' AS x, {current} AS cur, ? AS c, ? AS k))").format(
+                usual=usual, fast=fast, general=general, current=current)
+
+
+def repriced_items_sql(where, model_count):
+    """SQLite: the items (``i``) meeting ``where`` as ``item_reprice_sql``
+    leaves them (the columns a fold reads), without changing them: what a
+    correction folds in, computed before it takes the write lock.
+    Parameters: ``item_reprice_sql``'s but updated_at."""
+    return ('SELECT i.id, i.model_id, i.agent_id, i.connector_id, i.created_at, CASE WHEN %s THEN %s ELSE i.data END '
+            'AS data FROM "ps_model_usage_item" i WHERE %s' % (_SQLITE_OBJECT, _sqlite_corrected_data(model_count),
+                                                                " AND ".join(where) or "1 = 1"))
 
 
 # -- statements built once ----------------------------------------------------------
@@ -838,8 +856,13 @@ def _fold_sql(r, row, sign, condition):
 def _fold_rows_sql(r, source, where, sign):
     """Add (``sign`` 1) or take off (-1) the items of ``source`` meeting
     ``where`` (``i``; a statement's) to the rollup rows of their keys."""
+    return _rollup_upsert_sql(r, rollup_groups_sql(r, where, source=source), sign)
+
+
+def _rollup_upsert_sql(r, groups, sign):
+    """Add (``sign`` 1) or take off (-1) the rows ``groups`` (rollup_groups_sql's) to the rollup rows of their keys."""
     return _upsert_sql(ROLLUP_TABLE, _ROLLUP_COLUMNS, ['g."day"'], ROLLUP_KEYS, ROLLUP_SUMS, _group_key(r.postgres),
-                       rollup_groups_sql(r, where, source=source), sign)
+                       groups, sign)
 
 
 def _range_day(postgres, column):
@@ -1213,8 +1236,13 @@ def _ledger_fold_sql(r, row, sign, condition):
 def _ledger_fold_rows_sql(r, source, where, sign):
     """Add (``sign`` 1) or take off (-1) the items of ``source`` meeting
     ``where`` (``i``; a statement's) to the ledger rows of their attributions."""
+    return _ledger_upsert_sql(r, ledger_groups_sql(r, where, source=source), sign)
+
+
+def _ledger_upsert_sql(r, groups, sign):
+    """Add (``sign`` 1) or take off (-1) the rows ``groups`` (ledger_groups_sql's) to the ledger rows of their keys."""
     return _upsert_sql(LEDGER_TABLE, _LEDGER_COLUMNS, ['g."day"', "g.kind", "g.attribute"], ROLLUP_KEYS, ROLLUP_SUMS,
-                       _ledger_key(r.postgres), ledger_groups_sql(r, where, source=source), sign)
+                       _ledger_key(r.postgres), groups, sign)
 
 
 LEDGER = _Family(LEDGER_TABLE, "range_day", _range_day, LEDGER_TRIGGERS, LEDGER_FUNCTION, "the attribution ledger",
@@ -1364,8 +1392,13 @@ def slot_groups_sql(r, where, source='"ps_model_usage_item"'):
 def _slot_fold_rows_sql(r, source, where, sign):
     """Add (``sign`` 1) or take off (-1) the items of ``source`` meeting
     ``where`` (``i``; a statement's) to their slot rows."""
+    return _slot_upsert_sql(r, slot_groups_sql(r, where, source=source), sign)
+
+
+def _slot_upsert_sql(r, groups, sign):
+    """Add (``sign`` 1) or take off (-1) the rows ``groups`` (slot_groups_sql's) to the slot rows of their keys."""
     return _upsert_sql(SLOT_TABLE, _SLOT_COLUMNS, ['g."connector_id"'], SLOT_KEYS, BUDGET_SUMS, _slot_key(r.postgres),
-                       slot_groups_sql(r, where, source=source), sign)
+                       groups, sign)
 
 
 SLOTS = _Family(SLOT_TABLE, "range_slot", range_slot_sql, SLOT_TRIGGERS, SLOT_FUNCTION, "the budgets' slots",
@@ -1388,36 +1421,66 @@ def slot_triggers_sql(postgres):
     return _triggers_on_sql(postgres, SLOTS)
 
 
-# The families a bulk change folds by statement on SQLite (rollups.folding_by_statement), by name.
-FAMILIES = {"rollups": ROLLUPS, "ledger": LEDGER, "slots": SLOTS}
+# What a change of many items folds by statement on SQLite (change_fold_sql), a family by name: its
+# rows, its groups of items (r, where, source), the upsert of such groups (r, groups, sign), and the
+# groups' column holding the range (the day; the slot where the connector would be).
+_CHANGE_FOLDS = {"rollups": (ROLLUPS, rollup_groups_sql, _rollup_upsert_sql, "day"),
+                 "ledger": (LEDGER, ledger_groups_sql, _ledger_upsert_sql, "day"),
+                 "slots": (SLOTS, slot_groups_sql, _slot_upsert_sql, "connector_id")}
 
 
-def statement_folds_sql(name, where):
-    """SQLite: what the update trigger of the family ``name`` does for each
-    item meeting ``where`` (``i``), as statements over all of them at once,
-    for a change that keeps the items' ids and times: (the statements to run
-    before the change, the trigger to drop for it, those to run after it).
-    A row trigger folds an item with a few statements; 100,000 items
-    changed by one UPDATE took 200 µs each, seconds past a writer's busy
-    timeout. Each statement takes ``where``'s parameters once."""
-    family, r = FAMILIES[name], ItemReader(False)
-    items, ok = '"ps_model_usage_item"', foldable_sql(False, "i.created_at")
-    emptied = 'DELETE FROM "%s" WHERE "%s" IN (SELECT %s FROM %s i WHERE %s) AND "calls" = 0' % (
-        family.table, family.range_column, family.range_sql(False, "i.created_at"), items, " AND ".join(where + [ok]))
-    if family is not ROLLUPS:
-        return ([family.fold_rows(r, items, where + [ok], -1), emptied], family.triggers[1],
-                [family.fold_rows(r, items, where + [ok], 1)])
-    # As the rollups' row trigger: items marked unfolded are unmarked, not folded
-    # out; those whose time cannot be folded are marked again.
-    unfolded, all_of = quoted(UNFOLDED_TABLE), " AND ".join(where) or "1 = 1"
-    before = [_fold_rows_sql(r, items, where + [ok, "NOT EXISTS (SELECT 1 FROM %s u WHERE u.item_id = i.id)"
-                                                % unfolded], -1),
-              emptied,
-              "DELETE FROM %s WHERE item_id IN (SELECT i.id FROM %s i WHERE %s)" % (unfolded, items, all_of)]
-    after = [_fold_rows_sql(r, items, where + [ok], 1),
-             "INSERT INTO %s (item_id, reason) SELECT i.id, '%s' FROM %s i WHERE %s AND NOT %s"
-             % (unfolded, _ODD_TIME, items, all_of, ok)]
-    return before, family.triggers[1], after
+class ChangeFold(NamedTuple):
+    """SQLite: what the update trigger of one family does for every item
+    of a change of many items, as whole statements. ``prepare``: (SQL,
+    whether it takes ``where``'s parameters) making temporary tables of the
+    groups to fold out and in; they may run before the write lock is
+    taken. ``before`` and ``after`` the change, with no parameters: the
+    folds from those tables; ``trigger``, the update trigger dropped for
+    the change; ``temporary``, the tables to drop after."""
+
+    prepare: list[tuple[str, bool]]
+    before: list[str]
+    trigger: str
+    after: list[str]
+    temporary: list[str]
+
+
+# The temporary table of the items a change changes as it leaves them (change_fold_sql).
+CHANGED_ITEMS = "psai_fold_changed"
+
+
+def change_fold_sql(name, where):
+    """The ``ChangeFold`` of the family ``name`` (rollups, ledger, slots)
+    for a change of the items meeting ``where`` (``i``) that keeps their
+    ids and times, those items as the change leaves them (id, model_id,
+    agent_id, connector_id, created_at, data: ``repriced_items_sql``) in
+    the temporary table CHANGED_ITEMS. A row trigger folds an item with a few
+    statements: 100,000 items changed by one UPDATE took 200 µs each,
+    seconds past a writer's busy timeout."""
+    family, groups, upsert, range_column = _CHANGE_FOLDS[name]
+    r, items, ok = ItemReader(False), '"ps_model_usage_item"', foldable_sql(False, "i.created_at")
+    gone, came = "psai_fold_%s_gone" % name, "psai_fold_%s_came" % name
+    held = where + [ok]
+    if family is ROLLUPS:  # as its row trigger: an item marked unfolded is unmarked, not folded out
+        held.append("NOT EXISTS (SELECT 1 FROM %s u WHERE u.item_id = i.id)" % quoted(UNFOLDED_TABLE))
+    prepare = [('CREATE TEMP TABLE "%s" AS %s' % (gone, groups(r, held, source=items)), True),
+               ('CREATE TEMP TABLE "%s" AS %s' % (came, groups(r, [ok], source='temp."%s"' % CHANGED_ITEMS)), False)]
+    before = [upsert(r, 'SELECT * FROM temp."%s"' % gone, -1),
+              'DELETE FROM "%s" WHERE "%s" IN (SELECT "%s" FROM temp."%s") AND "calls" = 0' % (
+                  family.table, family.range_column, range_column, gone)]
+    after = [upsert(r, 'SELECT * FROM temp."%s"' % came, 1)]
+    temporary = [gone, came]
+    if family is ROLLUPS:  # and those whose time cannot be folded are marked again
+        unfolded, all_of = quoted(UNFOLDED_TABLE), " AND ".join(where) or "1 = 1"
+        prepare += [('CREATE TEMP TABLE "psai_fold_marked" AS SELECT u.item_id FROM %s u JOIN %s i ON i.id = '
+                     'u.item_id WHERE %s' % (unfolded, items, all_of), True),
+                    ('CREATE TEMP TABLE "psai_fold_odd" AS SELECT i.id FROM %s i WHERE %s AND NOT %s'
+                     % (items, all_of, ok), True)]
+        before.append('DELETE FROM %s WHERE item_id IN (SELECT item_id FROM temp."psai_fold_marked")' % unfolded)
+        after.append("INSERT INTO %s (item_id, reason) SELECT id, '%s' FROM temp.\"psai_fold_odd\""
+                     % (unfolded, _ODD_TIME))
+        temporary += ["psai_fold_marked", "psai_fold_odd"]
+    return ChangeFold(prepare, before, family.triggers[1], after, temporary)
 
 
 def slot_rebuild_sql(r, where):

@@ -34,13 +34,14 @@ from .errors import NotAdoptedError, RollupsOffError
 from .fields import UTC
 from .models import PsModelUsageItem
 from ._sql import (
-    BUDGET_SUMS, LEDGER_TABLE, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_KEYS, SLOT_MINUTES, SLOT_TABLE,
-    UNFOLDED_TABLE, ItemReader, drop_ledger_triggers_sql, drop_rollup_triggers_sql, drop_slot_triggers_sql,
-    foldable_sql, item_days_sql, ledger_groups_sql, ledger_insert_sql, ledger_kinds_sql, ledger_rows_sql,
-    ledger_sums_of_items_sql, ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, quoted,
-    ranges_clause, rollup_day_list_sql, rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql,
-    rollup_sums_sql, rollup_thresholds_sql, rollup_trigger_sql, rollup_triggers_sql, slot_rebuild_sql, slot_rows_sql,
-    slot_sums_sql, slot_thresholds_sql, slot_trigger_sql, slot_triggers_sql, statement_folds_sql, window,
+    BUDGET_SUMS, CHANGED_ITEMS, LEDGER_TABLE, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_KEYS, SLOT_MINUTES,
+    SLOT_TABLE, UNFOLDED_TABLE, ChangeFold, ItemReader, change_fold_sql, drop_ledger_triggers_sql,
+    drop_rollup_triggers_sql, drop_slot_triggers_sql, foldable_sql, item_days_sql, ledger_groups_sql,
+    ledger_insert_sql, ledger_kinds_sql, ledger_rows_sql, ledger_sums_of_items_sql, ledger_sums_sql,
+    ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, quoted, ranges_clause, rollup_day_list_sql,
+    rollup_days_sql, rollup_groups_sql, rollup_insert_sql, rollup_rows_sql, rollup_sums_sql, rollup_thresholds_sql,
+    rollup_trigger_sql, rollup_triggers_sql, slot_rebuild_sql, slot_rows_sql, slot_sums_sql, slot_thresholds_sql,
+    slot_trigger_sql, slot_triggers_sql, window,
 )
 
 __all__ = ["has_rollups", "enabled", "enable", "disable", "ReadPlan", "read_plan", "rollup_rows", "scan_where",
@@ -141,32 +142,81 @@ def disable(db: Database | None = None) -> None:
             db.execute_sql(statement)
 
 
-@contextlib.contextmanager
-def folding_by_statement(db: Database, where: list[str], params: list) -> Iterator[None]:
-    """In the caller's write transaction, around one change of the items
-    meeting ``where`` (``i``; its parameters ``params``) that keeps their
-    ids and times (``reprice --apply``'s UPDATE): on SQLite the families'
-    update triggers are dropped for it, the items folded out before it and
-    in after it by whole statements, and the triggers made again, all in
-    that transaction, so no other connection sees them missing. On
-    PostgreSQL, whose triggers fold a statement at once, it does nothing."""
+@dataclass(frozen=True)
+class PreparedChange:
+    """A change of many items prepared for ``applying_change`` (SQLite):
+    each kept family's folds, their groups in temporary tables, and the
+    state of what they were computed from besides the items (which families
+    triggers keep, the marks of items not folded)."""
+
+    folds: tuple[ChangeFold, ...]
+    state: tuple
+
+
+def _families_on(db: Database) -> tuple[str, ...]:
+    return tuple(name for name, kept in (("rollups", enabled), ("ledger", ledger_enabled), ("slots", slots_enabled))
+                 if kept(db))
+
+
+def _change_state(db: Database) -> tuple:
+    marks = db.execute_sql('SELECT "item_id", "range_day" FROM %s ORDER BY 1, 2' % quoted(UNFOLDED_TABLE)).fetchall() \
+        if has_rollups(db) else []
+    return _families_on(db), tuple(marks)
+
+
+def prepare_change(db: Database, where: list[str], params: list, changed: str, changed_params: list
+                   ) -> PreparedChange | None:
+    """SQLite, in the caller's transaction (a read transaction will do,
+    before the write lock is taken): for a change of the items meeting
+    ``where`` (``i``; its parameters ``params``) that keeps their ids and
+    times, the groups each kept family's triggers would fold out and in,
+    computed into temporary tables; ``changed``: SQL of the items as the
+    change leaves them (``sql.repriced_items_sql``), its parameters
+    ``changed_params``. The caller must check, under the write lock, that
+    the items are as they were read (``reprice``'s usage state) and
+    ``is_current``. None on PostgreSQL, whose triggers fold a statement at once."""
     if is_postgres(db):
+        return None
+    state = _change_state(db)
+    folds = tuple(change_fold_sql(name, where) for name in state[0])
+    for table in [CHANGED_ITEMS] + [table for fold in folds for table in fold.temporary]:
+        db.execute_sql('DROP TABLE IF EXISTS temp."%s"' % table)
+    db.execute_sql('CREATE TEMP TABLE "%s" AS %s' % (CHANGED_ITEMS, changed), changed_params)
+    for fold in folds:
+        for statement, with_params in fold.prepare:
+            db.execute_sql(statement, params if with_params else [])
+    db.execute_sql('DROP TABLE temp."%s"' % CHANGED_ITEMS)
+    return PreparedChange(folds, state)
+
+
+def is_current(db: Database, prepared: PreparedChange | None) -> bool:
+    """Whether what ``prepared`` was computed from besides the items is as it was."""
+    return prepared is None or _change_state(db) == prepared.state
+
+
+@contextlib.contextmanager
+def applying_change(db: Database, prepared: PreparedChange | None) -> Iterator[None]:
+    """In the caller's write transaction, around the change ``prepared``
+    (SQLite): the items folded out of each kept family's rows before it and
+    into them after it from the prepared groups, and the families' update
+    triggers dropped for it and made again, all in that transaction: no
+    other connection sees them missing, and a change that fails leaves
+    them as they were."""
+    if prepared is None:
         yield
         return
-    on = [name for name, kept in (("rollups", enabled), ("ledger", ledger_enabled), ("slots", slots_enabled))
-          if kept(db)]
-    folds = [statement_folds_sql(name, where) for name in on]
-    for before, trigger, _after in folds:
-        for statement in before:
-            db.execute_sql(statement, params)
-        db.execute_sql('DROP TRIGGER "%s"' % trigger)
+    for fold in prepared.folds:
+        for statement in fold.before:
+            db.execute_sql(statement)
+        db.execute_sql('DROP TRIGGER "%s"' % fold.trigger)
     yield
-    for before, _trigger, after in folds:
-        for statement in after:
-            db.execute_sql(statement, params)
-    for name in on:
+    for name, fold in zip(prepared.state[0], prepared.folds):
+        for statement in fold.after:
+            db.execute_sql(statement)
         for statement in _TRIGGERS_SQL[name](False):  # CREATE TRIGGER IF NOT EXISTS: the dropped one again
             db.execute_sql(statement)
+        for table in fold.temporary:
+            db.execute_sql('DROP TABLE temp."%s"' % table)
 
 
 _TRIGGERS_SQL = {"rollups": rollup_trigger_sql, "ledger": ledger_trigger_sql, "slots": slot_trigger_sql}

@@ -442,6 +442,27 @@ def test_a_correction_folds_its_items_once_and_keeps_every_trigger(db, backend, 
     psai.record_usage(seed_model, None, tokens_in=1, tokens_out=1, user="ann")  # the triggers fold again
     assert rollups.verify(db) == []
 
+    if backend.kind == "postgres":  # its triggers fold a statement at once: nothing prepared
+        return
+    # SQLite: the triggers taken off between the folds' preparing (before the write
+    # lock) and the correction: it is prepared again, and corrects without them.
+    prepare = _history.prepare_change
+
+    def then_disabled(*args):
+        prepared = prepare(*args)
+        if rollups.enabled(db):
+            rollups.disable(db)
+        return prepared
+    monkeypatch.setattr(_history, "prepare_change", then_disabled)
+    assert psai.reprice(seed_model, {"costInTokensPerMillion": 30}, dry_run=False)["applied"]
+    monkeypatch.undo()
+    assert not rollups.enabled(db)
+    rollups.enable(db)
+    assert rollups.unfolded(db) == marked and rollups.verify(db) == []
+    with full_scan(db):
+        scanned = cost_report("model")
+    assert cost_report("model") == scanned
+
 
 def test_without_triggers_reports_read_the_items_until_enabled(db, backend, clock, seed_model):
     psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
