@@ -32,11 +32,11 @@ from .fields import UTC, utcnow
 from ._items import APART, BUCKETS, effective_prices
 from .models import Budget, BudgetEvent, PsAgent, PsAiModel, PsModelUsageItem, sub_agent_tree
 from .pricing import Pricer, exact_sum
-from .rollups import ReadPlan, budget_plan, enabled, ledger_enabled, read_plan, scan_where
+from .rollups import ReadPlan, budget_plan, current_thresholds, enabled, ledger_enabled, read_plan, scan_where
 from .schemas import BUDGET_FIELDS, validate_budget_values
 from ._sql import (
     BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, LEDGER_TABLE, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_TABLE, ItemReader,
-    attribute_sql, budget_sums_sql, compiled_once, item_groups_sql, model_thresholds_sql, slot, window,
+    attribute_sql, budget_sums_sql, compiled_once, item_groups_sql, slot, window,
 )
 
 __all__ = ["LIMIT", "TOTAL_PERIOD_KEY", "BudgetStatus", "BudgetEventRow", "LISTENERS", "budget_problem", "usable",
@@ -373,7 +373,7 @@ def call_carries(budget: Budget, attribution: Mapping[str, Any] | None) -> bool:
 def _thresholds_changed(db: Database, split: set[tuple[Any, Any]]) -> bool:
     """Whether a model's long-context threshold is no longer the one rollup
     rows of its items without a snapshot were split by."""
-    current = dict(db.execute_sql(model_thresholds_sql(ItemReader(is_postgres(db)))).fetchall())
+    current = current_thresholds(db, {model_id for model_id, _threshold in split})
 
     def plain(value: Any) -> Any:
         return exact_sum(value) if value is not None else None

@@ -1134,10 +1134,12 @@ def item_days_sql(postgres, where):
         _range_day(postgres, "created_at"), " AND ".join(where) or "1 = 1")
 
 
-def model_thresholds_sql(r):
-    """Every model's current long-context threshold, read as the reports read it."""
-    return 'SELECT id, %s FROM (SELECT m.id, %s AS v_model_threshold FROM "ps_ai_models" m) t' % (
-        r.value("model_threshold"), r._raw("m.configuration", _MODEL_THRESHOLD))
+def model_thresholds_sql(r, model_count):
+    """The current long-context threshold of ``model_count`` models (their
+    ids the parameters), read as the reports read it."""
+    return 'SELECT id, %s FROM (SELECT m.id, %s AS v_model_threshold FROM "ps_ai_models" m WHERE m.id IN (%s)) t' % (
+        r.value("model_threshold"), r._raw("m.configuration", _MODEL_THRESHOLD),
+        ", ".join(["%s" if r.postgres else "?"] * model_count) or "NULL")
 
 
 def ranges_clause(db, column, field, ranges, params):

@@ -47,7 +47,7 @@ from ._sql import (
 __all__ = ["has_rollups", "enabled", "enable", "disable", "ReadPlan", "read_plan", "rollup_rows", "scan_where",
            "rebuild", "verify", "status", "unfolded", "DayStatus", "RollupProblem", "ROLLUP_TABLE", "ROLLUP_SUMS",
            "has_ledger", "ledger_enabled", "enable_ledger", "ledger_rows", "ledger_kinds", "has_slots", "slots_enabled",
-           "budget_plan", "slot_text"]
+           "budget_plan", "slot_text", "current_thresholds"]
 
 ONE_DAY = datetime.timedelta(days=1)
 # Range moment: a datetime, or None for an open end.
@@ -296,8 +296,18 @@ def _stale_threshold_days(db: Database, where: list[str], params: list) -> set[s
     rows = db.execute_sql(rollup_thresholds_sql(where), params).fetchall()
     if not rows:
         return set()
-    current = dict(db.execute_sql(model_thresholds_sql(ItemReader(is_postgres(db)))).fetchall())
+    current = current_thresholds(db, {row[1] for row in rows})
     return {day for day, model_id, threshold in rows if _number(threshold) != _number(current.get(model_id))}
+
+
+def current_thresholds(db: Database, model_ids: Iterable[Any]) -> dict[Any, Any]:
+    """The current long-context threshold of the models ``model_ids`` (by
+    id; None where unset), read as reports read it: only those models' rows,
+    however many models the store holds."""
+    ids = sorted(model_ids)
+    if not ids:
+        return {}
+    return dict(db.execute_sql(model_thresholds_sql(ItemReader(is_postgres(db)), len(ids)), ids).fetchall())
 
 
 def _marked_days(db: Database, where: list[str], params: list) -> set[str]:
@@ -436,7 +446,7 @@ def _slots_usable(db: Database, first: str, last: str) -> bool:
                           [first, last]).fetchall()
     if not rows:
         return True
-    current = dict(db.execute_sql(model_thresholds_sql(ItemReader(is_postgres(db)))).fetchall())
+    current = current_thresholds(db, {model_id for model_id, _threshold in rows})
     return all(_number(threshold) == _number(current.get(model_id)) for model_id, threshold in rows)
 
 

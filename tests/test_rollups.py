@@ -464,6 +464,15 @@ def test_a_correction_folds_its_items_once_and_keeps_every_trigger(db, backend, 
     assert cost_report("model") == scanned
 
 
+def test_current_thresholds_read_only_the_models_asked_for(db):
+    """What tells a rollup row split by a model's threshold still holds:
+    the thresholds of those models alone, not a read of every model."""
+    plain, long, _euro = models()
+    asked = rollups.current_thresholds(db, [long.id, plain.id])
+    assert asked == {long.id: 200_000, plain.id: None}
+    assert rollups.current_thresholds(db, []) == {}
+
+
 def test_without_triggers_reports_read_the_items_until_enabled(db, backend, clock, seed_model):
     psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
     rollups.disable(db)
