@@ -93,7 +93,8 @@ def test_migrate_is_idempotent(backend):
                               "0014_rollup_triggers_read_every_count", "0015_rollup_reasoning_sum", "0016_budget_slots",
                               "0017_attribution_ledger", "0018_rollup_read_indexes", "0019_budget_attribution",
                               "0020_postgres_statement_triggers", "0021_budget_session",
-                              "0022_copied_items"]
+                              "0022_copied_items",
+                              "0023_postgres_emptied_rows"]
     assert psai.migrate() == []
     assert set(psai.database.get_tables()) >= {"ps_ai_models", "ps_agents", "AgentModels"}
 
