@@ -489,8 +489,9 @@ def read_transaction(db: Database | None = None) -> Iterator[Database]:
     if db.in_transaction():
         yield db
     elif isinstance(db, PostgresqlDatabase):
-        with db.atomic(isolation_level="REPEATABLE READ"):
-            db.execute_sql("SET TRANSACTION READ ONLY")
+        # peewee writes "BEGIN TRANSACTION ISOLATION LEVEL <this>": read only in
+        # the same statement, not a round trip of its own (every check and report).
+        with db.atomic(isolation_level="REPEATABLE READ READ ONLY"):
             yield db
     else:
         with db.atomic("DEFERRED"):

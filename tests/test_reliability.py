@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import psai
 from psai import AgentModels, PsAgent, PsAiModel, PsModelUsage
-from psai.db import is_postgres
+from psai.db import is_postgres, read_transaction
 
 from conftest import POSTGRES_URL, make_configuration, require_postgres
 
@@ -202,6 +202,18 @@ def test_postgres_reconnects_after_the_server_drops_the_connection(postgres_db):
     terminate_backend_of(postgres_db)
     PsAiModel.create(user_id=1, organization_id=1, name="n", configuration=make_configuration())
     assert PsAiModel.select().count() == 2
+
+
+def test_postgres_reads_together_in_one_read_only_snapshot(postgres_db):
+    """What a report or a budget check reads together sees one snapshot and
+    writes nothing: repeatable read, read only (set by its BEGIN)."""
+    with read_transaction(postgres_db):
+        assert postgres_db.execute_sql("SHOW transaction_isolation").fetchone()[0] == "repeatable read"
+        assert postgres_db.execute_sql("SHOW transaction_read_only").fetchone()[0] == "on"
+        with pytest.raises(DatabaseError, match="read-only transaction"):
+            with postgres_db.atomic():
+                PsAiModel.create(user_id=1, organization_id=1, name="m", configuration=make_configuration())
+    assert PsAiModel.select().count() == 0
 
 
 def test_postgres_transaction_cut_off_is_rolled_back(postgres_db):
