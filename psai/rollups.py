@@ -153,9 +153,13 @@ class PreparedChange:
     state: tuple
 
 
+# The families of rows the triggers keep, by name: whether they are on, and the statements installing them.
+_FAMILIES = {"rollups": (enabled, rollup_trigger_sql), "ledger": (ledger_enabled, ledger_trigger_sql),
+             "slots": (slots_enabled, slot_trigger_sql)}
+
+
 def _families_on(db: Database) -> tuple[str, ...]:
-    return tuple(name for name, kept in (("rollups", enabled), ("ledger", ledger_enabled), ("slots", slots_enabled))
-                 if kept(db))
+    return tuple(name for name, (kept, _installing) in _FAMILIES.items() if kept(db))
 
 
 def _change_state(db: Database) -> tuple:
@@ -213,13 +217,10 @@ def applying_change(db: Database, prepared: PreparedChange | None) -> Iterator[N
     for name, fold in zip(prepared.state[0], prepared.folds):
         for statement in fold.after:
             db.execute_sql(statement)
-        for statement in _TRIGGERS_SQL[name](False):  # CREATE TRIGGER IF NOT EXISTS: the dropped one again
+        for statement in _FAMILIES[name][1](False):  # CREATE TRIGGER IF NOT EXISTS: the dropped one again
             db.execute_sql(statement)
         for table in fold.temporary:
             db.execute_sql('DROP TABLE temp."%s"' % table)
-
-
-_TRIGGERS_SQL = {"rollups": rollup_trigger_sql, "ledger": ledger_trigger_sql, "slots": slot_trigger_sql}
 
 
 # -- days ---------------------------------------------------------------------------------
