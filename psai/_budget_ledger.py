@@ -36,11 +36,11 @@ from .rollups import ReadPlan, budget_plan, current_thresholds, enabled, ledger_
 from .schemas import BUDGET_FIELDS, validate_budget_values
 from ._sql import (
     BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, LEDGER_TABLE, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_TABLE, ItemReader,
-    attribute_sql, budget_sums_sql, compiled_once, item_groups_sql, slot, window,
+    POSTGRES_STATE_SQL, attribute_sql, budget_sums_sql, compiled_once, item_groups_sql, slot, window,
 )
 
 __all__ = ["LIMIT", "TOTAL_PERIOD_KEY", "BudgetStatus", "BudgetEventRow", "LISTENERS", "budget_problem", "usable",
-           "period_bounds", "spent", "status", "statuses", "invalid_status", "covering", "event_row",
+           "period_bounds", "spent", "status", "statuses", "kept_statuses", "invalid_status", "covering", "event_row",
            "record_crossings", "fire", "budgets_covering", "forget", "NO_BUDGET_RECHECK", "attribution_of",
            "call_carries", "ledger_snapshot", "Carried", "carrying_write", "CARRIED_MAX", "budget_rows"]
 
@@ -426,7 +426,6 @@ _CARRIED_DIGITS = 20
 _SCOPE_FIELDS = ("model_name", "organization_id", "agent_id", "include_sub_agents", "provider", "currency", "user",
                  "session", "tag_key", "tag_value")
 _SQLITE_STATE_SQL = "SELECT * FROM pragma_data_version(), pragma_schema_version()"
-_POSTGRES_STATE_SQL = "SELECT pg_current_snapshot()::text, current_user, current_setting('search_path')"
 
 
 def _data_state(db: Database) -> Hashable:
@@ -439,7 +438,7 @@ def _data_state(db: Database) -> Hashable:
     transactions it sees committed: the same ones, the same rows), with the
     role and search path that choose the tables and rows."""
     if is_postgres(db):
-        return tuple(db.execute_sql(_POSTGRES_STATE_SQL).fetchone())
+        return tuple(db.execute_sql(POSTGRES_STATE_SQL).fetchone())
     return tuple(db.execute_sql(_SQLITE_STATE_SQL).fetchone()) + (db.connection().total_changes,)
 
 
@@ -465,13 +464,34 @@ def spent(db: Database, budget: Budget, start: datetime.datetime | None, end: da
     kept = _SPENT.get(db)
     if kept is None or kept[0] is not connection or kept[1] != state:
         kept = _SPENT[db] = (connection, state, {})
-    key = (tuple(budget.__data__.get(name) for name in _SCOPE_FIELDS), start, end)
+    key = _spent_key(budget, start, end)
     found = kept[2].get(key)
     if found is None:
         if len(kept[2]) >= _SPENT_MAX:
             kept[2].clear()
         found = kept[2][key] = (_spent(db, budget, start, end), budget)
     return found[0]
+
+
+def _spent_key(budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None) -> tuple:
+    """What names one answer of ``spent`` among those kept for one state of the data."""
+    return tuple(budget.__data__.get(name) for name in _SCOPE_FIELDS), start, end
+
+
+def kept_statuses(db: Database, rows: list[Budget], now: datetime.datetime, state: Hashable
+                  ) -> list[BudgetStatus] | None:
+    """``statuses`` of ``rows`` for the data ``state`` names (``_data_state``'s,
+    of a read outside any transaction), from the answers kept for it alone:
+    None when one is not kept (nothing is read)."""
+    kept = _SPENT.get(db)
+    if kept is None or kept[0] is not db.connection() or kept[1] != state:
+        return None
+    for row in rows:
+        if budget_problem(row) is None and _spent_key(row, *period_bounds(row.period, row.timezone, now)) \
+                not in kept[2]:
+            return None
+    return [status(db, row, now, state) if (problem := budget_problem(row)) is None
+            else invalid_status(row, problem) for row in rows]
 
 
 class Carried:

@@ -35,7 +35,7 @@ __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALU
            "item_reprice_sql", "repriced_items_sql", "usage_state_sql", "response_id_sql", "item_by_response_id_sql",
            "attribute_sql", "attribute_path", "LEDGER_TABLE", "LEDGER_TRIGGERS", "ledger_trigger_sql",
            "drop_ledger_triggers_sql", "ledger_triggers_sql", "ledger_groups_sql", "ledger_insert_sql",
-           "ledger_sums_sql", "attributed_items_sql"]
+           "ledger_sums_sql", "attributed_items_sql", "POSTGRES_STATE_SQL", "state_and_rows_sql"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -695,6 +695,18 @@ def compiled_once(db: Any, key: Hashable, build: Callable[[], Any]) -> Statement
     if found is None:
         found = _COMPILED_ONCE[(type(db), key)] = compiled(build(), db)
     return found
+
+
+# What names the data a PostgreSQL statement sees (psai._budget_ledger's state): its snapshot, with the
+# role and search path that choose the tables and rows.
+POSTGRES_STATE_SQL = "SELECT pg_current_snapshot()::text, current_user, current_setting('search_path')"
+
+
+def state_and_rows_sql(sql):
+    """PostgreSQL: one statement giving POSTGRES_STATE_SQL's columns and
+    then those of ``sql``'s rows (its parameters), all from one snapshot:
+    one row of the state with NULLs when ``sql`` has no row."""
+    return "SELECT s.*, q.* FROM (%s) s LEFT JOIN (%s) q ON TRUE" % (POSTGRES_STATE_SQL, sql)
 
 
 def quoted(name):

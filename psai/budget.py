@@ -27,11 +27,11 @@ from .models import (
 )
 from ._budget_ledger import (
     LIMIT, LISTENERS, BudgetEventRow, BudgetStatus, budget_rows, carrying_write, covering, event_row, forget,
-    ledger_snapshot, period_bounds, scope_of, statuses,
+    kept_statuses, ledger_snapshot, period_bounds, scope_of, statuses,
 )
 from ._recording import model_cost
 from .schemas import BUDGET_FIELDS, BudgetPeriod, BudgetUnpriced, validate_budget_values
-from ._sql import compiled_once, slot
+from ._sql import compiled_once, slot, state_and_rows_sql
 
 __all__ = ["set_budget", "budgets", "remove_budget", "budget_status", "check_budget", "budget_events",
            "on_budget_event", "period_bounds", "RESERVATION_TTL", "Reservation",
@@ -205,20 +205,51 @@ def _money(value: Decimal) -> str:
 RESERVATION_TTL = datetime.timedelta(minutes=10)
 
 
-def _held(db: Database, rows: list[Budget], now: datetime.datetime) -> dict[int, Decimal]:
-    """What live reservations hold against each of ``rows``."""
-    if not rows or not table_columns(db, BudgetReservation._meta.table_name):
-        return {}
-    held: dict[int, Decimal] = {}
+def _held_statement(db: Database, rows: list[Budget], now: datetime.datetime) -> tuple[str, list]:
+    """The query of the live reservations held against ``rows`` (budget id, amount) and its parameters."""
     values = {"id%d" % i: row.id for i, row in enumerate(rows)}
     values["now"] = BudgetReservation.expires_at.db_value(now)
     statement = compiled_once(db, ("held", len(rows)), lambda: (
         BudgetReservation.select(BudgetReservation.budget, BudgetReservation.amount)
         .where(BudgetReservation.budget.in_([slot("id%d" % i) for i in range(len(rows))])
                & (BudgetReservation.expires_at > slot("now")))))
-    for budget_id, amount in db.execute_sql(statement.sql, statement.params(values)):
-        held[budget_id] = held.get(budget_id, Decimal(0)) + Decimal(amount)
+    return statement.sql, statement.params(values)
+
+
+def _add_held(held: dict[int, Decimal], budget_id: int | None, amount: str | None) -> None:
+    if budget_id is not None:
+        held[budget_id] = held.get(budget_id, Decimal(0)) + Decimal(str(amount))
+
+
+def _held(db: Database, rows: list[Budget], now: datetime.datetime) -> dict[int, Decimal]:
+    """What live reservations hold against each of ``rows``."""
+    if not rows or not table_columns(db, BudgetReservation._meta.table_name):
+        return {}
+    held: dict[int, Decimal] = {}
+    for budget_id, amount in db.execute_sql(*_held_statement(db, rows, now)):
+        _add_held(held, budget_id, amount)
     return held
+
+
+def _unchanged(db: Database, rows: list[Budget], now: datetime.datetime
+               ) -> tuple[list[BudgetStatus], dict[int, Decimal]] | None:
+    """PostgreSQL, outside a transaction: the statuses kept for the data as
+    one statement sees it and what reservations hold in it, read by that
+    one statement (a read transaction takes four round trips: BEGIN, the
+    state, the reservations, COMMIT). None when a status is not kept for
+    that data: the caller reads in a read transaction."""
+    if not table_columns(db, BudgetReservation._meta.table_name):
+        return None
+    sql, params = _held_statement(db, rows, now)
+    found = db.execute_sql(state_and_rows_sql(sql), params).fetchall()
+    width = len(found[0]) - 2
+    kept = kept_statuses(db, rows, now, tuple(found[0][:width]))
+    if kept is None:
+        return None
+    held: dict[int, Decimal] = {}
+    for row in found:
+        _add_held(held, *row[width:])
+    return kept, held
 
 
 def _refusal(row: Budget, status: BudgetStatus, held: Decimal, guess: tuple[Decimal, str | None] | None
@@ -309,9 +340,13 @@ def check_budget(agent: AgentRef | None = None,
     if not reserve:
         if not rows:
             return []
-        with ledger_snapshot(db) as state:
-            found = statuses(db, rows, now, state)
-            held = _held(db, rows, now)
+        unchanged = _unchanged(db, rows, now) if is_postgres(db) and not db.in_transaction() else None
+        if unchanged is None:
+            with ledger_snapshot(db) as state:
+                found = statuses(db, rows, now, state)
+                held = _held(db, rows, now)
+        else:
+            found, held = unchanged
         _refuse(rows, found, held, guess)
         return found
     assert guess is not None

@@ -26,7 +26,7 @@ from .schemas import (
     BUDGET_FIELDS, PsAgentSchema, PsAiModelSchema, bind_row_class, merge_configuration, shape_problem, unknown_paths,
     validate_agent_row, validate_agent_values, validate_budget_values, validate_model_row, validate_model_values,
 )
-from ._sql import config_filter
+from ._sql import compiled_once, config_filter, slot
 
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
            "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "CopiedItem", "Budget", "BudgetEvent",
@@ -635,7 +635,11 @@ def _by_key(cls: type[BaseModel], kind: str, ref: int | str | uuid.UUID) -> Any:
     how, value = ref_key(ref)
     if how == "id" and not 0 <= value <= MAX_INTEGER:
         raise NotFoundError("%s %s does not exist (ids run from 0 to %d)" % (cls.__name__, value, MAX_INTEGER))
-    row = cls.select().where((cls.id if how == "id" else cls.uuid) == value).first()
+    # Compiled once a table and key: every recorded call and budget check looks its model up.
+    field = cls.id if how == "id" else cls.uuid
+    db = model_db(cls)
+    statement = compiled_once(db, ("by_key", cls, how), lambda: cls.select().where(field == slot("value")).limit(1))
+    row = next(iter(cls.raw(statement.sql, *statement.params({"value": field.db_value(value)})).bind(db)), None)
     if row is None:
         text = str(ref).strip()
         named = how == "id" and cls is PsAiModel and PsAiModel.select().where(PsAiModel.name == text).exists()

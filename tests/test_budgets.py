@@ -11,6 +11,7 @@ from decimal import Decimal
 
 import pytest
 from click.testing import CliRunner
+from playhouse.test_utils import count_queries
 
 import psai
 from conftest import make_configuration
@@ -232,6 +233,37 @@ def test_a_check_sees_every_write_since_the_one_before(backend, clock):
         record_usage(m, None, **CALL)
         again.close()
     assert checked() == (2 * CALL_COST, 2)
+
+
+def test_an_unchanged_check_is_one_statement_beyond_its_lookups_and_counts_what_is_held(backend, clock):
+    """On PostgreSQL, a check of unchanged data reads the state of the data
+    and the live reservations in one statement, outside any transaction
+    (the statuses kept for that state answer); a reservation another
+    connection holds is counted by the next check, on both backends."""
+    psai.migrate()
+    m = model()
+    psai.set_budget(name="b", amount=1)
+    record_usage(m, None, **CALL)
+    first = psai.check_budget(model=m)
+    with count_queries() as counter:
+        assert psai.check_budget(model=m) == first
+    statements = [str(query.msg[0]) for query in counter.get_queries()]
+    if psai.db.is_postgres(psai.database.obj):
+        # The budgets, then the state with the reservations (the model is a row given).
+        assert len(statements) == 2 and "pg_current_snapshot" in statements[1], statements
+        assert "psai_budget_reservations" in statements[1]
+    other = psai.connect(backend.url, bind=False)
+    with psai.using(other):
+        held = psai.check_budget(model=m, estimate="0.5", reserve=True)
+    other.close()
+    with pytest.raises(psai.BudgetExceededError, match=r"0.36 spent and 0.50 held by reservations \+ 0.36"):
+        psai.check_budget(model=m, estimate=CALL)
+    (again,) = psai.check_budget(model=m)  # unchanged since: the reservation counted again
+    assert again["spent"] == CALL_COST
+    with pytest.raises(psai.BudgetExceededError, match="held by reservations"):
+        psai.check_budget(model=m, estimate=CALL)
+    held.release()
+    assert psai.check_budget(model=m, estimate=CALL)[0]["spent"] == CALL_COST
 
 
 def test_a_soft_budget_never_refuses(db, clock):
