@@ -1127,9 +1127,17 @@ def rollup_days_sql(where):
             % (ROLLUP_TABLE, " AND ".join(where) or "1 = 1"))
 
 
-def rollup_day_list_sql(where):
-    """The range days of the rollups (index psai_usage_rollup_day alone, migration 0018)."""
-    return 'SELECT DISTINCT "range_day" FROM "%s" WHERE %s' % (ROLLUP_TABLE, " AND ".join(where) or "1 = 1")
+def rollup_day_list_sql(postgres, where):
+    """The range days of the rollups (index psai_usage_rollup_day alone, migration 0018).
+    PostgreSQL: one probe of the index a day (its DISTINCT reads every row's
+    entry, and the table's rows too until a vacuum marks them visible);
+    ``where``'s parameters twice. SQLite skips along the index by itself."""
+    condition = " AND ".join(where) or "1 = 1"
+    if not postgres:
+        return 'SELECT DISTINCT "range_day" FROM "%s" WHERE %s' % (ROLLUP_TABLE, condition)
+    return ('WITH RECURSIVE d (day) AS (SELECT min("range_day") FROM "{t}" WHERE {w} UNION ALL '
+            'SELECT (SELECT min("range_day") FROM "{t}" WHERE "range_day" > d.day AND {w}) FROM d '
+            'WHERE d.day IS NOT NULL) SELECT day FROM d WHERE day IS NOT NULL').format(t=ROLLUP_TABLE, w=condition)
 
 
 def rollup_thresholds_sql(where):

@@ -56,10 +56,14 @@ def exact_sum(value: Any) -> Any:
     (SQLite adds REAL values as floats) or a whole Decimal (PostgreSQL's
     numeric, which Python adds in 28 digits) as an int; a fraction as the
     Decimal of its text."""
-    if type(value) is int:
+    kind = type(value)
+    if kind is int:
         return value
     if value is None:
         return 0
+    if kind is Decimal and value.is_finite():  # the common case on PostgreSQL: one test of the number
+        whole = int(value)
+        return whole if whole == value else value
     if isinstance(value, float):
         return int(value) if value.is_integer() else Decimal(repr(value))
     return int(value) if isinstance(value, Decimal) and value == value.to_integral_value() else value
@@ -303,16 +307,20 @@ class Pricer:
 
     def parts(self, buckets: Mapping[str, Any]) -> dict[str, Decimal]:
         """The cost of each text bucket (before the division by a million), in BUCKETS' order."""
+        return dict(zip(BUCKETS, self._term_list(buckets)))
+
+    def _term_list(self, buckets: Mapping[str, Any]) -> list[Decimal]:
+        """``parts``' values, in BUCKETS' order (a report prices many groups: no dict)."""
         get = buckets.get
-        parts = {}
+        terms = []
         for bucket, rate, multiplier, none in self._terms:
             count = get(bucket)
             if not count:  # no tokens (0, 0.0, None) count as the whole number 0
-                parts[bucket] = none
+                terms.append(none)
                 continue
             term = (Decimal(count) if type(count) is int else _exact(count)) * rate
-            parts[bucket] = term if multiplier is None else term * multiplier
-        return parts
+            terms.append(term if multiplier is None else term * multiplier)
+        return terms
 
     def web(self, web_searches: Any = 0) -> Decimal:
         """What ``web_searches`` searches cost."""
@@ -322,7 +330,7 @@ class Pricer:
 
     def text_cost(self, buckets: Mapping[str, Any], web_searches: Any = 0) -> Decimal:
         """The cost of the text buckets and web searches (APART's tokens at their bucket's rate)."""
-        fresh, cached, written, long_fresh, long_cached, long_written, out, long_out = self.parts(buckets).values()
+        fresh, cached, written, long_fresh, long_cached, long_written, out, long_out = self._term_list(buckets)
         input_sum = fresh + cached + written + long_fresh + long_cached + long_written
         return (input_sum + (out + long_out)) / _MILLION + self.web(web_searches)
 
@@ -359,6 +367,11 @@ class Pricer:
         if problem:
             return None, problem
         return self.text_cost(buckets, web_searches) + extra, None
+
+    def price_text(self, buckets: Mapping[str, Any], web_searches: Any = 0) -> Decimal:
+        """``price``'s cost of usage without tokens priced apart (none of
+        APART's buckets in ``buckets``), without looking for them."""
+        return self.text_cost(buckets, web_searches) + _ZERO
 
 
 def cost_breakdown(prices: Mapping[str, Any], *, tokens_in: float, tokens_out: float, cached_tokens: float = 0,

@@ -13,7 +13,7 @@ import datetime
 import functools
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, ParamSpec, TypedDict, TypeVar, get_args
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 import json
 from collections import defaultdict, deque
 from decimal import Decimal
@@ -221,9 +221,8 @@ class GroupSums:
         """The sums of a row's columns in the order of the fields, as exact
         numbers: SQLite sums REAL values as floats, and a PostgreSQL numeric
         arrives as a Decimal, which adds in 28 digits (None stays None)."""
-        exact: dict[str, Any] = {name: value if value is None else exact_sum(value)
-                                 for name, value in zip(_SUM_NAMES, values)}
-        return cls(**exact)
+        exact: list[Any] = [value if value is None or type(value) is int else exact_sum(value) for value in values]
+        return cls(*exact)
 
     def apart(self) -> dict[str, Number]:
         """The tokens priced apart, by ``items.APART``'s names."""
@@ -245,10 +244,6 @@ class GroupSums:
         self.image_out += other.image_out or 0
         self.reasoning_out += other.reasoning_out or 0
         self.provider_cost = _plus(self.provider_cost, other.provider_cost)
-
-
-# GroupSums' fields, in the order of SQL's columns.
-_SUM_NAMES = tuple(f.name for f in fields(GroupSums))
 
 
 @dataclass(frozen=True, eq=False)
@@ -290,6 +285,15 @@ class UsagePart:
         if self.price_key is None:
             object.__setattr__(self, "price_key", strict_json_dumps([self.pricing, self.metadata], sort_keys=True))
 
+    @classmethod
+    def of(cls, **values: Any) -> "UsagePart":
+        """A part of these fields (``price_key`` among them, not None), the
+        others their defaults, made without ``__init__``'s checks and
+        ``__post_init__``: a report makes one a group."""
+        part = object.__new__(cls)
+        object.__setattr__(part, "__dict__", dict(_PART_DEFAULTS, **values))
+        return part
+
     def tokens(self) -> tuple[Number, Number]:
         """(input, output) tokens."""
         buckets = self.buckets
@@ -307,21 +311,33 @@ class UsagePart:
         object.__setattr__(part, "__dict__", dict(self.__dict__, **changes))
         return part
 
-    def plus(self, other: "UsagePart") -> "UsagePart":
-        """This part with ``other``'s tokens (reasoning ones too), calls, web
-        searches, provider's cost and cost added."""
-        buckets = dict(self.buckets)
-        for bucket, value in other.buckets.items():
-            buckets[bucket] = buckets.get(bucket, 0) + value
-        apart = self.apart
-        if other.apart:
-            apart = dict(apart)
+    @staticmethod
+    def added(parts: "list[UsagePart]") -> "UsagePart":
+        """The first of ``parts`` with all their tokens (reasoning ones too),
+        calls, web searches, provider's cost and cost added up."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        buckets = dict(first.buckets)
+        apart = dict(first.apart)
+        calls, web, reasoning = first.calls, first.web, first.reasoning
+        provider_cost, cost = first.provider_cost, first.cost
+        for other in parts[1:]:
+            for bucket, value in other.buckets.items():
+                buckets[bucket] = buckets.get(bucket, 0) + value
             for name, value in other.apart.items():
                 apart[name] = apart.get(name, 0) + value
-        return self._with(buckets=buckets, apart=apart, calls=self.calls + other.calls,
-                          web=self.web + other.web, reasoning=self.reasoning + other.reasoning,
-                          provider_cost=_plus(self.provider_cost, other.provider_cost),
-                          cost=_plus(self.cost, other.cost))
+            calls += other.calls
+            web += other.web
+            reasoning += other.reasoning
+            provider_cost = _plus(provider_cost, other.provider_cost)
+            cost = _plus(cost, other.cost)
+        return first._with(buckets=buckets, apart=apart, calls=calls, web=web, reasoning=reasoning,
+                           provider_cost=provider_cost, cost=cost)
+
+
+# UsagePart's fields with defaults (``UsagePart.of``); ``metadata`` and ``apart`` are given.
+_PART_DEFAULTS = {f.name: f.default for f in fields(UsagePart) if f.default is not MISSING}
 
 
 def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=None, totals=None, key_buckets=None,
@@ -381,25 +397,32 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
         sources.append((db.execute_sql(sql, params), group))
     merged: dict[tuple, GroupSums] = {}
     for source_rows, layout in sources:
-        per_key = layout is group  # the rows carry (model, agent, connector) for totals and key_buckets
+        # The rows carry (model, agent, connector) for totals and key_buckets.
+        per_key = layout is group and (totals is not None or key_buckets is not None)
         width = len(layout)
+        # Where the keys are among the row's columns (GroupSums' columns after them).
+        agent_at = layout.index("agent_id") if "agent_id" in layout else None
+        key_at = [layout.index(name) for name in names]
+        whole_key = key_at == list(range(width))
+        if per_key:
+            model_at, per_agent_at, connector_at, long_at = (
+                layout.index(name) for name in ("model_id", "agent_id", "connector_id", "long"))
         for values in source_rows:
-            # The keys by column name, GroupSums' columns after them.
-            row = dict(zip(layout, values[:width]))
-            if "agent_id" in row and row["agent_id"] not in agents:
-                row["agent_id"] = None
+            row = values[:width]
+            if agent_at is not None and row[agent_at] not in agents:
+                row = row[:agent_at] + (None,) + row[agent_at + 1:]
             sums = GroupSums.of(values[width:])
             if per_key and totals is not None:
-                entry = totals[(row["model_id"], row["agent_id"], row["connector_id"])]
+                entry = totals[(row[model_at], row[per_agent_at], row[connector_at])]
                 entry.tokens_in += sums.all_in or 0
                 entry.tokens_out += sums.all_out or 0
             if per_key and key_buckets is not None:
-                into_buckets = key_buckets[(row["model_id"], row["agent_id"], row["connector_id"])]
-                prefix = "long_" if row["long"] else ""
+                into_buckets = key_buckets[(row[model_at], row[per_agent_at], row[connector_at])]
+                prefix = "long_" if row[long_at] else ""
                 for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached),
                                       ("cache_write", sums.cache_write), ("out", sums.out)):
                     into_buckets[prefix + bucket] += exact_sum(value)
-            key = tuple(row[name] for name in names)
+            key = tuple(row) if whole_key else tuple(row[i] for i in key_at)
             into = merged.get(key)
             if into is None:
                 merged[key] = sums
@@ -411,46 +434,54 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
         _add_rolled_buckets(db, cover.days, model_ids, agents, key_buckets)
     if len(_PARSED) > _RESOLVED_MAX:
         _PARSED.clear()
-    parts = []
     # In one order whatever read them (rollups, items): what depends on order (daily_costs' provider) agrees.
-    for key, sums in sorted(merged.items(), key=lambda entry: repr(entry[0])):
-        parts.append(_group_part(dict(zip(names, key)), sums, _PARSED))
-    return parts
+    contexts: dict[tuple, tuple] = {}
+    return [_group_part(dict(zip(names, key)), sums, _PARSED, contexts)
+            for key, sums in sorted(merged.items(), key=lambda entry: repr(entry[0]))]
 
 
 # Items' pricing texts parsed, by text (never changed in place: price_parts copies what it changes).
 _PARSED: dict[str, Any] = {}
 
 
-def _group_part(row, sums, parsed):
+def _group_part(row, sums, parsed, contexts):
     """A group of items (``row``: its columns by name; ``sums``) as a part.
-    ``parsed``: pricing texts parsed so far, by text."""
-    prefix = "long_" if row["long"] else ""
-    buckets: dict[str, Number] = dict.fromkeys(BUCKETS, 0)
-    for bucket, value in (("in", sums.fresh_in), ("cached", sums.cached), ("cache_write", sums.cache_write),
-                          ("out", sums.out)):
-        buckets[prefix + bucket] = exact_sum(value)
-    # Pricing is JSON text: parsed once for each distinct text, and with the
-    # tier applied, what tells groups priced alike without comparing dicts.
-    text = row["pricing"]
-    pricing = None
-    if text is not None:
-        pricing = parsed.get(text)
-        if pricing is None:
-            pricing = parsed[text] = json.loads(text)
-    tier, speed = row["applied_service_tier"], row["applied_speed"]
-    return UsagePart(
+    ``parsed``: pricing texts parsed so far, by text; ``contexts``: the
+    pricing contexts made so far, by (text, tier, speed), shared by the
+    parts priced alike (never changed in place)."""
+    long = row["long"]
+    exact = exact_sum
+    fresh, cached, written, out = (exact(sums.fresh_in), exact(sums.cached), exact(sums.cache_write),
+                                   exact(sums.out))
+    buckets: dict[str, Number] = {
+        "in": 0 if long else fresh, "cached": 0 if long else cached, "cache_write": 0 if long else written,
+        "long_in": fresh if long else 0, "long_cached": cached if long else 0,
+        "long_cache_write": written if long else 0, "out": 0 if long else out, "long_out": out if long else 0}
+    text, tier, speed = row["pricing"], row["applied_service_tier"], row["applied_speed"]
+    price_key = (text, tier, speed)
+    context = contexts.get(price_key)
+    if context is None:
+        # Pricing is JSON text: parsed once for each distinct text, and with the
+        # tier applied, what tells groups priced alike without comparing dicts.
+        pricing = None
+        if text is not None:
+            pricing = parsed.get(text)
+            if pricing is None:
+                pricing = parsed[text] = json.loads(text)
+        context = contexts[price_key] = (
+            pricing, {k: v for k, v in (("appliedServiceTier", tier), ("appliedSpeed", speed)) if v is not None},
+            "snapshot" if isinstance(pricing, dict) and pricing.get("configuredPrices") is not None else "current")
+    pricing, metadata, priced_from = context
+    prefix = "long_" if long else ""
+    return UsagePart.of(
         model_id=row["model_id"], agent_id=row.get("agent_id"), connector_id=row.get("connector_id"),
         day=row.get("day"), attribute=row.get("attribute"), provider=row["provider"], pricing=pricing,
-        metadata={k: v for k, v in (("appliedServiceTier", tier), ("appliedSpeed", speed)) if v is not None},
-        priced_from="snapshot" if isinstance(pricing, dict) and pricing.get("configuredPrices") is not None
-        else "current",
-        has_usage=bool(row["has_usage"]), calls=sums.calls, buckets=buckets, web=int(sums.web or 0),
-        reasoning=exact_sum(sums.reasoning_out),
+        metadata=metadata, priced_from=priced_from, has_usage=bool(row["has_usage"]), calls=sums.calls,
+        buckets=buckets, web=int(sums.web or 0), reasoning=exact(sums.reasoning_out),
         # Counted in the buckets above; what they cost beyond them is priced apart (Pricer.price).
-        apart={prefix + name: exact_sum(value) for name, value in sums.apart().items() if value},
-        provider_cost=None if sums.provider_cost is None else exact_sum(sums.provider_cost),
-        price_key=(text, tier, speed))
+        apart={prefix + name: exact(value) for name, value in sums.apart().items() if value}
+        if sums.cache_write_1h or sums.cache_write_12h or sums.audio_in or sums.audio_out or sums.image_out else {},
+        provider_cost=None if sums.provider_cost is None else exact(sums.provider_cost), price_key=price_key)
 
 
 def _ledger_query(attribution):
@@ -833,9 +864,11 @@ def usage_parts(db: Database, by: Any, since: datetime.datetime | None, until: d
     # SQLite, which reads each row's JSON once either way, and on
     # PostgreSQL when the groups have the agent already; otherwise more
     # groups cost PostgreSQL's parallel workers more than a light pass.
-    # (Days read from rollups give their part from a light read of the rollups.)
+    # (Days read from rollups give their part from a light read of the
+    # rollups: with the rollups kept, the items read are few, and the one
+    # pass spares PostgreSQL a second plan of the period.)
     one_pass = since is None and until is None and model_ids is None and (
-        "agent" in keys or not is_postgres(db))
+        "agent" in keys or not is_postgres(db) or enabled(db))
     itemized: defaultdict[tuple, TokenTotals] | None = defaultdict(TokenTotals) if one_pass else None
     # A period's own items may be enough to tell what they cover of its counters.
     recent: defaultdict[tuple, dict[str, Any]] | None = (
@@ -890,14 +923,17 @@ def merge_parts(parts: Iterable[UsagePart], keys: Iterable[str]) -> list[UsagePa
     """Parts that agree on ``keys`` (UsagePart's field names) and on
     everything that prices them, added up: each is priced once."""
     keys = tuple(keys)
-    merged: dict[tuple, UsagePart] = {}
+    merged: dict[tuple, list[UsagePart]] = {}
     for part in parts:
         # Calls with tokens priced apart kept apart: without their price keys only they are unpriced.
         key = tuple(getattr(part, name) for name in keys) + (
             part.provider, part.priced_from, part.has_usage, part.price_key, bool(part.apart))
-        into = merged.get(key)
-        merged[key] = part if into is None else into.plus(part)
-    return list(merged.values())
+        group = merged.get(key)
+        if group is None:
+            merged[key] = [part]
+        else:
+            group.append(part)
+    return [UsagePart.added(group) for group in merged.values()]
 
 
 # Prices resolved and their pricer, by what decides them (provider, snapshot text, tier applied, model's
@@ -950,7 +986,10 @@ def price_parts(parts: Iterable[UsagePart], transform: Callable[[Any], Any] | No
         if isinstance(pricer, str):
             priced.append(part.priced(None, None, pricer))
             continue
-        cost, problem = pricer.price({**part.buckets, **part.apart} if part.apart else part.buckets, part.web)
+        if part.apart:
+            cost, problem = pricer.price({**part.buckets, **part.apart}, part.web)
+        else:  # the buckets hold none of APART's (they are in ``apart``)
+            cost, problem = pricer.price_text(part.buckets, part.web), None
         priced.append(part.priced(cost, None if problem else pricer.currency, problem))
     return priced
 
@@ -1165,12 +1204,15 @@ def attribution_kinds(*, since: datetime.date | str | None = None,
 
 def _undated(parts):
     """Priced parts added up by all that ``_rows_of`` reads of them but the day."""
-    summed: dict[tuple, UsagePart] = {}
+    summed: dict[tuple, list[UsagePart]] = {}
     for part in parts:
         key = (part.model_id, part.agent_id, part.provider, part.currency, part.priced_from, part.reason)
-        into = summed.get(key)
-        summed[key] = part if into is None else into.plus(part)
-    return list(summed.values())
+        group = summed.get(key)
+        if group is None:
+            summed[key] = [part]
+        else:
+            group.append(part)
+    return [UsagePart.added(group) for group in summed.values()]
 
 
 def _part_keys(by, part, models, ancestors):
@@ -1205,7 +1247,10 @@ def _rows_of(db, by, parts, strict, progress):
         for dimension in by:
             keys = [key + (value,) for key in keys for value in _part_keys(dimension, part, models, ancestors)]
         for key in keys:
-            entry = totals.setdefault(key + (part.currency,), _new_total(priced_from=set(), unpriced_reason=set()))
+            key += (part.currency,)
+            entry = totals.get(key)
+            if entry is None:
+                entry = totals[key] = _new_total(priced_from=set(), unpriced_reason=set())
             if _add_part(entry, part):
                 entry["priced_from"].add(part.priced_from)
             else:
@@ -1287,7 +1332,9 @@ def _report_rows(by, totals, models, levels):
     rows = []
     agent_ids = {key[i] for key in totals for i, dimension in enumerate(by)
                  if dimension in ("agent", "tree") and key[i] is not None}
-    agents = {a.id: a for a in PsAgent.select().where(PsAgent.id.in_(sorted(agent_ids)))} if agent_ids else {}
+    # What the rows show of their agents (a report by agent names them all): not every column.
+    agents = {a.id: a for a in PsAgent.select(PsAgent.id, PsAgent.configuration, PsAgent.parent_agent).where(
+        PsAgent.id.in_(sorted(agent_ids)))} if agent_ids else {}
     for key, entry in totals.items():
         currency = key[-1]
         row: dict[str, Any] = {}
@@ -1355,12 +1402,15 @@ def _daily_of(parts):
     rows: dict[tuple, Any] = {}
     providers: defaultdict[tuple, set[str]] = defaultdict(set)
     for part in parts:
-        model = models.get(part.model_id)
-        configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
         key = (part.day, part.model_id, part.currency)
-        row = rows.setdefault(key, _new_total(
-            day=part.day, model_id=part.model_id, model_name=model.name if model else None,
-            provider=configuration.get("provider"), currency=part.currency))
+        row = rows.get(key)
+        if row is None:
+            model = models.get(part.model_id)
+            configuration = model.configuration if model is not None and isinstance(model.configuration, dict) \
+                else {}
+            row = rows[key] = _new_total(day=part.day, model_id=part.model_id,
+                                         model_name=model.name if model else None,
+                                         provider=configuration.get("provider"), currency=part.currency)
         if part.provider is not None:
             providers[key].add(part.provider)
         _add_part(row, part)

@@ -336,7 +336,8 @@ def read_plan(db: Database, since: Moment = None, until: Moment = None) -> ReadP
     if since is not None and first is None or first is not None and last is not None and first >= last:
         return everything
     where, params = _day_where(db, first, last)
-    days = {row[0] for row in db.execute_sql(rollup_day_list_sql(where), params)}
+    postgres = is_postgres(db)
+    days = {row[0] for row in db.execute_sql(rollup_day_list_sql(postgres, where), params * 2 if postgres else params)}
     left = _marked_days(db, where, params) | (_stale_threshold_days(db, where, params) if days else set())
     read = sorted(days - left)
     scan: list[tuple[Moment, Moment]] = []

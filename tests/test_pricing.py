@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from psai.pricing import (
-    COUNTERS, Pricer, cost_breakdown, counter_buckets, estimate_cost, partition_usage, resolve_prices,
+    COUNTERS, Pricer, cost_breakdown, counter_buckets, estimate_cost, exact_sum, partition_usage, resolve_prices,
 )
 
 BASE = {"costInTokensPerMillion": 10, "costInCachedContextTokensPerMillion": 1,
@@ -306,3 +306,16 @@ def test_cost_is_monotone_in_the_provider_totals(prices, tokens_in, tokens_out, 
                  reasoning_tokens=reasoning)
     larger = dict(usage, **{which: usage[which] + more})
     assert estimate_cost(prices, **larger) >= estimate_cost(prices, **usage) * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("summed, exact", [
+    (None, 0), (7, 7), (7.0, 7), (0.1, Decimal("0.1")), (Decimal("12.000"), 12), (Decimal("-0"), 0),
+    (Decimal("2.5"), Decimal("2.5")), (Decimal(10) ** 30, 10 ** 30),
+])
+def test_a_sum_sql_returned_becomes_an_exact_number(summed, exact):
+    """SQLite adds REAL values as floats, PostgreSQL's numeric arrives as a
+    Decimal: a whole sum is an int, a fraction the Decimal of its text."""
+    found = exact_sum(summed)
+    assert found == exact and type(found) is type(exact)
+    nan = exact_sum(Decimal("NaN"))
+    assert isinstance(nan, Decimal) and nan.is_nan()

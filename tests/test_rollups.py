@@ -473,6 +473,23 @@ def test_current_thresholds_read_only_the_models_asked_for(db):
     assert rollups.current_thresholds(db, []) == {}
 
 
+def test_a_period_reads_the_days_the_rollups_hold_within_it(db, clock, seed_model):
+    """``read_plan``'s days are the rollups' days within the period's whole
+    days (PostgreSQL finds them one probe of the index a day): none missed
+    at the ends, none outside, gaps kept."""
+    held = [DAY0 + datetime.timedelta(days=n, hours=n % 5) for n in (0, 1, 2, 5, 9, 10)]
+    for moment in held:
+        clock.set(moment)
+        psai.record_usage(seed_model, tokens_in=100, tokens_out=10)
+    days = sorted(moment.date().isoformat() for moment in held)
+    assert list(rollups.read_plan(db).days) == days
+    for first, last in ((0, 11), (1, 10), (2, 9), (3, 5), (6, 9), (11, 20)):
+        since, until = DAY0 + datetime.timedelta(days=first), DAY0 + datetime.timedelta(days=last)
+        plan = rollups.read_plan(db, since, until)
+        assert list(plan.days) == [day for day in days if since.date().isoformat() <= day < until.date().isoformat()]
+        assert plan.scan == ()  # whole days: nothing read from the items
+
+
 def test_without_triggers_reports_read_the_items_until_enabled(db, backend, clock, seed_model):
     psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
     rollups.disable(db)
