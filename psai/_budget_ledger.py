@@ -21,7 +21,7 @@ import zoneinfo
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import Any, TypedDict
+from typing import Any, TypedDict, cast
 
 from peewee import Database
 
@@ -426,6 +426,40 @@ _CARRIED_DIGITS = 20
 _SCOPE_FIELDS = ("model_name", "organization_id", "agent_id", "include_sub_agents", "provider", "currency", "user",
                  "session", "tag_key", "tag_value")
 _SQLITE_STATE_SQL = "SELECT * FROM pragma_data_version(), pragma_schema_version()"
+# PostgreSQL, after a transaction's writes: the state its snapshot names, and its own id.
+_POSTGRES_CARRY_SQL = "SELECT s.*, pg_current_xact_id()::text FROM (%s) s" % POSTGRES_STATE_SQL
+
+
+# How many transactions may have ended between two PostgreSQL snapshots for
+# them to be compared one by one (``_ended_between``); past it, they are taken as different data.
+_ENDED_MAX = 256
+
+
+def _snapshot(text: str) -> tuple[int, int, frozenset[int]]:
+    """PostgreSQL's snapshot text (``xmin:xmax:xip,...``) as (xmin, xmax, the ids in progress)."""
+    xmin, xmax, running = text.split(":")
+    return int(xmin), int(xmax), frozenset(int(x) for x in running.split(",") if x)
+
+
+def _ended_between(before: str, after: str) -> frozenset[int] | None:
+    """The transactions a PostgreSQL snapshot ``after`` sees as ended that
+    the snapshot ``before`` did not (committed or not: an aborted one is
+    counted too, which only ever makes two states differ); None when there
+    may be more than ``_ENDED_MAX`` of them, or ``after`` is not later."""
+    _xmin, xmax_before, running_before = _snapshot(before)
+    _xmin, xmax_after, running_after = _snapshot(after)
+    if not 0 <= xmax_after - xmax_before <= _ENDED_MAX:
+        return None
+    candidates = running_before | set(range(xmax_before, xmax_after))
+    return frozenset(x for x in candidates if x < xmax_after and x not in running_after)
+
+
+def _answers_for(db: Database, state: Hashable) -> dict[tuple, tuple[Spent, Budget]] | None:
+    """The answers kept on this connection for the data ``state`` names, or None."""
+    kept = _SPENT.get(db)
+    if kept is None or kept[0] is not db.connection() or kept[1] != state:
+        return None
+    return kept[2]
 
 
 def _data_state(db: Database) -> Hashable:
@@ -460,16 +494,16 @@ def spent(db: Database, budget: Budget, start: datetime.datetime | None, end: da
     (``ledger_snapshot``'s): the answer found for the same data, if any."""
     if state is None:
         return _spent(db, budget, start, end)
-    connection = db.connection()
-    kept = _SPENT.get(db)
-    if kept is None or kept[0] is not connection or kept[1] != state:
-        kept = _SPENT[db] = (connection, state, {})
+    answers = _answers_for(db, state)
+    if answers is None:
+        answers = {}
+        _SPENT[db] = (db.connection(), state, answers)
     key = _spent_key(budget, start, end)
-    found = kept[2].get(key)
+    found = answers.get(key)
     if found is None:
-        if len(kept[2]) >= _SPENT_MAX:
-            kept[2].clear()
-        found = kept[2][key] = (_spent(db, budget, start, end), budget)
+        if len(answers) >= _SPENT_MAX:
+            answers.clear()
+        found = answers[key] = (_spent(db, budget, start, end), budget)
     return found[0]
 
 
@@ -483,31 +517,56 @@ def kept_statuses(db: Database, rows: list[Budget], now: datetime.datetime, stat
     """``statuses`` of ``rows`` for the data ``state`` names (``_data_state``'s,
     of a read outside any transaction), from the answers kept for it alone:
     None when one is not kept (nothing is read)."""
-    kept = _SPENT.get(db)
-    if kept is None or kept[0] is not db.connection() or kept[1] != state:
+    answers = _answers_for(db, state)
+    if answers is None:
         return None
     for row in rows:
         if budget_problem(row) is None and _spent_key(row, *period_bounds(row.period, row.timezone, now)) \
-                not in kept[2]:
+                not in answers:
             return None
     return [status(db, row, now, state) if (problem := budget_problem(row)) is None
             else invalid_status(row, problem) for row in rows]
 
 
+class _Unread:
+    """A state no read of the data has: what answers carried over a write are kept under until it settles."""
+
+
 class Carried:
     """A write transaction's hold on the answers kept for the data it
-    began on (SQLite only, whose write transaction holds the database's
-    write lock: no other connection commits until it ends). ``state``:
-    what to pass ``status`` inside the transaction once ``carry`` has run;
-    ``settle`` after the commit makes the answers those of the committed
-    data. A transaction rolled back never settles: its answers match no
-    state a read can see."""
+    began on. ``state``: what to pass ``status`` inside the transaction
+    once ``carry`` has run; ``settle`` after the commit makes the answers
+    those of the committed data. A transaction rolled back never settles:
+    its answers match no state a read can see.
+
+    SQLite: its write transaction holds the database's write lock, so no
+    other connection commits until it ends; the state after the commit is
+    read at its end, and the answers are kept for it. PostgreSQL: the
+    transaction's snapshot after its writes must see no transaction ended
+    since the kept answers' state but itself; the answers then serve the
+    transaction's own alerts, and are not kept past its commit (the
+    committed data's state cannot be told from the transactions ended by
+    then: the triggers' subtransactions end with it, under ids of their own)."""
 
     def __init__(self, db: Database) -> None:
         self.db, self.connection = db, db.connection()
-        self.before = _data_state(db)
-        self.state: Hashable = ("carried", object())  # no read's state
+        self.postgres = is_postgres(db)
+        self.before = None if self.postgres else _data_state(db)
+        self.state: Hashable = _Unread()
         self.after: Hashable | None = None
+
+    def _wrote_on(self, kept: Hashable) -> bool:
+        """True when the answers kept for the state ``kept`` are of the
+        data this transaction wrote on (before its own writes)."""
+        if not self.postgres:
+            return kept == self.before
+        if isinstance(kept, _Unread):
+            return False
+        snapshot, role, path, xid = self.db.execute_sql(_POSTGRES_CARRY_SQL).fetchone()
+        base = cast(tuple, kept)
+        ended = _ended_between(base[0], snapshot) if (role, path) == base[1:] else None
+        # Its own transaction may show as ended in its snapshot, or not; any other one is data not kept.
+        return ended is not None and not ended - {int(xid)}
 
     def carry(self, item_id: int | None = None) -> Hashable:
         """After the transaction's writes, which changed nothing a budget
@@ -517,8 +576,8 @@ class Carried:
         Returns ``state``."""
         kept = _SPENT.get(self.db)
         answers: dict[tuple, tuple[Spent, Budget]] = {}
-        if kept is not None and kept[0] is self.connection and kept[1] == self.before \
-                and len(kept[2]) <= CARRIED_MAX:
+        if kept is not None and kept[0] is self.connection and len(kept[2]) <= CARRIED_MAX \
+                and self._wrote_on(kept[1]):
             for key, (answer, budget) in kept[2].items():
                 if item_id is not None:
                     added = _spent(self.db, budget, key[1], key[2], item_id)
@@ -530,10 +589,11 @@ class Carried:
         return self.state
 
     def close(self) -> None:
-        """At the end of the transaction, after its last write: the state
-        the committed data will have for this connection (its own commit
-        changes neither data version nor changed rows)."""
-        self.after = _data_state(self.db)
+        """At the end of the transaction, after its last write: on SQLite,
+        the state the committed data will have for this connection (its own
+        commit changes neither data version nor changed rows)."""
+        if not self.postgres:
+            self.after = _data_state(self.db)
 
     def settle(self) -> None:
         """After the commit."""
@@ -544,10 +604,8 @@ class Carried:
 
 def _carried(db: Database) -> Carried | None:
     """A ``Carried`` for a write transaction just begun on ``db``, or None
-    where answers are not carried over writes (PostgreSQL: its next
-    snapshot cannot be known inside the transaction; or no answer kept for
-    this connection)."""
-    if is_postgres(db) or db.is_closed():
+    when no answer is kept for this connection."""
+    if db.is_closed():
         return None
     kept = _SPENT.get(db)
     if kept is None or kept[0] is not db.connection() or not kept[2]:

@@ -163,11 +163,13 @@ def _record(model: PsAiModel, agent: PsAgent | None, counts: dict[str, int], use
         else:
             cursor = db.execute_sql(update.sql, update.params(dict(values, id=row[0])))
         returned = cursor.fetchone()
-        item = db.execute_sql(item_insert(db), _item_params(values)) if with_items else None
+        item_id = None
+        if with_items:
+            item = db.execute_sql(item_insert(db), _item_params(values))
+            item_id = item.fetchone()[0] if is_postgres(db) else item.lastrowid
         if reservation is not None:  # settled: the call's real cost, in the rollups, replaces the estimate
             BudgetReservation.delete().where(BudgetReservation.token == reservation.token).execute()
-        # SQLite's: the item's rowid names it.
-        state = answers.carry(item.lastrowid if item is not None else None) if answers is not None else None
+        state = answers.carry(item_id) if answers is not None else None
         # The budgets' alerts in the call's own transaction; their listeners once it commits.
         fired = record_crossings(db, alerting, state) if alerting else []
     if fired and after_commit is not None:

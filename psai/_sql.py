@@ -716,9 +716,11 @@ def quoted(name):
 
 def item_insert(db):
     """The INSERT of one usage item. The data is psai's own strict, minified
-    JSON: SQLite need not parse it again with json()."""
+    JSON: SQLite need not parse it again with json(). PostgreSQL returns the
+    item's id (SQLite's cursor has it as ``lastrowid``)."""
     return ('INSERT INTO "ps_model_usage_item" ("user_id", "created_at", "updated_at", "model_id", "agent_id", '
-            '"connector_id", "data") VALUES (%s)' % ", ".join([db.param] * 7))
+            '"connector_id", "data") VALUES (%s)%s' % (", ".join([db.param] * 7),
+                                                       ' RETURNING "id"' if isinstance(db, PostgresqlDatabase) else ""))
 
 
 def response_id_sql(postgres):

@@ -259,3 +259,37 @@ def test_a_recorded_call_carries_what_budgets_spent_as_a_fresh_read_finds_it(bac
                     record_usage(models[0], root, tokens_in=777, tokens_out=7, user="alice")
                     raise RuntimeError("rolled back")
         assert _statuses() == _read_afresh(), step
+
+
+def test_the_transactions_ended_between_two_postgresql_snapshots():
+    """What tells whether a recorded call's transaction wrote on the data
+    the kept answers were found for: the transactions ended in between."""
+    ended = _budget_ledger._ended_between
+    assert ended("10:10:", "10:10:") == frozenset()
+    assert ended("10:12:10", "13:13:") == {10, 12}  # 11 had ended before: not counted again
+    assert ended("10:12:10,11", "12:15:14") == {10, 11, 12, 13}  # 14 still running
+    assert ended("10:12:", "10:400:") is None  # too many to tell one by one
+    assert ended("10:12:", "9:11:") is None  # not later
+
+
+def test_calls_in_a_row_carry_their_budgets_answers_for_their_alerts(backend, db, clock):
+    """Calls recorded one after another, no check between, each weigh the
+    budgets' alerts from the answers kept before them plus their own item
+    (on PostgreSQL too, when no other transaction ended meanwhile: the
+    call reads no rollup); every status then equals a fresh read."""
+    models, root, _child = models_and_agents()
+    psai.set_budget(name="all", amount=1000, unpriced="allow")
+    psai.set_budget(name="root", amount=1000, agent=root, unpriced="allow")
+    record_usage(models[0], root, tokens_in=1000, tokens_out=100)
+    carried = 0
+    for attempt in range(10):
+        _statuses()  # answers kept for the data as it is
+        for _call in range(3):
+            with count_queries() as counter:
+                record_usage(models[1], root, tokens_in=2000, tokens_out=200)
+            read = " ".join(str(q.msg[0]) for q in counter.get_queries())
+            carried += "psai_usage_rollup" not in read and SLOT_TABLE not in read
+        assert _statuses() == _read_afresh(), attempt
+        if carried:
+            break
+    assert carried  # a quiet server: the first call of the first attempt
