@@ -221,7 +221,9 @@ class GroupSums:
         """The sums of a row's columns in the order of the fields, as exact
         numbers: SQLite sums REAL values as floats, and a PostgreSQL numeric
         arrives as a Decimal, which adds in 28 digits (None stays None)."""
-        exact: list[Any] = [value if value is None or type(value) is int else exact_sum(value) for value in values]
+        # Most are ints (SQLite) or zero (PostgreSQL's numerics of the tokens priced apart): no call for them.
+        exact: list[Any] = [value if value is None or type(value) is int else exact_sum(value) if value else 0
+                            for value in values]
         return cls(*exact)
 
     def apart(self) -> dict[str, Number]:
