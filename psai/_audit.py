@@ -9,17 +9,16 @@ cached, loses fast mode (``usage.speed``) and 1-hour writes. For each, the
 cost as recorded and as billed, per model and in total.
 """
 import datetime
-from contextlib import nullcontext
 from decimal import Decimal
 from typing import Any, TypedDict
 
 from ._arguments import as_datetime
 from ._constants import strict_json_dumps
-from .db import is_postgres, lock, lock_id, model_db, table_columns, write_transaction
+from .db import is_postgres, lock, lock_id, model_db, read_transaction, table_columns, write_transaction
 from .errors import ValidationError
 from .fields import utcnow
 from ._items import BUCKET_COUNTERS, BUCKETS, call_buckets, item_cost, js_timestamp
-from .models import ModelRef, PriceCorrection, PsModelUsage, PsModelUsageItem, usage_counters
+from .models import ModelRef, PriceCorrection, PsModelUsage, PsModelUsageItem, usage_counters, usage_state
 from ._recording import CACHE_WRITE_COUNTERS
 from ._responses import ResponseUsage, usage_from_response
 from ._sql import item_data_update_sql
@@ -112,15 +111,28 @@ def audit(*, since: datetime.date | str | None = None, until: datetime.date | st
         query = query.where(PsModelUsageItem.created_at >= start)
     if end is not None:
         query = query.where(PsModelUsageItem.created_at < end)
+    model_ids = None
     if model is not None:
-        query = query.where(PsModelUsageItem.model_id.in_([row.id for row in resolve_models(model)]))
+        model_ids = [row.id for row in resolve_models(model)]
+        query = query.where(PsModelUsageItem.model_id.in_(model_ids))
     db = model_db(PsModelUsageItem)
-    with write_transaction(db) if not dry_run else nullcontext():
-        findings, items_read, corrections = _find(query)
-        if not dry_run and corrections:
+    if dry_run or not is_postgres(db):
+        # Read in one snapshot, writers going on. SQLite has one write lock
+        # for the whole database: the items are read and compared with their
+        # raw usage before it is taken, and under it read again only if they
+        # changed meanwhile (as reprice does).
+        with read_transaction(db):
+            findings, items_read, corrections = _find(query.clone())
+            seen = None if dry_run else usage_state(db, model_ids, start, end)
+        if dry_run:
+            return _summary(findings, items_read, applied=False)
+    with write_transaction(db):
+        if is_postgres(db) or usage_state(db, model_ids, start, end) != seen:
+            findings, items_read, corrections = _find(query.clone())  # a query run once keeps its rows
+        if corrections:
             _lock_calls(db, corrections)
             _apply(db, corrections, _record_corrections(db, findings, start, end))
-    return _summary(findings, items_read, applied=not dry_run and bool(corrections))
+    return _summary(findings, items_read, applied=bool(corrections))
 
 
 def _find(query: Any) -> tuple[list[AuditFinding], int, list[tuple[Any, dict[str, Any]]]]:

@@ -26,11 +26,13 @@ from ._constants import strict_json_dumps
 from .db import is_postgres, model_db, read_transaction, table_columns, write_transaction
 from .errors import PsaiError, ValidationError
 from .fields import utcnow
-from .models import ModelRef, PriceCorrection, PriceVersion, PsModelUsageItem, prices_of, record_price_change
+from .models import (
+    ModelRef, PriceCorrection, PriceVersion, PsModelUsageItem, prices_of, record_price_change, usage_state,
+)
 from .reports import part_tokens, price_parts, usage_parts
 from .rollups import applying_change, is_current, prepare_change
 from .schemas import INCLUDE, ModelPricesSchema
-from ._sql import item_reprice_sql, lock_models_sql, repriced_items_sql, usage_state_sql, window
+from ._sql import item_reprice_sql, lock_models_sql, repriced_items_sql, window
 from ._versions import (
     PriceCorrectionEntry as PriceCorrectionEntry, PriceVersionEntry as PriceVersionEntry, histories_of, merge_prices,
     price_history, prices_at, resolve_models,
@@ -122,10 +124,10 @@ def reprice(model: ModelRef, changes: dict[str, Any], *,
     # the write lock both are computed again only if the usage changed meanwhile.
     with read_transaction(db):
         result = _measure(db, rows, ids, changes, since, until)
-        seen = _usage_state(db, ids, since, until)
+        seen = usage_state(db, ids, since, until)
         prepared = _prepare(db, rows, ids, changes, since, until)
     with write_transaction(db):
-        if _usage_state(db, ids, since, until) != seen or not is_current(db, prepared):
+        if usage_state(db, ids, since, until) != seen or not is_current(db, prepared):
             result = _measure(db, rows, ids, changes, since, until)
             prepared = _prepare(db, rows, ids, changes, since, until)
         _apply(db, rows, ids, changes, since, until, result, prepared)
@@ -151,15 +153,6 @@ def _corrected_params(db, rows, changes, correction_id):
         return params + [strict_json_dumps(changes), correction_id]
     return params + [strict_json_dumps({key: value for key, value in changes.items() if value is not None}),
                      [key for key, value in changes.items() if value is None], correction_id]
-
-
-def _usage_state(db, ids, since, until):
-    """SQLite: what changes when the usage a correction measures changes:
-    its items and counter rows (how many, ids, latest update) and the
-    models' rows."""
-    params: list[Any] = []
-    where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, ids, params)
-    return db.execute_sql(usage_state_sql(where, len(ids)), params + ids + ids).fetchall()
 
 
 def _measure(db, rows, ids, changes, since, until):

@@ -26,7 +26,7 @@ from .schemas import (
     BUDGET_FIELDS, PsAgentSchema, PsAiModelSchema, bind_row_class, merge_configuration, shape_problem, unknown_paths,
     validate_agent_row, validate_agent_values, validate_budget_values, validate_model_row, validate_model_values,
 )
-from ._sql import compiled_once, config_filter, slot
+from ._sql import compiled_once, config_filter, slot, usage_state_sql, window
 
 __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "PsModelUsageItem",
            "PriceVersion", "PriceCorrection", "ModelProvenance", "CopiedUsage", "CopiedItem", "Budget", "BudgetEvent",
@@ -34,7 +34,7 @@ __all__ = ["BaseModel", "PsAiModel", "PsAgent", "AgentModels", "PsModelUsage", "
            "ALL_MODELS",
            "strict_json_dumps",
            "where_config", "select_model", "model_choices", "model_history", "sub_agent_tree", "SIZE_FALLBACK",
-           "record_price_change", "prices_of", "provenance", "usage_counters",
+           "record_price_change", "prices_of", "provenance", "usage_counters", "usage_state",
            "ModelRef", "AgentRef", "ref_key", "find_model", "find_models", "find_agent",
            "DEFAULT_IDS", "config", "store_settings", "change_settings", "fill_default_ids",
            "default_ids", "nearest_names", "BudgetReservation", "Reservation"]
@@ -812,6 +812,19 @@ def usage_counters(db: Any = None) -> tuple[str, ...]:
     counters, and psai works with it as it is (see ``record_usage``)."""
     columns = table_columns(db or model_db(PsModelUsage), PsModelUsage._meta.table_name)
     return tuple(name for name in COUNTERS if name in columns)
+
+
+def usage_state(db: Any, model_ids: list[int] | None, since: datetime.datetime | None,
+                until: datetime.datetime | None) -> list[tuple]:
+    """SQLite: what changes when the usage of ``model_ids`` (None: every
+    model) in [since, until) changes: its items and the models' counter
+    rows (how many, ids, latest update) and the models' rows. What a
+    correction measured before the write lock is still true under it when
+    this is the same (a hand edit that keeps ``updated_at`` is not seen)."""
+    params: list[Any] = []
+    where = window(db, "i.created_at", PsModelUsageItem.created_at, since, until, model_ids, params)
+    ids = list(model_ids or ())
+    return db.execute_sql(usage_state_sql(where, len(ids)), params + ids + ids).fetchall()
 
 
 def provenance(model: ModelRef) -> dict[str, Any] | None:

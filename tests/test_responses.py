@@ -452,6 +452,48 @@ def test_audit_apply_corrects_items_and_counters_so_the_report_moves_by_the_diff
     assert data["psai"]["corrections"] == [correction["id"]]
 
 
+def test_calls_are_recorded_while_an_audit_reads_the_items(stored, backend, db, monkeypatch):
+    """``audit --apply`` compares the items with their raw usage before it
+    writes: on SQLite in a read transaction, before the write lock, so
+    calls are recorded meanwhile (an item that arrives in the audited
+    period is found under the lock, the items read again, and corrected
+    too); on PostgreSQL in its write transaction, which locks nothing while
+    it reads."""
+    import threading
+    import psai._audit
+    models, agent = stored
+    sonnet = models["sonnet"]
+    raw = {"input_tokens": 1000, "output_tokens": 500, "cache_creation_input_tokens": 2000,
+           "cache_read_input_tokens": 10000}
+    first = policysynth_claude_item(sonnet, agent, raw)
+    find, finished, arrived = psai._audit._find, [], []
+
+    def record_meanwhile(query):
+        found = find(query)
+        if not finished:
+            def write():
+                psai.record_usage(models["gpt"], agent, tokens_in=100, tokens_out=10)
+                arrived.append(policysynth_claude_item(sonnet, agent, raw).id)
+                db.close()
+            worker = threading.Thread(target=write)
+            worker.start()
+            worker.join(10)
+            finished.append(not worker.is_alive())
+            if not finished[0]:
+                finished.append(worker)
+        return found
+    monkeypatch.setattr(psai._audit, "_find", record_meanwhile)
+    applied = psai.audit(dry_run=False)
+    if len(finished) > 1:
+        finished[1].join(60)
+    assert finished[0], "a call waited for the audit to end"
+    corrected = [f["item_id"] for f in applied["findings"]]
+    assert corrected == ([first.id] + arrived if backend.kind == "sqlite" else [first.id])
+    # On PostgreSQL the item that arrived while the audit read is left for the next audit.
+    assert [f["item_id"] for f in psai.audit()["findings"]] == ([] if backend.kind == "sqlite" else arrived)
+    assert psai.rollups.verify(db) == []
+
+
 def test_the_providers_own_cost_is_kept_and_shown_beside_psais(stored):
     models, agent = stored
     said = chat_completion(cost=0.00123)  # OpenRouter's usage.cost
