@@ -21,7 +21,8 @@ from ._items import BUCKET_COUNTERS, BUCKETS, call_buckets, item_cost, js_timest
 from .models import ModelRef, PriceCorrection, PsModelUsage, PsModelUsageItem, usage_counters, usage_state
 from ._recording import CACHE_WRITE_COUNTERS
 from ._responses import ResponseUsage, usage_from_response
-from ._sql import item_data_update_sql
+from .rollups import PreparedChange, applying_change, is_current, prepare_change
+from ._sql import AUDITED_ITEMS, audited_items_sql, item_data_update_sql
 from ._versions import resolve_models
 
 __all__ = ["audit", "AuditFinding", "AuditResult"]
@@ -116,22 +117,26 @@ def audit(*, since: datetime.date | str | None = None, until: datetime.date | st
         model_ids = [row.id for row in resolve_models(model)]
         query = query.where(PsModelUsageItem.model_id.in_(model_ids))
     db = model_db(PsModelUsageItem)
+    prepared = None
     if dry_run or not is_postgres(db):
         # Read in one snapshot, writers going on. SQLite has one write lock
         # for the whole database: the items are read and compared with their
-        # raw usage before it is taken, and under it read again only if they
-        # changed meanwhile (as reprice does).
+        # raw usage before it is taken, and what the rollups' triggers would
+        # fold out and in is computed then too; under the lock both are
+        # computed again only if the items changed meanwhile (as reprice does).
         with read_transaction(db):
             findings, items_read, corrections = _find(query.clone())
-            seen = None if dry_run else usage_state(db, model_ids, start, end)
-        if dry_run:
-            return _summary(findings, items_read, applied=False)
+            if dry_run:
+                return _summary(findings, items_read, applied=False)
+            seen = usage_state(db, model_ids, start, end)
+            prepared = _prepare(db, corrections)
     with write_transaction(db):
-        if is_postgres(db) or usage_state(db, model_ids, start, end) != seen:
+        if is_postgres(db) or usage_state(db, model_ids, start, end) != seen or not is_current(db, prepared):
             findings, items_read, corrections = _find(query.clone())  # a query run once keeps its rows
+            prepared = _prepare(db, corrections)
         if corrections:
             _lock_calls(db, corrections)
-            _apply(db, corrections, _record_corrections(db, findings, start, end))
+            _apply(db, corrections, _record_corrections(db, findings, start, end), prepared)
     return _summary(findings, items_read, applied=bool(corrections))
 
 
@@ -234,28 +239,56 @@ def _lock_calls(db: Any, corrections: list[tuple[Any, dict[str, Any]]]) -> None:
         lock(db, key)
 
 
-def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]], correction_ids: dict[int, int]) -> None:
-    """Write the billed counts into the items, and the same change of tokens
-    into the counters of each (model, agent, connector): what the counters
-    hold beyond the items (usage recorded before items) stays as it was."""
+def _audited_data(corrections: list[tuple[Any, dict[str, Any]]], correction_ids: dict[int, int],
+                  now: datetime.datetime) -> list[tuple[int, str]]:
+    """(item id, its new data as text) of each correction: the billed
+    counts, the stored ones kept in ``psai.originalUsage``, the audit's time
+    and its correction of the item's model (``correction_ids``, if any)."""
+    changed: list[tuple[int, str]] = []
+    for item, corrected in corrections:
+        original = {name: item.data.get(name) for name in ("usageNormalized", "providerMetadata")}
+        original["psai"] = {k: v for k, v in _part(item.data, "psai").items() if k != "originalUsage"}
+        part = dict(corrected["psai"], originalUsage=original, auditedAt=js_timestamp(now))
+        if item.model_id in correction_ids:
+            part["corrections"] = list(_part(item.data, "psai").get("corrections") or []) + [
+                correction_ids[item.model_id]]
+        changed.append((item.id, strict_json_dumps(dict(corrected, psai=part))))
+    return changed
+
+
+def _prepare(db: Any, corrections: list[tuple[Any, dict[str, Any]]]) -> PreparedChange | None:
+    """SQLite: the corrections' folds prepared (``rollups.prepare_change``)
+    from the items as the audit leaves them, its time and correction ids
+    standing in (what a fold reads of an item holds neither). None on
+    PostgreSQL, whose triggers fold a statement at once, and for no corrections."""
+    if is_postgres(db) or not corrections:
+        return None
+    make, insert, items = audited_items_sql()
+    for statement in make:
+        db.execute_sql(statement)
+    db.cursor().executemany(insert, _audited_data(corrections, {}, utcnow()))
+    prepared = prepare_change(db, ['i.id IN (SELECT "id" FROM temp."%s")' % AUDITED_ITEMS], [], items, [])
+    db.execute_sql(make[0])
+    return prepared
+
+
+def _apply(db: Any, corrections: list[tuple[Any, dict[str, Any]]], correction_ids: dict[int, int],
+           prepared: PreparedChange | None) -> None:
+    """Write the billed counts into the items (their folds ``prepared``, on
+    SQLite), and the same change of tokens into the counters of each
+    (model, agent, connector): what the counters hold beyond the items
+    (usage recorded before items) stays as it was."""
     now = utcnow()
     present = usage_counters(db)
     deltas: dict[tuple[int, int | None, int | None], dict[str, float]] = {}
-    changed: list[tuple[int, str]] = []
     for item, corrected in corrections:
         before, after = _counter_buckets(item.data), _counter_buckets(corrected)
         key = (item.model_id, item.agent_id or None, item.connector_id)
         delta = deltas.setdefault(key, dict.fromkeys(BUCKETS, 0))
         for bucket in BUCKETS:
             delta[bucket] += after[bucket] - before[bucket]
-        original = {name: item.data.get(name) for name in ("usageNormalized", "providerMetadata")}
-        original["psai"] = {k: v for k, v in _part(item.data, "psai").items() if k != "originalUsage"}
-        corrected["psai"] = dict(corrected["psai"], originalUsage=original, auditedAt=js_timestamp(now))
-        if item.model_id in correction_ids:
-            corrected["psai"]["corrections"] = list(_part(item.data, "psai").get("corrections") or []) + [
-                correction_ids[item.model_id]]
-        changed.append((item.id, strict_json_dumps(corrected)))
-    _update_items(db, changed, PsModelUsageItem.updated_at.db_value(now))
+    with applying_change(db, prepared):
+        _update_items(db, _audited_data(corrections, correction_ids, now), PsModelUsageItem.updated_at.db_value(now))
     for (model_id, agent_id, connector_id), delta in deltas.items():
         usage = PsModelUsage
         row = (usage.select().where((usage.model == model_id)

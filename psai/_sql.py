@@ -35,7 +35,8 @@ __all__ = ["INDEXED_PATHS", "config_filter", "JsonSQL", "ItemReader", "ITEM_VALU
            "item_reprice_sql", "repriced_items_sql", "usage_state_sql", "response_id_sql", "item_by_response_id_sql",
            "attribute_sql", "attribute_path", "LEDGER_TABLE", "LEDGER_TRIGGERS", "ledger_trigger_sql",
            "drop_ledger_triggers_sql", "ledger_triggers_sql", "ledger_groups_sql", "ledger_insert_sql",
-           "ledger_sums_sql", "attributed_items_sql", "POSTGRES_STATE_SQL", "state_and_rows_sql"]
+           "ledger_sums_sql", "attributed_items_sql", "POSTGRES_STATE_SQL", "state_and_rows_sql", "AUDITED_ITEMS",
+           "audited_items_sql"]
 
 
 # -- configuration filters ------------------------------------------------------------
@@ -646,6 +647,23 @@ def repriced_items_sql(where, model_count):
     return ('SELECT i.id, i.model_id, i.agent_id, i.connector_id, i.created_at, CASE WHEN %s THEN %s ELSE i.data END '
             'AS data FROM "ps_model_usage_item" i WHERE %s' % (_SQLITE_OBJECT, _sqlite_corrected_data(model_count),
                                                                 " AND ".join(where) or "1 = 1"))
+
+
+# The temporary table of the items an audit corrects, with their new data (SQLite, before the write lock).
+AUDITED_ITEMS = "psai_audit_items"
+
+
+def audited_items_sql():
+    """SQLite: (the statements making AUDITED_ITEMS, the INSERT of one
+    item's id and new data text for executemany, the items an audit
+    corrects as it leaves them: the columns a fold reads, as
+    ``repriced_items_sql``)."""
+    make = ['DROP TABLE IF EXISTS temp."%s"' % AUDITED_ITEMS,
+            'CREATE TEMP TABLE "%s" ("id" INTEGER PRIMARY KEY, "data" TEXT)' % AUDITED_ITEMS]
+    insert = 'INSERT INTO temp."%s" ("id", "data") VALUES (?, json(?))' % AUDITED_ITEMS
+    items = ('SELECT i.id, i.model_id, i.agent_id, i.connector_id, i.created_at, a.data AS data '
+             'FROM "ps_model_usage_item" i JOIN temp."%s" a ON a.id = i.id' % AUDITED_ITEMS)
+    return make, insert, items
 
 
 # -- statements built once ----------------------------------------------------------

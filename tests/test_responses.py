@@ -2,8 +2,10 @@
 each API's documented shape, whole and streamed, as dicts, as SDK-like
 objects and as JSON lines; what they cost against the bill worked out by
 hand from the providers' documented semantics; on both backends."""
+import datetime
 import json
 import os
+import threading
 from decimal import Decimal
 
 import pydantic  # the provider SDKs' own dependency
@@ -15,6 +17,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 
 import psai
+import psai._audit
 from psai import PsAgent, PsAiModel, PsModelUsageItem
 from psai.cli import cli
 from psai._responses import load_response, usage_from_response
@@ -459,8 +462,6 @@ def test_calls_are_recorded_while_an_audit_reads_the_items(stored, backend, db, 
     period is found under the lock, the items read again, and corrected
     too); on PostgreSQL in its write transaction, which locks nothing while
     it reads."""
-    import threading
-    import psai._audit
     models, agent = stored
     sonnet = models["sonnet"]
     raw = {"input_tokens": 1000, "output_tokens": 500, "cache_creation_input_tokens": 2000,
@@ -491,6 +492,40 @@ def test_calls_are_recorded_while_an_audit_reads_the_items(stored, backend, db, 
     assert corrected == ([first.id] + arrived if backend.kind == "sqlite" else [first.id])
     # On PostgreSQL the item that arrived while the audit read is left for the next audit.
     assert [f["item_id"] for f in psai.audit()["findings"]] == ([] if backend.kind == "sqlite" else arrived)
+    assert psai.rollups.verify(db) == []
+
+
+def test_an_audit_folds_its_corrections_and_keeps_every_trigger(stored, backend, db, clock, monkeypatch):
+    """The items an audit corrects, on three days, one of them attributed
+    (the ledger's): the rollups, slots and ledger come out as a rebuild
+    makes them, every trigger is there after, and reports by model and by
+    user equal those of a rebuild. On SQLite the folds are prepared before
+    the write lock, from the items as the audit leaves them."""
+    models, agent = stored
+    sonnet = models["sonnet"]
+    raw = {"input_tokens": 1000, "output_tokens": 500, "cache_creation_input_tokens": 2000,
+           "cache_read_input_tokens": 10000}
+    items = []
+    for day in range(3):
+        clock.set(datetime.datetime(2026, 11, 20 + day, 9 + day, tzinfo=datetime.timezone.utc))
+        items.append(policysynth_claude_item(sonnet, agent, raw))
+    attributed = PsModelUsageItem.get_by_id(items[0].id)
+    attributed.data = dict(attributed.data, psai={"user": "alice", "tags": {"team": "search"}})
+    attributed.save()
+    psai.record_response(sonnet, agent, claude_message())  # psai's own item, left as it is
+    applying, folds = psai._audit.applying_change, []
+    monkeypatch.setattr(psai._audit, "applying_change", lambda db, prepared: folds.append(prepared) or applying(
+        db, prepared))
+    applied = psai.audit(dry_run=False)
+    assert sorted(f["item_id"] for f in applied["findings"]) == [item.id for item in items]
+    assert len(folds) == 1 and (folds[0] is None) == (backend.kind == "postgres")  # SQLite: prepared
+    assert psai.rollups.enabled(db) and psai.rollups.ledger_enabled(db) and psai.rollups.slots_enabled(db)
+    assert psai.rollups.verify(db) == []
+    kept = [psai.cost_report("model"), psai.cost_report("user")]
+    psai.rollups.rebuild(db)
+    assert [psai.cost_report("model"), psai.cost_report("user")] == kept
+    assert psai.cost_report("user")[0]["user"] == "alice"
+    psai.record_response(sonnet, agent, dict(claude_message(), id="msg_after"))  # the triggers fold again
     assert psai.rollups.verify(db) == []
 
 
