@@ -925,17 +925,22 @@ def merge_parts(parts: Iterable[UsagePart], keys: Iterable[str]) -> list[UsagePa
     """Parts that agree on ``keys`` (UsagePart's field names) and on
     everything that prices them, added up: each is priced once."""
     keys = tuple(keys)
-    merged: dict[tuple, list[UsagePart]] = {}
+    # Calls with tokens priced apart kept apart: without their price keys only they are unpriced.
+    return _summed(parts, lambda part: tuple(getattr(part, name) for name in keys) + (
+        part.provider, part.priced_from, part.has_usage, part.price_key, bool(part.apart)))
+
+
+def _summed(parts: Iterable[UsagePart], key: Callable[[UsagePart], tuple]) -> list[UsagePart]:
+    """``parts`` added up (``UsagePart.added``) by ``key(part)``, in the order each key first comes."""
+    groups: dict[tuple, list[UsagePart]] = {}
     for part in parts:
-        # Calls with tokens priced apart kept apart: without their price keys only they are unpriced.
-        key = tuple(getattr(part, name) for name in keys) + (
-            part.provider, part.priced_from, part.has_usage, part.price_key, bool(part.apart))
-        group = merged.get(key)
+        found = key(part)
+        group = groups.get(found)
         if group is None:
-            merged[key] = [part]
+            groups[found] = [part]
         else:
             group.append(part)
-    return [UsagePart.added(group) for group in merged.values()]
+    return [UsagePart.added(group) for group in groups.values()]
 
 
 # Prices resolved and their pricer, by what decides them (provider, snapshot text, tier applied, model's
@@ -1206,15 +1211,8 @@ def attribution_kinds(*, since: datetime.date | str | None = None,
 
 def _undated(parts):
     """Priced parts added up by all that ``_rows_of`` reads of them but the day."""
-    summed: dict[tuple, list[UsagePart]] = {}
-    for part in parts:
-        key = (part.model_id, part.agent_id, part.provider, part.currency, part.priced_from, part.reason)
-        group = summed.get(key)
-        if group is None:
-            summed[key] = [part]
-        else:
-            group.append(part)
-    return [UsagePart.added(group) for group in summed.values()]
+    return _summed(parts, lambda part: (part.model_id, part.agent_id, part.provider, part.currency,
+                                        part.priced_from, part.reason))
 
 
 def _part_keys(by, part, models, ancestors):

@@ -3,6 +3,7 @@ server (each test in a schema of its own, dropped afterwards)."""
 import ctypes
 import datetime
 import os
+import threading
 import uuid
 from urllib.parse import quote
 
@@ -162,6 +163,16 @@ def make_configuration(**changes):
         else:
             config[key] = value
     return config
+
+
+def run_beside(target, wait=10):
+    """Start ``target`` in a thread and wait up to ``wait`` seconds for it:
+    (True when it ended by then, the thread: join it before the test ends).
+    What a writer beside a long operation (reprice, audit) measures."""
+    worker = threading.Thread(target=target)
+    worker.start()
+    worker.join(wait)
+    return not worker.is_alive(), worker
 
 
 @pytest.fixture

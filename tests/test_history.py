@@ -16,7 +16,7 @@ from psai._items import item_cost
 from psai.models import PriceCorrection
 from psai.usage import NO_AGENT, cost_report, record_usage, report_totals
 
-from conftest import SEED_CONFIGURATION, make_configuration
+from conftest import SEED_CONFIGURATION, make_configuration, run_beside
 
 UTC = datetime.timezone.utc
 
@@ -520,7 +520,6 @@ def test_calls_are_recorded_while_a_correction_is_measured(db, backend, monkeypa
     the write lock; on PostgreSQL it locks only the corrected model). On
     SQLite a call on the corrected model itself recorded meanwhile is found
     under the write lock, measured and corrected too."""
-    import threading
     import psai._history
     m, other, a = model(), model(name="other"), agent()
     for _ in range(3):
@@ -531,19 +530,13 @@ def test_calls_are_recorded_while_a_correction_is_measured(db, backend, monkeypa
         parts = measure(*args, **kwargs)
         if not finished:
             calls = [other] + ([m] if backend.kind == "sqlite" else [])
-            worker = threading.Thread(target=lambda: [record_usage(x, a, tokens_in=1_000_000, tokens_out=0)
-                                                      for x in calls] and db.close())
-            worker.start()
-            worker.join(10)
-            finished.append(not worker.is_alive())
-            if not finished[0]:
-                finished.append(worker)
+            finished.extend(run_beside(lambda: [record_usage(x, a, tokens_in=1_000_000, tokens_out=0)
+                                                for x in calls] and db.close()))
         return parts
     monkeypatch.setattr(psai._history, "usage_parts", record_meanwhile)
     before = total()["USD"]
     result = reprice(m, {"costInTokensPerMillion": 20}, dry_run=False)
-    if len(finished) > 1:
-        finished[1].join(60)
+    finished[1].join(60)
     assert finished[0], "a call on another model waited for the correction to end"
     corrected_calls = 4 if backend.kind == "sqlite" else 3
     assert result["calls"] == corrected_calls and result["difference"] == -10 * corrected_calls

@@ -5,7 +5,6 @@ hand from the providers' documented semantics; on both backends."""
 import datetime
 import json
 import os
-import threading
 from decimal import Decimal
 
 import pydantic  # the provider SDKs' own dependency
@@ -23,6 +22,7 @@ from psai.cli import cli
 from psai._responses import load_response, usage_from_response
 from psai.usage import report_totals
 
+from conftest import run_beside
 from test_policysynth import policysynth_package, run_node  # noqa: F401  (the session fixture)
 
 M = Decimal(10) ** 6
@@ -476,17 +476,11 @@ def test_calls_are_recorded_while_an_audit_reads_the_items(stored, backend, db, 
                 psai.record_usage(models["gpt"], agent, tokens_in=100, tokens_out=10)
                 arrived.append(policysynth_claude_item(sonnet, agent, raw).id)
                 db.close()
-            worker = threading.Thread(target=write)
-            worker.start()
-            worker.join(10)
-            finished.append(not worker.is_alive())
-            if not finished[0]:
-                finished.append(worker)
+            finished.extend(run_beside(write))
         return found
     monkeypatch.setattr(psai._audit, "_find", record_meanwhile)
     applied = psai.audit(dry_run=False)
-    if len(finished) > 1:
-        finished[1].join(60)
+    finished[1].join(60)
     assert finished[0], "a call waited for the audit to end"
     corrected = [f["item_id"] for f in applied["findings"]]
     assert corrected == ([first.id] + arrived if backend.kind == "sqlite" else [first.id])
