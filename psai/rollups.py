@@ -175,10 +175,10 @@ def prepare_change(db: Database, where: list[str], params: list, changed: str, c
     ``where`` (``i``; its parameters ``params``) that keeps their ids and
     times, the groups each kept family's triggers would fold out and in,
     computed into temporary tables; ``changed``: SQL of the items as the
-    change leaves them (``sql.repriced_items_sql``), its parameters
-    ``changed_params``. The caller must check, under the write lock, that
-    the items are as they were read (``reprice``'s usage state) and
-    ``is_current``. None on PostgreSQL, whose triggers fold a statement at once."""
+    change leaves them (``sql.repriced_items_sql``, ``sql.audited_items_sql``),
+    its parameters ``changed_params``. The caller must check, under the
+    write lock, that the items are as they were read (``models.usage_state``)
+    and ``is_current``. None on PostgreSQL, whose triggers fold a statement at once."""
     if is_postgres(db):
         return None
     state = _change_state(db)
