@@ -32,11 +32,13 @@ from .fields import UTC, utcnow
 from ._items import APART, BUCKETS, effective_prices
 from .models import Budget, BudgetEvent, PsAgent, PsAiModel, PsModelUsageItem, sub_agent_tree
 from .pricing import Pricer, exact_sum
-from .rollups import ReadPlan, budget_plan, current_thresholds, enabled, ledger_enabled, read_plan, scan_where
+from .rollups import (
+    ReadPlan, budget_plan, current_thresholds, enabled, ledger_enabled, read_plan, scan_where, summaries_enabled,
+)
 from .schemas import BUDGET_FIELDS, validate_budget_values
 from ._sql import (
-    BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, LEDGER_TABLE, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_TABLE, ItemReader,
-    POSTGRES_STATE_SQL, attribute_sql, budget_sums_sql, compiled_once, item_groups_sql, slot, window,
+    BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, LEDGER_TABLE, MODEL_ROLLUP_TABLE, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_TABLE,
+    ItemReader, POSTGRES_STATE_SQL, attribute_sql, budget_sums_sql, compiled_once, item_groups_sql, slot, window,
 )
 
 __all__ = ["LIMIT", "TOTAL_PERIOD_KEY", "BudgetStatus", "BudgetEventRow", "LISTENERS", "budget_problem", "usable",
@@ -245,7 +247,9 @@ def _groups(db: Database, start: datetime.datetime | None, end: datetime.datetim
     plan, slots = budget_plan(db, start, end, exact)
     rows: list[tuple] = []
     if plan.days:
-        rows += _day_rows(db, ROLLUP_TABLE, plan.days, model_ids, agent_ids)
+        # A budget over every agent reads the rollups' summary without them: the same sums in fewer rows.
+        table = MODEL_ROLLUP_TABLE if agent_ids is None and summaries_enabled(db) else ROLLUP_TABLE
+        rows += _day_rows(db, table, plan.days, model_ids, agent_ids)
         split = {(row[0], row[len(BUDGET_GROUP) + 1]) for row in rows if row[len(BUDGET_GROUP)] == 1}
         if split and not exact and _thresholds_changed(db, split):  # read as reports read them
             return _groups(db, start, end, model_ids, agent_ids, exact=True)

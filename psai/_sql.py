@@ -825,13 +825,13 @@ def rollup_groups_sql(r, where, source='"ps_model_usage_item"', single=False, mo
     return sql
 
 
-def _group_key(postgres, alias="g"):
-    """One text naming a rollup row's key (NULLs apart from any text): the
-    unique index the triggers' upsert finds the row by. PostgreSQL: its md5,
-    a price snapshot can be longer than a btree entry."""
+def _group_key(postgres, alias="g", keys=ROLLUP_KEYS):
+    """One text naming a rollup row's key (``keys``, NULLs apart from any
+    text): the unique index the triggers' upsert finds the row by.
+    PostgreSQL: its md5, a price snapshot can be longer than a btree entry."""
     if postgres:
-        return "md5(concat_ws('|', %s))" % ", ".join("quote_nullable(%s.%s)" % (alias, quoted(c)) for c in ROLLUP_KEYS)
-    return " || '|' || ".join("quote(%s.%s)" % (alias, quoted(c)) for c in ROLLUP_KEYS)
+        return "md5(concat_ws('|', %s))" % ", ".join("quote_nullable(%s.%s)" % (alias, quoted(c)) for c in keys)
+    return " || '|' || ".join("quote(%s.%s)" % (alias, quoted(c)) for c in keys)
 
 
 def rollup_insert_sql(r, groups):
@@ -868,14 +868,20 @@ def _upsert_sql(table, columns, leading, keys, sums, key, groups, sign, conditio
     times = "" if sign == 1 else "-1 * "
     values = list(leading) + ["g.%s" % quoted(c) for c in keys] + ["%sg.%s" % (times, quoted(c)) for c in sums]
     target = quoted(table)
+    added = _added_sql(target, sums)
+    tail = " WHERE %s" % condition if condition is not None else " ORDER BY 1, %d" % (len(values) + 1)
+    return 'INSERT INTO %s (%s) SELECT %s, %s FROM (%s) g%s ON CONFLICT (%s, "group_key") DO UPDATE SET %s' % (
+        target, columns, ", ".join(values), key, groups, tail, columns.split(", ")[0], ", ".join(added))
+
+
+def _added_sql(target, sums):
+    """An upsert's SET of ``sums`` on its ``target`` table: each its own plus the row's."""
     added = ["%s = %s.%s + excluded.%s" % (quoted(c), target, quoted(c), quoted(c)) for c in sums
              if c != "provider_cost"]
     if "provider_cost" in sums:
         added.append('"provider_cost" = coalesce(%s."provider_cost", 0) + coalesce(excluded."provider_cost", 0)'
                      % target)
-    tail = " WHERE %s" % condition if condition is not None else " ORDER BY 1, %d" % (len(values) + 1)
-    return 'INSERT INTO %s (%s) SELECT %s, %s FROM (%s) g%s ON CONFLICT (%s, "group_key") DO UPDATE SET %s' % (
-        target, columns, ", ".join(values), key, groups, tail, columns.split(", ")[0], ", ".join(added))
+    return added
 
 
 def _fold_sql(r, row, sign, condition):
@@ -1121,23 +1127,354 @@ def rollup_triggers_sql(postgres):
     return _triggers_on_sql(postgres, ROLLUPS)
 
 
+# -- the rollups' summaries: kept by triggers on the rollups themselves ----------------------
+
+# The rollups without the agent and connector (what reports and budgets that
+# do not keep agents apart read: a row a day and price group of a model, not
+# one for each of its agents), and all days' input and output tokens per
+# (model, agent, connector), of the items beside the counter rows' (what
+# tells which counters the items cover).
+MODEL_ROLLUP_TABLE = "psai_model_rollup"
+MODEL_ROLLUP_KEYS = tuple(c for c in ROLLUP_KEYS if c not in ("agent_id", "connector_id"))
+KEY_TOTALS_TABLE = "psai_key_totals"
+KEY_TOTALS_KEYS = ("model_id", "agent_id", "connector_id")
+KEY_TOTALS_SUMS = ("calls", "all_in", "all_out")
+SUMMARY_FUNCTION = "psai_rollup_summaries"
+SUMMARY_TRIGGERS = ("psai_rollup_summaries_insert", "psai_rollup_summaries_update", "psai_rollup_summaries_rekey",
+                    "psai_rollup_summaries_delete")
+
+
+class _Summary(NamedTuple):
+    """A table of rollup rows added up by fewer ``keys`` (``ranged``: by
+    their range day too), their ``sums``; ``empty``: when a row of it holds
+    nothing any more."""
+    table: str
+    ranged: bool
+    keys: tuple[str, ...]
+    sums: tuple[str, ...]
+    empty: str
+
+    @property
+    def leading(self) -> tuple[str, ...]:
+        return ("range_day",) if self.ranged else ()
+
+    @property
+    def columns(self) -> str:
+        return ", ".join(quoted(c) for c in self.leading + self.keys + self.sums + ("group_key",))
+
+
+# A row of the key totals is empty when neither its items nor its counter rows hold anything.
+KEY_TOTALS_EMPTY = '"calls" = 0 AND "counter_rows" = 0 AND "negative_rows" = 0'
+SUMMARIES = (_Summary(MODEL_ROLLUP_TABLE, True, MODEL_ROLLUP_KEYS, ROLLUP_SUMS, '"calls" = 0'),
+             _Summary(KEY_TOTALS_TABLE, False, KEY_TOTALS_KEYS, KEY_TOTALS_SUMS, KEY_TOTALS_EMPTY))
+
+
+def _summary_upsert_sql(postgres, summary, row, sign, base=None):
+    """Add (``sign`` 1) or take off (-1) the rollup row ``row`` (NEW, OLD)
+    to its row of ``summary``; with ``base`` (OLD), add what ``row`` (NEW)
+    holds beyond it (the same rollup row, changed)."""
+    times = "" if sign == 1 else "-1 * "
+    if base is None:
+        sums = ["%s%s.%s" % (times, row, quoted(c)) for c in summary.sums]
+    else:
+        sums = [("coalesce(%s.%s, 0) - coalesce(%s.%s, 0)" if c == "provider_cost" else "%s.%s - %s.%s")
+                % (row, quoted(c), base, quoted(c)) for c in summary.sums]
+    values = (["%s.%s" % (row, quoted(c)) for c in summary.leading + summary.keys] + sums
+              + [_group_key(postgres, row, summary.keys)])
+    target = quoted(summary.table)
+    return "INSERT INTO %s (%s) VALUES (%s) ON CONFLICT (%s) DO UPDATE SET %s" % (
+        target, summary.columns, ", ".join(values),
+        ", ".join(quoted(c) for c in summary.leading + ("group_key",)), ", ".join(_added_sql(target, summary.sums)))
+
+
+def _summary_emptied_sql(postgres, summary, row, condition="1 = 1"):
+    """Drop the row of ``summary`` the rollup row ``row`` (OLD) was in when it holds no call any more."""
+    ranged = '"range_day" = %s."range_day" AND ' % row if summary.ranged else ""
+    return 'DELETE FROM %s WHERE %s AND %s"group_key" = %s AND %s' % (
+        quoted(summary.table), condition, ranged, _group_key(postgres, row, summary.keys), summary.empty)
+
+
+def _row_fold_function_sql(function, same, changed, fold_out, fold_in, emptied, skip=None, failed=None):
+    """plpgsql: the function of a row trigger that keeps rows from the row
+    changed. An UPDATE where ``same`` holds runs ``changed`` (its
+    difference added); anything else takes the old row off (``fold_out``),
+    adds the new one (``fold_in``) and drops rows left empty (``emptied``).
+    ``skip``: a condition under which it does nothing; ``failed``: (SQL run
+    instead when the fold fails, what is kept, the table written) so that
+    the writer's statement goes on. (The function goes through psycopg2:
+    "%%%%" here is one "%".)"""
+    body = """IF TG_OP = 'UPDATE' AND %s THEN
+  %s;
+  RETURN NULL;
+END IF;
+IF TG_OP <> 'INSERT' THEN
+  %s;
+END IF;
+IF TG_OP <> 'DELETE' THEN
+  %s;
+END IF;
+IF TG_OP <> 'INSERT' THEN
+  %s;
+END IF;""" % (same, ";\n  ".join(changed), ";\n  ".join(fold_out), ";\n  ".join(fold_in), ";\n  ".join(emptied))
+    if failed is not None:
+        mark, what, table = failed
+        body = """BEGIN
+%s
+EXCEPTION WHEN OTHERS THEN
+  BEGIN
+    %s;
+  EXCEPTION WHEN OTHERS THEN
+    RAISE WARNING 'psai: %s could not keep a change of %s: %%%%', SQLERRM;
+  END;
+END;""" % (body, mark, what, table)
+    if skip is not None:
+        body = "IF %s THEN\n  RETURN NULL;\nEND IF;\n%s" % (skip, body)
+    return """CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $psai$
+BEGIN
+%s
+RETURN NULL;
+END
+$psai$""" % (function, body)
+
+
+# A rollup row updated keeps its key (a fold changes its sums): its summaries get the difference.
+_SAME_ROLLUP_KEY = 'NEW."range_day" = OLD."range_day" AND NEW."group_key" = OLD."group_key"'
+_FEWER_CALLS = 'NEW."calls" < OLD."calls"'
+
+
+def summary_trigger_sql(postgres):
+    """The statements installing the triggers that keep the summaries
+    (SUMMARIES) from each change of a rollup row, in the same transaction:
+    whatever changes a rollup row (the items' triggers, a rebuild's
+    statements, SQL by hand) changes its summaries. SQLite: row triggers
+    (an update that keeps the row's key apart from one that changes it);
+    PostgreSQL: one row trigger calling a plpgsql function. The SQL cannot
+    fail but as the rollups' own upsert can (on PostgreSQL, in the items'
+    triggers' guarded block)."""
+    fold_in = [_summary_upsert_sql(postgres, s, "NEW", 1) for s in SUMMARIES]
+    fold_out = [_summary_upsert_sql(postgres, s, "OLD", -1) for s in SUMMARIES]
+    changed = [_summary_upsert_sql(postgres, s, "NEW", 1, "OLD") for s in SUMMARIES]
+    emptied = [_summary_emptied_sql(postgres, s, "OLD") for s in SUMMARIES]
+    if not postgres:
+        insert, update, rekey, delete = SUMMARY_TRIGGERS
+        body = 'CREATE TRIGGER IF NOT EXISTS "%s" AFTER %s ON "%s"%s BEGIN %s; END'
+        emptied_if_fewer = [_summary_emptied_sql(False, s, "OLD", _FEWER_CALLS) for s in SUMMARIES]
+        return [body % (insert, "INSERT", ROLLUP_TABLE, "", "; ".join(fold_in)),
+                body % (update, "UPDATE", ROLLUP_TABLE, " WHEN %s" % _SAME_ROLLUP_KEY,
+                        "; ".join(changed + emptied_if_fewer)),
+                body % (rekey, "UPDATE", ROLLUP_TABLE, " WHEN NOT (%s)" % _SAME_ROLLUP_KEY,
+                        "; ".join(fold_out + fold_in + emptied)),
+                body % (delete, "DELETE", ROLLUP_TABLE, "", "; ".join(fold_out + emptied))]
+    # A rebuild writes the summaries itself (``psai.rebuilding`` set in its transaction).
+    fewer = "IF %s THEN\n    %s;\n  END IF" % (_FEWER_CALLS, ";\n    ".join(emptied))
+    function = _row_fold_function_sql(SUMMARY_FUNCTION, _SAME_ROLLUP_KEY, changed + [fewer], fold_out, fold_in,
+                                      emptied, skip="coalesce(current_setting('psai.rebuilding', true), '') = 'on'")
+    return [function, 'DROP TRIGGER IF EXISTS "%s" ON "%s"' % (SUMMARY_FUNCTION, ROLLUP_TABLE),
+            'CREATE TRIGGER "%s" AFTER INSERT OR UPDATE OR DELETE ON "%s" FOR EACH ROW EXECUTE PROCEDURE %s()'
+            % (SUMMARY_FUNCTION, ROLLUP_TABLE, SUMMARY_FUNCTION)]
+
+
+def drop_summary_triggers_sql(postgres):
+    """The statements removing the summaries' triggers (the function stays, harmless)."""
+    if postgres:
+        return ['DROP TRIGGER IF EXISTS "%s" ON "%s"' % (SUMMARY_FUNCTION, ROLLUP_TABLE)]
+    return ['DROP TRIGGER IF EXISTS "%s"' % name for name in SUMMARY_TRIGGERS]
+
+
+def summary_triggers_sql(postgres):
+    """One value: true when the summaries' triggers are on the rollup table."""
+    if postgres:
+        return ("SELECT count(*) = 1 FROM pg_trigger WHERE tgrelid = to_regclass('\"%s\"') AND tgname = '%s' "
+                "AND tgenabled <> 'D'" % (ROLLUP_TABLE, SUMMARY_FUNCTION))
+    return ("SELECT count(*) = %d FROM sqlite_master WHERE type = 'trigger' AND tbl_name = '%s' AND name IN (%s)"
+            % (len(SUMMARY_TRIGGERS), ROLLUP_TABLE, ", ".join("'%s'" % name for name in SUMMARY_TRIGGERS)))
+
+
+def summary_rebuild_sql(postgres, summary, where):
+    """Add the rows of ``summary`` from the rollup rows meeting ``where`` (to
+    rows emptied of them: the key totals' rows keep their counter rows')."""
+    grouped = ", ".join(quoted(c) for c in summary.leading + summary.keys)
+    sums = ", ".join("SUM(%s) AS %s" % (quoted(c), quoted(c)) for c in summary.sums)
+    target = quoted(summary.table)
+    return ('INSERT INTO %s (%s) SELECT %s, %s FROM (SELECT %s, %s FROM "%s" WHERE %s GROUP BY %s) g WHERE 1 = 1 '
+            'ON CONFLICT (%s) DO UPDATE SET %s' % (
+                target, summary.columns, ", ".join("g.%s" % quoted(c) for c in summary.leading + summary.keys
+                                                   + summary.sums),
+                _group_key(postgres, "g", summary.keys), grouped, sums, ROLLUP_TABLE, " AND ".join(where) or "1 = 1",
+                grouped, ", ".join(quoted(c) for c in summary.leading + ("group_key",)),
+                ", ".join(_added_sql(target, summary.sums))))
+
+
+def key_totals_sql(where):
+    """The input and output tokens per (model, agent, connector) of every day the rollups hold."""
+    return 'SELECT "model_id", "agent_id", "connector_id", "all_in", "all_out" FROM "%s" WHERE "calls" > 0 AND %s' % (
+        KEY_TOTALS_TABLE, " AND ".join(where) or "1 = 1")
+
+
+# Every counter row's input and output tokens per (model, agent, connector), in the key totals beside the
+# items': what those are compared with. Kept by triggers on ps_model_usage, made for the counters the table
+# has (``present``).
+COUNTER_TOTALS_FUNCTION = "psai_counter_totals_fold"
+COUNTER_TOTALS_TRIGGERS = ("psai_counter_totals_insert", "psai_counter_totals_update",
+                           "psai_counter_totals_rekey", "psai_counter_totals_delete")
+# A row whose presence says the totals are not to be trusted (on PostgreSQL, a fold failed) until rebuilt.
+COUNTER_TOTALS_STALE = "stale"
+# The counter rows without a negative counter, their tokens, and the rows with one (reported apart, unpriced).
+COUNTER_TOTAL_SUMS = ("counter_rows", "counted_in", "counted_out", "negative_rows")
+_COUNTER_TOTALS_COLUMNS = ", ".join(quoted(c) for c in KEY_TOTALS_KEYS + COUNTER_TOTAL_SUMS + ("group_key",))
+
+
+def _counted_sql(present, output, row, inputs):
+    """The input (``inputs``) or output tokens of the counter row ``row``: the sum of its counters."""
+    # BIGINT: PostgreSQL adds 32-bit counters in 32 bits, and two full ones overflow.
+    return " + ".join("CAST(%s.%s AS BIGINT)" % (row, quoted(c)) for c in present
+                      if (c not in output) == inputs) or "0"
+
+
+def _counted_row_sql(present, output, row):
+    """COUNTER_TOTAL_SUMS of the counter row ``row`` alone: a row with a
+    negative counter counts only as such (and one with a NULL counter as
+    neither, as reports read it)."""
+    negative = counters_negative([quoted(c) for c in present], row)
+    return ["CASE WHEN NOT %s THEN 1 ELSE 0 END" % negative] + [
+        "CASE WHEN NOT %s THEN %s ELSE 0 END" % (negative, _counted_sql(present, output, row, inputs))
+        for inputs in (True, False)] + ["CASE WHEN %s THEN 1 ELSE 0 END" % negative]
+
+
+def _counter_totals_upsert_sql(postgres, present, output, row, sign, base=None):
+    """Add (``sign`` 1) or take off (-1) the counter row ``row`` (NEW, OLD)
+    to its totals (``_counted_row_sql``); with ``base`` (OLD), add what
+    ``row`` (NEW) counts beyond it (the same row, neither with a negative counter)."""
+    times = "" if sign == 1 else "-1 * "
+    if base is None:
+        counted = ["%s(%s)" % (times, value) for value in _counted_row_sql(present, output, row)]
+    else:
+        counted = ["0"] + ["(%s) - (%s)" % (_counted_sql(present, output, row, inputs),
+                                            _counted_sql(present, output, base, inputs))
+                           for inputs in (True, False)] + ["0"]
+    values = (["%s.%s" % (row, quoted(c)) for c in KEY_TOTALS_KEYS] + counted
+              + [_group_key(postgres, row, KEY_TOTALS_KEYS)])
+    target = quoted(KEY_TOTALS_TABLE)
+    return 'INSERT INTO %s (%s) VALUES (%s) ON CONFLICT ("group_key") DO UPDATE SET %s' % (
+        target, _COUNTER_TOTALS_COLUMNS, ", ".join(values), ", ".join(_added_sql(target, COUNTER_TOTAL_SUMS)))
+
+
+def counter_totals_trigger_sql(postgres, present, output):
+    """The statements installing the triggers that keep the counter totals
+    (in KEY_TOTALS_TABLE) from each change of a counter row, in the
+    writer's transaction: ``present``, the counters the table has (their
+    names are in the triggers: ``counter_totals_on_sql`` tells which);
+    ``output``, the output ones. An update that keeps the row's key and
+    has no negative counter before or after adds the difference. On
+    PostgreSQL a fold that fails writes COUNTER_TOTALS_STALE instead, and
+    the writer's statement goes on."""
+    fold_in = _counter_totals_upsert_sql(postgres, present, output, "NEW", 1)
+    fold_out = _counter_totals_upsert_sql(postgres, present, output, "OLD", -1)
+    changed = _counter_totals_upsert_sql(postgres, present, output, "NEW", 1, "OLD")
+    emptied = 'DELETE FROM %s WHERE "group_key" = %s AND %s' % (
+        quoted(KEY_TOTALS_TABLE), _group_key(postgres, "OLD", KEY_TOTALS_KEYS), KEY_TOTALS_EMPTY)
+    same = " AND ".join(["NEW.%s %s OLD.%s" % (quoted(c), "IS NOT DISTINCT FROM" if postgres else "IS", quoted(c))
+                         for c in KEY_TOTALS_KEYS] + ["NOT %s" % counters_negative([quoted(c) for c in present], row)
+                                                       for row in ("OLD", "NEW")])
+    if not postgres:
+        insert, update, rekey, delete = COUNTER_TOTALS_TRIGGERS
+        body = 'CREATE TRIGGER IF NOT EXISTS "%s" AFTER %s ON "ps_model_usage"%s BEGIN %s; END'
+        folded = "UPDATE OF %s" % ", ".join(quoted(c) for c in KEY_TOTALS_KEYS + tuple(present))
+        return [body % (insert, "INSERT", "", fold_in),
+                body % (update, folded, " WHEN %s" % same, changed),
+                body % (rekey, folded, " WHEN NOT (%s)" % same, "; ".join([fold_out, fold_in, emptied])),
+                body % (delete, "DELETE", "", "; ".join([fold_out, emptied]))]
+    function = _row_fold_function_sql(
+        COUNTER_TOTALS_FUNCTION, same, [changed], [fold_out], [fold_in], [emptied],
+        failed=("INSERT INTO %s (\"group_key\") VALUES ('%s') ON CONFLICT (\"group_key\") DO NOTHING"
+                % (quoted(KEY_TOTALS_TABLE), COUNTER_TOTALS_STALE),
+                "the counter totals", "ps_model_usage"))
+    # ALWAYS: also for a writer in replica mode (session_replication_role), which is how a counter row
+    # pointing at a missing model or agent is written by hand; reports always read such rows.
+    return [function, 'DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage"' % COUNTER_TOTALS_FUNCTION,
+            'CREATE TRIGGER "%s" AFTER INSERT OR UPDATE OR DELETE ON "ps_model_usage" FOR EACH ROW '
+            'EXECUTE PROCEDURE %s()' % (COUNTER_TOTALS_FUNCTION, COUNTER_TOTALS_FUNCTION),
+            'ALTER TABLE "ps_model_usage" ENABLE ALWAYS TRIGGER "%s"' % COUNTER_TOTALS_FUNCTION]
+
+
+def drop_counter_totals_triggers_sql(postgres):
+    """The statements removing the counter totals' triggers (the function stays, harmless)."""
+    if postgres:
+        return ['DROP TRIGGER IF EXISTS "%s" ON "ps_model_usage"' % COUNTER_TOTALS_FUNCTION]
+    return ['DROP TRIGGER IF EXISTS "%s"' % name for name in COUNTER_TOTALS_TRIGGERS]
+
+
+def counter_totals_on_sql(postgres):
+    """The SQL of the counter totals' triggers that are on (a row each; SQLite: its three triggers',
+    PostgreSQL: its function's), in which the counters they add up are named."""
+    if postgres:
+        return ("SELECT p.prosrc FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid WHERE t.tgrelid = "
+                "to_regclass('\"ps_model_usage\"') AND t.tgname = '%s' AND t.tgenabled <> 'D'"
+                % COUNTER_TOTALS_FUNCTION)
+    return ("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'ps_model_usage' AND name IN (%s)"
+            % ", ".join("'%s'" % name for name in COUNTER_TOTALS_TRIGGERS))
+
+
+def counter_groups_sql(present, output):
+    """The counter rows per (model, agent, connector), COUNTER_TOTAL_SUMS."""
+    return 'SELECT "model_id", "agent_id", "connector_id", %s FROM "ps_model_usage" u GROUP BY 1, 2, 3' % ", ".join(
+        "SUM(%s) AS %s" % (value, quoted(name))
+        for value, name in zip(_counted_row_sql(present, output, "u"), COUNTER_TOTAL_SUMS))
+
+
+def counter_totals_rebuild_sql(postgres, present, output):
+    """Insert the counter totals of every counter row without a negative
+    counter, adding to a row a writer's trigger made since they were
+    emptied (PostgreSQL: its write is not in what this statement reads)."""
+    target = quoted(KEY_TOTALS_TABLE)
+    return 'INSERT INTO %s (%s) SELECT g.*, %s FROM (%s) g WHERE 1 = 1 ON CONFLICT ("group_key") DO UPDATE SET %s' % (
+        target, _COUNTER_TOTALS_COLUMNS, _group_key(postgres, "g", KEY_TOTALS_KEYS),
+        counter_groups_sql(present, output), ", ".join(_added_sql(target, COUNTER_TOTAL_SUMS)))
+
+
+def negative_counter_rows_sql():
+    """One row when the kept counter totals count a counter row with a negative counter."""
+    return 'SELECT 1 FROM %s WHERE "negative_rows" > 0 LIMIT 1' % quoted(KEY_TOTALS_TABLE)
+
+
+def kept_counter_totals_sql(where):
+    """The kept counter totals per (model, agent, connector): counter_totals_sql's layout."""
+    return ('SELECT "model_id", "agent_id", "connector_id", "counted_in", "counted_out" FROM %s '
+            'WHERE "counter_rows" > 0 AND %s' % (quoted(KEY_TOTALS_TABLE), " AND ".join(where) or "1 = 1"))
+
+
+def uncovered_keys_sql():
+    """The key totals a report must look at (the counters' tokens beyond
+    the items'): those whose counter rows hold more input or output tokens
+    than their items, and all of those whose agent is none or gone, which a
+    report adds up as one agent, none. Each with whether its agent exists,
+    its calls and both sides' tokens."""
+    agents = '"agent_id" IN (SELECT "id" FROM "ps_agents")'
+    return ('SELECT "model_id", "agent_id", "connector_id", %s, "calls", "all_in", "all_out", "counted_in", '
+            '"counted_out" FROM %s WHERE "group_key" <> \'%s\' AND ("counted_in" > "all_in" OR "counted_out" > '
+            '"all_out" OR "agent_id" IS NULL OR NOT %s)' % (agents, quoted(KEY_TOTALS_TABLE), COUNTER_TOTALS_STALE,
+                                                             agents))
+
+
 def unfolded_items_sql(postgres, where):
     """Items the triggers could not fold (``where`` on their time, ``created_at``)."""
     return ('SELECT i.id FROM "ps_model_usage_item" i WHERE NOT %s%s'
             % (foldable_sql(postgres, "i.created_at"), "".join(" AND " + w for w in where)))
 
 
-def rollup_sums_sql(group, where, only=None):
+def rollup_sums_sql(group, where, only=None, table=ROLLUP_TABLE):
     """Rollup rows meeting ``where`` added up by ``group`` (names among
     ROLLUP_KEYS): rows in item_groups_sql's layout (GroupSums after the keys);
-    ``only`` (names among ROLLUP_SUMS): just those sums, in that order."""
+    ``only`` (names among ROLLUP_SUMS): just those sums, in that order.
+    ``table``: the rollups, or their summary without agents (MODEL_ROLLUP_TABLE)."""
     if only is not None:
         sums = ['SUM(%s)' % quoted(c) for c in only]
     else:
         sums = ["CAST(SUM(\"calls\") AS BIGINT)"] + ['SUM(%s)' % quoted(c) for c in ROLLUP_SUMS[1:-2]] + [
             'CASE WHEN SUM("cost_calls") > 0 THEN SUM("provider_cost") END']
     keys = ", ".join(quoted(c) for c in group)
-    return 'SELECT %s, %s FROM "%s" WHERE %s GROUP BY %s' % (keys, ", ".join(sums), ROLLUP_TABLE,
+    return 'SELECT %s, %s FROM "%s" WHERE %s GROUP BY %s' % (keys, ", ".join(sums), table,
                                                              " AND ".join(where) or "1 = 1", keys)
 
 
@@ -1147,17 +1484,18 @@ def rollup_days_sql(where):
             % (ROLLUP_TABLE, " AND ".join(where) or "1 = 1"))
 
 
-def rollup_day_list_sql(postgres, where):
-    """The range days of the rollups (index psai_usage_rollup_day alone, migration 0018).
+def rollup_day_list_sql(postgres, where, table=ROLLUP_TABLE):
+    """The range days of the rollups (index psai_usage_rollup_day alone, migration 0018;
+    ``table``: or of their summary without agents, the same days in fewer rows).
     PostgreSQL: one probe of the index a day (its DISTINCT reads every row's
     entry, and the table's rows too until a vacuum marks them visible);
     ``where``'s parameters twice. SQLite skips along the index by itself."""
     condition = " AND ".join(where) or "1 = 1"
     if not postgres:
-        return 'SELECT DISTINCT "range_day" FROM "%s" WHERE %s' % (ROLLUP_TABLE, condition)
+        return 'SELECT DISTINCT "range_day" FROM "%s" WHERE %s' % (table, condition)
     return ('WITH RECURSIVE d (day) AS (SELECT min("range_day") FROM "{t}" WHERE {w} UNION ALL '
             'SELECT (SELECT min("range_day") FROM "{t}" WHERE "range_day" > d.day AND {w}) FROM d '
-            'WHERE d.day IS NOT NULL) SELECT day FROM d WHERE day IS NOT NULL').format(t=ROLLUP_TABLE, w=condition)
+            'WHERE d.day IS NOT NULL) SELECT day FROM d WHERE day IS NOT NULL').format(t=table, w=condition)
 
 
 def rollup_thresholds_sql(where):

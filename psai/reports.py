@@ -30,7 +30,8 @@ from .pricing import COUNTERS_OF_BUCKET, Pricer, exact_sum
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
 from ._recording import usage_counters
 from .rollups import (
-    ReadPlan, enabled, ledger_enabled, ledger_kinds, ledger_rows, read_plan, rollup_rows, scan_where,
+    ReadPlan, any_negative_counters, coverage_kept, enabled, kept_counter_totals, key_totals, ledger_enabled,
+    ledger_kinds, ledger_rows, read_plan, rollup_rows, scan_where, uncovered_keys,
 )
 from ._sql import (
     ITEM_VALUES, ItemReader, JsonSQL, attribute_sql, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql,
@@ -431,7 +432,7 @@ def _item_groups(db, keys=(), since=None, until=None, model_ids=None, agents=Non
             else:
                 into.add(sums)
     if totals is not None:
-        _add_rolled_totals(db, cover.days, model_ids, agents, totals)
+        _add_rolled_totals(db, cover, model_ids, agents, totals)
     if key_buckets is not None:
         _add_rolled_buckets(db, cover.days, model_ids, agents, key_buckets)
     if len(_PARSED) > _RESOLVED_MAX:
@@ -526,6 +527,21 @@ def _agent_ids(db):
     return {agent_id for (agent_id,) in _tuples(PsAgent.select(PsAgent.id))}
 
 
+class _AgentIds:
+    """``_agent_ids``, read when first asked (in the report's snapshot): a
+    report by model over kept totals may never ask."""
+
+    __slots__ = ("_db", "_ids")
+
+    def __init__(self, db):
+        self._db, self._ids = db, None
+
+    def __contains__(self, agent_id):
+        if self._ids is None:
+            self._ids = _agent_ids(self._db)
+        return agent_id in self._ids
+
+
 def _bucket_reader(present):
     """A function from a row by column name (``_named``), holding the
     counters ``present`` (or their sums), to BUCKETS. Output counters are
@@ -568,12 +584,13 @@ def _named_rollups(db, keys, days, model_ids, sums):
     return [dict(zip(names, row)) for row in rollup_rows(db, list(keys), days, model_ids, only=sums)]
 
 
-def _add_rolled_totals(db, days, model_ids, agents, totals):
-    """Add the input and output tokens of the rolled-up ``days`` to ``totals`` per (model, agent, connector)."""
-    for row in _named_rollups(db, ("model_id", "agent_id", "connector_id"), days, model_ids, ("all_in", "all_out")):
-        entry = totals[(row["model_id"], row["agent_id"] if row["agent_id"] in agents else None, row["connector_id"])]
-        entry.tokens_in += exact_sum(row["all_in"])
-        entry.tokens_out += exact_sum(row["all_out"])
+def _add_rolled_totals(db, plan, model_ids, agents, totals):
+    """Add the input and output tokens of the days ``plan`` reads from the
+    rollups to ``totals`` per (model, agent, connector)."""
+    for model_id, agent_id, connector_id, tokens_in, tokens_out in key_totals(db, plan, model_ids):
+        entry = totals[(model_id, agent_id if agent_id in agents else None, connector_id)]
+        entry.tokens_in += exact_sum(tokens_in)
+        entry.tokens_out += exact_sum(tokens_out)
 
 
 def _add_rolled_buckets(db, days, model_ids, agents, key_buckets):
@@ -597,7 +614,7 @@ def _item_totals(db, agents, model_ids=None):
     cover = read_plan(db)
     params: list[Any] = []
     read = r.select(["tin", "tout"], _item_window(db, cover, model_ids, params))
-    _add_rolled_totals(db, cover.days, model_ids, agents, totals)
+    _add_rolled_totals(db, cover, model_ids, agents, totals)
     for model_id, agent_id, connector_id, tokens_in, tokens_out in (
             db.execute_sql(item_totals_sql(r, read), params) if cover.reads_items else ()):
         entry = totals[(model_id, agent_id if agent_id in agents else None, connector_id)]
@@ -606,7 +623,8 @@ def _item_totals(db, agents, model_ids=None):
     return totals
 
 
-def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, itemized=None, recent=None):
+def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, itemized=None, recent=None,
+                        kept=False):
     """Counter usage in [since, until) that no item accounts for, as pieces
     of counter rows.
 
@@ -622,7 +640,9 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
     per (model, agent, connector), when the caller has them already.
     ``recent``: the buckets of the period's items per (model, agent,
     connector), which may tell without the pass over all items that
-    nothing in the period is uncovered (``_newest_rows_covered``)."""
+    nothing in the period is uncovered (``_newest_rows_covered``).
+    ``kept``: over all usage, where the database keeps both sides' totals
+    (``rollups.coverage_kept``), it compares them."""
     present = usage_counters(db)
     # A row with a negative counter (written by hand) is not counted: it is
     # reported unpriced (_negative_counters).
@@ -630,30 +650,23 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
     if recent is not None and since is not None and _newest_rows_covered(db, present, sound, since, model_ids,
                                                                           agents, recent):
         return []
-    where, params = [sound], []
-    if model_ids is not None:
-        where.append("model_id IN (%s)" % (", ".join([db.param] * len(model_ids)) or "NULL"))
-        params = list(model_ids)
-    if itemized is None:
-        itemized = _item_totals(db, agents, model_ids)
-    if not itemized:  # no items at all (a database from before them): every row is uncovered
-        return _untouched_pieces(db, by, since, until, None, agents, sound, model_ids)
-    read = _bucket_reader(present)
-    # Input and output tokens of the counters per (model, agent, connector).
-    output = {c for bucket in ("out", "long_out") for c in COUNTERS_OF_BUCKET[bucket]}
-    counted: defaultdict[tuple, TokenTotals] = defaultdict(TokenTotals)
-    for model_id, agent_id, connector_id, tokens_in, tokens_out in db.execute_sql(
-            counter_totals_sql(present, output, where), params):
-        entry = counted[(model_id, agent_id if agent_id in agents else None, connector_id)]
-        entry.tokens_in += int(tokens_in)
-        entry.tokens_out += int(tokens_out)
-    if not counted:
+    # Over all usage, where the database keeps both sides' totals, it names the keys counted beyond their items.
+    if kept:
+        any_items, uncovered = uncovered_keys(db)
+        if not any_items:  # no items at all (a database from before them): every row is uncovered
+            return _untouched_pieces(db, by, since, until, None, agents, sound, model_ids)
+        short = {(model_id, agent_id, connector_id) for model_id, agent_id, connector_id, _items in uncovered}
+        untouched = {(model_id, agent_id, connector_id) for model_id, agent_id, connector_id, items in uncovered
+                     if not items}
+    else:
+        if itemized is None:
+            itemized = _item_totals(db, agents, model_ids)
+        if not itemized:  # no items at all (a database from before them): every row is uncovered
+            return _untouched_pieces(db, by, since, until, None, agents, sound, model_ids)
+        short, untouched = _counted_beyond(db, present, sound, agents, model_ids, itemized)
+    if not short:
         return []
-    nothing = TokenTotals()
-    short = {key for key, total in counted.items()
-             if total.tokens_in > itemized.get(key, nothing).tokens_in
-             or total.tokens_out > itemized.get(key, nothing).tokens_out}
-    untouched = {key for key in short if key not in itemized}
+    read = _bucket_reader(present)
     pieces = _untouched_pieces(db, by, since, until, untouched, agents, sound) if untouched else []
     partly = short - untouched
     if not partly:
@@ -698,6 +711,30 @@ def _uncovered_counters(db, by, agents, since=None, until=None, model_ids=None, 
             pieces.append({"model_id": key[0], "agent_id": key[1], "connector_id": key[2],
                            "created_at": created_at, "buckets": piece, "reasoning": piece_reasoning})
     return pieces
+
+
+def _counted_beyond(db, present, sound, agents, model_ids, itemized):
+    """The keys (model, agent, connector) whose counters hold more input or
+    output tokens than their items (``itemized``), and those of them
+    without items (``_uncovered_counters``')."""
+    where, params = [sound], []
+    if model_ids is not None:
+        where.append("model_id IN (%s)" % (", ".join([db.param] * len(model_ids)) or "NULL"))
+        params = list(model_ids)
+    # Input and output tokens of the counters per (model, agent, connector).
+    output = {c for bucket in ("out", "long_out") for c in COUNTERS_OF_BUCKET[bucket]}
+    counted: defaultdict[tuple, TokenTotals] = defaultdict(TokenTotals)
+    kept = kept_counter_totals(db, model_ids)
+    for model_id, agent_id, connector_id, tokens_in, tokens_out in (
+            kept if kept is not None else db.execute_sql(counter_totals_sql(present, output, where), params)):
+        entry = counted[(model_id, agent_id if agent_id in agents else None, connector_id)]
+        entry.tokens_in += int(tokens_in)
+        entry.tokens_out += int(tokens_out)
+    nothing = TokenTotals()
+    short = {key for key, total in counted.items()
+             if total.tokens_in > itemized.get(key, nothing).tokens_in
+             or total.tokens_out > itemized.get(key, nothing).tokens_out}
+    return short, {key for key in short if key not in itemized}
 
 
 def _newest_rows_covered(db, present, sound, since, model_ids, agents, recent):
@@ -857,9 +894,10 @@ def usage_parts(db: Database, by: Any, since: datetime.datetime | None, until: d
         if attribution.only:
             return parts
         # Counter parts have no attribution (their ``attribute`` is None).
-        return parts + _counter_parts(db, keys, agents, since, until, model_ids, None, None)
+        kept = since is None and until is None and model_ids is None and coverage_kept(db)
+        return parts + _counter_parts(db, keys, agents, since, until, model_ids, None, None, kept)
     keys = _keys(by)
-    agents = _agent_ids(db)  # once a report: items and counters both map deleted agents to None
+    agents = _AgentIds(db)  # once a report: items and counters both map deleted agents to None
     # What the items cover of the counters comes from a pass over all items.
     # Over all usage, the pass that adds the items up can give it, grouping
     # by agent and connector too. That is cheaper than a second pass on
@@ -869,22 +907,26 @@ def usage_parts(db: Database, by: Any, since: datetime.datetime | None, until: d
     # (Days read from rollups give their part from a light read of the
     # rollups: with the rollups kept, the items read are few, and the one
     # pass spares PostgreSQL a second plan of the period.)
-    one_pass = since is None and until is None and model_ids is None and (
+    # Where the database keeps the items' and the counters' totals, it compares them (_uncovered_counters).
+    kept = since is None and until is None and model_ids is None and coverage_kept(db)
+    one_pass = not kept and since is None and until is None and model_ids is None and (
         "agent" in keys or not is_postgres(db) or enabled(db))
     itemized: defaultdict[tuple, TokenTotals] | None = defaultdict(TokenTotals) if one_pass else None
     # A period's own items may be enough to tell what they cover of its counters.
     recent: defaultdict[tuple, dict[str, Any]] | None = (
         defaultdict(lambda: dict.fromkeys(BUCKETS, 0)) if since is not None else None)
     parts = _item_groups(db, keys, since, until, model_ids, agents, totals=itemized, key_buckets=recent)
-    return parts + _counter_parts(db, by, agents, since, until, model_ids, itemized, recent)
+    return parts + _counter_parts(db, by, agents, since, until, model_ids, itemized, recent, kept)
 
 
-def _counter_parts(db, by, agents, since, until, model_ids, itemized, recent):
+def _counter_parts(db, by, agents, since, until, model_ids, itemized, recent, kept):
     """The counter usage of [since, until) no item accounts for, as parts
-    (``usage_parts``'; ``itemized`` and ``recent``: ``_uncovered_counters``')."""
+    (``usage_parts``'; ``itemized``, ``recent`` and ``kept``: ``_uncovered_counters``')."""
     keys = _keys(by)
-    parts = _negative_counters(db, by, agents, since, until, model_ids)
-    pieces = _uncovered_counters(db, by, agents, since, until, model_ids, itemized, recent)
+    # Where the database keeps the counters' totals, it counts the rows with a negative counter too.
+    parts = _negative_counters(db, by, agents, since, until, model_ids) if not kept or any_negative_counters(db) \
+        else []
+    pieces = _uncovered_counters(db, by, agents, since, until, model_ids, itemized, recent, kept)
     if not pieces:
         return parts
     models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted({p["model_id"] for p in pieces})))}

@@ -256,7 +256,7 @@ def test_0020_makes_postgres_row_triggers_statement_triggers_and_rebuilds_nothin
     assert rollups.enabled(db) and rollups.slots_enabled(db) and rollups.ledger_enabled(db)
     rows = [row[0] for row in db.execute_sql('SELECT id FROM "psai_usage_rollup" ORDER BY id')]
     assert psai.migrate() == ["0020_postgres_statement_triggers", "0021_budget_session", "0022_copied_items",
-                              "0023_postgres_emptied_rows"]
+                              "0023_postgres_emptied_rows", "0024_rollup_summaries"]
     assert psai_triggers(db) == STATEMENT_TRIGGERS
     assert [row[0] for row in db.execute_sql('SELECT id FROM "psai_usage_rollup" ORDER BY id')] == rows
     record_usage(model, None, tokens_in=10, tokens_out=10, user="alice")
@@ -302,7 +302,7 @@ def test_0018_indexes_what_read_plan_reads_and_the_plan_stays_the_same(backend, 
     assert psai.migrate() == ["0018_rollup_read_indexes", "0019_budget_attribution",
                               "0020_postgres_statement_triggers", "0021_budget_session",
                               "0022_copied_items",
-                              "0023_postgres_emptied_rows"]
+                              "0023_postgres_emptied_rows", "0024_rollup_summaries"]
     added = {index.name for index in db.get_indexes("psai_usage_rollup")} - before
     assert added == {"psai_usage_rollup_day", "psai_usage_rollup_model_priced"}
     if psai.db.is_postgres(db):  # room on each page for the folds' new row versions

@@ -18,6 +18,8 @@ from peewee import Value
 import psai
 from psai import PsAgent, PsAiModel, PsModelUsageItem, _history, rollups
 from psai._check import check
+from psai._sql import counter_totals_trigger_sql, drop_counter_totals_triggers_sql, drop_summary_triggers_sql
+from psai.models import usage_counters
 from psai.db import is_postgres
 from psai.cli import cli
 from psai.fields import UTC
@@ -339,6 +341,80 @@ def test_a_rollup_made_wrong_is_found_by_verify_and_check_and_repaired_by_rebuil
     assert [p["id"] for p in check() if p["table"] == "psai_usage_rollup"] == ["2026-11-25"]
     assert rollups.rebuild(db, since="2026-11-25", until="2026-11-25") == ["2026-11-25"]
     assert rollups.verify(db) == [] and cost_report("model") == right
+
+
+def test_reports_and_budgets_over_every_agent_read_the_rollups_summaries(db, clock, seed_model):
+    for agent in agents() + [None]:
+        psai.record_usage(seed_model, agent, tokens_in=1000, tokens_out=10)
+    # Counted beyond the items (a counter written by another tool): reports add what no item covers.
+    db.execute_sql('UPDATE "ps_model_usage" SET "token_in_count" = "token_in_count" + 5000 WHERE "id" = '
+                   '(SELECT MIN("id") FROM "ps_model_usage")')
+    psai.set_budget(name="all", amount=1000, period="day")
+
+    def reads():
+        return cost_report("model"), cost_report("agent"), psai.budget_status()
+
+    with full_scan(db):
+        right = reads()
+    assert reads() == right and right[0][0]["calls"] == 4
+    # One row for the model's calls of every agent; the tokens per (model, agent, connector).
+    assert db.execute_sql('SELECT COUNT(*), SUM("calls") FROM "psai_model_rollup"').fetchone() == (1, 4)
+    # (An item without an agent has agent 0, its counter row none: two keys a report adds up as one.)
+    assert [int(v) for v in db.execute_sql('SELECT SUM("calls"), SUM("all_in"), SUM("counter_rows") FROM '
+                                           '"psai_key_totals"').fetchone()] == [4, 4000, 4]
+    # What reads which: a summary made wrong by hand shows where it is read, and verify names it.
+    db.execute_sql('UPDATE "psai_model_rollup" SET "fresh_in" = "fresh_in" + 1000000')
+    wrong = reads()
+    assert wrong[0] != right[0] and wrong[1] == right[1] and wrong[2] != right[2]
+    (problem,) = rollups.verify(db)
+    assert problem["day"] == "2026-11-25" and "rollups without agents differ from its rollups" in problem["problem"]
+    rollups.rebuild(db, since="2026-11-25", until="2026-11-25")
+    assert rollups.verify(db) == [] and reads() == right
+    # Items that seem to cover the counters: what they do not is no longer counted.
+    db.execute_sql('UPDATE "psai_key_totals" SET "all_in" = "all_in" + 1000000')
+    assert cost_report("model")[0]["cost"] < right[0][0]["cost"] and cost_report("agent") != right[1]
+    (problem,) = rollups.verify(db)
+    assert "tokens per model, agent and connector differ from its rollups" in problem["problem"]
+    assert rollups.verify(db, since="2026-11-25") == []  # every day's totals: checked only over every day
+    rollups.rebuild(db, since="2026-11-25", until="2026-11-25")
+    assert rollups.verify(db) == [] and reads() == right
+    # The counter rows' totals, kept by triggers on ps_model_usage: made wrong by hand, the uncounted
+    # rest is missed, and verify names them; a fold that failed (PostgreSQL) or triggers made for other
+    # counters than the table has are not read.
+    kept = 'SELECT SUM("counter_rows"), SUM("counted_in") FROM "psai_key_totals" WHERE "counter_rows" > 0'
+    assert [int(v) for v in db.execute_sql(kept).fetchone()] == [4, 9000]
+    db.execute_sql('UPDATE "psai_key_totals" SET "counted_in" = 0')
+    assert cost_report("model")[0]["cost"] < right[0][0]["cost"]
+    (problem,) = rollups.verify(db)
+    assert "counter totals differ from its counter rows" in problem["problem"]
+    db.execute_sql('INSERT INTO "psai_key_totals" ("group_key", "counter_rows", "counted_in", "counted_out") '
+                   "VALUES ('stale', 0, 0, 0)")
+    assert reads() == right and [p["problem"].split(" differ")[0] for p in rollups.verify(db)] == [
+        "its counter totals"]
+    rollups.rebuild(db)
+    assert rollups.verify(db) == [] and reads() == right
+    present, output = usage_counters(db), {c for c in usage_counters(db) if "_out_" in c}
+    for statement in drop_counter_totals_triggers_sql(is_postgres(db)) + counter_totals_trigger_sql(
+            is_postgres(db), present[1:], output):
+        db.execute_sql(statement)
+    db.execute_sql('UPDATE "psai_key_totals" SET "counted_in" = 0')
+    assert reads() == right
+    rollups.rebuild(db)
+    assert rollups.verify(db) == [] and reads() == right
+    assert [int(v) for v in db.execute_sql(kept).fetchone()] == [4, 9000]
+    # A rollup row changed by hand (or by anything) changes its summaries in the same statement.
+    corrupt(db)
+    assert [p["problem"].split(" differ")[0] for p in rollups.verify(db)] == ["its rollups"]
+    rollups.rebuild(db)
+    # Without their triggers the summaries are not read: the rollups are.
+    for statement in drop_summary_triggers_sql(is_postgres(db)):
+        db.execute_sql(statement)
+    assert rollups.enabled(db) and not rollups.summaries_enabled(db)
+    db.execute_sql('UPDATE "psai_model_rollup" SET "fresh_in" = "fresh_in" + 1000000')
+    db.execute_sql('UPDATE "psai_key_totals" SET "all_in" = "all_in" + 1000000')
+    assert reads() == right
+    rollups.enable(db)
+    assert rollups.summaries_enabled(db) and rollups.verify(db) == [] and reads() == right
 
 
 @pytest.mark.parametrize("table, column, named", [("psai_usage_slots", "fresh_in", "15-minute budget slots"),
@@ -694,6 +770,27 @@ def test_a_fold_that_fails_never_fails_the_writer(db, backend, clock, seed_model
     assert rollups.unfolded(db) == [] and cost_report("model")[0]["calls"] == 1 and rollups.verify(db) == []
 
 
+def test_a_counter_totals_fold_that_fails_never_fails_the_writer(db, backend, clock, seed_model):
+    """PostgreSQL: a fold of the counter totals that fails (a constraint
+    added by hand) is caught: the counter row is written, the totals are
+    marked stale and not read (reports add the counter rows up) until a
+    rebuild, and verify names them."""
+    if backend.kind != "postgres":
+        pytest.skip("SQLite's triggers run SQL that cannot fail; PostgreSQL's catch what does")
+    psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)
+    db.execute_sql('ALTER TABLE "psai_key_totals" ADD CONSTRAINT "hand_made" CHECK ("counted_in" < 1500)')
+    psai.record_usage(seed_model, None, tokens_in=1000, tokens_out=10)  # its fold would make 2000
+    # Counted by hand beyond the items: a report that read the stale totals would miss it.
+    db.execute_sql('UPDATE "ps_model_usage" SET "token_in_count" = "token_in_count" + 500')
+    assert rollups.kept_counter_totals(db, None) is None
+    assert cost_report("model")[0]["tokens_in"] == 2500
+    assert [p["problem"].split(" differ")[0] for p in rollups.verify(db)] == ["its counter totals"]
+    db.execute_sql('ALTER TABLE "psai_key_totals" DROP CONSTRAINT "hand_made"')
+    rollups.rebuild(db)
+    assert rollups.verify(db) == [] and rollups.kept_counter_totals(db, None) is not None
+    assert cost_report("model")[0]["tokens_in"] == 2500
+
+
 def test_init_without_triggers(db, backend):
     result = CliRunner().invoke(cli, ["--database", backend.url, "init", "--no-triggers"])
     assert result.exit_code == 0, result.output
@@ -706,7 +803,8 @@ def test_init_without_triggers(db, backend):
 # -- statements of many items (PostgreSQL's statement triggers) -----------------------------
 
 KEPT_TABLES = {"psai_usage_rollup": "range_day", "psai_usage_slots": "range_slot",
-               "psai_attribution_ledger": "range_day"}
+               "psai_attribution_ledger": "range_day", "psai_model_rollup": "range_day",
+               "psai_key_totals": "model_id"}
 
 
 def kept_rows(db):
@@ -793,7 +891,10 @@ def test_statements_of_many_items_keep_what_a_rebuild_makes(db, backend, clock, 
     assert PsModelUsageItem.delete().where(PsModelUsageItem.model_id == other.id).execute() > 1
     assert kept_as_rebuilt(db)
     PsModelUsageItem.delete().execute()
-    assert kept_rows(db) == {table: {} for table in KEPT_TABLES} | {"marked": []}
+    kept = kept_rows(db)
+    # The counter rows stay, and their totals beside no call.
+    assert [(row["calls"], row["counter_rows"]) for row in kept.pop("psai_key_totals").values()] == [(0, 1)]
+    assert kept == {table: {} for table in KEPT_TABLES if table != "psai_key_totals"} | {"marked": []}
 
 
 def test_a_statement_of_many_items_with_an_odd_time_succeeds_and_marks_it(db, backend, clock, seed_model):

@@ -7,7 +7,9 @@ from decimal import Decimal
 import pytest
 
 import psai
-from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem
+from psai import PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, rollups
+from psai._sql import drop_counter_totals_triggers_sql
+from psai.db import forget_schema, is_postgres
 from psai.pricing import COUNTERS, Pricer, counter_buckets, resolve_prices
 from psai.usage import cost_report, record_usage, report_totals
 
@@ -235,10 +237,17 @@ def test_unknown_grouping_is_refused(db):
 
 
 def test_a_usage_table_without_cache_write_counters(db):
-    # PolicySynth's npm release makes ps_model_usage without the two cache-write counters.
+    # PolicySynth's npm release makes ps_model_usage without the two cache-write counters. psai's
+    # triggers keeping the counters' totals name the counters: off while the table is remade that way,
+    # then made again for the counters it has.
+    for statement in drop_counter_totals_triggers_sql(is_postgres(db)):
+        db.execute_sql(statement)
     for column in ("token_in_cache_write_count", "long_context_token_in_cache_write_count"):
         db.execute_sql('ALTER TABLE "ps_model_usage" DROP COLUMN "%s"' % column)
     db.__dict__.pop("_psai_usage_counters", None)
+    forget_schema(db)
+    rollups.rebuild(db)
+    assert rollups.kept_counter_totals(db, None) == []
     m, a = model("gpt"), agent("a")
     row = record_usage(m, a, tokens_in=1000, cached_tokens=100, cache_write_tokens=300, tokens_out=10)
     assert row.token_in_count == 900 and row.token_in_cached_context_count == 100
@@ -246,6 +255,7 @@ def test_a_usage_table_without_cache_write_counters(db):
     assert row.token_in_count == 910
     [report] = cost_report("model")
     assert report["tokens_in"] == 1010 and report["cost"] == Decimal(910 * 30 + 100 * 10 + 11 * 60) / 1_000_000
+    assert rollups.verify(db) == [] and rollups.kept_counter_totals(db, None) == [(m.id, a.id, None, 1010, 11)]
 
 
 def test_counters_that_would_overflow_start_a_new_row(db):
