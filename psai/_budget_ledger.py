@@ -37,8 +37,9 @@ from .rollups import (
 )
 from .schemas import BUDGET_FIELDS, validate_budget_values
 from ._sql import (
-    BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, LEDGER_TABLE, MODEL_ROLLUP_TABLE, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_TABLE,
-    ItemReader, POSTGRES_STATE_SQL, attribute_sql, budget_sums_sql, compiled_once, item_groups_sql, slot, window,
+    BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, LEDGER_TABLE, MODEL_ROLLUP_TABLE, POSTGRES_STATE_SQL, ROLLUP_SUMS,
+    ROLLUP_TABLE, SLOT_TABLE, ItemReader, attribute_sql, budget_sums_sql, compiled_once, ids_in, item_groups_sql,
+    slot, window,
 )
 
 __all__ = ["LIMIT", "TOTAL_PERIOD_KEY", "BudgetStatus", "BudgetEventRow", "LISTENERS", "budget_problem", "usable",
@@ -225,12 +226,6 @@ def _scope_model_ids(budget: Budget) -> list[int] | None:
     return sorted(model_id for (model_id,) in ids)
 
 
-def _in(db: Database, column: str, ids: list[int] | None, where: list[str], params: list) -> None:
-    if ids is not None:
-        where.append("%s IN (%s)" % (column, ", ".join([db.param] * len(ids)) or "NULL"))
-        params.extend(ids)
-
-
 # Where each of BUDGET_SUMS is among the sums of item_groups_sql's rows (GroupSums', ROLLUP_SUMS' order).
 _ITEM_SUMS_AT = [ROLLUP_SUMS.index(name) for name in BUDGET_SUMS]
 
@@ -255,8 +250,8 @@ def _groups(db: Database, start: datetime.datetime | None, end: datetime.datetim
             return _groups(db, start, end, model_ids, agent_ids, exact=True)
     for first, last in slots:
         where, params = ['"range_slot" >= %s' % db.param, '"range_slot" < %s' % db.param], [first, last]
-        _in(db, '"model_id"', model_ids, where, params)
-        _in(db, '"agent_id"', agent_ids, where, params)
+        ids_in(db, '"model_id"', model_ids, where, params)
+        ids_in(db, '"agent_id"', agent_ids, where, params)
         rows += db.execute_sql(budget_sums_sql(SLOT_TABLE, where), params).fetchall()
     if plan.reads_items:
         rows += _item_rows(db, plan, model_ids, agent_ids)
@@ -277,8 +272,8 @@ def _day_rows(db: Database, table: str, days: Iterable[str], model_ids: list[int
     clauses = ["(%s)" % " OR ".join(['("range_day" >= %s AND "range_day" <= %s)' % (db.param, db.param)]
                                     * len(runs))]
     values: list[Any] = [day for run in runs for day in run]
-    _in(db, '"model_id"', model_ids, clauses, values)
-    _in(db, '"agent_id"', agent_ids, clauses, values)
+    ids_in(db, '"model_id"', model_ids, clauses, values)
+    ids_in(db, '"agent_id"', agent_ids, clauses, values)
     return db.execute_sql(budget_sums_sql(table, clauses + list(where)), values + list(params)).fetchall()
 
 
@@ -291,8 +286,8 @@ def _item_rows(db: Database, plan: ReadPlan, model_ids: list[int] | None, agent_
     params: list[Any] = []
     where = scan_where(db, "i.created_at", plan, params) + window(
         db, "i.created_at", PsModelUsageItem.created_at, None, None, model_ids, params)
-    _in(db, "i.agent_id", agent_ids, where, params)
-    _in(db, "i.id", [item_id] if item_id is not None else None, where, params)
+    ids_in(db, "i.agent_id", agent_ids, where, params)
+    ids_in(db, "i.id", [item_id] if item_id is not None else None, where, params)
     if attribution is not None:
         where.append("%s = %s" % (attribute_sql(r.postgres, "i.data", attribution[0], params), db.param))
         params.append(attribution[1])

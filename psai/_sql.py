@@ -206,6 +206,15 @@ class JsonSQL:
         return "substr(%s, 1, 10)" % column  # SQLite keeps UTC ISO 8601 text
 
 
+def ids_in(db, column, ids, where, params):
+    """Append to ``where`` the clause ``column`` among ``ids`` (none matches
+    an empty list), and the ids to ``params``; nothing for ``ids`` None."""
+    if ids is not None:
+        ids = list(ids)
+        where.append("%s IN (%s)" % (column, ", ".join([db.param] * len(ids)) or "NULL"))
+        params.extend(ids)
+
+
 def window(db, column, field, since, until, model_ids, params):
     """WHERE clauses for a period (of the timestamp ``field``, read as
     ``column``) and a set of models; their parameters appended to ``params``."""

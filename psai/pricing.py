@@ -23,7 +23,7 @@ from ._constants import (
 __all__ = [
     "resolve_prices", "partition_usage", "cost_breakdown", "estimate_cost", "counter_buckets", "Pricer",
     "PriceUnit", "PRICE_UNITS", "APART", "BUCKETS", "BUCKET_COUNTERS", "COUNTERS_OF_BUCKET", "COUNTERS",
-    "normalize_inference_type", "CostBreakdown", "exact_sum",
+    "OUTPUT_COUNTERS", "normalize_inference_type", "CostBreakdown", "exact_sum",
 ]
 
 # The token counters of ps_model_usage, in PolicySynth's names.
@@ -169,6 +169,8 @@ COUNTERS_OF_BUCKET = {
     "long_out": ("long_context_token_out_count", "long_context_token_out_reasoning_count",
                  "long_context_token_out_audio_count", "long_context_token_out_image_count"),
 }
+# The counters of output tokens (every other counter counts input).
+OUTPUT_COUNTERS = frozenset(COUNTERS_OF_BUCKET["out"] + COUNTERS_OF_BUCKET["long_out"])
 
 
 @dataclass(frozen=True)

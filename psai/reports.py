@@ -26,7 +26,7 @@ from .db import is_postgres, model_db, read_transaction, table_columns
 from .errors import UnpricedUsageError, ValidationError
 from .fields import UTC
 from ._items import APART, BUCKETS, effective_prices
-from .pricing import COUNTERS_OF_BUCKET, Pricer, exact_sum
+from .pricing import COUNTERS_OF_BUCKET, OUTPUT_COUNTERS, Pricer, exact_sum
 from .models import AgentRef, ModelRef, PsAgent, PsAiModel, PsModelUsage, PsModelUsageItem, find_agent, find_models
 from ._recording import usage_counters
 from .rollups import (
@@ -35,7 +35,7 @@ from .rollups import (
 )
 from ._sql import (
     ITEM_VALUES, ItemReader, JsonSQL, attribute_sql, counter_bucket_sums_sql, counter_rows_sql, counter_sums_sql,
-    counter_totals_sql, counters_negative, counters_sound, item_groups_sql, item_kinds_sql, item_totals_sql,
+    counter_totals_sql, counters_negative, counters_sound, ids_in, item_groups_sql, item_kinds_sql, item_totals_sql,
     negative_rows_sql, odd_counter_times_sql, price_period_sql, window,
 )
 from ._versions import histories_of, prices_at
@@ -717,16 +717,14 @@ def _counted_beyond(db, present, sound, agents, model_ids, itemized):
     """The keys (model, agent, connector) whose counters hold more input or
     output tokens than their items (``itemized``), and those of them
     without items (``_uncovered_counters``')."""
-    where, params = [sound], []
-    if model_ids is not None:
-        where.append("model_id IN (%s)" % (", ".join([db.param] * len(model_ids)) or "NULL"))
-        params = list(model_ids)
+    where: list[str] = [sound]
+    params: list[Any] = []
+    ids_in(db, "model_id", model_ids, where, params)
     # Input and output tokens of the counters per (model, agent, connector).
-    output = {c for bucket in ("out", "long_out") for c in COUNTERS_OF_BUCKET[bucket]}
     counted: defaultdict[tuple, TokenTotals] = defaultdict(TokenTotals)
     kept = kept_counter_totals(db, model_ids)
     for model_id, agent_id, connector_id, tokens_in, tokens_out in (
-            kept if kept is not None else db.execute_sql(counter_totals_sql(present, output, where), params)):
+            kept if kept is not None else db.execute_sql(counter_totals_sql(present, OUTPUT_COUNTERS, where), params)):
         entry = counted[(model_id, agent_id if agent_id in agents else None, connector_id)]
         entry.tokens_in += int(tokens_in)
         entry.tokens_out += int(tokens_out)

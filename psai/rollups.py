@@ -33,14 +33,14 @@ from .db import current_db, is_postgres, table_columns, write_transaction
 from .errors import NotAdoptedError, RollupsOffError
 from .fields import UTC
 from .models import PsModelUsageItem, usage_counters
-from .pricing import COUNTERS, COUNTERS_OF_BUCKET
+from .pricing import COUNTERS, OUTPUT_COUNTERS
 from ._sql import (
     BUDGET_SUMS, CHANGED_ITEMS, COUNTER_TOTAL_SUMS, COUNTER_TOTALS_STALE, COUNTER_TOTALS_TRIGGERS, KEY_TOTALS_EMPTY,
     KEY_TOTALS_TABLE, LEDGER_TABLE, MODEL_ROLLUP_KEYS, MODEL_ROLLUP_TABLE, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE,
     SLOT_KEYS, SLOT_MINUTES, SLOT_TABLE, SUMMARIES, UNFOLDED_TABLE, ChangeFold, ItemReader, change_fold_sql,
     counter_groups_sql, counter_totals_on_sql, counter_totals_rebuild_sql, counter_totals_trigger_sql,
     drop_counter_totals_triggers_sql, drop_ledger_triggers_sql, drop_rollup_triggers_sql, drop_slot_triggers_sql,
-    drop_summary_triggers_sql, foldable_sql, item_days_sql, kept_counter_totals_sql, key_totals_sql,
+    drop_summary_triggers_sql, foldable_sql, ids_in, item_days_sql, kept_counter_totals_sql, key_totals_sql,
     ledger_groups_sql, ledger_insert_sql, ledger_kinds_sql, ledger_rows_sql, ledger_sums_of_items_sql,
     ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, negative_counter_rows_sql,
     quoted, ranges_clause, rollup_day_list_sql, rollup_days_sql, rollup_groups_sql, rollup_insert_sql,
@@ -136,10 +136,6 @@ def summaries_enabled(db: Database) -> bool:
     return bool(db.execute_sql(summary_triggers_sql(is_postgres(db))).fetchone()[0])
 
 
-def _output_counters() -> set[str]:
-    return {c for bucket in ("out", "long_out") for c in COUNTERS_OF_BUCKET[bucket]}
-
-
 def _counter_totals_usable(db: Database) -> bool:
     """True when triggers made for the counters ps_model_usage has keep
     the counter totals, and no fold of theirs failed since a rebuild."""
@@ -164,9 +160,7 @@ def kept_counter_totals(db: Database, model_ids: Iterable[int] | None) -> list[t
         return None
     where: list[str] = []
     params: list = []
-    if model_ids is not None:
-        params = list(model_ids)
-        where.append('"model_id" IN (%s)' % (", ".join([db.param] * len(params)) or "NULL"))
+    ids_in(db, '"model_id"', model_ids, where, params)
     return db.execute_sql(kept_counter_totals_sql(where), params).fetchall()
 
 
@@ -228,7 +222,7 @@ def _rebuild_counter_totals(db: Database) -> None:
     postgres = is_postgres(db)
     if not table_columns(db, "ps_model_usage"):
         return
-    present, output = usage_counters(db), _output_counters()
+    present, output = usage_counters(db), OUTPUT_COUNTERS
     if not postgres:  # made again for the counters the table has now
         for statement in drop_counter_totals_triggers_sql(False):
             db.execute_sql(statement)
@@ -529,10 +523,7 @@ def key_totals(db: Database, plan: ReadPlan, model_ids: Iterable[int] | None) ->
     if plan.since is None and plan.until is None and not plan.reads_items and summaries_enabled(db):
         where: list[str] = []
         params: list = []
-        if model_ids is not None:
-            ids = list(model_ids)
-            where.append('"model_id" IN (%s)' % (", ".join([db.param] * len(ids)) or "NULL"))
-            params = ids
+        ids_in(db, '"model_id"', model_ids, where, params)
         return db.execute_sql(key_totals_sql(where), params).fetchall()
     return rollup_rows(db, ["model_id", "agent_id", "connector_id"], plan.days, model_ids, only=("all_in", "all_out"))
 
@@ -579,14 +570,8 @@ def _days_clause(db: Database, days: list[str], model_ids: Iterable[int] | None,
         clauses.append('("range_day" >= %s AND "range_day" <= %s)' % (db.param, db.param))
         params += [first, last]
     where = ["(%s)" % " OR ".join(clauses)]
-    if model_ids is not None:
-        ids = list(model_ids)
-        where.append('"model_id" IN (%s)' % (", ".join([db.param] * len(ids)) or "NULL"))
-        params += ids
-    if agent_ids is not None:
-        agents = list(agent_ids)
-        where.append('"agent_id" IN (%s)' % (", ".join([db.param] * len(agents)) or "NULL"))
-        params += agents
+    ids_in(db, '"model_id"', model_ids, where, params)
+    ids_in(db, '"agent_id"', agent_ids, where, params)
     return where, params
 
 
@@ -862,7 +847,7 @@ def verify(db: Database | None = None, *, since: datetime.date | str | None = No
                            (lambda key: key[0]) if summary.ranged else (lambda key: first_day)))
     if since is None and until is None and summaries_enabled(db):
         # The counter rows' totals (not by day: checked over every day, named under the first).
-        present, output = usage_counters(db), _output_counters()
+        present, output = usage_counters(db), OUTPUT_COUNTERS
         # Each key's rows, with and without a negative counter, first: a key of either is compared.
         names = ("rows",) + COUNTER_TOTAL_SUMS
         expected = _sums((("",) + row[:3] + (row[3] + row[6],) + row[3:]
