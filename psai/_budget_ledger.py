@@ -241,18 +241,32 @@ def _groups(db: Database, start: datetime.datetime | None, end: datetime.datetim
         return []
     plan, slots = budget_plan(db, start, end, exact)
     rows: list[tuple] = []
-    if plan.days:
+    # Days whose rollups are read whole, the slots of the rest of the day subtracted (budget_plan's).
+    days = sorted(plan.days + tuple(day for _first, _last, day in slots if day is not None))
+    if days:
         # A budget over every agent reads the rollups' summary without them: the same sums in fewer rows.
         table = MODEL_ROLLUP_TABLE if agent_ids is None and summaries_enabled(db) else ROLLUP_TABLE
-        rows += _day_rows(db, table, plan.days, model_ids, agent_ids)
+        rows += _day_rows(db, table, days, model_ids, agent_ids)
         split = {(row[0], row[len(BUDGET_GROUP) + 1]) for row in rows if row[len(BUDGET_GROUP)] == 1}
         if split and not exact and _thresholds_changed(db, split):  # read as reports read them
             return _groups(db, start, end, model_ids, agent_ids, exact=True)
-    for first, last in slots:
+    subtracted = []
+    for first, last, day in slots:
         where, params = ['"range_slot" >= %s' % db.param, '"range_slot" < %s' % db.param], [first, last]
         ids_in(db, '"model_id"', model_ids, where, params)
         ids_in(db, '"agent_id"', agent_ids, where, params)
-        rows += db.execute_sql(budget_sums_sql(SLOT_TABLE, where), params).fetchall()
+        found = db.execute_sql(budget_sums_sql(SLOT_TABLE, where), params).fetchall()
+        if day is None:
+            rows += found
+        else:
+            subtracted += found
+    if subtracted:
+        width = len(BUDGET_GROUP) + 2
+        # SQLite adds fractional counts as floats: a difference of float sums is not the sums' own.
+        if any(type(value) is float for row in rows + subtracted for value in row[width:]):
+            return _groups(db, start, end, model_ids, agent_ids, exact=True)
+        rows += [row[:width] + tuple(None if value is None else -value for value in row[width:])
+                 for row in subtracted]
     if plan.reads_items:
         rows += _item_rows(db, plan, model_ids, agent_ids)
     return rows
@@ -389,6 +403,9 @@ def _next_day(day: str) -> str:
 _RESOLVED: dict[tuple, Pricer | str] = {}  # a pricer, or why the group cannot be priced
 _RESOLVED_MAX = 4096
 _PARSED: dict[str, Any] = {}
+# Groups priced, by their pricer's key and their whole-number sums: (cost, why it is None).
+_PRICED: dict[tuple, tuple[Decimal | None, str | None]] = {}
+_PRICED_MAX = 65536
 
 
 def _pricing(text: str | None) -> dict[str, Any]:
@@ -663,6 +680,8 @@ def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: d
     total, unpriced, calls, unknown = Decimal(0), 0, 0, False
     for (model_id, provider, pricing_text, tier, speed, has_usage, _apart), (count, buckets, web, apart) in \
             merged.items():
+        if not count and not web and not any(buckets.values()) and not any(apart.values()):
+            continue  # calls of the rest of a day subtracted from its rollups, none left in the budget's end
         model = models.get(model_id)
         configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
         if budget.provider is not None and (provider if provider is not None
@@ -682,7 +701,7 @@ def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: d
                 _RESOLVED[key] = problem or Pricer(prices, zero_long_rate_is_unset=True)
             pricer = _RESOLVED[key]
             if not isinstance(pricer, str):
-                cost, problem = pricer.price({**buckets, **apart} if apart else buckets, web)
+                cost, problem = _priced(key, pricer, buckets, apart, web)
                 currency = None if cost is None else pricer.currency
         if cost is not None and currency == budget.currency:
             total += cost
@@ -692,6 +711,23 @@ def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: d
             unpriced += tokens
             unknown = unknown or bool(count) or bool(tokens)
     return total, unpriced, calls, unknown
+
+
+def _priced(key: tuple, pricer: Pricer, buckets: dict[str, Any], apart: dict[str, Any], web: Any
+            ) -> tuple[Decimal | None, str | None]:
+    """``pricer.price`` of a group's sums, kept by the sums when they are
+    whole numbers (another's digits could give the cost other digits):
+    after a write a check prices again only the groups whose sums it changed."""
+    counts = (*buckets.values(), *apart.items(), web)
+    if not all(type(count) is int for count in buckets.values()) or type(web) is not int or not all(
+            type(count) is int for count in apart.values()):
+        return pricer.price({**buckets, **apart} if apart else buckets, web)
+    found = _PRICED.get((key, counts))
+    if found is None:
+        if len(_PRICED) >= _PRICED_MAX:
+            _PRICED.clear()
+        found = _PRICED[(key, counts)] = pricer.price({**buckets, **apart} if apart else buckets, web)
+    return found
 
 
 def _state(budget: Budget, spent: Decimal, unknown: bool) -> str:

@@ -614,20 +614,26 @@ def _slots_usable(db: Database, first: str, last: str) -> bool:
 
 
 def budget_plan(db: Database, since: Moment, until: Moment, exact: bool = False
-                ) -> tuple[ReadPlan, tuple[tuple[str, str], ...]]:
+                ) -> tuple[ReadPlan, tuple[tuple[str, str, str | None], ...]]:
     """How a budget reads [since, until): its whole UTC days from the
     rollups, and the partial days at the ends from the 15-minute slots
-    (their ranges of ``range_slot``, [first, last)) where triggers keep
-    them, the ends fall on a quarter hour (every IANA zone's midnight does)
-    and nothing there is marked; the rest from the items. While some item
-    could not be folded at all, the ends are read from the items (a slot
-    may hold it).
+    where triggers keep them, the ends fall on a quarter hour (every IANA
+    zone's midnight does) and nothing there is marked; the rest from the
+    items. While some item could not be folded at all, the ends are read
+    from the items (a slot may hold it).
+
+    Each slot read is (first, last, day): the slots [first, last) of
+    ``range_slot`` added (``day`` None), or, for an end holding more than
+    half its UTC day, that day's rollups less the slots [first, last) of
+    the rest of the day (``day`` the day): fewer rows to read, the same
+    sums where they are whole numbers (the reader asks again with ``exact``
+    where they are not).
 
     The whole days are every day of the range but the marked ones (a day
     without rollups has nothing to read), without ``read_plan``'s look at
     each day's rollups; the reader checks the long-context thresholds the
     rows it reads were split by, and asks again with ``exact`` (``read_plan``'s
-    days) when one is no longer its model's."""
+    days, each end read from its own slots) when one is no longer its model's."""
     if since is None or until is None or not enabled(db) or not slots_enabled(db):
         return read_plan(db, since, until), ()
     first, last = _ceil(since), _floor(until)
@@ -648,19 +654,39 @@ def budget_plan(db: Database, since: Moment, until: Moment, exact: bool = False
     else:  # within one UTC day
         days, scan, edges = (), [], [(since, until)]
     unfolded = _any_unfolded_item(db)
-    slots = []
+    slots: list[tuple[str, str, str | None]] = []
     for start, end in edges:
         if start >= end:
             continue
+        if not unfolded and not exact:
+            rest = _rest_of_day(start, end)
+            if rest is not None and _slots_usable(db, *rest):
+                slots.append(rest + (_day(start),))
+                continue
         first_slot = slot_text(start)
         # The end of a day is the next day's first slot.
         last_slot = slot_text(end)
         if not unfolded and first_slot is not None and last_slot is not None and _slots_usable(
                 db, first_slot, last_slot):
-            slots.append((first_slot, last_slot))
+            slots.append((first_slot, last_slot, None))
         else:
             scan.append((start, end))
     return ReadPlan(since, until, tuple(days), tuple(sorted(scan, key=lambda r: r[0] or since)), unfolded), tuple(slots)
+
+
+def _rest_of_day(start: datetime.datetime, end: datetime.datetime) -> tuple[str, str] | None:
+    """The slots [first, last) of the rest of the UTC day of the end [start,
+    end) of a period, when that end holds more than half the day and begins
+    or ends it, its other bound on a quarter hour: what a budget subtracts
+    from the day's rollups to read that end."""
+    day_start, day_end = _floor(start), _after(_day(start))
+    if day_end is None or end - start <= ONE_DAY / 2 or end > day_end:
+        return None
+    rest = (end, day_end) if start == day_start else (day_start, start) if end == day_end else None
+    if rest is None:
+        return None
+    first, last = slot_text(rest[0]), slot_text(rest[1])
+    return (first, last) if first is not None and last is not None else None
 
 
 # -- rebuild, verify, status --------------------------------------------------------------

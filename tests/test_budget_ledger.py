@@ -113,7 +113,11 @@ def test_what_a_budget_spent_equals_a_full_scan_in_every_zone(db, clock, seed):
         for period in ("day", "week", "month"):
             start, end = period_bounds(period, zone, NOW)
             if zone != "UTC":  # the partial days at the ends come from the slots
-                assert rollups.budget_plan(db, start, end)[1]
+                slots = rollups.budget_plan(db, start, end)[1]
+                # The end holding most of its UTC day (Kathmandu's last, St John's first): that day's rollups
+                # less the slots of the rest of it.
+                longer = end if zone == "Asia/Kathmandu" else start
+                assert [day for _first, _last, day in slots if day] == [longer.astimezone(UTC).date().isoformat()]
             for number, scope in enumerate(scopes):
                 name = "%s %s %d" % (zone, period, number)
                 budget = psai.set_budget(name=name, amount=1000, period=period, timezone=zone,
@@ -144,6 +148,60 @@ def test_the_slots_hold_what_the_items_do_after_hand_sql(db, clock):
                     ("2026-11-25 03:00", 1, 1000)]
     rollups.rebuild(db)
     assert [tuple(int(v) if not isinstance(v, str) else v for v in row) for row in db.execute_sql(query)] == kept
+
+
+def test_an_end_holding_most_of_its_day_is_that_days_rollups_less_the_rest(db, clock, monkeypatch):
+    """St John's midnight is 03:30 UTC: a day budget's first end holds 20.5
+    hours of its UTC day, read as the day's rollups less the slots of the
+    3.5 hours before it. It equals a full scan, and the cost the ends'
+    own slots give, digit for digit: calls only in the rest of the day
+    leave no group behind, and fractional counts there (SQLite adds them as
+    floats) are read from the end's own slots."""
+    models, root, child = models_and_agents()
+    # Rates of nine decimals: a group of no calls would add a cost of 0E-9 and change the sum's digits.
+    fine = PsAiModel.create(user_id=1, organization_id=2, name="fine", configuration=make_configuration(
+        prices={"costInTokensPerMillion": 0.000000001, "costOutTokensPerMillion": 0.000000003,
+                "costInCachedContextTokensPerMillion": 0.000000001, "currency": "USD"}))
+    zone = "America/St_Johns"
+    start, end = period_bounds("day", zone, NOW)  # [11-25 03:30, 11-26 03:30) UTC
+    assert (start.astimezone(UTC).hour, start.astimezone(UTC).minute) == (3, 30)
+    for hour, model, agent in ((1, fine, None), (2, models[0], root), (3, models[1], child),
+                               (4, models[0], root), (6, models[1], None), (9, models[0], child)):
+        clock.set(datetime.datetime(2026, 11, 25, hour, 10, tzinfo=UTC))
+        record_usage(model, agent, tokens_in=1000 * hour + 7, tokens_out=100 + hour, cached_tokens=10 * hour)
+    clock.set(NOW)
+    assert [day for _first, _last, day in rollups.budget_plan(db, start, end)[1]] == ["2026-11-25", None]
+    scopes = [{}, {"agent": root}, {"model": "large"}]
+
+    def spent_both_ways(whole_counts=True):
+        found = []
+        for number, scope in enumerate(scopes):
+            budget = psai.set_budget(name="b%d" % number, amount=1000, period="day", timezone=zone,
+                                     unpriced="allow", **scope)
+            covered = {root.id, child.id} if "agent" in scope else set()
+            (status,) = psai.budget_status(budget.name)
+            if whole_counts:  # SQLite's float sums of fractional counts are not a Decimal sum of them
+                assert (status["spent"], status["calls"]) == full_scan(db, budget, start, end, covered)[:2], scope
+            found.append(str(status["spent"]))
+        with monkeypatch.context() as patched:  # each end from its own slots
+            patched.setattr(rollups, "_rest_of_day", lambda since, until: None)
+            _read_afresh()
+            assert [str(psai.budget_status("b%d" % number)[0]["spent"]) for number in range(len(scopes))] == found
+        _read_afresh()
+        return found
+
+    first = spent_both_ways()
+    # Fractional counts written by hand in one group, in the rest of the day and in the budget's day.
+    for hour, tokens_in in ((2, 20.1), (4, 40.2)):
+        (item_id, data), = db.execute_sql(
+            'SELECT id, data FROM "ps_model_usage_item" WHERE created_at >= %s AND created_at < %s'
+            % (db.param, db.param), [PsModelUsageItem.created_at.db_value(datetime.datetime(
+                2026, 11, 25, hour + n, tzinfo=UTC)) for n in (0, 1)]).fetchall()
+        data = PsModelUsageItem.data.python_value(data)
+        data["usageNormalized"]["tokensIn"] = tokens_in
+        db.execute_sql('UPDATE "ps_model_usage_item" SET data = %s%s WHERE id = %s' % (
+            db.param, "::jsonb" if psai.db.is_postgres() else "", db.param), (json.dumps(data), item_id))
+    assert spent_both_ways(whole_counts=False) != first
 
 
 def test_without_the_slots_triggers_budgets_read_the_ends_from_the_items(db, clock):
