@@ -12,7 +12,8 @@ from typing import Any, ClassVar, Self, cast
 from peewee import (
     AutoField, BigIntegerField, BooleanField, CharField, ColumnBase, Database, DatabaseProxy, DeferredThroughModel,
     Field, FieldAccessor, IntegerField, ManyToManyField, ManyToManyFieldAccessor, ManyToManyQuery, Model,
-    ModelInsert, ModelObjectCursorWrapper, ModelSelect, ModelUpdate, Node, PostgresqlDatabase, TextField,
+    ModelDictCursorWrapper, ModelInsert, ModelObjectCursorWrapper, ModelSelect, ModelTupleCursorWrapper, ModelUpdate,
+    Node, PostgresqlDatabase, ROW, TextField,
 )
 from playhouse.hybrid import hybrid_method
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
@@ -426,38 +427,49 @@ class _ModelSelect(ModelSelect):
     _from_list: Any
     _joins: Any
     _returning: Any
+    _row_type: Any
 
     def _get_model_cursor_wrapper(self, cursor):
         if len(self._from_list) == 1 and not self._joins:  # peewee's own test for one table's objects
             return _ModelRows(cursor, self.model, self._returning, self.model)
         return super()._get_model_cursor_wrapper(cursor)  # type: ignore[misc]  # peewee's; its stubs do not say
 
+    def _get_cursor_wrapper(self, cursor):
+        row_type = self._row_type or self.default_row_type
+        if row_type == ROW.DICT:
+            return _DictRows(cursor, self.model, self._returning)
+        if row_type == ROW.TUPLE:
+            return _TupleRows(cursor, self.model, self._returning)
+        return super()._get_cursor_wrapper(cursor)  # type: ignore[misc]  # peewee's; its stubs do not say
 
-class _ModelRows(ModelObjectCursorWrapper):
-    """peewee's reader of one table's rows as objects, with peewee's own
-    columns, names and conversions, that builds the objects directly
-    (``__data__`` filled as BaseModel.__init__ fills it) instead of through
-    a dict of keyword arguments and a call a field, and converts rows a
-    batch at a time, a column at a time; a conversion is skipped for a
-    value of the type it would keep (an integer read for an integer field,
-    NULL for a time)."""
 
-    # Rows converted together when the objects are kept (a list, a for loop).
+class _ColumnRows:
+    """A mixin of peewee's model cursor wrappers: rows fetched a batch at a
+    time and converted a column at a time, with peewee's own columns and
+    converters; a conversion is skipped for a value of the type it would
+    keep (an integer read for an integer field, NULL for a time).
+    ``_rows`` makes the batch's results from its converted columns."""
+
+    # Rows converted together when the results are kept (a list, a for loop).
     BATCH = 256
 
-    def initialize(self):
-        super().initialize()
-        model = self.constructor
-        # A model with an __init__ of its own gets peewee's way, which calls it.
-        self._direct = self.is_model and model.__init__ is BaseModel.__init__
-        plain = _plain_fields(model)
-        self._converting = tuple((i, _column_reader(self.fields[i], self.converters[i])) for i in self.convert)
-        self._set = tuple(name for name in self.unique_columns if name not in plain)  # through setattr, as __init__
-        self._database = _bound(model)
+    # peewee's cursor wrapper's; its stubs do not say.
+    cursor: Any
+    converters: Any
+    convert: Any
+    fields: Any
+    initialized: bool
+    populated: bool
+    count: int
+    row_cache: list
 
-    def iterate(self, cache=True):
+    def initialize(self) -> None:
+        super().initialize()  # type: ignore[misc]  # peewee's
+        self._converting = tuple((i, _column_reader(self.fields[i], self.converters[i])) for i in self.convert)
+
+    def iterate(self, cache: bool = True) -> Any:
         if not cache:  # iterator(): a row at a time, nothing kept
-            return super().iterate(cache)
+            return super().iterate(cache)  # type: ignore[misc]  # peewee's
         rows = self.cursor.fetchmany(self.BATCH)
         if not rows:
             self.populated = True
@@ -466,18 +478,66 @@ class _ModelRows(ModelObjectCursorWrapper):
         if not self.initialized:
             self.initialize()
             self.initialized = True
-        objects = self._objects(rows) if self._direct else [super(_ModelRows, self).process_row(r) for r in rows]
-        self.count += len(objects)
-        self.row_cache.extend(objects)
-        return objects[0]
+        results = self._rows(rows)
+        self.count += len(results)
+        self.row_cache.extend(results)
+        return results[0]
 
-    def process_row(self, row):
-        return self._objects((row,))[0] if self._direct else super().process_row(row)
-
-    def _objects(self, rows):
+    def _columns(self, rows: Sequence[tuple]) -> list[Any]:
+        """The batch's columns, each converted."""
         columns: list[Any] = list(zip(*rows))
         for index, read in self._converting:
             columns[index] = read(columns[index])
+        return columns
+
+    def _rows(self, rows: Sequence[tuple]) -> list[Any]:
+        raise NotImplementedError
+
+
+class _DictRows(_ColumnRows, ModelDictCursorWrapper):
+    """peewee's rows as dicts (``.dicts()``), read a batch and a column at a time."""
+
+    unique_columns: Any
+
+    def _rows(self, rows: Sequence[tuple]) -> list[Any]:
+        names = self.unique_columns
+        return [dict(zip(names, values)) for values in zip(*self._columns(rows))]
+
+
+class _TupleRows(_ColumnRows, ModelTupleCursorWrapper):
+    """peewee's rows as tuples (``.tuples()``), read a batch and a column at a time."""
+
+    def _rows(self, rows: Sequence[tuple]) -> list[Any]:
+        return list(zip(*self._columns(rows)))
+
+
+class _ModelRows(_ColumnRows, ModelObjectCursorWrapper):
+    """peewee's reader of one table's rows as objects, with peewee's own
+    columns, names and conversions, that builds the objects directly
+    (``__data__`` filled as BaseModel.__init__ fills it) instead of through
+    a dict of keyword arguments and a call a field, a batch at a time
+    (``_ColumnRows``)."""
+
+    constructor: Any
+    is_model: bool
+    unique_columns: Any
+
+    def initialize(self) -> None:
+        super().initialize()
+        model = self.constructor
+        # A model with an __init__ of its own gets peewee's way, which calls it.
+        self._direct = self.is_model and model.__init__ is BaseModel.__init__
+        plain = _plain_fields(model)
+        self._set = tuple(name for name in self.unique_columns if name not in plain)  # through setattr, as __init__
+        self._database = _bound(model)
+
+    def process_row(self, row: tuple) -> Any:
+        return self._rows((row,))[0] if self._direct else super().process_row(row)
+
+    def _rows(self, rows: Sequence[tuple]) -> list[Any]:
+        if not self._direct:
+            return [ModelObjectCursorWrapper.process_row(self, row) for row in rows]
+        columns = self._columns(rows)
         model, names, database, later = self.constructor, self.unique_columns, self._database, self._set
         new = model.__new__
         objects = []

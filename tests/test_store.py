@@ -8,7 +8,7 @@ import pytest
 from playhouse.test_utils import count_queries
 
 import psai
-from psai import AgentModels, PsAgent, PsAiModel
+from psai import AgentModels, PsAgent, PsAiModel, _base
 
 from psai.db import is_postgres
 
@@ -440,3 +440,43 @@ def test_rows_read_as_objects_are_peewees_own(db):
         PsAiModel.select().where(PsAiModel.name == "one").objects(PsAiModel).get())
     child = PsAgent.get(PsAgent.parent_agent == parent.id)
     assert child.parent_agent.id == parent.id and child.parent_agent_id == parent.id and not child.is_dirty()
+
+
+def test_rows_read_as_dicts_and_tuples_are_peewees_own(db, monkeypatch):
+    """``.dicts()`` and ``.tuples()`` read a batch of rows a column at a
+    time: each row is the one peewee's own readers make, whole or in part,
+    joined, with expressions, and more rows than a batch, in a list, a
+    loop, ``iterator()`` and by index."""
+    parent = new_agent("parent")
+    for number in range(300):  # more than a batch (_ColumnRows.BATCH)
+        model = new_model("model %d" % number, active=number % 3 != 0)
+        if number % 50 == 0:
+            parent.ai_models.add(model)
+    new_agent("child", parent=parent)
+    if not is_postgres(db):  # a time and a uuid written by hand that only SQLite's types let through
+        db.execute_sql('INSERT INTO "ps_ai_models" ("uuid", "user_id", "organization_id", "created_at", '
+                       '"updated_at", "name", "configuration") VALUES (?, 1, 2, ?, ?, ?, ?)',
+                       ["{00000000-0000-4000-8000-00000000000b}", "not a time", 1700000000, "odd", "[1, 2]"])
+    queries = [PsAiModel.select().order_by(PsAiModel.id), PsAgent.select().order_by(PsAgent.id),
+               PsAiModel.select(PsAiModel.name, PsAiModel.created_at).order_by(PsAiModel.id),
+               PsAiModel.select(PsAiModel, PsAiModel.id.alias("number"), peewee.fn.upper(PsAiModel.name).alias("up"))
+               .order_by(PsAiModel.id),
+               PsAgent.select(PsAgent.id, PsAgent.parent_agent, PsAiModel.name, PsAiModel.configuration)
+               .join(AgentModels).join(PsAiModel).order_by(PsAgent.id, PsAiModel.id)]
+
+    def typed(rows):
+        return [[(type(v), v) for v in (row.values() if isinstance(row, dict) else row)] + (
+                 [sorted(row)] if isinstance(row, dict) else []) for row in rows]
+    for query in queries:
+        for shape in ("dicts", "tuples"):
+            with monkeypatch.context() as patched:  # peewee's own readers
+                patched.setattr(_base._ModelSelect, "_get_cursor_wrapper", peewee.ModelSelect._get_cursor_wrapper)
+                expected = typed(getattr(query.clone(), shape)())
+            assert len(expected) >= 2
+            assert typed(getattr(query.clone(), shape)()) == expected
+            assert typed(list(getattr(query.clone(), shape)())) == expected
+            assert typed(getattr(query.clone(), shape)().iterator()) == expected
+            again = getattr(query.clone(), shape)()
+            assert typed(again[i] for i in range(len(expected))) == expected
+            assert type(getattr(query.clone(), shape)().execute()).__name__ == {"dicts": "_DictRows",
+                                                                                 "tuples": "_TupleRows"}[shape]
