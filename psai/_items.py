@@ -27,7 +27,9 @@ from decimal import Decimal
 from typing import Any, TypeGuard
 
 from ._constants import OPTIONAL_NUMBER_KEYS, REQUIRED_RATE_KEYS
-from .pricing import APART, BUCKET_COUNTERS, BUCKETS, Pricer, _count, _is_number as _number_type, resolve_prices
+from .pricing import (
+    APART, BUCKET_COUNTERS, BUCKETS, _count, _is_number as _number_type, _pricer_of, resolve_prices,
+)
 
 __all__ = ["item_data", "item_model", "item_pricing", "item_cost", "item_price",
            "effective_prices", "price_problem", "call_buckets", "applied_tier_metadata", "item_apart", "APART",
@@ -266,5 +268,5 @@ def item_price(data: Any, fallback_prices: Any = None) -> tuple[Decimal | None, 
     buckets = call_buckets(data["usageNormalized"], cache_write_tokens=extras.get("cacheWriteTokens", 0),
                            threshold=prices.get("longContextTokenThreshold"))
     long = bool(buckets["long_in"] or buckets["long_cached"] or buckets["long_cache_write"] or buckets["long_out"])
-    return Pricer(prices, zero_long_rate_is_unset=True).price(
+    return _pricer_of(prices, zero_long_rate_is_unset=True).price(
         {**buckets, **item_apart(data, long)}, _count(extras.get("webSearches")))

@@ -246,9 +246,15 @@ def counter_buckets(counters: Mapping[str, Any]) -> dict[str, Decimal]:
     for bucket in BUCKETS:
         names = COUNTERS_OF_BUCKET[bucket]
         total = _exact(counters.get(names[0], 0) or 0)
+        zero = False
         for name in names[1:]:
-            total += _exact(counters.get(name, 0) or 0)
-        buckets[bucket] = total
+            value = counters.get(name, 0)
+            if value:
+                total += _exact(value)
+            else:
+                zero = True
+        # Adding the counters of 0 adds one Decimal(0) (their exponent, 0): the same digits as each.
+        buckets[bucket] = total + _ZERO if zero else total
     return buckets
 
 
@@ -332,7 +338,11 @@ class Pricer:
 
     def text_cost(self, buckets: Mapping[str, Any], web_searches: Any = 0) -> Decimal:
         """The cost of the text buckets and web searches (APART's tokens at their bucket's rate)."""
-        fresh, cached, written, long_fresh, long_cached, long_written, out, long_out = self._term_list(buckets)
+        return self._cost_of_terms(self._term_list(buckets), web_searches)
+
+    def _cost_of_terms(self, terms: list[Decimal], web_searches: Any) -> Decimal:
+        """``text_cost`` of the buckets whose terms (``_term_list``'s) are ``terms``."""
+        fresh, cached, written, long_fresh, long_cached, long_written, out, long_out = terms
         input_sum = fresh + cached + written + long_fresh + long_cached + long_written
         return (input_sum + (out + long_out)) / _MILLION + self.web(web_searches)
 
@@ -376,6 +386,29 @@ class Pricer:
         return self.text_cost(buckets, web_searches) + _ZERO
 
 
+# Pricers by the prices they read (their items, in order) and the long-context rule: a rate card
+# prices many calls, and reading its rates is most of pricing one.
+_PRICERS: dict[tuple, Pricer] = {}
+_PRICERS_MAX = 1024
+
+
+def _pricer_of(prices: Mapping[str, Any], *, zero_long_rate_is_unset: bool = False) -> Pricer:
+    """``Pricer(prices, ...)``, made once for prices with the same items,
+    each value of the same type (1, 1.0 and True are other rates: their
+    costs have other digits); the rates of prices whose values are not all
+    hashable are read again."""
+    try:
+        key = (tuple(prices.items()), tuple(map(type, prices.values())), zero_long_rate_is_unset)
+        found = _PRICERS.get(key)
+    except TypeError:  # a value that is a list or a dict
+        return Pricer(prices, zero_long_rate_is_unset=zero_long_rate_is_unset)
+    if found is None:
+        if len(_PRICERS) >= _PRICERS_MAX:
+            _PRICERS.clear()
+        found = _PRICERS[key] = Pricer(prices, zero_long_rate_is_unset=zero_long_rate_is_unset)
+    return found
+
+
 def cost_breakdown(prices: Mapping[str, Any], *, tokens_in: float, tokens_out: float, cached_tokens: float = 0,
                    cache_write_tokens: float = 0, reasoning_tokens: float = 0, audio_tokens: float = 0,
                    image_tokens: float = 0, web_searches: float = 0, provider: str | None = None,
@@ -390,11 +423,11 @@ def cost_breakdown(prices: Mapping[str, Any], *, tokens_in: float, tokens_out: f
         audio_tokens=audio_tokens, image_tokens=image_tokens,
         long_context_threshold=prices.get("longContextTokenThreshold"),
     )
-    pricer = Pricer(rates)
-    buckets = counter_buckets(counters)
-    parts = {name: float(cost / _MILLION) for name, cost in zip(_PART_NAMES, pricer.parts(buckets).values())}
+    pricer = _pricer_of(rates)
+    terms = pricer._term_list(counter_buckets(counters))
+    parts = {name: float(cost / _MILLION) for name, cost in zip(_PART_NAMES, terms)}
     parts["web_search"] = float(pricer.web(web_searches))
-    return {"currency": prices.get("currency"), "total": float(pricer.text_cost(buckets, web_searches)),
+    return {"currency": prices.get("currency"), "total": float(pricer._cost_of_terms(terms, web_searches)),
             "parts": parts, "counters": counters, "rates": rates}
 
 

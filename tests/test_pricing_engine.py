@@ -280,3 +280,18 @@ def test_counter_buckets_add_the_output_counters(counters):
     buckets = counter_buckets(counters)
     assert buckets["out"] == sum(v for k, v in counters.items() if k.startswith("token_out"))
     assert set(buckets) == set(BUCKET_COUNTERS)
+
+
+def test_a_rate_card_is_read_once_and_its_types_kept():
+    """``_pricer_of`` keeps one Pricer per rate card, told apart by each
+    value's type too: a rate of 1 and of 1.0 price alike but give the cost
+    other digits, as a Pricer of its own does."""
+    from psai.pricing import Pricer, _pricer_of
+    ints = {"costInTokensPerMillion": 1, "costOutTokensPerMillion": 2, "currency": "USD"}
+    floats = {"costInTokensPerMillion": 1.0, "costOutTokensPerMillion": 2.0, "currency": "USD"}
+    assert _pricer_of(ints) is _pricer_of(dict(ints)) and _pricer_of(ints) is not _pricer_of(floats)
+    assert _pricer_of(ints) is not _pricer_of(ints, zero_long_rate_is_unset=True)
+    buckets = {"in": 1_000_000, "out": 0}
+    for prices in (ints, floats, ints, dict(ints, tiers=[1, 2])):  # a list: not kept, read again
+        assert str(_pricer_of(prices).price(buckets)[0]) == str(Pricer(prices).price(buckets)[0])
+    assert (str(_pricer_of(ints).price(buckets)[0]), str(_pricer_of(floats).price(buckets)[0])) == ("1", "1.0")
