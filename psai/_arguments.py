@@ -35,6 +35,8 @@ def check_counts(counts: Mapping[str, object]) -> None:
     number, finite, 0 or more, at most what one counter column holds."""
     errors: dict[str, list[str]] = {}
     for name, value in counts.items():
+        if type(value) is int and 0 <= value <= MAX_INTEGER:
+            continue  # a whole count in range (not a bool: its type is bool), as most are
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors[name] = ["Not a number."]
         elif isinstance(value, float) and not math.isfinite(value) or value < 0:

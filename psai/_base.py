@@ -257,6 +257,8 @@ class BaseModel(Model):
         string) or uuid; NotFoundError when ``key`` is neither."""
         if type(key) is int and 0 <= key <= MAX_INTEGER:
             return cls.id, key
+        if isinstance(key, uuid.UUID):
+            return cls.uuid, key
         text = str(key).strip()
         if text.isascii() and text.isdigit():  # not "²": str.isdigit takes other digits too
             number = int(text)

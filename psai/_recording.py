@@ -399,8 +399,9 @@ def model_cost(model: ModelRef, **usage: Any) -> CostBreakdown:
     ValidationError, not 0), and prices that cannot price a call are a
     ValidationError, not a cost of 0."""
     check_counts({name: value for name, value in usage.items() if name in _CALL_COUNTS})
-    if not isinstance(model, PsAiModel) and ref_key(model)[0] == "name":
-        model = model_arg(model)
+    if not isinstance(model, PsAiModel):
+        kind, key = ref_key(model)
+        model = model_arg(model) if kind == "name" else key  # an id, or a uuid read once
     if isinstance(model, PsAiModel):
         model_id = model.id
         configuration, prices, problem = _checked_configuration(model.configuration)

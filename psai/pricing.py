@@ -245,7 +245,8 @@ def counter_buckets(counters: Mapping[str, Any]) -> dict[str, Decimal]:
     buckets = {}
     for bucket in BUCKETS:
         names = COUNTERS_OF_BUCKET[bucket]
-        total = _exact(counters.get(names[0], 0) or 0)
+        first = counters.get(names[0])
+        total = _exact(first) if first else _ZERO  # 0, 0.0 and None alike: Decimal(0)
         zero = False
         for name in names[1:]:
             value = counters.get(name, 0)
