@@ -958,6 +958,8 @@ def bench_cli(backend, results, runs):
     backend.truncate("AgentModels", "ps_model_usage", "ps_model_usage_item", "ps_ai_models")
     psai_insert_models(model_rows(100), validate=False)
     env = dict(os.environ, PSAI_DATABASE_URL=backend.url)
+    # Byte-code written and read, as a user's installed psai has it (a CI sets PYTHONDONTWRITEBYTECODE).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
 
     def run(args):
         subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
