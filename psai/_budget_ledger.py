@@ -718,15 +718,16 @@ def _priced(key: tuple, pricer: Pricer, buckets: dict[str, Any], apart: dict[str
     """``pricer.price`` of a group's sums, kept by the sums when they are
     whole numbers (another's digits could give the cost other digits):
     after a write a check prices again only the groups whose sums it changed."""
-    counts = (*buckets.values(), *apart.items(), web)
-    if not all(type(count) is int for count in buckets.values()) or type(web) is not int or not all(
-            type(count) is int for count in apart.values()):
-        return pricer.price({**buckets, **apart} if apart else buckets, web)
-    found = _PRICED.get((key, counts))
+    usage = {**buckets, **apart} if apart else buckets
+    counts = (*usage.values(), web)
+    if not all(type(count) is int for count in counts):
+        return pricer.price(usage, web)
+    kept = (key, tuple(usage), counts)
+    found = _PRICED.get(kept)
     if found is None:
         if len(_PRICED) >= _PRICED_MAX:
             _PRICED.clear()
-        found = _PRICED[(key, counts)] = pricer.price({**buckets, **apart} if apart else buckets, web)
+        found = _PRICED[kept] = pricer.price(usage, web)
     return found
 
 

@@ -892,8 +892,8 @@ def usage_parts(db: Database, by: Any, since: datetime.datetime | None, until: d
         if attribution.only:
             return parts
         # Counter parts have no attribution (their ``attribute`` is None).
-        kept = since is None and until is None and model_ids is None and coverage_kept(db)
-        return parts + _counter_parts(db, keys, agents, since, until, model_ids, None, None, kept)
+        return parts + _counter_parts(db, keys, agents, since, until, model_ids, None, None,
+                                      _coverage_kept(db, since, until, model_ids))
     keys = _keys(by)
     agents = _AgentIds(db)  # once a report: items and counters both map deleted agents to None
     # What the items cover of the counters comes from a pass over all items.
@@ -906,7 +906,7 @@ def usage_parts(db: Database, by: Any, since: datetime.datetime | None, until: d
     # rollups: with the rollups kept, the items read are few, and the one
     # pass spares PostgreSQL a second plan of the period.)
     # Where the database keeps the items' and the counters' totals, it compares them (_uncovered_counters).
-    kept = since is None and until is None and model_ids is None and coverage_kept(db)
+    kept = _coverage_kept(db, since, until, model_ids)
     one_pass = not kept and since is None and until is None and model_ids is None and (
         "agent" in keys or not is_postgres(db) or enabled(db))
     itemized: defaultdict[tuple, TokenTotals] | None = defaultdict(TokenTotals) if one_pass else None
@@ -915,6 +915,12 @@ def usage_parts(db: Database, by: Any, since: datetime.datetime | None, until: d
         defaultdict(lambda: dict.fromkeys(BUCKETS, 0)) if since is not None else None)
     parts = _item_groups(db, keys, since, until, model_ids, agents, totals=itemized, key_buckets=recent)
     return parts + _counter_parts(db, by, agents, since, until, model_ids, itemized, recent, kept)
+
+
+def _coverage_kept(db, since, until, model_ids):
+    """Whether a read of all usage (no period, every model) compares the
+    totals the database keeps of items and counters (``rollups.coverage_kept``)."""
+    return since is None and until is None and model_ids is None and coverage_kept(db)
 
 
 def _counter_parts(db, by, agents, since, until, model_ids, itemized, recent, kept):

@@ -227,12 +227,17 @@ def _rebuild_counter_totals(db: Database) -> None:
         for statement in drop_counter_totals_triggers_sql(False):
             db.execute_sql(statement)
     table = quoted(KEY_TOTALS_TABLE)
-    db.execute_sql('UPDATE %s SET %s' % (table, ", ".join('"%s" = 0' % c for c in COUNTER_TOTAL_SUMS)))
+    _zero(db, KEY_TOTALS_TABLE, COUNTER_TOTAL_SUMS)
     db.execute_sql('DELETE FROM %s WHERE "group_key" = %s' % (table, db.param), [COUNTER_TOTALS_STALE])
     db.execute_sql(counter_totals_rebuild_sql(postgres, present, output))
     db.execute_sql('DELETE FROM %s WHERE %s' % (table, KEY_TOTALS_EMPTY))
     _install(db, counter_totals_trigger_sql(postgres, present, output),
              bool(db.execute_sql(counter_totals_on_sql(postgres)).fetchall()))
+
+
+def _zero(db: Database, table: str, columns: Iterable[str]) -> None:
+    """Set ``columns`` to 0 in every row of ``table``: totals a rebuild then adds to (writers' deltas kept)."""
+    db.execute_sql('UPDATE %s SET %s' % (quoted(table), ", ".join('"%s" = 0' % c for c in columns)))
 
 
 def enable_summaries(db: Database) -> None:
@@ -250,7 +255,7 @@ def _rebuild_summaries(db: Database, where: list[str], params: list) -> None:
         if summary.ranged:
             db.execute_sql('DELETE FROM "%s" WHERE %s' % (summary.table, " AND ".join(where) or "1 = 1"), params)
         else:  # every day's; the counter rows' totals beside them stay
-            db.execute_sql('UPDATE "%s" SET %s' % (summary.table, ", ".join('"%s" = 0' % c for c in summary.sums)))
+            _zero(db, summary.table, summary.sums)
         db.execute_sql(summary_rebuild_sql(postgres, summary, where if summary.ranged else []),
                        params if summary.ranged else [])
     _install(db, summary_trigger_sql(postgres), bool(db.execute_sql(summary_triggers_sql(postgres)).fetchone()[0]))
@@ -832,6 +837,7 @@ def verify(db: Database | None = None, *, since: datetime.date | str | None = No
     if not plan.days:
         return []
     days = set(plan.days)
+    first_day = min(days)  # where the totals over every day are named
     r = ItemReader(is_postgres(db))
     params: list = []
     where = window(db, "i.created_at", PsModelUsageItem.created_at, start, end, None, params) + [
@@ -868,7 +874,6 @@ def verify(db: Database | None = None, *, since: datetime.date | str | None = No
                                                                  " AND ".join(where_of) or "1 = 1"), params_of)
             stored = _sums(((row[:-1] if summary.ranged else ("",) + tuple(row[:-1])) for row in rows), width,
                            summary.sums)
-            first_day = min(days)
             checks.append((_SUMMARY_NAMES[summary.ranged], expected, stored,
                            (lambda key: key[0]) if summary.ranged else (lambda key: first_day)))
     if since is None and until is None and summaries_enabled(db):
@@ -876,16 +881,17 @@ def verify(db: Database | None = None, *, since: datetime.date | str | None = No
         present, output = usage_counters(db), OUTPUT_COUNTERS
         # Each key's rows, with and without a negative counter, first: a key of either is compared.
         names = ("rows",) + COUNTER_TOTAL_SUMS
-        expected = _sums((("",) + row[:3] + (row[3] + row[6],) + row[3:]
-                          for row in db.execute_sql(counter_groups_sql(present, output))), 4, names)
-        stored = _sums((("",) + row[:3] + (row[3] + row[6],) + row[3:] for row in db.execute_sql(
+
+        def totals(rows):  # (model, agent, connector, COUNTER_TOTAL_SUMS) rows, keyed and added up
+            return _sums((("",) + row[:3] + (row[3] + row[6],) + row[3:] for row in rows), 4, names)
+        expected = totals(db.execute_sql(counter_groups_sql(present, output)))
+        stored = totals(db.execute_sql(
             'SELECT "model_id", "agent_id", "connector_id", %s FROM %s WHERE "group_key" <> %s' % (
                 ", ".join(quoted(c) for c in COUNTER_TOTAL_SUMS), quoted(KEY_TOTALS_TABLE), db.param),
-            [COUNTER_TOTALS_STALE])), 4, names)
+            [COUNTER_TOTALS_STALE]))
         if not _counter_totals_usable(db):  # a fold failed, or the triggers are missing or made for other counters
             stored = {}
-        first = min(days)
-        checks.append(("counter totals", expected, stored, lambda key: first))
+        checks.append(("counter totals", expected, stored, lambda key: first_day))
     if ledger_enabled(db):
         width = 2 + len(ROLLUP_KEYS)
         checks.append(("attribution ledger rows",
