@@ -13,6 +13,7 @@ each group of calls priced alike priced once from its own snapshot, as
 cannot be read, is never counted as 0: it makes the state ``unknown``."""
 import calendar
 import datetime
+import decimal
 import json
 import logging
 import time
@@ -33,13 +34,14 @@ from ._items import APART, BUCKETS, effective_prices
 from .models import Budget, BudgetEvent, PsAgent, PsAiModel, PsModelUsageItem, sub_agent_tree
 from .pricing import Pricer, exact_sum
 from .rollups import (
-    ReadPlan, budget_plan, current_thresholds, enabled, ledger_enabled, read_plan, scan_where, summaries_enabled,
+    ReadPlan, TriggersOn, budget_plan, current_thresholds, day_changes, day_model_changes, enabled, ledger_enabled,
+    read_plan, scan_where, summaries_enabled, triggers_on,
 )
 from .schemas import BUDGET_FIELDS, validate_budget_values
 from ._sql import (
-    BUDGET_GROUP, BUDGET_SUMS, ITEM_VALUES, LEDGER_TABLE, MODEL_ROLLUP_TABLE, POSTGRES_STATE_SQL, ROLLUP_SUMS,
-    ROLLUP_TABLE, SLOT_TABLE, ItemReader, attribute_sql, budget_sums_sql, compiled_once, ids_in, item_groups_sql,
-    slot, window,
+    BUDGET_GROUP, BUDGET_SUMS, DAY_CHANGES_REBUILT, ITEM_VALUES, LEDGER_TABLE, MODEL_ROLLUP_TABLE,
+    POSTGRES_STATE_SQL, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_TABLE, ItemReader, attribute_sql, budget_sums_sql,
+    compiled_once, ids_in, item_groups_sql, slot, window,
 )
 
 __all__ = ["LIMIT", "TOTAL_PERIOD_KEY", "BudgetStatus", "BudgetEventRow", "LISTENERS", "budget_problem", "usable",
@@ -252,10 +254,7 @@ def _groups(db: Database, start: datetime.datetime | None, end: datetime.datetim
             return _groups(db, start, end, model_ids, agent_ids, exact=True)
     subtracted = []
     for first, last, day in slots:
-        where, params = ['"range_slot" >= %s' % db.param, '"range_slot" < %s' % db.param], [first, last]
-        ids_in(db, '"model_id"', model_ids, where, params)
-        ids_in(db, '"agent_id"', agent_ids, where, params)
-        found = db.execute_sql(budget_sums_sql(SLOT_TABLE, where), params).fetchall()
+        found = _slot_rows(db, first, last, model_ids, agent_ids)
         if day is None:
             rows += found
         else:
@@ -272,11 +271,21 @@ def _groups(db: Database, start: datetime.datetime | None, end: datetime.datetim
     return rows
 
 
+def _slot_rows(db: Database, first: str, last: str, model_ids: list[int] | None, agent_ids: list[int] | None
+               ) -> list[tuple]:
+    """The slots [first, last) of these models and agents, in budget_sums_sql's layout."""
+    where, params = ['"range_slot" >= %s' % db.param, '"range_slot" < %s' % db.param], [first, last]
+    ids_in(db, '"model_id"', model_ids, where, params)
+    ids_in(db, '"agent_id"', agent_ids, where, params)
+    return db.execute_sql(budget_sums_sql(SLOT_TABLE, where), params).fetchall()
+
+
 def _day_rows(db: Database, table: str, days: Iterable[str], model_ids: list[int] | None,
-              agent_ids: list[int] | None, where: Iterable[str] = (), params: Iterable[Any] = ()) -> list[tuple]:
+              agent_ids: list[int] | None, where: Iterable[str] = (), params: Iterable[Any] = (),
+              by_day: bool = False) -> list[tuple]:
     """The rows of ``table`` (the daily rollups or the attribution ledger) of
     ``days`` (consecutive ones as one range), these models and agents and
-    ``where``, in budget_sums_sql's layout."""
+    ``where``, in budget_sums_sql's layout (``by_day``: each day's apart, the day first)."""
     runs: list[list[str]] = []
     for day in days:
         if runs and _next_day(runs[-1][1]) == day:
@@ -288,7 +297,7 @@ def _day_rows(db: Database, table: str, days: Iterable[str], model_ids: list[int
     values: list[Any] = [day for run in runs for day in run]
     ids_in(db, '"model_id"', model_ids, clauses, values)
     ids_in(db, '"agent_id"', agent_ids, clauses, values)
-    return db.execute_sql(budget_sums_sql(table, clauses + list(where)), values + list(params)).fetchall()
+    return db.execute_sql(budget_sums_sql(table, clauses + list(where), by_day), values + list(params)).fetchall()
 
 
 def _item_rows(db: Database, plan: ReadPlan, model_ids: list[int] | None, agent_ids: list[int] | None,
@@ -519,7 +528,9 @@ def spent(db: Database, budget: Budget, start: datetime.datetime | None, end: da
     if found is None:
         if len(answers) >= _SPENT_MAX:
             answers.clear()
-        found = answers[key] = (_spent(db, budget, start, end), budget)
+        # Inside a recording's transaction (a state no read has) nothing read is kept: its writes may be undone.
+        read = _spent(db, budget, start, end, state=None if isinstance(state, _Unread) else state)
+        found = answers[key] = (read, budget)
     return found[0]
 
 
@@ -647,23 +658,56 @@ def carrying_write(db: Database) -> Iterator[Carried | None]:
 
 
 def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None,
-           item_id: int | None = None) -> tuple[Decimal, int, int, bool]:
+           item_id: int | None = None, state: Hashable | None = None) -> Spent:
+    """``spent``'s answer read afresh (of the one item ``item_id`` when
+    given); with ``state`` (``_data_state``'s, of a read transaction begun
+    for the check), from what this connection read before of the days
+    whose change counters have not moved, where the database keeps them."""
     model_ids = _scope_model_ids(budget)
     if model_ids == []:
         return Decimal(0), 0, 0, False
     agent_ids = None
     if budget.agent_id is not None:
         agent_ids = sorted(_sub_agents(budget.agent_id) if budget.include_sub_agents else {budget.agent_id})
-    # Groups priced alike, added up: (model, provider, pricing, tier, speed, has_usage, apart) -> sums.
+    if state is not None and item_id is None:
+        found = _spent_kept(db, budget, start, end, model_ids, agent_ids, state)
+        if found is not None:
+            return found
     merged: dict[tuple, list] = {}
+    _add_rows(merged, _scoped_groups(db, budget, start, end, model_ids, agent_ids, item_id))
+    models = _models_of(merged)
+    total, unpriced, calls, unknown = Decimal(0), 0, 0, False
+    for key, sums in merged.items():
+        found_group = _group_spent(budget, key, sums, models)
+        if found_group is None:
+            continue
+        count, cost, tokens = found_group
+        calls += count
+        if cost is not None:
+            total += cost
+        else:
+            unpriced += tokens
+            unknown = unknown or bool(count) or bool(tokens)
+    return total, unpriced, calls, unknown
+
+
+def _add_rows(merged: dict[tuple, list], rows: Iterable[tuple], sign: int = 1) -> set[tuple]:
+    """Add (``sign`` 1) or take off (-1) ``rows`` (budget_sums_sql's layout)
+    to their groups in ``merged``: groups priced alike, (model, provider,
+    pricing, tier, speed, has_usage, apart) -> [calls, buckets, web, apart
+    counts]. Returns the groups changed."""
     width = len(BUDGET_GROUP)
-    for row in _scoped_groups(db, budget, start, end, model_ids, agent_ids, item_id):
+    changed = set()
+    for row in rows:
         key = row[:5] + (row[5], row[7])
+        changed.add(key)
         into = merged.get(key)
-        if into is None:  # calls, buckets, web, apart counts
+        if into is None:
             into = merged[key] = [0, dict.fromkeys(BUCKETS, 0), 0, {}]
         # Sums as exact numbers (SQLite sums REAL values as floats; PostgreSQL's are numeric); most are 0.
         sums = [value if type(value) is int else exact_sum(value) if value else 0 for value in row[width + 2:]]
+        if sign < 0:
+            sums = [-value for value in sums]
         into[0] += sums[0]
         prefix = "long_" if row[6] else ""
         for bucket, at in _SIDES:
@@ -673,44 +717,282 @@ def _spent(db: Database, budget: Budget, start: datetime.datetime | None, end: d
             value = sums[at]
             if value:
                 into[3][prefix + name] = into[3].get(prefix + name, 0) + value
-    needed = {key[0] for key in merged if key[1] is None or "configuredPrices" not in _pricing(key[2])}
-    models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted(needed)))} if needed else {}
-    if len(_RESOLVED) > _RESOLVED_MAX:
-        _RESOLVED.clear()
-    total, unpriced, calls, unknown = Decimal(0), 0, 0, False
-    for (model_id, provider, pricing_text, tier, speed, has_usage, _apart), (count, buckets, web, apart) in \
-            merged.items():
-        if not count and not web and not any(buckets.values()) and not any(apart.values()):
-            continue  # calls of the rest of a day subtracted from its rollups, none left in the budget's end
-        model = models.get(model_id)
-        configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
-        if budget.provider is not None and (provider if provider is not None
-                                            else configuration.get("provider")) != budget.provider:
-            continue
-        calls += count
-        cost, currency = None, None
-        if has_usage:
-            pricing = _pricing(pricing_text)
-            fallback = configuration.get("prices") if pricing.get("configuredPrices") is None else None
-            key = (provider, pricing_text, tier, speed,
-                   strict_json_dumps(fallback, sort_keys=True) if fallback is not None else None)
-            if key not in _RESOLVED:
-                metadata = {k: v for k, v in (("appliedServiceTier", tier), ("appliedSpeed", speed)) if v is not None}
-                prices, problem = effective_prices(provider, pricing, metadata, fallback)
-                # PolicySynth's item rule, as reports price: a long-context rate of 0 means unset.
-                _RESOLVED[key] = problem or Pricer(prices, zero_long_rate_is_unset=True)
-            pricer = _RESOLVED[key]
-            if not isinstance(pricer, str):
-                cost, problem = _priced(key, pricer, buckets, apart, web)
-                currency = None if cost is None else pricer.currency
-        if cost is not None and currency == budget.currency:
-            total += cost
+    return changed
+
+
+def _needs_model(key: tuple) -> bool:
+    """Whether a group's pricing reads its model (no provider of its own, or no price snapshot)."""
+    return key[1] is None or "configuredPrices" not in _pricing(key[2])
+
+
+def _models_of(groups: Iterable[tuple]) -> dict[int, PsAiModel]:
+    """The models the pricing of ``groups`` reads, by id."""
+    needed = {key[0] for key in groups if _needs_model(key)}
+    return {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(sorted(needed)))} if needed else {}
+
+
+def _group_spent(budget: Budget, key: tuple, sums: list, models: Mapping[int, PsAiModel]
+                 ) -> tuple[int, Decimal | None, int] | None:
+    """What a group of calls priced alike adds to a budget: (calls, cost in
+    the budget's currency or None, its tokens); None when it adds nothing
+    (no call left in it, or another provider's)."""
+    model_id, provider, pricing_text, tier, speed, has_usage, _apart = key
+    count, buckets, web, apart = sums
+    if not count and not web and not any(buckets.values()) and not any(apart.values()):
+        return None  # calls of the rest of a day subtracted from its rollups, none left in the budget's end
+    model = models.get(model_id)
+    configuration = model.configuration if model is not None and isinstance(model.configuration, dict) else {}
+    if budget.provider is not None and (provider if provider is not None
+                                        else configuration.get("provider")) != budget.provider:
+        return None
+    cost, currency = None, None
+    if has_usage:
+        pricing = _pricing(pricing_text)
+        fallback = configuration.get("prices") if pricing.get("configuredPrices") is None else None
+        resolved = (provider, pricing_text, tier, speed,
+                    strict_json_dumps(fallback, sort_keys=True) if fallback is not None else None)
+        if resolved not in _RESOLVED:
+            if len(_RESOLVED) > _RESOLVED_MAX:
+                _RESOLVED.clear()
+            metadata = {k: v for k, v in (("appliedServiceTier", tier), ("appliedSpeed", speed)) if v is not None}
+            prices, problem = effective_prices(provider, pricing, metadata, fallback)
+            # PolicySynth's item rule, as reports price: a long-context rate of 0 means unset.
+            _RESOLVED[resolved] = problem or Pricer(prices, zero_long_rate_is_unset=True)
+        pricer = _RESOLVED[resolved]
+        if not isinstance(pricer, str):
+            cost, _problem = _priced(resolved, pricer, buckets, apart, web)
+            currency = None if cost is None else pricer.currency
+    # Calls whose counts cannot be read are unknown too, never $0.
+    return count, cost if currency == budget.currency else None, sum(buckets.values())
+
+
+# -- what is spent, read again only where the days changed ---------------------------------
+
+# A part of a period read at every check: what the items hold (their days are not counted).
+_READ_AGAIN = object()
+# Sums of costs kept as groups change: exact (a cost taken off may have had more digits than any left).
+_EXACT = decimal.Context(prec=200)
+
+
+class _KeptSpending:
+    """What one budget scope's spending in one period was read from, for
+    ``_spent_kept``: each part of the period (a whole UTC day, the slots of
+    an end, what the items hold) with its day's change count when read, its
+    rows (added, and subtracted) and the thresholds its rows were split by;
+    the groups they add up to; what each group adds to the budget; the
+    models the groups' pricing read, which no day's count follows."""
+
+    def __init__(self, rebuilt: Any) -> None:
+        self.rebuilt = rebuilt
+        self.parts: dict[tuple, tuple[Any, list[tuple], list[tuple], set[tuple[Any, Any]]]] = {}
+        self.merged: dict[tuple, list] = {}
+        self.added: dict[tuple, tuple[int, Decimal | None, int]] = {}
+        self.needing: dict[int, set[tuple]] = {}  # model id -> the groups whose pricing reads it
+        self.configurations: dict[int, Any] = {}
+        self.days: dict[str, tuple[dict[int, Any], list[tuple]]] = {}  # day -> (its models' counts, its rows)
+        # What the groups add up to, kept as they change: exact, whatever the digits of the costs taken off.
+        self.total, self.magnitude = Decimal(0), Decimal(0)
+        self.exponents: dict[int, int] = {}  # the costs' exponents: how many of each
+        self.calls = self.unpriced = self.unknown = 0
+
+    def account(self, added: tuple[int, Decimal | None, int], sign: int) -> None:
+        """Add (``sign`` 1) or take off (-1) what a group adds to the totals."""
+        count, cost, tokens = added
+        self.calls += sign * count
+        if cost is None:
+            self.unpriced += sign * tokens
+            self.unknown += sign * bool(count or tokens)
+            return
+        if sign > 0:
+            self.total, self.magnitude = _EXACT.add(self.total, cost), _EXACT.add(self.magnitude, abs(cost))
         else:
-            # Calls whose counts cannot be read are unknown too, never $0.
-            tokens = sum(buckets.values())
-            unpriced += tokens
-            unknown = unknown or bool(count) or bool(tokens)
-    return total, unpriced, calls, unknown
+            self.total, self.magnitude = _EXACT.subtract(self.total, cost), _EXACT.subtract(self.magnitude, abs(cost))
+        exponent = cast(int, cost.as_tuple().exponent)
+        self.exponents[exponent] = self.exponents.get(exponent, 0) + sign
+
+    def answer(self) -> Spent | None:
+        """The totals as a fresh read adds them up (from Decimal(0), in the
+        default context): the smallest exponent of the costs there, and the
+        same value where none of its partial sums is rounded; else None."""
+        exponent = min([0] + [e for e, n in self.exponents.items() if n])
+        quantum = Decimal((0, (1,), exponent))
+        total, magnitude = _EXACT.quantize(self.total, quantum), _EXACT.quantize(self.magnitude, quantum)
+        if len(magnitude.as_tuple().digits) > _CARRIED_DIGITS:
+            return None
+        return total, self.unpriced, self.calls, bool(self.unknown)
+
+
+# Per database: (the connection, what names its tables (SQLite: the schema version; PostgreSQL: the role and
+# search path), {(budget's scope, start, end): what its spending was read from}).
+_KEPT: weakref.WeakKeyDictionary[Database, tuple[Any, Hashable, dict[tuple, _KeptSpending]]] = \
+    weakref.WeakKeyDictionary()
+_KEPT_MAX = 64
+_TICK = datetime.timedelta(microseconds=1)
+
+
+def _fractional(value: Any) -> bool:
+    return type(value) is float or type(value) is Decimal and value != value.to_integral_value()
+
+
+def _utc_day(moment: datetime.datetime) -> str:
+    return moment.astimezone(UTC).date().isoformat()
+
+
+def _spent_kept(db: Database, budget: Budget, start: datetime.datetime | None, end: datetime.datetime | None,
+                model_ids: list[int] | None, agent_ids: list[int] | None, state: Hashable) -> Spent | None:
+    """``_spent``'s answer, in a read transaction begun for the check (its
+    ``state``), from what this connection read before of the parts of the
+    period whose day's change count has not moved, the others read again.
+    None where the answer cannot be kept so (counters not kept, a budget
+    limited to an attribution, an open period, counts SQLite added as
+    floats, a long-context threshold changed, a total past exact sums): the
+    caller reads it afresh."""
+    if start is None or end is None or attribution_of(budget) is not None \
+            or not table_columns(db, PsModelUsageItem._meta.table_name):
+        return None
+    on = triggers_on(db)
+    if not (on.rollups and on.slots and on.day_changes):
+        return None  # rows that can change unseen
+    changes = day_changes(db, _utc_day(start), _utc_day(end - _TICK), model_ids)
+    tables = cast(tuple, state)[1:] if is_postgres(db) else cast(tuple, state)[1]
+    held = _KEPT.get(db)
+    if held is None or held[0] is not db.connection() or held[1] != tables:
+        held = _KEPT[db] = (db.connection(), tables, {})
+    # The models and agents the scope names now (a model moved to another organization, an agent under
+    # another parent: no day's count moves).
+    scope = _spent_key(budget, start, end) + (None if model_ids is None else tuple(model_ids),
+                                              None if agent_ids is None else tuple(agent_ids))
+    kept = held[2].pop(scope, None)
+    if kept is None or kept.rebuilt != changes.get(DAY_CHANGES_REBUILT):
+        if len(held[2]) >= _KEPT_MAX:
+            del held[2][next(iter(held[2]))]  # the one used longest ago
+        kept = _KeptSpending(changes.get(DAY_CHANGES_REBUILT))
+    # Kept only once brought up to date whole (a read that fails half way leaves it half changed).
+    found = _read_again(db, budget, kept, start, end, model_ids, agent_ids, changes, on)
+    if found is not None:
+        held[2][scope] = kept
+    return found
+
+
+def _days_now(db: Database, kept: _KeptSpending, table: str, days: list[str], model_ids: list[int] | None,
+              agent_ids: list[int] | None) -> dict[str, list[tuple]]:
+    """The rows of ``days`` in ``table`` (by budget_sums_sql, without the
+    day) as they are now, each day's kept in ``kept.days``: of a day read
+    before, only the models whose count moved are read again (the rows of
+    the others are the same objects)."""
+    counts = day_model_changes(db, days, model_ids) if days else {}
+    by_day: dict[str, list[tuple]] = {}
+    whole: list[str] = []
+    for day in days:
+        now = counts.get(day, {})
+        before = kept.days.get(day)
+        if before is None:
+            whole.append(day)
+            continue
+        moved = {model_id for model_id in now.keys() | before[0].keys() if now.get(model_id) != before[0].get(model_id)}
+        if 0 in moved:  # items without a model (hand SQL) are counted as model 0: the whole day read
+            whole.append(day)
+            continue
+        rows = [row for row in before[1] if row[0] not in moved]
+        if moved:
+            rows += _day_rows(db, table, [day], sorted(moved), agent_ids)
+        by_day[day] = rows
+        kept.days[day] = (now, rows)
+    found: dict[str, list[tuple]] = {day: [] for day in whole}
+    for row in _day_rows(db, table, whole, model_ids, agent_ids, by_day=True) if whole else ():
+        found[row[0]].append(row[1:])
+    for day, rows in found.items():
+        by_day[day] = rows
+        kept.days[day] = (counts.get(day, {}), rows)
+    return by_day
+
+
+def _read_again(db: Database, budget: Budget, kept: _KeptSpending, start: datetime.datetime,
+                end: datetime.datetime, model_ids: list[int] | None, agent_ids: list[int] | None,
+                changes: Mapping[str, Any], on: TriggersOn) -> Spent | None:
+    """``_spent_kept``'s: the parts of [start, end) read again where their
+    day's count moved, ``kept`` brought up to date, its answer."""
+    plan, slots = budget_plan(db, start, end, on=on)
+    counts: dict[tuple, Any] = {("day", day): changes.get(day) for day in plan.days}
+    for first, last, day in slots:
+        counts[("slots", first, last, day)] = changes.get(day if day is not None else first[:10])
+    if plan.reads_items:
+        counts[("items",)] = _READ_AGAIN
+    stale = [part for part, count in counts.items()
+             if count is _READ_AGAIN or part not in kept.parts or kept.parts[part][0] != count]
+    gone = [part for part in kept.parts if part not in counts]
+    table = MODEL_ROLLUP_TABLE if agent_ids is None and on.summaries else ROLLUP_TABLE
+    days = sorted({part[1] for part in stale if part[0] == "day"}
+                  | {part[3] for part in stale if part[0] == "slots" and part[3] is not None})
+    by_day = _days_now(db, kept, table, days, model_ids, agent_ids)
+    width = len(BUDGET_GROUP)
+    read: dict[tuple, tuple[list[tuple], list[tuple]]] = {}
+    for part in stale:
+        if part[0] == "day":
+            read[part] = by_day[part[1]], []
+        elif part[0] == "slots":
+            found = _slot_rows(db, part[1], part[2], model_ids, agent_ids)
+            read[part] = (found, []) if part[3] is None else (by_day[part[3]], found)
+        else:
+            read[part] = _item_rows(db, plan, model_ids, agent_ids), []
+    touched: set[tuple] = set()
+    for part in gone:
+        _count, old_added, old_subtracted, _split = kept.parts.pop(part)
+        touched |= _add_rows(kept.merged, old_added, -1) | _add_rows(kept.merged, old_subtracted)
+    for part, (added, subtracted) in read.items():
+        _count, old_added, old_subtracted, _split = kept.parts.get(part, (None, [], [], set()))
+        # Only the rows not read before (a day's rows of the models whose count did not move are the same
+        # objects): the day's other groups keep their sums.
+        for new_rows, old_rows, sign in ((added, old_added, 1), (subtracted, old_subtracted, -1)):
+            new_ids, old_ids = {id(row) for row in new_rows}, {id(row) for row in old_rows}
+            brought = [row for row in new_rows if id(row) not in old_ids]
+            # Fractional sums (SQLite's floats; PostgreSQL's numeric) taken off again later would leave other
+            # digits than the sums' own.
+            if any(_fractional(value) for row in brought for value in row[width + 2:]):
+                return None
+            touched |= _add_rows(kept.merged, brought, sign)
+            touched |= _add_rows(kept.merged, [row for row in old_rows if id(row) not in new_ids], -sign)
+        split = {(row[0], row[width + 1]) for row in added if row[width] == 1}
+        kept.parts[part] = (counts[part], added, subtracted, split)
+    used = {part[1] if part[0] == "day" else part[3] for part in counts if part[0] != "items"}
+    for day in [day for day in kept.days if day not in used]:
+        del kept.days[day]
+    split = set().union(*(part[3] for part in kept.parts.values()))
+    if split and _thresholds_changed(db, split):
+        return None
+    for key in touched:
+        sums = kept.merged.get(key)
+        if sums is not None and not sums[0] and not sums[2] and not any(sums[1].values()) \
+                and not any(sums[3].values()):
+            del kept.merged[key]  # every call of the group taken off again
+            sums = None
+        if _needs_model(key):
+            needing = kept.needing.setdefault(key[0], set())
+            if sums is None:
+                needing.discard(key)
+            else:
+                needing.add(key)
+    models: dict[int, PsAiModel] = {}
+    ids = sorted(model_id for model_id, groups in kept.needing.items() if groups)
+    if ids:
+        models = {m.id: m for m in PsAiModel.select().where(PsAiModel.id.in_(ids))}
+        for model_id in ids:
+            # As text: a rate of 1 and one of 1.0 give costs of other digits.
+            configuration = json.dumps(models[model_id].configuration, sort_keys=True, default=str) \
+                if model_id in models else None
+            if model_id not in kept.configurations or kept.configurations[model_id] != configuration:
+                kept.configurations[model_id] = configuration
+                touched |= kept.needing[model_id]
+    for key in touched:
+        sums = kept.merged.get(key)
+        found_group = None if sums is None else _group_spent(budget, key, sums, models)
+        before = kept.added.pop(key, None)
+        if before is not None:
+            kept.account(before, -1)
+        if found_group is not None:
+            kept.added[key] = found_group
+            kept.account(found_group, 1)
+    return kept.answer()
 
 
 def _priced(key: tuple, pricer: Pricer, buckets: dict[str, Any], apart: dict[str, Any], web: Any

@@ -923,7 +923,10 @@ class _Family(NamedTuple):
     PostgreSQL, the plpgsql ``function`` they call (before migration 0020
     one row trigger, named as the function); ``what`` it is, for a warning;
     ``fold(r, row, sign, condition)``, a row trigger's fold (SQLite);
-    ``fold_rows(r, source, where, sign)``, a statement's (PostgreSQL)."""
+    ``fold_rows(r, source, where, sign)``, a statement's (PostgreSQL);
+    ``counts``: a table of counts of changes, not of sums (no row is ever
+    emptied; a statement's items taken away and brought are counted in one
+    statement, its rows locked in one order)."""
     table: str
     range_column: str
     range_sql: Any
@@ -932,6 +935,7 @@ class _Family(NamedTuple):
     what: str
     fold: Any
     fold_rows: Any
+    counts: bool = False
 
 
 ROLLUPS = _Family(ROLLUP_TABLE, "range_day", _range_day, ROLLUP_TRIGGERS, ROLLUP_FUNCTION, "the rollups", _fold_sql,
@@ -1066,16 +1070,21 @@ def _beside_rollups_trigger_sql(postgres, family):
     if not postgres:
         new_ok, old_ok = foldable_sql(False, "NEW.created_at"), foldable_sql(False, "OLD.created_at")
         return _sqlite_triggers_sql(family.triggers, [family.fold(r, "NEW", 1, new_ok)],
-                                    [family.fold(r, "OLD", -1, old_ok), _emptied_sql(family, False, "OLD")])
+                                    [family.fold(r, "OLD", -1, old_ok)]
+                                    + ([] if family.counts else [_emptied_sql(family, False, "OLD")]))
     ok = foldable_sql(True, "i.created_at")
 
     def work(gone, came):
         steps = []
-        if gone:
-            steps.append(family.fold_rows(r, gone, [ok], -1))
-        if came:
-            steps.append(family.fold_rows(r, came, [ok], 1))
-        if gone:
+        if gone and came and family.counts:
+            steps.append(family.fold_rows(r, "(SELECT * FROM %s g UNION ALL SELECT * FROM %s c)" % (gone, came),
+                                          [ok], 1))
+        else:
+            if gone:
+                steps.append(family.fold_rows(r, gone, [ok], -1))
+            if came:
+                steps.append(family.fold_rows(r, came, [ok], 1))
+        if gone and not family.counts:
             steps.append(_emptied_rows_sql(family, gone))
         days = " UNION ".join("SELECT %s AS d FROM %s i WHERE %s" % (_range_day(True, "i.created_at"), source, ok)
                               for source in (gone, came) if source)
@@ -1814,6 +1823,110 @@ def slot_triggers_sql(postgres):
     return _triggers_on_sql(postgres, SLOTS)
 
 
+# -- what changed on which day: counters the triggers bump ---------------------------------
+
+# Per UTC day and model, a count of the changes of that day's items, bumped
+# in the writer's transaction whoever writes (a count only grows; a write
+# rolled back takes its bump with it): a budget check reads again only the
+# days whose count moved since it read them. The row of day
+# DAY_CHANGES_REBUILT (model 0) counts rebuilds, which rewrite every day.
+DAY_CHANGES_TABLE = "psai_day_changes"
+DAY_CHANGES_FUNCTION = "psai_day_changes_bump"
+DAY_CHANGES_TRIGGERS = ("psai_day_changes_insert", "psai_day_changes_update", "psai_day_changes_delete")
+DAY_CHANGES_REBUILT = ""
+
+
+def _bump_sql(days):
+    """Bump the counters of ``days`` (SQL of distinct rows (range_day, model_id)), in their order."""
+    table = quoted(DAY_CHANGES_TABLE)
+    return ('INSERT INTO %s ("range_day", "model_id", "changes") SELECT d.range_day, d.model_id, 1 FROM (%s) d '
+            'ORDER BY 1, 2 ON CONFLICT ("range_day", "model_id") DO UPDATE SET "changes" = %s."changes" + 1'
+            % (table, days, table))
+
+
+def _day_changes_fold_sql(r, row, sign, condition):
+    """Bump the counter of the day and model of the row trigger's item
+    ``row`` when ``condition`` holds (either ``sign``: taken away or brought, a change)."""
+    return _bump_sql("SELECT %s AS range_day, coalesce(%s.model_id, 0) AS model_id WHERE %s"
+                     % (_range_day(r.postgres, "%s.created_at" % row), row, condition))
+
+
+def _day_changes_fold_rows_sql(r, source, where, sign):
+    """Bump the counters of the days and models of the items of ``source`` meeting ``where`` (``i``; a statement's)."""
+    return _bump_sql("SELECT DISTINCT %s AS range_day, coalesce(i.model_id, 0) AS model_id FROM %s i WHERE %s"
+                     % (_range_day(r.postgres, "i.created_at"), source, " AND ".join(where) or "1 = 1"))
+
+
+DAY_CHANGES = _Family(DAY_CHANGES_TABLE, "range_day", _range_day, DAY_CHANGES_TRIGGERS, DAY_CHANGES_FUNCTION,
+                      "the days' change counters", _day_changes_fold_sql, _day_changes_fold_rows_sql, counts=True)
+
+
+def day_changes_trigger_sql(postgres):
+    """The statements installing the triggers that bump the days' change
+    counters, beside the rollups' (``_beside_rollups_trigger_sql``)."""
+    return _beside_rollups_trigger_sql(postgres, DAY_CHANGES)
+
+
+def drop_day_changes_triggers_sql(postgres):
+    """The statements removing the day counters' triggers (the function stays, harmless)."""
+    return _drop_triggers_sql(postgres, DAY_CHANGES)
+
+
+def day_changes_triggers_sql(postgres):
+    """One value: true when the day counters' triggers are on (``_triggers_on_sql``)."""
+    return _triggers_on_sql(postgres, DAY_CHANGES)
+
+
+def triggers_named_sql(postgres):
+    """The names of the triggers (enabled ones, on PostgreSQL) on the item
+    table and on the rollups: (name, whether on the rollups)."""
+    if postgres:
+        return ("SELECT tgname, tgrelid = to_regclass('\"%s\"') FROM pg_trigger WHERE tgrelid IN "
+                "(to_regclass('\"ps_model_usage_item\"'), to_regclass('\"%s\"')) AND tgenabled <> 'D'"
+                % (ROLLUP_TABLE, ROLLUP_TABLE))
+    return ("SELECT name, tbl_name = '%s' FROM sqlite_master WHERE type = 'trigger' AND tbl_name IN "
+            "('ps_model_usage_item', '%s')" % (ROLLUP_TABLE, ROLLUP_TABLE))
+
+
+def families_on(postgres, named):
+    """From ``triggers_named_sql``'s rows: whether the rollups', the slots',
+    the summaries' and the day counters' triggers are all there (as
+    ``_triggers_on_sql`` and ``summary_triggers_sql`` tell each)."""
+    on_items = {name for name, on_rollups in named if not on_rollups}
+    on_rollups = {name for name, on_rollups in named if on_rollups}
+
+    def family(f):
+        return set(f.triggers) <= on_items or postgres and f.function in on_items
+    summaries = SUMMARY_FUNCTION in on_rollups if postgres else set(SUMMARY_TRIGGERS) <= on_rollups
+    return family(ROLLUPS), family(SLOTS), summaries, family(DAY_CHANGES)
+
+
+def day_changes_rebuilt_sql():
+    """Bump the count of rebuilds."""
+    return _bump_sql("SELECT CAST('%s' AS TEXT) AS range_day, 0 AS model_id" % DAY_CHANGES_REBUILT)
+
+
+def day_model_changes_sql(db, days, model_ids, params):
+    """The counters (range_day, model_id, changes) of ``days`` and ``model_ids`` (None: every model)."""
+    where = ['"range_day" IN (%s)' % ", ".join([db.param] * len(days))]
+    params += list(days)
+    ids_in(db, '"model_id"', model_ids, where, params)
+    return 'SELECT "range_day", "model_id", "changes" FROM %s WHERE %s' % (
+        quoted(DAY_CHANGES_TABLE), " AND ".join(where))
+
+
+def day_changes_sql(db, first, last, model_ids, params):
+    """The count of rebuilds (as day DAY_CHANGES_REBUILT) and, per day of
+    [first, last] (UTC days as text), the sum of the counters of ``model_ids``
+    (None: every model), which grows with every change of those models' items that day."""
+    where = ['"range_day" >= %s' % db.param, '"range_day" <= %s' % db.param]
+    params += [first, last]
+    ids_in(db, '"model_id"', model_ids, where, params)
+    params.append(DAY_CHANGES_REBUILT)
+    return 'SELECT "range_day", SUM("changes") FROM %s WHERE (%s) OR "range_day" = %s GROUP BY "range_day"' % (
+        quoted(DAY_CHANGES_TABLE), " AND ".join(where), db.param)
+
+
 # What a change of many items folds by statement on SQLite (change_fold_sql), a family by name: its
 # rows, its groups of items (r, where, source), the upsert of such groups (r, groups, sign), and the
 # groups' column holding the range (the day; the slot where the connector would be).
@@ -1843,15 +1956,22 @@ CHANGED_ITEMS = "psai_fold_changed"
 
 
 def change_fold_sql(name, where):
-    """The ``ChangeFold`` of the family ``name`` (rollups, ledger, slots)
+    """The ``ChangeFold`` of the family ``name`` (rollups, ledger, slots, day_changes)
     for a change of the items meeting ``where`` (``i``) that keeps their
     ids and times, those items as the change leaves them (id, model_id,
     agent_id, connector_id, created_at, data: ``repriced_items_sql``) in
     the temporary table CHANGED_ITEMS. A row trigger folds an item with a few
     statements: 100,000 items changed by one UPDATE took 200 µs each,
     seconds past a writer's busy timeout."""
-    family, groups, upsert, range_column = _CHANGE_FOLDS[name]
     r, items, ok = ItemReader(False), '"ps_model_usage_item"', foldable_sql(False, "i.created_at")
+    if name == "day_changes":  # the changed items' days and models, bumped once after the change
+        changed = "psai_fold_day_changes"
+        pairs = "SELECT %s AS range_day, coalesce(i.model_id, 0) AS model_id FROM %s i WHERE %s"
+        days = "%s UNION %s" % (pairs % (_range_day(False, "i.created_at"), items, " AND ".join(where + [ok])),
+                                pairs % (_range_day(False, "i.created_at"), 'temp."%s"' % CHANGED_ITEMS, ok))
+        return ChangeFold([('CREATE TEMP TABLE "%s" AS %s' % (changed, days), True)], [], DAY_CHANGES.triggers[1],
+                          [_bump_sql('SELECT * FROM temp."%s"' % changed)], [changed])
+    family, groups, upsert, range_column = _CHANGE_FOLDS[name]
     gone, came = "psai_fold_%s_gone" % name, "psai_fold_%s_came" % name
     held = where + [ok]
     if family is ROLLUPS:  # as its row trigger: an item marked unfolded is unmarked, not folded out
@@ -1902,12 +2022,13 @@ def slot_thresholds_sql(where):
             % (quoted(SLOT_TABLE), " AND ".join(where) or "1 = 1"))
 
 
-def budget_sums_sql(table, where):
+def budget_sums_sql(table, where, by_day=False):
     """The rows of a rollup table (the daily rollups or the slots) meeting
     ``where`` added up by BUDGET_GROUP and the model's threshold that split
     rows of items without a snapshot (``model_priced``, that threshold): the
-    keys, those two, then BUDGET_SUMS."""
-    keys = ", ".join([quoted(c) for c in BUDGET_GROUP + ("model_priced",)]
+    keys, those two, then BUDGET_SUMS; ``by_day``: per day too (a daily
+    table's), the day first."""
+    keys = ", ".join([quoted(c) for c in ("range_day",) * by_day + BUDGET_GROUP + ("model_priced",)]
                      + ['CASE WHEN "model_priced" = 1 THEN "model_threshold" END'])
     return 'SELECT %s, %s FROM %s WHERE %s GROUP BY %s' % (
         keys, ", ".join("SUM(%s)" % quoted(c) for c in BUDGET_SUMS), quoted(table), " AND ".join(where) or "1 = 1",

@@ -24,7 +24,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 from peewee import Database
 
@@ -35,18 +35,21 @@ from .fields import UTC
 from .models import PsModelUsageItem, usage_counters
 from .pricing import COUNTERS, OUTPUT_COUNTERS
 from ._sql import (
-    BUDGET_SUMS, CHANGED_ITEMS, COUNTER_TOTAL_SUMS, COUNTER_TOTALS_STALE, COUNTER_TOTALS_TRIGGERS, KEY_TOTALS_EMPTY,
-    KEY_TOTALS_TABLE, LEDGER_TABLE, MODEL_ROLLUP_KEYS, MODEL_ROLLUP_TABLE, ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE,
-    SLOT_KEYS, SLOT_MINUTES, SLOT_TABLE, SUMMARIES, UNFOLDED_TABLE, ChangeFold, ItemReader, change_fold_sql,
-    counter_groups_sql, counter_totals_on_sql, counter_totals_rebuild_sql, counter_totals_trigger_sql,
-    drop_counter_totals_triggers_sql, drop_ledger_triggers_sql, drop_rollup_triggers_sql, drop_slot_triggers_sql,
-    drop_summary_triggers_sql, foldable_sql, ids_in, item_days_sql, kept_counter_totals_sql, key_totals_sql,
-    ledger_groups_sql, ledger_insert_sql, ledger_kinds_sql, ledger_rows_sql, ledger_sums_of_items_sql,
-    ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql, negative_counter_rows_sql,
-    quoted, ranges_clause, rollup_day_list_sql, rollup_days_sql, rollup_groups_sql, rollup_insert_sql,
-    rollup_rows_sql, rollup_sums_sql, rollup_thresholds_sql, rollup_trigger_sql, rollup_triggers_sql,
-    slot_rebuild_sql, slot_rows_sql, slot_sums_sql, slot_thresholds_sql, slot_trigger_sql, slot_triggers_sql,
-    summary_rebuild_sql, summary_trigger_sql, summary_triggers_sql, uncovered_keys_sql, window,
+    BUDGET_SUMS, CHANGED_ITEMS, COUNTER_TOTALS_STALE, COUNTER_TOTALS_TRIGGERS, COUNTER_TOTAL_SUMS,
+    DAY_CHANGES_TABLE, KEY_TOTALS_EMPTY, KEY_TOTALS_TABLE, LEDGER_TABLE, MODEL_ROLLUP_KEYS, MODEL_ROLLUP_TABLE,
+    ROLLUP_KEYS, ROLLUP_SUMS, ROLLUP_TABLE, SLOT_KEYS, SLOT_MINUTES, SLOT_TABLE, SUMMARIES, UNFOLDED_TABLE,
+    ChangeFold, ItemReader, change_fold_sql, counter_groups_sql, counter_totals_on_sql, counter_totals_rebuild_sql,
+    counter_totals_trigger_sql, day_changes_rebuilt_sql, day_changes_sql, day_changes_trigger_sql,
+    day_changes_triggers_sql, day_model_changes_sql, drop_counter_totals_triggers_sql,
+    drop_day_changes_triggers_sql, drop_ledger_triggers_sql, drop_rollup_triggers_sql, drop_slot_triggers_sql,
+    drop_summary_triggers_sql, families_on, foldable_sql, ids_in, item_days_sql, kept_counter_totals_sql,
+    key_totals_sql, ledger_groups_sql, ledger_insert_sql, ledger_kinds_sql, ledger_rows_sql,
+    ledger_sums_of_items_sql, ledger_sums_sql, ledger_trigger_sql, ledger_triggers_sql, model_thresholds_sql,
+    negative_counter_rows_sql, quoted, ranges_clause, rollup_day_list_sql, rollup_days_sql, rollup_groups_sql,
+    rollup_insert_sql, rollup_rows_sql, rollup_sums_sql, rollup_thresholds_sql, rollup_trigger_sql,
+    rollup_triggers_sql, slot_rebuild_sql, slot_rows_sql, slot_sums_sql, slot_thresholds_sql, slot_trigger_sql,
+    slot_triggers_sql, summary_rebuild_sql, summary_trigger_sql, summary_triggers_sql, triggers_named_sql,
+    uncovered_keys_sql, window,
 )
 
 __all__ = ["has_rollups", "enabled", "enable", "disable", "ReadPlan", "read_plan", "rollup_rows", "scan_where",
@@ -54,7 +57,8 @@ __all__ = ["has_rollups", "enabled", "enable", "disable", "ReadPlan", "read_plan
            "has_ledger", "ledger_enabled", "enable_ledger", "ledger_rows", "ledger_kinds", "has_slots", "slots_enabled",
            "budget_plan", "slot_text", "current_thresholds", "has_summaries", "summaries_enabled", "enable_summaries",
            "key_totals", "kept_counter_totals", "coverage_kept", "uncovered_keys",
-           "any_negative_counters"]
+           "any_negative_counters", "has_day_changes", "enable_day_changes", "day_changes",
+           "TriggersOn", "triggers_on", "day_model_changes"]
 
 ONE_DAY = datetime.timedelta(days=1)
 # What verify names each summary (SUMMARIES, by whether it is by day), and what it compares the tables kept
@@ -120,6 +124,65 @@ def slots_enabled(db: Database) -> bool:
     if not has_slots(db):
         return False
     return bool(db.execute_sql(slot_triggers_sql(is_postgres(db))).fetchone()[0])
+
+
+def has_day_changes(db: Database) -> bool:
+    """True when the database has the days' change counters (migration 0025)."""
+    return bool(table_columns(db, DAY_CHANGES_TABLE))
+
+
+def day_changes_enabled(db: Database) -> bool:
+    """True when triggers keep the days' change counters."""
+    return has_day_changes(db) and bool(db.execute_sql(day_changes_triggers_sql(is_postgres(db))).fetchone()[0])
+
+
+def enable_day_changes(db: Database) -> None:
+    """In the caller's write transaction, with the rollups on: install the
+    triggers that bump the days' change counters (a count needs no rebuild)."""
+    for statement in day_changes_trigger_sql(is_postgres(db)):
+        db.execute_sql(statement)
+
+
+class TriggersOn(NamedTuple):
+    """Which families of rows triggers keep on a database (``triggers_on``)."""
+
+    rollups: bool
+    slots: bool
+    summaries: bool
+    day_changes: bool
+
+
+def triggers_on(db: Database) -> TriggersOn:
+    """Whether triggers keep the rollups, the slots, the summaries and the
+    days' change counters: ``enabled``, ``slots_enabled``,
+    ``summaries_enabled`` and the counters' in one query (a round trip each
+    on PostgreSQL, where a budget check is a few)."""
+    postgres = is_postgres(db)
+    on = families_on(postgres, db.execute_sql(triggers_named_sql(postgres)).fetchall())
+    return TriggersOn(has_rollups(db) and bool(on[0]), has_slots(db) and bool(on[1]),
+                      has_summaries(db) and bool(on[2]), has_day_changes(db) and bool(on[3]))
+
+
+def day_changes(db: Database, first: str, last: str, model_ids: Iterable[int] | None) -> dict[str, Any]:
+    """Where triggers keep the days' change counters beside the rollups and
+    slots (``triggers_on``): per UTC day of [first, last] (days as text), a
+    number that grows with every change of the items of ``model_ids``
+    (None: every model) that day, and under DAY_CHANGES_REBUILT the count of
+    rebuilds (each rewrites every day). Equal in two reads only when those
+    days' rollups and slots are the same (a day not written yet is absent)."""
+    params: list = []
+    sql = day_changes_sql(db, first, last, model_ids, params)
+    return dict(db.execute_sql(sql, params).fetchall())
+
+
+def day_model_changes(db: Database, days: Iterable[str], model_ids: Iterable[int] | None
+                      ) -> dict[str, dict[int, Any]]:
+    """``day_changes`` of each of ``days`` model by model: {day: {model id: count}}."""
+    found: dict[str, dict[int, Any]] = {}
+    params: list = []
+    for day, model_id, count in db.execute_sql(day_model_changes_sql(db, list(days), model_ids, params), params):
+        found.setdefault(day, {})[model_id] = count
+    return found
 
 
 def has_summaries(db: Database) -> bool:
@@ -280,6 +343,8 @@ def enable(db: Database | None = None) -> list[str]:
         if has_ledger(db):
             for statement in ledger_trigger_sql(is_postgres(db)):
                 db.execute_sql(statement)
+        if has_day_changes(db):
+            enable_day_changes(db)
         return _rebuild(db, None, None)
 
 
@@ -290,6 +355,7 @@ def disable(db: Database | None = None) -> None:
         postgres = is_postgres(db)
         for statement in (drop_rollup_triggers_sql(postgres) + drop_ledger_triggers_sql(postgres)
                           + drop_slot_triggers_sql(postgres)
+                          + (drop_day_changes_triggers_sql(postgres) if has_day_changes(db) else [])
                           + (drop_summary_triggers_sql(postgres) + drop_counter_totals_triggers_sql(postgres)
                              if has_summaries(db) else [])):
             db.execute_sql(statement)
@@ -308,7 +374,7 @@ class PreparedChange:
 
 # The families of rows the triggers keep, by name: whether they are on, and the statements installing them.
 _FAMILIES = {"rollups": (enabled, rollup_trigger_sql), "ledger": (ledger_enabled, ledger_trigger_sql),
-             "slots": (slots_enabled, slot_trigger_sql)}
+             "slots": (slots_enabled, slot_trigger_sql), "day_changes": (day_changes_enabled, day_changes_trigger_sql)}
 
 
 def _families_on(db: Database) -> tuple[str, ...]:
@@ -618,7 +684,7 @@ def _slots_usable(db: Database, first: str, last: str) -> bool:
     return all(_number(threshold) == _number(current.get(model_id)) for model_id, threshold in rows)
 
 
-def budget_plan(db: Database, since: Moment, until: Moment, exact: bool = False
+def budget_plan(db: Database, since: Moment, until: Moment, exact: bool = False, on: TriggersOn | None = None
                 ) -> tuple[ReadPlan, tuple[tuple[str, str, str | None], ...]]:
     """How a budget reads [since, until): its whole UTC days from the
     rollups, and the partial days at the ends from the 15-minute slots
@@ -638,8 +704,10 @@ def budget_plan(db: Database, since: Moment, until: Moment, exact: bool = False
     without rollups has nothing to read), without ``read_plan``'s look at
     each day's rollups; the reader checks the long-context thresholds the
     rows it reads were split by, and asks again with ``exact`` (``read_plan``'s
-    days, each end read from its own slots) when one is no longer its model's."""
-    if since is None or until is None or not enabled(db) or not slots_enabled(db):
+    days, each end read from its own slots) when one is no longer its model's.
+    ``on``: ``triggers_on(db)``, when the caller has it."""
+    kept = (on.rollups and on.slots) if on is not None else enabled(db) and slots_enabled(db)
+    if since is None or until is None or not kept:
         return read_plan(db, since, until), ()
     first, last = _ceil(since), _floor(until)
     if first is None:
@@ -741,6 +809,8 @@ def _rebuild(db: Database, start: Moment, end: Moment) -> list[str]:
                    % (marks, db.param, foldable, marks), ("its created_at is not a time psai folds",))
     if ledger_enabled(db):
         _rebuild_ledger(db, start, end)
+    if has_day_changes(db):  # every day read before is read again
+        db.execute_sql(day_changes_rebuilt_sql())
     if summaries:
         _rebuild_summaries(db, where, params)
         if postgres:

@@ -368,7 +368,7 @@ def test_a_store_with_budgets_upgrades_to_attributed_budgets(backend, clock):
                     Budget.created_at.db_value(NOW)))
     assert psai.migrate() == ["0018_rollup_read_indexes", "0019_budget_attribution",
                               "0020_postgres_statement_triggers", "0021_budget_session", "0022_copied_items",
-                              "0023_postgres_emptied_rows", "0024_rollup_summaries"]
+                              "0023_postgres_emptied_rows", "0024_rollup_summaries", "0025_day_changes"]
     assert {"user", "tag_key", "tag_value"} <= {c.name for c in db.get_columns("psai_budgets")}
     (old,) = psai.budgets()
     assert (old.user, old.tag_key, old.tag_value) == (None, None, None)
@@ -389,7 +389,7 @@ def test_a_store_at_0020_with_budgets_upgrades_to_session_budgets(backend, clock
                    ("alice", "5", "USD", "month", "UTC", True, "[0.8]", True, "block",
                     Budget.created_at.db_value(NOW), "alice"))
     assert psai.migrate() == ["0021_budget_session", "0022_copied_items",
-                              "0023_postgres_emptied_rows", "0024_rollup_summaries"]
+                              "0023_postgres_emptied_rows", "0024_rollup_summaries", "0025_day_changes"]
     assert "session" in {c.name for c in db.get_columns("psai_budgets")}
     (old,) = psai.budgets()
     assert (old.name, old.user, old.session) == ("alice", "alice", None)

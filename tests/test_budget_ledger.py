@@ -15,9 +15,10 @@ import psai
 from conftest import make_configuration
 from psai import PsAgent, PsAiModel, PsModelUsageItem, record_usage, rollups
 from psai import _budget_ledger
+from psai.models import Budget
 from psai._budget_ledger import period_bounds
 from psai._items import item_price
-from psai._sql import SLOT_TABLE
+from psai._sql import SLOT_TABLE, day_changes_triggers_sql, drop_summary_triggers_sql
 
 UTC = datetime.timezone.utc
 ZONES = ("UTC", "Asia/Kathmandu", "America/St_Johns")  # +05:45, -03:30 (-02:30 in summer)
@@ -213,6 +214,7 @@ def test_without_the_slots_triggers_budgets_read_the_ends_from_the_items(db, clo
     assert rollups.slots_enabled(db)
     with_slots = psai.budget_status("kathmandu")[0]["spent"]
     db.execute_sql('DELETE FROM "%s"' % SLOT_TABLE)  # wrong slots are read while their triggers are on
+    _budget_ledger._KEPT.clear()  # (a check keeps what it read of a day until the day's count moves)
     assert psai.budget_status("kathmandu")[0]["spent"] == 0
     rollups.disable(db)
     assert not rollups.slots_enabled(db)
@@ -256,6 +258,7 @@ def _statuses():
 def _read_afresh():
     """Every budget's status read from the data, nothing kept from a check before."""
     _budget_ledger._SPENT.clear()
+    _budget_ledger._KEPT.clear()
     return _statuses()
 
 
@@ -351,3 +354,294 @@ def test_calls_in_a_row_carry_their_budgets_answers_for_their_alerts(backend, db
         if carried:
             break
     assert carried  # a quiet server: the first call of the first attempt
+
+
+def _digits(statuses):
+    """Statuses as text: equal only with the same digits."""
+    return [tuple(str(value) for value in status) for status in statuses]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_check_reads_again_only_the_days_whose_count_moved(backend, db, clock, seed):
+    """A check keeps what it read of each part of a period (a UTC day, an
+    end's slots) and reads again only those whose day's change count the
+    triggers moved. Every status equals a full scan of the items, and a
+    fresh read digit for digit, after each write of another connection (new
+    calls, counts edited in place, items moved to another day or model, a
+    snapshot removed, deletes), a write rolled back, a price change, a
+    correction of many items (``reprice``), a rebuild, and as the periods
+    move on; in zones whose ends come from the slots."""
+    rng = random.Random(seed)
+    models, root, child = models_and_agents()
+    budgets = {"all": {}, "large": {"model": "large", "period": "week", "timezone": "Asia/Kathmandu"},
+               "root": {"agent": root, "timezone": "America/St_Johns"},
+               "day": {"period": "day", "timezone": "Asia/Kathmandu"}}
+    for name, scope in budgets.items():
+        psai.set_budget(name=name, amount=1000, unpriced="allow", **scope)
+    start_of_month = datetime.datetime(2026, 11, 1, tzinfo=UTC)
+
+    def some_time():
+        return start_of_month + datetime.timedelta(seconds=rng.randint(0, int((NOW - start_of_month).total_seconds())))
+
+    def a_call(database):
+        clock.set(some_time())
+        with psai.using(database):
+            record_usage(rng.choice(models).id, rng.choice([None, root.id, child.id]),
+                         tokens_in=rng.randint(200, 9000), tokens_out=rng.randint(0, 900),
+                         cached_tokens=rng.choice([0, 0, 100]))
+        clock.set(NOW)
+
+    for _ in range(60):
+        a_call(db)
+    clock.set(NOW)
+    other = psai.connect(backend.url, bind=False)
+    p, cast = db.param, "::jsonb" if psai.db.is_postgres(db) else ""
+
+    def an_item():
+        ids = [row[0] for row in other.execute_sql('SELECT id FROM "ps_model_usage_item"')]
+        return rng.choice(ids)
+
+    def edit_data(change):
+        item_id = an_item()
+        (data,) = other.execute_sql('SELECT data FROM "ps_model_usage_item" WHERE id = %s' % p, (item_id,)).fetchone()
+        data = PsModelUsageItem.data.python_value(data)
+        change(data)
+        other.execute_sql('UPDATE "ps_model_usage_item" SET data = %s%s WHERE id = %s' % (p, cast, p),
+                          (json.dumps(data), item_id))
+
+    kept_used = False
+    try:
+        for step in range(40):
+            change = rng.randrange(10)
+            if change == 0:
+                a_call(other)
+            elif change == 1:  # a count edited in place
+                edit_data(lambda data: data["usageNormalized"].update(tokensIn=rng.randint(0, 20000)))
+            elif change == 2:  # moved to another day
+                other.execute_sql('UPDATE "ps_model_usage_item" SET created_at = %s WHERE id = %s' % (p, p),
+                                  (PsModelUsageItem.created_at.db_value(some_time()), an_item()))
+            elif change == 3:  # to another model
+                other.execute_sql('UPDATE "ps_model_usage_item" SET model_id = %s WHERE id = %s' % (p, p),
+                                  (rng.choice(models).id, an_item()))
+            elif change == 4:  # priced from its model's prices from now on
+                edit_data(lambda data: data.pop("pricing", None))
+            elif change == 5:  # ... which change
+                models[rng.randrange(3)].update_configuration(
+                    {"prices": {"costInTokensPerMillion": rng.randint(1, 9)}})
+            elif change == 6:
+                other.execute_sql('DELETE FROM "ps_model_usage_item" WHERE id = %s' % p, (an_item(),))
+            elif change == 7:  # a write rolled back: its bump goes with it
+                with pytest.raises(RuntimeError):
+                    with psai.db.write_transaction(other):
+                        a_call(other)
+                        raise RuntimeError("rolled back")
+            elif change == 9:  # a correction of many items (SQLite: folded by statement, not by row triggers)
+                psai.reprice(rng.choice(models), {"costInTokensPerMillion": rng.randint(1, 9)}, dry_run=False)
+            elif step % 2:
+                rollups.rebuild(db)
+            else:  # time goes on: the day budget's period moves, the week's ends too
+                clock.advance(hours=rng.randint(1, 30))
+            kept = _statuses()
+            kept_used = kept_used or bool(_budget_ledger._KEPT.get(db, (None, None, {}))[2])
+            for status in psai.budget_status():
+                budget = Budget.get(Budget.name == status["budget"])
+                covered = {root.id, child.id} if budget.agent_id is not None else set()
+                start, end = period_bounds(budget.period, budget.timezone, psai.fields.utcnow())
+                spent, calls, unknown = full_scan(db, budget, start, end, covered)
+                assert (status["spent"], status["calls"], status["state"] == "unknown") == (spent, calls, unknown), \
+                    (step, change, status["budget"])
+            assert _digits(kept) == _digits(_read_afresh()), (step, change)
+    finally:
+        other.close()
+    assert kept_used
+
+
+def test_a_day_whose_count_did_not_move_is_not_read_again(backend, db, clock):
+    """What shows that a check keeps the days it read: a rollup row changed
+    behind the triggers' back (never to be done but here) is not seen until
+    a write to its day moves the day's count, or a rebuild puts it right."""
+    models, _root, _child = models_and_agents()
+    psai.set_budget(name="all", amount=1000)
+    days = [datetime.datetime(2026, 11, day, 12, tzinfo=UTC) for day in (3, 4)]
+    other = psai.connect(backend.url, bind=False)
+
+    def a_call(when, database):
+        clock.set(when)
+        with psai.using(database):
+            record_usage(models[0].id, tokens_in=1_000_000, tokens_out=0)  # 1 USD
+        clock.set(NOW)
+
+    try:
+        for when in days:
+            a_call(when, db)
+        clock.set(NOW)
+        assert psai.budget_status("all")[0]["spent"] == 2
+        db.execute_sql('UPDATE "psai_usage_rollup" SET "fresh_in" = "fresh_in" + 5000000 WHERE "range_day" = %s'
+                       % db.param, ("2026-11-03",))
+        assert psai.budget_status("all")[0]["spent"] == 2  # kept: the 3rd's count has not moved
+        a_call(days[1], other)
+        assert psai.budget_status("all")[0]["spent"] == 3  # the 4th read again, the 3rd kept
+        a_call(days[0], other)
+        assert psai.budget_status("all")[0]["spent"] == 9  # the 3rd read again, with the hand edit
+        rollups.rebuild(db)
+        assert psai.budget_status("all")[0]["spent"] == 4
+    finally:
+        other.close()
+
+
+def test_what_a_check_keeps_has_the_digits_of_a_fresh_read(backend, db, clock):
+    """A cost taken off the kept totals may have had more digits than any
+    left: the answer has those a fresh read gives (the costs' smallest
+    exponent), not the kept sum's."""
+    models, _root, _child = models_and_agents()
+    psai.set_budget(name="all", amount=1000)
+    other = psai.connect(backend.url, bind=False)
+    try:
+        clock.set(datetime.datetime(2026, 11, 3, 12, tzinfo=UTC))
+        record_usage(models[0], tokens_in=1_000_000, tokens_out=0)
+        clock.set(datetime.datetime(2026, 11, 4, 12, tzinfo=UTC))
+        record_usage(models[0], tokens_in=3, tokens_out=0, cached_tokens=1)  # a cost of 8 decimals
+        clock.set(NOW)
+        first = psai.budget_status("all")[0]["spent"]
+        assert -first.as_tuple().exponent >= 8
+        other.execute_sql('DELETE FROM "ps_model_usage_item" WHERE created_at >= %s' % db.param,
+                          (PsModelUsageItem.created_at.db_value(datetime.datetime(2026, 11, 4, tzinfo=UTC)),))
+        kept = psai.budget_status("all")[0]["spent"]
+        assert _budget_ledger._KEPT[db][2]  # the 3rd was kept, the 4th read again
+        assert kept == 1 and str(kept) == str(_read_afresh()[0][1])
+        assert -kept.as_tuple().exponent < 8
+    finally:
+        other.close()
+
+
+def test_which_triggers_are_on_is_told_in_one_read(backend, db):
+    """``rollups.triggers_on`` says what the families' own checks say, with
+    all triggers on, with one of a family's dropped by hand, and with all off."""
+    def each():
+        on = rollups.triggers_on(db)
+        expected = (rollups.enabled(db), rollups.slots_enabled(db), rollups.summaries_enabled(db),
+                    bool(db.execute_sql(day_changes_triggers_sql(psai.db.is_postgres(db))).fetchone()[0]))
+        assert tuple(on) == expected
+        return tuple(on)
+    assert each() == (True, True, True, True)
+    for trigger in ("psai_day_changes_update", "psai_slot_insert", "psai_rollup_delete", None):
+        rollups.enable(db)
+        if trigger is None:  # the summaries' triggers
+            for statement in drop_summary_triggers_sql(psai.db.is_postgres(db)):
+                db.execute_sql(statement)
+        else:
+            db.execute_sql('DROP TRIGGER "%s"%s' % (trigger, ' ON "ps_model_usage_item"' if psai.db.is_postgres(db)
+                                                    else ""))
+        assert each() != (True, True, True, True), trigger
+    rollups.disable(db)
+    assert each() == (False, False, False, False)
+
+
+def test_without_the_day_counters_triggers_a_check_reads_afresh(backend, db, clock):
+    """A write the counters did not see (their trigger dropped) is read: a
+    check keeps nothing while the counters are not kept."""
+    models, _root, _child = models_and_agents()
+    psai.set_budget(name="all", amount=1000)
+    clock.set(datetime.datetime(2026, 11, 3, 12, tzinfo=UTC))
+    record_usage(models[0], tokens_in=1_000_000, tokens_out=0)
+    clock.set(NOW)
+    assert psai.budget_status("all")[0]["spent"] == 1
+    db.execute_sql('DROP TRIGGER "psai_day_changes_insert"%s'
+                   % (' ON "ps_model_usage_item"' if psai.db.is_postgres(db) else ""))
+    assert psai.budget_status("all")[0]["spent"] == 1  # (SQLite: read again, in the schema without it)
+    other = psai.connect(backend.url, bind=False)
+    try:
+        clock.set(datetime.datetime(2026, 11, 3, 13, tzinfo=UTC))
+        with psai.using(other):
+            record_usage(models[0].id, tokens_in=1_000_000, tokens_out=0)
+        clock.set(NOW)
+    finally:
+        other.close()
+    assert psai.budget_status("all")[0]["spent"] == 2
+
+
+def test_a_check_follows_what_its_scope_names_now(backend, db, clock):
+    """What a check keeps is for the models and agents its scope names at
+    the check: a model moved to another organization, an agent put under
+    another parent (no day's count moves) are read as they are now; so is
+    a price written 1.0 where it was 1 (another cost's digits), for calls
+    without a price snapshot; and a check that fails half way keeps nothing."""
+    models, root, child = models_and_agents()
+    stray = PsAgent.create(user_id=1, class_id=1, group_id=1, configuration={"name": "stray"})
+    psai.set_budget(name="org", amount=1000, organization_id=2)
+    psai.set_budget(name="root", amount=1000, agent=root)
+    psai.set_budget(name="small", amount=1000, model="small")
+    clock.set(datetime.datetime(2026, 11, 3, 12, tzinfo=UTC))
+    for model, agent, tokens in ((models[0], root, 1_000_000), (models[1], child, 4000), (models[2], stray, 4000)):
+        record_usage(model, agent, tokens_in=tokens, tokens_out=0)  # 1, 0.012, 0.028 USD
+    clock.set(NOW)
+
+    def statuses():
+        kept = _digits(_statuses())
+        assert kept == _digits(_read_afresh())
+        return {name: Decimal(spent) for name, spent, *_rest in kept}
+
+    assert statuses() == {"org": Decimal("1.040"), "root": Decimal("1.012"), "small": 1}
+    p = db.param
+    db.execute_sql('UPDATE "ps_ai_models" SET organization_id = 3 WHERE id = %s' % p, (models[0].id,))
+    assert statuses()["org"] == Decimal("0.040")
+    db.execute_sql('UPDATE "ps_agents" SET parent_agent_id = %s WHERE id = %s' % (p, p), (child.id, stray.id))
+    assert statuses()["root"] == Decimal("1.040")
+    # Calls without a snapshot are priced from their model's prices: 1, then 1.0 (the same cost, more digits).
+    cast = "::jsonb" if psai.db.is_postgres(db) else ""
+    data = PsModelUsageItem.get(PsModelUsageItem.model_id == models[0].id).data
+    db.execute_sql('UPDATE "ps_model_usage_item" SET data = %s%s WHERE model_id = %s' % (p, cast, p),
+                   (json.dumps({k: v for k, v in data.items() if k != "pricing"}), models[0].id))
+    small = []
+    for rate in (1, 1.0):
+        models[0].update_configuration({"prices": {"costInTokensPerMillion": rate,
+                                                   "costInCachedContextTokensPerMillion": 1}})  # whole rates
+        small.append(str(statuses()["small"]))
+    assert Decimal(small[0]) == Decimal(small[1]) and small[0] != small[1], small
+    models[1].update_configuration({"prices": {"costInTokensPerMillion": 5}})  # (a snapshot: no change)
+    other = psai.connect(backend.url, bind=False)
+    try:
+        clock.set(datetime.datetime(2026, 11, 3, 13, tzinfo=UTC))
+        with psai.using(other):
+            record_usage(models[2].id, stray.id, tokens_in=8000, tokens_out=0)  # 0.056 USD
+        clock.set(NOW)
+    finally:
+        other.close()
+    real = _budget_ledger._group_spent
+
+    def failing(*args):
+        _budget_ledger._group_spent = real  # once
+        raise RuntimeError("a read that fails half way")
+    _budget_ledger._group_spent = failing
+    try:
+        with pytest.raises(RuntimeError):
+            _statuses()
+    finally:
+        _budget_ledger._group_spent = real
+    assert statuses() == {"org": Decimal("0.096"), "root": Decimal("1.096"), "small": 1}
+
+
+def test_fractional_counts_are_read_afresh(backend, db, clock):
+    """Counts written fractional by hand (SQLite adds them as floats,
+    PostgreSQL as numeric): a check after a delete answers as a fresh read,
+    digit for digit."""
+    models, _root, _child = models_and_agents()
+    psai.set_budget(name="small", amount=1000, model="small")
+    p, cast = db.param, "::jsonb" if psai.db.is_postgres(db) else ""
+    for day, count in ((3, 1.25), (4, 0.75), (5, 3)):
+        clock.set(datetime.datetime(2026, 11, day, 12, tzinfo=UTC))
+        record_usage(models[0], tokens_in=1000, tokens_out=0)
+        item = PsModelUsageItem.select().order_by(PsModelUsageItem.id.desc()).get()
+        data = dict(item.data, usageNormalized=dict(item.data["usageNormalized"], tokensIn=count))
+        db.execute_sql('UPDATE "ps_model_usage_item" SET data = %s%s WHERE id = %s' % (p, cast, p),
+                       (json.dumps(data), item.id))
+    clock.set(NOW)
+    first = _digits(_statuses())
+    other = psai.connect(backend.url, bind=False)
+    try:
+        other.execute_sql('DELETE FROM "ps_model_usage_item" WHERE created_at < %s' % p,
+                          (PsModelUsageItem.created_at.db_value(datetime.datetime(2026, 11, 5, tzinfo=UTC)),))
+    finally:
+        other.close()
+    kept = _digits(_statuses())
+    assert kept != first and kept == _digits(_read_afresh())

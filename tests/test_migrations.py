@@ -214,6 +214,8 @@ def test_0015_gives_the_rollups_the_reasoning_sum_and_rebuilds_them(backend, clo
 
 STATEMENT_TRIGGERS = {"psai_%s_%s" % (family, event) for family in ("rollup", "slot", "ledger")
                       for event in ("insert", "update", "delete")}
+# Since 0025, the days' change counters' too.
+LATEST_TRIGGERS = STATEMENT_TRIGGERS | {"psai_day_changes_%s" % event for event in ("insert", "update", "delete")}
 
 
 def psai_triggers(db):
@@ -256,8 +258,8 @@ def test_0020_makes_postgres_row_triggers_statement_triggers_and_rebuilds_nothin
     assert rollups.enabled(db) and rollups.slots_enabled(db) and rollups.ledger_enabled(db)
     rows = [row[0] for row in db.execute_sql('SELECT id FROM "psai_usage_rollup" ORDER BY id')]
     assert psai.migrate() == ["0020_postgres_statement_triggers", "0021_budget_session", "0022_copied_items",
-                              "0023_postgres_emptied_rows", "0024_rollup_summaries"]
-    assert psai_triggers(db) == STATEMENT_TRIGGERS
+                              "0023_postgres_emptied_rows", "0024_rollup_summaries", "0025_day_changes"]
+    assert psai_triggers(db) == LATEST_TRIGGERS
     assert [row[0] for row in db.execute_sql('SELECT id FROM "psai_usage_rollup" ORDER BY id')] == rows
     record_usage(model, None, tokens_in=10, tokens_out=10, user="alice")
     assert rollups.verify() == [] and rollups.read_plan(db).days == ("2026-11-25",)
@@ -280,7 +282,7 @@ def test_migrations_before_0020_see_a_row_trigger_as_on(backend, clock):
         row_triggers_of_before_0020(db, ["psai_rollup_fold"])
     assert rollups.enabled(db)
     assert psai.migrate() == MIGRATIONS[MIGRATIONS.index("0014_rollup_triggers_read_every_count"):]
-    assert psai_triggers(db) == STATEMENT_TRIGGERS
+    assert psai_triggers(db) == LATEST_TRIGGERS
     assert rollups.enabled(db) and rollups.slots_enabled(db) and rollups.ledger_enabled(db)
     record_usage(model, None, tokens_in=10, tokens_out=10, user="bob")
     assert rollups.verify() == [] and not rollups.read_plan(db).reads_items
@@ -302,7 +304,7 @@ def test_0018_indexes_what_read_plan_reads_and_the_plan_stays_the_same(backend, 
     assert psai.migrate() == ["0018_rollup_read_indexes", "0019_budget_attribution",
                               "0020_postgres_statement_triggers", "0021_budget_session",
                               "0022_copied_items",
-                              "0023_postgres_emptied_rows", "0024_rollup_summaries"]
+                              "0023_postgres_emptied_rows", "0024_rollup_summaries", "0025_day_changes"]
     added = {index.name for index in db.get_indexes("psai_usage_rollup")} - before
     assert added == {"psai_usage_rollup_day", "psai_usage_rollup_model_priced"}
     if psai.db.is_postgres(db):  # room on each page for the folds' new row versions

@@ -376,7 +376,7 @@ def test_the_upgrade_drops_the_rollups_split_the_old_way(backend):
                               "0017_attribution_ledger", "0018_rollup_read_indexes", "0019_budget_attribution",
                               "0020_postgres_statement_triggers", "0021_budget_session",
                               "0022_copied_items",
-                              "0023_postgres_emptied_rows", "0024_rollup_summaries"]
+                              "0023_postgres_emptied_rows", "0024_rollup_summaries", "0025_day_changes"]
     columns = {c.name for c in db.get_columns("psai_usage_rollup")}
     assert {"apart", "cache_write_12h", "audio_in", "audio_out", "image_out"} <= columns and "hour" not in columns
     assert db.execute_sql('SELECT COUNT(*) FROM "psai_usage_rollup"').fetchone()[0] == 0

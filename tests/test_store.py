@@ -94,7 +94,7 @@ def test_migrate_is_idempotent(backend):
                               "0017_attribution_ledger", "0018_rollup_read_indexes", "0019_budget_attribution",
                               "0020_postgres_statement_triggers", "0021_budget_session",
                               "0022_copied_items",
-                              "0023_postgres_emptied_rows", "0024_rollup_summaries"]
+                              "0023_postgres_emptied_rows", "0024_rollup_summaries", "0025_day_changes"]
     assert psai.migrate() == []
     assert set(psai.database.get_tables()) >= {"ps_ai_models", "ps_agents", "AgentModels"}
 
